@@ -1,0 +1,72 @@
+"""The ``jaxcl`` command.
+
+  jaxcl run [--config FILE[:ARGS]] [--config.KEY=VALUE ...] [--workdir DIR]
+
+``--config`` is an ml_collections config file defining ``get_config(arg)``
+(see ``experiments/``); without it the default experiment runs (Split
+Digits, no download). Every config field can be overridden on the command
+line. The run directory (default ``runs/<name>-<time>``) receives the
+resolved config, logs, TensorBoard events, the accuracy matrix and plots.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+COMMANDS = ("run",)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT, "Experiment config file (default: Split Digits).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: runs/<config name>-<time>).")
+
+USAGE = __doc__
+
+
+def _default_workdir(config) -> str:
+  name = config.get("name", "run")
+  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _run(argv) -> None:
+  del argv
+  from jaxcl import experiment, report
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or _default_workdir(config)
+  print(f"jaxcl: {config.get('name', 'run')} -> {workdir}", flush=True)
+  result = experiment.run(config, workdir)
+  print(report.format_table(result.accuracy, result.metrics))
+  print(f"\ntime: {result.times['total']:.1f} s "
+        f"(train {result.times['train']:.1f} s, eval "
+        f"{result.times['eval']:.1f} s); outputs in {workdir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"jaxcl: unknown command {command!r}; valid: {list(COMMANDS)}",
+          file=sys.stderr)
+    sys.exit(2)
+  handler = {"run": _run}[command]
+  try:
+    app.run(handler, argv=[argv[0]] + argv[2:])
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Our errors carry the bad value and the valid choices: show the message,
+    # not a traceback.
+    print(f"jaxcl: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,273 @@
+"""Data sources that return plain NumPy arrays.
+
+Every source ends in the same :class:`Dataset` record (float32 images in
+[0, 1] with shape ``(N, H, W, C)``, int32 labels), so scenarios, models and the
+training loop never care where the data came from:
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, no download);
+  the zero-download default.
+* ``mnist`` / ``fashion_mnist``: the original gzipped IDX files in a local
+  directory (``data_dir`` argument, ``JAXCL_DATA_DIR`` or the tfds
+  ``manual_dir`` layout), read with NumPy in ~0.2 s; otherwise through
+  ``tensorflow_datasets``.
+* ``cifar10`` / ``cifar100``: through ``tensorflow_datasets`` (a prepared
+  ``data_dir`` or a network connection).
+
+The tfds path uses ``tfds.data_source`` (array_record, no TensorFlow needed);
+see :mod:`jaxcl.tfds_local` for preparing MNIST-style tfds data from the raw
+IDX files without TensorFlow or a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["Dataset", "load", "DATASETS", "read_idx", "DataError"]
+
+
+class DataError(ValueError):
+  """A data set is missing, corrupt or asked for by an unknown name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and test arrays of one data set.
+
+  Attributes:
+    name: the data set's name.
+    train_x: float32 ``(N, H, W, C)`` images in [0, 1].
+    train_y: int32 ``(N,)`` labels in ``[0, num_classes)``.
+    test_x: float32 ``(M, H, W, C)``.
+    test_y: int32 ``(M,)``.
+    num_classes: number of classes.
+  """
+  name: str
+  train_x: np.ndarray
+  train_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  num_classes: int
+
+  def subset(self, train: int | None = None, test: int | None = None,
+             seed: int = 0) -> "Dataset":
+    """A stratification-free random subset (for quick runs and tests)."""
+    rng = np.random.default_rng(seed)
+
+    def take(x, y, n):
+      if n is None or n >= len(y):
+        return x, y
+      idx = np.sort(rng.permutation(len(y))[:n])
+      return x[idx], y[idx]
+
+    tx, ty = take(self.train_x, self.train_y, train)
+    vx, vy = take(self.test_x, self.test_y, test)
+    return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx,
+                               test_y=vy)
+
+
+# --------------------------------------------------------------------------
+# Raw IDX files (MNIST, Fashion-MNIST).
+
+_IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz",
+    "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz",
+    "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+_IDX_COUNTS = {"train": 60000, "test": 10000}
+_IDX_HINT = {
+    "mnist": "http://yann.lecun.com/exdb/mnist/ (or any MNIST mirror)",
+    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/)",
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a gzipped (or plain) IDX file into a uint8 array.
+
+  Raises:
+    DataError: naming the file when it is missing, truncated or not IDX.
+  """
+  if not os.path.exists(path):
+    raise DataError(f"missing data file {path!r}")
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # bad gzip stream, truncated file
+    raise DataError(f"corrupt data file {path!r}: {e}") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise DataError(
+        f"corrupt data file {path!r}: not an IDX file of unsigned bytes "
+        "(expected the magic number 0x0000080N)")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f"corrupt data file {path!r}: truncated header")
+  shape = struct.unpack(">" + "I" * ndim, raw[4:header])
+  expected = int(np.prod(shape))
+  if len(raw) - header != expected:
+    raise DataError(
+        f"corrupt data file {path!r}: header says shape {shape} "
+        f"({expected} bytes) but the file holds {len(raw) - header} bytes")
+  return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx_dir(name: str, data_dir: str) -> str:
+  """``data_dir`` itself or ``data_dir/<name>`` (the ../shared/data layout)."""
+  for d in (os.path.join(data_dir, name), data_dir):
+    if os.path.exists(os.path.join(d, _IDX_FILES["train_y"])):
+      return d
+  return os.path.join(data_dir, name)
+
+
+def _load_idx(name: str, data_dir: str) -> Dataset:
+  if not os.path.isdir(data_dir):
+    raise DataError(
+        f"data directory {data_dir!r} does not exist; pass an existing "
+        f"directory holding {name}'s IDX .gz files (or {name}/ with them)")
+  d = _find_idx_dir(name, data_dir)
+  missing = [f for f in _IDX_FILES.values()
+             if not os.path.exists(os.path.join(d, f))]
+  if missing:
+    raise DataError(
+        f"{name}: missing {', '.join(missing)} in {d!r}; expected the four "
+        f"original IDX .gz files ({', '.join(_IDX_FILES.values())}) from "
+        f"{_IDX_HINT.get(name, 'the data set authors')}")
+  arr = {k: read_idx(os.path.join(d, f)) for k, f in _IDX_FILES.items()}
+  for split in ("train", "test"):
+    x, y = arr[f"{split}_x"], arr[f"{split}_y"]
+    if x.ndim != 3 or len(x) != len(y) or len(y) != _IDX_COUNTS[split]:
+      raise DataError(
+          f"{name}: {split} files in {d!r} hold images {x.shape} and labels "
+          f"{y.shape}; expected {_IDX_COUNTS[split]}x28x28 and "
+          f"{_IDX_COUNTS[split]} labels")
+    if y.max() > 9:
+      raise DataError(f"{name}: {split} labels in {d!r} exceed 9")
+  scale = lambda x: (x.astype(np.float32) / 255.0)[..., None]
+  return Dataset(name, scale(arr["train_x"]), arr["train_y"].astype(np.int32),
+                 scale(arr["test_x"]), arr["test_y"].astype(np.int32), 10)
+
+
+# --------------------------------------------------------------------------
+# tensorflow_datasets (no TensorFlow: array_record data sources).
+
+
+def from_tfds(name: str, data_dir: str | None = None,
+              download: bool = False) -> Dataset:
+  """Loads a tfds image-classification data set through ``tfds.data_source``.
+
+  ``data_source`` needs no TensorFlow. With ``download=False`` and an
+  unprepared data set it returns ``{}`` with only a warning, so that case is
+  turned into an error here.
+  """
+  import tensorflow_datasets as tfds  # heavy import, only on this path
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+      builder.download_and_prepare()
+    sources = tfds.data_source(name, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises many types; report them in one place
+    raise DataError(
+        f"{name}: could not open the tensorflow_datasets data in "
+        f"data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
+  if not sources or "train" not in sources or "test" not in sources:
+    raise DataError(
+        f"{name}: no prepared tensorflow_datasets data in data_dir="
+        f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
+        f"access (`jaxcl prepare {name}` / tfds build), or for MNIST-style "
+        "sets from the raw IDX files with jaxcl.tfds_local.prepare(), or pass "
+        "--config.dataset.data_dir=<dir with the IDX .gz files>")
+
+  def arrays(split):
+    src = sources[split]
+    n = len(src)
+    recs = src.__getitems__(range(n)) if hasattr(src, "__getitems__") else [
+        src[i] for i in range(n)]
+    x = np.stack([np.asarray(r["image"]) for r in recs])
+    y = np.asarray([int(r["label"]) for r in recs], dtype=np.int32)
+    if x.ndim == 3:
+      x = x[..., None]
+    return x.astype(np.float32) / 255.0, y
+
+  tx, ty = arrays("train")
+  vx, vy = arrays("test")
+  num_classes = builder.info.features["label"].num_classes
+  return Dataset(name, tx, ty, vx, vy, int(num_classes))
+
+
+# --------------------------------------------------------------------------
+# scikit-learn digits (offline default).
+
+
+def _load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+  from sklearn.datasets import load_digits
+
+  d = load_digits()
+  x = (d.images.astype(np.float32) / 16.0)[..., None]
+  y = d.target.astype(np.int32)
+  # A fixed, stratified split: the same test set on every machine.
+  rng = np.random.default_rng(seed)
+  test_idx = []
+  for c in range(10):
+    idx = np.flatnonzero(y == c)
+    test_idx.append(rng.permutation(idx)[:int(round(len(idx) * test_fraction))])
+  test_idx = np.sort(np.concatenate(test_idx))
+  train_mask = np.ones(len(y), bool)
+  train_mask[test_idx] = False
+  return Dataset("digits", x[train_mask], y[train_mask], x[test_idx],
+                 y[test_idx], 10)
+
+
+def _local_or_tfds(name: str) -> Callable[..., Dataset]:
+
+  def load_fn(data_dir: str | None = None) -> Dataset:
+    data_dir = data_dir or os.environ.get("JAXCL_DATA_DIR")
+    if data_dir:
+      return _load_idx(name, data_dir)
+    return from_tfds(name)
+
+  return load_fn
+
+
+def _tfds_only(name: str) -> Callable[..., Dataset]:
+
+  def load_fn(data_dir: str | None = None) -> Dataset:
+    return from_tfds(name, data_dir=data_dir)
+
+  return load_fn
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": lambda data_dir=None: _load_digits(),
+    "mnist": _local_or_tfds("mnist"),
+    "fashion_mnist": _local_or_tfds("fashion_mnist"),
+    "cifar10": _tfds_only("cifar10"),
+    "cifar100": _tfds_only("cifar100"),
+}
+
+
+def load(name: str, data_dir: str | None = None) -> Dataset:
+  """Loads a data set by name.
+
+  Args:
+    name: one of ``DATASETS`` (digits, mnist, fashion_mnist, cifar10,
+      cifar100).
+    data_dir: for mnist / fashion_mnist, a directory with the raw IDX ``.gz``
+      files (or a ``<name>/`` sub-directory with them); defaults to
+      ``$JAXCL_DATA_DIR``, then tensorflow_datasets. For cifar, a tfds
+      ``data_dir``.
+
+  Raises:
+    DataError: unknown name (listing the valid ones), or missing / corrupt
+      files (naming the file, what was expected and where to get it).
+  """
+  if name not in DATASETS:
+    raise DataError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+  return DATASETS[name](data_dir=data_dir)

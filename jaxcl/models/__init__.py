@@ -1,0 +1,49 @@
+"""Flax (linen) models: a backbone plus a single- or multi-head classifier.
+
+Models are built by name (``build('mlp', ...)``) so configs can pick them.
+Every model is a :class:`Classifier` whose ``__call__(x, task, train)``
+returns logits, and whose ``features=True`` call returns the backbone's
+output (used by strategies that work in feature space: iCaRL, CWR*, latent
+replay).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from jaxcl.models.classifier import Classifier
+from jaxcl.models.cnn import CNN
+from jaxcl.models.mlp import MLP
+from jaxcl.models.resnet import ResNet18
+
+__all__ = ["Classifier", "MLP", "CNN", "ResNet18", "build", "BACKBONES"]
+
+BACKBONES: dict[str, Callable[..., Any]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet18": ResNet18,
+}
+
+
+def build(name: str, num_classes: int, num_heads: int = 1,
+          **kwargs: Any) -> Classifier:
+  """Builds a classifier by backbone name.
+
+  Args:
+    name: one of ``BACKBONES`` (mlp, cnn, resnet18).
+    num_classes: outputs per head.
+    num_heads: 1 for a single head; >1 for one head per task, picked by the
+      task id (multi-head).
+    **kwargs: the backbone's fields (e.g. ``widths=(400, 400)`` for mlp).
+  """
+  if name not in BACKBONES:
+    raise ValueError(f"unknown model {name!r}; valid: {sorted(BACKBONES)}")
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+  try:
+    backbone = BACKBONES[name](**kwargs)
+  except TypeError as e:
+    raise ValueError(f"bad arguments for model {name!r}: {e}") from e
+  return Classifier(backbone=backbone, num_classes=num_classes,
+                    num_heads=num_heads)

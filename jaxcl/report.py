@@ -1,0 +1,204 @@
+"""Run outputs: JSONL/CSV logs, TensorBoard events, plots, tables, progress.
+
+A run directory holds:
+
+* ``config.json``: the resolved config;
+* ``metrics.jsonl``: one JSON record per logged event (training loss,
+  the accuracy row after each experience, the final summary);
+* ``metrics.csv``: one row per experience (accuracy on every test set and
+  the average over the experiences seen so far);
+* ``accuracy_matrix.json``: the matrix, the random-init accuracies and the
+  metrics;
+* ``tb/``: TensorBoard events (scalars);
+* ``accuracy_matrix.png`` and ``average_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Reporter", "NullReporter", "format_table", "plot_accuracy_matrix",
+           "plot_average_accuracy"]
+
+
+class _NullBar:
+
+  def update(self, n: int, loss: float | None = None) -> None:
+    del n, loss
+
+  def close(self) -> None:
+    pass
+
+
+class NullReporter:
+  """Writes nothing (library use without a run directory)."""
+
+  def progress(self, total: int, desc: str):
+    del total, desc
+    return _NullBar()
+
+  def scalar(self, name: str, value: float, step: int) -> None:
+    del name, value, step
+
+  def experience(self, index: int, row: np.ndarray, step: int) -> None:
+    del index, row, step
+
+  def finish(self, result: Any) -> None:
+    del result
+
+
+class _Bar:
+
+  def __init__(self, total: int, desc: str):
+    from tqdm.auto import tqdm
+    self._bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+                     dynamic_ncols=True)
+
+  def update(self, n: int, loss: float | None = None) -> None:
+    if loss is not None:
+      self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    self._bar.update(n)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+class Reporter(NullReporter):
+  """Writes a run directory (see the module docstring)."""
+
+  def __init__(self, workdir: str, config: Any, progress: bool | None = None,
+               resumed: bool = False):
+    self.workdir = workdir
+    os.makedirs(workdir, exist_ok=True)
+    rc = getattr(config, "report", None)
+    self._progress = (rc.progress if rc is not None else True
+                      ) if progress is None else progress
+    self._tb_on = rc.tensorboard if rc is not None else True
+    self._plots = rc.plots if rc is not None else True
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) if hasattr(
+          config, "to_json_best_effort") else json.dumps(config, indent=2))
+    mode = "a" if resumed else "w"
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), mode)
+    self._rows: list[list[float]] = []
+    self._tb = None
+    if self._tb_on:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def _log(self, record: dict[str, Any]) -> None:
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+
+  def progress(self, total: int, desc: str):
+    return _Bar(total, desc) if self._progress else _NullBar()
+
+  def scalar(self, name: str, value: float, step: int) -> None:
+    self._log({"step": step, name: value})
+    if self._tb is not None:
+      self._tb.add_scalar(name, value, step)
+
+  def experience(self, index: int, row: np.ndarray, step: int) -> None:
+    row = [float(v) for v in row]
+    while len(self._rows) <= index:
+      self._rows.append([])
+    self._rows[index] = row
+    seen = row[:index + 1]
+    avg = float(np.mean(seen))
+    self._log({"step": step, "experience": index, "accuracy": row,
+               "average_accuracy_seen": avg})
+    if self._tb is not None:
+      self._tb.add_scalar("eval/average_accuracy_seen", avg, index)
+      for j, v in enumerate(row):
+        self._tb.add_scalar(f"eval/accuracy_exp{j}", v, index)
+
+  def finish(self, result: Any) -> None:
+    acc = np.asarray(result.accuracy)
+    self._log({"final": result.metrics, "times": result.times})
+    with open(os.path.join(self.workdir, "accuracy_matrix.json"), "w") as f:
+      json.dump({"accuracy": acc.tolist(),
+                 "random_accuracy": np.asarray(
+                     result.random_accuracy).tolist(),
+                 "metrics": result.metrics, "times": result.times}, f,
+                indent=2)
+    with open(os.path.join(self.workdir, "metrics.csv"), "w",
+              newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["experience"] + [f"acc_exp{j}" for j in range(acc.shape[1])]
+                 + ["average_accuracy_seen"])
+      for i, row in enumerate(acc):
+        seen = row[:min(i + 1, len(row))] if acc.shape[0] > 1 else row
+        w.writerow([i] + [f"{v:.6f}" for v in row] +
+                   [f"{float(np.mean(seen)):.6f}"])
+    if self._plots:
+      plot_accuracy_matrix(acc, os.path.join(self.workdir,
+                                             "accuracy_matrix.png"))
+      plot_average_accuracy(acc, os.path.join(self.workdir,
+                                              "average_accuracy.png"))
+    if self._tb is not None:
+      for k, v in result.metrics.items():
+        self._tb.add_scalar(f"final/{k}", v, 0)
+      self._tb.close()
+    self._jsonl.close()
+
+
+def format_table(accuracy: np.ndarray, summary: dict[str, float]) -> str:
+  """The accuracy matrix and metrics as a plain-text table."""
+  acc = np.asarray(accuracy)
+  head = "after \\ test " + " ".join(f"{f'exp{j}':>6}"
+                                     for j in range(acc.shape[1]))
+  lines = [head, "-" * len(head)]
+  for i, row in enumerate(acc):
+    lines.append(f"{f'exp{i}':>12} " + " ".join(f"{v:6.3f}" for v in row))
+  lines.append("")
+  lines += [f"{k:>12}: {v: .4f}" for k, v in summary.items()]
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # files only; no display on servers
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_accuracy_matrix(accuracy: np.ndarray, path: str) -> None:
+  """A heatmap of ``R[i, j]`` with the values written in the cells."""
+  plt = _pyplot()
+  acc = np.asarray(accuracy)
+  fig, ax = plt.subplots(figsize=(1 + 0.6 * acc.shape[1],
+                                  1 + 0.6 * acc.shape[0]))
+  im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
+  if acc.size <= 400:
+    for (i, j), v in np.ndenumerate(acc):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+              color="w" if v < 0.6 else "k")
+  ax.set_xlabel("test experience")
+  ax.set_ylabel("after training experience")
+  ax.set_title("accuracy matrix")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_average_accuracy(accuracy: np.ndarray, path: str) -> None:
+  """Average accuracy over the experiences seen, after each experience."""
+  plt = _pyplot()
+  acc = np.asarray(accuracy)
+  ys = [float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else float(
+      np.mean(row)) for i, row in enumerate(acc)]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(np.arange(1, len(ys) + 1), ys, marker="o")
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("experiences trained")
+  ax.set_ylabel("average accuracy (seen)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

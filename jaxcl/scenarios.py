@@ -1,0 +1,325 @@
+"""Experiences and streams: split, permuted, rotated, online, from arrays.
+
+A :class:`Scenario` is a list of :class:`Experience` records plus what the
+learner needs to know about the stream (number of classes and tasks, which
+classes each task holds, and the setting):
+
+* ``class``-incremental: one head over all classes, no task id at test time.
+* ``task``-incremental: the task id is given; logits are masked to the task's
+  classes (split scenarios) or a head is picked per task (multi-head models).
+* ``domain``-incremental: the same classes in every experience, no task id
+  (permuted and rotated MNIST).
+
+Everything here is host-side NumPy; the training loop moves arrays to the
+device once per experience.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxcl.datasets import Dataset
+
+__all__ = [
+    "Experience", "Scenario", "split", "permuted", "rotated", "online",
+    "from_arrays", "joint", "cumulative", "SCENARIO_KINDS", "ScenarioError",
+]
+
+SCENARIO_KINDS = ("class", "task", "domain")
+
+
+class ScenarioError(ValueError):
+  """A scenario was asked for with impossible settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experience:
+  """One experience of a stream.
+
+  Attributes:
+    index: position in the stream.
+    task_id: task label (equal to ``index`` in task-incremental streams, 0
+      in class- and domain-incremental ones unless given).
+    classes: the classes present in this experience's training data.
+    train_x, train_y: training arrays (float32 images, int32 labels).
+    test_x, test_y: test arrays of this experience.
+    train_task, test_task: int32 per-example task ids (for Joint and
+      Cumulative, whose training data mixes tasks).
+  """
+  index: int
+  task_id: int
+  classes: tuple[int, ...]
+  train_x: np.ndarray
+  train_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  train_task: np.ndarray
+  test_task: np.ndarray
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """A stream of experiences.
+
+  Attributes:
+    name: a descriptive name (e.g. ``split_mnist``).
+    kind: ``class``, ``task`` or ``domain`` (incremental setting).
+    experiences: the training stream, in order.
+    num_classes: number of output classes of a single-head model.
+    num_tasks: number of distinct task ids.
+    task_classes: bool ``(num_tasks, num_classes)``: classes of each task,
+      used to mask logits in the task-incremental setting.
+    online: single pass over the data (one epoch, small batches).
+    eval_experiences: experiences whose test sets fill the accuracy
+      matrix's columns (equal to ``experiences`` except for Joint).
+  """
+  name: str
+  kind: str
+  experiences: tuple[Experience, ...]
+  num_classes: int
+  num_tasks: int
+  task_classes: np.ndarray
+  online: bool = False
+  eval_experiences: tuple[Experience, ...] | None = None
+
+  def __post_init__(self):
+    if self.kind not in SCENARIO_KINDS:
+      raise ScenarioError(
+          f"unknown scenario kind {self.kind!r}; valid: {SCENARIO_KINDS}")
+    if self.eval_experiences is None:
+      object.__setattr__(self, "eval_experiences", self.experiences)
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.experiences[0].train_x.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.experiences)
+
+
+def _task_classes(classes_per_task: Sequence[Sequence[int]],
+                  num_classes: int) -> np.ndarray:
+  m = np.zeros((len(classes_per_task), num_classes), bool)
+  for t, cs in enumerate(classes_per_task):
+    m[t, list(cs)] = True
+  return m
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in SCENARIO_KINDS:
+    raise ScenarioError(
+        f"unknown scenario kind {kind!r}; valid: {SCENARIO_KINDS}")
+
+
+def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
+          class_order: Sequence[int] | None = None,
+          seed: int | None = None) -> Scenario:
+  """Splits a data set by classes into ``n_experiences`` disjoint groups.
+
+  Args:
+    data: the data set.
+    n_experiences: number of experiences; must divide ``data.num_classes``.
+    kind: ``class`` (one head, no task id) or ``task`` (task id given).
+    class_order: explicit order of classes; experiences take consecutive
+      groups. Default: ``0..C-1``, or a permutation drawn from ``seed``.
+    seed: seeds a random class order when ``class_order`` is None.
+  """
+  _check_kind(kind)
+  if kind == "domain":
+    raise ScenarioError("split scenarios are class- or task-incremental; "
+                        "use permuted/rotated for domain-incremental streams")
+  c = data.num_classes
+  if n_experiences < 1 or c % n_experiences:
+    raise ScenarioError(
+        f"n_experiences={n_experiences} does not divide the {c} classes of "
+        f"{data.name}; valid: "
+        f"{[k for k in range(1, c + 1) if c % k == 0]}")
+  if class_order is None:
+    order = (np.arange(c) if seed is None else
+             np.random.default_rng(seed).permutation(c))
+  else:
+    order = np.asarray(class_order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(c)):
+      raise ScenarioError(
+          f"class_order {list(order)} is not a permutation of 0..{c - 1}")
+  groups = order.reshape(n_experiences, c // n_experiences)
+  exps = []
+  for i, cs in enumerate(groups):
+    tr = np.isin(data.train_y, cs)
+    te = np.isin(data.test_y, cs)
+    tid = i if kind == "task" else 0
+    exps.append(Experience(
+        index=i, task_id=tid, classes=tuple(int(k) for k in cs),
+        train_x=data.train_x[tr], train_y=data.train_y[tr],
+        test_x=data.test_x[te], test_y=data.test_y[te],
+        train_task=np.full(tr.sum(), tid, np.int32),
+        test_task=np.full(te.sum(), tid, np.int32)))
+  num_tasks = n_experiences if kind == "task" else 1
+  tc = _task_classes([g for g in groups] if kind == "task" else [range(c)], c)
+  return Scenario(f"split_{data.name}", kind, tuple(exps), c, num_tasks, tc)
+
+
+def _same_classes_stream(data: Dataset, name: str, kind: str,
+                         transforms) -> Scenario:
+  """Domain-/task-incremental streams that transform the inputs."""
+  _check_kind(kind)
+  if kind == "class":
+    raise ScenarioError(f"{name} streams are domain- or task-incremental "
+                        "(the classes repeat); got kind='class'")
+  exps = []
+  for i, f in enumerate(transforms):
+    tid = i if kind == "task" else 0
+    exps.append(Experience(
+        index=i, task_id=tid, classes=tuple(range(data.num_classes)),
+        train_x=f(data.train_x), train_y=data.train_y,
+        test_x=f(data.test_x), test_y=data.test_y,
+        train_task=np.full(len(data.train_y), tid, np.int32),
+        test_task=np.full(len(data.test_y), tid, np.int32)))
+  num_tasks = len(exps) if kind == "task" else 1
+  tc = np.ones((num_tasks, data.num_classes), bool)
+  return Scenario(f"{name}_{data.name}", kind, tuple(exps), data.num_classes,
+                  num_tasks, tc)
+
+
+def permuted(data: Dataset, n_experiences: int = 10, kind: str = "domain",
+             seed: int = 0, first_identity: bool = False) -> Scenario:
+  """A fixed random pixel permutation per experience (seeded).
+
+  Args:
+    first_identity: keep the first experience unpermuted (as in some
+      papers); off by default so that every experience is a permutation.
+  """
+  if n_experiences < 1:
+    raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
+  d = int(np.prod(data.train_x.shape[1:]))
+  rng = np.random.default_rng(seed)
+  perms = [np.arange(d) if (first_identity and i == 0) else rng.permutation(d)
+           for i in range(n_experiences)]
+
+  def make(p):
+    return lambda x: x.reshape(len(x), -1)[:, p].reshape(x.shape)
+
+  sc = _same_classes_stream(data, "permuted", kind, [make(p) for p in perms])
+  return dataclasses.replace(sc, name=f"permuted_{data.name}")
+
+
+def _rotate(x: np.ndarray, degrees: float) -> np.ndarray:
+  """Rotates ``(N, H, W, C)`` images about their centre (bilinear, zero fill)."""
+  n, h, w, c = x.shape
+  t = np.deg2rad(degrees)
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  # Inverse mapping: for each output pixel, where it comes from.
+  sy = np.cos(t) * (yy - cy) - np.sin(t) * (xx - cx) + cy
+  sx = np.sin(t) * (yy - cy) + np.cos(t) * (xx - cx) + cx
+  y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+  wy, wx = sy - y0, sx - x0
+  out = np.zeros_like(x)
+  for dy, dx, wgt in ((0, 0, (1 - wy) * (1 - wx)), (1, 0, wy * (1 - wx)),
+                      (0, 1, (1 - wy) * wx), (1, 1, wy * wx)):
+    yi, xi = y0 + dy, x0 + dx
+    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    src = x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :]
+    out += (wgt * ok)[None, :, :, None].astype(x.dtype) * src
+  return out
+
+
+def rotated(data: Dataset, n_experiences: int = 20, kind: str = "domain",
+            angles: Sequence[float] | None = None, seed: int = 0,
+            max_angle: float = 180.0) -> Scenario:
+  """A fixed rotation per experience.
+
+  Args:
+    angles: explicit angles in degrees; default draws ``n_experiences``
+      angles uniformly in ``[0, max_angle)`` from ``seed`` (as in the GEM
+      paper's Rotated MNIST).
+  """
+  if angles is None:
+    if n_experiences < 1:
+      raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
+    angles = np.random.default_rng(seed).uniform(0, max_angle, n_experiences)
+  angles = [float(a) for a in angles]
+  sc = _same_classes_stream(data, "rotated", kind,
+                            [lambda x, a=a: _rotate(x, a) for a in angles])
+  return dataclasses.replace(sc, name=f"rotated_{data.name}")
+
+
+def online(scenario: Scenario) -> Scenario:
+  """The streaming variant: one pass over each experience (set the batch
+  size to the stream's, e.g. 10, in the training config)."""
+  return dataclasses.replace(scenario, online=True,
+                             name=f"online_{scenario.name}")
+
+
+def from_arrays(train: Sequence[tuple[np.ndarray, np.ndarray]],
+                test: Sequence[tuple[np.ndarray, np.ndarray]],
+                kind: str = "class", num_classes: int | None = None,
+                name: str = "arrays") -> Scenario:
+  """A scenario from user arrays: one ``(x, y)`` pair per experience.
+
+  ``x`` may be ``(N, D)`` or ``(N, H, W, C)``; labels are ints in
+  ``[0, num_classes)``.
+  """
+  _check_kind(kind)
+  if len(train) != len(test) or not train:
+    raise ScenarioError(
+        f"need one test pair per train pair; got {len(train)} train and "
+        f"{len(test)} test experiences")
+  ys = np.concatenate([np.asarray(y) for _, y in list(train) + list(test)])
+  c = int(num_classes if num_classes is not None else ys.max() + 1)
+  if ys.min() < 0 or ys.max() >= c:
+    raise ScenarioError(f"labels must lie in [0, {c}); got [{ys.min()}, "
+                        f"{ys.max()}]")
+  exps, groups = [], []
+  for i, ((tx, ty), (vx, vy)) in enumerate(zip(train, test)):
+    tx, vx = np.asarray(tx, np.float32), np.asarray(vx, np.float32)
+    ty, vy = np.asarray(ty, np.int32), np.asarray(vy, np.int32)
+    if len(tx) != len(ty) or len(vx) != len(vy):
+      raise ScenarioError(f"experience {i}: x and y lengths differ")
+    tid = i if kind == "task" else 0
+    cs = tuple(int(k) for k in np.unique(ty))
+    groups.append(cs)
+    exps.append(Experience(i, tid, cs, tx, ty, vx, vy,
+                           np.full(len(ty), tid, np.int32),
+                           np.full(len(vy), tid, np.int32)))
+  if kind == "task":
+    tc = _task_classes(groups, c)
+  else:
+    tc = np.ones((1, c), bool)
+  return Scenario(name, kind, tuple(exps), c, tc.shape[0], tc)
+
+
+def _merged(exps: Sequence[Experience], index: int) -> Experience:
+  cat = lambda f: np.concatenate([getattr(e, f) for e in exps])
+  return Experience(
+      index=index, task_id=exps[-1].task_id,
+      classes=tuple(sorted({c for e in exps for c in e.classes})),
+      train_x=cat("train_x"), train_y=cat("train_y"),
+      test_x=exps[-1].test_x, test_y=exps[-1].test_y,
+      train_task=cat("train_task"), test_task=exps[-1].test_task)
+
+
+def joint(scenario: Scenario) -> Scenario:
+  """The offline upper bound: one experience with all training data; the
+  accuracy matrix keeps one column per original experience."""
+  return dataclasses.replace(
+      scenario, experiences=(_merged(scenario.experiences, 0),),
+      eval_experiences=scenario.eval_experiences,
+      name=f"joint_{scenario.name}")
+
+
+def cumulative(scenario: Scenario) -> Scenario:
+  """Experience i trains on the union of experiences 0..i."""
+  exps = scenario.experiences
+  return dataclasses.replace(
+      scenario,
+      experiences=tuple(_merged(exps[:i + 1], i) for i in range(len(exps))),
+      eval_experiences=scenario.eval_experiences,
+      name=f"cumulative_{scenario.name}")

@@ -1,0 +1,157 @@
+"""The training-state pytree and the static context around it.
+
+:class:`TrainState` holds everything training changes, and nothing else:
+checkpointing, ``vmap`` over seeds and sharding all act on this one pytree.
+:class:`Context` holds what does not change during a run (the model, the
+optimiser, the stream's shape) and is closed over by compiled functions; it
+is hashable so strategies can pass it as a static argument to ``jax.jit``.
+
+CL state never hides in a closure: a strategy's anchors, importances and
+buffers live in ``TrainState.strategy`` and go in and out of compiled
+functions as arguments (a peer library baked the first task's EWC anchors
+into its compiled program by marking ``self`` static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
+           "cross_entropy", "masked_logits"]
+
+# A mini-batch: {'x': (B, ...), 'y': (B,) int32, 'task': (B,) int32,
+# 'mask': (B,) float32 weights (0 for padding or empty replay slots)}.
+Batch = dict[str, jax.Array]
+
+_NEG = -1e9  # logit of a class outside the task (finite: keeps grads finite)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """All that training changes.
+
+  Attributes:
+    step: int32 scalar, optimiser steps taken over the whole stream.
+    params: the model's parameters (a plain pytree).
+    opt_state: optax state.
+    model_state: non-trained model variables (e.g. ``batch_stats``); ``{}``
+      for models without them.
+    strategy: the strategy's own state (a pytree; ``()`` for Naive).
+    rng: uint32[2] base key; a step's key is ``fold_in(rng, step)``, so keys
+      do not depend on how a run was split into calls or resumes.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any
+  strategy: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+  """What a strategy may know about the stream at ``init`` time.
+
+  Attributes:
+    num_classes: outputs of a single head.
+    num_tasks: distinct task ids.
+    num_experiences: experiences in the stream.
+    input_shape: one example's shape.
+    kind: ``class``, ``task`` or ``domain``.
+    task_classes: per task, a tuple of bools over classes (hashable).
+    batch_size: training mini-batch size.
+    train_size: the largest experience's number of training examples (the
+      padded size of the device-resident experience arrays).
+  """
+  num_classes: int
+  num_tasks: int
+  num_experiences: int
+  input_shape: tuple[int, ...]
+  kind: str
+  task_classes: tuple[tuple[bool, ...], ...]
+  batch_size: int
+  train_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """The static part of a run, closed over by compiled code.
+
+  Attributes:
+    model: the flax module (``apply(variables, x, task, train, features)``).
+    tx: the optax optimiser.
+    info: the stream's shape.
+    mask_task_logits: in task-incremental streams with a single head, mask
+      logits to the example's task classes (train and test).
+  """
+  model: Any
+  tx: optax.GradientTransformation
+  info: StreamInfo
+  mask_task_logits: bool = False
+
+  def apply(self, params, model_state, x, task, train: bool = False,
+            features: bool = False):
+    """Runs the model; returns ``(output, new_model_state)``.
+
+    ``output`` is logits (masked to the task's classes where the setting
+    asks for it) or, with ``features=True``, the backbone's features.
+    """
+    variables = {"params": params, **model_state}
+    if train and model_state:
+      out, new_ms = self.model.apply(variables, x, task, train=True,
+                                     features=features,
+                                     mutable=list(model_state))
+    else:
+      out = self.model.apply(variables, x, task, train=train,
+                             features=features)
+      new_ms = model_state
+    if self.mask_task_logits and not features:
+      out = masked_logits(out, task, self.info.task_classes)
+    return out, new_ms
+
+  def logits(self, params, model_state, x, task, train: bool = False):
+    """Logits only (model state unchanged): for evaluation and teachers."""
+    return self.apply(params, model_state, x, task, train=train)[0]
+
+
+class StepInfo(NamedTuple):
+  """What ``after_step`` hooks see of one optimiser step.
+
+  Attributes:
+    params_before: parameters before the update.
+    params_after: parameters after it.
+    grads: gradient of the total loss (task loss plus strategy losses) after
+      ``update_grads``.
+    task_grads: gradient of the task loss alone (the unregularised loss),
+      computed only when a strategy sets ``needs_task_grads``; else None.
+    batch: the (prepared) batch.
+    loss: the total loss.
+  """
+  params_before: Any
+  params_after: Any
+  grads: Any
+  task_grads: Any
+  batch: Batch
+  loss: jax.Array
+
+
+def masked_logits(logits: jax.Array, task: jax.Array,
+                  task_classes: tuple[tuple[bool, ...], ...]) -> jax.Array:
+  """Sets logits of classes outside each example's task to a large negative."""
+  table = jnp.asarray(task_classes, dtype=bool)
+  allowed = table[jnp.clip(task, 0, table.shape[0] - 1)]
+  return jnp.where(allowed, logits, _NEG)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+  """Mask-weighted mean softmax cross-entropy (0 for an all-masked batch)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)

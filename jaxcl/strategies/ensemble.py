@@ -1,0 +1,87 @@
+"""Ensemble: one model per experience.
+
+Each experience trains a freshly initialised model; after it, the model is
+stored in a fixed-size stack of ``num_experiences`` slots (so the state's
+shape never changes). Prediction:
+
+* task-incremental: the model of the example's task (routing by task id);
+* class-/domain-incremental: the mean of the stored models' softmax outputs,
+
+.. math::  p(y \\mid x) = \\frac{1}{K} \\sum_{k<K} \\mathrm{softmax}(f_{\\theta_k}(x))
+
+evaluated with ``jax.vmap`` over the stacked parameters. Before any model is
+stored (e.g. the random-initialisation baseline for FWT), the current
+parameters predict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.strategy import Strategy
+
+
+class EnsembleState(NamedTuple):
+  params: Any        # (num_experiences, ...) stacked parameters
+  model_state: Any   # (num_experiences, ...) stacked model state
+  filled: jax.Array  # bool (num_experiences,): slot holds a trained model
+
+
+def ensemble() -> Strategy:
+  """A model per experience, combined with ``vmap``."""
+
+  def _fresh(ctx, key):
+    x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+    variables = dict(ctx.model.init(key, x, jnp.zeros((1,), jnp.int32)))
+    return variables.pop("params"), variables
+
+  def init(ctx, key, params):
+    n = ctx.info.num_experiences
+    stack = lambda t: jax.tree.map(
+        lambda a: jnp.zeros((n,) + a.shape, a.dtype), t)
+    _, model_state = _fresh(ctx, key)  # only its structure is used
+    return EnsembleState(stack(params), stack(model_state),
+                         jnp.zeros((n,), bool))
+
+  def before_experience(ctx, state, experience):
+    if experience.index == 0:
+      return state
+    # A fresh model per experience, from a key of this run and experience.
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 0xE45),
+                             experience.index)
+    params, model_state = _fresh(ctx, key)
+    return state.replace(params=params, model_state=model_state,
+                         opt_state=ctx.tx.init(params))
+
+  def after_experience(ctx, state, experience):
+    del ctx
+    ss = state.strategy
+    i = experience.index
+    put = lambda stack, new: jax.tree.map(lambda s, a: s.at[i].set(a), stack,
+                                          new)
+    ss = EnsembleState(put(ss.params, state.params),
+                       put(ss.model_state, state.model_state),
+                       ss.filled.at[i].set(True))
+    return state.replace(strategy=ss)
+
+  def predict(ctx, sstate, params, model_state, x, task):
+    own = ctx.logits(params, model_state, x, task)
+    stacked = jax.vmap(lambda p, m: ctx.logits(p, m, x, task))(
+        sstate.params, sstate.model_state)  # (E, B, C)
+    probs = jax.nn.softmax(stacked, axis=-1)
+    if ctx.info.kind == "task":
+      # Route each example to its task's model (task id == experience).
+      t = jnp.clip(task, 0, stacked.shape[0] - 1)
+      routed = jnp.take_along_axis(probs, t[None, :, None], axis=0)[0]
+      have = sstate.filled[t][:, None]
+      return jnp.where(have, jnp.log(routed + 1e-12), own)
+    w = sstate.filled.astype(probs.dtype)
+    mean = jnp.einsum("e,ebc->bc", w, probs) / jnp.maximum(w.sum(), 1.0)
+    return jnp.where(jnp.any(sstate.filled), jnp.log(mean + 1e-12), own)
+
+  return Strategy(init=init, before_experience=before_experience,
+                  after_experience=after_experience, predict=predict,
+                  name="ensemble")

@@ -1,0 +1,195 @@
+"""The Strategy record: a few pure hooks with identity defaults, and chain().
+
+A strategy is to continual learning what an ``optax.GradientTransformation``
+is to optimisation: a record of pure functions whose state lives in one
+pytree (``TrainState.strategy``). Every hook has an identity default, so a
+method fills in only the hooks it needs, and :func:`chain` composes several
+methods into one (``chain(ewc(...), replay(...))``).
+
+Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
+
+* ``init(ctx, key, params) -> sstate``: the strategy's state, with fixed
+  shapes sized from ``ctx.info`` (so checkpoints, ``jit``, ``vmap`` and
+  sharding stay stable across experiences).
+* ``before_experience(ctx, state, experience) -> state``: host side, may
+  call jitted code; ``state`` is a :class:`TrainState`.
+* ``prepare_batch(ctx, sstate, batch, key) -> batch``: inside jit (replay
+  appends fixed-shape samples with a validity mask).
+* ``loss(ctx, sstate, params, batch, logits) -> scalar``: added to the task
+  loss (penalties, distillation). ``logits`` are the model's on ``batch``.
+* ``update_grads(ctx, sstate, grads, params, batch, key) -> grads``:
+  gradient surgery (GEM projection, masks).
+* ``after_step(ctx, sstate, info: StepInfo) -> sstate``: online statistics
+  (SI's path integral, reservoir updates).
+* ``after_experience(ctx, state, experience) -> state``: host side
+  (Fisher, consolidation, pruning, exemplar selection).
+* ``predict(ctx, sstate, params, model_state, x, task) -> logits`` or None
+  for the model's own logits (multi-head masking, NME, ensembles).
+* ``needs_task_grads``: ask the step for the unregularised gradient too
+  (costs a second backward pass; SI uses it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Strategy", "identity", "chain", "default_predict"]
+
+
+def _init_empty(ctx, key, params):
+  del ctx, key, params
+  return ()
+
+
+def _same_state(ctx, state, experience):
+  del ctx, experience
+  return state
+
+
+def _same_batch(ctx, sstate, batch, key):
+  del ctx, sstate, key
+  return batch
+
+
+def _zero_loss(ctx, sstate, params, batch, logits):
+  del ctx, sstate, params, batch, logits
+  return jnp.zeros((), jnp.float32)
+
+
+def _same_grads(ctx, sstate, grads, params, batch, key):
+  del ctx, sstate, params, batch, key
+  return grads
+
+
+def _same_sstate(ctx, sstate, info):
+  del ctx, info
+  return sstate
+
+
+def default_predict(ctx, sstate, params, model_state, x, task):
+  """The model's own logits (masked to the task in task-incremental mode)."""
+  del sstate
+  return ctx.logits(params, model_state, x, task, train=False)
+
+
+class Strategy(NamedTuple):
+  """A continual-learning strategy as a record of pure hooks.
+
+  See the module docstring for each hook's contract. Build one with a
+  factory (``jaxcl.strategies.ewc.ewc(lam=...)``) and fill only the hooks
+  the method needs; the rest keep their identity defaults.
+  """
+  init: Callable[..., Any] = _init_empty
+  before_experience: Callable[..., Any] = _same_state
+  prepare_batch: Callable[..., Any] = _same_batch
+  loss: Callable[..., Any] = _zero_loss
+  update_grads: Callable[..., Any] = _same_grads
+  after_step: Callable[..., Any] = _same_sstate
+  after_experience: Callable[..., Any] = _same_state
+  predict: Optional[Callable[..., Any]] = None
+  needs_task_grads: bool = False
+  name: str = "naive"
+
+
+def identity() -> Strategy:
+  """Naive fine-tuning: the strategy that changes nothing."""
+  return Strategy()
+
+
+def chain(*strategies: Strategy) -> Strategy:
+  """Composes strategies into one.
+
+  The state is a tuple of the members' states, in order. Losses add up;
+  ``prepare_batch`` and ``update_grads`` apply left to right (so write the
+  order at the call site: ``chain(replay(...), gem(...))`` projects the
+  gradient of the replayed batch); each ``after_step`` and experience hook
+  updates its own slot. At most one member may define ``predict``.
+
+  Raises:
+    ValueError: if two members define ``predict`` or an argument is not a
+      Strategy.
+  """
+  for s in strategies:
+    if not isinstance(s, Strategy):
+      raise ValueError(f"chain() takes Strategy records; got {type(s)}")
+  predictors = [s for s in strategies if s.predict is not None]
+  if len(predictors) > 1:
+    raise ValueError(
+        "chain(): more than one strategy defines predict: "
+        f"{[s.name for s in predictors]}; compose their predictions yourself")
+  n = len(strategies)
+
+  def check(sstate):
+    if not isinstance(sstate, tuple) or len(sstate) != n:
+      raise ValueError(
+          f"chain of {n} strategies got a state of the wrong structure; "
+          "call init first")
+
+  def init(ctx, key, params):
+    keys = jax.random.split(key, max(n, 1))
+    return tuple(s.init(ctx, k, params) for s, k in zip(strategies, keys))
+
+  def on_experience(hook_name):
+
+    def hook(ctx, state, experience):
+      check(state.strategy)
+      subs = list(state.strategy)
+      for i, s in enumerate(strategies):
+        sub = state.replace(strategy=subs[i])
+        sub = getattr(s, hook_name)(ctx, sub, experience)
+        subs[i] = sub.strategy
+        state = sub.replace(strategy=tuple(subs))
+      return state
+
+    return hook
+
+  def prepare_batch(ctx, sstate, batch, key):
+    check(sstate)
+    keys = jax.random.split(key, max(n, 1))
+    for s, ss, k in zip(strategies, sstate, keys):
+      batch = s.prepare_batch(ctx, ss, batch, k)
+    return batch
+
+  def loss(ctx, sstate, params, batch, logits):
+    check(sstate)
+    total = jnp.zeros((), jnp.float32)
+    for s, ss in zip(strategies, sstate):
+      total = total + s.loss(ctx, ss, params, batch, logits)
+    return total
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    check(sstate)
+    keys = jax.random.split(key, max(n, 1))
+    for s, ss, k in zip(strategies, sstate, keys):
+      grads = s.update_grads(ctx, ss, grads, params, batch, k)
+    return grads
+
+  def after_step(ctx, sstate, info):
+    check(sstate)
+    return tuple(s.after_step(ctx, ss, info)
+                 for s, ss in zip(strategies, sstate))
+
+  predict = None
+  if predictors:
+    idx = strategies.index(predictors[0])
+
+    def predict(ctx, sstate, params, model_state, x, task):
+      check(sstate)
+      return predictors[0].predict(ctx, sstate[idx], params, model_state, x,
+                                   task)
+
+  return Strategy(
+      init=init,
+      before_experience=on_experience("before_experience"),
+      prepare_batch=prepare_batch,
+      loss=loss,
+      update_grads=update_grads,
+      after_step=after_step,
+      after_experience=on_experience("after_experience"),
+      predict=predict,
+      needs_task_grads=any(s.needs_task_grads for s in strategies),
+      name="+".join(s.name for s in strategies) or "naive",
+  )

@@ -1,0 +1,392 @@
+"""The compiled experience loop and evaluation.
+
+One experience is one compiled program: its training arrays sit on the
+device, padded to the stream's largest experience so every experience has
+the same shapes (nothing recompiles between experiences); an epoch is a
+``lax.scan`` over rows of a ``(steps, batch)`` index array drawn on the
+device; the host loop runs over experiences, epochs and (optionally) chunks
+of an epoch for checkpoints. Index ``-1`` marks padding: it gets mask 0, and
+a step whose batch is all padding is skipped with ``lax.cond`` (no optimiser
+step, no step count), so padding never changes the result.
+
+Evaluation of all test sets after an experience is one jitted call over the
+stacked, padded test sets and returns one row of the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcl.scenarios import Experience, Scenario
+from jaxcl.state import (Batch, Context, StepInfo, StreamInfo, TrainState,
+                         cross_entropy)
+from jaxcl.strategy import Strategy, default_predict
+
+__all__ = [
+    "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
+    "init_state", "Learner", "make_learner", "device_experience",
+    "test_arrays", "train_chunk", "evaluate", "steps_per_epoch",
+    "NonFiniteLossError", "ConfigError",
+]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+  """A run was configured with a bad value (the message names it)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss (the message says where)."""
+
+
+# --------------------------------------------------------------------------
+# Optimiser.
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, schedule: str = "constant",
+                   schedule_steps: int = 0) -> optax.GradientTransformation:
+  """An optax optimiser by name with its learning rate kept in the state.
+
+  The learning rate is an injected hyperparameter
+  (``opt_state.hyperparams['learning_rate']``) so that a ``vmap`` sweep can
+  give each run its own value; a schedule multiplies it.
+
+  Args:
+    name: ``sgd``, ``momentum`` (SGD with heavy-ball momentum), ``adam`` or
+      ``adamw``.
+    learning_rate: base learning rate (> 0).
+    momentum: for ``momentum``.
+    weight_decay: for ``adamw`` (decoupled) and ``sgd``/``momentum``
+      (coupled L2, added to the gradient).
+    schedule: ``constant``, ``cosine`` or ``linear`` decay to 0 over
+      ``schedule_steps`` optimiser steps (counted per optimiser state, which
+      is reset per experience by default).
+  """
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
+  if not learning_rate > 0:
+    raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+  if schedule not in SCHEDULES:
+    raise ConfigError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
+  if schedule != "constant" and schedule_steps <= 0:
+    raise ConfigError(f"schedule {schedule!r} needs schedule_steps > 0")
+
+  if schedule == "cosine":
+    mult = optax.cosine_decay_schedule(1.0, schedule_steps)
+  elif schedule == "linear":
+    mult = optax.linear_schedule(1.0, 0.0, schedule_steps)
+  else:
+    mult = None
+
+  def build(learning_rate):
+    parts = []
+    if name in ("sgd", "momentum") and weight_decay:
+      parts.append(optax.add_decayed_weights(weight_decay))
+    if name == "momentum":
+      parts.append(optax.trace(decay=momentum))
+    elif name in ("adam", "adamw"):
+      parts.append(optax.scale_by_adam())
+      if name == "adamw" and weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    if mult is not None:
+      parts.append(optax.scale_by_schedule(mult))
+    parts.append(optax.scale(-1.0 * learning_rate))
+    return optax.chain(*parts)
+
+  return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+# --------------------------------------------------------------------------
+# Context and state.
+
+
+def steps_per_epoch(train_size: int, batch_size: int, chunk: int = 0) -> int:
+  """Steps per padded epoch, rounded up to a multiple of ``chunk``."""
+  steps = math.ceil(train_size / batch_size)
+  if chunk:
+    steps = math.ceil(steps / chunk) * chunk
+  return steps
+
+
+def stream_info(scenario: Scenario, batch_size: int) -> StreamInfo:
+  """The stream's shape, as strategies see it at ``init``."""
+  return StreamInfo(
+      num_classes=scenario.num_classes,
+      num_tasks=scenario.num_tasks,
+      num_experiences=len(scenario.experiences),
+      input_shape=scenario.input_shape,
+      kind=scenario.kind,
+      task_classes=tuple(tuple(bool(b) for b in row)
+                         for row in scenario.task_classes),
+      batch_size=batch_size,
+      train_size=max(e.num_train for e in scenario.experiences),
+  )
+
+
+def make_context(model, tx, info: StreamInfo) -> Context:
+  """Masks logits to the task's classes in task-incremental streams (for a
+  multi-head model on split streams, too: each head covers all classes)."""
+  return Context(model=model, tx=tx, info=info,
+                 mask_task_logits=info.kind == "task")
+
+
+def init_state(ctx: Context, strategy: Strategy, seed: int | jax.Array,
+               params: Any = None) -> TrainState:
+  """A fresh state from a seed (or pretrained ``params``)."""
+  key = jax.random.PRNGKey(seed) if np.ndim(seed) == 0 else seed
+  k_model, k_strategy, k_run = jax.random.split(key, 3)
+  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  variables = ctx.model.init(k_model, x, jnp.zeros((1,), jnp.int32))
+  variables = dict(variables)
+  init_params = variables.pop("params")
+  params = init_params if params is None else params
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=ctx.tx.init(params),
+      model_state=variables,
+      strategy=strategy.init(ctx, k_strategy, params),
+      rng=k_run,
+  )
+
+
+# --------------------------------------------------------------------------
+# Data on the device.
+
+
+def device_experience(exp: Experience, size: int) -> dict[str, np.ndarray]:
+  """An experience's training arrays padded to ``size`` rows (host arrays).
+
+  Padding rows are never indexed (index -1 maps to mask 0), so their content
+  does not matter; zeros keep them cheap.
+  """
+  n = exp.num_train
+  if n > size:
+    raise ConfigError(f"experience {exp.index} has {n} examples > {size}")
+
+  def pad(a, dtype):
+    out = np.zeros((size,) + a.shape[1:], dtype)
+    out[:n] = a
+    return out
+
+  return {"x": pad(exp.train_x, np.float32), "y": pad(exp.train_y, np.int32),
+          "task": pad(exp.train_task, np.int32)}
+
+
+def test_arrays(experiences: Sequence[Experience],
+                eval_batch_size: int) -> dict[str, np.ndarray]:
+  """All test sets stacked to ``(E, M, ...)``, ``M`` a multiple of the eval
+  batch, with per-experience counts; padding is excluded by the counts."""
+  m = max(len(e.test_y) for e in experiences)
+  m = math.ceil(m / eval_batch_size) * eval_batch_size
+  e_n = len(experiences)
+  shape = experiences[0].test_x.shape[1:]
+  x = np.zeros((e_n, m) + shape, np.float32)
+  y = np.zeros((e_n, m), np.int32)
+  t = np.zeros((e_n, m), np.int32)
+  count = np.zeros((e_n,), np.int32)
+  for i, e in enumerate(experiences):
+    n = len(e.test_y)
+    x[i, :n], y[i, :n], t[i, :n], count[i] = e.test_x, e.test_y, e.test_task, n
+  return {"x": x, "y": y, "task": t, "count": count}
+
+
+# --------------------------------------------------------------------------
+# One step, a chunk of steps, evaluation.
+
+
+def _data_key(rng: jax.Array) -> jax.Array:
+  # Shuffling keys live apart from per-step keys (fold_in(rng, step)).
+  return jax.random.fold_in(rng, 0x5EED)
+
+
+def epoch_indices(rng: jax.Array, experience: jax.Array, epoch: jax.Array,
+                  n_valid: jax.Array, size: int, steps: int,
+                  batch_size: int) -> jax.Array:
+  """A ``(steps, batch)`` permutation of ``range(n_valid)``, -1 padded.
+
+  Drawn on the device from the run's key, the experience and the epoch, so a
+  resumed run draws the same order.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(_data_key(rng), experience),
+                           epoch)
+  perm = jax.random.permutation(key, size)
+  # Stable sort puts the valid indices (< n_valid) first, in random order.
+  perm = perm[jnp.argsort(perm >= n_valid, stable=True)]
+  perm = jnp.where(jnp.arange(size) < n_valid, perm, -1)
+  total = steps * batch_size
+  perm = jnp.concatenate(
+      [perm, -jnp.ones((max(total - size, 0),), perm.dtype)])[:total]
+  return perm.reshape(steps, batch_size)
+
+
+def train_step(ctx: Context, strategy: Strategy, state: TrainState,
+               batch: Batch) -> tuple[TrainState, jax.Array]:
+  """One optimiser step; returns the new state and the total loss."""
+  key = jax.random.fold_in(state.rng, state.step)
+  k_prep, k_grad = jax.random.split(key)
+  batch = strategy.prepare_batch(ctx, state.strategy, batch, k_prep)
+
+  def loss_fn(params):
+    logits, new_ms = ctx.apply(params, state.model_state, batch["x"],
+                               batch["task"], train=True)
+    task_loss = cross_entropy(logits, batch["y"], batch["mask"])
+    reg = strategy.loss(ctx, state.strategy, params, batch, logits)
+    return task_loss + reg, new_ms
+
+  (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  task_grads = None
+  if strategy.needs_task_grads:
+
+    def task_loss_fn(params):
+      logits, _ = ctx.apply(params, state.model_state, batch["x"],
+                            batch["task"], train=True)
+      return cross_entropy(logits, batch["y"], batch["mask"])
+
+    task_grads = jax.grad(task_loss_fn)(state.params)
+  grads = strategy.update_grads(ctx, state.strategy, grads, state.params,
+                                batch, k_grad)
+  updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  sstate = strategy.after_step(
+      ctx, state.strategy,
+      StepInfo(state.params, params, grads, task_grads, batch, loss))
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state, model_state=new_ms,
+                       strategy=sstate), loss
+
+
+def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
+                data: dict[str, jax.Array], n_valid: jax.Array,
+                experience: jax.Array, epoch: jax.Array, start: jax.Array,
+                *, chunk_steps: int, epoch_steps: int,
+                batch_spec: Callable[[Batch], Batch] | None = None):
+  """Runs steps ``[start, start + chunk_steps)`` of one epoch as a scan.
+
+  Returns the new state, the per-step losses and which steps ran (steps
+  whose batch is all padding are skipped and report loss 0).
+  """
+  bs = ctx.info.batch_size
+  size = data["y"].shape[0]
+  idx = epoch_indices(state.rng, experience, epoch, n_valid, size,
+                      epoch_steps, bs)
+  idx = jax.lax.dynamic_slice_in_dim(idx, start, chunk_steps, axis=0)
+
+  def body(state, row):
+    valid = row >= 0
+    safe = jnp.maximum(row, 0)
+    batch = {"x": data["x"][safe], "y": data["y"][safe],
+             "task": data["task"][safe], "mask": valid.astype(jnp.float32)}
+    if batch_spec is not None:
+      batch = batch_spec(batch)
+    run = jnp.any(valid)
+    state, loss = jax.lax.cond(
+        run, lambda s: train_step(ctx, strategy, s, batch),
+        lambda s: (s, jnp.zeros((), jnp.float32)), state)
+    return state, (loss, run)
+
+  state, (losses, ran) = jax.lax.scan(body, state, idx)
+  return state, losses, ran
+
+
+def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
+             test: dict[str, jax.Array], *, eval_batch_size: int) -> jax.Array:
+  """Accuracy of ``state`` on every stacked test set: one accuracy row."""
+  predict = strategy.predict or default_predict
+  e_n, m = test["y"].shape
+  nb = m // eval_batch_size
+
+  def chunks(a):
+    return a.reshape((e_n * nb, eval_batch_size) + a.shape[2:])
+
+  # Padding rows sit after each test set's `count` valid rows.
+  pos = jnp.arange(m).reshape(nb, eval_batch_size)
+  valid = pos[None] < test["count"][:, None, None]  # (E, nb, bs)
+
+  def one(args):
+    x, y, t, v = args
+    logits = predict(ctx, state.strategy, state.params, state.model_state, x,
+                     t)
+    return jnp.sum((jnp.argmax(logits, -1) == y) & v, dtype=jnp.int32)
+
+  xs = (chunks(test["x"]), chunks(test["y"]), chunks(test["task"]),
+        valid.reshape(e_n * nb, eval_batch_size))
+  correct = jax.lax.map(one, xs)
+  correct = correct.reshape(e_n, nb).sum(axis=1)
+  return correct / jnp.maximum(test["count"], 1)
+
+
+# --------------------------------------------------------------------------
+# A learner: the compiled functions of one run configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """The static pieces of a run and their compiled functions.
+
+  Attributes:
+    ctx: the static context.
+    strategy: the strategy record.
+    chunk_steps: steps per compiled call (an epoch, or a checkpoint chunk).
+    epoch_steps: steps per padded epoch (a multiple of ``chunk_steps``).
+    epochs: epochs per experience.
+    eval_batch_size: evaluation batch size.
+    reset_optimizer: re-initialise the optimiser state before each
+      experience.
+  """
+  ctx: Context
+  strategy: Strategy
+  chunk_steps: int
+  epoch_steps: int
+  epochs: int
+  eval_batch_size: int
+  reset_optimizer: bool = True
+
+  @functools.cached_property
+  def chunk_fn(self):
+    """``(state, data, n_valid, experience, epoch, start) -> (state, losses,
+    ran)``, jitted with the state donated."""
+    f = functools.partial(train_chunk, self.ctx, self.strategy,
+                          chunk_steps=self.chunk_steps,
+                          epoch_steps=self.epoch_steps)
+    return jax.jit(f, donate_argnums=0)
+
+  @functools.cached_property
+  def eval_fn(self):
+    """``(state, test) -> accuracy row``, jitted."""
+    f = functools.partial(evaluate, self.ctx, self.strategy,
+                          eval_batch_size=self.eval_batch_size)
+    return jax.jit(f)
+
+
+def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
+                 eval_batch_size: int = 1000, checkpoint_every_steps: int = 0,
+                 reset_optimizer: bool = True) -> Learner:
+  """Validates the loop settings and builds a :class:`Learner`."""
+  info = ctx.info
+  if epochs < 1:
+    raise ConfigError(f"epochs must be >= 1, got {epochs}")
+  if info.batch_size < 1:
+    raise ConfigError(f"batch_size must be >= 1, got {info.batch_size}")
+  if eval_batch_size < 1:
+    raise ConfigError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+  steps = steps_per_epoch(info.train_size, info.batch_size)
+  chunk = steps if checkpoint_every_steps <= 0 else min(
+      checkpoint_every_steps, steps)
+  return Learner(ctx, strategy, chunk_steps=chunk,
+                 epoch_steps=steps_per_epoch(info.train_size, info.batch_size,
+                                             chunk),
+                 epochs=epochs, eval_batch_size=eval_batch_size,
+                 reset_optimizer=reset_optimizer)
