@@ -106,7 +106,9 @@ def build_scenario(config: ml_collections.ConfigDict) -> Scenario:
 
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:
   fields = {"mlp": ("widths",), "cnn": ("channels", "hidden"),
-            "resnet18": ("width",)}.get(mc.name, ())
+            "resnet18": ("width",)}.get(mc.name)
+  if fields is None:  # a model module: its kwargs in config.model.<name>
+    return dict(mc.get(mc.name, {}))
   out = {}
   for f in fields:
     v = mc[f]

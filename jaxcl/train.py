@@ -33,7 +33,7 @@ from jaxcl.strategy import Strategy, default_predict
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
     "init_state", "Learner", "make_learner", "device_experience",
-    "test_arrays", "train_chunk", "evaluate", "steps_per_epoch",
+    "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
     "NonFiniteLossError", "ConfigError",
 ]
 
@@ -200,6 +200,32 @@ def test_arrays(experiences: Sequence[Experience],
     n = len(e.test_y)
     x[i, :n], y[i, :n], t[i, :n], count[i] = e.test_x, e.test_y, e.test_task, n
   return {"x": x, "y": y, "task": t, "count": count}
+
+
+def experience_batches(exp: Experience, batch_size: int,
+                       max_examples: int = 0, seed: int = 0,
+                       split: str = "train") -> Batch:
+  """An experience's examples as stacked batches ``(nb, batch_size, ...)``.
+
+  For host-side hooks that scan over an experience inside jit (Fisher
+  estimation, exemplar selection, feature extraction). ``max_examples > 0``
+  takes a seeded random subset first. The last batch is padded with mask 0.
+  """
+  x, y, t = ((exp.train_x, exp.train_y, exp.train_task) if split == "train"
+             else (exp.test_x, exp.test_y, exp.test_task))
+  n = len(y)
+  idx = np.arange(n)
+  if 0 < max_examples < n:
+    idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
+    n = len(idx)
+  nb = math.ceil(n / batch_size)
+  pad = nb * batch_size - n
+  take = np.concatenate([idx, np.zeros(pad, idx.dtype)])
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  shape = lambda a: a.reshape((nb, batch_size) + a.shape[1:])
+  return {"x": shape(x[take].astype(np.float32)),
+          "y": shape(y[take].astype(np.int32)),
+          "task": shape(t[take].astype(np.int32)), "mask": shape(mask)}
 
 
 # --------------------------------------------------------------------------

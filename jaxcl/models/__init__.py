@@ -1,6 +1,10 @@
 """Flax (linen) models: a backbone plus a single- or multi-head classifier.
 
-Models are built by name (``build('mlp', ...)``) so configs can pick them.
+Models are built by name (``build('mlp', ...)``) so configs can pick them:
+the backbones in ``BACKBONES`` get a :class:`Classifier` head; any other
+name ``foo`` is looked up as a module ``jaxcl/models/foo.py`` exposing
+``build(num_classes, num_heads, **kwargs) -> flax module`` with the same call
+signature (for models that are not backbone + head, e.g. hypernetworks).
 Every model is a :class:`Classifier` whose ``__call__(x, task, train)``
 returns logits, and whose ``features=True`` call returns the backbone's
 output (used by strategies that work in feature space: iCaRL, CWR*, latent
@@ -9,7 +13,8 @@ replay).
 
 from __future__ import annotations
 
-import functools
+import importlib
+import pkgutil
 from typing import Any, Callable
 
 from jaxcl.models.classifier import Classifier
@@ -17,7 +22,8 @@ from jaxcl.models.cnn import CNN
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import ResNet18
 
-__all__ = ["Classifier", "MLP", "CNN", "ResNet18", "build", "BACKBONES"]
+__all__ = ["Classifier", "MLP", "CNN", "ResNet18", "build", "BACKBONES",
+           "available"]
 
 BACKBONES: dict[str, Callable[..., Any]] = {
     "mlp": MLP,
@@ -37,8 +43,16 @@ def build(name: str, num_classes: int, num_heads: int = 1,
       task id (multi-head).
     **kwargs: the backbone's fields (e.g. ``widths=(400, 400)`` for mlp).
   """
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
   if name not in BACKBONES:
-    raise ValueError(f"unknown model {name!r}; valid: {sorted(BACKBONES)}")
+    if name not in available():
+      raise ValueError(f"unknown model {name!r}; valid: {available()}")
+    module = importlib.import_module(f"jaxcl.models.{name}")
+    try:
+      return module.build(num_classes, num_heads, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"bad arguments for model {name!r}: {e}") from e
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
   try:
@@ -47,3 +61,15 @@ def build(name: str, num_classes: int, num_heads: int = 1,
     raise ValueError(f"bad arguments for model {name!r}: {e}") from e
   return Classifier(backbone=backbone, num_classes=num_classes,
                     num_heads=num_heads)
+
+
+def available() -> list[str]:
+  """Backbone names plus model modules that define ``build``."""
+  import jaxcl.models as pkg
+  extra = []
+  for m in pkgutil.iter_modules(pkg.__path__):
+    if m.name.startswith("_") or m.name in BACKBONES:
+      continue
+    if "def build(" in open(f"{pkg.__path__[0]}/{m.name}.py").read():
+      extra.append(m.name)
+  return sorted(set(BACKBONES) | set(extra))
