@@ -1,0 +1,305 @@
+"""Fixed-shape replay memories as pure functions over arrays.
+
+A :class:`Memory` is a NamedTuple of arrays with a leading *capacity* axis
+(examples, labels, task ids, experience ids, a validity mask) plus one
+counter. Its shape never changes, so a memory is an ordinary pytree: it sits
+in ``TrainState.strategy``, goes through ``jit`` / ``lax.scan`` / ``vmap``,
+checkpoints with orbax and can be sharded along the capacity axis. Every
+function here is pure and jit-able; none of them syncs with the host.
+
+Three insertion policies:
+
+* :func:`reservoir_add` (Vitter, 1985, algorithm R): for streams of unknown
+  length. The ``n``-th example offered (0-based) is stored with probability
+  ``min(1, K / (n + 1))``, in a uniformly chosen slot when the memory is
+  full, so after ``N`` examples every one of them is in memory with the same
+  probability ``min(1, K / N)``.
+* :func:`experience_balanced_add`: after ``i`` experiences each keeps
+  ``K // i`` slots (random replay as usually taught, e.g. Avalanche's
+  experience-balanced buffer). The new experience's examples are chosen
+  uniformly at random; older experiences shrink to the new quota by random
+  removal. The ``K mod i`` leftover slots stay empty, so the quota is exactly
+  ``K // i`` (or all of an experience's examples if it has fewer).
+* :func:`class_balanced_add` (GDumb's greedy sampler, Prabhu et al. 2020):
+  add while the memory has room; when it is full, add an example only if its
+  class holds fewer than ``K / |Y|`` slots (``|Y|`` the classes seen so
+  far), evicting a random example of the currently largest class.
+
+:func:`sample` draws a fixed number of valid entries without replacement
+(invalid draws come back with mask 0, e.g. while the memory is empty).
+
+References:
+  Vitter, `Random sampling with a reservoir
+  <https://doi.org/10.1145/3147.3165>`_, 1985.
+  Chaudhry et al., `On tiny episodic memories in continual learning
+  <https://arxiv.org/abs/1902.10486>`_, 2019.
+  Prabhu et al., `GDumb: a simple approach that questions our progress in
+  continual learning <https://doi.org/10.1007/978-3-030-58536-5_31>`_, 2020.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Memory", "init", "size", "counts", "reservoir_add",
+           "experience_balanced_add", "class_balanced_add", "sample",
+           "gather", "check_capacity"]
+
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+class Memory(NamedTuple):
+  """A fixed-capacity memory of examples (or of latent activations).
+
+  Attributes:
+    x: ``(K, *example_shape)`` stored examples (float32 by default).
+    y: int32 ``(K,)`` labels.
+    task: int32 ``(K,)`` task ids.
+    experience: int32 ``(K,)`` id of the experience an entry came from.
+    valid: bool ``(K,)``: the slot holds an example.
+    seen: int32 scalar: examples offered so far (the reservoir's ``n``).
+  """
+  x: jax.Array
+  y: jax.Array
+  task: jax.Array
+  experience: jax.Array
+  valid: jax.Array
+  seen: jax.Array
+
+
+def check_capacity(capacity: int, name: str = "mem_size") -> int:
+  """Validates a capacity (host side, before tracing)."""
+  if isinstance(capacity, bool) or not isinstance(capacity, int) or \
+      capacity < 1:
+    raise ValueError(f"{name} must be a positive int, got {capacity!r}")
+  return capacity
+
+
+def init(capacity: int, example_shape: Sequence[int],
+         dtype=jnp.float32) -> Memory:
+  """An empty memory of ``capacity`` slots for examples of ``example_shape``."""
+  check_capacity(capacity, "capacity")
+  k = capacity
+  return Memory(
+      x=jnp.zeros((k,) + tuple(example_shape), dtype),
+      y=jnp.zeros((k,), jnp.int32),
+      task=jnp.zeros((k,), jnp.int32),
+      experience=jnp.zeros((k,), jnp.int32),
+      valid=jnp.zeros((k,), bool),
+      seen=jnp.zeros((), jnp.int32))
+
+
+def capacity_of(mem: Memory) -> int:
+  return mem.valid.shape[0]
+
+
+def size(mem: Memory) -> jax.Array:
+  """Number of valid entries (int32 scalar)."""
+  return jnp.sum(mem.valid, dtype=jnp.int32)
+
+
+def counts(mem: Memory, num: int, by: str = "y") -> jax.Array:
+  """Valid entries per label (``by='y'``) or per experience id: ``(num,)``."""
+  ids = mem.y if by == "y" else mem.experience
+  return jnp.zeros((num,), jnp.int32).at[ids].add(
+      mem.valid.astype(jnp.int32), mode="drop")
+
+
+def _put(mem: Memory, slot, x, y, task, experience) -> Memory:
+  """Writes one example at ``slot`` (``slot == K`` writes nothing)."""
+  k = capacity_of(mem)
+  write = slot < k
+  s = jnp.minimum(slot, k - 1)
+  sel = lambda new, old: jnp.where(write, new, old)
+  return mem._replace(
+      x=mem.x.at[s].set(sel(x.astype(mem.x.dtype), mem.x[s])),
+      y=mem.y.at[s].set(sel(y, mem.y[s])),
+      task=mem.task.at[s].set(sel(task, mem.task[s])),
+      experience=mem.experience.at[s].set(sel(experience, mem.experience[s])),
+      valid=mem.valid.at[s].set(sel(True, mem.valid[s])))
+
+
+def _as_rows(n, y, task, experience, mask):
+  i32 = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (n,))
+  ok = (jnp.ones((n,), bool) if mask is None else
+        jnp.broadcast_to(jnp.asarray(mask) > 0, (n,)))
+  return i32(y), i32(task), i32(experience), ok
+
+
+def reservoir_add(mem: Memory, key: jax.Array, x: jax.Array, y: jax.Array,
+                  task: jax.Array, experience: jax.Array | int,
+                  mask: jax.Array | None = None) -> Memory:
+  """Offers a batch of examples to a reservoir memory (algorithm R).
+
+  .. math::
+     n \\leftarrow \\text{seen};\\quad
+     \\text{slot} = \\begin{cases} n & n < K \\\\
+       j \\sim U\\{0..n\\} & \\text{otherwise (kept if } j < K)\\end{cases}
+
+  Rows with ``mask == 0`` (padding, empty replay slots) are not offered and
+  do not advance the counter. The batch is processed in order by a
+  ``lax.scan``, so the result is the same as offering the examples one by
+  one.
+
+  Args:
+    mem: the memory.
+    key: PRNG key.
+    x: ``(B, *example_shape)``; y, task: ``(B,)`` ints; experience: an int
+      or ``(B,)``; mask: ``(B,)`` (None: all offered).
+  """
+  b = x.shape[0]
+  k = capacity_of(mem)
+  y, task, experience, ok = _as_rows(b, y, task, experience, mask)
+  keys = jax.random.split(key, b)
+
+  def body(mem, row):
+    xi, yi, ti, ei, oki, ki = row
+    n = mem.seen
+    j = jax.random.randint(ki, (), 0, jnp.maximum(n, 0) + 1)
+    slot = jnp.where(n < k, n, jnp.where(j < k, j, k))
+    slot = jnp.where(oki, slot, k)
+    mem = _put(mem, slot, xi, yi, ti, ei)
+    return mem._replace(seen=n + oki.astype(jnp.int32)), None
+
+  mem, _ = jax.lax.scan(body, mem, (x, y, task, experience, ok, keys))
+  return mem
+
+
+def _rank_within_groups(group: jax.Array, score: jax.Array) -> jax.Array:
+  """For each entry, its rank by ``score`` among entries of its group."""
+  n = group.shape[0]
+  order = jnp.lexsort((score, group))  # by group, then score
+  g_sorted = group[order]
+  start = jnp.searchsorted(g_sorted, g_sorted, side="left")
+  rank_sorted = jnp.arange(n) - start
+  return jnp.zeros((n,), jnp.int32).at[order].set(rank_sorted.astype(
+      jnp.int32))
+
+
+def experience_balanced_add(mem: Memory, key: jax.Array, x: jax.Array,
+                            y: jax.Array, task: jax.Array,
+                            experience: jax.Array | int,
+                            mask: jax.Array | None = None) -> Memory:
+  """Adds a whole experience to an experience-balanced memory.
+
+  With ``i`` distinct experiences in memory after the call (the new one
+  included), each keeps exactly ``min(n_e, K // i)`` entries, ``n_e`` its
+  number of examples: the new experience's entries are a uniform random
+  subset of its (unmasked) examples, and older experiences shrink to the
+  quota by uniform random removal. Entries already tagged with the new
+  experience id are replaced.
+
+  Args:
+    mem: the memory.
+    key: PRNG key.
+    x: ``(N, *example_shape)`` the experience's examples (may be padded).
+    y, task: ``(N,)``; experience: the experience id (int32 scalar).
+    mask: ``(N,)`` valid rows (None: all).
+  """
+  n = x.shape[0]
+  k = capacity_of(mem)
+  y, task, _, ok = _as_rows(n, y, task, 0, mask)
+  experience = jnp.asarray(experience, jnp.int32)
+  k_old, k_new = jax.random.split(key)
+  old = mem.valid & (mem.experience != experience)
+  # Distinct older experiences (+1 for the new one) give the quota.
+  g = jnp.where(old, mem.experience, _BIG)
+  gs = jnp.sort(g)
+  firsts = (gs != jnp.concatenate([jnp.full((1,), -1, gs.dtype), gs[:-1]]))
+  num_groups = jnp.sum(firsts & (gs != _BIG), dtype=jnp.int32) + 1
+  quota = k // num_groups
+  # Older experiences: keep a uniform random `quota` of each.
+  rank = _rank_within_groups(g, jax.random.uniform(k_old, (k,)))
+  keep = old & (rank < quota)
+  # New experience: a uniform random `quota` of its valid rows, ranked by a
+  # random score; at most min(K, N) can be chosen (a static bound).
+  m = min(k, n)
+  score = jnp.where(ok, jax.random.uniform(k_new, (n,)), 2.0)
+  chosen_rows = jnp.argsort(score)[:m]
+  r = jnp.arange(m)
+  chosen = (r < quota) & ok[chosen_rows]
+  # Free slots first (stable), the r-th chosen row goes to the r-th one;
+  # there are at least K - (i - 1) * quota >= quota free slots.
+  free_slots = jnp.argsort(keep, stable=True)
+  slots = jnp.where(chosen, free_slots[r], k)
+  put = lambda arr, new: arr.at[slots].set(new[chosen_rows].astype(arr.dtype),
+                                           mode="drop")
+  return Memory(
+      x=put(mem.x, x), y=put(mem.y, y), task=put(mem.task, task),
+      experience=put(mem.experience, jnp.broadcast_to(experience, (n,))),
+      valid=keep.at[slots].set(True, mode="drop"),
+      seen=mem.seen + jnp.sum(ok, dtype=jnp.int32))
+
+
+def class_balanced_add(mem: Memory, key: jax.Array, x: jax.Array,
+                       y: jax.Array, task: jax.Array,
+                       experience: jax.Array | int,
+                       mask: jax.Array | None = None, *,
+                       num_classes: int) -> Memory:
+  """Offers examples to GDumb's greedy class-balanced memory, one by one.
+
+  .. math::
+     \\text{add } (x, y) \\iff |M| < K \\;\\lor\\; |M_y| < K / |Y|,
+
+  where ``|Y|`` counts the classes seen so far (``y`` included); when the
+  memory is full a uniformly chosen entry of the largest class is evicted
+  first. Afterwards every seen class ``c`` holds at least
+  ``min(n_c, K // |Y|)`` entries (``n_c`` its examples offered).
+
+  Args:
+    num_classes: size of the label space (static).
+
+  Raises:
+    ValueError: if the capacity is smaller than ``num_classes`` (some class
+      could then never keep a slot).
+  """
+  b = x.shape[0]
+  k = capacity_of(mem)
+  if k < num_classes:
+    raise ValueError(f"a class-balanced memory needs capacity >= the number "
+                     f"of classes ({num_classes}); got capacity {k}")
+  y, task, experience, ok = _as_rows(b, y, task, experience, mask)
+  keys = jax.random.split(key, b)
+
+  def body(mem, row):
+    xi, yi, ti, ei, oki, ki = row
+    cnt = counts(mem, num_classes, by="y")
+    n_seen_classes = jnp.sum((cnt > 0) | (jnp.arange(num_classes) == yi),
+                             dtype=jnp.int32)
+    full = jnp.sum(mem.valid) >= k
+    add = oki & (~full | (cnt[yi] * n_seen_classes < k))
+    largest = jnp.argmax(cnt)
+    u = jax.random.uniform(ki, (k,))
+    victim = jnp.argmax(jnp.where(mem.valid & (mem.y == largest), u, -1.0))
+    first_free = jnp.argmin(mem.valid)
+    slot = jnp.where(full, victim, first_free)
+    mem = _put(mem, jnp.where(add, slot, k), xi, yi, ti, ei)
+    return mem._replace(seen=mem.seen + oki.astype(jnp.int32)), None
+
+  mem, _ = jax.lax.scan(body, mem, (x, y, task, experience, ok, keys))
+  return mem
+
+
+def sample(mem: Memory, key: jax.Array, n: int) -> tuple[jax.Array,
+                                                         jax.Array]:
+  """Draws ``n`` valid slots uniformly without replacement.
+
+  Returns ``(idx, ok)``: slot indices ``(n,)`` and whether each is a valid
+  entry (False when the memory holds fewer than ``n`` entries).
+  """
+  k = capacity_of(mem)
+  if n > k:
+    raise ValueError(f"cannot sample {n} entries from a memory of capacity "
+                     f"{k}; use at most {k}")
+  score = jnp.where(mem.valid, jax.random.uniform(key, (k,)), -1.0)
+  _, idx = jax.lax.top_k(score, n)
+  return idx, mem.valid[idx]
+
+
+def gather(mem: Memory, idx: jax.Array, ok: jax.Array) -> dict[str, jax.Array]:
+  """Entries ``idx`` as a batch dict (``mask`` 0 where ``ok`` is False)."""
+  return {"x": mem.x[idx], "y": mem.y[idx], "task": mem.task[idx],
+          "mask": ok.astype(jnp.float32)}

@@ -1,0 +1,250 @@
+"""Replay memories: property tests (hypothesis) and a statistical test.
+
+Examples carry their id in ``x[:, 0]`` so that a test can tell exactly which
+examples a memory holds.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxcl import buffers
+
+SETTINGS = settings(max_examples=20, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+# Static shapes (one compilation per function): capacity 16, batches of 8.
+K, B, MAXN = 16, 8, 64
+
+
+def _ids(mem):
+  valid = np.asarray(mem.valid)
+  return np.asarray(mem.x[:, 0])[valid].astype(int), valid
+
+
+reservoir = jax.jit(buffers.reservoir_add)
+balanced = jax.jit(buffers.experience_balanced_add)
+greedy = jax.jit(functools.partial(buffers.class_balanced_add,
+                                   num_classes=5))
+
+
+@SETTINGS
+@given(n_batches=st.integers(1, 8), seed=st.integers(0, 2**16),
+       drop=st.lists(st.booleans(), min_size=B * 8, max_size=B * 8))
+def test_reservoir_capacity_no_duplicates_counter(n_batches, seed, drop):
+  mem = buffers.init(K, (2,))
+  key = jax.random.PRNGKey(seed)
+  offered = []
+  for b in range(n_batches):
+    ids = np.arange(b * B, (b + 1) * B)
+    mask = ~np.asarray(drop[b * B:(b + 1) * B])
+    x = np.stack([ids, np.zeros(B)], 1).astype(np.float32)
+    mem = reservoir(mem, jax.random.fold_in(key, b), x, ids % 5,
+                    np.zeros(B, np.int32), b, mask.astype(np.float32))
+    offered += list(ids[mask])
+  ids, valid = _ids(mem)
+  assert valid.sum() <= K
+  assert valid.sum() == min(len(offered), K)
+  assert int(mem.seen) == len(offered)
+  assert len(set(ids)) == len(ids)                 # no duplicates
+  assert set(ids) <= set(offered)                  # masked rows never stored
+  # Labels and experience ids travel with their example.
+  np.testing.assert_array_equal(np.asarray(mem.y)[valid], ids % 5)
+  np.testing.assert_array_equal(np.asarray(mem.experience)[valid], ids // B)
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(1, MAXN), min_size=1, max_size=6),
+       capacity_choice=st.sampled_from([16, 17, 30]),
+       seed=st.integers(0, 2**16))
+def test_experience_balanced_quotas_exact(sizes, capacity_choice, seed):
+  k = capacity_choice
+  mem = buffers.init(k, (2,))
+  add = balanced if k == K else jax.jit(buffers.experience_balanced_add)
+  for i, n in enumerate(sizes):
+    ids = 1000 * i + np.arange(MAXN)
+    x = np.stack([ids, np.zeros(MAXN)], 1).astype(np.float32)
+    mask = (np.arange(MAXN) < n).astype(np.float32)   # padded experience
+    mem = add(mem, jax.random.PRNGKey(seed + i), x, ids % 7,
+              np.full(MAXN, i, np.int32), i, mask)
+    quota = k // (i + 1)
+    ids_in, valid = _ids(mem)
+    assert valid.sum() <= k
+    assert len(set(ids_in)) == len(ids_in)
+    exp_of = np.asarray(mem.experience)[valid]
+    np.testing.assert_array_equal(exp_of, ids_in // 1000)
+    for j in range(i + 1):
+      # exactly min(n_j, mem_size // i) per experience
+      assert (exp_of == j).sum() == min(sizes[j], quota), (i, j)
+      assert np.all(ids_in[exp_of == j] % 1000 < sizes[j])  # no padding
+    np.testing.assert_array_equal(np.asarray(mem.task)[valid], exp_of)
+
+
+def test_experience_balanced_old_entries_are_a_subset():
+  """Shrinking only removes: survivors of experience 0 were stored before."""
+  mem = buffers.init(K, (2,))
+  x0 = np.stack([np.arange(MAXN), np.zeros(MAXN)], 1).astype(np.float32)
+  mem = balanced(mem, jax.random.PRNGKey(0), x0, np.zeros(MAXN, np.int32),
+                 np.zeros(MAXN, np.int32), 0, None)
+  before = set(_ids(mem)[0])
+  mem = balanced(mem, jax.random.PRNGKey(1), x0 + 1000,
+                 np.zeros(MAXN, np.int32), np.zeros(MAXN, np.int32), 1, None)
+  after = _ids(mem)[0]
+  assert set(after[after < 1000]) < before and len(after[after < 1000]) == 8
+
+
+@SETTINGS
+@given(labels=st.lists(st.integers(0, 4), min_size=B, max_size=8 * B),
+       seed=st.integers(0, 2**16))
+def test_class_balanced_greedy_invariants(labels, seed):
+  n = len(labels) // B * B
+  labels = np.asarray(labels[:n], np.int32)
+  mem = buffers.init(K, (2,))
+  for b in range(n // B):
+    ids = np.arange(b * B, (b + 1) * B)
+    x = np.stack([ids, np.zeros(B)], 1).astype(np.float32)
+    mem = greedy(mem, jax.random.PRNGKey(seed + b), x, labels[ids],
+                 np.zeros(B, np.int32), 0, None)
+    seen = labels[:(b + 1) * B]
+    ids_in, valid = _ids(mem)
+    assert valid.sum() == min(len(seen), K)
+    assert len(set(ids_in)) == len(ids_in)
+    np.testing.assert_array_equal(np.asarray(mem.y)[valid], labels[ids_in])
+    classes = np.unique(seen)
+    share = K // len(classes)
+    cnt = np.bincount(np.asarray(mem.y)[valid], minlength=5)
+    for c in classes:
+      assert cnt[c] >= min((seen == c).sum(), share), (c, cnt, share)
+
+
+def test_class_balanced_balances_a_skewed_stream():
+  # 90% of the stream is class 0; the memory still ends balanced.
+  rng = np.random.default_rng(0)
+  labels = np.where(rng.random(400) < 0.9, 0, rng.integers(1, 5, 400))
+  mem = buffers.init(20, (2,))
+  x = np.stack([np.arange(400), np.zeros(400)], 1).astype(np.float32)
+  mem = jax.jit(functools.partial(buffers.class_balanced_add, num_classes=5))(
+      mem, jax.random.PRNGKey(0), x, labels, np.zeros(400, np.int32), 0)
+  cnt = np.bincount(np.asarray(mem.y)[np.asarray(mem.valid)], minlength=5)
+  np.testing.assert_array_equal(cnt, [4, 4, 4, 4, 4])
+
+
+def test_class_balanced_rejects_capacity_below_classes():
+  mem = buffers.init(3, (2,))
+  with pytest.raises(ValueError, match="capacity >= the number of classes"):
+    buffers.class_balanced_add(mem, jax.random.PRNGKey(0), np.zeros((1, 2)),
+                               np.zeros(1, np.int32), np.zeros(1, np.int32), 0,
+                               num_classes=5)
+
+
+def _inclusion_counts(add_fn, n_items, capacity, trials, seed):
+  """How often each of ``n_items`` streamed items ends in memory."""
+  x = jnp.stack([jnp.arange(n_items, dtype=jnp.float32),
+                 jnp.zeros(n_items)], 1).reshape(-1, 10, 2)
+
+  def one(key):
+    mem = buffers.init(capacity, (2,))
+
+    def body(mem, args):
+      xb, k = args
+      return add_fn(mem, k, xb, jnp.zeros(10, jnp.int32),
+                    jnp.zeros(10, jnp.int32), 0), None
+
+    keys = jax.random.split(key, x.shape[0])
+    mem, _ = jax.lax.scan(body, mem, (x, keys))
+    return jnp.zeros(n_items, jnp.int32).at[mem.x[:, 0].astype(
+        jnp.int32)].add(mem.valid.astype(jnp.int32))
+
+  keys = jax.random.split(jax.random.PRNGKey(seed), trials)
+  return np.asarray(jax.jit(jax.vmap(one))(keys).sum(0))
+
+
+def _chi2(counts, trials, p):
+  # Each item's count ~ Binomial(trials, p); the statistic is ~chi2 with
+  # about n - 1 degrees of freedom (the total is fixed).
+  return np.sum((counts - trials * p) ** 2 / (trials * p * (1 - p)))
+
+
+def _biased_add(mem, key, x, y, task, experience, mask=None):
+  """A wrong "reservoir": when full, always overwrite a random slot (late
+  items are kept far more often). The statistical test must reject it."""
+  del mask
+
+  def body(mem, row):
+    xi, ki = row
+    n = mem.seen
+    slot = jnp.where(n < mem.valid.shape[0], n,
+                     jax.random.randint(ki, (), 0, mem.valid.shape[0]))
+    mem = buffers._put(mem, slot, xi, 0, 0, 0)
+    return mem._replace(seen=n + 1), None
+
+  mem, _ = jax.lax.scan(body, mem, (x, jax.random.split(key, x.shape[0])))
+  return mem
+
+
+def test_reservoir_inclusion_probability_is_uniform():
+  n_items, capacity, trials = 200, 20, 3000
+  p = capacity / n_items
+  counts = _inclusion_counts(buffers.reservoir_add, n_items, capacity,
+                             trials, seed=0)
+  assert counts.sum() == capacity * trials
+  df = n_items - 1
+  threshold = df + 5 * np.sqrt(2 * df)   # ~5 sigma of chi2(df)
+  stat = _chi2(counts, trials, p)
+  assert stat < threshold, (stat, threshold)
+  # First and last 10% of the stream are kept equally often (+-4 sigma).
+  first, last = counts[:20].sum(), counts[-20:].sum()
+  sd = np.sqrt(2 * 20 * trials * p * (1 - p))
+  assert abs(first - last) < 4 * sd, (first, last, sd)
+  # The same test rejects a biased sampler.
+  bad = _inclusion_counts(_biased_add, n_items, capacity, trials, seed=0)
+  assert _chi2(bad, trials, p) > threshold
+
+
+def test_sample_without_replacement_only_valid():
+  mem = buffers.init(K, (2,))
+  x = np.stack([np.arange(5), np.zeros(5)], 1).astype(np.float32)
+  mem = reservoir(mem, jax.random.PRNGKey(0), x, np.zeros(5, np.int32),
+                  np.zeros(5, np.int32), 0, None)
+  idx, ok = jax.jit(buffers.sample, static_argnums=2)(
+      mem, jax.random.PRNGKey(1), 8)
+  idx, ok = np.asarray(idx), np.asarray(ok)
+  assert ok.sum() == 5 and len(set(idx[ok])) == 5
+  assert set(idx[ok]) == set(range(5))
+  # Empty memory: all draws are masked.
+  _, ok0 = buffers.sample(buffers.init(K, (2,)), jax.random.PRNGKey(1), 8)
+  assert not np.any(ok0)
+  with pytest.raises(ValueError, match="capacity 16"):
+    buffers.sample(mem, jax.random.PRNGKey(0), 17)
+
+
+def test_memory_is_a_pytree_that_vmaps_and_shards_on_capacity():
+  mem = buffers.init(K, (3,))
+  leaves = jax.tree.leaves(mem)
+  assert len(leaves) == 6
+  # vmap over memories (e.g. one per seed).
+  mems = jax.vmap(lambda _: buffers.init(K, (3,)))(jnp.arange(4))
+  x = jnp.ones((4, B, 3))
+  out = jax.vmap(lambda m, k, xb: buffers.reservoir_add(
+      m, k, xb, jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32), 0))(
+          mems, jax.random.split(jax.random.PRNGKey(0), 4), x)
+  assert out.x.shape == (4, K, 3) and np.all(np.asarray(out.seen) == B)
+  # A capacity-axis sharding applies to every per-slot leaf.
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  spec = jax.sharding.PartitionSpec("data")
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sh = jax.sharding.NamedSharding(mesh, spec)
+  placed = mem._replace(**{f: jax.device_put(getattr(mem, f), sh)
+                           for f in ("x", "y", "task", "experience",
+                                     "valid")},
+                        seen=jax.device_put(mem.seen, rep))
+  added = reservoir(placed, jax.random.PRNGKey(0), np.ones((B, 3),
+                                                           np.float32),
+                    np.zeros(B, np.int32), np.zeros(B, np.int32), 0, None)
+  assert int(buffers.size(added)) == B
