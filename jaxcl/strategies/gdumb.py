@@ -1,0 +1,215 @@
+"""GDumb: a greedy class-balanced memory, and a model retrained on it alone.
+
+GDumb (Prabhu et al. 2020) never learns from the stream. A greedy sampler
+keeps a class-balanced memory of ``mem_size`` examples (add while there is
+room; once full, add an example only if its class holds fewer than
+``mem_size / |Y|`` slots, evicting a random example of the largest class;
+:func:`jaxcl.buffers.class_balanced_add`). At the end of each experience a
+model is trained *from scratch* on the memory alone, and that model makes
+the predictions, its logits masked to the classes present in memory:
+
+.. math::
+   \\theta_i = \\arg\\min_\\theta \\frac{1}{|M|} \\sum_{(x, y) \\in M}
+     \\ell(\\mathrm{mask}_{Y_M}(f_\\theta(x)), y)
+   \\quad \\text{(SGD + momentum, cosine-annealed learning rate)}.
+
+Here the sampler runs in ``after_step`` on each incoming batch (so it sees
+the stream in training order, one pass, as in the paper), ``update_grads``
+returns zero gradients so the stream itself trains nothing (with plain SGD
+or momentum and no weight decay the parameters do not move; they are
+replaced anyway), and ``after_experience`` runs the retraining as one
+jitted ``lax.scan`` over ``epochs x ceil(mem_size / batch_size)`` steps,
+then installs the new parameters in the training state.
+
+Differences from the paper: the learning rate follows one cosine decay
+from ``learning_rate`` to ``min_learning_rate`` over the retraining (the
+paper uses SGDR warm restarts) and there is no cutmix (the paper uses it
+only on CIFAR).
+
+References:
+  Prabhu, Torr & Dokania, `GDumb: a simple approach that questions our
+  progress in continual learning
+  <https://doi.org/10.1007/978-3-030-58536-5_31>`_, ECCV 2020.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcl import buffers
+from jaxcl.state import cross_entropy
+from jaxcl.strategies.replay import incoming_rows
+from jaxcl.strategy import Strategy
+
+__all__ = ["gdumb", "GDumbState", "retrain"]
+
+_NEG = -1e9
+
+
+class GDumbState(NamedTuple):
+  memory: buffers.Memory  # class-balanced, mem_size input-shaped examples
+  experience: jax.Array   # int32 scalar: index of the current experience
+  key: jax.Array          # PRNG key (sampler and retraining)
+
+
+def _positive(name, value, kind=int):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    ok = ok and isinstance(value, int)
+  if not ok or value <= 0:
+    raise ValueError(f"gdumb {name} must be a positive {kind.__name__}, "
+                     f"got {value!r}")
+
+
+def _class_mask(mem: buffers.Memory, num_classes: int) -> jax.Array:
+  """bool ``(num_classes,)``: classes with an entry in memory."""
+  return buffers.counts(mem, num_classes, by="y") > 0
+
+
+def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
+            batch_size: int, learning_rate: float, min_learning_rate: float,
+            momentum: float, mask_logits: bool) -> tuple[Any, Any]:
+  """Trains a freshly initialised model on the valid entries of ``mem``.
+
+  Returns ``(params, model_state)``. Each epoch visits the valid entries in
+  a fresh random order; steps whose batch holds no valid entry are skipped.
+  """
+  k_init, k_epochs = jax.random.split(key)
+  x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  variables = dict(ctx.model.init(k_init, x0, jnp.zeros((1,), jnp.int32)))
+  params = variables.pop("params")
+  model_state = variables
+  cap = mem.valid.shape[0]
+  steps = math.ceil(cap / batch_size)
+  total = epochs * steps
+  sched = optax.cosine_decay_schedule(
+      learning_rate, max(total, 1), alpha=min_learning_rate / learning_rate)
+  tx = optax.sgd(sched, momentum=momentum or None)
+  opt_state = tx.init(params)
+  allowed = _class_mask(mem, ctx.info.num_classes)
+
+  def step(carry, rows):
+    params, model_state, opt_state = carry
+    idx, ok = rows
+
+    def do(carry):
+      params, model_state, opt_state = carry
+
+      def loss_fn(p):
+        logits, ms = ctx.apply(p, model_state, mem.x[idx], mem.task[idx],
+                               train=True)
+        if mask_logits:
+          logits = jnp.where(allowed, logits, _NEG)
+        return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32)), ms
+
+      (_, ms), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt = tx.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), ms, opt
+
+    carry = jax.lax.cond(jnp.any(ok), do, lambda c: c, carry)
+    return carry, None
+
+  def epoch(carry, k):
+    score = jnp.where(mem.valid, jax.random.uniform(k, (cap,)), 2.0)
+    order = jnp.argsort(score)  # valid entries first, in random order
+    pad = steps * batch_size - cap
+    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    ok = jnp.concatenate([mem.valid[order[:cap]], jnp.zeros((pad,), bool)])
+    rows = (order.reshape(steps, batch_size), ok.reshape(steps, batch_size))
+    carry, _ = jax.lax.scan(step, carry, rows)
+    return carry, None
+
+  (params, model_state, _), _ = jax.lax.scan(
+      epoch, (params, model_state, opt_state),
+      jax.random.split(k_epochs, epochs))
+  return params, model_state
+
+
+def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
+          learning_rate: float = 0.05, min_learning_rate: float = 0.0005,
+          momentum: float = 0.9, mask_logits: bool = True) -> Strategy:
+  """GDumb.
+
+  Args:
+    mem_size: memory capacity in examples (>= the number of classes).
+    epochs: retraining epochs over the memory after each experience.
+    batch_size: retraining batch size (the paper: 16).
+    learning_rate, min_learning_rate: cosine decay between the two (the
+      paper: 0.05 and 0.0005).
+    momentum: SGD momentum of the retraining (0: plain SGD).
+    mask_logits: restrict training and prediction to the classes present
+      in memory (the paper's class masking).
+
+  Raises:
+    ValueError: bad values; at ``init``, ``mem_size`` smaller than the
+      number of classes.
+  """
+  buffers.check_capacity(mem_size, "mem_size")
+  _positive("epochs", epochs)
+  _positive("batch_size", batch_size)
+  _positive("learning_rate", learning_rate, float)
+  _positive("min_learning_rate", min_learning_rate, float)
+  if min_learning_rate > learning_rate:
+    raise ValueError(f"gdumb min_learning_rate={min_learning_rate} must not "
+                     f"exceed learning_rate={learning_rate}")
+  if not 0 <= momentum < 1:
+    raise ValueError(f"gdumb momentum must be in [0, 1), got {momentum}")
+
+  fit = jax.jit(functools.partial(
+      retrain, epochs=epochs, batch_size=batch_size,
+      learning_rate=float(learning_rate),
+      min_learning_rate=float(min_learning_rate), momentum=float(momentum),
+      mask_logits=mask_logits), static_argnums=0)
+
+  def init(ctx, key, params):
+    del params
+    if mem_size < ctx.info.num_classes:
+      raise ValueError(
+          f"gdumb mem_size={mem_size} is smaller than the number of classes "
+          f"({ctx.info.num_classes}); a class-balanced memory needs at least "
+          "one slot per class")
+    return GDumbState(buffers.init(mem_size, ctx.info.input_shape),
+                      jnp.zeros((), jnp.int32), key)
+
+  def before_experience(ctx, state, experience):
+    del ctx
+    ss = state.strategy._replace(
+        experience=jnp.asarray(experience.index, jnp.int32))
+    return state.replace(strategy=ss)
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del ctx, sstate, params, batch, key
+    return jax.tree.map(jnp.zeros_like, grads)
+
+  def after_step(ctx, sstate, info):
+    rows = incoming_rows(ctx, info.batch)
+    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+    mem = buffers.class_balanced_add(
+        sstate.memory, key, rows["x"], rows["y"], rows["task"],
+        sstate.experience, rows["mask"], num_classes=ctx.info.num_classes)
+    return sstate._replace(memory=mem)
+
+  def after_experience(ctx, state, experience):
+    ss = state.strategy
+    key = jax.random.fold_in(jax.random.fold_in(ss.key, 0x6D), experience.index)
+    params, model_state = fit(ctx, key, ss.memory)
+    return state.replace(params=params, model_state=model_state,
+                         opt_state=ctx.tx.init(params))
+
+  def predict(ctx, sstate, params, model_state, x, task):
+    logits = ctx.logits(params, model_state, x, task)
+    if not mask_logits:
+      return logits
+    allowed = _class_mask(sstate.memory, ctx.info.num_classes)
+    return jnp.where(jnp.any(allowed) & ~allowed, _NEG, logits)
+
+  return Strategy(init=init, before_experience=before_experience,
+                  update_grads=update_grads, after_step=after_step,
+                  after_experience=after_experience, predict=predict,
+                  name="gdumb")
