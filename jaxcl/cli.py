@@ -35,8 +35,15 @@ def _default_workdir(config) -> str:
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _quiet_logs() -> None:
+  # jax logs at INFO that it found no TPU; absl would print that to stderr.
+  import logging
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def _run(argv) -> None:
   del argv
+  _quiet_logs()
   from jaxcl import experiment, report
   config = _CONFIG.value
   workdir = _WORKDIR.value or _default_workdir(config)

@@ -23,7 +23,7 @@ from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, stream_info,
-                         test_arrays)
+                         test_arrays, unalias)
 
 __all__ = ["default_config", "build_scenario", "Setup", "setup", "run",
            "Result", "SCENARIO_TYPES"]
@@ -126,17 +126,24 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict,
-          scenario: Scenario | None = None) -> Setup:
+          scenario: Scenario | None = None,
+          strategy: "strategies.Strategy | None" = None) -> Setup:
   """Builds scenario, model, optimiser, strategy and the compiled learner.
+
+  ``strategy`` (a record, e.g. ``chain(...)`` built in a script) replaces
+  the one named by ``config.strategy``.
 
   Raises:
     ConfigError / ValueError: any bad name or value, naming it and the
       valid choices.
   """
   base = scenario if scenario is not None else build_scenario(config)
-  skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
-  strategy, transform = strategies.from_spec(config.strategy.name, skw)
-  sc = transform(base)
+  if strategy is None:
+    skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
+    strategy, transform = strategies.from_spec(config.strategy.name, skw)
+    sc = transform(base)
+  else:
+    sc = base
   tc = config.train
   smallest = min(e.num_train for e in sc.experiences)
   if tc.batch_size > smallest:
@@ -161,7 +168,7 @@ def setup(config: ml_collections.ConfigDict,
                          eval_batch_size=tc.eval_batch_size,
                          checkpoint_every_steps=config.checkpoint.every_steps,
                          reset_optimizer=tc.reset_optimizer)
-  return Setup(config, sc, learner, config.strategy.name)
+  return Setup(config, sc, learner, strategy.name)
 
 
 # --------------------------------------------------------------------------
@@ -180,12 +187,14 @@ class Result:
     state: the final training state.
     times: wall-clock seconds: ``total``, ``train`` (incl. compilation),
       ``eval``.
+    learner: the compiled functions of the run (to reuse or inspect).
   """
   accuracy: np.ndarray
   random_accuracy: np.ndarray
   metrics: dict[str, float]
   state: TrainState
   times: dict[str, float]
+  learner: Learner | None = None
 
 
 def _check_finite(losses, ran, experience, epoch, first_step):
@@ -200,6 +209,7 @@ def _check_finite(losses, ran, experience, epoch, first_step):
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
         scenario: Scenario | None = None,
+        strategy: "strategies.Strategy | None" = None,
         reporter: Any = None) -> Result:
   """Trains the configured stream and evaluates after each experience.
 
@@ -208,13 +218,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     workdir: run directory for logs, plots and checkpoints (None: nothing is
       written).
     scenario: use this scenario instead of building one from the config.
+    strategy: use this strategy record instead of ``config.strategy``.
     reporter: a :class:`jaxcl.report.Reporter` (built from ``workdir`` when
       None and ``workdir`` is given).
   """
   from jaxcl import report  # side effects live at the edges
 
   t_start = time.perf_counter()
-  s = setup(config, scenario)
+  s = setup(config, scenario, strategy)
   if reporter is None and workdir:
     reporter = report.Reporter(workdir, config)
   reporter = reporter or report.NullReporter()
@@ -235,6 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     state = strategy.before_experience(ctx, state, exp)
     if learner.reset_optimizer:
       state = state.replace(opt_state=ctx.tx.init(state.params))
+    state = unalias(state)
     data = jax.device_put(device_experience(exp, size))
     total = learner.epochs * learner.epoch_steps
     bar = reporter.progress(total, f"experience {i + 1}/{n_train}")
@@ -257,6 +269,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   summary = metrics.summary(acc, random_acc)
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time}
-  result = Result(acc, random_acc, summary, state, times)
+  result = Result(acc, random_acc, summary, state, times, learner)
   reporter.finish(result)
   return result

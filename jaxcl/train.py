@@ -34,7 +34,7 @@ __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
     "init_state", "Learner", "make_learner", "device_experience",
     "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
-    "NonFiniteLossError", "ConfigError",
+    "NonFiniteLossError", "ConfigError", "unalias",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -159,6 +159,27 @@ def init_state(ctx: Context, strategy: Strategy, seed: int | jax.Array,
       strategy=strategy.init(ctx, k_strategy, params),
       rng=k_run,
   )
+
+
+def unalias(state: TrainState) -> TrainState:
+  """Copies leaves that share a buffer with an earlier leaf.
+
+  The compiled loop donates the state, and XLA refuses to donate one buffer
+  twice; host-side hooks often store the very arrays they were given (an
+  anchor equal to ``params``). Only the duplicates are copied.
+  """
+  seen: set[int] = set()
+
+  def fix(x):
+    if not isinstance(x, jax.Array):
+      return x
+    key = id(x)
+    if key in seen:
+      return jnp.copy(x)
+    seen.add(key)
+    return x
+
+  return jax.tree.map(fix, state)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Training throughput against the machine's dense matmul limit.
+
+Prints, for Split MNIST Naive with an MLP 784-400-400-10, batch 128,
+SGD with momentum, 2 epochs per experience, evaluation after each:
+
+* the measured f32 FLOP/s of a large ``jnp.dot`` (the machine's limit);
+* compile time of the experience program and of evaluation;
+* training steps/s and achieved FLOP/s (analytic count: forward
+  2*B*sum(fan_in*fan_out), backward twice that);
+* wall time of the whole stream after compilation (train + eval);
+* wall time of the whole ``jaxcl run`` process, imports and compilation
+  included (subprocess).
+
+  python benchmarks/throughput.py [--data_dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def matmul_flops(n: int = 4096, reps: int = 10) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def mlp_step_flops(batch: int, widths=(784, 400, 400, 10)) -> float:
+  fwd = 2 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+  return 3 * fwd
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--data_dir", default=os.environ.get(
+      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  args = ap.parse_args()
+
+  from experiments import split_mnist_baselines
+  from jaxcl import experiment, train
+
+  peak = matmul_flops()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+  print(f"dense matmul (4096^2 f32): {peak / 1e9:.1f} GFLOP/s")
+
+  c = split_mnist_baselines.get_config("strategy=naive")
+  c.dataset.data_dir = args.data_dir
+  c.report.progress = False
+  s = experiment.setup(c)
+  learner, ctx, sc = s.learner, s.learner.ctx, s.scenario
+  state = train.init_state(ctx, learner.strategy, 0)
+  size = ctx.info.train_size
+  datas = [jax.device_put(train.device_experience(e, size))
+           for e in sc.experiences]
+  test = jax.device_put(train.test_arrays(sc.eval_experiences,
+                                          learner.eval_batch_size))
+  t = time.perf_counter()
+  chunk = learner.chunk_fn.lower(state, datas[0], 1, 0, 0, 0).compile()
+  t_compile = time.perf_counter() - t
+  t = time.perf_counter()
+  ev = learner.eval_fn.lower(state, test).compile()
+  t_compile_eval = time.perf_counter() - t
+
+  t0 = time.perf_counter()
+  train_time = eval_time = 0.0
+  steps = 0
+  for i, exp in enumerate(sc.experiences):
+    t = time.perf_counter()
+    state = state.replace(opt_state=ctx.tx.init(state.params))
+    for epoch in range(learner.epochs):
+      state, losses, ran = chunk(state, datas[i], exp.num_train, i, epoch, 0)
+      steps += int(np.asarray(ran).sum())  # one host sync per epoch
+    train_time += time.perf_counter() - t
+    t = time.perf_counter()
+    np.asarray(ev(state, test))
+    eval_time += time.perf_counter() - t
+  total = time.perf_counter() - t0
+  flops = mlp_step_flops(128)
+  print(f"compile: experience program {t_compile:.2f} s, "
+        f"evaluation {t_compile_eval:.2f} s")
+  print(f"train: {steps} steps in {train_time:.3f} s = "
+        f"{steps / train_time:.0f} steps/s; "
+        f"{steps * flops / train_time / 1e9:.1f} GFLOP/s = "
+        f"{100 * steps * flops / train_time / peak:.1f}% of matmul peak")
+  print(f"eval (5 test sets x 5 experiences): {eval_time:.3f} s")
+  print(f"whole stream after compilation (train + eval): {total:.3f} s")
+
+  t = time.perf_counter()
+  p = subprocess.run(
+      [sys.executable, "-m", "jaxcl.cli", "run", "--config",
+       os.path.join(REPO, "experiments", "split_mnist_baselines.py"),
+       f"--config.dataset.data_dir={args.data_dir}",
+       "--config.report.progress=False", "--config.report.plots=False",
+       "--config.report.tensorboard=False",
+       "--workdir", "/tmp/jaxcl_bench_run"],
+      capture_output=True, text=True, cwd=REPO)
+  if p.returncode:
+    print(p.stderr[-2000:])
+  print(f"whole `jaxcl run` process (Split MNIST naive, imports, data, "
+        f"compilation, no plots/tb): {time.perf_counter() - t:.2f} s")
+
+
+if __name__ == "__main__":
+  main()

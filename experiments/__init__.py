@@ -1,0 +1,1 @@
+"""Experiment configs, one per published protocol and strategy family."""

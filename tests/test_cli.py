@@ -1,0 +1,61 @@
+"""The `jaxcl` command: default run, outputs, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jaxcl(*args, cwd):
+  env = dict(os.environ)
+  env.pop("JAXCL_DATA_DIR", None)  # the default must need no data files
+  return subprocess.run([sys.executable, "-m", "jaxcl.cli", *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_default_run_writes_outputs(tmp_path):
+  t0 = time.perf_counter()
+  p = jaxcl("run", "--workdir", str(tmp_path / "run"), cwd=tmp_path)
+  elapsed = time.perf_counter() - t0
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert elapsed < 60
+  assert "acc:" in p.stdout and "bwt:" in p.stdout
+  run = tmp_path / "run"
+  for f in ("config.json", "metrics.jsonl", "metrics.csv",
+            "accuracy_matrix.json", "accuracy_matrix.png",
+            "average_accuracy.png"):
+    assert (run / f).is_file(), f
+  assert any(n.startswith("events") for n in os.listdir(run / "tb"))
+  acc = json.load(open(run / "accuracy_matrix.json"))
+  assert len(acc["accuracy"]) == 5 and len(acc["accuracy"][0]) == 5
+  lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+  assert sum("experience" in l for l in lines) == 5
+  assert json.load(open(run / "config.json"))["dataset"]["name"] == "digits"
+
+
+def test_override_and_experiment_file(tmp_path):
+  p = jaxcl("run", "--config",
+            os.path.join(REPO, "experiments", "split_digits_baselines.py") +
+            ":strategy=joint", "--config.train.epochs=1",
+            "--config.report.plots=False", "--workdir", str(tmp_path / "r"),
+            cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  cfg = json.load(open(tmp_path / "r" / "config.json"))
+  assert cfg["strategy"]["name"] == "joint" and cfg["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("flag,match", [
+    ("--config.strategy.name=bogus", "unknown strategy 'bogus'; valid:"),
+    ("--config.optimizer.name=bogus", "unknown optimizer 'bogus'; valid:"),
+    ("--config.dataset.name=bogus", "unknown dataset 'bogus'; valid:"),
+])
+def test_bad_names_clear_error_no_traceback(tmp_path, flag, match):
+  p = jaxcl("run", flag, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 1
+  assert match in p.stderr
+  assert "Traceback" not in p.stderr

@@ -1,0 +1,89 @@
+"""Data sources: raw IDX files, digits, and their errors."""
+
+import gzip
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from jaxcl import datasets
+
+
+def test_mnist_from_idx(mnist):
+  assert mnist.train_x.shape == (60000, 28, 28, 1)
+  assert mnist.test_x.shape == (10000, 28, 28, 1)
+  assert mnist.train_x.dtype == np.float32
+  assert 0.0 <= mnist.train_x.min() and mnist.train_x.max() == 1.0
+  assert set(np.unique(mnist.train_y)) == set(range(10))
+  # The first MNIST training label is a 5 (LeCun's file), first test a 7.
+  assert mnist.train_y[0] == 5 and mnist.test_y[0] == 7
+
+
+def test_fashion_mnist_from_idx(data_dir):
+  f = datasets.load("fashion_mnist", data_dir=data_dir)
+  assert f.train_x.shape == (60000, 28, 28, 1) and f.num_classes == 10
+  assert np.bincount(f.train_y).tolist() == [6000] * 10
+
+
+def test_digits_offline():
+  d = datasets.load("digits")
+  assert d.train_x.shape[1:] == (8, 8, 1)
+  assert len(d.train_y) + len(d.test_y) == 1797
+  assert d.train_x.max() <= 1.0
+  # Stratified: every class in the test set.
+  assert set(np.unique(d.test_y)) == set(range(10))
+
+
+def test_unknown_dataset_lists_valid():
+  with pytest.raises(datasets.DataError, match="valid: .*digits.*mnist"):
+    datasets.load("imagenet_tiny")
+
+
+def test_missing_data_dir():
+  with pytest.raises(datasets.DataError, match="does not exist"):
+    datasets.load("mnist", data_dir="/nonexistent/dir")
+
+
+def test_missing_file_named(tmp_path, data_dir):
+  d = tmp_path / "mnist"
+  d.mkdir()
+  for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz"):
+    os.symlink(os.path.join(data_dir, "mnist", f), d / f)
+  with pytest.raises(datasets.DataError,
+                     match="t10k-labels-idx1-ubyte.gz.*yann.lecun"):
+    datasets.load("mnist", data_dir=str(tmp_path))
+
+
+def test_corrupt_files_named(tmp_path, data_dir):
+  d = tmp_path / "mnist"
+  shutil.copytree(os.path.join(data_dir, "mnist"), d)
+  bad = d / "t10k-labels-idx1-ubyte.gz"
+  os.chmod(d, 0o755)
+  os.chmod(bad, 0o644)
+  raw = gzip.open(bad).read()
+  with gzip.open(bad, "wb") as f:  # truncated payload, valid gzip
+    f.write(raw[:-10])
+  with pytest.raises(datasets.DataError,
+                     match="corrupt data file .*t10k-labels.*header says"):
+    datasets.load("mnist", data_dir=str(tmp_path))
+  bad.write_bytes(b"not a gzip file at all")
+  with pytest.raises(datasets.DataError, match="corrupt data file"):
+    datasets.load("mnist", data_dir=str(tmp_path))
+
+
+def test_read_idx_roundtrip(tmp_path):
+  arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  p = tmp_path / "x-idx3-ubyte"
+  p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) +
+                arr.tobytes())
+  np.testing.assert_array_equal(datasets.read_idx(str(p)), arr)
+
+
+def test_subset_is_seeded(digits):
+  a = digits.subset(100, 50, seed=1)
+  b = digits.subset(100, 50, seed=1)
+  assert len(a.train_y) == 100 and len(a.test_y) == 50
+  np.testing.assert_array_equal(a.train_x, b.train_x)

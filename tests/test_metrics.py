@@ -1,0 +1,49 @@
+"""Metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from jaxcl import metrics
+
+R = np.array([[0.9, 0.1, 0.2],
+              [0.6, 0.8, 0.3],
+              [0.5, 0.7, 0.95]])
+B = np.array([0.1, 0.2, 0.1])
+
+
+def test_average_accuracy():
+  assert metrics.average_accuracy(R) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+
+
+def test_accuracy_over_time():
+  np.testing.assert_allclose(metrics.accuracy_over_time(R),
+                             [0.9, 0.7, (0.5 + 0.7 + 0.95) / 3])
+
+
+def test_backward_transfer_negative_when_forgetting():
+  # ((0.5 - 0.9) + (0.7 - 0.8)) / 2
+  assert metrics.backward_transfer(R) == pytest.approx(-0.25)
+  improving = np.array([[0.5, 0.0], [0.7, 0.9]])
+  assert metrics.backward_transfer(improving) == pytest.approx(0.2)
+
+
+def test_forward_transfer_sign():
+  # ((R[0,1] - b1) + (R[1,2] - b2)) / 2 = ((0.1-0.2) + (0.3-0.1)) / 2
+  assert metrics.forward_transfer(R, B) == pytest.approx(0.05)
+  assert metrics.forward_transfer(R, [0.5, 0.5, 0.5]) < 0
+
+
+def test_forgetting_uses_best_earlier_accuracy():
+  # exp0: max(0.9, 0.6) - 0.5 = 0.4; exp1: max(0.8) - 0.7 = 0.1
+  assert metrics.forgetting(R) == pytest.approx(0.25)
+
+
+def test_summary_and_shapes():
+  s = metrics.summary(R, B)
+  assert set(s) == {"acc", "bwt", "forgetting", "fwt"}
+  joint = metrics.summary(np.array([[0.9, 0.8]]))
+  assert joint == {"acc": pytest.approx(0.85)}
+  with pytest.raises(ValueError, match="square"):
+    metrics.backward_transfer(np.ones((1, 3)))
+  with pytest.raises(ValueError, match="random_acc"):
+    metrics.forward_transfer(R, [0.1])

@@ -1,0 +1,136 @@
+"""Scenarios: splits, permutations, rotations, online, user arrays."""
+
+import numpy as np
+import pytest
+
+from jaxcl import scenarios
+from jaxcl.datasets import Dataset
+
+
+def test_split_classes_disjoint_cover_and_sizes(digits):
+  s = scenarios.split(digits, 5)
+  assert s.kind == "class" and s.num_tasks == 1 and len(s) == 5
+  seen = [set(e.classes) for e in s.experiences]
+  for i in range(5):
+    for j in range(i + 1, 5):
+      assert not seen[i] & seen[j]
+  assert set().union(*seen) == set(range(10))
+  for e in s.experiences:
+    assert e.num_train == int(np.isin(digits.train_y, e.classes).sum())
+    assert len(e.test_y) == int(np.isin(digits.test_y, e.classes).sum())
+    assert set(np.unique(e.train_y)) == set(e.classes)
+    assert set(np.unique(e.test_y)) == set(e.classes)
+  assert sum(e.num_train for e in s.experiences) == len(digits.train_y)
+
+
+def test_split_task_incremental_task_ids_and_class_table(digits):
+  s = scenarios.split(digits, 5, kind="task", class_order=[9, 8, 7, 6, 5, 4,
+                                                            3, 2, 1, 0])
+  assert s.num_tasks == 5
+  assert [e.task_id for e in s.experiences] == list(range(5))
+  assert s.experiences[0].classes == (9, 8)
+  assert np.all(s.experiences[2].train_task == 2)
+  np.testing.assert_array_equal(np.flatnonzero(s.task_classes[0]), [8, 9])
+  assert s.task_classes.sum() == 10
+
+
+def test_split_seeded_order_reproducible_and_differs(digits):
+  a = scenarios.split(digits, 5, seed=3)
+  b = scenarios.split(digits, 5, seed=3)
+  c = scenarios.split(digits, 5, seed=4)
+  assert [e.classes for e in a.experiences] == [e.classes for e in
+                                                b.experiences]
+  assert [e.classes for e in a.experiences] != [e.classes for e in
+                                                c.experiences]
+  np.testing.assert_array_equal(a.experiences[1].train_x,
+                                b.experiences[1].train_x)
+
+
+@pytest.mark.parametrize("n", [3, 4, 0])
+def test_split_rejects_non_divisor(digits, n):
+  with pytest.raises(ValueError, match="does not divide"):
+    scenarios.split(digits, n)
+
+
+def test_split_rejects_bad_class_order(digits):
+  with pytest.raises(ValueError, match="not a permutation"):
+    scenarios.split(digits, 5, class_order=[0] * 10)
+
+
+def test_permuted_are_permutations_and_differ(digits):
+  s = scenarios.permuted(digits, 3, seed=1)
+  assert s.kind == "domain" and len(s) == 3
+  flat = digits.train_x.reshape(len(digits.train_x), -1)
+  perms = []
+  for e in s.experiences:
+    ex = e.train_x.reshape(len(e.train_x), -1)
+    # Recover the permutation column by column from distinct pixel columns.
+    np.testing.assert_allclose(np.sort(ex, axis=1), np.sort(flat, axis=1))
+    np.testing.assert_array_equal(e.train_y, digits.train_y)
+    perms.append(ex)
+  assert not np.array_equal(perms[0], perms[1])
+  assert not np.array_equal(perms[1], perms[2])
+  again = scenarios.permuted(digits, 3, seed=1)
+  np.testing.assert_array_equal(again.experiences[2].test_x,
+                                s.experiences[2].test_x)
+
+
+def test_permuted_applies_same_permutation_to_train_and_test():
+  x = np.arange(2 * 4, dtype=np.float32).reshape(2, 2, 2, 1)
+  d = Dataset("toy", x, np.array([0, 1], np.int32), x.copy(),
+              np.array([0, 1], np.int32), 2)
+  s = scenarios.permuted(d, 2, seed=0)
+  for e in s.experiences:
+    np.testing.assert_array_equal(e.train_x, e.test_x)
+    assert sorted(e.train_x[0].ravel().tolist()) == [0, 1, 2, 3]
+
+
+def test_rotated_zero_is_identity_and_90_moves_pixels():
+  x = np.zeros((1, 5, 5, 1), np.float32)
+  x[0, 0, 2, 0] = 1.0  # top middle
+  d = Dataset("toy", x, np.array([0], np.int32), x, np.array([0], np.int32),
+              1)
+  s = scenarios.rotated(d, angles=[0.0, 90.0, 180.0])
+  np.testing.assert_allclose(s.experiences[0].train_x, x, atol=1e-6)
+  r180 = s.experiences[2].train_x[0, ..., 0]
+  assert r180[4, 2] == pytest.approx(1.0, abs=1e-5)  # bottom middle
+  r90 = s.experiences[1].train_x[0, ..., 0]
+  assert r90.sum() == pytest.approx(1.0, abs=1e-5)
+  assert r90[2, 0] == pytest.approx(1.0, abs=1e-5) or r90[2, 4] == \
+      pytest.approx(1.0, abs=1e-5)
+
+
+def test_online_and_from_arrays():
+  rng = np.random.default_rng(0)
+  train = [(rng.normal(size=(20, 3)), np.array([0, 1] * 10)),
+           (rng.normal(size=(20, 3)), np.array([2, 3] * 10))]
+  test = [(rng.normal(size=(6, 3)), np.array([0, 1] * 3)),
+          (rng.normal(size=(6, 3)), np.array([2, 3] * 3))]
+  s = scenarios.from_arrays(train, test, kind="task")
+  assert s.num_classes == 4 and s.num_tasks == 2
+  assert s.experiences[1].classes == (2, 3)
+  np.testing.assert_array_equal(np.flatnonzero(s.task_classes[1]), [2, 3])
+  o = scenarios.online(s)
+  assert o.online and len(o) == 2
+  with pytest.raises(ValueError, match="labels must lie"):
+    scenarios.from_arrays(train, test, num_classes=3)
+
+
+def test_joint_and_cumulative(digits):
+  s = scenarios.split(digits, 5)
+  j = scenarios.joint(s)
+  assert len(j.experiences) == 1 and len(j.eval_experiences) == 5
+  assert j.experiences[0].num_train == len(digits.train_y)
+  c = scenarios.cumulative(s)
+  sizes = [e.num_train for e in c.experiences]
+  assert sizes == list(np.cumsum([e.num_train for e in s.experiences]))
+  assert c.experiences[2].classes == tuple(sorted(
+      s.experiences[0].classes + s.experiences[1].classes +
+      s.experiences[2].classes))
+
+
+def test_unknown_kind():
+  with pytest.raises(ValueError, match="valid"):
+    scenarios.from_arrays([(np.zeros((2, 1)), np.zeros(2, int))],
+                          [(np.zeros((2, 1)), np.zeros(2, int))],
+                          kind="bogus")

@@ -1,0 +1,263 @@
+"""The compiled loop: determinism, no recompiles, Naive == plain training,
+padding, chain, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcl
+from jaxcl import experiment, scenarios, train
+from jaxcl.state import cross_entropy
+from jaxcl.strategy import Strategy, chain
+
+
+def quick_config(**overrides):
+  c = jaxcl.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.train.batch_size = 16
+  c.report.progress = False
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_same_seed_bit_identical_and_seed_matters():
+  a = jaxcl.run(quick_config())
+  b = jaxcl.run(quick_config())
+  c = jaxcl.run(quick_config(seed=1))
+  np.testing.assert_array_equal(a.accuracy, b.accuracy)
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  pa, pc = jax.tree.leaves(a.state.params), jax.tree.leaves(c.state.params)
+  assert any(not np.array_equal(x, y) for x, y in zip(pa, pc))
+
+
+def test_no_recompilation_between_experiences():
+  r = jaxcl.run(quick_config())
+  assert r.accuracy.shape == (5, 5)
+  assert r.learner.chunk_fn._cache_size() == 1
+  assert r.learner.eval_fn._cache_size() == 1
+
+
+def test_naive_equals_plain_optax_training(digits):
+  """One experience through the engine equals a hand-written optax loop over
+  the same mini-batches."""
+  c = quick_config()
+  s = experiment.setup(c, scenarios.split(digits, 5))
+  learner, ctx = s.learner, s.learner.ctx
+  exp = s.scenario.experiences[0]
+  state = train.init_state(ctx, learner.strategy, 0)
+  # The chunk function donates the state: keep host copies.
+  params0 = jax.tree.map(np.asarray, state.params)
+  rng = np.asarray(state.rng)
+  size = ctx.info.train_size
+  data = jax.device_put(train.device_experience(exp, size))
+  state, losses, ran = learner.chunk_fn(state, data, exp.num_train, 0, 0, 0)
+
+  idx = np.asarray(train.epoch_indices(rng, 0, 0, exp.num_train, size,
+                                       learner.epoch_steps, 16))
+  tx = optax.sgd(c.optimizer.learning_rate)
+  params, opt = params0, tx.init(params0)
+  n_steps = 0
+  for row in idx:
+    if (row < 0).all():
+      continue
+    rows = row[row >= 0]
+
+    def loss_fn(p):
+      logits = ctx.model.apply({"params": p}, exp.train_x[rows], None)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, exp.train_y[rows]).mean()
+
+    g = jax.grad(loss_fn)(params)
+    u, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, u)
+    n_steps += 1
+  assert int(state.step) == n_steps == int(np.asarray(ran).sum())
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_epoch_indices_cover_each_example_once():
+  idx = np.asarray(train.epoch_indices(jax.random.PRNGKey(0), 1, 2, 37, 50,
+                                       steps=7, batch_size=8))
+  assert idx.shape == (7, 8)
+  valid = idx[idx >= 0]
+  assert sorted(valid.tolist()) == list(range(37))
+  # Padding only after the valid entries; all-padding rows are skipped.
+  flat = idx.ravel()
+  assert (flat[:37] >= 0).all() and (flat[37:] == -1).all()
+
+
+def test_padding_steps_are_skipped(digits):
+  """A small experience in a stream of big ones takes ceil(n/B) steps."""
+  s = scenarios.split(digits, 5)
+  small = s.experiences[0]
+  sc = scenarios.from_arrays(
+      [(small.train_x[:40], small.train_y[:40]),
+       (s.experiences[1].train_x, s.experiences[1].train_y)],
+      [(small.test_x, small.test_y),
+       (s.experiences[1].test_x, s.experiences[1].test_y)],
+      num_classes=10)
+  r = jaxcl.run(quick_config(), scenario=sc)
+  steps0 = -(-40 // 16)
+  steps1 = -(-s.experiences[1].num_train // 16)
+  assert int(r.state.step) == steps0 + steps1
+
+
+def _scale(factor):
+  return Strategy(update_grads=lambda ctx, ss, g, p, b, k: jax.tree.map(
+      lambda a: a * factor, g), name=f"scale{factor}")
+
+
+def _shift(value):
+  return Strategy(update_grads=lambda ctx, ss, g, p, b, k: jax.tree.map(
+      lambda a: a + value, g), name=f"shift{value}")
+
+
+def _penalty(weight):
+
+  def init(ctx, key, params):
+    return jnp.asarray(weight, jnp.float32)
+
+  def loss(ctx, ss, params, batch, logits):
+    return ss * sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params))
+
+  return Strategy(init=init, loss=loss, name=f"l2_{weight}")
+
+
+def test_chain_matches_manual_composition():
+  g = {"w": jnp.array([1.0, -2.0])}
+  ab = chain(_scale(2.0), _shift(1.0))
+  ba = chain(_shift(1.0), _scale(2.0))
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_allclose(ab.update_grads(None, ((), ()), g, None, None,
+                                             key)["w"], [3.0, -3.0])
+  np.testing.assert_allclose(ba.update_grads(None, ((), ()), g, None, None,
+                                             key)["w"], [4.0, -2.0])
+  pc = chain(_penalty(0.5), _penalty(0.25))
+  params = {"w": jnp.array([1.0, 2.0])}
+  ss = pc.init(None, key, params)
+  assert isinstance(ss, tuple) and len(ss) == 2
+  assert float(pc.loss(None, ss, params, None, None)) == pytest.approx(
+      0.75 * 5.0)
+  assert pc.name == "l2_0.5+l2_0.25"
+  with pytest.raises(ValueError, match="call init first"):
+    pc.loss(None, (ss[0],), params, None, None)
+
+
+def test_chain_rejects_two_predictors():
+  p = Strategy(predict=lambda *a: None, name="p1")
+  q = Strategy(predict=lambda *a: None, name="p2")
+  with pytest.raises(ValueError, match="more than one strategy defines "
+                     "predict"):
+    chain(p, q)
+
+
+def test_chained_penalty_trains_in_engine():
+  """A chain with a penalty runs in the loop and shrinks the weights."""
+  r0 = jaxcl.run(quick_config())
+  c = quick_config()
+  s = experiment.setup(c)
+  strategy = chain(_penalty(0.0), _penalty(0.05))
+  learner = train.make_learner(s.learner.ctx, strategy, epochs=1)
+  state = train.init_state(learner.ctx, strategy, 0)
+  exp = s.scenario.experiences[0]
+  data = jax.device_put(train.device_experience(exp,
+                                                learner.ctx.info.train_size))
+  state, _, _ = learner.chunk_fn(state, data, exp.num_train, 0, 0, 0)
+  norm = lambda p: sum(float(jnp.sum(a ** 2)) for a in jax.tree.leaves(p))
+  ref = train.init_state(learner.ctx, train.Strategy(), 0)
+  ref_learner = train.make_learner(learner.ctx, train.Strategy(), epochs=1)
+  data = jax.device_put(train.device_experience(exp,
+                                                learner.ctx.info.train_size))
+  ref, _, _ = ref_learner.chunk_fn(ref, data, exp.num_train, 0, 0, 0)
+  assert norm(state.params) < norm(ref.params)
+  assert r0.accuracy.shape == (5, 5)
+
+
+def test_non_finite_loss_names_experience_and_step():
+  c = quick_config(**{"optimizer.learning_rate": 1e12})
+  with pytest.raises(jaxcl.NonFiniteLossError, match="experience 0.*step"):
+    jaxcl.run(c)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optimizer.name", "rmsprop", "unknown optimizer 'rmsprop'; valid"),
+    ("strategy.name", "bogus", "unknown strategy 'bogus'; valid"),
+    ("dataset.name", "bogus", "unknown dataset 'bogus'; valid"),
+    ("model.name", "bogus", "unknown model 'bogus'; valid"),
+    ("scenario.type", "bogus", "unknown scenario type 'bogus'; valid"),
+    ("scenario.n_experiences", 3, "does not divide"),
+    ("train.batch_size", 100000, "larger than the smallest experience"),
+    ("optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
+    ("train.epochs", 0, "epochs must be >= 1"),
+    ("model.multi_head", True, "multi_head=True needs a task-incremental"),
+])
+def test_bad_config_clear_error(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    jaxcl.run(quick_config(**{key: value}))
+
+
+def test_task_incremental_masks_logits_to_task_classes(digits):
+  c = quick_config(**{"scenario.kind": "task"})
+  r = jaxcl.run(c)
+  # Task-IL on digits: each 2-way task is easy and never forgotten much.
+  assert r.metrics["acc"] > 0.9
+  naive_class = jaxcl.run(quick_config())
+  assert naive_class.metrics["acc"] < 0.5
+
+
+def test_multi_head_model_task_incremental():
+  r = jaxcl.run(quick_config(**{"scenario.kind": "task",
+                                "model.multi_head": True}))
+  head = r.state.params["head"]["kernel"]
+  assert head.shape == (32, 5 * 10)
+  assert r.metrics["acc"] > 0.9
+
+
+def test_ensemble_stores_one_model_per_experience():
+  r = jaxcl.run(quick_config(**{"strategy.name": "ensemble",
+                                "scenario.kind": "task"}))
+  ss = r.state.strategy
+  assert bool(ss.filled.all())
+  # The last slot holds the final params; slots differ (fresh init each).
+  last = jax.tree.map(lambda a: a[-1], ss.params)
+  for x, y in zip(jax.tree.leaves(last), jax.tree.leaves(r.state.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  k = np.asarray(ss.params["head"]["kernel"])
+  assert not np.array_equal(k[0], k[1])
+  # Routed by task id, every model keeps its own task: no forgetting.
+  assert r.metrics["acc"] > 0.9
+  assert r.metrics["bwt"] > -0.02
+
+
+def test_strategy_state_aliasing_params_is_donated_safely():
+  """A strategy whose state is the params themselves (an anchor) must not
+  break buffer donation; the README's script example."""
+
+  def l2_to_init(weight):
+
+    def init(ctx, key, params):
+      return params
+
+    def loss(ctx, anchor, params, batch, logits):
+      sq = jax.tree.map(lambda p, a: ((p - a) ** 2).sum(), params, anchor)
+      return weight * sum(jax.tree.leaves(sq))
+
+    return Strategy(init=init, loss=loss, name="l2_to_init")
+
+  c = quick_config()
+  strong = jaxcl.run(c, strategy=chain(l2_to_init(1.0), jaxcl.identity()))
+  free = jaxcl.run(c)
+  init = train.init_state(strong.learner.ctx, strong.learner.strategy, 0)
+  dist = lambda p: sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+      jax.tree.leaves(p), jax.tree.leaves(init.params)))
+  assert dist(strong.state.params) < 0.1 * dist(free.state.params)
