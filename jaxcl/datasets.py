@@ -168,6 +168,8 @@ def from_tfds(name: str, data_dir: str | None = None,
   """
   import tensorflow_datasets as tfds  # heavy import, only on this path
 
+  # tfds reads $TFDS_DATA_DIR once at import; honour a later setting too.
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
@@ -181,8 +183,8 @@ def from_tfds(name: str, data_dir: str | None = None,
     raise DataError(
         f"{name}: no prepared tensorflow_datasets data in data_dir="
         f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
-        f"access (`jaxcl prepare {name}` / tfds build), or for MNIST-style "
-        "sets from the raw IDX files with jaxcl.tfds_local.prepare(), or pass "
+        f"access (`tfds build {name}`), or for MNIST-style sets from the raw "
+        "IDX files with jaxcl.tfds_local.prepare(), or pass "
         "--config.dataset.data_dir=<dir with the IDX .gz files>")
 
   def arrays(split):
