@@ -1,0 +1,315 @@
+"""Latent replay: store and replay activations of an intermediate layer.
+
+Pellegrini et al. (2020) split the network at a chosen layer ``l``: the
+lower part :math:`h = g_{\\le l}(x)` is frozen (or trained slowly) after the
+first experience, and the memory stores latent activations :math:`h`
+instead of inputs, so replayed examples only run through the upper part
+:math:`f_{> l}`. Each step adds a loss on ``batch_size`` latents drawn from
+memory:
+
+.. math::
+   \\mathcal{L} = \\frac{1}{|B|}\\sum_{(x,y)\\in B} \\ell(f_{>l}(g_{\\le l}(x)), y)
+     + \\frac{1}{|M_B|} \\sum_{(h, y) \\in M_B} \\ell(f_{>l}(h), y),
+
+and after the first experience the lower part's gradients are multiplied
+by ``lower_lr_scale`` (0: frozen, as in the paper's plain latent replay;
+> 0: slowed). At the end of each experience the memory becomes
+experience-balanced (:func:`jaxcl.buffers.experience_balanced_add`):
+the experience's examples go through the (now fixed) lower part, and a
+uniform random ``mem_size // i`` of their latents is kept. A latent of
+``d`` floats costs ``d / prod(input_shape)`` of a stored input, so the same
+bytes hold more latents (784 / 100 = 7.8x for MNIST at an MLP's 100-unit
+layer).
+
+``layer`` names a flax submodule by its path, ``/``-joined (for
+``mlp`` with widths (100, 100): ``backbone`` (the features, i.e.
+``ctx.apply(..., features=True)``), ``backbone/Dense_0``,
+``backbone/Dense_1``); its output is the latent (for ``Dense_*`` the
+pre-activation). The split works for any model by intercepting that
+module's call with :func:`flax.linen.intercept_methods`:
+:func:`split_model` returns the lower function (the module's output) and
+the upper function (the model's logits with the module's output replaced
+by a given latent). The parameters of the modules that finish before the
+split (in call order) are the lower part. The loss on replayed latents is
+computed in the ``loss`` hook (the latents travel in the batch dict as
+``latent_x`` / ``latent_y`` / ``latent_task`` / ``latent_mask``); it runs
+the model with the model state (e.g. batch-norm statistics) as of the start
+of the experience.
+
+References:
+  Pellegrini et al., `Latent replay for real-time continual learning
+  <https://arxiv.org/abs/1912.01100>`_, IROS 2020.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcl import buffers
+from jaxcl.state import cross_entropy
+from jaxcl.strategy import Strategy
+from jaxcl.train import device_experience
+
+__all__ = ["latent_replay", "LatentReplayState", "Split", "split_model",
+           "layer_names", "experience_latents"]
+
+
+def _trace_calls(ctx) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+  """Module ``__call__`` completions in order: (path, output shape)."""
+  calls = []
+
+  def spy(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and hasattr(out, "shape"):
+      calls.append((tuple(context.module.path), tuple(out.shape[1:])))
+    return out
+
+  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+
+  def run(x, t):
+    variables = ctx.model.init(jax.random.PRNGKey(0), x, t)
+    with nn.intercept_methods(spy):
+      ctx.model.apply(variables, x, t)
+    return 0
+
+  jax.eval_shape(run, x, t)
+  return calls
+
+
+def layer_names(ctx) -> list[str]:
+  """Valid split points of ``ctx.model``: its submodules' paths."""
+  return ["/".join(p) for p, _ in _trace_calls(ctx) if p]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A model cut at one layer.
+
+  Attributes:
+    layer: the ``/``-joined module path.
+    latent_shape: shape of one example's latent.
+    lower_modules: paths of the modules of the lower part.
+  """
+  layer: str
+  latent_shape: tuple[int, ...]
+  lower_modules: tuple[tuple[str, ...], ...]
+
+  def lower(self, ctx, params, model_state, x, task, train: bool = False):
+    """The latent activations ``g_{<=l}(x)``."""
+    target = tuple(self.layer.split("/"))
+    box = []
+
+    def grab(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and \
+          tuple(context.module.path) == target:
+        box.append(out)
+      return out
+
+    with nn.intercept_methods(grab):
+      ctx.apply(params, model_state, x, task, train=train)
+    return box[0]
+
+  def upper(self, ctx, params, model_state, latent, task,
+            train: bool = False):
+    """Logits ``f_{>l}(latent)`` (``(output, new_model_state)``)."""
+    target = tuple(self.layer.split("/"))
+
+    def swap(next_fun, args, kwargs, context):
+      if context.method_name == "__call__" and \
+          tuple(context.module.path) == target:
+        return latent.astype(jnp.float32)
+      return next_fun(*args, **kwargs)
+
+    # Modules before the split see a dummy input; their outputs are unused.
+    dummy = jnp.zeros((latent.shape[0],) + tuple(ctx.info.input_shape),
+                      jnp.float32)
+    with nn.intercept_methods(swap):
+      return ctx.apply(params, model_state, dummy, task, train=train)
+
+  def lower_mask(self, params) -> Any:
+    """A pytree of bools like ``params``: True for lower-part leaves."""
+    lower = set(self.lower_modules)
+
+    def is_lower(path, leaf):
+      del leaf
+      names = tuple(getattr(k, "key", str(k)) for k in path)
+      return any(names[:len(m)] == m for m in lower)
+
+    return jax.tree_util.tree_map_with_path(is_lower, params)
+
+
+def split_model(ctx, layer: str) -> Split:
+  """Cuts ``ctx.model`` at ``layer``.
+
+  Raises:
+    ValueError: an unknown layer name (listing the valid ones).
+  """
+  calls = _trace_calls(ctx)
+  names = ["/".join(p) for p, _ in calls if p]
+  if layer not in names:
+    raise ValueError(f"unknown layer {layer!r} to split the model at; valid "
+                     f"layer names: {names}")
+  target = tuple(layer.split("/"))
+  pos = max(i for i, (p, _) in enumerate(calls) if p == target)
+  lower = tuple(p for p, _ in calls[:pos + 1] if p and not
+                (len(p) < len(target) and target[:len(p)] == p))
+  # The target's submodules finish before it (all lower); its ancestors
+  # (e.g. the whole model) wrap the split and are not.
+  return Split(layer, tuple(calls[pos][1]), lower)
+
+
+def experience_latents(ctx, split: Split, params, model_state, x,
+                       batch: int = 500) -> jax.Array:
+  """Latents of ``x`` ``(N, ...)`` in batches (``lax.map``; N padded)."""
+  n = x.shape[0]
+  nb = math.ceil(n / batch)
+  pad = nb * batch - n
+  xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+  xb = xp.reshape((nb, batch) + x.shape[1:])
+  t = jnp.zeros((batch,), jnp.int32)
+  h = jax.lax.map(lambda xi: split.lower(ctx, params, model_state, xi, t),
+                  xb)
+  return h.reshape((nb * batch,) + h.shape[2:])[:n]
+
+
+class LatentReplayState(NamedTuple):
+  memory: buffers.Memory  # mem_size latents (latent-shaped x)
+  experience: jax.Array   # int32 scalar: index of the current experience
+  key: jax.Array          # PRNG key
+  model_state: Any        # model state at the start of the experience
+
+
+def check_split_args(name, mem_size, batch_size, lower_lr_scale, layer):
+  buffers.check_capacity(mem_size, "mem_size")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
+      batch_size < 0:
+    raise ValueError(f"{name} batch_size must be an int >= 0 (0: the "
+                     f"training batch size), got {batch_size!r}")
+  if batch_size > mem_size:
+    raise ValueError(f"{name} replay batch_size={batch_size} is larger than "
+                     f"the memory capacity mem_size={mem_size}; use "
+                     f"batch_size <= {mem_size}")
+  if not (isinstance(lower_lr_scale, (int, float)) and
+          0 <= lower_lr_scale <= 1):
+    raise ValueError(f"{name} lower_lr_scale must be in [0, 1] (0: frozen), "
+                     f"got {lower_lr_scale!r}")
+  if not isinstance(layer, str) or not layer:
+    raise ValueError(f"{name} layer must be a module path such as "
+                     f"'backbone', got {layer!r}")
+
+
+def scale_lower(split: Split, grads, params, experience, scale: float):
+  """Multiplies the lower part's gradients by ``scale`` from experience 1."""
+  if scale == 1.0:
+    return grads
+  mask = split.lower_mask(params)
+  factor = jnp.where(experience > 0, scale, 1.0)
+  return jax.tree.map(lambda g, m: g * factor if m else g, grads, mask)
+
+
+def replayed_loss(ctx, split: Split, params, model_state, batch) -> jax.Array:
+  """Mean loss of the latents a ``prepare_batch`` put in the batch."""
+  logits, _ = split.upper(ctx, params, model_state, batch["latent_x"],
+                          batch["latent_task"], train=True)
+  return cross_entropy(logits, batch["latent_y"], batch["latent_mask"])
+
+
+def latent_replay(mem_size: int = 3920, batch_size: int = 0,
+                  layer: str = "backbone",
+                  lower_lr_scale: float = 0.0) -> Strategy:
+  """Latent replay.
+
+  Args:
+    mem_size: memory capacity in latents.
+    batch_size: replayed latents per step (0: the training batch size).
+    layer: module path to split at (see :func:`layer_names`).
+    lower_lr_scale: gradient factor of the lower part after the first
+      experience (0: frozen).
+
+  Raises:
+    ValueError: bad sizes or scale; at ``init``, an unknown ``layer``
+      (listing the valid ones) or a default batch size above ``mem_size``.
+  """
+  check_split_args("latent_replay", mem_size, batch_size, lower_lr_scale,
+                   layer)
+  splits = {}
+
+  def get_split(ctx) -> Split:
+    if ctx not in splits:
+      splits[ctx] = split_model(ctx, layer)
+    return splits[ctx]
+
+  def replay_size(ctx):
+    return batch_size or ctx.info.batch_size
+
+  def init(ctx, key, params):
+    del params
+    sp = get_split(ctx)
+    if replay_size(ctx) > mem_size:
+      raise ValueError(f"latent_replay batch size {replay_size(ctx)} is "
+                       f"larger than mem_size={mem_size}")
+    if mem_size < ctx.info.num_experiences:
+      raise ValueError(f"latent_replay needs mem_size >= the number of "
+                       f"experiences ({ctx.info.num_experiences}); got "
+                       f"{mem_size}")
+    k_mem, k_ms = jax.random.split(key)
+    x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+    variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
+    variables.pop("params")
+    return LatentReplayState(buffers.init(mem_size, sp.latent_shape),
+                             jnp.zeros((), jnp.int32), k_mem, variables)
+
+  def before_experience(ctx, state, experience):
+    del ctx
+    ss = state.strategy._replace(
+        experience=jnp.asarray(experience.index, jnp.int32),
+        model_state=state.model_state)
+    return state.replace(strategy=ss)
+
+  def prepare_batch(ctx, sstate, batch, key):
+    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
+    m = sstate.memory
+    return {**batch, "latent_x": m.x[idx], "latent_y": m.y[idx],
+            "latent_task": m.task[idx],
+            "latent_mask": ok.astype(jnp.float32)}
+
+  def loss(ctx, sstate, params, batch, logits):
+    del logits
+    return replayed_loss(ctx, get_split(ctx), params, sstate.model_state,
+                         batch)
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del batch, key
+    return scale_lower(get_split(ctx), grads, params, sstate.experience,
+                       float(lower_lr_scale))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def store(ctx, mem, key, params, model_state, x, y, task, experience,
+            mask):
+    h = experience_latents(ctx, get_split(ctx), params, model_state, x)
+    return buffers.experience_balanced_add(mem, key, h, y, task, experience,
+                                           mask)
+
+  def after_experience(ctx, state, experience):
+    ss = state.strategy
+    data = device_experience(experience, ctx.info.train_size)
+    mask = jnp.arange(ctx.info.train_size) < experience.num_train
+    key = jax.random.fold_in(ss.key, experience.index)
+    mem = store(ctx, ss.memory, key, state.params, state.model_state,
+                data["x"], data["y"], data["task"],
+                jnp.asarray(experience.index, jnp.int32), mask)
+    return state.replace(strategy=ss._replace(memory=mem))
+
+  return Strategy(init=init, before_experience=before_experience,
+                  prepare_batch=prepare_batch, loss=loss,
+                  update_grads=update_grads,
+                  after_experience=after_experience, name="latent_replay")
