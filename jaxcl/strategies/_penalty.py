@@ -1,0 +1,275 @@
+"""Shared pieces of the quadratic-penalty methods (EWC, online EWC, SI, MAS).
+
+These methods differ only in how they weigh each parameter (the importance
+``Ω``) and when they refresh it; all of them add
+
+.. math::  \\mathcal{R}(\\theta) = \\sum_i \\Omega_i (\\theta_i - \\theta^*_i)^2
+
+to the loss. This module holds, as pure functions on parameter pytrees:
+
+* :func:`quadratic` and :func:`stacked_quadratic`: the penalty for one
+  (importance, anchor) pair and for a fixed-size stack of them with a mask
+  of filled slots (EWC's penalty per past experience);
+* :func:`fisher_diagonal`: the diagonal Fisher information from per-example
+  gradients (``jax.vmap(jax.grad(...))``), with the three label conventions
+  of the literature (``exact``, ``sampled``, ``empirical``);
+* :func:`mas_importance`: MAS's importance, the mean absolute per-example
+  gradient of the squared L2 norm of the outputs;
+* :func:`importance_batches`: an experience's examples as fixed-shape
+  batches for the two estimators above (host side).
+
+The estimators scan over batches inside one jitted call; the strategies jit
+them once per factory with the hashable :class:`~jaxcl.state.Context` static.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.scenarios import Experience
+from jaxcl.state import Batch, Context
+from jaxcl.train import experience_batches
+
+__all__ = ["FISHER_TYPES", "quadratic", "stacked_quadratic",
+           "fisher_diagonal", "mas_importance", "importance_batches",
+           "check_nonnegative", "check_estimator_args", "zeros_like_tree",
+           "put_slot"]
+
+FISHER_TYPES = ("exact", "sampled", "empirical")
+
+
+# --------------------------------------------------------------------------
+# Validation shared by the factories (raised before any tracing).
+
+
+def check_nonnegative(name: str, value: float) -> None:
+  if not (isinstance(value, (int, float)) and math.isfinite(value)
+          and value >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_estimator_args(max_examples: int, batch_size: int) -> None:
+  if not isinstance(max_examples, int) or max_examples < 0:
+    raise ValueError(f"max_examples must be an int >= 0 (0: all of the "
+                     f"experience's training examples), got {max_examples!r}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+# --------------------------------------------------------------------------
+# Penalties.
+
+
+def zeros_like_tree(tree: Any, lead: tuple[int, ...] = ()) -> Any:
+  """Zeros shaped like ``tree``'s leaves, with optional leading axes."""
+  return jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), tree)
+
+
+def put_slot(stack: Any, new: Any, i: jax.Array) -> Any:
+  """``stack[i] = new`` for every leaf (``i`` may be traced)."""
+  return jax.tree.map(lambda s, a: s.at[i].set(a.astype(s.dtype)), stack, new)
+
+
+def quadratic(importance: Any, anchor: Any, params: Any) -> jax.Array:
+  """``Σ_i Ω_i (θ_i − θ*_i)²`` over all leaves (float32 scalar)."""
+  terms = jax.tree.map(
+      lambda w, a, p: jnp.sum(w * jnp.square(p - a), dtype=jnp.float32),
+      importance, anchor, params)
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+def stacked_quadratic(importances: Any, anchors: Any, filled: jax.Array,
+                      params: Any) -> jax.Array:
+  """``Σ_k [filled_k] Σ_i Ω_{k,i} (θ_i − θ*_{k,i})²`` over stacked slots.
+
+  ``importances`` and ``anchors`` have a leading axis of slots; the sum is
+  one fused reduction per leaf (no per-slot Python loop), and empty slots
+  contribute nothing whatever they hold.
+  """
+  w = filled.astype(jnp.float32)
+
+  def leaf(imp, anc, p):
+    per_slot = jnp.sum(imp * jnp.square(p[None] - anc),
+                       axis=tuple(range(1, imp.ndim)), dtype=jnp.float32)
+    return jnp.sum(w * per_slot)
+
+  terms = jax.tree.map(leaf, importances, anchors, params)
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+# --------------------------------------------------------------------------
+# Importance estimators (per-example gradients).
+
+
+def _one_example_logits(ctx: Context, model_state: Any):
+  """``(params, x, task) -> logits`` of a single example (no batch axis)."""
+
+  def f(params, x, task):
+    return ctx.logits(params, model_state, x[None], task[None])[0].astype(
+        jnp.float32)
+
+  return f
+
+
+def _scan_batches(per_batch, batches: Batch, init: Any):
+  """Sums ``per_batch(batch, index) -> (tree, count)`` over stacked batches."""
+
+  def skip(batch, i):
+    del batch, i
+    return init, jnp.zeros((), jnp.float32)
+
+  def body(carry, xs):
+    acc, n = carry
+    batch, i = xs
+    # Padding batches (all mask 0) cost nothing: the per-example gradients
+    # are the expensive part.
+    tree, count = jax.lax.cond(jnp.any(batch["mask"] > 0), per_batch, skip,
+                               batch, i)
+    return (jax.tree.map(jnp.add, acc, tree), n + count), None
+
+  nb = batches["y"].shape[0]
+  (acc, n), _ = jax.lax.scan(body, (init, jnp.zeros((), jnp.float32)),
+                             (batches, jnp.arange(nb)))
+  return jax.tree.map(lambda a: a / jnp.maximum(n, 1.0), acc)
+
+
+def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
+                    batches: Batch, key: jax.Array,
+                    kind: str = "exact") -> Any:
+  """The diagonal Fisher information from per-example gradients.
+
+  .. math::
+
+    F_i = \\frac{1}{N} \\sum_{n=1}^{N} \\mathbb{E}_{y}\\Big[
+          \\Big(\\frac{\\partial \\log p_\\theta(y \\mid x_n)}
+                     {\\partial \\theta_i}\\Big)^2\\Big]
+
+  where the expectation over ``y`` is, by ``kind``:
+
+  * ``exact``: over all classes, weighted by the model's predicted
+    probabilities (the true Fisher; ``C`` backward passes per example);
+  * ``sampled``: one label drawn from the model's predictive distribution
+    (an unbiased one-sample estimate of the true Fisher);
+  * ``empirical``: the true label (the "empirical Fisher"; not the Fisher of
+    the model, see Kunstner et al. 2019).
+
+  Gradients are per example (``jax.vmap(jax.grad(...))``) and squared before
+  averaging; squaring a mini-batch gradient instead gives a different
+  quantity whose scale depends on the batch size.
+
+  Args:
+    ctx: the run's context (model, stream info; logits are masked to the
+      example's task in task-incremental streams, so the expectation runs
+      over that task's classes).
+    params: the parameters at which the Fisher is taken.
+    model_state: non-trained variables (evaluated with ``train=False``).
+    batches: stacked batches ``(nb, B, ...)`` with a ``mask`` (padding rows
+      have mask 0 and do not count).
+    key: PRNG key (``sampled`` only).
+    kind: one of :data:`FISHER_TYPES`.
+
+  Returns:
+    A pytree like ``params``: the mean over the unmasked examples.
+  """
+  if kind not in FISHER_TYPES:
+    raise ValueError(f"unknown Fisher type {kind!r}; valid: "
+                     f"{list(FISHER_TYPES)}")
+  logits_fn = _one_example_logits(ctx, model_state)
+
+  def log_prob(p, x, task, label):
+    return jax.nn.log_softmax(logits_fn(p, x, task))[label]
+
+  grad_one = jax.grad(log_prob)
+  per_example = jax.vmap(grad_one, in_axes=(None, 0, 0, 0))
+
+  def weighted_sq_sum(x, task, labels, weights):
+    # Σ_b w_b g_b² over the batch: the per-example gradients never leave
+    # this function, so peak memory is one (B, P) gradient batch.
+    g = per_example(params, x, task, labels)
+    return jax.tree.map(
+        lambda a: jnp.einsum("b,b...->...", weights, jnp.square(a)), g)
+
+  def per_batch(batch, i):
+    x, task, mask = batch["x"], batch["task"], batch["mask"]
+    if kind == "empirical":
+      tree = weighted_sq_sum(x, task, batch["y"], mask)
+    else:
+      logits = jax.vmap(logits_fn, in_axes=(None, 0, 0))(params, x, task)
+      if kind == "sampled":
+        k = jax.random.fold_in(key, i)
+        labels = jax.random.categorical(k, logits, axis=-1)
+        tree = weighted_sq_sum(x, task, labels, mask)
+      else:  # exact: Σ_c p_c g_c², one class at a time (bounded memory)
+        probs = jax.nn.softmax(logits, axis=-1) * mask[:, None]
+
+        def over_classes(acc, c):
+          labels = jnp.full(task.shape, c, jnp.int32)
+          t = weighted_sq_sum(x, task, labels, probs[:, c])
+          return jax.tree.map(jnp.add, acc, t), None
+
+        tree, _ = jax.lax.scan(over_classes, zeros_like_tree(params),
+                               jnp.arange(logits.shape[-1]))
+    return tree, jnp.sum(mask)
+
+  return _scan_batches(per_batch, batches, zeros_like_tree(params))
+
+
+def mas_importance(ctx: Context, params: Any, model_state: Any,
+                   batches: Batch) -> Any:
+  """MAS importance: mean absolute per-example gradient of ``‖f(x)‖²₂``.
+
+  .. math::
+
+    \\Omega_i = \\frac{1}{N} \\sum_{n=1}^{N} \\Big|
+                \\frac{\\partial\\, \\lVert f_\\theta(x_n) \\rVert_2^2}
+                      {\\partial \\theta_i} \\Big|
+
+  ``f`` is the model's output (logits). In task-incremental streams only the
+  example's task's logits count (the others are masked constants).
+  """
+  logits_fn = _one_example_logits(ctx, model_state)
+  table = jnp.asarray(ctx.info.task_classes, bool)
+  masked = ctx.mask_task_logits
+
+  def sq_norm(p, x, task):
+    out = logits_fn(p, x, task)
+    if masked:
+      out = jnp.where(table[jnp.clip(task, 0, table.shape[0] - 1)], out, 0.)
+    return jnp.sum(jnp.square(out))
+
+  per_example = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0, 0))
+
+  def per_batch(batch, i):
+    del i
+    g = per_example(params, batch["x"], batch["task"])
+    tree = jax.tree.map(
+        lambda a: jnp.einsum("b,b...->...", batch["mask"], jnp.abs(a)), g)
+    return tree, jnp.sum(batch["mask"])
+
+  return _scan_batches(per_batch, batches, zeros_like_tree(params))
+
+
+def importance_batches(exp: Experience, batch_size: int, max_examples: int,
+                       seed: int, train_size: int) -> Batch:
+  """An experience's examples for an importance estimate, on the device.
+
+  With ``max_examples > 0`` the number of batches is fixed at
+  ``ceil(min(max_examples, train_size) / batch_size)`` (``train_size``: the
+  stream's largest experience; padded with mask-0 batches, which the
+  estimators skip), so the jitted estimator compiles once for the stream.
+  """
+  b = experience_batches(exp, batch_size, max_examples=max_examples,
+                         seed=seed)
+  if max_examples > 0:
+    want = math.ceil(min(max_examples, train_size) / batch_size)
+    have = b["y"].shape[0]
+    if have < want:
+      b = {k: np.concatenate(
+          [v, np.zeros((want - have,) + v.shape[1:], v.dtype)])
+           for k, v in b.items()}
+  return jax.device_put(b)

@@ -1,0 +1,132 @@
+"""Elastic Weight Consolidation (EWC), one penalty per past experience.
+
+After each experience ``k`` the diagonal Fisher information ``F_k`` and the
+parameters ``θ*_k`` are stored; training on later experiences adds
+
+.. math::
+
+  \\mathcal{L}(\\theta) = \\mathcal{L}_{\\text{task}}(\\theta)
+    + \\frac{\\lambda}{2} \\sum_{k < K} \\sum_i F_{k,i}
+      (\\theta_i - \\theta^*_{k,i})^2
+
+(Kirkpatrick et al. 2017, eq. 3 with one term per previous task). ``λ`` is
+``lam``; ``F_k`` and ``θ*_k`` are ``EWCState.fisher[k]`` and
+``EWCState.anchor[k]``. The state holds ``num_experiences`` slots from
+``init`` on, with a mask of filled slots, so its shape never changes.
+
+The Fisher is computed from per-example gradients with
+``jax.vmap(jax.grad(...))`` (see :func:`jaxcl.strategies._penalty.fisher_diagonal`)
+on up to ``max_examples`` training examples of the experience, at the
+parameters reached at its end, with ``train=False``.
+
+.. warning::
+
+  **The Fisher convention sets the scale of λ.** ``fisher='exact'`` (the
+  default) takes the expectation of the squared per-example gradient of
+  ``log p(y|x)`` over the model's own predictive distribution: the true
+  Fisher, costing one backward pass per class. ``'sampled'`` draws one label
+  per example from that distribution (same expectation, more noise, one
+  pass); ``'empirical'`` uses the true labels, which for a well-fit model
+  gives a much smaller Fisher on confidently correct examples, so the best λ
+  is larger. Libraries that square *mini-batch* gradients (Avalanche,
+  Mammoth) estimate roughly ``F / B`` for batch size ``B`` plus a
+  mean-gradient term, so their λ values are not comparable with these;
+  published λ ranges from 1e2 to 1e10 for that reason. Per-experience EWC
+  sums the penalties of all past experiences, so the effective strength
+  grows with the number of experiences (online EWC, :mod:`online_ewc`, keeps
+  it bounded with a decay γ).
+
+References:
+  Kirkpatrick et al., `Overcoming catastrophic forgetting in neural networks
+  <https://arxiv.org/abs/1612.00796>`_, PNAS 2017.
+
+  Kunstner et al., `Limitations of the empirical Fisher approximation for
+  natural gradient descent <https://arxiv.org/abs/1905.12558>`_, NeurIPS 2019.
+
+  van de Ven, `On the computation of the Fisher information in continual
+  learning <https://arxiv.org/abs/2502.11756>`_, ICLR blogpost track 2025.
+
+See also:
+  :mod:`jaxcl.strategies.online_ewc`, :mod:`jaxcl.strategies.si`,
+  :mod:`jaxcl.strategies.mas`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.strategies import _penalty
+from jaxcl.strategy import Strategy
+
+__all__ = ["EWCState", "ewc"]
+
+
+class EWCState(NamedTuple):
+  fisher: Any        # like params with a leading (num_experiences,) axis: F_k
+  anchor: Any        # like params with a leading (num_experiences,) axis: θ*_k
+  filled: jax.Array  # bool (num_experiences,): slot k holds experience k
+
+
+def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
+        batch_size: int = 32, seed: int = 0) -> Strategy:
+  """EWC with one quadratic penalty per past experience.
+
+  Args:
+    lam: penalty strength ``λ`` (>= 0; multiplies ``½ Σ F (θ − θ*)²``).
+    fisher: ``exact`` (default), ``sampled`` or ``empirical``; see the
+      module's warning on how this changes the scale of ``lam``.
+    max_examples: training examples of an experience used for its Fisher
+      (0: all; a fixed number keeps the estimator's shapes constant).
+    batch_size: examples per per-example-gradient batch (memory: one
+      ``(batch_size, num_params)`` gradient array at a time).
+    seed: picks the example subset and the ``sampled`` labels.
+
+  Returns:
+    The :class:`~jaxcl.strategy.Strategy` (state :class:`EWCState`).
+
+  Raises:
+    ValueError: negative ``lam``, unknown ``fisher``, bad sizes.
+  """
+  _penalty.check_nonnegative("ewc: lam", lam)
+  if fisher not in _penalty.FISHER_TYPES:
+    raise ValueError(f"ewc: unknown Fisher type {fisher!r}; valid: "
+                     f"{list(_penalty.FISHER_TYPES)}")
+  _penalty.check_estimator_args(max_examples, batch_size)
+
+  # Compiled once per factory (ctx is static and hashable); the state comes
+  # in as an argument, never through a closure.
+  @functools.partial(jax.jit, static_argnums=0)
+  def consolidate(ctx, ss, params, model_state, batches, key, i):
+    f = _penalty.fisher_diagonal(ctx, params, model_state, batches, key,
+                                 kind=fisher)
+    return EWCState(_penalty.put_slot(ss.fisher, f, i),
+                    _penalty.put_slot(ss.anchor, params, i),
+                    ss.filled.at[i].set(True))
+
+  def init(ctx, key, params):
+    del key
+    n = ctx.info.num_experiences
+    return EWCState(_penalty.zeros_like_tree(params, (n,)),
+                    _penalty.zeros_like_tree(params, (n,)),
+                    jnp.zeros((n,), bool))
+
+  def loss(ctx, sstate, params, batch, logits):
+    del ctx, batch, logits
+    return 0.5 * lam * _penalty.stacked_quadratic(
+        sstate.fisher, sstate.anchor, sstate.filled, params)
+
+  def after_experience(ctx, state, experience):
+    i = experience.index
+    batches = _penalty.importance_batches(
+        experience, batch_size, max_examples, seed + i, ctx.info.train_size)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    ss = consolidate(ctx, state.strategy, state.params, state.model_state,
+                     batches, key, jnp.int32(i))
+    return state.replace(strategy=ss)
+
+  return Strategy(init=init, loss=loss, after_experience=after_experience,
+                  name="ewc")
