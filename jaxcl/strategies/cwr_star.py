@@ -1,0 +1,160 @@
+"""CWR*: copy weights with re-init, count-weighted consolidation.
+
+Lomonaco & Maltoni (2017) introduced CWR; Maltoni & Lomonaco (2019),
+Algorithm 2, give CWR*. The output layer keeps *consolidated* weights
+``cw`` (per class) in the strategy state; training uses *temporary* weights
+``tw`` (the model's ``head``):
+
+* before experience ``i`` (classes :math:`B_i`): ``tw[j] = cw[j]`` for the
+  classes :math:`j \\in B_i` seen before, 0 for the new ones; classes outside
+  :math:`B_i` are switched off (weight 0, bias -1e9, gradient 0), so the
+  softmax is over :math:`B_i` only, as in the paper's "train on the s_i
+  classes of B_i";
+* the feature extractor trains in the first experience only
+  (``backbone_lr_scale=0``; a value in (0, 1] scales its gradient after the
+  first experience instead: "trained slowly");
+* after it, for each :math:`j \\in B_i` with ``cur_j`` training examples and
+  ``past_j`` examples seen before:
+
+.. math::
+   w_{past,j} = \\sqrt{past_j / cur_j}, \\qquad
+   cw[j] = \\frac{cw[j]\\, w_{past,j} + (tw[j] - \\overline{tw})}{w_{past,j} + 1},
+   \\qquad past_j \\mathrel{+}= cur_j
+
+where :math:`\\overline{tw}` is the mean of ``tw`` over the classes of
+:math:`B_i`. A class's weight vector here is its head column together with
+its bias (the consolidation treats the bias as one more weight).
+
+Prediction uses the features and ``cw``; classes never seen are masked out.
+
+References:
+  Lomonaco & Maltoni, `CORe50: a New Dataset and Benchmark for Continuous
+  Object Recognition <https://arxiv.org/abs/1705.03550>`_, 2017.
+  Maltoni & Lomonaco, `Continuous Learning in Single-Incremental-Task
+  Scenarios <https://arxiv.org/abs/1806.08568>`_, 2019.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.state import masked_logits
+from jaxcl.strategy import Strategy
+
+_OFF = -1e9  # bias of switched-off classes during training
+
+
+class CWRStarState(NamedTuple):
+  cw: jax.Array       # float32 (D, C): consolidated head kernel
+  cb: jax.Array       # float32 (C,): consolidated head bias
+  past: jax.Array     # float32 (C,): training examples seen per class
+  active: jax.Array   # bool (C,): classes of the current experience
+  first: jax.Array    # bool scalar: training the first experience
+
+
+def consolidate(cw, cb, past, tw, tb, counts):
+  """CWR*'s merge (Algorithm 2) for the classes with ``counts > 0``.
+
+  Args:
+    cw, cb: consolidated kernel (D, C) and bias (C,).
+    past: examples of each class seen before (C,).
+    tw, tb: trained temporary kernel and bias.
+    counts: examples of each class in this experience (C,).
+
+  Returns:
+    New ``(cw, cb, past)``.
+  """
+  cur = counts > 0
+  n_cur = jnp.maximum(jnp.sum(cur), 1)
+  mean_w = jnp.sum(jnp.where(cur[None], tw, 0.0), axis=1, keepdims=True) / n_cur
+  mean_b = jnp.sum(jnp.where(cur, tb, 0.0)) / n_cur
+  wpast = jnp.sqrt(past / jnp.maximum(counts, 1.0))
+  new_w = (cw * wpast + (tw - mean_w)) / (wpast + 1.0)
+  new_b = (cb * wpast + (tb - mean_b)) / (wpast + 1.0)
+  return (jnp.where(cur[None], new_w, cw), jnp.where(cur, new_b, cb),
+          past + counts)
+
+
+def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
+  """CWR* (see the module docstring).
+
+  Args:
+    backbone_lr_scale: gradient scale of the non-head parameters after the
+      first experience: 0 freezes them (CWR*), in (0, 1] trains them slowly.
+
+  Raises:
+    ValueError: ``backbone_lr_scale`` outside [0, 1].
+  """
+  if not 0.0 <= backbone_lr_scale <= 1.0:
+    raise ValueError(f"backbone_lr_scale={backbone_lr_scale} is outside "
+                     "[0, 1] (0 freezes the feature extractor)")
+
+  def init(ctx, key, params):
+    del key
+    if not isinstance(params, dict) or "head" not in params:
+      raise ValueError("cwr_star needs a model with a 'head' Dense layer")
+    kernel = params["head"]["kernel"]
+    c = ctx.info.num_classes
+    if kernel.shape[-1] != c:
+      raise ValueError(
+          f"cwr_star needs a single head over the {c} classes; the head has "
+          f"{kernel.shape[-1]} outputs (set model.multi_head=False)")
+    return CWRStarState(jnp.zeros(kernel.shape, jnp.float32),
+                        jnp.zeros((c,), jnp.float32),
+                        jnp.zeros((c,), jnp.float32),
+                        jnp.ones((c,), bool), jnp.asarray(True))
+
+  def before_experience(ctx, state, experience):
+    del ctx
+    ss = state.strategy
+    c = ss.cb.shape[0]
+    active = np.zeros((c,), bool)
+    active[np.unique(experience.train_y)] = True
+    active = jnp.asarray(active)
+    seen = ss.past > 0
+    load = active & seen
+    tw = jnp.where(load[None], ss.cw, 0.0)
+    tb = jnp.where(load, ss.cb, jnp.where(active, 0.0, _OFF))
+    params = dict(state.params)
+    params["head"] = {"kernel": tw.astype(params["head"]["kernel"].dtype),
+                      "bias": tb.astype(params["head"]["bias"].dtype)}
+    first = jnp.asarray(experience.index == 0)
+    return state.replace(params=params,
+                         strategy=ss._replace(active=active, first=first))
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del ctx, params, batch, key
+    scale = jnp.where(sstate.first, 1.0, backbone_lr_scale)
+    out = {k: (v if k == "head" else jax.tree.map(lambda g: g * scale, v))
+           for k, v in grads.items()}
+    a = sstate.active
+    out["head"] = {"kernel": jnp.where(a[None], grads["head"]["kernel"], 0.0),
+                   "bias": jnp.where(a, grads["head"]["bias"], 0.0)}
+    return out
+
+  def after_experience(ctx, state, experience):
+    ss = state.strategy
+    counts = np.bincount(experience.train_y, minlength=ctx.info.num_classes)
+    cw, cb, past = consolidate(ss.cw, ss.cb, ss.past,
+                               state.params["head"]["kernel"],
+                               state.params["head"]["bias"],
+                               jnp.asarray(counts, jnp.float32))
+    return state.replace(strategy=ss._replace(cw=cw, cb=cb, past=past))
+
+  def predict(ctx, sstate, params, model_state, x, task):
+    feats, _ = ctx.apply(params, model_state, x, task, features=True)
+    seen = sstate.past > 0
+    logits = jnp.where(seen, feats @ sstate.cw + sstate.cb, _OFF)
+    own = ctx.logits(params, model_state, x, task)
+    if ctx.mask_task_logits:
+      logits = masked_logits(logits, task, ctx.info.task_classes)
+    return jnp.where(jnp.any(seen), logits, own)
+
+  return Strategy(init=init, before_experience=before_experience,
+                  update_grads=update_grads,
+                  after_experience=after_experience, predict=predict,
+                  name="cwr_star")
