@@ -1,6 +1,7 @@
 """The ``jaxcl`` command.
 
   jaxcl run [--config FILE[:ARGS]] [--config.KEY=VALUE ...] [--workdir DIR]
+            [--resume | --noresume]
 
 ``--config`` is an ml_collections config file defining ``get_config(arg)``
 (see ``experiments/``); without it the default experiment runs (Split
@@ -25,7 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT, "Experiment config file (default: Split Digits).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (default: runs/<config name>-<time>).")
+    "workdir", None, "Run directory (default: runs/<config name>-<time>). "
+    "A directory that holds checkpoints of the same config is resumed.")
+_RESUME = flags.DEFINE_bool(
+    "resume", None, "Require a checkpoint to resume (--noresume: refuse to "
+    "start in a directory that has one). Default: resume when one exists.")
 
 USAGE = __doc__
 
@@ -48,7 +53,7 @@ def _run(argv) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"jaxcl: {config.get('name', 'run')} -> {workdir}", flush=True)
-  result = experiment.run(config, workdir)
+  result = experiment.run(config, workdir, resume=_RESUME.value)
   print(report.format_table(result.accuracy, result.metrics))
   print(f"\ntime: {result.times['total']:.1f} s "
         f"(train {result.times['train']:.1f} s, eval "

@@ -22,11 +22,11 @@ from jaxcl.scenarios import Scenario
 from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
-                         make_learner, make_optimizer, stream_info,
-                         test_arrays, unalias)
+                         make_learner, make_optimizer, reset_opt_state,
+                         stream_info, test_arrays, unalias)
 
 __all__ = ["default_config", "build_scenario", "Setup", "setup", "run",
-           "Result", "SCENARIO_TYPES"]
+           "execute", "Result", "SCENARIO_TYPES"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 
@@ -74,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.report = ml_collections.ConfigDict(dict(tensorboard=True, plots=True,
                                             progress=True))
+  c.parallel = ml_collections.ConfigDict(dict(
+      devices=1,          # data-parallel devices; 0 = all local devices
+  ))
   return c
 
 
@@ -207,11 +210,38 @@ def _check_finite(losses, ran, experience, epoch, first_step):
         "lower the learning rate or check the strategy's hyperparameters")
 
 
+def _unstack(tree: Any, i: int) -> Any:
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
+
+
+def _host_hook(hook, ctx, state, exp, members: int):
+  """Applies a host-side hook per run: hooks see one run's state, whatever
+  the sweep (they may call their own jitted code on it)."""
+  if not members:
+    return hook(ctx, state, exp)
+  return _stack([hook(ctx, _unstack(state, i), exp) for i in range(members)])
+
+
+def _reset_opt(ctx, state, members: int):
+  if not members:
+    return reset_opt_state(ctx, state)
+  return _stack([reset_opt_state(ctx, _unstack(state, i))
+                 for i in range(members)])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
         scenario: Scenario | None = None,
         strategy: "strategies.Strategy | None" = None,
-        reporter: Any = None) -> Result:
+        reporter: Any = None, resume: bool | None = None) -> Result:
   """Trains the configured stream and evaluates after each experience.
+
+  With a ``workdir``, the run checkpoints after every experience (and every
+  ``config.checkpoint.every_steps`` steps) and resumes from the newest valid
+  checkpoint found there.
 
   Args:
     config: a config like :func:`default_config`.
@@ -221,54 +251,152 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     strategy: use this strategy record instead of ``config.strategy``.
     reporter: a :class:`jaxcl.report.Reporter` (built from ``workdir`` when
       None and ``workdir`` is given).
+    resume: None resumes when a checkpoint exists; True requires one; False
+      refuses to start in a directory that has one.
   """
-  from jaxcl import report  # side effects live at the edges
+  s = setup(config, scenario, strategy)
+  state = init_state(s.learner.ctx, s.learner.strategy, config.seed)
+  return execute(s, state, workdir, reporter=reporter, resume=resume)
+
+
+def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
+            members: int = 0, reporter: Any = None,
+            resume: bool | None = None) -> Result:
+  """Streams ``s.scenario`` from ``state`` (k stacked states if ``members``).
+
+  The loop behind :func:`run` and :func:`jaxcl.sweep.sweep`: places the
+  state on the mesh (``config.parallel.devices``), restores a checkpoint
+  when there is one, and trains / evaluates / checkpoints experience by
+  experience.
+  """
+  from jaxcl import checkpoint, parallel, report  # side effects: the edges
 
   t_start = time.perf_counter()
-  s = setup(config, scenario, strategy)
-  if reporter is None and workdir:
-    reporter = report.Reporter(workdir, config)
-  reporter = reporter or report.NullReporter()
+  config = s.config
   learner, sc = s.learner, s.scenario
   ctx, strategy = learner.ctx, learner.strategy
-  state = init_state(ctx, strategy, config.seed)
-  test = jax.device_put(test_arrays(sc.eval_experiences,
-                                    learner.eval_batch_size))
-  t_eval = time.perf_counter()
-  random_acc = np.asarray(learner.eval_fn(state, test))
-  eval_time = time.perf_counter() - t_eval
+  learner = dataclasses.replace(learner, members=members)
+  place = jax.device_put
+  devices = config.get("parallel", {}).get("devices", 1)
+  if devices != 1:
+    if members:
+      raise ConfigError("parallel.devices != 1 with a sweep is not supported "
+                        "yet; run the sweep on one device")
+    mesh = parallel.make_mesh(devices)
+    n = mesh.shape[parallel.DATA]
+    if ctx.info.batch_size % n or learner.eval_batch_size % n:
+      raise ConfigError(
+          f"train.batch_size={ctx.info.batch_size} and train.eval_batch_size="
+          f"{learner.eval_batch_size} must be multiples of the {n} devices")
+    shardings = parallel.state_sharding(state, mesh)
+    learner = dataclasses.replace(learner, mesh=mesh,
+                                  state_shardings=shardings)
+    rep = parallel.replicated(mesh)
+    place = lambda t: parallel.place(t, jax.tree.map(lambda _: rep, t))
+    state = parallel.place(state, shardings)
+
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
-  acc = np.full((n_train, n_test), np.nan)
+  acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
+  test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size))
+  ckpt, position = None, checkpoint.Position()
+  random_acc = None
+  if workdir:
+    ckpt = checkpoint.Checkpointer(workdir, checkpoint.fingerprint(config),
+                                   keep=config.checkpoint.keep)
+    if resume is False and ckpt.steps():
+      raise ConfigError(f"{workdir} already holds checkpoints; use another "
+                        "--workdir or resume")
+    progress_like = {"accuracy": acc,
+                     "random_accuracy": acc[..., 0, :] * 0}
+    restored = ckpt.restore(state, progress_like) if ckpt.steps() else None
+    if restored is None and resume:
+      raise ConfigError(f"--resume: no checkpoint to resume in {workdir}")
+    if restored is not None:
+      state, progress, position = restored
+      acc = np.asarray(progress["accuracy"], np.float64)
+      random_acc = np.asarray(progress["random_accuracy"])
+      if learner.mesh is not None:
+        state = parallel.place(state, learner.state_shardings)
+  if reporter is None and workdir:
+    reporter = report.Reporter(workdir, config,
+                               resumed=position != checkpoint.Position())
+  reporter = reporter or report.NullReporter()
+
+  eval_time = 0.0
+  if random_acc is None:
+    t0 = time.perf_counter()
+    random_acc = np.asarray(learner.eval_fn(state, test))
+    eval_time += time.perf_counter() - t0
+
+  def save(state, pos):
+    if ckpt is not None:
+      ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc}, pos)
+
   size = ctx.info.train_size
   train_time = 0.0
-  for i, exp in enumerate(sc.experiences):
-    t0 = time.perf_counter()
-    state = strategy.before_experience(ctx, state, exp)
-    if learner.reset_optimizer:
-      state = state.replace(opt_state=ctx.tx.init(state.params))
-    state = unalias(state)
-    data = jax.device_put(device_experience(exp, size))
-    total = learner.epochs * learner.epoch_steps
-    bar = reporter.progress(total, f"experience {i + 1}/{n_train}")
-    for epoch in range(learner.epochs):
-      for start in range(0, learner.epoch_steps, learner.chunk_steps):
-        state, losses, ran = learner.chunk_fn(state, data, exp.num_train, i,
-                                              epoch, start)
-        _check_finite(losses, ran, i, epoch, start)
-        ran_np = np.asarray(ran)
-        loss = float(np.asarray(losses)[ran_np].mean()) if ran_np.any() else 0.
-        bar.update(learner.chunk_steps, loss)
-        reporter.scalar("train/loss", loss, int(state.step))
-    bar.close()
-    state = strategy.after_experience(ctx, state, exp)
-    train_time += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    acc[i] = np.asarray(learner.eval_fn(state, test))
-    eval_time += time.perf_counter() - t0
-    reporter.experience(i, acc[i], int(state.step))
-  summary = metrics.summary(acc, random_acc)
+  try:
+    for i in range(position.experience, n_train):
+      exp = sc.experiences[i]
+      t0 = time.perf_counter()
+      mid = position.phase == "train" and position.experience == i
+      if not mid:
+        state = _host_hook(strategy.before_experience, ctx, state, exp,
+                           members)
+        if learner.reset_optimizer:
+          state = _reset_opt(ctx, state, members)
+        state = unalias(state)
+        if learner.mesh is not None:
+          state = parallel.place(state, learner.state_shardings)
+      data = place(device_experience(exp, size))
+      bar = reporter.progress(learner.epochs * learner.epoch_steps,
+                              f"experience {i + 1}/{n_train}")
+      first_epoch = position.epoch if mid else 0
+      if mid:
+        bar.update(first_epoch * learner.epoch_steps + position.step)
+      for epoch in range(first_epoch, learner.epochs):
+        first = position.step if (mid and epoch == first_epoch) else 0
+        for start in range(first, learner.epoch_steps, learner.chunk_steps):
+          state, losses, ran = learner.chunk_fn(state, data, exp.num_train,
+                                                i, epoch, start)
+          _check_finite(losses, ran, i, epoch, start)
+          ran_np = np.asarray(ran)
+          loss = (float(np.asarray(losses)[ran_np].mean()) if ran_np.any()
+                  else 0.0)
+          bar.update(learner.chunk_steps, loss)
+          step = int(np.max(np.asarray(state.step)))
+          reporter.scalar("train/loss", loss, step)
+          nxt = start + learner.chunk_steps
+          last = epoch == learner.epochs - 1 and nxt >= learner.epoch_steps
+          if config.checkpoint.every_steps > 0 and not last:
+            # The experience's end is saved after its evaluation below.
+            save(state, checkpoint.Position(i, "train", epoch, nxt)
+                 if nxt < learner.epoch_steps else
+                 checkpoint.Position(i, "train", epoch + 1, 0))
+      bar.close()
+      state = _host_hook(strategy.after_experience, ctx, state, exp, members)
+      state = unalias(state)
+      if learner.mesh is not None:
+        state = parallel.place(state, learner.state_shardings)
+      train_time += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      acc[..., i, :] = np.asarray(learner.eval_fn(state, test))
+      eval_time += time.perf_counter() - t0
+      row = acc[i] if not members else acc[:, i].mean(axis=0)
+      reporter.experience(i, row, int(np.max(np.asarray(state.step))))
+      save(state, checkpoint.Position(i + 1, "begin"))
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  if members:
+    summary = {}
+    for m in range(members):
+      for k, v in metrics.summary(acc[m], random_acc[m]).items():
+        summary.setdefault(k, []).append(v)
+  else:
+    summary = metrics.summary(acc, random_acc)
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time}
   result = Result(acc, random_acc, summary, state, times, learner)
-  reporter.finish(result)
+  if not members:
+    reporter.finish(result)
   return result

@@ -34,7 +34,7 @@ __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
     "init_state", "Learner", "make_learner", "device_experience",
     "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
-    "NonFiniteLossError", "ConfigError", "unalias",
+    "NonFiniteLossError", "ConfigError", "unalias", "reset_opt_state",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -279,11 +279,18 @@ def epoch_indices(rng: jax.Array, experience: jax.Array, epoch: jax.Array,
 
 
 def train_step(ctx: Context, strategy: Strategy, state: TrainState,
-               batch: Batch) -> tuple[TrainState, jax.Array]:
-  """One optimiser step; returns the new state and the total loss."""
+               batch: Batch, batch_spec: Callable[[Batch], Batch] | None = None
+               ) -> tuple[TrainState, jax.Array]:
+  """One optimiser step; returns the new state and the total loss.
+
+  ``batch_spec`` constrains the prepared batch (replayed examples included)
+  to its sharding in data-parallel runs.
+  """
   key = jax.random.fold_in(state.rng, state.step)
   k_prep, k_grad = jax.random.split(key)
   batch = strategy.prepare_batch(ctx, state.strategy, batch, k_prep)
+  if batch_spec is not None:
+    batch = batch_spec(batch)
 
   def loss_fn(params):
     logits, new_ms = ctx.apply(params, state.model_state, batch["x"],
@@ -336,11 +343,9 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
     safe = jnp.maximum(row, 0)
     batch = {"x": data["x"][safe], "y": data["y"][safe],
              "task": data["task"][safe], "mask": valid.astype(jnp.float32)}
-    if batch_spec is not None:
-      batch = batch_spec(batch)
     run = jnp.any(valid)
     state, loss = jax.lax.cond(
-        run, lambda s: train_step(ctx, strategy, s, batch),
+        run, lambda s: train_step(ctx, strategy, s, batch, batch_spec),
         lambda s: (s, jnp.zeros((), jnp.float32)), state)
     return state, (loss, run)
 
@@ -349,7 +354,8 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
 
 
 def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
-             test: dict[str, jax.Array], *, eval_batch_size: int) -> jax.Array:
+             test: dict[str, jax.Array], *, eval_batch_size: int,
+             batch_spec: Callable[[Batch], Batch] | None = None) -> jax.Array:
   """Accuracy of ``state`` on every stacked test set: one accuracy row."""
   predict = strategy.predict or default_predict
   e_n, m = test["y"].shape
@@ -364,6 +370,8 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
 
   def one(args):
     x, y, t, v = args
+    if batch_spec is not None:
+      x, y, t, v = batch_spec((x, y, t, v))
     logits = predict(ctx, state.strategy, state.params, state.model_state, x,
                      t)
     return jnp.sum((jnp.argmax(logits, -1) == y) & v, dtype=jnp.int32)
@@ -391,7 +399,13 @@ class Learner:
     epochs: epochs per experience.
     eval_batch_size: evaluation batch size.
     reset_optimizer: re-initialise the optimiser state before each
-      experience.
+      experience (keeping its injected hyperparameters).
+    members: 0 for one run; k for k runs stacked on a leading axis of the
+      state and trained as one ``vmap``-ed program (a sweep).
+    mesh: a ``jax.sharding.Mesh`` with a ``data`` axis for data-parallel
+      training, or None.
+    state_shardings: the state's shardings on ``mesh`` (see
+      :func:`jaxcl.parallel.state_sharding`).
   """
   ctx: Context
   strategy: Strategy
@@ -400,22 +414,57 @@ class Learner:
   epochs: int
   eval_batch_size: int
   reset_optimizer: bool = True
+  members: int = 0
+  mesh: Any = None
+  state_shardings: Any = None
+
+  def _batch_spec(self):
+    if self.mesh is None:
+      return None
+    from jaxcl import parallel
+    sharding = parallel.batch_sharding(self.mesh)
+    return lambda tree: jax.lax.with_sharding_constraint(
+        tree, jax.tree.map(lambda _: sharding, tree))
+
+  def _jit(self, f, n_args: int, donate: bool, out_state: bool):
+    if self.members:
+      f = jax.vmap(f, in_axes=(0,) + (None,) * (n_args - 1))
+    kwargs = {"donate_argnums": 0} if donate else {}
+    if self.mesh is not None:
+      from jaxcl import parallel
+      rep = parallel.replicated(self.mesh)
+      kwargs["in_shardings"] = (self.state_shardings,) + (rep,) * (n_args - 1)
+      kwargs["out_shardings"] = ((self.state_shardings, rep, rep) if out_state
+                                 else rep)
+    return jax.jit(f, **kwargs)
 
   @functools.cached_property
   def chunk_fn(self):
     """``(state, data, n_valid, experience, epoch, start) -> (state, losses,
-    ran)``, jitted with the state donated."""
+    ran)``, jitted with the state donated (vmapped over runs in a sweep)."""
     f = functools.partial(train_chunk, self.ctx, self.strategy,
                           chunk_steps=self.chunk_steps,
-                          epoch_steps=self.epoch_steps)
-    return jax.jit(f, donate_argnums=0)
+                          epoch_steps=self.epoch_steps,
+                          batch_spec=self._batch_spec())
+    return self._jit(f, 6, donate=True, out_state=True)
 
   @functools.cached_property
   def eval_fn(self):
     """``(state, test) -> accuracy row``, jitted."""
     f = functools.partial(evaluate, self.ctx, self.strategy,
-                          eval_batch_size=self.eval_batch_size)
-    return jax.jit(f)
+                          eval_batch_size=self.eval_batch_size,
+                          batch_spec=self._batch_spec())
+    return self._jit(f, 2, donate=False, out_state=False)
+
+
+def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
+  """A fresh optimiser state that keeps the injected hyperparameters (a
+  sweep's per-run learning rate)."""
+  fresh = ctx.tx.init(state.params)
+  if hasattr(fresh, "hyperparams") and hasattr(state.opt_state,
+                                               "hyperparams"):
+    fresh = fresh._replace(hyperparams=state.opt_state.hyperparams)
+  return state.replace(opt_state=fresh)
 
 
 def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,

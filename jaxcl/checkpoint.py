@@ -1,0 +1,182 @@
+"""Checkpoint, resume and fall back, with orbax.
+
+A checkpoint is an explicit pytree — never a pickled object (the peer that
+pickles its whole strategy breaks on every upgrade):
+
+* ``state``: the :class:`TrainState` (params, optimiser state, strategy state
+  such as buffers / Fisher / masks, the PRNG key), stacked over runs in a
+  sweep;
+* ``progress``: the accuracy matrix so far (NaN rows not yet trained) and the
+  random-init accuracies;
+* ``meta`` (JSON): the stream position and the run's config fingerprint.
+
+The position says where the state stands: ``phase='begin'`` of experience
+``i`` (nothing of it done yet), or ``phase='train'`` of experience ``i`` at
+``(epoch, step)`` with its ``before_experience`` hook already applied. Keys
+derive from the state's base key and the step count, so a resumed run draws
+exactly the same batches and keys: a run killed anywhere and resumed ends
+bit-identical to one that never stopped.
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete; an unfinished one is never listed. A checkpoint that exists but
+fails to restore (truncated or corrupt files) is reported and skipped for the
+next older one. At least two checkpoints are kept, so deleting the oldest
+never removes the only valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["Position", "Checkpointer", "IncompatibleCheckpointError",
+           "fingerprint"]
+
+# Config sections that do not change what a run computes.
+_IGNORED = ("report", "checkpoint", "name", "parallel")
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The run directory holds a checkpoint of a different configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a saved state stands in the stream."""
+  experience: int = 0
+  phase: str = "begin"   # "begin" | "train"
+  epoch: int = 0
+  step: int = 0          # next step of the epoch to run (phase "train")
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  if isinstance(d, dict):
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+  else:
+    out[prefix[:-1]] = d
+  return out
+
+
+def fingerprint(config: Any) -> dict[str, Any]:
+  """The config fields that determine the computation, flattened to
+  ``{'model.widths': [400, 400], ...}`` (JSON types)."""
+  d = json.loads(config.to_json_best_effort()) if hasattr(
+      config, "to_json_best_effort") else dict(config)
+  flat = _flatten(d)
+  return {k: v for k, v in flat.items()
+          if k.split(".")[0] not in _IGNORED}
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  keys = sorted(set(saved) | set(current))
+  return [f"{k}: checkpoint has {saved.get(k, '<absent>')!r}, this run has "
+          f"{current.get(k, '<absent>')!r}"
+          for k in keys if saved.get(k, "<absent>") != current.get(
+              k, "<absent>")]
+
+
+class Checkpointer:
+  """Saves and restores a run's checkpoints in ``<workdir>/checkpoints``.
+
+  Args:
+    workdir: the run directory.
+    config_fp: :func:`fingerprint` of the run's config.
+    keep: checkpoints to keep (>= 2).
+    log: where to say what happened (fallbacks, resumes).
+  """
+
+  def __init__(self, workdir: str, config_fp: dict[str, Any], keep: int = 3,
+               log=None):
+    import orbax.checkpoint as ocp  # heavy import, only when checkpointing
+
+    if keep < 2:
+      raise ValueError(
+          f"checkpoint.keep={keep}: keep at least 2 so that a crash while "
+          "saving can never leave the run without a valid checkpoint")
+    self._ocp = ocp
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.config_fp = config_fp
+    self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    steps = self._manager.all_steps()
+    self._next = (max(steps) + 1) if steps else 0
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, state: Any, progress: dict[str, np.ndarray],
+           position: Position) -> None:
+    """Saves asynchronously; call :meth:`close` before the process ends."""
+    ocp = self._ocp
+    meta = {"position": position.to_json(), "config": self.config_fp}
+    self._manager.save(
+        self._next,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.StandardSave(progress),
+            meta=ocp.args.JsonSave(meta)))
+    self._next += 1
+
+  def restore(self, state_like: Any, progress_like: dict[str, np.ndarray]):
+    """The newest valid checkpoint as ``(state, progress, position)``.
+
+    Returns None when there is none. Falls back over corrupt checkpoints,
+    saying so.
+
+    Raises:
+      IncompatibleCheckpointError: the newest readable checkpoint comes from
+        another configuration (the message lists what differs).
+    """
+    ocp = self._ocp
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # corrupt metadata: any error means unusable
+        self._log(f"jaxcl: checkpoint {step} in {self.directory} is "
+                  f"unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                  "falling back to the previous one")
+        continue
+      diff = _differences(meta.get("config", {}), self.config_fp)
+      if diff:
+        raise IncompatibleCheckpointError(
+            f"the run directory's checkpoint ({self.directory}, step {step}) "
+            "comes from a different config; refusing to resume. "
+            "Differences:\n  " + "\n  ".join(diff) +
+            "\nUse another --workdir, or the original config.")
+      try:
+        abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract(state_like)),
+                progress=ocp.args.StandardRestore(abstract(progress_like))))
+      except Exception as e:  # truncated / corrupt array files
+        self._log(f"jaxcl: checkpoint {step} in {self.directory} is corrupt "
+                  f"({type(e).__name__}: {str(e)[:200]}); falling back to "
+                  "the previous one")
+        continue
+      position = Position(**meta["position"])
+      if step != steps[-1]:
+        self._log(f"jaxcl: resumed from checkpoint {step} (the newest valid "
+                  "one)")
+      return restored["state"], restored["progress"], position
+    return None
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
