@@ -2,6 +2,11 @@
 
   jaxcl run [--config FILE[:ARGS]] [--config.KEY=VALUE ...] [--workdir DIR]
             [--resume | --noresume]
+  jaxcl sweep [--config ...] --seeds 0,1,2 [--values KEY=V1,V2 ...]
+            [--workdir DIR]
+
+``sweep`` trains every (seed, value) run as one vmapped program and reports
+each run's metrics and the mean ± standard error over seeds.
 
 ``--config`` is an ml_collections config file defining ``get_config(arg)``
 (see ``experiments/``); without it the default experiment runs (Split
@@ -20,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-COMMANDS = ("run",)
+COMMANDS = ("run", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT, "Experiment config file (default: Split Digits).",
@@ -31,6 +36,12 @@ _WORKDIR = flags.DEFINE_string(
 _RESUME = flags.DEFINE_bool(
     "resume", None, "Require a checkpoint to resume (--noresume: refuse to "
     "start in a directory that has one). Default: resume when one exists.")
+
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
+                           "sweep: seeds of the runs (comma-separated).")
+_VALUES = flags.DEFINE_multi_string(
+    "values", [], "sweep: KEY=V1,V2,... hyperparameter values (repeatable); "
+    "the grid is seeds x all values.")
 
 USAGE = __doc__
 
@@ -60,6 +71,24 @@ def _run(argv) -> None:
         f"{result.times['eval']:.1f} s); outputs in {workdir}")
 
 
+def _sweep(argv) -> None:
+  del argv
+  _quiet_logs()
+  from jaxcl import sweep
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or _default_workdir(config)
+  seeds = [int(x) for x in _SEEDS.value]
+  values = sweep.parse_values(_VALUES.value)
+  print(f"jaxcl sweep: {config.get('name', 'run')}, seeds {seeds}, "
+        f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)
+  result = sweep.sweep(config, seeds, values, workdir)
+  for m, met in zip(result.members, result.metrics):
+    print(f"  {m}: " + "  ".join(f"{k} {v:.4f}" for k, v in met.items()))
+  print("\nmean ± standard error over seeds:")
+  print(sweep.format_groups(result.groups))
+  print(f"\ntime: {result.times['total']:.1f} s; outputs in {workdir}")
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -70,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jaxcl: unknown command {command!r}; valid: {list(COMMANDS)}",
           file=sys.stderr)
     sys.exit(2)
-  handler = {"run": _run}[command]
+  handler = {"run": _run, "sweep": _sweep}[command]
   try:
     app.run(handler, argv=[argv[0]] + argv[2:])
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -10,6 +10,7 @@ Side effects (files, progress bars) go through :mod:`jaxcl.report` and
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable
 
@@ -261,7 +262,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
 
 def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
             members: int = 0, reporter: Any = None,
-            resume: bool | None = None) -> Result:
+            resume: bool | None = None,
+            fingerprint_extra: dict[str, Any] | None = None) -> Result:
   """Streams ``s.scenario`` from ``state`` (k stacked states if ``members``).
 
   The loop behind :func:`run` and :func:`jaxcl.sweep.sweep`: places the
@@ -301,7 +303,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   ckpt, position = None, checkpoint.Position()
   random_acc = None
   if workdir:
-    ckpt = checkpoint.Checkpointer(workdir, checkpoint.fingerprint(config),
+    fp = {**checkpoint.fingerprint(config), **(fingerprint_extra or {})}
+    ckpt = checkpoint.Checkpointer(workdir, json.loads(json.dumps(fp)),
                                    keep=config.checkpoint.keep)
     if resume is False and ckpt.steps():
       raise ConfigError(f"{workdir} already holds checkpoints; use another "
@@ -397,6 +400,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time}
   result = Result(acc, random_acc, summary, state, times, learner)
-  if not members:
+  if members:  # the run directory shows the mean over the sweep's runs
+    reporter.finish(Result(acc.mean(0), random_acc.mean(0),
+                           {k: float(np.mean(v)) for k, v in summary.items()},
+                           state, times, learner))
+  else:
     reporter.finish(result)
   return result

@@ -1,0 +1,230 @@
+"""Many runs in one program: seeds and hyperparameters under ``jax.vmap``.
+
+A run is ``state -> state``, so k runs are one run over k stacked states:
+the compiled experience program is ``vmap``-ed over the leading axis and
+every run shares the data on the device. What may differ between runs is
+what lives in the state:
+
+* ``seed`` — initial parameters, shuffling, every random key;
+* ``optimizer.learning_rate`` — an injected optax hyperparameter;
+* a strategy hyperparameter that the strategy keeps in its state as a field
+  of the same name (e.g. ``strategy.ewc.lam`` when ``EWCState`` has a
+  ``lam`` leaf). Hyperparameters that only live in a factory's closure
+  cannot differ inside one program; asking to sweep one is an error, not a
+  silently shared value.
+
+Host-side hooks (Fisher estimation, consolidation, ...) run per run on that
+run's slice of the state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl import experiment
+from jaxcl.train import ConfigError, init_state
+
+__all__ = ["sweep", "SweepResult", "parse_values"]
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What a sweep returns.
+
+  Attributes:
+    members: per run, ``{'seed': s, <key>: value, ...}``.
+    accuracy: ``(k, T, E)`` accuracy matrices, one per run.
+    metrics: per run, the metrics of its matrix.
+    groups: per hyperparameter setting, mean and standard error over
+      seeds of each metric: ``{'setting': {...}, 'n': ..., 'acc': (mean,
+      se), ...}``.
+    times: wall-clock seconds of the whole sweep.
+    result: the underlying :class:`jaxcl.experiment.Result`.
+  """
+  members: list[dict[str, Any]]
+  accuracy: np.ndarray
+  metrics: list[dict[str, float]]
+  groups: list[dict[str, Any]]
+  times: dict[str, float]
+  result: Any
+
+
+def parse_values(specs: Sequence[str]) -> dict[str, list[Any]]:
+  """``['optimizer.learning_rate=0.01,0.1']`` -> ``{'optimizer.lea...':
+  [0.01, 0.1]}`` (numbers parsed as floats)."""
+  out = {}
+  for spec in specs:
+    key, sep, vals = spec.partition("=")
+    if not sep or not vals:
+      raise ConfigError(f"bad sweep spec {spec!r}; expected KEY=V1,V2,...")
+    out[key.strip()] = [float(v) for v in vals.split(",")]
+  return out
+
+
+def _get(config, key):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _state_fields(tree: Any, name: str) -> list[tuple]:
+  """Paths of NamedTuple fields called ``name`` inside a strategy state."""
+  hits = []
+
+  def visit(node, path):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      for f in node._fields:
+        if f == name:
+          hits.append(path + (f,))
+        visit(getattr(node, f), path + (f,))
+    elif isinstance(node, (tuple, list)):
+      for i, v in enumerate(node):
+        visit(v, path + (i,))
+    elif isinstance(node, dict):
+      for k, v in node.items():
+        visit(v, path + (k,))
+
+  visit(tree, ())
+  return hits
+
+
+def _set_path(node, path, value):
+  if not path:
+    return value
+  head, rest = path[0], path[1:]
+  if isinstance(node, tuple) and hasattr(node, "_fields") and isinstance(
+      head, str):
+    return node._replace(**{head: _set_path(getattr(node, head), rest,
+                                            value)})
+  if isinstance(node, (tuple, list)):
+    items = list(node)
+    items[head] = _set_path(items[head], rest, value)
+    return type(node)(items)
+  new = dict(node)
+  new[head] = _set_path(node[head], rest, value)
+  return new
+
+
+def _apply_override(state, key: str, value: float, strategy_names):
+  if key == "optimizer.learning_rate":
+    hp = dict(state.opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(value, hp["learning_rate"].dtype)
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+  parts = key.split(".")
+  if len(parts) == 3 and parts[0] == "strategy" and parts[1] in \
+      strategy_names:
+    hits = _state_fields(state.strategy, parts[2])
+    if len(hits) == 1:
+      old = state.strategy
+      for p in hits[0]:
+        old = getattr(old, p) if isinstance(p, str) else old[p]
+      new = jnp.asarray(value, getattr(old, "dtype", jnp.float32))
+      return state.replace(strategy=_set_path(state.strategy, hits[0], new))
+  raise ConfigError(
+      f"cannot sweep {key!r} in one vmapped program: sweepable are 'seed', "
+      "'optimizer.learning_rate' and strategy hyperparameters that the "
+      "strategy keeps in its state (strategy.<name>.<field>); run separate "
+      "jobs for the others")
+
+
+def sweep(config, seeds: Sequence[int] = (0,),
+          values: dict[str, Sequence[float]] | None = None,
+          workdir: str | None = None, scenario=None) -> SweepResult:
+  """Trains the grid ``seeds x values`` as one vmapped program.
+
+  Args:
+    config: the base config (its own ``seed`` is replaced by ``seeds``).
+    seeds: the seeds of the runs.
+    values: hyperparameter grid, e.g. ``{'optimizer.learning_rate': [0.01,
+      0.1]}``.
+    workdir: run directory (checkpoints, ``sweep.json``).
+    scenario: a prebuilt scenario.
+
+  Returns:
+    A :class:`SweepResult` with each run's accuracy matrix and the mean ±
+    standard error over seeds per hyperparameter setting.
+  """
+  values = dict(values or {})
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ConfigError("a sweep needs at least one seed")
+  for key, vals in values.items():
+    if not vals:
+      raise ConfigError(f"sweep {key!r}: no values given")
+    try:
+      _get(config, key)
+    except (KeyError, AttributeError):
+      raise ConfigError(f"sweep key {key!r} is not a config field") from None
+  keys = sorted(values)
+  settings = [dict(zip(keys, combo)) for combo in
+              itertools.product(*(values[k] for k in keys))]
+  members = [{"seed": s, **setting} for setting in settings for s in seeds]
+
+  # The first member's config builds the shared program; the others must
+  # differ only in what the state carries.
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    for k, v in settings[0].items():
+      node = base
+      *path, last = k.split(".")
+      for p in path:
+        node = node[p]
+      node[last] = type(node[last])(v) if not isinstance(
+          node[last], bool) else v
+  s = experiment.setup(base, scenario)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  names = [n.strip() for n in config.strategy.name.split("+")]
+  states = []
+  for m in members:
+    st = init_state(ctx, strategy, m["seed"])
+    for k in keys:
+      st = _apply_override(st, k, m[k], names)
+    states.append(st)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  result = experiment.execute(
+      s, stacked, workdir, members=len(members),
+      fingerprint_extra={"sweep.members": members})
+  per_run = [{k: v[i] for k, v in result.metrics.items()}
+             for i in range(len(members))]
+  groups = []
+  for setting in settings:
+    idx = [i for i, m in enumerate(members)
+           if all(m[k] == setting[k] for k in keys)]
+    g = {"setting": setting, "n": len(idx)}
+    for metric in per_run[0]:
+      v = np.array([per_run[i][metric] for i in idx])
+      se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+      g[metric] = (float(v.mean()), se)
+    groups.append(g)
+  out = SweepResult(members, np.asarray(result.accuracy), per_run, groups,
+                    result.times, result)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+      json.dump({"members": members, "accuracy": out.accuracy.tolist(),
+                 "metrics": per_run, "groups": groups,
+                 "times": result.times}, f, indent=2)
+  return out
+
+
+def format_groups(groups: list[dict[str, Any]]) -> str:
+  """The per-setting mean ± standard error as a plain-text table."""
+  lines = []
+  for g in groups:
+    setting = ", ".join(f"{k}={v}" for k, v in g["setting"].items()) or \
+        "(base config)"
+    stats = "  ".join(f"{m} {g[m][0]:.4f} ± {g[m][1]:.4f}"
+                      for m in ("acc", "bwt", "forgetting", "fwt") if m in g)
+    lines.append(f"{setting} [n={g['n']}]: {stats}")
+  return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""vmap sweeps: k runs in one program equal k separate runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import sweep
+
+
+def small_config():
+  c = jaxcl.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.report.progress = False
+  return c
+
+
+def test_vmapped_seeds_and_learning_rates_equal_separate_runs():
+  r = sweep.sweep(small_config(), seeds=[0, 1, 2],
+                  values={"optimizer.learning_rate": [0.1, 0.03]})
+  assert r.accuracy.shape == (6, 5, 5)
+  assert [m["seed"] for m in r.members] == [0, 1, 2, 0, 1, 2]
+  # Compiled once for all runs and all experiences.
+  assert r.result.learner.chunk_fn._cache_size() == 1
+  for i in (0, 2, 4):
+    m = r.members[i]
+    c = small_config()
+    c.seed = m["seed"]
+    c.optimizer.learning_rate = m["optimizer.learning_rate"]
+    single = jaxcl.run(c)
+    np.testing.assert_allclose(r.accuracy[i], single.accuracy, atol=1e-5)
+  # Runs really differ (seeds and learning rates are not shared).
+  assert not np.allclose(r.accuracy[0], r.accuracy[1])
+  assert not np.allclose(r.accuracy[0], r.accuracy[3])
+  g = r.groups[0]
+  accs = [r.metrics[i]["acc"] for i in range(3)]
+  assert g["n"] == 3 and g["setting"] == {"optimizer.learning_rate": 0.1}
+  assert g["acc"][0] == pytest.approx(np.mean(accs))
+  assert g["acc"][1] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(3))
+
+
+def test_unsweepable_key_is_an_error():
+  with pytest.raises(ValueError, match="cannot sweep 'train.batch_size'"):
+    sweep.sweep(small_config(), seeds=[0],
+                values={"train.batch_size": [16, 32]})
+  with pytest.raises(ValueError, match="not a config field"):
+    sweep.sweep(small_config(), seeds=[0], values={"optimizer.bogus": [1]})
+
+
+def test_sweep_checkpoint_refuses_other_seeds(tmp_path):
+  c = small_config()
+  sweep.sweep(c, seeds=[0, 1], workdir=str(tmp_path / "s"))
+  data = json.load(open(tmp_path / "s" / "sweep.json"))
+  assert len(data["accuracy"]) == 2
+  with pytest.raises(ValueError, match="sweep.members"):
+    sweep.sweep(c, seeds=[0, 1, 2], workdir=str(tmp_path / "s"))
+
+
+def test_cli_sweep(tmp_path):
+  p = subprocess.run(
+      [sys.executable, "-m", "jaxcl.cli", "sweep", "--seeds", "0,1",
+       "--config.model.widths=16,", "--config.train.epochs=1",
+       "--config.report.progress=False", "--config.report.plots=False",
+       "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+      cwd=tmp_path, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "mean ± standard error" in p.stdout and "[n=2]" in p.stdout
