@@ -37,6 +37,9 @@ _RESUME = flags.DEFINE_bool(
     "resume", None, "Require a checkpoint to resume (--noresume: refuse to "
     "start in a directory that has one). Default: resume when one exists.")
 
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (run the "
+    "same command on every host of a multi-host job).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
                            "sweep: seeds of the runs (comma-separated).")
 _VALUES = flags.DEFINE_multi_string(
@@ -55,6 +58,9 @@ def _quiet_logs() -> None:
   # jax logs at INFO that it found no TPU; absl would print that to stderr.
   import logging
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  if _MULTIHOST.value:
+    from jaxcl import parallel
+    parallel.initialize_multihost()
 
 
 def _run(argv) -> None:

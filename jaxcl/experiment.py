@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
                                             progress=True))
   c.parallel = ml_collections.ConfigDict(dict(
       devices=1,          # data-parallel devices; 0 = all local devices
+      # State leaves at least this big whose leading axis divides by the
+      # device count (buffers, stacked slots) are sharded, not replicated.
+      shard_min_bytes=1 << 20,
   ))
   return c
 
@@ -290,7 +293,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       raise ConfigError(
           f"train.batch_size={ctx.info.batch_size} and train.eval_batch_size="
           f"{learner.eval_batch_size} must be multiples of the {n} devices")
-    shardings = parallel.state_sharding(state, mesh)
+    shardings = parallel.state_sharding(
+        state, mesh, min_bytes=config.parallel.shard_min_bytes)
     learner = dataclasses.replace(learner, mesh=mesh,
                                   state_shardings=shardings)
     rep = parallel.replicated(mesh)

@@ -1,0 +1,60 @@
+"""Runs the same small streams on 1 device and on a data-parallel mesh of
+all (forced) devices, in one process; prints the largest accuracy
+difference per strategy as JSON. Used by test_parallel.py (which sets
+XLA_FLAGS=--xla_force_host_platform_device_count=8); not a test itself."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+import jaxcl
+import jaxcl.train
+
+
+def config(strategy, devices):
+  c = jaxcl.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 200
+  c.report.progress = False
+  c.strategy.name = strategy
+  if strategy == "replay":
+    # Reservoir memory of 256 slots (sharded over the 8 devices: 32 each),
+    # 16 replayed rows per step.
+    c.strategy.replay = dict(mem_size=256, batch_size=16)
+  c.parallel.devices = devices
+  c.parallel.shard_min_bytes = 0  # shard every divisible leaf
+  return c
+
+
+def main():
+  out = {"devices": jax.device_count()}
+  for strategy in sys.argv[1:]:
+    one = jaxcl.run(config(strategy, 1))
+    many = jaxcl.run(config(strategy, 0))
+    out[strategy] = {
+        "max_abs_diff": float(np.abs(one.accuracy - many.accuracy).max()),
+        "acc_one": one.metrics["acc"], "acc_many": many.metrics["acc"],
+        "state_shardings": sorted({str(getattr(x, "sharding", None).spec)
+                                   for x in jax.tree.leaves(many.state)
+                                   if hasattr(x, "sharding")}),
+    }
+    # The batch is really split over devices: the compiled step reduces
+    # gradients across them.
+    exp = jaxcl.scenarios.split(jaxcl.datasets.load("digits"), 5).experiences[0]
+    data = jaxcl.train.device_experience(exp, many.learner.ctx.info.train_size)
+    hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
+                                      0).compile().as_text()
+    out[strategy]["all_reduce"] = "all-reduce" in hlo
+    if strategy == "replay":
+      mem = many.state.strategy.memory
+      out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
+      out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
