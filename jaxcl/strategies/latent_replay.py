@@ -272,7 +272,7 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
     del ctx
     ss = state.strategy._replace(
         experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=state.model_state)
+        model_state=jax.tree.map(jnp.copy, state.model_state))
     return state.replace(strategy=ss)
 
   def prepare_batch(ctx, sstate, batch, key):

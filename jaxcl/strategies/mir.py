@@ -118,7 +118,7 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
     del ctx
     ss = state.strategy._replace(
         experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=state.model_state)
+        model_state=jax.tree.map(jnp.copy, state.model_state))
     return state.replace(strategy=ss)
 
   def update_grads(ctx, sstate, grads, params, batch, key):

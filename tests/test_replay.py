@@ -1,0 +1,476 @@
+"""Mechanism tests of the replay strategies (on scikit-learn digits)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcl import buffers, experiment, models, scenarios, train
+from jaxcl.state import StepInfo, cross_entropy
+from jaxcl.strategies import exstream as exs
+from jaxcl.strategies import latent_replay as lat
+from jaxcl.strategies.exstream import exstream
+from jaxcl.strategies.gdumb import gdumb
+from jaxcl.strategies.generative_replay import generative_replay
+from jaxcl.strategies.latent_replay import latent_replay
+from jaxcl.strategies.mir import mir, retrieve
+from jaxcl.strategies.replay import replay
+from jaxcl.strategy import chain
+
+B = 10
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+@pytest.fixture(scope="module")
+def full_stream(digits):
+  return scenarios.split(digits, 5)
+
+
+def make_ctx(sc, widths=(32,), lr=0.1):
+  info = train.stream_info(sc, B)
+  model = models.build("mlp", sc.num_classes, widths=widths)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def batch_of(exp, n=B, start=0):
+  sl = slice(start, start + n)
+  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
+          "task": jnp.asarray(exp.train_task[sl]),
+          "mask": jnp.ones((n,), jnp.float32)}
+
+
+def config(spec, **kwargs):
+  c = experiment.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.train.batch_size = B
+  c.train.eval_batch_size = 100
+  c.report.progress = False
+  c.strategy.name = spec
+  for name, kw in kwargs.items():
+    c.strategy[name] = kw
+  return c
+
+
+def run_capture(monkeypatch, cfg, sc):
+  """Runs ``cfg`` on ``sc``; returns the result and its learner."""
+  del monkeypatch
+  result = experiment.run(cfg, scenario=sc)
+  return result, result.learner
+
+
+# ---------------------------------------------------------------------------
+# Every strategy: chained with another, two experiences, no recompilation.
+
+CHAINS = [
+    # Four strategies in one program: each member's hooks run on its slot.
+    ("replay+mir+latent_replay+exstream", dict(
+        replay=dict(mem_size=50), mir=dict(mem_size=60, candidates=20),
+        latent_replay=dict(mem_size=50), exstream=dict(mem_size=50))),
+    ("gdumb+generative_replay", dict(
+        gdumb=dict(mem_size=40, epochs=2),
+        generative_replay=dict(hidden=(32,), latent=8))),
+]
+
+
+@pytest.mark.parametrize("spec,kwargs", CHAINS, ids=[c[0] for c in CHAINS])
+def test_chained_run_compiles_once(monkeypatch, stream, spec, kwargs):
+  result, learner = run_capture(monkeypatch, config(spec, **kwargs), stream)
+  assert learner.chunk_fn._cache_size() == 1
+  assert np.all(np.isfinite(result.accuracy))
+  # After two experiences the first one is not entirely forgotten.
+  assert result.accuracy[1, 0] > 0.3, result.accuracy
+  ss = result.state.strategy
+  names = spec.split("+")
+  assert len(ss) == len(names)
+  total = sum(e.num_train for e in stream.experiences)
+  for name, sub in zip(names, ss):
+    if name in ("replay", "mir"):        # reservoirs saw the whole stream
+      assert int(sub.memory.seen) == total
+    if name == "gdumb":                  # class-balanced, full
+      np.testing.assert_array_equal(buffers.counts(sub.memory, 10)[:4],
+                                    [10] * 4)
+    if name == "latent_replay":          # experience-balanced latents
+      np.testing.assert_array_equal(
+          buffers.counts(sub.memory, 2, by="experience"), [25, 25])
+    if name == "exstream":               # every example in some centroid
+      n = np.asarray(sub.buffers.n)
+      for exp in stream.experiences:
+        for c in exp.classes:
+          assert n[c].sum() == (exp.train_y == c).sum()
+      assert n[4:].sum() == 0
+    if name == "generative_replay":      # snapshots taken, classes seen
+      np.testing.assert_array_equal(np.flatnonzero(sub.seen), [0, 1, 2, 3])
+
+
+# ---------------------------------------------------------------------------
+# Replay.
+
+
+def test_replay_masks_empty_memory_then_replays_stored_examples(stream):
+  ctx = make_ctx(stream)
+  s = replay(mem_size=20, batch_size=5)
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  exp = stream.experiences[0]
+  batch = batch_of(exp)
+  prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(1))
+  assert prepared["x"].shape[0] == B + 5
+  np.testing.assert_array_equal(prepared["mask"], [1.] * B + [0.] * 5)
+  ss = s.after_step(ctx, ss, StepInfo(None, None, None, None, prepared,
+                                      jnp.zeros(())))
+  assert int(buffers.size(ss.memory)) == B
+  prepared = s.prepare_batch(ctx, ss, batch_of(exp, start=B),
+                             jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(prepared["mask"], [1.] * (B + 5))
+  rep = np.asarray(prepared["x"][B:]).reshape(5, -1)
+  first = np.asarray(batch["x"]).reshape(B, -1)
+  # Each replayed row is one of the stored (first batch's) examples.
+  for row, y in zip(rep, np.asarray(prepared["y"][B:])):
+    j = np.flatnonzero(np.all(first == row, axis=1))
+    assert j.size and np.asarray(batch["y"])[j[0]] == y
+
+
+def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
+  cfg = config("replay", replay=dict(mem_size=40))
+  cfg.scenario.online = True
+  result, _ = run_capture(monkeypatch, cfg, scenarios.online(stream))
+  mem = result.state.strategy.memory
+  total = sum(e.num_train for e in stream.experiences)
+  assert int(mem.seen) == total
+  assert int(buffers.size(mem)) == 40
+  assert set(np.asarray(mem.experience)) == {0, 1}
+  assert set(np.asarray(mem.y)) <= {0, 1, 2, 3}
+
+
+def test_replay_experience_policy_quota(monkeypatch, full_stream):
+  result, _ = run_capture(
+      monkeypatch, config("replay", replay=dict(mem_size=52,
+                                                policy="experience")),
+      full_stream)
+  mem = result.state.strategy.memory
+  cnt = np.asarray(buffers.counts(mem, 5, by="experience"))
+  np.testing.assert_array_equal(cnt, [52 // 5] * 5)
+  # Entries of experience e hold e's classes.
+  for e, exp in enumerate(full_stream.experiences):
+    ys = np.asarray(mem.y)[np.asarray(mem.valid) &
+                           (np.asarray(mem.experience) == e)]
+    assert set(ys) <= set(exp.classes)
+
+
+def test_replay_bad_inputs(stream):
+  with pytest.raises(ValueError, match="batch_size=30 is larger than the "
+                     "memory capacity mem_size=20"):
+    replay(mem_size=20, batch_size=30)
+  with pytest.raises(ValueError, match="unknown replay policy 'fifo'"):
+    replay(policy="fifo")
+  with pytest.raises(ValueError, match="mem_size must be a positive int"):
+    replay(mem_size=0)
+  ctx = make_ctx(stream)   # training batch 10 > memory 5
+  with pytest.raises(ValueError, match="larger than the memory capacity"):
+    replay(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+
+
+# ---------------------------------------------------------------------------
+# GDumb.
+
+
+def test_gdumb_learns_nothing_from_stream_and_retrains_from_memory(
+    full_stream):
+  ctx = make_ctx(full_stream)
+  s = gdumb(mem_size=50, epochs=10, batch_size=10)
+  state = train.init_state(ctx, s, 0)
+  learner = train.make_learner(ctx, s, epochs=1, eval_batch_size=100)
+  test = train.test_arrays(full_stream.experiences, 100)
+  for exp in full_stream.experiences:
+    state = s.before_experience(ctx, state, exp)
+    data = train.device_experience(exp, ctx.info.train_size)
+    p0 = jax.tree.map(np.asarray, state.params)
+    state, _, _ = learner.chunk_fn(state, data, exp.num_train, exp.index, 0,
+                                   0)
+    # Zero gradients: the stream itself moved no parameter.
+    jax.tree.map(np.testing.assert_array_equal, p0,
+                 jax.tree.map(np.asarray, state.params))
+    mem = state.strategy.memory
+    state = s.after_experience(ctx, state, exp)
+  cnt = np.asarray(buffers.counts(mem, 10))
+  np.testing.assert_array_equal(cnt, [5] * 10)   # class-balanced
+  # The model is a function of the memory alone: other stream parameters,
+  # same memory and key -> the same retrained parameters.
+  other = state.replace(params=jax.tree.map(lambda a: a + 1.0, state.params))
+  again = s.after_experience(ctx, other, full_stream.experiences[-1])
+  jax.tree.map(np.testing.assert_allclose, again.params, state.params)
+  acc = np.asarray(learner.eval_fn(state, test))
+  assert acc.mean() > 0.6, acc    # naive fine-tuning gets ~0.2
+
+
+def test_gdumb_predict_masks_classes_not_in_memory(stream):
+  ctx = make_ctx(stream)
+  s = gdumb(mem_size=20)
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  exp = stream.experiences[0]          # classes 0 and 1
+  info = StepInfo(None, None, None, None, batch_of(exp), jnp.zeros(()))
+  ss = s.after_step(ctx, ss, info)
+  params = train.init_state(ctx, s, 0).params
+  x = jnp.asarray(stream.experiences[1].test_x[:20])
+  pred = np.argmax(np.asarray(s.predict(ctx, ss, params, {}, x, jnp.zeros(20, int))), -1)
+  stored = set(np.asarray(ss.memory.y)[np.asarray(ss.memory.valid)])
+  assert set(pred) <= stored and stored <= {0, 1}
+
+
+def test_gdumb_bad_inputs(stream):
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match="smaller than the number of classes"):
+    gdumb(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+  with pytest.raises(ValueError, match="epochs must be a positive int"):
+    gdumb(epochs=0)
+  with pytest.raises(ValueError, match="min_learning_rate"):
+    gdumb(learning_rate=0.01, min_learning_rate=0.1)
+
+
+# ---------------------------------------------------------------------------
+# MIR.
+
+
+def _full_memory(exp, n):
+  mem = buffers.init(n, exp.train_x.shape[1:])
+  return buffers.reservoir_add(mem, jax.random.PRNGKey(0),
+                               jnp.asarray(exp.train_x[:n]),
+                               jnp.asarray(exp.train_y[:n]),
+                               jnp.zeros(n, jnp.int32), 0)
+
+
+def test_mir_retrieves_largest_loss_increase(stream):
+  ctx = make_ctx(stream)
+  state = train.init_state(ctx, mir(mem_size=30, candidates=30), 0)
+  mem = _full_memory(stream.experiences[0], 30)
+  incoming = batch_of(stream.experiences[1])
+  loss = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"]),
+                                    b["y"], b["mask"])
+  grads = jax.grad(loss)(state.params, incoming)
+  idx, ok, score = retrieve(ctx, state.params, {}, grads, mem,
+                            jax.random.PRNGKey(3), lr=0.5, candidates=30, k=5)
+  # By hand: per-example loss after the virtual step minus before.
+  virtual = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, grads)
+  per = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      ctx.logits(p, {}, mem.x, mem.task), mem.y)
+  rise = np.asarray(per(virtual) - per(state.params))
+  assert np.all(np.asarray(ok))
+  assert set(np.asarray(idx)) == set(np.argsort(-rise)[:5])
+  # It is not simply the examples with the largest loss.
+  assert np.max(rise) > 0
+
+
+def test_mir_update_grads_adds_replay_gradient(stream):
+  ctx = make_ctx(stream)
+  s = mir(mem_size=30, batch_size=5, candidates=30, lr=0.5)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  g0 = jax.tree.map(jnp.ones_like, state.params)
+  key = jax.random.PRNGKey(4)
+  # Empty memory: gradient unchanged.
+  out = s.update_grads(ctx, ss, g0, state.params, None, key)
+  jax.tree.map(np.testing.assert_array_equal, out, g0)
+  ss = ss._replace(memory=_full_memory(stream.experiences[0], 30))
+  out = s.update_grads(ctx, ss, g0, state.params, None, key)
+  idx, ok, _ = retrieve(ctx, state.params, {}, g0, ss.memory, key, lr=0.5,
+                        candidates=30, k=5)
+  m = ss.memory
+  g_rep = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, m.x[idx], m.task[idx]), m.y[idx],
+      ok.astype(jnp.float32)))(state.params)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, b + c,
+                                                          rtol=1e-5,
+                                                          atol=1e-6),
+               out, g0, g_rep)
+
+
+def test_mir_bad_inputs():
+  with pytest.raises(ValueError, match="batch_size=20 is larger than "
+                     "candidates=10"):
+    mir(batch_size=20, candidates=10)
+  with pytest.raises(ValueError, match="candidates=600 is larger than the "
+                     "memory capacity mem_size=500"):
+    mir(mem_size=500, candidates=600)
+
+
+# ---------------------------------------------------------------------------
+# ExStream.
+
+
+def _reference_exstream(points, labels, per_class, num_classes):
+  """Brute-force ExStream in NumPy (float64)."""
+  bufs = {c: [] for c in range(num_classes)}
+  for z, c in zip(points, labels):
+    buf = bufs[c]
+    buf.append([z.astype(np.float64), 1.0])
+    if len(buf) > per_class:
+      best = None
+      for i in range(len(buf)):
+        for j in range(i + 1, len(buf)):
+          d = np.sum((buf[i][0] - buf[j][0]) ** 2)
+          if best is None or d < best[0]:
+            best = (d, i, j)
+      _, i, j = best
+      (wi, ni), (wj, nj) = buf[i], buf[j]
+      buf[i] = [(ni * wi + nj * wj) / (ni + nj), ni + nj]
+      del buf[j]
+  return bufs
+
+
+def test_exstream_merge_is_count_weighted_mean():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(60, 3)).astype(np.float32)
+  y = rng.integers(0, 2, 60).astype(np.int32)
+  buf = exs.init_buffers(2, 4, (3,))
+  buf = jax.jit(exs.insert_many)(buf, z, y, jnp.ones(60, bool))
+  w, n = np.asarray(buf.w), np.asarray(buf.n)
+  ref = _reference_exstream(z, y, 4, 2)
+  for c in range(2):
+    # Merging preserves the count-weighted sum and the total count.
+    np.testing.assert_allclose((n[c][:, None] * w[c]).sum(0),
+                               z[y == c].sum(0), rtol=1e-4, atol=1e-4)
+    assert n[c].sum() == (y == c).sum() and (n[c] > 0).sum() == 4
+    got = sorted(map(tuple, np.round(w[c], 4)))
+    want = sorted(tuple(np.round(v, 4)) for v, _ in ref[c])
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert sorted(n[c]) == sorted(k for _, k in ref[c])
+
+
+# ---------------------------------------------------------------------------
+# Latent replay.
+
+
+def test_latent_split_composes_to_the_full_model(stream):
+  ctx = make_ctx(stream, widths=(16, 16))
+  params = train.init_state(ctx, latent_replay(), 0).params
+  x = jnp.asarray(stream.experiences[0].train_x[:8])
+  t = jnp.zeros(8, jnp.int32)
+  full = ctx.logits(params, {}, x, t)
+  for layer in ("backbone/Dense_0", "backbone/Dense_1", "backbone"):
+    sp = lat.split_model(ctx, layer)
+    h = sp.lower(ctx, params, {}, x, t)
+    np.testing.assert_allclose(sp.upper(ctx, params, {}, h, t)[0], full,
+                               rtol=1e-5, atol=1e-5)
+  feats = ctx.apply(params, {}, x, t, features=True)[0]
+  np.testing.assert_allclose(
+      lat.split_model(ctx, "backbone").lower(ctx, params, {}, x, t), feats)
+  mask = lat.split_model(ctx, "backbone/Dense_0").lower_mask(params)
+  assert mask["backbone"]["Dense_0"]["kernel"]
+  assert not mask["backbone"]["Dense_1"]["kernel"] and not mask["head"]["bias"]
+
+
+def test_latent_memory_holds_lower_activations_and_lower_is_frozen(
+    monkeypatch, stream, full_stream):
+  cfg = config("latent_replay", latent_replay=dict(
+      mem_size=60, layer="backbone/Dense_0"))
+  cfg.model.widths = (16, 16)
+  sc1 = dataclasses.replace(stream, experiences=stream.experiences[:1])
+  r1, _ = run_capture(monkeypatch, cfg, sc1)
+  r2, _ = run_capture(monkeypatch, cfg, stream)
+  p1, p2 = r1.state.params, r2.state.params
+  # Same seed: experience 0 is identical; then the lower layer is frozen.
+  np.testing.assert_array_equal(p1["backbone"]["Dense_0"]["kernel"],
+                                p2["backbone"]["Dense_0"]["kernel"])
+  assert not np.allclose(p1["head"]["kernel"], p2["head"]["kernel"])
+  ctx = make_ctx(stream, widths=(16, 16))
+  sp = lat.split_model(ctx, "backbone/Dense_0")
+  mem = r2.state.strategy.memory
+  valid = np.asarray(mem.valid)
+  assert valid.sum() == 60
+  for e, exp in enumerate(stream.experiences):
+    h = np.asarray(sp.lower(ctx, p2, {}, jnp.asarray(exp.train_x),
+                            jnp.zeros(exp.num_train, jnp.int32)))
+    rows = np.asarray(mem.x)[valid & (np.asarray(mem.experience) == e)]
+    assert len(rows) == 30
+    d = ((rows[:, None, :] - h[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(d, 0.0, atol=1e-8)
+
+
+def test_latent_bad_layer_name(stream):
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match="unknown layer 'Dense_7'.*valid layer "
+                     "names: \\['backbone/Dense_0'"):
+    latent_replay(layer="Dense_7").init(ctx, jax.random.PRNGKey(0), None)
+  with pytest.raises(ValueError, match="unknown layer"):
+    exstream(layer="nope").init(ctx, jax.random.PRNGKey(0), None)
+  with pytest.raises(ValueError, match="lower_lr_scale must be in"):
+    latent_replay(lower_lr_scale=2.0)
+  with pytest.raises(ValueError, match="smaller than the number of classes"):
+    exstream(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+
+
+# ---------------------------------------------------------------------------
+# Deep generative replay.
+
+
+def test_dgr_labels_from_previous_solver_and_loss_weights(stream):
+  ctx = make_ctx(stream)
+  s = generative_replay(batch_size=6, hidden=(16,), latent=4)
+  state = train.init_state(ctx, s, 0)
+  exp0, exp1 = stream.experiences
+  state = s.after_experience(ctx, state, exp0)   # snapshot + seen {0, 1}
+  state = s.before_experience(ctx, state, exp1)
+  ss = state.strategy
+  np.testing.assert_array_equal(np.flatnonzero(ss.seen), [0, 1])
+  key = jax.random.PRNGKey(5)
+  batch = s.prepare_batch(ctx, ss, batch_of(exp1), key)
+  x_rep = batch["x"][B:]
+  prev = ctx.logits(ss.prev_params, {}, x_rep, jnp.zeros(6, jnp.int32))
+  want = np.argmax(np.where(np.asarray(ss.seen), prev, -np.inf), -1)
+  np.testing.assert_array_equal(batch["y"][B:], want)
+  # Another previous solver gives other labels for the same samples.
+  other = ss._replace(prev_params=jax.tree.map(
+      lambda a: -a, ss.prev_params))
+  flipped = s.prepare_batch(ctx, other, batch_of(exp1), key)
+  np.testing.assert_array_equal(flipped["x"][B:], x_rep)
+  assert not np.array_equal(flipped["y"][B:], batch["y"][B:])
+  # Loss = 1/2 * mean(current) + 1/2 * mean(replay) at t = 1.
+  logits = ctx.logits(state.params, {}, batch["x"], batch["task"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  want = 0.5 * ce[:B].mean() + 0.5 * ce[B:].mean()
+  np.testing.assert_allclose(cross_entropy(logits, batch["y"], batch["mask"]),
+                             want, rtol=1e-5)
+
+
+def test_dgr_generator_learns_and_snapshots_are_copies(stream):
+  ctx = make_ctx(stream)
+  s = generative_replay(hidden=(32,), latent=4, gen_lr=3e-3)
+  state = train.init_state(ctx, s, 0)
+  from jaxcl.models.vae import VAE, vae_loss
+  vae = VAE(tuple(ctx.info.input_shape), (32,), 4)
+  exp = stream.experiences[0]
+  x = jnp.asarray(exp.train_x[:100])
+
+  def gen_loss(p):
+    r, mu, lv = vae.apply({"params": p}, x, jax.random.PRNGKey(0))
+    return float(vae_loss(r, x, mu, lv).mean())
+
+  ss = state.strategy
+  before = gen_loss(ss.gen_params)
+  step = jax.jit(lambda ss, b: s.after_step(
+      ctx, ss, StepInfo(None, None, None, None, b, jnp.zeros(()))))
+  for i in range(60):
+    b = s.prepare_batch(ctx, ss, batch_of(exp, start=(i * B) % 300),
+                        jax.random.PRNGKey(i))
+    ss = step(ss, b)
+  assert gen_loss(ss.gen_params) < 0.8 * before
+  state = s.after_experience(ctx, state.replace(strategy=ss), exp)
+  jax.tree.map(np.testing.assert_array_equal, state.strategy.prev_params,
+               state.params)
+  jax.tree.map(np.testing.assert_array_equal,
+               state.strategy.prev_gen_params, ss.gen_params)
+
+
+def test_dgr_bad_inputs():
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    generative_replay(temperature=0.0)
+  with pytest.raises(ValueError, match="current_weight must be in"):
+    generative_replay(current_weight=1.5)
