@@ -1,0 +1,204 @@
+"""A chunked hypernetwork that generates all weights of a target MLP.
+
+von Oswald et al. (2020): a task embedding ``e_t`` and a hypernetwork
+``f_h`` produce the full weight vector of a target network,
+``θ_t = f_h(e_t, Θ_h)``. To keep ``f_h`` small, the weights are produced in
+chunks: a second set of learned *chunk embeddings* ``c_j`` is fed alongside
+the task embedding, and each call produces one chunk of ``chunk_size``
+weights,
+
+.. math::
+
+  \\theta_t = \\big[\\, f_h(e_t, c_1),\\; f_h(e_t, c_2),\\; \\dots,\\;
+    f_h(e_t, c_{N_C}) \\,\\big]_{1:P},
+  \\qquad N_C = \\lceil P / \\text{chunk\\_size} \\rceil
+
+where ``P`` is the number of target parameters. The target network is an MLP
+``input_dim -> target_widths -> num_classes`` with ReLU; its kernels are
+the generated values times ``1/sqrt(fan_in)`` (a fixed scale so that a
+hypernetwork whose outputs have unit variance generates a LeCun-initialised
+target; cf. Chang et al. 2020 on hypernetwork initialisation) and its biases
+the generated values times 0.1.
+
+The module follows the :class:`~jaxcl.models.Classifier` call signature,
+``__call__(x, task, train=False, features=False)``: ``task`` picks the
+embedding of each example. The usual batch holds one task, and then one
+weight vector is generated; a mixed batch generates the weights of every
+embedding and routes each example (chosen with ``lax.cond`` at run time).
+:meth:`HyperNetwork.generate` and :meth:`HyperNetwork.target` are exposed for
+the strategy's output regulariser and task inference
+(:mod:`jaxcl.strategies.hypernetwork`).
+
+References:
+  von Oswald, Henning, Sacramento & Grewe, `Continual learning with
+  hypernetworks <https://arxiv.org/abs/1906.00695>`_, ICLR 2020.
+
+  Chang, Flokas & Lipson, `Principled weight initialization for
+  hypernetworks <https://openreview.net/forum?id=H1lma24tPB>`_, ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["HyperNetwork", "build"]
+
+
+class HyperNetwork(nn.Module):
+  """Task embedding -> chunked hypernetwork -> weights of a target MLP.
+
+  Attributes:
+    num_classes: target outputs.
+    input_dim: flattened input size of the target MLP (784 for MNIST).
+    target_widths: hidden widths of the target MLP.
+    num_embeddings: task embeddings (one per task, or per experience when
+      the stream gives no task id).
+    embedding_dim: size of a task embedding.
+    chunk_size: target weights produced per hypernetwork call.
+    chunk_embedding_dim: size of a chunk embedding.
+    hidden: hidden widths of the hypernetwork (ReLU).
+  """
+  num_classes: int
+  input_dim: int = 784
+  target_widths: Sequence[int] = (400, 400)
+  num_embeddings: int = 5
+  embedding_dim: int = 32
+  chunk_size: int = 4000
+  chunk_embedding_dim: int = 32
+  hidden: Sequence[int] = (100, 100)
+
+  # ------------------------------------------------------------------ shapes
+
+  @property
+  def target_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """Kernel and bias shapes of the target MLP, in order."""
+    dims = [self.input_dim, *self.target_widths, self.num_classes]
+    shapes = []
+    for a, b in zip(dims[:-1], dims[1:]):
+      shapes += [(a, b), (b,)]
+    return tuple(shapes)
+
+  @property
+  def num_target_params(self) -> int:
+    return sum(math.prod(s) for s in self.target_shapes)
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.num_target_params // self.chunk_size)
+
+  # ------------------------------------------------------------------ params
+
+  def setup(self):
+    normal = nn.initializers.normal(1.0)
+    self.task_embeddings = self.param(
+        "task_embeddings", normal, (self.num_embeddings, self.embedding_dim))
+    self.chunk_embeddings = self.param(
+        "chunk_embeddings", normal,
+        (self.num_chunks, self.chunk_embedding_dim))
+    # Plain parameters, no submodules: the forward pass is then a pure
+    # function of arrays and can sit inside lax.cond / vmap.
+    he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+    lecun = nn.initializers.lecun_normal()  # unit-variance generated values
+    dims = [self.embedding_dim + self.chunk_embedding_dim, *self.hidden,
+            self.chunk_size]
+    weights = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+      last = i == len(dims) - 2
+      weights.append((self.param(f"kernel_{i}", lecun if last else he,
+                                 (a, b)),
+                      self.param(f"bias_{i}", nn.initializers.zeros, (b,))))
+    self.hnet_weights = weights
+
+  # -------------------------------------------------------------- functions
+
+  def generate(self, task_ids: jax.Array) -> jax.Array:
+    """Flat target weights ``(n, P)`` for embeddings ``task_ids`` ``(n,)``.
+
+    All ``n x num_chunks`` hypernetwork calls are one batched MLP.
+    """
+    ids = jnp.clip(task_ids, 0, self.num_embeddings - 1)
+    embs = self.task_embeddings[ids]
+    k, n = embs.shape[0], self.num_chunks
+    h = jnp.concatenate(
+        [jnp.broadcast_to(embs[:, None], (k, n, self.embedding_dim)),
+         jnp.broadcast_to(self.chunk_embeddings[None],
+                          (k, n, self.chunk_embedding_dim))], axis=-1)
+    for i, (w, b) in enumerate(self.hnet_weights):
+      h = h @ w + b
+      if i < len(self.hnet_weights) - 1:
+        h = nn.relu(h)
+    return h.reshape(k, -1)[:, :self.num_target_params]
+
+  def target(self, flat: jax.Array, x: jax.Array,
+             features: bool = False) -> jax.Array:
+    """Runs the target MLP with flat weights ``(P,)`` on ``x`` ``(B, ...)``.
+
+    With ``features=True``, returns the last hidden layer.
+    """
+    h = x.reshape(x.shape[0], -1)
+    if h.shape[-1] != self.input_dim:
+      raise ValueError(f"hypernet: input of size {h.shape[-1]} but "
+                       f"input_dim={self.input_dim}; set "
+                       "config.model.hypernet.input_dim")
+    offset, params = 0, []
+    for shape in self.target_shapes:
+      size = math.prod(shape)
+      w = flat[offset:offset + size].reshape(shape)
+      # Fixed scales: LeCun-like kernels, small biases (see module doc).
+      params.append(w / math.sqrt(shape[0]) if len(shape) == 2 else 0.1 * w)
+      offset += size
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+      if features and i == n_layers - 1:
+        return h
+      h = h @ params[2 * i] + params[2 * i + 1]
+      if i < n_layers - 1:
+        h = nn.relu(h)
+    return h
+
+  def __call__(self, x: jax.Array, task: jax.Array | None = None,
+               train: bool = False, features: bool = False) -> jax.Array:
+    del train  # no dropout or batch norm
+    b = x.shape[0]
+    task = (jnp.zeros((b,), jnp.int32) if task is None
+            else jnp.asarray(task, jnp.int32))
+    first = task[0]
+
+    def one_task(_):
+      return self.target(self.generate(first[None])[0], x, features)
+
+    def mixed(_):
+      flats = self.generate(jnp.arange(self.num_embeddings))
+      outs = jnp.stack([self.target(flats[t], x, features)
+                        for t in range(self.num_embeddings)])
+      t = jnp.clip(task, 0, self.num_embeddings - 1)
+      return jnp.take_along_axis(outs, t[None, :, None], axis=0)[0]
+
+    # A batch of one task (the usual case) generates one weight vector.
+    return jax.lax.cond(jnp.all(task == first), one_task, mixed, None)
+
+
+def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
+  """The model factory used by ``models.build('hypernet', ...)``.
+
+  ``num_heads`` must be 1: task-specific weights come from the embedding,
+  not from extra heads. ``kwargs`` are :class:`HyperNetwork`'s fields.
+  """
+  if num_heads != 1:
+    raise ValueError("hypernet generates task-specific weights itself; use "
+                     f"model.multi_head=False (got num_heads={num_heads})")
+  for k in ("target_widths", "hidden"):
+    if k in kwargs:
+      kwargs[k] = tuple(kwargs[k])
+  bad = [k for k in ("input_dim", "num_embeddings", "embedding_dim",
+                     "chunk_size", "chunk_embedding_dim")
+         if k in kwargs and int(kwargs[k]) < 1]
+  if bad:
+    raise ValueError(f"hypernet: {bad} must be >= 1, got "
+                     f"{[kwargs[k] for k in bad]}")
+  return HyperNetwork(num_classes=num_classes, **kwargs)
