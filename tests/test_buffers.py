@@ -248,3 +248,20 @@ def test_memory_is_a_pytree_that_vmaps_and_shards_on_capacity():
                                                            np.float32),
                     np.zeros(B, np.int32), np.zeros(B, np.int32), 0, None)
   assert int(buffers.size(added)) == B
+
+
+def test_memory_checkpoint_round_trip(tmp_path):
+  import orbax.checkpoint as ocp
+  mem = buffers.init(K, (3,))
+  mem = reservoir(mem, jax.random.PRNGKey(0), np.random.rand(B, 3).astype(
+      np.float32), np.arange(B) % 3, np.zeros(B, np.int32), 2, None)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "mem", mem)
+  ckpt.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, mem)
+  back = ckpt.restore(tmp_path / "mem", abstract)
+  back = buffers.Memory(*jax.tree.leaves(back)) if not isinstance(
+      back, buffers.Memory) else back
+  for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(a).dtype == np.asarray(b).dtype
