@@ -1,0 +1,289 @@
+"""Gradient Episodic Memory (GEM): project the update onto the past's cone.
+
+Lopez-Paz & Ranzato (2017) keep an episodic memory ``M_k`` of examples of
+every past experience ``k``. At each step, with ``g`` the proposed gradient
+and ``g_k = ∇ℓ(f_θ, M_k)`` the gradient of the loss on memory ``k``, the
+update must not increase any past loss to first order:
+``⟨g̃, g_k⟩ ≥ 0`` for all ``k < t``. If ``g`` already satisfies this it is
+used unchanged; otherwise it is projected to the closest gradient that does
+(eqs. 10-13):
+
+.. math::
+   \\min_{\\tilde g}\\; \\tfrac12 \\lVert g - \\tilde g \\rVert_2^2
+   \\quad \\text{s.t.}\\quad G \\tilde g \\ge 0,
+   \\qquad G = (g_1, \\ldots, g_{t-1})^\\top,
+
+solved through its dual, a QP in ``t - 1`` variables:
+
+.. math::
+   v^* = \\arg\\min_{v \\ge \\gamma}\\;
+     \\tfrac12 v^\\top (G G^\\top + \\varepsilon I) v + g^\\top G^\\top v,
+   \\qquad \\tilde g = G^\\top v^* + g.
+
+``γ`` is ``margin`` (the "memory strength" of the authors' code: ``v ≥ γ``
+instead of ``v ≥ 0`` biases the update towards gradients that *decrease*
+the old losses) and ``ε`` is ``eps`` (their ``1e-3`` ridge, which makes the
+dual strictly convex). The dual QP is solved inside ``jit`` by
+:func:`jaxcl.strategies._qp.solve_box_qp`, an exact active-set method with
+a fixed iteration budget (no host call to a QP library). ``G G^\\top`` and
+``G g`` are sums of per-leaf contractions, so gradients are never
+flattened.
+
+Memory: after experience ``k`` its slots ``[k m, (k+1) m)`` receive ``m``
+uniformly drawn training examples (``m`` is ``mem_per_experience``, or
+``mem_size // num_experiences``: Buzzega et al.'s fixed total budget). The
+memory has fixed shape ``(num_experiences * m, ...)``, and the per-
+experience gradients are one ``vmap`` over experiences, with empty
+(future) experiences masked out of the QP, so nothing recompiles as the
+stream grows.
+
+.. warning::
+  The memory losses use the model state (e.g. batch-norm statistics) as of
+  the start of the experience (``update_grads`` does not see the current
+  model state), in training mode. Chain GEM *after* strategies that append
+  rows to the batch (``chain(replay(...), gem(...))``) to project the
+  gradient of the whole batch.
+
+References:
+  Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning
+  <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017 (and the authors' code,
+  ``facebookresearch/GradientEpisodicMemory``, for ``margin`` and ``eps``).
+  Buzzega et al., `Dark experience for general continual learning
+  <https://arxiv.org/abs/2004.07211>`_, 2020 (the total-budget protocol).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import buffers
+from jaxcl.state import cross_entropy
+from jaxcl.strategies._qp import QPResult, solve_box_qp
+from jaxcl.strategy import Strategy
+from jaxcl.train import device_experience
+
+__all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
+           "store_experience", "memory_loss", "tree_dot", "project"]
+
+
+class GEMState(NamedTuple):
+  memory: buffers.Memory  # num_experiences * m slots; block k = experience k
+  model_state: Any        # model state at the start of the experience
+  experience: jax.Array   # int32 scalar: the current experience
+  key: jax.Array          # PRNG key (memory sampling)
+
+
+# --------------------------------------------------------------------------
+# Shared with A-GEM: the episodic memory.
+
+
+def check_memory_args(name: str, mem_size: int,
+                      mem_per_experience: int) -> None:
+  """Factory-time checks of the two ways of sizing the memory."""
+  for k, v in (("mem_size", mem_size),
+               ("mem_per_experience", mem_per_experience)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ValueError(f"{name}: {k} must be an int >= 0, got {v!r}")
+  if mem_size and mem_per_experience:
+    raise ValueError(f"{name}: give mem_size (a total budget) or "
+                     f"mem_per_experience, not both (got {mem_size} and "
+                     f"{mem_per_experience})")
+  if not (mem_size or mem_per_experience):
+    raise ValueError(f"{name}: the memory per experience is 0; set "
+                     "mem_per_experience >= 1 or mem_size >= the number of "
+                     "experiences")
+
+
+def per_experience(name: str, ctx, mem_size: int,
+                   mem_per_experience: int) -> int:
+  """Slots per experience (init time: needs the stream length)."""
+  e = ctx.info.num_experiences
+  m = mem_per_experience or mem_size // e
+  if m < 1:
+    raise ValueError(f"{name}: mem_size={mem_size} over {e} experiences "
+                     "gives a memory per experience of 0; use mem_size >= "
+                     f"{e} or set mem_per_experience")
+  return m
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def store_experience(mem: buffers.Memory, key: jax.Array, x, y, task,
+                     n_valid, experience, *, m: int) -> buffers.Memory:
+  """Writes ``m`` uniformly drawn valid rows of ``x`` into block
+  ``experience`` of the memory (fewer if the experience is smaller; the
+  rest of the block is marked invalid)."""
+  size = x.shape[0]
+  perm = jax.random.permutation(key, size)
+  perm = perm[jnp.argsort(perm >= n_valid, stable=True)]  # valid first
+  take = perm[:m] if size >= m else jnp.concatenate(
+      [perm, jnp.zeros((m - size,), perm.dtype)])
+  ok = jnp.arange(m) < jnp.minimum(n_valid, m)
+  start = experience * m
+  put = lambda a, new: jax.lax.dynamic_update_slice_in_dim(
+      a, new.astype(a.dtype), start, axis=0)
+  return mem._replace(
+      x=put(mem.x, x[take]), y=put(mem.y, y[take]),
+      task=put(mem.task, task[take]),
+      experience=put(mem.experience, jnp.full((m,), experience, jnp.int32)),
+      valid=put(mem.valid, ok), seen=mem.seen + n_valid)
+
+
+def init_memory(ctx, key, m: int) -> GEMState:
+  x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  k_mem, k_ms = jax.random.split(key)
+  variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
+  variables.pop("params")
+  mem = buffers.init(ctx.info.num_experiences * m, ctx.info.input_shape)
+  return GEMState(mem, variables, jnp.zeros((), jnp.int32), k_mem)
+
+
+def make_hooks(m_of):
+  """``before_experience`` / ``after_experience`` filling the memory;
+  ``m_of(ctx)`` gives the slots per experience."""
+
+  def before_experience(ctx, state, experience):
+    del ctx
+    ss = state.strategy._replace(
+        experience=jnp.asarray(experience.index, jnp.int32),
+        model_state=jax.tree.map(jnp.copy, state.model_state))
+    return state.replace(strategy=ss)
+
+  def after_experience(ctx, state, experience):
+    ss = state.strategy
+    data = device_experience(experience, ctx.info.train_size)
+    key = jax.random.fold_in(ss.key, experience.index)
+    mem = store_experience(ss.memory, key, data["x"], data["y"],
+                           data["task"],
+                           jnp.asarray(experience.num_train, jnp.int32),
+                           jnp.asarray(experience.index, jnp.int32),
+                           m=m_of(ctx))
+    return state.replace(strategy=ss._replace(memory=mem))
+
+  return before_experience, after_experience
+
+
+def memory_loss(ctx, params, model_state, x, y, task, mask) -> jax.Array:
+  """Mean cross-entropy of memory rows (0 when all are masked)."""
+  logits, _ = ctx.apply(params, model_state, x, task, train=True)
+  return cross_entropy(logits, y, mask)
+
+
+def tree_dot(a: Any, b: Any) -> jax.Array:
+  """``⟨a, b⟩`` over all leaves, in float32."""
+  terms = jax.tree.map(lambda u, v: jnp.vdot(u.astype(jnp.float32),
+                                             v.astype(jnp.float32)), a, b)
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+# --------------------------------------------------------------------------
+# GEM's projection.
+
+
+def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
+            eps: float, max_iter: int = 0) -> tuple[Any, Any]:
+  """GEM's projection of ``g`` given stacked memory gradients.
+
+  Args:
+    g: the proposed gradient (a pytree).
+    mem_grads: the same pytree with a leading axis ``K`` (``g_k``).
+    has: bool ``(K,)``: which rows are constraints (others are ignored).
+    margin: ``γ``; eps: ``ε``.
+
+  Returns:
+    ``(g̃, qp)``: ``g`` itself when no active constraint is violated
+    (``⟨g, g_k⟩ ≥ 0``), else ``Gᵀv* + g``; and the
+    :class:`jaxcl.strategies._qp.QPResult` (``v`` = 0 when not solved).
+  """
+  gg = jax.tree.map(
+      lambda a, b: jnp.einsum("k...,...->k", a.astype(jnp.float32),
+                              b.astype(jnp.float32)), mem_grads, g)
+  dots = sum(jax.tree.leaves(gg), 0.0)  # (K,) = G g
+  violated = jnp.any(has & (dots < 0.0))
+
+  def solve(_):
+    gram = jax.tree.map(
+        lambda a: jnp.einsum("k...,j...->kj", a.astype(jnp.float32),
+                             a.astype(jnp.float32)), mem_grads)
+    p = sum(jax.tree.leaves(gram), 0.0)
+    p = 0.5 * (p + p.T) + eps * jnp.eye(p.shape[0], dtype=p.dtype)
+    qp = solve_box_qp(p, dots, margin, has, max_iter=max_iter)
+    new = jax.tree.map(
+        lambda gi, a: (gi.astype(jnp.float32) + jnp.einsum(
+            "k,k...->...", qp.v, a.astype(jnp.float32))).astype(gi.dtype),
+        g, mem_grads)
+    return new, qp
+
+  def keep(_):
+    k = has.shape[0]
+    return g, QPResult(jnp.zeros((k,), jnp.float32), jnp.asarray(True),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+  return jax.lax.cond(violated, solve, keep, None)
+
+
+def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
+        eps: float = 1e-3, max_iter: int = 0) -> Strategy:
+  """Gradient Episodic Memory.
+
+  Args:
+    mem_size: total memory (examples), split evenly over the stream's
+      experiences (``mem_size // num_experiences`` each).
+    mem_per_experience: examples kept per experience (the paper's
+      ``n_memories``); give this or ``mem_size``.
+    margin: memory strength ``γ >= 0`` (the authors' code uses 0.5).
+    eps: ridge ``ε > 0`` added to ``G Gᵀ``.
+    max_iter: iteration budget of the QP solver (0: ``3 K + 10``).
+
+  Raises:
+    ValueError: a memory per experience of 0 (both sizes 0, or at ``init``
+      ``mem_size`` smaller than the number of experiences), both sizes
+      given, negative ``margin``, non-positive ``eps``.
+  """
+  check_memory_args("gem", mem_size, mem_per_experience)
+  if not (isinstance(margin, (int, float)) and math.isfinite(margin)
+          and margin >= 0):
+    raise ValueError(f"gem: margin must be a finite number >= 0, got "
+                     f"{margin!r}")
+  if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    raise ValueError(f"gem: eps must be a finite number > 0, got {eps!r}")
+  if isinstance(max_iter, bool) or not isinstance(max_iter, int) or \
+      max_iter < 0:
+    raise ValueError(f"gem: max_iter must be an int >= 0 (0: automatic), "
+                     f"got {max_iter!r}")
+
+  def m_of(ctx):
+    return per_experience("gem", ctx, mem_size, mem_per_experience)
+
+  def init(ctx, key, params):
+    del params
+    return init_memory(ctx, key, m_of(ctx))
+
+  before_experience, after_experience = make_hooks(m_of)
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del batch, key
+    e = ctx.info.num_experiences
+    m = m_of(ctx)
+    mem = sstate.memory
+    blocks = lambda a: a.reshape((e, m) + a.shape[1:])
+    # Only past experiences constrain the step (the current one's block
+    # is filled after it ends).
+    past = mem.valid & (mem.experience < sstate.experience)
+    w = blocks(past).astype(jnp.float32)
+    has = jnp.any(w > 0, axis=1)
+    grad_one = jax.grad(memory_loss, argnums=1)
+    mem_grads = jax.vmap(grad_one, in_axes=(None, None, None, 0, 0, 0, 0))(
+        ctx, params, sstate.model_state, blocks(mem.x), blocks(mem.y),
+        blocks(mem.task), w)
+    new, _ = project(grads, mem_grads, has, float(margin), float(eps),
+                     max_iter)
+    return new
+
+  return Strategy(init=init, before_experience=before_experience,
+                  update_grads=update_grads,
+                  after_experience=after_experience, name="gem")

@@ -1,0 +1,447 @@
+"""Mechanism tests of the hybrid strategies (GEM, A-GEM, iCaRL, ...).
+
+Small cases on scikit-learn digits; the references are independent NumPy
+implementations (brute-force active sets, herding loops, closed forms).
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import buffers, experiment, models, scenarios, train
+from jaxcl.state import cross_entropy
+from jaxcl.strategies import _qp
+from jaxcl.strategies.agem import agem, agem_project
+from jaxcl.strategies.gem import gem, memory_loss, project
+from jaxcl.strategies.icarl import herding, icarl, icarl_loss
+from jaxcl.strategy import chain
+
+B = 10
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:3])
+
+
+def make_ctx(sc, widths=(32,), lr=0.1):
+  info = train.stream_info(sc, B)
+  model = models.build("mlp", sc.num_classes, widths=widths)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def batch_of(exp, n=B, start=0):
+  sl = slice(start, start + n)
+  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
+          "task": jnp.asarray(exp.train_task[sl]),
+          "mask": jnp.ones((n,), jnp.float32)}
+
+
+def run_hooks(ctx, strategy, state, exps):
+  """Host-side experience hooks only (no training): fills memories."""
+  for e in exps:
+    state = strategy.before_experience(ctx, state, e)
+    state = strategy.after_experience(ctx, state, e)
+  return state
+
+
+def grads_of(ctx, state, batch):
+  def f(p):
+    logits, _ = ctx.apply(p, state.model_state, batch["x"], batch["task"])
+    return cross_entropy(logits, batch["y"], batch["mask"])
+  return jax.grad(f)(state.params)
+
+
+def flat(tree):
+  return np.concatenate([np.asarray(a, np.float64).ravel()
+                         for a in jax.tree.leaves(tree)])
+
+
+# ---------------------------------------------------------------------------
+# The dual QP solver against brute force.
+
+
+def brute_force_box_qp(p, q, lower):
+  """Enumerates free sets: the unique KKT point of the box QP."""
+  n = len(q)
+  r = q + p @ lower
+  for k in range(n + 1):
+    for free in itertools.combinations(range(n), k):
+      free = list(free)
+      u = np.zeros(n)
+      if free:
+        u[free] = np.linalg.solve(p[np.ix_(free, free)], -r[free])
+      w = p @ u + r
+      fixed = [i for i in range(n) if i not in free]
+      if np.all(u >= -1e-12) and np.all(w[fixed] >= -1e-10):
+        return u + lower
+  raise AssertionError("no KKT point")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_qp_matches_brute_force_on_small_cases(seed):
+  rng = np.random.default_rng(seed)
+  t = 2 + seed % 2  # 2 or 3 constraints
+  g_mat = rng.normal(size=(t, 30))
+  if seed % 3 == 0:  # strongly correlated memory gradients
+    g_mat += 3 * rng.normal(size=(1, 30))
+  g = rng.normal(size=30) - g_mat.sum(0)  # conflicts with the memories
+  p = g_mat @ g_mat.T + 1e-3 * np.eye(t)
+  q = g_mat @ g
+  lower = np.full(t, [0.0, 0.5][seed % 2])
+  want = brute_force_box_qp(p, q, lower)
+  res = jax.jit(_qp.solve_box_qp)(p, q, lower)
+  assert bool(res.converged)
+  np.testing.assert_allclose(np.asarray(res.v), want, rtol=2e-4, atol=2e-5)
+
+
+def test_qp_inactive_coordinates_are_left_out():
+  rng = np.random.default_rng(0)
+  g_mat = rng.normal(size=(4, 20))
+  g = -g_mat.sum(0)
+  p = g_mat @ g_mat.T + 1e-3 * np.eye(4)
+  q = g_mat @ g
+  active = np.array([True, False, True, False])
+  res = _qp.solve_box_qp(p, q, 0.0, active)
+  sub = brute_force_box_qp(p[np.ix_([0, 2], [0, 2])], q[[0, 2]], np.zeros(2))
+  np.testing.assert_allclose(np.asarray(res.v)[[0, 2]], sub, rtol=2e-4,
+                             atol=2e-5)
+  assert np.all(np.asarray(res.v)[[1, 3]] == 0)
+
+
+def test_qp_twenty_constraints_satisfies_kkt_in_float64():
+  rng = np.random.default_rng(3)
+  g_mat = rng.normal(size=(20, 500)) + 2 * rng.normal(size=(1, 500))
+  g = -0.5 * g_mat[:7].sum(0) + rng.normal(size=500)
+  p = g_mat @ g_mat.T + 1e-3 * np.eye(20)
+  q = g_mat @ g
+  res = _qp.solve_box_qp(p, q, 0.0)
+  v = np.asarray(res.v, np.float64)
+  w = p @ v + q
+  scale = np.max(np.diag(p))
+  assert bool(res.converged) and int(res.iterations) <= 70
+  assert 0 < np.sum(v > 0) < 20            # a non-trivial active set
+  assert np.all(v >= 0)
+  assert np.all(w >= -1e-3 * scale)        # dual feasibility
+  assert np.max(np.abs(v * w)) < 1e-3 * scale  # complementarity
+
+
+# ---------------------------------------------------------------------------
+# GEM.
+
+
+def primal_projection(g, g_mat):
+  """argmin ‖g̃ − g‖² s.t. G g̃ ≥ 0, by enumerating active constraints."""
+  t = len(g_mat)
+  best = None
+  for k in range(t + 1):
+    for act in itertools.combinations(range(t), k):
+      act = list(act)
+      lam = np.zeros(t)
+      if act:
+        ga = g_mat[act]
+        lam[act] = np.linalg.solve(ga @ ga.T, -ga @ g)
+      gt = g + g_mat.T @ lam
+      if np.all(lam >= -1e-9) and np.all(g_mat @ gt >= -1e-7):
+        d = np.sum((gt - g) ** 2)
+        if best is None or d < best[0]:
+          best = (d, gt)
+  return best[1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gem_projection_is_the_qp_optimum(seed):
+  rng = np.random.default_rng(100 + seed)
+  t = 2 + seed % 2
+  g_mat = rng.normal(size=(t, 3, 4))
+  g = -rng.uniform(0.2, 1.0) * g_mat.sum(0) + 0.3 * rng.normal(size=(3, 4))
+  tree = {"w": jnp.asarray(g, jnp.float32)}
+  mem = {"w": jnp.asarray(g_mat, jnp.float32)}
+  new, qp = jax.jit(project, static_argnums=(3, 4))(
+      tree, mem, jnp.ones((t,), bool), 0.0, 1e-7)
+  assert bool(qp.converged)
+  gt = np.asarray(new["w"], np.float64).ravel()
+  gm = g_mat.reshape(t, -1)
+  # Constraints hold after the projection ...
+  assert np.all(gm @ gt >= -1e-4 * np.linalg.norm(gt))
+  # ... and the result is the primal optimum found by brute force.
+  np.testing.assert_allclose(gt, primal_projection(g.ravel(), gm),
+                             rtol=1e-3, atol=1e-4)
+
+
+def test_gem_projection_leaves_a_compatible_gradient_unchanged():
+  g = {"w": jnp.asarray([1.0, 2.0])}
+  mem = {"w": jnp.asarray([[1.0, 0.0], [-1.0, -2.0]])}
+  # Only the first row is a constraint, and <g, g_0> > 0.
+  new, _ = project(g, mem, jnp.asarray([True, False]), 0.5, 1e-3)
+  np.testing.assert_array_equal(np.asarray(new["w"]), [1.0, 2.0])
+
+
+def test_gem_memory_blocks_and_constraints_on_a_model(stream):
+  ctx = make_ctx(stream)
+  s = gem(mem_per_experience=8)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  state = run_hooks(ctx, s, state, exps[:2])
+  mem = state.strategy.memory
+  # Block k holds 8 distinct examples of experience k.
+  assert mem.x.shape[0] == 3 * 8
+  for k in range(2):
+    blk = slice(8 * k, 8 * k + 8)
+    assert np.all(np.asarray(mem.valid[blk]))
+    assert set(np.asarray(mem.y[blk]).tolist()) <= set(exps[k].classes)
+    xs = np.asarray(mem.x[blk]).reshape(8, -1)
+    assert len({row.tobytes() for row in xs}) == 8
+    pool = {row.tobytes() for row in exps[k].train_x.reshape(
+        len(exps[k].train_y), -1)}
+    assert all(row.tobytes() in pool for row in xs)
+  assert not np.any(np.asarray(mem.valid[16:]))
+
+  state = s.before_experience(ctx, state, exps[2])
+  batch = batch_of(exps[2])
+  g = grads_of(ctx, state, batch)
+  new = jax.jit(s.update_grads, static_argnums=0)(
+      ctx, state.strategy, g, state.params, batch, jax.random.PRNGKey(0))
+  # Independent memory gradients, one experience at a time.
+  gnew = flat(new)
+  dots_before = []
+  for k in range(2):
+    blk = slice(8 * k, 8 * k + 8)
+    gk = jax.grad(memory_loss, argnums=1)(
+        ctx, state.params, state.model_state, mem.x[blk], mem.y[blk],
+        mem.task[blk], jnp.ones((8,)))
+    gk = flat(gk)
+    dots_before.append(gk @ flat(g))
+    assert gk @ gnew >= -1e-5 * np.linalg.norm(gk) * np.linalg.norm(gnew)
+  # The new classes' gradient conflicts with the old memories here, so the
+  # projection did change it.
+  assert min(dots_before) < 0
+  assert not np.allclose(gnew, flat(g))
+
+
+def test_gem_bad_memory_sizes_raise(stream):
+  with pytest.raises(ValueError, match="memory per experience is 0"):
+    gem()
+  with pytest.raises(ValueError, match="not both"):
+    gem(mem_size=10, mem_per_experience=2)
+  with pytest.raises(ValueError, match="margin"):
+    gem(mem_size=10, margin=-1.0)
+  s = gem(mem_size=2)  # 3 experiences: 0 per experience
+  with pytest.raises(ValueError, match="memory per experience of 0"):
+    train.init_state(make_ctx(stream), s, 0)
+
+
+# ---------------------------------------------------------------------------
+# A-GEM.
+
+
+def test_agem_projection_equals_closed_form():
+  rng = np.random.default_rng(0)
+  g = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
+  ref = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
+  gf, rf = flat(g), flat(ref)
+  if gf @ rf > 0:  # make them conflict
+    ref = jax.tree.map(lambda a: -a, ref)
+    rf = -rf
+  out = flat(agem_project(jax.tree.map(jnp.asarray, g),
+                          jax.tree.map(jnp.asarray, ref)))
+  want = gf - (gf @ rf) / (rf @ rf) * rf
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  assert abs(out @ rf) < 1e-4
+  # No conflict: unchanged.
+  same = flat(agem_project(jax.tree.map(jnp.asarray, g),
+                           jax.tree.map(lambda a: jnp.asarray(a) * 0 + 1e-3 *
+                                        jnp.sign(jnp.asarray(a)), g)))
+  np.testing.assert_allclose(same, gf, rtol=1e-6)
+
+
+def test_agem_update_uses_a_sample_of_past_memory(stream):
+  ctx = make_ctx(stream)
+  s = agem(mem_per_experience=8, sample_size=12)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  state = run_hooks(ctx, s, state, exps[:2])
+  state = s.before_experience(ctx, state, exps[2])
+  batch = batch_of(exps[2])
+  g = grads_of(ctx, state, batch)
+  key = jax.random.PRNGKey(7)
+  new = s.update_grads(ctx, state.strategy, g, state.params, batch, key)
+  mem = state.strategy.memory
+  idx, ok = buffers.sample(mem, key, 12)
+  assert np.all(np.asarray(ok))
+  g_ref = jax.grad(memory_loss, argnums=1)(
+      ctx, state.params, state.model_state, mem.x[idx], mem.y[idx],
+      mem.task[idx], jnp.ones((12,)))
+  gf, rf = flat(g), flat(g_ref)
+  want = gf - min(gf @ rf, 0.0) / (rf @ rf) * rf
+  np.testing.assert_allclose(flat(new), want, rtol=1e-4, atol=1e-6)
+  assert flat(new) @ rf >= -1e-5 * np.linalg.norm(rf) ** 2
+
+
+def test_agem_bad_arguments_raise(stream):
+  with pytest.raises(ValueError, match="memory per experience is 0"):
+    agem(mem_size=0)
+  with pytest.raises(ValueError, match="sample_size"):
+    agem(mem_size=10, sample_size=-1)
+  with pytest.raises(ValueError, match="larger than the memory"):
+    train.init_state(make_ctx(stream), agem(mem_size=30, sample_size=31), 0)
+
+
+# ---------------------------------------------------------------------------
+# iCaRL.
+
+
+def ref_herding(feats, m):
+  """The paper's Algorithm 4 in NumPy (float64), no repeats."""
+  mu = feats.mean(0)
+  chosen, total = [], np.zeros_like(mu)
+  for k in range(1, min(m, len(feats)) + 1):
+    d = np.linalg.norm(mu - (total + feats) / k, axis=1)
+    d[chosen] = np.inf
+    i = int(np.argmin(d))
+    chosen.append(i)
+    total += feats[i]
+  return chosen
+
+
+def test_herding_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(40, 6)) + np.where(np.arange(40) < 25, 1.0, -1.0)[:,
+                                                                          None]
+  f /= np.linalg.norm(f, axis=1, keepdims=True)
+  member = np.arange(40) % 3 != 0
+  rank = np.asarray(jax.jit(herding)(jnp.asarray(f, jnp.float32),
+                                     jnp.asarray(member), jnp.asarray(9)))
+  rows = np.flatnonzero(member)
+  want = rows[ref_herding(f[rows], 9)]
+  got = np.argsort(rank)[:9]
+  np.testing.assert_array_equal(got, want)
+  assert np.sum(rank < 9) == 9 and np.all(rank[~member] > 9)
+
+
+def normed(a):
+  a = np.asarray(a, np.float64).reshape(len(a), -1)
+  return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_icarl_exemplars_are_herded_and_reduced(stream):
+  ctx = make_ctx(stream)
+  s = icarl(mem_size=20)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+
+  def feats_of(x):
+    return normed(ctx.apply(state.params, state.model_state, jnp.asarray(x),
+                            jnp.zeros((len(x),), jnp.int32),
+                            features=True)[0])
+
+  state = run_hooks(ctx, s, state, exps[:1])
+  ss = state.strategy
+  mem_x = np.asarray(ss.memory.x).reshape(20, -1)
+  first_order = {}
+  for c in exps[0].classes:  # 2 classes seen: 10 exemplars each
+    xs = exps[0].train_x[exps[0].train_y == c]
+    order = ref_herding(feats_of(xs), 10)
+    first_order[c] = [xs[i].tobytes() for i in order]
+    sel = np.flatnonzero(np.asarray(ss.memory.valid) &
+                         (np.asarray(ss.memory.y) == c))
+    by_rank = sel[np.argsort(np.asarray(ss.rank)[sel])]
+    assert [mem_x[i].reshape(xs.shape[1:]).tobytes() for i in by_rank] == \
+        first_order[c]
+  # After experience 1 (4 classes): the old classes keep their first 5.
+  state = run_hooks(ctx, s, state, exps[1:2])
+  ss = state.strategy
+  np.testing.assert_array_equal(
+      buffers.counts(ss.memory, 10)[:4], [5, 5, 5, 5])
+  for c in exps[0].classes:
+    sel = np.flatnonzero(np.asarray(ss.memory.valid) &
+                         (np.asarray(ss.memory.y) == c))
+    kept = {np.asarray(ss.memory.x[i]).tobytes() for i in sel}
+    assert kept == set(first_order[c][:5])
+  # NME: class means of normalised exemplar features, renormalised.
+  x = exps[1].test_x[:20]
+  f = feats_of(x)
+  means = []
+  for c in range(4):
+    sel = np.asarray(ss.memory.valid) & (np.asarray(ss.memory.y) == c)
+    mu = feats_of(np.asarray(ss.memory.x)[sel]).mean(0)
+    means.append(mu / np.linalg.norm(mu))
+  d = ((f[:, None, :] - np.stack(means)[None]) ** 2).sum(-1)
+  logits = np.asarray(s.predict(ctx, ss, state.params, state.model_state,
+                                jnp.asarray(x), jnp.zeros((20,), jnp.int32)))
+  np.testing.assert_allclose(logits[:, :4], -d, rtol=1e-4, atol=1e-5)
+  assert np.all(logits[:, 4:] < -1e8)
+
+
+def test_icarl_loss_is_sigmoid_bce_with_teacher_targets():
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(4, 5))
+  zt = rng.normal(size=(4, 5))
+  y = np.array([2, 3, 2, 0])
+  old = np.array([True, True, False, False, False])
+  active = np.array([True, True, True, True, False])
+  mask = np.array([1.0, 1.0, 1.0, 0.0])
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  t = np.eye(5)[y]
+  t[:, old] = sig(zt[:, old])
+  p = sig(z)
+  bce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  want = (bce[:, active].mean(1) * mask).sum() / mask.sum()
+  got = icarl_loss(jnp.asarray(z), jnp.asarray(zt), jnp.asarray(y),
+                   jnp.asarray(mask), jnp.asarray(old), jnp.asarray(active))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_icarl_bad_arguments_raise(stream):
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match="unknown layer 'nope'.*valid"):
+    train.init_state(ctx, icarl(mem_size=20, layer="nope"), 0)
+  with pytest.raises(ValueError, match="0 exemplars per class"):
+    train.init_state(ctx, icarl(mem_size=5), 0)
+  with pytest.raises(ValueError, match="mem_size"):
+    icarl(mem_size=0)
+  # A named inner layer works (features of the first Dense layer).
+  train.init_state(ctx, icarl(mem_size=20, layer="backbone/Dense_0"), 0)
+
+
+# ---------------------------------------------------------------------------
+# Chained end to end: every strategy with another, no recompilation.
+
+
+def config(spec, **kwargs):
+  c = experiment.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.train.batch_size = B
+  c.train.eval_batch_size = 100
+  c.optimizer.learning_rate = 0.05
+  c.report.progress = False
+  c.strategy.name = spec
+  for name, kw in kwargs.items():
+    c.strategy[name] = kw
+  return c
+
+
+def test_chained_gem_agem_icarl_compile_once(stream):
+  sc = dataclasses.replace(stream, experiences=stream.experiences[:2])
+  cfg = config("replay+gem+agem+icarl", replay=dict(mem_size=40),
+               gem=dict(mem_size=40), agem=dict(mem_size=40),
+               icarl=dict(mem_size=40))
+  result = experiment.run(cfg, scenario=sc)
+  assert result.learner.chunk_fn._cache_size() == 1
+  acc = result.accuracy
+  assert np.all(np.isfinite(acc))
+  assert acc[1, 0] > 0.5 and acc[1, 1] > 0.5, acc
+  rep, g, a, ic = result.state.strategy
+  # GEM/A-GEM: blocks of 40 // 5 = 8 per experience, two filled.
+  for sub in (g, a):
+    np.testing.assert_array_equal(
+        buffers.counts(sub.memory, 5, by="experience")[:2], [20, 20])
+    assert int(buffers.size(sub.memory)) == 40
+  # iCaRL: 40 // 4 = 10 exemplars for each of the 4 classes seen.
+  np.testing.assert_array_equal(buffers.counts(ic.memory, 10)[:4], [10] * 4)
