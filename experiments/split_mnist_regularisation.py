@@ -40,9 +40,10 @@ from jaxcl.experiment import default_config
 # Per-method defaults for this protocol, picked by the sweeps recorded in
 # docs/notes_regularisation.md (task-incremental, seed 0).
 STRATEGIES = {
-    "ewc": dict(lam=1e4, fisher="exact", max_examples=1000),
-    "online_ewc": dict(lam=1e4, gamma=1.0, fisher="exact", max_examples=1000),
-    "si": dict(c=1.0, xi=0.1),
+    "ewc": dict(lam=1e3, fisher="exact", max_examples=1000),
+    "online_ewc": dict(lam=1e3, gamma=1.0, fisher="exact",
+                       max_examples=1000),
+    "si": dict(c=10.0, xi=0.1),
     "mas": dict(lam=1.0, max_examples=1000),
     "lwf": dict(alpha=1.0, temperature=2.0),
     "hypernetwork": dict(beta=0.01),

@@ -396,7 +396,7 @@ def test_bad_hyperparameters_raise(factory, kwargs, needle):
     ("mas+si", {"mas": dict(lam=0.1, max_examples=16)}, "class"),
 ])
 def test_chained_in_loop_without_recompiling(spec, kwargs, kind):
-  sc = _toy_scenario(kind, n_exp=3)
+  sc = _toy_scenario(kind, n_exp=2)
   c = experiment.default_config()
   c.model.widths = (8,)
   c.train.epochs = 1
@@ -439,3 +439,52 @@ def test_ewc_penalty_holds_parameters_in_loop():
 
   free, held = moved(0.0), moved(100.0)
   assert held < 0.1 * free
+
+
+# --------------------------------------------------------------------------
+# The experiment configs build for every strategy; a shrunk one runs.
+
+
+def _load_config(name):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _data_dir():
+  import os
+  root = os.path.join(os.path.dirname(__file__), "..")
+  return os.environ.get("JAXCL_DATA_DIR",
+                        os.path.join(root, "..", "shared", "data"))
+
+
+@pytest.mark.parametrize("file", ["split_mnist_regularisation.py",
+                                  "permuted_mnist_regularisation.py"])
+def test_experiment_configs_build_every_strategy(file):
+  mod = _load_config(file)
+  for name in mod.STRATEGIES:
+    c = mod.get_config(f"strategy={name},quick,strength=0.5")
+    assert c.strategy.name == name
+    assert c.strategy[name][mod.STRENGTH[name]] == 0.5
+    # The factory accepts every configured hyperparameter.
+    from jaxcl import strategies
+    strategies.get(name, **dict(c.strategy[name]))
+  with pytest.raises(ValueError, match="unknown strategy"):
+    mod.get_config("strategy=ewc2")
+
+
+@pytest.mark.slow
+def test_split_mnist_quick_config_runs_lwf():
+  mod = _load_config("split_mnist_regularisation.py")
+  c = mod.get_config("strategy=lwf,kind=task,quick")
+  c.dataset.data_dir = _data_dir()
+  c.report.progress = False
+  res = experiment.run(c)
+  assert res.accuracy.shape == (5, 5)
+  assert res.learner.chunk_fn._cache_size() == 1
+  # Task-incremental 2-way tasks: far above chance even after 1 short epoch.
+  assert res.metrics["acc"] > 0.8

@@ -209,7 +209,13 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
 
         def over_classes(acc, c):
           labels = jnp.full(task.shape, c, jnp.int32)
-          t = weighted_sq_sum(x, task, labels, probs[:, c])
+          # Classes outside every example's task (masked logits) have
+          # probability exactly 0: skipping them changes nothing and saves
+          # most of the cost in task-incremental streams.
+          t = jax.lax.cond(
+              jnp.any(probs[:, c] > 0),
+              lambda: weighted_sq_sum(x, task, labels, probs[:, c]),
+              lambda: zeros_like_tree(params))
           return jax.tree.map(jnp.add, acc, t), None
 
         tree, _ = jax.lax.scan(over_classes, zeros_like_tree(params),

@@ -24,7 +24,9 @@ parameters reached at its end, with ``train=False``.
   **The Fisher convention sets the scale of λ.** ``fisher='exact'`` (the
   default) takes the expectation of the squared per-example gradient of
   ``log p(y|x)`` over the model's own predictive distribution: the true
-  Fisher, costing one backward pass per class. ``'sampled'`` draws one label
+  Fisher, costing one backward pass per class (classes of probability 0,
+  e.g. outside the example's task in task-incremental streams, are
+  skipped). ``'sampled'`` draws one label
   per example from that distribution (same expectation, more noise, one
   pass); ``'empirical'`` uses the true labels, which for a well-fit model
   gives a much smaller Fisher on confidently correct examples, so the best λ

@@ -1,0 +1,108 @@
+"""Permuted MNIST with regularisation strategies: EWC, online EWC, SI, MAS,
+LwF (domain-incremental) and the hypernetwork (task-incremental).
+
+Protocol (Hsu et al. 2018 / van de Ven & Tolias 2019, the usual anchors):
+10 experiences, each MNIST under its own fixed random pixel permutation
+(seeded, every experience permuted), the same 10 classes throughout, no
+task id at test time (domain-incremental); MLP 784-1000-1000-10, Adam lr
+1e-4, batch 128, 10 epochs per experience, optimiser reset per experience.
+The hypernetwork runs the task-incremental variant (task id given; von
+Oswald et al. 2020 report ≈ 0.97–0.98 there) with the same target MLP.
+
+  jaxcl run --config experiments/permuted_mnist_regularisation.py:strategy=ewc
+  jaxcl run --config experiments/permuted_mnist_regularisation.py:strategy=online_ewc,epochs=2
+  jaxcl run --config experiments/permuted_mnist_regularisation.py:strategy=hypernetwork
+
+Arguments: ``strategy`` (ewc | online_ewc | si | mas | lwf |
+hypernetwork), ``kind`` (domain | task; the hypernetwork defaults to task),
+``seed``, ``strength`` (> 0 overrides the method's coefficient),
+``epochs`` (the published protocol has 10; the measurements in
+docs/notes_regularisation.md say which they used), ``quick`` (2000 / 1000
+examples, 3 experiences, 1 epoch, for tests).
+
+Expected (anchors of the issue, full protocol): EWC ≥ 0.94, online EWC ≥
+0.95, SI ≥ 0.95 (the PyTorch reference suite reaches 0.83 for EWC and SI),
+hypernetwork (task-IL) ≥ 0.97. A full 10-epoch run is ~47k steps of a 1.8M
+parameter MLP: roughly 10–25 minutes on a 2-core CPU; see the notes for
+what was actually measured here.
+
+References:
+  Hsu et al., `Re-evaluating continual learning scenarios
+  <https://arxiv.org/abs/1810.12488>`_, 2018.
+  van de Ven & Tolias, `Three scenarios for continual learning
+  <https://arxiv.org/abs/1904.07734>`_, 2019.
+  von Oswald et al., `Continual learning with hypernetworks
+  <https://arxiv.org/abs/1906.00695>`_, ICLR 2020.
+"""
+
+from jaxcl.configs import parse_arg
+from jaxcl.experiment import default_config
+
+# Per-method defaults for this protocol. The Fisher is 'sampled' here: with
+# 10 classes in every experience the exact Fisher costs 10 backward passes
+# per example on a 1.8M-parameter model (see docs/notes_regularisation.md).
+STRATEGIES = {
+    "ewc": dict(lam=1e3, fisher="sampled", max_examples=1000),
+    "online_ewc": dict(lam=1e3, gamma=1.0, fisher="sampled",
+                       max_examples=1000),
+    "si": dict(c=1.0, xi=0.1),
+    "mas": dict(lam=1.0, max_examples=1000),
+    "lwf": dict(alpha=1.0, temperature=2.0),
+    "hypernetwork": dict(beta=0.01),
+}
+STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
+            "lwf": "alpha", "hypernetwork": "beta"}
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
+                epochs=10, quick=False)
+  name = a["strategy"]
+  if name not in STRATEGIES:
+    raise ValueError(f"unknown strategy {name!r}; valid: "
+                     f"{sorted(STRATEGIES)}")
+  kind = a["kind"] or ("task" if name == "hypernetwork" else "domain")
+  c = default_config()
+  c.name = f"permuted_mnist_{kind}_{name}"
+  c.seed = a["seed"]
+  c.dataset.name = "mnist"
+  c.scenario.type = "permuted"
+  c.scenario.kind = kind
+  c.scenario.n_experiences = 10
+  c.scenario.seed = 0
+  c.model.name = "mlp"
+  c.model.widths = (1000, 1000)
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-4
+  c.train.epochs = a["epochs"]
+  c.train.batch_size = 128
+  c.train.eval_batch_size = 1000
+  c.train.reset_optimizer = True
+  kwargs = dict(STRATEGIES[name])
+  if a["strength"] > 0:
+    kwargs[STRENGTH[name]] = a["strength"]
+  c.strategy.name = name
+  c.strategy[name] = kwargs
+  if name == "hypernetwork":
+    c.model.name = "hypernet"
+    c.model.hypernet = dict(input_dim=784, target_widths=(1000, 1000),
+                            num_embeddings=10, embedding_dim=24,
+                            chunk_size=8000, chunk_embedding_dim=24,
+                            hidden=(100,))
+    c.optimizer.learning_rate = 1e-3
+  if a["quick"]:
+    c.dataset.train_subset = 2000
+    c.dataset.test_subset = 1000
+    c.scenario.n_experiences = 3
+    c.train.epochs = 1
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 250
+    c.model.widths = (50, 50)
+    if "max_examples" in c.strategy[name]:
+      c.strategy[name].max_examples = 64
+    if name == "hypernetwork":
+      c.model.hypernet.target_widths = (50,)
+      c.model.hypernet.num_embeddings = 3
+      c.model.hypernet.chunk_size = 1000
+      c.model.hypernet.hidden = (20,)
+  return c
