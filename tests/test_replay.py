@@ -157,8 +157,10 @@ def test_replay_masks_empty_memory_then_replays_stored_examples(stream):
 
 
 def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
+  # Online, batch size 1 (one incoming + one replayed example per step).
   cfg = config("replay", replay=dict(mem_size=40))
   cfg.scenario.online = True
+  cfg.train.batch_size = 1
   result, _ = run_capture(monkeypatch, cfg, scenarios.online(stream))
   mem = result.state.strategy.memory
   total = sum(e.num_train for e in stream.experiences)
@@ -166,6 +168,7 @@ def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
   assert int(buffers.size(mem)) == 40
   assert set(np.asarray(mem.experience)) == {0, 1}
   assert set(np.asarray(mem.y)) <= {0, 1, 2, 3}
+  assert result.accuracy[1, 0] > 0.3   # experience 0 not forgotten
 
 
 def test_replay_experience_policy_quota(monkeypatch, full_stream):
