@@ -470,3 +470,53 @@ def test_dgr_bad_inputs():
     generative_replay(temperature=0.0)
   with pytest.raises(ValueError, match="current_weight must be in"):
     generative_replay(current_weight=1.5)
+
+
+# ---------------------------------------------------------------------------
+# Experiment configs.
+
+
+def _load_config(name):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                      "experiments", name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", [
+    "strategy=replay", "strategy=mir", "strategy=gdumb",
+    "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
+    "strategy=generative_replay,distill"])
+def test_split_mnist_configs_build(data_dir, arg):
+  c = _load_config("split_mnist_replay.py")(arg + ",quick")
+  c.dataset.data_dir = data_dir
+  s = experiment.setup(c)
+  state = train.init_state(s.learner.ctx, s.learner.strategy, 0)
+  assert state.strategy is not None
+  assert s.scenario.online == (c.strategy.name != "gdumb" and
+                               c.strategy.name != "generative_replay")
+
+
+def test_split_mnist_replay_quick_end_to_end(data_dir):
+  c = _load_config("split_mnist_replay.py")("mem_size=200,quick")
+  c.dataset.data_dir = data_dir
+  r = experiment.run(c)
+  assert r.accuracy.shape == (5, 5)
+  assert r.metrics["acc"] > 0.4    # naive ends near 0.2 (last classes only)
+  assert r.learner.chunk_fn._cache_size() == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["permuted_mnist_replay.py",
+                                  "rotated_mnist_replay.py"])
+def test_domain_configs_build(data_dir, name):
+  c = _load_config(name)("mem_size=200,quick")
+  c.dataset.data_dir = data_dir
+  s = experiment.setup(c)
+  assert s.scenario.kind == "domain" and len(s.scenario.experiences) == 3
+  assert c.strategy.replay["batch_size"] == c.train.batch_size
