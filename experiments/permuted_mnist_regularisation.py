@@ -48,7 +48,7 @@ STRATEGIES = {
     "si": dict(c=1.0, xi=0.1),
     "mas": dict(lam=1.0, max_examples=1000),
     "lwf": dict(alpha=1.0, temperature=2.0),
-    "hypernetwork": dict(beta=0.01),
+    "hypernetwork": dict(beta=0.01, reg_samples=1),
 }
 STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
             "lwf": "alpha", "hypernetwork": "beta"}

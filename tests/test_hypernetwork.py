@@ -105,6 +105,19 @@ def test_regulariser_by_hand_and_zero_after_consolidation():
   got = float(jax.jit(lambda ss, p: s.loss(ctx, ss, p, batch, None))(
       state.strategy, moved))
   np.testing.assert_allclose(got, want, rtol=1e-4)
+  # The sampled regulariser: exact with one learned slot, unbiased with
+  # two (k draws average to the full mean).
+  one = state.strategy._replace(filled=jnp.array([True, False, False]))
+  sampled = hypernetwork(beta=beta, reg_samples=3)
+  got1 = float(sampled.loss(ctx, one, moved, batch, None))
+  np.testing.assert_allclose(got1, beta * ((gen[0] - tgt[0]) ** 2).sum(),
+                             rtol=1e-4)
+  many = hypernetwork(beta=beta, reg_samples=4000)
+  est = float(jax.jit(lambda ss, p: many.loss(ctx, ss, p, batch, None))(
+      state.strategy, moved))
+  np.testing.assert_allclose(est, want, rtol=0.05)
+  s0 = sampled.after_step(ctx, state.strategy, None)
+  assert int(s0.count) == int(state.strategy.count) + 1
 
 
 def _train(config, sc):
@@ -205,6 +218,8 @@ def test_chains_with_si_class_incremental_without_recompiling():
 def test_bad_settings_raise():
   with pytest.raises(ValueError, match="beta"):
     hypernetwork(beta=-1.0)
+  with pytest.raises(ValueError, match="reg_samples"):
+    hypernetwork(reg_samples=-1)
   sc = _toy("task")
   ctx = make_context(models.build("mlp", C, widths=(8,)),
                      make_optimizer("sgd", 0.1), stream_info(sc, 16))

@@ -66,6 +66,8 @@ class HypernetworkState(NamedTuple):
   targets: jax.Array  # float32 (num_embeddings, P): f_h(e_t, Θ_h*) per slot
   filled: jax.Array   # bool (num_embeddings,): slot t's task was learned
   current: jax.Array  # int32 scalar: embedding of the current experience
+  count: jax.Array    # int32 scalar: steps taken (keys for reg_samples)
+  key: jax.Array      # uint32[2]: base key of the regulariser's sampling
 
 
 def _check_model(ctx) -> HyperNetwork:
@@ -90,11 +92,16 @@ def generated_weights(ctx, params, ids: jax.Array) -> jax.Array:
                          method=HyperNetwork.generate)
 
 
-def hypernetwork(beta: float = 0.01) -> Strategy:
+def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
   """Hypernetwork output regulariser, frozen old embeddings, task inference.
 
   Args:
     beta: regulariser strength ``β`` (>= 0).
+    reg_samples: 0 regularises every learned embedding at every step; ``k >
+      0`` draws ``k`` learned embeddings per step (with replacement) and
+      averages over them, an unbiased estimate of the same mean at ``k``
+      hypernetwork passes per step instead of ``num_embeddings`` (the
+      paper's stochastic regulariser for long streams).
 
   Raises:
     ValueError: negative ``beta``; at ``init``, a model that is not the
@@ -104,14 +111,18 @@ def hypernetwork(beta: float = 0.01) -> Strategy:
           and beta >= 0):
     raise ValueError(f"hypernetwork: beta must be a finite number >= 0, "
                      f"got {beta!r}")
+  if not isinstance(reg_samples, int) or reg_samples < 0:
+    raise ValueError(f"hypernetwork: reg_samples must be an int >= 0 (0: "
+                     f"all learned embeddings), got {reg_samples!r}")
 
   def init(ctx, key, params):
-    del key, params
+    del params
     model = _check_model(ctx)
     n = model.num_embeddings
     return HypernetworkState(
         jnp.zeros((n, model.num_target_params), jnp.float32),
-        jnp.zeros((n,), bool), jnp.zeros((), jnp.int32))
+        jnp.zeros((n,), bool), jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32), key)
 
   def embedding_of(ctx, experience) -> int:
     return experience.task_id if ctx.info.kind == "task" else experience.index
@@ -135,10 +146,22 @@ def hypernetwork(beta: float = 0.01) -> Strategy:
     # regulariser from pulling on them even before the gradient mask.
     p = {**params, "task_embeddings": jax.lax.stop_gradient(
         params["task_embeddings"])}
-    gen = generated_weights(ctx, p, jnp.arange(n))
-    sq = jnp.sum(jnp.square(gen - sstate.targets), axis=-1)  # (n,)
     w = sstate.filled.astype(jnp.float32)
-    return beta * jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1.0)
+    if reg_samples == 0:
+      gen = generated_weights(ctx, p, jnp.arange(n))
+      sq = jnp.sum(jnp.square(gen - sstate.targets), axis=-1)  # (n,)
+      return beta * jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1.0)
+    # k learned slots drawn uniformly: E[mean of sampled] = mean over slots.
+    key = jax.random.fold_in(sstate.key, sstate.count)
+    ids = jax.random.choice(key, n, (reg_samples,),
+                            p=w / jnp.maximum(jnp.sum(w), 1.0))
+    gen = generated_weights(ctx, p, ids)
+    sq = jnp.sum(jnp.square(gen - sstate.targets[ids]), axis=-1)
+    return beta * jnp.where(jnp.any(sstate.filled), jnp.mean(sq), 0.0)
+
+  def after_step(ctx, sstate, info):
+    del ctx, info
+    return sstate._replace(count=sstate.count + 1)
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
@@ -179,6 +202,6 @@ def hypernetwork(beta: float = 0.01) -> Strategy:
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
-                  update_grads=update_grads,
+                  update_grads=update_grads, after_step=after_step,
                   after_experience=after_experience, predict=predict,
                   name="hypernetwork")
