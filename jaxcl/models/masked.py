@@ -340,6 +340,23 @@ def mask_leaves(tree: Any, masks: Any) -> Any:
       tree, masks, is_leaf=lambda v: v is None)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _max_zero_grad_update(tx, params):
+  # One compiled program (op-by-op dispatch of an optimiser update is slow).
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  return [jnp.max(jnp.abs(u)) for u in jax.tree.leaves(updates)]
+
+
+def _zero_grad_update_size(tx, params) -> list[float]:
+  try:
+    return [float(m) for m in _max_zero_grad_update(tx, params)]
+  except TypeError:  # an unhashable optimiser: run it op by op
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    return [float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)]
+
+
 def check_zero_grad_is_zero_update(tx, params: Any, method: str) -> None:
   """Raises if the optimiser moves a parameter whose gradient is zero.
 
@@ -353,9 +370,7 @@ def check_zero_grad_is_zero_update(tx, params: Any, method: str) -> None:
   leaves = jax.tree.leaves(params)
   if any(isinstance(a, jax.core.Tracer) for a in leaves):
     return
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)
-  moved = [float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)]
+  moved = _zero_grad_update_size(tx, params)
   if any(m != 0.0 for m in moved):
     raise ValueError(
         f"{method} freezes parameters by zeroing their gradients, but the "
@@ -382,3 +397,23 @@ def binary_masks(scores: jax.Array, mask: str, threshold: float,
   if mask == "threshold":
     return scores > threshold
   return jax.vmap(lambda s: topk_mask(s, density))(scores) > 0.5
+
+
+def head_task_grads(grads: Any, task: jax.Array, num_tasks: int) -> Any:
+  """Zeros the gradient of every head but ``task``'s in a multi-head
+  ``grads['head']`` (``kernel`` (D, num_tasks * C), ``bias``), so that other
+  members of a chain (e.g. LwF's distillation through old heads) cannot move
+  the heads of other tasks."""
+  if not isinstance(grads, dict) or "head" not in grads or num_tasks <= 1:
+    return grads
+  head = dict(grads["head"])
+  for k in ("kernel", "bias"):
+    if k not in head:
+      continue
+    g = head[k]
+    c = g.shape[-1] // num_tasks
+    keep = (jnp.arange(g.shape[-1]) // c) == task
+    head[k] = jnp.where(keep, g, jnp.zeros_like(g))
+  out = dict(grads)
+  out["head"] = head
+  return out

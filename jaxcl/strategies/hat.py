@@ -14,8 +14,8 @@ method:
   .. math::  g_{l,ij} \\leftarrow g_{l,ij}\\,
              \\big(1 - \\min(a_{l,i}^{<t}, a_{l-1,j}^{<t})\\big)
 
-  (the first layer uses :math:`a_{l,i}^{<t}` alone, biases too; the task
-  heads are not conditioned). A unit with :math:`a^{<t} = 1` (``s_max``
+  (the first layer uses :math:`a_{l,i}^{<t}` alone, biases too; of the
+  task heads only the current task's trains). A unit with :math:`a^{<t} = 1` (``s_max``
   saturates ``sigma`` to exactly 1.0 in float32 for :math:`s e > 17`) is
   frozen exactly;
 * **attention regulariser** (eq. 6), added to the loss with weight ``c``:
@@ -55,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.models.hat_mlp import anneal
-from jaxcl.models.masked import check_zero_grad_is_zero_update, hat_gate
+from jaxcl.models.masked import (check_zero_grad_is_zero_update, hat_gate,
+                                 head_task_grads)
 from jaxcl.strategy import Strategy
 
 
@@ -116,12 +117,14 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0) -> Strategy:
     ss = state.strategy
     if not 0 <= t < ss.seen.shape[0]:
       raise ValueError(f"task id {t} outside [0, {ss.seen.shape[0]})")
-    steps = jnp.asarray(-(-experience.num_train // ctx.info.batch_size),
-                        jnp.int32)
-    zero = jnp.zeros((), jnp.int32)
+    steps = -(-experience.num_train // ctx.info.batch_size)
+    # Separate buffers for the model's and the strategy's copies: the
+    # training state is donated, and one buffer may not be donated twice.
     model_state = dict(state.model_state)
-    model_state["hat"] = {"count": zero, "steps": steps}
-    ss = ss._replace(count=zero, steps=steps,
+    model_state["hat"] = {"count": jnp.zeros((), jnp.int32),
+                          "steps": jnp.asarray(steps, jnp.int32)}
+    ss = ss._replace(count=jnp.zeros((), jnp.int32),
+                     steps=jnp.asarray(steps, jnp.int32),
                      task=jnp.asarray(t, jnp.int32))
     return state.replace(model_state=model_state, strategy=ss)
 
@@ -157,7 +160,8 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0) -> Strategy:
       num = jnp.cosh(jnp.clip(s * e, -thres_cosh, thres_cosh)) + 1.0
       den = jnp.cosh(e) + 1.0
       grads[f"embedding_{l}"] = grads[f"embedding_{l}"] * (s_max / s) * num / den
-    return grads
+    # Other tasks' heads stay put whatever a chained strategy adds.
+    return head_task_grads(grads, sstate.task, ctx.model.num_tasks)
 
   def after_step(ctx, sstate, info):
     del ctx, info

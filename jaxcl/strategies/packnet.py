@@ -17,9 +17,11 @@ of tasks ``<= t`` only:
 
 .. math::  \\theta^{(t)} = \\theta \\odot \\mathbb{1}[\\mathrm{owner} \\le t]
 
-Heads are left alone: use per-task heads (``model.multi_head=True``) or a
-task-incremental split with masked logits, whose class columns only ever get
-gradients from their own task.
+Heads (``params['head']``) are not pruned: the head entries an experience
+moved (its task's head, or its classes' columns in a task-incremental split
+with masked logits) become its task's after it and are frozen from then on,
+so other chained strategies (e.g. LwF distilling through old heads) cannot
+move them either.
 
 ``prune='equal'`` gives every task the same share: task ``t`` of ``N``
 prunes ``1 - 1 / (N - t)`` of the free weights (the last keeps all).
@@ -55,6 +57,12 @@ class PackNetState(NamedTuple):
   owner: Any         # int32 pytree like params: owning task or FREE
   task: jax.Array    # int32 scalar: the task being trained
   seen: jax.Array    # bool (num_tasks,): tasks that own weights
+  head_ref: Any      # params['head'] at the start of the experience (or ())
+
+
+def _head_of(params):
+  return params["head"] if isinstance(params, dict) and "head" in params \
+      else ()
 
 
 def _is_head(path) -> bool:
@@ -66,7 +74,8 @@ def _prunable(path, leaf) -> bool:
 
 
 def _frozen_kind(path, leaf) -> bool:
-  """Leaves PackNet manages (all backbone leaves; the head is left alone)."""
+  """Leaves whose inference use is restricted to tasks <= t (the backbone;
+  heads are selected by task already)."""
   del leaf
   return not _is_head(path)
 
@@ -123,8 +132,7 @@ def _prune(params, owner, task, fraction):
 
 def _grad_mask(grads, owner, trainable_owner):
   def one(path, g, o):
-    if not _frozen_kind(path, g):
-      return g
+    del path
     return jnp.where(o == trainable_owner, g, jnp.zeros_like(g))
 
   return jax.tree_util.tree_map_with_path(one, grads, owner)
@@ -167,7 +175,8 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
                        "dims outside 'head') in the model's params")
     owner = jax.tree.map(lambda a: jnp.full(a.shape, FREE, jnp.int32), params)
     return PackNetState(owner, jnp.zeros((), jnp.int32),
-                        jnp.zeros((ctx.info.num_tasks,), bool))
+                        jnp.zeros((ctx.info.num_tasks,), bool),
+                        jax.tree.map(jnp.array, _head_of(params)))
 
   def before_experience(ctx, state, experience):
     t = int(experience.task_id)
@@ -178,7 +187,8 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
       raise ValueError(f"packnet: task {t} already owns weights; PackNet "
                        "trains each task once (task-incremental streams)")
     return state.replace(strategy=state.strategy._replace(
-        task=jnp.asarray(t, jnp.int32)))
+        task=jnp.asarray(t, jnp.int32),
+        head_ref=jax.tree.map(jnp.array, _head_of(state.params))))
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
@@ -243,13 +253,19 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
     params, owner = _prune_jit(ctx, state.params, ss.owner,
                                jnp.asarray(t, jnp.int32),
                                jnp.asarray(fraction, jnp.float32))
+    if isinstance(owner, dict) and "head" in owner:
+      # The head entries this experience moved are its task's from now on.
+      owner = dict(owner)
+      owner["head"] = jax.tree.map(
+          lambda o, p, r: jnp.where((o == FREE) & (p != r), t, o),
+          owner["head"], params["head"], ss.head_ref)
     model_state = state.model_state
     bs = retrain_batch_size or ctx.info.batch_size
     for epoch in range(retrain_epochs):
       batches = jax.device_put(_batches(ctx, experience, epoch, bs))
       params, model_state = _retrain(ctx, params, model_state, owner,
                                      jnp.asarray(t, jnp.int32), batches)
-    ss = PackNetState(owner, ss.task, ss.seen.at[t].set(True))
+    ss = PackNetState(owner, ss.task, ss.seen.at[t].set(True), ss.head_ref)
     return state.replace(params=params, model_state=model_state,
                          strategy=ss)
 

@@ -13,7 +13,8 @@ thresholded to a binary mask with a straight-through estimator:
            \\frac{\\partial L}{\\partial (W \\odot M_t)} \\odot W
 
 Only the current task's scores and its head train (other tasks' score rows
-get zero gradients; the weights are model state, never trained). After the
+and heads get zero gradients, whatever other chained strategies add; the
+weights are model state, never trained). After the
 task, its binary mask is stored (bool, one entry per weight: a task costs
 one bit per weight plus its head) and used for prediction.
 
@@ -29,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -37,7 +39,8 @@ import numpy as np
 
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.masked import (binary_masks, check_zero_grad_is_zero_update,
-                                 score_leaves, task_row_grads)
+                                 head_task_grads, score_leaves,
+                                 task_row_grads)
 from jaxcl.state import masked_logits
 from jaxcl.strategy import Strategy
 
@@ -123,18 +126,26 @@ def mask_strategy(name: str, kind: str, pretrained: str,
     return state.replace(model_state=model_state, strategy=ss)
 
   def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
-    return task_row_grads(grads, sstate.task, _is_scores)
+    del params, batch, key
+    grads = task_row_grads(grads, sstate.task, _is_scores)
+    if not ctx.model.masked_head:  # one trainable head per task
+      grads = head_task_grads(grads, sstate.task, ctx.model.num_tasks)
+    return grads
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _store(ctx, masks, params, t):
+    model = ctx.model
+    masks = dict(masks)
+    for k, scores in score_leaves(params).items():
+      m = binary_masks(scores[t][None], model.mask, model.threshold,
+                       model.density)[0]
+      masks[k] = masks[k].at[t].set(m)
+    return masks
 
   def after_experience(ctx, state, experience):
     ss = state.strategy
     t = int(experience.task_id)
-    model = ctx.model
-    masks = dict(ss.masks)
-    for k, scores in score_leaves(state.params).items():
-      m = binary_masks(scores[t][None], model.mask, model.threshold,
-                       model.density)[0]
-      masks[k] = masks[k].at[t].set(m)
+    masks = _store(ctx, ss.masks, state.params, jnp.asarray(t, jnp.int32))
     return state.replace(strategy=ss._replace(masks=masks,
                                               seen=ss.seen.at[t].set(True)))
 

@@ -1,0 +1,514 @@
+"""Mechanism tests of the architectural strategies (issue 7).
+
+Multi-head, CWR*, progressive networks, Piggyback, PackNet, HAT and SupSup
+on scikit-learn's digits (no download; MNIST for SupSup's task inference):
+exact invariances (frozen columns, reserved weights, fixed backbones, binary
+masks), hand computations, clear errors and no recompilation between
+experiences. To keep the file fast, the end-to-end runs train each method
+chained with another strategy (SI, EWC or LwF), which also shows that they
+compose: the invariances must hold whatever the other member adds to the
+loss.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import datasets, experiment, pretrained, scenarios, strategies
+from jaxcl.models import masked, masked_mlp
+from jaxcl.strategies import cwr_star as cwr_lib
+from jaxcl.strategies import hat as hat_lib
+from jaxcl.strategies import multihead as mh_lib
+from jaxcl.strategies import packnet as packnet_lib
+from jaxcl.strategies import piggyback as pb_lib
+from jaxcl.strategies import progressive as pnn_lib
+from jaxcl.strategies import supsup as supsup_lib
+from jaxcl.train import device_experience, init_state
+from jaxcl.train import test_arrays as stacked_tests
+
+WIDTHS = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return datasets.load("digits")
+
+
+@pytest.fixture(scope="module")
+def split_task(digits):
+  return scenarios.split(digits, 5, kind="task")
+
+
+def make_config(strategy, model="mlp", mkw=None, skw=None, *, opt="adam",
+                lr=1e-2, epochs=1, multi_head=True, wd=0.0):
+  c = experiment.default_config()
+  c.model.name = model
+  c.model.multi_head = multi_head
+  c.model.widths = WIDTHS
+  if mkw is not None:
+    c.model[model] = dict(mkw, widths=WIDTHS)
+  c.strategy.name = strategy
+  for name, kw in (skw or {}).items():
+    c.strategy[name] = kw
+  c.optimizer.name = opt
+  c.optimizer.learning_rate = lr
+  c.optimizer.weight_decay = wd
+  c.train.epochs = epochs
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 150
+  c.report.progress = False
+  return c
+
+
+def stream(config, scenario):
+  """Mirrors the experiment loop, keeping a host copy of the state after
+  every experience; returns (states, accuracy matrix, learner)."""
+  s = experiment.setup(config, scenario)
+  lr, sc = s.learner, s.scenario
+  ctx, strat = lr.ctx, lr.strategy
+  st = init_state(ctx, strat, config.seed)
+  init = jax.tree.map(lambda a: np.array(a, copy=True), st)
+  test = jax.device_put(stacked_tests(sc.eval_experiences, lr.eval_batch_size))
+  states, acc = [], []
+  for i, exp in enumerate(sc.experiences):
+    st = strat.before_experience(ctx, st, exp)
+    st = st.replace(opt_state=ctx.tx.init(st.params))
+    data = jax.device_put(device_experience(exp, ctx.info.train_size))
+    for epoch in range(lr.epochs):
+      for start in range(0, lr.epoch_steps, lr.chunk_steps):
+        st, _, _ = lr.chunk_fn(st, data, exp.num_train, i, epoch, start)
+    st = strat.after_experience(ctx, st, exp)
+    states.append(jax.tree.map(lambda a: np.array(a, copy=True), st))
+    acc.append(np.asarray(lr.eval_fn(st, test)))
+  if "+" in config.strategy.name:  # a chain: keep our member's sub-state
+    init, states = own(init), [own(x) for x in states]
+  return init, states, np.stack(acc), lr
+
+
+def own(state):
+  """The state with the first chain member's sub-state (ours)."""
+  return state.replace(strategy=state.strategy[0])
+
+
+def assert_earlier_accuracy_unchanged(acc, atol=0.0):
+  for i in range(acc.shape[0]):
+    for j in range(i + 1, acc.shape[0]):
+      assert abs(acc[j, i] - acc[i, i]) <= atol, (i, j, acc)
+
+
+# --------------------------------------------------------------------------
+# Masked layers.
+
+
+def test_threshold_mask_is_binary_with_straight_through_gradient():
+  s = jnp.array([-1.0, 0.004, 0.005, 0.006, 2.0])
+  m = masked.threshold_mask(s, 5e-3)
+  np.testing.assert_array_equal(m, [0, 0, 0, 1, 1])
+  w = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  g = jax.grad(lambda s: jnp.sum(masked.threshold_mask(s, 5e-3) * w))(s)
+  np.testing.assert_array_equal(g, w)  # identity through the threshold
+
+
+def test_topk_mask_keeps_exactly_k_largest_magnitudes():
+  s = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
+  m = np.asarray(masked.topk_mask(s, 0.3))
+  k = round(0.3 * s.size)
+  assert set(np.unique(m)) <= {0.0, 1.0} and m.sum() == k
+  a = np.abs(np.asarray(s)).ravel()
+  np.testing.assert_array_equal(m.ravel() > 0, a >= np.sort(a)[-k])
+  g = jax.grad(lambda s: jnp.sum(masked.topk_mask(s, 0.3)))(s)
+  np.testing.assert_array_equal(g, jnp.sign(s))  # straight through |s|
+
+
+def test_masked_dense_equals_hand_computation_for_mixed_tasks():
+  layer = masked.MaskedDense(features=5, num_tasks=3, mask="edge_popup",
+                             density=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+  task = jnp.array([0, 2, 1, 2, 0, 1])
+  v = layer.init(jax.random.PRNGKey(2), x, task)
+  w, b = v["frozen"]["kernel"], v["frozen"]["bias"]
+  scores = v["params"]["scores"]
+  out = layer.apply(v, x, task)
+  for i in range(6):
+    m = np.asarray(masked.topk_mask(scores[task[i]], 0.5))
+    np.testing.assert_allclose(out[i], x[i] @ (w * m) + b, rtol=1e-5,
+                               atol=1e-6)
+  same = layer.apply(v, x, jnp.full((6,), 2))
+  np.testing.assert_allclose(same[1], out[1], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# PackNet.
+
+
+@pytest.mark.parametrize("prune", [0.0, 1.0, 1.5, -0.2, "half"])
+def test_packnet_rejects_prune_fraction_outside_unit_interval(prune):
+  with pytest.raises(ValueError, match="prune"):
+    packnet_lib.packnet(prune=prune)
+
+
+def test_packnet_rejects_weight_decay(split_task):
+  c = make_config("packnet", opt="adamw", wd=1e-3)
+  s = experiment.setup(c, split_task)
+  with pytest.raises(ValueError, match="weight_decay"):
+    init_state(s.learner.ctx, s.learner.strategy, 0)
+
+
+def test_packnet_freezes_earlier_tasks_weights_exactly(split_task):
+  c = make_config("packnet+si", skw={"packnet": {"prune": 0.5}})
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  assert_earlier_accuracy_unchanged(acc)  # task-incremental: no forgetting
+  k0 = states[0].params["backbone"]["Dense_0"]["kernel"]
+  o0 = states[0].strategy.owner["backbone"]["Dense_0"]["kernel"]
+  n = k0.size
+  assert np.sum(o0 == 0) == n - int(np.floor(0.5 * n))  # half kept
+  assert np.all(k0[o0 == packnet_lib.FREE] == 0)          # pruned are 0
+  for i in range(len(states)):
+    owner = states[i].strategy.owner
+    for j in range(i + 1, len(states)):
+      for path_i, path_j, o in zip(jax.tree.leaves(states[i].params),
+                                   jax.tree.leaves(states[j].params),
+                                   jax.tree.leaves(owner)):
+        if path_i.shape != o.shape:
+          continue
+        kept = o <= i
+        np.testing.assert_array_equal(path_i[kept], path_j[kept])
+  # Task-given inference and its checks.
+  with pytest.raises(ValueError, match="outside the tasks seen"):
+    packnet_lib.checked_task_params(jax.tree.map(jnp.asarray, states[0]), 3)
+  p0 = packnet_lib.checked_task_params(jax.tree.map(jnp.asarray, states[-1]),
+                                       0)
+  np.testing.assert_array_equal(
+      np.asarray(p0["backbone"]["Dense_1"]["kernel"]) != 0,
+      (states[-1].strategy.owner["backbone"]["Dense_1"]["kernel"] == 0)
+      & (states[-1].params["backbone"]["Dense_1"]["kernel"] != 0))
+
+
+# --------------------------------------------------------------------------
+# Progressive networks.
+
+
+def test_progressive_earlier_columns_bit_identical(split_task):
+  c = make_config("progressive+si", "progressive", mkw={})
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  assert_earlier_accuracy_unchanged(acc)
+  for j, st in enumerate(states):
+    for name, leaf in st.params.items():
+      for i in range(j):  # trained earlier: frozen since
+        np.testing.assert_array_equal(leaf[i], states[i].params[name][i])
+      for k in range(j + 1, leaf.shape[0]):  # not trained yet
+        np.testing.assert_array_equal(leaf[k], init.params[name][k])
+      assert not np.array_equal(leaf[j], init.params[name][j]) or \
+          name.endswith("_U") and j == 0
+  with pytest.raises(ValueError, match="outside the tasks seen"):
+    pnn_lib.checked_column(states[1], 4)
+
+
+# --------------------------------------------------------------------------
+# HAT.
+
+
+def test_hat_regulariser_matches_hand_computation(split_task):
+  c = make_config("hat", "hat_mlp", mkw={"s_max": 50.0})
+  s = experiment.setup(c, split_task)
+  ctx, strat = s.learner.ctx, s.learner.strategy
+  st = init_state(ctx, strat, 0)
+  st = strat.before_experience(ctx, st, s.scenario.experiences[0])
+  ss = st.strategy._replace(
+      cum=tuple(jnp.linspace(0.0, 1.0, a.shape[0]) for a in st.strategy.cum),
+      count=jnp.asarray(3, jnp.int32))
+  got = strat.loss(ctx, ss, st.params, None, None)
+  steps = int(ss.steps)
+  s_val = 1 / 50 + (50 - 1 / 50) * 3 / (steps - 1)
+  num = den = 0.0
+  for l, cum in enumerate(ss.cum):
+    e = np.asarray(st.params[f"embedding_{l}"][0], np.float64)
+    a = 1 / (1 + np.exp(-s_val * e))
+    num += np.sum(a * (1 - np.asarray(cum)))
+    den += np.sum(1 - np.asarray(cum))
+  np.testing.assert_allclose(got, 0.75 * num / den, rtol=1e-5)
+
+
+def test_hat_reserved_weights_do_not_change(split_task):
+  c = make_config("hat+si", "hat_mlp", mkw={"s_max": 400.0}, lr=5e-3,
+                  epochs=2)
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  # The model's s-schedule counter and the strategy's stay in step.
+  for st in states:
+    assert int(st.model_state["hat"]["count"]) == int(st.strategy.count) > 0
+  cum = states[0].strategy.cum
+  a0, a1 = np.asarray(cum[0]), np.asarray(cum[1])
+  assert np.sum(a0 == 1.0) > 0 and np.sum(a1 == 1.0) > 0
+  k0 = [st.params["Dense_0"]["kernel"] for st in states]
+  k1 = [st.params["Dense_1"]["kernel"] for st in states]
+  b0 = [st.params["Dense_0"]["bias"] for st in states]
+  res0 = np.broadcast_to(a0[None, :] == 1.0, k0[0].shape)
+  res1 = np.minimum(a0[:, None], a1[None, :]) == 1.0
+  for j in range(1, len(states)):
+    np.testing.assert_array_equal(k0[j][res0], k0[0][res0])
+    np.testing.assert_array_equal(k1[j][res1], k1[0][res1])
+    np.testing.assert_array_equal(b0[j][a0 == 1.0], b0[0][a0 == 1.0])
+    # Weights no earlier task attends to do move.
+    assert not np.array_equal(k0[j][~res0], k0[0][~res0])
+  assert_earlier_accuracy_unchanged(acc, atol=0.03)
+  with pytest.raises(ValueError, match="outside the tasks seen"):
+    hat_lib.checked_masks(states[0], 400.0, 2)
+
+
+# --------------------------------------------------------------------------
+# Piggyback and SupSup.
+
+
+def test_piggyback_requires_a_pretrained_checkpoint(tmp_path):
+  with pytest.raises(ValueError, match="pretrained"):
+    pb_lib.piggyback()
+  with pytest.raises(ValueError, match="does not exist"):
+    pb_lib.piggyback(pretrained=str(tmp_path / "missing.npz"))
+
+
+def test_piggyback_trains_masks_over_a_fixed_pretrained_backbone(
+    split_task, digits, tmp_path):
+  # Pretrain a plain MLP on the whole digits set (one experience).
+  pre = make_config("naive", multi_head=False, lr=1e-2)
+  pre.dataset.name = "digits"
+  pre.scenario.n_experiences = 1
+  path = pretrained.pretrain(pre, str(tmp_path / "digits_mlp.npz"))
+  flat = pretrained.load(path)
+  c = make_config("piggyback+si", "masked_mlp",
+                  mkw={"mask": "threshold"},
+                  skw={"piggyback": {"pretrained": path}}, lr=1e-3)
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  assert_earlier_accuracy_unchanged(acc)
+  for st in states:
+    got = pretrained.flatten(st.model_state["frozen"])
+    assert set(got) == {f"backbone/Dense_{i}/{k}" for i in range(2)
+                        for k in ("kernel", "bias")}
+    for k, v in got.items():
+      np.testing.assert_array_equal(v, flat[k])  # backbone never changes
+  last = states[-1]
+  for t in range(5):
+    m = pb_lib.checked_mask(last, t)
+    for k, v in m.items():
+      assert v.dtype == np.bool_
+      scores = states[t].params["backbone"]["Dense_0"]["scores"][t] \
+          if k == "backbone/Dense_0" else None
+      if scores is not None:
+        np.testing.assert_array_equal(v, scores > 5e-3)
+    assert not m["backbone/Dense_0"].all()  # the mask learned something
+  # Earlier tasks' scores are untouched by later tasks.
+  sc4 = last.params["backbone"]["Dense_1"]["scores"]
+  for t in range(4):
+    np.testing.assert_array_equal(
+        sc4[t], states[t].params["backbone"]["Dense_1"]["scores"][t])
+
+
+SUPSUP_MODEL = {"mask": "edge_popup", "weights": "signed_constant",
+                "masked_head": True, "use_bias": False, "density": 0.5}
+
+
+def test_supsup_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="mode"):
+    supsup_lib.supsup(mode="gx")
+  with pytest.raises(ValueError, match="gn_scope"):
+    supsup_lib.supsup(mode="gn", gn_scope="all")
+
+
+def test_supsup_gg_fixed_weights_and_binary_masks(split_task):
+  c = make_config("supsup+lwf", "masked_mlp", mkw=SUPSUP_MODEL, lr=1e-2)
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  assert_earlier_accuracy_unchanged(acc)
+  assert acc[-1].mean() > 0.8
+  for st in states:
+    for a, b in zip(jax.tree.leaves(st.model_state["frozen"]),
+                    jax.tree.leaves(init.model_state["frozen"])):
+      np.testing.assert_array_equal(a, b)
+  for t in range(5):
+    for k, m in pb_lib.checked_mask(states[-1], t).items():
+      assert m.dtype == np.bool_ and m.sum() == round(0.5 * m.size)
+  with pytest.raises(ValueError, match="outside the tasks seen"):
+    pb_lib.checked_mask(states[1], 3)
+
+
+def test_supsup_gn_picks_the_task_whose_weight_most_lowers_entropy():
+  """One-shot inference = argmin of dH/dalpha (checked by central finite
+  differences) over the tasks seen, per batch and per example."""
+  import types
+  model = masked_mlp.build(4, 3, widths=(16,), **SUPSUP_MODEL)
+  x = jax.random.normal(jax.random.PRNGKey(3), (12, 8))
+  v = model.init(jax.random.PRNGKey(4), x, jnp.zeros((12,), jnp.int32))
+  params, ms = v["params"], {"frozen": v["frozen"]}
+  ctx = types.SimpleNamespace(model=model)
+  masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
+           for k, sc in masked.score_leaves(params).items()}
+  seen = jnp.array([True, True, False])
+  ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32), seen,
+                        jnp.asarray(True))
+
+  def entropies(alpha):
+    logits = model.apply(v, x, jnp.zeros((12,), jnp.int32), masks=masks,
+                         alphas=alpha)
+    return np.asarray(supsup_lib._entropy(logits), np.float64)
+
+  a0, h = np.array([0.5, 0.5, 0.0]), 1e-2
+  fd = np.stack([(entropies(jnp.asarray(a0 + h * e, jnp.float32))
+                  - entropies(jnp.asarray(a0 - h * e, jnp.float32))) / (2 * h)
+                 for e in np.eye(3)[:2]], axis=-1)  # (B, 2): seen tasks only
+  t_batch = supsup_lib.infer_task(ctx, ss, params, ms, x, "batch")
+  g = fd.mean(axis=0)
+  assert abs(g[0] - g[1]) > 1e-3  # a clear answer to check against
+  np.testing.assert_array_equal(t_batch, np.argmin(g))
+  t_ex = supsup_lib.infer_task(ctx, ss, params, ms, x, "example")
+  clear = np.abs(fd[:, 0] - fd[:, 1]) > 1e-3
+  assert clear.sum() >= 6 and len(set(np.argmin(fd, -1)[clear])) == 2
+  np.testing.assert_array_equal(np.asarray(t_ex)[clear],
+                                np.argmin(fd, -1)[clear])
+
+
+@pytest.mark.slow
+def test_supsup_gn_infers_the_task_of_held_out_batches():
+  # MNIST: SupSup's task inference needs inputs as distinct as permuted
+  # 784-pixel images (on 8x8 digits a small net misreads whole batches).
+  from conftest import DATA_DIR
+  mnist = datasets.load("mnist", data_dir=DATA_DIR).subset(1000, 300)
+  sc = scenarios.permuted(mnist, 3, kind="task", seed=0)
+  c = make_config("supsup", "masked_mlp", SUPSUP_MODEL,
+                  skw={"supsup": {"mode": "gn"}}, lr=1e-2, epochs=2)
+  c.model.masked_mlp.widths = (64, 64)
+  c.train.eval_batch_size = 50
+  init, states, acc, lr = stream(c, sc)
+  ctx = lr.ctx
+  st = jax.tree.map(jnp.asarray, states[-1])
+  gg = jax.jit(lambda x, t: pb_lib.apply_masked(
+      ctx, st.params, st.model_state, x, t,
+      pb_lib.all_masks(ctx, st.strategy, st.params)))
+  acc_gg = []
+  for e in sc.experiences:
+    x, y = jnp.asarray(e.test_x), np.asarray(e.test_y)
+    for start in range(0, len(y), 50):  # held-out (test) batches of 50
+      t = supsup_lib.infer_task(ctx, st.strategy, st.params, st.model_state,
+                                x[start:start + 50])
+      np.testing.assert_array_equal(t, e.task_id)
+    pred = gg(x, jnp.full((len(y),), e.task_id, jnp.int32)).argmax(-1)
+    acc_gg.append(np.mean(np.asarray(pred) == y))
+  # Every task inferred right: GN's accuracy (the stream's) equals GG's.
+  np.testing.assert_allclose(acc[-1], acc_gg, atol=1e-6)
+  assert min(acc_gg) > 0.5
+
+
+# --------------------------------------------------------------------------
+# CWR* and multi-head.
+
+
+def test_cwr_star_consolidation_equals_hand_computation():
+  rng = np.random.default_rng(0)
+  d, c = 3, 4
+  cw, cb = rng.normal(size=(d, c)), rng.normal(size=c)
+  past = np.array([10.0, 0.0, 5.0, 7.0])
+  tw, tb = rng.normal(size=(d, c)), rng.normal(size=c)
+  counts = np.array([4.0, 6.0, 0.0, 9.0])
+  new_w, new_b, new_past = cwr_lib.consolidate(
+      *(jnp.asarray(a, jnp.float32) for a in (cw, cb, past, tw, tb, counts)))
+  want_w, want_b = cw.copy(), cb.copy()
+  cur = [0, 1, 3]
+  avg_w = tw[:, cur].mean(axis=1)
+  avg_b = tb[cur].mean()
+  for j in cur:
+    wp = np.sqrt(past[j] / counts[j])
+    want_w[:, j] = (cw[:, j] * wp + tw[:, j] - avg_w) / (wp + 1)
+    want_b[j] = (cb[j] * wp + tb[j] - avg_b) / (wp + 1)
+  np.testing.assert_allclose(new_w, want_w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_b, want_b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new_past, past + counts)
+
+
+def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
+    digits):
+  sc = scenarios.split(digits, 5, kind="class")
+  with pytest.raises(ValueError, match="backbone_lr_scale"):
+    cwr_lib.cwr_star(backbone_lr_scale=2.0)
+  c = make_config("cwr_star+si", multi_head=False, opt="momentum", lr=0.05,
+                  epochs=2)
+  init, states, acc, lr = stream(c, sc)
+  assert lr.chunk_fn._cache_size() == 1
+  for st in states[1:]:
+    for a, b in zip(jax.tree.leaves(st.params["backbone"]),
+                    jax.tree.leaves(states[0].params["backbone"])):
+      np.testing.assert_array_equal(a, b)
+  last = states[-1]
+  np.testing.assert_array_equal(last.strategy.past,
+                                np.bincount(digits.train_y, minlength=10))
+  # Prediction = features x consolidated weights.
+  ctx = lr.ctx
+  strat = cwr_lib.cwr_star()
+  st = jax.tree.map(jnp.asarray, last)
+  x = jnp.asarray(digits.test_x[:20])
+  got = strat.predict(ctx, st.strategy, st.params, st.model_state, x,
+                      jnp.zeros(20, jnp.int32))
+  feats = ctx.apply(st.params, st.model_state, x, None, features=True)[0]
+  np.testing.assert_allclose(got, feats @ st.strategy.cw + st.strategy.cb,
+                             rtol=1e-5, atol=1e-5)
+  # Consolidated weights keep every experience's classes predictable (a
+  # naive single head scores 0 on all but the last experience's classes).
+  assert np.all(acc[-1] > 0.0)
+
+
+def test_multihead_stores_one_head_per_task(split_task):
+  c = make_config("multihead+ewc", multi_head=False,
+                  skw={"ewc": {"lam": 10.0, "max_examples": 64}})
+  init, states, acc, lr = stream(c, split_task)
+  assert lr.chunk_fn._cache_size() == 1
+  last = jax.tree.map(jnp.asarray, states[-1])
+  for t in range(5):  # stored head t is the head trained on task t
+    np.testing.assert_array_equal(
+        mh_lib.checked_head(last, t)["kernel"],
+        states[t].params["head"]["kernel"])
+  # Prediction routes each example to its task's stored head.
+  ctx, strat = lr.ctx, mh_lib.multihead()
+  x = jnp.asarray(split_task.experiences[1].test_x[:8])
+  task = jnp.array([1, 1, 0, 0, 3, 3, 4, 2])
+  got = strat.predict(ctx, last.strategy, last.params, last.model_state, x,
+                      task)
+  feats = ctx.apply(last.params, last.model_state, x, task, features=True)[0]
+  for i in range(8):
+    h = mh_lib.checked_head(last, int(task[i]))
+    want = np.asarray(feats[i] @ h["kernel"] + h["bias"])
+    cls = np.asarray(split_task.task_classes[int(task[i])])
+    np.testing.assert_allclose(np.asarray(got[i])[cls], want[cls], rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(np.asarray(got[i])[~cls] < -1e8)
+  with pytest.raises(ValueError, match="outside the tasks seen"):
+    mh_lib.checked_head(jax.tree.map(jnp.asarray, states[0]), 2)
+
+
+def test_multihead_needs_task_ids(digits):
+  sc = scenarios.split(digits, 5, kind="class")
+  c = make_config("multihead", multi_head=False)
+  s = experiment.setup(c, sc)
+  with pytest.raises(ValueError, match="task"):
+    init_state(s.learner.ctx, s.learner.strategy, 0)
+
+
+# --------------------------------------------------------------------------
+# Through experiment.run: compiled once for the whole stream.
+
+
+def test_experiment_run_compiles_the_chunk_once(digits, monkeypatch):
+  sc = scenarios.split(digits.subset(400, 100), 5, kind="task")
+  c = make_config("packnet+lwf")
+  built = []
+  orig = experiment.setup
+  monkeypatch.setattr(experiment, "setup",
+                      lambda *a, **k: built.append(orig(*a, **k)) or built[-1])
+  res = experiment.run(c, scenario=sc)
+  learner = getattr(res, "learner", None) or built[0].learner
+  assert learner.chunk_fn._cache_size() == 1
+  assert learner.eval_fn._cache_size() == 1
+  assert_earlier_accuracy_unchanged(res.accuracy)
