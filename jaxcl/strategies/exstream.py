@@ -93,55 +93,53 @@ def _sqdist(w: jax.Array, z: jax.Array) -> jax.Array:
   return jnp.sum(diff * diff, axis=1)
 
 
-def _set_row(d: jax.Array, n: jax.Array, w: jax.Array, i) -> jax.Array:
-  """Recomputes row and column ``i`` of the distance matrix."""
-  row = jnp.where(n > 0, _sqdist(w, w[i]), jnp.inf)
-  row = row.at[i].set(jnp.inf)
-  return d.at[i, :].set(row).at[:, i].set(row)
+def _write(w, n, d, s, v, count):
+  """Sets centroid ``s`` of one class and refreshes its distances
+  (``O(b d)``)."""
+  w = w.at[s].set(v)
+  n = n.at[s].set(count)
+  row = jnp.where(n > 0, _sqdist(w, v), jnp.inf).at[s].set(jnp.inf)
+  d = d.at[s, :].set(row).at[:, s].set(row)
+  return w, n, d
 
 
 def insert(buf: ClassBuffers, z: jax.Array, c: jax.Array,
            ok: jax.Array | bool = True) -> ClassBuffers:
-  """Adds feature ``z`` of class ``c`` (if ``ok``), merging when full."""
+  """Adds feature ``z`` of class ``c`` (if ``ok``), merging when full.
+
+  Three cases, written as at most two centroid writes (no branches over
+  whole buffers, so a scan over a stream stays cheap): room left (``z``
+  into the first empty slot); ``z`` nearer to its nearest centroid ``k``
+  than any two centroids are to each other (merge ``z`` into ``k``); else
+  merge the nearest pair ``(i, j)`` into ``i`` and put ``z`` in ``j``.
+  """
   w, n, d = buf.w[c], buf.n[c], buf.d[c]
   b = n.shape[0]
   z = z.astype(jnp.float32)
-  has_room = jnp.any(n == 0)
-
-  def add(args):
-    w, n, d = args
-    e = jnp.argmin(n > 0)  # first empty slot
-    w, n = w.at[e].set(z), n.at[e].set(1.0)
-    return w, n, _set_row(d, n, w, e)
-
-  def merge(args):
-    w, n, d = args
-    dz = _sqdist(w, z)
-    k = jnp.argmin(dz)
-    flat = jnp.argmin(d)
-    i, j = flat // b, flat % b
-    into_nearest = dz[k] <= d[i, j]
-
-    def merge_z(args):
-      w, n, d = args
-      w = w.at[k].set((n[k] * w[k] + z) / (n[k] + 1.0))
-      n = n.at[k].add(1.0)
-      return w, n, _set_row(d, n, w, k)
-
-    def merge_pair(args):
-      w, n, d = args
-      w = w.at[i].set((n[i] * w[i] + n[j] * w[j]) / (n[i] + n[j]))
-      n = n.at[i].add(n[j])
-      w, n = w.at[j].set(z), n.at[j].set(1.0)
-      d = _set_row(d, n, w, i)
-      return w, n, _set_row(d, n, w, j)
-
-    return jax.lax.cond(into_nearest, merge_z, merge_pair, (w, n, d))
-
-  new = jax.lax.cond(has_room, add, merge, (w, n, d))
-  new = jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, (w, n, d))
-  return ClassBuffers(buf.w.at[c].set(new[0]), buf.n.at[c].set(new[1]),
-                      buf.d.at[c].set(new[2]))
+  ok = jnp.asarray(ok, bool)
+  room = jnp.any(n == 0)
+  e = jnp.argmin(n > 0)                       # first empty slot
+  dz = jnp.where(n > 0, _sqdist(w, z), jnp.inf)
+  k = jnp.argmin(dz)                          # nearest centroid to z
+  flat = jnp.argmin(d)
+  i, j = flat // b, flat % b                  # nearest pair
+  into_k = dz[k] <= d[i, j]
+  merged_k = (n[k] * w[k] + z) / (n[k] + 1.0)
+  merged_ij = (n[i] * w[i] + n[j] * w[j]) / jnp.maximum(n[i] + n[j], 1.0)
+  # First write.
+  s1 = jnp.where(room, e, jnp.where(into_k, k, i))
+  v1 = jnp.where(room, z, jnp.where(into_k, merged_k, merged_ij))
+  n1 = jnp.where(room, 1.0, jnp.where(into_k, n[k] + 1.0, n[i] + n[j]))
+  v1 = jnp.where(ok, v1, w[s1])
+  n1 = jnp.where(ok, n1, n[s1])
+  w, n, d = _write(w, n, d, s1, v1, n1)
+  # Second write (pair merge only): z takes slot j; else rewrite s1 as is.
+  two = ok & ~room & ~into_k
+  s2 = jnp.where(two, j, s1)
+  w, n, d = _write(w, n, d, s2, jnp.where(two, z, w[s1]),
+                   jnp.where(two, 1.0, n[s1]))
+  return ClassBuffers(buf.w.at[c].set(w), buf.n.at[c].set(n),
+                      buf.d.at[c].set(d))
 
 
 def insert_many(buf: ClassBuffers, z: jax.Array, y: jax.Array,
