@@ -512,3 +512,37 @@ def test_experiment_run_compiles_the_chunk_once(digits, monkeypatch):
   assert learner.chunk_fn._cache_size() == 1
   assert learner.eval_fn._cache_size() == 1
   assert_earlier_accuracy_unchanged(res.accuracy)
+
+
+# --------------------------------------------------------------------------
+# Experiment configs.
+
+
+@pytest.mark.parametrize("file,strategy", [
+    ("split_mnist_architectural", s) for s in
+    ("naive", "multihead", "cwr_star", "progressive", "packnet", "hat",
+     "supsup", "pretrain")] + [
+    ("permuted_mnist_architectural", s) for s in
+    ("packnet", "hat", "supsup", "progressive")])
+def test_experiment_configs_build(digits, file, strategy):
+  import importlib
+  cfg = importlib.import_module(f"experiments.{file}").get_config(
+      f"strategy={strategy},quick")
+  # The configs' names, models and hyperparameters, on a digits stream of
+  # the same kind (no MNIST loading).
+  sc = (scenarios.split(digits, 5, kind=cfg.scenario.kind)
+        if cfg.scenario.type == "split" else
+        scenarios.permuted(digits, 3, kind=cfg.scenario.kind))
+  s = experiment.setup(cfg, sc)
+  assert s.learner.strategy.name == (
+      "naive" if strategy == "pretrain" else strategy)
+  assert cfg.scenario.kind == ("class" if strategy == "pretrain" else "task")
+
+
+def test_piggyback_config_without_checkpoint_is_a_clear_error(split_task):
+  import importlib
+  cfg = importlib.import_module(
+      "experiments.split_mnist_architectural").get_config(
+          "strategy=piggyback,quick")
+  with pytest.raises(ValueError, match="pretrained checkpoint"):
+    experiment.setup(cfg, split_task)
