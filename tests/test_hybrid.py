@@ -5,6 +5,7 @@ implementations (brute-force active sets, herding loops, closed forms).
 """
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -445,3 +446,153 @@ def test_chained_gem_agem_icarl_compile_once(stream):
     assert int(buffers.size(sub.memory)) == 40
   # iCaRL: 40 // 4 = 10 exemplars for each of the 4 classes seen.
   np.testing.assert_array_equal(buffers.counts(ic.memory, 10)[:4], [10] * 4)
+
+
+# ---------------------------------------------------------------------------
+# Progress & Compress.
+
+
+def pc_config(**kw):
+  c = config("progress_compress+replay",
+             progress_compress=dict(compress_epochs=1, max_examples=50,
+                                    fisher="empirical", compress_lr=1e-2,
+                                    **kw),
+             replay=dict(mem_size=30))
+  c.model.name = "progressive"
+  c.model.progressive = dict(num_columns=2, widths=(16,))
+  return c
+
+
+def column(tree, k):
+  return jax.tree.map(lambda a: np.asarray(a[k]), tree)
+
+
+def test_progress_compress_kb_changes_only_in_compress(stream):
+  from jaxcl.strategies.progress_compress import progress_compress
+  cfg = pc_config()
+  s = progress_compress(compress_epochs=1, max_examples=50,
+                        fisher="empirical", compress_lr=1e-2)
+  setup = experiment.setup(cfg, scenario=stream, strategy=s)
+  ctx, learner = setup.learner.ctx, setup.learner
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  for i, e in enumerate(exps[:2]):
+    state = train.unalias(s.before_experience(ctx, state, e))
+    kb0, ac0 = column(state.params, 0), column(state.params, 1)
+    data = jax.device_put(train.device_experience(e, ctx.info.train_size))
+    state, _, _ = learner.chunk_fn(state, data, e.num_train, i, 0, 0)
+    kb1, ac1 = column(state.params, 0), column(state.params, 1)
+    # Progress: the knowledge base is bit-identical, the AC learned.
+    jax.tree.map(np.testing.assert_array_equal, kb0, kb1)
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(ac0), jax.tree.leaves(ac1)))
+    state = s.after_experience(ctx, state, e)
+    kb2, ac2 = column(state.params, 0), column(state.params, 1)
+    # Compress: the KB learned, the AC is untouched.
+    jax.tree.map(np.testing.assert_array_equal, ac1, ac2)
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(kb1), jax.tree.leaves(kb2)))
+  ss = state.strategy
+  assert int(ss.count) == 2
+  # The running Fisher lives on the KB only.
+  assert all(np.all(np.asarray(a[1]) == 0) for a in jax.tree.leaves(ss.fisher))
+  assert sum(float(np.sum(np.asarray(a[0]))) for a in
+             jax.tree.leaves(ss.fisher)) > 0
+  # Prediction is the KB's.
+  x = jnp.asarray(exps[0].test_x[:5])
+  t = jnp.zeros((5,), jnp.int32)
+  np.testing.assert_allclose(
+      np.asarray(s.predict(ctx, ss, state.params, state.model_state, x, t)),
+      np.asarray(ctx.logits(state.params, state.model_state, x, t)),
+      rtol=1e-6)
+
+
+def test_progress_compress_errors(stream):
+  from jaxcl.strategies.progress_compress import progress_compress
+  with pytest.raises(ValueError, match="gamma"):
+    progress_compress(gamma=0.0)
+  with pytest.raises(ValueError, match="2-column 'progressive' model"):
+    train.init_state(make_ctx(stream), progress_compress(), 0)
+
+
+def test_progress_compress_chained_compiles_once(stream):
+  sc = dataclasses.replace(stream, experiences=stream.experiences[:2])
+  result = experiment.run(pc_config(), scenario=sc)
+  assert result.learner.chunk_fn._cache_size() == 1
+  assert np.all(np.isfinite(result.accuracy))
+  # The KB (which predicts) learned the first experience by distillation.
+  assert result.accuracy[0, 0] > 0.5, result.accuracy
+
+
+# ---------------------------------------------------------------------------
+# AR1 and generative negative replay.
+
+
+def test_ar1_is_cwr_star_plus_si_on_lower_layers(stream):
+  from jaxcl.strategies.ar1 import ar1
+  with pytest.raises(ValueError, match="lower_lr_scale"):
+    ar1(lower_lr_scale=0.0)
+  ctx = make_ctx(stream)
+  s = ar1(c=0.5, lower_lr_scale=0.5)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  step = jax.jit(functools.partial(train.train_step, ctx, s))
+  for e in exps[:2]:
+    state = train.unalias(s.before_experience(ctx, state, e))
+    for k in range(3):
+      state, _ = step(state, batch_of(e, start=B * k))
+    state = s.after_experience(ctx, state, e)
+  cw, si_state = state.strategy
+  # SI protects the lower layers only; CWR* consolidated both experiences.
+  assert all(np.all(np.asarray(a) == 0)
+             for a in jax.tree.leaves(si_state.importance["head"]))
+  assert any(np.any(np.asarray(a) != 0)
+             for a in jax.tree.leaves(si_state.importance["backbone"]))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(cw.past)),
+                                [0, 1, 2, 3])
+  # The SI penalty is in the loss, and lower layers still learn after the
+  # first experience (scaled, not frozen as in plain CWR*).
+  state = train.unalias(s.before_experience(ctx, state, exps[2]))
+  batch = batch_of(exps[2])
+  assert float(s.loss(ctx, state.strategy, jax.tree.map(
+      lambda a: a + 0.1, state.params), batch, None)) > 0
+  g = grads_of(ctx, state, batch)
+  out = s.update_grads(ctx, state.strategy, g, state.params, batch,
+                       jax.random.PRNGKey(0))
+  np.testing.assert_allclose(
+      np.asarray(out["backbone"]["Dense_0"]["kernel"]),
+      0.5 * np.asarray(g["backbone"]["Dense_0"]["kernel"]), rtol=1e-6)
+
+
+def test_negative_loss_moves_only_current_class_logits():
+  from jaxcl.strategies.generative_negative_replay import negative_loss
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  y = jnp.asarray([0, 1, 0])             # old classes
+  cur = jnp.asarray([False, False, True, True, False])
+  g = np.asarray(jax.grad(lambda z: negative_loss(z, y, cur).sum())(z))
+  p = np.exp(np.asarray(z))
+  p /= p.sum(1, keepdims=True)
+  # d/dz_c = softmax_c on the current classes (pushed down), 0 elsewhere:
+  # the replayed samples are never positives.
+  np.testing.assert_allclose(g[:, 2:4], p[:, 2:4], rtol=1e-5)
+  assert np.all(g[:, [0, 1, 4]] == 0)
+  want = -np.log(p[np.arange(3), np.asarray(y)])
+  np.testing.assert_allclose(np.asarray(negative_loss(z, y, cur)), want,
+                             rtol=1e-5)
+
+
+def test_ar1_gnr_gem_chained_compile_once(stream):
+  sc = dataclasses.replace(stream, experiences=stream.experiences[:2])
+  cfg = config("ar1+generative_negative_replay+gem", ar1=dict(c=0.1),
+               generative_negative_replay=dict(hidden=(16,), latent=4),
+               gem=dict(mem_size=20, sample_per_experience=4))
+  result = experiment.run(cfg, scenario=sc)
+  assert result.learner.chunk_fn._cache_size() == 1
+  assert np.all(np.isfinite(result.accuracy))
+  a, gnr, g = result.state.strategy
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(gnr.dgr.seen)),
+                                [0, 1, 2, 3])
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(gnr.current)),
+                                [2, 3])
+  assert int(buffers.size(g.memory)) == 20

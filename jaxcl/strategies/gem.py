@@ -227,7 +227,8 @@ def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
 
 
 def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
-        eps: float = 1e-3, max_iter: int = 0) -> Strategy:
+        eps: float = 1e-3, max_iter: int = 0,
+        sample_per_experience: int = 0) -> Strategy:
   """Gradient Episodic Memory.
 
   Args:
@@ -238,6 +239,11 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
     margin: memory strength ``γ >= 0`` (the authors' code uses 0.5).
     eps: ridge ``ε > 0`` added to ``G Gᵀ``.
     max_iter: iteration budget of the QP solver (0: ``3 K + 10``).
+    sample_per_experience: 0 (the paper) computes each ``g_k`` on all of
+      experience ``k``'s memory at every step; ``s > 0`` on ``s`` of its
+      examples drawn uniformly per step (a cheaper, noisier constraint: the
+      memory gradients, not the QP, dominate GEM's cost; see
+      ``benchmarks/gem.py``).
 
   Raises:
     ValueError: a memory per experience of 0 (both sizes 0, or at ``init``
@@ -256,17 +262,26 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
     raise ValueError(f"gem: max_iter must be an int >= 0 (0: automatic), "
                      f"got {max_iter!r}")
 
+  if isinstance(sample_per_experience, bool) or not isinstance(
+      sample_per_experience, int) or sample_per_experience < 0:
+    raise ValueError(f"gem: sample_per_experience must be an int >= 0 (0: "
+                     f"the whole memory), got {sample_per_experience!r}")
+
   def m_of(ctx):
     return per_experience("gem", ctx, mem_size, mem_per_experience)
 
   def init(ctx, key, params):
     del params
+    if sample_per_experience > m_of(ctx):
+      raise ValueError(f"gem: sample_per_experience={sample_per_experience}"
+                       f" is larger than the memory per experience "
+                       f"({m_of(ctx)})")
     return init_memory(ctx, key, m_of(ctx))
 
   before_experience, after_experience = make_hooks(m_of)
 
   def update_grads(ctx, sstate, grads, params, batch, key):
-    del batch, key
+    del batch
     e = ctx.info.num_experiences
     m = m_of(ctx)
     mem = sstate.memory
@@ -274,12 +289,19 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
     # Only past experiences constrain the step (the current one's block
     # is filled after it ends).
     past = mem.valid & (mem.experience < sstate.experience)
-    w = blocks(past).astype(jnp.float32)
-    has = jnp.any(w > 0, axis=1)
+    w = blocks(past)
+    has = jnp.any(w, axis=1)
+    xs, ys, ts = blocks(mem.x), blocks(mem.y), blocks(mem.task)
+    if sample_per_experience:
+      # s valid entries of each block, uniformly without replacement.
+      score = jnp.where(w, jax.random.uniform(key, w.shape), -1.0)
+      _, idx = jax.lax.top_k(score, sample_per_experience)  # (E, s)
+      pick = lambda a: jnp.take_along_axis(
+          a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+      xs, ys, ts, w = pick(xs), pick(ys), pick(ts), pick(w)
     grad_one = jax.grad(memory_loss, argnums=1)
     mem_grads = jax.vmap(grad_one, in_axes=(None, None, None, 0, 0, 0, 0))(
-        ctx, params, sstate.model_state, blocks(mem.x), blocks(mem.y),
-        blocks(mem.task), w)
+        ctx, params, sstate.model_state, xs, ys, ts, w.astype(jnp.float32))
     new, _ = project(grads, mem_grads, has, float(margin), float(eps),
                      max_iter)
     return new

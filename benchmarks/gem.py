@@ -1,0 +1,147 @@
+"""GEM and A-GEM time per training step against Naive on Permuted MNIST.
+
+For each protocol, the memory is first filled as it is at the *last* of
+the 20 experiences (19 past experiences: the most constraints GEM ever
+has), then one experience's compiled training program (a ``lax.scan`` of
+steps) is timed after compilation, for Naive, GEM and A-GEM. Printed per
+method: milliseconds per step and the ratio to Naive; for GEM, also the
+time of the dual QP solve alone (19 constraints, inside jit) and the share
+of steps that needed a projection.
+
+Protocols:
+
+* ``chaudhry``: Chaudhry et al. 2019 (A-GEM paper): MLP 784-256-256-10,
+  batch 10, SGD, 250 memory examples per experience (GEM uses all 19 x 250
+  each step; ``gem/s10`` 10 drawn per experience and step; A-GEM a
+  256-example sample).
+* ``buzzega``: Buzzega et al. 2020: MLP 784-100-100-10, batch 128, memory
+  200 or 500 in total (10 / 25 per experience).
+
+  python benchmarks/gem.py [--data_dir ../shared/data] [--steps 200]
+
+Only the training-set size per experience is reduced (``--steps`` x batch
+examples, the same for every method), which does not change the cost of a
+step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from jaxcl import datasets, models, scenarios, train  # noqa: E402
+from jaxcl.strategies._qp import solve_box_qp  # noqa: E402
+from jaxcl.strategies.agem import agem  # noqa: E402
+from jaxcl.strategies.gem import gem  # noqa: E402
+from jaxcl.strategy import identity  # noqa: E402
+
+PROTOCOLS = {
+    "chaudhry": dict(widths=(256, 256), batch=10, lr=0.03,
+                     methods={"gem": dict(mem_per_experience=250),
+                              "gem/s10": dict(mem_per_experience=250,
+                                              sample_per_experience=10),
+                              "agem": dict(mem_per_experience=250,
+                                           sample_size=256)}),
+    "buzzega200": dict(widths=(100, 100), batch=128, lr=0.2,
+                       methods={"gem": dict(mem_size=200),
+                                "agem": dict(mem_size=200)}),
+    "buzzega500": dict(widths=(100, 100), batch=128, lr=0.2,
+                       methods={"gem": dict(mem_size=500),
+                                "agem": dict(mem_size=500)}),
+}
+
+
+def time_method(sc, proto, strategy, reps: int) -> float:
+  """Seconds per step of the last experience's compiled program."""
+  info = train.stream_info(sc, proto["batch"])
+  model = models.build("mlp", 10, widths=proto["widths"])
+  ctx = train.make_context(model, train.make_optimizer("sgd", proto["lr"]),
+                           info)
+  learner = train.make_learner(ctx, strategy, epochs=1)
+  state = train.init_state(ctx, strategy, 0)
+  exps = sc.experiences
+  for e in exps[:-1]:  # fill the memory as after 19 experiences
+    state = strategy.before_experience(ctx, state, e)
+    state = strategy.after_experience(ctx, state, e)
+  last = exps[-1]
+  state = train.unalias(strategy.before_experience(ctx, state, last))
+  data = jax.device_put(train.device_experience(last, info.train_size))
+  args = (data, last.num_train, len(exps) - 1, 0, 0)
+  state, losses, _ = learner.chunk_fn(state, *args)  # compile
+  losses.block_until_ready()
+  best = np.inf
+  for _ in range(reps):
+    t = time.perf_counter()
+    state, losses, _ = learner.chunk_fn(state, *args)
+    losses.block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return best / learner.epoch_steps
+
+
+def time_qp(k: int = 19, p_dim: int = 50_000, reps: int = 200) -> float:
+  """Seconds per dual QP solve (k constraints, a conflicting gradient)."""
+  rng = np.random.default_rng(0)
+  g_mat = rng.normal(size=(k, p_dim)).astype(np.float32)
+  g_mat += 2 * rng.normal(size=(1, p_dim)).astype(np.float32)
+  g = -0.3 * g_mat[:5].sum(0) + rng.normal(size=p_dim).astype(np.float32)
+  p = jnp.asarray(g_mat @ g_mat.T + 1e-3 * np.eye(k), jnp.float32)
+  q = jnp.asarray(g_mat @ g)
+
+  @jax.jit
+  def many(p, q):
+    def body(c, i):
+      res = solve_box_qp(p, q + 1e-3 * i, 0.5)
+      return c + res.v.sum() + res.iterations, None
+    return jax.lax.scan(body, 0.0, jnp.arange(reps, dtype=jnp.float32))[0]
+
+  many(p, q).block_until_ready()
+  t = time.perf_counter()
+  many(p, q).block_until_ready()
+  return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--data_dir", default=os.environ.get(
+      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  ap.add_argument("--steps", type=int, default=200,
+                  help="training steps per experience (timed program)")
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--protocols", default="chaudhry,buzzega200,buzzega500")
+  args = ap.parse_args()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"jax {jax.__version__}")
+  print(f"dual QP alone (19 constraints, in jit): "
+        f"{time_qp() * 1e6:.1f} us/solve")
+  mnist = datasets.load("mnist", data_dir=args.data_dir)
+  for name in args.protocols.split(","):
+    proto = PROTOCOLS[name]
+    n = args.steps * proto["batch"]
+    data = mnist.subset(max(n, 2500), 500, seed=0)
+    sc = scenarios.permuted(data, 20, kind="domain", seed=0)
+    sc = dataclasses.replace(sc, experiences=[
+        dataclasses.replace(e, train_x=e.train_x[:n], train_y=e.train_y[:n],
+                            train_task=e.train_task[:n])
+        for e in sc.experiences])
+    naive = time_method(sc, proto, identity(), args.reps)
+    print(f"\n{name}: MLP {proto['widths']}, batch {proto['batch']}, "
+          f"{args.steps} steps timed")
+    print(f"  {'naive':7s} {naive * 1e3:8.3f} ms/step   1.00x")
+    for m, kw in proto["methods"].items():
+      s = (agem if m == "agem" else gem)(**kw)
+      t = time_method(sc, proto, s, args.reps)
+      print(f"  {m:7s} {t * 1e3:8.3f} ms/step {t / naive:6.2f}x   ({kw})")
+
+
+if __name__ == "__main__":
+  main()
