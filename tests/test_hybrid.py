@@ -596,3 +596,26 @@ def test_ar1_gnr_gem_chained_compile_once(stream):
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(gnr.current)),
                                 [2, 3])
   assert int(buffers.size(g.memory)) == 20
+
+
+# ---------------------------------------------------------------------------
+# Experiment configs: every variant builds (strategy kwargs accepted).
+
+
+def test_hybrid_configs_build(data_dir):
+  from experiments import permuted_mnist_hybrid, split_mnist_hybrid
+  for s in split_mnist_hybrid.LR:
+    c = split_mnist_hybrid.get_config(f"strategy={s},quick")
+    c.dataset.data_dir = data_dir
+    setup = experiment.setup(c)
+    assert setup.strategy_name == s
+    assert setup.learner.ctx.info.batch_size == 10
+  for s in ("gem", "agem"):
+    for proto in ("buzzega", "chaudhry"):
+      c = permuted_mnist_hybrid.get_config(f"strategy={s},protocol={proto},"
+                                           "quick")
+      assert c.strategy.name == s and c.scenario.n_experiences == 3
+  with pytest.raises(ValueError, match="unknown strategy"):
+    split_mnist_hybrid.get_config("strategy=nope")
+  with pytest.raises(ValueError, match="unknown protocol"):
+    permuted_mnist_hybrid.get_config("protocol=nope")
