@@ -27,6 +27,9 @@ __all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
 
 # A mini-batch: {'x': (B, ...), 'y': (B,) int32, 'task': (B,) int32,
 # 'mask': (B,) float32 weights (0 for padding or empty replay slots)}.
+# Conventions strategies rely on: rows that prepare_batch appends come after
+# the first ctx.info.batch_size incoming rows; 'mask' is a per-row weight and
+# the task loss divides the weighted sum by max(sum(mask), 1).
 Batch = dict[str, jax.Array]
 
 _NEG = -1e9  # logit of a class outside the task (finite: keeps grads finite)
@@ -132,6 +135,8 @@ class StepInfo(NamedTuple):
       computed only when a strategy sets ``needs_task_grads``; else None.
     batch: the (prepared) batch.
     loss: the total loss.
+    key: a PRNG key for this hook, distinct from the keys of
+      ``prepare_batch`` and ``update_grads`` in the same step.
   """
   params_before: Any
   params_after: Any
@@ -139,6 +144,7 @@ class StepInfo(NamedTuple):
   task_grads: Any
   batch: Batch
   loss: jax.Array
+  key: jax.Array | None = None
 
 
 def masked_logits(logits: jax.Array, task: jax.Array,

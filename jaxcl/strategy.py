@@ -14,13 +14,16 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 * ``before_experience(ctx, state, experience) -> state``: host side, may
   call jitted code; ``state`` is a :class:`TrainState`.
 * ``prepare_batch(ctx, sstate, batch, key) -> batch``: inside jit (replay
-  appends fixed-shape samples with a validity mask).
+  appends fixed-shape samples with a validity mask). Appended rows come
+  after the first ``ctx.info.batch_size`` incoming rows; ``mask`` is a
+  per-row weight, and the task loss is ``sum(mask * ce) / max(sum(mask),
+  1)``.
 * ``loss(ctx, sstate, params, batch, logits) -> scalar``: added to the task
   loss (penalties, distillation). ``logits`` are the model's on ``batch``.
 * ``update_grads(ctx, sstate, grads, params, batch, key) -> grads``:
   gradient surgery (GEM projection, masks).
 * ``after_step(ctx, sstate, info: StepInfo) -> sstate``: online statistics
-  (SI's path integral, reservoir updates).
+  (SI's path integral, reservoir updates); ``info.key`` is this hook's key.
 * ``after_experience(ctx, state, experience) -> state``: host side
   (Fisher, consolidation, pruning, exemplar selection).
 * ``predict(ctx, sstate, params, model_state, x, task) -> logits`` or None

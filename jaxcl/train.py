@@ -287,7 +287,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   to its sharding in data-parallel runs.
   """
   key = jax.random.fold_in(state.rng, state.step)
-  k_prep, k_grad = jax.random.split(key)
+  k_prep, k_grad, k_after = jax.random.split(key, 3)
   batch = strategy.prepare_batch(ctx, state.strategy, batch, k_prep)
   if batch_spec is not None:
     batch = batch_spec(batch)
@@ -316,7 +316,8 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   params = optax.apply_updates(state.params, updates)
   sstate = strategy.after_step(
       ctx, state.strategy,
-      StepInfo(state.params, params, grads, task_grads, batch, loss))
+      StepInfo(state.params, params, grads, task_grads, batch, loss,
+               k_after))
   return state.replace(step=state.step + 1, params=params,
                        opt_state=opt_state, model_state=new_ms,
                        strategy=sstate), loss
