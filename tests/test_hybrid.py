@@ -602,12 +602,17 @@ def test_ar1_gnr_gem_chained_compile_once(stream):
 
 def test_hybrid_configs_build(data_dir):
   from experiments import permuted_mnist_hybrid, split_mnist_hybrid
+  from jaxcl import strategies
   for s in split_mnist_hybrid.LR:
     c = split_mnist_hybrid.get_config(f"strategy={s},quick")
-    c.dataset.data_dir = data_dir
-    setup = experiment.setup(c)
-    assert setup.strategy_name == s
-    assert setup.learner.ctx.info.batch_size == 10
+    kwargs = {k: dict(v) for k, v in c.strategy.items() if k != "name"}
+    assert strategies.from_spec(c.strategy.name, kwargs)[0].name == s
+  # One end-to-end build on the real data (model, optimiser, learner).
+  c = split_mnist_hybrid.get_config("strategy=progress_compress,quick")
+  c.dataset.data_dir = data_dir
+  setup = experiment.setup(c)
+  assert setup.learner.ctx.info.batch_size == 10
+  assert setup.learner.ctx.info.num_experiences == 5
   for s in ("gem", "agem"):
     for proto in ("buzzega", "chaudhry"):
       c = permuted_mnist_hybrid.get_config(f"strategy={s},protocol={proto},"
