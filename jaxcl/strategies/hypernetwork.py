@@ -38,9 +38,11 @@ Which embedding an example uses:
   The regulariser is the *sum* of squared differences over all ``P``
   generated weights (as in the paper, whose ``β = 0.01`` on Split and
   Permuted MNIST assumes it), not a mean: ``β`` does not transfer across
-  target sizes unchanged. Each step generates the weights of every slot for
-  the regulariser (fixed shapes), so a step costs about ``num_embeddings``
-  hypernetwork passes more than Naive.
+  target sizes unchanged. With ``reg_samples=0`` each step generates the
+  weights of every slot for the regulariser (fixed shapes), so a step costs
+  about ``num_embeddings`` hypernetwork passes more than Naive;
+  ``reg_samples=k`` costs ``k`` passes (an unbiased estimate of the same
+  regulariser, noisier).
 
 References:
   von Oswald, Henning, Sacramento & Grewe, `Continual learning with
