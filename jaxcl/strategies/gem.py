@@ -23,7 +23,9 @@ solved through its dual, a QP in ``t - 1`` variables:
 ``γ`` is ``margin`` (the "memory strength" of the authors' code: ``v ≥ γ``
 instead of ``v ≥ 0`` biases the update towards gradients that *decrease*
 the old losses) and ``ε`` is ``eps`` (their ``1e-3`` ridge, which makes the
-dual strictly convex). The dual QP is solved inside ``jit`` by
+dual strictly convex; by the KKT conditions the result satisfies
+``⟨g̃, g_k⟩ = μ_k − ε v_k ≥ −ε v_k``, so ``ε`` is also the constraints'
+tolerance). The dual QP is solved inside ``jit`` by
 :func:`jaxcl.strategies._qp.solve_box_qp`, an exact active-set method with
 a fixed iteration budget (no host call to a QP library). ``G G^\\top`` and
 ``G g`` are sums of per-leaf contractions, so gradients are never
