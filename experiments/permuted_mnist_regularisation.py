@@ -17,7 +17,8 @@ Arguments: ``strategy`` (ewc | online_ewc | si | mas | lwf |
 hypernetwork), ``kind`` (domain | task; the hypernetwork defaults to task),
 ``seed``, ``strength`` (> 0 overrides the method's coefficient),
 ``epochs`` (the published protocol has 10; the measurements in
-docs/notes_regularisation.md say which they used), ``quick`` (2000 / 1000
+docs/notes_regularisation.md say which they used), ``lr`` (> 0 overrides
+the learning rate, for shortened runs), ``quick`` (2000 / 1000
 examples, 3 experiences, 1 epoch, for tests).
 
 Expected (anchors of the issue, full protocol): EWC ≥ 0.94, online EWC ≥
@@ -56,7 +57,7 @@ STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
-                epochs=10, quick=False)
+                epochs=10, lr=-1.0, quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; valid: "
@@ -90,6 +91,8 @@ def get_config(arg=None):
                             chunk_size=8000, chunk_embedding_dim=24,
                             hidden=(100,))
     c.optimizer.learning_rate = 1e-3
+  if a["lr"] > 0:
+    c.optimizer.learning_rate = a["lr"]
   if a["quick"]:
     c.dataset.train_subset = 2000
     c.dataset.test_subset = 1000
