@@ -27,7 +27,7 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          stream_info, test_arrays, unalias)
 
 __all__ = ["default_config", "build_scenario", "Setup", "setup", "run",
-           "execute", "Result", "SCENARIO_TYPES"]
+           "execute", "initial_state", "Result", "SCENARIO_TYPES"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 
@@ -61,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
       hidden=128,         # cnn
       width=20,           # resnet18
       multi_head=False,   # one head per task (task-incremental)
+      pretrained="",      # .npz of params (jaxcl.pretrained.save): start
+                          # from them instead of a random initialisation
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0,
@@ -259,8 +261,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       refuses to start in a directory that has one.
   """
   s = setup(config, scenario, strategy)
-  state = init_state(s.learner.ctx, s.learner.strategy, config.seed)
+  state = initial_state(s, config.seed)
   return execute(s, state, workdir, reporter=reporter, resume=resume)
+
+
+def initial_state(s: Setup, seed: int) -> TrainState:
+  """A fresh state from ``seed``, starting from ``config.model.pretrained``
+  params when given (the "pretrained vs scratch" choice, for any model)."""
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  path = s.config.model.get("pretrained", "")
+  if not path:
+    return init_state(ctx, strategy, seed)
+  from jaxcl import pretrained
+  template = init_state(ctx, strategy, seed).params
+  params = pretrained.assign(template, pretrained.load(path))
+  return init_state(ctx, strategy, seed, params=params)
 
 
 def execute(s: Setup, state: TrainState, workdir: str | None = None, *,

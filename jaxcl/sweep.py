@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import experiment
-from jaxcl.train import ConfigError, init_state
+from jaxcl.train import ConfigError
 
 __all__ = ["sweep", "SweepResult", "parse_values"]
 
@@ -187,7 +187,7 @@ def sweep(config, seeds: Sequence[int] = (0,),
   names = [n.strip() for n in config.strategy.name.split("+")]
   states = []
   for m in members:
-    st = init_state(ctx, strategy, m["seed"])
+    st = experiment.initial_state(s, m["seed"])
     for k in keys:
       st = _apply_override(st, k, m[k], names)
     states.append(st)

@@ -52,3 +52,27 @@ def test_conv_models_train_in_the_loop(name, kw):
     means = [np.asarray(a) for a in jax.tree.leaves(stats)]
     # Batch statistics were updated by training (init: zero means).
     assert any(np.abs(m).max() > 0 for m in means)
+
+
+def test_pretrained_params_start_the_run(tmp_path):
+  from jaxcl import experiment, pretrained
+  c = jaxcl.default_config()
+  c.model.widths = (16,)
+  c.train.epochs = 1
+  c.report.progress = False
+  src = jaxcl.run(c)
+  path = pretrained.save(str(tmp_path / "p.npz"), src.state.params)
+  c.model.pretrained = path
+  c.seed = 7  # a different seed: the params must come from the file
+  s = experiment.setup(c)
+  state = experiment.initial_state(s, 7)
+  for a, b in zip(jax.tree.leaves(state.params),
+                  jax.tree.leaves(src.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.model.pretrained = str(tmp_path / "missing.npz")
+  with pytest.raises(ValueError, match="does not exist"):
+    jaxcl.run(c)
+  c.model.widths = (8,)
+  c.model.pretrained = path
+  with pytest.raises(ValueError, match="has shape"):
+    jaxcl.run(c)
