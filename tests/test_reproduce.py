@@ -27,3 +27,16 @@ def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir):
   assert os.path.getmtime(tmp_path / "work_smoke" /
                           "split_mnist_baselines__strategy_naive" /
                           "entry.json") == mtime
+
+
+def test_every_entry_names_a_buildable_config():
+  import importlib
+  reproduce._load_more_entries()
+  ids = [e.id for e in reproduce.ENTRIES]
+  assert len(ids) == len(set(ids)), "duplicate entries"
+  for e in reproduce.ENTRIES:
+    mod = importlib.import_module(f"experiments.{e.config}")
+    c = mod.get_config(e.arg + ",quick")
+    assert c.strategy.name, e
+    if e.published is not None:
+      assert 0 < e.published <= 1 and e.source, e
