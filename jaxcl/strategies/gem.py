@@ -201,27 +201,26 @@ def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
     (``⟨g, g_k⟩ ≥ 0``), else ``Gᵀv* + g``; and the
     :class:`jaxcl.strategies._qp.QPResult` (``v`` = 0 when not solved).
   """
-  gg = jax.tree.map(
-      lambda a, b: jnp.einsum("k...,...->k", a.astype(jnp.float32),
-                              b.astype(jnp.float32)), mem_grads, g)
+  k = has.shape[0]
+  # Leaves as (K, -1) matrices: plain matmuls (faster than the equivalent
+  # einsums on CPU, where these skinny products are memory bound).
+  rows = lambda a: a.reshape(k, -1).astype(jnp.float32)
+  gg = jax.tree.map(lambda a, b: rows(a) @ b.reshape(-1).astype(jnp.float32),
+                    mem_grads, g)
   dots = sum(jax.tree.leaves(gg), 0.0)  # (K,) = G g
   violated = jnp.any(has & (dots < 0.0))
 
   def solve(_):
-    gram = jax.tree.map(
-        lambda a: jnp.einsum("k...,j...->kj", a.astype(jnp.float32),
-                             a.astype(jnp.float32)), mem_grads)
+    gram = jax.tree.map(lambda a: rows(a) @ rows(a).T, mem_grads)
     p = sum(jax.tree.leaves(gram), 0.0)
     p = 0.5 * (p + p.T) + eps * jnp.eye(p.shape[0], dtype=p.dtype)
     qp = solve_box_qp(p, dots, margin, has, max_iter=max_iter)
     new = jax.tree.map(
-        lambda gi, a: (gi.astype(jnp.float32) + jnp.einsum(
-            "k,k...->...", qp.v, a.astype(jnp.float32))).astype(gi.dtype),
-        g, mem_grads)
+        lambda gi, a: (gi.astype(jnp.float32) + (qp.v @ rows(a)).reshape(
+            gi.shape)).astype(gi.dtype), g, mem_grads)
     return new, qp
 
   def keep(_):
-    k = has.shape[0]
     return g, QPResult(jnp.zeros((k,), jnp.float32), jnp.asarray(True),
                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
