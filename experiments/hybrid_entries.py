@@ -1,0 +1,48 @@
+"""Results-table rows of the hybrid family (see experiments/reproduce.py)."""
+
+from experiments.reproduce import Entry
+
+_B = "Buzzega et al. 2020"
+_SM = ("Split MNIST (5x2) class-incremental, MLP 100-100, online batch 10 "
+       "(Buzzega et al. 2020)")
+_ST = ("Split MNIST (5x2) task-incremental, MLP 100-100, online batch 10 "
+       "(Buzzega et al. 2020)")
+_SF = ("Split Fashion-MNIST (5x2) class-incremental, MLP 100-100, online "
+       "batch 10")
+_PM = "Permuted MNIST (20), MLP 100-100, 1 epoch (Buzzega et al. 2020)"
+_RM = "Rotated MNIST (20), MLP 100-100, 1 epoch (Buzzega et al. 2020)"
+_PC = "Permuted MNIST (20), MLP 256-256, single epoch (Chaudhry et al. 2019)"
+
+ENTRIES = [
+    Entry(_SM, "GEM (200)", "split_mnist_hybrid", "strategy=gem,mem_size=200",
+          0.801, _B),
+    Entry(_SM, "GEM (500)", "split_mnist_hybrid", "strategy=gem,mem_size=500",
+          0.859, _B),
+    Entry(_SM, "iCaRL (200)", "split_mnist_hybrid",
+          "strategy=icarl,mem_size=200", 0.705, _B),
+    Entry(_SM, "iCaRL (500)", "split_mnist_hybrid",
+          "strategy=icarl,mem_size=500", 0.701, _B),
+    Entry(_SM, "AR1 (200)", "split_mnist_hybrid", "strategy=ar1,mem_size=200"),
+    Entry(_SM, "Progress & Compress", "split_mnist_hybrid",
+          "strategy=progress_compress"),
+    Entry(_SM, "Generative negative replay", "split_mnist_hybrid",
+          "strategy=generative_negative_replay"),
+    Entry(_SM, "Naive (reference)", "split_mnist_hybrid", "strategy=naive"),
+    Entry(_ST, "A-GEM (200)", "split_mnist_hybrid",
+          "strategy=agem,mem_size=200,kind=task", 0.983, _B),
+    Entry(_SF, "AR1 (200)", "split_mnist_hybrid",
+          "strategy=ar1,dataset=fashion_mnist"),
+    Entry(_SF, "Replay (200, reference)", "split_mnist_hybrid",
+          "strategy=replay,dataset=fashion_mnist"),
+    Entry(_PM, "GEM (200)", "permuted_mnist_hybrid",
+          "strategy=gem,mem_size=200", 0.67, "issue 8 anchor (Buzzega)"),
+    Entry(_PM, "GEM (500)", "permuted_mnist_hybrid",
+          "strategy=gem,mem_size=500", 0.77, "issue 8 anchor (Buzzega)"),
+    Entry(_RM, "GEM (200)", "permuted_mnist_hybrid",
+          "strategy=gem,mem_size=200,scenario=rotated", 0.81,
+          "issue 8 anchor (Buzzega)"),
+    Entry(_PC, "A-GEM", "permuted_mnist_hybrid",
+          "strategy=agem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),
+    Entry(_PC, "GEM", "permuted_mnist_hybrid",
+          "strategy=gem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),
+]
