@@ -162,6 +162,8 @@ def sweep(config, seeds: Sequence[int] = (0,),
   for key, vals in values.items():
     if not vals:
       raise ConfigError(f"sweep {key!r}: no values given")
+    if key.startswith("strategy."):
+      continue  # strategy hyperparameters may be left at their defaults
     try:
       _get(config, key)
     except (KeyError, AttributeError):
@@ -179,9 +181,11 @@ def sweep(config, seeds: Sequence[int] = (0,),
       node = base
       *path, last = k.split(".")
       for p in path:
+        if p not in node:
+          node[p] = {}
         node = node[p]
-      node[last] = type(node[last])(v) if not isinstance(
-          node[last], bool) else v
+      old = node.get(last)
+      node[last] = v if old is None or isinstance(old, bool) else type(old)(v)
   s = experiment.setup(base, scenario)
   ctx, strategy = s.learner.ctx, s.learner.strategy
   names = [n.strip() for n in config.strategy.name.split("+")]

@@ -70,3 +70,27 @@ def test_cli_sweep(tmp_path):
       cwd=tmp_path, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "mean ± standard error" in p.stdout and "[n=2]" in p.stdout
+
+
+@pytest.mark.parametrize("name,field,values,extra", [
+    ("ewc", "lam", [0.0, 1000.0], {"max_examples": 64}),
+    ("si", "c", [0.0, 10.0], {}),
+])
+def test_regulariser_strength_sweep_equals_separate_runs(name, field, values,
+                                                         extra):
+  """A strength kept in the strategy state differs per run in one program."""
+  c = small_config()
+  c.scenario.kind = "task"
+  c.strategy.name = name
+  c.strategy[name] = dict(extra)
+  key = f"strategy.{name}.{field}"
+  r = sweep.sweep(c, seeds=[0], values={key: values})
+  for i, v in enumerate(values):
+    single = small_config()
+    single.scenario.kind = "task"
+    single.strategy.name = name
+    single.strategy[name] = dict(extra, **{field: v})
+    ref = jaxcl.run(single)
+    np.testing.assert_allclose(r.accuracy[i], ref.accuracy, atol=1e-5)
+  # The strength really acts: the runs differ.
+  assert not np.allclose(r.accuracy[0], r.accuracy[1])

@@ -71,6 +71,7 @@ class EWCState(NamedTuple):
   fisher: Any        # like params with a leading (num_experiences,) axis: F_k
   anchor: Any        # like params with a leading (num_experiences,) axis: θ*_k
   filled: jax.Array  # bool (num_experiences,): slot k holds experience k
+  lam: jax.Array     # float32 scalar λ: in the state so a sweep can vary it
 
 
 def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
@@ -107,18 +108,18 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
                                  kind=fisher)
     return EWCState(_penalty.put_slot(ss.fisher, f, i),
                     _penalty.put_slot(ss.anchor, params, i),
-                    ss.filled.at[i].set(True))
+                    ss.filled.at[i].set(True), ss.lam)
 
   def init(ctx, key, params):
     del key
     n = ctx.info.num_experiences
     return EWCState(_penalty.zeros_like_tree(params, (n,)),
                     _penalty.zeros_like_tree(params, (n,)),
-                    jnp.zeros((n,), bool))
+                    jnp.zeros((n,), bool), jnp.asarray(lam, jnp.float32))
 
   def loss(ctx, sstate, params, batch, logits):
     del ctx, batch, logits
-    return 0.5 * lam * _penalty.stacked_quadratic(
+    return 0.5 * sstate.lam * _penalty.stacked_quadratic(
         sstate.fisher, sstate.anchor, sstate.filled, params)
 
   def after_experience(ctx, state, experience):

@@ -55,6 +55,7 @@ __all__ = ["MASState", "mas"]
 class MASState(NamedTuple):
   importance: Any  # like params: Ω, summed over past experiences
   anchor: Any      # like params: θ* at the end of the latest experience
+  lam: jax.Array   # float32 scalar λ: in the state so a sweep can vary it
 
 
 def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
@@ -79,17 +80,20 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
   def consolidate(ctx, ss, params, model_state, batches):
     new = _penalty.mas_importance(ctx, params, model_state, batches)
     # jit outputs are fresh buffers: the anchor never aliases params.
-    return MASState(jax.tree.map(jnp.add, ss.importance, new), params)
+    return MASState(jax.tree.map(jnp.add, ss.importance, new), params,
+                    ss.lam)
 
   def init(ctx, key, params):
     del ctx, key
     # A copy: the loop donates the state (params and anchor must not alias).
     return MASState(_penalty.zeros_like_tree(params),
-                    jax.tree.map(jnp.copy, params))
+                    jax.tree.map(jnp.copy, params),
+                    jnp.asarray(lam, jnp.float32))
 
   def loss(ctx, sstate, params, batch, logits):
     del ctx, batch, logits
-    return lam * _penalty.quadratic(sstate.importance, sstate.anchor, params)
+    return sstate.lam * _penalty.quadratic(sstate.importance, sstate.anchor,
+                                           params)
 
   def after_experience(ctx, state, experience):
     batches = _penalty.importance_batches(

@@ -59,6 +59,7 @@ class OnlineEWCState(NamedTuple):
   fisher: Any        # like params: the running Fisher F*
   anchor: Any        # like params: θ* at the end of the latest experience
   count: jax.Array   # int32 scalar: experiences consolidated so far
+  lam: jax.Array     # float32 scalar λ: in the state so a sweep can vary it
 
 
 def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
@@ -97,7 +98,7 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
     # (the loop donates the state).
     return OnlineEWCState(
         jax.tree.map(lambda old, new: gamma * old + new, ss.fisher, f),
-        params, ss.count + 1)
+        params, ss.count + 1, ss.lam)
 
   def init(ctx, key, params):
     del ctx, key
@@ -105,12 +106,13 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
     # anchor would be donated twice.
     return OnlineEWCState(_penalty.zeros_like_tree(params),
                           jax.tree.map(jnp.copy, params),
-                          jnp.zeros((), jnp.int32))
+                          jnp.zeros((), jnp.int32),
+                          jnp.asarray(lam, jnp.float32))
 
   def loss(ctx, sstate, params, batch, logits):
     del ctx, batch, logits
     # Zero before the first consolidation because F* starts at zero.
-    return 0.5 * lam * gamma * _penalty.quadratic(sstate.fisher,
+    return 0.5 * sstate.lam * gamma * _penalty.quadratic(sstate.fisher,
                                                   sstate.anchor, params)
 
   def after_experience(ctx, state, experience):

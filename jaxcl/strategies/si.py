@@ -67,6 +67,7 @@ class SIState(NamedTuple):
   omega: Any       # like params: ω, the running path integral this experience
   importance: Any  # like params: Ω, consolidated importance
   anchor: Any      # like params: θ̃, parameters at the start of this experience
+  c: jax.Array     # float32 scalar strength: in the state so a sweep can vary it
 
 
 def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
@@ -90,7 +91,8 @@ def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
     # two leaves (or by params and anchor) would be donated twice.
     return SIState(_penalty.zeros_like_tree(params),
                    _penalty.zeros_like_tree(params),
-                   jax.tree.map(jnp.copy, params))
+                   jax.tree.map(jnp.copy, params),
+                   jnp.asarray(c, jnp.float32))
 
   # Host-side hooks run these compiled functions (compiled once per
   # factory); jit outputs are fresh buffers, so anchors never alias params.
@@ -105,7 +107,8 @@ def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
     importance = jax.tree.map(
         lambda big, w, p, a: big + w / (jnp.square(p - a) + xi),
         ss.importance, ss.omega, params, ss.anchor)
-    return SIState(_penalty.zeros_like_tree(params), importance, params)
+    return SIState(_penalty.zeros_like_tree(params), importance, params,
+                   ss.c)
 
   def before_experience(ctx, state, experience):
     del ctx, experience
@@ -113,7 +116,8 @@ def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
 
   def loss(ctx, sstate, params, batch, logits):
     del ctx, batch, logits
-    return c * _penalty.quadratic(sstate.importance, sstate.anchor, params)
+    return sstate.c * _penalty.quadratic(sstate.importance, sstate.anchor,
+                                         params)
 
   def after_step(ctx, sstate, info):
     del ctx
