@@ -1,0 +1,43 @@
+"""Results-table rows of the regularisation family (experiments/reproduce.py)."""
+
+from experiments.reproduce import Entry
+
+_HSU = "Hsu et al. 2018"
+_ST = ("Split MNIST (5x2) task-incremental, MLP 2x400, Adam 1e-3, batch "
+       "128, 4 epochs (Hsu et al. 2018)")
+_SC = ("Split MNIST (5x2) class-incremental, MLP 2x400, Adam 1e-3, batch "
+       "128, 4 epochs (Hsu et al. 2018)")
+_PM = ("Permuted MNIST (10), MLP 2x1000, Adam 1e-4, batch 128, 10 epochs "
+       "(Hsu et al. 2018 / van de Ven & Tolias 2019)")
+
+ENTRIES = [
+    Entry(_ST, "EWC", "split_mnist_regularisation", "strategy=ewc,kind=task",
+          0.97, "issue 5 anchor (Hsu: 0.977)"),
+    Entry(_ST, "Online EWC", "split_mnist_regularisation",
+          "strategy=online_ewc,kind=task", 0.980, _HSU),
+    Entry(_ST, "SI", "split_mnist_regularisation", "strategy=si,kind=task",
+          0.97, "issue 5 anchor (Hsu: 0.986)"),
+    Entry(_ST, "MAS", "split_mnist_regularisation", "strategy=mas,kind=task",
+          0.992, _HSU),
+    Entry(_ST, "LwF", "split_mnist_regularisation", "strategy=lwf,kind=task",
+          0.99, "issue 5 anchor (Hsu: 0.996)"),
+    Entry(_ST, "Hypernetwork", "split_mnist_regularisation",
+          "strategy=hypernetwork,kind=task", 0.99,
+          "issue 5 anchor (von Oswald et al. 2020)"),
+    Entry(_SC, "EWC", "split_mnist_regularisation", "strategy=ewc,kind=class"),
+    Entry(_SC, "Online EWC", "split_mnist_regularisation",
+          "strategy=online_ewc,kind=class"),
+    Entry(_SC, "SI", "split_mnist_regularisation", "strategy=si,kind=class"),
+    Entry(_SC, "MAS", "split_mnist_regularisation", "strategy=mas,kind=class"),
+    Entry(_SC, "LwF", "split_mnist_regularisation", "strategy=lwf,kind=class"),
+    Entry(_SC, "Hypernetwork (entropy task inference)",
+          "split_mnist_regularisation", "strategy=hypernetwork,kind=class"),
+    Entry(_PM, "EWC", "permuted_mnist_regularisation", "strategy=ewc", 0.94,
+          "issue 5 anchor"),
+    Entry(_PM, "Online EWC", "permuted_mnist_regularisation",
+          "strategy=online_ewc", 0.95, "issue 5 anchor"),
+    Entry(_PM, "SI", "permuted_mnist_regularisation", "strategy=si", 0.95,
+          "issue 5 anchor"),
+    Entry(_PM, "Hypernetwork (task given)", "permuted_mnist_regularisation",
+          "strategy=hypernetwork", 0.97, "von Oswald et al. 2020"),
+]
