@@ -18,41 +18,12 @@ Holds 20 rotated copies of MNIST in host memory (~4 GB). Measured on a
 2-core CPU: see docs/notes_replay.md.
 """
 
-from jaxcl.configs import parse_arg
-from jaxcl.experiment import default_config
+from experiments import permuted_mnist_replay
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                quick=False)
-  c = default_config()
-  s, m = a["strategy"], a["mem_size"]
-  c.name = f"rotated_mnist_{s}_{m}"
-  c.seed = a["seed"]
-  c.dataset.name = "mnist"
+  # The permuted protocol with rotated experiences; everything else equal.
+  c = permuted_mnist_replay.get_config(arg)
+  c.name = c.name.replace("permuted_mnist", "rotated_mnist", 1)
   c.scenario.type = "rotated"
-  c.scenario.kind = "domain"
-  c.scenario.n_experiences = 20
-  c.scenario.seed = a["seed"]
-  c.model.name = "mlp"
-  c.model.widths = (100, 100)
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = a["lr"] or 0.2
-  c.train.epochs = 1
-  c.train.batch_size = 128
-  c.train.eval_batch_size = 1000
-  c.report.progress = False
-  c.strategy.name = s
-  if s == "replay":
-    c.strategy.replay = dict(mem_size=m, batch_size=128)
-  elif s != "naive":
-    c.strategy[s] = dict(mem_size=m)
-  if a["quick"]:
-    c.scenario.n_experiences = 3
-    c.dataset.train_subset = 2000
-    c.dataset.test_subset = 500
-    c.train.batch_size = 32
-    c.train.eval_batch_size = 250
-    if s == "replay":
-      c.strategy.replay = dict(mem_size=m, batch_size=32)
   return c
