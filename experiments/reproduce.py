@@ -165,7 +165,8 @@ def _fmt(x, pct=True):
 
 
 def write_report(results: dict[str, dict], entries: list[Entry], out: str,
-                 seeds: Sequence[int], smoke: bool, elapsed: float) -> str:
+                 seeds: Sequence[int], smoke: bool, elapsed: float,
+                 only: Sequence[str] = ()) -> str:
   """Writes RESULTS.md and the per-table plots; returns the report path."""
   from jaxcl.report import _pyplot
 
@@ -182,7 +183,11 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       "mean ± standard error over seeds, one vmapped sweep per entry",
       f"* total wall time: {elapsed:.0f} s",
       "* command: `python -m experiments.reproduce" +
-      (" --smoke" if smoke else "") + f" --seeds {len(seeds)}`",
+      (" --smoke" if smoke else "") + f" --seeds {len(seeds)}" +
+      (f" --only {' '.join(only)}" if only else "") + "`",
+      f"* entries: {len(entries)} of the {len(ENTRIES)} registered" +
+      (" (a partial run: the other rows have not been run)"
+       if len(entries) < len(ENTRIES) else ""),
       "",
       "ACC is the average accuracy over all test sets after the last "
       "experience (%); BWT and forgetting as fractions; a published number "
@@ -270,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     results[e.id] = run_entry(e, seeds, os.path.join(workroot, e.id),
                               args.data_dir, args.smoke)
   path = write_report(results, entries, args.out, seeds, args.smoke,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, args.only)
   print(f"wrote {path}")
   return path
 
