@@ -181,7 +181,9 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       " UTC",
       f"* seeds per entry: {len(seeds)} ({', '.join(map(str, seeds))}); "
       "mean ± standard error over seeds, one vmapped sweep per entry",
-      f"* total wall time: {elapsed:.0f} s",
+      f"* wall time: {sum(r.get('wall_time', 0.0) for r in results.values()):.0f}"
+      f" s summed over the entries (this invocation: {elapsed:.0f} s; "
+      "finished entries are reused)",
       "* command: `python -m experiments.reproduce" +
       (" --smoke" if smoke else "") + f" --seeds {len(seeds)}" +
       (f" --only {' '.join(only)}" if only else "") + "`",
