@@ -28,6 +28,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.throughput import matmul_flops  # noqa: E402  one copy
+
 # (name, config module, variant): each strategy in its own family's protocol.
 STRATEGIES = [
     ("naive", "split_mnist_baselines", "strategy=naive"),
@@ -37,17 +39,6 @@ STRATEGIES = [
     ("icarl", "split_mnist_hybrid", "strategy=icarl,mem_size=500"),
     ("supsup", "split_mnist_architectural", "strategy=supsup,mode=gg"),
 ]
-
-
-def matmul_flops(n: int = 4096, reps: int = 10) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
 def measure(name: str, module: str, arg: str, data_dir: str) -> dict:
