@@ -32,7 +32,7 @@ from jaxcl.strategy import Strategy, default_predict
 
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
-    "init_state", "Learner", "make_learner", "device_experience",
+    "init_state", "init_variables", "Learner", "make_learner", "device_experience",
     "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
     "NonFiniteLossError", "ConfigError", "unalias", "reset_opt_state",
 ]
@@ -141,21 +141,30 @@ def make_context(model, tx, info: StreamInfo) -> Context:
                  mask_task_logits=info.kind == "task")
 
 
+def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
+  """A freshly initialised model: ``(params, model_state)``.
+
+  ``model_state`` holds the non-trained collections (e.g. ``batch_stats``;
+  ``{}`` for models without them). Strategies use it for fresh models
+  (Ensemble, GDumb) and for the model state's structure at ``init``.
+  """
+  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  variables = dict(ctx.model.init(key, x, jnp.zeros((1,), jnp.int32)))
+  return variables.pop("params"), variables
+
+
 def init_state(ctx: Context, strategy: Strategy, seed: int | jax.Array,
                params: Any = None) -> TrainState:
   """A fresh state from a seed (or pretrained ``params``)."""
   key = jax.random.PRNGKey(seed) if np.ndim(seed) == 0 else seed
   k_model, k_strategy, k_run = jax.random.split(key, 3)
-  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-  variables = ctx.model.init(k_model, x, jnp.zeros((1,), jnp.int32))
-  variables = dict(variables)
-  init_params = variables.pop("params")
+  init_params, model_state = init_variables(ctx, k_model)
   params = init_params if params is None else params
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=ctx.tx.init(params),
-      model_state=variables,
+      model_state=model_state,
       strategy=strategy.init(ctx, k_strategy, params),
       rng=k_run,
   )

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 
 class EnsembleState(NamedTuple):
@@ -33,16 +34,11 @@ class EnsembleState(NamedTuple):
 def ensemble() -> Strategy:
   """A model per experience, combined with ``vmap``."""
 
-  def _fresh(ctx, key):
-    x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-    variables = dict(ctx.model.init(key, x, jnp.zeros((1,), jnp.int32)))
-    return variables.pop("params"), variables
-
   def init(ctx, key, params):
     n = ctx.info.num_experiences
     stack = lambda t: jax.tree.map(
         lambda a: jnp.zeros((n,) + a.shape, a.dtype), t)
-    _, model_state = _fresh(ctx, key)  # only its structure is used
+    _, model_state = init_variables(ctx, key)  # only its structure is used
     return EnsembleState(stack(params), stack(model_state),
                          jnp.zeros((n,), bool))
 
@@ -52,7 +48,7 @@ def ensemble() -> Strategy:
     # A fresh model per experience, from a key of this run and experience.
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 0xE45),
                              experience.index)
-    params, model_state = _fresh(ctx, key)
+    params, model_state = init_variables(ctx, key)
     return state.replace(params=params, model_state=model_state,
                          opt_state=ctx.tx.init(params))
 

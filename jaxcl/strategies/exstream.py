@@ -51,7 +51,7 @@ from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import latent_replay as lr_mod
 from jaxcl.strategy import Strategy
-from jaxcl.train import device_experience
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["exstream", "ExStreamState", "ClassBuffers", "init_buffers",
            "insert", "insert_many"]
@@ -195,9 +195,7 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
       raise ValueError(f"exstream batch size {replay_size(ctx)} is larger "
                        f"than the {per_class * c} centroid slots")
     k_mem, k_ms = jax.random.split(key)
-    x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-    variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
-    variables.pop("params")
+    _, variables = init_variables(ctx, k_ms)
     return ExStreamState(init_buffers(c, per_class, sp.latent_shape),
                          jnp.zeros((), jnp.int32), k_mem, variables)
 

@@ -46,6 +46,7 @@ from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 __all__ = ["gdumb", "GDumbState", "retrain"]
 
@@ -81,9 +82,7 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
   a fresh random order; steps whose batch holds no valid entry are skipped.
   """
   k_init, k_epochs = jax.random.split(key)
-  x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-  variables = dict(ctx.model.init(k_init, x0, jnp.zeros((1,), jnp.int32)))
-  params = variables.pop("params")
+  params, variables = init_variables(ctx, k_init)
   model_state = variables
   cap = mem.valid.shape[0]
   steps = math.ceil(cap / batch_size)

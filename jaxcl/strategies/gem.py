@@ -67,7 +67,7 @@ from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
 from jaxcl.strategy import Strategy
-from jaxcl.train import device_experience
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
            "store_experience", "memory_loss", "tree_dot", "project"]
@@ -136,10 +136,8 @@ def store_experience(mem: buffers.Memory, key: jax.Array, x, y, task,
 
 
 def init_memory(ctx, key, m: int) -> GEMState:
-  x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
   k_mem, k_ms = jax.random.split(key)
-  variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
-  variables.pop("params")
+  _, variables = init_variables(ctx, k_ms)
   mem = buffers.init(ctx.info.num_experiences * m, ctx.info.input_shape)
   return GEMState(mem, variables, jnp.zeros((), jnp.int32), k_mem)
 

@@ -50,6 +50,7 @@ import optax
 from jaxcl.models.vae import VAE, vae_loss
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 __all__ = ["generative_replay", "DGRState", "replay_rows"]
 
@@ -147,8 +148,7 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
     k_gen, k_ms, k_run = jax.random.split(key, 3)
     x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
     gen_params = vae.init(k_gen, x0, k_gen)["params"]
-    variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
-    variables.pop("params")
+    _, variables = init_variables(ctx, k_ms)
     copy = lambda t: jax.tree.map(jnp.copy, t)  # no aliased (donated) buffers
     return DGRState(gen_params, gen_tx.init(gen_params), copy(gen_params),
                     copy(params), variables, jnp.zeros((ctx.info.num_classes,), bool),

@@ -77,7 +77,7 @@ from jaxcl.state import cross_entropy, masked_logits
 from jaxcl.strategies.latent_replay import split_model
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
-from jaxcl.train import device_experience
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
            "features"]
@@ -210,8 +210,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
     t0 = jnp.zeros((1,), jnp.int32)
     k_ms, k_run = jax.random.split(key)
-    variables = dict(ctx.model.init(k_ms, x0, t0))
-    variables.pop("params")
+    _, variables = init_variables(ctx, k_ms)
     fn = feature_fn(ctx)
     d = jax.eval_shape(lambda p: fn(p, variables, x0, t0), params).shape[-1]
     return ICaRLState(

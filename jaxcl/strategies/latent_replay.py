@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategy import Strategy
-from jaxcl.train import device_experience
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["latent_replay", "LatentReplayState", "Split", "split_model",
            "layer_names", "experience_latents"]
@@ -262,9 +262,7 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
                        f"experiences ({ctx.info.num_experiences}); got "
                        f"{mem_size}")
     k_mem, k_ms = jax.random.split(key)
-    x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-    variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
-    variables.pop("params")
+    _, variables = init_variables(ctx, k_ms)
     return LatentReplayState(buffers.init(mem_size, sp.latent_shape),
                              jnp.zeros((), jnp.int32), k_mem, variables)
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from jaxcl.models.classifier import Classifier
 from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 __all__ = ["LwFState", "lwf", "distillation"]
 
@@ -143,10 +144,7 @@ def lwf(alpha: float = 1.0, temperature: float = 2.0) -> Strategy:
   def init(ctx, key, params):
     del key
     info = ctx.info
-    x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
-    variables = dict(ctx.model.init(jax.random.PRNGKey(0), x,
-                                    jnp.zeros((1,), jnp.int32)))
-    variables.pop("params")
+    _, variables = init_variables(ctx, jax.random.PRNGKey(0))
     # Copies: the loop donates the state (teacher and params must not alias).
     return LwFState(jax.tree.map(jnp.copy, params), variables,
                     jnp.zeros((info.num_classes,), bool),

@@ -44,6 +44,7 @@ from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 __all__ = ["mir", "MIRState", "retrieve"]
 
@@ -108,9 +109,7 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
   def init(ctx, key, params):
     del params
     k_mem, k_ms = jax.random.split(key)
-    x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-    variables = dict(ctx.model.init(k_ms, x0, jnp.zeros((1,), jnp.int32)))
-    variables.pop("params")
+    _, variables = init_variables(ctx, k_ms)
     return MIRState(buffers.init(mem_size, ctx.info.input_shape),
                     jnp.zeros((), jnp.int32), k_mem, variables)
 
