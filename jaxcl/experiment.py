@@ -316,6 +316,14 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     place = lambda t: parallel.place(t, jax.tree.map(lambda _: rep, t))
     state = parallel.place(state, shardings)
 
+  def settle(state):
+    """After host-side work: no aliased buffers (the chunk donates the
+    state) and, on a mesh, the state back on its shardings."""
+    state = unalias(state)
+    if learner.mesh is not None:
+      state = parallel.place(state, learner.state_shardings)
+    return state
+
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
   acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
   test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size))
@@ -337,8 +345,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state, progress, position = restored
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
-      if learner.mesh is not None:
-        state = parallel.place(state, learner.state_shardings)
+      state = settle(state)
   if reporter is None and workdir:
     reporter = report.Reporter(workdir, config,
                                resumed=position != checkpoint.Position())
@@ -366,9 +373,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                            members)
         if learner.reset_optimizer:
           state = _reset_opt(ctx, state, members)
-        state = unalias(state)
-        if learner.mesh is not None:
-          state = parallel.place(state, learner.state_shardings)
+        state = settle(state)
       data = place(device_experience(exp, size))
       bar = reporter.progress(learner.epochs * learner.epoch_steps,
                               f"experience {i + 1}/{n_train}")
@@ -396,9 +401,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  checkpoint.Position(i, "train", epoch + 1, 0))
       bar.close()
       state = _host_hook(strategy.after_experience, ctx, state, exp, members)
-      state = unalias(state)
-      if learner.mesh is not None:
-        state = parallel.place(state, learner.state_shardings)
+      state = settle(state)
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
       acc[..., i, :] = np.asarray(learner.eval_fn(state, test))
