@@ -42,11 +42,19 @@ from jaxcl.experiment import default_config
 # Per-method defaults for this protocol. The Fisher is 'sampled' here: with
 # 10 classes in every experience the exact Fisher costs 10 backward passes
 # per example on a 1.8M-parameter model (see docs/notes_regularisation.md).
+#
+# Strengths at this length (10 epochs, Adam 1e-4): λ = 1e3, chosen on a
+# 1-epoch protocol, was too stiff here (EWC 0.865, see the notes). λ = 100
+# and c = 10 are the reference code's values for this protocol (van de
+# Ven's continual-learning param_values.py, permMNIST domain: ewc_lambda
+# 100 with the same ½ in the penalty, si_c 10 with none, as here); Hsu's
+# suite uses the equivalent of λ = 300 / 500 and c = 10 and reports lower
+# accuracies.
 STRATEGIES = {
-    "ewc": dict(lam=1e3, fisher="sampled", max_examples=1000),
-    "online_ewc": dict(lam=1e3, gamma=1.0, fisher="sampled",
+    "ewc": dict(lam=100.0, fisher="sampled", max_examples=1000),
+    "online_ewc": dict(lam=100.0, gamma=1.0, fisher="sampled",
                        max_examples=1000),
-    "si": dict(c=1.0, xi=0.1),
+    "si": dict(c=10.0, xi=0.1),
     "mas": dict(lam=1.0, max_examples=1000),
     "lwf": dict(alpha=1.0, temperature=2.0),
     "hypernetwork": dict(beta=0.1, reg_samples=1),
