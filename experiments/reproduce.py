@@ -14,10 +14,18 @@ accuracy over experiences. The report names the commit it ran.
 
 ``--only`` keeps entries whose id or table contains any of the given
 substrings; ``--skip`` lists matching entries as not run unless a finished
-result can be reused (for runs too long for the machine). ``--any_seeds``
+result can be reused (for runs too long for the machine); ``--report_only``
+runs nothing and writes the report from the stored results. ``--any_seeds``
 reuses finished entries run with another seed count (their rows say how
 many seeds). ``--data_dir`` (default ``$JAXCL_DATA_DIR`` or
 ``../shared/data``) holds the MNIST / Fashion-MNIST IDX files.
+
+Finished results are stored as one small JSON record per entry in
+``experiments/results/<entry id>.json`` (``--results``), which is
+committed: a fresh checkout writes the same report without re-running
+hours of experiments, and a record is reused only while its config's
+fingerprint is unchanged. Checkpoints of unfinished runs stay in
+``--workdir`` (``runs/``, not committed).
 """
 
 from __future__ import annotations
@@ -126,10 +134,11 @@ def _machine() -> str:
 
 def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
               data_dir: str, smoke: bool, any_seeds: bool = False,
-              run: bool = True) -> dict:
+              run: bool = True, record: str | None = None) -> dict:
   """Runs (or reuses the finished result of) one entry.
 
-  A finished result is reused when its config is unchanged and it ran
+  A finished result (the JSON file ``record``, by default ``entry.json``
+  in ``workdir``) is reused when its config is unchanged and it ran
   ``seeds`` (or, with ``any_seeds``, any seeds: for entries too long to
   repeat; the report then names their seeds). With ``run=False`` an entry
   without such a result is reported as skipped instead of run.
@@ -142,7 +151,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   config.dataset.data_dir = config.dataset.data_dir or data_dir
   config.report.progress = False
   fp = checkpoint.fingerprint(config)
-  done = os.path.join(workdir, "entry.json")
+  done = record or os.path.join(workdir, "entry.json")
   if os.path.exists(done):
     with open(done) as f:
       prev = json.load(f)
@@ -158,6 +167,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   def set_aside(why: str) -> None:
     # Keep the old run beside the new one rather than resume from
     # incompatible checkpoints.
+    if not os.path.exists(workdir):
+      return
     stale = workdir.rstrip("/") + ".stale"
     if os.path.exists(stale):
       shutil.rmtree(stale)
@@ -191,8 +202,10 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
                     else float(np.mean(acc[:, i])) for i in
                     range(acc.shape[1])],
   }
-  with open(done, "w") as f:
+  os.makedirs(os.path.dirname(done), exist_ok=True)
+  with open(done + ".tmp", "w") as f:  # never a half-written record
     json.dump(out, f)
+  os.replace(done + ".tmp", done)
   return out
 
 
@@ -209,7 +222,7 @@ def _fmt(x, pct=True):
 def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                  seeds: Sequence[int], smoke: bool, elapsed: float,
                  only: Sequence[str] = (), any_seeds: bool = False,
-                 skip: Sequence[str] = ()) -> str:
+                 skip: Sequence[str] = (), report_only: bool = False) -> str:
   """Writes RESULTS.md and the per-table plots; returns the report path."""
   from jaxcl.report import _pyplot
 
@@ -231,6 +244,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       "* command: `python -m experiments.reproduce" +
       (" --smoke" if smoke else "") + f" --seeds {len(seeds)}" +
       (" --any_seeds" if any_seeds else "") +
+      (" --report_only" if report_only else "") +
       (f" --skip {' '.join(skip)}" if skip else "") +
       (f" --only {' '.join(only)}" if only else "") + "`",
       f"* entries: {len(entries)} of the {len(ENTRIES)} registered" +
@@ -255,7 +269,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
               "forgetting | wall time (s) | config | commit |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    gaps = []
+    gaps, imported = [], set()
     for e in rows:
       r = results.get(e.id, {})
       cfg = f"`{e.config}.py:{e.arg}`"
@@ -280,9 +294,12 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
           f"| {e.method} | {acc}{own} | {_fmt(e.published)} | "
           f"{e.source} | {_fmt(r.get('bwt'), False)} | "
           f"{_fmt(r.get('forgetting'), False)} | {r['wall_time']:.0f} | "
-          f"{cfg} | `{r.get('commit', 'unknown')[:7]}` |")
-      ys = r["over_time"]
-      ax.plot(range(1, len(ys) + 1), ys, marker="o", label=e.method)
+          f"{cfg} | `{r.get('commit', 'unknown')[:7]}`"
+          f"{' †' if 'imported_from' in r else ''} |")
+      imported |= {r["imported_from"]} if "imported_from" in r else set()
+      ys = r.get("over_time")
+      if ys:  # records imported from an older report have no curve
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=e.method)
       if e.published is not None and r["acc"][0] < e.published - 0.015:
         gaps.append(e)
     lines.append("")
@@ -292,6 +309,11 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                    (e.note or "NOT YET EXPLAINED."))
     if gaps:
       lines.append("")
+    for src in sorted(imported):
+      lines += [f"† carried over from {src}, run before results were "
+                "stored in `experiments/results/`: the numbers as printed "
+                "there; the per-experience curve was not kept, so the row "
+                "has no line in the plot.", ""]
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("average accuracy (seen)")
     ax.set_ylim(0, 1.02)
@@ -321,11 +343,19 @@ def main(argv: Sequence[str] | None = None) -> str:
   ap.add_argument("--any_seeds", action="store_true",
                   help="reuse finished entries run with other seeds (their "
                   "rows name their seed count)")
+  ap.add_argument("--report_only", action="store_true",
+                  help="run nothing: write the report from the stored "
+                  "results, listing entries without one as not run")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny subsets, 1 seed: checks the pipeline only")
   ap.add_argument("--out", default=REPO)
   ap.add_argument("--workdir", default=os.path.join(REPO, "runs",
-                                                    "reproduce"))
+                                                    "reproduce"),
+                  help="checkpoints of the runs (resumable; not committed)")
+  ap.add_argument("--results", default=os.path.join(REPO, "experiments",
+                                                    "results"),
+                  help="one JSON record per finished entry (committed; "
+                  "smoke runs keep theirs in the workdir)")
   ap.add_argument("--data_dir", default=os.environ.get(
       "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
   args = ap.parse_args(argv)
@@ -341,13 +371,19 @@ def main(argv: Sequence[str] | None = None) -> str:
   t0 = time.perf_counter()
   results = {}
   for e in tqdm(entries, desc="reproduce", unit="entry"):
-    skipped = any(k in e.id or k in e.table for k in args.skip)
+    skipped = args.report_only or any(k in e.id or k in e.table
+                                      for k in args.skip)
+    record = (None if args.smoke else
+              os.path.join(args.results, f"{e.id}.json"))
     results[e.id] = run_entry(e, seeds, os.path.join(workroot, e.id),
                               args.data_dir, args.smoke, args.any_seeds,
-                              run=not skipped)
+                              run=not skipped, record=record)
+    if args.report_only and "skipped" in results[e.id]:
+      results[e.id]["skipped"] = ("no stored result for this config "
+                                  "(report written with --report_only)")
   path = write_report(results, entries, args.out, seeds, args.smoke,
                       time.perf_counter() - t0, args.only, args.any_seeds,
-                      args.skip)
+                      args.skip, args.report_only)
   print(f"wrote {path}")
   return path
 

@@ -125,3 +125,49 @@ def test_entry_without_its_data_is_listed_as_not_run(tmp_path):
   assert "| Naive | not run: skipped in this invocation (--skip" in text
   assert "with results: 0, not run: 1, failed: 0" in text
   assert "--skip permuted_mnist" in text
+
+
+def test_report_only_runs_nothing_and_shows_stored_and_imported_rows(
+    tmp_path, data_dir):
+  """--report_only writes the report from stored records: an entry without
+  one is listed as not run (nothing is trained), and a record carried over
+  from an older report (no per-experience curve) is marked † with its
+  source, instead of failing the plot."""
+  naive = "split_mnist_baselines__strategy_naive"
+  joint = "split_mnist_baselines__strategy_joint"
+  base = ["--smoke", "--workdir", str(tmp_path / "w"), "--data_dir",
+          data_dir]
+  reproduce.main(base + ["--only", naive, "--out", str(tmp_path / "a")])
+  rec_path = tmp_path / "w_smoke" / naive / "entry.json"
+  rec = json.load(open(rec_path))
+  del rec["over_time"], rec["accuracy"]
+  rec["imported_from"] = "an older report"
+  rec["acc"] = [0.4321, 0.0]
+  json.dump(rec, open(rec_path, "w"))
+  path = reproduce.main(base + ["--report_only", "--only", naive, joint,
+                                "--out", str(tmp_path / "b")])
+  text = open(path).read()
+  assert not (tmp_path / "w_smoke" / joint).exists()  # nothing was run
+  joint_row = next(l for l in text.splitlines() if l.startswith("| Joint"))
+  assert "not run: no stored result" in joint_row
+  naive_row = next(l for l in text.splitlines() if l.startswith("| Naive"))
+  assert "43.21" in naive_row and "†" in naive_row
+  assert "† carried over from an older report" in text
+
+
+def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
+                                                          data_dir):
+  """Full runs keep their record in the committed results directory, apart
+  from the (uncommitted) checkpoints; a second call reuses it."""
+  reproduce._load_more_entries()
+  e = next(e for e in reproduce.ENTRIES
+           if e.id == "split_mnist_baselines__strategy_naive")
+  record = str(tmp_path / "results" / f"{e.id}.json")
+  first = reproduce.run_entry(e, [0], str(tmp_path / "work"), data_dir,
+                              smoke=True, record=record)
+  assert json.load(open(record))["acc"] == list(first["acc"])
+  assert not os.path.exists(tmp_path / "work" / "entry.json")
+  mtime = os.path.getmtime(record)
+  again = reproduce.run_entry(e, [0], str(tmp_path / "work"), data_dir,
+                              smoke=True, record=record, run=False)
+  assert list(again["acc"]) == list(first["acc"]) and os.path.getmtime(record) == mtime
