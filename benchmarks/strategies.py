@@ -84,6 +84,8 @@ PROTOCOLS = {
         ("naive@ewc", "permuted_mnist_regularisation", "strategy=ewc",
          _naive),
         ("ewc", "permuted_mnist_regularisation", "strategy=ewc", None),
+        ("hypernetwork", "permuted_mnist_regularisation",
+         "strategy=hypernetwork", None),
         ("replay", "permuted_mnist_replay", "strategy=replay,mem_size=500",
          None),
         ("gem", "permuted_mnist_hybrid", "strategy=gem,mem_size=500", None),
