@@ -64,6 +64,10 @@ class Entry:
     note: why jaxcl falls short of ``published`` by more than 1.5 points,
       if it does (what differs in the protocol, what was tried); printed
       under the table.
+    pretrain: for methods over a pretrained backbone (Piggyback): the
+      variant argument of the same config module whose run (seed 0) gives
+      the backbone; its final params are saved once and passed to the entry
+      as ``pretrained=<file>``.
   """
   table: str
   method: str
@@ -72,11 +76,16 @@ class Entry:
   published: float | None = None
   source: str = ""
   note: str = ""
+  pretrain: str = ""
 
   @property
   def id(self) -> str:
-    safe = lambda s: "".join(c if c.isalnum() else "_" for c in s)
-    return f"{self.config}__{safe(self.arg)}"
+    return f"{self.config}__{_safe(self.arg)}"
+
+
+def _safe(s: str) -> str:
+  """``s`` as a file name (and config argument) part."""
+  return "".join(c if c.isalnum() else "_" for c in s)
 
 
 # The published anchors named in the project's issues; each config's
@@ -146,11 +155,22 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   from jaxcl import checkpoint, datasets, sweep
 
   mod = importlib.import_module(f"experiments.{entry.config}")
-  arg = entry.arg + (",quick" if smoke else "")
+  quick = ",quick" if smoke else ""
+  arg = entry.arg + quick
+  backbone = ""
+  if entry.pretrain:
+    backbone = os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                            "_pretrained",
+                            f"{entry.config}__{_safe(entry.pretrain + quick)}"
+                            ".npz")
+    arg += f",pretrained={backbone}"
   config = mod.get_config(arg)
   config.dataset.data_dir = config.dataset.data_dir or data_dir
   config.report.progress = False
   fp = checkpoint.fingerprint(config)
+  if backbone:  # the backbone is named by its run, not by where it lies
+    fp = {k: (f"<{entry.config}.py:{entry.pretrain}{quick}>"
+              if v == backbone else v) for k, v in fp.items()}
   done = record or os.path.join(workdir, "entry.json")
   if os.path.exists(done):
     with open(done) as f:
@@ -179,6 +199,12 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     set_aside("config or seeds changed since the cached result")
   t = time.perf_counter()
   try:
+    if backbone and not os.path.exists(backbone):
+      from jaxcl import pretrained
+      pre = mod.get_config(entry.pretrain + quick)
+      pre.dataset.data_dir = pre.dataset.data_dir or data_dir
+      pre.report.progress = False
+      pretrained.pretrain(pre, backbone)
     try:  # an unfinished run of this config resumes from its checkpoints
       r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
     except checkpoint.IncompatibleCheckpointError:

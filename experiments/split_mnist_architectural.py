@@ -17,8 +17,10 @@ One config per method, with the method's own model:
 * ``hat``: ``hat_mlp``, the authors' code's c 0.75, s_max 400, embedding
   clamp +-6, gradient clip 10000, but SGD momentum 0.9, lr 0.02 and
   **5 epochs** (Serra et al. 2018; joansj/hat);
-* ``piggyback``: ``masked_mlp`` over a frozen MLP pretrained on
-  Fashion-MNIST (``strategy=pretrain`` builds that run; Mallya et al. 2018);
+* ``piggyback``: ``masked_mlp`` over a frozen MLP pretrained on the other
+  data set (Fashion-MNIST for an MNIST stream, MNIST for Fashion-MNIST;
+  ``strategy=pretrain`` with the same ``dataset`` builds that run, and
+  ``experiments.reproduce`` runs it first; Mallya et al. 2018);
 * ``supsup``: ``masked_mlp`` with signed-constant weights and the reference
   code's MNIST supermasks 1[S > 0] on every layer (RAIVNLab/supsup
   ``FastMultitaskMaskConv``; Wortsman et al. 2020), Adam lr 1e-2.
@@ -60,9 +62,13 @@ def get_config(arg=None):
   c.train.batch_size = 64
   c.train.eval_batch_size = 1000
   c.strategy.name = name
-  if name == "pretrain":  # the Piggyback backbone: all of Fashion-MNIST
-    c.name = "pretrain_fashion_mnist_mlp"
-    c.dataset.name = "fashion_mnist"
+  if name == "pretrain":
+    # The Piggyback backbone for the `dataset` stream, trained on all of
+    # the *other* data set (Fashion-MNIST for MNIST and back), so the
+    # stream's own data never reaches the frozen weights.
+    other = "mnist" if a["dataset"] == "fashion_mnist" else "fashion_mnist"
+    c.name = f"pretrain_{other}_mlp"
+    c.dataset.name = other
     c.scenario.kind = "class"
     c.scenario.n_experiences = 1
     c.model.multi_head = False

@@ -171,3 +171,25 @@ def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
   again = reproduce.run_entry(e, [0], str(tmp_path / "work"), data_dir,
                               smoke=True, record=record, run=False)
   assert list(again["acc"]) == list(first["acc"]) and os.path.getmtime(record) == mtime
+
+
+def test_pretrained_backbone_entry_pretrains_first_and_names_its_run(
+    tmp_path, data_dir):
+  """An entry over a pretrained backbone (Piggyback) first runs its
+  pretraining config and saves the params; the record's fingerprint names
+  the pretraining run, not the file's location, so another checkout reuses
+  it."""
+  reproduce._load_more_entries()
+  e = next(e for e in reproduce.ENTRIES if e.pretrain and
+           "fashion" not in e.arg)
+  work = str(tmp_path / "root" / e.id)
+  r = reproduce.run_entry(e, [0], work, data_dir, smoke=True)
+  assert "acc" in r, r
+  files = os.listdir(tmp_path / "root" / "_pretrained")
+  assert files == [f"{e.config}__strategy_pretrain_quick.npz"]
+  assert "<split_mnist_architectural.py:strategy=pretrain,quick>" in \
+      r["fingerprint"].values()
+  assert not any(str(tmp_path) in str(v) for v in r["fingerprint"].values())
+  # The backbone is what the pretraining run produced (Fashion-MNIST).
+  from jaxcl import pretrained
+  assert pretrained.load(str(tmp_path / "root" / "_pretrained" / files[0]))
