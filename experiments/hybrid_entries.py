@@ -60,7 +60,7 @@ ENTRIES = [
           "MNIST and was not tried here (time)."),
     Entry(_RM, "GEM (200)", "permuted_mnist_hybrid",
           "strategy=gem,mem_size=200,scenario=rotated", 0.81,
-          "issue 8 anchor (Buzzega)"),
+          "issue 8 anchor (Buzzega)", scenario_per_seed=True),
     Entry(_PC, "A-GEM", "permuted_mnist_hybrid",
           "strategy=agem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),
     Entry(_PC, "GEM", "permuted_mnist_hybrid",

@@ -31,6 +31,7 @@ fingerprint is unchanged. Checkpoints of unfinished runs stay in
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import importlib
@@ -64,6 +65,10 @@ class Entry:
     note: why jaxcl falls short of ``published`` by more than 1.5 points,
       if it does (what differs in the protocol, what was tried); printed
       under the table.
+    scenario_per_seed: each seed gets its own scenario draw (permutations,
+      angles: ``config.scenario.seed = seed``), as Mammoth and Avalanche
+      draw one per run; the seeds then run one after another instead of as
+      one vmapped sweep, which shares the data and so the draw.
     pretrain: for methods over a pretrained backbone (Piggyback): the
       variant argument of the same config module whose run (seed 0) gives
       the backbone; its final params are saved once and passed to the entry
@@ -76,6 +81,7 @@ class Entry:
   published: float | None = None
   source: str = ""
   note: str = ""
+  scenario_per_seed: bool = False
   pretrain: str = ""
 
   @property
@@ -171,6 +177,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   if backbone:  # the backbone is named by its run, not by where it lies
     fp = {k: (f"<{entry.config}.py:{entry.pretrain}{quick}>"
               if v == backbone else v) for k, v in fp.items()}
+  if entry.scenario_per_seed:
+    fp["reproduce.scenario_per_seed"] = True
   done = record or os.path.join(workdir, "entry.json")
   if os.path.exists(done):
     with open(done) as f:
@@ -205,11 +213,25 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
       pre.dataset.data_dir = pre.dataset.data_dir or data_dir
       pre.report.progress = False
       pretrained.pretrain(pre, backbone)
+    def train() -> tuple[np.ndarray, dict]:
+      if not entry.scenario_per_seed:
+        r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
+        return r.accuracy, r.groups[0]
+      accs, runs = [], []
+      for s in seeds:
+        c = copy.deepcopy(config)
+        c.scenario.seed = s
+        r = sweep.sweep(c, seeds=[s],
+                        workdir=os.path.join(workdir, f"seed_{s}"))
+        accs.append(r.accuracy[0])
+        runs.append(r.metrics[0])
+      return np.stack(accs), sweep.summarise(runs)
+
     try:  # an unfinished run of this config resumes from its checkpoints
-      r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
+      acc, g = train()
     except checkpoint.IncompatibleCheckpointError:
       set_aside("an unfinished run of another config or seeds")
-      r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
+      acc, g = train()
   except datasets.DataError as e:  # e.g. CIFAR on an offline machine
     return {"skipped": f"data set {config.dataset.name} not available "
                        f"here ({str(e)[:100]}...)"}
@@ -217,8 +239,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     return {"error": f"{type(e).__name__}: {e}",
             "trace": traceback.format_exc()[-2000:]}
   wall = time.perf_counter() - t
-  acc = r.accuracy  # (seeds, T, E)
-  g = r.groups[0]
+  # acc: (seeds, T, E)
   out = {
       "seeds": list(seeds), "wall_time": wall, "fingerprint": fp,
       "commit": _commit(),

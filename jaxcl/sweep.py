@@ -34,7 +34,7 @@ import numpy as np
 from jaxcl import experiment
 from jaxcl.train import ConfigError
 
-__all__ = ["sweep", "SweepResult", "parse_values"]
+__all__ = ["sweep", "SweepResult", "parse_values", "summarise"]
 
 
 @dataclasses.dataclass
@@ -205,12 +205,8 @@ def sweep(config, seeds: Sequence[int] = (0,),
   for setting in settings:
     idx = [i for i, m in enumerate(members)
            if all(m[k] == setting[k] for k in keys)]
-    g = {"setting": setting, "n": len(idx)}
-    for metric in per_run[0]:
-      v = np.array([per_run[i][metric] for i in idx])
-      se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-      g[metric] = (float(v.mean()), se)
-    groups.append(g)
+    groups.append({"setting": setting, "n": len(idx),
+                   **summarise([per_run[i] for i in idx])})
   out = SweepResult(members, np.asarray(result.accuracy), per_run, groups,
                     result.times, result)
   if workdir:
@@ -219,6 +215,18 @@ def sweep(config, seeds: Sequence[int] = (0,),
       json.dump({"members": members, "accuracy": out.accuracy.tolist(),
                  "metrics": per_run, "groups": groups,
                  "times": result.times}, f, indent=2)
+  return out
+
+
+def summarise(per_run: Sequence[dict[str, float]]
+              ) -> dict[str, tuple[float, float]]:
+  """``{metric: (mean, standard error)}`` over runs' metrics (se 0 for one
+  run)."""
+  out = {}
+  for metric in per_run[0]:
+    v = np.array([r[metric] for r in per_run])
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    out[metric] = (float(v.mean()), se)
   return out
 
 

@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 from experiments import reproduce
 
 
@@ -193,3 +195,29 @@ def test_pretrained_backbone_entry_pretrains_first_and_names_its_run(
   # The backbone is what the pretraining run produced (Fashion-MNIST).
   from jaxcl import pretrained
   assert pretrained.load(str(tmp_path / "root" / "_pretrained" / files[0]))
+
+
+def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
+  """With scenario_per_seed each seed runs on its own permutations (scenario
+  seed = seed): seed 1's matrix is a single run of that draw, not the
+  vmapped sweep's shared draw of scenario seed 0."""
+  from jaxcl import sweep
+  from experiments import permuted_mnist_replay as mod
+  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
+                      "strategy=replay,mem_size=50", scenario_per_seed=True)
+  r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
+                          smoke=True)
+  assert r["fingerprint"]["reproduce.scenario_per_seed"] is True
+  acc = np.asarray(r["accuracy"])
+  assert acc.shape[0] == 2
+
+  def single(scenario_seed):
+    c = mod.get_config("strategy=replay,mem_size=50,quick")
+    c.dataset.data_dir = data_dir
+    c.scenario.seed = scenario_seed
+    return sweep.sweep(c, seeds=[1]).accuracy[0]
+  np.testing.assert_allclose(acc[1], single(1), atol=1e-6)
+  assert not np.allclose(acc[1], single(0), atol=1e-3)
+  v = [float(np.mean(a[-1])) for a in acc]  # ACC per seed
+  assert abs(r["acc"][0] - np.mean(v)) < 1e-6
+  assert abs(r["acc"][1] - np.std(v, ddof=1) / np.sqrt(2)) < 1e-6
