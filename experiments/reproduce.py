@@ -203,6 +203,21 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     os.rename(workdir, stale)
     print(f"{entry.id}: {why}; old run moved to {stale}", file=sys.stderr)
 
+  def train() -> tuple[np.ndarray, dict]:
+    """``(seeds, T, E)`` accuracy matrices and the metrics' mean / se."""
+    if not entry.scenario_per_seed:
+      r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
+      return r.accuracy, r.groups[0]
+    accs, runs = [], []
+    for s in seeds:
+      c = copy.deepcopy(config)
+      c.scenario.seed = s
+      r = sweep.sweep(c, seeds=[s],
+                      workdir=os.path.join(workdir, f"seed_{s}"))
+      accs.append(r.accuracy[0])
+      runs.append(r.metrics[0])
+    return np.stack(accs), sweep.summarise(runs)
+
   if os.path.exists(done):
     set_aside("config or seeds changed since the cached result")
   t = time.perf_counter()
@@ -213,20 +228,6 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
       pre.dataset.data_dir = pre.dataset.data_dir or data_dir
       pre.report.progress = False
       pretrained.pretrain(pre, backbone)
-    def train() -> tuple[np.ndarray, dict]:
-      if not entry.scenario_per_seed:
-        r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
-        return r.accuracy, r.groups[0]
-      accs, runs = [], []
-      for s in seeds:
-        c = copy.deepcopy(config)
-        c.scenario.seed = s
-        r = sweep.sweep(c, seeds=[s],
-                        workdir=os.path.join(workdir, f"seed_{s}"))
-        accs.append(r.accuracy[0])
-        runs.append(r.metrics[0])
-      return np.stack(accs), sweep.summarise(runs)
-
     try:  # an unfinished run of this config resumes from its checkpoints
       acc, g = train()
     except checkpoint.IncompatibleCheckpointError:
@@ -239,7 +240,6 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     return {"error": f"{type(e).__name__}: {e}",
             "trace": traceback.format_exc()[-2000:]}
   wall = time.perf_counter() - t
-  # acc: (seeds, T, E)
   out = {
       "seeds": list(seeds), "wall_time": wall, "fingerprint": fp,
       "commit": _commit(),
