@@ -702,7 +702,10 @@ def test_negative_loss_moves_only_current_class_logits():
   y = jnp.asarray([0, 1, 0])             # old classes
   cur = jnp.asarray([False, False, True, True, False])
   g = np.asarray(jax.grad(lambda z: negative_loss(z, y, cur).sum())(z))
-  p = np.exp(np.asarray(z))
+  # The softmax sees the current classes' logits and 0 for the others
+  # (CWR*'s training-time head), whatever the old units' logits are.
+  zh = np.where(np.asarray(cur)[None], np.asarray(z), 0.0)
+  p = np.exp(zh)
   p /= p.sum(1, keepdims=True)
   # d/dz_c = softmax_c on the current classes (pushed down), 0 elsewhere:
   # the replayed samples are never positives.
@@ -711,6 +714,14 @@ def test_negative_loss_moves_only_current_class_logits():
   want = -np.log(p[np.arange(3), np.asarray(y)])
   np.testing.assert_allclose(np.asarray(negative_loss(z, y, cur)), want,
                              rtol=1e-5)
+  # Bounded under CWR*'s switched-off old units (logit -1e9): the same
+  # value, and no push once the current logits are far below 0.
+  off = jnp.where(cur[None], z, -1e9)
+  np.testing.assert_allclose(np.asarray(negative_loss(off, y, cur)), want,
+                             rtol=1e-5)
+  low = jnp.where(cur[None], -30.0, z)
+  assert float(jnp.abs(jax.grad(
+      lambda z: negative_loss(z, y, cur).sum())(low)).max()) < 1e-10
 
 
 def test_ar1_gnr_gem_chained_compile_once(stream):
@@ -739,8 +750,11 @@ def test_hybrid_configs_build(data_dir):
   for s in split_mnist_hybrid.LR:
     c = split_mnist_hybrid.get_config(f"strategy={s},quick")
     kwargs = {k: dict(v) for k, v in c.strategy.items() if k != "name"}
-    want = "ar1" if s == "ar1_star" else s
-    assert strategies.from_spec(c.strategy.name, kwargs)[0].name == want
+    want = {"ar1_star": "ar1",  # AR1 with its latent replay member
+            "generative_negative_replay":  # the paper's setting, after AR1
+            "ar1+generative_negative_replay"}.get(s, s)
+    got = strategies.from_spec(c.strategy.name, kwargs)[0].name
+    assert got == want, (s, got)
   # One end-to-end build on the real data (model, optimiser, learner).
   c = split_mnist_hybrid.get_config("strategy=progress_compress,quick")
   c.dataset.data_dir = data_dir
