@@ -566,6 +566,9 @@ def test_progress_compress_errors(stream):
   from jaxcl.strategies.progress_compress import progress_compress
   with pytest.raises(ValueError, match="gamma"):
     progress_compress(gamma=0.0)
+  with pytest.raises(ValueError, match="progress_compress: unknown Fisher "
+                     "type 'kfac'; valid"):
+    progress_compress(fisher="kfac")
   with pytest.raises(ValueError, match="2-column 'progressive' model"):
     train.init_state(make_ctx(stream), progress_compress(), 0)
 

@@ -37,7 +37,7 @@ from jaxcl.train import experience_batches
 
 __all__ = ["FISHER_TYPES", "quadratic", "fisher_diagonal", "mas_importance",
            "importance_batches", "check_nonnegative", "check_estimator_args",
-           "zeros_like_tree"]
+           "check_fisher", "zeros_like_tree"]
 
 FISHER_TYPES = ("exact", "sampled", "empirical")
 
@@ -50,6 +50,13 @@ def check_nonnegative(name: str, value: float) -> None:
   if not (isinstance(value, (int, float)) and math.isfinite(value)
           and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_fisher(who: str, fisher: str) -> None:
+  """A clear error for a Fisher type not in :data:`FISHER_TYPES`."""
+  if fisher not in FISHER_TYPES:
+    raise ValueError(f"{who}: unknown Fisher type {fisher!r}; valid: "
+                     f"{list(FISHER_TYPES)}")
 
 
 def check_estimator_args(max_examples: int, batch_size: int) -> None:

@@ -131,9 +131,7 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
     ValueError: negative ``lam``, unknown ``fisher``, bad sizes.
   """
   _penalty.check_nonnegative("ewc: lam", lam)
-  if fisher not in _penalty.FISHER_TYPES:
-    raise ValueError(f"ewc: unknown Fisher type {fisher!r}; valid: "
-                     f"{list(_penalty.FISHER_TYPES)}")
+  _penalty.check_fisher("ewc", fisher)
   _penalty.check_estimator_args(max_examples, batch_size)
 
   # Compiled once per factory (ctx is static and hashable); the state comes

@@ -84,9 +84,7 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
   if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)
           and 0.0 < gamma <= 1.0):
     raise ValueError(f"online_ewc: gamma must be in (0, 1], got {gamma!r}")
-  if fisher not in _penalty.FISHER_TYPES:
-    raise ValueError(f"online_ewc: unknown Fisher type {fisher!r}; valid: "
-                     f"{list(_penalty.FISHER_TYPES)}")
+  _penalty.check_fisher("online_ewc", fisher)
   _penalty.check_estimator_args(max_examples, batch_size)
 
   # Compiled once per factory (ctx static); the state is an argument.

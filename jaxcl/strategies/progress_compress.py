@@ -121,9 +121,7 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
   if not (isinstance(compress_lr, (int, float)) and compress_lr > 0):
     raise ValueError(f"progress_compress: compress_lr must be > 0, got "
                      f"{compress_lr!r}")
-  if fisher not in _penalty.FISHER_TYPES:
-    raise ValueError(f"progress_compress: unknown Fisher type {fisher!r}; "
-                     f"valid: {list(_penalty.FISHER_TYPES)}")
+  _penalty.check_fisher("progress_compress", fisher)
   _penalty.check_estimator_args(max_examples, compress_batch_size)
   tx = optax.adam(compress_lr)
   every = lambda path, g: True  # every leaf is stacked by column
