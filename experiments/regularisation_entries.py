@@ -59,10 +59,11 @@ ENTRIES = [
           "protocol (van de Ven's si_c, Hsu's reg_coef; Hsu's suite reports "
           "about 0.83 with it): the first permutation falls to 0.83 while "
           "the later ones hold 0.93-0.95, so c is too weak here. Larger c "
-          "was not tried at this length (21 minutes per 3-seed run); "
-          "one difference from van de Ven's code is that our ω uses the "
-          "unregularised gradient, as Zenke et al. define it, while that "
-          "code uses the total loss's gradient, which makes ω larger."),
+          "was not tried at this length (21 minutes per 3-seed run). A "
+          "possible difference from van de Ven's code, as we read it: "
+          "its ω takes p.grad after the backward pass of the total loss, "
+          "regulariser included, while ours uses the unregularised "
+          "gradient as Zenke et al. define it; this was not tested."),
     Entry(_PM, "Hypernetwork (task given)", "permuted_mnist_regularisation",
           "strategy=hypernetwork", 0.97, "von Oswald et al. 2020"),
 ]
