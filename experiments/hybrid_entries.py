@@ -49,21 +49,10 @@ ENTRIES = [
           "strategy=replay,dataset=fashion_mnist"),
     Entry(_PM, "GEM (200)", "permuted_mnist_hybrid",
           "strategy=gem,mem_size=200", 0.67, "issue 8 anchor (Buzzega)",
-          scenario_per_seed=True,
-          note="Mammoth's perm-mnist setting (lr 0.1, margin 0.5), not "
-          "tuned; the 3 seeds spread over 10 points (59.5, 67.2, 69.9) "
-          "and a single run of seed 0 several core commits earlier gave "
-          "67.6; the gap to 66.9 is within GEM's seed-to-seed spread at "
-          "10 memories per experience."),
+          scenario_per_seed=True),
     Entry(_PM, "GEM (500)", "permuted_mnist_hybrid",
           "strategy=gem,mem_size=500", 0.77, "issue 8 anchor (Buzzega)",
-          scenario_per_seed=True,
-          note="Mammoth's perm-mnist setting (lr 0.1, margin 0.5), not "
-          "tuned on this protocol (only Split MNIST GEM was tuned); "
-          "per seed 70.1, 75.8, 75.5, and a separate single run of seed 0 "
-          "gave 77.0 several core commits earlier (the 3-seed run's seed 0 "
-          "lands 7 points lower; cause not investigated). A smaller learning rate helped GEM on Split "
-          "MNIST and was not tried here (time)."),
+          scenario_per_seed=True),
     Entry(_RM, "GEM (200)", "permuted_mnist_hybrid",
           "strategy=gem,mem_size=200,scenario=rotated", 0.81,
           "issue 8 anchor (Buzzega)", scenario_per_seed=True),
