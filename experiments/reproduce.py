@@ -284,7 +284,10 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       f"* date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
       " UTC",
       f"* seeds per entry: {len(seeds)} ({', '.join(map(str, seeds))}); "
-      "mean ± standard error over seeds, one vmapped sweep per entry",
+      "mean ± standard error over seeds, one vmapped sweep per entry; "
+      "entries marked ‡ draw their scenario (permutations, angles) per "
+      "seed, as Mammoth does per run, and run their seeds one after "
+      "another",
       f"* wall time: {sum(r.get('wall_time', 0.0) for r in results.values()):.0f}"
       f" s summed over the entries (this invocation: {elapsed:.0f} s; "
       "finished entries are reused)",
@@ -336,7 +339,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       own = ("" if n_seeds == len(seeds) else
              f" ({n_seeds} seed{'s' * (n_seeds > 1)})")
       acc = (_fmt(r["acc"]) if n_seeds > 1 else  # no error bar from 1 seed
-             f"{100 * r['acc'][0]:.2f}")
+             f"{100 * r['acc'][0]:.2f}") + (" ‡" if e.scenario_per_seed
+                                             else "")
       lines.append(
           f"| {e.method} | {acc}{own} | {_fmt(e.published)} | "
           f"{e.source} | {_fmt(r.get('bwt'), False)} | "

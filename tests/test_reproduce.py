@@ -218,6 +218,9 @@ def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
     return sweep.sweep(c, seeds=[1]).accuracy[0]
   np.testing.assert_allclose(acc[1], single(1), atol=1e-6)
   assert not np.allclose(acc[1], single(0), atol=1e-3)
+  text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
+                                     [0, 1], True, 0.0)).read()
+  assert "| Replay | " in text and " ‡ |" in text  # marked as per-seed
   v = [float(np.mean(a[-1])) for a in acc]  # ACC per seed
   assert abs(r["acc"][0] - np.mean(v)) < 1e-6
   assert abs(r["acc"][1] - np.std(v, ddof=1) / np.sqrt(2)) < 1e-6
