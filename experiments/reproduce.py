@@ -341,10 +341,13 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       acc = (_fmt(r["acc"]) if n_seeds > 1 else  # no error bar from 1 seed
              f"{100 * r['acc'][0]:.2f}") + (" ‡" if e.scenario_per_seed
                                              else "")
+      # One seed: the value alone (its "standard error" would read 0).
+      spread = (lambda v: _fmt(v, False) if n_seeds > 1 or v is None
+                else f"{v[0]:+.3f}")
       lines.append(
           f"| {e.method} | {acc}{own} | {_fmt(e.published)} | "
-          f"{e.source} | {_fmt(r.get('bwt'), False)} | "
-          f"{_fmt(r.get('forgetting'), False)} | {r['wall_time']:.0f} | "
+          f"{e.source} | {spread(r.get('bwt'))} | "
+          f"{spread(r.get('forgetting'))} | {r['wall_time']:.0f} | "
           f"{cfg} | `{r.get('commit', 'unknown')[:7]}`"
           f"{' †' if 'imported_from' in r else ''} |")
       imported |= {r["imported_from"]} if "imported_from" in r else set()
