@@ -331,3 +331,33 @@ def test_generation_and_target_gradients_equal_plain_slicing():
     np.testing.assert_allclose(g_fast[k], g_plain[k], rtol=1e-4,
                                atol=1e-6, err_msg=k)
   assert float(jnp.abs(g_plain["bias_1"]).sum()) > 0  # a real check
+
+
+def test_output_scale_none_uses_generated_values_as_weights():
+  """output_scale='none' (the reference code's parametrisation): the target
+  runs on the generated values themselves, which a Glorot output layer
+  keeps small at init; 'fan_in' scales unit-variance values instead."""
+  big = dict(HN, chunk_size=400)  # a wide output layer, as in practice
+  none = HyperNetwork(num_classes=C, output_scale="none", **big)
+  fan = HyperNetwork(num_classes=C, **big)
+  x = jax.random.normal(jax.random.key(1), (5, D))
+  t = jnp.zeros((5,), jnp.int32)
+  p_none = none.init(jax.random.key(0), x, t)["params"]
+  p_fan = fan.init(jax.random.key(0), x, t)["params"]
+  np.testing.assert_array_equal(none.weight_scales, 1.0)
+  assert np.all(fan.weight_scales < 1.0)
+  flat = none.apply({"params": p_none}, jnp.array([0]),
+                    method=HyperNetwork.generate)[0]
+  assert 0 < float(jnp.std(flat)) < 0.2  # small weights at init
+  assert float(jnp.std(fan.apply({"params": p_fan}, jnp.array([0]),
+                                 method=HyperNetwork.generate))) > 0.5
+  # The target MLP on the raw generated values, by hand.
+  w1 = flat[:D * 8].reshape(D, 8)
+  b1 = flat[D * 8:D * 8 + 8]
+  w2 = flat[D * 8 + 8:D * 8 + 8 + 8 * C].reshape(8, C)
+  b2 = flat[D * 8 + 8 + 8 * C:D * 8 + 8 + 8 * C + C]
+  want = jax.nn.relu(x @ w1 + b1) @ w2 + b2
+  np.testing.assert_allclose(none.apply({"params": p_none}, x, t), want,
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="output_scale 'x'; valid"):
+    models.build("hypernet", num_classes=C, output_scale="x")

@@ -108,6 +108,15 @@ class HyperNetwork(nn.Module):
       test set, class-incremental training by this strategy); a row of
       another task gets NaN logits, so a mixed batch (e.g. chained replay)
       fails loudly instead of silently using the wrong weights.
+    output_scale: ``fan_in`` (default) runs the target on the generated
+      values times ``1/sqrt(fan_in)`` (kernels) and 0.1 (biases), from a
+      unit-variance (LeCun) output layer. ``none`` uses the generated
+      values as the weights themselves, as the reference code (hypercl)
+      does, from a Glorot-initialised output layer: with a wide output
+      layer, Glorot's ``2 / (fan_in + fan_out)`` already makes the outputs
+      small. Under ``fan_in`` an optimiser step moves the target's weights
+      ``sqrt(fan_in)`` times less (28x on an MNIST first layer): slow
+      learning at Adam 1e-4.
   """
   num_classes: int
   input_dim: int = 784
@@ -119,6 +128,7 @@ class HyperNetwork(nn.Module):
   hidden: Sequence[int] = (100, 100)
   activation: str = "relu"
   mixed_batches: bool = True
+  output_scale: str = "fan_in"
 
   # ------------------------------------------------------------------ shapes
 
@@ -143,10 +153,12 @@ class HyperNetwork(nn.Module):
         self._scaled(np.ones(math.prod(s), np.float32), s)
         for s in self.target_shapes])
 
-  @staticmethod
-  def _scaled(w, shape: tuple[int, ...]):
-    """Generated values of one target array to its weights: LeCun-like
-    ``1/sqrt(fan_in)`` on kernels, 0.1 on biases (see the module doc)."""
+  def _scaled(self, w, shape: tuple[int, ...]):
+    """Generated values of one target array to its weights: with
+    ``output_scale='fan_in'``, LeCun-like ``1/sqrt(fan_in)`` on kernels and
+    0.1 on biases (see the module doc); with ``'none'``, unchanged."""
+    if self.output_scale == "none":
+      return w
     return w / math.sqrt(shape[0]) if len(shape) == 2 else 0.1 * w
 
   @property
@@ -165,13 +177,17 @@ class HyperNetwork(nn.Module):
     # Plain parameters, no submodules: the forward pass is then a pure
     # function of arrays and can sit inside lax.cond / vmap.
     he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-    lecun = nn.initializers.lecun_normal()  # unit-variance generated values
+    # The output layer: unit-variance generated values for the fixed scale,
+    # or (output_scale='none') small ones that are the weights themselves.
+    out_init = (nn.initializers.glorot_uniform()
+                if self.output_scale == "none" else
+                nn.initializers.lecun_normal())
     dims = [self.embedding_dim + self.chunk_embedding_dim, *self.hidden,
             self.chunk_size]
     weights = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
       last = i == len(dims) - 2
-      weights.append((self.param(f"kernel_{i}", lecun if last else he,
+      weights.append((self.param(f"kernel_{i}", out_init if last else he,
                                  (a, b)),
                       self.param(f"bias_{i}", nn.initializers.zeros, (b,))))
     self.hnet_weights = weights
@@ -264,6 +280,9 @@ def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
   if kwargs.get("activation", "relu") not in ("relu", "elu"):
     raise ValueError(f"hypernet: unknown activation "
                      f"{kwargs['activation']!r}; valid: relu, elu")
+  if kwargs.get("output_scale", "fan_in") not in ("fan_in", "none"):
+    raise ValueError(f"hypernet: unknown output_scale "
+                     f"{kwargs['output_scale']!r}; valid: fan_in, none")
   bad = [k for k in ("input_dim", "num_embeddings", "embedding_dim",
                      "chunk_size", "chunk_embedding_dim")
          if k in kwargs and int(kwargs[k]) < 1]
