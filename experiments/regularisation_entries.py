@@ -40,19 +40,21 @@ ENTRIES = [
           "penalty grows with every permutation, so each new one is "
           "learned less (0.978 for the first, falling to 0.80 for the "
           "tenth at the time it is trained) while the old ones still "
-          "drift (final row 0.73-0.94). Online EWC at λ = 100 is too "
-          "weak (0.895, next row), so the optimum lies between; a λ "
-          "sweep is the next step (not run yet)."),
+          "drift (final row 0.73-0.94). Online EWC plateaus near 0.90 "
+          "for λ from 100 to 500 (next row's note), so the Fisher "
+          "estimate, not λ, is the next thing to change."),
     Entry(_PM, "Online EWC", "permuted_mnist_regularisation",
           "strategy=online_ewc", 0.95, "issue 5 anchor",
           note="λ = 100 (γ = 1, sampled Fisher on 1000 examples), the "
           "reference code's value for this protocol (van de Ven's "
           "param_values.py), is too weak with our Fisher: the first "
           "permutation falls to 0.66 and the second to 0.85 while the "
-          "later ones hold 0.93-0.94. EWC at λ = 1e3 was too stiff "
-          "(0.865, new permutations learned to 0.80 only), so the optimum "
-          "lies between; a λ sweep (250 / 500 / 1000) is the next step, "
-          "not run yet (30 minutes per 3-member sweep here)."),
+          "later ones hold 0.93-0.94. λ is not the lever: a 1-seed sweep "
+          "gives 0.898 / 0.895 / 0.879 at λ = 250 / 500 / 1000; the first "
+          "permutation ends at 0.69-0.79 at every λ, and the last ones "
+          "are learned less as λ grows (0.905 -> 0.801). Next: the exact "
+          "Fisher (expectation over the classes; the sampled Fisher of a "
+          "confident model is small) on more examples."),
     Entry(_PM, "SI", "permuted_mnist_regularisation", "strategy=si", 0.95,
           "issue 5 anchor",
           note="c = 10, ξ = 0.1, the value of both reference codes for this "
