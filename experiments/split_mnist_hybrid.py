@@ -55,6 +55,10 @@ LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1}
 
+# AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
+# replay row that runs on top of AR1.
+AR1 = dict(c=0.1, xi=0.1, lower_lr_scale=0.1)
+
 # GEM's (learning rate, margin) per memory size (see the docstring).
 GEM = {200: (0.005, 1.0), 500: (0.01, 1.0)}
 
@@ -97,10 +101,10 @@ def get_config(arg=None):
   elif s == "replay":
     c.strategy.replay = dict(mem_size=m, batch_size=10)
   elif s == "ar1":
-    c.strategy.ar1 = dict(c=0.1, xi=0.1, lower_lr_scale=0.1)
+    c.strategy.ar1 = dict(AR1)
   elif s == "ar1_star":
-    c.strategy.ar1 = dict(c=0.1, xi=0.1, lower_lr_scale=0.1, mem_size=m,
-                          replay_batch_size=10, layer="backbone/Dense_0")
+    c.strategy.ar1 = dict(AR1, mem_size=m, replay_batch_size=10,
+                          layer="backbone/Dense_0")
   elif s == "progress_compress":
     c.model.name = "progressive"
     c.model.progressive = dict(num_columns=2, widths=(100, 100))
@@ -110,7 +114,7 @@ def get_config(arg=None):
     # The paper's setting: AR1 (the row above's settings) with generated
     # samples as negatives (at the input here, with a VAE).
     c.strategy.name = "ar1+generative_negative_replay"
-    c.strategy.ar1 = dict(c=0.1, xi=0.1, lower_lr_scale=0.1)
+    c.strategy.ar1 = dict(AR1)
     c.strategy.generative_negative_replay = dict(hidden=(400, 400),
                                                  latent=100)
   if a["quick"]:
