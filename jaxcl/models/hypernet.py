@@ -145,6 +145,14 @@ class HyperNetwork(nn.Module):
   def num_target_params(self) -> int:
     return sum(math.prod(s) for s in self.target_shapes)
 
+  def to_weights(self, raw: jax.Array) -> jax.Array:
+    """Flat generated values ``(..., P)`` to the target's flat weights
+    (times :attr:`weight_scales`; unchanged, with no multiply, under
+    ``output_scale='none'``)."""
+    if self.output_scale == "none":
+      return raw
+    return raw * jnp.asarray(self.weight_scales)
+
   @property
   def weight_scales(self) -> "np.ndarray":
     """``(P,)`` fixed scales from generated values to target weights

@@ -91,13 +91,14 @@ def _check_model(ctx) -> HyperNetwork:
 def generated_weights(ctx, params, ids: jax.Array) -> jax.Array:
   """Flat target weights ``(n, P)`` the hypernetwork gives embeddings
   ``ids``: the weights the target network runs with, i.e. the generated
-  values times the model's fixed ``weight_scales``. The regulariser acts on
-  these, as the paper's ``f_h(e_t, Θ_h)`` are the target weights; on the
-  raw values it would be ``fan_in`` times stiffer on the kernels (784x on
-  an MNIST first layer) than the paper's ``β`` assumes."""
+  values times the model's fixed ``weight_scales`` (``to_weights``). The
+  regulariser acts on these, as the paper's ``f_h(e_t, Θ_h)`` are the
+  target weights; on the raw values it would be ``fan_in`` times stiffer on
+  the kernels (784x on an MNIST first layer) than the paper's ``β``
+  assumes."""
   raw = ctx.model.apply({"params": params}, ids,
                         method=HyperNetwork.generate)
-  return raw * jnp.asarray(ctx.model.weight_scales)
+  return ctx.model.to_weights(raw)
 
 
 def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
