@@ -350,7 +350,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
           f"{spread(r.get('forgetting'))} | {r['wall_time']:.0f} | "
           f"{cfg} | `{r.get('commit', 'unknown')[:7]}`"
           f"{' †' if 'imported_from' in r else ''} |")
-      imported |= {r["imported_from"]} if "imported_from" in r else set()
+      if "imported_from" in r:
+        imported.add(r["imported_from"])
       ys = r.get("over_time")
       if ys:  # records imported from an older report have no curve
         ax.plot(range(1, len(ys) + 1), ys, marker="o", label=e.method)
