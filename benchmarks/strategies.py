@@ -91,8 +91,8 @@ PROTOCOLS = {
         ("gem", "permuted_mnist_hybrid", "strategy=gem,mem_size=500", None),
         ("icarl", "split_mnist_hybrid", "strategy=icarl,mem_size=500",
          _permuted),
-        ("supsup", "permuted_mnist_architectural", "strategy=supsup,mode=gg",
-         None),
+        ("supsup", "permuted_mnist_architectural",
+         "strategy=supsup,mode=gg,width=256", None),
     ],
 }
 

@@ -423,7 +423,7 @@ def test_supsup_gn_infers_the_task_of_held_out_batches(search):
   # almost always, and then GN's accuracy equals GG's.
   from conftest import DATA_DIR
   from experiments import permuted_mnist_architectural as pm
-  c = pm.get_config("strategy=supsup,mode=gn")
+  c = pm.get_config("strategy=supsup,mode=gn,width=256")
   c.dataset.data_dir = DATA_DIR
   c.dataset.train_subset, c.dataset.test_subset = 6000, 1000
   c.strategy.supsup = dict(mode="gn", gn_search=search)
