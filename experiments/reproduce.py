@@ -147,16 +147,21 @@ def _machine() -> str:
           f"x{jax.device_count()}")
 
 
+def _no_data(name: str, why: str) -> str:
+  return f"data set {name} not available here ({why[:100]}...)"
+
+
 def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
               data_dir: str, smoke: bool, any_seeds: bool = False,
-              run: bool = True, record: str | None = None) -> dict:
+              skip: str | None = None, record: str | None = None) -> dict:
   """Runs (or reuses the finished result of) one entry.
 
   A finished result (the JSON file ``record``, by default ``entry.json``
   in ``workdir``) is reused when its config is unchanged and it ran
   ``seeds`` (or, with ``any_seeds``, any seeds: for entries too long to
-  repeat; the report then names their seeds). With ``run=False`` an entry
-  without such a result is reported as skipped instead of run.
+  repeat; the report then names their seeds). With ``skip`` (the reason) an
+  entry without such a result is reported as not run instead of run: as
+  missing its data set where that is so, else with ``skip``.
   """
   from jaxcl import checkpoint, datasets, sweep
 
@@ -188,9 +193,9 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
         prev["fingerprint"], fp) and (
             any_seeds or prev.get("seeds") == list(seeds)):
       return prev
-  if not run:
-    return {"skipped": "skipped in this invocation (--skip: too long for "
-                       "this machine)"}
+  if skip is not None:
+    why = datasets.missing(config.dataset.name, config.dataset.data_dir)
+    return {"skipped": _no_data(config.dataset.name, why) if why else skip}
 
   def set_aside(why: str) -> None:
     # Keep the old run beside the new one rather than resume from
@@ -234,8 +239,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
       set_aside("an unfinished run of another config or seeds")
       acc, g = train()
   except datasets.DataError as e:  # e.g. CIFAR on an offline machine
-    return {"skipped": f"data set {config.dataset.name} not available "
-                       f"here ({str(e)[:100]}...)"}
+    return {"skipped": _no_data(config.dataset.name, str(e))}
   except Exception as e:  # recorded in RESULTS.md, not hidden
     return {"error": f"{type(e).__name__}: {e}",
             "trace": traceback.format_exc()[-2000:]}
@@ -426,16 +430,15 @@ def main(argv: Sequence[str] | None = None) -> str:
   t0 = time.perf_counter()
   results = {}
   for e in tqdm(entries, desc="reproduce", unit="entry"):
-    skipped = args.report_only or any(k in e.id or k in e.table
-                                      for k in args.skip)
+    skip = ("no stored result for this config (report written with "
+            "--report_only)" if args.report_only else
+            "skipped in this invocation (--skip: too long for this machine)"
+            if any(k in e.id or k in e.table for k in args.skip) else None)
     record = (None if args.smoke else
               os.path.join(args.results, f"{e.id}.json"))
     results[e.id] = run_entry(e, seeds, os.path.join(workroot, e.id),
                               args.data_dir, args.smoke, args.any_seeds,
-                              run=not skipped, record=record)
-    if args.report_only and "skipped" in results[e.id]:
-      results[e.id]["skipped"] = ("no stored result for this config "
-                                  "(report written with --report_only)")
+                              skip=skip, record=record)
   path = write_report(results, entries, args.out, seeds, args.smoke,
                       time.perf_counter() - t0, args.only, args.any_seeds,
                       args.skip, args.report_only)

@@ -255,6 +255,37 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+def missing(name: str, data_dir: str | None = None) -> str | None:
+  """Why ``load(name, data_dir)`` would fail for want of files, or ``None``.
+
+  Looks for the files without reading them (for reports that list what could
+  not run, e.g. CIFAR on an offline machine); ``load`` still validates them.
+  """
+  if name not in DATASETS:
+    return f"unknown dataset {name!r}; valid: {sorted(DATASETS)}"
+  if name == "digits":  # ships with scikit-learn
+    return None
+  if name in _IDX_HINT:
+    data_dir = data_dir or os.environ.get("JAXCL_DATA_DIR")
+    if data_dir:
+      d = _find_idx_dir(name, data_dir)
+      absent = [f for f in _IDX_FILES.values()
+                if not os.path.exists(os.path.join(d, f))]
+      return (f"{name}: missing {', '.join(absent)} in {d!r}" if absent
+              else None)
+  else:  # tfds-only: the local directory is a tfds data_dir
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  try:
+    import tensorflow_datasets as tfds  # heavy import, only on this path
+    if tfds.builder(name, data_dir=data_dir).is_prepared():
+      return None
+  except Exception as e:  # tfds raises many types
+    return (f"{name}: could not open the tensorflow_datasets data in "
+            f"data_dir={data_dir!r}: {type(e).__name__}: {e}")
+  return (f"{name}: no prepared tensorflow_datasets data in data_dir="
+          f"{data_dir!r}")
+
+
 def load(name: str, data_dir: str | None = None) -> Dataset:
   """Loads a data set by name.
 

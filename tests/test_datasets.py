@@ -87,3 +87,17 @@ def test_subset_is_seeded(digits):
   b = digits.subset(100, 50, seed=1)
   assert len(a.train_y) == 100 and len(a.test_y) == 50
   np.testing.assert_array_equal(a.train_x, b.train_x)
+
+
+def test_missing_names_absent_files_without_loading(tmp_path, data_dir):
+  assert datasets.missing("digits") is None
+  assert datasets.missing("mnist", data_dir) is None
+  (tmp_path / "mnist").mkdir()
+  (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(b"")
+  why = datasets.missing("mnist", str(tmp_path))
+  listed = why.split("missing ")[1].split(" in ")[0].split(", ")
+  assert sorted(listed) == ["t10k-images-idx3-ubyte.gz",
+                            "t10k-labels-idx1-ubyte.gz",
+                            "train-images-idx3-ubyte.gz"]
+  assert "cifar10" in datasets.missing("cifar10", str(tmp_path))
+  assert "valid" in datasets.missing("svhn")

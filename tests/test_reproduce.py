@@ -104,9 +104,10 @@ def test_gap_over_one_and_a_half_points_is_explained_or_flagged(tmp_path):
   assert "| A | 88.00 |" in text
 
 
-def test_entry_without_its_data_is_listed_as_not_run(tmp_path):
+def test_entry_without_its_data_is_listed_as_not_run(tmp_path, data_dir):
   """CIFAR rows on a machine without the data: 'not run', not 'failed',
-  and nothing cached (a later run with the data runs them)."""
+  and nothing cached (a later run with the data runs them); a report
+  written without running (--report_only) gives the same reason."""
   empty = tmp_path / "no_data"
   empty.mkdir()
   path = reproduce.main([
@@ -118,11 +119,18 @@ def test_entry_without_its_data_is_listed_as_not_run(tmp_path):
   assert not os.path.exists(tmp_path / "w_smoke" /
                             "split_cifar10__strategy_naive_kind_class" /
                             "entry.json")
-  # --skip: listed as not run, nothing attempted.
+  path = reproduce.main([
+      "--smoke", "--report_only", "--only",
+      "split_cifar10__strategy_naive_kind_class", "--out",
+      str(tmp_path / "out1"), "--workdir", str(tmp_path / "w"),
+      "--data_dir", str(empty)])
+  assert "| Naive | not run: data set cifar10 not available here" in \
+      open(path).read()
+  # --skip: listed as not run, nothing attempted (the data is there).
   path = reproduce.main([
       "--smoke", "--only", "permuted_mnist_baselines", "--skip",
       "permuted_mnist", "--out", str(tmp_path / "out2"), "--workdir",
-      str(tmp_path / "w"), "--data_dir", str(empty)])
+      str(tmp_path / "w"), "--data_dir", data_dir])
   text = open(path).read()
   assert "| Naive | not run: skipped in this invocation (--skip" in text
   assert "with results: 0, not run: 1, failed: 0" in text
@@ -171,7 +179,7 @@ def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
   assert not os.path.exists(tmp_path / "work" / "entry.json")
   mtime = os.path.getmtime(record)
   again = reproduce.run_entry(e, [0], str(tmp_path / "work"), data_dir,
-                              smoke=True, record=record, run=False)
+                              smoke=True, record=record, skip="not expected")
   assert list(again["acc"]) == list(first["acc"]) and os.path.getmtime(record) == mtime
 
 
