@@ -53,7 +53,8 @@ def _tree_close(a, b, **kw):
 # Fisher and MAS importance: the vmap path against a per-example loop.
 
 
-@pytest.mark.parametrize("kind", ["exact", "sampled", "empirical"])
+@pytest.mark.parametrize("kind", ["exact", "sampled", "predicted",
+                                  "empirical"])
 @pytest.mark.parametrize("setting", ["class", "task"])
 def test_fisher_vmap_equals_python_loop(kind, setting):
   ctx, sc = _ctx(setting)
@@ -94,7 +95,12 @@ def test_fisher_vmap_equals_python_loop(kind, setting):
           acc = jax.tree.map(lambda a, gg: a + probs[j, c] * np.square(gg),
                              acc, g)
       else:
-        c = y[j] if kind == "empirical" else labels[j]
+        if kind == "empirical":
+          c = y[j]
+        elif kind == "predicted":  # task-masked logits: within the task
+          c = int(np.argmax(np.asarray(logits[j])))
+        else:
+          c = labels[j]
         g = grad(params, x[j], t[j], c)
         acc = jax.tree.map(lambda a, gg: a + np.square(gg), acc, g)
   assert count == max_examples

@@ -39,7 +39,7 @@ __all__ = ["FISHER_TYPES", "quadratic", "fisher_diagonal", "mas_importance",
            "importance_batches", "check_nonnegative", "check_estimator_args",
            "check_fisher", "zeros_like_tree"]
 
-FISHER_TYPES = ("exact", "sampled", "empirical")
+FISHER_TYPES = ("exact", "sampled", "predicted", "empirical")
 
 
 # --------------------------------------------------------------------------
@@ -133,6 +133,11 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
     probabilities (the true Fisher; ``C`` backward passes per example);
   * ``sampled``: one label drawn from the model's predictive distribution
     (an unbiased one-sample estimate of the true Fisher);
+  * ``predicted``: the model's most probable label (argmax; the choice of
+    van de Ven & Tolias's reference code for their 2019 results, with the
+    whole training set). Not an estimate of the true Fisher: for a confident
+    example the gradient at its own prediction is nearly 0, so this Fisher
+    weighs the uncertain examples, and it is much smaller in scale;
   * ``empirical``: the true label (the "empirical Fisher"; not the Fisher of
     the model, see Kunstner et al. 2019).
 
@@ -181,6 +186,9 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
       if kind == "sampled":
         k = jax.random.fold_in(key, i)
         labels = jax.random.categorical(k, logits, axis=-1)
+        tree = weighted_sq_sum(x, task, labels, mask)
+      elif kind == "predicted":  # masked logits: argmax within the task
+        labels = jnp.argmax(logits, axis=-1)
         tree = weighted_sq_sum(x, task, labels, mask)
       else:  # exact: Σ_c p_c g_c², one class at a time (bounded memory)
         probs = jax.nn.softmax(logits, axis=-1) * mask[:, None]

@@ -45,7 +45,9 @@ parameters reached at its end, with ``train=False``.
   e.g. outside the example's task in task-incremental streams, are
   skipped). ``'sampled'`` draws one label
   per example from that distribution (same expectation, more noise, one
-  pass); ``'empirical'`` uses the true labels, which for a well-fit model
+  pass); ``'predicted'`` uses the model's most probable label (van de Ven
+  & Tolias's reference code; small on confident examples, so a larger λ);
+  ``'empirical'`` uses the true labels, which for a well-fit model
   gives a much smaller Fisher on confidently correct examples, so the best λ
   is larger. Libraries that square *mini-batch* gradients (Avalanche,
   Mammoth) estimate roughly ``F / B`` for batch size ``B`` plus a
@@ -116,8 +118,9 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
 
   Args:
     lam: penalty strength ``λ`` (>= 0; multiplies ``½ Σ F (θ − θ*)²``).
-    fisher: ``exact`` (default), ``sampled`` or ``empirical``; see the
-      module's warning on how this changes the scale of ``lam``.
+    fisher: ``exact`` (default), ``sampled``, ``predicted`` or
+      ``empirical``; see the module's warning on how this changes the scale
+      of ``lam``.
     max_examples: training examples of an experience used for its Fisher
       (0: all; a fixed number keeps the estimator's shapes constant).
     batch_size: examples per per-example-gradient batch (memory: one

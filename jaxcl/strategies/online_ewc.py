@@ -24,8 +24,8 @@ Memory and per-step cost are constant in the number of experiences.
 
 .. warning::
 
-  The Fisher convention (``exact`` default, ``sampled``, ``empirical``) sets
-  the scale of λ exactly as for EWC; see the warning in
+  The Fisher convention (``exact`` default, ``sampled``, ``predicted``,
+  ``empirical``) sets the scale of λ exactly as for EWC; see the warning in
   :mod:`jaxcl.strategies.ewc`. Some implementations normalise the Fisher or
   omit the γ inside the penalty; their λ differ from these by those factors.
 
@@ -70,8 +70,8 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
   Args:
     lam: penalty strength ``λ`` (>= 0).
     gamma: decay ``γ`` of the running Fisher, in ``(0, 1]``.
-    fisher: ``exact`` (default), ``sampled`` or ``empirical`` (see
-      :mod:`jaxcl.strategies.ewc`).
+    fisher: ``exact`` (default), ``sampled``, ``predicted`` or
+      ``empirical`` (see :mod:`jaxcl.strategies.ewc`).
     max_examples: training examples per experience for the Fisher (0: all).
     batch_size: examples per per-example-gradient batch.
     seed: picks the example subset and the ``sampled`` labels.

@@ -95,7 +95,8 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     compress_epochs: epochs over the experience's data per compress phase.
     compress_lr: Adam learning rate of the compress phase.
     compress_batch_size: batch size of the compress phase.
-    fisher: Fisher convention (``exact``, ``sampled``, ``empirical``).
+    fisher: Fisher convention (``exact``, ``sampled``, ``predicted``,
+      ``empirical``).
     max_examples: examples for the Fisher estimate (0: all).
     reset_active: re-initialise the active column after each compress.
     seed: compress-phase shuffling and Fisher sampling.
