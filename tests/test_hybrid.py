@@ -183,25 +183,26 @@ def test_gem_projection_leaves_a_compatible_gradient_unchanged():
   np.testing.assert_array_equal(np.asarray(new["w"]), [1.0, 2.0])
 
 
-def test_gem_memory_blocks_and_constraints_on_a_model(stream):
+@pytest.mark.parametrize("m", [8, 64])  # one vmap / a loop over blocks
+def test_gem_memory_blocks_and_constraints_on_a_model(stream, m):
   ctx = make_ctx(stream)
-  s = gem(mem_per_experience=8)
+  s = gem(mem_per_experience=m)
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
   state = run_hooks(ctx, s, state, exps[:2])
   mem = state.strategy.memory
-  # Block k holds 8 distinct examples of experience k.
-  assert mem.x.shape[0] == 3 * 8
+  # Block k holds m distinct examples of experience k.
+  assert mem.x.shape[0] == 3 * m
   for k in range(2):
-    blk = slice(8 * k, 8 * k + 8)
+    blk = slice(m * k, m * k + m)
     assert np.all(np.asarray(mem.valid[blk]))
     assert set(np.asarray(mem.y[blk]).tolist()) <= set(exps[k].classes)
-    xs = np.asarray(mem.x[blk]).reshape(8, -1)
-    assert len({row.tobytes() for row in xs}) == 8
+    xs = np.asarray(mem.x[blk]).reshape(m, -1)
+    assert len({row.tobytes() for row in xs}) == m
     pool = {row.tobytes() for row in exps[k].train_x.reshape(
         len(exps[k].train_y), -1)}
     assert all(row.tobytes() in pool for row in xs)
-  assert not np.any(np.asarray(mem.valid[16:]))
+  assert not np.any(np.asarray(mem.valid[2 * m:]))
 
   state = s.before_experience(ctx, state, exps[2])
   batch = batch_of(exps[2])
@@ -212,10 +213,10 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream):
   gnew = flat(new)
   dots_before = []
   for k in range(2):
-    blk = slice(8 * k, 8 * k + 8)
+    blk = slice(m * k, m * k + m)
     gk = jax.grad(memory_loss, argnums=1)(
         ctx, state.params, state.model_state, mem.x[blk], mem.y[blk],
-        mem.task[blk], jnp.ones((8,)))
+        mem.task[blk], jnp.ones((m,)))
     gk = flat(gk)
     dots_before.append(gk @ flat(g))
     assert gk @ gnew >= -1e-5 * np.linalg.norm(gk) * np.linalg.norm(gnew)
@@ -223,6 +224,17 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream):
   # projection did change it.
   assert min(dots_before) < 0
   assert not np.allclose(gnew, flat(g))
+  # And it is exactly the projection against those independently computed
+  # gradients (the future experience's row is zero and not a constraint).
+  ref = [jax.grad(memory_loss, argnums=1)(
+      ctx, state.params, state.model_state, mem.x[m * k:m * k + m],
+      mem.y[m * k:m * k + m], mem.task[m * k:m * k + m], jnp.ones((m,)))
+         for k in range(2)]
+  stack = jax.tree.map(lambda a, b: jnp.stack([a, b, jnp.zeros_like(a)]),
+                       *ref)
+  want, _ = project(g, stack, jnp.array([True, True, False]), 0.5,
+                    1e-3)
+  np.testing.assert_allclose(gnew, flat(want), rtol=1e-4, atol=1e-6)
 
 
 def test_gem_bad_memory_sizes_raise(stream):

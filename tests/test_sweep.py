@@ -109,6 +109,7 @@ def test_diverging_member_is_named_not_an_index_error():
 
 @pytest.mark.parametrize("name,kwargs", [
     ("gem", {"mem_size": 40}),
+    ("gem", {"mem_per_experience": 64}),  # past blocks in a while loop
     ("replay", {"mem_size": 40, "batch_size": 8}),
 ])
 def test_memory_strategies_sweep_member_equals_single_run(name, kwargs):
