@@ -148,6 +148,31 @@ def test_masked_dense_equals_hand_computation_for_mixed_tasks(kind):
   np.testing.assert_allclose(same[1], out[1], rtol=1e-5, atol=1e-6)
 
 
+def test_one_task_batches_skip_the_other_tasks_and_flag_mixed_rows():
+  """mixed_batches=False: a one-task batch gives the same output with one
+  masked pass (no lax.cond, which under a seeds vmap would run every
+  task's pass too); a row of another task is NaN, not silently wrong."""
+  kw = dict(features=5, num_tasks=3, mask="sign")
+  mixed = masked.MaskedDense(**kw)
+  single = masked.MaskedDense(**kw, mixed_batches=False)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+  v = mixed.init(jax.random.PRNGKey(2), x, jnp.zeros((6,), jnp.int32))
+  one = jnp.full((6,), 2)
+  np.testing.assert_array_equal(single.apply(v, x, one),
+                                mixed.apply(v, x, one))
+  out = single.apply(v, x, jnp.array([2, 2, 0, 2, 1, 2]))
+  bad = np.isnan(np.asarray(out)).any(axis=1)
+  np.testing.assert_array_equal(bad, [False, False, True, False, True, False])
+  # Under vmap (two seeds' batches) the one-task program holds no select
+  # between a one-task and an all-tasks branch: one dot per example batch.
+  f = jax.vmap(lambda xx, t: single.apply(v, xx, t))
+  hlo = jax.jit(f).lower(jnp.stack([x, x]), jnp.stack([one, one])).as_text()
+  g = jax.vmap(lambda xx, t: mixed.apply(v, xx, t))
+  hlo_mixed = jax.jit(g).lower(jnp.stack([x, x]),
+                               jnp.stack([one, one])).as_text()
+  assert hlo.count("dot_general") < hlo_mixed.count("dot_general")
+
+
 # --------------------------------------------------------------------------
 # PackNet.
 
@@ -354,6 +379,16 @@ def test_supsup_rejects_unknown_mode():
     supsup_lib.supsup(mode="gn", gn_scope="all")
   with pytest.raises(ValueError, match="gn_search"):
     supsup_lib.supsup(mode="gn", gn_search="linear")
+
+
+def test_supsup_per_example_gn_needs_a_model_routing_mixed_batches(
+    split_task):
+  c = make_config("supsup", "masked_mlp",
+                  mkw=dict(SUPSUP_MODEL, mixed_batches=False),
+                  skw={"supsup": dict(mode="gn", gn_scope="example")})
+  lr = experiment.setup(c, split_task).learner
+  with pytest.raises(ValueError, match="mixed_batches=True"):
+    init_state(lr.ctx, lr.strategy, 0)
 
 
 def test_supsup_gg_fixed_weights_and_binary_masks(split_task):

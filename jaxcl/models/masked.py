@@ -160,16 +160,25 @@ def hat_gate(embedding: jax.Array, s: jax.Array | float) -> jax.Array:
 
 
 def per_task(fn: Callable[[jax.Array], jax.Array], task: jax.Array,
-             num_tasks: int) -> jax.Array:
+             num_tasks: int, mixed: bool = True) -> jax.Array:
   """``fn(task[b])[b]`` for every example ``b``.
 
   ``fn(t)`` returns the whole batch's output under task ``t``'s weights. A
   batch holding one task costs one call; a mixed batch costs ``num_tasks``
-  calls (every task's output, then each example's row).
+  calls (every task's output, then each example's row). The choice is a
+  ``lax.cond`` at run time, which under ``vmap`` (a seeds sweep) becomes a
+  ``select`` running *both* branches: ``num_tasks + 1`` calls at every
+  step. ``mixed=False`` promises one task per batch and makes one call;
+  rows of another task than the first get NaN, so a broken promise fails
+  loudly (a non-finite loss) instead of silently using the wrong weights.
   """
   task = jnp.clip(task.astype(jnp.int32), 0, num_tasks - 1)
   if num_tasks == 1:
     return fn(jnp.zeros((), jnp.int32))
+  if not mixed:
+    out = fn(task[0])
+    other = (task != task[0]).reshape((-1,) + (1,) * (out.ndim - 1))
+    return jnp.where(other, jnp.nan, out)
 
   def one(_):
     return fn(task[0])
@@ -208,6 +217,7 @@ class _MaskedBase(nn.Module):
   threshold: float = 5e-3
   score_init: float = 1e-2
   density: float = 0.5
+  mixed_batches: bool = True  # see per_task
 
   def _check(self):
     if self.mask not in MASK_KINDS:
@@ -264,7 +274,8 @@ class _MaskedBase(nn.Module):
       mix = jnp.tensordot(alphas, all_masks, axes=1)
       y = op(x, kernel * mix)
     else:
-      y = per_task(lambda t: op(x, kernel * mask_of(t)), task, self.num_tasks)
+      y = per_task(lambda t: op(x, kernel * mask_of(t)), task, self.num_tasks,
+                   self.mixed_batches)
     if bias is not None:
       y = y + bias
     return y

@@ -159,4 +159,14 @@ def supsup(mode: str = "gg", gn_scope: str = "batch",
                           all_masks(ctx, sstate, params))
 
   s = mask_strategy("supsup", ("edge_popup", "sign"), "", predict)
-  return s._replace(name="supsup")
+
+  def init(ctx, key, params):
+    if mode == "gn" and gn_scope == "example" and not getattr(
+        ctx.model, "mixed_batches", True):
+      raise ValueError(
+          "supsup: gn_scope='example' gives each example its own inferred "
+          "task, so the model must route mixed batches: set "
+          "model.masked_mlp.mixed_batches=True (it is False)")
+    return s.init(ctx, key, params)
+
+  return s._replace(init=init, name="supsup")
