@@ -141,7 +141,8 @@ def _apply_override(state, key: str, value: float, strategy_names):
 def sweep(config, seeds: Sequence[int] = (0,),
           values: dict[str, Sequence[float]] | None = None,
           workdir: str | None = None, scenario=None) -> SweepResult:
-  """Trains the grid ``seeds x values`` as one vmapped program.
+  """Trains the grid ``seeds x values`` as one vmapped program (a grid of
+  one run is trained without vmap, with results shaped as a sweep's).
 
   Args:
     config: the base config (its own ``seed`` is replaced by ``seeds``).
@@ -195,10 +196,22 @@ def sweep(config, seeds: Sequence[int] = (0,),
     for k in keys:
       st = _apply_override(st, k, m[k], names)
     states.append(st)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-  result = experiment.execute(
-      s, stacked, workdir, members=len(members),
-      fingerprint_extra={"sweep.members": members})
+  extra = {"sweep.members": members}
+  if len(members) == 1:
+    # One run is not vmapped: under vmap every lax.cond on the state (a
+    # skipped padding step, GEM's projection, a one-task batch) becomes a
+    # select that runs both branches. The result is stacked as a sweep's.
+    one = experiment.execute(s, states[0], workdir, fingerprint_extra={
+        **extra, "sweep.vmapped": False})
+    result = dataclasses.replace(
+        one, accuracy=np.asarray(one.accuracy)[None],
+        random_accuracy=np.asarray(one.random_accuracy)[None],
+        metrics={k: [v] for k, v in one.metrics.items()},
+        state=jax.tree.map(lambda a: a[None], one.state))
+  else:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    result = experiment.execute(s, stacked, workdir, members=len(members),
+                                fingerprint_extra=extra)
   per_run = [{k: v[i] for k, v in result.metrics.items()}
              for i in range(len(members))]
   groups = []

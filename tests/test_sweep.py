@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -96,6 +97,28 @@ def test_regulariser_strength_sweep_equals_separate_runs(name, field, values,
     np.testing.assert_allclose(r.accuracy[i], ref.accuracy, atol=1e-5)
   # The strength really acts: the runs differ.
   assert not np.allclose(r.accuracy[0], r.accuracy[1])
+
+
+def test_one_run_sweep_is_not_vmapped_and_shaped_as_a_sweep(tmp_path):
+  """A grid of one run trains the plain program (no vmap turning its
+  lax.conds into selects) and returns the sweep's shapes; a checkpoint of
+  the vmapped form is not mistaken for it."""
+  c = small_config()
+  c.strategy.name = "gem"
+  c.strategy.gem = {"mem_size": 40}
+  r = sweep.sweep(c, seeds=[3], workdir=str(tmp_path / "w"))
+  assert r.result.learner.members == 0
+  assert r.accuracy.shape == (1, 5, 5) and len(r.metrics) == 1
+  assert r.groups[0]["n"] == 1 and r.groups[0]["acc"][1] == 0.0
+  single = small_config()
+  single.seed = 3
+  single.strategy.name = "gem"
+  single.strategy.gem = {"mem_size": 40}
+  np.testing.assert_array_equal(r.accuracy[0], jaxcl.run(single).accuracy)
+  assert jax.tree.leaves(r.result.state.params)[0].shape[0] == 1
+  # Resuming the same one-run sweep finds its own finished checkpoint.
+  again = sweep.sweep(c, seeds=[3], workdir=str(tmp_path / "w"))
+  np.testing.assert_array_equal(again.accuracy, r.accuracy)
 
 
 def test_diverging_member_is_named_not_an_index_error():
