@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl.models.masked import per_task
+
 __all__ = ["HyperNetwork", "build"]
 
 
@@ -250,27 +252,14 @@ class HyperNetwork(nn.Module):
   def __call__(self, x: jax.Array, task: jax.Array | None = None,
                train: bool = False, features: bool = False) -> jax.Array:
     del train  # no dropout or batch norm
-    b = x.shape[0]
-    task = (jnp.zeros((b,), jnp.int32) if task is None
+    task = (jnp.zeros((x.shape[0],), jnp.int32) if task is None
             else jnp.asarray(task, jnp.int32))
-    first = task[0]
-
-    def one_task(_):
-      return self.target(self.generate(first[None])[0], x, features)
-
-    def mixed(_):
-      flats = self.generate(jnp.arange(self.num_embeddings))
-      outs = jnp.stack([self.target(flats[t], x, features)
-                        for t in range(self.num_embeddings)])
-      t = jnp.clip(task, 0, self.num_embeddings - 1)
-      return jnp.take_along_axis(outs, t[None, :, None], axis=0)[0]
-
-    if not self.mixed_batches:
-      out = one_task(None)
-      other = (task != first).reshape((b,) + (1,) * (out.ndim - 1))
-      return jnp.where(other, jnp.nan, out)
-    # A batch of one task (the usual case) generates one weight vector.
-    return jax.lax.cond(jnp.all(task == first), one_task, mixed, None)
+    # One generated weight vector for a one-task batch (the usual case),
+    # every embedding's for a mixed one; see masked.per_task for the
+    # routing and for mixed_batches=False.
+    return per_task(
+        lambda t: self.target(self.generate(t[None])[0], x, features), task,
+        self.num_embeddings, self.mixed_batches)
 
 
 def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
