@@ -126,17 +126,22 @@ def _find_idx_dir(name: str, data_dir: str) -> str:
   return os.path.join(data_dir, name)
 
 
+def _absent_idx_files(d: str) -> list[str]:
+  """The IDX files missing from directory ``d``."""
+  return [f for f in _IDX_FILES.values()
+          if not os.path.exists(os.path.join(d, f))]
+
+
 def _load_idx(name: str, data_dir: str) -> Dataset:
   if not os.path.isdir(data_dir):
     raise DataError(
         f"data directory {data_dir!r} does not exist; pass an existing "
         f"directory holding {name}'s IDX .gz files (or {name}/ with them)")
   d = _find_idx_dir(name, data_dir)
-  missing = [f for f in _IDX_FILES.values()
-             if not os.path.exists(os.path.join(d, f))]
-  if missing:
+  absent = _absent_idx_files(d)
+  if absent:
     raise DataError(
-        f"{name}: missing {', '.join(missing)} in {d!r}; expected the four "
+        f"{name}: missing {', '.join(absent)} in {d!r}; expected the four "
         f"original IDX .gz files ({', '.join(_IDX_FILES.values())}) from "
         f"{_IDX_HINT.get(name, 'the data set authors')}")
   arr = {k: read_idx(os.path.join(d, f)) for k, f in _IDX_FILES.items()}
@@ -269,8 +274,7 @@ def missing(name: str, data_dir: str | None = None) -> str | None:
     data_dir = data_dir or os.environ.get("JAXCL_DATA_DIR")
     if data_dir:
       d = _find_idx_dir(name, data_dir)
-      absent = [f for f in _IDX_FILES.values()
-                if not os.path.exists(os.path.join(d, f))]
+      absent = _absent_idx_files(d)
       return (f"{name}: missing {', '.join(absent)} in {d!r}" if absent
               else None)
   else:  # tfds-only: the local directory is a tfds data_dir
