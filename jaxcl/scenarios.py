@@ -7,8 +7,11 @@ classes each task holds, and the setting):
 * ``class``-incremental: one head over all classes, no task id at test time.
 * ``task``-incremental: the task id is given; logits are masked to the task's
   classes (split scenarios) or a head is picked per task (multi-head models).
-* ``domain``-incremental: the same classes in every experience, no task id
-  (permuted and rotated MNIST).
+* ``domain``-incremental: the same output classes in every experience, no
+  task id: permuted and rotated MNIST, and split streams relabelled to the
+  position within their class group (Split MNIST domain-IL: "is the digit
+  the first or the second of its pair", one 2-way head; Hsu et al. 2018,
+  van de Ven & Tolias 2019).
 
 Everything here is host-side NumPy; the training loop moves arrays to the
 device once per experience.
@@ -126,15 +129,17 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
   Args:
     data: the data set.
     n_experiences: number of experiences; must divide ``data.num_classes``.
-    kind: ``class`` (one head, no task id) or ``task`` (task id given).
+    kind: ``class`` (one head over all classes, no task id), ``task`` (task
+      id given; logits masked to the task's classes) or ``domain`` (no task
+      id; each label becomes its position within its experience's group, so
+      every experience has the same ``C / n_experiences`` output classes;
+      e.g. Split MNIST 5x2 asks "first or second digit of the pair", with
+      digits 0, 2, 4, 6, 8 labelled 0 and the odd ones 1).
     class_order: explicit order of classes; experiences take consecutive
       groups. Default: ``0..C-1``, or a permutation drawn from ``seed``.
     seed: seeds a random class order when ``class_order`` is None.
   """
   _check_kind(kind)
-  if kind == "domain":
-    raise ScenarioError("split scenarios are class- or task-incremental; "
-                        "use permuted/rotated for domain-incremental streams")
   c = data.num_classes
   if n_experiences < 1 or c % n_experiences:
     raise ScenarioError(
@@ -150,20 +155,32 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
       raise ScenarioError(
           f"class_order {list(order)} is not a permutation of 0..{c - 1}")
   groups = order.reshape(n_experiences, c // n_experiences)
+  domain = kind == "domain"
+  # Domain-IL: original label -> its position within its group.
+  position = np.empty(c, np.int32)
+  for g in groups:
+    position[g] = np.arange(len(g))
   exps = []
   for i, cs in enumerate(groups):
     tr = np.isin(data.train_y, cs)
     te = np.isin(data.test_y, cs)
     tid = i if kind == "task" else 0
+    ty, vy = data.train_y[tr], data.test_y[te]
+    if domain:
+      ty, vy = position[ty], position[vy]
+    classes = range(len(cs)) if domain else cs
     exps.append(Experience(
-        index=i, task_id=tid, classes=tuple(int(k) for k in cs),
-        train_x=data.train_x[tr], train_y=data.train_y[tr],
-        test_x=data.test_x[te], test_y=data.test_y[te],
+        index=i, task_id=tid, classes=tuple(int(k) for k in classes),
+        train_x=data.train_x[tr], train_y=ty,
+        test_x=data.test_x[te], test_y=vy,
         train_task=np.full(tr.sum(), tid, np.int32),
         test_task=np.full(te.sum(), tid, np.int32)))
   num_tasks = n_experiences if kind == "task" else 1
-  tc = _task_classes([g for g in groups] if kind == "task" else [range(c)], c)
-  return Scenario(f"split_{data.name}", kind, tuple(exps), c, num_tasks, tc)
+  num_out = groups.shape[1] if domain else c
+  tc = _task_classes(list(groups) if kind == "task" else [range(num_out)],
+                     num_out)
+  return Scenario(f"split_{data.name}", kind, tuple(exps), num_out, num_tasks,
+                  tc)
 
 
 def _same_classes_stream(data: Dataset, name: str, kind: str,

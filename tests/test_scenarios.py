@@ -46,6 +46,41 @@ def test_split_seeded_order_reproducible_and_differs(digits):
                                 b.experiences[1].train_x)
 
 
+def test_split_domain_incremental_relabels_to_position_in_group(digits):
+  order = [3, 8, 0, 5, 9, 1, 2, 7, 6, 4]
+  s = scenarios.split(digits, 5, kind="domain", class_order=order)
+  assert s.kind == "domain" and s.num_tasks == 1 and s.num_classes == 2
+  assert s.task_classes.shape == (1, 2) and s.task_classes.all()
+  for i, e in enumerate(s.experiences):
+    first, second = order[2 * i], order[2 * i + 1]
+    assert e.classes == (0, 1) and e.task_id == 0
+    keep = np.isin(digits.train_y, [first, second])
+    # Same examples as the class-incremental split, in the same order ...
+    np.testing.assert_array_equal(e.train_x, digits.train_x[keep])
+    # ... with label 0 for the group's first class and 1 for its second.
+    np.testing.assert_array_equal(
+        e.train_y, (digits.train_y[keep] == second).astype(np.int32))
+    keep_te = np.isin(digits.test_y, [first, second])
+    np.testing.assert_array_equal(
+        e.test_y, (digits.test_y[keep_te] == second).astype(np.int32))
+    assert np.all(e.train_task == 0) and np.all(e.test_task == 0)
+
+
+def test_split_domain_trains_a_two_way_head(digits):
+  from jaxcl import experiment
+  c = experiment.default_config()
+  c.scenario.kind = "domain"
+  c.train.epochs = 1
+  c.report.progress = False
+  sc = experiment.build_scenario(c)
+  assert sc.num_classes == 2
+  res = experiment.run(c)
+  acc = np.asarray(res.accuracy)
+  assert acc.shape == (5, 5)
+  # Each pair is learned when trained (a 2-way problem, chance 0.5).
+  assert np.all(np.diag(acc) > 0.7), acc
+
+
 @pytest.mark.parametrize("n", [3, 4, 0])
 def test_split_rejects_non_divisor(digits, n):
   with pytest.raises(ValueError, match="does not divide"):
