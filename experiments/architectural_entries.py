@@ -45,4 +45,7 @@ ENTRIES = [
           "strategy=supsup,mode=gg", 0.96, "issue 7 anchor"),
     Entry(_PM, "SupSup (GN, binary search)", "permuted_mnist_architectural",
           "strategy=supsup,mode=gn"),
+    Entry(_PM, "SupSup (GN, binary search, G objective, 490 s-neurons)",
+          "permuted_mnist_architectural",
+          "strategy=supsup,mode=gn,objective=g"),
 ]

@@ -23,13 +23,17 @@ first-layer units after 10 tasks, and later tasks learned less.)
   1[S > 0], scores U(+-1/sqrt(fan_in)), signed constants +-sqrt(2/fan_in)),
   Adam lr 1e-2; GN infers the task per evaluation batch of 1000 with the
   paper's binary search (``search=binary``, the default) or the one-shot
-  gradient (``search=oneshot``).
+  gradient (``search=oneshot``), of the output entropy H
+  (``objective=entropy``, the default) or of the paper's G objective
+  (``objective=g``: 490 superfluous outputs, the reference code's
+  ``output_size=500``; ``superfluous`` overrides the count).
 
   jaxcl run --config experiments/permuted_mnist_architectural.py:strategy=packnet
   jaxcl run --config experiments/permuted_mnist_architectural.py:strategy=supsup,mode=gn
 
 Arguments: ``strategy`` (naive | packnet | hat | supsup | progressive),
-``mode`` (supsup: gg | gn), ``search`` (supsup GN: binary | oneshot), ``n``
+``mode`` (supsup: gg | gn), ``search`` (supsup GN: binary | oneshot),
+``objective`` (supsup GN: entropy | g), ``superfluous``, ``n``
 (experiences), ``width`` (hidden width, default 1024), ``seed``, ``quick``.
 Expected
 (issue 7): PackNet, HAT, SupSup >= 0.96 ACC; SupSup GN within 1 point of GG
@@ -43,7 +47,8 @@ from jaxcl.experiment import default_config
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="packnet", mode="gg", n=10, width=1024, seed=0,
-                quick=False, search="binary")
+                quick=False, search="binary", objective="entropy",
+                superfluous=-1)
   name = a["strategy"]
   widths = (a["width"], a["width"])
   c = default_config()
@@ -92,7 +97,16 @@ def get_config(arg=None):
                               weights="signed_constant", masked_head=True,
                               use_bias=False, density=1.0,
                               mixed_batches=False)
-    c.strategy.supsup = dict(mode=a["mode"], gn_search=a["search"])
+    # The G objective needs superfluous outputs; the reference code's
+    # MNISTPerm runs have output_size 500 (490 beyond the 10 classes).
+    s_neurons = a["superfluous"]
+    if s_neurons < 0:
+      s_neurons = 490 if a["objective"] == "g" else 0
+    c.model.masked_mlp["superfluous"] = s_neurons
+    c.strategy.supsup = dict(mode=a["mode"], gn_search=a["search"],
+                             gn_objective=a["objective"])
+    if a["objective"] != "entropy":
+      c.name += f"_{a['objective']}"
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-2
   if a["quick"]:

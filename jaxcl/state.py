@@ -149,8 +149,15 @@ class StepInfo(NamedTuple):
 
 def masked_logits(logits: jax.Array, task: jax.Array,
                   task_classes: tuple[tuple[bool, ...], ...]) -> jax.Array:
-  """Sets logits of classes outside each example's task to a large negative."""
+  """Sets logits of classes outside each example's task to a large negative.
+
+  Outputs beyond the stream's classes (SupSup's superfluous neurons, present
+  only in training-mode logits) are never masked: they stay in the softmax.
+  """
   table = jnp.asarray(task_classes, dtype=bool)
+  extra = logits.shape[-1] - table.shape[1]
+  if extra > 0:
+    table = jnp.pad(table, ((0, 0), (0, extra)), constant_values=True)
   allowed = table[jnp.clip(task, 0, table.shape[0] - 1)]
   return jnp.where(allowed, logits, _NEG)
 

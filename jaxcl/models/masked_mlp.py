@@ -75,13 +75,14 @@ class MaskedMLP(nn.Module):
   density: float = 0.5
   masked_head: bool = False
   mixed_batches: bool = True
+  superfluous: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, task: jax.Array | None = None,
                train: bool = False, features: bool = False,
                masks: Mapping[str, jax.Array] | None = None,
-               alphas: jax.Array | None = None) -> jax.Array:
-    del train
+               alphas: jax.Array | None = None,
+               all_outputs: bool = False) -> jax.Array:
     if task is None:
       task = jnp.zeros((x.shape[0],), jnp.int32)
     task = jnp.clip(task.astype(jnp.int32), 0, self.num_tasks - 1)
@@ -94,8 +95,13 @@ class MaskedMLP(nn.Module):
     if features:
       return h
     if self.masked_head:
-      head = MaskedDense(features=self.num_classes, name="head", **kw)
-      return head(h, task, None if masks is None else masks["head"], alphas)
+      head = MaskedDense(features=self.num_classes + self.superfluous,
+                         name="head", **kw)
+      out = head(h, task, None if masks is None else masks["head"], alphas)
+      # Superfluous outputs join the training softmax (no label points at
+      # them, so training pushes them down) and SupSup's G objective;
+      # predictions use the real classes only.
+      return out if train or all_outputs else out[:, :self.num_classes]
     logits = nn.Dense(self.num_tasks * self.num_classes, name="head")(h)
     if self.num_tasks == 1:
       return logits
@@ -109,7 +115,7 @@ def build(num_classes: int, num_heads: int = 1, *,
           use_bias: bool = True, threshold: float = 5e-3,
           score_init: float = 1e-2, density: float = 0.5,
           masked_head: bool = False,
-          mixed_batches: bool = True) -> MaskedMLP:
+          mixed_batches: bool = True, superfluous: int = 0) -> MaskedMLP:
   """Builds a :class:`MaskedMLP`.
 
   Args:
@@ -134,14 +140,24 @@ def build(num_classes: int, num_heads: int = 1, *,
       MNIST, 3 seeds: ~15x). False promises one task per batch (task-
       incremental training and evaluation); a row of another task gets NaN
       logits (see :func:`jaxcl.models.masked.per_task`).
+    superfluous: extra outputs of a masked head that no label points at
+      (SupSup's "s-neurons", Wortsman et al. 2020 Sec. 3.5): returned in
+      training mode (or with ``all_outputs=True``) after the
+      ``num_classes`` real logits, left out of predictions.
   """
   tasks = num_tasks or num_heads
   if tasks < 1:
     raise ValueError(f"num_tasks must be >= 1, got {tasks}")
   if not widths:
     raise ValueError("widths must name at least one hidden layer")
+  if not isinstance(superfluous, int) or superfluous < 0:
+    raise ValueError(f"superfluous must be an int >= 0, got {superfluous!r}")
+  if superfluous and not masked_head:
+    raise ValueError("superfluous outputs need masked_head=True (SupSup's "
+                     f"masked output layer); got superfluous={superfluous}")
   return MaskedMLP(num_classes=num_classes, num_tasks=tasks,
                    widths=tuple(int(w) for w in widths), mask=mask,
                    weights=weights, use_bias=use_bias, threshold=threshold,
                    score_init=score_init, density=density,
-                   masked_head=masked_head, mixed_batches=mixed_batches)
+                   masked_head=masked_head, mixed_batches=mixed_batches,
+                   superfluous=superfluous)

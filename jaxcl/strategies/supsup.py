@@ -37,6 +37,13 @@ stored (bool) and prediction uses it.
   wrong task for 4 of 10 tasks. Sign masks keep the superposed net alive:
   one-shot then errs on 1 task of 10, binary search on none.
 
+  ``gn_objective='g'`` replaces H by the paper's G (Sec. 3.5): the output
+  layer gets superfluous neurons that no label points at (the model's
+  ``superfluous``; training's softmax drives them down under the right
+  mask), and the task is the one whose weight most decreases
+  :math:`\log\sum_j \exp z_j` with the real classes' logits held
+  constant, i.e. the superfluous outputs' mass.
+
 Warning:
   In ``'batch'`` scope the padding rows of the last evaluation batch of a
   test set (zero images) take part in the entropy. Earlier tasks' scores
@@ -64,6 +71,7 @@ from jaxcl.strategy import Strategy
 MODES = ("gg", "gn")
 GN_SCOPES = ("batch", "example")
 GN_SEARCHES = ("oneshot", "binary")
+GN_OBJECTIVES = ("entropy", "g")
 
 
 def _entropy(logits):
@@ -71,16 +79,32 @@ def _entropy(logits):
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def _entropy_grad(ctx, params, model_state, masks, x, alive, scope):
-  """dH/dalpha at the uniform superposition of the ``alive`` tasks' masks;
-  ``inf`` for the others. ``(1, T)`` (batch scope) or ``(B, T)``."""
+def _g(logits, num_classes):
+  """The G objective (Wortsman et al. 2020, Sec. 3.5): the log-sum-exp of
+  all outputs with the real classes' logits held constant, so only the
+  superfluous outputs carry gradient; training drove those down for the
+  right task's mask."""
+  real = jax.lax.stop_gradient(logits[:, :num_classes])
+  return jax.nn.logsumexp(
+      jnp.concatenate([real, logits[:, num_classes:]], axis=-1)
+      .astype(jnp.float32), axis=-1)
+
+
+def _entropy_grad(ctx, params, model_state, masks, x, alive, scope,
+                  objective: str = "entropy"):
+  """d(objective)/dalpha at the uniform superposition of the ``alive``
+  tasks' masks; ``inf`` for the others. ``(1, T)`` (batch scope) or
+  ``(B, T)``. ``objective``: ``entropy`` (H, eq. 5) or ``g``."""
   k = jnp.maximum(jnp.sum(alive), 1)
   alphas = jnp.where(alive, 1.0 / k, 0.0).astype(jnp.float32)
   dummy = jnp.zeros((x.shape[0],), jnp.int32)
 
   def ent(a):
     logits = ctx.model.apply({"params": params, **model_state}, x, dummy,
-                             masks=masks, alphas=a)
+                             masks=masks, alphas=a,
+                             all_outputs=objective == "g")
+    if objective == "g":
+      return _g(logits, ctx.model.num_classes)
     return _entropy(logits)
 
   if scope == "batch":
@@ -91,7 +115,7 @@ def _entropy_grad(ctx, params, model_state, masks, x, alive, scope):
 
 
 def infer_task(ctx, sstate, params, model_state, x, scope: str = "batch",
-               search: str = "oneshot"):
+               search: str = "oneshot", objective: str = "entropy"):
   """GN's task inference: ``(B,)`` inferred task ids.
 
   ``search='oneshot'``: one gradient at the uniform superposition (eq. 5).
@@ -99,19 +123,23 @@ def infer_task(ctx, sstate, params, model_state, x, scope: str = "batch",
   the reference code, ``log_base`` 2): keep the half of the candidate tasks
   with the smallest gradient and superpose only those, until one is left
   (``ceil(log2 T)`` gradients).
+  ``objective``: the output entropy H (eq. 5) or G (see :func:`_g`; needs
+  a model with superfluous outputs).
 
   Tasks without a stored mask are never chosen; with none stored, 0.
   """
   masks = all_masks(ctx, sstate, params)
   seen = sstate.seen
   if search == "oneshot":
-    g = _entropy_grad(ctx, params, model_state, masks, x, seen, scope)
+    g = _entropy_grad(ctx, params, model_state, masks, x, seen, scope,
+                      objective)
     t = jnp.argmin(g, axis=-1).astype(jnp.int32)
     return jnp.broadcast_to(t, (x.shape[0],))
 
   def halve(alive, xb):
     # One candidate set for the batch xb: (T,) bool -> (T,) bool, (T,) grad.
-    g = _entropy_grad(ctx, params, model_state, masks, xb, alive, "batch")[0]
+    g = _entropy_grad(ctx, params, model_state, masks, xb, alive, "batch",
+                      objective)[0]
     n = jnp.sum(alive)
     keep = jnp.maximum((n + 1) // 2, 1)
     thr = jnp.sort(g)[keep - 1]
@@ -130,16 +158,20 @@ def infer_task(ctx, sstate, params, model_state, x, scope: str = "batch",
 
 
 def supsup(mode: str = "gg", gn_scope: str = "batch",
-           gn_search: str = "oneshot") -> Strategy:
+           gn_search: str = "oneshot",
+           gn_objective: str = "entropy") -> Strategy:
   """SupSup (see the module docstring).
 
   Args:
     mode: ``gg`` (task given at test time) or ``gn`` (task inferred).
     gn_scope: ``batch`` (one task per evaluation batch) or ``example``.
     gn_search: ``oneshot`` (eq. 5) or ``binary`` (see :func:`infer_task`).
+    gn_objective: ``entropy`` (H) or ``g`` (the G objective over
+      superfluous outputs: ``model.masked_mlp.superfluous > 0``).
 
   Raises:
-    ValueError: an unknown mode, scope or search.
+    ValueError: an unknown mode, scope, search or objective; at ``init``,
+      ``gn_objective='g'`` on a model without superfluous outputs.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; valid: {list(MODES)}")
@@ -147,6 +179,9 @@ def supsup(mode: str = "gg", gn_scope: str = "batch",
     raise ValueError(f"gn_scope={gn_scope!r}; valid: {list(GN_SCOPES)}")
   if gn_search not in GN_SEARCHES:
     raise ValueError(f"gn_search={gn_search!r}; valid: {list(GN_SEARCHES)}")
+  if gn_objective not in GN_OBJECTIVES:
+    raise ValueError(f"gn_objective={gn_objective!r}; valid: "
+                     f"{list(GN_OBJECTIVES)}")
 
   predict = None
   if mode == "gn":
@@ -154,7 +189,7 @@ def supsup(mode: str = "gg", gn_scope: str = "batch",
     def predict(ctx, sstate, params, model_state, x, task):
       del task
       t = infer_task(ctx, sstate, params, model_state, x, gn_scope,
-                     gn_search)
+                     gn_search, gn_objective)
       return apply_masked(ctx, params, model_state, x, t,
                           all_masks(ctx, sstate, params))
 
@@ -167,6 +202,12 @@ def supsup(mode: str = "gg", gn_scope: str = "batch",
           "supsup: gn_scope='example' gives each example its own inferred "
           "task, so the model must route mixed batches: set "
           "model.masked_mlp.mixed_batches=True (it is False)")
+    if mode == "gn" and gn_objective == "g" and not getattr(
+        ctx.model, "superfluous", 0):
+      raise ValueError(
+          "supsup: gn_objective='g' differentiates the superfluous outputs; "
+          "set model.masked_mlp.superfluous > 0 (the reference code's "
+          "MNIST runs have 490)")
     return s.init(ctx, key, params)
 
   return s._replace(init=init, name="supsup")
