@@ -56,18 +56,14 @@ STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
             "lwf": "alpha", "hypernetwork": "beta"}
 
 
-def get_config(arg=None):
-  a = parse_arg(arg, strategy="ewc", kind="task", seed=0, strength=-1.0,
-                epochs=0, quick=False)
-  if a["strategy"] not in STRATEGIES:
-    raise ValueError(f"unknown strategy {a['strategy']!r}; valid: "
-                     f"{sorted(STRATEGIES)}")
+def hsu_protocol(kind: str, seed: int, dataset: str = "mnist"):
+  """Hsu et al.'s Split MNIST protocol (no strategy set): 5 x 2 classes, MLP
+  784-400-400, Adam 1e-3 reset per experience, batch 128, 4 epochs."""
   c = default_config()
-  c.name = f"split_mnist_{a['kind']}_{a['strategy']}"
-  c.seed = a["seed"]
-  c.dataset.name = "mnist"
+  c.seed = seed
+  c.dataset.name = dataset
   c.scenario.type = "split"
-  c.scenario.kind = a["kind"]
+  c.scenario.kind = kind
   c.scenario.n_experiences = 5
   c.model.name = "mlp"
   c.model.widths = (400, 400)
@@ -77,6 +73,17 @@ def get_config(arg=None):
   c.train.batch_size = 128
   c.train.eval_batch_size = 1000
   c.train.reset_optimizer = True
+  return c
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, strategy="ewc", kind="task", seed=0, strength=-1.0,
+                epochs=0, quick=False)
+  if a["strategy"] not in STRATEGIES:
+    raise ValueError(f"unknown strategy {a['strategy']!r}; valid: "
+                     f"{sorted(STRATEGIES)}")
+  c = hsu_protocol(a["kind"], a["seed"])
+  c.name = f"split_mnist_{a['kind']}_{a['strategy']}"
   name = a["strategy"]
   kwargs = dict(STRATEGIES[name])
   if a["strength"] > 0:
