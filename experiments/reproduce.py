@@ -288,7 +288,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       f"* date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
       " UTC",
       f"* seeds per entry: {len(seeds)} ({', '.join(map(str, seeds))}); "
-      "mean ± standard error over seeds, one vmapped sweep per entry; "
+      "mean ± standard error over seeds; an entry's seeds run as one "
+      "vmapped sweep (a single seed runs unvmapped); "
       "entries marked ‡ draw their scenario (permutations, angles) per "
       "seed, as Mammoth does per run, and run their seeds one after "
       "another",
