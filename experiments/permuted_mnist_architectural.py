@@ -102,10 +102,13 @@ def get_config(arg=None):
     s_neurons = a["superfluous"]
     if s_neurons < 0:
       s_neurons = 490 if a["objective"] == "g" else 0
-    c.model.masked_mlp["superfluous"] = s_neurons
-    c.strategy.supsup = dict(mode=a["mode"], gn_search=a["search"],
-                             gn_objective=a["objective"])
+    c.strategy.supsup = dict(mode=a["mode"], gn_search=a["search"])
+    # Set only when used, so that the H and GG configs (and their stored
+    # results' fingerprints) are those from before G existed.
+    if s_neurons:
+      c.model.masked_mlp["superfluous"] = s_neurons
     if a["objective"] != "entropy":
+      c.strategy.supsup["gn_objective"] = a["objective"]
       c.name += f"_{a['objective']}"
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-2

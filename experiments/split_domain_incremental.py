@@ -87,11 +87,7 @@ def get_config(arg=None):
       c.strategy.replay = dict(mem_size=a["mem_size"], batch_size=128,
                                policy="experience")
     if a["quick"]:
-      c.dataset.train_subset = 2000
-      c.dataset.test_subset = 1000
-      c.train.epochs = 1
-      c.train.batch_size = 32
-      c.train.eval_batch_size = 250
+      regularisation.shrink(c)
       if s == "replay":
         c.strategy.replay["batch_size"] = 32
   c.dataset.name = d

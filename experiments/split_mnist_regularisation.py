@@ -76,6 +76,17 @@ def hsu_protocol(kind: str, seed: int, dataset: str = "mnist"):
   return c
 
 
+def shrink(c):
+  """Tests' quick variant of the protocol: 2000 training / 1000 test
+  examples, 1 epoch of batch 32."""
+  c.dataset.train_subset = 2000
+  c.dataset.test_subset = 1000
+  c.train.epochs = 1
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 250
+  return c
+
+
 def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="task", seed=0, strength=-1.0,
                 epochs=0, quick=False)
@@ -110,11 +121,7 @@ def get_config(arg=None):
   if a["epochs"] > 0:
     c.train.epochs = a["epochs"]
   if a["quick"]:
-    c.dataset.train_subset = 2000
-    c.dataset.test_subset = 1000
-    c.train.epochs = 1
-    c.train.batch_size = 32
-    c.train.eval_batch_size = 250
+    shrink(c)
     for k in ("max_examples",):
       if k in c.strategy[name]:
         c.strategy[name][k] = 64
