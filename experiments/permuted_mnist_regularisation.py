@@ -18,7 +18,8 @@ hypernetwork), ``kind`` (domain | task; the hypernetwork defaults to task),
 ``seed``, ``strength`` (> 0 overrides the method's coefficient),
 ``epochs`` (the published protocol has 10; the measurements in
 docs/notes_regularisation.md say which they used), ``lr`` (> 0 overrides
-the learning rate, for shortened runs), ``quick`` (2000 / 1000
+the learning rate, for shortened runs), ``si_grads`` (SI's ω gradient:
+task | total, see :func:`jaxcl.strategies.si.si`), ``quick`` (2000 / 1000
 examples, 3 experiences, 1 epoch, for tests).
 
 Expected (anchors of the issue, full protocol): EWC ≥ 0.94, online EWC ≥
@@ -65,7 +66,7 @@ STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
-                epochs=10, lr=-1.0, quick=False)
+                epochs=10, lr=-1.0, si_grads="task", quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; valid: "
@@ -90,6 +91,8 @@ def get_config(arg=None):
   kwargs = dict(STRATEGIES[name])
   if a["strength"] > 0:
     kwargs[STRENGTH[name]] = a["strength"]
+  if name == "si" and a["si_grads"] != "task":  # (set only when used)
+    kwargs["grads"] = a["si_grads"]
   c.strategy.name = name
   c.strategy[name] = kwargs
   if name == "hypernetwork":

@@ -307,6 +307,23 @@ def test_si_importance_equals_closed_form_path_integral():
                                           None)), want, rtol=1e-4)
 
 
+def test_si_total_grads_integrates_the_gradient_the_optimiser_saw():
+  # grads='total' (van de Ven & Tolias's code): ω = -Σ g_total Δθ; it needs
+  # no separate task-loss gradient.
+  s = si(c=1.0, grads="total")
+  assert not s.needs_task_grads and si(c=1.0).needs_task_grads
+  params = {"w": jnp.asarray([1.0, -2.0], jnp.float32)}
+  ss = s.init(None, jax.random.PRNGKey(0), params)
+  new = {"w": jnp.asarray([0.5, -1.0], jnp.float32)}
+  total = {"w": jnp.asarray([3.0, 4.0])}
+  ss = s.after_step(None, ss, StepInfo(params, new, total, None, None,
+                                       jnp.zeros(())))
+  np.testing.assert_allclose(np.asarray(ss.omega["w"]),
+                             [-3.0 * -0.5, -4.0 * 1.0])
+  with pytest.raises(ValueError, match="grads"):
+    si(grads="data")
+
+
 # --------------------------------------------------------------------------
 # LwF: the distillation loss by hand.
 

@@ -70,20 +70,31 @@ class SIState(NamedTuple):
   c: jax.Array     # float32 scalar strength: in the state so a sweep can vary it
 
 
-def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
+GRADS = ("task", "total")
+
+
+def si(c: float = 0.1, xi: float = 0.1, grads: str = "task") -> Strategy:
   """Synaptic Intelligence.
 
   Args:
     c: penalty strength (>= 0).
     xi: damping ``ξ`` (> 0) of the consolidation ``ω / (Δ² + ξ)``.
+    grads: the gradient ``g`` in ``ω``: ``task`` (the unregularised loss,
+      as Zenke et al. define it; the default) or ``total`` (the gradient
+      the optimiser saw, surrogate included, as van de Ven & Tolias's code
+      takes ``p.grad`` after the backward pass; it also skips the extra
+      task-loss backward pass).
 
   Raises:
-    ValueError: negative ``c`` or non-positive ``xi``.
+    ValueError: negative ``c``, non-positive ``xi`` or an unknown ``grads``.
   """
   _penalty.check_nonnegative("si: c", c)
   if not (isinstance(xi, (int, float)) and math.isfinite(xi) and xi > 0):
     raise ValueError(f"si: xi (damping) must be a finite number > 0, "
                      f"got {xi!r}")
+  if grads not in GRADS:
+    raise ValueError(f"si: grads={grads!r}; valid: {list(GRADS)}")
+  use_task = grads == "task"
 
   def init(ctx, key, params):
     del ctx, key
@@ -122,8 +133,8 @@ def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
   def after_step(ctx, sstate, info):
     del ctx
     omega = jax.tree.map(lambda w, g, a, b: w - g * (a - b), sstate.omega,
-                         info.task_grads, info.params_after,
-                         info.params_before)
+                         info.task_grads if use_task else info.grads,
+                         info.params_after, info.params_before)
     return sstate._replace(omega=omega)
 
   def after_experience(ctx, state, experience):
@@ -132,4 +143,4 @@ def si(c: float = 0.1, xi: float = 0.1) -> Strategy:
 
   return Strategy(init=init, before_experience=before_experience, loss=loss,
                   after_step=after_step, after_experience=after_experience,
-                  needs_task_grads=True, name="si")
+                  needs_task_grads=use_task, name="si")
