@@ -56,12 +56,12 @@ STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
             "lwf": "alpha", "hypernetwork": "beta"}
 
 
-def hsu_protocol(kind: str, seed: int, dataset: str = "mnist"):
+def hsu_protocol(kind: str, seed: int):
   """Hsu et al.'s Split MNIST protocol (no strategy set): 5 x 2 classes, MLP
   784-400-400, Adam 1e-3 reset per experience, batch 128, 4 epochs."""
   c = default_config()
   c.seed = seed
-  c.dataset.name = dataset
+  c.dataset.name = "mnist"
   c.scenario.type = "split"
   c.scenario.kind = kind
   c.scenario.n_experiences = 5
