@@ -53,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
       online=False,       # one pass (set train.epochs=1, small batch)
       angles=(),          # rotated: explicit angles in degrees
       seed=0,             # permutations / angles
+      first_identity=False,  # permuted: first experience unpermuted
+      pad=0,              # permuted: zero pixels per side before permuting
   ))
   c.model = ml_collections.ConfigDict(dict(
       name="mlp",
@@ -105,7 +107,8 @@ def build_scenario(config: ml_collections.ConfigDict) -> Scenario:
         class_order=tuple(sc.class_order) or None,
         seed=sc.order_seed if sc.order_seed >= 0 else None)
   elif sc.type == "permuted":
-    s = scenarios.permuted(data, sc.n_experiences, kind=sc.kind, seed=sc.seed)
+    s = scenarios.permuted(data, sc.n_experiences, kind=sc.kind, seed=sc.seed,
+                           first_identity=sc.first_identity, pad=sc.pad)
   elif sc.type == "rotated":
     s = scenarios.rotated(data, sc.n_experiences, kind=sc.kind,
                           angles=tuple(sc.angles) or None, seed=sc.seed)

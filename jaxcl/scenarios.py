@@ -206,22 +206,47 @@ def _same_classes_stream(data: Dataset, name: str, kind: str,
 
 
 def permuted(data: Dataset, n_experiences: int = 10, kind: str = "domain",
-             seed: int = 0, first_identity: bool = False) -> Scenario:
+             seed: int = 0, first_identity: bool = False,
+             pad: int = 0) -> Scenario:
   """A fixed random pixel permutation per experience (seeded).
 
   Args:
     first_identity: keep the first experience unpermuted (as in some
       papers); off by default so that every experience is a permutation.
+    pad: zero pixels added on each side of ``(N, H, W, C)`` images before
+      permuting (the reference codes of van de Ven & Tolias 2019 and von
+      Oswald et al. 2020 pad MNIST to 32x32, i.e. ``pad=2``). The padding is
+      permuted with the image, so each permutation leaves a different set
+      of inputs blank.
   """
   if n_experiences < 1:
     raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
-  d = int(np.prod(data.train_x.shape[1:]))
+  if pad < 0 or int(pad) != pad:
+    raise ScenarioError(f"pad must be a whole number of pixels >= 0, got "
+                        f"{pad!r}")
+  if pad and data.train_x.ndim != 4:
+    raise ScenarioError(f"pad needs (N, H, W, C) images; {data.name!r} has "
+                        f"examples of shape {data.train_x.shape[1:]}")
+  pad = int(pad)
+  shape = list(data.train_x.shape[1:])
+  if pad:
+    shape[0] += 2 * pad
+    shape[1] += 2 * pad
+  d = int(np.prod(shape))
   rng = np.random.default_rng(seed)
   perms = [np.arange(d) if (first_identity and i == 0) else rng.permutation(d)
            for i in range(n_experiences)]
 
+  def padded(x):
+    if not pad:
+      return x
+    return np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
   def make(p):
-    return lambda x: x.reshape(len(x), -1)[:, p].reshape(x.shape)
+    def f(x):
+      x = padded(x)
+      return x.reshape(len(x), -1)[:, p].reshape(x.shape)
+    return f
 
   sc = _same_classes_stream(data, "permuted", kind, [make(p) for p in perms])
   return dataclasses.replace(sc, name=f"permuted_{data.name}")

@@ -120,6 +120,56 @@ def test_permuted_applies_same_permutation_to_train_and_test():
     assert sorted(e.train_x[0].ravel().tolist()) == [0, 1, 2, 3]
 
 
+def test_permuted_pad_and_first_identity():
+  x = np.arange(1, 2 * 4 + 1, dtype=np.float32).reshape(2, 2, 2, 1)
+  d = Dataset("toy", x, np.array([0, 1], np.int32), x.copy(),
+              np.array([0, 1], np.int32), 2)
+  s = scenarios.permuted(d, 3, seed=0, first_identity=True, pad=1)
+  first = s.experiences[0].train_x
+  assert first.shape == (2, 4, 4, 1)
+  # Unpermuted: the image sits in the middle of a zero border.
+  np.testing.assert_array_equal(first[:, 1:3, 1:3], x)
+  assert first.sum() == x.sum()
+  for e in s.experiences[1:]:
+    assert e.train_x.shape == (2, 4, 4, 1)
+    # A permutation of the padded image: the same 4 values and 12 zeros,
+    # and the blank inputs move with it.
+    for i in range(2):
+      np.testing.assert_array_equal(np.sort(e.train_x[i].ravel()),
+                                    np.sort(first[i].ravel()))
+    assert not np.array_equal(e.train_x, first)
+  assert not np.array_equal(s.experiences[1].train_x, s.experiences[2].train_x)
+
+
+def test_config_pads_permuted_images():
+  from jaxcl import experiment
+  c = experiment.default_config()
+  c.scenario.type = "permuted"
+  c.scenario.kind = "domain"
+  c.scenario.n_experiences = 2
+  c.scenario.pad = 2
+  c.scenario.first_identity = True
+  sc = experiment.build_scenario(c)
+  x = sc.experiences[0].train_x
+  assert x.shape[1:] == (12, 12, 1)  # the 8x8 digits, 2 blank pixels a side
+  assert np.all(x[:, :2] == 0) and np.all(x[:, :, -2:] == 0)
+  assert sc.experiences[1].train_x.shape == x.shape
+
+
+@pytest.mark.parametrize("pad", [-1, 1.5])
+def test_permuted_rejects_bad_pad(digits, pad):
+  with pytest.raises(ValueError, match="pad must be"):
+    scenarios.permuted(digits, 2, pad=pad)
+
+
+def test_permuted_pad_needs_images():
+  x = np.zeros((2, 5), np.float32)
+  d = Dataset("flat", x, np.array([0, 1], np.int32), x.copy(),
+              np.array([0, 1], np.int32), 2)
+  with pytest.raises(ValueError, match="pad needs"):
+    scenarios.permuted(d, 2, pad=1)
+
+
 def test_rotated_zero_is_identity_and_90_moves_pixels():
   x = np.zeros((1, 5, 5, 1), np.float32)
   x[0, 0, 2, 0] = 1.0  # top middle
