@@ -513,6 +513,29 @@ def test_experiment_configs_build_every_strategy(file):
     mod.get_config("strategy=ewc2")
 
 
+def test_permuted_config_with_reference_input_runs_hypernetwork():
+  # pad=2,first_identity=True: the reference codes' 32x32 input with the
+  # first task unpermuted; the hypernetwork's target must take 1024 inputs.
+  mod = _load_config("permuted_mnist_regularisation.py")
+  c = mod.get_config("strategy=hypernetwork,pad=2,first_identity=True,quick,"
+                     "lr=0.001")
+  assert c.model.hypernet.input_dim == 32 * 32
+  c.dataset.data_dir = _data_dir()
+  c.report.progress = False
+  sc = experiment.build_scenario(c)
+  x0 = sc.experiences[0].train_x
+  assert x0.shape[1:] == (32, 32, 1)
+  assert np.all(x0[:, :2] == 0) and np.all(x0[:, -2:] == 0)  # unpermuted
+  assert np.any(sc.experiences[1].train_x[:, :2] != 0)  # permuted padding
+  res = experiment.run(c)
+  assert res.accuracy.shape == (3, 3)
+  # Task given, 10 classes, 2000 examples, one short epoch at Adam 1e-3:
+  # every task well above chance (0.1), and the first task kept.
+  acc = np.asarray(res.accuracy)
+  assert np.all(np.diag(acc) > 0.3), acc
+  assert acc[-1, 0] > acc[0, 0] - 0.05, acc
+
+
 @pytest.mark.slow
 def test_split_mnist_quick_config_runs_lwf():
   mod = _load_config("split_mnist_regularisation.py")
