@@ -17,7 +17,11 @@ Arguments: ``strategy`` (ewc | online_ewc | si | mas | lwf |
 hypernetwork), ``kind`` (domain | task; the hypernetwork defaults to task),
 ``seed``, ``strength`` (> 0 overrides the method's coefficient),
 ``pad`` and ``first_identity`` (the reference codes' 32x32 padding and
-unpermuted first task: ``pad=2,first_identity=True``),
+unpermuted first task: ``pad=2,first_identity=True``), ``init``
+(``torch`` for PyTorch's ``nn.Linear`` initialisation, as in the reference
+codes; default flax's lecun_normal) and ``keep_opt`` (keep Adam's state
+across experiences, as van de Ven's ``--optimizer=adam`` does, instead of
+resetting it),
 ``epochs`` (the published protocol has 10; the measurements in
 docs/notes_regularisation.md say which they used), ``lr`` (> 0 overrides
 the learning rate, for shortened runs), ``si_grads`` (SI's ω gradient:
@@ -74,7 +78,8 @@ STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
 def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
                 epochs=10, lr=-1.0, si_grads="task", pad=0,
-                first_identity=False, quick=False)
+                first_identity=False, init="", keep_opt=False,
+                quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; valid: "
@@ -103,6 +108,12 @@ def get_config(arg=None):
   c.train.batch_size = 128
   c.train.eval_batch_size = 1000
   c.train.reset_optimizer = True
+  # The reference network (van de Ven's continual-learning: PyTorch
+  # nn.Linear init, one Adam for the whole stream). Set only when used.
+  if a["init"]:
+    c.model.init = a["init"]
+  if a["keep_opt"]:
+    c.train.reset_optimizer = False
   kwargs = dict(STRATEGIES[name])
   if a["strength"] > 0:
     kwargs[STRENGTH[name]] = a["strength"]

@@ -13,6 +13,10 @@ _PMR = ("Permuted MNIST (10), padded to 32x32, first task unpermuted (the "
         "reference code's input), MLP 2x1000, Adam 1e-4, batch 128, 10 "
         "epochs (van de Ven & Tolias 2019)")
 _REF = "pad=2,first_identity=True"
+_PMT = ("Permuted MNIST (10), the reference code's input and network: "
+        "32x32, first task unpermuted, PyTorch init, one Adam for the "
+        "stream, MLP 2x1000, Adam 1e-4, batch 128, 10 epochs")
+_TOR = f"{_REF},init=torch,keep_opt=True"
 
 ENTRIES = [
     Entry(_ST, "EWC", "split_mnist_regularisation", "strategy=ewc,kind=task",
@@ -75,5 +79,9 @@ ENTRIES = [
     Entry(_PMR, "EWC (λ = 200)", "permuted_mnist_regularisation",
           f"strategy=ewc,strength=200,{_REF}", 0.94, "issue 5 anchor"),
     Entry(_PMR, "SI", "permuted_mnist_regularisation", f"strategy=si,{_REF}",
+          0.95, "issue 5 anchor"),
+    Entry(_PMT, "Online EWC (λ = 200)", "permuted_mnist_regularisation",
+          f"strategy=online_ewc,strength=200,{_TOR}", 0.95, "issue 5 anchor"),
+    Entry(_PMT, "SI", "permuted_mnist_regularisation", f"strategy=si,{_TOR}",
           0.95, "issue 5 anchor"),
 ]

@@ -536,6 +536,29 @@ def test_permuted_config_with_reference_input_runs_hypernetwork():
   assert acc[-1, 0] > acc[0, 0] - 0.05, acc
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_permuted_config_reference_network_keeps_adam_across_experiences(keep):
+  # init=torch,keep_opt: van de Ven's network (PyTorch nn.Linear init, one
+  # Adam for the whole stream). Adam's step count shows whether its state
+  # survived the experience boundaries.
+  mod = _load_config("permuted_mnist_regularisation.py")
+  arg = ("strategy=online_ewc,quick,lr=0.001,init=torch"
+         + (",keep_opt" if keep else ""))
+  c = mod.get_config(arg)
+  assert c.model.init == "torch" and c.train.reset_optimizer is (not keep)
+  c.dataset.data_dir = _data_dir()
+  c.report.progress = False
+  res = experiment.run(c)
+  steps = res.learner.epoch_steps * c.train.epochs
+  counts = [int(np.max(x)) for x in jax.tree.leaves(res.state.opt_state)
+            if np.asarray(x).dtype == np.int32]
+  assert counts, res.state.opt_state
+  expected = steps * c.scenario.n_experiences if keep else steps
+  assert max(counts) == expected, (counts, expected)
+  # Short quick run: every permuted task still well above chance (0.1).
+  assert np.all(np.diag(res.accuracy) > 0.3), res.accuracy
+
+
 @pytest.mark.slow
 def test_split_mnist_quick_config_runs_lwf():
   mod = _load_config("split_mnist_regularisation.py")
