@@ -21,7 +21,9 @@ unpermuted first task: ``pad=2,first_identity=True``), ``init``
 (``torch`` for PyTorch's ``nn.Linear`` initialisation, as in the reference
 codes; default flax's lecun_normal) and ``keep_opt`` (keep Adam's state
 across experiences, as van de Ven's ``--optimizer=adam`` does, instead of
-resetting it),
+resetting it), ``lookahead`` (hypernetwork: the paper's look-ahead
+regulariser), ``hnet_init`` (hypernetwork hidden layers' initialiser:
+``glorot`` as in the reference code; default He),
 ``epochs`` (the published protocol has 10; the measurements in
 docs/notes_regularisation.md say which they used), ``lr`` (> 0 overrides
 the learning rate, for shortened runs), ``si_grads`` (SI's ω gradient:
@@ -79,7 +81,7 @@ def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
                 epochs=10, lr=-1.0, si_grads="task", pad=0,
                 first_identity=False, init="", keep_opt=False,
-                quick=False)
+                lookahead=False, hnet_init="", quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; valid: "
@@ -119,6 +121,8 @@ def get_config(arg=None):
     kwargs[STRENGTH[name]] = a["strength"]
   if name == "si" and a["si_grads"] != "task":  # (set only when used)
     kwargs["grads"] = a["si_grads"]
+  if name == "hypernetwork" and a["lookahead"]:  # (set only when used)
+    kwargs["lookahead"] = True
   c.strategy.name = name
   c.strategy[name] = kwargs
   if name == "hypernetwork":
@@ -138,6 +142,8 @@ def get_config(arg=None):
                             hidden=(25, 25), activation="elu",
                             output_scale="none",
                             mixed_batches=False)  # one task per batch
+    if a["hnet_init"]:  # (set only when used)
+      c.model.hypernet.hidden_init = a["hnet_init"]
 
   if a["lr"] > 0:
     c.optimizer.learning_rate = a["lr"]

@@ -36,6 +36,12 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   (Fisher, consolidation, pruning, exemplar selection).
 * ``predict(ctx, sstate, params, model_state, x, task) -> logits`` or None
   for the model's own logits (multi-head masking, NME, ensembles).
+* ``lookahead_loss(ctx, sstate, params, batch) -> scalar`` or None: a
+  penalty evaluated at the *look-ahead* parameters ``params + ΔΘ``, where
+  ``ΔΘ`` is the update the optimiser would make from the gradient of the
+  rest of the loss (task loss plus ``loss``), held constant (von Oswald et
+  al. 2020, eq. 2: the hypernetwork's output regulariser anticipates the
+  task step). Costs one extra optimiser update per step, not applied.
 * ``needs_task_grads``: ask the step for the unregularised gradient too
   (costs a second backward pass; SI uses it).
 """
@@ -110,6 +116,7 @@ class Strategy(NamedTuple):
   predict: Optional[Callable[..., Any]] = None
   needs_task_grads: bool = False
   name: str = "naive"
+  lookahead_loss: Optional[Callable[..., Any]] = None
 
 
 def identity() -> Strategy:
@@ -124,7 +131,8 @@ def chain(*strategies: Strategy) -> Strategy:
   ``prepare_batch`` and ``update_grads`` apply left to right (so write the
   order at the call site: ``chain(replay(...), gem(...))`` projects the
   gradient of the replayed batch); each ``after_step`` and experience hook
-  updates its own slot; ``project_params`` applies left to right. At most
+  updates its own slot; ``project_params`` applies left to right;
+  look-ahead losses add up (all at the same ``ΔΘ``). At most
   one member may define ``predict``, and at most one ``task_loss``.
 
   Raises:
@@ -210,6 +218,16 @@ def chain(*strategies: Strategy) -> Strategy:
     return tuple(s.after_step(ctx, ss, info)
                  for s, ss in zip(strategies, sstate))
 
+  lookers = [(i, s) for i, s in enumerate(strategies)
+             if s.lookahead_loss is not None]
+  lookahead_loss = None
+  if lookers:
+
+    def lookahead_loss(ctx, sstate, params, batch):
+      check(sstate)
+      return sum(s.lookahead_loss(ctx, sstate[i], params, batch)
+                 for i, s in lookers)
+
   predict = None
   if predictors:
     idx = strategies.index(predictors[0])
@@ -232,4 +250,5 @@ def chain(*strategies: Strategy) -> Strategy:
       predict=predict,
       needs_task_grads=any(s.needs_task_grads for s in strategies),
       name="+".join(s.name for s in strategies) or "naive",
+      lookahead_loss=lookahead_loss,
   )

@@ -318,6 +318,18 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
 
   (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  if strategy.lookahead_loss is not None:
+    # ΔΘ: the update the optimiser would make from the rest of the loss
+    # (its state is not advanced), held constant; the penalty's gradient
+    # is taken at Θ + ΔΘ and added (von Oswald et al. 2020, eq. 2).
+    delta, _ = ctx.tx.update(grads, state.opt_state, state.params)
+    delta = jax.lax.stop_gradient(delta)
+    ahead, ahead_grads = jax.value_and_grad(
+        lambda p: strategy.lookahead_loss(
+            ctx, state.strategy, optax.apply_updates(p, delta), batch))(
+                state.params)
+    loss = loss + ahead
+    grads = jax.tree.map(jnp.add, grads, ahead_grads)
   task_grads = None
   if strategy.needs_task_grads:
 

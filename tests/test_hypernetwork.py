@@ -126,6 +126,15 @@ def test_regulariser_by_hand_and_zero_after_consolidation():
   np.testing.assert_allclose(est, want, rtol=0.05)
   s0 = sampled.after_step(ctx, state.strategy, None)
   assert int(s0.count) == int(state.strategy.count) + 1
+  # With the look-ahead the same regulariser moves to lookahead_loss (the
+  # step evaluates it at Θ + ΔΘ; tests/test_train.py checks that part) and
+  # the plain loss adds nothing.
+  ahead = hypernetwork(beta=beta, lookahead=True)
+  np.testing.assert_allclose(
+      float(ahead.lookahead_loss(ctx, state.strategy, moved, batch)), want,
+      rtol=1e-4)
+  assert float(ahead.loss(ctx, state.strategy, moved, batch, None)) == 0.0
+  assert s.lookahead_loss is None
 
 
 def _train(config, sc):
@@ -168,6 +177,12 @@ def test_old_generated_weights_stay_within_tolerance():
     held, loose = drift(gens, t, t), drift(free, t, t)
     assert held < 0.05, (t, held)
     assert loose > 5 * held, (t, held, loose)
+  # The look-ahead regulariser holds them too.
+  c = _config(beta=10.0)
+  c.strategy.hypernetwork.lookahead = True
+  ahead, _, _ = _train(c, sc)
+  for t in (0, 1):
+    assert drift(ahead, t, t) < 0.05, (t, drift(ahead, t, t))
   # Learned embeddings are frozen exactly; the current one was trained.
   np.testing.assert_array_equal(embs[-1][0], embs[0][0])
   np.testing.assert_array_equal(embs[-1][1], embs[1][1])
@@ -230,6 +245,9 @@ def test_bad_settings_raise():
     hypernetwork(beta=-1.0)
   with pytest.raises(ValueError, match="reg_samples"):
     hypernetwork(reg_samples=-1)
+  with pytest.raises(ValueError, match="lookahead must be True or False, "
+                     "got 'yes'"):
+    hypernetwork(lookahead="yes")
   sc = _toy("task")
   ctx = make_context(models.build("mlp", C, widths=(8,)),
                      make_optimizer("sgd", 0.1), stream_info(sc, 16))
@@ -243,6 +261,30 @@ def test_bad_settings_raise():
     models.build("hypernet", C, num_heads=3, **HN)
   with pytest.raises(ValueError, match="unknown activation 'tanh'"):
     models.build("hypernet", C, activation="tanh", **HN)
+  with pytest.raises(ValueError, match="unknown hidden_init 'xavier'; "
+                     "valid: he, glorot"):
+    models.build("hypernet", C, hidden_init="xavier", **HN)
+
+
+def test_hidden_init_glorot_is_uniform_within_its_limit():
+  """hidden_init='glorot' (the reference code's init): hidden kernels
+  uniform in ±sqrt(6 / (fan_in + fan_out)); the default He normal
+  exceeds that bound on the first layer (std sqrt(2 / fan_in) is larger
+  than the Glorot limit / sqrt(3))."""
+  x = jnp.zeros((2, D))
+  t = jnp.zeros((2,), jnp.int32)
+  wide = {**HN, "hidden": (50,)}
+  fan_in = HN["embedding_dim"] + HN["chunk_embedding_dim"]
+  limit = math.sqrt(6 / (fan_in + 50))
+  g = models.build("hypernet", C, hidden_init="glorot", **wide).init(
+      jax.random.PRNGKey(0), x, t)["params"]["kernel_0"]
+  h = models.build("hypernet", C, **wide).init(
+      jax.random.PRNGKey(0), x, t)["params"]["kernel_0"]
+  assert float(jnp.abs(g).max()) <= limit
+  assert float(jnp.abs(g).max()) > 0.9 * limit  # uniform fills the range
+  np.testing.assert_allclose(float(jnp.std(g)), limit / math.sqrt(3),
+                             rtol=0.15)
+  assert float(jnp.std(h)) > 1.3 * float(jnp.std(g))
 
 
 def test_elu_hypernetwork_generates_by_hand():

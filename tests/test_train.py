@@ -216,6 +216,51 @@ def test_project_params_and_task_loss_hooks_in_the_step():
     chain(zero, zero)
 
 
+def test_lookahead_loss_gradient_is_taken_after_the_candidate_step():
+  """lookahead_loss is differentiated at Θ + ΔΘ, ΔΘ the optimiser's update
+  from the rest of the loss. With plain SGD (lr η) and the penalty
+  ½‖Θ - Θ₀‖² anchored at the starting point, its gradient there is ΔΘ =
+  -η g, so the step is -η (g - η g): (1 - η) times Naive's step. The same
+  penalty as a plain ``loss`` has zero gradient at Θ₀ (step = Naive's)."""
+  eta = 0.5
+  c = quick_config(**{"optimizer.momentum": 0.0,
+                      "optimizer.learning_rate": eta})
+  s = experiment.setup(c)
+  ctx = s.learner.ctx
+  exp = s.scenario.experiences[0]
+  batch = {"x": jnp.asarray(exp.train_x[:16], jnp.float32),
+           "y": jnp.asarray(exp.train_y[:16], jnp.int32),
+           "task": jnp.asarray(exp.train_task[:16], jnp.int32),
+           "mask": jnp.ones((16,), jnp.float32)}
+
+  def anchored(lookahead):
+    def init(ctx, key, params):
+      return jax.tree.map(jnp.array, params)  # Θ₀, a copy
+
+    def penalty(ctx, ss, params, batch):
+      return 0.5 * sum(jnp.sum((p - a) ** 2) for p, a in zip(
+          jax.tree.leaves(params), jax.tree.leaves(ss)))
+
+    if lookahead:
+      return Strategy(init=init, lookahead_loss=penalty, name="ahead")
+    return Strategy(init=init, name="plain",
+                    loss=lambda ctx, ss, p, b, logits: penalty(ctx, ss, p, b))
+
+  def step(strategy):
+    state = train.init_state(ctx, strategy, 0)
+    p0 = jax.tree.map(np.asarray, state.params)
+    new, _ = train.train_step(ctx, strategy, state, batch)
+    return [np.asarray(b) - a for a, b in zip(jax.tree.leaves(p0),
+                                               jax.tree.leaves(new.params))]
+
+  naive = step(Strategy())
+  assert max(float(np.abs(d).max()) for d in naive) > 1e-3
+  for d, n in zip(step(anchored(False)), naive):
+    np.testing.assert_allclose(d, n, rtol=1e-5, atol=1e-7)
+  for d, n in zip(step(chain(Strategy(), anchored(True))), naive):
+    np.testing.assert_allclose(d, (1 - eta) * n, rtol=1e-4, atol=1e-7)
+
+
 def test_non_finite_loss_names_experience_and_step():
   c = quick_config(**{"optimizer.learning_rate": 1e12})
   with pytest.raises(jaxcl.NonFiniteLossError, match="experience 0.*step"):

@@ -119,6 +119,9 @@ class HyperNetwork(nn.Module):
       small. Under ``fan_in`` an optimiser step moves the target's weights
       ``sqrt(fan_in)`` times less (28x on an MNIST first layer): slow
       learning at Adam 1e-4.
+    hidden_init: the hidden layers' initialiser: ``he`` (default,
+      truncated normal with variance ``2 / fan_in``) or ``glorot``
+      (Glorot-uniform, what the reference code uses for every layer).
   """
   num_classes: int
   input_dim: int = 784
@@ -131,6 +134,7 @@ class HyperNetwork(nn.Module):
   activation: str = "relu"
   mixed_batches: bool = True
   output_scale: str = "fan_in"
+  hidden_init: str = "he"
 
   # ------------------------------------------------------------------ shapes
 
@@ -186,7 +190,9 @@ class HyperNetwork(nn.Module):
         (self.num_chunks, self.chunk_embedding_dim))
     # Plain parameters, no submodules: the forward pass is then a pure
     # function of arrays and can sit inside lax.cond / vmap.
-    he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+    inner = (nn.initializers.glorot_uniform() if self.hidden_init == "glorot"
+             else nn.initializers.variance_scaling(2.0, "fan_in",
+                                                   "truncated_normal"))
     # The output layer: unit-variance generated values for the fixed scale,
     # or (output_scale='none') small ones that are the weights themselves.
     out_init = (nn.initializers.glorot_uniform()
@@ -197,7 +203,7 @@ class HyperNetwork(nn.Module):
     weights = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
       last = i == len(dims) - 2
-      weights.append((self.param(f"kernel_{i}", out_init if last else he,
+      weights.append((self.param(f"kernel_{i}", out_init if last else inner,
                                  (a, b)),
                       self.param(f"bias_{i}", nn.initializers.zeros, (b,))))
     self.hnet_weights = weights
@@ -280,6 +286,9 @@ def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
   if kwargs.get("output_scale", "fan_in") not in ("fan_in", "none"):
     raise ValueError(f"hypernet: unknown output_scale "
                      f"{kwargs['output_scale']!r}; valid: fan_in, none")
+  if kwargs.get("hidden_init", "he") not in ("he", "glorot"):
+    raise ValueError(f"hypernet: unknown hidden_init "
+                     f"{kwargs['hidden_init']!r}; valid: he, glorot")
   bad = [k for k in ("input_dim", "num_embeddings", "embedding_dim",
                      "chunk_size", "chunk_embedding_dim")
          if k in kwargs and int(kwargs[k]) < 1]

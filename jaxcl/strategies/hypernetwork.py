@@ -13,7 +13,12 @@ task started:
     + \\frac{\\beta}{T - 1} \\sum_{t < T}
       \\big\\lVert f_h(e_t, \\Theta_h) - f_h(e_t, \\Theta_h^*) \\big\\rVert_2^2
 
-(their eq. 2, without the optional look-ahead ``ΔΘ_h``). ``β`` is ``beta``.
+(their eq. 2). ``β`` is ``beta``. With ``lookahead=True`` the regulariser
+is evaluated at ``Θ_h + ΔΘ_h``, where ``ΔΘ_h`` is the update the optimiser
+would make from the task loss alone, held constant (the paper's look-ahead,
+on by default in the reference code, chrhenning/hypercl
+``no_lookahead=False``): the penalty then pushes against the part of the
+coming task step that would move the old tasks' weights.
 The targets ``f_h(e_t, Θ_h^*)`` are stored, not recomputed: at the end of
 each experience the weights generated for every learned embedding are
 written into ``HypernetworkState.targets``, a ``(num_embeddings, P)`` array
@@ -101,7 +106,8 @@ def generated_weights(ctx, params, ids: jax.Array) -> jax.Array:
   return ctx.model.to_weights(raw)
 
 
-def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
+def hypernetwork(beta: float = 0.01, reg_samples: int = 0,
+                 lookahead: bool = False) -> Strategy:
   """Hypernetwork output regulariser, frozen old embeddings, task inference.
 
   Args:
@@ -120,6 +126,9 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
           and beta >= 0):
     raise ValueError(f"hypernetwork: beta must be a finite number >= 0, "
                      f"got {beta!r}")
+  if not isinstance(lookahead, bool):
+    raise ValueError(f"hypernetwork: lookahead must be True or False, got "
+                     f"{lookahead!r}")
   if not isinstance(reg_samples, int) or reg_samples < 0:
     raise ValueError(f"hypernetwork: reg_samples must be an int >= 0 (0: "
                      f"all learned embeddings), got {reg_samples!r}")
@@ -148,8 +157,8 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
     # No task id in the stream: train the current experience's embedding.
     return {**batch, "task": jnp.full_like(batch["task"], sstate.current)}
 
-  def loss(ctx, sstate, params, batch, logits):
-    del batch, logits
+  def regulariser(ctx, sstate, params, batch):
+    del batch
     n = sstate.filled.shape[0]
     # Old embeddings are frozen (see update_grads); stop_gradient keeps the
     # regulariser from pulling on them even before the gradient mask.
@@ -167,6 +176,10 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
     gen = generated_weights(ctx, p, ids)
     sq = jnp.sum(jnp.square(gen - sstate.targets[ids]), axis=-1)
     return beta * jnp.where(jnp.any(sstate.filled), jnp.mean(sq), 0.0)
+
+  def loss(ctx, sstate, params, batch, logits):
+    del logits
+    return regulariser(ctx, sstate, params, batch)
 
   def after_step(ctx, sstate, info):
     del ctx, info
@@ -211,6 +224,12 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0) -> Strategy:
     best = jnp.argmin(entropy, axis=0)  # (B,)
     return jnp.take_along_axis(logits, best[None, :, None], axis=0)[0]
 
+  if lookahead:
+    return Strategy(init=init, before_experience=before_experience,
+                    prepare_batch=prepare_batch, lookahead_loss=regulariser,
+                    update_grads=update_grads, after_step=after_step,
+                    after_experience=after_experience, predict=predict,
+                    name="hypernetwork")
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
                   update_grads=update_grads, after_step=after_step,
