@@ -224,14 +224,11 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0,
     best = jnp.argmin(entropy, axis=0)  # (B,)
     return jnp.take_along_axis(logits, best[None, :, None], axis=0)[0]
 
-  if lookahead:
-    return Strategy(init=init, before_experience=before_experience,
-                    prepare_batch=prepare_batch, lookahead_loss=regulariser,
-                    update_grads=update_grads, after_step=after_step,
-                    after_experience=after_experience, predict=predict,
-                    name="hypernetwork")
+  # The same regulariser, either in the loss or evaluated at Θ + ΔΘ.
+  penalty = (dict(lookahead_loss=regulariser) if lookahead
+             else dict(loss=loss))
   return Strategy(init=init, before_experience=before_experience,
-                  prepare_batch=prepare_batch, loss=loss,
+                  prepare_batch=prepare_batch, **penalty,
                   update_grads=update_grads, after_step=after_step,
                   after_experience=after_experience, predict=predict,
                   name="hypernetwork")
