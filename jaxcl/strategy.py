@@ -53,7 +53,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Strategy", "identity", "chain", "default_predict"]
+__all__ = ["Strategy", "identity", "chain", "default_predict",
+           "mark_experience_start"]
 
 
 def _init_empty(ctx, key, params):
@@ -89,6 +90,20 @@ def _same_params(ctx, sstate, params):
 def _same_sstate(ctx, sstate, info):
   del ctx, info
   return sstate
+
+
+def mark_experience_start(ctx, state, experience):
+  """A ``before_experience`` for strategy states with the fields
+  ``experience`` (the current experience's index) and ``model_state`` (the
+  model state as the experience starts: memories filled at its end, and
+  losses on them, use these statistics rather than ones drifting during
+  training). A copy, because the compiled loop donates the state and XLA
+  refuses to donate one buffer twice."""
+  del ctx
+  ss = state.strategy._replace(
+      experience=jnp.asarray(experience.index, jnp.int32),
+      model_state=jax.tree.map(jnp.copy, state.model_state))
+  return state.replace(strategy=ss)
 
 
 def default_predict(ctx, sstate, params, model_state, x, task):

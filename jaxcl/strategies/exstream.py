@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import latent_replay as lr_mod
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["exstream", "ExStreamState", "ClassBuffers", "init_buffers",
@@ -199,12 +199,7 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
     return ExStreamState(init_buffers(c, per_class, sp.latent_shape),
                          jnp.zeros((), jnp.int32), k_mem, variables)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+  before_experience = mark_experience_start
 
   def prepare_batch(ctx, sstate, batch, key):
     buf = sstate.buffers

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
@@ -147,12 +147,7 @@ def make_hooks(m_of):
   """``before_experience`` / ``after_experience`` filling the memory;
   ``m_of(ctx)`` gives the slots per experience."""
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+  before_experience = mark_experience_start
 
   def after_experience(ctx, state, experience):
     ss = state.strategy

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["latent_replay", "LatentReplayState", "Split", "split_model",
@@ -266,12 +266,7 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
     return LatentReplayState(buffers.init(mem_size, sp.latent_shape),
                              jnp.zeros((), jnp.int32), k_mem, variables)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+  before_experience = mark_experience_start
 
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))

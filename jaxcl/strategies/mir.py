@@ -47,7 +47,7 @@ import optax
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies.replay import incoming_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
 __all__ = ["mir", "MIRState", "retrieve"]
@@ -127,12 +127,7 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
     return MIRState(buffers.init(mem_size, ctx.info.input_shape),
                     jnp.zeros((), jnp.int32), k_mem, variables)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+  before_experience = mark_experience_start
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del batch
