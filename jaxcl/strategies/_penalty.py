@@ -25,7 +25,7 @@ them once per factory with the hashable :class:`~jaxcl.state.Context` static.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +265,23 @@ def importance_batches(exp: Experience, batch_size: int, max_examples: int,
           [v, np.zeros((want - have,) + v.shape[1:], v.dtype)])
            for k, v in b.items()}
   return jax.device_put(b)
+
+
+def consolidation_hook(consolidate: Callable, batch_size: int,
+                       max_examples: int, seed: int) -> Callable:
+  """The ``after_experience`` of an importance-weighted penalty (EWC, online
+  EWC, MAS): draws the experience's estimation batches and folds them into
+  the strategy state with ``consolidate(ctx, sstate, params, model_state,
+  batches, key)``. Batches and key depend on ``seed`` and the experience's
+  index only, so a resumed run re-estimates the same importance."""
+
+  def after_experience(ctx, state, experience):
+    i = experience.index
+    batches = importance_batches(experience, batch_size, max_examples,
+                                 seed + i, ctx.info.train_size)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    ss = consolidate(ctx, state.strategy, state.params, state.model_state,
+                     batches, key)
+    return state.replace(strategy=ss)
+
+  return after_experience

@@ -157,14 +157,8 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
     return 0.5 * sstate.lam * (_penalty.quadratic(
         sstate.precision, sstate.center, params) + sstate.residual)
 
-  def after_experience(ctx, state, experience):
-    i = experience.index
-    batches = _penalty.importance_batches(
-        experience, batch_size, max_examples, seed + i, ctx.info.train_size)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    ss = consolidate(ctx, state.strategy, state.params, state.model_state,
-                     batches, key)
-    return state.replace(strategy=ss)
+  after_experience = _penalty.consolidation_hook(consolidate, batch_size,
+                                                 max_examples, seed)
 
   return Strategy(init=init, loss=loss, after_experience=after_experience,
                   name="ewc")

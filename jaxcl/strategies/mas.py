@@ -77,7 +77,8 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
 
   # Compiled once per factory (ctx static); the state is an argument.
   @functools.partial(jax.jit, static_argnums=0)
-  def consolidate(ctx, ss, params, model_state, batches):
+  def consolidate(ctx, ss, params, model_state, batches, key):
+    del key  # MAS's importance is deterministic
     new = _penalty.mas_importance(ctx, params, model_state, batches)
     # jit outputs are fresh buffers: the anchor never aliases params.
     return MASState(jax.tree.map(jnp.add, ss.importance, new), params,
@@ -95,13 +96,8 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
     return sstate.lam * _penalty.quadratic(sstate.importance, sstate.anchor,
                                            params)
 
-  def after_experience(ctx, state, experience):
-    batches = _penalty.importance_batches(
-        experience, batch_size, max_examples, seed + experience.index,
-        ctx.info.train_size)
-    ss = consolidate(ctx, state.strategy, state.params, state.model_state,
-                     batches)
-    return state.replace(strategy=ss)
+  after_experience = _penalty.consolidation_hook(consolidate, batch_size,
+                                                 max_examples, seed)
 
   return Strategy(init=init, loss=loss, after_experience=after_experience,
                   name="mas")

@@ -113,14 +113,8 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
     return 0.5 * sstate.lam * gamma * _penalty.quadratic(sstate.fisher,
                                                   sstate.anchor, params)
 
-  def after_experience(ctx, state, experience):
-    i = experience.index
-    batches = _penalty.importance_batches(
-        experience, batch_size, max_examples, seed + i, ctx.info.train_size)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    ss = consolidate(ctx, state.strategy, state.params, state.model_state,
-                     batches, key)
-    return state.replace(strategy=ss)
+  after_experience = _penalty.consolidation_hook(consolidate, batch_size,
+                                                 max_examples, seed)
 
   return Strategy(init=init, loss=loss, after_experience=after_experience,
                   name="online_ewc")
