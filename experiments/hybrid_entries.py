@@ -59,5 +59,6 @@ ENTRIES = [
     Entry(_PC, "A-GEM", "permuted_mnist_hybrid",
           "strategy=agem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),
     Entry(_PC, "GEM", "permuted_mnist_hybrid",
-          "strategy=gem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),
+          "strategy=gem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019",
+          sequential=True),
 ]

@@ -232,3 +232,28 @@ def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
   v = [float(np.mean(a[-1])) for a in acc]  # ACC per seed
   assert abs(r["acc"][0] - np.mean(v)) < 1e-6
   assert abs(r["acc"][1] - np.std(v, ddof=1) / np.sqrt(2)) < 1e-6
+
+
+def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
+                                                                 data_dir):
+  """With sequential=True the seeds run one after another (a run directory
+  each) on the scenario draw the vmapped sweep would share (scenario seed
+  0), not on a draw of their own."""
+  from jaxcl import sweep
+  from experiments import permuted_mnist_replay as mod
+  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
+                      "strategy=replay,mem_size=50", sequential=True)
+  r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
+                          smoke=True)
+  assert "reproduce.scenario_per_seed" not in r["fingerprint"]
+  assert sorted(p.name for p in (tmp_path / "w").iterdir()
+                if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
+  acc = np.asarray(r["accuracy"])
+
+  def single(scenario_seed):
+    c = mod.get_config("strategy=replay,mem_size=50,quick")
+    c.dataset.data_dir = data_dir
+    c.scenario.seed = scenario_seed
+    return sweep.sweep(c, seeds=[1]).accuracy[0]
+  np.testing.assert_allclose(acc[1], single(0), atol=1e-6)
+  assert not np.allclose(acc[1], single(1), atol=1e-3)
