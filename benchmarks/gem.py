@@ -20,6 +20,11 @@ Protocols:
   200 or 500 in total (10 / 25 per experience).
 
   python benchmarks/gem.py [--data_dir ../shared/data] [--steps 200]
+                           [--protocols chaudhry] [--runs 3]
+
+``--runs k`` also times GEM at experience 10 as a sweep's program (k
+stacked runs under one ``vmap``), per step and run: it should cost about
+what the plain program does.
 
 Only the training-set size per experience is reduced (``--steps`` x batch
 examples, the same for every method), which does not change the cost of a
@@ -63,22 +68,31 @@ PROTOCOLS = {
 }
 
 
-def time_method(sc, proto, strategy, reps: int, at: int = -1) -> float:
+def time_method(sc, proto, strategy, reps: int, at: int = -1,
+                runs: int = 0) -> float:
   """Seconds per step of experience ``at``'s compiled program (default the
-  last), after the earlier experiences filled the memory."""
+  last), after the earlier experiences filled the memory. With ``runs`` >
+  0, the program of a sweep: ``runs`` stacked states (seeds 0..runs-1)
+  under one ``vmap``; the time is per step and per run."""
   info = train.stream_info(sc, proto["batch"])
   model = models.build("mlp", 10, widths=proto["widths"])
   ctx = train.make_context(model, train.make_optimizer("sgd", proto["lr"]),
                            info)
-  learner = train.make_learner(ctx, strategy, epochs=1)
-  state = train.init_state(ctx, strategy, 0)
+  learner = dataclasses.replace(
+      train.make_learner(ctx, strategy, epochs=1), members=runs)
   exps = sc.experiences
   at = at % len(exps)
-  for e in exps[:at]:  # fill the memory as after `at` experiences
-    state = strategy.before_experience(ctx, state, e)
-    state = strategy.after_experience(ctx, state, e)
   cur = exps[at]
-  state = train.unalias(strategy.before_experience(ctx, state, cur))
+
+  def filled(seed):
+    state = train.init_state(ctx, strategy, seed)
+    for e in exps[:at]:  # fill the memory as after `at` experiences
+      state = strategy.before_experience(ctx, state, e)
+      state = strategy.after_experience(ctx, state, e)
+    return train.unalias(strategy.before_experience(ctx, state, cur))
+
+  state = (filled(0) if not runs else jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[filled(i) for i in range(runs)]))
   data = jax.device_put(train.device_experience(cur, info.train_size))
   args = (data, cur.num_train, at, 0, 0)
   state, losses, _ = learner.chunk_fn(state, *args)  # compile
@@ -89,7 +103,7 @@ def time_method(sc, proto, strategy, reps: int, at: int = -1) -> float:
     state, losses, _ = learner.chunk_fn(state, *args)
     losses.block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return best / learner.epoch_steps
+  return best / learner.epoch_steps / max(runs, 1)
 
 
 def time_qp(k: int = 19, p_dim: int = 50_000, reps: int = 200) -> float:
@@ -122,6 +136,9 @@ def main() -> None:
                   help="training steps per experience (timed program)")
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--protocols", default="chaudhry,buzzega200,buzzega500")
+  ap.add_argument("--runs", type=int, default=0,
+                  help="also time GEM as a sweep of this many vmapped runs "
+                       "(per step and run), against the plain program")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"jax {jax.__version__}")
@@ -149,6 +166,10 @@ def main() -> None:
         t = time_method(sc, proto, s, args.reps, at=10)
         print(f"  {m + '@10':7s} {t * 1e3:8.3f} ms/step {t / naive:6.2f}x   "
               "(10 past experiences: ~ the stream's mean step)")
+        if args.runs:
+          t = time_method(sc, proto, s, args.reps, at=10, runs=args.runs)
+          print(f"  {m + '@10':7s} {t * 1e3:8.3f} ms/step {t / naive:6.2f}x   "
+                f"(a sweep of {args.runs} vmapped runs, per run)")
 
 
 if __name__ == "__main__":

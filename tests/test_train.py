@@ -339,3 +339,30 @@ def test_strategy_state_aliasing_params_is_donated_safely():
   dist = lambda p: sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
       jax.tree.leaves(p), jax.tree.leaves(init.params)))
   assert dist(strong.state.params) < 0.1 * dist(free.state.params)
+
+
+def test_max_over_runs_gives_a_sweep_one_unbatched_loop_bound():
+  """Inside the sweep's vmap the bound is the runs' maximum, unbatched: the
+  loop's predicate is one scalar (a batched bound gives a predicate per
+  run, which XLA runs as selects over the whole carry at every
+  iteration). Outside a sweep it is the value itself."""
+  from jaxcl import train
+
+  def count(n, use):
+    bound = train.max_over_runs(n) if use else n
+    return jax.lax.fori_loop(0, bound, lambda i, c: c + 1, jnp.int32(0))
+
+  n = jnp.array([1, 3, 2], jnp.int32)
+  run = lambda use: jax.vmap(lambda x: count(x, use),
+                             axis_name=train.RUNS_AXIS)
+  np.testing.assert_array_equal(run(True)(n), [3, 3, 3])
+  np.testing.assert_array_equal(run(False)(n), [1, 3, 2])
+
+
+  def predicate_shape(use):
+    (loop,) = [e for e in jax.make_jaxpr(run(use))(n).eqns
+               if e.primitive.name == "while"]
+    return loop.params["cond_jaxpr"].out_avals[0].shape
+  assert predicate_shape(True) == ()  # one loop for all runs
+  assert predicate_shape(False) == (3,)  # a predicate per run
+  assert int(count(jnp.int32(4), True)) == 4  # a single run
