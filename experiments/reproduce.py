@@ -70,11 +70,14 @@ class Entry:
       draw one per run; the seeds then run one after another instead of as
       one vmapped sweep, which shares the data and so the draw.
     sequential: the seeds run one after another as plain programs, on the
-      shared scenario draw (as a vmapped sweep would): for methods whose
-      vmapped program is much slower than separate runs (GEM on the
-      Chaudhry protocol: 3 vmapped seeds took 7-9 min per experience at
-      experiences 1-2 on 2 CPU cores, against 1.5 min per experience on
-      average over the whole stream for one plain run).
+      shared scenario draw (as a vmapped sweep would): for long entries
+      whose sweep program costs more per run than a plain one, where a
+      vmap buys nothing on a CPU (each seed's arithmetic is the cost). The
+      Chaudhry-protocol GEM row is run so: its 3-run sweep took 7-9 min
+      per experience at experiences 1-2 here, against 1.5 min on average
+      for a plain run; since GEM's past-block loop has an unbatched trip
+      count the sweep costs ~1.25x a plain run per run (benchmarks/gem.py
+      --runs 3).
     pretrain: for methods over a pretrained backbone (Piggyback): the
       variant argument of the same config module whose run (seed 0) gives
       the backbone; its final params are saved once and passed to the entry
