@@ -205,12 +205,21 @@ def test_pretrained_backbone_entry_pretrains_first_and_names_its_run(
   assert pretrained.load(str(tmp_path / "root" / "_pretrained" / files[0]))
 
 
+def _seed_1_replay_run(data_dir, scenario_seed):
+  """Seed 1's accuracy matrix of a plain quick Permuted MNIST Replay run on
+  scenario draw ``scenario_seed``."""
+  from jaxcl import sweep
+  from experiments import permuted_mnist_replay as mod
+  c = mod.get_config("strategy=replay,mem_size=50,quick")
+  c.dataset.data_dir = data_dir
+  c.scenario.seed = scenario_seed
+  return sweep.sweep(c, seeds=[1]).accuracy[0]
+
+
 def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
   """With scenario_per_seed each seed runs on its own permutations (scenario
   seed = seed): seed 1's matrix is a single run of that draw, not the
   vmapped sweep's shared draw of scenario seed 0."""
-  from jaxcl import sweep
-  from experiments import permuted_mnist_replay as mod
   e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
                       "strategy=replay,mem_size=50", scenario_per_seed=True)
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
@@ -218,14 +227,9 @@ def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
   assert r["fingerprint"]["reproduce.scenario_per_seed"] is True
   acc = np.asarray(r["accuracy"])
   assert acc.shape[0] == 2
-
-  def single(scenario_seed):
-    c = mod.get_config("strategy=replay,mem_size=50,quick")
-    c.dataset.data_dir = data_dir
-    c.scenario.seed = scenario_seed
-    return sweep.sweep(c, seeds=[1]).accuracy[0]
-  np.testing.assert_allclose(acc[1], single(1), atol=1e-6)
-  assert not np.allclose(acc[1], single(0), atol=1e-3)
+  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 1),
+                             atol=1e-6)
+  assert not np.allclose(acc[1], _seed_1_replay_run(data_dir, 0), atol=1e-3)
   text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
                                      [0, 1], True, 0.0)).read()
   assert "| Replay | " in text and " ‡ |" in text  # marked as per-seed
@@ -239,8 +243,6 @@ def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
   """With sequential=True the seeds run one after another (a run directory
   each) on the scenario draw the vmapped sweep would share (scenario seed
   0), not on a draw of their own."""
-  from jaxcl import sweep
-  from experiments import permuted_mnist_replay as mod
   e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
                       "strategy=replay,mem_size=50", sequential=True)
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
@@ -249,11 +251,6 @@ def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
   assert sorted(p.name for p in (tmp_path / "w").iterdir()
                 if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
   acc = np.asarray(r["accuracy"])
-
-  def single(scenario_seed):
-    c = mod.get_config("strategy=replay,mem_size=50,quick")
-    c.dataset.data_dir = data_dir
-    c.scenario.seed = scenario_seed
-    return sweep.sweep(c, seeds=[1]).accuracy[0]
-  np.testing.assert_allclose(acc[1], single(0), atol=1e-6)
-  assert not np.allclose(acc[1], single(1), atol=1e-3)
+  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
+                             atol=1e-6)
+  assert not np.allclose(acc[1], _seed_1_replay_run(data_dir, 1), atol=1e-3)
