@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcl.runs import RUNS_AXIS
 from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import (Batch, Context, StepInfo, StreamInfo, TrainState,
                          cross_entropy)
@@ -35,31 +36,10 @@ __all__ = [
     "init_state", "init_variables", "Learner", "make_learner", "device_experience",
     "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
     "NonFiniteLossError", "ConfigError", "unalias", "reset_opt_state",
-    "RUNS_AXIS", "max_over_runs",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
-
-# The vmap axis of a sweep's runs (``Learner.members > 0``).
-RUNS_AXIS = "runs"
-
-
-def max_over_runs(x: jax.Array) -> jax.Array:
-  """``x``'s maximum over a sweep's runs; ``x`` itself in a single run.
-
-  Under the sweep's ``vmap`` a value read from the state is batched, and a
-  loop bound or ``cond`` predicate that is batched loses its
-  data-dependent shortcut: the loop runs with a ``select`` over its whole
-  carry at every iteration, the ``cond`` runs both branches. The maximum
-  over runs is one unbatched value. Use it where running to the largest
-  member's value is still right for the others (e.g. a loop over past
-  experiences whose extra iterations are masked to zero).
-  """
-  try:
-    return jax.lax.pmax(x, RUNS_AXIS)
-  except NameError:  # not inside a sweep's vmap: a single run
-    return x
 
 
 class ConfigError(ValueError):

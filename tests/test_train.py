@@ -346,15 +346,15 @@ def test_max_over_runs_gives_a_sweep_one_unbatched_loop_bound():
   loop's predicate is one scalar (a batched bound gives a predicate per
   run, which XLA runs as selects over the whole carry at every
   iteration). Outside a sweep it is the value itself."""
-  from jaxcl import train
+  from jaxcl import runs
 
   def count(n, use):
-    bound = train.max_over_runs(n) if use else n
+    bound = runs.max_over_runs(n) if use else n
     return jax.lax.fori_loop(0, bound, lambda i, c: c + 1, jnp.int32(0))
 
   n = jnp.array([1, 3, 2], jnp.int32)
   run = lambda use: jax.vmap(lambda x: count(x, use),
-                             axis_name=train.RUNS_AXIS)
+                             axis_name=runs.RUNS_AXIS)
   np.testing.assert_array_equal(run(True)(n), [3, 3, 3])
   np.testing.assert_array_equal(run(False)(n), [1, 3, 2])
 
@@ -366,3 +366,23 @@ def test_max_over_runs_gives_a_sweep_one_unbatched_loop_bound():
   assert predicate_shape(True) == ()  # one loop for all runs
   assert predicate_shape(False) == (3,)  # a predicate per run
   assert int(count(jnp.int32(4), True)) == 4  # a single run
+
+
+def test_per_task_keeps_its_one_task_shortcut_in_a_sweep():
+  """In a sweep's vmap, masked.per_task's cond stays a cond (one call when
+  every run's batch holds one task) and still routes a run's mixed batch
+  correctly (the mixed branch then runs for all runs)."""
+  from jaxcl import runs
+  from jaxcl.models.masked import per_task
+  w = jnp.arange(1.0, 4.0)  # task t's "weights": output x * w[t]
+  fn = lambda x, task: per_task(lambda t: x * w[t], task, 3)
+  x = jnp.ones((2, 4))
+  one_task = jnp.array([[1, 1, 1, 1], [2, 2, 2, 2]])
+  mixed = jnp.array([[1, 1, 1, 1], [0, 2, 1, 2]])
+  sweep = jax.vmap(fn, axis_name=runs.RUNS_AXIS)
+  for task in (one_task, mixed):
+    np.testing.assert_allclose(sweep(x, task), w[task])
+  prims = lambda f: {e.primitive.name
+                     for e in jax.make_jaxpr(f)(x, one_task).eqns}
+  assert "cond" in prims(sweep)
+  assert "cond" not in prims(jax.vmap(fn))  # batched predicate: a select

@@ -103,8 +103,9 @@ class HyperNetwork(nn.Module):
     mixed_batches: True (default) routes each example to its own task's
       weights, choosing at run time (``lax.cond``) between one generation
       for a single-task batch and all ``num_embeddings`` for a mixed one.
-      Under ``vmap`` (a seeds sweep) that ``cond`` becomes a ``select`` and
-      *both* branches run at every step, ~``num_embeddings`` times the
+      In a sweep it takes the shortcut when every run's batch holds one
+      task; under another ``vmap`` that batches the task ids it becomes a
+      ``select`` and *both* branches run, ~``num_embeddings`` times the
       cost. False generates the first row's task only: for streams whose
       batches hold one task (task-incremental training, evaluation of one
       test set, class-incremental training by this strategy); a row of

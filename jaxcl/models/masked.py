@@ -63,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl.runs import all_over_runs
+
 __all__ = [
     "MASK_KINDS", "WEIGHT_INITS", "threshold_mask", "topk_mask",
     "hat_gate", "per_task", "MaskedDense", "MaskedConv",
@@ -166,9 +168,12 @@ def per_task(fn: Callable[[jax.Array], jax.Array], task: jax.Array,
   ``fn(t)`` returns the whole batch's output under task ``t``'s weights. A
   batch holding one task costs one call; a mixed batch costs ``num_tasks``
   calls (every task's output, then each example's row). The choice is a
-  ``lax.cond`` at run time, which under ``vmap`` (a seeds sweep) becomes a
-  ``select`` running *both* branches: ``num_tasks + 1`` calls at every
-  step. ``mixed=False`` promises one task per batch and makes one call;
+  ``lax.cond`` at run time. In a sweep its predicate is "every run's batch
+  holds one task" (:func:`jaxcl.runs.all_over_runs`), one unbatched value,
+  so the runs of a task-incremental stream keep the one-call shortcut; on
+  a predicate batched by another ``vmap`` the ``cond`` becomes a
+  ``select`` running *both* branches (``num_tasks + 1`` calls).
+  ``mixed=False`` promises one task per batch and makes one call;
   rows of another task than the first get NaN, so a broken promise fails
   loudly (a non-finite loss) instead of silently using the wrong weights.
   """
@@ -188,7 +193,10 @@ def per_task(fn: Callable[[jax.Array], jax.Array], task: jax.Array,
     return jnp.take_along_axis(
         outs, task.reshape((1, -1) + (1,) * (outs.ndim - 2)), axis=0)[0]
 
-  return jax.lax.cond(jnp.all(task == task[0]), one, mixed, None)
+  # The mixed branch is right for any batch, the shortcut only for a
+  # one-task batch: take it when every run of a sweep can.
+  return jax.lax.cond(all_over_runs(jnp.all(task == task[0])), one, mixed,
+                      None)
 
 
 def _fan_in_uniform(key, shape, dtype=jnp.float32):

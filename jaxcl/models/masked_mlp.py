@@ -135,8 +135,9 @@ def build(num_classes: int, num_heads: int = 1, *,
       head per task.
     mixed_batches: True (default) routes each example to its own task's
       mask, choosing at run time between one masked pass (one-task batch)
-      and all ``num_tasks``; under ``vmap`` (a seeds sweep) both run at
-      every step, ~``num_tasks`` times the cost (SupSup GG on Permuted
+      and all ``num_tasks`` (in a sweep: the one pass when every run's
+      batch holds one task; under another ``vmap`` batching the task ids
+      both run, ~``num_tasks`` times the cost, e.g. SupSup GG on Permuted
       MNIST, 3 seeds: ~15x). False promises one task per batch (task-
       incremental training and evaluation); a row of another task gets NaN
       logits (see :func:`jaxcl.models.masked.per_task`).

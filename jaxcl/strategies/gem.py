@@ -65,10 +65,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers
+from jaxcl.runs import max_over_runs
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import device_experience, init_variables, max_over_runs
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
            "store_experience", "memory_loss", "tree_dot", "project"]
