@@ -358,7 +358,6 @@ def test_max_over_runs_gives_a_sweep_one_unbatched_loop_bound():
   np.testing.assert_array_equal(run(True)(n), [3, 3, 3])
   np.testing.assert_array_equal(run(False)(n), [1, 3, 2])
 
-
   def predicate_shape(use):
     (loop,) = [e for e in jax.make_jaxpr(run(use))(n).eqns
                if e.primitive.name == "while"]
