@@ -173,7 +173,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   entry without such a result is reported as not run instead of run: as
   missing its data set where that is so, else with ``skip``.
   """
-  from jaxcl import checkpoint, datasets, sweep
+  from jaxcl import checkpoint, datasets, metrics, sweep
 
   mod = importlib.import_module(f"experiments.{entry.config}")
   quick = ",quick" if smoke else ""
@@ -195,14 +195,24 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   if entry.scenario_per_seed:
     fp["reproduce.scenario_per_seed"] = True
   done = record or os.path.join(workdir, "entry.json")
+  kept: dict[int, np.ndarray] = {}  # seed -> accuracy matrix, not rerun
+  kept_from = ""
   if os.path.exists(done):
     with open(done) as f:
       prev = json.load(f)
     # The same rule as resuming a checkpoint (checkpoint.differences).
-    if "fingerprint" in prev and not checkpoint.differences(
-        prev["fingerprint"], fp) and (
-            any_seeds or prev.get("seeds") == list(seeds)):
+    same = "fingerprint" in prev and not checkpoint.differences(
+        prev["fingerprint"], fp)
+    if same and (any_seeds or prev.get("seeds") == list(seeds)):
       return prev
+    # Seeds that run one after another are independent programs: a record
+    # of the same config keeps its finished seeds, so growing an entry from
+    # 1 to 3 seeds runs only the 2 new ones (hours, for the long entries).
+    if same and (entry.scenario_per_seed or entry.sequential) and \
+        "accuracy" in prev:
+      kept = {int(s): np.asarray(a) for s, a in
+              zip(prev["seeds"], prev["accuracy"]) if s in seeds}
+      kept_from = prev.get("kept_from") or prev.get("commit", "")
   if skip is not None:
     why = datasets.missing(config.dataset.name, config.dataset.data_dir)
     return {"skipped": _no_data(config.dataset.name, why) if why else skip}
@@ -223,18 +233,22 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     if not (entry.scenario_per_seed or entry.sequential):
       r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
       return r.accuracy, r.groups[0]
-    accs, runs = [], []
+    accs = []
     for s in seeds:
+      if s in kept:
+        accs.append(kept[s])
+        continue
       c = copy.deepcopy(config)
       if entry.scenario_per_seed:
         c.scenario.seed = s
       r = sweep.sweep(c, seeds=[s],
                       workdir=os.path.join(workdir, f"seed_{s}"))
       accs.append(r.accuracy[0])
-      runs.append(r.metrics[0])
-    return np.stack(accs), sweep.summarise(runs)
+    # From the matrices alone, so that kept and new seeds count alike.
+    return np.stack(accs), sweep.summarise([metrics.summary(a)
+                                            for a in accs])
 
-  if os.path.exists(done):
+  if os.path.exists(done) and not kept:
     set_aside("config or seeds changed since the cached result")
   t = time.perf_counter()
   try:
@@ -255,6 +269,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     return {"error": f"{type(e).__name__}: {e}",
             "trace": traceback.format_exc()[-2000:]}
   wall = time.perf_counter() - t
+  if kept:  # the kept seeds' share of the earlier record's time
+    wall += prev.get("wall_time", 0.0) * len(kept) / len(prev["seeds"])
   out = {
       "seeds": list(seeds), "wall_time": wall, "fingerprint": fp,
       "commit": _commit(),
@@ -264,6 +280,9 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
                     else float(np.mean(acc[:, i])) for i in
                     range(acc.shape[1])],
   }
+  if kept:  # which seeds came from the earlier record, and its commit
+    out["kept_seeds"] = sorted(kept)
+    out["kept_from"] = kept_from
   os.makedirs(os.path.dirname(done), exist_ok=True)
   with open(done + ".tmp", "w") as f:  # never a half-written record
     json.dump(out, f)
@@ -364,7 +383,11 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
           f"| {e.method} | {acc}{own} | {_fmt(e.published)} | "
           f"{e.source} | {spread(r.get('bwt'))} | "
           f"{spread(r.get('forgetting'))} | {r['wall_time']:.0f} | "
-          f"{cfg} | `{r.get('commit', 'unknown')[:7]}`"
+          f"{cfg} | `{r.get('commit', 'unknown')[:7]}`" +
+          (f" (seed{'s' * (len(r['kept_seeds']) > 1)} "
+           f"{', '.join(map(str, r['kept_seeds']))}: "
+           f"`{r.get('kept_from', 'unknown')[:7]}`)"
+           if r.get("kept_seeds") else "") +
           f"{' †' if 'imported_from' in r else ''} |")
       if "imported_from" in r:
         imported.add(r["imported_from"])

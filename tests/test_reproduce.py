@@ -1,7 +1,9 @@
 """The reproduction script's smoke mode: tiny subsets, 1 seed."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -254,3 +256,46 @@ def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
   np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
                              atol=1e-6)
   assert not np.allclose(acc[1], _seed_1_replay_run(data_dir, 1), atol=1e-3)
+
+
+def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
+                                                                data_dir):
+  """A sequential entry's record of the same config keeps its finished
+  seeds: asked for seeds 0 and 1 after a seed-0 record, only seed 1 runs,
+  and the record and report name where seed 0 came from. A changed config
+  keeps nothing."""
+  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
+                      "strategy=replay,mem_size=50", sequential=True)
+  record = str(tmp_path / "results" / f"{e.id}.json")
+  first = reproduce.run_entry(e, [0], str(tmp_path / "w"), data_dir,
+                              smoke=True, record=record)
+  stored = json.load(open(record))
+  stored["commit"] = "abc1234" + "0" * 33  # an earlier commit's record
+  stored["wall_time"] = 1000.0
+  json.dump(stored, open(record, "w"))
+  shutil.rmtree(tmp_path / "w" / "seed_0")  # a rerun would recreate it
+  r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
+                          smoke=True, record=record)
+  assert not (tmp_path / "w" / "seed_0").exists()
+  assert (tmp_path / "w" / "seed_1").exists()
+  acc = np.asarray(r["accuracy"])
+  np.testing.assert_array_equal(acc[0], np.asarray(first["accuracy"][0]))
+  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
+                             atol=1e-6)
+  assert r["seeds"] == [0, 1] and r["kept_seeds"] == [0]
+  assert r["kept_from"].startswith("abc1234")
+  assert r["wall_time"] > 1000.0  # the kept seed's time is counted
+  v = [float(np.mean(a[-1])) for a in acc]
+  assert abs(r["acc"][0] - np.mean(v)) < 1e-6
+  text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
+                                     [0, 1], True, 0.0)).read()
+  assert "(seed 0: `abc1234`)" in text
+  # Another config (here: another memory size) keeps no seed.
+  e2 = dataclasses.replace(e, arg="strategy=replay,mem_size=40")
+  json.dump({**stored, "fingerprint": r["fingerprint"]},
+            open(str(tmp_path / "other.json"), "w"))
+  r2 = reproduce.run_entry(e2, [0, 1], str(tmp_path / "w2"), data_dir,
+                           smoke=True, record=str(tmp_path / "other.json"))
+  assert "kept_seeds" not in r2
+  assert sorted(p.name for p in (tmp_path / "w2").iterdir()
+                if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
