@@ -25,7 +25,10 @@ Finished results are stored as one small JSON record per entry in
 committed: a fresh checkout writes the same report without re-running
 hours of experiments, and a record is reused only while its config's
 fingerprint is unchanged. Checkpoints of unfinished runs stay in
-``--workdir`` (``runs/``, not committed).
+``--workdir`` (``runs/``, not committed). An entry whose seeds run one
+after another (``scenario_per_seed`` / ``sequential``) keeps the finished
+seeds of its record when asked for more: ``--seeds 10`` after a 3-seed
+record runs seeds 3-9 only, and the row names the kept seeds' commit.
 """
 
 from __future__ import annotations
