@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -231,10 +232,13 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     os.rename(workdir, stale)
     print(f"{entry.id}: {why}; old run moved to {stale}", file=sys.stderr)
 
+  earlier: list[float] = []  # resumed runs' seconds before this call
+
   def train() -> tuple[np.ndarray, dict]:
     """``(seeds, T, E)`` accuracy matrices and the metrics' mean / se."""
     if not (entry.scenario_per_seed or entry.sequential):
       r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
+      earlier.append(r.times["before"])
       return r.accuracy, r.groups[0]
     accs = []
     for s in seeds:
@@ -246,6 +250,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
         c.scenario.seed = s
       r = sweep.sweep(c, seeds=[s],
                       workdir=os.path.join(workdir, f"seed_{s}"))
+      earlier.append(r.times["before"])
       accs.append(r.accuracy[0])
     # From the matrices alone, so that kept and new seeds count alike.
     return np.stack(accs), sweep.summarise([metrics.summary(a)
@@ -271,7 +276,10 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   except Exception as e:  # recorded in RESULTS.md, not hidden
     return {"error": f"{type(e).__name__}: {e}",
             "trace": traceback.format_exc()[-2000:]}
-  wall = time.perf_counter() - t
+  # A resumed run's earlier invocations count too; a checkpoint from before
+  # that was recorded leaves the time a lower bound.
+  wall = time.perf_counter() - t + sum(x for x in earlier
+                                       if not math.isnan(x))
   if kept:  # the kept seeds' share of the earlier record's time
     wall += prev.get("wall_time", 0.0) * len(kept) / len(prev["seeds"])
   out = {
@@ -283,6 +291,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
                     else float(np.mean(acc[:, i])) for i in
                     range(acc.shape[1])],
   }
+  if any(math.isnan(x) for x in earlier):
+    out["wall_time_partial"] = True
   if kept:  # which seeds came from the earlier record, and its commit
     out["kept_seeds"] = sorted(kept)
     out["kept_from"] = kept_from
@@ -385,7 +395,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       lines.append(
           f"| {e.method} | {acc}{own} | {_fmt(e.published)} | "
           f"{e.source} | {spread(r.get('bwt'))} | "
-          f"{spread(r.get('forgetting'))} | {r['wall_time']:.0f} | "
+          f"{spread(r.get('forgetting'))} | "
+          f"{'≥ ' * bool(r.get('wall_time_partial'))}{r['wall_time']:.0f} | "
           f"{cfg} | `{r.get('commit', 'unknown')[:7]}`" +
           (f" (seed{'s' * (len(r['kept_seeds']) > 1)} "
            f"{', '.join(map(str, r['kept_seeds']))}: "

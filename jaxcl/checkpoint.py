@@ -136,10 +136,16 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, state: Any, progress: dict[str, np.ndarray],
-           position: Position) -> None:
-    """Saves asynchronously; call :meth:`close` before the process ends."""
+           position: Position, seconds: float | None = None) -> None:
+    """Saves asynchronously; call :meth:`close` before the process ends.
+
+    ``seconds``: the run's wall time up to this state, over all the
+    invocations that led to it (restored as ``progress['seconds']``).
+    """
     ocp = self._ocp
     meta = {"position": position.to_json(), "config": self.config_fp}
+    if seconds is not None:
+      meta["seconds"] = float(seconds)
     self._manager.save(
         self._next,
         args=ocp.args.Composite(
@@ -151,8 +157,9 @@ class Checkpointer:
   def restore(self, state_like: Any, progress_like: dict[str, np.ndarray]):
     """The newest valid checkpoint as ``(state, progress, position)``.
 
-    Returns None when there is none. Falls back over corrupt checkpoints,
-    saying so.
+    ``progress`` also holds ``seconds``, the run's wall time up to the
+    checkpoint (NaN for checkpoints saved without it). Returns None when
+    there is none. Falls back over corrupt checkpoints, saying so.
 
     Raises:
       IncompatibleCheckpointError: the newest readable checkpoint comes from
@@ -191,7 +198,9 @@ class Checkpointer:
       if step != steps[-1]:
         self._log(f"jaxcl: resumed from checkpoint {step} (the newest valid "
                   "one)")
-      return restored["state"], restored["progress"], position
+      progress = dict(restored["progress"])
+      progress["seconds"] = float(meta.get("seconds", float("nan")))
+      return restored["state"], progress, position
     return None
 
   def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from typing import Any, Callable
 
@@ -201,8 +202,10 @@ class Result:
       (the FWT reference).
     metrics: :func:`jaxcl.metrics.summary` of ``accuracy``.
     state: the final training state.
-    times: wall-clock seconds: ``total``, ``train`` (incl. compilation),
-      ``eval``.
+    times: wall-clock seconds of this invocation: ``total``, ``train``
+      (incl. compilation), ``eval``; and ``before``, the time earlier
+      invocations spent reaching the checkpoint this one resumed from (0
+      for a fresh run, NaN when that checkpoint did not record it).
     learner: the compiled functions of the run (to reuse or inspect).
   """
   accuracy: np.ndarray
@@ -340,6 +343,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size))
   ckpt, position = None, checkpoint.Position()
   random_acc = None
+  before = 0.0  # seconds spent by earlier invocations (resumed runs)
   if workdir:
     fp = {**checkpoint.fingerprint(config), **(fingerprint_extra or {})}
     ckpt = checkpoint.Checkpointer(workdir, json.loads(json.dumps(fp)),
@@ -356,6 +360,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state, progress, position = restored
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
+      before = progress["seconds"]
       state = settle(state)
   if reporter is None and workdir:
     reporter = report.Reporter(workdir, config,
@@ -370,7 +375,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
 
   def save(state, pos):
     if ckpt is not None:
-      ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc}, pos)
+      ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc}, pos,
+                seconds=None if math.isnan(before) else
+                before + time.perf_counter() - t_start)
 
   size = ctx.info.train_size
   train_time = 0.0
@@ -431,7 +438,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   else:
     summary = metrics.summary(acc, random_acc)
   times = {"total": time.perf_counter() - t_start, "train": train_time,
-           "eval": eval_time}
+           "eval": eval_time, "before": before}
   result = Result(acc, random_acc, summary, state, times, learner)
   if members:  # the run directory shows the mean over the sweep's runs
     reporter.finish(Result(acc.mean(0), random_acc.mean(0),

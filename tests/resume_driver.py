@@ -38,11 +38,11 @@ def main():
   real_save = checkpoint.Checkpointer.save
   count = {"n": 0}
 
-  def save(self, state, progress, position):
+  def save(self, state, progress, position, seconds=None):
     count["n"] += 1
     if mode == "before" and count["n"] == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
-    real_save(self, state, progress, position)
+    real_save(self, state, progress, position, seconds)
     if mode == "during" and count["n"] == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
 

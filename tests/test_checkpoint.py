@@ -131,3 +131,36 @@ def test_field_added_later_at_its_default_is_not_a_difference():
   c.model.init = "torch"
   diff = checkpoint.differences(old, checkpoint.fingerprint(c))
   assert diff and "model.init" in diff[0]
+
+
+def test_resumed_run_counts_the_earlier_invocations_time(tmp_path):
+  """Each checkpoint records the run's wall time so far; a resumed run
+  reports it as ``times['before']`` (0 for a fresh run), and a checkpoint
+  saved without it restores as NaN (unknown), not as 0."""
+  import jax.numpy as jnp
+
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  first = jaxcl.run(config(), str(tmp_path / "r"))
+  assert first.times["before"] == 0.0
+  again = jaxcl.run(config(), str(tmp_path / "r"))  # resumes at the end
+  assert first.times["train"] < again.times["before"] <= \
+      first.times["total"] + 1e-6
+  assert again.times["total"] < first.times["train"]  # nothing retrained
+  # A checkpoint without the time (saved before it was recorded).
+  ck = checkpoint.Checkpointer(str(tmp_path / "old"), {"a": 1})
+  state, progress = {"w": jnp.ones(3)}, {"accuracy": np.zeros((2, 2))}
+  ck.save(state, progress, checkpoint.Position(1, "begin"))
+  ck.save(state, progress, checkpoint.Position(2, "begin"), seconds=12.5)
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / "old"), {"a": 1})
+  _, p, pos = ck.restore(state, progress)
+  assert pos.experience == 2 and p["seconds"] == 12.5
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / "old2"), {"a": 1})
+  ck.save(state, progress, checkpoint.Position(1, "begin"))
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / "old2"), {"a": 1})
+  assert np.isnan(ck.restore(state, progress)[1]["seconds"])
+  ck.close()

@@ -274,10 +274,19 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   stored["wall_time"] = 1000.0
   json.dump(stored, open(record, "w"))
   shutil.rmtree(tmp_path / "w" / "seed_0")  # a rerun would recreate it
+  # Seed 1 finished by an invocation that stopped before writing the record
+  # (as when a long entry is stopped between seeds): its time still counts.
+  from jaxcl import sweep
+  from experiments import permuted_mnist_replay as mod
+  c = mod.get_config("strategy=replay,mem_size=50,quick")
+  c.dataset.data_dir = data_dir
+  c.report.progress = False
+  earlier = sweep.sweep(c, seeds=[1], workdir=str(tmp_path / "w" / "seed_1"))
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
                           smoke=True, record=record)
   assert not (tmp_path / "w" / "seed_0").exists()
-  assert (tmp_path / "w" / "seed_1").exists()
+  assert r["wall_time"] > 1000.0 + earlier.times["train"]
+  assert "wall_time_partial" not in r
   acc = np.asarray(r["accuracy"])
   np.testing.assert_array_equal(acc[0], np.asarray(first["accuracy"][0]))
   np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
@@ -290,6 +299,12 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
                                      [0, 1], True, 0.0)).read()
   assert "(seed 0: `abc1234`)" in text
+  # A run resumed from checkpoints that did not record their time: the
+  # wall time is a lower bound, and the report says so.
+  text = open(reproduce.write_report(
+      {e.id: {**r, "wall_time_partial": True}}, [e], str(tmp_path / "o"),
+      [0, 1], True, 0.0)).read()
+  assert f"| ≥ {r['wall_time']:.0f} |" in text
   # Another config (here: another memory size) keeps no seed.
   e2 = dataclasses.replace(e, arg="strategy=replay,mem_size=40")
   json.dump({**stored, "fingerprint": r["fingerprint"]},
