@@ -200,7 +200,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     fp["reproduce.scenario_per_seed"] = True
   done = record or os.path.join(workdir, "entry.json")
   kept: dict[int, np.ndarray] = {}  # seed -> accuracy matrix, not rerun
-  kept_from = ""
+  kept_commits: dict[str, str] = {}  # seed -> the commit it ran at
   if os.path.exists(done):
     with open(done) as f:
       prev = json.load(f)
@@ -216,7 +216,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
         "accuracy" in prev:
       kept = {int(s): np.asarray(a) for s, a in
               zip(prev["seeds"], prev["accuracy"]) if s in seeds}
-      kept_from = prev.get("kept_from") or prev.get("commit", "")
+      kept_commits = {str(s): prev.get("kept_commits", {}).get(
+          str(s), prev.get("commit", "unknown")) for s in kept}
   if skip is not None:
     why = datasets.missing(config.dataset.name, config.dataset.data_dir)
     return {"skipped": _no_data(config.dataset.name, why) if why else skip}
@@ -291,16 +292,26 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
                     else float(np.mean(acc[:, i])) for i in
                     range(acc.shape[1])],
   }
-  if any(math.isnan(x) for x in earlier):
+  if any(math.isnan(x) for x in earlier) or (
+      kept and prev.get("wall_time_partial")):
     out["wall_time_partial"] = True
   if kept:  # which seeds came from the earlier record, and its commit
-    out["kept_seeds"] = sorted(kept)
-    out["kept_from"] = kept_from
+    out["kept_commits"] = kept_commits
   os.makedirs(os.path.dirname(done), exist_ok=True)
   with open(done + ".tmp", "w") as f:  # never a half-written record
     json.dump(out, f)
   os.replace(done + ".tmp", done)
   return out
+
+
+def _kept(commits: dict[str, str]) -> str:
+  """`` (seeds 0, 1: `abc1234`)``: which seeds a row kept from earlier
+  records, and the commits they ran at."""
+  by: dict[str, list[str]] = {}
+  for seed, commit in sorted(commits.items(), key=lambda x: int(x[0])):
+    by.setdefault(commit[:7], []).append(seed)
+  return "".join(f" (seed{'s' * (len(v) > 1)} {', '.join(v)}: `{c}`)"
+                 for c, v in by.items())
 
 
 def _fmt(x, pct=True):
@@ -398,10 +409,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
           f"{spread(r.get('forgetting'))} | "
           f"{'≥ ' * bool(r.get('wall_time_partial'))}{r['wall_time']:.0f} | "
           f"{cfg} | `{r.get('commit', 'unknown')[:7]}`" +
-          (f" (seed{'s' * (len(r['kept_seeds']) > 1)} "
-           f"{', '.join(map(str, r['kept_seeds']))}: "
-           f"`{r.get('kept_from', 'unknown')[:7]}`)"
-           if r.get("kept_seeds") else "") +
+          _kept(r.get("kept_commits", {})) +
           f"{' †' if 'imported_from' in r else ''} |")
       if "imported_from" in r:
         imported.add(r["imported_from"])

@@ -291,8 +291,8 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   np.testing.assert_array_equal(acc[0], np.asarray(first["accuracy"][0]))
   np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
                              atol=1e-6)
-  assert r["seeds"] == [0, 1] and r["kept_seeds"] == [0]
-  assert r["kept_from"].startswith("abc1234")
+  assert r["seeds"] == [0, 1]
+  assert r["kept_commits"] == {"0": stored["commit"]}
   assert r["wall_time"] > 1000.0  # the kept seed's time is counted
   v = [float(np.mean(a[-1])) for a in acc]
   assert abs(r["acc"][0] - np.mean(v)) < 1e-6
@@ -305,12 +305,16 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
       {e.id: {**r, "wall_time_partial": True}}, [e], str(tmp_path / "o"),
       [0, 1], True, 0.0)).read()
   assert f"| ≥ {r['wall_time']:.0f} |" in text
+  # Grown again: seed 1 is kept at the commit it ran at, not seed 0's.
+  assert reproduce._kept({"0": "abc1234" + "0" * 33, "1": "def5678",
+                          "2": "def5678"}) == \
+      " (seed 0: `abc1234`) (seeds 1, 2: `def5678`)"
   # Another config (here: another memory size) keeps no seed.
   e2 = dataclasses.replace(e, arg="strategy=replay,mem_size=40")
   json.dump({**stored, "fingerprint": r["fingerprint"]},
             open(str(tmp_path / "other.json"), "w"))
   r2 = reproduce.run_entry(e2, [0, 1], str(tmp_path / "w2"), data_dir,
                            smoke=True, record=str(tmp_path / "other.json"))
-  assert "kept_seeds" not in r2
+  assert "kept_commits" not in r2
   assert sorted(p.name for p in (tmp_path / "w2").iterdir()
                 if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
