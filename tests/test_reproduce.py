@@ -207,15 +207,15 @@ def test_pretrained_backbone_entry_pretrains_first_and_names_its_run(
   assert pretrained.load(str(tmp_path / "root" / "_pretrained" / files[0]))
 
 
-def _seed_1_replay_run(data_dir, scenario_seed):
-  """Seed 1's accuracy matrix of a plain quick Permuted MNIST Replay run on
-  scenario draw ``scenario_seed``."""
+def _seed_1_replay(data_dir, scenario_seed, workdir=None):
+  """Seed 1's plain quick Permuted MNIST Replay run on scenario draw
+  ``scenario_seed`` (the sweep result; checkpointed in ``workdir``)."""
   from jaxcl import sweep
   from experiments import permuted_mnist_replay as mod
   c = mod.get_config("strategy=replay,mem_size=50,quick")
   c.dataset.data_dir = data_dir
   c.scenario.seed = scenario_seed
-  return sweep.sweep(c, seeds=[1]).accuracy[0]
+  return sweep.sweep(c, seeds=[1], workdir=workdir)
 
 
 def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
@@ -229,9 +229,11 @@ def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
   assert r["fingerprint"]["reproduce.scenario_per_seed"] is True
   acc = np.asarray(r["accuracy"])
   assert acc.shape[0] == 2
-  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 1),
+  np.testing.assert_allclose(acc[1],
+                             _seed_1_replay(data_dir, 1).accuracy[0],
                              atol=1e-6)
-  assert not np.allclose(acc[1], _seed_1_replay_run(data_dir, 0), atol=1e-3)
+  assert not np.allclose(acc[1], _seed_1_replay(data_dir, 0).accuracy[0],
+                         atol=1e-3)
   text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
                                      [0, 1], True, 0.0)).read()
   assert "| Replay | " in text and " ‡ |" in text  # marked as per-seed
@@ -253,9 +255,11 @@ def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
   assert sorted(p.name for p in (tmp_path / "w").iterdir()
                 if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
   acc = np.asarray(r["accuracy"])
-  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
+  np.testing.assert_allclose(acc[1],
+                             _seed_1_replay(data_dir, 0).accuracy[0],
                              atol=1e-6)
-  assert not np.allclose(acc[1], _seed_1_replay_run(data_dir, 1), atol=1e-3)
+  assert not np.allclose(acc[1], _seed_1_replay(data_dir, 1).accuracy[0],
+                         atol=1e-3)
 
 
 def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
@@ -276,12 +280,7 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   shutil.rmtree(tmp_path / "w" / "seed_0")  # a rerun would recreate it
   # Seed 1 finished by an invocation that stopped before writing the record
   # (as when a long entry is stopped between seeds): its time still counts.
-  from jaxcl import sweep
-  from experiments import permuted_mnist_replay as mod
-  c = mod.get_config("strategy=replay,mem_size=50,quick")
-  c.dataset.data_dir = data_dir
-  c.report.progress = False
-  earlier = sweep.sweep(c, seeds=[1], workdir=str(tmp_path / "w" / "seed_1"))
+  earlier = _seed_1_replay(data_dir, 0, str(tmp_path / "w" / "seed_1"))
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
                           smoke=True, record=record)
   assert not (tmp_path / "w" / "seed_0").exists()
@@ -289,8 +288,7 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   assert "wall_time_partial" not in r
   acc = np.asarray(r["accuracy"])
   np.testing.assert_array_equal(acc[0], np.asarray(first["accuracy"][0]))
-  np.testing.assert_allclose(acc[1], _seed_1_replay_run(data_dir, 0),
-                             atol=1e-6)
+  np.testing.assert_allclose(acc[1], earlier.accuracy[0], atol=1e-6)
   assert r["seeds"] == [0, 1]
   assert r["kept_commits"] == {"0": stored["commit"]}
   assert r["wall_time"] > 1000.0  # the kept seed's time is counted
