@@ -17,9 +17,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["RUNS_AXIS", "max_over_runs", "all_over_runs"]
+__all__ = ["RUNS_AXIS", "in_sweep", "max_over_runs", "all_over_runs"]
 
 RUNS_AXIS = "runs"
+
+
+def in_sweep() -> bool:
+  """Whether the code being traced runs under a sweep's vmap (a static
+  answer, for choosing between formulations that cost differently when
+  batched)."""
+  try:
+    jax.lax.axis_index(RUNS_AXIS)
+    return True
+  except NameError:
+    return False
 
 
 def max_over_runs(x: jax.Array) -> jax.Array:

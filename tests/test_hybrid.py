@@ -16,8 +16,9 @@ import pytest
 from jaxcl import buffers, experiment, models, scenarios, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import _qp
+from jaxcl.strategies import gem as gem_module
 from jaxcl.strategies.agem import agem, agem_project
-from jaxcl.strategies.gem import gem, memory_loss, project
+from jaxcl.strategies.gem import gem, memory_loss, project, row_buckets
 from jaxcl.strategies.icarl import herding, icarl, icarl_loss
 from jaxcl.strategy import chain
 
@@ -183,17 +184,24 @@ def test_gem_projection_leaves_a_compatible_gradient_unchanged():
   np.testing.assert_array_equal(np.asarray(new["w"]), [1.0, 2.0])
 
 
-@pytest.mark.parametrize("m", [8, 64])  # one vmap / a loop over blocks
-def test_gem_memory_blocks_and_constraints_on_a_model(stream, m):
+# A step differentiates the first k of the 3 blocks, k the smallest of
+# row_buckets(3) covering the past: with the default buckets (0, 1, 2, 3)
+# exactly the past ones; with one bucket (0, 3) all three, the future
+# block masked inside the vmap. m = 64 is a larger block.
+@pytest.mark.parametrize("m,n_past,buckets", [
+    (8, 2, 4), (8, 2, 1), (8, 1, 1), (8, 3, 4), (64, 2, 4)])
+def test_gem_memory_blocks_and_constraints_on_a_model(stream, m, n_past,
+                                                     buckets, monkeypatch):
+  monkeypatch.setattr(gem_module, "_ROW_BUCKETS", buckets)
   ctx = make_ctx(stream)
   s = gem(mem_per_experience=m)
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
-  state = run_hooks(ctx, s, state, exps[:2])
+  state = run_hooks(ctx, s, state, exps[:n_past])
   mem = state.strategy.memory
   # Block k holds m distinct examples of experience k.
   assert mem.x.shape[0] == 3 * m
-  for k in range(2):
+  for k in range(n_past):
     blk = slice(m * k, m * k + m)
     assert np.all(np.asarray(mem.valid[blk]))
     assert set(np.asarray(mem.y[blk]).tolist()) <= set(exps[k].classes)
@@ -202,22 +210,25 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream, m):
     pool = {row.tobytes() for row in exps[k].train_x.reshape(
         len(exps[k].train_y), -1)}
     assert all(row.tobytes() in pool for row in xs)
-  assert not np.any(np.asarray(mem.valid[2 * m:]))
+  assert not np.any(np.asarray(mem.valid[n_past * m:]))
 
-  state = s.before_experience(ctx, state, exps[2])
+  if n_past < 3:
+    state = s.before_experience(ctx, state, exps[n_past])
+  else:  # as if a fourth experience followed: all three blocks are past
+    state = state.replace(strategy=state.strategy._replace(
+        experience=jnp.asarray(3, jnp.int32)))
   batch = batch_of(exps[2])
   g = grads_of(ctx, state, batch)
   new = jax.jit(s.update_grads, static_argnums=0)(
       ctx, state.strategy, g, state.params, batch, jax.random.PRNGKey(0))
   # Independent memory gradients, one experience at a time.
+  ref = [jax.grad(memory_loss, argnums=1)(
+      ctx, state.params, state.model_state, mem.x[m * k:m * k + m],
+      mem.y[m * k:m * k + m], mem.task[m * k:m * k + m], jnp.ones((m,)))
+         for k in range(n_past)]
   gnew = flat(new)
   dots_before = []
-  for k in range(2):
-    blk = slice(m * k, m * k + m)
-    gk = jax.grad(memory_loss, argnums=1)(
-        ctx, state.params, state.model_state, mem.x[blk], mem.y[blk],
-        mem.task[blk], jnp.ones((m,)))
-    gk = flat(gk)
+  for gk in map(flat, ref):
     dots_before.append(gk @ flat(g))
     assert gk @ gnew >= -1e-5 * np.linalg.norm(gk) * np.linalg.norm(gnew)
   # The new classes' gradient conflicts with the old memories here, so the
@@ -225,16 +236,20 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream, m):
   assert min(dots_before) < 0
   assert not np.allclose(gnew, flat(g))
   # And it is exactly the projection against those independently computed
-  # gradients (the future experience's row is zero and not a constraint).
-  ref = [jax.grad(memory_loss, argnums=1)(
-      ctx, state.params, state.model_state, mem.x[m * k:m * k + m],
-      mem.y[m * k:m * k + m], mem.task[m * k:m * k + m], jnp.ones((m,)))
-         for k in range(2)]
-  stack = jax.tree.map(lambda a, b: jnp.stack([a, b, jnp.zeros_like(a)]),
-                       *ref)
-  want, _ = project(g, stack, jnp.array([True, True, False]), 0.5,
-                    1e-3)
+  # gradients (a future experience's row is zero and not a constraint).
+  ref += [jax.tree.map(jnp.zeros_like, ref[0])] * (3 - n_past)
+  stack = jax.tree.map(lambda *a: jnp.stack(a), *ref)
+  want, _ = project(g, stack, jnp.arange(3) < n_past, 0.5, 1e-3)
   np.testing.assert_allclose(gnew, flat(want), rtol=1e-4, atol=1e-6)
+
+
+def test_gem_row_buckets():
+  """The sizes a step can differentiate: 0 (no past), a few steps, all."""
+  assert row_buckets(20) == (0, 5, 10, 15, 20)
+  assert row_buckets(10) == (0, 3, 6, 9, 10)
+  assert row_buckets(3) == (0, 1, 2, 3)
+  assert row_buckets(3, 1) == (0, 3)
+  assert row_buckets(1) == (0, 1)
 
 
 def test_gem_bad_memory_sizes_raise(stream):

@@ -367,6 +367,20 @@ def test_max_over_runs_gives_a_sweep_one_unbatched_loop_bound():
   assert int(count(jnp.int32(4), True)) == 4  # a single run
 
 
+def test_in_sweep_is_true_only_under_the_sweeps_named_vmap():
+  from jaxcl import runs
+  seen = []
+
+  def f(x):
+    seen.append(runs.in_sweep())
+    return x
+
+  jax.vmap(f, axis_name=runs.RUNS_AXIS)(jnp.ones(2))
+  jax.vmap(f)(jnp.ones(2))  # another vmap, not a sweep's
+  jax.jit(f)(jnp.ones(2))
+  assert seen == [True, False, False]
+
+
 def test_per_task_keeps_its_one_task_shortcut_in_a_sweep():
   """In a sweep's vmap, masked.per_task's cond stays a cond (one call when
   every run's batch holds one task) and still routes a run's mixed batch

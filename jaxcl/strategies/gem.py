@@ -36,9 +36,11 @@ uniformly drawn training examples (``m`` is ``mem_per_experience``, or
 ``mem_size // num_experiences``: Buzzega et al.'s fixed total budget). The
 memory has fixed shape ``(num_experiences * m, ...)``; the per-experience
 gradients fill a fixed ``(num_experiences, ...)`` stack whose future rows
-are zero and out of the QP, so nothing recompiles as the stream grows. Large
-blocks are differentiated in a loop over the past experiences only (its
-trip count is data), small ones in one ``vmap`` over all blocks.
+are zero and out of the QP, so nothing recompiles as the stream grows. A
+step differentiates (in one ``vmap``) and projects against only the first
+``k`` blocks, ``k`` the smallest of a few fixed sizes (:func:`row_buckets`)
+that covers the past experiences: a ``lax.switch`` over static sizes, so
+early experiences cost less and the first costs nothing extra.
 
 .. warning::
   The memory losses use the model state (e.g. batch-norm statistics) as of
@@ -65,13 +67,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers
-from jaxcl.runs import max_over_runs
+from jaxcl.runs import in_sweep, max_over_runs
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
+           "row_buckets",
            "store_experience", "memory_loss", "tree_dot", "project"]
 
 
@@ -222,11 +225,23 @@ def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
   return jax.lax.cond(violated, solve, keep, None)
 
 
-# Memory blocks (examples per experience and step) from this size up are
-# differentiated one past block at a time instead of all at once; measured
-# on a 2-core CPU (benchmarks/gem.py): 250-example blocks halve the mean
-# step over a 20-experience stream, 10-example blocks run 1.3x slower.
-_LOOP_MIN_BLOCK = 64
+# The past memory blocks are differentiated, and the projection solved, on
+# the first k blocks for k the smallest of a few fixed sizes that holds
+# every past experience (a lax.switch over static sizes: one program for
+# the whole stream, of which each step runs one branch). GEM's step moves
+# its E x params gradient stack several times (forming it, G g, G Gᵀ,
+# Gᵀ v), so its cost is proportional to the rows it keeps; a fori_loop
+# over the past blocks saved their arithmetic but not that traffic, and
+# its iterations were too small to fill a CPU (docs/notes_hybrid.md,
+# sessions 5 and 12).
+_ROW_BUCKETS = 4
+
+
+def row_buckets(e: int, buckets: int | None = None) -> tuple[int, ...]:
+  """The sizes ``0 < k_1 < ... < e`` (and 0: no past experience) that
+  GEM's step can differentiate, for a stream of ``e`` experiences."""
+  step = -(-e // (buckets or _ROW_BUCKETS))
+  return (0,) + tuple(range(step, e, step)) + (e,)
 
 
 def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
@@ -303,38 +318,35 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
           a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
       xs, ys, ts, w = pick(xs), pick(ys), pick(ts), pick(w)
     grad_one = jax.grad(memory_loss, argnums=1)
+    grad_blocks = jax.vmap(grad_one, in_axes=(None, None, None, 0, 0, 0, 0))
     wf = w.astype(jnp.float32)
 
-    if w.shape[1] < _LOOP_MIN_BLOCK:
-      # Small blocks: one vmap over all E blocks (future ones are masked
-      # to zero) beats a loop whose iterations are too small to fill the
-      # machine.
-      mem_grads = jax.vmap(grad_one, in_axes=(None, None, None, 0, 0, 0, 0))(
-          ctx, params, sstate.model_state, xs, ys, ts, wf)
-    else:
-      # Large blocks: differentiate only the past experiences' blocks
-      # (0 .. current - 1), ~half the work of the vmap over a stream. The
-      # trip count is data, so one program serves every experience. In a
-      # sweep it is the maximum over runs (all share the stream, so the
-      # same count), unbatched: with a batched count XLA selects over the
-      # whole E x params carry at every iteration (benchmarks/gem.py
-      # --runs 3, Chaudhry protocol, experience 10: 100 ms per step and
-      # run in a 3-run sweep against 44 ms plain; 55 ms with this).
-      def block(k, acc):
-        at = lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False)
-        g_k = grad_one(ctx, params, sstate.model_state, at(xs), at(ys),
-                       at(ts), at(wf))
-        return jax.tree.map(
-            lambda a, b: jax.lax.dynamic_update_index_in_dim(
-                a, b.astype(a.dtype), k, 0), acc, g_k)
+    def first(k):
+      """The step on the first ``k`` blocks (those beyond the past are
+      masked out: zero gradients and no constraint)."""
+      def branch(_):
+        if k == 0:  # no past experience: nothing to project against
+          return grads
+        mem_grads = grad_blocks(ctx, params, sstate.model_state, xs[:k],
+                                ys[:k], ts[:k], wf[:k])
+        new, _ = project(grads, mem_grads, has[:k], float(margin),
+                         float(eps), max_iter)
+        return new
+      return branch
 
-      zeros = jax.tree.map(lambda p: jnp.zeros((e,) + p.shape, p.dtype),
-                           params)
-      n_past = max_over_runs(jnp.clip(sstate.experience, 0, e))
-      mem_grads = jax.lax.fori_loop(0, n_past, block, zeros)
-    new, _ = project(grads, mem_grads, has, float(margin), float(eps),
-                     max_iter)
-    return new
+    # A sweep differentiates all blocks from the second experience on: on
+    # XLA:CPU, once batched over runs, a switch with two or more
+    # differentiating branches ran ~3x slower per run than one with a
+    # single such branch, even on fewer blocks (benchmarks/gem.py --runs;
+    # docs/notes_hybrid.md, session 12). A single run gains up to half
+    # its step from the smaller branches.
+    sizes = (0, e) if in_sweep() else row_buckets(e)
+    # In a sweep the past is the maximum over runs (all share the stream,
+    # so it is every run's own count), unbatched: a batched index would
+    # turn the switch into a select that runs every branch.
+    n_past = max_over_runs(jnp.clip(sstate.experience, 0, e))
+    which = jnp.searchsorted(jnp.asarray(sizes), n_past)  # smallest k >= past
+    return jax.lax.switch(which, [first(k) for k in sizes], None)
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads,
