@@ -49,6 +49,12 @@ early experiences cost less and the first costs nothing extra.
   rows to the batch (``chain(replay(...), gem(...))``) to project the
   gradient of the whole batch.
 
+.. note::
+  In a vmapped sweep (``jaxcl.sweep``) every run forms ``G Gᵀ`` at every
+  step (the projection's ``cond`` is batched) and differentiates all
+  blocks, so on a CPU GEM's seeds ran faster one after another than as one
+  sweep (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
+
 References:
   Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning
   <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017 (and the authors' code,
