@@ -37,10 +37,7 @@ def max_over_runs(x: jax.Array) -> jax.Array:
   """``x``'s maximum over a sweep's runs (unbatched); ``x`` in a single
   run. For loop bounds where running to the largest member's count is still
   right for the others (their extra iterations masked to zero)."""
-  try:
-    return jax.lax.pmax(x, RUNS_AXIS)
-  except NameError:  # not inside a sweep's vmap: a single run
-    return x
+  return jax.lax.pmax(x, RUNS_AXIS) if in_sweep() else x
 
 
 def all_over_runs(pred: jax.Array) -> jax.Array:
@@ -48,7 +45,6 @@ def all_over_runs(pred: jax.Array) -> jax.Array:
   ``pred`` in a single run. For ``cond``s whose True branch is a shortcut
   that is only valid where ``pred`` holds, and whose False branch is right
   for every run."""
-  try:
+  if in_sweep():
     return jax.lax.pmin(jnp.asarray(pred, jnp.int32), RUNS_AXIS) > 0
-  except NameError:
-    return jnp.asarray(pred, bool)
+  return jnp.asarray(pred, bool)
