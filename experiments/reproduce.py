@@ -343,7 +343,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       " UTC",
       f"* seeds per entry: {len(seeds)} ({', '.join(map(str, seeds))})"
       + (", except rows that name their own count (reused records run "
-         "with other seeds)" if any_seeds else "") + "; mean ± standard error over seeds; an entry's seeds run as one "
+         "with other seeds)" if any_seeds else "")
+      + "; mean ± standard error over seeds; an entry's seeds run as one "
       "vmapped sweep (a single seed runs unvmapped); "
       "entries marked ‡ draw their scenario (permutations, angles) per "
       "seed, as Mammoth does per run, and run their seeds one after "
