@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from typing import Sequence
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = "figures"  # the report's plots, beside RESULTS.md
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +376,13 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
   for e in entries:
     tables.setdefault(e.table, []).append(e)
   plt = _pyplot()
+  # One plot per table, kept out of the repository's root; plots left by
+  # an earlier report with more tables are removed so none goes stale.
+  fig_dir = os.path.join(out, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  for old in os.listdir(fig_dir):
+    if re.fullmatch(r"results_\d+\.png", old):
+      os.remove(os.path.join(fig_dir, old))
   for t_i, (table, rows) in enumerate(tables.items()):
     lines += [f"## {table}", "",
               "| method | jaxcl ACC (%) | published (%) | source | BWT | "
@@ -441,9 +450,9 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
     ax.set_title(table, fontsize=8)
     fig.tight_layout()
     png = f"results_{t_i:02d}.png"
-    fig.savefig(os.path.join(out, png), dpi=90)
+    fig.savefig(os.path.join(fig_dir, png), dpi=90)
     plt.close(fig)
-    lines += [f"![{table}]({png})", ""]
+    lines += [f"![{table}]({FIGURES}/{png})", ""]
   path = os.path.join(out, "RESULTS.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -20,16 +20,22 @@ def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir):
   assert "| Naive |" in text and "| failed:" not in text
   assert "failed: 0" in text  # the header's count
   assert "Permuted MNIST" in text
-  pngs = [f for f in os.listdir(tmp_path / "out") if f.endswith(".png")]
-  assert len(pngs) >= 2
+  figs = tmp_path / "out" / reproduce.FIGURES
+  pngs = sorted(os.listdir(figs))
+  assert len(pngs) >= 2 and text.count("![") == len(pngs)
+  for png in pngs:  # each plot is linked from the report, by its folder
+    assert f"]({reproduce.FIGURES}/{png})" in text
   # Resumable: a second call reuses the finished entries.
   mtime = os.path.getmtime(tmp_path / "work_smoke" /
                            "split_mnist_baselines__strategy_naive" /
                            "entry.json")
-  reproduce.main([
+  path = reproduce.main([
       "--smoke", "--only", "split_mnist_baselines__strategy_naive",
-      "--out", str(tmp_path / "out2"), "--workdir", str(tmp_path / "work"),
+      "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
       "--data_dir", data_dir])
+  # Fewer tables now: the first report's extra plots are not left behind.
+  text = open(path).read()
+  assert sorted(os.listdir(figs)) == pngs[:text.count("![")] != pngs
   assert os.path.getmtime(tmp_path / "work_smoke" /
                           "split_mnist_baselines__strategy_naive" /
                           "entry.json") == mtime
