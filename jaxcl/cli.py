@@ -58,6 +58,12 @@ def _quiet_logs() -> None:
   # jax logs at INFO that it found no TPU; absl would print that to stderr.
   import logging
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  # orbax logs each checkpoint save at INFO through absl (~280 lines for
+  # the default run, burying the progress bars and results): warnings
+  # only, unless the user asks for more with --verbosity / -v.
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
   if _MULTIHOST.value:
     from jaxcl import parallel
     parallel.initialize_multihost()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ def test_default_run_writes_outputs(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   assert elapsed < 60
   assert "acc:" in p.stdout and "bwt:" in p.stdout
+  # No INFO log lines (orbax logs every checkpoint save at INFO).
+  assert not re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[:500]
   run = tmp_path / "run"
   for f in ("config.json", "metrics.jsonl", "metrics.csv",
             "accuracy_matrix.json", "accuracy_matrix.png",
@@ -43,8 +46,10 @@ def test_override_and_experiment_file(tmp_path):
             os.path.join(REPO, "experiments", "split_digits_baselines.py") +
             ":strategy=joint", "--config.train.epochs=1",
             "--config.report.plots=False", "--workdir", str(tmp_path / "r"),
-            cwd=tmp_path)
+            "--verbosity=0", cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-2000:]
+  # Asked for, the INFO logs are back (here: orbax's checkpoint saves).
+  assert re.search(r"^I\d{4} .*checkpoint", p.stderr, re.M)
   cfg = json.load(open(tmp_path / "r" / "config.json"))
   assert cfg["strategy"]["name"] == "joint" and cfg["train"]["epochs"] == 1
 
