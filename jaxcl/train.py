@@ -370,18 +370,26 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
                       epoch_steps, bs)
   idx = jax.lax.dynamic_slice_in_dim(idx, start, chunk_steps, axis=0)
 
-  def body(state, row):
+  def body(state, step_row):
+    step, row = step_row
     valid = row >= 0
     safe = jnp.maximum(row, 0)
     batch = {"x": data["x"][safe], "y": data["y"][safe],
              "task": data["task"][safe], "mask": valid.astype(jnp.float32)}
-    run = jnp.any(valid)
+    # The valid rows are the epoch's first n_valid positions
+    # (epoch_indices), so whether a step has any follows from its position
+    # alone, not from the run's shuffled rows. In a sweep that keeps the
+    # predicate unbatched (its runs share n_valid): the cond stays a cond,
+    # instead of a select that copies the whole state every step and turns
+    # every cond and switch inside the step into selects too.
+    run = step * bs < n_valid
     state, loss = jax.lax.cond(
         run, lambda s: train_step(ctx, strategy, s, batch, batch_spec),
         lambda s: (s, jnp.zeros((), jnp.float32)), state)
     return state, (loss, run)
 
-  state, (losses, ran) = jax.lax.scan(body, state, idx)
+  steps = start + jnp.arange(chunk_steps)
+  state, (losses, ran) = jax.lax.scan(body, state, (steps, idx))
   return state, losses, ran
 
 
