@@ -243,6 +243,53 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream, m, n_past,
   np.testing.assert_allclose(gnew, flat(want), rtol=1e-4, atol=1e-6)
 
 
+def _conds(jaxpr, depth=0):
+  """(number of branches, predicate shape, how many conds enclose it) of
+  every cond, at any depth."""
+  found = []
+  for e in jaxpr.eqns:
+    inside = depth
+    if e.primitive.name == "cond":
+      found.append((len(e.params["branches"]), e.invars[0].aval.shape,
+                    depth))
+      inside += 1
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _conds(inner, inside)
+  return found
+
+
+def test_gem_sweep_keeps_its_switch_and_step_skip_as_conds(stream):
+  """In a sweep's program (3 runs under one vmap) the training step's
+  skip-padding cond and GEM's switch over block sizes stay conds with an
+  unbatched index. A batched index turns them into selects that run every
+  branch: the whole step for every run, GEM's gradients for all sizes
+  (a sweep's step once cost 2-3x a plain one's per run that way)."""
+  ctx = make_ctx(stream)
+  s = gem(mem_per_experience=8)
+  runs = 3
+  learner = dataclasses.replace(train.make_learner(ctx, s, epochs=1),
+                                members=runs)
+  exps = stream.experiences
+
+  def filled(seed):
+    state = run_hooks(ctx, s, train.init_state(ctx, s, seed), exps[:1])
+    return train.unalias(s.before_experience(ctx, state, exps[1]))
+
+  state = jax.tree.map(lambda *xs: jnp.stack(xs),
+                       *[filled(i) for i in range(runs)])
+  data = train.device_experience(exps[1], ctx.info.train_size)
+  jaxpr = jax.make_jaxpr(learner.chunk_fn)(state, data, exps[1].num_train,
+                                           1, 0, 0).jaxpr
+  conds = _conds(jaxpr)
+  n_sizes = len(row_buckets(len(exps)))
+  assert (2, (), 0) in conds, conds  # the step's skip, outermost
+  assert (n_sizes, (), 1) in conds, conds  # GEM's switch, inside it
+  assert all(shape == () for _, shape, _ in conds), conds
+
+
 def test_gem_row_buckets():
   """The sizes a step can differentiate: 0 (no past), a few steps, all."""
   assert row_buckets(20) == (0, 5, 10, 15, 20)

@@ -51,9 +51,10 @@ early experiences cost less and the first costs nothing extra.
 
 .. note::
   In a vmapped sweep (``jaxcl.sweep``) every run forms ``G Gᵀ`` at every
-  step (the projection's ``cond`` is batched) and differentiates all
-  blocks, so on a CPU GEM's seeds ran faster one after another than as one
-  sweep (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
+  step: whether the proposed gradient violates a constraint differs per
+  run, so the projection's ``cond`` is batched and runs both branches.
+  A sweep's GEM step therefore costs more per run than a plain run's on a
+  CPU (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
 
 References:
   Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning
@@ -73,7 +74,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers
-from jaxcl.runs import in_sweep, max_over_runs
+from jaxcl.runs import max_over_runs
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
 from jaxcl.strategy import Strategy, mark_experience_start
@@ -340,18 +341,15 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
         return new
       return branch
 
-    # A sweep differentiates all blocks from the second experience on: on
-    # XLA:CPU, once batched over runs, a switch with two or more
-    # differentiating branches ran ~3x slower per run than one with a
-    # single such branch, even on fewer blocks (benchmarks/gem.py --runs;
-    # docs/notes_hybrid.md, session 12). A single run gains up to half
-    # its step from the smaller branches.
-    sizes = (0, e) if in_sweep() else row_buckets(e)
+    sizes = row_buckets(e)
     # In a sweep the past is the maximum over runs (all share the stream,
     # so it is every run's own count), unbatched: a batched index would
     # turn the switch into a select that runs every branch.
     n_past = max_over_runs(jnp.clip(sstate.experience, 0, e))
-    which = jnp.searchsorted(jnp.asarray(sizes), n_past)  # smallest k >= past
+    # The smallest k >= past, counted against Python ints: an array of the
+    # sizes could be batched by an enclosing batched cond, and the index
+    # with it.
+    which = sum(jnp.asarray(n_past > k, jnp.int32) for k in sizes[:-1])
     return jax.lax.switch(which, [first(k) for k in sizes], None)
 
   return Strategy(init=init, before_experience=before_experience,
