@@ -299,9 +299,19 @@ def test_gem_row_buckets():
   assert row_buckets(1) == (0, 1)
 
 
+def test_gem_and_agem_default_memory_is_256_per_experience(stream):
+  """Neither size given: the GEM authors' 256 examples per experience."""
+  ctx = make_ctx(stream)
+  for s in (gem(), agem()):
+    mem = train.init_state(ctx, s, 0).strategy.memory
+    assert mem.x.shape[0] == 256 * len(stream.experiences), s.name
+
+
 def test_gem_bad_memory_sizes_raise(stream):
-  with pytest.raises(ValueError, match="memory per experience is 0"):
-    gem()
+  for bad in (dict(mem_size=0), dict(mem_per_experience=0),
+              dict(mem_size=0, mem_per_experience=0)):
+    with pytest.raises(ValueError, match="memory per experience is 0"):
+      gem(**bad)
   with pytest.raises(ValueError, match="not both"):
     gem(mem_size=10, mem_per_experience=2)
   with pytest.raises(ValueError, match="margin"):

@@ -49,14 +49,14 @@ def agem_project(g, g_ref):
   return jax.tree.map(lambda a, r: (a - coef * r).astype(a.dtype), g, g_ref)
 
 
-def agem(mem_size: int = 0, mem_per_experience: int = 0,
+def agem(mem_size: int | None = None, mem_per_experience: int | None = None,
          sample_size: int = 0) -> Strategy:
   """A-GEM.
 
   Args:
     mem_size: total memory (examples), split evenly over the experiences.
     mem_per_experience: examples per experience (give this or
-      ``mem_size``).
+      ``mem_size``). Neither given: 256 per experience, as GEM.
     sample_size: memory examples per reference gradient (0: 256, the
       paper's, or the whole memory if smaller).
 
@@ -64,7 +64,8 @@ def agem(mem_size: int = 0, mem_per_experience: int = 0,
     ValueError: a memory per experience of 0, both sizes given, a negative
       ``sample_size`` or (at ``init``) one larger than the memory.
   """
-  check_memory_args("agem", mem_size, mem_per_experience)
+  mem_size, mem_per_experience = check_memory_args("agem", mem_size,
+                                                   mem_per_experience)
   if isinstance(sample_size, bool) or not isinstance(sample_size, int) or \
       sample_size < 0:
     raise ValueError(f"agem: sample_size must be an int >= 0 (0: "

@@ -96,9 +96,20 @@ class GEMState(NamedTuple):
 # Shared with A-GEM: the episodic memory.
 
 
-def check_memory_args(name: str, mem_size: int,
-                      mem_per_experience: int) -> None:
-  """Factory-time checks of the two ways of sizing the memory."""
+# Neither size given: the GEM authors' ``n_memories`` for their MNIST runs.
+DEFAULT_MEM_PER_EXPERIENCE = 256
+
+
+def check_memory_args(name: str, mem_size: int | None,
+                      mem_per_experience: int | None) -> tuple[int, int]:
+  """Factory-time checks of the two ways of sizing the memory.
+
+  Returns ``(mem_size, mem_per_experience)`` as ints, one of them 0; with
+  neither given, ``DEFAULT_MEM_PER_EXPERIENCE`` per experience.
+  """
+  if mem_size is None and mem_per_experience is None:
+    return 0, DEFAULT_MEM_PER_EXPERIENCE
+  mem_size, mem_per_experience = mem_size or 0, mem_per_experience or 0
   for k, v in (("mem_size", mem_size),
                ("mem_per_experience", mem_per_experience)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -111,6 +122,7 @@ def check_memory_args(name: str, mem_size: int,
     raise ValueError(f"{name}: the memory per experience is 0; set "
                      "mem_per_experience >= 1 or mem_size >= the number of "
                      "experiences")
+  return mem_size, mem_per_experience
 
 
 def per_experience(name: str, ctx, mem_size: int,
@@ -251,7 +263,8 @@ def row_buckets(e: int, buckets: int | None = None) -> tuple[int, ...]:
   return (0,) + tuple(range(step, e, step)) + (e,)
 
 
-def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
+def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
+        margin: float = 0.5,
         eps: float = 1e-3, max_iter: int = 0,
         sample_per_experience: int = 0) -> Strategy:
   """Gradient Episodic Memory.
@@ -260,7 +273,8 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
     mem_size: total memory (examples), split evenly over the stream's
       experiences (``mem_size // num_experiences`` each).
     mem_per_experience: examples kept per experience (the paper's
-      ``n_memories``); give this or ``mem_size``.
+      ``n_memories``); give this or ``mem_size``. Neither given: 256 per
+      experience (the authors' MNIST setting).
     margin: memory strength ``γ >= 0`` (the authors' code uses 0.5).
     eps: ridge ``ε > 0`` added to ``G Gᵀ``.
     max_iter: iteration budget of the QP solver (0: ``3 K + 10``).
@@ -275,7 +289,8 @@ def gem(mem_size: int = 0, mem_per_experience: int = 0, margin: float = 0.5,
       ``mem_size`` smaller than the number of experiences), both sizes
       given, negative ``margin``, non-positive ``eps``.
   """
-  check_memory_args("gem", mem_size, mem_per_experience)
+  mem_size, mem_per_experience = check_memory_args("gem", mem_size,
+                                                   mem_per_experience)
   if not (isinstance(margin, (int, float)) and math.isfinite(margin)
           and margin >= 0):
     raise ValueError(f"gem: margin must be a finite number >= 0, got "
