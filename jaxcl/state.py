@@ -81,6 +81,17 @@ class StreamInfo:
   batch_size: int
   train_size: int
 
+  def require_task_per_experience(self, method: str) -> None:
+    """Raises unless every experience can have a task id of its own (for
+    methods that give each task its own weights, trained once), at ``init``
+    rather than when the second experience reuses a task id."""
+    if self.num_tasks < self.num_experiences:
+      raise ValueError(
+          f"{method} trains each task once and needs a task id per "
+          f"experience (a task-incremental stream: scenario.kind='task'); "
+          f"this stream has {self.num_experiences} experiences and "
+          f"{self.num_tasks} task id(s) (kind={self.kind!r})")
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:

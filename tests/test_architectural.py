@@ -739,3 +739,23 @@ def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
     np.testing.assert_array_equal(
         ex[i], supsup_lib.infer_task(ctx, ss, params, ms, x[i:i + 1],
                                      "batch", "binary")[0])
+
+
+@pytest.mark.parametrize("strategy,model,mkw", [
+    ("packnet", "mlp", None), ("hat", "hat_mlp", {"s_max": 50.0}),
+    ("progressive", "progressive", {})])
+def test_task_per_experience_methods_refuse_a_class_stream_at_init(
+    digits, strategy, model, mkw):
+  """Methods that give each task its own weights, trained once, refuse a
+  stream whose experiences share a task id when the run starts, not after
+  training the first experience (HAT used to train on and end at chance)."""
+  c = make_config(strategy, model, mkw, multi_head=False)
+  s = experiment.setup(c, scenarios.split(digits, 5))  # class-incremental
+  with pytest.raises(ValueError, match=f"{strategy} trains each task once "
+                     r"and needs a task id per experience.*5 experiences "
+                     r"and 1 task id"):
+    init_state(s.learner.ctx, s.learner.strategy, 0)
+  # The same method on the task-incremental stream starts.
+  c = make_config(strategy, model, mkw)
+  s = experiment.setup(c, scenarios.split(digits, 5, kind="task"))
+  init_state(s.learner.ctx, s.learner.strategy, 0)

@@ -114,6 +114,7 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
         or _layers(params) == 0:
       raise ValueError("hat needs the 'hat_mlp' model "
                        "(config.model.name='hat_mlp')")
+    ctx.info.require_task_per_experience("hat")
     n = _layers(params)
     rows = params["embedding_0"].shape[0]
     if rows < ctx.info.num_tasks:

@@ -168,6 +168,7 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
 
   def init(ctx, key, params):
     del key
+    ctx.info.require_task_per_experience("packnet")
     check_zero_grad_is_zero_update(ctx.tx, params, "packnet")
     if not any(_prunable(p, a) for p, a in
                jax.tree_util.tree_flatten_with_path(params)[0]):

@@ -51,6 +51,7 @@ def progressive() -> Strategy:
 
   def init(ctx, key, params):
     del key
+    ctx.info.require_task_per_experience("progressive")
     names = set(params) if isinstance(params, dict) else set()
     if "head_W" not in names or "layer_0_W" not in names:
       raise ValueError("progressive needs the 'progressive' model "
@@ -70,10 +71,6 @@ def progressive() -> Strategy:
     cols = state.strategy.seen.shape[0]
     if not 0 <= t < cols:
       raise ValueError(f"task id {t} outside the {cols} columns")
-    if t == 0 and ctx.info.num_tasks == 1 and experience.index > 0:
-      raise ValueError("progressive networks need task ids (a "
-                       "task-incremental stream): every experience would "
-                       "train column 0")
     return state.replace(strategy=state.strategy._replace(
         column=jnp.asarray(t, jnp.int32)))
 
