@@ -27,9 +27,9 @@ from ml_collections import config_flags
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 COMMANDS = ("run", "sweep")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT, "Experiment config file (default: Split Digits).",
-    lock_config=True)
+# Defined in main(): ml_collections applies --config.<path> overrides when
+# the flag is defined, and a path the config lacks must be reported there.
+_CONFIG = None
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: runs/<config name>-<time>). "
     "A directory that holds checkpoints of the same config is resumed.")
@@ -101,6 +101,29 @@ def _sweep(argv) -> None:
   print(f"\ntime: {result.times['total']:.1f} s; outputs in {workdir}")
 
 
+def _define_config_flag() -> None:
+  global _CONFIG
+  if _CONFIG is None:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT, "Experiment config file (default: Split Digits).",
+        lock_config=True)
+
+
+def _unknown_field(e: BaseException) -> None:
+  """Exits with a clear error for a --config.<path> override of a field the
+  config does not have. ml_collections raises KeyError / AttributeError
+  for it, when the flag is defined (overrides of the default config) or
+  when absl parses the flags (of a --config file)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]  # AttributeError(KeyError(message))
+  what = str(e.args[0] if e.args else e).replace("\n", "; ")
+  print(f"jaxcl: error: a --config override names a field the config does "
+        f"not have ({what}). Only fields the config defines can be set "
+        "from the command line; add others in a config file (see "
+        "experiments/ for examples)", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -113,7 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   handler = {"run": _run, "sweep": _sweep}[command]
   try:
+    _define_config_flag()
+  except (KeyError, AttributeError) as e:
+    _unknown_field(e)
+  try:
     app.run(handler, argv=[argv[0]] + argv[2:])
+  except (KeyError, AttributeError) as e:
+    if flags.FLAGS.is_parsed():  # raised by the run, not by an override
+      raise
+    _unknown_field(e)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     # Our errors carry the bad value and the valid choices: show the message,
     # not a traceback.

@@ -54,6 +54,24 @@ def test_override_and_experiment_file(tmp_path):
   assert cfg["strategy"]["name"] == "joint" and cfg["train"]["epochs"] == 1
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--config.train.epoch=3"], 'Did you mean "epochs"'),
+    (["--config.model.hypernet.input_dim=64"], "'hypernet'"),
+    (["--config", os.path.join(REPO, "experiments",
+                                "split_digits_baselines.py"),
+      "--config.train.epochz=1"], "'epochz'"),
+])
+def test_unknown_config_field_is_a_clear_error(tmp_path, args, match):
+  """An override of a field the config lacks (a typo, or a model's kwargs
+  that only config files define) names the field, without a traceback."""
+  p = jaxcl("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 2
+  assert "a --config override names a field the config does not have" \
+      in p.stderr and match in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (tmp_path / "r").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("flag,match", [
     ("--config.strategy.name=bogus", "unknown strategy 'bogus'; valid:"),
     ("--config.optimizer.name=bogus", "unknown optimizer 'bogus'; valid:"),
