@@ -171,8 +171,12 @@ def setup(config: ml_collections.ConfigDict,
   if config.model.multi_head and sc.kind != "task":
     raise ConfigError("model.multi_head=True needs a task-incremental "
                       f"scenario (scenario.kind='task'), got {sc.kind!r}")
+  mkw = _model_kwargs(config.model)
+  if config.model.name == "hypernet" and "input_dim" not in mkw:
+    # The target MLP's input size is the stream's (its default is MNIST's).
+    mkw["input_dim"] = int(np.prod(sc.input_shape))
   model = models.build(config.model.name, sc.num_classes, num_heads=heads,
-                       **_model_kwargs(config.model))
+                       **mkw)
   oc = config.optimizer
   info = stream_info(sc, tc.batch_size)
   steps = -(-info.train_size // tc.batch_size) * tc.epochs

@@ -403,3 +403,18 @@ def test_output_scale_none_uses_generated_values_as_weights():
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="output_scale 'x'; valid"):
     models.build("hypernet", num_classes=C, output_scale="x")
+
+
+def test_target_input_size_comes_from_the_stream_unless_given():
+  """Without model.hypernet.input_dim the target MLP takes the stream's
+  input size (the field's default is MNIST's 784); a given one is kept and
+  a wrong one is still reported."""
+  sc = _toy()
+  c = _config(beta=0.01)
+  c.model.hypernet = {k: v for k, v in HN.items() if k != "input_dim"}
+  assert experiment.setup(c, sc).learner.ctx.model.input_dim == D
+  c.model.hypernet = dict(HN, input_dim=D + 1)
+  s = experiment.setup(c, sc)
+  assert s.learner.ctx.model.input_dim == D + 1
+  with pytest.raises(ValueError, match="input_dim"):
+    init_state(s.learner.ctx, s.learner.strategy, 0)
