@@ -380,8 +380,9 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
     # (epoch_indices), so whether a step has any follows from its position
     # alone, not from the run's shuffled rows. In a sweep that keeps the
     # predicate unbatched (its runs share n_valid): the cond stays a cond,
-    # instead of a select that copies the whole state every step and turns
-    # every cond and switch inside the step into selects too.
+    # instead of a select that copies the whole state every step and
+    # batches every value the step closes over (a switch indexed through
+    # one became a select: docs/notes_hybrid.md, session 13).
     run = step * bs < n_valid
     state, loss = jax.lax.cond(
         run, lambda s: train_step(ctx, strategy, s, batch, batch_spec),
