@@ -23,7 +23,10 @@ codes; default flax's lecun_normal) and ``keep_opt`` (keep Adam's state
 across experiences, as van de Ven's ``--optimizer=adam`` does, instead of
 resetting it), ``lookahead`` (hypernetwork: the paper's look-ahead
 regulariser), ``hnet_init`` (hypernetwork hidden layers' initialiser:
-``glorot`` as in the reference code; default He),
+``glorot`` as in the reference code; default He), ``heads``
+(hypernetwork: > 1 gives the target that many 10-way heads, task t
+reading head t, as the reference code's 100-output target; default one
+generated head),
 ``epochs`` (the published protocol has 10; the measurements in
 docs/notes_regularisation.md say which they used), ``lr`` (> 0 overrides
 the learning rate, for shortened runs), ``si_grads`` (SI's ω gradient:
@@ -82,7 +85,7 @@ def get_config(arg=None):
   a = parse_arg(arg, strategy="ewc", kind="", seed=0, strength=-1.0,
                 epochs=10, lr=-1.0, si_grads="task", pad=0,
                 first_identity=False, init="", keep_opt=False,
-                lookahead=False, hnet_init="", quick=False)
+                lookahead=False, hnet_init="", heads=1, quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; valid: "
@@ -145,6 +148,8 @@ def get_config(arg=None):
                             mixed_batches=False)  # one task per batch
     if a["hnet_init"]:  # (set only when used)
       c.model.hypernet.hidden_init = a["hnet_init"]
+    if a["heads"] > 1:  # (set only when used)
+      c.model.hypernet.target_heads = a["heads"]
 
   if a["lr"] > 0:
     c.optimizer.learning_rate = a["lr"]

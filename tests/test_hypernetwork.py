@@ -418,3 +418,21 @@ def test_target_input_size_comes_from_the_stream_unless_given():
   assert s.learner.ctx.model.input_dim == D + 1
   with pytest.raises(ValueError, match="input_dim"):
     init_state(s.learner.ctx, s.learner.strategy, 0)
+
+
+def test_target_heads_task_reads_its_own_head():
+  """With target_heads = h the target has h * C outputs, all generated for
+  every task, and task t's logits are head t's slice."""
+  m = models.build("hypernet", C, **dict(HN, target_heads=3))
+  assert m.target_shapes[-2] == (8, 3 * C) and m.target_shapes[-1] == (3 * C,)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, D))
+  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((5,), jnp.int32))
+  for t in range(3):
+    flat = m.apply(v, jnp.array([t]), method=HyperNetwork.generate)[0]
+    full = np.asarray(m.apply(v, flat, x, method=HyperNetwork.target))
+    got = np.asarray(m.apply(v, x, jnp.full((5,), t, jnp.int32)))
+    assert got.shape == (5, C)
+    np.testing.assert_allclose(got, full[:, t * C:(t + 1) * C], rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="target_heads"):
+    models.build("hypernet", C, **dict(HN, target_heads=0))

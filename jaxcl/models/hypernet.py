@@ -123,6 +123,12 @@ class HyperNetwork(nn.Module):
     hidden_init: the hidden layers' initialiser: ``he`` (default,
       truncated normal with variance ``2 / fan_in``) or ``glorot``
       (Glorot-uniform, what the reference code uses for every layer).
+    target_heads: 1 (default): one ``num_classes``-way output layer,
+      generated per task like every other weight. ``h > 1``: the target
+      has ``h`` heads of ``num_classes`` outputs and task ``t`` reads head
+      ``t`` (the reference code's task-incremental target); every head is
+      still generated for every task, so the output regulariser pins
+      them all.
   """
   num_classes: int
   input_dim: int = 784
@@ -136,13 +142,15 @@ class HyperNetwork(nn.Module):
   mixed_batches: bool = True
   output_scale: str = "fan_in"
   hidden_init: str = "he"
+  target_heads: int = 1
 
   # ------------------------------------------------------------------ shapes
 
   @property
   def target_shapes(self) -> tuple[tuple[int, ...], ...]:
     """Kernel and bias shapes of the target MLP, in order."""
-    dims = [self.input_dim, *self.target_widths, self.num_classes]
+    dims = [self.input_dim, *self.target_widths,
+            self.num_classes * self.target_heads]
     shapes = []
     for a, b in zip(dims[:-1], dims[1:]):
       shapes += [(a, b), (b,)]
@@ -264,9 +272,14 @@ class HyperNetwork(nn.Module):
     # One generated weight vector for a one-task batch (the usual case),
     # every embedding's for a mixed one; see masked.per_task for the
     # routing and for mixed_batches=False.
-    return per_task(
-        lambda t: self.target(self.generate(t[None])[0], x, features), task,
-        self.num_embeddings, self.mixed_batches)
+    def one_task(t):
+      out = self.target(self.generate(t[None])[0], x, features)
+      if features or self.target_heads == 1:
+        return out
+      return jax.lax.dynamic_slice_in_dim(out, t * self.num_classes,
+                                          self.num_classes, axis=-1)
+
+    return per_task(one_task, task, self.num_embeddings, self.mixed_batches)
 
 
 def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
@@ -291,7 +304,7 @@ def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
     raise ValueError(f"hypernet: unknown hidden_init "
                      f"{kwargs['hidden_init']!r}; valid: he, glorot")
   bad = [k for k in ("input_dim", "num_embeddings", "embedding_dim",
-                     "chunk_size", "chunk_embedding_dim")
+                     "chunk_size", "chunk_embedding_dim", "target_heads")
          if k in kwargs and int(kwargs[k]) < 1]
   if bad:
     raise ValueError(f"hypernet: {bad} must be >= 1, got "
