@@ -314,6 +314,9 @@ def test_gem_bad_memory_sizes_raise(stream):
       gem(**bad)
   with pytest.raises(ValueError, match="not both"):
     gem(mem_size=10, mem_per_experience=2)
+  with pytest.raises(ValueError, match="mem_size must be an int >= 0, got "
+                     "False"):
+    gem(mem_size=False)
   with pytest.raises(ValueError, match="margin"):
     gem(mem_size=10, margin=-1.0)
   s = gem(mem_size=2)  # 3 experiences: 0 per experience

@@ -109,7 +109,10 @@ def check_memory_args(name: str, mem_size: int | None,
   """
   if mem_size is None and mem_per_experience is None:
     return 0, DEFAULT_MEM_PER_EXPERIENCE
-  mem_size, mem_per_experience = mem_size or 0, mem_per_experience or 0
+  # Only a missing size becomes 0: `or 0` would also turn False into 0 and
+  # skip the type check below.
+  mem_size = 0 if mem_size is None else mem_size
+  mem_per_experience = 0 if mem_per_experience is None else mem_per_experience
   for k, v in (("mem_size", mem_size),
                ("mem_per_experience", mem_per_experience)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
