@@ -436,3 +436,6 @@ def test_target_heads_task_reads_its_own_head():
                                atol=1e-6)
   with pytest.raises(ValueError, match="target_heads"):
     models.build("hypernet", C, **dict(HN, target_heads=0))
+  # Fewer heads than tasks: the last tasks would silently share a head.
+  with pytest.raises(ValueError, match="target_heads=2 is fewer than the 3"):
+    models.build("hypernet", C, **dict(HN, target_heads=2))

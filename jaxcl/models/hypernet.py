@@ -309,4 +309,10 @@ def build(num_classes: int, num_heads: int = 1, **kwargs) -> HyperNetwork:
   if bad:
     raise ValueError(f"hypernet: {bad} must be >= 1, got "
                      f"{[kwargs[k] for k in bad]}")
+  heads = int(kwargs.get("target_heads", 1))
+  tasks = int(kwargs.get("num_embeddings", HyperNetwork.num_embeddings))
+  if 1 < heads < tasks:  # a slice past the last head would be clamped to it
+    raise ValueError(f"hypernet: target_heads={heads} is fewer than the "
+                     f"{tasks} task embeddings; use 1 (one generated head) "
+                     f"or >= {tasks} (a head per task)")
   return HyperNetwork(num_classes=num_classes, **kwargs)
