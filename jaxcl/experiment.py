@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
       class_order=(),     # () for 0..C-1 (or order_seed's permutation)
       order_seed=-1,      # >=0: a seeded random class order
       online=False,       # one pass (set train.epochs=1, small batch)
-      angles=(),          # rotated: explicit angles in degrees
+      angles=(),          # rotated: explicit angles in degrees (ccw)
+      interpolation="bilinear",  # rotated: bilinear | nearest (torchvision)
       seed=0,             # permutations / angles
       first_identity=False,  # permuted: first experience unpermuted
       pad=0,              # permuted: zero pixels per side before permuting
@@ -112,7 +113,8 @@ def build_scenario(config: ml_collections.ConfigDict) -> Scenario:
                            first_identity=sc.first_identity, pad=sc.pad)
   elif sc.type == "rotated":
     s = scenarios.rotated(data, sc.n_experiences, kind=sc.kind,
-                          angles=tuple(sc.angles) or None, seed=sc.seed)
+                          angles=tuple(sc.angles) or None, seed=sc.seed,
+                          interpolation=sc.interpolation)
   else:
     raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
                       f"{list(SCENARIO_TYPES)}")

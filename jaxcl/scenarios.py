@@ -252,15 +252,32 @@ def permuted(data: Dataset, n_experiences: int = 10, kind: str = "domain",
   return dataclasses.replace(sc, name=f"permuted_{data.name}")
 
 
-def _rotate(x: np.ndarray, degrees: float) -> np.ndarray:
-  """Rotates ``(N, H, W, C)`` images about their centre (bilinear, zero fill)."""
+ROTATION_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def _rotate(x: np.ndarray, degrees: float,
+            interpolation: str = "bilinear") -> np.ndarray:
+  """Rotates ``(N, H, W, C)`` images counter-clockwise about their centre.
+
+  The convention of PIL's ``Image.rotate`` and torchvision's ``rotate``:
+  positive degrees turn the image counter-clockwise as displayed (row 0 at
+  the top), about the point between the middle pixels, filling with zeros.
+  ``nearest`` is their default resampling and reproduces PIL pixel for
+  pixel (tested); ``bilinear`` blends the four neighbours.
+  """
   n, h, w, c = x.shape
   t = np.deg2rad(degrees)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
   yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
   # Inverse mapping: for each output pixel, where it comes from.
-  sy = np.cos(t) * (yy - cy) - np.sin(t) * (xx - cx) + cy
-  sx = np.sin(t) * (yy - cy) + np.cos(t) * (xx - cx) + cx
+  sy = np.cos(t) * (yy - cy) + np.sin(t) * (xx - cx) + cy
+  sx = -np.sin(t) * (yy - cy) + np.cos(t) * (xx - cx) + cx
+  if interpolation == "nearest":
+    # PIL samples at pixel centres and floors: round half up.
+    yi, xi = np.floor(sy + 0.5).astype(int), np.floor(sx + 0.5).astype(int)
+    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    src = x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :]
+    return np.where(ok[None, :, :, None], src, np.zeros((), x.dtype))
   y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
   wy, wx = sy - y0, sx - x0
   out = np.zeros_like(x)
@@ -275,21 +292,28 @@ def _rotate(x: np.ndarray, degrees: float) -> np.ndarray:
 
 def rotated(data: Dataset, n_experiences: int = 20, kind: str = "domain",
             angles: Sequence[float] | None = None, seed: int = 0,
-            max_angle: float = 180.0) -> Scenario:
+            max_angle: float = 180.0,
+            interpolation: str = "bilinear") -> Scenario:
   """A fixed rotation per experience.
 
   Args:
-    angles: explicit angles in degrees; default draws ``n_experiences``
-      angles uniformly in ``[0, max_angle)`` from ``seed`` (as in the GEM
-      paper's Rotated MNIST).
+    angles: explicit angles in degrees, counter-clockwise; default draws
+      ``n_experiences`` angles uniformly in ``[0, max_angle)`` from ``seed``
+      (as in the GEM paper's Rotated MNIST).
+    interpolation: ``bilinear`` or ``nearest`` (torchvision's default, so
+      Mammoth's ``rot-mnist``).
   """
+  if interpolation not in ROTATION_INTERPOLATIONS:
+    raise ScenarioError(f"unknown interpolation {interpolation!r}; valid: "
+                        f"{list(ROTATION_INTERPOLATIONS)}")
   if angles is None:
     if n_experiences < 1:
       raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
     angles = np.random.default_rng(seed).uniform(0, max_angle, n_experiences)
   angles = [float(a) for a in angles]
-  sc = _same_classes_stream(data, "rotated", kind,
-                            [lambda x, a=a: _rotate(x, a) for a in angles])
+  sc = _same_classes_stream(
+      data, "rotated", kind,
+      [lambda x, a=a: _rotate(x, a, interpolation) for a in angles])
   return dataclasses.replace(sc, name=f"rotated_{data.name}")
 
 

@@ -185,6 +185,41 @@ def test_rotated_zero_is_identity_and_90_moves_pixels():
       pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("angle", [12.345, 30.0, 77.3, 145.2, 179.9])
+def test_rotation_matches_pil_direction_and_nearest_pixels(angle):
+  # PIL's Image.rotate is what torchvision's rotate (so Mammoth's
+  # rot-mnist) calls: counter-clockwise, nearest neighbour by default.
+  image = pytest.importorskip("PIL.Image")
+  x = np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8)
+  ours = lambda how: scenarios._rotate(
+      x[None, :, :, None].astype(np.float32), angle, how)[0, :, :, 0]
+  pil = lambda res: np.asarray(image.fromarray(x).rotate(angle, resample=res),
+                               np.float32)
+  np.testing.assert_array_equal(ours("nearest"), pil(image.NEAREST))
+  # Bilinear: PIL rounds to uint8 and treats the border its own way; inside
+  # it agrees to rounding, which a clockwise turn would not.
+  inner = np.s_[4:-4, 4:-4]
+  assert np.abs(ours("bilinear") - pil(image.BILINEAR))[inner].max() < 1.0
+  assert np.abs(ours("nearest") - pil(image.NEAREST))[inner].max() == 0
+
+
+def test_rotated_interpolation_is_checked_and_configurable(tmp_path):
+  x = np.random.default_rng(1).integers(1, 5, (3, 9, 9, 1)).astype(
+      np.float32)
+  y = np.array([0, 1, 0], np.int32)
+  d = Dataset("toy", x, y, x, y, 2)
+  with pytest.raises(ValueError, match="unknown interpolation 'cubic'.*"
+                     "bilinear.*nearest"):
+    scenarios.rotated(d, angles=[10.0], interpolation="cubic")
+  near = scenarios.rotated(d, angles=[33.0], interpolation="nearest")
+  lin = scenarios.rotated(d, angles=[33.0])
+  # Nearest only moves pixels: every output value is an input value or 0.
+  vals = set(np.unique(d.train_x).tolist()) | {0.0}
+  assert set(np.unique(near.experiences[0].train_x).tolist()) <= vals
+  assert not np.array_equal(near.experiences[0].train_x,
+                            lin.experiences[0].train_x)
+
+
 def test_online_and_from_arrays():
   rng = np.random.default_rng(0)
   train = [(rng.normal(size=(20, 3)), np.array([0, 1] * 10)),
