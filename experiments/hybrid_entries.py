@@ -56,9 +56,10 @@ ENTRIES = [
     Entry(_RM, "GEM (200)", "permuted_mnist_hybrid",
           "strategy=gem,mem_size=200,scenario=rotated", 0.81,
           "issue 8 anchor (Buzzega)", scenario_per_seed=True),
-    Entry(_RM, "GEM (200), lr 0.1 (Mammoth's Permuted rate)",
+    Entry(_RM, "GEM (200), lr 0.1 (Mammoth's Permuted rate), lecun_normal",
           "permuted_mnist_hybrid",
-          "strategy=gem,mem_size=200,scenario=rotated,lr=0.1",
+          "strategy=gem,mem_size=200,scenario=rotated,lr=0.1,"
+          "init=lecun_normal",
           scenario_per_seed=True),
     Entry(_PC, "A-GEM", "permuted_mnist_hybrid",
           "strategy=agem,protocol=chaudhry", 0.89, "Chaudhry et al. 2019"),

@@ -27,7 +27,9 @@ Commands::
 
 Arguments: ``strategy`` (gem | agem | naive | replay), ``protocol``,
 ``scenario`` (permuted | rotated), ``mem_size`` (buzzega), ``seed``, ``lr``
-(0: the protocol's), ``sample`` (GEM ``sample_per_experience``, 0: the
+(0: the protocol's), ``init`` (``model.init``; default xavier_uniform for
+buzzega, as Mammoth's MNISTMLP, lecun_normal for chaudhry), ``sample``
+(GEM ``sample_per_experience``, 0: the
 whole memory as in the paper), ``train_subset`` (0: all 60000), ``quick``
 (3 experiences of 2000 / 500 examples, for tests). GEM with the whole
 memory is costly on a CPU (see benchmarks/gem.py): the Chaudhry protocol
@@ -42,7 +44,7 @@ from jaxcl.experiment import default_config
 def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", protocol="buzzega", scenario="permuted",
                 mem_size=200, seed=0, lr=0.0, sample=0, train_subset=0,
-                quick=False)
+                init="", quick=False)
   s, m, proto = a["strategy"], a["mem_size"], a["protocol"]
   if proto not in ("buzzega", "chaudhry"):
     raise ValueError(f"unknown protocol {proto!r}; valid: buzzega, chaudhry")
@@ -72,6 +74,8 @@ def get_config(arg=None):
   c.strategy.name = s
   if proto == "buzzega":
     c.model.widths = (100, 100)
+    # Mammoth's MNISTMLP: Xavier-uniform weights, zero biases.
+    c.model.init = a["init"] or "xavier_uniform"
     # Mammoth's best_args: perm-mnist GEM / A-GEM 0.1; rot-mnist GEM 0.01,
     # A-GEM 0.1 (memory 200) / 0.3 (500); ER (replay) 0.2 on both.
     if a["scenario"] == "rotated":
@@ -89,6 +93,7 @@ def get_config(arg=None):
       c.strategy.replay = dict(mem_size=m, batch_size=128)
   else:
     c.model.widths = (256, 256)
+    c.model.init = a["init"] or "lecun_normal"
     c.optimizer.learning_rate = a["lr"] or 0.03
     c.train.batch_size = 10
     c.scenario.online = True
