@@ -272,20 +272,22 @@ def _rotate(x: np.ndarray, degrees: float,
   # Inverse mapping: for each output pixel, where it comes from.
   sy = np.cos(t) * (yy - cy) + np.sin(t) * (xx - cx) + cy
   sx = -np.sin(t) * (yy - cy) + np.cos(t) * (xx - cx) + cx
+
+  def pixels(yi, xi):  # source pixels, and whether they lie in the image
+    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    return x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :], ok
+
   if interpolation == "nearest":
     # PIL samples at pixel centres and floors: round half up.
-    yi, xi = np.floor(sy + 0.5).astype(int), np.floor(sx + 0.5).astype(int)
-    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-    src = x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :]
+    src, ok = pixels(np.floor(sy + 0.5).astype(int),
+                     np.floor(sx + 0.5).astype(int))
     return np.where(ok[None, :, :, None], src, np.zeros((), x.dtype))
   y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
   wy, wx = sy - y0, sx - x0
   out = np.zeros_like(x)
   for dy, dx, wgt in ((0, 0, (1 - wy) * (1 - wx)), (1, 0, wy * (1 - wx)),
                       (0, 1, (1 - wy) * wx), (1, 1, wy * wx)):
-    yi, xi = y0 + dy, x0 + dx
-    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-    src = x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :]
+    src, ok = pixels(y0 + dy, x0 + dx)
     out += (wgt * ok)[None, :, :, None].astype(x.dtype) * src
   return out
 
