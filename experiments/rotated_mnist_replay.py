@@ -5,8 +5,9 @@ learning <https://arxiv.org/abs/2004.07211>`_ (Mammoth's ``rot-mnist``):
 20 experiences, each all of MNIST rotated by a fixed angle drawn uniformly
 in [0, 180) degrees (nearest-neighbour resampling, as torchvision's
 default that Mammoth uses; 60000 training images), domain-incremental
-(one 10-way head, no task id), MLP 784-100-100-10, plain SGD (lr 0.2), one epoch per experience, batch 128
-plus 128 replayed, reservoir memory of 200 or 500 examples.
+(one 10-way head, no task id), MLP 784-100-100-10, plain SGD (lr 0.2),
+one epoch per experience, batch 128 plus 128 replayed, reservoir memory
+of 200 or 500 examples.
 Paper (ER): 85.0 / 88.9 % (memory 200 / 500).
 
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=200
