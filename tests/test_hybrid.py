@@ -187,14 +187,18 @@ def test_gem_projection_leaves_a_compatible_gradient_unchanged():
 # A step differentiates the first k of the 3 blocks, k the smallest of
 # row_buckets(3) covering the past: with the default buckets (0, 1, 2, 3)
 # exactly the past ones; with one bucket (0, 3) all three, the future
-# block masked inside the vmap. m = 64 is a larger block.
-@pytest.mark.parametrize("m,n_past,buckets", [
-    (8, 2, 4), (8, 2, 1), (8, 1, 1), (8, 3, 4), (64, 2, 4)])
+# block masked. m = 64 is a larger block. Both ways of computing the
+# products (formed gradients, dense-layer factors) must give the step.
+@pytest.mark.parametrize("m,n_past,buckets,gram", [
+    (8, 2, 4, "stacked"), (8, 2, 4, "factored"), (8, 2, 1, "stacked"),
+    (8, 2, 1, "factored"), (8, 1, 1, "stacked"), (8, 3, 4, "factored"),
+    (64, 2, 4, "stacked"), (64, 2, 4, "factored")])
 def test_gem_memory_blocks_and_constraints_on_a_model(stream, m, n_past,
-                                                     buckets, monkeypatch):
+                                                     buckets, gram,
+                                                     monkeypatch):
   monkeypatch.setattr(gem_module, "_ROW_BUCKETS", buckets)
   ctx = make_ctx(stream)
-  s = gem(mem_per_experience=m)
+  s = gem(mem_per_experience=m, gram=gram)
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
   state = run_hooks(ctx, s, state, exps[:n_past])
@@ -290,6 +294,32 @@ def test_gem_sweep_keeps_its_switch_and_step_skip_as_conds(stream):
   assert all(shape == () for _, shape, _ in conds), conds
 
 
+def test_gem_auto_gram_on_a_batch_norm_model_forms_the_gradients(
+    stream, monkeypatch):
+  """A model with batch statistics (rows interact) cannot be factored:
+  'auto' forms the gradients there; 'factored' is refused at init."""
+  info = train.stream_info(stream, B)
+  model = models.build("bn_mlp", stream.num_classes, widths=(16,))
+  ctx = train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+  with pytest.raises(ValueError, match="gram='factored' needs a model"):
+    train.init_state(ctx, gem(mem_per_experience=8, gram="factored"), 0)
+  called = []
+  monkeypatch.setattr(gem_module, "project_factored",
+                      lambda *a, **k: called.append(1))
+  s = gem(mem_per_experience=8)
+  state = run_hooks(ctx, s, train.init_state(ctx, s, 0),
+                    stream.experiences[:2])
+  state = state.replace(strategy=state.strategy._replace(
+      experience=jnp.asarray(2, jnp.int32)))
+  batch = batch_of(stream.experiences[2])
+  g = grads_of(ctx, state, batch)
+  new = s.update_grads(ctx, state.strategy, g, state.params, batch,
+                       jax.random.PRNGKey(0))
+  assert not called
+  assert np.all(np.isfinite(flat(new))) and not np.allclose(flat(new),
+                                                            flat(g))
+
+
 def test_gem_row_buckets():
   """The sizes a step can differentiate: 0 (no past), a few steps, all."""
   assert row_buckets(20) == (0, 5, 10, 15, 20)
@@ -319,6 +349,8 @@ def test_gem_bad_memory_sizes_raise(stream):
     gem(mem_size=False)
   with pytest.raises(ValueError, match="margin"):
     gem(mem_size=10, margin=-1.0)
+  with pytest.raises(ValueError, match="gram must be one of"):
+    gem(mem_size=10, gram="ghost")
   s = gem(mem_size=2)  # 3 experiences: 0 per experience
   with pytest.raises(ValueError, match="memory per experience of 0"):
     train.init_state(make_ctx(stream), s, 0)

@@ -72,8 +72,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from jaxcl import buffers
+from jaxcl import buffers, dense_grams
 from jaxcl.runs import max_over_runs
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._qp import QPResult, solve_box_qp
@@ -82,7 +83,8 @@ from jaxcl.train import device_experience, init_variables
 
 __all__ = ["GEMState", "gem", "per_experience", "check_memory_args",
            "row_buckets",
-           "store_experience", "memory_loss", "tree_dot", "project"]
+           "store_experience", "memory_loss", "tree_dot", "project",
+           "project_factored", "GRAM_METHODS"]
 
 
 class GEMState(NamedTuple):
@@ -195,6 +197,16 @@ def memory_loss(ctx, params, model_state, x, y, task, mask) -> jax.Array:
   return cross_entropy(logits, y, mask)
 
 
+def memory_loss_sum(ctx, params, model_state, x, y, task,
+                    weight) -> jax.Array:
+  """``Σ_a weight_a ℓ_a`` over memory rows (with ``weight_a = 1 / n_k`` on
+  block ``k``'s valid rows: the sum of the blocks' mean losses)."""
+  logits, _ = ctx.apply(params, model_state, x, task, train=True)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), y)
+  return jnp.sum(ce * weight)
+
+
 def tree_dot(a: Any, b: Any) -> jax.Array:
   """``⟨a, b⟩`` over all leaves, in float32."""
   terms = jax.tree.map(lambda u, v: jnp.vdot(u.astype(jnp.float32),
@@ -204,6 +216,28 @@ def tree_dot(a: Any, b: Any) -> jax.Array:
 
 # --------------------------------------------------------------------------
 # GEM's projection.
+
+
+def _project_with(g: Any, dots: jax.Array, has: jax.Array, gram_fn,
+                  combine_fn, margin: float, eps: float,
+                  max_iter: int) -> tuple[Any, Any]:
+  """The projection given ``G g``; ``gram_fn()`` gives ``G Gᵀ`` and
+  ``combine_fn(v)`` gives ``g + Gᵀ v``, each only when a constraint is
+  violated."""
+  k = has.shape[0]
+  violated = jnp.any(has & (dots < 0.0))
+
+  def solve(_):
+    p = gram_fn()
+    p = 0.5 * (p + p.T) + eps * jnp.eye(p.shape[0], dtype=p.dtype)
+    qp = solve_box_qp(p, dots, margin, has, max_iter=max_iter)
+    return combine_fn(qp.v), qp
+
+  def keep(_):
+    return g, QPResult(jnp.zeros((k,), jnp.float32), jnp.asarray(True),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+  return jax.lax.cond(violated, solve, keep, None)
 
 
 def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
@@ -228,23 +262,48 @@ def project(g: Any, mem_grads: Any, has: jax.Array, margin: float,
   gg = jax.tree.map(lambda a, b: rows(a) @ b.reshape(-1).astype(jnp.float32),
                     mem_grads, g)
   dots = sum(jax.tree.leaves(gg), 0.0)  # (K,) = G g
-  violated = jnp.any(has & (dots < 0.0))
 
-  def solve(_):
-    gram = jax.tree.map(lambda a: rows(a) @ rows(a).T, mem_grads)
-    p = sum(jax.tree.leaves(gram), 0.0)
-    p = 0.5 * (p + p.T) + eps * jnp.eye(p.shape[0], dtype=p.dtype)
-    qp = solve_box_qp(p, dots, margin, has, max_iter=max_iter)
-    new = jax.tree.map(
-        lambda gi, a: (gi.astype(jnp.float32) + (qp.v @ rows(a)).reshape(
+  def gram():
+    return sum(jax.tree.leaves(
+        jax.tree.map(lambda a: rows(a) @ rows(a).T, mem_grads)), 0.0)
+
+  def combine(v):
+    return jax.tree.map(
+        lambda gi, a: (gi.astype(jnp.float32) + (v @ rows(a)).reshape(
             gi.shape)).astype(gi.dtype), g, mem_grads)
-    return new, qp
 
-  def keep(_):
-    return g, QPResult(jnp.zeros((k,), jnp.float32), jnp.asarray(True),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+  return _project_with(g, dots, has, gram, combine, margin, eps, max_iter)
 
-  return jax.lax.cond(violated, solve, keep, None)
+
+def project_factored(g: Any, factors: dense_grams.DenseFactors,
+                     groups: jax.Array, has: jax.Array, margin: float,
+                     eps: float, max_iter: int = 0) -> tuple[Any, Any]:
+  """:func:`project` with ``G`` given by dense-layer factors
+  (:mod:`jaxcl.dense_grams`) and ``groups`` ``(N, K)``, each example's
+  block: ``G g``, ``G Gᵀ`` and ``Gᵀ v`` without forming ``G``."""
+  dots = dense_grams.group_dots(factors, groups, g)
+
+  def combine(v):
+    extra = dense_grams.weighted_grad(factors, groups @ v, g)
+    return jax.tree.map(lambda gi, e: (gi.astype(jnp.float32) + e.astype(
+        jnp.float32)).astype(gi.dtype), g, extra)
+
+  return _project_with(g, dots, has,
+                       lambda: dense_grams.group_gram(factors, groups),
+                       combine, margin, eps, max_iter)
+
+
+def factored_calls(ctx, params, model_state, n: int):
+  """The dense calls of the memory loss on ``n`` rows if its gradient
+  products can be factored (:func:`jaxcl.dense_grams.dense_calls`), else
+  ``None``; a model state (batch statistics) couples rows, so never then."""
+  if jax.tree.leaves(model_state):
+    return None
+  x = jnp.zeros((n,) + tuple(ctx.info.input_shape), jnp.float32)
+  z = jnp.zeros((n,), jnp.int32)
+  return dense_grams.dense_calls(
+      lambda p: memory_loss_sum(ctx, p, model_state, x, z, z,
+                                jnp.ones((n,))), params, n)
 
 
 # The past memory blocks are differentiated, and the projection solved, on
@@ -266,10 +325,18 @@ def row_buckets(e: int, buckets: int | None = None) -> tuple[int, ...]:
   return (0,) + tuple(range(step, e, step)) + (e,)
 
 
+# How G Gᵀ, G g and Gᵀ v are computed (the result is the same up to
+# rounding): "stacked" forms the past blocks' gradients G; "factored"
+# (dense-only models without model state) computes them from each dense
+# layer's inputs and output gradients (jaxcl.dense_grams) without G;
+# "auto" takes "factored" where it is possible and estimated cheaper.
+GRAM_METHODS = ("auto", "factored", "stacked")
+
+
 def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
         margin: float = 0.5,
         eps: float = 1e-3, max_iter: int = 0,
-        sample_per_experience: int = 0) -> Strategy:
+        sample_per_experience: int = 0, gram: str = "auto") -> Strategy:
   """Gradient Episodic Memory.
 
   Args:
@@ -286,6 +353,15 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
       examples drawn uniformly per step (a cheaper, noisier constraint: the
       memory gradients, not the QP, dominate GEM's cost; see
       ``benchmarks/gem.py``).
+    gram: how the products of the memory gradients are computed, one of
+      ``GRAM_METHODS``: ``"stacked"`` forms each past block's gradient;
+      ``"factored"`` derives the products from the dense layers' inputs
+      and output gradients (:mod:`jaxcl.dense_grams`; models whose
+      parameters are all ``nn.Dense`` layers and which keep no model
+      state, e.g. the MLPs); ``"auto"`` (default) uses ``"factored"``
+      where it applies and :func:`jaxcl.dense_grams.cheaper` says it
+      costs less (few memory rows against the layer sizes). The step is
+      the same up to float rounding.
 
   Raises:
     ValueError: a memory per experience of 0 (both sizes 0, or at ``init``
@@ -305,6 +381,9 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
     raise ValueError(f"gem: max_iter must be an int >= 0 (0: automatic), "
                      f"got {max_iter!r}")
 
+  if gram not in GRAM_METHODS:
+    raise ValueError(f"gem: gram must be one of {GRAM_METHODS}, got "
+                     f"{gram!r}")
   if isinstance(sample_per_experience, bool) or not isinstance(
       sample_per_experience, int) or sample_per_experience < 0:
     raise ValueError(f"gem: sample_per_experience must be an int >= 0 (0: "
@@ -314,12 +393,19 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
     return per_experience("gem", ctx, mem_size, mem_per_experience)
 
   def init(ctx, key, params):
-    del params
     if sample_per_experience > m_of(ctx):
       raise ValueError(f"gem: sample_per_experience={sample_per_experience}"
                        f" is larger than the memory per experience "
                        f"({m_of(ctx)})")
-    return init_memory(ctx, key, m_of(ctx))
+    state = init_memory(ctx, key, m_of(ctx))
+    if gram == "factored" and factored_calls(
+        ctx, params, state.model_state, 2) is None:
+      raise ValueError(
+          "gem: gram='factored' needs a model whose parameters all belong "
+          "to nn.Dense layers applied to one row per example, with no "
+          "model state (batch statistics); this model is not one. Use "
+          "gram='auto' or 'stacked'.")
+    return state
 
   before_experience, after_experience = make_hooks(m_of)
 
@@ -345,6 +431,8 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
     grad_one = jax.grad(memory_loss, argnums=1)
     grad_blocks = jax.vmap(grad_one, in_axes=(None, None, None, 0, 0, 0, 0))
     wf = w.astype(jnp.float32)
+    ms = sstate.model_state
+    num_params = sum(a.size for a in jax.tree.leaves(params))
 
     def first(k):
       """The step on the first ``k`` blocks (those beyond the past are
@@ -352,8 +440,24 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
       def branch(_):
         if k == 0:  # no past experience: nothing to project against
           return grads
-        mem_grads = grad_blocks(ctx, params, sstate.model_state, xs[:k],
-                                ys[:k], ts[:k], wf[:k])
+        rows = xs.shape[1]
+        n = k * rows
+        flat = lambda a: a[:k].reshape((n,) + a.shape[2:])
+        # Each block's mean loss: weight 1 / n_k on its valid rows.
+        weight = flat(wf / jnp.maximum(wf.sum(1, keepdims=True), 1.0))
+        calls = (None if gram == "stacked"
+                 else factored_calls(ctx, params, ms, n))
+        if calls and (gram == "factored" or dense_grams.cheaper(
+            calls, n, k, num_params)):
+          total = lambda p: memory_loss_sum(ctx, p, ms, flat(xs), flat(ys),
+                                            flat(ts), weight)
+          factors = dense_grams.dense_factors(total, params, calls, n)
+          groups = jnp.repeat(jnp.eye(k, dtype=jnp.float32), rows, axis=0)
+          new, _ = project_factored(grads, factors, groups, has[:k],
+                                    float(margin), float(eps), max_iter)
+          return new
+        mem_grads = grad_blocks(ctx, params, ms, xs[:k], ys[:k], ts[:k],
+                                wf[:k])
         new, _ = project(grads, mem_grads, has[:k], float(margin),
                          float(eps), max_iter)
         return new
