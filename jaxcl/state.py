@@ -92,6 +92,16 @@ class StreamInfo:
           f"this stream has {self.num_experiences} experiences and "
           f"{self.num_tasks} task id(s) (kind={self.kind!r})")
 
+  def require_task_slots(self, method: str, slots: int, what: str,
+                         field: str) -> None:
+    """Raises unless the model has at least one of its per-task ``what``
+    (embeddings, columns, masks) per task id; ``field`` names the config
+    field that sets how many."""
+    if slots < self.num_tasks:
+      raise ValueError(
+          f"{method}: the model has {slots} {what} for {self.num_tasks} "
+          f"tasks; set model.multi_head=True or {field}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:

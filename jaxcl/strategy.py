@@ -52,9 +52,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Strategy", "identity", "chain", "default_predict",
-           "mark_experience_start"]
+           "mark_experience_start", "check_task_seen"]
 
 
 def _init_empty(ctx, key, params):
@@ -104,6 +105,15 @@ def mark_experience_start(ctx, state, experience):
       experience=jnp.asarray(experience.index, jnp.int32),
       model_state=jax.tree.map(jnp.copy, state.model_state))
   return state.replace(strategy=ss)
+
+
+def check_task_seen(seen: Any, task: int) -> None:
+  """Host side: raises unless task ``task`` was trained (``seen`` is a bool
+  per task id), for strategies that keep per-task weights and are asked
+  for a task's."""
+  ids = np.flatnonzero(np.asarray(seen)).tolist()
+  if int(task) not in ids:
+    raise ValueError(f"task id {task} is outside the tasks seen so far {ids}")
 
 
 def default_predict(ctx, sstate, params, model_state, x, task):

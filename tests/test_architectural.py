@@ -741,14 +741,34 @@ def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
                                      "batch", "binary")[0])
 
 
+@pytest.mark.parametrize("strategy,model,mkw,what,field", [
+    ("hat", "hat_mlp", {"s_max": 50.0}, "task embeddings",
+     "model.hat_mlp.num_tasks"),
+    ("progressive", "progressive", {}, "columns",
+     "model.progressive.num_columns"),
+    ("supsup", "masked_mlp", SUPSUP_MODEL, "mask slots",
+     "model.masked_mlp.num_tasks")])
+def test_per_task_models_too_small_for_the_stream_are_refused_at_init(
+    digits, strategy, model, mkw, what, field):
+  """A single-head model has one slot (embedding, column, mask) for the
+  stream's five tasks: the error names the count and the field to set."""
+  c = make_config(strategy, model, mkw, multi_head=False)
+  s = experiment.setup(c, scenarios.split(digits, 5, kind="task"))
+  with pytest.raises(ValueError, match=rf"{strategy}: the model has 1 {what} "
+                     rf"for 5 tasks; set model.multi_head=True or {field}"):
+    init_state(s.learner.ctx, s.learner.strategy, 0)
+
+
 @pytest.mark.parametrize("strategy,model,mkw", [
     ("packnet", "mlp", None), ("hat", "hat_mlp", {"s_max": 50.0}),
-    ("progressive", "progressive", {})])
+    ("progressive", "progressive", {}),
+    ("supsup", "masked_mlp", SUPSUP_MODEL)])
 def test_task_per_experience_methods_refuse_a_class_stream_at_init(
     digits, strategy, model, mkw):
   """Methods that give each task its own weights, trained once, refuse a
   stream whose experiences share a task id when the run starts, not after
-  training the first experience (HAT used to train on and end at chance)."""
+  training the first experience (HAT used to train on and end at chance;
+  SupSup and Piggyback, which share their init, stopped at the second)."""
   c = make_config(strategy, model, mkw, multi_head=False)
   s = experiment.setup(c, scenarios.split(digits, 5))  # class-incremental
   with pytest.raises(ValueError, match=f"{strategy} trains each task once "

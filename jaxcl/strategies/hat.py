@@ -59,13 +59,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcl.models.hat_mlp import anneal
 from jaxcl.models.masked import (check_zero_grad_is_zero_update, hat_gate,
                                  head_task_grads)
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, check_task_seen
 
 
 class HATState(NamedTuple):
@@ -117,11 +116,8 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
     ctx.info.require_task_per_experience("hat")
     n = _layers(params)
     rows = params["embedding_0"].shape[0]
-    if rows < ctx.info.num_tasks:
-      raise ValueError(
-          f"the hat_mlp model has {rows} task embeddings for "
-          f"{ctx.info.num_tasks} tasks; set model.multi_head=True or "
-          "model.hat_mlp.num_tasks")
+    ctx.info.require_task_slots("hat", rows, "task embeddings",
+                                "model.hat_mlp.num_tasks")
     check_zero_grad_is_zero_update(ctx.tx, params, "hat")
     cum = tuple(jnp.zeros(params[f"embedding_{l}"].shape[1:], jnp.float32)
                 for l in range(n))
@@ -218,9 +214,7 @@ def checked_masks(state, s_max: float, task: int) -> tuple:
   Raises:
     ValueError: ``task`` is outside the tasks seen so far.
   """
-  seen = np.flatnonzero(np.asarray(state.strategy.seen)).tolist()
-  if int(task) not in seen:
-    raise ValueError(f"task id {task} is outside the tasks seen so far {seen}")
+  check_task_seen(state.strategy.seen, task)
   p = state.params
   return tuple(hat_gate(p[f"embedding_{l}"][int(task)], s_max)
                for l in range(_layers(p)))

@@ -37,10 +37,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl.state import masked_logits
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, check_task_seen
 
 
 class MultiHeadState(NamedTuple):
@@ -130,7 +129,5 @@ def checked_head(state, task: int) -> Any:
   Raises:
     ValueError: ``task`` is outside the tasks seen so far.
   """
-  seen = np.flatnonzero(np.asarray(state.strategy.filled)).tolist()
-  if int(task) not in seen:
-    raise ValueError(f"task id {task} is outside the tasks seen so far {seen}")
+  check_task_seen(state.strategy.filled, task)
   return jax.tree.map(lambda a: a[int(task)], state.strategy.heads)

@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxcl.models.masked import check_zero_grad_is_zero_update, per_task
 from jaxcl.state import cross_entropy
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, check_task_seen
 
 FREE = np.int32(2 ** 30)  # owner of a weight no task has kept
 
@@ -97,10 +97,7 @@ def checked_task_params(state, task: int) -> Any:
   Raises:
     ValueError: ``task`` is outside the tasks seen so far.
   """
-  seen = np.flatnonzero(np.asarray(state.strategy.seen))
-  if int(task) not in set(seen.tolist()):
-    raise ValueError(f"task id {task} is outside the tasks seen so far "
-                     f"{seen.tolist()}")
+  check_task_seen(state.strategy.seen, task)
   return task_params(state.params, state.strategy.owner, task)
 
 

@@ -42,7 +42,7 @@ from jaxcl.models.masked import (binary_masks, check_zero_grad_is_zero_update,
                                  head_task_grads, score_leaves,
                                  task_row_grads)
 from jaxcl.state import masked_logits
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, check_task_seen
 
 
 class MaskState(NamedTuple):
@@ -94,16 +94,17 @@ def mask_strategy(name: str, kind: str | tuple[str, ...], pretrained: str,
 
   def init(ctx, key, params):
     del key
+    # One mask per task, each trained once: refuse a stream that reuses a
+    # task id now, not at its second experience.
+    ctx.info.require_task_per_experience(name)
     _mask_config(ctx, name, kind)
     scores = score_leaves(params)
     rows = {s.shape[0] for s in scores.values()}
     if not scores or len(rows) != 1:
       raise ValueError(f"{name}: the model has no per-task scores")
     (n,) = rows
-    if n < ctx.info.num_tasks:
-      raise ValueError(
-          f"{name}: the model has {n} mask slots for {ctx.info.num_tasks} "
-          "tasks; set model.multi_head=True or model.masked_mlp.num_tasks")
+    ctx.info.require_task_slots(name, n, "mask slots",
+                                "model.masked_mlp.num_tasks")
     check_zero_grad_is_zero_update(ctx.tx, params, name)
     masks = {k: jnp.zeros(v.shape, bool) for k, v in scores.items()}
     return MaskState(masks, jnp.zeros((), jnp.int32), jnp.zeros((n,), bool),
@@ -182,8 +183,6 @@ def checked_mask(state, task: int) -> dict[str, np.ndarray]:
   Raises:
     ValueError: ``task`` is outside the tasks seen so far.
   """
-  seen = np.flatnonzero(np.asarray(state.strategy.seen)).tolist()
-  if int(task) not in seen:
-    raise ValueError(f"task id {task} is outside the tasks seen so far {seen}")
+  check_task_seen(state.strategy.seen, task)
   return {k: np.asarray(v[int(task)])
           for k, v in state.strategy.masks.items()}

@@ -29,10 +29,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl.models.masked import check_zero_grad_is_zero_update, task_row_grads
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, check_task_seen
 
 
 class ProgressiveState(NamedTuple):
@@ -58,11 +57,8 @@ def progressive() -> Strategy:
                        "(config.model.name='progressive'); got params "
                        f"{sorted(names)}")
     cols = _num_columns(params)
-    if cols < ctx.info.num_tasks:
-      raise ValueError(
-          f"the progressive model has {cols} columns for "
-          f"{ctx.info.num_tasks} tasks; set model.multi_head=True or "
-          "model.progressive.num_columns >= the number of tasks")
+    ctx.info.require_task_slots("progressive", cols, "columns",
+                                "model.progressive.num_columns")
     check_zero_grad_is_zero_update(ctx.tx, params, "progressive")
     return ProgressiveState(jnp.zeros((), jnp.int32), jnp.zeros((cols,), bool))
 
@@ -95,7 +91,5 @@ def checked_column(state, task: int) -> int:
   Raises:
     ValueError: ``task`` is outside the tasks seen so far.
   """
-  seen = np.flatnonzero(np.asarray(state.strategy.seen)).tolist()
-  if int(task) not in seen:
-    raise ValueError(f"task id {task} is outside the tasks seen so far {seen}")
+  check_task_seen(state.strategy.seen, task)
   return int(task)
