@@ -8,12 +8,13 @@ import dataclasses
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, experiment, models, scenarios, train
+from jaxcl import buffers, dense_grams, experiment, models, scenarios, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import _qp
 from jaxcl.strategies import gem as gem_module
@@ -318,6 +319,38 @@ def test_gem_auto_gram_on_a_batch_norm_model_forms_the_gradients(
   assert not called
   assert np.all(np.isfinite(flat(new))) and not np.allclose(flat(new),
                                                             flat(g))
+
+
+class _ConstantRows(nn.Module):
+  """A dense layer over n constant rows (not the batch) beside the MLP."""
+  n: int
+
+  @nn.compact
+  def __call__(self, x, task=None, train=False, features=False):
+    h = nn.Dense(10)(x.reshape(x.shape[0], -1))
+    return h + nn.Dense(10, name="const")(jnp.ones((self.n, 3))).mean(0)
+
+
+def test_gem_factored_only_when_every_dense_call_follows_the_batch(stream):
+  """A dense layer whose leading axis is n for another reason than the
+  batch passes a trace at n rows, but not one at n + 1: GEM's check
+  traces both and falls back to forming the gradients."""
+  info = train.stream_info(stream, B)
+  tx = train.make_optimizer("sgd", 0.1)
+  n = 12
+  for model, ok in ((_ConstantRows(n), False),
+                    (models.build("mlp", 10, widths=(8,)), True)):
+    ctx = train.make_context(model, tx, info)
+    params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
+    got = gem_module.factored_calls(ctx, params, ms, n)
+    assert (got is not None) == ok
+  # One trace alone would have accepted the constant rows.
+  x = jnp.zeros((n,) + tuple(info.input_shape))
+  ctx = train.make_context(_ConstantRows(n), tx, info)
+  params, _ = train.init_variables(ctx, jax.random.PRNGKey(0))
+  assert dense_grams.dense_calls(
+      lambda p: ctx.logits(p, {}, x, jnp.zeros((n,), jnp.int32)).sum(),
+      params, n) is not None
 
 
 def test_gem_row_buckets():

@@ -304,11 +304,21 @@ def factored_calls(ctx, params, model_state, n: int):
   ``None``; a model state (batch statistics) couples rows, so never then."""
   if jax.tree.leaves(model_state):
     return None
-  x = jnp.zeros((n,) + tuple(ctx.info.input_shape), jnp.float32)
-  z = jnp.zeros((n,), jnp.int32)
-  return dense_grams.dense_calls(
-      lambda p: memory_loss_sum(ctx, p, model_state, x, z, z,
-                                jnp.ones((n,))), params, n)
+
+  def calls(rows):
+    x = jnp.zeros((rows,) + tuple(ctx.info.input_shape), jnp.float32)
+    z = jnp.zeros((rows,), jnp.int32)
+    return dense_grams.dense_calls(
+        lambda p: memory_loss_sum(ctx, p, model_state, x, z, z,
+                                  jnp.ones((rows,))), params, rows)
+
+  # Traced at two sizes: a dense layer whose leading axis is n for
+  # another reason than the batch (e.g. n chunks) does not follow it.
+  here, other = calls(n), calls(n + 1)
+  if here is None or other is None or \
+      [c.path for c in here] != [c.path for c in other]:
+    return None
+  return here
 
 
 # The past memory blocks are differentiated, and the projection solved, on
