@@ -276,20 +276,26 @@ def _rotate(x: np.ndarray, degrees: float,
 
   def pixels(yi, xi):  # source pixels, and whether they lie in the image
     ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-    return x[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1), :], ok
+    # One np.take over flat pixel indices: ~3x faster than indexing
+    # x[:, yi, xi, :] with two index arrays (same values).
+    flat = np.clip(yi, 0, h - 1) * w + np.clip(xi, 0, w - 1)
+    src = np.take(x.reshape(n, h * w, c), flat.reshape(-1), axis=1)
+    return src.reshape(n, h, w, c), ok
 
   if interpolation == "nearest":
     # PIL samples at pixel centres and floors: round half up.
     src, ok = pixels(np.floor(sy + 0.5).astype(int),
                      np.floor(sx + 0.5).astype(int))
-    return np.where(ok[None, :, :, None], src, np.zeros((), x.dtype))
+    src[:, ~ok] = 0  # in place: a fresh array per step is page faults
+    return src
   y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
   wy, wx = sy - y0, sx - x0
   out = np.zeros_like(x)
   for dy, dx, wgt in ((0, 0, (1 - wy) * (1 - wx)), (1, 0, wy * (1 - wx)),
                       (0, 1, (1 - wy) * wx), (1, 1, wy * wx)):
     src, ok = pixels(y0 + dy, x0 + dx)
-    out += (wgt * ok)[None, :, :, None].astype(x.dtype) * src
+    src *= (wgt * ok)[None, :, :, None].astype(x.dtype)
+    out += src
   return out
 
 
