@@ -141,9 +141,10 @@ def cheaper(calls: tuple[DenseCall, ...], n: int, k: int,
   matrices. Formed: ``k`` parameter-sized arrays written once and read
   three times, memory-bound on a CPU. The constant 100 (multiply-adds per
   formed float) separates the cases measured on a 2-core x86 CPU with
-  ``benchmarks/gem.py`` (MLP 784-100-100-10 in 10 or 20 groups of 10-25
-  rows: factored faster at ratios up to 70, slower at 167;
-  docs/notes_hybrid.md, session 15); on an accelerator it is a guess.
+  ``benchmarks/gem.py`` (MLP 784-100-100-10; the ratio of the two counts:
+  factored 2x faster at 27 (200 rows in 20 groups), about even at 83 (250
+  in 10), slower at 167 (500 in 20); docs/notes_hybrid.md, session 15).
+  On an accelerator it is a guess.
   """
   width = sum(c.d_in + c.d_out + 1 for c in calls)
   return n * n * width <= 100 * k * num_params
