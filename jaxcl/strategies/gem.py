@@ -33,7 +33,7 @@ flattened. For models made of dense layers only (the MLPs of the usual GEM
 protocols) the three products ``G g``, ``G G^\\top`` and ``G^\\top v`` can
 instead be computed from each layer's inputs and output gradients on the
 memory rows, without forming ``G`` at all (:mod:`jaxcl.dense_grams`;
-argument ``gram``): 1.5-3.4x faster per step when the memory rows are few
+argument ``gram``): 1.4-3.4x faster per step when the memory rows are few
 against the layer sizes (``benchmarks/gem.py``).
 
 Memory: after experience ``k`` its slots ``[k m, (k+1) m)`` receive ``m``
