@@ -457,13 +457,13 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
           return grads
         rows = xs.shape[1]
         n = k * rows
-        flat = lambda a: a[:k].reshape((n,) + a.shape[2:])
-        # Each block's mean loss: weight 1 / n_k on its valid rows.
-        weight = flat(wf / jnp.maximum(wf.sum(1, keepdims=True), 1.0))
         calls = (None if gram == "stacked"
                  else factored_calls(ctx, params, ms, n))
         if calls and (gram == "factored" or dense_grams.cheaper(
             calls, n, k, num_params)):
+          flat = lambda a: a[:k].reshape((n,) + a.shape[2:])
+          # Each block's mean loss: weight 1 / n_k on its valid rows.
+          weight = flat(wf / jnp.maximum(wf.sum(1, keepdims=True), 1.0))
           total = lambda p: memory_loss_sum(ctx, p, ms, flat(xs), flat(ys),
                                             flat(ts), weight)
           factors = dense_grams.dense_factors(total, params, calls, n)
