@@ -197,21 +197,16 @@ def group_gram(f: DenseFactors, groups: jax.Array) -> jax.Array:
   return total
 
 
-def _leaf(tree: Any, path: tuple[str, ...]) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def group_dots(f: DenseFactors, groups: jax.Array, g: Any) -> jax.Array:
   """``(K,)`` inner products ``⟨g, g_k⟩`` of a parameter-shaped ``g`` with
   the groups' gradients."""
+  flat = traverse_util.flatten_dict(g)
   total = 0.0
   for path, x, d, r, b in zip(f.paths, f.inputs, f.deltas, f.rows, f.bias):
-    layer = _leaf(g, path)
-    per_row = jnp.sum((x @ layer["kernel"].astype(jnp.float32)) * d, axis=1)
+    kernel = flat[path + ("kernel",)].astype(jnp.float32)
+    per_row = jnp.sum((x @ kernel) * d, axis=1)
     if b:
-      per_row = per_row + d @ layer["bias"].astype(jnp.float32)
+      per_row = per_row + d @ flat[path + ("bias",)].astype(jnp.float32)
     total = total + groups[r].T @ per_row
   return total
 
