@@ -204,7 +204,9 @@ def main() -> None:
     data = mnist.subset(max(n, 2500), 500, seed=0)
     sc = scenarios.permuted(data, E, kind="domain", seed=0)
     sc = dataclasses.replace(sc, experiences=[
-        dataclasses.replace(e, train_x=e.train_x[:n], train_y=e.train_y[:n],
+        dataclasses.replace(e, inputs=scenarios.given(e.train_x[:n],
+                                                      e.test_x),
+                            train_y=e.train_y[:n],
                             train_task=e.train_task[:n])
         for e in sc.experiences])
     programs, notes = {"naive": compiled_chunk(sc, proto, identity())}, {}

@@ -14,13 +14,18 @@ classes each task holds, and the setting):
   van de Ven & Tolias 2019).
 
 Everything here is host-side NumPy; the training loop moves arrays to the
-device once per experience.
+device once per experience. Streams that transform one data set (permuted,
+rotated) or merge experiences (cumulative, joint) build an experience's
+inputs when they are first asked for and keep only the last few: a
+Permuted-20 MNIST stream held whole is 20 copies of MNIST (4.4 GB) and a
+Cumulative one 210, while a run reads one experience at a time.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -29,6 +34,7 @@ from jaxcl.datasets import Dataset
 __all__ = [
     "Experience", "Scenario", "split", "permuted", "rotated", "online",
     "from_arrays", "joint", "cumulative", "SCENARIO_KINDS", "ScenarioError",
+    "Inputs", "given", "OnDemand", "SPLITS",
 ]
 
 SCENARIO_KINDS = ("class", "task", "domain")
@@ -36,6 +42,55 @@ SCENARIO_KINDS = ("class", "task", "domain")
 
 class ScenarioError(ValueError):
   """A scenario was asked for with impossible settings."""
+
+
+SPLITS = ("train", "test")
+
+# An experience's inputs: split ("train" or "test") -> float32 (N, ...).
+Inputs = Callable[[str], np.ndarray]
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ScenarioError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+
+
+def given(train_x: np.ndarray, test_x: np.ndarray) -> Inputs:
+  """:data:`Inputs` holding two arrays."""
+  arrays = {"train": train_x, "test": test_x}
+
+  def inputs(split: str) -> np.ndarray:
+    _check_split(split)
+    return arrays[split]
+  return inputs
+
+
+class OnDemand:
+  """Arrays built when first asked for; the ``keep`` most recently used are
+  kept (shared by a stream's experiences).
+
+  Built arrays are read-only: one evicted and built again would silently
+  lose an in-place change.
+  """
+
+  def __init__(self, keep: int = 2):
+    if keep < 1:
+      raise ScenarioError(f"keep must be >= 1, got {keep}")
+    self.keep = keep
+    self.builds = 0  # arrays built so far (tests count them)
+    self._kept: collections.OrderedDict = collections.OrderedDict()
+
+  def get(self, key, build: Callable[[], np.ndarray]) -> np.ndarray:
+    if key in self._kept:
+      self._kept.move_to_end(key)
+      return self._kept[key]
+    a = build()
+    a.flags.writeable = False
+    self.builds += 1
+    self._kept[key] = a
+    if len(self._kept) > self.keep:
+      self._kept.popitem(last=False)
+    return a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,20 +102,29 @@ class Experience:
     task_id: task label (equal to ``index`` in task-incremental streams, 0
       in class- and domain-incremental ones unless given).
     classes: the classes present in this experience's training data.
-    train_x, train_y: training arrays (float32 images, int32 labels).
-    test_x, test_y: test arrays of this experience.
+    train_y, test_y: int32 labels.
     train_task, test_task: int32 per-example task ids (for Joint and
       Cumulative, whose training data mixes tasks).
+    inputs: the float32 images by split (:data:`Inputs`): :func:`given`
+      arrays, or built on demand (:class:`OnDemand`); read them as
+      ``train_x`` and ``test_x``.
   """
   index: int
   task_id: int
   classes: tuple[int, ...]
-  train_x: np.ndarray
   train_y: np.ndarray
-  test_x: np.ndarray
   test_y: np.ndarray
   train_task: np.ndarray
   test_task: np.ndarray
+  inputs: Inputs
+
+  @property
+  def train_x(self) -> np.ndarray:
+    return self.inputs("train")
+
+  @property
+  def test_x(self) -> np.ndarray:
+    return self.inputs("test")
 
   @property
   def num_train(self) -> int:
@@ -171,10 +235,10 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
     classes = range(len(cs)) if domain else cs
     exps.append(Experience(
         index=i, task_id=tid, classes=tuple(int(k) for k in classes),
-        train_x=data.train_x[tr], train_y=ty,
-        test_x=data.test_x[te], test_y=vy,
+        train_y=ty, test_y=vy,
         train_task=np.full(tr.sum(), tid, np.int32),
-        test_task=np.full(te.sum(), tid, np.int32)))
+        test_task=np.full(te.sum(), tid, np.int32),
+        inputs=given(data.train_x[tr], data.test_x[te])))
   num_tasks = n_experiences if kind == "task" else 1
   num_out = groups.shape[1] if domain else c
   tc = _task_classes(list(groups) if kind == "task" else [range(num_out)],
@@ -185,20 +249,30 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
 
 def _same_classes_stream(data: Dataset, name: str, kind: str,
                          transforms) -> Scenario:
-  """Domain-/task-incremental streams that transform the inputs."""
+  """Domain-/task-incremental streams that transform the inputs (each
+  experience's inputs built on demand)."""
   _check_kind(kind)
   if kind == "class":
     raise ScenarioError(f"{name} streams are domain- or task-incremental "
                         "(the classes repeat); got kind='class'")
+  source = {"train": data.train_x, "test": data.test_x}
+  built = OnDemand()
+
+  def transformed(i, f) -> Inputs:
+    def inputs(split: str) -> np.ndarray:
+      _check_split(split)
+      return built.get((i, split), lambda: f(source[split]))
+    return inputs
+
   exps = []
   for i, f in enumerate(transforms):
     tid = i if kind == "task" else 0
     exps.append(Experience(
         index=i, task_id=tid, classes=tuple(range(data.num_classes)),
-        train_x=f(data.train_x), train_y=data.train_y,
-        test_x=f(data.test_x), test_y=data.test_y,
+        train_y=data.train_y, test_y=data.test_y,
         train_task=np.full(len(data.train_y), tid, np.int32),
-        test_task=np.full(len(data.test_y), tid, np.int32)))
+        test_task=np.full(len(data.test_y), tid, np.int32),
+        inputs=transformed(i, f)))
   num_tasks = len(exps) if kind == "task" else 1
   tc = np.ones((num_tasks, data.num_classes), bool)
   return Scenario(f"{name}_{data.name}", kind, tuple(exps), data.num_classes,
@@ -361,9 +435,9 @@ def from_arrays(train: Sequence[tuple[np.ndarray, np.ndarray]],
     tid = i if kind == "task" else 0
     cs = tuple(int(k) for k in np.unique(ty))
     groups.append(cs)
-    exps.append(Experience(i, tid, cs, tx, ty, vx, vy,
+    exps.append(Experience(i, tid, cs, ty, vy,
                            np.full(len(ty), tid, np.int32),
-                           np.full(len(vy), tid, np.int32)))
+                           np.full(len(vy), tid, np.int32), given(tx, vx)))
   if kind == "task":
     tc = _task_classes(groups, c)
   else:
@@ -371,21 +445,31 @@ def from_arrays(train: Sequence[tuple[np.ndarray, np.ndarray]],
   return Scenario(name, kind, tuple(exps), c, tc.shape[0], tc)
 
 
-def _merged(exps: Sequence[Experience], index: int) -> Experience:
+def _merged(exps: Sequence[Experience], index: int,
+            built: OnDemand) -> Experience:
+  """The training data of ``exps`` together (its inputs built on demand),
+  tested on the last one's test set."""
   cat = lambda f: np.concatenate([getattr(e, f) for e in exps])
+
+  def inputs(split: str) -> np.ndarray:
+    _check_split(split)
+    if split == "test":
+      return exps[-1].test_x
+    return built.get(index, lambda: cat("train_x"))
+
   return Experience(
       index=index, task_id=exps[-1].task_id,
       classes=tuple(sorted({c for e in exps for c in e.classes})),
-      train_x=cat("train_x"), train_y=cat("train_y"),
-      test_x=exps[-1].test_x, test_y=exps[-1].test_y,
-      train_task=cat("train_task"), test_task=exps[-1].test_task)
+      train_y=cat("train_y"), test_y=exps[-1].test_y,
+      train_task=cat("train_task"), test_task=exps[-1].test_task,
+      inputs=inputs)
 
 
 def joint(scenario: Scenario) -> Scenario:
   """The offline upper bound: one experience with all training data; the
   accuracy matrix keeps one column per original experience."""
   return dataclasses.replace(
-      scenario, experiences=(_merged(scenario.experiences, 0),),
+      scenario, experiences=(_merged(scenario.experiences, 0, OnDemand()),),
       eval_experiences=scenario.eval_experiences,
       name=f"joint_{scenario.name}")
 
@@ -393,8 +477,10 @@ def joint(scenario: Scenario) -> Scenario:
 def cumulative(scenario: Scenario) -> Scenario:
   """Experience i trains on the union of experiences 0..i."""
   exps = scenario.experiences
+  built = OnDemand()
   return dataclasses.replace(
       scenario,
-      experiences=tuple(_merged(exps[:i + 1], i) for i in range(len(exps))),
+      experiences=tuple(_merged(exps[:i + 1], i, built)
+                        for i in range(len(exps))),
       eval_experiences=scenario.eval_experiences,
       name=f"cumulative_{scenario.name}")

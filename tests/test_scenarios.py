@@ -248,6 +248,76 @@ def test_joint_and_cumulative(digits):
       s.experiences[2].classes))
 
 
+def test_permuted_inputs_built_on_demand_in_any_order(digits):
+  """Each experience's inputs are its own permutation of the data, however
+  the experiences are visited (the kept arrays are keyed by experience and
+  split), and the kept arrays are read-only."""
+  s = scenarios.permuted(digits, 4, seed=5)
+  rng = np.random.default_rng(5)
+  d = int(np.prod(digits.train_x.shape[1:]))
+  perms = [rng.permutation(d) for _ in range(4)]
+  flat = lambda a: a.reshape(len(a), -1)
+  for i in [3, 0, 2, 0, 1, 3, 1, 2]:
+    e = s.experiences[i]
+    np.testing.assert_array_equal(flat(e.train_x), flat(digits.train_x)[:,
+                                                                         perms[i]])
+    np.testing.assert_array_equal(flat(e.test_x), flat(digits.test_x)[:,
+                                                                       perms[i]])
+  with pytest.raises(ValueError, match="read-only"):
+    s.experiences[0].train_x[0, 0, 0, 0] = 1.0
+  with pytest.raises(ValueError, match="unknown split 'val'"):
+    s.experiences[0].inputs("val")
+
+
+def test_transformed_stream_builds_lazily_and_keeps_two_arrays():
+  """Nothing is built when the stream is made; each (experience, split) is
+  built once while it stays among the two most recently used, and arrays
+  dropped from those are freed."""
+  import gc
+  import weakref
+  x = np.arange(6 * 4, dtype=np.float32).reshape(6, 2, 2, 1)
+  y = np.arange(6, dtype=np.int32) % 2
+  d = Dataset("toy", x, y, x[:2].copy(), y[:2].copy(), 2)
+  calls = []
+
+  def shift(k):
+    def f(a):
+      calls.append(k)
+      return a + k
+    return f
+
+  s = scenarios._same_classes_stream(d, "shifted", "domain",
+                                     [shift(k) for k in range(3)])
+  assert calls == [] and s.experiences[2].num_train == 6
+  a0 = s.experiences[0].train_x
+  assert s.experiences[0].train_x is a0 and calls == [0]
+  np.testing.assert_array_equal(s.experiences[1].test_x, x[:2] + 1)
+  assert calls == [0, 1]
+  ref = weakref.ref(a0)
+  del a0
+  s.experiences[2].train_x  # evicts experience 0's training inputs
+  gc.collect()
+  assert ref() is None and calls == [0, 1, 2]
+  np.testing.assert_array_equal(s.experiences[0].train_x, x)  # rebuilt
+  assert calls == [0, 1, 2, 0]
+
+
+def test_cumulative_of_a_transformed_stream_is_lazy_and_exact():
+  x = np.arange(4 * 4, dtype=np.float32).reshape(4, 2, 2, 1)
+  y = np.array([0, 1, 0, 1], np.int32)
+  d = Dataset("toy", x, y, x[:2].copy(), y[:2].copy(), 2)
+  s = scenarios.permuted(d, 3, seed=2)
+  c = scenarios.cumulative(s)
+  j = scenarios.joint(s)
+  for i, e in enumerate(c.experiences):
+    np.testing.assert_array_equal(e.train_x, np.concatenate(
+        [s.experiences[k].train_x for k in range(i + 1)]))
+    np.testing.assert_array_equal(e.test_x, s.experiences[i].test_x)
+    np.testing.assert_array_equal(e.train_task, np.zeros(4 * (i + 1)))
+  np.testing.assert_array_equal(j.experiences[0].train_x,
+                                c.experiences[2].train_x)
+
+
 def test_unknown_kind():
   with pytest.raises(ValueError, match="valid"):
     scenarios.from_arrays([(np.zeros((2, 1)), np.zeros(2, int))],
