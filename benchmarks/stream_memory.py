@@ -23,20 +23,27 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CASES = {
-    "permuted20": "scenarios.permuted(data, 20)",
-    "rotated20": "scenarios.rotated(data, 20, interpolation='nearest')",
-    "cumulative_permuted10": "scenarios.cumulative(scenarios.permuted(data, 10))",
-}
+CASES = ("permuted20", "rotated20", "cumulative_permuted10")
+
+
+def build(case: str, data):
+  from jaxcl import scenarios
+  return {
+      "permuted20": lambda: scenarios.permuted(data, 20),
+      "rotated20": lambda: scenarios.rotated(data, 20,
+                                             interpolation="nearest"),
+      "cumulative_permuted10": lambda: scenarios.cumulative(
+          scenarios.permuted(data, 10)),
+  }[case]()
 
 
 def one(case: str, data_dir: str) -> dict:
   sys.path.insert(0, REPO)
-  from jaxcl import datasets, scenarios, train  # noqa: F401
+  from jaxcl import datasets, train
   data = datasets.load("mnist", data_dir=data_dir)
   base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   t0 = time.perf_counter()
-  sc = eval(CASES[case])  # a fixed expression from CASES
+  sc = build(case, data)
   t1 = time.perf_counter()
   test = train.test_arrays(sc.eval_experiences, 1000)
   size = max(e.num_train for e in sc.experiences)
@@ -59,11 +66,13 @@ def main() -> None:
   if a.one:
     print(json.dumps(one(a.one, a.data_dir)))
     return
+  cases = a.cases.split(",")
+  bad = [c for c in cases if c not in CASES]
+  if bad:
+    raise SystemExit(f"unknown case(s) {bad}; valid: {list(CASES)}")
   print(f"{'case':24s} {'build s':>8s} {'walk s':>7s} {'MNIST MB':>9s} "
         f"{'peak MB':>8s}")
-  for case in a.cases.split(","):
-    if case not in CASES:
-      raise SystemExit(f"unknown case {case!r}; valid: {list(CASES)}")
+  for case in cases:
     out = subprocess.run([sys.executable, __file__, "--one", case,
                           "--data_dir", a.data_dir], check=True,
                          capture_output=True, text=True).stdout
