@@ -3,7 +3,7 @@
   jaxcl run [--config FILE[:ARGS]] [--config.KEY=VALUE ...] [--workdir DIR]
             [--resume | --noresume]
   jaxcl sweep [--config ...] --seeds 0,1,2 [--values KEY=V1,V2 ...]
-            [--workdir DIR]
+            [--scenario_per_seed] [--workdir DIR]
 
 ``sweep`` trains every (seed, value) run as one vmapped program and reports
 each run's metrics and the mean ± standard error over seeds.
@@ -42,6 +42,10 @@ _MULTIHOST = flags.DEFINE_bool(
     "same command on every host of a multi-host job).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
                            "sweep: seeds of the runs (comma-separated).")
+_PER_SEED = flags.DEFINE_bool(
+    "scenario_per_seed", False, "sweep: each run trains on its seed's own "
+    "draw of a permuted / rotated stream (permutations, angles), still in "
+    "one vmapped program; the runs' data are stacked, not shared.")
 _VALUES = flags.DEFINE_multi_string(
     "values", [], "sweep: KEY=V1,V2,... hyperparameter values (repeatable); "
     "the grid is seeds x all values.")
@@ -91,9 +95,11 @@ def _sweep(argv) -> None:
   workdir = _WORKDIR.value or _default_workdir(config)
   seeds = [int(x) for x in _SEEDS.value]
   values = sweep.parse_values(_VALUES.value)
-  print(f"jaxcl sweep: {config.get('name', 'run')}, seeds {seeds}, "
+  print(f"jaxcl sweep: {config.get('name', 'run')}, seeds {seeds}"
+        f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "
         f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)
-  result = sweep.sweep(config, seeds, values, workdir)
+  result = sweep.sweep(config, seeds, values, workdir,
+                       scenario_per_seed=_PER_SEED.value)
   for m, met in zip(result.members, result.metrics):
     print(f"  {m}: " + "  ".join(f"{k} {v:.4f}" for k, v in met.items()))
   print("\nmean ± standard error over seeds:")

@@ -13,19 +13,20 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from jaxcl import datasets, metrics, models, scenarios, strategies
-from jaxcl.scenarios import Scenario
+from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, reset_opt_state,
-                         stream_info, test_arrays, unalias)
+                         stacked_experiences, stream_info, test_arrays,
+                         unalias)
 
 __all__ = ["default_config", "build_scenario", "Setup", "setup", "run",
            "execute", "initial_state", "Result", "SCENARIO_TYPES"]
@@ -96,13 +97,22 @@ def default_config() -> ml_collections.ConfigDict:
 # Building blocks from the config.
 
 
-def build_scenario(config: ml_collections.ConfigDict) -> Scenario:
-  """Loads the data set and builds the (untransformed) scenario."""
-  dc, sc = config.dataset, config.scenario
+def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
+  """The configured data set (and its seeded subset, if one is asked for)."""
+  dc = config.dataset
   data = datasets.load(dc.name, data_dir=dc.data_dir or None)
   if dc.train_subset or dc.test_subset:
     data = data.subset(dc.train_subset or None, dc.test_subset or None,
                        seed=config.seed)
+  return data
+
+
+def build_scenario(config: ml_collections.ConfigDict,
+                   data: datasets.Dataset | None = None) -> Scenario:
+  """Builds the (untransformed) scenario, from ``data`` if given, else from
+  :func:`load_data`."""
+  sc = config.scenario
+  data = load_data(config) if data is None else data
   if sc.type == "split":
     s = scenarios.split(
         data, sc.n_experiences, kind=sc.kind,
@@ -244,12 +254,51 @@ def _stack(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
 
 
-def _host_hook(hook, ctx, state, exp, members: int):
-  """Applies a host-side hook per run: hooks see one run's state, whatever
-  the sweep (they may call their own jitted code on it)."""
+def _host_hook(hook, ctx, state, exps: Sequence[Experience], members: int):
+  """Applies a host-side hook per run: hooks see one run's state and that
+  run's experience, whatever the sweep (they may call their own jitted code
+  on it). ``exps`` holds one experience, shared by the runs, or one per
+  run."""
   if not members:
-    return hook(ctx, state, exp)
-  return _stack([hook(ctx, _unstack(state, i), exp) for i in range(members)])
+    return hook(ctx, state, exps[0])
+  return _stack([hook(ctx, _unstack(state, i), exps[i % len(exps)])
+                 for i in range(members)])
+
+
+def check_same_stream(streams: Sequence[Scenario]) -> None:
+  """Raises :class:`ConfigError` unless the scenarios differ only in their
+  inputs (draws of one permuted or rotated stream): a sweep's runs share
+  one program, so the stream's length, sizes, labels, task ids and class
+  layout must agree."""
+  first = streams[0]
+  for k, sc in enumerate(streams[1:], 1):
+    def differ(what):
+      raise ConfigError(
+          f"the runs' scenarios must differ only in their inputs; draw {k} "
+          f"({sc.name}) differs from draw 0 ({first.name}) in {what}")
+    for f in ("kind", "num_classes", "num_tasks", "online"):
+      if getattr(sc, f) != getattr(first, f):
+        differ(f)
+    if not np.array_equal(sc.task_classes, first.task_classes):
+      differ("task_classes")
+    for name in ("experiences", "eval_experiences"):
+      mine, theirs = getattr(sc, name), getattr(first, name)
+      if len(mine) != len(theirs):
+        differ(f"the number of {name}")
+      for i, (a, b) in enumerate(zip(mine, theirs)):
+        if (a.task_id, a.classes) != (b.task_id, b.classes):
+          differ(f"the task id or classes of {name}[{i}]")
+        for f in ("train_y", "test_y", "train_task", "test_task"):
+          if not np.array_equal(getattr(a, f), getattr(b, f)):
+            differ(f"{f} of {name}[{i}]")
+
+
+def _per_stream(arrays: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """One stream's arrays as they are; several streams' stacked on a leading
+  run axis (a sweep whose runs each have their own draw)."""
+  if len(arrays) == 1:
+    return arrays[0]
+  return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
 
 
 def _reset_opt(ctx, state, members: int):
@@ -301,13 +350,16 @@ def initial_state(s: Setup, seed: int) -> TrainState:
 def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
             members: int = 0, reporter: Any = None,
             resume: bool | None = None,
-            fingerprint_extra: dict[str, Any] | None = None) -> Result:
+            fingerprint_extra: dict[str, Any] | None = None,
+            member_scenarios: Sequence[Scenario] | None = None) -> Result:
   """Streams ``s.scenario`` from ``state`` (k stacked states if ``members``).
 
   The loop behind :func:`run` and :func:`jaxcl.sweep.sweep`: places the
   state on the mesh (``config.parallel.devices``), restores a checkpoint
   when there is one, and trains / evaluates / checkpoints experience by
-  experience.
+  experience. ``member_scenarios`` (a sweep only): one scenario per run,
+  draws that differ only in their inputs (:func:`check_same_stream`);
+  each run trains and is tested on its own.
   """
   from jaxcl import checkpoint, parallel, report  # side effects: the edges
 
@@ -315,7 +367,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   config = s.config
   learner, sc = s.learner, s.scenario
   ctx, strategy = learner.ctx, learner.strategy
-  learner = dataclasses.replace(learner, members=members)
+  streams = [sc]
+  if member_scenarios is not None:
+    if not members or len(member_scenarios) != members:
+      raise ConfigError(f"member_scenarios: one scenario per run of a sweep "
+                        f"({members} runs), got {len(member_scenarios)}")
+    check_same_stream([sc] + list(member_scenarios))
+    streams = list(member_scenarios)
+  learner = dataclasses.replace(learner, members=members,
+                                member_data=len(streams) > 1)
   place = jax.device_put
   devices = config.get("parallel", {}).get("devices", 1)
   if devices != 1:
@@ -346,7 +406,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
 
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
   acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
-  test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size))
+  test = place(_per_stream([test_arrays(t.eval_experiences,
+                                        learner.eval_batch_size)
+                            for t in streams]))
   ckpt, position = None, checkpoint.Position()
   random_acc = None
   before = 0.0  # seconds spent by earlier invocations (resumed runs)
@@ -389,16 +451,18 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   train_time = 0.0
   try:
     for i in range(position.experience, n_train):
-      exp = sc.experiences[i]
+      exps = [t.experiences[i] for t in streams]
+      exp = exps[0]
       t0 = time.perf_counter()
       mid = position.phase == "train" and position.experience == i
       if not mid:
-        state = _host_hook(strategy.before_experience, ctx, state, exp,
+        state = _host_hook(strategy.before_experience, ctx, state, exps,
                            members)
         if learner.reset_optimizer:
           state = _reset_opt(ctx, state, members)
         state = settle(state)
-      data = place(device_experience(exp, size))
+      data = place(device_experience(exp, size) if len(exps) == 1 else
+                   stacked_experiences(exps, size))
       bar = reporter.progress(learner.epochs * learner.epoch_steps,
                               f"experience {i + 1}/{n_train}")
       first_epoch = position.epoch if mid else 0
@@ -424,7 +488,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  if nxt < learner.epoch_steps else
                  checkpoint.Position(i, "train", epoch + 1, 0))
       bar.close()
-      state = _host_hook(strategy.after_experience, ctx, state, exp, members)
+      state = _host_hook(strategy.after_experience, ctx, state, exps, members)
       state = settle(state)
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()

@@ -138,9 +138,36 @@ def _apply_override(state, key: str, value: float, strategy_names):
       "jobs for the others")
 
 
+# Scenario types whose draw (config.scenario.seed) changes only the inputs.
+DRAWN_SCENARIOS = ("permuted", "rotated")
+
+
+def _draws(config, seeds: Sequence[int]) -> dict[int, Any]:
+  """Each seed's own draw of the configured permuted / rotated stream."""
+  sc = config.scenario
+  if sc.type not in DRAWN_SCENARIOS or (sc.type == "rotated" and
+                                        tuple(sc.angles)):
+    raise ConfigError(
+        f"scenario_per_seed draws each seed's permutations or angles "
+        f"(config.scenario.seed = the run's seed); it needs scenario.type in "
+        f"{list(DRAWN_SCENARIOS)} without explicit angles, got "
+        f"{sc.type!r}" + (f" with angles {tuple(sc.angles)}"
+                          if tuple(sc.get("angles", ())) else ""))
+  # One data set (and subset, drawn from the config's own seed) for all:
+  # the draws must share their labels.
+  data = experiment.load_data(config)
+  out = {}
+  for seed in seeds:
+    c = copy.deepcopy(config)
+    c.scenario.seed = seed
+    out[seed] = experiment.build_scenario(c, data)
+  return out
+
+
 def sweep(config, seeds: Sequence[int] = (0,),
           values: dict[str, Sequence[float]] | None = None,
-          workdir: str | None = None, scenario=None) -> SweepResult:
+          workdir: str | None = None, scenario=None,
+          scenario_per_seed: bool = False) -> SweepResult:
   """Trains the grid ``seeds x values`` as one vmapped program (a grid of
   one run is trained without vmap, with results shaped as a sweep's).
 
@@ -151,6 +178,14 @@ def sweep(config, seeds: Sequence[int] = (0,),
       0.1]}``.
     workdir: run directory (checkpoints, ``sweep.json``).
     scenario: a prebuilt scenario.
+    scenario_per_seed: each run trains and is tested on its seed's own draw
+      of a permuted or rotated stream (``config.scenario.seed`` set to the
+      run's seed, as Mammoth draws them per run), still in one program.
+      A ``dataset.train_subset`` stays the one drawn from
+      ``config.seed``, shared by the runs.
+      The runs' data are then stacked, not shared: host and device memory
+      grow with the number of runs (a Permuted-20 MNIST run's test sets
+      are 627 MB).
 
   Returns:
     A :class:`SweepResult` with each run's accuracy matrix and the mean ±
@@ -187,8 +222,19 @@ def sweep(config, seeds: Sequence[int] = (0,),
         node = node[p]
       old = node.get(last)
       node[last] = v if old is None or isinstance(old, bool) else type(old)(v)
+  member_scenarios = None
+  if scenario_per_seed:
+    if scenario is not None:
+      raise ConfigError("scenario_per_seed builds each seed's scenario from "
+                        "the config; do not pass a prebuilt scenario")
+    draws = _draws(base, seeds)
+    # The strategy's transform (Joint, Cumulative) applied to every draw,
+    # once per seed: the runs of a seed share its experiences.
+    streams = {seed: experiment.setup(base, sc).scenario
+               for seed, sc in draws.items()}
+    member_scenarios = [streams[m["seed"]] for m in members]
+    scenario = draws[members[0]["seed"]]
   s = experiment.setup(base, scenario)
-  ctx, strategy = s.learner.ctx, s.learner.strategy
   names = [n.strip() for n in config.strategy.name.split("+")]
   states = []
   for m in members:
@@ -197,6 +243,8 @@ def sweep(config, seeds: Sequence[int] = (0,),
       st = _apply_override(st, k, m[k], names)
     states.append(st)
   extra = {"sweep.members": members}
+  if scenario_per_seed:
+    extra["sweep.scenario_per_seed"] = True
   if len(members) == 1:
     # One run is not vmapped: under vmap every lax.cond on the state (a
     # skipped padding step, GEM's projection, a one-task batch) becomes a
@@ -211,7 +259,8 @@ def sweep(config, seeds: Sequence[int] = (0,),
   else:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     result = experiment.execute(s, stacked, workdir, members=len(members),
-                                fingerprint_extra=extra)
+                                fingerprint_extra=extra,
+                                member_scenarios=member_scenarios)
   per_run = [{k: v[i] for k, v in result.metrics.items()}
              for i in range(len(members))]
   groups = []

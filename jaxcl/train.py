@@ -34,7 +34,7 @@ from jaxcl.strategy import Strategy, default_predict
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
     "init_state", "init_variables", "Learner", "make_learner", "device_experience",
-    "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
+    "stacked_experiences", "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
     "NonFiniteLossError", "ConfigError", "unalias", "reset_opt_state",
 ]
 
@@ -202,17 +202,28 @@ def device_experience(exp: Experience, size: int) -> dict[str, np.ndarray]:
   Padding rows are never indexed (index -1 maps to mask 0), so their content
   does not matter; zeros keep them cheap.
   """
-  n = exp.num_train
-  if n > size:
-    raise ConfigError(f"experience {exp.index} has {n} examples > {size}")
+  return {k: v[0] for k, v in stacked_experiences([exp], size).items()}
 
-  def pad(a, dtype):
-    out = np.zeros((size,) + a.shape[1:], dtype)
-    out[:n] = a
-    return out
 
-  return {"x": pad(exp.train_x, np.float32), "y": pad(exp.train_y, np.int32),
-          "task": pad(exp.train_task, np.int32)}
+def stacked_experiences(exps: Sequence[Experience],
+                        size: int) -> dict[str, np.ndarray]:
+  """:func:`device_experience` of several experiences (a sweep whose runs
+  each have their own draw), stacked on a leading axis. Each is written
+  straight into the stacked arrays: padding and then stacking k copies of
+  a full MNIST experience cost more than drawing them."""
+  for e in exps:
+    if e.num_train > size:
+      raise ConfigError(f"experience {e.index} has {e.num_train} examples "
+                        f"> {size}")
+  k, shape = len(exps), exps[0].train_x.shape[1:]
+  out = {"x": np.zeros((k, size) + shape, np.float32),
+         "y": np.zeros((k, size), np.int32),
+         "task": np.zeros((k, size), np.int32)}
+  for m, e in enumerate(exps):
+    n = e.num_train
+    out["x"][m, :n], out["y"][m, :n], out["task"][m, :n] = (
+        e.train_x, e.train_y, e.train_task)
+  return out
 
 
 def test_arrays(experiences: Sequence[Experience],
@@ -443,6 +454,9 @@ class Learner:
       experience (keeping its injected hyperparameters).
     members: 0 for one run; k for k runs stacked on a leading axis of the
       state and trained as one ``vmap``-ed program (a sweep).
+    member_data: in a sweep, each run has its own data (a leading run axis
+      on the training and test arrays: each seed's own draw of a permuted
+      or rotated stream); otherwise the runs share the data.
     mesh: a ``jax.sharding.Mesh`` with a ``data`` axis for data-parallel
       training, or None.
     state_shardings: the state's shardings on ``mesh`` (see
@@ -456,6 +470,7 @@ class Learner:
   eval_batch_size: int
   reset_optimizer: bool = True
   members: int = 0
+  member_data: bool = False
   mesh: Any = None
   state_shardings: Any = None
 
@@ -469,7 +484,10 @@ class Learner:
 
   def _jit(self, f, n_args: int, donate: bool, out_state: bool):
     if self.members:
-      f = jax.vmap(f, in_axes=(0,) + (None,) * (n_args - 1),
+      # The state, and with member_data the data (the second argument of
+      # both chunk_fn and eval_fn), carry the run axis.
+      data = 0 if self.member_data else None
+      f = jax.vmap(f, in_axes=(0, data) + (None,) * (n_args - 2),
                    axis_name=RUNS_AXIS)
     kwargs = {"donate_argnums": 0} if donate else {}
     if self.mesh is not None:

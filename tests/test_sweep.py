@@ -150,3 +150,91 @@ def test_memory_strategies_sweep_member_equals_single_run(name, kwargs):
     np.testing.assert_allclose(r.accuracy[i], jaxcl.run(single).accuracy,
                                atol=1e-5)
   assert not np.allclose(r.accuracy[0], r.accuracy[1])
+
+
+def permuted_config():
+  c = small_config()
+  c.scenario.type = "permuted"
+  c.scenario.kind = "domain"
+  c.scenario.n_experiences = 3
+  c.strategy.name = "gem"
+  c.strategy.gem = {"mem_size": 30}
+  return c
+
+
+def test_scenario_per_seed_runs_each_seed_on_its_own_draw():
+  """With scenario_per_seed every member trains, fills its memory (a host
+  hook) and is tested on its seed's own permutations: member i equals a
+  plain run with seed i and scenario.seed i, in one compiled program."""
+  seeds = [0, 1]
+  r = sweep.sweep(permuted_config(), seeds=seeds,
+                  values={"optimizer.learning_rate": [0.1, 0.05]},
+                  scenario_per_seed=True)
+  assert r.result.learner.member_data
+  assert r.result.learner.chunk_fn._cache_size() == 1
+  for i in (1, 2):  # seed 1 at lr 0.1; seed 0 at lr 0.05
+    m = r.members[i]
+    c = permuted_config()
+    c.seed = c.scenario.seed = m["seed"]
+    c.optimizer.learning_rate = m["optimizer.learning_rate"]
+    single = jaxcl.run(c)
+    np.testing.assert_allclose(r.accuracy[i], single.accuracy, atol=1e-5)
+    # GEM's memory holds the examples of the member's own draw.
+    np.testing.assert_array_equal(
+        np.asarray(r.result.state.strategy.memory.x[i]),
+        np.asarray(single.state.strategy.memory.x))
+  # A shared-data sweep trains seed 1 on draw 0 instead.
+  shared = sweep.sweep(permuted_config(), seeds=seeds)
+  assert not np.allclose(shared.accuracy[1], r.accuracy[1])
+
+
+def test_scenario_per_seed_refuses_streams_it_cannot_draw():
+  c = small_config()  # split: scenario.seed does not change it
+  with pytest.raises(ValueError, match="needs scenario.type in "
+                     r"\['permuted', 'rotated'\].*got 'split'"):
+    sweep.sweep(c, seeds=[0, 1], scenario_per_seed=True)
+  c = permuted_config()
+  c.scenario.type = "rotated"
+  c.scenario.angles = (0.0, 45.0, 90.0)
+  with pytest.raises(ValueError, match=r"without explicit angles.*45\.0"):
+    sweep.sweep(c, seeds=[0, 1], scenario_per_seed=True)
+
+
+def test_member_scenarios_must_differ_only_in_inputs():
+  from jaxcl import experiment, scenarios
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 4)).astype(np.float32)
+  y = np.array([0, 1] * 6)
+  a = scenarios.from_arrays([(x, y)], [(x, y)])
+  b = scenarios.from_arrays([(x + 1, y)], [(x, y)])  # other inputs: fine
+  experiment.check_same_stream([a, b])
+  c = scenarios.from_arrays([(x, y[::-1])], [(x, y)])
+  with pytest.raises(ValueError, match=r"draw 1 .* train_y of "
+                     r"experiences\[0\]"):
+    experiment.check_same_stream([a, b, c][::2])
+
+
+def test_cli_sweep_per_seed_and_its_checkpoint_fingerprint(tmp_path):
+  """`jaxcl sweep --scenario_per_seed` runs; its run directory resumes as
+  itself and refuses a shared-draw sweep of the same seeds."""
+  w = str(tmp_path / "w")
+  p = subprocess.run(
+      [sys.executable, "-m", "jaxcl.cli", "sweep", "--seeds", "0,1",
+       "--scenario_per_seed", "--config.scenario.type=permuted",
+       "--config.scenario.kind=domain", "--config.scenario.n_experiences=2",
+       "--config.model.widths=16,", "--config.train.epochs=1",
+       "--config.report.progress=False", "--config.report.plots=False",
+       "--workdir", w], capture_output=True, text=True, cwd=tmp_path,
+      timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "each on its own scenario draw" in p.stdout and "[n=2]" in p.stdout
+  c = small_config()
+  c.scenario.type, c.scenario.kind, c.scenario.n_experiences = (
+      "permuted", "domain", 2)
+  c.model.widths = (16,)
+  c.report.plots = False
+  first = json.load(open(os.path.join(w, "sweep.json")))
+  again = sweep.sweep(c, seeds=[0, 1], workdir=w, scenario_per_seed=True)
+  np.testing.assert_array_equal(again.accuracy, first["accuracy"])
+  with pytest.raises(ValueError, match="sweep.scenario_per_seed"):
+    sweep.sweep(c, seeds=[0, 1], workdir=w)
