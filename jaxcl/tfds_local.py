@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from jaxcl.datasets import DataError, _IDX_FILES, read_idx
 
 __all__ = ["prepare", "SUPPORTED"]
