@@ -28,8 +28,9 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          stacked_experiences, stream_info, test_arrays,
                          unalias)
 
-__all__ = ["default_config", "build_scenario", "Setup", "setup", "run",
-           "execute", "initial_state", "Result", "SCENARIO_TYPES"]
+__all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
+           "run", "execute", "initial_state", "check_same_stream", "Result",
+           "SCENARIO_TYPES"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 

@@ -77,7 +77,6 @@ class OnDemand:
     if keep < 1:
       raise ScenarioError(f"keep must be >= 1, got {keep}")
     self.keep = keep
-    self.builds = 0  # arrays built so far (tests count them)
     self._kept: collections.OrderedDict = collections.OrderedDict()
 
   def get(self, key, build: Callable[[], np.ndarray]) -> np.ndarray:
@@ -86,7 +85,6 @@ class OnDemand:
       return self._kept[key]
     a = build()
     a.flags.writeable = False
-    self.builds += 1
     self._kept[key] = a
     if len(self._kept) > self.keep:
       self._kept.popitem(last=False)
