@@ -25,8 +25,8 @@ from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, reset_opt_state,
-                         stacked_experiences, stream_info, test_arrays,
-                         unalias)
+                         stacked_experiences, stacked_test_arrays,
+                         stream_info, test_arrays, unalias)
 
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
@@ -294,14 +294,6 @@ def check_same_stream(streams: Sequence[Scenario]) -> None:
             differ(f"{f} of {name}[{i}]")
 
 
-def _per_stream(arrays: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """One stream's arrays as they are; several streams' stacked on a leading
-  run axis (a sweep whose runs each have their own draw)."""
-  if len(arrays) == 1:
-    return arrays[0]
-  return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
-
-
 def _reset_opt(ctx, state, members: int):
   if not members:
     return reset_opt_state(ctx, state)
@@ -407,9 +399,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
 
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
   acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
-  test = place(_per_stream([test_arrays(t.eval_experiences,
-                                        learner.eval_batch_size)
-                            for t in streams]))
+  test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size)
+               if len(streams) == 1 else stacked_test_arrays(
+                   [t.eval_experiences for t in streams],
+                   learner.eval_batch_size))
   ckpt, position = None, checkpoint.Position()
   random_acc = None
   before = 0.0  # seconds spent by earlier invocations (resumed runs)

@@ -33,9 +33,11 @@ from jaxcl.strategy import Strategy, default_predict
 
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
-    "init_state", "init_variables", "Learner", "make_learner", "device_experience",
-    "stacked_experiences", "test_arrays", "experience_batches", "train_chunk", "evaluate", "steps_per_epoch",
-    "NonFiniteLossError", "ConfigError", "unalias", "reset_opt_state",
+    "init_state", "init_variables", "Learner", "make_learner",
+    "device_experience", "stacked_experiences", "test_arrays",
+    "stacked_test_arrays", "experience_batches", "train_chunk", "evaluate",
+    "steps_per_epoch", "NonFiniteLossError", "ConfigError", "unalias",
+    "reset_opt_state",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -230,20 +232,31 @@ def test_arrays(experiences: Sequence[Experience],
                 eval_batch_size: int) -> dict[str, np.ndarray]:
   """All test sets stacked to ``(E, M, ...)``, ``M`` a multiple of the eval
   batch, with per-experience counts; padding is excluded by the counts."""
-  m = max(len(e.test_y) for e in experiences)
+  return {k: v[0] for k, v in
+          stacked_test_arrays([experiences], eval_batch_size).items()}
+
+
+def stacked_test_arrays(streams: Sequence[Sequence[Experience]],
+                        eval_batch_size: int) -> dict[str, np.ndarray]:
+  """:func:`test_arrays` of several streams of the same length (a sweep
+  whose runs each have their own draw), stacked on a leading axis and
+  written in place, as :func:`stacked_experiences` does."""
+  m = max(len(e.test_y) for exps in streams for e in exps)
   m = math.ceil(m / eval_batch_size) * eval_batch_size
-  e_n = len(experiences)
-  shape = experiences[0].test_x.shape[1:]
-  x = np.zeros((e_n, m) + shape, np.float32)
-  y = np.zeros((e_n, m), np.int32)
-  t = np.zeros((e_n, m), np.int32)
-  count = np.zeros((e_n,), np.int32)
-  for i, e in enumerate(experiences):
-    n = len(e.test_y)
-    x[i, :n], y[i, :n], t[i, :n], count[i] = e.test_x, e.test_y, e.test_task, n
-    # Padding rows carry the set's own task id (not 0), so a chunk of one
-    # test set is a single-task batch for models that route by task.
-    t[i, n:] = e.test_task[0] if n else 0
+  k, e_n = len(streams), len(streams[0])
+  shape = streams[0][0].test_x.shape[1:]
+  x = np.zeros((k, e_n, m) + shape, np.float32)
+  y = np.zeros((k, e_n, m), np.int32)
+  t = np.zeros((k, e_n, m), np.int32)
+  count = np.zeros((k, e_n), np.int32)
+  for r, exps in enumerate(streams):
+    for i, e in enumerate(exps):
+      n = len(e.test_y)
+      x[r, i, :n], y[r, i, :n], t[r, i, :n], count[r, i] = (
+          e.test_x, e.test_y, e.test_task, n)
+      # Padding rows carry the set's own task id (not 0), so a chunk of one
+      # test set is a single-task batch for models that route by task.
+      t[r, i, n:] = e.test_task[0] if n else 0
   return {"x": x, "y": y, "task": t, "count": count}
 
 
