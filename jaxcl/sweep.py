@@ -227,14 +227,15 @@ def sweep(config, seeds: Sequence[int] = (0,),
     if scenario is not None:
       raise ConfigError("scenario_per_seed builds each seed's scenario from "
                         "the config; do not pass a prebuilt scenario")
-    draws = _draws(base, seeds)
-    # The strategy's transform (Joint, Cumulative) applied to every draw,
-    # once per seed: the runs of a seed share its experiences.
-    streams = {seed: experiment.setup(base, sc).scenario
-               for seed, sc in draws.items()}
-    member_scenarios = [streams[m["seed"]] for m in members]
-    scenario = draws[members[0]["seed"]]
-  s = experiment.setup(base, scenario)
+    # One setup per seed (the strategy's transform, e.g. Cumulative,
+    # applied to its draw): the runs of a seed share its experiences, and
+    # the first run's setup is the program's.
+    setups = {seed: experiment.setup(base, sc)
+              for seed, sc in _draws(base, seeds).items()}
+    member_scenarios = [setups[m["seed"]].scenario for m in members]
+    s = setups[members[0]["seed"]]
+  else:
+    s = experiment.setup(base, scenario)
   names = [n.strip() for n in config.strategy.name.split("+")]
   states = []
   for m in members:
