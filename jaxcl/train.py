@@ -151,9 +151,20 @@ def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
   ``{}`` for models without them). Strategies use it for fresh models
   (Ensemble, GDumb) and for the model state's structure at ``init``.
   """
-  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
-  variables = dict(ctx.model.init(key, x, jnp.zeros((1,), jnp.int32)))
+  variables = dict(_init_jit(ctx.model, tuple(ctx.info.input_shape), key))
   return variables.pop("params"), variables
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_jit(model: Any, input_shape: tuple[int, ...], key: jax.Array
+              ) -> Any:
+  # One compiled program, cached per (model, input shape), which is all an
+  # init depends on (a rebuilt equal module hits the cache). Run op by op,
+  # flax's initialisers compiled each random op on its own: ~30 programs,
+  # 2.3 s of a 9 s `jaxcl run` on Split MNIST. Values are bit-identical
+  # (tested).
+  x = jnp.zeros((1,) + input_shape, jnp.float32)
+  return model.init(key, x, jnp.zeros((1,), jnp.int32))
 
 
 def init_state(ctx: Context, strategy: Strategy, seed: int | jax.Array,

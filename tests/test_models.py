@@ -96,3 +96,40 @@ def test_torch_init_matches_pytorch_linear_bounds():
   assert float(jnp.abs(d["backbone"]["Dense_0"]["bias"]).max()) == 0.0
   with pytest.raises(ValueError, match="unknown model init 'kaiming'"):
     models.build("mlp", 10, init="kaiming")
+
+
+_TWO_TASKS = jaxcl.state.StreamInfo(
+    num_classes=10, num_tasks=2, num_experiences=2, input_shape=(8, 8, 1),
+    kind="task", task_classes=((True,) * 5 + (False,) * 5,
+                               (False,) * 5 + (True,) * 5),
+    batch_size=4, train_size=8)
+
+
+@pytest.mark.parametrize("name,heads,kw", [
+    ("mlp", 1, dict(widths=(16, 16), init="lecun_normal")),
+    ("mlp", 2, dict(widths=(16, 16), init="torch")),
+    ("cnn", 1, {}), ("bn_mlp", 1, {}), ("hat_mlp", 2, {}),
+    ("masked_mlp", 1, {}), ("hypernet", 1, dict(input_dim=64)),
+])
+def test_compiled_init_equals_flax_init_bit_for_bit(name, heads, kw):
+  # init_variables runs flax's init as one compiled program (cached per
+  # model and input shape) instead of op by op; the weights must not change
+  # by a bit, or every recorded result would, and a second run with an
+  # equal model and another optimiser must not recompile.
+  import optax
+  from jaxcl import train
+
+  m = models.build(name, 10, heads, **kw)
+  ctx = jaxcl.state.Context(model=m, tx=optax.sgd(0.1), info=_TWO_TASKS)
+  key = jax.random.PRNGKey(3)
+  ref = m.init(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  params, model_state = train.init_variables(ctx, key)
+  got = {"params": params, **model_state}
+  assert jax.tree.structure(got) == jax.tree.structure(ref)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+  compiled = train._init_jit._cache_size()
+  again = jaxcl.state.Context(model=models.build(name, 10, heads, **kw),
+                              tx=optax.adam(1e-3), info=_TWO_TASKS)
+  train.init_variables(again, jax.random.PRNGKey(4))
+  assert train._init_jit._cache_size() == compiled
