@@ -21,6 +21,17 @@ def test_mnist_from_idx(mnist):
   assert mnist.train_y[0] == 5 and mnist.test_y[0] == 7
 
 
+def test_unit_float_is_the_float32_division_for_every_pixel_value():
+  # In-place division must give the bits of ``x.astype(float32) / 255.0``
+  # (what every recorded result was trained on), for all 256 values.
+  pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+  scaled = datasets._unit_float(pixels)
+  assert scaled.shape == (1, 16, 16, 1) and scaled.dtype == np.float32
+  np.testing.assert_array_equal(
+      scaled[..., 0], pixels.astype(np.float32) / 255.0)
+  assert scaled[0, 15, 15, 0] == 1.0
+
+
 def test_fashion_mnist_from_idx(data_dir):
   f = datasets.load("fashion_mnist", data_dir=data_dir)
   assert f.train_x.shape == (60000, 28, 28, 1) and f.num_classes == 10
@@ -34,6 +45,22 @@ def test_digits_offline():
   assert d.train_x.max() <= 1.0
   # Stratified: every class in the test set.
   assert set(np.unique(d.test_y)) == set(range(10))
+
+
+def test_digits_file_equals_sklearn_loader(monkeypatch):
+  # The digits are read from scikit-learn's CSV without importing it; they
+  # must be exactly what its public loader gives, and a scikit-learn with
+  # another file layout falls back to that loader.
+  from sklearn.datasets import load_digits
+
+  ref = load_digits()
+  images, labels = datasets._digits_arrays()
+  np.testing.assert_array_equal(images, ref.images)
+  np.testing.assert_array_equal(labels, ref.target)
+  monkeypatch.setattr(datasets, "_DIGITS_FILE", ("no", "such.csv.gz"))
+  images2, labels2 = datasets._digits_arrays()
+  np.testing.assert_array_equal(images2, ref.images)
+  np.testing.assert_array_equal(labels2, ref.target)
 
 
 def test_unknown_dataset_lists_valid():
