@@ -331,7 +331,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                  only: Sequence[str] = (), any_seeds: bool = False,
                  skip: Sequence[str] = (), report_only: bool = False) -> str:
   """Writes RESULTS.md and the per-table plots; returns the report path."""
-  from jaxcl.report import _pyplot
+  from jaxcl.report import figure
 
   os.makedirs(out, exist_ok=True)
   lines = [
@@ -375,7 +375,6 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
   tables: dict[str, list[Entry]] = {}
   for e in entries:
     tables.setdefault(e.table, []).append(e)
-  plt = _pyplot()
   # One plot per table, kept out of the repository's root; plots left by
   # an earlier report with more tables are removed so none goes stale.
   fig_dir = os.path.join(out, FIGURES)
@@ -388,7 +387,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
               "| method | jaxcl ACC (%) | published (%) | source | BWT | "
               "forgetting | wall time (s) | config | commit |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure((6, 4))
     gaps, imported = [], set()
     for e in rows:
       r = results.get(e.id, {})
@@ -451,7 +450,6 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
     fig.tight_layout()
     png = f"results_{t_i:02d}.png"
     fig.savefig(os.path.join(fig_dir, png), dpi=90)
-    plt.close(fig)
     lines += [f"![{table}]({FIGURES}/{png})", ""]
   path = os.path.join(out, "RESULTS.md")
   with open(path, "w") as f:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Reporter", "NullReporter", "format_table", "plot_accuracy_matrix",
-           "plot_average_accuracy"]
+           "plot_average_accuracy", "figure"]
 
 
 class _NullBar:
@@ -160,19 +160,23 @@ def format_table(accuracy: np.ndarray, summary: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")  # files only; no display on servers
-  import matplotlib.pyplot as plt
-  return plt
+def figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+  """A matplotlib figure and its axes, for writing to a file.
+
+  Built without ``pyplot``: no display backend is chosen (servers have
+  none), nothing global keeps the figure alive (no ``close``), and a run
+  does not pay pyplot's import (0.4 s of the README's ``jaxcl run``).
+  """
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots()
 
 
 def plot_accuracy_matrix(accuracy: np.ndarray, path: str) -> None:
   """A heatmap of ``R[i, j]`` with the values written in the cells."""
-  plt = _pyplot()
   acc = np.asarray(accuracy)
-  fig, ax = plt.subplots(figsize=(1 + 0.6 * acc.shape[1],
-                                  1 + 0.6 * acc.shape[0]))
+  fig, ax = figure((1 + 0.6 * acc.shape[1], 1 + 0.6 * acc.shape[0]))
   im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
   if acc.size <= 400:
     for (i, j), v in np.ndenumerate(acc):
@@ -184,16 +188,14 @@ def plot_accuracy_matrix(accuracy: np.ndarray, path: str) -> None:
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_average_accuracy(accuracy: np.ndarray, path: str) -> None:
   """Average accuracy over the experiences seen, after each experience."""
-  plt = _pyplot()
   acc = np.asarray(accuracy)
   ys = [float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else float(
       np.mean(row)) for i, row in enumerate(acc)]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = figure((5, 3.5))
   ax.plot(np.arange(1, len(ys) + 1), ys, marker="o")
   ax.set_ylim(0, 1.02)
   ax.set_xlabel("experiences trained")
@@ -201,4 +203,3 @@ def plot_average_accuracy(accuracy: np.ndarray, path: str) -> None:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
