@@ -57,11 +57,16 @@ class Dataset:
 
   def subset(self, train: int | None = None, test: int | None = None,
              seed: int = 0) -> "Dataset":
-    """A stratification-free random subset (for quick runs and tests)."""
+    """A stratification-free random subset (for quick runs and tests) of
+    at most ``train`` / ``test`` examples (``None`` or 0: all of them)."""
+    for split, n in (("train", train), ("test", test)):
+      if n is not None and n < 0:
+        raise DataError(f"{split}_subset must be >= 0 (0: all examples), "
+                        f"got {n}")
     rng = np.random.default_rng(seed)
 
     def take(x, y, n):
-      if n is None or n >= len(y):
+      if not n or n >= len(y):
         return x, y
       idx = np.sort(rng.permutation(len(y))[:n])
       return x[idx], y[idx]

@@ -108,11 +108,46 @@ def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
   return data
 
 
+# The scenario fields only one stream type reads. Set away from their
+# defaults on another type, they would be silently ignored (angles given to
+# a permuted stream rotate nothing), so that is an error.
+_TYPE_FIELDS = {
+    "split": ("class_order", "order_seed"),
+    "permuted": ("first_identity", "pad"),
+    "rotated": ("angles", "interpolation"),
+}
+
+
+def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
+  if sc.type not in SCENARIO_TYPES:
+    raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
+                      f"{list(SCENARIO_TYPES)}")
+  defaults = default_config().scenario
+  for owner, fields in _TYPE_FIELDS.items():
+    for f in fields:
+      value = sc.get(f, defaults[f])
+      value = tuple(value) if isinstance(value, (list, tuple)) else value
+      if owner != sc.type and value != defaults[f]:
+        raise ConfigError(
+            f"scenario.{f}={value!r} is read by {owner} streams only; "
+            f"scenario.type={sc.type!r} would ignore it")
+  if sc.get("order_seed", -1) < -1:
+    raise ConfigError(f"scenario.order_seed must be >= 0 (a seeded class "
+                      f"order) or -1 (none), got {sc.order_seed}")
+  angles = tuple(sc.get("angles", ()))
+  if angles and len(angles) != sc.n_experiences:
+    raise ConfigError(
+        f"scenario.angles gives {len(angles)} angles but "
+        f"scenario.n_experiences={sc.n_experiences}; give one angle per "
+        "experience")
+
+
 def build_scenario(config: ml_collections.ConfigDict,
                    data: datasets.Dataset | None = None) -> Scenario:
   """Builds the (untransformed) scenario, from ``data`` if given, else from
   :func:`load_data`."""
   sc = config.scenario
+  _check_scenario_fields(sc)
   data = load_data(config) if data is None else data
   if sc.type == "split":
     s = scenarios.split(
@@ -122,13 +157,10 @@ def build_scenario(config: ml_collections.ConfigDict,
   elif sc.type == "permuted":
     s = scenarios.permuted(data, sc.n_experiences, kind=sc.kind, seed=sc.seed,
                            first_identity=sc.first_identity, pad=sc.pad)
-  elif sc.type == "rotated":
+  else:  # rotated (_check_scenario_fields refused other types)
     s = scenarios.rotated(data, sc.n_experiences, kind=sc.kind,
                           angles=tuple(sc.angles) or None, seed=sc.seed,
                           interpolation=sc.interpolation)
-  else:
-    raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
-                      f"{list(SCENARIO_TYPES)}")
   return scenarios.online(s) if sc.online else s
 
 
@@ -175,6 +207,8 @@ def setup(config: ml_collections.ConfigDict,
   else:
     sc = base
   tc = config.train
+  if tc.batch_size < 1:
+    raise ConfigError(f"train.batch_size must be >= 1, got {tc.batch_size}")
   smallest = min(e.num_train for e in sc.experiences)
   if tc.batch_size > smallest:
     raise ConfigError(

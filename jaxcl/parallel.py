@@ -43,10 +43,13 @@ def make_mesh(devices: int = 0) -> Mesh:
   """A 1-D ``data`` mesh over ``devices`` devices (0: all of them).
 
   Raises:
-    ValueError: more devices asked for than exist.
+    ValueError: a negative count, or more devices than exist.
   """
+  if devices < 0:
+    raise ValueError(f"parallel.devices must be >= 0 (0: all devices), got "
+                     f"{devices}")
   available = jax.device_count()
-  n = available if devices <= 0 else devices
+  n = available if devices == 0 else devices
   if n > available:
     raise ValueError(f"parallel.devices={devices} but only {available} "
                      f"devices exist ({jax.devices()[0].platform})")

@@ -215,7 +215,8 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
     order = np.asarray(class_order, dtype=np.int64)
     if sorted(order.tolist()) != list(range(c)):
       raise ScenarioError(
-          f"class_order {list(order)} is not a permutation of 0..{c - 1}")
+          f"class_order {order.tolist()} is not a permutation of "
+          f"0..{c - 1}")
   groups = order.reshape(n_experiences, c // n_experiences)
   domain = kind == "domain"
   # Domain-IL: original label -> its position within its group.

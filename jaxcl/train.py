@@ -80,6 +80,11 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
     raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
   if not learning_rate > 0:
     raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+  if not 0 <= momentum < 1:  # also refuses NaN
+    raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+  if not 0 <= weight_decay < math.inf:
+    raise ConfigError(f"weight_decay must be >= 0 and finite, got "
+                      f"{weight_decay}")
   if schedule not in SCHEDULES:
     raise ConfigError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
   if schedule != "constant" and schedule_steps <= 0:
@@ -562,6 +567,9 @@ def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
     raise ConfigError(f"batch_size must be >= 1, got {info.batch_size}")
   if eval_batch_size < 1:
     raise ConfigError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+  if checkpoint_every_steps < 0:
+    raise ConfigError("checkpoint.every_steps must be >= 0 (0: at the end of "
+                      f"each experience only), got {checkpoint_every_steps}")
   steps = steps_per_epoch(info.train_size, info.batch_size)
   chunk = steps if checkpoint_every_steps <= 0 else min(
       checkpoint_every_steps, steps)

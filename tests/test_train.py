@@ -278,10 +278,40 @@ def test_non_finite_loss_names_experience_and_step():
     ("optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
     ("train.epochs", 0, "epochs must be >= 1"),
     ("model.multi_head", True, "multi_head=True needs a task-incremental"),
+    # Each of these once raised a bare ZeroDivisionError from deep inside,
+    # diverged, or ran while silently ignoring or misreading the value.
+    ("model.widths", (32, 0), r"widths=\(32, 0\); every layer size must "
+     "be a whole number >= 1"),
+    ("train.batch_size", 0, "train.batch_size must be >= 1, got 0"),
+    ("optimizer.momentum", 1.5, r"momentum must be in \[0, 1\), got 1.5"),
+    ("optimizer.weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("dataset.train_subset", -5, "train_subset must be >= 0"),
+    ("dataset.test_subset", -1, "test_subset must be >= 0"),
+    ("scenario.order_seed", -3, "order_seed must be >= 0 .* or -1"),
+    ("scenario.angles", (10.0, 20.0), r"scenario.angles=\(10.0, 20.0\) is "
+     "read by rotated streams only; scenario.type='split' would ignore it"),
+    ("scenario.pad", 2, "scenario.pad=2 is read by permuted streams only"),
+    ("scenario.class_order", (0, 1, 2, 3, 4, 5, 6, 7, 8, 8),
+     r"class_order \[0, 1, 2, 3, 4, 5, 6, 7, 8, 8\] is not a permutation"),
+    ("checkpoint.every_steps", -1, "checkpoint.every_steps must be >= 0"),
+    ("parallel.devices", -2, "parallel.devices must be >= 0"),
 ])
 def test_bad_config_clear_error(key, value, match):
   with pytest.raises(ValueError, match=match):
     jaxcl.run(quick_config(**{key: value}))
+
+
+def test_rotated_angles_must_match_the_experiences_and_fields():
+  c = quick_config(**{"scenario.type": "rotated", "scenario.kind": "domain",
+                      "scenario.angles": (0.0, 90.0)})
+  with pytest.raises(ValueError, match="gives 2 angles but "
+                     "scenario.n_experiences=5"):
+    jaxcl.run(c)
+  c = quick_config(**{"scenario.type": "rotated", "scenario.kind": "domain",
+                      "scenario.class_order": tuple(range(9, -1, -1))})
+  with pytest.raises(ValueError, match="class_order=.* is read by split "
+                     "streams only; scenario.type='rotated'"):
+    jaxcl.run(c)
 
 
 def test_task_incremental_masks_logits_to_task_classes(digits):

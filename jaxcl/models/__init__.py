@@ -17,6 +17,8 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
+import numpy as np
+
 from jaxcl.models import init as inits
 from jaxcl.models.classifier import Classifier
 from jaxcl.models.cnn import CNN
@@ -48,6 +50,7 @@ def build(name: str, num_classes: int, num_heads: int = 1,
   """
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+  _check_sizes(name, kwargs)
   if name not in BACKBONES:
     if name not in available():
       raise ValueError(f"unknown model {name!r}; valid: {available()}")
@@ -67,6 +70,23 @@ def build(name: str, num_classes: int, num_heads: int = 1,
     raise ValueError(f"bad arguments for model {name!r}: {e}") from e
   return Classifier(backbone=backbone, num_classes=num_classes,
                     num_heads=num_heads, initializer=init)
+
+
+# Layer sizes, by the field names the models use: each must be a whole
+# number >= 1 (a 0-wide layer fails deep in flax's initialiser instead).
+_SIZE_FIELDS = ("widths", "channels", "hidden", "width", "target_widths")
+
+
+def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
+  for field in _SIZE_FIELDS:
+    if field not in kwargs:
+      continue
+    value = kwargs[field]
+    sizes = value if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+               and s >= 1 for s in sizes):
+      raise ValueError(f"model {name!r}: {field}={value!r}; every layer "
+                       "size must be a whole number >= 1")
 
 
 def available() -> list[str]:
