@@ -9,7 +9,6 @@ import pytest
 
 import jaxcl
 from jaxcl import experiment, scenarios, train
-from jaxcl.state import cross_entropy
 from jaxcl.strategy import Strategy, chain
 
 
