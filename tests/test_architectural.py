@@ -10,15 +10,13 @@ compose: the invariances must hold whatever the other member adds to the
 loss.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxcl import datasets, experiment, pretrained, scenarios, strategies
+from jaxcl import datasets, experiment, pretrained, scenarios
 from jaxcl.models import masked, masked_mlp
 from jaxcl.strategies import cwr_star as cwr_lib
 from jaxcl.strategies import hat as hat_lib

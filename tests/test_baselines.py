@@ -1,10 +1,8 @@
 """Baselines on Split MNIST (5 x 2 classes, MLP 400-400, 2 epochs): the
 core issue's accuracy checks, with the committed experiment config."""
 
-import os
 
 import numpy as np
-import pytest
 
 import jaxcl
 from experiments import split_mnist_baselines

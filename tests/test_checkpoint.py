@@ -2,7 +2,6 @@
 corrupt checkpoints fall back; incompatible configs are refused."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -13,14 +13,13 @@ import jax.numpy as jnp
 from jaxcl import experiment, models, scenarios
 from jaxcl.strategies import _penalty
 from jaxcl.strategies.ewc import add_experience, ewc
-from jaxcl.strategies.lwf import LwFState, distillation, lwf
+from jaxcl.strategies.lwf import distillation, lwf
 from jaxcl.strategies.mas import mas
 from jaxcl.strategies.online_ewc import online_ewc
-from jaxcl.strategies.si import SIState, si
+from jaxcl.strategies.si import si
 from jaxcl.state import StepInfo
 from jaxcl.train import (init_state, make_context, make_optimizer,
                          stream_info)
-from jaxcl.strategy import chain
 
 D, C = 6, 4  # input size, classes of the toy problems
 

@@ -18,7 +18,6 @@ from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.mir import mir, retrieve
 from jaxcl.strategies.replay import replay
-from jaxcl.strategy import chain
 
 B = 10
 

@@ -47,8 +47,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcl import buffers
-from jaxcl.state import cross_entropy
 from jaxcl.strategies import latent_replay as lr_mod
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
