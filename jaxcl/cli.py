@@ -93,7 +93,7 @@ def _sweep(argv) -> None:
   from jaxcl import sweep
   config = _CONFIG.value
   workdir = _WORKDIR.value or _default_workdir(config)
-  seeds = [int(x) for x in _SEEDS.value]
+  seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
   print(f"jaxcl sweep: {config.get('name', 'run')}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl import experiment
-from jaxcl.train import ConfigError
+from jaxcl import experiment, strategies
+from jaxcl.train import ConfigError, make_optimizer
 
 __all__ = ["sweep", "SweepResult", "parse_values", "summarise"]
 
@@ -67,8 +67,26 @@ def parse_values(specs: Sequence[str]) -> dict[str, list[Any]]:
     key, sep, vals = spec.partition("=")
     if not sep or not vals:
       raise ConfigError(f"bad sweep spec {spec!r}; expected KEY=V1,V2,...")
-    out[key.strip()] = [float(v) for v in vals.split(",")]
+    key = key.strip()
+    try:
+      out[key] = [float(v) for v in vals.split(",")]
+    except ValueError:
+      raise ConfigError(
+          f"sweep {key!r}: values must be numbers, got {vals!r} (one "
+          "program sweeps numeric hyperparameters only; run separate jobs "
+          "for names or shapes)") from None
   return out
+
+
+def parse_seeds(items: Sequence[str]) -> list[int]:
+  """``['0', '1']`` -> ``[0, 1]``, naming a seed that is not an integer."""
+  seeds = []
+  for s in items:
+    try:
+      seeds.append(int(s))
+    except ValueError:
+      raise ConfigError(f"--seeds: {s!r} is not an integer seed") from None
+  return seeds
 
 
 def _get(config, key):
@@ -138,6 +156,42 @@ def _apply_override(state, key: str, value: float, strategy_names):
       "jobs for the others")
 
 
+def _no_repeats(what: str, items: list[Any]) -> None:
+  seen = set()
+  for x in items:
+    if x in seen:
+      raise ConfigError(f"{what}: {x!r} is given twice in {items}")
+    seen.add(x)
+
+
+def _with_setting(config, setting: dict[str, float]):
+  """A copy of ``config`` with one grid setting written in (cast to the
+  field's type where the config has the field)."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for k, v in setting.items():
+      node = c
+      *path, last = k.split(".")
+      for p in path:
+        if p not in node:
+          node[p] = {}
+        node = node[p]
+      old = node.get(last)
+      node[last] = v if old is None or isinstance(old, bool) else type(old)(v)
+  return c
+
+
+def _check_setting(config) -> None:
+  """The optimiser and strategy factories' own checks of a setting's
+  values (no tracing): a negative rate or strength is refused here as it
+  is for a single run."""
+  oc = config.optimizer
+  make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
+                 weight_decay=oc.weight_decay)
+  skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
+  strategies.from_spec(config.strategy.name, skw)
+
+
 # Scenario types whose draw (config.scenario.seed) changes only the inputs.
 DRAWN_SCENARIOS = ("permuted", "rotated")
 
@@ -195,9 +249,13 @@ def sweep(config, seeds: Sequence[int] = (0,),
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ConfigError("a sweep needs at least one seed")
+  # A repeated seed or value would be counted twice in the mean and its
+  # standard error.
+  _no_repeats("seeds", seeds)
   for key, vals in values.items():
     if not vals:
       raise ConfigError(f"sweep {key!r}: no values given")
+    _no_repeats(f"sweep {key!r} values", list(vals))
     if key.startswith("strategy."):
       continue  # strategy hyperparameters may be left at their defaults
     try:
@@ -210,18 +268,12 @@ def sweep(config, seeds: Sequence[int] = (0,),
   members = [{"seed": s, **setting} for setting in settings for s in seeds]
 
   # The first member's config builds the shared program; the others must
-  # differ only in what the state carries.
-  base = copy.deepcopy(config)
-  with base.unlocked():
-    for k, v in settings[0].items():
-      node = base
-      *path, last = k.split(".")
-      for p in path:
-        if p not in node:
-          node[p] = {}
-        node = node[p]
-      old = node.get(last)
-      node[last] = v if old is None or isinstance(old, bool) else type(old)(v)
+  # differ only in what the state carries. Their values are written into
+  # the state, past the checks of the optimiser and strategy factories, so
+  # each setting is built through those factories first.
+  for setting in settings:
+    _check_setting(_with_setting(config, setting))
+  base = _with_setting(config, settings[0])
   member_scenarios = None
   if scenario_per_seed:
     if scenario is not None:

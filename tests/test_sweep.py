@@ -130,6 +130,39 @@ def test_diverging_member_is_named_not_an_index_error():
                                       [0.01, 1e12]})
 
 
+def test_grid_values_get_the_factories_checks_before_any_training(
+    monkeypatch):
+  # Values past the first setting go straight into the state; each is
+  # built through the optimiser / strategy factory first, so a bad one is
+  # refused by name instead of training (or diverging) for minutes.
+  trained = []
+  monkeypatch.setattr(sweep.experiment, "execute",
+                      lambda *a, **k: trained.append(1))
+  with pytest.raises(ValueError, match="learning_rate must be > 0, got -1"):
+    sweep.sweep(small_config(), seeds=[0],
+                values={"optimizer.learning_rate": [0.1, -1.0]})
+  c = small_config()
+  c.strategy.name = "ewc"
+  with pytest.raises(ValueError, match="lam must be .* >= 0, got -5"):
+    sweep.sweep(c, seeds=[0], values={"strategy.ewc.lam": [10.0, -5.0]})
+  assert not trained
+
+
+def test_repeated_or_non_numeric_grid_is_refused():
+  with pytest.raises(ValueError, match=r"seeds: 1 is given twice in "
+                     r"\[0, 1, 1\]"):
+    sweep.sweep(small_config(), seeds=[0, 1, 1])
+  with pytest.raises(ValueError, match="0.1 is given twice"):
+    sweep.sweep(small_config(), seeds=[0],
+                values={"optimizer.learning_rate": [0.1, 0.1]})
+  with pytest.raises(ValueError, match="'strategy.name': values must be "
+                     "numbers, got 'naive,ewc'"):
+    sweep.parse_values(["strategy.name=naive,ewc"])
+  with pytest.raises(ValueError, match="--seeds: 'a' is not an integer"):
+    sweep.parse_seeds(["0", "a"])
+  assert sweep.parse_seeds(["3", "-1"]) == [3, -1]
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("gem", {"mem_size": 40}),
     ("gem", {"mem_per_experience": 64}),  # past blocks in a while loop
