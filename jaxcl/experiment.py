@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Any, Sequence
 
@@ -390,6 +391,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   """
   from jaxcl import checkpoint, parallel, report  # side effects: the edges
 
+  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir!r} is a file; give a directory for "
+                      "the run's checkpoints and logs")
   t_start = time.perf_counter()
   config = s.config
   learner, sc = s.learner, s.scenario

@@ -104,6 +104,16 @@ def test_keep_must_allow_a_fallback(tmp_path):
     jaxcl.run(c, str(tmp_path / "r"))
 
 
+def test_workdir_that_is_a_file_is_refused_untouched(tmp_path):
+  import jaxcl
+  from resume_driver import config
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  with pytest.raises(ValueError, match="workdir .*notes.txt' is a file"):
+    jaxcl.run(config(), str(path))
+  assert path.read_text() == "mine"
+
+
 def test_data_dir_is_not_part_of_the_fingerprint():
   """Moving the data (or spelling its path differently) changes nothing
   computed: resumes and cached results stay valid; older fingerprints
