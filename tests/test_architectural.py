@@ -181,6 +181,15 @@ def test_packnet_rejects_prune_fraction_outside_unit_interval(prune):
     packnet_lib.packnet(prune=prune)
 
 
+@pytest.mark.parametrize("kw", [{"retrain_epochs": 2.5},
+                                {"retrain_epochs": float("nan")},
+                                {"retrain_batch_size": 2.5}])
+def test_packnet_retraining_sizes_are_whole_numbers(kw):
+  # These failed with a TypeError only after the first experience trained.
+  with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int"):
+    packnet_lib.packnet(**kw)
+
+
 def test_packnet_rejects_weight_decay(split_task):
   c = make_config("packnet", opt="adamw", wd=1e-3)
   s = experiment.setup(c, split_task)
@@ -286,6 +295,10 @@ def test_hat_clamps_embeddings_and_clips_gradient_norm(split_task):
   np.testing.assert_allclose(float(optax.global_norm(g)), 3.0, rtol=1e-5)
   for bad in ({"thres_emb": 0.0}, {"clipgrad": -1.0}):
     with pytest.raises(ValueError, match="must be > 0"):
+      hat_lib.hat(**bad)
+  # Infinite s-annealing or strength gave a NaN loss at the first step.
+  for bad in ({"thres_cosh": float("inf")}, {"c": float("nan")}):
+    with pytest.raises(ValueError, match="must be a finite number"):
       hat_lib.hat(**bad)
 
 

@@ -723,6 +723,13 @@ def test_progress_compress_errors(stream):
     progress_compress(fisher="kfac")
   with pytest.raises(ValueError, match="2-column 'progressive' model"):
     train.init_state(make_ctx(stream), progress_compress(), 0)
+  for kw, match in (({"seed": -1}, "progress_compress: seed must be an int"),
+                    ({"reset_active": "yes"}, "reset_active must be True or "
+                     "False"),
+                    ({"compress_lr": float("inf")}, "compress_lr must be a "
+                     "finite number > 0")):
+    with pytest.raises(ValueError, match=match):
+      progress_compress(**kw)
 
 
 # ---------------------------------------------------------------------------
@@ -771,6 +778,9 @@ def test_ar1_star_keeps_replayed_classes_units_active(stream):
     ar1(replay_batch_size=4)
   with pytest.raises(ValueError, match="mem_size"):
     ar1(mem_size=-1)
+  with pytest.raises(ValueError, match="layer='bogus' .* needs a latent "
+                     "memory"):
+    ar1(layer="bogus")  # was ignored without a memory
   ctx = make_ctx(stream, widths=(32, 16))
   with pytest.raises(ValueError, match="nope"):
     train.init_state(ctx, ar1(mem_size=20, layer="nope"), 0)
@@ -848,6 +858,17 @@ def test_ar1_star_keeps_replayed_classes_units_active(stream):
   st = plain.before_experience(ctx, st, exps[1])
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(
       st.strategy[0].active)), [2, 3])
+
+
+def test_negative_replay_errors_name_it():
+  from jaxcl.strategies.generative_negative_replay import (
+      generative_negative_replay)
+  # Its checks used to speak of "generative_replay", the inner strategy.
+  with pytest.raises(ValueError, match="generative_negative_replay: gen_lr "
+                     "must be a finite number > 0, got inf"):
+    generative_negative_replay(gen_lr=float("inf"))
+  with pytest.raises(ValueError, match="generative_negative_replay: latent"):
+    generative_negative_replay(latent=0)
 
 
 def test_negative_loss_moves_only_current_class_logits():

@@ -409,6 +409,10 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting):
     (lwf, dict(temperature=0.0), "temperature"),
     (lwf, dict(temperature=-2.0), "temperature"),
     (lwf, dict(alpha=-1.0), "alpha"),
+    # numpy took these seeds only after the first experience had trained.
+    (ewc, dict(seed=-1), "ewc: seed must be an int >= 0, got -1"),
+    (online_ewc, dict(seed=2.5), "online_ewc: seed must be an int"),
+    (mas, dict(seed=float("nan")), "mas: seed must be an int"),
 ])
 def test_bad_hyperparameters_raise(factory, kwargs, needle):
   with pytest.raises(ValueError, match=needle):

@@ -248,17 +248,31 @@ def test_gdumb_predict_masks_classes_not_in_memory(stream):
 def test_gdumb_bad_inputs(stream):
   ctx = make_ctx(stream)
   with pytest.raises(ValueError, match="smaller than the number of classes"):
-    gdumb(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
-  with pytest.raises(ValueError, match="epochs must be a positive int"):
+    gdumb(mem_size=5, batch_size=4).init(ctx, jax.random.PRNGKey(0), None)
+  with pytest.raises(ValueError, match="epochs must be an int >= 1"):
     gdumb(epochs=0)
   with pytest.raises(ValueError, match="min_learning_rate"):
     gdumb(learning_rate=0.01, min_learning_rate=0.1)
   with pytest.raises(ValueError, match="unknown gdumb schedule 'step'"):
     gdumb(schedule="step")
-  with pytest.raises(ValueError, match="clip must be a number >= 0"):
+  with pytest.raises(ValueError, match="clip must be a finite number >= 0"):
     gdumb(clip=-1.0)
   with pytest.raises(ValueError, match="crop_padding must be an int"):
     gdumb(crop_padding=1.5)
+  # NaN passed `<= 0` checks and trained to NaN weights (found by a fuzz):
+  # NaN clip and weight decay read as "off"; 'no' read as True.
+  nan = float("nan")
+  for kw, match in (({"learning_rate": nan}, "learning_rate must be a "
+                     "finite number > 0, got nan"),
+                    ({"min_learning_rate": nan}, "min_learning_rate"),
+                    ({"clip": nan}, "clip must be a finite"),
+                    ({"weight_decay": float("inf")}, "weight_decay"),
+                    ({"mask_logits": "no"}, "mask_logits must be True or "
+                     "False, got 'no'"),
+                    ({"mem_size": 10, "batch_size": 16}, "batch_size=16 is "
+                     "larger than the memory")):
+    with pytest.raises(ValueError, match=match):
+      gdumb(**kw)
 
 
 def test_sgdr_epoch_lr_matches_pytorch_warm_restarts():
@@ -432,6 +446,9 @@ def test_mir_bad_inputs():
     mir(mem_size=500, candidates=600)
   with pytest.raises(ValueError, match="exclude_current must be a bool"):
     mir(exclude_current=1)
+  # An infinite virtual step ran and ranked by meaningless scores.
+  with pytest.raises(ValueError, match="mir: lr must be a finite number"):
+    mir(lr=float("inf"))
 
 
 # ---------------------------------------------------------------------------
@@ -578,8 +595,15 @@ def test_dgr_generator_learns_and_snapshots_are_copies(stream):
 
 
 def test_dgr_bad_inputs():
-  with pytest.raises(ValueError, match="temperature must be > 0"):
+  with pytest.raises(ValueError, match="temperature must be a finite number "
+                     "> 0"):
     generative_replay(temperature=0.0)
+  with pytest.raises(ValueError, match="temperature must be a finite"):
+    generative_replay(temperature=float("inf"), distill=True)
+  with pytest.raises(ValueError, match="distill must be True or False"):
+    generative_replay(distill="no")
+  with pytest.raises(ValueError, match="gen_lr must be a finite number"):
+    generative_replay(gen_lr=float("inf"))
   with pytest.raises(ValueError, match="current_weight must be in"):
     generative_replay(current_weight=1.5)
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.scenarios import Experience
+from jaxcl.strategies import _checks
 from jaxcl.state import Batch, Context
 from jaxcl.train import experience_batches
 
@@ -46,10 +47,7 @@ FISHER_TYPES = ("exact", "sampled", "predicted", "empirical")
 # Validation shared by the factories (raised before any tracing).
 
 
-def check_nonnegative(name: str, value: float) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value)
-          and value >= 0):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+check_nonnegative = _checks.nonnegative  # the name the factories use
 
 
 def check_fisher(who: str, fisher: str) -> None:
@@ -59,12 +57,16 @@ def check_fisher(who: str, fisher: str) -> None:
                      f"{list(FISHER_TYPES)}")
 
 
-def check_estimator_args(max_examples: int, batch_size: int) -> None:
-  if not isinstance(max_examples, int) or max_examples < 0:
-    raise ValueError(f"max_examples must be an int >= 0 (0: all of the "
-                     f"experience's training examples), got {max_examples!r}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+def check_estimator_args(who: str, max_examples: int, batch_size: int,
+                         seed: int = 0) -> None:
+  """The importance estimate's example count, batch and seed (``who``: the
+  strategy, for the message)."""
+  _checks.whole(f"{who}: max_examples", max_examples, 0,
+                "0: all of the experience's training examples")
+  _checks.whole(f"{who}: batch_size", batch_size, 1)
+  # numpy's generators take the seed after the first experience has
+  # trained; refuse a bad one now.
+  _checks.whole(f"{who}: seed", seed, 0)
 
 
 # --------------------------------------------------------------------------

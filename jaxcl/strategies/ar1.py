@@ -58,9 +58,13 @@ from jaxcl.strategy import Strategy, chain
 __all__ = ["ar1"]
 
 
+# AR1*'s latent replay splits the MLP after its first hidden layer.
+_DEFAULT_LAYER = "backbone/Dense_0"
+
+
 def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
         mem_size: int = 0, replay_batch_size: int = 0,
-        layer: str = "backbone/Dense_0") -> Strategy:
+        layer: str = _DEFAULT_LAYER) -> Strategy:
   """AR1 = CWR* (head) + SI (lower layers); AR1* with ``mem_size > 0``.
 
   Args:
@@ -95,6 +99,10 @@ def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
   elif replay_batch_size:
     raise ValueError(f"ar1: replay_batch_size={replay_batch_size} needs a "
                      "latent memory (mem_size > 0)")
+  elif layer != _DEFAULT_LAYER:
+    raise ValueError(f"ar1: layer={layer!r} names where latent replay "
+                     "splits the model; it needs a latent memory (mem_size "
+                     "> 0)")
   members = [cwr_star(backbone_lr_scale=float(lower_lr_scale)),
              si(c=c, xi=xi)]
   if mem_size:

@@ -118,9 +118,10 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
   Raises:
     ValueError: ``backbone_lr_scale`` outside [0, 1].
   """
-  if not 0.0 <= backbone_lr_scale <= 1.0:
-    raise ValueError(f"backbone_lr_scale={backbone_lr_scale} is outside "
-                     "[0, 1] (0 freezes the feature extractor)")
+  if isinstance(backbone_lr_scale, bool) or not isinstance(
+      backbone_lr_scale, (int, float)) or not 0.0 <= backbone_lr_scale <= 1.0:
+    raise ValueError(f"cwr_star: backbone_lr_scale={backbone_lr_scale!r} is "
+                     "outside [0, 1] (0 freezes the feature extractor)")
 
   def init(ctx, key, params):
     del key

@@ -135,7 +135,7 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
   """
   _penalty.check_nonnegative("ewc: lam", lam)
   _penalty.check_fisher("ewc", fisher)
-  _penalty.check_estimator_args(max_examples, batch_size)
+  _penalty.check_estimator_args("ewc", max_examples, batch_size, seed)
 
   # Compiled once per factory (ctx is static and hashable); the state comes
   # in as an argument, never through a closure.

@@ -47,6 +47,7 @@ import optax
 
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
+from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -61,15 +62,6 @@ class GDumbState(NamedTuple):
   memory: buffers.Memory  # class-balanced, mem_size input-shaped examples
   experience: jax.Array   # int32 scalar: index of the current experience
   key: jax.Array          # PRNG key (sampler and retraining)
-
-
-def _positive(name, value, kind=int):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if kind is int:
-    ok = ok and isinstance(value, int)
-  if not ok or value <= 0:
-    raise ValueError(f"gdumb {name} must be a positive {kind.__name__}, "
-                     f"got {value!r}")
 
 
 def _class_mask(mem: buffers.Memory, num_classes: int) -> jax.Array:
@@ -222,10 +214,14 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
       number of classes.
   """
   buffers.check_capacity(mem_size, "mem_size")
-  _positive("epochs", epochs)
-  _positive("batch_size", batch_size)
-  _positive("learning_rate", learning_rate, float)
-  _positive("min_learning_rate", min_learning_rate, float)
+  _checks.whole("gdumb: epochs", epochs, 1)
+  _checks.whole("gdumb: batch_size", batch_size, 1)
+  if batch_size > mem_size:
+    raise ValueError(f"gdumb: batch_size={batch_size} is larger than the "
+                     f"memory (mem_size={mem_size}); use <= {mem_size}")
+  _checks.positive("gdumb: learning_rate", learning_rate)
+  _checks.positive("gdumb: min_learning_rate", min_learning_rate)
+  _checks.flag("gdumb: mask_logits", mask_logits)
   if min_learning_rate > learning_rate:
     raise ValueError(f"gdumb min_learning_rate={min_learning_rate} must not "
                      f"exceed learning_rate={learning_rate}")
@@ -234,13 +230,9 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown gdumb schedule {schedule!r}; valid: "
                      f"{list(SCHEDULES)}")
-  for name, v in (("clip", clip), ("weight_decay", weight_decay)):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-      raise ValueError(f"gdumb {name} must be a number >= 0, got {v!r}")
-  if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) \
-      or crop_padding < 0:
-    raise ValueError(f"gdumb crop_padding must be an int >= 0, got "
-                     f"{crop_padding!r}")
+  _checks.nonnegative("gdumb: clip", clip)  # 0: no clipping
+  _checks.nonnegative("gdumb: weight_decay", weight_decay)
+  _checks.whole("gdumb: crop_padding", crop_padding, 0, "0: no crops")
 
   fit = jax.jit(functools.partial(
       retrain, epochs=epochs, batch_size=batch_size,

@@ -80,8 +80,8 @@ import numpy as np
 import optax
 
 from jaxcl.models.vae import VAE
-from jaxcl.strategies.generative_replay import (DGRState, generative_replay,
-                                                replay_rows)
+from jaxcl.strategies.generative_replay import (DGRState, check_generator_args,
+                                                generative_replay, replay_rows)
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
 
@@ -118,9 +118,10 @@ def generative_negative_replay(batch_size: int = 0,
     gen_lr: the generator's Adam learning rate.
 
   Raises:
-    ValueError: bad sizes or learning rate (from
-      :func:`jaxcl.strategies.generative_replay.generative_replay`).
+    ValueError: bad sizes or learning rate.
   """
+  check_generator_args("generative_negative_replay", batch_size, hidden,
+                       latent, gen_lr)
   inner = generative_replay(batch_size=batch_size, hidden=tuple(hidden),
                             latent=latent, gen_lr=gen_lr)
   vaes = {}

@@ -41,18 +41,20 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxcl.models.vae import VAE, vae_loss
+from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
-__all__ = ["generative_replay", "DGRState", "replay_rows"]
+__all__ = ["generative_replay", "DGRState", "replay_rows",
+           "check_generator_args"]
 
 _NEG = -1e9
 
@@ -87,6 +89,20 @@ def replay_rows(ctx, vae: VAE, sstate: DGRState, key: jax.Array, n: int,
           "soft": jax.nn.softmax(logits / temperature, -1), "task": task}
 
 
+def check_generator_args(who: str, batch_size: int, hidden: Sequence[int],
+                         latent: int, gen_lr: float) -> None:
+  """The replayed batch and the VAE's sizes and rate (shared with
+  generative negative replay, named by ``who``)."""
+  _checks.whole(f"{who}: batch_size", batch_size, 0,
+                "0: the training batch size")
+  hidden = tuple(hidden)
+  if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                       for h in hidden):
+    raise ValueError(f"{who}: hidden must be positive ints, got {hidden!r}")
+  _checks.whole(f"{who}: latent", latent, 1)
+  _checks.positive(f"{who}: gen_lr", gen_lr)
+
+
 def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
                       latent: int = 100, gen_lr: float = 1e-3,
                       distill: bool = False, temperature: float = 2.0,
@@ -107,22 +123,11 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
   Raises:
     ValueError: bad sizes, learning rate, temperature or weight.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
-      batch_size < 0:
-    raise ValueError(f"generative_replay batch_size must be an int >= 0 (0: "
-                     f"the training batch size), got {batch_size!r}")
+  check_generator_args("generative_replay", batch_size, hidden, latent,
+                       gen_lr)
   hidden = tuple(hidden)
-  if not hidden or any(not isinstance(h, int) or h < 1 for h in hidden):
-    raise ValueError(f"generative_replay hidden must be positive ints, got "
-                     f"{hidden!r}")
-  if not isinstance(latent, int) or latent < 1:
-    raise ValueError(f"generative_replay latent must be a positive int, got "
-                     f"{latent!r}")
-  if not gen_lr > 0:
-    raise ValueError(f"generative_replay gen_lr must be > 0, got {gen_lr}")
-  if not temperature > 0:
-    raise ValueError(f"generative_replay temperature must be > 0, got "
-                     f"{temperature}")
+  _checks.flag("generative_replay: distill", distill)
+  _checks.positive("generative_replay: temperature", temperature)
   if not 0 <= current_weight <= 1:
     raise ValueError(f"generative_replay current_weight must be in [0, 1] "
                      f"(0: 1/(t+1)), got {current_weight}")

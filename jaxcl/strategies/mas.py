@@ -73,7 +73,7 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
     ValueError: negative ``lam`` or bad sizes.
   """
   _penalty.check_nonnegative("mas: lam", lam)
-  _penalty.check_estimator_args(max_examples, batch_size)
+  _penalty.check_estimator_args("mas", max_examples, batch_size, seed)
 
   # Compiled once per factory (ctx static); the state is an argument.
   @functools.partial(jax.jit, static_argnums=0)

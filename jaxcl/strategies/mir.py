@@ -46,6 +46,7 @@ import optax
 
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
+from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
@@ -114,8 +115,7 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
   if batch_size > candidates:
     raise ValueError(f"mir replay batch_size={batch_size} is larger than "
                      f"candidates={candidates}; use batch_size <= candidates")
-  if not (isinstance(lr, (int, float)) and lr > 0):
-    raise ValueError(f"mir lr must be > 0, got {lr!r}")
+  _checks.positive("mir: lr", lr)
   if not isinstance(exclude_current, bool):
     raise ValueError(f"mir exclude_current must be a bool, got "
                      f"{exclude_current!r}")

@@ -85,7 +85,7 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
           and 0.0 < gamma <= 1.0):
     raise ValueError(f"online_ewc: gamma must be in (0, 1], got {gamma!r}")
   _penalty.check_fisher("online_ewc", fisher)
-  _penalty.check_estimator_args(max_examples, batch_size)
+  _penalty.check_estimator_args("online_ewc", max_examples, batch_size, seed)
 
   # Compiled once per factory (ctx static); the state is an argument.
   @functools.partial(jax.jit, static_argnums=0)

@@ -61,7 +61,7 @@ import numpy as np
 import optax
 
 from jaxcl.models.masked import check_zero_grad_is_zero_update, task_row_grads
-from jaxcl.strategies import _penalty
+from jaxcl.strategies import _checks, _penalty
 from jaxcl.strategy import Strategy
 from jaxcl.train import experience_batches
 
@@ -119,11 +119,11 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"progress_compress: {name} must be an int >= 1, "
                        f"got {v!r}")
-  if not (isinstance(compress_lr, (int, float)) and compress_lr > 0):
-    raise ValueError(f"progress_compress: compress_lr must be > 0, got "
-                     f"{compress_lr!r}")
+  _checks.positive("progress_compress: compress_lr", compress_lr)
   _penalty.check_fisher("progress_compress", fisher)
-  _penalty.check_estimator_args(max_examples, compress_batch_size)
+  _penalty.check_estimator_args("progress_compress", max_examples,
+                                compress_batch_size, seed)
+  _checks.flag("progress_compress: reset_active", reset_active)
   tx = optax.adam(compress_lr)
   every = lambda path, g: True  # every leaf is stacked by column
 

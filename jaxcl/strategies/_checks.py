@@ -1,0 +1,46 @@
+"""Argument checks shared by the strategy factories.
+
+They run when a strategy is built, before any tracing, and name the
+argument as ``"<strategy>: <argument>"`` with the range it allows. A bool
+is not a number here, and NaN or infinity is not a valid rate, strength or
+size: ``nan <= 0`` is False, so a bare comparison lets it through to
+training, where it surfaces as a non-finite loss blamed on the learning
+rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["nonnegative", "positive", "whole", "flag"]
+
+
+def _real(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def nonnegative(name: str, value: Any) -> None:
+  """A finite number >= 0."""
+  if not (_real(value) and value >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def positive(name: str, value: Any) -> None:
+  """A finite number > 0."""
+  if not (_real(value) and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def whole(name: str, value: Any, minimum: int = 0, note: str = "") -> None:
+  """An int >= ``minimum`` (``note`` says what a special value means)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}"
+                     f"{f' ({note})' if note else ''}, got {value!r}")
+
+
+def flag(name: str, value: Any) -> None:
+  """True or False (a string such as ``'no'`` would otherwise read as on)."""
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be True or False, got {value!r}")
