@@ -4,9 +4,13 @@
             [--resume | --noresume]
   jaxcl sweep [--config ...] --seeds 0,1,2 [--values KEY=V1,V2 ...]
             [--scenario_per_seed] [--workdir DIR]
+  jaxcl methods [NAME ... | --markdown]
 
 ``sweep`` trains every (seed, value) run as one vmapped program and reports
 each run's metrics and the mean ± standard error over seeds.
+
+``methods`` lists the strategies by family; with names, it prints each
+one's paper, arguments and defaults (``--markdown``: docs/methods.md).
 
 ``--config`` is an ml_collections config file defining ``get_config(arg)``
 (see ``experiments/``); without it the default experiment runs (Split
@@ -25,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-COMMANDS = ("run", "sweep")
+COMMANDS = ("run", "sweep", "methods")
 
 # Defined in main(): ml_collections applies --config.<path> overrides when
 # the flag is defined, and a path the config lacks must be reported there.
@@ -130,6 +134,41 @@ def _unknown_field(e: BaseException) -> None:
   sys.exit(2)
 
 
+def _methods(names: list[str]) -> None:
+  """``jaxcl methods``: no config, no JAX work; only the strategy modules'
+  signatures and docstrings."""
+  from jaxcl import strategies
+  if any(n in ("-h", "--help", "help") for n in names):
+    print("usage: jaxcl methods [NAME ... | --markdown]")
+    return
+  options = [n for n in names if n.startswith("-")]
+  if options and (options != ["--markdown"] or len(names) > 1):
+    print(f"jaxcl: error: jaxcl methods takes strategy names or "
+          f"--markdown alone; got {names}", file=sys.stderr)
+    sys.exit(2)
+  unknown = [n for n in names if not n.startswith("-")
+             and n not in strategies.available()]
+  if unknown:
+    print(f"jaxcl: error: unknown strategy {unknown[0]!r}; valid: "
+          f"{strategies.available()}", file=sys.stderr)
+    sys.exit(1)
+  if names == ["--markdown"]:
+    text = strategies.reference()
+  elif names:
+    text = "\n".join(strategies.describe(n) for n in names)
+  else:
+    text = "".join(
+        f"{family}:\n" + "".join(f"  {n:<28} {strategies.summary(n)}\n"
+                                 for n in members)
+        for family, members in strategies.FAMILIES.items())
+    text += "\n`jaxcl methods NAME` shows a method's paper and arguments.\n"
+  try:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  except BrokenPipeError:  # `jaxcl methods | head`: the reader left
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -140,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jaxcl: unknown command {command!r}; valid: {list(COMMANDS)}",
           file=sys.stderr)
     sys.exit(2)
+  if command == "methods":
+    _methods(argv[2:])
+    return
   handler = {"run": _run, "sweep": _sweep}[command]
   try:
     _define_config_flag()

@@ -82,3 +82,32 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match):
   assert p.returncode == 1
   assert match in p.stderr
   assert "Traceback" not in p.stderr
+
+
+def test_methods_lists_every_strategy_and_describes_one(tmp_path):
+  from jaxcl import strategies
+  p = jaxcl("methods", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  listed = re.findall(r"^  (\w+) ", p.stdout, re.M)
+  assert sorted(listed) == strategies.available()
+  p = jaxcl("methods", "ewc", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  # The signature's defaults and the factory's own argument docs.
+  assert "ewc(lam=100.0, fisher='exact'" in p.stdout
+  assert "lam: penalty strength" in p.stdout and "Kirkpatrick" in p.stdout
+  p = jaxcl("methods", "ewcc", cwd=tmp_path)
+  assert p.returncode == 1 and "unknown strategy 'ewcc'; valid" in p.stderr
+  assert "Traceback" not in p.stderr
+
+
+def test_method_reference_is_current_and_complete():
+  # docs/methods.md is generated from the code; a changed signature or
+  # docstring, or a new strategy module, must be regenerated into it
+  # (`jaxcl methods --markdown > docs/methods.md`).
+  from jaxcl import strategies
+  families = [n for names in strategies.FAMILIES.values() for n in names]
+  assert sorted(families) == strategies.available()  # each exactly once
+  baselines = set(strategies.FAMILIES["baselines"])
+  assert set(strategies.PAPERS) == set(families) - baselines
+  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+    assert f.read() == strategies.reference()

@@ -10,12 +10,82 @@ module name, so adding a method needs no registry edit.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import textwrap
 from typing import Any, Callable
 
 from jaxcl.strategy import Strategy, chain
 
-__all__ = ["available", "get", "from_spec"]
+__all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "describe",
+           "summary", "reference"]
+
+# The survey's families (DESIGN.md); every module is in exactly one
+# (tested), so a new method cannot go missing from the method reference.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead"),
+    "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
+                       "hypernetwork"),
+    "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
+               "generative_replay"),
+    "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
+                      "supsup"),
+    "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
+               "generative_negative_replay"),
+}
+
+# The paper each method follows (its module docstring gives the equations).
+PAPERS: dict[str, str] = {
+    "ewc": "Kirkpatrick et al. 2017, *Overcoming catastrophic forgetting in "
+           "neural networks*, PNAS",
+    "online_ewc": "Schwarz et al. 2018, *Progress & Compress: a scalable "
+                  "framework for continual learning*, ICML",
+    "si": "Zenke, Poole & Ganguli 2017, *Continual learning through synaptic "
+          "intelligence*, ICML",
+    "mas": "Aljundi et al. 2018, *Memory aware synapses: learning what (not) "
+           "to forget*, ECCV",
+    "lwf": "Li & Hoiem 2017, *Learning without forgetting*, TPAMI",
+    "hypernetwork": "von Oswald et al. 2020, *Continual learning with "
+                    "hypernetworks*, ICLR",
+    "replay": "Chaudhry et al. 2019, *On tiny episodic memories in continual "
+              "learning*; Buzzega et al. 2020's ER baseline",
+    "gdumb": "Prabhu, Torr & Dokania 2020, *GDumb: a simple approach that "
+             "questions our progress in continual learning*, ECCV",
+    "mir": "Aljundi et al. 2019, *Online continual learning with maximally "
+           "interfered retrieval*, NeurIPS",
+    "exstream": "Hayes, Cahill & Kanan 2019, *Memory efficient experience "
+                "replay for streaming learning*, ICRA",
+    "latent_replay": "Pellegrini et al. 2020, *Latent replay for real-time "
+                     "continual learning*, IROS",
+    "generative_replay": "Shin et al. 2017, *Continual learning with deep "
+                         "generative replay*, NeurIPS",
+    "cwr_star": "Lomonaco & Maltoni 2017 (CWR); Maltoni & Lomonaco 2019, "
+                "*Continuous learning in single-incremental-task scenarios*, "
+                "Neural Networks (CWR*)",
+    "progressive": "Rusu et al. 2016, *Progressive neural networks*, "
+                   "arXiv:1606.04671",
+    "piggyback": "Mallya, Davis & Lazebnik 2018, *Piggyback: adapting a "
+                 "single network to multiple tasks by learning to mask "
+                 "weights*, ECCV",
+    "packnet": "Mallya & Lazebnik 2018, *PackNet: adding multiple tasks to a "
+               "single network by iterative pruning*, CVPR",
+    "hat": "Serrà et al. 2018, *Overcoming catastrophic forgetting with hard "
+           "attention to the task*, ICML",
+    "supsup": "Wortsman et al. 2020, *Supermasks in superposition*, NeurIPS",
+    "gem": "Lopez-Paz & Ranzato 2017, *Gradient episodic memory for "
+           "continual learning*, NeurIPS",
+    "agem": "Chaudhry et al. 2019, *Efficient lifelong learning with "
+            "A-GEM*, ICLR",
+    "icarl": "Rebuffi et al. 2017, *iCaRL: incremental classifier and "
+             "representation learning*, CVPR",
+    "progress_compress": "Schwarz et al. 2018, *Progress & Compress: a "
+                         "scalable framework for continual learning*, ICML",
+    "ar1": "Maltoni & Lomonaco 2019, *Continuous learning in "
+           "single-incremental-task scenarios*, Neural Networks",
+    "generative_negative_replay": "Graffieti et al. 2022, *Generative "
+                                  "negative replay for continual learning*, "
+                                  "Neural Networks 2023",
+}
 
 
 def available() -> list[str]:
@@ -77,3 +147,66 @@ def from_spec(spec: str, kwargs: dict[str, dict[str, Any]] | None = None
 
   strategy = members[0] if len(members) == 1 else chain(*members)
   return strategy, scenario_fn
+
+
+def describe(name: str) -> str:
+  """A markdown reference for strategy ``name``: what it does, its paper,
+  its factory's signature with defaults and the factory's ``Args``.
+
+  Built from the code (signature and docstrings), so it cannot drift from
+  it; ``docs/methods.md`` and ``jaxcl methods NAME`` print it.
+  """
+  module = _module(name)
+  factory = getattr(module, name)
+  lines = [f"### `{name}`", "", summary(name), ""]
+  if name in PAPERS:
+    lines += [f"Paper: {PAPERS[name]}.", ""]
+  # name=default only: the annotations are strings here (postponed
+  # evaluation) and the Args below say what each value means.
+  params = ", ".join(
+      str(p.replace(annotation=inspect.Parameter.empty))
+      for p in inspect.signature(factory).parameters.values())
+  lines += ["```python", f"{name}({params})", "```", ""]
+  args = _doc_section(inspect.getdoc(factory) or "", "Args")
+  if args:
+    lines += ["Arguments:", "", "```", args, "```", ""]
+  return "\n".join(lines)
+
+
+def summary(name: str) -> str:
+  """The first line of strategy ``name``'s module docstring."""
+  return (inspect.getdoc(_module(name)) or "").splitlines()[0]
+
+
+def reference() -> str:
+  """``docs/methods.md``: every method by family, then each described."""
+  lines = ["# Methods", "",
+           "Generated from the code by `jaxcl methods --markdown` (a test "
+           "fails when it is stale). Each strategy is "
+           "`jaxcl.strategies.get(name, **arguments)`, or from a config "
+           "`config.strategy.name = name` and `config.strategy[name] = "
+           "dict(arguments)`; chain several with `+` (e.g. `ewc+replay`).",
+           ""]
+  for family, names in FAMILIES.items():
+    lines += [f"## {family.capitalize()}", "", "| strategy | what it does |",
+              "| --- | --- |"]
+    lines += [f"| [`{n}`](#{n}) | {summary(n)} |" for n in names]
+    lines.append("")
+  for names in FAMILIES.values():
+    for n in names:
+      lines.append(describe(n))
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def _doc_section(doc: str, header: str) -> str:
+  """The body of a Google-style docstring section (dedented), or ``''``."""
+  out, inside = [], False
+  for line in doc.splitlines():
+    if line.strip() == f"{header}:":
+      inside = True
+      continue
+    if inside and line and not line.startswith(" "):
+      break  # the next section
+    if inside:
+      out.append(line)
+  return textwrap.dedent("\n".join(out)).strip()
