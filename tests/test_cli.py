@@ -109,5 +109,10 @@ def test_method_reference_is_current_and_complete():
   assert sorted(families) == strategies.available()  # each exactly once
   baselines = set(strategies.FAMILIES["baselines"])
   assert set(strategies.PAPERS) == set(families) - baselines
+  assert set(strategies.NEEDS) <= set(families)
+  from jaxcl import models
+  for need in strategies.NEEDS.values():  # every model named exists
+    for model in re.findall(r"the `(\w+)` model", need):
+      assert model in models.available(), model
   with open(os.path.join(REPO, "docs", "methods.md")) as f:
     assert f.read() == strategies.reference()

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from jaxcl.strategy import Strategy, chain
 
-__all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "describe",
-           "summary", "reference"]
+__all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
+           "describe", "summary", "reference"]
 
 # The survey's families (DESIGN.md); every module is in exactly one
 # (tested), so a new method cannot go missing from the method reference.
@@ -85,6 +85,27 @@ PAPERS: dict[str, str] = {
     "generative_negative_replay": "Graffieti et al. 2022, *Generative "
                                   "negative replay for continual learning*, "
                                   "Neural Networks 2023",
+}
+
+
+# What a method needs beyond the default MLP and stream. Each is checked
+# with a clear error at ``init``; listed here so a reader knows before.
+NEEDS: dict[str, str] = {
+    "multihead": "task ids (`scenario.kind='task'`) and a model with a "
+                 "`head` layer",
+    "cwr_star": "a single head over all classes",
+    "hypernetwork": "the `hypernet` model",
+    "progressive": "the `progressive` model and a task id per experience",
+    "piggyback": "the `masked_mlp` model with `mask='threshold'` over "
+                 "pretrained weights (`pretrained=` an .npz from "
+                 "`jaxcl.pretrained.save`) and a task id per experience",
+    "packnet": "a task id per experience",
+    "hat": "the `hat_mlp` model and a task id per experience",
+    "supsup": "the `masked_mlp` model with `mask='edge_popup'` or `'sign'` "
+              "and a task id per experience",
+    "progress_compress": "the 2-column `progressive` model and a class- or "
+                         "domain-incremental stream",
+    "ar1": "a single head over all classes (CWR*)",
 }
 
 
@@ -161,6 +182,8 @@ def describe(name: str) -> str:
   lines = [f"### `{name}`", "", summary(name), ""]
   if name in PAPERS:
     lines += [f"Paper: {PAPERS[name]}.", ""]
+  if name in NEEDS:
+    lines += [f"Needs: {NEEDS[name]}.", ""]
   # name=default only: the annotations are strings here (postponed
   # evaluation) and the Args below say what each value means.
   params = ", ".join(
