@@ -21,7 +21,9 @@ resolved config, logs, TensorBoard events, the accuracy matrix and plots.
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 import time
 
@@ -34,6 +36,9 @@ COMMANDS = ("run", "sweep", "methods")
 # Defined in main(): ml_collections applies --config.<path> overrides when
 # the flag is defined, and a path the config lacks must be reported there.
 _CONFIG = None
+# --config.strategy.<name>.<arg> overrides, applied by this module (see
+# _split_strategy_overrides): (name, arg, text) in command-line order.
+_STRATEGY_ARGS: list[tuple[str, str, str]] = []
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: runs/<config name>-<time>). "
     "A directory that holds checkpoints of the same config is resumed.")
@@ -77,11 +82,82 @@ def _quiet_logs() -> None:
     parallel.initialize_multihost()
 
 
+_STRATEGY_ARG = re.compile(r"^--?config\.strategy\.(\w+)\.(\w+)(?:=(.*))?$",
+                           re.S)
+
+
+def _split_strategy_overrides(args: list[str]
+                              ) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """Takes ``--config.strategy.<name>.<arg>[=]VALUE`` out of ``args``.
+
+  A strategy's arguments are fields of ``config.strategy.<name>``, which
+  a config defines only for the strategies it sets up (the default config
+  for none), and ml_collections overrides only fields that exist. These
+  overrides are applied after the config is loaded instead, so that
+  ``--config.strategy.name=ewc --config.strategy.ewc.lam=1000`` works on
+  any config; the strategy's factory checks the names and values.
+  """
+  rest, found, i = [], [], 0
+  while i < len(args):
+    m = _STRATEGY_ARG.match(args[i])
+    if m is None:
+      rest.append(args[i])
+    elif m.group(3) is not None:
+      found.append((m.group(1), m.group(2), m.group(3)))
+    elif i + 1 < len(args):  # --config.strategy.ewc.lam 1000
+      found.append((m.group(1), m.group(2), args[i + 1]))
+      i += 1
+    else:
+      raise ValueError(f"{args[i]} needs a value")
+    i += 1
+  return rest, found
+
+
+def _literal(text: str):
+  """``'1000'`` -> 1000, ``'(16,)'`` -> (16,), ``'True'`` -> True; anything
+  that is not a Python literal stays a string (``exact``)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _factory_default(name: str, arg: str):
+  from jaxcl import strategies
+  if name not in strategies.available():
+    return None  # from_spec names the unknown strategy
+  return strategies.defaults(name).get(arg)
+
+
+def _config():
+  """The parsed config with the strategy overrides written in."""
+  config = _CONFIG.value
+  if not _STRATEGY_ARGS:
+    return config
+  with config.unlocked():
+    for name, arg, text in _STRATEGY_ARGS:
+      if name not in config.strategy:
+        config.strategy[name] = {}
+      node, value = config.strategy[name], _literal(text)
+      # lam=1000 where the config or the factory has a float: 1000.0, so
+      # the config (and the checkpoint fingerprint) reads the same as
+      # lam=1000.0 would.
+      old = node.get(arg, _factory_default(name, arg))
+      if isinstance(old, float) and isinstance(value, int) and not \
+          isinstance(value, bool):
+        value = float(value)
+      try:
+        node[arg] = value
+      except TypeError as e:  # ml_collections keeps a field's type
+        raise ValueError(f"--config.strategy.{name}.{arg}={text}: {e}") from e
+  return config
+
+
 def _run(argv) -> None:
   del argv
   _quiet_logs()
   from jaxcl import experiment, report
-  config = _CONFIG.value
+  config = _config()
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"jaxcl: {config.get('name', 'run')} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
@@ -95,7 +171,7 @@ def _sweep(argv) -> None:
   del argv
   _quiet_logs()
   from jaxcl import sweep
-  config = _CONFIG.value
+  config = _config()
   workdir = _WORKDIR.value or _default_workdir(config)
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
@@ -111,12 +187,14 @@ def _sweep(argv) -> None:
   print(f"\ntime: {result.times['total']:.1f} s; outputs in {workdir}")
 
 
-def _define_config_flag() -> None:
+def _define_config_flag(sys_argv: list[str]) -> None:
   global _CONFIG
   if _CONFIG is None:
+    # sys_argv: ml_collections finds the overrides in it, and must not see
+    # the strategy overrides this module applies itself.
     _CONFIG = config_flags.DEFINE_config_file(
         "config", _DEFAULT, "Experiment config file (default: Split Digits).",
-        lock_config=True)
+        lock_config=True, sys_argv=sys_argv)
 
 
 def _unknown_field(e: BaseException) -> None:
@@ -184,11 +262,17 @@ def main(argv: list[str] | None = None) -> None:
     return
   handler = {"run": _run, "sweep": _sweep}[command]
   try:
-    _define_config_flag()
+    rest, strategy_args = _split_strategy_overrides(argv[2:])
+  except ValueError as e:
+    print(f"jaxcl: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  _STRATEGY_ARGS[:] = strategy_args
+  try:
+    _define_config_flag([argv[0]] + rest)
   except (KeyError, AttributeError) as e:
     _unknown_field(e)
   try:
-    app.run(handler, argv=[argv[0]] + argv[2:])
+    app.run(handler, argv=[argv[0]] + rest)
   except (KeyError, AttributeError) as e:
     if flags.FLAGS.is_parsed():  # raised by the run, not by an override
       raise

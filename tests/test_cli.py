@@ -116,3 +116,37 @@ def test_method_reference_is_current_and_complete():
       assert model in models.available(), model
   with open(os.path.join(REPO, "docs", "methods.md")) as f:
     assert f.read() == strategies.reference()
+
+
+def test_strategy_arguments_from_the_command_line(tmp_path):
+  # The default config defines no strategy.<name> node; these overrides
+  # are applied after it is loaded, and the factory checks them.
+  p = jaxcl("run", "--workdir", str(tmp_path / "r"),
+            "--config.strategy.name=ewc", "--config.strategy.ewc.lam=10",
+            "--config.strategy.ewc.fisher", "empirical",
+            "--config.train.epochs=1", "--config.report.progress=False",
+            cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  saved = json.load(open(tmp_path / "r" / "config.json"))["strategy"]
+  # lam=10 is stored as the factory's float, as lam=10.0 would be.
+  assert saved == {"name": "ewc", "ewc": {"lam": 10.0, "fisher": "empirical"}}
+  p = jaxcl("run", "--workdir", str(tmp_path / "s"),
+            "--config.strategy.name=ewc", "--config.strategy.ewc.lamda=1",
+            cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "unexpected keyword argument 'lamda'" in p.stderr
+  p = jaxcl("run", "--config.strategy.ewc.lam", cwd=tmp_path)
+  assert p.returncode == 2 and "--config.strategy.ewc.lam needs a value" \
+      in p.stderr
+
+
+def test_strategy_override_parsing():
+  from jaxcl import cli
+  rest, found = cli._split_strategy_overrides(
+      ["--config.strategy.name=gem", "--config.strategy.gem.margin=0.1",
+       "--config.strategy.gem.gram", "factored", "--workdir", "w"])
+  assert rest == ["--config.strategy.name=gem", "--workdir", "w"]
+  assert found == [("gem", "margin", "0.1"), ("gem", "gram", "factored")]
+  assert [cli._literal(t) for t in ("0.1", "200", "(16,)", "True",
+                                    "factored")] == [
+                                        0.1, 200, (16,), True, "factored"]

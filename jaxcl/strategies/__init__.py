@@ -18,7 +18,7 @@ from typing import Any, Callable
 from jaxcl.strategy import Strategy, chain
 
 __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
-           "describe", "summary", "reference"]
+           "defaults", "describe", "summary", "reference"]
 
 # The survey's families (DESIGN.md); every module is in exactly one
 # (tested), so a new method cannot go missing from the method reference.
@@ -194,6 +194,13 @@ def describe(name: str) -> str:
   if args:
     lines += ["Arguments:", "", "```", args, "```", ""]
   return "\n".join(lines)
+
+
+def defaults(name: str) -> dict[str, Any]:
+  """Strategy ``name``'s arguments and their default values."""
+  factory = getattr(_module(name), name)
+  return {p.name: p.default
+          for p in inspect.signature(factory).parameters.values()}
 
 
 def summary(name: str) -> str:
