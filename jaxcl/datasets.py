@@ -240,11 +240,11 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   ``jaxcl run``; the public loader is the fallback for another layout.
   """
   spec = importlib.util.find_spec("sklearn")
-  if spec is None or spec.origin is None:
+  if spec is None:
     raise ImportError("the 'digits' data set ships with scikit-learn, which "
                       "is not installed: pip install scikit-learn")
-  path = os.path.join(os.path.dirname(spec.origin), *_DIGITS_FILE)
-  if os.path.exists(path):
+  path = os.path.join(os.path.dirname(spec.origin or ""), *_DIGITS_FILE)
+  if spec.origin and os.path.exists(path):
     table = np.loadtxt(path, delimiter=",")  # 64 pixels, then the label
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
   from sklearn.datasets import load_digits

@@ -31,7 +31,8 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
 
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
-           "SCENARIO_TYPES"]
+           "SCENARIO_TYPES", "check_workdir", "build_strategy",
+           "build_optimizer"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 
@@ -101,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
   """The configured data set (and its seeded subset, if one is asked for)."""
+  _check_seed("seed", config.seed)
   dc = config.dataset
   data = datasets.load(dc.name, data_dir=dc.data_dir or None)
   if dc.train_subset or dc.test_subset:
@@ -119,6 +121,23 @@ _TYPE_FIELDS = {
 }
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses a run directory that is, or lies under, a file."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f"workdir {workdir!r}: {path!r} is a file; give a "
+                      "directory for the run's checkpoints and logs")
+
+
+def _check_seed(name: str, seed: Any) -> None:
+  # numpy's generators (subsets, permutations, angles) refuse negative
+  # seeds, and only once data is being built.
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ConfigError(f"{name} must be an int >= 0, got {seed!r}")
+
+
 def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
   if sc.type not in SCENARIO_TYPES:
     raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
@@ -132,15 +151,10 @@ def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"scenario.{f}={value!r} is read by {owner} streams only; "
             f"scenario.type={sc.type!r} would ignore it")
+  _check_seed("scenario.seed", sc.get("seed", 0))
   if sc.get("order_seed", -1) < -1:
     raise ConfigError(f"scenario.order_seed must be >= 0 (a seeded class "
                       f"order) or -1 (none), got {sc.order_seed}")
-  angles = tuple(sc.get("angles", ()))
-  if angles and len(angles) != sc.n_experiences:
-    raise ConfigError(
-        f"scenario.angles gives {len(angles)} angles but "
-        f"scenario.n_experiences={sc.n_experiences}; give one angle per "
-        "experience")
 
 
 def build_scenario(config: ml_collections.ConfigDict,
@@ -188,6 +202,23 @@ class Setup:
   strategy_name: str
 
 
+def build_strategy(config: ml_collections.ConfigDict
+                   ) -> tuple["strategies.Strategy", Any]:
+  """``config.strategy``'s record and its scenario transform (the factory
+  checks the arguments)."""
+  skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
+  return strategies.from_spec(config.strategy.name, skw)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int):
+  """``config.optimizer``'s optax transformation; a schedule decays over
+  ``schedule_steps`` optimiser steps (an experience's)."""
+  oc = config.optimizer
+  return make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
+                        weight_decay=oc.weight_decay, schedule=oc.schedule,
+                        schedule_steps=schedule_steps)
+
+
 def setup(config: ml_collections.ConfigDict,
           scenario: Scenario | None = None,
           strategy: "strategies.Strategy | None" = None) -> Setup:
@@ -202,8 +233,7 @@ def setup(config: ml_collections.ConfigDict,
   """
   base = scenario if scenario is not None else build_scenario(config)
   if strategy is None:
-    skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
-    strategy, transform = strategies.from_spec(config.strategy.name, skw)
+    strategy, transform = build_strategy(config)
     sc = transform(base)
   else:
     sc = base
@@ -225,12 +255,9 @@ def setup(config: ml_collections.ConfigDict,
     mkw["input_dim"] = int(np.prod(sc.input_shape))
   model = models.build(config.model.name, sc.num_classes, num_heads=heads,
                        **mkw)
-  oc = config.optimizer
   info = stream_info(sc, tc.batch_size)
-  steps = -(-info.train_size // tc.batch_size) * tc.epochs
-  tx = make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
-                      weight_decay=oc.weight_decay, schedule=oc.schedule,
-                      schedule_steps=steps)
+  tx = build_optimizer(config, -(-info.train_size // tc.batch_size) *
+                       tc.epochs)
   ctx = make_context(model, tx, info)
   epochs = 1 if sc.online else tc.epochs
   learner = make_learner(ctx, strategy, epochs=epochs,
@@ -357,6 +384,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     resume: None resumes when a checkpoint exists; True requires one; False
       refuses to start in a directory that has one.
   """
+  if workdir:
+    check_workdir(workdir)  # before any data is loaded
   s = setup(config, scenario, strategy)
   state = initial_state(s, config.seed)
   return execute(s, state, workdir, reporter=reporter, resume=resume)
@@ -391,9 +420,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   """
   from jaxcl import checkpoint, parallel, report  # side effects: the edges
 
-  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"workdir {workdir!r} is a file; give a directory for "
-                      "the run's checkpoints and logs")
+  if workdir:
+    check_workdir(workdir)
   t_start = time.perf_counter()
   config = s.config
   learner, sc = s.learner, s.scenario

@@ -372,13 +372,16 @@ def _rotate(x: np.ndarray, degrees: float,
   return out
 
 
-def rotated(data: Dataset, n_experiences: int = 20, kind: str = "domain",
+def rotated(data: Dataset, n_experiences: int | None = None,
+            kind: str = "domain",
             angles: Sequence[float] | None = None, seed: int = 0,
             max_angle: float = 180.0,
             interpolation: str = "bilinear") -> Scenario:
   """A fixed rotation per experience.
 
   Args:
+    n_experiences: the number of drawn angles (default 20); with explicit
+      ``angles``, it may be left out or must equal their number.
     angles: explicit angles in degrees, counter-clockwise; default draws
       ``n_experiences`` angles uniformly in ``[0, max_angle)`` from ``seed``
       (as in the GEM paper's Rotated MNIST).
@@ -389,9 +392,14 @@ def rotated(data: Dataset, n_experiences: int = 20, kind: str = "domain",
     raise ScenarioError(f"unknown interpolation {interpolation!r}; valid: "
                         f"{list(ROTATION_INTERPOLATIONS)}")
   if angles is None:
+    n_experiences = 20 if n_experiences is None else n_experiences
     if n_experiences < 1:
       raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
     angles = np.random.default_rng(seed).uniform(0, max_angle, n_experiences)
+  elif n_experiences is not None and n_experiences != len(angles):
+    # Either would silently win over the other.
+    raise ScenarioError(f"{len(angles)} angles but n_experiences="
+                        f"{n_experiences}; give one angle per experience")
   angles = [float(a) for a in angles]
   sc = _same_classes_stream(
       data, "rotated", kind,

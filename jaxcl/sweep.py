@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl import experiment, strategies
-from jaxcl.train import ConfigError, make_optimizer
+from jaxcl import experiment
+from jaxcl.train import ConfigError
 
 __all__ = ["sweep", "SweepResult", "parse_values", "summarise"]
 
@@ -177,7 +177,15 @@ def _with_setting(config, setting: dict[str, float]):
           node[p] = {}
         node = node[p]
       old = node.get(last)
-      node[last] = v if old is None or isinstance(old, bool) else type(old)(v)
+      if old is None or isinstance(old, bool):
+        node[last] = v
+        continue
+      cast = type(old)(v)
+      if cast != v:  # the state gets v itself; check that, not int(v)
+        raise ConfigError(
+            f"sweep {k!r}: {v!r} is not of type {type(old).__name__}, the "
+            f"type of the config's value {old!r}")
+      node[last] = cast
   return c
 
 
@@ -185,11 +193,8 @@ def _check_setting(config) -> None:
   """The optimiser and strategy factories' own checks of a setting's
   values (no tracing): a negative rate or strength is refused here as it
   is for a single run."""
-  oc = config.optimizer
-  make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
-                 weight_decay=oc.weight_decay)
-  skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
-  strategies.from_spec(config.strategy.name, skw)
+  experiment.build_optimizer(config, schedule_steps=1)
+  experiment.build_strategy(config)
 
 
 # Scenario types whose draw (config.scenario.seed) changes only the inputs.
@@ -246,9 +251,13 @@ def sweep(config, seeds: Sequence[int] = (0,),
     standard error over seeds per hyperparameter setting.
   """
   values = dict(values or {})
+  if workdir:
+    experiment.check_workdir(workdir)
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ConfigError("a sweep needs at least one seed")
+  if min(seeds) < 0:  # numpy's generators refuse them, after training starts
+    raise ConfigError(f"seeds must be >= 0, got {seeds}")
   # A repeated seed or value would be counted twice in the mean and its
   # standard error.
   _no_repeats("seeds", seeds)

@@ -80,8 +80,11 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
     raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
   if not learning_rate > 0:
     raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
-  if not 0 <= momentum < 1:  # also refuses NaN
-    raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+  # Checked whatever the name: a config keeps its value when the
+  # optimiser is switched to 'momentum' later. `not` also refuses NaN.
+  if not 0 <= momentum < 1:
+    raise ConfigError(f"momentum must be in [0, 1) (the heavy-ball "
+                      f"coefficient of optimizer 'momentum'), got {momentum}")
   if not 0 <= weight_decay < math.inf:
     raise ConfigError(f"weight_decay must be >= 0 and finite, got "
                       f"{weight_decay}")
@@ -156,7 +159,13 @@ def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
   ``{}`` for models without them). Strategies use it for fresh models
   (Ensemble, GDumb) and for the model state's structure at ``init``.
   """
-  variables = dict(_init_jit(ctx.model, tuple(ctx.info.input_shape), key))
+  shape = tuple(ctx.info.input_shape)
+  try:
+    hash(ctx.model)
+  except TypeError:  # e.g. widths=[400, 400]: cannot key a jit cache
+    variables = dict(_init_jit.__wrapped__(ctx.model, shape, key))
+  else:
+    variables = dict(_init_jit(ctx.model, shape, key))
   return variables.pop("params"), variables
 
 

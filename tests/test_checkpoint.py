@@ -111,6 +111,9 @@ def test_workdir_that_is_a_file_is_refused_untouched(tmp_path):
   path.write_text("mine")
   with pytest.raises(ValueError, match="workdir .*notes.txt' is a file"):
     jaxcl.run(config(), str(path))
+  with pytest.raises(ValueError, match="notes.txt/run'.*notes.txt' is a "
+                     "file"):
+    jaxcl.run(config(), str(path / "run"))
   assert path.read_text() == "mine"
 
 

@@ -51,8 +51,13 @@ def test_digits_file_equals_sklearn_loader(monkeypatch):
   # The digits are read from scikit-learn's CSV without importing it; they
   # must be exactly what its public loader gives, and a scikit-learn with
   # another file layout falls back to that loader.
+  import sklearn
   from sklearn.datasets import load_digits
 
+  # The fast path is taken with the scikit-learn installed here (if its
+  # layout changes, the loader falls back and this says the 1.4 s is back).
+  assert os.path.exists(os.path.join(os.path.dirname(sklearn.__file__),
+                                     *datasets._DIGITS_FILE))
   ref = load_digits()
   images, labels = datasets._digits_arrays()
   np.testing.assert_array_equal(images, ref.images)
@@ -107,6 +112,14 @@ def test_read_idx_roundtrip(tmp_path):
   p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) +
                 arr.tobytes())
   np.testing.assert_array_equal(datasets.read_idx(str(p)), arr)
+
+
+def test_subset_sizes(digits):
+  # 0 (the config default) and sizes past the data mean all of it.
+  full = digits.subset(0, 0)
+  assert len(full.train_y) == len(digits.train_y)
+  assert len(digits.subset(10 ** 6).train_y) == len(digits.train_y)
+  assert len(digits.subset(100, 50).test_y) == 50
 
 
 def test_subset_is_seeded(digits):

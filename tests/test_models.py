@@ -110,6 +110,10 @@ _TWO_TASKS = jaxcl.state.StreamInfo(
     ("mlp", 2, dict(widths=(16, 16), init="torch")),
     ("cnn", 1, {}), ("bn_mlp", 1, {}), ("hat_mlp", 2, {}),
     ("masked_mlp", 1, {}), ("hypernet", 1, dict(input_dim=64)),
+    ("progressive", 2, {}),
+    pytest.param("resnet18", 1, dict(width=4), marks=pytest.mark.slow),
+    # A list is unhashable: no jit cache key, so flax's own init runs.
+    ("mlp", 1, dict(widths=[16])),
 ])
 def test_compiled_init_equals_flax_init_bit_for_bit(name, heads, kw):
   # init_variables runs flax's init as one compiled program (cached per

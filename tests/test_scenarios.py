@@ -175,6 +175,9 @@ def test_rotated_zero_is_identity_and_90_moves_pixels():
   x[0, 0, 2, 0] = 1.0  # top middle
   d = Dataset("toy", x, np.array([0], np.int32), x, np.array([0], np.int32),
               1)
+  with pytest.raises(scenarios.ScenarioError, match="3 angles but "
+                     "n_experiences=5"):
+    scenarios.rotated(d, 5, angles=[0.0, 90.0, 180.0])
   s = scenarios.rotated(d, angles=[0.0, 90.0, 180.0])
   np.testing.assert_allclose(s.experiences[0].train_x, x, atol=1e-6)
   r180 = s.experiences[2].train_x[0, ..., 0]

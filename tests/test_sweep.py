@@ -145,6 +145,11 @@ def test_grid_values_get_the_factories_checks_before_any_training(
   c.strategy.name = "ewc"
   with pytest.raises(ValueError, match="lam must be .* >= 0, got -5"):
     sweep.sweep(c, seeds=[0], values={"strategy.ewc.lam": [10.0, -5.0]})
+  # An int in the config: -0.5 would be checked as int(-0.5) == 0 while
+  # the state got -0.5.
+  c.strategy.ewc = {"lam": 100}
+  with pytest.raises(ValueError, match="-0.5 is not of type int"):
+    sweep.sweep(c, seeds=[0], values={"strategy.ewc.lam": [10.0, -0.5]})
   assert not trained
 
 
@@ -160,7 +165,9 @@ def test_repeated_or_non_numeric_grid_is_refused():
     sweep.parse_values(["strategy.name=naive,ewc"])
   with pytest.raises(ValueError, match="--seeds: 'a' is not an integer"):
     sweep.parse_seeds(["0", "a"])
-  assert sweep.parse_seeds(["3", "-1"]) == [3, -1]
+  assert sweep.parse_seeds(["3", "0"]) == [3, 0]
+  with pytest.raises(ValueError, match=r"seeds must be >= 0, got \[0, -1\]"):
+    sweep.sweep(small_config(), seeds=[0, -1])
 
 
 @pytest.mark.parametrize("name,kwargs", [

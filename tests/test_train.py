@@ -282,11 +282,13 @@ def test_non_finite_loss_names_experience_and_step():
     ("model.widths", (32, 0), r"widths=\(32, 0\); every layer size must "
      "be a whole number >= 1"),
     ("train.batch_size", 0, "train.batch_size must be >= 1, got 0"),
-    ("optimizer.momentum", 1.5, r"momentum must be in \[0, 1\), got 1.5"),
+    ("optimizer.momentum", 1.5, r"momentum must be in \[0, 1\) .*got 1.5"),
     ("optimizer.weight_decay", -0.1, "weight_decay must be >= 0"),
     ("dataset.train_subset", -5, "train_subset must be >= 0"),
     ("dataset.test_subset", -1, "test_subset must be >= 0"),
     ("scenario.order_seed", -3, "order_seed must be >= 0 .* or -1"),
+    ("seed", -1, "seed must be an int >= 0, got -1"),
+    ("scenario.seed", -2, "scenario.seed must be an int >= 0, got -2"),
     ("scenario.angles", (10.0, 20.0), r"scenario.angles=\(10.0, 20.0\) is "
      "read by rotated streams only; scenario.type='split' would ignore it"),
     ("scenario.pad", 2, "scenario.pad=2 is read by permuted streams only"),
@@ -303,8 +305,8 @@ def test_bad_config_clear_error(key, value, match):
 def test_rotated_angles_must_match_the_experiences_and_fields():
   c = quick_config(**{"scenario.type": "rotated", "scenario.kind": "domain",
                       "scenario.angles": (0.0, 90.0)})
-  with pytest.raises(ValueError, match="gives 2 angles but "
-                     "scenario.n_experiences=5"):
+  with pytest.raises(ValueError, match="2 angles but n_experiences=5; "
+                     "give one angle per experience"):
     jaxcl.run(c)
   c = quick_config(**{"scenario.type": "rotated", "scenario.kind": "domain",
                       "scenario.class_order": tuple(range(9, -1, -1))})

@@ -17,8 +17,7 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
-import numpy as np
-
+from jaxcl import checks
 from jaxcl.models import init as inits
 from jaxcl.models.classifier import Classifier
 from jaxcl.models.cnn import CNN
@@ -83,8 +82,7 @@ def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
       continue
     value = kwargs[field]
     sizes = value if isinstance(value, (list, tuple)) else (value,)
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-               and s >= 1 for s in sizes):
+    if not all(checks.is_whole(s) and s >= 1 for s in sizes):
       raise ValueError(f"model {name!r}: {field}={value!r}; every layer "
                        "size must be a whole number >= 1")
 

@@ -44,7 +44,8 @@ PAPERS: dict[str, str] = {
           "intelligence*, ICML",
     "mas": "Aljundi et al. 2018, *Memory aware synapses: learning what (not) "
            "to forget*, ECCV",
-    "lwf": "Li & Hoiem 2017, *Learning without forgetting*, TPAMI",
+    "lwf": "Li & Hoiem, *Learning without forgetting*, ECCV 2016; TPAMI "
+           "2018",
     "hypernetwork": "von Oswald et al. 2020, *Continual learning with "
                     "hypernetworks*, ICLR",
     "replay": "Chaudhry et al. 2019, *On tiny episodic memories in continual "
@@ -59,9 +60,9 @@ PAPERS: dict[str, str] = {
                      "continual learning*, IROS",
     "generative_replay": "Shin et al. 2017, *Continual learning with deep "
                          "generative replay*, NeurIPS",
-    "cwr_star": "Lomonaco & Maltoni 2017 (CWR); Maltoni & Lomonaco 2019, "
-                "*Continuous learning in single-incremental-task scenarios*, "
-                "Neural Networks (CWR*)",
+    "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
+                "continual learning over small non-i.i.d. batches*, CVPR "
+                "Workshops (CWR*; CWR: Lomonaco & Maltoni 2017)",
     "progressive": "Rusu et al. 2016, *Progressive neural networks*, "
                    "arXiv:1606.04671",
     "piggyback": "Mallya, Davis & Lazebnik 2018, *Piggyback: adapting a "
@@ -81,10 +82,12 @@ PAPERS: dict[str, str] = {
     "progress_compress": "Schwarz et al. 2018, *Progress & Compress: a "
                          "scalable framework for continual learning*, ICML",
     "ar1": "Maltoni & Lomonaco 2019, *Continuous learning in "
-           "single-incremental-task scenarios*, Neural Networks",
-    "generative_negative_replay": "Graffieti et al. 2022, *Generative "
+           "single-incremental-task scenarios*, Neural Networks (AR1); with "
+           "CWR* as here, Lomonaco, Maltoni & Pellegrini 2020's AR1*; latent "
+           "replay: Pellegrini et al. 2020, IROS",
+    "generative_negative_replay": "Graffieti et al. 2023, *Generative "
                                   "negative replay for continual learning*, "
-                                  "Neural Networks 2023",
+                                  "Neural Networks",
 }
 
 
@@ -94,11 +97,13 @@ NEEDS: dict[str, str] = {
     "multihead": "task ids (`scenario.kind='task'`) and a model with a "
                  "`head` layer",
     "cwr_star": "a single head over all classes",
-    "hypernetwork": "the `hypernet` model",
+    "hypernetwork": "the `hypernet` model, with `num_embeddings` at least "
+                    "the number of tasks (task-incremental) or experiences",
     "progressive": "the `progressive` model and a task id per experience",
     "piggyback": "the `masked_mlp` model with `mask='threshold'` over "
-                 "pretrained weights (`pretrained=` an .npz from "
-                 "`jaxcl.pretrained.save`) and a task id per experience",
+                 "pretrained weights (`strategy.piggyback.pretrained`: an "
+                 ".npz from `jaxcl.pretrained.save`) and a task id per "
+                 "experience",
     "packnet": "a task id per experience",
     "hat": "the `hat_mlp` model and a task id per experience",
     "supsup": "the `masked_mlp` model with `mask='edge_popup'` or `'sign'` "
@@ -205,7 +210,7 @@ def defaults(name: str) -> dict[str, Any]:
 
 def summary(name: str) -> str:
   """The first line of strategy ``name``'s module docstring."""
-  return (inspect.getdoc(_module(name)) or "").splitlines()[0]
+  return ((inspect.getdoc(_module(name)) or "").splitlines() or [""])[0]
 
 
 def reference() -> str:

@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl import checks
 from jaxcl.scenarios import Experience
-from jaxcl.strategies import _checks
 from jaxcl.state import Batch, Context
 from jaxcl.train import experience_batches
 
 __all__ = ["FISHER_TYPES", "quadratic", "fisher_diagonal", "mas_importance",
-           "importance_batches", "check_nonnegative", "check_estimator_args",
+           "importance_batches", "check_estimator_args",
            "check_fisher", "zeros_like_tree"]
 
 FISHER_TYPES = ("exact", "sampled", "predicted", "empirical")
@@ -47,7 +47,6 @@ FISHER_TYPES = ("exact", "sampled", "predicted", "empirical")
 # Validation shared by the factories (raised before any tracing).
 
 
-check_nonnegative = _checks.nonnegative  # the name the factories use
 
 
 def check_fisher(who: str, fisher: str) -> None:
@@ -61,12 +60,12 @@ def check_estimator_args(who: str, max_examples: int, batch_size: int,
                          seed: int = 0) -> None:
   """The importance estimate's example count, batch and seed (``who``: the
   strategy, for the message)."""
-  _checks.whole(f"{who}: max_examples", max_examples, 0,
+  checks.whole(f"{who}: max_examples", max_examples, 0,
                 "0: all of the experience's training examples")
-  _checks.whole(f"{who}: batch_size", batch_size, 1)
+  checks.whole(f"{who}: batch_size", batch_size, 1)
   # numpy's generators take the seed after the first experience has
   # trained; refuse a bad one now.
-  _checks.whole(f"{who}: seed", seed, 0)
+  checks.whole(f"{who}: seed", seed, 0)
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """AR1: CWR* on the output layer plus Synaptic Intelligence below it.
 
-Maltoni & Lomonaco (2019), Algorithm 3: the output layer is handled by
+Maltoni & Lomonaco (2019) introduced AR1 as CWR+ plus SI; Lomonaco,
+Maltoni & Pellegrini (2020) put CWR* in place of CWR+ (their AR1*), which
+is what this module does: the output layer is handled by
 CWR* (consolidated per-class weights ``cw``, temporary weights trained on
 the current classes only, count-weighted merge after each experience;
 :mod:`jaxcl.strategies.cwr_star`), and — unlike CWR*, which freezes them —
@@ -38,6 +40,9 @@ the replayed latents could never be classified as their labels. State:
 References:
   Maltoni & Lomonaco, `Continuous Learning in Single-Incremental-Task
   Scenarios <https://arxiv.org/abs/1806.08568>`_, Neural Networks 2019.
+  Lomonaco, Maltoni & Pellegrini, `Rehearsal-Free Continual Learning over
+  Small Non-I.I.D. Batches <https://arxiv.org/abs/1907.03799>`_, CVPR
+  Workshops 2020.
   Pellegrini, Graffieti, Lomonaco & Maltoni, `Latent replay for real-time
   continual learning <https://arxiv.org/abs/1912.01100>`_, IROS 2020.
   Zenke, Poole & Ganguli, `Continual learning through synaptic
@@ -83,8 +88,9 @@ def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
   Raises:
     ValueError: bad ``c`` / ``xi`` (from SI), ``lower_lr_scale`` outside
       ``(0, 1]``, a negative ``mem_size``, a ``replay_batch_size`` without
-      or above ``mem_size``; at ``init``, a model without a single
-      ``head`` or an unknown ``layer``.
+      or above ``mem_size``, a ``layer`` other than the default without a
+      memory; at ``init``, a model without a single ``head`` or an unknown
+      ``layer``.
   """
   if not (isinstance(lower_lr_scale, (int, float)) and
           0 < lower_lr_scale <= 1):

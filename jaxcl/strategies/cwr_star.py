@@ -1,7 +1,8 @@
 """CWR*: copy weights with re-init, count-weighted consolidation.
 
-Lomonaco & Maltoni (2017) introduced CWR; Maltoni & Lomonaco (2019),
-Algorithm 2, give CWR*. The output layer keeps *consolidated* weights
+Lomonaco & Maltoni (2017) introduced CWR, Maltoni & Lomonaco (2019)
+refined it as CWR+, and Lomonaco, Maltoni & Pellegrini (2020) gave CWR*,
+which this module implements. The output layer keeps *consolidated* weights
 ``cw`` (per class) in the strategy state; training uses *temporary* weights
 ``tw`` (the model's ``head``):
 
@@ -44,7 +45,10 @@ References:
   Lomonaco & Maltoni, `CORe50: a New Dataset and Benchmark for Continuous
   Object Recognition <https://arxiv.org/abs/1705.03550>`_, 2017.
   Maltoni & Lomonaco, `Continuous Learning in Single-Incremental-Task
-  Scenarios <https://arxiv.org/abs/1806.08568>`_, 2019.
+  Scenarios <https://arxiv.org/abs/1806.08568>`_, 2019 (CWR+).
+  Lomonaco, Maltoni & Pellegrini, `Rehearsal-Free Continual Learning over
+  Small Non-I.I.D. Batches <https://arxiv.org/abs/1907.03799>`_, CVPR
+  Workshops 2020 (CWR* and AR1*).
   Pellegrini, Graffieti, Lomonaco & Maltoni, `Latent replay for real-time
   continual learning <https://arxiv.org/abs/1912.01100>`_, IROS 2020
   (AR1* with latent replay, Algorithm 1).

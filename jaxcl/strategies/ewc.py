@@ -80,6 +80,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.strategies import _penalty
 from jaxcl.strategy import Strategy
 
@@ -133,7 +134,7 @@ def ewc(lam: float = 100.0, fisher: str = "exact", max_examples: int = 1000,
   Raises:
     ValueError: negative ``lam``, unknown ``fisher``, bad sizes.
   """
-  _penalty.check_nonnegative("ewc: lam", lam)
+  checks.nonnegative("ewc: lam", lam)
   _penalty.check_fisher("ewc", fisher)
   _penalty.check_estimator_args("ewc", max_examples, batch_size, seed)
 

@@ -45,9 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcl import buffers
+from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -214,14 +213,14 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
       number of classes.
   """
   buffers.check_capacity(mem_size, "mem_size")
-  _checks.whole("gdumb: epochs", epochs, 1)
-  _checks.whole("gdumb: batch_size", batch_size, 1)
+  checks.whole("gdumb: epochs", epochs, 1)
+  checks.whole("gdumb: batch_size", batch_size, 1)
   if batch_size > mem_size:
     raise ValueError(f"gdumb: batch_size={batch_size} is larger than the "
                      f"memory (mem_size={mem_size}); use <= {mem_size}")
-  _checks.positive("gdumb: learning_rate", learning_rate)
-  _checks.positive("gdumb: min_learning_rate", min_learning_rate)
-  _checks.flag("gdumb: mask_logits", mask_logits)
+  checks.positive("gdumb: learning_rate", learning_rate)
+  checks.positive("gdumb: min_learning_rate", min_learning_rate)
+  checks.flag("gdumb: mask_logits", mask_logits)
   if min_learning_rate > learning_rate:
     raise ValueError(f"gdumb min_learning_rate={min_learning_rate} must not "
                      f"exceed learning_rate={learning_rate}")
@@ -230,9 +229,9 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown gdumb schedule {schedule!r}; valid: "
                      f"{list(SCHEDULES)}")
-  _checks.nonnegative("gdumb: clip", clip)  # 0: no clipping
-  _checks.nonnegative("gdumb: weight_decay", weight_decay)
-  _checks.whole("gdumb: crop_padding", crop_padding, 0, "0: no crops")
+  checks.nonnegative("gdumb: clip", clip)  # 0: no clipping
+  checks.nonnegative("gdumb: weight_decay", weight_decay)
+  checks.whole("gdumb: crop_padding", crop_padding, 0, "0: no crops")
 
   fit = jax.jit(functools.partial(
       retrain, epochs=epochs, batch_size=batch_size,

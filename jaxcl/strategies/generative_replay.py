@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcl import checks
 from jaxcl.models.vae import VAE, vae_loss
-from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -93,14 +93,14 @@ def check_generator_args(who: str, batch_size: int, hidden: Sequence[int],
                          latent: int, gen_lr: float) -> None:
   """The replayed batch and the VAE's sizes and rate (shared with
   generative negative replay, named by ``who``)."""
-  _checks.whole(f"{who}: batch_size", batch_size, 0,
+  checks.whole(f"{who}: batch_size", batch_size, 0,
                 "0: the training batch size")
   hidden = tuple(hidden)
   if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
                        for h in hidden):
     raise ValueError(f"{who}: hidden must be positive ints, got {hidden!r}")
-  _checks.whole(f"{who}: latent", latent, 1)
-  _checks.positive(f"{who}: gen_lr", gen_lr)
+  checks.whole(f"{who}: latent", latent, 1)
+  checks.positive(f"{who}: gen_lr", gen_lr)
 
 
 def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
@@ -126,8 +126,8 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
   check_generator_args("generative_replay", batch_size, hidden, latent,
                        gen_lr)
   hidden = tuple(hidden)
-  _checks.flag("generative_replay: distill", distill)
-  _checks.positive("generative_replay: temperature", temperature)
+  checks.flag("generative_replay: distill", distill)
+  checks.positive("generative_replay: temperature", temperature)
   if not 0 <= current_weight <= 1:
     raise ValueError(f"generative_replay current_weight must be in [0, 1] "
                      f"(0: 1/(t+1)), got {current_weight}")

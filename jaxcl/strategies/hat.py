@@ -61,10 +61,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcl import checks
 from jaxcl.models.hat_mlp import anneal
 from jaxcl.models.masked import (check_zero_grad_is_zero_update, hat_gate,
                                  head_task_grads)
-from jaxcl.strategies import _checks
 from jaxcl.strategy import Strategy, check_task_seen
 
 
@@ -98,12 +98,10 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
     ValueError: ``c < 0`` or ``thres_cosh``, ``thres_emb`` or ``clipgrad``
       not > 0.
   """
-  _checks.nonnegative("hat: c", c)
-  _checks.positive("hat: thres_cosh", thres_cosh)
-  # An infinite embedding clamp or gradient clip is no clamp / no clip.
-  for name, v in (("thres_emb", thres_emb), ("clipgrad", clipgrad)):
-    if not v > 0.0:
-      raise ValueError(f"hat: {name} must be > 0 (inf: off), got {v!r}")
+  checks.nonnegative("hat: c", c)
+  checks.positive("hat: thres_cosh", thres_cosh)
+  checks.positive_or_inf("hat: thres_emb", thres_emb)
+  checks.positive_or_inf("hat: clipgrad", clipgrad)
 
   def s_max_of(ctx) -> float:
     return float(ctx.model.s_max)

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.strategies import _penalty
 from jaxcl.strategy import Strategy
 
@@ -72,7 +73,7 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
   Raises:
     ValueError: negative ``lam`` or bad sizes.
   """
-  _penalty.check_nonnegative("mas: lam", lam)
+  checks.nonnegative("mas: lam", lam)
   _penalty.check_estimator_args("mas", max_examples, batch_size, seed)
 
   # Compiled once per factory (ctx static); the state is an argument.

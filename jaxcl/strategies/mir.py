@@ -44,9 +44,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcl import buffers
+from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies import _checks
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
@@ -115,7 +114,7 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
   if batch_size > candidates:
     raise ValueError(f"mir replay batch_size={batch_size} is larger than "
                      f"candidates={candidates}; use batch_size <= candidates")
-  _checks.positive("mir: lr", lr)
+  checks.positive("mir: lr", lr)
   if not isinstance(exclude_current, bool):
     raise ValueError(f"mir exclude_current must be a bool, got "
                      f"{exclude_current!r}")

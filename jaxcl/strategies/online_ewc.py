@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.strategies import _penalty
 from jaxcl.strategy import Strategy
 
@@ -80,7 +81,7 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
     ValueError: negative ``lam``, ``gamma`` outside ``(0, 1]``, unknown
       ``fisher``, bad sizes.
   """
-  _penalty.check_nonnegative("online_ewc: lam", lam)
+  checks.nonnegative("online_ewc: lam", lam)
   if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)
           and 0.0 < gamma <= 1.0):
     raise ValueError(f"online_ewc: gamma must be in (0, 1], got {gamma!r}")

@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl import checks
 from jaxcl.models.masked import check_zero_grad_is_zero_update, per_task
 from jaxcl.state import cross_entropy
-from jaxcl.strategies import _checks
 from jaxcl.strategy import Strategy, check_task_seen
 
 FREE = np.int32(2 ** 30)  # owner of a weight no task has kept
@@ -158,9 +158,9 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
   elif not 0.0 < float(prune) < 1.0:
     raise ValueError(f"prune={prune} is outside (0, 1): the fraction of "
                      "free weights pruned after each experience")
-  _checks.whole("packnet: retrain_epochs", retrain_epochs, 0,
+  checks.whole("packnet: retrain_epochs", retrain_epochs, 0,
                 "0: no retraining")
-  _checks.whole("packnet: retrain_batch_size", retrain_batch_size, 0,
+  checks.whole("packnet: retrain_batch_size", retrain_batch_size, 0,
                 "0: the training batch size")
 
   def init(ctx, key, params):

@@ -60,8 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcl import checks
 from jaxcl.models.masked import check_zero_grad_is_zero_update, task_row_grads
-from jaxcl.strategies import _checks, _penalty
+from jaxcl.strategies import _penalty
 from jaxcl.strategy import Strategy
 from jaxcl.train import experience_batches
 
@@ -106,7 +107,7 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
       2-column ``progressive`` one, a task-incremental stream, or an
       optimiser that moves parameters with zero gradient.
   """
-  _penalty.check_nonnegative("progress_compress: lam", lam)
+  checks.nonnegative("progress_compress: lam", lam)
   if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
     raise ValueError(f"progress_compress: gamma must be in (0, 1], got "
                      f"{gamma!r}")
@@ -119,11 +120,11 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"progress_compress: {name} must be an int >= 1, "
                        f"got {v!r}")
-  _checks.positive("progress_compress: compress_lr", compress_lr)
+  checks.positive("progress_compress: compress_lr", compress_lr)
   _penalty.check_fisher("progress_compress", fisher)
   _penalty.check_estimator_args("progress_compress", max_examples,
                                 compress_batch_size, seed)
-  _checks.flag("progress_compress: reset_active", reset_active)
+  checks.flag("progress_compress: reset_active", reset_active)
   tx = optax.adam(compress_lr)
   every = lambda path, g: True  # every leaf is stacked by column
 

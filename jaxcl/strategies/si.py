@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.strategies import _penalty
 from jaxcl.strategy import Strategy
 
@@ -88,7 +89,7 @@ def si(c: float = 0.1, xi: float = 0.1, grads: str = "task") -> Strategy:
   Raises:
     ValueError: negative ``c``, non-positive ``xi`` or an unknown ``grads``.
   """
-  _penalty.check_nonnegative("si: c", c)
+  checks.nonnegative("si: c", c)
   if not (isinstance(xi, (int, float)) and math.isfinite(xi) and xi > 0):
     raise ValueError(f"si: xi (damping) must be a finite number > 0, "
                      f"got {xi!r}")

@@ -1,4 +1,4 @@
-"""Argument checks shared by the strategy factories.
+"""Argument checks shared by the strategy factories (and model sizes).
 
 They run when a strategy is built, before any tracing, and name the
 argument as ``"<strategy>: <argument>"`` with the range it allows. A bool
@@ -11,14 +11,21 @@ rate.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
-__all__ = ["nonnegative", "positive", "whole", "flag"]
+__all__ = ["nonnegative", "positive", "positive_or_inf", "whole", "flag",
+           "is_whole"]
 
 
 def _real(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value))
+
+
+def is_whole(value: Any) -> bool:
+  """An int (numpy's too), not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def nonnegative(name: str, value: Any) -> None:
@@ -33,9 +40,16 @@ def positive(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def positive_or_inf(name: str, value: Any) -> None:
+  """A number > 0, where infinity means "no limit"."""
+  if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and value > 0):
+    raise ValueError(f"{name} must be > 0 (inf: no limit), got {value!r}")
+
+
 def whole(name: str, value: Any, minimum: int = 0, note: str = "") -> None:
   """An int >= ``minimum`` (``note`` says what a special value means)."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  if not is_whole(value) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}"
                      f"{f' ({note})' if note else ''}, got {value!r}")
 
