@@ -727,7 +727,11 @@ def test_progress_compress_errors(stream):
                     ({"reset_active": "yes"}, "reset_active must be True or "
                      "False"),
                     ({"compress_lr": float("inf")}, "compress_lr must be a "
-                     "finite number > 0")):
+                     "finite number > 0"),
+                    ({"temperature": float("nan")}, "temperature must be a "
+                     "finite number > 0"),
+                    ({"compress_epochs": 0}, "compress_epochs must be an int "
+                     ">= 1")):
     with pytest.raises(ValueError, match=match):
       progress_compress(**kw)
 

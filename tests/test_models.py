@@ -27,6 +27,11 @@ def test_unknown_model_and_bad_args():
     models.build("vit", 10)
   with pytest.raises(ValueError, match="bad arguments for model 'mlp'"):
     models.build("mlp", 10, depth=3)
+  with pytest.raises(ValueError, match=r"widths=\(8, 2.5\); every layer "
+                     "size must be a whole number"):
+    models.build("bn_mlp", 10, widths=(8, 2.5))  # int() would make it 2
+  with pytest.raises(ValueError, match="bn_mlp needs at least one hidden"):
+    models.build("bn_mlp", 10, widths=())
 
 
 @pytest.mark.parametrize("name,kw", [("cnn", {"channels": (4, 8),

@@ -602,6 +602,9 @@ def test_dgr_bad_inputs():
     generative_replay(temperature=float("inf"), distill=True)
   with pytest.raises(ValueError, match="distill must be True or False"):
     generative_replay(distill="no")
+  with pytest.raises(ValueError, match=r"hidden\[1\] must be an int >= 1, "
+                     "got 0"):
+    generative_replay(hidden=(16, 0))
   with pytest.raises(ValueError, match="gen_lr must be a finite number"):
     generative_replay(gen_lr=float("inf"))
   with pytest.raises(ValueError, match="current_weight must be in"):

@@ -80,9 +80,10 @@ def build(num_classes: int, num_heads: int = 1,
   ``config.model.bn_mlp``)."""
   if num_heads != 1:
     raise ValueError(f"bn_mlp has a single head; got num_heads={num_heads}")
+  # models.build has checked that each width is a whole number >= 1.
   widths = tuple(int(w) for w in widths)
-  if not widths or min(widths) < 1:
-    raise ValueError(f"bn_mlp widths must be positive ints, got {widths}")
+  if not widths:
+    raise ValueError("bn_mlp needs at least one hidden width, got ()")
   if not eps > 0:
     raise ValueError(f"bn_mlp eps must be > 0, got {eps}")
   return BNMLP(num_classes=num_classes, widths=widths, final_bn=final_bn,

@@ -96,9 +96,10 @@ def check_generator_args(who: str, batch_size: int, hidden: Sequence[int],
   checks.whole(f"{who}: batch_size", batch_size, 0,
                 "0: the training batch size")
   hidden = tuple(hidden)
-  if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
-                       for h in hidden):
-    raise ValueError(f"{who}: hidden must be positive ints, got {hidden!r}")
+  if not hidden:
+    raise ValueError(f"{who}: hidden needs at least one width, got ()")
+  for i, h in enumerate(hidden):
+    checks.whole(f"{who}: hidden[{i}]", h, 1)
   checks.whole(f"{who}: latent", latent, 1)
   checks.positive(f"{who}: gen_lr", gen_lr)
 

@@ -111,15 +111,8 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
   if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
     raise ValueError(f"progress_compress: gamma must be in (0, 1], got "
                      f"{gamma!r}")
-  if not (isinstance(temperature, (int, float)) and
-          math.isfinite(temperature) and temperature > 0):
-    raise ValueError(f"progress_compress: temperature must be > 0, got "
-                     f"{temperature!r}")
-  for name, v in (("compress_epochs", compress_epochs),
-                  ("compress_batch_size", compress_batch_size)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"progress_compress: {name} must be an int >= 1, "
-                       f"got {v!r}")
+  checks.positive("progress_compress: temperature", temperature)
+  checks.whole("progress_compress: compress_epochs", compress_epochs, 1)
   checks.positive("progress_compress: compress_lr", compress_lr)
   _penalty.check_fisher("progress_compress", fisher)
   _penalty.check_estimator_args("progress_compress", max_examples,
