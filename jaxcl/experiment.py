@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcl import datasets, metrics, models, scenarios, strategies
+from jaxcl import checks, datasets, metrics, models, scenarios, strategies
 from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
@@ -102,7 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
   """The configured data set (and its seeded subset, if one is asked for)."""
-  _check_seed("seed", config.seed)
+  # numpy's generators (subsets, permutations, angles) refuse negative
+  # seeds, and only once data is being built.
+  checks.whole("seed", config.seed, 0)
   dc = config.dataset
   data = datasets.load(dc.name, data_dir=dc.data_dir or None)
   if dc.train_subset or dc.test_subset:
@@ -131,13 +133,6 @@ def check_workdir(workdir: str) -> None:
                       "directory for the run's checkpoints and logs")
 
 
-def _check_seed(name: str, seed: Any) -> None:
-  # numpy's generators (subsets, permutations, angles) refuse negative
-  # seeds, and only once data is being built.
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise ConfigError(f"{name} must be an int >= 0, got {seed!r}")
-
-
 def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
   if sc.type not in SCENARIO_TYPES:
     raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
@@ -151,7 +146,7 @@ def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"scenario.{f}={value!r} is read by {owner} streams only; "
             f"scenario.type={sc.type!r} would ignore it")
-  _check_seed("scenario.seed", sc.get("seed", 0))
+  checks.whole("scenario.seed", sc.get("seed", 0), 0)
   if sc.get("order_seed", -1) < -1:
     raise ConfigError(f"scenario.order_seed must be >= 0 (a seeded class "
                       f"order) or -1 (none), got {sc.order_seed}")

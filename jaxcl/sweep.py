@@ -280,9 +280,10 @@ def sweep(config, seeds: Sequence[int] = (0,),
   # differ only in what the state carries. Their values are written into
   # the state, past the checks of the optimiser and strategy factories, so
   # each setting is built through those factories first.
-  for setting in settings:
-    _check_setting(_with_setting(config, setting))
-  base = _with_setting(config, settings[0])
+  configs = [_with_setting(config, setting) for setting in settings]
+  for c in configs:
+    _check_setting(c)
+  base = configs[0]
   member_scenarios = None
   if scenario_per_seed:
     if scenario is not None:

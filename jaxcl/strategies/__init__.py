@@ -127,13 +127,18 @@ def _module(name: str):
   return importlib.import_module(f"jaxcl.strategies.{name}")
 
 
+def _factory(name: str) -> Callable[..., Strategy]:
+  """Module ``name``'s factory, also called ``name``."""
+  return getattr(_module(name), name)
+
+
 def get(name: str, **kwargs: Any) -> Strategy:
   """Builds strategy ``name`` with hyperparameters ``kwargs``.
 
   Raises:
     ValueError: unknown name (listing the valid ones) or bad arguments.
   """
-  factory = getattr(_module(name), name)
+  factory = _factory(name)
   try:
     return factory(**kwargs)
   except TypeError as e:
@@ -182,8 +187,7 @@ def describe(name: str) -> str:
   Built from the code (signature and docstrings), so it cannot drift from
   it; ``docs/methods.md`` and ``jaxcl methods NAME`` print it.
   """
-  module = _module(name)
-  factory = getattr(module, name)
+  factory = _factory(name)
   lines = [f"### `{name}`", "", summary(name), ""]
   if name in PAPERS:
     lines += [f"Paper: {PAPERS[name]}.", ""]
@@ -203,9 +207,8 @@ def describe(name: str) -> str:
 
 def defaults(name: str) -> dict[str, Any]:
   """Strategy ``name``'s arguments and their default values."""
-  factory = getattr(_module(name), name)
   return {p.name: p.default
-          for p in inspect.signature(factory).parameters.values()}
+          for p in inspect.signature(_factory(name)).parameters.values()}
 
 
 def summary(name: str) -> str:
