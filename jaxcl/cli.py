@@ -161,7 +161,11 @@ def _run(argv) -> None:
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"jaxcl: {config.get('name', 'run')} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
-  print(report.format_table(result.accuracy, result.metrics))
+  split = report.evaluated_on(config)
+  print(report.format_table(result.accuracy, result.metrics, split))
+  if split != "test":
+    print(f"(evaluated on the {split} split: "
+          f"{config.dataset.validation:g} of the training set, held out)")
   print(f"\ntime: {result.times['total']:.1f} s "
         f"(train {result.times['train']:.1f} s, eval "
         f"{result.times['eval']:.1f} s); outputs in {workdir}")
@@ -170,7 +174,7 @@ def _run(argv) -> None:
 def _sweep(argv) -> None:
   del argv
   _quiet_logs()
-  from jaxcl import sweep
+  from jaxcl import report, sweep
   config = _config()
   workdir = _WORKDIR.value or _default_workdir(config)
   seeds = sweep.parse_seeds(_SEEDS.value)
@@ -182,7 +186,9 @@ def _sweep(argv) -> None:
                        scenario_per_seed=_PER_SEED.value)
   for m, met in zip(result.members, result.metrics):
     print(f"  {m}: " + "  ".join(f"{k} {v:.4f}" for k, v in met.items()))
-  print("\nmean ± standard error over seeds:")
+  split = report.evaluated_on(config)
+  print(f"\nmean ± standard error over seeds"
+        f"{'' if split == 'test' else ', on the ' + split + ' split'}:")
   print(sweep.format_groups(result.groups))
   print(f"\ntime: {result.times['total']:.1f} s; outputs in {workdir}")
 

@@ -76,6 +76,53 @@ class Dataset:
     return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx,
                                test_y=vy)
 
+  def validation(self, fraction: float, seed: int = 0) -> "Dataset":
+    """The training set split into training and validation examples; the
+    validation examples take the test set's place.
+
+    For choosing hyperparameters without looking at the test set (Mammoth's
+    ``--validation``, FACIL's ``--validation``): every stream, metric and
+    plot built from the result is on held-out training data. The split is
+    stratified, ``round(n_c * fraction)`` examples of each class ``c``, so
+    every experience of a class-split stream is validated on its own
+    classes; it depends on ``seed`` only, so a sweep's runs share it.
+
+    Raises:
+      DataError: if ``fraction`` is not in (0, 1), or leaves a class with
+        no validation or no training example.
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+      raise DataError(f"validation must be a fraction in (0, 1) (0: use the "
+                      f"test set), got {fraction!r}")
+    val = _stratified_holdout(self.train_y, fraction, seed)
+    counts = np.bincount(self.train_y, minlength=self.num_classes)
+    held = np.bincount(self.train_y[val], minlength=self.num_classes)
+    bad = [c for c in range(self.num_classes)
+           if counts[c] and not 0 < held[c] < counts[c]]
+    if bad:
+      c = bad[0]
+      raise DataError(
+          f"validation fraction {fraction} holds out {held[c]} of class "
+          f"{c}'s {counts[c]} training examples; every class needs at least "
+          f"one validation and one training example (classes {bad})")
+    keep = np.ones(len(self.train_y), bool)
+    keep[val] = False
+    return dataclasses.replace(
+        self, train_x=self.train_x[keep], train_y=self.train_y[keep],
+        test_x=self.train_x[val], test_y=self.train_y[val])
+
+
+def _stratified_holdout(y: np.ndarray, fraction: float,
+                        seed: int) -> np.ndarray:
+  """Sorted indices of ``round(n_c * fraction)`` random examples of each
+  class ``c`` in ``y``."""
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in range(int(y.max()) + 1):
+    idx = np.flatnonzero(y == c)
+    held.append(rng.permutation(idx)[:int(round(len(idx) * fraction))])
+  return np.sort(np.concatenate(held))
+
 
 # --------------------------------------------------------------------------
 # Raw IDX files (MNIST, Fashion-MNIST).
@@ -256,12 +303,7 @@ def _load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
   images, y = _digits_arrays()
   x = (images.astype(np.float32) / 16.0)[..., None]
   # A fixed, stratified split: the same test set on every machine.
-  rng = np.random.default_rng(seed)
-  test_idx = []
-  for c in range(10):
-    idx = np.flatnonzero(y == c)
-    test_idx.append(rng.permutation(idx)[:int(round(len(idx) * test_fraction))])
-  test_idx = np.sort(np.concatenate(test_idx))
+  test_idx = _stratified_holdout(y, test_fraction, seed)
   train_mask = np.ones(len(y), bool)
   train_mask[test_idx] = False
   return Dataset("digits", x[train_mask], y[train_mask], x[test_idx],

@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir="",        # IDX directory (mnist, fashion_mnist) or tfds dir
       train_subset=0,     # >0: random subset of the training set (quick runs)
       test_subset=0,
+      validation=0.0,     # >0: hold out this fraction of the training set
+                          # (stratified, the same examples for every seed)
+                          # and evaluate on it instead of the test set
   ))
   c.scenario = ml_collections.ConfigDict(dict(
       type="split",       # split | permuted | rotated
@@ -101,15 +104,26 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
-  """The configured data set (and its seeded subset, if one is asked for)."""
+  """The configured data set: its seeded subset, if one is asked for, and
+  with ``dataset.validation > 0`` a held-out part of the training set in the
+  test set's place (:meth:`jaxcl.datasets.Dataset.validation`)."""
   # numpy's generators (subsets, permutations, angles) refuse negative
   # seeds, and only once data is being built.
   checks.whole("seed", config.seed, 0)
   dc = config.dataset
+  validation = dc.get("validation", 0.0)
+  if validation and dc.test_subset:
+    raise ConfigError(
+        f"dataset.test_subset={dc.test_subset} with dataset.validation="
+        f"{validation}: the test set is not read when evaluating on a "
+        "validation split; subsample the training set (train_subset) "
+        "instead")
   data = datasets.load(dc.name, data_dir=dc.data_dir or None)
   if dc.train_subset or dc.test_subset:
     data = data.subset(dc.train_subset or None, dc.test_subset or None,
                        seed=config.seed)
+  if validation:
+    data = data.validation(validation)
   return data
 
 

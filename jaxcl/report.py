@@ -7,8 +7,10 @@ A run directory holds:
   the accuracy row after each experience, the final summary);
 * ``metrics.csv``: one row per experience (accuracy on every test set and
   the average over the experiences seen so far);
-* ``accuracy_matrix.json``: the matrix, the random-init accuracies and the
-  metrics;
+* ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
+  metrics and ``evaluated_on``: ``test``, or ``validation`` when
+  ``config.dataset.validation`` replaced the test sets by held-out
+  training data;
 * ``tb/``: TensorBoard events (scalars);
 * ``accuracy_matrix.png`` and ``average_accuracy.png``.
 """
@@ -22,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Reporter", "NullReporter", "format_table", "plot_accuracy_matrix",
-           "plot_average_accuracy", "figure"]
+__all__ = ["Reporter", "NullReporter", "evaluated_on", "format_table",
+           "plot_accuracy_matrix", "plot_average_accuracy", "figure"]
 
 
 class _NullBar:
@@ -80,6 +82,7 @@ class Reporter(NullReporter):
                       ) if progress is None else progress
     self._tb_on = rc.tensorboard if rc is not None else True
     self._plots = rc.plots if rc is not None else True
+    self._split = evaluated_on(config)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2) if hasattr(
           config, "to_json_best_effort") else json.dumps(config, indent=2))
@@ -121,7 +124,7 @@ class Reporter(NullReporter):
     acc = np.asarray(result.accuracy)
     self._log({"final": result.metrics, "times": result.times})
     with open(os.path.join(self.workdir, "accuracy_matrix.json"), "w") as f:
-      json.dump({"accuracy": acc.tolist(),
+      json.dump({"accuracy": acc.tolist(), "evaluated_on": self._split,
                  "random_accuracy": np.asarray(
                      result.random_accuracy).tolist(),
                  "metrics": result.metrics, "times": result.times}, f,
@@ -137,7 +140,8 @@ class Reporter(NullReporter):
                    [f"{float(np.mean(seen)):.6f}"])
     if self._plots:
       plot_accuracy_matrix(acc, os.path.join(self.workdir,
-                                             "accuracy_matrix.png"))
+                                             "accuracy_matrix.png"),
+                           split=self._split)
       plot_average_accuracy(acc, os.path.join(self.workdir,
                                               "average_accuracy.png"))
     if self._tb is not None:
@@ -147,10 +151,20 @@ class Reporter(NullReporter):
     self._jsonl.close()
 
 
-def format_table(accuracy: np.ndarray, summary: dict[str, float]) -> str:
-  """The accuracy matrix and metrics as a plain-text table."""
+def evaluated_on(config: Any) -> str:
+  """``'validation'`` when ``config.dataset.validation`` holds out part of
+  the training set to evaluate on, else ``'test'``."""
+  dataset = getattr(config, "dataset", None)
+  return "validation" if dataset is not None and dataset.get(
+      "validation", 0.0) else "test"
+
+
+def format_table(accuracy: np.ndarray, summary: dict[str, float],
+                 split: str = "test") -> str:
+  """The accuracy matrix and metrics as a plain-text table (``split``: the
+  data the columns were evaluated on, named in the header)."""
   acc = np.asarray(accuracy)
-  head = "after \\ test " + " ".join(f"{f'exp{j}':>6}"
+  head = f"after \\ {split[:4]:<4} " + " ".join(f"{f'exp{j}':>6}"
                                      for j in range(acc.shape[1]))
   lines = [head, "-" * len(head)]
   for i, row in enumerate(acc):
@@ -173,7 +187,8 @@ def figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
   return fig, fig.subplots()
 
 
-def plot_accuracy_matrix(accuracy: np.ndarray, path: str) -> None:
+def plot_accuracy_matrix(accuracy: np.ndarray, path: str,
+                         split: str = "test") -> None:
   """A heatmap of ``R[i, j]`` with the values written in the cells."""
   acc = np.asarray(accuracy)
   fig, ax = figure((1 + 0.6 * acc.shape[1], 1 + 0.6 * acc.shape[0]))
@@ -182,7 +197,7 @@ def plot_accuracy_matrix(accuracy: np.ndarray, path: str) -> None:
     for (i, j), v in np.ndenumerate(acc):
       ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
               color="w" if v < 0.6 else "k")
-  ax.set_xlabel("test experience")
+  ax.set_xlabel(f"{split} experience")
   ax.set_ylabel("after training experience")
   ax.set_title("accuracy matrix")
   fig.colorbar(im, ax=ax, fraction=0.046)

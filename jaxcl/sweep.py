@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl import experiment
+from jaxcl import experiment, report
 from jaxcl.train import ConfigError
 
 __all__ = ["sweep", "SweepResult", "parse_values", "summarise"]
@@ -338,6 +338,7 @@ def sweep(config, seeds: Sequence[int] = (0,),
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
       json.dump({"members": members, "accuracy": out.accuracy.tolist(),
+                 "evaluated_on": report.evaluated_on(config),
                  "metrics": per_run, "groups": groups,
                  "times": result.times}, f, indent=2)
   return out

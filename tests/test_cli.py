@@ -26,6 +26,7 @@ def test_default_run_writes_outputs(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   assert elapsed < 60
   assert "acc:" in p.stdout and "bwt:" in p.stdout
+  assert "after \\ test " in p.stdout and "validation" not in p.stdout
   # No INFO log lines (orbax logs every checkpoint save at INFO).
   assert not re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[:500]
   run = tmp_path / "run"
@@ -46,8 +47,11 @@ def test_override_and_experiment_file(tmp_path):
             os.path.join(REPO, "experiments", "split_digits_baselines.py") +
             ":strategy=joint", "--config.train.epochs=1",
             "--config.report.plots=False", "--workdir", str(tmp_path / "r"),
-            "--verbosity=0", cwd=tmp_path)
+            "--config.dataset.validation=0.25", "--verbosity=0", cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-2000:]
+  assert "after \\ vali " in p.stdout
+  assert ("evaluated on the validation split: 0.25 of the training set"
+          in p.stdout)
   # Asked for, the INFO logs are back (here: orbax's checkpoint saves).
   assert re.search(r"^I\d{4} .*checkpoint", p.stderr, re.M)
   cfg = json.load(open(tmp_path / "r" / "config.json"))

@@ -141,3 +141,47 @@ def test_missing_names_absent_files_without_loading(tmp_path, data_dir):
                             "train-images-idx3-ubyte.gz"]
   assert "cifar10" in datasets.missing("cifar10", str(tmp_path))
   assert "valid" in datasets.missing("svhn")
+
+
+def _numbered(labels) -> datasets.Dataset:
+  """A data set whose training examples carry their own index as pixel."""
+  y = np.asarray(labels, np.int32)
+  x = np.arange(len(y), dtype=np.float32)[:, None, None, None]
+  return datasets.Dataset("numbered", x, y, -np.ones((3, 1, 1, 1),
+                                                     np.float32),
+                          np.zeros(3, np.int32), int(y.max()) + 1)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+  # Classes of 10, 20 and 35 examples: round(n * 0.3) = 3, 6 and 10 held out
+  # (35 * 0.3 = 10.5 rounds to even).
+  d = _numbered([0] * 10 + [1] * 20 + [2] * 35)
+  v = d.validation(0.3)
+  held, kept = v.test_x.ravel().astype(int), v.train_x.ravel().astype(int)
+  np.testing.assert_array_equal(np.bincount(v.test_y), [3, 6, 10])
+  np.testing.assert_array_equal(np.bincount(v.train_y), [7, 14, 25])
+  # Every example is either held out or kept, with its own label.
+  np.testing.assert_array_equal(np.sort(np.concatenate([held, kept])),
+                                np.arange(65))
+  np.testing.assert_array_equal(v.test_y, d.train_y[held])
+  np.testing.assert_array_equal(v.train_y, d.train_y[kept])
+  assert (v.test_x >= 0).all()  # the test set (pixels -1) is not used
+  np.testing.assert_array_equal(d.validation(0.3).test_x, v.test_x)
+  assert not np.array_equal(d.validation(0.3, seed=1).test_x, v.test_x)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1, float("nan"), "0.2",
+                                      True])
+def test_validation_fraction_outside_the_unit_interval_refused(fraction):
+  with pytest.raises(datasets.DataError,
+                     match=r"validation must be a fraction in \(0, 1\)"):
+    _numbered([0, 0, 1, 1]).validation(fraction)
+
+
+def test_validation_that_empties_a_class_names_it():
+  d = _numbered([0] * 40 + [1] * 2)
+  with pytest.raises(datasets.DataError, match="holds out 0 of class 1's 2 "
+                     r"training examples.*\(classes \[1\]\)"):
+    d.validation(0.1)
+  with pytest.raises(datasets.DataError, match="holds out 2 of class 1's 2"):
+    d.validation(0.9)

@@ -1,6 +1,8 @@
 """The compiled loop: determinism, no recompiles, Naive == plain training,
 padding, chain, errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import optax
 import pytest
 
 import jaxcl
-from jaxcl import experiment, scenarios, train
+from jaxcl import datasets, experiment, scenarios, train
 from jaxcl.strategy import Strategy, chain
 
 
@@ -296,10 +298,30 @@ def test_non_finite_loss_names_experience_and_step():
      r"class_order \[0, 1, 2, 3, 4, 5, 6, 7, 8, 8\] is not a permutation"),
     ("checkpoint.every_steps", -1, "checkpoint.every_steps must be >= 0"),
     ("parallel.devices", -2, "parallel.devices must be >= 0"),
+    ("dataset.validation", 1.0, r"validation must be a fraction in \(0, 1\)"),
 ])
 def test_bad_config_clear_error(key, value, match):
   with pytest.raises(ValueError, match=match):
     jaxcl.run(quick_config(**{key: value}))
+
+
+def test_validation_split_replaces_the_test_sets(tmp_path):
+  c = quick_config(**{"dataset.validation": 0.2})
+  s = experiment.setup(c)
+  held = datasets.load("digits").validation(0.2)
+  for e in s.scenario.experiences:
+    m = np.isin(held.test_y, e.classes)
+    assert m.sum() > 0
+    np.testing.assert_array_equal(e.test_x, held.test_x[m])
+    np.testing.assert_array_equal(e.test_y, held.test_y[m])
+  assert sum(e.num_train for e in s.scenario.experiences) == len(held.train_y)
+  jaxcl.run(c, str(tmp_path))
+  with open(tmp_path / "accuracy_matrix.json") as f:
+    assert json.load(f)["evaluated_on"] == "validation"
+  with pytest.raises(ValueError, match="dataset.test_subset=50 with "
+                     "dataset.validation=0.2: the test set is not read"):
+    jaxcl.run(quick_config(**{"dataset.validation": 0.2,
+                              "dataset.test_subset": 50}))
 
 
 def test_rotated_angles_must_match_the_experiences_and_fields():
