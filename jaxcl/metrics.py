@@ -19,15 +19,30 @@ accuracy of the randomly initialised model on test set ``j``
   \\mathrm{Forgetting} = \\frac{1}{T-1} \\sum_{j<T-1} f_j
 
 Negative BWT means forgetting; positive FWT means earlier experiences help
-later ones before they are trained.
+later ones before they are trained. Two more summaries are common in the
+class-incremental and online literature: the *average incremental
+accuracy* (Rebuffi et al., "iCaRL", 2017), the mean over the stream of the
+accuracy on the experiences seen so far, and the *learning accuracy*
+(Riemer et al., "Learning to Learn without Forgetting by Maximizing
+Transfer and Minimizing Interference", 2019), each experience's accuracy
+right after it is trained (plasticity, apart from forgetting). Like ACC,
+both average over experiences; with test sets of equal size that is the
+accuracy over the pooled test examples that iCaRL reports:
+
+.. math::
+
+  \\mathrm{IncACC} = \\frac{1}{T} \\sum_{i} \\frac{1}{i+1}
+      \\sum_{j \\le i} R_{i, j}, \\qquad
+  \\mathrm{LA} = \\frac{1}{T} \\sum_{j} R_{j, j}
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["average_accuracy", "accuracy_over_time", "backward_transfer",
-           "forward_transfer", "forgetting", "summary"]
+__all__ = ["average_accuracy", "accuracy_over_time",
+           "average_incremental_accuracy", "learning_accuracy",
+           "backward_transfer", "forward_transfer", "forgetting", "summary"]
 
 
 def _square(r) -> np.ndarray:
@@ -49,6 +64,17 @@ def accuracy_over_time(r) -> np.ndarray:
   seen so far)."""
   r = _square(r)
   return np.array([np.mean(r[i, :i + 1]) for i in range(len(r))])
+
+
+def average_incremental_accuracy(r) -> float:
+  """The mean of :func:`accuracy_over_time` over the stream."""
+  return float(np.mean(accuracy_over_time(r)))
+
+
+def learning_accuracy(r) -> float:
+  """The mean of ``R[j, j]``: each experience's accuracy right after it is
+  trained."""
+  return float(np.mean(np.diag(_square(r))))
 
 
 def backward_transfer(r) -> float:
@@ -91,4 +117,6 @@ def summary(r, random_acc=None) -> dict[str, float]:
     out["forgetting"] = forgetting(r)
     if random_acc is not None:
       out["fwt"] = forward_transfer(r, random_acc)
+    out["inc_acc"] = average_incremental_accuracy(r)
+    out["learning_acc"] = learning_accuracy(r)
   return out

@@ -362,7 +362,7 @@ def format_groups(groups: list[dict[str, Any]]) -> str:
   for g in groups:
     setting = ", ".join(f"{k}={v}" for k, v in g["setting"].items()) or \
         "(base config)"
-    stats = "  ".join(f"{m} {g[m][0]:.4f} ± {g[m][1]:.4f}"
-                      for m in ("acc", "bwt", "forgetting", "fwt") if m in g)
+    stats = "  ".join(f"{m} {v[0]:.4f} ± {v[1]:.4f}" for m, v in g.items()
+                      if m not in ("setting", "n"))
     lines.append(f"{setting} [n={g['n']}]: {stats}")
   return "\n".join(lines)

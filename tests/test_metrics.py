@@ -38,9 +38,30 @@ def test_forgetting_uses_best_earlier_accuracy():
   assert metrics.forgetting(R) == pytest.approx(0.25)
 
 
+def test_average_incremental_accuracy_averages_the_seen_accuracies():
+  # (0.9 + (0.6 + 0.8) / 2 + (0.5 + 0.7 + 0.95) / 3) / 3
+  expected = (0.9 + 0.7 + 2.15 / 3) / 3
+  assert metrics.average_incremental_accuracy(R) == pytest.approx(expected)
+  # Unlike ACC, it credits the accuracy held before the last experience.
+  late = np.array([[1.0, 0.0], [0.0, 1.0]])
+  assert metrics.average_accuracy(late) == pytest.approx(0.5)
+  assert metrics.average_incremental_accuracy(late) == pytest.approx(0.75)
+
+
+def test_learning_accuracy_is_the_diagonal_mean():
+  assert metrics.learning_accuracy(R) == pytest.approx((0.9 + 0.8 + 0.95) / 3)
+  with pytest.raises(ValueError, match="square"):
+    metrics.learning_accuracy(np.ones((1, 3)))
+
+
 def test_summary_and_shapes():
   s = metrics.summary(R, B)
-  assert set(s) == {"acc", "bwt", "forgetting", "fwt"}
+  assert set(s) == {"acc", "bwt", "forgetting", "fwt", "inc_acc",
+                    "learning_acc"}
+  assert s["inc_acc"] == metrics.average_incremental_accuracy(R)
+  assert s["learning_acc"] == metrics.learning_accuracy(R)
+  assert set(metrics.summary(R)) == {"acc", "bwt", "forgetting", "inc_acc",
+                                     "learning_acc"}
   joint = metrics.summary(np.array([[0.9, 0.8]]))
   assert joint == {"acc": pytest.approx(0.85)}
   with pytest.raises(ValueError, match="square"):

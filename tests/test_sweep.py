@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,9 @@ def test_cli_sweep(tmp_path):
       cwd=tmp_path, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "mean ± standard error" in p.stdout and "[n=2]" in p.stdout
+  group = p.stdout.split("mean ± standard error over seeds:")[1]
+  for m in ("acc", "bwt", "forgetting", "fwt", "inc_acc", "learning_acc"):
+    assert re.search(rf"\b{m} -?\d\.\d{{4}} ± \d\.\d{{4}}", group), m
 
 
 @pytest.mark.parametrize("name,field,values,extra", [
