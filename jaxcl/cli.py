@@ -36,9 +36,10 @@ COMMANDS = ("run", "sweep", "methods")
 # Defined in main(): ml_collections applies --config.<path> overrides when
 # the flag is defined, and a path the config lacks must be reported there.
 _CONFIG = None
-# --config.strategy.<name>.<arg> overrides, applied by this module (see
-# _split_strategy_overrides): (name, arg, text) in command-line order.
-_STRATEGY_ARGS: list[tuple[str, str, str]] = []
+# --config.strategy.<name>.<arg> and --config.model.<name>.<arg> overrides,
+# applied by this module (see _split_node_overrides): (section, name, arg,
+# text) in command-line order.
+_NODE_ARGS: list[tuple[str, str, str, str]] = []
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: runs/<config name>-<time>). "
     "A directory that holds checkpoints of the same config is resumed.")
@@ -82,30 +83,36 @@ def _quiet_logs() -> None:
     parallel.initialize_multihost()
 
 
-_STRATEGY_ARG = re.compile(r"^--?config\.strategy\.(\w+)\.(\w+)(?:=(.*))?$",
-                           re.S)
+_NODE_ARG = re.compile(
+    r"^--?config\.(strategy|model)\.(\w+)\.(\w+)(?:=(.*))?$", re.S)
 
 
-def _split_strategy_overrides(args: list[str]
-                              ) -> tuple[list[str], list[tuple[str, str, str]]]:
-  """Takes ``--config.strategy.<name>.<arg>[=]VALUE`` out of ``args``.
+def _split_node_overrides(args: list[str]
+                          ) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+  """Takes ``--config.strategy.<name>.<arg>[=]VALUE`` and
+  ``--config.model.<model name>.<arg>[=]VALUE`` out of ``args``.
 
-  A strategy's arguments are fields of ``config.strategy.<name>``, which
-  a config defines only for the strategies it sets up (the default config
-  for none), and ml_collections overrides only fields that exist. These
-  overrides are applied after the config is loaded instead, so that
-  ``--config.strategy.name=ewc --config.strategy.ewc.lam=1000`` works on
-  any config; the strategy's factory checks the names and values.
+  A strategy's arguments are fields of ``config.strategy.<name>``, and a
+  model's of ``config.model.<name>``; a config defines them only for what
+  it sets up (the default config for none), and ml_collections overrides
+  only fields that exist. These overrides are applied after the config is
+  loaded instead, so that ``--config.strategy.name=ewc
+  --config.strategy.ewc.lam=1000`` or ``--config.model.name=masked_mlp
+  --config.model.masked_mlp.mask=edge_popup`` work on any config; the
+  strategy's factory and the model's builder check names and values. A
+  ``model.<name>`` that names no model stays an unknown field.
   """
+  from jaxcl import models
   rest, found, i = [], [], 0
   while i < len(args):
-    m = _STRATEGY_ARG.match(args[i])
-    if m is None:
+    m = _NODE_ARG.match(args[i])
+    if m is None or (m.group(1) == "model"
+                     and m.group(2) not in models.available()):
       rest.append(args[i])
-    elif m.group(3) is not None:
-      found.append((m.group(1), m.group(2), m.group(3)))
+    elif m.group(4) is not None:
+      found.append((m.group(1), m.group(2), m.group(3), m.group(4)))
     elif i + 1 < len(args):  # --config.strategy.ewc.lam 1000
-      found.append((m.group(1), m.group(2), args[i + 1]))
+      found.append((m.group(1), m.group(2), m.group(3), args[i + 1]))
       i += 1
     else:
       raise ValueError(f"{args[i]} needs a value")
@@ -130,26 +137,28 @@ def _factory_default(name: str, arg: str):
 
 
 def _config():
-  """The parsed config with the strategy overrides written in."""
+  """The parsed config with the strategy and model overrides written in."""
   config = _CONFIG.value
-  if not _STRATEGY_ARGS:
+  if not _NODE_ARGS:
     return config
   with config.unlocked():
-    for name, arg, text in _STRATEGY_ARGS:
-      if name not in config.strategy:
-        config.strategy[name] = {}
-      node, value = config.strategy[name], _literal(text)
+    for section, name, arg, text in _NODE_ARGS:
+      if name not in config[section]:
+        config[section][name] = {}
+      node, value = config[section][name], _literal(text)
       # lam=1000 where the config or the factory has a float: 1000.0, so
       # the config (and the checkpoint fingerprint) reads the same as
       # lam=1000.0 would.
-      old = node.get(arg, _factory_default(name, arg))
+      old = node.get(arg, _factory_default(name, arg)
+                     if section == "strategy" else None)
       if isinstance(old, float) and isinstance(value, int) and not \
           isinstance(value, bool):
         value = float(value)
       try:
         node[arg] = value
       except TypeError as e:  # ml_collections keeps a field's type
-        raise ValueError(f"--config.strategy.{name}.{arg}={text}: {e}") from e
+        raise ValueError(
+            f"--config.{section}.{name}.{arg}={text}: {e}") from e
   return config
 
 
@@ -197,7 +206,7 @@ def _define_config_flag(sys_argv: list[str]) -> None:
   global _CONFIG
   if _CONFIG is None:
     # sys_argv: ml_collections finds the overrides in it, and must not see
-    # the strategy overrides this module applies itself.
+    # the strategy / model overrides this module applies itself.
     _CONFIG = config_flags.DEFINE_config_file(
         "config", _DEFAULT, "Experiment config file (default: Split Digits).",
         lock_config=True, sys_argv=sys_argv)
@@ -267,12 +276,19 @@ def main(argv: list[str] | None = None) -> None:
     _methods(argv[2:])
     return
   handler = {"run": _run, "sweep": _sweep}[command]
+  if any(a in ("-h", "--help", "--helpshort", "help") for a in argv[2:]):
+    # absl's --help lists only the main module's key flags: none for an
+    # entry-point script. Show this command's own flags instead.
+    _define_config_flag([argv[0]])
+    print(USAGE + "\nflags (absl's own: --helpfull):\n\n" +
+          flags.FLAGS.module_help(sys.modules[__name__]).strip("\n"))
+    return
   try:
-    rest, strategy_args = _split_strategy_overrides(argv[2:])
+    rest, node_args = _split_node_overrides(argv[2:])
   except ValueError as e:
     print(f"jaxcl: error: {e}", file=sys.stderr)
     sys.exit(2)
-  _STRATEGY_ARGS[:] = strategy_args
+  _NODE_ARGS[:] = node_args
   try:
     _define_config_flag([argv[0]] + rest)
   except (KeyError, AttributeError) as e:
@@ -288,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     # not a traceback.
     print(f"jaxcl: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # The last complete checkpoint stays (a save is written to a temporary
+    # directory and renamed when whole), so the same command resumes.
+    print("\njaxcl: interrupted; run the same command to resume from the "
+          f"last checkpoint", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

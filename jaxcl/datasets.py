@@ -237,16 +237,23 @@ def from_tfds(name: str, data_dir: str | None = None,
 
   # tfds reads $TFDS_DATA_DIR once at import; honour a later setting too.
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  not_prepared = False
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
       builder.download_and_prepare()
-    sources = tfds.data_source(name, data_dir=data_dir, download=False)
+    # Without a prepared copy tfds blames the (absent) data's file format
+    # and suggests deleting it, so that case gets the error below.
+    not_prepared = not os.path.isfile(
+        os.path.join(builder.data_dir, "dataset_info.json"))
+    if not not_prepared:
+      sources = tfds.data_source(name, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises many types; report them in one place
     raise DataError(
         f"{name}: could not open the tensorflow_datasets data in "
         f"data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
-  if not sources or "train" not in sources or "test" not in sources:
+  if (not_prepared or not sources or "train" not in sources
+      or "test" not in sources):
     raise DataError(
         f"{name}: no prepared tensorflow_datasets data in data_dir="
         f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
@@ -348,6 +355,7 @@ def missing(name: str, data_dir: str | None = None) -> str | None:
     return f"unknown dataset {name!r}; valid: {sorted(DATASETS)}"
   if name == "digits":  # ships with scikit-learn
     return None
+  data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
   if name in _IDX_HINT:
     data_dir = data_dir or os.environ.get("JAXCL_DATA_DIR")
     if data_dir:
@@ -385,4 +393,7 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
   """
   if name not in DATASETS:
     raise DataError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
-  return DATASETS[name](data_dir=data_dir)
+  # `--config.dataset.data_dir=~/x` reaches us unexpanded (the shell
+  # expands a leading ~ only at the start of a word).
+  return DATASETS[name](data_dir=os.path.expanduser(data_dir) if data_dir
+                        else data_dir)

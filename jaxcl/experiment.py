@@ -501,7 +501,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state = settle(state)
   if reporter is None and workdir:
     reporter = report.Reporter(workdir, config,
-                               resumed=position != checkpoint.Position())
+                               resumed=position != checkpoint.Position(),
+                               runs=max(members, 1))
   reporter = reporter or report.NullReporter()
 
   eval_time = 0.0

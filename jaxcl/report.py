@@ -10,7 +10,9 @@ A run directory holds:
 * ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
   metrics and ``evaluated_on``: ``test``, or ``validation`` when
   ``config.dataset.validation`` replaced the test sets by held-out
-  training data;
+  training data. A sweep's directory holds the mean over all its runs
+  (``mean_of_runs``: their number); each run's results are in
+  ``sweep.json``;
 * ``tb/``: TensorBoard events (scalars);
 * ``accuracy_matrix.png`` and ``average_accuracy.png``.
 """
@@ -74,8 +76,11 @@ class Reporter(NullReporter):
   """Writes a run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, config: Any, progress: bool | None = None,
-               resumed: bool = False):
+               resumed: bool = False, runs: int = 1):
     self.workdir = workdir
+    # A sweep's directory shows the mean over its runs (every seed and
+    # setting); its files say so. Per-run results: sweep.json.
+    self._runs = runs
     os.makedirs(workdir, exist_ok=True)
     rc = getattr(config, "report", None)
     self._progress = (rc.progress if rc is not None else True
@@ -125,6 +130,8 @@ class Reporter(NullReporter):
     self._log({"final": result.metrics, "times": result.times})
     with open(os.path.join(self.workdir, "accuracy_matrix.json"), "w") as f:
       json.dump({"accuracy": acc.tolist(), "evaluated_on": self._split,
+                 **({"mean_of_runs": self._runs,
+                     "per_run": "sweep.json"} if self._runs > 1 else {}),
                  "random_accuracy": np.asarray(
                      result.random_accuracy).tolist(),
                  "metrics": result.metrics, "times": result.times}, f,
@@ -141,7 +148,7 @@ class Reporter(NullReporter):
     if self._plots:
       plot_accuracy_matrix(acc, os.path.join(self.workdir,
                                              "accuracy_matrix.png"),
-                           split=self._split)
+                           split=self._split, runs=self._runs)
       plot_average_accuracy(acc, os.path.join(self.workdir,
                                               "average_accuracy.png"))
     if self._tb is not None:
@@ -188,7 +195,7 @@ def figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
 
 
 def plot_accuracy_matrix(accuracy: np.ndarray, path: str,
-                         split: str = "test") -> None:
+                         split: str = "test", runs: int = 1) -> None:
   """A heatmap of ``R[i, j]`` with the values written in the cells."""
   acc = np.asarray(accuracy)
   fig, ax = figure((1 + 0.6 * acc.shape[1], 1 + 0.6 * acc.shape[0]))
@@ -199,7 +206,8 @@ def plot_accuracy_matrix(accuracy: np.ndarray, path: str,
               color="w" if v < 0.6 else "k")
   ax.set_xlabel(f"{split} experience")
   ax.set_ylabel("after training experience")
-  ax.set_title("accuracy matrix")
+  ax.set_title("accuracy matrix" + (f" (mean of {runs} runs)"
+                                     if runs > 1 else ""))
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

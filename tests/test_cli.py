@@ -37,6 +37,7 @@ def test_default_run_writes_outputs(tmp_path):
   assert any(n.startswith("events") for n in os.listdir(run / "tb"))
   acc = json.load(open(run / "accuracy_matrix.json"))
   assert len(acc["accuracy"]) == 5 and len(acc["accuracy"][0]) == 5
+  assert acc["evaluated_on"] == "test" and "mean_of_runs" not in acc
   lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
   assert sum("experience" in l for l in lines) == 5
   assert json.load(open(run / "config.json"))["dataset"]["name"] == "digits"
@@ -60,14 +61,14 @@ def test_override_and_experiment_file(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--config.train.epoch=3"], 'Did you mean "epochs"'),
-    (["--config.model.hypernet.input_dim=64"], "'hypernet'"),
+    (["--config.model.hypernetz.input_dim=64"], "'hypernetz'"),
     (["--config", os.path.join(REPO, "experiments",
                                 "split_digits_baselines.py"),
       "--config.train.epochz=1"], "'epochz'"),
 ])
 def test_unknown_config_field_is_a_clear_error(tmp_path, args, match):
-  """An override of a field the config lacks (a typo, or a model's kwargs
-  that only config files define) names the field, without a traceback."""
+  """An override of a field the config lacks (a typo, also in a model's
+  name) names the field, without a traceback."""
   p = jaxcl("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
   assert p.returncode == 2
   assert "a --config override names a field the config does not have" \
@@ -139,6 +140,15 @@ def test_strategy_arguments_from_the_command_line(tmp_path):
             cwd=tmp_path)
   assert p.returncode == 1 and "Traceback" not in p.stderr
   assert "unexpected keyword argument 'lamda'" in p.stderr
+  # A model's arguments likewise (the default config has no model.hat_mlp).
+  p = jaxcl("run", "--workdir", str(tmp_path / "h"),
+            "--config.strategy.name=hat", "--config.scenario.kind=task",
+            "--config.model.name=hat_mlp", "--config.model.hat_mlp.num_tasks",
+            "5", "--config.train.epochs=1", "--config.report.progress=False",
+            "--config.report.plots=False", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  saved = json.load(open(tmp_path / "h" / "config.json"))["model"]
+  assert saved["name"] == "hat_mlp" and saved["hat_mlp"] == {"num_tasks": 5}
   p = jaxcl("run", "--config.strategy.ewc.lam", cwd=tmp_path)
   assert p.returncode == 2 and "--config.strategy.ewc.lam needs a value" \
       in p.stderr
@@ -146,11 +156,41 @@ def test_strategy_arguments_from_the_command_line(tmp_path):
 
 def test_strategy_override_parsing():
   from jaxcl import cli
-  rest, found = cli._split_strategy_overrides(
+  rest, found = cli._split_node_overrides(
       ["--config.strategy.name=gem", "--config.strategy.gem.margin=0.1",
-       "--config.strategy.gem.gram", "factored", "--workdir", "w"])
-  assert rest == ["--config.strategy.name=gem", "--workdir", "w"]
-  assert found == [("gem", "margin", "0.1"), ("gem", "gram", "factored")]
+       "--config.strategy.gem.gram", "factored", "--workdir", "w",
+       "--config.model.hat_mlp.num_tasks=5", "--config.model.bogus.x=1"])
+  # A model node that names no model is left for ml_collections to refuse.
+  assert rest == ["--config.strategy.name=gem", "--workdir", "w",
+                  "--config.model.bogus.x=1"]
+  assert found == [("strategy", "gem", "margin", "0.1"),
+                   ("strategy", "gem", "gram", "factored"),
+                   ("model", "hat_mlp", "num_tasks", "5")]
   assert [cli._literal(t) for t in ("0.1", "200", "(16,)", "True",
                                     "factored")] == [
                                         0.1, 200, (16,), True, "factored"]
+
+
+def test_command_help_lists_the_commands_flags(tmp_path):
+  # absl's --help showed only "Try --helpfull" for the entry-point script.
+  for command in ("run", "sweep"):
+    p = jaxcl(command, "--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for flag in ("--config:", "--workdir:", "--[no]resume:", "--seeds:",
+                 "--values:"):
+      assert flag in p.stdout, (command, flag)
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_interrupt_is_one_line_not_a_traceback(monkeypatch, capsys):
+  from jaxcl import cli, experiment
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(experiment, "run", interrupted)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["jaxcl", "run", "--workdir", "/nonexistent/never-made"])
+  assert e.value.code == 130
+  err = capsys.readouterr().err
+  assert "interrupted; run the same command to resume" in err
+  assert "Traceback" not in err

@@ -329,3 +329,30 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   assert "kept_commits" not in r2
   assert sorted(p.name for p in (tmp_path / "w2").iterdir()
                 if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
+
+
+def test_only_keeps_larger_records_and_the_whole_report(tmp_path, data_dir):
+  """A 3-seed request for an entry whose record holds 10 seeds reuses the
+  record (it once re-ran the entry and overwrote the record with 3 seeds),
+  and an --only run still reports every entry, the others from their
+  stored records."""
+  ten = "split_mnist_hybrid__strategy_gem_mem_size_200"
+  results = tmp_path / "results"
+  results.mkdir()
+  committed = os.path.join(reproduce.REPO, "experiments", "results",
+                           f"{ten}.json")
+  assert len(json.load(open(committed))["seeds"]) == 10
+  shutil.copy(committed, results)
+  before = (results / f"{ten}.json").read_bytes()
+  path = reproduce.main(["--only", ten, "--seeds", "3", "--results",
+                         str(results), "--out", str(tmp_path / "o"),
+                         "--workdir", str(tmp_path / "w"), "--data_dir",
+                         data_dir])
+  assert (results / f"{ten}.json").read_bytes() == before
+  assert not (tmp_path / "w" / ten).exists()  # nothing was trained
+  text = open(path).read()
+  n = len(reproduce.ENTRIES)
+  assert f"entries: {n} of the {n} registered; with results: 1," in text
+  assert "(10 seeds)" in text
+  assert "not run: no stored result for this config (not selected by " \
+         "--only)" in text

@@ -59,6 +59,11 @@ def test_sweep_checkpoint_refuses_other_seeds(tmp_path):
   sweep.sweep(c, seeds=[0, 1], workdir=str(tmp_path / "s"))
   data = json.load(open(tmp_path / "s" / "sweep.json"))
   assert len(data["accuracy"]) == 2
+  # The directory's matrix is the runs' mean, and says so.
+  mean = json.load(open(tmp_path / "s" / "accuracy_matrix.json"))
+  assert mean["mean_of_runs"] == 2 and mean["per_run"] == "sweep.json"
+  np.testing.assert_allclose(mean["accuracy"],
+                             np.mean(data["accuracy"], axis=0), atol=1e-12)
   with pytest.raises(ValueError, match="sweep.members"):
     sweep.sweep(c, seeds=[0, 1, 2], workdir=str(tmp_path / "s"))
 

@@ -35,8 +35,26 @@ def test_tfds_mnist_matches_idx(prepared, mnist, monkeypatch):
 
 
 def test_unprepared_tfds_dir_is_an_error(tmp_path):
-  with pytest.raises(datasets.DataError, match="no prepared|could not open"):
-    datasets.from_tfds("mnist", data_dir=str(tmp_path))
+  # Not tfds's own message, which blamed the absent data's file format and
+  # suggested deleting it.
+  for name in ("mnist", "cifar10"):
+    with pytest.raises(datasets.DataError, match=f"{name}: no prepared "
+                       f"tensorflow_datasets data in data_dir='{tmp_path}'"
+                       rf".*\(`tfds build {name}`\)"):
+      datasets.from_tfds(name, data_dir=str(tmp_path))
+
+
+def test_data_dirs_starting_with_a_tilde_are_expanded(prepared, monkeypatch,
+                                                      tmp_path, data_dir):
+  # `--config.dataset.data_dir=~/x` reaches jaxcl unexpanded.
+  monkeypatch.setenv("HOME", str(tmp_path))
+  os.symlink(prepared, tmp_path / "tfds")
+  os.symlink(os.path.join(data_dir, "mnist"), tmp_path / "idx")
+  assert datasets.missing("cifar10", "~/tfds") == (
+      f"cifar10: no prepared tensorflow_datasets data in data_dir="
+      f"'{tmp_path}/tfds'")
+  assert datasets.missing("mnist", "~/idx") is None
+  assert datasets.load("mnist", "~/idx").train_x.shape == (60000, 28, 28, 1)
 
 
 def test_prepare_rejects_missing_files(tmp_path):
