@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     # The last complete checkpoint stays (a save is written to a temporary
     # directory and renamed when whole), so the same command resumes.
     print("\njaxcl: interrupted; run the same command to resume from the "
-          f"last checkpoint", file=sys.stderr)
+          "last checkpoint", file=sys.stderr)
     sys.exit(130)
 
 
