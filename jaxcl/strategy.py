@@ -48,7 +48,7 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,20 +149,105 @@ def identity() -> Strategy:
   return Strategy()
 
 
+# Compositions that train but silently undo or drop a member's effect,
+# found by running every pair of the registered strategies on Split Digits
+# (session 18; BUILD_NOTES.md). chain() refuses them, saying why.
+_HAT_LEAK = ("hat masks only its own gradient, softly, and leaves other "
+             "tasks' embeddings unmasked, so the gradient {other} adds moves "
+             "earlier tasks' units (their accuracy moved by up to 0.31)")
+_GEN_ROWS = ("{first} takes the batch's last rows for its generated samples "
+             "and weights every row before them as current data, so "
+             "{other}'s replayed rows are mistaken for them")
+_CWR_BIAS = ("{first} writes a -1e9 bias for the classes an experience lacks "
+             "into the trained head, and {other} replays (or anchors) those "
+             "classes against it: nothing after the first experience is "
+             "learned")
+_LATENTS = ("both write the batch's replayed latents: {first}'s are "
+            "replaced by {other}'s, which count twice")
+_ANCHOR = ("{other} anchors each new ensemble member to the previous "
+           "member's weights, so the ensemble becomes copies of its first "
+           "model")
+
+
+def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
+  """{unordered pair: (the member the reason is about, reason)}."""
+  table: dict[frozenset[str], tuple[str, str]] = {}
+
+  def add(first: str, others: Sequence[str], reason: str) -> None:
+    for other in others:
+      table.setdefault(frozenset((first, other)), (first, reason))
+
+  add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
+              "generative_replay", "cumulative"), _HAT_LEAK)
+  for first in ("generative_replay", "generative_negative_replay"):
+    add(first, ("replay", "mir", "icarl", "generative_replay",
+                "generative_negative_replay"), _GEN_ROWS)
+  for first in ("cwr_star", "ar1"):
+    add(first, ("replay", "mir", "gem", "mas", "generative_replay"),
+        _CWR_BIAS)
+  add("latent_replay", ("exstream", "ar1"), _LATENTS)
+  add("exstream", ("ar1",), _LATENTS)
+  add("ensemble", ("ewc", "mas", "online_ewc"), _ANCHOR)
+  return table
+
+
+_CONFLICTS = _conflicts()
+# Ordered: update_grads runs left to right, and a later rewriter puts
+# gradient back on the weights an earlier freezer masked.
+_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir")
+
+
+def _check_composable(names: Sequence[str]) -> None:
+  """Refuses the compositions known to be silently wrong (see above)."""
+  from jaxcl import strategies  # late: it imports this module
+  registered = set(strategies.available()) - {"naive"}  # a default name
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      if a == b and a in registered:
+        raise ValueError(
+            f"chain(): {a!r} appears twice; its hooks would act twice on "
+            "one model (hat+hat broke HAT's masks). Give one member the "
+            "arguments you want")
+      if a in _FREEZERS and b in _REWRITERS:
+        raise ValueError(
+            f"chain(): {a} and {b} cannot be composed in this order: {a} "
+            f"freezes earlier tasks' weights by masking the gradient, and "
+            f"{b}, after it, rewrites the gradient and moves them; put {b} "
+            f"before {a}, whose mask then applies last")
+      if frozenset((a, b)) in _CONFLICTS:
+        first, reason = _CONFLICTS[frozenset((a, b))]
+        other = b if first == a else a
+        if reason is _LATENTS:  # the later member's latents win
+          first, other = a, b
+        raise ValueError(f"chain(): {a} and {b} cannot be composed: "
+                         + reason.format(first=first, other=other))
+  others = [n for n in names if n not in ("gdumb", "naive")]
+  if "gdumb" in names and others:
+    raise ValueError(
+        "chain(): gdumb retrains the model from scratch on its memory at "
+        f"the end of every experience, which discards what {others} did")
+
+
 def chain(*strategies: Strategy) -> Strategy:
   """Composes strategies into one.
 
   The state is a tuple of the members' states, in order. Losses add up;
-  ``prepare_batch`` and ``update_grads`` apply left to right (so write the
-  order at the call site: ``chain(replay(...), gem(...))`` projects the
-  gradient of the replayed batch); each ``after_step`` and experience hook
-  updates its own slot; ``project_params`` applies left to right;
-  look-ahead losses add up (all at the same ``ΔΘ``). At most
-  one member may define ``predict``, and at most one ``task_loss``.
+  ``prepare_batch`` and ``update_grads`` apply left to right;
+  ``prepare_batch`` runs before any gradient, so ``chain(gem(...),
+  replay(...))`` projects the replayed batch's gradient as
+  ``chain(replay(...), gem(...))`` does. Each ``after_step`` and
+  experience hook updates its own slot; ``project_params`` applies left to
+  right; look-ahead losses add up (all at the same ``ΔΘ``). At most one
+  member may define ``predict``, and at most one ``task_loss``.
+
+  Compositions known to train while silently undoing or dropping a
+  member's effect are refused (e.g. ``hat`` with a replaying member,
+  ``packnet`` before ``agem``, ``gdumb`` with anything), as is a strategy
+  named twice.
 
   Raises:
-    ValueError: if two members define ``predict`` (or ``task_loss``) or an
-      argument is not a Strategy.
+    ValueError: if two members define ``predict`` (or ``task_loss``), an
+      argument is not a Strategy, or the composition is one of those.
   """
   for s in strategies:
     if not isinstance(s, Strategy):
@@ -177,6 +262,7 @@ def chain(*strategies: Strategy) -> Strategy:
     raise ValueError(
         "chain(): more than one strategy replaces the task loss: "
         f"{[s.name for s in task_losses]}")
+  _check_composable([s.name for s in strategies])
   n = len(strategies)
 
   def check(sstate):

@@ -162,6 +162,38 @@ def test_chain_rejects_two_predictors():
     chain(p, q)
 
 
+@pytest.mark.parametrize("spec,match", [
+    # Each trained while silently undoing or dropping a member's effect
+    # (the session-18 fuzz of every pair); now each is a clear refusal.
+    ("hat+replay", "hat and replay cannot be composed: hat masks only its "
+     "own gradient"),
+    ("lwf+hat", "lwf and hat cannot be composed: hat masks only"),
+    ("packnet+agem", "packnet and agem cannot be composed in this order: "
+     "packnet freezes .* put agem before packnet"),
+    ("progressive+mir", "put mir before progressive"),
+    ("exstream+latent_replay", "both write the batch's replayed latents: "
+     "exstream's are replaced by latent_replay's"),
+    ("replay+generative_replay", "generative_replay takes the batch's last "
+     "rows .* so replay's replayed rows"),
+    ("mir+ar1", "ar1 writes a -1e9 bias .* and mir replays"),
+    ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
+    ("ensemble+mas", "mas anchors each new ensemble member"),
+    ("hat+hat", "'hat' appears twice"),
+])
+def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
+  from jaxcl import strategies
+  with pytest.raises(ValueError, match=match):
+    strategies.from_spec(spec)
+
+
+@pytest.mark.parametrize("spec", ["ewc+replay", "agem+packnet",
+                                  "mir+progressive", "hat+si", "lwf+replay",
+                                  "replay+latent_replay", "gdumb+naive"])
+def test_chain_accepts_compositions_that_work(spec):
+  from jaxcl import strategies
+  assert strategies.from_spec(spec)[0].name == spec
+
+
 def test_chained_penalty_trains_in_engine():
   """A chain with a penalty runs in the loop and shrinks the weights."""
   r0 = jaxcl.run(quick_config())

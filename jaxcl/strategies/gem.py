@@ -50,9 +50,10 @@ early experiences cost less and the first costs nothing extra.
 .. warning::
   The memory losses use the model state (e.g. batch-norm statistics) as of
   the start of the experience (``update_grads`` does not see the current
-  model state), in training mode. Chain GEM *after* strategies that append
-  rows to the batch (``chain(replay(...), gem(...))``) to project the
-  gradient of the whole batch.
+  model state), in training mode. Rows that a chained strategy appends to
+  the batch (``chain(replay(...), gem(...))``) are part of the gradient
+  GEM projects, in either order: every ``prepare_batch`` runs before the
+  gradient is taken.
 
 .. note::
   In a vmapped sweep (``jaxcl.sweep``) every run forms ``G Gᵀ`` at every
