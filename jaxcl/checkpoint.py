@@ -195,9 +195,12 @@ class Checkpointer:
                   "the previous one")
         continue
       position = Position(**meta["position"])
-      if step != steps[-1]:
-        self._log(f"jaxcl: resumed from checkpoint {step} (the newest valid "
-                  "one)")
+      where = (f"{position.experience} experience(s) done"
+               if position.phase == "begin" else
+               f"in experience {position.experience + 1}, epoch "
+               f"{position.epoch + 1}, step {position.step}")
+      self._log(f"jaxcl: resumed from checkpoint {step} ({where})" +
+                (", the newest valid one" if step != steps[-1] else ""))
       progress = dict(restored["progress"])
       progress["seconds"] = float(meta.get("seconds", float("nan")))
       return restored["state"], progress, position

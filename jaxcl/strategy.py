@@ -252,6 +252,9 @@ def chain(*strategies: Strategy) -> Strategy:
   for s in strategies:
     if not isinstance(s, Strategy):
       raise ValueError(f"chain() takes Strategy records; got {type(s)}")
+  # First: a registered strategy named twice is a clearer message than the
+  # two-predictors one it would also trigger (supsup+supsup).
+  _check_composable([s.name for s in strategies])
   predictors = [s for s in strategies if s.predict is not None]
   if len(predictors) > 1:
     raise ValueError(
@@ -262,7 +265,6 @@ def chain(*strategies: Strategy) -> Strategy:
     raise ValueError(
         "chain(): more than one strategy replaces the task loss: "
         f"{[s.name for s in task_losses]}")
-  _check_composable([s.name for s in strategies])
   n = len(strategies)
 
   def check(sstate):

@@ -2,6 +2,7 @@
 corrupt checkpoints fall back; incompatible configs are refused."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,10 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference):
   proc.wait()
   p = drive(work, tmp_path / "final.npz")
   assert p.returncode == 0, p.stderr[-3000:]
+  # A resume says where it starts from (it used to be silent).
+  assert re.search(r"jaxcl: resumed from checkpoint \d+ \((\d experience"
+                   r"\(s\) done|in experience \d, epoch \d, step \d+)\)$",
+                   p.stderr, re.M), p.stderr[-2000:]
   assert_same(tmp_path / "final.npz", reference)
 
 
@@ -78,6 +83,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference):
   assert p.returncode == 0, p.stderr[-3000:]
   assert f"checkpoint {steps[-1]}" in p.stderr
   assert "falling back" in p.stderr
+  assert re.search(r"jaxcl: resumed from checkpoint \d+ \(.*\), the newest "
+                   "valid one", p.stderr), p.stderr[-2000:]
   assert_same(tmp_path / "final.npz", reference)
   # The valid checkpoints were never all deleted on the way.
   assert len([s for s in os.listdir(ckdir) if s.isdigit()]) >= 2

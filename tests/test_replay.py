@@ -533,6 +533,17 @@ def test_latent_bad_layer_name(stream):
     exstream(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
 
 
+def test_latent_replay_on_a_model_without_layers_says_so():
+  # It listed "valid layer names: []".
+  from jaxcl import experiment
+  c = experiment.default_config()
+  c.strategy.name, c.model.name, c.scenario.kind = ("latent_replay",
+                                                    "hypernet", "task")
+  with pytest.raises(ValueError, match=r"the model \(HyperNetwork\) has no "
+                     "named layers to split at 'backbone'"):
+    experiment.run(c)
+
+
 # ---------------------------------------------------------------------------
 # Deep generative replay.
 

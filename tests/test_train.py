@@ -179,6 +179,7 @@ def test_chain_rejects_two_predictors():
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
+    ("supsup+supsup", "'supsup' appears twice"),
 ])
 def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
   from jaxcl import strategies

@@ -155,6 +155,11 @@ def split_model(ctx, layer: str) -> Split:
   """
   calls = _trace_calls(ctx)
   names = ["/".join(p) for p, _ in calls if p]
+  if not names:
+    raise ValueError(
+        f"the model ({type(ctx.model).__name__}) has no named layers to "
+        f"split at {layer!r}: latent replay needs a model whose layers run "
+        "one after another, such as mlp, cnn or resnet18")
   if layer not in names:
     raise ValueError(f"unknown layer {layer!r} to split the model at; valid "
                      f"layer names: {names}")
