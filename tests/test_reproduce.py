@@ -110,12 +110,15 @@ def test_gap_over_one_and_a_half_points_is_explained_or_flagged(tmp_path):
   assert "| B | 80.00 ± 1.00 (2 seeds) |" in text
   # One seed: no error bar (a standard error needs two).
   assert "| A | 88.00 |" in text
-  assert "* seeds per entry: 1 (0); mean" in text
-  # With --any_seeds the header says that rows may differ.
+  # A record with more seeds than asked for is reused, and the header says
+  # such rows name their count; with --any_seeds, also rows with others.
+  assert ("* seeds per entry: 1 (0), except rows that name their own count "
+          "(reused records run with more seeds); mean") in text
   path = reproduce.write_report(
       {b.id: res(0.80, (0, 1))}, [b], str(tmp_path / "any"), [0], False,
       0.0, any_seeds=True)
-  assert "* seeds per entry: 1 (0), except rows that name their own count" \
+  assert ("* seeds per entry: 1 (0), except rows that name their own count "
+          "(reused records run with more seeds or others); mean") \
       in open(path).read()
 
 
