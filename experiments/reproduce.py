@@ -14,12 +14,12 @@ accuracy over experiences. The report names the commit it ran.
 
 ``--only`` runs only entries whose id or table contains any of the given
 substrings (the report still shows every entry, the others from their
-stored records); ``--skip`` lists matching entries as not run unless a finished
-result can be reused (for runs too long for the machine); ``--report_only``
-runs nothing and writes the report from the stored results. A finished
-entry run with at least the requested seeds is reused; ``--any_seeds``
-reuses finished entries run with any seed count (their rows say how
-many seeds). ``--data_dir`` (default ``$JAXCL_DATA_DIR`` or
+stored records); ``--skip`` lists matching entries as not run unless a
+finished result can be reused (for runs too long for the machine);
+``--report_only`` runs nothing and writes the report from the stored
+results. A finished entry run with at least the requested seeds is
+reused; ``--any_seeds`` reuses finished entries run with any seed count
+(their rows say how many seeds). ``--data_dir`` (default ``$JAXCL_DATA_DIR`` or
 ``../shared/data``) holds the MNIST / Fashion-MNIST IDX files.
 
 Finished results are stored as one small JSON record per entry in
@@ -177,9 +177,9 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   A finished result (the JSON file ``record``, by default ``entry.json``
   in ``workdir``) is reused when its config is unchanged and it ran
   ``seeds`` or more (or, with ``any_seeds``, any seeds: for entries too
-  long to repeat; the report then names their seeds). With ``skip`` (the reason) an
-  entry without such a result is reported as not run instead of run: as
-  missing its data set where that is so, else with ``skip``.
+  long to repeat; the report then names their seeds). With ``skip`` (the
+  reason) an entry without such a result is reported as not run instead of
+  run: as missing its data set where that is so, else with ``skip``.
   """
   from jaxcl import checkpoint, datasets, metrics, sweep
 

@@ -87,8 +87,8 @@ _NODE_ARG = re.compile(
     r"^--?config\.(strategy|model)\.(\w+)\.(\w+)(?:=(.*))?$", re.S)
 
 
-def _split_node_overrides(args: list[str]
-                          ) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+def _split_node_overrides(
+    args: list[str]) -> tuple[list[str], list[tuple[str, str, str, str]]]:
   """Takes ``--config.strategy.<name>.<arg>[=]VALUE`` and
   ``--config.model.<model name>.<arg>[=]VALUE`` out of ``args``.
 
