@@ -328,8 +328,12 @@ def chain(*strategies: Strategy) -> Strategy:
 
   def after_step(ctx, sstate, info):
     check(sstate)
-    return tuple(s.after_step(ctx, ss, info)
-                 for s, ss in zip(strategies, sstate))
+    # Each member its own key, as in prepare_batch and update_grads: two
+    # stochastic members would otherwise draw correlated numbers.
+    keys = (jax.random.split(info.key, max(n, 1)) if info.key is not None
+            else [None] * n)
+    return tuple(s.after_step(ctx, ss, info._replace(key=k))
+                 for s, ss, k in zip(strategies, sstate, keys))
 
   lookers = [(i, s) for i, s in enumerate(strategies)
              if s.lookahead_loss is not None]

@@ -154,6 +154,19 @@ def test_chain_matches_manual_composition():
     pc.loss(None, (ss[0],), params, None, None)
 
 
+def test_chain_gives_each_after_step_its_own_key():
+  def keeper(name):
+    return Strategy(init=lambda ctx, key, params: jnp.zeros(2, jnp.uint32),
+                    after_step=lambda ctx, ss, info: jax.random.key_data(
+                        info.key), name=name)
+  c = chain(keeper("a"), keeper("b"))
+  info = train.StepInfo(None, None, None, None, None, jnp.zeros(()),
+                        jax.random.PRNGKey(3))
+  a, b = c.after_step(None, c.init(None, jax.random.PRNGKey(0), None), info)
+  assert not np.array_equal(a, b)
+  assert not np.array_equal(a, jax.random.key_data(info.key))
+
+
 def test_chain_rejects_two_predictors():
   p = Strategy(predict=lambda *a: None, name="p1")
   q = Strategy(predict=lambda *a: None, name="p2")
