@@ -336,7 +336,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                  only: Sequence[str] = (), any_seeds: bool = False,
                  skip: Sequence[str] = (), report_only: bool = False) -> str:
   """Writes RESULTS.md and the per-table plots; returns the report path."""
-  from jaxcl.report import figure
+  from jaxcl.report import figure, integer_ticks
 
   os.makedirs(out, exist_ok=True)
   lines = [
@@ -446,6 +446,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                 "there; the per-experience curve was not kept, so the row "
                 "has no line in the plot.", ""]
     ax.set_xlabel("experiences trained")
+    integer_ticks(ax)
     ax.set_ylabel("average accuracy (seen)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "format_table",
-           "plot_accuracy_matrix", "plot_average_accuracy", "figure"]
+           "plot_accuracy_matrix", "plot_average_accuracy", "figure",
+           "integer_ticks"]
 
 
 class _NullBar:
@@ -213,8 +214,16 @@ def plot_accuracy_matrix(accuracy: np.ndarray, path: str,
   fig.savefig(path, dpi=100)
 
 
-def plot_average_accuracy(accuracy: np.ndarray, path: str) -> None:
-  """Average accuracy over the experiences seen, after each experience."""
+def integer_ticks(ax: Any) -> None:
+  """Whole-number ticks on ``ax``'s x axis (a count of experiences)."""
+  from matplotlib.ticker import MaxNLocator
+
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
+  """Average accuracy over the experiences seen, after each experience;
+  returns the figure."""
   acc = np.asarray(accuracy)
   ys = [float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else float(
       np.mean(row)) for i, row in enumerate(acc)]
@@ -222,7 +231,9 @@ def plot_average_accuracy(accuracy: np.ndarray, path: str) -> None:
   ax.plot(np.arange(1, len(ys) + 1), ys, marker="o")
   ax.set_ylim(0, 1.02)
   ax.set_xlabel("experiences trained")
+  integer_ticks(ax)
   ax.set_ylabel("average accuracy (seen)")
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  return fig

@@ -68,3 +68,13 @@ def test_summary_and_shapes():
     metrics.backward_transfer(np.ones((1, 3)))
   with pytest.raises(ValueError, match="random_acc"):
     metrics.forward_transfer(R, [0.1])
+
+
+def test_average_accuracy_plot_has_whole_number_ticks(tmp_path):
+  # A count of experiences: matplotlib's default gave 1.0, 1.5, 2.0, ...
+  from jaxcl import report
+  fig = report.plot_average_accuracy(R, str(tmp_path / "a.png"))
+  ticks = fig.axes[0].get_xticks()
+  assert len(ticks) >= 3
+  np.testing.assert_array_equal(ticks, np.round(ticks))
+  assert (tmp_path / "a.png").stat().st_size > 0
