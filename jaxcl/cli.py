@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     _methods(argv[2:])
     return
   handler = {"run": _run, "sweep": _sweep}[command]
-  if any(a in ("-h", "--help", "--helpshort", "help") for a in argv[2:]):
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
     # absl's --help lists only the main module's key flags: none for an
     # entry-point script. Show this command's own flags instead.
     _define_config_flag([argv[0]])

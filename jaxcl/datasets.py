@@ -237,23 +237,21 @@ def from_tfds(name: str, data_dir: str | None = None,
 
   # tfds reads $TFDS_DATA_DIR once at import; honour a later setting too.
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
-  not_prepared = False
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
       builder.download_and_prepare()
     # Without a prepared copy tfds blames the (absent) data's file format
     # and suggests deleting it, so that case gets the error below.
-    not_prepared = not os.path.isfile(
-        os.path.join(builder.data_dir, "dataset_info.json"))
-    if not not_prepared:
-      sources = tfds.data_source(name, data_dir=data_dir, download=False)
+    prepared = os.path.isfile(os.path.join(builder.data_dir,
+                                           "dataset_info.json"))
+    sources = (tfds.data_source(name, data_dir=data_dir, download=False)
+               if prepared else {})
   except Exception as e:  # tfds raises many types; report them in one place
     raise DataError(
         f"{name}: could not open the tensorflow_datasets data in "
         f"data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
-  if (not_prepared or not sources or "train" not in sources
-      or "test" not in sources):
+  if not sources or "train" not in sources or "test" not in sources:
     raise DataError(
         f"{name}: no prepared tensorflow_datasets data in data_dir="
         f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
