@@ -479,6 +479,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                    [t.eval_experiences for t in streams],
                    learner.eval_batch_size))
   ckpt, position = None, checkpoint.Position()
+  resume_step = None  # global step of the checkpoint resumed from
   random_acc = None
   before = 0.0  # seconds spent by earlier invocations (resumed runs)
   if workdir:
@@ -499,9 +500,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       random_acc = np.asarray(progress["random_accuracy"])
       before = progress["seconds"]
       state = settle(state)
+      resume_step = int(np.max(np.asarray(state.step)))
   if reporter is None and workdir:
-    reporter = report.Reporter(workdir, config,
-                               resumed=position != checkpoint.Position(),
+    reporter = report.Reporter(workdir, config, resume_step=resume_step,
                                runs=max(members, 1))
   reporter = reporter or report.NullReporter()
 

@@ -77,7 +77,10 @@ class Reporter(NullReporter):
   """Writes a run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, config: Any, progress: bool | None = None,
-               resumed: bool = False, runs: int = 1):
+               resume_step: int | None = None, runs: int = 1):
+    """``resume_step``: the global step of the checkpoint a resumed run
+    starts from. The logs keep what came up to it, and drop what the
+    killed invocation logged after it, which the resumed run logs again."""
     self.workdir = workdir
     # A sweep's directory shows the mean over its runs (every seed and
     # setting); its files say so. Per-run results: sweep.json.
@@ -92,13 +95,19 @@ class Reporter(NullReporter):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2) if hasattr(
           config, "to_json_best_effort") else json.dumps(config, indent=2))
-    mode = "a" if resumed else "w"
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), mode)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      _truncate_log(path, resume_step)
+    self._jsonl = open(path, "a" if resume_step is not None else "w")
     self._rows: list[list[float]] = []
     self._tb = None
     if self._tb_on:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      # TensorBoard discards the earlier events from purge_step on, as
+      # the JSONL log does above.
+      self._tb = SummaryWriter(
+          os.path.join(workdir, "tb"),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def _log(self, record: dict[str, Any]) -> None:
     self._jsonl.write(json.dumps(record) + "\n")
@@ -157,6 +166,30 @@ class Reporter(NullReporter):
         self._tb.add_scalar(f"final/{k}", v, 0)
       self._tb.close()
     self._jsonl.close()
+
+
+def _truncate_log(path: str, step: int) -> None:
+  """Keeps the records of ``path`` logged at or before global ``step``.
+
+  A killed run may have logged steps past its last checkpoint (and a
+  finished one its summary); the resumed run logs them again, so without
+  this they would appear twice. A line cut short by the kill is dropped.
+  """
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and record.get("step", step + 1) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def evaluated_on(config: Any) -> str:
