@@ -63,9 +63,41 @@ _VALUES = flags.DEFINE_multi_string(
 USAGE = __doc__
 
 
-def _default_workdir(config) -> str:
+_UNNAMED = ("report.", "checkpoint.", "dataset.data_dir")
+
+
+def _run_name(config) -> str:
+  """The config's name followed by the command line's overrides, as
+  ``split_digits_naive,strategy.name=ewc,train.epochs=1``: a run of a config
+  with another strategy or setting is not named as the config alone. An
+  explicit ``--config.name`` is used as it is."""
   name = config.get("name", "run")
-  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  if "name" in overrides:
+    return name
+  def text(v):  # (400, 400) -> 400-400
+    return "-".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+  # Settings of the outputs, not of the experiment, are left out.
+  parts = [f"{k}={text(v)}" for k, v in overrides.items()
+           if not k.startswith(_UNNAMED)]
+  parts += [f"{section}.{node}.{arg}={text(_literal(value))}"
+            for section, node, arg, value in _NODE_ARGS]
+  if not parts:
+    return name
+  # A directory name: no path separators, spaces or brackets; bounded.
+  suffix = re.sub(r"[^\w.=+,-]+", "", ",".join(parts))[:120]
+  return f"{name},{suffix}"
+
+
+def _default_workdir(config) -> str:
+  return os.path.join(
+      "runs", f"{_run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# The run directory of the command in progress, named when it is
+# interrupted (a default directory has the time in its name, so the same
+# command without --workdir would start afresh).
+_ACTIVE_WORKDIR: list[str] = []
 
 
 def _quiet_logs() -> None:
@@ -168,7 +200,8 @@ def _run(argv) -> None:
   from jaxcl import experiment, report
   config = _config()
   workdir = _WORKDIR.value or _default_workdir(config)
-  print(f"jaxcl: {config.get('name', 'run')} -> {workdir}", flush=True)
+  _ACTIVE_WORKDIR[:] = [workdir]
+  print(f"jaxcl: {_run_name(config)} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
   split = report.evaluated_on(config)
   print(report.format_table(result.accuracy, result.metrics, split))
@@ -186,9 +219,10 @@ def _sweep(argv) -> None:
   from jaxcl import report, sweep
   config = _config()
   workdir = _WORKDIR.value or _default_workdir(config)
+  _ACTIVE_WORKDIR[:] = [workdir]
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
-  print(f"jaxcl sweep: {config.get('name', 'run')}, seeds {seeds}"
+  print(f"jaxcl sweep: {_run_name(config)}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "
         f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)
   result = sweep.sweep(config, seeds, values, workdir,
@@ -307,8 +341,11 @@ def main(argv: list[str] | None = None) -> None:
   except KeyboardInterrupt:
     # The last complete checkpoint stays (a save is written to a temporary
     # directory and renamed when whole), so the same command resumes.
-    print("\njaxcl: interrupted; run the same command to resume from the "
-          "last checkpoint", file=sys.stderr)
+    where = ""
+    if _ACTIVE_WORKDIR and not _WORKDIR.present:
+      where = f" with --workdir {_ACTIVE_WORKDIR[0]}"
+    print(f"\njaxcl: interrupted; run the same command{where} to resume "
+          "from the last checkpoint", file=sys.stderr)
     sys.exit(130)
 
 

@@ -182,15 +182,37 @@ def test_command_help_lists_the_commands_flags(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-def test_interrupt_is_one_line_not_a_traceback(monkeypatch, capsys):
+def test_interrupt_is_one_line_not_a_traceback(monkeypatch, capsys,
+                                               tmp_path):
   from jaxcl import cli, experiment
 
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
   monkeypatch.setattr(experiment, "run", interrupted)
+  monkeypatch.chdir(tmp_path)
   with pytest.raises(SystemExit) as e:
-    cli.main(["jaxcl", "run", "--workdir", "/nonexistent/never-made"])
+    cli.main(["jaxcl", "run", "--config.train.epochs=1"])
   assert e.value.code == 130
   err = capsys.readouterr().err
-  assert "interrupted; run the same command to resume" in err
+  # The default directory has the time in its name: the message names it,
+  # since the same command alone would start a new run.
+  assert re.search(r"interrupted; run the same command with --workdir "
+                   r"runs/split_digits_naive,train\.epochs=1-\d{8}-\d{6} "
+                   "to resume", err), err
   assert "Traceback" not in err
+
+
+def test_default_run_directory_names_the_overrides(tmp_path):
+  # It was named after the config alone: `--config.strategy.name=ewc` on the
+  # default config wrote runs/split_digits_naive-<time>. Output settings
+  # (report.*) are not part of the name.
+  p = jaxcl("run", "--config.strategy.name=ewc",
+            "--config.strategy.ewc.lam=10", "--config.train.epochs=1",
+            "--config.model.widths=(32,16)", "--config.report.plots=False",
+            "--config.report.progress=False", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  (run,) = os.listdir(tmp_path / "runs")
+  assert re.fullmatch(r"split_digits_naive,strategy\.name=ewc,train\.epochs=1,"
+                      r"model\.widths=32-16,strategy\.ewc\.lam=10-\d{8}-\d{6}",
+                      run), run
+  assert p.stdout.startswith(f"jaxcl: {run[:-16]} -> runs/{run}\n")
