@@ -262,6 +262,17 @@ def test_gdumb_bad_inputs(stream):
     gdumb(clip=-1.0)
   with pytest.raises(ValueError, match="crop_padding must be an int"):
     gdumb(crop_padding=1.5)
+  # Crops larger than the 8x8 digits, or of inputs that are not images
+  # (the crop used to be skipped silently there).
+  with pytest.raises(ValueError, match=r"crop_padding=8 must be smaller "
+                     r"than the images' side \(8x8\)"):
+    gdumb(mem_size=20, crop_padding=8).init(ctx, jax.random.PRNGKey(0), None)
+  gdumb(mem_size=20, crop_padding=7).init(ctx, jax.random.PRNGKey(0), None)
+  flat = dataclasses.replace(
+      ctx, info=dataclasses.replace(ctx.info, input_shape=(64,)))
+  with pytest.raises(ValueError, match=r"crop_padding=2 crops images shaped "
+                     r"\(H, W, C\); this stream's inputs are shaped \(64,\)"):
+    gdumb(mem_size=20, crop_padding=2).init(flat, jax.random.PRNGKey(0), None)
   # NaN passed `<= 0` checks and trained to NaN weights (found by a fuzz):
   # NaN clip and weight decay read as "off"; 'no' read as True.
   nan = float("nan")

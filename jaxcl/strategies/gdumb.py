@@ -210,7 +210,8 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
 
   Raises:
     ValueError: bad values; at ``init``, ``mem_size`` smaller than the
-      number of classes.
+      number of classes, or ``crop_padding`` on inputs that are not
+      images or not smaller than their side.
   """
   buffers.check_capacity(mem_size, "mem_size")
   checks.whole("gdumb: epochs", epochs, 1)
@@ -248,6 +249,17 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
           f"gdumb mem_size={mem_size} is smaller than the number of classes "
           f"({ctx.info.num_classes}); a class-balanced memory needs at least "
           "one slot per class")
+    shape = tuple(ctx.info.input_shape)
+    if crop_padding and len(shape) != 3:
+      # The crop would be skipped: say so instead of training without it.
+      raise ValueError(
+          f"gdumb crop_padding={crop_padding} crops images shaped (H, W, C); "
+          f"this stream's inputs are shaped {shape}; use crop_padding=0")
+    if crop_padding and crop_padding >= min(shape[:2]):
+      raise ValueError(
+          f"gdumb crop_padding={crop_padding} must be smaller than the "
+          f"images' side ({shape[0]}x{shape[1]}); a crop could miss the "
+          "image entirely")
     return GDumbState(buffers.init(mem_size, ctx.info.input_shape),
                       jnp.zeros((), jnp.int32), key)
 
