@@ -163,7 +163,10 @@ class Scenario:
 
   @property
   def input_shape(self) -> tuple[int, ...]:
-    return tuple(self.experiences[0].train_x.shape[1:])
+    # From a test set: a run builds every test set first (to evaluate the
+    # random init), so this one is then still kept; a training set read
+    # here was built again for training (0.9 s on Rotated MNIST).
+    return tuple(self.eval_experiences[0].test_x.shape[1:])
 
   def __len__(self) -> int:
     return len(self.experiences)
