@@ -3,11 +3,11 @@
 One experience is one compiled program: its training arrays sit on the
 device, padded to the stream's largest experience so every experience has
 the same shapes (nothing recompiles between experiences); an epoch is a
-``lax.scan`` over rows of a ``(steps, batch)`` index array drawn on the
-device; the host loop runs over experiences, epochs and (optionally) chunks
-of an epoch for checkpoints. Index ``-1`` marks padding: it gets mask 0, and
-a step whose batch is all padding is skipped with ``lax.cond`` (no optimiser
-step, no step count), so padding never changes the result.
+loop over rows of a ``(steps, batch)`` index array drawn on the device; the
+host loop runs over experiences, epochs and (optionally) chunks of an epoch
+for checkpoints. Index ``-1`` marks padding: it gets mask 0, and steps whose
+batch would be all padding are not run (no optimiser step, no step count),
+so padding never changes the result.
 
 Evaluation of all test sets after an experience is one jitted call over the
 stacked, padded test sets and returns one row of the accuracy matrix.
@@ -408,7 +408,7 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
                 experience: jax.Array, epoch: jax.Array, start: jax.Array,
                 *, chunk_steps: int, epoch_steps: int,
                 batch_spec: Callable[[Batch], Batch] | None = None):
-  """Runs steps ``[start, start + chunk_steps)`` of one epoch as a scan.
+  """Runs steps ``[start, start + chunk_steps)`` of one epoch in a loop.
 
   Returns the new state, the per-step losses and which steps ran (steps
   whose batch is all padding are skipped and report loss 0).
@@ -419,27 +419,30 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
                       epoch_steps, bs)
   idx = jax.lax.dynamic_slice_in_dim(idx, start, chunk_steps, axis=0)
 
-  def body(state, step_row):
-    step, row = step_row
+  # The valid rows are the epoch's first n_valid positions (epoch_indices),
+  # so the steps with any are a prefix of the epoch, known from n_valid
+  # alone: the loop runs exactly those (steps past them would be all
+  # padding). In a sweep whose runs share n_valid the trip count stays
+  # unbatched, so this stays a plain loop. It was a scan over every step
+  # with a lax.cond skipping the padding ones, and XLA copied every
+  # buffer the step updates in place (a replay memory: twice per step, a
+  # third of a batch-10 Replay step on a CPU) into and out of the cond.
+  n_steps = (n_valid + bs - 1) // bs
+  end = jnp.clip(n_steps, start, start + chunk_steps)
+
+  def body(i, carry):
+    state, losses = carry
+    row = idx[i - start]
     valid = row >= 0
     safe = jnp.maximum(row, 0)
     batch = {"x": data["x"][safe], "y": data["y"][safe],
              "task": data["task"][safe], "mask": valid.astype(jnp.float32)}
-    # The valid rows are the epoch's first n_valid positions
-    # (epoch_indices), so whether a step has any follows from its position
-    # alone, not from the run's shuffled rows. In a sweep that keeps the
-    # predicate unbatched (its runs share n_valid): the cond stays a cond,
-    # instead of a select that copies the whole state every step and
-    # batches every value the step closes over (a switch indexed through
-    # one became a select: docs/notes_hybrid.md, session 13).
-    run = step * bs < n_valid
-    state, loss = jax.lax.cond(
-        run, lambda s: train_step(ctx, strategy, s, batch, batch_spec),
-        lambda s: (s, jnp.zeros((), jnp.float32)), state)
-    return state, (loss, run)
+    state, loss = train_step(ctx, strategy, state, batch, batch_spec)
+    return state, losses.at[i - start].set(loss)
 
-  steps = start + jnp.arange(chunk_steps)
-  state, (losses, ran) = jax.lax.scan(body, state, (steps, idx))
+  state, losses = jax.lax.fori_loop(
+      start, end, body, (state, jnp.zeros((chunk_steps,), jnp.float32)))
+  ran = start + jnp.arange(chunk_steps) < n_steps
   return state, losses, ran
 
 

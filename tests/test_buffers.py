@@ -321,3 +321,20 @@ def test_reservoir_batch_equals_offering_rows_one_by_one():
     np.testing.assert_array_equal(np.asarray(mem.valid), ref_valid)
     assert int(mem.seen) == n
   assert collisions > 0  # the case that needs the later-row-wins rule
+
+
+def test_reservoir_after_orders_writes_and_nan_writes_nothing():
+  """``after`` only adds a data dependence: a finite value changes nothing,
+  a NaN (a diverged step) writes nothing and leaves the counter as is."""
+  mem = buffers.init(4, (2,))
+  key = jax.random.PRNGKey(3)
+  x = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
+  y = jnp.arange(6, dtype=jnp.int32)
+  plain = buffers.reservoir_add(mem, key, x, y, y, 0)
+  ordered = buffers.reservoir_add(mem, key, x, y, y, 0, after=jnp.float32(2.5))
+  for a, b in zip(plain, ordered):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  diverged = buffers.reservoir_add(plain, key, x + 100, y, y, 0,
+                                   after=jnp.float32(jnp.nan))
+  np.testing.assert_array_equal(np.asarray(diverged.x), np.asarray(plain.x))
+  assert int(diverged.seen) == int(plain.seen) == 6

@@ -147,8 +147,12 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
   def after_step(ctx, sstate, info):
     rows = incoming_rows(ctx, info.batch)
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+    # after: the gradient read the retrieved rows (update_grads), so the
+    # writes follow those reads and the memory is updated in place
+    # (buffers.reservoir_add).
     mem = buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
-                                rows["task"], sstate.experience, rows["mask"])
+                                rows["task"], sstate.experience, rows["mask"],
+                                after=jax.tree.leaves(info.grads)[0].ravel()[0])
     return sstate._replace(memory=mem)
 
   return Strategy(init=init, before_experience=before_experience,

@@ -140,8 +140,11 @@ def replay(mem_size: int = 200, batch_size: int = 0,
       return sstate
     rows = incoming_rows(ctx, info.batch)
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+    # after=loss: the loss read the replayed rows, so the writes follow
+    # the reads and the memory is updated in place (buffers.reservoir_add).
     mem = buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
-                                rows["task"], sstate.experience, rows["mask"])
+                                rows["task"], sstate.experience, rows["mask"],
+                                after=info.loss)
     return sstate._replace(memory=mem)
 
   add_experience = jax.jit(buffers.experience_balanced_add)
