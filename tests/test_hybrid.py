@@ -266,12 +266,29 @@ def _conds(jaxpr, depth=0):
   return found
 
 
-def test_gem_sweep_keeps_its_switch_and_step_skip_as_conds(stream):
-  """In a sweep's program (3 runs under one vmap) the training step's
-  skip-padding cond and GEM's switch over block sizes stay conds with an
-  unbatched index. A batched index turns them into selects that run every
-  branch: the whole step for every run, GEM's gradients for all sizes
-  (a sweep's step once cost 2-3x a plain one's per run that way)."""
+def _outer_whiles(jaxpr):
+  """The cond_jaxpr of every while loop not inside another one."""
+  found = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "while":
+      found.append(e.params["cond_jaxpr"].jaxpr)
+      continue
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _outer_whiles(inner)
+  return found
+
+
+def test_gem_sweep_keeps_its_switch_and_step_loop_unbatched(stream):
+  """In a sweep's program (3 runs under one vmap) the loop over the steps
+  with data keeps an unbatched trip count, and GEM's switch over block
+  sizes stays a cond with an unbatched index. A batched index turns a
+  cond into a select that runs every branch (GEM's gradients for all
+  sizes), and a batched trip count a loop into one that runs until every
+  run is done, selecting the whole state at each step (a sweep's step
+  once cost 2-3x a plain one's per run that way)."""
   ctx = make_ctx(stream)
   s = gem(mem_per_experience=8)
   runs = 3
@@ -290,9 +307,12 @@ def test_gem_sweep_keeps_its_switch_and_step_skip_as_conds(stream):
                                            1, 0, 0).jaxpr
   conds = _conds(jaxpr)
   n_sizes = len(row_buckets(len(exps)))
-  assert (2, (), 0) in conds, conds  # the step's skip, outermost
-  assert (n_sizes, (), 1) in conds, conds  # GEM's switch, inside it
+  assert (n_sizes, (), 0) in conds, conds  # GEM's switch
   assert all(shape == () for _, shape, _ in conds), conds
+  # The step loop, the outermost: a batched one has a predicate per run,
+  # bool[runs]. (GEM's QP solver, inside it, stops per run by design.)
+  (cond,) = _outer_whiles(jaxpr)
+  assert cond.outvars[0].aval.shape == (), cond
 
 
 def test_gem_auto_gram_on_a_batch_norm_model_forms_the_gradients(
