@@ -155,7 +155,8 @@ def reservoir_add(mem: Memory, key: jax.Array, x: jax.Array, y: jax.Array,
       depend on it, which orders them after those reads: without such a
       data dependence XLA cannot update the memory in place and copies
       it twice per step (measured: XLA:CPU, a batch-10 Replay step). A NaN
-      there (a diverged step, which the run reports) writes nothing.
+      there (a diverged step, which the run reports) writes nothing; its
+      rows still count as seen.
   """
   b = x.shape[0]
   k = capacity_of(mem)

@@ -163,22 +163,32 @@ def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
   try:
     hash(ctx.model)
   except TypeError:  # e.g. widths=[400, 400]: cannot key a jit cache
-    variables = dict(_init_jit.__wrapped__(ctx.model, shape, key))
+    variables = dict(_init(ctx.model, shape, key))
   else:
-    variables = dict(_init_jit(ctx.model, shape, key))
+    init = _init_jit_cpu if jax.default_backend() == "cpu" else _init_jit
+    variables = dict(init(ctx.model, shape, key))
   return variables.pop("params"), variables
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_jit(model: Any, input_shape: tuple[int, ...], key: jax.Array
-              ) -> Any:
-  # One compiled program, cached per (model, input shape), which is all an
-  # init depends on (a rebuilt equal module hits the cache). Run op by op,
-  # flax's initialisers compiled each random op on its own: ~30 programs,
-  # 2.3 s of a 9 s `jaxcl run` on Split MNIST. Values are bit-identical
-  # (tested).
+def _init(model: Any, input_shape: tuple[int, ...], key: jax.Array) -> Any:
   x = jnp.zeros((1,) + input_shape, jnp.float32)
   return model.init(key, x, jnp.zeros((1,), jnp.int32))
+
+
+# One compiled program, cached per (model, input shape), which is all an
+# init depends on (a rebuilt equal module hits the cache). Run op by op,
+# flax's initialisers compiled each random op on its own: ~30 programs,
+# 2.3 s of a 9 s `jaxcl run` on Split MNIST. Values are bit-identical
+# (tested).
+_init_jit = jax.jit(_init, static_argnums=(0, 1))
+# On the CPU the program is compiled at LLVM's -O1: it runs once, and at
+# the default -O2 its compilation (threefry's loops, one per random
+# weight) was the largest compile of a short run (0.66 s for an MLP
+# 784-100-100-10, against 0.57 s for the training loop; -O1: ~0.2 s).
+# The weights are the same to the bit (tested; -O0 changed some by an
+# ulp).
+_init_jit_cpu = jax.jit(_init, static_argnums=(0, 1),
+                        compiler_options={"xla_backend_optimization_level": 1})
 
 
 def init_state(ctx: Context, strategy: Strategy, seed: int | jax.Array,

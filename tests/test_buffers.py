@@ -325,7 +325,7 @@ def test_reservoir_batch_equals_offering_rows_one_by_one():
 
 def test_reservoir_after_orders_writes_and_nan_writes_nothing():
   """``after`` only adds a data dependence: a finite value changes nothing,
-  a NaN (a diverged step) writes nothing and leaves the counter as is."""
+  a NaN (a diverged step) writes nothing (its rows still count as seen)."""
   mem = buffers.init(4, (2,))
   key = jax.random.PRNGKey(3)
   x = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
@@ -337,4 +337,7 @@ def test_reservoir_after_orders_writes_and_nan_writes_nothing():
   diverged = buffers.reservoir_add(plain, key, x + 100, y, y, 0,
                                    after=jnp.float32(jnp.nan))
   np.testing.assert_array_equal(np.asarray(diverged.x), np.asarray(plain.x))
-  assert int(diverged.seen) == int(plain.seen) == 6
+  assert int(plain.seen) == 6 and int(diverged.seen) == 12
+  written = buffers.reservoir_add(plain, key, x + 100, y, y, 0,
+                                  after=jnp.float32(1.0))
+  assert not np.array_equal(np.asarray(written.x), np.asarray(plain.x))
