@@ -165,7 +165,11 @@ def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
   except TypeError:  # e.g. widths=[400, 400]: cannot key a jit cache
     variables = dict(_init(ctx.model, shape, key))
   else:
-    init = _init_jit_cpu if jax.default_backend() == "cpu" else _init_jit
+    # Inside another jit (GDumb's retraining draws a fresh model) only
+    # the outer program's compiler options apply: the plain jit there.
+    top = not isinstance(key, jax.core.Tracer)
+    init = (_init_jit_cpu if top and jax.default_backend() == "cpu" else
+            _init_jit)
     variables = dict(init(ctx.model, shape, key))
   return variables.pop("params"), variables
 
