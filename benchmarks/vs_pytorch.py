@@ -1,12 +1,15 @@
 """jaxcl against a PyTorch loop written as Mammoth writes it, same protocol.
 
-Protocol of Buzzega et al. 2020 (Mammoth's ``seq-mnist``): Split MNIST in 5
-class-incremental experiences, MLP 784-100-100-10 (Xavier-uniform weights,
-zero biases), plain SGD, one pass with batch 10. Methods:
+Protocols of Buzzega et al. 2020 (Mammoth's ``seq-mnist``, unless named):
+Split MNIST in 5 class-incremental experiences, MLP 784-100-100-10
+(Xavier-uniform weights, zero biases), plain SGD, one pass with batch 10.
+Methods:
 
 * ``naive``: fine-tuning (lr 0.01);
 * ``replay``: Mammoth's ``er.py``: each step concatenates 10 examples drawn
   from a reservoir memory of 200, then adds the batch to the memory (lr 0.01);
+* ``replay_permuted``: the same on Permuted MNIST (first 5 of Mammoth's
+  20 experiences, 60000 images each, batch 128 + 128 replayed, lr 0.2);
 * ``gem``: Mammoth's ``gem.py``: 200 // 5 examples kept per experience; each
   step differentiates every past experience's memory, and when the update
   would raise a memory loss it solves the dual QP on the CPU with
@@ -16,7 +19,8 @@ The PyTorch side is a plain loop over tensors already in memory: no
 DataLoader and no per-image transform, so it is a lower bound on Mammoth's
 own time. Like Mammoth's ``observe`` it calls ``loss.item()`` every step.
 The jaxcl side is ``jaxcl.run`` on the repository's configs
-(``experiments/split_mnist_replay.py`` and ``split_mnist_hybrid.py``),
+(``experiments/split_mnist_replay.py``, ``split_mnist_hybrid.py`` and
+``permuted_mnist_replay.py``),
 compilation included, and again with JAX's persistent compilation cache
 warm (a repeated run). Both evaluate every test set after each experience;
 the figures are whole runs (training + evaluation), and training alone.
@@ -55,7 +59,12 @@ CONFIGS = {
     "naive": ("split_mnist_replay", "strategy=naive,mem_size=200"),
     "replay": ("split_mnist_replay", "strategy=replay,mem_size=200"),
     "gem": ("split_mnist_hybrid", "strategy=gem,mem_size=200"),
+    # A longer, heavier step: Permuted MNIST (first 5 of the 20
+    # experiences), batch 128 + 128 replayed (Mammoth's perm-mnist ER).
+    "replay_permuted": ("permuted_mnist_replay",
+                        "strategy=replay,mem_size=200"),
 }
+EXPERIENCES = {"replay_permuted": 5}
 
 
 def jaxcl_config(method: str, data_dir: str, seed: int):
@@ -64,6 +73,8 @@ def jaxcl_config(method: str, data_dir: str, seed: int):
       f"{arg},seed={seed}")
   c.dataset.data_dir = data_dir
   c.report.progress = False
+  if method in EXPERIENCES:
+    c.scenario.n_experiences = EXPERIENCES[method]
   return c
 
 
@@ -72,6 +83,7 @@ def jaxcl_config(method: str, data_dir: str, seed: int):
 
 
 def torch_run(method: str, experiences, config, seed: int) -> dict:
+  method = method.split("_")[0]  # replay_permuted: the replay loop
   import torch
   from torch import nn
 

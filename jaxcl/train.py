@@ -241,8 +241,14 @@ def device_experience(exp: Experience, size: int) -> dict[str, np.ndarray]:
   """An experience's training arrays padded to ``size`` rows (host arrays).
 
   Padding rows are never indexed (index -1 maps to mask 0), so their content
-  does not matter; zeros keep them cheap.
+  does not matter; zeros keep them cheap. An experience that fills ``size``
+  (every one of a permuted or rotated stream) is returned as it is: a
+  padded copy of full MNIST took ~0.2 s per experience.
   """
+  if exp.num_train == size:
+    return {"x": np.asarray(exp.train_x, np.float32),
+            "y": np.asarray(exp.train_y, np.int32),
+            "task": np.asarray(exp.train_task, np.int32)}
   return {k: v[0] for k, v in stacked_experiences([exp], size).items()}
 
 

@@ -498,3 +498,21 @@ def test_per_task_keeps_its_one_task_shortcut_in_a_sweep():
                      for e in jax.make_jaxpr(f)(x, one_task).eqns}
   assert "cond" in prims(sweep)
   assert "cond" not in prims(jax.vmap(fn))  # batched predicate: a select
+
+
+def test_device_experience_pads_short_experiences_and_keeps_full_ones(
+    digits):
+  """A shorter experience is padded to the stream's largest; one that fills
+  it (every experience of a permuted stream) is used as it is, uncopied."""
+  sc = scenarios.permuted(digits, 2, seed=0)
+  exp = sc.experiences[1]
+  n = exp.num_train
+  full = train.device_experience(exp, n)
+  assert np.shares_memory(full["x"], exp.train_x)
+  padded = train.device_experience(exp, n + 7)
+  assert padded["x"].shape[0] == n + 7
+  for k, src in (("x", exp.train_x), ("y", exp.train_y),
+                 ("task", exp.train_task)):
+    np.testing.assert_array_equal(full[k], src)
+    np.testing.assert_array_equal(padded[k][:n], src)
+    assert full[k].dtype == padded[k].dtype
