@@ -89,9 +89,8 @@ def _run_name(config) -> str:
   return f"{name},{suffix}"
 
 
-def _default_workdir(config) -> str:
-  return os.path.join(
-      "runs", f"{_run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _default_workdir(name: str) -> str:
+  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # The run directory of the command in progress, named when it is
@@ -199,9 +198,10 @@ def _run(argv) -> None:
   _quiet_logs()
   from jaxcl import experiment, report
   config = _config()
-  workdir = _WORKDIR.value or _default_workdir(config)
+  name = _run_name(config)
+  workdir = _WORKDIR.value or _default_workdir(name)
   _ACTIVE_WORKDIR[:] = [workdir]
-  print(f"jaxcl: {_run_name(config)} -> {workdir}", flush=True)
+  print(f"jaxcl: {name} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
   split = report.evaluated_on(config)
   print(report.format_table(result.accuracy, result.metrics, split))
@@ -218,11 +218,12 @@ def _sweep(argv) -> None:
   _quiet_logs()
   from jaxcl import report, sweep
   config = _config()
-  workdir = _WORKDIR.value or _default_workdir(config)
+  name = _run_name(config)
+  workdir = _WORKDIR.value or _default_workdir(name)
   _ACTIVE_WORKDIR[:] = [workdir]
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
-  print(f"jaxcl sweep: {_run_name(config)}, seeds {seeds}"
+  print(f"jaxcl sweep: {name}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "
         f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)
   result = sweep.sweep(config, seeds, values, workdir,

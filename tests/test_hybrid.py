@@ -248,6 +248,15 @@ def test_gem_memory_blocks_and_constraints_on_a_model(stream, m, n_past,
   np.testing.assert_allclose(gnew, flat(want), rtol=1e-4, atol=1e-6)
 
 
+def _subjaxprs(eqn):
+  """The jaxprs an equation holds (a cond's branches, a loop's body, ...)."""
+  for v in eqn.params.values():
+    for sub in (v if isinstance(v, (tuple, list)) else [v]):
+      inner = getattr(sub, "jaxpr", sub)
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
 def _conds(jaxpr, depth=0):
   """(number of branches, predicate shape, how many conds enclose it) of
   every cond, at any depth."""
@@ -258,11 +267,8 @@ def _conds(jaxpr, depth=0):
       found.append((len(e.params["branches"]), e.invars[0].aval.shape,
                     depth))
       inside += 1
-    for v in e.params.values():
-      for sub in (v if isinstance(v, (tuple, list)) else [v]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _conds(inner, inside)
+    for inner in _subjaxprs(e):
+      found += _conds(inner, inside)
   return found
 
 
@@ -273,11 +279,8 @@ def _outer_whiles(jaxpr):
     if e.primitive.name == "while":
       found.append(e.params["cond_jaxpr"].jaxpr)
       continue
-    for v in e.params.values():
-      for sub in (v if isinstance(v, (tuple, list)) else [v]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _outer_whiles(inner)
+    for inner in _subjaxprs(e):
+      found += _outer_whiles(inner)
   return found
 
 

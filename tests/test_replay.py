@@ -191,7 +191,7 @@ def test_memory_is_updated_in_place_not_copied(stream, spec):
   hlo = learner.chunk_fn.lower(state, data, exp.num_train, 0, 0,
                                0).compile().as_text()
   memory = "f32[40,8,8,1]"
-  assert f"{memory}" in hlo  # the memory is in the program
+  assert memory in hlo  # the memory is in the program
   copies = [l for l in hlo.splitlines()
             if " copy(" in l and l.split("=", 1)[1].strip().startswith(memory)]
   assert not copies, copies
