@@ -54,27 +54,27 @@ REPO = os.path.dirname(HERE)
 # which torch imports.
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
-# method -> (config file, its argument)
+# method -> (config file, its argument, experiences: 0 for the config's).
+# The PyTorch loop is the config's strategy.
 CONFIGS = {
-    "naive": ("split_mnist_replay", "strategy=naive,mem_size=200"),
-    "replay": ("split_mnist_replay", "strategy=replay,mem_size=200"),
-    "gem": ("split_mnist_hybrid", "strategy=gem,mem_size=200"),
+    "naive": ("split_mnist_replay", "strategy=naive,mem_size=200", 0),
+    "replay": ("split_mnist_replay", "strategy=replay,mem_size=200", 0),
+    "gem": ("split_mnist_hybrid", "strategy=gem,mem_size=200", 0),
     # A longer, heavier step: Permuted MNIST (first 5 of the 20
     # experiences), batch 128 + 128 replayed (Mammoth's perm-mnist ER).
     "replay_permuted": ("permuted_mnist_replay",
-                        "strategy=replay,mem_size=200"),
+                        "strategy=replay,mem_size=200", 5),
 }
-EXPERIENCES = {"replay_permuted": 5}
 
 
 def jaxcl_config(method: str, data_dir: str, seed: int):
-  name, arg = CONFIGS[method]
+  name, arg, experiences = CONFIGS[method]
   c = importlib.import_module(f"experiments.{name}").get_config(
       f"{arg},seed={seed}")
   c.dataset.data_dir = data_dir
   c.report.progress = False
-  if method in EXPERIENCES:
-    c.scenario.n_experiences = EXPERIENCES[method]
+  if experiences:
+    c.scenario.n_experiences = experiences
   return c
 
 
@@ -82,8 +82,8 @@ def jaxcl_config(method: str, data_dir: str, seed: int):
 # The PyTorch side: Mammoth's models/er.py and models/gem.py, inlined.
 
 
-def torch_run(method: str, experiences, config, seed: int) -> dict:
-  method = method.split("_")[0]  # replay_permuted: the replay loop
+def torch_run(experiences, config, seed: int) -> dict:
+  method = config.strategy.name  # naive, replay or gem
   import torch
   from torch import nn
 
@@ -212,9 +212,9 @@ def side(args) -> dict:
     out.update(train=r.times["train"], acc=r.metrics["acc"])
   elif len(seeds) > 1:
     for s in seeds:
-      torch_run(args.methods[0], scenario.experiences, c, s)
+      torch_run(scenario.experiences, c, s)
   else:
-    p = torch_run(args.methods[0], scenario.experiences, c, 0)
+    p = torch_run(scenario.experiences, c, 0)
     out.update(train=p["train"], acc=p["acc"])
   out["run" if len(seeds) <= 1 else "seeds"] = time.perf_counter() - t
   return out
