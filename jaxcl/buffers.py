@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
+           "reservoir_slots", "put_rows",
            "experience_balanced_add", "class_balanced_add", "sample",
            "gather", "check_capacity"]
 
@@ -129,40 +130,22 @@ def _as_rows(n, y, task, experience, mask):
   return i32(y), i32(task), i32(experience), ok
 
 
-def reservoir_add(mem: Memory, key: jax.Array, x: jax.Array, y: jax.Array,
-                  task: jax.Array, experience: jax.Array | int,
-                  mask: jax.Array | None = None,
-                  after: jax.Array | None = None) -> Memory:
-  """Offers a batch of examples to a reservoir memory (algorithm R).
+def reservoir_slots(mem: Memory, key: jax.Array, mask: jax.Array,
+                    after: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Where algorithm R puts each offered row: ``(slots, seen)``.
 
-  .. math::
-     n \\leftarrow \\text{seen};\\quad
-     \\text{slot} = \\begin{cases} n & n < K \\\\
-       j \\sim U\\{0..n\\} & \\text{otherwise (kept if } j < K)\\end{cases}
-
-  Rows with ``mask == 0`` (padding, empty replay slots) are not offered and
-  do not advance the counter. The batch is processed in order by a
-  ``lax.scan``, so the result is the same as offering the examples one by
-  one.
-
-  Args:
-    mem: the memory.
-    key: PRNG key.
-    x: ``(B, *example_shape)``; y, task: ``(B,)`` ints; experience: an int
-      or ``(B,)``; mask: ``(B,)`` (None: all offered).
-    after: a scalar computed from what the step read from this memory
-      (e.g. the loss on replayed rows), or None. The writes are made to
-      depend on it, which orders them after those reads: without such a
-      data dependence XLA cannot update the memory in place and copies
-      it twice per step (measured: XLA:CPU, a batch-10 Replay step). A NaN
-      there (a diverged step, which the run reports) writes nothing; its
-      rows still count as seen.
+  ``slots`` is int32 ``(B,)``, the capacity ``K`` for a row that is not
+  stored (not offered, not drawn, or overwritten by a later row of the same
+  batch); ``seen`` is the counter after the batch. :func:`reservoir_add`
+  writes the rows there; a strategy that keeps more per entry (DER's
+  logits) writes its own arrays at the same slots. ``mask`` and ``after``
+  are as in :func:`reservoir_add`.
   """
-  b = x.shape[0]
+  b = mask.shape[0]
   k = capacity_of(mem)
-  y, task, experience, ok = _as_rows(b, y, task, experience, mask)
+  ok = mask > 0
   keys = jax.random.split(key, b)
-
   # The only sequential part of algorithm R is the counter: row i sees
   # n_i = seen + (rows offered before it), an exclusive cumulative sum.
   # Each row's draw j_i ~ U{0..n_i} is then independent, so all are drawn
@@ -178,19 +161,58 @@ def reservoir_add(mem: Memory, key: jax.Array, x: jax.Array, y: jax.Array,
   slots = jnp.where(ok, jnp.where(n < k, n, jnp.where(j < k, j, k)), k)
   if after is not None:
     slots = jnp.where(jnp.isnan(after), k, slots)
-  seen = mem.seen + jnp.sum(okn)
   # Offered one by one, a later row replaces an earlier one in the same
   # slot: drop the earlier writes so the scatter has no duplicate targets.
   order = jnp.arange(b)
   overwritten = jnp.any((slots[None, :] == slots[:, None]) &
                         (order[None, :] > order[:, None]), axis=1)
-  slots = jnp.where(overwritten, k, slots)
+  return jnp.where(overwritten, k, slots), mem.seen + jnp.sum(okn)
+
+
+def reservoir_add(mem: Memory, key: jax.Array, x: jax.Array, y: jax.Array,
+                  task: jax.Array, experience: jax.Array | int,
+                  mask: jax.Array | None = None,
+                  after: jax.Array | None = None) -> Memory:
+  """Offers a batch of examples to a reservoir memory (algorithm R).
+
+  .. math::
+     n \\leftarrow \\text{seen};\\quad
+     \\text{slot} = \\begin{cases} n & n < K \\\\
+       j \\sim U\\{0..n\\} & \\text{otherwise (kept if } j < K)\\end{cases}
+
+  Rows with ``mask == 0`` (padding, empty replay slots) are not offered and
+  do not advance the counter. The result is the same as offering the
+  examples one by one (:func:`reservoir_slots`).
+
+  Args:
+    mem: the memory.
+    key: PRNG key.
+    x: ``(B, *example_shape)``; y, task: ``(B,)`` ints; experience: an int
+      or ``(B,)``; mask: ``(B,)`` (None: all offered).
+    after: a scalar computed from what the step read from this memory
+      (e.g. the loss on replayed rows), or None. The writes are made to
+      depend on it, which orders them after those reads: without such a
+      data dependence XLA cannot update the memory in place and copies
+      it twice per step (measured: XLA:CPU, a batch-10 Replay step). A NaN
+      there (a diverged step, which the run reports) writes nothing; its
+      rows still count as seen.
+  """
+  b = x.shape[0]
+  y, task, experience, ok = _as_rows(b, y, task, experience, mask)
+  slots, seen = reservoir_slots(mem, key, ok, after)
+  return put_rows(mem, slots, x, y, task, experience)._replace(seen=seen)
+
+
+def put_rows(mem: Memory, slots: jax.Array, x: jax.Array, y: jax.Array,
+             task: jax.Array, experience: jax.Array) -> Memory:
+  """Writes row ``i`` at ``slots[i]`` and marks it valid (a slot equal to
+  the capacity writes nothing). ``slots`` must not repeat a target."""
   put = lambda arr, new: arr.at[slots].set(new.astype(arr.dtype),
                                            mode="drop")
   return mem._replace(
       x=put(mem.x, x), y=put(mem.y, y), task=put(mem.task, task),
       experience=put(mem.experience, experience),
-      valid=mem.valid.at[slots].set(True, mode="drop"), seen=seen)
+      valid=mem.valid.at[slots].set(True, mode="drop"))
 
 
 def _rank_within_groups(group: jax.Array, score: jax.Array) -> jax.Array:

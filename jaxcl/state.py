@@ -158,6 +158,8 @@ class StepInfo(NamedTuple):
     loss: the total loss.
     key: a PRNG key for this hook, distinct from the keys of
       ``prepare_batch`` and ``update_grads`` in the same step.
+    logits: the model's training-mode logits on ``batch``, from the step's
+      forward pass (before the update): what DER stores with its examples.
   """
   params_before: Any
   params_after: Any
@@ -166,6 +168,7 @@ class StepInfo(NamedTuple):
   batch: Batch
   loss: jax.Array
   key: jax.Array | None = None
+  logits: jax.Array | None = None
 
 
 def masked_logits(logits: jax.Array, task: jax.Array,

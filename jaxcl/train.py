@@ -384,10 +384,10 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
                                batch["task"], train=True)
     task_loss = task_loss_of(logits)
     reg = strategy.loss(ctx, state.strategy, params, batch, logits)
-    return task_loss + reg, new_ms
+    return task_loss + reg, (new_ms, logits)
 
-  (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (new_ms, logits)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   if strategy.lookahead_loss is not None:
     # ΔΘ: the update the optimiser would make from the rest of the loss
     # (its state is not advanced), held constant; the penalty's gradient
@@ -417,7 +417,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   sstate = strategy.after_step(
       ctx, state.strategy,
       StepInfo(state.params, params, grads, task_grads, batch, loss,
-               k_after))
+               k_after, logits))
   return state.replace(step=state.step + 1, params=params,
                        opt_state=opt_state, model_state=new_ms,
                        strategy=sstate), loss
