@@ -11,6 +11,8 @@ import pytest
 from jaxcl import buffers, experiment, models, scenarios, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategies import exstream as exs
+from jaxcl.strategies.der import der
+from jaxcl.strategies.derpp import derpp
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
@@ -80,6 +82,10 @@ CHAINS = [
     ("gdumb+naive", dict(gdumb=dict(mem_size=40, epochs=2))),
     ("generative_replay+si", dict(
         generative_replay=dict(hidden=(32,), latent=8))),
+    # DER leaves the training rows alone, so it follows a member that
+    # appends some.
+    ("replay+derpp", dict(replay=dict(mem_size=50),
+                          derpp=dict(mem_size=40, batch_size=8))),
 ]
 
 
@@ -114,7 +120,7 @@ def test_chained_run_compiles_once(monkeypatch, stream, spec, kwargs):
   assert len(ss) == len(names)
   total = sum(e.num_train for e in stream.experiences)
   for name, sub in zip(names, ss):
-    if name in ("replay", "mir"):        # reservoirs saw the whole stream
+    if name in ("replay", "mir", "derpp"):  # reservoirs saw the stream
       assert int(sub.memory.seen) == total
     if name == "gdumb":                  # class-balanced, full
       np.testing.assert_array_equal(buffers.counts(sub.memory, 10)[:4],
@@ -173,14 +179,15 @@ def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
   assert result.accuracy[1, 0] > 0.3   # experience 0 not forgotten
 
 
-@pytest.mark.parametrize("spec", ["replay", "mir"])
+@pytest.mark.parametrize("spec", ["replay", "mir", "derpp"])
 def test_memory_is_updated_in_place_not_copied(stream, spec):
   """A step reads replayed rows from the memory and then writes the batch
   into it. Unless the writes depend on the reads, XLA copies the whole
   memory twice per step (a third of a batch-10 Replay step on a CPU); the
-  compiled training loop must hold no copy of the memory's examples."""
-  kw = dict(mem_size=40) if spec == "replay" else dict(mem_size=40,
-                                                         candidates=20)
+  compiled training loop must hold no copy of the memory's examples (nor,
+  for DER, of its stored logits)."""
+  kw = dict(mir=dict(mem_size=40, candidates=20)).get(spec,
+                                                       dict(mem_size=40))
   cfg = config(spec, **{spec: kw})
   s = experiment.setup(cfg, stream)
   learner = s.learner
@@ -190,11 +197,12 @@ def test_memory_is_updated_in_place_not_copied(stream, spec):
                                                 learner.ctx.info.train_size))
   hlo = learner.chunk_fn.lower(state, data, exp.num_train, 0, 0,
                                0).compile().as_text()
-  memory = "f32[40,8,8,1]"
-  assert memory in hlo  # the memory is in the program
-  copies = [l for l in hlo.splitlines()
-            if " copy(" in l and l.split("=", 1)[1].strip().startswith(memory)]
-  assert not copies, copies
+  arrays = ["f32[40,8,8,1]"] + (["f32[40,10]"] if spec == "derpp" else [])
+  for memory in arrays:
+    assert memory in hlo  # the memory is in the program
+    copies = [l for l in hlo.splitlines() if " copy(" in l
+              and l.split("=", 1)[1].strip().startswith(memory)]
+    assert not copies, copies
 
 
 def test_replay_experience_policy_quota(monkeypatch, full_stream):
@@ -223,6 +231,131 @@ def test_replay_bad_inputs(stream):
   ctx = make_ctx(stream)   # training batch 10 > memory 5
   with pytest.raises(ValueError, match="larger than the memory capacity"):
     replay(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+
+
+# ---------------------------------------------------------------------------
+# DER / DER++.
+
+
+def der_step(ctx, s, state, batch):
+  """One training step of ``s``; returns the new state, the loss and the
+  prepared batch the step used (its memory rows)."""
+  key = jax.random.fold_in(state.rng, state.step)
+  prepared = s.prepare_batch(ctx, state.strategy, batch,
+                             jax.random.split(key, 3)[0])
+  new, loss = train.train_step(ctx, s, state, batch)
+  return new, loss, prepared
+
+
+def test_der_stores_step_logits_and_matches_them(stream):
+  ctx = make_ctx(stream)
+  alpha, beta = 0.7, 0.4
+  s = derpp(mem_size=30, alpha=alpha, beta=beta, batch_size=6)
+  state = train.init_state(ctx, s, 0)
+  exp = stream.experiences[0]
+  logits = lambda p, x, t: np.asarray(ctx.logits(p, {}, x, t, train=True))
+  ce = lambda p, b: float(cross_entropy(
+      ctx.logits(p, {}, b["x"], b["task"], train=True), b["y"], b["mask"]))
+  # Empty memory: both replay terms are 0, the loss is the batch's CE.
+  b1 = batch_of(exp)
+  state2, loss, prepared = der_step(ctx, s, state, b1)
+  assert not np.asarray(prepared["derpp_ok"]).any()
+  np.testing.assert_allclose(float(loss), ce(state.params, b1), rtol=1e-5)
+  # The memory holds the batch with the logits of the step's forward pass,
+  # i.e. under the parameters *before* the update.
+  ss = state2.strategy
+  np.testing.assert_array_equal(np.asarray(ss.memory.valid),
+                                [True] * B + [False] * 20)
+  np.testing.assert_array_equal(np.asarray(ss.memory.y[:B]), b1["y"])
+  np.testing.assert_allclose(np.asarray(ss.logits[:B]),
+                             logits(state.params, b1["x"], b1["task"]),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(ss.logits[:B]),
+                         logits(state2.params, b1["x"], b1["task"]))
+  # Next step: CE(batch) + alpha * mean squared logit error on one memory
+  # batch + beta * CE on another, each of the stored rows.
+  b2 = batch_of(exp, start=B)
+  state3, loss, prepared = der_step(ctx, s, state2, b2)
+  ok, ok2 = (np.asarray(prepared[k]) for k in ("derpp_ok", "derpp_ok2"))
+  assert ok.all() and ok2.all()   # 10 stored >= 6 drawn
+  x1, z1 = prepared["derpp_x"], np.asarray(prepared["derpp_z"])
+  stored = np.asarray(ss.memory.x[:B]).reshape(B, -1)
+  for row, z in zip(np.asarray(x1).reshape(6, -1), z1):
+    j = np.flatnonzero(np.all(stored == row, axis=1))
+    assert j.size == 1
+    np.testing.assert_array_equal(z, np.asarray(ss.logits)[j[0]])
+  p = state2.params
+  mse = np.mean((logits(p, x1, prepared["derpp_task"]) - z1) ** 2)
+  b_ce = {"x": prepared["derpp_x2"], "y": prepared["derpp_y2"],
+          "task": prepared["derpp_task2"], "mask": jnp.ones(6)}
+  want = ce(p, b2) + alpha * mse + beta * ce(p, b_ce)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert int(state3.strategy.memory.seen) == 2 * B
+
+
+def test_der_without_beta_is_derpp_without_its_label_term(stream):
+  """DER's loss is DER++'s less the label term, on the same draw."""
+  ctx = make_ctx(stream)
+  exp = stream.experiences[0]
+  base = train.init_state(ctx, der(mem_size=30, alpha=0.5), 0)
+  st = train.train_step(ctx, der(mem_size=30, alpha=0.5), base,
+                        batch_of(exp))[0]
+  b = batch_of(exp, start=B)
+  key = jax.random.PRNGKey(3)
+  out = {}
+  for name, strat in (("der", der(mem_size=30, alpha=0.5)),
+                      ("derpp", derpp(mem_size=30, alpha=0.5, beta=2.0))):
+    prepared = strat.prepare_batch(ctx, st.strategy, b, key)
+    out[name] = (prepared, float(strat.loss(ctx, st.strategy, st.params,
+                                            prepared, None)))
+  (pd, ld), (pp, lp) = out["der"], out["derpp"]
+  assert "der_x2" not in pd
+  lab = cross_entropy(ctx.logits(st.params, {}, pp["derpp_x2"],
+                                 pp["derpp_task2"], train=True),
+                      pp["derpp_y2"], pp["derpp_ok2"])
+  assert ld > 0
+  # Same key, same first draw: the logit terms agree.
+  np.testing.assert_array_equal(pd["der_x"], pp["derpp_x"])
+  np.testing.assert_allclose(lp, ld + 2.0 * float(lab), rtol=1e-5)
+
+
+def test_der_keeps_old_logits_on_split_digits(full_stream):
+  """Matching stored logits slows forgetting: after the stream, DER's
+  accuracy on the first experience is well above Naive's."""
+  accs = {}
+  for name, kw in (("naive", {}), ("der", dict(der=dict(mem_size=100,
+                                                        alpha=1.0)))):
+    cfg = config(name, **kw)
+    cfg.train.epochs = 2
+    accs[name] = experiment.run(cfg, scenario=full_stream).accuracy
+  assert accs["naive"][-1, 0] < 0.1, accs["naive"]
+  assert accs["der"][-1, 0] > 0.3, accs["der"]
+
+
+def test_der_bad_inputs(stream):
+  for kw, match in (({"alpha": -0.1}, "der: alpha must be a finite number "
+                     ">= 0, got -0.1"),
+                    ({"alpha": float("nan")}, "der: alpha must be a finite"),
+                    ({"mem_size": 0}, "der: mem_size must be a positive "
+                     "int, got 0"),
+                    ({"batch_size": 2.5}, "der: batch_size must be an int "
+                     ">= 0 \\(0: the training batch size\\), got 2.5")):
+    with pytest.raises(ValueError, match=match):
+      der(**kw)
+  with pytest.raises(ValueError, match="derpp: beta must be a finite number "
+                     "> 0, got 0"):
+    derpp(beta=0)
+  with pytest.raises(ValueError, match="derpp: beta must be a finite number "
+                     "> 0, got -1"):
+    derpp(beta=-1)
+  ctx = make_ctx(stream)   # training batch 10 > memory 5
+  params = train.init_variables(ctx, jax.random.PRNGKey(0))[0]
+  with pytest.raises(ValueError, match="der: batch_size=10 is larger than "
+                     "the memory capacity mem_size=5"):
+    der(mem_size=5).init(ctx, jax.random.PRNGKey(0), params)
+  with pytest.raises(ValueError, match="batch_size=30 is larger"):
+    derpp(mem_size=20, batch_size=30).init(ctx, jax.random.PRNGKey(0),
+                                           params)
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
                        "hypernetwork"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
-               "generative_replay"),
+               "generative_replay", "der", "derpp"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -60,6 +60,10 @@ PAPERS: dict[str, str] = {
                      "continual learning*, IROS",
     "generative_replay": "Shin et al. 2017, *Continual learning with deep "
                          "generative replay*, NeurIPS",
+    "der": "Buzzega et al. 2020, *Dark experience for general continual "
+           "learning: a strong, simple baseline*, NeurIPS",
+    "derpp": "Buzzega et al. 2020, *Dark experience for general continual "
+             "learning: a strong, simple baseline*, NeurIPS (DER++)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
                 "continual learning over small non-i.i.d. batches*, CVPR "
                 "Workshops (CWR*; CWR: Lomonaco & Maltoni 2017)",
