@@ -160,8 +160,8 @@ _GEN_ROWS = ("{first} takes the batch's last rows for its generated samples "
              "{other}'s replayed rows are mistaken for them")
 _CWR_BIAS = ("{first} writes a -1e9 bias for the classes an experience lacks "
              "into the trained head, and {other} replays (or anchors) those "
-             "classes against it: nothing after the first experience is "
-             "learned")
+             "classes against it (DER stores the -1e9 logits and matches "
+             "them): nothing after the first experience is learned")
 _LATENTS = ("both write the batch's replayed latents: {first}'s are "
             "replaced by {other}'s, which count twice")
 _ANCHOR = ("{other} anchors each new ensemble member to the previous "
@@ -178,13 +178,13 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
       table.setdefault(frozenset((first, other)), (first, reason))
 
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
-              "generative_replay", "cumulative"), _HAT_LEAK)
+              "generative_replay", "cumulative", "der", "derpp"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay"), _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
-    add(first, ("replay", "mir", "gem", "mas", "generative_replay"),
-        _CWR_BIAS)
+    add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
+                "derpp"), _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc"), _ANCHOR)

@@ -189,6 +189,9 @@ def test_chain_rejects_two_predictors():
     ("replay+generative_replay", "generative_replay takes the batch's last "
      "rows .* so replay's replayed rows"),
     ("mir+ar1", "ar1 writes a -1e9 bias .* and mir replays"),
+    # Session 20's fuzz of DER / DER++ with every strategy: the same two.
+    ("der+cwr_star", "cwr_star writes a -1e9 bias .*DER stores the -1e9"),
+    ("hat+derpp", "hat and derpp cannot be composed: hat masks only"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
@@ -200,7 +203,7 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
     strategies.from_spec(spec)
 
 
-@pytest.mark.parametrize("spec", ["ewc+replay", "agem+packnet",
+@pytest.mark.parametrize("spec", ["ewc+replay", "agem+packnet", "der+derpp",
                                   "mir+progressive", "hat+si", "lwf+replay",
                                   "replay+latent_replay", "gdumb+naive"])
 def test_chain_accepts_compositions_that_work(spec):
