@@ -25,6 +25,8 @@ def config(strategy, devices):
     # Reservoir memory of 256 slots (sharded over the 8 devices: 32 each),
     # 16 replayed rows per step.
     c.strategy.replay = dict(mem_size=256, batch_size=16)
+  if strategy == "der":   # the same, with a logit vector per slot
+    c.strategy.der = dict(mem_size=256, batch_size=16, alpha=1.0)
   c.parallel.devices = devices
   c.parallel.shard_min_bytes = 0  # shard every divisible leaf
   return c
@@ -49,10 +51,13 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy == "replay":
+    if strategy in ("replay", "der"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
+    if strategy == "der":
+      logits = many.state.strategy.logits
+      out[strategy]["logits_sharding"] = str(logits.sharding.spec)
   print(json.dumps(out))
 
 

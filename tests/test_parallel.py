@@ -13,18 +13,21 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   env = dict(os.environ, PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
-                      "naive", "replay"], capture_output=True, text=True,
-                     env=env, timeout=900)
+                      "naive", "replay", "der"], capture_output=True,
+                     text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
-  for strategy in ("naive", "replay"):
+  for strategy in ("naive", "replay", "der"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
-  # The replay memory is sharded over the devices, and it was filled.
-  assert out["replay"]["buffer_sharding"].startswith("P('data'")
-  assert out["replay"]["buffer_filled"] == 256
+  # The replay memories are sharded over the devices, and were filled.
+  for strategy in ("replay", "der"):
+    assert out[strategy]["buffer_sharding"].startswith("P('data'")
+    assert out[strategy]["buffer_filled"] == 256
+  # DER's stored logits are sharded with the memory's rows.
+  assert out["der"]["logits_sharding"].startswith("P('data'")
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
