@@ -78,6 +78,10 @@ PROTOCOLS = {
          _naive),
         ("replay", "split_mnist_replay", "strategy=replay,mem_size=500",
          None),
+        # 10 stored rows with their logits replayed (DER 200), and 10 + 10
+        # (DER++ 500): one extra forward pass over them.
+        ("der", "split_mnist_replay", "strategy=der,mem_size=200", None),
+        ("derpp", "split_mnist_replay", "strategy=derpp,mem_size=500", None),
     ],
     "permuted": [
         ("naive", "permuted_mnist_baselines", "strategy=naive", None),

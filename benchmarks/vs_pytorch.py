@@ -10,6 +10,10 @@ Methods:
   from a reservoir memory of 200, then adds the batch to the memory (lr 0.01);
 * ``replay_permuted``: the same on Permuted MNIST (first 5 of Mammoth's
   20 experiences, 60000 images each, batch 128 + 128 replayed, lr 0.2);
+* ``derpp``: Mammoth's ``derpp.py``: the reservoir memory of 200 keeps each
+  example's logits; each step adds alpha times the squared logit error on
+  128 stored examples and beta times the cross-entropy on 128 others
+  (alpha 0.2, beta 1.0, lr 0.03: Mammoth's seq-mnist best_args);
 * ``gem``: Mammoth's ``gem.py``: 200 // 5 examples kept per experience; each
   step differentiates every past experience's memory, and when the update
   would raise a memory loss it solves the dual QP on the CPU with
@@ -28,7 +32,7 @@ the figures are whole runs (training + evaluation), and training alone.
 PyTorch runs one after another.
 
   pip install torch quadprog    # not jaxcl dependencies; benchmark only
-  python benchmarks/vs_pytorch.py [--methods naive replay gem] [--seeds 4]
+  python benchmarks/vs_pytorch.py [--methods naive replay derpp gem] [--seeds 4]
 
 Accuracies are printed as a check that both sides run the same protocol
 (one seed each: they differ by seed noise, about ±1-2 points).
@@ -59,6 +63,7 @@ sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 CONFIGS = {
     "naive": ("split_mnist_replay", "strategy=naive,mem_size=200", 0),
     "replay": ("split_mnist_replay", "strategy=replay,mem_size=200", 0),
+    "derpp": ("split_mnist_replay", "strategy=derpp,mem_size=200", 0),
     "gem": ("split_mnist_hybrid", "strategy=gem,mem_size=200", 0),
     # A longer, heavier step: Permuted MNIST (first 5 of the 20
     # experiences), batch 128 + 128 replayed (Mammoth's perm-mnist ER).
@@ -83,9 +88,10 @@ def jaxcl_config(method: str, data_dir: str, seed: int):
 
 
 def torch_run(experiences, config, seed: int) -> dict:
-  method = config.strategy.name  # naive, replay or gem
+  method = config.strategy.name  # naive, replay, derpp or gem
   import torch
   from torch import nn
+  from torch.nn import functional as F
 
   torch.manual_seed(seed)
   rng = np.random.default_rng(seed)
@@ -107,6 +113,8 @@ def torch_run(experiences, config, seed: int) -> dict:
   # Reservoir memory (Mammoth's utils/buffer.py, reservoir mode).
   mem_x = torch.zeros((mem_size,) + tuple(tests[0][0].shape[1:]))
   mem_y = torch.zeros(mem_size, dtype=torch.int64)
+  mem_z = torch.zeros(mem_size, 10)  # DER++: the logits stored with each
+  der = config.strategy.get("derpp", {})
   seen = 0
   # GEM: per-experience memories and gradient buffers.
   params = list(net.parameters())
@@ -157,7 +165,17 @@ def torch_run(experiences, config, seed: int) -> dict:
         pick = torch.from_numpy(rng.choice(min(seen, mem_size), batch,
                                            replace=False))
         xb, yb = torch.cat([x, mem_x[pick]]), torch.cat([y, mem_y[pick]])
-      loss = loss_fn(net(xb), yb)
+      out = net(xb)
+      loss = loss_fn(out, yb)
+      if method == "derpp" and seen > 0:  # Mammoth's derpp.observe
+        n = min(seen, mem_size)
+        draw = lambda: torch.from_numpy(
+            rng.choice(n, min(der["batch_size"], n), replace=False))
+        pick = draw()
+        loss = loss + der["alpha"] * F.mse_loss(net(mem_x[pick]),
+                                                mem_z[pick])
+        pick = draw()
+        loss = loss + der["beta"] * loss_fn(net(mem_x[pick]), mem_y[pick])
       loss.backward()
       if method == "gem" and gem_x:
         g = flat_grad()
@@ -165,11 +183,12 @@ def torch_run(experiences, config, seed: int) -> dict:
         if (memories @ g < 0).any():
           write_grad(project2cone2(g, memories))
       opt.step()
-      if method == "replay":
+      if method in ("replay", "derpp"):
         for j in range(len(y)):  # reservoir sampling, one example at a time
           k = seen if seen < mem_size else int(rng.integers(0, seen + 1))
           if k < mem_size:
             mem_x[k], mem_y[k] = x[j], y[j]
+            mem_z[k] = out[j].detach()
           seen += 1
       loss.item()  # Mammoth's observe returns it: one sync per step
     if method == "gem":  # end_task: keep this experience's first examples

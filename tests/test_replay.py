@@ -812,7 +812,8 @@ def _load_config(name):
 @pytest.mark.parametrize("arg", [
     "strategy=replay", "strategy=mir", "strategy=gdumb",
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
-    "strategy=generative_replay,distill"])
+    "strategy=generative_replay,distill", "strategy=der,mem_size=200",
+    "strategy=derpp,mem_size=500"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
@@ -823,8 +824,10 @@ def test_split_mnist_configs_build(data_dir, arg):
                                c.strategy.name != "generative_replay")
 
 
-def test_split_mnist_replay_quick_end_to_end(data_dir):
-  c = _load_config("split_mnist_replay.py")("mem_size=200,lr=0.1,quick")
+@pytest.mark.parametrize("arg", ["mem_size=200,lr=0.1",
+                                 "strategy=derpp,mem_size=200"])
+def test_split_mnist_replay_quick_end_to_end(data_dir, arg):
+  c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
   r = experiment.run(c)
   assert r.accuracy.shape == (5, 5)
@@ -841,6 +844,11 @@ def test_domain_configs_build(data_dir, name):
   s = experiment.setup(c)
   assert s.scenario.kind == "domain" and len(s.scenario.experiences) == 3
   assert c.strategy.replay["batch_size"] == c.train.batch_size
+  # DER++ takes its scenario's row of Mammoth's best_args.
+  d = _load_config(name)("strategy=derpp,mem_size=200,quick")
+  assert d.strategy.derpp["beta"] == (1.0 if name.startswith("permuted")
+                                      else 0.5)
+  assert d.optimizer.learning_rate == 0.1
   if name.startswith("rotated"):
     # Mammoth's nearest-neighbour rotation keeps MNIST's k / 255 levels.
     x = s.scenario.experiences[1].train_x * 255

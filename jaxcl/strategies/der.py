@@ -27,7 +27,10 @@ experience boundaries and works online.
 Mechanics: ``prepare_batch`` draws the memory rows into extra batch keys
 (prefixed with the strategy's name) and leaves the training rows alone;
 ``loss`` runs the network on them in a forward pass of its own (the
-authors' code does too) with the model state as the experience started;
+authors' code does too; DER++'s two memory batches share one pass, so
+with batch norm they are normalised together, where the authors' code
+normalises each alone) in training mode, with the model state as the
+experience started (batch norm then uses the batch's own statistics);
 ``after_step`` writes the incoming rows and ``StepInfo.logits`` at the
 reservoir's slots (:func:`jaxcl.buffers.reservoir_slots`). Since the
 training rows are untouched, DER composes with strategies that append
