@@ -36,6 +36,12 @@ Protocols (one per paper; picked by ``strategy``):
   (2x400, latent 100) generator, Adam lr 1e-3, batch 128, ~2000 iterations
   per experience (20 epochs). Paper: DGR class-IL 90.8 % (91.8 % with
   distillation: ``distill``).
+* ``der`` / ``derpp`` (Buzzega et al. 2020, the paper of the ``replay``
+  protocol above, on the same protocol): Dark Experience Replay and DER++,
+  reservoir memory of 200 or 500 examples with their logits; learning
+  rate, replayed batch size and the weights alpha / beta from Mammoth's
+  ``best_args`` (``DER_ARGS`` below). Paper: DER 84.6 ± 1.6 / 90.5 ± 1.2 %,
+  DER++ 85.6 ± 1.4 / 91.0 ± 1.5 % (mem 200 / 500).
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -47,9 +53,11 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=mir,mem_size=500
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gdumb,mem_size=4400
   jaxcl run --config experiments/split_mnist_replay.py:strategy=generative_replay
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=derpp,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
-``distill`` (DGR), ``layer`` (latent replay / ExStream split point),
+``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
+protocol's), ``layer`` (latent replay / ExStream split point),
 ``epochs`` (GDumb's retraining epochs; 0: 128), ``recipe`` (GDumb: code |
 cosine), ``init`` (model initialisation; empty: the protocol's),
 ``subset`` (a random subset of the training set: 5000 gives the MIR
@@ -97,11 +105,20 @@ def online(c, lr, init="xavier_uniform", widths=(100, 100)):
 
 # Mammoth's best learning rates for ER on seq-mnist (utils/best_args.py).
 ER_LR = {200: 0.01, 500: 0.1}
+# Mammoth's best DER / DER++ settings on seq-mnist (utils/best_args.py):
+# memory size -> (lr, replayed batch size, alpha, beta). Other memory sizes
+# take the nearest listed one's.
+DER_ARGS = {
+    "der": {200: (0.03, 10, 0.2, 0.0), 500: (0.03, 128, 1.0, 0.0),
+            5120: (0.1, 128, 0.5, 0.0)},
+    "derpp": {200: (0.03, 128, 0.2, 1.0), 500: (0.03, 10, 1.0, 0.5),
+              5120: (0.1, 64, 0.2, 0.5)},
+}
 
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                distill=False, layer="backbone", policy="reservoir",
+                distill=False, alpha=-1.0, beta=-1.0, layer="backbone", policy="reservoir",
                 epochs=0, subset=-1, init="", recipe="code", quick=False)
   s = a["strategy"]
   c = base(a)
@@ -119,6 +136,14 @@ def get_config(arg=None):
     online(c, a["lr"] or 0.1, init="torch", widths=(400, 400))
     c.strategy.mir = dict(mem_size=m, batch_size=10, candidates=50,
                           lr=a["lr"] or 0.1, exclude_current=True)
+  elif s in ("der", "derpp"):
+    table = DER_ARGS[s]
+    lr, batch, alpha, beta = table[min(table, key=lambda k: abs(k - m))]
+    online(c, a["lr"] or lr)
+    c.strategy[s] = dict(mem_size=m, batch_size=min(batch, m),
+                         alpha=alpha if a["alpha"] < 0 else a["alpha"])
+    if s == "derpp":
+      c.strategy[s]["beta"] = beta if a["beta"] < 0 else a["beta"]
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
@@ -160,7 +185,7 @@ def get_config(arg=None):
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay")
+                     "generative_replay, der, derpp")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:
