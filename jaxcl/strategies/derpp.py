@@ -37,7 +37,8 @@ def derpp(mem_size: int = 200, alpha: float = 0.1, beta: float = 0.5,
   memory 200 (alpha 0.1, beta 0.5).
 
   Raises:
-    ValueError: as :func:`jaxcl.strategies.der.dark_experience_replay`, and ``beta`` not > 0.
+    ValueError: as :func:`jaxcl.strategies.der.dark_experience_replay`;
+      also ``beta`` not > 0.
   """
   checks.positive("derpp: beta", beta)
   return dark_experience_replay(mem_size, alpha, beta, batch_size, "derpp")
