@@ -311,12 +311,20 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   return out
 
 
+def _short(commit: str) -> str:
+  """A record's commit as the report shows it: the short hash, marked when
+  the run had uncommitted changes to ``jaxcl/`` or ``experiments/`` (the
+  hash alone would name code that did not produce the row)."""
+  dirty = commit.endswith("(with uncommitted changes)")
+  return commit[:7] + (" + uncommitted changes" if dirty else "")
+
+
 def _kept(commits: dict[str, str]) -> str:
   """`` (seeds 0, 1: `abc1234`)``: which seeds a row kept from earlier
   records, and the commits they ran at."""
   by: dict[str, list[str]] = {}
   for seed, commit in sorted(commits.items(), key=lambda x: int(x[0])):
-    by.setdefault(commit[:7], []).append(seed)
+    by.setdefault(_short(commit), []).append(seed)
   return "".join(f" (seed{'s' * (len(v) > 1)} {', '.join(v)}: `{c}`)"
                  for c, v in by.items())
 
@@ -423,7 +431,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
           f"{e.source} | {spread(r.get('bwt'))} | "
           f"{spread(r.get('forgetting'))} | "
           f"{'≥ ' * bool(r.get('wall_time_partial'))}{r['wall_time']:.0f} | "
-          f"{cfg} | `{r.get('commit', 'unknown')[:7]}`" +
+          f"{cfg} | `{_short(r.get('commit', 'unknown'))}`" +
           _kept(r.get("kept_commits", {})) +
           f"{' †' if 'imported_from' in r else ''} |")
       if "imported_from" in r:

@@ -106,6 +106,14 @@ def test_gap_over_one_and_a_half_points_is_explained_or_flagged(tmp_path):
       in text
   assert "**C**" not in text  # 1 point short: within tolerance
   assert "| `abc1234` |" in text
+  # A run from a work tree with uncommitted changes says so: its hash
+  # alone would name code that did not produce the row.
+  dirty = {**res(0.89), "commit": "def5678" + "0" * 33 +
+           " (with uncommitted changes)"}
+  shown = open(reproduce.write_report({c.id: dirty}, [c],
+                                      str(tmp_path / "d"), [0], False,
+                                      0.0)).read()
+  assert "| `def5678 + uncommitted changes` |" in shown
   # A row run with other seeds than the report's (--any_seeds) says so.
   assert "| B | 80.00 ± 1.00 (2 seeds) |" in text
   # One seed: no error bar (a standard error needs two).
