@@ -239,7 +239,9 @@ def test_replay_bad_inputs(stream):
 
 def der_step(ctx, s, state, batch):
   """One training step of ``s``; returns the new state, the loss and the
-  prepared batch the step used (its memory rows)."""
+  prepared batch the step used (its memory rows: ``prepare_batch`` again
+  with the key ``train.train_step`` derives for it, so this follows that
+  derivation)."""
   key = jax.random.fold_in(state.rng, state.step)
   prepared = s.prepare_batch(ctx, state.strategy, batch,
                              jax.random.split(key, 3)[0])
