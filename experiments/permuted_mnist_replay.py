@@ -43,13 +43,19 @@ DER_ARGS = {
 
 
 def set_der(c, a, table) -> None:
-  """DER / DER++ settings from ``table`` (see ``DER_ARGS``)."""
+  """DER / DER++ settings from ``table`` (see ``DER_ARGS``); an ``lr`` of
+  0 and an ``alpha`` / ``beta`` below 0 (or absent) in the parsed
+  arguments ``a`` take the table's. Shared by the Split, Permuted and
+  Rotated protocols."""
   s, m = a["strategy"], a["mem_size"]
   lr, batch, alpha, beta = table[s][min(table[s], key=lambda k: abs(k - m))]
+  given = lambda key, default: (default if a.get(key, -1.0) < 0
+                                else a[key])
   c.optimizer.learning_rate = a["lr"] or lr
-  c.strategy[s] = dict(mem_size=m, batch_size=min(batch, m), alpha=alpha)
+  c.strategy[s] = dict(mem_size=m, batch_size=min(batch, m),
+                       alpha=given("alpha", alpha))
   if s == "derpp":
-    c.strategy[s]["beta"] = beta
+    c.strategy[s]["beta"] = given("beta", beta)
 
 
 def get_config(arg=None, der_args=None):

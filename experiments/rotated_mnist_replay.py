@@ -18,8 +18,8 @@ Paper (ER): 85.0 / 88.9 % (memory 200 / 500).
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=500
 
 Arguments: ``strategy`` (replay | naive | any replay-family strategy with
-default settings), ``mem_size``, ``seed``, ``lr`` (0: 0.2; DER / DER++: their table's),
-``quick``
+default settings), ``mem_size``, ``seed``, ``lr`` (0: 0.2; DER / DER++:
+their table's), ``quick``
 (3 experiences of 2000 / 500 examples, for tests).
 Holds 20 rotated copies of MNIST in host memory (~4 GB). Measured on a
 2-core CPU: see docs/notes_replay.md.

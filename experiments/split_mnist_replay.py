@@ -66,6 +66,7 @@ test examples, for tests).
 Measured on a 2-core CPU: see docs/notes_replay.md.
 """
 
+from experiments.permuted_mnist_replay import set_der
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
@@ -118,8 +119,9 @@ DER_ARGS = {
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                distill=False, alpha=-1.0, beta=-1.0, layer="backbone", policy="reservoir",
-                epochs=0, subset=-1, init="", recipe="code", quick=False)
+                distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
+                policy="reservoir", epochs=0, subset=-1, init="",
+                recipe="code", quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -137,13 +139,8 @@ def get_config(arg=None):
     c.strategy.mir = dict(mem_size=m, batch_size=10, candidates=50,
                           lr=a["lr"] or 0.1, exclude_current=True)
   elif s in ("der", "derpp"):
-    table = DER_ARGS[s]
-    lr, batch, alpha, beta = table[min(table, key=lambda k: abs(k - m))]
-    online(c, a["lr"] or lr)
-    c.strategy[s] = dict(mem_size=m, batch_size=min(batch, m),
-                         alpha=alpha if a["alpha"] < 0 else a["alpha"])
-    if s == "derpp":
-      c.strategy[s]["beta"] = beta if a["beta"] < 0 else a["beta"]
+    online(c, 0.0)  # the learning rate is the table's (or the argument)
+    set_der(c, a, DER_ARGS)
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
