@@ -34,6 +34,11 @@ _DER_NOTE = (
     "alpha 0.2, beta 1.0, 128 replayed; DER++ 500 alpha 1.0, beta 0.5, 10 "
     "replayed. Same MLP, init, batch and reservoir as the Replay rows.")
 
+_ACE_NOTE = (
+    "Caccia et al. 2022 report no MNIST number; read against the Replay "
+    "rows above, whose settings these share (lr 0.01 / 0.1, batch "
+    "10 + 10, reservoir), untuned.")
+
 ENTRIES = [
     Entry(_SM, "Replay (reservoir, 200)", "split_mnist_replay",
           "strategy=replay,mem_size=200", 0.804, _B,
@@ -55,6 +60,10 @@ ENTRIES = [
           "strategy=derpp,mem_size=200", 0.8561, _B),
     Entry(_SM, "DER++ (500)", "split_mnist_replay",
           "strategy=derpp,mem_size=500", 0.9100, _B),
+    Entry(_SM, "ER-ACE (200)", "split_mnist_replay",
+          "strategy=er_ace,mem_size=200", note=_ACE_NOTE),
+    Entry(_SM, "ER-ACE (500)", "split_mnist_replay",
+          "strategy=er_ace,mem_size=500"),
     Entry(_MIR, "MIR (500)", "split_mnist_replay",
           "strategy=mir,mem_size=500", 0.876, "Aljundi et al. 2019"),
     Entry(_SM, "Latent replay (equal bytes to 500)", "split_mnist_replay",

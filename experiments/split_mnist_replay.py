@@ -42,6 +42,12 @@ Protocols (one per paper; picked by ``strategy``):
   rate, replayed batch size and the weights alpha / beta from Mammoth's
   ``best_args`` (``DER_ARGS`` below). Paper: DER 84.6 ± 1.6 / 90.5 ± 1.2 %,
   DER++ 85.6 ± 1.4 / 91.0 ± 1.5 % (mem 200 / 500).
+* ``er_ace`` (Caccia et al. 2022, `New insights on reducing abrupt
+  representation change in online continual learning
+  <https://arxiv.org/abs/2104.05025>`_): the ``replay`` protocol above with
+  the asymmetric cross-entropy, every setting Replay's (learning rate,
+  batch 10 + 10, reservoir of 200 or 500). The paper has no MNIST number;
+  the rows are read against Replay's.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -54,6 +60,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gdumb,mem_size=4400
   jaxcl run --config experiments/split_mnist_replay.py:strategy=generative_replay
   jaxcl run --config experiments/split_mnist_replay.py:strategy=derpp,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
@@ -128,10 +135,12 @@ def get_config(arg=None):
   c.strategy.name = s
   m = a["mem_size"]
   subset = a["subset"]
-  if s in ("replay", "naive"):
+  if s in ("replay", "naive", "er_ace"):
     online(c, a["lr"] or ER_LR.get(m, 0.1))
     if s == "replay":
       c.strategy.replay = dict(mem_size=m, batch_size=10, policy=a["policy"])
+    if s == "er_ace":
+      c.strategy.er_ace = dict(mem_size=m, batch_size=10)
   elif s == "mir":
     # The MIR authors' code: MLP 784-400-400-10 (PyTorch init), candidates
     # drawn from past experiences only; the full online stream.
@@ -182,7 +191,7 @@ def get_config(arg=None):
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay, der, derpp")
+                     "generative_replay, der, derpp, er_ace")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -13,6 +13,7 @@ from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategies import exstream as exs
 from jaxcl.strategies.der import der
 from jaxcl.strategies.derpp import derpp
+from jaxcl.strategies.er_ace import ace_logits, er_ace
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
@@ -86,6 +87,9 @@ CHAINS = [
     # appends some.
     ("replay+derpp", dict(replay=dict(mem_size=50),
                           derpp=dict(mem_size=40, batch_size=8))),
+    # ER-ACE's replay term counts every appended row, its own and others'.
+    ("mir+er_ace", dict(mir=dict(mem_size=60, candidates=20),
+                        er_ace=dict(mem_size=50))),
 ]
 
 
@@ -120,7 +124,7 @@ def test_chained_run_compiles_once(monkeypatch, stream, spec, kwargs):
   assert len(ss) == len(names)
   total = sum(e.num_train for e in stream.experiences)
   for name, sub in zip(names, ss):
-    if name in ("replay", "mir", "derpp"):  # reservoirs saw the stream
+    if name in ("replay", "mir", "derpp", "er_ace"):  # reservoirs saw it
       assert int(sub.memory.seen) == total
     if name == "gdumb":                  # class-balanced, full
       np.testing.assert_array_equal(buffers.counts(sub.memory, 10)[:4],
@@ -179,7 +183,7 @@ def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
   assert result.accuracy[1, 0] > 0.3   # experience 0 not forgotten
 
 
-@pytest.mark.parametrize("spec", ["replay", "mir", "derpp"])
+@pytest.mark.parametrize("spec", ["replay", "mir", "derpp", "er_ace"])
 def test_memory_is_updated_in_place_not_copied(stream, spec):
   """A step reads replayed rows from the memory and then writes the batch
   into it. Unless the writes depend on the reads, XLA copies the whole
@@ -358,6 +362,137 @@ def test_der_bad_inputs(stream):
   with pytest.raises(ValueError, match="batch_size=30 is larger"):
     derpp(mem_size=20, batch_size=30).init(ctx, jax.random.PRNGKey(0),
                                            params)
+
+
+# ---------------------------------------------------------------------------
+# ER-ACE.
+
+
+def ace_state(ctx, s, exp, experience, seen):
+  """An ER-ACE state whose memory holds ``exp``'s first 20 examples."""
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  b = batch_of(exp, n=20)
+  mem = buffers.reservoir_add(ss.memory, jax.random.PRNGKey(1), b["x"],
+                              b["y"], b["task"], 0)
+  seen = np.isin(np.arange(ctx.info.num_classes), seen)
+  return ss._replace(memory=mem, seen=jnp.asarray(seen),
+                     experience=jnp.asarray(experience, jnp.int32))
+
+
+def log_softmax_over(z, classes):
+  z = np.asarray(z, np.float64)[:, classes]
+  return z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1,
+                    keepdims=True)) - z.max(1, keepdims=True)
+
+
+def test_er_ace_loss_is_hand_computed_and_spares_old_logits(stream):
+  """From the second experience: the incoming rows' cross-entropy runs over
+  the classes of the batch and the unseen ones only, the replayed rows'
+  over all classes, and the two means are summed. The incoming term's
+  gradient leaves every absent old class's output untouched; the replay
+  term's does not."""
+  ctx = make_ctx(stream)
+  s = er_ace(mem_size=30, batch_size=6)
+  e0, e1 = stream.experiences
+  ss = ace_state(ctx, s, e0, 1, e0.classes)
+  params = train.init_state(ctx, s, 0).params
+  batch = batch_of(e1)
+  prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(2))
+  assert prepared["x"].shape[0] == B + 6
+  np.testing.assert_array_equal(prepared["mask"], np.ones(B + 6))
+  assert set(np.asarray(prepared["y"][B:])) <= set(e0.classes)
+  z = np.asarray(ctx.logits(params, {}, prepared["x"], prepared["task"],
+                            train=True))
+  y = np.asarray(prepared["y"])
+  # Incoming classes {2, 3}; unseen {4..9}; old {0, 1} are left out.
+  allowed = [c for c in range(10) if c not in e0.classes]
+  col = {c: i for i, c in enumerate(allowed)}
+  inc = -np.mean([log_softmax_over(z[i:i + 1], allowed)[0, col[y[i]]]
+                  for i in range(B)])
+  rep = -np.mean([log_softmax_over(z[i:i + 1], list(range(10)))[0, y[i]]
+                  for i in range(B, B + 6)])
+  got = s.task_loss(ctx, ss, jnp.asarray(z), prepared)
+  np.testing.assert_allclose(float(got), inc + rep, rtol=1e-5)
+
+  def grad_of(rows):
+    sub = {k: v[rows] for k, v in prepared.items()}
+    lose = lambda p: s.task_loss(ctx, ss, ctx.logits(p, {}, sub["x"],
+                                                     sub["task"], train=True),
+                                 sub)
+    return np.asarray(jax.grad(lose)(params)["head"]["bias"])
+
+  g_inc = grad_of(slice(0, B))   # no appended rows: the incoming term only
+  np.testing.assert_array_equal(g_inc[list(e0.classes)], 0.0)
+  assert np.abs(g_inc[allowed]).max() > 1e-3
+  assert np.abs(grad_of(slice(None))[list(e0.classes)]).max() > 1e-3
+
+
+def test_er_ace_first_experience_is_plain_cross_entropy(stream):
+  """During the first experience nothing is masked and nothing replayed,
+  though the reservoir already holds examples."""
+  ctx = make_ctx(stream)
+  s = er_ace(mem_size=30)
+  e0 = stream.experiences[0]
+  ss = ace_state(ctx, s, e0, 0, e0.classes)
+  params = train.init_state(ctx, s, 0).params
+  prepared = s.prepare_batch(ctx, ss, batch_of(e0, start=20),
+                             jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(prepared["mask"], [1.] * B + [0.] * B)
+  z = ctx.logits(params, {}, prepared["x"], prepared["task"], train=True)
+  np.testing.assert_allclose(
+      float(s.task_loss(ctx, ss, z, prepared)),
+      float(cross_entropy(z[:B], prepared["y"][:B], prepared["mask"][:B])),
+      rtol=1e-6)
+
+
+def test_ace_logits_masks_seen_classes_absent_from_the_batch():
+  z = jnp.arange(12, dtype=jnp.float32).reshape(1, 12) * jnp.ones((3, 1))
+  seen = jnp.asarray([True] * 4 + [False] * 6)      # 10 classes, 2 extra
+  y, mask = jnp.asarray([2, 2, 3]), jnp.asarray([1., 1., 0.])
+  out = np.asarray(ace_logits(z, y, mask, seen))
+  # 3 is seen and only on a padded row: masked like 0 and 1; 2 (present),
+  # 4-9 (unseen) and the two outputs beyond the classes are kept.
+  keep = [2, 4, 5, 6, 7, 8, 9, 10, 11]
+  np.testing.assert_array_equal(out[:, keep], np.asarray(z)[:, keep])
+  np.testing.assert_array_equal(out[:, [0, 1, 3]], -1e9)
+
+
+def test_er_ace_tracks_classes_and_fills_reservoir(stream):
+  ctx = make_ctx(stream)
+  s = er_ace(mem_size=15)
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  e0, e1 = stream.experiences
+  b = batch_of(e1)
+  b["mask"] = b["mask"].at[-3:].set(0.0)
+  ss = s.after_step(ctx, ss, StepInfo(None, None, None, None, b,
+                                      jnp.zeros(())))
+  want = np.isin(np.arange(10), np.asarray(b["y"])[:B - 3])
+  np.testing.assert_array_equal(np.asarray(ss.seen), want)
+  assert int(ss.memory.seen) == B - 3
+
+
+def test_er_ace_keeps_old_classes_better_than_replay(full_stream):
+  """Class-incremental Split Digits, same memory and replay batch: ER-ACE's
+  accuracy on the four earlier experiences after the stream is well above
+  Replay's (the incoming batches no longer push the old classes down)."""
+  old = {}
+  for name in ("replay", "er_ace"):
+    cfg = config(name, **{name: dict(mem_size=100)})
+    old[name] = experiment.run(cfg, scenario=full_stream).accuracy[-1, :-1]
+  assert old["er_ace"].mean() > old["replay"].mean() + 0.1, old
+
+
+def test_er_ace_bad_inputs(stream):
+  for kw, match in (({"mem_size": 0}, "er_ace: mem_size must be a positive "
+                     "int, got 0"),
+                    ({"batch_size": -1}, "er_ace: batch_size must be an int "
+                     ">= 0 \\(0: the training batch size\\), got -1")):
+    with pytest.raises(ValueError, match=match):
+      er_ace(**kw)
+  ctx = make_ctx(stream)   # training batch 10 > memory 5
+  with pytest.raises(ValueError, match="er_ace: batch_size=10 is larger "
+                     "than the memory capacity mem_size=5"):
+    er_ace(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
 
 
 # ---------------------------------------------------------------------------
@@ -815,7 +950,7 @@ def _load_config(name):
     "strategy=replay", "strategy=mir", "strategy=gdumb",
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
-    "strategy=derpp,mem_size=500"])
+    "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
