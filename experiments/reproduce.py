@@ -145,12 +145,17 @@ def _load_more_entries() -> None:
           ENTRIES.append(e)
 
 
-def _commit() -> str:
+def _commit(repo: str = REPO) -> str:
+  """HEAD, marked when ``jaxcl/`` or ``experiments/`` has uncommitted
+  changes. The results directory is left out: an invocation writes its
+  entries' records there one after another, and a record written a moment
+  before is not a change to the code the next entry runs."""
   try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO,
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
                          capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--",
-                            "jaxcl", "experiments"], cwd=REPO,
+                            "jaxcl", "experiments",
+                            ":(exclude)experiments/results"], cwd=repo,
                            capture_output=True, text=True).stdout.strip()
     return sha + (" (with uncommitted changes)" if dirty else "")
   except OSError:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 
@@ -189,6 +190,31 @@ def test_report_only_runs_nothing_and_shows_stored_and_imported_rows(
   naive_row = next(l for l in text.splitlines() if l.startswith("| Naive"))
   assert "43.21" in naive_row and "†" in naive_row
   assert "† carried over from an older report" in text
+
+
+def test_commit_marks_code_changes_but_not_new_records(tmp_path):
+  """A record the same invocation wrote into experiments/results/ does not
+  make the next entry's commit 'with uncommitted changes'; an edit to a
+  config or to jaxcl/ does."""
+  git = lambda *a: subprocess.run(
+      ["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+      cwd=tmp_path, check=True, capture_output=True)
+  for d in ("jaxcl", "experiments/results"):
+    (tmp_path / d).mkdir(parents=True)
+  (tmp_path / "jaxcl" / "a.py").write_text("x = 1\n")
+  (tmp_path / "experiments" / "c.py").write_text("y = 1\n")
+  git("init", "-q")
+  git("add", "-A")
+  git("commit", "-qm", "c")
+  mark = " (with uncommitted changes)"
+  assert not reproduce._commit(str(tmp_path)).endswith(mark)
+  (tmp_path / "experiments" / "results" / "e.json").write_text("{}")
+  assert not reproduce._commit(str(tmp_path)).endswith(mark)
+  (tmp_path / "experiments" / "c.py").write_text("y = 2\n")
+  assert reproduce._commit(str(tmp_path)).endswith(mark)
+  git("checkout", "-q", "--", "experiments/c.py")
+  (tmp_path / "jaxcl" / "b.py").write_text("z = 1\n")
+  assert reproduce._commit(str(tmp_path)).endswith(mark)
 
 
 def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
