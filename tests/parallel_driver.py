@@ -27,6 +27,8 @@ def config(strategy, devices):
     c.strategy.replay = dict(mem_size=256, batch_size=16)
   if strategy == "der":   # the same, with a logit vector per slot
     c.strategy.der = dict(mem_size=256, batch_size=16, alpha=1.0)
+  if strategy == "er_ace":  # the same memory; a class mask over the batch
+    c.strategy.er_ace = dict(mem_size=256, batch_size=16)
   c.parallel.devices = devices
   c.parallel.shard_min_bytes = 0  # shard every divisible leaf
   return c
@@ -51,13 +53,15 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy in ("replay", "der"):
+    if strategy in ("replay", "der", "er_ace"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
     if strategy == "der":
       logits = many.state.strategy.logits
       out[strategy]["logits_sharding"] = str(logits.sharding.spec)
+    if strategy == "er_ace":
+      out[strategy]["seen"] = np.asarray(many.state.strategy.seen).tolist()
   print(json.dumps(out))
 
 

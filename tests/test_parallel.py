@@ -13,21 +13,23 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   env = dict(os.environ, PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
-                      "naive", "replay", "der"], capture_output=True,
-                     text=True, env=env, timeout=900)
+                      "naive", "replay", "der", "er_ace"],
+                     capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
-  for strategy in ("naive", "replay", "der"):
+  for strategy in ("naive", "replay", "der", "er_ace"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
   # The replay memories are sharded over the devices, and were filled.
-  for strategy in ("replay", "der"):
+  for strategy in ("replay", "der", "er_ace"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
     assert out[strategy]["buffer_filled"] == 256
   # DER's stored logits are sharded with the memory's rows.
   assert out["der"]["logits_sharding"].startswith("P('data'")
+  # ER-ACE's class tracker saw every class of the stream.
+  assert out["er_ace"]["seen"] == [True] * 10
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
