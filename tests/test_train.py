@@ -192,6 +192,11 @@ def test_chain_rejects_two_predictors():
     # Session 20's fuzz of DER / DER++ with every strategy: the same two.
     ("der+cwr_star", "cwr_star writes a -1e9 bias .*DER stores the -1e9"),
     ("hat+derpp", "hat and derpp cannot be composed: hat masks only"),
+    # Session 21's fuzz of ER-ACE: the groups Replay is in.
+    ("er_ace+ar1", "ar1 writes a -1e9 bias .* and er_ace replays"),
+    ("er_ace+hat", "er_ace and hat cannot be composed: hat masks only"),
+    ("generative_negative_replay+er_ace", "generative_negative_replay takes "
+     "the batch's last rows .* so er_ace's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
