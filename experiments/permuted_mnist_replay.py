@@ -12,7 +12,8 @@ examples. Paper (ER): 72.4 / 80.6 % (memory 200 / 500).
 ``strategy=der`` / ``derpp``: Dark Experience Replay / DER++ (the same
 paper) with Mammoth's best ``perm-mnist`` settings (``DER_ARGS``: learning
 rate, replayed batch, alpha, beta). Paper: DER 81.7 / 87.3 %, DER++ 83.6 /
-88.2 % (memory 200 / 500).
+88.2 % (memory 200 / 500). ``strategy=gss``: GSS-greedy with Mammoth's
+``perm-mnist`` settings (``GSS_ARGS``).
 
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=500
@@ -58,9 +59,27 @@ def set_der(c, a, table) -> None:
     c.strategy[s]["beta"] = given("beta", beta)
 
 
-def get_config(arg=None, der_args=None):
-  """``der_args``: the DER / DER++ table (default ``DER_ARGS``; the
-  rotated protocol passes its own)."""
+# Mammoth's best GSS settings on perm-mnist (utils/best_args.py): memory
+# size -> (lr, training batch, replayed batch, gss_minibatch_size).
+GSS_ARGS = {200: (0.2, 128, 10, 128), 500: (0.1, 128, 128, 10),
+            5120: (0.03, 128, 128, 10)}
+
+
+def set_gss(c, a, table) -> None:
+  """GSS settings from ``table`` (see ``GSS_ARGS``; the nearest listed
+  memory size's); an ``lr`` of 0 in ``a`` takes the table's. Shared by
+  the Split, Permuted and Rotated protocols."""
+  m = a["mem_size"]
+  lr, batch, replayed, scored = table[min(table, key=lambda k: abs(k - m))]
+  c.optimizer.learning_rate = a["lr"] or lr
+  c.train.batch_size = batch
+  c.strategy.gss = dict(mem_size=m, batch_size=min(replayed, m),
+                        score_size=min(scored, m))
+
+
+def get_config(arg=None, der_args=None, gss_args=None):
+  """``der_args`` / ``gss_args``: the DER / DER++ and GSS tables (default
+  ``DER_ARGS`` / ``GSS_ARGS``; the rotated protocol passes its own)."""
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 init="xavier_uniform", quick=False)
   c = default_config()
@@ -86,6 +105,8 @@ def get_config(arg=None, der_args=None):
     c.strategy.replay = dict(mem_size=m, batch_size=128)
   elif s in ("der", "derpp"):
     set_der(c, a, der_args or DER_ARGS)
+  elif s == "gss":
+    set_gss(c, a, gss_args or GSS_ARGS)
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["quick"]:

@@ -48,6 +48,12 @@ Protocols (one per paper; picked by ``strategy``):
   the asymmetric cross-entropy, every setting Replay's (learning rate,
   batch 10 + 10, reservoir of 200 or 500). The paper has no MNIST number;
   the rows are read against Replay's.
+* ``gss`` (Aljundi et al. 2019, `Gradient based sample selection for
+  online continual learning <https://arxiv.org/abs/1903.08671>`_; as
+  Buzzega et al. 2020 run it): GSS-greedy on the ``replay`` protocol's
+  model and stream with Mammoth's ``best_args`` for ``seq-mnist``
+  (``GSS_ARGS``): batch 128 (not 10), 10 replayed, 10 stored examples to
+  score against, lr 0.1.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -61,6 +67,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=generative_replay
   jaxcl run --config experiments/split_mnist_replay.py:strategy=derpp,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=gss,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
@@ -73,7 +80,7 @@ test examples, for tests).
 Measured on a 2-core CPU: see docs/notes_replay.md.
 """
 
-from experiments.permuted_mnist_replay import set_der
+from experiments.permuted_mnist_replay import set_der, set_gss
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
@@ -124,6 +131,12 @@ DER_ARGS = {
 }
 
 
+# Mammoth's best GSS settings on seq-mnist (utils/best_args.py): memory
+# size -> (lr, training batch, replayed batch, gss_minibatch_size).
+GSS_ARGS = {200: (0.1, 128, 10, 10), 500: (0.1, 128, 10, 10),
+            5120: (0.1, 128, 128, 10)}
+
+
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
@@ -150,6 +163,9 @@ def get_config(arg=None):
   elif s in ("der", "derpp"):
     online(c, 0.0)  # the learning rate is the table's (or the argument)
     set_der(c, a, DER_ARGS)
+  elif s == "gss":
+    online(c, 0.0)  # the learning rate and batch are the table's
+    set_gss(c, a, GSS_ARGS)
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
@@ -191,7 +207,7 @@ def get_config(arg=None):
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay, der, derpp, er_ace")
+                     "generative_replay, der, derpp, er_ace, gss")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -14,6 +14,8 @@ from jaxcl.strategies import exstream as exs
 from jaxcl.strategies.der import der
 from jaxcl.strategies.derpp import derpp
 from jaxcl.strategies.er_ace import ace_logits, er_ace
+from jaxcl.strategies import gss as gss_mod
+from jaxcl.strategies.gss import gss
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
@@ -183,7 +185,8 @@ def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
   assert result.accuracy[1, 0] > 0.3   # experience 0 not forgotten
 
 
-@pytest.mark.parametrize("spec", ["replay", "mir", "derpp", "er_ace"])
+@pytest.mark.parametrize("spec", ["replay", "mir", "derpp", "er_ace",
+                                  "gss"])
 def test_memory_is_updated_in_place_not_copied(stream, spec):
   """A step reads replayed rows from the memory and then writes the batch
   into it. Unless the writes depend on the reads, XLA copies the whole
@@ -493,6 +496,154 @@ def test_er_ace_bad_inputs(stream):
   with pytest.raises(ValueError, match="er_ace: batch_size=10 is larger "
                      "than the memory capacity mem_size=5"):
     er_ace(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+
+
+# ---------------------------------------------------------------------------
+# GSS.
+
+
+def brute_gram(ctx, params, x, y, task, groups):
+  """The Gram matrix of the groups' gradients, each formed by jax.grad of
+  its weighted loss (evaluation mode) and flattened."""
+  flat = []
+  for k in range(groups.shape[1]):
+    def lose(p, w=groups[:, k]):
+      z = ctx.logits(p, {}, x, task, train=False)
+      return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * w)
+    g = jax.grad(lose)(params)
+    flat.append(np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)]))
+  flat = np.stack(flat).astype(np.float64)
+  return flat @ flat.T
+
+
+@pytest.mark.parametrize("path", ["factored", "per_example"])
+def test_gss_gradient_gram_equals_formed_gradients(stream, monkeypatch,
+                                                   path):
+  ctx = make_ctx(stream, widths=(16, 12))
+  params = train.init_state(ctx, gss(mem_size=20), 0).params
+  exp = stream.experiences[0]
+  b = batch_of(exp, n=7)
+  groups = jnp.asarray(np.random.RandomState(0).rand(7, 4), jnp.float32)
+  if path == "per_example":
+    monkeypatch.setattr(gss_mod, "factored_calls", lambda *a: None)
+  got = np.asarray(gss_mod.gradient_gram(ctx, params, {}, b["x"], b["y"],
+                                         b["task"], groups))
+  want = brute_gram(ctx, params, b["x"], b["y"], b["task"], groups)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+
+
+def test_gss_cosine_scores_by_hand():
+  # Groups: 2 incoming rows, 3 drawn rows (the last invalid), the batch.
+  v = np.array([[1., 0.], [0., 1.], [1., 1.], [-1., 0.], [1., 0.1],
+                [2., 1.]])
+  gram = jnp.asarray(v @ v.T)
+  c_batch, c_rows = gss_mod.cosine_scores(gram, 2,
+                                          jnp.asarray([True, True, False]))
+  cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  # Row 0 (1, 0) against (1, 1) and (-1, 0); (1, 0.1), closest to it, is
+  # not a valid draw.
+  np.testing.assert_allclose(c_rows, [cos(v[0], v[2]) + 1,
+                                      cos(v[1], v[2]) + 1], rtol=1e-6)
+  np.testing.assert_allclose(c_batch, cos(v[5], v[2]) + 1, rtol=1e-6)
+  c_batch, c_rows = gss_mod.cosine_scores(gram, 2, jnp.zeros(3, bool))
+  np.testing.assert_allclose([c_batch, *c_rows], 0.1)  # empty memory
+
+
+def test_gss_offers_fill_then_replace_by_score():
+  scores = jnp.zeros(4)
+  key = jax.random.PRNGKey(0)
+  mask = jnp.asarray([1., 0., 1., 1., 1.] + [1.] * 5)
+  rows = jnp.asarray([0.3, 0.2, 0.4, 0.5, 0.6] + [0.1] * 5)
+  # Filling: rows take the free slots in order, with the batch's score;
+  # the padded row is not offered. Once full, a batch scoring >= 1 (its
+  # gradient agrees with some stored one) replaces nothing, though its
+  # rows' own scores are low.
+  slots, sc, seen = gss_mod.offer_slots(key, scores, jnp.asarray(0), mask,
+                                        jnp.asarray(1.5), rows)
+  np.testing.assert_array_equal(slots, [0, 4, 1, 2, 3] + [4] * 5)
+  np.testing.assert_allclose(sc, [1.5] * 4)
+  assert int(seen) == 9
+  # Full, batch score < 1: slot j is replaced with probability
+  # C_j / sum(C) * C_j / (C_j + c).
+  c = 0.5
+  sc = jnp.asarray([0.2, 0.6, 1.0, 1.8])
+  keys = jax.random.split(jax.random.PRNGKey(1), 20000)
+  one = lambda k: gss_mod.offer_slots(k, sc, jnp.asarray(9), jnp.ones(1),
+                                      jnp.asarray(0.9), jnp.asarray([c]))[0][0]
+  got = np.bincount(np.asarray(jax.vmap(one)(keys)), minlength=5) / 20000
+  s = np.asarray(sc)
+  want = s / s.sum() * s / (s + c)
+  np.testing.assert_allclose(got[:4], want, atol=0.012)
+  np.testing.assert_allclose(got[4], 1 - want.sum(), atol=0.012)
+  # A replaced slot takes the row's own score.
+  k = next(k for k in keys if int(one(k)) < 4)
+  slot, after, _ = gss_mod.offer_slots(k, sc, jnp.asarray(9), jnp.ones(1),
+                                       jnp.asarray(0.9), jnp.asarray([c]))
+  want_scores = s.copy()
+  want_scores[int(slot[0])] = c
+  np.testing.assert_allclose(after, want_scores)
+
+
+def test_gss_after_step_scores_batch_against_drawn_entries(stream):
+  """While the memory fills, the batch is stored with its score: one plus
+  the largest cosine between its mean-loss gradient and the gradients of
+  the drawn stored examples, computed here by forming each gradient."""
+  ctx = make_ctx(stream)
+  s = gss(mem_size=30, score_size=4)
+  state = train.init_state(ctx, s, 0)
+  e0 = stream.experiences[0]
+  b0 = batch_of(e0)
+  info = lambda b, p: StepInfo(p, p, None, None, b, jnp.zeros(()))
+  ss = s.after_step(ctx, state.strategy, info(b0, state.params))
+  np.testing.assert_allclose(np.asarray(ss.scores[:B]), 0.1)  # empty before
+  b1 = batch_of(e0, start=B)
+  key = jax.random.fold_in(ss.key, ss.memory.seen)
+  idx, ok = buffers.sample(ss.memory, jax.random.split(key)[0], 4)
+  assert np.asarray(ok).all()
+  ss2 = s.after_step(ctx, ss, info(b1, state.params))
+  x = jnp.concatenate([b1["x"], ss.memory.x[idx]])
+  y = jnp.concatenate([b1["y"], ss.memory.y[idx]])
+  t = jnp.concatenate([b1["task"], ss.memory.task[idx]])
+  groups = np.zeros((B + 4, 5))
+  groups[B:, :4] = np.eye(4)
+  groups[:B, 4] = 1.0 / B
+  gram = brute_gram(ctx, state.params, x, y, t, jnp.asarray(groups))
+  norms = np.sqrt(np.diag(gram))
+  want = (gram[4, :4] / norms[4] / norms[:4]).max() + 1.0
+  np.testing.assert_allclose(np.asarray(ss2.scores[B:2 * B]), want,
+                             rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(ss2.memory.y[B:2 * B]), b1["y"])
+  assert int(ss2.memory.seen) == 2 * B
+
+
+def test_gss_stream_keeps_scored_memory(full_stream):
+  cfg = config("gss", gss=dict(mem_size=60, score_size=5))
+  result = experiment.run(cfg, scenario=full_stream)
+  ss = result.state.strategy
+  total = sum(e.num_train for e in full_stream.experiences)
+  assert int(ss.memory.seen) == total
+  assert bool(np.asarray(ss.memory.valid).all())
+  sc = np.asarray(ss.scores)
+  assert (sc >= 0).all() and (sc <= 2).all() and sc.std() > 0
+  assert result.learner.chunk_fn._cache_size() == 1
+  # The memory is not a reservoir: its scores steer what is replaced.
+  assert result.accuracy[-1, :-1].mean() > 0.2, result.accuracy
+
+
+def test_gss_bad_inputs(stream):
+  for kw, match in (({"mem_size": 0}, "gss: mem_size must be a positive "
+                     "int, got 0"),
+                    ({"score_size": 0}, "gss: score_size must be an int "
+                     ">= 1, got 0"),
+                    ({"mem_size": 5, "score_size": 8}, "gss: score_size=8 "
+                     "is larger than the memory capacity mem_size=5"),
+                    ({"batch_size": -2}, "gss: batch_size must be an int")):
+    with pytest.raises(ValueError, match=match):
+      gss(**kw)
+  ctx = make_ctx(stream)   # training batch 10 > memory 5
+  with pytest.raises(ValueError, match="gss: batch_size=10 is larger than "
+                     "the memory capacity mem_size=5"):
+    gss(mem_size=5, score_size=2).init(ctx, jax.random.PRNGKey(0), None)
 
 
 # ---------------------------------------------------------------------------
@@ -950,7 +1101,8 @@ def _load_config(name):
     "strategy=replay", "strategy=mir", "strategy=gdumb",
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
-    "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200"])
+    "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
+    "strategy=gss,mem_size=200"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir

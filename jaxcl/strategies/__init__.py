@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
                        "hypernetwork"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
-               "generative_replay", "der", "derpp", "er_ace"),
+               "generative_replay", "der", "derpp", "er_ace", "gss"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -66,6 +66,8 @@ PAPERS: dict[str, str] = {
              "learning: a strong, simple baseline*, NeurIPS (DER++)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
+    "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
+           "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
                 "continual learning over small non-i.i.d. batches*, CVPR "
                 "Workshops (CWR*; CWR: Lomonaco & Maltoni 2017)",
