@@ -85,6 +85,10 @@ PROTOCOLS = {
         # Replay's rows and memory, with the class mask on the incoming rows.
         ("er_ace", "split_mnist_replay", "strategy=er_ace,mem_size=500",
          None),
+        # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
+        ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
+         _naive),
+        ("gss", "split_mnist_replay", "strategy=gss,mem_size=200", None),
     ],
     "permuted": [
         ("naive", "permuted_mnist_baselines", "strategy=naive", None),
