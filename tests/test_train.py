@@ -197,6 +197,10 @@ def test_chain_rejects_two_predictors():
     ("er_ace+hat", "er_ace and hat cannot be composed: hat masks only"),
     ("generative_negative_replay+er_ace", "generative_negative_replay takes "
      "the batch's last rows .* so er_ace's replayed rows"),
+    ("gss+cwr_star", "cwr_star writes a -1e9 bias .* and gss replays"),
+    ("hat+gss", "hat and gss cannot be composed: hat masks only"),
+    ("gss+generative_replay", "generative_replay takes the batch's last "
+     "rows .* so gss's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
