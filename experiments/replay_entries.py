@@ -42,6 +42,11 @@ _GSS_NOTE = (
     "list GSS on this protocol (their Table 2; 38.9 / 49.8 as recalled, "
     "not verified offline, so no published column).")
 
+_GSS_DOMAIN_NOTE = (
+    "Mammoth's best_args for GSS (GSS_ARGS in the config files), untuned; "
+    "no published column (the paper's GSS rows could not be checked "
+    "offline).")
+
 _ACE_NOTE = (
     "Caccia et al. 2022 report no MNIST number; read against the Replay "
     "rows above, whose settings these share (lr 0.01 / 0.1, batch "
@@ -118,4 +123,14 @@ ENTRIES = [
           "strategy=derpp,mem_size=200", 0.9043, _B, scenario_per_seed=True),
     Entry(_RM, "DER++ (500)", "rotated_mnist_replay",
           "strategy=derpp,mem_size=500", 0.9277, _B, scenario_per_seed=True),
+    Entry(_PM, "GSS-greedy (200)", "permuted_mnist_replay",
+          "strategy=gss,mem_size=200", scenario_per_seed=True,
+          note=_GSS_DOMAIN_NOTE),
+    Entry(_PM, "GSS-greedy (500)", "permuted_mnist_replay",
+          "strategy=gss,mem_size=500", scenario_per_seed=True),
+    Entry(_RM, "GSS-greedy (200)", "rotated_mnist_replay",
+          "strategy=gss,mem_size=200", scenario_per_seed=True,
+          note=_GSS_DOMAIN_NOTE),
+    Entry(_RM, "GSS-greedy (500)", "rotated_mnist_replay",
+          "strategy=gss,mem_size=500", scenario_per_seed=True),
 ]
