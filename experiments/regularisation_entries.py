@@ -38,6 +38,10 @@ ENTRIES = [
     Entry(_ST, "Hypernetwork", "split_mnist_regularisation",
           "strategy=hypernetwork,kind=task", 0.99,
           "issue 5 anchor (von Oswald et al. 2020)"),
+    Entry(_ST, "RWalk", "split_mnist_regularisation",
+          "strategy=rwalk,kind=task",
+          note="no published number on this protocol; FACIL's settings "
+               "with λ = 1e3 from a seed-0 sweep (1 to 1e4)"),
     Entry(_SC, "EWC", "split_mnist_regularisation", "strategy=ewc,kind=class"),
     Entry(_SC, "Online EWC", "split_mnist_regularisation",
           "strategy=online_ewc,kind=class"),
@@ -46,6 +50,8 @@ ENTRIES = [
     Entry(_SC, "LwF", "split_mnist_regularisation", "strategy=lwf,kind=class"),
     Entry(_SC, "Hypernetwork (entropy task inference)",
           "split_mnist_regularisation", "strategy=hypernetwork,kind=class"),
+    Entry(_SC, "RWalk", "split_mnist_regularisation",
+          "strategy=rwalk,kind=class"),
     Entry(_PM, "EWC", "permuted_mnist_regularisation", "strategy=ewc", 0.94,
           "issue 5 anchor",
           note="one seed; λ = 1e3 (sampled Fisher), chosen on a 1-epoch "

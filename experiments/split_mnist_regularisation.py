@@ -1,5 +1,5 @@
 """Split MNIST with regularisation strategies: EWC, online EWC, SI, MAS, LwF,
-hypernetwork.
+hypernetwork, RWalk.
 
 Protocol (Hsu et al. 2018, "Re-evaluating continual learning scenarios",
 whose task-/class-incremental Split MNIST rows are the usual anchors): MNIST
@@ -17,7 +17,8 @@ embedding regularised per step.
   jaxcl run --config experiments/split_mnist_regularisation.py:strategy=si,kind=class
   jaxcl run --config experiments/split_mnist_regularisation.py:strategy=ewc,strength=1e4
 
-Arguments: ``strategy`` (ewc | online_ewc | si | mas | lwf | hypernetwork),
+Arguments: ``strategy`` (ewc | online_ewc | si | mas | lwf | hypernetwork |
+rwalk),
 ``kind`` (task | class), ``seed``, ``epochs`` (> 0 overrides the
 protocol's), ``strength`` (> 0 overrides the method's
 coefficient: EWC/online EWC/MAS λ, SI c, LwF α, hypernetwork β), ``quick``
@@ -51,9 +52,13 @@ STRATEGIES = {
     "mas": dict(lam=1.0, max_examples=1000),
     "lwf": dict(alpha=1.0, temperature=2.0),
     "hypernetwork": dict(beta=0.01, reg_samples=1),
+    # FACIL's defaults but λ, picked here (docs/notes_regularisation.md,
+    # session 21).
+    "rwalk": dict(lam=1e3, alpha=0.5, damping=0.1, fisher="predicted",
+                  max_examples=1000),
 }
 STRENGTH = {"ewc": "lam", "online_ewc": "lam", "si": "c", "mas": "lam",
-            "lwf": "alpha", "hypernetwork": "beta"}
+            "lwf": "alpha", "hypernetwork": "beta", "rwalk": "lam"}
 
 
 def hsu_protocol(kind: str, seed: int):

@@ -4,6 +4,8 @@ loop, a closed form, numpy by hand), not just that the code runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from jaxcl.strategies.ewc import add_experience, ewc
 from jaxcl.strategies.lwf import distillation, lwf
 from jaxcl.strategies.mas import mas
 from jaxcl.strategies.online_ewc import online_ewc
+from jaxcl.strategies.rwalk import RWalkState, rwalk
+from jaxcl.strategies.rwalk import consolidate as rwalk_consolidate
 from jaxcl.strategies.si import si
 from jaxcl.state import StepInfo
 from jaxcl.train import (init_state, make_context, make_optimizer,
@@ -391,6 +395,77 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting):
 
 
 # --------------------------------------------------------------------------
+# RWalk: the path integral, the consolidation and the penalty by hand.
+
+
+def test_rwalk_consolidation_and_penalty_by_hand():
+  rng = np.random.default_rng(3)
+  shape = (3, 4)
+  f_old, s_old, w, f_t = (np.abs(rng.normal(size=shape)) for _ in range(4))
+  w[0, 0] = -5.0  # a parameter whose move raised the loss: score 0
+  anchor, params = rng.normal(size=shape), rng.normal(size=shape)
+  alpha, damping, lam = 0.3, 0.1, 2.0
+  leaf = lambda a: {"k": jnp.asarray(a, jnp.float32)}
+  ss = RWalkState(leaf(f_old), leaf(s_old), leaf(w), leaf(anchor),
+                  jnp.asarray(lam, jnp.float32))
+  out = rwalk_consolidate(ss, leaf(params), leaf(f_t), alpha, damping)
+  fisher = alpha * f_old + (1 - alpha) * f_t
+  score_t = np.maximum(w / (fisher * (params - anchor) ** 2 + damping), 0)
+  assert score_t[0, 0] == 0.0
+  np.testing.assert_allclose(out.fisher["k"], fisher, rtol=1e-5)
+  np.testing.assert_allclose(out.scores["k"], 0.5 * (s_old + score_t),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(out.w["k"], 0.0)
+  np.testing.assert_allclose(out.anchor["k"], params, rtol=1e-6)
+  # The penalty: λ Σ (F + s)(θ − θ*)², 0 at the anchor.
+  s = rwalk(lam=lam)
+  theta = rng.normal(size=shape)
+  got = s.loss(None, out, leaf(theta), None, None)
+  want = lam * np.sum((fisher + 0.5 * (s_old + score_t)) *
+                      (theta - params) ** 2)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert float(s.loss(None, out, leaf(params), None, None)) == 0.0
+
+
+def test_rwalk_integrates_the_unregularised_gradient_along_the_path():
+  s = rwalk()
+  assert s.needs_task_grads
+  params = {"k": jnp.asarray([1.0, -2.0], jnp.float32)}
+  ss = s.init(None, jax.random.PRNGKey(0), params)
+  path = [params, {"k": jnp.asarray([0.5, -1.0])},
+          {"k": jnp.asarray([0.2, -1.5])}]
+  task = [{"k": jnp.asarray([3.0, 4.0])}, {"k": jnp.asarray([-1.0, 2.0])}]
+  for (a, b), g in zip(zip(path, path[1:]), task):
+    # The total gradient (penalty included) must not enter w.
+    ss = s.after_step(None, ss, StepInfo(a, b, {"k": g["k"] * 9.0}, g, None,
+                                         jnp.zeros(())))
+  want = -(3.0 * -0.5 + -1.0 * -0.3), -(4.0 * 1.0 + 2.0 * -0.5)
+  np.testing.assert_allclose(np.asarray(ss.w["k"]), want, rtol=1e-6)
+
+
+def test_rwalk_holds_parameters_near_their_anchor():
+  """After the first experience the penalty holds the parameters: a large
+  lam moves them far less during the second than Naive does (at this
+  learning rate, lam 100 already diverges: the penalty is stiff)."""
+  _, sc = _ctx()
+  moved = {}
+  for name in ("naive", "rwalk"):
+    cfg = experiment.default_config()
+    cfg.model.widths = (5,)
+    cfg.train.epochs, cfg.train.batch_size = 3, 8
+    cfg.report.progress = False
+    cfg.strategy.name = name
+    if name == "rwalk":
+      cfg.strategy.rwalk = dict(lam=10.0, max_examples=0)
+    first = dataclasses.replace(sc, experiences=sc.experiences[:1])
+    p0 = experiment.run(cfg, scenario=first).state.params
+    p1 = experiment.run(cfg, scenario=sc).state.params
+    moved[name] = float(sum(jnp.sum((a - b) ** 2) for a, b in zip(
+        jax.tree.leaves(p0), jax.tree.leaves(p1))))
+  assert moved["rwalk"] < 0.25 * moved["naive"], moved
+
+
+# --------------------------------------------------------------------------
 # Bad hyperparameters fail at factory time.
 
 
@@ -413,6 +488,10 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting):
     (ewc, dict(seed=-1), "ewc: seed must be an int >= 0, got -1"),
     (online_ewc, dict(seed=2.5), "online_ewc: seed must be an int"),
     (mas, dict(seed=float("nan")), "mas: seed must be an int"),
+    (rwalk, dict(lam=-1.0), "rwalk: lam must be a finite number >= 0"),
+    (rwalk, dict(alpha=1.5), r"rwalk: alpha must be in \[0, 1\], got 1.5"),
+    (rwalk, dict(damping=0.0), "rwalk: damping must be a finite number > 0"),
+    (rwalk, dict(fisher="kfac"), "rwalk: unknown Fisher type 'kfac'"),
 ])
 def test_bad_hyperparameters_raise(factory, kwargs, needle):
   with pytest.raises(ValueError, match=needle):

@@ -25,7 +25,7 @@ __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
 FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
-                       "hypernetwork"),
+                       "hypernetwork", "rwalk"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
@@ -48,6 +48,9 @@ PAPERS: dict[str, str] = {
            "2018",
     "hypernetwork": "von Oswald et al. 2020, *Continual learning with "
                     "hypernetworks*, ICLR",
+    "rwalk": "Chaudhry, Dokania, Ajanthan & Torr 2018, *Riemannian walk for "
+             "incremental learning: understanding forgetting and "
+             "intransigence*, ECCV",
     "replay": "Chaudhry et al. 2019, *On tiny episodic memories in continual "
               "learning*; Buzzega et al. 2020's ER baseline",
     "gdumb": "Prabhu, Torr & Dokania 2020, *GDumb: a simple approach that "
