@@ -271,6 +271,9 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
 
   if os.path.exists(done) and not kept:
     set_aside("config or seeds changed since the cached result")
+  # The code this run executes is the tree as it starts: a commit made
+  # while it runs (a long entry, other work beside it) is not that code.
+  commit = _commit()
   t = time.perf_counter()
   try:
     if backbone and not os.path.exists(backbone):
@@ -297,7 +300,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     wall += prev.get("wall_time", 0.0) * len(kept) / len(prev["seeds"])
   out = {
       "seeds": list(seeds), "wall_time": wall, "fingerprint": fp,
-      "commit": _commit(),
+      "commit": commit,
       "acc": g["acc"], "bwt": g.get("bwt"), "forgetting": g.get("forgetting"),
       "accuracy": acc.tolist(),
       "over_time": [float(np.mean(acc[:, i, :i + 1])) if acc.shape[1] > 1

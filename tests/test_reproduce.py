@@ -217,6 +217,19 @@ def test_commit_marks_code_changes_but_not_new_records(tmp_path):
   assert reproduce._commit(str(tmp_path)).endswith(mark)
 
 
+def test_record_names_the_commit_its_run_started_from(tmp_path, data_dir,
+                                                      monkeypatch):
+  """A commit made while an entry runs is not the code it ran: the record
+  names the tree as the run started."""
+  calls = iter(["a" * 40, "b" * 40, "c" * 40])
+  monkeypatch.setattr(reproduce, "_commit", lambda: next(calls))
+  naive = "split_mnist_baselines__strategy_naive"
+  reproduce.main(["--smoke", "--workdir", str(tmp_path / "w"), "--data_dir",
+                  data_dir, "--only", naive, "--out", str(tmp_path / "o")])
+  rec = json.load(open(tmp_path / "w_smoke" / naive / "entry.json"))
+  assert rec["commit"] == "a" * 40
+
+
 def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
                                                           data_dir):
   """Full runs keep their record in the committed results directory, apart
