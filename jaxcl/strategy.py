@@ -189,7 +189,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
                 "derpp", "er_ace", "gss"), _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
-  add("ensemble", ("ewc", "mas", "online_ewc"), _ANCHOR)
+  add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)
   return table
 
 

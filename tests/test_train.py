@@ -203,6 +203,7 @@ def test_chain_rejects_two_predictors():
      "rows .* so gss's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
+    ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),
 ])
