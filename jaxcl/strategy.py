@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Strategy", "identity", "chain", "default_predict",
-           "mark_experience_start", "check_task_seen"]
+           "mark_experience", "mark_experience_start", "check_task_seen"]
 
 
 def _init_empty(ctx, key, params):
@@ -91,6 +91,16 @@ def _same_params(ctx, sstate, params):
 def _same_sstate(ctx, sstate, info):
   del ctx, info
   return sstate
+
+
+def mark_experience(ctx, state, experience):
+  """A ``before_experience`` for strategy states with an ``experience``
+  field (the current experience's index; memories tag their entries with
+  it)."""
+  del ctx
+  ss = state.strategy._replace(
+      experience=jnp.asarray(experience.index, jnp.int32))
+  return state.replace(strategy=ss)
 
 
 def mark_experience_start(ctx, state, experience):

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies.replay import append_rows, incoming_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience
 
 __all__ = ["er_ace", "ERACEState", "ace_logits"]
 
@@ -127,12 +127,6 @@ def er_ace(mem_size: int = 200, batch_size: int = 0) -> Strategy:
                       jnp.zeros((ctx.info.num_classes,), bool),
                       jnp.zeros((), jnp.int32), key)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
-
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
     # No replay during the first experience (the memory holds only it).
@@ -160,6 +154,6 @@ def er_ace(mem_size: int = 200, batch_size: int = 0) -> Strategy:
                                          sstate.seen.shape[0])
     return sstate._replace(memory=mem, seen=seen)
 
-  return Strategy(init=init, before_experience=before_experience,
+  return Strategy(init=init, before_experience=mark_experience,
                   prepare_batch=prepare_batch, task_loss=task_loss,
                   after_step=after_step, name="er_ace")

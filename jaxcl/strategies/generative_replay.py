@@ -50,7 +50,7 @@ import optax
 from jaxcl import checks
 from jaxcl.models.vae import VAE, vae_loss
 from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import init_variables
 
 __all__ = ["generative_replay", "DGRState", "replay_rows",
@@ -160,12 +160,6 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
                     copy(params), variables, jnp.zeros((ctx.info.num_classes,), bool),
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), k_run)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
-
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)
     rows = replay_rows(ctx, get_vae(ctx), sstate, key, r, temperature)
@@ -226,7 +220,7 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
                      prev_model_state=copy(state.model_state), seen=seen)
     return state.replace(strategy=ss)
 
-  return Strategy(init=init, before_experience=before_experience,
+  return Strategy(init=init, before_experience=mark_experience,
                   prepare_batch=prepare_batch, loss=loss,
                   after_step=after_step, after_experience=after_experience,
                   name="generative_replay")

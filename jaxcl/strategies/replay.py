@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import device_experience
 
 __all__ = ["replay", "ReplayState", "POLICIES", "append_rows",
@@ -125,12 +125,6 @@ def replay(mem_size: int = 200, batch_size: int = 0,
     return ReplayState(buffers.init(mem_size, ctx.info.input_shape),
                        jnp.zeros((), jnp.int32), key)
 
-  def before_experience(ctx, state, experience):
-    del ctx
-    ss = state.strategy._replace(
-        experience=jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
-
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
     return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
@@ -160,6 +154,6 @@ def replay(mem_size: int = 200, batch_size: int = 0,
                          jnp.asarray(experience.index, jnp.int32), mask)
     return state.replace(strategy=ss._replace(memory=mem))
 
-  return Strategy(init=init, before_experience=before_experience,
+  return Strategy(init=init, before_experience=mark_experience,
                   prepare_batch=prepare_batch, after_step=after_step,
                   after_experience=after_experience, name="replay")
