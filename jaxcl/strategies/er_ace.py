@@ -18,21 +18,22 @@ batch ``M_B`` among all classes,
    \\qquad C_B = \\{y : (x, y) \\in B\\} \\cup C_{\\text{unseen}},
 
 so a gradient step on new data never moves an old class's logit, while the
-replayed examples still separate old from new classes (the paper's eq. 6,
-:math:`\\mathcal{L}_{ace}` plus :math:`\\mathcal{L}_{ce}` on the memory).
+replayed examples still separate old from new classes (the paper's
+asymmetric loss :math:`\\mathcal{L}_{ace}` on incoming data plus
+:math:`\\mathcal{L}_{ce}` on the memory).
 
-As in the authors' code (github.com/pclucas14/AML, ``ER_ACE``; Mammoth's
-``er_ace.py`` copies it): the mask and the replay term start with the
-second experience (the first is trained with plain cross-entropy and no
-replay); the memory is a reservoir fed with every incoming batch, so the
-method works online; the two terms are each a mean and are summed
-(Avalanche's ``ACECriterion`` halves the sum, i.e. halves the learning
-rate). One deviation, on purpose: the code unmasks the classes with an
-index ``>= max(seen)``, which are the unseen ones only when classes
-arrive in increasing label order (and it also unmasks the largest seen
-class). Here :math:`C_{\\text{unseen}}` is the set of classes never in an
-incoming batch, whatever the order; on Split MNIST's ordered stream the two
-differ only in a batch that lacks the largest class seen so far.
+As in Mammoth's ``er_ace.py`` (read for this module; it follows the
+authors' ``ER_ACE``, which was not read here): the mask and the replay
+term start with the second experience (the first is trained with plain
+cross-entropy and no replay); the memory is a reservoir fed with every
+incoming batch, so the method works online; the two terms are each a
+mean, and they are summed. One deviation, on purpose: the code unmasks
+the classes with an index ``>= max(seen)``, which are the unseen ones
+only when classes arrive in increasing label order (and it also unmasks
+the largest seen class). Here :math:`C_{\\text{unseen}}` is the set of
+classes never in an incoming batch, whatever the order; on Split MNIST's
+ordered stream the two differ only in a batch that lacks the largest
+class seen so far.
 
 Mechanics: ``prepare_batch`` appends ``batch_size`` memory rows after the
 incoming ones (masked out during the first experience), so one forward pass
