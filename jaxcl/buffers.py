@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
-           "reservoir_slots", "put_rows",
+           "reservoir_slots", "put_rows", "replay_size",
            "experience_balanced_add", "class_balanced_add", "sample",
            "gather", "check_capacity"]
 
@@ -69,6 +69,22 @@ class Memory(NamedTuple):
   experience: jax.Array
   valid: jax.Array
   seen: jax.Array
+
+
+def replay_size(name: str, batch_size: int, mem_size: int,
+                stream_batch: int) -> int:
+  """Rows a strategy replays per step: ``batch_size``, or the stream's
+  batch size when it is 0 (host side, at ``init`` and when tracing).
+
+  Raises:
+    ValueError: naming ``name``, when that is more than ``mem_size``.
+  """
+  r = batch_size or stream_batch
+  if r > mem_size:
+    raise ValueError(
+        f"{name}: batch_size={r} is larger than the memory capacity "
+        f"mem_size={mem_size}; use batch_size <= {mem_size}")
+  return r
 
 
 def check_capacity(capacity: int, name: str = "mem_size") -> int:

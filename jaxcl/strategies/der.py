@@ -115,12 +115,8 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
                "0: the training batch size")
 
   def replay_size(ctx) -> int:
-    r = batch_size or ctx.info.batch_size
-    if r > mem_size:
-      raise ValueError(
-          f"{name}: batch_size={r} is larger than the memory capacity "
-          f"mem_size={mem_size}; use batch_size <= {mem_size}")
-    return r
+    return buffers.replay_size(name, batch_size, mem_size,
+                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     replay_size(ctx)

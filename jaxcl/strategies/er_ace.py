@@ -114,12 +114,8 @@ def er_ace(mem_size: int = 200, batch_size: int = 0) -> Strategy:
                "0: the training batch size")
 
   def replay_size(ctx) -> int:
-    r = batch_size or ctx.info.batch_size
-    if r > mem_size:
-      raise ValueError(
-          f"er_ace: batch_size={r} is larger than the memory capacity "
-          f"mem_size={mem_size}; use batch_size <= {mem_size}")
-    return r
+    return buffers.replay_size("er_ace", batch_size, mem_size,
+                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     del params

@@ -187,12 +187,8 @@ def gss(mem_size: int = 200, batch_size: int = 0,
                      f"<= {mem_size}")
 
   def replay_size(ctx) -> int:
-    r = batch_size or ctx.info.batch_size
-    if r > mem_size:
-      raise ValueError(
-          f"gss: batch_size={r} is larger than the memory capacity "
-          f"mem_size={mem_size}; use batch_size <= {mem_size}")
-    return r
+    return buffers.replay_size("gss", batch_size, mem_size,
+                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     del params
