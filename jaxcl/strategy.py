@@ -17,7 +17,9 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   appends fixed-shape samples with a validity mask). Appended rows come
   after the first ``ctx.info.batch_size`` incoming rows; ``mask`` is a
   per-row weight, and the task loss is ``sum(mask * ce) / max(sum(mask),
-  1)``.
+  1)``. The stream's batch holds ``x``, ``y``, ``task``, ``mask`` and
+  ``index`` (int32: each incoming row's position in the experience's
+  training data, -1 for padding; appended rows have none).
 * ``loss(ctx, sstate, params, batch, logits) -> scalar``: added to the task
   loss (penalties, distillation). ``logits`` are the model's on ``batch``.
 * ``update_grads(ctx, sstate, grads, params, batch, key) -> grads``:

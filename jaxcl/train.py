@@ -455,8 +455,12 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
     row = idx[i - start]
     valid = row >= 0
     safe = jnp.maximum(row, 0)
+    # ``index``: each row's position in the experience's training data
+    # (-1 for padding), so a strategy can tell examples apart across
+    # epochs (BiC holds some out for validation).
     batch = {"x": data["x"][safe], "y": data["y"][safe],
-             "task": data["task"][safe], "mask": valid.astype(jnp.float32)}
+             "task": data["task"][safe], "mask": valid.astype(jnp.float32),
+             "index": row}
     state, loss = train_step(ctx, strategy, state, batch, batch_spec)
     return state, losses.at[i - start].set(loss)
 

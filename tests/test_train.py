@@ -1,6 +1,7 @@
 """The compiled loop: determinism, no recompiles, Naive == plain training,
 padding, chain, errors."""
 
+import dataclasses
 import json
 
 import jax
@@ -96,6 +97,41 @@ def test_epoch_indices_cover_each_example_once():
   flat = idx.ravel()
   assert (flat[:37] >= 0).all() and (flat[37:] == -1).all()
 
+
+
+def test_batch_index_names_each_rows_place_in_the_experience(digits):
+  """``batch['index']`` is each incoming row's position in the
+  experience's training data: a probe strategy records, per index, the
+  row's pixel sum and how often it came; one epoch covers each example
+  once and every sum is that example's."""
+  c = quick_config()
+  s = experiment.setup(c, scenarios.split(digits, 5))
+  ctx = s.learner.ctx
+  size = ctx.info.train_size
+
+  def init(ctx, key, params):
+    return (jnp.full((size,), jnp.nan, jnp.float32),
+            jnp.zeros((size,), jnp.int32))
+
+  def after_step(ctx, ss, info):
+    b = info.batch
+    at = jnp.where(b["index"] >= 0, b["index"], size)
+    sums = jnp.sum(b["x"].reshape(b["x"].shape[0], -1), -1)
+    return (ss[0].at[at].set(sums, mode="drop"),
+            ss[1].at[at].add(1, mode="drop"))
+
+  probe = Strategy(init=init, after_step=after_step, name="probe")
+  learner = dataclasses.replace(s.learner, strategy=probe)
+  exp = s.scenario.experiences[1]
+  state = train.init_state(ctx, probe, 0)
+  data = jax.device_put(train.device_experience(exp, size))
+  state, _, _ = learner.chunk_fn(state, data, exp.num_train, 1, 0, 0)
+  sums, count = (np.asarray(a) for a in state.strategy)
+  n = exp.num_train
+  np.testing.assert_array_equal(count[:n], 1)
+  np.testing.assert_array_equal(count[n:], 0)
+  np.testing.assert_allclose(
+      sums[:n], exp.train_x.reshape(n, -1).sum(-1), rtol=1e-6)
 
 def test_padding_steps_are_skipped(digits):
   """A small experience in a stream of big ones takes ceil(n/B) steps."""
