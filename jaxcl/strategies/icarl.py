@@ -75,7 +75,7 @@ from jaxcl.strategy import Strategy
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
-           "features"]
+           "features", "select_exemplars"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
@@ -129,6 +129,60 @@ def herding(feats: jax.Array, member: jax.Array, m: jax.Array) -> jax.Array:
   init = (jnp.zeros_like(mu), jnp.full((n_rows,), _BIG, jnp.int32))
   _, rank = jax.lax.fori_loop(0, steps, body, init)
   return rank
+
+
+def select_exemplars(feats: jax.Array, memory: buffers.Memory,
+                     rank: jax.Array, x: jax.Array, y: jax.Array,
+                     task: jax.Array, valid: jax.Array, experience: jax.Array,
+                     m: jax.Array, num_classes: int
+                     ) -> tuple[buffers.Memory, jax.Array]:
+  """Herding selection (Algorithm 4) into a memory of fixed total size.
+
+  Every class with a ``valid`` row gets (up to) ``m`` exemplars chosen by
+  :func:`herding` over its valid rows; the memory's other classes keep
+  their first ``m`` (by ``rank``, each entry's herding position).
+
+  Args:
+    feats: ``(N, D)`` normalised features of the rows ``x``.
+    memory, rank: the exemplar memory and its entries' herding positions.
+    x, y, task: the experience's rows; valid: bool ``(N,)``, the rows that
+      may be chosen.
+    experience: the experience id stored with new entries.
+    m: exemplars per class (may be traced).
+    num_classes: number of classes.
+
+  Returns:
+    ``(memory, rank)`` after the selection.
+  """
+  size = x.shape[0]
+  k = memory.valid.shape[0]
+  present = jnp.zeros((num_classes,), bool).at[y].max(valid)
+
+  def per_class(cls):
+    return jax.lax.cond(
+        present[cls], lambda: herding(feats, valid & (y == cls), m),
+        lambda: jnp.full((size,), _BIG, jnp.int32))
+
+  rank_new = jnp.min(jax.lax.map(per_class, jnp.arange(num_classes)), axis=0)
+  # Old classes shrink to their first m exemplars; classes present now
+  # are re-selected from this experience's data.
+  keep = memory.valid & (rank < m) & ~present[memory.y]
+  score = jnp.where(valid & (rank_new < m), rank_new, _BIG)
+  n_take = min(k, size)
+  rows = jnp.argsort(score, stable=True)[:n_take]
+  chosen = score[rows] < _BIG
+  free = jnp.argsort(keep, stable=True)  # free slots first
+  slots = jnp.where(chosen, free[jnp.arange(n_take)], k)
+  put = lambda a, new: a.at[slots].set(new.astype(a.dtype), mode="drop")
+  memory = buffers.Memory(
+      x=put(memory.x, x[rows]), y=put(memory.y, y[rows]),
+      task=put(memory.task, task[rows]),
+      experience=put(memory.experience, jnp.full((n_take,), experience)),
+      valid=keep.at[slots].set(True, mode="drop"),
+      seen=memory.seen + jnp.sum(valid, dtype=jnp.int32))
+  rank = jnp.where(keep, rank, _BIG)
+  rank = rank.at[slots].set(rank_new[rows], mode="drop")
+  return memory, rank
 
 
 def icarl_loss(logits, teacher_logits, y, mask, old, active) -> jax.Array:
@@ -241,46 +295,19 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
                     experience):
     fn = feature_fn(ctx)
     c = ctx.info.num_classes
-    k = mem_size
-    size = x.shape[0]
-    valid = jnp.arange(size) < n_valid
+    valid = jnp.arange(x.shape[0]) < n_valid
     feats = features(fn, params, model_state, x, task)
     present = jnp.zeros((c,), bool).at[y].max(valid)
-    n_seen = jnp.sum(ss.seen | present)
-    m = k // jnp.maximum(n_seen, 1)
-
-    def per_class(cls):
-      return jax.lax.cond(
-          present[cls], lambda: herding(feats, valid & (y == cls), m),
-          lambda: jnp.full((size,), _BIG, jnp.int32))
-
-    rank_new = jnp.min(jax.lax.map(per_class, jnp.arange(c)), axis=0)
-    mem = ss.memory
-    # Old classes shrink to their first m exemplars; classes present now
-    # are re-selected from this experience's data.
-    keep = mem.valid & (ss.rank < m) & ~present[mem.y]
-    score = jnp.where(valid & (rank_new < m), rank_new, _BIG)
-    n_take = min(k, size)
-    rows = jnp.argsort(score, stable=True)[:n_take]
-    chosen = score[rows] < _BIG
-    free = jnp.argsort(keep, stable=True)  # free slots first
-    slots = jnp.where(chosen, free[jnp.arange(n_take)], k)
-    put = lambda a, new: a.at[slots].set(new.astype(a.dtype), mode="drop")
-    mem = buffers.Memory(
-        x=put(mem.x, x[rows]), y=put(mem.y, y[rows]),
-        task=put(mem.task, task[rows]),
-        experience=put(mem.experience, jnp.full((n_take,), experience)),
-        valid=keep.at[slots].set(True, mode="drop"),
-        seen=mem.seen + n_valid)
-    rank = jnp.where(keep, ss.rank, _BIG)
-    rank = rank.at[slots].set(rank_new[rows], mode="drop")
+    seen = ss.seen | present
+    m = mem_size // jnp.maximum(jnp.sum(seen), 1)
+    mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
+                                 valid, experience, m, c)
     # Class means of the exemplars under the current model.
     ef = fn(params, model_state, mem.x, mem.task)
     onehot = jax.nn.one_hot(mem.y, c, dtype=jnp.float32) * mem.valid[:, None]
     sums = onehot.T @ ef
     counts = jnp.sum(onehot, axis=0)
     means = normalise(sums / jnp.maximum(counts, 1.0)[:, None])
-    seen = ss.seen | present
     return ss._replace(memory=mem, rank=rank, means=means,
                        has_mean=counts > 0, seen=seen,
                        teacher=params, teacher_model_state=model_state)
