@@ -25,6 +25,11 @@ lr 0.03, margin 0.5.
   AR1 as above plus a VAE 400-400 / latent 100 generator whose samples are
   negatives only): no published Split MNIST anchor;
   compare with ``naive`` and ``replay`` (reservoir, same ``mem_size``).
+* ``bic`` (Wu et al. 2019): ``mem_size`` exemplars in all (a tenth of
+  each class's slots held out for the bias correction), 10 exemplars per
+  step, FACIL's stage-2 settings (200 epochs, SGD 0.1 with momentum 0.9);
+  lr 0.1 as iCaRL's. No published Split MNIST number: compare with
+  ``icarl`` and ``replay`` at the same memory.
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -39,6 +44,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=icarl,mem_size=500
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ar1,dataset=fashion_mnist
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ar1_star,mem_size=200
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=bic,mem_size=500
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
@@ -53,7 +59,7 @@ from jaxcl.experiment import default_config
 
 LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
-      "generative_negative_replay": 0.1}
+      "generative_negative_replay": 0.1, "bic": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -100,6 +106,8 @@ def get_config(arg=None):
     c.strategy.icarl = dict(mem_size=m, batch_size=10)
   elif s == "replay":
     c.strategy.replay = dict(mem_size=m, batch_size=10)
+  elif s == "bic":
+    c.strategy.bic = dict(mem_size=m, batch_size=10)
   elif s == "ar1":
     c.strategy.ar1 = dict(AR1)
   elif s == "ar1_star":

@@ -974,3 +974,228 @@ def test_hybrid_configs_build(data_dir):
     split_mnist_hybrid.get_config("strategy=nope")
   with pytest.raises(ValueError, match="unknown protocol"):
     permuted_mnist_hybrid.get_config("protocol=nope")
+
+
+# ---------------------------------------------------------------------------
+# BiC: held-out validation exemplars, the two-stage loss, bias correction.
+
+
+def test_bic_loss_is_weighted_ce_plus_temperature_distillation():
+  from jaxcl.strategies.bic import bic_loss
+  rng = np.random.default_rng(3)
+  z, zt = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
+  y = np.array([2, 0, 3, 1, 2])
+  mask = np.array([1.0, 1.0, 0.0, 1.0, 1.0])
+  old = np.array([True, True, False, False, False, False])
+  active = np.array([True, True, True, True, False, False])
+  lam, t = 0.5, 2.0
+
+  def log_softmax(a):
+    a = a - a.max(1, keepdims=True)
+    return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+  ce = -log_softmax(z[:, active])[np.arange(5), y]
+  p_old = np.exp(log_softmax(zt[:, old] / t))
+  kd = -(p_old * log_softmax(z[:, old] / t)).sum(1)
+  want = (1 - lam) * (ce * mask).sum() / mask.sum() + \
+      lam * (kd * mask).sum() / mask.sum()
+  got = bic_loss(*(jnp.asarray(a) for a in (z, zt, y, mask, old, active)),
+                 jnp.float32(lam), t)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_bic_bias_correct_applies_each_experiences_pair():
+  from jaxcl.strategies.bic import bias_correct
+  z = np.arange(10, dtype=np.float32).reshape(2, 5)
+  alpha, beta = np.array([1.0, 0.5, 2.0]), np.array([0.0, -1.0, 3.0])
+  class_exp = np.array([0, 0, 1, 2, -1])  # class 4 not seen yet
+  got = np.asarray(bias_correct(*(jnp.asarray(a) for a in
+                                  (z, alpha, beta, class_exp))))
+  want = z.copy()
+  want[:, 2] = 0.5 * z[:, 2] - 1.0
+  want[:, 3] = 2.0 * z[:, 3] + 3.0
+  np.testing.assert_allclose(got, want)
+
+
+def test_bic_fit_bias_reaches_the_optimum_of_its_convex_loss():
+  # Stage 2 is a convex problem in (alpha, beta): full-batch momentum SGD
+  # run long enough must land on the optimum found by scipy. The new
+  # classes' logits carry a +1.5 bias; the fitted beta pulls them down,
+  # and the earlier experience's pair is a constant that stays put.
+  from scipy.optimize import minimize
+  from jaxcl.strategies.bic import fit_bias
+  rng = np.random.default_rng(0)
+  y = np.repeat(np.arange(4), 10)
+  z = 2.0 * np.eye(5)[y] + rng.normal(size=(40, 5))
+  z[:, 2:4] += 1.5
+  valid = np.ones(40, bool)
+  valid[-3:] = False  # empty slots take no part
+  class_exp = np.array([0, 0, 1, 1, -1])
+  active = np.array([True, True, True, True, False])
+  alpha0, beta0 = np.array([0.7, 1.0, 1.0]), np.array([0.2, 0.0, 0.0])
+  decay = 0.1
+
+  def np_loss(p):
+    q = z.copy()
+    q[:, :2] = alpha0[0] * z[:, :2] + beta0[0]
+    q[:, 2:4] = p[0] * z[:, 2:4] + p[1]
+    q = q[valid][:, active]
+    q = q - q.max(1, keepdims=True)
+    lsm = q - np.log(np.exp(q).sum(1, keepdims=True))
+    return -lsm[np.arange(len(q)), y[valid]].mean() + decay * p[1] ** 2 / 2
+
+  best = minimize(np_loss, [1.0, 0.0], method="BFGS", tol=1e-10).x
+  alpha, beta = fit_bias(
+      jax.random.PRNGKey(0), jnp.asarray(z, jnp.float32), jnp.asarray(y),
+      jnp.asarray(valid), jnp.asarray(alpha0, jnp.float32),
+      jnp.asarray(beta0, jnp.float32), jnp.asarray(class_exp), 1,
+      jnp.asarray(active), epochs=3000, batch_size=40, learning_rate=0.05,
+      beta_decay=decay)
+  alpha, beta = np.asarray(alpha), np.asarray(beta)
+  np.testing.assert_allclose([alpha[1], beta[1]], best, atol=2e-3)
+  assert beta[1] < -0.2
+  np.testing.assert_array_equal([alpha[0], beta[0]],
+                                np.float32([0.7, 0.2]))
+  np.testing.assert_array_equal([alpha[2], beta[2]], [1.0, 0.0])
+  assert np_loss(best) < np_loss([1.0, 0.0]) - 0.05
+
+
+def _bic_rows(exp, mem, cls):
+  """Rows of ``mem`` holding class ``cls``, as bytes of their inputs."""
+  sel = np.flatnonzero(np.asarray(mem.valid) & (np.asarray(mem.y) == cls))
+  return [np.asarray(mem.x[i]).tobytes() for i in sel], sel
+
+
+def test_bic_holds_out_the_first_rows_of_each_class_and_splits_the_memory(
+    stream):
+  from jaxcl.strategies.bic import bic
+  ctx = make_ctx(stream)
+  s = bic(mem_size=40, bias_epochs=2)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  # Experience 0: 2 classes, 20 slots each: 2 held out (ceil(0.1 * 20)),
+  # the first 2 training rows of each class in the data's order.
+  state = s.before_experience(ctx, state, exps[0])
+  ss = state.strategy
+  y0 = exps[0].train_y
+  want_held = np.concatenate([np.flatnonzero(y0 == c)[:2]
+                              for c in exps[0].classes])
+  held = np.asarray(ss.held)
+  np.testing.assert_array_equal(held[:4], want_held)
+  assert np.all(held[4:] == -1)
+  for c in exps[0].classes:
+    got, _ = _bic_rows(exps[0], ss.val, c)
+    assert sorted(got) == sorted(exps[0].train_x[i].tobytes() for i in
+                                 np.flatnonzero(y0 == c)[:2])
+  # Held-out rows are masked out of the training batch; the rest are not.
+  batch = batch_of(exps[0], n=B)
+  batch["index"] = jnp.asarray(np.r_[want_held[:2], 50, 51, want_held[2],
+                                     60, 61, 62, 63, 64], jnp.int32)
+  full = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(np.asarray(full["mask"][:B]),
+                                [0, 0, 1, 1, 0, 1, 1, 1, 1, 1])
+  assert full["x"].shape[0] == 2 * B
+  state = s.after_experience(ctx, state, exps[0])
+  ss = state.strategy
+  held_x = {exps[0].train_x[i].tobytes() for i in want_held}
+  for c in exps[0].classes:
+    got, _ = _bic_rows(exps[0], ss.memory, c)
+    assert len(got) == 18 and not held_x & set(got)
+  # Experience 1: 4 classes, 10 slots each: 1 validation, 9 training.
+  state = run_hooks(ctx, s, state, exps[1:2])
+  ss = state.strategy
+  np.testing.assert_array_equal(buffers.counts(ss.val, 10)[:5],
+                                [1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(buffers.counts(ss.memory, 10)[:5],
+                                [9, 9, 9, 9, 0])
+  for c in exps[0].classes:  # old classes keep their first validation row
+    got, _ = _bic_rows(exps[0], ss.val, c)
+    assert got == [exps[0].train_x[np.flatnonzero(y0 == c)[0]].tobytes()]
+  assert int(buffers.size(ss.val) + buffers.size(ss.memory)) <= 40
+  np.testing.assert_array_equal(np.asarray(ss.class_exp)[:5],
+                                [0, 0, 1, 1, -1])
+  # Stage 2 ran for experience 1 only; experience 0 keeps (1, 0).
+  assert float(ss.alpha[0]) == 1.0 and float(ss.beta[0]) == 0.0
+  assert (float(ss.alpha[1]), float(ss.beta[1])) != (1.0, 0.0)
+
+
+def test_bic_step_is_the_corrected_two_stage_loss(stream):
+  # One SGD step moves the params by -lr * the gradient of
+  # (1 - lam) CE + lam KD on bias-corrected logits of both models, with
+  # lam = old / seen classes = 1/2, over the batch plus exemplars, the
+  # held-out rows masked out.
+  from jaxcl.strategies.bic import bic
+  ctx = make_ctx(stream, lr=0.5)
+  s = bic(mem_size=40, batch_size=4, bias_epochs=0, temperature=3.0)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  state = run_hooks(ctx, s, state, exps[:1])
+  state = train.unalias(s.before_experience(ctx, state, exps[1]))
+  ss = state.strategy._replace(
+      alpha=state.strategy.alpha.at[0].set(0.8),
+      beta=state.strategy.beta.at[0].set(0.3))
+  state = state.replace(strategy=ss, params=jax.tree.map(
+      lambda a: a * 1.1, state.params))
+  batch = batch_of(exps[1])
+  held = np.asarray(ss.held)[:2]
+  batch["index"] = jnp.asarray(np.r_[held, np.arange(100, 108)], jnp.int32)
+  key = jax.random.fold_in(state.rng, state.step)
+  full = s.prepare_batch(ctx, ss, batch, jax.random.split(key, 3)[0])
+  mask = np.asarray(full["mask"], np.float64)
+  assert mask[:2].sum() == 0 and mask[2:].sum() == 12
+  y = np.asarray(full["y"])
+  corr = np.ones(10), np.zeros(10)
+  corr[0][:2], corr[1][:2] = 0.8, 0.3  # experience 0's classes
+
+  def loss(p):
+    def logits_of(params):
+      z = ctx.logits(params, state.model_state, full["x"], full["task"])
+      return z * corr[0] + corr[1]
+    z = logits_of(p)
+    zt = jax.lax.stop_gradient(logits_of(ss.teacher))
+    lsm = lambda a: a - jax.scipy.special.logsumexp(a, 1, keepdims=True)
+    ce = -jnp.take_along_axis(lsm(z[:, :4]), y[:, None], 1)[:, 0]
+    kd = -jnp.sum(jnp.exp(lsm(zt[:, :2] / 3.0)) * lsm(z[:, :2] / 3.0), 1)
+    return 0.5 * jnp.sum(ce * mask) / mask.sum() + \
+        0.5 * jnp.sum(kd * mask) / mask.sum()
+
+  g = jax.grad(loss)(state.params)
+  new, _ = jax.jit(functools.partial(train.train_step, ctx, s))(state, batch)
+  want = jax.tree.map(lambda p, d: p - 0.5 * d, state.params, g)
+  np.testing.assert_allclose(flat(new.params), flat(want), atol=2e-5)
+
+
+def test_bic_correction_keeps_old_classes_and_compiles_once(stream):
+  # Split Digits, 3 experiences, class-incremental: the fitted correction
+  # must lift the final accuracy over the trained experiences above the
+  # same run without stage 2, in one compiled program.
+  acc = {}
+  for epochs in (0, 200):
+    cfg = config("bic", bic=dict(mem_size=60, bias_epochs=epochs))
+    r = experiment.run(cfg, scenario=stream)
+    assert r.learner.chunk_fn._cache_size() == 1
+    acc[epochs] = r.accuracy[-1]
+  assert acc[200][:3].mean() > acc[0][:3].mean() + 0.1, acc
+
+
+def test_bic_bad_arguments_raise(stream):
+  from jaxcl.strategies.bic import bic
+  for kw, match in [(dict(mem_size=0), "mem_size"),
+                    (dict(val_fraction=1.0), "val_fraction must be in"),
+                    (dict(val_fraction=0), "val_fraction must be in"),
+                    (dict(temperature=0.0), "temperature"),
+                    (dict(lam=1.5), "lam must be None"),
+                    (dict(bias_epochs=-1), "bias_epochs"),
+                    (dict(bias_lr=0.0), "bias_lr"),
+                    (dict(beta_decay=-0.1), "beta_decay"),
+                    (dict(mem_size=10, batch_size=20), "batch_size=20")]:
+    with pytest.raises(ValueError, match=match):
+      bic(**kw)
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match="no training exemplar per class"):
+    train.init_state(ctx, bic(mem_size=15), 0)
+  task_ctx = make_ctx(dataclasses.replace(stream, kind="task"))
+  with pytest.raises(ValueError, match="class-incremental.*kind='task'"):
+    train.init_state(task_ctx, bic(mem_size=40), 0)
+  with pytest.raises(ValueError, match="more than one strategy defines"):
+    chain(bic(mem_size=40), icarl(mem_size=40))

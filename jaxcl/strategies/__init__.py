@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
-               "generative_negative_replay"),
+               "generative_negative_replay", "bic"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -99,6 +99,7 @@ PAPERS: dict[str, str] = {
     "generative_negative_replay": "Graffieti et al. 2023, *Generative "
                                   "negative replay for continual learning*, "
                                   "Neural Networks",
+    "bic": "Wu et al. 2019, *Large scale incremental learning*, CVPR (BiC)",
 }
 
 
@@ -122,6 +123,8 @@ NEEDS: dict[str, str] = {
     "progress_compress": "the 2-column `progressive` model and a class- or "
                          "domain-incremental stream",
     "ar1": "a single head over all classes (CWR*)",
+    "bic": "a class-incremental stream (`scenario.kind='class'`), each class "
+           "in one experience",
 }
 
 
