@@ -29,6 +29,8 @@ def config(strategy, devices):
     c.strategy.der = dict(mem_size=256, batch_size=16, alpha=1.0)
   if strategy == "er_ace":  # the same memory; a class mask over the batch
     c.strategy.er_ace = dict(mem_size=256, batch_size=16)
+  if strategy == "bic":  # held-out rows masked by index; stage 2 on a host
+    c.strategy.bic = dict(mem_size=256, batch_size=16, bias_epochs=20)
   c.parallel.devices = devices
   c.parallel.shard_min_bytes = 0  # shard every divisible leaf
   return c
@@ -53,7 +55,7 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy in ("replay", "der", "er_ace"):
+    if strategy in ("replay", "der", "er_ace", "bic"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
@@ -62,6 +64,10 @@ def main():
       out[strategy]["logits_sharding"] = str(logits.sharding.spec)
     if strategy == "er_ace":
       out[strategy]["seen"] = np.asarray(many.state.strategy.seen).tolist()
+    if strategy == "bic":
+      ss = many.state.strategy
+      out[strategy]["val_filled"] = int(np.asarray(ss.val.valid).sum())
+      out[strategy]["beta"] = np.asarray(ss.beta).tolist()
   print(json.dumps(out))
 
 

@@ -13,12 +13,12 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   env = dict(os.environ, PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
-                      "naive", "replay", "der", "er_ace"],
+                      "naive", "replay", "der", "er_ace", "bic"],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
-  for strategy in ("naive", "replay", "der", "er_ace"):
+  for strategy in ("naive", "replay", "der", "er_ace", "bic"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
@@ -31,5 +31,13 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   assert out["der"]["logits_sharding"].startswith("P('data'")
   # ER-ACE's class tracker saw every class of the stream.
   assert out["er_ace"]["seen"] == [True] * 10
+  # BiC's exemplars (sharded) fill 10 classes x 22 training slots and its
+  # validation memory 10 x 3 (ceil(0.1 * 256 // 10)); stage 2 moved every
+  # later experience's bias.
+  assert out["bic"]["buffer_sharding"].startswith("P('data'")
+  assert out["bic"]["buffer_filled"] == 220
+  assert out["bic"]["val_filled"] == 30
+  assert out["bic"]["beta"][0] == 0.0
+  assert all(b != 0.0 for b in out["bic"]["beta"][1:])
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
