@@ -237,6 +237,9 @@ def test_chain_rejects_two_predictors():
     ("hat+gss", "hat and gss cannot be composed: hat masks only"),
     ("gss+generative_replay", "generative_replay takes the batch's last "
      "rows .* so gss's replayed rows"),
+    # Session 22's fuzz of BiC: its appended exemplars, as iCaRL's.
+    ("generative_negative_replay+bic", "generative_negative_replay takes "
+     "the batch's last rows .* so bic's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
