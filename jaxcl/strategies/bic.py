@@ -83,7 +83,7 @@ from jaxcl.strategies.icarl import features, normalise, select_exemplars
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy
-from jaxcl.train import device_experience
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["BiCState", "bic", "bias_correct", "bic_loss", "fit_bias",
            "split_sizes"]
@@ -269,7 +269,6 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
           f"for {c} classes with val_fraction={val_fraction}; use mem_size "
           f">= {2 * c}")
     replay_size(ctx)
-    from jaxcl.train import init_variables
     _, variables = init_variables(ctx, jax.random.fold_in(key, 1))
     e = info.num_experiences
     return BiCState(
