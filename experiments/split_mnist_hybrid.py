@@ -30,6 +30,10 @@ lr 0.03, margin 0.5.
   step, FACIL's stage-2 settings (200 epochs, SGD 0.1 with momentum 0.9);
   lr 0.1 as iCaRL's. No published Split MNIST number: compare with
   ``icarl`` and ``replay`` at the same memory.
+* ``lucir`` (Hou et al. 2019): the cosine-normalised head,
+  ``mem_size`` herded exemplars, 10 per step, FACIL's settings (``λ_base``
+  5, margin 0.5, ``K`` 2); lr 0.1 as iCaRL's. No published Split MNIST
+  number: compare with ``icarl``, ``bic`` and ``replay``.
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -45,6 +49,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ar1,dataset=fashion_mnist
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ar1_star,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=bic,mem_size=500
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=lucir,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
@@ -59,7 +64,7 @@ from jaxcl.experiment import default_config
 
 LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
-      "generative_negative_replay": 0.1, "bic": 0.1}
+      "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -108,6 +113,9 @@ def get_config(arg=None):
     c.strategy.replay = dict(mem_size=m, batch_size=10)
   elif s == "bic":
     c.strategy.bic = dict(mem_size=m, batch_size=10)
+  elif s == "lucir":
+    c.model.head = "cosine"
+    c.strategy.lucir = dict(mem_size=m, batch_size=10)
   elif s == "ar1":
     c.strategy.ar1 = dict(AR1)
   elif s == "ar1_star":

@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
       multi_head=False,   # one head per task (task-incremental)
       init="lecun_normal",  # lecun_normal (flax) | torch (PyTorch Linear:
                             # U(+-1/sqrt(fan_in)) weights and biases) | ...
+      head="linear",      # mlp / cnn / resnet18: linear | cosine (LUCIR)
       pretrained="",      # .npz of params (jaxcl.pretrained.save): start
                           # from them instead of a random initialisation
   ))
@@ -189,8 +190,9 @@ def build_scenario(config: ml_collections.ConfigDict,
 
 
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:
-  fields = {"mlp": ("widths", "init"), "cnn": ("channels", "hidden", "init"),
-            "resnet18": ("width", "init")}.get(mc.name)
+  fields = {"mlp": ("widths", "init", "head"),
+            "cnn": ("channels", "hidden", "init", "head"),
+            "resnet18": ("width", "init", "head")}.get(mc.name)
   if fields is None:  # a model module: its kwargs in config.model.<name>
     return dict(mc.get(mc.name, {}))
   out = {}

@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Strategy", "identity", "chain", "default_predict",
-           "mark_experience", "mark_experience_start", "check_task_seen"]
+           "mark_experience", "mark_experience_start", "check_task_seen",
+           "new_classes"]
 
 
 def _init_empty(ctx, key, params):
@@ -126,6 +127,23 @@ def check_task_seen(seen: Any, task: int) -> None:
   ids = np.flatnonzero(np.asarray(seen)).tolist()
   if int(task) not in ids:
     raise ValueError(f"task id {task} is outside the tasks seen so far {ids}")
+
+
+def new_classes(name: str, seen: Any, experience: Any) -> np.ndarray:
+  """Host side: the classes of ``experience``'s training data (sorted),
+  for strategies that need each class in one experience (``seen``: a bool
+  per class, the classes of finished experiences).
+
+  Raises:
+    ValueError: naming strategy ``name``, when a class comes again.
+  """
+  new = np.unique(np.asarray(experience.train_y))
+  again = sorted(set(new[np.asarray(seen)[new]].tolist()))
+  if again:
+    raise ValueError(f"{name}: experience {experience.index} brings classes "
+                     f"{again} again; {name} needs each class in one "
+                     f"experience (a class-incremental stream)")
+  return new
 
 
 def default_predict(ctx, sstate, params, model_state, x, task):

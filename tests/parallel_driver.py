@@ -31,6 +31,9 @@ def config(strategy, devices):
     c.strategy.er_ace = dict(mem_size=256, batch_size=16)
   if strategy == "bic":  # held-out rows masked by index; stage 2 on a host
     c.strategy.bic = dict(mem_size=256, batch_size=16, bias_epochs=20)
+  if strategy == "lucir":  # cosine head; old classes' columns restored
+    c.model.head = "cosine"
+    c.strategy.lucir = dict(mem_size=256, batch_size=16)
   c.parallel.devices = devices
   c.parallel.shard_min_bytes = 0  # shard every divisible leaf
   return c
@@ -55,7 +58,7 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy in ("replay", "der", "er_ace", "bic"):
+    if strategy in ("replay", "der", "er_ace", "bic", "lucir"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
@@ -68,6 +71,8 @@ def main():
       ss = many.state.strategy
       out[strategy]["val_filled"] = int(np.asarray(ss.val.valid).sum())
       out[strategy]["beta"] = np.asarray(ss.beta).tolist()
+    if strategy == "lucir":
+      out[strategy]["sigma"] = float(many.state.params["head"]["sigma"])
   print(json.dumps(out))
 
 

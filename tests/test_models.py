@@ -147,3 +147,27 @@ def test_compiled_init_equals_flax_init_bit_for_bit(name, heads, kw):
                               tx=optax.adam(1e-3), info=_TWO_TASKS)
   train.init_variables(again, jax.random.PRNGKey(4))
   assert init._cache_size() == compiled
+
+
+def test_cosine_head_is_sigma_times_the_cosine():
+  # LUCIR's head (Hou et al. 2019, eq. 4) against NumPy: sigma times the
+  # cosine between the features and each class's weight column; a zero
+  # feature vector (a ReLU net on a zero row) has a finite gradient.
+  m = models.build("mlp", num_classes=5, widths=(8,), head="cosine")
+  x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+  v = m.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  p = jax.tree.map(np.asarray, v["params"])
+  assert set(p["head"]) == {"kernel", "sigma"} and p["head"]["sigma"] == 1.0
+  p["head"]["sigma"] = np.float32(2.5)
+  h = np.maximum(x @ p["backbone"]["Dense_0"]["kernel"]
+                 + p["backbone"]["Dense_0"]["bias"], 0.0)
+  w = p["head"]["kernel"]
+  want = 2.5 * (h / np.linalg.norm(h, axis=1, keepdims=True)) @ (
+      w / np.linalg.norm(w, axis=0, keepdims=True))
+  got = m.apply({"params": p}, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda q: m.apply({"params": q}, jnp.zeros((2, 6))).sum())(
+      v["params"])
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g))
+  with pytest.raises(ValueError, match="unknown model head 'cos'.*cosine"):
+    models.build("mlp", 5, head="cos")

@@ -13,12 +13,12 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   env = dict(os.environ, PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
-                      "naive", "replay", "der", "er_ace", "bic"],
+                      "naive", "replay", "der", "er_ace", "bic", "lucir"],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
-  for strategy in ("naive", "replay", "der", "er_ace", "bic"):
+  for strategy in ("naive", "replay", "der", "er_ace", "bic", "lucir"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
@@ -39,5 +39,10 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   assert out["bic"]["val_filled"] == 30
   assert out["bic"]["beta"][0] == 0.0
   assert all(b != 0.0 for b in out["bic"]["beta"][1:])
+  # LUCIR's exemplars (sharded) fill 10 classes x 25 slots; the cosine
+  # head's scale was trained.
+  assert out["lucir"]["buffer_sharding"].startswith("P('data'")
+  assert out["lucir"]["buffer_filled"] == 250
+  assert out["lucir"]["sigma"] != 1.0
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1

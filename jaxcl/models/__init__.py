@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from jaxcl import checks
 from jaxcl.models import init as inits
-from jaxcl.models.classifier import Classifier
+from jaxcl.models.classifier import Classifier, check_head
 from jaxcl.models.cnn import CNN
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import ResNet18
@@ -45,7 +45,9 @@ def build(name: str, num_classes: int, num_heads: int = 1,
       task id (multi-head).
     **kwargs: the backbone's fields (e.g. ``widths=(400, 400)`` for mlp),
       plus ``init`` (:data:`jaxcl.models.init.INITS`; the MLP's layers and
-      the head; other backbones keep their own initialisation).
+      the head; other backbones keep their own initialisation) and ``head``
+      (:data:`jaxcl.models.classifier.HEADS`: ``linear``, or ``cosine`` for
+      LUCIR's cosine-normalised head).
   """
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -61,6 +63,7 @@ def build(name: str, num_classes: int, num_heads: int = 1,
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
   init = inits.check(kwargs.pop("init", "lecun_normal"))
+  head = check_head(kwargs.pop("head", "linear"))
   if name == "mlp":
     kwargs["initializer"] = init
   try:
@@ -68,7 +71,7 @@ def build(name: str, num_classes: int, num_heads: int = 1,
   except TypeError as e:
     raise ValueError(f"bad arguments for model {name!r}: {e}") from e
   return Classifier(backbone=backbone, num_classes=num_classes,
-                    num_heads=num_heads, initializer=init)
+                    num_heads=num_heads, initializer=init, head=head)
 
 
 # Layer sizes, by the field names the models use: each must be a whole

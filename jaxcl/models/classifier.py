@@ -3,13 +3,54 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxcl.models import init as inits
 
+# Head layers by name (``config.model.head``).
+HEADS = ("linear", "cosine")
+
+
+def check_head(head: str) -> str:
+  if head not in HEADS:
+    raise ValueError(f"unknown model head {head!r}; valid: {list(HEADS)}")
+  return head
+
+
+def l2_normalise(x: jnp.ndarray, axis: int = -1,
+                 eps: float = 1e-12) -> jnp.ndarray:
+  """``x / max(‖x‖, eps)`` along ``axis`` (PyTorch's ``F.normalize``).
+
+  The norm is clamped before the square root, so an all-zero vector (a
+  ReLU backbone on a zero padding row) has a zero gradient, not NaN.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class CosineDense(nn.Module):
+  """Cosine normalisation (Hou et al. 2019, eq. 4): ``σ ⟨w̄_c, x̄⟩``.
+
+  Each output is the cosine between the input and the class's weight
+  vector, times one learned scale ``σ`` (``sigma``, initialised to 1 as in
+  the authors' code). Variables: ``kernel`` (in, out), ``sigma`` ().
+  """
+  features: int
+  initializer: str = "lecun_normal"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    fan_in = x.shape[-1]
+    # The kernel initialiser of the linear head of the same name.
+    proto = inits.dense(self.features, fan_in, self.initializer)
+    kernel = self.param("kernel", proto.kernel_init, (fan_in, self.features))
+    sigma = self.param("sigma", nn.initializers.ones, ())
+    return sigma * (l2_normalise(x) @ l2_normalise(kernel, axis=0))
+
 
 class Classifier(nn.Module):
-  """Backbone + linear head(s).
+  """Backbone + linear (or cosine) head(s).
 
   With ``num_heads > 1`` the head layer has ``num_heads * num_classes``
   outputs and the ``num_classes`` logits of each example's task are returned
@@ -19,6 +60,7 @@ class Classifier(nn.Module):
   num_classes: int
   num_heads: int = 1
   initializer: str = "lecun_normal"  # the head's; see jaxcl.models.init.INITS
+  head: str = "linear"  # linear | cosine (CosineDense; LUCIR)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,
@@ -26,9 +68,12 @@ class Classifier(nn.Module):
     h = self.backbone(x, train=train)
     if features:
       return h
-    head = inits.dense(self.num_heads * self.num_classes, h.shape[-1],
-                       self.initializer, name="head")
-    logits = head(h)
+    n = self.num_heads * self.num_classes
+    if self.head == "cosine":
+      layer = CosineDense(n, self.initializer, name="head")
+    else:
+      layer = inits.dense(n, h.shape[-1], self.initializer, name="head")
+    logits = layer(h)
     if self.num_heads == 1:
       return logits
     logits = logits.reshape(x.shape[0], self.num_heads, self.num_classes)

@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
-               "generative_negative_replay", "bic"),
+               "generative_negative_replay", "bic", "lucir"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -100,6 +100,8 @@ PAPERS: dict[str, str] = {
                                   "negative replay for continual learning*, "
                                   "Neural Networks",
     "bic": "Wu et al. 2019, *Large scale incremental learning*, CVPR (BiC)",
+    "lucir": "Hou et al. 2019, *Learning a unified classifier incrementally "
+             "via rebalancing*, CVPR (LUCIR)",
 }
 
 
@@ -125,6 +127,8 @@ NEEDS: dict[str, str] = {
     "ar1": "a single head over all classes (CWR*)",
     "bic": "a class-incremental stream (`scenario.kind='class'`), each class "
            "in one experience",
+    "lucir": "the cosine-normalised head (`model.head='cosine'`) and a "
+             "class-incremental stream, each class in one experience",
 }
 
 

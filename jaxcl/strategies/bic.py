@@ -82,7 +82,7 @@ from jaxcl.state import cross_entropy
 from jaxcl.strategies.icarl import features, normalise, select_exemplars
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, new_classes
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["BiCState", "bic", "bias_correct", "bic_loss", "fit_bias",
@@ -288,12 +288,7 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
     c = ctx.info.num_classes
     seen = np.asarray(ss.seen)
     y = np.asarray(experience.train_y)
-    new = np.unique(y)
-    again = sorted(set(new[seen[new]].tolist()))
-    if again:
-      raise ValueError(f"bic: experience {experience.index} brings classes "
-                       f"{again} again; BiC needs each class in one "
-                       f"experience (a class-incremental stream)")
+    new = new_classes("bic", seen, experience)
     cur = np.zeros((c,), bool)
     cur[new] = True
     _, v = split_sizes(mem_size, int(np.sum(seen | cur)), val_fraction)

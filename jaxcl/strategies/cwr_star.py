@@ -131,6 +131,10 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     del key
     if not isinstance(params, dict) or "head" not in params:
       raise ValueError("cwr_star needs a model with a 'head' Dense layer")
+    if set(params["head"]) != {"kernel", "bias"}:
+      raise ValueError("cwr_star needs a linear 'head' layer (kernel, bias), "
+                       f"got {sorted(params['head'])} (model.head='cosine' "
+                       "has no bias to consolidate; use model.head='linear')")
     kernel = params["head"]["kernel"]
     c = ctx.info.num_classes
     if kernel.shape[-1] != c:

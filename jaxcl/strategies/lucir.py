@@ -1,0 +1,279 @@
+"""LUCIR: a unified classifier learned incrementally via rebalancing.
+
+Hou et al. (2019) trace the imbalance between the few exemplars of old
+classes and the many examples of new ones to three places, and treat each
+(class-incremental streams, with an exemplar memory):
+
+**Cosine normalisation** (eq. 4): the head's logits are
+``σ ⟨w̄_c, f̄(x)⟩``, cosines between the normalised features and class
+weights times one learned scale ``σ``, so new classes cannot win by the
+magnitude of their weights or biases (``model.head='cosine'``,
+:class:`jaxcl.models.classifier.CosineDense`).
+
+**Less-forget constraint** (eq. 6-7): the normalised features of the
+current model ``f̄`` stay close to the previous model's ``f̄*`` on every
+training row (new data and exemplars), with the old classes' weights
+frozen:
+
+.. math::
+   L_{dis}^G = 1 - \\langle \\bar f^*(x), \\bar f(x) \\rangle, \\qquad
+   \\lambda = \\lambda_{base} \\sqrt{|C_o| / |C_n|},
+
+``|C_o|`` old and ``|C_n|`` new classes.
+
+**Inter-class separation** (eq. 8): for each exemplar ``x`` of an old
+class, its ground-truth cosine must exceed each of its ``K`` highest
+new-class cosines ``⟨θ̄^k, f̄(x)⟩`` by a margin ``m``:
+
+.. math::
+   L_{mr} = \\sum_{k=1}^{K} \\max\\big(m - \\langle \\bar\\theta(x),
+            \\bar f(x) \\rangle + \\langle \\bar\\theta^k, \\bar f(x)
+            \\rangle, 0\\big).
+
+The objective (eq. 9) is ``L_ce + λ L_dis^G + λ_mr L_mr``, with ``L_ce``
+the cross-entropy of the scaled cosines over the classes seen so far.
+
+Implementation notes, following FACIL's ``lucir.py`` (Masana et al. 2022),
+which follows the authors' code: ``λ_base = 5``, ``λ_mr = 1``, ``m = 0.5``,
+``K = 2``; ``L_mr`` is the mean over old-class rows and their ``K``
+negatives (PyTorch's ``MarginRankingLoss``); the less-forget term is the
+mean over rows (``CosineEmbeddingLoss``); the previous model runs in
+evaluation mode; the old classes' head weights are not trained (here:
+restored after each update, so momentum or weight decay cannot move them
+either) while ``σ`` is. As in :mod:`jaxcl.strategies.icarl`, exemplars are
+selected by herding and mixed into every training step (``batch_size`` per
+step) instead of being concatenated into one shuffled training set. One
+head covers all classes; the classes not seen yet are masked out of the
+cross-entropy and the prediction (FACIL adds a head per experience). Not
+done, as FACIL: the authors' "imprint weights" initialisation of the new
+classes' weights and class-balanced finetuning; FACIL removes the last
+ReLU of ResNets only, and the MLP keeps it here.
+
+References:
+  Hou, Pan, Loy, Wang & Lin, `Learning a unified classifier incrementally
+  via rebalancing <https://openaccess.thecvf.com/content_CVPR_2019/html/
+  Hou_Learning_a_Unified_Classifier_Incrementally_via_Rebalancing_CVPR_2019_paper.html>`_,
+  CVPR 2019.
+  Masana et al., `Class-incremental learning: survey and performance
+  evaluation on image classification
+  <https://arxiv.org/abs/2010.15277>`_, TPAMI 2022 (FACIL).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl import buffers, checks
+from jaxcl.models.classifier import l2_normalise
+from jaxcl.state import cross_entropy
+from jaxcl.strategies.icarl import features, normalise, select_exemplars
+from jaxcl.strategies.replay import append_rows
+from jaxcl.strategy import Strategy, new_classes
+from jaxcl.train import device_experience, init_variables
+
+__all__ = ["LUCIRState", "lucir", "less_forget", "margin_ranking",
+           "cosine_scores"]
+
+_NEG = -1e9
+_BIG = np.iinfo(np.int32).max
+
+
+class LUCIRState(NamedTuple):
+  memory: buffers.Memory  # exemplars (K slots)
+  rank: jax.Array         # int32 (K,): herding position within the class
+  seen: jax.Array         # bool (C,): classes of finished experiences
+  current: jax.Array      # bool (C,): classes of the current experience
+  teacher: Any            # params of the model after the last experience
+  teacher_model_state: Any
+
+
+def cosine_scores(feats: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``⟨w̄_c, f̄(x)⟩``: the cosine head's logits before the scale ``σ``."""
+  return l2_normalise(feats) @ l2_normalise(kernel, axis=0)
+
+
+def less_forget(feats: jax.Array, teacher_feats: jax.Array,
+                mask: jax.Array) -> jax.Array:
+  """Eq. 6: the ``mask``-weighted mean of ``1 - cos(f*(x), f(x))``."""
+  cos = jnp.sum(l2_normalise(feats) * l2_normalise(teacher_feats), -1)
+  return jnp.sum(mask * (1.0 - cos)) / jnp.maximum(jnp.sum(mask), 1e-12)
+
+
+def margin_ranking(cos: jax.Array, y: jax.Array, mask: jax.Array,
+                   old: jax.Array, new: jax.Array, margin: float,
+                   k: int) -> jax.Array:
+  """Eq. 8, averaged over old-class rows and their hard negatives.
+
+  Args:
+    cos: ``(B, C)`` cosines (before ``σ``); y: labels; mask: row weights.
+    old: bool ``(C,)``, the old classes (rows of these are the "hard"
+      ones); new: bool ``(C,)``, the current experience's classes, whose
+      ``k`` highest cosines per row are the negatives (fewer when the
+      experience has fewer than ``k`` classes).
+  """
+  gt = jnp.take_along_axis(cos, y[:, None], axis=1)              # (B, 1)
+  novel = jax.lax.top_k(jnp.where(new[None, :], cos, -jnp.inf), k)[0]
+  ok = jnp.isfinite(novel)                                       # (B, k)
+  hinge = jnp.maximum(margin - gt + jnp.where(ok, novel, 0.0), 0.0)
+  w = (mask * old[y])[:, None] * ok
+  return jnp.sum(w * hinge) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
+          lamb_mr: float = 1.0, margin: float = 0.5, k: int = 2,
+          adapt_lamb: bool = True, freeze_old: bool = True) -> Strategy:
+  """LUCIR (class-incremental streams; the model needs ``head='cosine'``).
+
+  Args:
+    mem_size: total exemplars ``K`` (fixed, shared by the classes seen).
+    batch_size: exemplars appended to each training batch (0: the training
+      batch size).
+    lamb: ``λ_base``, the less-forget weight (the paper: 5 for CIFAR-100,
+      10 for ImageNet; 0 turns the constraint off).
+    lamb_mr: weight of the margin-ranking loss (0 turns it off).
+    margin: ``m`` (the paper: 0.5).
+    k: hard negatives per old-class row (the paper: 2).
+    adapt_lamb: ``λ = λ_base √(|C_o| / |C_n|)`` (eq. 7) instead of
+      ``λ_base``.
+    freeze_old: keep the old classes' head weights fixed (the authors'
+      code and FACIL, with the less-forget constraint).
+
+  Raises:
+    ValueError: on a bad argument; at ``init``, on a stream that is not
+    class-incremental, a model without the cosine head, or ``mem_size``
+    smaller than the number of classes; at an experience's start, on
+    classes that came in an earlier one.
+  """
+  buffers.check_capacity(mem_size, "lucir: mem_size")
+  checks.whole("lucir: batch_size", batch_size,
+               note=" (0: the training batch size)")
+  if batch_size > mem_size:
+    raise ValueError(f"lucir: batch_size={batch_size} is larger than "
+                     f"mem_size={mem_size}; use at most {mem_size}")
+  checks.nonnegative("lucir: lamb", lamb)
+  checks.nonnegative("lucir: lamb_mr", lamb_mr)
+  checks.nonnegative("lucir: margin", margin)
+  checks.whole("lucir: k", k, minimum=1)
+  checks.flag("lucir: adapt_lamb", adapt_lamb)
+  checks.flag("lucir: freeze_old", freeze_old)
+
+  def replay_size(ctx):
+    return buffers.replay_size("lucir", batch_size, mem_size,
+                               ctx.info.batch_size)
+
+  def init(ctx, key, params):
+    info = ctx.info
+    if info.kind != "class":
+      raise ValueError(f"lucir rebalances old and new classes of a "
+                       f"class-incremental stream (scenario.kind='class'), "
+                       f"got kind={info.kind!r}")
+    head = params.get("head") if isinstance(params, dict) else None
+    if not isinstance(head, dict) or set(head) != {"kernel", "sigma"}:
+      raise ValueError(
+          "lucir needs the cosine-normalised head (model.head='cosine', "
+          "params['head'] = {kernel, sigma}); the model's head has "
+          f"{sorted(head) if isinstance(head, dict) else head}")
+    c = info.num_classes
+    if head["kernel"].shape[-1] != c:
+      raise ValueError(f"lucir needs a single head over the {c} classes; "
+                       f"the head has {head['kernel'].shape[-1]} outputs "
+                       f"(set model.multi_head=False)")
+    if mem_size < c:
+      raise ValueError(f"lucir: mem_size={mem_size} gives 0 exemplars per "
+                       f"class for {c} classes; use mem_size >= {c}")
+    replay_size(ctx)
+    _, variables = init_variables(ctx, key)
+    return LUCIRState(
+        memory=buffers.init(mem_size, info.input_shape),
+        rank=jnp.full((mem_size,), _BIG, jnp.int32),
+        seen=jnp.zeros((c,), bool), current=jnp.zeros((c,), bool),
+        teacher=jax.tree.map(jnp.copy, params),
+        teacher_model_state=variables)
+
+  def before_experience(ctx, state, experience):
+    ss = state.strategy
+    cur = np.zeros((ctx.info.num_classes,), bool)
+    cur[new_classes("lucir", np.asarray(ss.seen), experience)] = True
+    return state.replace(strategy=ss._replace(current=jnp.asarray(cur)))
+
+  def prepare_batch(ctx, sstate, batch, key):
+    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
+    return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
+
+  def task_loss(ctx, sstate, logits, batch):
+    # Eq. 1 over the classes seen so far (FACIL's heads of the
+    # experiences so far).
+    active = sstate.seen | sstate.current
+    return cross_entropy(jnp.where(active, logits, _NEG), batch["y"],
+                         batch["mask"])
+
+  def loss(ctx, sstate, params, batch, logits):
+    del logits
+    x, task, mask = batch["x"], batch["task"], batch["mask"]
+    # Training mode, as the step's own forward pass (batch statistics);
+    # the model state only gives the structure.
+    f, _ = ctx.apply(params, sstate.teacher_model_state, x, task,
+                     train=True, features=True)
+    ft, _ = ctx.apply(sstate.teacher, sstate.teacher_model_state, x, task,
+                      features=True)
+    ft = jax.lax.stop_gradient(ft)
+    n_old = jnp.sum(sstate.seen)
+    lam = jnp.float32(lamb)
+    if adapt_lamb:
+      lam = lam * jnp.sqrt(n_old / jnp.maximum(jnp.sum(sstate.current), 1))
+    total = lam * less_forget(f, ft, mask)
+    if lamb_mr > 0:
+      cos = cosine_scores(f, params["head"]["kernel"])
+      total = total + lamb_mr * margin_ranking(
+          cos, batch["y"], mask, sstate.seen, sstate.current, margin, k)
+    # The first experience has no previous model: cross-entropy only.
+    return jnp.where(n_old > 0, total, 0.0)
+
+  def project_params(ctx, sstate, params):
+    if not freeze_old:
+      return params
+    head = dict(params["head"])
+    head["kernel"] = jnp.where(sstate.seen[None, :],
+                               sstate.teacher["head"]["kernel"],
+                               head["kernel"])
+    return dict(params, head=head)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
+                    experience):
+    valid = jnp.arange(x.shape[0]) < n_valid
+    feats = features(lambda p, ms, xs, t: normalise(
+        ctx.apply(p, ms, xs, t, features=True)[0]),
+        params, model_state, x, task)
+    seen = ss.seen | ss.current
+    m = mem_size // jnp.maximum(jnp.sum(seen), 1)
+    mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
+                                 valid, experience, m, ctx.info.num_classes)
+    return ss._replace(memory=mem, rank=rank, seen=seen,
+                       current=jnp.zeros_like(ss.current),
+                       teacher=params, teacher_model_state=model_state)
+
+  def after_experience(ctx, state, experience):
+    data = device_experience(experience, ctx.info.train_size)
+    ss = update_memory(ctx, state.strategy, state.params, state.model_state,
+                       data["x"], data["y"], data["task"],
+                       jnp.asarray(experience.num_train, jnp.int32),
+                       jnp.asarray(experience.index, jnp.int32))
+    return state.replace(strategy=ss)
+
+  def predict(ctx, sstate, params, model_state, x, task):
+    logits = ctx.logits(params, model_state, x, task)
+    active = sstate.seen | sstate.current
+    # Before any experience, every class (nothing is masked).
+    return jnp.where(active[None, :] | ~jnp.any(active), logits, _NEG)
+
+  return Strategy(init=init, before_experience=before_experience,
+                  prepare_batch=prepare_batch, task_loss=task_loss, loss=loss,
+                  project_params=project_params,
+                  after_experience=after_experience, predict=predict,
+                  name="lucir")
