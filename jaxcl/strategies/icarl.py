@@ -75,7 +75,7 @@ from jaxcl.strategy import Strategy
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
-           "features", "select_exemplars"]
+           "features", "select_exemplars", "exemplar_hook"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
@@ -312,13 +312,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
                        has_mean=counts > 0, seen=seen,
                        teacher=params, teacher_model_state=model_state)
 
-  def after_experience(ctx, state, experience):
-    data = device_experience(experience, ctx.info.train_size)
-    ss = update_memory(ctx, state.strategy, state.params, state.model_state,
-                       data["x"], data["y"], data["task"],
-                       jnp.asarray(experience.num_train, jnp.int32),
-                       jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
+  after_experience = exemplar_hook(update_memory)
 
   def predict(ctx, sstate, params, model_state, x, task):
     f = feature_fn(ctx)(params, model_state, x, task)
@@ -334,6 +328,22 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
                   prepare_batch=prepare_batch, task_loss=task_loss,
                   after_experience=after_experience, predict=predict,
                   name="icarl")
+
+
+def exemplar_hook(update_memory: Callable[..., Any]) -> Callable[..., Any]:
+  """An ``after_experience`` that runs ``update_memory(ctx, sstate,
+  params, model_state, x, y, task, n_valid, experience)`` (a jitted
+  exemplar selection) on the experience's padded training rows."""
+
+  def after_experience(ctx, state, experience):
+    data = device_experience(experience, ctx.info.train_size)
+    ss = update_memory(ctx, state.strategy, state.params, state.model_state,
+                       data["x"], data["y"], data["task"],
+                       jnp.asarray(experience.num_train, jnp.int32),
+                       jnp.asarray(experience.index, jnp.int32))
+    return state.replace(strategy=ss)
+
+  return after_experience
 
 
 def features(fn, params, model_state, x, task, chunk: int = 500):

@@ -71,10 +71,11 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.icarl import features, normalise, select_exemplars
+from jaxcl.strategies.icarl import (exemplar_hook, features, normalise,
+                                    select_exemplars)
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy, new_classes
-from jaxcl.train import device_experience, init_variables
+from jaxcl.train import init_variables
 
 __all__ = ["LUCIRState", "lucir", "less_forget", "margin_ranking",
            "cosine_scores"]
@@ -258,13 +259,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                        current=jnp.zeros_like(ss.current),
                        teacher=params, teacher_model_state=model_state)
 
-  def after_experience(ctx, state, experience):
-    data = device_experience(experience, ctx.info.train_size)
-    ss = update_memory(ctx, state.strategy, state.params, state.model_state,
-                       data["x"], data["y"], data["task"],
-                       jnp.asarray(experience.num_train, jnp.int32),
-                       jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
+  after_experience = exemplar_hook(update_memory)
 
   def predict(ctx, sstate, params, model_state, x, task):
     logits = ctx.logits(params, model_state, x, task)
