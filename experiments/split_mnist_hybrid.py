@@ -34,6 +34,10 @@ lr 0.03, margin 0.5.
   ``mem_size`` herded exemplars, 10 per step, FACIL's settings (``λ_base``
   5, margin 0.5, ``K`` 2); lr 0.1 as iCaRL's. No published Split MNIST
   number: compare with ``icarl``, ``bic`` and ``replay``.
+* ``il2m`` (Belouadah & Popescu 2019): ``mem_size`` herded exemplars,
+  10 per step, plain cross-entropy; the old classes' scores rectified at
+  prediction (``rectify=False``: the same run without it, the ablation).
+  lr 0.1 as iCaRL's. No published Split MNIST number.
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -50,12 +54,13 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ar1_star,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=bic,mem_size=500
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=lucir,mem_size=200
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=il2m,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
-(GEM; < 0: the protocol's), ``init`` (``model.init``: lecun_normal |
-torch), ``quick``
-(2000 training / 1000 test examples, for tests). Measured results: see
+(GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
+``init`` (``model.init``: lecun_normal | torch), ``quick`` (2000 training
+/ 1000 test examples, for tests). Measured results: see
 docs/notes_hybrid.md.
 """
 
@@ -64,7 +69,8 @@ from jaxcl.experiment import default_config
 
 LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
-      "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1}
+      "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
+      "il2m": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -77,7 +83,7 @@ GEM = {200: (0.005, 1.0), 500: (0.01, 1.0)}
 def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", mem_size=200, kind="class",
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
-                init="lecun_normal", quick=False)
+                init="lecun_normal", rectify=True, quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -113,6 +119,9 @@ def get_config(arg=None):
     c.strategy.replay = dict(mem_size=m, batch_size=10)
   elif s == "bic":
     c.strategy.bic = dict(mem_size=m, batch_size=10)
+  elif s == "il2m":
+    c.strategy.il2m = dict(mem_size=m, batch_size=10,
+                           rectify_scores=a["rectify"])
   elif s == "lucir":
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=m, batch_size=10)

@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
-               "generative_negative_replay", "bic", "lucir"),
+               "generative_negative_replay", "bic", "lucir", "il2m"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -102,6 +102,8 @@ PAPERS: dict[str, str] = {
     "bic": "Wu et al. 2019, *Large scale incremental learning*, CVPR (BiC)",
     "lucir": "Hou et al. 2019, *Learning a unified classifier incrementally "
              "via rebalancing*, CVPR (LUCIR)",
+    "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
+            "with dual memory*, ICCV",
 }
 
 
@@ -129,6 +131,8 @@ NEEDS: dict[str, str] = {
            "in one experience",
     "lucir": "the cosine-normalised head (`model.head='cosine'`) and a "
              "class-incremental stream, each class in one experience",
+    "il2m": "a class-incremental stream (`scenario.kind='class'`), each "
+            "class in one experience",
 }
 
 
