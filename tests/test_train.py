@@ -240,9 +240,11 @@ def test_chain_rejects_two_predictors():
     # Session 22's fuzz of BiC: its appended exemplars, as iCaRL's.
     ("generative_negative_replay+bic", "generative_negative_replay takes "
      "the batch's last rows .* so bic's replayed rows"),
-    # Session 23's fuzz of LUCIR: its appended exemplars, as BiC's.
+    # Session 23's fuzz of LUCIR and IL2M: appended exemplars, as BiC's.
     ("lucir+generative_replay", "generative_replay takes the batch's last "
      "rows .* so lucir's replayed rows"),
+    ("generative_negative_replay+il2m", "generative_negative_replay takes "
+     "the batch's last rows .* so il2m's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),

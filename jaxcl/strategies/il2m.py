@@ -20,7 +20,8 @@ the scores are left alone.
 
 Implementation notes, following FACIL's ``il2m.py`` (Masana et al. 2022),
 which Avalanche's ``IL2MPlugin`` also follows: the scores are the raw
-logits (so a negative mean makes a negative ratio, as there), computed in
+logits (the authors' ``il2m.py`` reads "raw prediction scores" too; a
+negative mean makes a negative ratio, as there), computed in
 evaluation mode at the end of each experience on its training rows (the
 new classes' ``μ^p`` and the state's confidence; the confidence is the top
 logit over the classes seen so far) and on the exemplars of the old
