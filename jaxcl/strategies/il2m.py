@@ -56,11 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
+from jaxcl.strategies._class_incremental import (
+    append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
 from jaxcl.strategies.icarl import (exemplar_hook, features, normalise,
                                     select_exemplars)
-from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy, new_classes
+from jaxcl.strategy import Strategy
 
 __all__ = ["IL2MState", "il2m", "class_statistics", "rectify"]
 
@@ -171,21 +171,6 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
         class_exp=jnp.full((c,), -1, jnp.int32),
         seen=no, current=no, newest=no)
 
-  def before_experience(ctx, state, experience):
-    ss = state.strategy
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[new_classes("il2m", np.asarray(ss.seen), experience)] = True
-    return state.replace(strategy=ss._replace(current=jnp.asarray(cur)))
-
-  def prepare_batch(ctx, sstate, batch, key):
-    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
-    return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
-
-  def task_loss(ctx, sstate, logits, batch):
-    active = sstate.seen | sstate.current
-    return cross_entropy(jnp.where(active, logits, _NEG), batch["y"],
-                         batch["mask"])
-
   @functools.partial(jax.jit, static_argnums=0)
   def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
                     experience):
@@ -215,10 +200,7 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
         seen=seen, newest=ss.current, current=jnp.zeros_like(ss.current))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    logits = ctx.logits(params, model_state, x, task)
-    active = sstate.seen | sstate.current
-    # Before any experience, every class (nothing is masked).
-    logits = jnp.where(active[None, :] | ~jnp.any(active), logits, _NEG)
+    logits = mask_unseen(ctx.logits(params, model_state, x, task), sstate)
     if not rectify_scores:
       return logits
     now = jnp.max(sstate.class_exp)
@@ -227,7 +209,8 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
                    sstate.confidence, sstate.class_exp, old, sstate.newest,
                    jnp.maximum(now, 0))
 
-  return Strategy(init=init, before_experience=before_experience,
-                  prepare_batch=prepare_batch, task_loss=task_loss,
+  return Strategy(init=init, before_experience=mark_new_classes("il2m"),
+                  prepare_batch=append_exemplars(replay_size),
+                  task_loss=seen_cross_entropy,
                   after_experience=exemplar_hook(update_memory),
                   predict=predict, name="il2m")

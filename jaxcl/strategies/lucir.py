@@ -70,17 +70,16 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
-from jaxcl.state import cross_entropy
+from jaxcl.strategies._class_incremental import (
+    append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
 from jaxcl.strategies.icarl import (exemplar_hook, features, normalise,
                                     select_exemplars)
-from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy, new_classes
+from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
 __all__ = ["LUCIRState", "lucir", "less_forget", "margin_ranking",
            "cosine_scores"]
 
-_NEG = -1e9
 _BIG = np.iinfo(np.int32).max
 
 
@@ -196,23 +195,6 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
         teacher=jax.tree.map(jnp.copy, params),
         teacher_model_state=variables)
 
-  def before_experience(ctx, state, experience):
-    ss = state.strategy
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[new_classes("lucir", np.asarray(ss.seen), experience)] = True
-    return state.replace(strategy=ss._replace(current=jnp.asarray(cur)))
-
-  def prepare_batch(ctx, sstate, batch, key):
-    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
-    return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
-
-  def task_loss(ctx, sstate, logits, batch):
-    # Eq. 1 over the classes seen so far (FACIL's heads of the
-    # experiences so far).
-    active = sstate.seen | sstate.current
-    return cross_entropy(jnp.where(active, logits, _NEG), batch["y"],
-                         batch["mask"])
-
   def loss(ctx, sstate, params, batch, logits):
     del logits
     x, task, mask = batch["x"], batch["task"], batch["mask"]
@@ -262,13 +244,11 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
   after_experience = exemplar_hook(update_memory)
 
   def predict(ctx, sstate, params, model_state, x, task):
-    logits = ctx.logits(params, model_state, x, task)
-    active = sstate.seen | sstate.current
-    # Before any experience, every class (nothing is masked).
-    return jnp.where(active[None, :] | ~jnp.any(active), logits, _NEG)
+    return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
 
-  return Strategy(init=init, before_experience=before_experience,
-                  prepare_batch=prepare_batch, task_loss=task_loss, loss=loss,
+  return Strategy(init=init, before_experience=mark_new_classes("lucir"),
+                  prepare_batch=append_exemplars(replay_size),
+                  task_loss=seen_cross_entropy, loss=loss,
                   project_params=project_params,
                   after_experience=after_experience, predict=predict,
                   name="lucir")

@@ -1,0 +1,65 @@
+"""Hooks shared by exemplar-based class-incremental strategies (LUCIR, IL2M).
+
+Their states have ``memory`` (a :class:`jaxcl.buffers.Memory` of
+exemplars), ``seen`` (bool per class: classes of finished experiences)
+and ``current`` (bool per class: the current experience's classes). One
+head covers all classes; the classes not seen yet are left out of the
+cross-entropy and the prediction, as FACIL's growing heads leave them out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl import buffers
+from jaxcl.state import cross_entropy
+from jaxcl.strategies.replay import append_rows
+from jaxcl.strategy import new_classes
+
+NEG = -1e9
+
+
+def mark_new_classes(name: str) -> Callable[..., Any]:
+  """A ``before_experience`` that sets ``current`` to the experience's
+  classes, refusing classes that came in an earlier one."""
+
+  def before_experience(ctx, state, experience):
+    ss = state.strategy
+    cur = np.zeros((ctx.info.num_classes,), bool)
+    cur[new_classes(name, np.asarray(ss.seen), experience)] = True
+    return state.replace(strategy=ss._replace(current=jnp.asarray(cur)))
+
+  return before_experience
+
+
+def append_exemplars(replay_size: Callable[[Any], int]
+                     ) -> Callable[..., Any]:
+  """A ``prepare_batch`` that appends ``replay_size(ctx)`` exemplars drawn
+  uniformly from the memory (masked out while it is empty)."""
+
+  def prepare_batch(ctx, sstate, batch, key):
+    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
+    return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
+
+  return prepare_batch
+
+
+def seen_cross_entropy(ctx, sstate, logits: jax.Array,
+                       batch: dict) -> jax.Array:
+  """A ``task_loss``: the cross-entropy over the classes seen so far (the
+  finished experiences' and the current one's)."""
+  del ctx
+  active = sstate.seen | sstate.current
+  return cross_entropy(jnp.where(active, logits, NEG), batch["y"],
+                       batch["mask"])
+
+
+def mask_unseen(logits: jax.Array, sstate) -> jax.Array:
+  """``logits`` with the classes not seen yet at ``NEG`` (none masked
+  before the first experience)."""
+  active = sstate.seen | sstate.current
+  return jnp.where(active[None, :] | ~jnp.any(active), logits, NEG)
