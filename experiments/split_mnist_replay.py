@@ -48,6 +48,10 @@ Protocols (one per paper; picked by ``strategy``):
   the asymmetric cross-entropy, every setting Replay's (learning rate,
   batch 10 + 10, reservoir of 200 or 500). The paper has no MNIST number;
   the rows are read against Replay's.
+* ``er_aml`` (the same paper's ER-AML): the same protocol, with the
+  incoming rows trained by a supervised-contrastive loss against a
+  positive and a negative drawn from the memory and the batch (the
+  authors' temperature 0.2). Read against ER-ACE and Replay.
 * ``gss`` (Aljundi et al. 2019, `Gradient based sample selection for
   online continual learning <https://arxiv.org/abs/1903.08671>`_; as
   Buzzega et al. 2020 run it): GSS-greedy on the ``replay`` protocol's
@@ -67,6 +71,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=generative_replay
   jaxcl run --config experiments/split_mnist_replay.py:strategy=derpp,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=er_aml,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gss,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
@@ -148,12 +153,14 @@ def get_config(arg=None):
   c.strategy.name = s
   m = a["mem_size"]
   subset = a["subset"]
-  if s in ("replay", "naive", "er_ace"):
+  if s in ("replay", "naive", "er_ace", "er_aml"):
     online(c, a["lr"] or ER_LR.get(m, 0.1))
     if s == "replay":
       c.strategy.replay = dict(mem_size=m, batch_size=10, policy=a["policy"])
     if s == "er_ace":
       c.strategy.er_ace = dict(mem_size=m, batch_size=10)
+    if s == "er_aml":
+      c.strategy.er_aml = dict(mem_size=m, batch_size=10)
   elif s == "mir":
     # The MIR authors' code: MLP 784-400-400-10 (PyTorch init), candidates
     # drawn from past experiences only; the full online stream.
@@ -207,7 +214,7 @@ def get_config(arg=None):
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay, der, derpp, er_ace, gss")
+                     "generative_replay, der, derpp, er_ace, er_aml, gss")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -29,6 +29,8 @@ def config(strategy, devices):
     c.strategy.der = dict(mem_size=256, batch_size=16, alpha=1.0)
   if strategy == "er_ace":  # the same memory; a class mask over the batch
     c.strategy.er_ace = dict(mem_size=256, batch_size=16)
+  if strategy == "er_aml":  # positives / negatives gathered from the memory
+    c.strategy.er_aml = dict(mem_size=256, batch_size=16)
   if strategy == "bic":  # held-out rows masked by index; stage 2 on a host
     c.strategy.bic = dict(mem_size=256, batch_size=16, bias_epochs=20)
   if strategy == "lucir":  # cosine head; old classes' columns restored
@@ -58,7 +60,7 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy in ("replay", "der", "er_ace", "bic", "lucir"):
+    if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())

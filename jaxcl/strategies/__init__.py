@@ -27,7 +27,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
                        "hypernetwork", "rwalk"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
-               "generative_replay", "der", "derpp", "er_ace", "gss"),
+               "generative_replay", "der", "derpp", "er_ace", "gss",
+               "er_aml"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -69,6 +70,9 @@ PAPERS: dict[str, str] = {
              "learning: a strong, simple baseline*, NeurIPS (DER++)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
+    "er_aml": "Caccia et al. 2022, *New insights on reducing abrupt "
+              "representation change in online continual learning*, ICLR "
+              "(ER-AML)",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "

@@ -59,7 +59,8 @@ import jax.numpy as jnp
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.replay import append_rows, incoming_rows
+from jaxcl.strategies.replay import (append_rows, incoming_rows,
+                                     reservoir_step)
 from jaxcl.strategy import Strategy, mark_experience
 
 __all__ = ["er_ace", "ERACEState", "ace_logits"]
@@ -141,12 +142,7 @@ def er_ace(mem_size: int = 200, batch_size: int = 0) -> Strategy:
 
   def after_step(ctx, sstate, info):
     rows = incoming_rows(ctx, info.batch)
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    # after=loss: the loss read the replayed rows, so the writes follow
-    # the reads and the memory is updated in place (buffers.reservoir_add).
-    mem = buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
-                                rows["task"], sstate.experience, rows["mask"],
-                                after=info.loss)
+    mem = reservoir_step(ctx, sstate, info)
     seen = sstate.seen | present_classes(rows["y"], rows["mask"],
                                          sstate.seen.shape[0])
     return sstate._replace(memory=mem, seen=seen)

@@ -46,7 +46,7 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.replay import incoming_rows
+from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -145,15 +145,9 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
     return jax.tree.map(jnp.add, grads, g_replay)
 
   def after_step(ctx, sstate, info):
-    rows = incoming_rows(ctx, info.batch)
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    # after: the gradient read the retrieved rows (update_grads), so the
-    # writes follow those reads and the memory is updated in place
-    # (buffers.reservoir_add).
-    mem = buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
-                                rows["task"], sstate.experience, rows["mask"],
-                                after=jax.tree.leaves(info.grads)[0].ravel()[0])
-    return sstate._replace(memory=mem)
+    # after: the gradient read the retrieved rows (update_grads).
+    return sstate._replace(memory=reservoir_step(
+        ctx, sstate, info, after=jax.tree.leaves(info.grads)[0].ravel()[0]))
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads, after_step=after_step,

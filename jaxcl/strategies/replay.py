@@ -78,6 +78,22 @@ def incoming_rows(ctx, batch: dict) -> dict:
   return {f: batch[f][:b] for f in ("x", "y", "task", "mask")}
 
 
+def reservoir_step(ctx, sstate, info, after: jax.Array | None = None
+                   ) -> buffers.Memory:
+  """``sstate.memory`` after offering the step's incoming rows to the
+  reservoir (``sstate`` has ``memory``, ``key`` and ``experience``).
+
+  ``after`` (default: the step's loss) is a value the writes must follow:
+  whatever read the replayed rows, so the memory is updated in place
+  (:func:`jaxcl.buffers.reservoir_add`).
+  """
+  rows = incoming_rows(ctx, info.batch)
+  key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+  return buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
+                               rows["task"], sstate.experience, rows["mask"],
+                               after=info.loss if after is None else after)
+
+
 def _check_sizes(mem_size: int, batch_size: int) -> None:
   if batch_size > mem_size:
     raise ValueError(
@@ -132,14 +148,7 @@ def replay(mem_size: int = 200, batch_size: int = 0,
   def after_step(ctx, sstate, info):
     if policy != "reservoir":
       return sstate
-    rows = incoming_rows(ctx, info.batch)
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    # after=loss: the loss read the replayed rows, so the writes follow
-    # the reads and the memory is updated in place (buffers.reservoir_add).
-    mem = buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
-                                rows["task"], sstate.experience, rows["mask"],
-                                after=info.loss)
-    return sstate._replace(memory=mem)
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info))
 
   add_experience = jax.jit(buffers.experience_balanced_add)
 
