@@ -210,15 +210,15 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
 
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
-              "gss"), _HAT_LEAK)
+              "gss", "er_aml"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
-                "il2m"),
+                "il2m", "er_aml"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
-                "derpp", "er_ace", "gss"), _CWR_BIAS)
+                "derpp", "er_ace", "gss", "er_aml"), _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)

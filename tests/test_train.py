@@ -245,6 +245,11 @@ def test_chain_rejects_two_predictors():
      "rows .* so lucir's replayed rows"),
     ("generative_negative_replay+il2m", "generative_negative_replay takes "
      "the batch's last rows .* so il2m's replayed rows"),
+    # ... and of ER-AML: the groups ER-ACE is in.
+    ("er_aml+cwr_star", "cwr_star writes a -1e9 bias .* and er_aml replays"),
+    ("hat+er_aml", "hat and er_aml cannot be composed: hat masks only"),
+    ("er_aml+generative_replay", "generative_replay takes the batch's last "
+     "rows .* so er_aml's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
