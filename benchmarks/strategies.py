@@ -11,7 +11,7 @@ includes the strategy's extra work: replay rows, memory gradients,
 penalties), set against a large ``jnp.dot``'s measured FLOP/s here.
 
   python benchmarks/strategies.py [--data_dir ../shared/data] [--only gem]
-      [--protocol split permuted overhead]
+      [--protocol split permuted overhead cil]
 
 iCaRL is a class-incremental method with no Permuted MNIST protocol of its
 own; its Permuted row runs the Split protocol's settings on the permuted
@@ -85,10 +85,24 @@ PROTOCOLS = {
         # Replay's rows and memory, with the class mask on the incoming rows.
         ("er_ace", "split_mnist_replay", "strategy=er_ace,mem_size=500",
          None),
+        # ER-ACE's rows, plus a positive and a negative per incoming row
+        # and the contrastive loss on their features.
+        ("er_aml", "split_mnist_replay", "strategy=er_aml,mem_size=500",
+         None),
         # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
         ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
          _naive),
         ("gss", "split_mnist_replay", "strategy=gss,mem_size=200", None),
+    ],
+    # The exemplar-based class-incremental methods, each against Naive in
+    # the hybrid Split MNIST protocol (batch 10 + 10 exemplars).
+    "cil": [
+        ("naive@cil", "split_mnist_hybrid", "strategy=icarl,mem_size=500",
+         _naive),
+        ("icarl", "split_mnist_hybrid", "strategy=icarl,mem_size=500", None),
+        ("bic", "split_mnist_hybrid", "strategy=bic,mem_size=500", None),
+        ("lucir", "split_mnist_hybrid", "strategy=lucir,mem_size=500", None),
+        ("il2m", "split_mnist_hybrid", "strategy=il2m,mem_size=500", None),
     ],
     "permuted": [
         ("naive", "permuted_mnist_baselines", "strategy=naive", None),

@@ -98,6 +98,18 @@ def sample_pos_neg(key: jax.Array, y: jax.Array, task: jax.Array,
   return pos, neg, valid
 
 
+def _take_candidates(mem_x: jax.Array, x_in: jax.Array,
+                     idx: jax.Array) -> jax.Array:
+  """Rows ``idx`` of the candidates (the memory's rows, then ``x_in``'s),
+  gathered from each without concatenating them: a concatenation would
+  copy the whole memory every step."""
+  k = mem_x.shape[0]
+  from_mem = mem_x[jnp.clip(idx, 0, k - 1)].astype(x_in.dtype)
+  from_in = x_in[jnp.clip(idx - k, 0, x_in.shape[0] - 1)]
+  pick = (idx < k).reshape((-1,) + (1,) * (x_in.ndim - 1))
+  return jnp.where(pick, from_mem, from_in)
+
+
 def sup_con_loss(anchors: jax.Array, anchor_y: jax.Array,
                  anchor_ok: jax.Array, contrasts: jax.Array,
                  contrast_y: jax.Array, contrast_ok: jax.Array,
@@ -158,7 +170,6 @@ def er_aml(mem_size: int = 200, batch_size: int = 0,
     k_re, k_pn = jax.random.split(key)
     # Positives and negatives from the memory plus the incoming batch.
     x_in = batch["x"][:b]
-    cand_x = jnp.concatenate([mem.x.astype(x_in.dtype), x_in])
     # "Same task" is the same experience (the authors' task index), so
     # negatives come from the incoming classes, never the old ones.
     exp_in = jnp.full((b,), sstate.experience, jnp.int32)
@@ -170,9 +181,9 @@ def er_aml(mem_size: int = 200, batch_size: int = 0,
         jnp.concatenate([mem.valid, batch["mask"][:b] > 0]),
         offset=mem.y.shape[0])
     cand_y = jnp.concatenate([mem.y, batch["y"][:b]])
-    batch = dict(batch, aml_x=jnp.concatenate([cand_x[pos], cand_x[neg]]),
-                 aml_y=jnp.concatenate([cand_y[pos], cand_y[neg]]),
-                 aml_valid=valid)
+    drawn = jnp.concatenate([pos, neg])
+    batch = dict(batch, aml_x=_take_candidates(mem.x, x_in, drawn),
+                 aml_y=cand_y[drawn], aml_valid=valid)
     idx, ok = buffers.sample(mem, k_re, replay_size(ctx))
     # No replay during the first experience (the memory holds only it).
     ok = ok & (sstate.experience > 0)
