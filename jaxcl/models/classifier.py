@@ -42,9 +42,8 @@ class CosineDense(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     fan_in = x.shape[-1]
-    # The kernel initialiser of the linear head of the same name.
-    proto = inits.dense(self.features, fan_in, self.initializer)
-    kernel = self.param("kernel", proto.kernel_init, (fan_in, self.features))
+    kernel = self.param("kernel", inits.kernel_init(self.initializer, fan_in),
+                        (fan_in, self.features))
     sigma = self.param("sigma", nn.initializers.ones, ())
     return sigma * (l2_normalise(x) @ l2_normalise(kernel, axis=0))
 

@@ -31,14 +31,20 @@ def _torch_uniform(fan_in: int):
   return init
 
 
+def kernel_init(init: str, fan_in: int):
+  """The weight initialiser ``init`` names (see :data:`INITS`)."""
+  check(init)
+  if init == "torch":
+    return _torch_uniform(fan_in)
+  return {"lecun_normal": nn.initializers.lecun_normal(),
+          "xavier_uniform": nn.initializers.xavier_uniform(),
+          "he_normal": nn.initializers.he_normal()}[init]
+
+
 def dense(features: int, fan_in: int, init: str = "lecun_normal",
           name: str | None = None) -> nn.Dense:
   """An ``nn.Dense`` initialised as ``init`` names (see :data:`INITS`)."""
-  check(init)
   if init == "torch":
-    return nn.Dense(features, kernel_init=_torch_uniform(fan_in),
+    return nn.Dense(features, kernel_init=kernel_init(init, fan_in),
                     bias_init=_torch_uniform(fan_in), name=name)
-  kernel = {"lecun_normal": nn.initializers.lecun_normal(),
-            "xavier_uniform": nn.initializers.xavier_uniform(),
-            "he_normal": nn.initializers.he_normal()}[init]
-  return nn.Dense(features, kernel_init=kernel, name=name)
+  return nn.Dense(features, kernel_init=kernel_init(init, fan_in), name=name)
