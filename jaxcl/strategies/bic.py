@@ -79,7 +79,8 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.icarl import features, normalise, select_exemplars
+from jaxcl.strategies.icarl import (backbone_features, features,
+                                    select_exemplars)
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy, new_classes
@@ -247,10 +248,6 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
                note=" (0: the training batch size)")
   checks.nonnegative("bic: beta_decay", beta_decay)
 
-  def feature_fn(ctx):
-    return lambda p, ms, x, t: normalise(
-        ctx.apply(p, ms, x, t, features=True)[0])
-
   def replay_size(ctx):
     return buffers.replay_size("bic", batch_size, mem_size,
                                ctx.info.batch_size)
@@ -372,7 +369,7 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
     rows = jnp.arange(x.shape[0])
     held = jnp.any(rows[:, None] == ss.held[None, :], -1)
     valid = (rows < n_valid) & ~held
-    feats = features(feature_fn(ctx), params, model_state, x, task)
+    feats = features(backbone_features(ctx), params, model_state, x, task)
     seen = ss.seen | ss.current
     m = mem_size // jnp.maximum(jnp.sum(seen), 1)
     v = jnp.ceil(val_fraction * m).astype(jnp.int32)

@@ -75,7 +75,8 @@ from jaxcl.strategy import Strategy
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
-           "features", "select_exemplars", "exemplar_hook"]
+           "features", "select_exemplars", "exemplar_hook",
+           "backbone_features"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
@@ -97,6 +98,14 @@ def normalise(f: jax.Array) -> jax.Array:
   """Rows scaled to unit L2 norm (zero rows stay zero)."""
   f = f.reshape(f.shape[0], -1).astype(jnp.float32)
   return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+
+
+def backbone_features(ctx) -> Callable[..., jax.Array]:
+  """``(params, model_state, x, task) ->`` the model's backbone features,
+  normalised: iCaRL's ``φ``, and the feature space the other exemplar
+  methods herd in."""
+  return lambda p, ms, x, t: normalise(ctx.apply(p, ms, x, t,
+                                                 features=True)[0])
 
 
 def herding(feats: jax.Array, member: jax.Array, m: jax.Array) -> jax.Array:
@@ -238,8 +247,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
   def feature_fn(ctx) -> Callable[..., jax.Array]:
     """``(params, model_state, x, task) -> normalised features``."""
     if layer == "backbone":
-      return lambda p, ms, x, t: normalise(
-          ctx.apply(p, ms, x, t, features=True)[0])
+      return backbone_features(ctx)
     if ctx not in splits:
       splits[ctx] = split_model(ctx, layer)  # raises on unknown names
     sp = splits[ctx]

@@ -58,8 +58,8 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
     append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
-from jaxcl.strategies.icarl import (exemplar_hook, features, normalise,
-                                    select_exemplars)
+from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
+                                    features, select_exemplars)
 from jaxcl.strategy import Strategy
 
 __all__ = ["IL2MState", "il2m", "class_statistics", "rectify"]
@@ -185,9 +185,7 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
     old_mean, _ = class_statistics(
         features(logit_fn, params, model_state, mem.x, mem.task), mem.y,
         mem.valid & ss.seen[mem.y], seen)
-    feats = features(lambda p, ms, xs, t: normalise(
-        ctx.apply(p, ms, xs, t, features=True)[0]),
-        params, model_state, x, task)
+    feats = features(backbone_features(ctx), params, model_state, x, task)
     m = mem_size // jnp.maximum(jnp.sum(seen), 1)
     mem, rank = select_exemplars(feats, mem, ss.rank, x, y, task, valid,
                                  experience, m, ctx.info.num_classes)

@@ -72,8 +72,8 @@ from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
     append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
-from jaxcl.strategies.icarl import (exemplar_hook, features, normalise,
-                                    select_exemplars)
+from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
+                                    features, select_exemplars)
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -230,9 +230,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
   def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
                     experience):
     valid = jnp.arange(x.shape[0]) < n_valid
-    feats = features(lambda p, ms, xs, t: normalise(
-        ctx.apply(p, ms, xs, t, features=True)[0]),
-        params, model_state, x, task)
+    feats = features(backbone_features(ctx), params, model_state, x, task)
     seen = ss.seen | ss.current
     m = mem_size // jnp.maximum(jnp.sum(seen), 1)
     mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
