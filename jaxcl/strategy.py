@@ -226,6 +226,13 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
 
 
 _CONFLICTS = _conflicts()
+# Members that compose with nothing: what any other member does is lost.
+_ALONE = {
+    "gdumb": "retrains the model from scratch on its memory at the end of "
+             "every experience",
+    "slda": "trains no parameter (zero gradients) and predicts from class "
+            "statistics of the features the model had as the stream began",
+}
 # Ordered: update_grads runs left to right, and a later rewriter puts
 # gradient back on the weights an earlier freezer masked.
 _FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir")
@@ -255,11 +262,11 @@ def _check_composable(names: Sequence[str]) -> None:
           first, other = a, b
         raise ValueError(f"chain(): {a} and {b} cannot be composed: "
                          + reason.format(first=first, other=other))
-  others = [n for n in names if n not in ("gdumb", "naive")]
-  if "gdumb" in names and others:
-    raise ValueError(
-        "chain(): gdumb retrains the model from scratch on its memory at "
-        f"the end of every experience, which discards what {others} did")
+  for alone, reason in _ALONE.items():
+    others = [n for n in names if n not in (alone, "naive")]
+    if alone in names and others:
+      raise ValueError(f"chain(): {alone} {reason}, which discards what "
+                       f"{others} did")
 
 
 def chain(*strategies: Strategy) -> Strategy:
@@ -276,8 +283,8 @@ def chain(*strategies: Strategy) -> Strategy:
 
   Compositions known to train while silently undoing or dropping a
   member's effect are refused (e.g. ``hat`` with a replaying member,
-  ``packnet`` before ``agem``, ``gdumb`` with anything), as is a strategy
-  named twice.
+  ``packnet`` before ``agem``, ``gdumb`` or ``slda`` with anything), as is
+  a strategy named twice.
 
   Raises:
     ValueError: if two members define ``predict`` (or ``task_loss``), an

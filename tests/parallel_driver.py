@@ -36,6 +36,8 @@ def config(strategy, devices):
   if strategy == "lucir":  # cosine head; old classes' columns restored
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=256, batch_size=16)
+  if strategy == "slda":  # statistics summed over the batch's devices
+    c.strategy.slda = dict(features="backbone")
   c.parallel.devices = devices
   c.parallel.shard_min_bytes = 0  # shard every divisible leaf
   return c
@@ -75,6 +77,15 @@ def main():
       out[strategy]["beta"] = np.asarray(ss.beta).tolist()
     if strategy == "lucir":
       out[strategy]["sigma"] = float(many.state.params["head"]["sigma"])
+    if strategy == "slda":
+      ss, s1 = many.state.strategy, one.state.strategy
+      out[strategy]["counted"] = float(np.asarray(ss.count).sum())
+      out[strategy]["train_rows"] = sum(
+          e.num_train for e in jaxcl.scenarios.split(
+              jaxcl.datasets.load("digits"), 5).experiences)
+      out[strategy]["cov_diff"] = float(
+          np.abs(np.asarray(ss.cov) - np.asarray(s1.cov)).max())
+      out[strategy]["cov_scale"] = float(np.abs(np.asarray(s1.cov)).max())
   print(json.dumps(out))
 
 

@@ -14,13 +14,13 @@ def test_eight_devices_match_one_device_including_sharded_replay():
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
                       "naive", "replay", "der", "er_ace", "bic", "lucir",
-                      "er_aml"],
+                      "er_aml", "slda"],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
   for strategy in ("naive", "replay", "der", "er_ace", "bic", "lucir",
-                   "er_aml"):
+                   "er_aml", "slda"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
@@ -46,5 +46,9 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   assert out["lucir"]["buffer_sharding"].startswith("P('data'")
   assert out["lucir"]["buffer_filled"] == 250
   assert out["lucir"]["sigma"] != 1.0
+  # SLDA folded every training row of the stream in once, and its
+  # covariance summed over the devices equals the one device's.
+  assert out["slda"]["counted"] == out["slda"]["train_rows"] > 1000
+  assert out["slda"]["cov_diff"] <= 1e-4 * out["slda"]["cov_scale"]
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1

@@ -262,7 +262,7 @@ def test_pretrained_backbone_entry_pretrains_first_and_names_its_run(
   assert "acc" in r, r
   files = os.listdir(tmp_path / "root" / "_pretrained")
   assert files == [f"{e.config}__strategy_pretrain_quick.npz"]
-  assert "<split_mnist_architectural.py:strategy=pretrain,quick>" in \
+  assert f"<{e.config}.py:strategy=pretrain,quick>" in \
       r["fingerprint"].values()
   assert not any(str(tmp_path) in str(v) for v in r["fingerprint"].values())
   # The backbone is what the pretraining run produced (Fashion-MNIST).

@@ -251,6 +251,7 @@ def test_chain_rejects_two_predictors():
     ("er_aml+generative_replay", "generative_replay takes the batch's last "
      "rows .* so er_aml's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
+    ("replay+slda", r"slda trains no parameter .* \['replay'\]"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
@@ -264,7 +265,8 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
 
 @pytest.mark.parametrize("spec", ["ewc+replay", "agem+packnet", "der+derpp",
                                   "mir+progressive", "hat+si", "lwf+replay",
-                                  "replay+latent_replay", "gdumb+naive"])
+                                  "replay+latent_replay", "gdumb+naive",
+                                  "naive+slda"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec

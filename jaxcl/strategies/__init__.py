@@ -33,6 +33,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m"),
+    # Not in the survey: closed-form classifiers over a feature extractor
+    # that no gradient trains (docs/notes_analytic.md).
+    "analytic": ("slda",),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -108,6 +111,8 @@ PAPERS: dict[str, str] = {
              "via rebalancing*, CVPR (LUCIR)",
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
             "with dual memory*, ICCV",
+    "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
+            "streaming linear discriminant analysis*, CVPR Workshops",
 }
 
 

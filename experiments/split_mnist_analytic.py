@@ -1,0 +1,115 @@
+"""Split MNIST, class-incremental, with the analytic strategies (Deep SLDA).
+
+Protocol: the stream of Buzzega et al. 2020 (Mammoth's ``seq-mnist``, the
+replay and hybrid rows' stream): MNIST in 5 experiences of 2 classes,
+class-incremental, one pass (online), batch 10. SLDA (Hayes & Kanan 2020)
+trains nothing by gradient; its settings are the authors' and Avalanche's
+defaults (shrinkage 1e-4, streaming covariance).
+
+* ``features=input``: LDA on the raw pixels (784 dimensions).
+* ``features=backbone``: on the 100 features of an MLP 784-100-100
+  pretrained on the *other* data set (Fashion-MNIST for MNIST and back;
+  the Piggyback rows' backbone, ``split_mnist_architectural.py:
+  strategy=pretrain``), as Deep SLDA runs on a pretrained ResNet-18; pass
+  its file as ``pretrained``. Without one the backbone is the randomly
+  initialised MLP.
+
+No published Split MNIST number exists. ``python -m
+experiments.split_mnist_analytic --data_dir DIR`` prints the reference the
+rows are read against: offline LDA with the same shrinkage on the exact
+pooled within-class covariance of all the training images.
+
+Commands::
+
+  jaxcl run --config experiments/split_mnist_analytic.py:features=input
+  python -m jaxcl.pretrained --config experiments/split_mnist_architectural.py:strategy=pretrain --out /tmp/fmnist_mlp100.npz
+  jaxcl run --config experiments/split_mnist_analytic.py:features=backbone,pretrained=/tmp/fmnist_mlp100.npz
+
+Arguments: ``strategy`` (slda | pretrain: the backbone's run), ``features``
+(input | backbone), ``dataset`` (mnist | fashion_mnist), ``seed``,
+``shrinkage``, ``pretrained``, ``quick`` (2000 training / 1000 test
+examples, for tests). Measured results: docs/notes_analytic.md.
+"""
+
+import argparse
+
+import numpy as np
+
+from experiments import split_mnist_architectural
+from jaxcl.configs import parse_arg
+from jaxcl.experiment import default_config
+
+STRATEGIES = ("slda", "pretrain")
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, strategy="slda", features="input", dataset="mnist",
+                seed=0, shrinkage=1e-4, pretrained="", quick=False)
+  if a["strategy"] not in STRATEGIES:
+    raise ValueError(f"unknown strategy {a['strategy']!r} for this config; "
+                     f"valid: {list(STRATEGIES)}")
+  if a["strategy"] == "pretrain":
+    return split_mnist_architectural.get_config(
+        f"strategy=pretrain,dataset={a['dataset']},seed={a['seed']}"
+        + (",quick" if a["quick"] else ""))
+  c = default_config()
+  c.name = f"split_{a['dataset']}_slda_{a['features']}"
+  c.seed = a["seed"]
+  c.dataset.name = a["dataset"]
+  c.scenario.type = "split"
+  c.scenario.kind = "class"
+  c.scenario.n_experiences = 5
+  c.scenario.online = True
+  # The backbone of features=backbone (the pretrained file's shape); with
+  # features=input the model only runs the step's unused loss.
+  c.model.name = "mlp"
+  c.model.widths = split_mnist_architectural.WIDTHS
+  c.model.pretrained = a["pretrained"]
+  c.optimizer.name = "sgd"   # its updates are zero: SLDA trains no weight
+  c.optimizer.learning_rate = 0.1
+  c.train.epochs = 1
+  c.train.batch_size = 10
+  c.train.eval_batch_size = 1000
+  c.report.progress = False
+  c.strategy.name = "slda"
+  c.strategy.slda = dict(shrinkage=a["shrinkage"], features=a["features"])
+  if a["quick"]:
+    c.dataset.train_subset = 2000
+    c.dataset.test_subset = 1000
+    c.train.eval_batch_size = 250
+  return c
+
+
+def offline_lda_accuracy(dataset: str, data_dir: str,
+                         shrinkage: float = 1e-4) -> float:
+  """Offline LDA's final average accuracy on the Split stream (float64
+  NumPy): the class means and the exact pooled within-class covariance of
+  all the training images, the covariance shrunk as SLDA's and
+  pseudo-inverted; the mean over the 5 experiences' test sets, as a run's
+  final average accuracy is."""
+  from jaxcl import datasets, scenarios
+  exps = scenarios.split(datasets.load(dataset, data_dir=data_dir),
+                         5).experiences
+  flat = lambda a: a.reshape(len(a), -1).astype(np.float64)
+  x = np.concatenate([flat(e.train_x) for e in exps])
+  y = np.concatenate([e.train_y for e in exps])
+  k = int(y.max()) + 1
+  mean = np.stack([x[y == c].mean(0) for c in range(k)])
+  centred = x - mean[y]
+  cov = centred.T @ centred / len(x)
+  lam = np.linalg.pinv((1 - shrinkage) * cov + shrinkage * np.eye(len(cov)),
+                       hermitian=True)
+  w = lam @ mean.T
+  b = 0.5 * np.sum(mean.T * w, axis=0)
+  return float(np.mean([np.mean((flat(e.test_x) @ w - b).argmax(1)
+                                 == e.test_y) for e in exps]))
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser(description=offline_lda_accuracy.__doc__)
+  p.add_argument("--data_dir", default="")
+  p.add_argument("--dataset", default="mnist")
+  p.add_argument("--shrinkage", type=float, default=1e-4)
+  args = p.parse_args()
+  print(f"offline LDA, {args.dataset}, shrinkage {args.shrinkage}: "
+        f"{offline_lda_accuracy(args.dataset, args.data_dir, args.shrinkage):.4f}")
