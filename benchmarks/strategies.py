@@ -11,7 +11,7 @@ includes the strategy's extra work: replay rows, memory gradients,
 penalties), set against a large ``jnp.dot``'s measured FLOP/s here.
 
   python benchmarks/strategies.py [--data_dir ../shared/data] [--only gem]
-      [--protocol split permuted overhead cil]
+      [--protocol split permuted overhead cil analytic]
 
 iCaRL is a class-incremental method with no Permuted MNIST protocol of its
 own; its Permuted row runs the Split protocol's settings on the permuted
@@ -103,6 +103,13 @@ PROTOCOLS = {
         ("bic", "split_mnist_hybrid", "strategy=bic,mem_size=500", None),
         ("lucir", "split_mnist_hybrid", "strategy=lucir,mem_size=500", None),
         ("il2m", "split_mnist_hybrid", "strategy=il2m,mem_size=500", None),
+    ],
+    # Deep SLDA against Naive on its stream (batch 10): the covariance's
+    # D x D update per step, on the 784 pixels and on a 100-unit backbone.
+    "analytic": [
+        ("naive@slda", "split_mnist_analytic", "features=input", _naive),
+        ("slda", "split_mnist_analytic", "features=input", None),
+        ("slda_backbone", "split_mnist_analytic", "features=backbone", None),
     ],
     "permuted": [
         ("naive", "permuted_mnist_baselines", "strategy=naive", None),
