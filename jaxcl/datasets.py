@@ -42,7 +42,8 @@ class Dataset:
 
   Attributes:
     name: the data set's name.
-    train_x: float32 ``(N, H, W, C)`` images in [0, 1].
+    train_x: float32 ``(N, H, W, C)`` images in [0, 1] (unless
+      :meth:`normalized`).
     train_y: int32 ``(N,)`` labels in ``[0, num_classes)``.
     test_x: float32 ``(M, H, W, C)``.
     test_y: int32 ``(M,)``.
@@ -75,6 +76,23 @@ class Dataset:
     vx, vy = take(self.test_x, self.test_y, test)
     return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx,
                                test_y=vy)
+
+  def normalized(self, mean: float, std: float) -> "Dataset":
+    """Inputs standardised as ``(x - mean) / std``, one pair for every
+    pixel and channel (torchvision's ``Normalize``, e.g. MNIST's ``(0.1307,
+    0.3081)`` in Avalanche's and many PyTorch protocols).
+
+    Raises:
+      DataError: unless ``mean`` is finite and ``std`` finite and > 0.
+    """
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+             and np.isfinite(v) for v in (mean, std))
+    if not (ok and std > 0):
+      raise DataError(f"normalize must be (mean, std) with finite numbers "
+                      f"and std > 0, got ({mean!r}, {std!r})")
+    m, s = np.float32(mean), np.float32(std)
+    return dataclasses.replace(self, train_x=(self.train_x - m) / s,
+                               test_x=(self.test_x - m) / s)
 
   def validation(self, fraction: float, seed: int = 0) -> "Dataset":
     """The training set split into training and validation examples; the

@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
       validation=0.0,     # >0: hold out this fraction of the training set
                           # (stratified, the same examples for every seed)
                           # and evaluate on it instead of the test set
+      normalize=(),       # (mean, std): inputs as (x - mean) / std, e.g.
+                          # MNIST's (0.1307, 0.3081); (): pixels in [0, 1]
   ))
   c.scenario = ml_collections.ConfigDict(dict(
       type="split",       # split | permuted | rotated
@@ -105,9 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
-  """The configured data set: its seeded subset, if one is asked for, and
+  """The configured data set: its seeded subset, if one is asked for,
   with ``dataset.validation > 0`` a held-out part of the training set in the
-  test set's place (:meth:`jaxcl.datasets.Dataset.validation`)."""
+  test set's place (:meth:`jaxcl.datasets.Dataset.validation`), and with
+  ``dataset.normalize`` its inputs standardised."""
   # numpy's generators (subsets, permutations, angles) refuse negative
   # seeds, and only once data is being built.
   checks.whole("seed", config.seed, 0)
@@ -125,6 +128,12 @@ def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
                        seed=config.seed)
   if validation:
     data = data.validation(validation)
+  norm = tuple(dc.get("normalize", ()))
+  if norm:
+    if len(norm) != 2:
+      raise ConfigError(f"dataset.normalize must be () or (mean, std), got "
+                        f"{norm!r}")
+    data = data.normalized(*norm)
   return data
 
 

@@ -185,3 +185,20 @@ def test_validation_that_empties_a_class_names_it():
     d.validation(0.1)
   with pytest.raises(datasets.DataError, match="holds out 2 of class 1's 2"):
     d.validation(0.9)
+
+
+def test_normalize_standardises_and_refuses_bad_pairs():
+  from jaxcl import experiment
+  from jaxcl.datasets import DataError
+  c = experiment.default_config()
+  raw = experiment.load_data(c)
+  c.dataset.normalize = (0.25, 0.5)
+  d = experiment.load_data(c)
+  np.testing.assert_allclose(d.train_x, (raw.train_x - 0.25) / 0.5, rtol=1e-6)
+  np.testing.assert_allclose(d.test_x, (raw.test_x - 0.25) / 0.5, rtol=1e-6)
+  for bad in ((0.1, 0.0), (0.1, -1.0), (float("nan"), 1.0)):
+    with pytest.raises(DataError, match=r"normalize must be \(mean, std\)"):
+      raw.normalized(*bad)
+  c.dataset.normalize = (0.1,)
+  with pytest.raises(ValueError, match=r"dataset.normalize must be \(\) or"):
+    experiment.load_data(c)

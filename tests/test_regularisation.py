@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxcl import experiment, models, scenarios
 from jaxcl.strategies import _penalty
 from jaxcl.strategies.ewc import add_experience, ewc
+from jaxcl.strategies.lfl import feature_distance, lfl
 from jaxcl.strategies.lwf import distillation, lwf
 from jaxcl.strategies.mas import mas
 from jaxcl.strategies.online_ewc import online_ewc
@@ -492,6 +493,8 @@ def test_rwalk_holds_parameters_near_their_anchor():
     (rwalk, dict(alpha=1.5), r"rwalk: alpha must be in \[0, 1\], got 1.5"),
     (rwalk, dict(damping=0.0), "rwalk: damping must be a finite number > 0"),
     (rwalk, dict(fisher="kfac"), "rwalk: unknown Fisher type 'kfac'"),
+    (lfl, dict(lambda_e=-1e-4), "lfl: lambda_e must be a finite number >= 0"),
+    (lfl, dict(lambda_e=float("inf")), "lfl: lambda_e must be a finite"),
 ])
 def test_bad_hyperparameters_raise(factory, kwargs, needle):
   with pytest.raises(ValueError, match=needle):
@@ -652,3 +655,129 @@ def test_split_mnist_quick_config_runs_lwf():
   assert res.learner.chunk_fn._cache_size() == 1
   # Task-incremental 2-way tasks: far above chance even after 1 short epoch.
   assert res.metrics["acc"] > 0.8
+
+
+# --------------------------------------------------------------------------
+# LFL: the feature penalty, the frozen output layer.
+
+
+def test_lfl_feature_distance_is_mse_over_valid_rows():
+  rng = np.random.default_rng(0)
+  f, g = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  mask = np.array([1, 1, 0, 1, 0], np.float32)
+  want = np.mean((f[mask > 0] - g[mask > 0]) ** 2)   # torch's mse_loss
+  got = feature_distance(jnp.asarray(f), jnp.asarray(g), jnp.asarray(mask))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_lfl_step_is_the_hand_objective_with_the_head_frozen():
+  """On the second experience one SGD step equals the step of CE + λ_e ·
+  MSE(features, θ_o's features), taken by hand, with the head's update
+  zero; the first experience's step is plain cross-entropy."""
+  import functools
+  from jaxcl.state import cross_entropy
+  from jaxcl.train import train_step
+  ctx, sc = _ctx("domain", widths=(5,))
+  lam = 0.7
+  strategy = lfl(lambda_e=lam)
+  step = jax.jit(functools.partial(train_step, ctx, strategy))
+  state = init_state(ctx, strategy, 0)
+  e0, e1 = sc.experiences[:2]
+  batch = {"x": jnp.asarray(e1.train_x[:8]), "y": jnp.asarray(e1.train_y[:8]),
+           "task": jnp.zeros(8, jnp.int32),
+           "mask": jnp.ones(8, jnp.float32), "index": jnp.arange(8)}
+  # Experience 0: no penalty, the head trains.
+  after0, _ = step(state, batch)
+  assert not np.allclose(after0.params["head"]["kernel"],
+                         state.params["head"]["kernel"])
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  kept = strategy.update_grads(ctx, state.strategy, ones, None, batch, None)
+  _tree_close(kept, ones)
+  # θ_o: the model after a few steps, then one step of experience 1.
+  for _ in range(3):
+    state, _ = step(state, batch)
+  state = strategy.after_experience(ctx, state, e0)
+  old = state.params
+  state = state.replace(params=jax.tree.map(lambda p: p * 1.1, old))
+  new, _ = step(state, batch)
+  # The head gets no gradient (Avalanche: requires_grad=False), the rest
+  # its own.
+  cut = strategy.update_grads(ctx, state.strategy, ones, None, batch, None)
+  _tree_close(cut["head"], jax.tree.map(jnp.zeros_like, ones["head"]))
+  _tree_close(cut["backbone"], ones["backbone"])
+
+  def objective(p):
+    logits = ctx.logits(p, state.model_state, batch["x"], batch["task"])
+    f = ctx.apply(p, state.model_state, batch["x"], batch["task"],
+                  features=True)[0]
+    f_old = ctx.apply(old, state.model_state, batch["x"], batch["task"],
+                      features=True)[0]
+    return (cross_entropy(logits, batch["y"], batch["mask"])
+            + lam * jnp.mean((f - f_old) ** 2))
+
+  g = jax.grad(objective)(state.params)
+  want = jax.tree.map(lambda p, d: p - 0.1 * d, state.params, g)
+  _tree_close(new.params["backbone"], want["backbone"], rtol=1e-5,
+              atol=1e-6)
+  # The head is θ_o's, bit for bit (not the scaled one the step began at).
+  for a, b in zip(jax.tree.leaves(new.params["head"]),
+                  jax.tree.leaves(old["head"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(jnp.abs(g["backbone"]["Dense_0"]["kernel"]).max()) > 0
+
+
+def test_lfl_in_the_loop_freezes_the_head_and_holds_the_features(digits):
+  """Momentum and weight decay would move a head whose gradient is merely
+  zero; the head stays experience 0's. A large λ_e keeps experience 0's
+  features closer than λ_e = 0 does."""
+  sc = scenarios.permuted(digits, 3, kind="domain")
+  c = experiment.default_config()
+  c.model.widths = (16,)
+  c.optimizer.name = "momentum"
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.weight_decay = 1e-3
+  c.train.epochs = 2
+  c.report.progress = False
+  c.strategy.name = "lfl"
+  drift = {}
+  for lam in (0.0, 10.0):
+    c.strategy.lfl = dict(lambda_e=lam)
+    first = experiment.run(c, scenario=dataclasses.replace(
+        sc, experiences=sc.experiences[:1]))
+    res = experiment.run(c, scenario=sc)
+    assert res.learner.chunk_fn._cache_size() == 1
+    for a, b in zip(jax.tree.leaves(res.state.params["head"]),
+                    jax.tree.leaves(first.state.params["head"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = jnp.asarray(sc.experiences[0].test_x)
+    t = jnp.zeros(len(x), jnp.int32)
+    f0 = res.learner.ctx.apply(first.state.params, first.state.model_state,
+                               x, t, features=True)[0]
+    f = res.learner.ctx.apply(res.state.params, res.state.model_state, x, t,
+                              features=True)[0]
+    drift[lam] = float(jnp.mean((f - f0) ** 2))
+  assert drift[10.0] < 0.5 * drift[0.0], drift
+
+
+def test_lfl_needs_an_output_layer_named_head():
+  ctx, _ = _ctx("domain")
+  with pytest.raises(ValueError, match=r"lfl freezes .* 'head'.*\['w'\]"):
+    lfl().init(ctx, jax.random.PRNGKey(0), {"w": jnp.zeros(3)})
+
+
+def test_permuted_avalanche_config_builds_and_normalises(data_dir):
+  from experiments import permuted_mnist_avalanche as mod
+  from jaxcl import strategies
+  for name in mod.STRATEGIES:
+    c = mod.get_config(f"strategy={name},quick")
+    kwargs = {k: dict(v) for k, v in c.strategy.items() if k != "name"}
+    assert strategies.from_spec(c.strategy.name, kwargs)[0].name == name
+  c = mod.get_config("strategy=lfl,quick")
+  assert c.strategy.lfl["lambda_e"] == 1e-4
+  c.dataset.data_dir = data_dir
+  d = experiment.load_data(c)
+  # (x - 0.1307) / 0.3081: a blank pixel is -0.424, a full one 2.821.
+  np.testing.assert_allclose([d.train_x.min(), d.train_x.max()],
+                             [-0.1307 / 0.3081, 0.8693 / 0.3081], rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown strategy"):
+    mod.get_config("strategy=ewc")

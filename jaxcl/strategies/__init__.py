@@ -25,7 +25,7 @@ __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
 FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
-                       "hypernetwork", "rwalk"),
+                       "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml"),
@@ -55,6 +55,9 @@ PAPERS: dict[str, str] = {
     "rwalk": "Chaudhry, Dokania, Ajanthan & Torr 2018, *Riemannian walk for "
              "incremental learning: understanding forgetting and "
              "intransigence*, ECCV",
+    "lfl": "Jung, Ju, Jung & Kim 2016, *Less-forgetting learning in deep "
+           "neural networks*, arXiv:1607.00122 (AAAI 2018: *Less-forgetful "
+           "learning for domain expansion in deep neural networks*)",
     "replay": "Chaudhry et al. 2019, *On tiny episodic memories in continual "
               "learning*; Buzzega et al. 2020's ER baseline",
     "gdumb": "Prabhu, Torr & Dokania 2020, *GDumb: a simple approach that "
@@ -142,6 +145,8 @@ NEEDS: dict[str, str] = {
              "class-incremental stream, each class in one experience",
     "il2m": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
+    "lfl": "a model whose output layer is named `head` (mlp, cnn, "
+           "resnet18); meant for domain-incremental streams",
 }
 
 
