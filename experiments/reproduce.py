@@ -128,6 +128,10 @@ ENTRIES: list[Entry] = [
           "strategy=naive,kind=task"),
     Entry(f"{_SM_BASE}, task-incremental", "Ensemble",
           "split_mnist_baselines", "strategy=ensemble,kind=task"),
+    Entry(f"{_SM_BASE}, class-incremental", "Freezing (FACIL)",
+          "split_mnist_baselines", "strategy=freezing"),
+    Entry(f"{_SM_BASE}, task-incremental", "Freezing (FACIL)",
+          "split_mnist_baselines", "strategy=freezing,kind=task"),
     Entry("Permuted MNIST (10), MLP 2x1000, 1 epoch, domain-incremental",
           "Naive", "permuted_mnist_baselines", "strategy=naive"),
 ]

@@ -40,3 +40,90 @@ def test_cumulative(data_dir):
 def test_naive_task_incremental(data_dir):
   r = run(data_dir, "strategy=naive,kind=task")
   assert r.metrics["acc"] > 0.85
+
+
+# ---------------------------------------------------------------------------
+# Freezing (FACIL's baseline), on Split Digits.
+
+
+def _freezing_run(**kwargs):
+  import dataclasses
+  c = jaxcl.default_config()          # Split Digits, 5 x 2, MLP 400-400
+  c.model.widths = (32,)
+  c.optimizer.name = "momentum"       # momentum and weight decay would
+  c.optimizer.weight_decay = 1e-3     # move a part merely without gradient
+  c.report.progress = False
+  c.strategy.name = "freezing"
+  c.strategy.freezing = kwargs
+  sc = jaxcl.experiment.build_scenario(c)
+  parts = [jaxcl.run(c, scenario=dataclasses.replace(
+      sc, experiences=sc.experiences[:n])) for n in (1, 2, 3)]
+  return parts
+
+
+def _same(a, b):
+  import jax
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_freezing_fixes_the_backbone_and_earlier_classes_output_weights():
+  one, two, three = _freezing_run()
+  p1, p2, p3 = (r.state.params for r in (one, two, three))
+  # The backbone is experience 0's from then on, bit for bit.
+  assert _same(p2["backbone"], p1["backbone"])
+  assert _same(p3["backbone"], p1["backbone"])
+  # Each experience moves only its own classes' output weights (classes
+  # 2-3 in experience 1, 4-5 in experience 2).
+  k1, k2, k3 = (np.asarray(p["head"]["kernel"]) for p in (p1, p2, p3))
+  assert np.array_equal(k2[:, [0, 1, 4, 5, 6, 7, 8, 9]],
+                        k1[:, [0, 1, 4, 5, 6, 7, 8, 9]])
+  assert not np.allclose(k2[:, 2:4], k1[:, 2:4])
+  assert np.array_equal(k3[:, :4], k2[:, :4])
+  assert not np.allclose(k3[:, 4:6], k2[:, 4:6])
+  # So the first experience's classes are still recognised (Naive's are
+  # forgotten), each head trained on its own classes.
+  assert three.accuracy[-1, 0] > 0.8
+
+
+def test_freezing_after_a_later_experience_and_all_outputs():
+  one, two, three = _freezing_run(freeze_after=1, all_outputs=True)
+  p1, p2, p3 = (r.state.params for r in (one, two, three))
+  assert not np.allclose(np.asarray(p2["backbone"]["Dense_0"]["kernel"]),
+                         np.asarray(p1["backbone"]["Dense_0"]["kernel"]))
+  assert _same(p3["backbone"], p2["backbone"])
+  # all_outputs: every class's output weights train.
+  k2, k3 = (np.asarray(p["head"]["kernel"]) for p in (p2, p3))
+  assert not np.allclose(k3[:, :4], k2[:, :4])
+
+
+def test_freezing_loss_is_over_the_experience_classes():
+  import jax.numpy as jnp
+  from jaxcl.strategies.freezing import freezing
+  ss = freezing().init(_ctx_for_freezing(), None,
+                       {"backbone": {}, "head": {}})
+  ss = ss._replace(current=jnp.asarray([False, True, True, False]))
+  logits = jnp.asarray([[3.0, 1.0, 0.5, 2.0], [0.0, -1.0, 2.0, 9.0]])
+  batch = {"y": jnp.asarray([1, 2]), "mask": jnp.ones(2)}
+  got = freezing().task_loss(None, ss, logits, batch)
+  z = np.asarray(logits)[:, 1:3]
+  want = np.mean([np.log(np.exp(z[i]).sum()) - z[i, t]
+                  for i, t in enumerate([0, 1])])
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def _ctx_for_freezing():
+  import types
+  return types.SimpleNamespace(info=types.SimpleNamespace(num_classes=4))
+
+
+def test_freezing_bad_arguments_and_models():
+  import pytest
+  from jaxcl.strategies.freezing import freezing
+  for kwargs, needle in [(dict(freeze_after=-1), "freeze_after"),
+                         (dict(freeze_after=1.5), "freeze_after"),
+                         (dict(all_outputs="yes"), "all_outputs")]:
+    with pytest.raises(ValueError, match=f"freezing: {needle}"):
+      freezing(**kwargs)
+  with pytest.raises(ValueError, match=r"freezing freezes .* 'backbone'"):
+    freezing().init(_ctx_for_freezing(), None, {"w": np.zeros(2)})

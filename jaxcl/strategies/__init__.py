@@ -23,7 +23,8 @@ __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
 # The survey's families (DESIGN.md); every module is in exactly one
 # (tested), so a new method cannot go missing from the method reference.
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead"),
+    "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead",
+                  "freezing"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
                        "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
@@ -55,6 +56,9 @@ PAPERS: dict[str, str] = {
     "rwalk": "Chaudhry, Dokania, Ajanthan & Torr 2018, *Riemannian walk for "
              "incremental learning: understanding forgetting and "
              "intransigence*, ECCV",
+    "freezing": "FACIL's baseline: Masana et al. 2022, *Class-incremental "
+                "learning: survey and performance evaluation on image "
+                "classification*, TPAMI",
     "lfl": "Jung, Ju, Jung & Kim 2016, *Less-forgetting learning in deep "
            "neural networks*, arXiv:1607.00122 (AAAI 2018: *Less-forgetful "
            "learning for domain expansion in deep neural networks*)",
@@ -147,6 +151,8 @@ NEEDS: dict[str, str] = {
             "class in one experience",
     "lfl": "a model whose output layer is named `head` (mlp, cnn, "
            "resnet18); meant for domain-incremental streams",
+    "freezing": "a model with `backbone` and `head` params (mlp, cnn, "
+                "resnet18)",
 }
 
 

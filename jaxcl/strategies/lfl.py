@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import checks
+from jaxcl.strategies._freeze import require_part, restore_part, zero_part
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -82,10 +83,7 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
 
   def init(ctx, key, params):
     del key
-    if not (isinstance(params, dict) and HEAD in params):
-      names = sorted(params) if isinstance(params, dict) else type(params)
-      raise ValueError(f"lfl freezes the model's output layer, the params "
-                       f"named {HEAD!r}; this model's params are {names}")
+    require_part("lfl", params, HEAD, "output layer")
     _, model_state = init_variables(ctx, jax.random.PRNGKey(0))
     # A copy: the loop donates the state (prev and params must not alias).
     return LFLState(jax.tree.map(jnp.copy, params), model_state,
@@ -110,15 +108,11 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
-    head = jax.tree.map(lambda g: jnp.where(sstate.frozen, 0.0, g),
-                        grads[HEAD])
-    return {**grads, HEAD: head}
+    return zero_part(grads, HEAD, sstate.frozen)
 
   def project_params(ctx, sstate, params):
     del ctx
-    head = jax.tree.map(lambda p, o: jnp.where(sstate.frozen, o, p),
-                        params[HEAD], sstate.prev[HEAD])
-    return {**params, HEAD: head}
+    return restore_part(params, sstate.prev, HEAD, sstate.frozen)
 
   # Compiled once per factory; jit outputs are fresh buffers, so θ_o never
   # aliases the (donated) parameters.

@@ -1,0 +1,40 @@
+"""Freezing a named part of the parameters from a point in the stream on
+(LFL's output layer, Freezing's backbone).
+
+A part is frozen twice over: its gradient is zeroed in ``update_grads``
+(PyTorch's ``requires_grad=False``, so chained members see no gradient
+there), and its weights are restored from a stored copy in
+``project_params``, since momentum and weight decay move a parameter whose
+gradient is zero. ``on`` is a traced bool scalar (the strategy state's
+flag), so the program is the same before and after the part freezes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["require_part", "zero_part", "restore_part"]
+
+
+def require_part(method: str, params: Any, part: str, what: str) -> None:
+  """Raises unless ``params`` has a top-level ``part`` (at ``init``)."""
+  if not (isinstance(params, dict) and part in params):
+    names = sorted(params) if isinstance(params, dict) else type(params)
+    raise ValueError(f"{method} freezes the model's {what}, the params named "
+                     f"{part!r}; this model's params are {names}")
+
+
+def zero_part(grads: dict, part: str, on: jax.Array) -> dict:
+  """``grads`` with ``grads[part]`` zero where ``on``."""
+  return {**grads, part: jax.tree.map(lambda g: jnp.where(on, 0.0, g),
+                                      grads[part])}
+
+
+def restore_part(params: dict, saved: dict, part: str,
+                 on: jax.Array) -> dict:
+  """``params`` with ``params[part]`` set to ``saved[part]`` where ``on``."""
+  return {**params, part: jax.tree.map(lambda p, o: jnp.where(on, o, p),
+                                       params[part], saved[part])}
