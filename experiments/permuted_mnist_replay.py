@@ -44,7 +44,7 @@ DER_ARGS = {
 
 
 def set_der(c, a, table) -> None:
-  """DER / DER++ settings from ``table`` (see ``DER_ARGS``); an ``lr`` of
+  """DER / DER++ (and X-DER, on DER++'s) settings from ``table`` (see ``DER_ARGS``); an ``lr`` of
   0 and an ``alpha`` / ``beta`` below 0 (or absent) in the parsed
   arguments ``a`` take the table's. Shared by the Split, Permuted and
   Rotated protocols."""
@@ -55,7 +55,7 @@ def set_der(c, a, table) -> None:
   c.optimizer.learning_rate = a["lr"] or lr
   c.strategy[s] = dict(mem_size=m, batch_size=min(batch, m),
                        alpha=given("alpha", alpha))
-  if s == "derpp":
+  if s in ("derpp", "xder"):
     c.strategy[s]["beta"] = given("beta", beta)
 
 

@@ -52,6 +52,11 @@ Protocols (one per paper; picked by ``strategy``):
   incoming rows trained by a supervised-contrastive loss against a
   positive and a negative drawn from the memory and the batch (the
   authors' temperature 0.2). Read against ER-ACE and Replay.
+* ``xder`` (Boschini et al. 2022, `Class-incremental continual learning
+  into the eXtended DER-verse <https://arxiv.org/abs/2201.00766>`_;
+  Mammoth's ``xder_ce``): the DER++ protocol above with DER++'s settings
+  (Mammoth has none for X-DER on seq-mnist) and the code's gamma 0.85,
+  eta 0.1, m 0.3. No MNIST number in the paper; read against DER++.
 * ``gss`` (Aljundi et al. 2019, `Gradient based sample selection for
   online continual learning <https://arxiv.org/abs/1903.08671>`_; as
   Buzzega et al. 2020 run it): GSS-greedy on the ``replay`` protocol's
@@ -134,6 +139,9 @@ DER_ARGS = {
     "derpp": {200: (0.03, 128, 0.2, 1.0), 500: (0.03, 10, 1.0, 0.5),
               5120: (0.1, 64, 0.2, 0.5)},
 }
+# X-DER has no Mammoth setting on seq-mnist: DER++'s (its base), with the
+# code's defaults for gamma, eta and m.
+DER_ARGS["xder"] = DER_ARGS["derpp"]
 
 
 # Mammoth's best GSS settings on seq-mnist (utils/best_args.py): memory
@@ -167,7 +175,7 @@ def get_config(arg=None):
     online(c, a["lr"] or 0.1, init="torch", widths=(400, 400))
     c.strategy.mir = dict(mem_size=m, batch_size=10, candidates=50,
                           lr=a["lr"] or 0.1, exclude_current=True)
-  elif s in ("der", "derpp"):
+  elif s in ("der", "derpp", "xder"):
     online(c, 0.0)  # the learning rate is the table's (or the argument)
     set_der(c, a, DER_ARGS)
   elif s == "gss":
@@ -214,7 +222,8 @@ def get_config(arg=None):
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay, der, derpp, er_ace, er_aml, gss")
+                     "generative_replay, der, derpp, xder, er_ace, er_aml, "
+                     "gss")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

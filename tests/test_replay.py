@@ -1293,3 +1293,203 @@ def test_domain_configs_build(data_dir, name):
     # Mammoth's nearest-neighbour rotation keeps MNIST's k / 255 levels.
     x = s.scenario.experiences[1].train_x * 255
     np.testing.assert_allclose(x, np.round(x), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# X-DER: logit transplants, the balanced memory, the constraints.
+
+
+def _np_update_logits(old, new, gt, cols, gamma):
+  """Mammoth's xder_ce.update_logits, on a boolean column set."""
+  old = old.copy()
+  transplant = new[:, cols].copy()
+  gt_values = old[np.arange(len(gt)), gt]
+  max_values = transplant.max(1)
+  coeff = gamma * gt_values / max_values
+  mask = max_values > gt_values
+  transplant[mask] *= coeff[mask][:, None]
+  old[:, cols] = transplant
+  return old
+
+
+def test_xder_transplant_equals_the_code():
+  from jaxcl.strategies.xder import transplant
+  rng = np.random.default_rng(0)
+  old = rng.normal(size=(6, 5)).astype(np.float32) * 3
+  new = rng.normal(size=(6, 5)).astype(np.float32) * 3
+  y = np.array([0, 1, 0, 1, 0, 1])
+  old[0, 0] = old[3, 1] = 20.0   # rows whose own logit tops the new ones
+  cols = np.array([False, False, True, True, True])
+  want = _np_update_logits(old, new, y, cols, 0.85)
+  got = transplant(jnp.asarray(old), jnp.asarray(new), jnp.asarray(y),
+                   jnp.asarray(cols), 0.85)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  # Both branches were exercised: some rows scaled, some copied as they are.
+  top = new[:, cols].max(1)
+  gt = old[np.arange(6), y]
+  assert (top > gt).any() and (top <= gt).any()
+
+
+def test_xder_margin_loss_is_the_mean_over_violations():
+  from jaxcl.strategies.xder import margin_loss
+  bad = jnp.asarray([0.5, 0.1, 0.9, 2.0])
+  good = jnp.asarray([0.6, 0.9, 0.2, 0.0])
+  valid = jnp.asarray([True, True, True, False])
+  # bad + 0.3 - good: 0.2, -0.5, 1.0, (2.3 invalid) -> mean(0.2, 1.0)
+  np.testing.assert_allclose(float(margin_loss(bad, good, 0.3, valid)), 0.6,
+                             rtol=1e-6)
+  assert float(margin_loss(bad, good, 0.3, jnp.zeros(4, bool))) == 0.0
+
+
+def test_xder_memory_is_rebalanced_and_its_logits_transplanted(stream):
+  """Hooks only, no training: after experience 0 each class holds K / 2
+  entries; after experience 1 the two old classes keep their first K / 4
+  and the new ones fill the rest, an even split. New entries' past-class
+  logits are capped at γ times their own; old entries get the current
+  classes' logits from the network, capped the same way."""
+  from jaxcl.strategies.xder import xder
+  ctx = make_ctx(stream)
+  k, gamma = 24, 0.5
+  s = xder(mem_size=k, gamma=gamma, batch_size=4)
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  state = s.before_experience(ctx, state, e0)
+  state = s.after_experience(ctx, state, e0)
+  mem = state.strategy.memory
+  y0 = np.asarray(mem.y)[np.asarray(mem.valid)]
+  np.testing.assert_array_equal(np.bincount(y0, minlength=4)[:2], [12, 12])
+  # Experience-0 entries' logits are the network's own (nothing is past).
+  out0 = np.asarray(ctx.logits(state.params, state.model_state, mem.x,
+                               mem.task, train=True))
+  v0 = np.asarray(mem.valid)
+  np.testing.assert_allclose(np.asarray(state.strategy.logits)[v0], out0[v0],
+                             rtol=1e-5, atol=1e-5)
+  slots0 = np.flatnonzero(v0)
+  # A different network for experience 1, so transplants change values.
+  state = state.replace(params=jax.tree.map(lambda p: p * 1.5 + 0.05,
+                                            state.params))
+  state = s.before_experience(ctx, state, e1)
+  state = s.after_experience(ctx, state, e1)
+  ss = state.strategy
+  mem, logits = ss.memory, np.asarray(ss.logits)
+  valid = np.asarray(mem.valid)
+  y = np.asarray(mem.y)
+  np.testing.assert_array_equal(np.bincount(y[valid], minlength=4),
+                                [6, 6, 6, 6])
+  # The old classes kept their first six entries by slot.
+  for c in (0, 1):
+    first = [i for i in slots0 if y0[list(slots0).index(i)] == c][:6]
+    assert set(np.flatnonzero(valid & (y == c))) == set(first)
+  out = np.asarray(ctx.logits(state.params, state.model_state, mem.x,
+                              mem.task, train=True))
+  old = valid & (y < 2)
+  new = valid & (y >= 2)
+  cur = np.array([False, False, True, True] + [False] * 6)
+  past = np.array([True, True] + [False] * 8)
+  want_old = _np_update_logits(out0[old], out[old], y[old], cur, gamma)
+  np.testing.assert_allclose(logits[old], want_old, rtol=1e-4, atol=1e-5)
+  want_new = _np_update_logits(out[new], out[new], y[new], past, gamma)
+  np.testing.assert_allclose(logits[new], want_new, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(want_new, out[new])   # some were capped
+  np.testing.assert_array_equal(np.asarray(ss.seen)[:4], [1, 1, 1, 1])
+
+
+def test_xder_step_terms_and_online_update(stream):
+  """One step on experience 1 (past classes 0, 1): the loss is the sum of
+  the hand-computed terms; past entries drawn for the first time have
+  their current and future logits rewritten (1 / k = 1), their past ones
+  kept."""
+  from jaxcl.strategies.xder import margin_loss, xder
+  ctx = make_ctx(stream)
+  k, r = 24, 4
+  alpha, beta, gamma, eta, m = 0.7, 0.9, 0.85, 0.4, 0.3
+  s = xder(mem_size=k, alpha=alpha, beta=beta, gamma=gamma, eta=eta, m=m,
+           batch_size=r)
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  state = s.before_experience(ctx, state, e0)
+  state = s.after_experience(ctx, state, e0)
+  state = s.before_experience(ctx, state, e1)
+  ss = state.strategy
+  batch = dict(batch_of(e1), index=jnp.arange(B))
+  prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(3))
+  params = state.params
+  logits = ctx.logits(params, ss.model_state, prepared["x"],
+                      prepared["task"], train=True)
+  got = float(s.loss(ctx, ss, params, prepared, logits))
+  # By hand.
+  lg = np.asarray(logits, np.float64)
+  f = lambda x: np.asarray(ctx.logits(params, ss.model_state, x,
+                                      jnp.zeros(len(x), jnp.int32),
+                                      train=True), np.float64)
+  o1, o2 = f(prepared["xder_x1"]), f(prepared["xder_x2"])
+  z1 = np.asarray(ss.logits)[np.asarray(prepared["xder_i1"])]
+  der_t = np.mean((o1 - z1) ** 2)
+  y2 = np.asarray(prepared["xder_y2"])
+  p2 = o2[:, :2] - np.log(np.exp(o2[:, :2]).sum(1, keepdims=True))
+  derpp_t = -np.mean(p2[np.arange(r), y2])
+  seen = np.array([1, 1] + [0] * 8, bool)
+  cur = np.array([0, 0, 1, 1] + [0] * 6, bool)
+  fut = ~(seen | cur)
+  sp = np.exp(lg[:, :4]) / np.exp(lg[:, :4]).sum(1, keepdims=True)
+  past_t = float(margin_loss(jnp.asarray(sp[:, :2].max(1)),
+                             jnp.asarray(sp[:, 2:4].max(1)), m,
+                             jnp.ones(B, bool)))
+  ok2u = np.asarray(prepared["xder_ok2u"])
+  yb = np.concatenate([np.asarray(prepared["xder_y1"]), y2])
+  ob = np.concatenate([o1, o2])
+  bad = np.concatenate([lg[:, fut].max(1), ob[:, fut].max(1)])
+  good = np.concatenate([lg[:, cur].max(1), ob[:, :2].max(1)])
+  rows = np.concatenate([np.ones(B, bool), np.ones(r, bool), ok2u])
+  fut_t = float(margin_loss(jnp.asarray(bad), jnp.asarray(good), m,
+                            jnp.asarray(rows)))
+  assert all(yb < 2)   # the memory holds the past classes only
+  want = alpha * der_t + beta * derpp_t + eta * (past_t + fut_t)
+  assert past_t > 0 and fut_t > 0
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # The stream's cross-entropy leaves the past classes out.
+  tl = float(s.task_loss(ctx, ss, logits, prepared))
+  pl = lg[:, 2:] - np.log(np.exp(lg[:, 2:]).sum(1, keepdims=True))
+  np.testing.assert_allclose(
+      tl, -np.mean(pl[np.arange(B), np.asarray(batch["y"]) - 2]), rtol=1e-5)
+  # The online update: every drawn entry is a past one, drawn once.
+  info = StepInfo(params, params, None, None, prepared, jnp.float32(0.0),
+                  jax.random.PRNGKey(5), logits)
+  after = s.after_step(ctx, ss, info)
+  idx = np.concatenate([np.asarray(prepared["xder_i1"]),
+                        np.asarray(prepared["xder_i2"])[ok2u]])
+  assert np.all(np.asarray(after.counter)[idx] == 1)
+  new = np.asarray(after.logits)[idx]
+  old = np.asarray(ss.logits)[idx]
+  np.testing.assert_array_equal(new[:, :2], old[:, :2])
+  want_new = _np_update_logits(old, ob[np.r_[0:r, r + np.flatnonzero(ok2u)]],
+                               yb[np.r_[0:r, r + np.flatnonzero(ok2u)]],
+                               ~seen, gamma)
+  np.testing.assert_allclose(new, want_new, rtol=1e-4, atol=1e-5)
+  # Entries drawn many times before are rewritten with probability 1 / k.
+  worn = s.after_step(ctx, ss._replace(counter=jnp.full((k,), 1e9)), info)
+  np.testing.assert_array_equal(np.asarray(worn.logits), np.asarray(ss.logits))
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(gamma=0.0), "xder: gamma must be a finite number > 0"),
+    (dict(gamma=1.5), r"xder: gamma must be in \(0, 1\]"),
+    (dict(eta=-1.0), "xder: eta must be a finite number >= 0"),
+    (dict(m=float("nan")), "xder: m must be a finite number >= 0"),
+    (dict(mem_size=0), "xder: mem_size"),
+])
+def test_xder_bad_arguments(kwargs, needle):
+  from jaxcl.strategies.xder import xder
+  with pytest.raises(ValueError, match=needle):
+    xder(**kwargs)
+
+
+def test_xder_needs_a_class_incremental_stream(digits):
+  from jaxcl.strategies.xder import xder
+  sc = scenarios.split(digits, 5, kind="task")
+  ctx = make_ctx(sc)
+  with pytest.raises(ValueError, match="xder .* class-incremental"):
+    train.init_state(ctx, xder(mem_size=20), 0)
+  ctx = make_ctx(scenarios.split(digits, 5))
+  with pytest.raises(ValueError, match="mem_size=5 gives 0 examples"):
+    train.init_state(ctx, xder(mem_size=5, batch_size=2), 0)

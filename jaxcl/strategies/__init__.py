@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml"),
+               "er_aml", "xder"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -56,9 +56,6 @@ PAPERS: dict[str, str] = {
     "rwalk": "Chaudhry, Dokania, Ajanthan & Torr 2018, *Riemannian walk for "
              "incremental learning: understanding forgetting and "
              "intransigence*, ECCV",
-    "freezing": "FACIL's baseline: Masana et al. 2022, *Class-incremental "
-                "learning: survey and performance evaluation on image "
-                "classification*, TPAMI",
     "lfl": "Jung, Ju, Jung & Kim 2016, *Less-forgetting learning in deep "
            "neural networks*, arXiv:1607.00122 (AAAI 2018: *Less-forgetful "
            "learning for domain expansion in deep neural networks*)",
@@ -83,6 +80,9 @@ PAPERS: dict[str, str] = {
     "er_aml": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR "
               "(ER-AML)",
+    "xder": "Boschini, Bonicelli, Buzzega, Porrello & Calderara 2022, "
+            "*Class-incremental continual learning into the eXtended "
+            "DER-verse*, TPAMI (X-DER; Mammoth's xder_ce)",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
@@ -153,6 +153,8 @@ NEEDS: dict[str, str] = {
            "resnet18); meant for domain-incremental streams",
     "freezing": "a model with `backbone` and `head` params (mlp, cnn, "
                 "resnet18)",
+    "xder": "a class-incremental stream (`scenario.kind='class'`), each "
+            "class in one experience, and one output per class",
 }
 
 

@@ -23,6 +23,23 @@ from jaxcl.strategy import new_classes
 NEG = -1e9
 
 
+def require_class_stream(name: str, info: Any, why: str) -> None:
+  """Raises unless the stream is class-incremental (at ``init``): ``why``
+  says what strategy ``name`` does to such a stream's classes."""
+  if info.kind != "class":
+    raise ValueError(f"{name} {why} of a class-incremental stream "
+                     f"(scenario.kind='class'), got kind={info.kind!r}")
+
+
+def require_per_class(name: str, mem_size: int, num_classes: int,
+                      unit: str = "exemplars") -> None:
+  """Raises unless a memory of ``mem_size`` holds one entry per class."""
+  if mem_size < num_classes:
+    raise ValueError(f"{name}: mem_size={mem_size} gives 0 {unit} per "
+                     f"class for {num_classes} classes; use mem_size >= "
+                     f"{num_classes}")
+
+
 def mark_new_classes(name: str) -> Callable[..., Any]:
   """A ``before_experience`` that sets ``current`` to the experience's
   classes, refusing classes that came in an earlier one."""

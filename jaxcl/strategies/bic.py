@@ -79,6 +79,7 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._class_incremental import require_class_stream
 from jaxcl.strategies.icarl import (backbone_features, features,
                                     select_exemplars)
 from jaxcl.strategies.lwf import distillation
@@ -254,10 +255,8 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
 
   def init(ctx, key, params):
     info = ctx.info
-    if info.kind != "class":
-      raise ValueError(f"bic corrects the bias toward the newest classes of "
-                       f"a class-incremental stream (scenario.kind='class'), "
-                       f"got kind={info.kind!r}")
+    require_class_stream("bic", info, "corrects the bias toward the newest "
+                         "classes")
     c = info.num_classes
     per_class, _ = split_sizes(mem_size, c, val_fraction)
     if per_class < 1:

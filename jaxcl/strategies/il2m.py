@@ -57,7 +57,8 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
+    append_exemplars, mark_new_classes, mask_unseen, require_class_stream,
+    require_per_class, seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
                                     features, select_exemplars)
 from jaxcl.strategy import Strategy
@@ -152,14 +153,10 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
   def init(ctx, key, params):
     del key, params
     info = ctx.info
-    if info.kind != "class":
-      raise ValueError(f"il2m rectifies the scores of the old classes of a "
-                       f"class-incremental stream (scenario.kind='class'), "
-                       f"got kind={info.kind!r}")
+    require_class_stream("il2m", info, "rectifies the scores of the old "
+                         "classes")
     c = info.num_classes
-    if mem_size < c:
-      raise ValueError(f"il2m: mem_size={mem_size} gives 0 exemplars per "
-                       f"class for {c} classes; use mem_size >= {c}")
+    require_per_class("il2m", mem_size, c)
     replay_size(ctx)
     zeros = jnp.zeros((c,), jnp.float32)
     no = jnp.zeros((c,), bool)

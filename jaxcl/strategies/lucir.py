@@ -71,7 +71,8 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, mark_new_classes, mask_unseen, seen_cross_entropy)
+    append_exemplars, mark_new_classes, mask_unseen, require_class_stream,
+    seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
                                     features, select_exemplars)
 from jaxcl.strategy import Strategy
@@ -168,10 +169,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
 
   def init(ctx, key, params):
     info = ctx.info
-    if info.kind != "class":
-      raise ValueError(f"lucir rebalances old and new classes of a "
-                       f"class-incremental stream (scenario.kind='class'), "
-                       f"got kind={info.kind!r}")
+    require_class_stream("lucir", info, "rebalances old and new classes")
     head = params.get("head") if isinstance(params, dict) else None
     if not isinstance(head, dict) or set(head) != {"kernel", "sigma"}:
       raise ValueError(
