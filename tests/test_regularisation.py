@@ -763,6 +763,10 @@ def test_lfl_needs_an_output_layer_named_head():
   ctx, _ = _ctx("domain")
   with pytest.raises(ValueError, match=r"lfl freezes .* 'head'.*\['w'\]"):
     lfl().init(ctx, jax.random.PRNGKey(0), {"w": jnp.zeros(3)})
+  # One head per task: later tasks' heads would never train.
+  heads = {"head": {"kernel": jnp.zeros((5, 3 * C)), "bias": jnp.zeros(3 * C)}}
+  with pytest.raises(ValueError, match="lfl freezes the whole output layer"):
+    lfl().init(ctx, jax.random.PRNGKey(0), heads)
 
 
 def test_permuted_avalanche_config_builds_and_normalises(data_dir):

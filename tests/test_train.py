@@ -252,6 +252,9 @@ def test_chain_rejects_two_predictors():
      "rows .* so er_aml's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("replay+slda", r"slda trains no parameter .* \['replay'\]"),
+    # Session 24's fuzz of LFL: members that write the output layer.
+    ("cwr_star+lfl", "lfl freezes the output layer .* cwr_star writes"),
+    ("lfl+packnet", "lfl freezes the output layer .* packnet writes"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),

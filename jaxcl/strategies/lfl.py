@@ -76,7 +76,7 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
 
   Raises:
     ValueError: a bad ``lambda_e``; at ``init``, a model without a ``head``
-    (the output layer it freezes).
+    (the output layer it freezes) or with one head per task.
   """
   checks.nonnegative("lfl: lambda_e", lambda_e)
   lam = float(lambda_e)
@@ -84,6 +84,14 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
   def init(ctx, key, params):
     del key
     require_part("lfl", params, HEAD, "output layer")
+    c = ctx.info.num_classes
+    if any(leaf.ndim and leaf.shape[-1] > c
+           for leaf in jax.tree.leaves(params[HEAD])):
+      raise ValueError(
+          "lfl freezes the whole output layer after the first experience; "
+          "this model has one head per task, so every later task's head "
+          "would keep its initial weights. Use a single head "
+          "(model.multi_head=False)")
     _, model_state = init_variables(ctx, jax.random.PRNGKey(0))
     # A copy: the loop donates the state (prev and params must not alias).
     return LFLState(jax.tree.map(jnp.copy, params), model_state,
