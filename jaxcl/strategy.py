@@ -195,10 +195,10 @@ _CWR_BIAS = ("{first} writes a -1e9 bias for the classes an experience lacks "
              "them): nothing after the first experience is learned")
 _LATENTS = ("both write the batch's replayed latents: {first}'s are "
             "replaced by {other}'s, which count twice")
-_HEAD_OWNER = ("{first} freezes the output layer after the first "
-               "experience and restores it after every update, and {other} "
-               "writes that layer outside the training step (CWR*'s "
-               "consolidated weights, PackNet's retraining at each "
+_HEAD_OWNER = ("{first} freezes part of the model (LFL: the output layer; "
+               "Freezing: the backbone) and restores it after every update, "
+               "and {other} writes those weights outside the training step "
+               "(CWR*'s consolidated weights, PackNet's retraining at each "
                "experience's end): each undoes the other's")
 _ANCHOR = ("{other} anchors each new ensemble member to the previous "
            "member's weights, so the ensemble becomes copies of its first "
@@ -228,6 +228,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
+  add("freezing", ("packnet",), _HEAD_OWNER)
   return table
 
 

@@ -110,6 +110,13 @@ def test_freezing_loss_is_over_the_experience_classes():
   want = np.mean([np.log(np.exp(z[i]).sum()) - z[i, t]
                   for i, t in enumerate([0, 1])])
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  # A replayed row of another class: the cross-entropy over every class.
+  batch = {"y": jnp.asarray([1, 3]), "mask": jnp.ones(2)}
+  got = freezing().task_loss(None, ss, logits, batch)
+  z = np.asarray(logits)
+  want = np.mean([np.log(np.exp(z[0, 1:3]).sum()) - z[0, 1],
+                  np.log(np.exp(z[1]).sum()) - z[1, 3]])
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
 def _ctx_for_freezing():

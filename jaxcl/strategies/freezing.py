@@ -25,8 +25,11 @@ Deviation: FACIL also puts the frozen backbone in evaluation mode, so its
 batch-norm statistics stop moving; here the training step runs the model in
 training mode, and a batch-norm backbone keeps updating its running
 statistics (models without batch norm are unaffected). FACIL's exemplar
-variant (training all heads on exemplars) is not offered; chain a replay
-strategy for that.
+variant (all heads trained, on the data and exemplars) is
+``freezing(all_outputs=True)`` chained with a replay strategy; with
+``all_outputs=False`` a chained member's replayed rows take the
+cross-entropy over every class, but only the current classes' output
+weights move.
 
 References:
   Masana et al., `Class-incremental learning: survey and performance
@@ -92,7 +95,12 @@ def freezing(freeze_after: int = 0, all_outputs: bool = False) -> Strategy:
     del ctx
     if all_outputs:
       return cross_entropy(logits, batch["y"], batch["mask"])
-    return cross_entropy(jnp.where(sstate.current, logits, _NEG), batch["y"],
+    # Rows of the experience's classes: its classes only. Rows of other
+    # classes (a chained replay member's) over every class, as FACIL's
+    # criterion with exemplars, so their loss stays finite.
+    own = sstate.current[batch["y"]][:, None]
+    cols = jnp.where(own, sstate.current[None, :], True)
+    return cross_entropy(jnp.where(cols, logits, _NEG), batch["y"],
                          batch["mask"])
 
   def class_columns(sstate, leaf):
