@@ -82,6 +82,9 @@ PROTOCOLS = {
         # (DER++ 500): one extra forward pass over them.
         ("der", "split_mnist_replay", "strategy=der,mem_size=200", None),
         ("derpp", "split_mnist_replay", "strategy=derpp,mem_size=500", None),
+        # DER++'s rows plus the constraints' maxima and, each step, a
+        # forward pass over the replayed rows for the online transplant.
+        ("xder", "split_mnist_replay", "strategy=xder,mem_size=500", None),
         # Replay's rows and memory, with the class mask on the incoming rows.
         ("er_ace", "split_mnist_replay", "strategy=er_ace,mem_size=500",
          None),

@@ -36,6 +36,8 @@ def config(strategy, devices):
   if strategy == "lucir":  # cosine head; old classes' columns restored
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=256, batch_size=16)
+  if strategy == "xder":  # a balanced memory rebuilt at each experience's end
+    c.strategy.xder = dict(mem_size=256, batch_size=16)
   if strategy == "slda":  # statistics summed over the batch's devices
     c.strategy.slda = dict(features="backbone")
   c.parallel.devices = devices
@@ -62,7 +64,8 @@ def main():
     hlo = many.learner.chunk_fn.lower(many.state, data, 1, 0, 0,
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
-    if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml"):
+    if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml",
+                    "xder"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
@@ -77,6 +80,10 @@ def main():
       out[strategy]["beta"] = np.asarray(ss.beta).tolist()
     if strategy == "lucir":
       out[strategy]["sigma"] = float(many.state.params["head"]["sigma"])
+    if strategy == "xder":
+      mem = many.state.strategy.memory
+      out[strategy]["class_counts"] = np.bincount(
+          np.asarray(mem.y)[np.asarray(mem.valid)], minlength=10).tolist()
     if strategy == "slda":
       ss, s1 = many.state.strategy, one.state.strategy
       out[strategy]["counted"] = float(np.asarray(ss.count).sum())

@@ -14,13 +14,13 @@ def test_eight_devices_match_one_device_including_sharded_replay():
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
                       "naive", "replay", "der", "er_ace", "bic", "lucir",
-                      "er_aml", "slda"],
+                      "er_aml", "slda", "xder"],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
   for strategy in ("naive", "replay", "der", "er_ace", "bic", "lucir",
-                   "er_aml", "slda"):
+                   "er_aml", "slda", "xder"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
@@ -46,6 +46,11 @@ def test_eight_devices_match_one_device_including_sharded_replay():
   assert out["lucir"]["buffer_sharding"].startswith("P('data'")
   assert out["lucir"]["buffer_filled"] == 250
   assert out["lucir"]["sigma"] != 1.0
+  # X-DER's memory (sharded) was rebuilt balanced at the last experience's
+  # end: the first 256 // 10 = 25 of each old class, and the 56 free slots
+  # split between the two new classes.
+  assert out["xder"]["buffer_sharding"].startswith("P('data'")
+  assert out["xder"]["class_counts"] == [25] * 8 + [28, 28]
   # SLDA folded every training row of the stream in once, and its
   # covariance summed over the devices equals the one device's.
   assert out["slda"]["counted"] == out["slda"]["train_rows"] > 1000
