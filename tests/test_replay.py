@@ -1452,6 +1452,13 @@ def test_xder_step_terms_and_online_update(stream):
   pl = lg[:, 2:] - np.log(np.exp(lg[:, 2:]).sum(1, keepdims=True))
   np.testing.assert_allclose(
       tl, -np.mean(pl[np.arange(B), np.asarray(batch["y"]) - 2]), rtol=1e-5)
+  # A chained member's replayed row of a past class: over every class.
+  mixed = dict(prepared, y=prepared["y"].at[0].set(1))
+  tl = float(s.task_loss(ctx, ss, logits, mixed))
+  ym = np.asarray(mixed["y"])
+  full = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+  per = [full[0, 1]] + [pl[i, ym[i] - 2] for i in range(1, B)]
+  np.testing.assert_allclose(tl, -np.mean(per), rtol=1e-5)
   # The online update: every drawn entry is a past one, drawn once.
   info = StepInfo(params, params, None, None, prepared, jnp.float32(0.0),
                   jax.random.PRNGKey(5), logits)

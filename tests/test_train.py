@@ -255,6 +255,8 @@ def test_chain_rejects_two_predictors():
     # Session 24's fuzz of LFL: members that write the output layer.
     ("cwr_star+lfl", "lfl freezes part of the model .* cwr_star writes"),
     ("lfl+packnet", "lfl freezes part of the model .* packnet writes"),
+    # ... and of X-DER: it stores and matches logits, as DER does.
+    ("xder+cwr_star", "cwr_star writes a -1e9 bias .* and xder replays"),
     # ... and of Freezing: PackNet's retraining moved the frozen backbone.
     ("packnet+freezing", "freezing freezes part .* packnet writes"),
     ("ensemble+mas", "mas anchors each new ensemble member"),

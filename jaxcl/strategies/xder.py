@@ -255,8 +255,12 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
 
   def task_loss(ctx, sstate, logits, batch):
     del ctx
-    # The stream's cross-entropy over the current and future classes.
-    return cross_entropy(jnp.where(sstate.seen, _NEG, logits), batch["y"],
+    # The stream's cross-entropy over the current and future classes. Rows
+    # of past classes (a chained member's replayed rows) take it over every
+    # class, so their label's logit is not masked out of their own loss.
+    past_row = sstate.seen[batch["y"]][:, None]
+    masked = jnp.where(past_row, False, sstate.seen[None, :])
+    return cross_entropy(jnp.where(masked, _NEG, logits), batch["y"],
                          batch["mask"])
 
   def loss(ctx, sstate, params, batch, logits):
