@@ -78,6 +78,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_aml,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gss,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=xder,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
