@@ -85,6 +85,9 @@ ENTRIES = [
           "strategy=xder,mem_size=200"),
     Entry(_SM, "X-DER (500, DER++'s settings)", "split_mnist_replay",
           "strategy=xder,mem_size=500"),
+    Entry(_SM, "X-DER, stream cross-entropy over the current classes only "
+          "(200, ablation)", "split_mnist_replay",
+          "strategy=xder,mem_size=200,future_ce=False"),
     Entry(_SMG, "GSS-greedy (200)", "split_mnist_replay",
           "strategy=gss,mem_size=200", note=_GSS_NOTE),
     Entry(_SMG, "GSS-greedy (500)", "split_mnist_replay",

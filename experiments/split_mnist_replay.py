@@ -57,6 +57,8 @@ Protocols (one per paper; picked by ``strategy``):
   Mammoth's ``xder_ce``): the DER++ protocol above with DER++'s settings
   (Mammoth has none for X-DER on seq-mnist) and the code's gamma 0.85,
   eta 0.1, m 0.3. No MNIST number in the paper; read against DER++.
+  ``future_ce=False``: the stream's cross-entropy over the current
+  classes only (an ablation; see docs/notes_replay.md).
 * ``gss`` (Aljundi et al. 2019, `Gradient based sample selection for
   online continual learning <https://arxiv.org/abs/1903.08671>`_; as
   Buzzega et al. 2020 run it): GSS-greedy on the ``replay`` protocol's
@@ -155,7 +157,7 @@ def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
-                recipe="code", quick=False)
+                recipe="code", future_ce=True, quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -179,6 +181,9 @@ def get_config(arg=None):
   elif s in ("der", "derpp", "xder"):
     online(c, 0.0)  # the learning rate is the table's (or the argument)
     set_der(c, a, DER_ARGS)
+    if s == "xder" and not a["future_ce"]:  # (set only when used)
+      c.strategy.xder["future_ce"] = False
+      c.name += "_present_ce"
   elif s == "gss":
     online(c, 0.0)  # the learning rate and batch are the table's
     set_gss(c, a, GSS_ARGS)

@@ -1459,6 +1459,12 @@ def test_xder_step_terms_and_online_update(stream):
   full = lg - np.log(np.exp(lg).sum(1, keepdims=True))
   per = [full[0, 1]] + [pl[i, ym[i] - 2] for i in range(1, B)]
   np.testing.assert_allclose(tl, -np.mean(per), rtol=1e-5)
+  # future_ce=False: the stream's cross-entropy over the current classes.
+  tl = float(xder(mem_size=k, batch_size=r, future_ce=False).task_loss(
+      ctx, ss, logits, prepared))
+  pc = lg[:, 2:4] - np.log(np.exp(lg[:, 2:4]).sum(1, keepdims=True))
+  np.testing.assert_allclose(
+      tl, -np.mean(pc[np.arange(B), np.asarray(batch["y"]) - 2]), rtol=1e-5)
   # The online update: every drawn entry is a past one, drawn once.
   info = StepInfo(params, params, None, None, prepared, jnp.float32(0.0),
                   jax.random.PRNGKey(5), logits)
@@ -1484,6 +1490,7 @@ def test_xder_step_terms_and_online_update(stream):
     (dict(eta=-1.0), "xder: eta must be a finite number >= 0"),
     (dict(m=float("nan")), "xder: m must be a finite number >= 0"),
     (dict(mem_size=0), "xder: mem_size"),
+    (dict(future_ce="no"), "xder: future_ce"),
 ])
 def test_xder_bad_arguments(kwargs, needle):
   from jaxcl.strategies.xder import xder

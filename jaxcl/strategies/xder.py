@@ -156,7 +156,7 @@ def balanced_keep(mem: buffers.Memory, per_class: jax.Array) -> jax.Array:
 
 def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
          gamma: float = 0.85, eta: float = 0.1, m: float = 0.3,
-         batch_size: int = 0) -> Strategy:
+         batch_size: int = 0, future_ce: bool = True) -> Strategy:
   """X-DER (cross-entropy future preparation; class-incremental streams).
 
   Args:
@@ -169,6 +169,10 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     m: the margin.
     batch_size: entries per memory batch (two are drawn per step); 0: the
       training batch size.
+    future_ce: the stream's cross-entropy over the current and the future
+      classes (``xder_ce``'s); False: over the current classes only, the
+      stream loss of the paper's other variants (here without their
+      future preparation: an ablation).
 
   The defaults of ``gamma``, ``eta`` and ``m`` are the code's; ``alpha``
   and ``beta`` are its Split CIFAR-100 values (the configs set Split
@@ -191,6 +195,7 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
   checks.nonnegative("xder: m", m)
   checks.whole("xder: batch_size", batch_size, 0,
                "0: the training batch size")
+  checks.flag("xder: future_ce", future_ce)
 
   def replay_size(ctx) -> int:
     return buffers.replay_size("xder", batch_size, mem_size,
@@ -255,11 +260,13 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
 
   def task_loss(ctx, sstate, logits, batch):
     del ctx
-    # The stream's cross-entropy over the current and future classes. Rows
+    # The stream's cross-entropy over the current and future classes (or
+    # the current ones only, with future_ce=False). Rows
     # of past classes (a chained member's replayed rows) take it over every
     # class, so their label's logit is not masked out of their own loss.
+    left_out = sstate.seen if future_ce else ~sstate.current
     past_row = sstate.seen[batch["y"]][:, None]
-    masked = jnp.where(past_row, False, sstate.seen[None, :])
+    masked = jnp.where(past_row, False, left_out[None, :])
     return cross_entropy(jnp.where(masked, _NEG, logits), batch["y"],
                          batch["mask"])
 
