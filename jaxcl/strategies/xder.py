@@ -67,7 +67,9 @@ batches drew are counted once, as in the code.
   negatives for the whole stream start that experience far below the old
   ones, where that gradient vanishes. On Split MNIST (5 x 2) the last two
   classes are then never predicted (docs/notes_replay.md). The code's
-  objective has the same terms.
+  objective has the same terms. ``future_ce=False`` (the stream's
+  cross-entropy over the current classes only) learns them: 0.849
+  against 0.738 on Split MNIST with 200 examples.
 
 References:
   Boschini, Bonicelli, Buzzega, Porrello & Calderara, `Class-incremental
