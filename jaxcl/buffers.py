@@ -47,7 +47,7 @@ import jax.numpy as jnp
 __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
            "reservoir_slots", "put_rows", "replay_size",
            "experience_balanced_add", "class_balanced_add", "sample",
-           "gather", "check_capacity"]
+           "gather", "check_capacity", "rank_within_groups"]
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -231,7 +231,7 @@ def put_rows(mem: Memory, slots: jax.Array, x: jax.Array, y: jax.Array,
       valid=mem.valid.at[slots].set(True, mode="drop"))
 
 
-def _rank_within_groups(group: jax.Array, score: jax.Array) -> jax.Array:
+def rank_within_groups(group: jax.Array, score: jax.Array) -> jax.Array:
   """For each entry, its rank by ``score`` among entries of its group."""
   n = group.shape[0]
   order = jnp.lexsort((score, group))  # by group, then score
@@ -275,7 +275,7 @@ def experience_balanced_add(mem: Memory, key: jax.Array, x: jax.Array,
   num_groups = jnp.sum(firsts & (gs != _BIG), dtype=jnp.int32) + 1
   quota = k // num_groups
   # Older experiences: keep a uniform random `quota` of each.
-  rank = _rank_within_groups(g, jax.random.uniform(k_old, (k,)))
+  rank = rank_within_groups(g, jax.random.uniform(k_old, (k,)))
   keep = old & (rank < quota)
   # New experience: a uniform random `quota` of its valid rows, ranked by a
   # random score; at most min(K, N) can be chosen (a static bound).

@@ -75,8 +75,13 @@ def seen_cross_entropy(ctx, sstate, logits: jax.Array,
                        batch["mask"])
 
 
-def mask_unseen(logits: jax.Array, sstate) -> jax.Array:
-  """``logits`` with the classes not seen yet at ``NEG`` (none masked
-  before the first experience)."""
-  active = sstate.seen | sstate.current
+def mask_inactive(logits: jax.Array, active: jax.Array) -> jax.Array:
+  """``logits`` with the classes outside ``active`` (bool ``(C,)``) at
+  ``NEG``; none masked while no class is active (before the first
+  experience)."""
   return jnp.where(active[None, :] | ~jnp.any(active), logits, NEG)
+
+
+def mask_unseen(logits: jax.Array, sstate) -> jax.Array:
+  """``logits`` with the classes not seen yet at ``NEG``."""
+  return mask_inactive(logits, sstate.seen | sstate.current)

@@ -59,7 +59,8 @@ from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
-__all__ = ["der", "dark_experience_replay", "DERState", "logit_width"]
+__all__ = ["der", "dark_experience_replay", "DERState", "logit_width",
+           "logit_mse", "store_with_logits"]
 
 
 class DERState(NamedTuple):
@@ -78,6 +79,31 @@ def logit_width(ctx, params, model_state) -> int:
   out = jax.eval_shape(
       lambda p, ms: ctx.logits(p, ms, x, t, train=True), params, model_state)
   return out.shape[-1]
+
+
+def logit_mse(out: jax.Array, stored: jax.Array, ok: jax.Array) -> jax.Array:
+  """DER's logit term: the squared error averaged over the valid entries
+  (``ok``, float) and the logits (PyTorch's ``F.mse_loss``)."""
+  sq = jnp.sum(ok[:, None] * (out - stored) ** 2)
+  return sq / jnp.maximum(jnp.sum(ok) * out.shape[-1], 1.0)
+
+
+def store_with_logits(ctx, memory: buffers.Memory, logits: jax.Array,
+                      key: jax.Array, info, experience: jax.Array,
+                      mask: jax.Array) -> tuple[buffers.Memory, jax.Array]:
+  """The step's incoming rows (those with ``mask``) offered to the
+  reservoir ``memory``, each stored with the step's training-mode logits
+  at its slot in ``logits``: ``(memory, logits)`` after the step."""
+  rows = incoming_rows(ctx, info.batch)
+  b = mask.shape[0]
+  # after=loss: the loss read the memory, so the writes follow the reads
+  # and both arrays are updated in place (see buffers.reservoir_add).
+  slots, seen = buffers.reservoir_slots(memory, key, mask, after=info.loss)
+  mem = buffers.put_rows(memory, slots, rows["x"], rows["y"], rows["task"],
+                         jnp.full((b,), experience, jnp.int32))
+  logits = logits.at[slots].set(info.logits[:b].astype(jnp.float32),
+                                mode="drop")
+  return mem._replace(seen=seen), logits
 
 
 def der(mem_size: int = 200, alpha: float = 0.3,
@@ -154,28 +180,19 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
       task = jnp.concatenate([task, batch[f"{name}_task2"]])
     out = ctx.logits(params, sstate.model_state, x, task,
                      train=True).astype(jnp.float32)
-    ok = batch[f"{name}_ok"]
-    sq = jnp.sum(ok[:, None] * (out[:r] - batch[f"{name}_z"]) ** 2)
-    total = alpha * sq / jnp.maximum(jnp.sum(ok) * out.shape[-1], 1.0)
+    total = alpha * logit_mse(out[:r], batch[f"{name}_z"],
+                              batch[f"{name}_ok"])
     if beta:
       total = total + beta * cross_entropy(out[r:], batch[f"{name}_y2"],
                                            batch[f"{name}_ok2"])
     return total
 
   def after_step(ctx, sstate, info):
-    rows = incoming_rows(ctx, info.batch)
-    b = rows["mask"].shape[0]
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    # after=loss: the loss read the memory, so the writes follow the reads
-    # and both arrays are updated in place (see buffers.reservoir_add).
-    slots, seen = buffers.reservoir_slots(sstate.memory, key, rows["mask"],
-                                          after=info.loss)
-    mem = buffers.put_rows(sstate.memory, slots, rows["x"], rows["y"],
-                           rows["task"],
-                           jnp.full((b,), sstate.experience, jnp.int32))
-    z = info.logits[:b].astype(jnp.float32)
-    logits = sstate.logits.at[slots].set(z, mode="drop")
-    return sstate._replace(memory=mem._replace(seen=seen), logits=logits)
+    mem, logits = store_with_logits(
+        ctx, sstate.memory, sstate.logits, key, info, sstate.experience,
+        incoming_rows(ctx, info.batch)["mask"])
+    return sstate._replace(memory=mem, logits=logits)
 
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, loss=loss,

@@ -71,6 +71,7 @@ import jax.numpy as jnp
 
 from jaxcl import checks
 from jaxcl.state import masked_logits
+from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -81,7 +82,6 @@ __all__ = ["slda", "SLDAState", "streaming_update", "classifier",
 FEATURES = ("backbone", "input")
 # Σ is D x D floats: 20000 features already take 1.6 GB.
 MAX_DIM = 20000
-_NEG = -1e9
 
 
 class SLDAState(NamedTuple):
@@ -239,8 +239,7 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
   def predict(ctx, sstate, params, model_state, x, task):
     del params, model_state
     scores = extract(ctx, sstate, x, task) @ sstate.weight - sstate.bias
-    seen = sstate.count > 0
-    scores = jnp.where(seen[None, :] | ~jnp.any(seen), scores, _NEG)
+    scores = mask_inactive(scores, sstate.count > 0)
     if ctx.mask_task_logits:
       scores = masked_logits(scores, task, ctx.info.task_classes)
     return scores

@@ -90,14 +90,14 @@ from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import (require_class_stream,
                                                  require_per_class)
-from jaxcl.strategies.der import logit_width
+from jaxcl.strategies.der import logit_mse, logit_width, store_with_logits
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, new_classes
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["xder", "XDERState", "transplant", "margin_loss",
-           "balanced_keep", "first_per_class"]
+           "first_per_class"]
 
 _NEG = -1e9
 
@@ -143,17 +143,7 @@ def first_per_class(y: jax.Array, eligible: jax.Array, order: jax.Array,
   """Bool: the first ``quota[y]`` eligible entries of each class ``y`` by
   ``order`` (a per-entry score, lower first)."""
   score = jnp.where(eligible, order, jnp.inf)
-  rank = buffers._rank_within_groups(y, score)  # pylint: disable=protected-access
-  return eligible & (rank < quota[y])
-
-
-def balanced_keep(mem: buffers.Memory, per_class: jax.Array) -> jax.Array:
-  """Bool ``(K,)``: the valid entries kept when each class keeps its first
-  ``per_class`` (by slot) ones."""
-  slot = jnp.arange(mem.valid.shape[0], dtype=jnp.float32)
-  score = jnp.where(mem.valid, slot, jnp.inf)
-  rank = buffers._rank_within_groups(mem.y, score)  # pylint: disable=protected-access
-  return mem.valid & (rank < per_class)
+  return eligible & (buffers.rank_within_groups(y, score) < quota[y])
 
 
 def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
@@ -277,10 +267,8 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     b = ctx.info.batch_size
     out = memory_outputs(ctx, sstate, params, batch)
     o1, o2 = out[:r], out[r:]
-    ok1 = batch["xder_ok1"].astype(jnp.float32)
-    z1 = sstate.logits[batch["xder_i1"]]
-    der = jnp.sum(ok1[:, None] * (o1 - z1) ** 2) / jnp.maximum(
-        jnp.sum(ok1) * out.shape[-1], 1.0)
+    der = logit_mse(o1, sstate.logits[batch["xder_i1"]],
+                    batch["xder_ok1"].astype(jnp.float32))
     first = sstate.experience == 0
     label_cols = jnp.where(first, sstate.current, sstate.seen)
     derpp = cross_entropy(jnp.where(label_cols, o2, _NEG), batch["xder_y2"],
@@ -308,23 +296,16 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     return alpha * der + beta * derpp + eta * (past + fut)
 
   def after_step(ctx, sstate, info):
-    b = ctx.info.batch_size
     r = replay_size(ctx)
     batch = info.batch
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
     k_res, k_upd = jax.random.split(key)
     first = sstate.experience == 0
-    # Experience 0: a reservoir of the incoming rows and their logits.
-    rows = incoming_rows(ctx, batch)
-    mask = jnp.where(first, rows["mask"], 0.0)
-    slots, seen_count = buffers.reservoir_slots(sstate.memory, k_res, mask,
-                                                after=info.loss)
-    mem = buffers.put_rows(sstate.memory, slots, rows["x"], rows["y"],
-                           rows["task"],
-                           jnp.full((b,), sstate.experience, jnp.int32))
-    mem = mem._replace(seen=jnp.where(first, seen_count, mem.seen))
-    logits = sstate.logits.at[slots].set(
-        info.logits[:b].astype(jnp.float32), mode="drop")
+    # Experience 0: a reservoir of the incoming rows and their logits, as
+    # DER's (rows not offered leave the counter alone).
+    mask = jnp.where(first, incoming_rows(ctx, batch)["mask"], 0.0)
+    mem, logits = store_with_logits(ctx, sstate.memory, sstate.logits, k_res,
+                                    info, sstate.experience, mask)
     # Later experiences: each replayed past entry, at its k-th draw, has
     # its current and future logits written over with probability 1 / k.
     idx = jnp.concatenate([batch["xder_i1"], batch["xder_i2"]])
@@ -347,8 +328,10 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     first = ss.experience == 0
     # 1. Keep the first K / |P ∪ N| entries of each class (experience 0:
     # none; its reservoir was for replay during the experience only).
-    keep = balanced_keep(mem, k // jnp.maximum(jnp.sum(classes), 1))
-    keep = keep & ~first
+    per_class = k // jnp.maximum(jnp.sum(classes), 1)
+    keep = first_per_class(mem.y, mem.valid,
+                           jnp.arange(k, dtype=jnp.float32),
+                           jnp.full(classes.shape, per_class)) & ~first
     mem = mem._replace(valid=keep)
     free = k - jnp.sum(keep)
     # 2. The current classes share the free slots equally, the remainder
@@ -358,7 +341,7 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     n_cur = jnp.maximum(jnp.sum(ss.current), 1)
     base = free // n_cur
     lucky = jax.random.uniform(k_extra, ss.current.shape)
-    lucky_rank = buffers._rank_within_groups(  # pylint: disable=protected-access
+    lucky_rank = buffers.rank_within_groups(
         jnp.zeros_like(ss.class_exp), jnp.where(ss.current, lucky, jnp.inf))
     quota = jnp.where(ss.current,
                       base + (lucky_rank < free - base * n_cur), 0)
