@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
-           "cross_entropy", "masked_logits"]
+           "cross_entropy", "cross_entropy_over", "masked_logits"]
 
 # A mini-batch: {'x': (B, ...), 'y': (B,) int32, 'task': (B,) int32,
 # 'mask': (B,) float32 weights (0 for padding or empty replay slots)}.
@@ -192,3 +192,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
   return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def cross_entropy_over(logits: jax.Array, labels: jax.Array,
+                       mask: jax.Array, classes: jax.Array) -> jax.Array:
+  """:func:`cross_entropy` over the classes in ``classes`` (bool ``(C,)``)
+  for the rows whose label is one of them, over every class for the other
+  rows (e.g. a chained member's replayed rows), so no row's own label is
+  masked out of its loss."""
+  inside = classes[labels][:, None]
+  keep = jnp.where(inside, classes[None, :], True)
+  return cross_entropy(jnp.where(keep, logits, -1e9), labels, mask)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers
-from jaxcl.state import cross_entropy
+from jaxcl.state import cross_entropy_over
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import new_classes
 
@@ -70,9 +70,8 @@ def seen_cross_entropy(ctx, sstate, logits: jax.Array,
   """A ``task_loss``: the cross-entropy over the classes seen so far (the
   finished experiences' and the current one's)."""
   del ctx
-  active = sstate.seen | sstate.current
-  return cross_entropy(jnp.where(active, logits, NEG), batch["y"],
-                       batch["mask"])
+  return cross_entropy_over(logits, batch["y"], batch["mask"],
+                            sstate.seen | sstate.current)
 
 
 def mask_inactive(logits: jax.Array, active: jax.Array) -> jax.Array:

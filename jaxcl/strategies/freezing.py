@@ -46,14 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import checks
-from jaxcl.state import cross_entropy
+from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._freeze import require_part, restore_part, zero_part
 from jaxcl.strategy import Strategy
 
 __all__ = ["freezing", "FreezingState"]
 
 BACKBONE, HEAD = "backbone", "head"
-_NEG = -1e9
 
 
 class FreezingState(NamedTuple):
@@ -97,11 +96,9 @@ def freezing(freeze_after: int = 0, all_outputs: bool = False) -> Strategy:
       return cross_entropy(logits, batch["y"], batch["mask"])
     # Rows of the experience's classes: its classes only. Rows of other
     # classes (a chained replay member's) over every class, as FACIL's
-    # criterion with exemplars, so their loss stays finite.
-    own = sstate.current[batch["y"]][:, None]
-    cols = jnp.where(own, sstate.current[None, :], True)
-    return cross_entropy(jnp.where(cols, logits, _NEG), batch["y"],
-                         batch["mask"])
+    # criterion with exemplars.
+    return cross_entropy_over(logits, batch["y"], batch["mask"],
+                              sstate.current)
 
   def class_columns(sstate, leaf):
     """Where ``leaf``'s last axis holds the current classes' weights (its

@@ -87,7 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
+from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._class_incremental import (require_class_stream,
                                                  require_per_class)
 from jaxcl.strategies.der import logit_mse, logit_width, store_with_logits
@@ -253,14 +253,10 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
   def task_loss(ctx, sstate, logits, batch):
     del ctx
     # The stream's cross-entropy over the current and future classes (or
-    # the current ones only, with future_ce=False). Rows
-    # of past classes (a chained member's replayed rows) take it over every
-    # class, so their label's logit is not masked out of their own loss.
-    left_out = sstate.seen if future_ce else ~sstate.current
-    past_row = sstate.seen[batch["y"]][:, None]
-    masked = jnp.where(past_row, False, left_out[None, :])
-    return cross_entropy(jnp.where(masked, _NEG, logits), batch["y"],
-                         batch["mask"])
+    # the current ones only, with future_ce=False); rows of past classes (a
+    # chained member's replayed rows) take it over every class.
+    return cross_entropy_over(logits, batch["y"], batch["mask"],
+                              ~sstate.seen if future_ce else sstate.current)
 
   def loss(ctx, sstate, params, batch, logits):
     r = replay_size(ctx)
