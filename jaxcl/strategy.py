@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Strategy", "identity", "chain", "default_predict",
+__all__ = ["Strategy", "identity", "chain", "default_predict", "zero_grads",
            "mark_experience", "mark_experience_start", "check_task_seen",
            "new_classes"]
 
@@ -84,6 +84,14 @@ def _zero_loss(ctx, sstate, params, batch, logits):
 def _same_grads(ctx, sstate, grads, params, batch, key):
   del ctx, sstate, params, batch, key
   return grads
+
+
+def zero_grads(ctx, sstate, grads, params, batch, key):
+  """An ``update_grads`` for methods that train nothing from the stream
+  (GDumb, SLDA): zero gradients, so a plain optimiser leaves the
+  parameters where they are."""
+  del ctx, sstate, params, batch, key
+  return jax.tree.map(jnp.zeros_like, grads)
 
 
 def _same_params(ctx, sstate, params):

@@ -48,7 +48,7 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies.replay import incoming_rows
-from jaxcl.strategy import Strategy, mark_experience
+from jaxcl.strategy import Strategy, mark_experience, zero_grads
 from jaxcl.train import init_variables
 
 __all__ = ["gdumb", "GDumbState", "retrain"]
@@ -263,10 +263,6 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
     return GDumbState(buffers.init(mem_size, ctx.info.input_shape),
                       jnp.zeros((), jnp.int32), key)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, sstate, params, batch, key
-    return jax.tree.map(jnp.zeros_like, grads)
-
   def after_step(ctx, sstate, info):
     rows = incoming_rows(ctx, info.batch)
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
@@ -290,6 +286,6 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
     return jnp.where(jnp.any(allowed) & ~allowed, _NEG, logits)
 
   return Strategy(init=init, before_experience=mark_experience,
-                  update_grads=update_grads, after_step=after_step,
+                  update_grads=zero_grads, after_step=after_step,
                   after_experience=after_experience, predict=predict,
                   name="gdumb")

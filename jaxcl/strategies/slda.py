@@ -73,7 +73,7 @@ from jaxcl import checks
 from jaxcl.state import masked_logits
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.replay import incoming_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, zero_grads
 from jaxcl.train import init_variables
 
 __all__ = ["slda", "SLDAState", "streaming_update", "classifier",
@@ -210,10 +210,6 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
                        model_state=jax.tree.map(jnp.copy, state.model_state))
     return state.replace(strategy=ss)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, sstate, params, batch, key
-    return jax.tree.map(jnp.zeros_like, grads)
-
   def after_step(ctx, sstate, info):
     rows = incoming_rows(ctx, info.batch)
     # Each training row once, whatever the number of epochs.
@@ -245,6 +241,6 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
     return scores
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads, after_step=after_step,
+                  update_grads=zero_grads, after_step=after_step,
                   after_experience=after_experience, predict=predict,
                   name="slda")
