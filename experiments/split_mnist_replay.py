@@ -65,6 +65,12 @@ Protocols (one per paper; picked by ``strategy``):
   model and stream with Mammoth's ``best_args`` for ``seq-mnist``
   (``GSS_ARGS``): batch 128 (not 10), 10 replayed, 10 stored examples to
   score against, lr 0.1.
+* ``fdr`` (Benjamin et al. 2019, `Measuring and regularizing networks in
+  function space <https://arxiv.org/abs/1805.08289>`_; as Buzzega et al.
+  2020 run it, Mammoth's ``fdr``): the ``replay`` protocol's model and
+  stream with Mammoth's ``best_args`` for ``seq-mnist`` (``FDR_ARGS``):
+  batch 128 (not 10), 128 replayed, lr 0.03 (memory 200) / 0.1 (500);
+  the distance weight is the code's 1.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -81,6 +87,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_aml,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gss,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=xder,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=fdr,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
@@ -152,6 +159,12 @@ DER_ARGS["xder"] = DER_ARGS["derpp"]
 GSS_ARGS = {200: (0.1, 128, 10, 10), 500: (0.1, 128, 10, 10),
             5120: (0.1, 128, 128, 10)}
 
+# Mammoth's best FDR settings on seq-mnist (utils/best_args.py): memory
+# size -> (lr, training batch, replayed batch). Its ``alpha`` is parsed
+# and never used by the code (jaxcl/strategies/fdr.py), so it is left out.
+FDR_ARGS = {200: (0.03, 128, 128), 500: (0.1, 128, 128),
+            5120: (0.1, 128, 128)}
+
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
@@ -187,6 +200,12 @@ def get_config(arg=None):
   elif s == "gss":
     online(c, 0.0)  # the learning rate and batch are the table's
     set_gss(c, a, GSS_ARGS)
+  elif s == "fdr":
+    online(c, 0.0)  # the learning rate and batch are the table's
+    lr, batch, replayed = FDR_ARGS[min(FDR_ARGS, key=lambda k: abs(k - m))]
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.train.batch_size = batch
+    c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
@@ -229,7 +248,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss")
+                     "gss, fdr")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -19,6 +19,8 @@ from jaxcl.strategies import gss as gss_mod
 from jaxcl.strategies.gss import gss
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
+from jaxcl.strategies import fdr as fdr_mod
+from jaxcl.strategies.fdr import fdr
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
@@ -1253,7 +1255,7 @@ def _load_config(name):
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
     "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
-    "strategy=gss,mem_size=200"])
+    "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
@@ -1507,3 +1509,151 @@ def test_xder_needs_a_class_incremental_stream(digits):
   ctx = make_ctx(scenarios.split(digits, 5))
   with pytest.raises(ValueError, match="mem_size=5 gives 0 examples"):
     train.init_state(ctx, xder(mem_size=5, batch_size=2), 0)
+
+
+# ---------------------------------------------------------------------------
+# FDR.
+
+
+def test_fdr_softmax_distance_by_hand():
+  rng = np.random.default_rng(0)
+  out, z = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+  z[1] = out[1]                       # equal distributions: distance 0
+  ok = np.array([1.0, 1.0, 1.0, 0.0])  # the last row is padding
+  sm = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+  want = np.linalg.norm(sm(out) - sm(z), axis=1)[:3].sum() / 3
+  got = fdr_mod.softmax_distance(jnp.asarray(out), jnp.asarray(z),
+                                 jnp.asarray(ok))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # The gradient is finite, and 0 on the equal row and on padding.
+  g = np.asarray(jax.grad(fdr_mod.softmax_distance)(
+      jnp.asarray(out), jnp.asarray(z), jnp.asarray(ok)))
+  assert np.isfinite(g).all()
+  np.testing.assert_array_equal(g[1], 0.0)
+  np.testing.assert_array_equal(g[3], 0.0)
+  assert np.abs(g[0]).sum() > 0
+
+
+def test_fdr_memory_is_experience_balanced_with_logits_at_the_end(stream):
+  ctx = make_ctx(stream)
+  s = fdr(mem_size=40)
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  logits = lambda p, m: np.asarray(ctx.logits(p, {}, m.x, m.task))
+  # Experience 0 ends: all 40 slots are its examples, with the logits of
+  # the network as it ends.
+  st = s.before_experience(ctx, state, e0)
+  st = s.after_experience(ctx, st, e0)
+  ss = st.strategy
+  mem = ss.memory
+  assert np.asarray(mem.valid).all()
+  np.testing.assert_array_equal(np.asarray(mem.experience), 0)
+  assert set(np.asarray(mem.y).tolist()) <= set(e0.train_y.tolist())
+  np.testing.assert_allclose(np.asarray(ss.logits),
+                             logits(st.params, mem), rtol=1e-5, atol=1e-6)
+  rows = {r.tobytes() for r in np.asarray(mem.x).reshape(40, -1)}
+  assert len(rows) == 40      # no example twice
+  # Experience 1 ends under other parameters: 20 of each; experience 0's
+  # kept entries keep their logits bit for bit, experience 1's are new.
+  old = {np.asarray(mem.x[i]).tobytes(): np.asarray(ss.logits[i])
+         for i in range(40)}
+  moved = jax.tree.map(lambda p: p + 0.5, st.params)
+  st = st.replace(params=moved)
+  st = s.before_experience(ctx, st, e1)
+  st = s.after_experience(ctx, st, e1)
+  ss = st.strategy
+  mem = ss.memory
+  ex = np.asarray(mem.experience)
+  assert (ex == 0).sum() == 20 and (ex == 1).sum() == 20
+  now = logits(moved, mem)
+  for i in range(40):
+    if ex[i] == 0:
+      np.testing.assert_array_equal(np.asarray(ss.logits[i]),
+                                    old[np.asarray(mem.x[i]).tobytes()])
+    else:
+      np.testing.assert_allclose(np.asarray(ss.logits[i]), now[i],
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_fdr_step_is_the_codes_two_sgd_steps(stream):
+  """One FDR step with plain SGD is Mammoth's two: a cross-entropy step on
+  the batch, then a function-distance step (weight alpha) on memory rows
+  from the parameters the first one reached."""
+  lr, alpha = 0.1, 0.7
+  ctx = make_ctx(stream, lr=lr)
+  s = fdr(mem_size=30, alpha=alpha, batch_size=8)
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  # During experience 0 the memory is empty: the step is plain SGD.
+  b0 = batch_of(e0)
+  st, _, prepared = der_step(ctx, s, state, b0)
+  assert not np.asarray(prepared["fdr_ok"]).any()
+  ce = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"],
+                                             train=True), b["y"], b["mask"])
+  want = jax.tree.map(lambda p, g: p - lr * g, state.params,
+                      jax.grad(ce)(state.params, b0))
+  for a, b in zip(jax.tree.leaves(st.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+  st = s.after_experience(ctx, st, e0)
+  st = s.before_experience(ctx, st, e1)
+  b1 = batch_of(e1)
+  new, loss, prepared = der_step(ctx, s, st, b1)
+  assert np.asarray(prepared["fdr_ok"]).all()
+  theta = st.params
+  theta1 = jax.tree.map(lambda p, g: p - lr * g, theta,
+                        jax.grad(ce)(theta, b1))
+
+  def distance(p):
+    out = ctx.logits(p, {}, prepared["fdr_x"], prepared["fdr_task"],
+                     train=True)
+    sm = jax.nn.softmax
+    return jnp.mean(jnp.linalg.norm(sm(out) - sm(prepared["fdr_z"]),
+                                    axis=1))
+
+  theta2 = jax.tree.map(lambda p, g: p - lr * alpha * g, theta1,
+                        jax.grad(distance)(theta1))
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(theta2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+  # The step's loss reports both terms.
+  np.testing.assert_allclose(
+      float(loss), float(ce(theta, b1)) + alpha * float(distance(theta1)),
+      rtol=1e-5)
+  # ... and the second term moved the parameters (not a no-op).
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(new.params), jax.tree.leaves(theta1))) > 1e-5
+
+
+def test_fdr_keeps_old_outputs_on_split_digits(full_stream):
+  """Matching the stored softmax slows forgetting: after the stream, FDR's
+  accuracy on the first experience is well above Naive's."""
+  accs = {}
+  for name, kw in (("naive", {}), ("fdr", dict(fdr=dict(mem_size=100)))):
+    cfg = config(name, **kw)
+    cfg.train.epochs = 2
+    accs[name] = experiment.run(cfg, scenario=full_stream).accuracy
+  assert accs["naive"][-1, 0] < 0.1, accs["naive"]
+  assert accs["fdr"][-1, 0] > 0.3, accs["fdr"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(alpha=-1.0), "fdr: alpha must be a finite number >= 0, got -1"),
+    (dict(alpha=float("inf")), "fdr: alpha must be a finite number"),
+    (dict(mem_size=0), "fdr: mem_size must be a positive int, got 0"),
+    (dict(batch_size=-2), "fdr: batch_size must be an int >= 0"),
+])
+def test_fdr_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    fdr(**kwargs)
+
+
+def test_fdr_bad_sizes_at_init(full_stream):
+  ctx = make_ctx(full_stream)   # 5 experiences, training batch 10
+  params = train.init_variables(ctx, jax.random.PRNGKey(0))[0]
+  with pytest.raises(ValueError, match="fdr: batch_size=10 is larger than "
+                     "the memory capacity mem_size=8"):
+    fdr(mem_size=8).init(ctx, jax.random.PRNGKey(0), params)
+  with pytest.raises(ValueError, match="fdr: mem_size=4 is smaller than the "
+                     "number of experiences \\(5\\)"):
+    fdr(mem_size=4, batch_size=2).init(ctx, jax.random.PRNGKey(0), params)

@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder"),
+               "er_aml", "xder", "fdr"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -83,6 +83,9 @@ PAPERS: dict[str, str] = {
     "xder": "Boschini, Bonicelli, Buzzega, Porrello & Calderara 2022, "
             "*Class-incremental continual learning into the eXtended "
             "DER-verse*, TPAMI (X-DER; Mammoth's xder_ce)",
+    "fdr": "Benjamin, Rolnick & Kording 2019, *Measuring and regularizing "
+           "networks in function space*, ICLR (FDR; as Buzzega et al. "
+           "2020 run it, Mammoth's fdr)",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
