@@ -71,6 +71,13 @@ Protocols (one per paper; picked by ``strategy``):
   stream with Mammoth's ``best_args`` for ``seq-mnist`` (``FDR_ARGS``):
   batch 128 (not 10), 128 replayed, lr 0.03 (memory 200) / 0.1 (500);
   the distance weight is the code's 1.
+* ``hal`` (Chaudhry et al. 2021, `Using hindsight to anchor past
+  knowledge in continual learning <https://arxiv.org/abs/2002.08165>`_; as
+  Buzzega et al. 2020 run it, Mammoth's ``hal``): the same model and
+  stream with Mammoth's ``best_args`` for ``seq-mnist`` (``HAL_ARGS``):
+  batch 128, 128 replayed from a reservoir, lr 0.1 (also the anchors'),
+  lambda 0.1, gamma 0.5, beta 0.7 (memory 200) / 0.2 (500), 100 steps
+  per anchor.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -88,10 +95,12 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gss,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=xder,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=fdr,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=hal,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
-protocol's), ``layer`` (latent replay / ExStream split point),
+protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
+anchor weight; < 0: the protocol's),
 ``epochs`` (GDumb's retraining epochs; 0: 128), ``recipe`` (GDumb: code |
 cosine), ``init`` (model initialisation; empty: the protocol's),
 ``subset`` (a random subset of the training set: 5000 gives the MIR
@@ -165,12 +174,18 @@ GSS_ARGS = {200: (0.1, 128, 10, 10), 500: (0.1, 128, 10, 10),
 FDR_ARGS = {200: (0.03, 128, 128), 500: (0.1, 128, 128),
             5120: (0.1, 128, 128)}
 
+# Mammoth's best HAL settings on seq-mnist (utils/best_args.py): memory
+# size -> (lr, training batch, replayed batch, hal_lambda, beta, gamma).
+HAL_ARGS = {200: (0.1, 128, 128, 0.1, 0.7, 0.5),
+            500: (0.1, 128, 128, 0.1, 0.2, 0.5),
+            5120: (0.1, 128, 128, 0.1, 0.7, 0.5)}
+
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
-                recipe="code", future_ce=True, quick=False)
+                recipe="code", future_ce=True, lam=-1.0, quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -206,6 +221,17 @@ def get_config(arg=None):
     c.optimizer.learning_rate = a["lr"] or lr
     c.train.batch_size = batch
     c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
+  elif s == "hal":
+    online(c, 0.0)  # the learning rate and batch are the table's
+    lr, batch, replayed, lam, beta, gamma = HAL_ARGS[
+        min(HAL_ARGS, key=lambda k: abs(k - m))]
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.train.batch_size = batch
+    c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m),
+                          lam=lam if a["lam"] < 0 else a["lam"], beta=beta,
+                          gamma=gamma, anchor_lr=c.optimizer.learning_rate)
+    if a["lam"] >= 0:
+      c.name += f"_lam{a['lam']:g}"
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
@@ -248,7 +274,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss, fdr")
+                     "gss, fdr, hal")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -21,6 +21,8 @@ from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
 from jaxcl.strategies import fdr as fdr_mod
 from jaxcl.strategies.fdr import fdr
+from jaxcl.strategies import hal as hal_mod
+from jaxcl.strategies.hal import hal
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
@@ -1255,7 +1257,8 @@ def _load_config(name):
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
     "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
-    "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200"])
+    "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200",
+    "strategy=hal,mem_size=200"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
@@ -1657,3 +1660,159 @@ def test_fdr_bad_sizes_at_init(full_stream):
   with pytest.raises(ValueError, match="fdr: mem_size=4 is smaller than the "
                      "number of experiences \\(5\\)"):
     fdr(mem_size=4, batch_size=2).init(ctx, jax.random.PRNGKey(0), params)
+
+
+# ---------------------------------------------------------------------------
+# HAL.
+
+
+def _with_anchors(ss, anchors, y):
+  n = anchors.shape[0]
+  return ss._replace(anchors=ss.anchors.at[:n].set(anchors),
+                     anchor_y=ss.anchor_y.at[:n].set(y),
+                     anchor_ok=ss.anchor_ok.at[:n].set(True))
+
+
+@pytest.mark.parametrize("lookahead_lr", [0.0, 0.3])
+def test_hal_step_is_the_codes_two_pass_update(stream, lookahead_lr):
+  """With plain SGD a HAL step is the code's: a replay step to θ̃, then,
+  from θ, one step on the replay loss plus lam times the mean squared move
+  of the anchors' outputs towards f_θ̃ (held constant)."""
+  lr, lam = 0.1, 0.7
+  ctx = make_ctx(stream, lr=lr)
+  s = hal(mem_size=30, batch_size=6, lam=lam, lookahead_lr=lookahead_lr)
+  state = train.init_state(ctx, s, 0)
+  e0 = stream.experiences[0]
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(2):   # fill the reservoir with 20 rows
+    state = step(state, batch_of(e0, start=B * i))
+  anchors = jnp.asarray(np.random.default_rng(1).uniform(
+      size=(3,) + e0.train_x.shape[1:]), jnp.float32)
+  state = state.replace(strategy=_with_anchors(state.strategy, anchors,
+                                               jnp.array([0, 1, 0])))
+  b = batch_of(e0, start=2 * B)
+  new, loss, prepared = der_step(ctx, s, state, b)
+  assert prepared["x"].shape[0] == B + 6 and prepared["mask"].all()
+  theta = state.params
+  out = lambda p, x, t: ctx.logits(p, {}, x, t, train=True)
+  ce = lambda p: cross_entropy(out(p, prepared["x"], prepared["task"]),
+                               prepared["y"], prepared["mask"])
+  g = jax.grad(ce)(theta)
+  ahead = jax.tree.map(lambda p, d: p - (lookahead_lr or lr) * d, theta, g)
+  t = jnp.zeros((3,), jnp.int32)
+  target = out(ahead, anchors, t)
+  pen = lambda p: lam * jnp.mean((out(p, anchors, t) - target) ** 2)
+  want = jax.tree.map(lambda p, a, c: p - lr * (a + c), theta, g,
+                      jax.grad(pen)(theta))
+  for a, w in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(ce(theta) + pen(theta)),
+                             rtol=1e-5)
+  assert float(pen(theta)) > 0
+  # The anchors' slots past the three learned ones are left out: zeroing
+  # them would change nothing, while an unmasked slot would.
+  assert not np.asarray(state.strategy.anchor_ok[3:]).any()
+
+
+def test_hal_learn_anchors_is_sgd_on_each_anchors_objective(stream):
+  ctx = make_ctx(stream)
+  k = jax.random.PRNGKey(0)
+  p_t = train.init_variables(ctx, k)[0]
+  p_m = train.init_variables(ctx, jax.random.PRNGKey(1))[0]
+  shape = stream.experiences[0].train_x.shape[1:]
+  e0 = jax.random.uniform(jax.random.PRNGKey(2), (2,) + shape)
+  y = jnp.array([3, 7])
+  task = jnp.zeros((2,), jnp.int32)
+  phi = jnp.linspace(0.0, 1.0, 32)
+  lr, gamma = 0.05, 0.3
+  got = hal_mod.learn_anchors(ctx, p_t, p_m, {}, phi, y, task, e0, lr,
+                              gamma, 3)
+
+  def one(e, c):   # the code's loop body, one anchor at a time
+    ce = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        ctx.logits(p, {}, e[None], task[:1]), jnp.array([c]))[0]
+    feat = ctx.apply(p_t, {}, e[None], task[:1], features=True)[0][0]
+    return -ce(p_m) + ce(p_t) + gamma * jnp.sum((feat - phi) ** 2)
+
+  for i in range(2):
+    e = e0[i]
+    for _ in range(3):
+      e = e - lr * jax.grad(one)(e, int(y[i]))
+    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(e), rtol=1e-4,
+                               atol=1e-5)
+  assert float(jnp.abs(got - e0).max()) > 1e-3
+
+
+def test_hal_anchors_and_running_features_on_split_digits(stream):
+  beta = 0.6
+  ctx = make_ctx(stream)
+  s = hal(mem_size=40, beta=beta, anchor_steps=100)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  state = s.before_experience(ctx, state, e0)
+  # φ: the running mean of the incoming rows' features after each step,
+  # from 0 as the experience starts.
+  feats = lambda p, x: np.asarray(ctx.apply(
+      p, {}, x, jnp.zeros((x.shape[0],), jnp.int32), features=True)[0])
+  phi = np.zeros(32)
+  for i in range(2):
+    b = batch_of(e0, start=B * i)
+    state = step(state, b)
+    phi = beta * phi + (1 - beta) * feats(state.params, b["x"]).mean(0)
+  np.testing.assert_allclose(np.asarray(state.strategy.phi), phi, rtol=1e-5,
+                             atol=1e-6)
+  assert np.abs(phi).sum() > 0
+  for i in range(2, 30):   # train the experience a little
+    state = step(state, batch_of(e0, start=(B * i) % len(e0.train_y)))
+  state = s.after_experience(ctx, state, e0)
+  ss = state.strategy
+  classes = sorted(set(e0.train_y.tolist()))
+  np.testing.assert_array_equal(np.asarray(ss.anchor_ok),
+                                [True] * 2 + [False] * 8)
+  np.testing.assert_array_equal(np.asarray(ss.anchor_y[:2]), classes)
+  # The mean-feature term pulls the anchors' features to φ: closer than
+  # those of any of 50 inputs drawn as the anchors start.
+  phi = np.asarray(ss.phi)
+  dist = lambda x: np.linalg.norm(feats(state.params, x) - phi, axis=1)
+  start = jax.random.uniform(jax.random.PRNGKey(5),
+                             (50,) + e0.train_x.shape[1:])
+  assert dist(ss.anchors[:2]).max() < dist(start).min()
+  # The next experience starts φ again and adds its own two anchors.
+  state = s.before_experience(ctx, state, e1)
+  assert not np.asarray(state.strategy.phi).any()
+  state = s.after_experience(ctx, state, e1)
+  np.testing.assert_array_equal(np.asarray(state.strategy.anchor_y[:4]),
+                                classes + sorted(set(e1.train_y.tolist())))
+
+
+def test_hal_anchor_capacity_and_overflow(stream):
+  ctx = make_ctx(stream)
+  assert hal_mod.anchor_capacity(ctx.info) == 10
+  assert hal_mod.anchor_capacity(dataclasses.replace(
+      ctx.info, kind="domain")) == 20
+  s = hal(mem_size=20, anchor_steps=1)
+  state = train.init_state(ctx, s, 0)
+  e0 = stream.experiences[0]
+  for _ in range(5):   # 5 x 2 classes fill the 10 slots
+    state = s.after_experience(ctx, state, e0)
+  with pytest.raises(ValueError, match="hal: experience 0 brings classes "
+                     r"\[0, 1\] for 0 free anchor slots of 10"):
+    s.after_experience(ctx, state, e0)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(lam=-1.0), "hal: lam must be a finite number >= 0"),
+    (dict(beta=1.5), r"hal: beta must be in \[0, 1\], got 1.5"),
+    (dict(beta=-0.1), "hal: beta must be a finite number >= 0"),
+    (dict(gamma=float("nan")), "hal: gamma must be a finite number"),
+    (dict(anchor_lr=0.0), "hal: anchor_lr must be a finite number > 0"),
+    (dict(anchor_steps=0), "hal: anchor_steps must be an int >= 1"),
+    (dict(finetune_steps=-1), "hal: finetune_steps must be an int >= 0"),
+    (dict(mem_size=0), "hal: mem_size must be a positive int, got 0"),
+    (dict(lookahead_lr=-0.1), "hal: lookahead_lr must be a finite number"),
+])
+def test_hal_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    hal(**kwargs)

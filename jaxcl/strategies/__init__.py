@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder", "fdr"),
+               "er_aml", "xder", "fdr", "hal"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -86,6 +86,9 @@ PAPERS: dict[str, str] = {
     "fdr": "Benjamin, Rolnick & Kording 2019, *Measuring and regularizing "
            "networks in function space*, ICLR (FDR; as Buzzega et al. "
            "2020 run it, Mammoth's fdr)",
+    "hal": "Chaudhry, Gordo, Dokania, Torr & Lopez-Paz 2021, *Using "
+           "hindsight to anchor past knowledge in continual learning*, AAAI "
+           "(HAL; as Mammoth's hal runs it)",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "
