@@ -78,6 +78,15 @@ Protocols (one per paper; picked by ``strategy``):
   batch 128, 128 replayed from a reservoir, lr 0.1 (also the anchors'),
   lambda 0.1, gamma 0.5, beta 0.7 (memory 200) / 0.2 (500), 100 steps
   per anchor.
+* ``mer`` (Riemer et al. 2019, `Learning to learn without forgetting by
+  maximizing transfer and minimizing interference
+  <https://arxiv.org/abs/1810.11910>`_; as Buzzega et al. 2020 run it,
+  Mammoth's ``mer``): the same model and stream with Mammoth's
+  ``best_args`` for ``seq-mnist``: a stream batch of 1, 128 replayed,
+  lr 0.1, beta = gamma = 1, one batch per example, one step on the
+  batch's mean loss (``per_example=False``, Mammoth's); that is
+  experience replay on batch 1 + 128. ``per_example=True`` runs the
+  paper's single-example steps with the same settings.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -96,11 +105,13 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=xder,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=fdr,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=hal,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=mer,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
-anchor weight; < 0: the protocol's),
+anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
+single-example steps),
 ``epochs`` (GDumb's retraining epochs; 0: 128), ``recipe`` (GDumb: code |
 cosine), ``init`` (model initialisation; empty: the protocol's),
 ``subset`` (a random subset of the training set: 5000 gives the MIR
@@ -180,12 +191,18 @@ HAL_ARGS = {200: (0.1, 128, 128, 0.1, 0.7, 0.5),
             500: (0.1, 128, 128, 0.1, 0.2, 0.5),
             5120: (0.1, 128, 128, 0.1, 0.7, 0.5)}
 
+# Mammoth's best MER settings on seq-mnist (utils/best_args.py): memory
+# size -> (lr, replayed batch, beta, gamma, batches); the stream batch is 1.
+MER_ARGS = {200: (0.1, 128, 1.0, 1.0, 1), 500: (0.1, 128, 1.0, 1.0, 1),
+            5120: (0.03, 128, 1.0, 1.0, 1)}
+
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
-                recipe="code", future_ce=True, lam=-1.0, quick=False)
+                recipe="code", future_ce=True, lam=-1.0, per_example=False,
+                quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -232,6 +249,18 @@ def get_config(arg=None):
                           gamma=gamma, anchor_lr=c.optimizer.learning_rate)
     if a["lam"] >= 0:
       c.name += f"_lam{a['lam']:g}"
+  elif s == "mer":
+    online(c, 0.0)  # the learning rate is the table's
+    lr, replayed, beta, gamma, batches = MER_ARGS[
+        min(MER_ARGS, key=lambda k: abs(k - m))]
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.train.batch_size = 1
+    c.strategy.mer = dict(mem_size=m, batch_size=min(replayed, m),
+                          batches=batches, beta=beta, gamma=gamma,
+                          lr=c.optimizer.learning_rate,
+                          per_example=a["per_example"])
+    if a["per_example"]:
+      c.name += "_per_example"
   elif s in ("latent_replay", "exstream"):
     online(c, a["lr"] or 0.1)
     entries = m * PIXELS // latent_dim(a["layer"])
@@ -274,7 +303,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss, fdr, hal")
+                     "gss, fdr, hal, mer")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -23,6 +23,7 @@ from jaxcl.strategies import fdr as fdr_mod
 from jaxcl.strategies.fdr import fdr
 from jaxcl.strategies import hal as hal_mod
 from jaxcl.strategies.hal import hal
+from jaxcl.strategies.mer import mer
 from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
@@ -1258,7 +1259,7 @@ def _load_config(name):
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
     "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
     "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200",
-    "strategy=hal,mem_size=200"])
+    "strategy=hal,mem_size=200", "strategy=mer,mem_size=200"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
@@ -1816,3 +1817,146 @@ def test_hal_anchor_capacity_and_overflow(stream):
 def test_hal_bad_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     hal(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# MER.
+
+
+def _mer_reference(ctx, params, prepared, lr, beta, gamma, batches,
+                   per_example):
+  """Riemer et al.'s Algorithm 1 (``model/meralg1.py``) as a Python loop
+  over the prepared batch's incoming rows and drawn memory rows."""
+  def ce(p, x, y, t, w):
+    return cross_entropy(ctx.logits(p, {}, x, t, train=True), y, w)
+
+  @jax.jit
+  def sgd(p, x, y, t, w):
+    return jax.tree.map(lambda a, g: a - lr * g, p,
+                        jax.grad(ce)(p, x, y, t, w))
+
+  mix = lambda a, b, r: jax.tree.map(lambda u, v: u + r * (v - u), a, b)
+  theta = params
+  for i in range(prepared["y"].shape[0]):
+    if not prepared["mask"][i]:
+      continue
+    before = theta
+    for s in range(batches):
+      wb = theta
+      x = jnp.concatenate([prepared["x"][i][None], prepared["mer_x"][i, s]])
+      y = jnp.concatenate([prepared["y"][i][None], prepared["mer_y"][i, s]])
+      t = jnp.concatenate([prepared["task"][i][None],
+                           prepared["mer_task"][i, s]])
+      w = jnp.concatenate([jnp.ones((1,)), prepared["mer_ok"][i, s]])
+      if per_example:
+        for j in range(len(y)):
+          if w[j]:
+            theta = sgd(theta, x[j:j + 1], y[j:j + 1], t[j:j + 1],
+                        jnp.ones((1,)))
+      else:
+        theta = sgd(theta, x, y, t, w)
+      theta = mix(wb, theta, beta)
+    theta = mix(before, theta, gamma)
+  return theta
+
+
+def _mer_state(ctx, s, exp, steps):
+  state = train.init_state(ctx, s, 0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  n = ctx.info.batch_size
+  for i in range(steps):
+    state = step(state, batch_of(exp, n=n, start=n * i))
+  return state
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_mer_step_is_algorithm_1(stream, per_example):
+  lr, beta, gamma, batches = 0.1, 0.4, 0.7, 2
+  ctx = make_ctx(stream, lr=lr)
+  s = mer(mem_size=20, batch_size=3, batches=batches, beta=beta, gamma=gamma,
+          lr=lr, per_example=per_example)
+  e0 = stream.experiences[0]
+  state = _mer_state(ctx, s, e0, 1)   # 10 rows in memory
+  b = batch_of(e0, start=B)
+  b["mask"] = b["mask"].at[3].set(0.0)   # a padding row changes nothing
+  new, loss, prepared = der_step(ctx, s, state, b)
+  assert prepared["mer_x"].shape == (B, batches, 3) + e0.train_x.shape[1:]
+  assert np.asarray(prepared["mer_ok"]).all()
+  want = _mer_reference(ctx, state.params, prepared, lr, beta, gamma,
+                        batches, per_example)
+  for a, w in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                               atol=2e-6)
+  # The loss reported is the incoming rows' cross-entropy.
+  ce = cross_entropy(ctx.logits(state.params, {}, b["x"], b["task"],
+                                train=True), b["y"], b["mask"])
+  np.testing.assert_allclose(float(loss), float(ce), rtol=1e-5)
+  assert int(new.strategy.memory.seen) == 2 * B - 1
+
+
+def test_mer_per_example_differs_from_batch_mode_and_unit_rates_are_replay(
+    stream):
+  """With one batch and beta = gamma = 1, Mammoth's batch mode is one step
+  of experience replay on a stream batch of 1 plus the memory rows; the
+  paper's single-example steps are another update."""
+  lr = 0.1
+  info = train.stream_info(stream, 1)
+  ctx = train.make_context(models.build("mlp", stream.num_classes,
+                                        widths=(32,)),
+                           train.make_optimizer("sgd", lr), info)
+  e0 = stream.experiences[0]
+  out = {}
+  for per_example in (True, False):
+    s = mer(mem_size=20, batch_size=5, lr=lr, per_example=per_example)
+    state = _mer_state(ctx, s, e0, 8)
+    new, _, prepared = der_step(ctx, s, state, batch_of(e0, n=1, start=8))
+    out[per_example] = new.params
+  x = jnp.concatenate([prepared["x"], prepared["mer_x"][0, 0]])
+  y = jnp.concatenate([prepared["y"], prepared["mer_y"][0, 0]])
+  t = jnp.concatenate([prepared["task"], prepared["mer_task"][0, 0]])
+  w = jnp.concatenate([jnp.ones((1,)), prepared["mer_ok"][0, 0]])
+  assert int(w.sum()) == 6
+  g = jax.grad(lambda p: cross_entropy(ctx.logits(p, {}, x, t, train=True),
+                                       y, w))(state.params)
+  er = jax.tree.map(lambda p, d: p - lr * d, state.params, g)
+  for a, w_ in zip(jax.tree.leaves(out[False]), jax.tree.leaves(er)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w_), rtol=1e-5,
+                               atol=1e-6)
+  gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(out[True]), jax.tree.leaves(out[False])))
+  assert gap > 1e-4
+
+
+def test_mer_keeps_a_chained_members_gradient(stream):
+  ctx = make_ctx(stream)
+  s = mer(mem_size=20, batch_size=3)
+  state = _mer_state(ctx, s, stream.experiences[0], 1)
+  b = s.prepare_batch(ctx, state.strategy, batch_of(stream.experiences[0]),
+                      jax.random.PRNGKey(0))
+  zero = jax.tree.map(jnp.zeros_like, state.params)
+  one = jax.tree.map(jnp.ones_like, state.params)
+  g0 = s.update_grads(ctx, state.strategy, zero, state.params, b, None)
+  g1 = s.update_grads(ctx, state.strategy, one, state.params, b, None)
+  for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(c) - np.asarray(a), 1.0,
+                               rtol=1e-4)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 0
+  # The task loss is reported without a gradient of its own.
+  logits = ctx.logits(state.params, {}, b["x"], b["task"], train=True)
+  gl = jax.grad(lambda z: s.task_loss(ctx, state.strategy, z, b))(logits)
+  assert not np.asarray(gl).any()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(beta=0.0), "mer: beta must be a finite number > 0"),
+    (dict(gamma=1.5), r"mer: gamma must be in \(0, 1\], got 1.5"),
+    (dict(lr=-0.1), "mer: lr must be a finite number > 0"),
+    (dict(batches=0), "mer: batches must be an int >= 1"),
+    (dict(batch_size=-1), "mer: batch_size must be an int >= 0"),
+    (dict(mem_size=5, batch_size=8), "mer: batch_size=8 is larger than the "
+     "memory capacity mem_size=5"),
+    (dict(per_example="yes"), "mer: per_example"),
+])
+def test_mer_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    mer(**kwargs)

@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder", "fdr", "hal"),
+               "er_aml", "xder", "fdr", "hal", "mer"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
@@ -89,6 +89,9 @@ PAPERS: dict[str, str] = {
     "hal": "Chaudhry, Gordo, Dokania, Torr & Lopez-Paz 2021, *Using "
            "hindsight to anchor past knowledge in continual learning*, AAAI "
            "(HAL; as Mammoth's hal runs it)",
+    "mer": "Riemer et al. 2019, *Learning to learn without forgetting by "
+           "maximizing transfer and minimizing interference*, ICLR (MER, "
+           "Algorithm 1; per_example=False: Mammoth's mer)",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "

@@ -1,0 +1,214 @@
+"""Meta-Experience Replay (MER): experience replay with Reptile updates.
+
+Riemer et al. (2019) train on each incoming example together with
+examples drawn from a reservoir memory, and shape the steps so that the
+gradients of different examples come to agree (less interference, more
+transfer). Their Algorithm 1, for each incoming example :math:`(x, y)`:
+
+.. math::
+   \\begin{aligned}
+   &\\theta^A_0 \\leftarrow \\theta\\\\
+   &\\text{for } i = 1..s:\\quad
+     B_i \\leftarrow \\{(x, y)\\} \\cup \\{k - 1 \\text{ examples of } M\\},
+     \\quad \\theta^W_{i,0} \\leftarrow \\theta\\\\
+   &\\qquad \\text{for } j = 1..k:\\quad
+     \\theta^W_{i,j} \\leftarrow \\theta^W_{i,j-1}
+     - \\alpha \\nabla \\ell(B_i[j], \\theta^W_{i,j-1})\\\\
+   &\\qquad \\theta \\leftarrow \\theta^W_{i,0}
+     + \\beta (\\theta^W_{i,k} - \\theta^W_{i,0})
+     \\quad \\text{(within-batch Reptile)}\\\\
+   &\\theta \\leftarrow \\theta^A_0 + \\gamma (\\theta - \\theta^A_0)
+     \\quad \\text{(across-batch Reptile)}
+   \\end{aligned}
+
+followed by a reservoir update of the memory with :math:`(x, y)`. The
+sequential single-example steps are what make the update align the
+examples' gradients (its expectation carries the cross terms
+:math:`-\\alpha\\,\\partial_\\theta (g_i \\cdot g_j)`).
+
+``per_example=False`` is Mammoth's ``mer.py`` (behind Buzzega et al.
+2020's MER rows): one SGD step on each batch's mean loss instead of the
+``k`` single-example steps. With Mammoth's MNIST settings (``beta = gamma
+= 1``, one batch) that is one step of experience replay with a stream
+batch of 1 and 128 replayed examples.
+
+Mechanics: ``prepare_batch`` draws the ``s`` batches' memory rows into
+extra batch keys (``mer_x`` ...; the incoming rows stay as they are),
+``update_grads`` runs the procedure above inside ``jit`` (a ``lax.scan``
+over the incoming rows, the ``s`` batches and the ``k`` examples) and
+returns the displacement as a gradient, :math:`(\\theta - \\theta_{\\rm
+MER}) / \\alpha`, plus the gradient of any other chained member's loss.
+So an SGD optimiser at rate :math:`\\alpha` (``lr``, which the rows set to
+the optimiser's) lands exactly on :math:`\\theta_{\\rm MER}`; another
+optimiser takes the displacement as Reptile's outer optimisers do. The
+task loss is reported but gives no gradient (MER's steps are its
+gradient). A stream batch of ``b > 1`` rows runs the procedure for each
+in turn; the memory takes the batch after the step (Riemer's code
+offers each example right after its own update; identical for ``b =
+1``, the papers' setting).
+
+Deviations: the ``k - 1`` memory rows of a batch are drawn without
+replacement (Mammoth's draw; Riemer's code draws with replacement); the
+incoming example is the batch's first, as in Riemer's code (Mammoth's
+puts it last, which its one mean step does not see); memory rows that do
+not exist yet (memory smaller than ``k - 1``) are skipped.
+
+State: :class:`MERState` (the reservoir, the model state as the
+experience started, which the inner steps run with, as DER's memory rows
+do; the current experience; a key), fixed shapes.
+
+References:
+  Riemer, Cases, Ajemian, Liu, Rish, Tu & Tesauro, `Learning to learn
+  without forgetting by maximizing transfer and minimizing interference
+  <https://arxiv.org/abs/1810.11910>`_, ICLR 2019 (Algorithm 1; code
+  ``mattriemer/MER``, ``model/meralg1.py``).
+  Buzzega et al. 2020 (Mammoth's ``models/mer.py``, the MER rows of
+  their Table 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import buffers, checks
+from jaxcl.state import cross_entropy
+from jaxcl.strategies.replay import incoming_rows, reservoir_step
+from jaxcl.strategy import Strategy, mark_experience_start
+from jaxcl.train import init_variables
+
+__all__ = ["mer", "MERState"]
+
+
+class MERState(NamedTuple):
+  memory: buffers.Memory  # reservoir over the stream
+  model_state: Any        # model state as the experience started
+  experience: jax.Array   # int32 scalar: index of the current experience
+  key: jax.Array          # PRNG key; per-step keys fold in memory.seen
+
+
+def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
+        beta: float = 1.0, gamma: float = 1.0, lr: float = 0.1,
+        per_example: bool = True) -> Strategy:
+  """Meta-Experience Replay.
+
+  Args:
+    mem_size: reservoir capacity in examples.
+    batch_size: memory examples in each batch (``k - 1``).
+    batches: batches per incoming example (``s``).
+    beta: within-batch Reptile rate.
+    gamma: across-batch Reptile rate.
+    lr: the inner SGD rate ``alpha``; give the optimiser's (plain SGD at
+      this rate applies the procedure's update exactly).
+    per_example: True for the paper's single-example steps within a
+      batch; False for one step on the batch's mean loss (Mammoth's).
+
+  Raises:
+    ValueError: a non-positive ``mem_size``, ``batches`` or ``lr``; a
+      negative ``batch_size`` or one larger than ``mem_size``; ``beta`` or
+      ``gamma`` outside (0, 1]; a non-bool ``per_example``.
+  """
+  name = "mer"
+  buffers.check_capacity(mem_size, f"{name}: mem_size")
+  checks.whole(f"{name}: batch_size", batch_size, 0)
+  buffers.replay_size(name, batch_size, mem_size, 1)
+  checks.whole(f"{name}: batches", batches, 1)
+  checks.positive(f"{name}: lr", lr)
+  for arg, value in (("beta", beta), ("gamma", gamma)):
+    checks.positive(f"{name}: {arg}", value)
+    if value > 1:
+      raise ValueError(f"{name}: {arg} must be in (0, 1], got {value!r}")
+  checks.flag(f"{name}: per_example", per_example)
+
+  def init(ctx, key, params):
+    del params
+    k_mem, k_ms = jax.random.split(key)
+    return MERState(buffers.init(mem_size, ctx.info.input_shape),
+                    init_variables(ctx, k_ms)[1], jnp.zeros((), jnp.int32),
+                    k_mem)
+
+  def prepare_batch(ctx, sstate, batch, key):
+    n = ctx.info.batch_size * batches
+    out = dict(batch)
+    if batch_size == 0:
+      return out
+    keys = jax.random.split(key, n)
+    idx, ok = jax.vmap(lambda k: buffers.sample(sstate.memory, k,
+                                                batch_size))(keys)
+    shape = (ctx.info.batch_size, batches, batch_size)
+    mem = sstate.memory
+    out[f"{name}_x"] = mem.x[idx].reshape(shape + mem.x.shape[1:])
+    out[f"{name}_y"] = mem.y[idx].reshape(shape)
+    out[f"{name}_task"] = mem.task[idx].reshape(shape)
+    out[f"{name}_ok"] = ok.astype(jnp.float32).reshape(shape)
+    return out
+
+  def task_loss(ctx, sstate, logits, batch):
+    # Reported, not differentiated: update_grads makes MER's gradient.
+    del ctx, sstate
+    return jax.lax.stop_gradient(
+        cross_entropy(logits, batch["y"], batch["mask"]))
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del key
+    # Only the incoming rows: a member chained before MER may append rows,
+    # which are its own to train on through its loss.
+    rows = incoming_rows(ctx, batch)
+    b = ctx.info.batch_size
+
+    def ce(p, x, y, task, w):
+      out = ctx.logits(p, sstate.model_state, x, task, train=True)
+      return cross_entropy(out, y, w)
+
+    grad = jax.grad(ce)
+    sgd = lambda p, g: jax.tree.map(lambda a, d: a - lr * d, p, g)
+    mix = lambda a, b_, rate: jax.tree.map(
+        lambda u, v: u + rate * (v - u), a, b_)
+
+    def one_batch(theta, inputs):
+      x, y, task, w = inputs   # (k, ...): the incoming row, then memory
+      if per_example:
+        def one_example(p, row):
+          xi, yi, ti, wi = row
+          g = grad(p, xi[None], yi[None], ti[None], wi[None])
+          return sgd(p, g), None
+        after = jax.lax.scan(one_example, theta, (x, y, task, w))[0]
+      else:
+        after = sgd(theta, grad(theta, x, y, task, w))
+      return mix(theta, after, beta), None
+
+    def one_incoming(theta, i):
+      x0, y0 = rows["x"][i], rows["y"][i]
+      t0, w0 = rows["task"][i], rows["mask"][i]
+      if batch_size:
+        x = jnp.concatenate([jnp.broadcast_to(x0, (batches, 1) + x0.shape),
+                             batch[f"{name}_x"][i]], 1)
+        y = jnp.concatenate([jnp.broadcast_to(y0, (batches, 1)),
+                             batch[f"{name}_y"][i]], 1)
+        task = jnp.concatenate([jnp.broadcast_to(t0, (batches, 1)),
+                                batch[f"{name}_task"][i]], 1)
+        w = jnp.concatenate([jnp.broadcast_to(w0, (batches, 1)),
+                             batch[f"{name}_ok"][i]], 1)
+      else:
+        x = jnp.broadcast_to(x0, (batches, 1) + x0.shape)
+        y, task, w = (jnp.broadcast_to(v, (batches, 1)) for v in (y0, t0, w0))
+      after = jax.lax.scan(one_batch, theta, (x, y, task, w))[0]
+      new = mix(theta, after, gamma)
+      # A padding row (w0 = 0) leaves the parameters alone.
+      return jax.tree.map(lambda a, n: jnp.where(w0 > 0, n, a), theta,
+                          new), None
+
+    theta = jax.lax.stop_gradient(params)
+    final = jax.lax.scan(one_incoming, theta, jnp.arange(b))[0]
+    return jax.tree.map(lambda g, p, f: g + (p - f) / lr, grads, theta,
+                        final)
+
+  def after_step(ctx, sstate, info):
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info))
+
+  return Strategy(init=init, before_experience=mark_experience_start,
+                  prepare_batch=prepare_batch, task_loss=task_loss,
+                  update_grads=update_grads, after_step=after_step,
+                  name=name)
