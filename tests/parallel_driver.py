@@ -38,6 +38,9 @@ def config(strategy, devices):
     c.strategy.lucir = dict(mem_size=256, batch_size=16)
   if strategy == "xder":  # a balanced memory rebuilt at each experience's end
     c.strategy.xder = dict(mem_size=256, batch_size=16)
+  if strategy == "mer":  # memory rows per incoming row; scans in the step
+    c.strategy.mer = dict(mem_size=256, batch_size=4, batches=2, beta=0.5,
+                          gamma=0.5)
   if strategy == "slda":  # statistics summed over the batch's devices
     c.strategy.slda = dict(features="backbone")
   c.parallel.devices = devices
@@ -65,7 +68,7 @@ def main():
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
     if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml",
-                    "xder"):
+                    "xder", "mer"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())

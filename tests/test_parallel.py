@@ -14,19 +14,19 @@ def test_eight_devices_match_one_device_including_sharded_replay():
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
                       "naive", "replay", "der", "er_ace", "bic", "lucir",
-                      "er_aml", "slda", "xder"],
+                      "er_aml", "slda", "xder", "mer"],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
   for strategy in ("naive", "replay", "der", "er_ace", "bic", "lucir",
-                   "er_aml", "slda", "xder"):
+                   "er_aml", "slda", "xder", "mer"):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
   # The replay memories are sharded over the devices, and were filled.
-  for strategy in ("replay", "der", "er_ace", "er_aml"):
+  for strategy in ("replay", "der", "er_ace", "er_aml", "mer"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
     assert out[strategy]["buffer_filled"] == 256
   # DER's stored logits are sharded with the memory's rows.
