@@ -13,7 +13,9 @@ examples. Paper (ER): 72.4 / 80.6 % (memory 200 / 500).
 paper) with Mammoth's best ``perm-mnist`` settings (``DER_ARGS``: learning
 rate, replayed batch, alpha, beta). Paper: DER 81.7 / 87.3 %, DER++ 83.6 /
 88.2 % (memory 200 / 500). ``strategy=gss``: GSS-greedy with Mammoth's
-``perm-mnist`` settings (``GSS_ARGS``).
+``perm-mnist`` settings (``GSS_ARGS``). ``strategy=fdr``: FDR with
+Mammoth's ``perm-mnist`` settings (``FDR_ARGS``; the distance weight is
+the code's 1, see jaxcl/strategies/fdr.py).
 
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=500
@@ -77,9 +79,15 @@ def set_gss(c, a, table) -> None:
                         score_size=min(scored, m))
 
 
-def get_config(arg=None, der_args=None, gss_args=None):
-  """``der_args`` / ``gss_args``: the DER / DER++ and GSS tables (default
-  ``DER_ARGS`` / ``GSS_ARGS``; the rotated protocol passes its own)."""
+# Mammoth's best FDR settings on perm-mnist (utils/best_args.py): memory
+# size -> (lr, replayed batch); batch 128.
+FDR_ARGS = {200: (0.1, 128), 500: (0.1, 128), 5120: (0.1, 128)}
+
+
+def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
+  """``der_args`` / ``gss_args`` / ``fdr_args``: the DER / DER++, GSS and
+  FDR tables (default ``DER_ARGS`` / ``GSS_ARGS`` / ``FDR_ARGS``; the
+  rotated protocol passes its own)."""
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 init="xavier_uniform", quick=False)
   c = default_config()
@@ -107,6 +115,11 @@ def get_config(arg=None, der_args=None, gss_args=None):
     set_der(c, a, der_args or DER_ARGS)
   elif s == "gss":
     set_gss(c, a, gss_args or GSS_ARGS)
+  elif s == "fdr":
+    table = fdr_args or FDR_ARGS
+    lr, replayed = table[min(table, key=lambda k: abs(k - m))]
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["quick"]:

@@ -13,7 +13,8 @@ Paper (ER): 85.0 / 88.9 % (memory 200 / 500).
 ``strategy=der`` / ``derpp``: with Mammoth's best ``rot-mnist`` settings
 (``DER_ARGS``). Paper: DER 90.0 / 92.2 %, DER++ 90.4 / 92.8 % (memory
 200 / 500). ``strategy=gss``: GSS-greedy with Mammoth's ``rot-mnist``
-settings (``GSS_ARGS``).
+settings (``GSS_ARGS``). ``strategy=fdr``: FDR with Mammoth's
+``rot-mnist`` settings (``FDR_ARGS``).
 
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=500
@@ -43,11 +44,15 @@ DER_ARGS = {
 GSS_ARGS = {200: (0.2, 128, 10, 128), 500: (0.2, 128, 128, 128),
             5120: (0.2, 128, 128, 128)}
 
+# Mammoth's best FDR settings on rot-mnist: memory size -> (lr, replayed
+# batch); batch 128.
+FDR_ARGS = {200: (0.2, 128), 500: (0.2, 128), 5120: (0.2, 128)}
+
 
 def get_config(arg=None):
   # The permuted protocol with rotated experiences; everything else equal.
   c = permuted_mnist_replay.get_config(arg, der_args=DER_ARGS,
-                                       gss_args=GSS_ARGS)
+                                       gss_args=GSS_ARGS, fdr_args=FDR_ARGS)
   c.name = c.name.replace("permuted_mnist", "rotated_mnist", 1)
   c.scenario.type = "rotated"
   # Mammoth's Rotation transform calls torchvision's rotate with its

@@ -1290,6 +1290,11 @@ def test_domain_configs_build(data_dir, name):
   assert d.strategy.derpp["beta"] == (1.0 if name.startswith("permuted")
                                       else 0.5)
   assert d.optimizer.learning_rate == 0.1
+  # So does FDR (lr 0.1 on perm-mnist, 0.2 on rot-mnist).
+  f = _load_config(name)("strategy=fdr,mem_size=200,quick")
+  assert f.optimizer.learning_rate == (0.1 if name.startswith("permuted")
+                                       else 0.2)
+  assert f.strategy.fdr["batch_size"] == 128
   if name.startswith("rotated"):
     # Mammoth's nearest-neighbour rotation keeps MNIST's k / 255 levels.
     x = s.scenario.experiences[1].train_x * 255
