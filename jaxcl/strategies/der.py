@@ -60,7 +60,7 @@ from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
 __all__ = ["der", "dark_experience_replay", "DERState", "logit_width",
-           "logit_mse", "store_with_logits"]
+           "logit_mse", "store_with_logits", "draw_with_logits"]
 
 
 class DERState(NamedTuple):
@@ -86,6 +86,16 @@ def logit_mse(out: jax.Array, stored: jax.Array, ok: jax.Array) -> jax.Array:
   (``ok``, float) and the logits (PyTorch's ``F.mse_loss``)."""
   sq = jnp.sum(ok[:, None] * (out - stored) ** 2)
   return sq / jnp.maximum(jnp.sum(ok) * out.shape[-1], 1.0)
+
+
+def draw_with_logits(name: str, memory: buffers.Memory, logits: jax.Array,
+                     key: jax.Array, n: int) -> dict[str, jax.Array]:
+  """``n`` memory entries drawn uniformly without replacement, with their
+  stored logits, as the batch keys ``{name}_x``, ``_task``, ``_z`` and
+  ``_ok`` (float: 0 where fewer than ``n`` entries exist)."""
+  idx, ok = buffers.sample(memory, key, n)
+  return {f"{name}_x": memory.x[idx], f"{name}_task": memory.task[idx],
+          f"{name}_z": logits[idx], f"{name}_ok": ok.astype(jnp.float32)}
 
 
 def store_with_logits(ctx, memory: buffers.Memory, logits: jax.Array,
@@ -157,12 +167,8 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
     r = replay_size(ctx)
     k_der, k_ce = jax.random.split(key)
     mem = sstate.memory
-    idx, ok = buffers.sample(mem, k_der, r)
     out = dict(batch)
-    out[f"{name}_x"] = mem.x[idx]
-    out[f"{name}_task"] = mem.task[idx]
-    out[f"{name}_z"] = sstate.logits[idx]
-    out[f"{name}_ok"] = ok.astype(jnp.float32)
+    out.update(draw_with_logits(name, mem, sstate.logits, k_der, r))
     if beta:
       idx2, ok2 = buffers.sample(mem, k_ce, r)
       out[f"{name}_x2"] = mem.x[idx2]

@@ -68,9 +68,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
-from jaxcl.strategies.der import logit_width
+from jaxcl.strategies.der import draw_with_logits, logit_width
+from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import device_experience, init_variables
+from jaxcl.train import init_variables
 
 __all__ = ["fdr", "FDRState", "softmax_distance"]
 
@@ -139,13 +140,9 @@ def fdr(mem_size: int = 200, alpha: float = 1.0,
                     jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):
-    mem = sstate.memory
-    idx, ok = buffers.sample(mem, key, replay_size(ctx))
     out = dict(batch)
-    out[f"{name}_x"] = mem.x[idx]
-    out[f"{name}_task"] = mem.task[idx]
-    out[f"{name}_z"] = sstate.logits[idx]
-    out[f"{name}_ok"] = ok.astype(jnp.float32)
+    out.update(draw_with_logits(name, sstate.memory, sstate.logits, key,
+                                replay_size(ctx)))
     return out
 
   def lookahead_loss(ctx, sstate, params, batch):
@@ -156,7 +153,7 @@ def fdr(mem_size: int = 200, alpha: float = 1.0,
                                     batch[f"{name}_ok"])
 
   @functools.partial(jax.jit, static_argnums=0)
-  def store(ctx, ss, params, model_state, x, y, task, index, num):
+  def store(ctx, ss, params, model_state, x, y, task, num, index):
     mask = jnp.arange(x.shape[0]) < num
     key = jax.random.fold_in(ss.key, index)
     mem = buffers.experience_balanced_add(ss.memory, key, x, y, task, index,
@@ -167,14 +164,6 @@ def fdr(mem_size: int = 200, alpha: float = 1.0,
     logits = jnp.where(new[:, None], out, ss.logits)
     return ss._replace(memory=mem, logits=logits)
 
-  def after_experience(ctx, state, experience):
-    data = device_experience(experience, ctx.info.train_size)
-    ss = store(ctx, state.strategy, state.params, state.model_state,
-               data["x"], data["y"], data["task"],
-               jnp.asarray(experience.index, jnp.int32),
-               jnp.asarray(experience.num_train, jnp.int32))
-    return state.replace(strategy=ss)
-
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, lookahead_loss=lookahead_loss,
-                  after_experience=after_experience, name=name)
+                  after_experience=exemplar_hook(store), name=name)
