@@ -287,37 +287,61 @@ def test_hal_anchors_and_running_features_on_split_digits(stream):
   state = s.after_experience(ctx, state, e0)
   ss = state.strategy
   classes = sorted(set(e0.train_y.tolist()))
-  np.testing.assert_array_equal(np.asarray(ss.anchor_ok),
-                                [True] * 2 + [False] * 8)
-  np.testing.assert_array_equal(np.asarray(ss.anchor_y[:2]), classes)
+  ok = np.asarray(ss.anchor_ok)
+  np.testing.assert_array_equal(np.flatnonzero(ok), classes)
+  np.testing.assert_array_equal(np.asarray(ss.anchor_y)[ok], classes)
   # The mean-feature term pulls the anchors' features to φ: closer than
   # those of any of 50 inputs drawn as the anchors start.
   phi = np.asarray(ss.phi)
   dist = lambda x: np.linalg.norm(feats(state.params, x) - phi, axis=1)
   start = jax.random.uniform(jax.random.PRNGKey(5),
                              (50,) + e0.train_x.shape[1:])
-  assert dist(ss.anchors[:2]).max() < dist(start).min()
+  assert dist(ss.anchors[np.asarray(classes)]).max() < dist(start).min()
   # The next experience starts φ again and adds its own two anchors.
   state = s.before_experience(ctx, state, e1)
   assert not np.asarray(state.strategy.phi).any()
   state = s.after_experience(ctx, state, e1)
-  np.testing.assert_array_equal(np.asarray(state.strategy.anchor_y[:4]),
-                                classes + sorted(set(e1.train_y.tolist())))
+  both = classes + sorted(set(e1.train_y.tolist()))
+  ok = np.asarray(state.strategy.anchor_ok)
+  np.testing.assert_array_equal(np.flatnonzero(ok), sorted(both))
+  np.testing.assert_array_equal(np.asarray(state.strategy.anchor_y)[ok],
+                                sorted(both))
 
 
-def test_hal_anchor_capacity_and_overflow(stream):
+def test_hal_anchor_slots(stream):
+  """One slot per class (a class brought again replaces its anchor); in a
+  domain-incremental stream one per class and experience."""
   ctx = make_ctx(stream)
-  assert hal_mod.anchor_capacity(ctx.info) == 10
-  assert hal_mod.anchor_capacity(dataclasses.replace(
-      ctx.info, kind="domain")) == 20
+  info = ctx.info
+  assert hal_mod.anchor_capacity(info) == 10
+  np.testing.assert_array_equal(
+      hal_mod.anchor_slots(info, 3, np.array([4, 5])), [4, 5])
+  dom = dataclasses.replace(info, kind="domain")
+  assert hal_mod.anchor_capacity(dom) == 20
+  np.testing.assert_array_equal(
+      hal_mod.anchor_slots(dom, 1, np.arange(10)), np.arange(10, 20))
   s = hal(mem_size=20, anchor_steps=1)
   state = train.init_state(ctx, s, 0)
   e0 = stream.experiences[0]
-  for _ in range(5):   # 5 x 2 classes fill the 10 slots
-    state = s.after_experience(ctx, state, e0)
-  with pytest.raises(ValueError, match="hal: experience 0 brings classes "
-                     r"\[0, 1\] for 0 free anchor slots of 10"):
-    s.after_experience(ctx, state, e0)
+  state = s.after_experience(ctx, state, e0)
+  first = np.asarray(state.strategy.anchors[:2])
+  # The same classes again, from a network that has moved.
+  state = state.replace(params=jax.tree.map(lambda p: p + 0.1, state.params))
+  state = s.after_experience(ctx, state, e0)
+  ss = state.strategy
+  np.testing.assert_array_equal(np.asarray(ss.anchor_ok),
+                                [True] * 2 + [False] * 8)
+  assert not np.array_equal(np.asarray(ss.anchors[:2]), first)
+
+
+def test_hal_diverging_anchors_are_a_clear_error(stream):
+  ctx = make_ctx(stream)
+  s = hal(mem_size=20, anchor_lr=1e30, anchor_steps=5)
+  state = train.init_state(ctx, s, 0)
+  with pytest.raises(ValueError, match=r"hal: the anchors learned at the end "
+                     r"of experience 0 diverged \(non-finite values\) at "
+                     r"anchor_lr=1e\+30 over anchor_steps=5; lower anchor_lr"):
+    s.after_experience(ctx, state, stream.experiences[0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [

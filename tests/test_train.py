@@ -259,6 +259,10 @@ def test_chain_rejects_two_predictors():
     ("xder+cwr_star", "cwr_star writes a -1e9 bias .* and xder replays"),
     # ... and of Freezing: PackNet's retraining moved the frozen backbone.
     ("packnet+freezing", "freezing freezes part .* packnet writes"),
+    # Session 25's fuzz of FDR, HAL and MER: replaying members, as DER.
+    ("hal+ar1", "ar1 writes a -1e9 bias .* and hal replays"),
+    ("fdr+hat", "fdr and hat cannot be composed: hat masks only"),
+    ("hat+hal", "hat and hal cannot be composed: hat masks only"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),

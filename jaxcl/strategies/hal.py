@@ -49,9 +49,12 @@ Choices and deviations:
 * The memory is a reservoir over the stream, as the code's buffer is (it
   is built with ``mode='ring'`` but its ``add_data`` always uses the
   reservoir); the paper's code keeps a ring buffer per class.
-* The anchor capacity is one per class for class- and task-incremental
-  streams (each class comes once), and one per class and experience for
-  domain-incremental ones (Permuted MNIST brings every class each time).
+* Anchors have one slot per class in class- and task-incremental
+  streams, and one per class and experience in domain-incremental ones
+  (Permuted MNIST brings every class each time; the code keeps them
+  all). A class that comes again in a class-incremental stream (a
+  cumulative one) gets a new anchor in place of its old one; the code
+  would add one.
 * Anchors are learned, and their outputs compared, with the network in
   evaluation mode for the learning (the code feeds one anchor at a time,
   which batch norm cannot normalise) and in training mode with the model
@@ -84,7 +87,8 @@ from jaxcl.strategies.replay import append_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
-__all__ = ["hal", "HALState", "learn_anchors", "anchor_capacity"]
+__all__ = ["hal", "HALState", "learn_anchors", "anchor_capacity",
+           "anchor_slots"]
 
 
 class HALState(NamedTuple):
@@ -101,12 +105,21 @@ class HALState(NamedTuple):
 
 
 def anchor_capacity(info) -> int:
-  """Anchors the stream can need: one per class when each class comes in
-  one experience (class- and task-incremental), else one per class and
-  experience."""
+  """Anchor slots: one per class in class- and task-incremental streams,
+  one per class and experience in domain-incremental ones."""
   if info.kind in ("class", "task"):
     return info.num_classes
   return info.num_classes * info.num_experiences
+
+
+def anchor_slots(info, experience: int, classes: np.ndarray) -> np.ndarray:
+  """Where experience ``experience``'s anchors for ``classes`` go: the
+  class's slot (a class that comes again, as in a cumulative stream, gets
+  a new anchor in place of its old one), or in domain-incremental streams
+  the slot of the class in this experience."""
+  if info.kind in ("class", "task"):
+    return classes
+  return experience * info.num_classes + classes
 
 
 def learn_anchors(ctx, params_t, params_m, model_state, phi: jax.Array,
@@ -161,9 +174,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     ValueError: a non-positive ``mem_size``, ``anchor_lr`` or
       ``anchor_steps``; a negative ``batch_size``, ``lam``, ``gamma``,
       ``finetune_steps`` or ``lookahead_lr``; ``beta`` outside [0, 1]; at
-      ``init``, a replay batch larger than the memory; after an
-      experience, more anchors than the capacity (a class-incremental
-      stream that brings a class again).
+      ``init``, a replay batch larger than the memory; at an experience's
+      end, anchors that diverged (``anchor_lr`` too high for the model).
   """
   name = "hal"
   buffers.check_capacity(mem_size, f"{name}: mem_size")
@@ -281,21 +293,22 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
   def after_experience(ctx, state, experience):
     ss = state.strategy
     classes = np.unique(np.asarray(experience.train_y)).astype(np.int32)
-    used = int(np.asarray(ss.anchor_ok).sum())
-    cap = ss.anchor_ok.shape[0]
-    if used + len(classes) > cap:
-      raise ValueError(
-          f"{name}: experience {experience.index} brings classes "
-          f"{classes.tolist()} for {cap - used} free anchor slots of {cap} "
-          f"(one per class for a {ctx.info.kind!r} stream, each class in "
-          f"one experience)")
     task = np.full(classes.shape, int(np.asarray(experience.train_task)[0]),
                    np.int32)
     key = jax.random.fold_in(jax.random.fold_in(ss.key, 0x4A1),
                              experience.index)
     new = anchors_for(ctx, ss, state.params, state.model_state,
                       jnp.asarray(classes), jnp.asarray(task), key)
-    slots = jnp.arange(used, used + len(classes))
+    # -CE(θ_M) is unbounded below: at too high a rate the anchors run off
+    # to infinity, and every later step's loss would be NaN. Say so here
+    # (one host read per experience).
+    if not bool(jnp.all(jnp.isfinite(new))):
+      raise ValueError(
+          f"{name}: the anchors learned at the end of experience "
+          f"{experience.index} diverged (non-finite values) at "
+          f"anchor_lr={anchor_lr} over anchor_steps={anchor_steps}; lower "
+          f"anchor_lr (the code uses the training learning rate)")
+    slots = jnp.asarray(anchor_slots(ctx.info, experience.index, classes))
     ss = ss._replace(anchors=ss.anchors.at[slots].set(new),
                      anchor_y=ss.anchor_y.at[slots].set(classes),
                      anchor_task=ss.anchor_task.at[slots].set(task),
