@@ -223,7 +223,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
 
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
-              "gss", "er_aml", "fdr", "hal"), _HAT_LEAK)
+              "gss", "er_aml", "fdr", "hal", "mer"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
@@ -231,7 +231,8 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
-                "derpp", "er_ace", "gss", "er_aml", "xder", "hal"), _CWR_BIAS)
+                "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer"),
+        _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)

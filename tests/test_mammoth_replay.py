@@ -488,6 +488,24 @@ def test_mer_keeps_a_chained_members_gradient(stream):
   assert not np.asarray(gl).any()
 
 
+def test_mer_refuses_an_optimiser_that_rescales_its_displacement(stream):
+  info = train.stream_info(stream, B)
+  model = models.build("mlp", stream.num_classes, widths=(8,))
+  for name, lr, ok in (("sgd", 0.1, True), ("momentum", 0.1, True),
+                       ("sgd", 0.01, False), ("adam", 0.1, False)):
+    ctx = train.make_context(model, train.make_optimizer(name, lr), info)
+    params = train.init_variables(ctx, jax.random.PRNGKey(0))[0]
+    if ok:
+      mer(lr=0.1).init(ctx, jax.random.PRNGKey(0), params)
+      continue
+    with pytest.raises(ValueError, match=r"mer: the optimiser's first update "
+                       r"for a gradient of 2 is -0\.\d+, not -2 \* lr = "
+                       r"-0\.2\. MER hands"):
+      mer(lr=0.1).init(ctx, jax.random.PRNGKey(0), params)
+    mer(lr=0.1, check_optimizer=False).init(ctx, jax.random.PRNGKey(0),
+                                            params)
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(beta=0.0), "mer: beta must be a finite number > 0"),
     (dict(gamma=1.5), r"mer: gamma must be in \(0, 1\], got 1.5"),
@@ -497,6 +515,7 @@ def test_mer_keeps_a_chained_members_gradient(stream):
     (dict(mem_size=5, batch_size=8), "mer: batch_size=8 is larger than the "
      "memory capacity mem_size=5"),
     (dict(per_example="yes"), "mer: per_example"),
+    (dict(check_optimizer=1), "mer: check_optimizer"),
 ])
 def test_mer_bad_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle):

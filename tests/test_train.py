@@ -263,6 +263,8 @@ def test_chain_rejects_two_predictors():
     ("hal+ar1", "ar1 writes a -1e9 bias .* and hal replays"),
     ("fdr+hat", "fdr and hat cannot be composed: hat masks only"),
     ("hat+hal", "hat and hal cannot be composed: hat masks only"),
+    ("mer+cwr_star", "cwr_star writes a -1e9 bias .* and mer replays"),
+    ("mer+hat", "mer and hat cannot be composed: hat masks only"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
