@@ -482,10 +482,19 @@ def test_mer_keeps_a_chained_members_gradient(stream):
     np.testing.assert_allclose(np.asarray(c) - np.asarray(a), 1.0,
                                rtol=1e-4)
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 0
-  # The task loss is reported without a gradient of its own.
-  logits = ctx.logits(state.params, {}, b["x"], b["task"], train=True)
-  gl = jax.grad(lambda z: s.task_loss(ctx, state.strategy, z, b))(logits)
-  assert not np.asarray(gl).any()
+  # The task loss is reported without a gradient of its own on the
+  # incoming rows; rows another member appends keep theirs.
+  extra = batch_of(stream.experiences[0], n=4, start=3 * B)
+  wide = {k: jnp.concatenate([b[k], extra[k]]) for k in extra}
+  logits = ctx.logits(state.params, {}, wide["x"], wide["task"], train=True)
+  value = s.task_loss(ctx, state.strategy, logits, wide)
+  np.testing.assert_allclose(
+      float(value), float(cross_entropy(logits, wide["y"], wide["mask"])),
+      rtol=1e-6)
+  gl = np.asarray(jax.grad(
+      lambda z: s.task_loss(ctx, state.strategy, z, wide))(logits))
+  assert not gl[:B].any()
+  assert np.abs(gl[B:]).sum(1).min() > 0
 
 
 def test_mer_refuses_an_optimiser_that_rescales_its_displacement(stream):

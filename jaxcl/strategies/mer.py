@@ -41,8 +41,9 @@ MER}) / \\alpha`, plus the gradient of any other chained member's loss.
 So an SGD optimiser at rate :math:`\\alpha` (``lr``, which the rows set to
 the optimiser's) lands exactly on :math:`\\theta_{\\rm MER}`; another
 optimiser takes the displacement as Reptile's outer optimisers do. The
-task loss is reported but gives no gradient (MER's steps are its
-gradient). A stream batch of ``b > 1`` rows runs the procedure for each
+incoming rows' part of the task loss is reported but gives no gradient
+(MER's steps are their gradient); rows a chained member appends to the
+batch (replayed or generated ones) keep theirs. A stream batch of ``b > 1`` rows runs the procedure for each
 in turn; the memory takes the batch after the step (Riemer's code
 offers each example right after its own update; identical for ``b =
 1``, the papers' setting).
@@ -73,6 +74,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
@@ -177,10 +179,16 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     return out
 
   def task_loss(ctx, sstate, logits, batch):
-    # Reported, not differentiated: update_grads makes MER's gradient.
-    del ctx, sstate
-    return jax.lax.stop_gradient(
-        cross_entropy(logits, batch["y"], batch["mask"]))
+    # The mean cross-entropy over the batch, as usual, but the incoming
+    # rows' part is reported without a gradient: update_grads makes their
+    # gradient (MER's procedure). Rows a chained member appends (replay,
+    # generated samples) keep theirs, so that member still trains.
+    del sstate
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["y"]) * batch["mask"]
+    own = jnp.arange(ce.shape[0]) < ctx.info.batch_size
+    ce = jnp.where(own, jax.lax.stop_gradient(ce), ce)
+    return jnp.sum(ce) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del key
