@@ -39,14 +39,16 @@ over the incoming rows, the ``s`` batches and the ``k`` examples) and
 returns the displacement as a gradient, :math:`(\\theta - \\theta_{\\rm
 MER}) / \\alpha`, plus the gradient of any other chained member's loss.
 So an SGD optimiser at rate :math:`\\alpha` (``lr``, which the rows set to
-the optimiser's) lands exactly on :math:`\\theta_{\\rm MER}`; another
-optimiser takes the displacement as Reptile's outer optimisers do. The
+the optimiser's) lands exactly on :math:`\\theta_{\\rm MER}`. Another
+optimiser rescales the displacement (Adam at 1e-3 stalled Split Digits),
+so ``init`` refuses an optimiser whose first update is not ``-lr * g``;
+``check_optimizer=False`` lets it act as Reptile's outer optimiser. The
 incoming rows' part of the task loss is reported but gives no gradient
 (MER's steps are their gradient); rows a chained member appends to the
-batch (replayed or generated ones) keep theirs. A stream batch of ``b > 1`` rows runs the procedure for each
-in turn; the memory takes the batch after the step (Riemer's code
-offers each example right after its own update; identical for ``b =
-1``, the papers' setting).
+batch (replayed or generated ones) keep theirs. A stream batch of ``b >
+1`` rows runs the procedure for each in turn; the memory takes the batch
+after the step (Riemer's code offers each example right after its own
+update; identical for ``b = 1``, the papers' setting).
 
 Deviations: the ``k - 1`` memory rows of a batch are drawn without
 replacement (Mammoth's draw; Riemer's code draws with replacement); the
