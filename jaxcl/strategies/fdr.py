@@ -24,9 +24,9 @@ penalty (``Strategy.lookahead_loss``), evaluated at :math:`\\theta +
 \\Delta\\theta`, where :math:`\\Delta\\theta` is the update the optimiser
 would make from the cross-entropy alone. Its gradient there is added to
 the cross-entropy's, and the optimiser makes one update. For plain SGD
-that is exactly the code's :math:`\\theta''` (test_replay.py checks it
-against the two steps); with momentum or Adam it is the same idea with
-one optimiser state. The code parses ``alpha`` and never uses it (the
+that is exactly the code's :math:`\\theta''` (test_mammoth_replay.py
+checks it against the two steps); with momentum or Adam it is the same
+idea with one optimiser state. The code parses ``alpha`` and never uses it (the
 distance step has weight 1); ``alpha`` here is that weight, default 1, so
 the default is the code's objective.
 

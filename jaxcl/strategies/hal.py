@@ -44,8 +44,8 @@ Choices and deviations:
 * The look-ahead :math:`\\tilde\\theta` is the optimiser's first update
   from a fresh state on the cross-entropy's gradient, or ``θ - lookahead_lr
   * g`` when ``lookahead_lr > 0``. For plain SGD both are the code's step
-  (test_replay.py checks the whole update against it); no learning rate
-  has to be given twice.
+  (test_mammoth_replay.py checks the whole update against it); no
+  learning rate has to be given twice.
 * The memory is a reservoir over the stream, as the code's buffer is (it
   is built with ``mode='ring'`` but its ``add_data`` always uses the
   reservoir); the paper's code keeps a ring buffer per class.
