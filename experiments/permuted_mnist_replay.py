@@ -15,7 +15,8 @@ rate, replayed batch, alpha, beta). Paper: DER 81.7 / 87.3 %, DER++ 83.6 /
 88.2 % (memory 200 / 500). ``strategy=gss``: GSS-greedy with Mammoth's
 ``perm-mnist`` settings (``GSS_ARGS``). ``strategy=fdr``: FDR with
 Mammoth's ``perm-mnist`` settings (``FDR_ARGS``; the distance weight is
-the code's 1, see jaxcl/strategies/fdr.py).
+the code's 1, see jaxcl/strategies/fdr.py). ``strategy=hal``: HAL with
+Mammoth's ``perm-mnist`` settings (``HAL_ARGS``).
 
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=500
@@ -84,6 +85,12 @@ def set_gss(c, a, table) -> None:
 FDR_ARGS = {200: (0.1, 128), 500: (0.1, 128), 5120: (0.1, 128)}
 
 
+# Mammoth's best HAL settings on perm-mnist (utils/best_args.py): memory
+# size -> (lr, replayed batch, hal_lambda, beta, gamma); batch 128.
+HAL_ARGS = {200: (0.1, 128, 0.1, 0.5, 0.1), 500: (0.1, 128, 0.1, 0.3, 0.1),
+            5120: (0.1, 128, 0.1, 0.5, 0.1)}
+
+
 def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
   """``der_args`` / ``gss_args`` / ``fdr_args``: the DER / DER++, GSS and
   FDR tables (default ``DER_ARGS`` / ``GSS_ARGS`` / ``FDR_ARGS``; the
@@ -120,6 +127,13 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
     lr, replayed = table[min(table, key=lambda k: abs(k - m))]
     c.optimizer.learning_rate = a["lr"] or lr
     c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
+  elif s == "hal":
+    lr, replayed, lam, beta, gamma = HAL_ARGS[
+        min(HAL_ARGS, key=lambda k: abs(k - m))]
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m), lam=lam,
+                          beta=beta, gamma=gamma,
+                          anchor_lr=c.optimizer.learning_rate)
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["quick"]:

@@ -62,6 +62,13 @@ _FDR_DOMAIN_NOTE = (
     "distance weight is the code's 1. No published column (the paper's "
     "FDR rows could not be checked offline); each seed on its own draw.")
 
+_HAL_DOMAIN_NOTE = (
+    "Mammoth's best_args for HAL on perm-mnist (HAL_ARGS in the config "
+    "file), untuned: lr 0.1 (also the anchors'), batch 128 + 128, lambda "
+    "0.1, gamma 0.1, beta 0.5 / 0.3; 10 anchors per experience. No "
+    "published column (recalled, not checked offline); each seed on its "
+    "own draw.")
+
 _SMH = ("Split MNIST (5x2) class-incremental, MLP 100-100, 1 epoch, batch "
         "128 + 128 replayed (Mammoth's HAL settings)")
 _HAL_NOTE = (
@@ -203,4 +210,9 @@ ENTRIES = [
           note=_FDR_DOMAIN_NOTE),
     Entry(_RM, "FDR (500)", "rotated_mnist_replay",
           "strategy=fdr,mem_size=500", scenario_per_seed=True),
+    Entry(_PM, "HAL (200)", "permuted_mnist_replay",
+          "strategy=hal,mem_size=200", scenario_per_seed=True,
+          note=_HAL_DOMAIN_NOTE),
+    Entry(_PM, "HAL (500)", "permuted_mnist_replay",
+          "strategy=hal,mem_size=500", scenario_per_seed=True),
 ]
