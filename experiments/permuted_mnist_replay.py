@@ -24,7 +24,7 @@ Mammoth's ``perm-mnist`` settings (``HAL_ARGS``).
 
 Arguments: ``strategy`` (replay | naive | any replay-family strategy with
 default settings), ``mem_size``, ``seed``, ``lr`` (0: 0.2; DER / DER++:
-their table's), ``init``
+their table's), ``lam`` (HAL's anchor weight; < 0: the table's), ``init``
 (model initialisation, default ``xavier_uniform``), ``quick``
 (3 experiences of 2000 / 500 examples, for tests).
 Holds 20 permuted copies of MNIST in host memory (~4 GB). Measured on a
@@ -96,7 +96,7 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
   FDR tables (default ``DER_ARGS`` / ``GSS_ARGS`` / ``FDR_ARGS``; the
   rotated protocol passes its own)."""
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                init="xavier_uniform", quick=False)
+                init="xavier_uniform", lam=-1.0, quick=False)
   c = default_config()
   s, m = a["strategy"], a["mem_size"]
   c.name = f"permuted_mnist_{s}_{m}"
@@ -131,9 +131,11 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
     lr, replayed, lam, beta, gamma = HAL_ARGS[
         min(HAL_ARGS, key=lambda k: abs(k - m))]
     c.optimizer.learning_rate = a["lr"] or lr
-    c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m), lam=lam,
-                          beta=beta, gamma=gamma,
-                          anchor_lr=c.optimizer.learning_rate)
+    c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m),
+                          lam=lam if a["lam"] < 0 else a["lam"], beta=beta,
+                          gamma=gamma, anchor_lr=c.optimizer.learning_rate)
+    if a["lam"] >= 0:
+      c.name += f"_lam{a['lam']:g}"
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["quick"]:

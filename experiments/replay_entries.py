@@ -215,4 +215,7 @@ ENTRIES = [
           note=_HAL_DOMAIN_NOTE),
     Entry(_PM, "HAL (500)", "permuted_mnist_replay",
           "strategy=hal,mem_size=500", scenario_per_seed=True),
+    Entry(_PM, "HAL without anchors, lambda 0 (200, ablation)",
+          "permuted_mnist_replay", "strategy=hal,mem_size=200,lam=0.0",
+          scenario_per_seed=True),
 ]
