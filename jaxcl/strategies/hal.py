@@ -83,7 +83,8 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.replay import append_rows, reservoir_step
+from jaxcl.strategies._class_incremental import append_exemplars
+from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -217,20 +218,16 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     ss = state.strategy
     return state.replace(strategy=ss._replace(phi=jnp.zeros_like(ss.phi)))
 
-  def prepare_batch(ctx, sstate, batch, key):
-    idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
-    return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
+  def replay_ce(ctx, params, model_state, rows):
+    """The mean cross-entropy on ``rows`` (x, y, task, mask), in training
+    mode: the look-ahead's loss and θ_M's fine-tuning loss."""
+    out = ctx.logits(params, model_state, rows["x"], rows["task"], train=True)
+    return cross_entropy(out, rows["y"], rows["mask"])
 
   def lookahead(ctx, sstate, params, batch):
     """θ̃: one update from the replay cross-entropy's gradient, constant."""
     params = jax.lax.stop_gradient(params)
-
-    def ce(p):
-      out = ctx.logits(p, sstate.model_state, batch["x"], batch["task"],
-                       train=True)
-      return cross_entropy(out, batch["y"], batch["mask"])
-
-    g = jax.grad(ce)(params)
+    g = jax.grad(replay_ce, argnums=1)(ctx, params, sstate.model_state, batch)
     if lookahead_lr > 0:
       return jax.tree.map(lambda p, d: p - lookahead_lr * d, params, g)
     delta, _ = ctx.tx.update(g, ctx.tx.init(params), params)
@@ -276,13 +273,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     def finetune(p, k):
       idx, ok = buffers.sample(ss.memory, k, bs)
       rows = buffers.gather(ss.memory, idx, ok)
-
-      def ce(p):
-        out = ctx.logits(p, model_state, rows["x"], rows["task"], train=True)
-        return cross_entropy(out, rows["y"], rows["mask"])
-
-      return jax.tree.map(lambda a, g: a - anchor_lr * g, p,
-                          jax.grad(ce)(p)), None
+      g = jax.grad(replay_ce, argnums=1)(ctx, p, model_state, rows)
+      return jax.tree.map(lambda a, d: a - anchor_lr * d, p, g), None
 
     params_m = jax.lax.scan(finetune, params,
                             jax.random.split(k_ft, finetune_steps))[0]
@@ -316,6 +308,6 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     return state.replace(strategy=ss)
 
   return Strategy(init=init, before_experience=before_experience,
-                  prepare_batch=prepare_batch, loss=loss,
+                  prepare_batch=append_exemplars(replay_size), loss=loss,
                   after_step=after_step, after_experience=after_experience,
                   name=name)
