@@ -76,7 +76,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
@@ -186,11 +185,9 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     # gradient (MER's procedure). Rows a chained member appends (replay,
     # generated samples) keep theirs, so that member still trains.
     del sstate
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["y"]) * batch["mask"]
-    own = jnp.arange(ce.shape[0]) < ctx.info.batch_size
-    ce = jnp.where(own, jax.lax.stop_gradient(ce), ce)
-    return jnp.sum(ce) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+    own = (jnp.arange(logits.shape[0]) < ctx.info.batch_size)[:, None]
+    logits = jnp.where(own, jax.lax.stop_gradient(logits), logits)
+    return cross_entropy(logits, batch["y"], batch["mask"])
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del key
@@ -221,25 +218,20 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
       return mix(theta, after, beta), None
 
     def one_incoming(theta, i):
-      x0, y0 = rows["x"][i], rows["y"][i]
-      t0, w0 = rows["task"][i], rows["mask"][i]
-      if batch_size:
-        x = jnp.concatenate([jnp.broadcast_to(x0, (batches, 1) + x0.shape),
-                             batch[f"{name}_x"][i]], 1)
-        y = jnp.concatenate([jnp.broadcast_to(y0, (batches, 1)),
-                             batch[f"{name}_y"][i]], 1)
-        task = jnp.concatenate([jnp.broadcast_to(t0, (batches, 1)),
-                                batch[f"{name}_task"][i]], 1)
-        w = jnp.concatenate([jnp.broadcast_to(w0, (batches, 1)),
-                             batch[f"{name}_ok"][i]], 1)
-      else:
-        x = jnp.broadcast_to(x0, (batches, 1) + x0.shape)
-        y, task, w = (jnp.broadcast_to(v, (batches, 1)) for v in (y0, t0, w0))
-      after = jax.lax.scan(one_batch, theta, (x, y, task, w))[0]
+      # Each of the s batches: the incoming row first, then its memory rows
+      # (the incoming rows' mask is the memory rows' ok).
+      cols = []
+      for f, m in (("x", "x"), ("y", "y"), ("task", "task"), ("mask", "ok")):
+        v = rows[f][i]
+        col = jnp.broadcast_to(v, (batches, 1) + v.shape)
+        if batch_size:
+          col = jnp.concatenate([col, batch[f"{name}_{m}"][i]], 1)
+        cols.append(col)
+      after = jax.lax.scan(one_batch, theta, tuple(cols))[0]
       new = mix(theta, after, gamma)
-      # A padding row (w0 = 0) leaves the parameters alone.
-      return jax.tree.map(lambda a, n: jnp.where(w0 > 0, n, a), theta,
-                          new), None
+      # A padding row (mask 0) leaves the parameters alone.
+      return jax.tree.map(lambda a, n: jnp.where(rows["mask"][i] > 0, n, a),
+                          theta, new), None
 
     theta = jax.lax.stop_gradient(params)
     final = jax.lax.scan(one_incoming, theta, jnp.arange(b))[0]
