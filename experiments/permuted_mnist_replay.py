@@ -46,13 +46,19 @@ DER_ARGS = {
 }
 
 
+def nearest(table: dict, mem_size: int):
+  """``table``'s row for ``mem_size``: Mammoth's best_args list memories
+  of 200, 500 and 5120, and other sizes take the nearest listed one's."""
+  return table[min(table, key=lambda k: abs(k - mem_size))]
+
+
 def set_der(c, a, table) -> None:
   """DER / DER++ (and X-DER, on DER++'s) settings from ``table`` (see ``DER_ARGS``); an ``lr`` of
   0 and an ``alpha`` / ``beta`` below 0 (or absent) in the parsed
   arguments ``a`` take the table's. Shared by the Split, Permuted and
   Rotated protocols."""
   s, m = a["strategy"], a["mem_size"]
-  lr, batch, alpha, beta = table[s][min(table[s], key=lambda k: abs(k - m))]
+  lr, batch, alpha, beta = nearest(table[s], m)
   given = lambda key, default: (default if a.get(key, -1.0) < 0
                                 else a[key])
   c.optimizer.learning_rate = a["lr"] or lr
@@ -73,7 +79,7 @@ def set_gss(c, a, table) -> None:
   memory size's); an ``lr`` of 0 in ``a`` takes the table's. Shared by
   the Split, Permuted and Rotated protocols."""
   m = a["mem_size"]
-  lr, batch, replayed, scored = table[min(table, key=lambda k: abs(k - m))]
+  lr, batch, replayed, scored = nearest(table, m)
   c.optimizer.learning_rate = a["lr"] or lr
   c.train.batch_size = batch
   c.strategy.gss = dict(mem_size=m, batch_size=min(replayed, m),
@@ -124,12 +130,11 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
     set_gss(c, a, gss_args or GSS_ARGS)
   elif s == "fdr":
     table = fdr_args or FDR_ARGS
-    lr, replayed = table[min(table, key=lambda k: abs(k - m))]
+    lr, replayed = nearest(table, m)
     c.optimizer.learning_rate = a["lr"] or lr
     c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
   elif s == "hal":
-    lr, replayed, lam, beta, gamma = HAL_ARGS[
-        min(HAL_ARGS, key=lambda k: abs(k - m))]
+    lr, replayed, lam, beta, gamma = nearest(HAL_ARGS, m)
     c.optimizer.learning_rate = a["lr"] or lr
     c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m),
                           lam=lam if a["lam"] < 0 else a["lam"], beta=beta,

@@ -120,7 +120,7 @@ test examples, for tests).
 Measured on a 2-core CPU: see docs/notes_replay.md.
 """
 
-from experiments.permuted_mnist_replay import set_der, set_gss
+from experiments.permuted_mnist_replay import nearest, set_der, set_gss
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
@@ -234,14 +234,13 @@ def get_config(arg=None):
     set_gss(c, a, GSS_ARGS)
   elif s == "fdr":
     online(c, 0.0)  # the learning rate and batch are the table's
-    lr, batch, replayed = FDR_ARGS[min(FDR_ARGS, key=lambda k: abs(k - m))]
+    lr, batch, replayed = nearest(FDR_ARGS, m)
     c.optimizer.learning_rate = a["lr"] or lr
     c.train.batch_size = batch
     c.strategy.fdr = dict(mem_size=m, batch_size=min(replayed, m))
   elif s == "hal":
     online(c, 0.0)  # the learning rate and batch are the table's
-    lr, batch, replayed, lam, beta, gamma = HAL_ARGS[
-        min(HAL_ARGS, key=lambda k: abs(k - m))]
+    lr, batch, replayed, lam, beta, gamma = nearest(HAL_ARGS, m)
     c.optimizer.learning_rate = a["lr"] or lr
     c.train.batch_size = batch
     c.strategy.hal = dict(mem_size=m, batch_size=min(replayed, m),
@@ -251,8 +250,7 @@ def get_config(arg=None):
       c.name += f"_lam{a['lam']:g}"
   elif s == "mer":
     online(c, 0.0)  # the learning rate is the table's
-    lr, replayed, beta, gamma, batches = MER_ARGS[
-        min(MER_ARGS, key=lambda k: abs(k - m))]
+    lr, replayed, beta, gamma, batches = nearest(MER_ARGS, m)
     c.optimizer.learning_rate = a["lr"] or lr
     c.train.batch_size = 1
     c.strategy.mer = dict(mem_size=m, batch_size=min(replayed, m),
