@@ -277,6 +277,8 @@ def test_hal_anchors_and_running_features_on_split_digits(stream):
   phi = np.zeros(32)
   for i in range(2):
     b = batch_of(e0, start=B * i)
+    if i:  # a mask made loss weights (the generative replays' 1 / (B + R))
+      b["mask"] = b["mask"] / (2 * B)
     state = step(state, b)
     phi = beta * phi + (1 - beta) * feats(state.params, b["x"]).mean(0)
   np.testing.assert_allclose(np.asarray(state.strategy.phi), phi, rtol=1e-5,
@@ -495,6 +497,26 @@ def test_mer_keeps_a_chained_members_gradient(stream):
       lambda z: s.task_loss(ctx, state.strategy, z, wide))(logits))
   assert not gl[:B].any()
   assert np.abs(gl[B:]).sum(1).min() > 0
+
+
+def test_mer_reads_the_incoming_mask_as_validity(stream):
+  """A member chained before MER may scale the mask into loss weights
+  (the generative replays: 1 / (B + R)); each valid incoming row is still
+  one example of MER's SGD steps, and a 0 still a padding row."""
+  ctx = make_ctx(stream)
+  s = mer(mem_size=20, batch_size=3)
+  state = _mer_state(ctx, s, stream.experiences[0], 1)
+  b = s.prepare_batch(ctx, state.strategy, batch_of(stream.experiences[0]),
+                      jax.random.PRNGKey(0))
+  b["mask"] = b["mask"].at[2].set(0.0)
+  zero = jax.tree.map(jnp.zeros_like, state.params)
+  g = lambda batch: s.update_grads(ctx, state.strategy, zero, state.params,
+                                   batch, None)
+  want = g(b)
+  got = g(dict(b, mask=b["mask"] / (2 * B)))
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-5,
+                               atol=1e-7)
 
 
 def test_mer_refuses_an_optimiser_that_rescales_its_displacement(stream):

@@ -255,7 +255,9 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
   def after_step(ctx, sstate, info):
     b = ctx.info.batch_size
     x, task = info.batch["x"][:b], info.batch["task"][:b]
-    m = info.batch["mask"][:b]
+    # Validity, not the loss weights a chained member may have made of the
+    # mask (the generative replays scale it by 1 / (B + R)).
+    m = (info.batch["mask"][:b] > 0).astype(jnp.float32)
     feat = ctx.apply(info.params_after, sstate.model_state, x, task,
                      train=True, features=True)[0].astype(jnp.float32)
     mean = jnp.sum(m[:, None] * feat, 0) / jnp.maximum(jnp.sum(m), 1.0)

@@ -194,6 +194,11 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     # Only the incoming rows: a member chained before MER may append rows,
     # which are its own to train on through its loss.
     rows = incoming_rows(ctx, batch)
+    # Each valid incoming row is one example of weight 1 in MER's SGD
+    # steps. A member chained before MER may have turned the mask into loss
+    # weights (the generative replays scale it by 1 / (B + R)); read as
+    # weights here they would shrink the incoming rows' steps B + R times.
+    rows["mask"] = (rows["mask"] > 0).astype(jnp.float32)
     b = ctx.info.batch_size
 
     def ce(p, x, y, task, w):
