@@ -80,6 +80,7 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import require_class_stream
+from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import (backbone_features, features,
                                     select_exemplars)
 from jaxcl.strategies.lwf import distillation
@@ -161,8 +162,6 @@ def fit_bias(key: jax.Array, logits: jax.Array, y: jax.Array,
   ``beta_decay · β² / 2``. The other experiences' ``(α, β)`` are constants.
   Returns the updated ``alpha`` and ``beta`` arrays.
   """
-  cap = y.shape[0]
-  steps = math.ceil(cap / batch_size)
   tx = optax.sgd(learning_rate, momentum=0.9)
   p0 = (alpha[experience], beta[experience])
 
@@ -174,29 +173,14 @@ def fit_bias(key: jax.Array, logits: jax.Array, y: jax.Array,
     return (cross_entropy(q, y[idx], ok.astype(jnp.float32))
             + beta_decay * jnp.square(p[1]) / 2)
 
-  def step(carry, rows):
-    idx, ok = rows
+  def step(carry, idx, ok, *_):
+    p, opt = carry
+    g = jax.grad(loss_fn)(p, idx, ok)
+    upd, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, upd), opt
 
-    def do(carry):
-      p, opt = carry
-      g = jax.grad(loss_fn)(p, idx, ok)
-      upd, opt = tx.update(g, opt, p)
-      return optax.apply_updates(p, upd), opt
-
-    return jax.lax.cond(jnp.any(ok), do, lambda c: c, carry), None
-
-  def epoch(carry, k):
-    score = jnp.where(valid, jax.random.uniform(k, (cap,)), 2.0)
-    order = jnp.argsort(score)  # valid rows first, in random order
-    pad = steps * batch_size - cap
-    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    ok = jnp.concatenate([valid[order[:cap]], jnp.zeros((pad,), bool)])
-    carry, _ = jax.lax.scan(step, carry, (order.reshape(steps, batch_size),
-                                          ok.reshape(steps, batch_size)))
-    return carry, None
-
-  (p, _), _ = jax.lax.scan(epoch, (p0, tx.init(p0)),
-                           jax.random.split(key, epochs))
+  p, _ = over_epochs(key, valid, (p0, tx.init(p0)), epochs=epochs,
+                     batch_size=batch_size, step=step)
   return alpha.at[experience].set(p[0]), beta.at[experience].set(p[1])
 
 

@@ -47,6 +47,7 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience, zero_grads
 from jaxcl.train import init_variables
@@ -139,46 +140,26 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
   opt_state = tx.init(params)
   allowed = _class_mask(mem, ctx.info.num_classes)
 
-  def step(carry, rows):
+  def step(carry, idx, ok, k, e, j):
     params, model_state, opt_state = carry
-    idx, ok, k, e, j = rows
+    x = mem.x[idx]
+    if crop_padding and x.ndim == 4:
+      x = random_crop(k, x, crop_padding)
 
-    def do(carry):
-      params, model_state, opt_state = carry
-      x = mem.x[idx]
-      if crop_padding and x.ndim == 4:
-        x = random_crop(k, x, crop_padding)
+    def loss_fn(p):
+      logits, ms = ctx.apply(p, model_state, x, mem.task[idx], train=True)
+      if mask_logits:
+        logits = jnp.where(allowed, logits, _NEG)
+      return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32)), ms
 
-      def loss_fn(p):
-        logits, ms = ctx.apply(p, model_state, x, mem.task[idx], train=True)
-        if mask_logits:
-          logits = jnp.where(allowed, logits, _NEG)
-        return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32)), ms
+    (_, ms), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(g, opt_state, params)
+    updates = jax.tree.map(lambda u: lr_at(e, j) * u, updates)
+    return optax.apply_updates(params, updates), ms, opt
 
-      (_, ms), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt = tx.update(g, opt_state, params)
-      updates = jax.tree.map(lambda u: lr_at(e, j) * u, updates)
-      return optax.apply_updates(params, updates), ms, opt
-
-    carry = jax.lax.cond(jnp.any(ok), do, lambda c: c, carry)
-    return carry, None
-
-  def epoch(carry, ek):
-    e, k = ek
-    score = jnp.where(mem.valid, jax.random.uniform(k, (cap,)), 2.0)
-    order = jnp.argsort(score)  # valid entries first, in random order
-    pad = steps * batch_size - cap
-    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    ok = jnp.concatenate([mem.valid[order[:cap]], jnp.zeros((pad,), bool)])
-    rows = (order.reshape(steps, batch_size), ok.reshape(steps, batch_size),
-            jax.random.split(jax.random.fold_in(k, 1), steps),
-            jnp.full((steps,), e), jnp.arange(steps))
-    carry, _ = jax.lax.scan(step, carry, rows)
-    return carry, None
-
-  (params, model_state, _), _ = jax.lax.scan(
-      epoch, (params, model_state, opt_state),
-      (jnp.arange(epochs), jax.random.split(k_epochs, epochs)))
+  params, model_state, _ = over_epochs(
+      k_epochs, mem.valid, (params, model_state, opt_state), epochs=epochs,
+      batch_size=batch_size, step=step)
   return params, model_state
 
 
