@@ -15,7 +15,7 @@ import numbers
 from typing import Any
 
 __all__ = ["nonnegative", "positive", "positive_or_inf", "whole", "flag",
-           "is_whole"]
+           "is_whole", "fraction", "at_least"]
 
 
 def _real(value: Any) -> bool:
@@ -38,6 +38,19 @@ def positive(name: str, value: Any) -> None:
   """A finite number > 0."""
   if not (_real(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def fraction(name: str, value: Any) -> None:
+  """A number in [0, 1) (a momentum, a decay rate)."""
+  if not (_real(value) and 0 <= value < 1):
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def at_least(name: str, value: Any, minimum: float, note: str = "") -> None:
+  """A finite number >= ``minimum`` (``note`` says why)."""
+  if not (_real(value) and value >= minimum):
+    raise ValueError(f"{name} must be a number >= {minimum}{note}, got "
+                     f"{value!r}")
 
 
 def positive_or_inf(name: str, value: Any) -> None:

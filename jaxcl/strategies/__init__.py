@@ -33,7 +33,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
-               "generative_negative_replay", "bic", "lucir", "il2m"),
+               "generative_negative_replay", "bic", "lucir", "il2m", "eeil"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda",),
@@ -127,6 +127,8 @@ PAPERS: dict[str, str] = {
              "via rebalancing*, CVPR (LUCIR)",
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
             "with dual memory*, ICCV",
+    "eeil": "Castro et al. 2018, *End-to-end incremental learning*, ECCV "
+            "(EEIL)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -157,6 +159,8 @@ NEEDS: dict[str, str] = {
     "lucir": "the cosine-normalised head (`model.head='cosine'`) and a "
              "class-incremental stream, each class in one experience",
     "il2m": "a class-incremental stream (`scenario.kind='class'`), each "
+            "class in one experience",
+    "eeil": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
     "lfl": "a model whose output layer is named `head` (mlp, cnn, "
            "resnet18); meant for domain-incremental streams",

@@ -79,7 +79,8 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies._class_incremental import require_class_stream
+from jaxcl.strategies._class_incremental import (check_memory_args,
+                                                 require_class_stream)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import (backbone_features, features,
                                     select_exemplars)
@@ -212,12 +213,7 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
     class-incremental, or a ``mem_size`` that leaves no training exemplar
     per class once every class is seen.
   """
-  buffers.check_capacity(mem_size, "bic: mem_size")
-  checks.whole("bic: batch_size", batch_size,
-               note=" (0: the training batch size)")
-  if batch_size > mem_size:
-    raise ValueError(f"bic: batch_size={batch_size} is larger than "
-                     f"mem_size={mem_size}; use at most {mem_size}")
+  check_memory_args("bic", mem_size, batch_size)
   if isinstance(val_fraction, bool) or not isinstance(
       val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
     raise ValueError(f"bic: val_fraction must be in (0, 1), got "

@@ -57,8 +57,8 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, mark_new_classes, mask_unseen, require_class_stream,
-    require_per_class, seen_cross_entropy)
+    append_exemplars, check_memory_args, mark_new_classes, mask_unseen,
+    require_class_stream, require_per_class, seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
                                     features, select_exemplars)
 from jaxcl.strategy import Strategy
@@ -138,12 +138,7 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
     class-incremental or ``mem_size`` smaller than the number of classes;
     at an experience's start, on classes that came in an earlier one.
   """
-  buffers.check_capacity(mem_size, "il2m: mem_size")
-  checks.whole("il2m: batch_size", batch_size,
-               note=" (0: the training batch size)")
-  if batch_size > mem_size:
-    raise ValueError(f"il2m: batch_size={batch_size} is larger than "
-                     f"mem_size={mem_size}; use at most {mem_size}")
+  check_memory_args("il2m", mem_size, batch_size)
   checks.flag("il2m: rectify_scores", rectify_scores)
 
   def replay_size(ctx):

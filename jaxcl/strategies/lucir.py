@@ -61,7 +61,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -71,10 +70,9 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, mark_new_classes, mask_unseen, require_class_stream,
-    seen_cross_entropy)
-from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
-                                    features, select_exemplars)
+    append_exemplars, check_memory_args, herding_update, mark_new_classes,
+    mask_unseen, require_class_stream, seen_cross_entropy)
+from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -150,12 +148,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
     smaller than the number of classes; at an experience's start, on
     classes that came in an earlier one.
   """
-  buffers.check_capacity(mem_size, "lucir: mem_size")
-  checks.whole("lucir: batch_size", batch_size,
-               note=" (0: the training batch size)")
-  if batch_size > mem_size:
-    raise ValueError(f"lucir: batch_size={batch_size} is larger than "
-                     f"mem_size={mem_size}; use at most {mem_size}")
+  check_memory_args("lucir", mem_size, batch_size)
   checks.nonnegative("lucir: lamb", lamb)
   checks.nonnegative("lucir: lamb_mr", lamb_mr)
   checks.nonnegative("lucir: margin", margin)
@@ -224,20 +217,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                                head["kernel"])
     return dict(params, head=head)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
-                    experience):
-    valid = jnp.arange(x.shape[0]) < n_valid
-    feats = features(backbone_features(ctx), params, model_state, x, task)
-    seen = ss.seen | ss.current
-    m = mem_size // jnp.maximum(jnp.sum(seen), 1)
-    mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
-                                 valid, experience, m, ctx.info.num_classes)
-    return ss._replace(memory=mem, rank=rank, seen=seen,
-                       current=jnp.zeros_like(ss.current),
-                       teacher=params, teacher_model_state=model_state)
-
-  after_experience = exemplar_hook(update_memory)
+  after_experience = exemplar_hook(herding_update(mem_size))
 
   def predict(ctx, sstate, params, model_state, x, task):
     return mask_unseen(ctx.logits(params, model_state, x, task), sstate)

@@ -1,0 +1,250 @@
+"""EEIL (Castro et al. 2018): the per-group distillation, the balanced
+subset, the balanced fine-tuning's update, and bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import buffers, scenarios, train
+from jaxcl.state import cross_entropy_over
+from jaxcl.strategies.eeil import balanced_subset, eeil, group_distillation
+from jaxcl.strategy import chain
+from jaxcl.strategies.generative_replay import generative_replay
+from test_replay import B, batch_of, make_ctx
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  """Split Digits' first two experiences (classes 0-1, then 2-3)."""
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _group_kd(s, t, class_exp, upto, w, temp):
+  """The paper's eq. 3 summed over groups, by hand (NumPy)."""
+  total = 0.0
+  for e in range(upto):
+    cols = np.flatnonzero(class_exp == e)
+    if not cols.size:
+      continue
+    p = _softmax(t[:, cols] / temp)
+    logq = np.log(_softmax(s[:, cols] / temp))
+    total += np.sum(w * -(p * logq).sum(-1)) / max(w.sum(), 1.0)
+  return total
+
+
+def test_group_distillation_by_hand():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 6, 8)) * 3
+  class_exp = np.array([0, 0, 1, 1, 1, 2, -1, -1])
+  w = np.array([1, 1, 0, 1, 1, 1], np.float32)
+  for upto, temp in ((0, 2.0), (1, 2.0), (2, 2.0), (3, 0.5)):
+    got = float(group_distillation(jnp.asarray(s), jnp.asarray(t),
+                                   jnp.asarray(class_exp), jnp.asarray(upto),
+                                   jnp.asarray(w), temp))
+    np.testing.assert_allclose(got, _group_kd(s, t, class_exp, upto, w, temp),
+                               rtol=1e-5, atol=1e-7)
+  # Each group is its own softmax: one group's logits moving together
+  # (a shift within the group) changes nothing.
+  shifted = s.copy()
+  shifted[:, 2:5] += 7.0
+  a, b = (float(group_distillation(jnp.asarray(z), jnp.asarray(t),
+                                   jnp.asarray(class_exp), jnp.asarray(3),
+                                   jnp.asarray(w), 2.0)) for z in (s, shifted))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  # The teacher gets no gradient.
+  g = jax.grad(lambda tt: group_distillation(
+      jnp.asarray(s), tt, jnp.asarray(class_exp), jnp.asarray(3),
+      jnp.asarray(w), 2.0))(jnp.asarray(t))
+  assert not np.asarray(g).any()
+
+
+def test_balanced_subset_takes_per_class_random_rows():
+  y = jnp.asarray(np.repeat(np.arange(5), [7, 2, 6, 9, 4]))
+  valid = jnp.ones(y.shape, bool).at[20].set(False)   # a class-3 row
+  classes = jnp.asarray([False, True, True, True, False])
+  picks = []
+  for seed in range(3):
+    idx, ok = balanced_subset(jax.random.PRNGKey(seed), y, valid, classes,
+                              jnp.asarray(4), 16)
+    idx, ok = np.asarray(idx), np.asarray(ok)
+    assert idx.shape == ok.shape == (16,)
+    chosen = idx[ok]
+    assert len(set(chosen.tolist())) == chosen.size       # no duplicate
+    assert np.asarray(valid)[chosen].all()
+    counts = np.bincount(np.asarray(y)[chosen], minlength=5)
+    # min(4, available): class 1 has 2 rows; class 3 has 8 valid.
+    np.testing.assert_array_equal(counts, [0, 2, 4, 4, 0])
+    picks.append(frozenset(chosen.tolist()))
+  assert len(set(picks)) > 1   # random within a class
+  # Fewer slots than chosen rows: truncated, still flagged.
+  idx, ok = balanced_subset(jax.random.PRNGKey(0), y, valid, classes,
+                            jnp.asarray(4), 5)
+  assert np.asarray(ok).all()
+
+
+def _after_first(ctx, s, stream, steps=20):
+  """The state after training experience 0 (``steps`` batches) and its
+  end, then the start of experience 1."""
+  e0, e1 = stream.experiences
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, e0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(steps):
+    state = step(state, batch_of(e0, start=(B * i) % (len(e0.train_y) - B)))
+  state = s.after_experience(ctx, state, e0)
+  return s.before_experience(ctx, state, e1), step
+
+
+def test_eeil_task_loss_is_ce_plus_old_group_distillation(stream):
+  lam, temp = 0.7, 3.0
+  ctx = make_ctx(stream)
+  s = eeil(mem_size=40, lam=lam, temperature=temp)
+  state, _ = _after_first(ctx, s, stream)
+  ss = state.strategy
+  np.testing.assert_array_equal(np.asarray(ss.class_exp)[:4], [0, 0, 1, 1])
+  assert int(ss.experience) == 1
+  b = s.prepare_batch(ctx, ss, batch_of(stream.experiences[1]),
+                      jax.random.PRNGKey(1))
+  assert b["y"].shape == (2 * B,)   # exemplars appended
+  logits = ctx.logits(state.params, {}, b["x"], b["task"], train=True)
+  got = float(s.task_loss(ctx, ss, logits, b))
+  teacher = np.asarray(ctx.logits(ss.teacher, {}, b["x"], b["task"]))
+  active = np.asarray(ss.seen | ss.current)
+  ce = float(cross_entropy_over(logits, b["y"], b["mask"],
+                                jnp.asarray(active)))
+  kd = _group_kd(np.asarray(logits), teacher, np.asarray(ss.class_exp), 1,
+                 np.asarray(b["mask"]), temp)
+  assert kd > 0
+  np.testing.assert_allclose(got, ce + lam * kd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_eeil_finetuning_is_sgd_on_the_balanced_loss(stream, momentum):
+  """With a memory larger than the classes' data, the balanced set is
+  every row of the four classes, and one batch covers it: each epoch is
+  one SGD (heavy-ball) step on CE + λ Σ_f L_D_f with the new group's
+  targets from the model before the fine-tuning; the rate drops by
+  ``lr_decay`` after ``decay_epochs``."""
+  lam, temp, lr = 2.0, 2.0, 0.3
+  ctx = make_ctx(stream)
+  s = eeil(mem_size=400, lam=lam, temperature=temp, finetune_epochs=3,
+           finetune_lr=lr, finetune_batch_size=800, momentum=momentum,
+           decay_epochs=2, lr_decay=10.0)
+  state, step = _after_first(ctx, s, stream)
+  e0, e1 = stream.experiences
+  for i in range(5):
+    state = step(state, batch_of(e1, start=B * i))
+  ss = state.strategy
+  xs = jnp.concatenate([jnp.asarray(e0.train_x), jnp.asarray(e1.train_x)])
+  ys = jnp.concatenate([jnp.asarray(e0.train_y), jnp.asarray(e1.train_y)])
+  ts = jnp.zeros(ys.shape, jnp.int32)
+  # The memory holds every row of classes 0-1 (200 slots each > rows).
+  assert int(jnp.sum(ss.memory.valid)) == len(e0.train_y)
+  old = ctx.logits(ss.teacher, {}, xs, ts)
+  new = ctx.logits(state.params, {}, xs, ts)
+  targets = jnp.where(ss.current[None, :], new, old)
+  active = ss.seen | ss.current
+
+  def fine_tune(groups):
+    def loss(p):
+      out = ctx.logits(p, {}, xs, ts, train=True)
+      w = jnp.ones(ys.shape, jnp.float32)
+      return (cross_entropy_over(out, ys, w, active) + lam *
+              group_distillation(out, targets, ss.class_exp,
+                                 jnp.asarray(groups), w, temp))
+
+    p, buf = state.params, None
+    for epoch in range(3):
+      g = jax.grad(loss)(p)
+      buf = g if buf is None else jax.tree.map(
+          lambda m, d: momentum * m + d, buf, g)
+      rate = lr / 10.0 ** (epoch // 2)
+      p = jax.tree.map(lambda a, m: a - rate * m, p, buf)
+    return p
+
+  p = fine_tune(2)
+  after = s.after_experience(ctx, state, e1)
+  for a, w in zip(jax.tree.leaves(after.params), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                               atol=2e-6)
+  # The new group's temporary distillation matters to that result.
+  gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(fine_tune(1)), jax.tree.leaves(p)))
+  assert gap > 1e-3
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(after.params), jax.tree.leaves(state.params)))
+  assert moved > 1e-3
+  # Then herding stores K / 4 = 100 per class (all rows here), and the
+  # fine-tuned model is the next teacher.
+  ss = after.strategy
+  np.testing.assert_array_equal(
+      np.asarray(buffers.counts(ss.memory, 10))[:4],
+      np.bincount(np.asarray(ys), minlength=4)[:4].clip(max=100))
+  for a, w in zip(jax.tree.leaves(ss.teacher), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                               atol=2e-6)
+
+
+def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
+  """With few exemplars replayed (2 per step), training on experience 1
+  biases the network toward classes 2-3; the balanced fine-tuning gives
+  old classes' test rows back to them, and keeps the new ones'."""
+  ctx = make_ctx(stream)
+  s = eeil(mem_size=10, batch_size=2, finetune_epochs=20, finetune_lr=0.05)
+  state, step = _after_first(ctx, s, stream, steps=30)
+  e0, e1 = stream.experiences
+  for i in range(60):
+    state = step(state, batch_of(e1, start=(B * i) % (len(e1.train_y) - B)))
+
+  def called_new(st, exp):
+    x = jnp.asarray(exp.test_x)
+    t = jnp.zeros((x.shape[0],), jnp.int32)
+    out = s.predict(ctx, st.strategy, st.params, st.model_state, x, t)
+    return float(np.mean(np.asarray(out).argmax(-1) >= 2))
+
+  after = s.after_experience(ctx, state, e1)
+  assert called_new(state, e0) > 0.15
+  assert called_new(after, e0) < called_new(state, e0) / 3
+  assert called_new(after, e1) > 0.9
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(mem_size=0), "mem_size"),
+    (dict(mem_size=10, batch_size=11), "batch_size=11"),
+    (dict(lam=-1.0), "lam"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(finetune_epochs=-1), "finetune_epochs"),
+    (dict(finetune_lr=0.0), "finetune_lr"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(decay_epochs=0), "decay_epochs"),
+    (dict(lr_decay=0.5), "lr_decay"),
+    (dict(finetune_batch_size=-2), "finetune_batch_size"),
+])
+def test_eeil_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    eeil(**kwargs)
+
+
+def test_eeil_bad_streams_and_compositions(stream):
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match="mem_size=5 gives 0 exemplars"):
+    train.init_state(ctx, eeil(mem_size=5), 0)
+  task = dataclasses.replace(stream, kind="task")
+  with pytest.raises(ValueError, match="class-incremental"):
+    train.init_state(make_ctx(task), eeil(mem_size=20), 0)
+  with pytest.raises(ValueError, match="generative_replay takes"):
+    chain(generative_replay(), eeil())
+  s = eeil(mem_size=20)
+  state, _ = _after_first(ctx, s, stream, steps=2)
+  with pytest.raises(ValueError, match="again"):
+    s.before_experience(ctx, state, stream.experiences[0])
