@@ -38,6 +38,12 @@ lr 0.03, margin 0.5.
   10 per step, plain cross-entropy; the old classes' scores rectified at
   prediction (``rectify=False``: the same run without it, the ablation).
   lr 0.1 as iCaRL's. No published Split MNIST number.
+* ``eeil`` (Castro et al. 2018): ``mem_size`` herded exemplars, 10 per
+  step, CE plus distillation within each old experience's classes (λ 1,
+  T 2), then at each experience's end the balanced fine-tuning: 30
+  epochs (``finetune``; 0: none, the ablation) of SGD with momentum 0.9
+  from 0.01 (a tenth of the training rate, as the paper), divided by 10
+  every 10 epochs. lr 0.1 as iCaRL's. No published Split MNIST number.
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -55,10 +61,12 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=bic,mem_size=500
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=lucir,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=il2m,mem_size=200
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=eeil,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
+``finetune`` (EEIL's balanced fine-tuning epochs),
 ``init`` (``model.init``: lecun_normal | torch), ``quick`` (2000 training
 / 1000 test examples, for tests). Measured results: see
 docs/notes_hybrid.md.
@@ -70,7 +78,7 @@ from jaxcl.experiment import default_config
 LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
-      "il2m": 0.1}
+      "il2m": 0.1, "eeil": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -83,7 +91,7 @@ GEM = {200: (0.005, 1.0), 500: (0.01, 1.0)}
 def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", mem_size=200, kind="class",
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
-                init="lecun_normal", rectify=True, quick=False)
+                init="lecun_normal", rectify=True, finetune=30, quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -122,6 +130,11 @@ def get_config(arg=None):
   elif s == "il2m":
     c.strategy.il2m = dict(mem_size=m, batch_size=10,
                            rectify_scores=a["rectify"])
+  elif s == "eeil":
+    # The paper's fine-tuning: a tenth of the training rate, 30 epochs,
+    # divided by 10 every 10; SGD with momentum 0.9.
+    c.strategy.eeil = dict(mem_size=m, batch_size=10,
+                           finetune_epochs=a["finetune"], finetune_lr=0.01)
   elif s == "lucir":
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=m, batch_size=10)
