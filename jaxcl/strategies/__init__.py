@@ -26,7 +26,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead",
                   "freezing"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
-                       "hypernetwork", "rwalk", "lfl"),
+                       "hypernetwork", "rwalk", "lfl", "lwm"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer"),
@@ -127,6 +127,7 @@ PAPERS: dict[str, str] = {
              "via rebalancing*, CVPR (LUCIR)",
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
             "with dual memory*, ICCV",
+    "lwm": "Dhar et al. 2019, *Learning without memorizing*, CVPR (LwM)",
     "eeil": "Castro et al. 2018, *End-to-end incremental learning*, ECCV "
             "(EEIL)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
@@ -162,6 +163,8 @@ NEEDS: dict[str, str] = {
             "class in one experience",
     "eeil": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
+    "lwm": "a convolutional model (`cnn`, `resnet18`; `layer` names its "
+           "last convolution) and a class- or domain-incremental stream",
     "lfl": "a model whose output layer is named `head` (mlp, cnn, "
            "resnet18); meant for domain-incremental streams",
     "freezing": "a model with `backbone` and `head` params (mlp, cnn, "

@@ -1,0 +1,221 @@
+"""LwM (Dhar et al. 2019): Grad-CAM maps, the attention distillation, its
+(second-order) gradient, the class the maps are taken for, and bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import models, scenarios, train
+from jaxcl.strategies.latent_replay import split_model
+from jaxcl.strategies.lwf import distillation, lwf
+from jaxcl.strategies.lwm import attention_distillation, gradcam, lwm
+
+B = 12
+LAYER = "backbone/Conv_1"
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def cnn_ctx(sc, lr=0.1):
+  info = train.stream_info(sc, B)
+  model = models.build("cnn", sc.num_classes, channels=(4, 6), hidden=16)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def rows(exp, n=B, start=0):
+  sl = slice(start, start + n)
+  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
+          "task": jnp.asarray(exp.train_task[sl]),
+          "mask": jnp.ones((n,), jnp.float32)}
+
+
+def test_gradcam_is_relu_of_gradient_weighted_maps(stream):
+  ctx = cnn_ctx(stream)
+  params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
+  b = rows(stream.experiences[0])
+  cls = jnp.arange(B) % 10
+  q = np.asarray(gradcam(ctx, LAYER, params, ms, b["x"], b["task"], cls))
+  # By another path: the layer's maps from the split model's lower part,
+  # and the gradient of the upper part's class score with respect to them.
+  sp = split_model(ctx, LAYER)
+  a = sp.lower(ctx, params, ms, b["x"], b["task"])
+  g = jax.grad(lambda z: jnp.sum(jnp.take_along_axis(
+      sp.upper(ctx, params, ms, z, b["task"])[0], cls[:, None], 1)))(a)
+  a, g = np.asarray(a), np.asarray(g)
+  want = np.maximum((a * g.mean(axis=(1, 2))[:, None, None, :]).sum(-1), 0)
+  assert q.shape == a.shape[:3]
+  np.testing.assert_allclose(q, want, rtol=1e-4, atol=1e-6)
+  assert (q > 0).any() and (q == 0).any()
+
+
+def test_attention_distillation_by_hand():
+  rng = np.random.default_rng(0)
+  q, q_old = np.abs(rng.normal(size=(2, 5, 3, 3)))
+  q_old[4] = 0.0   # a map of zeros: stays zero
+  mask = np.array([1, 1, 0, 1, 1], np.float32)
+  unit = lambda m: m.reshape(5, -1) / np.maximum(
+      np.linalg.norm(m.reshape(5, -1), axis=1, keepdims=True), 1e-12)
+  per = np.abs(unit(q_old) - unit(q)).sum(1)
+  want = (per * mask).sum() / mask.sum()
+  got = float(attention_distillation(jnp.asarray(q), jnp.asarray(q_old),
+                                     jnp.asarray(mask)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Only the maps' directions count.
+  scaled = float(attention_distillation(jnp.asarray(3 * q),
+                                        jnp.asarray(q_old * 0.1 + 0 * q),
+                                        jnp.asarray(mask)))
+  np.testing.assert_allclose(scaled, want, rtol=1e-5)
+  g = jax.grad(lambda z: attention_distillation(z, jnp.asarray(q_old),
+                                                jnp.asarray(mask)))(
+      jnp.zeros_like(jnp.asarray(q)))
+  assert np.isfinite(np.asarray(g)).all()
+
+
+def _after_first(ctx, s, stream, steps=15):
+  e0, e1 = stream.experiences
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, e0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(steps):
+    state = step(state, rows(e0, start=(B * i) % (len(e0.train_y) - B)))
+  state = s.after_experience(ctx, state, e0)
+  return s.before_experience(ctx, state, e1), step
+
+
+def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
+    stream):
+  beta, gamma, temp = 0.6, 2.5, 3.0
+  ctx = cnn_ctx(stream)
+  s = lwm(layer=LAYER, beta=beta, gamma=gamma, temperature=temp)
+  state, _ = _after_first(ctx, s, stream)
+  ss = state.strategy
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(ss.old_classes)),
+                                [0, 1])
+  b = rows(stream.experiences[1])
+  # A student that has moved away from the teacher, with its head's
+  # classes 0 and 1 swapped: its own top old class is the other one.
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  params = jax.tree.unflatten(tree, [
+      p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  swap = jnp.asarray([1, 0] + list(range(2, 10)))
+  params = dict(params, head={k: v[..., swap]
+                              for k, v in params["head"].items()})
+  logits = ctx.logits(params, {}, b["x"], b["task"], train=True)
+  got = float(s.loss(ctx, ss, params, b, logits))
+  t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
+  old = ss.old_classes
+  cls = jnp.argmax(jnp.where(old, t, -1e9), -1)
+  assert set(np.asarray(cls).tolist()) <= {0, 1}
+  # The student's own top class differs on some rows; the teacher's is used.
+  assert (np.asarray(jnp.argmax(jnp.where(old, logits, -1e9), -1))
+          != np.asarray(cls)).any()
+  q_old = gradcam(ctx, LAYER, ss.teacher, {}, b["x"], b["task"], cls)
+  q = gradcam(ctx, LAYER, params, {}, b["x"], b["task"], cls)
+  ad = float(attention_distillation(q, q_old, b["mask"]))
+  kd = float(distillation(logits, t, old, b["mask"], temp))
+  assert ad > 0.05 and kd > 0
+  np.testing.assert_allclose(got, beta * kd + gamma * ad, rtol=1e-5)
+  # γ = 0 is LwF (α = β) exactly.
+  lwf_s = lwf(alpha=beta, temperature=temp)
+  lwf_ss = lwf_s.init(ctx, jax.random.PRNGKey(0), state.params)._replace(
+      teacher=ss.teacher, old_classes=old)
+  np.testing.assert_allclose(
+      float(lwm(layer=LAYER, beta=beta, gamma=0.0, temperature=temp).loss(
+          ctx, ss, params, b, logits)),
+      float(lwf_s.loss(ctx, lwf_ss, params, b, logits)), rtol=1e-6)
+
+
+def _split_gradcam(ctx, params, x, task, cls):
+  """Grad-CAM by another path: the split model's maps, and the gradient
+  of its upper part's class scores with respect to them."""
+  sp = split_model(ctx, LAYER)
+  a = sp.lower(ctx, params, {}, x, task)
+  g = jax.grad(lambda z: jnp.sum(jnp.take_along_axis(
+      sp.upper(ctx, params, {}, z, task)[0], cls[:, None], 1)))(a)
+  return jax.nn.relu(jnp.einsum("bhwk,bk->bhw", a, g.mean(axis=(1, 2))))
+
+
+def test_lwm_attention_term_has_the_second_order_gradient(stream):
+  """The attention term trains (FACIL's detached maps give it no
+  gradient): its gradient flows through the current model's Grad-CAM map,
+  including the map's own gradient, and equals the gradient of the same
+  loss built from the split model's maps."""
+  ctx = cnn_ctx(stream)
+  s = lwm(layer=LAYER, beta=0.0, gamma=1.0)
+  state, _ = _after_first(ctx, s, stream)
+  ss = state.strategy
+  b = rows(stream.experiences[1])
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+  params = jax.tree.unflatten(tree, [
+      p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  f = lambda p: s.loss(ctx, ss, p, b, ctx.logits(p, {}, b["x"], b["task"]))
+  g = jax.grad(f)(params)
+  t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
+  cls = jnp.argmax(jnp.where(ss.old_classes, t, -1e9), -1)
+  q_old = _split_gradcam(ctx, ss.teacher, b["x"], b["task"], cls)
+  want = jax.grad(lambda p: attention_distillation(
+      _split_gradcam(ctx, p, b["x"], b["task"], cls), q_old,
+      b["mask"]))(params)
+  for a, w in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-3,
+                               atol=1e-6)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g)) > 1e-3
+  # The map's gradient part matters: with ∂y/∂A held constant the
+  # gradient differs (the head gets none at all).
+  assert float(jnp.abs(g["head"]["kernel"]).max()) > 1e-4
+
+
+def test_lwm_attention_keeps_old_inputs_maps(stream):
+  """Trained on experience 1, the model with the attention term keeps
+  its Grad-CAM maps of experience 0's inputs closer to the teacher's than
+  the same training without it (γ = 0: LwF)."""
+  e0, e1 = stream.experiences
+  x = jnp.asarray(e0.test_x)
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  out = {}
+  for gamma in (0.0, 5.0):
+    # At SGD 0.1 both runs' maps of the old classes die (all ReLU'd to
+    # zero, where L_AD has no gradient left); at 0.03 they do not.
+    ctx = cnn_ctx(stream, lr=0.03)
+    s = lwm(layer=LAYER, gamma=gamma)
+    state, step = _after_first(ctx, s, stream, steps=30)
+    teacher = state.strategy.teacher
+    for i in range(30):
+      state = step(state, rows(e1, start=(B * i) % (len(e1.train_y) - B)))
+    cls = jnp.asarray(e0.test_y)
+    q_old = gradcam(ctx, LAYER, teacher, {}, x, t, cls)
+    q = gradcam(ctx, LAYER, state.params, {}, x, t, cls)
+    out[gamma] = float(attention_distillation(q, q_old,
+                                              jnp.ones(x.shape[:1])))
+  assert out[5.0] < 0.3 * out[0.0]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(layer=""), "layer"),
+    (dict(beta=-1.0), "beta"),
+    (dict(gamma=-0.5), "gamma"),
+    (dict(temperature=0.0), "temperature"),
+])
+def test_lwm_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    lwm(**kwargs)
+
+
+def test_lwm_bad_models_and_streams(stream):
+  ctx = cnn_ctx(stream)
+  with pytest.raises(ValueError, match="unknown layer 'conv9'.*Conv_1"):
+    train.init_state(ctx, lwm(layer="conv9"), 0)
+  with pytest.raises(ValueError, match="feature maps"):
+    train.init_state(ctx, lwm(layer="backbone/Dense_0"), 0)
+  task = dataclasses.replace(stream, kind="task")
+  with pytest.raises(ValueError, match="class- or domain-incremental"):
+    train.init_state(cnn_ctx(task), lwm(), 0)
