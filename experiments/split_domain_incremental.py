@@ -18,6 +18,10 @@ Protocols (picked by ``strategy``):
   ``replay`` is Hsu et al.'s "naive rehearsal": a
   memory of 1100 examples shared equally by the experiences seen
   (experience-balanced), 128 replayed per step.
+* ``lwm`` (Dhar et al. 2019; ``model=cnn`` only): Hsu et al.'s protocol
+  with the ``cnn`` model (conv 32-64, dense 128); ``β`` is LwF's α here
+  (5), ``γ`` (``gamma``) FACIL's 1, the Grad-CAM maps of the last
+  convolution. Compare with ``lwf`` and ``naive`` at ``model=cnn``.
 * ``generative_replay``: van de Ven et al. 2019's DGR budget, as in the
   class-incremental DGR table (VAE 2x400 generator, Adam 1e-3, batch 128,
   20 epochs per experience); ``distill`` replays soft labels.
@@ -29,7 +33,7 @@ Commands::
 
 Arguments: ``strategy``, ``dataset`` (mnist | fashion_mnist), ``seed``,
 ``strength`` (> 0 overrides the coefficient of :data:`STRENGTH`), ``mem_size`` (replay; 1100), ``distill``
-(DGR), ``quick`` (2000 training / 1000 test examples, 1 epoch, for tests).
+(DGR), ``model`` (mlp | cnn), ``gamma`` (LwM's γ), ``quick`` (2000 training / 1000 test examples, 1 epoch, for tests).
 
 Published (Split MNIST; Hsu et al. 2018, Table 2, incremental domain,
 MLP 2x400): Adam (naive) 55.2, EWC 58.9, online EWC 57.3, SI 64.8, MAS 68.6,
@@ -51,7 +55,9 @@ from experiments import split_mnist_replay
 DATASETS = ("mnist", "fashion_mnist")
 REGULARISERS = tuple(k for k in regularisation.STRATEGIES
                      if k != "hypernetwork")
-STRATEGIES = ("naive", "joint", *REGULARISERS, "replay", "generative_replay")
+STRATEGIES = ("naive", "joint", *REGULARISERS, "replay", "generative_replay",
+              "lwm")
+MODELS = ("mlp", "cnn")
 # Coefficients for this scenario (EWC / online EWC / MAS λ, SI c, LwF α):
 # the best mean final accuracy over seeds 10 and 11 of a sweep over
 # factors of 10 (LwF: 1-20). Domain-IL needs much stiffer penalties than
@@ -63,12 +69,17 @@ STRENGTH = {"ewc": 1e7, "online_ewc": 1e6, "si": 1e4, "mas": 100.0,
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="naive", dataset="mnist", seed=0,
-                strength=-1.0, mem_size=1100, distill=False, quick=False)
+                strength=-1.0, mem_size=1100, distill=False, model="mlp",
+                gamma=1.0, quick=False)
   s, d = a["strategy"], a["dataset"]
   if s not in STRATEGIES:
     raise ValueError(f"unknown strategy {s!r}; valid: {list(STRATEGIES)}")
   if d not in DATASETS:
     raise ValueError(f"unknown dataset {d!r}; valid: {list(DATASETS)}")
+  if a["model"] not in MODELS:
+    raise ValueError(f"unknown model {a['model']!r}; valid: {list(MODELS)}")
+  if s == "lwm" and a["model"] != "cnn":
+    raise ValueError("lwm needs convolutional feature maps: add model=cnn")
   quick = ",quick=True" if a["quick"] else ""
   if s in REGULARISERS:
     strength = a["strength"] if a["strength"] > 0 else STRENGTH[s]
@@ -83,6 +94,12 @@ def get_config(arg=None):
   else:
     c = regularisation.hsu_protocol("domain", a["seed"])
     c.strategy.name = s
+    if s == "lwm":
+      # LwF's α of this scenario as β; FACIL's γ = 1 (the paper gives no
+      # value); the Grad-CAM maps of the cnn's last convolution.
+      c.strategy.lwm = dict(beta=a["strength"] if a["strength"] > 0 else
+                            STRENGTH["lwf"], gamma=a["gamma"],
+                            layer="backbone/Conv_1")
     if s == "replay":
       c.strategy.replay = dict(mem_size=a["mem_size"], batch_size=128,
                                policy="experience")
@@ -90,7 +107,11 @@ def get_config(arg=None):
       regularisation.shrink(c)
       if s == "replay":
         c.strategy.replay["batch_size"] = 32
+  if a["model"] == "cnn":
+    # The cnn model's defaults: conv 32 and 64 (3x3, ReLU, max-pool 2),
+    # dense 128.
+    c.model.name = "cnn"
   c.dataset.name = d
-  c.name = f"split_{d}_domain_{s}"
+  c.name = f"split_{d}_domain_{s}" + ("_cnn" if a["model"] == "cnn" else "")
   c.report.progress = False
   return c
