@@ -248,6 +248,9 @@ _ALONE = {
              "every experience",
     "slda": "trains no parameter (zero gradients) and predicts from class "
             "statistics of the features the model had as the stream began",
+    "dmc": "trains a fresh model for each experience and replaces it at the "
+           "experience's end by a student distilled from the old and new "
+           "models alone on auxiliary data",
 }
 # Ordered: update_grads runs left to right, and a later rewriter puts
 # gradient back on the weights an earlier freezer masked.

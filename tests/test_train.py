@@ -252,6 +252,7 @@ def test_chain_rejects_two_predictors():
      "rows .* so er_aml's replayed rows"),
     ("gdumb+ewc", r"gdumb retrains the model from scratch .* \['ewc'\]"),
     ("replay+slda", r"slda trains no parameter .* \['replay'\]"),
+    ("dmc+lwf", r"dmc trains a fresh model .* \['lwf'\]"),
     # Session 24's fuzz of LFL: members that write the output layer.
     ("cwr_star+lfl", "lfl freezes part of the model .* cwr_star writes"),
     ("lfl+packnet", "lfl freezes part of the model .* packnet writes"),

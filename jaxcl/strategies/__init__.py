@@ -33,7 +33,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
-               "generative_negative_replay", "bic", "lucir", "il2m", "eeil"),
+               "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
+               "dmc"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda",),
@@ -128,6 +129,8 @@ PAPERS: dict[str, str] = {
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
             "with dual memory*, ICCV",
     "lwm": "Dhar et al. 2019, *Learning without memorizing*, CVPR (LwM)",
+    "dmc": "Zhang et al. 2020, *Class-incremental learning via deep model "
+           "consolidation*, WACV (DMC)",
     "eeil": "Castro et al. 2018, *End-to-end incremental learning*, ECCV "
             "(EEIL)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
@@ -163,6 +166,9 @@ NEEDS: dict[str, str] = {
             "class in one experience",
     "eeil": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
+    "dmc": "a class-incremental stream (`scenario.kind='class'`), each "
+           "class in one experience, and unlabelled auxiliary images of the "
+           "stream's shape (`aux_dataset`, e.g. fashion_mnist for MNIST)",
     "lwm": "a convolutional model (`cnn`, `resnet18`; `layer` names its "
            "last convolution) and a class- or domain-incremental stream",
     "lfl": "a model whose output layer is named `head` (mlp, cnn, "

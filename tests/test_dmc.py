@@ -1,0 +1,142 @@
+"""DMC (Zhang et al. 2020): the consolidation targets, the student's
+training, the new specialist per experience, and bad input. The
+auxiliary data is scikit-learn's digits (no download)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import scenarios, train
+from jaxcl.state import cross_entropy_over
+from jaxcl.strategies.dmc import consolidate, consolidation_targets, dmc
+from test_replay import B, batch_of, make_ctx
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def test_consolidation_targets_centre_each_teacher_over_its_classes():
+  rng = np.random.default_rng(0)
+  old_z, new_z = rng.normal(size=(2, 4, 6)) * 3
+  old = np.array([1, 1, 0, 0, 0, 0], bool)
+  new = np.array([0, 0, 1, 1, 1, 0], bool)
+  want = np.zeros((4, 6))
+  want[:, :2] = old_z[:, :2] - old_z[:, :2].mean(1, keepdims=True)
+  want[:, 2:5] = new_z[:, 2:5] - new_z[:, 2:5].mean(1, keepdims=True)
+  got = consolidation_targets(jnp.asarray(old_z), jnp.asarray(new_z),
+                              jnp.asarray(old), jnp.asarray(new))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_consolidate_is_sgd_on_the_double_distillation_loss(stream,
+                                                            momentum):
+  """One batch covering the auxiliary rows: each epoch is one (heavy-ball)
+  SGD step on eq. 3 from the student's own fresh initialisation."""
+  ctx = make_ctx(stream)
+  x = jnp.asarray(stream.experiences[0].train_x[:40])
+  active = jnp.asarray([True] * 4 + [False] * 6)
+  targets = jax.random.normal(jax.random.PRNGKey(1), (40, 10)) * \
+      active[None, :]
+  key, lr = jax.random.PRNGKey(4), 0.05
+  got, _ = consolidate(ctx, key, targets, active, x, epochs=3,
+                       batch_size=64, learning_rate=lr, momentum=momentum)
+  p, _ = train.init_variables(ctx, jax.random.split(key)[0])
+
+  def loss(p):
+    out = ctx.logits(p, {}, x, jnp.zeros((40,), jnp.int32), train=True)
+    return jnp.mean(jnp.sum(jnp.where(active, out - targets, 0.0) ** 2, -1)
+                    / 4)
+
+  buf = None
+  for _ in range(3):
+    g = jax.grad(loss)(p)
+    buf = g if buf is None else jax.tree.map(lambda m, d: momentum * m + d,
+                                             buf, g)
+    p = jax.tree.map(lambda a, m: a - lr * m, p, buf)
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                               atol=2e-6)
+
+
+def test_dmc_trains_a_specialist_then_consolidates(stream):
+  ctx = make_ctx(stream)
+  s = dmc(aux_dataset="digits", consolidate_epochs=40,
+          consolidate_batch_size=32, consolidate_lr=0.05)
+  e0, e1 = stream.experiences
+  state = train.init_state(ctx, s, 0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+
+  def learn(state, exp, steps=40):
+    for i in range(steps):
+      state = step(state, batch_of(exp, start=(B * i) % (len(exp.train_y)
+                                                          - B)))
+    return state
+
+  state = learn(s.before_experience(ctx, state, e0), e0)
+  state = s.after_experience(ctx, state, e0)
+  first = state.params
+  for a, b in zip(jax.tree.leaves(state.strategy.old),
+                  jax.tree.leaves(first)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Experience 1 starts a fresh model, and its loss is the cross-entropy
+  # over classes 2 and 3 only.
+  state = s.before_experience(ctx, state, e1)
+  assert all(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(state.params), jax.tree.leaves(first)))
+  b = batch_of(e1)
+  logits = ctx.logits(state.params, {}, b["x"], b["task"], train=True)
+  cur = np.zeros(10, bool)
+  cur[[2, 3]] = True
+  np.testing.assert_allclose(
+      float(s.task_loss(ctx, state.strategy, logits, b)),
+      float(cross_entropy_over(logits, b["y"], b["mask"], jnp.asarray(cur))),
+      rtol=1e-6)
+  state = learn(state, e1)
+  specialist = state.params
+
+  def acc(params, exp):
+    x = jnp.asarray(exp.test_x)
+    out = s.predict(ctx, state.strategy, params, {}, x,
+                    jnp.zeros((x.shape[0],), jnp.int32))
+    return float(np.mean(np.asarray(out).argmax(-1) == exp.test_y))
+
+  assert acc(specialist, e0) < 0.1   # it never saw classes 0-1
+  state = s.after_experience(ctx, state, e1)
+  # The student knows both experiences' classes; it is the next old model.
+  assert acc(state.params, e0) > 0.7 and acc(state.params, e1) > 0.7
+  for a, b in zip(jax.tree.leaves(state.strategy.old),
+                  jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(
+      np.flatnonzero(np.asarray(state.strategy.seen)), [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(aux_dataset="imagenet"), "aux_dataset"),
+    (dict(aux_size=-1), "aux_size"),
+    (dict(consolidate_epochs=0), "consolidate_epochs"),
+    (dict(consolidate_lr=0.0), "consolidate_lr"),
+    (dict(consolidate_batch_size=0), "consolidate_batch_size"),
+    (dict(momentum=1.5), "momentum"),
+])
+def test_dmc_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    dmc(**kwargs)
+
+
+def test_dmc_bad_streams(stream):
+  task = dataclasses.replace(stream, kind="task")
+  with pytest.raises(ValueError, match="class-incremental"):
+    train.init_state(make_ctx(task), dmc(aux_dataset="digits"), 0)
+  small = scenarios.from_arrays(
+      [(np.zeros((20, 4, 4, 1), np.float32), np.arange(20) % 2)],
+      [(np.zeros((10, 4, 4, 1), np.float32), np.arange(10) % 2)])
+  with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*\(4, 4, 1\)"):
+    train.init_state(make_ctx(small), dmc(aux_dataset="digits"), 0)
