@@ -227,6 +227,14 @@ def build_strategy(config: ml_collections.ConfigDict
   """``config.strategy``'s record and its scenario transform (the factory
   checks the arguments)."""
   skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
+  # A member that reads auxiliary data (DMC) reads it where the run's own
+  # data set is read, unless told otherwise.
+  data_dir = config.dataset.get("data_dir", "")
+  for name in {n.strip() for n in config.strategy.name.split("+")}:
+    if (data_dir and name in strategies.available()
+        and "aux_data_dir" in strategies.defaults(name)
+        and not skw.get(name, {}).get("aux_data_dir")):
+      skw.setdefault(name, {})["aux_data_dir"] = data_dir
   return strategies.from_spec(config.strategy.name, skw)
 
 

@@ -140,3 +140,29 @@ def test_dmc_bad_streams(stream):
       [(np.zeros((10, 4, 4, 1), np.float32), np.arange(10) % 2)])
   with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*\(4, 4, 1\)"):
     train.init_state(make_ctx(small), dmc(aux_dataset="digits"), 0)
+
+
+def test_dmc_reads_aux_data_where_the_run_reads_its_data(monkeypatch,
+                                                          digits):
+  """A run built from a config passes its dataset.data_dir to DMC's
+  auxiliary data set (unless aux_data_dir is given)."""
+  from jaxcl import experiment
+  from jaxcl.strategies import dmc as dmc_mod
+  seen = []
+
+  def load(name, data_dir=None):
+    seen.append((name, data_dir))
+    return digits
+
+  monkeypatch.setattr(dmc_mod.datasets, "load", load)
+  c = experiment.default_config()
+  c.dataset.data_dir = "/somewhere/data"
+  c.strategy.name = "dmc"
+  c.strategy.dmc = dict(aux_dataset="digits")
+  s, _ = experiment.build_strategy(c)
+  ctx = make_ctx(scenarios.split(digits, 5))
+  train.init_state(ctx, s, 0)
+  c.strategy.dmc = dict(aux_dataset="digits", aux_data_dir="/mine")
+  s, _ = experiment.build_strategy(c)
+  train.init_state(ctx, s, 0)
+  assert seen == [("digits", "/somewhere/data"), ("digits", "/mine")]

@@ -138,7 +138,8 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
     aux_dataset: the auxiliary data set (a :func:`jaxcl.datasets.load`
       name; its training images, unlabelled).
     aux_data_dir: where to read it ("" for ``$JAXCL_DATA_DIR``, then
-      tensorflow_datasets).
+      tensorflow_datasets; a run built from a config passes its
+      ``dataset.data_dir``).
     aux_size: auxiliary images used (the first ones of a fixed random
       order; 0: all).
     consolidate_epochs, consolidate_lr, consolidate_batch_size, momentum:
