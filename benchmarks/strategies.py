@@ -106,6 +106,9 @@ PROTOCOLS = {
         ("bic", "split_mnist_hybrid", "strategy=bic,mem_size=500", None),
         ("lucir", "split_mnist_hybrid", "strategy=lucir,mem_size=500", None),
         ("il2m", "split_mnist_hybrid", "strategy=il2m,mem_size=500", None),
+        # EEIL's step (its balanced fine-tuning runs once per experience,
+        # outside the timed program; its rows' wall times include it).
+        ("eeil", "split_mnist_hybrid", "strategy=eeil,mem_size=500", None),
     ],
     # Deep SLDA against Naive on its stream (batch 10): the covariance's
     # D x D update per step, on the 784 pixels and on a 100-unit backbone.
