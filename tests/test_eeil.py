@@ -53,6 +53,11 @@ def test_group_distillation_by_hand():
                                    jnp.asarray(w), temp))
     np.testing.assert_allclose(got, _group_kd(s, t, class_exp, upto, w, temp),
                                rtol=1e-5, atol=1e-7)
+    # Three experiences: three groups suffice.
+    few = float(group_distillation(jnp.asarray(s), jnp.asarray(t),
+                                   jnp.asarray(class_exp), jnp.asarray(upto),
+                                   jnp.asarray(w), temp, num_groups=3))
+    np.testing.assert_allclose(few, got, rtol=1e-6)
   # Each group is its own softmax: one group's logits moving together
   # (a shift within the group) changes nothing.
   shifted = s.copy()

@@ -104,7 +104,8 @@ class EEILState(NamedTuple):
 
 def group_distillation(logits: jax.Array, teacher_logits: jax.Array,
                        class_exp: jax.Array, upto: jax.Array,
-                       mask: jax.Array, temperature: float) -> jax.Array:
+                       mask: jax.Array, temperature: float,
+                       num_groups: int | None = None) -> jax.Array:
   """``Σ_f L_{D_f}``: the tempered cross-entropy within each group ``f``
   of classes that came in one experience before ``upto``.
 
@@ -114,8 +115,10 @@ def group_distillation(logits: jax.Array, teacher_logits: jax.Array,
     upto: groups of experiences ``< upto`` are distilled.
     mask: ``(B,)`` row weights (each group's term is their weighted mean).
     temperature: ``T``.
+    num_groups: the number of experiences (default: one per class, the
+      most there can be); each group costs a softmax over the batch.
   """
-  n = class_exp.shape[0]  # at most one experience per class
+  n = num_groups or class_exp.shape[0]
   groups = (class_exp[None, :] == jnp.arange(n)[:, None]) & (
       jnp.arange(n)[:, None] < upto)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
@@ -221,7 +224,8 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     ce = cross_entropy_over(logits, batch["y"], batch["mask"],
                             sstate.seen | sstate.current)
     kd = group_distillation(logits, teacher, sstate.class_exp,
-                            sstate.experience, batch["mask"], temperature)
+                            sstate.experience, batch["mask"], temperature,
+                            ctx.info.num_experiences)
     return ce + lam * kd
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -259,7 +263,8 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
         w = ok.astype(jnp.float32)
         ce = cross_entropy_over(logits, ys[idx], w, active)
         kd = group_distillation(logits, targets[idx], ss.class_exp,
-                                ss.experience + 1, w, temperature)
+                                ss.experience + 1, w, temperature,
+                                ctx.info.num_experiences)
         return ce + lam * kd, ms2
 
       (_, ms2), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
