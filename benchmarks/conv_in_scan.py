@@ -7,12 +7,13 @@ isolates why: the forward pass costs the same in a scan as alone, the
 gradient does not.
 
   python benchmarks/conv_in_scan.py [--steps 40] [--channels 16 32]
-      [--batch 128]
+      [--batch 128] [--runs 5]
 
 Prints ms per step for: the forward pass alone and in a scan; the gradient
 alone and in a scan; the full training step (Adam) in a Python loop of
 jitted calls and in a scan; and, for reference, an MLP's training step
-both ways, on synthetic 28x28 inputs (the cost does not depend on
+both ways; and a ``--runs``-run sweep's step (the step vmapped over the
+runs' states) against that many plain steps. Synthetic 28x28 inputs (the cost does not depend on
 the values).
 """
 
@@ -55,6 +56,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=40)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+  ap.add_argument("--runs", type=int, default=5,
+                  help="runs of the vmapped sweep step (1: skip it)")
   args = ap.parse_args()
   n, b = args.steps, args.batch
   sc = _stream(n * b)
@@ -121,6 +124,24 @@ def main() -> None:
     print(f"  scan / alone: forward {rows[1][1] / rows[0][1]:.2f}x, "
           f"gradient {rows[3][1] / rows[2][1]:.2f}x, "
           f"step {rows[5][1] / rows[4][1]:.2f}x")
+    if args.runs > 1:
+      # A sweep's step: the same step vmapped over K runs' states (each
+      # its own init), jitted alone, against K plain steps.
+      k = args.runs
+      states = jax.vmap(lambda key: train.init_state(ctx, s, 0).replace(
+          params=train.init_variables(ctx, key)[0]))(
+              jax.random.split(jax.random.PRNGKey(1), k))
+      vstep = jax.jit(jax.vmap(lambda st, i: train.train_step(
+          ctx, s, st, batch(i)), in_axes=(0, None)))
+
+      def vloop(sts):
+        for i in range(n):
+          sts, out = vstep(sts, i)
+        return out
+
+      sweep = _timed(vloop, states) / n
+      print(f"  {k}-run vmapped step, jitted alone   {sweep * 1e3:8.2f} "
+            f"ms/step ({sweep / (k * rows[4][1]):.2f}x {k} plain steps)")
 
 
 if __name__ == "__main__":
