@@ -63,11 +63,11 @@ import optax
 
 from jaxcl import checks, datasets
 from jaxcl.state import cross_entropy_over
-from jaxcl.strategies._class_incremental import (mask_unseen,
-                                                 require_class_stream)
+from jaxcl.strategies._class_incremental import (
+    mark_new_classes, mask_unseen, require_class_stream)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import features
-from jaxcl.strategy import Strategy, new_classes
+from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
 __all__ = ["DMCState", "dmc", "consolidation_targets", "consolidate"]
@@ -187,12 +187,10 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
                     jnp.zeros((c,), bool), jnp.zeros((c,), bool), key)
 
   def before_experience(ctx, state, experience):
+    state = mark_new_classes("dmc")(ctx, state, experience)
     ss = state.strategy
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[new_classes("dmc", np.asarray(ss.seen), experience)] = True
-    ss = ss._replace(current=jnp.asarray(cur))
     if experience.index == 0:
-      return state.replace(strategy=ss)
+      return state
     # The new specialist: a fresh model and optimiser state.
     params, model_state = init_variables(
         ctx, jax.random.fold_in(ss.key, 2 * experience.index))

@@ -77,13 +77,13 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, herding_update, mask_unseen,
-    require_class_stream, require_per_class)
+    append_exemplars, check_memory_args, herding_update, mark_new_classes,
+    mask_unseen, require_class_stream, require_per_class)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import exemplar_hook, features
 from jaxcl.strategies.lwf import distillation
-from jaxcl.strategy import Strategy, new_classes
-from jaxcl.train import device_experience, init_variables
+from jaxcl.strategy import Strategy
+from jaxcl.train import init_variables
 
 __all__ = ["EEILState", "eeil", "group_distillation", "balanced_subset"]
 
@@ -207,13 +207,11 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
         teacher_model_state=variables, key=k_run)
 
   def before_experience(ctx, state, experience):
+    state = mark_new_classes("eeil")(ctx, state, experience)
     ss = state.strategy
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[new_classes("eeil", np.asarray(ss.seen), experience)] = True
     e = experience.index
     return state.replace(strategy=ss._replace(
-        current=jnp.asarray(cur),
-        class_exp=jnp.where(jnp.asarray(cur), e, ss.class_exp),
+        class_exp=jnp.where(ss.current, e, ss.class_exp),
         experience=jnp.asarray(e, jnp.int32)))
 
   def task_loss(ctx, sstate, logits, batch):
@@ -279,17 +277,14 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
         batch_size=finetune_batch_size or ctx.info.batch_size, step=step)
     return params, model_state
 
-  store = exemplar_hook(herding_update(mem_size))
+  def balance(ctx, state, experience, x, y, task, n_valid):
+    if experience.index == 0 or finetune_epochs == 0:
+      return state
+    params, model_state = finetune(ctx, state.strategy, state.params,
+                                   state.model_state, x, y, task, n_valid)
+    return state.replace(params=params, model_state=model_state)
 
-  def after_experience(ctx, state, experience):
-    if experience.index > 0 and finetune_epochs > 0:
-      data = device_experience(experience, ctx.info.train_size)
-      params, model_state = finetune(
-          ctx, state.strategy, state.params, state.model_state, data["x"],
-          data["y"], data["task"],
-          jnp.asarray(experience.num_train, jnp.int32))
-      state = state.replace(params=params, model_state=model_state)
-    return store(ctx, state, experience)
+  after_experience = exemplar_hook(herding_update(mem_size), train=balance)
 
   def predict(ctx, sstate, params, model_state, x, task):
     return mask_unseen(ctx.logits(params, model_state, x, task), sstate)

@@ -206,8 +206,7 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
   if min_learning_rate > learning_rate:
     raise ValueError(f"gdumb min_learning_rate={min_learning_rate} must not "
                      f"exceed learning_rate={learning_rate}")
-  if not 0 <= momentum < 1:
-    raise ValueError(f"gdumb momentum must be in [0, 1), got {momentum}")
+  checks.fraction("gdumb: momentum", momentum)
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown gdumb schedule {schedule!r}; valid: "
                      f"{list(SCHEDULES)}")

@@ -338,16 +338,26 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
                   name="icarl")
 
 
-def exemplar_hook(update_memory: Callable[..., Any]) -> Callable[..., Any]:
+def exemplar_hook(update_memory: Callable[..., Any],
+                  train: Callable[..., Any] | None = None
+                  ) -> Callable[..., Any]:
   """An ``after_experience`` that runs ``update_memory(ctx, sstate,
   params, model_state, x, y, task, n_valid, experience)`` (a jitted
-  exemplar selection) on the experience's padded training rows."""
+  exemplar selection) on the experience's padded training rows.
+
+  ``train(ctx, state, experience, x, y, task, n_valid) -> state``, if
+  given, runs first on the same rows (EEIL's balanced fine-tuning), so
+  they are padded once.
+  """
 
   def after_experience(ctx, state, experience):
     data = device_experience(experience, ctx.info.train_size)
+    n_valid = jnp.asarray(experience.num_train, jnp.int32)
+    if train is not None:
+      state = train(ctx, state, experience, data["x"], data["y"],
+                    data["task"], n_valid)
     ss = update_memory(ctx, state.strategy, state.params, state.model_state,
-                       data["x"], data["y"], data["task"],
-                       jnp.asarray(experience.num_train, jnp.int32),
+                       data["x"], data["y"], data["task"], n_valid,
                        jnp.asarray(experience.index, jnp.int32))
     return state.replace(strategy=ss)
 
