@@ -13,7 +13,7 @@ from jaxcl.state import cross_entropy_over
 from jaxcl.strategies.eeil import balanced_subset, eeil, group_distillation
 from jaxcl.strategy import chain
 from jaxcl.strategies.generative_replay import generative_replay
-from test_replay import B, batch_of, make_ctx
+from test_replay import B, after_first, batch_of, make_ctx
 
 
 @pytest.fixture(scope="module")
@@ -97,24 +97,11 @@ def test_balanced_subset_takes_per_class_random_rows():
   assert np.asarray(ok).all()
 
 
-def _after_first(ctx, s, stream, steps=20):
-  """The state after training experience 0 (``steps`` batches) and its
-  end, then the start of experience 1."""
-  e0, e1 = stream.experiences
-  state = train.init_state(ctx, s, 0)
-  state = s.before_experience(ctx, state, e0)
-  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
-  for i in range(steps):
-    state = step(state, batch_of(e0, start=(B * i) % (len(e0.train_y) - B)))
-  state = s.after_experience(ctx, state, e0)
-  return s.before_experience(ctx, state, e1), step
-
-
 def test_eeil_task_loss_is_ce_plus_old_group_distillation(stream):
   lam, temp = 0.7, 3.0
   ctx = make_ctx(stream)
   s = eeil(mem_size=40, lam=lam, temperature=temp)
-  state, _ = _after_first(ctx, s, stream)
+  state, _ = after_first(ctx, s, stream, 20)
   ss = state.strategy
   np.testing.assert_array_equal(np.asarray(ss.class_exp)[:4], [0, 0, 1, 1])
   assert int(ss.experience) == 1
@@ -145,7 +132,7 @@ def test_eeil_finetuning_is_sgd_on_the_balanced_loss(stream, momentum):
   s = eeil(mem_size=400, lam=lam, temperature=temp, finetune_epochs=3,
            finetune_lr=lr, finetune_batch_size=800, momentum=momentum,
            decay_epochs=2, lr_decay=10.0)
-  state, step = _after_first(ctx, s, stream)
+  state, step = after_first(ctx, s, stream, 20)
   e0, e1 = stream.experiences
   for i in range(5):
     state = step(state, batch_of(e1, start=B * i))
@@ -206,7 +193,7 @@ def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
   old classes' test rows back to them, and keeps the new ones'."""
   ctx = make_ctx(stream)
   s = eeil(mem_size=10, batch_size=2, finetune_epochs=20, finetune_lr=0.05)
-  state, step = _after_first(ctx, s, stream, steps=30)
+  state, step = after_first(ctx, s, stream, 30)
   e0, e1 = stream.experiences
   for i in range(60):
     state = step(state, batch_of(e1, start=(B * i) % (len(e1.train_y) - B)))
@@ -250,6 +237,6 @@ def test_eeil_bad_streams_and_compositions(stream):
   with pytest.raises(ValueError, match="generative_replay takes"):
     chain(generative_replay(), eeil())
   s = eeil(mem_size=20)
-  state, _ = _after_first(ctx, s, stream, steps=2)
+  state, _ = after_first(ctx, s, stream, 2)
   with pytest.raises(ValueError, match="again"):
     s.before_experience(ctx, state, stream.experiences[0])

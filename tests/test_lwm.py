@@ -12,6 +12,7 @@ from jaxcl import models, scenarios, train
 from jaxcl.strategies.latent_replay import split_model
 from jaxcl.strategies.lwf import distillation, lwf
 from jaxcl.strategies.lwm import attention_distillation, gradcam, lwm
+from test_replay import after_first, batch_of
 
 B = 12
 LAYER = "backbone/Conv_1"
@@ -29,17 +30,10 @@ def cnn_ctx(sc, lr=0.1):
   return train.make_context(model, train.make_optimizer("sgd", lr), info)
 
 
-def rows(exp, n=B, start=0):
-  sl = slice(start, start + n)
-  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
-          "task": jnp.asarray(exp.train_task[sl]),
-          "mask": jnp.ones((n,), jnp.float32)}
-
-
 def test_gradcam_is_relu_of_gradient_weighted_maps(stream):
   ctx = cnn_ctx(stream)
   params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
-  b = rows(stream.experiences[0])
+  b = batch_of(stream.experiences[0], n=B)
   cls = jnp.arange(B) % 10
   q = np.asarray(gradcam(ctx, LAYER, params, ms, b["x"], b["task"], cls))
   # By another path: the layer's maps from the split model's lower part,
@@ -78,27 +72,16 @@ def test_attention_distillation_by_hand():
   assert np.isfinite(np.asarray(g)).all()
 
 
-def _after_first(ctx, s, stream, steps=15):
-  e0, e1 = stream.experiences
-  state = train.init_state(ctx, s, 0)
-  state = s.before_experience(ctx, state, e0)
-  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
-  for i in range(steps):
-    state = step(state, rows(e0, start=(B * i) % (len(e0.train_y) - B)))
-  state = s.after_experience(ctx, state, e0)
-  return s.before_experience(ctx, state, e1), step
-
-
 def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
     stream):
   beta, gamma, temp = 0.6, 2.5, 3.0
   ctx = cnn_ctx(stream)
   s = lwm(layer=LAYER, beta=beta, gamma=gamma, temperature=temp)
-  state, _ = _after_first(ctx, s, stream)
+  state, _ = after_first(ctx, s, stream, 15, n=B)
   ss = state.strategy
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(ss.old_classes)),
                                 [0, 1])
-  b = rows(stream.experiences[1])
+  b = batch_of(stream.experiences[1], n=B)
   # A student that has moved away from the teacher, with its head's
   # classes 0 and 1 swapped: its own top old class is the other one.
   leaves, tree = jax.tree.flatten(state.params)
@@ -150,9 +133,9 @@ def test_lwm_attention_term_has_the_second_order_gradient(stream):
   loss built from the split model's maps."""
   ctx = cnn_ctx(stream)
   s = lwm(layer=LAYER, beta=0.0, gamma=1.0)
-  state, _ = _after_first(ctx, s, stream)
+  state, _ = after_first(ctx, s, stream, 15, n=B)
   ss = state.strategy
-  b = rows(stream.experiences[1])
+  b = batch_of(stream.experiences[1], n=B)
   leaves, tree = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
   params = jax.tree.unflatten(tree, [
@@ -187,10 +170,10 @@ def test_lwm_attention_keeps_old_inputs_maps(stream):
     # zero, where L_AD has no gradient left); at 0.03 they do not.
     ctx = cnn_ctx(stream, lr=0.03)
     s = lwm(layer=LAYER, gamma=gamma)
-    state, step = _after_first(ctx, s, stream, steps=30)
+    state, step = after_first(ctx, s, stream, 30, n=B)
     teacher = state.strategy.teacher
     for i in range(30):
-      state = step(state, rows(e1, start=(B * i) % (len(e1.train_y) - B)))
+      state = step(state, batch_of(e1, n=B, start=(B * i) % (len(e1.train_y) - B)))
     cls = jnp.asarray(e0.test_y)
     q_old = gradcam(ctx, LAYER, teacher, {}, x, t, cls)
     q = gradcam(ctx, LAYER, state.params, {}, x, t, cls)

@@ -52,6 +52,19 @@ def batch_of(exp, n=B, start=0):
           "mask": jnp.ones((n,), jnp.float32)}
 
 
+def after_first(ctx, s, stream, steps, n=B):
+  """The state after training experience 0 for ``steps`` batches of ``n``
+  rows and its end, then the start of experience 1; and the jitted step."""
+  e0, e1 = stream.experiences[:2]
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(steps):
+    state = step(state, batch_of(e0, n=n,
+                                 start=(n * i) % (len(e0.train_y) - n)))
+  state = s.after_experience(ctx, state, e0)
+  return s.before_experience(ctx, state, e1), step
+
+
 def config(spec, **kwargs):
   c = experiment.default_config()
   c.model.widths = (32,)
