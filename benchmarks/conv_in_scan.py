@@ -4,10 +4,12 @@ same step jitted alone, on the current backend.
 jaxcl compiles each epoch into one ``lax.scan``. Session 26 found CNN runs
 on this 2-core CPU ~3x slower than their step's time predicts; this script
 isolates why: the forward pass costs the same in a scan as alone, the
-gradient does not.
+gradient of flax's ``nn.Conv`` (``--conv lax``) does not. Session 27's
+``jaxcl.models.conv`` (``--conv jaxcl``, what the models use) writes the
+gradient with canonical convolutions and runs as fast in a scan.
 
   python benchmarks/conv_in_scan.py [--steps 40] [--channels 16 32]
-      [--batch 128] [--runs 5]
+      [--batch 128] [--runs 5] [--conv jaxcl|lax]
 
 Prints ms per step for: the forward pass alone and in a scan; the gradient
 alone and in a scan; the full training step (Adam) in a Python loop of
@@ -24,6 +26,7 @@ import os
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxcl import models, scenarios, train  # noqa: E402
+from jaxcl.models import cnn  # noqa: E402
 from jaxcl.strategy import identity  # noqa: E402
 
 
@@ -58,7 +62,12 @@ def main() -> None:
   ap.add_argument("--channels", type=int, nargs="+", default=[16, 32])
   ap.add_argument("--runs", type=int, default=5,
                   help="runs of the vmapped sweep step (1: skip it)")
+  ap.add_argument("--conv", choices=("jaxcl", "lax"), default="jaxcl",
+                  help="the CNN's convolution: jaxcl.models.conv (the "
+                       "default), or flax's nn.Conv on lax's gradient")
   args = ap.parse_args()
+  if args.conv == "lax":
+    cnn.Conv = nn.Conv   # this process only: the model as before session 27
   n, b = args.steps, args.batch
   sc = _stream(n * b)
   info = train.stream_info(sc, b)
@@ -72,7 +81,7 @@ def main() -> None:
             "mask": jnp.ones((b,), jnp.float32)}
 
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
-        f"batch {b}, {n} steps per measurement")
+        f"batch {b}, {n} steps per measurement, conv {args.conv}")
   for name, model in (
       (f"cnn {tuple(args.channels)}", models.build(
           "cnn", 10, channels=tuple(args.channels), hidden=128)),

@@ -7,6 +7,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcl.models.conv import Conv
+
 
 class CNN(nn.Module):
   """``[conv3x3 -> ReLU -> maxpool2]`` per channel count, then one Dense."""
@@ -18,7 +20,7 @@ class CNN(nn.Module):
     del train
     h = x
     for c in self.channels:
-      h = nn.relu(nn.Conv(c, (3, 3))(h))
+      h = nn.relu(Conv(c, (3, 3))(h))
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = h.reshape(h.shape[0], -1)
     return nn.relu(nn.Dense(self.hidden)(h))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcl.models.conv import Conv
+
 
 class BasicBlock(nn.Module):
   features: int
@@ -18,13 +20,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.features, (3, 3), (self.stride, self.stride),
+    y = Conv(self.features, (3, 3), (self.stride, self.stride),
                 use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    y = Conv(self.features, (3, 3), use_bias=False)(y)
     y = norm()(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), (self.stride, self.stride),
+      x = Conv(self.features, (1, 1), (self.stride, self.stride),
                   use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
@@ -36,7 +38,7 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    h = nn.Conv(self.width, (3, 3), use_bias=False)(x)
+    h = Conv(self.width, (3, 3), use_bias=False)(x)
     h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
