@@ -10,6 +10,7 @@ gradient with canonical convolutions and runs as fast in a scan.
 
   python benchmarks/conv_in_scan.py [--steps 40] [--channels 16 32]
       [--batch 128] [--runs 5] [--conv jaxcl|lax]
+      [--models cnn mlp resnet18]
 
 Prints ms per step for: the forward pass alone and in a scan; the gradient
 alone and in a scan; the full training step (Adam) in a Python loop of
@@ -35,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxcl import models, scenarios, train  # noqa: E402
-from jaxcl.models import cnn  # noqa: E402
+from jaxcl.models import cnn, resnet  # noqa: E402
 from jaxcl.strategy import identity  # noqa: E402
 
 
@@ -62,12 +63,15 @@ def main() -> None:
   ap.add_argument("--channels", type=int, nargs="+", default=[16, 32])
   ap.add_argument("--runs", type=int, default=5,
                   help="runs of the vmapped sweep step (1: skip it)")
+  ap.add_argument("--models", nargs="+", default=["cnn", "mlp"],
+                  choices=("cnn", "mlp", "resnet18"))
   ap.add_argument("--conv", choices=("jaxcl", "lax"), default="jaxcl",
                   help="the CNN's convolution: jaxcl.models.conv (the "
                        "default), or flax's nn.Conv on lax's gradient")
   args = ap.parse_args()
   if args.conv == "lax":
-    cnn.Conv = nn.Conv   # this process only: the model as before session 27
+    # This process only: the models as before session 27.
+    cnn.Conv = resnet.Conv = nn.Conv
   n, b = args.steps, args.batch
   sc = _stream(n * b)
   info = train.stream_info(sc, b)
@@ -82,10 +86,16 @@ def main() -> None:
 
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"batch {b}, {n} steps per measurement, conv {args.conv}")
-  for name, model in (
-      (f"cnn {tuple(args.channels)}", models.build(
+  built = {
+      "cnn": (f"cnn {tuple(args.channels)}", lambda: models.build(
           "cnn", 10, channels=tuple(args.channels), hidden=128)),
-      ("mlp (400, 400)", models.build("mlp", 10, widths=(400, 400)))):
+      "mlp": ("mlp (400, 400)", lambda: models.build(
+          "mlp", 10, widths=(400, 400))),
+      "resnet18": ("resnet18 (width 20)", lambda: models.build(
+          "resnet18", 10, width=20)),
+  }
+  for name, model in (
+      (built[m][0], built[m][1]()) for m in args.models):
     ctx = train.make_context(model, train.make_optimizer("adam", 1e-3), info)
     s = identity()
     state = train.init_state(ctx, s, 0)
@@ -94,7 +104,7 @@ def main() -> None:
 
     def loss(p, i):
       bt = batch(i)
-      out = ctx.logits(p, {}, bt["x"], bt["task"], train=True)
+      out = ctx.logits(p, state.model_state, bt["x"], bt["task"], train=True)
       return jnp.sum(out.astype(jnp.float32) ** 2)
 
     fwd1 = jax.jit(lambda p, i: loss(p, i))
