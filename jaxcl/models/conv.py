@@ -23,13 +23,19 @@ convolution:
 * ``dw``: ``x`` with its batch and feature axes exchanged (the batch becomes
   the contraction) correlated with ``dy`` as a kernel dilated by the stride.
 
-The values are those of JAX's own transpose rules (the same convolutions,
-summed in the same order; ``tests/test_models.py`` compares them). Every
-other case, and every other backend, calls ``lax.conv_general_dilated``:
-GPU and TPU compilers assign these layouts themselves, and forward-mode
-differentiation (``jax.jvp``), which a ``custom_vjp`` refuses, stays
-available there. Models differentiated forward on CPU (SupSup's
-``jacfwd``) use masked layers, which call ``lax`` directly.
+The gradients are JAX's own transpose rules with the operands laid out
+differently: bit-identical to lax's over the 216 settings a session-27
+probe tried, within float rounding under ``vmap`` (``tests/test_conv.py``
+compares them). Every other case, and every other backend, calls
+``lax.conv_general_dilated``: GPU and TPU compilers assign these layouts
+themselves.
+
+A ``custom_vjp`` refuses forward-mode differentiation (``jax.jvp``,
+``jax.jacfwd``), so on CPU the ``cnn`` and ``resnet18`` models support
+reverse mode only (every strategy here uses reverse mode; SupSup's
+``jacfwd`` runs through the masked layers, which call ``lax``). Code
+that needs forward mode through them on CPU can build the backbone with
+flax's ``nn.Conv``.
 """
 
 from __future__ import annotations
