@@ -48,7 +48,8 @@ lr 0.03, margin 0.5.
   fresh specialist on its own classes, then a fresh student regresses the
   old and new models' centred logits on 10000 unlabelled images of the
   other data set (Fashion-MNIST for MNIST, MNIST for Fashion-MNIST): 10
-  epochs of SGD 0.01, momentum 0.9, batch 128. lr 0.1. No published
+  epochs (``consolidate``) of SGD 0.01, momentum 0.9, batch 128. lr 0.1.
+  No published
   Split MNIST number: compare with the exemplar-free rows (Naive, AR1,
   P&C).
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
@@ -74,7 +75,8 @@ Commands::
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
-``finetune`` (EEIL's balanced fine-tuning epochs),
+``finetune`` (EEIL's balanced fine-tuning epochs), ``consolidate``
+(DMC's student epochs),
 ``init`` (``model.init``: lecun_normal | torch), ``quick`` (2000 training
 / 1000 test examples, for tests). Measured results: see
 docs/notes_hybrid.md.
@@ -99,7 +101,8 @@ GEM = {200: (0.005, 1.0), 500: (0.01, 1.0)}
 def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", mem_size=200, kind="class",
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
-                init="lecun_normal", rectify=True, finetune=30, quick=False)
+                init="lecun_normal", rectify=True, finetune=30, consolidate=10,
+                quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -143,7 +146,8 @@ def get_config(arg=None):
     # paper pairs ImageNet32 with CIFAR-100); the student: 10 epochs of
     # SGD 0.01 with momentum 0.9 over 10000 of them, batch 128.
     c.strategy.dmc = dict(
-        aux_dataset="fashion_mnist" if a["dataset"] == "mnist" else "mnist")
+        aux_dataset="fashion_mnist" if a["dataset"] == "mnist" else "mnist",
+        consolidate_epochs=a["consolidate"])
   elif s == "eeil":
     # The paper's fine-tuning: a tenth of the training rate, 30 epochs,
     # divided by 10 every 10; SGD with momentum 0.9.
