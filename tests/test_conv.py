@@ -96,21 +96,24 @@ def test_second_order_gradient_equals_lax():
                              rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0)])
-def test_vmapped_gradient_equals_lax_without_feature_groups(axes):
+@pytest.mark.parametrize("axes,runs", [((0, None), 2), ((None, 0), 2),
+                                       ((0, 0), 2), ((0, 0), 10)])
+def test_vmapped_gradient_equals_lax_without_feature_groups(axes, runs):
   # A sweep vmaps the step over runs: lax batches kernels by feature
   # groups (slow on XLA:CPU too); the rule folds runs into the batch or
   # the output features, or runs one convolution per run.
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(3, 9, 9, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
-  args = (jnp.stack([x, 2 * x]) if axes[0] == 0 else x,
-          jnp.stack([w, -0.5 * w]) if axes[1] == 0 else w)
+  # More runs than conv._UNROLL take the loop, fewer the unrolled path.
+  scale = jnp.linspace(-1.0, 2.0, runs)
+  args = (scale[:, None, None, None, None] * x if axes[0] == 0 else x,
+          scale[::-1, None, None, None, None] * w if axes[1] == 0 else w)
   ref, new = _pair((2, 2), "SAME")
   grad = lambda f: jax.vmap(jax.grad(
       lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)), axes)
   for a, b in zip(grad(ref)(*args), grad(new)(*args)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
   got = _convs(jax.make_jaxpr(grad(new))(*args).jaxpr)
   assert got and all(e.params["feature_group_count"] == 1
                      and e.params["dimension_numbers"] == CANON for e in got)

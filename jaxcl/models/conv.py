@@ -59,6 +59,11 @@ def _specs(nsp: int) -> lax.ConvDimensionNumbers:
       out_spec=(0, nsp + 1) + sp)
 
 
+# Runs up to which a vmap rule with per-run inputs and kernels unrolls its
+# per-run convolutions; more run in a loop.
+_UNROLL = 8
+
+
 def _dilated(n: int, d: int) -> int:
   return 0 if n == 0 else 1 + d * (n - 1)
 
@@ -94,7 +99,11 @@ def _canonical(strides: tuple, pads: tuple, lhs_dil: tuple, rhs_dil: tuple,
       y = conv(x, wk.reshape(wk.shape[:-2] + (-1,)))
       y = y.reshape(y.shape[:-1] + (axis_size, w.shape[-1]))
       return jnp.moveaxis(y, -2, 0), True
-    return jnp.stack([conv(x[k], w[k]) for k in range(axis_size)]), True
+    if axis_size <= _UNROLL:
+      return jnp.stack([conv(x[k], w[k]) for k in range(axis_size)]), True
+    # Many runs: a loop, not a program that grows with the runs (canonical
+    # convolutions run as fast inside a loop body).
+    return lax.map(lambda xw: conv(*xw), (x, w)), True
 
   def fwd(x, w):
     return conv(x, w), (x, w)
