@@ -16,8 +16,8 @@ Prints ms per step for: the forward pass alone and in a scan; the gradient
 alone and in a scan; the full training step (Adam) in a Python loop of
 jitted calls and in a scan; and, for reference, an MLP's training step
 both ways; and a ``--runs``-run sweep's step (the step vmapped over the
-runs' states) against that many plain steps. Synthetic 28x28 inputs (the cost does not depend on
-the values).
+runs' states) against that many plain steps. Synthetic 28x28 inputs
+(the cost does not depend on the values).
 """
 
 from __future__ import annotations
@@ -86,16 +86,11 @@ def main() -> None:
 
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"batch {b}, {n} steps per measurement, conv {args.conv}")
-  built = {
-      "cnn": (f"cnn {tuple(args.channels)}", lambda: models.build(
-          "cnn", 10, channels=tuple(args.channels), hidden=128)),
-      "mlp": ("mlp (400, 400)", lambda: models.build(
-          "mlp", 10, widths=(400, 400))),
-      "resnet18": ("resnet18 (width 20)", lambda: models.build(
-          "resnet18", 10, width=20)),
-  }
-  for name, model in (
-      (built[m][0], built[m][1]()) for m in args.models):
+  sizes = {"cnn": dict(channels=tuple(args.channels), hidden=128),
+           "mlp": dict(widths=(400, 400)), "resnet18": dict(width=20)}
+  for m in args.models:
+    name = f"{m} {sizes[m]}"
+    model = models.build(m, 10, **sizes[m])
     ctx = train.make_context(model, train.make_optimizer("adam", 1e-3), info)
     s = identity()
     state = train.init_state(ctx, s, 0)

@@ -49,9 +49,8 @@ lr 0.03, margin 0.5.
   old and new models' centred logits on 10000 unlabelled images of the
   other data set (Fashion-MNIST for MNIST, MNIST for Fashion-MNIST): 10
   epochs (``consolidate``) of SGD 0.01, momentum 0.9, batch 128. lr 0.1.
-  No published
-  Split MNIST number: compare with the exemplar-free rows (Naive, AR1,
-  P&C).
+  No published Split MNIST number: compare with the exemplar-free rows
+  (Naive, AR1, P&C).
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -76,9 +75,8 @@ Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
 ``finetune`` (EEIL's balanced fine-tuning epochs), ``consolidate``
-(DMC's student epochs),
-``init`` (``model.init``: lecun_normal | torch), ``quick`` (2000 training
-/ 1000 test examples, for tests). Measured results: see
+(DMC's student epochs), ``init`` (``model.init``: lecun_normal | torch),
+``quick`` (2000 training / 1000 test examples, for tests). Measured results: see
 docs/notes_hybrid.md.
 """
 
@@ -143,8 +141,9 @@ def get_config(arg=None):
                            rectify_scores=a["rectify"])
   elif s == "dmc":
     # The other MNIST-sized data set as unlabelled auxiliary images (as the
-    # paper pairs ImageNet32 with CIFAR-100); the student: 10 epochs of
-    # SGD 0.01 with momentum 0.9 over 10000 of them, batch 128.
+    # paper pairs ImageNet32 with CIFAR-100); the student: `consolidate`
+    # epochs (10) of SGD 0.01 with momentum 0.9 over 10000 of them, batch
+    # 128.
     c.strategy.dmc = dict(
         aux_dataset="fashion_mnist" if a["dataset"] == "mnist" else "mnist",
         consolidate_epochs=a["consolidate"])

@@ -148,13 +148,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
   """``lax.conv_general_dilated``, with a loop-friendly gradient on CPU."""
   nsp = lhs.ndim - 2
   ones = (1,) * nsp
+  lhs_dil = tuple(int(d) for d in lhs_dilation or ones)
+  rhs_dil = tuple(int(d) for d in rhs_dilation or ones)
   plain = (
       jax.default_backend() == "cpu"
       and lhs.dtype == rhs.dtype and preferred_element_type is None
       and feature_group_count == 1 and batch_group_count == 1
       # lax refuses string padding for a transposed convolution: its error.
-      and not (isinstance(padding, str)
-               and tuple(lhs_dilation or ones) != ones)
+      and not (isinstance(padding, str) and lhs_dil != ones)
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == _specs(nsp))
   if not plain:
@@ -169,15 +170,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
     # As lax does: the string pads the kernel's dilated extent.
     pads = lax.padtype_to_pads(
         lhs.shape[1:-1],
-        [_dilated(k, d) for k, d in zip(rhs.shape[:nsp],
-                                        rhs_dilation or ones)],
+        [_dilated(k, d) for k, d in zip(rhs.shape[:nsp], rhs_dil)],
         strides, padding)
   else:
     pads = padding
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-  return _canonical(strides, pads, tuple(int(d) for d in lhs_dilation or ones),
-                    tuple(int(d) for d in rhs_dilation or ones),
-                    precision)(lhs, rhs)
+  return _canonical(strides, pads, lhs_dil, rhs_dil, precision)(lhs, rhs)
 
 
 # flax's Conv with the convolution above; its parameters (``kernel``,

@@ -21,13 +21,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
     y = Conv(self.features, (3, 3), (self.stride, self.stride),
-                use_bias=False)(x)
+             use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = Conv(self.features, (3, 3), use_bias=False)(y)
     y = norm()(y)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = Conv(self.features, (1, 1), (self.stride, self.stride),
-                  use_bias=False)(x)
+               use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
