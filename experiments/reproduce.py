@@ -132,6 +132,10 @@ ENTRIES: list[Entry] = [
           "split_mnist_baselines", "strategy=freezing"),
     Entry(f"{_SM_BASE}, task-incremental", "Freezing (FACIL)",
           "split_mnist_baselines", "strategy=freezing,kind=task"),
+    Entry(f"{_SM_BASE}, class-incremental", "From scratch (Avalanche)",
+          "split_mnist_baselines", "strategy=from_scratch"),
+    Entry(f"{_SM_BASE}, task-incremental", "From scratch (Avalanche)",
+          "split_mnist_baselines", "strategy=from_scratch,kind=task"),
     Entry("Permuted MNIST (10), MLP 2x1000, 1 epoch, domain-incremental",
           "Naive", "permuted_mnist_baselines", "strategy=naive"),
 ]

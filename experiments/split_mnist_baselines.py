@@ -1,4 +1,5 @@
-"""Split MNIST baselines: Naive, Joint, Cumulative, Ensemble, Freezing.
+"""Split MNIST baselines: Naive, Joint, Cumulative, Ensemble, Freezing,
+From scratch.
 
 Protocol (DESIGN.md's speed target and the core issue's checks): MNIST split
 into 5 experiences of 2 classes (0/1, 2/3, ...), MLP 784-400-400-10, SGD
@@ -10,7 +11,8 @@ all test sets evaluated after each experience.
   jaxcl run --config experiments/split_mnist_baselines.py:strategy=naive,kind=task
 
 Arguments: ``strategy`` (naive | joint | cumulative | ensemble | freezing:
-FACIL's, the backbone fixed after experience 0), ``kind``
+FACIL's, the backbone fixed after experience 0 | from_scratch:
+Avalanche's, every experience from the initial weights), ``kind``
 (class | task), ``seed``, ``quick`` (2000 training / 1000 test examples, for
 tests). Measured (seed 0, 2-core CPU; see BUILD_NOTES.md): class-IL Naive
 ACC 0.196 with experience 0 forgotten (0.000), Joint 0.973, Cumulative

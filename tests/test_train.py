@@ -494,6 +494,61 @@ def test_ensemble_stores_one_model_per_experience():
   assert r.metrics["bwt"] > -0.02
 
 
+@pytest.mark.parametrize("reset", ["initial", "fresh"])
+def test_from_scratch_restarts_every_experience(reset):
+  c = quick_config(**{"strategy.name": "from_scratch",
+                      "optimizer.name": "adam"})
+  c.strategy.from_scratch = dict(reset=reset)
+  sc = jaxcl.experiment.build_scenario(c)
+  two = dataclasses.replace(sc, experiences=sc.experiences[:2])
+  r = jaxcl.run(c, scenario=two)
+  ctx, strategy = r.learner.ctx, r.learner.strategy
+  start = train.init_state(ctx, strategy, 0)
+  leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]
+  # Trained: the parameters moved and Adam counted steps.
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(leaves(r.state.params), leaves(start.params)))
+  restarted = strategy.before_experience(ctx, r.state, sc.experiences[2])
+  if reset == "initial":
+    want = start.params
+  else:  # a new draw per experience, from the run's own key
+    key = jax.random.fold_in(jax.random.fold_in(r.state.rng, 0x5C4), 2)
+    want = train.init_variables(ctx, key)[0]
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(leaves(want), leaves(start.params)))
+  for a, b in zip(leaves(restarted.params), leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(leaves(restarted.opt_state), leaves(start.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  # The first experience keeps its start (nothing to reset).
+  same = strategy.before_experience(ctx, start, sc.experiences[0])
+  assert same is start
+  # The accuracy matrix of a model that sees one experience at a time:
+  # class-incremental, it knows only the newest experience's classes.
+  assert r.accuracy[1, 1] > 0.9 and r.accuracy[1, 0] < 0.05
+
+
+def test_from_scratch_keeps_pretrained_start_and_checks_reset(tmp_path):
+  from jaxcl import pretrained
+  c = quick_config(**{"strategy.name": "from_scratch"})
+  s = jaxcl.experiment.setup(c)
+  start = train.init_state(s.learner.ctx, s.learner.strategy, 7)
+  path = str(tmp_path / "start.npz")
+  pretrained.save(path, start.params)
+  c.model.pretrained = path
+  s = jaxcl.experiment.setup(c)
+  state = jaxcl.experiment.initial_state(s, 0)
+  back = s.learner.strategy.before_experience(
+      s.learner.ctx, state.replace(params=jax.tree.map(
+          lambda a: a + 1.0, state.params)), s.scenario.experiences[1])
+  for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(
+      start.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"reset must be one of \('initial', "
+                     r"'fresh'\), got 'random'"):
+    jaxcl.strategies.get("from_scratch", reset="random")
+
+
 def test_strategy_state_aliasing_params_is_donated_safely():
   """A strategy whose state is the params themselves (an anchor) must not
   break buffer donation; the README's script example."""

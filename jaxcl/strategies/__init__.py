@@ -24,7 +24,7 @@ __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
 # (tested), so a new method cannot go missing from the method reference.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead",
-                  "freezing"),
+                  "freezing", "from_scratch"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
                        "hypernetwork", "rwalk", "lfl", "lwm"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
