@@ -17,6 +17,7 @@ from jaxcl.strategies import _penalty
 from jaxcl.strategies.ewc import add_experience, ewc
 from jaxcl.strategies.lfl import feature_distance, lfl
 from jaxcl.strategies.lwf import distillation, lwf
+from jaxcl.strategies.lwf_mc import lwf_mc
 from jaxcl.strategies.mas import mas
 from jaxcl.strategies.online_ewc import online_ewc
 from jaxcl.strategies.rwalk import RWalkState, rwalk
@@ -395,6 +396,73 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting):
   _tree_close(state.strategy.teacher, teacher_params)
 
 
+def _np_sigmoid_bce(z, t):
+  p = 1.0 / (1.0 + np.exp(-z))
+  return -(t * np.log(p) + (1 - t) * np.log(1 - p))
+
+
+def test_lwf_mc_loss_is_hand_sigmoid_distillation():
+  ctx, sc = _ctx("class", n_exp=2)
+  s = lwf_mc(wd_reg=0.01)
+  state = init_state(ctx, s, 0)
+  e0, e1 = sc.experiences
+  batch = {"x": jnp.asarray(e1.train_x[:6]), "y": jnp.asarray(e1.train_y[:6]),
+           "task": jnp.asarray(e1.train_task[:6]), "mask": jnp.ones((6,))}
+  raw = lambda p: np.asarray(ctx.model.apply({"params": p}, batch["x"]),
+                             np.float64)
+  onehot = np.eye(C)[np.asarray(batch["y"])]
+  task_loss = jax.jit(lambda ss, l, b: s.task_loss(ctx, ss, l, b))
+  # Experience 0: no old class, BCE against one-hot over its classes.
+  state = s.before_experience(ctx, state, e0)
+  z = raw(state.params)
+  got = float(task_loss(state.strategy, jnp.asarray(z, jnp.float32), batch))
+  want = _np_sigmoid_bce(z, onehot)[:, :2].mean()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # After it (the parameters have moved), experience 1: old classes 0, 1
+  # take the sigmoid of the model as experience 0 ended.
+  teacher = jax.tree.map(lambda p: p - 0.2, state.params)
+  state = s.after_experience(ctx, state.replace(params=teacher), e0)
+  state = s.before_experience(ctx, state, e1)
+  assert np.asarray(state.strategy.seen).tolist() == [True, True, False,
+                                                      False]
+  student = jax.tree.map(lambda p: p + 0.3, teacher)
+  zs, zt = raw(student), raw(teacher)
+  targets = np.concatenate([1 / (1 + np.exp(-zt[:, :2])), onehot[:, 2:]], 1)
+  got = float(task_loss(state.strategy, jnp.asarray(zs, jnp.float32),
+                        batch))
+  np.testing.assert_allclose(got, _np_sigmoid_bce(zs, targets).mean(),
+                             rtol=1e-5)
+  # Mammoth's wd_reg term: wd_reg * sum of squared parameters.
+  sq = sum(float(np.sum(np.asarray(p, np.float64) ** 2))
+           for p in jax.tree.leaves(student))
+  np.testing.assert_allclose(
+      float(s.loss(ctx, state.strategy, student, batch, None)), 0.01 * sq,
+      rtol=1e-5)
+  assert float(lwf_mc().loss(ctx, state.strategy, student, batch, None)) == 0
+
+
+def test_lwf_mc_keeps_old_classes_where_naive_forgets():
+  c = experiment.default_config()  # Split Digits, class-incremental
+  c.model.widths = (32,)
+  c.train.epochs = 4
+  c.train.batch_size = 16
+  c.report.progress = False
+  sc = experiment.build_scenario(c)
+  sc = dataclasses.replace(sc, experiences=sc.experiences[:2])
+  out = {}
+  for name in ("naive", "lwf_mc"):
+    c.strategy.name = name
+    out[name] = experiment.run(c, scenario=sc).accuracy
+  # Both learn experience 0; after experience 1, naive has lost it and
+  # LwF.MC's distillation has kept it.
+  assert out["naive"][0, 0] > 0.9 and out["lwf_mc"][0, 0] > 0.9, out
+  assert out["naive"][1, 0] < 0.1 and out["lwf_mc"][1, 0] > 0.8, out
+  # Classes no experience trained are never predicted (masked logits):
+  # the test sets of later experiences score exactly 0.
+  assert np.all(out["lwf_mc"][0, 1:] == 0) and np.all(
+      out["lwf_mc"][1, 2:] == 0), out
+
+
 # --------------------------------------------------------------------------
 # RWalk: the path integral, the consolidation and the penalty by hand.
 
@@ -495,6 +563,9 @@ def test_rwalk_holds_parameters_near_their_anchor():
     (rwalk, dict(fisher="kfac"), "rwalk: unknown Fisher type 'kfac'"),
     (lfl, dict(lambda_e=-1e-4), "lfl: lambda_e must be a finite number >= 0"),
     (lfl, dict(lambda_e=float("inf")), "lfl: lambda_e must be a finite"),
+    (lwf_mc, dict(wd_reg=-0.1), r"lwf_mc: wd_reg must be a finite number "
+     r">= 0, got -0.1"),
+    (lwf_mc, dict(wd_reg=True), "lwf_mc: wd_reg must be"),
 ])
 def test_bad_hyperparameters_raise(factory, kwargs, needle):
   with pytest.raises(ValueError, match=needle):

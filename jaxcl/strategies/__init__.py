@@ -26,7 +26,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead",
                   "freezing", "from_scratch"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
-                       "hypernetwork", "rwalk", "lfl", "lwm"),
+                       "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer"),
@@ -128,6 +128,9 @@ PAPERS: dict[str, str] = {
              "via rebalancing*, CVPR (LUCIR)",
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
             "with dual memory*, ICCV",
+    "lwf_mc": "Rebuffi, Kolesnikov, Sperl & Lampert 2017, *iCaRL: "
+              "incremental classifier and representation learning*, CVPR "
+              "(LwF.MC, their multi-class LwF baseline; Mammoth's lwf_mc)",
     "lwm": "Dhar et al. 2019, *Learning without memorizing*, CVPR (LwM)",
     "dmc": "Zhang et al. 2020, *Class-incremental learning via deep model "
            "consolidation*, WACV (DMC)",
