@@ -61,6 +61,12 @@ ENTRIES = [
     Entry(_SM, "Naive (reference)", "split_mnist_hybrid", "strategy=naive"),
     Entry(_ST, "A-GEM (200)", "split_mnist_hybrid",
           "strategy=agem,mem_size=200,kind=task", 0.983, _B),
+    Entry(_SM, "A-GEM (200)", "split_mnist_hybrid",
+          "strategy=agem,mem_size=200"),
+    Entry(_SM, "A-GEM-R (200; Mammoth's agem_r)", "split_mnist_hybrid",
+          "strategy=agem_r,mem_size=200",
+          note="A-GEM's projection against a reservoir sample that includes "
+               "the current experience; no published number"),
     Entry(_SF, "DMC (no memory; MNIST as auxiliary data)",
           "split_mnist_hybrid", "strategy=dmc,dataset=fashion_mnist"),
     Entry(_SF, "DMC, 50 consolidation epochs (ablation)",

@@ -17,6 +17,9 @@ lr 0.03, margin 0.5.
   experience. Buzzega et al.: 80.1 / 85.9 % (mem 200 / 500), class-IL.
 * ``agem`` (Chaudhry et al. 2019): task-IL 98.3 / 98.6 % in Buzzega et al.
   (run with ``kind=task``).
+* ``agem_r`` (Mammoth's A-GEM with a reservoir memory): A-GEM's lr 0.1
+  and sample of up to 256; no published Split MNIST number, read against
+  ``agem`` and ``replay``.
 * ``icarl`` (Rebuffi et al. 2017): ``mem_size`` exemplars, NME.
   Buzzega et al.: 70.5 / 70.1 %.
 * ``ar1`` (Maltoni & Lomonaco 2019), ``progress_compress`` (Schwarz et al.
@@ -83,7 +86,7 @@ docs/notes_hybrid.md.
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
-LR = {"gem": 0.03, "agem": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
+LR = {"gem": 0.03, "agem": 0.1, "agem_r": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
       "il2m": 0.1, "eeil": 0.1, "dmc": 0.1}
@@ -130,6 +133,8 @@ def get_config(arg=None):
                           GEM.get(m, (LR[s], 0.5))[1])
   elif s == "agem":
     c.strategy.agem = dict(mem_size=m, sample_size=min(m, 256))
+  elif s == "agem_r":  # A-GEM's rate and sample against a reservoir
+    c.strategy.agem_r = dict(mem_size=m, sample_size=min(m, 256))
   elif s == "icarl":
     c.strategy.icarl = dict(mem_size=m, batch_size=10)
   elif s == "replay":

@@ -19,6 +19,7 @@ from jaxcl.state import cross_entropy
 from jaxcl.strategies import _qp
 from jaxcl.strategies import gem as gem_module
 from jaxcl.strategies.agem import agem, agem_project
+from jaxcl.strategies.agem_r import agem_r
 from jaxcl.strategies.gem import gem, memory_loss, project, row_buckets
 from jaxcl.strategies.icarl import herding, icarl, icarl_loss
 from jaxcl.strategy import chain
@@ -466,6 +467,56 @@ def test_agem_bad_arguments_raise(stream):
     agem(mem_size=10, sample_size=-1)
   with pytest.raises(ValueError, match="larger than the memory"):
     train.init_state(make_ctx(stream), agem(mem_size=30, sample_size=31), 0)
+
+
+def test_agem_r_projects_against_its_reservoir_in_the_loop(stream):
+  c = experiment.default_config()
+  c.model.widths = (16,)
+  c.train.epochs = 1
+  c.train.batch_size = B
+  c.report.progress = False
+  c.strategy.name = "agem_r"
+  c.strategy.agem_r = dict(mem_size=40, sample_size=12)
+  r = experiment.run(c, scenario=stream)
+  ctx, s = r.learner.ctx, r.learner.strategy
+  mem = r.state.strategy.memory
+  # A reservoir of everything seen: full, every experience in it, and the
+  # count of offered rows is the stream's training size.
+  assert np.all(np.asarray(mem.valid))
+  assert int(mem.seen) == sum(e.num_train for e in stream.experiences)
+  assert set(np.asarray(mem.experience).tolist()) == {0, 1, 2}
+  # One step's projection against a sample of it, by hand, for a
+  # gradient that conflicts with the sample's.
+  batch = batch_of(stream.experiences[2])
+  key = jax.random.PRNGKey(3)
+  idx, ok = buffers.sample(mem, key, 12)
+  g_ref = jax.grad(memory_loss, argnums=1)(
+      ctx, r.state.params, r.state.strategy.model_state, mem.x[idx],
+      mem.y[idx], mem.task[idx], ok.astype(jnp.float32))
+  g = jax.tree.map(lambda a, b: 0.5 * a - b, grads_of(ctx, r.state, batch),
+                   g_ref)
+  gf, rf = flat(g), flat(g_ref)
+  assert gf @ rf < 0
+  new = s.update_grads(ctx, r.state.strategy, g, r.state.params, batch, key)
+  want = gf - (gf @ rf) / (rf @ rf) * rf
+  np.testing.assert_allclose(flat(new), want, rtol=1e-4, atol=1e-6)
+  assert abs(flat(new) @ rf) < 1e-4 * (rf @ rf)
+  # An empty reservoir leaves the gradient as it is.
+  fresh = train.init_state(ctx, s, 0)
+  same = s.update_grads(ctx, fresh.strategy, g, r.state.params, batch, key)
+  np.testing.assert_array_equal(flat(same), gf)
+  assert r.learner.chunk_fn._cache_size() == 1
+
+
+def test_agem_r_bad_arguments_raise():
+  with pytest.raises(ValueError, match="agem_r: mem_size"):
+    agem_r(mem_size=0)
+  with pytest.raises(ValueError, match=r"agem_r: sample_size must be an int "
+                     r">= 0 \(0: min\(256, mem_size\)\), got -1"):
+    agem_r(sample_size=-1)
+  with pytest.raises(ValueError, match="sample_size=31 is larger than "
+                     "mem_size=30"):
+    agem_r(mem_size=30, sample_size=31)
 
 
 # ---------------------------------------------------------------------------

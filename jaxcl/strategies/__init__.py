@@ -32,7 +32,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "er_aml", "xder", "fdr", "hal", "mer"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
-    "hybrid": ("gem", "agem", "icarl", "progress_compress", "ar1",
+    "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
                "dmc"),
     # Not in the survey: closed-form classifiers over a feature extractor
@@ -112,6 +112,9 @@ PAPERS: dict[str, str] = {
            "continual learning*, NeurIPS",
     "agem": "Chaudhry et al. 2019, *Efficient lifelong learning with "
             "A-GEM*, ICLR",
+    "agem_r": "Chaudhry et al. 2019, *Efficient lifelong learning with "
+              "A-GEM*, ICLR, with a reservoir memory (Mammoth's agem_r, "
+              "Buzzega et al. 2020)",
     "icarl": "Rebuffi et al. 2017, *iCaRL: incremental classifier and "
              "representation learning*, CVPR",
     "progress_compress": "Schwarz et al. 2018, *Progress & Compress: a "
