@@ -123,6 +123,15 @@ ENTRIES = [
           "strategy=er_aml,mem_size=200"),
     Entry(_SM, "ER-AML (500)", "split_mnist_replay",
           "strategy=er_aml,mem_size=500"),
+    Entry(_SM, "SCR (200)", "split_mnist_replay",
+          "strategy=scr,mem_size=200",
+          note="Mai et al. 2021's SCR: the supervised contrastive loss alone "
+               "(τ 0.07, MLP projection head), 100 replayed per step, one "
+               "augmented view (random resized crop, scale 0.2-1), "
+               "nearest-class-mean prediction over the reservoir; lr 0.1 (the "
+               "reference's). No MNIST number in the paper; read against "
+               "Replay and ER-ACE"),
+    Entry(_SM, "SCR (500)", "split_mnist_replay", "strategy=scr,mem_size=500"),
     Entry(_SM, "X-DER (200, DER++'s settings)", "split_mnist_replay",
           "strategy=xder,mem_size=200"),
     Entry(_SM, "X-DER (500, DER++'s settings)", "split_mnist_replay",

@@ -48,6 +48,12 @@ Protocols (one per paper; picked by ``strategy``):
   the asymmetric cross-entropy, every setting Replay's (learning rate,
   batch 10 + 10, reservoir of 200 or 500). The paper has no MNIST number;
   the rows are read against Replay's.
+* ``scr`` (Mai et al. 2021, `Supervised contrastive replay
+  <https://arxiv.org/abs/2103.13885>`_): the ``replay`` protocol's model
+  and stream; the supervised contrastive loss on a projection head over
+  the example and one augmented view, nearest-class-mean prediction over
+  the memory; the reference's lr 0.1, 100 replayed per step, τ 0.07. The
+  paper has no MNIST number; read against Replay and ER-ACE.
 * ``er_aml`` (the same paper's ER-AML): the same protocol, with the
   incoming rows trained by a supervised-contrastive loss against a
   positive and a negative drawn from the memory and the batch (the
@@ -106,6 +112,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=fdr,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=hal,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=mer,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=scr,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
@@ -217,6 +224,13 @@ def get_config(arg=None):
       c.strategy.er_ace = dict(mem_size=m, batch_size=10)
     if s == "er_aml":
       c.strategy.er_aml = dict(mem_size=m, batch_size=10)
+  elif s == "scr":
+    # Mai et al. 2021 on the replay protocol's model and stream, with the
+    # reference's settings: lr 0.1, 100 replayed per step, tau 0.07, MLP
+    # head d -> d -> 128, one augmented view (random resized crop, scale
+    # (0.2, 1); single-channel images get no flip or colour jitter).
+    online(c, a["lr"] or 0.1)
+    c.strategy.scr = dict(mem_size=m, batch_size=min(100, m))
   elif s == "mir":
     # The MIR authors' code: MLP 784-400-400-10 (PyTorch init), candidates
     # drawn from past experiences only; the full online stream.
@@ -301,7 +315,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss, fdr, hal, mer")
+                     "gss, fdr, hal, mer, scr")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -76,7 +76,7 @@ from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
            "features", "select_exemplars", "exemplar_hook",
-           "backbone_features"]
+           "backbone_features", "ncm_logits"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
@@ -215,6 +215,15 @@ def icarl_loss(logits, teacher_logits, y, mask, old, active) -> jax.Array:
   return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def ncm_logits(f: jax.Array, means: jax.Array, has_mean: jax.Array
+               ) -> jax.Array:
+  """Nearest-mean scores ``-‖f - μ_y‖²`` for the classes with a mean,
+  ``-1e9`` for the others (``f`` and ``means`` normalised rows)."""
+  d = (jnp.sum(f * f, -1, keepdims=True) - 2.0 * f @ means.T
+       + jnp.sum(means * means, -1)[None, :])
+  return jnp.where(has_mean[None, :], -d, _NEG)
+
+
 def icarl(mem_size: int = 2000, batch_size: int = 0,
           layer: str = "backbone") -> Strategy:
   """iCaRL.
@@ -324,9 +333,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
 
   def predict(ctx, sstate, params, model_state, x, task):
     f = feature_fn(ctx)(params, model_state, x, task)
-    d = (jnp.sum(f * f, -1, keepdims=True) - 2.0 * f @ sstate.means.T
-         + jnp.sum(sstate.means * sstate.means, -1)[None, :])
-    logits = jnp.where(sstate.has_mean[None, :], -d, _NEG)
+    logits = ncm_logits(f, sstate.means, sstate.has_mean)
     if ctx.mask_task_logits:
       logits = masked_logits(logits, task, ctx.info.task_classes)
     own = ctx.logits(params, model_state, x, task)
