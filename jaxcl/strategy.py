@@ -227,7 +227,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
-                "il2m", "er_aml", "eeil"),
+                "il2m", "er_aml", "eeil", "cope"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",

@@ -267,6 +267,9 @@ def test_chain_rejects_two_predictors():
     ("mer+cwr_star", "cwr_star writes a -1e9 bias .* and mer replays"),
     ("mer+hat", "mer and hat cannot be composed: hat masks only"),
     ("ensemble+mas", "mas anchors each new ensemble member"),
+    # Session 28: CoPE replays class-balanced memory rows at the batch's end.
+    ("generative_replay+cope", "generative_replay takes the batch's last "
+     "rows .* so cope's replayed rows"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),

@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder", "fdr", "hal", "mer", "scr"),
+               "er_aml", "xder", "fdr", "hal", "mer", "scr", "cope"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -96,6 +96,8 @@ PAPERS: dict[str, str] = {
     "scr": "Mai, Li, Kim & Sanner 2021, *Supervised contrastive replay: "
            "revisiting the nearest class mean classifier in online "
            "class-incremental continual learning*, CVPR Workshops",
+    "cope": "De Lange & Tuytelaars 2021, *Continual prototype evolution: "
+            "learning online from non-stationary data streams*, ICCV",
     "gss": "Aljundi, Lin, Goujaud & Bengio 2019, *Gradient based sample "
            "selection for online continual learning*, NeurIPS (GSS-greedy)",
     "cwr_star": "Lomonaco, Maltoni & Pellegrini 2020, *Rehearsal-free "

@@ -1,0 +1,377 @@
+"""Mechanism tests of CoPE (continual prototype evolution), on scikit-learn
+digits and hand-made arrays."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import buffers, experiment, models, scenarios, sweep, train
+from jaxcl.state import StepInfo
+from jaxcl.strategies.cope import (class_balanced_add, class_balanced_sample,
+                                   cope, ppp_loss, update_prototypes)
+
+B = 10
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def make_ctx(sc, outputs=None, widths=(64,), lr=0.05):
+  info = train.stream_info(sc, B)
+  model = models.build("mlp", outputs or sc.num_classes, widths=widths)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def unit(a):
+  return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def config(spec="cope", **kwargs):
+  c = experiment.default_config()
+  c.model.widths = (64,)
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.05
+  c.scenario.online = True
+  c.train.epochs = 1
+  c.train.batch_size = B
+  c.train.eval_batch_size = 100
+  c.report.progress = False
+  c.strategy.name = spec
+  c.strategy.cope = dict(mem_size=40, momentum=0.9, **kwargs)
+  return c
+
+
+# ---------------------------------------------------------------------------
+# The PPP loss.
+
+
+def reference_ppp(x, y, protos, proto_classes, t):
+  """The reference code's PPPloss (softmax_joint: attractor + repellor per
+  class), in NumPy float64, over the batch's rows ``x`` (``(n, D)``)."""
+  loss = 0.0
+  for c in np.unique(y):
+    xc, xk = x[y == c], x[y != c]
+    n_c = len(xc)
+    pc = protos[c][None]
+    pk = protos[[k for k in proto_classes if k != c]]
+    union = np.concatenate([xc, pc, pk])      # pseudo-prototypes, p_c, p_k
+    # Attractor: columns are xc's rows; a row's product with itself is 0.
+    d = np.exp(union @ xc.T / t)
+    d[:n_c][np.eye(n_c, dtype=bool)] = 0.0
+    lc, lk = d[:n_c + 1], d[n_c + 1:].sum(0)
+    att = np.log((lc / (lc + lk)).sum(0) / n_c).sum()
+    rep = 0.0
+    if len(xk):
+      d = np.exp(union @ xk.T / t)
+      pk_terms, pc_terms = d[n_c + 1:].sum(0)[None], d[:n_c + 1]
+      p = pc_terms / (pc_terms + pk_terms)
+      rep = np.log(1.0 - (p[:-1] + p[-1][None]) / 2.0).sum()
+    loss += -att - rep
+  return loss / len(x)
+
+
+def test_ppp_loss_equals_the_reference_code_by_hand():
+  rng = np.random.default_rng(0)
+  d, c, t = 5, 5, 0.3
+  # Classes 0 (3 rows), 1 (1 row: no pseudo-prototype), 3 (2 rows); a
+  # padding row; class 4 has a prototype, class 2 none (never seen).
+  y = np.array([0, 3, 0, 1, 3, 0, 2])
+  valid = np.array([True] * 6 + [False])
+  x = unit(rng.normal(size=(7, d)))
+  protos = unit(rng.normal(size=(c, d)))
+  active = np.array([True, True, False, True, True])
+  loss = jax.jit(ppp_loss)
+  got = loss(jnp.asarray(x, jnp.float32), jnp.asarray(y),
+                 jnp.asarray(valid), jnp.asarray(protos, jnp.float32),
+                 jnp.asarray(active), t)
+  want = reference_ppp(x[valid], y[valid], protos, [0, 1, 3, 4], t)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # A single class in the batch: the attractor alone.
+  one = y == 0
+  got = loss(jnp.asarray(x[one], jnp.float32), jnp.asarray(y[one]),
+                 jnp.ones(3, bool), jnp.asarray(protos, jnp.float32),
+                 jnp.asarray(active), t)
+  np.testing.assert_allclose(float(got), reference_ppp(
+      x[one], y[one], protos, [0, 1, 3, 4], t), rtol=1e-5)
+  # One class known: no other prototype to contrast with, no loss (and no
+  # NaN in its gradient).
+  only = jnp.zeros(c, bool).at[0].set(True)
+  f = jax.jit(lambda e: ppp_loss(e, jnp.zeros(3, int), jnp.ones(3, bool),
+                                 jnp.asarray(protos, jnp.float32), only, t))
+  e = jnp.asarray(x[:3], jnp.float32)
+  assert float(f(e)) == 0.0
+  assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(f))(e))))
+
+
+# ---------------------------------------------------------------------------
+# Prototypes.
+
+
+def test_prototype_update_is_the_momentum_step_and_stays_unit(stream):
+  rng = np.random.default_rng(1)
+  ctx = make_ctx(stream, outputs=6)
+  s = cope(mem_size=20, momentum=0.7)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  p0 = np.asarray(ss.prototypes)
+  np.testing.assert_allclose(np.linalg.norm(p0, axis=1), 1.0, rtol=1e-6)
+  assert p0.shape == (10, 6) and np.all(p0 >= 0)  # U[0, 1]^D, normalised
+  exp = stream.experiences[0]
+  batch = {"x": jnp.asarray(exp.train_x[:B]), "y": jnp.asarray(
+      [1, 3, 3, 1, 3, 3, 1, 3, 8, 8]), "task": jnp.zeros(B, jnp.int32),
+           "mask": jnp.asarray([1.] * 8 + [0.] * 2)}   # class 8: padding
+  logits = rng.normal(size=(B, 6)) * 3.0   # the step's raw outputs
+  info = StepInfo(None, None, None, None, batch, jnp.zeros(()),
+                  jax.random.PRNGKey(0), jnp.asarray(logits, jnp.float32))
+  ss = jax.jit(lambda a, b: s.after_step(ctx, a, b))(ss, info)
+  p = np.asarray(ss.prototypes)
+  z, y = unit(logits), np.asarray(batch["y"])
+  for c in (1, 3):
+    mean = z[:8][y[:8] == c].mean(0)           # not re-normalised
+    want = unit(0.7 * p0[c] + 0.3 * mean)
+    np.testing.assert_allclose(p[c], want, rtol=1e-5, atol=1e-6)
+  others = [c for c in range(10) if c not in (1, 3)]
+  np.testing.assert_array_equal(p[others], p0[others])  # 8 only padded
+  np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(np.flatnonzero(ss.seen), [1, 3])
+  # The function itself, at the edges of the momentum.
+  e, yy, v = jnp.asarray(z, jnp.float32), batch["y"], batch["mask"] > 0
+  np.testing.assert_allclose(update_prototypes(jnp.asarray(p0), e, yy, v, 1.0),
+                             p0, rtol=1e-6)
+  np.testing.assert_allclose(
+      update_prototypes(jnp.asarray(p0), e, yy, v, 0.0)[1],
+      unit(z[:8][y[:8] == 1].mean(0)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Prediction.
+
+
+@pytest.fixture(scope="module")
+def trained(stream):
+  """``(ctx, strategy, state)`` after one pass over experience 1 alone
+  (classes 2 and 3): no other class is seen."""
+  ctx = make_ctx(stream)
+  s = cope(mem_size=40, momentum=0.9)
+  exp = stream.experiences[1]
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), exp)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(exp.num_train // B):
+    sl = slice(B * i, B * (i + 1))
+    state = step(state, {"x": jnp.asarray(exp.train_x[sl]),
+                         "y": jnp.asarray(exp.train_y[sl]),
+                         "task": jnp.zeros(B, jnp.int32),
+                         "mask": jnp.ones(B, jnp.float32)})
+  return ctx, s, state
+
+
+def test_predict_is_the_nearest_prototype_by_cosine(stream, trained):
+  ctx, s, state = trained
+  x = jnp.asarray(np.concatenate([e.test_x[:30] for e in
+                                  stream.experiences]))
+  t = jnp.zeros(x.shape[0], jnp.int32)
+  z = unit(np.asarray(ctx.logits(state.params, {}, x, t), np.float64))
+  # Prototypes near ten of the embeddings (so the answers spread).
+  rng = np.random.default_rng(2)
+  protos = unit(z[::6][:10] + 0.05 * rng.normal(size=(10, 10)))
+  ss = state.strategy._replace(prototypes=jnp.asarray(protos, jnp.float32),
+                               seen=jnp.ones(10, bool))
+  scores = np.asarray(s.predict(ctx, ss, state.params, {}, x, t))
+  np.testing.assert_allclose(scores, z @ protos.T, atol=1e-5)  # cosines
+  # The largest cosine is the smallest Euclidean distance on the sphere.
+  dist = ((z[:, None, :] - protos[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(scores.argmax(1), dist.argmin(1))
+  assert len(set(scores.argmax(1))) > 3, scores.argmax(1)
+
+
+def test_unseen_classes_are_never_predicted(trained, digits):
+  ctx, s, state = trained
+  ss = state.strategy
+  np.testing.assert_array_equal(np.flatnonzero(ss.seen), [2, 3])
+  full = scenarios.split(digits, 5)
+  x = jnp.asarray(np.concatenate([e.test_x for e in full.experiences]))
+  y = np.concatenate([e.test_y for e in full.experiences])
+  t = jnp.zeros(x.shape[0], jnp.int32)
+  # Make every unseen class's prototype its own test examples' mean
+  # embedding: the nearest prototype for most of them, yet never chosen.
+  z = unit(np.asarray(ctx.logits(state.params, {}, x, t), np.float64))
+  protos = np.asarray(ss.prototypes).copy()
+  for c in set(range(10)) - {2, 3}:
+    protos[c] = unit(z[y == c].mean(0))
+  cos = z @ protos.T
+  assert np.mean(~np.isin(cos.argmax(1), [2, 3])) > 0.5
+  ss = ss._replace(prototypes=jnp.asarray(protos, jnp.float32))
+  pred = np.asarray(s.predict(ctx, ss, state.params, {}, x, t)).argmax(1)
+  assert set(pred) == {2, 3}
+  # And it learned them: examples of 2 and 3 are told apart.
+  mine = np.isin(y, [2, 3])
+  assert np.mean(pred[mine] == y[mine]) > 0.8
+
+
+# ---------------------------------------------------------------------------
+# Memory and replay.
+
+
+def offer(mem, prio, key, ids, ys, quota):
+  """Offers rows whose input is their id (shape (1,))."""
+  n = len(ids)
+  return class_balanced_add(
+      mem, prio, key, jnp.asarray(ids, jnp.float32)[:, None],
+      jnp.asarray(ys), jnp.zeros(n, jnp.int32), jnp.zeros((), jnp.int32),
+      jnp.ones(n, bool), jnp.asarray(quota), num_classes=10)
+
+
+def test_memory_stays_class_balanced_with_random_replacement():
+  k = 30
+  mem = buffers.init(k, (1,))
+  prio = jnp.zeros((k,), jnp.float32)
+  add = jax.jit(offer)
+  offered = {}          # class -> ids offered
+  prio_of = {}          # id -> its priority (the function's own draw)
+  seen = set()
+  ids = iter(range(10_000))
+  # Classes arrive as in a split stream: (0, 1), then (2, 3), then (4..8).
+  plan = [(0, 1)] * 8 + [(2, 3)] * 8 + [(4, 5, 6, 7, 8)] * 6
+  for step, classes in enumerate(plan):
+    ys = [classes[i % len(classes)] for i in range(B)]
+    batch_ids = [next(ids) for _ in ys]
+    seen |= set(ys)
+    quota = k // len(seen)
+    mem, prio = add(mem, prio, jax.random.PRNGKey(step), batch_ids, ys,
+                    quota)
+    u = jax.random.uniform(jax.random.PRNGKey(step), (B,))
+    for i, y, p in zip(batch_ids, ys, np.asarray(u)):
+      offered.setdefault(y, []).append(i)
+      prio_of[i] = p
+    cnt = np.asarray(buffers.counts(mem, 10))
+    v = np.asarray(mem.valid)
+    kept = np.asarray(mem.x)[v, 0].astype(int)
+    for c in seen:
+      assert cnt[c] == min(len(offered[c]), quota), (step, cnt)
+      # Exactly the class's `quota` highest priorities so far (the new
+      # class's shrinking quota included).
+      top = sorted(offered[c], key=prio_of.get)[-quota:]
+      assert set(kept[np.asarray(mem.y)[v] == c]) == set(top), (step, c)
+    # Every entry is an example offered with its label.
+    for i, y in zip(np.asarray(mem.x)[v, 0], np.asarray(mem.y)[v]):
+      assert int(i) in offered[int(y)]
+  assert int(mem.seen) == len(plan) * B
+  assert k // 9 * 9 == int(buffers.size(mem))   # 30 // 9 = 3 each
+  # Random replacement: over many draws each of a class's rows is kept
+  # with the same probability, the first offered and the last alike.
+  many = jax.jit(jax.vmap(lambda key: _keep_of_40(key)))
+  keep = np.asarray(many(jax.random.split(jax.random.PRNGKey(7), 400)))
+  freq = keep.mean(0)                        # per offered row: 8/40 = 0.2
+  assert abs(freq[:10].mean() - 0.2) < 0.05, freq
+  assert abs(freq[-10:].mean() - 0.2) < 0.05, freq
+  np.testing.assert_array_equal(keep.sum(1), 8)
+
+
+def _keep_of_40(key):
+  """Which of 40 rows of one class, offered 10 at a time to a quota of 8,
+  end up in memory (bool (40,))."""
+  mem, prio = buffers.init(16, (1,)), jnp.zeros((16,), jnp.float32)
+  for j in range(4):
+    ids = jnp.arange(10 * j, 10 * j + 10, dtype=jnp.float32)[:, None]
+    mem, prio = class_balanced_add(
+        mem, prio, jax.random.fold_in(key, j), ids, jnp.zeros(10, jnp.int32),
+        jnp.zeros(10, jnp.int32), jnp.zeros((), jnp.int32),
+        jnp.ones(10, bool), jnp.asarray(8), num_classes=1)
+  return jnp.zeros(40, bool).at[mem.x[:, 0].astype(jnp.int32)].max(
+      mem.valid)
+
+
+def test_replay_draws_classes_evenly_from_an_uneven_memory():
+  mem = buffers.init(100, (1,))
+  mem = mem._replace(y=jnp.asarray([0] * 90 + [1] * 10),
+                     valid=jnp.ones(100, bool))
+  draw = jax.jit(jax.vmap(lambda k: class_balanced_sample(mem, k, 4, 2)))
+  idx, ok = draw(jax.random.split(jax.random.PRNGKey(0), 500))
+  assert np.all(ok)
+  first = np.asarray(mem.y)[np.asarray(idx)[:, 0]]
+  assert abs(first.mean() - 0.5) < 0.07   # uniform over memory: 0.1
+  for row in np.asarray(idx):            # without replacement
+    assert len(set(row)) == 4
+
+
+# ---------------------------------------------------------------------------
+# Whole runs.
+
+
+def test_online_run_compiles_once_and_keeps_old_classes(digits):
+  full = scenarios.split(digits, 5)
+  sc = dataclasses.replace(full, experiences=full.experiences[:3])
+  result = experiment.run(config(), scenario=scenarios.online(sc))
+  assert result.learner.chunk_fn._cache_size() == 1
+  acc = np.asarray(result.accuracy)
+  assert np.all(np.isfinite(acc))
+  assert acc[-1, :3].min() > 0.6, acc     # no experience forgotten
+  ss = result.state.strategy
+  np.testing.assert_array_equal(np.flatnonzero(ss.seen), range(6))
+  np.testing.assert_array_equal(buffers.counts(ss.memory, 10),
+                                [40 // 6] * 6 + [0] * 4)
+  np.testing.assert_allclose(np.linalg.norm(ss.prototypes, axis=1), 1.0,
+                             rtol=1e-5)
+
+
+def test_sweep_over_seeds_and_temperature_is_one_program(stream):
+  c = config()
+  r = sweep.sweep(c, seeds=[0, 1], scenario=scenarios.online(stream),
+                  values={"strategy.cope.temperature": [0.1, 0.5]})
+  assert r.result.learner.chunk_fn._cache_size() == 1
+  assert r.accuracy.shape == (4, 2, 5) and np.all(np.isfinite(r.accuracy))
+  np.testing.assert_allclose(r.result.state.strategy.temperature,
+                             [0.1, 0.1, 0.5, 0.5])
+  assert not np.allclose(r.accuracy[0], r.accuracy[2])  # T is used
+  assert not np.allclose(r.accuracy[0], r.accuracy[1])  # so is the seed
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs.
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=0.0), "cope: temperature must be a finite number > 0, "
+     "got 0.0"),
+    (dict(temperature=-0.1), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=True), "temperature must be a finite number"),
+    (dict(momentum=-0.1), r"cope: momentum must be a number in \[0, 1\], "
+     "got -0.1"),
+    (dict(momentum=1.5), r"momentum must be a number in \[0, 1\], got 1.5"),
+    (dict(momentum=float("nan")), r"momentum must be a number in \[0, 1\]"),
+    (dict(momentum="0.9"), r"momentum must be a number in \[0, 1\]"),
+    (dict(mem_size=0), "cope: mem_size must be a positive int, got 0"),
+    (dict(mem_size=20.5), "mem_size must be a positive int, got 20.5"),
+    (dict(batch_size=-1), "cope: batch_size must be an int >= 0"),
+    (dict(mem_size=20, batch_size=30), "cope: batch_size=30 is larger than "
+     "the memory capacity mem_size=20"),
+])
+def test_bad_hyperparameters(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    cope(**kwargs)
+
+
+def test_bad_streams_and_models(stream):
+  ctx = make_ctx(stream)
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="cope: mem_size=8 leaves no memory "
+                     "slot for some of the 10 classes; use mem_size >= 10"):
+    cope(mem_size=8, batch_size=4).init(ctx, key, None)
+  big = dataclasses.replace(ctx, info=dataclasses.replace(ctx.info,
+                                                          batch_size=16))
+  with pytest.raises(ValueError, match="cope: batch_size=16 is larger than "
+                     "the memory capacity mem_size=12"):
+    cope(mem_size=12).init(big, key, None)   # replays the training batch
+  task = dataclasses.replace(ctx, mask_task_logits=True)
+  with pytest.raises(ValueError, match="task-incremental stream"):
+    cope(mem_size=20).init(task, key, None)
+  with pytest.raises(ValueError, match="the model has 1 output"):
+    cope(mem_size=20).init(make_ctx(stream, outputs=1), key, None)
+  cope(mem_size=10).init(ctx, key, None)  # the smallest that fits
