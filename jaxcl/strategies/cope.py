@@ -360,10 +360,8 @@ def cope(mem_size: int = 2000, temperature: float = 0.1,
                      f"{momentum!r}")
   checks.whole("cope: batch_size", batch_size, 0,
                "0: the training batch size")
-  if batch_size > mem_size:
-    raise ValueError(f"cope: batch_size={batch_size} is larger than the "
-                     f"memory capacity mem_size={mem_size}; use "
-                     f"batch_size <= {mem_size}")
+  # Now rather than at init when the size is given (0: the stream's).
+  buffers.replay_size("cope", batch_size, mem_size, 0)
 
   def replay_size(ctx) -> int:
     return buffers.replay_size("cope", batch_size, mem_size,

@@ -211,10 +211,8 @@ def scr(mem_size: int = 200, batch_size: int = 100,
   buffers.check_capacity(mem_size, "scr: mem_size")
   checks.whole("scr: batch_size", batch_size, 0,
                "0: the training batch size")
-  if batch_size > mem_size:
-    raise ValueError(f"scr: batch_size={batch_size} is larger than the "
-                     f"memory capacity mem_size={mem_size}; use batch_size "
-                     f"<= {mem_size}")
+  # Now rather than at init when the size is given (0: the stream's).
+  buffers.replay_size("scr", batch_size, mem_size, 0)
   checks.positive("scr: temperature", temperature)
   if head not in HEADS:
     raise ValueError(f"scr: unknown head {head!r}; valid: {list(HEADS)}")
