@@ -41,6 +41,10 @@ def config(strategy, devices):
   if strategy == "mer":  # memory rows per incoming row; scans in the step
     c.strategy.mer = dict(mem_size=256, batch_size=4, batches=2, beta=0.5,
                           gamma=0.5)
+  if strategy == "scr":  # augmented views; a head trained in after_step
+    c.strategy.scr = dict(mem_size=256, batch_size=16)
+  if strategy == "cope":  # class-balanced memory; prototypes from the batch
+    c.strategy.cope = dict(mem_size=256, batch_size=16)
   if strategy == "slda":  # statistics summed over the batch's devices
     c.strategy.slda = dict(features="backbone")
   c.parallel.devices = devices
@@ -68,7 +72,7 @@ def main():
                                       0).compile().as_text()
     out[strategy]["all_reduce"] = "all-reduce" in hlo
     if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml",
-                    "xder", "mer"):
+                    "xder", "mer", "scr", "cope"):
       mem = many.state.strategy.memory
       out[strategy]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[strategy]["buffer_filled"] = int(np.asarray(mem.valid).sum())
