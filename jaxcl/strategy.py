@@ -211,6 +211,17 @@ _HEAD_OWNER = ("{first} freezes part of the model (LFL: the output layer; "
 _ANCHOR = ("{other} anchors each new ensemble member to the previous "
            "member's weights, so the ensemble becomes copies of its first "
            "model")
+_RESET = ("{first} restores the initial parameters and model state before "
+          "every experience after the first, which overwrites what {other} "
+          "keeps for earlier tasks (reserved units, owned or frozen weights, "
+          "task embeddings, the backbone under per-task heads)")
+_SCR_LATENTS = ("{first} trains only through its contrastive loss on the "
+                "backbone's features and sets the task loss to 0, while "
+                "{other}'s latents train only the layers above its split and "
+                "its freeze of the layers below stops {first}'s training")
+_TASK_GRAD = ("{other} measures importance from the task loss's gradient, "
+              "which {first} sets to 0 (its loss is a penalty term), so "
+              "{other}'s penalty stays 0")
 
 
 def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
@@ -223,19 +234,25 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
 
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
-              "gss", "er_aml", "fdr", "hal", "mer"), _HAT_LEAK)
+              "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
+              "lamaml"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
-                "il2m", "er_aml", "eeil", "cope"),
+                "il2m", "er_aml", "eeil", "cope", "scr"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
-                "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer"),
+                "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
+                "lamaml"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)
+  add("from_scratch", ("hat", "packnet", "progressive", "hypernetwork",
+                       "multihead", "expert_gate"), _RESET)
+  add("scr", ("latent_replay", "exstream"), _SCR_LATENTS)
+  add("scr", ("si",), _TASK_GRAD)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
   return table
@@ -252,9 +269,13 @@ _ALONE = {
            "experience's end by a student distilled from the old and new "
            "models alone on auxiliary data",
 }
+# Ordered: members that append replayed rows after SCR's prepare_batch.
+_APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
+              "xder", "fdr", "hal", "mer", "lamaml", "cope")
 # Ordered: update_grads runs left to right, and a later rewriter puts
 # gradient back on the weights an earlier freezer masked.
-_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir")
+_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",
+                                                     "agem_r")
 
 
 def _check_composable(names: Sequence[str]) -> None:
@@ -268,6 +289,12 @@ def _check_composable(names: Sequence[str]) -> None:
             f"chain(): {a!r} appears twice; its hooks would act twice on "
             "one model (hat+hat broke HAT's masks). Give one member the "
             "arguments you want")
+      if a == "scr" and b in _APPENDERS:
+        raise ValueError(
+            f"chain(): scr and {b} cannot be composed in this order: scr's "
+            f"contrastive loss takes only the rows present when its "
+            f"prepare_batch runs and the task loss is 0, so the rows {b} "
+            f"appends after it train nothing; put {b} before scr")
       if a in _FREEZERS and b in _REWRITERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "

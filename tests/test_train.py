@@ -270,6 +270,15 @@ def test_chain_rejects_two_predictors():
     # Session 28: CoPE replays class-balanced memory rows at the batch's end.
     ("generative_replay+cope", "generative_replay takes the batch's last "
      "rows .* so cope's replayed rows"),
+    # ... and of the rest of session 28's methods (runs/s28/fuzz).
+    ("from_scratch+hat", "from_scratch restores the initial parameters"),
+    ("packnet+from_scratch", "from_scratch restores the initial"),
+    ("scr+replay", "scr and replay cannot be composed in this order"),
+    ("exstream+scr", "scr trains only through its contrastive loss"),
+    ("si+scr", "si measures importance from the task loss's gradient"),
+    ("hat+scr", "hat masks only its own gradient"),
+    ("progressive+agem_r", "progressive and agem_r cannot be composed in "
+     "this order"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),
@@ -281,6 +290,7 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
 
 
 @pytest.mark.parametrize("spec", ["ewc+replay", "agem+packnet", "der+derpp",
+                                  "replay+scr", "from_scratch+replay",
                                   "mir+progressive", "hat+si", "lwf+replay",
                                   "replay+latent_replay", "gdumb+naive",
                                   "naive+slda"])
@@ -525,7 +535,8 @@ def test_from_scratch_restarts_every_experience(reset):
     np.testing.assert_array_equal(a, b)
   # The first experience keeps its start (nothing to reset).
   same = strategy.before_experience(ctx, start, sc.experiences[0])
-  assert same is start
+  for a, b in zip(leaves(same.params), leaves(start.params)):
+    np.testing.assert_array_equal(a, b)
   # The accuracy matrix of a model that sees one experience at a time:
   # class-incremental, it knows only the newest experience's classes.
   assert r.accuracy[1, 1] > 0.9 and r.accuracy[1, 0] < 0.05
@@ -547,6 +558,16 @@ def test_from_scratch_keeps_pretrained_start_and_checks_reset(tmp_path):
   for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(
       start.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The model state restored is the run's own as it began (masked models
+  # keep fixed random or pretrained weights there), not a new draw.
+  own = {"frozen": {"w": jnp.arange(3.0)}}
+  first = s.learner.strategy.before_experience(
+      s.learner.ctx, state.replace(model_state=own), s.scenario.experiences[0])
+  moved = first.replace(model_state={"frozen": {"w": jnp.zeros(3)}})
+  back = s.learner.strategy.before_experience(s.learner.ctx, moved,
+                                              s.scenario.experiences[1])
+  np.testing.assert_array_equal(np.asarray(back.model_state["frozen"]["w"]),
+                                [0.0, 1.0, 2.0])
   with pytest.raises(ValueError, match=r"reset must be one of \('initial', "
                      r"'fresh'\), got 'random'"):
     jaxcl.strategies.get("from_scratch", reset="random")

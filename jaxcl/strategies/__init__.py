@@ -29,9 +29,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder", "fdr", "hal", "mer", "scr", "cope"),
+               "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
-                      "supsup"),
+                      "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
                "dmc"),
@@ -93,6 +93,8 @@ PAPERS: dict[str, str] = {
     "mer": "Riemer et al. 2019, *Learning to learn without forgetting by "
            "maximizing transfer and minimizing interference*, ICLR (MER, "
            "Algorithm 1; per_example=False: Mammoth's mer)",
+    "lamaml": "Gupta, Yadav & Paull 2020, *La-MAML: look-ahead meta "
+              "learning for continual learning*, NeurIPS",
     "scr": "Mai, Li, Kim & Sanner 2021, *Supervised contrastive replay: "
            "revisiting the nearest class mean classifier in online "
            "class-incremental continual learning*, CVPR Workshops",
@@ -113,6 +115,8 @@ PAPERS: dict[str, str] = {
     "hat": "Serrà et al. 2018, *Overcoming catastrophic forgetting with hard "
            "attention to the task*, ICML",
     "supsup": "Wortsman et al. 2020, *Supermasks in superposition*, NeurIPS",
+    "expert_gate": "Aljundi, Chakravarty & Tuytelaars 2017, *Expert gate: "
+                   "lifelong learning with a network of experts*, CVPR",
     "gem": "Lopez-Paz & Ranzato 2017, *Gradient episodic memory for "
            "continual learning*, NeurIPS",
     "agem": "Chaudhry et al. 2019, *Efficient lifelong learning with "
@@ -186,6 +190,8 @@ NEEDS: dict[str, str] = {
            "resnet18); meant for domain-incremental streams",
     "freezing": "a model with `backbone` and `head` params (mlp, cnn, "
                 "resnet18)",
+    "expert_gate": "a single head over all classes (each expert is the whole "
+                   "model; the gate, not a task id, picks it)",
     "xder": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience, and one output per class",
 }

@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables, reset_opt_state
@@ -69,14 +70,20 @@ def from_scratch(reset: str = "initial") -> Strategy:
   def init(ctx, key, params):
     if reset == "fresh":
       return FromScratchState((), ())  # nothing to keep
-    # `init` sees only the parameters; a fresh model state is the start's
-    # (batch statistics start at their constants, whatever the key).
+    # `init` sees only the parameters; the model state's structure here,
+    # its values (fixed random or pretrained weights of masked models, not
+    # only batch statistics) taken from the run as its first experience
+    # starts.
     _, model_state = init_variables(ctx, key)
     return FromScratchState(params, model_state)
 
   def before_experience(ctx, state, experience):
     if experience.index == 0:
-      return state
+      if reset == "fresh":
+        return state
+      start = jax.tree.map(jnp.copy, state.model_state)
+      return state.replace(strategy=state.strategy._replace(
+          model_state=start))
     if reset == "fresh":
       key = jax.random.fold_in(jax.random.fold_in(state.rng, 0x5C4),
                                experience.index)

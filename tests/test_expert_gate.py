@@ -1,0 +1,276 @@
+"""Mechanism tests of Expert Gate (on scikit-learn digits)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import models, scenarios, train
+from jaxcl.strategies.expert_gate import (GateAutoencoder, expert_gate, gate,
+                                          reconstruction_errors, relatedness)
+
+B = 16
+# Small autoencoders for 8x8 digits (64 inputs), trained long enough to
+# separate five 2-class tasks in a few seconds.
+QUICK = dict(ae_latent=16, ae_epochs=10, ae_batch_size=16, ae_lr=0.01)
+
+
+def make_ctx(sc):
+  info = train.stream_info(sc, B)
+  model = models.build("mlp", sc.num_classes, widths=(32,))
+  return train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+
+
+def first(sc, n):
+  return dataclasses.replace(sc, experiences=sc.experiences[:n])
+
+
+def quick_config():
+  c = jaxcl.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 3
+  c.train.batch_size = B
+  c.report.progress = False
+  return c
+
+
+def constant_ae(d, latent, value):
+  """An autoencoder whose output is ``value`` whatever its input."""
+  return {"encoder": {"kernel": jnp.zeros((d, latent)),
+                      "bias": jnp.zeros((latent,))},
+          "decoder": {"kernel": jnp.zeros((latent, d)),
+                      "bias": jnp.full((d,), jax.scipy.special.logit(value))}}
+
+
+def constant_expert(ctx, cls):
+  """MLP parameters that answer class ``cls`` for every input."""
+  params, _ = train.init_variables(ctx, jax.random.PRNGKey(cls))
+  head = params["head"]
+  head = {"kernel": jnp.zeros_like(head["kernel"]),
+          "bias": 10.0 * jax.nn.one_hot(cls, head["bias"].shape[0])}
+  return {**params, "head": head}
+
+
+def stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  return scenarios.split(digits, 5)
+
+
+@pytest.fixture(scope="module")
+def run(stream):
+  """A full Split Digits run, with a snapshot of the stored experts taken
+  when each experience ends."""
+  s = expert_gate(**QUICK)
+  snaps = []
+
+  def after(ctx, state, exp):
+    state = s.after_experience(ctx, state, exp)
+    snaps.append(jax.tree.map(np.array, state.strategy.experts))
+    return state
+
+  c = quick_config()
+  r = jaxcl.run(c, scenario=stream, strategy=s._replace(after_experience=after))
+  return r, snaps
+
+
+# ---------------------------------------------------------------------------
+# Hand-built cases.
+
+
+def test_gate_routes_each_input_to_best_reconstructing_expert(stream):
+  # Mutation check: with the gate's argmax taken over +errors (the worst
+  # reconstruction), or the routed logits taken from expert 0 for every
+  # input, this fails.
+  sc = first(stream, 3)
+  ctx = make_ctx(sc)
+  s = expert_gate(ae_latent=4)
+  d = int(np.prod(ctx.info.input_shape))
+  params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
+  ss = s.init(ctx, jax.random.PRNGKey(0), params)
+  # Slot k's autoencoder outputs the constant image c_k; slot k's expert
+  # always answers class k; slot 2 has its autoencoder but no expert yet
+  # (the experience being trained), so the current model (class 9) answers.
+  levels = (0.1, 0.5, 0.9)
+  ss = ss._replace(
+      ae=stack([constant_ae(d, 4, v) for v in levels]),
+      ae_filled=jnp.array([True, True, True]),
+      experts=stack([constant_expert(ctx, k) for k in range(3)]),
+      expert_filled=jnp.array([True, True, False]))
+  own = constant_expert(ctx, 9)
+  rng = np.random.default_rng(0)
+  want = np.array([0, 1, 2, 1, 0, 2, 2, 1])
+  x = np.stack([np.clip(levels[k] + 0.05 * rng.standard_normal(d), 0, 1)
+                for k in want]).reshape((-1,) + ctx.info.input_shape)
+  x = jnp.asarray(x, jnp.float32)
+  errs = jax.vmap(lambda p: reconstruction_errors(
+      GateAutoencoder(4, d), p, x, "none"))(ss.ae)
+  probs, choice = gate(errs, ss.ae_filled, 2.0)
+  np.testing.assert_array_equal(np.asarray(choice), want)
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+  # Eq. 1 by hand for the first input.
+  p0 = np.exp(-np.asarray(errs)[:, 0] / 2.0)
+  np.testing.assert_allclose(np.asarray(probs)[0], p0 / p0.sum(), rtol=1e-4)
+  task = jnp.zeros((len(want),), jnp.int32)
+  pred = np.argmax(np.asarray(s.predict(ctx, ss, own, ms, x, task)), -1)
+  np.testing.assert_array_equal(pred, np.where(want == 2, 9, want))
+  # An empty slot is never chosen, however well it would reconstruct.
+  _, choice = gate(errs, jnp.array([True, False, True]), 2.0)
+  assert not np.any(np.asarray(choice) == 1)
+
+
+def test_relatedness_is_eq2():
+  # Mutation check: with Rel = 1 - (Er_a - Er_k) / Er_a this fails.
+  er_k = jnp.array(2.0)
+  er_a = jnp.array([2.0, 3.0, 1.0, 6.0])
+  np.testing.assert_allclose(np.asarray(relatedness(er_k, er_a)),
+                             [1.0, 0.5, 1.5, -1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("threshold,lwf", [(-np.inf, True), (np.inf, False)])
+def test_new_expert_starts_from_most_related_expert(stream, threshold, lwf):
+  # Mutation check: taking the latest expert (slot i-1) or the least related
+  # one (argmin) as the source fails one of the two cases; comparing
+  # `rel > rel_threshold` the other way round fails the LwF checks.
+  sc = first(stream, 3)
+  ctx = make_ctx(sc)
+  e2 = sc.experiences[2]
+  d = int(np.prod(ctx.info.input_shape))
+  mean = np.clip(e2.train_x.reshape(len(e2.train_y), -1).mean(0), 0.01, 0.99)
+  s = expert_gate(ae_latent=4, ae_epochs=3, ae_batch_size=16, ae_lr=0.01,
+                  rel_threshold=threshold)
+  for best in (0, 1):
+    state = train.init_state(ctx, s, 0)
+    ss = state.strategy
+    # Slot `best` reconstructs experience 2 as its mean image, the other
+    # as a blank one: `best` is the more related.
+    aes = [constant_ae(d, 4, 0.01), constant_ae(d, 4, 0.01)]
+    aes[best] = constant_ae(d, 4, mean)
+    experts = [constant_expert(ctx, 3), constant_expert(ctx, 4)]
+    ss = ss._replace(ae=jax.tree.map(
+        lambda s_, a: s_.at[:2].set(a), ss.ae, stack(aes)),
+        ae_filled=jnp.array([True, True, False]),
+        experts=jax.tree.map(lambda s_, a: s_.at[:2].set(a), ss.experts,
+                             stack(experts)),
+        expert_filled=jnp.array([True, True, False]),
+        classes=ss.classes.at[0, :2].set(True).at[1, 2:4].set(True))
+    out = s.before_experience(ctx, state.replace(strategy=ss), e2)
+    new = out.strategy
+    assert int(new.source[2]) == best
+    for a, b in zip(jax.tree.leaves(out.params),
+                    jax.tree.leaves(experts[best])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Relatedness row: eq. 2 with the errors of the stored autoencoders on
+    # experience 2's training data.
+    x = jnp.asarray(e2.train_x)
+    ae = GateAutoencoder(4, d)
+    errs = [float(jnp.mean(reconstruction_errors(ae, p, x, "none")))
+            for p in [jax.tree.map(lambda a: a[k], new.ae) for k in range(3)]]
+    want = [1 - (errs[a] - errs[2]) / errs[2] for a in range(2)]
+    np.testing.assert_allclose(np.asarray(new.relatedness[2, :2]), want,
+                               rtol=1e-4)
+    assert bool(new.ae_filled[2]) and not bool(new.expert_filled[2])
+    # LwF from the source expert when the relatedness exceeds the threshold.
+    assert bool(new.lwf_on) == lwf and bool(new.used_lwf[2]) == lwf
+    assert int(new.teacher) == best
+    b = {"x": x[:B], "y": jnp.asarray(e2.train_y[:B]),
+         "task": jnp.zeros((B,), jnp.int32), "mask": jnp.ones((B,))}
+    logits = ctx.logits(out.params, out.model_state, b["x"], b["task"])
+    extra = float(s.loss(ctx, new, out.params, b, logits + 1.0 *
+                         jax.random.normal(jax.random.PRNGKey(1),
+                                           logits.shape)))
+    assert (extra > 0) == lwf
+
+
+# ---------------------------------------------------------------------------
+# A run on Split Digits (class-incremental, task-free at test time).
+
+
+def test_stored_experts_never_change(run):
+  # Mutation check: storing with `.at[:i + 1].set` (overwriting earlier
+  # slots) in after_experience fails this.
+  r, snaps = run
+  final = r.state.strategy.experts
+  for i, snap in enumerate(snaps):
+    for a, b in zip(jax.tree.leaves(snap), jax.tree.leaves(final)):
+      np.testing.assert_array_equal(a[:i + 1], np.asarray(b)[:i + 1])
+  # The last slot is the final model; slots differ.
+  last = jax.tree.map(lambda a: a[-1], final)
+  for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(r.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  k = np.asarray(final["head"]["kernel"])
+  assert not np.array_equal(k[0], k[1])
+
+
+def test_state_shapes_fixed_and_no_recompilation(run, stream):
+  r, _ = run
+  ctx = r.learner.ctx
+  start = r.learner.strategy.init(ctx, jax.random.PRNGKey(0), r.state.params)
+  shape = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]
+  assert shape(start) == shape(r.state.strategy)
+  assert jax.tree.structure(start) == jax.tree.structure(r.state.strategy)
+  assert r.learner.chunk_fn._cache_size() == 1
+  assert r.learner.eval_fn._cache_size() == 1
+
+
+def test_gate_routes_and_remembers_where_naive_forgets(run, stream):
+  # Mutation check: predict returning the current model's logits (no
+  # routing) drops ACC to Naive's and fails this.
+  r, _ = run
+  ss = r.state.strategy
+  assert bool(ss.expert_filled.all()) and bool(ss.ae_filled.all())
+  assert int(ss.source[0]) == -1 and all(
+      0 <= int(ss.source[k]) < k for k in range(1, 5))
+  ae = GateAutoencoder(QUICK["ae_latent"], 64)
+  routed = []
+  for e in stream.experiences:
+    x = jnp.asarray(e.test_x)
+    errs = jax.vmap(lambda p: reconstruction_errors(ae, p, x, "none"))(ss.ae)
+    routed.append(float(jnp.mean(jnp.argmin(errs, 0) == e.index)))
+  assert np.mean(routed) > 0.85, routed
+  naive = jaxcl.run(quick_config(), scenario=stream)
+  acc = np.asarray(r.accuracy)
+  assert r.metrics["acc"] > 0.8 and naive.metrics["acc"] < 0.3
+  # Old tasks keep what they learned (within the gate's routing errors).
+  assert r.metrics["bwt"] > -0.12, acc
+  assert naive.metrics["bwt"] < -0.8
+
+
+# ---------------------------------------------------------------------------
+# Bad hyperparameters.
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ae_latent=0), "ae_latent"),
+    (dict(ae_latent=2.5), "ae_latent"),
+    (dict(ae_epochs=0), "ae_epochs"),
+    (dict(ae_batch_size=0), "ae_batch_size"),
+    (dict(ae_lr=0.0), "ae_lr"),
+    (dict(ae_lr=float("nan")), "ae_lr"),
+    (dict(ae_momentum=1.0), "ae_momentum"),
+    (dict(ae_weight_decay=-1e-4), "ae_weight_decay"),
+    (dict(temperature=0), "temperature"),
+    (dict(rel_threshold=float("nan")), "rel_threshold"),
+    (dict(rel_threshold="0.85"), "rel_threshold"),
+    (dict(lwf_alpha=-1.0), "lwf_alpha"),
+    (dict(lwf_temperature=0.0), "lwf_temperature"),
+    (dict(preprocess="standardize"), "preprocess"),
+])
+def test_bad_hyperparameters_raise(kwargs, match):
+  # Mutation check: dropping any one validation line fails its case.
+  with pytest.raises(ValueError, match=match):
+    expert_gate(**kwargs)
+
+
+def test_overcomplete_autoencoder_raises(stream):
+  ctx = make_ctx(first(stream, 2))
+  s = expert_gate(ae_latent=64)  # digits have 64 inputs
+  params, _ = train.init_variables(ctx, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="ae_latent must be below the input"):
+    s.init(ctx, jax.random.PRNGKey(0), params)
