@@ -76,7 +76,7 @@ from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
            "features", "select_exemplars", "exemplar_hook",
-           "backbone_features", "ncm_logits"]
+           "backbone_features", "ncm_logits", "ncm_predict"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
@@ -224,6 +224,19 @@ def ncm_logits(f: jax.Array, means: jax.Array, has_mean: jax.Array
   return jnp.where(has_mean[None, :], -d, _NEG)
 
 
+def ncm_predict(ctx, f: jax.Array, means: jax.Array, has_mean: jax.Array,
+                params, model_state, x, task) -> jax.Array:
+  """A ``predict`` by nearest class mean over features ``f`` of ``x``
+  (:func:`ncm_logits`, masked to the task's classes in task-incremental
+  streams); before any class has a mean, the model's own logits (e.g. for
+  the random-model row)."""
+  logits = ncm_logits(f, means, has_mean)
+  if ctx.mask_task_logits:
+    logits = masked_logits(logits, task, ctx.info.task_classes)
+  own = ctx.logits(params, model_state, x, task)
+  return jnp.where(jnp.any(has_mean), logits, own)
+
+
 def icarl(mem_size: int = 2000, batch_size: int = 0,
           layer: str = "backbone") -> Strategy:
   """iCaRL.
@@ -333,11 +346,8 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
 
   def predict(ctx, sstate, params, model_state, x, task):
     f = feature_fn(ctx)(params, model_state, x, task)
-    logits = ncm_logits(f, sstate.means, sstate.has_mean)
-    if ctx.mask_task_logits:
-      logits = masked_logits(logits, task, ctx.info.task_classes)
-    own = ctx.logits(params, model_state, x, task)
-    return jnp.where(jnp.any(sstate.has_mean), logits, own)
+    return ncm_predict(ctx, f, sstate.means, sstate.has_mean, params,
+                       model_state, x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, task_loss=task_loss,

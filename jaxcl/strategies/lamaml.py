@@ -141,6 +141,7 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies.mer import reported_task_loss
 from jaxcl.strategies.replay import incoming_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
@@ -338,15 +339,6 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
             jax.random.split(k_perm, glances)).astype(jnp.int32)
     return out
 
-  def task_loss(ctx, sstate, logits, batch):
-    # Reported as usual, but the incoming rows give no gradient: the
-    # procedure in update_grads is theirs. Rows a chained member appends
-    # keep theirs.
-    del sstate
-    own = (jnp.arange(logits.shape[0]) < ctx.info.batch_size)[:, None]
-    logits = jnp.where(own, jax.lax.stop_gradient(logits), logits)
-    return cross_entropy(logits, batch["y"], batch["mask"])
-
   def procedure(ctx, sstate, params, batch):
     """``(theta_new, alpha_new)`` after the glances (pure; all its
     randomness is in ``batch``)."""
@@ -438,6 +430,6 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
                            memory=reservoir_step(ctx, sstate, info))
 
   return Strategy(init=init, before_experience=before_experience,
-                  prepare_batch=prepare_batch, task_loss=task_loss,
+                  prepare_batch=prepare_batch, task_loss=reported_task_loss,
                   update_grads=update_grads, after_step=after_step,
                   name=_NAME)

@@ -83,7 +83,7 @@ from jaxcl.strategies.replay import incoming_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
-__all__ = ["mer", "MERState"]
+__all__ = ["mer", "MERState", "reported_task_loss"]
 
 
 class MERState(NamedTuple):
@@ -115,6 +115,17 @@ def _check_optimizer(ctx, params, lr: float) -> None:
         f"0.1). Set optimizer.name='sgd' and learning_rate={lr}, or "
         f"check_optimizer=False to use it as Reptile's outer optimiser")
 
+
+def reported_task_loss(ctx, sstate, logits, batch) -> jax.Array:
+  """A ``task_loss`` for strategies whose ``update_grads`` makes the
+  incoming rows' gradient (MER, La-MAML): the mean cross-entropy over the
+  batch, as usual, with the incoming rows' part reported without a
+  gradient. Rows a chained member appends (replay, generated samples) keep
+  theirs, so that member still trains."""
+  del sstate
+  own = (jnp.arange(logits.shape[0]) < ctx.info.batch_size)[:, None]
+  logits = jnp.where(own, jax.lax.stop_gradient(logits), logits)
+  return cross_entropy(logits, batch["y"], batch["mask"])
 
 def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
         beta: float = 1.0, gamma: float = 1.0, lr: float = 0.1,
@@ -179,16 +190,6 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     out[f"{name}_ok"] = ok.astype(jnp.float32).reshape(shape)
     return out
 
-  def task_loss(ctx, sstate, logits, batch):
-    # The mean cross-entropy over the batch, as usual, but the incoming
-    # rows' part is reported without a gradient: update_grads makes their
-    # gradient (MER's procedure). Rows a chained member appends (replay,
-    # generated samples) keep theirs, so that member still trains.
-    del sstate
-    own = (jnp.arange(logits.shape[0]) < ctx.info.batch_size)[:, None]
-    logits = jnp.where(own, jax.lax.stop_gradient(logits), logits)
-    return cross_entropy(logits, batch["y"], batch["mask"])
-
   def update_grads(ctx, sstate, grads, params, batch, key):
     del key
     # Only the incoming rows: a member chained before MER may append rows,
@@ -247,6 +248,6 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     return sstate._replace(memory=reservoir_step(ctx, sstate, info))
 
   return Strategy(init=init, before_experience=mark_experience_start,
-                  prepare_batch=prepare_batch, task_loss=task_loss,
+                  prepare_batch=prepare_batch, task_loss=reported_task_loss,
                   update_grads=update_grads, after_step=after_step,
                   name=name)

@@ -110,9 +110,8 @@ from jaxcl import augment as augment_lib
 from jaxcl import buffers, checks
 from jaxcl.models import init as inits
 from jaxcl.models.classifier import l2_normalise
-from jaxcl.state import masked_logits
 from jaxcl.strategies.icarl import (backbone_features, features,
-                                    ncm_logits)
+                                    ncm_logits, ncm_predict)
 from jaxcl.strategies.replay import append_rows, reservoir_step
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -343,14 +342,11 @@ def scr(mem_size: int = 200, batch_size: int = 100,
     return state.replace(strategy=ss._replace(means=means, has_mean=has))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    f = backbone_features(ctx)(params, model_state, x, task)
-    logits = ncm_logits(f, sstate.means, sstate.has_mean)
-    if ctx.mask_task_logits:
-      logits = masked_logits(logits, task, ctx.info.task_classes)
     # Before any experience has ended there are no means: the model's own
-    # (untrained-head) logits, as iCaRL, e.g. for the random-model row.
-    own = ctx.logits(params, model_state, x, task)
-    return jnp.where(jnp.any(sstate.has_mean), logits, own)
+    # (untrained-head) logits, as iCaRL's.
+    f = backbone_features(ctx)(params, model_state, x, task)
+    return ncm_predict(ctx, f, sstate.means, sstate.has_mean, params,
+                       model_state, x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, task_loss=task_loss, loss=loss,
