@@ -36,16 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
-from jaxcl.strategies.agem import agem_project
+from jaxcl.strategies.agem import _DEFAULT_SAMPLE, agem_project
 from jaxcl.strategies.gem import memory_loss
 from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
 __all__ = ["agem_r", "AGEMRState"]
-
-_DEFAULT_SAMPLE = 256  # A-GEM's reference-gradient batch
-
 
 class AGEMRState(NamedTuple):
   memory: buffers.Memory  # a reservoir of mem_size examples
