@@ -23,7 +23,11 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 * ``loss(ctx, sstate, params, batch, logits) -> scalar``: added to the task
   loss (penalties, distillation). ``logits`` are the model's on ``batch``.
 * ``update_grads(ctx, sstate, grads, params, batch, key) -> grads``:
-  gradient surgery (GEM projection, masks).
+  gradient surgery (GEM projection, masks). With ``grads_state`` set it
+  returns ``(grads, sstate)`` instead, and that state is the one
+  ``after_step`` receives: for a method whose gradient and state come out
+  of one computation (La-MAML's look-ahead gives the update and the
+  learned rates), so it runs once.
 * ``project_params(ctx, sstate, params) -> params``: applied to the
   parameters right after the optimiser update, inside jit (constraints on
   the weights themselves: HAT's embedding clamp, PackNet restoring frozen
@@ -56,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Strategy", "identity", "chain", "default_predict", "zero_grads",
+__all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
+           "default_predict", "zero_grads",
            "mark_experience", "mark_experience_start", "check_task_seen",
            "new_classes"]
 
@@ -180,6 +185,16 @@ class Strategy(NamedTuple):
   needs_task_grads: bool = False
   name: str = "naive"
   lookahead_loss: Optional[Callable[..., Any]] = None
+  grads_state: bool = False
+
+
+def update_grads_and_state(strategy: Strategy, ctx, sstate, grads, params,
+                           batch, key) -> tuple[Any, Any]:
+  """``strategy.update_grads`` as ``(grads, sstate)`` whichever form it
+  returns (see ``grads_state``): the state is ``sstate`` itself unless the
+  hook hands back a new one."""
+  out = strategy.update_grads(ctx, sstate, grads, params, batch, key)
+  return out if strategy.grads_state else (out, sstate)
 
 
 def identity() -> Strategy:
@@ -392,12 +407,17 @@ def chain(*strategies: Strategy) -> Strategy:
       total = total + s.loss(ctx, ss, params, batch, logits)
     return total
 
+  grads_state = any(s.grads_state for s in strategies)
+
   def update_grads(ctx, sstate, grads, params, batch, key):
     check(sstate)
     keys = jax.random.split(key, max(n, 1))
+    subs = []
     for s, ss, k in zip(strategies, sstate, keys):
-      grads = s.update_grads(ctx, ss, grads, params, batch, k)
-    return grads
+      grads, ss = update_grads_and_state(s, ctx, ss, grads, params, batch,
+                                         k)
+      subs.append(ss)
+    return (grads, tuple(subs)) if grads_state else grads
 
   def project_params(ctx, sstate, params):
     check(sstate)
@@ -455,4 +475,5 @@ def chain(*strategies: Strategy) -> Strategy:
       needs_task_grads=any(s.needs_task_grads for s in strategies),
       name="+".join(s.name for s in strategies) or "naive",
       lookahead_loss=lookahead_loss,
+      grads_state=grads_state,
   )

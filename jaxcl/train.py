@@ -29,7 +29,7 @@ from jaxcl.runs import RUNS_AXIS
 from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import (Batch, Context, StepInfo, StreamInfo, TrainState,
                          cross_entropy)
-from jaxcl.strategy import Strategy, default_predict
+from jaxcl.strategy import Strategy, default_predict, update_grads_and_state
 
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
@@ -409,13 +409,13 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
       return task_loss_of(logits)
 
     task_grads = jax.grad(task_loss_fn)(state.params)
-  grads = strategy.update_grads(ctx, state.strategy, grads, state.params,
-                                batch, k_grad)
+  grads, stepped = update_grads_and_state(strategy, ctx, state.strategy,
+                                         grads, state.params, batch, k_grad)
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params = strategy.project_params(ctx, state.strategy, params)
   sstate = strategy.after_step(
-      ctx, state.strategy,
+      ctx, stepped,
       StepInfo(state.params, params, grads, task_grads, batch, loss,
                k_after, logits))
   return state.replace(step=state.step + 1, params=params,

@@ -263,26 +263,37 @@ def test_first_order_drops_exactly_the_second_derivatives(stream, ctx):
   assert gap(out[False].params, out[True].params) > 1e-5
 
 
-def test_chained_gradient_is_kept_and_after_step_recomputes(stream, ctx):
+def test_chained_gradient_is_kept_and_rates_come_out_of_update_grads(
+    stream, ctx):
   """update_grads adds the displacement divided by the optimiser's rate
-  to the other members' gradient; after_step, called outside the step
-  that ran update_grads, computes alpha itself (the same as the step's)."""
+  to the other members' gradient and returns the new rates in the state
+  (grads_state), the ones the step keeps; after_step leaves them alone."""
   s, step = stepper(ctx, "one_inner_True")
+  assert s.grads_state
   e0 = stream.experiences[0]
   state = trained(ctx, s, step, e0, 1)
   new, loss, b = step(state, batch_of(e0, start=B))
   ug = jax.jit(jax.vmap(lambda g: s.update_grads(ctx, state.strategy, g,
                                                  state.params, b, None)))
-  g = ug(jax.tree.map(lambda p: jnp.stack([jnp.zeros_like(p),
-                                           jnp.ones_like(p)]),
-                      state.params))
+  g, ss = ug(jax.tree.map(lambda p: jnp.stack([jnp.zeros_like(p),
+                                               jnp.ones_like(p)]),
+                          state.params))
   for a in leaves(g):
     np.testing.assert_allclose(a[1] - a[0], 1.0, rtol=1e-4)
     assert np.abs(a[0]).max() > 0
+  moved = False
+  for got, old, want in zip(leaves(ss.alpha), leaves(state.strategy.alpha),
+                            leaves(new.strategy.alpha)):
+    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got[0], got[1])
+    moved |= not np.allclose(got[0], old)
+  assert moved
   info = StepInfo(state.params, None, None, None, b, loss)
-  ss = jax.jit(lambda ss, i: s.after_step(ctx, ss, i))(state.strategy, info)
-  for got, want in zip(leaves(ss.alpha), leaves(new.strategy.alpha)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  after = jax.jit(lambda ss, i: s.after_step(ctx, ss, i))(state.strategy,
+                                                          info)
+  for got, old in zip(leaves(after.alpha), leaves(state.strategy.alpha)):
+    np.testing.assert_array_equal(got, old)
+  assert int(after.memory.seen) == int(state.strategy.memory.seen) + B
 
 
 # ---------------------------------------------------------------------------

@@ -354,6 +354,40 @@ def test_project_params_and_task_loss_hooks_in_the_step():
     chain(zero, zero)
 
 
+def test_update_grads_hands_its_state_to_after_step_in_a_chain():
+  """A grads_state member's update_grads returns (grads, state); in a
+  chain beside a plain member, the engine gives that state to after_step
+  (each step: update_grads adds 1 to a counter, after_step copies the
+  counter it receives into a second slot), and the other member's
+  gradient surgery still applies."""
+  c = quick_config()
+  s = experiment.setup(c)
+  exp = s.scenario.experiences[0]
+  ctx = s.learner.ctx
+
+  def counted(ctx, ss, g, p, b, k):
+    return g, ss.at[0].add(1)
+
+  counter = Strategy(init=lambda ctx, key, params: jnp.zeros(2, jnp.int32),
+                     update_grads=counted,
+                     after_step=lambda ctx, ss, info: ss.at[1].set(ss[0]),
+                     grads_state=True, name="counter")
+  strategy = chain(_scale(0.0), counter)
+  assert strategy.grads_state and not chain(_scale(0.0)).grads_state
+  learner = train.make_learner(ctx, strategy, epochs=1)
+  state = train.init_state(ctx, strategy, 0)
+  p0 = jax.tree.map(np.asarray, state.params)
+  data = jax.device_put(train.device_experience(exp, ctx.info.train_size))
+  state, _, ran = learner.chunk_fn(state, data, exp.num_train, 0, 0, 0)
+  steps = int(np.asarray(ran).sum())
+  assert steps > 1
+  np.testing.assert_array_equal(np.asarray(state.strategy[1]),
+                                [steps, steps])
+  # _scale(0) zeroed the gradient before the counter saw it.
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_lookahead_loss_gradient_is_taken_after_the_candidate_step():
   """lookahead_loss is differentiated at Θ + ΔΘ, ΔΘ the optimiser's update
   from the rest of the loss. With plain SGD (lr η) and the penalty

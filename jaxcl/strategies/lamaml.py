@@ -60,12 +60,10 @@ That needs plain SGD (another optimiser rescales or mixes the
 displacement), which ``init`` checks by probing two updates; :math:`u`
 is read from the optimiser's injected learning rate at each experience's
 start, so a sweep over ``optimizer.learning_rate`` (which changes
-nothing here but a chained member's step) stays exact. Hooks cannot pass
-state out of ``update_grads``, so ``after_step`` needs the same
-procedure on the same inputs (all randomness was drawn in
-``prepare_batch``) for the new :math:`\\alpha`: within one traced step
-it reuses ``update_grads``' result (XLA did not merge two traced copies
-inside the training loop), and called on its own it recomputes it. The
+nothing here but a chained member's step) stays exact. The same
+procedure gives the new :math:`\\alpha`, so ``update_grads`` returns it
+in the strategy state (the record's ``grads_state``) and ``after_step``
+only feeds the reservoir. The
 incoming rows' part of the task loss is reported but gives no gradient
 (the procedure is their gradient); rows a chained member appends keep
 theirs. Padding rows (mask 0) take part in nothing.
@@ -400,36 +398,22 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
     out, _ = jax.lax.scan(one_glance, (theta0, sstate.alpha), xs)
     return out
 
-  # One step's update_grads and after_step need the same procedure, the
-  # first for theta, the second for alpha: hooks cannot pass state out of
-  # update_grads. Traced twice, the copies were not merged by XLA inside
-  # the training loop (twice the step's time: 20 loops against 17 in the
-  # compiled chunk), so after_step takes update_grads' result when its
-  # inputs are the very same arrays or tracers (the result is a pure
-  # function of them: reusing it is common-subexpression elimination at
-  # trace time). Otherwise, e.g. called on its own, it computes.
-  memo: list = []
-
-  def inputs_of(ctx, sstate, params, batch) -> tuple:
-    return (ctx,) + tuple(jax.tree.leaves((sstate, params, batch)))
-
+  # One procedure gives both theta (the gradient) and alpha (state), so
+  # update_grads hands the new rates to after_step (grads_state): traced
+  # twice, the copies were not merged by XLA inside the training loop
+  # (twice the step's time).
   def update_grads(ctx, sstate, grads, params, batch, key):
-    del key  # the draws are in the batch, so after_step repeats them
-    out = procedure(ctx, sstate, params, batch)
-    memo[:] = [(inputs_of(ctx, sstate, params, batch), out)]
+    del key  # the draws are in the batch
+    theta, alpha = procedure(ctx, sstate, params, batch)
     theta0 = jax.lax.stop_gradient(params)
-    return jax.tree.map(lambda g, p, t: g + (p - t) / sstate.unit, grads,
-                        theta0, out[0])
+    grads = jax.tree.map(lambda g, p, t: g + (p - t) / sstate.unit, grads,
+                         theta0, theta)
+    return grads, sstate._replace(alpha=alpha)
 
   def after_step(ctx, sstate, info):
-    now = inputs_of(ctx, sstate, info.params_before, info.batch)
-    seen, out = memo.pop() if memo else ((), None)
-    if len(seen) != len(now) or any(a is not b for a, b in zip(seen, now)):
-      out = procedure(ctx, sstate, info.params_before, info.batch)
-    return sstate._replace(alpha=out[1],
-                           memory=reservoir_step(ctx, sstate, info))
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info))
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, task_loss=reported_task_loss,
                   update_grads=update_grads, after_step=after_step,
-                  name=_NAME)
+                  grads_state=True, name=_NAME)
