@@ -18,6 +18,16 @@ Mammoth's ``perm-mnist`` settings (``FDR_ARGS``; the distance weight is
 the code's 1, see jaxcl/strategies/fdr.py). ``strategy=hal``: HAL with
 Mammoth's ``perm-mnist`` settings (``HAL_ARGS``).
 
+``protocol=mer``: the MNIST Permutations benchmark of Riemer et al. 2019
+(MER) that La-MAML (Gupta et al. 2020) reuses: 20 permutations of the
+same 1000 training images (``dataset.train_subset``), tested on all
+10000, MLP 784-100-100-10 (PyTorch's default init, as both codes),
+online: one pass, stream batch 10, plain SGD, reservoir memory of 200.
+``strategy=lamaml`` takes the authors' MNIST script's settings (the
+strategy's defaults: 5 glances, 10 memory rows per meta-batch, learned
+rates from 0.15 at eta 0.3, second order); ``replay`` replays 10 rows at
+lr 0.1 (``lr`` sets it); ``mer`` runs with its own defaults.
+
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=500
   jaxcl run --config experiments/permuted_mnist_replay.py:strategy=derpp,mem_size=200
@@ -26,7 +36,8 @@ Arguments: ``strategy`` (replay | naive | any replay-family strategy with
 default settings), ``mem_size``, ``seed``, ``lr`` (0: 0.2; DER / DER++:
 their table's), ``lam`` (HAL's anchor weight; < 0: the table's), ``init``
 (model initialisation, default ``xavier_uniform``), ``quick``
-(3 experiences of 2000 / 500 examples, for tests).
+(3 experiences of 2000 / 500 examples, for tests), ``protocol``
+(buzzega | mer).
 Holds 20 permuted copies of MNIST in host memory (~4 GB). Measured on a
 2-core CPU: see docs/notes_replay.md.
 """
@@ -102,7 +113,11 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
   FDR tables (default ``DER_ARGS`` / ``GSS_ARGS`` / ``FDR_ARGS``; the
   rotated protocol passes its own)."""
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                init="xavier_uniform", lam=-1.0, quick=False)
+                init="xavier_uniform", lam=-1.0, quick=False,
+                protocol="buzzega")
+  if a["protocol"] not in ("buzzega", "mer"):
+    raise ValueError(f"protocol={a['protocol']!r}: expected 'buzzega' or "
+                     "'mer'")
   c = default_config()
   s, m = a["strategy"], a["mem_size"]
   c.name = f"permuted_mnist_{s}_{m}"
@@ -143,12 +158,28 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
       c.name += f"_lam{a['lam']:g}"
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
+  if a["protocol"] == "mer":
+    set_mer_protocol(c, a)
   if a["quick"]:
     c.scenario.n_experiences = 3
     c.dataset.train_subset = 2000
     c.dataset.test_subset = 500
     c.train.batch_size = 32
     c.train.eval_batch_size = 250
-    if s == "replay":
+    if s == "replay" and a["protocol"] == "buzzega":
       c.strategy.replay = dict(mem_size=m, batch_size=32)
   return c
+
+
+def set_mer_protocol(c, a) -> None:
+  """Riemer et al. 2019's MNIST Permutations (see the module docstring):
+  the same 20 permutations' stream cut to 1000 training images, online
+  batch 10, PyTorch's default init."""
+  s, m = a["strategy"], a["mem_size"]
+  c.name = f"permuted_mnist_mer_protocol_{s}_{m}"
+  c.dataset.train_subset = 1000
+  c.model.init = "torch" if a["init"] == "xavier_uniform" else a["init"]
+  c.optimizer.learning_rate = a["lr"] or 0.1
+  c.train.batch_size = 10
+  if s == "replay":
+    c.strategy.replay = dict(mem_size=m, batch_size=10)

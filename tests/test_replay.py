@@ -1314,6 +1314,22 @@ def test_domain_configs_build(data_dir, name):
     np.testing.assert_allclose(x, np.round(x), atol=1e-4)
 
 
+def test_permuted_mer_protocol_config():
+  """protocol=mer: Riemer et al.'s 20 x 1000 images online at batch 10,
+  PyTorch's init, Replay at 10 + 10; an unknown protocol is refused."""
+  get = _load_config("permuted_mnist_replay.py")
+  c = get("strategy=replay,mem_size=200,protocol=mer")
+  assert (c.dataset.train_subset, c.train.batch_size,
+          c.scenario.n_experiences) == (1000, 10, 20)
+  assert c.model.init == "torch" and c.optimizer.learning_rate == 0.1
+  assert dict(c.strategy.replay) == dict(mem_size=200, batch_size=10)
+  lamaml = get("strategy=lamaml,mem_size=200,protocol=mer").strategy.lamaml
+  assert dict(lamaml) == dict(mem_size=200)
+  assert get("mem_size=200").dataset.train_subset == 0
+  with pytest.raises(ValueError, match="protocol='gem'.*'buzzega' or 'mer'"):
+    get("protocol=gem")
+
+
 # ---------------------------------------------------------------------------
 # X-DER: logit transplants, the balanced memory, the constraints.
 
