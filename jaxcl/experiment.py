@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
       init="lecun_normal",  # lecun_normal (flax) | torch (PyTorch Linear:
                             # U(+-1/sqrt(fan_in)) weights and biases) | ...
       head="linear",      # mlp / cnn / resnet18: linear | cosine (LUCIR)
+      outputs=0,          # the head's width; 0: the stream's classes. Other
+                          # widths are an embedding, for a strategy that
+                          # replaces task loss and prediction (cope, scr)
       pretrained="",      # .npz of params (jaxcl.pretrained.save): start
                           # from them instead of a random initialisation
   ))
@@ -213,6 +216,30 @@ def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def _model_outputs(mc: ml_collections.ConfigDict, num_classes: int,
+                   strategy: "strategies.Strategy") -> int:
+  """The head's width: ``model.outputs``, or the stream's classes when 0.
+
+  Another width makes the outputs an embedding (CoPE's is 100-d on MNIST),
+  which only a strategy with its own task loss and prediction reads as
+  such; any other would score class ids against the wrong columns, so it
+  is refused.
+  """
+  n = mc.get("outputs", 0)
+  if not (checks.is_whole(n) and n >= 0):
+    raise ConfigError(f"model.outputs={n!r}: expected a whole number >= 1 "
+                      "(or 0 for the stream's classes)")
+  if n in (0, num_classes):
+    return num_classes
+  if strategy.task_loss is None or strategy.predict is None:
+    raise ConfigError(
+        f"model.outputs={n} differs from the stream's {num_classes} "
+        f"classes; only a strategy that replaces both the task loss and the "
+        f"prediction reads the outputs as an embedding (cope, scr), not "
+        f"{strategy.name!r}: set model.outputs=0")
+  return int(n)
+
+
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs, built from a config."""
@@ -277,12 +304,12 @@ def setup(config: ml_collections.ConfigDict,
   if config.model.multi_head and sc.kind != "task":
     raise ConfigError("model.multi_head=True needs a task-incremental "
                       f"scenario (scenario.kind='task'), got {sc.kind!r}")
+  outputs = _model_outputs(config.model, sc.num_classes, strategy)
   mkw = _model_kwargs(config.model)
   if config.model.name == "hypernet" and "input_dim" not in mkw:
     # The target MLP's input size is the stream's (its default is MNIST's).
     mkw["input_dim"] = int(np.prod(sc.input_shape))
-  model = models.build(config.model.name, sc.num_classes, num_heads=heads,
-                       **mkw)
+  model = models.build(config.model.name, outputs, num_heads=heads, **mkw)
   info = stream_info(sc, tc.batch_size)
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) *
                        tc.epochs)

@@ -320,6 +320,34 @@ def test_online_run_compiles_once_and_keeps_old_classes(digits):
                              rtol=1e-5)
 
 
+def test_model_outputs_set_the_embedding_width_and_others_are_refused(
+    stream):
+  """model.outputs=32 gives CoPE a 32-d embedding (the prototypes' width)
+  on a 10-class stream; a strategy that scores the outputs as classes is
+  refused that model, and a bad width is named."""
+  c = config()
+  c.model.outputs = 32
+  s = experiment.setup(c, scenario=scenarios.online(stream))
+  state = train.init_state(s.learner.ctx, s.learner.strategy, 0)
+  assert state.strategy.prototypes.shape == (10, 32)
+  assert state.params["head"]["kernel"].shape == (64, 32)
+  r = experiment.run(c, scenario=scenarios.online(stream))
+  assert np.all(np.isfinite(np.asarray(r.accuracy)))
+  assert r.accuracy[-1, 0] > 0.5
+  c.model.outputs = 10       # the stream's classes: any strategy
+  c.strategy.name = "naive"
+  del c.strategy["cope"]
+  experiment.setup(c, scenario=stream)
+  c.model.outputs = 32
+  with pytest.raises(experiment.ConfigError,
+                     match="model.outputs=32 differs from the stream's 10 "
+                           "classes.*not 'naive'"):
+    experiment.setup(c, scenario=stream)
+  c.model.outputs = -1
+  with pytest.raises(experiment.ConfigError, match="model.outputs=-1"):
+    experiment.setup(c, scenario=stream)
+
+
 def test_sweep_over_seeds_and_temperature_is_one_program(stream):
   c = config()
   r = sweep.sweep(c, seeds=[0, 1], scenario=scenarios.online(stream),

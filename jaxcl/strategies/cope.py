@@ -66,10 +66,10 @@ whose network ends in a linear layer of ``n_outputs`` units, and Avalanche's
 forward pass, so CoPE costs no second pass, and a linear output can point
 anywhere on the sphere, while the backbone's ReLU features lie in the
 non-negative orthant, where the repellor can push two classes no further
-apart than orthogonal. Its dimension is the model's output size: the
-number of classes for a model built by a config (10 on Split MNIST), or
-any width for a model built through the API (the paper's Split MNIST
-embedding has 100 dimensions; ``runs/s28/cope`` compares both).
+apart than orthogonal. Its dimension is the model's output size: a
+config's ``model.outputs`` (``experiments/split_mnist_replay.py`` sets the
+paper's 100 for Split MNIST; 0 gives one per class), or any width for a
+model built through the API.
 
 State (:class:`CoPEState`): the memory, a random priority per entry, the
 ``(C, D)`` prototypes with a ``seen`` mask, ``T`` and ``α`` (its fields
@@ -82,9 +82,6 @@ Where the paper is vague this follows the reference code
 (``Mattdl/ContinualPrototypeEvolution``: ``model/prototypical/``), and
 deviates as follows:
 
-* The embedding is as wide as the model's output: through a config, one
-  dimension per class (10 on Split MNIST, where the paper uses 100), since
-  configs build one output per class; the API takes any model.
 * Every class's initial prototype is drawn at ``init`` (uniform on
   ``[0, 1]^D``, normalised, as the reference draws it); a class enters the
   loss, the updates and prediction only once it appears in a batch (the
