@@ -10,8 +10,8 @@ import pytest
 
 from jaxcl import buffers, experiment, models, scenarios, sweep, train
 from jaxcl.state import StepInfo
-from jaxcl.strategies.cope import (class_balanced_add, class_balanced_sample,
-                                   cope, ppp_loss, update_prototypes)
+from jaxcl.buffers import class_balanced_sample, random_class_balanced_add
+from jaxcl.strategies.cope import cope, ppp_loss, update_prototypes
 
 B = 10
 
@@ -221,7 +221,7 @@ def test_unseen_classes_are_never_predicted(trained, digits):
 def offer(mem, prio, key, ids, ys, quota):
   """Offers rows whose input is their id (shape (1,))."""
   n = len(ids)
-  return class_balanced_add(
+  return random_class_balanced_add(
       mem, prio, key, jnp.asarray(ids, jnp.float32)[:, None],
       jnp.asarray(ys), jnp.zeros(n, jnp.int32), jnp.zeros((), jnp.int32),
       jnp.ones(n, bool), jnp.asarray(quota), num_classes=10)
@@ -279,7 +279,7 @@ def _keep_of_40(key):
   mem, prio = buffers.init(16, (1,)), jnp.zeros((16,), jnp.float32)
   for j in range(4):
     ids = jnp.arange(10 * j, 10 * j + 10, dtype=jnp.float32)[:, None]
-    mem, prio = class_balanced_add(
+    mem, prio = random_class_balanced_add(
         mem, prio, jax.random.fold_in(key, j), ids, jnp.zeros(10, jnp.int32),
         jnp.zeros(10, jnp.int32), jnp.zeros((), jnp.int32),
         jnp.ones(10, bool), jnp.asarray(8), num_classes=1)

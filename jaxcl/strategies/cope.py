@@ -71,7 +71,9 @@ config's ``model.outputs`` (``experiments/split_mnist_replay.py`` sets the
 paper's 100 for Split MNIST; 0 gives one per class), or any width for a
 model built through the API.
 
-State (:class:`CoPEState`): the memory, a random priority per entry, the
+State (:class:`CoPEState`): the memory
+(:func:`jaxcl.buffers.random_class_balanced_add`, drawn from by
+:func:`jaxcl.buffers.class_balanced_sample`), a random priority per entry, the
 ``(C, D)`` prototypes with a ``seen`` mask, ``T`` and ``α`` (its fields
 ``temperature`` and ``momentum``: a sweep can vary them in one program),
 all of fixed shape: nothing recompiles between experiences and every step
@@ -140,7 +142,7 @@ from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import init_variables
 
 __all__ = ["cope", "CoPEState", "ppp_loss", "update_prototypes",
-           "class_balanced_add", "class_balanced_sample", "present_classes"]
+           "present_classes"]
 
 _NEG = -1e9  # score of an excluded term or class (finite: keeps grads finite)
 
@@ -231,97 +233,6 @@ def update_prototypes(prototypes: jax.Array, emb: jax.Array, y: jax.Array,
   return jnp.where(counts[:, None] > 0, moved, prototypes)
 
 
-def class_balanced_add(mem: buffers.Memory, priority: jax.Array,
-                       key: jax.Array, x: jax.Array, y: jax.Array,
-                       task: jax.Array, experience: jax.Array,
-                       ok: jax.Array, quota: jax.Array, *, num_classes: int,
-                       after: jax.Array | None = None
-                       ) -> tuple[buffers.Memory, jax.Array]:
-  """Offers rows to the class-balanced memory: ``(memory, priority)``.
-
-  Each offered row draws a priority ``u ~ U[0, 1)``; then every class keeps
-  the ``quota`` entries of largest priority among its stored entries and
-  its offered rows. By induction (the quota never grows) a class holds
-  ``min(n_c, quota)`` entries, a uniformly random subset of its ``n_c``
-  rows offered so far. Kept entries stay in their slots; new ones take
-  freed or empty slots.
-
-  Args:
-    mem, priority: the memory and its entries' priorities.
-    key: PRNG key.
-    x, y, task: the offered rows; experience: int32 scalar, their tag.
-    ok: bool ``(b,)``: rows offered (padding is not).
-    quota: int32 scalar, entries per class (``K // classes seen``).
-    num_classes: the number of classes (static).
-    after: a scalar the writes must follow (the step's loss: see
-      :func:`jaxcl.buffers.reservoir_add`; the memory is then updated in
-      place); NaN there keeps the memory as it was.
-  """
-  k, b = priority.shape[0], y.shape[0]
-  u = jax.random.uniform(key, (b,))
-  # Candidates: the K slots, then the b offered rows.
-  cand_p = jnp.concatenate([priority, u])
-  cand_y = jnp.concatenate([mem.y, y])
-  cand_ok = jnp.concatenate([mem.valid, ok])
-  ids = jnp.arange(k + b)
-  per_class = lambda w: jnp.zeros((num_classes,), jnp.int32).at[cand_y].add(
-      w.astype(jnp.int32))
-  excess = jnp.maximum(per_class(cand_ok) - quota, 0)  # entries to drop
-  # No sort (XLA's CPU sort of ~2k keys cost 0.8 ms a step, more than the
-  # network's step). Most steps, a class over its quota is one of the
-  # batch's and drops at most b: its b lowest-priority candidates, one
-  # top_k per offered row (rows of one class drop the same ones).
-  same = cand_ok[None, :] & (cand_y[None, :] == y[:, None])      # (b, K+b)
-  low_p, low = jax.lax.top_k(jnp.where(same, -cand_p, -jnp.inf), b)
-  hit = ((jnp.arange(b)[None, :] < excess[y][:, None]) & ok[:, None]
-         & (low_p > -jnp.inf))
-  alive = cand_ok & ~jnp.zeros((k + b,), bool).at[low.ravel()].max(
-      hit.ravel())
-  # The rest: when a new class shrinks the quota, every class drops its
-  # lowest entries one by one (a few hundred passes, once per new class).
-  def drop_lowest(carry):
-    alive, left = carry
-    p = jnp.where(alive, cand_p, jnp.inf)
-    low = alive & (p == jnp.full((num_classes,), jnp.inf).at[cand_y].min(
-        p)[cand_y])
-    first = jnp.full((num_classes,), k + b).at[cand_y].min(
-        jnp.where(low, ids, k + b))
-    out = (ids == first[cand_y]) & (left[cand_y] > 0)
-    return alive & ~out, left - per_class(out)
-
-  alive, _ = jax.lax.while_loop(
-      lambda carry: jnp.any(carry[1] > 0), drop_lowest,
-      (alive, excess - per_class(cand_ok & ~alive)))
-  keep_old, take = alive[:k], alive[k:]
-  # The r-th new row takes the r-th slot not kept; the quota leaves
-  # enough: kept + taken <= K.
-  free = jnp.cumsum(~keep_old)
-  r = jnp.cumsum(take)
-  slots = jnp.where(take, jnp.searchsorted(free, r, method="compare_all"), k)
-  if after is not None:
-    bad = jnp.isnan(after)
-    slots = jnp.where(bad, k, slots)
-    keep_old = jnp.where(bad, mem.valid, keep_old)
-  mem = buffers.put_rows(mem._replace(valid=keep_old), slots, x, y, task,
-                         jnp.broadcast_to(experience, (b,)))
-  mem = mem._replace(seen=mem.seen + jnp.sum(ok, dtype=jnp.int32))
-  return mem, priority.at[slots].set(u, mode="drop")
-
-
-def class_balanced_sample(mem: buffers.Memory, key: jax.Array, n: int,
-                          num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """``n`` valid slots drawn without replacement, each with weight
-  ``1 / n_c`` (``n_c``: entries of its class), so a draw picks a class
-  uniformly, then one of its entries (Efraimidis & Spirakis: the ``n``
-  largest ``log(u) / w``). Returns ``(idx, ok)`` as
-  :func:`jaxcl.buffers.sample`."""
-  counts = buffers.counts(mem, num_classes).astype(jnp.float32)
-  u = jax.random.uniform(key, mem.valid.shape, minval=1e-12)
-  score = jnp.where(mem.valid, jnp.log(u) * counts[mem.y], -jnp.inf)
-  _, idx = jax.lax.top_k(score, n)
-  return idx, mem.valid[idx]
-
-
 def cope(mem_size: int = 2000, temperature: float = 0.1,
          momentum: float = 0.99, batch_size: int = 0) -> Strategy:
   """CoPE.
@@ -399,8 +310,9 @@ def cope(mem_size: int = 2000, temperature: float = 0.1,
         experience=jnp.zeros((), jnp.int32), key=k_run)
 
   def prepare_batch(ctx, sstate, batch, key):
-    idx, ok = class_balanced_sample(sstate.memory, key, replay_size(ctx),
-                                    ctx.info.num_classes)
+    idx, ok = buffers.class_balanced_sample(sstate.memory, key,
+                                            replay_size(ctx),
+                                            ctx.info.num_classes)
     return append_rows(batch, buffers.gather(sstate.memory, idx, ok))
 
   def task_loss(ctx, sstate, logits, batch):
@@ -423,7 +335,7 @@ def cope(mem_size: int = 2000, temperature: float = 0.1,
     rows = incoming_rows(ctx, batch)
     quota = mem_size // jnp.maximum(jnp.sum(seen, dtype=jnp.int32), 1)
     key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    mem, priority = class_balanced_add(
+    mem, priority = buffers.random_class_balanced_add(
         sstate.memory, sstate.priority, key, rows["x"], rows["y"],
         rows["task"], sstate.experience, rows["mask"] > 0, quota,
         num_classes=c, after=info.loss)
