@@ -73,6 +73,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=il2m,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=eeil,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=dmc
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ss_il,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
@@ -89,7 +90,7 @@ from jaxcl.experiment import default_config
 LR = {"gem": 0.03, "agem": 0.1, "agem_r": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
-      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1}
+      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1, "ss_il": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -157,6 +158,8 @@ def get_config(arg=None):
     # divided by 10 every 10; SGD with momentum 0.9.
     c.strategy.eeil = dict(mem_size=m, batch_size=10,
                            finetune_epochs=a["finetune"], finetune_lr=0.01)
+  elif s == "ss_il":
+    c.strategy.ss_il = dict(mem_size=m, batch_size=10)
   elif s == "lucir":
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=m, batch_size=10)

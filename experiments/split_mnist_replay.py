@@ -120,6 +120,8 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=mer,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=scr,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=cope,mem_size=2000
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=rpc,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=clser,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
@@ -211,6 +213,12 @@ MER_ARGS = {200: (0.1, 128, 1.0, 1.0, 1), 500: (0.1, 128, 1.0, 1.0, 1),
             5120: (0.03, 128, 1.0, 1.0, 1)}
 
 
+# The CLS-ER authors' best settings on seq-mnist (NeurAI-Lab/CLS-ER,
+# utils/best_args.py): memory size -> (lr, replayed batch); lambda 2,
+# r_P 1, alpha_P 0.99, r_S 0.9, alpha_S 0.99 (the strategy's defaults).
+CLSER_ARGS = {200: (0.03, 128), 500: (0.1, 32)}
+
+
 def get_config(arg=None):
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
@@ -231,6 +239,16 @@ def get_config(arg=None):
       c.strategy.er_ace = dict(mem_size=m, batch_size=10)
     if s == "er_aml":
       c.strategy.er_aml = dict(mem_size=m, batch_size=10)
+  elif s == "clser":
+    lr, replayed = nearest(CLSER_ARGS, m)
+    online(c, a["lr"] or lr)
+    c.strategy.clser = dict(mem_size=m, batch_size=min(replayed, m))
+  elif s == "rpc":
+    # Pernici et al. 2021 (Mammoth's rpc: its end-of-experience balanced
+    # memory, 10 replayed) on the replay protocol; Mammoth's best_args for
+    # rpc were not read offline: lr 0.1, ER's at memory 500.
+    online(c, a["lr"] or 0.1)
+    c.strategy.rpc = dict(mem_size=m, batch_size=10)
   elif s == "scr":
     # Mai et al. 2021 on the replay protocol's model and stream, with the
     # reference's settings: lr 0.1, 100 replayed per step, tau 0.07, MLP
@@ -333,7 +351,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss, fdr, hal, mer, scr, cope")
+                     "gss, fdr, hal, mer, scr, cope, rpc, clser")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -29,12 +29,13 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                        "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
-               "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope"),
+               "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
+               "rpc", "clser"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
-               "dmc"),
+               "dmc", "ss_il"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda",),
@@ -148,6 +149,15 @@ PAPERS: dict[str, str] = {
            "consolidation*, WACV (DMC)",
     "eeil": "Castro et al. 2018, *End-to-end incremental learning*, ECCV "
             "(EEIL)",
+    "clser": "Arani, Sarfraz & Zonooz 2022, *Learning fast, learning "
+             "slow: a general continual learning method based on "
+             "complementary learning system*, ICLR (CLS-ER)",
+    "rpc": "Pernici, Bruni, Baecchi, Turchini & Del Bimbo 2021, "
+           "*Class-incremental learning with pre-allocated fixed "
+           "classifiers*, ICPR (RPC; as Mammoth's rpc, trained through the "
+           "fixed simplex)",
+    "ss_il": "Ahn et al. 2021, *SS-IL: Separated softmax for incremental "
+             "learning*, ICCV (SS-IL)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -194,6 +204,11 @@ NEEDS: dict[str, str] = {
                    "model; the gate, not a task id, picks it)",
     "xder": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience, and one output per class",
+    "ss_il": "a class-incremental stream (`scenario.kind='class'`), each "
+             "class in one experience",
+    "rpc": "a class-incremental stream (`scenario.kind='class'`), each "
+           "class in one experience, and at least num_classes - 1 model "
+           "outputs",
 }
 
 
