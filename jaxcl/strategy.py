@@ -237,6 +237,31 @@ _SCR_LATENTS = ("{first} trains only through its contrastive loss on the "
 _TASK_GRAD = ("{other} measures importance from the task loss's gradient, "
               "which {first} sets to 0 (its loss is a penalty term), so "
               "{other}'s penalty stays 0")
+_NO_TASK_GRAD = ("{other} measures importance from the task loss's "
+                 "gradient, and {first}'s task loss reports the incoming "
+                 "rows without one (its update_grads makes their step), so "
+                 "{other}'s penalty stays 0 (lamaml+si trained exactly as "
+                 "lamaml+naive)")
+_LAMAML_WEIGHTS = ("{other} weights its generated rows against the "
+                   "incoming rows' share of one cross-entropy, but {first} "
+                   "replaces the incoming rows' gradient by its own clipped "
+                   "look-ahead step, so that balance is lost (lamaml+"
+                   "generative_replay learned no new class: 0.01-0.38 on "
+                   "each new experience against 0.91-0.99 alone)")
+_LOOKAHEAD = ("{other}'s penalty is evaluated after the update the "
+              "optimiser would make from the loss's gradient, which "
+              "{first}'s task loss leaves without the incoming rows (it "
+              "makes their step in update_grads): the penalty is taken at "
+              "the current weights instead (lamaml+fdr 0.36-0.44 against "
+              "0.90-0.94 for fdr alone)")
+_SOFTMAX_FISHER = ("{other}'s importance is the Fisher of a softmax over "
+                   "the model's outputs (RWalk's path scores also use the "
+                   "task loss's gradient), but {first} trains those outputs "
+                   "as unnormalised embeddings for its prototype loss: the "
+                   "importance measures a distribution nothing predicts "
+                   "with, 3-70x larger than under cross-entropy, and the "
+                   "penalty diverges (cope+rwalk: NaN at rwalk's defaults; "
+                   "cope+ewc lost up to 0.42)")
 
 
 def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
@@ -268,6 +293,12 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
                        "multihead", "expert_gate"), _RESET)
   add("scr", ("latent_replay", "exstream"), _SCR_LATENTS)
   add("scr", ("si",), _TASK_GRAD)
+  add("lamaml", ("si",), _NO_TASK_GRAD)
+  add("lamaml", ("generative_replay", "generative_negative_replay"),
+      _LAMAML_WEIGHTS)
+  add("lamaml", ("fdr",), _LOOKAHEAD)
+  # online_ewc by the same Fisher code as ewc (not run in the fuzz).
+  add("cope", ("rwalk", "ewc", "online_ewc"), _SOFTMAX_FISHER)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
   return table
@@ -291,6 +322,19 @@ _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
 # gradient back on the weights an earlier freezer masked.
 _FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",
                                                      "agem_r")
+# Ordered: lamaml's task loss gives the incoming rows no gradient and its
+# update_grads adds its whole step to the gradient it receives, so a member
+# before it that projects or masks the gradient acts on the rest only
+# (session 29's fuzz: agem, agem_r, gem, latent_replay, exstream before it
+# trained exactly as naive+lamaml; packnet's / progressive's frozen weights
+# moved by 0.69 / 0.37).
+_BEFORE_LAMAML = ("agem", "agem_r", "gem", "packnet", "progressive",
+                  "latent_replay", "exstream")
+# Ordered: a projector after a member that zeroes part of the gradient and
+# restores those weights after the update projects with the zeroed part
+# still in its reference gradient, so the update applied keeps conflicting
+# with the memory (lfl+agem_r: 93 % of steps; the result is lfl alone).
+_ZERO_RESTORE, _PROJECTORS = ("lfl",), ("agem", "agem_r", "gem")
 
 
 def _check_composable(names: Sequence[str]) -> None:
@@ -316,6 +360,21 @@ def _check_composable(names: Sequence[str]) -> None:
             f"freezes earlier tasks' weights by masking the gradient, and "
             f"{b}, after it, rewrites the gradient and moves them; put {b} "
             f"before {a}, whose mask then applies last")
+      if a in _BEFORE_LAMAML and b == "lamaml":
+        raise ValueError(
+            f"chain(): {a} and lamaml cannot be composed in this order: "
+            f"lamaml's task loss gives the incoming rows no gradient and "
+            f"its update_grads adds its whole step afterwards, so {a}'s "
+            f"update_grads never sees that step ({a}+lamaml trained exactly "
+            f"as naive+lamaml, or moved frozen weights); put lamaml before "
+            f"{a}")
+      if a in _ZERO_RESTORE and b in _PROJECTORS:
+        raise ValueError(
+            f"chain(): {a} and {b} cannot be composed in this order: {a} "
+            f"zeroes part of the gradient and restores those weights after "
+            f"the update, so {b}'s projection, taken over all weights, "
+            f"removes only part of the conflict with its memory (lfl+agem_r "
+            f"trained as lfl alone); put {b} before {a}")
       if frozenset((a, b)) in _CONFLICTS:
         first, reason = _CONFLICTS[frozenset((a, b))]
         other = b if first == a else a

@@ -280,6 +280,15 @@ def test_chain_rejects_two_predictors():
     ("progressive+agem_r", "progressive and agem_r cannot be composed in "
      "this order"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
+    ("agem+lamaml", "agem and lamaml cannot be composed in this order"),
+    ("packnet+lamaml", "packnet and lamaml cannot be composed in this order"),
+    ("si+lamaml", "si measures importance from the task loss's gradient, "
+     "and lamaml's task loss"),
+    ("lamaml+generative_replay", "generative_replay weights its generated"),
+    ("fdr+lamaml", "fdr's penalty is evaluated after the update"),
+    ("rwalk+cope", "rwalk's importance is the Fisher of a softmax"),
+    ("cope+ewc", "ewc's importance is the Fisher of a softmax"),
+    ("lfl+agem_r", "lfl and agem_r cannot be composed in this order"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),
 ])
@@ -293,7 +302,9 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "replay+scr", "from_scratch+replay",
                                   "mir+progressive", "hat+si", "lwf+replay",
                                   "replay+latent_replay", "gdumb+naive",
-                                  "naive+slda"])
+                                  "naive+slda", "lamaml+agem",
+                                  "lamaml+packnet", "agem_r+lfl",
+                                  "lamaml+replay", "cope+lwf"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec
