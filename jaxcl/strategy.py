@@ -237,6 +237,11 @@ _SCR_LATENTS = ("{first} trains only through its contrastive loss on the "
 _TASK_GRAD = ("{other} measures importance from the task loss's gradient, "
               "which {first} sets to 0 (its loss is a penalty term), so "
               "{other}'s penalty stays 0")
+_ROUTED = ("{first} keeps one whole single-head model per experience and "
+           "picks it by its gate, without task ids, while {other} needs a "
+           "task id per experience and a model of per-task units or "
+           "columns (the model check asks for model.multi_head=True, which "
+           "{first} cannot use): the pair cannot be built")
 _NO_TASK_GRAD = ("{other} measures importance from the task loss's "
                  "gradient, and {first}'s task loss reports the incoming "
                  "rows without one (its update_grads makes their step), so "
@@ -293,6 +298,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
                        "multihead", "expert_gate"), _RESET)
   add("scr", ("latent_replay", "exstream"), _SCR_LATENTS)
   add("scr", ("si",), _TASK_GRAD)
+  add("expert_gate", ("hat", "progressive"), _ROUTED)
   add("lamaml", ("si",), _NO_TASK_GRAD)
   add("lamaml", ("generative_replay", "generative_negative_replay"),
       _LAMAML_WEIGHTS)

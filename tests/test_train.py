@@ -280,6 +280,7 @@ def test_chain_rejects_two_predictors():
     ("progressive+agem_r", "progressive and agem_r cannot be composed in "
      "this order"),
     ("rwalk+ensemble", "rwalk anchors each new ensemble member"),
+    ("hat+expert_gate", "expert_gate keeps one whole single-head model"),
     ("agem+lamaml", "agem and lamaml cannot be composed in this order"),
     ("packnet+lamaml", "packnet and lamaml cannot be composed in this order"),
     ("si+lamaml", "si measures importance from the task loss's gradient, "
