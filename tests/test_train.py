@@ -290,6 +290,18 @@ def test_chain_rejects_two_predictors():
     ("rwalk+cope", "rwalk's importance is the Fisher of a softmax"),
     ("cope+ewc", "ewc's importance is the Fisher of a softmax"),
     ("lfl+agem_r", "lfl and agem_r cannot be composed in this order"),
+    # Session 29's fuzz of CLS-ER, RPC and SS-IL.
+    ("hat+clser", "hat masks only its own gradient"),
+    ("clser+generative_replay", "generative_replay takes the batch's last "
+     "rows .* so clser's replayed rows"),
+    ("generative_negative_replay+rpc", "generative_negative_replay takes "
+     "the batch's last rows .* so rpc's replayed rows"),
+    ("generative_replay+ss_il", "generative_replay takes the batch's last "
+     "rows .* so ss_il's replayed rows"),
+    ("ss_il+replay", "ss_il scores the rows after the incoming ones .* "
+     "replay's memory is filled every step"),
+    ("hal+ss_il", "ss_il scores the rows .* hal's memory"),
+    ("gem+ss_il", "gem keeps the memory's cross-entropy over all classes"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),
 ])
@@ -305,7 +317,9 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "replay+latent_replay", "gdumb+naive",
                                   "naive+slda", "lamaml+agem",
                                   "lamaml+packnet", "agem_r+lfl",
-                                  "lamaml+replay", "cope+lwf"])
+                                  "lamaml+replay", "cope+lwf",
+                                  "ss_il+mir", "ss_il+agem", "clser+replay",
+                                  "rpc+ewc"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec
