@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser"),
+               "rpc", "clser", "lider"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -158,6 +158,10 @@ PAPERS: dict[str, str] = {
            "fixed simplex)",
     "ss_il": "Ahn et al. 2021, *SS-IL: Separated softmax for incremental "
              "learning*, ICCV (SS-IL)",
+    "lider": "Bonicelli, Boschini, Porrello, Spampinato & Calderara 2022, "
+             "*On the effectiveness of Lipschitz-driven rehearsal in "
+             "continual learning*, NeurIPS (LiDER; a regulariser to chain "
+             "with a replay method, e.g. `lider+derpp`)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -209,6 +213,8 @@ NEEDS: dict[str, str] = {
     "rpc": "a class-incremental stream (`scenario.kind='class'`), each "
            "class in one experience, and at least num_classes - 1 model "
            "outputs",
+    "lider": "a convolutional model (`cnn`, `resnet18`): on an MLP every "
+             "layer's Lipschitz estimate is 1",
 }
 
 

@@ -1,0 +1,219 @@
+"""LiDER (jaxcl/strategies/lider.py): the per-layer Lipschitz estimate
+against NumPy's singular values, the loss terms by hand, no effect on an
+empty memory, the budget, its gradient lowering the estimate, argument
+checks, and a run of lider+derpp through the normal loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import models, scenarios, train
+from jaxcl.strategies import lider as lid
+from jaxcl.strategies.lider import lider
+from test_replay import B, batch_of, config, run_capture
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  """Split Digits' first two experiences (8x8 images)."""
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def cnn_ctx(sc, lr=0.1):
+  # Conv 8x8x4 -> pool -> conv 4x4x8 -> pool -> dense: two kept pairs.
+  info = train.stream_info(sc, B)
+  model = models.build("cnn", sc.num_classes, channels=(4, 8), hidden=16)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def _filled(ctx, s, exp, n=30):
+  """``s``'s state after its reservoir took ``exp``'s first ``n`` rows."""
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  mem = ss.memory
+  for i in range(n):
+    mem = mem._replace(
+        x=mem.x.at[i].set(exp.train_x[i]), y=mem.y.at[i].set(exp.train_y[i]),
+        valid=mem.valid.at[i].set(True))
+  return state, ss._replace(memory=mem._replace(seen=jnp.int32(n)),
+                            model_state=state.model_state)
+
+
+def numpy_lipschitz(fa, fb):
+  """K per row by NumPy: the top singular value of the transmitting
+  matrix, pooled and normalised as the reference code does."""
+  ca = fa.shape[-1]
+  # Adaptive average pooling of 5 channels to 3: bins [0,2), [1,4), [3,5).
+  assert fb.shape[-1] == 5 and ca == 3
+  fb = np.stack([fb[..., 0:2].mean(-1), fb[..., 1:4].mean(-1),
+                 fb[..., 3:5].mean(-1)], -1)
+  eps = np.finfo(np.float32).eps
+  fa = fa / (np.linalg.norm(fa, axis=-1, keepdims=True) + eps)
+  fb = fb / (np.linalg.norm(fb, axis=-1, keepdims=True) + eps)
+  b, h, w = fb.shape[:3]
+  fa = fa.reshape(b, h, 2, w, 2, ca).mean(axis=(2, 4))  # 4x4 -> 2x2
+  t = np.einsum("bpi,bpj->bij", fa.reshape(b, h * w, ca),
+                fb.reshape(b, h * w, ca)) / (h * w)
+  return np.linalg.svd(t, compute_uv=False)[:, 0]
+
+
+def test_layer_estimate_is_numpys_top_singular_value():
+  rng = np.random.default_rng(0)
+  fa = rng.normal(size=(4, 4, 4, 3)).astype(np.float32)
+  fb = rng.normal(size=(4, 2, 2, 5)).astype(np.float32)
+  v0 = jnp.asarray(rng.uniform(size=(4, 3)), jnp.float32)
+  got = jax.jit(lid.layer_lipschitz, static_argnums=3)(fa, fb, v0, 200)
+  want = numpy_lipschitz(fa.astype(np.float64), fb.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
+  assert np.all(want < 0.999) and np.ptp(want) > 0.01  # not a trivial case
+  # PyTorch's adaptive pooling bins, uneven and even.
+  np.testing.assert_allclose(lid.adaptive_pool_matrix(5, 3), [
+      [.5, .5, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0, .5, .5]])
+  np.testing.assert_allclose(lid.adaptive_pool_matrix(4, 2),
+                             [[.5, .5, 0, 0], [0, 0, .5, .5]])
+  # A vector layer: the matrix has rank one, K is 1 whatever the input,
+  # which is why such pairs are left out.
+  k = lid.layer_lipschitz(fa[:, 0, 0], fb[:, 0, 0], v0, 10)
+  np.testing.assert_allclose(np.asarray(k), 1.0, rtol=1e-5)
+  assert lid.kept_pairs([(4, 8, 8, 1), (4, 8, 8, 4), (4, 1, 1, 8),
+                         (4, 4, 4, 8)]) == [0, 2]
+
+
+def test_loss_terms_by_hand_and_loss_split(stream):
+  k = np.array([[0.2, 0.8], [0.5, 0.1], [9.0, 9.0]], np.float32)
+  ok = np.array([1, 1, 0], np.float32)  # the third row is padding
+  budget = np.array([0.3, -0.4], np.float32)  # relu: 0.3, 0
+  mini, bud = lid.lider_terms(jnp.asarray(k), jnp.asarray(ok),
+                              jnp.asarray(k), jnp.asarray(ok),
+                              jnp.asarray(budget))
+  np.testing.assert_allclose(mini, (0.2 + 0.8 + 0.5 + 0.1) / 4, rtol=1e-6)
+  np.testing.assert_allclose(bud, (0.1 + 0.8 + 0.2 + 0.1) / 4, rtol=1e-6)
+  # The strategy's loss: alpha * the first draw's mean + beta * the second
+  # draw's budget term, on estimates of the rows it drew.
+  ctx = cnn_ctx(stream)
+  s = lider(alpha_lip_lambda=0.7, beta_lip_lambda=1.3, mem_size=40,
+            power_steps=30)
+  state, ss = _filled(ctx, s, stream.experiences[0])
+  ss = ss._replace(budget=jnp.asarray(budget))
+  batch = s.prepare_batch(ctx, ss, batch_of(stream.experiences[0]),
+                          jax.random.PRNGKey(3))
+  got = s.loss(ctx, ss, state.params, batch, None)
+  ks = lid.lipschitz_estimates(ctx, state.params, ss.model_state,
+                               batch["lider_x"], batch["lider_task"],
+                               batch["lider_v0"], 30, True)
+  assert ks.shape == (2 * B, 2)
+  ks = np.asarray(ks)
+  want = 0.7 * ks[:B].mean() + 1.3 * np.abs(
+      ks[B:] - np.maximum(budget, 0)).mean()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # The two draws are memory rows, and different ones.
+  x = np.asarray(batch["lider_x"]).reshape(2 * B, -1)
+  mem = np.asarray(ss.memory.x[:30]).reshape(30, -1)
+  assert all((mem == row).all(1).any() for row in x)
+  assert not np.array_equal(x[:B], x[B:])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inactive_on_an_empty_memory(stream, jit):
+  ctx = cnn_ctx(stream)
+  s = lider(alpha_lip_lambda=1.0, beta_lip_lambda=1.0, mem_size=40)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy._replace(budget=jnp.asarray([0.5, 0.5]))
+  batch = s.prepare_batch(ctx, ss, batch_of(stream.experiences[0]),
+                          jax.random.PRNGKey(0))
+  lose = lambda p: s.loss(ctx, ss, p, batch, None)
+  val, grads = (jax.jit(jax.value_and_grad(lose)) if jit else
+                jax.value_and_grad(lose))(state.params)
+  assert float(val) == 0.0
+  for g in jax.tree.leaves(grads):  # zero, not NaN (zero padding rows)
+    assert np.all(np.asarray(g) == 0.0)
+  # One step later the reservoir holds the batch, and the term is on.
+  _, ss1 = _filled(ctx, s, stream.experiences[0], n=1)
+  ss1 = ss1._replace(budget=ss.budget)
+  batch = s.prepare_batch(ctx, ss1, batch_of(stream.experiences[0]),
+                          jax.random.PRNGKey(0))
+  assert float(s.loss(ctx, ss1, state.params, batch, None)) > 0.0
+
+
+def test_budget_is_the_initial_models_mean_on_the_first_experience(stream):
+  ctx = cnn_ctx(stream)
+  s = lider(mem_size=40, power_steps=60)
+  e0, e1 = stream.experiences
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, e0)
+  x = jnp.asarray(e0.train_x)
+  v0 = jax.random.uniform(jax.random.PRNGKey(5), (x.shape[0], 4))
+  k = lid.lipschitz_estimates(ctx, state.params, state.model_state, x,
+                              jnp.asarray(e0.train_task), v0, 60, False)
+  budget = np.asarray(state.strategy.budget)
+  np.testing.assert_allclose(budget, np.asarray(k).mean(0), rtol=1e-3)
+  assert np.all(budget > 0.05) and np.all(budget < 1.0)
+  # Set once: a later experience leaves it alone.
+  moved = state.replace(params=jax.tree.map(lambda p: p * 1.5, state.params))
+  later = s.before_experience(ctx, moved, e1)
+  np.testing.assert_array_equal(np.asarray(later.strategy.budget), budget)
+
+
+def test_gradient_lowers_the_estimate():
+  # A toy layer: a 1x1 convolution W (3 -> 5 channels) then a 2x2
+  # average pool on fixed random maps (offset, so K starts near 0.74);
+  # descending K's gradient in W lowers K at every step, as the
+  # minimisation term intends.
+  rng = np.random.default_rng(1)
+  fa = jnp.asarray(rng.normal(size=(6, 4, 4, 3)) + 1.0, jnp.float32)
+  v0 = jnp.asarray(rng.uniform(size=(6, 3)), jnp.float32)
+  w0 = jnp.asarray(rng.normal(size=(3, 5)) + 1.0, jnp.float32)
+
+  def k_mean(w):
+    fb = (fa @ w).reshape(6, 2, 2, 2, 2, 5).mean(axis=(2, 4))
+    return jnp.mean(lid.layer_lipschitz(fa, fb, v0, 10))
+
+  step = jax.jit(lambda w: w - 20.0 * jax.grad(k_mean)(w))
+  w, trace = w0, []
+  for _ in range(8):
+    trace.append(float(k_mean(w)))
+    w = step(w)
+  assert trace[-1] < trace[0] - 0.015, trace
+  assert np.all(np.diff(trace) < 1e-6), trace
+
+
+def test_lider_with_derpp_runs_in_the_loop(monkeypatch, stream):
+  cfg = config("lider+derpp", lider=dict(mem_size=40, power_steps=5),
+               derpp=dict(mem_size=40))
+  cfg.model.name = "cnn"
+  cfg.model.channels = (4, 8)
+  cfg.model.hidden = 16
+  result, learner = run_capture(monkeypatch, cfg, stream)
+  assert learner.chunk_fn._cache_size() == 1  # no recompile
+  assert np.all(np.isfinite(result.accuracy))
+  assert result.accuracy[1, 0] > 0.3, result.accuracy
+  ss_lider, ss_derpp = result.state.strategy
+  total = sum(e.num_train for e in stream.experiences)
+  assert int(ss_lider.memory.seen) == total == int(ss_derpp.memory.seen)
+  budget = np.asarray(ss_lider.budget)
+  assert budget.shape == (2,) and np.all((budget > 0) & (budget < 1))
+
+
+def test_bad_arguments(stream):
+  for kw, match in ((dict(alpha_lip_lambda=-0.1), "alpha_lip_lambda"),
+                    (dict(beta_lip_lambda=-1.0), "beta_lip_lambda"),
+                    (dict(beta_lip_lambda=float("nan")), "beta_lip_lambda"),
+                    (dict(alpha_lip_lambda=0, beta_lip_lambda=0), "both"),
+                    (dict(power_steps=0), "power_steps"),
+                    (dict(mem_size=0), "mem_size"),
+                    (dict(mem_size=5, batch_size=8), "batch_size")):
+    with pytest.raises(ValueError, match=match):
+      lider(**kw)
+  # An MLP has no spatial map: every estimate would be 1.
+  info = train.stream_info(stream, B)
+  mlp = models.build("mlp", stream.num_classes, widths=(8,))
+  ctx = train.make_context(mlp, train.make_optimizer("sgd", 0.1), info)
+  with pytest.raises(ValueError, match="convolutional backbone"):
+    train.init_state(ctx, lider(), 0)
+  # The default replay batch must fit the memory.
+  with pytest.raises(ValueError, match="batch_size"):
+    train.init_state(cnn_ctx(stream), lider(mem_size=5), 0)
