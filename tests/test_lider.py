@@ -158,6 +158,46 @@ def test_budget_is_the_initial_models_mean_on_the_first_experience(stream):
   np.testing.assert_array_equal(np.asarray(later.strategy.budget), budget)
 
 
+def test_gradient_flows_through_the_last_power_iteration_only():
+  """As the code (``grad_iter_step=-2``): the estimate's gradient is that
+  of one power step from the earlier iterations' vector held constant. A
+  start far from the top eigenvector makes the full unrolled gradient
+  differ."""
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(1, 4, 4)).astype(np.float32)
+  k = jnp.asarray(a @ a.transpose(0, 2, 1))
+  v0 = jnp.asarray(rng.normal(size=(1, 4)).astype(np.float32))
+  steps = 3
+  v = v0
+  for _ in range(steps - 1):  # the iterations without gradient
+    m = jnp.einsum("bij,bj->bi", k, v)
+    v = m / (jnp.linalg.norm(m, axis=-1, keepdims=True) + lid._EPS)
+  held = jax.lax.stop_gradient(v)
+
+  def one_step(k):
+    m = jnp.einsum("bij,bj->bi", k, held)
+    n = jnp.linalg.norm(m, axis=-1, keepdims=True) + lid._EPS
+    u = m / n
+    return jnp.sqrt(n / (jnp.linalg.norm(u, axis=-1, keepdims=True)
+                         + lid._EPS))[:, 0].sum()
+
+  got = jax.grad(lambda k: lid.top_eigenvalue(k, v0, steps).sum())(k)
+  np.testing.assert_allclose(got, jax.grad(one_step)(k), rtol=1e-5,
+                             atol=1e-6)
+  full = jax.grad(lambda k: _unrolled(k, v0, steps))(k)
+  assert float(jnp.max(jnp.abs(full - got))) > 1e-3  # the case can tell
+
+
+def _unrolled(k, v, steps):
+  """The estimate with the gradient through every iteration."""
+  for _ in range(steps):
+    m = jnp.einsum("bij,bj->bi", k, v)
+    n = jnp.linalg.norm(m, axis=-1, keepdims=True) + lid._EPS
+    v = m / n
+  return jnp.sqrt(n / (jnp.linalg.norm(v, axis=-1, keepdims=True)
+                       + lid._EPS))[:, 0].sum()
+
+
 def test_gradient_lowers_the_estimate():
   # A toy layer: a 1x1 convolution W (3 -> 5 channels) then a 2x2
   # average pool on fixed random maps (offset, so K starts near 0.74);
