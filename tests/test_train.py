@@ -290,6 +290,18 @@ def test_chain_rejects_two_predictors():
     ("rwalk+cope", "rwalk's importance is the Fisher of a softmax"),
     ("cope+ewc", "ewc's importance is the Fisher of a softmax"),
     ("lfl+agem_r", "lfl and agem_r cannot be composed in this order"),
+    # Session 30: MER has La-MAML's pattern.
+    ("gem+mer", "gem and mer cannot be composed in this order: mer's task "
+     "loss"),
+    ("progressive+mer", "progressive and mer cannot be composed in this "
+     "order"),
+    ("si+mer", "si measures importance from the task loss's gradient, and "
+     "mer's task loss"),
+    ("mer+latent_replay", "latent_replay freezes the layers below its "
+     "split .* mer's step is an inner loop"),
+    ("exstream+mer", "exstream freezes the layers below its split"),
+    ("lamaml+latent_replay", "latent_replay freezes the layers below its "
+     "split .* lamaml's step"),
     # Session 29's fuzz of CLS-ER, RPC and SS-IL.
     ("hat+clser", "hat masks only its own gradient"),
     ("clser+generative_replay", "generative_replay takes the batch's last "
@@ -319,7 +331,8 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "lamaml+packnet", "agem_r+lfl",
                                   "lamaml+replay", "cope+lwf",
                                   "ss_il+mir", "ss_il+agem", "clser+replay",
-                                  "rpc+ewc"])
+                                  "rpc+ewc", "mer+agem", "mer+packnet",
+                                  "mer+generative_replay", "mer+fdr"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec
