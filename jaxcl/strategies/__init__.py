@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser", "lider"),
+               "rpc", "clser", "lider", "rar"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -158,6 +158,9 @@ PAPERS: dict[str, str] = {
            "fixed simplex)",
     "ss_il": "Ahn et al. 2021, *SS-IL: Separated softmax for incremental "
              "learning*, ICCV (SS-IL)",
+    "rar": "Kumari, Wang, Zhou & Bilmes 2022, *Retrospective adversarial "
+           "replay for continual learning*, NeurIPS (RAR; the authors' "
+           "feature-matching attack)",
     "lider": "Bonicelli, Boschini, Porrello, Spampinato & Calderara 2022, "
              "*On the effectiveness of Lipschitz-driven rehearsal in "
              "continual learning*, NeurIPS (LiDER; a regulariser to chain "

@@ -1,0 +1,305 @@
+"""Mechanism tests of RAR (retrospective adversarial replay), on
+scikit-learn digits and hand-made linear models."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcl
+from jaxcl import buffers, experiment, models, scenarios, strategies, train
+from jaxcl.state import cross_entropy
+from jaxcl.strategies import rar as rar_mod
+from jaxcl.strategies.rar import rar
+
+B = 10
+
+
+@pytest.fixture(scope="module")
+def stream(digits):
+  s = scenarios.split(digits, 5)
+  return dataclasses.replace(s, experiences=s.experiences[:2])
+
+
+def make_ctx(sc, widths=(16,), lr=0.1):
+  info = train.stream_info(sc, B)
+  model = models.build("mlp", sc.num_classes, widths=widths)
+  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+
+
+def batch_of(exp, n=B, start=0):
+  sl = slice(start, start + n)
+  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
+          "task": jnp.asarray(exp.train_task[sl]),
+          "mask": jnp.ones((n,), jnp.float32)}
+
+
+def memory_of(exp, n, experience=0, cap=30):
+  mem = buffers.init(cap, exp.train_x.shape[1:])
+  return buffers.reservoir_add(mem, jax.random.PRNGKey(experience),
+                               jnp.asarray(exp.train_x[:n]),
+                               jnp.asarray(exp.train_y[:n]),
+                               jnp.zeros(n, jnp.int32), experience)
+
+
+def np_mi_fgsm(grad, x0, eps, steps, mu, lo=0.0, hi=1.0):
+  """MI-FGSM as the authors' Linf_distillation computes it (descending,
+  per-row L1 norm, projection, clamp), in NumPy."""
+  x, g, a = x0.copy(), np.zeros_like(x0), eps / steps
+  for _ in range(steps):
+    d = grad(x)
+    g = mu * g + d / np.maximum(np.abs(d).sum(1, keepdims=True), 1e-12)
+    x = np.clip(np.clip(x - a * np.sign(g), x0 - eps, x0 + eps), lo, hi)
+  return x
+
+
+# ---------------------------------------------------------------------------
+# The attack.
+
+
+def test_mi_fgsm_matches_numpy_on_a_linear_model():
+  rng = np.random.default_rng(0)
+  n, d, c = 6, 5, 3
+  W = rng.normal(size=(d, c)).astype(np.float32)
+  b = rng.normal(size=(c,)).astype(np.float32)
+  x0 = rng.uniform(0, 1, size=(n, d)).astype(np.float32)
+  x0[0, :2] = [0.0, 1.0]          # at the range's edges: clipping acts
+  tgt = rng.integers(0, c, size=n)
+  hf = rng.normal(size=(n, d)).astype(np.float32)   # feature targets
+
+  def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+  # Label attack: d/dx CE(xW + b, t) = (softmax - onehot(t)) W^T.
+  ce_grad = lambda x: (softmax(x @ W + b) - np.eye(c)[tgt]) @ W.T
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z @ W + b, jnp.asarray(tgt))
+  # Feature attack with identity features: d/dx mean((x - h)^2) = 2(x-h)/d.
+  fm_grad = lambda x: 2 * (x - hf) / d
+  fm = lambda z: jnp.mean((z - hf) ** 2, axis=1)
+  for loss, grad in ((ce, ce_grad), (fm, fm_grad)):
+    for eps, steps, mu in ((0.3, 3, 1.0), (0.2, 4, 0.5), (0.1, 1, 0.0)):
+      got = jax.jit(functools.partial(
+          rar_mod.mi_fgsm, loss, epsilon=eps, steps=steps, decay=mu,
+          clip=(0.0, 1.0)))(jnp.asarray(x0))
+      want = np_mi_fgsm(grad, x0, eps, steps, mu)
+      np.testing.assert_allclose(got, want, atol=1e-6)
+  # The steps change x (the test is not vacuous) and 0 steps is identity.
+  assert np.abs(want - x0).max() > 0.05
+  np.testing.assert_array_equal(rar_mod.mi_fgsm(
+      ce, jnp.asarray(x0), epsilon=0.3, steps=0, decay=1.0, clip=None), x0)
+
+
+def test_nearest_targets_by_brute_force():
+  rng = np.random.default_rng(1)
+  hm, hi = rng.normal(size=(12, 4)), rng.normal(size=(9, 4))
+  ym, yi = rng.integers(0, 3, 12), rng.integers(0, 3, 9)
+  valid = np.ones(9, bool)
+  valid[[2, 5]] = False
+  near = lambda r: np.argsort(((hm[r] - hi) ** 2).sum(1))
+  # Not vacuous: for rows 1 and 4 the nearest row is padding, for rows 6,
+  # 9 and 10 the nearest valid row has the sample's own label.
+  assert all(not valid[near(r)[0]] for r in (1, 4))
+  assert all(yi[near(r)[0]] == ym[r] and valid[near(r)[0]] for r in (6, 9, 10))
+  for case in ("random", "one label"):
+    if case == "one label":   # every valid row has label 0
+      yi = np.where(valid, 0, 1)
+      ym[:4] = 0
+    j, found = rar_mod.nearest_targets(jnp.asarray(hm), jnp.asarray(ym),
+                                       jnp.asarray(hi), jnp.asarray(yi),
+                                       jnp.asarray(valid))
+    for r in range(12):
+      ok = [k for k in near(r) if valid[k] and yi[k] != ym[r]]
+      assert bool(found[r]) == bool(ok), (case, r)
+      if ok:
+        assert int(j[r]) == ok[0], (case, r)
+  assert not np.any(np.asarray(found[:4]))
+
+
+@pytest.mark.parametrize("attack", ["features", "label"])
+def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
+                                                               attack):
+  e0, e1 = stream.experiences
+  ctx = make_ctx(stream)
+  params = train.init_state(ctx, rar(mem_size=30), 0).params
+  incoming = batch_of(e1)
+  grads = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, incoming["x"], incoming["task"]), incoming["y"],
+      incoming["mask"]))(params)
+  mem = memory_of(e0, 30)
+  eps = 0.1
+  rows = jax.jit(functools.partial(
+      rar_mod.adversarial_rows, ctx, n=8, opt_lr=0.5, epsilon=eps, steps=5,
+      decay=1.0, clip=(0.0, 1.0), attack=attack))(
+          params, {}, grads, mem, jax.random.PRNGKey(2), incoming)
+  idx, ok = buffers.sample(mem, jax.random.PRNGKey(2), 8)
+  x = np.asarray(mem.x[idx])
+  xa = np.asarray(rows["x"])
+  assert np.all(np.asarray(rows["mask"]) == 1)      # past classes: targets
+  np.testing.assert_array_equal(rows["y"], mem.y[idx])
+  assert np.abs(xa - x).max() <= eps + 1e-6
+  assert np.abs(xa - x).max() > eps / 2           # it moved
+  assert xa.min() >= 0 and xa.max() <= 1
+  # At the virtual parameters the attack loss falls (towards the target),
+  # and the sample's own label loses ground: the replayed point is nearer
+  # the boundary with the current classes.
+  virtual = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+  feats = lambda z, t: np.asarray(ctx.apply(virtual, {}, z, t,
+                                            features=True)[0])
+  h_in = feats(incoming["x"], incoming["task"])
+  j, _ = rar_mod.nearest_targets(feats(x, mem.task[idx]), mem.y[idx], h_in,
+                                 incoming["y"], incoming["mask"] > 0)
+  t = mem.task[idx]
+  ce = lambda z, y: np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+      ctx.logits(virtual, {}, z, t), y))
+  if attack == "features":
+    a = lambda z: ((feats(z, t) - h_in[np.asarray(j)]) ** 2).mean(1)
+  else:
+    a = lambda z: ce(z, incoming["y"][j])
+  assert np.all(a(xa) < a(x)), (a(xa), a(x))
+  assert ce(xa, mem.y[idx]).mean() > ce(x, mem.y[idx]).mean()
+
+
+# ---------------------------------------------------------------------------
+# The hooks.
+
+
+def test_prepare_batch_appends_clean_rows_of_past_experiences(stream):
+  e0, e1 = stream.experiences
+  ctx = make_ctx(stream)
+  s = rar(mem_size=30, batch_size_mem=6)
+  ss = train.init_state(ctx, s, 0).strategy
+  batch = batch_of(e1)
+  prep = jax.jit(lambda ss, k: s.prepare_batch(ctx, ss, batch, k))
+  key = jax.random.PRNGKey(0)
+  # Empty memory: the rows are there (fixed shape), all masked.
+  out = prep(ss, key)
+  assert out["x"].shape[0] == B + 6 and out["y"].shape == (B + 6,)
+  np.testing.assert_array_equal(out["mask"], [1] * B + [0] * 6)
+  np.testing.assert_array_equal(out["x"][:B], batch["x"])
+  # Entries of the current experience only: still masked (past only).
+  ss = ss._replace(memory=memory_of(e0, 20), experience=jnp.asarray(0))
+  np.testing.assert_array_equal(prep(ss, key)["mask"][B:], 0)
+  # During experience 1 those entries are in the past: 6 valid rows.
+  out = prep(ss._replace(experience=jnp.asarray(1)), key)
+  np.testing.assert_array_equal(out["mask"][B:], 1)
+  assert set(np.asarray(out["y"][B:])) <= set(np.unique(e0.train_y))
+
+
+def test_update_grads_adds_beta_times_the_adversarial_gradient(stream):
+  e0, e1 = stream.experiences
+  ctx = make_ctx(stream)
+  kw = dict(mem_size=30, batch_size_mem=5, opt_lr=0.5, epsilon_fgsm=0.1,
+            iter_fgsm=3, decay_factor_fgsm=0.5)
+  s = rar(beta_coef=0.3, **kw)
+  state = train.init_state(ctx, s, 0)
+  ss, params = state.strategy, state.params
+  g0 = jax.tree.map(jnp.ones_like, params)
+  key = jax.random.PRNGKey(4)
+  batch = s.prepare_batch(ctx, ss, batch_of(e1), key)
+  upd = jax.jit(lambda s_, ss, b: s_.update_grads(ctx, ss, g0, params, b,
+                                                  key), static_argnums=0)
+  # Empty memory: unchanged.
+  jax.tree.map(np.testing.assert_array_equal, upd(s, ss, batch), g0)
+  ss = ss._replace(memory=memory_of(e0, 30), experience=jnp.asarray(1))
+  rows = rar_mod.adversarial_rows(
+      ctx, params, {}, g0, ss.memory, key, batch_of(e1), n=5, opt_lr=0.5,
+      epsilon=0.1, steps=3, decay=0.5, clip=(0.0, 1.0), attack="features",
+      where=ss.memory.experience < 1)
+  assert float(rows["mask"].sum()) == 5
+  g_adv = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, rows["x"], rows["task"]), rows["y"],
+      rows["mask"]))(params)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
+      a, b + 0.3 * c, rtol=1e-4, atol=1e-6), upd(s, ss, batch), g0, g_adv)
+  # The same entries during their own experience: not in the past, no term.
+  jax.tree.map(np.testing.assert_array_equal,
+               upd(s, ss._replace(experience=jnp.asarray(0)), batch), g0)
+  # beta 0: no adversarial term (plain ER from the past).
+  jax.tree.map(np.testing.assert_array_equal,
+               upd(rar(beta_coef=0.0, **kw), ss, batch), g0)
+  # Memory labels all present in a one-class batch: no target, no term.
+  one = batch_of(e0)
+  one["y"] = jnp.full((B,), int(e0.train_y[0]))
+  mem = memory_of(e0, 30)
+  mem = mem._replace(y=jnp.full_like(mem.y, int(e0.train_y[0])))
+  jax.tree.map(np.testing.assert_array_equal,
+               upd(s, ss._replace(memory=mem), one), g0)
+
+
+def test_after_step_fills_the_reservoir_and_step_compiles(stream):
+  e0 = stream.experiences[0]
+  ctx = make_ctx(stream)
+  s = rar(mem_size=30, batch_size_mem=5)
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  for i in range(2):
+    state = step(state, batch_of(e0, start=B * i))
+  assert int(buffers.size(state.strategy.memory)) == 2 * B
+  assert np.all(np.asarray(state.strategy.memory.experience)[
+      np.asarray(state.strategy.memory.valid)] == 0)
+
+
+# ---------------------------------------------------------------------------
+# End to end.
+
+
+def test_rar_beats_naive_on_old_experiences(digits):
+  def cfg(name, **kw):
+    c = experiment.default_config()
+    c.dataset.name = "digits"
+    c.scenario.n_experiences = 5
+    c.model.widths = (32,)
+    c.train.epochs = 1
+    c.train.batch_size = B
+    c.train.eval_batch_size = 100
+    c.report.progress = False
+    c.strategy.name = name
+    if kw:
+      c.strategy[name] = kw
+    return c
+
+  r = jaxcl.run(cfg("rar", mem_size=60, epsilon_fgsm=0.1, iter_fgsm=3))
+  n = jaxcl.run(cfg("naive"))
+  acc = np.asarray(r.accuracy)
+  assert acc.shape == (5, 5) and np.all(np.isfinite(acc))
+  old_rar, old_naive = acc[-1, :-1].mean(), np.asarray(n.accuracy)[-1,
+                                                                    :-1].mean()
+  assert old_rar > old_naive + 0.3, (acc, n.accuracy)
+  assert acc[-1, -1] > 0.5
+
+
+def test_bad_arguments(stream):
+  for kw, match in (
+      ({"mem_size": 0}, "rar: mem_size must be a positive int"),
+      ({"batch_size_mem": -1}, "rar: batch_size_mem must be an int >= 0"),
+      ({"mem_size": 20, "batch_size_mem": 30},
+       "rar: batch_size=30 is larger than the memory capacity mem_size=20"),
+      ({"opt_lr": 0.0}, "rar: opt_lr must be a finite number > 0"),
+      ({"beta_coef": 1.5}, r"rar: beta_coef must be a number in \[0, 1\]"),
+      ({"beta_coef": -0.1}, r"rar: beta_coef must be a number in \[0, 1\]"),
+      ({"epsilon_fgsm": -0.01}, "rar: epsilon_fgsm must be a finite number "
+                                ">= 0"),
+      ({"iter_fgsm": -1}, "rar: iter_fgsm must be an int >= 0"),
+      ({"iter_fgsm": 2.5}, "rar: iter_fgsm must be an int >= 0"),
+      ({"decay_factor_fgsm": -1.0}, "rar: decay_factor_fgsm must be"),
+      ({"attack": "pgd"}, r"rar: unknown attack 'pgd'; valid: \['features', "
+                          r"'label'\]"),
+      ({"clip": (1.0, 0.0)}, "rar: clip must be None or"),
+      ({"clip": (0.0,)}, "rar: clip must be None or"),
+      ({"clip": (0.0, float("nan"))}, "rar: clip must be None or"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      rar(**kw)
+  # A default replay batch (the training batch, 10) larger than the memory.
+  with pytest.raises(ValueError, match="rar: batch_size=10 is larger than "
+                     "the memory capacity mem_size=5"):
+    train.init_state(make_ctx(stream), rar(mem_size=5), 0)
+  with pytest.raises(ValueError, match="bad arguments for strategy 'rar'"):
+    strategies.get("rar", eps=0.1)
+  assert strategies.get("rar", mem_size=50).name == "rar"
