@@ -165,6 +165,18 @@ ENTRIES = [
     Entry(_SM, "RPC (200)", "split_mnist_replay", "strategy=rpc,mem_size=200",
           note=_RPC_NOTE),
     Entry(_SM, "RPC (500)", "split_mnist_replay", "strategy=rpc,mem_size=500"),
+    Entry(_SM, "RAR (200)", "split_mnist_replay", "strategy=rar,mem_size=200",
+          note="Kumari et al. 2022 on the Replay rows' settings (lr 0.01 / "
+               "0.1, batch 10 + 10 clean replayed) plus 10 adversarial "
+               "memory rows per step, the attack at Avalanche's defaults "
+               "(beta 0.4, eps 0.0314, 2 MI-FGSM steps, virtual step 0.1); "
+               "untuned. No MNIST number in the paper; read against Replay "
+               "with 20 replayed rows, the same number of memory rows"),
+    Entry(_SM, "RAR (500)", "split_mnist_replay", "strategy=rar,mem_size=500"),
+    Entry(_SM, "Replay (reservoir, 200), 20 replayed (RAR's control)",
+          "split_mnist_replay", "strategy=replay,mem_size=200,replayed=20"),
+    Entry(_SM, "Replay (reservoir, 500), 20 replayed (RAR's control)",
+          "split_mnist_replay", "strategy=replay,mem_size=500,replayed=20"),
     Entry(_CP, "CoPE (2000)", "split_mnist_replay",
           "strategy=cope,mem_size=2000", 0.93,
           "De Lange & Tuytelaars 2021, as Avalanche's "

@@ -122,8 +122,11 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=cope,mem_size=2000
   jaxcl run --config experiments/split_mnist_replay.py:strategy=rpc,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=clser,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=rar,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:mem_size=200,replayed=20
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
+``replayed`` (Replay, ER-ACE, ER-AML, RAR: memory rows per step; 0: 10),
 ``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
 anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
@@ -224,21 +227,29 @@ def get_config(arg=None):
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
                 recipe="code", future_ce=True, lam=-1.0, per_example=False,
-                quick=False)
+                replayed=0, quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
   c.strategy.name = s
   m = a["mem_size"]
   subset = a["subset"]
-  if s in ("replay", "naive", "er_ace", "er_aml"):
+  if s in ("replay", "naive", "er_ace", "er_aml", "rar"):
     online(c, a["lr"] or ER_LR.get(m, 0.1))
+    r = a["replayed"] or 10
+    if a["replayed"]:
+      c.name += f"_replayed{r}"
     if s == "replay":
-      c.strategy.replay = dict(mem_size=m, batch_size=10, policy=a["policy"])
+      c.strategy.replay = dict(mem_size=m, batch_size=r, policy=a["policy"])
     if s == "er_ace":
-      c.strategy.er_ace = dict(mem_size=m, batch_size=10)
+      c.strategy.er_ace = dict(mem_size=m, batch_size=r)
     if s == "er_aml":
-      c.strategy.er_aml = dict(mem_size=m, batch_size=10)
+      c.strategy.er_aml = dict(mem_size=m, batch_size=r)
+    if s == "rar":
+      # Kumari et al. 2022 on the replay protocol, every setting Replay's;
+      # the attack at Avalanche's defaults (beta 0.4, eps 0.0314, 2 steps,
+      # virtual step 0.1). It replays r clean and r adversarial rows.
+      c.strategy.rar = dict(mem_size=m, batch_size_mem=r)
   elif s == "clser":
     lr, replayed = nearest(CLSER_ARGS, m)
     online(c, a["lr"] or lr)
@@ -351,7 +362,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, gdumb, latent_replay, exstream, "
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
-                     "gss, fdr, hal, mer, scr, cope, rpc, clser")
+                     "gss, fdr, hal, mer, scr, cope, rpc, clser, rar")
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

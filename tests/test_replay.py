@@ -1289,6 +1289,20 @@ def test_split_mnist_replay_quick_end_to_end(data_dir, arg):
   assert r.learner.chunk_fn._cache_size() == 1
 
 
+def test_split_mnist_replayed_argument_and_rar_branch():
+  """``replayed`` sets the memory rows per step of Replay and RAR (and
+  names the run); the default stays the protocol's 10."""
+  get = _load_config("split_mnist_replay.py")
+  c = get("mem_size=200,replayed=20")
+  assert c.strategy.replay.batch_size == 20
+  assert c.name == "split_mnist_replay_200_replayed20"
+  assert get("mem_size=200").strategy.replay.batch_size == 10
+  c = get("strategy=rar,mem_size=500")
+  assert c.strategy.name == "rar"
+  assert dict(c.strategy.rar) == dict(mem_size=500, batch_size_mem=10)
+  assert c.optimizer.learning_rate == 0.1  # Replay's rate at memory 500
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["permuted_mnist_replay.py",
                                   "rotated_mnist_replay.py"])
