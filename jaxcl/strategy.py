@@ -352,6 +352,9 @@ _ALONE = {
              "every experience",
     "slda": "trains no parameter (zero gradients) and predicts from class "
             "statistics of the features the model had as the stream began",
+    "fecam": "freezes the whole model after the first experience (zero "
+             "gradients, parameters restored after every step) and predicts "
+             "from class statistics of its features",
     "dmc": "trains a fresh model for each experience and replaces it at the "
            "experience's end by a student distilled from the old and new "
            "models alone on auxiliary data",

@@ -230,6 +230,11 @@ def test_config_variants_build_and_offline_reference(digits):
     assert strategies.from_spec(c.strategy.name, kwargs)[0].name == "slda"
     assert (c.train.batch_size, c.train.epochs, c.scenario.kind) == (
         10, 1, "class")
+  c = mod.get_config("strategy=fecam,quick")
+  assert strategies.from_spec("fecam", dict(c.strategy.fecam))[0].name == (
+      "fecam")
+  assert (c.model.widths, c.model.pretrained, c.optimizer.learning_rate) == (
+      (400, 400), "", 0.01)
   # The backbone's run: the Piggyback rows' recipe on the other data set.
   c = mod.get_config("strategy=pretrain")
   assert (c.dataset.name, c.model.widths) == ("fashion_mnist", (100, 100))

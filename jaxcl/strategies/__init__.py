@@ -38,7 +38,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "dmc", "ss_il"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
-    "analytic": ("slda",),
+    "analytic": ("slda", "fecam"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -165,6 +165,9 @@ PAPERS: dict[str, str] = {
              "*On the effectiveness of Lipschitz-driven rehearsal in "
              "continual learning*, NeurIPS (LiDER; a regulariser to chain "
              "with a replay method, e.g. `lider+derpp`)",
+    "fecam": "Goswami, Liu, Twardowski & van de Weijer 2023, *FeCAM: "
+             "exploiting the heterogeneity of class distributions in "
+             "exemplar-free continual learning*, NeurIPS (FeCAM)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -216,6 +219,8 @@ NEEDS: dict[str, str] = {
     "rpc": "a class-incremental stream (`scenario.kind='class'`), each "
            "class in one experience, and at least num_classes - 1 model "
            "outputs",
+    "fecam": "each class in one experience (its statistics are computed "
+             "when its experience ends)",
     "lider": "a convolutional model (`cnn`, `resnet18`): on an MLP every "
              "layer's Lipschitz estimate is 1",
 }
