@@ -254,6 +254,12 @@ def test_bad_arguments(stream):
   ctx = train.make_context(mlp, train.make_optimizer("sgd", 0.1), info)
   with pytest.raises(ValueError, match="convolutional backbone"):
     train.init_state(ctx, lider(), 0)
+  # A model without a `backbone` sub-module (here HAT's MLP) gets the same
+  # refusal, not a KeyError from the captured collection.
+  hat = models.build("hat_mlp", stream.num_classes, widths=(8,), num_tasks=5)
+  ctx = train.make_context(hat, train.make_optimizer("sgd", 0.1), info)
+  with pytest.raises(ValueError, match="convolutional backbone"):
+    train.init_state(ctx, lider(), 0)
   # The default replay batch must fit the memory.
   with pytest.raises(ValueError, match="batch_size"):
     train.init_state(cnn_ctx(stream), lider(mem_size=5), 0)

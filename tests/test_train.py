@@ -291,6 +291,18 @@ def test_chain_rejects_two_predictors():
     ("rwalk+cope", "rwalk's importance is the Fisher of a softmax"),
     ("cope+ewc", "ewc's importance is the Fisher of a softmax"),
     ("lfl+agem_r", "lfl and agem_r cannot be composed in this order"),
+    # Session 30's fuzz of RAR: Replay's groups, and SS-IL's.
+    ("rar+hat", "hat masks only its own gradient"),
+    ("ar1+rar", "ar1 writes a -1e9 bias .* and rar replays"),
+    ("generative_replay+rar", "generative_replay takes the batch's last "
+     "rows .* so rar's replayed rows"),
+    ("scr+rar", "scr and rar cannot be composed in this order"),
+    ("packnet+rar", "packnet freezes earlier tasks' weights .* rar, after "
+     "it"),
+    ("latent_replay+rar", "latent_replay freezes the layers below its "
+     "split by masking the gradient, and rar"),
+    ("rar+ss_il", "rar adds a cross-entropy over all classes on memory "
+     "rows"),
     # Session 30: MER has La-MAML's pattern.
     ("gem+mer", "gem and mer cannot be composed in this order: mer's task "
      "loss"),
@@ -333,7 +345,9 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "lamaml+replay", "cope+lwf",
                                   "ss_il+mir", "ss_il+agem", "clser+replay",
                                   "rpc+ewc", "mer+agem", "mer+packnet",
-                                  "mer+generative_replay", "mer+fdr"])
+                                  "mer+generative_replay", "mer+fdr",
+                                  "rar+packnet", "rar+latent_replay",
+                                  "rar+scr", "rar+freezing", "lider+derpp"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec

@@ -80,6 +80,16 @@ two draws are normalised together; the code runs two). The budget is
 computed with the initial model's running statistics on all of the first
 experience's training rows.
 
+.. warning::
+  Session 30's composition fuzz (a `cnn` of 8-16 channels on 8 x 8
+  Split Digits, SGD 0.1, 2 epochs) saw LiDER collapse training to one
+  predicted class on some seeds, with any partner and beside a no-op
+  (``naive+lider`` 0.33 / 0.17 / 0.20): the first convolution's units all
+  died (biases driven to |b| ~ 4). Not traced; the reading is the
+  normalisation's gradient, which grows as ``1 / ||F||``. On Split MNIST
+  with the `cnn` (32-64 channels) at DER++'s lr 0.03 no run collapsed.
+  Watch the first experience's accuracy at high learning rates.
+
 State: :class:`LiDERState`, fixed shapes, so nothing recompiles between
 experiences and it checkpoints and vmaps like any state.
 
@@ -209,7 +219,9 @@ def layer_features(ctx, params, model_state, x: jax.Array, task: jax.Array,
   _, out = ctx.model.apply({"params": params, **model_state}, x, task,
                            train=train, capture_intermediates=_captured,
                            mutable=mutable)
-  layers = out["intermediates"].get("backbone", {})
+  # A model without a `backbone` sub-module captures nothing at all (no
+  # "intermediates" collection): no layer pair, so init's refusal says why.
+  layers = out.get("intermediates", {}).get("backbone", {})
   return [x] + [v["__call__"][0] for v in layers.values()]
 
 
