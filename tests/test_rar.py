@@ -11,12 +11,12 @@ import optax
 import pytest
 
 import jaxcl
-from jaxcl import buffers, experiment, models, scenarios, strategies, train
+from jaxcl import buffers, experiment, scenarios, strategies, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import rar as rar_mod
 from jaxcl.strategies.rar import rar
-
-B = 10
+import test_replay as replay_tests
+from test_replay import B, batch_of
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +25,8 @@ def stream(digits):
   return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
-def make_ctx(sc, widths=(16,), lr=0.1):
-  info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer("sgd", lr), info)
-
-
-def batch_of(exp, n=B, start=0):
-  sl = slice(start, start + n)
-  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
-          "task": jnp.asarray(exp.train_task[sl]),
-          "mask": jnp.ones((n,), jnp.float32)}
+# Replay's helpers, on a narrower MLP.
+make_ctx = functools.partial(replay_tests.make_ctx, widths=(16,))
 
 
 def memory_of(exp, n, experience=0, cap=30):
