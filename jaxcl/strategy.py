@@ -380,18 +380,16 @@ _FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",
 # lower-layer freezer's mask (session 30: latent_replay+rar moved the
 # frozen backbone by 0.09-0.15; rar first: 0.0).
 _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar",)
-# Ordered: lamaml's task loss gives the incoming rows no gradient and its
-# update_grads adds its whole step to the gradient it receives, so a member
-# before it that projects or masks the gradient acts on the rest only
-# (session 29's fuzz: agem, agem_r, gem, latent_replay, exstream before it
+# Ordered: lamaml's and mer's task losses give the incoming rows no
+# gradient and their update_grads adds their whole step to the gradient it
+# receives, so a member before them that projects or masks the gradient
+# acts on the rest only (session 29's fuzz: agem, agem_r, gem before lamaml
 # trained exactly as naive+lamaml; packnet's / progressive's frozen weights
-# moved by 0.69 / 0.37).
-_BEFORE_LAMAML = ("agem", "agem_r", "gem", "packnet", "progressive")
-# The same for MER (session 30's probe: agem / agem_r / gem before it
-# trained exactly as naive+mer; packnet's / progressive's frozen weights
-# moved by 0.61-0.93). latent_replay and exstream are refused beside either
-# in both orders (_INNER_FREEZE), so they are not listed here.
-_BEFORE_MER = _BEFORE_LAMAML
+# moved by 0.69 / 0.37; session 30's probe, the same for mer: moved
+# 0.61-0.93). latent_replay and exstream are refused beside either in both
+# orders (_INNER_FREEZE), so they are not listed here.
+_BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem", "packnet",
+                               "progressive"), ("lamaml", "mer")
 # Ordered: a projector after a member that zeroes part of the gradient and
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting
@@ -428,8 +426,7 @@ def _check_composable(names: Sequence[str]) -> None:
             f"freezes the layers below its split by masking the gradient, "
             f"and {b}, after it, adds its own rows' gradient and moves "
             f"them; put {b} before {a}, whose mask then applies last")
-      if ((a in _BEFORE_LAMAML and b == "lamaml")
-          or (a in _BEFORE_MER and b == "mer")):
+      if a in _BEFORE_STEPPERS and b in _STEPPERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: "
             f"{b}'s task loss gives the incoming rows no gradient and "
