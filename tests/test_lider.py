@@ -24,9 +24,11 @@ def stream(digits):
 
 
 def cnn_ctx(sc, lr=0.1):
-  # Conv 8x8x4 -> pool -> conv 4x4x8 -> pool -> dense: two kept pairs.
+  # Conv 8x8x4 -> pool -> conv 4x4x8 -> pool -> conv 2x2x8 -> pool ->
+  # dense: two kept pairs (the grayscale input's and the dense's are not).
   info = train.stream_info(sc, B)
-  model = models.build("cnn", sc.num_classes, channels=(4, 8), hidden=16)
+  model = models.build("cnn", sc.num_classes, channels=(4, 8, 8),
+                       hidden=16)
   return train.make_context(model, train.make_optimizer("sgd", lr), info)
 
 
@@ -79,8 +81,19 @@ def test_layer_estimate_is_numpys_top_singular_value():
   # which is why such pairs are left out.
   k = lid.layer_lipschitz(fa[:, 0, 0], fb[:, 0, 0], v0, 10)
   np.testing.assert_allclose(np.asarray(k), 1.0, rtol=1e-5)
-  assert lid.kept_pairs([(4, 8, 8, 1), (4, 8, 8, 4), (4, 1, 1, 8),
+  assert lid.kept_pairs([(4, 8, 8, 3), (4, 8, 8, 4), (4, 1, 1, 8),
                          (4, 4, 4, 8)]) == [0, 2]
+  # A one-channel earlier map (grayscale input): T is 1 x 1 and K a step
+  # function of the parameters, so that pair is left out too.
+  assert lid.kept_pairs([(4, 8, 8, 1), (4, 8, 8, 4), (4, 4, 4, 8)]) == [1]
+  # Shifting the later map moves K through its directions with three
+  # channels before it, and (almost) not at all with one.
+  shift = jnp.asarray(rng.normal(size=5), jnp.float32)
+  def dk(a, v):
+    return jax.grad(lambda s: jnp.sum(
+        lid.layer_lipschitz(a, fb + s * shift, v, 10)))(0.0)
+  assert abs(float(dk(fa, v0))) > 1e-2
+  assert abs(float(dk(np.abs(fa[..., :1]) + 0.1, v0[:, :1]))) < 1e-4
 
 
 def test_loss_terms_by_hand_and_loss_split(stream):
@@ -146,7 +159,7 @@ def test_budget_is_the_initial_models_mean_on_the_first_experience(stream):
   state = train.init_state(ctx, s, 0)
   state = s.before_experience(ctx, state, e0)
   x = jnp.asarray(e0.train_x)
-  v0 = jax.random.uniform(jax.random.PRNGKey(5), (x.shape[0], 4))
+  v0 = jax.random.uniform(jax.random.PRNGKey(5), (x.shape[0], 8))
   k = lid.lipschitz_estimates(ctx, state.params, state.model_state, x,
                               jnp.asarray(e0.train_task), v0, 60, False)
   budget = np.asarray(state.strategy.budget)
@@ -221,11 +234,38 @@ def test_gradient_lowers_the_estimate():
   assert np.all(np.diff(trace) < 1e-6), trace
 
 
+def test_zero_channel_vectors_get_no_gradient():
+  """A blank position under a zero-bias layer is an exactly-zero channel
+  vector; normalising it must not hand the bias the division's 1 / eps
+  gradient (session 31: ~4e5 on the cnn's first bias at init on digits,
+  which collapsed training), and the zero entries get no gradient."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(3, 4, 4, 2)).astype(np.float32) + 0.5
+  x[:, :2] = 0.0  # the top half blank, as a digit's border
+  x = jnp.asarray(x)
+  w = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+  # The next layer's map is nonzero everywhere (its neighbourhoods reach
+  # the digit), so the blank positions' vectors do enter T.
+  fb = jnp.asarray(rng.normal(size=(3, 2, 2, 5)) + 0.5, jnp.float32)
+  v0 = jnp.asarray(rng.uniform(size=(3, 3)), jnp.float32)
+
+  def k_mean(b, x=x):
+    fa = x @ w + b  # a 1x1 convolution with bias b
+    return jnp.mean(lid.layer_lipschitz(fa, fb, v0, 10))
+
+  g_b = jax.grad(k_mean)(jnp.zeros((3,)))
+  assert np.all(np.isfinite(np.asarray(g_b)))
+  assert 0 < float(jnp.max(jnp.abs(g_b))) < 10.0, g_b  # 1/eps: ~1e6
+  g_x = jax.grad(lambda x: k_mean(jnp.zeros((3,)), x))(x)
+  np.testing.assert_array_equal(np.asarray(g_x[:, :2]), 0.0)
+  assert float(jnp.max(jnp.abs(g_x[:, 2:]))) > 0  # the rest still moves
+
+
 def test_lider_with_derpp_runs_in_the_loop(monkeypatch, stream):
   cfg = config("lider+derpp", lider=dict(mem_size=40, power_steps=5),
                derpp=dict(mem_size=40))
   cfg.model.name = "cnn"
-  cfg.model.channels = (4, 8)
+  cfg.model.channels = (4, 8, 8)
   cfg.model.hidden = 16
   result, learner = run_capture(monkeypatch, cfg, stream)
   assert learner.chunk_fn._cache_size() == 1  # no recompile
@@ -252,13 +292,19 @@ def test_bad_arguments(stream):
   info = train.stream_info(stream, B)
   mlp = models.build("mlp", stream.num_classes, widths=(8,))
   ctx = train.make_context(mlp, train.make_optimizer("sgd", 0.1), info)
-  with pytest.raises(ValueError, match="convolutional backbone"):
+  with pytest.raises(ValueError, match="convolutional backbone with"):
     train.init_state(ctx, lider(), 0)
   # A model without a `backbone` sub-module (here HAT's MLP) gets the same
   # refusal, not a KeyError from the captured collection.
   hat = models.build("hat_mlp", stream.num_classes, widths=(8,), num_tasks=5)
   ctx = train.make_context(hat, train.make_optimizer("sgd", 0.1), info)
-  with pytest.raises(ValueError, match="convolutional backbone"):
+  with pytest.raises(ValueError, match="convolutional backbone with"):
+    train.init_state(ctx, lider(), 0)
+  # One convolution on grayscale input leaves no pair (the input's has
+  # one channel, the dense layer's one position).
+  one = models.build("cnn", stream.num_classes, channels=(4,), hidden=8)
+  ctx = train.make_context(one, train.make_optimizer("sgd", 0.1), info)
+  with pytest.raises(ValueError, match="more than one channel"):
     train.init_state(ctx, lider(), 0)
   # The default replay batch must fit the memory.
   with pytest.raises(ValueError, match="batch_size"):

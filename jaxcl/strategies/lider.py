@@ -70,25 +70,37 @@ code takes the stem and the four stages' last blocks before the ReLU. A
 vector feature ``(B, D)`` is a ``1 x 1`` map of ``D`` channels (the code
 supports only 4-d maps). A layer pair whose later map is ``1 x 1`` is
 left out: its transmitting matrix has rank one and :math:`K_l = 1` for
-every input, so it carries no gradient (and would only dilute the mean);
-a model with no other pair (the ``mlp``) is refused. Computed in float32
-(the code: float64); a zero channel vector (a padded memory row, or a
-position a zero-bias layer maps to zero) is normalised with a zero, not
-a NaN, gradient. The forward pass for the two draws is one, in training
+every input, so it carries no gradient (and would only dilute the mean).
+So is a pair whose earlier map has **one channel** (a grayscale image
+into the first convolution): :math:`T_l` is then ``1 x 1``, both
+normalised features are signs, and :math:`K_l` is a step function of the
+parameters whose gradient is zero almost everywhere and huge (``eps /
+m^2``) where a pooled channel mean ``m`` crosses zero. The code never
+meets this case (its data sets are RGB). A model with no pair left (the
+``mlp``; one convolution on grayscale) is refused. Computed in float32
+(the code: float64). A zero channel vector (a padded memory row, or a
+position a zero-bias layer maps to zero, e.g. a digit's blank border) is
+normalised to zero with a **zero** gradient, where the code's ``f / (||f||
++ eps)`` has ``1 / eps``; the code's ResNet (convolutions without bias,
+batch norm, normalised RGB images) does not produce such vectors. The forward pass for the two draws is one, in training
 mode with the model state as the experience started (with batch norm the
 two draws are normalised together; the code runs two). The budget is
 computed with the initial model's running statistics on all of the first
 experience's training rows.
 
-.. warning::
-  Session 30's composition fuzz (a `cnn` of 8-16 channels on 8 x 8
-  Split Digits, SGD 0.1, 2 epochs) saw LiDER collapse training to one
-  predicted class on some seeds, with any partner and beside a no-op
-  (``naive+lider`` 0.33 / 0.17 / 0.20): the first convolution's units all
-  died (biases driven to |b| ~ 4). Not traced; the reading is the
-  normalisation's gradient, which grows as ``1 / ||F||``. On Split MNIST
-  with the `cnn` (32-64 channels) at DER++'s lr 0.03 no run collapsed.
-  Watch the first experience's accuracy at high learning rates.
+Why the last two deviations: session 30's composition fuzz (a `cnn` of
+8-16 channels on 8 x 8 Split Digits, SGD 0.1, 2 epochs) saw LiDER
+collapse training to one predicted class on some seeds, with any partner
+(``lider+derpp`` 0.937 / 0.574 / 0.870, ``derpp+lider`` 0.170 / 0.837 /
+0.168, seeds 0-2). Traced in session 31: at initialisation the cnn's
+first bias got a gradient of ~4e5 from the ``1 / eps`` at blank
+positions, and, with that mended, spikes of the grayscale input's pair
+still collapsed some seeds (``lider+derpp`` 0.919 / 0.168 / 0.870). With
+both, ``lider+derpp`` scores 0.908 / 0.819 / 0.896 and ``derpp+lider``
+0.919 / 0.733 / 0.811 (DER++ alone 0.852 / 0.830 / 0.793).
+``naive+lider`` (LiDER's regulariser with no replay, not a method of
+the paper) can still fail to learn a new experience there (seed 2: 0.55
+on its own classes); not traced.
 
 State: :class:`LiDERState`, fixed shapes, so nothing recompiles between
 experiences and it checkpoints and vmaps like any state.
@@ -149,6 +161,19 @@ def _norm(x: jax.Array, axis: int) -> jax.Array:
   return jnp.sqrt(jnp.maximum(sq, _TINY))
 
 
+def _unit(x: jax.Array) -> jax.Array:
+  """``x / (||x|| + eps)`` along the last axis (the code's normalisation),
+  and 0 **with a zero gradient** where ``x`` is exactly 0.
+
+  The division's own gradient at a zero vector is ``1 / eps`` (8e6), and
+  a zero-bias convolution maps every blank position of a digit to exactly
+  0: those positions then gave the first layer's bias a gradient of ~4e5
+  at initialisation and collapsed training (session 31; see the module's
+  warning). A zero vector has no direction to move, so it gets none."""
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return jnp.where(sq > 0, x / (_norm(x, -1) + _EPS), 0.0)
+
+
 def _as_map(f: jax.Array) -> jax.Array:
   """A feature as ``(B, H, W, C)``: vectors are ``1 x 1`` maps."""
   if f.ndim == 2:
@@ -195,8 +220,7 @@ def layer_lipschitz(fa: jax.Array, fb: jax.Array, v0: jax.Array,
   # The code: fb's channels pooled to fa's, both normalised per position,
   # then fa pooled to fb's spatial size.
   fb = fb @ adaptive_pool_matrix(fb.shape[-1], ca).T
-  fa = fa / (_norm(fa, -1) + _EPS)
-  fb = fb / (_norm(fb, -1) + _EPS)
+  fa, fb = _unit(fa), _unit(fb)
   b, h, w = fb.shape[:3]
   if fa.shape[1:3] != (h, w):
     fa = _pool_spatial(fa, h, w)
@@ -226,10 +250,18 @@ def layer_features(ctx, params, model_state, x: jax.Array, task: jax.Array,
 
 
 def kept_pairs(shapes: Sequence[tuple[int, ...]]) -> list[int]:
-  """Indices ``l`` of the pairs ``(F_l, F_{l+1})`` whose later map has
-  more than one position (the others' ``K_l`` is 1 for every input)."""
+  """Indices ``l`` of the pairs ``(F_l, F_{l+1})`` whose earlier map has
+  more than one channel and whose later map has more than one position.
+
+  The others' ``K_l`` carries no useful gradient: after a ``1 x 1`` map
+  the transmitting matrix has rank one and ``K_l`` is 1 for every input;
+  after a one-channel map (a grayscale image) ``T_l`` is ``1 x 1`` and
+  both normalised features are signs, so ``K_l`` is a step function of
+  the parameters, flat almost everywhere with spikes of ``eps / m^2``
+  where a pooled channel mean ``m`` crosses zero. Those spikes collapsed
+  training on digits and MNIST (session 31; the module's warning)."""
   return [i for i in range(len(shapes) - 1)
-          if int(np.prod(shapes[i + 1][1:-1])) > 1]
+          if shapes[i][-1] > 1 and int(np.prod(shapes[i + 1][1:-1])) > 1]
 
 
 def _pairs(ctx) -> tuple[list[int], int]:
@@ -298,8 +330,9 @@ def lider(alpha_lip_lambda: float = 0.3, beta_lip_lambda: float = 0.5,
     ValueError: a negative or non-finite lambda, both lambdas 0 (LiDER
       would change nothing), a non-positive ``mem_size`` or
       ``power_steps``, a negative ``batch_size`` or one larger than
-      ``mem_size``; at ``init``, a model without a layer pair with
-      spatial features (an MLP, whose every ``K_l`` is 1).
+      ``mem_size``; at ``init``, a model without a kept layer pair (see
+      :func:`kept_pairs`: an MLP, or a single convolution on grayscale
+      input).
   """
   checks.nonnegative("lider: alpha_lip_lambda", alpha_lip_lambda)
   checks.nonnegative("lider: beta_lip_lambda", beta_lip_lambda)
@@ -323,10 +356,12 @@ def lider(alpha_lip_lambda: float = 0.3, beta_lip_lambda: float = 0.5,
     kept, _ = _pairs(ctx)
     if not kept:
       raise ValueError(
-          "lider: no layer of this model has a spatial feature map after "
-          "it, so every Lipschitz estimate is 1 (a rank-one transmitting "
-          "matrix) and LiDER would change nothing; use a convolutional "
-          "backbone (model.name='cnn' or 'resnet18')")
+          "lider: no layer pair of this model has a feature map of more "
+          "than one channel before it and a spatial feature map after it "
+          "(an MLP's estimates are all 1; a grayscale input's are step "
+          "functions), so LiDER has nothing to regularise; use a "
+          "convolutional backbone with at least two convolutions "
+          "(model.name='cnn' or 'resnet18')")
     return LiDERState(buffers.init(mem_size, ctx.info.input_shape),
                       jnp.zeros((len(kept),), jnp.float32), model_state,
                       jnp.zeros((), jnp.int32), k_mem)
