@@ -173,6 +173,14 @@ ENTRIES = [
                "untuned. No MNIST number in the paper; read against Replay "
                "with 20 replayed rows, the same number of memory rows"),
     Entry(_SM, "RAR (500)", "split_mnist_replay", "strategy=rar,mem_size=500"),
+    Entry(_SM, "ER with tricks (200)", "split_mnist_replay",
+          "strategy=er_tricks,mem_size=200",
+          note="Buzzega et al. 2020 (Mammoth's er_tricks) on the Replay "
+               "rows' settings (lr 0.01 / 0.1, batch 10 + 10 replayed) with "
+               "Mammoth's defaults: LABRS memory, bias control 50 epochs at "
+               "lr 0.5, no LR decay; untuned. Read against Replay"),
+    Entry(_SM, "ER with tricks (500)", "split_mnist_replay",
+          "strategy=er_tricks,mem_size=500"),
     Entry(_SM, "Replay (reservoir, 200), 20 replayed (RAR's control)",
           "split_mnist_replay", "strategy=replay,mem_size=200,replayed=20"),
     Entry(_SM, "Replay (reservoir, 500), 20 replayed (RAR's control)",

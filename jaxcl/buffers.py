@@ -7,7 +7,7 @@ in ``TrainState.strategy``, goes through ``jit`` / ``lax.scan`` / ``vmap``,
 checkpoints with orbax and can be sharded along the capacity axis. Every
 function here is pure and jit-able; none of them syncs with the host.
 
-Four insertion policies:
+Five insertion policies:
 
 * :func:`reservoir_add` (Vitter, 1985, algorithm R): for streams of unknown
   length. The ``n``-th example offered (0-based) is stored with probability
@@ -29,6 +29,12 @@ Four insertion policies:
   of it offered so far (each row draws a priority; the largest stay).
   :func:`class_balanced_sample` draws from it class-uniformly.
 
+* :func:`loss_aware_add` (LARS / LABRS, Buzzega et al. 2020): reservoir
+  sampling decides whether a row is stored, as in algorithm R, but the slot
+  it overwrites is drawn with a probability that grows with the entries'
+  score (``-loss``: well-learned entries go first) and, for LABRS, with the
+  size of their class (:func:`lars_probs`, :func:`labrs_probs`).
+
 :func:`sample` draws a fixed number of valid entries without replacement
 (invalid draws come back with mask 0, e.g. while the memory is empty).
 
@@ -39,6 +45,8 @@ References:
   <https://arxiv.org/abs/1902.10486>`_, 2019.
   Prabhu et al., `GDumb: a simple approach that questions our progress in
   continual learning <https://doi.org/10.1007/978-3-030-58536-5_31>`_, 2020.
+  Buzzega et al., `Rethinking experience replay: a bag of tricks for
+  continual learning <https://arxiv.org/abs/2010.05595>`_, ICPR 2020.
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
            "reservoir_slots", "put_rows", "replay_size",
            "experience_balanced_add", "class_balanced_add",
            "random_class_balanced_add", "class_balanced_sample", "sample",
-           "gather", "check_capacity", "rank_within_groups"]
+           "gather", "check_capacity", "rank_within_groups",
+           "lars_probs", "labrs_probs", "loss_aware_add"]
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -467,3 +476,116 @@ def gather(mem: Memory, idx: jax.Array, ok: jax.Array) -> dict[str, jax.Array]:
   """Entries ``idx`` as a batch dict (``mask`` 0 where ``ok`` is False)."""
   return {"x": mem.x[idx], "y": mem.y[idx], "task": mem.task[idx],
           "mask": ok.astype(jnp.float32)}
+
+
+# Loss-aware reservoirs (Buzzega et al. 2020, "Rethinking experience replay:
+# a bag of tricks for continual learning"; Mammoth's utils/buffer.py).
+
+def lars_probs(scores: jax.Array) -> jax.Array:
+  """LARS's replacement probability of each slot of a full memory.
+
+  .. math::
+     p_i = \\frac{s_i - \\min_j s_j}{\\sum_k (s_k - \\min_j s_j)},
+
+  uniform when every score is equal. ``scores`` (``(K,)``) are ``-loss``, so
+  the entry with the highest loss is never replaced. This is Mammoth's
+  min-max normalisation followed by a division by the sum: the ``1e-9`` of
+  its min-max denominator cancels, and the one it adds to the sum (a
+  relative ``1e-9``) is left out.
+  """
+  return _min_shifted_probs(scores.astype(jnp.float32))
+
+
+def labrs_probs(scores: jax.Array, y: jax.Array,
+                num_classes: int) -> jax.Array:
+  """LABRS's replacement probability of each slot of a full memory.
+
+  With ``s`` the scores (``-loss``) and ``n_i`` the number of entries of
+  slot ``i``'s class, Mammoth's ``LossAwareBalancedSampling.merge_scores``:
+
+  .. math::
+     q_i = \\tfrac12 \\frac{s_i}{\\overline{|s|}\\,\\overline{|n|}}
+           + \\tfrac12 n_i, \\qquad
+     p_i = \\frac{q_i - \\min_j q_j}{\\sum_k (q_k - \\min_j q_j)}
+
+  (uniform when every ``q_i`` is equal): entries of large classes and with
+  low loss go first. The scale divides the scores by the *product* of the
+  two means, as in the code. When every score is 0 (Mammoth: 0 / 0) the
+  score term is 0.
+  """
+  s = scores.astype(jnp.float32)
+  n = jnp.zeros((num_classes,), jnp.float32).at[y].add(1.0)[y]
+  scale = jnp.mean(jnp.abs(s)) * jnp.mean(n)
+  q = 0.5 * jnp.where(scale > 0, s / jnp.where(scale > 0, scale, 1.0),
+                      0.0) + 0.5 * n
+  return _min_shifted_probs(q)
+
+
+def _min_shifted_probs(q: jax.Array) -> jax.Array:
+  v = q - jnp.min(q)
+  total = jnp.sum(v)
+  return jnp.where(total > 0, v / jnp.where(total > 0, total, 1.0),
+                   1.0 / q.shape[0])
+
+
+def loss_aware_add(mem: Memory, scores: jax.Array, key: jax.Array,
+                   x: jax.Array, y: jax.Array, task: jax.Array,
+                   experience: jax.Array | int, new_scores: jax.Array,
+                   mask: jax.Array | None = None, *, balanced: bool,
+                   num_classes: int, after: jax.Array | None = None
+                   ) -> tuple[Memory, jax.Array]:
+  """Offers rows to a LARS (``balanced=False``) or LABRS memory:
+  ``(memory, scores)``.
+
+  Rows are offered one by one as in Mammoth's ``Buffer.add_data``: the
+  ``n``-th row offered (0-based) takes slot ``n`` while the memory has
+  room; after that it is stored when ``j ~ U{0..n-1}`` is below ``K``
+  (Mammoth's ``randint(0, n)``: probability ``K / n``, where algorithm R's
+  is ``K / (n + 1)``), in a slot drawn from :func:`lars_probs` /
+  :func:`labrs_probs` of the scores and labels as they are at that row
+  (earlier rows of the batch included). A stored row's score is
+  ``new_scores`` (``-loss``).
+
+  Args:
+    mem, scores: the memory and its entries' scores ``(K,)``.
+    key: PRNG key.
+    x, y, task, experience, mask: as :func:`reservoir_add`.
+    new_scores: ``(B,)`` the rows' scores.
+    balanced: LABRS (class counts in the scores) rather than LARS.
+    num_classes: the number of classes (static).
+    after: as :func:`reservoir_add` (NaN: nothing written, rows counted).
+  """
+  b = x.shape[0]
+  k = capacity_of(mem)
+  y, task, experience, ok = _as_rows(b, y, task, experience, mask)
+  new_scores = new_scores.astype(jnp.float32)
+  # Only the decisions are sequential (each reads the labels and scores the
+  # earlier rows wrote): scan over them with the small arrays as the carry,
+  # then write the examples once (carrying ``mem.x`` would copy it).
+  def row(carry, r):
+    labels, sc, n = carry
+    oki, yi, si, ki = r
+    k_in, k_slot = jax.random.split(ki)
+    p = labrs_probs(sc, labels, num_classes) if balanced else lars_probs(sc)
+    victim = jax.random.choice(k_slot, k, p=p)
+    j = jax.random.randint(k_in, (), 0, jnp.maximum(n, 1))
+    slot = jnp.where(n < k, n, jnp.where(j < k, victim, k))
+    slot = jnp.where(oki, slot, k)
+    labels = labels.at[slot].set(yi, mode="drop")
+    sc = sc.at[slot].set(si, mode="drop")
+    return (labels, sc, n + oki.astype(jnp.int32)), slot
+
+  (_, new_sc, seen), slots = jax.lax.scan(
+      row, (mem.y, scores.astype(jnp.float32), mem.seen),
+      (ok, y, new_scores, jax.random.split(key, b)))
+  if after is not None:
+    bad = jnp.isnan(after)
+    slots = jnp.where(bad, k, slots)
+    new_sc = jnp.where(bad, scores.astype(jnp.float32), new_sc)
+  # A later row replacing an earlier one in the same slot wins.
+  order = jnp.arange(b)
+  overwritten = jnp.any((slots[None, :] == slots[:, None]) &
+                        (order[None, :] > order[:, None]), axis=1)
+  slots = jnp.where(overwritten, k, slots)
+  mem = put_rows(mem, slots, x, y, task, experience)
+  return mem._replace(seen=seen), new_sc

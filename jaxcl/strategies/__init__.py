@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser", "lider", "rar"),
+               "rpc", "clser", "lider", "rar", "er_tricks"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -168,6 +168,10 @@ PAPERS: dict[str, str] = {
     "fecam": "Goswami, Liu, Twardowski & van de Weijer 2023, *FeCAM: "
              "exploiting the heterogeneity of class distributions in "
              "exemplar-free continual learning*, NeurIPS (FeCAM)",
+    "er_tricks": "Buzzega, Boschini, Porrello & Calderara 2020, "
+                 "*Rethinking experience replay: a bag of tricks for "
+                 "continual learning*, ICPR (ER with tricks; Mammoth's "
+                 "er_tricks: LARS / LABRS memory, ELRD, bias control)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -221,8 +225,10 @@ NEEDS: dict[str, str] = {
            "outputs",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
-    "lider": "a convolutional model (`cnn`, `resnet18`): on an MLP every "
-             "layer's Lipschitz estimate is 1",
+    "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
+             "of more than one channel before it and a spatial map after "
+             "it: on an MLP every layer's Lipschitz estimate is 1, and a "
+             "grayscale input's pair is left out",
 }
 
 
