@@ -49,6 +49,27 @@ def _naive(c):
   return c
 
 
+def _cnn(c):
+  """Session 30's LiDER protocol (runs/s30/lider/compare.py; no committed
+  config exists): the DER++ protocol at memory 200 with the ``cnn`` model
+  (conv 32-64, dense 128) in place of the MLP."""
+  c.model.name = "cnn"
+  return c
+
+
+def _naive_cnn(c):
+  return _naive(_cnn(c))
+
+
+def _lider_derpp(c):
+  """DER++ on the cnn plus LiDER (its own reservoir of 200, Mammoth's
+  ``derpp_lider`` defaults), as compare.py builds it."""
+  c = _cnn(c)
+  c.strategy.name = "lider+derpp"
+  c.strategy.lider = dict(mem_size=200)
+  return c
+
+
 # protocol -> (name, config module, variant, patch): each strategy in its
 # own family's protocol; "naive@x" rows are Naive in the protocol (config)
 # of the rows that follow them, and rows of that config print their time
@@ -92,10 +113,29 @@ PROTOCOLS = {
         # and the contrastive loss on their features.
         ("er_aml", "split_mnist_replay", "strategy=er_aml,mem_size=500",
          None),
+        # Replay's rows and memory, plus 10 more memory rows each moved by
+        # 2 MI-FGSM steps (a forward and backward pass each) towards an
+        # incoming row at the virtually updated parameters; read against
+        # Replay's row as well as Naive's.
+        ("rar", "split_mnist_replay", "strategy=rar,mem_size=500", None),
         # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
         ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
          _naive),
         ("gss", "split_mnist_replay", "strategy=gss,mem_size=200", None),
+        # LiDER + DER++ on the cnn (session 30's comparison; no committed
+        # config: split_mnist_replay's DER++ at memory 200, lr 0.03, 128
+        # replayed, with model.name='cnn', as runs/s30/lider/compare.py):
+        # its own Naive and DER++ on the same cnn. LiDER adds a forward
+        # pass over 2 x 10 of its own memory's rows and 10 power iterations
+        # per layer pair. ``subset=10000`` (~200 steps per experience) keeps
+        # the three rows to minutes on a CPU; the time per step does not
+        # depend on the stream's length (batch and memory are fixed).
+        ("naive@cnn", "split_mnist_replay",
+         "strategy=derpp,mem_size=200,subset=10000", _naive_cnn),
+        ("derpp_cnn", "split_mnist_replay",
+         "strategy=derpp,mem_size=200,subset=10000", _cnn),
+        ("lider+derpp", "split_mnist_replay",
+         "strategy=derpp,mem_size=200,subset=10000", _lider_derpp),
     ],
     # The exemplar-based class-incremental methods, each against Naive in
     # the hybrid Split MNIST protocol (batch 10 + 10 exemplars).
@@ -116,6 +156,11 @@ PROTOCOLS = {
         ("naive@slda", "split_mnist_analytic", "features=input", _naive),
         ("slda", "split_mnist_analytic", "features=input", None),
         ("slda_backbone", "split_mnist_analytic", "features=backbone", None),
+        # FeCAM's protocol has an MLP 400-400 and SGD 0.01: its own Naive.
+        # From experience 1 on (the timed one) its step still runs the
+        # forward and backward pass, then restores the frozen parameters.
+        ("naive@fecam", "split_mnist_analytic", "strategy=fecam", _naive),
+        ("fecam", "split_mnist_analytic", "strategy=fecam", None),
     ],
     "permuted": [
         ("naive", "permuted_mnist_baselines", "strategy=naive", None),
