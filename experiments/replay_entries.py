@@ -181,6 +181,19 @@ ENTRIES = [
                "lr 0.5, no LR decay; untuned. Read against Replay"),
     Entry(_SM, "ER with tricks (500)", "split_mnist_replay",
           "strategy=er_tricks,mem_size=500"),
+    Entry(_SM, "STAR + Replay (200)", "split_mnist_replay",
+          "strategy=replay,plus=star,mem_size=200",
+          note="Eskandar et al. 2025 (Mammoth's er_star) on the Replay "
+               "rows' settings, STAR at the code's defaults (p_lam 0.01, "
+               "p_gamma 0.05, one ascent step, its own reservoir, 10 rows "
+               "per step); untuned. No MNIST number in the paper; read "
+               "against the partner alone"),
+    Entry(_SM, "STAR + Replay (500)", "split_mnist_replay",
+          "strategy=replay,plus=star,mem_size=500"),
+    Entry(_SM, "STAR + ER-ACE (200)", "split_mnist_replay",
+          "strategy=er_ace,plus=star,mem_size=200"),
+    Entry(_SM, "STAR + ER-ACE (500)", "split_mnist_replay",
+          "strategy=er_ace,plus=star,mem_size=500"),
     Entry(_SM, "Replay (reservoir, 200), 20 replayed (RAR's control)",
           "split_mnist_replay", "strategy=replay,mem_size=200,replayed=20"),
     Entry(_SM, "Replay (reservoir, 500), 20 replayed (RAR's control)",

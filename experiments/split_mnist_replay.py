@@ -106,6 +106,15 @@ Protocols (one per paper; picked by ``strategy``):
   reservoir (LABRS), bias control for 50 epochs at lr 0.5 after each
   experience, no learning-rate decay (``elrd`` 1). No MNIST number in the
   paper's text that could be read offline; read against Replay.
+* ``plus=star`` (Eskandar et al. 2025, `STAR: stability-inducing weight
+  perturbation for continual learning
+  <https://openreview.net/forum?id=6N5OM5Duuj>`_; Mammoth's ``er_star``,
+  ``er_ace_star``, ``derpp_star``): the plug-in chained in front of the
+  ``strategy`` given (``star+replay``, ``star+er_ace``, ...), every setting
+  the partner's, STAR at the code's defaults (p_lam 0.01, p_gamma 0.05,
+  one ascent step) with its own reservoir of ``mem_size`` and the
+  partner's replayed rows per step. No MNIST number in the paper; read
+  against the partner alone.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -131,12 +140,14 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=clser,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=rar,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_tricks,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=star,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:mem_size=200,replayed=20
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``replayed`` (Replay, ER-ACE, ER-AML, RAR, ER with tricks: memory rows per
 step; 0: 10),
-``distill`` (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
+``plus`` (a plug-in chained in front of the strategy: star), ``distill``
+(DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
 anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
 single-example steps),
@@ -236,7 +247,7 @@ def get_config(arg=None):
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
                 recipe="code", future_ce=True, lam=-1.0, per_example=False,
-                replayed=0, quick=False)
+                replayed=0, plus="", quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -375,6 +386,15 @@ def get_config(arg=None):
                      "generative_replay, der, derpp, xder, er_ace, er_aml, "
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks")
+  if a["plus"]:
+    if a["plus"] != "star":
+      raise ValueError(f"unknown plus={a['plus']!r} for this config; "
+                       "valid: star (or empty)")
+    # The plug-in's own reservoir matches the partner's memory, and it
+    # draws the partner's replayed rows per step (10 unless `replayed`).
+    c.strategy.star = dict(mem_size=m, batch_size=a["replayed"] or 10)
+    c.strategy.name = f"star+{c.strategy.name}"
+    c.name += "_star"
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

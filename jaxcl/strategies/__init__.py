@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser", "lider", "rar", "er_tricks"),
+               "rpc", "clser", "lider", "rar", "er_tricks", "star"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -172,6 +172,10 @@ PAPERS: dict[str, str] = {
                  "*Rethinking experience replay: a bag of tricks for "
                  "continual learning*, ICPR (ER with tricks; Mammoth's "
                  "er_tricks: LARS / LABRS memory, ELRD, bias control)",
+    "star": "Eskandar, Imtiaz, Hill, Wang & Dy 2025, *STAR: "
+            "Stability-inducing weight perturbation for continual "
+            "learning*, ICLR (STAR; a regulariser to chain with a replay "
+            "method, e.g. `star+er_ace`)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
