@@ -1,5 +1,6 @@
 """Shared test fixtures: the offline data directory and small scenarios."""
 
+import dataclasses
 import os
 
 import pytest
@@ -28,3 +29,29 @@ def mnist(data_dir):
 def digits():
   from jaxcl import datasets
   return datasets.load("digits")
+
+
+@pytest.fixture(scope="session")
+def full_stream(digits):
+  """Split Digits: 5 class-incremental experiences of 2 classes each.
+
+  Shared by the whole session, so its arrays are made read-only: a test
+  that wrote into them would change what every later test sees; it fails
+  instead.
+  """
+  from jaxcl import scenarios
+  s = scenarios.split(digits, 5)
+  for e in s.experiences:
+    for a in (e.train_x, e.test_x, e.train_y, e.test_y, e.train_task,
+              e.test_task):
+      a.flags.writeable = False
+  s.task_classes.flags.writeable = False
+  return s
+
+
+@pytest.fixture(scope="session")
+def stream(full_stream):
+  """The first two experiences of ``full_stream`` (classes 0-1, then 2-3):
+  the small stream of the mechanism tests (a module may define its own)."""
+  return dataclasses.replace(full_stream,
+                             experiences=full_stream.experiences[:2])

@@ -2,25 +2,16 @@
 updates, the consistency target and loss, prediction with the stable
 model, argument checks, and a run through the normal loop."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, scenarios, train
+from jaxcl import buffers, train
 from jaxcl.state import StepInfo
 from jaxcl.strategies import clser as clser_mod
 from jaxcl.strategies.clser import clser
 from test_replay import B, batch_of, config, make_ctx, run_capture
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences, as test_replay.py's."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def _tree(seed, like):

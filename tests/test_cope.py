@@ -16,12 +16,6 @@ from jaxcl.strategies.cope import cope, ppp_loss, update_prototypes
 B = 10
 
 
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
-
-
 def make_ctx(sc, outputs=None, widths=(64,), lr=0.05):
   info = train.stream_info(sc, B)
   model = models.build("mlp", outputs or sc.num_classes, widths=widths)

@@ -15,12 +15,6 @@ from jaxcl.strategies.dmc import consolidate, consolidation_targets, dmc
 from test_replay import B, batch_of, make_ctx
 
 
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
-
-
 def test_consolidation_targets_centre_each_teacher_over_its_classes():
   rng = np.random.default_rng(0)
   old_z, new_z = rng.normal(size=(2, 4, 6)) * 3

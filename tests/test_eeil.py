@@ -8,19 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, scenarios, train
+from jaxcl import buffers, train
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies.eeil import balanced_subset, eeil, group_distillation
 from jaxcl.strategy import chain
 from jaxcl.strategies.generative_replay import generative_replay
 from test_replay import B, after_first, batch_of, make_ctx
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences (classes 0-1, then 2-3)."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def _softmax(z):

@@ -6,16 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, experiment, scenarios, train
+from jaxcl import buffers, experiment, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategies.er_tricks import er_tricks, row_losses
 
 from test_replay import B, after_first, batch_of, config, make_ctx
-
-
-@pytest.fixture(scope="module")
-def full_stream(digits):
-  return scenarios.split(digits, 5)
 
 
 # ---------------------------------------------------------------------------

@@ -3,24 +3,15 @@ by hand, the clipped asynchronous update, first against second order,
 the reservoir, the optimiser check, bad arguments, and a run that
 compiles once, chained and swept."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import models, scenarios, sweep, train
+from jaxcl import models, sweep, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategies.lamaml import lamaml, pieces
 from test_replay import B, batch_of, config
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences, as test_replay.py's."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def tiny_ctx(stream, lr=0.1, name="sgd", **opt):

@@ -3,24 +3,15 @@ against NumPy's singular values, the loss terms by hand, no effect on an
 empty memory, the budget, its gradient lowering the estimate, argument
 checks, and a run of lider+derpp through the normal loop."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import models, scenarios, train
+from jaxcl import models, train
 from jaxcl.strategies import lider as lid
 from jaxcl.strategies.lider import lider
 from test_replay import B, batch_of, config, run_capture
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences (8x8 images)."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def cnn_ctx(sc, lr=0.1):

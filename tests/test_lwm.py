@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import models, scenarios, train
+from jaxcl import models, train
 from jaxcl.strategies.latent_replay import split_model
 from jaxcl.strategies.lwf import distillation, lwf
 from jaxcl.strategies.lwm import attention_distillation, gradcam, lwm
@@ -16,12 +16,6 @@ from test_replay import after_first, batch_of
 
 B = 12
 LAYER = "backbone/Conv_1"
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def cnn_ctx(sc, lr=0.1):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcl import experiment, models, scenarios, train
+from jaxcl import experiment, models, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import fdr as fdr_mod
 from jaxcl.strategies import hal as hal_mod
@@ -18,18 +18,6 @@ from jaxcl.strategies.fdr import fdr
 from jaxcl.strategies.hal import hal
 from jaxcl.strategies.mer import mer
 from test_replay import B, batch_of, config, der_step, make_ctx
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences, as test_replay.py's."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
-
-
-@pytest.fixture(scope="module")
-def full_stream(digits):
-  return scenarios.split(digits, 5)
 
 
 # ---------------------------------------------------------------------------

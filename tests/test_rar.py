@@ -1,7 +1,6 @@
 """Mechanism tests of RAR (retrospective adversarial replay), on
 scikit-learn digits and hand-made linear models."""
 
-import dataclasses
 import functools
 
 import jax
@@ -11,18 +10,12 @@ import optax
 import pytest
 
 import jaxcl
-from jaxcl import buffers, experiment, scenarios, strategies, train
+from jaxcl import buffers, experiment, strategies, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import rar as rar_mod
 from jaxcl.strategies.rar import rar
 import test_replay as replay_tests
 from test_replay import B, batch_of
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 # Replay's helpers, on a narrower MLP.
@@ -84,6 +77,29 @@ def test_mi_fgsm_matches_numpy_on_a_linear_model():
   assert np.abs(want - x0).max() > 0.05
   np.testing.assert_array_equal(rar_mod.mi_fgsm(
       ce, jnp.asarray(x0), epsilon=0.3, steps=0, decay=1.0, clip=None), x0)
+
+def test_mi_fgsm_normalises_each_row_by_its_own_l1_norm():
+  # Per-sample L1 (the authors' Linf_distillation, MI-FGSM's per-input
+  # norm), not Avalanche's batch-wide one: a row's attack does not depend
+  # on the scale of another row's loss. Loss s_r |z - t_r|^2, eps 0.2 in
+  # 2 steps of 0.1, momentum 1. Row 0's first coordinate overshoots its
+  # target (gradient 0.06 of L1 0.66, then -0.14 of L1 0.54), so step 2
+  # takes it back to 0.5. Row 1 starts near its target and overshoots: its
+  # gradient's L1 grows 17-fold. A batch-wide L1 ends at row 0 = (0.3,
+  # 0.3) with s_1 = 100 (row 1's growth shrinks row 0's second gradient)
+  # and at row 1 = (0.5, 0.5) with s_1 = 1.
+  x0 = np.full((2, 2), 0.5, np.float32)
+  t = np.array([[0.47, 0.2], [0.499, 0.49]], np.float32)
+  want = np.array([[0.5, 0.3], [0.5, 0.3]], np.float32)
+  for s1 in (1.0, 100.0):
+    s = np.array([1.0, s1], np.float32)
+    got = rar_mod.mi_fgsm(
+        lambda z: jnp.asarray(s) * jnp.sum((z - t) ** 2, axis=1),
+        jnp.asarray(x0), epsilon=0.2, steps=2, decay=1.0, clip=(0.0, 1.0))
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"s1={s1}")
+    # The hand-derived rows are the NumPy reference's.
+    np.testing.assert_allclose(np_mi_fgsm(
+        lambda x: 2 * s[:, None] * (x - t), x0, 0.2, 2, 1.0), want, atol=1e-6)
 
 
 def test_nearest_targets_by_brute_force():

@@ -28,17 +28,6 @@ from jaxcl.strategies.replay import replay
 B = 10
 
 
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
-
-
-@pytest.fixture(scope="module")
-def full_stream(digits):
-  return scenarios.split(digits, 5)
-
-
 def make_ctx(sc, widths=(32,), lr=0.1):
   info = train.stream_info(sc, B)
   model = models.build("mlp", sc.num_classes, widths=widths)

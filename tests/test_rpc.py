@@ -8,21 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, experiment, scenarios, train
+from jaxcl import buffers, experiment, train
 from jaxcl.strategies.rpc import balanced_add, dsimplex, rpc, simplex_logits
 from test_replay import B, batch_of, config, make_ctx
-
-
-@pytest.fixture(scope="module")
-def full_stream(digits):
-  return scenarios.split(digits, 5)
-
-
-@pytest.fixture(scope="module")
-def stream(full_stream):
-  """The first two experiences."""
-  return dataclasses.replace(full_stream,
-                             experiences=full_stream.experiences[:2])
 
 
 def mammoth_dsimplex(num_classes):

@@ -1,15 +1,13 @@
 """Mechanism tests of SCR (supervised contrastive replay) and jaxcl.augment
 (on scikit-learn digits and hand-made cases)."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import augment, buffers, experiment, scenarios, sweep, train
+from jaxcl import augment, buffers, experiment, sweep, train
 from jaxcl.models import build
 from jaxcl.state import StreamInfo
 from jaxcl.strategies import from_spec
@@ -20,12 +18,6 @@ from jaxcl.strategies.scr import scr
 supcon_loss = jax.jit(scr_mod.supcon_loss, static_argnums=3)
 
 B = 10
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def make_ctx(sc, widths=(16,), lr=0.1):

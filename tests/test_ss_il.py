@@ -9,18 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, experiment, scenarios, train
+from jaxcl import buffers, experiment, train
 from jaxcl.strategies.icarl import icarl
 from jaxcl.strategies.ss_il import SSILState, separated_cross_entropy, ss_il
 from jaxcl.strategy import chain
 from test_replay import B, after_first, batch_of, config, make_ctx
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences (classes 0-1, then 2-3)."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def _log_softmax_over(z, cols):

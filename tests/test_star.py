@@ -4,24 +4,15 @@ model, the mask of correctly classified rows, no effect on an empty
 memory, argument checks, and a run of star+replay through the normal
 loop."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import models, scenarios, train
+from jaxcl import models, train
 from jaxcl.strategies import star as st
 from jaxcl.strategies.star import star
 from test_replay import B, batch_of, config, run_capture
-
-
-@pytest.fixture(scope="module")
-def stream(digits):
-  """Split Digits' first two experiences (8x8 images)."""
-  s = scenarios.split(digits, 5)
-  return dataclasses.replace(s, experiences=s.experiences[:2])
 
 
 def make_ctx(sc, widths):
