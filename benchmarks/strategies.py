@@ -118,6 +118,10 @@ PROTOCOLS = {
         # incoming row at the virtually updated parameters; read against
         # Replay's row as well as Naive's.
         ("rar", "split_mnist_replay", "strategy=rar,mem_size=500", None),
+        # Replay plus STAR: its own reservoir, 10 rows, one ascent step
+        # (a backward pass) and the KL's gradient at the perturbed point.
+        ("star+replay", "split_mnist_replay",
+         "strategy=replay,plus=star,mem_size=500", None),
         # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
         ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
          _naive),

@@ -20,7 +20,7 @@ method's gradient at :math:`\\theta`:
 
 .. math::
    \\delta^{(0)}_W = s \\lVert W \\rVert \\frac{z_W}{\\lVert z_W \\rVert},
-   \\quad z_W \\sim \\mathcal{N}(0, I), \\qquad
+   \\quad z_W \\in \\{-1, 1\\}^{n_W} \\text{ uniform}, \\qquad
    \\delta^{(k+1)}_W = \\delta^{(k)}_W + \\frac{\\gamma}{K}
      \\lVert W \\rVert \\frac{g_W}{\\lVert g_W \\rVert + \\epsilon},
    \\quad g = \\nabla D(\\theta + \\delta^{(k)}),
@@ -72,6 +72,13 @@ even in :math:`\\delta` to second order, a step of size
 (overshooting through 0); the sign matters only from a start comparable
 to the step (the tests check it from such a start).
 
+The start's direction is a vector of random signs (Rademacher), not the
+code's Gaussian: both have :math:`E[z z^\\top] = I`, so the first step's
+expected direction :math:`F \\delta^{(0)}` is the same, and signs are drawn
+32 to a 32-bit random word. On the 2-core CPU the Gaussian start (~89 k
+normals for the MLP 100-100) took 0.9 ms, about 60 % of STAR's step;
+the signs take 0.1 ms.
+
 Where the memory samples come from: STAR keeps **its own reservoir
 memory** (:mod:`jaxcl.buffers`, fed every step with the incoming rows, as
 the partner's), as :mod:`jaxcl.strategies.lider` does, because DER and
@@ -117,14 +124,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
-__all__ = ["star", "STARState", "is_kernel", "random_start", "masked_kl",
-           "perturbation", "star_gradient"]
+__all__ = ["star", "STARState", "is_kernel", "random_signs", "random_start",
+           "masked_kl", "perturbation", "star_gradient"]
 
 _EPS = 1e-20  # the code's EPS in the gradient normalisation
 
@@ -142,16 +150,25 @@ def is_kernel(leaf: jax.Array) -> bool:
   return leaf.ndim >= 2
 
 
+def random_signs(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform random signs (float32 ``±1``) of ``shape``, 32 from each
+  32-bit random word (``jax.random.rademacher`` spends a word on each)."""
+  n = int(np.prod(shape))
+  bits = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
+  b = (bits[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return (2.0 * b.reshape(-1)[:n].astype(jnp.float32) - 1.0).reshape(shape)
+
+
 def random_start(key: jax.Array, params: Any, init_scale: float) -> Any:
   """:math:`\\delta^{(0)}`: per kernel ``init_scale * ||W|| * z / ||z||``
-  with ``z`` standard normal; zeros for the other parameters."""
+  with ``z`` uniform random signs; zeros for the other parameters."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   out = []
   for k, w in zip(keys, leaves):
     if is_kernel(w):
-      z = jax.random.normal(k, w.shape, jnp.float32)
-      out.append((init_scale * jnp.linalg.norm(w) / jnp.linalg.norm(z)
+      z = random_signs(k, w.shape)  # ||z|| = sqrt(w.size)
+      out.append((init_scale * jnp.linalg.norm(w) / np.sqrt(w.size)
                   * z).astype(w.dtype))
     else:
       out.append(jnp.zeros_like(w))
