@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser", "lider", "rar", "er_tricks", "star"),
+               "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -176,6 +176,11 @@ PAPERS: dict[str, str] = {
             "Stability-inducing weight perturbation for continual "
             "learning*, ICLR (STAR; a regulariser to chain with a replay "
             "method, e.g. `star+er_ace`)",
+    "casper": "Frascaroli, Benaglia, Boschini, Moschella, Fiorini, Rodolà "
+              "& Calderara 2024, *CaSpeR: Latent spectral regularization "
+              "for continual learning*, Pattern Recognition Letters "
+              "(CaSpeR; a regulariser to chain with a replay method, e.g. "
+              "`casper+er_ace`)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -229,6 +234,10 @@ NEEDS: dict[str, str] = {
            "outputs",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
+    "casper": "`knn_laplace` < `casper_batch` (the training batch by "
+              "default: give `knn_laplace=5` at batch 10), `p` + 2 <= "
+              "`casper_batch`, and `mem_size` at least the number of "
+              "classes",
     "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
              "of more than one channel before it and a spatial map after "
              "it: on an MLP every layer's Lipschitz estimate is 1, and a "
