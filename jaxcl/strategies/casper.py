@@ -118,7 +118,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
-from jaxcl.strategies.replay import incoming_rows
+from jaxcl.strategies.replay import class_balanced_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -321,12 +321,7 @@ def casper(rho: float = 0.01, knn_laplace: int = 10, casper_batch: int = 0,
     return rho * jnp.where(on > 0, term, 0.0)
 
   def after_step(ctx, sstate, info):
-    rows = incoming_rows(ctx, info.batch)
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    mem = buffers.class_balanced_add(
-        sstate.memory, key, rows["x"], rows["y"], rows["task"],
-        sstate.experience, rows["mask"], num_classes=ctx.info.num_classes)
-    return sstate._replace(memory=mem)
+    return sstate._replace(memory=class_balanced_step(ctx, sstate, info))
 
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, loss=loss,

@@ -48,7 +48,7 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._epochs import over_epochs
-from jaxcl.strategies.replay import incoming_rows
+from jaxcl.strategies.replay import class_balanced_step
 from jaxcl.strategy import Strategy, mark_experience, zero_grads
 from jaxcl.train import init_variables
 
@@ -244,12 +244,7 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
                       jnp.zeros((), jnp.int32), key)
 
   def after_step(ctx, sstate, info):
-    rows = incoming_rows(ctx, info.batch)
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    mem = buffers.class_balanced_add(
-        sstate.memory, key, rows["x"], rows["y"], rows["task"],
-        sstate.experience, rows["mask"], num_classes=ctx.info.num_classes)
-    return sstate._replace(memory=mem)
+    return sstate._replace(memory=class_balanced_step(ctx, sstate, info))
 
   def after_experience(ctx, state, experience):
     ss = state.strategy

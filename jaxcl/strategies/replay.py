@@ -49,7 +49,7 @@ from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import device_experience
 
 __all__ = ["replay", "ReplayState", "POLICIES", "append_rows",
-           "incoming_rows"]
+           "class_balanced_step", "incoming_rows"]
 
 POLICIES = ("reservoir", "experience")
 
@@ -92,6 +92,17 @@ def reservoir_step(ctx, sstate, info, after: jax.Array | None = None
   return buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
                                rows["task"], sstate.experience, rows["mask"],
                                after=info.loss if after is None else after)
+
+
+def class_balanced_step(ctx, sstate, info) -> buffers.Memory:
+  """``sstate.memory`` after offering the step's incoming rows to GDumb's
+  greedy class-balanced memory (:func:`jaxcl.buffers.class_balanced_add`;
+  ``sstate`` has ``memory``, ``key`` and ``experience``)."""
+  rows = incoming_rows(ctx, info.batch)
+  key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+  return buffers.class_balanced_add(
+      sstate.memory, key, rows["x"], rows["y"], rows["task"],
+      sstate.experience, rows["mask"], num_classes=ctx.info.num_classes)
 
 
 def _check_sizes(mem_size: int, batch_size: int) -> None:
