@@ -118,6 +118,10 @@ PROTOCOLS = {
         # incoming row at the virtually updated parameters; read against
         # Replay's row as well as Naive's.
         ("rar", "split_mnist_replay", "strategy=rar,mem_size=500", None),
+        # ER with tricks: Replay's rows with a loss-aware balanced memory
+        # (one sequential choice per incoming row) and per-row scores.
+        ("er_tricks", "split_mnist_replay",
+         "strategy=er_tricks,mem_size=500", None),
         # Replay plus STAR: its own reservoir, 10 rows, one ascent step
         # (a backward pass) and the KL's gradient at the perturbed point.
         ("star+replay", "split_mnist_replay",
