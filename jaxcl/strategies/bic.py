@@ -154,16 +154,18 @@ def fit_bias(key: jax.Array, logits: jax.Array, y: jax.Array,
              valid: jax.Array, alpha: jax.Array, beta: jax.Array,
              class_exp: jax.Array, experience: jax.Array, active: jax.Array,
              *, epochs: int, batch_size: int, learning_rate: float,
-             beta_decay: float) -> tuple[jax.Array, jax.Array]:
+             beta_decay: float, momentum: float | None = 0.9
+             ) -> tuple[jax.Array, jax.Array]:
   """Stage 2: ``(α, β)`` of ``experience`` fitted on frozen logits.
 
-  SGD with momentum 0.9 over ``epochs`` passes through the valid rows in a
+  SGD with ``momentum`` (BiC's 0.9; None: plain SGD, as ER with tricks'
+  bias control) over ``epochs`` passes through the valid rows in a
   fresh random order (steps with no valid row are skipped), minimising the
   cross-entropy over the ``active`` classes of the corrected logits plus
   ``beta_decay · β² / 2``. The other experiences' ``(α, β)`` are constants.
   Returns the updated ``alpha`` and ``beta`` arrays.
   """
-  tx = optax.sgd(learning_rate, momentum=0.9)
+  tx = optax.sgd(learning_rate, momentum=momentum)
   p0 = (alpha[experience], beta[experience])
 
   def loss_fn(p, idx, ok):

@@ -97,9 +97,7 @@ import numpy as np
 import optax
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
-from jaxcl.strategies._epochs import over_epochs
-from jaxcl.strategies.bic import bias_correct
+from jaxcl.strategies.bic import bias_correct, fit_bias
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import append_rows, incoming_rows
 from jaxcl.strategy import Strategy, mark_experience
@@ -142,20 +140,15 @@ def fit_bias_control(key: jax.Array, logits: jax.Array, y: jax.Array,
   """``(α, β)`` acting on ``classes`` (bool ``(C,)``) of frozen ``logits``
   ``(K, C)``, fitted by plain SGD from ``(1, 0)`` to the cross-entropy over
   all classes, ``epochs`` passes over the ``valid`` rows in a fresh random
-  order (:func:`jaxcl.strategies._epochs.over_epochs`)."""
-  owner = jnp.where(classes, 0, -1)
-
-  def loss_fn(p, idx, ok):
-    q = bias_correct(logits[idx], p[0][None], p[1][None], owner)
-    return cross_entropy(q, y[idx], ok.astype(jnp.float32))
-
-  def step(p, idx, ok, *_):
-    g = jax.grad(loss_fn)(p, idx, ok)
-    return jax.tree.map(lambda a, d: a - learning_rate * d, p, g)
-
-  p0 = (jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32))
-  return over_epochs(key, valid, p0, epochs=epochs, batch_size=batch_size,
-                     step=step)
+  order: BiC's stage 2 (:func:`jaxcl.strategies.bic.fit_bias`) with one
+  pair, no momentum and no decay on ``β``."""
+  alpha, beta = fit_bias(
+      key, logits, y, valid, jnp.ones((1,), jnp.float32),
+      jnp.zeros((1,), jnp.float32), jnp.where(classes, 0, -1),
+      jnp.zeros((), jnp.int32), jnp.ones_like(classes), epochs=epochs,
+      batch_size=batch_size, learning_rate=learning_rate, beta_decay=0.0,
+      momentum=None)
+  return alpha[0], beta[0]
 
 
 def er_tricks(mem_size: int = 200, batch_size: int = 0,
