@@ -284,8 +284,8 @@ def test_bad_hyperparameters_raise(full_stream):
       (dict(bic_lr=0.0), "bic_lr must be a finite number > 0, got 0.0"),
       (dict(mem_size=0), "mem_size must be a positive int, got 0"),
       (dict(batch_size=-1), "batch_size must be an int >= 0"),
-      (dict(mem_size=5, batch_size=6), "batch_size=6 is larger than "
-       "mem_size=5")]:
+      (dict(mem_size=5, batch_size=6), "batch_size=6 is larger than the "
+       "memory capacity mem_size=5")]:
     with pytest.raises(ValueError, match=match):
       er_tricks(**kw)
   with pytest.raises(ValueError, match="batch_size=10 is larger"):

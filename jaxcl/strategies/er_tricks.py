@@ -178,9 +178,7 @@ def er_tricks(mem_size: int = 200, batch_size: int = 0,
   buffers.check_capacity(mem_size, "er_tricks: mem_size")
   checks.whole("er_tricks: batch_size", batch_size,
                note="0: the training batch size")
-  if batch_size > mem_size:
-    raise ValueError(f"er_tricks: batch_size={batch_size} is larger than "
-                     f"mem_size={mem_size}; use at most {mem_size}")
+  buffers.replay_size("er_tricks", batch_size, mem_size, 0)
   if selection not in SELECTIONS:
     raise ValueError(f"er_tricks: unknown selection {selection!r}; valid: "
                      f"{list(SELECTIONS)}")
