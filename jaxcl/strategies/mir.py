@@ -46,7 +46,7 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.replay import reservoir_step
+from jaxcl.strategies.replay import after_grads, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -146,8 +146,8 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the retrieved rows (update_grads).
-    return sstate._replace(memory=reservoir_step(
-        ctx, sstate, info, after=jax.tree.leaves(info.grads)[0].ravel()[0]))
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info,
+                                                 after=after_grads(info)))
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads, after_step=after_step,

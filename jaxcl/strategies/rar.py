@@ -104,7 +104,8 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies.replay import append_rows, incoming_rows, reservoir_step
+from jaxcl.strategies.replay import (after_grads, append_rows, incoming_rows,
+                                    reservoir_step)
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -310,8 +311,8 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the attacked rows (update_grads).
-    return sstate._replace(memory=reservoir_step(
-        ctx, sstate, info, after=jax.tree.leaves(info.grads)[0].ravel()[0]))
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info,
+                                                 after=after_grads(info)))
 
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, update_grads=update_grads,

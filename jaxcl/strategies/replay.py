@@ -49,7 +49,7 @@ from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import device_experience
 
 __all__ = ["replay", "ReplayState", "POLICIES", "append_rows",
-           "class_balanced_step", "incoming_rows"]
+           "after_grads", "class_balanced_step", "incoming_rows"]
 
 POLICIES = ("reservoir", "experience")
 
@@ -92,6 +92,14 @@ def reservoir_step(ctx, sstate, info, after: jax.Array | None = None
   return buffers.reservoir_add(sstate.memory, key, rows["x"], rows["y"],
                                rows["task"], sstate.experience, rows["mask"],
                                after=info.loss if after is None else after)
+
+
+def after_grads(info) -> jax.Array:
+  """A value of the step's final gradient, as :func:`reservoir_step`'s
+  ``after`` for a strategy that reads memory rows in ``update_grads``
+  (MIR's retrieval, RAR's attack, STAR's perturbation): the memory's
+  writes then follow those reads, so XLA updates it in place."""
+  return jax.tree.leaves(info.grads)[0].ravel()[0]
 
 
 def class_balanced_step(ctx, sstate, info) -> buffers.Memory:

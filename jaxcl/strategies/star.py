@@ -127,7 +127,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
-from jaxcl.strategies.replay import reservoir_step
+from jaxcl.strategies.replay import after_grads, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -305,8 +305,8 @@ def star(p_lam: float = 0.01, p_gamma: float = 0.05, p_steps: int = 1,
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the drawn rows (update_grads).
-    return sstate._replace(memory=reservoir_step(
-        ctx, sstate, info, after=jax.tree.leaves(info.grads)[0].ravel()[0]))
+    return sstate._replace(memory=reservoir_step(ctx, sstate, info,
+                                                 after=after_grads(info)))
 
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, update_grads=update_grads,
