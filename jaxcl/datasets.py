@@ -13,6 +13,10 @@ training loop never care where the data came from:
 * ``cifar10`` / ``cifar100``: through ``tensorflow_datasets`` (a prepared
   ``data_dir`` or a network connection).
 
+:meth:`Dataset.with_label_noise` (:func:`noisy_labels`) corrupts the
+training labels, symmetric or asymmetric, as Mammoth's ``--noise_rate``,
+keeping the true ones in ``train_y_true``.
+
 The tfds path uses ``tfds.data_source`` (array_record, no TensorFlow needed);
 see :mod:`jaxcl.tfds_local` for preparing MNIST-style tfds data from the raw
 IDX files without TensorFlow or a network.
@@ -29,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Dataset", "load", "DATASETS", "read_idx", "DataError"]
+__all__ = ["Dataset", "load", "DATASETS", "read_idx", "DataError",
+           "noisy_labels", "LABEL_NOISE_TYPES", "ASYMMETRIC_FLIPS"]
 
 
 class DataError(ValueError):
@@ -48,6 +53,10 @@ class Dataset:
     test_x: float32 ``(M, H, W, C)``.
     test_y: int32 ``(M,)``.
     num_classes: number of classes.
+    train_y_true: the true training labels when :meth:`with_label_noise`
+      corrupted ``train_y`` (int32 ``(N,)``, aligned with it:
+      ``train_y != train_y_true`` marks the flipped examples); None when no
+      noise was added, ``train_y`` then holding the true labels.
   """
   name: str
   train_x: np.ndarray
@@ -55,6 +64,7 @@ class Dataset:
   test_x: np.ndarray
   test_y: np.ndarray
   num_classes: int
+  train_y_true: np.ndarray | None = None
 
   def subset(self, train: int | None = None, test: int | None = None,
              seed: int = 0) -> "Dataset":
@@ -66,16 +76,16 @@ class Dataset:
                         f"got {n}")
     rng = np.random.default_rng(seed)
 
-    def take(x, y, n):
+    def take(x, y, n, true=None):
       if not n or n >= len(y):
-        return x, y
+        return x, y, true
       idx = np.sort(rng.permutation(len(y))[:n])
-      return x[idx], y[idx]
+      return x[idx], y[idx], None if true is None else true[idx]
 
-    tx, ty = take(self.train_x, self.train_y, train)
-    vx, vy = take(self.test_x, self.test_y, test)
+    tx, ty, true = take(self.train_x, self.train_y, train, self.train_y_true)
+    vx, vy, _ = take(self.test_x, self.test_y, test)
     return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx,
-                               test_y=vy)
+                               test_y=vy, train_y_true=true)
 
   def normalized(self, mean: float, std: float) -> "Dataset":
     """Inputs standardised as ``(x - mean) / std``, one pair for every
@@ -107,11 +117,18 @@ class Dataset:
 
     Raises:
       DataError: if ``fraction`` is not in (0, 1), or leaves a class with
-        no validation or no training example.
+        no validation or no training example, or the training labels are
+        already noisy (split first, then add noise: the validation labels
+        stay clean, as in Mammoth).
     """
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
       raise DataError(f"validation must be a fraction in (0, 1) (0: use the "
                       f"test set), got {fraction!r}")
+    if self.train_y_true is not None:
+      raise DataError(
+          "validation split of a data set whose training labels are noisy: "
+          "hold out the validation split first, then call "
+          "with_label_noise (validation labels stay clean, as in Mammoth)")
     val = _stratified_holdout(self.train_y, fraction, seed)
     counts = np.bincount(self.train_y, minlength=self.num_classes)
     held = np.bincount(self.train_y[val], minlength=self.num_classes)
@@ -128,6 +145,154 @@ class Dataset:
     return dataclasses.replace(
         self, train_x=self.train_x[keep], train_y=self.train_y[keep],
         test_x=self.train_x[val], test_y=self.train_y[val])
+
+  def with_label_noise(self, rate: float, kind: str = "symmetric",
+                       seed: int = 0) -> "Dataset":
+    """The data set with noisy training labels (:func:`noisy_labels`); the
+    true ones move to ``train_y_true``, the test labels stay clean.
+
+    At ``rate=0`` the data set itself is returned (same arrays, no
+    ``train_y_true``), after the same argument checks.
+
+    Raises:
+      DataError: a bad rate, kind or seed (see :func:`noisy_labels`), an
+        asymmetric kind for a data set without a flip map, or labels that
+        are noisy already.
+    """
+    if self.train_y_true is not None:
+      raise DataError(f"{self.name}: the training labels are noisy "
+                      "already; add label noise once, to the true labels")
+    noisy = noisy_labels(self.train_y, self.num_classes, rate, kind, seed,
+                         dataset=self.name)
+    if rate == 0:
+      return self
+    return dataclasses.replace(self, train_y=noisy,
+                               train_y_true=self.train_y)
+
+
+# --------------------------------------------------------------------------
+# Label noise.
+
+LABEL_NOISE_TYPES = ("symmetric", "asymmetric")
+
+# Asymmetric (class-dependent) noise: true class -> the class it is
+# mislabelled as, mimicking confusions between similar classes (Patrini et
+# al., "Making Deep Neural Networks Robust to Label Noise: a Loss Correction
+# Approach", CVPR 2017, Sec. 6). Classes absent from a map keep their
+# labels. Mammoth (datasets/utils/label_noise.py) has CIFAR-10's map (and a
+# CIFAR-100 one), not MNIST's.
+_MNIST_FLIPS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}  # 2->7, 3->8, 5<->6, 7->1
+ASYMMETRIC_FLIPS: dict[str, dict[int, int]] = {
+    "mnist": _MNIST_FLIPS,
+    # The same ten handwritten digits (8x8 scans), so the same confusions.
+    "digits": _MNIST_FLIPS,
+    # 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 7 horse,
+    # 9 truck: truck->automobile, bird->airplane, deer->horse, cat<->dog.
+    "cifar10": {9: 1, 2: 0, 4: 7, 3: 5, 5: 3},
+}
+
+
+def noisy_labels(y: np.ndarray, num_classes: int, rate: float,
+                 kind: str = "symmetric", seed: int = 0,
+                 dataset: str | None = None) -> np.ndarray:
+  r"""Training labels with synthetic label noise (a new array; ``y`` is not
+  changed).
+
+  For each source class ``c``, exactly ``round(rate * n_c)`` of its ``n_c``
+  examples, drawn uniformly at random, get a wrong label, as in Mammoth's
+  ``--noise_rate``: every example is flipped with probability ``rate``
+  (up to that rounding) and each class, hence each experience, carries the
+  asked-for rate itself, not a binomial draw around it.
+
+  * ``symmetric``: all classes are sources; a flipped label is drawn
+    uniformly from the ``C - 1`` *other* classes (Mammoth, Co-teaching's
+    "symmetry flipping"), so ``rate`` is the fraction of wrong labels. (Noise
+    drawn from *any* class would leave ``rate / C`` of the "flipped" labels
+    correct, a true rate of ``rate (C - 1) / C``.) The transition matrix is
+
+    .. math::
+      T_{cc} = 1 - r, \qquad T_{cj} = r / (C - 1) \quad (j \ne c).
+
+  * ``asymmetric``: the sources are the classes of ``dataset``'s map in
+    :data:`ASYMMETRIC_FLIPS` (MNIST and digits: 2->7, 3->8, 5<->6, 7->1;
+    CIFAR-10: truck->automobile, bird->airplane, deer->horse, cat<->dog);
+    ``rate`` of each is relabelled as its target, other classes keep their
+    labels. Sources are chosen on the true labels, so a 5 made a 6 is
+    never turned back into a 5.
+
+  Args:
+    y: int ``(N,)`` true labels in ``[0, num_classes)``.
+    num_classes: number of classes ``C`` (>= 2).
+    rate: the noise rate ``r`` in [0, 1).
+    kind: one of :data:`LABEL_NOISE_TYPES`.
+    seed: seeds the draw (numpy ``default_rng``); the same ``(y, rate,
+      kind, seed)`` always gives the same labels.
+    dataset: the data set's name, for ``asymmetric`` (its map).
+
+  Returns:
+    The noisy labels, ``y``'s shape and dtype.
+
+  Raises:
+    DataError: naming the bad value: a rate outside [0, 1), an unknown kind,
+      a negative or non-integer seed, labels outside ``[0, num_classes)``,
+      fewer than 2 classes, or ``asymmetric`` for a data set without a map.
+
+  References:
+    Patrini et al., `Making Deep Neural Networks Robust to Label Noise: a
+    Loss Correction Approach <https://arxiv.org/abs/1609.03683>`_, 2017.
+    Han et al., `Co-teaching: Robust Training of Deep Neural Networks with
+    Extremely Noisy Labels <https://arxiv.org/abs/1804.06872>`_, 2018.
+  """
+  real = (isinstance(rate, (int, float, np.floating, np.integer))
+          and not isinstance(rate, bool) and np.isfinite(rate))
+  if not (real and 0 <= rate < 1):
+    raise DataError(f"label noise rate must be a number in [0, 1) (0: clean "
+                    f"labels), got {rate!r}")
+  if kind not in LABEL_NOISE_TYPES:
+    raise DataError(f"unknown label noise type {kind!r}; valid: "
+                    f"{list(LABEL_NOISE_TYPES)}")
+  if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+          and seed >= 0):
+    raise DataError(f"label noise seed must be an int >= 0, got {seed!r}")
+  if not (isinstance(num_classes, (int, np.integer)) and num_classes >= 2):
+    raise DataError(f"label noise needs at least 2 classes, got "
+                    f"num_classes={num_classes!r}")
+  y = np.asarray(y)
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise DataError(f"labels must be a 1-d integer array, got {y.dtype} "
+                    f"{y.shape}")
+  if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    raise DataError(f"labels must lie in [0, {num_classes}), got "
+                    f"[{y.min()}, {y.max()}]")
+  if kind == "asymmetric":
+    if dataset not in ASYMMETRIC_FLIPS:
+      raise DataError(
+          f"asymmetric label noise has no class map for dataset "
+          f"{dataset!r}; maps exist for {sorted(ASYMMETRIC_FLIPS)} (use "
+          "symmetric noise for other data sets)")
+    flips = ASYMMETRIC_FLIPS[dataset]
+    if max(max(flips), max(flips.values())) >= num_classes:
+      raise DataError(f"{dataset}'s asymmetric map {flips} names classes "
+                      f"beyond num_classes={num_classes}")
+  else:
+    flips = None
+  out = y.copy()
+  if rate == 0:
+    return out
+  rng = np.random.default_rng(seed)
+  sources = sorted(flips) if flips else range(num_classes)
+  for c in sources:
+    idx = np.flatnonzero(y == c)
+    k = int(round(len(idx) * rate))
+    chosen = np.sort(rng.permutation(idx)[:k])
+    if flips:
+      out[chosen] = flips[c]
+    else:
+      # Uniform over the C - 1 classes other than c: draw from 0..C-2 and
+      # step over c.
+      t = rng.integers(0, num_classes - 1, size=k)
+      out[chosen] = t + (t >= c)
+  return out
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float,

@@ -53,6 +53,14 @@ def default_config() -> ml_collections.ConfigDict:
                           # and evaluate on it instead of the test set
       normalize=(),       # (mean, std): inputs as (x - mean) / std, e.g.
                           # MNIST's (0.1307, 0.3081); (): pixels in [0, 1]
+      label_noise=0.0,    # in [0, 1): this fraction of each class's
+                          # training labels made wrong (test and validation
+                          # labels stay clean; datasets.noisy_labels)
+      label_noise_type="symmetric",  # symmetric (a uniform other class) |
+                                     # asymmetric (mnist, digits, cifar10:
+                                     # datasets.ASYMMETRIC_FLIPS)
+      label_noise_seed=0,  # the noise's own seed, not the run's: every seed
+                           # of a sweep trains on the same noisy labels
   ))
   c.scenario = ml_collections.ConfigDict(dict(
       type="split",       # split | permuted | rotated
@@ -112,8 +120,21 @@ def default_config() -> ml_collections.ConfigDict:
 def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
   """The configured data set: its seeded subset, if one is asked for,
   with ``dataset.validation > 0`` a held-out part of the training set in the
-  test set's place (:meth:`jaxcl.datasets.Dataset.validation`), and with
-  ``dataset.normalize`` its inputs standardised."""
+  test set's place (:meth:`jaxcl.datasets.Dataset.validation`), with
+  ``dataset.label_noise > 0`` noisy training labels
+  (:meth:`jaxcl.datasets.Dataset.with_label_noise`), and with
+  ``dataset.normalize`` its inputs standardised.
+
+  Label noise follows Mammoth's ``store_masked_loaders``: it is added after
+  the validation split (validation labels, like test labels, stay clean,
+  so they measure what was meant to be learnt) and before the stream is
+  split by labels, so a class-split stream places an example in the
+  experience of its *noisy* label, and every experience's labels stay
+  within its own classes. It is seeded by ``dataset.label_noise_seed``, not
+  the run's seed: a sweep's runs share one data set (and one program), and
+  methods and seeds are compared on the same corrupted labels; vary
+  ``label_noise_seed`` to sample the noise itself. The true labels are the
+  returned data set's ``train_y_true``."""
   # numpy's generators (subsets, permutations, angles) refuse negative
   # seeds, and only once data is being built.
   checks.whole("seed", config.seed, 0)
@@ -131,6 +152,10 @@ def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
                        seed=config.seed)
   if validation:
     data = data.validation(validation)
+  # Checked (and refused with a clear error) even at rate 0.
+  data = data.with_label_noise(dc.get("label_noise", 0.0),
+                               dc.get("label_noise_type", "symmetric"),
+                               dc.get("label_noise_seed", 0))
   norm = tuple(dc.get("normalize", ()))
   if norm:
     if len(norm) != 2:
