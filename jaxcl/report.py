@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Reporter", "NullReporter", "evaluated_on", "format_table",
+__all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
+           "format_table",
            "plot_accuracy_matrix", "plot_average_accuracy", "figure",
            "integer_ticks"]
 
@@ -198,6 +199,19 @@ def evaluated_on(config: Any) -> str:
   dataset = getattr(config, "dataset", None)
   return "validation" if dataset is not None and dataset.get(
       "validation", 0.0) else "test"
+
+
+def label_noise_note(config: Any) -> str | None:
+  """A line saying the training labels were noisy (``config.dataset.
+  label_noise > 0``), for the printed results; None for clean labels."""
+  dataset = getattr(config, "dataset", None)
+  rate = dataset.get("label_noise", 0.0) if dataset is not None else 0.0
+  if not rate:
+    return None
+  return (f"(trained on noisy labels: {rate:g} of each class's training "
+          f"labels, {dataset.get('label_noise_type', 'symmetric')}, noise "
+          f"seed {dataset.get('label_noise_seed', 0)}; evaluated on clean "
+          "labels)")
 
 
 def format_table(accuracy: np.ndarray, summary: dict[str, float],

@@ -275,6 +275,8 @@ def test_command_line_switch(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   cfg = json.load(open(tmp_path / "r" / "config.json"))
   assert cfg["dataset"]["label_noise"] == 0.4
+  assert ("(trained on noisy labels: 0.4 of each class's training labels, "
+          "symmetric, noise seed 0; evaluated on clean labels)") in p.stdout
   acc = json.load(open(tmp_path / "r" / "accuracy_matrix.json"))["accuracy"]
   noisy = float(np.mean(acc[-1]))
   assert noisy < 0.5  # clean labels: 0.70
