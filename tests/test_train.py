@@ -761,3 +761,19 @@ def test_device_experience_pads_short_experiences_and_keeps_full_ones(
     np.testing.assert_array_equal(full[k], src)
     np.testing.assert_array_equal(padded[k][:n], src)
     assert full[k].dtype == padded[k].dtype
+
+
+@pytest.mark.parametrize("spec", ["ss_il+latent_replay", "latent_replay+ss_il",
+                                  "ss_il+exstream", "exstream+ss_il"])
+def test_chain_refuses_ss_il_beside_a_latent_freezer(spec):
+  # Session 32 (docs/composition_fuzz.md): no new class was predicted at
+  # the end of its experience, both orders, 3 seeds.
+  from jaxcl import strategies
+  other = [n for n in spec.split("+") if n != "ss_il"][0]
+  with pytest.raises(ValueError, match=(
+      f"ss_il scores every row by a softmax within one group of classes .* "
+      f"{other} fixes the layers below its split")):
+    strategies.from_spec(spec)
+  # Its neighbours stay accepted: another replay beside each member.
+  assert strategies.from_spec(f"{other}+replay")[0].name == f"{other}+replay"
+  assert strategies.from_spec("ss_il+mir")[0].name == "ss_il+mir"
