@@ -531,14 +531,19 @@ def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
   sc = scenarios.split(digits, 5, kind="class")
   with pytest.raises(ValueError, match="backbone_lr_scale"):
     cwr_lib.cwr_star(backbone_lr_scale=2.0)
+  # Weight decay moves a weight whose gradient is zero: frozen means the
+  # backbone is restored after every update too (session 32).
   c = make_config("cwr_star+si", multi_head=False, opt="momentum", lr=0.05,
-                  epochs=2)
+                  epochs=2, wd=0.01)
   init, states, acc, lr = stream(c, sc)
   assert lr.chunk_fn._cache_size() == 1
   for st in states[1:]:
     for a, b in zip(jax.tree.leaves(st.params["backbone"]),
                     jax.tree.leaves(states[0].params["backbone"])):
       np.testing.assert_array_equal(a, b)
+  # ... after the first experience trained it.
+  assert not np.allclose(states[0].params["backbone"]["Dense_0"]["kernel"],
+                         init.params["backbone"]["Dense_0"]["kernel"])
   last = states[-1]
   np.testing.assert_array_equal(last.strategy.past,
                                 np.bincount(digits.train_y, minlength=10))

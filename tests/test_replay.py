@@ -1,6 +1,7 @@
 """Mechanism tests of the replay strategies (on scikit-learn digits)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -1545,3 +1546,27 @@ def test_xder_needs_a_class_incremental_stream(digits):
   ctx = make_ctx(scenarios.split(digits, 5))
   with pytest.raises(ValueError, match="mem_size=5 gives 0 examples"):
     train.init_state(ctx, xder(mem_size=5, batch_size=2), 0)
+
+
+@pytest.mark.parametrize("spec", ["latent_replay", "exstream"])
+def test_frozen_lower_part_stays_put(stream, spec):
+  # A zero gradient is not enough to freeze: weight decay, and momentum
+  # carried over from the first experience, move the lower part, and the
+  # stored latents would go stale (session 32). The lower part after the
+  # second experience must be exactly what the first left.
+  cfg = config(spec, **{spec: dict(mem_size=40)})
+  cfg.optimizer.name = "momentum"
+  cfg.optimizer.weight_decay = 0.05
+  cfg.train.reset_optimizer = False
+  first = dataclasses.replace(stream, experiences=stream.experiences[:1])
+  p1 = experiment.run(cfg, scenario=first).state.params
+  p2 = experiment.run(cfg, scenario=stream).state.params
+  jax.tree.map(np.testing.assert_array_equal, p1["backbone"], p2["backbone"])
+  assert not np.allclose(p1["head"]["kernel"], p2["head"]["kernel"])
+  # ... and the first experience trained it, as fine-tuning does (an empty
+  # memory adds nothing).
+  cfg.strategy.name = "naive"
+  del cfg.strategy[spec]
+  p0 = experiment.run(cfg, scenario=first).state.params
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-7), p1["backbone"], p0["backbone"])

@@ -12,8 +12,11 @@ which this module implements. The output layer keeps *consolidated* weights
   softmax is over :math:`B_i` only, as in the paper's "train on the s_i
   classes of B_i";
 * the feature extractor trains in the first experience only
-  (``backbone_lr_scale=0``; a value in (0, 1] scales its gradient after the
-  first experience instead: "trained slowly");
+  (``backbone_lr_scale=0``: its gradient is zeroed and its weights are
+  restored after every update, since weight decay and carried-over
+  momentum move a parameter whose gradient is zero; a value in (0, 1]
+  scales its gradient after the first experience instead: "trained
+  slowly");
 * after it, for each :math:`j \\in B_i` with ``cur_j`` training examples and
   ``past_j`` examples seen before:
 
@@ -56,7 +59,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +78,8 @@ class CWRStarState(NamedTuple):
   active: jax.Array   # bool (C,): classes of the current experience
   first: jax.Array    # bool scalar: training the first experience
   replayed: jax.Array  # float32 (C,): replayed examples per class (AR1*)
+  frozen: Any = None  # non-head params at the experience's start, restored
+                      # after every update (backbone_lr_scale=0 only)
 
 
 def set_replayed(sstate: CWRStarState, counts) -> CWRStarState:
@@ -127,6 +132,13 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     raise ValueError(f"cwr_star: backbone_lr_scale={backbone_lr_scale!r} is "
                      "outside [0, 1] (0 freezes the feature extractor)")
 
+  def body_copy(params):
+    """The non-head parameters (a copy), when the backbone freezes."""
+    if backbone_lr_scale != 0:
+      return None
+    return {k: jax.tree.map(jnp.copy, v) for k, v in params.items()
+            if k != "head"}
+
   def init(ctx, key, params):
     del key
     if not isinstance(params, dict) or "head" not in params:
@@ -145,7 +157,7 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
                         jnp.zeros((c,), jnp.float32),
                         jnp.zeros((c,), jnp.float32),
                         jnp.ones((c,), bool), jnp.asarray(True),
-                        jnp.zeros((c,), jnp.float32))
+                        jnp.zeros((c,), jnp.float32), body_copy(params))
 
   def before_experience(ctx, state, experience):
     del ctx
@@ -164,7 +176,16 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
                       "bias": tb.astype(params["head"]["bias"].dtype)}
     first = jnp.asarray(experience.index == 0)
     return state.replace(params=params,
-                         strategy=ss._replace(active=active, first=first))
+                         strategy=ss._replace(active=active, first=first,
+                                              frozen=body_copy(params)))
+
+  def project_params(ctx, sstate, params):
+    del ctx
+    if sstate.frozen is None:
+      return params
+    return {k: (v if k == "head" else jax.tree.map(
+        lambda p, o: jnp.where(sstate.first, p, o), v, sstate.frozen[k]))
+            for k, v in params.items()}
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
@@ -195,6 +216,6 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     return jnp.where(jnp.any(seen), logits, own)
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads,
+                  update_grads=update_grads, project_params=project_params,
                   after_experience=after_experience, predict=predict,
                   name="cwr_star")

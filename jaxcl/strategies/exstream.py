@@ -26,7 +26,9 @@ The encoder is the lower part of the model split at ``layer`` (default:
 the backbone, whose output is ``ctx.apply(..., features=True)``); see
 :mod:`jaxcl.strategies.latent_replay` for the split. After the first
 experience its gradients are multiplied by ``lower_lr_scale`` (0: a fixed
-encoder, as in the paper, where it is pretrained). The centroids are
+encoder, as in the paper, where it is pretrained; also restored after
+every update, as latent replay's lower part is, so that weight decay or
+carried-over momentum cannot move it). The centroids are
 updated in ``after_experience``: the experience's examples are streamed
 once, in a random order, through the encoder as it then is (fixed from then
 on when ``lower_lr_scale=0``), one ``lax.scan`` inside jit. Each class
@@ -48,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.strategies import latent_replay as lr_mod
-from jaxcl.strategy import Strategy, mark_experience_start
+from jaxcl.strategy import Strategy
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["exstream", "ExStreamState", "ClassBuffers", "init_buffers",
@@ -74,6 +76,8 @@ class ExStreamState(NamedTuple):
   experience: jax.Array   # int32 scalar: index of the current experience
   key: jax.Array          # PRNG key
   model_state: Any        # model state at the start of the experience
+  lower: Any = None       # the frozen encoder (latent_replay.lower_copy),
+                          # None when it trains
 
 
 def init_buffers(num_classes: int, per_class: int,
@@ -181,8 +185,10 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
   def replay_size(ctx):
     return batch_size or ctx.info.batch_size
 
+  lower_at_init, before_experience, project_params = lr_mod.freeze_hooks(
+      get_split, float(lower_lr_scale))
+
   def init(ctx, key, params):
-    del params
     sp = get_split(ctx)
     c = ctx.info.num_classes
     if mem_size < c:
@@ -195,9 +201,8 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
     k_mem, k_ms = jax.random.split(key)
     _, variables = init_variables(ctx, k_ms)
     return ExStreamState(init_buffers(c, per_class, sp.latent_shape),
-                         jnp.zeros((), jnp.int32), k_mem, variables)
-
-  before_experience = mark_experience_start
+                         jnp.zeros((), jnp.int32), k_mem, variables,
+                         lower_at_init(ctx, params))
 
   def prepare_batch(ctx, sstate, batch, key):
     buf = sstate.buffers
@@ -242,5 +247,5 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
-                  update_grads=update_grads,
+                  update_grads=update_grads, project_params=project_params,
                   after_experience=after_experience, name="exstream")

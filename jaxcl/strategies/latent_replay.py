@@ -13,7 +13,15 @@ memory:
 
 and after the first experience the lower part's gradients are multiplied
 by ``lower_lr_scale`` (0: frozen, as in the paper's plain latent replay;
-> 0: slowed). At the end of each experience the memory becomes
+> 0: slowed). Frozen means frozen: the lower part is also restored after
+every update from its copy at the experience's start (as
+:mod:`jaxcl.strategies._freeze` does), because weight decay, and momentum
+carried over with ``train.reset_optimizer=False``, move a parameter whose
+gradient is zero, and the stored latents would go stale (session 32: SGD
+with weight decay 0.01 moved the first experience's latents by 9 % of
+their norm over four experiences; Adam's carried-over moments by 18 %).
+Slowed (``0 < lower_lr_scale < 1``) scales the gradient only: weight decay
+and carried-over momentum act on the lower part at the full rate. At the end of each experience the memory becomes
 experience-balanced (:func:`jaxcl.buffers.experience_balanced_add`):
 the experience's examples go through the (now fixed) lower part, and a
 uniform random ``mem_size // i`` of their latents is kept. A latent of
@@ -58,7 +66,8 @@ from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["latent_replay", "LatentReplayState", "Split", "split_model",
-           "layer_names", "experience_latents"]
+           "layer_names", "experience_latents", "lower_copy",
+           "restore_lower"]
 
 
 def _trace_calls(ctx) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -191,6 +200,8 @@ class LatentReplayState(NamedTuple):
   experience: jax.Array   # int32 scalar: index of the current experience
   key: jax.Array          # PRNG key
   model_state: Any        # model state at the start of the experience
+  lower: Any = None       # lower_copy at the experience's start (frozen
+                          # lower part only; None when it trains)
 
 
 def check_split_args(name, mem_size, batch_size, lower_lr_scale, layer):
@@ -219,6 +230,48 @@ def scale_lower(split: Split, grads, params, experience, scale: float):
   mask = split.lower_mask(params)
   factor = jnp.where(experience > 0, scale, 1.0)
   return jax.tree.map(lambda g, m: g * factor if m else g, grads, mask)
+
+
+def lower_copy(split: Split, params) -> Any:
+  """A copy of the lower part's parameters, like ``params`` with a scalar
+  standing in for each upper-part leaf (for :func:`restore_lower`)."""
+  return jax.tree.map(
+      lambda p, m: jnp.copy(p) if m else jnp.zeros((), p.dtype), params,
+      split.lower_mask(params))
+
+
+def restore_lower(split: Split, params, saved, experience) -> Any:
+  """``params`` with the lower part set to ``saved`` (a
+  :func:`lower_copy`) from experience 1 on: the frozen part stays where
+  it froze whatever the optimiser adds (weight decay, momentum)."""
+  on = experience > 0
+  return jax.tree.map(lambda p, s, m: jnp.where(on, s, p) if m else p,
+                      params, saved, split.lower_mask(params))
+
+
+def freeze_hooks(get_split, lower_lr_scale: float):
+  """``(lower_at_init, before_experience, project_params)`` of a latent
+  memory whose lower part is frozen (``lower_lr_scale == 0``), for a state
+  with ``experience``, ``model_state`` and ``lower`` fields; with a
+  scale above 0 the lower part trains and nothing is kept or restored."""
+  if lower_lr_scale != 0:
+    return ((lambda ctx, params: None), mark_experience_start,
+            (lambda ctx, sstate, params: params))
+
+  def lower_at_init(ctx, params):
+    return lower_copy(get_split(ctx), params)
+
+  def before_experience(ctx, state, experience):
+    state = mark_experience_start(ctx, state, experience)
+    ss = state.strategy._replace(
+        lower=lower_copy(get_split(ctx), state.params))
+    return state.replace(strategy=ss)
+
+  def project_params(ctx, sstate, params):
+    return restore_lower(get_split(ctx), params, sstate.lower,
+                         sstate.experience)
+
+  return lower_at_init, before_experience, project_params
 
 
 def replayed_loss(ctx, split: Split, params, model_state, batch) -> jax.Array:
@@ -256,8 +309,10 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
   def replay_size(ctx):
     return batch_size or ctx.info.batch_size
 
+  lower_at_init, before_experience, project_params = freeze_hooks(
+      get_split, float(lower_lr_scale))
+
   def init(ctx, key, params):
-    del params
     sp = get_split(ctx)
     if replay_size(ctx) > mem_size:
       raise ValueError(f"latent_replay batch size {replay_size(ctx)} is "
@@ -269,9 +324,8 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
     k_mem, k_ms = jax.random.split(key)
     _, variables = init_variables(ctx, k_ms)
     return LatentReplayState(buffers.init(mem_size, sp.latent_shape),
-                             jnp.zeros((), jnp.int32), k_mem, variables)
-
-  before_experience = mark_experience_start
+                             jnp.zeros((), jnp.int32), k_mem, variables,
+                             lower_at_init(ctx, params))
 
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
@@ -309,5 +363,5 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
-                  update_grads=update_grads,
+                  update_grads=update_grads, project_params=project_params,
                   after_experience=after_experience, name="latent_replay")
