@@ -425,10 +425,20 @@ def _supsup_gn_case(num_tasks: int, seed: int):
   import types
   model = masked_mlp.build(4, num_tasks, widths=(16,), **SUPSUP_MODEL)
   x = jax.random.normal(jax.random.PRNGKey(seed), (12, 8))
-  v = model.init(jax.random.PRNGKey(seed + 1), x, jnp.zeros((12,), jnp.int32))
+  # Compiled: op by op, the init alone dispatched dozens of small programs.
+  v = jax.jit(model.init)(jax.random.PRNGKey(seed + 1), x,
+                          jnp.zeros((12,), jnp.int32))
   masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
            for k, sc in masked.score_leaves(v["params"]).items()}
   return model, x, v, types.SimpleNamespace(model=model), masks
+
+
+def _jit_infer(ctx, ss, *how):
+  """``infer_task(ctx, ss, params, model_state, x, *how)`` compiled, as the
+  strategy's jitted evaluation runs it. Eager, it dispatched some 200 small
+  programs op by op: most of the GN tests' time."""
+  return jax.jit(lambda params, ms, x: supsup_lib.infer_task(
+      ctx, ss, params, ms, x, *how))
 
 
 def test_supsup_gn_picks_the_task_whose_weight_most_lowers_entropy():
@@ -440,20 +450,24 @@ def test_supsup_gn_picks_the_task_whose_weight_most_lowers_entropy():
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32), seen,
                         jnp.asarray(True))
 
-  def entropies(alpha):
+  @jax.jit
+  def entropies_fn(alpha):
     logits = model.apply(v, x, jnp.zeros((12,), jnp.int32), masks=masks,
                          alphas=alpha)
-    return np.asarray(supsup_lib._entropy(logits), np.float64)
+    return supsup_lib._entropy(logits)
+
+  def entropies(alpha):
+    return np.asarray(entropies_fn(alpha), np.float64)
 
   a0, h = np.array([0.5, 0.5, 0.0]), 1e-2
   fd = np.stack([(entropies(jnp.asarray(a0 + h * e, jnp.float32))
                   - entropies(jnp.asarray(a0 - h * e, jnp.float32))) / (2 * h)
                  for e in np.eye(3)[:2]], axis=-1)  # (B, 2): seen tasks only
-  t_batch = supsup_lib.infer_task(ctx, ss, params, ms, x, "batch")
+  t_batch = _jit_infer(ctx, ss, "batch")(params, ms, x)
   g = fd.mean(axis=0)
   assert abs(g[0] - g[1]) > 1e-3  # a clear answer to check against
   np.testing.assert_array_equal(t_batch, np.argmin(g))
-  t_ex = supsup_lib.infer_task(ctx, ss, params, ms, x, "example")
+  t_ex = _jit_infer(ctx, ss, "example")(params, ms, x)
   clear = np.abs(fd[:, 0] - fd[:, 1]) > 1e-3
   assert clear.sum() >= 6 and len(set(np.argmin(fd, -1)[clear])) == 2
   np.testing.assert_array_equal(np.asarray(t_ex)[clear],
@@ -684,7 +698,7 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs():
                            **SUPSUP_MODEL)
   x = jax.random.normal(jax.random.PRNGKey(7), (12, 8))
   zeros = jnp.zeros((12,), jnp.int32)
-  v = model.init(jax.random.PRNGKey(8), x, zeros)
+  v = jax.jit(model.init)(jax.random.PRNGKey(8), x, zeros)
   masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
            for k, sc in masked.score_leaves(v["params"]).items()}
   ctx = types.SimpleNamespace(model=model)
@@ -692,10 +706,11 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs():
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32), seen,
                         jnp.asarray(True))
 
+  apply = jax.jit(lambda a: model.apply(v, x, zeros, masks=masks, alphas=a,
+                                        all_outputs=True))
+
   def outputs(alpha):
-    return np.asarray(model.apply(v, x, zeros, masks=masks,
-                                  alphas=jnp.asarray(alpha, jnp.float32),
-                                  all_outputs=True), np.float64)
+    return np.asarray(apply(jnp.asarray(alpha, jnp.float32)), np.float64)
 
   a0, h = np.array([0.5, 0.5, 0.0]), 1e-2
   real = outputs(a0)[:, :4]
@@ -707,8 +722,8 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs():
   fd = np.array([(g(a0 + h * e) - g(a0 - h * e)) / (2 * h)
                  for e in np.eye(3)[:2]])
   assert abs(fd[0] - fd[1]) > 1e-3  # a clear answer to check against
-  got = supsup_lib.infer_task(ctx, ss, v["params"], {"frozen": v["frozen"]},
-                              x, "batch", "oneshot", "g")
+  got = _jit_infer(ctx, ss, "batch", "oneshot", "g")(
+      v["params"], {"frozen": v["frozen"]}, x)
   np.testing.assert_array_equal(got, np.argmin(fd))
   with pytest.raises(ValueError, match="gn_objective"):
     supsup_lib.supsup(mode="gn", gn_objective="h")
@@ -731,11 +746,12 @@ def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32),
                         jnp.ones((4,), bool), jnp.asarray(True))
 
+  entropies = jax.jit(lambda a: supsup_lib._entropy(model.apply(
+      v, x, jnp.zeros((12,), jnp.int32), masks=masks, alphas=a)))
+
   def mean_entropy(alpha):
-    logits = model.apply(v, x, jnp.zeros((12,), jnp.int32), masks=masks,
-                         alphas=jnp.asarray(alpha, jnp.float32))
-    return float(np.mean(np.asarray(supsup_lib._entropy(logits),
-                                    np.float64)))
+    return float(np.mean(np.asarray(
+        entropies(jnp.asarray(alpha, jnp.float32)), np.float64)))
 
   alive, h = [0, 1, 2, 3], 1e-2
   while len(alive) > 1:
@@ -747,14 +763,13 @@ def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
     keep = (len(alive) + 1) // 2
     assert g[order[keep]] - g[order[keep - 1]] > 1e-4  # a clear split
     alive = order[:keep]
-  got = supsup_lib.infer_task(ctx, ss, params, ms, x, "batch", "binary")
+  batch = _jit_infer(ctx, ss, "batch", "binary")
+  got = batch(params, ms, x)
   np.testing.assert_array_equal(got, alive[0])
   # Per example: the batch search of that example alone.
-  ex = supsup_lib.infer_task(ctx, ss, params, ms, x[:3], "example", "binary")
+  ex = _jit_infer(ctx, ss, "example", "binary")(params, ms, x[:3])
   for i in range(3):
-    np.testing.assert_array_equal(
-        ex[i], supsup_lib.infer_task(ctx, ss, params, ms, x[i:i + 1],
-                                     "batch", "binary")[0])
+    np.testing.assert_array_equal(ex[i], batch(params, ms, x[i:i + 1])[0])
 
 
 @pytest.mark.parametrize("strategy,model,mkw,what,field", [
