@@ -33,7 +33,9 @@ Five insertion policies:
   sampling decides whether a row is stored, as in algorithm R, but the slot
   it overwrites is drawn with a probability that grows with the entries'
   score (``-loss``: well-learned entries go first) and, for LABRS, with the
-  size of their class (:func:`lars_probs`, :func:`labrs_probs`).
+  size of their class (:func:`lars_probs`, :func:`labrs_probs`). ABS
+  (Millunzi et al. 2024, :func:`abs_probs`) draws it from the losses in
+  opposite directions for past and current entries.
 
 :func:`sample` draws a fixed number of valid entries without replacement
 (invalid draws come back with mask 0, e.g. while the memory is empty).
@@ -61,7 +63,7 @@ __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
            "experience_balanced_add", "class_balanced_add",
            "random_class_balanced_add", "class_balanced_sample", "sample",
            "gather", "check_capacity", "rank_within_groups",
-           "lars_probs", "labrs_probs", "loss_aware_add"]
+           "lars_probs", "labrs_probs", "abs_probs", "loss_aware_add"]
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -528,14 +530,57 @@ def _min_shifted_probs(q: jax.Array) -> jax.Array:
                    1.0 / q.shape[0])
 
 
+def _masked_min_shifted_probs(q: jax.Array, m: jax.Array) -> jax.Array:
+  """:func:`_min_shifted_probs` over the entries where ``m`` holds (0
+  elsewhere; all 0 when none does)."""
+  v = jnp.where(m, q - jnp.min(jnp.where(m, q, jnp.inf)), 0.0)
+  total = jnp.sum(v)
+  uniform = m / jnp.maximum(jnp.sum(m), 1)
+  return jnp.where(total > 0, v / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def abs_probs(losses: jax.Array, past: jax.Array) -> jax.Array:
+  """ABS's replacement probability of each slot of a full memory
+  (asymmetric balanced sampling, Millunzi et al. 2024; Mammoth's
+  ``ABSSampling``).
+
+  The slots split into past entries ``P`` (``past``) and current ones
+  ``C``; a group is picked in proportion to its size, then a slot within
+  it, by loss ``ℓ`` in opposite directions:
+
+  .. math::
+     p_i = \begin{cases}
+       \frac{|P|}{K} \frac{\max_P \ell - \ell_i}
+                           {\sum_{j \in P} (\max_P \ell - \ell_j)}
+         & i \in P \\
+       \frac{|C|}{K} \frac{\ell_i - \min_C \ell}
+                           {\sum_{j \in C} (\ell_j - \min_C \ell)}
+         & i \in C \end{cases}
+
+  (uniform within a group whose losses are all equal): current entries
+  with a high loss (likely mislabelled) go first, past entries with a low
+  loss (well remembered) go first. ``losses`` are losses, not LARS's
+  ``-loss`` scores. Mammoth min-max normalises each group with a ``1e-9``
+  in the denominator, which gives these ratios up to ``1e-9`` terms (left
+  out).
+  """
+  s = losses.astype(jnp.float32)
+  k = s.shape[0]
+  n_past = jnp.sum(past).astype(jnp.float32)
+  p_past = _masked_min_shifted_probs(-s, past)
+  p_cur = _masked_min_shifted_probs(s, ~past)
+  return jnp.where(past, n_past / k * p_past, (k - n_past) / k * p_cur)
+
+
 def loss_aware_add(mem: Memory, scores: jax.Array, key: jax.Array,
                    x: jax.Array, y: jax.Array, task: jax.Array,
                    experience: jax.Array | int, new_scores: jax.Array,
                    mask: jax.Array | None = None, *, balanced: bool,
-                   num_classes: int, after: jax.Array | None = None
+                   num_classes: int, after: jax.Array | None = None,
+                   past: jax.Array | None = None
                    ) -> tuple[Memory, jax.Array]:
-  """Offers rows to a LARS (``balanced=False``) or LABRS memory:
-  ``(memory, scores)``.
+  """Offers rows to a LARS (``balanced=False``), LABRS or ABS (``past``
+  given) memory: ``(memory, scores)``.
 
   Rows are offered one by one as in Mammoth's ``Buffer.add_data``: the
   ``n``-th row offered (0-based) takes slot ``n`` while the memory has
@@ -554,7 +599,14 @@ def loss_aware_add(mem: Memory, scores: jax.Array, key: jax.Array,
     balanced: LABRS (class counts in the scores) rather than LARS.
     num_classes: the number of classes (static).
     after: as :func:`reservoir_add` (NaN: nothing written, rows counted).
+    past: bool ``(K,)``, or None: the slots holding past entries, for
+      ABS's probabilities (:func:`abs_probs`, whose scores are losses);
+      a row written here is a current entry for the rows after it.
+      ``balanced`` must then be False.
   """
+  if past is not None and balanced:
+    raise ValueError("loss_aware_add: give past (ABS) or balanced=True "
+                     "(LABRS), not both")
   b = x.shape[0]
   k = capacity_of(mem)
   y, task, experience, ok = _as_rows(b, y, task, experience, mask)
@@ -563,20 +615,28 @@ def loss_aware_add(mem: Memory, scores: jax.Array, key: jax.Array,
   # earlier rows wrote): scan over them with the small arrays as the carry,
   # then write the examples once (carrying ``mem.x`` would copy it).
   def row(carry, r):
-    labels, sc, n = carry
+    labels, sc, old, n = carry
     oki, yi, si, ki = r
     k_in, k_slot = jax.random.split(ki)
-    p = labrs_probs(sc, labels, num_classes) if balanced else lars_probs(sc)
+    if past is not None:
+      p = abs_probs(sc, old)
+    elif balanced:
+      p = labrs_probs(sc, labels, num_classes)
+    else:
+      p = lars_probs(sc)
     victim = jax.random.choice(k_slot, k, p=p)
     j = jax.random.randint(k_in, (), 0, jnp.maximum(n, 1))
     slot = jnp.where(n < k, n, jnp.where(j < k, victim, k))
     slot = jnp.where(oki, slot, k)
     labels = labels.at[slot].set(yi, mode="drop")
     sc = sc.at[slot].set(si, mode="drop")
-    return (labels, sc, n + oki.astype(jnp.int32)), slot
+    old = old.at[slot].set(False, mode="drop")
+    return (labels, sc, old, n + oki.astype(jnp.int32)), slot
 
-  (_, new_sc, seen), slots = jax.lax.scan(
-      row, (mem.y, scores.astype(jnp.float32), mem.seen),
+  old0 = (jnp.zeros((k,), bool) if past is None else
+          jnp.asarray(past, bool))
+  (_, new_sc, _, seen), slots = jax.lax.scan(
+      row, (mem.y, scores.astype(jnp.float32), old0, mem.seen),
       (ok, y, new_scores, jax.random.split(key, b)))
   if after is not None:
     bad = jnp.isnan(after)

@@ -287,6 +287,14 @@ def build_strategy(config: ml_collections.ConfigDict
         and "aux_data_dir" in strategies.defaults(name)
         and not skw.get(name, {}).get("aux_data_dir")):
       skw.setdefault(name, {})["aux_data_dir"] = data_dir
+  # A member that follows the epochs (AER's alternation) is told the run's
+  # number, unless given one.
+  epochs = 1 if config.scenario.get("online", False) else config.train.epochs
+  for name in {n.strip() for n in config.strategy.name.split("+")}:
+    if (name in strategies.available()
+        and "train_epochs" in strategies.defaults(name)
+        and "train_epochs" not in skw.get(name, {})):
+      skw.setdefault(name, {})["train_epochs"] = epochs
   return strategies.from_spec(config.strategy.name, skw)
 
 

@@ -385,7 +385,8 @@ _ALONE = {
 }
 # Ordered: members that append replayed rows after SCR's prepare_batch.
 _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
-              "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar")
+              "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
+              "aer_abs")
 # Ordered: update_grads runs left to right, and a later rewriter puts
 # gradient back on the weights an earlier freezer masked.
 _FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",

@@ -30,7 +30,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
-               "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper"),
+               "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
+               "aer_abs"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -181,6 +182,10 @@ PAPERS: dict[str, str] = {
               "for continual learning*, Pattern Recognition Letters "
               "(CaSpeR; a regulariser to chain with a replay method, e.g. "
               "`casper+er_ace`)",
+    "aer_abs": "Millunzi, Bonicelli, Porrello, Credi, Kolm & Calderara "
+               "2024, *May the forgetting be with you: alternate replay "
+               "for learning with noisy labels*, BMVC (AER + ABS on ER-ACE; "
+               "Mammoth's er_ace_aer_abs, without buffer fitting)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -238,6 +243,8 @@ NEEDS: dict[str, str] = {
               "default: give `knn_laplace=5` at batch 10), `p` + 2 <= "
               "`casper_batch`, and `mem_size` at least the number of "
               "classes",
+    "aer_abs": "`train_epochs` equal to the run's `train.epochs` (filled "
+               "in from a config; at least 2 with `aer=True`)",
     "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
              "of more than one channel before it and a spatial map after "
              "it: on an MLP every layer's Lipschitz estimate is 1, and a "

@@ -1,0 +1,382 @@
+"""Mechanism tests of AER + ABS (alternate replay, asymmetric balanced
+sampling, sample insertion) on scikit-learn digits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import buffers, experiment, train
+from jaxcl.state import StepInfo, cross_entropy
+from jaxcl.strategies.aer_abs import (aer_abs, clean_order, insertion_counts,
+                                      is_replay_epoch)
+from jaxcl.strategies.er_ace import ace_logits
+from jaxcl.strategies.er_tricks import row_losses
+
+from test_replay import B, batch_of, config, make_ctx
+
+
+def _hooks(ctx, s):
+  """Jitted ``(info_of, after_step)``: ``info_of(state, batch)`` is the
+  ``StepInfo`` of a step on ``batch`` that leaves the parameters where
+  they are (the hooks called by hand)."""
+
+  def info_of(state, batch):
+    b = s.prepare_batch(ctx, state.strategy, batch, jax.random.PRNGKey(3))
+    logits = ctx.logits(state.params, state.model_state, b["x"], b["task"],
+                        train=True)
+    loss = s.task_loss(ctx, state.strategy, logits, b)
+    return StepInfo(state.params, state.params, None, None, b, loss,
+                    jax.random.PRNGKey(4), logits)
+
+  return jax.jit(info_of), jax.jit(lambda ss, i: s.after_step(ctx, ss, i))
+
+
+def _at(ctx, s, stream, i=0, count=0, **replace):
+  """A fresh state at step ``count`` of experience ``i``."""
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, stream.experiences[i])
+  ss = state.strategy._replace(count=jnp.asarray(count, jnp.int32),
+                               **replace)
+  return state.replace(strategy=ss)
+
+
+# ---------------------------------------------------------------------------
+# Sample insertion.
+
+def test_insertion_counts_round_half_to_even_as_python():
+  # Mammoth: round((1 - alpha) * n), Python's round (2.5 -> 2, 3.5 -> 4).
+  np.testing.assert_array_equal(insertion_counts(0.75, 10),
+                                [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+  # 1 - 0.85 = 0.15000000000000002 in float64: 10 rows give 2 (float32
+  # arithmetic would give 1.4999998 -> 1).
+  assert insertion_counts(0.85, 10)[10] == 2
+  np.testing.assert_array_equal(insertion_counts(0.0, 4), np.arange(5))
+
+
+def test_clean_order_offers_exactly_the_lowest_loss_fraction():
+  losses = jnp.array([0.9, 0.1, 5.0, 0.3, 0.2, 2.0, 0.05, 7.0])
+  mask = jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)  # 6 rows
+  counts = jnp.asarray(insertion_counts(0.5, 8))  # 3 of 6
+  order, offered = clean_order(losses, mask, counts)
+  got = sorted(np.asarray(order)[np.asarray(offered)].tolist())
+  assert got == [1, 3, 4]  # the padding row 6 (loss 0.05) is not offered
+  # Lowest first, as torch.topk(largest=False) returns them.
+  np.testing.assert_array_equal(np.asarray(order)[:3], [1, 4, 3])
+
+
+def test_a_forgetting_step_stores_the_lowest_loss_rows_by_masked_loss(
+    full_stream):
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, alpha_sample_insertion=0.6)
+  # Experience 1, epoch 0 (forgetting): with classes 0, 1 seen, the ACE
+  # mask leaves them out of the incoming rows' loss.
+  seen = jnp.zeros((10,), bool).at[jnp.array([0, 1])].set(True)
+  state = _at(ctx, s, full_stream, i=1, seen=seen)
+  info_of, after_step = _hooks(ctx, s)
+  info = info_of(state, batch_of(full_stream.experiences[1]))
+  new = after_step(state.strategy, info)
+  rows = {f: info.batch[f][:B] for f in ("x", "y", "mask")}
+  masked = ace_logits(info.logits[:B], rows["y"], rows["mask"], seen)
+  ce = np.asarray(row_losses(masked, rows["y"]))
+  full = np.asarray(row_losses(info.logits[:B], rows["y"]))
+  assert not np.allclose(ce, full)  # the mask matters here
+  k = 4  # round(0.4 * 10)
+  want = np.argsort(ce, kind="stable")[:k]
+  mem = new.memory
+  assert int(mem.seen) == k and int(jnp.sum(mem.valid)) == k
+  np.testing.assert_array_equal(np.asarray(mem.x[:k]),
+                                np.asarray(rows["x"])[want])
+  np.testing.assert_allclose(np.asarray(new.losses[:k]), ce[want],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mem.experience[:k]), 1)
+
+
+# ---------------------------------------------------------------------------
+# ABS.
+
+def _mammoth_abs(loss, past):
+  """Mammoth's ``ABSSampling``: each group min-max normalised (past ones
+  inverted), then a group drawn by its share of the memory."""
+  loss = np.asarray(loss, np.float64)
+  k = len(loss)
+
+  def norm(v):
+    if v.max() - v.min() != 0:
+      v = (v - v.min()) / ((v.max() - v.min()) + 1e-9)
+    return v
+
+  p = np.zeros(k)
+  if past.any():
+    imp = 1 - norm(loss[past])
+    p[past] = past.sum() / k * imp / imp.sum()
+  if (~past).any():
+    imp = norm(loss[~past])
+    if imp.sum() == 0:
+      imp = imp + 1e-9
+    p[~past] = (~past).sum() / k * imp / imp.sum()
+  return p
+
+
+def test_abs_probabilities_match_a_numpy_reimplementation():
+  loss = np.array([0.3, 2.0, 0.1, 1.2, 0.7, 0.05, 3.0, 0.4], np.float32)
+  past = np.array([1, 1, 1, 0, 0, 0, 0, 1], bool)
+  p = np.asarray(buffers.abs_probs(jnp.asarray(loss), jnp.asarray(past)))
+  np.testing.assert_allclose(p, _mammoth_abs(loss, past), atol=1e-6)
+  np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
+  # Past: the highest loss stays; current: the lowest loss stays.
+  assert p[1] == 0.0 and p[5] == 0.0
+  np.testing.assert_allclose(p[past].sum(), 0.5, rtol=1e-6)
+  # One group only, and all-equal losses (uniform within the group).
+  for past in (np.zeros(8, bool), np.ones(8, bool)):
+    np.testing.assert_allclose(
+        buffers.abs_probs(jnp.asarray(loss), jnp.asarray(past)),
+        _mammoth_abs(loss, past), atol=1e-6)
+  eq = np.full(8, 0.5, np.float32)
+  np.testing.assert_allclose(
+      buffers.abs_probs(jnp.asarray(eq), jnp.asarray(np.arange(8) < 3)),
+      1 / 8, rtol=1e-6)
+
+
+def test_loss_aware_add_with_past_draws_the_victim_from_abs():
+  k, n = 8, 4000
+  loss = np.array([0.3, 2.0, 0.1, 1.2, 0.7, 0.05, 3.0, 0.4], np.float32)
+  past = np.array([1, 1, 1, 0, 0, 0, 0, 1], bool)
+  mem = buffers.init(k, (1,))._replace(
+      x=jnp.arange(k, dtype=jnp.float32)[:, None],
+      valid=jnp.ones((k,), bool), seen=jnp.asarray(k, jnp.int32))
+
+  def one(key):
+    m, new = buffers.loss_aware_add(
+        mem, jnp.asarray(loss), key, jnp.full((1, 1), 99.0), jnp.array([3]),
+        jnp.array([0]), 1, jnp.array([5.0]), balanced=False, num_classes=4,
+        past=jnp.asarray(past))
+    slot = jnp.argmax(m.x[:, 0] == 99.0)
+    return slot, new[slot]
+
+  slot, news = jax.jit(jax.vmap(one))(jax.random.split(
+      jax.random.PRNGKey(0), n))
+  freq = np.bincount(np.asarray(slot), minlength=k) / n
+  np.testing.assert_allclose(freq, _mammoth_abs(loss, past), atol=0.03)
+  assert np.all(np.asarray(news) == 5.0)
+  with pytest.raises(ValueError, match="not both"):
+    buffers.loss_aware_add(mem, jnp.asarray(loss), jax.random.PRNGKey(0),
+                           jnp.zeros((1, 1)), jnp.array([0]), jnp.array([0]),
+                           1, jnp.array([1.0]), balanced=True, num_classes=4,
+                           past=jnp.asarray(past))
+
+
+def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
+    full_stream):
+  # A full memory at experience 1: slots 0-29 from experience 0, 30-49
+  # from experience 1. The step's memory is loss_aware_add's with those
+  # past slots and the losses refreshed from the replayed rows.
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, alpha_sample_insertion=0.0)
+  e0, e1 = full_stream.experiences[:2]
+  x = np.concatenate([e0.train_x[:30], e1.train_x[:20]])
+  y = np.concatenate([e0.train_y[:30], e1.train_y[:20]])
+  tag = (np.arange(50) >= 30).astype(np.int32)
+  mem = buffers.init(50, ctx.info.input_shape)._replace(
+      x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.int32),
+      experience=jnp.asarray(tag), valid=jnp.ones((50,), bool),
+      seen=jnp.asarray(60, jnp.int32))
+  losses = jnp.linspace(0.1, 2.0, 50)
+  info_of, after_step = _hooks(ctx, s)
+  add = jax.jit(lambda m, sc, k, x, y, t, ns, past: buffers.loss_aware_add(
+      m, sc, k, x, y, t, 1, ns, jnp.ones((B,)), balanced=False,
+      num_classes=10, past=past))
+  differ = 0
+  for seed in range(3):
+    state = _at(ctx, s, full_stream, i=1, memory=mem, losses=losses,
+                key=jax.random.PRNGKey(seed))
+    ss = state.strategy
+    info = info_of(state, batch_of(e1, start=100))
+    new = after_step(ss, info)
+    b = info.batch
+    ce = row_losses(info.logits, b["y"])
+    slots = np.asarray(b["aer_abs_slots"])
+    assert np.all(slots < 50)
+    refreshed = ss.losses.at[b["aer_abs_slots"]].set(ce[B:], mode="drop")
+    assert not np.allclose(refreshed, ss.losses)
+    inc = row_losses(ace_logits(info.logits[:B], b["y"][:B], b["mask"][:B],
+                                ss.seen), b["y"][:B])
+    order = jnp.argsort(inc, stable=True)
+    key = jax.random.fold_in(ss.key, ss.memory.seen)
+    got = {}
+    for name, past in (("tags", jnp.asarray(tag == 0)),
+                       ("none", jnp.zeros((50,), bool))):
+      got[name] = add(ss.memory, refreshed, key, b["x"][:B][order],
+                      b["y"][:B][order], b["task"][:B][order], inc[order],
+                      past)
+    np.testing.assert_array_equal(new.memory.x, got["tags"][0].x)
+    np.testing.assert_allclose(new.losses, got["tags"][1], rtol=1e-6)
+    differ += not np.array_equal(got["tags"][0].x, got["none"][0].x)
+  assert differ > 0  # the past slots change the draw
+
+
+# ---------------------------------------------------------------------------
+# AER: the epoch alternation and the restore.
+
+def test_replay_epochs_are_the_odd_ones_and_the_last():
+  for epochs, want in ((2, [0, 1]), (4, [0, 1, 0, 1]), (3, [0, 1, 1]),
+                       (5, [0, 1, 0, 1, 1])):
+    got = [bool(is_replay_epoch(jnp.asarray(e), epochs))
+           for e in range(epochs)]
+    assert got == [bool(w) for w in want], epochs
+
+
+def test_no_replay_term_in_forgetting_epochs_no_insertion_in_replay_ones(
+    full_stream):
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, train_epochs=4)
+  e0, e1 = full_stream.experiences[:2]
+  mem = buffers.reservoir_add(
+      buffers.init(50, ctx.info.input_shape), jax.random.PRNGKey(0),
+      jnp.asarray(e0.train_x[:50]), jnp.asarray(e0.train_y[:50]),
+      jnp.zeros((50,), jnp.int32), 0)
+  steps = -(-e1.num_train // B)
+  info_of, after_step = _hooks(ctx, s)
+  for epoch in range(4):
+    state = _at(ctx, s, full_stream, i=1, count=epoch * steps + 3,
+                memory=mem)
+    ss = state.strategy
+    info = info_of(state, batch_of(e1))
+    b = info.batch
+    inc = cross_entropy(ace_logits(info.logits[:B], b["y"][:B],
+                                   b["mask"][:B], ss.seen), b["y"][:B],
+                        b["mask"][:B])
+    rep = cross_entropy(info.logits[B:], b["y"][B:], b["mask"][B:])
+    assert float(rep) > 0.5
+    replay = epoch % 2 == 1 or epoch == 3
+    np.testing.assert_allclose(float(info.loss),
+                               float(inc + rep) if replay else float(inc),
+                               rtol=1e-6)
+    new = after_step(ss, info)
+    inserted = int(new.memory.seen) - int(ss.memory.seen)
+    assert inserted == (0 if replay else 2), epoch  # round(0.25 * 10)
+    assert int(new.count) == int(ss.count) + 1
+  # aer=False: replay and insertion in every epoch.
+  s = aer_abs(mem_size=50, aer=False, train_epochs=4)
+  state = _at(ctx, s, full_stream, i=1, count=3, memory=mem)
+  info_of, after_step = _hooks(ctx, s)
+  info = info_of(state, batch_of(e1))
+  assert float(info.loss) > float(cross_entropy(
+      ace_logits(info.logits[:B], info.batch["y"][:B],
+                 info.batch["mask"][:B], state.strategy.seen),
+      info.batch["y"][:B], info.batch["mask"][:B])) + 0.5
+  assert int(after_step(state.strategy, info).memory.seen) == 52
+
+
+def _run_epochs(ctx, s, stream, n_exp, epochs):
+  """Trains ``n_exp`` experiences epoch by epoch through the compiled
+  loop; returns the parameters and strategy state after each epoch (host
+  copies) and the learner."""
+  learner = train.make_learner(ctx, s, epochs=epochs)
+  state = train.init_state(ctx, s, 0)
+  snaps = []
+  host = lambda t: jax.tree.map(np.array, t)
+  for exp in stream.experiences[:n_exp]:
+    state = train.reset_opt_state(ctx, s.before_experience(ctx, state, exp))
+    data = train.device_experience(exp, ctx.info.train_size)
+    for e in range(epochs):
+      state, _, _ = learner.chunk_fn(state, data, exp.num_train, exp.index,
+                                     e, 0)
+      snaps.append((exp.index, e, host(state.params), host(state.strategy)))
+    state = s.after_experience(ctx, state, exp)
+  return snaps, learner
+
+
+def _same(a, b):
+  return all(np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_replay_epochs_start_from_the_last_replay_epochs_weights(
+    full_stream):
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, train_epochs=4)
+  snaps, learner = _run_epochs(ctx, s, full_stream, 2, 4)
+  assert learner.chunk_fn._cache_size() == 1
+  by = {(i, e): (p, ss) for i, e, p, ss in snaps}
+  steps = [-(-x.num_train // B) for x in full_stream.experiences[:2]]
+  for (i, e), (p, ss) in by.items():
+    assert int(ss.count) == (e + 1) * steps[i]
+    replay = e % 2 == 1
+    # Saved after a replay epoch; restored after a forgetting epoch.
+    assert bool(ss.has_saved) == ((i, e) != (0, 0))
+    if replay:
+      assert _same(ss.saved, p)
+  # Experience 0, epoch 0: nothing saved yet, so its training is kept.
+  assert not _same(by[0, 0][0], jax.tree.map(
+      np.array, train.init_state(ctx, s, 0).params))
+  # The restore follows a forgetting epoch's last step: epoch 3 starts
+  # from epoch 1's end, and experience 1's epoch 1 from experience 0's.
+  assert _same(by[0, 2][0], by[0, 1][0])
+  assert _same(by[1, 0][0], by[0, 3][0])
+  assert _same(by[1, 2][0], by[1, 1][0])
+  # The memory is fed in forgetting epochs only.
+  seen = {k: int(v[1].memory.seen) for k, v in by.items()}
+  assert seen[0, 0] > 0 and seen[0, 1] == seen[0, 0]
+  assert seen[0, 2] > seen[0, 1] and seen[0, 3] == seen[0, 2]
+  assert seen[1, 0] > seen[0, 3] and seen[1, 1] == seen[1, 0]
+  # Replay epochs did train: the weights moved during them.
+  assert not _same(by[0, 3][0], by[0, 2][0])
+  assert not _same(by[1, 1][0], by[1, 0][0])
+
+
+def test_aer_false_never_restores(full_stream):
+  ctx = make_ctx(full_stream)
+  snaps, _ = _run_epochs(ctx, aer_abs(mem_size=50, aer=False,
+                                      train_epochs=2), full_stream, 2, 2)
+  by = {(i, e): p for i, e, p, _ in snaps}
+  assert not _same(by[1, 0], by[0, 1])
+  assert not any(bool(ss.has_saved) for *_, ss in snaps)
+
+
+# ---------------------------------------------------------------------------
+# Arguments and the normal loop.
+
+def test_bad_arguments_raise_clear_errors(full_stream):
+  for kw, match in [
+      (dict(alpha_sample_insertion=1.0), r"alpha_sample_insertion must be "
+       r"a number in \[0, 1\).*got 1.0"),
+      (dict(alpha_sample_insertion=-0.1), r"in \[0, 1\).*got -0.1"),
+      (dict(alpha_sample_insertion=75), r"percentages are not accepted.*"
+       r"got 75"),
+      (dict(alpha_sample_insertion=float("nan")), r"in \[0, 1\)"),
+      (dict(alpha_sample_insertion=True), r"in \[0, 1\)"),
+      (dict(selection="labrs"), r"unknown selection 'labrs'; valid: "
+       r"\['abs', 'lars', 'reservoir'\]"),
+      (dict(train_epochs=1), r"aer=True needs train_epochs >= 2.*got 1.*"
+       "aer=False"),
+      (dict(train_epochs=0, aer=False), r"train_epochs must be an int >= 1"),
+      (dict(aer="yes"), "aer must be True or False"),
+      (dict(mem_size=0), "mem_size must be a positive int, got 0"),
+      (dict(mem_size=5, batch_size=6), "batch_size=6 is larger than the "
+       "memory capacity mem_size=5")]:
+    with pytest.raises(ValueError, match=match):
+      aer_abs(**kw)
+  aer_abs(train_epochs=1, aer=False)  # one pass without AER is fine
+
+
+def test_runs_split_digits_without_recompiling_and_checks_epochs(stream):
+  c = config("aer_abs", aer_abs=dict(mem_size=40))
+  c.train.epochs = 2
+  r = experiment.run(c, scenario=stream)
+  assert r.learner.chunk_fn._cache_size() == 1
+  ss = r.state.strategy
+  assert int(jnp.sum(ss.memory.valid)) == 40
+  # Both experiences are in memory, and it learned both (chance is 0.25).
+  assert set(np.unique(np.asarray(ss.memory.experience))) == {0, 1}
+  assert np.all(r.accuracy[-1, :2] > 0.5), r.accuracy
+  # Not given, train_epochs is the run's train.epochs (build_strategy).
+  c.train.epochs = 3
+  one = dataclasses.replace(stream, experiences=stream.experiences[:1])
+  experiment.run(c, scenario=one)
+  c.strategy.aer_abs.train_epochs = 2  # given, and not the run's
+  with pytest.raises(ValueError, match=r"experience 0 ran .* 3 epochs.*"
+                     r"train_epochs=2"):
+    experiment.run(c, scenario=one)
