@@ -741,7 +741,10 @@ def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
   """Binary GN (the reference code's se_binary_minimization): superpose the
   candidates uniformly, keep the half with the smallest dH/dalpha (central
   finite differences here), repeat until one is left."""
-  model, x, v, ctx, masks = _supsup_gn_case(4, seed=5)
+  # Seed 0: a case where the direction of the halving matters (keeping the
+  # larger gradients each round ends at task 2, not 0; seed 5 ends at 0
+  # either way).
+  model, x, v, ctx, masks = _supsup_gn_case(4, seed=0)
   params, ms = v["params"], {"frozen": v["frozen"]}
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32),
                         jnp.ones((4,), bool), jnp.asarray(True))
