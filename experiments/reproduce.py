@@ -293,7 +293,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     try:  # an unfinished run of this config resumes from its checkpoints
       acc, g = train()
     except checkpoint.IncompatibleCheckpointError:
-      set_aside("an unfinished run of another config or seeds")
+      set_aside("an unfinished run of another config, seeds or state "
+                "layout (an earlier jaxcl)")
       acc, g = train()
   except datasets.DataError as e:  # e.g. CIFAR on an offline machine
     return {"skipped": _no_data(config.dataset.name, str(e))}

@@ -22,6 +22,13 @@ complete; an unfinished one is never listed. A checkpoint that exists but
 fails to restore (truncated or corrupt files) is reported and skipped for the
 next older one. At least two checkpoints are kept, so deleting the oldest
 never removes the only valid one.
+
+A checkpoint that reads but holds another state (a strategy's state gained a
+field in a newer jaxcl, a parameter changed shape) is refused, like one of
+another config: its tree, shapes and dtypes, from orbax's metadata, are
+compared with the state this run builds before any array is read. It is not
+treated as corrupt: falling back over it would start the run over in its
+directory, and the new saves would rotate it out.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ _IGNORED_FIELDS = ("dataset.data_dir",)
 
 
 class IncompatibleCheckpointError(ValueError):
-  """The run directory holds a checkpoint of a different configuration."""
+  """The run directory holds a checkpoint of a different configuration, or
+  one whose state this version of jaxcl does not build."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +92,55 @@ def _comparable(fp: dict[str, Any]) -> dict[str, Any]:
   caches stored some of them)."""
   return {k: v for k, v in fp.items()
           if k.split(".")[0] not in _IGNORED and k not in _IGNORED_FIELDS}
+
+
+def _leaves(tree: Any) -> dict[str, Any]:
+  """``{'strategy.buffer.x': (shape, dtype), ...}`` for a pytree or orbax's
+  metadata tree of one, named as orbax names the stored arrays
+  (NamedTuple / dataclass fields by name, sequence items by index). Empty
+  nodes (``()``, ``{}``, an ``EmptyState``; ``None`` in metadata) map to
+  None: orbax needs them at the same places too."""
+  import orbax.checkpoint as ocp
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=ocp.utils.is_empty_or_leaf)
+  out = {}
+  for path, leaf in flat:
+    name = ".".join(ocp.tree.str_keypath(path))
+    if leaf is None or ocp.utils.is_empty_node(leaf):
+      out[name] = None
+    else:  # arrays, ShapeDtypeStructs, ArrayMetadata, Python scalars
+      dtype = getattr(leaf, "dtype", None)
+      out[name] = (tuple(getattr(leaf, "shape", ())),
+                   np.dtype(type(leaf) if dtype is None else dtype))
+  return out
+
+
+def _tree_differences(saved: Any, current: Any, prefix: str = "",
+                     dtypes: bool = True) -> list[str]:
+  """Where a checkpoint's stored tree (orbax metadata) differs from the
+  pytree this run restores into, as messages naming each path; empty when
+  every array is where this run expects it, with its shape (and dtype,
+  when ``dtypes``: orbax would cast it silently)."""
+  a, b = _leaves(saved), _leaves(current)
+
+  def show(v):
+    return "empty" if v is None else f"{v[1].name}{list(v[0])}"
+
+  out = []
+  for k in sorted(set(a) | set(b)):
+    name = prefix + (k or "<root>")
+    if k not in b:
+      out.append(f"{name}: in the checkpoint ({show(a[k])}), not in this "
+                 "version")
+    elif k not in a:
+      out.append(f"{name}: in this version ({show(b[k])}), not in the "
+                 "checkpoint")
+    elif (a[k] is None) != (b[k] is None) or (
+        a[k] is not None and (a[k][0] != b[k][0] or (
+            dtypes and a[k][1] != b[k][1]))):
+      out.append(f"{name}: {show(a[k])} in the checkpoint, {show(b[k])} in "
+                 "this version")
+  return out
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -126,9 +183,14 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.config_fp = config_fp
     self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    # The handlers are named so that a step's metadata can be read alone
+    # (restore compares the stored tree with the expected state first).
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           progress=ocp.StandardCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
     steps = self._manager.all_steps()
     self._next = (max(steps) + 1) if steps else 0
 
@@ -163,7 +225,9 @@ class Checkpointer:
 
     Raises:
       IncompatibleCheckpointError: the newest readable checkpoint comes from
-        another configuration (the message lists what differs).
+        another configuration, or holds a state of another tree, shapes or
+        dtypes than ``state_like`` (another jaxcl version); the message
+        lists what differs. Nothing in the directory is changed.
     """
     ocp = self._ocp
     steps = self.steps()
@@ -183,6 +247,30 @@ class Checkpointer:
             "comes from a different config; refusing to resume. "
             "Differences:\n  " + "\n  ".join(diff) +
             "\nUse another --workdir, or the original config.")
+      try:
+        stored = self._manager.metadata(step).item_metadata
+        stored = {k: getattr(stored.get(k), "tree", None)
+                  for k in ("state", "progress")}
+      except Exception:  # unreadable metadata: the restore below says so
+        stored = {}
+      if all(stored.get(k) is not None for k in ("state", "progress")):
+        # Progress dtypes are not compared: the random accuracies are
+        # saved as float32 and restored into float64 (harmless casts).
+        diff = (_tree_differences(stored["state"], state_like) +
+                _tree_differences(stored["progress"], progress_like,
+                                 "progress.", dtypes=False))
+        if diff:
+          more = (f"\n  ... and {len(diff) - 10} more" if len(diff) > 10
+                  else "")
+          raise IncompatibleCheckpointError(
+              f"the run directory's checkpoint ({self.directory}, step "
+              f"{step}) has the same config but holds a state this version "
+              "of jaxcl does not build (a strategy's state or the model's "
+              "parameters changed since it was written); refusing to "
+              "resume, and leaving the directory as it is. First "
+              "differences:\n  " + "\n  ".join(diff[:10]) + more +
+              "\nUse another --workdir to start afresh, or resume with the "
+              "jaxcl version that wrote the checkpoint.")
       try:
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
         restored = self._manager.restore(

@@ -197,3 +197,154 @@ def test_resumed_run_counts_the_earlier_invocations_time(tmp_path):
   ck = checkpoint.Checkpointer(str(tmp_path / "old2"), {"a": 1})
   assert np.isnan(ck.restore(state, progress)[1]["seconds"])
   ck.close()
+
+
+def _files(directory):
+  """Every file under ``directory`` with its size and mtime."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), directory)] = (
+          st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_checkpoint_of_another_state_tree_is_refused_untouched(tmp_path):
+  """Same config, but the state this code builds differs from the saved
+  one (a strategy's state gained a field in a newer jaxcl; an array changed
+  shape): the resume is refused naming the paths, and nothing in the run
+  directory changes. It used to be taken for a corrupt checkpoint: every
+  one was skipped, the run started over in the same directory, and its
+  saves rotated the old checkpoints out."""
+  import jax.numpy as jnp
+
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.train.epochs, c.scenario.n_experiences = 1, 2
+  work = str(tmp_path / "run")
+
+  def with_state(**leaves):
+    return jaxcl.identity()._replace(
+        init=lambda ctx, key, params: dict(leaves))
+
+  jaxcl.run(c, work, strategy=with_state(a=jnp.zeros(3)))
+  before = _files(work)
+  assert len([s for s in os.listdir(os.path.join(work, "checkpoints"))
+              if s.isdigit()]) >= 2
+  for strategy, says in [
+      (with_state(a=jnp.zeros(3), lower=jnp.zeros(2)),
+       r"strategy\.lower: in this version \(float32\[2\]\), not in the "
+       r"checkpoint"),
+      (with_state(), r"strategy\.a: in the checkpoint \(float32\[3\]\), not "
+       r"in this version"),
+      (with_state(a=jnp.zeros(4)),
+       r"strategy\.a: float32\[3\] in the checkpoint, float32\[4\] in this "
+       r"version"),
+      (with_state(a=jnp.zeros(3, jnp.int32)),  # orbax would cast it
+       r"strategy\.a: float32\[3\] in the checkpoint, int32\[3\] in this "
+       r"version")]:
+    with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
+      jaxcl.run(c, work, strategy=strategy)
+    assert re.search(says, str(e.value)), str(e.value)
+    assert "same config" in str(e.value) and "--workdir" in str(e.value)
+    assert _files(work) == before  # no checkpoint, log or plot touched
+  # The state it was written with still resumes (at its end).
+  r = jaxcl.run(c, work, strategy=with_state(a=jnp.zeros(3)))
+  assert r.times["before"] > 0 and not np.isnan(r.accuracy).any()
+
+
+def test_corrupt_newest_does_not_hide_an_incompatible_state(tmp_path):
+  """Falling back over a corrupt checkpoint still refuses an older one
+  whose parameters changed shape: the run never starts over beside it."""
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  d = str(tmp_path / "r")
+  progress = {"accuracy": np.zeros((2, 2))}
+  old = {"params": {"head": {"kernel": jnp.ones((4, 3))}}}
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  for i in range(3):
+    ck.save(old, progress, checkpoint.Position(i, "begin"))
+  ck.close()
+  newest = os.path.join(d, "checkpoints", "2")
+  for root, _, files in os.walk(newest):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "r+b") as fh:
+        fh.truncate(max(os.path.getsize(path) // 3, 1))
+  before = _files(d)
+  logged = []
+  ck = checkpoint.Checkpointer(d, {"a": 1}, log=logged.append)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"step 1\).*\n  params\.head\.kernel: float32"
+                     r"\[4, 3\] in the checkpoint, float32\[4, 5\] in this"):
+    ck.restore({"params": {"head": {"kernel": jnp.ones((4, 5))}}}, progress)
+  ck.close()
+  assert any("checkpoint 2" in m and "falling back" in m for m in logged)
+  assert _files(d) == before
+  # The same shapes still fall back over the corrupt one and resume.
+  ck = checkpoint.Checkpointer(d, {"a": 1}, log=logged.append)
+  state, _, pos = ck.restore(old, progress)
+  ck.close()
+  assert pos.experience == 1
+  np.testing.assert_array_equal(state["params"]["head"]["kernel"],
+                                np.ones((4, 3)))
+
+
+def test_tree_differences_name_each_path(tmp_path):
+  """The comparison behind the refusal, on orbax's own metadata: fields by
+  name, items by index, an empty node where an array was, and nothing for
+  the same tree (whatever its container types: orbax stores NamedTuples as
+  dicts and tuples as lists)."""
+  from typing import NamedTuple
+
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  from jaxcl import checkpoint
+
+  class S(NamedTuple):
+    mem: tuple
+    seen: jnp.ndarray
+
+  tree = {"strategy": S((jnp.zeros((2, 3)), ()), jnp.zeros(4, jnp.int32))}
+  ck = ocp.StandardCheckpointer()
+  ck.save(tmp_path / "x", tree)
+  ck.wait_until_finished()
+  stored = ck.metadata(tmp_path / "x").item_metadata.tree
+  assert checkpoint._tree_differences(stored, tree) == []
+  other = {"strategy": S((jnp.zeros((2, 3), jnp.bfloat16), jnp.zeros(1)),
+                         ())}
+  assert checkpoint._tree_differences(stored, other) == [
+      "strategy.mem.0: float32[2, 3] in the checkpoint, bfloat16[2, 3] in "
+      "this version",
+      "strategy.mem.1: empty in the checkpoint, float32[1] in this version",
+      "strategy.seen: int32[4] in the checkpoint, empty in this version"]
+  assert checkpoint._tree_differences(stored, other, dtypes=False)[0] \
+      .startswith("strategy.mem.1")
+
+
+def test_unreadable_state_metadata_falls_back(tmp_path):
+  """A checkpoint whose meta reads but whose state's tree metadata is
+  truncated is corrupt, not incompatible: skipped for the older one."""
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  d = str(tmp_path / "r")
+  state, progress = {"w": jnp.arange(3.0)}, {"accuracy": np.zeros((2, 2))}
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  ck.save(state, progress, checkpoint.Position(1, "begin"))
+  ck.save(state, progress, checkpoint.Position(2, "begin"))
+  ck.close()
+  path = os.path.join(d, "checkpoints", "1", "state", "_METADATA")
+  with open(path, "r+b") as fh:
+    fh.truncate(os.path.getsize(path) // 3)
+  logged = []
+  ck = checkpoint.Checkpointer(d, {"a": 1}, log=logged.append)
+  restored, _, pos = ck.restore(state, progress)
+  ck.close()
+  assert pos.experience == 1 and "falling back" in logged[0]
+  np.testing.assert_array_equal(restored["w"], np.arange(3.0))
