@@ -115,6 +115,14 @@ Protocols (one per paper; picked by ``strategy``):
   one ascent step) with its own reservoir of ``mem_size`` and the
   partner's replayed rows per step. No MNIST number in the paper; read
   against the partner alone.
+* ``plus=cscct`` (Ashok et al. 2022, `Class-incremental learning with
+  cross-space clustering and controlled transfer
+  <https://arxiv.org/abs/2208.03767>`_; Mammoth's ``er_ace_cscct``,
+  ``derpp_cscct``): the plug-in chained in front of the ``strategy``, at
+  the code's weights (CSC 3, CT 1.5, temperature 2), on the incoming rows
+  and the partner's appended memory rows (beside ``der`` / ``derpp``,
+  which append none, on the incoming rows only). No MNIST number in the
+  paper; read against the partner alone.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -141,12 +149,13 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=rar,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_tricks,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=star,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=cscct,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:mem_size=200,replayed=20
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``replayed`` (Replay, ER-ACE, ER-AML, RAR, ER with tricks: memory rows per
 step; 0: 10),
-``plus`` (a plug-in chained in front of the strategy: star), ``distill``
+``plus`` (a plug-in chained in front of the strategy: star, cscct), ``distill``
 (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
 anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
@@ -387,14 +396,17 @@ def get_config(arg=None):
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks")
   if a["plus"]:
-    if a["plus"] != "star":
+    if a["plus"] not in ("star", "cscct"):
       raise ValueError(f"unknown plus={a['plus']!r} for this config; "
-                       "valid: star (or empty)")
-    # The plug-in's own reservoir matches the partner's memory, and it
-    # draws the partner's replayed rows per step (10 unless `replayed`).
-    c.strategy.star = dict(mem_size=m, batch_size=a["replayed"] or 10)
-    c.strategy.name = f"star+{c.strategy.name}"
-    c.name += "_star"
+                       "valid: star, cscct (or empty)")
+    if a["plus"] == "star":
+      # The plug-in's own reservoir matches the partner's memory, and it
+      # draws the partner's replayed rows per step (10 unless `replayed`).
+      c.strategy.star = dict(mem_size=m, batch_size=a["replayed"] or 10)
+    else:  # the code's defaults; it reads the partner's appended rows
+      c.strategy.cscct = dict()
+    c.strategy.name = f"{a['plus']}+{c.strategy.name}"
+    c.name += f"_{a['plus']}"
   if a["init"]:
     c.model.init = a["init"]
   if subset > 0:

@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs"),
+               "aer_abs", "cscct"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -182,6 +182,10 @@ PAPERS: dict[str, str] = {
               "for continual learning*, Pattern Recognition Letters "
               "(CaSpeR; a regulariser to chain with a replay method, e.g. "
               "`casper+er_ace`)",
+    "cscct": "Ashok, Joseph & Balasubramanian 2022, *Class-incremental "
+             "learning with cross-space clustering and controlled "
+             "transfer*, ECCV (CSCCT; a regulariser to chain with a replay "
+             "method that appends its memory rows, e.g. `cscct+er_ace`)",
     "aer_abs": "Millunzi, Bonicelli, Porrello, Credi, Kolm & Calderara "
                "2024, *May the forgetting be with you: alternate replay "
                "for learning with noisy labels*, BMVC (AER + ABS on ER-ACE; "
@@ -243,6 +247,10 @@ NEEDS: dict[str, str] = {
               "default: give `knn_laplace=5` at batch 10), `p` + 2 <= "
               "`casper_batch`, and `mem_size` at least the number of "
               "classes",
+    "cscct": "a class- or task-incremental stream, each class in one "
+             "experience, and a partner that appends its memory rows to "
+             "the batch (`replay`, `er_ace`; beside `der` / `derpp` it sees "
+             "the incoming rows only)",
     "aer_abs": "`train_epochs` equal to the run's `train.epochs` (filled "
                "in from a config; at least 2 with `aer=True`)",
     "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
