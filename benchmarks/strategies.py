@@ -70,6 +70,17 @@ def _lider_derpp(c):
   return c
 
 
+def _aer_abs(c):
+  """AER + ABS in ER-ACE's Split MNIST protocol (memory 500, batch 10 +
+  10), at 2 epochs instead of one online pass (its alternation needs 2;
+  the time per step does not depend on the epoch count)."""
+  c.strategy = type(c.strategy)(dict(name="aer_abs",
+                                     aer_abs=dict(mem_size=500)))
+  c.scenario.online = False  # an online stream is one pass
+  c.train.epochs = 2
+  return c
+
+
 # protocol -> (name, config module, variant, patch): each strategy in its
 # own family's protocol; "naive@x" rows are Naive in the protocol (config)
 # of the rows that follow them, and rows of that config print their time
@@ -126,6 +137,14 @@ PROTOCOLS = {
         # (a backward pass) and the KL's gradient at the perturbed point.
         ("star+replay", "split_mnist_replay",
          "strategy=replay,plus=star,mem_size=500", None),
+        # ER-ACE plus CSCCT: a forward pass of the previous experience's
+        # model over the 10 + 10 rows and two small cosine matrices.
+        ("cscct+er_ace", "split_mnist_replay",
+         "strategy=er_ace,plus=cscct,mem_size=500", None),
+        # ER-ACE's rows with a loss-ordered insertion, ABS's sequential
+        # slot choice per offered row and a parameter copy per epoch.
+        ("aer_abs", "split_mnist_replay", "strategy=er_ace,mem_size=500",
+         _aer_abs),
         # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
         ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
          _naive),
@@ -190,7 +209,8 @@ PROTOCOLS = {
 
 def prepare(module: str, arg: str, data_dir: str, patch=None):
   """The learner and the state at the start of experience 1, after one
-  epoch of experience 0; returns ``(learner, state, data, exp)``."""
+  epoch of experience 0 (all of them for AER + ABS); returns ``(learner,
+  state, data, exp)``."""
   from jaxcl import experiment, train
 
   c = importlib.import_module(f"experiments.{module}").get_config(arg)
@@ -210,11 +230,13 @@ def prepare(module: str, arg: str, data_dir: str, patch=None):
     return train.unalias(state)
 
   # One epoch of experience 0, so that experience 1 sees a populated
-  # strategy (memories, Fisher, masks).
+  # strategy (memories, Fisher, masks); a strategy that follows the epochs
+  # (AER) is given all of them, as its end-of-experience check demands.
   state = begin(state, 0)
   exp = sc.experiences[0]
   data = jax.device_put(train.device_experience(exp, size))
-  for epoch in range(1):
+  epochs = learner.epochs if "aer_abs" in c.strategy.name else 1
+  for epoch in range(epochs):
     for start in range(0, learner.epoch_steps, learner.chunk_steps):
       state, _, _ = learner.chunk_fn(state, data, exp.num_train, 0, epoch,
                                      start)
