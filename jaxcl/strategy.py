@@ -313,6 +313,17 @@ _FULL_SOFTMAX_MEMORY = ("{other} keeps the memory's cross-entropy over all "
                         "experience, 3 seeds, against 0.11-0.96 for "
                         "ss_il alone)")
 
+_FRESH_MEMBER_ACE = ("{first} trains a freshly initialised model per "
+                     "experience and averages the models' softmax outputs, "
+                     "while {other} scores the incoming rows over the "
+                     "current and unseen classes only, replays the old "
+                     "ones, and undoes the first (forgetting) epoch: no new "
+                     "class was predicted at the end of its experience "
+                     "(ensemble+aer_abs at Adam 1e-2: 0.00-0.11 on each new "
+                     "experience, accuracy 0.27-0.30, 3 seeds, against "
+                     "0.57-0.68 for ensemble alone and 0.66-0.71 for "
+                     "aer_abs alone)")
+
 
 def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   """{unordered pair: (the member the reason is about, reason)}."""
@@ -325,7 +336,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
-              "lamaml", "clser", "rar"), _HAT_LEAK)
+              "lamaml", "clser", "rar", "aer_abs"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
@@ -335,7 +346,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar"),
+                "lamaml", "rar", "aer_abs"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
@@ -364,6 +375,8 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   # Session 32: latent_replay / exstream beside ss_il (docs/
   # composition_fuzz.md).
   add("ss_il", ("latent_replay", "exstream"), _GROUP_SOFTMAX_LATENTS)
+  # Session 32's fuzz of aer_abs (docs/composition_fuzz.md).
+  add("ensemble", ("aer_abs",), _FRESH_MEMBER_ACE)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
   return table
@@ -405,6 +418,14 @@ _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar",)
 # orders (_INNER_FREEZE), so they are not listed here.
 _BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem", "packnet",
                                "progressive"), ("lamaml", "mer")
+# Ordered: aer_abs copies the weights in its before_experience and restores
+# the copy after each forgetting epoch; a later member's before_experience
+# write is lost (session 32's probe: from_scratch's reset, ensemble's new
+# member, expert_gate's loaded expert, multihead's new head all undone in
+# aer_abs+X, kept in X+aer_abs). cwr_star / ar1 are refused beside it in
+# both orders (_CWR_BIAS).
+_RESTORERS, _START_WRITERS = ("aer_abs",), ("from_scratch", "ensemble",
+                                            "expert_gate", "multihead")
 # Ordered: a projector after a member that zeroes part of the gradient and
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting
@@ -448,6 +469,17 @@ def _check_composable(names: Sequence[str]) -> None:
             f"its update_grads adds its whole step afterwards, so {a}'s "
             f"update_grads never sees that step ({a}+{b} trained exactly "
             f"as naive+{b}, or moved frozen weights); put {b} before {a}")
+      if a in _RESTORERS and b in _START_WRITERS:
+        raise ValueError(
+            f"chain(): {a} and {b} cannot be composed in this order: {a} "
+            f"copies the weights in its before_experience and restores "
+            f"that copy at the end of each forgetting epoch, so what {b}'s "
+            f"before_experience, running after it, writes into the weights "
+            f"(a reset, a loaded expert, a new model or head) is undone "
+            f"after one epoch (session 32: the restored weights differed "
+            f"from {b}'s by up to 0.01-0.58 and equalled the previous "
+            f"experience's); put {b} before {a}, whose copy then holds "
+            f"{b}'s weights")
       if a in _ZERO_RESTORE and b in _PROJECTORS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "

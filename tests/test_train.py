@@ -777,3 +777,35 @@ def test_chain_refuses_ss_il_beside_a_latent_freezer(spec):
   # Its neighbours stay accepted: another replay beside each member.
   assert strategies.from_spec(f"{other}+replay")[0].name == f"{other}+replay"
   assert strategies.from_spec("ss_il+mir")[0].name == "ss_il+mir"
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("aer_abs+hat", "hat masks only its own gradient"),
+    ("hat+aer_abs", "hat masks only its own gradient"),
+    ("cwr_star+aer_abs", "cwr_star writes a -1e9 bias"),
+    ("aer_abs+cwr_star", "cwr_star writes a -1e9 bias"),
+    ("ar1+aer_abs", "ar1 writes a -1e9 bias"),
+    ("aer_abs+from_scratch", "aer_abs and from_scratch cannot be composed "
+     "in this order: .* put from_scratch before aer_abs"),
+    ("aer_abs+ensemble", "put ensemble before aer_abs"),
+    ("ensemble+aer_abs", "ensemble trains a freshly initialised model per "
+     "experience .* no new class was predicted"),
+    ("aer_abs+expert_gate", "put expert_gate before aer_abs"),
+    ("aer_abs+multihead", "restores that copy at the end of each "
+     "forgetting epoch, so what multihead's before_experience"),
+])
+def test_chain_refuses_aer_abs_compositions_that_are_silently_wrong(
+    spec, match):
+  # Session 32's aer_abs pass (docs/composition_fuzz.md): hat's old tasks
+  # drifted, cwr_star / ar1 and ensemble scored below either member alone,
+  # and aer_abs's restore undid the before_experience write of a member
+  # after it.
+  from jaxcl import strategies
+  with pytest.raises(ValueError, match=match):
+    strategies.from_spec(spec)
+  # The neighbours stay accepted: the writer before aer_abs (its copy then
+  # holds the written weights), aer_abs beside another task-IL member, and
+  # ensemble beside a replay whose loss is the full cross-entropy.
+  for ok in ("from_scratch+aer_abs", "multihead+aer_abs",
+             "expert_gate+aer_abs", "aer_abs+packnet", "ensemble+replay"):
+    assert strategies.from_spec(ok)[0].name == ok
