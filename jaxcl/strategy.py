@@ -341,7 +341,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
                 "il2m", "er_aml", "eeil", "cope", "scr", "clser", "rpc",
-                "ss_il", "rar"),
+                "ss_il", "rar", "aer_abs"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",

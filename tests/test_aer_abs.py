@@ -198,8 +198,9 @@ def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
     b = info.batch
     ce = row_losses(info.logits, b["y"])
     slots = np.asarray(b["aer_abs_slots"])
-    assert np.all(slots < 50)
-    refreshed = ss.losses.at[b["aer_abs_slots"]].set(ce[B:], mode="drop")
+    assert np.all(slots[:B] == 50) and np.all(slots[B:] < 50)
+    refreshed = ss.losses.at[b["aer_abs_slots"][B:]].set(ce[B:],
+                                                          mode="drop")
     assert not np.allclose(refreshed, ss.losses)
     inc = row_losses(ace_logits(info.logits[:B], b["y"][:B], b["mask"][:B],
                                 ss.seen), b["y"][:B])
@@ -380,3 +381,32 @@ def test_runs_split_digits_without_recompiling_and_checks_epochs(stream):
   with pytest.raises(ValueError, match=r"experience 0 ran .* 3 epochs.*"
                      r"train_epochs=2"):
     experiment.run(c, scenario=one)
+
+
+@pytest.mark.parametrize("spec", ["replay+aer_abs", "aer_abs+replay"])
+def test_beside_another_row_appender(stream, spec):
+  # Session 32's fuzz: with a partner's rows in the batch, the slots'
+  # losses were read from every appended row (a broadcasting error while
+  # tracing). Each member's rows now stay its own.
+  c = config(spec, aer_abs=dict(mem_size=40), replay=dict(mem_size=40))
+  c.train.epochs = 2
+  r = experiment.run(c, scenario=stream)
+  assert r.learner.chunk_fn._cache_size() == 1
+  assert np.all(np.isfinite(r.accuracy))
+  ss = r.state.strategy[spec.split("+").index("aer_abs")]
+  assert int(jnp.sum(ss.memory.valid)) == 40
+  # Its slot array ends at its own rows: each names the memory slot whose
+  # example sits in that row of the prepared batch.
+  from jaxcl.strategies import aer_abs as aer_mod
+  ctx, strat = r.learner.ctx, r.learner.strategy
+  out = strat.prepare_batch(ctx, r.state.strategy,
+                            batch_of(stream.experiences[1]),
+                            jax.random.PRNGKey(3))
+  slots = np.asarray(out[aer_mod._SLOTS])
+  first = spec.startswith("replay")
+  assert len(slots) == B + (B if first else 0) + B  # incoming, replay's, own
+  assert np.all(slots[:-B] == 40)
+  own = slots[-B:]
+  np.testing.assert_array_equal(
+      np.asarray(out["x"])[len(slots) - B:len(slots)][own < 40],
+      np.asarray(ss.memory.x)[own[own < 40]])

@@ -89,6 +89,12 @@ Differences from the reference, on purpose:
 As in Mammoth's ``er_ace_aer_abs`` (unlike its ``er_ace``), the ACE mask
 and the replay term apply from the first experience on.
 
+Chained with members that append rows of their own (``replay``, ``gss``,
+...): the replay term counts every appended row, as ER-ACE's does, so a
+forgetting epoch switches the partners' replay off too; only aer_abs's
+own rows (the last ``batch_size`` of those up to its own) refresh its
+slots' losses.
+
 Mechanics: the strategy counts its steps within the experience
 (``before_experience`` resets the count and reads the epoch length,
 ``ceil(num_train / batch_size)``), so the epoch ``count // epoch_steps``
@@ -285,8 +291,14 @@ def aer_abs(mem_size: int = 200, batch_size: int = 0,
     # buffer").
     r = replay_size(ctx)
     idx, ok = buffers.sample(sstate.memory, key, r)
+    # Each row up to ours, with its memory slot (K: none, dropped when
+    # written): an earlier chain member may have appended rows before ours
+    # and a later one after, so ours are the last r of this array.
+    start = batch["y"].shape[0]
     out = append_rows(batch, buffers.gather(sstate.memory, idx, ok))
-    out[_SLOTS] = jnp.where(ok, idx, mem_size).astype(jnp.int32)
+    out[_SLOTS] = jnp.concatenate([
+        jnp.full((start,), mem_size, jnp.int32),
+        jnp.where(ok, idx, mem_size).astype(jnp.int32)])
     return out
 
   def incoming_logits(ctx, sstate, logits, batch):
@@ -318,9 +330,10 @@ def aer_abs(mem_size: int = 200, batch_size: int = 0,
     b = ctx.info.batch_size
     counts = insertion_counts(alpha_sample_insertion, b)
     batch = info.batch
-    # Replayed rows: refresh their slots' losses (full softmax).
-    ce = row_losses(info.logits, batch["y"])
-    losses = sstate.losses.at[batch[_SLOTS]].set(ce[b:], mode="drop")
+    # Our replayed rows: refresh their slots' losses (full softmax).
+    n = batch[_SLOTS].shape[0]
+    ce = row_losses(info.logits[:n], batch["y"][:n])
+    losses = sstate.losses.at[batch[_SLOTS]].set(ce, mode="drop")
     rows = incoming_rows(ctx, batch)
     inc = row_losses(incoming_logits(ctx, sstate, info.logits, batch),
                      rows["y"])
