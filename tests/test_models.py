@@ -155,7 +155,9 @@ def test_cosine_head_is_sigma_times_the_cosine():
   # feature vector (a ReLU net on a zero row) has a finite gradient.
   m = models.build("mlp", num_classes=5, widths=(8,), head="cosine")
   x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
-  v = m.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  # init, apply and the gradient compiled, as a run compiles them (op by
+  # op they compiled some 70 small programs, most of the test's time).
+  v = jax.jit(m.init)(jax.random.PRNGKey(0), jnp.asarray(x))
   p = jax.tree.map(np.asarray, v["params"])
   assert set(p["head"]) == {"kernel", "sigma"} and p["head"]["sigma"] == 1.0
   p["head"]["sigma"] = np.float32(2.5)
@@ -164,10 +166,11 @@ def test_cosine_head_is_sigma_times_the_cosine():
   w = p["head"]["kernel"]
   want = 2.5 * (h / np.linalg.norm(h, axis=1, keepdims=True)) @ (
       w / np.linalg.norm(w, axis=0, keepdims=True))
-  got = m.apply({"params": p}, jnp.asarray(x))
+  got = jax.jit(m.apply)({"params": p}, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-  g = jax.grad(lambda q: m.apply({"params": q}, jnp.zeros((2, 6))).sum())(
-      v["params"])
+  g = jax.jit(jax.grad(
+      lambda q: m.apply({"params": q}, jnp.zeros((2, 6))).sum()))(
+          v["params"])
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g))
   with pytest.raises(ValueError, match="unknown model head 'cos'.*cosine"):
     models.build("mlp", 5, head="cos")
