@@ -208,8 +208,9 @@ def _run(argv) -> None:
   if split != "test":
     print(f"(evaluated on the {split} split: "
           f"{config.dataset.validation:g} of the training set, held out)")
-  if report.label_noise_note(config):
-    print(report.label_noise_note(config))
+  noise = report.label_noise_note(config)
+  if noise:
+    print(noise)
   print(f"\ntime: {result.times['total']:.1f} s "
         f"(train {result.times['train']:.1f} s, eval "
         f"{result.times['eval']:.1f} s); outputs in {workdir}")
@@ -236,8 +237,9 @@ def _sweep(argv) -> None:
   print(f"\nmean ± standard error over seeds"
         f"{'' if split == 'test' else ', on the ' + split + ' split'}:")
   print(sweep.format_groups(result.groups))
-  if report.label_noise_note(config):
-    print(report.label_noise_note(config))
+  noise = report.label_noise_note(config)
+  if noise:
+    print(noise)
   print(f"\ntime: {result.times['total']:.1f} s; outputs in {workdir}")
 
 

@@ -279,21 +279,19 @@ def build_strategy(config: ml_collections.ConfigDict
   """``config.strategy``'s record and its scenario transform (the factory
   checks the arguments)."""
   skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
-  # A member that reads auxiliary data (DMC) reads it where the run's own
-  # data set is read, unless told otherwise.
+  # Arguments a member takes from the run, unless given: where auxiliary
+  # data is read (DMC: where the run's own data set is read) and the
+  # number of epochs (AER's alternation follows them).
   data_dir = config.dataset.get("data_dir", "")
-  for name in {n.strip() for n in config.strategy.name.split("+")}:
-    if (data_dir and name in strategies.available()
-        and "aux_data_dir" in strategies.defaults(name)
-        and not skw.get(name, {}).get("aux_data_dir")):
-      skw.setdefault(name, {})["aux_data_dir"] = data_dir
-  # A member that follows the epochs (AER's alternation) is told the run's
-  # number, unless given one.
   epochs = 1 if config.scenario.get("online", False) else config.train.epochs
   for name in {n.strip() for n in config.strategy.name.split("+")}:
-    if (name in strategies.available()
-        and "train_epochs" in strategies.defaults(name)
-        and "train_epochs" not in skw.get(name, {})):
+    if name not in strategies.available():
+      continue  # from_spec names the unknown strategy
+    defaults, given = strategies.defaults(name), skw.get(name, {})
+    if data_dir and "aux_data_dir" in defaults and not given.get(
+        "aux_data_dir"):
+      skw.setdefault(name, {})["aux_data_dir"] = data_dir
+    if "train_epochs" in defaults and "train_epochs" not in given:
       skw.setdefault(name, {})["train_epochs"] = epochs
   return strategies.from_spec(config.strategy.name, skw)
 
