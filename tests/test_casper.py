@@ -109,36 +109,39 @@ def test_loss_is_the_eigengap_of_numpy_eigenvalues():
   assert np.abs(hand).max() > 1e-3
 
 
-def test_descent_separates_the_clusters():
+def test_descent_widens_the_eigengap():
   """Features ``x W`` of three overlapping classes; descending the loss
-  in ``W`` lowers it, widens the eigengap and separates the classes."""
+  in ``W`` lowers it and widens the eigengap of the kNN graph, pulling it
+  towards p + 1 components.
+
+  The term sees no labels, so which clusters form follows the features:
+  the count of cross-class edges after descent rose on half of twelve
+  seeds tried, and flipped on this seed with XLA's optimisation level
+  (hard kNN makes the path chaotic). Aligning clusters with classes is
+  the job of the balanced draw (tested below) and the classification
+  loss, not a property of this term."""
   rng = np.random.default_rng(2)
   centres = rng.normal(size=(3, 6)) * 0.8
   x = jnp.asarray(np.repeat(centres, 6, axis=0)
                   + rng.normal(size=(18, 6)), jnp.float32)
-  y = np.repeat(np.arange(3), 6)
   w0 = jnp.asarray(rng.normal(size=(6, 4)) * 0.5, jnp.float32)
   k, p = 4, 2
 
   def loss(w):
     return cs.casper_term(x @ w, k, p)
 
-  def stats(w):
+  def gap(w):
     f = np.asarray(x @ w, np.float64)
     ev = np.linalg.eigvalsh(np_laplacian(np_knn_hard(np_dist(f), k)))
-    same = y[:, None] == y[None, :]
-    knn = np_knn_hard(np_dist(f), k)
-    return ev[p + 1] - ev[p], knn[~same].sum()   # gap, cross-class edges
+    return ev[p + 1] - ev[p]
 
   step = jax.jit(lambda w: w - 0.5 * jax.grad(loss)(w))
   w = w0
   for _ in range(150):
     w = step(w)
-  gap0, cross0 = stats(w0)
-  gap1, cross1 = stats(w)
+  gap0, gap1 = gap(w0), gap(w)
   assert float(loss(w)) < float(loss(w0)) - 0.2, (loss(w0), loss(w))
   assert gap1 > gap0 + 0.2, (gap0, gap1)
-  assert cross1 < cross0, (cross0, cross1)
 
 
 def memory_with(counts, capacity=40, dim=3):
