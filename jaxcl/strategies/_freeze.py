@@ -1,5 +1,6 @@
-"""Freezing a named part of the parameters from a point in the stream on
-(LFL's output layer, Freezing's backbone).
+"""Freezing a part of the parameters from a point in the stream on (LFL's
+output layer, Freezing's and CWR*'s backbone, latent replay's and
+ExStream's layers below the latent layer).
 
 A part is frozen twice over: its gradient is zeroed in ``update_grads``
 (PyTorch's ``requires_grad=False``, so chained members see no gradient
@@ -16,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["require_part", "zero_part", "restore_part"]
+__all__ = ["require_part", "zero_part", "restore_part", "restore_masked"]
 
 
 def require_part(method: str, params: Any, part: str, what: str) -> None:
@@ -38,3 +39,12 @@ def restore_part(params: dict, saved: dict, part: str,
   """``params`` with ``params[part]`` set to ``saved[part]`` where ``on``."""
   return {**params, part: jax.tree.map(lambda p, o: jnp.where(on, o, p),
                                        params[part], saved[part])}
+
+
+def restore_masked(params: Any, saved: Any, mask: Any, on: jax.Array) -> Any:
+  """``params`` with every leaf whose (static, Python bool) ``mask`` leaf
+  is True set to ``saved``'s leaf where ``on``; for a part that is not a
+  top-level name (the layers below a latent layer). ``saved`` has
+  ``params``' structure; its unmasked leaves are never read."""
+  return jax.tree.map(lambda p, s, m: jnp.where(on, s, p) if m else p,
+                      params, saved, mask)

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.state import masked_logits
+from jaxcl.strategies._freeze import restore_part
 from jaxcl.strategy import Strategy
 
 _OFF = -1e9  # bias of switched-off classes during training
@@ -183,9 +184,9 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     del ctx
     if sstate.frozen is None:
       return params
-    return {k: (v if k == "head" else jax.tree.map(
-        lambda p, o: jnp.where(sstate.first, p, o), v, sstate.frozen[k]))
-            for k, v in params.items()}
+    for part in sstate.frozen:
+      params = restore_part(params, sstate.frozen, part, ~sstate.first)
+    return params
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._freeze import restore_masked
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
@@ -244,9 +245,8 @@ def restore_lower(split: Split, params, saved, experience) -> Any:
   """``params`` with the lower part set to ``saved`` (a
   :func:`lower_copy`) from experience 1 on: the frozen part stays where
   it froze whatever the optimiser adds (weight decay, momentum)."""
-  on = experience > 0
-  return jax.tree.map(lambda p, s, m: jnp.where(on, s, p) if m else p,
-                      params, saved, split.lower_mask(params))
+  return restore_masked(params, saved, split.lower_mask(params),
+                        experience > 0)
 
 
 def freeze_hooks(get_split, lower_lr_scale: float):
