@@ -313,6 +313,22 @@ _FULL_SOFTMAX_MEMORY = ("{other} keeps the memory's cross-entropy over all "
                         "experience, 3 seeds, against 0.11-0.96 for "
                         "ss_il alone)")
 
+_HAT_GATE_SCALE = ("{other} runs the model in training mode on a model "
+                   "state it stored (not the current one), so hat_mlp's "
+                   "gates take that state's step counter, a gate scale "
+                   "s = 1/s_max instead of {first}'s annealed s; {first}'s "
+                   "embedding-gradient compensation then makes that "
+                   "gradient ~1e16, and its global-norm clip scales every "
+                   "other gradient to ~0: the new tasks were not learned "
+                   "(hat+cscct: 0.49-0.57 on tasks 1-3 and 0.64-0.70 over "
+                   "3 seeds, against 0.96-0.98 for hat alone; casper+hat "
+                   "0.65-0.66)")
+_REPEATED_CLASSES = ("{first} distils the features of each experience's new "
+                     "classes and refuses classes it has seen before at an "
+                     "experience's start, and {other} brings every earlier "
+                     "experience's classes again: the run would stop at "
+                     "the second experience, after the first has trained")
+
 _FRESH_MEMBER_ACE = ("{first} trains a freshly initialised model per "
                      "experience and averages the models' softmax outputs, "
                      "while {other} scores the incoming rows over the "
@@ -377,6 +393,9 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("ss_il", ("latent_replay", "exstream"), _GROUP_SOFTMAX_LATENTS)
   # Session 32's fuzz of aer_abs (docs/composition_fuzz.md).
   add("ensemble", ("aer_abs",), _FRESH_MEMBER_ACE)
+  # Session 33's fuzz of cscct (docs/composition_fuzz.md).
+  add("hat", ("cscct", "casper"), _HAT_GATE_SCALE)
+  add("cscct", ("cumulative",), _REPEATED_CLASSES)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
   return table
@@ -426,6 +445,13 @@ _BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem", "packnet",
 # both orders (_CWR_BIAS).
 _RESTORERS, _START_WRITERS = ("aer_abs",), ("from_scratch", "ensemble",
                                             "expert_gate", "multihead")
+# Ordered: cscct copies the weights as its teacher (the previous model) in
+# its after_experience; a later member's after_experience write is missing
+# from that copy (session 33's probe: the teacher differed from the final
+# weights by 0.31 beside eeil's balanced fine-tuning, 0.009 beside
+# packnet's pruning and progress_compress's compression; 0 with them first).
+_TEACHER_SAVERS, _END_WRITERS = ("cscct",), ("eeil", "packnet",
+                                             "progress_compress")
 # Ordered: a projector after a member that zeroes part of the gradient and
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting
@@ -480,6 +506,14 @@ def _check_composable(names: Sequence[str]) -> None:
             f"from {b}'s by up to 0.01-0.58 and equalled the previous "
             f"experience's); put {b} before {a}, whose copy then holds "
             f"{b}'s weights")
+      if a in _TEACHER_SAVERS and b in _END_WRITERS:
+        raise ValueError(
+            f"chain(): {a} and {b} cannot be composed in this order: {a} "
+            f"copies the weights as its teacher in its after_experience, "
+            f"and {b}'s after_experience, running after it, then writes "
+            f"the weights (session 33: the teacher differed from the final "
+            f"weights by up to 0.31), so {a} distils from a model the "
+            f"experience did not end with; put {b} before {a}")
       if a in _ZERO_RESTORE and b in _PROJECTORS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "

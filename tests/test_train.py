@@ -809,3 +809,36 @@ def test_chain_refuses_aer_abs_compositions_that_are_silently_wrong(
   for ok in ("from_scratch+aer_abs", "multihead+aer_abs",
              "expert_gate+aer_abs", "aer_abs+packnet", "ensemble+replay"):
     assert strategies.from_spec(ok)[0].name == ok
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("hat+cscct", "cscct runs the model in training mode on a model state "
+     "it stored .* hat's embedding-gradient compensation"),
+    ("cscct+hat", "cscct runs the model in training mode on a model state"),
+    ("casper+hat", "casper runs the model in training mode on a model "
+     "state"),
+    ("hat+casper", "casper runs the model in training mode"),
+    ("cscct+cumulative", "cumulative brings every earlier experience's "
+     "classes again"),
+    ("cumulative+cscct", "cscct distils the features of each experience's "
+     "new classes"),
+    ("cscct+eeil", "cscct and eeil cannot be composed in this order: .* "
+     "put eeil before cscct"),
+    ("cscct+packnet", "put packnet before cscct"),
+    ("cscct+progress_compress", "put progress_compress before cscct"),
+])
+def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
+    spec, match):
+  # Session 33's cscct pass (docs/composition_fuzz.md): hat's new tasks
+  # were not learned beside a member that runs hat_mlp on a stored model
+  # state; cumulative stopped the run at the second experience; cscct's
+  # teacher missed the weights a later member writes at an experience's
+  # end.
+  from jaxcl import strategies
+  with pytest.raises(ValueError, match=match):
+    strategies.from_spec(spec)
+  # The neighbours stay accepted: the end writer before cscct, and cscct
+  # or casper beside a replay member.
+  for ok in ("eeil+cscct", "packnet+cscct", "progress_compress+cscct",
+             "cscct+er_ace", "casper+er_ace", "hat+si"):
+    assert strategies.from_spec(ok)[0].name == ok
