@@ -396,6 +396,15 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   # Session 33's fuzz of cscct (docs/composition_fuzz.md).
   add("hat", ("cscct", "casper"), _HAT_GATE_SCALE)
   add("cscct", ("cumulative",), _REPEATED_CLASSES)
+  # Session 33: puridiver's step is replay's (memory rows appended, one
+  # cross-entropy over all classes, its memory filled every step), so it
+  # takes replay's refusals by analogy; not fuzzed.
+  add("hat", ("puridiver",), _HAT_LEAK)
+  for first in ("generative_replay", "generative_negative_replay"):
+    add(first, ("puridiver",), _GEN_ROWS)
+  for first in ("cwr_star", "ar1"):
+    add(first, ("puridiver",), _CWR_BIAS)
+  add("ss_il", ("puridiver",), _SEPARATED)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
   return table
@@ -418,7 +427,7 @@ _ALONE = {
 # Ordered: members that append replayed rows after SCR's prepare_batch.
 _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
-              "aer_abs")
+              "aer_abs", "puridiver")
 # Ordered: update_grads runs left to right, and a later rewriter puts
 # gradient back on the weights an earlier freezer masked.
 _FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",
@@ -450,8 +459,9 @@ _RESTORERS, _START_WRITERS = ("aer_abs",), ("from_scratch", "ensemble",
 # from that copy (session 33's probe: the teacher differed from the final
 # weights by 0.31 beside eeil's balanced fine-tuning, 0.009 beside
 # packnet's pruning and progress_compress's compression; 0 with them first).
+# puridiver's buffer fitting replaces the weights there too.
 _TEACHER_SAVERS, _END_WRITERS = ("cscct",), ("eeil", "packnet",
-                                             "progress_compress")
+                                             "progress_compress", "puridiver")
 # Ordered: a projector after a member that zeroes part of the gradient and
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting

@@ -826,6 +826,13 @@ def test_chain_refuses_aer_abs_compositions_that_are_silently_wrong(
      "put eeil before cscct"),
     ("cscct+packnet", "put packnet before cscct"),
     ("cscct+progress_compress", "put progress_compress before cscct"),
+    # puridiver: its buffer fitting writes the weights at the end; its
+    # step is replay's, so replay's refusals by analogy.
+    ("cscct+puridiver", "put puridiver before cscct"),
+    ("hat+puridiver", "hat masks only its own gradient"),
+    ("scr+puridiver", "put puridiver before scr"),
+    ("ar1+puridiver", "ar1 writes a -1e9 bias"),
+    ("puridiver+ss_il", "ss_il scores the rows after the incoming ones"),
 ])
 def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
     spec, match):
@@ -840,5 +847,6 @@ def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
   # The neighbours stay accepted: the end writer before cscct, and cscct
   # or casper beside a replay member.
   for ok in ("eeil+cscct", "packnet+cscct", "progress_compress+cscct",
-             "cscct+er_ace", "casper+er_ace", "hat+si"):
+             "cscct+er_ace", "casper+er_ace", "hat+si", "puridiver+cscct",
+             "puridiver+scr"):
     assert strategies.from_spec(ok)[0].name == ok

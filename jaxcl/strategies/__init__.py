@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs", "cscct"),
+               "aer_abs", "cscct", "puridiver"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -190,6 +190,10 @@ PAPERS: dict[str, str] = {
                "2024, *May the forgetting be with you: alternate replay "
                "for learning with noisy labels*, BMVC (AER + ABS on ER-ACE; "
                "Mammoth's er_ace_aer_abs, without buffer fitting)",
+    "puridiver": "Bang, Koh, Park, Song, Ha & Choi 2022, *Online "
+                 "continual learning on a contaminated data stream with "
+                 "blurry task boundaries*, CVPR (PuriDivER; Mammoth's "
+                 "puridiver, its similarity score from the authors' code)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
 }
@@ -253,6 +257,9 @@ NEEDS: dict[str, str] = {
              "the incoming rows only)",
     "aer_abs": "`train_epochs` equal to the run's `train.epochs` (filled "
                "in from a config; at least 2 with `aer=True`)",
+    "puridiver": "a model whose output layer is named `head`, one output "
+                 "per class (mlp, cnn, resnet18 with a single head): the "
+                 "drop score reads the class weights",
     "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
              "of more than one channel before it and a spatial map after "
              "it: on an MLP every layer's Lipschitz estimate is 1, and a "

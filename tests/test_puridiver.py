@@ -1,0 +1,379 @@
+"""Mechanism tests of PuriDivER (diversity-aware memory, three-way split,
+buffer fitting) on scikit-learn digits."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import buffers, experiment, train
+from jaxcl.state import StepInfo
+from jaxcl.strategies import puridiver as P
+from jaxcl.strategies.er_tricks import row_losses
+
+from test_replay import B, batch_of, config, make_ctx
+
+
+# ---------------------------------------------------------------------------
+# The drop loop.
+
+def _reference_drops(y, loss, feats, kernel, capacity, alpha, key, rounds,
+                     normalize_loss=True):
+  """The authors' ``puridiver_sampling`` in NumPy (sklearn-style cosine
+  matrix, NumPy z-scores); only the class tie-break reuses the draws of
+  ``drop_to_capacity`` (the same keys), so both break ties alike."""
+  num_classes = kernel.shape[1]
+  alive = list(range(len(y)))
+  keys = jax.random.split(key, rounds)
+  i = 0
+  while len(alive) > capacity:
+    counts = np.bincount(y[alive], minlength=num_classes)
+    u = np.asarray(jax.random.uniform(keys[i], (num_classes,)))
+    c = int(np.argmax(np.where(counts == counts.max(), u, -1.0)))
+    rows = [j for j in alive if y[j] == c]
+    rel = kernel[:, c] > kernel.mean(axis=1)
+    f = feats[rows][:, rel]
+    norm = np.linalg.norm(f, axis=1, keepdims=True)
+    fn = f / np.where(norm > 0, norm, 1.0)
+    sim = (fn @ fn.T).mean(axis=1)
+    z = lambda v: (v - v.mean()) / v.std() if v.std() > 0 else 0 * v
+    ell = z(loss[rows]) if normalize_loss else loss[rows]
+    score = (1 - alpha) * ell + alpha * z(sim)
+    alive.remove(rows[int(np.argmax(score))])
+    i += 1
+  return sorted(alive)
+
+
+@pytest.mark.parametrize("normalize_loss", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drop_loop_keeps_the_rows_a_numpy_reference_keeps(seed,
+                                                          normalize_loss):
+  rng = np.random.default_rng(seed)
+  # 13 candidates of 3 classes for 8 slots: 5 drops, the largest class
+  # changing as it shrinks (6, 5, 2 rows: ties from the second drop on).
+  y = np.array([0] * 6 + [1] * 5 + [2] * 2, np.int32)
+  feats = np.abs(rng.normal(size=(13, 6))).astype(np.float32)
+  kernel = rng.normal(size=(6, 3)).astype(np.float32)
+  loss = rng.exponential(1.0, 13).astype(np.float32)
+  key = jax.random.PRNGKey(seed)
+  g = P.relevant_features(jnp.asarray(feats), jnp.asarray(y),
+                          jnp.asarray(kernel))
+  got = P.drop_to_capacity(key, jnp.asarray(y), jnp.asarray(loss), g,
+                           jnp.ones((13,), bool), 8, jnp.float32(0.4), 3,
+                           rounds=6, normalize_loss=normalize_loss)
+  want = _reference_drops(y, loss, feats, kernel, 8, 0.4, key, 6,
+                          normalize_loss)
+  assert sorted(np.flatnonzero(np.asarray(got)).tolist()) == want
+
+
+def test_drop_loop_hand_case_high_loss_and_redundant_rows_go():
+  # One class, 2 features, both relevant (its weight above the mean).
+  kernel = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+  # Rows 0-2 point the same way (redundant), row 3 elsewhere; row 4 has the
+  # highest loss.
+  feats = jnp.array([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02], [0.0, 1.0],
+                     [0.7, 0.7]])
+  y = jnp.zeros((5,), jnp.int32)
+  loss = jnp.array([0.1, 0.1, 0.1, 0.1, 3.0])
+  g = P.relevant_features(feats, y, kernel)
+  drop = lambda alpha, cap: np.flatnonzero(np.asarray(P.drop_to_capacity(
+      jax.random.PRNGKey(0), y, loss, g, jnp.ones((5,), bool), cap,
+      jnp.float32(alpha), 2, rounds=3))).tolist()
+  assert drop(0.0, 4) == [0, 1, 2, 3]  # loss only: the noisy-looking row
+  # Similarity only: row 4, close to every row (mean cosine 0.77), then
+  # one of the redundant three (0.75 each after it); the lone row 3 (0.35)
+  # stays.
+  kept = drop(1.0, 3)
+  assert 3 in kept and 4 not in kept and len(set(kept) & {0, 1, 2}) == 2
+  # Padding rows (alive False) are never counted or kept.
+  alive = jnp.array([True, True, True, True, False])
+  got = P.drop_to_capacity(jax.random.PRNGKey(0), y, loss, g, alive, 4,
+                           jnp.float32(0.5), 2, rounds=2)
+  assert np.asarray(got).tolist() == [True, True, True, True, False]
+
+
+def test_after_step_merges_and_refills_freed_slots(stream):
+  ctx = make_ctx(stream)
+  s = P.puridiver(mem_size=12, buffer_fitting_epochs=0)
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, stream.experiences[0])
+  after = jax.jit(lambda ss, info: s.after_step(ctx, ss, info))
+
+  def info(ss, batch):
+    return StepInfo(state.params, state.params, None, None, batch,
+                    jnp.zeros(()), jax.random.PRNGKey(1), None)
+
+  e0 = stream.experiences[0]
+  ss = state.strategy
+  ss = after(ss, info(ss, batch_of(e0, start=0)))   # 10 rows: appended
+  mem = ss.memory
+  assert int(jnp.sum(mem.valid)) == 10
+  np.testing.assert_array_equal(np.asarray(mem.x[:10]), e0.train_x[:10])
+  # 10 more: 20 candidates for 12 slots, 8 drops.
+  old = jax.tree.map(np.asarray, mem)
+  ss = after(ss, info(ss, batch_of(e0, start=10)))
+  mem = jax.tree.map(np.asarray, ss.memory)
+  assert mem.valid.sum() == 12 and int(mem.seen) == 20
+  # Stored memory rows stay in their slots; new rows fill the others.
+  stayed = [i for i in range(10) if np.array_equal(mem.x[i], old.x[i])]
+  new = [i for i in range(12) if i not in stayed]
+  incoming = {e0.train_x[i].tobytes() for i in range(10, 20)}
+  assert all(mem.x[i].tobytes() in incoming for i in new)
+  # The survivors are the reference's: losses / features of the same model.
+  x = np.concatenate([old.x[:10], e0.train_x[10:20]])
+  yy = np.concatenate([old.y[:10], e0.train_y[10:20]])
+  feats = np.asarray(ctx.apply(state.params, state.model_state, x, None,
+                               features=True)[0])
+  loss = np.asarray(row_losses(ctx.logits(state.params, state.model_state,
+                                          x, None), yy))
+  alpha = 0.5 * min(1.0, 1.0 / loss.mean())
+  key = jax.random.fold_in(state.strategy.key, 10)
+  want = _reference_drops(yy, loss, feats,
+                          np.asarray(state.params["head"]["kernel"]), 12,
+                          alpha, key, B)
+  kept = sorted({r.tobytes() for r in x[want]})
+  assert sorted(mem.x[i].tobytes() for i in range(12)) == kept
+
+
+# ---------------------------------------------------------------------------
+# The split and the fitting loss.
+
+def _logits_for(kind, y, c, rng):
+  if kind == "correct":   # confident and right: loss ~0.01
+    z = np.full(c, -2.0)
+    z[y] = 4.0
+  elif kind == "ambiguous":  # confident and wrong: low uncertainty
+    z = np.full(c, -2.0)
+    z[(y + 1) % c] = 2.0
+    z[y] = -1.0
+  else:  # incorrect: nearly uniform, high uncertainty
+    z = np.zeros(c)
+    z[y] = -0.5
+  return z + rng.normal(0, 0.05, c)
+
+
+def test_split_sorts_a_constructed_memory_into_three_sets():
+  rng = np.random.default_rng(0)
+  c = 10
+  kinds = ["correct"] * 20 + ["ambiguous"] * 6 + ["incorrect"] * 6
+  y = rng.integers(0, c, len(kinds) + 4).astype(np.int32)
+  logits = np.stack([_logits_for(k, y[i], c, rng) for i, k in
+                     enumerate(kinds)] +
+                    [np.full(c, 50.0)] * 4)  # 4 empty slots: garbage
+  valid = np.r_[np.ones(len(kinds), bool), np.zeros(4, bool)]
+  sp = jax.jit(P.split_memory)(jnp.asarray(logits, jnp.float32),
+                               jnp.asarray(y), jnp.asarray(valid))
+  kinds = np.array(kinds + ["none"] * 4)
+  np.testing.assert_array_equal(np.asarray(sp.correct), kinds == "correct")
+  np.testing.assert_array_equal(np.asarray(sp.ambiguous),
+                                kinds == "ambiguous")
+  np.testing.assert_array_equal(np.asarray(sp.incorrect),
+                                kinds == "incorrect")
+  assert bool(sp.use)
+  p = np.asarray(sp.p_clean)
+  assert p[kinds == "correct"].min() > 0.99
+  assert p[(kinds == "ambiguous") | (kinds == "incorrect")].max() < 0.01
+  # At most 2 incorrect rows: the plain cross-entropy fallback.
+  keep = np.r_[np.ones(20 + 6 + 2, bool), np.zeros(4 + 4, bool)]
+  sp = P.split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                      jnp.asarray(valid & keep))
+  assert int(np.sum(sp.incorrect)) == 2 and not bool(sp.use)
+
+
+def test_split_normalises_losses_before_the_mixture():
+  # Every row confident and right, losses ~1e-4 or ~1e-2: on the raw
+  # losses reg_covar (5e-4, sd 0.022) hides the two groups; min-max
+  # normalised they are 0 and 1.
+  c, n = 10, 24
+  y = np.arange(n, dtype=np.int32) % c
+  margin = np.where(np.arange(n) < 16, 11.5, 6.8)  # loss 9e-5 or 1e-2
+  logits = np.where(np.eye(c)[y] > 0, margin[:, None], 0.0)
+  logits += np.random.default_rng(0).normal(0, 0.01, (n, c))
+  sp = P.split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                      jnp.ones((n,), bool))
+  np.testing.assert_array_equal(np.asarray(sp.correct), np.arange(n) < 16)
+
+
+def test_soft_target_mixes_label_and_weak_prediction_without_gradient():
+  weak = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+  y = jnp.array([2, 0])
+  p = jnp.array([0.25, 1.0])
+  t = P.soft_target(p, y, weak)
+  q = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
+  np.testing.assert_allclose(np.asarray(t[0]),
+                             0.25 * np.eye(3)[2] + 0.75 * q, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(t[1]), [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(np.asarray(t.sum(1)), [1.0, 1.0], rtol=1e-6)
+  g = jax.grad(lambda w: jnp.sum(P.soft_target(p, y, w) * jnp.arange(3.)))(
+      weak)
+  assert not np.any(np.asarray(g))  # the target is a constant
+
+
+def test_fitting_schedule_is_pytorch_cosine_warm_restarts():
+  # CosineAnnealingWarmRestarts(T_0=1, T_mult=2, eta_min=0.01 lr) stepped
+  # once per epoch, written out as PyTorch's recurrence.
+  lr, lo = 0.1, 0.001
+  t_cur, t_i, want = 0, 1, []
+  for _ in range(20):
+    want.append(lo + (lr - lo) * (1 + math.cos(math.pi * t_cur / t_i)) / 2)
+    t_cur += 1
+    if t_cur >= t_i:
+      t_cur, t_i = t_cur - t_i, t_i * 2
+  got = [float(P.fitting_lr(e, lr)) for e in range(20)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_buffer_fitting_lowers_the_loss_of_the_clean_rows(stream):
+  ctx = make_ctx(stream)
+  rng = np.random.default_rng(0)
+  x = np.concatenate([e.train_x[:20] for e in stream.experiences])
+  y_true = np.concatenate([e.train_y[:20] for e in stream.experiences])
+  noisy = rng.random(40) < 0.3
+  y = np.where(noisy, (y_true + 1 + rng.integers(0, 3, 40)) % 4, y_true)
+  mem = buffers.init(48, x.shape[1:])
+  mem = buffers.put_rows(mem, jnp.arange(40), x, y, np.zeros(40, np.int32),
+                         np.zeros(40, np.int32))
+  params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
+  clean = jnp.asarray(~noisy)
+
+  def clean_loss(p):
+    ce = row_losses(ctx.logits(p, ms, mem.x[:40], None), jnp.asarray(y))
+    return float(jnp.sum(ce * clean) / jnp.sum(clean))
+
+  fit = jax.jit(lambda k, p, m: P.fit_buffer(
+      ctx, k, p, ms, m, epochs=15, warmup=3, batch_size=10, aux_cap=20,
+      learning_rate=0.1, momentum=0.9, weight_decay=1e-4, cutmix_prob=0.5,
+      crop_padding=1))
+  before = clean_loss(params)
+  after, _, used = fit(jax.random.PRNGKey(1), params, mem)
+  assert clean_loss(after) < 0.5 * before, (before, clean_loss(after))
+  # The three-way recipe ran after the warm-up (in some epochs: in others
+  # the split has too few ambiguous or incorrect rows), never during it.
+  used = np.asarray(used)
+  assert not used[:3].any() and used[3:].sum() >= 3, used
+
+
+# ---------------------------------------------------------------------------
+# End to end.
+
+def _wrong_fraction(mem, data):
+  truth = {np.asarray(x, np.float32).tobytes(): int(t)
+           for x, t in zip(data.train_x, data.train_y_true)}
+  v = np.asarray(mem.valid)
+  return np.mean([truth[x.astype(np.float32).tobytes()] != y for x, y in
+                  zip(np.asarray(mem.x)[v], np.asarray(mem.y)[v])])
+
+
+def test_noisy_split_digits_memory_is_purer_than_replays():
+  wrong, acc = {}, {}
+  for name, kw in [("replay", dict(mem_size=100)),
+                   ("puridiver", dict(mem_size=100, buffer_fitting_epochs=4,
+                                      warmup_buffer_fitting_epochs=2))]:
+    c = config(name, **{name: kw})
+    c.model.widths = (64,)
+    c.dataset.label_noise = 0.4
+    r = experiment.run(c)
+    assert r.learner.chunk_fn._cache_size() == 1
+    assert int(np.sum(r.state.strategy.memory.valid)) == 100
+    wrong[name] = _wrong_fraction(r.state.strategy.memory,
+                                  experiment.load_data(c))
+    acc[name] = float(r.accuracy[-1].mean())
+  # Replay's reservoir keeps the stream's 40 %; PuriDivER drops the
+  # high-loss rows (measured, seeds 0-2: 0.42-0.45 against 0.04-0.10).
+  assert wrong["replay"] > 0.3, wrong
+  assert wrong["puridiver"] < 0.5 * wrong["replay"], wrong
+
+
+def test_replays_from_the_second_experience_on(stream):
+  ctx = make_ctx(stream)
+  s = P.puridiver(mem_size=20, buffer_fitting_epochs=0)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  e0 = stream.experiences[0]
+  mem = buffers.put_rows(ss.memory, jnp.arange(20), e0.train_x[:20],
+                         e0.train_y[:20], np.zeros(20, np.int32),
+                         np.zeros(20, np.int32))
+  for i, want in [(0, 0.0), (1, 1.0)]:
+    st = s.before_experience(ctx, state, stream.experiences[i])
+    out = s.prepare_batch(ctx, st.strategy._replace(memory=mem),
+                          batch_of(stream.experiences[i]),
+                          jax.random.PRNGKey(0))
+    assert out["x"].shape[0] == 2 * B
+    np.testing.assert_array_equal(np.asarray(out["mask"][B:]), want)
+  # The replayed rows are the memory's, cropped (one pixel of padding on
+  # 8x8 digits): their labels are stored labels.
+  assert set(np.asarray(out["y"][B:]).tolist()) <= set(e0.train_y[:20])
+
+
+@pytest.mark.parametrize("spec", ["replay+puridiver", "puridiver+replay"])
+def test_beside_another_row_appender(stream, spec):
+  # Its memory takes the incoming rows only, whatever a partner appends.
+  c = config(spec, replay=dict(mem_size=30),
+             puridiver=dict(mem_size=30, buffer_fitting_epochs=2,
+                            warmup_buffer_fitting_epochs=1))
+  r = experiment.run(c, scenario=stream)
+  assert r.learner.chunk_fn._cache_size() == 1
+  assert np.all(np.isfinite(r.accuracy))
+  ss = r.state.strategy[spec.split("+").index("puridiver")]
+  mem = jax.tree.map(np.asarray, ss.memory)
+  assert mem.valid.sum() == 30 and int(mem.seen) == sum(
+      len(e.train_y) for e in stream.experiences)
+  # Stored once each (no replayed row offered again).
+  assert len({x.tobytes() for x in mem.x}) == 30
+
+
+def test_bad_arguments_raise_clear_errors(stream):
+  for kw, match in [
+      (dict(initial_alpha=1.5), r"initial_alpha must be a number in "
+       r"\[0, 1\].*got 1.5"),
+      (dict(initial_alpha=float("nan")), r"initial_alpha .*got nan"),
+      (dict(initial_alpha=True), r"initial_alpha .*got True"),
+      (dict(buffer_fitting_epochs=-1), r"buffer_fitting_epochs must be an "
+       r"int >= 0 \(0: no buffer fitting\), got -1"),
+      (dict(warmup_buffer_fitting_epochs=2.5), r"warmup_buffer_fitting_"
+       r"epochs must be an int >= 0, got 2.5"),
+      (dict(cutmix_prob=1.2), r"cutmix_prob must be a probability in "
+       r"\[0, 1\], got 1.2"),
+      (dict(crop_padding=-2), r"crop_padding must be an int >= -1"),
+      (dict(fit_learning_rate=0), r"fit_learning_rate must be a finite "
+       r"number > 0, got 0"),
+      (dict(fit_momentum=1.0), r"fit_momentum must be a number in \[0, 1\)"),
+      (dict(normalize_loss="yes"), "normalize_loss must be True or False"),
+      (dict(freeze_buffer_after_first=1), "freeze_buffer_after_first must "
+       "be True or False"),
+      (dict(mem_size=0), "mem_size must be a positive int, got 0"),
+      (dict(mem_size=5, batch_size=6), "batch_size=6 is larger than the "
+       "memory capacity mem_size=5")]:
+    with pytest.raises(ValueError, match=match):
+      P.puridiver(**kw)
+  ctx = make_ctx(stream)
+  with pytest.raises(ValueError, match=r"crop_padding=8 must be smaller "
+                     r"than the images' side \(8x8\)"):
+    train.init_state(ctx, P.puridiver(crop_padding=8), 0)
+  from jaxcl import models
+  multi = train.make_context(models.build("mlp", 10, widths=(8,),
+                                          num_heads=2),
+                             ctx.tx, ctx.info)
+  with pytest.raises(ValueError, match=r"output layer is named head, with "
+                     r"a \(features, 10\) kernel"):
+    train.init_state(multi, P.puridiver(), 0)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_memory_updates_in_the_first_epoch_only_by_default(stream, freeze):
+  # Two epochs: with the default the second epoch offers nothing (seen
+  # counts each training row once, and no example is stored twice);
+  # without it every row is offered twice.
+  kw = dict(mem_size=30, buffer_fitting_epochs=0)
+  if not freeze:
+    kw["freeze_buffer_after_first"] = False
+  c = config("puridiver", puridiver=kw)
+  c.train.epochs = 2
+  r = experiment.run(c, scenario=stream)
+  mem = jax.tree.map(np.asarray, r.state.strategy.memory)
+  rows = sum(len(e.train_y) for e in stream.experiences)
+  assert int(mem.seen) == (rows if freeze else 2 * rows)
+  if freeze:
+    assert len({x.tobytes() for x in mem.x[mem.valid]}) == mem.valid.sum()
