@@ -850,3 +850,30 @@ def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
              "cscct+er_ace", "casper+er_ace", "hat+si", "puridiver+cscct",
              "puridiver+scr"):
     assert strategies.from_spec(ok)[0].name == ok
+
+
+@pytest.mark.parametrize("spec", [
+    "lwf+eeil", "ewc+packnet", "mas+progress_compress", "icarl+puridiver",
+    "xder+eeil", "generative_replay+packnet", "eeil+puridiver",
+    "latent_replay+packnet", "er_tricks+puridiver", "freezing+eeil"])
+def test_chain_refuses_a_copy_taken_before_an_end_of_experience_write(spec):
+  # Session 33's probe (docs/composition_fuzz.md): the member's copy of
+  # the model (teacher, anchor, stored logits / latents / statistics)
+  # missed the writer's write by 0.009-0.70; 0 with the writer first.
+  from jaxcl import strategies
+  saver, writer = spec.split("+")
+  with pytest.raises(ValueError, match=(
+      f"{saver} and {writer} cannot be composed in this order: {saver} "
+      f"keeps a copy of the model.* put {writer} before {saver}")):
+    strategies.from_spec(spec)
+
+
+@pytest.mark.parametrize("spec", [
+    "eeil+lwf", "packnet+ewc", "progress_compress+mas", "puridiver+eeil",
+    "packnet+generative_replay", "si+eeil", "aer_abs+packnet",
+    "rpc+puridiver"])
+def test_writer_first_and_immune_savers_are_accepted(spec):
+  # The writer first, or a member that takes its copy in before_experience
+  # (si's anchor, aer_abs's) or never from the weights (rpc's memory).
+  from jaxcl import strategies
+  assert strategies.from_spec(spec)[0].name == spec
