@@ -107,7 +107,9 @@ Differences from the references, on purpose:
   is :func:`jaxcl.strategies.gdumb.random_crop` (``crop_padding``, by
   default an eighth of the image side: CIFAR's 4 of 32), the weak view is
   the stored example itself, cutmix applies in buffer fitting only
-  (warm-up and ``L`` batches), and inputs that are not images are not
+  (warm-up and ``L`` batches; in a task-incremental stream with one head,
+  whose logits are masked to each row's task, only between rows of one
+  task), and inputs that are not images are not
   augmented at all, so there the consistency term ``L_U`` is 0 (it still
   counts in the weights).
 * **Batches of U and R** are drawn at random each step (without
@@ -313,8 +315,12 @@ def cutmix(key: jax.Array, x: jax.Array, ok: jax.Array
   return jnp.where(box, x[perm], x), perm, lam
 
 
-def _masked_ce(logits, y, m):
-  return jnp.sum(row_losses(logits, y) * m) / jnp.maximum(jnp.sum(m), 1.0)
+def _mixed_ce(logits, y, perm, lam, m):
+  """The mask-weighted mean of ``lam CE(y) + (1 - lam) CE(y[perm])`` (per
+  row ``lam``: cutmix's unpasted fraction, 1 for an unmixed row)."""
+  ce = lam * row_losses(logits, y) + (1.0 - lam) * row_losses(logits,
+                                                              y[perm])
+  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def _draw(key: jax.Array, where: jax.Array, n: jax.Array, cap: int
@@ -347,16 +353,23 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
   def strong(k, x):
     return random_crop(k, x, crop_padding) if images and crop_padding else x
 
-  def mixed(k, x, ok):
-    """``(x', perm, lam)``: cutmix with probability ``cutmix_prob``."""
+  def mixed(k, x, ok, task):
+    """``(x', perm, lam)``: cutmix with probability ``cutmix_prob``;
+    ``lam`` per row, 1 for a row left unmixed."""
     k_on, k_mix = jax.random.split(k)
     n = x.shape[0]
     if not images or cutmix_prob == 0:
-      return x, jnp.arange(n), jnp.ones(())
+      return x, jnp.arange(n), jnp.ones((n,))
     xm, perm, lam = cutmix(k_mix, x, ok)
-    on = jax.random.uniform(k_on) < cutmix_prob
-    return (jnp.where(on, xm, x), jnp.where(on, perm, jnp.arange(n)),
-            jnp.where(on, lam, 1.0))
+    on = jnp.broadcast_to(jax.random.uniform(k_on) < cutmix_prob, (n,))
+    if getattr(ctx, "mask_task_logits", False):
+      # The logits are masked to each row's task (task-incremental, one
+      # head): a partner of another task has its label's logit masked, a
+      # cross-entropy of ~1e9 that blew the weights up (all tasks at
+      # chance). Such a row stays unmixed.
+      on = on & (task[perm] == task)
+    return (jnp.where(on[:, None, None, None], xm, x),
+            jnp.where(on, perm, jnp.arange(n)), jnp.where(on, lam, 1.0))
 
   def update(carry, loss_fn, lr):
     params, ms, opt = carry
@@ -368,12 +381,11 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
   def base_step(carry, idx, ok, k, lr):
     k_s, k_m = jax.random.split(k)
     x, y, m = strong(k_s, mem.x[idx]), mem.y[idx], ok.astype(jnp.float32)
-    x, perm, lam = mixed(k_m, x, ok)
+    x, perm, lam = mixed(k_m, x, ok, mem.task[idx])
 
     def loss_fn(p):
       out, ms = ctx.apply(p, carry[1], x, mem.task[idx], train=True)
-      return (lam * _masked_ce(out, y, m)
-              + (1 - lam) * _masked_ce(out, y[perm], m)), ms
+      return _mixed_ce(out, y, perm, lam, m), ms
     return update(carry, loss_fn, lr)
 
   def puri_step(carry, idx, ok, k, lr, sp):
@@ -388,7 +400,7 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
     iu, ou = _draw(k_u, sp.ambiguous, aux_size(sp.ambiguous), aux_cap)
     ir, orr = _draw(k_r, sp.incorrect, aux_size(sp.incorrect), aux_cap)
     xl, yl, ml = strong(k_s, mem.x[idx]), mem.y[idx], ok.astype(jnp.float32)
-    xl, perm, lam = mixed(k_m, xl, ok)
+    xl, perm, lam = mixed(k_m, xl, ok, mem.task[idx])
     xu, xr = mem.x[iu], mem.x[ir]
     x = jnp.concatenate([xr, strong(k_rs, xr), xu, strong(k_us, xu), xl])
     t = jnp.concatenate([mem.task[ir], mem.task[ir], mem.task[iu],
@@ -402,8 +414,7 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
       out, ms = ctx.apply(p, carry[1], x, t, train=True)
       r_w, r_s, u_w, u_s, o_l = (out[:a], out[a:2 * a], out[2 * a:3 * a],
                                  out[3 * a:4 * a], out[4 * a:])
-      loss_l = (lam * _masked_ce(o_l, yl, ml)
-                + (1 - lam) * _masked_ce(o_l, yl[perm], ml))
+      loss_l = _mixed_ce(o_l, yl, perm, lam, ml)
       tgt = soft_target(sp.p_clean[ir], mem.y[ir], r_w)
       soft = -jnp.sum(tgt * jax.nn.log_softmax(r_s.astype(jnp.float32)), 1)
       loss_r = jnp.sum(soft * mr) / jnp.maximum(nr, 1.0)
