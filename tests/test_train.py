@@ -833,6 +833,17 @@ def test_chain_refuses_aer_abs_compositions_that_are_silently_wrong(
     ("scr+puridiver", "put puridiver before scr"),
     ("ar1+puridiver", "ar1 writes a -1e9 bias"),
     ("puridiver+ss_il", "ss_il scores the rows after the incoming ones"),
+    # The puridiver pass: cope's prototypes against the refitted outputs,
+    # and the fitting moving a frozen part (the saver-first order is
+    # refused as a copy before an end write).
+    ("cope+puridiver", "cope trains the model's outputs as an embedding"),
+    ("puridiver+cope", "cope trains the model's outputs as an embedding"),
+    ("puridiver+lfl", "lfl keeps part of the model fixed .* puridiver's "
+     "buffer fitting"),
+    ("puridiver+freezing", "freezing keeps part of the model fixed"),
+    ("puridiver+latent_replay", "latent_replay keeps part of the model "
+     "fixed"),
+    ("puridiver+exstream", "exstream keeps part of the model fixed"),
 ])
 def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
     spec, match):
