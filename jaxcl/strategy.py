@@ -414,7 +414,11 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("cscct", ("cumulative",), _REPEATED_CLASSES)
   # Session 33: puridiver's step is replay's (memory rows appended, one
   # cross-entropy over all classes, its memory filled every step), so it
-  # takes replay's refusals by analogy; not fuzzed.
+  # takes replay's refusals. Its pass ran each with the check bypassed:
+  # harm confirmed beside cwr_star / ar1 (nothing learned after the first
+  # experience) and ss_il (0.00 on new experiences); the generative
+  # members' row-weight mechanism confirmed without accuracy harm; hat not
+  # runnable (puridiver's init refuses hat_mlp).
   add("hat", ("puridiver",), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("puridiver",), _GEN_ROWS)
