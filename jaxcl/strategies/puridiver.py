@@ -478,7 +478,11 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
     initial_alpha: ``α_0``, the similarity's weight in the drop score at a
       mean loss of at most 1, in ``[0, 1]`` (Mammoth: 0.5).
     buffer_fitting_epochs: epochs of buffer fitting at each experience's
-      end (Mammoth: 255; 0: none).
+      end (Mammoth: 255; 0: none). The warm restarts end a cycle after
+      2^k - 1 epochs (1, 3, 7, 15, ..., 255); another count stops
+      mid-cycle, at a higher rate (20: its last epoch at ~85 % of the
+      peak; the session-33 fuzz measured 0.64 at 20 against 0.72 at 15
+      on Split Digits, one seed).
     warmup_buffer_fitting_epochs: the first of them, plain cross-entropy
       (Mammoth: 10).
     cutmix_prob: probability of cutmix on a fitting batch of images
