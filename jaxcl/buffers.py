@@ -62,6 +62,7 @@ __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
            "reservoir_slots", "put_rows", "replay_size",
            "experience_balanced_add", "class_balanced_add",
            "random_class_balanced_add", "class_balanced_sample", "sample",
+           "free_slots_for",
            "gather", "check_capacity", "rank_within_groups",
            "lars_probs", "labrs_probs", "abs_probs", "loss_aware_add"]
 
@@ -247,6 +248,18 @@ def put_rows(mem: Memory, slots: jax.Array, x: jax.Array, y: jax.Array,
       valid=mem.valid.at[slots].set(True, mode="drop"))
 
 
+def free_slots_for(keep: jax.Array, take: jax.Array) -> jax.Array:
+  """Slots for the rows ``take`` marks (bool ``(B,)``) when the memory
+  keeps the slots ``keep`` marks (bool ``(K,)``): the ``r``-th taken row
+  goes to the ``r``-th slot not kept, in slot order; a row not taken, or
+  one beyond the free slots, gets ``K`` (nothing written by
+  :func:`put_rows`)."""
+  free = jnp.cumsum(~keep)
+  r = jnp.cumsum(take)
+  return jnp.where(take, jnp.searchsorted(free, r, method="compare_all"),
+                   keep.shape[0])
+
+
 def rank_within_groups(group: jax.Array, score: jax.Array) -> jax.Array:
   """For each entry, its rank by ``score`` among entries of its group."""
   n = group.shape[0]
@@ -428,9 +441,7 @@ def random_class_balanced_add(mem: Memory, priority: jax.Array,
   keep_old, take = alive[:k], alive[k:]
   # The r-th new row takes the r-th slot not kept; the quota leaves
   # enough: kept + taken <= K.
-  free = jnp.cumsum(~keep_old)
-  r = jnp.cumsum(take)
-  slots = jnp.where(take, jnp.searchsorted(free, r, method="compare_all"), k)
+  slots = free_slots_for(keep_old, take)
   if after is not None:
     bad = jnp.isnan(after)
     slots = jnp.where(bad, k, slots)

@@ -323,13 +323,12 @@ def _mixed_ce(logits, y, perm, lam, m):
   return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _draw(key: jax.Array, where: jax.Array, n: jax.Array, cap: int
-          ) -> tuple[jax.Array, jax.Array]:
-  """``cap`` rows of ``where`` at random without replacement, the first
-  ``n`` marked (``(idx, ok)``)."""
-  score = jnp.where(where, jax.random.uniform(key, where.shape), -1.0)
-  _, idx = jax.lax.top_k(score, cap)
-  return idx, where[idx] & (jnp.arange(cap) < n)
+def _draw(key: jax.Array, mem: buffers.Memory, where: jax.Array,
+          n: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+  """``cap`` valid slots of ``where`` at random without replacement
+  (:func:`jaxcl.buffers.sample`), the first ``n`` marked (``(idx, ok)``)."""
+  idx, ok = buffers.sample(mem, key, cap, where)
+  return idx, ok & (jnp.arange(cap) < n)
 
 
 def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
@@ -397,8 +396,8 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
       size = jnp.sum(m, dtype=jnp.int32)
       n = jnp.maximum(2, size * batch_size // jnp.maximum(n_corr, 1))
       return jnp.minimum(n, size)
-    iu, ou = _draw(k_u, sp.ambiguous, aux_size(sp.ambiguous), aux_cap)
-    ir, orr = _draw(k_r, sp.incorrect, aux_size(sp.incorrect), aux_cap)
+    iu, ou = _draw(k_u, mem, sp.ambiguous, aux_size(sp.ambiguous), aux_cap)
+    ir, orr = _draw(k_r, mem, sp.incorrect, aux_size(sp.incorrect), aux_cap)
     xl, yl, ml = strong(k_s, mem.x[idx]), mem.y[idx], ok.astype(jnp.float32)
     xl, perm, lam = mixed(k_m, xl, ok, mem.task[idx])
     xu, xr = mem.x[iu], mem.x[ir]
@@ -637,10 +636,7 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
                              ctx.info.num_classes, b, normalize_loss)
     keep_mem, keep_new = alive[:k], alive[k:]
     # Incoming survivors fill the freed slots in order.
-    free_slots = jnp.argsort(keep_mem, stable=True)
-    rank = jnp.cumsum(keep_new) - 1
-    slots = jnp.where(keep_new & (rank < jnp.sum(~keep_mem)),
-                      free_slots[jnp.clip(rank, 0, k - 1)], k)
+    slots = buffers.free_slots_for(keep_mem, keep_new)
     out = buffers.put_rows(mem._replace(valid=keep_mem), slots, rows["x"],
                            rows["y"], rows["task"],
                            jnp.full((b,), sstate.experience, jnp.int32))
