@@ -22,6 +22,18 @@ ENTRIES = [
                "first experience's 2 classes by cross-entropy (one pass, "
                "SGD 0.01, momentum 0.9) and is frozen after it. No "
                "published MNIST number; read against Deep SLDA"),
+    # Sequential: G is 10000 x 10000 (400 MB) and an experience's end holds
+    # about five such matrices; a vmapped sweep would hold them per seed.
+    Entry(_SM, "RanPAC (pixels; random projection 784 -> 10000)",
+          "split_mnist_analytic", "strategy=ranpac,features=input",
+          sequential=True,
+          note="McDonnell et al. 2023, phase 2 at the paper's settings (M = "
+               "10000, ReLU, λ per experience by the reference's 80/20 "
+               "search), exemplar-free, no phase 1. No published MNIST "
+               "number; read against Deep SLDA on the same features"),
+    Entry(_SM, "RanPAC (backbone: Fashion-MNIST MLP 100-100)",
+          "split_mnist_analytic", "strategy=ranpac,features=backbone",
+          pretrain="strategy=pretrain", sequential=True),
     Entry(_SF, _OFF.format(81.49), "split_mnist_analytic",
           "features=input,dataset=fashion_mnist"),
     Entry(_SF, "Deep SLDA (backbone: MNIST MLP 100-100)",

@@ -444,6 +444,11 @@ _ALONE = {
     "fecam": "freezes the whole model after the first experience (zero "
              "gradients, parameters restored after every step) and predicts "
              "from class statistics of its features",
+    "ranpac": "trains no parameter (zero gradients; with adapt_first none "
+              "after the first experience, parameters restored after every "
+              "step) and predicts from ridge statistics of randomly "
+              "projected features frozen at the stream's start (or at the "
+              "first experience's end)",
     "dmc": "trains a fresh model for each experience and replaces it at the "
            "experience's end by a student distilled from the old and new "
            "models alone on auxiliary data",

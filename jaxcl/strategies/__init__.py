@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "dmc", "ss_il"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
-    "analytic": ("slda", "fecam"),
+    "analytic": ("slda", "fecam", "ranpac"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -196,6 +196,10 @@ PAPERS: dict[str, str] = {
                  "puridiver, its similarity score from the authors' code)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
+    "ranpac": "McDonnell, Gong, Parvaneh, Abbasnejad & van den Hengel "
+              "2023, *RanPAC: random projections and pre-trained models "
+              "for continual learning*, NeurIPS (phase 2; phase 1 as "
+              "`adapt_first`)",
 }
 
 
@@ -247,6 +251,9 @@ NEEDS: dict[str, str] = {
            "outputs",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
+    "ranpac": "`proj_dim`² floats in the state (400 MB at the paper's "
+              "10000; on 2 CPU cores each experience's end then takes "
+              "~40 s for the eigendecomposition of the λ search)",
     "casper": "`knn_laplace` < `casper_batch` (the training batch by "
               "default: give `knn_laplace=5` at batch 10), `p` + 2 <= "
               "`casper_batch`, and `mem_size` at least the number of "

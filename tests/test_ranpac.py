@@ -1,0 +1,363 @@
+"""Mechanism tests of RanPAC (random projection + closed-form ridge head).
+
+The references are NumPy, in float64: explicit sums over stored projected
+features, ``np.linalg.solve`` for the ridge head, and the reference's
+``optimise_ridge_parameter`` (fit on the 80 % rows, mean squared error on
+the 20 %) on stored features; the runs are Split Digits streams
+(scikit-learn's digits, 64 pixels).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import experiment, scenarios
+from jaxcl.strategies import ranpac as ranpac_module
+from jaxcl.strategies.ranpac import (accumulate, project, ranpac,
+                                     ridge_losses, ridge_solve, split_rows)
+
+M = 128
+
+
+def np_ridge(h, y, lam):
+  return np.linalg.solve(h.T @ h + lam * np.eye(h.shape[1]), h.T @ y)
+
+
+def np_losses(h_fit, y_fit, h_val, y_val, grid):
+  """The reference's validation MSE of the ridge fit, per λ."""
+  return np.array([np.mean((h_val @ np_ridge(h_fit, y_fit, lam) - y_val)
+                           ** 2) for lam in grid])
+
+
+def test_statistics_head_and_split_equal_numpy():
+  rng = np.random.default_rng(0)
+  n, d, k = 203, 12, 5
+  z = rng.normal(size=(n, d))
+  y = rng.integers(0, k, size=n)
+  proj = rng.normal(size=(d, 40))
+  h = np.maximum(z @ proj, 0.0)
+  np.testing.assert_allclose(
+      np.asarray(project(jnp.asarray(z, jnp.float32),
+                         jnp.asarray(proj, jnp.float32), "relu")), h,
+      rtol=1e-4, atol=1e-4)
+  # 190 valid rows of 203 (13 padding rows): the split keeps floor(0.8 n)
+  # of them to fit, the rest to score, and never a padding row.
+  fit, val = (np.asarray(a) for a in split_rows(jax.random.PRNGKey(3),
+                                                jnp.int32(190), n))
+  assert fit.sum() == 152 and val.sum() == 38
+  assert not np.any((fit | val)[190:]) and not np.any(fit & val)
+  other, _ = split_rows(jax.random.PRNGKey(4), jnp.int32(190), n)
+  assert np.any(np.asarray(other) != fit)   # a draw, not the first rows
+  # Chunks of 50 (the last one padded): each mask's sums, no row twice.
+  masks = np.stack([fit, val])
+  gram, corr = accumulate(
+      lambda a: project(a, jnp.asarray(proj, jnp.float32), "relu"),
+      jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(masks), k,
+      chunk=50)
+  onehot = np.eye(k)[y]
+  for s, mask in enumerate(masks):
+    hm = h[mask]
+    scale = np.abs(hm.T @ hm).max()
+    np.testing.assert_allclose(np.asarray(gram[s]) / scale,
+                               hm.T @ hm / scale, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(corr[s]), hm.T @ onehot[mask],
+                               rtol=1e-4, atol=1e-3)
+  # The head is NumPy's ridge solution on the same features.
+  g, c = gram[0] + gram[1], corr[0] + corr[1]
+  hv = h[fit | val]
+  for lam in (1e-1, 10.0, 1e3):
+    want = np_ridge(hv, onehot[fit | val], lam)
+    got = np.asarray(ridge_solve(g, c, jnp.float32(lam)))
+    np.testing.assert_allclose(got, want, rtol=2e-3,
+                               atol=2e-3 * np.abs(want).max())
+
+
+def _search(seed, n):
+  """The chosen λ on synthetic classes, checked against the explicit
+  split."""
+  rng = np.random.default_rng(seed)
+  k, d = 4, 10
+  centres = rng.normal(size=(k, d))
+  y = rng.integers(0, k, size=n)
+  z = centres[y] + 1.5 * rng.normal(size=(n, d))
+  h = np.maximum(z @ rng.normal(size=(d, 64)), 0.0)
+  fit, val = (np.asarray(a) for a in split_rows(jax.random.PRNGKey(seed),
+                                                jnp.int32(n), n))
+  onehot = np.eye(k)[y]
+  grid = np.asarray(ranpac_module.RIDGE_GRID)
+  want = np_losses(h[fit], onehot[fit], h[val], onehot[val], grid)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = np.asarray(ridge_losses(
+      f32(h[fit].T @ h[fit]), f32(h[fit].T @ onehot[fit]),
+      f32(h[val].T @ h[val]), f32(h[val].T @ onehot[val]),
+      jnp.float32(val.sum()), f32(grid)))
+  assert got.argmin() == want.argmin(), (got, want)
+  # Where the fit is not wild (λ >= 1e-2; below it float32 cannot hold
+  # the near-singular solutions), each λ's error within 1 %.
+  ok = grid >= 1e-2
+  np.testing.assert_allclose(got[ok], want[ok], rtol=1e-2)
+  assert want.min() < 0.9 * want[-1]   # the search matters here
+  return float(grid[want.argmin()])
+
+
+def test_ridge_search_from_statistics_equals_the_explicit_split():
+  """Fewer or more rows than the 64 projected features: the best λ moves,
+  and the error of each λ from second moments equals the held-out rows'
+  explicit error."""
+  chosen = [_search(s, n) for s, n in [(0, 150), (1, 400), (2, 900)]]
+  assert len(set(chosen)) >= 2, chosen
+
+
+def _config(**strategy_args):
+  c = jaxcl.default_config()   # Split Digits, 5 experiences, batch 32
+  c.strategy.name = "ranpac"
+  c.strategy.ranpac = {"features": "input", "proj_dim": M, **strategy_args}
+  c.report.progress = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+  c = _config()
+  c.train.epochs = 2   # the second pass must fold nothing in again
+  return jaxcl.run(c)
+
+
+def _flat(a):
+  return a.reshape(len(a), -1).astype(np.float64)
+
+
+def test_split_digits_statistics_head_and_search(digits_run, digits):
+  r = digits_run
+  ss = r.state.strategy
+  sc = scenarios.split(digits, 5)
+  proj = np.asarray(ss.proj, np.float64)
+  assert proj.shape == (64, M)
+  assert abs(proj.std() - 1.0) < 0.05 and abs(proj.mean()) < 0.05
+  hs = [np.maximum(_flat(e.train_x) @ proj, 0.0) for e in sc.experiences]
+  ys = [np.eye(10)[e.train_y] for e in sc.experiences]
+  h, onehot = np.concatenate(hs), np.concatenate(ys)
+  # Every training row once (two epochs; experiences of unequal sizes are
+  # padded to the largest), G and C their explicit sums.
+  np.testing.assert_array_equal(np.asarray(ss.count), onehot.sum(0))
+  scale = np.abs(h.T @ h).max()
+  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ss.corr), h.T @ onehot, rtol=1e-4,
+                             atol=1e-2)
+  # The last experience's λ is the one the explicit 80/20 search on its
+  # own rows picks (the split drawn as the strategy draws it) ...
+  e4 = sc.experiences[4]
+  fit, val = (np.asarray(a)[:e4.num_train] for a in split_rows(
+      jax.random.fold_in(ss.key, 4), jnp.int32(e4.num_train),
+      r.learner.ctx.info.train_size))
+  grid = np.asarray(ranpac_module.RIDGE_GRID)
+  want = np_losses(hs[4][fit], ys[4][fit], hs[4][val], ys[4][val], grid)
+  assert float(ss.ridge) == pytest.approx(grid[want.argmin()])
+  # (Pixels up to 16 give a larger G than the synthetic features: float32
+  # holds the solutions from λ = 1 on, the chosen λ 10 among them.)
+  ok = grid >= 1.0
+  np.testing.assert_allclose(np.asarray(ss.losses)[ok], want[ok], rtol=1e-2)
+  # ... and the head is the ridge solution on all the rows with that λ.
+  w = np_ridge(h, onehot, float(ss.ridge))
+  np.testing.assert_allclose(np.asarray(ss.weight), w, rtol=2e-3,
+                             atol=2e-3 * np.abs(w).max())
+  # The predictions are those of that head, and so is the run's own
+  # evaluation, experience by experience.
+  tx = np.concatenate([e.test_x for e in sc.experiences])
+  ty = np.concatenate([e.test_y for e in sc.experiences])
+  ours = np.asarray(r.learner.strategy.predict(
+      r.learner.ctx, ss, r.state.params, r.state.model_state,
+      jnp.asarray(tx), jnp.zeros(len(tx), jnp.int32))).argmax(1)
+  want_pred = (np.maximum(_flat(tx) @ proj, 0.0) @ w).argmax(1)
+  assert np.mean(ours == want_pred) > 0.995
+  sizes = np.cumsum([0] + [len(e.test_y) for e in sc.experiences])
+  per = [np.mean(ours[a:b] == ty[a:b]) for a, b in zip(sizes, sizes[1:])]
+  np.testing.assert_allclose(r.accuracy[-1], per, atol=1e-6)
+  assert r.metrics["acc"] > 0.9
+
+
+def test_fixed_ridge_and_no_projection(digits, tmp_path):
+  c = _config(ridge=3.0, proj_dim=0, activation="none")
+  c.train.epochs = 1
+  # Checkpointed after each experience (no empty array in the state).
+  r = jaxcl.run(c, str(tmp_path))
+  ss = r.state.strategy
+  assert ss.proj.shape == (1, 1)
+  sc = scenarios.split(digits, 5)
+  x = np.concatenate([_flat(e.train_x) for e in sc.experiences])
+  y = np.eye(10)[np.concatenate([e.train_y for e in sc.experiences])]
+  assert ss.gram.shape == (64, 64) and float(ss.ridge) == 3.0
+  w = np_ridge(x, y, 3.0)
+  np.testing.assert_allclose(np.asarray(ss.weight), w, rtol=2e-3,
+                             atol=2e-3 * np.abs(w).max())
+
+
+def test_classes_not_seen_yet_are_left_out(digits, digits_run):
+  """After experience 0, no test row goes to a class other than 0 or 1;
+  before it, the model's own logits."""
+  r = digits_run
+  sc = scenarios.split(digits, 5)
+  ctx, strategy = r.learner.ctx, r.learner.strategy
+  c = _config()
+  state = experiment.initial_state(experiment.setup(c), c.seed)
+  tx = jnp.asarray(np.concatenate([e.test_x for e in sc.experiences]))
+  t0 = jnp.zeros(len(tx), jnp.int32)
+  np.testing.assert_array_equal(
+      np.asarray(strategy.predict(ctx, state.strategy, state.params,
+                                  state.model_state, tx, t0)),
+      np.asarray(ctx.logits(state.params, state.model_state, tx, t0)))
+  state = strategy.after_experience(ctx, state, sc.experiences[0])
+  ss = state.strategy
+  scores = np.asarray(strategy.predict(ctx, ss, state.params,
+                                       state.model_state, tx, t0))
+  assert set(np.unique(scores.argmax(1))) <= {0, 1}
+  assert np.all(scores[:, 2:] <= -1e8)
+  # Unmasked, the unseen classes score 0 (their columns of C are 0),
+  # which wins wherever both seen classes score below 0 (no test row here;
+  # the mask makes it never, not rarely).
+  raw = np.asarray(project(tx.reshape(len(tx), -1), ss.proj, "relu")
+                   @ ss.weight)
+  np.testing.assert_array_equal(raw[:, 2:], 0.0)
+
+
+def _moved(a, b):
+  return max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_backbone_is_frozen_as_the_stream_starts(digits):
+  """Weight decay moves the model under zero gradients; the statistics are
+  still those of the initial model's features."""
+  c = _config()
+  c.strategy.ranpac = dict(features="backbone", proj_dim=M)
+  c.model.widths = (16,)
+  c.optimizer.name = "sgd"
+  c.optimizer.weight_decay = 0.5
+  c.train.epochs = 1
+  r = jaxcl.run(c)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  assert _moved(init.params, r.state.params) > 1e-3
+  ss = r.state.strategy
+  assert _moved(init.params, ss.params) == 0.0
+  sc = scenarios.split(digits, 5)
+  x = np.concatenate([e.train_x for e in sc.experiences])
+  z = np.asarray(r.learner.ctx.apply(init.params, init.model_state,
+                                     jnp.asarray(x), jnp.zeros(len(x), int),
+                                     features=True)[0], np.float64)
+  h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
+  scale = np.abs(h.T @ h).max()
+  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
+                             atol=1e-5)
+  # The scores are the head's on the frozen copy's features, whatever
+  # parameters are passed (here zeros, and they are not the model's).
+  zeros = jax.tree.map(jnp.zeros_like, r.state.params)
+  tx = np.concatenate([e.test_x for e in sc.experiences])
+  scores = np.asarray(r.learner.strategy.predict(
+      r.learner.ctx, ss, zeros, r.state.model_state, jnp.asarray(tx),
+      jnp.zeros(len(tx), jnp.int32)))
+  tz = np.asarray(r.learner.ctx.apply(init.params, init.model_state,
+                                      jnp.asarray(tx), jnp.zeros(len(tx), int),
+                                      features=True)[0], np.float64)
+  want = np.maximum(tz @ np.asarray(ss.proj, np.float64), 0.0) @ np.asarray(
+      ss.weight, np.float64)
+  np.testing.assert_allclose(scores, want, rtol=1e-3,
+                             atol=1e-3 * np.abs(want).max())
+  assert r.metrics["acc"] > 0.7
+
+
+def test_adapt_first_trains_then_freezes(digits):
+  """Phase 1: the first experience moves the model; from its end on the
+  model is restored after every update (weight decay cannot move it) and
+  the features are that model's."""
+  c = _config()
+  c.strategy.ranpac = dict(features="backbone", proj_dim=M,
+                           adapt_first=True)
+  c.model.widths = (16,)
+  c.optimizer.weight_decay = 0.01
+  c.train.epochs = 1
+  r = jaxcl.run(c)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  ss = r.state.strategy
+  assert bool(ss.frozen)
+  assert _moved(init.params, r.state.params) > 1e-2
+  assert _moved(r.state.params, ss.params) == 0.0
+  ones = jax.tree.map(jnp.ones_like, r.state.params)
+  out = r.learner.strategy.update_grads(r.learner.ctx, ss, ones,
+                                        r.state.params, {}, None)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(out))
+  sc = scenarios.split(digits, 5)
+  x = np.concatenate([e.train_x for e in sc.experiences])
+  z = np.asarray(r.learner.ctx.apply(ss.params, ss.model_state,
+                                     jnp.asarray(x), jnp.zeros(len(x), int),
+                                     features=True)[0], np.float64)
+  h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
+  scale = np.abs(h.T @ h).max()
+  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
+                             atol=1e-5)
+  assert r.metrics["acc"] > 0.7
+
+
+def test_task_incremental_scores_stay_in_the_task(digits, digits_run):
+  c = _config()
+  c.scenario.kind = "task"
+  r = jaxcl.run(c)
+  sc = scenarios.split(digits, 5)
+  tx = np.concatenate([e.test_x for e in sc.experiences])
+  tt = np.concatenate([e.test_task for e in sc.experiences])
+  pred = np.asarray(r.learner.strategy.predict(
+      r.learner.ctx, r.state.strategy, r.state.params, r.state.model_state,
+      jnp.asarray(tx), jnp.asarray(tt))).argmax(1)
+  np.testing.assert_array_equal(pred // 2, tt)   # tasks are class pairs
+  assert np.mean(r.accuracy[-1]) > np.mean(digits_run.accuracy[-1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(proj_dim=-1), "ranpac: proj_dim must be an int >= 0"),
+    (dict(proj_dim=64.0), "ranpac: proj_dim must be an int >= 0"),
+    (dict(proj_dim=15001), r"ranpac: proj_dim=15001 .* at most 15000"),
+    (dict(activation="tanh"), "ranpac: unknown activation 'tanh'"),
+    (dict(proj_dim=0), "ranpac: proj_dim=0 .* activation='none'"),
+    (dict(ridge=0.0), "ranpac: ridge must be a finite number > 0"),
+    (dict(ridge=float("nan")), "ranpac: ridge must be a finite number"),
+    (dict(ridge_grid=()), "ranpac: ridge_grid must be a non-empty"),
+    (dict(ridge_grid="1e-3"), "ranpac: ridge_grid must be a non-empty"),
+    (dict(ridge_grid=(1.0, -1.0)), r"ranpac: ridge_grid\[1\] must be a "
+     "finite number > 0"),
+    (dict(features="pixels"), "ranpac: unknown features 'pixels'"),
+    (dict(adapt_first="yes"), "ranpac: adapt_first must be True or False"),
+    (dict(features="input", adapt_first=True),
+     "ranpac: adapt_first=True .* needs features='backbone'"),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ranpac(**kwargs)
+
+
+def test_features_too_wide_without_a_projection():
+  c = _config(proj_dim=0, activation="none")
+  c.strategy.ranpac["features"] = "backbone"
+  c.model.widths = (16000,)
+  with pytest.raises(ValueError, match=r"ranpac: proj_dim=0 uses the 16000 "
+                     r"features.*at most 15000"):
+    experiment.initial_state(experiment.setup(c), 0)
+  assert ranpac_module.MAX_DIM == 15000
+
+
+def test_config_variants_build():
+  from experiments import split_mnist_analytic as mod
+  from jaxcl import strategies
+  for arg, dim in [("strategy=ranpac,features=input", 10000),
+                   ("strategy=ranpac,features=backbone,proj_dim=2000", 2000)]:
+    c = mod.get_config(arg)
+    kwargs = dict(c.strategy.ranpac)
+    assert kwargs["proj_dim"] == dim
+    assert strategies.from_spec("ranpac", {"ranpac": kwargs})[0].name == (
+        "ranpac")
+    assert (c.train.batch_size, c.train.epochs, c.scenario.kind,
+            c.model.widths) == (10, 1, "class", (100, 100))
+  # quick (the smoke runs): a small projection.
+  c = mod.get_config("strategy=ranpac,quick")
+  assert c.strategy.ranpac["proj_dim"] == 256
