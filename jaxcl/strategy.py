@@ -505,7 +505,9 @@ _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting
 # with the memory (lfl+agem_r: 93 % of steps; the result is lfl alone).
-_ZERO_RESTORE, _PROJECTORS = ("lfl",), ("agem", "agem_r", "gem")
+# l2p (zeroes and restores its frozen backbone) is here by analogy with
+# lfl, not from a run.
+_ZERO_RESTORE, _PROJECTORS = ("lfl", "l2p"), ("agem", "agem_r", "gem")
 
 
 def _check_composable(names: Sequence[str]) -> None:

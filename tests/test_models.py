@@ -25,8 +25,8 @@ def test_multi_head_routes_by_task():
 
 
 def test_unknown_model_and_bad_args():
-  with pytest.raises(ValueError, match="unknown model 'vit'; valid"):
-    models.build("vit", 10)
+  with pytest.raises(ValueError, match="unknown model 'transformer'; valid"):
+    models.build("transformer", 10)
   with pytest.raises(ValueError, match="bad arguments for model 'mlp'"):
     models.build("mlp", 10, depth=3)
   with pytest.raises(ValueError, match=r"widths=\(8, 2.5\); every layer "

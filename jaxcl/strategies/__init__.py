@@ -40,6 +40,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda", "fecam", "ranpac"),
+    # Not in the survey: prompts learned for a frozen pretrained
+    # transformer (docs/notes_prompt.md).
+    "prompt": ("l2p",),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -196,6 +199,9 @@ PAPERS: dict[str, str] = {
                  "puridiver, its similarity score from the authors' code)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
+    "l2p": "Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy & Pfister "
+           "2022, *Learning to prompt for continual learning*, CVPR (L2P; "
+           "google-research/l2p, Mammoth's l2p)",
     "ranpac": "McDonnell, Gong, Parvaneh, Abbasnejad & van den Hengel "
               "2023, *RanPAC: random projections and pre-trained models "
               "for continual learning*, NeurIPS (phase 2; phase 1 as "
@@ -251,6 +257,11 @@ NEEDS: dict[str, str] = {
            "outputs",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
+    "l2p": "the `vit` model with a prompt pool (`model.name='vit'`, "
+           "`model.vit.pool_size > 0`, e.g. 10) and a pretrained backbone "
+           "(`strategy.l2p.pretrained`: an .npz of a plain `vit` run from "
+           "`jaxcl.pretrained.save`; without one the frozen backbone is "
+           "random)",
     "ranpac": "`proj_dim`² floats in the state (400 MB at the paper's "
               "10000; on 2 CPU cores each experience's end then takes "
               "~40 s for the eigendecomposition of the λ search)",

@@ -1,0 +1,434 @@
+"""Tests of the ViT backbone (jaxcl.models.vit) and L2P (jaxcl.strategies.l2p).
+
+The references are written out here: a NumPy-free jnp ViT forward from the
+parameters (patches by reshaping, pre-LN blocks, flax's attention layout),
+run with the prompts placed as the JAX reference places them
+(``[prompts, cls, patches]``); top-N selection by NumPy argsort; the key
+loss by its formula. Runs are Split Digits (8x8 images, patch 4).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import experiment, models, pretrained, scenarios
+from jaxcl.models.vit import L2PViT, ViT, select_prompts
+from jaxcl.strategies import l2p as l2p_module
+from jaxcl.strategies.l2p import key_loss, l2p
+
+SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
+
+
+def _init(model, shape, seed=0):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
+
+
+# ---------------------------------------------------------------------------
+# A reference ViT forward from the parameters.
+
+
+def _ln(p, z, eps=1e-6):
+  mu = z.mean(-1, keepdims=True)
+  var = ((z - mu) ** 2).mean(-1, keepdims=True)
+  return (z - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _attention(p, z):
+  q = jnp.einsum("btd,dhk->bthk", z, p["query"]["kernel"]) + p["query"]["bias"]
+  k = jnp.einsum("btd,dhk->bthk", z, p["key"]["kernel"]) + p["key"]["bias"]
+  v = jnp.einsum("btd,dhk->bthk", z, p["value"]["kernel"]) + p["value"]["bias"]
+  w = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k) /
+                     np.sqrt(q.shape[-1]), axis=-1)
+  o = jnp.einsum("bhqs,bshk->bqhk", w, v)
+  return jnp.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def reference_tokens(p, x, patch, depth, prompts=None):
+  """All output tokens; ``prompts`` (B, T, D) go *first*, before the CLS
+  token, with no position embedding (google-research/l2p's order)."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h // patch, patch, w // patch, patch, c)
+  g = g.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch, patch, c)
+  emb = jnp.einsum("bnijc,ijcd->bnd", g, p["embedding"]["kernel"]) + \
+      p["embedding"]["bias"]
+  z = jnp.concatenate([jnp.tile(p["cls"], (b, 1, 1)), emb], 1)
+  z = z + p["pos_embedding"]
+  if prompts is not None:
+    z = jnp.concatenate([prompts, z], 1)
+  for i in range(depth):
+    z = z + _attention(p[f"block_{i}_attention"],
+                       _ln(p[f"block_{i}_norm_attention"], z))
+    y = _ln(p[f"block_{i}_norm_mlp"], z)
+    y = jax.nn.gelu(y @ p[f"block_{i}_mlp_in"]["kernel"] +
+                    p[f"block_{i}_mlp_in"]["bias"], approximate=True)
+    z = z + y @ p[f"block_{i}_mlp_out"]["kernel"] + \
+        p[f"block_{i}_mlp_out"]["bias"]
+  return _ln(p["norm"], z)
+
+
+# ---------------------------------------------------------------------------
+# The ViT backbone.
+
+
+@pytest.mark.parametrize("shape, patch", [((28, 28, 1), 7), ((28, 28, 1), 4),
+                                          ((32, 32, 3), 4), ((32, 32, 3), 8)])
+def test_vit_shapes_and_cls_feature(shape, patch):
+  m = models.build("vit", 10, patch=patch, dim=32, depth=2, heads=4,
+                   mlp_dim=64)
+  params = _init(m, (2,) + shape)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3,) + shape)
+  assert m.apply({"params": params}, x).shape == (3, 10)
+  feat = m.apply({"params": params}, x, features=True)
+  assert feat.shape == (3, 32)
+  n = (shape[0] // patch) * (shape[1] // patch)
+  tokens = ViT(patch=patch, dim=32, depth=2, heads=4, mlp_dim=64).apply(
+      {"params": params["backbone"]}, x, tokens=True)
+  assert tokens.shape == (3, 1 + n, 32)
+  np.testing.assert_allclose(feat, tokens[:, 0], atol=1e-6)
+  assert params["backbone"]["pos_embedding"].shape == (1, 1 + n, 32)
+
+
+def test_vit_forward_equals_the_reference():
+  m = ViT(**SMALL)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
+  p = _init(m, (1, 8, 8, 1), seed=3)
+  ours = m.apply({"params": p}, x, tokens=True)
+  ref = reference_tokens(p, x, 4, 2)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_cls_feature_depends_on_every_patch():
+  """No patch is masked out of the CLS token's view (a causal mask, or a
+  feature read before the blocks, would leave some unchanged)."""
+  m = ViT(patch=7, dim=32, depth=2, heads=4, mlp_dim=64)
+  p = _init(m, (1, 28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(4), (1, 28, 28, 1))
+  base = m.apply({"params": p}, x)
+  for i in range(4):
+    for j in range(4):
+      y = x.at[:, 7 * i:7 * i + 7, 7 * j:7 * j + 7].add(1.0)
+      assert float(jnp.abs(m.apply({"params": p}, y) - base).max()) > 1e-4, \
+          (i, j)
+  # The position embedding makes the order count: swapping two patches
+  # changes the feature.
+  swapped = x.at[:, :7, :7].set(x[:, 21:, 21:]).at[:, 21:, 21:].set(
+      x[:, :7, :7])
+  assert float(jnp.abs(m.apply({"params": p}, swapped) - base).max()) > 1e-4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(patch=5), "patch=5 does not divide"),
+    (dict(dim=30, heads=4), "dim=30 is not a multiple of heads=4"),
+    (dict(depth=0), "depth must be an int >= 1"),
+    (dict(pool_size=4, top_k=5), "top_k=5 .* pool_size=4"),
+    (dict(pool_size=-1), "pool_size must be an int >= 0"),
+    (dict(pool_size=4, top_k=2, prompt_length=0), "prompt_length"),
+])
+def test_vit_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    m = models.build("vit", 10, **kwargs)
+    _init(m, (1, 28, 28, 1))
+
+
+def test_l2p_model_refuses_several_heads_and_a_cosine_head():
+  with pytest.raises(ValueError, match="num_heads=5"):
+    models.build("vit", 2, num_heads=5, pool_size=10)
+  with pytest.raises(ValueError, match="head='cosine'"):
+    models.build("vit", 2, pool_size=10, head="cosine")
+
+
+def _digits_config(**vit):
+  c = jaxcl.default_config()   # Split Digits, 5 experiences, batch 32
+  c.model.name = "vit"
+  c.model.vit = dict(SMALL, **vit)
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 3e-3
+  c.report.progress = False
+  return c
+
+
+def test_vit_trains_from_scratch_and_round_trips_through_pretrained(tmp_path):
+  """A plain ViT learns all of digits (one experience, joint); its saved
+  params load back, and into an L2P model's backbone."""
+  c = _digits_config()
+  c.scenario.n_experiences = 1
+  c.train.epochs = 10
+  r = jaxcl.run(c)
+  assert r.metrics["acc"] > 0.85, r.metrics
+  path = pretrained.save(str(tmp_path / "vit.npz"), r.state.params)
+  flat = pretrained.load(path)
+  back = pretrained.assign(r.state.params, flat)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(r.state.params)):
+    np.testing.assert_array_equal(a, b)
+  prompted = models.build("vit", 10, pool_size=10, **SMALL)
+  p = _init(prompted, (1, 8, 8, 1))
+  bb = pretrained.assign(p["backbone"], flat, prefix="backbone/")
+  x = jnp.asarray(scenarios.split(jaxcl.datasets.load("digits"), 1)
+                  .experiences[0].test_x[:20])
+  # The L2P query is the plain model's feature.
+  q = prompted.apply({"params": {**p, "backbone": bb}}, x,
+                     method=L2PViT.query)
+  feat = r.learner.ctx.apply(r.state.params, {}, x, None, features=True)[0]
+  np.testing.assert_allclose(q, feat, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# L2P: selection, key loss, prompted forward.
+
+
+def test_selection_picks_the_keys_of_highest_cosine():
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(6, 8)).astype(np.float32)
+  keys = rng.normal(size=(10, 8)).astype(np.float32) * \
+      rng.uniform(0.1, 5, size=(10, 1)).astype(np.float32)  # norms differ
+  idx, cos = select_prompts(jnp.asarray(q), jnp.asarray(keys), 5)
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+  sim = qn @ kn.T
+  want = np.argsort(-sim, axis=1)[:, :5]
+  np.testing.assert_array_equal(np.asarray(idx), want)
+  np.testing.assert_allclose(np.asarray(cos),
+                             np.take_along_axis(sim, want, 1), atol=1e-5)
+  # Dot products, not cosines, would pick other keys here.
+  assert not np.array_equal(np.argsort(-(q @ keys.T), 1)[:, :5], want)
+
+
+def test_key_loss_is_the_formula_and_reaches_only_the_keys():
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(4, 6)).astype(np.float32)
+  keys = rng.normal(size=(7, 6)).astype(np.float32)
+  idx = np.array([[0, 3], [6, 1], [2, 2], [5, 4]])
+  mask = np.array([1.0, 1.0, 0.0, 1.0], np.float32)
+  got = key_loss(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(idx),
+                 jnp.asarray(mask))
+  cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  want = sum(mask[b] * sum(1 - cos(q[b], keys[i]) for i in idx[b])
+             for b in range(4)) / mask.sum()
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  gq, gk = jax.grad(key_loss, argnums=(0, 1))(
+      jnp.asarray(q), jnp.asarray(keys), jnp.asarray(idx), jnp.asarray(mask))
+  assert float(jnp.abs(gq).max()) == 0.0           # the query is fixed
+  moved = np.abs(np.asarray(gk)).sum(1) > 0
+  # Keys chosen by an unmasked row move; the others (2 chosen only by the
+  # masked row) do not.
+  np.testing.assert_array_equal(moved, [1, 1, 0, 1, 1, 1, 1])
+
+
+def test_prompted_forward_equals_a_manual_concatenation():
+  """The reference places the chosen prompts before the CLS token (the JAX
+  reference's order); the head reads the mean of the prompt outputs."""
+  m = models.build("vit", 10, pool_size=6, prompt_length=3, top_k=2, **SMALL)
+  p = _init(m, (1, 8, 8, 1), seed=5)
+  p = {**p, "head": {"kernel": jax.random.normal(jax.random.PRNGKey(6),
+                                                 (16, 10)),
+                     "bias": jnp.arange(10.0)}}
+  x = jax.random.normal(jax.random.PRNGKey(7), (4, 8, 8, 1))
+  q = reference_tokens(p["backbone"], x, 4, 2)[:, 0]
+  qn = np.asarray(q) / np.linalg.norm(np.asarray(q), axis=1, keepdims=True)
+  kn = np.asarray(p["key"]) / np.linalg.norm(np.asarray(p["key"]), axis=1,
+                                             keepdims=True)
+  idx = np.argsort(-(qn @ kn.T), axis=1)[:, :2]
+  assert len({tuple(sorted(r)) for r in idx}) > 1   # images differ
+  prompts = np.asarray(p["prompt"])[idx].reshape(4, 6, 16)
+  z = reference_tokens(p["backbone"], x, 4, 2, prompts=jnp.asarray(prompts))
+  h = z[:, :6].mean(1)
+  want = h @ p["head"]["kernel"] + p["head"]["bias"]
+  got = m.apply({"params": p}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(m.apply({"params": p}, x, features=True), h,
+                             rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# L2P end to end on Split Digits.
+
+
+def _l2p_config(**strategy):
+  c = _digits_config(pool_size=10, prompt_length=5, top_k=5)
+  c.strategy.name = "l2p"
+  c.strategy.l2p = dict(strategy)
+  c.train.epochs = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def wd_run():
+  """AdamW with weight decay: zero gradients alone would not keep the
+  backbone still."""
+  c = _l2p_config()
+  c.optimizer.name = "adamw"
+  c.optimizer.weight_decay = 0.1
+  r = jaxcl.run(c)
+  s = experiment.setup(c)
+  return r, experiment.initial_state(s, c.seed)
+
+
+def test_backbone_is_frozen_while_prompts_keys_and_head_move(wd_run):
+  r, init = wd_run
+  for a, b in zip(jax.tree.leaves(init.params["backbone"]),
+                  jax.tree.leaves(r.state.params["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  for part in ("prompt", "key", "head"):
+    moved = max(float(jnp.abs(a - b).max()) for a, b in
+                zip(jax.tree.leaves(init.params[part]),
+                    jax.tree.leaves(r.state.params[part])))
+    assert moved > 1e-3, part
+
+
+def test_backbone_gets_no_gradient():
+  s = experiment.setup(_l2p_config())
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, 0)
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  g = strategy.update_grads(ctx, state.strategy, ones, state.params, {}, None)
+  assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(
+      g["backbone"]))
+  assert all(float(jnp.min(a)) == 1 for k in ("prompt", "key", "head")
+             for a in jax.tree.leaves(g[k]))
+
+
+def test_backbone_written_between_experiences_is_restored(digits):
+  """The frozen copy is the one taken at the start, not re-taken at each
+  experience: a write into the backbone (by a chained member's
+  after_experience, say) is undone by the next step's restore."""
+  c = _l2p_config()
+  s = experiment.setup(c)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, 0)
+  orig = state.params["backbone"]
+  exps = s.scenario.experiences
+  state = strategy.before_experience(ctx, state, exps[0])
+  state = state.replace(params={**state.params, "backbone": jax.tree.map(
+      lambda a: a + 1.0, state.params["backbone"])})
+  state = strategy.before_experience(ctx, state, exps[1])
+  back = strategy.project_params(ctx, state.strategy, state.params)
+  for a, b in zip(jax.tree.leaves(back["backbone"]), jax.tree.leaves(orig)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_keys_move_only_through_the_key_loss(lam):
+  """Top-N selection carries no gradient: with lam=0 the keys stay (Adam,
+  no weight decay); with lam > 0 they move."""
+  c = _l2p_config(lam=lam)
+  c.train.epochs = 1
+  r = jaxcl.run(c)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  moved = float(jnp.abs(r.state.params["key"] - init.params["key"]).max())
+  assert (moved > 1e-3) if lam else (moved == 0.0), moved
+  assert float(jnp.abs(r.state.params["prompt"] -
+                       init.params["prompt"]).max()) > 1e-3
+
+
+def test_strategy_loss_is_lam_times_the_key_formula(digits):
+  c = _l2p_config(lam=0.3)
+  s = experiment.setup(c)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, 0)
+  x = jnp.asarray(digits.train_x[:12])
+  mask = jnp.asarray([1.0] * 10 + [0.0] * 2)
+  got = strategy.loss(ctx, state.strategy, state.params,
+                      {"x": x, "mask": mask}, None)
+  q = np.asarray(reference_tokens(state.params["backbone"], x, 4, 2)[:, 0])
+  keys = np.asarray(state.params["key"])
+  cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ \
+      (keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
+  top = -np.sort(-cos, axis=1)[:, :5]
+  want = 0.3 * np.sum((1 - top).sum(1) * np.asarray(mask)) / 10
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+
+
+def _first_experience_run(digits, **strategy):
+  c = _l2p_config(**strategy)
+  sc = experiment.build_scenario(c)
+  one = dataclasses.replace(sc, experiences=sc.experiences[:1],
+                            eval_experiences=sc.experiences)
+  return jaxcl.run(c, scenario=one)
+
+
+def test_train_mask_keeps_other_classes_columns_and_predicts_seen_classes(
+    digits):
+  r = _first_experience_run(digits)
+  kernel = np.asarray(r.state.params["head"]["kernel"])
+  bias = np.asarray(r.state.params["head"]["bias"])
+  # Zero-initialised and never in the loss: classes 2-9 stay at zero.
+  assert np.all(kernel[:, 2:] == 0) and np.all(bias[2:] == 0)
+  assert np.abs(kernel[:, :2]).max() > 1e-3
+  # Prediction without a task id, over the classes seen: 0 and 1 only.
+  ctx, strategy = r.learner.ctx, r.learner.strategy
+  tx = jnp.asarray(np.concatenate([e.test_x for e in
+                                   scenarios.split(digits, 5).experiences]))
+  ss = r.state.strategy
+  logits = strategy.predict(ctx, ss, r.state.params, {}, tx,
+                            jnp.zeros(len(tx), jnp.int32))
+  assert set(np.unique(np.asarray(logits).argmax(1))) <= {0, 1}
+  # ... which the mask decides, not the zero columns: (a softmax over the
+  # current classes keeps their mean logit at 0, so a zero column never
+  # wins outright) raise the unseen classes' biases and they still lose.
+  lifted = {**r.state.params, "head": {
+      "kernel": r.state.params["head"]["kernel"],
+      "bias": r.state.params["head"]["bias"].at[2:].set(10.0)}}
+  raw = ctx.logits(lifted, {}, tx, None)
+  assert np.all(np.asarray(raw).argmax(1) >= 2)
+  masked = strategy.predict(ctx, ss, lifted, {}, tx,
+                            jnp.zeros(len(tx), jnp.int32))
+  assert set(np.unique(np.asarray(masked).argmax(1))) <= {0, 1}
+  # The task id is never read.
+  other = strategy.predict(ctx, ss, r.state.params, {}, tx,
+                           jnp.asarray(np.arange(len(tx)) % 5, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(other))
+  # Without the mask every class's column trains.
+  r2 = _first_experience_run(digits, train_mask=False)
+  assert np.abs(np.asarray(r2.state.params["head"]["kernel"])[:, 2:]).max() \
+      > 1e-3
+
+
+def test_pretrained_backbone_is_loaded_and_kept(tmp_path):
+  plain = models.build("vit", 10, **SMALL)
+  p = _init(plain, (1, 8, 8, 1), seed=42)
+  path = pretrained.save(str(tmp_path / "bb.npz"), p)
+  c = _l2p_config(pretrained=path)
+  c.train.epochs = 1
+  r = jaxcl.run(c)
+  for a, b in zip(jax.tree.leaves(p["backbone"]),
+                  jax.tree.leaves(r.state.params["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  assert bool(r.state.strategy.loaded)
+
+
+def test_bad_arguments_and_models(tmp_path):
+  with pytest.raises(ValueError, match="lam"):
+    l2p(lam=-1.0)
+  with pytest.raises(ValueError, match="train_mask"):
+    l2p(train_mask="yes")
+  with pytest.raises(ValueError, match="does not exist"):
+    l2p(pretrained=str(tmp_path / "none.npz"))
+  c = _l2p_config()
+  c.model.vit = dict(SMALL)      # a plain ViT: no pool
+  with pytest.raises(ValueError, match="pool_size > 0"):
+    jaxcl.run(c)
+  c.model.name = "mlp"
+  with pytest.raises(ValueError, match="prompted ViT"):
+    jaxcl.run(c)
+  assert jaxcl.strategies.get("l2p").name == "l2p"
+  assert l2p_module.PARTS == ("backbone", "prompt", "key", "head")
+
+
+def test_experiment_config_variants():
+  from experiments import split_mnist_prompt as cfg
+  c = cfg.get_config("strategy=l2p,pretrained=/x.npz,lam=0.5")
+  assert c.model.name == "vit" and c.model.vit["pool_size"] == 10
+  assert dict(c.strategy.l2p) == {"lam": 0.5, "pretrained": "/x.npz"}
+  assert c.model.pretrained == ""      # l2p loads the backbone itself
+  for name in ("naive", "slda"):
+    c = cfg.get_config(f"strategy={name},pretrained=/x.npz")
+    assert c.model.pretrained == "/x.npz"
+    assert "pool_size" not in c.model.vit
+  c = cfg.get_config("strategy=pretrain")
+  assert c.dataset.name == "fashion_mnist" and c.strategy.name == "naive"
+  with pytest.raises(ValueError, match="unknown strategy 'ewc'"):
+    cfg.get_config("strategy=ewc")
