@@ -40,9 +40,13 @@ output.
 ``train_mask=True`` is the reference's ``train_mask`` (Mammoth's "mask out
 classes of non-current tasks"): the training cross-entropy is over the
 current experience's classes only, so the head columns of other classes
-get no gradient (rows of other classes, from a chained replay member, take
-it over all classes). Prediction, with no task id, is over the classes
-seen so far (Mammoth's ``forward`` slices the logits to them).
+get no gradient. Beside a member that appends replayed rows it is refused
+(at the first step): the replayed rows' loss over all classes pushes the
+current classes' logits down and nothing lifts them, so each experience's
+classes scored 0.00 until replayed (docs/notes_prompt.md); chain
+``l2p(train_mask=False)`` with replay instead. Prediction, with no task
+id, is over the classes seen so far (Mammoth's ``forward`` slices the
+logits to them).
 
 Deviations from the references: prompts are chosen per image at training
 and test time (the paper's rule); the PyTorch ports' and the JAX
@@ -179,7 +183,20 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
     return state.replace(params=params, strategy=ss)
 
   def task_loss(ctx, sstate, logits, batch):
-    del ctx
+    rows, incoming = batch["y"].shape[0], ctx.info.batch_size
+    if train_mask and rows > incoming:
+      # Found by running l2p+replay (docs/notes_prompt.md): the replayed
+      # rows' loss over all classes pushes the current classes' logits
+      # down, and their own rows, masked to the current classes, never
+      # lift them above the old ones.
+      raise ValueError(
+          f"l2p: train_mask=True beside a member that appends replayed "
+          f"rows (the batch has {rows} rows, {incoming} incoming) trains "
+          f"the current classes only against each other while the "
+          f"replayed rows push their logits down: every experience's "
+          f"classes score 0 until they are replayed (Split MNIST with "
+          f"replay: 0.00 on each new experience). Pass train_mask=False "
+          f"to l2p when chaining a replay method")
     if not train_mask:
       return cross_entropy(logits, batch["y"], batch["mask"])
     return cross_entropy_over(logits, batch["y"], batch["mask"],
