@@ -637,7 +637,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  checkpoint.Position(i, "train", epoch + 1, 0))
       bar.close()
       state = _host_hook(strategy.after_experience, ctx, state, exps, members)
-      state = settle(state)
+      # Wait for the hook's dispatched work (RanPAC's eigh, a Fisher), so
+      # its time counts as training, not as the evaluation that reads it.
+      state = jax.block_until_ready(settle(state))
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
       acc[..., i, :] = np.asarray(learner.eval_fn(state, test))
