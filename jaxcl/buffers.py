@@ -560,13 +560,13 @@ def abs_probs(losses: jax.Array, past: jax.Array) -> jax.Array:
   it, by loss ``ℓ`` in opposite directions:
 
   .. math::
-     p_i = \begin{cases}
-       \frac{|P|}{K} \frac{\max_P \ell - \ell_i}
-                           {\sum_{j \in P} (\max_P \ell - \ell_j)}
-         & i \in P \\
-       \frac{|C|}{K} \frac{\ell_i - \min_C \ell}
-                           {\sum_{j \in C} (\ell_j - \min_C \ell)}
-         & i \in C \end{cases}
+     p_i = \\begin{cases}
+       \\frac{|P|}{K} \\frac{\\max_P \\ell - \\ell_i}
+                           {\\sum_{j \\in P} (\\max_P \\ell - \\ell_j)}
+         & i \\in P \\
+       \\frac{|C|}{K} \\frac{\\ell_i - \\min_C \\ell}
+                           {\\sum_{j \\in C} (\\ell_j - \\min_C \\ell)}
+         & i \\in C \\end{cases}
 
   (uniform within a group whose losses are all equal): current entries
   with a high loss (likely mislabelled) go first, past entries with a low

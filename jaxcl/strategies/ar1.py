@@ -22,7 +22,7 @@ would pull towards values that no longer exist). ``lower_lr_scale``
 multiplies the lower layers' gradients after the first experience (the
 paper trains them with a smaller learning rate there).
 
-**AR1\* (latent replay, Pellegrini et al. 2020, Algorithm 1).** With
+**AR1\\* (latent replay, Pellegrini et al. 2020, Algorithm 1).** With
 ``mem_size > 0`` the chain gets a third member,
 :func:`jaxcl.strategies.latent_replay.latent_replay` at ``layer``: after
 the first experience the layers below ``layer`` are frozen (the stored

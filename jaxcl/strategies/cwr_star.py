@@ -40,7 +40,7 @@ class counts are added to ``cur_j`` before the head is reset). The state's
 ``replayed`` field holds those per-class counts; a composite such as
 :func:`jaxcl.strategies.ar1.ar1` with a latent memory sets it (with
 :func:`set_replayed`) *before* CWR*'s ``before_experience`` runs. Then the
-active classes are :math:`B_i \cup R` and the merge uses
+active classes are :math:`B_i \\cup R` and the merge uses
 ``cur_j = count_j(B_i) + count_j(R)``. ``replayed`` is all zeros otherwise,
 which is plain CWR*.
 

@@ -17,8 +17,8 @@ a quadratic: with ``A = Σ_k F_k`` and the Fisher-weighted centre
 ``m = Σ_k F_k θ*_k / A``,
 
 .. math::
-  \sum_k F_k (\theta - \theta^*_k)^2 = A (\theta - m)^2 + r,\qquad
-  r = \sum_k F_k \theta^{*2}_k - A m^2 \ge 0,
+  \\sum_k F_k (\\theta - \\theta^*_k)^2 = A (\\theta - m)^2 + r,\\qquad
+  r = \\sum_k F_k \\theta^{*2}_k - A m^2 \\ge 0,
 
 exactly (value and gradient). The state keeps ``A`` (``precision``), ``m``
 (``center``) and the constant ``r`` (``residual``), updated when an

@@ -41,7 +41,7 @@ stored (bool) and prediction uses it.
   layer gets superfluous neurons that no label points at (the model's
   ``superfluous``; training's softmax drives them down under the right
   mask), and the task is the one whose weight most decreases
-  :math:`\log\sum_j \exp z_j` with the real classes' logits held
+  :math:`\\log\\sum_j \\exp z_j` with the real classes' logits held
   constant, i.e. the superfluous outputs' mass.
 
 Warning:
