@@ -20,4 +20,9 @@ ENTRIES = [
                "every task, and the current-class training mask leaves the "
                "head's classes uncalibrated across tasks (docs/"
                "notes_prompt.md)"),
+    Entry(_SM, "CODA-Prompt (50 components, length 8, blocks 0-3)",
+          "split_mnist_prompt", "strategy=coda_prompt", pretrain=_PRE,
+          note="Smith et al. 2023 on a Fashion-MNIST ViT, not ImageNet "
+               "ViT-B/16: each experience's components get about the same "
+               "weight for every task's images (docs/notes_prompt.md)"),
 ]

@@ -1,4 +1,5 @@
-"""Split MNIST, class-incremental, over a frozen pretrained ViT: L2P.
+"""Split MNIST, class-incremental, over a frozen pretrained ViT: L2P and
+CODA-Prompt.
 
 Protocol: MNIST in 5 experiences of 2 classes, class-incremental (no task
 id at test time), 1 epoch per experience, batch 32, Adam 1e-3 (about
@@ -11,6 +12,12 @@ the frozen weights. Rows, all on the same pretrained file:
 * ``l2p`` (Wang et al. 2022): pool M=10, prompt length L=5, top N=5, λ=0.1,
   the backbone frozen, the training logits masked to the experience's
   classes; only prompts, keys and head train.
+* ``coda_prompt`` (Smith et al. 2023): M=50 components (10 per
+  experience, the reference's 100 over 10 tasks; at most the ViT's width
+  64), prompt length L=8 (4 prefix keys, 4 values), in blocks 0-3 (the
+  reference's 0-4, cut to depth 4), no orthogonality penalty (the
+  reference's current scripts: Gram-Schmidt init only); the backbone
+  frozen, the training logits masked to the experience's classes.
 * ``naive``: fine-tuning of the whole pretrained ViT (the pretrained head,
   trained on Fashion-MNIST's classes, is its start).
 * ``slda`` (Hayes & Kanan 2020): Deep SLDA on the frozen ViT's 64-d CLS
@@ -23,11 +30,13 @@ Commands::
 
   python -m jaxcl.pretrained --config experiments/split_mnist_prompt.py:strategy=pretrain --out /tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=l2p,pretrained=/tmp/fmnist_vit.npz
+  jaxcl run --config experiments/split_mnist_prompt.py:strategy=coda_prompt,pretrained=/tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=naive,pretrained=/tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=slda,pretrained=/tmp/fmnist_vit.npz
 
-Arguments: ``strategy`` (l2p | naive | slda | pretrain),
-``seed``, ``pretrained``, ``epochs``, ``lam`` (L2P's λ), ``lr`` (Adam's),
+Arguments: ``strategy`` (l2p | coda_prompt | naive | slda | pretrain),
+``seed``, ``pretrained``, ``epochs``, ``lam`` (L2P's λ), ``ortho_mu``
+(CODA's μ), ``lr`` (Adam's),
 ``quick`` (2000
 training / 1000 test examples, for tests).
 """
@@ -35,15 +44,18 @@ training / 1000 test examples, for tests).
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
-STRATEGIES = ("l2p", "naive", "slda", "pretrain")
+STRATEGIES = ("l2p", "coda_prompt", "naive", "slda", "pretrain")
 VIT = dict(patch=7, dim=64, depth=4, heads=4, mlp_dim=128)
 # L2P's pool as the paper and Mammoth's defaults: M=10, L=5, N=5.
 POOL = dict(pool_size=10, prompt_length=5, top_k=5)
+# CODA-Prompt's components: 10 per experience (the reference's 100 over 10
+# tasks), L=8 as the reference, in every block (its 0-4 cut to depth 4).
+CODA = dict(prompt="coda", pool_size=50, prompt_length=8)
 
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="l2p", seed=0, pretrained="", epochs=1,
-                lam=0.1, lr=1e-3, quick=False)
+                lam=0.1, ortho_mu=0.0, lr=1e-3, quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r} for this config; valid: "
@@ -74,6 +86,10 @@ def get_config(arg=None):
   elif name == "l2p":
     c.model.vit = dict(VIT, **POOL)
     c.strategy.l2p = dict(lam=a["lam"], pretrained=a["pretrained"])
+  elif name == "coda_prompt":
+    c.model.vit = dict(VIT, **CODA)
+    c.strategy.coda_prompt = dict(ortho_mu=a["ortho_mu"],
+                                  pretrained=a["pretrained"])
   elif name == "naive":
     c.model.pretrained = a["pretrained"]
   elif name == "slda":

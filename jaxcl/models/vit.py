@@ -1,4 +1,5 @@
-"""A small Vision Transformer, plain or with an L2P prompt pool.
+"""A small Vision Transformer, plain, with an L2P prompt pool, or with
+CODA-Prompt's prefix components.
 
 The backbone is Dosovitskiy et al.'s ViT (the layout of Google's
 ``vision_transformer`` / ``google-research/l2p`` ``models/vit.py``), sized
@@ -21,19 +22,30 @@ changes nothing).
 ``head``; every strategy works, ``features=True`` is the CLS feature), and
 with ``pool_size > 0`` an :class:`L2PViT`: the same backbone with the
 prompt pool of Learning to Prompt (Wang et al. 2022), trained by
-:mod:`jaxcl.strategies.l2p`. A plain run's saved params
-(:mod:`jaxcl.pretrained`) load into either model's ``backbone``.
+:mod:`jaxcl.strategies.l2p`; with ``pool_size > 0`` and ``prompt='coda'``
+a :class:`CodaViT`: the same backbone with CODA-Prompt's (Smith et al.
+2023) attention-weighted prompt components, fed to the first blocks'
+self-attention by prefix-tuning, trained by
+:mod:`jaxcl.strategies.coda_prompt`. A plain run's saved params
+(:mod:`jaxcl.pretrained`) load into any of these models' ``backbone``
+(the attention is :class:`PrefixAttention`, whose params are named and
+shaped as flax's ``MultiHeadDotProductAttention``'s).
 
 References:
   Dosovitskiy et al., `An image is worth 16x16 words: transformers for
   image recognition at scale <https://arxiv.org/abs/2010.11929>`_, ICLR 2021.
   Wang et al., `Learning to prompt for continual learning
   <https://arxiv.org/abs/2112.08654>`_, CVPR 2022.
+  Smith et al., `CODA-Prompt: COntinual Decomposed Attention-based
+  prompting for rehearsal-free continual learning
+  <https://arxiv.org/abs/2211.13218>`_, CVPR 2023.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -44,7 +56,62 @@ from jaxcl.models import init as inits
 from jaxcl.models.classifier import Classifier, check_head, l2_normalise
 from jaxcl.models.conv import Conv
 
-__all__ = ["ViT", "L2PViT", "build", "select_prompts"]
+__all__ = ["ViT", "L2PViT", "CodaViT", "PrefixAttention", "build",
+           "select_prompts", "coda_weights", "PROMPTS"]
+
+# The prompted variants ``build`` makes when ``pool_size > 0``.
+PROMPTS = ("l2p", "coda")
+
+Prefix = tuple[jnp.ndarray, jnp.ndarray]
+
+
+class PrefixAttention(nn.Module):
+  """Multi-head self-attention with optional prefix keys and values.
+
+  Without a prefix this is flax's ``MultiHeadDotProductAttention(x, x)``
+  (no mask, no dropout): the same submodules ``query``, ``key``, ``value``
+  (``DenseGeneral`` to ``(heads, dim / heads)``) and ``out``, so the same
+  param names, shapes and initial values, and the same operations. With a
+  prefix ``(p_k, p_v)`` (each ``(B, L_p, dim)``) the projected keys and
+  values of the tokens get ``L_p`` more rows in front, as prefix-tuning
+  does (Li & Liang 2021; CODA-Prompt's ``models/vit.py`` ``Attention``):
+
+  .. math::
+     \\mathrm{softmax}\\big(q\\,[p_k; k]^\\top / \\sqrt{d_h}\\big)\\,[p_v; v],
+
+  per head, ``p_k`` and ``p_v`` reshaped to ``(L_p, heads, d_h)`` as they
+  are: they are in the projected space already (no ``key`` / ``value``
+  kernel or bias is applied to them). The output keeps the tokens' length.
+  """
+  heads: int
+  kernel_init: Any = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray,
+               prefix: Prefix | None = None) -> jnp.ndarray:
+    b, _, d = x.shape
+    hd = d // self.heads
+    dense = lambda name: nn.DenseGeneral(
+        features=(self.heads, hd), axis=-1, kernel_init=self.kernel_init,
+        name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    if prefix is not None:
+      pk, pv = prefix
+      if pk.ndim != 3 or pk.shape != pv.shape or pk.shape[0] != b or \
+          pk.shape[2] != d:
+        raise ValueError(f"PrefixAttention: prefix keys and values must "
+                         f"both be (B={b}, L_p, dim={d}), got {pk.shape} "
+                         f"and {pv.shape}")
+      k = jnp.concatenate([pk.reshape(b, -1, self.heads, hd).astype(k.dtype),
+                           k], axis=1)
+      v = jnp.concatenate([pv.reshape(b, -1, self.heads, hd).astype(v.dtype),
+                           v], axis=1)
+    # flax's dot_product_attention, op for op: the query scaled first.
+    q = q / jnp.sqrt(hd).astype(q.dtype)
+    w = jax.nn.softmax(jnp.einsum("...qhd,...khd->...hqk", q, k))
+    o = jnp.einsum("...hqk,...khd->...qhd", w, v)
+    return nn.DenseGeneral(features=d, axis=(-2, -1),
+                           kernel_init=self.kernel_init, name="out")(o)
 
 
 class ViT(nn.Module):
@@ -65,7 +132,9 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False,
                prompts: jnp.ndarray | None = None,
-               tokens: bool = False) -> jnp.ndarray:
+               tokens: bool = False,
+               prefixes: Sequence[Prefix | None] | None = None
+               ) -> jnp.ndarray:
     """The CLS feature ``(B, dim)``, or with ``tokens=True`` every output
     token ``(B, 1 + T + P, dim)``.
 
@@ -78,6 +147,10 @@ class ViT(nn.Module):
         no mask and no order, so ``[cls, prompts, patches]`` gives the
         outputs of the reference's ``[prompts, cls, patches]`` permuted.
       tokens: return all output tokens instead of the CLS feature.
+      prefixes: one entry per block, ``None`` or ``(p_k, p_v)`` (each
+        ``(B, L_p, dim)``): prefix keys and values for that block's
+        self-attention (:class:`PrefixAttention`; CODA-Prompt's
+        prefix-tuning). They add no tokens.
     """
     del train
     if x.ndim != 4:
@@ -104,13 +177,17 @@ class ViT(nn.Module):
                          f"{self.dim}), got {prompts.shape}")
       z = jnp.concatenate([z[:, :1], prompts.astype(z.dtype), z[:, 1:]],
                           axis=1)
+    if prefixes is not None and len(prefixes) != self.depth:
+      raise ValueError(f"ViT: prefixes must have one entry (None or a "
+                       f"(keys, values) pair) per block, depth={self.depth}"
+                       f", got {len(prefixes)}")
     xavier = nn.initializers.xavier_uniform()
     small = nn.initializers.normal(1e-6)  # the reference's MLP biases
     for i in range(self.depth):
       y = nn.LayerNorm(name=f"block_{i}_norm_attention")(z)
-      y = nn.MultiHeadDotProductAttention(
-          num_heads=self.heads, kernel_init=xavier,
-          name=f"block_{i}_attention")(y, y)
+      y = PrefixAttention(heads=self.heads, kernel_init=xavier,
+                          name=f"block_{i}_attention")(
+                              y, None if prefixes is None else prefixes[i])
       z = z + y
       y = nn.LayerNorm(name=f"block_{i}_norm_mlp")(z)
       y = nn.Dense(self.mlp_dim, kernel_init=xavier, bias_init=small,
@@ -201,11 +278,104 @@ class L2PViT(nn.Module):
     return h if features else self.head(h)
 
 
+def coda_weights(query: jnp.ndarray, keys: jnp.ndarray,
+                 attn: jnp.ndarray) -> jnp.ndarray:
+  """CODA-Prompt's component weights ``α_m = γ(q ⊙ A_m, K_m)`` (eq. 3).
+
+  Args:
+    query: ``(B, D)`` queries ``q(x)``.
+    keys: ``(M, D)`` component keys ``K_m``.
+    attn: ``(M, D)`` attention vectors ``A_m``.
+
+  Returns:
+    ``(B, M)``: the cosine of the attended query ``q ⊙ A_m`` with ``K_m``
+    (the reference's ``aq_k``; no softmax, no top-k).
+  """
+  attended = query[:, None, :] * attn[None]              # B, M, D
+  return jnp.einsum("bmd,md->bm", l2_normalise(attended),
+                    l2_normalise(keys))
+
+
+class CodaViT(nn.Module):
+  """A ViT with CODA-Prompt's decomposed prompts, fed by prefix-tuning.
+
+  For an image ``x`` (Smith et al. 2023, Sec. 4) the query ``q(x)`` is the
+  CLS feature of the backbone run without prompts (the frozen pretrained
+  model; under ``stop_gradient``). In each prompted block ``l``
+  (``layers``) the prompt is a weighted sum of ``M`` components
+  ``P_{l,m}`` (each ``L x D``), weighted by :func:`coda_weights`:
+
+  .. math::
+     p_l = \\sum_m \\gamma(q(x) \\odot A_{l,m},\\, K_{l,m})\\, P_{l,m},
+
+  and its first ``L/2`` rows are prepended to that block's attention keys,
+  the last ``L/2`` to its values (prefix-tuning: the token sequence keeps
+  its length; :class:`PrefixAttention`). The classifier reads the CLS
+  output of the prompted pass.
+
+  Params: ``backbone`` (the :class:`ViT`'s, used by both passes),
+  ``prompt`` ``(n_layers, M, L, D)``, ``key`` and ``attn``
+  ``(n_layers, M, D)`` (all ``U(0, 1)``, the reference's ``tensor_prompt``
+  before its Gram-Schmidt, which :mod:`jaxcl.strategies.coda_prompt`
+  applies per experience), and ``head`` (PyTorch ``nn.Linear``'s kernel
+  init ``U(±1/sqrt(D))``, zero bias). The model sums over all ``M``
+  components; which ones exist yet is the strategy's business: it keeps
+  the components of later experiences at ``P = 0``, so they add nothing
+  to ``p_l`` (the reference slices them off; the prefix itself is always
+  there, as in the reference), and lets only the current experience's
+  slice train.
+
+  ``features=True`` returns the head's input (the prompted CLS feature).
+  ``task`` is never read.
+  """
+  backbone: ViT
+  num_classes: int
+  pool_size: int = 50
+  prompt_length: int = 8
+  layers: tuple[int, ...] = (0, 1, 2, 3)
+
+  def setup(self):
+    d, n = self.backbone.dim, len(self.layers)
+    uniform = nn.initializers.uniform(1.0)     # U(0, 1), torch's uniform_
+    self.prompt = self.param("prompt", uniform,
+                             (n, self.pool_size, self.prompt_length, d))
+    self.keys = self.param("key", uniform, (n, self.pool_size, d))
+    self.attn = self.param("attn", uniform, (n, self.pool_size, d))
+    self.head = nn.Dense(
+        self.num_classes,
+        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in",
+                                                     "uniform"))
+
+  def query(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``q(x)``: the backbone's CLS feature without prompts, no gradient."""
+    return jax.lax.stop_gradient(self.backbone(x))
+
+  def weights(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``α``, ``(n_layers, B, M)``: :func:`coda_weights` per layer."""
+    q = self.query(x)
+    return jax.vmap(coda_weights, (None, 0, 0))(q, self.keys, self.attn)
+
+  def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,
+               train: bool = False, features: bool = False) -> jnp.ndarray:
+    del task  # the weights need no task id at train or test time
+    alpha = self.weights(x)
+    p = jnp.einsum("nbm,nmld->nbld", alpha, self.prompt)  # n, B, L, D
+    half = self.prompt_length // 2
+    prefixes = [None] * self.backbone.depth
+    for j, layer in enumerate(self.layers):
+      prefixes[layer] = (p[j, :, :half], p[j, :, half:])
+    h = self.backbone(x, train=train, prefixes=prefixes)
+    return h if features else self.head(h)
+
+
 def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
           dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128,
-          pool_size: int = 0, prompt_length: int = 5, top_k: int = 5,
-          init: str = "lecun_normal", head: str = "linear") -> Any:
-  """Builds a ViT classifier, or with ``pool_size > 0`` an L2P model.
+          pool_size: int = 0, prompt_length: int | None = None,
+          top_k: int = 5, init: str = "lecun_normal", head: str = "linear",
+          prompt: str = "l2p",
+          prompt_layers: Sequence[int] | None = None) -> Any:
+  """Builds a ViT classifier, or with ``pool_size > 0`` a prompted model:
+  L2P (``prompt='l2p'``) or CODA-Prompt (``prompt='coda'``).
 
   Args:
     num_classes: outputs per head.
@@ -216,17 +386,25 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
     depth: transformer blocks.
     heads: attention heads.
     mlp_dim: hidden width of each block's MLP.
-    pool_size: ``M``, prompts in the pool; 0 for a plain ViT.
-    prompt_length: ``L``, tokens per prompt.
-    top_k: ``N``, prompts chosen per image (at most ``pool_size``).
+    pool_size: ``M``, prompts in the pool (CODA: components per prompted
+      block); 0 for a plain ViT.
+    prompt_length: ``L``, tokens per prompt; default 5 for L2P, 8 for
+      CODA (the reference's; even: half keys, half values).
+    top_k: ``N``, prompts chosen per image (L2P only; at most
+      ``pool_size``).
     init: the plain ViT head's initialisation (:data:`jaxcl.models.init.
       INITS`); the L2P head's kernel starts at zero.
     head: the plain ViT's head layer (``linear`` | ``cosine``).
+    prompt: the prompted model when ``pool_size > 0``: ``l2p``
+      (:class:`L2PViT`) or ``coda`` (:class:`CodaViT`).
+    prompt_layers: CODA's prompted blocks, distinct, each in
+      ``[0, depth)``; default the reference's ``0..4`` cut to ``depth``.
 
   Raises:
     ValueError: a size that is not a whole number >= 1, ``dim`` not a
-      multiple of ``heads``, ``top_k > pool_size``, or an L2P model asked
-      for several heads or a cosine head.
+      multiple of ``heads``, ``top_k > pool_size``, an unknown ``prompt``,
+      an odd CODA ``prompt_length``, a bad ``prompt_layers``, or a prompted
+      model asked for several heads or a cosine head.
   """
   for name, v in (("patch", patch), ("dim", dim), ("depth", depth),
                   ("heads", heads), ("mlp_dim", mlp_dim)):
@@ -234,25 +412,49 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
   if dim % heads:
     raise ValueError(f"vit: dim={dim} is not a multiple of heads={heads}")
   checks.whole("vit: pool_size", pool_size, note="0: no prompt pool")
+  if prompt not in PROMPTS:
+    raise ValueError(f"vit: unknown prompt={prompt!r}; valid: "
+                     f"{list(PROMPTS)}")
   backbone = ViT(patch=patch, dim=dim, depth=depth, heads=heads,
                  mlp_dim=mlp_dim)
   if pool_size == 0:
     return Classifier(backbone=backbone, num_classes=num_classes,
                       num_heads=num_heads, initializer=inits.check(init),
                       head=check_head(head))
+  what = "a prompt pool (L2P)" if prompt == "l2p" else "CODA-Prompt"
+  if num_heads != 1:
+    raise ValueError(f"vit with {what} has one head over all "
+                     f"classes, got num_heads={num_heads}; set "
+                     "model.multi_head=False (task-incremental streams mask "
+                     "the logits to the task)")
+  if head != "linear":
+    raise ValueError(f"vit with {what} has a linear head, got "
+                     f"head={head!r}")
+  if prompt == "coda":
+    length = 8 if prompt_length is None else prompt_length
+    checks.whole("vit: prompt_length", length, 2)
+    if length % 2:
+      raise ValueError(f"vit: CODA-Prompt's prompt_length={length} must be "
+                       "even (half prefix keys, half prefix values)")
+    layers = tuple(range(min(5, depth))) if prompt_layers is None else \
+        tuple(prompt_layers)
+    if not layers or len(set(layers)) != len(layers) or not all(
+        checks.is_whole(i) and 0 <= i < depth for i in layers):
+      raise ValueError(f"vit: prompt_layers={prompt_layers!r} must be "
+                       f"distinct block indices in [0, depth={depth}), at "
+                       "least one")
+    return CodaViT(backbone=backbone, num_classes=num_classes,
+                   pool_size=pool_size, prompt_length=length,
+                   layers=tuple(int(i) for i in layers))
+  if prompt_layers is not None:
+    raise ValueError(f"vit: prompt_layers={prompt_layers!r} is CODA's "
+                     "(prompt='coda'); L2P prompts the input tokens")
+  prompt_length = 5 if prompt_length is None else prompt_length
   checks.whole("vit: prompt_length", prompt_length, 1)
   checks.whole("vit: top_k", top_k, 1)
   if top_k > pool_size:
     raise ValueError(f"vit: top_k={top_k} prompts per image from a pool of "
                      f"pool_size={pool_size}; use top_k <= pool_size")
-  if num_heads != 1:
-    raise ValueError(f"vit with a prompt pool (L2P) has one head over all "
-                     f"classes, got num_heads={num_heads}; set "
-                     "model.multi_head=False (task-incremental streams mask "
-                     "the logits to the task)")
-  if head != "linear":
-    raise ValueError(f"vit with a prompt pool (L2P) has a linear head, got "
-                     f"head={head!r}")
   return L2PViT(backbone=backbone, num_classes=num_classes,
                 pool_size=pool_size, prompt_length=prompt_length,
                 top_k=top_k)

@@ -42,7 +42,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "analytic": ("slda", "fecam", "ranpac"),
     # Not in the survey: prompts learned for a frozen pretrained
     # transformer (docs/notes_prompt.md).
-    "prompt": ("l2p",),
+    "prompt": ("l2p", "coda_prompt"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -199,6 +199,12 @@ PAPERS: dict[str, str] = {
                  "puridiver, its similarity score from the authors' code)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
+    "coda_prompt": "Smith, Karlinsky, Gutta, Cascante-Bonilla, Kim, "
+                   "Arbelle, Panda, Feris & Kira 2023, *CODA-Prompt: "
+                   "COntinual Decomposed Attention-based prompting for "
+                   "rehearsal-free continual learning*, CVPR "
+                   "(GT-RIPL/CODA-Prompt `models/zoo.py`, Mammoth's "
+                   "coda_prompt)",
     "l2p": "Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy & Pfister "
            "2022, *Learning to prompt for continual learning*, CVPR (L2P; "
            "google-research/l2p, Mammoth's l2p)",
@@ -257,6 +263,12 @@ NEEDS: dict[str, str] = {
            "outputs",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
+    "coda_prompt": "the `vit` model with CODA's components "
+                   "(`model.name='vit'`, `model.vit.prompt='coda'`, "
+                   "`model.vit.pool_size > 0` and at most `model.vit.dim`, "
+                   "e.g. 50) and a pretrained backbone "
+                   "(`strategy.coda_prompt.pretrained`: an .npz of a plain "
+                   "`vit` run; without one the frozen backbone is random)",
     "l2p": "the `vit` model with a prompt pool (`model.name='vit'`, "
            "`model.vit.pool_size > 0`, e.g. 10) and a pretrained backbone "
            "(`strategy.l2p.pretrained`: an .npz of a plain `vit` run from "
