@@ -120,6 +120,23 @@ def test_vit_cls_feature_depends_on_every_patch():
   assert float(jnp.abs(m.apply({"params": p}, swapped) - base).max()) > 1e-4
 
 
+def test_vit_input_size_resizes_each_batch_before_the_patches():
+  """``input_size``: the model on 8x8 images equals the same params on the
+  images resized to 16x16 first (4x4 patch grid, not 2x2)."""
+  big = models.build("vit", 10, input_size=16, **SMALL)
+  plain = models.build("vit", 10, **SMALL)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 8, 8, 1))
+  p = big.init(jax.random.PRNGKey(0), x, None)["params"]
+  assert p["backbone"]["pos_embedding"].shape == (1, 1 + 16, 16)
+  up = jax.image.resize(x, (3, 16, 16, 1), method="bilinear")
+  np.testing.assert_allclose(big.apply({"params": p}, x, None),
+                             plain.apply({"params": p}, up, None),
+                             rtol=1e-6, atol=1e-6)
+  # Images already at the size go through unchanged.
+  np.testing.assert_array_equal(big.apply({"params": p}, up, None),
+                                plain.apply({"params": p}, up, None))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(patch=5), "patch=5 does not divide"),
     (dict(dim=30, heads=4), "dim=30 is not a multiple of heads=4"),
@@ -127,6 +144,8 @@ def test_vit_cls_feature_depends_on_every_patch():
     (dict(pool_size=4, top_k=5), "top_k=5 .* pool_size=4"),
     (dict(pool_size=-1), "pool_size must be an int >= 0"),
     (dict(pool_size=4, top_k=2, prompt_length=0), "prompt_length"),
+    (dict(input_size=30), "patch=7 does not divide input_size=30"),
+    (dict(input_size=-28), "input_size must be an int >= 0"),
 ])
 def test_vit_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -128,6 +128,11 @@ class ViT(nn.Module):
   depth: int = 4
   heads: int = 4
   mlp_dim: int = 128
+  # Images are resized (bilinear, per batch, inside the compiled step) to
+  # input_size x input_size first; 0 keeps them as they come. A public
+  # ViT-B/16 expects 224 (L2P resizes CIFAR to it), and a 224-px copy of
+  # a data set would not fit in memory (CIFAR-100's train set: ~30 GB).
+  input_size: int = 0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False,
@@ -156,6 +161,10 @@ class ViT(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"ViT: expected images (B, H, W, C), got shape "
                        f"{x.shape}")
+    if self.input_size and x.shape[1:3] != (self.input_size,) * 2:
+      x = jax.image.resize(
+          x, (x.shape[0], self.input_size, self.input_size, x.shape[3]),
+          method="bilinear")
     h, w = x.shape[1:3]
     if h % self.patch or w % self.patch:
       raise ValueError(f"ViT: patch={self.patch} does not divide the "
@@ -373,7 +382,8 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
           pool_size: int = 0, prompt_length: int | None = None,
           top_k: int = 5, init: str = "lecun_normal", head: str = "linear",
           prompt: str = "l2p",
-          prompt_layers: Sequence[int] | None = None) -> Any:
+          prompt_layers: Sequence[int] | None = None,
+          input_size: int = 0) -> Any:
   """Builds a ViT classifier, or with ``pool_size > 0`` a prompted model:
   L2P (``prompt='l2p'``) or CODA-Prompt (``prompt='coda'``).
 
@@ -399,6 +409,10 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
       (:class:`L2PViT`) or ``coda`` (:class:`CodaViT`).
     prompt_layers: CODA's prompted blocks, distinct, each in
       ``[0, depth)``; default the reference's ``0..4`` cut to ``depth``.
+    input_size: resize the images (bilinear, per batch) to ``input_size``
+      square before the patches; 0 (default): as they come. 224 for a
+      public ViT-B/16 checkpoint (:mod:`jaxcl.models.vit_checkpoints`
+      with ``--image-size 224``).
 
   Raises:
     ValueError: a size that is not a whole number >= 1, ``dim`` not a
@@ -412,11 +426,16 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
   if dim % heads:
     raise ValueError(f"vit: dim={dim} is not a multiple of heads={heads}")
   checks.whole("vit: pool_size", pool_size, note="0: no prompt pool")
+  checks.whole("vit: input_size", input_size,
+               note="0: the images as they come")
+  if input_size and input_size % patch:
+    raise ValueError(f"vit: patch={patch} does not divide "
+                     f"input_size={input_size}; use a multiple of the patch")
   if prompt not in PROMPTS:
     raise ValueError(f"vit: unknown prompt={prompt!r}; valid: "
                      f"{list(PROMPTS)}")
   backbone = ViT(patch=patch, dim=dim, depth=depth, heads=heads,
-                 mlp_dim=mlp_dim)
+                 mlp_dim=mlp_dim, input_size=input_size)
   if pool_size == 0:
     return Classifier(backbone=backbone, num_classes=num_classes,
                       num_heads=num_heads, initializer=inits.check(init),

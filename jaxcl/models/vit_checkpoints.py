@@ -6,9 +6,11 @@ keyed by ``/``-joined flax paths; this module converts one into the params
 of :class:`jaxcl.models.vit.ViT` (the ``backbone`` of ``model.name='vit'``)
 and writes them as a :mod:`jaxcl.pretrained` file::
 
-  python -m jaxcl.models.vit_checkpoints ViT-B_16.npz vitb16_32px.npz --image-size 32
+  python -m jaxcl.models.vit_checkpoints ViT-B_16.npz vitb16_224px.npz --image-size 224
 
-(``--num-classes N`` adds a zero head, so a plain ``vit`` run can start
+and runs it with ``model.vit.input_size=224`` (each batch resized inside
+the step, so 32-px CIFAR meets the 14x14 grid the weights learned;
+``--image-size 32`` with no resize would leave a 2x2 grid). (``--num-classes N`` adds a zero head, so a plain ``vit`` run can start
 from the file with ``model.pretrained``; ``strategy.l2p.pretrained`` reads
 the ``backbone/...`` entries only.) The command prints the ``model.vit``
 sizes the file needs (ViT-B/16: ``patch=16, dim=768, depth=12, heads=12,
