@@ -79,15 +79,14 @@ import numpy as np
 from jaxcl import checks
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import CodaViT
-from jaxcl.state import cross_entropy, cross_entropy_over
-from jaxcl.strategies._class_incremental import mask_inactive
+from jaxcl.strategies import _prompt
 from jaxcl.strategies._freeze import restore_part, zero_part
 from jaxcl.strategy import Strategy
 
 __all__ = ["coda_prompt", "CodaState", "gram_schmidt", "ortho_penalty",
            "PARTS", "COMPONENTS"]
 
-BACKBONE = "backbone"
+BACKBONE = _prompt.BACKBONE
 # The per-component params (axis 1 is the component m), then the model's.
 COMPONENTS = ("prompt", "key", "attn")
 PARTS = (BACKBONE,) + COMPONENTS + ("head",)
@@ -219,12 +218,6 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                      jnp.asarray(not pretrained), jnp.zeros((), jnp.int32),
                      none, none, jnp.zeros((c,), bool), jnp.zeros((c,), bool))
 
-  @jax.jit
-  def keep(tree):
-    # A fresh buffer: the compiled loop donates the state, and one buffer
-    # cannot be donated twice.
-    return jax.tree.map(jnp.copy, tree)
-
   def new_slice(rng, t, params, start, stop):
     """The components with slice ``[start, stop)`` Gram-Schmidt'ed per
     layer and part, and the later components' ``P`` at zero."""
@@ -248,10 +241,8 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
     ss = state.strategy
     params = state.params
     if not bool(ss.loaded):
-      flat = pretrained_lib.load(pretrained)
-      params = {**params, BACKBONE: pretrained_lib.assign(
-          params[BACKBONE], flat, prefix=f"{BACKBONE}/")}
-      ss = ss._replace(backbone=keep(params[BACKBONE]),
+      params = _prompt.load_backbone(params, pretrained)
+      ss = ss._replace(backbone=_prompt.fresh_copy(params[BACKBONE]),
                        loaded=jnp.asarray(True))
     n, pt = slices(ctx)
     t = int(ss.task)
@@ -262,30 +253,15 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
     start, stop = t * pt, (t + 1) * pt
     params = {**params, **new_slice(state.rng, t, params, start, stop)}
     m = np.arange(ctx.model.pool_size)
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(np.asarray(experience.train_y))] = True
-    ss = ss._replace(frozen=keep({k: params[k] for k in COMPONENTS}),
+    ss = ss._replace(frozen=_prompt.fresh_copy(
+                         {k: params[k] for k in COMPONENTS}),
                      task=jnp.asarray(t + 1, jnp.int32),
                      active=jnp.asarray((m >= start) & (m < stop)),
                      used=jnp.asarray(m < stop),
-                     seen=ss.seen | ss.current, current=jnp.asarray(cur))
+                     seen=ss.seen | ss.current,
+                     current=_prompt.experience_classes(
+                         ctx.info.num_classes, experience))
     return state.replace(params=params, strategy=ss)
-
-  def task_loss(ctx, sstate, logits, batch):
-    rows, incoming = batch["y"].shape[0], ctx.info.batch_size
-    if train_mask and rows > incoming:
-      # l2p's finding (docs/notes_prompt.md), the same masked loss here.
-      raise ValueError(
-          f"coda_prompt: train_mask=True beside a member that appends "
-          f"replayed rows (the batch has {rows} rows, {incoming} incoming) "
-          f"trains the current classes only against each other while the "
-          f"replayed rows push their logits down (l2p+replay on Split "
-          f"MNIST: 0.00 on each new experience). Pass train_mask=False to "
-          f"coda_prompt when chaining a replay method")
-    if not train_mask:
-      return cross_entropy(logits, batch["y"], batch["mask"])
-    return cross_entropy_over(logits, batch["y"], batch["mask"],
-                              sstate.current)
 
   def loss(ctx, sstate, params, batch, logits):
     del ctx, batch, logits
@@ -315,11 +291,8 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                                       params[k], sstate.frozen[k])
                          for k in COMPONENTS}}
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    logits = ctx.logits(params, model_state, x, task, train=False)
-    return mask_inactive(logits, sstate.seen | sstate.current)
-
   return Strategy(init=init, before_experience=before_experience,
-                  task_loss=task_loss, loss=loss, update_grads=update_grads,
-                  project_params=project_params, predict=predict,
+                  task_loss=_prompt.task_loss("coda_prompt", train_mask),
+                  loss=loss, update_grads=update_grads,
+                  project_params=project_params, predict=_prompt.predict,
                   name="coda_prompt")

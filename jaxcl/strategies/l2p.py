@@ -74,20 +74,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import checks
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.models.vit import L2PViT, select_prompts
-from jaxcl.state import cross_entropy, cross_entropy_over
-from jaxcl.strategies._class_incremental import mask_inactive
+from jaxcl.strategies import _prompt
 from jaxcl.strategies._freeze import restore_part, zero_part
 from jaxcl.strategy import Strategy
 
 __all__ = ["l2p", "L2PState", "key_loss", "PARTS"]
 
-BACKBONE = "backbone"
+BACKBONE = _prompt.BACKBONE
 # The prompted model's params (jaxcl.models.vit.L2PViT).
 PARTS = (BACKBONE, "prompt", "key", "head")
 
@@ -160,47 +158,20 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
                     jnp.asarray(not pretrained), jnp.zeros((c,), bool),
                     jnp.zeros((c,), bool))
 
-  @jax.jit
-  def keep(params):
-    # A fresh buffer: the compiled loop donates the state, and one buffer
-    # cannot be donated twice.
-    return jax.tree.map(jnp.copy, params[BACKBONE])
-
   def before_experience(ctx, state, experience):
     ss = state.strategy
     params = state.params
     if not bool(ss.loaded):
-      flat = pretrained_lib.load(pretrained)
-      params = {**params, BACKBONE: pretrained_lib.assign(
-          params[BACKBONE], flat, prefix=f"{BACKBONE}/")}
+      params = _prompt.load_backbone(params, pretrained)
       # The frozen copy is taken once (here, or at init without a file),
       # so nothing a chained member writes into the backbone between
       # experiences survives the next step's restore.
-      ss = ss._replace(backbone=keep(params), loaded=jnp.asarray(True))
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(np.asarray(experience.train_y))] = True
-    ss = ss._replace(seen=ss.seen | ss.current, current=jnp.asarray(cur))
+      ss = ss._replace(backbone=_prompt.fresh_copy(params[BACKBONE]),
+                       loaded=jnp.asarray(True))
+    ss = ss._replace(seen=ss.seen | ss.current,
+                     current=_prompt.experience_classes(
+                         ctx.info.num_classes, experience))
     return state.replace(params=params, strategy=ss)
-
-  def task_loss(ctx, sstate, logits, batch):
-    rows, incoming = batch["y"].shape[0], ctx.info.batch_size
-    if train_mask and rows > incoming:
-      # Found by running l2p+replay (docs/notes_prompt.md): the replayed
-      # rows' loss over all classes pushes the current classes' logits
-      # down, and their own rows, masked to the current classes, never
-      # lift them above the old ones.
-      raise ValueError(
-          f"l2p: train_mask=True beside a member that appends replayed "
-          f"rows (the batch has {rows} rows, {incoming} incoming) trains "
-          f"the current classes only against each other while the "
-          f"replayed rows push their logits down: every experience's "
-          f"classes score 0 until they are replayed (Split MNIST with "
-          f"replay: 0.00 on each new experience). Pass train_mask=False "
-          f"to l2p when chaining a replay method")
-    if not train_mask:
-      return cross_entropy(logits, batch["y"], batch["mask"])
-    return cross_entropy_over(logits, batch["y"], batch["mask"],
-                              sstate.current)
 
   def loss(ctx, sstate, params, batch, logits):
     del sstate, logits
@@ -222,10 +193,7 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
     return restore_part(params, {BACKBONE: sstate.backbone}, BACKBONE,
                         jnp.ones((), bool))
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    logits = ctx.logits(params, model_state, x, task, train=False)
-    return mask_inactive(logits, sstate.seen | sstate.current)
-
   return Strategy(init=init, before_experience=before_experience,
-                  task_loss=task_loss, loss=loss, update_grads=update_grads,
-                  project_params=project_params, predict=predict, name="l2p")
+                  task_loss=_prompt.task_loss("l2p", train_mask), loss=loss,
+                  update_grads=update_grads, project_params=project_params,
+                  predict=_prompt.predict, name="l2p")
