@@ -24,58 +24,18 @@ from jaxcl.strategies import coda_prompt as coda_module
 from jaxcl.strategies.coda_prompt import (coda_prompt, gram_schmidt,
                                           ortho_penalty)
 
+import vit_reference
+
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
 
 
-def _init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
-
-
-# ---------------------------------------------------------------------------
-# References from the parameters.
-
-
-def _ln(p, z, eps=1e-6):
-  mu = z.mean(-1, keepdims=True)
-  var = ((z - mu) ** 2).mean(-1, keepdims=True)
-  return (z - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _attention(p, z, prefix=None):
-  """Per head: softmax(q [pk; k]^T / sqrt(d_h)) [pv; v], the prefixes
-  reshaped to heads and not projected (the authors' ``Attention``)."""
-  q = jnp.einsum("btd,dhk->bthk", z, p["query"]["kernel"]) + p["query"]["bias"]
-  k = jnp.einsum("btd,dhk->bthk", z, p["key"]["kernel"]) + p["key"]["bias"]
-  v = jnp.einsum("btd,dhk->bthk", z, p["value"]["kernel"]) + p["value"]["bias"]
-  if prefix is not None:
-    b, h, hd = q.shape[0], q.shape[2], q.shape[3]
-    k = jnp.concatenate([prefix[0].reshape(b, -1, h, hd), k], 1)
-    v = jnp.concatenate([prefix[1].reshape(b, -1, h, hd), v], 1)
-  w = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k) /
-                     np.sqrt(q.shape[-1]), axis=-1)
-  o = jnp.einsum("bhqs,bshk->bqhk", w, v)
-  return jnp.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
+_init = vit_reference.init
+_attention = vit_reference.attention
 
 
 def _cls_feature(p, x, patch, depth, prefixes=None):
-  b, h, w, c = x.shape
-  g = x.reshape(b, h // patch, patch, w // patch, patch, c)
-  g = g.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch, patch, c)
-  emb = jnp.einsum("bnijc,ijcd->bnd", g, p["embedding"]["kernel"]) + \
-      p["embedding"]["bias"]
-  z = jnp.concatenate([jnp.tile(p["cls"], (b, 1, 1)), emb], 1)
-  z = z + p["pos_embedding"]
-  for i in range(depth):
-    pre = None if prefixes is None else prefixes[i]
-    z = z + _attention(p[f"block_{i}_attention"],
-                       _ln(p[f"block_{i}_norm_attention"], z), pre)
-    y = _ln(p[f"block_{i}_norm_mlp"], z)
-    y = jax.nn.gelu(y @ p[f"block_{i}_mlp_in"]["kernel"] +
-                    p[f"block_{i}_mlp_in"]["bias"], approximate=True)
-    z = z + y @ p[f"block_{i}_mlp_out"]["kernel"] + \
-        p[f"block_{i}_mlp_out"]["bias"]
-  return _ln(p["norm"], z)[:, 0]
+  return vit_reference.tokens(p, x, patch, depth, prefixes=prefixes)[:, 0]
 
 
 def _cos_weights(q, keys, attn):

@@ -20,54 +20,18 @@ from jaxcl.models.vit import L2PViT, ViT, select_prompts
 from jaxcl.strategies import l2p as l2p_module
 from jaxcl.strategies.l2p import key_loss, l2p
 
+import vit_reference
+
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 
 
-def _init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
-
-
-# ---------------------------------------------------------------------------
-# A reference ViT forward from the parameters.
-
-
-def _ln(p, z, eps=1e-6):
-  mu = z.mean(-1, keepdims=True)
-  var = ((z - mu) ** 2).mean(-1, keepdims=True)
-  return (z - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _attention(p, z):
-  q = jnp.einsum("btd,dhk->bthk", z, p["query"]["kernel"]) + p["query"]["bias"]
-  k = jnp.einsum("btd,dhk->bthk", z, p["key"]["kernel"]) + p["key"]["bias"]
-  v = jnp.einsum("btd,dhk->bthk", z, p["value"]["kernel"]) + p["value"]["bias"]
-  w = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k) /
-                     np.sqrt(q.shape[-1]), axis=-1)
-  o = jnp.einsum("bhqs,bshk->bqhk", w, v)
-  return jnp.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
+_init = vit_reference.init
 
 
 def reference_tokens(p, x, patch, depth, prompts=None):
   """All output tokens; ``prompts`` (B, T, D) go *first*, before the CLS
   token, with no position embedding (google-research/l2p's order)."""
-  b, h, w, c = x.shape
-  g = x.reshape(b, h // patch, patch, w // patch, patch, c)
-  g = g.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch, patch, c)
-  emb = jnp.einsum("bnijc,ijcd->bnd", g, p["embedding"]["kernel"]) + \
-      p["embedding"]["bias"]
-  z = jnp.concatenate([jnp.tile(p["cls"], (b, 1, 1)), emb], 1)
-  z = z + p["pos_embedding"]
-  if prompts is not None:
-    z = jnp.concatenate([prompts, z], 1)
-  for i in range(depth):
-    z = z + _attention(p[f"block_{i}_attention"],
-                       _ln(p[f"block_{i}_norm_attention"], z))
-    y = _ln(p[f"block_{i}_norm_mlp"], z)
-    y = jax.nn.gelu(y @ p[f"block_{i}_mlp_in"]["kernel"] +
-                    p[f"block_{i}_mlp_in"]["bias"], approximate=True)
-    z = z + y @ p[f"block_{i}_mlp_out"]["kernel"] + \
-        p[f"block_{i}_mlp_out"]["bias"]
-  return _ln(p["norm"], z)
+  return vit_reference.tokens(p, x, patch, depth, prompts=prompts)
 
 
 # ---------------------------------------------------------------------------

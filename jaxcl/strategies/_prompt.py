@@ -15,10 +15,23 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._class_incremental import mask_inactive
 
-__all__ = ["BACKBONE", "fresh_copy", "load_backbone", "experience_classes",
-           "task_loss", "predict"]
+__all__ = ["BACKBONE", "require_model", "fresh_copy", "load_backbone",
+           "experience_classes", "task_loss", "predict"]
 
 BACKBONE = "backbone"
+
+
+def require_model(name: str, ctx: Any, params: Any, model_class: type,
+                  parts: tuple[str, ...], what: str) -> None:
+  """Raises at ``init`` unless the model is ``model_class`` (``what``: how
+  to configure it) with the top-level params ``parts``."""
+  if not isinstance(ctx.model, model_class):
+    raise ValueError(f"{name} needs {what}, got the model "
+                     f"{type(ctx.model).__name__}")
+  missing = [p for p in parts if p not in params]
+  if missing:
+    raise ValueError(f"{name}: the model's params lack {missing}; they are "
+                     f"{sorted(params)}")
 
 
 @jax.jit

@@ -155,18 +155,6 @@ def _along_components(mask: jax.Array, leaf: jax.Array) -> jax.Array:
   return mask.reshape((1, -1) + (1,) * (leaf.ndim - 2))
 
 
-def _require_coda_model(ctx, params) -> None:
-  if not isinstance(ctx.model, CodaViT):
-    raise ValueError(
-        f"coda_prompt needs the CODA-Prompt ViT (model.name='vit' with "
-        f"model.vit.pool_size > 0 and model.vit.prompt='coda'), got the "
-        f"model {type(ctx.model).__name__}")
-  missing = [p for p in PARTS if p not in params]
-  if missing:
-    raise ValueError(f"coda_prompt: the model's params lack {missing}; "
-                     f"they are {sorted(params)}")
-
-
 def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                 train_mask: bool = True, pretrained: str = "") -> Strategy:
   """CODA-Prompt (Smith et al. 2023).
@@ -201,7 +189,10 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
 
   def init(ctx, key, params):
     del key
-    _require_coda_model(ctx, params)
+    _prompt.require_model(
+        "coda_prompt", ctx, params, CodaViT, PARTS,
+        "the CODA-Prompt ViT (model.name='vit' with model.vit.pool_size > 0 "
+        "and model.vit.prompt='coda')")
     n, pt = slices(ctx)
     m, d = ctx.model.pool_size, ctx.model.backbone.dim
     if pt < 1:

@@ -113,18 +113,6 @@ def key_loss(query: jax.Array, keys: jax.Array, idx: jax.Array,
   return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _require_prompted_model(ctx, params) -> None:
-  if not isinstance(ctx.model, L2PViT):
-    raise ValueError(
-        f"l2p needs the prompted ViT (model.name='vit' with "
-        f"model.vit.pool_size > 0, e.g. 10), got the model "
-        f"{type(ctx.model).__name__}")
-  missing = [p for p in PARTS if p not in params]
-  if missing:
-    raise ValueError(f"l2p: the model's params lack {missing}; they are "
-                     f"{sorted(params)}")
-
-
 def l2p(lam: float = 0.1, train_mask: bool = True,
         pretrained: str = "") -> Strategy:
   """Learning to Prompt (Wang et al. 2022).
@@ -152,7 +140,10 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
 
   def init(ctx, key, params):
     del key
-    _require_prompted_model(ctx, params)
+    _prompt.require_model(
+        "l2p", ctx, params, L2PViT, PARTS,
+        "the prompted ViT (model.name='vit' with model.vit.pool_size > 0, "
+        "e.g. 10)")
     c = ctx.info.num_classes
     return L2PState(jax.tree.map(jnp.copy, params[BACKBONE]),
                     jnp.asarray(not pretrained), jnp.zeros((c,), bool),

@@ -1,0 +1,63 @@
+"""A ViT forward written out from the parameters, for the prompt tests.
+
+Patches by reshaping, pre-LN blocks, flax's attention layout (``query``,
+``key``, ``value`` kernels ``(D, H, D/H)``, ``out`` ``(H, D/H, D)``),
+the tanh GELU and LayerNorm epsilon 1e-6, as google-research's ViT.
+L2P's prompts go *first*, before the CLS token, with no position
+embedding (google-research/l2p's order); CODA-Prompt's prefixes are
+prepended to a block's projected keys and values, not projected (the
+authors' ``Attention``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def init(model, shape, seed=0):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
+
+
+def layer_norm(p, z, eps=1e-6):
+  mu = z.mean(-1, keepdims=True)
+  var = ((z - mu) ** 2).mean(-1, keepdims=True)
+  return (z - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def attention(p, z, prefix=None):
+  """Per head: softmax(q [pk; k]^T / sqrt(d_h)) [pv; v]."""
+  q = jnp.einsum("btd,dhk->bthk", z, p["query"]["kernel"]) + p["query"]["bias"]
+  k = jnp.einsum("btd,dhk->bthk", z, p["key"]["kernel"]) + p["key"]["bias"]
+  v = jnp.einsum("btd,dhk->bthk", z, p["value"]["kernel"]) + p["value"]["bias"]
+  if prefix is not None:
+    b, h, hd = q.shape[0], q.shape[2], q.shape[3]
+    k = jnp.concatenate([prefix[0].reshape(b, -1, h, hd), k], 1)
+    v = jnp.concatenate([prefix[1].reshape(b, -1, h, hd), v], 1)
+  w = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k) /
+                     np.sqrt(q.shape[-1]), axis=-1)
+  o = jnp.einsum("bhqs,bshk->bqhk", w, v)
+  return jnp.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def tokens(p, x, patch, depth, prompts=None, prefixes=None):
+  """All output tokens after the final LayerNorm: ``[prompts,] cls,
+  patches``; ``prefixes`` one ``(p_k, p_v)`` or None per block."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h // patch, patch, w // patch, patch, c)
+  g = g.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch, patch, c)
+  emb = jnp.einsum("bnijc,ijcd->bnd", g, p["embedding"]["kernel"]) + \
+      p["embedding"]["bias"]
+  z = jnp.concatenate([jnp.tile(p["cls"], (b, 1, 1)), emb], 1)
+  z = z + p["pos_embedding"]
+  if prompts is not None:
+    z = jnp.concatenate([prompts, z], 1)
+  for i in range(depth):
+    pre = None if prefixes is None else prefixes[i]
+    z = z + attention(p[f"block_{i}_attention"],
+                      layer_norm(p[f"block_{i}_norm_attention"], z), pre)
+    y = layer_norm(p[f"block_{i}_norm_mlp"], z)
+    y = jax.nn.gelu(y @ p[f"block_{i}_mlp_in"]["kernel"] +
+                    p[f"block_{i}_mlp_in"]["bias"], approximate=True)
+    z = z + y @ p[f"block_{i}_mlp_out"]["kernel"] + \
+        p[f"block_{i}_mlp_out"]["bias"]
+  return layer_norm(p["norm"], z)
