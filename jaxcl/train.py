@@ -33,7 +33,7 @@ from jaxcl.strategy import Strategy, default_predict, update_grads_and_state
 
 __all__ = [
     "OPTIMIZERS", "make_optimizer", "stream_info", "make_context",
-    "init_state", "init_variables", "Learner", "make_learner",
+    "init_state", "init_variables", "feature_width", "Learner", "make_learner",
     "device_experience", "stacked_experiences", "test_arrays",
     "stacked_test_arrays", "experience_batches", "train_chunk", "evaluate",
     "steps_per_epoch", "NonFiniteLossError", "ConfigError", "unalias",
@@ -172,6 +172,16 @@ def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
             _init_jit)
     variables = dict(init(ctx.model, shape, key))
   return variables.pop("params"), variables
+
+
+def feature_width(ctx: Context, params: Any, model_state: Any) -> int:
+  """The flattened width of the model's features (``features=True``),
+  found from shapes alone (``jax.eval_shape``: nothing runs)."""
+  x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
+  out = jax.eval_shape(
+      lambda p, ms: ctx.apply(p, ms, x, jnp.zeros((1,), jnp.int32),
+                              features=True)[0], params, model_state)
+  return math.prod(out.shape[1:])
 
 
 def _init(model: Any, input_shape: tuple[int, ...], key: jax.Array) -> Any:

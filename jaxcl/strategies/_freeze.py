@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["require_part", "zero_part", "restore_part", "restore_masked"]
+__all__ = ["require_part", "zero_part", "restore_part", "restore_masked",
+           "zero_all", "restore_all"]
 
 
 def require_part(method: str, params: Any, part: str, what: str) -> None:
@@ -48,3 +49,15 @@ def restore_masked(params: Any, saved: Any, mask: Any, on: jax.Array) -> Any:
   ``params``' structure; its unmasked leaves are never read."""
   return jax.tree.map(lambda p, s, m: jnp.where(on, s, p) if m else p,
                       params, saved, mask)
+
+
+def zero_all(grads: Any, on: jax.Array) -> Any:
+  """Every gradient zero where ``on`` (the whole model frozen: FeCAM and
+  RanPAC after their first experience)."""
+  return jax.tree.map(lambda g: jnp.where(on, 0.0, g), grads)
+
+
+def restore_all(params: Any, saved: Any, on: jax.Array) -> Any:
+  """``params`` replaced by ``saved`` where ``on``."""
+  return jax.tree.map(lambda p, o: jnp.where(on, o, p), params, saved)
+

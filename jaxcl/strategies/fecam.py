@@ -87,7 +87,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -99,7 +98,8 @@ from jaxcl.state import masked_logits
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features, normalise
 from jaxcl.strategy import Strategy, new_classes
-from jaxcl.train import init_variables
+from jaxcl.strategies._freeze import restore_all, zero_all
+from jaxcl.train import feature_width, init_variables
 
 __all__ = ["fecam", "FeCAMState", "tukey_transform", "shrink_cov",
            "normalize_cov", "class_statistics", "mahalanobis",
@@ -226,11 +226,7 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
   def init(ctx, key, params):
     info = ctx.info
     _, model_state = init_variables(ctx, key)
-    x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
-    out = jax.eval_shape(
-        lambda p, ms: ctx.apply(p, ms, x, jnp.zeros((1,), jnp.int32),
-                                features=True)[0], params, model_state)
-    dim = math.prod(out.shape[1:])
+    dim = feature_width(ctx, params, model_state)
     c = info.num_classes
     if c * dim * dim > MAX_FLOATS:
       raise ValueError(
@@ -252,12 +248,11 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
-    return jax.tree.map(lambda g: jnp.where(sstate.frozen, 0.0, g), grads)
+    return zero_all(grads, sstate.frozen)
 
   def project_params(ctx, sstate, params):
     del ctx
-    return jax.tree.map(lambda p, o: jnp.where(sstate.frozen, o, p), params,
-                        sstate.params)
+    return restore_all(params, sstate.params, sstate.frozen)
 
   @functools.partial(jax.jit, static_argnums=0)
   def update(ctx, ss, params, model_state, x, y, task, n_valid, experience):

@@ -103,7 +103,8 @@ from jaxcl.state import masked_logits
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features as chunked
 from jaxcl.strategy import Strategy, zero_grads
-from jaxcl.train import init_variables
+from jaxcl.strategies._freeze import restore_all, zero_all
+from jaxcl.train import feature_width, init_variables
 
 __all__ = ["ranpac", "RanPACState", "project", "split_rows",
            "accumulate", "ridge_losses", "ridge_solve", "FEATURES",
@@ -302,11 +303,7 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
     else:
       _, model_state = init_variables(ctx, key)
       frozen = jax.tree.map(jnp.copy, params)
-      x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
-      out = jax.eval_shape(
-          lambda p, ms: ctx.apply(p, ms, x, jnp.zeros((1,), jnp.int32),
-                                  features=True)[0], frozen, model_state)
-      dim = math.prod(out.shape[1:])
+      dim = feature_width(ctx, frozen, model_state)
     m = proj_dim or dim
     if m > MAX_DIM:
       raise ValueError(
@@ -337,12 +334,11 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
-    return jax.tree.map(lambda g: jnp.where(sstate.frozen, 0.0, g), grads)
+    return zero_all(grads, sstate.frozen)
 
   def project_params(ctx, sstate, params):
     del ctx
-    return jax.tree.map(lambda p, o: jnp.where(sstate.frozen, o, p), params,
-                        sstate.params)
+    return restore_all(params, sstate.params, sstate.frozen)
 
   @functools.partial(jax.jit, static_argnums=0)
   def update(ctx, ss, params, model_state, x, y, task, n_valid, experience):

@@ -74,7 +74,7 @@ from jaxcl.state import masked_logits
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, zero_grads
-from jaxcl.train import init_variables
+from jaxcl.train import feature_width, init_variables
 
 __all__ = ["slda", "SLDAState", "streaming_update", "classifier",
            "FEATURES"]
@@ -182,11 +182,7 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
     else:
       _, model_state = init_variables(ctx, key)
       frozen = jax.tree.map(jnp.copy, params)
-      x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
-      out = jax.eval_shape(
-          lambda p, ms: ctx.apply(p, ms, x, jnp.zeros((1,), jnp.int32),
-                                  features=True)[0], frozen, model_state)
-      dim = math.prod(out.shape[1:])
+      dim = feature_width(ctx, frozen, model_state)
     if dim > MAX_DIM:
       raise ValueError(
           f"slda: the features have {dim} dimensions, and the covariance "
