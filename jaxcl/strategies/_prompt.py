@@ -14,8 +14,10 @@ import numpy as np
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._class_incremental import mask_inactive
+from jaxcl.strategies._freeze import restore_part, zero_part
 
 __all__ = ["BACKBONE", "require_model", "fresh_copy", "load_backbone",
+           "load_once", "zero_backbone", "restore_backbone",
            "experience_classes", "task_loss", "predict"]
 
 BACKBONE = "backbone"
@@ -48,6 +50,31 @@ def load_backbone(params: dict, path: str) -> dict:
   flat = pretrained_lib.load(path)
   return {**params, BACKBONE: pretrained_lib.assign(
       params[BACKBONE], flat, prefix=f"{BACKBONE}/")}
+
+
+def load_once(sstate: Any, params: dict, path: str) -> tuple[Any, dict]:
+  """``(sstate, params)`` with the pretrained backbone loaded and its frozen
+  copy (``sstate.backbone``) taken, the first time only (``sstate.loaded``;
+  without a file the copy was taken at ``init``). Taken once, so nothing a
+  chained member writes into the backbone between experiences survives
+  the next step's restore."""
+  if bool(sstate.loaded):
+    return sstate, params
+  params = load_backbone(params, path)
+  return sstate._replace(backbone=fresh_copy(params[BACKBONE]),
+                         loaded=jnp.asarray(True)), params
+
+
+def zero_backbone(grads: dict) -> dict:
+  """No gradient for the frozen backbone."""
+  return zero_part(grads, BACKBONE, jnp.ones((), bool))
+
+
+def restore_backbone(params: dict, sstate: Any) -> dict:
+  """The backbone put back to its frozen copy after an update (momentum
+  and weight decay move a weight whose gradient is zero)."""
+  return restore_part(params, {BACKBONE: sstate.backbone}, BACKBONE,
+                      jnp.ones((), bool))
 
 
 def experience_classes(num_classes: int, experience: Any) -> jax.Array:

@@ -80,7 +80,6 @@ from jaxcl import checks
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import CodaViT
 from jaxcl.strategies import _prompt
-from jaxcl.strategies._freeze import restore_part, zero_part
 from jaxcl.strategy import Strategy
 
 __all__ = ["coda_prompt", "CodaState", "gram_schmidt", "ortho_penalty",
@@ -229,12 +228,7 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
     return out
 
   def before_experience(ctx, state, experience):
-    ss = state.strategy
-    params = state.params
-    if not bool(ss.loaded):
-      params = _prompt.load_backbone(params, pretrained)
-      ss = ss._replace(backbone=_prompt.fresh_copy(params[BACKBONE]),
-                       loaded=jnp.asarray(True))
+    ss, params = _prompt.load_once(state.strategy, state.params, pretrained)
     n, pt = slices(ctx)
     t = int(ss.task)
     if t >= n:
@@ -268,15 +262,14 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, params, batch, key
-    grads = zero_part(grads, BACKBONE, jnp.ones((), bool))
+    grads = _prompt.zero_backbone(grads)
     return {**grads, **{k: grads[k] * _along_components(sstate.active,
                                                         grads[k])
                         for k in COMPONENTS}}
 
   def project_params(ctx, sstate, params):
     del ctx
-    params = restore_part(params, {BACKBONE: sstate.backbone}, BACKBONE,
-                          jnp.ones((), bool))
+    params = _prompt.restore_backbone(params, sstate)
     return {**params, **{k: jnp.where(_along_components(sstate.active,
                                                         params[k]),
                                       params[k], sstate.frozen[k])

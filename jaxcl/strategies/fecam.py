@@ -258,10 +258,8 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
   def update(ctx, ss, params, model_state, x, y, task, n_valid, experience):
     del experience
     # The first experience's end freezes the extractor (later ones keep it).
-    params = jax.tree.map(lambda o, p: jnp.where(ss.frozen, o, p), ss.params,
-                          params)
-    model_state = jax.tree.map(lambda o, m: jnp.where(ss.frozen, o, m),
-                               ss.model_state, model_state)
+    params = restore_all(params, ss.params, ss.frozen)
+    model_state = restore_all(model_state, ss.model_state, ss.frozen)
     z = features(lambda p, ms, a, t: transformed(ctx, p, ms, a, t), params,
                  model_state, x, task)
     valid = jnp.arange(x.shape[0]) < n_valid

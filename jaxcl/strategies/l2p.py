@@ -80,7 +80,6 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.models.vit import L2PViT, select_prompts
 from jaxcl.strategies import _prompt
-from jaxcl.strategies._freeze import restore_part, zero_part
 from jaxcl.strategy import Strategy
 
 __all__ = ["l2p", "L2PState", "key_loss", "PARTS"]
@@ -150,15 +149,7 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
                     jnp.zeros((c,), bool))
 
   def before_experience(ctx, state, experience):
-    ss = state.strategy
-    params = state.params
-    if not bool(ss.loaded):
-      params = _prompt.load_backbone(params, pretrained)
-      # The frozen copy is taken once (here, or at init without a file),
-      # so nothing a chained member writes into the backbone between
-      # experiences survives the next step's restore.
-      ss = ss._replace(backbone=_prompt.fresh_copy(params[BACKBONE]),
-                       loaded=jnp.asarray(True))
+    ss, params = _prompt.load_once(state.strategy, state.params, pretrained)
     ss = ss._replace(seen=ss.seen | ss.current,
                      current=_prompt.experience_classes(
                          ctx.info.num_classes, experience))
@@ -177,12 +168,11 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del ctx, sstate, params, batch, key
-    return zero_part(grads, BACKBONE, jnp.ones((), bool))
+    return _prompt.zero_backbone(grads)
 
   def project_params(ctx, sstate, params):
     del ctx
-    return restore_part(params, {BACKBONE: sstate.backbone}, BACKBONE,
-                        jnp.ones((), bool))
+    return _prompt.restore_backbone(params, sstate)
 
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=_prompt.task_loss("l2p", train_mask), loss=loss,

@@ -100,17 +100,17 @@ import numpy as np
 
 from jaxcl import checks
 from jaxcl.state import masked_logits
+from jaxcl.strategies import _extractor
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features as chunked
 from jaxcl.strategy import Strategy, zero_grads
 from jaxcl.strategies._freeze import restore_all, zero_all
-from jaxcl.train import feature_width, init_variables
 
 __all__ = ["ranpac", "RanPACState", "project", "split_rows",
            "accumulate", "ridge_losses", "ridge_solve", "FEATURES",
            "ACTIVATIONS", "RIDGE_GRID", "MAX_DIM"]
 
-FEATURES = ("backbone", "input")
+FEATURES = _extractor.FEATURES
 ACTIVATIONS = ("relu", "none")
 # The reference's grid: 10.0 ** np.arange(-8, 9).
 RIDGE_GRID = tuple(10.0 ** k for k in range(-8, 9))
@@ -286,24 +286,15 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
   grid = np.asarray(ridge_grid, np.float32)
 
   def extract(ctx, params, model_state, x, task):
-    if features == "input":
-      return x.reshape(x.shape[0], -1).astype(jnp.float32)
-    z, _ = ctx.apply(params, model_state, x, task, train=False,
-                     features=True)
-    return z.reshape(z.shape[0], -1).astype(jnp.float32)
+    return _extractor.extract(ctx, features, params, model_state, x, task)
 
   def proj_of(ss):
     return ss.proj if proj_dim else None
 
   def init(ctx, key, params):
     info = ctx.info
-    if features == "input":
-      frozen, model_state = (), ()
-      dim = math.prod(info.input_shape)
-    else:
-      _, model_state = init_variables(ctx, key)
-      frozen = jax.tree.map(jnp.copy, params)
-      dim = feature_width(ctx, frozen, model_state)
+    frozen, model_state, dim = _extractor.init_extractor(ctx, key, params,
+                                                         features)
     m = proj_dim or dim
     if m > MAX_DIM:
       raise ValueError(
@@ -324,11 +315,9 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
   def before_experience(ctx, state, experience):
     del ctx
     if features == "backbone" and not adapt_first and experience.index == 0:
-      # The extractor is the model as the stream starts (copies: the
-      # compiled loop donates the training state).
-      ss = state.strategy._replace(
-          params=jax.tree.map(jnp.copy, state.params),
-          model_state=jax.tree.map(jnp.copy, state.model_state))
+      # The extractor is the model as the stream starts.
+      frozen, model_state = _extractor.copy_model(state)
+      ss = state.strategy._replace(params=frozen, model_state=model_state)
       return state.replace(strategy=ss)
     return state
 
@@ -346,10 +335,8 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
       # The first experience's end freezes the extractor (later ones keep
       # it).
       ss = ss._replace(
-          params=jax.tree.map(lambda o, p: jnp.where(ss.frozen, o, p),
-                              ss.params, params),
-          model_state=jax.tree.map(lambda o, m: jnp.where(ss.frozen, o, m),
-                                   ss.model_state, model_state))
+          params=restore_all(params, ss.params, ss.frozen),
+          model_state=restore_all(model_state, ss.model_state, ss.frozen))
     z = chunked(lambda p, ms, a, t: extract(ctx, p, ms, a, t), ss.params,
                 ss.model_state, x, task)
     fit, val = split_rows(jax.random.fold_in(ss.key, experience), n_valid,

@@ -63,7 +63,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -71,15 +70,15 @@ import jax.numpy as jnp
 
 from jaxcl import checks
 from jaxcl.state import masked_logits
+from jaxcl.strategies import _extractor
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, zero_grads
-from jaxcl.train import feature_width, init_variables
 
 __all__ = ["slda", "SLDAState", "streaming_update", "classifier",
            "FEATURES"]
 
-FEATURES = ("backbone", "input")
+FEATURES = _extractor.FEATURES
 # Σ is D x D floats: 20000 features already take 1.6 GB.
 MAX_DIM = 20000
 
@@ -168,21 +167,13 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
   eps = float(shrinkage)
 
   def extract(ctx, sstate, x, task):
-    if features == "input":
-      return x.reshape(x.shape[0], -1).astype(jnp.float32)
-    z, _ = ctx.apply(sstate.params, sstate.model_state, x, task, train=False,
-                     features=True)
-    return z.reshape(z.shape[0], -1).astype(jnp.float32)
+    return _extractor.extract(ctx, features, sstate.params,
+                              sstate.model_state, x, task)
 
   def init(ctx, key, params):
     info = ctx.info
-    if features == "input":
-      frozen, model_state = (), ()
-      dim = math.prod(info.input_shape)
-    else:
-      _, model_state = init_variables(ctx, key)
-      frozen = jax.tree.map(jnp.copy, params)
-      dim = feature_width(ctx, frozen, model_state)
+    frozen, model_state, dim = _extractor.init_extractor(ctx, key, params,
+                                                         features)
     if dim > MAX_DIM:
       raise ValueError(
           f"slda: the features have {dim} dimensions, and the covariance "
@@ -200,10 +191,9 @@ def slda(shrinkage: float = 1e-4, features: str = "backbone") -> Strategy:
     del ctx
     ss = state.strategy._replace(folded=jnp.zeros_like(state.strategy.folded))
     if features == "backbone" and experience.index == 0:
-      # The extractor is the model as the stream starts (copies: the
-      # compiled loop donates the training state).
-      ss = ss._replace(params=jax.tree.map(jnp.copy, state.params),
-                       model_state=jax.tree.map(jnp.copy, state.model_state))
+      # The extractor is the model as the stream starts.
+      frozen, model_state = _extractor.copy_model(state)
+      ss = ss._replace(params=frozen, model_state=model_state)
     return state.replace(strategy=ss)
 
   def after_step(ctx, sstate, info):
