@@ -228,6 +228,20 @@ def _moved(a, b):
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _assert_gram_of(r, ss, params, model_state, digits):
+  """``G`` is ``Σ h hᵀ`` of every training row's ReLU-projected features
+  under ``params`` / ``model_state``."""
+  sc = scenarios.split(digits, 5)
+  x = np.concatenate([e.train_x for e in sc.experiences])
+  z = np.asarray(r.learner.ctx.apply(params, model_state, jnp.asarray(x),
+                                     jnp.zeros(len(x), int),
+                                     features=True)[0], np.float64)
+  h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
+  scale = np.abs(h.T @ h).max()
+  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
+                             atol=1e-5)
+
+
 def test_backbone_is_frozen_as_the_stream_starts(digits):
   """Weight decay moves the model under zero gradients; the statistics are
   still those of the initial model's features."""
@@ -242,18 +256,11 @@ def test_backbone_is_frozen_as_the_stream_starts(digits):
   assert _moved(init.params, r.state.params) > 1e-3
   ss = r.state.strategy
   assert _moved(init.params, ss.params) == 0.0
-  sc = scenarios.split(digits, 5)
-  x = np.concatenate([e.train_x for e in sc.experiences])
-  z = np.asarray(r.learner.ctx.apply(init.params, init.model_state,
-                                     jnp.asarray(x), jnp.zeros(len(x), int),
-                                     features=True)[0], np.float64)
-  h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
-  scale = np.abs(h.T @ h).max()
-  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
-                             atol=1e-5)
+  _assert_gram_of(r, ss, init.params, init.model_state, digits)
   # The scores are the head's on the frozen copy's features, whatever
   # parameters are passed (here zeros, and they are not the model's).
   zeros = jax.tree.map(jnp.zeros_like, r.state.params)
+  sc = scenarios.split(digits, 5)
   tx = np.concatenate([e.test_x for e in sc.experiences])
   scores = np.asarray(r.learner.strategy.predict(
       r.learner.ctx, ss, zeros, r.state.model_state, jnp.asarray(tx),
@@ -288,15 +295,7 @@ def test_adapt_first_trains_then_freezes(digits):
   out = r.learner.strategy.update_grads(r.learner.ctx, ss, ones,
                                         r.state.params, {}, None)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(out))
-  sc = scenarios.split(digits, 5)
-  x = np.concatenate([e.train_x for e in sc.experiences])
-  z = np.asarray(r.learner.ctx.apply(ss.params, ss.model_state,
-                                     jnp.asarray(x), jnp.zeros(len(x), int),
-                                     features=True)[0], np.float64)
-  h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
-  scale = np.abs(h.T @ h).max()
-  np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
-                             atol=1e-5)
+  _assert_gram_of(r, ss, ss.params, ss.model_state, digits)
   assert r.metrics["acc"] > 0.7
 
 
