@@ -93,7 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0,
-      schedule="constant"))
+      schedule="constant",
+      clip_norm=0.0))  # > 0: clip the gradient's global L2 norm to it
   c.train = ml_collections.ConfigDict(dict(
       epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True))
   # strategy.name: a name or names joined by '+'; strategy.<name>: kwargs.
@@ -302,7 +303,8 @@ def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int):
   oc = config.optimizer
   return make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
                         weight_decay=oc.weight_decay, schedule=oc.schedule,
-                        schedule_steps=schedule_steps)
+                        schedule_steps=schedule_steps,
+                        clip_norm=oc.get("clip_norm", 0.0))
 
 
 def setup(config: ml_collections.ConfigDict,

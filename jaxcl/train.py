@@ -58,7 +58,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
                    weight_decay: float = 0.0, schedule: str = "constant",
-                   schedule_steps: int = 0) -> optax.GradientTransformation:
+                   schedule_steps: int = 0, clip_norm: float = 0.0
+                   ) -> optax.GradientTransformation:
   """An optax optimiser by name with its learning rate kept in the state.
 
   The learning rate is an injected hyperparameter
@@ -75,6 +76,12 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
     schedule: ``constant``, ``cosine`` or ``linear`` decay to 0 over
       ``schedule_steps`` optimiser steps (counted per optimiser state, which
       is reset per experience by default).
+    clip_norm: when > 0, the gradient is first rescaled so that its global
+      L2 norm is at most ``clip_norm`` (PyTorch's ``clip_grad_norm_`` before
+      ``optimizer.step()``: before weight decay, momentum or Adam). It sees
+      the gradient after the strategy's ``update_grads`` (a projection,
+      frozen weights' zeros), so only what will be applied is measured.
+      0 (the default) turns it off.
   """
   if name not in OPTIMIZERS:
     raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
@@ -88,6 +95,10 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
   if not 0 <= weight_decay < math.inf:
     raise ConfigError(f"weight_decay must be >= 0 and finite, got "
                       f"{weight_decay}")
+  if not 0 <= clip_norm < math.inf:
+    raise ConfigError(f"clip_norm must be >= 0 and finite (0: no clipping; "
+                      f"> 0: the gradient's largest global L2 norm), got "
+                      f"{clip_norm}")
   if schedule not in SCHEDULES:
     raise ConfigError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
   if schedule != "constant" and schedule_steps <= 0:
@@ -101,7 +112,7 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
     mult = None
 
   def build(learning_rate):
-    parts = []
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     if name in ("sgd", "momentum") and weight_decay:
       parts.append(optax.add_decayed_weights(weight_decay))
     if name == "momentum":

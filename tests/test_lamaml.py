@@ -356,7 +356,8 @@ def test_refuses_an_optimiser_other_than_plain_sgd(stream):
   for name, lr, opt, ok in (("sgd", 0.1, {}, True), ("sgd", 0.02, {}, True),
                             ("momentum", 0.1, {}, False),
                             ("adam", 0.1, {}, False),
-                            ("sgd", 0.1, dict(weight_decay=1e-3), False)):
+                            ("sgd", 0.1, dict(weight_decay=1e-3), False),
+                            ("sgd", 0.1, dict(clip_norm=1.0), False)):
     ctx = tiny_ctx(stream, lr=lr, name=name, **opt)
     params = train.init_variables(ctx, jax.random.PRNGKey(0))[0]
     if ok:
@@ -364,7 +365,9 @@ def test_refuses_an_optimiser_other_than_plain_sgd(stream):
       assert float(ss.unit) == pytest.approx(lr)
       continue
     with pytest.raises(ValueError, match=r"lamaml: the optimiser is not "
-                       r"plain SGD: .*Set optimizer.name='sgd'"):
+                       r"plain SGD: .*gradient clipping would change it\). Set "
+                       r"optimizer.name='sgd', weight_decay=0, "
+                       r"schedule='constant' and clip_norm=0"):
       lamaml().init(ctx, jax.random.PRNGKey(0), params)
 
 

@@ -554,16 +554,19 @@ def test_mer_reads_the_incoming_mask_as_validity(stream):
 def test_mer_refuses_an_optimiser_that_rescales_its_displacement(stream):
   info = train.stream_info(stream, B)
   model = models.build("mlp", stream.num_classes, widths=(8,))
-  for name, lr, ok in (("sgd", 0.1, True), ("momentum", 0.1, True),
-                       ("sgd", 0.01, False), ("adam", 0.1, False)):
-    ctx = train.make_context(model, train.make_optimizer(name, lr), info)
+  for name, lr, ok, opt in (("sgd", 0.1, True, {}), ("momentum", 0.1, True, {}),
+                            ("sgd", 0.01, False, {}), ("adam", 0.1, False, {}),
+                            ("sgd", 0.1, False, dict(clip_norm=1.0))):
+    ctx = train.make_context(model, train.make_optimizer(name, lr, **opt),
+                             info)
     params = train.init_variables(ctx, jax.random.PRNGKey(0))[0]
     if ok:
       mer(lr=0.1).init(ctx, jax.random.PRNGKey(0), params)
       continue
     with pytest.raises(ValueError, match=r"mer: the optimiser's first update "
                        r"for a gradient of 2 is -0\.\d+, not -2 \* lr = "
-                       r"-0\.2\. MER hands"):
+                       r"-0\.2\. MER hands.*another optimiser \(or "
+                       r"optimizer.clip_norm\) rescales it"):
       mer(lr=0.1).init(ctx, jax.random.PRNGKey(0), params)
     mer(lr=0.1, check_optimizer=False).init(ctx, jax.random.PRNGKey(0),
                                             params)

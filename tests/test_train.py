@@ -87,6 +87,34 @@ def test_naive_equals_plain_optax_training(digits):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw"])
+def test_clip_norm_rescales_the_gradient_before_the_optimiser(name):
+  """``clip_norm`` rescales the whole gradient to that global norm before
+  weight decay and the optimiser's own transformation (PyTorch's
+  ``clip_grad_norm_`` then ``step``); below the norm nothing changes."""
+  params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+  grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # norm 5
+  ref = {"sgd": optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.2)),
+         "momentum": optax.chain(optax.add_decayed_weights(0.1),
+                                 optax.sgd(0.2, momentum=0.9)),
+         "adamw": optax.adamw(0.2, weight_decay=0.1)}[name]
+  for clip, factor in ((2.0, 0.4), (10.0, 1.0)):
+    tx = train.make_optimizer(name, 0.2, weight_decay=0.1, clip_norm=clip)
+    st, want_st = tx.init(params), ref.init(params)
+    g = grads
+    for _ in range(2):  # the second step checks the optimiser's state too
+      got, st = tx.update(g, st, params)
+      want, want_st = ref.update(jax.tree.map(lambda x: x * factor, g),
+                                 want_st, params)
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5)
+  off = train.make_optimizer(name, 0.2, weight_decay=0.1)
+  got, _ = off.update(grads, off.init(params), params)
+  want, _ = ref.update(grads, ref.init(params), params)
+  np.testing.assert_allclose(np.asarray(got["b"]), np.asarray(want["b"]),
+                             rtol=1e-5)
+
+
 def test_epoch_indices_cover_each_example_once():
   idx = np.asarray(train.epoch_indices(jax.random.PRNGKey(0), 1, 2, 37, 50,
                                        steps=7, batch_size=8))
@@ -511,6 +539,9 @@ def test_non_finite_loss_names_experience_and_step():
     ("train.batch_size", 0, "train.batch_size must be >= 1, got 0"),
     ("optimizer.momentum", 1.5, r"momentum must be in \[0, 1\) .*got 1.5"),
     ("optimizer.weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("optimizer.clip_norm", -1.0, r"clip_norm must be >= 0 and finite "
+     r"\(0: no clipping; > 0: the gradient's largest global L2 norm\), "
+     r"got -1.0"),
     ("dataset.train_subset", -5, "train_subset must be >= 0"),
     ("dataset.test_subset", -1, "test_subset must be >= 0"),
     ("scenario.order_seed", -3, "order_seed must be >= 0 .* or -1"),

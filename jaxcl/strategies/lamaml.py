@@ -237,8 +237,9 @@ def sgd_rate(ctx, params) -> tuple[float, Any]:
         f"for one rate u > 0. La-MAML moves each weight by max(alpha, 0) "
         f"times its meta-gradient and hands the optimiser that displacement "
         f"divided by u, which only plain SGD applies exactly (momentum, "
-        f"Adam, weight decay or a decaying schedule would change it). Set "
-        f"optimizer.name='sgd', weight_decay=0 and schedule='constant' "
+        f"Adam, weight decay, a decaying schedule or gradient clipping "
+        f"would change it). Set optimizer.name='sgd', weight_decay=0, "
+        f"schedule='constant' and clip_norm=0 "
         f"(the learning rate is free: alpha sets La-MAML's steps)")
   return u, (None if lr0 is None else float(np.asarray(lr0)))
 

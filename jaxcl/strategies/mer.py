@@ -110,7 +110,8 @@ def _check_optimizer(ctx, params, lr: float) -> None:
         f"mer: the optimiser's first update for a gradient of 2 is "
         f"{seen:.3g}, not -2 * lr = {-2.0 * lr:g}. MER hands the optimiser "
         f"its displacement divided by lr={lr}, which SGD at that learning "
-        f"rate applies exactly; another optimiser rescales it (on Split "
+        f"rate applies exactly; another optimiser (or optimizer.clip_norm) "
+        f"rescales it (on Split "
         f"Digits, Adam at 1e-3 stalled at 0.49, against 0.92 with SGD at "
         f"0.1). Set optimizer.name='sgd' and learning_rate={lr}, or "
         f"check_optimizer=False to use it as Reptile's outer optimiser")
