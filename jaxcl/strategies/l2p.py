@@ -55,7 +55,8 @@ whole batch, at test time too, so a test image's prediction depends on its
 batch) and the paper's optional frequency penalty for diverse selection
 are not offered. Prompts get no position embedding (the JAX reference's
 choice; the PyTorch ports give them the CLS token's). Gradient clipping
-(the references' norm 1) is the optimiser's business, not this strategy's.
+(the references' norm 1) is the optimiser's business, not this strategy's:
+``optimizer.clip_norm=1.0``.
 
 What to expect: a frozen backbone that is much weaker than ImageNet ViT-B/16
 (this library's ViTs are tiny and trained on MNIST-sized data) leaves the
