@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
-           "default_predict", "zero_grads",
+           "default_predict", "predict_once_ready", "zero_grads",
            "mark_experience", "mark_experience_start", "check_task_seen",
            "new_classes"]
 
@@ -163,6 +163,25 @@ def default_predict(ctx, sstate, params, model_state, x, task):
   """The model's own logits (masked to the task in task-incremental mode)."""
   del sstate
   return ctx.logits(params, model_state, x, task, train=False)
+
+
+def predict_once_ready(ready: jax.Array, scores: Callable[[], jax.Array],
+                       ctx, params, model_state, x, task) -> jax.Array:
+  """``scores()`` once ``ready`` (a scalar bool), else the model's own
+  logits (:func:`default_predict`): for a classifier that has nothing to
+  score with before its first statistics or consolidation (CWR*, FeCAM,
+  RanPAC, an ensemble with no member yet).
+
+  ``lax.cond``, not ``jnp.where``: a run computes one branch per batch, so
+  the model's own forward pass, needed only before the first experience
+  ends, is not paid at every evaluation batch after it. Under a seed
+  ``vmap`` the condition is batched and both run, as with ``jnp.where``.
+  """
+  dtype = jax.eval_shape(scores).dtype
+  return jax.lax.cond(
+      ready, scores,
+      lambda: default_predict(ctx, None, params, model_state, x,
+                              task).astype(dtype))
 
 
 class Strategy(NamedTuple):

@@ -12,7 +12,7 @@ import pytest
 
 import jaxcl
 from jaxcl import datasets, experiment, scenarios, train
-from jaxcl.strategy import Strategy, chain
+from jaxcl.strategy import Strategy, chain, predict_once_ready
 
 
 def quick_config(**overrides):
@@ -113,6 +113,30 @@ def test_clip_norm_rescales_the_gradient_before_the_optimiser(name):
   want, _ = ref.update(grads, ref.init(params), params)
   np.testing.assert_allclose(np.asarray(got["b"]), np.asarray(want["b"]),
                              rtol=1e-5)
+
+
+def test_predict_once_ready_runs_one_branch_and_selects_per_seed(digits):
+  """The model's own logits until ``ready``, the scores after; one
+  ``cond`` (not both passes) in an unbatched run, a per-seed selection
+  under a seed ``vmap``."""
+  c = quick_config()
+  s = experiment.setup(c, scenarios.split(digits, 5))
+  ctx = s.learner.ctx
+  params, model_state = train.init_variables(ctx, jax.random.PRNGKey(0))
+  x = jnp.asarray(s.scenario.experiences[0].test_x[:4])
+  task = jnp.zeros(4, jnp.int32)
+  own = ctx.logits(params, model_state, x, task)
+  other = jnp.full_like(own, 3.0)
+  pick = lambda ready: predict_once_ready(ready, lambda: other, ctx, params,
+                                          model_state, x, task)
+  np.testing.assert_array_equal(pick(jnp.array(False)), own)
+  np.testing.assert_array_equal(pick(jnp.array(True)), other)
+  prims = {e.primitive.name for e in jax.make_jaxpr(pick)(
+      jnp.array(True)).jaxpr.eqns}
+  assert "cond" in prims, prims
+  both = jax.vmap(pick)(jnp.array([True, False]))
+  np.testing.assert_array_equal(both[0], other)
+  np.testing.assert_array_equal(both[1], own)
 
 
 def test_epoch_indices_cover_each_example_once():

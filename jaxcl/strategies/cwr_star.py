@@ -67,7 +67,7 @@ import numpy as np
 
 from jaxcl.state import masked_logits
 from jaxcl.strategies._freeze import restore_part
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, predict_once_ready
 
 _OFF = -1e9  # bias of switched-off classes during training
 
@@ -208,13 +208,17 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     return state.replace(strategy=ss._replace(cw=cw, cb=cb, past=past))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    feats, _ = ctx.apply(params, model_state, x, task, features=True)
     seen = sstate.past > 0
-    logits = jnp.where(seen, feats @ sstate.cw + sstate.cb, _OFF)
-    own = ctx.logits(params, model_state, x, task)
-    if ctx.mask_task_logits:
-      logits = masked_logits(logits, task, ctx.info.task_classes)
-    return jnp.where(jnp.any(seen), logits, own)
+
+    def consolidated():
+      feats, _ = ctx.apply(params, model_state, x, task, features=True)
+      logits = jnp.where(seen, feats @ sstate.cw + sstate.cb, _OFF)
+      if ctx.mask_task_logits:
+        logits = masked_logits(logits, task, ctx.info.task_classes)
+      return logits
+
+    return predict_once_ready(jnp.any(seen), consolidated, ctx, params,
+                              model_state, x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads, project_params=project_params,

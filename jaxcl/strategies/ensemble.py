@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, predict_once_ready
 from jaxcl.train import init_variables
 
 
@@ -64,19 +64,26 @@ def ensemble() -> Strategy:
     return state.replace(strategy=ss)
 
   def predict(ctx, sstate, params, model_state, x, task):
-    own = ctx.logits(params, model_state, x, task)
-    stacked = jax.vmap(lambda p, m: ctx.logits(p, m, x, task))(
-        sstate.params, sstate.model_state)  # (E, B, C)
-    probs = jax.nn.softmax(stacked, axis=-1)
+    probs = lambda: jax.nn.softmax(jax.vmap(
+        lambda p, m: ctx.logits(p, m, x, task))(
+            sstate.params, sstate.model_state), axis=-1)  # (E, B, C)
     if ctx.info.kind == "task":
       # Route each example to its task's model (task id == experience).
+      stacked = probs()
       t = jnp.clip(task, 0, stacked.shape[0] - 1)
-      routed = jnp.take_along_axis(probs, t[None, :, None], axis=0)[0]
+      routed = jnp.take_along_axis(stacked, t[None, :, None], axis=0)[0]
       have = sstate.filled[t][:, None]
+      own = ctx.logits(params, model_state, x, task)
       return jnp.where(have, jnp.log(routed + 1e-12), own)
-    w = sstate.filled.astype(probs.dtype)
-    mean = jnp.einsum("e,ebc->bc", w, probs) / jnp.maximum(w.sum(), 1.0)
-    return jnp.where(jnp.any(sstate.filled), jnp.log(mean + 1e-12), own)
+
+    def mean_of_members():
+      stacked = probs()
+      w = sstate.filled.astype(stacked.dtype)
+      mean = jnp.einsum("e,ebc->bc", w, stacked) / jnp.maximum(w.sum(), 1.0)
+      return jnp.log(mean + 1e-12)
+
+    return predict_once_ready(jnp.any(sstate.filled), mean_of_members, ctx,
+                              params, model_state, x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   after_experience=after_experience, predict=predict,

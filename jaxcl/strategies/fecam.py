@@ -97,7 +97,7 @@ from jaxcl import checks
 from jaxcl.state import masked_logits
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features, normalise
-from jaxcl.strategy import Strategy, new_classes
+from jaxcl.strategy import Strategy, new_classes, predict_once_ready
 from jaxcl.strategies._freeze import restore_all, zero_all
 from jaxcl.train import feature_width, init_variables
 
@@ -271,14 +271,18 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
                        frozen=jnp.ones((), bool))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    u = transformed(ctx, sstate.params, sstate.model_state, x, task)
     has = sstate.count > 0
-    scores = mask_inactive(-mahalanobis(u, sstate.mean, sstate.precision),
-                           has)
-    if ctx.mask_task_logits:
-      scores = masked_logits(scores, task, ctx.info.task_classes)
-    own = ctx.logits(params, model_state, x, task)
-    return jnp.where(jnp.any(has), scores, own)
+
+    def scores():
+      u = transformed(ctx, sstate.params, sstate.model_state, x, task)
+      out = mask_inactive(-mahalanobis(u, sstate.mean, sstate.precision),
+                          has)
+      if ctx.mask_task_logits:
+        out = masked_logits(out, task, ctx.info.task_classes)
+      return out
+
+    return predict_once_ready(jnp.any(has), scores, ctx, params, model_state,
+                              x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads, project_params=project_params,

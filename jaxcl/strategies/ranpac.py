@@ -103,7 +103,7 @@ from jaxcl.state import masked_logits
 from jaxcl.strategies import _extractor
 from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features as chunked
-from jaxcl.strategy import Strategy, zero_grads
+from jaxcl.strategy import Strategy, predict_once_ready, zero_grads
 from jaxcl.strategies._freeze import restore_all, zero_all
 
 __all__ = ["ranpac", "RanPACState", "project", "split_rows",
@@ -362,14 +362,18 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
                        else ss.frozen)
 
   def predict(ctx, sstate, params, model_state, x, task):
-    z = extract(ctx, sstate.params, sstate.model_state, x, task)
     has = sstate.count > 0
-    scores = project(z, proj_of(sstate), activation) @ sstate.weight
-    scores = mask_inactive(scores, has)
-    if ctx.mask_task_logits:
-      scores = masked_logits(scores, task, ctx.info.task_classes)
-    own = ctx.logits(params, model_state, x, task)
-    return jnp.where(jnp.any(has), scores, own)
+
+    def scores():
+      z = extract(ctx, sstate.params, sstate.model_state, x, task)
+      out = mask_inactive(project(z, proj_of(sstate), activation)
+                          @ sstate.weight, has)
+      if ctx.mask_task_logits:
+        out = masked_logits(out, task, ctx.info.task_classes)
+      return out
+
+    return predict_once_ready(jnp.any(has), scores, ctx, params, model_state,
+                              x, task)
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads if adapt_first else zero_grads,
