@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -193,14 +194,22 @@ def _config():
   return config
 
 
-def _run(argv) -> None:
-  del argv
+def _start() -> tuple[Any, str, str]:
+  """``(config, name, workdir)`` of the command in progress (``run`` and
+  ``sweep``), after quieting the logs (and joining a multi-host job); the
+  directory is recorded for the message an interrupt prints."""
   _quiet_logs()
-  from jaxcl import experiment, report
   config = _config()
   name = _run_name(config)
   workdir = _WORKDIR.value or _default_workdir(name)
   _ACTIVE_WORKDIR[:] = [workdir]
+  return config, name, workdir
+
+
+def _run(argv) -> None:
+  del argv
+  config, name, workdir = _start()
+  from jaxcl import experiment, report
   print(f"jaxcl: {name} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
   split = report.evaluated_on(config)
@@ -218,12 +227,8 @@ def _run(argv) -> None:
 
 def _sweep(argv) -> None:
   del argv
-  _quiet_logs()
+  config, name, workdir = _start()
   from jaxcl import report, sweep
-  config = _config()
-  name = _run_name(config)
-  workdir = _WORKDIR.value or _default_workdir(name)
-  _ACTIVE_WORKDIR[:] = [workdir]
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
   print(f"jaxcl sweep: {name}, seeds {seeds}"

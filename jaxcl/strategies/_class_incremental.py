@@ -1,5 +1,5 @@
 """Hooks shared by exemplar-based class-incremental strategies (LUCIR, IL2M,
-EEIL).
+EEIL, SS-IL).
 
 Their states have ``memory`` (a :class:`jaxcl.buffers.Memory` of
 exemplars), ``seen`` (bool per class: classes of finished experiences)
@@ -23,8 +23,10 @@ from jaxcl.strategies.icarl import (backbone_features, features,
                                     select_exemplars)
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import new_classes
+from jaxcl.train import init_variables
 
 NEG = -1e9
+_BIG = np.iinfo(np.int32).max  # herding rank of an empty slot
 
 
 def check_memory_args(name: str, mem_size: int, batch_size: int) -> None:
@@ -68,6 +70,54 @@ def mark_new_classes(name: str) -> Callable[..., Any]:
   return before_experience
 
 
+def mark_class_experience(name: str) -> Callable[..., Any]:
+  """A ``before_experience`` for states that also keep ``class_exp`` (int32
+  ``(C,)``: each class's experience, -1 unseen) and ``experience`` (int32
+  scalar): :func:`mark_new_classes`, then the new classes' ``class_exp``
+  and ``experience`` set to the experience's index. EEIL and SS-IL use
+  both to distil each old experience's classes as a group
+  (:func:`jaxcl.strategies.eeil.group_distillation`)."""
+  mark = mark_new_classes(name)
+
+  def before_experience(ctx, state, experience):
+    state = mark(ctx, state, experience)
+    ss = state.strategy
+    e = experience.index
+    return state.replace(strategy=ss._replace(
+        class_exp=jnp.where(ss.current, e, ss.class_exp),
+        experience=jnp.asarray(e, jnp.int32)))
+
+  return before_experience
+
+
+def init_teacher_exemplars(name: str, why: str, ctx, key: jax.Array,
+                           params: Any, mem_size: int,
+                           replay_size: Callable[[Any], int]
+                           ) -> dict[str, Any]:
+  """The initial fields of a state that :func:`herding_update` and
+  :func:`mark_class_experience` keep (EEIL's and SS-IL's): an empty
+  memory of ``mem_size`` exemplars, no class seen, and the model as
+  it starts as the teacher (``key`` draws its initial model state).
+
+  Checks first (at ``init``) that the stream is class-incremental (``why``
+  says what strategy ``name`` does to its classes), that the memory holds
+  one exemplar per class and that ``replay_size(ctx)`` fits the memory.
+  """
+  info = ctx.info
+  require_class_stream(name, info, why)
+  require_per_class(name, mem_size, info.num_classes)
+  replay_size(ctx)
+  _, variables = init_variables(ctx, key)
+  c = info.num_classes
+  return dict(memory=buffers.init(mem_size, info.input_shape),
+              rank=jnp.full((mem_size,), _BIG, jnp.int32),
+              class_exp=jnp.full((c,), -1, jnp.int32),
+              experience=jnp.zeros((), jnp.int32),
+              seen=jnp.zeros((c,), bool), current=jnp.zeros((c,), bool),
+              teacher=jax.tree.map(jnp.copy, params),
+              teacher_model_state=variables)
+
+
 def append_exemplars(replay_size: Callable[[Any], int]
                      ) -> Callable[..., Any]:
   """A ``prepare_batch`` that appends ``replay_size(ctx)`` exemplars drawn
@@ -99,6 +149,13 @@ def mask_inactive(logits: jax.Array, active: jax.Array) -> jax.Array:
 def mask_unseen(logits: jax.Array, sstate) -> jax.Array:
   """``logits`` with the classes not seen yet at ``NEG``."""
   return mask_inactive(logits, sstate.seen | sstate.current)
+
+
+def predict_seen(ctx, sstate, params, model_state, x: jax.Array,
+                 task: jax.Array) -> jax.Array:
+  """A ``predict``: the network's own logits over the classes seen so far
+  (EEIL, SS-IL: no nearest-mean classifier)."""
+  return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
 
 
 def herding_update(mem_size: int) -> Callable[..., Any]:

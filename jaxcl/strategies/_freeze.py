@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["require_part", "zero_part", "restore_part", "restore_masked",
-           "zero_all", "restore_all"]
+           "zero_all", "restore_all", "zero_grads_once_frozen",
+           "restore_once_frozen"]
 
 
 def require_part(method: str, params: Any, part: str, what: str) -> None:
@@ -60,4 +61,23 @@ def zero_all(grads: Any, on: jax.Array) -> Any:
 def restore_all(params: Any, saved: Any, on: jax.Array) -> Any:
   """``params`` replaced by ``saved`` where ``on``."""
   return jax.tree.map(lambda p, o: jnp.where(on, o, p), params, saved)
+
+
+# The two hooks of a whole model frozen from a point on, for a strategy
+# state with ``params`` (the stored copy) and ``frozen`` (a bool scalar):
+# FeCAM's and RanPAC's (``adapt_first``) after the first experience.
+
+
+def zero_grads_once_frozen(ctx, sstate, grads: Any, params: Any, batch: dict,
+                           key: jax.Array) -> Any:
+  """An ``update_grads``: every gradient zero once ``sstate.frozen``."""
+  del ctx, params, batch, key
+  return zero_all(grads, sstate.frozen)
+
+
+def restore_once_frozen(ctx, sstate, params: Any) -> Any:
+  """A ``project_params``: ``params`` set back to ``sstate.params`` once
+  ``sstate.frozen``."""
+  del ctx
+  return restore_all(params, sstate.params, sstate.frozen)
 

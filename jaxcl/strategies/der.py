@@ -55,9 +55,9 @@ import jax.numpy as jnp
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["der", "dark_experience_replay", "DERState", "logit_width",
            "logit_mse", "store_with_logits", "draw_with_logits"]
@@ -144,24 +144,15 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
       ``alpha`` / ``beta``, a negative ``batch_size`` or one larger than
       ``mem_size`` (at ``init`` for the default).
   """
-  buffers.check_capacity(mem_size, f"{name}: mem_size")
+  replay_size = replay_sizer(name, mem_size, batch_size)
   checks.nonnegative(f"{name}: alpha", alpha)
   checks.nonnegative(f"{name}: beta", beta)
-  checks.whole(f"{name}: batch_size", batch_size, 0,
-               "0: the training batch size")
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size(name, batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     width = logit_width(ctx, params, model_state)
-    return DERState(buffers.init(mem_size, ctx.info.input_shape),
-                    jnp.zeros((mem_size, width), jnp.float32), model_state,
-                    jnp.zeros((), jnp.int32), k_mem)
+    return DERState(memory, jnp.zeros((mem_size, width), jnp.float32),
+                    model_state, jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)

@@ -71,23 +71,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, herding_update, mark_new_classes,
-    mask_unseen, require_class_stream, require_per_class)
+    append_exemplars, check_memory_args, herding_update,
+    init_teacher_exemplars, mark_class_experience, predict_seen)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import exemplar_hook, features
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategy import Strategy
-from jaxcl.train import init_variables
 
-__all__ = ["EEILState", "eeil", "group_distillation", "balanced_subset"]
-
-_BIG = np.iinfo(np.int32).max
+__all__ = ["EEILState", "eeil", "group_distillation", "distil_old_groups",
+           "balanced_subset"]
 
 
 class EEILState(NamedTuple):
@@ -125,6 +122,27 @@ def group_distillation(logits: jax.Array, teacher_logits: jax.Array,
   per = jax.vmap(distillation, in_axes=(None, None, 0, None, None))(
       logits, teacher_logits, groups, mask, temperature)
   return jnp.sum(per)
+
+
+def distil_old_groups(ctx, sstate, logits: jax.Array, batch: dict,
+                      temperature: float) -> jax.Array:
+  """:func:`group_distillation` of a training batch's ``logits`` from the
+  state's teacher (the model as the previous experience ended), over the
+  groups of the experiences before the current one: EEIL's distillation
+  term, and SS-IL's task-wise one (which scales it by ``T²``).
+
+  ``sstate`` has ``teacher``, ``teacher_model_state``, ``class_exp`` and
+  ``experience`` (see :func:`jaxcl.strategies._class_incremental.
+  mark_class_experience`).
+  """
+  # The teacher is a constant of the step: its params live in the strategy
+  # state, not in the differentiated ``params``; evaluation mode, as a
+  # frozen copy.
+  teacher = ctx.logits(sstate.teacher, sstate.teacher_model_state,
+                       batch["x"], batch["task"])
+  return group_distillation(logits, teacher, sstate.class_exp,
+                            sstate.experience, batch["mask"], temperature,
+                            ctx.info.num_experiences)
 
 
 def balanced_subset(key: jax.Array, y: jax.Array, valid: jax.Array,
@@ -190,41 +208,16 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
                                ctx.info.batch_size)
 
   def init(ctx, key, params):
-    info = ctx.info
-    require_class_stream("eeil", info, "balances old and new classes")
-    require_per_class("eeil", mem_size, info.num_classes)
-    replay_size(ctx)
     k_ms, k_run = jax.random.split(key)
-    _, variables = init_variables(ctx, k_ms)
-    c = info.num_classes
-    return EEILState(
-        memory=buffers.init(mem_size, info.input_shape),
-        rank=jnp.full((mem_size,), _BIG, jnp.int32),
-        class_exp=jnp.full((c,), -1, jnp.int32),
-        experience=jnp.zeros((), jnp.int32),
-        seen=jnp.zeros((c,), bool), current=jnp.zeros((c,), bool),
-        teacher=jax.tree.map(jnp.copy, params),
-        teacher_model_state=variables, key=k_run)
-
-  def before_experience(ctx, state, experience):
-    state = mark_new_classes("eeil")(ctx, state, experience)
-    ss = state.strategy
-    e = experience.index
-    return state.replace(strategy=ss._replace(
-        class_exp=jnp.where(ss.current, e, ss.class_exp),
-        experience=jnp.asarray(e, jnp.int32)))
+    return EEILState(**init_teacher_exemplars(
+        "eeil", "balances old and new classes", ctx, k_ms, params, mem_size,
+        replay_size), key=k_run)
 
   def task_loss(ctx, sstate, logits, batch):
-    # The teacher is a constant of the step (its params live in the
-    # strategy state, not in the differentiated ``params``).
-    teacher = ctx.logits(sstate.teacher, sstate.teacher_model_state,
-                         batch["x"], batch["task"])
     ce = cross_entropy_over(logits, batch["y"], batch["mask"],
                             sstate.seen | sstate.current)
-    kd = group_distillation(logits, teacher, sstate.class_exp,
-                            sstate.experience, batch["mask"], temperature,
-                            ctx.info.num_experiences)
-    return ce + lam * kd
+    return ce + lam * distil_old_groups(ctx, sstate, logits, batch,
+                                        temperature)
 
   @functools.partial(jax.jit, static_argnums=0)
   def finetune(ctx, ss, params, model_state, x, y, task, n_valid):
@@ -286,10 +279,7 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
 
   after_experience = exemplar_hook(herding_update(mem_size), train=balance)
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
-
-  return Strategy(init=init, before_experience=before_experience,
+  return Strategy(init=init, before_experience=mark_class_experience("eeil"),
                   prepare_batch=append_exemplars(replay_size),
                   task_loss=task_loss, after_experience=after_experience,
-                  predict=predict, name="eeil")
+                  predict=predict_seen, name="eeil")

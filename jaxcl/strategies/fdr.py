@@ -68,10 +68,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import draw_with_logits, logit_width
 from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["fdr", "FDRState", "softmax_distance"]
 
@@ -116,28 +116,19 @@ def fdr(mem_size: int = 200, alpha: float = 1.0,
       slots than experiences.
   """
   name = "fdr"
-  buffers.check_capacity(mem_size, f"{name}: mem_size")
+  replay_size = replay_sizer(name, mem_size, batch_size)
   checks.nonnegative(f"{name}: alpha", alpha)
-  checks.whole(f"{name}: batch_size", batch_size, 0,
-               "0: the training batch size")
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size(name, batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
-    replay_size(ctx)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     if mem_size < ctx.info.num_experiences:
       raise ValueError(
           f"{name}: mem_size={mem_size} is smaller than the number of "
           f"experiences ({ctx.info.num_experiences}); the memory keeps "
           f"mem_size // experiences examples of each")
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
     width = logit_width(ctx, params, model_state)
-    return FDRState(buffers.init(mem_size, ctx.info.input_shape),
-                    jnp.zeros((mem_size, width), jnp.float32), model_state,
-                    jnp.zeros((), jnp.int32), k_mem)
+    return FDRState(memory, jnp.zeros((mem_size, width), jnp.float32),
+                    model_state, jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):
     out = dict(batch)

@@ -94,11 +94,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import checks
-from jaxcl.state import masked_logits
-from jaxcl.strategies._class_incremental import mask_inactive
+from jaxcl.strategies._extractor import predict_fitted
 from jaxcl.strategies.icarl import exemplar_hook, features, normalise
-from jaxcl.strategy import Strategy, new_classes, predict_once_ready
-from jaxcl.strategies._freeze import restore_all, zero_all
+from jaxcl.strategy import Strategy, new_classes
+from jaxcl.strategies._freeze import (restore_all, restore_once_frozen,
+                                      zero_grads_once_frozen)
 from jaxcl.train import feature_width, init_variables
 
 __all__ = ["fecam", "FeCAMState", "tukey_transform", "shrink_cov",
@@ -246,14 +246,6 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
     new_classes("fecam", np.asarray(state.strategy.count) > 0, experience)
     return state
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
-    return zero_all(grads, sstate.frozen)
-
-  def project_params(ctx, sstate, params):
-    del ctx
-    return restore_all(params, sstate.params, sstate.frozen)
-
   @functools.partial(jax.jit, static_argnums=0)
   def update(ctx, ss, params, model_state, x, y, task, n_valid, experience):
     del experience
@@ -271,20 +263,15 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
                        frozen=jnp.ones((), bool))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    has = sstate.count > 0
-
     def scores():
       u = transformed(ctx, sstate.params, sstate.model_state, x, task)
-      out = mask_inactive(-mahalanobis(u, sstate.mean, sstate.precision),
-                          has)
-      if ctx.mask_task_logits:
-        out = masked_logits(out, task, ctx.info.task_classes)
-      return out
+      return -mahalanobis(u, sstate.mean, sstate.precision)
 
-    return predict_once_ready(jnp.any(has), scores, ctx, params, model_state,
-                              x, task)
+    return predict_fitted(scores, sstate.count, ctx, params, model_state, x,
+                          task)
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads, project_params=project_params,
+                  update_grads=zero_grads_once_frozen,
+                  project_params=restore_once_frozen,
                   after_experience=exemplar_hook(update), predict=predict,
                   name="fecam")

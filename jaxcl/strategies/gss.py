@@ -57,10 +57,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks, dense_grams
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.gem import factored_calls
 from jaxcl.strategies.replay import append_rows, incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["gss", "GSSState", "cosine_scores", "offer_slots"]
 
@@ -178,25 +178,17 @@ def gss(mem_size: int = 200, batch_size: int = 0,
       ``batch_size``, a replayed or scored batch larger than ``mem_size``
       (at ``init`` for the default).
   """
-  buffers.check_capacity(mem_size, "gss: mem_size")
-  checks.whole("gss: batch_size", batch_size, 0, "0: the training batch size")
+  replay_size = replay_sizer("gss", mem_size, batch_size)
   checks.whole("gss: score_size", score_size, 1)
   if score_size > mem_size:
     raise ValueError(f"gss: score_size={score_size} is larger than the "
                      f"memory capacity mem_size={mem_size}; use score_size "
                      f"<= {mem_size}")
 
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("gss", batch_size, mem_size,
-                               ctx.info.batch_size)
-
   def init(ctx, key, params):
     del params
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
-    return GSSState(buffers.init(mem_size, ctx.info.input_shape),
-                    jnp.zeros((mem_size,), jnp.float32), model_state,
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
+    return GSSState(memory, jnp.zeros((mem_size,), jnp.float32), model_state,
                     jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):

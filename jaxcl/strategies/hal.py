@@ -84,9 +84,9 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import append_exemplars
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["hal", "HALState", "learn_anchors", "anchor_capacity",
            "anchor_slots"]
@@ -179,9 +179,7 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
       end, anchors that diverged (``anchor_lr`` too high for the model).
   """
   name = "hal"
-  buffers.check_capacity(mem_size, f"{name}: mem_size")
-  checks.whole(f"{name}: batch_size", batch_size, 0,
-               "0: the training batch size")
+  replay_size = replay_sizer(name, mem_size, batch_size)
   checks.nonnegative(f"{name}: lam", lam)
   checks.nonnegative(f"{name}: gamma", gamma)
   checks.nonnegative(f"{name}: lookahead_lr", lookahead_lr)
@@ -192,14 +190,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
   if beta > 1:
     raise ValueError(f"{name}: beta must be in [0, 1], got {beta!r}")
 
-  def replay_size(ctx) -> int:
-    return buffers.replay_size(name, batch_size, mem_size,
-                               ctx.info.batch_size)
-
   def init(ctx, key, params):
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     x = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
     width = jax.eval_shape(
         lambda p, ms: ctx.apply(p, ms, x, jnp.zeros((1,), jnp.int32),
@@ -207,7 +199,7 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
         params, model_state).shape[-1]
     n = anchor_capacity(ctx.info)
     return HALState(
-        buffers.init(mem_size, ctx.info.input_shape),
+        memory,
         jnp.zeros((n,) + tuple(ctx.info.input_shape), jnp.float32),
         jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
         jnp.zeros((n,), bool), jnp.zeros((width,), jnp.float32),

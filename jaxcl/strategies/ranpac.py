@@ -99,12 +99,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import checks
-from jaxcl.state import masked_logits
 from jaxcl.strategies import _extractor
-from jaxcl.strategies._class_incremental import mask_inactive
 from jaxcl.strategies.icarl import exemplar_hook, features as chunked
-from jaxcl.strategy import Strategy, predict_once_ready, zero_grads
-from jaxcl.strategies._freeze import restore_all, zero_all
+from jaxcl.strategy import Strategy, zero_grads
+from jaxcl.strategies._freeze import (restore_all, restore_once_frozen,
+                                      zero_grads_once_frozen)
 
 __all__ = ["ranpac", "RanPACState", "project", "split_rows",
            "accumulate", "ridge_losses", "ridge_solve", "FEATURES",
@@ -321,14 +320,6 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
       return state.replace(strategy=ss)
     return state
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
-    return zero_all(grads, sstate.frozen)
-
-  def project_params(ctx, sstate, params):
-    del ctx
-    return restore_all(params, sstate.params, sstate.frozen)
-
   @functools.partial(jax.jit, static_argnums=0)
   def update(ctx, ss, params, model_state, x, y, task, n_valid, experience):
     if adapt_first:
@@ -362,22 +353,17 @@ def ranpac(proj_dim: int = 10000, activation: str = "relu",
                        else ss.frozen)
 
   def predict(ctx, sstate, params, model_state, x, task):
-    has = sstate.count > 0
-
     def scores():
       z = extract(ctx, sstate.params, sstate.model_state, x, task)
-      out = mask_inactive(project(z, proj_of(sstate), activation)
-                          @ sstate.weight, has)
-      if ctx.mask_task_logits:
-        out = masked_logits(out, task, ctx.info.task_classes)
-      return out
+      return project(z, proj_of(sstate), activation) @ sstate.weight
 
-    return predict_once_ready(jnp.any(has), scores, ctx, params, model_state,
-                              x, task)
+    return _extractor.predict_fitted(scores, sstate.count, ctx, params,
+                                     model_state, x, task)
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads if adapt_first else zero_grads,
-                  project_params=project_params if adapt_first
-                  else Strategy().project_params,
+                  update_grads=(zero_grads_once_frozen if adapt_first
+                                else zero_grads),
+                  project_params=(restore_once_frozen if adapt_first
+                                  else Strategy().project_params),
                   after_experience=exemplar_hook(update), predict=predict,
                   name="ranpac")

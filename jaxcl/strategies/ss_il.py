@@ -82,21 +82,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import (
     NEG, append_exemplars, check_memory_args, herding_update,
-    mark_new_classes, mask_unseen, require_class_stream, require_per_class)
-from jaxcl.strategies.eeil import group_distillation
+    init_teacher_exemplars, mark_class_experience, predict_seen)
+from jaxcl.strategies.eeil import distil_old_groups
 from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy
-from jaxcl.train import init_variables
 
 __all__ = ["SSILState", "ss_il", "separated_cross_entropy"]
-
-_BIG = np.iinfo(np.int32).max
 
 
 class SSILState(NamedTuple):
@@ -155,52 +151,23 @@ def ss_il(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
                                ctx.info.batch_size)
 
   def init(ctx, key, params):
-    info = ctx.info
-    require_class_stream("ss_il", info, "separates the softmax of old and "
-                         "new classes")
-    require_per_class("ss_il", mem_size, info.num_classes)
-    replay_size(ctx)
-    _, variables = init_variables(ctx, key)
-    c = info.num_classes
-    return SSILState(
-        memory=buffers.init(mem_size, info.input_shape),
-        rank=jnp.full((mem_size,), _BIG, jnp.int32),
-        class_exp=jnp.full((c,), -1, jnp.int32),
-        experience=jnp.zeros((), jnp.int32),
-        seen=jnp.zeros((c,), bool), current=jnp.zeros((c,), bool),
-        teacher=jax.tree.map(jnp.copy, params),
-        teacher_model_state=variables)
-
-  def before_experience(ctx, state, experience):
-    state = mark_new_classes("ss_il")(ctx, state, experience)
-    ss = state.strategy
-    e = experience.index
-    return state.replace(strategy=ss._replace(
-        class_exp=jnp.where(ss.current, e, ss.class_exp),
-        experience=jnp.asarray(e, jnp.int32)))
+    return SSILState(**init_teacher_exemplars(
+        "ss_il", "separates the softmax of old and new classes", ctx, key,
+        params, mem_size, replay_size))
 
   def task_loss(ctx, sstate, logits, batch):
     ce = separated_cross_entropy(logits, batch["y"], batch["mask"],
                                  ctx.info.batch_size, sstate.current,
                                  sstate.seen)
-    # The teacher is a constant of the step: its params live in the
-    # strategy state, not in the differentiated ``params``; evaluation
-    # mode, as the reference's frozen copy.
-    teacher = ctx.logits(sstate.teacher, sstate.teacher_model_state,
-                         batch["x"], batch["task"])
-    kd = group_distillation(logits, teacher, sstate.class_exp,
-                            sstate.experience, batch["mask"], temperature,
-                            ctx.info.num_experiences)
+    # The teacher in evaluation mode, as the reference's frozen copy.
+    kd = distil_old_groups(ctx, sstate, logits, batch, temperature)
     return ce + lam * temperature ** 2 * kd
 
   # Herding at the experience's end; the trained model becomes the frozen
   # teacher of the next experience.
   after_experience = exemplar_hook(herding_update(mem_size))
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
-
-  return Strategy(init=init, before_experience=before_experience,
+  return Strategy(init=init, before_experience=mark_class_experience("ss_il"),
                   prepare_batch=append_exemplars(replay_size),
                   task_loss=task_loss, after_experience=after_experience,
-                  predict=predict, name="ss_il")
+                  predict=predict_seen, name="ss_il")

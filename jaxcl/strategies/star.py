@@ -127,9 +127,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.replay import after_grads, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["star", "STARState", "is_kernel", "random_signs", "random_start",
            "masked_kl", "perturbation", "star_gradient"]
@@ -254,23 +254,14 @@ def star(p_lam: float = 0.01, p_gamma: float = 0.05, p_steps: int = 1,
     raise ValueError(f"star: init_scale must be smaller than p_gamma="
                      f"{p_gamma!r} (it is the random start, the ascent "
                      f"step is the perturbation), got {init_scale!r}")
-  buffers.check_capacity(mem_size, "star: mem_size")
-  checks.whole("star: batch_size", batch_size, 0,
-               "0: the training batch size")
+  replay_size = replay_sizer("star", mem_size, batch_size)
   buffers.replay_size("star", batch_size, mem_size, 0)
   p_lam, p_gamma, init_scale = float(p_lam), float(p_gamma), float(init_scale)
 
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("star", batch_size, mem_size,
-                               ctx.info.batch_size)
-
   def init(ctx, key, params):
     del params
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
-    return STARState(buffers.init(mem_size, ctx.info.input_shape),
-                     jnp.zeros((), jnp.int32), k_mem, model_state)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
+    return STARState(memory, jnp.zeros((), jnp.int32), k_mem, model_state)
 
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))

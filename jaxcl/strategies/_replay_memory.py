@@ -1,0 +1,60 @@
+"""A replay memory's arguments and initial state, for the strategies that
+keep their own memory of ``mem_size`` examples and replay ``batch_size`` of
+them each step (DER, FDR, HAL, GSS, STAR).
+
+``batch_size`` 0 means the training batch size, known only at ``init``
+(from the stream), so the check that the replayed rows fit the memory runs
+there as well as at each trace (:func:`jaxcl.buffers.replay_size`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from jaxcl import buffers, checks
+from jaxcl.train import init_variables
+
+__all__ = ["replay_sizer", "init_memory"]
+
+
+def replay_sizer(name: str, mem_size: int, batch_size: int
+                 ) -> Callable[[Any], int]:
+  """Checks ``mem_size`` and ``batch_size`` (host side, when the strategy
+  is built) and returns ``replay_size(ctx)``: the rows replayed per step,
+  ``batch_size`` or the training batch size when it is 0.
+
+  Raises:
+    ValueError: naming strategy ``name``: a non-positive ``mem_size`` or a
+      negative ``batch_size``; ``replay_size`` raises when the rows it
+      gives are more than ``mem_size``.
+  """
+  buffers.check_capacity(mem_size, f"{name}: mem_size")
+  checks.whole(f"{name}: batch_size", batch_size, 0,
+               "0: the training batch size")
+
+  def replay_size(ctx) -> int:
+    return buffers.replay_size(name, batch_size, mem_size,
+                               ctx.info.batch_size)
+
+  return replay_size
+
+
+def init_memory(ctx, key: jax.Array, mem_size: int,
+                replay_size: Callable[[Any], int]
+                ) -> tuple[buffers.Memory, Any, jax.Array]:
+  """``(memory, model_state, key)`` to start a replay strategy's state: an
+  empty memory of ``mem_size`` slots for the stream's inputs, the model's
+  initial state (the structure, and batch statistics, for the forward
+  passes on replayed rows), and the key the strategy keeps for the
+  memory's draws.
+
+  Raises:
+    ValueError: from ``replay_size(ctx)``, checked first: the default
+      replay batch (the training batch size) larger than the memory.
+  """
+  replay_size(ctx)
+  k_mem, k_ms = jax.random.split(key)
+  _, model_state = init_variables(ctx, k_ms)
+  return buffers.init(mem_size, ctx.info.input_shape), model_state, k_mem
