@@ -114,7 +114,8 @@ def test_dmc_trains_a_specialist_then_consolidates(stream):
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(aux_dataset="imagenet"), "aux_dataset"),
-    (dict(aux_size=-1), "aux_size"),
+    (dict(aux_size=-1), r"dmc: aux_size must be an int >= 0 \(0: all\), "
+     r"got -1$"),
     (dict(consolidate_epochs=0), "consolidate_epochs"),
     (dict(consolidate_lr=0.0), "consolidate_lr"),
     (dict(consolidate_batch_size=0), "consolidate_batch_size"),

@@ -212,8 +212,12 @@ def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
     (dict(finetune_lr=0.0), "finetune_lr"),
     (dict(momentum=1.0), "momentum"),
     (dict(decay_epochs=0), "decay_epochs"),
-    (dict(lr_decay=0.5), "lr_decay"),
-    (dict(finetune_batch_size=-2), "finetune_batch_size"),
+    (dict(lr_decay=0.5), r"eeil: lr_decay must be a number >= 1 \(the rate "
+     r"is divided by it\), got 0.5$"),
+    (dict(finetune_batch_size=-2), r"eeil: finetune_batch_size must be an "
+     r"int >= 0 \(0: the training batch size\), got -2$"),
+    (dict(batch_size=-1), r"eeil: batch_size must be an int >= 0 \(0: the "
+     r"training batch size\), got -1$"),
 ])
 def test_eeil_bad_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle):

@@ -34,7 +34,7 @@ def check_memory_args(name: str, mem_size: int, batch_size: int) -> None:
   exemplars appended to each training batch (0: the training batch's)."""
   buffers.check_capacity(mem_size, f"{name}: mem_size")
   checks.whole(f"{name}: batch_size", batch_size,
-               note=" (0: the training batch size)")
+               note="0: the training batch size")
   if batch_size > mem_size:
     raise ValueError(f"{name}: batch_size={batch_size} is larger than "
                      f"mem_size={mem_size}; use at most {mem_size}")

@@ -228,7 +228,7 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
   checks.whole("bic: bias_epochs", bias_epochs)
   checks.positive("bic: bias_lr", bias_lr)
   checks.whole("bic: bias_batch_size", bias_batch_size,
-               note=" (0: the training batch size)")
+               note="0: the training batch size")
   checks.nonnegative("bic: beta_decay", beta_decay)
 
   def replay_size(ctx):

@@ -154,7 +154,7 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
   if aux_dataset not in datasets.DATASETS:
     raise ValueError(f"dmc: unknown aux_dataset {aux_dataset!r}; valid: "
                      f"{sorted(datasets.DATASETS)}")
-  checks.whole("dmc: aux_size", aux_size, note=" (0: all)")
+  checks.whole("dmc: aux_size", aux_size, note="0: all")
   checks.whole("dmc: consolidate_epochs", consolidate_epochs, minimum=1)
   checks.positive("dmc: consolidate_lr", consolidate_lr)
   checks.whole("dmc: consolidate_batch_size", consolidate_batch_size,

@@ -197,7 +197,7 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
   checks.whole("eeil: finetune_epochs", finetune_epochs)
   checks.positive("eeil: finetune_lr", finetune_lr)
   checks.whole("eeil: finetune_batch_size", finetune_batch_size,
-               note=" (0: the training batch size)")
+               note="0: the training batch size")
   checks.fraction("eeil: momentum", momentum)
   checks.whole("eeil: decay_epochs", decay_epochs, minimum=1)
   checks.at_least("eeil: lr_decay", lr_decay, 1,
