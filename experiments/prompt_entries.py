@@ -25,4 +25,10 @@ ENTRIES = [
           note="Smith et al. 2023 on a Fashion-MNIST ViT, not ImageNet "
                "ViT-B/16: each experience's components get about the same "
                "weight for every task's images (docs/notes_prompt.md)"),
+    Entry(_SM, "DualPrompt (G 5 @ blocks 0-1, E 5 @ blocks 2-3, λ 1.0)",
+          "split_mnist_prompt", "strategy=dualprompt", pretrain=_PRE,
+          note="Wang et al. 2022b on a Fashion-MNIST ViT, not ImageNet "
+               "ViT-B/16: the nearest key picks a task's own E-prompt for "
+               "about as many test images as chance would, so prediction "
+               "mixes E-prompts (docs/notes_prompt.md)"),
 ]

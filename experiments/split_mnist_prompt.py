@@ -1,5 +1,5 @@
-"""Split MNIST, class-incremental, over a frozen pretrained ViT: L2P and
-CODA-Prompt.
+"""Split MNIST, class-incremental, over a frozen pretrained ViT: L2P,
+CODA-Prompt and DualPrompt.
 
 Protocol: MNIST in 5 experiences of 2 classes, class-incremental (no task
 id at test time), 1 epoch per experience, batch 32, Adam 1e-3 (about
@@ -18,6 +18,13 @@ the frozen weights. Rows, all on the same pretrained file:
   reference's 0-4, cut to depth 4), no orthogonality penalty (the
   reference's current scripts: Gram-Schmidt init only); the backbone
   frozen, the training logits masked to the experience's classes.
+* ``dualprompt`` (Wang et al. 2022b): G-prompt of length 5 in blocks 0-1,
+  one E-prompt of length 5 per experience (pool 5) in blocks 2-3 (the
+  references' 2-4 cut to depth 4), prefix-tuning, λ=1.0 (the references'
+  ``pull_constraint_coeff``), each new E-prompt started from the previous
+  one (``shared_prompt_pool``); the backbone frozen, the training logits
+  masked to the experience's classes, the E-prompt chosen by nearest key
+  at test time.
 * ``naive``: fine-tuning of the whole pretrained ViT (the pretrained head,
   trained on Fashion-MNIST's classes, is its start).
 * ``slda`` (Hayes & Kanan 2020): Deep SLDA on the frozen ViT's 64-d CLS
@@ -31,12 +38,14 @@ Commands::
   python -m jaxcl.pretrained --config experiments/split_mnist_prompt.py:strategy=pretrain --out /tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=l2p,pretrained=/tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=coda_prompt,pretrained=/tmp/fmnist_vit.npz
+  jaxcl run --config experiments/split_mnist_prompt.py:strategy=dualprompt,pretrained=/tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=naive,pretrained=/tmp/fmnist_vit.npz
   jaxcl run --config experiments/split_mnist_prompt.py:strategy=slda,pretrained=/tmp/fmnist_vit.npz
 
-Arguments: ``strategy`` (l2p | coda_prompt | naive | slda | pretrain),
-``seed``, ``pretrained``, ``epochs``, ``lam`` (L2P's λ), ``ortho_mu``
-(CODA's μ), ``lr`` (Adam's),
+Arguments: ``strategy`` (l2p | coda_prompt | dualprompt | naive | slda |
+pretrain), ``seed``, ``pretrained``, ``epochs``, ``lam`` (L2P's or
+DualPrompt's λ; default -1: the method's own, 0.1 for L2P, 1.0 for
+DualPrompt), ``ortho_mu`` (CODA's μ), ``lr`` (Adam's),
 ``quick`` (2000
 training / 1000 test examples, for tests).
 """
@@ -44,18 +53,22 @@ training / 1000 test examples, for tests).
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
-STRATEGIES = ("l2p", "coda_prompt", "naive", "slda", "pretrain")
+STRATEGIES = ("l2p", "coda_prompt", "dualprompt", "naive", "slda",
+              "pretrain")
 VIT = dict(patch=7, dim=64, depth=4, heads=4, mlp_dim=128)
 # L2P's pool as the paper and Mammoth's defaults: M=10, L=5, N=5.
 POOL = dict(pool_size=10, prompt_length=5, top_k=5)
 # CODA-Prompt's components: 10 per experience (the reference's 100 over 10
 # tasks), L=8 as the reference, in every block (its 0-4 cut to depth 4).
 CODA = dict(prompt="coda", pool_size=50, prompt_length=8)
+# DualPrompt's prompts: one E-prompt per experience; the model's defaults
+# are the references' lengths (5, 5) and blocks (G 0-1, E 2-4 cut to 2-3).
+DUAL = dict(prompt="dualprompt", pool_size=5)
 
 
 def get_config(arg=None):
   a = parse_arg(arg, strategy="l2p", seed=0, pretrained="", epochs=1,
-                lam=0.1, ortho_mu=0.0, lr=1e-3, quick=False)
+                lam=-1.0, ortho_mu=0.0, lr=1e-3, quick=False)
   name = a["strategy"]
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r} for this config; valid: "
@@ -85,11 +98,16 @@ def get_config(arg=None):
     c.train.batch_size = 128
   elif name == "l2p":
     c.model.vit = dict(VIT, **POOL)
-    c.strategy.l2p = dict(lam=a["lam"], pretrained=a["pretrained"])
+    c.strategy.l2p = dict(lam=0.1 if a["lam"] < 0 else a["lam"],
+                          pretrained=a["pretrained"])
   elif name == "coda_prompt":
     c.model.vit = dict(VIT, **CODA)
     c.strategy.coda_prompt = dict(ortho_mu=a["ortho_mu"],
                                   pretrained=a["pretrained"])
+  elif name == "dualprompt":
+    c.model.vit = dict(VIT, **DUAL)
+    c.strategy.dualprompt = dict(lam=1.0 if a["lam"] < 0 else a["lam"],
+                                 pretrained=a["pretrained"])
   elif name == "naive":
     c.model.pretrained = a["pretrained"]
   elif name == "slda":

@@ -1,5 +1,5 @@
-"""A small Vision Transformer, plain, with an L2P prompt pool, or with
-CODA-Prompt's prefix components.
+"""A small Vision Transformer, plain, with an L2P prompt pool, with
+CODA-Prompt's prefix components, or with DualPrompt's G- and E-prompts.
 
 The backbone is Dosovitskiy et al.'s ViT (the layout of Google's
 ``vision_transformer`` / ``google-research/l2p`` ``models/vit.py``), sized
@@ -26,7 +26,11 @@ prompt pool of Learning to Prompt (Wang et al. 2022), trained by
 a :class:`CodaViT`: the same backbone with CODA-Prompt's (Smith et al.
 2023) attention-weighted prompt components, fed to the first blocks'
 self-attention by prefix-tuning, trained by
-:mod:`jaxcl.strategies.coda_prompt`. A plain run's saved params
+:mod:`jaxcl.strategies.coda_prompt`; with ``pool_size > 0`` and
+``prompt='dualprompt'`` a :class:`DualPromptViT`: the same backbone with
+DualPrompt's (Wang et al. 2022b) shared G-prompt and per-task E-prompts,
+both fed to blocks' self-attention by prefix-tuning, trained by
+:mod:`jaxcl.strategies.dualprompt`. A plain run's saved params
 (:mod:`jaxcl.pretrained`) load into any of these models' ``backbone``
 (the attention is :class:`PrefixAttention`, whose params are named and
 shaped as flax's ``MultiHeadDotProductAttention``'s).
@@ -39,6 +43,8 @@ References:
   Smith et al., `CODA-Prompt: COntinual Decomposed Attention-based
   prompting for rehearsal-free continual learning
   <https://arxiv.org/abs/2211.13218>`_, CVPR 2023.
+  Wang et al., `DualPrompt: complementary prompting for rehearsal-free
+  continual learning <https://arxiv.org/abs/2204.04799>`_, ECCV 2022.
 """
 
 from __future__ import annotations
@@ -56,11 +62,11 @@ from jaxcl.models import init as inits
 from jaxcl.models.classifier import Classifier, check_head, l2_normalise
 from jaxcl.models.conv import Conv
 
-__all__ = ["ViT", "L2PViT", "CodaViT", "PrefixAttention", "build",
-           "select_prompts", "coda_weights", "PROMPTS"]
+__all__ = ["ViT", "L2PViT", "CodaViT", "DualPromptViT", "PrefixAttention",
+           "build", "select_prompts", "coda_weights", "PROMPTS"]
 
 # The prompted variants ``build`` makes when ``pool_size > 0``.
-PROMPTS = ("l2p", "coda")
+PROMPTS = ("l2p", "coda", "dualprompt")
 
 Prefix = tuple[jnp.ndarray, jnp.ndarray]
 
@@ -377,15 +383,129 @@ class CodaViT(nn.Module):
     return h if features else self.head(h)
 
 
+class DualPromptViT(nn.Module):
+  """A ViT with DualPrompt's G-prompt and E-prompt pool, by prefix-tuning.
+
+  For an image ``x`` (Wang et al. 2022b, Sec. 4): the G-prompt ``g_l``
+  (one per block ``l`` of ``g_layers``, shared by every task) and the
+  E-prompt ``e_{l,i}`` of the chosen task ``i`` (one per block of
+  ``e_layers`` and per pool entry ``i``) are prefixes of that block's
+  self-attention (:class:`PrefixAttention`): each prompt is a pair
+  ``(p_K, p_V)`` of ``L x D`` rows, prepended to the projected keys and
+  values (the references' ``(…, 2, L, heads, D/heads)`` prompt: ``L`` key
+  rows *and* ``L`` value rows). A block in both lists gets
+  ``[g_l; e_{l,i}]`` (the JAX reference concatenates them, G first). The
+  classifier reads the prompted pass's CLS output (``vit_classifier=
+  'token'``).
+
+  Which E-prompt: with ``train=True`` the row's ``task`` argument is its
+  index (the task id is known in training; :mod:`jaxcl.strategies.
+  dualprompt` writes the experience's index into the batch's task ids);
+  otherwise (prediction) the key nearest the query by cosine,
+  ``i(x) = argmax_i γ(q(x), k_i)`` (:func:`select_prompts` with
+  ``top_k=1``), where ``q(x)`` is the CLS feature of the backbone run
+  without prompts (the frozen pretrained model; under ``stop_gradient``).
+  An index outside ``[0, pool_size)`` is clamped by the gather: the
+  strategy checks the pool has one E-prompt per experience.
+
+  Params: ``backbone`` (the :class:`ViT`'s, used by both passes),
+  ``g_prompt`` ``(len(g_layers), 2, g_length, D)``, ``e_prompt``
+  ``(len(e_layers), pool_size, 2, e_length, D)``, ``key``
+  ``(pool_size, D)`` (all ``U(-1, 1)``, the PyTorch port's
+  ``prompt_init='uniform'``; the JAX reference draws ``U(0, 0.01)``) and
+  ``head`` (kernel zero-initialised as the JAX reference's).
+
+  ``features=True`` returns the head's input (the prompted CLS feature).
+  """
+  backbone: ViT
+  num_classes: int
+  pool_size: int = 10
+  g_length: int = 5
+  e_length: int = 5
+  g_layers: tuple[int, ...] = (0, 1)
+  e_layers: tuple[int, ...] = (2, 3, 4)
+
+  def setup(self):
+    d = self.backbone.dim
+    uniform = lambda k, s: jax.random.uniform(k, s, jnp.float32, -1.0, 1.0)
+    self.g_prompt = self.param("g_prompt", uniform,
+                               (len(self.g_layers), 2, self.g_length, d))
+    self.e_prompt = self.param(
+        "e_prompt", uniform,
+        (len(self.e_layers), self.pool_size, 2, self.e_length, d))
+    self.keys = self.param("key", uniform, (self.pool_size, d))
+    self.head = nn.Dense(self.num_classes,
+                         kernel_init=nn.initializers.zeros)
+
+  def query(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``q(x)``: the backbone's CLS feature without prompts, no gradient."""
+    return jax.lax.stop_gradient(self.backbone(x))
+
+  def select(self, x: jnp.ndarray) -> jnp.ndarray:
+    """int32 ``(B,)``: the E-prompt whose key is nearest ``q(x)``."""
+    idx, _ = select_prompts(self.query(x), self.keys, 1)
+    return idx[:, 0]
+
+  def prefixes(self, idx: jnp.ndarray) -> list[Prefix | None]:
+    """Per block, ``None`` or the ``(p_K, p_V)`` prefix (each
+    ``(B, L, D)``) of the G-prompt and of E-prompt ``idx`` ``(B,)``."""
+    b = idx.shape[0]
+    out: list[Prefix | None] = [None] * self.backbone.depth
+    for j, layer in enumerate(self.g_layers):
+      g = jnp.broadcast_to(self.g_prompt[j], (b,) + self.g_prompt.shape[1:])
+      out[layer] = (g[:, 0], g[:, 1])
+    e = self.e_prompt[:, idx]                      # n_e, B, 2, L, D
+    for j, layer in enumerate(self.e_layers):
+      pk, pv = e[j, :, 0], e[j, :, 1]
+      if out[layer] is not None:                   # [g; e], G first
+        pk = jnp.concatenate([out[layer][0], pk], axis=1)
+        pv = jnp.concatenate([out[layer][1], pv], axis=1)
+      out[layer] = (pk, pv)
+    return out
+
+  def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,
+               train: bool = False, features: bool = False) -> jnp.ndarray:
+    if train and task is not None:
+      idx = jnp.broadcast_to(jnp.asarray(task, jnp.int32), x.shape[:1])
+    else:
+      idx = self.select(x)
+    h = self.backbone(x, train=train, prefixes=self.prefixes(idx))
+    return h if features else self.head(h)
+
+
+def _layers(name: str, given: Sequence[int] | None, default: Sequence[int],
+            depth: int, empty: bool = False) -> tuple[int, ...]:
+  """The prompted blocks: ``given``, or ``default`` cut to ``depth``;
+  distinct whole numbers in ``[0, depth)``, at least one unless
+  ``empty``."""
+  try:
+    layers = tuple(i for i in default if i < depth) if given is None else \
+        tuple(given)
+  except TypeError:   # not a sequence (a bare block index)
+    layers = (None,)
+  if (not layers and not empty) or len(set(layers)) != len(layers) or \
+      not all(checks.is_whole(i) and 0 <= i < depth for i in layers):
+    what = "" if empty else ", at least one"
+    note = "" if given is not None else (
+        f" (the default {tuple(default)} cut to depth={depth} left none; "
+        f"give {name})")
+    raise ValueError(f"vit: {name}={given!r} must be distinct block "
+                     f"indices in [0, depth={depth}){what}{note}")
+  return tuple(int(i) for i in layers)
+
+
 def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
           dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128,
           pool_size: int = 0, prompt_length: int | None = None,
           top_k: int = 5, init: str = "lecun_normal", head: str = "linear",
           prompt: str = "l2p",
           prompt_layers: Sequence[int] | None = None,
+          g_prompt_length: int | None = None,
+          g_prompt_layers: Sequence[int] | None = None,
           input_size: int = 0) -> Any:
   """Builds a ViT classifier, or with ``pool_size > 0`` a prompted model:
-  L2P (``prompt='l2p'``) or CODA-Prompt (``prompt='coda'``).
+  L2P (``prompt='l2p'``), CODA-Prompt (``prompt='coda'``) or DualPrompt
+  (``prompt='dualprompt'``).
 
   Args:
     num_classes: outputs per head.
@@ -397,18 +517,28 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
     heads: attention heads.
     mlp_dim: hidden width of each block's MLP.
     pool_size: ``M``, prompts in the pool (CODA: components per prompted
-      block); 0 for a plain ViT.
+      block; DualPrompt: E-prompts, one per experience); 0 for a plain
+      ViT.
     prompt_length: ``L``, tokens per prompt; default 5 for L2P, 8 for
-      CODA (the reference's; even: half keys, half values).
+      CODA (the reference's; even: half keys, half values), 5 for
+      DualPrompt's E-prompts (``L`` prefix keys and ``L`` values).
     top_k: ``N``, prompts chosen per image (L2P only; at most
-      ``pool_size``).
+      ``pool_size``; DualPrompt chooses one).
     init: the plain ViT head's initialisation (:data:`jaxcl.models.init.
       INITS`); the L2P head's kernel starts at zero.
     head: the plain ViT's head layer (``linear`` | ``cosine``).
     prompt: the prompted model when ``pool_size > 0``: ``l2p``
-      (:class:`L2PViT`) or ``coda`` (:class:`CodaViT`).
-    prompt_layers: CODA's prompted blocks, distinct, each in
-      ``[0, depth)``; default the reference's ``0..4`` cut to ``depth``.
+      (:class:`L2PViT`), ``coda`` (:class:`CodaViT`) or ``dualprompt``
+      (:class:`DualPromptViT`).
+    prompt_layers: CODA's prompted blocks, or DualPrompt's E-prompted
+      ones, distinct, each in ``[0, depth)``; default the references'
+      ``0..4`` (CODA) or ``2..4`` (DualPrompt) cut to ``depth``.
+    g_prompt_length: DualPrompt's G-prompt length (``L`` prefix keys and
+      ``L`` values); default 5 (the references').
+    g_prompt_layers: DualPrompt's G-prompted blocks, distinct, each in
+      ``[0, depth)`` (may share blocks with ``prompt_layers``: the block
+      gets both prefixes); ``()`` for none (the paper's E-prompt-only
+      ablation); default the references' ``0, 1`` cut to ``depth``.
     input_size: resize the images (bilinear, per batch) to ``input_size``
       square before the patches; 0 (default): as they come. 224 for a
       public ViT-B/16 checkpoint (:mod:`jaxcl.models.vit_checkpoints`
@@ -417,8 +547,9 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
   Raises:
     ValueError: a size that is not a whole number >= 1, ``dim`` not a
       multiple of ``heads``, ``top_k > pool_size``, an unknown ``prompt``,
-      an odd CODA ``prompt_length``, a bad ``prompt_layers``, or a prompted
-      model asked for several heads or a cosine head.
+      an odd CODA ``prompt_length``, a bad ``prompt_layers`` or
+      ``g_prompt_layers``, DualPrompt's fields given to another model, or
+      a prompted model asked for several heads or a cosine head.
   """
   for name, v in (("patch", patch), ("dim", dim), ("depth", depth),
                   ("heads", heads), ("mlp_dim", mlp_dim)):
@@ -440,7 +571,13 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
     return Classifier(backbone=backbone, num_classes=num_classes,
                       num_heads=num_heads, initializer=inits.check(init),
                       head=check_head(head))
-  what = "a prompt pool (L2P)" if prompt == "l2p" else "CODA-Prompt"
+  if prompt != "dualprompt" and (g_prompt_length is not None or
+                                 g_prompt_layers is not None):
+    raise ValueError(f"vit: g_prompt_length={g_prompt_length!r} / "
+                     f"g_prompt_layers={g_prompt_layers!r} are DualPrompt's "
+                     f"(prompt='dualprompt'), not prompt={prompt!r}'s")
+  what = {"l2p": "a prompt pool (L2P)", "coda": "CODA-Prompt",
+          "dualprompt": "DualPrompt"}[prompt]
   if num_heads != 1:
     raise ValueError(f"vit with {what} has one head over all "
                      f"classes, got num_heads={num_heads}; set "
@@ -455,19 +592,25 @@ def build(num_classes: int, num_heads: int = 1, *, patch: int = 7,
     if length % 2:
       raise ValueError(f"vit: CODA-Prompt's prompt_length={length} must be "
                        "even (half prefix keys, half prefix values)")
-    layers = tuple(range(min(5, depth))) if prompt_layers is None else \
-        tuple(prompt_layers)
-    if not layers or len(set(layers)) != len(layers) or not all(
-        checks.is_whole(i) and 0 <= i < depth for i in layers):
-      raise ValueError(f"vit: prompt_layers={prompt_layers!r} must be "
-                       f"distinct block indices in [0, depth={depth}), at "
-                       "least one")
+    layers = _layers("prompt_layers", prompt_layers, range(5), depth)
     return CodaViT(backbone=backbone, num_classes=num_classes,
                    pool_size=pool_size, prompt_length=length,
                    layers=tuple(int(i) for i in layers))
+  if prompt == "dualprompt":
+    e_length = 5 if prompt_length is None else prompt_length
+    g_length = 5 if g_prompt_length is None else g_prompt_length
+    checks.whole("vit: prompt_length", e_length, 1)
+    checks.whole("vit: g_prompt_length", g_length, 1)
+    return DualPromptViT(
+        backbone=backbone, num_classes=num_classes, pool_size=pool_size,
+        g_length=g_length, e_length=e_length,
+        g_layers=_layers("g_prompt_layers", g_prompt_layers, (0, 1), depth,
+                         empty=True),
+        e_layers=_layers("prompt_layers", prompt_layers, (2, 3, 4), depth))
   if prompt_layers is not None:
     raise ValueError(f"vit: prompt_layers={prompt_layers!r} is CODA's "
-                     "(prompt='coda'); L2P prompts the input tokens")
+                     "(prompt='coda') or DualPrompt's (prompt='dualprompt');"
+                     " L2P prompts the input tokens")
   prompt_length = 5 if prompt_length is None else prompt_length
   checks.whole("vit: prompt_length", prompt_length, 1)
   checks.whole("vit: top_k", top_k, 1)
