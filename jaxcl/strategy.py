@@ -500,12 +500,14 @@ _BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem", "packnet",
 # member, expert_gate's loaded expert, multihead's new head all undone in
 # aer_abs+X, kept in X+aer_abs). cwr_star / ar1 are refused beside it in
 # both orders (_CWR_BIAS).
-# l2p (loads its pretrained backbone as the first experience starts) and
-# coda_prompt (that, and each experience's new component slice) are here
-# by analogy, not from a run.
+# l2p (loads its pretrained backbone as the first experience starts),
+# coda_prompt (that, and each experience's new component slice) and
+# dualprompt (that, and the new E-prompt copied from the previous one) are
+# here by analogy, not from a run.
 _RESTORERS, _START_WRITERS = ("aer_abs",), ("from_scratch", "ensemble",
                                             "expert_gate", "multihead",
-                                            "l2p", "coda_prompt")
+                                            "l2p", "coda_prompt",
+                                            "dualprompt")
 # Ordered: a member that keeps a copy of the model, or something computed
 # from it, in its after_experience (a teacher, an anchor, the previous
 # solver, stored logits / latents / anchors, class statistics, a bias
@@ -528,11 +530,11 @@ _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # restores those weights after the update projects with the zeroed part
 # still in its reference gradient, so the update applied keeps conflicting
 # with the memory (lfl+agem_r: 93 % of steps; the result is lfl alone).
-# l2p and coda_prompt (zero and restore the frozen backbone; coda_prompt
-# also its other component slices) are here by analogy with lfl, not from
-# a run.
-_ZERO_RESTORE, _PROJECTORS = ("lfl", "l2p", "coda_prompt"), ("agem",
-                                                            "agem_r", "gem")
+# l2p, coda_prompt and dualprompt (zero and restore the frozen backbone;
+# coda_prompt also its other component slices, dualprompt the other
+# E-prompts and keys) are here by analogy with lfl, not from a run.
+_ZERO_RESTORE = ("lfl", "l2p", "coda_prompt", "dualprompt")
+_PROJECTORS = ("agem", "agem_r", "gem")
 
 
 def _check_composable(names: Sequence[str]) -> None:

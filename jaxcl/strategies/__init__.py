@@ -42,7 +42,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "analytic": ("slda", "fecam", "ranpac"),
     # Not in the survey: prompts learned for a frozen pretrained
     # transformer (docs/notes_prompt.md).
-    "prompt": ("l2p", "coda_prompt"),
+    "prompt": ("l2p", "dualprompt", "coda_prompt"),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -205,6 +205,11 @@ PAPERS: dict[str, str] = {
                    "rehearsal-free continual learning*, CVPR "
                    "(GT-RIPL/CODA-Prompt `models/zoo.py`, Mammoth's "
                    "coda_prompt)",
+    "dualprompt": "Wang, Zhang, Ebrahimi, Sun, Zhang, Lee, Ren, Su, "
+                  "Perot, Dy & Pfister 2022, *DualPrompt: complementary "
+                  "prompting for rehearsal-free continual learning*, ECCV "
+                  "(google-research/l2p, JH-LEE-KR/dualprompt-pytorch, "
+                  "Mammoth's dualprompt)",
     "l2p": "Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy & Pfister "
            "2022, *Learning to prompt for continual learning*, CVPR (L2P; "
            "google-research/l2p, Mammoth's l2p)",
@@ -269,6 +274,12 @@ NEEDS: dict[str, str] = {
                    "e.g. 50) and a pretrained backbone "
                    "(`strategy.coda_prompt.pretrained`: an .npz of a plain "
                    "`vit` run; without one the frozen backbone is random)",
+    "dualprompt": "the `vit` model with DualPrompt's prompts "
+                  "(`model.name='vit'`, `model.vit.prompt='dualprompt'`, "
+                  "`model.vit.pool_size` at least the number of "
+                  "experiences, e.g. 5) and a pretrained backbone "
+                  "(`strategy.dualprompt.pretrained`: an .npz of a plain "
+                  "`vit` run; without one the frozen backbone is random)",
     "l2p": "the `vit` model with a prompt pool (`model.name='vit'`, "
            "`model.vit.pool_size > 0`, e.g. 10) and a pretrained backbone "
            "(`strategy.l2p.pretrained`: an .npz of a plain `vit` run from "
