@@ -379,6 +379,14 @@ def test_chain_rejects_two_predictors():
      "replay's memory is filled every step"),
     ("hal+ss_il", "ss_il scores the rows .* hal's memory"),
     ("gem+ss_il", "gem keeps the memory's cross-entropy over all classes"),
+    # Session 35's probe of the prompt methods beside a projector.
+    ("l2p+agem", "l2p and agem cannot be composed: l2p zeroes the "
+     "gradient of the weights it keeps fixed .* in neither order"),
+    ("agem+l2p", "agem and l2p cannot be composed: l2p zeroes"),
+    ("agem_r+coda_prompt", "coda_prompt zeroes the gradient"),
+    ("dualprompt+gem", "dualprompt zeroes the gradient .* gem projects"),
+    ("aer_abs+l2p", "more than one strategy replaces the task loss"),
+    ("dualprompt+aer_abs", "more than one strategy replaces the task loss"),
     ("hat+hat", "'hat' appears twice"),
     ("supsup+supsup", "'supsup' appears twice"),
 ])
