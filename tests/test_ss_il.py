@@ -114,6 +114,50 @@ def test_task_loss_is_separated_ce_plus_task_wise_kd_by_hand(stream):
                                                b)), ce, rtol=1e-6)
 
 
+def test_hooks_mark_each_class_experience_and_turn_the_distillation_on(
+    stream):
+  """Through the hooks alone (no hand-set state): each experience's start
+  records its classes' experience and its index, so that in experience 1
+  the task loss distils experience 0's classes (0, 1) from the teacher,
+  and only those: the loss minus L_ss is λ T² times the tempered
+  cross-entropy over that one group, computed here by hand. Were
+  ``class_exp`` or ``experience`` left unset, that term would be 0."""
+  lam, temp = 0.5, 2.0
+  ctx = make_ctx(stream)
+  s = ss_il(mem_size=40, lam=lam, temperature=temp)
+  c = ctx.info.num_classes
+  e0, e1 = stream.experiences
+  ss0 = s.before_experience(ctx, train.init_state(ctx, s, 0), e0).strategy
+  want = np.full((c,), -1)
+  want[:2] = 0
+  np.testing.assert_array_equal(np.asarray(ss0.class_exp), want)
+  assert int(ss0.experience) == 0
+  state, step = after_first(ctx, s, stream, 20)
+  want[2:4] = 1
+  ss = state.strategy
+  np.testing.assert_array_equal(np.asarray(ss.class_exp), want)
+  assert int(ss.experience) == 1
+  # A few steps into experience 1, so the student is not the teacher.
+  for i in range(3):
+    state = step(state, batch_of(e1, start=B * i))
+  ss = state.strategy
+  b = s.prepare_batch(ctx, ss, batch_of(e1, start=B * 3),
+                      jax.random.PRNGKey(3))
+  z = ctx.logits(state.params, state.model_state, b["x"], b["task"],
+                 train=True)
+  got = float(s.task_loss(ctx, ss, z, b))
+  ce = float(separated_cross_entropy(z, b["y"], b["mask"], B, ss.current,
+                                     ss.seen))
+  zt = np.asarray(ctx.logits(ss.teacher, ss.teacher_model_state, b["x"],
+                             b["task"]))
+  z, mask = np.asarray(z), np.asarray(b["mask"])
+  p = _softmax(zt[:, :2] / temp)
+  logq = np.log(_softmax(z[:, :2] / temp))
+  kd = np.sum(mask * -(p * logq).sum(-1)) / mask.sum()
+  assert lam * temp ** 2 * kd > 0.1, kd
+  np.testing.assert_allclose(got - ce, lam * temp ** 2 * kd, rtol=1e-4)
+
+
 def test_previous_model_is_frozen_at_the_experience_end(stream):
   ctx = make_ctx(stream)
   s = ss_il(mem_size=40)
@@ -217,6 +261,10 @@ def test_ss_il_trains_through_the_loop_and_keeps_old_classes(stream):
                      scenario=stream)
   assert r.learner.chunk_fn._cache_size() == 1
   assert isinstance(r.state.strategy, SSILState)
+  # The loop's hooks recorded each class's experience (the groups the
+  # second experience distilled).
+  np.testing.assert_array_equal(np.asarray(r.state.strategy.class_exp)[:5],
+                                [0, 0, 1, 1, -1])
   acc = r.accuracy[-1]
   # (Fine-tuning, config("naive"), leaves 0.0 there.)
   assert acc[0] > 0.9, acc
