@@ -154,7 +154,8 @@ def mask_unseen(logits: jax.Array, sstate) -> jax.Array:
 def predict_seen(ctx, sstate, params, model_state, x: jax.Array,
                  task: jax.Array) -> jax.Array:
   """A ``predict``: the network's own logits over the classes seen so far
-  (EEIL, SS-IL: no nearest-mean classifier)."""
+  (EEIL, SS-IL, LUCIR, DMC: no nearest-mean classifier; IL2M rectifies
+  them)."""
   return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
 
 

@@ -1,6 +1,8 @@
 """A replay memory's arguments and initial state, for the strategies that
 keep their own memory of ``mem_size`` examples and replay ``batch_size`` of
-them each step (DER, FDR, HAL, GSS, STAR).
+them each step (DER, FDR, HAL, GSS, STAR, CLS-ER, LiDER, X-DER; RAR and the
+strategies that draw other sizes, A-GEM-R, CaSpeR, MER and MIR, use
+:func:`init_memory` alone).
 
 ``batch_size`` 0 means the training batch size, known only at ``init``
 (from the stream), so the check that the replayed rows fit the memory runs
@@ -42,19 +44,23 @@ def replay_sizer(name: str, mem_size: int, batch_size: int
 
 
 def init_memory(ctx, key: jax.Array, mem_size: int,
-                replay_size: Callable[[Any], int]
+                replay_size: Callable[[Any], int] | None = None
                 ) -> tuple[buffers.Memory, Any, jax.Array]:
   """``(memory, model_state, key)`` to start a replay strategy's state: an
   empty memory of ``mem_size`` slots for the stream's inputs, the model's
   initial state (the structure, and batch statistics, for the forward
   passes on replayed rows), and the key the strategy keeps for the
-  memory's draws.
+  memory's draws. ``key`` is split once, the first half kept, the second
+  drawing the model state (the order the strategies had before sharing
+  this, so their runs are unchanged).
 
   Raises:
-    ValueError: from ``replay_size(ctx)``, checked first: the default
+    ValueError: from ``replay_size(ctx)``, checked first (None: a strategy
+      whose draw sizes were checked when it was built): the default
       replay batch (the training batch size) larger than the memory.
   """
-  replay_size(ctx)
+  if replay_size is not None:
+    replay_size(ctx)
   k_mem, k_ms = jax.random.split(key)
   _, model_state = init_variables(ctx, k_ms)
   return buffers.init(mem_size, ctx.info.input_shape), model_state, k_mem

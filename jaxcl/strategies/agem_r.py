@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.agem import _DEFAULT_SAMPLE, agem_project
 from jaxcl.strategies.gem import memory_loss
 from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["agem_r", "AGEMRState"]
 
@@ -73,10 +73,8 @@ def agem_r(mem_size: int = 200, sample_size: int = 0) -> Strategy:
 
   def init(ctx, key, params):
     del params
-    k_mem, k_ms = jax.random.split(key)
-    _, variables = init_variables(ctx, k_ms)
-    return AGEMRState(buffers.init(mem_size, ctx.info.input_shape),
-                      variables, jnp.zeros((), jnp.int32), k_mem)
+    memory, variables, k_mem = init_memory(ctx, key, mem_size)
+    return AGEMRState(memory, variables, jnp.zeros((), jnp.int32), k_mem)
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     del batch

@@ -118,9 +118,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import class_balanced_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["casper", "CaSpeRState", "balanced_draw", "sq_distances",
            "knn_adjacency", "normalised_laplacian", "eigengap_loss",
@@ -292,10 +292,8 @@ def casper(rho: float = 0.01, knn_laplace: int = 10, casper_batch: int = 0,
   def init(ctx, key, params):
     del params
     sizes(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
-    return CaSpeRState(buffers.init(mem_size, ctx.info.input_shape),
-                       jnp.zeros((), jnp.int32), k_mem, model_state)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size)
+    return CaSpeRState(memory, jnp.zeros((), jnp.int32), k_mem, model_state)
 
   def prepare_batch(ctx, sstate, batch, key):
     r, pp = sizes(ctx)

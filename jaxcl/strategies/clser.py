@@ -90,10 +90,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import logit_mse
 from jaxcl.strategies.replay import append_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["clser", "CLSERState", "PREDICT_WITH", "ema_update",
            "consistency_target"]
@@ -166,33 +166,25 @@ def clser(mem_size: int = 200, lam: float = 2.0, plastic_rate: float = 1.0,
       or one larger than ``mem_size`` (at ``init`` for the default), an
       unknown ``predict_with``.
   """
-  buffers.check_capacity(mem_size, "clser: mem_size")
+  replay_size = replay_sizer("clser", mem_size, batch_size)
+  buffers.replay_size("clser", batch_size, mem_size, 0)
   checks.nonnegative("clser: lam", lam)
   _rate("clser: plastic_rate", plastic_rate)
   _rate("clser: plastic_alpha", plastic_alpha)
   _rate("clser: stable_rate", stable_rate)
   _rate("clser: stable_alpha", stable_alpha)
-  checks.whole("clser: batch_size", batch_size, 0,
-               "0: the training batch size")
-  buffers.replay_size("clser", batch_size, mem_size, 0)
   if predict_with not in PREDICT_WITH:
     raise ValueError(f"clser: unknown predict_with {predict_with!r}; valid: "
                      f"{list(PREDICT_WITH)}")
 
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("clser", batch_size, mem_size,
-                               ctx.info.batch_size)
-
   def init(ctx, key, params):
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     # Copies: the loop donates the state, and the memories must not alias
     # the parameters (nor each other).
     copy = lambda t: jax.tree.map(jnp.copy, t)
-    return CLSERState(buffers.init(mem_size, ctx.info.input_shape),
-                      copy(params), copy(params), jnp.zeros((), jnp.int32),
-                      model_state, jnp.zeros((), jnp.int32), k_mem)
+    return CLSERState(memory, copy(params), copy(params),
+                      jnp.zeros((), jnp.int32), model_state,
+                      jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)

@@ -64,7 +64,7 @@ import optax
 from jaxcl import checks, datasets
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._class_incremental import (
-    mark_new_classes, mask_unseen, require_class_stream)
+    mark_new_classes, predict_seen, require_class_stream)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import features
 from jaxcl.strategy import Strategy
@@ -230,9 +230,6 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
                      current=jnp.zeros_like(ss.current))
     return state.replace(strategy=ss)
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
-
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=task_loss, after_experience=after_experience,
-                  predict=predict, name="dmc")
+                  predict=predict_seen, name="dmc")

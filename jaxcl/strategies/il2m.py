@@ -57,7 +57,7 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, mark_new_classes, mask_unseen,
+    append_exemplars, check_memory_args, mark_new_classes, predict_seen,
     require_class_stream, require_per_class, seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
                                     features, select_exemplars)
@@ -190,7 +190,7 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
         seen=seen, newest=ss.current, current=jnp.zeros_like(ss.current))
 
   def predict(ctx, sstate, params, model_state, x, task):
-    logits = mask_unseen(ctx.logits(params, model_state, x, task), sstate)
+    logits = predict_seen(ctx, sstate, params, model_state, x, task)
     if not rectify_scores:
       return logits
     now = jnp.max(sstate.class_exp)

@@ -123,6 +123,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.icarl import features as chunked
 from jaxcl.strategies.replay import reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
@@ -339,20 +340,12 @@ def lider(alpha_lip_lambda: float = 0.3, beta_lip_lambda: float = 0.5,
   if alpha_lip_lambda == 0 and beta_lip_lambda == 0:
     raise ValueError("lider: alpha_lip_lambda and beta_lip_lambda are both "
                      "0, so LiDER would change nothing; give one > 0")
-  buffers.check_capacity(mem_size, "lider: mem_size")
-  checks.whole("lider: batch_size", batch_size, 0,
-               "0: the training batch size")
+  replay_size = replay_sizer("lider", mem_size, batch_size)
   buffers.replay_size("lider", batch_size, mem_size, 0)
   checks.whole("lider: power_steps", power_steps, 1)
 
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("lider", batch_size, mem_size,
-                               ctx.info.batch_size)
-
   def init(ctx, key, params):
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     kept, _ = _pairs(ctx)
     if not kept:
       raise ValueError(
@@ -362,9 +355,8 @@ def lider(alpha_lip_lambda: float = 0.3, beta_lip_lambda: float = 0.5,
           "functions), so LiDER has nothing to regularise; use a "
           "convolutional backbone with at least two convolutions "
           "(model.name='cnn' or 'resnet18')")
-    return LiDERState(buffers.init(mem_size, ctx.info.input_shape),
-                      jnp.zeros((len(kept),), jnp.float32), model_state,
-                      jnp.zeros((), jnp.int32), k_mem)
+    return LiDERState(memory, jnp.zeros((len(kept),), jnp.float32),
+                      model_state, jnp.zeros((), jnp.int32), k_mem)
 
   def budget_of(ctx, params, model_state, x, task, key) -> jax.Array:
     """Mean ``K_l`` per pair over ``x`` under ``params`` (eval mode)."""

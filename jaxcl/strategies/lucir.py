@@ -71,7 +71,7 @@ from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
     append_exemplars, check_memory_args, herding_update, mark_new_classes,
-    mask_unseen, require_class_stream, seen_cross_entropy)
+    predict_seen, require_class_stream, seen_cross_entropy)
 from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
@@ -219,12 +219,9 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
 
   after_experience = exemplar_hook(herding_update(mem_size))
 
-  def predict(ctx, sstate, params, model_state, x, task):
-    return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
-
   return Strategy(init=init, before_experience=mark_new_classes("lucir"),
                   prepare_batch=append_exemplars(replay_size),
                   task_loss=seen_cross_entropy, loss=loss,
                   project_params=project_params,
-                  after_experience=after_experience, predict=predict,
-                  name="lucir")
+                  after_experience=after_experience,
+                  predict=predict_seen, name="lucir")

@@ -79,9 +79,9 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import incoming_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["mer", "MERState", "reported_task_loss"]
 
@@ -170,10 +170,8 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
   def init(ctx, key, params):
     if check_optimizer:
       _check_optimizer(ctx, params, lr)
-    k_mem, k_ms = jax.random.split(key)
-    return MERState(buffers.init(mem_size, ctx.info.input_shape),
-                    init_variables(ctx, k_ms)[1], jnp.zeros((), jnp.int32),
-                    k_mem)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size)
+    return MERState(memory, model_state, jnp.zeros((), jnp.int32), k_mem)
 
   def prepare_batch(ctx, sstate, batch, key):
     n = ctx.info.batch_size * batches

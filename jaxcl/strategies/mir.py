@@ -46,9 +46,9 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import after_grads, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["mir", "MIRState", "retrieve"]
 
@@ -121,10 +121,8 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
 
   def init(ctx, key, params):
     del params
-    k_mem, k_ms = jax.random.split(key)
-    _, variables = init_variables(ctx, k_ms)
-    return MIRState(buffers.init(mem_size, ctx.info.input_shape),
-                    jnp.zeros((), jnp.int32), k_mem, variables)
+    memory, variables, k_mem = init_memory(ctx, key, mem_size)
+    return MIRState(memory, jnp.zeros((), jnp.int32), k_mem, variables)
 
   before_experience = mark_experience_start
 

@@ -104,10 +104,10 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import (after_grads, append_rows, incoming_rows,
                                     reservoir_step)
 from jaxcl.strategy import Strategy, mark_experience_start
-from jaxcl.train import init_variables
 
 __all__ = ["rar", "RARState", "ATTACKS", "mi_fgsm", "nearest_targets",
            "adversarial_rows"]
@@ -281,11 +281,8 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
 
   def init(ctx, key, params):
     del params
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, variables = init_variables(ctx, k_ms)
-    return RARState(buffers.init(mem_size, ctx.info.input_shape),
-                    jnp.zeros((), jnp.int32), k_mem, variables)
+    memory, variables, k_mem = init_memory(ctx, key, mem_size, replay_size)
+    return RARState(memory, jnp.zeros((), jnp.int32), k_mem, variables)
 
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx),

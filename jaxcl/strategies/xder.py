@@ -84,17 +84,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy, cross_entropy_over
-from jaxcl.strategies._class_incremental import (require_class_stream,
-                                                 require_per_class)
+from jaxcl.strategies._class_incremental import (
+    mark_class_experience, require_class_stream, require_per_class)
+from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import logit_mse, logit_width, store_with_logits
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import incoming_rows
-from jaxcl.strategy import Strategy, new_classes
-from jaxcl.train import device_experience, init_variables
+from jaxcl.strategy import Strategy
+from jaxcl.train import device_experience
 
 __all__ = ["xder", "XDERState", "transplant", "margin_loss",
            "first_per_class"]
@@ -175,7 +175,7 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     class-incremental or a memory smaller than the number of classes; at
     an experience's start, on classes that came in an earlier one.
   """
-  buffers.check_capacity(mem_size, "xder: mem_size")
+  replay_size = replay_sizer("xder", mem_size, batch_size)
   checks.nonnegative("xder: alpha", alpha)
   checks.nonnegative("xder: beta", beta)
   checks.positive("xder: gamma", gamma)
@@ -185,13 +185,7 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
                      f"{gamma!r}")
   checks.nonnegative("xder: eta", eta)
   checks.nonnegative("xder: m", m)
-  checks.whole("xder: batch_size", batch_size, 0,
-               "0: the training batch size")
   checks.flag("xder: future_ce", future_ce)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("xder", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     info = ctx.info
@@ -199,33 +193,26 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
                          "future classes")
     c = info.num_classes
     require_per_class("xder", mem_size, c, "examples")
-    replay_size(ctx)
-    k_mem, k_ms = jax.random.split(key)
-    _, model_state = init_variables(ctx, k_ms)
+    memory, model_state, k_mem = init_memory(ctx, key, mem_size, replay_size)
     width = logit_width(ctx, params, model_state)
     if width != c:
       raise ValueError(f"xder needs one output per class ({c}); this model "
                        f"has {width}")
     no = jnp.zeros((c,), bool)
     return XDERState(
-        memory=buffers.init(mem_size, info.input_shape),
-        logits=jnp.zeros((mem_size, c), jnp.float32),
+        memory=memory, logits=jnp.zeros((mem_size, c), jnp.float32),
         counter=jnp.zeros((mem_size,), jnp.float32), seen=no, current=no,
         class_exp=jnp.full((c,), -1, jnp.int32), model_state=model_state,
         experience=jnp.zeros((), jnp.int32), key=k_mem)
 
+  mark = mark_class_experience("xder")
+
   def before_experience(ctx, state, experience):
+    state = mark(ctx, state, experience)
     ss = state.strategy
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[new_classes("xder", np.asarray(ss.seen), experience)] = True
-    ss = ss._replace(
-        current=jnp.asarray(cur),
-        class_exp=jnp.where(jnp.asarray(cur), experience.index,
-                            ss.class_exp).astype(jnp.int32),
-        experience=jnp.asarray(experience.index, jnp.int32),
+    return state.replace(strategy=ss._replace(
         counter=jnp.zeros_like(ss.counter),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+        model_state=jax.tree.map(jnp.copy, state.model_state)))
 
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)
