@@ -380,11 +380,14 @@ def test_chain_rejects_two_predictors():
     ("hal+ss_il", "ss_il scores the rows .* hal's memory"),
     ("gem+ss_il", "gem keeps the memory's cross-entropy over all classes"),
     # Session 35's probe of the prompt methods beside a projector.
-    ("l2p+agem", "l2p and agem cannot be composed: l2p zeroes the "
-     "gradient of the weights it keeps fixed .* in neither order"),
-    ("agem+l2p", "agem and l2p cannot be composed: l2p zeroes"),
-    ("agem_r+coda_prompt", "coda_prompt zeroes the gradient"),
-    ("dualprompt+gem", "dualprompt zeroes the gradient .* gem projects"),
+    ("l2p+agem", "l2p and agem cannot be composed in this order: l2p "
+     "zeroes part of the gradient .* l2p\+agem as l2p alone\); put agem "
+     "before l2p. Know that agem then projects the whole gradient .* "
+     "over-projects"),
+    ("coda_prompt+agem_r", "coda_prompt and agem_r cannot be composed in "
+     "this order"),
+    ("dualprompt+gem", "dualprompt and gem cannot be composed in this "
+     "order"),
     ("aer_abs+l2p", "more than one strategy replaces the task loss"),
     ("dualprompt+aer_abs", "more than one strategy replaces the task loss"),
     ("hat+hat", "'hat' appears twice"),
@@ -407,7 +410,8 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "rpc+ewc", "mer+agem", "mer+packnet",
                                   "mer+generative_replay", "mer+fdr",
                                   "rar+packnet", "rar+latent_replay",
-                                  "rar+scr", "rar+freezing", "lider+derpp"])
+                                  "rar+scr", "rar+freezing", "lider+derpp",
+                                  "agem+l2p", "gem+dualprompt"])
 def test_chain_accepts_compositions_that_work(spec):
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec
