@@ -1,5 +1,5 @@
 """Hooks shared by exemplar-based class-incremental strategies (LUCIR, IL2M,
-EEIL, SS-IL).
+EEIL, SS-IL; BiC and RPC use some).
 
 Their states have ``memory`` (a :class:`jaxcl.buffers.Memory` of
 exemplars), ``seen`` (bool per class: classes of finished experiences)
@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl import buffers, checks
+from jaxcl import buffers
 from jaxcl.state import cross_entropy_over
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.icarl import (backbone_features, features,
                                     select_exemplars)
 from jaxcl.strategies.replay import append_rows
@@ -29,15 +30,24 @@ NEG = -1e9
 _BIG = np.iinfo(np.int32).max  # herding rank of an empty slot
 
 
-def check_memory_args(name: str, mem_size: int, batch_size: int) -> None:
+def exemplar_sizer(name: str, mem_size: int, batch_size: int
+                   ) -> Callable[[Any], int]:
   """Validates an exemplar memory's ``mem_size`` and the ``batch_size`` of
-  exemplars appended to each training batch (0: the training batch's)."""
-  buffers.check_capacity(mem_size, f"{name}: mem_size")
-  checks.whole(f"{name}: batch_size", batch_size,
-               note="0: the training batch size")
+  exemplars appended to each training batch (0: the training batch's),
+  and returns ``replay_size(ctx)``, the rows appended per step
+  (:func:`jaxcl.strategies._replay_memory.replay_sizer`'s).
+
+  Raises:
+    ValueError: naming strategy ``name``: a non-positive ``mem_size``, a
+      negative ``batch_size`` or one larger than ``mem_size`` (here, when
+      the strategy is built); ``replay_size`` raises when the training
+      batch size (``batch_size`` 0) is larger than ``mem_size``.
+  """
+  replay_size = replay_sizer(name, mem_size, batch_size)
   if batch_size > mem_size:
     raise ValueError(f"{name}: batch_size={batch_size} is larger than "
                      f"mem_size={mem_size}; use at most {mem_size}")
+  return replay_size
 
 
 def require_class_stream(name: str, info: Any, why: str) -> None:

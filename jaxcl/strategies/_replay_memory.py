@@ -2,7 +2,10 @@
 keep their own memory of ``mem_size`` examples and replay ``batch_size`` of
 them each step (DER, FDR, HAL, GSS, STAR, CLS-ER, LiDER, X-DER; RAR and the
 strategies that draw other sizes, A-GEM-R, CaSpeR, MER and MIR, use
-:func:`init_memory` alone).
+:func:`init_memory` alone; ER-ACE, ER-AML, the ER tricks, AER/ABS, CoPE,
+PuriDivER and SCR, whose states start otherwise, :func:`replay_sizer`
+alone, as the exemplar strategies do through
+:func:`jaxcl.strategies._class_incremental.exemplar_sizer`).
 
 ``batch_size`` 0 means the training batch size, known only at ``init``
 (from the stream), so the check that the replayed rows fit the memory runs

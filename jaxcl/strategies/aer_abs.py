@@ -129,6 +129,7 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.er_ace import ace_logits, present_classes
 from jaxcl.strategies.er_tricks import row_losses
 from jaxcl.strategies.replay import append_rows, incoming_rows
@@ -213,9 +214,7 @@ def aer_abs(mem_size: int = 200, batch_size: int = 0,
       ``train_epochs`` below 1 (below 2 with ``aer``); when an experience
       ends, a number of epochs other than ``train_epochs``.
   """
-  buffers.check_capacity(mem_size, "aer_abs: mem_size")
-  checks.whole("aer_abs: batch_size", batch_size,
-               note="0: the training batch size")
+  replay_size = replay_sizer("aer_abs", mem_size, batch_size)
   buffers.replay_size("aer_abs", batch_size, mem_size, 0)
   if selection not in SELECTIONS:
     raise ValueError(f"aer_abs: unknown selection {selection!r}; valid: "
@@ -236,10 +235,6 @@ def aer_abs(mem_size: int = 200, batch_size: int = 0,
         f"epochs alternate; with one epoch the memory is never filled), got "
         f"{train_epochs}; use aer=False for a single pass")
   epochs = int(train_epochs)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("aer_abs", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     replay_size(ctx)

@@ -79,7 +79,7 @@ import optax
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
-from jaxcl.strategies._class_incremental import (check_memory_args,
+from jaxcl.strategies._class_incremental import (exemplar_sizer,
                                                  require_class_stream)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import (backbone_features, features,
@@ -215,7 +215,7 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
     class-incremental, or a ``mem_size`` that leaves no training exemplar
     per class once every class is seen.
   """
-  check_memory_args("bic", mem_size, batch_size)
+  replay_size = exemplar_sizer("bic", mem_size, batch_size)
   if isinstance(val_fraction, bool) or not isinstance(
       val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
     raise ValueError(f"bic: val_fraction must be in (0, 1), got "
@@ -230,10 +230,6 @@ def bic(mem_size: int = 2000, batch_size: int = 0, val_fraction: float = 0.1,
   checks.whole("bic: bias_batch_size", bias_batch_size,
                note="0: the training batch size")
   checks.nonnegative("bic: beta_decay", beta_decay)
-
-  def replay_size(ctx):
-    return buffers.replay_size("bic", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     info = ctx.info

@@ -137,6 +137,7 @@ import jax.numpy as jnp
 
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.replay import append_rows, incoming_rows
 from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import init_variables
@@ -259,21 +260,15 @@ def cope(mem_size: int = 2000, temperature: float = 0.1,
       classes, a replayed batch above ``mem_size``, a task-incremental
       stream, or a model with fewer than 2 outputs.
   """
-  buffers.check_capacity(mem_size, "cope: mem_size")
+  replay_size = replay_sizer("cope", mem_size, batch_size)
+  # Now rather than at init when the size is given (0: the stream's).
+  buffers.replay_size("cope", batch_size, mem_size, 0)
   checks.positive("cope: temperature", temperature)
   if not (isinstance(momentum, numbers.Real) and
           not isinstance(momentum, bool) and math.isfinite(momentum) and
           0.0 <= momentum <= 1.0):
     raise ValueError(f"cope: momentum must be a number in [0, 1], got "
                      f"{momentum!r}")
-  checks.whole("cope: batch_size", batch_size, 0,
-               "0: the training batch size")
-  # Now rather than at init when the size is given (0: the stream's).
-  buffers.replay_size("cope", batch_size, mem_size, 0)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("cope", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     c = ctx.info.num_classes

@@ -76,7 +76,7 @@ import optax
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, herding_update,
+    append_exemplars, exemplar_sizer, herding_update,
     init_teacher_exemplars, mark_class_experience, predict_seen)
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.icarl import exemplar_hook, features
@@ -191,7 +191,7 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     class-incremental or ``mem_size`` smaller than the number of classes;
     at an experience's start, on classes that came in an earlier one.
   """
-  check_memory_args("eeil", mem_size, batch_size)
+  replay_size = exemplar_sizer("eeil", mem_size, batch_size)
   checks.nonnegative("eeil: lam", lam)
   checks.positive("eeil: temperature", temperature)
   checks.whole("eeil: finetune_epochs", finetune_epochs)
@@ -202,10 +202,6 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
   checks.whole("eeil: decay_epochs", decay_epochs, minimum=1)
   checks.at_least("eeil: lr_decay", lr_decay, 1,
                   note=" (the rate is divided by it)")
-
-  def replay_size(ctx):
-    return buffers.replay_size("eeil", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     k_ms, k_run = jax.random.split(key)

@@ -57,8 +57,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcl import buffers, checks
+from jaxcl import buffers
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.replay import (append_rows, incoming_rows,
                                      reservoir_step)
 from jaxcl.strategy import Strategy, mark_experience
@@ -110,13 +111,7 @@ def er_ace(mem_size: int = 200, batch_size: int = 0) -> Strategy:
     ValueError: a non-positive ``mem_size``, a negative ``batch_size`` or
       one larger than ``mem_size`` (at ``init`` for the default).
   """
-  buffers.check_capacity(mem_size, "er_ace: mem_size")
-  checks.whole("er_ace: batch_size", batch_size, 0,
-               "0: the training batch size")
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("er_ace", batch_size, mem_size,
-                               ctx.info.batch_size)
+  replay_size = replay_sizer("er_ace", mem_size, batch_size)
 
   def init(ctx, key, params):
     del params

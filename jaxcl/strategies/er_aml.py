@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.replay import append_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience
 from jaxcl.train import init_variables
@@ -146,15 +147,9 @@ def er_aml(mem_size: int = 200, batch_size: int = 0,
       ``batch_size`` or one larger than ``mem_size`` (at ``init`` for the
       default).
   """
-  buffers.check_capacity(mem_size, "er_aml: mem_size")
-  checks.whole("er_aml: batch_size", batch_size, 0,
-               "0: the training batch size")
+  replay_size = replay_sizer("er_aml", mem_size, batch_size)
   checks.positive("er_aml: temperature", temperature)
   checks.positive("er_aml: base_temperature", base_temperature)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("er_aml", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     del params

@@ -97,6 +97,7 @@ import numpy as np
 import optax
 
 from jaxcl import buffers, checks
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.bic import bias_correct, fit_bias
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import append_rows, incoming_rows
@@ -175,9 +176,7 @@ def er_tricks(mem_size: int = 200, batch_size: int = 0,
       unknown ``selection``, ``elrd`` outside ``(0, 1]``, a negative
       ``bic_epochs`` or a non-positive ``bic_lr``.
   """
-  buffers.check_capacity(mem_size, "er_tricks: mem_size")
-  checks.whole("er_tricks: batch_size", batch_size,
-               note="0: the training batch size")
+  replay_size = replay_sizer("er_tricks", mem_size, batch_size)
   buffers.replay_size("er_tricks", batch_size, mem_size, 0)
   if selection not in SELECTIONS:
     raise ValueError(f"er_tricks: unknown selection {selection!r}; valid: "
@@ -188,10 +187,6 @@ def er_tricks(mem_size: int = 200, batch_size: int = 0,
                      f"decay), got {elrd!r}")
   checks.whole("er_tricks: bic_epochs", bic_epochs, note="0: no bias control")
   checks.positive("er_tricks: bic_lr", bic_lr)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("er_tricks", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     del params

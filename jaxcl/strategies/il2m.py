@@ -57,7 +57,7 @@ import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, mark_new_classes, predict_seen,
+    append_exemplars, exemplar_sizer, mark_new_classes, predict_seen,
     require_class_stream, require_per_class, seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
                                     features, select_exemplars)
@@ -138,12 +138,8 @@ def il2m(mem_size: int = 2000, batch_size: int = 0,
     class-incremental or ``mem_size`` smaller than the number of classes;
     at an experience's start, on classes that came in an earlier one.
   """
-  check_memory_args("il2m", mem_size, batch_size)
+  replay_size = exemplar_sizer("il2m", mem_size, batch_size)
   checks.flag("il2m: rectify_scores", rectify_scores)
-
-  def replay_size(ctx):
-    return buffers.replay_size("il2m", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     del key, params

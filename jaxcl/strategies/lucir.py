@@ -70,7 +70,7 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
-    append_exemplars, check_memory_args, herding_update, mark_new_classes,
+    append_exemplars, exemplar_sizer, herding_update, mark_new_classes,
     predict_seen, require_class_stream, seen_cross_entropy)
 from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategy import Strategy
@@ -148,17 +148,13 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
     smaller than the number of classes; at an experience's start, on
     classes that came in an earlier one.
   """
-  check_memory_args("lucir", mem_size, batch_size)
+  replay_size = exemplar_sizer("lucir", mem_size, batch_size)
   checks.nonnegative("lucir: lamb", lamb)
   checks.nonnegative("lucir: lamb_mr", lamb_mr)
   checks.nonnegative("lucir: margin", margin)
   checks.whole("lucir: k", k, minimum=1)
   checks.flag("lucir: adapt_lamb", adapt_lamb)
   checks.flag("lucir: freeze_old", freeze_old)
-
-  def replay_size(ctx):
-    return buffers.replay_size("lucir", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     info = ctx.info

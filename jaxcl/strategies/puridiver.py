@@ -149,6 +149,7 @@ import optax
 from jaxcl import buffers, checks, mixture
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._epochs import shuffled_batches
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.er_tricks import row_losses
 from jaxcl.strategies.gdumb import random_crop, sgdr_epoch_lr
 from jaxcl.strategies.replay import append_rows, incoming_rows
@@ -510,9 +511,7 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
       model without a single ``head`` layer over the classes, or a crop
       that does not fit the images.
   """
-  buffers.check_capacity(mem_size, "puridiver: mem_size")
-  checks.whole("puridiver: batch_size", batch_size,
-               note="0: the training batch size")
+  replay_size = replay_sizer("puridiver", mem_size, batch_size)
   buffers.replay_size("puridiver", batch_size, mem_size, 0)
   a0 = initial_alpha
   if not isinstance(a0, numbers.Real) or isinstance(a0, bool) or \
@@ -540,10 +539,6 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
   checks.flag("puridiver: normalize_loss", normalize_loss)
   checks.flag("puridiver: freeze_buffer_after_first",
               freeze_buffer_after_first)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("puridiver", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def padding(ctx) -> int:
     shape = tuple(ctx.info.input_shape)

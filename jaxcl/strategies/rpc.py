@@ -96,7 +96,7 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import (append_exemplars,
-                                                 check_memory_args,
+                                                 exemplar_sizer,
                                                  mark_new_classes,
                                                  require_class_stream,
                                                  require_per_class)
@@ -227,11 +227,7 @@ def rpc(mem_size: int = 200, batch_size: int = 0) -> Strategy:
       that came in an earlier one; when tracing, a model with fewer than
       ``num_classes - 1`` outputs.
   """
-  check_memory_args("rpc", mem_size, batch_size)
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("rpc", batch_size, mem_size,
-                               ctx.info.batch_size)
+  replay_size = exemplar_sizer("rpc", mem_size, batch_size)
 
   def init(ctx, key, params):
     del params

@@ -110,6 +110,7 @@ from jaxcl import augment as augment_lib
 from jaxcl import buffers, checks
 from jaxcl.models import init as inits
 from jaxcl.models.classifier import l2_normalise
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.icarl import (backbone_features, features,
                                     ncm_logits, ncm_predict)
 from jaxcl.strategies.replay import append_rows, reservoir_step
@@ -207,9 +208,7 @@ def scr(mem_size: int = 200, batch_size: int = 100,
       unknown head or augmentation, or a bad ``crop_scale``; at ``init``,
       an augmentation that does not fit the input shape.
   """
-  buffers.check_capacity(mem_size, "scr: mem_size")
-  checks.whole("scr: batch_size", batch_size, 0,
-               "0: the training batch size")
+  replay_size = replay_sizer("scr", mem_size, batch_size)
   # Now rather than at init when the size is given (0: the stream's).
   buffers.replay_size("scr", batch_size, mem_size, 0)
   checks.positive("scr: temperature", temperature)
@@ -240,10 +239,6 @@ def scr(mem_size: int = 200, batch_size: int = 100,
       augmenters[ctx] = augment_lib.pipeline(
           ops, shape, crop_scale=crop_scale, who="scr: augment")
     return augmenters[ctx]
-
-  def replay_size(ctx) -> int:
-    return buffers.replay_size("scr", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     replay_size(ctx)

@@ -86,7 +86,7 @@ import jax.numpy as jnp
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import (
-    NEG, append_exemplars, check_memory_args, herding_update,
+    NEG, append_exemplars, exemplar_sizer, herding_update,
     init_teacher_exemplars, mark_class_experience, predict_seen)
 from jaxcl.strategies.eeil import distil_old_groups
 from jaxcl.strategies.icarl import exemplar_hook
@@ -142,13 +142,9 @@ def ss_il(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     class-incremental or ``mem_size`` smaller than the number of classes;
     at an experience's start, on classes that came in an earlier one.
   """
-  check_memory_args("ss_il", mem_size, batch_size)
+  replay_size = exemplar_sizer("ss_il", mem_size, batch_size)
   checks.nonnegative("ss_il: lam", lam)
   checks.positive("ss_il: temperature", temperature)
-
-  def replay_size(ctx):
-    return buffers.replay_size("ss_il", batch_size, mem_size,
-                               ctx.info.batch_size)
 
   def init(ctx, key, params):
     return SSILState(**init_teacher_exemplars(
