@@ -254,8 +254,9 @@ class Checkpointer:
       except Exception:  # unreadable metadata: the restore below says so
         stored = {}
       if all(stored.get(k) is not None for k in ("state", "progress")):
-        # Progress dtypes are not compared: the random accuracies are
-        # saved as float32 and restored into float64 (harmless casts).
+        # Progress dtypes are not compared: checkpoints written before
+        # session 35 saved the random accuracies as float32 (restored
+        # into float64, a harmless cast).
         diff = (_tree_differences(stored["state"], state_like) +
                 _tree_differences(stored["progress"], progress_like,
                                  "progress.", dtypes=False))

@@ -588,7 +588,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   eval_time = 0.0
   if random_acc is None:
     t0 = time.perf_counter()
-    random_acc = np.asarray(learner.eval_fn(state, test))
+    # float64, the dtype a resumed run restores it in (progress_like), so
+    # that a fresh and a resumed run return the same Result.
+    random_acc = np.asarray(learner.eval_fn(state, test), np.float64)
     eval_time += time.perf_counter() - t0
 
   def save(state, pos):

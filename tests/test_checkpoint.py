@@ -29,6 +29,9 @@ def assert_same(a, b):
   assert sorted(a.files) == sorted(b.files)
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # Same dtype too: a resumed run's random accuracies were float64
+    # where a fresh run's were float32.
+    assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
 
 
 @pytest.fixture(scope="module")
