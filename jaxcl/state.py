@@ -15,7 +15,7 @@ into its compiled program by marking ``self`` static).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -103,6 +103,11 @@ class StreamInfo:
           f"tasks; set model.multi_head=True or {field}")
 
 
+def no_freeze(grads: Any) -> Any:
+  """:attr:`Context.freeze` when no chain member keeps weights fixed."""
+  return grads
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """The static part of a run, closed over by compiled code.
@@ -113,11 +118,19 @@ class Context:
     info: the stream's shape.
     mask_task_logits: in task-incremental streams with a single head, mask
       logits to the example's task classes (train and test).
+    freeze: zeroes, in a gradient pytree, the weights that the members of
+      a chain keep fixed at this step (their ``freeze_grads``; identity,
+      :func:`no_freeze`, otherwise). ``chain()`` sets it for its members'
+      ``update_grads``, so that a projector (A-GEM, GEM) projects against
+      memory gradients over the weights that will move: projected over
+      every weight, its constraint did not hold after the frozen part was
+      dropped (session 35).
   """
   model: Any
   tx: optax.GradientTransformation
   info: StreamInfo
   mask_task_logits: bool = False
+  freeze: Callable[[Any], Any] = no_freeze
 
   def apply(self, params, model_state, x, task, train: bool = False,
             features: bool = False):

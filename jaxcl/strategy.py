@@ -28,6 +28,12 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   ``after_step`` receives: for a method whose gradient and state come out
   of one computation (La-MAML's look-ahead gives the update and the
   learned rates), so it runs once.
+* ``freeze_grads(ctx, sstate, grads) -> grads`` or None: for a member
+  whose ``update_grads`` only zeroes the gradient of weights it keeps
+  fixed (and ``project_params`` restores them), that mask alone. In a
+  chain, every member's ``update_grads`` gets a ``ctx`` whose ``freeze``
+  applies all members' masks, so that a projector projects in the
+  subspace of the weights that move, whatever its place in the chain.
 * ``project_params(ctx, sstate, params) -> params``: applied to the
   parameters right after the optimiser update, inside jit (constraints on
   the weights themselves: HAT's embedding clamp, PackNet restoring frozen
@@ -54,6 +60,7 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -62,6 +69,7 @@ import numpy as np
 
 __all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
            "default_predict", "predict_once_ready", "zero_grads",
+           "frozen_update",
            "mark_experience", "mark_experience_start", "check_task_seen",
            "new_classes"]
 
@@ -205,6 +213,7 @@ class Strategy(NamedTuple):
   name: str = "naive"
   lookahead_loss: Optional[Callable[..., Any]] = None
   grads_state: bool = False
+  freeze_grads: Optional[Callable[..., Any]] = None
 
 
 def update_grads_and_state(strategy: Strategy, ctx, sstate, grads, params,
@@ -214,6 +223,18 @@ def update_grads_and_state(strategy: Strategy, ctx, sstate, grads, params,
   hook hands back a new one."""
   out = strategy.update_grads(ctx, sstate, grads, params, batch, key)
   return out if strategy.grads_state else (out, sstate)
+
+
+def frozen_update(freeze_grads: Callable[..., Any]) -> Callable[..., Any]:
+  """An ``update_grads`` that applies ``freeze_grads(ctx, sstate, grads)``
+  and nothing else: for a strategy whose gradient surgery is a mask
+  (pass the same function as its ``freeze_grads``)."""
+
+  def update_grads(ctx, sstate, grads, params, batch, key):
+    del params, batch, key
+    return freeze_grads(ctx, sstate, grads)
+
+  return update_grads
 
 
 def identity() -> Strategy:
@@ -525,21 +546,15 @@ _TEACHER_SAVERS = (
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
     "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc")
 _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
-# Ordered: a projector after a member that zeroes part of the gradient and
-# restores those weights after the update projects with the zeroed part
-# still in its reference gradient, so the update applied keeps conflicting
-# with the memory (lfl+agem_r: 93 % of steps; the result is lfl alone).
-# Session 35 measured the same for l2p+agem (trained as l2p alone) and
-# coda_prompt+agem; dualprompt and gem by the same mechanism. The order
-# allowed (projector first) is not A-GEM's rule either: the projector
-# projects the whole gradient and the member then drops the frozen part,
-# which over-projects the trained weights towards the memory gradient
-# (its constraint still failed on 3-12 % of steps for lfl, 10-23 % for
-# the prompt methods; accuracy above the member alone). The refusal
-# names that. Mending it needs the projector to project in the trainable
-# subspace (0 % conflict in the probes), which no hook tells it.
-_ZERO_RESTORE = ("lfl", "l2p", "coda_prompt", "dualprompt")
-_PROJECTORS = ("agem", "agem_r", "gem")
+# Not refused since session 35: a projector beside a member that zeroes
+# part of the gradient and restores those weights (lfl, freezing, l2p,
+# coda_prompt, dualprompt). Projected over every weight, the projector's
+# constraint failed in both orders (projector after: lfl+agem_r conflicted
+# on 93 % of steps, l2p+agem trained as l2p alone; projector first: an
+# over-projection, 3-12 % of steps conflicting for lfl, 10-23 % for the
+# prompt methods). Those members now declare the mask (freeze_grads) and
+# chain() hands it to every member as ctx.freeze, so agem, agem_r and gem
+# project in the subspace of the weights that move (0 % in the probes).
 
 
 def _check_composable(names: Sequence[str]) -> None:
@@ -589,20 +604,6 @@ def _check_composable(names: Sequence[str]) -> None:
             f"from {b}'s by up to 0.01-0.58 and equalled the previous "
             f"experience's); put {b} before {a}, whose copy then holds "
             f"{b}'s weights")
-      if a in _ZERO_RESTORE and b in _PROJECTORS:
-        raise ValueError(
-            f"chain(): {a} and {b} cannot be composed in this order: {a} "
-            f"zeroes part of the gradient and restores those weights after "
-            f"the update, so {b}'s projection, taken over all weights, "
-            f"removes only part of the conflict with its memory and the "
-            f"rest is discarded (lfl+agem_r trained as lfl alone, l2p+agem "
-            f"as l2p alone); put {b} before {a}. Know that {b} then "
-            f"projects the whole gradient and {a} drops the frozen part, "
-            f"which over-projects the trained weights towards the memory "
-            f"gradient: not A-GEM's rule either (its constraint still "
-            f"failed on 3-23 % of steps in session 35's probes of lfl, "
-            f"l2p and coda_prompt, whose accuracy it raised above theirs "
-            f"alone)")
       if frozenset((a, b)) in _CONFLICTS:
         first, reason = _CONFLICTS[frozenset((a, b))]
         other = b if first == a else a
@@ -707,9 +708,25 @@ def chain(*strategies: Strategy) -> Strategy:
     return total
 
   grads_state = any(s.grads_state for s in strategies)
+  freezers = [(i, s) for i, s in enumerate(strategies)
+              if s.freeze_grads is not None]
+  freeze_grads = None
+  if freezers:
+
+    def freeze_grads(ctx, sstate, grads):
+      for i, s in freezers:
+        grads = s.freeze_grads(ctx, sstate[i], grads)
+      return grads
 
   def update_grads(ctx, sstate, grads, params, batch, key):
     check(sstate)
+    if freezers:
+      # Every member sees the whole chain's mask (an enclosing chain's
+      # too): a projector then projects over the weights that move.
+      base = ctx
+      ctx = dataclasses.replace(
+          base, freeze=lambda g: freeze_grads(base, sstate,
+                                              base.freeze(g)))
     keys = jax.random.split(key, max(n, 1))
     subs = []
     for s, ss, k in zip(strategies, sstate, keys):
@@ -775,4 +792,5 @@ def chain(*strategies: Strategy) -> Strategy:
       name="+".join(s.name for s in strategies) or "naive",
       lookahead_loss=lookahead_loss,
       grads_state=grads_state,
+      freeze_grads=freeze_grads,
   )

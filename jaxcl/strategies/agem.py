@@ -19,6 +19,11 @@ drawn examples per experience, stored when the experience ends, so while
 training experience ``t`` the sample comes from experiences ``< t`` only.
 While the memory is empty ``g_ref = 0`` and ``g`` is used unchanged.
 
+In a chain beside a member that keeps weights fixed (LFL, Freezing, the
+prompt methods: their ``freeze_grads``), ``g_ref`` is first masked to the
+weights that move (``ctx.freeze``), so the projection holds on them in
+either order (the same for A-GEM-R and GEM).
+
 References:
   Chaudhry, Ranzato, Rohrbach & Elhoseiny, `Efficient Lifelong Learning
   with A-GEM <https://arxiv.org/abs/1812.00420>`_, ICLR 2019.
@@ -96,7 +101,9 @@ def agem(mem_size: int | None = None, mem_per_experience: int | None = None,
     g_ref = jax.grad(memory_loss, argnums=1)(
         ctx, params, sstate.model_state, mem.x[idx], mem.y[idx],
         mem.task[idx], ok.astype(jnp.float32))
-    return agem_project(grads, g_ref)
+    # Over the weights that will move: a chained member's fixed weights
+    # (ctx.freeze) would otherwise absorb part of the projection.
+    return agem_project(grads, ctx.freeze(g_ref))
 
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads,

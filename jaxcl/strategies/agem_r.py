@@ -83,7 +83,8 @@ def agem_r(mem_size: int = 200, sample_size: int = 0) -> Strategy:
     g_ref = jax.grad(memory_loss, argnums=1)(
         ctx, params, sstate.model_state, mem.x[idx], mem.y[idx],
         mem.task[idx], ok.astype(jnp.float32))
-    return agem_project(grads, g_ref)  # g_ref = 0 leaves g unchanged
+    # g_ref = 0 leaves g unchanged; ctx.freeze: as in A-GEM.
+    return agem_project(grads, ctx.freeze(g_ref))
 
   def after_step(ctx, sstate, info):
     return sstate._replace(memory=reservoir_step(ctx, sstate, info))

@@ -80,7 +80,7 @@ from jaxcl import checks
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import CodaViT
 from jaxcl.strategies import _prompt
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 
 __all__ = ["coda_prompt", "CodaState", "gram_schmidt", "ortho_penalty",
            "PARTS", "COMPONENTS"]
@@ -260,8 +260,8 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                                                           sstate.used))
     return ortho_mu * total
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx
     grads = _prompt.zero_backbone(grads)
     return {**grads, **{k: grads[k] * _along_components(sstate.active,
                                                         grads[k])
@@ -277,6 +277,7 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=_prompt.task_loss("coda_prompt", train_mask),
-                  loss=loss, update_grads=update_grads,
+                  loss=loss, update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   project_params=project_params, predict=_prompt.predict,
                   name="coda_prompt")

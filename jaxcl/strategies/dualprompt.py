@@ -90,7 +90,7 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import DualPromptViT
 from jaxcl.strategies import _prompt
 from jaxcl.strategies.l2p import key_loss
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 
 __all__ = ["dualprompt", "DualPromptState", "PARTS", "PER_TASK"]
 
@@ -205,8 +205,7 @@ def dualprompt(lam: float = 1.0, train_mask: bool = True,
   def active(ctx, sstate) -> jax.Array:
     return jnp.arange(ctx.model.pool_size) == sstate.task
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del params, batch, key
+  def freeze_grads(ctx, sstate, grads):
     grads = _prompt.zero_backbone(grads)
     on = active(ctx, sstate)
     return {**grads, **{k: grads[k] * _along_pool(on, k, grads[k])
@@ -222,6 +221,7 @@ def dualprompt(lam: float = 1.0, train_mask: bool = True,
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch,
                   task_loss=_prompt.task_loss("dualprompt", train_mask),
-                  loss=loss, update_grads=update_grads,
+                  loss=loss, update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   project_params=project_params, predict=_prompt.predict,
                   name="dualprompt")

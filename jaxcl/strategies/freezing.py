@@ -60,7 +60,7 @@ import numpy as np
 from jaxcl import checks
 from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._freeze import require_part, restore_part, zero_part
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 
 __all__ = ["freezing", "FreezingState"]
 
@@ -128,8 +128,8 @@ def freezing(freeze_after: int = 0, all_outputs: bool = False) -> Strategy:
       return new
     return jnp.where(sstate.frozen & ~own, old, new)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx
     grads = zero_part(grads, BACKBONE, sstate.frozen)
     head = jax.tree.map(lambda g: others(sstate, g, jnp.zeros_like(g), g),
                         grads[HEAD])
@@ -161,6 +161,7 @@ def freezing(freeze_after: int = 0, all_outputs: bool = False) -> Strategy:
     return state.replace(strategy=keep(state.strategy, state.params))
 
   return Strategy(init=init, before_experience=before_experience,
-                  task_loss=task_loss, update_grads=update_grads,
+                  task_loss=task_loss, update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   project_params=project_params,
                   after_experience=after_experience, name="freezing")

@@ -62,6 +62,13 @@ early experiences cost less and the first costs nothing extra.
   A sweep's GEM step therefore costs more per run than a plain run's on a
   CPU (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
 
+.. note::
+  Beside a member that keeps weights fixed (LFL, Freezing, the prompt
+  methods: their ``freeze_grads``), each memory gradient is masked to the
+  weights that move (``ctx.freeze``), so the constraints hold on them in
+  either order; that case forms the gradients (the stacked path), since
+  the factored Gram has no per-weight mask.
+
 References:
   Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning
   <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017 (and the authors' code,
@@ -82,7 +89,7 @@ import optax
 
 from jaxcl import buffers, dense_grams
 from jaxcl.runs import max_over_runs
-from jaxcl.state import cross_entropy
+from jaxcl.state import cross_entropy, no_freeze
 from jaxcl.strategies._qp import QPResult, solve_box_qp
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import device_experience, init_variables
@@ -458,7 +465,12 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
           return grads
         rows = xs.shape[1]
         n = k * rows
-        calls = (None if gram == "stacked"
+        # A chained member's fixed weights (ctx.freeze) are masked out of
+        # each memory gradient, so the constraints hold on the weights
+        # that move; the factored Gram has no per-weight mask, so that
+        # case takes the stacked path.
+        frozen = ctx.freeze is not no_freeze
+        calls = (None if gram == "stacked" or frozen
                  else factored_calls(ctx, params, ms, n))
         if calls and (gram == "factored" or dense_grams.cheaper(
             calls, n, k, num_params)):
@@ -474,6 +486,8 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
           return new
         mem_grads = grad_blocks(ctx, params, ms, xs[:k], ys[:k], ts[:k],
                                 wf[:k])
+        if frozen:
+          mem_grads = jax.vmap(ctx.freeze)(mem_grads)
         new, _ = project(grads, mem_grads, has[:k], float(margin),
                          float(eps), max_iter)
         return new

@@ -81,7 +81,7 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.models.vit import L2PViT, select_prompts
 from jaxcl.strategies import _prompt
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 
 __all__ = ["l2p", "L2PState", "key_loss", "PARTS"]
 
@@ -170,8 +170,8 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
     idx, _ = select_prompts(q, params["key"], ctx.model.top_k)
     return lam * key_loss(q, params["key"], idx, batch["mask"])
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, sstate, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx, sstate
     return _prompt.zero_backbone(grads)
 
   def project_params(ctx, sstate, params):
@@ -180,5 +180,6 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
 
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=_prompt.task_loss("l2p", train_mask), loss=loss,
-                  update_grads=update_grads, project_params=project_params,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads, project_params=project_params,
                   predict=_prompt.predict, name="l2p")

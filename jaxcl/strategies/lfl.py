@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from jaxcl import checks
 from jaxcl.strategies._freeze import require_part, restore_part, zero_part
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 from jaxcl.train import init_variables
 
 __all__ = ["lfl", "LFLState", "feature_distance"]
@@ -114,8 +114,8 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
     return jax.lax.cond(sstate.frozen, penalty,
                         lambda: jnp.zeros((), jnp.float32))
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx
     return zero_part(grads, HEAD, sstate.frozen)
 
   def project_params(ctx, sstate, params):
@@ -132,6 +132,7 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
     del ctx, experience
     return state.replace(strategy=freeze(state.params, state.model_state))
 
-  return Strategy(init=init, loss=loss, update_grads=update_grads,
-                  project_params=project_params,
+  return Strategy(init=init, loss=loss,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads, project_params=project_params,
                   after_experience=after_experience, name="lfl")
