@@ -61,3 +61,11 @@ def tokens(p, x, patch, depth, prompts=None, prefixes=None):
     z = z + y @ p[f"block_{i}_mlp_out"]["kernel"] + \
         p[f"block_{i}_mlp_out"]["bias"]
   return layer_norm(p["norm"], z)
+
+
+def assert_backbone_unchanged(before, after):
+  """Every backbone weight of params ``after`` equals ``before``'s, bit
+  for bit (the prompt methods' frozen ViT)."""
+  for a, b in zip(jax.tree.leaves(before["backbone"]),
+                  jax.tree.leaves(after["backbone"])):
+    np.testing.assert_array_equal(a, b)
