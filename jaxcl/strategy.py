@@ -497,10 +497,12 @@ _ALONE = {
 _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver")
-# Ordered: update_grads runs left to right, and a later rewriter puts
-# gradient back on the weights an earlier freezer masked.
-_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("agem", "gem", "mir",
-                                                     "agem_r", "rar")
+# Ordered: update_grads runs left to right, and a later member that adds
+# gradient (another batch's) puts it back on the weights an earlier freezer
+# masked. Projectors (agem, agem_r, gem) were here until session 35: they
+# now mask their memory gradients with the chain's freeze_grads
+# (ctx.freeze), which packnet and progressive declare.
+_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("mir", "rar")
 # Ordered: rar adds its adversarial rows' gradient in update_grads, after a
 # lower-layer freezer's mask (session 30: latent_replay+rar moved the
 # frozen backbone by 0.09-0.15; rar first: 0.0).

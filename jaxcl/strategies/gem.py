@@ -63,8 +63,9 @@ early experiences cost less and the first costs nothing extra.
   CPU (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
 
 .. note::
-  Beside a member that keeps weights fixed (LFL, Freezing, the prompt
-  methods: their ``freeze_grads``), each memory gradient is masked to the
+  Beside a member that keeps weights fixed (LFL, Freezing, PackNet,
+  progressive networks, the prompt methods: their ``freeze_grads``),
+  each memory gradient is masked to the
   weights that move (``ctx.freeze``), so the constraints hold on them in
   either order; that case forms the gradients (the stacked path), since
   the factored Gram has no per-weight mask.

@@ -49,7 +49,7 @@ import numpy as np
 from jaxcl import checks
 from jaxcl.models.masked import check_zero_grad_is_zero_update, per_task
 from jaxcl.state import cross_entropy
-from jaxcl.strategy import Strategy, check_task_seen
+from jaxcl.strategy import Strategy, check_task_seen, frozen_update
 
 FREE = np.int32(2 ** 30)  # owner of a weight no task has kept
 
@@ -188,8 +188,8 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
         task=jnp.asarray(t, jnp.int32),
         head_ref=jax.tree.map(jnp.array, _head_of(state.params))))
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx
     return _grad_mask(grads, sstate.owner, FREE)
 
   @functools.partial(jax.jit, static_argnums=(0,))
@@ -275,6 +275,7 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
         task, t_max)
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   after_experience=after_experience, predict=predict,
                   name="packnet")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.models.masked import check_zero_grad_is_zero_update, task_row_grads
-from jaxcl.strategy import Strategy, check_task_seen
+from jaxcl.strategy import Strategy, check_task_seen, frozen_update
 
 
 class ProgressiveState(NamedTuple):
@@ -70,8 +70,8 @@ def progressive() -> Strategy:
     return state.replace(strategy=state.strategy._replace(
         column=jnp.asarray(t, jnp.int32)))
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    del ctx
     return task_row_grads(grads, sstate.column, lambda p, g: True)
 
   def after_experience(ctx, state, experience):
@@ -81,7 +81,8 @@ def progressive() -> Strategy:
         seen=ss.seen.at[int(experience.task_id)].set(True)))
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   after_experience=after_experience, name="progressive")
 
 
