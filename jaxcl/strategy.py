@@ -646,7 +646,7 @@ def chain(*strategies: Strategy) -> Strategy:
 
   Compositions known to train while silently undoing or dropping a
   member's effect are refused (e.g. ``hat`` with a replaying member,
-  ``packnet`` before ``agem``, ``gdumb`` or ``slda`` with anything), as is
+  ``packnet`` before ``mir``, ``gdumb`` or ``slda`` with anything), as is
   a strategy named twice.
 
   Raises:
