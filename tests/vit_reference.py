@@ -69,3 +69,16 @@ def assert_backbone_unchanged(before, after):
   for a, b in zip(jax.tree.leaves(before["backbone"]),
                   jax.tree.leaves(after["backbone"])):
     np.testing.assert_array_equal(a, b)
+
+
+def assert_head_trained_under_mask(before, after, train_mask):
+  """After the first experience (classes 0-1): the head's first two class
+  columns moved; with ``train_mask`` no other column did, without it
+  every one did (the prompt methods' masked cross-entropy)."""
+  moved = np.abs(np.asarray(after["head"]["kernel"]) -
+                 np.asarray(before["head"]["kernel"])).max(0)
+  assert moved[:2].min() > 1e-3
+  if train_mask:
+    assert moved[2:].max() == 0.0
+  else:
+    assert moved[2:].min() > 1e-3
