@@ -497,12 +497,12 @@ _ALONE = {
 _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver")
-# Ordered: update_grads runs left to right, and a later member that adds
-# gradient (another batch's) puts it back on the weights an earlier freezer
-# masked. Projectors (agem, agem_r, gem) were here until session 35: they
-# now mask their memory gradients with the chain's freeze_grads
-# (ctx.freeze), which packnet and progressive declare.
-_FREEZERS, _REWRITERS = ("packnet", "progressive"), ("mir", "rar")
+# Not refused since session 35: packnet or progressive before a member
+# whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
+# rar another batch's), which had put gradient back on the weights the
+# freezer masked (packnet+mir moved earlier tasks' accuracy by 0.50).
+# packnet and progressive declare their masks (freeze_grads), and those
+# members apply the chain's (ctx.freeze) to what they add.
 # Ordered: rar adds its adversarial rows' gradient in update_grads, after a
 # lower-layer freezer's mask (session 30: latent_replay+rar moved the
 # frozen backbone by 0.09-0.15; rar first: 0.0).
@@ -576,12 +576,6 @@ def _check_composable(names: Sequence[str]) -> None:
             f"contrastive loss takes only the rows present when its "
             f"prepare_batch runs and the task loss is 0, so the rows {b} "
             f"appends after it train nothing; put {b} before scr")
-      if a in _FREEZERS and b in _REWRITERS:
-        raise ValueError(
-            f"chain(): {a} and {b} cannot be composed in this order: {a} "
-            f"freezes earlier tasks' weights by masking the gradient, and "
-            f"{b}, after it, rewrites the gradient and moves them; put {b} "
-            f"before {a}, whose mask then applies last")
       if a in _LOWER_FREEZERS and b in _ADDERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "
@@ -646,7 +640,8 @@ def chain(*strategies: Strategy) -> Strategy:
 
   Compositions known to train while silently undoing or dropping a
   member's effect are refused (e.g. ``hat`` with a replaying member,
-  ``packnet`` before ``mir``, ``gdumb`` or ``slda`` with anything), as is
+  ``latent_replay`` before ``rar``, ``gdumb`` or ``slda`` with anything),
+  as is
   a strategy named twice.
 
   Raises:

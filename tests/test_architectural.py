@@ -175,15 +175,17 @@ def test_one_task_batches_skip_the_other_tasks_and_flag_mixed_rows():
 # PackNet.
 
 
-@pytest.mark.parametrize("spec", ["packnet+agem", "packnet+agem_r"])
-def test_packnet_beside_a_projector_keeps_earlier_tasks_frozen(split_task,
-                                                               spec):
-  """A projector after PackNet once put memory gradient back on earlier
-  tasks' weights (packnet+agem: earlier accuracy drifted by 0.11, session
-  18's fuzz, so the order was refused); it now masks its memory gradient
-  with PackNet's mask (ctx.freeze), so the weights earlier tasks own stay
-  bit-identical and their accuracy does not change."""
-  proj = {"agem": {"mem_per_experience": 20}, "agem_r": {"mem_size": 60}}
+@pytest.mark.parametrize("spec", ["packnet+agem", "packnet+agem_r",
+                                  "packnet+mir", "packnet+rar"])
+def test_packnet_before_a_gradient_adder_keeps_earlier_tasks_frozen(
+    split_task, spec):
+  """A projector, MIR or RAR after PackNet once put memory gradient back
+  on earlier tasks' weights (session 18's fuzz: earlier accuracy drifted
+  by 0.11 with agem, 0.50 with mir, so the order was refused); they mask
+  what they add with PackNet's mask (ctx.freeze), so the weights earlier
+  tasks own stay bit-identical and their accuracy does not change."""
+  proj = {"agem": {"mem_per_experience": 20}, "agem_r": {"mem_size": 60},
+          "mir": {"mem_size": 60}, "rar": {"mem_size": 60}}
   c = make_config(spec, skw={n: proj[n] for n in spec.split("+")
                              if n in proj})
   _, states, acc, _ = stream(c, split_task)

@@ -139,7 +139,9 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
                             mem.task[idx], train=True)
       return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32))
 
-    g_replay = jax.grad(replay_loss)(params)
+    # A chained member's fixed weights (ctx.freeze: PackNet's, progressive
+    # networks') get none of the replayed rows' gradient.
+    g_replay = ctx.freeze(jax.grad(replay_loss)(params))
     return jax.tree.map(jnp.add, grads, g_replay)
 
   def after_step(ctx, sstate, info):

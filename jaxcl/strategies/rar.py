@@ -304,7 +304,9 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
                             train=True)
       return beta * cross_entropy(logits, rows["y"], rows["mask"])
 
-    return jax.tree.map(jnp.add, grads, jax.grad(adv_loss)(params))
+    # None of it on a chained member's fixed weights (ctx.freeze).
+    return jax.tree.map(jnp.add, grads,
+                        ctx.freeze(jax.grad(adv_loss)(params)))
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the attacked rows (update_grads).
