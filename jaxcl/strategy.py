@@ -30,10 +30,12 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   learned rates), so it runs once.
 * ``freeze_grads(ctx, sstate, grads) -> grads`` or None: for a member
   whose ``update_grads`` only zeroes the gradient of weights it keeps
-  fixed (and ``project_params`` restores them), that mask alone. In a
-  chain, every member's ``update_grads`` gets a ``ctx`` whose ``freeze``
-  applies all members' masks, so that a projector projects in the
-  subspace of the weights that move, whatever its place in the chain.
+  fixed (LFL, Freezing, PackNet, progressive networks, the prompt
+  methods), that mask alone. In a chain, every member's ``update_grads``
+  gets a ``ctx`` whose ``freeze`` applies all members' masks: a projector
+  (A-GEM, GEM) projects in the subspace of the weights that move, and a
+  member that adds another batch's gradient (MIR, RAR) adds it only
+  there, whatever their places in the chain.
 * ``project_params(ctx, sstate, params) -> params``: applied to the
   parameters right after the optimiser update, inside jit (constraints on
   the weights themselves: HAT's embedding clamp, PackNet restoring frozen
