@@ -73,7 +73,7 @@ __all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
            "default_predict", "predict_once_ready", "zero_grads",
            "frozen_update",
            "mark_experience", "mark_experience_start", "check_task_seen",
-           "new_classes"]
+           "new_classes", "experience_classes"]
 
 
 def _init_empty(ctx, key, params):
@@ -167,6 +167,14 @@ def new_classes(name: str, seen: Any, experience: Any) -> np.ndarray:
                      f"{again} again; {name} needs each class in one "
                      f"experience (a class-incremental stream)")
   return new
+
+
+def experience_classes(num_classes: int, experience: Any) -> jax.Array:
+  """Host side: bool ``(C,)``, the classes of ``experience``'s training
+  rows (a class may have come before; :func:`new_classes` refuses that)."""
+  cur = np.zeros((num_classes,), bool)
+  cur[np.unique(np.asarray(experience.train_y))] = True
+  return jnp.asarray(cur)
 
 
 def default_predict(ctx, sstate, params, model_state, x, task):

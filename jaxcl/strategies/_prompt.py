@@ -1,4 +1,4 @@
-"""What the prompt methods (L2P, CODA-Prompt) share: a frozen pretrained
+"""What the prompt methods (L2P, DualPrompt, CODA-Prompt) share: a frozen pretrained
 backbone loaded from a plain ``vit`` run's file, the training loss over the
 current experience's classes, and prediction over the classes seen.
 """
@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.state import cross_entropy, cross_entropy_over
@@ -18,7 +17,7 @@ from jaxcl.strategies._freeze import restore_part, zero_part
 
 __all__ = ["BACKBONE", "require_model", "fresh_copy", "load_backbone",
            "load_once", "zero_backbone", "restore_backbone",
-           "experience_classes", "task_loss", "predict"]
+           "task_loss", "predict"]
 
 BACKBONE = "backbone"
 
@@ -75,13 +74,6 @@ def restore_backbone(params: dict, sstate: Any) -> dict:
   and weight decay move a weight whose gradient is zero)."""
   return restore_part(params, {BACKBONE: sstate.backbone}, BACKBONE,
                       jnp.ones((), bool))
-
-
-def experience_classes(num_classes: int, experience: Any) -> jax.Array:
-  """bool ``(C,)``: the classes of the experience's training rows."""
-  cur = np.zeros((num_classes,), bool)
-  cur[np.unique(np.asarray(experience.train_y))] = True
-  return jnp.asarray(cur)
 
 
 def task_loss(name: str, train_mask: bool) -> Callable[..., jax.Array]:

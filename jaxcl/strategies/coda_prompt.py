@@ -80,7 +80,7 @@ from jaxcl import checks
 from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import CodaViT
 from jaxcl.strategies import _prompt
-from jaxcl.strategy import Strategy, frozen_update
+from jaxcl.strategy import Strategy, experience_classes, frozen_update
 
 __all__ = ["coda_prompt", "CodaState", "gram_schmidt", "ortho_penalty",
            "PARTS", "COMPONENTS"]
@@ -244,7 +244,7 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                      active=jnp.asarray((m >= start) & (m < stop)),
                      used=jnp.asarray(m < stop),
                      seen=ss.seen | ss.current,
-                     current=_prompt.experience_classes(
+                     current=experience_classes(
                          ctx.info.num_classes, experience))
     return state.replace(params=params, strategy=ss)
 

@@ -67,7 +67,7 @@ import numpy as np
 
 from jaxcl.state import masked_logits
 from jaxcl.strategies._freeze import restore_part
-from jaxcl.strategy import Strategy, predict_once_ready
+from jaxcl.strategy import Strategy, experience_classes, predict_once_ready
 
 _OFF = -1e9  # bias of switched-off classes during training
 
@@ -164,10 +164,8 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
     del ctx
     ss = state.strategy
     c = ss.cb.shape[0]
-    active = np.zeros((c,), bool)
-    active[np.unique(experience.train_y)] = True
     # Replayed old classes train too (AR1*); none without replay.
-    active = jnp.asarray(active) | (ss.replayed > 0)
+    active = experience_classes(c, experience) | (ss.replayed > 0)
     seen = ss.past > 0
     load = active & seen
     tw = jnp.where(load[None], ss.cw, 0.0)

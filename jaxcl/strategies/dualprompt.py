@@ -90,7 +90,7 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.vit import DualPromptViT
 from jaxcl.strategies import _prompt
 from jaxcl.strategies.l2p import key_loss
-from jaxcl.strategy import Strategy, frozen_update
+from jaxcl.strategy import Strategy, experience_classes, frozen_update
 
 __all__ = ["dualprompt", "DualPromptState", "PARTS", "PER_TASK"]
 
@@ -179,7 +179,7 @@ def dualprompt(lam: float = 1.0, train_mask: bool = True,
                          {k: params[k] for k in PER_TASK}),
                      task=jnp.asarray(t, jnp.int32),
                      seen=ss.seen | ss.current,
-                     current=_prompt.experience_classes(
+                     current=experience_classes(
                          ctx.info.num_classes, experience))
     return state.replace(params=params, strategy=ss)
 

@@ -93,7 +93,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcl import buffers, checks
@@ -101,7 +100,7 @@ from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.bic import bias_correct, fit_bias
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import append_rows, incoming_rows
-from jaxcl.strategy import Strategy, mark_experience
+from jaxcl.strategy import Strategy, experience_classes, mark_experience
 
 __all__ = ["er_tricks", "ERTricksState", "SELECTIONS", "row_losses",
            "fit_bias_control", "elrd_factor"]
@@ -254,10 +253,8 @@ def er_tricks(mem_size: int = 200, batch_size: int = 0,
   def after_experience(ctx, state, experience):
     if bic_epochs == 0:
       return state
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(np.asarray(experience.train_y))] = True
     ss = correct_bias(ctx, state.strategy, state.params, state.model_state,
-                      jnp.asarray(cur))
+                      experience_classes(ctx.info.num_classes, experience))
     return state.replace(strategy=ss)
 
   def predict(ctx, sstate, params, model_state, x, task):

@@ -108,7 +108,7 @@ import optax
 from jaxcl import checks
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.lwf import distillation
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, experience_classes
 from jaxcl.train import device_experience, init_variables, reset_opt_state
 
 __all__ = ["expert_gate", "ExpertGateState", "GateAutoencoder",
@@ -314,8 +314,7 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
     size = ctx.info.train_size
     data = device_experience(experience, size)
     valid = np.arange(size) < experience.num_train
-    classes = np.zeros((ctx.info.num_classes,), bool)
-    classes[np.unique(np.asarray(experience.train_y))] = True
+    classes = experience_classes(ctx.info.num_classes, experience)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 0xAE6A7E),
                              experience.index)
     ss, params, model_state = get_start(ctx)(

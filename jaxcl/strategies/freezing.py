@@ -55,12 +55,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import checks
 from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._freeze import require_part, restore_part, zero_part
-from jaxcl.strategy import Strategy, frozen_update
+from jaxcl.strategy import Strategy, experience_classes, frozen_update
 
 __all__ = ["freezing", "FreezingState"]
 
@@ -97,9 +96,8 @@ def freezing(freeze_after: int = 0, all_outputs: bool = False) -> Strategy:
                          jnp.zeros((ctx.info.num_classes,), bool))
 
   def before_experience(ctx, state, experience):
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(np.asarray(experience.train_y))] = True
-    ss = state.strategy._replace(current=jnp.asarray(cur))
+    ss = state.strategy._replace(
+        current=experience_classes(ctx.info.num_classes, experience))
     return state.replace(strategy=ss)
 
   def task_loss(ctx, sstate, logits, batch):

@@ -76,14 +76,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcl.models.vae import VAE
 from jaxcl.strategies.generative_replay import (DGRState, check_generator_args,
                                                 generative_replay, replay_rows)
 from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, experience_classes
 
 __all__ = ["GNRState", "generative_negative_replay", "negative_loss"]
 
@@ -148,10 +147,8 @@ def generative_negative_replay(batch_size: int = 0,
 
   def before_experience(ctx, state, experience):
     state = on_inner(inner.before_experience)(ctx, state, experience)
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(experience.train_y)] = True
     return state.replace(strategy=state.strategy._replace(
-        current=jnp.asarray(cur)))
+        current=experience_classes(ctx.info.num_classes, experience)))
 
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)

@@ -71,7 +71,7 @@ from jaxcl import buffers
 from jaxcl.state import masked_logits
 from jaxcl.strategies.latent_replay import split_model
 from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, experience_classes
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
@@ -302,10 +302,8 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
         teacher_model_state=variables, key=k_run)
 
   def before_experience(ctx, state, experience):
-    c = ctx.info.num_classes
-    cur = np.zeros((c,), bool)
-    cur[np.unique(experience.train_y)] = True
-    ss = state.strategy._replace(current=jnp.asarray(cur))
+    ss = state.strategy._replace(
+        current=experience_classes(ctx.info.num_classes, experience))
     return state.replace(strategy=ss)
 
   def prepare_batch(ctx, sstate, batch, key):

@@ -81,7 +81,7 @@ from jaxcl import pretrained as pretrained_lib
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.models.vit import L2PViT, select_prompts
 from jaxcl.strategies import _prompt
-from jaxcl.strategy import Strategy, frozen_update
+from jaxcl.strategy import Strategy, experience_classes, frozen_update
 
 __all__ = ["l2p", "L2PState", "key_loss", "PARTS"]
 
@@ -152,7 +152,7 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
   def before_experience(ctx, state, experience):
     ss, params = _prompt.load_once(state.strategy, state.params, pretrained)
     ss = ss._replace(seen=ss.seen | ss.current,
-                     current=_prompt.experience_classes(
+                     current=experience_classes(
                          ctx.info.num_classes, experience))
     return state.replace(params=params, strategy=ss)
 

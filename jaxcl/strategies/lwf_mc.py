@@ -43,10 +43,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl.strategies.icarl import icarl_loss
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, experience_classes
 from jaxcl.train import init_variables
 
 
@@ -85,9 +84,8 @@ def lwf_mc(wd_reg: float = 0.0) -> Strategy:
                       current=jnp.zeros((c,), bool))
 
   def before_experience(ctx, state, experience):
-    cur = np.zeros((ctx.info.num_classes,), bool)
-    cur[np.unique(experience.train_y)] = True
-    ss = state.strategy._replace(current=jnp.asarray(cur))
+    ss = state.strategy._replace(
+        current=experience_classes(ctx.info.num_classes, experience))
     return state.replace(strategy=ss)
 
   def task_loss(ctx, sstate, logits, batch):
