@@ -1,6 +1,7 @@
 """Mechanism tests of RAR (retrospective adversarial replay), on
 scikit-learn digits and hand-made linear models."""
 
+import dataclasses
 import functools
 
 import jax
@@ -237,6 +238,47 @@ def test_update_grads_adds_beta_times_the_adversarial_gradient(stream):
   mem = mem._replace(y=jnp.full_like(mem.y, int(e0.train_y[0])))
   jax.tree.map(np.testing.assert_array_equal,
                upd(s, ss._replace(memory=mem), one), g0)
+
+
+def _freeze_backbone(tree):
+  """A ctx.freeze that keeps the feature extractor fixed (the attack's
+  targets are nearest in feature space, which the head does not move)."""
+  return {**tree, "backbone": jax.tree.map(jnp.zeros_like, tree["backbone"])}
+
+
+def test_virtual_step_moves_only_the_weights_that_move(stream):
+  """Beside a member that keeps weights fixed (ctx.freeze, here the
+  backbone), the virtual step that picks the attack's targets leaves those
+  weights alone, as the applied update will, whichever side of rar the
+  member stands; what rar adds is masked too."""
+  e0, e1 = stream.experiences
+  ctx = make_ctx(stream)
+  fctx = dataclasses.replace(ctx, freeze=_freeze_backbone)
+  kw = dict(mem_size=30, batch_size_mem=5, opt_lr=0.5, epsilon_fgsm=0.1,
+            iter_fgsm=3, decay_factor_fgsm=0.5)
+  s = rar(beta_coef=0.3, **kw)
+  state = train.init_state(ctx, s, 0)
+  params = state.params
+  ss = state.strategy._replace(memory=memory_of(e0, 30),
+                               experience=jnp.asarray(1))
+  loss = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"]),
+                                    b["y"], b["mask"])
+  g0 = jax.grad(loss)(params, batch_of(e1))
+  key = jax.random.PRNGKey(4)
+  batch = s.prepare_batch(ctx, ss, batch_of(e1), key)
+  out = s.update_grads(fctx, ss, g0, params, batch, key)
+  attack = lambda g: rar_mod.adversarial_rows(
+      ctx, params, {}, g, ss.memory, key, batch_of(e1), n=5, opt_lr=0.5,
+      epsilon=0.1, steps=3, decay=0.5, clip=(0.0, 1.0), attack="features",
+      where=ss.memory.experience < 1)
+  rows = attack(_freeze_backbone(g0))
+  # The whole gradient's virtual step attacks otherwise.
+  assert np.abs(np.asarray(rows["x"] - attack(g0)["x"])).max() > 1e-3
+  g_adv = _freeze_backbone(jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, rows["x"], rows["task"]), rows["y"],
+      rows["mask"]))(params))
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
+      a, b + 0.3 * c, rtol=1e-4, atol=1e-6), out, g0, g_adv)
 
 
 def test_after_step_fills_the_reservoir_and_step_compiles(stream):

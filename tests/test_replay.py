@@ -1017,6 +1017,40 @@ def test_mir_update_grads_adds_replay_gradient(stream):
                out, g0, g_rep)
 
 
+def _freeze_head(tree):
+  """A ctx.freeze that keeps the head fixed (as LFL's mask does)."""
+  return {**tree, "head": jax.tree.map(jnp.zeros_like, tree["head"])}
+
+
+def test_mir_virtual_step_moves_only_the_weights_that_move(stream):
+  """Beside a member that keeps weights fixed (ctx.freeze, here the
+  head), the virtual step, like the update it forecasts, leaves those
+  weights alone, whichever side of mir that member stands: the
+  retrieval is the one for the masked gradient, not the whole one."""
+  ctx = make_ctx(stream)
+  fctx = dataclasses.replace(ctx, freeze=_freeze_head)
+  s = mir(mem_size=30, batch_size=5, candidates=30, lr=0.5)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy._replace(memory=_full_memory(stream.experiences[0],
+                                                   30))
+  m, params = ss.memory, state.params
+  loss = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"]),
+                                    b["y"], b["mask"])
+  g0 = jax.grad(loss)(params, batch_of(stream.experiences[1]))
+  key = jax.random.PRNGKey(4)
+  out = s.update_grads(fctx, ss, g0, params, None, key)
+  pick = lambda g: retrieve(ctx, params, {}, g, m, key, lr=0.5,
+                            candidates=30, k=5)[:2]
+  idx, ok = pick(_freeze_head(g0))
+  # The whole gradient's virtual step ranks the memory otherwise.
+  assert set(np.asarray(idx)) != set(np.asarray(pick(g0)[0]))
+  g_rep = _freeze_head(jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, m.x[idx], m.task[idx]), m.y[idx],
+      ok.astype(jnp.float32)))(params))
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
+      a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_rep)
+
+
 def test_mir_exclude_current_replays_past_experiences_only(stream):
   ctx = make_ctx(stream)
   s = mir(mem_size=30, batch_size=5, candidates=20, lr=0.5,

@@ -130,9 +130,12 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
     del batch
     mem = sstate.memory
     where = mem.experience < sstate.experience if exclude_current else None
-    idx, ok, _ = retrieve(ctx, params, sstate.model_state, grads, mem, key,
-                          lr=float(lr), candidates=candidates, k=batch_size,
-                          where=where)
+    # The virtual step moves only the weights the update will move: a
+    # chained member's fixed weights (ctx.freeze) are masked out of the
+    # applied update whichever side of mir it stands.
+    idx, ok, _ = retrieve(ctx, params, sstate.model_state, ctx.freeze(grads),
+                          mem, key, lr=float(lr), candidates=candidates,
+                          k=batch_size, where=where)
 
     def replay_loss(p):
       logits, _ = ctx.apply(p, sstate.model_state, mem.x[idx],

@@ -292,9 +292,12 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
   def update_grads(ctx, sstate, grads, params, batch, key):
     if beta == 0:
       return grads
+    # The virtual step (nearest targets) moves only the weights the update
+    # will move: a chained member's fixed weights (ctx.freeze) are masked
+    # out of the applied update whichever side of rar it stands.
     rows = adversarial_rows(
-        ctx, params, sstate.model_state, grads, sstate.memory, key,
-        incoming_rows(ctx, batch), n=replay_size(ctx), opt_lr=opt_lr,
+        ctx, params, sstate.model_state, ctx.freeze(grads), sstate.memory,
+        key, incoming_rows(ctx, batch), n=replay_size(ctx), opt_lr=opt_lr,
         epsilon=float(epsilon_fgsm), steps=iter_fgsm,
         decay=float(decay_factor_fgsm), clip=clip, attack=attack,
         where=past(sstate))
