@@ -31,7 +31,8 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 * ``freeze_grads(ctx, sstate, grads) -> grads`` or None: for a member
   whose ``update_grads`` only zeroes the gradient of weights it keeps
   fixed (LFL, Freezing, PackNet, progressive networks, the prompt
-  methods), that mask alone. In a chain, every member's ``update_grads``
+  methods, latent replay's and ExStream's frozen lower part), that mask
+  alone. In a chain, every member's ``update_grads``
   gets a ``ctx`` whose ``freeze`` applies all members' masks: a projector
   (A-GEM, GEM) projects in the subspace of the weights that move, and a
   member that adds another batch's gradient (MIR, RAR) adds it only
@@ -63,7 +64,7 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Collection, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -513,10 +514,14 @@ _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
 # freezer masked (packnet+mir moved earlier tasks' accuracy by 0.50).
 # packnet and progressive declare their masks (freeze_grads), and those
 # members apply the chain's (ctx.freeze) to what they add.
-# Ordered: rar adds its adversarial rows' gradient in update_grads, after a
-# lower-layer freezer's mask (session 30: latent_replay+rar moved the
-# frozen backbone by 0.09-0.15; rar first: 0.0).
-_LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar",)
+# Ordered, for a slowed lower part only (lower_lr_scale > 0): rar and mir
+# add another batch's gradient in update_grads, after the slowing scale,
+# so the lower part learns their rows at the full rate (session 30:
+# latent_replay+rar moved the then-frozen backbone by 0.09-0.15; rar
+# first: 0.0). Frozen (the default, 0), the lower part is restored after
+# every update and its mask is declared (freeze_grads), which rar and mir
+# apply to what they add, so that order is allowed since session 36.
+_LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir")
 # Ordered: lamaml's and mer's task losses give the incoming rows no
 # gradient and their update_grads adds their whole step to the gradient it
 # receives, so a member before them that projects or masks the gradient
@@ -569,8 +574,11 @@ _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # project in the subspace of the weights that move (0 % in the probes).
 
 
-def _check_composable(names: Sequence[str]) -> None:
-  """Refuses the compositions known to be silently wrong (see above)."""
+def _check_composable(names: Sequence[str],
+                      masks: Collection[str] = ()) -> None:
+  """Refuses the compositions known to be silently wrong (see above).
+
+  ``masks``: the names of members that declare ``freeze_grads``."""
   from jaxcl import strategies  # late: it imports this module
   registered = set(strategies.available()) - {"naive"}  # a default name
   for i, a in enumerate(names):
@@ -586,12 +594,14 @@ def _check_composable(names: Sequence[str]) -> None:
             f"contrastive loss takes only the rows present when its "
             f"prepare_batch runs and the task loss is 0, so the rows {b} "
             f"appends after it train nothing; put {b} before scr")
-      if a in _LOWER_FREEZERS and b in _ADDERS:
+      if a in _LOWER_FREEZERS and a not in masks and b in _ADDERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "
-            f"freezes the layers below its split by masking the gradient, "
-            f"and {b}, after it, adds its own rows' gradient and moves "
-            f"them; put {b} before {a}, whose mask then applies last")
+            f"slows the layers below its split (lower_lr_scale > 0) by "
+            f"scaling the gradient, and {b}, after it, adds its own rows' "
+            f"gradient at the full rate; put {b} before {a}, whose scale "
+            f"then applies last, or freeze the lower part "
+            f"(lower_lr_scale=0), whose mask {b} applies to what it adds")
       if a in _BEFORE_STEPPERS and b in _STEPPERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: "
@@ -650,9 +660,8 @@ def chain(*strategies: Strategy) -> Strategy:
 
   Compositions known to train while silently undoing or dropping a
   member's effect are refused (e.g. ``hat`` with a replaying member,
-  ``latent_replay`` before ``rar``, ``gdumb`` or ``slda`` with anything),
-  as is
-  a strategy named twice.
+  a slowed ``latent_replay`` before ``rar``, ``gdumb`` or ``slda`` with
+  anything), as is a strategy named twice.
 
   Raises:
     ValueError: if two members define ``predict`` (or ``task_loss``), an
@@ -663,7 +672,8 @@ def chain(*strategies: Strategy) -> Strategy:
       raise ValueError(f"chain() takes Strategy records; got {type(s)}")
   # First: a registered strategy named twice is a clearer message than the
   # two-predictors one it would also trigger (supsup+supsup).
-  _check_composable([s.name for s in strategies])
+  _check_composable([s.name for s in strategies],
+                    {s.name for s in strategies if s.freeze_grads is not None})
   predictors = [s for s in strategies if s.predict is not None]
   if len(predictors) > 1:
     raise ValueError(

@@ -1604,3 +1604,46 @@ def test_frozen_lower_part_stays_put(stream, spec):
   p0 = experiment.run(cfg, scenario=first).state.params
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
                                  atol=1e-7), p1["backbone"], p0["backbone"])
+
+
+@pytest.mark.parametrize("spec", ["latent_replay", "exstream"])
+def test_frozen_lower_part_is_a_declared_mask(stream, spec):
+  """Frozen, the lower part's gradient mask is declared (freeze_grads):
+  a member after it in a chain that adds gradient (MIR, RAR) reads it as
+  ctx.freeze and adds none to the lower part, so that order is allowed
+  (session 36). Slowed, it is a scale, not a mask: nothing is declared
+  and chain() refuses an adder after it."""
+  from jaxcl import strategies
+  from jaxcl.strategy import Strategy, chain
+  kw = {"mem_size": 40}
+  member = strategies.get(spec, **kw)
+  ctx = make_ctx(stream)
+  state = train.init_state(ctx, member, 0)
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  lower = lat.split_model(ctx, "backbone").lower_mask(state.params)
+  for e, want in ((0, 1.0), (1, 0.0)):   # frozen from experience 1 on
+    ss = state.strategy._replace(experience=jnp.asarray(e))
+    out = member.freeze_grads(ctx, ss, ones)
+    jax.tree.map(lambda g, m: np.testing.assert_array_equal(
+        g, want if m else 1.0), out, lower)
+  # A member after it that adds gradient, as MIR and RAR do.
+  adder = Strategy(update_grads=lambda c, ss, g, p, b, k: jax.tree.map(
+      jnp.add, g, c.freeze(jax.tree.map(jnp.ones_like, g))), name="adder")
+  c = chain(member, adder)
+  cs = train.init_state(ctx, c, 0).strategy
+  cs = (cs[0]._replace(experience=jnp.asarray(1)), cs[1])
+  out = c.update_grads(ctx, cs, ones, state.params, None,
+                       jax.random.PRNGKey(0))
+  jax.tree.map(lambda g, m: np.testing.assert_array_equal(
+      g, 0.0 if m else 2.0), out, lower)
+  # Slowed: no mask declared, and an adder after it is refused.
+  assert strategies.get(spec, lower_lr_scale=0.5, **kw).freeze_grads is None
+  for adder_name in ("mir", "rar"):
+    with pytest.raises(ValueError, match=f"{spec} slows the layers below "
+                       f"its split .* {adder_name}, after it, adds its own "
+                       f"rows' gradient at the full rate"):
+      strategies.from_spec(f"{spec}+{adder_name}",
+                           {spec: dict(lower_lr_scale=0.5, **kw)})
+    strategies.from_spec(f"{spec}+{adder_name}", {spec: kw})
+    strategies.from_spec(f"{adder_name}+{spec}",
+                         {spec: dict(lower_lr_scale=0.5, **kw)})

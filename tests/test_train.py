@@ -343,8 +343,6 @@ def test_chain_rejects_two_predictors():
     ("generative_replay+rar", "generative_replay takes the batch's last "
      "rows .* so rar's replayed rows"),
     ("scr+rar", "scr and rar cannot be composed in this order"),
-    ("latent_replay+rar", "latent_replay freezes the layers below its "
-     "split by masking the gradient, and rar"),
     ("rar+ss_il", "rar adds a cross-entropy over all classes on memory "
      "rows"),
     # Session 30: MER has La-MAML's pattern.

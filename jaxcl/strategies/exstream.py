@@ -28,7 +28,8 @@ the backbone, whose output is ``ctx.apply(..., features=True)``); see
 experience its gradients are multiplied by ``lower_lr_scale`` (0: a fixed
 encoder, as in the paper, where it is pretrained; also restored after
 every update, as latent replay's lower part is, so that weight decay or
-carried-over momentum cannot move it). The centroids are
+carried-over momentum cannot move it; and its mask declared, as latent
+replay's is, for the members of a chain). The centroids are
 updated in ``after_experience``: the experience's examples are streamed
 once, in a random order, through the encoder as it then is (fixed from then
 on when ``lower_lr_scale=0``), one ``lax.scan`` inside jit. Each class
@@ -224,10 +225,8 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
     return lr_mod.replayed_loss(ctx, get_split(ctx), params,
                                 sstate.model_state, batch)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del batch, key
-    return lr_mod.scale_lower(get_split(ctx), grads, params,
-                              sstate.experience, float(lower_lr_scale))
+  update_grads, freeze_grads = lr_mod.lower_grads(get_split,
+                                                  lower_lr_scale)
 
   @functools.partial(jax.jit, static_argnums=0)
   def stream(ctx, buf, key, params, model_state, x, y, mask):
@@ -247,5 +246,6 @@ def exstream(mem_size: int = 3920, batch_size: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
-                  update_grads=update_grads, project_params=project_params,
+                  update_grads=update_grads, freeze_grads=freeze_grads,
+                  project_params=project_params,
                   after_experience=after_experience, name="exstream")

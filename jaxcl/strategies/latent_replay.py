@@ -20,6 +20,9 @@ carried over with ``train.reset_optimizer=False``, move a parameter whose
 gradient is zero, and the stored latents would go stale (session 32: SGD
 with weight decay 0.01 moved the first experience's latents by 9 % of
 their norm over four experiences; Adam's carried-over moments by 18 %).
+The frozen part's mask is the strategy's ``freeze_grads``, so in a chain
+A-GEM and GEM project in the upper part's subspace and MIR and RAR add no
+gradient to the lower part, on either side of it.
 Slowed (``0 < lower_lr_scale < 1``) scales the gradient only: weight decay
 and carried-over momentum act on the lower part at the full rate. At the end of each experience the memory becomes
 experience-balanced (:func:`jaxcl.buffers.experience_balanced_add`):
@@ -63,7 +66,7 @@ import jax.numpy as jnp
 from jaxcl import buffers
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._freeze import restore_masked
-from jaxcl.strategy import Strategy, mark_experience_start
+from jaxcl.strategy import Strategy, frozen_update, mark_experience_start
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["latent_replay", "LatentReplayState", "Split", "split_model",
@@ -249,6 +252,29 @@ def restore_lower(split: Split, params, saved, experience) -> Any:
                         experience > 0)
 
 
+def lower_grads(get_split, lower_lr_scale: float):
+  """``(update_grads, freeze_grads)`` of a latent memory's split: the
+  lower part's gradient times ``lower_lr_scale`` from experience 1 on.
+
+  Frozen (0), that is a 0/1 mask, declared as ``freeze_grads``: in a
+  chain, a projector (A-GEM, GEM) then projects in the upper part's
+  subspace and a member that adds another batch's gradient (MIR, RAR)
+  adds none to the lower part, in either order. Slowed (above 0), it is
+  a scale, not a mask, and nothing is declared: what a later member adds
+  would not be slowed (chain() refuses that order), and a projector's
+  constraint on the applied update holds, in either order, only when the
+  mask's square is the mask.
+  """
+  scale = float(lower_lr_scale)
+
+  def scaled(ctx, sstate, grads):
+    # ``grads`` stands in for the params: lower_mask reads paths only.
+    return scale_lower(get_split(ctx), grads, grads, sstate.experience,
+                       scale)
+
+  return frozen_update(scaled), (scaled if scale == 0 else None)
+
+
 def freeze_hooks(get_split, lower_lr_scale: float):
   """``(lower_at_init, before_experience, project_params)`` of a latent
   memory whose lower part is frozen (``lower_lr_scale == 0``), for a state
@@ -339,10 +365,7 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
     return replayed_loss(ctx, get_split(ctx), params, sstate.model_state,
                          batch)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del batch, key
-    return scale_lower(get_split(ctx), grads, params, sstate.experience,
-                       float(lower_lr_scale))
+  update_grads, freeze_grads = lower_grads(get_split, lower_lr_scale)
 
   @functools.partial(jax.jit, static_argnums=0)
   def store(ctx, mem, key, params, model_state, x, y, task, experience,
@@ -363,5 +386,6 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, loss=loss,
-                  update_grads=update_grads, project_params=project_params,
+                  update_grads=update_grads, freeze_grads=freeze_grads,
+                  project_params=project_params,
                   after_experience=after_experience, name="latent_replay")
