@@ -22,6 +22,7 @@ from jaxcl.strategies.agem import agem, agem_project
 from jaxcl.strategies.agem_r import agem_r
 from jaxcl.strategies.gem import gem, memory_loss, project, row_buckets
 from jaxcl.strategies.icarl import herding, icarl, icarl_loss
+from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.lfl import lfl
 from jaxcl.strategy import chain
 
@@ -461,24 +462,32 @@ def test_agem_update_uses_a_sample_of_past_memory(stream):
   assert flat(new) @ rf >= -1e-5 * np.linalg.norm(rf) ** 2
 
 
-def _zero_head(tree):
-  return {**tree, "head": jax.tree.map(jnp.zeros_like, tree["head"])}
+def _zero_part(part):
+  return lambda tree: {**tree,
+                       part: jax.tree.map(jnp.zeros_like, tree[part])}
+
+
+_zero_head = _zero_part("head")
 
 
 @pytest.mark.parametrize("order", ["agem+lfl", "lfl+agem", "gem+lfl",
-                                   "lfl+gem"])
-def test_projector_beside_lfl_projects_over_the_weights_that_move(stream,
-                                                                   order):
-  """LFL keeps the head fixed (zero gradient, weights restored). In
-  either order, the update applied does not conflict with the
-  projector's memory gradients: chain() hands LFL's mask to the
-  projector as ctx.freeze. Projected over every weight, it conflicts in
-  this case (session 35's probe: 3-93 % of steps, by order)."""
+                                   "lfl+gem", "latent_replay+agem",
+                                   "latent_replay+gem"])
+def test_projector_beside_a_freezer_projects_over_the_weights_that_move(
+    stream, order):
+  """LFL keeps the head fixed (zero gradient, weights restored), latent
+  replay the backbone below its split. In either order, the update
+  applied does not conflict with the projector's memory gradients:
+  chain() hands the freezer's mask to the projector as ctx.freeze.
+  Projected over every weight, it conflicts in this case (session 35's
+  probe with LFL: 3-93 % of steps, by order)."""
   ctx = make_ctx(stream)
   names = order.split("+")
-  proj = names[0] if names[0] != "lfl" else names[1]
+  proj = names[0] if names[0] in ("agem", "gem") else names[1]
+  fixed = _zero_part("backbone" if "latent_replay" in names else "head")
   members = {"agem": agem(mem_per_experience=8, sample_size=12),
-             "gem": gem(mem_per_experience=8), "lfl": lfl()}
+             "gem": gem(mem_per_experience=8), "lfl": lfl(),
+             "latent_replay": latent_replay(mem_size=40)}
   s = chain(*(members[n] for n in names))
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
@@ -486,7 +495,8 @@ def test_projector_beside_lfl_projects_over_the_weights_that_move(stream,
   state = s.before_experience(ctx, state, exps[2])
   pi = names.index(proj)
   ss = state.strategy[pi]
-  assert bool(state.strategy[1 - pi].frozen)
+  if "lfl" in names:
+    assert bool(state.strategy[1 - pi].frozen)
   batch = batch_of(exps[2])
   g = grads_of(ctx, state, batch)
   key = jax.random.PRNGKey(7)
@@ -503,7 +513,7 @@ def test_projector_beside_lfl_projects_over_the_weights_that_move(stream,
     refs = [grad_ref(mem.x, mem.y, mem.task,
                      (mem.valid & (block == k)).astype(jnp.float32))
             for k in range(2)]
-  assert float(jnp.abs(flat(new["head"])).max()) == 0.0
+  assert float(jnp.abs(flat(new) - flat(fixed(new))).max()) == 0.0
   for r in refs:
     rf = flat(r)
     assert flat(new) @ rf >= -1e-4 * np.linalg.norm(rf) ** 2
@@ -511,10 +521,10 @@ def test_projector_beside_lfl_projects_over_the_weights_that_move(stream,
     # GEM's QP in the moving weights' subspace: its dual sees g only
     # through <g, M g_k> = <M g, M g_k>, so either order gives this.
     stack = jax.tree.map(lambda *a: jnp.stack(a),
-                         *[_zero_head(r) for r in refs])
-    want, _ = project(_zero_head(g), stack, jnp.array([True, True]), 0.5,
+                         *[fixed(r) for r in refs])
+    want, _ = project(fixed(g), stack, jnp.array([True, True]), 0.5,
                       1e-3)
-    np.testing.assert_allclose(flat(new), flat(_zero_head(want)),
+    np.testing.assert_allclose(flat(new), flat(fixed(want)),
                                rtol=1e-3, atol=1e-5)
   if proj == "agem":
     # The moving weights' gradient conflicts with the memory, so A-GEM's
@@ -523,14 +533,14 @@ def test_projector_beside_lfl_projects_over_the_weights_that_move(stream,
     # still conflicting; before: over-projected past 0).
     # The moving weights' gradient conflicts with the memory's, so the
     # update is A-GEM's closed form in their subspace, whatever the order.
-    gm, rm = flat(_zero_head(g)), flat(_zero_head(refs[0]))
+    gm, rm = flat(fixed(g)), flat(fixed(refs[0]))
     assert gm @ rm < 0
     want = gm - (gm @ rm) / (rm @ rm) * rm
     np.testing.assert_allclose(flat(new), want, rtol=1e-4, atol=1e-6)
-    if names[0] == "lfl":
-      # Projected over every weight, it would still conflict (the head's
+    if names[0] != "agem":
+      # Projected over every weight, it would still conflict (the fixed
       # part of the memory gradient takes part of the projection).
-      applied = flat(_zero_head(agem_project(_zero_head(g), refs[0])))
+      applied = flat(fixed(agem_project(fixed(g), refs[0])))
       assert applied @ flat(refs[0]) < 0.3 * (gm @ rm)
 
 
