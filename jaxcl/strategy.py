@@ -524,14 +524,15 @@ _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
 _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir")
 # Ordered: lamaml's and mer's task losses give the incoming rows no
 # gradient and their update_grads adds their whole step to the gradient it
-# receives, so a member before them that projects or masks the gradient
-# acts on the rest only (session 29's fuzz: agem, agem_r, gem before lamaml
-# trained exactly as naive+lamaml; packnet's / progressive's frozen weights
-# moved by 0.69 / 0.37; session 30's probe, the same for mer: moved
-# 0.61-0.93). latent_replay and exstream are refused beside either in both
-# orders (_INNER_FREEZE), so they are not listed here.
-_BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem", "packnet",
-                               "progressive"), ("lamaml", "mer")
+# receives, so a member before them that projects the gradient acts on the
+# rest only (session 29's fuzz: agem, agem_r, gem before lamaml trained
+# exactly as naive+lamaml; session 30's probe, the same for mer).
+# Not refused since session 36: packnet or progressive before them, whose
+# frozen weights moved by 0.69 / 0.37 (lamaml) and 0.61-0.93 (mer): lamaml
+# and mer mask every inner step and the step they add with the chain's
+# masks (ctx.freeze). latent_replay and exstream are refused beside either
+# in both orders (_INNER_FREEZE), so they are not listed here.
+_BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem"), ("lamaml", "mer")
 # Ordered: aer_abs copies the weights in its before_experience and restores
 # the copy after each forgetting epoch; a later member's before_experience
 # write is lost (session 32's probe: from_scratch's reset, ensemble's new

@@ -3,6 +3,8 @@ by hand, the clipped asynchronous update, first against second order,
 the reservoir, the optimiser check, bad arguments, and a run that
 compiles once, chained and swept."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,18 +93,21 @@ def clip_norm(grads, c):
 
 
 def reference_step(ctx, params, alpha, prepared, *, n_inner, glances,
-                   alpha_lr, grad_clip_norm, first_order, meta_loss, **_):
+                   alpha_lr, grad_clip_norm, first_order, meta_loss,
+                   fixed=(), **_):
   """The authors' procedure for one incoming batch, written out: per
   glance, inner SGD steps at rates alpha on the permuted incoming rows
   cut by np.array_split (padding rows weigh 0), the meta-loss on memory
   rows plus incoming rows, alpha's step, then theta's step at max(new
   alpha, 0). Second order: jax.grad of the unrolled Python loop; first
   order: the meta-gradients written out with the inner gradients as
-  constants."""
+  constants. ``fixed``: indices of leaves held constant (every gradient
+  of theta zero there, inner and outer)."""
   c, eta = grad_clip_norm, alpha_lr
   tdef = jax.tree.structure(params)
   tree = lambda ls: jax.tree.unflatten(tdef, [jnp.asarray(a, jnp.float32)
                                               for a in ls])
+  keep = lambda ls: [d * 0 if i in fixed else d for i, d in enumerate(ls)]
   w_in = jnp.asarray(np.asarray(prepared["mask"][:B]) > 0, jnp.float32)
   x_in, y_in = prepared["x"][:B], prepared["y"][:B]
   t_in = prepared["task"][:B]
@@ -118,6 +123,7 @@ def reference_step(ctx, params, alpha, prepared, *, n_inner, glances,
       p, losses = th, []
       for rows in parts:      # unrolled: a Python loop over the pieces
         g = jax.grad(ce)(p, x_in[rows], y_in[rows], t_in[rows], w_in[rows])
+        g = jax.tree.unflatten(tdef, keep(jax.tree.leaves(g)))
         p = jax.tree.map(lambda q, r, d: q - r * jnp.clip(d, -c, c), p, al,
                          g)
         losses.append(ce(p, *meta))
@@ -147,7 +153,7 @@ def reference_step(ctx, params, alpha, prepared, *, n_inner, glances,
       for rows in parts:
         g = leaves(grad(tree(p), x_in[rows], y_in[rows], t_in[rows],
                         w_in[rows]))
-        g = [np.clip(d, -c, c) for d in g]
+        g = [np.clip(d, -c, c) for d in keep(g)]
         total = [s + d for s, d in zip(total, g)]
         p = [q - r * d for q, r, d in zip(p, a, g)]
         metas.append((leaves(grad(tree(p), *meta)), total))
@@ -157,7 +163,7 @@ def reference_step(ctx, params, alpha, prepared, *, n_inner, glances,
       gt = [sum(m[0][i] for m in metas) / n for i in range(len(a))]
       ga = [-sum(m[0][i] * m[1][i] for m in metas) / n
             for i in range(len(a))]
-    gt, ga = clip_norm(gt, c), clip_norm(ga, c)
+    gt, ga = clip_norm(keep(gt), c), clip_norm(ga, c)
     a = [r - eta * d for r, d in zip(a, ga)]
     theta = [q - np.maximum(r, 0.0) * d for q, r, d in zip(theta, a, gt)]
   return theta, a
@@ -197,6 +203,51 @@ def test_step_is_algorithm_1(stream, ctx, name):
                                 train=True), b["y"], b["mask"])
   np.testing.assert_allclose(float(loss), float(ce), rtol=1e-5)
   assert int(new.strategy.memory.seen) == 3 * B - 1
+
+
+@pytest.mark.parametrize("name", ["second_final", "first_mean"])
+def test_fixed_weights_of_a_chain_are_constants_of_the_look_ahead(
+    stream, ctx, name):
+  """Beside a member that keeps weights fixed (ctx.freeze, here the
+  head: PackNet's, progressive networks', a frozen latent split), every
+  inner step and theta's step leave them alone, so the meta-loss is
+  scored where the update can go: Algorithm 1 with those weights held
+  constant. Their rates do not learn; the rest differ from the unmasked
+  procedure's."""
+  kw = CONFIGS[name]
+  s, step = stepper(ctx, name)
+  e0 = stream.experiences[0]
+  state = trained(ctx, s, step, e0, 2)
+  prepared = step(state, batch_of(e0, start=2 * B))[2]
+  paths = [jax.tree_util.keystr(k) for k, _ in
+           jax.tree_util.tree_flatten_with_path(state.params)[0]]
+  head = {i for i, k in enumerate(paths) if "head" in k}
+  assert head and len(head) < len(paths)
+  fctx = dataclasses.replace(ctx, freeze=lambda g: {
+      **g, "head": jax.tree.map(jnp.zeros_like, g["head"])})
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  g, ss = jax.jit(lambda st, b: s.update_grads(fctx, st.strategy, zeros,
+                                               st.params, b, None))(
+                                                   state, prepared)
+  theta = [p - float(state.strategy.unit) * d
+           for p, d in zip(leaves(state.params), leaves(g))]
+  want_theta, want_alpha = reference_step(
+      ctx, state.params, state.strategy.alpha, prepared, fixed=head, **kw)
+  free_theta, free_alpha = reference_step(
+      ctx, state.params, state.strategy.alpha, prepared, **kw)
+  for i, (got, want, p0) in enumerate(zip(theta, want_theta,
+                                          leaves(state.params))):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+    if i in head:
+      np.testing.assert_array_equal(got, p0)
+  for i, (got, want, a0) in enumerate(zip(
+      leaves(ss.alpha), want_alpha, leaves(state.strategy.alpha))):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+    if i in head:
+      np.testing.assert_array_equal(got, a0)
+  # Held constant in the look-ahead, the head changes the rest's step.
+  assert max(float(np.abs(w - f).max()) for i, (w, f) in enumerate(
+      zip(want_alpha, free_alpha)) if i not in head) > 1e-5
 
 
 def test_pieces_are_balanced_and_cover_the_batch():

@@ -367,7 +367,11 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
       def meta_objective(theta0, alpha):
         def step(p, piece):
           x, y, task, w = piece
-          g = jax.grad(ce)(p, x, y, task, w)
+          # A chained member's fixed weights (ctx.freeze: PackNet's,
+          # progressive networks', a frozen latent split) stay fixed in
+          # the look-ahead too, so the meta-loss is scored where the
+          # update can go.
+          g = ctx.freeze(jax.grad(ce)(p, x, y, task, w))
           if first_order:
             g = jax.lax.stop_gradient(g)
           p = jax.tree.map(lambda a, r, d: a - r * jnp.clip(d, -clip, clip),
@@ -385,7 +389,7 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
 
       g_theta, g_alpha = jax.grad(meta_objective, argnums=(0, 1))(theta,
                                                                   alpha)
-      g_theta = _clip_global_norm(g_theta, clip)
+      g_theta = _clip_global_norm(ctx.freeze(g_theta), clip)
       g_alpha = _clip_global_norm(g_alpha, clip)
       alpha = jax.tree.map(lambda a, g: a - sstate.alpha_lr * g, alpha,
                            g_alpha)
