@@ -298,17 +298,17 @@ _NO_TASK_GRAD = ("{other} measures importance from the task loss's "
                  "rows without one (its update_grads makes their step), so "
                  "{other}'s penalty stays 0 ({first}+{other} trained "
                  "exactly as {first}+naive)")
-_INNER_FREEZE = ("{other} freezes the layers below its split from the "
-                 "second experience by scaling their gradient to 0 in "
-                 "update_grads, but {first}'s step is an inner loop of SGD "
-                 "steps on every weight, added as one displacement: before "
-                 "{first} the freeze never sees it (the frozen layers moved "
-                 "by up to 1.5), after it the freeze drops the lower part "
-                 "of a step whose upper part was taken with those layers "
-                 "moving, and the new classes are not learned "
-                 "(mer+latent_replay: 0.14-0.41 on each new experience, "
-                 "lamaml+latent_replay: 0.00-0.08, against 0.69-0.91 for "
-                 "latent_replay alone)")
+_INNER_FREEZE = ("{other} slows the layers below its split from the "
+                 "second experience (lower_lr_scale > 0) by scaling their "
+                 "gradient in update_grads, but {first}'s step is an inner "
+                 "loop of SGD steps on every weight, added as one "
+                 "displacement: its look-ahead moves those layers at the "
+                 "full rate, and the scale, a learning rate, is not a mask "
+                 "{first} can apply (frozen, lower_lr_scale=0, the mask is "
+                 "declared and {first} keeps those layers fixed in every "
+                 "step: allowed; before that, frozen layers moved in the "
+                 "look-ahead and the new classes were not learned, "
+                 "lamaml+latent_replay 0.00 on each new experience)")
 _LAMAML_WEIGHTS = ("{other} weights its generated rows against the "
                    "incoming rows' share of one cross-entropy, but {first} "
                    "replaces the incoming rows' gradient by its own clipped "
@@ -530,8 +530,8 @@ _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir")
 # Not refused since session 36: packnet or progressive before them, whose
 # frozen weights moved by 0.69 / 0.37 (lamaml) and 0.61-0.93 (mer): lamaml
 # and mer mask every inner step and the step they add with the chain's
-# masks (ctx.freeze). latent_replay and exstream are refused beside either
-# in both orders (_INNER_FREEZE), so they are not listed here.
+# masks (ctx.freeze), which covers a frozen latent_replay or exstream too
+# (a slowed one is refused beside either in both orders, _INNER_FREEZE).
 _BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem"), ("lamaml", "mer")
 # Ordered: aer_abs copies the weights in its before_experience and restores
 # the copy after each forgetting epoch; a later member's before_experience
@@ -621,8 +621,11 @@ def _check_composable(names: Sequence[str],
             f"from {b}'s by up to 0.01-0.58 and equalled the previous "
             f"experience's); put {b} before {a}, whose copy then holds "
             f"{b}'s weights")
-      if frozenset((a, b)) in _CONFLICTS:
-        first, reason = _CONFLICTS[frozenset((a, b))]
+      first, reason = _CONFLICTS.get(frozenset((a, b)), (None, None))
+      # A frozen split declares its mask, which lamaml and mer apply.
+      if reason is _INNER_FREEZE and {a, b} - {first} <= set(masks):
+        reason = None
+      if reason is not None:
         other = b if first == a else a
         if reason is _LATENTS:  # the later member's latents win
           first, other = a, b

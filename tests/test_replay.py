@@ -1611,8 +1611,8 @@ def test_frozen_lower_part_is_a_declared_mask(stream, spec):
   """Frozen, the lower part's gradient mask is declared (freeze_grads):
   a member after it in a chain that adds gradient (MIR, RAR) reads it as
   ctx.freeze and adds none to the lower part, so that order is allowed
-  (session 36). Slowed, it is a scale, not a mask: nothing is declared
-  and chain() refuses an adder after it."""
+  (session 36), as La-MAML and MER beside it are. Slowed, it is a scale,
+  not a mask: nothing is declared and chain() refuses those."""
   from jaxcl import strategies
   from jaxcl.strategy import Strategy, chain
   kw = {"mem_size": 40}
@@ -1636,8 +1636,17 @@ def test_frozen_lower_part_is_a_declared_mask(stream, spec):
                        jax.random.PRNGKey(0))
   jax.tree.map(lambda g, m: np.testing.assert_array_equal(
       g, 0.0 if m else 2.0), out, lower)
-  # Slowed: no mask declared, and an adder after it is refused.
+  # Slowed: no mask declared, and an adder after it is refused, as is La-MAML
+  # or MER, whose look-ahead would move the lower part at the full rate,
+  # on either side (frozen, they keep it fixed in every inner step).
   assert strategies.get(spec, lower_lr_scale=0.5, **kw).freeze_grads is None
+  for stepper in ("lamaml", "mer"):
+    for order in ((spec, stepper), (stepper, spec)):
+      with pytest.raises(ValueError, match=f"{spec} slows the layers below "
+                         f"its split .* {stepper}'s step is an inner loop"):
+        strategies.from_spec("+".join(order),
+                             {spec: dict(lower_lr_scale=0.5, **kw)})
+      strategies.from_spec("+".join(order), {spec: kw})
   for adder_name in ("mir", "rar"):
     with pytest.raises(ValueError, match=f"{spec} slows the layers below "
                        f"its split .* {adder_name}, after it, adds its own "
