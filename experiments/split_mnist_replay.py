@@ -17,6 +17,14 @@ Protocols (one per paper; picked by ``strategy``):
   paper trains on ~1000 examples per experience (``subset=5000``); the
   default here is the full stream (see docs/notes_replay.md for both).
   Paper: 87.6 % (ER-MIR, memory 500; ER 82.1 %).
+* ``aser`` (Shim et al. 2021, `Online class-incremental continual learning
+  with adversarial Shapley value <https://arxiv.org/abs/2009.00093>`_):
+  MIR's protocol above (MLP 784-400-400-10, PyTorch init, lr 0.1, online
+  batch 10, memory 500, 10 replayed), with the reference code's defaults:
+  ASER_mu (``aser_type=asvm``; ``asv`` for ASER), K = 5 neighbours, 2
+  entries per class in each class-balanced subsample, KNN-SV memory update.
+  The paper has no MNIST number (CIFAR-10/100, Mini-ImageNet); read
+  against MIR and Replay on the same model (docs/notes_replay.md).
 * ``gdumb`` (Prabhu et al. 2020, `GDumb
   <https://doi.org/10.1007/978-3-030-58536-5_31>`_): greedy class-balanced
   memory of 500 or 4400; after each experience a model is trained from
@@ -132,6 +140,7 @@ Commands::
 
   jaxcl run --config experiments/split_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=mir,mem_size=500
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=aser,mem_size=500
   jaxcl run --config experiments/split_mnist_replay.py:strategy=gdumb,mem_size=4400
   jaxcl run --config experiments/split_mnist_replay.py:strategy=generative_replay
   jaxcl run --config experiments/split_mnist_replay.py:strategy=derpp,mem_size=200
@@ -155,7 +164,8 @@ Commands::
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``replayed`` (Replay, ER-ACE, ER-AML, RAR, ER with tricks: memory rows per
 step; 0: 10),
-``plus`` (a plug-in chained in front of the strategy: star, cscct), ``distill``
+``plus`` (a plug-in chained in front of the strategy: star, cscct),
+``aser_type`` (ASER: asvm, asv, neg_sv; empty: asvm), ``distill``
 (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
 anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
@@ -256,7 +266,7 @@ def get_config(arg=None):
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
                 recipe="code", future_ce=True, lam=-1.0, per_example=False,
-                replayed=0, plus="", quick=False)
+                replayed=0, plus="", aser_type="", quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -315,6 +325,16 @@ def get_config(arg=None):
     online(c, a["lr"] or 0.1, init="torch", widths=(400, 400))
     c.strategy.mir = dict(mem_size=m, batch_size=10, candidates=50,
                           lr=a["lr"] or 0.1, exclude_current=True)
+  elif s == "aser":
+    # MIR's protocol (the authors' model and stream, lr 0.1, 10 replayed)
+    # with the ASER code's defaults: K 5, n_smp_cls 2, ASER_mu, the KNN-SV
+    # memory update (general_main.py; README's ASER command).
+    online(c, a["lr"] or 0.1, init="torch", widths=(400, 400))
+    kind = a["aser_type"] or "asvm"
+    c.strategy.aser = dict(mem_size=m, batch_size=10, k=5, n_smp_cls=2,
+                           aser_type=kind)
+    if a["aser_type"]:
+      c.name += f"_{kind}"
   elif s in ("der", "derpp", "xder"):
     online(c, 0.0)  # the learning rate is the table's (or the argument)
     set_der(c, a, DER_ARGS)
@@ -391,8 +411,9 @@ def get_config(arg=None):
     c.name = "split_mnist_dgr" + ("_distill" if a["distill"] else "")
   else:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
-                     "replay, naive, mir, gdumb, latent_replay, exstream, "
-                     "generative_replay, der, derpp, xder, er_ace, er_aml, "
+                     "replay, naive, mir, aser, gdumb, latent_replay, "
+                     "exstream, generative_replay, der, derpp, xder, "
+                     "er_ace, er_aml, "
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks")
   if a["plus"]:
