@@ -31,4 +31,11 @@ ENTRIES = [
                "ViT-B/16: the nearest key picks a task's own E-prompt for "
                "about as many test images as chance would, so prediction "
                "mixes E-prompts (docs/notes_prompt.md)"),
+    Entry(_SM, "SLCA (backbone lr ×0.01, alignment 5 epochs, logit norm "
+          "0.1; SGD 0.01)", "split_mnist_prompt", "strategy=slca",
+          pretrain=_PRE,
+          note="Zhang et al. 2023 on a Fashion-MNIST ViT, 1 epoch, not "
+               "ViT-B/16 for 20: the alignment lowered ACC here (seed 0: "
+               "0.388 with, 0.438 without), not diagnosed "
+               "(docs/notes_prompt.md)"),
 ]
