@@ -31,7 +31,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs", "cscct", "puridiver"),
+               "aer_abs", "cscct", "puridiver", "aser"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -43,6 +43,10 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     # Not in the survey: prompts learned for a frozen pretrained
     # transformer (docs/notes_prompt.md).
     "prompt": ("l2p", "dualprompt", "coda_prompt"),
+    # Not in the survey: a pretrained model fine-tuned whole, the backbone
+    # slowly, its classifier re-aligned on class statistics
+    # (docs/notes_prompt.md).
+    "pretrained": ("slca",),
 }
 
 # The paper each method follows (its module docstring gives the equations).
@@ -213,6 +217,12 @@ PAPERS: dict[str, str] = {
     "l2p": "Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy & Pfister "
            "2022, *Learning to prompt for continual learning*, CVPR (L2P; "
            "google-research/l2p, Mammoth's l2p)",
+    "aser": "Shim, Mai, Jeong, Sanner, Kim & Jang 2021, *Online "
+            "class-incremental continual learning with adversarial Shapley "
+            "value*, AAAI (RaptorMai/online-continual-learning)",
+    "slca": "Zhang, Wang, Kang, Chen & Wei 2023, *SLCA: slow learner "
+            "with classifier alignment for continual learning on a "
+            "pre-trained model*, ICCV (GengDavid/SLCA, Mammoth's slca)",
     "ranpac": "McDonnell, Gong, Parvaneh, Abbasnejad & van den Hengel "
               "2023, *RanPAC: random projections and pre-trained models "
               "for continual learning*, NeurIPS (phase 2; phase 1 as "
@@ -285,6 +295,12 @@ NEEDS: dict[str, str] = {
            "(`strategy.l2p.pretrained`: an .npz of a plain `vit` run from "
            "`jaxcl.pretrained.save`; without one the frozen backbone is "
            "random)",
+    "aser": "`mem_size` at least `n_smp_cls` times the number of "
+            "classes (20 at the defaults with 10 classes)",
+    "slca": "a class-incremental stream, each class in one experience, "
+            "a model with a linear `head` (kernel, bias), and a pretrained "
+            "start (`model.pretrained`: an .npz of a plain run, "
+            "`jaxcl.pretrained`); `C x D x D` covariances in the state",
     "ranpac": "`proj_dim`² floats in the state (400 MB at the paper's "
               "10000; on 2 CPU cores each experience's end then takes "
               "~40 s for the eigendecomposition of the λ search)",
