@@ -36,6 +36,7 @@ ENTRIES = [
           pretrain=_PRE,
           note="Zhang et al. 2023 on a Fashion-MNIST ViT, 1 epoch, not "
                "ViT-B/16 for 20: the alignment lowered ACC here (seed 0: "
-               "0.388 with, 0.438 without), not diagnosed "
-               "(docs/notes_prompt.md)"),
+               "0.388 with, 0.438 without) and raised it with the backbone "
+               "frozen (0.521 against 0.388): old classes' statistics go "
+               "stale as the backbone moves (docs/notes_prompt.md)"),
 ]
