@@ -9,26 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, experiment, models, scenarios, train
+from jaxcl import buffers, experiment, scenarios, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import aser as A
 from jaxcl.strategies._extractor import extract
 from jaxcl.strategies.aser import aser, aser_scores, knn_shapley
 
-B = 10
-
-
-def make_ctx(sc, widths=(32,), lr=0.1):
-  info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer("sgd", lr), info)
-
-
-def batch_of(exp, n=B, start=0):
-  sl = slice(start, start + n)
-  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
-          "task": jnp.asarray(exp.train_task[sl]),
-          "mask": jnp.ones((n,), jnp.float32)}
+from test_replay import B, batch_of, make_ctx
 
 
 def memory_of(exps, n_each, cap):

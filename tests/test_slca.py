@@ -327,6 +327,11 @@ def test_bad_streams_and_models():
   c.model.head = "cosine"
   with pytest.raises(ValueError, match="linear 'head'"):
     jaxcl.run(c, strategy=slca())
+  c = _config()
+  c.model.widths = (6000,)   # 10 x 6000 x 6000 = 360M floats
+  with pytest.raises(ValueError, match=r"slca: 10 classes of 6000-dim.* "
+                     r"covariances .*at most 250000000 floats"):
+    jaxcl.run(c, strategy=slca())
 
 
 def test_repeated_class_is_refused():

@@ -1,7 +1,7 @@
 """A replay memory's arguments and initial state, for the strategies that
 keep their own memory of ``mem_size`` examples and replay ``batch_size`` of
 them each step (DER, FDR, HAL, GSS, STAR, CLS-ER, LiDER, X-DER; RAR and the
-strategies that draw other sizes, A-GEM-R, CaSpeR, MER and MIR, use
+strategies that draw other sizes, A-GEM-R, CaSpeR, MER, MIR and ASER, use
 :func:`init_memory` alone; ER-ACE, ER-AML, the ER tricks, AER/ABS, CoPE,
 PuriDivER and SCR, whose states start otherwise, :func:`replay_sizer`
 alone, as the exemplar strategies do through
@@ -17,11 +17,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxcl import buffers, checks
+from jaxcl.state import cross_entropy
 from jaxcl.train import init_variables
 
-__all__ = ["replay_sizer", "init_memory"]
+__all__ = ["replay_sizer", "init_memory", "add_replay_grads"]
 
 
 def replay_sizer(name: str, mem_size: int, batch_size: int
@@ -67,3 +69,21 @@ def init_memory(ctx, key: jax.Array, mem_size: int,
   k_mem, k_ms = jax.random.split(key)
   _, model_state = init_variables(ctx, k_ms)
   return buffers.init(mem_size, ctx.info.input_shape), model_state, k_mem
+
+
+def add_replay_grads(ctx, model_state: Any, grads: Any, params: Any,
+                     mem: buffers.Memory, idx: jax.Array, ok: jax.Array
+                     ) -> Any:
+  """``grads`` plus the gradient of the mean cross-entropy of the memory
+  rows ``idx`` that are ``ok`` (training mode, under ``model_state``): the
+  two means added, as MIR's and ASER's ``update_grads`` replay. A chained
+  member's fixed weights (``ctx.freeze``: PackNet's, progressive
+  networks') get none of the replayed rows' gradient."""
+
+  def replay_loss(p):
+    logits, _ = ctx.apply(p, model_state, mem.x[idx], mem.task[idx],
+                          train=True)
+    return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32))
+
+  return jax.tree.map(jnp.add, grads,
+                      ctx.freeze(jax.grad(replay_loss)(params)))

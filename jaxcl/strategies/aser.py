@@ -79,9 +79,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
 from jaxcl.strategies._extractor import extract
-from jaxcl.strategies._replay_memory import init_memory
+from jaxcl.strategies._replay_memory import add_replay_grads, init_memory
 from jaxcl.strategies.replay import after_grads, incoming_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 
@@ -365,16 +364,8 @@ def aser(mem_size: int = 500, batch_size: int = 10, k: int = 5,
     if r < batch_size:  # only the random draw has the rows beyond P
       idx = jnp.concatenate([idx, r_idx[r:]])
       ok = jnp.concatenate([ok, r_ok[r:] & early])
-
-    def replay_loss(p):
-      logits, _ = ctx.apply(p, sstate.model_state, mem.x[idx],
-                            mem.task[idx], train=True)
-      return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32))
-
-    # A chained member's fixed weights (ctx.freeze: PackNet's, progressive
-    # networks') get none of the replayed rows' gradient.
-    g_replay = ctx.freeze(jax.grad(replay_loss)(params))
-    return jax.tree.map(jnp.add, grads, g_replay)
+    return add_replay_grads(ctx, sstate.model_state, grads, params, mem,
+                            idx, ok)
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the retrieved rows (update_grads), so the

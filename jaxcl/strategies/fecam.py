@@ -103,11 +103,23 @@ from jaxcl.train import feature_width, init_variables
 
 __all__ = ["fecam", "FeCAMState", "tukey_transform", "shrink_cov",
            "normalize_cov", "class_statistics", "mahalanobis",
-           "MAX_FLOATS"]
+           "MAX_FLOATS", "check_class_matrices"]
 
 # The per-class inverse covariances are C x D x D floats (and the update
 # holds a few D x D matrices more): 250M floats take 1 GB.
 MAX_FLOATS = 250_000_000
+
+
+def check_class_matrices(name: str, classes: int, dim: int,
+                         what: str) -> None:
+  """Refuses ``classes`` ``dim x dim`` matrices in a strategy's state
+  above :data:`MAX_FLOATS` floats, naming the size and the remedy."""
+  if classes * dim * dim > MAX_FLOATS:
+    raise ValueError(
+        f"{name}: {classes} classes of {dim}-dimensional features need "
+        f"{classes} x {dim} x {dim} {what} "
+        f"({4 * classes * dim * dim / 1e9:.1f} GB); use at most "
+        f"{MAX_FLOATS} floats (a narrower backbone)")
 
 
 class FeCAMState(NamedTuple):
@@ -228,11 +240,7 @@ def fecam(tukey: float = 0.5, gamma1: float = 1.0,
     _, model_state = init_variables(ctx, key)
     dim = feature_width(ctx, params, model_state)
     c = info.num_classes
-    if c * dim * dim > MAX_FLOATS:
-      raise ValueError(
-          f"fecam: {c} classes of {dim}-dimensional features need {c} x "
-          f"{dim} x {dim} inverse covariances ({4 * c * dim * dim / 1e9:.1f}"
-          f" GB); use at most {MAX_FLOATS} floats (a narrower backbone)")
+    check_class_matrices("fecam", c, dim, "inverse covariances")
     return FeCAMState(mean=jnp.zeros((c, dim), jnp.float32),
                       precision=jnp.zeros((c, dim, dim), jnp.float32),
                       count=jnp.zeros((c,), jnp.int32),

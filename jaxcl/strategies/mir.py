@@ -45,8 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
-from jaxcl.strategies._replay_memory import init_memory
+from jaxcl.strategies._replay_memory import add_replay_grads, init_memory
 from jaxcl.strategies.replay import after_grads, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 
@@ -136,16 +135,8 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
     idx, ok, _ = retrieve(ctx, params, sstate.model_state, ctx.freeze(grads),
                           mem, key, lr=float(lr), candidates=candidates,
                           k=batch_size, where=where)
-
-    def replay_loss(p):
-      logits, _ = ctx.apply(p, sstate.model_state, mem.x[idx],
-                            mem.task[idx], train=True)
-      return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32))
-
-    # A chained member's fixed weights (ctx.freeze: PackNet's, progressive
-    # networks') get none of the replayed rows' gradient.
-    g_replay = ctx.freeze(jax.grad(replay_loss)(params))
-    return jax.tree.map(jnp.add, grads, g_replay)
+    return add_replay_grads(ctx, sstate.model_state, grads, params, mem,
+                            idx, ok)
 
   def after_step(ctx, sstate, info):
     # after: the gradient read the retrieved rows (update_grads).

@@ -117,7 +117,7 @@ from jaxcl.strategies._class_incremental import (mask_inactive,
                                                  require_class_stream)
 from jaxcl.strategies._epochs import shuffled_batches
 from jaxcl.strategies._extractor import extract
-from jaxcl.strategies.fecam import MAX_FLOATS
+from jaxcl.strategies.fecam import check_class_matrices
 from jaxcl.strategies.icarl import features
 from jaxcl.strategy import Strategy, frozen_update, new_classes
 from jaxcl.train import device_experience, feature_width, init_variables
@@ -344,11 +344,7 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
     _, model_state = init_variables(ctx, k_model)
     dim = feature_width(ctx, params, model_state)
     c = info.num_classes
-    if c * dim * dim > MAX_FLOATS:
-      raise ValueError(
-          f"slca: {c} classes of {dim}-dimensional features need {c} x "
-          f"{dim} x {dim} covariances ({4 * c * dim * dim / 1e9:.1f} GB); "
-          f"use at most {MAX_FLOATS} floats (a narrower backbone)")
+    check_class_matrices("slca", c, dim, "covariances")
     return SLCAState(prev=jax.tree.map(jnp.copy, params),
                      mean=jnp.zeros((c, dim), jnp.float32),
                      cov=jnp.zeros((c, dim, dim), jnp.float32),
