@@ -12,26 +12,9 @@ import time
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-DRIVER = os.path.join(HERE, "resume_driver.py")
+from resume_driver import REPO, assert_same, drive
 
-
-def drive(workdir, out, *args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, DRIVER, str(workdir), str(out),
-                         *map(str, args)], capture_output=True, text=True,
-                        env=env, timeout=600)
-
-
-def assert_same(a, b):
-  a, b = np.load(a), np.load(b)
-  assert sorted(a.files) == sorted(b.files)
-  for k in a.files:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    # Same dtype too: a resumed run's random accuracies were float64
-    # where a fresh run's were float32.
-    assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
+DRIVER = os.path.join(REPO, "tests", "resume_driver.py")
 
 
 @pytest.fixture(scope="module")
