@@ -163,6 +163,17 @@ PROTOCOLS = {
         # cosine matrix and 10 sequential drop rounds.
         ("puridiver", "split_mnist_replay", "strategy=er_ace,mem_size=500",
          _puridiver),
+        # MIR's protocol (MLP 400-400, online batch 10, memory 500) and its
+        # own Naive. MIR: a virtual SGD step, then a forward pass over 50
+        # candidates at both parameters, and 10 replayed rows. ASER (the same
+        # protocol): two forward passes (eval mode) over its class-balanced
+        # subsamples and the incoming rows, a sort of the candidates for each
+        # evaluation point, 10 replayed rows; and the KNN-SV memory update,
+        # another feature pass and sort, after the step.
+        ("naive@mir", "split_mnist_replay", "strategy=mir,mem_size=500",
+         _naive),
+        ("mir", "split_mnist_replay", "strategy=mir,mem_size=500", None),
+        ("aser", "split_mnist_replay", "strategy=aser,mem_size=500", None),
         # GSS's protocol has batch 128 (Mammoth's settings): its own Naive.
         ("naive@gss", "split_mnist_replay", "strategy=gss,mem_size=200",
          _naive),
