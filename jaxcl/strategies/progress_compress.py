@@ -63,7 +63,7 @@ import optax
 from jaxcl import checks
 from jaxcl.models.masked import check_zero_grad_is_zero_update, task_row_grads
 from jaxcl.strategies import _penalty
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, frozen_update
 from jaxcl.train import experience_batches
 
 __all__ = ["PCState", "progress_compress", "KB", "AC"]
@@ -145,9 +145,12 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     del ctx, sstate, key
     return {**batch, "task": jnp.full_like(batch["task"], AC)}
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del ctx, sstate, params, batch, key
-    return task_row_grads(grads, AC, every)  # progress: the AC only
+  def freeze_grads(ctx, sstate, grads):
+    # Progress: the AC only. Declared, so a chained member that projects
+    # (A-GEM, GEM) or adds gradient (MIR, RAR, La-MAML, MER) keeps off
+    # the knowledge base too.
+    del ctx, sstate
+    return task_row_grads(grads, AC, every)
 
   def kb_loss(ctx, params, model_state, ss, x, mask):
     t = temperature
@@ -227,6 +230,7 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     return column_logits(ctx, params, model_state, x, KB)
 
   return Strategy(init=init, prepare_batch=prepare_batch,
-                  update_grads=update_grads,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   after_experience=after_experience, predict=predict,
                   name="progress_compress")
