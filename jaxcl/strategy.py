@@ -30,9 +30,10 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   learned rates), so it runs once.
 * ``freeze_grads(ctx, sstate, grads) -> grads`` or None: for a member
   whose ``update_grads`` only zeroes the gradient of weights it keeps
-  fixed (LFL, Freezing, PackNet, progressive networks, the prompt
-  methods, latent replay's and ExStream's frozen lower part), that mask
-  alone. In a chain, every member's ``update_grads``
+  fixed (LFL, Freezing, PackNet, progressive networks, Progress &
+  Compress's knowledge base while it progresses, the prompt methods,
+  latent replay's and ExStream's frozen lower part, SLCA's old head
+  columns), that mask alone. In a chain, every member's ``update_grads``
   gets a ``ctx`` whose ``freeze`` applies all members' masks: a projector
   (A-GEM, GEM) projects in the subspace of the weights that move, and a
   member that adds another batch's gradient (MIR, RAR) adds it only
