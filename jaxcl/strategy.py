@@ -294,6 +294,17 @@ _ROUTED = ("{first} keeps one whole single-head model per experience and "
            "task id per experience and a model of per-task units or "
            "columns (the model check asks for model.multi_head=True, which "
            "{first} cannot use): the pair cannot be built")
+_KB_MEMORY = ("{other}'s memory rows keep their stored task, which routes "
+              "them through {first}'s knowledge base column (task 0 in a "
+              "class-incremental stream), and {first} masks the knowledge "
+              "base's gradient while it progresses: the memory's gradient "
+              "(replayed, or the reference a projection needs) is 0, so "
+              "{other} does nothing (session 36); chain a member that "
+              "appends replayed rows before {first}, whose prepare_batch "
+              "then routes them to the active column")
+# Members whose update_grads replays memory rows through the model with
+# their stored task (refused beside progress_compress in both orders).
+_KB_REPLAYERS = ("mir", "aser", "agem", "agem_r", "gem")
 _NO_TASK_GRAD = ("{other} measures importance from the task loss's "
                  "gradient, and {first}'s task loss reports the incoming "
                  "rows without one (its update_grads makes their step), so "
@@ -440,6 +451,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("scr", ("latent_replay", "exstream"), _SCR_LATENTS)
   add("scr", ("si",), _TASK_GRAD)
   add("expert_gate", ("hat", "progressive"), _ROUTED)
+  add("progress_compress", _KB_REPLAYERS, _KB_MEMORY)
   add("lamaml", ("si",), _NO_TASK_GRAD)
   # Session 30: MER has La-MAML's pattern (zero task gradient for the
   # incoming rows, its whole step added in update_grads).
@@ -505,7 +517,11 @@ _ALONE = {
            "experience's end by a student distilled from the old and new "
            "models alone on auxiliary data",
 }
-# Ordered: members that append replayed rows after SCR's prepare_batch.
+# Ordered: members that append replayed rows after SCR's prepare_batch,
+# or after progress_compress's (which routes the rows it sees to the
+# active column: rows appended later keep their task, 0 in a
+# class-incremental stream, and go through the knowledge base, whose
+# progress gradient is masked; session 36).
 _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver")
@@ -596,6 +612,17 @@ def _check_composable(names: Sequence[str],
             f"contrastive loss takes only the rows present when its "
             f"prepare_batch runs and the task loss is 0, so the rows {b} "
             f"appends after it train nothing; put {b} before scr")
+      if (a == "progress_compress" and b in _APPENDERS
+          and b not in _KB_REPLAYERS):
+        raise ValueError(
+            f"chain(): progress_compress and {b} cannot be composed in "
+            f"this order: progress_compress's prepare_batch routes the "
+            f"rows present to the active column (their task input), and "
+            f"the rows {b} appends after it keep their stored task, "
+            f"which routes them through the knowledge base, whose "
+            f"gradient progress_compress masks while it progresses, so "
+            f"they train nothing (session 36); put {b} before "
+            f"progress_compress")
       if a in _LOWER_FREEZERS and a not in masks and b in _ADDERS:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "

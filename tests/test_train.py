@@ -324,6 +324,14 @@ def test_chain_rejects_two_predictors():
     ("from_scratch+hat", "from_scratch restores the initial parameters"),
     ("packnet+from_scratch", "from_scratch restores the initial"),
     ("scr+replay", "scr and replay cannot be composed in this order"),
+    # Session 36: rows appended after P&C's routing go through its
+    # knowledge base, masked while it progresses.
+    ("progress_compress+replay", "progress_compress and replay cannot be "
+     "composed in this order: .* they train nothing"),
+    ("progress_compress+derpp", "put derpp before progress_compress"),
+    ("progress_compress+mir", "mir's memory rows keep their stored task, "
+     "which routes them through progress_compress's knowledge base"),
+    ("agem+progress_compress", "agem does nothing"),
     ("exstream+scr", "scr trains only through its contrastive loss"),
     ("si+scr", "si measures importance from the task loss's gradient"),
     ("hat+scr", "hat masks only its own gradient"),
@@ -386,6 +394,7 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "rar+packnet", "rar+latent_replay",
                                   "rar+scr", "rar+freezing", "lider+derpp",
                                   "packnet+lamaml", "progressive+mer",
+                                  "replay+progress_compress",
                                   "mer+latent_replay", "exstream+mer",
                                   "lamaml+latent_replay",
                                   "agem+l2p", "gem+dualprompt",
