@@ -16,6 +16,7 @@ from jaxcl.strategies._extractor import extract
 from jaxcl.strategies.aser import aser, aser_scores, knn_shapley
 
 from test_replay import B, batch_of, make_ctx
+from test_replay import config as replay_config
 
 
 def memory_of(exps, n_each, cap):
@@ -377,15 +378,8 @@ def test_bad_arguments(stream):
 
 
 def config(**kw):
-  c = experiment.default_config()
-  c.model.widths = (32,)
-  c.train.epochs = 1
-  c.train.batch_size = B
-  c.train.eval_batch_size = 100
-  c.report.progress = False
+  c = replay_config("aser", aser=dict(mem_size=40, **kw))
   c.scenario.online = True
-  c.strategy.name = "aser"
-  c.strategy.aser = dict(mem_size=40, **kw)
   return c
 
 

@@ -9,7 +9,6 @@ Gram-Schmidt and the orthogonality term by their formulas. Runs are Split
 Digits (8x8 images, patch 4, dim 16).
 """
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -25,6 +24,7 @@ from jaxcl.strategies.coda_prompt import (coda_prompt, gram_schmidt,
                                           ortho_penalty)
 
 import vit_reference
+from partial_runs import run_first
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
@@ -237,9 +237,7 @@ def _config(**strategy):
 
 
 def _first(c, n):
-  sc = experiment.build_scenario(c)
-  return jaxcl.run(c, scenario=dataclasses.replace(
-      sc, experiences=sc.experiences[:n], eval_experiences=sc.experiences))
+  return run_first(c, n)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ blocks 1-2, so block 1 has both). The strategy is built from its module
 (it is not registered by name here).
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jaxcl.strategies.dualprompt import dualprompt
 from jaxcl.strategies.replay import replay
 
 import vit_reference
+from partial_runs import run_first
 
 BACKBONE = dict(patch=4, dim=16, depth=3, heads=2, mlp_dim=32)
 # Different G / E lengths, so a mixed-up length changes shapes.
@@ -209,10 +209,7 @@ def _config(**vit):
   return c
 
 
-def _first(c, n, strategy):
-  sc = experiment.build_scenario(c)
-  return jaxcl.run(c, strategy=strategy, scenario=dataclasses.replace(
-      sc, experiences=sc.experiences[:n], eval_experiences=sc.experiences))
+_first = run_first
 
 
 @pytest.fixture(scope="module")

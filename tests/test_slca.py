@@ -18,6 +18,8 @@ from jaxcl.strategies.slca import (align_head, alignment_loss,
                                    class_statistics, slca)
 from jaxcl.train import train_step
 
+from partial_runs import run_first
+
 
 def _config(opt="momentum", wd=5e-4):
   c = jaxcl.default_config()   # Split Digits, 5 x 2 classes, MLP 400-400
@@ -28,10 +30,7 @@ def _config(opt="momentum", wd=5e-4):
   return c
 
 
-def _first(c, n, strategy):
-  sc = experiment.build_scenario(c)
-  return jaxcl.run(c, strategy=strategy, scenario=dataclasses.replace(
-      sc, experiences=sc.experiences[:n], eval_experiences=sc.experiences))
+_first = run_first
 
 
 @pytest.fixture(scope="module")
