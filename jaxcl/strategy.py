@@ -274,14 +274,18 @@ _HEAD_OWNER = ("{first} freezes part of the model (LFL: the output layer; "
                "Freezing: the backbone) and restores it after every update, "
                "and {other} writes those weights outside the training step "
                "(CWR*'s consolidated weights, PackNet's retraining at each "
-               "experience's end): each undoes the other's")
+               "experience's end, SLCA's fresh head columns at each "
+               "experience's start and its alignment at the end): each "
+               "undoes the other's")
 _ANCHOR = ("{other} anchors each new ensemble member to the previous "
            "member's weights, so the ensemble becomes copies of its first "
            "model")
 _RESET = ("{first} restores the initial parameters and model state before "
           "every experience after the first, which overwrites what {other} "
           "keeps for earlier tasks (reserved units, owned or frozen weights, "
-          "task embeddings, the backbone under per-task heads)")
+          "task embeddings, the backbone under per-task heads, SLCA's old "
+          "head columns, or its copy of the weights, which it writes "
+          "back)")
 _SCR_LATENTS = ("{first} trains only through its contrastive loss on the "
                 "backbone's features and sets the task loss to 0, while "
                 "{other}'s latents train only the layers above its split and "
@@ -368,6 +372,22 @@ _GROUP_SOFTMAX_LATENTS = (
     "(ss_il+latent_replay: 0.00 on each new experience, both orders, 3 "
     "seeds; +exstream the same, 2 seeds; against 0.10-0.96 for ss_il alone "
     "and 0.68-0.96 for latent_replay or exstream alone)")
+_FULL_SOFTMAX_ADDED = ("{other} adds the gradient of a cross-entropy over "
+                       "all classes on rows of its memory, which is filled "
+                       "every step and so holds the current classes' rows, "
+                       "while {first} trains the incoming rows over the "
+                       "current classes only: no new class was predicted "
+                       "at the end of its experience (ss_il with aser or "
+                       "mir, both orders: 0.00 on each new experience, "
+                       "against 0.10-0.73 for ss_il alone; session 36)")
+_UNSEEN_ADDED = ("{first} scores its rows over the classes seen so far, "
+                 "while {other} adds the gradient of its memory rows' "
+                 "cross-entropy over all classes outside {first}'s loss: "
+                 "no new class was predicted at the end of its experience "
+                 "(lucir with aser, both orders: 0.00-0.01 on each new "
+                 "experience, ACC 0.30-0.36 over 3 seeds against 0.45-0.53 "
+                 "for lucir alone; with mir the same; session 36). Chain "
+                 "replay instead, whose rows go through {first}'s loss")
 _FULL_SOFTMAX_MEMORY = ("{other} keeps the memory's cross-entropy over all "
                         "classes from rising, while {first} trains the "
                         "incoming rows over the current classes only: no "
@@ -400,10 +420,12 @@ _PROTOTYPE_REFIT = ("{first} trains the model's outputs as an embedding "
                     "(cope+puridiver, 3 seeds: 0.06-0.37 against 0.60-0.70 "
                     "for cope alone and 0.50-0.70 for puridiver alone; "
                     "0.56-0.58 with the fitting off)")
-_FIT_MOVES_FROZEN = ("{first} keeps part of the model fixed (LFL: the "
-                     "output layer; Freezing: the backbone; latent replay / "
-                     "ExStream: the layers below the latent layer, whose "
-                     "stored latents depend on them), and {other}'s buffer "
+_FIT_MOVES_FROZEN = ("{first} keeps part of the model fixed or slow (LFL: "
+                     "the output layer; Freezing: the backbone; latent "
+                     "replay / ExStream: the layers below the latent layer, "
+                     "whose stored latents depend on them; SLCA: the old "
+                     "classes' head columns and the backbone it slows), and "
+                     "{other}'s buffer "
                      "fitting at each experience's end trains every weight "
                      "outside the training step, that part included (moved "
                      "by 0.29-1.31 per experience in session 33's probe)")
@@ -431,7 +453,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
-              "lamaml", "clser", "rar", "aer_abs"), _HAT_LEAK)
+              "lamaml", "clser", "rar", "aer_abs", "aser"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
@@ -441,13 +463,13 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar", "aer_abs"),
+                "lamaml", "rar", "aer_abs", "aser"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
   add("ensemble", ("ewc", "mas", "online_ewc", "rwalk"), _ANCHOR)
   add("from_scratch", ("hat", "packnet", "progressive", "hypernetwork",
-                       "multihead", "expert_gate"), _RESET)
+                       "multihead", "expert_gate", "slca"), _RESET)
   add("scr", ("latent_replay", "exstream"), _SCR_LATENTS)
   add("scr", ("si",), _TASK_GRAD)
   add("expert_gate", ("hat", "progressive"), _ROUTED)
@@ -495,6 +517,12 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
     add(first, ("puridiver",), _FIT_MOVES_FROZEN)
   add("lfl", ("cwr_star", "ar1", "packnet"), _HEAD_OWNER)
   add("freezing", ("packnet",), _HEAD_OWNER)
+  # Session 36's fuzz of aser and slca (docs/composition_fuzz.md; mir by
+  # the same code path as aser, measured at seed 0).
+  add("ss_il", ("mir", "aser"), _FULL_SOFTMAX_ADDED)
+  add("lucir", ("mir", "aser"), _UNSEEN_ADDED)
+  add("lfl", ("slca",), _HEAD_OWNER)
+  add("slca", ("puridiver",), _FIT_MOVES_FROZEN)
   return table
 
 
@@ -538,7 +566,8 @@ _APPENDERS = ("replay", "gss", "mir", "der", "derpp", "er_ace", "er_aml",
 # first: 0.0). Frozen (the default, 0), the lower part is restored after
 # every update and its mask is declared (freeze_grads), which rar and mir
 # apply to what they add, so that order is allowed since session 36.
-_LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir")
+_LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir",
+                                                            "aser")
 # Ordered: lamaml's and mer's task losses give the incoming rows no
 # gradient and their update_grads adds their whole step to the gradient it
 # receives, so a member before them that projects the gradient acts on the
@@ -579,7 +608,7 @@ _TEACHER_SAVERS = (
     "eeil", "generative_replay", "generative_negative_replay", "freezing",
     "ewc", "online_ewc", "mas", "rwalk", "fdr", "xder", "hal",
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
-    "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc")
+    "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca")
 _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # Not refused since session 35: a projector beside a member that zeroes
 # part of the gradient and restores those weights (lfl, freezing, l2p,

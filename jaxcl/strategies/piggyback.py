@@ -42,7 +42,7 @@ from jaxcl.models.masked import (binary_masks, check_zero_grad_is_zero_update,
                                  head_task_grads, score_leaves,
                                  task_row_grads)
 from jaxcl.state import masked_logits
-from jaxcl.strategy import Strategy, check_task_seen
+from jaxcl.strategy import Strategy, check_task_seen, frozen_update
 
 
 class MaskState(NamedTuple):
@@ -128,8 +128,11 @@ def mask_strategy(name: str, kind: str | tuple[str, ...], pretrained: str,
     ss = ss._replace(task=jnp.asarray(t, jnp.int32), loaded=jnp.asarray(True))
     return state.replace(model_state=model_state, strategy=ss)
 
-  def update_grads(ctx, sstate, grads, params, batch, key):
-    del params, batch, key
+  def freeze_grads(ctx, sstate, grads):
+    # A mask (the current task's scores and head only), declared so that a
+    # chained member adding gradient (MIR, RAR, ASER) or projecting it
+    # keeps off the other tasks' scores too (session 36's fuzz: mir and
+    # aser after piggyback moved an earlier task's scores).
     grads = task_row_grads(grads, sstate.task, _is_scores)
     if not ctx.model.masked_head:  # one trainable head per task
       grads = head_task_grads(grads, sstate.task, ctx.model.num_tasks)
@@ -157,7 +160,8 @@ def mask_strategy(name: str, kind: str | tuple[str, ...], pretrained: str,
                         all_masks(ctx, sstate, params))
 
   return Strategy(init=init, before_experience=before_experience,
-                  update_grads=update_grads,
+                  update_grads=frozen_update(freeze_grads),
+                  freeze_grads=freeze_grads,
                   after_experience=after_experience,
                   predict=predict or gg_predict, name=name)
 
