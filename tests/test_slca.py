@@ -272,6 +272,9 @@ def test_run_compiles_once_and_beats_naive():
   assert r.metrics["acc"] > plain.metrics["acc"] + 0.1
 
 
+# Slow: tests/test_resume_every_strategy.py's audit covers SLCA too (three
+# kill plans); this in-process check costs 25-55 s of the CI budget.
+@pytest.mark.slow
 def test_resume_at_an_experience_boundary_is_bit_identical(tmp_path):
   c = _config()
   c.report.plots = False
