@@ -407,7 +407,7 @@ def test_chain_refuses_compositions_that_are_silently_wrong(spec, match):
                                   "rar+packnet", "rar+latent_replay",
                                   "rar+scr", "rar+freezing", "lider+derpp",
                                   "packnet+lamaml", "progressive+mer",
-                                  "replay+progress_compress",
+                                  "replay+progress_compress", "scr+mir",
                                   "mer+latent_replay", "exstream+mer",
                                   "lamaml+latent_replay",
                                   "agem+l2p", "gem+dualprompt",
