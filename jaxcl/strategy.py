@@ -406,11 +406,13 @@ _HAT_GATE_SCALE = ("{other} runs the model in training mode on a model "
                    "(hat+cscct: 0.49-0.57 on tasks 1-3 and 0.64-0.70 over "
                    "3 seeds, against 0.96-0.98 for hat alone; casper+hat "
                    "0.65-0.66)")
-_REPEATED_CLASSES = ("{first} distils the features of each experience's new "
-                     "classes and refuses classes it has seen before at an "
-                     "experience's start, and {other} brings every earlier "
-                     "experience's classes again: the run would stop at "
-                     "the second experience, after the first has trained")
+_REPEATED_CLASSES = ("{first} works on each experience's new classes "
+                     "(CSCCT distils their features; SLCA gives them a "
+                     "fresh head and statistics) and refuses classes it "
+                     "has seen before at an experience's start, and "
+                     "{other} brings every earlier experience's classes "
+                     "again: the run would stop at the second experience, "
+                     "after the first has trained")
 
 _PROTOTYPE_REFIT = ("{first} trains the model's outputs as an embedding "
                     "and predicts by the nearest of its class prototypes, "
@@ -523,6 +525,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("lucir", ("mir", "aser"), _UNSEEN_ADDED)
   add("lfl", ("slca",), _HEAD_OWNER)
   add("slca", ("puridiver",), _FIT_MOVES_FROZEN)
+  add("slca", ("cumulative",), _REPEATED_CLASSES)
   return table
 
 

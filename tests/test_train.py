@@ -343,6 +343,8 @@ def test_chain_rejects_two_predictors():
     ("from_scratch+slca", "from_scratch restores the initial parameters"),
     ("slca+lfl", "lfl freezes part of the model .* SLCA's fresh head"),
     ("puridiver+slca", "slca keeps part of the model fixed or slow"),
+    ("cumulative+slca", "slca works on each experience's new classes .* "
+     "the run would stop at the second experience"),
     ("slca+eeil", "slca and eeil cannot be composed in this order: slca "
      "keeps a copy of the model"),
     ("exstream+scr", "scr trains only through its contrastive loss"),
@@ -891,8 +893,8 @@ def test_chain_refuses_aer_abs_compositions_that_are_silently_wrong(
     ("hat+casper", "casper runs the model in training mode"),
     ("cscct+cumulative", "cumulative brings every earlier experience's "
      "classes again"),
-    ("cumulative+cscct", "cscct distils the features of each experience's "
-     "new classes"),
+    ("cumulative+cscct", "cscct works on each experience's new classes "
+     r"\(CSCCT distils their features"),
     ("cscct+eeil", "cscct and eeil cannot be composed in this order: .* "
      "put eeil before cscct"),
     ("cscct+packnet", "put packnet before cscct"),
