@@ -77,7 +77,7 @@ def add_replay_grads(ctx, model_state: Any, grads: Any, params: Any,
   """``grads`` plus the gradient of the mean cross-entropy of the memory
   rows ``idx`` that are ``ok`` (training mode, under ``model_state``): the
   two means added, as MIR's and ASER's ``update_grads`` replay. A chained
-  member's fixed weights (``ctx.freeze``: PackNet's, progressive
+  member's fixed weights (``ctx.freeze``: e.g. PackNet's, progressive
   networks') get none of the replayed rows' gradient."""
 
   def replay_loss(p):

@@ -19,11 +19,10 @@ drawn examples per experience, stored when the experience ends, so while
 training experience ``t`` the sample comes from experiences ``< t`` only.
 While the memory is empty ``g_ref = 0`` and ``g`` is used unchanged.
 
-In a chain beside a member that keeps weights fixed (LFL, Freezing,
-PackNet, progressive networks, the prompt methods: their
-``freeze_grads``), ``g_ref`` is first masked to the
-weights that move (``ctx.freeze``), so the projection holds on them in
-either order (the same for A-GEM-R and GEM).
+In a chain beside a member that keeps weights fixed (one that declares
+``freeze_grads``; :mod:`jaxcl.strategy` lists them), ``g_ref`` is first
+masked to the weights that move (``ctx.freeze``), so the projection
+holds on them in either order (the same for A-GEM-R and GEM).
 
 References:
   Chaudhry, Ranzato, Rohrbach & Elhoseiny, `Efficient Lifelong Learning

@@ -63,12 +63,12 @@ early experiences cost less and the first costs nothing extra.
   CPU (``benchmarks/gem.py --runs 3``; docs/notes_hybrid.md).
 
 .. note::
-  Beside a member that keeps weights fixed (LFL, Freezing, PackNet,
-  progressive networks, the prompt methods: their ``freeze_grads``),
-  each memory gradient is masked to the
-  weights that move (``ctx.freeze``), so the constraints hold on them in
-  either order; that case forms the gradients (the stacked path), since
-  the factored Gram has no per-weight mask.
+  Beside a member that keeps weights fixed (one that declares
+  ``freeze_grads``; :mod:`jaxcl.strategy` lists them), each memory
+  gradient is masked to the weights that move (``ctx.freeze``), so the
+  constraints hold on them in either order; that case forms the
+  gradients (the stacked path), since the factored Gram has no
+  per-weight mask.
 
 References:
   Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning

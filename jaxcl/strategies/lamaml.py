@@ -367,7 +367,7 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
       def meta_objective(theta0, alpha):
         def step(p, piece):
           x, y, task, w = piece
-          # A chained member's fixed weights (ctx.freeze: PackNet's,
+          # A chained member's fixed weights (ctx.freeze: e.g. PackNet's,
           # progressive networks', a frozen latent split) stay fixed in
           # the look-ahead too, so the meta-loss is scored where the
           # update can go.

@@ -205,7 +205,7 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
       out = ctx.logits(p, sstate.model_state, x, task, train=True)
       return cross_entropy(out, y, w)
 
-    # A chained member's fixed weights (ctx.freeze: PackNet's, progressive
+    # A chained member's fixed weights (ctx.freeze: e.g. PackNet's, progressive
     # networks', a frozen latent split) take no step, inner or outer: the
     # Reptile mixes then leave them where they are.
     grad = lambda *a: ctx.freeze(jax.grad(ce)(*a))
