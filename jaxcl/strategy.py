@@ -38,6 +38,13 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   (A-GEM, GEM) projects in the subspace of the weights that move, and a
   member that adds another batch's gradient (MIR, RAR) adds it only
   there, whatever their places in the chain.
+* ``scale_updates(ctx, sstate, updates) -> updates`` or None: scales the
+  optimiser's update (optax's ``updates``, the step the optimiser would
+  add) before it is applied, inside jit: a parameter group's learning
+  rate for every optimiser, whose moment estimates still see the whole
+  gradient (SLCA's slow backbone). A gradient scale is one only for plain
+  SGD: Adam is invariant to it. A chain applies its members' scales left
+  to right; look-ahead losses see the scaled step.
 * ``project_params(ctx, sstate, params) -> params``: applied to the
   parameters right after the optimiser update, inside jit (constraints on
   the weights themselves: HAT's embedding clamp, PackNet restoring frozen
@@ -226,6 +233,7 @@ class Strategy(NamedTuple):
   lookahead_loss: Optional[Callable[..., Any]] = None
   grads_state: bool = False
   freeze_grads: Optional[Callable[..., Any]] = None
+  scale_updates: Optional[Callable[..., Any]] = None
 
 
 def update_grads_and_state(strategy: Strategy, ctx, sstate, grads, params,
@@ -721,7 +729,8 @@ def chain(*strategies: Strategy) -> Strategy:
   replay(...))`` projects the replayed batch's gradient as
   ``chain(replay(...), gem(...))`` does. Each ``after_step`` and
   experience hook updates its own slot; ``project_params`` applies left to
-  right; look-ahead losses add up (all at the same ``ΔΘ``). At most one
+  right, as do ``scale_updates``; look-ahead losses add up (all at the
+  same ``ΔΘ``). At most one
   member may define ``predict``, and at most one ``task_loss``.
 
   Compositions known to train while silently undoing or dropping a
@@ -818,6 +827,17 @@ def chain(*strategies: Strategy) -> Strategy:
       subs.append(ss)
     return (grads, tuple(subs)) if grads_state else grads
 
+  scalers = [(i, s) for i, s in enumerate(strategies)
+             if s.scale_updates is not None]
+  scale_updates = None
+  if scalers:
+
+    def scale_updates(ctx, sstate, updates):
+      check(sstate)
+      for i, s in scalers:
+        updates = s.scale_updates(ctx, sstate[i], updates)
+      return updates
+
   def project_params(ctx, sstate, params):
     check(sstate)
     for s, ss in zip(strategies, sstate):
@@ -876,4 +896,5 @@ def chain(*strategies: Strategy) -> Strategy:
       lookahead_loss=lookahead_loss,
       grads_state=grads_state,
       freeze_grads=freeze_grads,
+      scale_updates=scale_updates,
   )

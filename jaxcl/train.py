@@ -414,6 +414,8 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
     # (its state is not advanced), held constant; the penalty's gradient
     # is taken at Θ + ΔΘ and added (von Oswald et al. 2020, eq. 2).
     delta, _ = ctx.tx.update(grads, state.opt_state, state.params)
+    if strategy.scale_updates is not None:
+      delta = strategy.scale_updates(ctx, state.strategy, delta)
     delta = jax.lax.stop_gradient(delta)
     ahead, ahead_grads = jax.value_and_grad(
         lambda p: strategy.lookahead_loss(
@@ -433,6 +435,8 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   grads, stepped = update_grads_and_state(strategy, ctx, state.strategy,
                                          grads, state.params, batch, k_grad)
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+  if strategy.scale_updates is not None:
+    updates = strategy.scale_updates(ctx, state.strategy, updates)
   params = optax.apply_updates(state.params, updates)
   params = strategy.project_params(ctx, state.strategy, params)
   sstate = strategy.after_step(

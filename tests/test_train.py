@@ -961,3 +961,55 @@ def test_writer_first_and_immune_savers_are_accepted(spec):
   # (si's anchor, aer_abs's) or never from the weights (rpc's memory).
   from jaxcl import strategies
   assert strategies.from_spec(spec)[0].name == spec
+
+
+def test_scale_updates_scales_the_optimisers_step_and_the_lookahead(digits):
+  """``scale_updates`` multiplies the optimiser's update, not the gradient:
+  under Adam (invariant to a gradient scale) the step is exactly the scale
+  times the plain one while the moments are the plain ones; a chain applies
+  its members' scales in turn, and a look-ahead penalty is taken at the
+  scaled step."""
+  c = quick_config(**{"optimizer.name": "adam",
+                      "optimizer.learning_rate": 1e-3})
+  s = experiment.setup(c, scenarios.split(digits, 5))
+  ctx, exp = s.learner.ctx, s.scenario.experiences[0]
+  batch = {"x": jnp.asarray(exp.train_x[:16]),
+           "y": jnp.asarray(exp.train_y[:16]),
+           "task": jnp.asarray(exp.train_task[:16]),
+           "mask": jnp.ones((16,), jnp.float32),
+           "index": jnp.arange(16, dtype=jnp.int32)}
+
+  def scaler(f, name):
+    return Strategy(scale_updates=lambda ctx, ss, u: jax.tree.map(
+        lambda a: f * a, u), name=name)
+
+  # A look-ahead penalty linear in the weights: its value at θ + s·Δθ
+  # reads s·⟨c, Δθ⟩ off the step's loss.
+  coef = jax.tree.map(lambda p: jnp.full_like(p, 1e-2),
+                      train.init_state(ctx, Strategy(), 0).params)
+  looker = Strategy(lookahead_loss=lambda ctx, ss, p, b: sum(
+      jnp.vdot(a, w) for a, w in zip(jax.tree.leaves(coef),
+                                     jax.tree.leaves(p))), name="looker")
+
+  def step(strategy):
+    state = train.init_state(ctx, strategy, 0)
+    new, loss = jax.jit(lambda st: train.train_step(ctx, strategy, st,
+                                                    batch))(state)
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                         new.params, state.params)
+    return delta, new.opt_state, float(loss)
+
+  plain, opt_plain, _ = step(Strategy())
+  for strategy, f in ((scaler(0.25, "q"), 0.25),
+                      (chain(scaler(0.5, "h1"), scaler(3.0, "h2")), 1.5)):
+    delta, opt, _ = step(strategy)
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(plain)):
+      assert np.abs(b).max() > 1e-5
+      np.testing.assert_allclose(a, f * b, rtol=1e-3, atol=1e-8)
+    for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(opt_plain)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, _, full = step(looker)
+  _, _, none = step(chain(scaler(0.0, "z"), looker))
+  _, _, half = step(chain(scaler(0.5, "h"), looker))
+  assert abs(full - none) > 1e-4
+  np.testing.assert_allclose(half - none, 0.5 * (full - none), rtol=1e-2)

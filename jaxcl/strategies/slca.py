@@ -8,10 +8,11 @@ when the experience ends.
 **Slow learner.** The backbone ``θ`` learns with a learning rate ``s``
 times the head's (``s`` = ``backbone_lr_scale``; the paper's 1e-4 against
 1e-2: ``s = 0.01``). Here the backbone's *update* is scaled, not its
-gradient: with ``θ'`` the optimiser's result from ``θ``,
+gradient (the engine's ``scale_updates`` hook): with ``u`` the optimiser's
+update from ``θ``,
 
 .. math::
-   \\theta \\leftarrow \\theta + s\\,(\\theta' - \\theta),
+   \\theta \\leftarrow \\theta + s\\,u,
 
 which is a per-parameter-group learning rate (PyTorch's) for every
 optimiser of the engine: SGD, momentum, Adam and AdamW all end in
@@ -19,17 +20,16 @@ optimiser of the engine: SGD, momentum, Adam and AdamW all end in
 unscaled gradient, as in a parameter group. (A gradient scale would be one
 for SGD and momentum without weight decay only: Adam is invariant to it,
 and coupled weight decay would act at the full rate.) ``s = 0`` freezes
-the backbone (the reference's ``fix_bcb``). ``θ`` is the state's copy of
-the parameters after the previous step (``prev``; a second copy of the
-model).
+the backbone (the reference's ``fix_bcb``). No copy of the model is kept
+for it.
 
 **Training loss.** Each experience's classes get a new head (the
 reference's per-task ``nn.Linear``: kernel ``0.02 · N(0, 1)``, bias 0);
 the cross-entropy is over the current experience's classes only
 (``train_mask``; the reference's ``logits[:, known:]``), and the other
-classes' head columns are fixed (zero gradient, and restored after every
-update so weight decay and momentum cannot move them; the reference leaves
-old heads out of the optimiser).
+classes' head columns are fixed (zero gradient, and a zero update, so
+weight decay and momentum cannot move them; the reference leaves old heads
+out of the optimiser).
 
 **Class statistics.** When experience ``t`` ends, for each of its classes
 ``c``, the features ``f(x)`` of its training rows (the updated backbone,
@@ -122,7 +122,7 @@ from jaxcl.strategies.icarl import features
 from jaxcl.strategy import Strategy, frozen_update, new_classes
 from jaxcl.train import device_experience, feature_width, init_variables
 
-__all__ = ["slca", "SLCAState", "slow_update", "class_statistics",
+__all__ = ["slca", "SLCAState", "slow_updates", "class_statistics",
            "normalised_logits", "alignment_loss", "align_head",
            "HEAD_STD"]
 
@@ -131,7 +131,6 @@ _NORM_EPS = 1e-7  # both codes' "+ 1e-7" on each experience's logit norm
 
 
 class SLCAState(NamedTuple):
-  prev: Any             # like params: the parameters after the last step
   mean: jax.Array       # float32 (C, D): μ_c
   cov: jax.Array        # float32 (C, D, D): Σ_c (+ ε I)
   class_exp: jax.Array  # int32 (C,): each class's experience, -1 unseen
@@ -142,25 +141,22 @@ class SLCAState(NamedTuple):
   key: jax.Array        # PRNG key of new heads and sampled features
 
 
-def slow_update(prev: dict, params: dict, current: jax.Array,
-                scale: float) -> dict:
-  """The parameters after a step: the backbone (every part but ``head``)
-  at ``prev + scale · (params - prev)``, the head's columns of
-  ``current`` (bool ``(C,)``) as the optimiser left them and its other
-  columns at ``prev``."""
+def slow_updates(updates: dict, current: jax.Array, scale: float) -> dict:
+  """The optimiser's ``updates`` as SLCA applies them: the backbone's
+  (every part but ``head``) times ``scale``, the head's columns of
+  ``current`` (bool ``(C,)``) whole and its other columns zero (``where``,
+  not a product, so they stay bit for bit)."""
   out = {}
-  for name, new in params.items():
-    old = prev[name]
+  for name, u in updates.items():
     if name == "head":
-      out[name] = {"kernel": jnp.where(current[None, :], new["kernel"],
-                                       old["kernel"]),
-                   "bias": jnp.where(current, new["bias"], old["bias"])}
+      out[name] = {"kernel": jnp.where(current[None, :], u["kernel"], 0.0),
+                   "bias": jnp.where(current, u["bias"], 0.0)}
     elif scale == 0:
-      out[name] = old
+      out[name] = jax.tree.map(jnp.zeros_like, u)
     elif scale == 1:
-      out[name] = new
+      out[name] = u
     else:
-      out[name] = jax.tree.map(lambda o, n: o + scale * (n - o), old, new)
+      out[name] = jax.tree.map(lambda a: scale * a, u)
   return out
 
 
@@ -345,8 +341,7 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
     dim = feature_width(ctx, params, model_state)
     c = info.num_classes
     check_class_matrices("slca", c, dim, "covariances")
-    return SLCAState(prev=jax.tree.map(jnp.copy, params),
-                     mean=jnp.zeros((c, dim), jnp.float32),
+    return SLCAState(mean=jnp.zeros((c, dim), jnp.float32),
                      cov=jnp.zeros((c, dim, dim), jnp.float32),
                      class_exp=jnp.full((c,), -1, jnp.int32),
                      current=jnp.zeros((c,), bool),
@@ -367,7 +362,7 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
     head = {"kernel": jnp.where(current[None, :], fresh, head["kernel"]),
             "bias": jnp.where(current, 0.0, head["bias"])}
     params = {**params, "head": head}
-    ss = ss._replace(prev=jax.tree.map(jnp.copy, params), current=current,
+    ss = ss._replace(current=current,
                      class_exp=jnp.where(current, index, ss.class_exp),
                      aligned=jnp.zeros((), bool))
     return ss, params
@@ -391,13 +386,9 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
              for k, v in out.items()}
     return out
 
-  def project_params(ctx, sstate, params):
+  def scale_updates(ctx, sstate, updates):
     del ctx
-    return slow_update(sstate.prev, params, sstate.current, scale)
-
-  def after_step(ctx, sstate, info):
-    del ctx
-    return sstate._replace(prev=info.params_after)
+    return slow_updates(updates, sstate.current, scale)
 
   @functools.partial(jax.jit, static_argnums=0)
   def finish(ctx, ss, params, model_state, x, y, task, n_valid, index):
@@ -435,7 +426,7 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=_prompt.task_loss("slca", train_mask),
                   update_grads=frozen_update(freeze_grads),
-                  freeze_grads=freeze_grads, project_params=project_params,
-                  after_step=after_step, after_experience=after_experience,
+                  freeze_grads=freeze_grads, scale_updates=scale_updates,
+                  after_experience=after_experience,
                   predict=predict, name="slca")
 
