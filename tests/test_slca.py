@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxcl
-from jaxcl import experiment
+from jaxcl import experiment, train
 from jaxcl.strategies.slca import (align_head, alignment_loss,
                                    class_statistics, slca)
 from jaxcl.train import train_step
@@ -131,11 +131,14 @@ def test_alignment_has_finite_gradients_with_experiences_to_come():
   np.testing.assert_array_equal(k[:, 4:], np.asarray(head["kernel"])[:, 4:])
 
 
-def _step(c, r, scale):
+def _step(c, r, scale, opt):
   """One training step of experience 1 from ``r``'s state after
-  experience 0 (the same state and batch whatever ``scale``)."""
+  experience 0 (the same state and batch whatever ``scale``), with a fresh
+  optimiser ``opt`` (``_config(opt)``'s)."""
   strategy = slca(backbone_lr_scale=scale)
-  ctx = r.learner.ctx
+  o = _config(opt).optimizer
+  ctx = dataclasses.replace(r.learner.ctx, tx=train.make_optimizer(
+      opt, o.learning_rate, weight_decay=o.weight_decay))
   exp = experiment.build_scenario(c).experiences[1]
   state = strategy.before_experience(ctx, r.state, exp)
   state = state.replace(opt_state=ctx.tx.init(state.params))
@@ -149,16 +152,15 @@ def _step(c, r, scale):
 
 
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
-def test_backbone_update_is_scale_times_the_optimisers(opt):
+def test_backbone_update_is_scale_times_the_optimisers(runs, opt):
   """A parameter group's learning rate: the backbone moves by exactly
   ``s`` times what the optimiser (with momentum, weight decay or Adam's
   moments) moves it at ``s = 1``; the current head columns move as the
   optimiser says, the other columns not at all."""
-  c = _config(opt)
+  c, r, _ = runs   # after experience 0; each optimiser starts afresh
   s = 0.25
-  r = _first(c, 1, slca())
-  before, full = _step(c, r, 1.0)
-  before_s, slow = _step(c, r, s)
+  before, full = _step(c, r, 1.0, opt)
+  before_s, slow = _step(c, r, s, opt)
   for a, b in zip(leaves(before.params), leaves(before_s.params)):
     np.testing.assert_array_equal(a, b)   # the same start
   cur = np.zeros(10, bool)
