@@ -5,26 +5,126 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def jaxcl(*args, cwd):
+def _env() -> dict[str, str]:
   env = dict(os.environ)
   env.pop("JAXCL_DATA_DIR", None)  # the default must need no data files
+  return env
+
+
+def jaxcl(*args, cwd):
+  """``python -m jaxcl.cli ARGS`` in its own process."""
   return subprocess.run([sys.executable, "-m", "jaxcl.cli", *args], cwd=cwd,
-                        capture_output=True, text=True, env=env, timeout=300)
+                        capture_output=True, text=True, env=_env(),
+                        timeout=300)
+
+
+# Most commands here fail early or train for a second, and a new process
+# spends ~2 s importing jax and jaxcl first: those run in children forked
+# from one process that imported them once, before any JAX backend exists
+# (so forking is safe; asserted). Each child runs jaxcl.cli.main as the
+# `jaxcl` console script does, with its own argv, directory, environment,
+# stdout and stderr; an exception that escapes prints its traceback, as
+# the interpreter would. test_default_run_writes_outputs and the --help
+# test run `python -m jaxcl.cli` itself.
+_FORKER = r"""
+import json, os, sys, traceback
+import jaxcl, jaxcl.cli, jaxcl.experiment, jaxcl.strategies, jaxcl.sweep
+from jax._src import xla_bridge
+# (A private name: if a JAX version drops it, the check is skipped.)
+assert not getattr(xla_bridge, "_backends", None), \
+    "a JAX backend started before the fork"
+for line in sys.stdin:
+  req = json.loads(line)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      os.chdir(req["cwd"])
+      os.environ.clear()
+      os.environ.update(req["env"])
+      for fd, path in ((1, req["out"]), (2, req["err"])):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+      sys.argv = ["jaxcl", *req["args"]]
+      try:
+        jaxcl.cli.main()
+        code = 0
+      except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+          code = e.code or 0
+        else:
+          print(e.code, file=sys.stderr)
+      except BaseException:
+        traceback.print_exc()
+    finally:
+      try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+      finally:
+        os._exit(code)
+  _, status = os.waitpid(pid, 0)
+  print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+  """``forked(*args, cwd=...)``: the ``jaxcl`` command in a forked child
+  (see _FORKER), returning what ``jaxcl`` returns."""
+  import select
+  home = tmp_path_factory.mktemp("forker")
+  proc = subprocess.Popen([sys.executable, "-c", _FORKER], cwd=home,
+                          env=_env(), stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  n = [0]
+
+  def run(*args, cwd):
+    n[0] += 1
+    out, err = home / f"{n[0]}.out", home / f"{n[0]}.err"
+    proc.stdin.write(json.dumps({"args": list(args), "cwd": str(cwd),
+                                 "env": _env(), "out": str(out),
+                                 "err": str(err)}) + "\n")
+    proc.stdin.flush()
+    if not select.select([proc.stdout], [], [], 300)[0]:
+      raise subprocess.TimeoutExpired(["jaxcl", *args], 300)
+    line = proc.stdout.readline()
+    assert line, f"the forking process died (exit {proc.wait()})"
+    return subprocess.CompletedProcess(["jaxcl", *args], int(line),
+                                       out.read_text(), err.read_text())
+  yield run
+  proc.stdin.close()
+  proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ewc_run(tmp_path_factory, forked):
+  """One short EWC run, strategy arguments from the command line (one
+  ``=``-joined, one space-separated), in the default run directory:
+  ``(process, cwd)``. Read by two tests."""
+  cwd = tmp_path_factory.mktemp("ewc_run")
+  p = forked("run", "--config.strategy.name=ewc",
+             "--config.strategy.ewc.lam=10",
+             "--config.strategy.ewc.fisher", "empirical",
+             "--config.train.epochs=1", "--config.model.widths=(32,16)",
+             "--config.report.plots=False", "--config.report.progress=False",
+             cwd=cwd)
+  return p, cwd
 
 
 def test_default_run_writes_outputs(tmp_path):
-  t0 = time.perf_counter()
+  # Its time is a benchmark's (benchmarks/throughput.py times the README's
+  # command), not a test's: a wall-clock bound fails on a loaded host.
   p = jaxcl("run", "--workdir", str(tmp_path / "run"), cwd=tmp_path)
-  elapsed = time.perf_counter() - t0
   assert p.returncode == 0, p.stderr[-2000:]
-  assert elapsed < 60
   assert "acc:" in p.stdout and "bwt:" in p.stdout
   assert "after \\ test " in p.stdout and "validation" not in p.stdout
   # No INFO log lines (orbax logs every checkpoint save at INFO).
@@ -43,8 +143,8 @@ def test_default_run_writes_outputs(tmp_path):
   assert json.load(open(run / "config.json"))["dataset"]["name"] == "digits"
 
 
-def test_override_and_experiment_file(tmp_path):
-  p = jaxcl("run", "--config",
+def test_override_and_experiment_file(tmp_path, forked):
+  p = forked("run", "--config",
             os.path.join(REPO, "experiments", "split_digits_baselines.py") +
             ":strategy=joint", "--config.train.epochs=1",
             "--config.report.plots=False", "--workdir", str(tmp_path / "r"),
@@ -66,10 +166,11 @@ def test_override_and_experiment_file(tmp_path):
                                 "split_digits_baselines.py"),
       "--config.train.epochz=1"], "'epochz'"),
 ])
-def test_unknown_config_field_is_a_clear_error(tmp_path, args, match):
+def test_unknown_config_field_is_a_clear_error(tmp_path, args, match,
+                                               forked):
   """An override of a field the config lacks (a typo, also in a model's
   name) names the field, without a traceback."""
-  p = jaxcl("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  p = forked("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
   assert p.returncode == 2
   assert "a --config override names a field the config does not have" \
       in p.stderr and match in p.stderr
@@ -82,25 +183,25 @@ def test_unknown_config_field_is_a_clear_error(tmp_path, args, match):
     ("--config.optimizer.name=bogus", "unknown optimizer 'bogus'; valid:"),
     ("--config.dataset.name=bogus", "unknown dataset 'bogus'; valid:"),
 ])
-def test_bad_names_clear_error_no_traceback(tmp_path, flag, match):
-  p = jaxcl("run", flag, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
+  p = forked("run", flag, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
   assert p.returncode == 1
   assert match in p.stderr
   assert "Traceback" not in p.stderr
 
 
-def test_methods_lists_every_strategy_and_describes_one(tmp_path):
+def test_methods_lists_every_strategy_and_describes_one(tmp_path, forked):
   from jaxcl import strategies
-  p = jaxcl("methods", cwd=tmp_path)
+  p = forked("methods", cwd=tmp_path)
   assert p.returncode == 0, p.stderr
   listed = re.findall(r"^  (\w+) ", p.stdout, re.M)
   assert sorted(listed) == strategies.available()
-  p = jaxcl("methods", "ewc", cwd=tmp_path)
+  p = forked("methods", "ewc", cwd=tmp_path)
   assert p.returncode == 0, p.stderr
   # The signature's defaults and the factory's own argument docs.
   assert "ewc(lam=100.0, fisher='exact'" in p.stdout
   assert "lam: penalty strength" in p.stdout and "Kirkpatrick" in p.stdout
-  p = jaxcl("methods", "ewcc", cwd=tmp_path)
+  p = forked("methods", "ewcc", cwd=tmp_path)
   assert p.returncode == 1 and "unknown strategy 'ewcc'; valid" in p.stderr
   assert "Traceback" not in p.stderr
 
@@ -123,33 +224,33 @@ def test_method_reference_is_current_and_complete():
     assert f.read() == strategies.reference()
 
 
-def test_strategy_arguments_from_the_command_line(tmp_path):
+def test_strategy_arguments_from_the_command_line(tmp_path, forked,
+                                                  ewc_run):
   # The default config defines no strategy.<name> node; these overrides
   # are applied after it is loaded, and the factory checks them.
-  p = jaxcl("run", "--workdir", str(tmp_path / "r"),
-            "--config.strategy.name=ewc", "--config.strategy.ewc.lam=10",
-            "--config.strategy.ewc.fisher", "empirical",
-            "--config.train.epochs=1", "--config.report.progress=False",
-            cwd=tmp_path)
+  p, cwd = ewc_run
   assert p.returncode == 0, p.stderr[-2000:]
-  saved = json.load(open(tmp_path / "r" / "config.json"))["strategy"]
+  (run,) = os.listdir(cwd / "runs")
+  saved = json.load(open(cwd / "runs" / run / "config.json"))["strategy"]
   # lam=10 is stored as the factory's float, as lam=10.0 would be.
   assert saved == {"name": "ewc", "ewc": {"lam": 10.0, "fisher": "empirical"}}
-  p = jaxcl("run", "--workdir", str(tmp_path / "s"),
-            "--config.strategy.name=ewc", "--config.strategy.ewc.lamda=1",
-            cwd=tmp_path)
+  assert isinstance(saved["ewc"]["lam"], float)  # 10 == 10.0 in the above
+  p = forked("run", "--workdir", str(tmp_path / "s"),
+             "--config.strategy.name=ewc", "--config.strategy.ewc.lamda=1",
+             cwd=tmp_path)
   assert p.returncode == 1 and "Traceback" not in p.stderr
   assert "unexpected keyword argument 'lamda'" in p.stderr
   # A model's arguments likewise (the default config has no model.hat_mlp).
-  p = jaxcl("run", "--workdir", str(tmp_path / "h"),
-            "--config.strategy.name=hat", "--config.scenario.kind=task",
-            "--config.model.name=hat_mlp", "--config.model.hat_mlp.num_tasks",
-            "5", "--config.train.epochs=1", "--config.report.progress=False",
-            "--config.report.plots=False", cwd=tmp_path)
+  p = forked("run", "--workdir", str(tmp_path / "h"),
+             "--config.strategy.name=hat", "--config.scenario.kind=task",
+             "--config.model.name=hat_mlp",
+             "--config.model.hat_mlp.num_tasks", "5",
+             "--config.train.epochs=1", "--config.report.progress=False",
+             "--config.report.plots=False", cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-2000:]
   saved = json.load(open(tmp_path / "h" / "config.json"))["model"]
   assert saved["name"] == "hat_mlp" and saved["hat_mlp"] == {"num_tasks": 5}
-  p = jaxcl("run", "--config.strategy.ewc.lam", cwd=tmp_path)
+  p = forked("run", "--config.strategy.ewc.lam", cwd=tmp_path)
   assert p.returncode == 2 and "--config.strategy.ewc.lam needs a value" \
       in p.stderr
 
@@ -202,17 +303,15 @@ def test_interrupt_is_one_line_not_a_traceback(monkeypatch, capsys,
   assert "Traceback" not in err
 
 
-def test_default_run_directory_names_the_overrides(tmp_path):
+def test_default_run_directory_names_the_overrides(ewc_run):
   # It was named after the config alone: `--config.strategy.name=ewc` on the
   # default config wrote runs/split_digits_naive-<time>. Output settings
   # (report.*) are not part of the name.
-  p = jaxcl("run", "--config.strategy.name=ewc",
-            "--config.strategy.ewc.lam=10", "--config.train.epochs=1",
-            "--config.model.widths=(32,16)", "--config.report.plots=False",
-            "--config.report.progress=False", cwd=tmp_path)
+  p, cwd = ewc_run
   assert p.returncode == 0, p.stderr[-2000:]
-  (run,) = os.listdir(tmp_path / "runs")
+  (run,) = os.listdir(cwd / "runs")
   assert re.fullmatch(r"split_digits_naive,strategy\.name=ewc,train\.epochs=1,"
-                      r"model\.widths=32-16,strategy\.ewc\.lam=10-\d{8}-\d{6}",
+                      r"model\.widths=32-16,strategy\.ewc\.lam=10,"
+                      r"strategy\.ewc\.fisher=empirical-\d{8}-\d{6}",
                       run), run
   assert p.stdout.startswith(f"jaxcl: {run[:-16]} -> runs/{run}\n")

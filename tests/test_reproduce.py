@@ -7,39 +7,65 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 
 from experiments import reproduce
 
+NAIVE = "split_mnist_baselines__strategy_naive"
+# --only NAIVE also selects the task-incremental Naive entry: skipped (listed
+# as not run) where a test checks the same on the class-incremental one, to
+# train half as much.
+SKIP_TASK = ["--skip", f"{NAIVE}_kind_task"]
 
-def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir):
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+  """One finished smoke invocation (class-incremental Naive and Permuted
+  MNIST Naive): ``(root, report path)``, the run directories in
+  ``root/work_smoke``. Each training run compiles its own programs, most of
+  these tests' time, so the tests that need finished entries share it; a
+  test that changes it works on a copy (``_copy_smoke``)."""
+  root = tmp_path_factory.mktemp("smoke")
   path = reproduce.main([
-      "--smoke", "--only", "split_mnist_baselines__strategy_naive",
-      "permuted_mnist_baselines", "--out", str(tmp_path / "out"),
-      "--workdir", str(tmp_path / "work"), "--data_dir", data_dir])
+      "--smoke", "--only", NAIVE, "permuted_mnist_baselines", *SKIP_TASK,
+      "--out", str(root / "out"), "--workdir", str(root / "work"),
+      "--data_dir", data_dir])
+  return root, path
+
+
+def _copy_smoke(smoke_run, tmp_path) -> str:
+  """The shared smoke invocation's run directories copied (with their
+  times) into ``tmp_path/w_smoke``; returns the ``--workdir`` to pass."""
+  shutil.copytree(smoke_run[0] / "work_smoke", tmp_path / "w_smoke")
+  return str(tmp_path / "w")
+
+
+def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir,
+                                                    smoke_run):
+  root, path = smoke_run
   text = open(path).read()
   assert "SMOKE MODE" in text and "commit: `" in text
   assert "| Naive |" in text and "| failed:" not in text
   assert "failed: 0" in text  # the header's count
   assert "Permuted MNIST" in text
-  figs = tmp_path / "out" / reproduce.FIGURES
-  pngs = sorted(os.listdir(figs))
+  pngs = sorted(os.listdir(root / "out" / reproduce.FIGURES))
   assert len(pngs) >= 2 and text.count("![") == len(pngs)
   for png in pngs:  # each plot is linked from the report, by its folder
     assert f"]({reproduce.FIGURES}/{png})" in text
-  # Resumable: a second call reuses the finished entries.
-  mtime = os.path.getmtime(tmp_path / "work_smoke" /
-                           "split_mnist_baselines__strategy_naive" /
-                           "entry.json")
+  # Resumable: a second call reuses the finished entries (of a copy: the
+  # shared run stays as it was).
+  shutil.copytree(root / "out", tmp_path / "out")
+  work = _copy_smoke(smoke_run, tmp_path)
+  figs = tmp_path / "out" / reproduce.FIGURES
+  record = tmp_path / "w_smoke" / NAIVE / "entry.json"
+  mtime = os.path.getmtime(record)
   path = reproduce.main([
-      "--smoke", "--only", "split_mnist_baselines__strategy_naive",
-      "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
-      "--data_dir", data_dir])
+      "--smoke", "--only", NAIVE, *SKIP_TASK, "--out", str(tmp_path / "out"),
+      "--workdir", work, "--data_dir", data_dir])
   # Fewer tables now: the first report's extra plots are not left behind.
   text = open(path).read()
   assert sorted(os.listdir(figs)) == pngs[:text.count("![")] != pngs
-  assert os.path.getmtime(tmp_path / "work_smoke" /
-                          "split_mnist_baselines__strategy_naive" /
-                          "entry.json") == mtime
+  assert os.path.getmtime(record) == mtime
 
 
 def test_every_entry_names_a_buildable_config():
@@ -56,14 +82,16 @@ def test_every_entry_names_a_buildable_config():
 
 
 def test_changed_config_reruns_entry_and_keeps_old_run(tmp_path, data_dir,
-                                                       monkeypatch):
+                                                       monkeypatch,
+                                                       smoke_run):
   """A cached result is reused only for the same config: a changed config
   re-runs the entry, and the old run directory is kept aside."""
-  args = ["--smoke", "--only", "split_mnist_baselines__strategy_naive",
-          "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"),
+  # The finished first run is the shared one's.
+  args = ["--smoke", "--only", NAIVE, *SKIP_TASK,
+          "--out", str(tmp_path / "out"),
+          "--workdir", _copy_smoke(smoke_run, tmp_path),
           "--data_dir", data_dir]
-  reproduce.main(args)
-  entry = tmp_path / "w_smoke" / "split_mnist_baselines__strategy_naive"
+  entry = tmp_path / "w_smoke" / NAIVE
   first = json.load(open(entry / "entry.json"))
   assert first["commit"] and first["fingerprint"]["train.epochs"] >= 1
   from experiments import split_mnist_baselines as mod
@@ -165,16 +193,15 @@ def test_entry_without_its_data_is_listed_as_not_run(tmp_path, data_dir):
 
 
 def test_report_only_runs_nothing_and_shows_stored_and_imported_rows(
-    tmp_path, data_dir):
+    tmp_path, data_dir, smoke_run):
   """--report_only writes the report from stored records: an entry without
   one is listed as not run (nothing is trained), and a record carried over
   from an older report (no per-experience curve) is marked † with its
   source, instead of failing the plot."""
-  naive = "split_mnist_baselines__strategy_naive"
+  naive = NAIVE
   joint = "split_mnist_baselines__strategy_joint"
-  base = ["--smoke", "--workdir", str(tmp_path / "w"), "--data_dir",
-          data_dir]
-  reproduce.main(base + ["--only", naive, "--out", str(tmp_path / "a")])
+  base = ["--smoke", "--workdir", _copy_smoke(smoke_run, tmp_path),
+          "--data_dir", data_dir]
   rec_path = tmp_path / "w_smoke" / naive / "entry.json"
   rec = json.load(open(rec_path))
   del rec["over_time"], rec["accuracy"]
@@ -218,26 +245,36 @@ def test_commit_marks_code_changes_but_not_new_records(tmp_path):
 
 
 def test_record_names_the_commit_its_run_started_from(tmp_path, data_dir,
-                                                      monkeypatch):
+                                                      monkeypatch, smoke_run):
   """A commit made while an entry runs is not the code it ran: the record
   names the tree as the run started."""
   calls = iter(["a" * 40, "b" * 40, "c" * 40])
   monkeypatch.setattr(reproduce, "_commit", lambda: next(calls))
-  naive = "split_mnist_baselines__strategy_naive"
-  reproduce.main(["--smoke", "--workdir", str(tmp_path / "w"), "--data_dir",
-                  data_dir, "--only", naive, "--out", str(tmp_path / "o")])
+  naive = NAIVE
+  # Without its record the entry runs again: through the same path as a
+  # fresh run (commit, train, record), its training resumed from the shared
+  # run's finished checkpoints instead of compiled anew.
+  work = _copy_smoke(smoke_run, tmp_path)
+  os.remove(tmp_path / "w_smoke" / naive / "entry.json")
+  reproduce.main(["--smoke", "--workdir", work, "--data_dir",
+                  data_dir, "--only", naive, *SKIP_TASK, "--out",
+                  str(tmp_path / "o")])
   rec = json.load(open(tmp_path / "w_smoke" / naive / "entry.json"))
   assert rec["commit"] == "a" * 40
 
 
 def test_record_outside_the_workdir_is_written_and_reused(tmp_path,
-                                                          data_dir):
+                                                          data_dir,
+                                                          smoke_run):
   """Full runs keep their record in the committed results directory, apart
   from the (uncommitted) checkpoints; a second call reuses it."""
   reproduce._load_more_entries()
-  e = next(e for e in reproduce.ENTRIES
-           if e.id == "split_mnist_baselines__strategy_naive")
+  e = next(e for e in reproduce.ENTRIES if e.id == NAIVE)
   record = str(tmp_path / "results" / f"{e.id}.json")
+  # The shared run's checkpoints without its record: run_entry trains
+  # (resuming them) and writes the record.
+  shutil.copytree(smoke_run[0] / "work_smoke" / e.id, tmp_path / "work")
+  os.remove(tmp_path / "work" / "entry.json")
   first = reproduce.run_entry(e, [0], str(tmp_path / "work"), data_dir,
                               smoke=True, record=record)
   assert json.load(open(record))["acc"] == list(first["acc"])
@@ -281,22 +318,49 @@ def _seed_1_replay(data_dir, scenario_seed, workdir=None):
   return sweep.sweep(c, seeds=[1], workdir=workdir)
 
 
-def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
+REPLAY = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
+                         "strategy=replay,mem_size=50")
+
+
+@pytest.fixture(scope="module")
+def seed_1_runs(tmp_path_factory, data_dir):
+  """The references: seed 1's plain run on scenario draw 0 and on draw 1,
+  ``{draw: (sweep result, run directory)}``; draw 0's finished directory is
+  also the seed an interrupted invocation left behind (copied) in
+  test_sequential_entry_grown_by_seeds_runs_only_the_new_ones."""
+  root = tmp_path_factory.mktemp("seed_1")
+  return {d: (_seed_1_replay(data_dir, d, str(root / f"draw_{d}")),
+              root / f"draw_{d}") for d in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory, data_dir):
+  """A sequential Replay entry run fresh with seeds 0 and 1: ``(entry,
+  result, workdir)``; read by two tests (copied before a change)."""
+  e = dataclasses.replace(REPLAY, sequential=True)
+  w = tmp_path_factory.mktemp("sequential") / "w"
+  return e, reproduce.run_entry(e, [0, 1], str(w), data_dir, smoke=True), w
+
+
+def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir,
+                                                        seed_1_runs,
+                                                        sequential_run):
   """With scenario_per_seed each seed runs on its own permutations (scenario
   seed = seed): seed 1's matrix is a single run of that draw, not the
   vmapped sweep's shared draw of scenario seed 0."""
-  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
-                      "strategy=replay,mem_size=50", scenario_per_seed=True)
+  e = dataclasses.replace(REPLAY, scenario_per_seed=True)
+  # Seed 0's draw is scenario seed 0, the sequential entry's: its finished
+  # run directory is resumed (only a run of the same config is: another
+  # draw's checkpoints would be set aside and every seed run afresh).
+  shutil.copytree(sequential_run[2] / "seed_0", tmp_path / "w" / "seed_0")
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
                           smoke=True)
   assert r["fingerprint"]["reproduce.scenario_per_seed"] is True
   acc = np.asarray(r["accuracy"])
   assert acc.shape[0] == 2
-  np.testing.assert_allclose(acc[1],
-                             _seed_1_replay(data_dir, 1).accuracy[0],
+  np.testing.assert_allclose(acc[1], seed_1_runs[1][0].accuracy[0],
                              atol=1e-6)
-  assert not np.allclose(acc[1], _seed_1_replay(data_dir, 0).accuracy[0],
-                         atol=1e-3)
+  assert not np.allclose(acc[1], seed_1_runs[0][0].accuracy[0], atol=1e-3)
   text = open(reproduce.write_report({e.id: r}, [e], str(tmp_path / "o"),
                                      [0, 1], True, 0.0)).read()
   assert "| Replay | " in text and " ‡ |" in text  # marked as per-seed
@@ -305,45 +369,44 @@ def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir):
   assert abs(r["acc"][1] - np.std(v, ddof=1) / np.sqrt(2)) < 1e-6
 
 
-def test_sequential_entry_runs_plain_programs_on_the_shared_draw(tmp_path,
-                                                                 data_dir):
+def test_sequential_entry_runs_plain_programs_on_the_shared_draw(
+    sequential_run, seed_1_runs):
   """With sequential=True the seeds run one after another (a run directory
   each) on the scenario draw the vmapped sweep would share (scenario seed
   0), not on a draw of their own."""
-  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
-                      "strategy=replay,mem_size=50", sequential=True)
-  r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
-                          smoke=True)
+  _, r, w = sequential_run
   assert "reproduce.scenario_per_seed" not in r["fingerprint"]
-  assert sorted(p.name for p in (tmp_path / "w").iterdir()
+  assert sorted(p.name for p in w.iterdir()
                 if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
   acc = np.asarray(r["accuracy"])
-  np.testing.assert_allclose(acc[1],
-                             _seed_1_replay(data_dir, 0).accuracy[0],
+  np.testing.assert_allclose(acc[1], seed_1_runs[0][0].accuracy[0],
                              atol=1e-6)
-  assert not np.allclose(acc[1], _seed_1_replay(data_dir, 1).accuracy[0],
-                         atol=1e-3)
+  assert not np.allclose(acc[1], seed_1_runs[1][0].accuracy[0], atol=1e-3)
 
 
-def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
-                                                                data_dir):
+def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(
+    tmp_path, data_dir, sequential_run, seed_1_runs):
   """A sequential entry's record of the same config keeps its finished
   seeds: asked for seeds 0 and 1 after a seed-0 record, only seed 1 runs,
   and the record and report name where seed 0 came from. A changed config
   keeps nothing."""
-  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
-                      "strategy=replay,mem_size=50", sequential=True)
+  e, _, seq_w = sequential_run
   record = str(tmp_path / "results" / f"{e.id}.json")
+  # The seed-0 record, written by run_entry; its seed resumes the shared
+  # run's finished seed 0 instead of training it again.
+  shutil.copytree(seq_w / "seed_0", tmp_path / "w" / "seed_0")
   first = reproduce.run_entry(e, [0], str(tmp_path / "w"), data_dir,
                               smoke=True, record=record)
   stored = json.load(open(record))
+  assert stored["seeds"] == [0] and len(stored["accuracy"]) == 1
   stored["commit"] = "abc1234" + "0" * 33  # an earlier commit's record
   stored["wall_time"] = 1000.0
   json.dump(stored, open(record, "w"))
   shutil.rmtree(tmp_path / "w" / "seed_0")  # a rerun would recreate it
   # Seed 1 finished by an invocation that stopped before writing the record
   # (as when a long entry is stopped between seeds): its time still counts.
-  earlier = _seed_1_replay(data_dir, 0, str(tmp_path / "w" / "seed_1"))
+  earlier, earlier_dir = seed_1_runs[0]
+  shutil.copytree(earlier_dir, tmp_path / "w" / "seed_1")
   r = reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir,
                           smoke=True, record=record)
   assert not (tmp_path / "w" / "seed_0").exists()
@@ -370,15 +433,17 @@ def test_sequential_entry_grown_by_seeds_runs_only_the_new_ones(tmp_path,
   assert reproduce._kept({"0": "abc1234" + "0" * 33, "1": "def5678",
                           "2": "def5678"}) == \
       " (seed 0: `abc1234`) (seeds 1, 2: `def5678`)"
-  # Another config (here: another memory size) keeps no seed.
+  # Another config (here: another memory size) keeps no seed: asked for
+  # the record's own seed 0, it runs it (a kept seed would run nothing,
+  # and a reused record would leave no run directory).
   e2 = dataclasses.replace(e, arg="strategy=replay,mem_size=40")
   json.dump({**stored, "fingerprint": r["fingerprint"]},
             open(str(tmp_path / "other.json"), "w"))
-  r2 = reproduce.run_entry(e2, [0, 1], str(tmp_path / "w2"), data_dir,
+  r2 = reproduce.run_entry(e2, [0], str(tmp_path / "w2"), data_dir,
                            smoke=True, record=str(tmp_path / "other.json"))
-  assert "kept_commits" not in r2
+  assert "kept_commits" not in r2 and r2["seeds"] == [0]
   assert sorted(p.name for p in (tmp_path / "w2").iterdir()
-                if p.name.startswith("seed_")) == ["seed_0", "seed_1"]
+                if p.name.startswith("seed_")) == ["seed_0"]
 
 
 def test_only_keeps_larger_records_and_the_whole_report(tmp_path, data_dir):
