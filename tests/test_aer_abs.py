@@ -188,6 +188,20 @@ def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
   add = jax.jit(lambda m, sc, k, x, y, t, ns, past: buffers.loss_aware_add(
       m, sc, k, x, y, t, 1, ns, jnp.ones((B,)), balanced=False,
       num_classes=10, past=past))
+
+  @jax.jit  # one program, not an eager dispatch of each operation
+  def reference_inputs(ss, info):
+    """(refreshed losses, incoming rows' masked losses, their order, the
+    step's key), computed by hand from the step's logits."""
+    b = info.batch
+    ce = row_losses(info.logits, b["y"])
+    refreshed = ss.losses.at[b["aer_abs_slots"][B:]].set(ce[B:],
+                                                          mode="drop")
+    inc = row_losses(ace_logits(info.logits[:B], b["y"][:B], b["mask"][:B],
+                                ss.seen), b["y"][:B])
+    order = jnp.argsort(inc, stable=True)
+    return refreshed, inc, order, jax.random.fold_in(ss.key, ss.memory.seen)
+
   differ = 0
   for seed in range(3):
     state = _at(ctx, s, full_stream, i=1, memory=mem, losses=losses,
@@ -196,16 +210,10 @@ def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
     info = info_of(state, batch_of(e1, start=100))
     new = after_step(ss, info)
     b = info.batch
-    ce = row_losses(info.logits, b["y"])
     slots = np.asarray(b["aer_abs_slots"])
     assert np.all(slots[:B] == 50) and np.all(slots[B:] < 50)
-    refreshed = ss.losses.at[b["aer_abs_slots"][B:]].set(ce[B:],
-                                                          mode="drop")
+    refreshed, inc, order, key = reference_inputs(ss, info)
     assert not np.allclose(refreshed, ss.losses)
-    inc = row_losses(ace_logits(info.logits[:B], b["y"][:B], b["mask"][:B],
-                                ss.seen), b["y"][:B])
-    order = jnp.argsort(inc, stable=True)
-    key = jax.random.fold_in(ss.key, ss.memory.seen)
     got = {}
     for name, past in (("tags", jnp.asarray(tag == 0)),
                        ("none", jnp.zeros((50,), bool))):
@@ -240,16 +248,22 @@ def test_no_replay_term_in_forgetting_epochs_no_insertion_in_replay_ones(
       jnp.zeros((50,), jnp.int32), 0)
   steps = -(-e1.num_train // B)
   info_of, after_step = _hooks(ctx, s)
+
+  @jax.jit  # one program, not an eager dispatch of each operation
+  def terms(ss, info):
+    """(the incoming rows' masked loss, the replayed rows' loss) by hand."""
+    b = info.batch
+    inc = cross_entropy(ace_logits(info.logits[:B], b["y"][:B],
+                                   b["mask"][:B], ss.seen), b["y"][:B],
+                        b["mask"][:B])
+    return inc, cross_entropy(info.logits[B:], b["y"][B:], b["mask"][B:])
+
   for epoch in range(4):
     state = _at(ctx, s, full_stream, i=1, count=epoch * steps + 3,
                 memory=mem)
     ss = state.strategy
     info = info_of(state, batch_of(e1))
-    b = info.batch
-    inc = cross_entropy(ace_logits(info.logits[:B], b["y"][:B],
-                                   b["mask"][:B], ss.seen), b["y"][:B],
-                        b["mask"][:B])
-    rep = cross_entropy(info.logits[B:], b["y"][B:], b["mask"][B:])
+    inc, rep = terms(ss, info)
     assert float(rep) > 0.5
     replay = epoch % 2 == 1 or epoch == 3
     np.testing.assert_allclose(float(info.loss),
@@ -264,10 +278,7 @@ def test_no_replay_term_in_forgetting_epochs_no_insertion_in_replay_ones(
   state = _at(ctx, s, full_stream, i=1, count=3, memory=mem)
   info_of, after_step = _hooks(ctx, s)
   info = info_of(state, batch_of(e1))
-  assert float(info.loss) > float(cross_entropy(
-      ace_logits(info.logits[:B], info.batch["y"][:B],
-                 info.batch["mask"][:B], state.strategy.seen),
-      info.batch["y"][:B], info.batch["mask"][:B])) + 0.5
+  assert float(info.loss) > float(terms(state.strategy, info)[0]) + 0.5
   assert int(after_step(state.strategy, info).memory.seen) == 52
 
 
@@ -399,9 +410,9 @@ def test_beside_another_row_appender(stream, spec):
   # example sits in that row of the prepared batch.
   from jaxcl.strategies import aer_abs as aer_mod
   ctx, strat = r.learner.ctx, r.learner.strategy
-  out = strat.prepare_batch(ctx, r.state.strategy,
-                            batch_of(stream.experiences[1]),
-                            jax.random.PRNGKey(3))
+  out = jax.jit(lambda ss, b, k: strat.prepare_batch(ctx, ss, b, k))(
+      r.state.strategy, batch_of(stream.experiences[1]),
+      jax.random.PRNGKey(3))
   slots = np.asarray(out[aer_mod._SLOTS])
   first = spec.startswith("replay")
   assert len(slots) == B + (B if first else 0) + B  # incoming, replay's, own

@@ -13,10 +13,31 @@ from jaxcl import buffers, experiment, scenarios, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import aser as A
 from jaxcl.strategies._extractor import extract
-from jaxcl.strategies.aser import aser, aser_scores, knn_shapley
+from jaxcl.strategies.aser import aser
 
 from test_replay import B, batch_of, make_ctx
 from test_replay import config as replay_config
+
+# The module's functions jitted: one compiled program per shape and setting
+# is cheaper than dispatching each operation eagerly (test time).
+knn_shapley = jax.jit(A.knn_shapley, static_argnums=4)
+aser_scores = jax.jit(A.aser_scores, static_argnames=("k", "aser_type"))
+retrieve = jax.jit(A.retrieve, static_argnums=0,
+                   static_argnames=("k", "n_smp_cls", "num_retrieve",
+                                    "aser_type"))
+aser_update = jax.jit(A.aser_update, static_argnums=0,
+                      static_argnames=("k", "n_smp_cls"))
+reservoir_add = jax.jit(buffers.reservoir_add)
+sample = jax.jit(buffers.sample, static_argnums=2)
+class_balanced_pair = jax.jit(A._class_balanced_pair, static_argnums=(2, 3))
+features = jax.jit(lambda ctx, params, x: extract(
+    ctx, "backbone", params, {}, x, jnp.zeros(len(x), jnp.int32)),
+                   static_argnums=0)
+
+
+def update_grads(s):
+  """``s.update_grads`` jitted (``ctx`` static)."""
+  return jax.jit(s.update_grads, static_argnums=0)
 
 
 def memory_of(exps, n_each, cap):
@@ -24,10 +45,10 @@ def memory_of(exps, n_each, cap):
   of each experience in ``exps`` (tagged with its index)."""
   mem = buffers.init(cap, exps[0].train_x.shape[1:])
   for e, exp in enumerate(exps):
-    mem = buffers.reservoir_add(mem, jax.random.PRNGKey(e),
-                                jnp.asarray(exp.train_x[:n_each]),
-                                jnp.asarray(exp.train_y[:n_each]),
-                                jnp.zeros(n_each, jnp.int32), e)
+    mem = reservoir_add(mem, jax.random.PRNGKey(e),
+                        jnp.asarray(exp.train_x[:n_each]),
+                        jnp.asarray(exp.train_y[:n_each]),
+                        jnp.zeros(n_each, jnp.int32), jnp.int32(e))
   return mem
 
 
@@ -145,7 +166,7 @@ def test_retrieve_picks_top_scored_class_balanced_candidates(stream):
   # 2 per class (with 1, and 1 match per class, a match's value does not
   # depend on its distance: the cooperative term would be constant).
   n_smp, size = 2, 2 * stream.num_classes
-  idx, ok, cand, score = A.retrieve(ctx, state.params, {}, mem, incoming, key,
+  idx, ok, cand, score = retrieve(ctx, state.params, {}, mem, incoming, key,
                                     k=3, n_smp_cls=n_smp, num_retrieve=5)
   cand, score = np.asarray(cand), np.asarray(score)
   y = np.asarray(mem.y)
@@ -155,13 +176,12 @@ def test_retrieve_picks_top_scored_class_balanced_candidates(stream):
   assert sorted(y[cand[drawn]]) == sorted(classes * n_smp)
   assert len(set(cand[drawn])) == drawn.sum()
   # Numpy reference: the same draws (same key), brute-force values.
-  c_idx, c_ok, rank = A._class_balanced_pair(mem, key, n_smp, size)
+  c_idx, c_ok, rank = class_balanced_pair(mem, key, n_smp, size)
   np.testing.assert_array_equal(c_idx, cand)
   e_sel = np.asarray(mem.valid & (rank >= n_smp) & (rank < 2 * n_smp))
   e_idx = np.flatnonzero(e_sel)
   assert not set(e_idx) & set(cand[drawn])  # disjoint from the candidates
-  feat = lambda x: np.asarray(extract(ctx, "backbone", state.params, {}, x,
-                                      jnp.zeros(len(x), jnp.int32)))
+  feat = lambda x: np.asarray(features(ctx, state.params, x))
   cs = cand[drawn]
   want = numpy_scores(feat(mem.x[cs]), y[cs], feat(mem.x[e_idx]), y[e_idx],
                       np.ones(len(e_idx), bool), feat(incoming["x"]),
@@ -183,13 +203,13 @@ def test_only_valid_memory_rows_are_replayed(stream):
   incoming = batch_of(stream.experiences[1])
   key = jax.random.PRNGKey(4)
   # Empty memory: gradient unchanged.
-  out = s.update_grads(ctx, ss, g0, state.params, incoming, key)
+  out = update_grads(s)(ctx, ss, g0, state.params, incoming, key)
   jax.tree.map(np.testing.assert_array_equal, out, g0)
   # 7 valid entries in 40 slots, past the fill phase (ASER's own scoring):
   # only those can be chosen, each once.
   mem = memory_of([stream.experiences[0]], 7, 40)._replace(
       seen=jnp.asarray(1000, jnp.int32))
-  idx, ok, _, _ = A.retrieve(ctx, state.params, {}, mem, incoming, key,
+  idx, ok, _, _ = retrieve(ctx, state.params, {}, mem, incoming, key,
                              k=5, n_smp_cls=2, num_retrieve=10)
   idx, ok = np.asarray(idx), np.asarray(ok)
   assert np.all(np.asarray(mem.valid)[idx[ok]])
@@ -209,19 +229,21 @@ def test_update_grads_adds_retrieved_rows_gradient(stream):
   key = jax.random.PRNGKey(6)
   k_aser, k_rand = jax.random.split(key)
 
+  @jax.jit
   def g_of(idx, ok):
     return jax.grad(lambda p: cross_entropy(
         ctx.logits(p, {}, mem.x[idx], mem.task[idx]), mem.y[idx],
         ok.astype(jnp.float32)))(state.params)
 
-  aser_pick = A.retrieve(ctx, state.params, {}, mem, incoming, k_aser, k=3,
+  aser_pick = retrieve(ctx, state.params, {}, mem, incoming, k_aser, k=3,
                          n_smp_cls=2, num_retrieve=5)[:2]
-  rand_pick = buffers.sample(mem, k_rand, 5)
+  rand_pick = sample(mem, k_rand, 5)
   assert set(np.asarray(aser_pick[0])) != set(np.asarray(rand_pick[0]))
+  step = update_grads(s)
   for seen, pick in ((40, rand_pick), (41, aser_pick)):
     ss = state.strategy._replace(memory=mem._replace(
         seen=jnp.asarray(seen, jnp.int32)))
-    out = s.update_grads(ctx, ss, g0, state.params, incoming, key)
+    out = step(ctx, ss, g0, state.params, incoming, key)
     jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
         a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_of(*pick))
 
@@ -243,8 +265,9 @@ def test_replayed_gradient_spares_frozen_weights(stream):
   g0 = jax.tree.map(jnp.ones_like, state.params)
   incoming = batch_of(stream.experiences[1], start=30)
   key = jax.random.PRNGKey(6)
-  whole = s.update_grads(ctx, ss, g0, state.params, incoming, key)
-  out = s.update_grads(fctx, ss, g0, state.params, incoming, key)
+  step = update_grads(s)
+  whole = step(ctx, ss, g0, state.params, incoming, key)
+  out = step(fctx, ss, g0, state.params, incoming, key)
   jax.tree.map(np.testing.assert_array_equal, out["head"], g0["head"])
   assert not np.allclose(whole["head"]["kernel"], g0["head"]["kernel"])
   jax.tree.map(np.testing.assert_array_equal, out["backbone"],
@@ -263,7 +286,7 @@ def test_update_fills_free_slots_in_order(stream):
   rows = batch_of(exp)
   rows["mask"] = rows["mask"].at[3].set(0.0)   # a padded row
   for i in range(4):
-    mem = A.aser_update(ctx, state.params, {}, mem, jax.random.PRNGKey(i),
+    mem = aser_update(ctx, state.params, {}, mem, jax.random.PRNGKey(i),
                         rows, jnp.asarray(0), k=5, n_smp_cls=2)
   # 4 x 9 rows offered (row 3 is padding): slots 0..35 in order.
   order = np.array([r for r in range(B) if r != 3] * 4)
@@ -273,7 +296,7 @@ def test_update_fills_free_slots_in_order(stream):
   assert int(mem.seen) == 36 and int(buffers.size(mem)) == 36
   # The fifth batch: rows 0, 1, 2, 4 fill slots 36..39, the other five are
   # then valued against the full memory (and may replace entries).
-  mem = A.aser_update(ctx, state.params, {}, mem, jax.random.PRNGKey(9),
+  mem = aser_update(ctx, state.params, {}, mem, jax.random.PRNGKey(9),
                       rows, jnp.asarray(0), k=5, n_smp_cls=2)
   assert int(mem.seen) == 45 and int(buffers.size(mem)) == 40
   order = np.concatenate([order, [0, 1, 2, 4]])
@@ -294,11 +317,11 @@ def test_update_keeps_the_highest_valued_candidates(stream):
   rows = batch_of(e1, start=25)
   key = jax.random.PRNGKey(7)
   n_smp, size = 2, 2 * stream.num_classes
-  new = A.aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
+  new = aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
                       k=5, n_smp_cls=n_smp)
   # The reference: the same draws, values by the tested knn_shapley.
   k_eval, k_cand, k_min = jax.random.split(key, 3)
-  e_idx, e_ok, _ = A._class_balanced_pair(mem, k_eval, n_smp, size)
+  e_idx, e_ok, _ = class_balanced_pair(mem, k_eval, n_smp, size)
   thr = float(jax.random.uniform(k_min, (), maxval=1.0 / 10))
   share = np.bincount(np.asarray(mem.y), minlength=10) / 40
   yb = np.asarray(rows["y"])
@@ -308,11 +331,10 @@ def test_update_keeps_the_highest_valued_candidates(stream):
   assert not minority.any()
   in_eval = np.zeros(40, bool)
   in_eval[np.asarray(e_idx)[np.asarray(e_ok)]] = True
-  m_idx, m_ok = buffers.sample(mem, k_cand, size, where=jnp.asarray(~in_eval))
+  m_idx, m_ok = sample(mem, k_cand, size, where=jnp.asarray(~in_eval))
   m_idx = np.asarray(m_idx)[np.asarray(m_ok)]
   ev = np.asarray(e_idx)[np.asarray(e_ok)]
-  feat = lambda x: np.asarray(extract(ctx, "backbone", state.params, {}, x,
-                                      jnp.zeros(len(x), jnp.int32)))
+  feat = lambda x: np.asarray(features(ctx, state.params, x))
   y = np.asarray(mem.y)
   f_eval = np.concatenate([feat(mem.x[ev]), feat(rows["x"])])
   y_eval = np.concatenate([y[ev], yb])
@@ -339,7 +361,7 @@ def test_update_keeps_the_highest_valued_candidates(stream):
   assert int(new.seen) == int(mem.seen) + B
   assert int(buffers.size(new)) == 40
   # A diverged step (NaN gradient) writes nothing; its rows still count.
-  nan = A.aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
+  nan = aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
                       k=5, n_smp_cls=n_smp, after=jnp.asarray(jnp.nan))
   np.testing.assert_array_equal(nan.x, mem.x)
   assert int(nan.seen) == int(mem.seen) + B

@@ -64,7 +64,7 @@ def test_adjacency_gradient_and_laplacian_match_the_numpy_port():
   # 0/1 up to the rounding of hard + w - sg(w) (the code's too)
   np.testing.assert_allclose(np.asarray(a), hard, atol=1e-6)
   assert hard.sum(1).min() >= k and hard.sum(1).max() > k  # symmetrised
-  lap = cs.normalised_laplacian(a)
+  lap = jax.jit(cs.normalised_laplacian)(a)
   np.testing.assert_allclose(np.asarray(lap), np_laplacian(hard), atol=1e-6)
   # The straight-through gradient: the derivative of A along a symmetric
   # perturbation of the distances is that of the soft weights (central
@@ -72,9 +72,9 @@ def test_adjacency_gradient_and_laplacian_match_the_numpy_port():
   delta = rng.normal(size=d.shape)
   delta = delta + delta.T
   np.fill_diagonal(delta, 0.0)
-  _, jvp = jax.jvp(lambda x: cs.knn_adjacency(x, k),
-                   (jnp.asarray(d, jnp.float32),),
-                   (jnp.asarray(delta, jnp.float32),))
+  _, jvp = jax.jit(lambda x, t: jax.jvp(lambda x: cs.knn_adjacency(x, k),
+                                         (x,), (t,)))(
+      jnp.asarray(d, jnp.float32), jnp.asarray(delta, jnp.float32))
   eps = 1e-5
   fd = (np_soft_w(d + eps * delta, k) - np_soft_w(d - eps * delta, k)) / (
       2 * eps)
@@ -86,9 +86,12 @@ def test_adjacency_gradient_and_laplacian_match_the_numpy_port():
 def test_loss_is_the_eigengap_of_numpy_eigenvalues():
   rng = np.random.default_rng(1)
   f = rng.normal(size=(10, 3))
-  for k, p in ((3, 2), (4, 1), (2, 3)):
-    got = float(jax.jit(cs.casper_term, static_argnums=(1, 2))(
-        jnp.asarray(f, jnp.float32), k, p))
+  cases = ((3, 2), (4, 1), (2, 3))
+  # One program for the three cases (each compile costs more than its run).
+  terms = jax.jit(lambda f: [cs.casper_term(f, k, p) for k, p in cases])(
+      jnp.asarray(f, jnp.float32))
+  for (k, p), got in zip(cases, terms):
+    got = float(got)
     ev = np.linalg.eigvalsh(np_laplacian(np_knn_hard(np_dist(f), k)))
     want = ev[:p + 1].sum() - ev[p + 1]   # the code's indices
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -98,10 +101,11 @@ def test_loss_is_the_eigengap_of_numpy_eigenvalues():
   # the chain rule of d_ij = |f_i - f_j|^2 applied to the one in d.
   k, p = 3, 2
   fj = jnp.asarray(f, jnp.float32)
-  g_f = np.asarray(jax.grad(lambda x: cs.casper_term(x, k, p))(fj))
-  g_d = np.asarray(jax.grad(lambda d: cs.eigengap_loss(jnp.linalg.eigvalsh(
-      cs.normalised_laplacian(cs.knn_adjacency(d, k))), p))(
-          cs.sq_distances(fj)), np.float64)
+  g_f = np.asarray(jax.jit(jax.grad(lambda x: cs.casper_term(x, k, p)))(fj))
+  g_d = np.asarray(jax.jit(lambda fj: jax.grad(
+      lambda d: cs.eigengap_loss(jnp.linalg.eigvalsh(
+          cs.normalised_laplacian(cs.knn_adjacency(d, k))), p))(
+              cs.sq_distances(fj)))(fj), np.float64)
   diff = f[:, None, :] - f[None, :, :]                  # f_i - f_j
   hand = 2 * np.einsum("ij,ijk->ik", g_d + g_d.T, diff)
   np.testing.assert_allclose(g_f, hand, rtol=1e-3, atol=1e-4 * np.abs(
@@ -127,6 +131,7 @@ def test_descent_widens_the_eigengap():
   w0 = jnp.asarray(rng.normal(size=(6, 4)) * 0.5, jnp.float32)
   k, p = 4, 2
 
+  @jax.jit
   def loss(w):
     return cs.casper_term(x @ w, k, p)
 
@@ -185,7 +190,8 @@ def test_balanced_draw(counts, r, p, n_want, shares, allowed):
 
 def test_balanced_draw_without_a_large_enough_class():
   mem = memory_with((3, 2))
-  idx, ok, n = cs.balanced_draw(mem, jax.random.PRNGKey(0), 8, 2, 6)
+  idx, ok, n = jax.jit(cs.balanced_draw, static_argnums=(2, 3, 4))(
+      mem, jax.random.PRNGKey(0), 8, 2, 6)
   assert int(n) == 0 and not np.any(np.asarray(ok))
 
 
@@ -204,7 +210,8 @@ def test_gradient_is_finite_for_repeated_eigenvalues_and_far_clusters():
   g = jax.jit(jax.grad(lambda f: cs.casper_term(f, 3, 2)))(f)
   assert np.all(np.isfinite(np.asarray(g)))
   # identical rows too (an all-zero draw)
-  g0 = jax.grad(lambda f: cs.casper_term(f, 3, 2))(jnp.zeros((10, 4)))
+  g0 = jax.jit(jax.grad(lambda f: cs.casper_term(f, 3, 2)))(
+      jnp.zeros((10, 4)))
   assert np.all(np.isfinite(np.asarray(g0)))
 
 
@@ -237,15 +244,16 @@ def test_no_effect_on_an_empty_or_one_class_memory(stream):
   check(ss, 0.0)                           # empty
   info = lambda b: train.StepInfo(None, None, None, None, b, jnp.zeros(()))
   one = e0.train_y == 0
+  after = jax.jit(s.after_step, static_argnums=0)
   for i in range(3):                       # 30 rows of class 0 only
     b = {"x": jnp.asarray(e0.train_x[one][10 * i:10 * i + 10]),
          "y": jnp.zeros((10,), jnp.int32), "task": jnp.zeros((10,), jnp.int32),
          "mask": jnp.ones((10,))}
-    ss = s.after_step(ctx, ss, info(b))
+    ss = after(ctx, ss, info(b))
   assert int(buffers.size(ss.memory)) == 30
   check(ss, 0.0)                           # one class
   for i in range(2):
-    ss = s.after_step(ctx, ss, info(batch_of(e1, start=10 * i)))
+    ss = after(ctx, ss, info(batch_of(e1, start=10 * i)))
   val, leaves = check(ss, 1.0)             # classes 0, 2, 3: acts
   assert max(np.abs(x).max() for x in leaves) > 1e-6
   # ... but not during the first experience (the code: current_task > 0)

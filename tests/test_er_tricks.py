@@ -1,6 +1,8 @@
 """Mechanism tests of ER with tricks (loss-aware reservoirs, ELRD, bias
 control) on scikit-learn digits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,11 +137,13 @@ def test_scores_are_minus_the_losses_of_replayed_and_stored_rows(
   ctx, s, state = trained
   ss = state.strategy
   assert bool(jnp.all(ss.memory.valid))
-  batch = s.prepare_batch(
-      ctx, ss, batch_of(full_stream.experiences[1], start=150),
+  # Jitted: one compile is cheaper than dispatching each operation.
+  batch = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))(
+      ss, batch_of(full_stream.experiences[1], start=150),
       jax.random.PRNGKey(3))
-  logits = ctx.logits(state.params, state.model_state, batch["x"],
-                      batch["task"], train=True)
+  logits = jax.jit(lambda p, ms, b: ctx.logits(p, ms, b["x"], b["task"],
+                                               train=True))(
+      state.params, state.model_state, batch)
   loss = cross_entropy(logits, batch["y"], batch["mask"])
   info = StepInfo(state.params, state.params, None, None, batch, loss,
                   jax.random.PRNGKey(4), logits)
@@ -169,28 +173,38 @@ def test_selection_reaches_the_memory(full_stream, trained):
   LARS for 'lars', and the two differ on this state for some key."""
   ctx, _, state = trained
   batch = batch_of(full_stream.experiences[1], start=150)
+
+  def step_and_reference(s, sel, ss):
+    """(the step's memory rows, loss_aware_add's on the same scores)."""
+    b = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(3))
+    logits = ctx.logits(state.params, state.model_state, b["x"],
+                        b["task"], train=True)
+    info = StepInfo(state.params, state.params, None, None, b,
+                    cross_entropy(logits, b["y"], b["mask"]),
+                    jax.random.PRNGKey(4), logits)
+    got = s.after_step(ctx, ss, info).memory.x
+    ce = row_losses(logits, b["y"])
+    scores = ss.scores.at[b["er_tricks_slots"]].set(
+        -ce[b["er_tricks_rows"]], mode="drop")
+    want, _ = buffers.loss_aware_add(
+        ss.memory, scores, jax.random.fold_in(ss.key, ss.memory.seen),
+        b["x"][:B], b["y"][:B], b["task"][:B], ss.experience, -ce[:B],
+        b["mask"][:B], balanced=sel == "labrs",
+        num_classes=ctx.info.num_classes)
+    return got, want.x
+
+  # One compiled program per selection, run for every seed.
+  fns = {sel: jax.jit(functools.partial(
+      step_and_reference,
+      er_tricks(mem_size=20, selection=sel, bic_epochs=0), sel))
+         for sel in ("lars", "labrs")}
   differ = 0
   for seed in range(4):
     ss = state.strategy._replace(key=jax.random.PRNGKey(seed))
     got = {}
-    for sel in ("lars", "labrs"):
-      s = er_tricks(mem_size=20, selection=sel, bic_epochs=0)
-      b = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(3))
-      logits = ctx.logits(state.params, state.model_state, b["x"],
-                          b["task"], train=True)
-      info = StepInfo(state.params, state.params, None, None, b,
-                      cross_entropy(logits, b["y"], b["mask"]),
-                      jax.random.PRNGKey(4), logits)
-      got[sel] = np.asarray(s.after_step(ctx, ss, info).memory.x)
-      ce = row_losses(logits, b["y"])
-      scores = ss.scores.at[b["er_tricks_slots"]].set(
-          -ce[b["er_tricks_rows"]], mode="drop")
-      want, _ = buffers.loss_aware_add(
-          ss.memory, scores, jax.random.fold_in(ss.key, ss.memory.seen),
-          b["x"][:B], b["y"][:B], b["task"][:B], ss.experience, -ce[:B],
-          b["mask"][:B], balanced=sel == "labrs",
-          num_classes=ctx.info.num_classes)
-      np.testing.assert_array_equal(got[sel], np.asarray(want.x))
+    for sel, fn in fns.items():
+      got[sel], want = map(np.asarray, fn(ss))
+      np.testing.assert_array_equal(got[sel], want)
     differ += not np.array_equal(got["lars"], got["labrs"])
   assert differ > 0
 
@@ -203,8 +217,8 @@ def test_elrd_scales_the_step_by_elrd_to_the_examples_seen(
   steps = {}
   for elrd in (1.0, 0.995):
     s = er_tricks(mem_size=20, selection="lars", elrd=elrd, bic_epochs=0)
-    new, _ = train.train_step(ctx, s, state,
-                              batch_of(full_stream.experiences[1], start=150))
+    new, _ = jax.jit(lambda st, b: train.train_step(ctx, s, st, b))(
+        state, batch_of(full_stream.experiences[1], start=150))
     steps[elrd] = jax.tree.map(lambda a, b: a - b, new.params, state.params)
   ratio = 0.995 ** seen
   for a, b in zip(jax.tree.leaves(steps[0.995]), jax.tree.leaves(steps[1.0])):
@@ -228,8 +242,10 @@ def test_bias_control_changes_only_the_new_classes_and_fits_memory(
   before = state.strategy
   ss = s.after_experience(ctx, state, e1).strategy
   mem = ss.memory
-  raw = ctx.logits(state.params, state.model_state, mem.x, mem.task)
-  got = s.predict(ctx, ss, state.params, state.model_state, mem.x, mem.task)
+  raw, got = jax.jit(lambda ss, p, ms: (
+      ctx.logits(p, ms, ss.memory.x, ss.memory.task),
+      s.predict(ctx, ss, p, ms, ss.memory.x, ss.memory.task)))(
+          ss, state.params, state.model_state)
   new = np.zeros(10, bool)
   new[np.unique(e1.train_y)] = True
   np.testing.assert_array_equal(ss.corrected, new)

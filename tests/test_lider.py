@@ -70,7 +70,8 @@ def test_layer_estimate_is_numpys_top_singular_value():
                              [[.5, .5, 0, 0], [0, 0, .5, .5]])
   # A vector layer: the matrix has rank one, K is 1 whatever the input,
   # which is why such pairs are left out.
-  k = lid.layer_lipschitz(fa[:, 0, 0], fb[:, 0, 0], v0, 10)
+  k = jax.jit(lid.layer_lipschitz, static_argnums=3)(fa[:, 0, 0],
+                                                      fb[:, 0, 0], v0, 10)
   np.testing.assert_allclose(np.asarray(k), 1.0, rtol=1e-5)
   assert lid.kept_pairs([(4, 8, 8, 3), (4, 8, 8, 4), (4, 1, 1, 8),
                          (4, 4, 4, 8)]) == [0, 2]
@@ -80,6 +81,7 @@ def test_layer_estimate_is_numpys_top_singular_value():
   # Shifting the later map moves K through its directions with three
   # channels before it, and (almost) not at all with one.
   shift = jnp.asarray(rng.normal(size=5), jnp.float32)
+  @jax.jit  # one program per shape, not an eager dispatch per operation
   def dk(a, v):
     return jax.grad(lambda s: jnp.sum(
         lid.layer_lipschitz(a, fb + s * shift, v, 10)))(0.0)
@@ -103,12 +105,15 @@ def test_loss_terms_by_hand_and_loss_split(stream):
             power_steps=30)
   state, ss = _filled(ctx, s, stream.experiences[0])
   ss = ss._replace(budget=jnp.asarray(budget))
-  batch = s.prepare_batch(ctx, ss, batch_of(stream.experiences[0]),
-                          jax.random.PRNGKey(3))
-  got = s.loss(ctx, ss, state.params, batch, None)
-  ks = lid.lipschitz_estimates(ctx, state.params, ss.model_state,
-                               batch["lider_x"], batch["lider_task"],
-                               batch["lider_v0"], 30, True)
+  # Jitted: compiling each program once is cheaper than dispatching the
+  # CNN's and the power iteration's operations one by one.
+  batch = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))(
+      ss, batch_of(stream.experiences[0]), jax.random.PRNGKey(3))
+  got = jax.jit(lambda ss, p, b: s.loss(ctx, ss, p, b, None))(
+      ss, state.params, batch)
+  ks = jax.jit(lambda p, ms, b: lid.lipschitz_estimates(
+      ctx, p, ms, b["lider_x"], b["lider_task"], b["lider_v0"], 30, True))(
+          state.params, ss.model_state, batch)
   assert ks.shape == (2 * B, 2)
   ks = np.asarray(ks)
   want = 0.7 * ks[:B].mean() + 1.3 * np.abs(
@@ -121,14 +126,17 @@ def test_loss_terms_by_hand_and_loss_split(stream):
   assert not np.array_equal(x[:B], x[B:])
 
 
-@pytest.mark.parametrize("jit", [False, True])
+# Eagerly (op by op) the loss and its gradient take ~20 s to dispatch:
+# that case is slow; the jitted one checks the same zeros in the fast suite.
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow),
+                                 True])
 def test_inactive_on_an_empty_memory(stream, jit):
   ctx = cnn_ctx(stream)
   s = lider(alpha_lip_lambda=1.0, beta_lip_lambda=1.0, mem_size=40)
   state = train.init_state(ctx, s, 0)
   ss = state.strategy._replace(budget=jnp.asarray([0.5, 0.5]))
-  batch = s.prepare_batch(ctx, ss, batch_of(stream.experiences[0]),
-                          jax.random.PRNGKey(0))
+  prepare = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))
+  batch = prepare(ss, batch_of(stream.experiences[0]), jax.random.PRNGKey(0))
   lose = lambda p: s.loss(ctx, ss, p, batch, None)
   val, grads = (jax.jit(jax.value_and_grad(lose)) if jit else
                 jax.value_and_grad(lose))(state.params)
@@ -138,9 +146,9 @@ def test_inactive_on_an_empty_memory(stream, jit):
   # One step later the reservoir holds the batch, and the term is on.
   _, ss1 = _filled(ctx, s, stream.experiences[0], n=1)
   ss1 = ss1._replace(budget=ss.budget)
-  batch = s.prepare_batch(ctx, ss1, batch_of(stream.experiences[0]),
-                          jax.random.PRNGKey(0))
-  assert float(s.loss(ctx, ss1, state.params, batch, None)) > 0.0
+  batch = prepare(ss1, batch_of(stream.experiences[0]), jax.random.PRNGKey(0))
+  assert float(jax.jit(lambda p: s.loss(ctx, ss1, p, batch, None))(
+      state.params)) > 0.0
 
 
 def test_budget_is_the_initial_models_mean_on_the_first_experience(stream):
@@ -151,8 +159,9 @@ def test_budget_is_the_initial_models_mean_on_the_first_experience(stream):
   state = s.before_experience(ctx, state, e0)
   x = jnp.asarray(e0.train_x)
   v0 = jax.random.uniform(jax.random.PRNGKey(5), (x.shape[0], 8))
-  k = lid.lipschitz_estimates(ctx, state.params, state.model_state, x,
-                              jnp.asarray(e0.train_task), v0, 60, False)
+  k = jax.jit(lambda p, ms, x, t, v0: lid.lipschitz_estimates(
+      ctx, p, ms, x, t, v0, 60, False))(state.params, state.model_state, x,
+                                        jnp.asarray(e0.train_task), v0)
   budget = np.asarray(state.strategy.budget)
   np.testing.assert_allclose(budget, np.asarray(k).mean(0), rtol=1e-3)
   assert np.all(budget > 0.05) and np.all(budget < 1.0)
@@ -244,10 +253,10 @@ def test_zero_channel_vectors_get_no_gradient():
     fa = x @ w + b  # a 1x1 convolution with bias b
     return jnp.mean(lid.layer_lipschitz(fa, fb, v0, 10))
 
-  g_b = jax.grad(k_mean)(jnp.zeros((3,)))
+  g_b = jax.jit(jax.grad(k_mean))(jnp.zeros((3,)))
   assert np.all(np.isfinite(np.asarray(g_b)))
   assert 0 < float(jnp.max(jnp.abs(g_b))) < 10.0, g_b  # 1/eps: ~1e6
-  g_x = jax.grad(lambda x: k_mean(jnp.zeros((3,)), x))(x)
+  g_x = jax.jit(jax.grad(lambda x: k_mean(jnp.zeros((3,)), x)))(x)
   np.testing.assert_array_equal(np.asarray(g_x[:, :2]), 0.0)
   assert float(jnp.max(jnp.abs(g_x[:, 2:]))) > 0  # the rest still moves
 

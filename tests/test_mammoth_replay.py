@@ -39,11 +39,11 @@ def test_fdr_softmax_distance_by_hand():
   ok = np.array([1.0, 1.0, 1.0, 0.0])  # the last row is padding
   sm = lambda a: np.exp(a) / np.exp(a).sum(-1, keepdims=True)
   want = np.linalg.norm(sm(out) - sm(z), axis=1)[:3].sum() / 3
-  got = fdr_mod.softmax_distance(jnp.asarray(out), jnp.asarray(z),
-                                 jnp.asarray(ok))
+  got = jax.jit(fdr_mod.softmax_distance)(jnp.asarray(out), jnp.asarray(z),
+                                          jnp.asarray(ok))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # The gradient is finite, and 0 on the equal row and on padding.
-  g = np.asarray(jax.grad(fdr_mod.softmax_distance)(
+  g = np.asarray(jax.jit(jax.grad(fdr_mod.softmax_distance))(
       jnp.asarray(out), jnp.asarray(z), jnp.asarray(ok)))
   assert np.isfinite(g).all()
   np.testing.assert_array_equal(g[1], 0.0)
@@ -56,7 +56,8 @@ def test_fdr_memory_is_experience_balanced_with_logits_at_the_end(stream):
   s = fdr(mem_size=40)
   state = train.init_state(ctx, s, 0)
   e0, e1 = stream.experiences
-  logits = lambda p, m: np.asarray(ctx.logits(p, {}, m.x, m.task))
+  fwd = jax.jit(lambda p, m: ctx.logits(p, {}, m.x, m.task))  # compiled once
+  logits = lambda p, m: np.asarray(fwd(p, m))
   # Experience 0 ends: all 40 slots are its examples, with the logits of
   # the network as it ends.
   st = s.before_experience(ctx, state, e0)
@@ -283,8 +284,9 @@ def test_hal_anchors_and_running_features_on_split_digits(stream):
   state = s.before_experience(ctx, state, e0)
   # φ: the running mean of the incoming rows' features after each step,
   # from 0 as the experience starts.
-  feats = lambda p, x: np.asarray(ctx.apply(
+  feats_ = jax.jit(lambda p, x: ctx.apply(  # compiled once per shape
       p, {}, x, jnp.zeros((x.shape[0],), jnp.int32), features=True)[0])
+  feats = lambda p, x: np.asarray(feats_(p, x))
   phi = np.zeros(32)
   for i in range(2):
     b = batch_of(e0, start=B * i)

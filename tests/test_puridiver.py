@@ -15,6 +15,13 @@ from jaxcl.strategies.er_tricks import row_losses
 
 from test_replay import B, batch_of, config, make_ctx
 
+# One compiled program per shape and setting, not an eager dispatch of each
+# operation (test time; the module's functions are traced as they are).
+drop_to_capacity = jax.jit(P.drop_to_capacity,
+                           static_argnames=("capacity", "num_classes",
+                                            "rounds", "normalize_loss"))
+split_memory = jax.jit(P.split_memory)
+
 
 # ---------------------------------------------------------------------------
 # The drop loop.
@@ -60,9 +67,10 @@ def test_drop_loop_keeps_the_rows_a_numpy_reference_keeps(seed,
   key = jax.random.PRNGKey(seed)
   g = P.relevant_features(jnp.asarray(feats), jnp.asarray(y),
                           jnp.asarray(kernel))
-  got = P.drop_to_capacity(key, jnp.asarray(y), jnp.asarray(loss), g,
-                           jnp.ones((13,), bool), 8, jnp.float32(0.4), 3,
-                           rounds=6, normalize_loss=normalize_loss)
+  got = drop_to_capacity(key, jnp.asarray(y), jnp.asarray(loss), g,
+                         jnp.ones((13,), bool), capacity=8,
+                         alpha=jnp.float32(0.4), num_classes=3, rounds=6,
+                         normalize_loss=normalize_loss)
   want = _reference_drops(y, loss, feats, kernel, 8, 0.4, key, 6,
                           normalize_loss)
   assert sorted(np.flatnonzero(np.asarray(got)).tolist()) == want
@@ -78,9 +86,9 @@ def test_drop_loop_hand_case_high_loss_and_redundant_rows_go():
   y = jnp.zeros((5,), jnp.int32)
   loss = jnp.array([0.1, 0.1, 0.1, 0.1, 3.0])
   g = P.relevant_features(feats, y, kernel)
-  drop = lambda alpha, cap: np.flatnonzero(np.asarray(P.drop_to_capacity(
-      jax.random.PRNGKey(0), y, loss, g, jnp.ones((5,), bool), cap,
-      jnp.float32(alpha), 2, rounds=3))).tolist()
+  drop = lambda alpha, cap: np.flatnonzero(np.asarray(drop_to_capacity(
+      jax.random.PRNGKey(0), y, loss, g, jnp.ones((5,), bool), capacity=cap,
+      alpha=jnp.float32(alpha), num_classes=2, rounds=3))).tolist()
   assert drop(0.0, 4) == [0, 1, 2, 3]  # loss only: the noisy-looking row
   # Similarity only: row 4, close to every row (mean cosine 0.77), then
   # one of the redundant three (0.75 each after it); the lone row 3 (0.35)
@@ -89,8 +97,9 @@ def test_drop_loop_hand_case_high_loss_and_redundant_rows_go():
   assert 3 in kept and 4 not in kept and len(set(kept) & {0, 1, 2}) == 2
   # Padding rows (alive False) are never counted or kept.
   alive = jnp.array([True, True, True, True, False])
-  got = P.drop_to_capacity(jax.random.PRNGKey(0), y, loss, g, alive, 4,
-                           jnp.float32(0.5), 2, rounds=2)
+  got = drop_to_capacity(jax.random.PRNGKey(0), y, loss, g, alive,
+                         capacity=4, alpha=jnp.float32(0.5), num_classes=2,
+                         rounds=2)
   assert np.asarray(got).tolist() == [True, True, True, True, False]
 
 
@@ -124,10 +133,10 @@ def test_after_step_merges_and_refills_freed_slots(stream):
   # The survivors are the reference's: losses / features of the same model.
   x = np.concatenate([old.x[:10], e0.train_x[10:20]])
   yy = np.concatenate([old.y[:10], e0.train_y[10:20]])
-  feats = np.asarray(ctx.apply(state.params, state.model_state, x, None,
-                               features=True)[0])
-  loss = np.asarray(row_losses(ctx.logits(state.params, state.model_state,
-                                          x, None), yy))
+  feats, loss = map(np.asarray, jax.jit(lambda p, ms, x, yy: (
+      ctx.apply(p, ms, x, None, features=True)[0],
+      row_losses(ctx.logits(p, ms, x, None), yy)))(
+          state.params, state.model_state, x, yy))
   alpha = 0.5 * min(1.0, 1.0 / loss.mean())
   key = jax.random.fold_in(state.strategy.key, 10)
   want = _reference_drops(yy, loss, feats,
@@ -163,8 +172,8 @@ def test_split_sorts_a_constructed_memory_into_three_sets():
                      enumerate(kinds)] +
                     [np.full(c, 50.0)] * 4)  # 4 empty slots: garbage
   valid = np.r_[np.ones(len(kinds), bool), np.zeros(4, bool)]
-  sp = jax.jit(P.split_memory)(jnp.asarray(logits, jnp.float32),
-                               jnp.asarray(y), jnp.asarray(valid))
+  sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.asarray(valid))
   kinds = np.array(kinds + ["none"] * 4)
   np.testing.assert_array_equal(np.asarray(sp.correct), kinds == "correct")
   np.testing.assert_array_equal(np.asarray(sp.ambiguous),
@@ -177,8 +186,8 @@ def test_split_sorts_a_constructed_memory_into_three_sets():
   assert p[(kinds == "ambiguous") | (kinds == "incorrect")].max() < 0.01
   # At most 2 incorrect rows: the plain cross-entropy fallback.
   keep = np.r_[np.ones(20 + 6 + 2, bool), np.zeros(4 + 4, bool)]
-  sp = P.split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
-                      jnp.asarray(valid & keep))
+  sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.asarray(valid & keep))
   assert int(np.sum(sp.incorrect)) == 2 and not bool(sp.use)
 
 
@@ -191,8 +200,8 @@ def test_split_normalises_losses_before_the_mixture():
   margin = np.where(np.arange(n) < 16, 11.5, 6.8)  # loss 9e-5 or 1e-2
   logits = np.where(np.eye(c)[y] > 0, margin[:, None], 0.0)
   logits += np.random.default_rng(0).normal(0, 0.01, (n, c))
-  sp = P.split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
-                      jnp.ones((n,), bool))
+  sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.ones((n,), bool))
   np.testing.assert_array_equal(np.asarray(sp.correct), np.arange(n) < 16)
 
 
@@ -238,9 +247,12 @@ def test_buffer_fitting_lowers_the_loss_of_the_clean_rows(stream):
   params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
   clean = jnp.asarray(~noisy)
 
-  def clean_loss(p):
+  @jax.jit
+  def clean_loss_(p):
     ce = row_losses(ctx.logits(p, ms, mem.x[:40], None), jnp.asarray(y))
-    return float(jnp.sum(ce * clean) / jnp.sum(clean))
+    return jnp.sum(ce * clean) / jnp.sum(clean)
+
+  clean_loss = lambda p: float(clean_loss_(p))
 
   fit = jax.jit(lambda k, p, m: P.fit_buffer(
       ctx, k, p, ms, m, epochs=15, warmup=3, batch_size=10, aux_cap=20,
@@ -295,11 +307,11 @@ def test_replays_from_the_second_experience_on(stream):
   mem = buffers.put_rows(ss.memory, jnp.arange(20), e0.train_x[:20],
                          e0.train_y[:20], np.zeros(20, np.int32),
                          np.zeros(20, np.int32))
+  prepare = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))
   for i, want in [(0, 0.0), (1, 1.0)]:
     st = s.before_experience(ctx, state, stream.experiences[i])
-    out = s.prepare_batch(ctx, st.strategy._replace(memory=mem),
-                          batch_of(stream.experiences[i]),
-                          jax.random.PRNGKey(0))
+    out = prepare(st.strategy._replace(memory=mem),
+                  batch_of(stream.experiences[i]), jax.random.PRNGKey(0))
     assert out["x"].shape[0] == 2 * B
     np.testing.assert_array_equal(np.asarray(out["mask"][B:]), want)
   # The replayed rows are the memory's, cropped (one pixel of padding on

@@ -35,6 +35,23 @@ def make_ctx(sc, widths=(32,), lr=0.1):
   return train.make_context(model, train.make_optimizer("sgd", lr), info)
 
 
+def jit_ctx(f):
+  """``f(ctx, ...)`` compiled with ``ctx`` static. A hook or reference
+  called eagerly dispatches (and compiles) each operation on its own; one
+  compiled program is several times cheaper (test time)."""
+  return jax.jit(f, static_argnums=0)
+
+
+def logits_fn(ctx):
+  """``ctx.logits(params, model_state, x, task, train=True)`` compiled."""
+  return jax.jit(lambda p, ms, x, t: ctx.logits(p, ms, x, t, train=True))
+
+
+# MIR's retrieval compiled (see jit_ctx).
+mir_retrieve = jax.jit(retrieve, static_argnums=0,
+                       static_argnames=("lr", "candidates", "k"))
+
+
 def batch_of(exp, n=B, start=0):
   sl = slice(start, start + n)
   return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
@@ -266,12 +283,15 @@ def test_der_stores_step_logits_and_matches_them(stream):
   s = derpp(mem_size=30, alpha=alpha, beta=beta, batch_size=6)
   state = train.init_state(ctx, s, 0)
   exp = stream.experiences[0]
-  logits = lambda p, x, t: np.asarray(ctx.logits(p, {}, x, t, train=True))
-  ce = lambda p, b: float(cross_entropy(
+  fwd = logits_fn(ctx)
+  logits = lambda p, x, t: np.asarray(fwd(p, {}, x, t))
+  ce_ = jax.jit(lambda p, b: cross_entropy(
       ctx.logits(p, {}, b["x"], b["task"], train=True), b["y"], b["mask"]))
+  ce = lambda p, b: float(ce_(p, b))
+  step = jax.jit(lambda st, b: der_step(ctx, s, st, b))
   # Empty memory: both replay terms are 0, the loss is the batch's CE.
   b1 = batch_of(exp)
-  state2, loss, prepared = der_step(ctx, s, state, b1)
+  state2, loss, prepared = step(state, b1)
   assert not np.asarray(prepared["derpp_ok"]).any()
   np.testing.assert_allclose(float(loss), ce(state.params, b1), rtol=1e-5)
   # The memory holds the batch with the logits of the step's forward pass,
@@ -288,7 +308,7 @@ def test_der_stores_step_logits_and_matches_them(stream):
   # Next step: CE(batch) + alpha * mean squared logit error on one memory
   # batch + beta * CE on another, each of the stored rows.
   b2 = batch_of(exp, start=B)
-  state3, loss, prepared = der_step(ctx, s, state2, b2)
+  state3, loss, prepared = step(state2, b2)
   ok, ok2 = (np.asarray(prepared[k]) for k in ("derpp_ok", "derpp_ok2"))
   assert ok.all() and ok2.all()   # 10 stored >= 6 drawn
   x1, z1 = prepared["derpp_x"], np.asarray(prepared["derpp_z"])
@@ -311,20 +331,20 @@ def test_der_without_beta_is_derpp_without_its_label_term(stream):
   ctx = make_ctx(stream)
   exp = stream.experiences[0]
   base = train.init_state(ctx, der(mem_size=30, alpha=0.5), 0)
-  st = train.train_step(ctx, der(mem_size=30, alpha=0.5), base,
-                        batch_of(exp))[0]
+  st = jax.jit(lambda st, b: train.train_step(
+      ctx, der(mem_size=30, alpha=0.5), st, b)[0])(base, batch_of(exp))
   b = batch_of(exp, start=B)
   key = jax.random.PRNGKey(3)
   out = {}
   for name, strat in (("der", der(mem_size=30, alpha=0.5)),
                       ("derpp", derpp(mem_size=30, alpha=0.5, beta=2.0))):
-    prepared = strat.prepare_batch(ctx, st.strategy, b, key)
-    out[name] = (prepared, float(strat.loss(ctx, st.strategy, st.params,
-                                            prepared, None)))
+    prepared = jit_ctx(strat.prepare_batch)(ctx, st.strategy, b, key)
+    out[name] = (prepared, float(jit_ctx(strat.loss)(
+        ctx, st.strategy, st.params, prepared, None)))
   (pd, ld), (pp, lp) = out["der"], out["derpp"]
   assert "der_x2" not in pd
-  lab = cross_entropy(ctx.logits(st.params, {}, pp["derpp_x2"],
-                                 pp["derpp_task2"], train=True),
+  lab = cross_entropy(logits_fn(ctx)(st.params, {}, pp["derpp_x2"],
+                                     pp["derpp_task2"]),
                       pp["derpp_y2"], pp["derpp_ok2"])
   assert ld > 0
   # Same key, same first draw: the logit terms agree.
@@ -404,12 +424,11 @@ def test_er_ace_loss_is_hand_computed_and_spares_old_logits(stream):
   ss = ace_state(ctx, s, e0, 1, e0.classes)
   params = train.init_state(ctx, s, 0).params
   batch = batch_of(e1)
-  prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(2))
+  prepared = jit_ctx(s.prepare_batch)(ctx, ss, batch, jax.random.PRNGKey(2))
   assert prepared["x"].shape[0] == B + 6
   np.testing.assert_array_equal(prepared["mask"], np.ones(B + 6))
   assert set(np.asarray(prepared["y"][B:])) <= set(e0.classes)
-  z = np.asarray(ctx.logits(params, {}, prepared["x"], prepared["task"],
-                            train=True))
+  z = np.asarray(logits_fn(ctx)(params, {}, prepared["x"], prepared["task"]))
   y = np.asarray(prepared["y"])
   # Incoming classes {2, 3}; unseen {4..9}; old {0, 1} are left out.
   allowed = [c for c in range(10) if c not in e0.classes]
@@ -418,15 +437,18 @@ def test_er_ace_loss_is_hand_computed_and_spares_old_logits(stream):
                   for i in range(B)])
   rep = -np.mean([log_softmax_over(z[i:i + 1], list(range(10)))[0, y[i]]
                   for i in range(B, B + 6)])
-  got = s.task_loss(ctx, ss, jnp.asarray(z), prepared)
+  got = jit_ctx(s.task_loss)(ctx, ss, jnp.asarray(z), prepared)
   np.testing.assert_allclose(float(got), inc + rep, rtol=1e-5)
 
-  def grad_of(rows):
-    sub = {k: v[rows] for k, v in prepared.items()}
+  @jax.jit
+  def bias_grad(sub):
     lose = lambda p: s.task_loss(ctx, ss, ctx.logits(p, {}, sub["x"],
                                                      sub["task"], train=True),
                                  sub)
-    return np.asarray(jax.grad(lose)(params)["head"]["bias"])
+    return jax.grad(lose)(params)["head"]["bias"]
+
+  def grad_of(rows):
+    return np.asarray(bias_grad({k: v[rows] for k, v in prepared.items()}))
 
   g_inc = grad_of(slice(0, B))   # no appended rows: the incoming term only
   np.testing.assert_array_equal(g_inc[list(e0.classes)], 0.0)
@@ -478,14 +500,22 @@ def test_er_ace_tracks_classes_and_fills_reservoir(stream):
   assert int(ss.memory.seen) == B - 3
 
 
-def test_er_ace_keeps_old_classes_better_than_replay(full_stream):
+@pytest.fixture(scope="module")
+def replay_100(full_stream):
+  """Replay's run on Split Digits with memory 100: the baseline that ER-ACE
+  and ER-AML are compared with (run once for both)."""
+  return experiment.run(config("replay", replay=dict(mem_size=100)),
+                        scenario=full_stream)
+
+
+def test_er_ace_keeps_old_classes_better_than_replay(full_stream,
+                                                      replay_100):
   """Class-incremental Split Digits, same memory and replay batch: ER-ACE's
   accuracy on the four earlier experiences after the stream is well above
   Replay's (the incoming batches no longer push the old classes down)."""
-  old = {}
-  for name in ("replay", "er_ace"):
-    cfg = config(name, **{name: dict(mem_size=100)})
-    old[name] = experiment.run(cfg, scenario=full_stream).accuracy[-1, :-1]
+  old = {"replay": replay_100.accuracy[-1, :-1]}
+  cfg = config("er_ace", er_ace=dict(mem_size=100))
+  old["er_ace"] = experiment.run(cfg, scenario=full_stream).accuracy[-1, :-1]
   assert old["er_ace"].mean() > old["replay"].mean() + 0.1, old
 
 
@@ -577,11 +607,15 @@ def test_er_aml_incoming_rows_train_features_only(stream):
   mem = ss.memory
   for e, n, start in ((e0, 20, 0), (e1, 8, 50)):
     b = batch_of(e, n=n, start=start)
-    mem = buffers.reservoir_add(mem, jax.random.PRNGKey(start), b["x"],
-                                b["y"], b["task"], e.index)
+    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(start),
+                                         b["x"], b["y"], b["task"],
+                                         jnp.int32(e.index))
   ss = ss._replace(memory=mem, experience=jnp.ones((), jnp.int32))
   params = train.init_state(ctx, s, 0).params
-  prepared = s.prepare_batch(ctx, ss, batch_of(e1), jax.random.PRNGKey(2))
+  prepare, loss, task_loss = map(jit_ctx, (s.prepare_batch, s.loss,
+                                           s.task_loss))
+  fwd = logits_fn(ctx)
+  prepared = prepare(ctx, ss, batch_of(e1), jax.random.PRNGKey(2))
   assert prepared["x"].shape[0] == B + 6
   valid = np.asarray(prepared["aml_valid"])
   assert valid.all()
@@ -594,47 +628,52 @@ def test_er_aml_incoming_rows_train_features_only(stream):
   assert np.all(ay[B:] != y) and set(ay[B:]) <= {2, 3}  # same-task negatives
   for row in ax:  # every drawn row is a candidate's pixels
     assert np.any(np.all(np.isclose(cand, row), axis=1))
-  f = lambda x: np.asarray(ctx.apply(params, {}, jnp.asarray(x),
-                                     jnp.zeros(len(x), jnp.int32),
-                                     features=True)[0], np.float64)
+  feats = jax.jit(lambda x: ctx.apply(params, {}, x,
+                                      jnp.zeros(len(x), jnp.int32),
+                                      features=True)[0])
+  f = lambda x: np.asarray(feats(jnp.asarray(x)), np.float64)
   norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
   h, hc = norm(f(np.asarray(prepared["x"][:B]))), norm(f(ax))
-  want = float(sup_con_loss(jnp.asarray(np.concatenate([h, h])),
+  want = float(jax.jit(sup_con_loss, static_argnums=(6, 7))(
+      jnp.asarray(np.concatenate([h, h])),
                             jnp.asarray(np.concatenate([y, y])),
                             jnp.ones(2 * B, bool), jnp.asarray(hc),
                             jnp.asarray(ay), jnp.ones(2 * B, bool),
                             0.2, 0.07))
-  got = float(s.loss(ctx, ss, params, prepared, None))
+  got = float(loss(ctx, ss, params, prepared, None))
   np.testing.assert_allclose(got, want, rtol=1e-4)
-  g = jax.grad(lambda p: s.loss(ctx, ss, p, prepared, None))(params)
+  g = jax.jit(jax.grad(lambda p: s.loss(ctx, ss, p, prepared, None)))(params)
   np.testing.assert_array_equal(np.asarray(g["head"]["kernel"]), 0.0)
   assert np.abs(np.asarray(g["backbone"]["Dense_0"]["kernel"])).max() > 1e-4
-  z = ctx.logits(params, {}, prepared["x"], prepared["task"], train=True)
+  z = fwd(params, {}, prepared["x"], prepared["task"])
   np.testing.assert_allclose(
-      float(s.task_loss(ctx, ss, z, prepared)),
+      float(task_loss(ctx, ss, z, prepared)),
       float(cross_entropy(z[B:], prepared["y"][B:], prepared["mask"][B:])),
       rtol=1e-6)
   # First experience: plain cross-entropy, no replay, no contrast.
   ss0 = ss._replace(experience=jnp.zeros((), jnp.int32))
-  p0 = s.prepare_batch(ctx, ss0, batch_of(e0, start=20),
-                       jax.random.PRNGKey(2))
+  p0 = prepare(ctx, ss0, batch_of(e0, start=20), jax.random.PRNGKey(2))
   assert not np.asarray(p0["aml_valid"]).any()
   np.testing.assert_array_equal(p0["mask"][B:], 0.0)
-  assert float(s.loss(ctx, ss0, params, p0, None)) == 0.0
-  z0 = ctx.logits(params, {}, p0["x"], p0["task"], train=True)
+  assert float(loss(ctx, ss0, params, p0, None)) == 0.0
+  z0 = fwd(params, {}, p0["x"], p0["task"])
   np.testing.assert_allclose(
-      float(s.task_loss(ctx, ss0, z0, p0)),
+      float(task_loss(ctx, ss0, z0, p0)),
       float(cross_entropy(z0[:B], p0["y"][:B], p0["mask"][:B])), rtol=1e-6)
 
 
-def test_er_aml_keeps_old_classes_better_than_replay(full_stream):
+def test_er_aml_keeps_old_classes_better_than_replay(full_stream,
+                                                      replay_100):
   """Class-incremental Split Digits, same memory and replay batch: ER-AML's
   accuracy on the four earlier experiences after the stream is well above
   Replay's (measured when written, seed 0: 0.870 against 0.543)."""
   old = {}
   for name in ("replay", "er_aml"):
-    cfg = config(name, **{name: dict(mem_size=100)})
-    r = experiment.run(cfg, scenario=full_stream)
+    if name == "replay":
+      r = replay_100
+    else:
+      r = experiment.run(config(name, **{name: dict(mem_size=100)}),
+                         scenario=full_stream)
     assert r.learner.chunk_fn._cache_size() == 1
     old[name] = r.accuracy[-1, :-1]
   assert old["er_aml"].mean() > old["replay"].mean() + 0.15, old
@@ -659,12 +698,14 @@ def test_er_aml_bad_inputs(stream):
 def brute_gram(ctx, params, x, y, task, groups):
   """The Gram matrix of the groups' gradients, each formed by jax.grad of
   its weighted loss (evaluation mode) and flattened."""
+  def lose(p, w):
+    z = ctx.logits(p, {}, x, task, train=False)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * w)
+
+  grad = jax.jit(jax.grad(lose))  # one program for every group
   flat = []
   for k in range(groups.shape[1]):
-    def lose(p, w=groups[:, k]):
-      z = ctx.logits(p, {}, x, task, train=False)
-      return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * w)
-    g = jax.grad(lose)(params)
+    g = grad(params, groups[:, k])
     flat.append(np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)]))
   flat = np.stack(flat).astype(np.float64)
   return flat @ flat.T
@@ -680,8 +721,10 @@ def test_gss_gradient_gram_equals_formed_gradients(stream, monkeypatch,
   groups = jnp.asarray(np.random.RandomState(0).rand(7, 4), jnp.float32)
   if path == "per_example":
     monkeypatch.setattr(gss_mod, "factored_calls", lambda *a: None)
-  got = np.asarray(gss_mod.gradient_gram(ctx, params, {}, b["x"], b["y"],
-                                         b["task"], groups))
+  # A fresh function, traced here: the patched path is the one compiled.
+  got = np.asarray(jax.jit(lambda *a: gss_mod.gradient_gram(ctx, params, {},
+                                                            *a))(
+      b["x"], b["y"], b["task"], groups))
   want = brute_gram(ctx, params, b["x"], b["y"], b["task"], groups)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
 
@@ -748,13 +791,15 @@ def test_gss_after_step_scores_batch_against_drawn_entries(stream):
   e0 = stream.experiences[0]
   b0 = batch_of(e0)
   info = lambda b, p: StepInfo(p, p, None, None, b, jnp.zeros(()))
-  ss = s.after_step(ctx, state.strategy, info(b0, state.params))
+  after_step = jit_ctx(s.after_step)
+  ss = after_step(ctx, state.strategy, info(b0, state.params))
   np.testing.assert_allclose(np.asarray(ss.scores[:B]), 0.1)  # empty before
   b1 = batch_of(e0, start=B)
   key = jax.random.fold_in(ss.key, ss.memory.seen)
-  idx, ok = buffers.sample(ss.memory, jax.random.split(key)[0], 4)
+  idx, ok = jax.jit(buffers.sample, static_argnums=2)(
+      ss.memory, jax.random.split(key)[0], 4)
   assert np.asarray(ok).all()
-  ss2 = s.after_step(ctx, ss, info(b1, state.params))
+  ss2 = after_step(ctx, ss, info(b1, state.params))
   x = jnp.concatenate([b1["x"], ss.memory.x[idx]])
   y = jnp.concatenate([b1["y"], ss.memory.y[idx]])
   t = jnp.concatenate([b1["task"], ss.memory.task[idx]])
@@ -966,10 +1011,10 @@ def test_bn_mlp_normalises_hidden_layers_and_logits():
 
 def _full_memory(exp, n):
   mem = buffers.init(n, exp.train_x.shape[1:])
-  return buffers.reservoir_add(mem, jax.random.PRNGKey(0),
-                               jnp.asarray(exp.train_x[:n]),
-                               jnp.asarray(exp.train_y[:n]),
-                               jnp.zeros(n, jnp.int32), 0)
+  return jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(0),
+                                        jnp.asarray(exp.train_x[:n]),
+                                        jnp.asarray(exp.train_y[:n]),
+                                        jnp.zeros(n, jnp.int32), jnp.int32(0))
 
 
 def test_mir_retrieves_largest_loss_increase(stream):
@@ -979,13 +1024,14 @@ def test_mir_retrieves_largest_loss_increase(stream):
   incoming = batch_of(stream.experiences[1])
   loss = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"]),
                                     b["y"], b["mask"])
-  grads = jax.grad(loss)(state.params, incoming)
-  idx, ok, score = retrieve(ctx, state.params, {}, grads, mem,
+  grads = jax.jit(jax.grad(loss))(state.params, incoming)
+  idx, ok, score = mir_retrieve(ctx, state.params, {}, grads, mem,
                             jax.random.PRNGKey(3), lr=0.5, candidates=30, k=5)
   # By hand: per-example loss after the virtual step minus before.
   virtual = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, grads)
   per = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       ctx.logits(p, {}, mem.x, mem.task), mem.y)
+  per = jax.jit(per)
   rise = np.asarray(per(virtual) - per(state.params))
   assert np.all(np.asarray(ok))
   assert set(np.asarray(idx)) == set(np.argsort(-rise)[:5])
@@ -1001,16 +1047,16 @@ def test_mir_update_grads_adds_replay_gradient(stream):
   g0 = jax.tree.map(jnp.ones_like, state.params)
   key = jax.random.PRNGKey(4)
   # Empty memory: gradient unchanged.
-  out = s.update_grads(ctx, ss, g0, state.params, None, key)
+  out = jit_ctx(s.update_grads)(ctx, ss, g0, state.params, None, key)
   jax.tree.map(np.testing.assert_array_equal, out, g0)
   ss = ss._replace(memory=_full_memory(stream.experiences[0], 30))
-  out = s.update_grads(ctx, ss, g0, state.params, None, key)
-  idx, ok, _ = retrieve(ctx, state.params, {}, g0, ss.memory, key, lr=0.5,
+  out = jit_ctx(s.update_grads)(ctx, ss, g0, state.params, None, key)
+  idx, ok, _ = mir_retrieve(ctx, state.params, {}, g0, ss.memory, key, lr=0.5,
                         candidates=30, k=5)
   m = ss.memory
-  g_rep = jax.grad(lambda p: cross_entropy(
+  g_rep = jax.jit(jax.grad(lambda p: cross_entropy(
       ctx.logits(p, {}, m.x[idx], m.task[idx]), m.y[idx],
-      ok.astype(jnp.float32)))(state.params)
+      ok.astype(jnp.float32))))(state.params)
   jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, b + c,
                                                           rtol=1e-5,
                                                           atol=1e-6),
@@ -1036,17 +1082,17 @@ def test_mir_virtual_step_moves_only_the_weights_that_move(stream):
   m, params = ss.memory, state.params
   loss = lambda p, b: cross_entropy(ctx.logits(p, {}, b["x"], b["task"]),
                                     b["y"], b["mask"])
-  g0 = jax.grad(loss)(params, batch_of(stream.experiences[1]))
+  g0 = jax.jit(jax.grad(loss))(params, batch_of(stream.experiences[1]))
   key = jax.random.PRNGKey(4)
-  out = s.update_grads(fctx, ss, g0, params, None, key)
-  pick = lambda g: retrieve(ctx, params, {}, g, m, key, lr=0.5,
+  out = jit_ctx(s.update_grads)(fctx, ss, g0, params, None, key)
+  pick = lambda g: mir_retrieve(ctx, params, {}, g, m, key, lr=0.5,
                             candidates=30, k=5)[:2]
   idx, ok = pick(_freeze_head(g0))
   # The whole gradient's virtual step ranks the memory otherwise.
   assert set(np.asarray(idx)) != set(np.asarray(pick(g0)[0]))
-  g_rep = _freeze_head(jax.grad(lambda p: cross_entropy(
+  g_rep = _freeze_head(jax.jit(jax.grad(lambda p: cross_entropy(
       ctx.logits(p, {}, m.x[idx], m.task[idx]), m.y[idx],
-      ok.astype(jnp.float32)))(params))
+      ok.astype(jnp.float32))))(params))
   jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
       a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_rep)
 
@@ -1059,27 +1105,28 @@ def test_mir_exclude_current_replays_past_experiences_only(stream):
   e0, e1 = stream.experiences
   mem = buffers.init(30, e0.train_x.shape[1:])
   for e, exp in enumerate((e0, e1)):   # 15 entries from each experience
-    mem = buffers.reservoir_add(mem, jax.random.PRNGKey(e),
-                                jnp.asarray(exp.train_x[:15]),
-                                jnp.asarray(exp.train_y[:15]),
-                                jnp.zeros(15, jnp.int32), e)
+    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(e),
+                                         jnp.asarray(exp.train_x[:15]),
+                                         jnp.asarray(exp.train_y[:15]),
+                                         jnp.zeros(15, jnp.int32),
+                                         jnp.int32(e))
   g0 = jax.tree.map(jnp.ones_like, state.params)
   key = jax.random.PRNGKey(4)
   # During experience 0 nothing is in the past: the gradient is unchanged.
   ss = state.strategy._replace(memory=mem, experience=jnp.asarray(0))
-  out = s.update_grads(ctx, ss, g0, state.params, None, key)
+  out = jit_ctx(s.update_grads)(ctx, ss, g0, state.params, None, key)
   jax.tree.map(np.testing.assert_array_equal, out, g0)
   # During experience 1 the replayed rows are experience-0 entries only.
   where = mem.experience < 1
-  idx, ok, _ = retrieve(ctx, state.params, {}, g0, mem, key, lr=0.5,
+  idx, ok, _ = mir_retrieve(ctx, state.params, {}, g0, mem, key, lr=0.5,
                         candidates=20, k=5, where=where)
   assert np.all(np.asarray(ok))
   assert set(np.asarray(mem.experience)[np.asarray(idx)]) == {0}
   ss = ss._replace(experience=jnp.asarray(1))
-  out = s.update_grads(ctx, ss, g0, state.params, None, key)
-  g_rep = jax.grad(lambda p: cross_entropy(
+  out = jit_ctx(s.update_grads)(ctx, ss, g0, state.params, None, key)
+  g_rep = jax.jit(jax.grad(lambda p: cross_entropy(
       ctx.logits(p, {}, mem.x[idx], mem.task[idx]), mem.y[idx],
-      ok.astype(jnp.float32)))(state.params)
+      ok.astype(jnp.float32))))(state.params)
   jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
       a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_rep)
 
@@ -1202,19 +1249,21 @@ def test_dgr_labels_from_previous_solver_and_loss_weights(stream):
   ss = state.strategy
   np.testing.assert_array_equal(np.flatnonzero(ss.seen), [0, 1])
   key = jax.random.PRNGKey(5)
-  batch = s.prepare_batch(ctx, ss, batch_of(exp1), key)
+  prepare = jit_ctx(s.prepare_batch)
+  fwd = jax.jit(lambda p, x, t: ctx.logits(p, {}, x, t))
+  batch = prepare(ctx, ss, batch_of(exp1), key)
   x_rep = batch["x"][B:]
-  prev = ctx.logits(ss.prev_params, {}, x_rep, jnp.zeros(6, jnp.int32))
+  prev = fwd(ss.prev_params, x_rep, jnp.zeros(6, jnp.int32))
   want = np.argmax(np.where(np.asarray(ss.seen), prev, -np.inf), -1)
   np.testing.assert_array_equal(batch["y"][B:], want)
   # Another previous solver gives other labels for the same samples.
   other = ss._replace(prev_params=jax.tree.map(
       lambda a: -a, ss.prev_params))
-  flipped = s.prepare_batch(ctx, other, batch_of(exp1), key)
+  flipped = prepare(ctx, other, batch_of(exp1), key)
   np.testing.assert_array_equal(flipped["x"][B:], x_rep)
   assert not np.array_equal(flipped["y"][B:], batch["y"][B:])
   # Loss = 1/2 * mean(current) + 1/2 * mean(replay) at t = 1.
-  logits = ctx.logits(state.params, {}, batch["x"], batch["task"])
+  logits = fwd(state.params, batch["x"], batch["task"])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
   want = 0.5 * ce[:B].mean() + 0.5 * ce[B:].mean()
   np.testing.assert_allclose(cross_entropy(logits, batch["y"], batch["mask"]),
@@ -1230,9 +1279,12 @@ def test_dgr_generator_learns_and_snapshots_are_copies(stream):
   exp = stream.experiences[0]
   x = jnp.asarray(exp.train_x[:100])
 
-  def gen_loss(p):
+  @jax.jit
+  def gen_loss_(p):
     r, mu, lv = vae.apply({"params": p}, x, jax.random.PRNGKey(0))
-    return float(vae_loss(r, x, mu, lv).mean())
+    return vae_loss(r, x, mu, lv).mean()
+
+  gen_loss = lambda p: float(gen_loss_(p))
 
   ss = state.strategy
   before = gen_loss(ss.gen_params)
@@ -1485,16 +1537,15 @@ def test_xder_step_terms_and_online_update(stream):
   state = s.before_experience(ctx, state, e1)
   ss = state.strategy
   batch = dict(batch_of(e1), index=jnp.arange(B))
-  prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(3))
+  prepared = jit_ctx(s.prepare_batch)(ctx, ss, batch, jax.random.PRNGKey(3))
   params = state.params
-  logits = ctx.logits(params, ss.model_state, prepared["x"],
-                      prepared["task"], train=True)
-  got = float(s.loss(ctx, ss, params, prepared, logits))
+  fwd = logits_fn(ctx)
+  logits = fwd(params, ss.model_state, prepared["x"], prepared["task"])
+  got = float(jit_ctx(s.loss)(ctx, ss, params, prepared, logits))
   # By hand.
   lg = np.asarray(logits, np.float64)
-  f = lambda x: np.asarray(ctx.logits(params, ss.model_state, x,
-                                      jnp.zeros(len(x), jnp.int32),
-                                      train=True), np.float64)
+  f = lambda x: np.asarray(fwd(params, ss.model_state, x,
+                               jnp.zeros(len(x), jnp.int32)), np.float64)
   o1, o2 = f(prepared["xder_x1"]), f(prepared["xder_x2"])
   z1 = np.asarray(ss.logits)[np.asarray(prepared["xder_i1"])]
   der_t = np.mean((o1 - z1) ** 2)
@@ -1521,19 +1572,21 @@ def test_xder_step_terms_and_online_update(stream):
   assert past_t > 0 and fut_t > 0
   np.testing.assert_allclose(got, want, rtol=1e-4)
   # The stream's cross-entropy leaves the past classes out.
-  tl = float(s.task_loss(ctx, ss, logits, prepared))
+  task_loss = jit_ctx(s.task_loss)
+  tl = float(task_loss(ctx, ss, logits, prepared))
   pl = lg[:, 2:] - np.log(np.exp(lg[:, 2:]).sum(1, keepdims=True))
   np.testing.assert_allclose(
       tl, -np.mean(pl[np.arange(B), np.asarray(batch["y"]) - 2]), rtol=1e-5)
   # A chained member's replayed row of a past class: over every class.
   mixed = dict(prepared, y=prepared["y"].at[0].set(1))
-  tl = float(s.task_loss(ctx, ss, logits, mixed))
+  tl = float(task_loss(ctx, ss, logits, mixed))
   ym = np.asarray(mixed["y"])
   full = lg - np.log(np.exp(lg).sum(1, keepdims=True))
   per = [full[0, 1]] + [pl[i, ym[i] - 2] for i in range(1, B)]
   np.testing.assert_allclose(tl, -np.mean(per), rtol=1e-5)
   # future_ce=False: the stream's cross-entropy over the current classes.
-  tl = float(xder(mem_size=k, batch_size=r, future_ce=False).task_loss(
+  tl = float(jit_ctx(xder(mem_size=k, batch_size=r,
+                          future_ce=False).task_loss)(
       ctx, ss, logits, prepared))
   pc = lg[:, 2:4] - np.log(np.exp(lg[:, 2:4]).sum(1, keepdims=True))
   np.testing.assert_allclose(
@@ -1541,7 +1594,8 @@ def test_xder_step_terms_and_online_update(stream):
   # The online update: every drawn entry is a past one, drawn once.
   info = StepInfo(params, params, None, None, prepared, jnp.float32(0.0),
                   jax.random.PRNGKey(5), logits)
-  after = s.after_step(ctx, ss, info)
+  after_step = jit_ctx(s.after_step)
+  after = after_step(ctx, ss, info)
   idx = np.concatenate([np.asarray(prepared["xder_i1"]),
                         np.asarray(prepared["xder_i2"])[ok2u]])
   assert np.all(np.asarray(after.counter)[idx] == 1)
@@ -1553,7 +1607,7 @@ def test_xder_step_terms_and_online_update(stream):
                                ~seen, gamma)
   np.testing.assert_allclose(new, want_new, rtol=1e-4, atol=1e-5)
   # Entries drawn many times before are rewritten with probability 1 / k.
-  worn = s.after_step(ctx, ss._replace(counter=jnp.full((k,), 1e9)), info)
+  worn = after_step(ctx, ss._replace(counter=jnp.full((k,), 1e9)), info)
   np.testing.assert_array_equal(np.asarray(worn.logits), np.asarray(ss.logits))
 
 
@@ -1582,16 +1636,32 @@ def test_xder_needs_a_class_incremental_stream(digits):
     train.init_state(ctx, xder(mem_size=5, batch_size=2), 0)
 
 
+def _momentum_config(spec, **kwargs):
+  """``config`` with momentum, weight decay and the optimiser state kept
+  across experiences: what a frozen lower part must withstand."""
+  cfg = config(spec, **kwargs)
+  cfg.optimizer.name = "momentum"
+  cfg.optimizer.weight_decay = 0.05
+  cfg.train.reset_optimizer = False
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def naive_first_params(stream):
+  """Fine-tuning's parameters after the first experience under
+  ``_momentum_config`` (run once for both frozen specs)."""
+  first = dataclasses.replace(stream, experiences=stream.experiences[:1])
+  return experiment.run(_momentum_config("naive"),
+                        scenario=first).state.params
+
+
 @pytest.mark.parametrize("spec", ["latent_replay", "exstream"])
-def test_frozen_lower_part_stays_put(stream, spec):
+def test_frozen_lower_part_stays_put(stream, spec, naive_first_params):
   # A zero gradient is not enough to freeze: weight decay, and momentum
   # carried over from the first experience, move the lower part, and the
   # stored latents would go stale (session 32). The lower part after the
   # second experience must be exactly what the first left.
-  cfg = config(spec, **{spec: dict(mem_size=40)})
-  cfg.optimizer.name = "momentum"
-  cfg.optimizer.weight_decay = 0.05
-  cfg.train.reset_optimizer = False
+  cfg = _momentum_config(spec, **{spec: dict(mem_size=40)})
   first = dataclasses.replace(stream, experiences=stream.experiences[:1])
   p1 = experiment.run(cfg, scenario=first).state.params
   p2 = experiment.run(cfg, scenario=stream).state.params
@@ -1599,9 +1669,7 @@ def test_frozen_lower_part_stays_put(stream, spec):
   assert not np.allclose(p1["head"]["kernel"], p2["head"]["kernel"])
   # ... and the first experience trained it, as fine-tuning does (an empty
   # memory adds nothing).
-  cfg.strategy.name = "naive"
-  del cfg.strategy[spec]
-  p0 = experiment.run(cfg, scenario=first).state.params
+  p0 = naive_first_params
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
                                  atol=1e-7), p1["backbone"], p0["backbone"])
 

@@ -126,7 +126,8 @@ def test_ncm_predicts_the_nearest_normalised_class_mean():
                          jnp.asarray([0, 0, 1]), jnp.zeros((3,), jnp.int32),
                          jnp.zeros((3,), jnp.int32))
   state = state.replace(strategy=state.strategy._replace(memory=mem))
-  state = s.after_experience(ctx, state, None)
+  # Jitted: one compile is cheaper than dispatching each operation.
+  state = jax.jit(lambda st: s.after_experience(ctx, st, None))(state)
   ss = state.strategy
   # By hand: normalise each exemplar, average, renormalise.
   r = np.sqrt(0.5)
@@ -138,8 +139,9 @@ def test_ncm_predicts_the_nearest_normalised_class_mean():
   # with unnormalised exemplars class 0's mean would point at (0.995,
   # 0.0995) and win. (0, 1): class 0. The score is -|φ - μ|² = 2 cos - 2.
   x = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
-  logits = s.predict(ctx, ss, state.params, state.model_state, x,
-                     jnp.zeros((2,), jnp.int32))
+  logits = jax.jit(lambda ss, p, ms, x: s.predict(
+      ctx, ss, p, ms, x, jnp.zeros((2,), jnp.int32)))(
+          ss, state.params, state.model_state, x)
   c1 = 1.0 / np.hypot(1.0, 0.3)
   np.testing.assert_allclose(logits[:, :2], [[2 * r - 2, 2 * c1 - 2],
                                              [2 * r - 2, -0.6 * c1 - 2]],
