@@ -35,34 +35,39 @@ def _group_kd(s, t, class_exp, upto, w, temp):
   return total
 
 
+# Compile time dominates these tests: functions under test run jitted (one
+# program per shape, not one per operation), and the trained states the
+# step tests start from are built once per module.
+_gd = jax.jit(group_distillation, static_argnums=5,
+              static_argnames="num_groups")
+
+
 def test_group_distillation_by_hand():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(2, 6, 8)) * 3
   class_exp = np.array([0, 0, 1, 1, 1, 2, -1, -1])
   w = np.array([1, 1, 0, 1, 1, 1], np.float32)
   for upto, temp in ((0, 2.0), (1, 2.0), (2, 2.0), (3, 0.5)):
-    got = float(group_distillation(jnp.asarray(s), jnp.asarray(t),
-                                   jnp.asarray(class_exp), jnp.asarray(upto),
-                                   jnp.asarray(w), temp))
+    got = float(_gd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(class_exp),
+                    jnp.asarray(upto), jnp.asarray(w), temp))
     np.testing.assert_allclose(got, _group_kd(s, t, class_exp, upto, w, temp),
                                rtol=1e-5, atol=1e-7)
     # Three experiences: three groups suffice.
-    few = float(group_distillation(jnp.asarray(s), jnp.asarray(t),
-                                   jnp.asarray(class_exp), jnp.asarray(upto),
-                                   jnp.asarray(w), temp, num_groups=3))
+    few = float(_gd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(class_exp),
+                    jnp.asarray(upto), jnp.asarray(w), temp, num_groups=3))
     np.testing.assert_allclose(few, got, rtol=1e-6)
   # Each group is its own softmax: one group's logits moving together
   # (a shift within the group) changes nothing.
   shifted = s.copy()
   shifted[:, 2:5] += 7.0
-  a, b = (float(group_distillation(jnp.asarray(z), jnp.asarray(t),
-                                   jnp.asarray(class_exp), jnp.asarray(3),
-                                   jnp.asarray(w), 2.0)) for z in (s, shifted))
+  a, b = (float(_gd(jnp.asarray(z), jnp.asarray(t), jnp.asarray(class_exp),
+                    jnp.asarray(3), jnp.asarray(w), 2.0))
+          for z in (s, shifted))
   np.testing.assert_allclose(a, b, rtol=1e-5)
   # The teacher gets no gradient.
-  g = jax.grad(lambda tt: group_distillation(
+  g = jax.jit(jax.grad(lambda tt: group_distillation(
       jnp.asarray(s), tt, jnp.asarray(class_exp), jnp.asarray(3),
-      jnp.asarray(w), 2.0))(jnp.asarray(t))
+      jnp.asarray(w), 2.0)))(jnp.asarray(t))
   assert not np.asarray(g).any()
 
 
@@ -71,8 +76,9 @@ def test_balanced_subset_takes_per_class_random_rows():
   valid = jnp.ones(y.shape, bool).at[20].set(False)   # a class-3 row
   classes = jnp.asarray([False, True, True, True, False])
   picks = []
+  subset = jax.jit(balanced_subset, static_argnums=5)
   for seed in range(3):
-    idx, ok = balanced_subset(jax.random.PRNGKey(seed), y, valid, classes,
+    idx, ok = subset(jax.random.PRNGKey(seed), y, valid, classes,
                               jnp.asarray(4), 16)
     idx, ok = np.asarray(idx), np.asarray(ok)
     assert idx.shape == ok.shape == (16,)
@@ -85,70 +91,105 @@ def test_balanced_subset_takes_per_class_random_rows():
     picks.append(frozenset(chosen.tolist()))
   assert len(set(picks)) > 1   # random within a class
   # Fewer slots than chosen rows: truncated, still flagged.
-  idx, ok = balanced_subset(jax.random.PRNGKey(0), y, valid, classes,
-                            jnp.asarray(4), 5)
+  idx, ok = subset(jax.random.PRNGKey(0), y, valid, classes,
+                   jnp.asarray(4), 5)
   assert np.asarray(ok).all()
 
 
-def test_eeil_task_loss_is_ce_plus_old_group_distillation(stream):
+# The memory of the shared runs: larger than the classes' data, so it holds
+# every row of experience 0.
+MEM = 400
+
+
+@pytest.fixture(scope="module")
+def ctx(stream):
+  return make_ctx(stream)
+
+
+@pytest.fixture(scope="module")
+def first(ctx, stream):
+  """``(state, step)``: 20 steps of experience 0, then the start of
+  experience 1. Training does not depend on λ, T or the fine-tuning's
+  settings (experience 0 has no old group; the fine-tuning runs in
+  ``after_experience``), so each test applies its own EEIL's hooks and
+  loss to this state."""
+  return after_first(ctx, eeil(mem_size=MEM), stream, 20)
+
+
+def test_eeil_task_loss_is_ce_plus_old_group_distillation(ctx, first,
+                                                         stream):
   lam, temp = 0.7, 3.0
-  ctx = make_ctx(stream)
-  s = eeil(mem_size=40, lam=lam, temperature=temp)
-  state, _ = after_first(ctx, s, stream, 20)
+  s = eeil(mem_size=MEM, lam=lam, temperature=temp)
+  state, _ = first
   ss = state.strategy
   np.testing.assert_array_equal(np.asarray(ss.class_exp)[:4], [0, 0, 1, 1])
   assert int(ss.experience) == 1
   b = s.prepare_batch(ctx, ss, batch_of(stream.experiences[1]),
                       jax.random.PRNGKey(1))
   assert b["y"].shape == (2 * B,)   # exemplars appended
-  logits = ctx.logits(state.params, {}, b["x"], b["task"], train=True)
-  got = float(s.task_loss(ctx, ss, logits, b))
-  teacher = np.asarray(ctx.logits(ss.teacher, {}, b["x"], b["task"]))
-  active = np.asarray(ss.seen | ss.current)
-  ce = float(cross_entropy_over(logits, b["y"], b["mask"],
-                                jnp.asarray(active)))
+
+  @jax.jit
+  def parts(ss, params, b):
+    logits = ctx.logits(params, {}, b["x"], b["task"], train=True)
+    teacher = ctx.logits(ss.teacher, {}, b["x"], b["task"])
+    ce = cross_entropy_over(logits, b["y"], b["mask"], ss.seen | ss.current)
+    return logits, s.task_loss(ctx, ss, logits, b), teacher, ce
+
+  logits, got, teacher, ce = jax.tree.map(np.asarray,
+                                          parts(ss, state.params, b))
   kd = _group_kd(np.asarray(logits), teacher, np.asarray(ss.class_exp), 1,
                  np.asarray(b["mask"]), temp)
   assert kd > 0
   np.testing.assert_allclose(got, ce + lam * kd, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def before_finetuning(first, stream):
+  """``first`` after 5 steps of experience 1."""
+  state, step = first
+  for i in range(5):
+    state = step(state, batch_of(stream.experiences[1], start=B * i))
+  return state
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_eeil_finetuning_is_sgd_on_the_balanced_loss(stream, momentum):
+def test_eeil_finetuning_is_sgd_on_the_balanced_loss(ctx, before_finetuning,
+                                                     stream, momentum):
   """With a memory larger than the classes' data, the balanced set is
   every row of the four classes, and one batch covers it: each epoch is
   one SGD (heavy-ball) step on CE + λ Σ_f L_D_f with the new group's
   targets from the model before the fine-tuning; the rate drops by
   ``lr_decay`` after ``decay_epochs``."""
   lam, temp, lr = 2.0, 2.0, 0.3
-  ctx = make_ctx(stream)
-  s = eeil(mem_size=400, lam=lam, temperature=temp, finetune_epochs=3,
+  s = eeil(mem_size=MEM, lam=lam, temperature=temp, finetune_epochs=3,
            finetune_lr=lr, finetune_batch_size=800, momentum=momentum,
            decay_epochs=2, lr_decay=10.0)
-  state, step = after_first(ctx, s, stream, 20)
+  state = before_finetuning
   e0, e1 = stream.experiences
-  for i in range(5):
-    state = step(state, batch_of(e1, start=B * i))
   ss = state.strategy
   xs = jnp.concatenate([jnp.asarray(e0.train_x), jnp.asarray(e1.train_x)])
   ys = jnp.concatenate([jnp.asarray(e0.train_y), jnp.asarray(e1.train_y)])
   ts = jnp.zeros(ys.shape, jnp.int32)
   # The memory holds every row of classes 0-1 (200 slots each > rows).
   assert int(jnp.sum(ss.memory.valid)) == len(e0.train_y)
-  old = ctx.logits(ss.teacher, {}, xs, ts)
-  new = ctx.logits(state.params, {}, xs, ts)
-  targets = jnp.where(ss.current[None, :], new, old)
-  active = ss.seen | ss.current
 
-  def fine_tune(groups):
+  # One program for both group counts; the data are arguments, not
+  # constants XLA would fold while compiling.
+  @jax.jit
+  def fine_tune(groups, ss, params, xs, ys, ts):
+    old = ctx.logits(ss.teacher, {}, xs, ts)
+    new = ctx.logits(params, {}, xs, ts)
+    targets = jnp.where(ss.current[None, :], new, old)
+    active = ss.seen | ss.current
+
     def loss(p):
       out = ctx.logits(p, {}, xs, ts, train=True)
       w = jnp.ones(ys.shape, jnp.float32)
       return (cross_entropy_over(out, ys, w, active) + lam *
               group_distillation(out, targets, ss.class_exp,
-                                 jnp.asarray(groups), w, temp))
+                                 groups, w, temp))
 
-    p, buf = state.params, None
+    p, buf = params, None
     for epoch in range(3):
       g = jax.grad(loss)(p)
       buf = g if buf is None else jax.tree.map(
@@ -157,14 +198,15 @@ def test_eeil_finetuning_is_sgd_on_the_balanced_loss(stream, momentum):
       p = jax.tree.map(lambda a, m: a - rate * m, p, buf)
     return p
 
-  p = fine_tune(2)
+  p = fine_tune(jnp.asarray(2), ss, state.params, xs, ys, ts)
   after = s.after_experience(ctx, state, e1)
   for a, w in zip(jax.tree.leaves(after.params), jax.tree.leaves(p)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
                                atol=2e-6)
   # The new group's temporary distillation matters to that result.
+  p1 = fine_tune(jnp.asarray(1), ss, state.params, xs, ys, ts)
   gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(fine_tune(1)), jax.tree.leaves(p)))
+      jax.tree.leaves(p1), jax.tree.leaves(p)))
   assert gap > 1e-3
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(after.params), jax.tree.leaves(state.params)))
@@ -191,10 +233,13 @@ def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
   for i in range(60):
     state = step(state, batch_of(e1, start=(B * i) % (len(e1.train_y) - B)))
 
+  predict = jax.jit(lambda st, x, t: s.predict(ctx, st.strategy, st.params,
+                                                st.model_state, x, t))
+
   def called_new(st, exp):
     x = jnp.asarray(exp.test_x)
     t = jnp.zeros((x.shape[0],), jnp.int32)
-    out = s.predict(ctx, st.strategy, st.params, st.model_state, x, t)
+    out = predict(st, x, t)
     return float(np.mean(np.asarray(out).argmax(-1) >= 2))
 
   after = s.after_experience(ctx, state, e1)
@@ -224,8 +269,7 @@ def test_eeil_bad_arguments(kwargs, needle):
     eeil(**kwargs)
 
 
-def test_eeil_bad_streams_and_compositions(stream):
-  ctx = make_ctx(stream)
+def test_eeil_bad_streams_and_compositions(ctx, first, stream):
   with pytest.raises(ValueError, match="mem_size=5 gives 0 exemplars"):
     train.init_state(ctx, eeil(mem_size=5), 0)
   task = dataclasses.replace(stream, kind="task")
@@ -233,7 +277,6 @@ def test_eeil_bad_streams_and_compositions(stream):
     train.init_state(make_ctx(task), eeil(mem_size=20), 0)
   with pytest.raises(ValueError, match="generative_replay takes"):
     chain(generative_replay(), eeil())
-  s = eeil(mem_size=20)
-  state, _ = after_first(ctx, s, stream, 2)
+  state, _ = first
   with pytest.raises(ValueError, match="again"):
-    s.before_experience(ctx, state, stream.experiences[0])
+    eeil(mem_size=MEM).before_experience(ctx, state, stream.experiences[0])

@@ -37,6 +37,12 @@ def _toy(kind="task", n_exp=3, n=64, seed=0):
   return scenarios.from_arrays(train, test, kind=kind, num_classes=C)
 
 
+def jitted(m):
+  """``m.init`` and ``m.apply`` jitted: compile time dominates these
+  tests, and one program per shape compiles faster than one per op."""
+  return jax.jit(m.init), jax.jit(m.apply, static_argnames="method")
+
+
 def _config(beta, kind="task", epochs=2, lr=1e-2):
   c = experiment.default_config()
   c.model.name = "hypernet"
@@ -54,11 +60,12 @@ def _config(beta, kind="task", epochs=2, lr=1e-2):
 
 def test_generated_weights_drive_a_hand_built_mlp():
   m = models.build("hypernet", C, **HN)
+  init, apply = jitted(m)
   x = jax.random.normal(jax.random.PRNGKey(1), (5, D))
-  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((5,), jnp.int32))
+  v = init(jax.random.PRNGKey(0), x, jnp.zeros((5,), jnp.int32))
   p = m.num_target_params
   assert p == D * 8 + 8 + 8 * C + C and m.num_chunks == math.ceil(p / 20)
-  flat = np.asarray(m.apply(v, jnp.array([2]), method=HyperNetwork.generate))
+  flat = np.asarray(apply(v, jnp.array([2]), method=HyperNetwork.generate))
   assert flat.shape == (1, p)
   f = flat[0].astype(np.float64)
   w1 = f[:D * 8].reshape(D, 8) / math.sqrt(D)
@@ -67,25 +74,26 @@ def test_generated_weights_drive_a_hand_built_mlp():
   w2 = f[o:o + 8 * C].reshape(8, C) / math.sqrt(8)
   b2 = 0.1 * f[o + 8 * C:]
   want = np.maximum(np.asarray(x, np.float64) @ w1 + b1, 0) @ w2 + b2
-  got = m.apply(v, x, jnp.full((5,), 2, jnp.int32))
+  got = apply(v, x, jnp.full((5,), 2, jnp.int32))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
   # Mixed-task batches route each example to its task's weights.
-  mixed = m.apply(v, x, jnp.array([0, 1, 2, 1, 0]))
+  mixed = apply(v, x, jnp.array([0, 1, 2, 1, 0]))
   for i, t in enumerate([0, 1, 2, 1, 0]):
-    alone = m.apply(v, x, jnp.full((5,), t, jnp.int32))
+    alone = apply(v, x, jnp.full((5,), t, jnp.int32))
     np.testing.assert_allclose(np.asarray(mixed[i]), np.asarray(alone[i]),
                                rtol=1e-5, atol=1e-6)
   # The strategy's generated_weights are the weights the target runs with
   # (raw values times the fixed scales): what the regulariser holds.
   ctx = make_context(m, make_optimizer("sgd", 0.1), stream_info(_toy("task"),
                                                                 16))
-  eff = np.asarray(generated_weights(ctx, v["params"], jnp.array([2])))[0]
+  eff = np.asarray(jax.jit(lambda p, t: generated_weights(ctx, p, t))(
+      v["params"], jnp.array([2])))[0]
   np.testing.assert_allclose(
       eff, np.concatenate([w1.ravel(), b1, w2.ravel(), b2]), rtol=1e-5,
       atol=1e-7)
   # Different embeddings give different weights; generated values start
   # near unit variance (the fixed scales then give a LeCun-like target).
-  flats = np.asarray(m.apply(v, jnp.arange(3), method=HyperNetwork.generate))
+  flats = np.asarray(apply(v, jnp.arange(3), method=HyperNetwork.generate))
   assert not np.allclose(flats[0], flats[1])
   assert 0.3 < flats.std() < 3.0
 
@@ -199,11 +207,13 @@ def test_task_inference_by_lowest_entropy():
   state = s.after_experience(ctx, state, sc.experiences[1])
   x = jnp.asarray(sc.experiences[1].test_x)
   task = jnp.zeros((x.shape[0],), jnp.int32)  # no task id in class-IL
-  got = np.asarray(s.predict(ctx, state.strategy, state.params, {}, x, task))
-  flats = ctx.model.apply({"params": state.params}, jnp.arange(3),
-                          method=HyperNetwork.generate)  # raw values
-  per = [np.asarray(ctx.model.apply({"params": state.params}, flats[t], x,
-                                    method=HyperNetwork.target))
+  predict = jax.jit(lambda ss, p, x, t: s.predict(ctx, ss, p, {}, x, t))
+  got = np.asarray(predict(state.strategy, state.params, x, task))
+  _, apply = jitted(ctx.model)
+  flats = apply({"params": state.params}, jnp.arange(3),
+                method=HyperNetwork.generate)  # raw values
+  per = [np.asarray(apply({"params": state.params}, flats[t], x,
+                          method=HyperNetwork.target))
          for t in range(3)]
 
   def entropy(logits):
@@ -217,7 +227,7 @@ def test_task_inference_by_lowest_entropy():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # The unlearned embedding is never used, even if it were most confident.
   ss = state.strategy._replace(filled=jnp.array([True, False, False]))
-  got0 = np.asarray(s.predict(ctx, ss, state.params, {}, x, task))
+  got0 = np.asarray(predict(ss, state.params, x, task))
   np.testing.assert_allclose(got0, per[0], rtol=1e-4, atol=1e-5)
 
 
@@ -276,9 +286,9 @@ def test_hidden_init_glorot_is_uniform_within_its_limit():
   wide = {**HN, "hidden": (50,)}
   fan_in = HN["embedding_dim"] + HN["chunk_embedding_dim"]
   limit = math.sqrt(6 / (fan_in + 50))
-  g = models.build("hypernet", C, hidden_init="glorot", **wide).init(
+  g = jitted(models.build("hypernet", C, hidden_init="glorot", **wide))[0](
       jax.random.PRNGKey(0), x, t)["params"]["kernel_0"]
-  h = models.build("hypernet", C, **wide).init(
+  h = jitted(models.build("hypernet", C, **wide))[0](
       jax.random.PRNGKey(0), x, t)["params"]["kernel_0"]
   assert float(jnp.abs(g).max()) <= limit
   assert float(jnp.abs(g).max()) > 0.9 * limit  # uniform fills the range
@@ -291,8 +301,9 @@ def test_elu_hypernetwork_generates_by_hand():
   """activation='elu' (the reference's Permuted MNIST hypernetwork): the
   generated chunks equal a NumPy forward pass with ELU hidden units."""
   m = models.build("hypernet", C, activation="elu", **HN)
-  v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, D)), jnp.zeros((1,),
-                                                                  jnp.int32))
+  init, apply = jitted(m)
+  v = init(jax.random.PRNGKey(0), jnp.zeros((1, D)), jnp.zeros((1,),
+                                                                jnp.int32))
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
   emb = np.concatenate([np.repeat(p["task_embeddings"][1][None],
                                   m.num_chunks, 0), p["chunk_embeddings"]], 1)
@@ -303,9 +314,9 @@ def test_elu_hypernetwork_generates_by_hand():
       h = np.where(h > 0, h, np.expm1(h))
     i += 1
   want = h.reshape(-1)[:m.num_target_params]
-  got = m.apply(v, jnp.array([1]), method=HyperNetwork.generate)[0]
+  got = apply(v, jnp.array([1]), method=HyperNetwork.generate)[0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
-  relu = models.build("hypernet", C, **HN).apply(
+  relu = jitted(models.build("hypernet", C, **HN))[1](
       v, jnp.array([1]), method=HyperNetwork.generate)[0]
   assert not np.allclose(np.asarray(relu), want)
 
@@ -316,11 +327,12 @@ def test_single_task_routing_without_cond():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, D))
   routed = models.build("hypernet", C, **HN)
   first = models.build("hypernet", C, mixed_batches=False, **HN)
-  v = routed.init(jax.random.PRNGKey(0), x, jnp.zeros((4,), jnp.int32))
+  (r_init, r_apply), (_, f_apply) = jitted(routed), jitted(first)
+  v = r_init(jax.random.PRNGKey(0), x, jnp.zeros((4,), jnp.int32))
   one = jnp.full((4,), 2, jnp.int32)
-  np.testing.assert_allclose(np.asarray(first.apply(v, x, one)),
-                             np.asarray(routed.apply(v, x, one)), rtol=1e-6)
-  out = np.asarray(first.apply(v, x, jnp.array([2, 2, 0, 2])))
+  np.testing.assert_allclose(np.asarray(f_apply(v, x, one)),
+                             np.asarray(r_apply(v, x, one)), rtol=1e-6)
+  out = np.asarray(f_apply(v, x, jnp.array([2, 2, 0, 2])))
   assert np.isnan(out[2]).all() and np.isfinite(out[[0, 1, 3]]).all()
   # Under vmap (a seeds sweep) no lax.cond is left to turn into a select.
   jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t: first.apply(v, x, t)))(
@@ -341,8 +353,8 @@ def test_generation_and_target_gradients_equal_plain_slicing():
   weight vector's split) give the same values and gradients as the plain
   formulation: broadcast bias add and one slice per target array."""
   m = HyperNetwork(num_classes=C, **HN)
-  params = m.init(jax.random.key(0), jnp.zeros((2, D)),
-                  jnp.zeros((2,), jnp.int32))["params"]
+  params = jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, D)),
+                           jnp.zeros((2,), jnp.int32))["params"]
   x = jax.random.normal(jax.random.key(1), (5, D))
 
   def plain(p):
@@ -367,8 +379,10 @@ def test_generation_and_target_gradients_equal_plain_slicing():
     return jnp.sum(jnp.sin(m.apply({"params": p}, x,
                                    jnp.ones((5,), jnp.int32))))
 
-  np.testing.assert_allclose(fast(params), plain(params), rtol=1e-5)
-  g_fast, g_plain = jax.grad(fast)(params), jax.grad(plain)(params)
+  # Values and gradients of both, in one program.
+  (v_fast, g_fast), (v_plain, g_plain) = jax.jit(lambda p: (
+      jax.value_and_grad(fast)(p), jax.value_and_grad(plain)(p)))(params)
+  np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5)
   for k in g_plain:
     np.testing.assert_allclose(g_fast[k], g_plain[k], rtol=1e-4,
                                atol=1e-6, err_msg=k)
@@ -384,22 +398,23 @@ def test_output_scale_none_uses_generated_values_as_weights():
   fan = HyperNetwork(num_classes=C, **big)
   x = jax.random.normal(jax.random.key(1), (5, D))
   t = jnp.zeros((5,), jnp.int32)
-  p_none = none.init(jax.random.key(0), x, t)["params"]
-  p_fan = fan.init(jax.random.key(0), x, t)["params"]
+  (n_init, n_apply), (f_init, f_apply) = jitted(none), jitted(fan)
+  p_none = n_init(jax.random.key(0), x, t)["params"]
+  p_fan = f_init(jax.random.key(0), x, t)["params"]
   np.testing.assert_array_equal(none.weight_scales, 1.0)
   assert np.all(fan.weight_scales < 1.0)
-  flat = none.apply({"params": p_none}, jnp.array([0]),
-                    method=HyperNetwork.generate)[0]
+  flat = n_apply({"params": p_none}, jnp.array([0]),
+                 method=HyperNetwork.generate)[0]
   assert 0 < float(jnp.std(flat)) < 0.2  # small weights at init
-  assert float(jnp.std(fan.apply({"params": p_fan}, jnp.array([0]),
-                                 method=HyperNetwork.generate))) > 0.5
+  assert float(jnp.std(f_apply({"params": p_fan}, jnp.array([0]),
+                               method=HyperNetwork.generate))) > 0.5
   # The target MLP on the raw generated values, by hand.
   w1 = flat[:D * 8].reshape(D, 8)
   b1 = flat[D * 8:D * 8 + 8]
   w2 = flat[D * 8 + 8:D * 8 + 8 + 8 * C].reshape(8, C)
   b2 = flat[D * 8 + 8 + 8 * C:D * 8 + 8 + 8 * C + C]
   want = jax.nn.relu(x @ w1 + b1) @ w2 + b2
-  np.testing.assert_allclose(none.apply({"params": p_none}, x, t), want,
+  np.testing.assert_allclose(n_apply({"params": p_none}, x, t), want,
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="output_scale 'x'; valid"):
     models.build("hypernet", num_classes=C, output_scale="x")
@@ -425,12 +440,13 @@ def test_target_heads_task_reads_its_own_head():
   every task, and task t's logits are head t's slice."""
   m = models.build("hypernet", C, **dict(HN, target_heads=3))
   assert m.target_shapes[-2] == (8, 3 * C) and m.target_shapes[-1] == (3 * C,)
+  init, apply = jitted(m)
   x = jax.random.normal(jax.random.PRNGKey(1), (5, D))
-  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((5,), jnp.int32))
+  v = init(jax.random.PRNGKey(0), x, jnp.zeros((5,), jnp.int32))
   for t in range(3):
-    flat = m.apply(v, jnp.array([t]), method=HyperNetwork.generate)[0]
-    full = np.asarray(m.apply(v, flat, x, method=HyperNetwork.target))
-    got = np.asarray(m.apply(v, x, jnp.full((5,), t, jnp.int32)))
+    flat = apply(v, jnp.array([t]), method=HyperNetwork.generate)[0]
+    full = np.asarray(apply(v, flat, x, method=HyperNetwork.target))
+    got = np.asarray(apply(v, x, jnp.full((5,), t, jnp.int32)))
     assert got.shape == (5, C)
     np.testing.assert_allclose(got, full[:, t * C:(t + 1) * C], rtol=1e-5,
                                atol=1e-6)

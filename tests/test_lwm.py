@@ -24,19 +24,43 @@ def cnn_ctx(sc, lr=0.1):
   return train.make_context(model, train.make_optimizer("sgd", lr), info)
 
 
-def test_gradcam_is_relu_of_gradient_weighted_maps(stream):
-  ctx = cnn_ctx(stream)
+# Compile time dominates these tests, so the context, the first
+# experience's training and the references are built once and the
+# references run as one jitted program each (not op by op).
+@pytest.fixture(scope="module")
+def ctx(stream):
+  return cnn_ctx(stream)
+
+
+@pytest.fixture(scope="module")
+def first(ctx, stream):
+  """The state after 15 steps of experience 0, at the start of
+  experience 1. On experience 0 there is no old class, so the loss is
+  the cross-entropy whatever β, γ and T (L_D of an empty group is 0 and
+  L_AD's cond takes the zero branch): the loss tests share this state,
+  trained with γ = 0 (the cheapest step to compile)."""
+  state, _ = after_first(ctx, lwm(layer=LAYER, gamma=0.0), stream, 15, n=B)
+  return state
+
+
+def test_gradcam_is_relu_of_gradient_weighted_maps(ctx, stream):
   params, ms = train.init_variables(ctx, jax.random.PRNGKey(0))
   b = batch_of(stream.experiences[0], n=B)
   cls = jnp.arange(B) % 10
-  q = np.asarray(gradcam(ctx, LAYER, params, ms, b["x"], b["task"], cls))
+
   # By another path: the layer's maps from the split model's lower part,
   # and the gradient of the upper part's class score with respect to them.
   sp = split_model(ctx, LAYER)
-  a = sp.lower(ctx, params, ms, b["x"], b["task"])
-  g = jax.grad(lambda z: jnp.sum(jnp.take_along_axis(
-      sp.upper(ctx, params, ms, z, b["task"])[0], cls[:, None], 1)))(a)
-  a, g = np.asarray(a), np.asarray(g)
+
+  @jax.jit
+  def both(params, ms, x, task, cls):
+    q = gradcam(ctx, LAYER, params, ms, x, task, cls)
+    a = sp.lower(ctx, params, ms, x, task)
+    g = jax.grad(lambda z: jnp.sum(jnp.take_along_axis(
+        sp.upper(ctx, params, ms, z, task)[0], cls[:, None], 1)))(a)
+    return q, a, g
+
+  q, a, g = map(np.asarray, both(params, ms, b["x"], b["task"], cls))
   want = np.maximum((a * g.mean(axis=(1, 2))[:, None, None, :]).sum(-1), 0)
   assert q.shape == a.shape[:3]
   np.testing.assert_allclose(q, want, rtol=1e-4, atol=1e-6)
@@ -52,26 +76,24 @@ def test_attention_distillation_by_hand():
       np.linalg.norm(m.reshape(5, -1), axis=1, keepdims=True), 1e-12)
   per = np.abs(unit(q_old) - unit(q)).sum(1)
   want = (per * mask).sum() / mask.sum()
-  got = float(attention_distillation(jnp.asarray(q), jnp.asarray(q_old),
-                                     jnp.asarray(mask)))
+  ad = jax.jit(attention_distillation)   # one program for both calls
+  got = float(ad(jnp.asarray(q), jnp.asarray(q_old), jnp.asarray(mask)))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Only the maps' directions count.
-  scaled = float(attention_distillation(jnp.asarray(3 * q),
-                                        jnp.asarray(q_old * 0.1 + 0 * q),
-                                        jnp.asarray(mask)))
+  scaled = float(ad(jnp.asarray(3 * q), jnp.asarray(q_old * 0.1 + 0 * q),
+                    jnp.asarray(mask)))
   np.testing.assert_allclose(scaled, want, rtol=1e-5)
-  g = jax.grad(lambda z: attention_distillation(z, jnp.asarray(q_old),
-                                                jnp.asarray(mask)))(
+  g = jax.jit(jax.grad(lambda z: attention_distillation(
+      z, jnp.asarray(q_old), jnp.asarray(mask))))(
       jnp.zeros_like(jnp.asarray(q)))
   assert np.isfinite(np.asarray(g)).all()
 
 
 def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
-    stream):
+    ctx, first, stream):
   beta, gamma, temp = 0.6, 2.5, 3.0
-  ctx = cnn_ctx(stream)
   s = lwm(layer=LAYER, beta=beta, gamma=gamma, temperature=temp)
-  state, _ = after_first(ctx, s, stream, 15, n=B)
+  state = first
   ss = state.strategy
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(ss.old_classes)),
                                 [0, 1])
@@ -85,29 +107,35 @@ def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
   swap = jnp.asarray([1, 0] + list(range(2, 10)))
   params = dict(params, head={k: v[..., swap]
                               for k, v in params["head"].items()})
-  logits = ctx.logits(params, {}, b["x"], b["task"], train=True)
-  got = float(s.loss(ctx, ss, params, b, logits))
-  t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
-  old = ss.old_classes
-  cls = jnp.argmax(jnp.where(old, t, -1e9), -1)
-  assert set(np.asarray(cls).tolist()) <= {0, 1}
+  lwf_s = lwf(alpha=beta, temperature=temp)
+  lwf_ss = lwf_s.init(ctx, jax.random.PRNGKey(0), state.params)._replace(
+      teacher=ss.teacher, old_classes=ss.old_classes)
+  lwm0 = lwm(layer=LAYER, beta=beta, gamma=0.0, temperature=temp)
+
+  @jax.jit
+  def parts(ss, lwf_ss, params, b):
+    logits = ctx.logits(params, {}, b["x"], b["task"], train=True)
+    got = s.loss(ctx, ss, params, b, logits)
+    t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
+    old = ss.old_classes
+    cls = jnp.argmax(jnp.where(old, t, -1e9), -1)
+    own = jnp.argmax(jnp.where(old, logits, -1e9), -1)
+    q_old = gradcam(ctx, LAYER, ss.teacher, {}, b["x"], b["task"], cls)
+    q = gradcam(ctx, LAYER, params, {}, b["x"], b["task"], cls)
+    ad = attention_distillation(q, q_old, b["mask"])
+    kd = distillation(logits, t, old, b["mask"], temp)
+    return (got, cls, own, ad, kd, lwm0.loss(ctx, ss, params, b, logits),
+            lwf_s.loss(ctx, lwf_ss, params, b, logits))
+
+  got, cls, own, ad, kd, lwm_g0, lwf_loss = jax.tree.map(
+      np.asarray, parts(ss, lwf_ss, params, b))
+  assert set(cls.tolist()) <= {0, 1}
   # The student's own top class differs on some rows; the teacher's is used.
-  assert (np.asarray(jnp.argmax(jnp.where(old, logits, -1e9), -1))
-          != np.asarray(cls)).any()
-  q_old = gradcam(ctx, LAYER, ss.teacher, {}, b["x"], b["task"], cls)
-  q = gradcam(ctx, LAYER, params, {}, b["x"], b["task"], cls)
-  ad = float(attention_distillation(q, q_old, b["mask"]))
-  kd = float(distillation(logits, t, old, b["mask"], temp))
+  assert (own != cls).any()
   assert ad > 0.05 and kd > 0
   np.testing.assert_allclose(got, beta * kd + gamma * ad, rtol=1e-5)
   # γ = 0 is LwF (α = β) exactly.
-  lwf_s = lwf(alpha=beta, temperature=temp)
-  lwf_ss = lwf_s.init(ctx, jax.random.PRNGKey(0), state.params)._replace(
-      teacher=ss.teacher, old_classes=old)
-  np.testing.assert_allclose(
-      float(lwm(layer=LAYER, beta=beta, gamma=0.0, temperature=temp).loss(
-          ctx, ss, params, b, logits)),
-      float(lwf_s.loss(ctx, lwf_ss, params, b, logits)), rtol=1e-6)
+  np.testing.assert_allclose(lwm_g0, lwf_loss, rtol=1e-6)
 
 
 def _split_gradcam(ctx, params, x, task, cls):
@@ -120,28 +148,34 @@ def _split_gradcam(ctx, params, x, task, cls):
   return jax.nn.relu(jnp.einsum("bhwk,bk->bhw", a, g.mean(axis=(1, 2))))
 
 
-def test_lwm_attention_term_has_the_second_order_gradient(stream):
+def test_lwm_attention_term_has_the_second_order_gradient(ctx, first,
+                                                          stream):
   """The attention term trains (FACIL's detached maps give it no
   gradient): its gradient flows through the current model's Grad-CAM map,
   including the map's own gradient, and equals the gradient of the same
   loss built from the split model's maps."""
-  ctx = cnn_ctx(stream)
   s = lwm(layer=LAYER, beta=0.0, gamma=1.0)
-  state, _ = after_first(ctx, s, stream, 15, n=B)
+  state = first
   ss = state.strategy
   b = batch_of(stream.experiences[1], n=B)
   leaves, tree = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
   params = jax.tree.unflatten(tree, [
       p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  f = lambda p: s.loss(ctx, ss, p, b, ctx.logits(p, {}, b["x"], b["task"]))
-  g = jax.grad(f)(params)
-  t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
-  cls = jnp.argmax(jnp.where(ss.old_classes, t, -1e9), -1)
-  q_old = _split_gradcam(ctx, ss.teacher, b["x"], b["task"], cls)
-  want = jax.grad(lambda p: attention_distillation(
-      _split_gradcam(ctx, p, b["x"], b["task"], cls), q_old,
-      b["mask"]))(params)
+
+  @jax.jit
+  def both(ss, params, b):
+    f = lambda p: s.loss(ctx, ss, p, b, ctx.logits(p, {}, b["x"], b["task"]))
+    g = jax.grad(f)(params)
+    t = ctx.logits(ss.teacher, {}, b["x"], b["task"])
+    cls = jnp.argmax(jnp.where(ss.old_classes, t, -1e9), -1)
+    q_old = _split_gradcam(ctx, ss.teacher, b["x"], b["task"], cls)
+    want = jax.grad(lambda p: attention_distillation(
+        _split_gradcam(ctx, p, b["x"], b["task"], cls), q_old,
+        b["mask"]))(params)
+    return g, want
+
+  g, want = both(ss, params, b)
   for a, w in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-3,
                                atol=1e-6)
@@ -158,21 +192,29 @@ def test_lwm_attention_keeps_old_inputs_maps(stream):
   e0, e1 = stream.experiences
   x = jnp.asarray(e0.test_x)
   t = jnp.zeros((x.shape[0],), jnp.int32)
+  # At SGD 0.1 both runs' maps of the old classes die (all ReLU'd to
+  # zero, where L_AD has no gradient left); at 0.03 they do not.
+  ctx = cnn_ctx(stream, lr=0.03)
+  # Experience 0 trains on the cross-entropy alone (no old class), so
+  # both runs start experience 1 from the same state; γ = 0's step
+  # trains it and then experience 1 of that run.
+  start, step0 = after_first(ctx, lwm(layer=LAYER, gamma=0.0), stream, 30,
+                             n=B)
+  teacher = start.strategy.teacher
+  cls = jnp.asarray(e0.test_y)
+  # The data are arguments, not constants XLA would fold while compiling.
+  ad_of = jax.jit(lambda p, teacher, x, t, cls: attention_distillation(
+      gradcam(ctx, LAYER, p, {}, x, t, cls),
+      gradcam(ctx, LAYER, teacher, {}, x, t, cls), jnp.ones(x.shape[:1])))
   out = {}
   for gamma in (0.0, 5.0):
-    # At SGD 0.1 both runs' maps of the old classes die (all ReLU'd to
-    # zero, where L_AD has no gradient left); at 0.03 they do not.
-    ctx = cnn_ctx(stream, lr=0.03)
     s = lwm(layer=LAYER, gamma=gamma)
-    state, step = after_first(ctx, s, stream, 30, n=B)
-    teacher = state.strategy.teacher
+    step = step0 if gamma == 0 else jax.jit(
+        lambda st, b, s=s: train.train_step(ctx, s, st, b)[0])
+    state = start
     for i in range(30):
       state = step(state, batch_of(e1, n=B, start=(B * i) % (len(e1.train_y) - B)))
-    cls = jnp.asarray(e0.test_y)
-    q_old = gradcam(ctx, LAYER, teacher, {}, x, t, cls)
-    q = gradcam(ctx, LAYER, state.params, {}, x, t, cls)
-    out[gamma] = float(attention_distillation(q, q_old,
-                                              jnp.ones(x.shape[:1])))
+    out[gamma] = float(ad_of(state.params, teacher, x, t, cls))
   assert out[5.0] < 0.3 * out[0.0]
 
 
