@@ -4,6 +4,7 @@ corrupt checkpoints fall back; incompatible configs are refused."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,30 +19,51 @@ DRIVER = os.path.join(REPO, "tests", "resume_driver.py")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def child_env(tmp_path_factory):
+  """The driver processes' environment: one persistent compilation cache
+  (they all compile the same programs; as in
+  test_resume_every_strategy.py)."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, child_env):
+  """An uninterrupted run: its outputs (``ref.npz``) and, beside them, its
+  run directory ``run`` (tests copy it, never change it)."""
   d = tmp_path_factory.mktemp("ref")
-  p = drive(d / "run", d / "ref.npz")
+  p = drive(d / "run", d / "ref.npz", env=child_env)
   assert p.returncode == 0, p.stderr[-3000:]
   return d / "ref.npz"
 
 
-def test_killed_anywhere_resumes_bit_identical(tmp_path, reference):
+def copy_of_reference_run(reference, tmp_path):
+  """A copy of the reference's run directory: checkpoints of this config
+  (the last three of a finished run), without running it again."""
+  work = tmp_path / "run"
+  shutil.copytree(reference.parent / "run", work)
+  return work
+
+
+def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
+                                               child_env):
   work = tmp_path / "run"
   # Kill points: mid-epoch before a save, during async saves, at an
   # experience boundary; each kill is followed by a resume in the same dir.
   for mode, n in [("before", 3), ("during", 6), ("during", 1),
                   ("before", 9), ("during", 4)]:
-    p = drive(work, tmp_path / "x.npz", mode, n)
+    p = drive(work, tmp_path / "x.npz", mode, n, env=child_env)
     assert p.returncode == -signal.SIGKILL, (mode, n, p.stderr[-3000:])
   # A kill at a random moment (whatever the process is doing then).
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=REPO, **child_env)
   proc = subprocess.Popen([sys.executable, DRIVER, str(work),
                            str(tmp_path / "x.npz")], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   time.sleep(6.0)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  p = drive(work, tmp_path / "final.npz")
+  p = drive(work, tmp_path / "final.npz", env=child_env)
   assert p.returncode == 0, p.stderr[-3000:]
   # A resume says where it starts from (it used to be silent).
   assert re.search(r"jaxcl: resumed from checkpoint \d+ \((\d experience"
@@ -63,10 +85,12 @@ def log_records(workdir):
   return records
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference):
-  work = tmp_path / "run"
-  p = drive(work, tmp_path / "x.npz", "before", 8)
-  assert p.returncode == -signal.SIGKILL
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference,
+                                             child_env):
+  # The finished reference run's checkpoints: the newest (after the last
+  # experience) is corrupted, the resume falls back to the one before it
+  # (inside the last experience) and must still end bit-identical.
+  work = copy_of_reference_run(reference, tmp_path)
   ckdir = work / "checkpoints"
   steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
   assert len(steps) >= 2
@@ -79,7 +103,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference):
         fh.truncate(max(os.path.getsize(path) // 3, 1))
       n_corrupted += 1
   assert n_corrupted > 0
-  p = drive(work, tmp_path / "final.npz")
+  p = drive(work, tmp_path / "final.npz", env=child_env)
   assert p.returncode == 0, p.stderr[-3000:]
   assert f"checkpoint {steps[-1]}" in p.stderr
   assert "falling back" in p.stderr
@@ -90,12 +114,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference):
   assert len([s for s in os.listdir(ckdir) if s.isdigit()]) >= 2
 
 
-def test_incompatible_config_is_refused(tmp_path):
-  work = tmp_path / "run"
-  p = drive(work, tmp_path / "x.npz", "before", 4)
-  assert p.returncode == -signal.SIGKILL
+def test_incompatible_config_is_refused(tmp_path, reference, child_env):
+  work = copy_of_reference_run(reference, tmp_path)
   before = sorted(os.listdir(work / "checkpoints"))
-  p = drive(work, tmp_path / "y.npz", "none", -1, "64")
+  assert len([s for s in before if s.isdigit()]) >= 2
+  p = drive(work, tmp_path / "y.npz", "none", -1, "64", env=child_env)
   assert p.returncode != 0
   assert "IncompatibleCheckpointError" in p.stderr
   assert "model.widths" in p.stderr and "[32]" in p.stderr
