@@ -10,6 +10,7 @@ Digits (8x8 images, patch 4, dim 16).
 """
 
 
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,18 +25,25 @@ from jaxcl.strategies.coda_prompt import (coda_prompt, gram_schmidt,
                                           ortho_penalty)
 
 import vit_reference
-from partial_runs import run_first
+from partial_runs import results_after_each, run_first
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
 
 
-_init = vit_reference.init
 _attention = vit_reference.attention
 
 
+def _tokens_jit(p, x, patch, depth, prefixes=None):
+  return vit_reference.tokens(p, x, patch, depth, prefixes=prefixes)
+
+
+_tokens_jit = jax.jit(_tokens_jit, static_argnums=(2, 3))
+
+
 def _cls_feature(p, x, patch, depth, prefixes=None):
-  return vit_reference.tokens(p, x, patch, depth, prefixes=prefixes)[:, 0]
+  # Compiled (one program per prefix layout), not run op by op.
+  return _tokens_jit(p, x, patch, depth, prefixes)[:, 0]
 
 
 def _cos_weights(q, keys, attn):
@@ -60,8 +68,10 @@ def test_prefix_attention_without_prefix_is_flax_attention():
   ours = PrefixAttention(heads=4, kernel_init=xavier)
   flax_mha = nn.MultiHeadDotProductAttention(num_heads=4, kernel_init=xavier)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 32))
-  p = ours.init(jax.random.PRNGKey(1), x)["params"]
-  pf = flax_mha.init(jax.random.PRNGKey(1), x, x)["params"]
+  # Compiled inits (op by op, each random op compiles on its own); the
+  # same program for both modules, so the same values.
+  p = jax.jit(ours.init)(jax.random.PRNGKey(1), x)["params"]
+  pf = jax.jit(flax_mha.init)(jax.random.PRNGKey(1), x, x)["params"]
   assert jax.tree.structure(p) == jax.tree.structure(pf)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(pf)):
     np.testing.assert_array_equal(a, b)
@@ -78,7 +88,7 @@ def test_prefix_attention_without_prefix_is_flax_attention():
 def test_prefix_attention_with_a_prefix_is_the_hand_computation():
   m = PrefixAttention(heads=2)
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 8))
-  p = m.init(jax.random.PRNGKey(4), x)["params"]
+  p = jax.jit(m.init)(jax.random.PRNGKey(4), x)["params"]
   p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(
       jax.random.PRNGKey(5), a.shape), p)
   pk = jax.random.normal(jax.random.PRNGKey(6), (2, 3, 8))
@@ -121,10 +131,13 @@ def test_coda_forward_equals_the_reference():
   m = models.build("vit", 10, pool_size=6, prompt="coda", prompt_length=4,
                    prompt_layers=(1,), **SMALL)
   assert isinstance(m, CodaViT) and m.layers == (1,)
-  p = _init(m, (1, 8, 8, 1), seed=5)
+  p = vit_reference.init(m, (1, 8, 8, 1), seed=5)
   assert p["prompt"].shape == (1, 6, 4, 16)
   assert p["key"].shape == p["attn"].shape == (1, 6, 16)
   x = jax.random.normal(jax.random.PRNGKey(7), (3, 8, 8, 1))
+  # (logits, feature) in one compiled program, for both parameter sets.
+  forward = jax.jit(lambda p: (m.apply({"params": p}, x),
+                               m.apply({"params": p}, x, features=True)))
   q = np.asarray(_cls_feature(p["backbone"], x, 4, 2))
   alpha = _cos_weights(q, np.asarray(p["key"][0]), np.asarray(p["attn"][0]))
   pr = np.einsum("bm,mld->bld", alpha, np.asarray(p["prompt"][0]))
@@ -132,10 +145,9 @@ def test_coda_forward_equals_the_reference():
                                                           jnp.float32))
   h = _cls_feature(p["backbone"], x, 4, 2, prefixes=[None, pre])
   want = h @ p["head"]["kernel"] + p["head"]["bias"]
-  np.testing.assert_allclose(m.apply({"params": p}, x), want, rtol=1e-4,
-                             atol=1e-4)
-  np.testing.assert_allclose(m.apply({"params": p}, x, features=True), h,
-                             rtol=1e-4, atol=1e-5)
+  logits, feature = forward(p)
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(feature, h, rtol=1e-4, atol=1e-5)
   # The prompt changes the output (else the test above says little).
   plain = _cls_feature(p["backbone"], x, 4, 2)
   assert float(jnp.abs(plain - h).max()) > 1e-3
@@ -152,7 +164,7 @@ def test_coda_forward_equals_the_reference():
   pre = (jnp.asarray(pr[:, :2], jnp.float32), jnp.asarray(pr[:, 2:],
                                                           jnp.float32))
   np.testing.assert_allclose(
-      m.apply({"params": later}, x, features=True),
+      forward(later)[1],
       _cls_feature(p["backbone"], x, 4, 2, prefixes=[None, pre]),
       rtol=1e-4, atol=1e-5)
 
@@ -248,7 +260,7 @@ def two_runs():
   c.optimizer.name = "adamw"
   c.optimizer.weight_decay = 0.1
   s = experiment.setup(c)
-  return c, experiment.initial_state(s, c.seed), _first(c, 1), _first(c, 2)
+  return (c, experiment.initial_state(s, c.seed), *results_after_each(c, 2))
 
 
 def test_only_the_current_slice_trains(two_runs):
@@ -320,7 +332,7 @@ def test_gradient_reaches_only_the_current_slice(two_runs):
     return strategy.task_loss(ctx, state.strategy, logits,
                               {"y": y, "mask": jnp.ones(16)})
 
-  g = jax.grad(total)(state.params)
+  g = jax.jit(jax.grad(total))(state.params)
   # Later components' K and A get no gradient by themselves (their P is
   # 0); their P and the earlier components do ...
   for name in ("key", "attn"):
@@ -370,25 +382,41 @@ def test_strategy_loss_is_mu_times_the_ortho_formula(two_runs):
                                         {}, None)) == 0.0
 
 
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  """One experience (Adam without decay, train_mask=True) from a
+  pretrained backbone: one run for the mask and the pretrained checks."""
+  plain = models.build("vit", 10, **SMALL)
+  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
+  path = pretrained.save(str(tmp_path_factory.mktemp("coda") / "bb.npz"), p)
+  c = _config(pretrained=path)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  return c, init, _first(c, 1), p
+
+
 @pytest.mark.parametrize("train_mask", [True, False])
-def test_train_mask_and_prediction_over_seen_classes(train_mask):
+def test_train_mask_and_prediction_over_seen_classes(train_mask,
+                                                     pretrained_run):
   """Adam without decay: with the mask, only the first experience's two
   head columns move; without it, all do. Prediction is over the classes
   seen, whatever the task id."""
-  c = _config(train_mask=train_mask)
-  r = _first(c, 1)
-  init = experiment.initial_state(experiment.setup(c), c.seed)
+  if train_mask:
+    c, init, r, _ = pretrained_run
+  else:
+    c = _config(train_mask=False)
+    r = _first(c, 1)
+    init = experiment.initial_state(experiment.setup(c), c.seed)
   vit_reference.assert_head_trained_under_mask(init.params, r.state.params,
                                                train_mask)
   if not train_mask:
     return
   ctx, strategy = r.learner.ctx, r.learner.strategy
   tx = jnp.asarray(experiment.build_scenario(c).experiences[3].test_x)
-  logits = strategy.predict(ctx, r.state.strategy, r.state.params, {}, tx,
-                            jnp.zeros(len(tx), jnp.int32))
+  predict = jax.jit(lambda t: strategy.predict(
+      ctx, r.state.strategy, r.state.params, {}, tx, t))
+  logits = predict(jnp.zeros(len(tx), jnp.int32))
   assert set(np.unique(np.asarray(logits).argmax(1))) <= {0, 1}
-  other = strategy.predict(ctx, r.state.strategy, r.state.params, {}, tx,
-                           jnp.full(len(tx), 3, jnp.int32))
+  other = predict(jnp.full(len(tx), 3, jnp.int32))
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(other))
 
 
@@ -407,15 +435,19 @@ def test_train_mask_beside_replay_is_refused():
   assert np.isfinite(r.metrics["acc"])
 
 
-def test_pretrained_backbone_is_loaded(tmp_path):
-  plain = models.build("vit", 10, **SMALL)
-  p = _init(plain, (1, 8, 8, 1), seed=42)
-  path = pretrained.save(str(tmp_path / "bb.npz"), p)
-  c = _config(pretrained=path)
-  r = _first(c, 1)
+def test_pretrained_backbone_is_loaded(pretrained_run):
+  _, _, r, p = pretrained_run
   for a, b in zip(jax.tree.leaves(p["backbone"]),
                   jax.tree.leaves(r.state.params["backbone"])):
     np.testing.assert_array_equal(a, b)
+
+
+def _initial_state_traced(c):
+  """``jaxcl.run``'s setup and initial state, traced only: the strategy's
+  init raises here, and compiling the model's init first would cost more
+  than the whole check."""
+  s = experiment.setup(c)
+  jax.eval_shape(lambda: experiment.initial_state(s, c.seed))
 
 
 def test_bad_arguments_and_models(tmp_path):
@@ -430,37 +462,45 @@ def test_bad_arguments_and_models(tmp_path):
   c = _config()
   c.model.vit = dict(SMALL, pool_size=10)          # L2P's model
   with pytest.raises(ValueError, match="prompt='coda'"):
-    jaxcl.run(c)
+    _initial_state_traced(c)
   c = _config()
   c.model.vit = dict(SMALL, pool_size=20, prompt="coda", prompt_length=4)
   with pytest.raises(ValueError, match="pool_size <= 16"):
-    jaxcl.run(c)
+    _initial_state_traced(c)
   c = _config()
   c.model.vit = dict(SMALL, pool_size=4, prompt="coda", prompt_length=4)
   with pytest.raises(ValueError, match="pool_size=4 .* n_tasks=5"):
-    jaxcl.run(c)
+    _initial_state_traced(c)
+  # The second experience's start refuses (jaxcl.run would train the
+  # first experience before it).
   c = _config(n_tasks=1)
+  s = experiment.setup(c)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, c.seed)
+  exps = s.scenario.experiences
+  state = strategy.before_experience(ctx, state, exps[0])
   with pytest.raises(ValueError, match="experience 2 .* n_tasks=1"):
-    jaxcl.run(c)
+    strategy.before_experience(ctx, state, exps[1])
   assert jaxcl.strategies.get("coda_prompt").name == "coda_prompt"
   assert coda_module.PARTS == ("backbone", "prompt", "key", "attn", "head")
 
 
 def test_plain_vit_params_load_into_the_coda_backbone():
   plain = models.build("vit", 10, **SMALL)
-  p = _init(plain, (1, 8, 8, 1), seed=3)
+  p = vit_reference.init(plain, (1, 8, 8, 1), seed=3)
   coda = models.build("vit", 10, **dict(SMALL, **CODA))
-  pc = _init(coda, (1, 8, 8, 1))
+  pc = vit_reference.init(coda, (1, 8, 8, 1))
   assert jax.tree.structure(p["backbone"]) == \
       jax.tree.structure(pc["backbone"])
   for a, b in zip(jax.tree.leaves(p["backbone"]),
                   jax.tree.leaves(pc["backbone"])):
     assert a.shape == b.shape
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  q = coda.apply({"params": {**pc, "backbone": p["backbone"]}}, x,
-                 method=CodaViT.query)
-  np.testing.assert_allclose(q, ViT(**SMALL).apply(
-      {"params": p["backbone"]}, x), rtol=1e-6)
+  q, plain_q = jax.jit(lambda pc, pb: (
+      coda.apply({"params": {**pc, "backbone": pb}}, x,
+                 method=CodaViT.query),
+      ViT(**SMALL).apply({"params": pb}, x)))(pc, p["backbone"])
+  np.testing.assert_allclose(q, plain_q, rtol=1e-6)
 
 
 def test_experiment_config_variant():

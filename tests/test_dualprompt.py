@@ -12,6 +12,8 @@ blocks 1-2, so block 1 has both). The strategy is built from its module
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,13 +27,28 @@ from jaxcl.strategies.dualprompt import dualprompt
 from jaxcl.strategies.replay import replay
 
 import vit_reference
-from partial_runs import run_first
+from partial_runs import results_after_each, run_first
 
 BACKBONE = dict(patch=4, dim=16, depth=3, heads=2, mlp_dim=32)
 # Different G / E lengths, so a mixed-up length changes shapes.
 DUAL = dict(pool_size=5, prompt="dualprompt", prompt_length=3,
             g_prompt_length=2, g_prompt_layers=(0, 1), prompt_layers=(1, 2))
 G_LAYERS, E_LAYERS = (0, 1), (1, 2)
+
+
+# Compiled once per (model, shape, flags) and shared by the tests: run op
+# by op, a ViT's init and forward compile every operation on its own, the
+# largest cost of these tests.
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("train", "features", "method"))
+def _apply(m, p, x, task=None, train=False, features=False, method=None):
+  """``m.apply({"params": p}, x, task, ...)``, compiled."""
+  if method is not None:
+    return m.apply({"params": p}, x, method=method)
+  return m.apply({"params": p}, x, task, train=train, features=features)
+
+
+_tokens = jax.jit(vit_reference.tokens, static_argnums=(2, 3))
 
 
 def _model(**kw):
@@ -48,7 +65,7 @@ def _params(m, seed=5):
 
 
 def _query(p, x):
-  return np.asarray(vit_reference.tokens(p["backbone"], x, 4, 3)[:, 0])
+  return np.asarray(_tokens(p["backbone"], x, 4, 3)[:, 0])
 
 
 def _reference(p, x, idx, g_layers=G_LAYERS, e_layers=E_LAYERS):
@@ -69,7 +86,7 @@ def _reference(p, x, idx, g_layers=G_LAYERS, e_layers=E_LAYERS):
               (jnp.asarray(np.concatenate(keys[i], 1)),
                jnp.asarray(np.concatenate(values[i], 1)))
               for i in range(3)]
-  h = vit_reference.tokens(p["backbone"], x, 4, 3, prefixes=prefixes)[:, 0]
+  h = _tokens(p["backbone"], x, 4, 3, None, prefixes)[:, 0]
   return h @ p["head"]["kernel"] + p["head"]["bias"], h
 
 
@@ -111,12 +128,12 @@ def test_forward_in_training_uses_the_given_e_prompt():
   p = _params(m)
   x = jax.random.normal(jax.random.PRNGKey(7), (3, 8, 8, 1))
   task = np.array([2, 0, 4])
-  got = m.apply({"params": p}, x, jnp.asarray(task), train=True)
+  got = _apply(m, p, x, jnp.asarray(task), train=True)
   want, h = _reference(p, x, task)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(
-      m.apply({"params": p}, x, jnp.asarray(task), train=True,
-              features=True), h, rtol=1e-4, atol=1e-5)
+      _apply(m, p, x, jnp.asarray(task), train=True, features=True), h,
+      rtol=1e-4, atol=1e-5)
   # Each part counts: another E-prompt, no G-prompt in the shared block,
   # no prompt at all all give other outputs.
   other, _ = _reference(p, x, np.array([1, 3, 0]))
@@ -130,7 +147,7 @@ def test_forward_in_training_uses_the_given_e_prompt():
   # The keys are not read in training.
   moved = {**p, "key": -p["key"] + 3.0}
   np.testing.assert_array_equal(
-      m.apply({"params": moved}, x, jnp.asarray(task), train=True), got)
+      _apply(m, moved, x, jnp.asarray(task), train=True), got)
 
 
 def test_forward_at_test_time_selects_the_nearest_key():
@@ -148,16 +165,16 @@ def test_forward_at_test_time_selects_the_nearest_key():
   p = {**p, "key": jnp.asarray(keys)}
   want_idx = np.argmax(_cos(q, keys), axis=1)
   assert want_idx.tolist() == [3, 0, 4]
-  got_idx = m.apply({"params": p}, x, method=DualPromptViT.select)
+  got_idx = _apply(m, p, x, method=DualPromptViT.select)
   assert np.asarray(got_idx).tolist() == [3, 0, 4]
   want, _ = _reference(p, x, want_idx)
   for task in (None, jnp.array([1, 1, 1])):
-    np.testing.assert_allclose(m.apply({"params": p}, x, task), want,
+    np.testing.assert_allclose(_apply(m, p, x, task), want,
                                rtol=1e-4, atol=1e-4)
   # Moving key 3 to row 1's query moves row 1's choice.
   keys[3] = 9.0 * q[1]
   p = {**p, "key": jnp.asarray(keys)}
-  assert np.asarray(m.apply({"params": p}, x, method=DualPromptViT.select)
+  assert np.asarray(_apply(m, p, x, method=DualPromptViT.select)
                     ).tolist()[1] == 3
 
 
@@ -189,7 +206,7 @@ def test_g_prompt_fields_belong_to_dualprompt_only():
   x = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 8, 1))
   want, _ = _reference(p, x, np.array([1, 2]), g_layers=())
   np.testing.assert_allclose(
-      m.apply({"params": p}, x, jnp.array([1, 2]), train=True), want,
+      _apply(m, p, x, jnp.array([1, 2]), train=True), want,
       rtol=1e-4, atol=1e-4)
 
 
@@ -222,8 +239,8 @@ def two_runs():
   c.optimizer.weight_decay = 0.1
   c.train.reset_optimizer = False
   s = experiment.setup(c, strategy=dualprompt())
-  return (c, experiment.initial_state(s, c.seed), _first(c, 1, dualprompt()),
-          _first(c, 2, dualprompt()))
+  return (c, experiment.initial_state(s, c.seed),
+          *results_after_each(c, 2, dualprompt()))
 
 
 def _start(run, c, k):
@@ -311,15 +328,14 @@ def test_training_step_uses_the_experiences_own_e_prompt(two_runs):
   prepared = strategy.prepare_batch(ctx, state.strategy, extra, None)
   assert np.asarray(prepared["task"]).tolist() == [1] * b + [3, 3]
   batch = strategy.prepare_batch(ctx, state.strategy, batch, None)
-  logits = ctx.logits(state.params, {}, batch["x"], batch["task"],
-                      train=True)
+  logits = jax.jit(lambda p, x, t: ctx.logits(p, {}, x, t, train=True))(
+      state.params, batch["x"], batch["task"])
   m = ctx.model
-  want = m.apply({"params": state.params}, x, jnp.ones(b, jnp.int32),
-                 train=True)
+  want = _apply(m, state.params, x, jnp.ones(b, jnp.int32), train=True)
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
   # (E-prompt 0 is E-prompt 1's start: shared_prompt_pool copied it.)
-  feats = [m.apply({"params": state.params}, x, jnp.full(b, i, jnp.int32),
-                   train=True, features=True) for i in (1, 2)]
+  feats = [_apply(m, state.params, x, jnp.full(b, i, jnp.int32), train=True,
+                  features=True) for i in (1, 2)]
   assert float(jnp.abs(feats[0] - feats[1]).max()) > 1e-3
 
   def total(params):
@@ -377,14 +393,15 @@ def test_matching_loss_is_lam_times_the_formula(two_runs):
   batch = {"x": x, "y": jnp.zeros(6, jnp.int32), "task": jnp.asarray(task),
            "mask": jnp.asarray(mask)}
   p = state.params
-  got = float(strategy.loss(ctx, state.strategy, p, batch, None))
+  loss = jax.jit(lambda p: strategy.loss(ctx, state.strategy, p, batch,
+                                         None))
+  got = float(loss(p))
   q = _query(p, x)
   cos = _cos(q, np.asarray(p["key"]))[np.arange(6), task]
   want = 0.7 * np.sum((1 - cos) * mask) / mask.sum()
   np.testing.assert_allclose(got, want, rtol=1e-4)
   assert want > 0.05
-  g = jax.grad(lambda p: strategy.loss(ctx, state.strategy, p, batch,
-                                       None))(p)
+  g = jax.jit(jax.grad(loss))(p)
   used = np.abs(np.asarray(g["key"])).max(1) > 0
   assert used.tolist() == [True, True, False, True, False]
   for name in ("e_prompt", "g_prompt", "backbone", "head"):
@@ -401,14 +418,14 @@ def test_prediction_selects_by_key_over_the_seen_classes(two_runs):
   ctx, strategy = r2.learner.ctx, r2.learner.strategy
   exps = experiment.build_scenario(c).experiences
   tx = jnp.asarray(exps[3].test_x[:40])
-  logits = strategy.predict(ctx, r2.state.strategy, r2.state.params, {}, tx,
-                            jnp.zeros(40, jnp.int32))
-  other = strategy.predict(ctx, r2.state.strategy, r2.state.params, {}, tx,
-                           jnp.full(40, 3, jnp.int32))
+  predict = jax.jit(lambda t: strategy.predict(
+      ctx, r2.state.strategy, r2.state.params, {}, tx, t))
+  logits = predict(jnp.zeros(40, jnp.int32))
+  other = predict(jnp.full(40, 3, jnp.int32))
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(other))
   m = ctx.model
-  idx = m.apply({"params": r2.state.params}, tx, method=DualPromptViT.select)
-  want = m.apply({"params": r2.state.params}, tx, idx, train=True)
+  idx = _apply(m, r2.state.params, tx, method=DualPromptViT.select)
+  want = _apply(m, r2.state.params, tx, idx, train=True)
   seen = np.asarray(r2.state.strategy.seen | r2.state.strategy.current)
   assert seen.tolist() == [True] * 4 + [False] * 6
   np.testing.assert_allclose(np.asarray(logits)[:, seen],
@@ -417,14 +434,28 @@ def test_prediction_selects_by_key_over_the_seen_classes(two_runs):
   assert np.all(np.asarray(logits)[:, ~seen] < -1e8)
 
 
-@pytest.mark.parametrize("train_mask", [True, False])
-def test_train_mask(train_mask):
-  """Adam without decay: with the mask only the first experience's two head
-  columns move; without it, all do."""
+@pytest.fixture(scope="module")
+def unmasked_pretrained_run(tmp_path_factory):
+  """One experience with train_mask=False (Adam without decay) from a
+  pretrained backbone: one run for the two checks below."""
+  plain = models.build("vit", 10, **BACKBONE)
+  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
+  path = pretrained.save(str(tmp_path_factory.mktemp("dual") / "bb.npz"), p)
   c = _config()
-  r = _first(c, 1, dualprompt(train_mask=train_mask))
   init = experiment.initial_state(experiment.setup(
       c, strategy=dualprompt()), c.seed)
+  return init, _first(c, 1, dualprompt(train_mask=False, pretrained=path)), p
+
+
+@pytest.mark.parametrize("train_mask", [True, False])
+def test_train_mask(train_mask, two_runs, unmasked_pretrained_run):
+  """With the mask only the first experience's two head columns move
+  (two_runs' first experience: AdamW's decay leaves a zero column with no
+  gradient at zero); without it (Adam), all do."""
+  if train_mask:
+    _, init, r, _ = two_runs
+  else:
+    init, r, _ = unmasked_pretrained_run
   vit_reference.assert_head_trained_under_mask(init.params, r.state.params,
                                                train_mask)
 
@@ -440,19 +471,24 @@ def test_train_mask_beside_replay_is_refused():
   assert np.isfinite(r.metrics["acc"])
 
 
-def test_pretrained_backbone_is_loaded(tmp_path):
-  plain = models.build("vit", 10, **BACKBONE)
-  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
-  path = pretrained.save(str(tmp_path / "bb.npz"), p)
-  r = _first(_config(), 1, dualprompt(pretrained=path))
+def test_pretrained_backbone_is_loaded(unmasked_pretrained_run):
+  _, r, p = unmasked_pretrained_run
   for a, b in zip(jax.tree.leaves(p["backbone"]),
                   jax.tree.leaves(r.state.params["backbone"])):
     np.testing.assert_array_equal(a, b)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  q = r.learner.ctx.model.apply({"params": r.state.params}, x,
-                                method=DualPromptViT.query)
-  np.testing.assert_allclose(q, ViT(**BACKBONE).apply(
-      {"params": p["backbone"]}, x), rtol=1e-6)
+  q = _apply(r.learner.ctx.model, r.state.params, x,
+             method=DualPromptViT.query)
+  np.testing.assert_allclose(q, _apply(ViT(**BACKBONE), p["backbone"], x,
+                                       method=ViT.__call__), rtol=1e-6)
+
+
+def _initial_state_traced(c, strategy):
+  """``jaxcl.run``'s setup and initial state, traced only: the strategy's
+  init raises here, and compiling the model's init first would cost more
+  than the whole check."""
+  s = experiment.setup(c, strategy=strategy)
+  jax.eval_shape(lambda: experiment.initial_state(s, c.seed))
 
 
 def test_bad_arguments_and_models(tmp_path):
@@ -471,10 +507,10 @@ def test_bad_arguments_and_models(tmp_path):
     c = _config()
     c.model.vit = vit
     with pytest.raises(ValueError, match="prompt='dualprompt'"):
-      jaxcl.run(c, strategy=dualprompt())
+      _initial_state_traced(c, dualprompt())
   with pytest.raises(ValueError, match=r"pool_size=4 E-prompts for a stream "
                      r"of 5 experiences"):
-    jaxcl.run(_config(pool_size=4), strategy=dualprompt())
+    _initial_state_traced(_config(pool_size=4), dualprompt())
   assert dp_module.PARTS == ("backbone", "g_prompt", "e_prompt", "key",
                              "head")
 

@@ -8,6 +8,7 @@ loss by its formula. Runs are Split Digits (8x8 images, patch 4).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +22,34 @@ from jaxcl.strategies import l2p as l2p_module
 from jaxcl.strategies.l2p import key_loss, l2p
 
 import vit_reference
+from partial_runs import run_keeping_states
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 
 
-_init = vit_reference.init
+# Compiled once per (model, shape, flags) and shared by the tests: run op
+# by op, a ViT's init and forward compile every operation on its own, the
+# largest cost of these tests.
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("features", "tokens", "method"))
+def _apply(m, p, x, features=False, tokens=False, method=None):
+  """``m.apply({"params": p}, x, ...)``, compiled."""
+  if method is not None:
+    return m.apply({"params": p}, x, method=method)
+  if tokens:
+    return m.apply({"params": p}, x, tokens=True)
+  if features:
+    return m.apply({"params": p}, x, features=True)
+  return m.apply({"params": p}, x)
+
+
+_tokens = jax.jit(vit_reference.tokens, static_argnums=(2, 3))
 
 
 def reference_tokens(p, x, patch, depth, prompts=None):
   """All output tokens; ``prompts`` (B, T, D) go *first*, before the CLS
   token, with no position embedding (google-research/l2p's order)."""
-  return vit_reference.tokens(p, x, patch, depth, prompts=prompts)
+  return _tokens(p, x, patch, depth, prompts)
 
 
 # ---------------------------------------------------------------------------
@@ -43,14 +61,16 @@ def reference_tokens(p, x, patch, depth, prompts=None):
 def test_vit_shapes_and_cls_feature(shape, patch):
   m = models.build("vit", 10, patch=patch, dim=32, depth=2, heads=4,
                    mlp_dim=64)
-  params = _init(m, (2,) + shape)
+  params = vit_reference.init(m, (2,) + shape)
   x = jax.random.normal(jax.random.PRNGKey(1), (3,) + shape)
-  assert m.apply({"params": params}, x).shape == (3, 10)
-  feat = m.apply({"params": params}, x, features=True)
+  vit = ViT(patch=patch, dim=32, depth=2, heads=4, mlp_dim=64)
+  # The three forwards in one compiled program.
+  logits, feat, tokens = jax.jit(lambda p, x: (
+      m.apply({"params": p}, x), m.apply({"params": p}, x, features=True),
+      vit.apply({"params": p["backbone"]}, x, tokens=True)))(params, x)
+  assert logits.shape == (3, 10)
   assert feat.shape == (3, 32)
   n = (shape[0] // patch) * (shape[1] // patch)
-  tokens = ViT(patch=patch, dim=32, depth=2, heads=4, mlp_dim=64).apply(
-      {"params": params["backbone"]}, x, tokens=True)
   assert tokens.shape == (3, 1 + n, 32)
   np.testing.assert_allclose(feat, tokens[:, 0], atol=1e-6)
   assert params["backbone"]["pos_embedding"].shape == (1, 1 + n, 32)
@@ -59,8 +79,8 @@ def test_vit_shapes_and_cls_feature(shape, patch):
 def test_vit_forward_equals_the_reference():
   m = ViT(**SMALL)
   x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
-  p = _init(m, (1, 8, 8, 1), seed=3)
-  ours = m.apply({"params": p}, x, tokens=True)
+  p = vit_reference.init(m, (1, 8, 8, 1), seed=3)
+  ours = _apply(m, p, x, tokens=True)
   ref = reference_tokens(p, x, 4, 2)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
@@ -69,19 +89,20 @@ def test_vit_cls_feature_depends_on_every_patch():
   """No patch is masked out of the CLS token's view (a causal mask, or a
   feature read before the blocks, would leave some unchanged)."""
   m = ViT(patch=7, dim=32, depth=2, heads=4, mlp_dim=64)
-  p = _init(m, (1, 28, 28, 1))
+  p = vit_reference.init(m, (1, 28, 28, 1))
   x = jax.random.uniform(jax.random.PRNGKey(4), (1, 28, 28, 1))
-  base = m.apply({"params": p}, x)
-  for i in range(4):
-    for j in range(4):
-      y = x.at[:, 7 * i:7 * i + 7, 7 * j:7 * j + 7].add(1.0)
-      assert float(jnp.abs(m.apply({"params": p}, y) - base).max()) > 1e-4, \
-          (i, j)
+  # The image, each of its 16 patches raised in turn, and two patches
+  # swapped, as one batch (the rows do not see each other) in one call.
+  rows = [x] + [x.at[:, 7 * i:7 * i + 7, 7 * j:7 * j + 7].add(1.0)
+                for i in range(4) for j in range(4)]
   # The position embedding makes the order count: swapping two patches
   # changes the feature.
-  swapped = x.at[:, :7, :7].set(x[:, 21:, 21:]).at[:, 21:, 21:].set(
-      x[:, :7, :7])
-  assert float(jnp.abs(m.apply({"params": p}, swapped) - base).max()) > 1e-4
+  rows.append(x.at[:, :7, :7].set(x[:, 21:, 21:]).at[:, 21:, 21:].set(
+      x[:, :7, :7]))
+  out = _apply(m, p, jnp.concatenate(rows))
+  base = out[0]
+  for k in range(1, 18):
+    assert float(jnp.abs(out[k] - base).max()) > 1e-4, k
 
 
 def test_vit_input_size_resizes_each_batch_before_the_patches():
@@ -90,7 +111,7 @@ def test_vit_input_size_resizes_each_batch_before_the_patches():
   big = models.build("vit", 10, input_size=16, **SMALL)
   plain = models.build("vit", 10, **SMALL)
   x = jax.random.uniform(jax.random.PRNGKey(1), (3, 8, 8, 1))
-  p = big.init(jax.random.PRNGKey(0), x, None)["params"]
+  p = vit_reference.init(big, x.shape)
   assert p["backbone"]["pos_embedding"].shape == (1, 1 + 16, 16)
   up = jax.image.resize(x, (3, 16, 16, 1), method="bilinear")
   np.testing.assert_allclose(big.apply({"params": p}, x, None),
@@ -114,7 +135,7 @@ def test_vit_input_size_resizes_each_batch_before_the_patches():
 def test_vit_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     m = models.build("vit", 10, **kwargs)
-    _init(m, (1, 28, 28, 1))
+    vit_reference.init(m, (1, 28, 28, 1))
 
 
 def test_l2p_model_refuses_several_heads_and_a_cosine_head():
@@ -148,13 +169,12 @@ def test_vit_trains_from_scratch_and_round_trips_through_pretrained(tmp_path):
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(r.state.params)):
     np.testing.assert_array_equal(a, b)
   prompted = models.build("vit", 10, pool_size=10, **SMALL)
-  p = _init(prompted, (1, 8, 8, 1))
+  p = vit_reference.init(prompted, (1, 8, 8, 1))
   bb = pretrained.assign(p["backbone"], flat, prefix="backbone/")
   x = jnp.asarray(scenarios.split(jaxcl.datasets.load("digits"), 1)
                   .experiences[0].test_x[:20])
   # The L2P query is the plain model's feature.
-  q = prompted.apply({"params": {**p, "backbone": bb}}, x,
-                     method=L2PViT.query)
+  q = _apply(prompted, {**p, "backbone": bb}, x, method=L2PViT.query)
   feat = r.learner.ctx.apply(r.state.params, {}, x, None, features=True)[0]
   np.testing.assert_allclose(q, feat, rtol=1e-5, atol=1e-5)
 
@@ -205,7 +225,7 @@ def test_prompted_forward_equals_a_manual_concatenation():
   """The reference places the chosen prompts before the CLS token (the JAX
   reference's order); the head reads the mean of the prompt outputs."""
   m = models.build("vit", 10, pool_size=6, prompt_length=3, top_k=2, **SMALL)
-  p = _init(m, (1, 8, 8, 1), seed=5)
+  p = vit_reference.init(m, (1, 8, 8, 1), seed=5)
   p = {**p, "head": {"kernel": jax.random.normal(jax.random.PRNGKey(6),
                                                  (16, 10)),
                      "bias": jnp.arange(10.0)}}
@@ -220,9 +240,9 @@ def test_prompted_forward_equals_a_manual_concatenation():
   z = reference_tokens(p["backbone"], x, 4, 2, prompts=jnp.asarray(prompts))
   h = z[:, :6].mean(1)
   want = h @ p["head"]["kernel"] + p["head"]["bias"]
-  got = m.apply({"params": p}, x)
+  got = _apply(m, p, x)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(m.apply({"params": p}, x, features=True), h,
+  np.testing.assert_allclose(_apply(m, p, x, features=True), h,
                              rtol=1e-4, atol=1e-5)
 
 
@@ -241,17 +261,31 @@ def _l2p_config(**strategy):
 @pytest.fixture(scope="module")
 def wd_run():
   """AdamW with weight decay: zero gradients alone would not keep the
-  backbone still."""
+  backbone still. Also the state after the first experience."""
   c = _l2p_config()
   c.optimizer.name = "adamw"
   c.optimizer.weight_decay = 0.1
-  r = jaxcl.run(c)
+  r, states = run_keeping_states(c)
   s = experiment.setup(c)
-  return r, experiment.initial_state(s, c.seed)
+  return r, experiment.initial_state(s, c.seed), states[0]
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory):
+  """Adam (no decay), lam=0.1, one epoch, a pretrained backbone and
+  train_mask=False: one run for the key, pretrained and mask checks.
+  Returns (config, result, state after experience 1, saved params)."""
+  plain = models.build("vit", 10, **SMALL)
+  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
+  path = pretrained.save(str(tmp_path_factory.mktemp("l2p") / "bb.npz"), p)
+  c = _l2p_config(lam=0.1, pretrained=path, train_mask=False)
+  c.train.epochs = 1
+  r, states = run_keeping_states(c)
+  return c, r, states[0], p
 
 
 def test_backbone_is_frozen_while_prompts_keys_and_head_move(wd_run):
-  r, init = wd_run
+  r, init, _ = wd_run
   vit_reference.assert_backbone_unchanged(init.params, r.state.params)
   for part in ("prompt", "key", "head"):
     moved = max(float(jnp.abs(a - b).max()) for a, b in
@@ -292,12 +326,15 @@ def test_backbone_written_between_experiences_is_restored(digits):
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.1])
-def test_keys_move_only_through_the_key_loss(lam):
+def test_keys_move_only_through_the_key_loss(lam, adam_run):
   """Top-N selection carries no gradient: with lam=0 the keys stay (Adam,
-  no weight decay); with lam > 0 they move."""
-  c = _l2p_config(lam=lam)
-  c.train.epochs = 1
-  r = jaxcl.run(c)
+  no weight decay); with lam > 0 they move (adam_run)."""
+  if lam:
+    c, r, _, _ = adam_run
+  else:
+    c = _l2p_config(lam=lam)
+    c.train.epochs = 1
+    r = jaxcl.run(c)
   init = experiment.initial_state(experiment.setup(c), c.seed)
   moved = float(jnp.abs(r.state.params["key"] - init.params["key"]).max())
   assert (moved > 1e-3) if lam else (moved == 0.0), moved
@@ -312,8 +349,9 @@ def test_strategy_loss_is_lam_times_the_key_formula(digits):
   state = experiment.initial_state(s, 0)
   x = jnp.asarray(digits.train_x[:12])
   mask = jnp.asarray([1.0] * 10 + [0.0] * 2)
-  got = strategy.loss(ctx, state.strategy, state.params,
-                      {"x": x, "mask": mask}, None)
+  got = jax.jit(lambda p: strategy.loss(ctx, state.strategy, p,
+                                        {"x": x, "mask": mask}, None))(
+                                            state.params)
   q = np.asarray(reference_tokens(state.params["backbone"], x, 4, 2)[:, 0])
   keys = np.asarray(state.params["key"])
   cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ \
@@ -323,17 +361,12 @@ def test_strategy_loss_is_lam_times_the_key_formula(digits):
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
 
 
-def _first_experience_run(digits, **strategy):
-  c = _l2p_config(**strategy)
-  sc = experiment.build_scenario(c)
-  one = dataclasses.replace(sc, experiences=sc.experiences[:1],
-                            eval_experiences=sc.experiences)
-  return jaxcl.run(c, scenario=one)
-
-
 def test_train_mask_keeps_other_classes_columns_and_predicts_seen_classes(
-    digits):
-  r = _first_experience_run(digits)
+    digits, wd_run, adam_run):
+  # The state after the first experience (AdamW's decay leaves a zero
+  # column with no gradient at zero).
+  r, _, first = wd_run
+  r = dataclasses.replace(r, state=first)
   kernel = np.asarray(r.state.params["head"]["kernel"])
   bias = np.asarray(r.state.params["head"]["bias"])
   # Zero-initialised and never in the loss: classes 2-9 stay at zero.
@@ -344,8 +377,8 @@ def test_train_mask_keeps_other_classes_columns_and_predicts_seen_classes(
   tx = jnp.asarray(np.concatenate([e.test_x for e in
                                    scenarios.split(digits, 5).experiences]))
   ss = r.state.strategy
-  logits = strategy.predict(ctx, ss, r.state.params, {}, tx,
-                            jnp.zeros(len(tx), jnp.int32))
+  predict = jax.jit(lambda p, t: strategy.predict(ctx, ss, p, {}, tx, t))
+  logits = predict(r.state.params, jnp.zeros(len(tx), jnp.int32))
   assert set(np.unique(np.asarray(logits).argmax(1))) <= {0, 1}
   # ... which the mask decides, not the zero columns: (a softmax over the
   # current classes keeps their mean logit at 0, so a zero column never
@@ -353,28 +386,22 @@ def test_train_mask_keeps_other_classes_columns_and_predicts_seen_classes(
   lifted = {**r.state.params, "head": {
       "kernel": r.state.params["head"]["kernel"],
       "bias": r.state.params["head"]["bias"].at[2:].set(10.0)}}
-  raw = ctx.logits(lifted, {}, tx, None)
+  raw = jax.jit(lambda p: ctx.logits(p, {}, tx, None))(lifted)
   assert np.all(np.asarray(raw).argmax(1) >= 2)
-  masked = strategy.predict(ctx, ss, lifted, {}, tx,
-                            jnp.zeros(len(tx), jnp.int32))
+  masked = predict(lifted, jnp.zeros(len(tx), jnp.int32))
   assert set(np.unique(np.asarray(masked).argmax(1))) <= {0, 1}
   # The task id is never read.
-  other = strategy.predict(ctx, ss, r.state.params, {}, tx,
-                           jnp.asarray(np.arange(len(tx)) % 5, jnp.int32))
+  other = predict(r.state.params,
+                  jnp.asarray(np.arange(len(tx)) % 5, jnp.int32))
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(other))
-  # Without the mask every class's column trains.
-  r2 = _first_experience_run(digits, train_mask=False)
-  assert np.abs(np.asarray(r2.state.params["head"]["kernel"])[:, 2:]).max() \
+  # Without the mask (adam_run) every class's column trains.
+  unmasked = adam_run[2]
+  assert np.abs(np.asarray(unmasked.params["head"]["kernel"])[:, 2:]).max() \
       > 1e-3
 
 
-def test_pretrained_backbone_is_loaded_and_kept(tmp_path):
-  plain = models.build("vit", 10, **SMALL)
-  p = _init(plain, (1, 8, 8, 1), seed=42)
-  path = pretrained.save(str(tmp_path / "bb.npz"), p)
-  c = _l2p_config(pretrained=path)
-  c.train.epochs = 1
-  r = jaxcl.run(c)
+def test_pretrained_backbone_is_loaded_and_kept(adam_run):
+  _, r, _, p = adam_run
   for a, b in zip(jax.tree.leaves(p["backbone"]),
                   jax.tree.leaves(r.state.params["backbone"])):
     np.testing.assert_array_equal(a, b)

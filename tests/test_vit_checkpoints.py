@@ -8,6 +8,7 @@ from those names, not from the converter's table: a wrong name, transpose
 or position convention changes the CLS feature.
 """
 
+import functools
 import math
 
 import jax
@@ -152,6 +153,13 @@ def _images(n=3, side=28, channels=3, seed=1):
       -1, 1, (n, side, side, channels)).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("tokens",))
+def _apply(model, params, x, tokens=False):
+  """``model.apply({"params": params}, x)`` compiled once per model and
+  shape (op by op, every operation of the forward compiles on its own)."""
+  return model.apply({"params": params}, x, tokens=tokens)
+
+
 def _leaves(tree):
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -191,7 +199,7 @@ def test_converted_vit_equals_the_reference_forward(layout):
                                            jnp.zeros((1, 28, 28, 3))))
   want = {k: v.shape for k, v in _leaves(init["params"]).items()}
   assert {k: v.shape for k, v in _leaves(params).items()} == want
-  ours = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+  ours = np.asarray(_apply(model, params, jnp.asarray(x)))
   ref = reference_cls(ck, x, TINY["depth"], base)
   assert np.abs(ref).max() > 0.5       # not a degenerate feature
   np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
@@ -251,12 +259,14 @@ def test_position_table_is_resized_bilinearly_keeping_the_cls_slot(
                              atol=1e-6)
   np.testing.assert_array_equal(got[0], table[0] if layout == "vit_jax"
                                 else 0.0)
-  # The model runs at the new size with the converted table.
+  # The model takes the converted table at the new size (traced, not run:
+  # a table of the wrong length fails in tracing, and only the shape is
+  # checked).
   side = image_size if isinstance(image_size, int) else image_size
   hw = (side, side) if isinstance(side, int) else side
   params = vc.convert(ck, image_size=image_size)
-  out = ViT(**TINY).apply({"params": params},
-                          jnp.zeros((1, hw[0], hw[1], 3)), tokens=True)
+  out = jax.eval_shape(lambda p: ViT(**TINY).apply(
+      {"params": p}, jnp.zeros((1, hw[0], hw[1], 3)), tokens=True), params)
   assert out.shape == (1, 1 + cells[0] * cells[1], 16)
 
 
@@ -402,18 +412,26 @@ def test_l2p_and_a_plain_vit_start_from_the_converted_file(tmp_path):
   out = str(tmp_path / "jaxcl_vit.npz")
   vc.main([src, out, "--image-size", "8", "--num-classes", "10"])
   want = _leaves(vc.convert(ck, image_size=8))
-  # L2P loads the backbone at the first experience and keeps it frozen.
+  # L2P loads the backbone as the first experience starts (that it then
+  # stays frozen through training is test_l2p.py's
+  # test_pretrained_backbone_is_loaded_and_kept, with a file of the same
+  # format).
   c = _digits_config(pool_size=10, prompt_length=5, top_k=5)
   c.strategy.name = "l2p"
   c.strategy.l2p = dict(pretrained=out)
-  c.train.epochs = 1
   c.scenario.n_experiences = 2
-  r = jaxcl.run(c)
-  got = _leaves(r.state.params["backbone"])
-  assert set(got) == set(want)
+  s = experiment.setup(c)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, c.seed)
+  assert not bool(state.strategy.loaded)
+  state = strategy.before_experience(ctx, state, s.scenario.experiences[0])
+  got = _leaves(state.params["backbone"])
+  kept = _leaves(state.strategy.backbone)   # restored after every update
+  assert set(got) == set(want) == set(kept)
   for k in want:
     np.testing.assert_array_equal(np.asarray(got[k]), want[k])
-  assert bool(r.state.strategy.loaded)
+    np.testing.assert_array_equal(np.asarray(kept[k]), want[k])
+  assert bool(state.strategy.loaded)
   # A plain ViT starts from it through model.pretrained (zero head), and
   # its CLS feature is the reference's on the 8x8 grid.
   c = _digits_config()
@@ -427,7 +445,7 @@ def test_l2p_and_a_plain_vit_start_from_the_converted_file(tmp_path):
   ref_ck = dict(ck)
   ref_ck["Transformer/posembed_input/pos_embedding"] = want["pos_embedding"]
   x = _images(n=4, side=8, channels=1)
-  feat = s.learner.ctx.model.apply({"params": state.params}, jnp.asarray(x),
-                                   features=True)
+  feat = jax.jit(lambda p: s.learner.ctx.model.apply(
+      {"params": p}, jnp.asarray(x), features=True))(state.params)
   np.testing.assert_allclose(np.asarray(feat), reference_cls(ref_ck, x, 2),
                              rtol=2e-5, atol=2e-6)

@@ -9,13 +9,23 @@ prepended to a block's projected keys and values, not projected (the
 authors' ``Attention``).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(model, shape, key):
+  return model.init(key, jnp.zeros(shape))["params"]
+
+
 def init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
+  """``model``'s parameters for an input of ``shape``, as one compiled
+  program cached per (model, shape): op by op, flax's initialisers compile
+  every random op on its own, the largest cost of the prompt tests."""
+  return _init(model, tuple(shape), jax.random.PRNGKey(seed))
 
 
 def layer_norm(p, z, eps=1e-6):
