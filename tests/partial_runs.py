@@ -36,8 +36,10 @@ def run_keeping_states(config, n: int | None = None, strategy=None):
   experience's test set, as :func:`run_first`); all when None.
   ``strategy``: a record to run instead of ``config.strategy``'s (whose
   scenario transform, if any, is then not applied, as in ``jaxcl.run``).
-  The result's ``learner.strategy`` is the strategy as given, without the
-  hook that keeps the states."""
+  The result's ``learner`` is a new one around the strategy as given,
+  without the hook that keeps the states: its compiled functions are not
+  the run's (``chunk_fn._cache_size()`` reads 0; a compile count needs
+  the run's own learner)."""
   if strategy is None:
     strategy, transform = experiment.build_strategy(config)
     sc = transform(experiment.build_scenario(config))
