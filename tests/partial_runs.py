@@ -27,7 +27,8 @@ def copy_state(tree):
                       else a, tree)
 
 
-def run_keeping_states(config, n: int | None = None, strategy=None):
+def run_keeping_states(config, n: int | None = None, strategy=None,
+                       scenario=None):
   """``jaxcl.run`` that also keeps the state as each experience ended:
   ``(result, [state_1, ..., state_n])``, one compiled run standing for the
   runs stopped after 1, 2, ... experiences.
@@ -36,15 +37,15 @@ def run_keeping_states(config, n: int | None = None, strategy=None):
   experience's test set, as :func:`run_first`); all when None.
   ``strategy``: a record to run instead of ``config.strategy``'s (whose
   scenario transform, if any, is then not applied, as in ``jaxcl.run``).
-  The result's ``learner`` is a new one around the strategy as given,
-  without the hook that keeps the states: its compiled functions are not
-  the run's (``chunk_fn._cache_size()`` reads 0; a compile count needs
-  the run's own learner)."""
+  ``scenario``: run on this scenario instead of ``config``'s (loaded
+  again otherwise).
+  The result is the run's own (its learner's compiled functions, for
+  compile counts); its ``learner.strategy`` differs from the one given
+  only in ``after_experience``, the hook that keeps the states."""
+  sc = experiment.build_scenario(config) if scenario is None else scenario
   if strategy is None:
     strategy, transform = experiment.build_strategy(config)
-    sc = transform(experiment.build_scenario(config))
-  else:
-    sc = experiment.build_scenario(config)
+    sc = transform(sc)
   if n is not None:
     sc = dataclasses.replace(sc, experiences=sc.experiences[:n],
                              eval_experiences=sc.experiences)
@@ -58,15 +59,19 @@ def run_keeping_states(config, n: int | None = None, strategy=None):
 
   r = jaxcl.run(config, strategy=strategy._replace(after_experience=keep),
                 scenario=sc)
-  return dataclasses.replace(r, learner=dataclasses.replace(
-      r.learner, strategy=strategy)), states
+  return r, states
 
 
 def results_after_each(config, n: int, strategy=None) -> list:
   """``[run_first(config, k, strategy) for k in 1..n]`` from one run
   (:func:`run_keeping_states`): ``r_k`` holds the state as experience
   ``k`` ended and the accuracy matrix's first ``k`` rows; its ``metrics``
-  are left empty."""
+  are left empty, and its learner is a new one around the strategy (its
+  hooks as given; compile counts read 0 on it)."""
   r, states = run_keeping_states(config, n, strategy)
+  if strategy is None:
+    strategy, _ = experiment.build_strategy(config)
+  learner = dataclasses.replace(r.learner, strategy=strategy)
   return [dataclasses.replace(r, state=st, accuracy=r.accuracy[:k + 1],
-                              metrics={}) for k, st in enumerate(states)]
+                              metrics={}, learner=learner)
+          for k, st in enumerate(states)]

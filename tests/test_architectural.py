@@ -29,6 +29,10 @@ from jaxcl.train import device_experience, init_state
 from jaxcl.train import test_arrays as stacked_tests
 
 WIDTHS = (32, 32)
+# One hidden layer, for the runs whose checks hold layer by layer (masks,
+# frozen or stored weights) and need no second hidden layer: compiling a
+# run was most of its time, and a layer fewer compiles a quarter faster.
+NARROW = (32,)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +46,13 @@ def split_task(digits):
 
 
 def make_config(strategy, model="mlp", mkw=None, skw=None, *, opt="adam",
-                lr=1e-2, epochs=1, multi_head=True, wd=0.0):
+                lr=1e-2, epochs=1, multi_head=True, wd=0.0, widths=WIDTHS):
   c = experiment.default_config()
   c.model.name = model
   c.model.multi_head = multi_head
-  c.model.widths = WIDTHS
+  c.model.widths = widths
   if mkw is not None:
-    c.model[model] = dict(mkw, widths=WIDTHS)
+    c.model[model] = dict(mkw, widths=widths)
   c.strategy.name = strategy
   for name, kw in (skw or {}).items():
     c.strategy[name] = kw
@@ -129,21 +133,28 @@ def test_masked_dense_equals_hand_computation_for_mixed_tasks(kind):
                              density=0.5)
   x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
   task = jnp.array([0, 2, 1, 2, 0, 1])
-  v = layer.init(jax.random.PRNGKey(2), x, task)
-  w, b = v["frozen"]["kernel"], v["frozen"]["bias"]
-  scores = v["params"]["scores"]
+  # Compiled: op by op, init, apply and the top-k search dispatched some
+  # hundreds of small programs, most of the test's time.
+  v = jax.jit(layer.init)(jax.random.PRNGKey(2), x, task)
+  apply = jax.jit(layer.apply)
+  w, b = np.asarray(v["frozen"]["kernel"]), np.asarray(v["frozen"]["bias"])
+  scores = np.asarray(v["params"]["scores"])
   if kind == "sign":  # SupSup's MNIST variant: 1[S > 0], S ~ U(+-1/sqrt(4))
-    assert float(jnp.abs(scores).max()) <= 0.5
-    assert 0 < int(jnp.sum(scores > 0)) < scores.size
+    assert float(np.abs(scores).max()) <= 0.5
+    assert 0 < int(np.sum(scores > 0)) < scores.size
     np.testing.assert_array_equal(
         masked.binary_masks(scores, "sign", 0.0, 0.5), scores > 0)
-  out = layer.apply(v, x, task)
+  out = apply(v, x, task)
   for i in range(6):
-    m = (np.asarray(masked.topk_mask(scores[task[i]], 0.5)) if kind ==
-         "edge_popup" else np.asarray(scores[task[i]] > 0, np.float32))
+    s_t = scores[int(task[i])]
+    if kind == "edge_popup":  # the round(0.5 * size) largest |S|, by hand
+      a = np.abs(s_t)
+      m = (a >= np.sort(a.ravel())[-round(0.5 * a.size)]).astype(np.float32)
+    else:
+      m = (s_t > 0).astype(np.float32)
     np.testing.assert_allclose(out[i], x[i] @ (w * m) + b, rtol=1e-5,
                                atol=1e-6)
-  same = layer.apply(v, x, jnp.full((6,), 2))
+  same = apply(v, x, jnp.full((6,), 2))
   np.testing.assert_allclose(same[1], out[1], rtol=1e-5, atol=1e-6)
 
 
@@ -155,11 +166,14 @@ def test_one_task_batches_skip_the_other_tasks_and_flag_mixed_rows():
   mixed = masked.MaskedDense(**kw)
   single = masked.MaskedDense(**kw, mixed_batches=False)
   x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
-  v = mixed.init(jax.random.PRNGKey(2), x, jnp.zeros((6,), jnp.int32))
+  # Compiled (op by op, init and the applies were most of the time).
+  v = jax.jit(mixed.init)(jax.random.PRNGKey(2), x,
+                          jnp.zeros((6,), jnp.int32))
+  single_apply, mixed_apply = jax.jit(single.apply), jax.jit(mixed.apply)
   one = jnp.full((6,), 2)
-  np.testing.assert_array_equal(single.apply(v, x, one),
-                                mixed.apply(v, x, one))
-  out = single.apply(v, x, jnp.array([2, 2, 0, 2, 1, 2]))
+  np.testing.assert_array_equal(single_apply(v, x, one),
+                                mixed_apply(v, x, one))
+  out = single_apply(v, x, jnp.array([2, 2, 0, 2, 1, 2]))
   bad = np.isnan(np.asarray(out)).any(axis=1)
   np.testing.assert_array_equal(bad, [False, False, True, False, True, False])
   # Under vmap (two seeds' batches) the one-task program holds no select
@@ -195,7 +209,12 @@ def test_packnet_before_a_gradient_adder_keeps_earlier_tasks_frozen(
           "mir": {"mem_size": 60}, "rar": {"mem_size": 60}}
   # La-MAML and MER need plain SGD (their step is the displacement).
   opt = dict(opt="sgd", lr=0.1) if {"lamaml", "mer"} & set(names) else {}
-  c = make_config(spec, skw={n: proj[n] for n in names if n in proj}, **opt)
+  skw = {n: proj[n] for n in names if n in proj}
+  # No retraining after pruning: it is PackNet's own step, which runs no
+  # member's hooks (test_packnet_freezes_earlier_tasks_weights_exactly
+  # checks its mask), and its compile was a sixth of each case's time.
+  skw["packnet"] = {"retrain_epochs": 0}
+  c = make_config(spec, skw=skw, widths=NARROW, **opt)
   _, states, acc, _ = stream(c, split_task, names.index("packnet"))
   assert_earlier_accuracy_unchanged(acc)
   for i in range(len(states) - 1):
@@ -294,7 +313,9 @@ def test_hat_regulariser_matches_hand_computation(split_task):
   ss = st.strategy._replace(
       cum=tuple(jnp.linspace(0.0, 1.0, a.shape[0]) for a in st.strategy.cum),
       count=jnp.asarray(3, jnp.int32))
-  got = strat.loss(ctx, ss, st.params, None, None)
+  # Compiled, as the training step runs it (op by op: many small programs).
+  got = jax.jit(lambda ss, p: strat.loss(ctx, ss, p, None, None))(
+      ss, st.params)
   steps = int(ss.steps)
   s_val = 1 / 50 + (50 - 1 / 50) * 3 / (steps - 1)
   num = den = 0.0
@@ -315,15 +336,20 @@ def test_hat_clamps_embeddings_and_clips_gradient_norm(split_task):
   ctx, strat = s.learner.ctx, s.learner.strategy
   st = init_state(ctx, strat, 0)
   st = strat.before_experience(ctx, st, s.scenario.experiences[1])
-  big = jax.tree.map(lambda p: 10.0 * jnp.sign(p) + p, st.params)
-  out = strat.project_params(ctx, st.strategy, big)
+  big = jax.tree.map(lambda p: 10.0 * np.sign(p) + p,
+                     jax.tree.map(np.asarray, st.params))
+  # Compiled, as the training step runs them (op by op, these two hooks
+  # dispatched most of the test's time in small programs).
+  out = jax.jit(lambda ss, p: strat.project_params(ctx, ss, p))(
+      st.strategy, big)
   for l in range(len(WIDTHS)):
     e = np.asarray(big[f"embedding_{l}"])
     np.testing.assert_array_equal(out[f"embedding_{l}"], np.clip(e, -2, 2))
   np.testing.assert_array_equal(out["Dense_0"]["kernel"],
                                 big["Dense_0"]["kernel"])
   grads = jax.tree.map(lambda p: jnp.full_like(p, 5.0), st.params)
-  g = strat.update_grads(ctx, st.strategy, grads, st.params, None, None)
+  g = jax.jit(lambda ss, g, p: strat.update_grads(ctx, ss, g, p, None, None))(
+      st.strategy, grads, st.params)
   np.testing.assert_allclose(float(optax.global_norm(g)), 3.0, rtol=1e-5)
   for bad in ({"thres_emb": 0.0}, {"clipgrad": -1.0}):
     with pytest.raises(ValueError, match="must be > 0"):
@@ -374,18 +400,29 @@ def test_piggyback_requires_a_pretrained_checkpoint(tmp_path):
     pb_lib.piggyback(pretrained=str(tmp_path / "missing.npz"))
 
 
-@pytest.mark.parametrize("other", ["si", "mir"])
+@pytest.fixture(scope="module")
+def digits_mlp(tmp_path_factory):
+  """A plain MLP pretrained on the whole digits set (one experience), saved
+  once for both Piggyback cases (a run of its own: its compile was a third
+  of each case's time)."""
+  pre = make_config("naive", multi_head=False, lr=1e-2)
+  pre.dataset.name = "digits"
+  pre.scenario.n_experiences = 1
+  return pretrained.pretrain(
+      pre, str(tmp_path_factory.mktemp("piggyback") / "digits_mlp.npz"))
+
+
+@pytest.mark.parametrize("other", [
+    # Beside SI: every check below is made beside MIR too (the fast case),
+    # whose replayed gradient is the harder one to keep off the mask.
+    pytest.param("si", marks=pytest.mark.slow), "mir"])
 def test_piggyback_trains_masks_over_a_fixed_pretrained_backbone(
-    split_task, digits, tmp_path, other):
+    split_task, digits_mlp, other):
   """Beside SI, and beside MIR, which adds its replayed rows' gradient
   after piggyback's mask: the mask is declared (freeze_grads, session
   36's fuzz: mir and aser after it had moved an earlier task's accuracy
   by 0.022), so earlier tasks' scores stay bit-identical."""
-  # Pretrain a plain MLP on the whole digits set (one experience).
-  pre = make_config("naive", multi_head=False, lr=1e-2)
-  pre.dataset.name = "digits"
-  pre.scenario.n_experiences = 1
-  path = pretrained.pretrain(pre, str(tmp_path / "digits_mlp.npz"))
+  path = digits_mlp
   flat = pretrained.load(path)
   skw = {"piggyback": {"pretrained": path}}
   if other == "mir":
@@ -442,7 +479,8 @@ def test_supsup_per_example_gn_needs_a_model_routing_mixed_batches(
 
 
 def test_supsup_gg_fixed_weights_and_binary_masks(split_task):
-  c = make_config("supsup+lwf", "masked_mlp", mkw=SUPSUP_MODEL, lr=1e-2)
+  c = make_config("supsup+lwf", "masked_mlp", mkw=SUPSUP_MODEL, lr=1e-2,
+                  widths=NARROW)
   init, states, acc, lr = stream(c, split_task)
   assert lr.chunk_fn._cache_size() == 1
   assert_earlier_accuracy_unchanged(acc)
@@ -587,7 +625,7 @@ def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
   # Weight decay moves a weight whose gradient is zero: frozen means the
   # backbone is restored after every update too (session 32).
   c = make_config("cwr_star+si", multi_head=False, opt="momentum", lr=0.05,
-                  epochs=2, wd=0.01)
+                  epochs=2, wd=0.01, widths=NARROW)
   init, states, acc, lr = stream(c, sc)
   assert lr.chunk_fn._cache_size() == 1
   for st in states[1:]:
@@ -605,9 +643,11 @@ def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
   strat = cwr_lib.cwr_star()
   st = jax.tree.map(jnp.asarray, last)
   x = jnp.asarray(digits.test_x[:20])
-  got = strat.predict(ctx, st.strategy, st.params, st.model_state, x,
-                      jnp.zeros(20, jnp.int32))
-  feats = ctx.apply(st.params, st.model_state, x, None, features=True)[0]
+  # Compiled, as evaluation runs it (op by op: many small programs).
+  got, feats = jax.jit(lambda st, x, t: (
+      strat.predict(ctx, st.strategy, st.params, st.model_state, x, t),
+      ctx.apply(st.params, st.model_state, x, None, features=True)[0]))(
+          st, x, jnp.zeros(20, jnp.int32))
   np.testing.assert_allclose(got, feats @ st.strategy.cw + st.strategy.cb,
                              rtol=1e-5, atol=1e-5)
   # Consolidated weights keep every experience's classes predictable (a
@@ -617,7 +657,8 @@ def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
 
 def test_multihead_stores_one_head_per_task(split_task):
   c = make_config("multihead+ewc", multi_head=False,
-                  skw={"ewc": {"lam": 10.0, "max_examples": 64}})
+                  skw={"ewc": {"lam": 10.0, "max_examples": 64}},
+                  widths=NARROW)
   init, states, acc, lr = stream(c, split_task)
   assert lr.chunk_fn._cache_size() == 1
   last = jax.tree.map(jnp.asarray, states[-1])
@@ -629,9 +670,11 @@ def test_multihead_stores_one_head_per_task(split_task):
   ctx, strat = lr.ctx, mh_lib.multihead()
   x = jnp.asarray(split_task.experiences[1].test_x[:8])
   task = jnp.array([1, 1, 0, 0, 3, 3, 4, 2])
-  got = strat.predict(ctx, last.strategy, last.params, last.model_state, x,
-                      task)
-  feats = ctx.apply(last.params, last.model_state, x, task, features=True)[0]
+  # Compiled, as evaluation runs it (op by op: many small programs).
+  got, feats = jax.jit(lambda st, x, t: (
+      strat.predict(ctx, st.strategy, st.params, st.model_state, x, t),
+      ctx.apply(st.params, st.model_state, x, t, features=True)[0]))(
+          last, x, task)
   for i in range(8):
     h = mh_lib.checked_head(last, int(task[i]))
     want = np.asarray(feats[i] @ h["kernel"] + h["bias"])
@@ -657,7 +700,7 @@ def test_multihead_needs_task_ids(digits):
 
 def test_experiment_run_compiles_the_chunk_once(digits, monkeypatch):
   sc = scenarios.split(digits.subset(400, 100), 5, kind="task")
-  c = make_config("packnet+lwf")
+  c = make_config("packnet+lwf", widths=NARROW)
   built = []
   orig = experiment.setup
   monkeypatch.setattr(experiment, "setup",
@@ -707,13 +750,14 @@ def test_masked_mlp_superfluous_outputs_appear_only_in_training():
   model = masked_mlp.build(4, 2, widths=(8,), superfluous=3, **SUPSUP_MODEL)
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 6))
   t = jnp.zeros((5,), jnp.int32)
-  v = model.init(jax.random.PRNGKey(1), x, t)
-  train = model.apply(v, x, t, train=True)
-  pred = model.apply(v, x, t)
+  # Compiled (op by op, init and the three applies were most of the time).
+  v = jax.jit(model.init)(jax.random.PRNGKey(1), x, t)
+  train, pred, every = jax.jit(lambda v, x, t: (
+      model.apply(v, x, t, train=True), model.apply(v, x, t),
+      model.apply(v, x, t, all_outputs=True)))(v, x, t)
   assert train.shape == (5, 7) and pred.shape == (5, 4)
   np.testing.assert_array_equal(pred, train[:, :4])
-  np.testing.assert_array_equal(model.apply(v, x, t, all_outputs=True),
-                                train)
+  np.testing.assert_array_equal(every, train)
   with pytest.raises(ValueError, match="masked_head=True"):
     masked_mlp.build(4, 2, widths=(8,), superfluous=3)
   with pytest.raises(ValueError, match="superfluous must be"):

@@ -27,6 +27,8 @@ from jaxcl.state import StepInfo
 from jaxcl.train import (init_state, make_context, make_optimizer,
                          stream_info)
 
+from partial_runs import run_keeping_states
+
 D, C = 6, 4  # input size, classes of the toy problems
 
 
@@ -49,6 +51,28 @@ def _ctx(kind="class", widths=(5,), batch_size=8, n_exp=2):
   return make_context(model, tx, stream_info(sc, batch_size)), sc
 
 
+@pytest.fixture(scope="module")
+def fisher_case():
+  """Per setting: the toy context, its scenario and the per-example
+  reference's compiled pieces (log p(c | x) and its gradient, the logits),
+  built once for the four Fisher kinds (each kind recompiled them)."""
+  cases = {}
+
+  def get(setting):
+    if setting not in cases:
+      ctx, sc = _ctx(setting)
+
+      def log_prob(p, ms, x, t, c):
+        logits = ctx.logits(p, ms, x[None], t[None])[0]
+        return jax.nn.log_softmax(logits)[c]
+
+      cases[setting] = (ctx, sc, jax.jit(jax.grad(log_prob)),
+                        jax.jit(ctx.logits))
+    return cases[setting]
+
+  return get
+
+
 def _tree_close(a, b, **kw):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
@@ -61,8 +85,8 @@ def _tree_close(a, b, **kw):
 @pytest.mark.parametrize("kind", ["exact", "sampled", "predicted",
                                   "empirical"])
 @pytest.mark.parametrize("setting", ["class", "task"])
-def test_fisher_vmap_equals_python_loop(kind, setting):
-  ctx, sc = _ctx(setting)
+def test_fisher_vmap_equals_python_loop(kind, setting, fisher_case):
+  ctx, sc, grad_of, logits_of = fisher_case(setting)
   state = init_state(ctx, ewc(), 0)
   params, ms = state.params, state.model_state
   exp = sc.experiences[1]
@@ -73,19 +97,16 @@ def test_fisher_vmap_equals_python_loop(kind, setting):
   got = jax.jit(lambda p, b, k: _penalty.fisher_diagonal(
       ctx, p, ms, b, k, kind=kind))(params, batches, key)
 
-  # Reference: one example at a time, plain jax.grad, sum then divide.
-  def log_prob(p, x, t, c):
-    logits = ctx.logits(p, ms, x[None], t[None])[0]
-    return jax.nn.log_softmax(logits)[c]
-
-  grad = jax.jit(jax.grad(log_prob))
+  # Reference: one example at a time, plain jax.grad of log p(c | x),
+  # sum then divide.
+  grad = lambda p, x, t, c: grad_of(p, ms, x, t, c)
   acc = jax.tree.map(np.zeros_like, params)
   count = 0
   nb = batches["y"].shape[0]
   for b in range(nb):
     x, t, y, m = (np.asarray(batches[k][b]) for k in ("x", "task", "y",
                                                       "mask"))
-    logits = ctx.logits(params, ms, x, t)
+    logits = logits_of(params, ms, x, t)
     if kind == "sampled":
       labels = np.asarray(jax.random.categorical(
           jax.random.fold_in(key, b), logits, axis=-1))
@@ -174,14 +195,19 @@ def test_ewc_penalty_zero_at_anchor_and_hand_quadratic():
   # the centre is those parameters.
   b = _penalty.importance_batches(sc.experiences[0], 8, 16, 0,
                                   ctx.info.train_size)
-  f0 = _penalty.fisher_diagonal(ctx, state.params, state.model_state, b,
-                                jax.random.fold_in(jax.random.PRNGKey(0), 0))
+  # Compiled, arrays as arguments (op by op, the reference Fisher and the
+  # penalties below dispatched most of the test's time).
+  f0 = jax.jit(lambda p, ms, b, k: _penalty.fisher_diagonal(ctx, p, ms, b, k))(
+      state.params, state.model_state, b,
+      jax.random.fold_in(jax.random.PRNGKey(0), 0))
   _tree_close(ss.precision, f0, rtol=1e-5, atol=1e-8)
   _tree_close(ss.center, state.params)
   batch = {"x": jnp.zeros((2, D)), "y": jnp.zeros((2,), jnp.int32),
            "task": jnp.zeros((2,), jnp.int32), "mask": jnp.ones((2,))}
+  loss_and_grad = jax.jit(jax.value_and_grad(
+      lambda p, st, b: s.loss(ctx, st, p, b, None)))
   # Zero at the anchor.
-  assert float(s.loss(ctx, ss, state.params, batch, None)) == 0.0
+  assert float(loss_and_grad(state.params, ss, batch)[0]) == 0.0
   # Away from it: (λ/2) Σ F (θ − θ*)², by hand in float64 numpy.
   rng = np.random.default_rng(0)
   theta = jax.tree.map(
@@ -198,8 +224,7 @@ def test_ewc_penalty_zero_at_anchor_and_hand_quadratic():
 
   terms = [(f0, state.params)]
   want, _ = hand(terms, theta)
-  got = float(jax.jit(lambda st, p: s.loss(ctx, st, p, batch, None))(ss,
-                                                                     theta))
+  got = float(loss_and_grad(theta, ss, batch)[0])
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert want > 0
   # More experiences: the merged quadratic equals the sum of one penalty
@@ -214,8 +239,7 @@ def test_ewc_penalty_zero_at_anchor_and_hand_quadratic():
     ss = add_experience(ss, fk, ak)
     terms.append((fk, ak))
   want, want_g = hand(terms, theta)
-  got, got_g = jax.value_and_grad(lambda p: s.loss(ctx, ss, p, batch, None))(
-      theta)
+  got, got_g = loss_and_grad(theta, ss, batch)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_g), want_g):
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5)
@@ -227,10 +251,15 @@ def test_online_ewc_decays_as_specified():
   s = online_ewc(lam=lam, gamma=gamma, fisher="empirical", max_examples=16,
                  batch_size=8)
   state = init_state(ctx, s, 0)
-  fisher_at = lambda p, exp, i: _penalty.fisher_diagonal(
-      ctx, p, state.model_state,
+  # Compiled, arrays as arguments (op by op, the reference Fisher and the
+  # penalties dispatched most of the test's time).
+  fisher = jax.jit(lambda p, ms, b, k: _penalty.fisher_diagonal(
+      ctx, p, ms, b, k, kind="empirical"))
+  fisher_at = lambda p, exp, i: fisher(
+      p, state.model_state,
       _penalty.importance_batches(exp, 8, 16, i, ctx.info.train_size),
-      jax.random.fold_in(jax.random.PRNGKey(0), i), kind="empirical")
+      jax.random.fold_in(jax.random.PRNGKey(0), i))
+  loss = jax.jit(lambda st, p: s.loss(ctx, st, p, None, None))
   p0 = state.params
   state = s.after_experience(ctx, state, sc.experiences[0])
   f0 = fisher_at(p0, sc.experiences[0], 0)
@@ -248,9 +277,9 @@ def test_online_ewc_decays_as_specified():
   theta = jax.tree.map(lambda p: p - 0.1, p1)
   hand = sum(np.sum(np.asarray(f, np.float64) * 0.01)
              for f in jax.tree.leaves(want)) * lam / 2 * gamma
-  got = float(s.loss(ctx, state.strategy, theta, None, None))
+  got = float(loss(state.strategy, theta))
   np.testing.assert_allclose(got, hand, rtol=1e-4)
-  assert float(s.loss(ctx, state.strategy, p1, None, None)) == 0.0
+  assert float(loss(state.strategy, p1)) == 0.0
 
 
 # --------------------------------------------------------------------------
@@ -526,9 +555,10 @@ def test_rwalk_holds_parameters_near_their_anchor():
     cfg.strategy.name = name
     if name == "rwalk":
       cfg.strategy.rwalk = dict(lam=10.0, max_examples=0)
-    first = dataclasses.replace(sc, experiences=sc.experiences[:1])
-    p0 = experiment.run(cfg, scenario=first).state.params
-    p1 = experiment.run(cfg, scenario=sc).state.params
+    # One run: the state as the first experience ended stands for a run
+    # of that experience alone.
+    res, states = run_keeping_states(cfg, scenario=sc)
+    p0, p1 = states[0].params, res.state.params
     moved[name] = float(sum(jnp.sum((a - b) ** 2) for a, b in zip(
         jax.tree.leaves(p0), jax.tree.leaves(p1))))
   assert moved["rwalk"] < 0.25 * moved["naive"], moved
@@ -609,27 +639,33 @@ def test_ewc_penalty_holds_parameters_in_loop():
   # A large λ keeps the parameters near experience 0's anchor during
   # experience 1 (compared with λ = 0), through the real compiled loop
   # (λ F η stays < 2 here, so plain SGD is stable).
+  # Both λ in one compiled loop: EWC keeps λ in its state, so a sweep
+  # trains the two runs as one vmapped program (two runs compiled twice).
+  from jaxcl.sweep import sweep
   sc = _toy_scenario("class", n_exp=2)
+  c = experiment.default_config()
+  c.model.widths = (8,)
+  c.train.epochs = 2
+  c.train.batch_size = 8
+  c.optimizer.learning_rate = 0.05
+  c.report.progress = False
+  c.strategy.name = "ewc"
+  c.strategy.ewc = dict(max_examples=32, batch_size=16, fisher="empirical")
+  out = sweep(c, values={"strategy.ewc.lam": [0.0, 100.0]}, scenario=sc)
+  assert [m["strategy.ewc.lam"] for m in out.members] == [0.0, 100.0]
+  state = out.result.state
 
-  def moved(lam):
-    c = experiment.default_config()
-    c.model.widths = (8,)
-    c.train.epochs = 2
-    c.train.batch_size = 8
-    c.optimizer.learning_rate = 0.05
-    c.report.progress = False
-    c.strategy.name = "ewc"
-    c.strategy.ewc = dict(lam=lam, max_examples=32, batch_size=16,
-                          fisher="empirical")
-    res = experiment.run(c, scenario=sc)
+  def moved(i):
     # The merged quadratic at the final parameters θ₁ is F₀(θ₁ − θ*₀)²:
     # experience 1's own term is zero at its anchor θ₁.
-    ss = res.state.strategy
+    ss = jax.tree.map(lambda a: a[i], state.strategy)
     assert int(ss.count) == 2
-    return float(_penalty.quadratic(ss.precision, ss.center,
-                                    res.state.params) + ss.residual)
+    params = jax.tree.map(lambda a: a[i], state.params)
+    return float(_penalty.quadratic(ss.precision, ss.center, params)
+                 + ss.residual)
 
-  free, held = moved(0.0), moved(100.0)
+  np.testing.assert_array_equal(state.strategy.lam, [0.0, 100.0])
+  free, held = moved(0), moved(1)
   assert held < 0.1 * free
 
 
@@ -683,7 +719,7 @@ def test_permuted_config_with_reference_input_runs_hypernetwork():
   assert x0.shape[1:] == (32, 32, 1)
   assert np.all(x0[:, :2] == 0) and np.all(x0[:, -2:] == 0)  # unpermuted
   assert np.any(sc.experiences[1].train_x[:, :2] != 0)  # permuted padding
-  res = experiment.run(c)
+  res = experiment.run(c, scenario=sc)  # the stream just checked, not a reload
   assert res.accuracy.shape == (3, 3)
   # Task given, 10 classes, 2000 examples, one short epoch at Adam 1e-3:
   # every task well above chance (0.1), and the first task kept.
@@ -692,19 +728,35 @@ def test_permuted_config_with_reference_input_runs_hypernetwork():
   assert acc[-1, 0] > acc[0, 0] - 0.05, acc
 
 
+ADAM_ARG = "strategy=online_ewc,quick,lr=0.001,init=torch"
+
+
+@pytest.fixture(scope="module")
+def permuted_quick_two():
+  """The quick permuted MNIST stream of ``ADAM_ARG`` cut to two
+  experiences (one boundary is enough for Adam's count to tell a kept
+  state from a reset one), loaded and permuted once for both cases."""
+  c = _load_config("permuted_mnist_regularisation.py").get_config(ADAM_ARG)
+  c.dataset.data_dir = _data_dir()
+  c.scenario.n_experiences = 2
+  return experiment.build_scenario(c)
+
+
 @pytest.mark.parametrize("keep", [False, True])
-def test_permuted_config_reference_network_keeps_adam_across_experiences(keep):
+def test_permuted_config_reference_network_keeps_adam_across_experiences(
+    keep, permuted_quick_two):
   # init=torch,keep_opt: van de Ven's network (PyTorch nn.Linear init, one
   # Adam for the whole stream). Adam's step count shows whether its state
   # survived the experience boundaries.
   mod = _load_config("permuted_mnist_regularisation.py")
-  arg = ("strategy=online_ewc,quick,lr=0.001,init=torch"
-         + (",keep_opt" if keep else ""))
-  c = mod.get_config(arg)
+  c = mod.get_config(ADAM_ARG + (",keep_opt" if keep else ""))
   assert c.model.init == "torch" and c.train.reset_optimizer is (not keep)
   c.dataset.data_dir = _data_dir()
+  c.scenario.n_experiences = 2
   c.report.progress = False
-  res = experiment.run(c)
+  sc = permuted_quick_two
+  assert len(sc.experiences) == c.scenario.n_experiences
+  res = experiment.run(c, scenario=sc)
   steps = res.learner.epoch_steps * c.train.epochs
   counts = [int(np.max(x)) for x in jax.tree.leaves(res.state.opt_state)
             if np.asarray(x).dtype == np.int32]
@@ -821,19 +873,19 @@ def test_lfl_in_the_loop_freezes_the_head_and_holds_the_features(digits):
   drift = {}
   for lam in (0.0, 10.0):
     c.strategy.lfl = dict(lambda_e=lam)
-    first = experiment.run(c, scenario=dataclasses.replace(
-        sc, experiences=sc.experiences[:1]))
-    res = experiment.run(c, scenario=sc)
+    # One run: the state as experience 0 ended stands for a run of it alone.
+    res, states = run_keeping_states(c, scenario=sc)
+    first = states[0]
     assert res.learner.chunk_fn._cache_size() == 1
     for a, b in zip(jax.tree.leaves(res.state.params["head"]),
-                    jax.tree.leaves(first.state.params["head"])):
+                    jax.tree.leaves(first.params["head"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     x = jnp.asarray(sc.experiences[0].test_x)
     t = jnp.zeros(len(x), jnp.int32)
-    f0 = res.learner.ctx.apply(first.state.params, first.state.model_state,
-                               x, t, features=True)[0]
-    f = res.learner.ctx.apply(res.state.params, res.state.model_state, x, t,
-                              features=True)[0]
+    features = jax.jit(lambda p, ms, x, t: res.learner.ctx.apply(
+        p, ms, x, t, features=True)[0])
+    f0 = features(first.params, first.model_state, x, t)
+    f = features(res.state.params, res.state.model_state, x, t)
     drift[lam] = float(jnp.mean((f - f0) ** 2))
   assert drift[10.0] < 0.5 * drift[0.0], drift
 
