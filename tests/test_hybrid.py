@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from partial_runs import copy_state
+from partial_runs import run_keeping_states
 
 from jaxcl import buffers, dense_grams, experiment, models, scenarios, train
 from jaxcl.state import cross_entropy
@@ -1655,17 +1655,7 @@ def test_il2m_rectification_restores_old_classes(stream):
   # rectify_scores is used by predict only, so one run trains the model
   # both ways: the run without eq. 1 is the same states evaluated with
   # that strategy's predict (kept as each experience ended).
-  cfg = il2m_config(True)
-  s, _ = experiment.build_strategy(cfg)
-  states = []
-
-  def keep(ctx, state, e):
-    state = s.after_experience(ctx, state, e)
-    states.append(copy_state(state))
-    return state
-
-  res = experiment.run(cfg, scenario=stream,
-                       strategy=s._replace(after_experience=keep))
+  res, states = run_keeping_states(il2m_config(True), scenario=stream)
   assert res.learner.chunk_fn._cache_size() == 1
   plain, _ = experiment.build_strategy(il2m_config(False))
   evaluate = dataclasses.replace(res.learner, strategy=plain).eval_fn
