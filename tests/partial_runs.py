@@ -27,6 +27,15 @@ def copy_state(tree):
                       else a, tree)
 
 
+def trace_initial_state(config, strategy=None) -> None:
+  """``jaxcl.run``'s setup and initial state, traced only
+  (``jax.eval_shape``): a strategy's ``init`` that refuses the model or
+  stream raises here, without compiling the model's init, which would
+  cost more than the whole check."""
+  s = experiment.setup(config, strategy=strategy)
+  jax.eval_shape(lambda: experiment.initial_state(s, config.seed))
+
+
 def run_keeping_states(config, n: int | None = None, strategy=None,
                        scenario=None):
   """``jaxcl.run`` that also keeps the state as each experience ended:

@@ -25,7 +25,8 @@ from jaxcl.strategies.coda_prompt import (coda_prompt, gram_schmidt,
                                           ortho_penalty)
 
 import vit_reference
-from partial_runs import results_after_each, run_first
+from partial_runs import (results_after_each, run_first,
+                          trace_initial_state)
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
@@ -442,14 +443,6 @@ def test_pretrained_backbone_is_loaded(pretrained_run):
     np.testing.assert_array_equal(a, b)
 
 
-def _initial_state_traced(c):
-  """``jaxcl.run``'s setup and initial state, traced only: the strategy's
-  init raises here, and compiling the model's init first would cost more
-  than the whole check."""
-  s = experiment.setup(c)
-  jax.eval_shape(lambda: experiment.initial_state(s, c.seed))
-
-
 def test_bad_arguments_and_models(tmp_path):
   with pytest.raises(ValueError, match="ortho_mu"):
     coda_prompt(ortho_mu=-1.0)
@@ -462,15 +455,15 @@ def test_bad_arguments_and_models(tmp_path):
   c = _config()
   c.model.vit = dict(SMALL, pool_size=10)          # L2P's model
   with pytest.raises(ValueError, match="prompt='coda'"):
-    _initial_state_traced(c)
+    trace_initial_state(c)
   c = _config()
   c.model.vit = dict(SMALL, pool_size=20, prompt="coda", prompt_length=4)
   with pytest.raises(ValueError, match="pool_size <= 16"):
-    _initial_state_traced(c)
+    trace_initial_state(c)
   c = _config()
   c.model.vit = dict(SMALL, pool_size=4, prompt="coda", prompt_length=4)
   with pytest.raises(ValueError, match="pool_size=4 .* n_tasks=5"):
-    _initial_state_traced(c)
+    trace_initial_state(c)
   # The second experience's start refuses (jaxcl.run would train the
   # first experience before it).
   c = _config(n_tasks=1)

@@ -27,7 +27,8 @@ from jaxcl.strategies.dualprompt import dualprompt
 from jaxcl.strategies.replay import replay
 
 import vit_reference
-from partial_runs import results_after_each, run_first
+from partial_runs import (results_after_each, run_first,
+                          trace_initial_state)
 
 BACKBONE = dict(patch=4, dim=16, depth=3, heads=2, mlp_dim=32)
 # Different G / E lengths, so a mixed-up length changes shapes.
@@ -483,14 +484,6 @@ def test_pretrained_backbone_is_loaded(unmasked_pretrained_run):
                                        method=ViT.__call__), rtol=1e-6)
 
 
-def _initial_state_traced(c, strategy):
-  """``jaxcl.run``'s setup and initial state, traced only: the strategy's
-  init raises here, and compiling the model's init first would cost more
-  than the whole check."""
-  s = experiment.setup(c, strategy=strategy)
-  jax.eval_shape(lambda: experiment.initial_state(s, c.seed))
-
-
 def test_bad_arguments_and_models(tmp_path):
   with pytest.raises(ValueError, match="dualprompt: lam"):
     dualprompt(lam=-0.1)
@@ -507,10 +500,10 @@ def test_bad_arguments_and_models(tmp_path):
     c = _config()
     c.model.vit = vit
     with pytest.raises(ValueError, match="prompt='dualprompt'"):
-      _initial_state_traced(c, dualprompt())
+      trace_initial_state(c, dualprompt())
   with pytest.raises(ValueError, match=r"pool_size=4 E-prompts for a stream "
                      r"of 5 experiences"):
-    _initial_state_traced(_config(pool_size=4), dualprompt())
+    trace_initial_state(_config(pool_size=4), dualprompt())
   assert dp_module.PARTS == ("backbone", "g_prompt", "e_prompt", "key",
                              "head")
 
