@@ -273,6 +273,25 @@ class Setup:
   scenario: Scenario          # the scenario experiences train on
   learner: Learner
   strategy_name: str
+  # The learners :func:`execute` derived from ``learner`` (stacked runs, a
+  # mesh), by their settings: a new Learner compiles its functions anew, so
+  # executing the same Setup again (seeds in turn) reuses these.
+  derived: dict = dataclasses.field(default_factory=dict, repr=False,
+                                    compare=False)
+
+  def learner_for(self, members: int = 0, member_data: bool = False,
+                  mesh: Any = None, state_shardings: Any = None) -> Learner:
+    """``learner`` with these run settings, the same object (and compiled
+    functions) each time they are asked for."""
+    changes = dict(members=members, member_data=member_data, mesh=mesh,
+                   state_shardings=state_shardings)
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    key = (members, member_data, mesh, treedef, tuple(leaves))
+    if key == (0, False, None, jax.tree.structure(None), ()):
+      return self.learner
+    if key not in self.derived:
+      self.derived[key] = dataclasses.replace(self.learner, **changes)
+    return self.derived[key]
 
 
 def build_strategy(config: ml_collections.ConfigDict
@@ -521,8 +540,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                         f"({members} runs), got {len(member_scenarios)}")
     check_same_stream([sc] + list(member_scenarios))
     streams = list(member_scenarios)
-  learner = dataclasses.replace(learner, members=members,
-                                member_data=len(streams) > 1)
+  member_data = len(streams) > 1
+  learner = s.learner_for(members, member_data)
   place = jax.device_put
   devices = config.get("parallel", {}).get("devices", 1)
   if devices != 1:
@@ -537,8 +556,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           f"{learner.eval_batch_size} must be multiples of the {n} devices")
     shardings = parallel.state_sharding(
         state, mesh, min_bytes=config.parallel.shard_min_bytes)
-    learner = dataclasses.replace(learner, mesh=mesh,
-                                  state_shardings=shardings)
+    learner = s.learner_for(members, member_data, mesh, shardings)
     rep = parallel.replicated(mesh)
     place = lambda t: parallel.place(t, jax.tree.map(lambda _: rep, t))
     state = parallel.place(state, shardings)

@@ -318,3 +318,33 @@ def test_cli_sweep_per_seed_and_its_checkpoint_fingerprint(tmp_path):
   np.testing.assert_array_equal(again.accuracy, first["accuracy"])
   with pytest.raises(ValueError, match="sweep.scenario_per_seed"):
     sweep.sweep(c, seeds=[0, 1], workdir=w)
+
+
+def test_executing_one_setup_again_reuses_its_compiled_learner(single_run):
+  # execute() derived a new Learner on every call, and a new Learner compiles
+  # its functions anew: seeds run in turn on one Setup compiled every time
+  # (benchmarks/sweep.py's "sharing one compiled program" loop was no
+  # faster than separate runs).
+  from jaxcl import experiment
+  c = small_config(2)
+  s = experiment.setup(c)
+  runs = [experiment.execute(s, experiment.initial_state(s, seed))
+          for seed in (0, 1)]
+  assert runs[0].learner is runs[1].learner is s.learner
+  assert s.learner.chunk_fn._cache_size() == 1
+  assert s.learner.eval_fn._cache_size() == 1
+  for seed, r in zip((0, 1), runs):  # each is its seed's own run
+    c.seed = seed
+    np.testing.assert_array_equal(r.accuracy, single_run(c).accuracy)
+  assert not np.array_equal(runs[0].accuracy, runs[1].accuracy)
+  # On a mesh (here of one device): one derived learner, kept on the Setup.
+  c.parallel.devices = 0
+  s = experiment.setup(c)
+  runs = [experiment.execute(s, experiment.initial_state(s, seed))
+          for seed in (0, 1)]
+  assert runs[0].learner is runs[1].learner is not s.learner
+  assert runs[0].learner.mesh is not None
+  assert runs[0].learner.chunk_fn._cache_size() == 1
+  c.parallel.devices = 1
+  np.testing.assert_allclose(runs[1].accuracy, single_run(c).accuracy,
+                             atol=1e-6)
