@@ -5,6 +5,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8); not a test itself."""
 
 import json
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -53,6 +54,14 @@ def config(strategy, devices):
 
 
 def main():
+  # The all-reduce check below compiles the mesh run's chunk again (a new
+  # lowering misses JAX's in-memory cache); a persistent cache, private to
+  # this process, hands back the executable the run compiled: 0.05 s instead
+  # of 0.4-1.1 s per strategy.
+  cache = tempfile.TemporaryDirectory()
+  jax.config.update("jax_compilation_cache_dir", cache.name)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   out = {"devices": jax.device_count()}
   for strategy in sys.argv[1:]:
     one = jaxcl.run(config(strategy, 1))
