@@ -275,9 +275,10 @@ class Setup:
   strategy_name: str
   # The learners :func:`execute` derived from ``learner`` (stacked runs, a
   # mesh), by their settings: a new Learner compiles its functions anew, so
-  # executing the same Setup again (seeds in turn) reuses these.
-  derived: dict = dataclasses.field(default_factory=dict, repr=False,
-                                    compare=False)
+  # executing the same Setup again (seeds in turn) reuses these. Not an
+  # __init__ field: ``dataclasses.replace`` gives a new Setup its own.
+  derived: dict = dataclasses.field(default_factory=dict, init=False,
+                                    repr=False, compare=False)
 
   def learner_for(self, members: int = 0, member_data: bool = False,
                   mesh: Any = None, state_shardings: Any = None) -> Learner:
@@ -289,9 +290,11 @@ class Setup:
     key = (members, member_data, mesh, treedef, tuple(leaves))
     if key == (0, False, None, jax.tree.structure(None), ()):
       return self.learner
-    if key not in self.derived:
-      self.derived[key] = dataclasses.replace(self.learner, **changes)
-    return self.derived[key]
+    base, derived = self.derived.get(key, (None, None))
+    if base is not self.learner:  # new, or ``learner`` was reassigned
+      base, derived = self.derived[key] = (
+          self.learner, dataclasses.replace(self.learner, **changes))
+    return derived
 
 
 def build_strategy(config: ml_collections.ConfigDict

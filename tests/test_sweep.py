@@ -1,5 +1,6 @@
 """vmap sweeps: k runs in one program equal k separate runs."""
 
+import dataclasses
 import json
 import os
 import re
@@ -345,6 +346,12 @@ def test_executing_one_setup_again_reuses_its_compiled_learner(single_run):
   assert runs[0].learner is runs[1].learner is not s.learner
   assert runs[0].learner.mesh is not None
   assert runs[0].learner.chunk_fn._cache_size() == 1
+  # Derived from the learner the Setup holds now, not from an earlier one.
+  mesh, shardings = runs[0].learner.mesh, runs[0].learner.state_shardings
+  s.learner = dataclasses.replace(s.learner, epochs=2)
+  again = s.learner_for(0, False, mesh, shardings)
+  assert again is not runs[0].learner and again.epochs == 2
+  assert again is s.learner_for(0, False, mesh, shardings)
   c.parallel.devices = 1
   np.testing.assert_allclose(runs[1].accuracy, single_run(c).accuracy,
                              atol=1e-6)
