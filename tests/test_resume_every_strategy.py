@@ -10,7 +10,7 @@ bit for bit, dtypes included. The configs (Split Digits, 5 experiences of
 strategy registered without one fails here (and the fast config test),
 naming what to add. Session 35's audit: all 71 strategies OK under 'mid'
 and 'boundary'; session 36's 'boundary' run of this file: 71 of 71, and
-aser and slca under all three plans; session 37's 'mid': 73 of 73;
+aser and slca under all three plans; 'mid' at 9218f55: 73 of 73;
 session 38's 'chain' (with -n 2, 17 min): 73 of 73.
 
 Plans (positions as jaxcl.checkpoint.Position):
