@@ -20,14 +20,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                              " --xla_backend_optimization_level=0").strip()
 
 
-
 def pytest_sessionfinish(session):
   """Frees JAX's caches while an xdist worker is still counted as running.
 
   After its last test a worker reports "finished" and then runs pytest's
   own cleanup, five ``gc.collect()`` passes, over a heap that JAX's caches
-  (jaxprs and compiled programs of ~700 tests) hold at millions of
-  objects. execnet gives that cleanup 5 s, then interrupts the worker: the
+  (jaxprs and compiled programs of ~700 tests) keep growing with every
+  test file. execnet gives that cleanup 5 s, then interrupts the worker: the
   ``KeyboardInterrupt`` inside a gc callback that ended every CI log of
   session 37 (execnet's trace: "execution ongoing after 5 secs, trying
   interrupt_main"). Two test files alone leave 578k objects and 1.7 s of
