@@ -19,16 +19,6 @@ DRIVER = os.path.join(REPO, "tests", "resume_driver.py")
 
 
 @pytest.fixture(scope="module")
-def child_env(tmp_path_factory):
-  """The driver processes' environment: one persistent compilation cache
-  (they all compile the same programs; as in
-  test_resume_every_strategy.py)."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, child_env):
   """An uninterrupted run: its outputs (``ref.npz``) and, beside them, its
   run directory ``run`` (tests copy it, never change it)."""

@@ -9,12 +9,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def run_driver(*strategies):
-  """``parallel_driver.py`` on 8 forced CPU devices: its JSON summary."""
+def run_driver(child_env, *strategies):
+  """``parallel_driver.py`` on 8 forced CPU devices, in ``child_env``
+  (conftest.py's, with its compilation cache): its JSON summary."""
   # Both programs compile in the child at conftest.py's level 0 (it used
   # to drop the flag: a fifth of the two tests' time went to optimising
   # programs whose results are compared with each other only).
-  env = dict(os.environ, PYTHONPATH=REPO,
+  env = dict(os.environ, PYTHONPATH=REPO, **child_env,
              XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              "--xla_backend_optimization_level=0")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
@@ -36,8 +37,8 @@ def run_driver(*strategies):
 # the suite's longest test.
 
 
-def test_eight_devices_match_one_device_including_sharded_replay():
-  out = run_driver("naive", "replay", "der", "er_ace", "bic")
+def test_eight_devices_match_one_device_including_sharded_replay(child_env):
+  out = run_driver(child_env, "naive", "replay", "der", "er_ace", "bic")
   # The replay memories are sharded over the devices, and were filled.
   for strategy in ("replay", "der", "er_ace"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")

@@ -5,8 +5,9 @@ runs the halves on different workers)."""
 from test_parallel import run_driver
 
 
-def test_eight_devices_match_one_device_for_more_strategies():
-  out = run_driver("lucir", "er_aml", "slda", "xder", "mer", "scr", "cope")
+def test_eight_devices_match_one_device_for_more_strategies(child_env):
+  out = run_driver(child_env, "lucir", "er_aml", "slda", "xder", "mer",
+                   "scr", "cope")
   for strategy in ("er_aml", "mer", "scr"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
     assert out[strategy]["buffer_filled"] == 256

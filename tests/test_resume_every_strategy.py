@@ -60,14 +60,6 @@ PLANS = {
 
 
 @pytest.fixture(scope="session")
-def child_env(tmp_path_factory):
-  """The children's environment: one persistent compilation cache."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@pytest.fixture(scope="session")
 def pretrained_npz(tmp_path_factory):
   """resume_configs.pretrain_config()'s weights, made once (a few s)."""
   from jaxcl import pretrained
