@@ -7,17 +7,25 @@ import sys
 
 import pytest
 
-# Tests compile hundreds of small programs, and XLA:CPU's backend
-# optimisation dominates their time: at level 0 a test file runs up to a
-# quarter faster (session 32: test_mammoth_replay.py 46.6 -> 34.7 s).
+# Tests compile hundreds of small programs, and XLA:CPU's compiler
+# dominates their time (~70 % of a test file), so the tests' programs
+# are compiled cheaply:
+# * backend optimisation level 0: a test file runs up to a quarter
+#   faster (session 32: test_mammoth_replay.py 46.6 -> 34.7 s);
+# * XLA:CPU's older elemental emitters instead of its fusion emitters:
+#   they halve the backend compile time again (session 39, 30 tests of
+#   test_replay.py: 20.2 -> 9.8 s of compiling, 29 -> 19 s wall).
 # Only the tests' own programs are affected: numbers agree to rounding,
 # tests that compare two programs compile both here, and the one claim
-# about the default level (test_models.py: jaxcl's compiled init equals
-# flax's eager init to the bit) computes its reference in a process at
-# the default level. A level the caller set wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+# about XLA's defaults (test_models.py: jaxcl's compiled init equals
+# flax's eager init to the bit) computes its reference in a process
+# without these flags. A value the caller set wins.
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0",
+                  "xla_cpu_use_fusion_emitters": "false"}
+for _name, _value in TEST_XLA_FLAGS.items():
+  if _name not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --{_name}={_value}").strip()
 
 
 def pytest_sessionfinish(session):

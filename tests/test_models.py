@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import jaxcl
 from jaxcl import models
 
@@ -155,7 +156,7 @@ def _flax_inits_at_default_level(cases, path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(
       f for f in env.get("XLA_FLAGS", "").split()
-      if "xla_backend_optimization_level" not in f)
+      if not any(name in f for name in conftest.TEST_XLA_FLAGS))
   subprocess.run([sys.executable, "-c", _FLAX_INIT, repr(cases), str(path)],
                  env=env, check=True, timeout=600)
   with open(path, "rb") as f:
@@ -164,9 +165,9 @@ def _flax_inits_at_default_level(cases, path):
 
 @pytest.fixture(scope="module")
 def flax_inits(tmp_path_factory):
-  """flax's own (op by op) init of a case, computed in a process at XLA's
-  default optimisation level: conftest.py compiles the tests' programs at
-  level 0, where an eager init differs from the default by an ulp, and
+  """flax's own (op by op) init of a case, computed in a process with
+  XLA's default flags: conftest.py compiles the tests' programs at level
+  0, where an eager init differs from the default by an ulp, and
   the claim checked is about what users run. The fast cases run in one
   process; a slow one gets its own."""
   cache = {}

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import conftest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -12,12 +14,12 @@ REPO = os.path.dirname(HERE)
 def run_driver(child_env, *strategies):
   """``parallel_driver.py`` on 8 forced CPU devices, in ``child_env``
   (conftest.py's, with its compilation cache): its JSON summary."""
-  # Both programs compile in the child at conftest.py's level 0 (it used
-  # to drop the flag: a fifth of the two tests' time went to optimising
+  # Both programs compile in the child with conftest.py's flags (it used
+  # to drop them: a fifth of the two tests' time went to optimising
   # programs whose results are compared with each other only).
+  flags = " ".join(f"--{k}={v}" for k, v in conftest.TEST_XLA_FLAGS.items())
   env = dict(os.environ, PYTHONPATH=REPO, **child_env,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-             "--xla_backend_optimization_level=0")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
                       *strategies],
                      capture_output=True, text=True, env=env, timeout=900)
