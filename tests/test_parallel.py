@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import conftest
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -14,12 +12,12 @@ REPO = os.path.dirname(HERE)
 def run_driver(child_env, *strategies):
   """``parallel_driver.py`` on 8 forced CPU devices, in ``child_env``
   (conftest.py's, with its compilation cache): its JSON summary."""
-  # Both programs compile in the child with conftest.py's flags (it used
-  # to drop them: a fifth of the two tests' time went to optimising
+  # Both programs compile in the child with conftest.py's XLA flags (it
+  # used to drop them: a fifth of the two tests' time went to optimising
   # programs whose results are compared with each other only).
-  flags = " ".join(f"--{k}={v}" for k, v in conftest.TEST_XLA_FLAGS.items())
   env = dict(os.environ, PYTHONPATH=REPO, **child_env,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
                       *strategies],
                      capture_output=True, text=True, env=env, timeout=900)
