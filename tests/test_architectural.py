@@ -413,9 +413,9 @@ def digits_mlp(tmp_path_factory):
 
 
 @pytest.mark.parametrize("other", [
-    # Beside SI: every check below is made beside MIR too (the fast case),
-    # whose replayed gradient is the harder one to keep off the mask.
-    pytest.param("si", marks=pytest.mark.slow), "mir"])
+    # Beside SI, and beside MIR, whose replayed gradient is the harder one
+    # to keep off the mask.
+    "si", "mir"])
 def test_piggyback_trains_masks_over_a_fixed_pretrained_backbone(
     split_task, digits_mlp, other):
   """Beside SI, and beside MIR, which adds its replayed rows' gradient

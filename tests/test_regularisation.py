@@ -767,7 +767,6 @@ def test_permuted_config_reference_network_keeps_adam_across_experiences(
   assert np.all(np.diag(res.accuracy) > 0.3), res.accuracy
 
 
-@pytest.mark.slow
 def test_split_mnist_quick_config_runs_lwf():
   mod = _load_config("split_mnist_regularisation.py")
   c = mod.get_config("strategy=lwf,kind=task,quick")

@@ -1336,7 +1336,6 @@ def _load_config(name):
   return module.get_config
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arg", [
     "strategy=replay", "strategy=mir", "strategy=gdumb",
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
@@ -1379,7 +1378,6 @@ def test_split_mnist_replayed_argument_and_rar_branch():
   assert c.optimizer.learning_rate == 0.1  # Replay's rate at memory 500
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["permuted_mnist_replay.py",
                                   "rotated_mnist_replay.py"])
 def test_domain_configs_build(data_dir, name):

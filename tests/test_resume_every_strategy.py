@@ -11,7 +11,8 @@ strategy registered without one fails here (and the fast config test),
 naming what to add. Session 35's audit: all 71 strategies OK under 'mid'
 and 'boundary'; session 36's 'boundary' run of this file: 71 of 71, and
 aser and slca under all three plans; 'mid' at 9218f55: 73 of 73;
-session 38's 'chain' (with -n 2, 17 min): 73 of 73.
+session 38's 'chain' (with -n 2, 17 min): 73 of 73; session 39's
+'boundary' with the tests' compile flags (-n 2, 9.0 min): 73 of 73.
 
 Plans (positions as jaxcl.checkpoint.Position):
   mid:      kill just before the save of (experience 1, step 6), once the
@@ -29,8 +30,9 @@ middle of it instead.
 Slow (about 10-60 s per strategy and plan; the default and CI runs
 deselect it). Run the audit with, e.g.:
 
-  python -m pytest -m slow -p no:xdist tests/test_resume_every_strategy.py \
-      -k boundary     # every strategy, plan 'boundary' (25 min, 2 cores)
+  python -m pytest -m slow -n 2 --dist load \
+      tests/test_resume_every_strategy.py -k boundary
+      # every strategy, plan 'boundary' (9 min on 2 cores, session 39)
   python -m pytest -m slow -p no:xdist \
       'tests/test_resume_every_strategy.py::test_resumes_bit_identical[mid-replay]'
 
