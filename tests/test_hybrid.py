@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from partial_runs import run_keeping_states
+from test_replay import B, batch_of, make_ctx
+from test_replay import config as replay_config
 
 from jaxcl import buffers, dense_grams, experiment, models, scenarios, train
 from jaxcl.state import cross_entropy
@@ -28,26 +30,11 @@ from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.lfl import lfl
 from jaxcl.strategy import chain
 
-B = 10
-
 
 @pytest.fixture(scope="module")
 def stream(digits):
   s = scenarios.split(digits, 5)
   return dataclasses.replace(s, experiences=s.experiences[:3])
-
-
-def make_ctx(sc, widths=(32,), lr=0.1, **model_kwargs):
-  info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths, **model_kwargs)
-  return train.make_context(model, train.make_optimizer("sgd", lr), info)
-
-
-def batch_of(exp, n=B, start=0):
-  sl = slice(start, start + n)
-  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
-          "task": jnp.asarray(exp.train_task[sl]),
-          "mask": jnp.ones((n,), jnp.float32)}
 
 
 def run_hooks(ctx, strategy, state, exps):
@@ -814,17 +801,7 @@ def test_icarl_bad_arguments_raise(stream):
 
 
 def config(spec, **kwargs):
-  c = experiment.default_config()
-  c.model.widths = (32,)
-  c.train.epochs = 1
-  c.train.batch_size = B
-  c.train.eval_batch_size = 100
-  c.optimizer.learning_rate = 0.05
-  c.report.progress = False
-  c.strategy.name = spec
-  for name, kw in kwargs.items():
-    c.strategy[name] = kw
-  return c
+  return replay_config(spec, lr=0.05, **kwargs)
 
 
 def test_chained_gem_agem_icarl_compile_once(stream):

@@ -29,9 +29,11 @@ from jaxcl.strategies.replay import replay
 B = 10
 
 
-def make_ctx(sc, widths=(32,), lr=0.1):
+def make_ctx(sc, widths=(32,), lr=0.1, **model_kwargs):
+  """A context for an MLP on ``sc`` with SGD (shared by other test files:
+  test_hybrid, test_scr and the replay families import it)."""
   info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths)
+  model = models.build("mlp", sc.num_classes, widths=widths, **model_kwargs)
   return train.make_context(model, train.make_optimizer("sgd", lr), info)
 
 
@@ -72,12 +74,17 @@ def after_first(ctx, s, stream, steps, n=B):
   return s.before_experience(ctx, state, e1), step
 
 
-def config(spec, **kwargs):
+def config(spec, *, widths=(32,), lr=None, **kwargs):
+  """A small run's config: ``spec`` with each member's settings in
+  ``kwargs`` (by member name), one epoch of batches of ``B``; ``lr`` None
+  keeps the default config's rate."""
   c = experiment.default_config()
-  c.model.widths = (32,)
+  c.model.widths = widths
   c.train.epochs = 1
   c.train.batch_size = B
   c.train.eval_batch_size = 100
+  if lr is not None:
+    c.optimizer.learning_rate = lr
   c.report.progress = False
   c.strategy.name = spec
   for name, kw in kwargs.items():

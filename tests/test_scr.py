@@ -1,49 +1,33 @@
 """Mechanism tests of SCR (supervised contrastive replay) and jaxcl.augment
 (on scikit-learn digits and hand-made cases)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import augment, buffers, experiment, sweep, train
-from jaxcl.models import build
+from jaxcl import augment, buffers, sweep, train
 from jaxcl.state import StreamInfo
 from jaxcl.strategies import from_spec
 from jaxcl.strategies import scr as scr_mod
 from jaxcl.strategies.scr import scr
 
+from test_replay import B, batch_of
+from test_replay import config as replay_config
+from test_replay import make_ctx as replay_make_ctx
+
 # One compiled program per shape, not op-by-op dispatch (test time).
 supcon_loss = jax.jit(scr_mod.supcon_loss, static_argnums=3)
 
-B = 10
-
-
-def make_ctx(sc, widths=(16,), lr=0.1):
-  info = train.stream_info(sc, B)
-  model = build("mlp", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer("sgd", lr), info)
-
-
-def batch_of(exp, n=B, start=0):
-  sl = slice(start, start + n)
-  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
-          "task": jnp.asarray(exp.train_task[sl]),
-          "mask": jnp.ones((n,), jnp.float32)}
+# test_replay's helpers on this file's smaller MLP (one hidden layer of 16).
+make_ctx = functools.partial(replay_make_ctx, widths=(16,))
 
 
 def config(spec="scr", **kwargs):
-  c = experiment.default_config()
-  c.model.widths = (16,)
-  c.train.epochs = 1
-  c.train.batch_size = B
-  c.train.eval_batch_size = 100
-  c.report.progress = False
-  c.strategy.name = spec
-  for name, kw in kwargs.items():
-    c.strategy[name] = kw
-  return c
+  return replay_config(spec, widths=(16,), **kwargs)
 
 
 # ---------------------------------------------------------------------------
