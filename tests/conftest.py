@@ -86,6 +86,26 @@ def child_env(tmp_path_factory):
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
+def split_predictions(result, data, n_experiences=5):
+  """What a finished task-incremental run's strategy predicts (argmax of
+  its ``predict``) on every test set of ``data`` split in
+  ``n_experiences`` tasks, with each example's task id (the checks of
+  fecam and ranpac). The split is made with ``kind="task"``: a
+  class-incremental split's task ids are all 0, and the check would see
+  only the first task (as both tests did before session 39)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxcl import scenarios
+  exps = scenarios.split(data, n_experiences, kind="task").experiences
+  tx = np.concatenate([e.test_x for e in exps])
+  tt = np.concatenate([e.test_task for e in exps])
+  r = result
+  scores = r.learner.strategy.predict(
+      r.learner.ctx, r.state.strategy, r.state.params, r.state.model_state,
+      jnp.asarray(tx), jnp.asarray(tt))
+  return np.asarray(scores).argmax(1), tt
+
+
 @pytest.fixture(scope="session")
 def data_dir():
   if not os.path.isdir(os.path.join(DATA_DIR, "mnist")):

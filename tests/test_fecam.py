@@ -18,6 +18,8 @@ from jaxcl.strategies.fecam import (class_statistics, fecam, mahalanobis,
                                     normalize_cov, shrink_cov,
                                     tukey_transform)
 
+from conftest import split_predictions
+
 
 def ref_shrink(cov, a1=1.0, a2=1.0):
   """The references' ``shrink_cov``."""
@@ -254,12 +256,7 @@ def test_task_incremental_scores_stay_in_the_task(digits, digits_run):
   c.scenario.kind = "task"
   c.train.epochs = 1
   r = jaxcl.run(c)
-  sc = scenarios.split(digits, 5)
-  tx = np.concatenate([e.test_x for e in sc.experiences])
-  tt = np.concatenate([e.test_task for e in sc.experiences])
-  pred = np.asarray(r.learner.strategy.predict(
-      r.learner.ctx, r.state.strategy, r.state.params, r.state.model_state,
-      jnp.asarray(tx), jnp.asarray(tt))).argmax(1)
+  pred, tt = split_predictions(r, digits)
   np.testing.assert_array_equal(pred // 2, tt)   # tasks are class pairs
   assert np.mean(r.accuracy[-1]) > np.mean(digits_run.accuracy[-1])
 
