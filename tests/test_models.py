@@ -116,11 +116,12 @@ def test_torch_init_matches_pytorch_linear_bounds():
     models.build("mlp", 10, init="kaiming")
 
 
-_TWO_TASKS = jaxcl.state.StreamInfo(
+_TWO_TASKS_FIELDS = dict(
     num_classes=10, num_tasks=2, num_experiences=2, input_shape=(8, 8, 1),
     kind="task", task_classes=((True,) * 5 + (False,) * 5,
                                (False,) * 5 + (True,) * 5),
     batch_size=4, train_size=8)
+_TWO_TASKS = jaxcl.state.StreamInfo(**_TWO_TASKS_FIELDS)
 
 
 _INIT_CASES = [
@@ -134,16 +135,22 @@ _INIT_CASES = [
     ("mlp", 1, dict(widths=[16])),
 ]
 
+# flax's own init, and jaxcl's compiled one as users get it (XLA's
+# default flags), of each case.
 _FLAX_INIT = """
 import pickle, sys
-import jax, jax.numpy as jnp, numpy as np
-from jaxcl import models
+import jax, jax.numpy as jnp, numpy as np, optax
+from jaxcl import models, state, train
+info = state.StreamInfo(**eval(sys.argv[3]))
 out = []
 for name, heads, kw in eval(sys.argv[1]):
   m = models.build(name, 10, heads, **kw)
   ref = m.init(jax.random.PRNGKey(3), jnp.zeros((1, 8, 8, 1)),
                jnp.zeros((1,), jnp.int32))
-  out.append(jax.tree.map(np.asarray, ref))
+  ctx = state.Context(model=m, tx=optax.sgd(0.1), info=info)
+  params, model_state = train.init_variables(ctx, jax.random.PRNGKey(3))
+  out.append(jax.tree.map(np.asarray,
+                          (ref, {"params": params, **model_state})))
 with open(sys.argv[2], "wb") as f:
   pickle.dump(out, f)
 """
@@ -157,7 +164,8 @@ def _flax_inits_at_default_level(cases, path):
   env["XLA_FLAGS"] = " ".join(
       f for f in env.get("XLA_FLAGS", "").split()
       if not any(name in f for name in conftest.TEST_XLA_FLAGS))
-  subprocess.run([sys.executable, "-c", _FLAX_INIT, repr(cases), str(path)],
+  subprocess.run([sys.executable, "-c", _FLAX_INIT, repr(cases), str(path),
+                  repr(_TWO_TASKS_FIELDS)],
                  env=env, check=True, timeout=600)
   with open(path, "rb") as f:
     return dict(zip(map(repr, cases), pickle.load(f)))
@@ -165,11 +173,12 @@ def _flax_inits_at_default_level(cases, path):
 
 @pytest.fixture(scope="module")
 def flax_inits(tmp_path_factory):
-  """flax's own (op by op) init of a case, computed in a process with
-  XLA's default flags: conftest.py compiles the tests' programs at level
-  0, where an eager init differs from the default by an ulp, and
-  the claim checked is about what users run. The fast cases run in one
-  process; a slow one gets its own."""
+  """flax's own (op by op) init of a case and jaxcl's compiled one,
+  computed in a process with XLA's default flags: conftest.py compiles
+  the tests' programs with its own flags (at level 0 an eager init
+  differs from the default by an ulp), and the claim checked is about
+  what users run. The fast cases run in one process; a slow one gets its
+  own."""
   cache = {}
 
   def get(case):
@@ -200,17 +209,22 @@ def test_compiled_init_equals_flax_init_bit_for_bit(name, heads, kw,
   m = models.build(name, 10, heads, **kw)
   ctx = jaxcl.state.Context(model=m, tx=optax.sgd(0.1), info=_TWO_TASKS)
   key = jax.random.PRNGKey(3)
+  params, model_state = train.init_variables(ctx, key)
+  got = {"params": params, **model_state}
   if isinstance(kw.get("widths"), list):
     # No cache key: init_variables runs flax's own init here, in this
     # process, so that is the reference.
     ref = m.init(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+    pairs = [(got, ref)]
   else:
-    ref = flax_inits((name, heads, kw))
-  params, model_state = train.init_variables(ctx, key)
-  got = {"params": params, **model_state}
-  assert jax.tree.structure(got) == jax.tree.structure(ref)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_array_equal(a, b)
+    # At XLA's defaults (what users run), and in this process with the
+    # tests' flags: both equal flax's init at the defaults.
+    ref, users = flax_inits((name, heads, kw))
+    pairs = [(users, ref), (got, ref)]
+  for a_tree, b_tree in pairs:
+    assert jax.tree.structure(a_tree) == jax.tree.structure(b_tree)
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+      np.testing.assert_array_equal(a, b)
   # (On the CPU the program is compiled at -O1: train._init_jit_cpu.)
   init = (train._init_jit_cpu if jax.default_backend() == "cpu" else
           train._init_jit)
