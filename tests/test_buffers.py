@@ -45,7 +45,7 @@ def test_reservoir_capacity_no_duplicates_counter(n_batches, seed, drop):
     mask = ~np.asarray(drop[b * B:(b + 1) * B])
     x = np.stack([ids, np.zeros(B)], 1).astype(np.float32)
     mem = reservoir(mem, jax.random.fold_in(key, b), x, ids % 5,
-                    np.zeros(B, np.int32), b, mask.astype(np.float32))
+                    (ids % 3).astype(np.int32), b, mask.astype(np.float32))
     offered += list(ids[mask])
   ids, valid = _ids(mem)
   assert valid.sum() <= K
@@ -53,8 +53,9 @@ def test_reservoir_capacity_no_duplicates_counter(n_batches, seed, drop):
   assert int(mem.seen) == len(offered)
   assert len(set(ids)) == len(ids)                 # no duplicates
   assert set(ids) <= set(offered)                  # masked rows never stored
-  # Labels and experience ids travel with their example.
+  # Labels, task ids and experience ids travel with their example.
   np.testing.assert_array_equal(np.asarray(mem.y)[valid], ids % 5)
+  np.testing.assert_array_equal(np.asarray(mem.task)[valid], ids % 3)
   np.testing.assert_array_equal(np.asarray(mem.experience)[valid], ids // B)
 
 

@@ -36,6 +36,13 @@ def test_forward_transfer_sign():
 def test_forgetting_uses_best_earlier_accuracy():
   # exp0: max(0.9, 0.6) - 0.5 = 0.4; exp1: max(0.8) - 0.7 = 0.1
   assert metrics.forgetting(R) == pytest.approx(0.25)
+  # In R every column's best is its diagonal: here experience 0 peaks
+  # after it was learned (backward transfer), and the peak counts.
+  peak_later = np.array([[0.6, 0.1, 0.2],
+                         [0.9, 0.8, 0.3],
+                         [0.5, 0.7, 0.95]])
+  # exp0: max(0.6, 0.9) - 0.5 = 0.4; exp1: 0.8 - 0.7 = 0.1
+  assert metrics.forgetting(peak_later) == pytest.approx(0.25)
 
 
 def test_average_incremental_accuracy_averages_the_seen_accuracies():

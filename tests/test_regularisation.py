@@ -425,6 +425,32 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting):
   _tree_close(state.strategy.teacher, teacher_params)
 
 
+def test_lwf_task_il_sums_one_distillation_per_old_task():
+  """Two old tasks (a third experience): one softmax per old task's
+  classes, the terms summed (with one old task, any aggregate passes)."""
+  ctx, sc = _ctx("task", n_exp=3)
+  alpha, temp = 0.7, 2.0
+  s = lwf(alpha=alpha, temperature=temp)
+  state = init_state(ctx, s, 0)
+  e2 = sc.experiences[2]
+  batch = {"x": jnp.asarray(e2.train_x[:6]), "y": jnp.asarray(e2.train_y[:6]),
+           "task": jnp.asarray(e2.train_task[:6]), "mask": jnp.ones((6,))}
+  teacher_params = state.params
+  for e in sc.experiences[:2]:
+    state = s.after_experience(ctx, state, e)
+  assert np.asarray(state.strategy.old_tasks).tolist() == [True, True, False]
+  student = jax.tree.map(lambda p: p + 0.2, teacher_params)
+  logits = ctx.logits(student, state.model_state, batch["x"], batch["task"])
+  got = float(jax.jit(lambda ss, p, b, l: s.loss(ctx, ss, p, b, l))(
+      state.strategy, student, batch, logits))
+  raw = lambda p: np.asarray(ctx.model.apply({"params": p}, batch["x"]))
+  terms = [_np_kd(raw(student), raw(teacher_params),
+                  np.asarray(sc.task_classes[t]), np.ones(6), temp)
+           for t in (0, 1)]
+  assert min(terms) > 0
+  np.testing.assert_allclose(got, alpha * sum(terms), rtol=1e-5)
+
+
 def _np_sigmoid_bce(z, t):
   p = 1.0 / (1.0 + np.exp(-z))
   return -(t * np.log(p) + (1 - t) * np.log(1 - p))

@@ -239,7 +239,9 @@ def test_online_and_from_arrays():
 
 
 def test_joint_and_cumulative(digits):
-  s = scenarios.split(digits, 5)
+  # A task split: the merged experiences mix task ids (a class split's
+  # are all 0), and each row must keep its own.
+  s = scenarios.split(digits, 5, kind="task")
   j = scenarios.joint(s)
   assert len(j.experiences) == 1 and len(j.eval_experiences) == 5
   assert j.experiences[0].num_train == len(digits.train_y)
@@ -249,6 +251,12 @@ def test_joint_and_cumulative(digits):
   assert c.experiences[2].classes == tuple(sorted(
       s.experiences[0].classes + s.experiences[1].classes +
       s.experiences[2].classes))
+  tasks = lambda exps: np.concatenate([e.train_task for e in exps])
+  np.testing.assert_array_equal(c.experiences[2].train_task,
+                                tasks(s.experiences[:3]))
+  np.testing.assert_array_equal(j.experiences[0].train_task,
+                                tasks(s.experiences))
+  assert set(np.unique(j.experiences[0].train_task)) == set(range(5))
 
 
 def test_permuted_inputs_built_on_demand_in_any_order(digits):

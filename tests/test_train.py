@@ -822,9 +822,12 @@ def test_device_experience_pads_short_experiences_and_keeps_full_ones(
     digits):
   """A shorter experience is padded to the stream's largest; one that fills
   it (every experience of a permuted stream) is used as it is, uncopied."""
-  sc = scenarios.permuted(digits, 2, seed=0)
+  # A task stream: experience 1's task ids are 1 (a domain stream's are
+  # all 0, and the "task" check below would compare zeros with zeros).
+  sc = scenarios.permuted(digits, 2, seed=0, kind="task")
   exp = sc.experiences[1]
   n = exp.num_train
+  assert np.all(exp.train_task == 1)
   full = train.device_experience(exp, n)
   assert np.shares_memory(full["x"], exp.train_x)
   padded = train.device_experience(exp, n + 7)
