@@ -23,8 +23,11 @@ def reference(tmp_path_factory, child_env):
   """An uninterrupted run: its outputs (``ref.npz``) and, beside them, its
   run directory ``run`` (tests copy it, never change it)."""
   d = tmp_path_factory.mktemp("ref")
+  start = time.monotonic()
   p = drive(d / "run", d / "ref.npz", env=child_env)
   assert p.returncode == 0, p.stderr[-3000:]
+  # Its wall time, for a kill at a moment inside a whole run.
+  (d / "ref.seconds").write_text(str(time.monotonic() - start))
   return d / "ref.npz"
 
 
@@ -45,14 +48,6 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
                   ("before", 9), ("during", 4)]:
     p = drive(work, tmp_path / "x.npz", mode, n, env=child_env)
     assert p.returncode == -signal.SIGKILL, (mode, n, p.stderr[-3000:])
-  # A kill at a random moment (whatever the process is doing then).
-  env = dict(os.environ, PYTHONPATH=REPO, **child_env)
-  proc = subprocess.Popen([sys.executable, DRIVER, str(work),
-                           str(tmp_path / "x.npz")], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  time.sleep(6.0)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
   p = drive(work, tmp_path / "final.npz", env=child_env)
   assert p.returncode == 0, p.stderr[-3000:]
   # A resume says where it starts from (it used to be silent).
@@ -64,6 +59,33 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
   # steps a killed invocation logged past its last checkpoint are dropped
   # on resume (they used to appear twice).
   assert log_records(work) == log_records(reference.parent / "run")
+
+  # A kill at an arbitrary moment of a whole run (whatever the process is
+  # doing then: importing, compiling, training, saving), in a fresh
+  # directory. It must land while the run is alive: a kill after the end
+  # checked nothing (session 39 found the old fixed 6 s wait landing after
+  # the last resume had finished), so a run that outlives none of the
+  # waits fails the test instead of passing it.
+  whole = float((reference.parent / "ref.seconds").read_text())
+  env = dict(os.environ, PYTHONPATH=REPO, **child_env)
+  fresh = tmp_path / "fresh"
+  for wait in (0.6 * whole, 0.3 * whole, 0.15 * whole):
+    shutil.rmtree(fresh, ignore_errors=True)
+    proc = subprocess.Popen([sys.executable, DRIVER, str(fresh),
+                             str(tmp_path / "x.npz")], env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(wait)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if alive:
+      break
+  assert alive, f"every run ended within {wait:.1f} s; no kill landed"
+  p = drive(fresh, tmp_path / "final_fresh.npz", env=child_env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert_same(tmp_path / "final_fresh.npz", reference)
+  assert log_records(fresh) == log_records(reference.parent / "run")
 
 
 def log_records(workdir):
