@@ -15,6 +15,8 @@ from jaxcl import experiment, scenarios, train
 from jaxcl.strategies import slda as slda_module
 from jaxcl.strategies.slda import classifier, slda, streaming_update
 
+from conftest import split_predictions
+
 SHRINK = 1e-4
 
 
@@ -192,10 +194,12 @@ def test_backbone_is_frozen_as_the_stream_starts(digits):
   assert r.metrics["acc"] > 0.7
 
 
-def test_task_incremental_scores_stay_in_the_task(digits_run):
+def test_task_incremental_scores_stay_in_the_task(digits, digits_run):
   c = _config()
   c.scenario.kind = "task"
   r = jaxcl.run(c)
+  pred, tt = split_predictions(r, digits)
+  np.testing.assert_array_equal(pred // 2, tt)   # tasks are class pairs
   # Two classes per task instead of ten: the final row gains.
   assert np.mean(r.accuracy[-1]) > np.mean(digits_run.accuracy[-1]) + 0.02
 
