@@ -441,12 +441,14 @@ def test_piggyback_trains_masks_over_a_fixed_pretrained_backbone(
   last = states[-1]
   for t in range(5):
     m = pb_lib.checked_mask(last, t)
+    assert set(m) == {"backbone/Dense_0", "backbone/Dense_1"}
     for k, v in m.items():
+      # Each layer's mask is its own scores, as they were when task t
+      # ended, thresholded.
       assert v.dtype == np.bool_
-      scores = states[t].params["backbone"]["Dense_0"]["scores"][t] \
-          if k == "backbone/Dense_0" else None
-      if scores is not None:
-        np.testing.assert_array_equal(v, scores > 5e-3)
+      group, layer = k.split("/")
+      np.testing.assert_array_equal(
+          v, states[t].params[group][layer]["scores"][t] > 5e-3)
     assert not m["backbone/Dense_0"].all()  # the mask learned something
   # Earlier tasks' scores are untouched by later tasks.
   sc4 = last.params["backbone"]["Dense_1"]["scores"]
