@@ -62,8 +62,9 @@ def test_ema_update_is_the_code_formula_when_drawn(stream, jit):
 def test_ema_update_follows_the_bernoulli_draw(stream):
   ctx = make_ctx(stream)
   exp = stream.experiences[0]
+  # Different decays, so that each memory's own is the one checked.
   s = clser(mem_size=20, plastic_rate=0.3, stable_rate=0.6,
-            plastic_alpha=0.9, stable_alpha=0.9)
+            plastic_alpha=0.9, stable_alpha=0.6)
   state = train.init_state(ctx, s, 0)
   w = _tree(3, state.params)
   ss = state.strategy._replace(step=jnp.asarray(100, jnp.int32))
@@ -73,11 +74,12 @@ def test_ema_update_follows_the_bernoulli_draw(stream):
     key = jax.random.PRNGKey(i)
     out = hook(ss, _info(ctx, s, ss, exp, w, key))
     k_p, k_s = jax.random.split(key)
-    for name, k, rate in (("plastic", k_p, 0.3), ("stable", k_s, 0.6)):
+    for name, k, rate, a in (("plastic", k_p, 0.3, 0.9),
+                             ("stable", k_s, 0.6, 0.6)):
       want = float(jax.random.uniform(k)) < rate
       old, new = getattr(ss, name), getattr(out, name)
       if want:
-        _close(new, jax.tree.map(lambda e, x: 0.9 * e + 0.1 * x, old, w),
+        _close(new, jax.tree.map(lambda e, x: a * e + (1 - a) * x, old, w),
                rtol=1e-6, atol=1e-6)
       else:
         _close(new, old, rtol=0, atol=0)

@@ -222,6 +222,40 @@ def test_eeil_finetuning_is_sgd_on_the_balanced_loss(ctx, before_finetuning,
                                atol=2e-6)
 
 
+def test_eeil_finetuning_set_cuts_new_classes_to_an_old_class_share(
+    digits, monkeypatch):
+  """The balanced set: 3 old classes (0-2), then 2 new ones (3, 4), memory
+  K = 12. The memory holds K / 3 = 4 exemplars of each old class, so each
+  new class brings 4 random rows of its ~140 (not all of them, nor
+  K / 2 = 6: uneven class counts tell the old classes' share apart)."""
+  from jaxcl import scenarios
+  from jaxcl.strategies import eeil as eeil_mod
+  pick = lambda x, y, cs: (x[np.isin(y, cs)], y[np.isin(y, cs)])
+  sc = scenarios.from_arrays(
+      [pick(digits.train_x, digits.train_y, cs) for cs in ([0, 1, 2], [3, 4])],
+      [pick(digits.test_x, digits.test_y, cs) for cs in ([0, 1, 2], [3, 4])],
+      num_classes=10)
+  ctx = make_ctx(sc)
+  counts, real = [], eeil_mod.balanced_subset
+
+  def spy(key, y, valid, classes, per_class, size):
+    idx, ok = real(key, y, valid, classes, per_class, size)
+    jax.debug.callback(lambda yy, oo: counts.append(np.bincount(
+        np.asarray(yy)[np.asarray(oo)], minlength=10)), y[idx], ok)
+    return idx, ok
+
+  monkeypatch.setattr(eeil_mod, "balanced_subset", spy)
+  s = eeil(mem_size=12, batch_size=2, finetune_epochs=1)
+  state, _ = after_first(ctx, s, sc, 5)
+  np.testing.assert_array_equal(
+      np.asarray(buffers.counts(state.strategy.memory, 10))[:5],
+      [4, 4, 4, 0, 0])
+  s.after_experience(ctx, state, sc.experiences[1])
+  jax.effects_barrier()   # the callback has run
+  assert len(counts) == 1
+  np.testing.assert_array_equal(counts[0], [0, 0, 0, 4, 4] + [0] * 5)
+
+
 def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
   """With few exemplars replayed (2 per step), training on experience 1
   biases the network toward classes 2-3; the balanced fine-tuning gives

@@ -182,10 +182,22 @@ def test_new_expert_starts_from_most_related_expert(stream, threshold, lwf):
     b = {"x": x[:B], "y": jnp.asarray(e2.train_y[:B]),
          "task": jnp.zeros((B,), jnp.int32), "mask": jnp.ones((B,))}
     logits = ctx.logits(out.params, out.model_state, b["x"], b["task"])
-    extra = float(s.loss(ctx, new, out.params, b, logits + 1.0 *
-                         jax.random.normal(jax.random.PRNGKey(1),
-                                           logits.shape)))
+    z = logits + 1.0 * jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+    extra = float(s.loss(ctx, new, out.params, b, z))
     assert (extra > 0) == lwf
+    if lwf:
+      # lwf_alpha (0.01) times the T = 2 cross-entropy, over the source
+      # expert's classes, to that expert's softened outputs.
+      grp = np.flatnonzero(np.asarray(new.classes[best]))
+      tz = np.asarray(ctx.logits(experts[best], {}, b["x"], b["task"]),
+                      np.float64)[:, grp] / 2.0
+      sz = np.asarray(z, np.float64)[:, grp] / 2.0
+      pt = np.exp(tz - tz.max(1, keepdims=True))
+      pt /= pt.sum(1, keepdims=True)
+      ls = sz - sz.max(1, keepdims=True)
+      ls -= np.log(np.exp(ls).sum(1, keepdims=True))
+      np.testing.assert_allclose(extra, 0.01 * np.mean(-(pt * ls).sum(1)),
+                                 rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def test_task_inference_by_lowest_entropy():
   state = init_state(ctx, s, 0)
   state = s.after_experience(ctx, state, sc.experiences[0])
   state = s.after_experience(ctx, state, sc.experiences[1])
-  x = jnp.asarray(sc.experiences[1].test_x)
+  # Both experiences' test rows: each learned slot is the surest on some.
+  x = jnp.asarray(np.concatenate([e.test_x for e in sc.experiences]))
   task = jnp.zeros((x.shape[0],), jnp.int32)  # no task id in class-IL
   predict = jax.jit(lambda ss, p, x, t: s.predict(ctx, ss, p, {}, x, t))
   got = np.asarray(predict(state.strategy, state.params, x, task))
@@ -223,6 +224,7 @@ def test_task_inference_by_lowest_entropy():
 
   ent = np.stack([entropy(l) for l in per[:2]])  # slot 2 is not learned
   best = ent.argmin(0)
+  assert 0 < best.sum() < len(best), best   # a per-row, not per-batch, choice
   want = np.stack([per[b][i] for i, b in enumerate(best)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # The unlearned embedding is never used, even if it were most confident.

@@ -131,6 +131,63 @@ def test_alignment_has_finite_gradients_with_experiences_to_come():
   np.testing.assert_array_equal(k[:, 4:], np.asarray(head["kernel"])[:, 4:])
 
 
+def test_align_head_is_sgd_on_features_sampled_by_hand():
+  """align_head against the procedure written out: per epoch, features
+  γ_c μ_c + L_c ε (L_c L_cᵀ = Σ_c, γ_c = 0.9 + 0.1 (t_c + 1) / (t + 1)),
+  the epoch's shuffled batches, and SGD with momentum, coupled weight
+  decay and a cosine rate on the seen columns. Elongated, differently
+  oriented covariances and unequal means, so that Lᵀ ε or another γ
+  would give other features."""
+  from jaxcl.strategies._epochs import shuffled_batches
+  rng = np.random.default_rng(3)
+  c, d, samples, bs, epochs = 6, 3, 4, 8, 2
+  lr, mom, wd, tau = 0.05, 0.9, 5e-4, 0.1
+  class_exp = np.array([0, 0, 1, 1, -1, -1])
+  seen = class_exp >= 0
+  mean = rng.normal(size=(c, d)) * 2
+  a = rng.normal(size=(c, d, d))
+  cov = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(d)
+  head = {"kernel": rng.normal(size=(d, c)) * 0.5,
+          "bias": rng.normal(size=(c,)) * 0.1}
+  key = jax.random.PRNGKey(5)
+  f32 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), t)
+  got = align_head(f32(head), jnp.asarray(mean, jnp.float32),
+                   jnp.asarray(cov, jnp.float32), jnp.asarray(class_exp),
+                   jnp.asarray(seen), jnp.asarray(1), key,
+                   num_experiences=3, epochs=epochs, samples=samples,
+                   batch_size=bs, lr=lr, momentum=mom, weight_decay=wd,
+                   tau=tau, shrink=True)
+  gamma = 0.9 + 0.1 * (class_exp + 1) / 2
+  chol = np.linalg.cholesky(np.where(seen[:, None, None], cov, np.eye(d)))
+  labels = np.repeat(np.arange(c), samples)
+  grad = jax.jit(jax.grad(lambda h, z, y, ok: alignment_loss(
+      h, z, y, ok, jnp.asarray(class_exp), jnp.asarray(seen), 3, tau)))
+  h = {k: v.copy() for k, v in head.items()}
+  v = {k: np.zeros_like(a) for k, a in head.items()}
+  cols = {"kernel": seen[None, :], "bias": seen}
+  for e, k in enumerate(jax.random.split(key, epochs)):
+    k_draw, k_order = jax.random.split(k)
+    eps = np.asarray(jax.random.normal(k_draw, (c, samples, d)), np.float64)
+    z = (gamma[:, None, None] * mean[:, None, :]
+         + np.einsum("ced,csd->cse", chol, eps)).reshape(c * samples, d)
+    idx, ok = map(np.asarray, shuffled_batches(k_order,
+                                               jnp.asarray(seen[labels]),
+                                               bs))
+    rate = lr * 0.5 * (1 + np.cos(np.pi * e / epochs))
+    for i, o in zip(idx, ok):
+      if not o.any():
+        continue
+      g = grad(f32(h), jnp.asarray(z[i], jnp.float32),
+               jnp.asarray(labels[i]), jnp.asarray(o))
+      for n in h:
+        v[n] = mom * v[n] + np.asarray(g[n], np.float64) + wd * h[n]
+        h[n] = np.where(cols[n], h[n] - rate * v[n], h[n])
+  for n in h:
+    np.testing.assert_allclose(np.asarray(got[n]), h[n], rtol=1e-3,
+                               atol=1e-4, err_msg=n)
+  assert np.abs(h["kernel"] - head["kernel"]).max() > 1e-2   # it moved
+
+
 def _step(c, r, scale, opt):
   """One training step of experience 1 from ``r``'s state after
   experience 0 (the same state and batch whatever ``scale``), with a fresh
