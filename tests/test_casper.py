@@ -256,6 +256,21 @@ def test_no_effect_on_an_empty_or_one_class_memory(stream):
     ss = after(ctx, ss, info(batch_of(e1, start=10 * i)))
   val, leaves = check(ss, 1.0)             # classes 0, 2, 3: acts
   assert max(np.abs(x).max() for x in leaves) > 1e-6
+  # The term is rho times the eigengap of the drawn rows' graph (rho = 1
+  # above would hide a lost or squared rho).
+  b = prep(ctx, ss, batch_of(e0), jax.random.PRNGKey(0))
+  feats = ctx.apply(state.params, ss.model_state, b["casper_x"],
+                    b["casper_task"], train=True, features=True)[0]
+  ev = np.sort(np.linalg.eigvalsh(np.asarray(
+      cs.normalised_laplacian(cs.knn_adjacency(cs.sq_distances(feats), 4)),
+      np.float64)))
+  pp = ctx.info.num_classes // ctx.info.num_experiences
+  np.testing.assert_allclose(val, ev[:pp + 1].sum() - ev[pp + 1], rtol=1e-4,
+                             atol=1e-5)
+  s3 = casper(rho=0.3, knn_laplace=4, mem_size=40)
+  val3 = float(jax.jit(lambda p, ss, b: s3.loss(ctx, ss, p, b, None))(
+      state.params, ss, b))
+  np.testing.assert_allclose(val3, 0.3 * val, rtol=1e-5)
   # ... but not during the first experience (the code: current_task > 0)
   check(ss._replace(experience=jnp.asarray(0, jnp.int32)), 0.0)
 

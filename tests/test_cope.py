@@ -103,6 +103,50 @@ def test_ppp_loss_equals_the_reference_code_by_hand():
   assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(f))(e))))
 
 
+def test_ppp_gradient_holds_only_the_attractors_pseudo_prototypes_constant():
+  """The gradient of the reference code: in the attractor the
+  pseudo-prototypes z_j (and all prototypes) are constants; in the
+  repellor the pseudo-prototypes carry gradient. A JAX transcription of
+  ``reference_ppp`` with the attractor's z_j stopped gives it."""
+  rng = np.random.default_rng(3)
+  d, c, t = 5, 5, 0.3
+  y = np.array([0, 3, 0, 1, 3, 0])
+  x = unit(rng.normal(size=(6, d)))
+  protos = unit(rng.normal(size=(c, d)))
+  active = np.array([True, True, False, True, True])
+  classes = [0, 1, 3, 4]
+
+  def ref(e):
+    const = jax.lax.stop_gradient(e)
+    loss = 0.0
+    for k in np.unique(y):
+      ec, ek, cc = e[y == k], e[y != k], const[y == k]
+      n_c = len(ec)
+      pc = protos[k][None]
+      pk = protos[[j for j in classes if j != k]]
+      off = jnp.asarray(~np.eye(n_c, dtype=bool))
+      # Attractor: pseudo-prototypes (rows) constant, anchors (columns) not.
+      dc = jnp.exp(jnp.concatenate([cc, pc]) @ ec.T / t)
+      dc = dc.at[:n_c].set(jnp.where(off, dc[:n_c], 0.0))
+      lk = jnp.exp(pk @ ec.T / t).sum(0)
+      loss -= jnp.log((dc / (dc + lk)).sum(0) / n_c).sum()
+      dd = jnp.exp(jnp.concatenate([ec, pc]) @ ek.T / t)   # repellor
+      p = dd / (dd + jnp.exp(pk @ ek.T / t).sum(0)[None])
+      loss -= jnp.log(1.0 - (p[:-1] + p[-1][None]) / 2.0).sum()
+    return loss / len(e)
+
+  e = jnp.asarray(x, jnp.float32)
+  f = lambda e: ppp_loss(e, jnp.asarray(y), jnp.ones(6, bool),
+                         jnp.asarray(protos, jnp.float32),
+                         jnp.asarray(active), t)
+  # Compiled, not op by op (test time).
+  np.testing.assert_allclose(float(jax.jit(f)(e)), float(jax.jit(ref)(e)),
+                             rtol=1e-5)
+  g = np.asarray(jax.jit(jax.grad(f))(e))
+  want = np.asarray(jax.jit(jax.grad(ref))(e))
+  np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Prototypes.
 

@@ -141,6 +141,43 @@ def test_balanced_add_quotas_by_hand():
   assert len(set(xs.tolist())) == valid.sum() == 11
 
 
+def test_balanced_add_keeps_uniform_random_subsets():
+  """Both choices are uniform random subsets (not the first rows or the
+  first slots): over many keys a new class's first and last rows go in
+  equally often, and an old class's entries survive a shrink equally
+  often whatever their slot."""
+  k, c, n = 8, 3, 16
+  y0 = np.zeros(n, np.int32)
+  x0 = np.arange(n, dtype=np.float32)[:, None]
+  none, first = np.zeros(c, bool), np.arange(c) == 0
+  add = jax.jit(jax.vmap(
+      lambda key, mem, old, new, y, x: balanced_add(
+          mem, key, x, y, y * 0, 0, np.ones(len(y), bool), old, new),
+      in_axes=(0, None, None, None, None, None)))
+  keys = jax.random.split(jax.random.PRNGKey(0), 300)
+  mems = add(keys, buffers.init(k, (1,)), none, first, y0, x0)
+  # 8 of class 0's 16 rows go in: each with probability 1/2.
+  got = np.zeros((300, n))
+  for i in range(300):
+    got[i, np.asarray(mems.x)[i, np.asarray(mems.valid)[i], 0].astype(int)] = 1
+  np.testing.assert_array_equal(got.sum(1), 8)
+  assert abs(got[:, :8].mean() - 0.5) < 0.08 and \
+      abs(got[:, 8:].mean() - 0.5) < 0.08, got.mean(0)
+  # Class 1 arrives: class 0 shrinks from its 8 entries to 8 // 2 = 4.
+  mem = balanced_add(buffers.init(k, (1,)), jax.random.PRNGKey(1), x0, y0,
+                     y0 * 0, 0, np.ones(n, bool), none, first)
+  y1 = np.ones(n, np.int32)
+  mems = add(keys, mem, first, np.arange(c) == 1, y1, x0 + 100)
+  kept = np.zeros((300, k))
+  slot_x = np.asarray(mem.x)[:, 0]
+  for i in range(300):
+    xs = set(np.asarray(mems.x)[i, np.asarray(mems.valid)[i], 0].tolist())
+    kept[i] = [v in xs for v in slot_x]
+  np.testing.assert_array_equal(kept.sum(1), 4)
+  assert abs(kept[:, :4].mean() - 0.5) < 0.08 and \
+      abs(kept[:, 4:].mean() - 0.5) < 0.08, kept.mean(0)
+
+
 def test_balanced_add_split_mnist_quotas():
   """Mammoth's sequence on Split MNIST with K = 200 and 500 (one draw)."""
   for k, want in ((200, [[100] * 2, [50] * 4, [33] * 4 + [34] * 2,

@@ -244,6 +244,17 @@ def test_backbone_and_head_take_one_joint_step_on_the_supcon_loss(stream):
 
   g_p, g_h = jax.jit(jax.grad(joint, argnums=(0, 1)))(state.params,
                                                       state.strategy.head)
+  # The loss is SupCon over the 2N views [rows; their augmented copies],
+  # built here by hand (the loss above is the strategy's own).
+  xv = jnp.concatenate([prepared["x"], prepared["scr_views"]])
+  tile = lambda a: jnp.concatenate([a, a])
+  f, _ = ctx.apply(state.params, state.strategy.model_state, xv,
+                   tile(prepared["task"]), train=True, features=True)
+  z = scr_mod.ProjectionHead("mlp", 128).apply(
+      {"params": state.strategy.head}, f)
+  want = supcon_loss(z, tile(prepared["y"]), tile(prepared["mask"] > 0), 0.07)
+  np.testing.assert_allclose(float(joint(state.params, state.strategy.head)),
+                             float(want), rtol=1e-5)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_h)) > 1e-3
   new = step(state, batch)
   sgd = lambda p, g: jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
