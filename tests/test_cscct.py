@@ -151,9 +151,11 @@ def test_hook_is_the_weighted_sum_and_zero_in_the_first_experience(stream):
   # Each weight scales its own term; 0 turns that term off alone.
   ct_only, csc_only = cscct(csc_weight=0.0, ct_weight=1.0), cscct(
       csc_weight=1.0, ct_weight=0.0)
-  got, got_ct, got_csc = jax.jit(lambda ss, p, b: [
-      m.loss(ctx, ss, p, b, None) for m in (s, ct_only, csc_only)])(
-          ss, params, batch)
+  # The hook passes its own temperature on (not the default 2).
+  ct_cold = cscct(csc_weight=0.0, ct_weight=1.0, ct_temperature=0.05)
+  got, got_ct, got_csc, got_cold = jax.jit(lambda ss, p, b: [
+      m.loss(ctx, ss, p, b, None) for m in (s, ct_only, csc_only,
+                                            ct_cold)])(ss, params, batch)
 
   def feats(p):
     return np.asarray(ctx.apply(p, {}, batch["x"], batch["task"],
@@ -170,6 +172,9 @@ def test_hook_is_the_weighted_sum_and_zero_in_the_first_experience(stream):
   np.testing.assert_allclose(float(got), 3.0 * csc + 1.5 * ct, rtol=1e-4)
   np.testing.assert_allclose(float(got_ct), ct, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(float(got_csc), csc, rtol=1e-4)
+  cold = np_ct(cur, prev, f, f_old, 0.05)
+  assert abs(cold - ct) > 0.1 * ct, (cold, ct)
+  np.testing.assert_allclose(float(got_cold), cold, rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_is_the_last_experience_model_and_stays_fixed(stream):

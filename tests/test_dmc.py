@@ -59,6 +59,44 @@ def test_consolidate_is_sgd_on_the_double_distillation_loss(stream,
                                atol=2e-6)
 
 
+def test_consolidate_steps_once_per_mini_batch(stream):
+  """Several mini-batches per epoch (16 slots for 40 rows: 16 + 16 + 8
+  valid rows): one heavy-ball SGD step per batch, in the epoch's shuffled
+  order, each the mean of eq. 3 over the batch's valid rows."""
+  from jaxcl.strategies._epochs import shuffled_batches
+  ctx = make_ctx(stream)
+  x = jnp.asarray(stream.experiences[0].train_x[:40])
+  active = jnp.asarray([True] * 4 + [False] * 6)
+  targets = jax.random.normal(jax.random.PRNGKey(1), (40, 10)) * \
+      active[None, :]
+  key, lr, momentum = jax.random.PRNGKey(4), 0.05, 0.9
+  got, _ = consolidate(ctx, key, targets, active, x, epochs=2,
+                       batch_size=16, learning_rate=lr, momentum=momentum)
+  k_init, k_fit = jax.random.split(key)
+  p, _ = train.init_variables(ctx, k_init)
+
+  def loss(p, rows):
+    out = ctx.logits(p, {}, x[rows], jnp.zeros((len(rows),), jnp.int32),
+                     train=True)
+    return jnp.mean(jnp.sum(jnp.where(active, out - targets[rows], 0.0)
+                            ** 2, -1) / 4)
+
+  grad = jax.jit(jax.grad(loss))   # compiled, not op by op (test time)
+  buf, steps = None, 0
+  for k in jax.random.split(k_fit, 2):
+    idx, ok = shuffled_batches(k, jnp.ones((40,), bool), 16)
+    for i, o in zip(np.asarray(idx), np.asarray(ok)):
+      g = grad(p, jnp.asarray(i[o]))
+      buf = g if buf is None else jax.tree.map(
+          lambda m, d: momentum * m + d, buf, g)
+      p = jax.tree.map(lambda a, m: a - lr * m, p, buf)
+      steps += 1
+  assert steps == 6
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                               atol=2e-6)
+
+
 def test_dmc_trains_a_specialist_then_consolidates(stream):
   ctx = make_ctx(stream)
   s = dmc(aux_dataset="digits", consolidate_epochs=40,
