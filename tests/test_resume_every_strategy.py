@@ -11,8 +11,9 @@ strategy registered without one fails here (and the fast config test),
 naming what to add. Session 35's audit: all 71 strategies OK under 'mid'
 and 'boundary'; session 36's 'boundary' run of this file: 71 of 71, and
 aser and slca under all three plans; 'mid' at 9218f55: 73 of 73;
-session 38's 'chain' (with -n 2, 17 min): 73 of 73; session 39's
-'boundary' with the tests' compile flags (-n 2, 9.0 min): 73 of 73.
+session 38's 'chain' (with -n 2, 17 min): 73 of 73; session 39, with
+the tests' compile flags and -n 2: 'boundary' 73 of 73 (9.0 min), 'mid'
+73 of 73 (12.8 min, beside other test runs).
 
 Plans (positions as jaxcl.checkpoint.Position):
   mid:      kill just before the save of (experience 1, step 6), once the
