@@ -28,50 +28,26 @@ def test_consolidation_targets_centre_each_teacher_over_its_classes():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_consolidate_is_sgd_on_the_double_distillation_loss(stream,
-                                                            momentum):
-  """One batch covering the auxiliary rows: each epoch is one (heavy-ball)
-  SGD step on eq. 3 from the student's own fresh initialisation."""
-  ctx = make_ctx(stream)
-  x = jnp.asarray(stream.experiences[0].train_x[:40])
-  active = jnp.asarray([True] * 4 + [False] * 6)
-  targets = jax.random.normal(jax.random.PRNGKey(1), (40, 10)) * \
-      active[None, :]
-  key, lr = jax.random.PRNGKey(4), 0.05
-  got, _ = consolidate(ctx, key, targets, active, x, epochs=3,
-                       batch_size=64, learning_rate=lr, momentum=momentum)
-  p, _ = train.init_variables(ctx, jax.random.split(key)[0])
-
-  def loss(p):
-    out = ctx.logits(p, {}, x, jnp.zeros((40,), jnp.int32), train=True)
-    return jnp.mean(jnp.sum(jnp.where(active, out - targets, 0.0) ** 2, -1)
-                    / 4)
-
-  buf = None
-  for _ in range(3):
-    g = jax.grad(loss)(p)
-    buf = g if buf is None else jax.tree.map(lambda m, d: momentum * m + d,
-                                             buf, g)
-    p = jax.tree.map(lambda a, m: a - lr * m, p, buf)
-  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
-                               atol=2e-6)
-
-
-def test_consolidate_steps_once_per_mini_batch(stream):
-  """Several mini-batches per epoch (16 slots for 40 rows: 16 + 16 + 8
-  valid rows): one heavy-ball SGD step per batch, in the epoch's shuffled
-  order, each the mean of eq. 3 over the batch's valid rows."""
+@pytest.mark.parametrize("batch_size,epochs,momentum", [
+    (64, 3, 0.0), (64, 3, 0.9),
+    # Several mini-batches per epoch (16 + 16 + 8 valid rows).
+    (16, 2, 0.9)])
+def test_consolidate_is_sgd_on_the_double_distillation_loss(
+    stream, batch_size, epochs, momentum):
+  """From the student's own fresh initialisation, one (heavy-ball) SGD
+  step per mini-batch, in each epoch's shuffled order, on the mean of
+  eq. 3 over the batch's valid rows (with 64 slots for 40 rows, one step
+  per epoch)."""
   from jaxcl.strategies._epochs import shuffled_batches
   ctx = make_ctx(stream)
   x = jnp.asarray(stream.experiences[0].train_x[:40])
   active = jnp.asarray([True] * 4 + [False] * 6)
   targets = jax.random.normal(jax.random.PRNGKey(1), (40, 10)) * \
       active[None, :]
-  key, lr, momentum = jax.random.PRNGKey(4), 0.05, 0.9
-  got, _ = consolidate(ctx, key, targets, active, x, epochs=2,
-                       batch_size=16, learning_rate=lr, momentum=momentum)
+  key, lr = jax.random.PRNGKey(4), 0.05
+  got, _ = consolidate(ctx, key, targets, active, x, epochs=epochs,
+                       batch_size=batch_size, learning_rate=lr,
+                       momentum=momentum)
   k_init, k_fit = jax.random.split(key)
   p, _ = train.init_variables(ctx, k_init)
 
@@ -83,15 +59,15 @@ def test_consolidate_steps_once_per_mini_batch(stream):
 
   grad = jax.jit(jax.grad(loss))   # compiled, not op by op (test time)
   buf, steps = None, 0
-  for k in jax.random.split(k_fit, 2):
-    idx, ok = shuffled_batches(k, jnp.ones((40,), bool), 16)
+  for k in jax.random.split(k_fit, epochs):
+    idx, ok = shuffled_batches(k, jnp.ones((40,), bool), batch_size)
     for i, o in zip(np.asarray(idx), np.asarray(ok)):
       g = grad(p, jnp.asarray(i[o]))
       buf = g if buf is None else jax.tree.map(
           lambda m, d: momentum * m + d, buf, g)
       p = jax.tree.map(lambda a, m: a - lr * m, p, buf)
       steps += 1
-  assert steps == 6
+  assert steps == epochs * -(-40 // batch_size)
   for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
                                atol=2e-6)
