@@ -45,28 +45,31 @@ def config(spec="cope", **kwargs):
 # The PPP loss.
 
 
-def reference_ppp(x, y, protos, proto_classes, t):
+def reference_ppp(x, y, protos, proto_classes, t, xp=np,
+                  const=lambda a: a):
   """The reference code's PPPloss (softmax_joint: attractor + repellor per
-  class), in NumPy float64, over the batch's rows ``x`` (``(n, D)``)."""
+  class) over the batch's rows ``x`` (``(n, D)``): in NumPy float64, or
+  with ``xp=jnp`` and ``const=jax.lax.stop_gradient`` as a JAX function
+  whose gradient is the reference code's (the attractor's
+  pseudo-prototypes are constants there; the repellor's are not)."""
   loss = 0.0
   for c in np.unique(y):
     xc, xk = x[y == c], x[y != c]
     n_c = len(xc)
     pc = protos[c][None]
     pk = protos[[k for k in proto_classes if k != c]]
-    union = np.concatenate([xc, pc, pk])      # pseudo-prototypes, p_c, p_k
-    # Attractor: columns are xc's rows; a row's product with itself is 0.
-    d = np.exp(union @ xc.T / t)
-    d[:n_c][np.eye(n_c, dtype=bool)] = 0.0
-    lc, lk = d[:n_c + 1], d[n_c + 1:].sum(0)
-    att = np.log((lc / (lc + lk)).sum(0) / n_c).sum()
+    # Attractor: columns are xc's rows, rows the pseudo-prototypes and
+    # p_c; a row's product with itself is 0.
+    d = xp.exp(xp.concatenate([const(xc), pc]) @ xc.T / t)
+    d = xp.where(np.eye(n_c + 1, n_c, dtype=bool), 0.0, d)
+    lk = xp.exp(pk @ xc.T / t).sum(0)
+    att = xp.log((d / (d + lk)).sum(0) / n_c).sum()
     rep = 0.0
     if len(xk):
-      d = np.exp(union @ xk.T / t)
-      pk_terms, pc_terms = d[n_c + 1:].sum(0)[None], d[:n_c + 1]
-      p = pc_terms / (pc_terms + pk_terms)
-      rep = np.log(1.0 - (p[:-1] + p[-1][None]) / 2.0).sum()
-    loss += -att - rep
+      d = xp.exp(xp.concatenate([xc, pc]) @ xk.T / t)
+      p = d / (d + xp.exp(pk @ xk.T / t).sum(0)[None])
+      rep = xp.log(1.0 - (p[:-1] + p[-1][None]) / 2.0).sum()
+    loss = loss - att - rep
   return loss / len(x)
 
 
@@ -106,34 +109,18 @@ def test_ppp_loss_equals_the_reference_code_by_hand():
 def test_ppp_gradient_holds_only_the_attractors_pseudo_prototypes_constant():
   """The gradient of the reference code: in the attractor the
   pseudo-prototypes z_j (and all prototypes) are constants; in the
-  repellor the pseudo-prototypes carry gradient. A JAX transcription of
-  ``reference_ppp`` with the attractor's z_j stopped gives it."""
+  repellor the pseudo-prototypes carry gradient (``reference_ppp`` in
+  JAX, the attractor's z_j stopped)."""
   rng = np.random.default_rng(3)
   d, c, t = 5, 5, 0.3
   y = np.array([0, 3, 0, 1, 3, 0])
   x = unit(rng.normal(size=(6, d)))
   protos = unit(rng.normal(size=(c, d)))
   active = np.array([True, True, False, True, True])
-  classes = [0, 1, 3, 4]
 
   def ref(e):
-    const = jax.lax.stop_gradient(e)
-    loss = 0.0
-    for k in np.unique(y):
-      ec, ek, cc = e[y == k], e[y != k], const[y == k]
-      n_c = len(ec)
-      pc = protos[k][None]
-      pk = protos[[j for j in classes if j != k]]
-      off = jnp.asarray(~np.eye(n_c, dtype=bool))
-      # Attractor: pseudo-prototypes (rows) constant, anchors (columns) not.
-      dc = jnp.exp(jnp.concatenate([cc, pc]) @ ec.T / t)
-      dc = dc.at[:n_c].set(jnp.where(off, dc[:n_c], 0.0))
-      lk = jnp.exp(pk @ ec.T / t).sum(0)
-      loss -= jnp.log((dc / (dc + lk)).sum(0) / n_c).sum()
-      dd = jnp.exp(jnp.concatenate([ec, pc]) @ ek.T / t)   # repellor
-      p = dd / (dd + jnp.exp(pk @ ek.T / t).sum(0)[None])
-      loss -= jnp.log(1.0 - (p[:-1] + p[-1][None]) / 2.0).sum()
-    return loss / len(e)
+    return reference_ppp(e, y, protos, [0, 1, 3, 4], t, xp=jnp,
+                         const=jax.lax.stop_gradient)
 
   e = jnp.asarray(x, jnp.float32)
   f = lambda e: ppp_loss(e, jnp.asarray(y), jnp.ones(6, bool),
