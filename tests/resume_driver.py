@@ -53,13 +53,18 @@ def drive(workdir, out, *args, env=None, timeout=600):
   PYTHONPATH; a PYTHONPATH already set is kept after it (a scratch
   ``sitecustomize`` there can patch the child, e.g. to mutation-check).
   """
-  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH"))
-                         if p)
-  env = dict(os.environ, PYTHONPATH=path, **(env or {}))
   return subprocess.run([sys.executable, os.path.abspath(__file__),
                          str(workdir), str(out), *map(str, args)],
-                        capture_output=True, text=True, env=env,
-                        timeout=timeout)
+                        capture_output=True, text=True,
+                        env=driver_env(env), timeout=timeout)
+
+
+def driver_env(env=None):
+  """This process's environment for a driver: the repository first on
+  PYTHONPATH, a PYTHONPATH already set after it, and ``env`` on top."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH"))
+                         if p)
+  return dict(os.environ, PYTHONPATH=path, **(env or {}))
 
 
 def assert_same(a, b):

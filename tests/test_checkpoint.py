@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from resume_driver import REPO, assert_same, drive
+from resume_driver import REPO, assert_same, drive, driver_env
 
 DRIVER = os.path.join(REPO, "tests", "resume_driver.py")
 
@@ -67,12 +67,12 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
   # the last resume had finished), so a run that outlives none of the
   # waits fails the test instead of passing it.
   whole = float((reference.parent / "ref.seconds").read_text())
-  env = dict(os.environ, PYTHONPATH=REPO, **child_env)
   fresh = tmp_path / "fresh"
   for wait in (0.6 * whole, 0.3 * whole, 0.15 * whole):
     shutil.rmtree(fresh, ignore_errors=True)
     proc = subprocess.Popen([sys.executable, DRIVER, str(fresh),
-                             str(tmp_path / "x.npz")], env=env,
+                             str(tmp_path / "x.npz")],
+                            env=driver_env(child_env),
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(wait)
