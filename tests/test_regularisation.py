@@ -391,64 +391,44 @@ def test_distillation_equals_hand_cross_entropy():
   assert float(distillation(s, t, np.zeros(C, bool), mask, 2.0)) == 0.0
 
 
-@pytest.mark.parametrize("setting", ["class", "task"])
-def test_lwf_loss_over_old_classes_or_old_tasks(setting):
-  ctx, sc = _ctx(setting, n_exp=2)
+@pytest.mark.parametrize("setting,n_exp", [
+    ("class", 2), ("task", 2),
+    # Two old tasks: one softmax per old task's classes, the terms summed
+    # (with one old task, any aggregate passes).
+    ("task", 3)])
+def test_lwf_loss_over_old_classes_or_old_tasks(setting, n_exp):
+  ctx, sc = _ctx(setting, n_exp=n_exp)
   alpha, temp = 0.7, 2.0
   s = lwf(alpha=alpha, temperature=temp)
   state = init_state(ctx, s, 0)
-  batch = {"x": jnp.asarray(sc.experiences[1].train_x[:6]),
-           "y": jnp.asarray(sc.experiences[1].train_y[:6]),
-           "task": jnp.asarray(sc.experiences[1].train_task[:6]),
-           "mask": jnp.ones((6,))}
+  last = sc.experiences[-1]
+  batch = {"x": jnp.asarray(last.train_x[:6]),
+           "y": jnp.asarray(last.train_y[:6]),
+           "task": jnp.asarray(last.train_task[:6]), "mask": jnp.ones((6,))}
   # Before any experience: no teacher, no loss.
   logits = ctx.logits(state.params, state.model_state, batch["x"],
                       batch["task"])
   assert float(s.loss(ctx, state.strategy, state.params, batch, logits)) == 0
   teacher_params = state.params
-  state = s.after_experience(ctx, state, sc.experiences[0])
-  assert np.asarray(state.strategy.old_classes).tolist() == [True, True,
-                                                              False, False]
-  student = jax.tree.map(lambda p: p + 0.2, teacher_params)
-  logits = ctx.logits(student, state.model_state, batch["x"], batch["task"])
-  got = float(jax.jit(lambda ss, p, b, l: s.loss(ctx, ss, p, b, l))(
-      state.strategy, student, batch, logits))
-  # By hand: teacher and student raw logits, softmax over the old group
-  # (class-IL: the old classes 0, 1; task-IL: task 0's classes, the same).
-  raw = lambda p: np.asarray(ctx.model.apply({"params": p}, batch["x"]))
-  group = np.array([True, True, False, False])
-  want = alpha * _np_kd(raw(student), raw(teacher_params), group,
-                        np.ones(6), temp)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  assert got > 0
-  # The teacher is a copy: moving the student leaves it where it was.
-  _tree_close(state.strategy.teacher, teacher_params)
-
-
-def test_lwf_task_il_sums_one_distillation_per_old_task():
-  """Two old tasks (a third experience): one softmax per old task's
-  classes, the terms summed (with one old task, any aggregate passes)."""
-  ctx, sc = _ctx("task", n_exp=3)
-  alpha, temp = 0.7, 2.0
-  s = lwf(alpha=alpha, temperature=temp)
-  state = init_state(ctx, s, 0)
-  e2 = sc.experiences[2]
-  batch = {"x": jnp.asarray(e2.train_x[:6]), "y": jnp.asarray(e2.train_y[:6]),
-           "task": jnp.asarray(e2.train_task[:6]), "mask": jnp.ones((6,))}
-  teacher_params = state.params
-  for e in sc.experiences[:2]:
+  for e in sc.experiences[:-1]:
     state = s.after_experience(ctx, state, e)
-  assert np.asarray(state.strategy.old_tasks).tolist() == [True, True, False]
+  old = np.array([np.isin(np.arange(C), e.classes)
+                  for e in sc.experiences[:-1]])   # (old experience, class)
+  np.testing.assert_array_equal(state.strategy.old_classes, old.any(0))
   student = jax.tree.map(lambda p: p + 0.2, teacher_params)
   logits = ctx.logits(student, state.model_state, batch["x"], batch["task"])
   got = float(jax.jit(lambda ss, p, b, l: s.loss(ctx, ss, p, b, l))(
       state.strategy, student, batch, logits))
+  # By hand: teacher and student raw logits, a softmax over the old
+  # classes (class-IL) or over each old task's classes (task-IL).
   raw = lambda p: np.asarray(ctx.model.apply({"params": p}, batch["x"]))
-  terms = [_np_kd(raw(student), raw(teacher_params),
-                  np.asarray(sc.task_classes[t]), np.ones(6), temp)
-           for t in (0, 1)]
+  groups = [old.any(0)] if setting == "class" else list(old)
+  terms = [_np_kd(raw(student), raw(teacher_params), g, np.ones(6), temp)
+           for g in groups]
   assert min(terms) > 0
   np.testing.assert_allclose(got, alpha * sum(terms), rtol=1e-5)
+  # The teacher is a copy: moving the student leaves it where it was.
+  _tree_close(state.strategy.teacher, teacher_params)
 
 
 def _np_sigmoid_bce(z, t):
