@@ -4,15 +4,18 @@ and the Laplacian against a NumPy port of Mammoth's ``calc_ADL_knn`` /
 clusters, the balanced draw, no effect (and no NaN) on an empty or
 one-class memory, argument checks, and casper+replay in the normal loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import buffers, models, train
+from jaxcl import buffers, train
 from jaxcl.strategies import casper as cs
 from jaxcl.strategies.casper import casper
-from test_replay import B, batch_of, config, run_capture
+from test_replay import batch_of, config, run_capture
+from test_replay import make_ctx as replay_make_ctx
 
 
 # --- NumPy port of Mammoth's spectral_analysis.py / knn.py (float64) ------
@@ -215,10 +218,8 @@ def test_gradient_is_finite_for_repeated_eigenvalues_and_far_clusters():
   assert np.all(np.isfinite(np.asarray(g0)))
 
 
-def make_ctx(sc, widths=(16,)):
-  info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+# test_replay's context on this file's smaller MLP (one hidden layer of 16).
+make_ctx = functools.partial(replay_make_ctx, widths=(16,))
 
 
 def test_no_effect_on_an_empty_or_one_class_memory(stream):
@@ -261,9 +262,8 @@ def test_no_effect_on_an_empty_or_one_class_memory(stream):
   b = prep(ctx, ss, batch_of(e0), jax.random.PRNGKey(0))
   feats = ctx.apply(state.params, ss.model_state, b["casper_x"],
                     b["casper_task"], train=True, features=True)[0]
-  ev = np.sort(np.linalg.eigvalsh(np.asarray(
-      cs.normalised_laplacian(cs.knn_adjacency(cs.sq_distances(feats), 4)),
-      np.float64)))
+  ev = np.linalg.eigvalsh(np_laplacian(np_knn_hard(np_dist(
+      np.asarray(feats, np.float64)), 4)))
   pp = ctx.info.num_classes // ctx.info.num_experiences
   np.testing.assert_allclose(val, ev[:pp + 1].sum() - ev[pp + 1], rtol=1e-4,
                              atol=1e-5)
