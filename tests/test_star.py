@@ -9,16 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl import models, train
+from jaxcl import train
 from jaxcl.strategies import star as st
 from jaxcl.strategies.star import star
-from test_replay import B, batch_of, config, run_capture
-
-
-def make_ctx(sc, widths):
-  info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+from test_replay import B, batch_of, config, make_ctx, run_capture
 
 
 def random_params(ctx, seed, scale=0.3):
