@@ -99,9 +99,9 @@ def split_predictions(result, data, n_experiences=5):
   exps = scenarios.split(data, n_experiences, kind="task").experiences
   tx = np.concatenate([e.test_x for e in exps])
   tt = np.concatenate([e.test_task for e in exps])
-  r = result
-  scores = r.learner.strategy.predict(
-      r.learner.ctx, r.state.strategy, r.state.params, r.state.model_state,
+  learner, state = result.learner, result.state
+  scores = learner.strategy.predict(
+      learner.ctx, state.strategy, state.params, state.model_state,
       jnp.asarray(tx), jnp.asarray(tt))
   return np.asarray(scores).argmax(1), tt
 

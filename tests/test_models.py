@@ -137,7 +137,7 @@ _INIT_CASES = [
 
 # flax's own init, and jaxcl's compiled one as users get it (XLA's
 # default flags), of each case.
-_FLAX_INIT = """
+_INITS_SCRIPT = """
 import pickle, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from jaxcl import models, state, train
@@ -156,7 +156,7 @@ with open(sys.argv[2], "wb") as f:
 """
 
 
-def _flax_inits_at_default_level(cases, path):
+def _inits_at_xla_defaults(cases, path):
   import pickle
   import subprocess
   import sys
@@ -164,7 +164,7 @@ def _flax_inits_at_default_level(cases, path):
   env["XLA_FLAGS"] = " ".join(
       f for f in env.get("XLA_FLAGS", "").split()
       if not any(name in f for name in conftest.TEST_XLA_FLAGS))
-  subprocess.run([sys.executable, "-c", _FLAX_INIT, repr(cases), str(path),
+  subprocess.run([sys.executable, "-c", _INITS_SCRIPT, repr(cases), str(path),
                   repr(_TWO_TASKS_FIELDS)],
                  env=env, check=True, timeout=600)
   with open(path, "rb") as f:
@@ -187,7 +187,7 @@ def flax_inits(tmp_path_factory):
                and not isinstance(c[2].get("widths"), list)]
       if case not in batch:
         batch = [case]
-      cache.update(_flax_inits_at_default_level(
+      cache.update(_inits_at_xla_defaults(
           batch, tmp_path_factory.mktemp("init") / "refs.pkl"))
     return cache[repr(case)]
 
