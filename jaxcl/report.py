@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -59,19 +61,50 @@ class NullReporter:
 
 
 class _Bar:
+  """An experience's progress: a tqdm bar on a terminal or in a notebook.
 
-  def __init__(self, total: int, desc: str):
-    from tqdm.auto import tqdm
-    self._bar = tqdm(total=total, desc=desc, unit="step", leave=False,
-                     dynamic_ncols=True)
+  Elsewhere (a batch job's log file, a pipe) every tqdm redraw would stay
+  in the file as one more ``\\r``-joined chunk of a single line, erased at
+  the end; there the bar is a plain line every ``interval`` seconds
+  instead. Either way the reporter prints one line per experience when it
+  has been evaluated (see ``Reporter.experience``).
+  """
+
+  def __init__(self, total: int, desc: str, interval: float = 60.0):
+    self.desc, self.total = desc, total
+    self.done, self.loss, self.seconds = 0, None, 0.0
+    self._interval = interval
+    self._start = self._shown = time.perf_counter()
+    self._tqdm = None
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+      from tqdm.auto import tqdm
+      self._tqdm = tqdm(total=total, desc=desc, unit="step", leave=False,
+                        dynamic_ncols=True)
 
   def update(self, n: int, loss: float | None = None) -> None:
+    self.done = min(self.done + n, self.total)
     if loss is not None:
-      self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    self._bar.update(n)
+      self.loss = loss
+    if self._tqdm is not None:
+      if loss is not None:
+        self._tqdm.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      self._tqdm.update(n)
+      return
+    now = time.perf_counter()
+    if now - self._shown >= self._interval and self.done < self.total:
+      self._shown = now
+      print(f"{self.desc}: {self.done}/{self.total} steps, "
+            f"{now - self._start:.0f} s" + _loss_text(self.loss),
+            file=sys.stderr, flush=True)
 
   def close(self) -> None:
-    self._bar.close()
+    self.seconds = time.perf_counter() - self._start
+    if self._tqdm is not None:
+      self._tqdm.close()
+
+
+def _loss_text(loss: float | None) -> str:
+  return "" if loss is None else f", loss {loss:.4f}"
 
 
 class Reporter(NullReporter):
@@ -101,6 +134,7 @@ class Reporter(NullReporter):
       _truncate_log(path, resume_step)
     self._jsonl = open(path, "a" if resume_step is not None else "w")
     self._rows: list[list[float]] = []
+    self._bar: _Bar | None = None
     self._tb = None
     if self._tb_on:
       from tensorboardX import SummaryWriter
@@ -115,7 +149,10 @@ class Reporter(NullReporter):
     self._jsonl.flush()
 
   def progress(self, total: int, desc: str):
-    return _Bar(total, desc) if self._progress else _NullBar()
+    if not self._progress:
+      return _NullBar()
+    self._bar = _Bar(total, desc)
+    return self._bar
 
   def scalar(self, name: str, value: float, step: int) -> None:
     self._log({"step": step, name: value})
@@ -135,6 +172,15 @@ class Reporter(NullReporter):
       self._tb.add_scalar("eval/average_accuracy_seen", avg, index)
       for j, v in enumerate(row):
         self._tb.add_scalar(f"eval/accuracy_exp{j}", v, index)
+    if self._bar is not None:
+      # The line that stays in a terminal (the bar is erased) and in a log.
+      bar, self._bar = self._bar, None
+      mean = f" (mean of {self._runs} runs)" if self._runs > 1 else ""
+      seen = (f"experiences 1-{index + 1}" if index else "experience 1")
+      secs = f"{bar.seconds:.{1 if bar.seconds >= 1 else 2}f}"
+      print(f"{bar.desc}: {bar.total} steps in {secs} s"
+            f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
+            f"{seen}: {avg:.4f}{mean}", file=sys.stderr, flush=True)
 
   def finish(self, result: Any) -> None:
     acc = np.asarray(result.accuracy)

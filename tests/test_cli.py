@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +142,21 @@ def test_default_run_writes_outputs(tmp_path):
   lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
   assert sum("experience" in l for l in lines) == 5
   assert json.load(open(run / "config.json"))["dataset"]["name"] == "digits"
+  # stderr is a pipe here, as in a batch job's log: one whole line per
+  # experience (no tqdm '\r' redraws), with its steps and the average
+  # accuracy over the experiences seen, as logged.
+  assert "\r" not in p.stderr
+  shown = re.findall(r"^experience (\d)/5: (\d+) steps in [\d.]+ s, loss "
+                     r"[\d.]+; average test accuracy over experiences? "
+                     r"(?:1-)?(\d): (\d\.\d{4})$", p.stderr, re.M)
+  assert [(int(i), int(j)) for i, _, j, _ in shown] == [(i, i) for i in
+                                                        range(1, 6)], p.stderr
+  logged = [l for l in lines if "experience" in l]
+  steps = np.diff([0] + [l["step"] for l in logged])
+  np.testing.assert_array_equal([int(n) for _, n, _, _ in shown], steps)
+  np.testing.assert_allclose(
+      [float(a) for *_, a in shown],
+      [l["average_accuracy_seen"] for l in logged], atol=5e-5)
 
 
 def test_override_and_experiment_file(tmp_path, forked):

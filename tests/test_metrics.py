@@ -1,5 +1,7 @@
 """Metrics against hand-computed values."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,27 @@ def test_average_accuracy_plot_has_whole_number_ticks(tmp_path):
   assert len(ticks) >= 3
   np.testing.assert_array_equal(ticks, np.round(ticks))
   assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_progress_in_a_log_file_is_whole_lines(capsys):
+  # Under pytest stderr is not a terminal, as in a batch job's log: no
+  # tqdm redraws ('\r'), a plain line at most every `interval` seconds,
+  # never past the total.
+  from jaxcl import report
+  bar = report._Bar(total=10, desc="experience 2/3", interval=0.0)
+  bar.update(4)
+  bar.update(4, loss=0.25)
+  bar.update(4, loss=0.125)  # overshoots: the epoch's last chunk is padded
+  bar.close()
+  quiet = report._Bar(total=10, desc="experience 3/3", interval=3600.0)
+  quiet.update(5, loss=1.0)
+  quiet.close()
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = err.splitlines()
+  assert len(lines) == 2, err
+  assert re.fullmatch(r"experience 2/3: 4/10 steps, \d+ s", lines[0])
+  assert re.fullmatch(r"experience 2/3: 8/10 steps, \d+ s, loss 0\.2500",
+                      lines[1])
+  assert bar.done == 10 and bar.loss == 0.125 and bar.seconds >= 0
+  assert quiet.done == 5 and quiet.loss == 1.0
