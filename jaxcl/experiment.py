@@ -636,11 +636,11 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
         state = settle(state)
       data = place(device_experience(exp, size) if len(exps) == 1 else
                    stacked_experiences(exps, size))
-      bar = reporter.progress(learner.epochs * learner.epoch_steps,
-                              f"experience {i + 1}/{n_train}")
       first_epoch = position.epoch if mid else 0
-      if mid:
-        bar.update(first_epoch * learner.epoch_steps + position.step)
+      bar = reporter.progress(
+          learner.epochs * learner.epoch_steps, f"experience {i + 1}/{n_train}",
+          initial=first_epoch * learner.epoch_steps + position.step if mid
+          else 0)
       for epoch in range(first_epoch, learner.epochs):
         first = position.step if (mid and epoch == first_epoch) else 0
         for start in range(first, learner.epoch_steps, learner.chunk_steps):

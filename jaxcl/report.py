@@ -46,8 +46,8 @@ class _NullBar:
 class NullReporter:
   """Writes nothing (library use without a run directory)."""
 
-  def progress(self, total: int, desc: str):
-    del total, desc
+  def progress(self, total: int, desc: str, initial: int = 0):
+    del total, desc, initial
     return _NullBar()
 
   def scalar(self, name: str, value: float, step: int) -> None:
@@ -70,16 +70,17 @@ class _Bar:
   has been evaluated (see ``Reporter.experience``).
   """
 
-  def __init__(self, total: int, desc: str, interval: float = 60.0):
-    self.desc, self.total = desc, total
-    self.done, self.loss, self.seconds = 0, None, 0.0
+  def __init__(self, total: int, desc: str, interval: float = 60.0,
+               initial: int = 0):
+    self.desc, self.total, self.initial = desc, total, initial
+    self.done, self.loss, self.seconds = initial, None, 0.0
     self._interval = interval
     self._start = self._shown = time.perf_counter()
     self._tqdm = None
     if sys.stderr.isatty() or "ipykernel" in sys.modules:
       from tqdm.auto import tqdm
       self._tqdm = tqdm(total=total, desc=desc, unit="step", leave=False,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, initial=initial)
 
   def update(self, n: int, loss: float | None = None) -> None:
     self.done = min(self.done + n, self.total)
@@ -148,10 +149,11 @@ class Reporter(NullReporter):
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
 
-  def progress(self, total: int, desc: str):
+  def progress(self, total: int, desc: str, initial: int = 0):
+    """``initial``: the steps a resumed experience had already run."""
     if not self._progress:
       return _NullBar()
-    self._bar = _Bar(total, desc)
+    self._bar = _Bar(total, desc, initial=initial)
     return self._bar
 
   def scalar(self, name: str, value: float, step: int) -> None:
@@ -178,7 +180,9 @@ class Reporter(NullReporter):
       mean = f" (mean of {self._runs} runs)" if self._runs > 1 else ""
       seen = (f"experiences 1-{index + 1}" if index else "experience 1")
       secs = f"{bar.seconds:.{1 if bar.seconds >= 1 else 2}f}"
-      print(f"{bar.desc}: {bar.total} steps in {secs} s"
+      ran = (f"{bar.total - bar.initial} steps (resumed at step "
+             f"{bar.initial})" if bar.initial else f"{bar.total} steps")
+      print(f"{bar.desc}: {ran} in {secs} s"
             f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
             f"{seen}: {avg:.4f}{mean}", file=sys.stderr, flush=True)
 

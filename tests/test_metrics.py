@@ -111,3 +111,20 @@ def test_progress_in_a_log_file_is_whole_lines(capsys):
                       lines[1])
   assert bar.done == 10 and bar.loss == 0.125 and bar.seconds >= 0
   assert quiet.done == 5 and quiet.loss == 1.0
+
+
+def test_experience_line_of_a_resumed_experience(tmp_path, capsys):
+  # A run resumed mid-experience counts (and times) only the steps this
+  # invocation ran; the average is over the experiences seen so far.
+  from jaxcl import report
+  r = report.Reporter(str(tmp_path), {}, progress=True, runs=3)
+  bar = r.progress(10, "experience 2/4", initial=6)
+  assert bar.done == 6
+  bar.update(4, loss=0.5)
+  bar.close()
+  r.experience(1, np.array([0.5, 0.75, 0.0, 0.0]), step=26)
+  line = capsys.readouterr().err.strip()
+  assert re.fullmatch(
+      r"experience 2/4: 4 steps \(resumed at step 6\) in \d\.\d\d s, loss "
+      r"0\.5000; average test accuracy over experiences 1-2: 0\.6250 \(mean "
+      r"of 3 runs\)", line), line
