@@ -43,15 +43,48 @@ class ExtraParam(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1)) * scale
 
 
+class RowsDense(nn.Module):
+  """A Dense over (N * 4, d) rows: 2-D, but not one row per example."""
+
+  @nn.compact
+  def __call__(self, x, task=None, train=False, features=False):
+    h = nn.Dense(5)(x.reshape(x.shape[0] * 4, -1))
+    return h.reshape(x.shape[0], 4, 5).sum(1)
+
+
+class MaskedDense(nn.Dense):
+  """A Dense subclass whose kernel is masked: its gradient is not the
+  outer product of the input and the output gradient."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init,
+                        (inputs.shape[-1], self.features))
+    y = inputs @ (kernel * jnp.tril(jnp.ones_like(kernel)))
+    if self.use_bias:  # the same parameters as nn.Dense's
+      y = y + self.param("bias", self.bias_init, (self.features,))
+    return y
+
+
+class MaskedMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, task=None, train=False, features=False):
+    return MaskedDense(5)(x.reshape(x.shape[0], -1))
+
+
 def _setup(model, seed=0, heads=1):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(N, 4, 4, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 5, N))
   task = jnp.asarray(rng.integers(0, heads, N), jnp.int32)
   params = model.init(jax.random.PRNGKey(seed), x, task)["params"]
-  # Random (not contiguous) membership, some rows weighted 0 (masked).
+  # Random (not contiguous) membership, some rows weighted 0 (masked),
+  # the others by a weight of their own (GSS's weighted groups): 0/1
+  # membership alone would not see the weights dropped.
   groups = np.eye(K, dtype=np.float32)[rng.integers(0, K, N)]
   groups *= (rng.random(N) > 0.25)[:, None]
+  groups *= rng.uniform(0.5, 2.0, N).astype(np.float32)[:, None]
   weight = jnp.asarray(rng.uniform(0.5, 2.0, N), jnp.float32)
   return params, x, y, task, jnp.asarray(groups), weight
 
@@ -106,6 +139,8 @@ def test_factored_products_equal_formed_gradients(name):
     models.build("bn_mlp", 5, widths=(6,)),  # batch-norm scales
     SequenceDense(),                     # 3-D input to a Dense
     ExtraParam(),                        # a parameter outside any Dense
+    RowsDense(),                         # 2-D, but N * 4 rows
+    MaskedMLP(),                         # a subclass of nn.Dense
 ])
 def test_models_that_cannot_be_factored_are_refused(model):
   rng = np.random.default_rng(0)

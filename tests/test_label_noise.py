@@ -62,6 +62,19 @@ def test_each_example_is_flipped_with_probability_rate():
   assert np.abs(freq - rate).max() < 5 * sd, np.abs(freq - rate).max()
 
 
+def test_classes_draw_their_flips_independently():
+  # Each class draws its own subset from one stream. The test above looks
+  # at one example at a time, so a generator re-seeded for every class
+  # passes it while giving every class of the same size the same flipped
+  # positions. 6 of 20 by chance: 1 / C(20, 6) per pair of classes, so
+  # among 10 classes a repeated pattern is rare (at most one allowed).
+  y = _labels(20)
+  for seed in range(5):
+    noisy = noisy_labels(y, 10, 0.3, seed=seed)
+    patterns = {tuple(np.flatnonzero(noisy[y == c] != c)) for c in range(10)}
+    assert len(patterns) >= 9, (seed, len(patterns))
+
+
 def test_symmetric_never_keeps_the_label_and_spreads_over_the_others():
   y = _labels(1800)
   rate = 0.5
