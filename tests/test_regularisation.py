@@ -44,9 +44,9 @@ def _toy_scenario(kind="class", n_exp=2, n=48, seed=0):
   return scenarios.from_arrays(train, test, kind=kind, num_classes=C)
 
 
-def _ctx(kind="class", widths=(5,), batch_size=8, n_exp=2):
+def _ctx(kind="class", widths=(5,), batch_size=8, n_exp=2, heads=1):
   sc = _toy_scenario(kind, n_exp)
-  model = models.build("mlp", C, widths=widths)
+  model = models.build("mlp", C, num_heads=heads, widths=widths)
   tx = make_optimizer("sgd", 0.1)
   return make_context(model, tx, stream_info(sc, batch_size)), sc
 
@@ -183,10 +183,13 @@ def test_mas_importance_equals_python_loop():
 # EWC and online EWC penalties.
 
 
-def test_ewc_penalty_zero_at_anchor_and_hand_quadratic():
+# 'sampled': the factory's fisher= reaches the estimator (the default would
+# pass too otherwise), with the hook's key for experience 0.
+@pytest.mark.parametrize("fisher", ["exact", "sampled"])
+def test_ewc_penalty_zero_at_anchor_and_hand_quadratic(fisher):
   ctx, sc = _ctx()
   lam = 3.0
-  s = ewc(lam=lam, max_examples=16, batch_size=8)
+  s = ewc(lam=lam, fisher=fisher, max_examples=16, batch_size=8)
   state = init_state(ctx, s, 0)
   state = s.after_experience(ctx, state, sc.experiences[0])
   ss = state.strategy
@@ -197,7 +200,8 @@ def test_ewc_penalty_zero_at_anchor_and_hand_quadratic():
                                   ctx.info.train_size)
   # Compiled, arrays as arguments (op by op, the reference Fisher and the
   # penalties below dispatched most of the test's time).
-  f0 = jax.jit(lambda p, ms, b, k: _penalty.fisher_diagonal(ctx, p, ms, b, k))(
+  f0 = jax.jit(lambda p, ms, b, k: _penalty.fisher_diagonal(
+      ctx, p, ms, b, k, kind=fisher))(
       state.params, state.model_state, b,
       jax.random.fold_in(jax.random.PRNGKey(0), 0))
   _tree_close(ss.precision, f0, rtol=1e-5, atol=1e-8)
@@ -282,6 +286,39 @@ def test_online_ewc_decays_as_specified():
   assert float(loss(state.strategy, p1)) == 0.0
 
 
+def test_mas_sums_importances_and_penalty_by_hand():
+  # Ω gains each experience's importance at its end parameters (the
+  # estimator is checked against a loop above), the anchor moves to the
+  # latest end, and the penalty is λ Σ Ω (θ − θ*)², with no ½.
+  ctx, sc = _ctx()
+  lam = 3.0
+  s = mas(lam=lam, max_examples=16, batch_size=8)
+  state = init_state(ctx, s, 0)
+  importance = jax.jit(lambda p, ms, b: _penalty.mas_importance(ctx, p, ms,
+                                                                b))
+  importance_at = lambda p, exp, i: importance(
+      p, state.model_state,
+      _penalty.importance_batches(exp, 8, 16, i, ctx.info.train_size))
+  p0 = state.params
+  state = s.after_experience(ctx, state, sc.experiences[0])
+  # Move the parameters, then consolidate the second experience.
+  p1 = jax.tree.map(lambda p: p + 0.3, p0)
+  state = s.after_experience(ctx, state.replace(params=p1),
+                             sc.experiences[1])
+  want = jax.tree.map(lambda a, b: a + b,
+                      importance_at(p0, sc.experiences[0], 0),
+                      importance_at(p1, sc.experiences[1], 1))
+  _tree_close(state.strategy.importance, want, rtol=1e-5, atol=1e-8)
+  _tree_close(state.strategy.anchor, p1)
+  loss = jax.jit(lambda st, p: s.loss(ctx, st, p, None, None))
+  theta = jax.tree.map(lambda p: p - 0.1, p1)
+  hand = lam * sum(np.sum(np.asarray(w, np.float64) * 0.01)
+                   for w in jax.tree.leaves(want))
+  np.testing.assert_allclose(float(loss(state.strategy, theta)), hand,
+                             rtol=1e-4)
+  assert float(loss(state.strategy, p1)) == 0.0
+
+
 # --------------------------------------------------------------------------
 # SI: the path integral on a quadratic loss, in closed form.
 
@@ -308,15 +345,20 @@ def test_si_importance_equals_closed_form_path_integral():
 
   st = s.before_experience(None, FakeState(params, sstate), None)
   after_step = jax.jit(lambda ss, info: s.after_step(None, ss, info))
-  theta = params
-  for _ in range(steps):
-    g = {"w": jnp.asarray(a, jnp.float32) * theta["w"]}
-    new = {"w": theta["w"] - eta * g["w"]}
-    # The total gradient differs from the task gradient (a penalty's
-    # share); SI must use task_grads only.
-    info = StepInfo(theta, new, {"w": g["w"] * 10.0}, g, None, jnp.zeros(()))
-    st = st.replace(strategy=after_step(st.strategy, info))
-    theta = new
+
+  def descend(st, theta, steps):  # `steps` of gradient descent on L
+    for _ in range(steps):
+      g = {"w": jnp.asarray(a, jnp.float32) * theta["w"]}
+      new = {"w": theta["w"] - eta * g["w"]}
+      # The total gradient differs from the task gradient (a penalty's
+      # share); SI must use task_grads only.
+      info = StepInfo(theta, new, {"w": g["w"] * 10.0}, g, None,
+                      jnp.zeros(()))
+      st = st.replace(strategy=after_step(st.strategy, info))
+      theta = new
+    return st, theta
+
+  st, theta = descend(st, params, steps)
   r = 1 - eta * a
   omega = eta * a ** 2 * theta0 ** 2 * (1 - r ** (2 * steps)) / (1 - r ** 2)
   np.testing.assert_allclose(np.asarray(st.strategy.omega["w"]), omega,
@@ -339,6 +381,23 @@ def test_si_importance_equals_closed_form_path_integral():
   want = c * np.sum(big * np.asarray(theta["w"], np.float64) ** 2)
   np.testing.assert_allclose(float(s.loss(None, st.strategy, probe, None,
                                           None)), want, rtol=1e-4)
+  # A second experience adds its own ω₂ / (Δ₂² + ξ) to Ω (with one
+  # experience, replacing Ω passes too). It starts off the last anchor
+  # (moved, as another member of a chain may move it), and Δ₂ runs from
+  # that start, the new anchor: from the old one, it would differ by the
+  # move.
+  theta = {"w": theta["w"] + jnp.asarray([0.3, -0.2, 0.1, 0.4], jnp.float32)}
+  start2 = np.asarray(theta["w"], np.float64)
+  st = s.before_experience(None, st.replace(params=theta), None)
+  np.testing.assert_allclose(np.asarray(st.strategy.anchor["w"]), start2)
+  steps2 = 20
+  st, theta = descend(st, theta, steps2)
+  st = s.after_experience(None, st.replace(params=theta), None)
+  omega2 = (eta * a ** 2 * start2 ** 2 * (1 - r ** (2 * steps2))
+            / (1 - r ** 2))
+  delta2 = start2 * (r ** steps2 - 1)
+  np.testing.assert_allclose(np.asarray(st.strategy.importance["w"]),
+                             big + omega2 / (delta2 ** 2 + xi), rtol=1e-4)
 
 
 def test_si_total_grads_integrates_the_gradient_the_optimiser_saw():
@@ -391,20 +450,24 @@ def test_distillation_equals_hand_cross_entropy():
   assert float(distillation(s, t, np.zeros(C, bool), mask, 2.0)) == 0.0
 
 
-@pytest.mark.parametrize("setting,n_exp", [
-    ("class", 2), ("task", 2),
+@pytest.mark.parametrize("setting,n_exp,heads", [
+    ("class", 2, 1), ("task", 2, 1),
     # Two old tasks: one softmax per old task's classes, the terms summed
     # (with one old task, any aggregate passes).
-    ("task", 3)])
-def test_lwf_loss_over_old_classes_or_old_tasks(setting, n_exp):
-  ctx, sc = _ctx(setting, n_exp=n_exp)
+    ("task", 3, 1),
+    # One head per task: each old task's classes are read from its own
+    # head (a single head gives the same logits whatever the task id).
+    ("task", 3, 3)])
+def test_lwf_loss_over_old_classes_or_old_tasks(setting, n_exp, heads):
+  ctx, sc = _ctx(setting, n_exp=n_exp, heads=heads)
   alpha, temp = 0.7, 2.0
   s = lwf(alpha=alpha, temperature=temp)
   state = init_state(ctx, s, 0)
   last = sc.experiences[-1]
+  mask = np.array([1, 1, 0, 1, 1, 0], np.float32)  # padding rows: no say
   batch = {"x": jnp.asarray(last.train_x[:6]),
            "y": jnp.asarray(last.train_y[:6]),
-           "task": jnp.asarray(last.train_task[:6]), "mask": jnp.ones((6,))}
+           "task": jnp.asarray(last.train_task[:6]), "mask": jnp.asarray(mask)}
   # Before any experience: no teacher, no loss.
   logits = ctx.logits(state.params, state.model_state, batch["x"],
                       batch["task"])
@@ -420,11 +483,14 @@ def test_lwf_loss_over_old_classes_or_old_tasks(setting, n_exp):
   got = float(jax.jit(lambda ss, p, b, l: s.loss(ctx, ss, p, b, l))(
       state.strategy, student, batch, logits))
   # By hand: teacher and student raw logits, a softmax over the old
-  # classes (class-IL) or over each old task's classes (task-IL).
-  raw = lambda p: np.asarray(ctx.model.apply({"params": p}, batch["x"]))
-  groups = [old.any(0)] if setting == "class" else list(old)
-  terms = [_np_kd(raw(student), raw(teacher_params), g, np.ones(6), temp)
-           for g in groups]
+  # classes (class-IL) or over each old task's classes, on that task's
+  # head (task-IL).
+  raw = lambda p, t: np.asarray(ctx.model.apply(
+      {"params": p}, batch["x"], jnp.full((6,), t, jnp.int32)))
+  groups = ([(old.any(0), 0)] if setting == "class" else
+            [(g, e.task_id) for g, e in zip(old, sc.experiences)])
+  terms = [_np_kd(raw(student, t), raw(teacher_params, t), g, mask, temp)
+           for g, t in groups]
   assert min(terms) > 0
   np.testing.assert_allclose(got, alpha * sum(terms), rtol=1e-5)
   # The teacher is a copy: moving the student leaves it where it was.
