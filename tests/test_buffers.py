@@ -67,12 +67,16 @@ def test_experience_balanced_quotas_exact(sizes, capacity_choice, seed):
   k = capacity_choice
   mem = buffers.init(k, (2,))
   add = balanced if k == K else jax.jit(buffers.experience_balanced_add)
+  # Experience ids 1, 3, 5, ...: the quota counts the distinct experiences
+  # in memory, not the id (a memory fed by a strategy that skips ids, or
+  # numbers them from 1, must not read i from the id).
+  eid = lambda i: 2 * i + 1
   for i, n in enumerate(sizes):
-    ids = 1000 * i + np.arange(MAXN)
+    ids = 1000 * eid(i) + np.arange(MAXN)
     x = np.stack([ids, np.zeros(MAXN)], 1).astype(np.float32)
     mask = (np.arange(MAXN) < n).astype(np.float32)   # padded experience
     mem = add(mem, jax.random.PRNGKey(seed + i), x, ids % 7,
-              np.full(MAXN, i, np.int32), i, mask)
+              np.full(MAXN, eid(i), np.int32), eid(i), mask)
     quota = k // (i + 1)
     ids_in, valid = _ids(mem)
     assert valid.sum() <= k
@@ -81,8 +85,8 @@ def test_experience_balanced_quotas_exact(sizes, capacity_choice, seed):
     np.testing.assert_array_equal(exp_of, ids_in // 1000)
     for j in range(i + 1):
       # exactly min(n_j, mem_size // i) per experience
-      assert (exp_of == j).sum() == min(sizes[j], quota), (i, j)
-      assert np.all(ids_in[exp_of == j] % 1000 < sizes[j])  # no padding
+      assert (exp_of == eid(j)).sum() == min(sizes[j], quota), (i, j)
+      assert np.all(ids_in[exp_of == eid(j)] % 1000 < sizes[j])  # no padding
     np.testing.assert_array_equal(np.asarray(mem.task)[valid], exp_of)
 
 
@@ -97,6 +101,47 @@ def test_experience_balanced_old_entries_are_a_subset():
                  np.zeros(MAXN, np.int32), np.zeros(MAXN, np.int32), 1, None)
   after = _ids(mem)[0]
   assert set(after[after < 1000]) < before and len(after[after < 1000]) == 8
+  # Re-adding experience 1 (new rows, same id) replaces its entries: still
+  # two experiences of K // 2, none of experience 1's old rows left (they
+  # are not a third experience).
+  mem = balanced(mem, jax.random.PRNGKey(2), x0 + 2000,
+                 np.zeros(MAXN, np.int32), np.zeros(MAXN, np.int32), 1, None)
+  again = _ids(mem)[0]
+  np.testing.assert_array_equal(np.sort(again[again < 1000]),
+                                np.sort(after[after < 1000]))
+  assert np.sum(again >= 2000) == 8 and not np.any((again >= 1000) &
+                                                   (again < 2000))
+
+
+def test_experience_balanced_choice_and_shrinking_are_uniform():
+  """Each of an experience's rows is kept with the same probability: K / n
+  when it is added (a uniform subset, not e.g. its first rows, which in a
+  stream sorted by class would all be one class), and (K // 2) / n once a
+  second experience has shrunk it."""
+  n, trials = MAXN, 2000
+  x = jnp.stack([jnp.arange(n, dtype=jnp.float32), jnp.zeros(n)], 1)
+  z = jnp.zeros(n, jnp.int32)
+
+  def one(key):
+    k0, k1 = jax.random.split(key)
+    mem = buffers.experience_balanced_add(buffers.init(K, (2,)), k0, x, z, z,
+                                          0)
+    held = lambda m: jnp.zeros(2 * n, jnp.int32).at[m.x[:, 0].astype(
+        jnp.int32)].add(m.valid.astype(jnp.int32))
+    after0 = held(mem)
+    mem = buffers.experience_balanced_add(mem, k1, x + n, z, z, 1)
+    return after0, held(mem)
+
+  after0, after1 = jax.jit(jax.vmap(one))(jax.random.split(
+      jax.random.PRNGKey(0), trials))
+  after0, after1 = np.asarray(after0).sum(0), np.asarray(after1).sum(0)
+  df = n - 1
+  threshold = df + 5 * np.sqrt(2 * df)   # ~5 sigma of chi2(df)
+  for counts, p in ((after0[:n], K / n), (after1[:n], K // 2 / n),
+                    (after1[n:], K // 2 / n)):
+    assert counts.sum() == round(p * n) * trials
+    stat = _chi2(counts, trials, p)
+    assert stat < threshold, (stat, threshold, p)
 
 
 @SETTINGS
@@ -133,6 +178,23 @@ def test_class_balanced_balances_a_skewed_stream():
       mem, jax.random.PRNGKey(0), x, labels, np.zeros(400, np.int32), 0)
   cnt = np.bincount(np.asarray(mem.y)[np.asarray(mem.valid)], minlength=5)
   np.testing.assert_array_equal(cnt, [4, 4, 4, 4, 4])
+
+
+def test_class_balanced_rejects_a_class_at_its_share():
+  """Greedy, not a reservoir: 16 rows of class 0 fill the memory; class 1
+  then takes slots from the largest class (0) until it holds its share
+  K / 2 = 8, after which its rows, and the later rows of class 0 (also at
+  its share), are not stored at all (not swapped for a same-class entry)."""
+  labels = np.r_[np.zeros(16), np.ones(16), np.zeros(8)].astype(np.int32)
+  x = np.stack([np.arange(40), np.zeros(40)], 1).astype(np.float32)
+  mem = greedy(buffers.init(K, (2,)), jax.random.PRNGKey(0), x, labels,
+               np.zeros(40, np.int32), 0, None)
+  ids_in, valid = _ids(mem)
+  assert valid.sum() == K
+  np.testing.assert_array_equal(np.sort(ids_in[ids_in >= 16]),
+                                np.arange(16, 24))   # class 1's first 8
+  assert np.sum(ids_in < 16) == 8                    # 8 of class 0's first
+  assert int(mem.seen) == 40
 
 
 def test_class_balanced_rejects_capacity_below_classes():
