@@ -18,6 +18,7 @@ import pytest
 
 from jaxcl import datasets, experiment, pretrained, scenarios
 from jaxcl.models import masked, masked_mlp
+from jaxcl.models import progressive as pnn_model
 from jaxcl.strategies import cwr_star as cwr_lib
 from jaxcl.strategies import hat as hat_lib
 from jaxcl.strategies import multihead as mh_lib
@@ -111,7 +112,8 @@ def test_threshold_mask_is_binary_with_straight_through_gradient():
   s = jnp.array([-1.0, 0.004, 0.005, 0.006, 2.0])
   m = masked.threshold_mask(s, 5e-3)
   np.testing.assert_array_equal(m, [0, 0, 0, 1, 1])
-  w = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  # Signs mixed: a negative gradient passes through as it is too.
+  w = jnp.array([1.0, -2.0, 3.0, -4.0, 5.0])
   g = jax.grad(lambda s: jnp.sum(masked.threshold_mask(s, 5e-3) * w))(s)
   np.testing.assert_array_equal(g, w)  # identity through the threshold
 
@@ -279,6 +281,52 @@ def test_packnet_freezes_earlier_tasks_weights_exactly(split_task):
       & (states[-1].params["backbone"]["Dense_1"]["kernel"] != 0))
 
 
+def test_packnet_prune_matches_numpy_reference():
+  """Task 1 prunes half of the weights still free, by magnitude, layer by
+  layer (NumPy: the floor(0.5 * n_free) smallest |w| among the free ones
+  are zeroed and stay free, the other free ones become task 1's); task
+  0's weights keep their values and owner, free non-kernel backbone
+  leaves become task 1's, and the head is neither pruned nor owned."""
+  rng = np.random.default_rng(0)
+  params = {"backbone": {"Dense_0": {"kernel": rng.normal(size=(6, 5)),
+                                     "bias": rng.normal(size=5)},
+                         "Dense_1": {"kernel": rng.normal(size=(5, 4)),
+                                     "bias": rng.normal(size=4)}},
+            "head": {"kernel": rng.normal(size=(4, 3)),
+                     "bias": rng.normal(size=3)}}
+  # Task 0 owns a random third of each kernel, and the backbone biases.
+  free_id = packnet_lib.FREE
+  owner = jax.tree.map(lambda a: np.full(a.shape, free_id, np.int32),
+                       params)
+  for layer in ("Dense_0", "Dense_1"):
+    o = owner["backbone"][layer]
+    o["kernel"][rng.random(o["kernel"].shape) < 1 / 3] = 0
+    o["bias"][:] = 0
+  owner["backbone"]["Dense_1"]["bias"][:2] = packnet_lib.FREE  # two still free
+  new_p, new_o = packnet_lib._prune(
+      jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, owner),
+      jnp.int32(1), jnp.float32(0.5))
+  for layer in ("Dense_0", "Dense_1"):
+    w = params["backbone"][layer]["kernel"]
+    o = owner["backbone"][layer]["kernel"]
+    free = o == packnet_lib.FREE
+    n_prune = int(np.floor(0.5 * free.sum()))
+    cut = np.sort(np.abs(w[free]))[n_prune]  # smallest magnitude kept
+    pruned = free & (np.abs(w) < cut)
+    assert pruned.sum() == n_prune and 0 < n_prune
+    want_o = np.where(free & ~pruned, 1, o)
+    np.testing.assert_array_equal(new_o["backbone"][layer]["kernel"], want_o)
+    np.testing.assert_allclose(new_p["backbone"][layer]["kernel"],
+                               np.where(pruned, 0.0, w), rtol=1e-6)
+    b, ob = params["backbone"][layer]["bias"], owner["backbone"][layer]["bias"]
+    np.testing.assert_allclose(new_p["backbone"][layer]["bias"], b, rtol=1e-6)
+    np.testing.assert_array_equal(new_o["backbone"][layer]["bias"],
+                                  np.where(ob == packnet_lib.FREE, 1, ob))
+  for k in ("kernel", "bias"):
+    np.testing.assert_allclose(new_p["head"][k], params["head"][k], rtol=1e-6)
+    np.testing.assert_array_equal(new_o["head"][k], owner["head"][k])
+
+
 # --------------------------------------------------------------------------
 # Progressive networks.
 
@@ -298,6 +346,38 @@ def test_progressive_earlier_columns_bit_identical(split_task):
           name.endswith("_U") and j == 0
   with pytest.raises(ValueError, match="outside the tasks seen"):
     pnn_lib.checked_column(states[1], 4)
+
+
+def test_progressive_model_equals_hand_computation():
+  """Eq. 1 of Rusu et al. in NumPy: column k's layer i reads its own
+  previous layer through W and every *earlier* column's through U^(k:j),
+  j < k. Every parameter is random (biases and the U blocks the model must
+  ignore too, j >= k), and each row picks its column by its task id."""
+  model = pnn_model.build(3, widths=(5, 4), num_columns=3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 7))
+  task = jnp.array([0, 1, 2, 2, 1, 0])
+  v = jax.jit(model.init)(jax.random.PRNGKey(1), x, task)
+  leaves, tree = jax.tree.flatten(v["params"])
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
+                                     for k, a in zip(keys, leaves)])
+  out, feats = jax.jit(lambda p, x, t: (
+      model.apply({"params": p}, x, t),
+      model.apply({"params": p}, x, t, features=True)))(params, x, task)
+  p = {k: np.asarray(a, np.float64) for k, a in params.items()}
+  xs = np.asarray(x, np.float64)
+  h = [np.maximum(xs @ p["layer_0_W"][k] + p["layer_0_b"][k], 0)
+       for k in range(3)]
+  for name in ("layer_1", "head"):
+    pre = [h[k] @ p[f"{name}_W"][k] + p[f"{name}_b"][k]
+           + sum(h[j] @ p[f"{name}_U"][k, j] for j in range(k))
+           for k in range(3)]
+    if name == "head":
+      break
+    h = [np.maximum(a, 0) for a in pre]
+  for i, t in enumerate(np.asarray(task)):
+    np.testing.assert_allclose(out[i], pre[t][i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats[i], h[t][i], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -325,6 +405,59 @@ def test_hat_regulariser_matches_hand_computation(split_task):
     num += np.sum(a * (1 - np.asarray(cum)))
     den += np.sum(1 - np.asarray(cum))
   np.testing.assert_allclose(got, 0.75 * num / den, rtol=1e-5)
+
+
+def test_hat_conditions_and_compensates_gradients_by_hand(split_task):
+  """Eq. 5 and sec. 2.5 in NumPy (no clipping: clipgrad=inf): kernel
+  entries scaled by 1 - min(a_out^{<t}, a_in^{<t}) (the first layer and
+  the biases by 1 - a_out^{<t}), embedding gradients by
+  s_max / s * (cosh(clip(s e, +-50)) + 1) / (cosh(e) + 1) at the step's
+  annealed s, and of the head only task 1's outputs."""
+  c = make_config("hat", "hat_mlp", mkw={"s_max": 50.0},
+                  skw={"hat": {"clipgrad": float("inf")}})
+  s = experiment.setup(c, split_task)
+  ctx, strat = s.learner.ctx, s.learner.strategy
+  st = init_state(ctx, strat, 0)
+  st = strat.before_experience(ctx, st, s.scenario.experiences[1])
+  ss = st.strategy._replace(
+      cum=tuple(jnp.linspace(0.0, 1.0, a.shape[0]) for a in st.strategy.cum),
+      count=jnp.asarray(3, jnp.int32))
+  leaves, tree = jax.tree.flatten(st.params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  grads = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
+                                    for k, a in zip(keys, leaves)])
+  s_val = 1 / 50 + (50 - 1 / 50) * 3 / (int(ss.steps) - 1)
+  for l in range(len(ss.cum)):
+    # dL/de = dL/da * s * a (1 - a), as backpropagation gives it: the
+    # compensation's cosh(s e) (~1e21 at the clip) then stays finite.
+    a = jax.nn.sigmoid(s_val * st.params[f"embedding_{l}"])
+    grads[f"embedding_{l}"] = grads[f"embedding_{l}"] * s_val * a * (1 - a)
+  got = jax.jit(lambda ss, g, p: strat.update_grads(ctx, ss, g, p, None,
+                                                    None))(ss, grads, st.params)
+  g = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
+  prev = None
+  for l, cum in enumerate(ss.cum):
+    cum = np.asarray(cum, np.float64)
+    keep = 1 - (cum[None] if prev is None else
+                np.minimum(cum[None, :], prev[:, None]))
+    np.testing.assert_allclose(got[f"Dense_{l}"]["kernel"],
+                               g[f"Dense_{l}"]["kernel"] * keep,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[f"Dense_{l}"]["bias"],
+                               g[f"Dense_{l}"]["bias"] * (1 - cum),
+                               rtol=1e-5, atol=1e-7)
+    prev = cum
+    e = np.asarray(st.params[f"embedding_{l}"], np.float64)
+    comp = 50 / s_val * (np.cosh(np.clip(s_val * e, -50, 50)) + 1) / (
+        np.cosh(e) + 1)
+    np.testing.assert_allclose(got[f"embedding_{l}"],
+                               g[f"embedding_{l}"] * comp, rtol=1e-4)
+  n_cls = g["head"]["bias"].shape[0] // 5
+  own = np.arange(5 * n_cls) // n_cls == 1
+  np.testing.assert_allclose(got["head"]["kernel"],
+                             g["head"]["kernel"] * own, rtol=1e-6)
+  np.testing.assert_allclose(got["head"]["bias"], g["head"]["bias"] * own,
+                             rtol=1e-6)
 
 
 def test_hat_clamps_embeddings_and_clips_gradient_norm(split_task):
@@ -684,6 +817,13 @@ def test_multihead_stores_one_head_per_task(split_task):
     np.testing.assert_allclose(np.asarray(got[i])[cls], want[cls], rtol=1e-5,
                                atol=1e-5)
     assert np.all(np.asarray(got[i])[~cls] < -1e8)
+  # A new task starts from a fresh head (zero bias, LeCun-normal kernel),
+  # not from the head the previous task trained.
+  fresh = strat.before_experience(ctx, jax.tree.map(jnp.asarray, states[0]),
+                                  split_task.experiences[1]).params["head"]
+  assert np.any(states[0].params["head"]["bias"] != 0)
+  np.testing.assert_array_equal(fresh["bias"], 0.0)
+  assert not np.allclose(fresh["kernel"], states[0].params["head"]["kernel"])
   with pytest.raises(ValueError, match="outside the tasks seen"):
     mh_lib.checked_head(jax.tree.map(jnp.asarray, states[0]), 2)
 

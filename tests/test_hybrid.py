@@ -946,6 +946,7 @@ def test_progress_compress_kb_changes_only_in_compress(stream):
   ctx, learner = setup.learner.ctx, setup.learner
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
+  last_fisher = None
   for i, e in enumerate(exps[:2]):
     state = train.unalias(s.before_experience(ctx, state, e))
     kb0, ac0 = column(state.params, 0), column(state.params, 1)
@@ -962,6 +963,11 @@ def test_progress_compress_kb_changes_only_in_compress(stream):
     jax.tree.map(np.testing.assert_array_equal, ac1, ac2)
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(kb1), jax.tree.leaves(kb2)))
+    # gamma = 1: the running Fisher only grows (F* <- F* + F, F >= 0).
+    fisher = flat(state.strategy[1].fisher)
+    if last_fisher is not None:
+      assert np.all(fisher >= last_fisher) and np.any(fisher > last_fisher)
+    last_fisher = fisher
   assert learner.chunk_fn._cache_size() == 1
   ss = state.strategy[1]
   assert int(ss.count) == 2
@@ -983,6 +989,60 @@ def test_progress_compress_kb_changes_only_in_compress(stream):
                            state.model_state, x, t)),
       np.asarray(ctx.logits(state.params, state.model_state, x, t)),
       rtol=1e-6)
+
+
+def test_progress_compress_first_compress_step_by_hand(stream):
+  """The compress phase's first Adam step by hand: one batch holding the
+  whole experience (compress_batch_size >= its size), so the KB moves by
+  -lr g / (|g| + 1e-8), g the gradient on the KB of eq. 3-5: the mean
+  KL(softmax(z_AC / T) || softmax(z_KB / T)) (the AC teaches, the KB
+  learns) + lam / 2 * gamma * sum F* (theta - theta*)^2; the AC does not
+  move. At experience 1 the KB is first shifted off its anchor (it sits
+  on it after a progress phase), so the EWC term has a gradient."""
+  from jaxcl.strategies.progress_compress import progress_compress
+  t, lr, lam, gamma = 2.0, 1e-2, 50.0, 0.5
+  pc = progress_compress(lam=lam, gamma=gamma, compress_epochs=1,
+                         compress_batch_size=512, compress_lr=lr,
+                         temperature=t, fisher="empirical", max_examples=50)
+  setup = experiment.setup(pc_config(), scenario=stream, strategy=pc)
+  ctx = setup.learner.ctx
+  state = train.init_state(ctx, pc, 0)
+  for i, e in enumerate(stream.experiences[:2]):
+    assert e.num_train <= 512
+    state = train.unalias(pc.before_experience(ctx, state, e))
+    if i:
+      noise = jax.tree.map(lambda a: jnp.zeros_like(a).at[0].set(
+          0.05 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape[1:])),
+          state.params)
+      state = state.replace(params=jax.tree.map(jnp.add, state.params,
+                                                noise))
+    x = jnp.asarray(e.train_x, jnp.float32)
+    ss, ms = state.strategy, state.model_state
+
+    def loss(params):  # the reference, written out
+      col = lambda k: ctx.logits(params, ms, x,
+                                 jnp.full((len(x),), k, jnp.int32)) / t
+      p = jax.nn.softmax(jax.lax.stop_gradient(col(1)))
+      kl = jnp.mean(jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(col(0))),
+                            -1))
+      return kl + 0.5 * lam * gamma * sum(
+          jnp.sum(f * (w - a) ** 2) for f, w, a in zip(
+              jax.tree.leaves(ss.fisher), jax.tree.leaves(params),
+              jax.tree.leaves(ss.anchor)))
+
+    g = jax.tree.map(lambda a: np.asarray(a[0], np.float64),
+                     jax.jit(jax.grad(loss))(state.params))
+    before = jax.tree.map(np.asarray, state.params)
+    state = pc.after_experience(ctx, state, e)
+    n_big = 0
+    for gk, b, a in zip(jax.tree.leaves(g), jax.tree.leaves(before),
+                        jax.tree.leaves(state.params)):
+      np.testing.assert_array_equal(a[1], b[1])  # the AC is untouched
+      big = np.abs(gk) > 1e-4  # where Adam's eps is negligible
+      n_big += big.sum()
+      np.testing.assert_allclose((np.asarray(a[0]) - b[0])[big],
+                                 -lr * np.sign(gk[big]), rtol=1e-2)
+    assert n_big > 0.2 * sum(a.size for a in jax.tree.leaves(g))
 
 
 def test_progress_compress_errors(stream):
@@ -1173,6 +1233,51 @@ def test_negative_loss_moves_only_current_class_logits():
   low = jnp.where(cur[None], -30.0, z)
   assert float(jnp.abs(jax.grad(
       lambda z: negative_loss(z, y, cur).sum())(low)).max()) < 1e-10
+
+
+def test_negative_replay_step_loss_by_hand(stream):
+  """The step's loss in NumPy: (sum of the real rows' CE + sum of the
+  generated rows' CE over the current logits and 0 elsewhere) / (|B| + R);
+  the generated rows are old-class samples and enter as negatives only
+  (mask 0 in the core CE). At experience 0 nothing is replayed: the plain
+  mean CE."""
+  from jaxcl.strategies.generative_negative_replay import (
+      generative_negative_replay)
+  ctx = make_ctx(stream)
+  r = 6
+  s = generative_negative_replay(batch_size=r, hidden=(16,), latent=4)
+  state = train.init_state(ctx, s, 0)
+  exps = stream.experiences
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  logits_of = jax.jit(lambda p, ms, x, t: ctx.logits(p, ms, x, t,
+                                                     train=True))
+
+  def loss_and_rows(state, exp, key):
+    batch = s.prepare_batch(ctx, state.strategy, batch_of(exp), key)
+    z = logits_of(state.params, state.model_state, batch["x"],
+                  batch["task"])
+    got = cross_entropy(z, batch["y"], batch["mask"]) + s.loss(
+        ctx, state.strategy, state.params, batch, z)
+    return float(got), np.asarray(z, np.float64), np.asarray(batch["y"])
+
+  def ce(z, y):
+    m = z.max(1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(1)) + m[:, 0]
+    return lse - z[np.arange(len(y)), y]
+
+  state = train.unalias(s.before_experience(ctx, state, exps[0]))
+  got, z, y = loss_and_rows(state, exps[0], jax.random.PRNGKey(1))
+  np.testing.assert_allclose(got, ce(z[:B], y[:B]).mean(), rtol=1e-5)
+  for k in range(3):
+    state = step(state, batch_of(exps[0], start=B * k))
+  state = s.after_experience(ctx, state, exps[0])
+  state = train.unalias(s.before_experience(ctx, state, exps[1]))
+  got, z, y = loss_and_rows(state, exps[1], jax.random.PRNGKey(2))
+  assert len(y) == B + r and set(y[B:]) <= {0, 1}  # old classes
+  cur = np.isin(np.arange(10), [2, 3])
+  neg = ce(np.where(cur, z[B:], 0.0), y[B:])
+  np.testing.assert_allclose(got, (ce(z[:B], y[:B]).sum() + neg.sum()) /
+                             (B + r), rtol=1e-5)
 
 
 def test_ar1_gnr_agem_chained_compile_once(stream):
