@@ -20,7 +20,7 @@ from jaxcl.strategies import gss as gss_mod
 from jaxcl.strategies.gss import gss
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
-from jaxcl.strategies.gdumb import gdumb, random_crop, sgdr_epoch_lr
+from jaxcl.strategies.gdumb import gdumb, random_crop, retrain, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.mir import mir, retrieve
@@ -90,6 +90,14 @@ def config(spec, *, widths=(32,), lr=None, **kwargs):
   for name, kw in kwargs.items():
     c.strategy[name] = kw
   return c
+
+
+def cut(exp, n):
+  """``exp`` with its first ``n`` training examples only: in a stream of
+  longer experiences, its rows are then mostly padding."""
+  return dataclasses.replace(
+      exp, train_y=exp.train_y[:n], train_task=exp.train_task[:n],
+      inputs=scenarios.given(exp.train_x[:n], exp.test_x))
 
 
 def run_capture(monkeypatch, cfg, sc):
@@ -175,27 +183,40 @@ def test_chained_run_compiles_once(monkeypatch, stream, spec, kwargs):
 # Replay.
 
 
-def test_replay_masks_empty_memory_then_replays_stored_examples(stream):
+def test_replay_masks_empty_memory_then_replays_stored_examples(stream,
+                                                                digits):
   ctx = make_ctx(stream)
   s = replay(mem_size=20, batch_size=5)
   ss = s.init(ctx, jax.random.PRNGKey(0), None)
-  exp = stream.experiences[0]
-  batch = batch_of(exp)
+  # Rows of task 1 (a task-incremental split: a class-incremental one's
+  # task ids are all 0, so a dropped task id would go unseen), the last 5
+  # masked out (padding): those are not stored.
+  exp = scenarios.split(digits, 5, kind="task").experiences[1]
+  batch = dict(batch_of(exp), mask=jnp.asarray([1.] * 5 + [0.] * 5))
   prepared = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(1))
   assert prepared["x"].shape[0] == B + 5
-  np.testing.assert_array_equal(prepared["mask"], [1.] * B + [0.] * 5)
+  np.testing.assert_array_equal(prepared["mask"], [1.] * 5 + [0.] * 10)
+  np.testing.assert_array_equal(prepared["task"][:B], [1] * B)
   ss = s.after_step(ctx, ss, StepInfo(None, None, None, None, prepared,
                                       jnp.zeros(())))
-  assert int(buffers.size(ss.memory)) == B
-  prepared = s.prepare_batch(ctx, ss, batch_of(exp, start=B),
-                             jax.random.PRNGKey(2))
-  np.testing.assert_array_equal(prepared["mask"], [1.] * (B + 5))
-  rep = np.asarray(prepared["x"][B:]).reshape(5, -1)
+  assert int(buffers.size(ss.memory)) == 5
   first = np.asarray(batch["x"]).reshape(B, -1)
-  # Each replayed row is one of the stored (first batch's) examples.
-  for row, y in zip(rep, np.asarray(prepared["y"][B:])):
-    j = np.flatnonzero(np.all(first == row, axis=1))
-    assert j.size and np.asarray(batch["y"])[j[0]] == y
+  # Each replayed row is one of the stored (first batch's unmasked)
+  # examples, with its label; drawn without replacement from the 5
+  # stored, they are those 5, each once (at every draw: with replacement,
+  # one draw in 26 would still be a permutation).
+  for k in range(2, 6):
+    prepared = s.prepare_batch(ctx, ss, batch_of(exp, start=B),
+                               jax.random.PRNGKey(k))
+    np.testing.assert_array_equal(prepared["mask"], [1.] * (B + 5))
+    np.testing.assert_array_equal(prepared["task"], [1] * (B + 5))
+    rep = np.asarray(prepared["x"][B:]).reshape(5, -1)
+    hits = []
+    for row, y in zip(rep, np.asarray(prepared["y"][B:])):
+      j = np.flatnonzero(np.all(first == row, axis=1))
+      assert j.size and np.asarray(batch["y"])[j[0]] == y
+      hits.append(j[0])
+    assert sorted(hits) == [0, 1, 2, 3, 4], (k, hits)
 
 
 def test_replay_reservoir_sees_whole_stream(monkeypatch, stream):
@@ -241,24 +262,33 @@ def test_memory_is_updated_in_place_not_copied(stream, spec):
 
 
 def test_replay_experience_policy_quota(monkeypatch, full_stream):
+  # The first experience cut to 30 examples: padded to the stream's
+  # largest (272 rows), it is mostly padding, which must not be stored.
+  sc = dataclasses.replace(full_stream, experiences=(
+      cut(full_stream.experiences[0], 30),) + full_stream.experiences[1:])
   result, _ = run_capture(
       monkeypatch, config("replay", replay=dict(mem_size=52,
                                                 policy="experience")),
-      full_stream)
+      sc)
   mem = result.state.strategy.memory
   cnt = np.asarray(buffers.counts(mem, 5, by="experience"))
   np.testing.assert_array_equal(cnt, [52 // 5] * 5)
-  # Entries of experience e hold e's classes.
-  for e, exp in enumerate(full_stream.experiences):
-    ys = np.asarray(mem.y)[np.asarray(mem.valid) &
-                           (np.asarray(mem.experience) == e)]
-    assert set(ys) <= set(exp.classes)
+  # Entries of experience e are e's examples, with their labels.
+  for e, exp in enumerate(sc.experiences):
+    at = np.asarray(mem.valid) & (np.asarray(mem.experience) == e)
+    xs = np.asarray(mem.x)[at].reshape(at.sum(), -1)
+    d = ((xs[:, None] - exp.train_x.reshape(exp.num_train, -1)[None]) ** 2
+         ).sum(-1)
+    np.testing.assert_array_equal(d.min(1), 0.0)
+    np.testing.assert_array_equal(np.asarray(mem.y)[at],
+                                  exp.train_y[d.argmin(1)])
 
 
 def test_replay_bad_inputs(stream):
   with pytest.raises(ValueError, match="batch_size=30 is larger than the "
                      "memory capacity mem_size=20"):
     replay(mem_size=20, batch_size=30)
+  replay(mem_size=20, batch_size=20)   # the whole memory may be replayed
   with pytest.raises(ValueError, match="unknown replay policy 'fifo'"):
     replay(policy="fifo")
   with pytest.raises(ValueError, match="mem_size must be a positive int"):
@@ -885,6 +915,39 @@ def test_gdumb_learns_nothing_from_stream_and_retrains_from_memory(
   assert acc.mean() > 0.6, acc    # naive fine-tuning gets ~0.2
 
 
+def test_gdumb_retrain_reads_valid_entries_under_the_class_mask(stream):
+  """The retraining reads only the memory's valid entries (what its empty
+  slots hold does not matter) and, masking the logits, trains only those
+  of the classes in memory: the head's weights of the other classes keep
+  their fresh initialisation, the same for two memories of one key."""
+  ctx = make_ctx(stream)
+  fit = jax.jit(functools.partial(
+      retrain, epochs=2, batch_size=8, learning_rate=0.05,
+      min_learning_rate=0.0005, momentum=0.9, mask_logits=True),
+                static_argnums=0)
+  e0 = stream.experiences[0]           # classes 0 and 1
+  add = jax.jit(buffers.reservoir_add)
+
+  def memory(start):                   # 12 of 20 slots
+    sl = slice(start, start + 12)
+    return add(buffers.init(20, e0.train_x.shape[1:]), jax.random.PRNGKey(0),
+               jnp.asarray(e0.train_x[sl]), jnp.asarray(e0.train_y[sl]),
+               jnp.zeros(12, jnp.int32), jnp.int32(0))
+
+  key = jax.random.PRNGKey(3)
+  mem = memory(0)
+  p = fit(ctx, key, mem)[0]
+  empty = ~mem.valid
+  junk = mem._replace(x=jnp.where(empty[:, None, None, None], 1.0, mem.x),
+                      y=jnp.where(empty, 3, mem.y))
+  jax.tree.map(np.testing.assert_array_equal, fit(ctx, key, junk)[0], p)
+  q = fit(ctx, key, memory(12))[0]
+  for name in ("kernel", "bias"):
+    a, b = np.asarray(p["head"][name]), np.asarray(q["head"][name])
+    np.testing.assert_array_equal(a[..., 2:], b[..., 2:])
+    assert not np.array_equal(a[..., :2], b[..., :2])
+
+
 def test_gdumb_predict_masks_classes_not_in_memory(stream):
   ctx = make_ctx(stream)
   s = gdumb(mem_size=20)
@@ -1044,6 +1107,13 @@ def test_mir_retrieves_largest_loss_increase(stream):
   assert set(np.asarray(idx)) == set(np.argsort(-rise)[:5])
   # It is not simply the examples with the largest loss.
   assert np.max(rise) > 0
+  # Entries that are not valid are never picked, even the ones whose loss
+  # would rise most (here the top 10; drawn as candidates, they score -inf).
+  part = mem._replace(valid=mem.valid.at[np.argsort(-rise)[:10]].set(False))
+  idx, ok, _ = mir_retrieve(ctx, state.params, {}, grads, part,
+                            jax.random.PRNGKey(3), lr=0.5, candidates=30, k=5)
+  assert np.all(np.asarray(ok))
+  assert set(np.asarray(idx)) == set(np.argsort(-rise)[10:15])
 
 
 def test_mir_update_grads_adds_replay_gradient(stream):
@@ -1145,6 +1215,7 @@ def test_mir_bad_inputs():
   with pytest.raises(ValueError, match="candidates=600 is larger than the "
                      "memory capacity mem_size=500"):
     mir(mem_size=500, candidates=600)
+  mir(mem_size=20, batch_size=20, candidates=20)   # the bounds are allowed
   with pytest.raises(ValueError, match="exclude_current must be a bool"):
     mir(exclude_current=1)
   # An infinite virtual step ran and ranked by meaningless scores.
@@ -1229,6 +1300,62 @@ def test_latent_bad_layer_name(stream):
     latent_replay(lower_lr_scale=2.0)
   with pytest.raises(ValueError, match="smaller than the number of classes"):
     exstream(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+  # More replayed rows than stored ones: given, or the training batch (10).
+  with pytest.raises(ValueError, match="latent_replay replay batch_size=6 is "
+                     "larger than the memory capacity mem_size=5"):
+    latent_replay(mem_size=5, batch_size=6)
+  with pytest.raises(ValueError, match="latent_replay batch size 10 is larger "
+                     "than mem_size=5"):
+    latent_replay(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
+  with pytest.raises(ValueError, match="exstream batch size 12 is larger than "
+                     "the 10 centroid slots"):   # 12 // 10 classes: 1 each
+    exstream(mem_size=12, batch_size=12).init(ctx, jax.random.PRNGKey(0),
+                                              None)
+
+
+@pytest.mark.parametrize("spec", ["latent_replay", "exstream"])
+def test_latents_replayed_with_their_labels_through_the_upper_part(stream,
+                                                                    spec):
+  """The replayed latents are stored ones with their own labels, and the
+  loss hook is their mean cross-entropy through the upper part alone (split
+  at the backbone: the head, logits = h @ kernel + bias)."""
+  ctx = make_ctx(stream)
+  s = {"latent_replay": latent_replay, "exstream": exstream}[spec](
+      mem_size=40, batch_size=6)
+  # The first experience cut to 30 examples: the rest of its 270 rows is
+  # padding, which is not stored.
+  e0 = cut(stream.experiences[0], 30)
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  state = s.after_experience(ctx, state, e0)
+  ss, params = state.strategy, state.params
+  if spec == "latent_replay":   # memory entries: an example's features
+    valid = np.asarray(ss.memory.valid)
+    z, y = np.asarray(ss.memory.x)[valid], np.asarray(ss.memory.y)[valid]
+    feats = np.asarray(ctx.apply(params, {}, jnp.asarray(e0.train_x),
+                                 jnp.zeros(e0.num_train, jnp.int32),
+                                 features=True)[0])
+    d = ((z[:, None, :] - feats[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(d.min(1), 0.0, atol=1e-8)
+    np.testing.assert_array_equal(y, e0.train_y[d.argmin(1)])
+  else:                         # each class's buffer of centroids
+    n = np.asarray(ss.buffers.n)
+    np.testing.assert_array_equal(n.sum(1), np.bincount(e0.train_y,
+                                                        minlength=10))
+    c, k = np.nonzero(n)
+    z, y = np.asarray(ss.buffers.w)[c, k], c
+  b = jit_ctx(s.prepare_batch)(ctx, ss, batch_of(e0), jax.random.PRNGKey(7))
+  h, lab = np.asarray(b["latent_x"]), np.asarray(b["latent_y"])
+  np.testing.assert_array_equal(b["latent_mask"], [1.] * 6)
+  for row, c in zip(h, lab):
+    i = np.flatnonzero(np.all(z == row, axis=1))
+    assert i.size and c in y[i], (row, c)
+  kernel, bias = (np.asarray(params["head"][n], np.float64)
+                  for n in ("kernel", "bias"))
+  logits = h @ kernel + bias
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  want = -logp[np.arange(6), lab].mean()
+  np.testing.assert_allclose(s.loss(ctx, ss, params, b, None), want,
+                             rtol=1e-5)
 
 
 def test_latent_replay_on_a_model_without_layers_says_so():
@@ -1263,17 +1390,51 @@ def test_dgr_labels_from_previous_solver_and_loss_weights(stream):
   prev = fwd(ss.prev_params, x_rep, jnp.zeros(6, jnp.int32))
   want = np.argmax(np.where(np.asarray(ss.seen), prev, -np.inf), -1)
   np.testing.assert_array_equal(batch["y"][B:], want)
-  # Another previous solver gives other labels for the same samples.
-  other = ss._replace(prev_params=jax.tree.map(
-      lambda a: -a, ss.prev_params))
+  # Another previous solver gives other labels for the same samples; the
+  # generator being trained (changed too) does not make them, the previous
+  # one does.
+  other = ss._replace(prev_params=jax.tree.map(lambda a: -a, ss.prev_params),
+                      gen_params=jax.tree.map(lambda a: a + 1.0,
+                                              ss.gen_params))
   flipped = prepare(ctx, other, batch_of(exp1), key)
   np.testing.assert_array_equal(flipped["x"][B:], x_rep)
   assert not np.array_equal(flipped["y"][B:], batch["y"][B:])
-  # Loss = 1/2 * mean(current) + 1/2 * mean(replay) at t = 1.
-  logits = fwd(state.params, batch["x"], batch["task"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-  want = 0.5 * ce[:B].mean() + 0.5 * ce[B:].mean()
-  np.testing.assert_allclose(cross_entropy(logits, batch["y"], batch["mask"]),
+  # Loss = w * mean(current) + (1 - w) * mean(replay), the current mean
+  # over the batch's valid rows (7 of 10 here): w = 1/(t+1) at experience
+  # t, or current_weight if given, but 1 at t = 0 (nothing to replay).
+  # (At t = 1, 1/(t+1) = 1/2: a fixed half-half mix would pass there.)
+  cur = dict(batch_of(exp1), mask=jnp.asarray([1.] * 7 + [0.] * 3))
+  fixed = generative_replay(batch_size=6, hidden=(16,), latent=4,
+                            current_weight=0.3)
+  prepare_fixed = jit_ctx(fixed.prepare_batch)
+  for prep, t, w in ((prepare, 1, 1 / 2), (prepare, 2, 1 / 3),
+                     (prepare_fixed, 1, 0.3), (prepare_fixed, 0, 1.0)):
+    b = prep(ctx, ss._replace(experience=jnp.asarray(t, jnp.int32)), cur,
+             key)
+    logits = fwd(state.params, b["x"], b["task"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
+    want = w * ce[:7].mean() + (1 - w) * ce[B:].mean()
+    np.testing.assert_allclose(cross_entropy(logits, b["y"], b["mask"]),
+                               want, rtol=1e-5, err_msg=f"t={t}, w={w}")
+  # Distilled: the replayed rows leave the cross-entropy, and the loss hook
+  # is (1 - w) T^2 CE(softmax(S_prev / T), softmax(S / T)) over them, the
+  # previous solver's outputs over the classes seen before.
+  temp = 2.0
+  dist = generative_replay(batch_size=6, hidden=(16,), latent=4,
+                           distill=True, temperature=temp)
+  b = jit_ctx(dist.prepare_batch)(ctx, ss, batch_of(exp1), key)   # t = 1
+  np.testing.assert_array_equal(b["mask"][B:], [0.] * 6)
+  prev = np.asarray(fwd(ss.prev_params, b["x"][B:], jnp.zeros(6, jnp.int32)),
+                    np.float64) / temp
+  prev = np.where(np.asarray(ss.seen), prev, -np.inf)
+  soft = np.exp(prev - prev.max(1, keepdims=True))
+  soft /= soft.sum(1, keepdims=True)
+  logits = np.asarray(fwd(state.params, b["x"], b["task"]), np.float64)
+  s_t = logits[B:] / temp
+  logq = s_t - np.log(np.exp(s_t).sum(1, keepdims=True))
+  want = 0.5 * temp ** 2 * -(soft * logq).sum(1).mean()
+  np.testing.assert_allclose(dist.loss(ctx, ss, state.params, b,
+                                       jnp.asarray(logits, jnp.float32)),
                              want, rtol=1e-5)
 
 
@@ -1300,6 +1461,18 @@ def test_dgr_generator_learns_and_snapshots_are_copies(stream):
     b = s.prepare_batch(ctx, ss, b, key)
     return s.after_step(ctx, ss, StepInfo(None, None, None, None, b,
                                           jnp.zeros(())))
+
+  # From experience 1 on the generator also learns its own replayed
+  # samples: the fresh generator's first step on a batch whose current rows
+  # are all masked out moves it then, but not at experience 0 (nothing is
+  # replayed; Adam's first step on a zero gradient is zero).
+  empty = dict(batch_of(exp), mask=jnp.zeros((B,), jnp.float32))
+  for t, moves in ((0, False), (1, True)):
+    new = step(ss._replace(experience=jnp.asarray(t, jnp.int32)), empty,
+               jax.random.PRNGKey(99))
+    same = [np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(new.gen_params), jax.tree.leaves(ss.gen_params))]
+    assert not any(same) if moves else all(same), (t, same)
 
   for i in range(60):
     ss = step(ss, batch_of(exp, start=(i * B) % 300), jax.random.PRNGKey(i))
