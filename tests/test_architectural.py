@@ -384,20 +384,29 @@ def test_progressive_model_equals_hand_computation():
 # HAT.
 
 
-def test_hat_regulariser_matches_hand_computation(split_task):
-  c = make_config("hat", "hat_mlp", mkw={"s_max": 50.0})
+def _hat_at_step_3(split_task, experience, **hat_kw):
+  """HAT (s_max 50) at ``experience``'s start, its strategy state moved to
+  the experience's step 3 with cumulative attentions running 0..1 along
+  each layer: ``(ctx, strategy, state, sstate, s)``, ``s`` the annealed
+  scale 1/s_max + (s_max - 1/s_max) * 3 / (steps - 1) there."""
+  c = make_config("hat", "hat_mlp", mkw={"s_max": 50.0},
+                  skw={"hat": hat_kw} if hat_kw else None)
   s = experiment.setup(c, split_task)
   ctx, strat = s.learner.ctx, s.learner.strategy
   st = init_state(ctx, strat, 0)
-  st = strat.before_experience(ctx, st, s.scenario.experiences[0])
+  st = strat.before_experience(ctx, st, s.scenario.experiences[experience])
   ss = st.strategy._replace(
       cum=tuple(jnp.linspace(0.0, 1.0, a.shape[0]) for a in st.strategy.cum),
       count=jnp.asarray(3, jnp.int32))
+  s_val = 1 / 50 + (50 - 1 / 50) * 3 / (int(ss.steps) - 1)
+  return ctx, strat, st, ss, s_val
+
+
+def test_hat_regulariser_matches_hand_computation(split_task):
+  ctx, strat, st, ss, s_val = _hat_at_step_3(split_task, 0)
   # Compiled, as the training step runs it (op by op: many small programs).
   got = jax.jit(lambda ss, p: strat.loss(ctx, ss, p, None, None))(
       ss, st.params)
-  steps = int(ss.steps)
-  s_val = 1 / 50 + (50 - 1 / 50) * 3 / (steps - 1)
   num = den = 0.0
   for l, cum in enumerate(ss.cum):
     e = np.asarray(st.params[f"embedding_{l}"][0], np.float64)
@@ -413,20 +422,12 @@ def test_hat_conditions_and_compensates_gradients_by_hand(split_task):
   the biases by 1 - a_out^{<t}), embedding gradients by
   s_max / s * (cosh(clip(s e, +-50)) + 1) / (cosh(e) + 1) at the step's
   annealed s, and of the head only task 1's outputs."""
-  c = make_config("hat", "hat_mlp", mkw={"s_max": 50.0},
-                  skw={"hat": {"clipgrad": float("inf")}})
-  s = experiment.setup(c, split_task)
-  ctx, strat = s.learner.ctx, s.learner.strategy
-  st = init_state(ctx, strat, 0)
-  st = strat.before_experience(ctx, st, s.scenario.experiences[1])
-  ss = st.strategy._replace(
-      cum=tuple(jnp.linspace(0.0, 1.0, a.shape[0]) for a in st.strategy.cum),
-      count=jnp.asarray(3, jnp.int32))
+  ctx, strat, st, ss, s_val = _hat_at_step_3(split_task, 1,
+                                             clipgrad=float("inf"))
   leaves, tree = jax.tree.flatten(st.params)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
   grads = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
                                     for k, a in zip(keys, leaves)])
-  s_val = 1 / 50 + (50 - 1 / 50) * 3 / (int(ss.steps) - 1)
   for l in range(len(ss.cum)):
     # dL/de = dL/da * s * a (1 - a), as backpropagation gives it: the
     # compensation's cosh(s e) (~1e21 at the clip) then stays finite.
