@@ -323,6 +323,49 @@ def test_hal_anchors_and_running_features_on_split_digits(stream):
                                 sorted(both))
 
 
+def test_hal_anchors_are_learned_against_the_memory_finetuned_network(
+    stream, monkeypatch):
+  """θ_M is θ_t after finetune_steps SGD steps (rate anchor_lr) on memory
+  batches of the training batch size. With a memory of exactly that size,
+  full, each batch is the whole memory (drawn without replacement; the
+  mean loss does not depend on the order), so θ_M can be made by hand; the
+  anchors' random start is fixed here so the reference starts there too."""
+  lr, gamma, steps = 0.05, 0.3, 3
+  ctx = make_ctx(stream)
+  s = hal(mem_size=B, anchor_lr=lr, gamma=gamma, anchor_steps=steps,
+          finetune_steps=2)
+  e0 = stream.experiences[0]
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  state = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])(
+      state, batch_of(e0))
+  ss = state.strategy
+  assert np.asarray(ss.memory.valid).all()
+  classes = np.unique(e0.train_y).astype(np.int32)
+  task = jnp.zeros(classes.shape, jnp.int32)
+  start = jax.random.uniform(jax.random.PRNGKey(9),
+                             (len(classes),) + e0.train_x.shape[1:])
+  learn = hal_mod.learn_anchors
+  monkeypatch.setattr(hal_mod, "learn_anchors",
+                      lambda c, p_t, p_m, ms, phi, y, t, e, *a:
+                      learn(c, p_t, p_m, ms, phi, y, t, start, *a))
+  got = s.after_experience(ctx, state, e0).strategy.anchors[classes]
+  m = ss.memory
+  ce = lambda p: cross_entropy(ctx.logits(p, {}, m.x, m.task, train=True),
+                               m.y, jnp.ones((B,)))
+  sgd = jax.jit(lambda p: jax.tree.map(lambda a, g: a - lr * g, p,
+                                       jax.grad(ce)(p)))
+  theta = state.params
+  theta_m = sgd(sgd(theta))
+  anchors = jax.jit(lambda p_m: learn(ctx, theta, p_m, {}, ss.phi,
+                                      jnp.asarray(classes), task, start, lr,
+                                      gamma, steps))
+  want = anchors(theta_m)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                             atol=1e-5)
+  # θ_M matters: without the fine-tuning the anchors would be others.
+  assert float(jnp.abs(anchors(theta) - want).max()) > 1e-4
+
+
 def test_hal_anchor_slots(stream):
   """One slot per class (a class brought again replaces its anchor); in a
   domain-incremental stream one per class and experience."""
@@ -454,6 +497,12 @@ def test_mer_step_is_algorithm_1(stream, per_example, stored):
   assert prepared["mer_x"].shape == (B, batches, 3) + e0.train_x.shape[1:]
   ok = np.asarray(prepared["mer_ok"])
   assert ok.all() if stored == B else (ok.any() and not ok.all())
+  # Each incoming row's s batches, and each row's, are draws of their own
+  # (the reference below reads the draws from the batch, so one draw
+  # repeated would pass it).
+  draws = np.asarray(prepared["mer_x"]).reshape(B * batches, -1)
+  if stored == B:   # 20 ordered draws of 3 of 10 (720 such): few repeats
+    assert len({r.tobytes() for r in draws}) > B
   want = _mer_reference(ctx, state.params, prepared, lr, beta, gamma,
                         batches, per_example)
   for a, w in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):

@@ -11,8 +11,9 @@ import pytest
 
 from jaxcl import buffers, experiment, models, scenarios, train
 from jaxcl.state import StepInfo, cross_entropy
+from jaxcl.strategy import chain
 from jaxcl.strategies import exstream as exs
-from jaxcl.strategies.der import der
+from jaxcl.strategies.der import der, logit_mse
 from jaxcl.strategies.derpp import derpp
 from jaxcl.strategies.er_ace import ace_logits, er_ace
 from jaxcl.strategies.er_aml import er_aml, sample_pos_neg, sup_con_loss
@@ -348,6 +349,10 @@ def test_der_stores_step_logits_and_matches_them(stream):
   state3, loss, prepared = step(state2, b2)
   ok, ok2 = (np.asarray(prepared[k]) for k in ("derpp_ok", "derpp_ok2"))
   assert ok.all() and ok2.all()   # 10 stored >= 6 drawn
+  # The label term's rows are a second draw of their own, not the logit
+  # term's rows again (one in 151200 ordered draws of 6 of 10 would be).
+  assert not np.array_equal(np.asarray(prepared["derpp_x"]),
+                            np.asarray(prepared["derpp_x2"]))
   x1, z1 = prepared["derpp_x"], np.asarray(prepared["derpp_z"])
   stored = np.asarray(ss.memory.x[:B]).reshape(B, -1)
   for row, z in zip(np.asarray(x1).reshape(6, -1), z1):
@@ -361,6 +366,42 @@ def test_der_stores_step_logits_and_matches_them(stream):
   want = ce(p, b2) + alpha * mse + beta * ce(p, b_ce)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert int(state3.strategy.memory.seen) == 2 * B
+
+
+def test_der_logit_mse_by_hand():
+  """The squared error averaged over the valid rows and the logits; a
+  padding row (drawn from a memory holding fewer entries than the replay
+  batch) counts in neither. (A step's empty memory does not show this:
+  its zero inputs give a fresh MLP zero logits, as stored.)"""
+  rng = np.random.default_rng(0)
+  out, z = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+  ok = np.array([1.0, 1.0, 1.0, 0.0])   # the last row is padding
+  want = np.mean((out[:3] - z[:3]) ** 2)
+  got = jax.jit(logit_mse)(jnp.asarray(out), jnp.asarray(z), jnp.asarray(ok))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # No valid row: 0, not a division by zero.
+  assert float(jax.jit(logit_mse)(jnp.asarray(out), jnp.asarray(z),
+                                  jnp.zeros(4))) == 0.0
+
+
+def test_der_after_a_member_that_appends_rows_stores_the_incoming_ones(
+    stream):
+  """Behind replay, the step's logits have the appended rows after the
+  stream's: DER stores the incoming rows with the logits of *those* rows
+  (the first ones), not of the replayed rows."""
+  ctx = make_ctx(stream)
+  s = chain(replay(mem_size=20, batch_size=5), der(mem_size=30))
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  exp = stream.experiences[0]
+  state = step(train.init_state(ctx, s, 0), batch_of(exp))
+  b2 = batch_of(exp, start=B)   # 5 replayed rows appended to these 10
+  new = step(state, b2)
+  ss = new.strategy[1]
+  # 20 seen of 30 slots: the second batch fills slots 10-19 in order.
+  np.testing.assert_array_equal(np.asarray(ss.memory.x[B:2 * B]), b2["x"])
+  want = np.asarray(logits_fn(ctx)(state.params, {}, b2["x"], b2["task"]))
+  np.testing.assert_allclose(np.asarray(ss.logits[B:2 * B]), want,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_der_without_beta_is_derpp_without_its_label_term(stream):

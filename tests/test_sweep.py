@@ -62,11 +62,18 @@ def test_vmapped_seeds_and_learning_rates_equal_separate_runs():
   # Runs really differ (seeds and learning rates are not shared).
   assert not np.allclose(r.accuracy[0], r.accuracy[1])
   assert not np.allclose(r.accuracy[0], r.accuracy[3])
-  g = r.groups[0]
-  accs = [r.metrics[i]["acc"] for i in range(3)]
-  assert g["n"] == 3 and g["setting"] == {"optimizer.learning_rate": 0.1}
-  assert g["acc"][0] == pytest.approx(np.mean(accs))
-  assert g["acc"][1] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(3))
+  # Each run's metrics are those of its own matrix (acc: the mean of its
+  # last row), not another run's.
+  np.testing.assert_allclose([m["acc"] for m in r.metrics],
+                             r.accuracy[:, -1].mean(-1), rtol=1e-6)
+  # Every setting's group holds its own three runs (members 3j..3j+2),
+  # not only the first.
+  for j, lr in enumerate((0.1, 0.03)):
+    g = r.groups[j]
+    accs = r.accuracy[3 * j:3 * j + 3, -1].mean(-1)
+    assert g["n"] == 3 and g["setting"] == {"optimizer.learning_rate": lr}
+    assert g["acc"][0] == pytest.approx(np.mean(accs))
+    assert g["acc"][1] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(3))
 
 
 def test_unsweepable_key_is_an_error():
@@ -82,6 +89,13 @@ def test_sweep_checkpoint_refuses_other_seeds(tmp_path):
   sweep.sweep(c, seeds=[0, 1], workdir=str(tmp_path / "s"))
   data = json.load(open(tmp_path / "s" / "sweep.json"))
   assert len(data["accuracy"]) == 2
+  # Per run, in the members' order: its seed, and the metrics of its own
+  # matrix (acc: the mean of the last row); the runs really differ.
+  assert [m["seed"] for m in data["members"]] == [0, 1]
+  np.testing.assert_allclose([m["acc"] for m in data["metrics"]],
+                             np.mean(np.asarray(data["accuracy"])[:, -1], -1),
+                             rtol=1e-9)
+  assert data["metrics"][0]["acc"] != data["metrics"][1]["acc"]
   # The directory's matrix is the runs' mean, and says so.
   mean = json.load(open(tmp_path / "s" / "accuracy_matrix.json"))
   assert mean["mean_of_runs"] == 2 and mean["per_run"] == "sweep.json"
