@@ -102,6 +102,7 @@ def test_permuted_are_permutations_and_differ(digits):
     # Recover the permutation column by column from distinct pixel columns.
     np.testing.assert_allclose(np.sort(ex, axis=1), np.sort(flat, axis=1))
     np.testing.assert_array_equal(e.train_y, digits.train_y)
+    np.testing.assert_array_equal(e.test_y, digits.test_y)
     perms.append(ex)
   assert not np.array_equal(perms[0], perms[1])
   assert not np.array_equal(perms[1], perms[2])
@@ -205,6 +206,23 @@ def test_rotation_matches_pil_direction_and_nearest_pixels(angle):
   assert np.abs(ours("bilinear") - pil(image.BILINEAR))[inner].max() < 1.0
 
 
+def test_rotated_draws_a_seeded_angle_per_experience_below_max_angle():
+  """Without ``angles``, experience i is rotated by the i-th of
+  ``n_experiences`` angles drawn uniformly in [0, max_angle) from
+  ``seed`` (the GEM paper's Rotated MNIST): each experience its own angle,
+  each seed its own draw."""
+  x = np.random.default_rng(2).integers(1, 5, (2, 9, 9, 1)).astype(
+      np.float32)
+  y = np.array([0, 1], np.int32)
+  d = Dataset("toy", x, y, x[:1].copy(), y[:1].copy(), 2)
+  for seed, max_angle in ((0, 180.0), (3, 60.0)):
+    s = scenarios.rotated(d, 3, seed=seed, max_angle=max_angle)
+    want = np.random.default_rng(seed).uniform(0, max_angle, 3)
+    for e, a in zip(s.experiences, want):
+      np.testing.assert_array_equal(e.train_x, scenarios._rotate(x, a))
+      np.testing.assert_array_equal(e.test_x, scenarios._rotate(x[:1], a))
+
+
 def test_rotated_interpolation_is_checked_and_configurable():
   x = np.random.default_rng(1).integers(1, 5, (3, 9, 9, 1)).astype(
       np.float32)
@@ -231,6 +249,11 @@ def test_online_and_from_arrays():
   s = scenarios.from_arrays(train, test, kind="task")
   assert s.num_classes == 4 and s.num_tasks == 2
   assert s.experiences[1].classes == (2, 3)
+  # Task-IL: experience i is task i, on every train and test row.
+  for i, e in enumerate(s.experiences):
+    assert e.task_id == i
+    np.testing.assert_array_equal(e.train_task, np.full(20, i))
+    np.testing.assert_array_equal(e.test_task, np.full(6, i))
   np.testing.assert_array_equal(np.flatnonzero(s.task_classes[1]), [2, 3])
   o = scenarios.online(s)
   assert o.online and len(o) == 2

@@ -12,6 +12,7 @@ import pytest
 
 import jaxcl
 from jaxcl import datasets, experiment, scenarios, train
+from jaxcl.state import TrainState
 from jaxcl.strategy import Strategy, chain, predict_once_ready
 
 
@@ -148,7 +149,16 @@ def test_epoch_indices_cover_each_example_once():
   # Padding only after the valid entries; all-padding rows are skipped.
   flat = idx.ravel()
   assert (flat[:37] >= 0).all() and (flat[37:] == -1).all()
-
+  # The order is a function of (run key, experience, epoch): the same
+  # arguments draw it again (a resumed run), and another epoch, experience
+  # or seed draws another (an order reused across epochs, or shared by
+  # every seed of a sweep, still covers each example once).
+  draw = lambda seed, exp, epoch: np.asarray(train.epoch_indices(
+      jax.random.PRNGKey(seed), exp, epoch, 37, 50, steps=7, batch_size=8))
+  np.testing.assert_array_equal(draw(0, 1, 2), idx)
+  for other in (draw(0, 1, 3), draw(0, 2, 2), draw(1, 1, 2)):
+    assert sorted(other[other >= 0].tolist()) == list(range(37))
+    assert not np.array_equal(other, idx)
 
 
 def test_batch_index_names_each_rows_place_in_the_experience(digits):
@@ -184,6 +194,25 @@ def test_batch_index_names_each_rows_place_in_the_experience(digits):
   np.testing.assert_array_equal(count[n:], 0)
   np.testing.assert_allclose(
       sums[:n], exp.train_x.reshape(n, -1).sum(-1), rtol=1e-6)
+
+
+def test_evaluate_counts_only_each_test_sets_own_rows(digits):
+  """Each test set is padded to a multiple of the eval batch (label 0
+  there); a predictor that always says class 0 scores each set's share
+  of label 0 (NumPy), so padding counted as valid would show."""
+  c = quick_config()
+  s = experiment.setup(c, scenarios.split(digits, 5))
+  exps = s.scenario.experiences[:2]  # classes 0-1, then 2-3
+  zero = Strategy(predict=lambda ctx, ss, p, ms, x, t: jnp.zeros(
+      (x.shape[0], 10)).at[:, 0].set(1.0), name="zero")
+  state = train.init_state(s.learner.ctx, zero, 0)
+  test = train.test_arrays(exps, 64)
+  assert (test["count"] < test["y"].shape[1]).all()  # both padded
+  acc = train.evaluate(s.learner.ctx, zero, state,
+                       jax.tree.map(jnp.asarray, test), eval_batch_size=64)
+  np.testing.assert_allclose(
+      np.asarray(acc), [np.mean(e.test_y == 0) for e in exps], rtol=1e-6)
+
 
 def test_padding_steps_are_skipped(digits):
   """A small experience in a stream of big ones takes ceil(n/B) steps."""
@@ -238,6 +267,43 @@ def test_chain_matches_manual_composition():
   assert float(pc.loss(None, ss, params, None, None)) == pytest.approx(
       0.75 * 5.0)
   assert pc.name == "l2_0.5+l2_0.25"
+  # prepare_batch runs left to right (double then add 1: 2x + 1, not
+  # 2(x + 1)), every member's, each with its own key.
+  def prep(f, name):
+    return Strategy(prepare_batch=lambda ctx, ss, b, k: {
+        "x": f(b["x"]), "keys": b["keys"] + (jax.random.key_data(k),)},
+        name=name)
+  pb = chain(prep(lambda x: 2 * x, "double"), prep(lambda x: x + 1, "inc"))
+  out = pb.prepare_batch(None, ((), ()), {"x": jnp.array([1.0, 2.0]),
+                                         "keys": ()}, key)
+  np.testing.assert_allclose(out["x"], [3.0, 5.0])
+  assert len(out["keys"]) == 2
+  assert not np.array_equal(out["keys"][0], out["keys"][1])
+  # The one predictor gets its own state slot, wherever it sits.
+  pr = Strategy(init=lambda ctx, key, params: jnp.asarray(7.0),
+                predict=lambda ctx, ss, p, ms, x, t: ss * x, name="pr")
+  cp = chain(_penalty(0.5), pr)
+  np.testing.assert_allclose(cp.predict(None, cp.init(None, key, params),
+                                        None, None, jnp.ones(2), None),
+                             [7.0, 7.0])
+  # init and update_grads also give each member its own key (two
+  # stochastic members would otherwise draw the same numbers).
+  keyed = lambda name: Strategy(
+      init=lambda ctx, k, params: jax.random.key_data(k),
+      update_grads=lambda ctx, ss, g, p, b, k: g + (jax.random.key_data(k),),
+      name=name)
+  kc = chain(keyed("a"), keyed("b"))
+  a, b = kc.init(None, key, None)
+  assert not np.array_equal(a, b)
+  a, b = kc.update_grads(None, (a, b), (), None, None, key)
+  assert not np.array_equal(a, b)
+  # Look-ahead penalties add up; one member asking for the task gradient
+  # is enough.
+  look = lambda w: Strategy(lookahead_loss=lambda ctx, ss, p, b: w * p,
+                            name=f"look{w}")
+  lc = chain(look(2.0), Strategy(), look(3.0))
+  assert float(lc.lookahead_loss(None, ((), (), ()), 1.0, None)) == 5.0
+  assert chain(Strategy(), Strategy(needs_task_grads=True)).needs_task_grads
   with pytest.raises(ValueError, match="call init first"):
     pc.loss(None, (ss[0],), params, None, None)
 
@@ -253,6 +319,81 @@ def test_chain_gives_each_after_step_its_own_key():
   a, b = c.after_step(None, c.init(None, jax.random.PRNGKey(0), None), info)
   assert not np.array_equal(a, b)
   assert not np.array_equal(a, jax.random.key_data(info.key))
+
+
+def _ctx_and_first_batch(digits, config):
+  """Split Digits under ``config``: the learner's context and a full batch
+  of the first experience's first 16 rows."""
+  s = experiment.setup(config, scenarios.split(digits, 5))
+  ctx, exp = s.learner.ctx, s.scenario.experiences[0]
+  batch = {"x": jnp.asarray(exp.train_x[:16]),
+           "y": jnp.asarray(exp.train_y[:16]),
+           "task": jnp.asarray(exp.train_task[:16]),
+           "mask": jnp.ones((16,), jnp.float32),
+           "index": jnp.arange(16, dtype=jnp.int32)}
+  return ctx, batch
+
+
+def test_after_step_sees_the_steps_parameters_gradient_and_key(digits):
+  """after_step's StepInfo holds the parameters before and after this
+  step's update and the gradient the optimiser applied (after every
+  member's update_grads): under plain SGD, before - after = lr * grads.
+  Its key is new at every step (keys fold in the step counter)."""
+  lr = 0.1
+  ctx, batch = _ctx_and_first_batch(
+      digits, quick_config(**{"optimizer.learning_rate": lr}))
+
+  def init(ctx, key, params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return zeros, zeros, zeros, jnp.zeros(2, jnp.uint32)
+
+  probe = Strategy(init=init, after_step=lambda ctx, ss, info: (
+      info.params_before, info.params_after, info.grads,
+      jax.random.key_data(info.key)), name="probe")
+  # _scale(2) doubles the gradient first: the probe must see the doubled
+  # one, the one applied.
+  strategy = chain(_scale(2.0), probe)
+  state = train.init_state(ctx, strategy, 0)
+  step = jax.jit(lambda st: train.train_step(ctx, strategy, st, batch)[0])
+  keys = []
+  for _ in range(2):
+    p0 = jax.tree.map(np.asarray, state.params)
+    state = step(state)
+    before, after, grads, k = state.strategy[1]
+    keys.append(np.asarray(k))
+    for b, a, g, q0, q1 in zip(*map(jax.tree.leaves, (
+        before, after, grads, p0, state.params))):
+      np.testing.assert_array_equal(np.asarray(b), q0)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(q1))
+      assert np.abs(q0 - np.asarray(q1)).max() > 1e-4
+      np.testing.assert_allclose(q0 - np.asarray(q1), lr * np.asarray(g),
+                                 rtol=1e-4, atol=1e-6)
+  assert not np.array_equal(keys[0], keys[1])
+
+
+def test_chain_experience_hooks_run_in_order_on_one_state():
+  """before_experience and after_experience run left to right on one
+  TrainState: each member sees what the members before it wrote into the
+  weights (double then add 1: 2p + 1), and writes its own state slot."""
+  def writer(f, bump, name):
+    def hook(ctx, state, experience):
+      return state.replace(params=f(state.params),
+                           strategy=state.strategy + bump)
+    return Strategy(init=lambda ctx, key, params: jnp.int32(0),
+                    before_experience=hook, after_experience=hook, name=name)
+
+  ch = chain(writer(lambda p: 2 * p, 1, "double"),
+             writer(lambda p: p + 1, 10, "inc"))
+  state = TrainState(step=jnp.int32(0), params=jnp.float32(1.0),
+                     opt_state=(), model_state={},
+                     strategy=ch.init(None, jax.random.PRNGKey(0), None),
+                     rng=jax.random.PRNGKey(0))
+  state = ch.before_experience(None, state, None)
+  assert float(state.params) == 3.0
+  assert tuple(int(a) for a in state.strategy) == (1, 10)
+  state = ch.after_experience(None, state, None)
+  assert float(state.params) == 7.0
+  assert tuple(int(a) for a in state.strategy) == (2, 20)
 
 
 def test_chain_rejects_two_predictors():
@@ -464,12 +605,22 @@ def test_project_params_and_task_loss_hooks_in_the_step():
 
   clamp = Strategy(project_params=lambda ctx, ss, p: jax.tree.map(
       lambda a: jnp.clip(a, -0.01, 0.01), p), name="clamp")
-  p0, p1 = one_chunk(chain(Strategy(), clamp))
-  leaves = jax.tree.leaves(p1)
-  assert max(float(jnp.abs(a).max()) for a in leaves) <= 0.01
-  assert max(float(np.abs(a).max()) for a in jax.tree.leaves(p0)) > 0.01
-  zero = Strategy(task_loss=lambda ctx, ss, logits, batch: 0.0 * jnp.sum(
-      logits), name="zero")
+  # Each member's projection applies in turn: the clamp first or last.
+  for pair in ((Strategy(), clamp), (clamp, Strategy())):
+    p0, p1 = one_chunk(chain(*pair))
+    leaves = jax.tree.leaves(p1)
+    assert max(float(jnp.abs(a).max()) for a in leaves) <= 0.01
+    assert max(float(np.abs(a).max()) for a in jax.tree.leaves(p0)) > 0.01
+  # The task loss scales the logits by its own state slot (0), in either
+  # place in the chain; the other member's slot holds 1.
+  zero = Strategy(init=lambda ctx, key, params: jnp.asarray(0.0),
+                  task_loss=lambda ctx, ss, logits, batch: ss * jnp.sum(
+                      logits), name="zero")
+  one = Strategy(init=lambda ctx, key, params: jnp.asarray(1.0), name="one")
+  for pair in ((zero, one), (one, zero)):
+    p0, p1 = one_chunk(chain(*pair))
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+      np.testing.assert_array_equal(a, np.asarray(b))
   p0, p1 = one_chunk(chain(zero, Strategy()))
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
     np.testing.assert_array_equal(a, np.asarray(b))
@@ -972,15 +1123,8 @@ def test_scale_updates_scales_the_optimisers_step_and_the_lookahead(digits):
   times the plain one while the moments are the plain ones; a chain applies
   its members' scales in turn, and a look-ahead penalty is taken at the
   scaled step."""
-  c = quick_config(**{"optimizer.name": "adam",
-                      "optimizer.learning_rate": 1e-3})
-  s = experiment.setup(c, scenarios.split(digits, 5))
-  ctx, exp = s.learner.ctx, s.scenario.experiences[0]
-  batch = {"x": jnp.asarray(exp.train_x[:16]),
-           "y": jnp.asarray(exp.train_y[:16]),
-           "task": jnp.asarray(exp.train_task[:16]),
-           "mask": jnp.ones((16,), jnp.float32),
-           "index": jnp.arange(16, dtype=jnp.int32)}
+  ctx, batch = _ctx_and_first_batch(digits, quick_config(**{
+      "optimizer.name": "adam", "optimizer.learning_rate": 1e-3}))
 
   def scaler(f, name):
     return Strategy(scale_updates=lambda ctx, ss, u: jax.tree.map(
