@@ -60,6 +60,18 @@ def grads_of(ctx, state, batch):
   return _batch_grads(ctx, state.params, state.model_state, batch)
 
 
+def at_third_experience(ctx, strategy, stream):
+  """``strategy``'s state at experience 2's start, the memories of
+  experiences 0 and 1 filled (no training), with a batch of experience 2
+  and its cross-entropy gradient: ``(state, batch, grads)``."""
+  state = train.init_state(ctx, strategy, 0)
+  exps = stream.experiences
+  state = run_hooks(ctx, strategy, state, exps[:2])
+  state = strategy.before_experience(ctx, state, exps[2])
+  batch = batch_of(exps[2])
+  return state, batch, grads_of(ctx, state, batch)
+
+
 # The references' gradients and projections, jitted once per shape (with
 # the context shared by a module fixture, the cache holds across tests).
 memory_grad = jax.jit(jax.grad(memory_loss, argnums=1), static_argnums=0)
@@ -298,12 +310,7 @@ def test_gem_sample_per_experience_draws_a_uniform_subset_of_each_block(
   are used (not always the same rows)."""
   ctx, m, sub = mlp_ctx, 4, 2
   s = gem(mem_per_experience=m, sample_per_experience=sub)
-  state = train.init_state(ctx, s, 0)
-  exps = stream.experiences
-  state = run_hooks(ctx, s, state, exps[:2])
-  state = s.before_experience(ctx, state, exps[2])
-  batch = batch_of(exps[2])
-  g = grads_of(ctx, state, batch)
+  state, batch, g = at_third_experience(ctx, s, stream)
   gf = flat(g)
   mem = state.strategy.memory
   subsets = list(itertools.combinations(range(m), sub))
@@ -547,12 +554,7 @@ def test_agem_projection_equals_closed_form():
 def test_agem_update_uses_a_sample_of_past_memory(stream, mlp_ctx):
   ctx = mlp_ctx
   s = agem(mem_per_experience=8, sample_size=12)
-  state = train.init_state(ctx, s, 0)
-  exps = stream.experiences
-  state = run_hooks(ctx, s, state, exps[:2])
-  state = s.before_experience(ctx, state, exps[2])
-  batch = batch_of(exps[2])
-  g = grads_of(ctx, state, batch)
+  state, batch, g = at_third_experience(ctx, s, stream)
   key = jax.random.PRNGKey(7)
   new = jax.jit(s.update_grads, static_argnums=0)(
       ctx, state.strategy, g, state.params, batch, key)
