@@ -5,6 +5,7 @@ import gc
 import os
 import sys
 
+import numpy as np
 import pytest
 
 # Tests compile hundreds of small programs, and XLA:CPU's compiler
@@ -94,7 +95,6 @@ def split_predictions(result, data, n_experiences=5):
   class-incremental split's task ids are all 0, and the check would see
   only the first task (as both tests did before session 39)."""
   import jax.numpy as jnp
-  import numpy as np
   from jaxcl import scenarios
   exps = scenarios.split(data, n_experiences, kind="task").experiences
   tx = np.concatenate([e.test_x for e in exps])
@@ -104,6 +104,19 @@ def split_predictions(result, data, n_experiences=5):
       learner.ctx, state.strategy, state.params, state.model_state,
       jnp.asarray(tx), jnp.asarray(tt))
   return np.asarray(scores).argmax(1), tt
+
+
+def np_log_softmax(z):
+  """log softmax over the last axis, in NumPy (the tests' references);
+  shifted by the maximum so that large logits do not overflow."""
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_softmax(z):
+  """softmax over the last axis, in NumPy, shifted as ``np_log_softmax``."""
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_softmax
 from jaxcl import buffers, train
 from jaxcl.state import StepInfo
 from jaxcl.strategies import clser as clser_mod
@@ -108,11 +109,6 @@ def test_consistency_target_picks_the_surer_memory_per_row():
       got, np.stack([plastic[0], stable[1], stable[2], plastic[3]]))
 
 
-def _softmax(z):
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
 def test_step_loss_is_cross_entropy_plus_lambda_consistency(stream):
   ctx = make_ctx(stream)
   e0 = stream.experiences[0]
@@ -138,9 +134,10 @@ def test_step_loss_is_cross_entropy_plus_lambda_consistency(stream):
   y = np.asarray(prepared["y"])
   n = B + r
   assert z.shape[0] == n and np.asarray(prepared["mask"]).sum() == n
-  ce = -np.log(_softmax(z)[np.arange(n), y]).mean()
+  ce = -np.log(np_softmax(z)[np.arange(n), y]).mean()
   rows = slice(B, n)
-  pick_s = (_softmax(zs)[np.arange(n), y] > _softmax(zp)[np.arange(n), y])
+  pick_s = (np_softmax(zs)[np.arange(n), y] >
+            np_softmax(zp)[np.arange(n), y])
   target = np.where(pick_s[:, None], zs, zp)[rows]
   assert 0 < pick_s[rows].sum() < r   # both memories chosen somewhere
   cons = ((z[rows] - target) ** 2).mean()

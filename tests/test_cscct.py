@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_log_softmax
 from jaxcl import train
 from jaxcl.strategies import cscct as cc
 from jaxcl.strategies.cscct import cscct
@@ -37,13 +38,8 @@ def np_ct(cur, prev, f, f_old, t):
   """``get_ct_loss`` without the weight: ``KLDivLoss()`` (reduction
   'mean': over every element) of log_softmax(current) against
   softmax(previous), times ``t²``."""
-
-  def log_softmax(s):
-    s = s - s.max(axis=1, keepdims=True)
-    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
-
-  inp = log_softmax(np_sim(f[cur], f[prev]) / t)
-  target = np.exp(log_softmax(np_sim(f_old[cur], f_old[prev]) / t))
+  inp = np_log_softmax(np_sim(f[cur], f[prev]) / t)
+  target = np.exp(np_log_softmax(np_sim(f_old[cur], f_old[prev]) / t))
   return np.mean(target * (np.log(target) - inp)) * t ** 2
 
 

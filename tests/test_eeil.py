@@ -8,18 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_softmax
 from jaxcl import buffers, train
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies.eeil import balanced_subset, eeil, group_distillation
 from jaxcl.strategy import chain
 from jaxcl.strategies.generative_replay import generative_replay
 from test_replay import B, after_first, batch_of, make_ctx
-
-
-def _softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
 
 
 def _group_kd(s, t, class_exp, upto, w, temp):
@@ -29,8 +24,8 @@ def _group_kd(s, t, class_exp, upto, w, temp):
     cols = np.flatnonzero(class_exp == e)
     if not cols.size:
       continue
-    p = _softmax(t[:, cols] / temp)
-    logq = np.log(_softmax(s[:, cols] / temp))
+    p = np_softmax(t[:, cols] / temp)
+    logq = np.log(np_softmax(s[:, cols] / temp))
     total += np.sum(w * -(p * logq).sum(-1)) / max(w.sum(), 1.0)
   return total
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_log_softmax
 from partial_runs import run_keeping_states
 from test_replay import B, batch_of, make_ctx
 from test_replay import config as replay_config
@@ -1262,10 +1263,7 @@ def test_negative_replay_step_loss_by_hand(stream):
         ctx, state.strategy, state.params, batch, z)
     return float(got), np.asarray(z, np.float64), np.asarray(batch["y"])
 
-  def ce(z, y):
-    m = z.max(1, keepdims=True)
-    lse = np.log(np.exp(z - m).sum(1)) + m[:, 0]
-    return lse - z[np.arange(len(y)), y]
+  ce = lambda z, y: -np_log_softmax(z)[np.arange(len(y)), y]
 
   state = train.unalias(s.before_experience(ctx, state, exps[0]))
   got, z, y = loss_and_rows(state, exps[0], jax.random.PRNGKey(1))
@@ -1344,14 +1342,9 @@ def test_bic_loss_is_weighted_ce_plus_temperature_distillation():
   old = np.array([True, True, False, False, False, False])
   active = np.array([True, True, True, True, False, False])
   lam, t = 0.5, 2.0
-
-  def log_softmax(a):
-    a = a - a.max(1, keepdims=True)
-    return a - np.log(np.exp(a).sum(1, keepdims=True))
-
-  ce = -log_softmax(z[:, active])[np.arange(5), y]
-  p_old = np.exp(log_softmax(zt[:, old] / t))
-  kd = -(p_old * log_softmax(z[:, old] / t)).sum(1)
+  ce = -np_log_softmax(z[:, active])[np.arange(5), y]
+  p_old = np.exp(np_log_softmax(zt[:, old] / t))
+  kd = -(p_old * np_log_softmax(z[:, old] / t)).sum(1)
   want = (1 - lam) * (ce * mask).sum() / mask.sum() + \
       lam * (kd * mask).sum() / mask.sum()
   got = bic_loss(*(jnp.asarray(a) for a in (z, zt, y, mask, old, active)),

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jaxcl
+from conftest import np_softmax
 from jaxcl import buffers, experiment, strategies, train
 from jaxcl.state import cross_entropy
 from jaxcl.strategies import rar as rar_mod
@@ -56,12 +57,8 @@ def test_mi_fgsm_matches_numpy_on_a_linear_model():
   tgt = rng.integers(0, c, size=n)
   hf = rng.normal(size=(n, d)).astype(np.float32)   # feature targets
 
-  def softmax(z):
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
   # Label attack: d/dx CE(xW + b, t) = (softmax - onehot(t)) W^T.
-  ce_grad = lambda x: (softmax(x @ W + b) - np.eye(c)[tgt]) @ W.T
+  ce_grad = lambda x: (np_softmax(x @ W + b) - np.eye(c)[tgt]) @ W.T
   ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(
       z @ W + b, jnp.asarray(tgt))
   # Feature attack with identity features: d/dx mean((x - h)^2) = 2(x-h)/d.

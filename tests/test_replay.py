@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import np_log_softmax, np_softmax
 from jaxcl import buffers, experiment, models, scenarios, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategy import chain
@@ -485,9 +486,7 @@ def ace_state(ctx, s, exp, experience, seen):
 
 
 def log_softmax_over(z, classes):
-  z = np.asarray(z, np.float64)[:, classes]
-  return z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1,
-                    keepdims=True)) - z.max(1, keepdims=True)
+  return np_log_softmax(np.asarray(z, np.float64)[:, classes])
 
 
 def test_er_ace_loss_is_hand_computed_and_spares_old_logits(stream):
@@ -1392,9 +1391,7 @@ def test_latents_replayed_with_their_labels_through_the_upper_part(stream,
     assert i.size and c in y[i], (row, c)
   kernel, bias = (np.asarray(params["head"][n], np.float64)
                   for n in ("kernel", "bias"))
-  logits = h @ kernel + bias
-  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-  want = -logp[np.arange(6), lab].mean()
+  want = -np_log_softmax(h @ kernel + bias)[np.arange(6), lab].mean()
   np.testing.assert_allclose(s.loss(ctx, ss, params, b, None), want,
                              rtol=1e-5)
 
@@ -1468,12 +1465,9 @@ def test_dgr_labels_from_previous_solver_and_loss_weights(stream):
   prev = np.asarray(fwd(ss.prev_params, b["x"][B:], jnp.zeros(6, jnp.int32)),
                     np.float64) / temp
   prev = np.where(np.asarray(ss.seen), prev, -np.inf)
-  soft = np.exp(prev - prev.max(1, keepdims=True))
-  soft /= soft.sum(1, keepdims=True)
   logits = np.asarray(fwd(state.params, b["x"], b["task"]), np.float64)
-  s_t = logits[B:] / temp
-  logq = s_t - np.log(np.exp(s_t).sum(1, keepdims=True))
-  want = 0.5 * temp ** 2 * -(soft * logq).sum(1).mean()
+  logq = np_log_softmax(logits[B:] / temp)
+  want = 0.5 * temp ** 2 * -(np_softmax(prev) * logq).sum(1).mean()
   np.testing.assert_allclose(dist.loss(ctx, ss, state.params, b,
                                        jnp.asarray(logits, jnp.float32)),
                              want, rtol=1e-5)

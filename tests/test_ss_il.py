@@ -9,23 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_log_softmax, np_softmax
 from jaxcl import buffers, experiment, train
 from jaxcl.strategies.icarl import icarl
 from jaxcl.strategies.ss_il import SSILState, separated_cross_entropy, ss_il
 from jaxcl.strategy import chain
 from test_replay import B, after_first, batch_of, config, make_ctx
-
-
-def _log_softmax_over(z, cols):
-  sub = z[cols]
-  sub = sub - sub.max()
-  return sub - np.log(np.exp(sub).sum())
-
-
-def _softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
 
 
 def test_separated_cross_entropy_by_hand():
@@ -40,8 +29,8 @@ def test_separated_cross_entropy_by_hand():
   old = np.array([1, 1, 1, 0, 0, 0, 0], bool)
   cols = {"cur": [3, 4], "old": [0, 1, 2], "all": [0, 1, 2, 3, 4]}
   parts = ["cur", "cur", "cur", "old", "old", "all"]
-  terms = [-_log_softmax_over(z[i], cols[parts[i]])[cols[parts[i]].index(
-      y[i])] for i in range(6)]
+  terms = [-np_log_softmax(z[i][cols[parts[i]]])[cols[parts[i]].index(y[i])]
+           for i in range(6)]
   want = np.sum(mask * np.array(terms)) / mask.sum()
   got = separated_cross_entropy(jnp.asarray(z), jnp.asarray(y),
                                 jnp.asarray(mask), 3, jnp.asarray(current),
@@ -89,14 +78,14 @@ def test_task_loss_is_separated_ce_plus_task_wise_kd_by_hand(stream):
                                      ss.current, ss.seen))
   kd, kl = 0.0, 0.0
   for cols in ([0, 1], [2, 3]):
-    p = _softmax(zt[:, cols] / temp)
-    logq = np.log(_softmax(z[:, cols] / temp))
+    p = np_softmax(zt[:, cols] / temp)
+    logq = np.log(np_softmax(z[:, cols] / temp))
     kd += np.sum(mask * -(p * logq).sum(-1)) / mask.sum()
     kl += np.sum(mask * (p * (np.log(p) - logq)).sum(-1)) / mask.sum()
   np.testing.assert_allclose(got, ce + lam * temp ** 2 * kd, rtol=1e-5)
   ent = 0.0
   for cols in ([0, 1], [2, 3]):
-    p = _softmax(zt[:, cols] / temp)
+    p = np_softmax(zt[:, cols] / temp)
     ent += np.sum(mask * -(p * np.log(p)).sum(-1)) / mask.sum()
   np.testing.assert_allclose(kd, kl + ent, rtol=1e-5)
   # Each old task is its own softmax: shifting one task's logits leaves
@@ -151,8 +140,8 @@ def test_hooks_mark_each_class_experience_and_turn_the_distillation_on(
   zt = np.asarray(ctx.logits(ss.teacher, ss.teacher_model_state, b["x"],
                              b["task"]))
   z, mask = np.asarray(z), np.asarray(b["mask"])
-  p = _softmax(zt[:, :2] / temp)
-  logq = np.log(_softmax(z[:, :2] / temp))
+  p = np_softmax(zt[:, :2] / temp)
+  logq = np.log(np_softmax(z[:, :2] / temp))
   kd = np.sum(mask * -(p * logq).sum(-1)) / mask.sum()
   assert lam * temp ** 2 * kd > 0.1, kd
   np.testing.assert_allclose(got - ce, lam * temp ** 2 * kd, rtol=1e-4)
