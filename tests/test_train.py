@@ -14,6 +14,7 @@ import jaxcl
 from jaxcl import datasets, experiment, scenarios, train
 from jaxcl.state import TrainState
 from jaxcl.strategy import Strategy, chain, predict_once_ready
+from test_replay import batch_of
 
 
 def quick_config(**overrides):
@@ -326,12 +327,7 @@ def _ctx_and_first_batch(digits, config):
   of the first experience's first 16 rows."""
   s = experiment.setup(config, scenarios.split(digits, 5))
   ctx, exp = s.learner.ctx, s.scenario.experiences[0]
-  batch = {"x": jnp.asarray(exp.train_x[:16]),
-           "y": jnp.asarray(exp.train_y[:16]),
-           "task": jnp.asarray(exp.train_task[:16]),
-           "mask": jnp.ones((16,), jnp.float32),
-           "index": jnp.arange(16, dtype=jnp.int32)}
-  return ctx, batch
+  return ctx, dict(batch_of(exp, n=16), index=jnp.arange(16, dtype=jnp.int32))
 
 
 def test_after_step_sees_the_steps_parameters_gradient_and_key(digits):
