@@ -348,6 +348,14 @@ def test_progressive_earlier_columns_bit_identical(split_task):
     pnn_lib.checked_column(states[1], 4)
 
 
+def _normal_like(tree, key):
+  """A tree shaped as ``tree``, every leaf standard normal (its own key)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape)
+                                      for k, a in zip(keys, leaves)])
+
+
 def test_progressive_model_equals_hand_computation():
   """Eq. 1 of Rusu et al. in NumPy: column k's layer i reads its own
   previous layer through W and every *earlier* column's through U^(k:j),
@@ -357,10 +365,7 @@ def test_progressive_model_equals_hand_computation():
   x = jax.random.normal(jax.random.PRNGKey(0), (6, 7))
   task = jnp.array([0, 1, 2, 2, 1, 0])
   v = jax.jit(model.init)(jax.random.PRNGKey(1), x, task)
-  leaves, tree = jax.tree.flatten(v["params"])
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
-                                     for k, a in zip(keys, leaves)])
+  params = _normal_like(v["params"], jax.random.PRNGKey(2))
   out, feats = jax.jit(lambda p, x, t: (
       model.apply({"params": p}, x, t),
       model.apply({"params": p}, x, t, features=True)))(params, x, task)
@@ -424,10 +429,7 @@ def test_hat_conditions_and_compensates_gradients_by_hand(split_task):
   annealed s, and of the head only task 1's outputs."""
   ctx, strat, st, ss, s_val = _hat_at_step_3(split_task, 1,
                                              clipgrad=float("inf"))
-  leaves, tree = jax.tree.flatten(st.params)
-  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  grads = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
-                                    for k, a in zip(keys, leaves)])
+  grads = _normal_like(st.params, jax.random.PRNGKey(3))
   for l in range(len(ss.cum)):
     # dL/de = dL/da * s * a (1 - a), as backpropagation gives it: the
     # compensation's cosh(s e) (~1e21 at the clip) then stays finite.
