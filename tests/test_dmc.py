@@ -126,6 +126,59 @@ def test_dmc_trains_a_specialist_then_consolidates(stream):
       np.flatnonzero(np.asarray(state.strategy.seen)), [0, 1, 2, 3])
 
 
+def test_dmc_resets_the_optimiser_and_uses_aux_size_random_images(
+    stream, digits, monkeypatch):
+  """With a momentum optimiser: the new specialist starts from a fresh
+  optimiser state (no momentum carried over from the previous
+  experience's model), and so does the student installed at the
+  experience's end. The consolidation sees ``aux_size`` distinct images
+  of the auxiliary set, in a random order (not its first rows)."""
+  from jaxcl import models
+  from jaxcl.strategies import dmc as dmc_mod
+  info = train.stream_info(stream, B)
+  ctx = train.make_context(models.build("mlp", stream.num_classes,
+                                        widths=(32,)),
+                           train.make_optimizer("momentum", 0.1), info)
+  seen = []
+  real = dmc_mod.consolidate
+
+  def spy(ctx, key, targets, active, aux_x, **kw):
+    jax.debug.callback(lambda a: seen.append(np.asarray(a)), aux_x)
+    return real(ctx, key, targets, active, aux_x, **kw)
+
+  monkeypatch.setattr(dmc_mod, "consolidate", spy)
+  s = dmc(aux_dataset="digits", aux_size=64, consolidate_epochs=1,
+          consolidate_batch_size=32)
+  e0, e1 = stream.experiences
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+
+  def fresh(state):
+    want = ctx.tx.init(state.params)
+    for a, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+  def moving(state):   # the momentum of the step (the rate is a scalar)
+    assert any(np.asarray(a).any() for a in jax.tree.leaves(state.opt_state)
+               if np.ndim(a) > 0)
+
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  state = s.after_experience(ctx, step(state, batch_of(e0)), e0)
+  state = s.before_experience(ctx, state, e1)
+  fresh(state)
+  state = step(state, batch_of(e1))
+  moving(state)
+  state = s.after_experience(ctx, state, e1)
+  fresh(state)
+  jax.effects_barrier()
+  assert len(seen) == 1
+  aux = seen[0].reshape(64, -1)
+  data = np.asarray(digits.train_x, np.float32).reshape(
+      len(digits.train_x), -1)
+  assert len({r.tobytes() for r in aux}) == 64
+  assert all((np.abs(data - r).sum(1) == 0).any() for r in aux)
+  assert not np.array_equal(aux, data[:64])
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(aux_dataset="imagenet"), "aux_dataset"),
     (dict(aux_size=-1), r"dmc: aux_size must be an int >= 0 \(0: all\), "

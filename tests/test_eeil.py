@@ -89,6 +89,14 @@ def test_balanced_subset_takes_per_class_random_rows():
   idx, ok = subset(jax.random.PRNGKey(0), y, valid, classes,
                    jnp.asarray(4), 5)
   assert np.asarray(ok).all()
+  # Many rows of a lower class after the eligible ones (an experience's
+  # padding, label 0): each class's count is still cut at per_class.
+  y = jnp.asarray(np.r_[np.full(6, 3), np.full(6, 4), np.zeros(40, int)])
+  idx, ok = subset(jax.random.PRNGKey(0), y, jnp.arange(52) < 12, classes
+                   .at[4].set(True), jnp.asarray(4), 12)
+  np.testing.assert_array_equal(np.bincount(
+      np.asarray(y)[np.asarray(idx)[np.asarray(ok)]], minlength=5),
+      [0, 0, 0, 4, 4])
 
 
 # The memory of the shared runs: larger than the classes' data, so it holds
@@ -217,18 +225,24 @@ def test_eeil_finetuning_is_sgd_on_the_balanced_loss(ctx, before_finetuning,
                                atol=2e-6)
 
 
+@pytest.mark.parametrize("old,new,want_memory,want_subset", [
+    ([0, 1, 2], [3, 4], [4, 4, 4, 0, 0], [0, 0, 0, 4, 4]),
+    ([0], [1, 2, 3], [12, 0, 0, 0, 0], [0, 4, 4, 4, 0])])
 def test_eeil_finetuning_set_cuts_new_classes_to_an_old_class_share(
-    digits, monkeypatch):
-  """The balanced set: 3 old classes (0-2), then 2 new ones (3, 4), memory
-  K = 12. The memory holds K / 3 = 4 exemplars of each old class, so each
+    digits, monkeypatch, old, new, want_memory, want_subset):
+  """The balanced set, memory K = 12. 3 old classes (0-2), then 2 new ones
+  (3, 4): the memory holds K / 3 = 4 exemplars of each old class, so each
   new class brings 4 random rows of its ~140 (not all of them, nor
-  K / 2 = 6: uneven class counts tell the old classes' share apart)."""
+  K / 2 = 6: uneven class counts tell the old classes' share apart).
+  1 old class (12 exemplars), then 3 new ones: an old class's share is
+  capped at K / 3 = 4 per new class, so that the set fits its K slots
+  (12 each would fill them with the first new class alone)."""
   from jaxcl import scenarios
   from jaxcl.strategies import eeil as eeil_mod
   pick = lambda x, y, cs: (x[np.isin(y, cs)], y[np.isin(y, cs)])
   sc = scenarios.from_arrays(
-      [pick(digits.train_x, digits.train_y, cs) for cs in ([0, 1, 2], [3, 4])],
-      [pick(digits.test_x, digits.test_y, cs) for cs in ([0, 1, 2], [3, 4])],
+      [pick(digits.train_x, digits.train_y, cs) for cs in (old, new)],
+      [pick(digits.test_x, digits.test_y, cs) for cs in (old, new)],
       num_classes=10)
   ctx = make_ctx(sc)
   counts, real = [], eeil_mod.balanced_subset
@@ -240,15 +254,24 @@ def test_eeil_finetuning_set_cuts_new_classes_to_an_old_class_share(
     return idx, ok
 
   monkeypatch.setattr(eeil_mod, "balanced_subset", spy)
+  trained, real_epochs = [], eeil_mod.over_epochs
+
+  def spy_epochs(key, valid, carry, **kw):   # the rows fine-tuned on
+    jax.debug.callback(lambda v: trained.append(int(np.sum(v))), valid)
+    return real_epochs(key, valid, carry, **kw)
+
+  monkeypatch.setattr(eeil_mod, "over_epochs", spy_epochs)
   s = eeil(mem_size=12, batch_size=2, finetune_epochs=1)
   state, _ = after_first(ctx, s, sc, 5)
   np.testing.assert_array_equal(
       np.asarray(buffers.counts(state.strategy.memory, 10))[:5],
-      [4, 4, 4, 0, 0])
+      want_memory)
   s.after_experience(ctx, state, sc.experiences[1])
   jax.effects_barrier()   # the callback has run
   assert len(counts) == 1
-  np.testing.assert_array_equal(counts[0], [0, 0, 0, 4, 4] + [0] * 5)
+  np.testing.assert_array_equal(counts[0], want_subset + [0] * 5)
+  # Fine-tuned on those and the memory's exemplars, no other slot.
+  assert trained == [12 + sum(want_subset)]
 
 
 def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):

@@ -1551,6 +1551,169 @@ def test_bic_bad_arguments_raise(stream):
     train.init_state(task_ctx, bic(mem_size=40), 0)
   with pytest.raises(ValueError, match="more than one strategy defines"):
     chain(bic(mem_size=40), icarl(mem_size=40))
+  # A class with fewer training rows than its validation share.
+  s = bic(mem_size=4000, val_fraction=0.5)
+  state = train.init_state(ctx, s, 0)
+  with pytest.raises(ValueError, match=r"class 0 of experience 0 has \d+ "
+                                       r"training examples, fewer than the "
+                                       r"1000 held out"):
+    s.before_experience(ctx, state, stream.experiences[0])
+
+
+def test_bic_task_loss_weights_by_lambda_and_distils_the_new_teacher(stream):
+  # Experience 2 of Split Digits (classes 0-3 old, 4-5 new): the task
+  # loss is (1 - lam) CE over the 6 seen classes + lam KD over the 4 old
+  # ones, both models' logits bias-corrected, with the paper's
+  # lam = n / (n + m) = 4 / 6 by default and the given lam otherwise
+  # (0.25: the two weights cannot be swapped unnoticed, as at 1/2). The
+  # teacher is the model as experience 1 ended (here moved away from the
+  # model of experience 0 before that end).
+  from jaxcl.strategies.bic import bic
+  ctx = make_ctx(stream)
+  exps = stream.experiences
+  rng = np.random.default_rng(4)
+  for lam, want_lam in ((None, 4 / 6), (0.25, 0.25)):
+    s = bic(mem_size=40, bias_epochs=0, temperature=2.0, lam=lam)
+    state = train.init_state(ctx, s, 0)
+    state = run_hooks(ctx, s, state, exps[:1])
+    state = s.before_experience(ctx, state, exps[1])
+    moved = jax.tree.map(lambda a: a * 1.3 - 0.02, state.params)
+    state = s.after_experience(ctx, state.replace(params=moved), exps[1])
+    for a, w in zip(jax.tree.leaves(state.strategy.teacher),
+                    jax.tree.leaves(moved)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    state = s.before_experience(ctx, state, exps[2])
+    ss = state.strategy._replace(
+        alpha=jnp.asarray([1.0, 0.6, 1.0], jnp.float32),
+        beta=jnp.asarray([0.0, 0.4, 0.0], jnp.float32))
+    batch = batch_of(exps[2])
+    batch["y"] = jnp.asarray(rng.integers(0, 6, B), jnp.int32)
+    batch["mask"] = batch["mask"].at[3].set(0.0)
+    z = rng.normal(size=(B, 10)) * 2
+    got = float(s.task_loss(ctx, ss, jnp.asarray(z, jnp.float32), batch))
+    zt = np.asarray(ctx.logits(moved, state.model_state, batch["x"],
+                               batch["task"]), np.float64)
+    scale = np.ones(10)
+    shift = np.zeros(10)
+    scale[2:4], shift[2:4] = 0.6, 0.4   # experience 1's classes
+    q, qt = z * scale + shift, zt * scale + shift
+    y, mask = np.asarray(batch["y"]), np.asarray(batch["mask"], np.float64)
+    ce = -np_log_softmax(q[:, :6])[np.arange(B), y]
+    p = np.exp(np_log_softmax(qt[:, :4] / 2.0))
+    kd = -(p * np_log_softmax(q[:, :4] / 2.0)).sum(1)
+    want = ((1 - want_lam) * (ce * mask).sum() + want_lam * (kd * mask).sum()
+            ) / mask.sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Prediction goes through the same correction.
+    out = s.predict(ctx, ss, moved, state.model_state, batch["x"],
+                    batch["task"])
+    np.testing.assert_allclose(np.asarray(out), zt * scale + shift,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bic_stage_two_is_momentum_sgd_on_the_validation_logits(stream):
+  # The end of experience 1 (classes 0-3 seen, 2-3 new): (alpha_1, beta_1)
+  # after 3 epochs of SGD with momentum 0.9 at bias_lr, in batches of
+  # bias_batch_size = 3 validation rows (each epoch's shuffled order), on
+  # the cross-entropy over the 4 seen classes of the frozen model's
+  # corrected logits plus beta_decay beta^2 / 2; gradients by hand. The
+  # 80-slot memory gives 2 validation rows per class (8 rows, 3 steps per
+  # epoch); experience 0's pair stays (1, 0).
+  from jaxcl.strategies._epochs import shuffled_batches
+  from jaxcl.strategies.bic import bic
+  ctx = make_ctx(stream)
+  lr, decay, epochs, bs = 0.5, 0.2, 3, 3
+  s = bic(mem_size=80, bias_epochs=epochs, bias_lr=lr, bias_batch_size=bs,
+          beta_decay=decay)
+  exps = stream.experiences
+  state = run_hooks(ctx, s, train.init_state(ctx, s, 0), exps[:1])
+  state = s.before_experience(ctx, state, exps[1])
+  ss = state.strategy
+  val = ss.val
+  valid = np.asarray(val.valid)
+  np.testing.assert_array_equal(buffers.counts(val, 10)[:5], [2, 2, 2, 2, 0])
+  o = np.asarray(ctx.logits(state.params, state.model_state, val.x,
+                            val.task), np.float64)
+  y = np.asarray(val.y)
+  new = np.zeros(10, bool)
+  new[2:4] = True
+  p, buf = np.array([1.0, 0.0]), np.zeros(2)
+  for k in jax.random.split(jax.random.fold_in(ss.key, 1), epochs):
+    idx, ok = shuffled_batches(k, jnp.asarray(valid), bs)
+    for i, v in zip(np.asarray(idx), np.asarray(ok)):
+      if not v.any():
+        continue  # a step without a valid row is skipped
+      rows = i[v]
+      q = o[rows].copy()
+      q[:, new] = p[0] * q[:, new] + p[1]
+      d = np.exp(np_log_softmax(q[:, :4]))
+      d[np.arange(len(rows)), y[rows]] -= 1.0     # dCE / dq, per row
+      g = np.array([(d[:, 2:4] * o[rows][:, 2:4]).sum(1).mean(),
+                    d[:, 2:4].sum(1).mean() + decay * p[1]])
+      buf = 0.9 * buf + g
+      p = p - lr * buf
+  state = s.after_experience(ctx, state, exps[1])
+  alpha, beta = (np.asarray(a) for a in (state.strategy.alpha,
+                                         state.strategy.beta))
+  np.testing.assert_allclose([alpha[1], beta[1]], p, rtol=1e-4, atol=1e-5)
+  assert abs(p[0] - 1.0) + abs(p[1]) > 1e-2   # it moved
+  np.testing.assert_array_equal([alpha[0], beta[0]], [1.0, 0.0])
+
+
+def test_bic_teacher_keeps_the_model_state_of_the_experience_end(stream):
+  # A batch-norm model: the teacher is the model as the experience ended,
+  # its batch statistics included (here moved away from the initial ones
+  # before that end).
+  from jaxcl.strategies.bic import bic
+  info = train.stream_info(stream, B)
+  ctx = train.make_context(models.build("bn_mlp", stream.num_classes,
+                                        widths=(16,)),
+                           train.make_optimizer("sgd", 0.1), info)
+  s = bic(mem_size=40, bias_epochs=0)
+  e0 = stream.experiences[0]
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  ms = jax.tree.map(lambda a: a * 0.5 + 0.25, state.model_state)
+  state = s.after_experience(ctx, state.replace(model_state=ms), e0)
+  got = state.strategy.teacher_model_state
+  assert jax.tree.structure(got) == jax.tree.structure(ms)
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(ms)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
+def test_bic_validation_share_rounds_up(stream):
+  # v = ceil(f m): 40 slots over 10 classes give m = 4, v = ceil(0.4) = 1
+  # (at least one validation exemplar per class); 30 slots over the 2
+  # classes of experience 0 give m = 15, v = ceil(1.5) = 2 validation and
+  # 13 training exemplars per class.
+  from jaxcl.strategies.bic import bic, split_sizes
+  assert split_sizes(40, 10, 0.1) == (3, 1)
+  assert split_sizes(30, 2, 0.1) == (13, 2)
+  ctx = make_ctx(stream)
+  s = bic(mem_size=30, bias_epochs=0)
+  state = run_hooks(ctx, s, train.init_state(ctx, s, 0),
+                    stream.experiences[:1])
+  np.testing.assert_array_equal(buffers.counts(state.strategy.val, 10)[:3],
+                                [2, 2, 0])
+  np.testing.assert_array_equal(
+      buffers.counts(state.strategy.memory, 10)[:3], [13, 13, 0])
+
+
+def test_bic_training_exemplars_never_include_held_out_rows(stream):
+  # A memory larger than experience 0's data (m = 400 slots per class, 40
+  # of them validation): the training exemplars are every row of each
+  # class except its first 40, which are the validation exemplars.
+  from jaxcl.strategies.bic import bic
+  ctx = make_ctx(stream)
+  s = bic(mem_size=800, bias_epochs=0)
+  e0 = stream.experiences[0]
+  state = run_hooks(ctx, s, train.init_state(ctx, s, 0), [e0])
+  ss = state.strategy
+  for c in e0.classes:
+    rows = np.flatnonzero(e0.train_y == c)
+    val, _ = _bic_rows(e0, ss.val, c)
+    mem, _ = _bic_rows(e0, ss.memory, c)
+    assert sorted(val) == sorted(e0.train_x[i].tobytes() for i in rows[:40])
+    assert sorted(mem) == sorted(e0.train_x[i].tobytes() for i in rows[40:])
 
 
 # ---------------------------------------------------------------------------
@@ -1702,6 +1865,9 @@ def test_lucir_bad_arguments_raise(stream):
   ctx = make_ctx(stream, head="cosine")
   with pytest.raises(ValueError, match="mem_size=5 gives 0 exemplars"):
     train.init_state(ctx, lucir(mem_size=5), 0)
+  with pytest.raises(ValueError, match="mem_size=9 gives 0 exemplars"):
+    train.init_state(ctx, lucir(mem_size=9), 0)
+  train.init_state(ctx, lucir(mem_size=10), 0)   # one per class
   task_ctx = make_ctx(dataclasses.replace(stream, kind="task"), head="cosine")
   with pytest.raises(ValueError, match="class-incremental.*kind='task'"):
     train.init_state(task_ctx, lucir(mem_size=40), 0)
@@ -1716,6 +1882,60 @@ def test_lucir_bad_arguments_raise(stream):
   from jaxcl.strategies.cwr_star import cwr_star
   with pytest.raises(ValueError, match="linear 'head'.*model.head='linear'"):
     train.init_state(ctx, cwr_star(), 0)
+
+
+def test_lucir_loss_follows_its_settings(stream):
+  # The strategy's own loss term (the cross-entropy is the task loss) at
+  # experience 2 (4 old classes, 2 new), by hand from the two models'
+  # features: lam (1 - cos(f, f*)) with lam = lamb sqrt(4 / 2) (or lamb
+  # with adapt_lamb=False), plus lamb_mr times the mean hinge of the
+  # old-class rows against their k highest new-class cosines at margin m.
+  # k = 1 of the 2 new classes and m = 0.3 tell the settings apart from
+  # the defaults. In experience 0 (no previous model) the term is 0, even
+  # though the model already differs from the teacher. With
+  # freeze_old=False the old classes' head columns move.
+  from jaxcl.strategies.lucir import lucir
+  ctx = make_ctx(stream, head="cosine")
+  exps = stream.experiences
+  settings = [dict(), dict(lamb=2.0, lamb_mr=0.7, margin=0.3, k=1,
+                           adapt_lamb=False)]
+  for kw in settings:
+    s = lucir(mem_size=40, batch_size=6, **kw)
+    state = train.init_state(ctx, s, 0)
+    moved = jax.tree.map(lambda a: a * 1.1 + 0.01, state.params)
+    first = s.before_experience(ctx, state, exps[0])
+    b0 = first.strategy
+    assert float(s.loss(ctx, b0, moved, batch_of(exps[0]), None)) == 0.0
+    state = run_hooks(ctx, s, state, exps[:2])
+    ss = s.before_experience(ctx, state, exps[2]).strategy
+    full = s.prepare_batch(ctx, ss, batch_of(exps[2]),
+                           jax.random.PRNGKey(2))
+    got = float(s.loss(ctx, ss, moved, full, None))
+    feats = lambda p: np.asarray(ctx.apply(
+        p, state.model_state, full["x"], full["task"],
+        features=True)[0], np.float64)
+    f, ft = normed(feats(moved)), normed(feats(ss.teacher))
+    cos = f @ normed(np.asarray(moved["head"]["kernel"]).T).T
+    y, mask = np.asarray(full["y"]), np.asarray(full["mask"], np.float64)
+    lamb = kw.get("lamb", 5.0)
+    lam = lamb if kw.get("adapt_lamb", True) is False else \
+        lamb * np.sqrt(4 / 2)
+    lf = (mask * (1.0 - (f * ft).sum(1))).sum() / mask.sum()
+    m, k = kw.get("margin", 0.5), kw.get("k", 2)
+    hinges = []
+    for i in range(len(y)):
+      if mask[i] and y[i] < 4:
+        top = sorted(cos[i, 4:6], reverse=True)[:k]
+        hinges += [max(m - cos[i, y[i]] + t, 0.0) for t in top]
+    assert len(hinges) == 6 * k and any(h > 0 for h in hinges)
+    want = lam * lf + kw.get("lamb_mr", 1.0) * np.mean(hinges)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  free = lucir(mem_size=40, freeze_old=False)
+  out = free.project_params(ctx, ss, moved)
+  np.testing.assert_array_equal(np.asarray(out["head"]["kernel"]),
+                                np.asarray(moved["head"]["kernel"]))
+  assert not np.allclose(np.asarray(moved["head"]["kernel"][:, :4]),
+                         np.asarray(ss.teacher["head"]["kernel"][:, :4]))
 
 
 # ---------------------------------------------------------------------------
@@ -1761,6 +1981,14 @@ def test_il2m_class_statistics_and_rectify_match_numpy():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
   assert not np.allclose(want[0, :3], logits[0, :3])
   np.testing.assert_array_equal(want[2], logits[2])
+  # Only the old classes are rectified: a newest class keeps its score
+  # even with a statistic of its own.
+  cur_new = cur_mean.copy()
+  cur_new[4] = 2.0
+  got = rectify(*(jnp.asarray(a) for a in (logits, init_mean, cur_new,
+                                           conf, class_exp, old, newest)),
+                jnp.int32(2))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
 def test_il2m_stores_each_states_statistics(stream):

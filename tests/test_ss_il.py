@@ -210,6 +210,23 @@ def test_replay_batch_keeps_its_ratio(stream):
     assert len({r.tobytes() for r in rows}) == 4   # without replacement
 
 
+def test_predict_masks_the_classes_not_seen_yet(stream):
+  """Before any experience no class is masked (the raw logits); from an
+  experience's start, only its classes and earlier ones keep theirs."""
+  ctx = make_ctx(stream)
+  s = ss_il(mem_size=40)
+  state = train.init_state(ctx, s, 0)
+  x = jnp.asarray(stream.experiences[0].test_x[:5])
+  t = jnp.zeros((5,), jnp.int32)
+  raw = np.asarray(ctx.logits(state.params, state.model_state, x, t))
+  pred = lambda st: np.asarray(s.predict(ctx, st.strategy, st.params,
+                                         st.model_state, x, t))
+  np.testing.assert_array_equal(pred(state), raw)
+  state = s.before_experience(ctx, state, stream.experiences[0])
+  want = np.where(np.arange(10) < 2, raw, -1e9)
+  np.testing.assert_array_equal(pred(state), want.astype(raw.dtype))
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(mem_size=0), "mem_size"),
     (dict(mem_size=10, batch_size=11), "batch_size=11"),
@@ -230,6 +247,10 @@ def test_ss_il_bad_streams_and_compositions(stream):
   big = train.make_context(ctx.model, ctx.tx, train.stream_info(stream, 13))
   with pytest.raises(ValueError, match="batch_size=13 is larger"):
     train.init_state(big, ss_il(mem_size=12), 0)
+  # The limits themselves are allowed: one exemplar per class, and a
+  # replay batch as large as the memory.
+  train.init_state(ctx, ss_il(mem_size=10), 0)
+  ss_il(mem_size=10, batch_size=10)
   task = dataclasses.replace(stream, kind="task")
   with pytest.raises(ValueError, match="class-incremental"):
     train.init_state(make_ctx(task), ss_il(mem_size=20), 0)
