@@ -369,3 +369,260 @@ def test_unreadable_state_metadata_falls_back(tmp_path):
   ck.close()
   assert pos.experience == 1 and "falling back" in logged[0]
   np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+
+
+def test_fingerprint_ignores_only_what_does_not_change_the_computation():
+  """How often a run checkpoints (and how many it keeps), what it reports,
+  its name and its devices do not change what it computes: a resume with
+  other values of them is not refused. Any other field is a difference
+  naming the field and both values."""
+  from jaxcl import checkpoint, experiment
+  a = experiment.default_config()
+  b = experiment.default_config()
+  b.checkpoint.every_steps, b.checkpoint.keep = 7, 5
+  b.report.plots, b.report.tensorboard = False, False
+  b.name, b.parallel.devices = "other", 0
+  assert checkpoint.fingerprint(a) == checkpoint.fingerprint(b)
+  assert checkpoint.differences(checkpoint.fingerprint(a),
+                                checkpoint.fingerprint(b)) == []
+  b.train.epochs = 3
+  assert checkpoint.differences(checkpoint.fingerprint(a),
+                                checkpoint.fingerprint(b)) == [
+                                    "train.epochs: checkpoint has 2, this "
+                                    "run has 3"]
+  # A field the checkpoint holds and this run does not (a sweep's
+  # checkpoint of stacked states, resumed by a single run) is a
+  # difference; so is one this run adds that no config default explains.
+  fp = checkpoint.fingerprint(a)
+  sweep = dict(fp, **{"sweep.vmapped": False})
+  assert checkpoint.differences(sweep, fp) == [
+      "sweep.vmapped: checkpoint has False, this run has '<absent>'"]
+  assert checkpoint.differences(fp, sweep) == [
+      "sweep.vmapped: checkpoint has '<absent>', this run has False"]
+
+
+def _saves_until(monkeypatch, n):
+  """Makes ``Checkpointer.save`` record each position it is asked to save
+  and raise :class:`_Interrupted` at the ``n``-th one (from 1; never for
+  n = 0), before saving it: a crash inside the process, the previous save
+  being the newest checkpoint. Returns the list of positions."""
+  from jaxcl import checkpoint
+  real = checkpoint.Checkpointer.save
+  real = getattr(real, "real", real)  # not an earlier call's wrapper
+  positions = []
+
+  def save(self, state, progress, position, seconds=None):
+    positions.append(position)
+    if len(positions) == n:
+      raise _Interrupted(position)
+    real(self, state, progress, position, seconds)
+  save.real = real
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  return positions
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def test_resume_restores_every_part_of_the_state(tmp_path, monkeypatch):
+  """The subprocess kill test runs Naive on an MLP, whose strategy and
+  model states are empty (and whose optimiser is reset at each experience):
+  dropping them on resume passed it. Here a batch-norm MLP (model_state),
+  reservoir replay (strategy state: memory, experience, key) and SGD
+  momentum kept across experiences (opt_state), interrupted inside an
+  experience and again at an experience boundary, end bit-identical to an
+  uninterrupted run: every state leaf, the accuracy matrix, the random
+  accuracies, the log. ``resume`` and ``checkpoint.keep`` are honoured, and
+  the wall time adds up over the invocations."""
+  import jax
+
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
+  c.strategy.name, c.strategy.replay = "replay", dict(mem_size=40)
+  c.scenario.n_experiences, c.train.epochs = 2, 1
+  c.train.reset_optimizer = False
+  c.checkpoint.every_steps, c.checkpoint.keep = 10, 2
+  ref_dir, work = str(tmp_path / "ref"), str(tmp_path / "run")
+  saved = _saves_until(monkeypatch, 0)
+  ref = jaxcl.run(c, ref_dir, resume=False)
+  assert {"batch_stats"} <= set(ref.state.model_state)
+  assert int(ref.state.strategy.memory.seen) > 0
+  # keep=2 (the default is 3): the last two saves stay.
+  steps = sorted(int(s) for s in os.listdir(os.path.join(ref_dir,
+                                                         "checkpoints"))
+                 if s.isdigit())
+  assert steps == [len(saved) - 2, len(saved) - 1], (steps, len(saved))
+  with pytest.raises(jaxcl.ConfigError, match="already holds checkpoints"):
+    jaxcl.run(c, ref_dir, resume=False)
+  with pytest.raises(jaxcl.ConfigError, match="no checkpoint to resume"):
+    jaxcl.run(c, work, resume=True)
+  # Interrupted after the ref's mid-th save (inside experience 1), then
+  # after its end-th (experience 1's end: experience 2 starts from its
+  # checkpoint). An invocation's saves count from 1.
+  mid = 1 + [k for k, p in enumerate(saved)
+             if p.experience == 0 and p.phase == "train" and p.step > 0][0]
+  end = 1 + saved.index(checkpoint.Position(1, "begin"))
+  for done, upto in ((0, mid), (mid, end)):
+    _saves_until(monkeypatch, upto - done + 1)
+    with pytest.raises(_Interrupted) as e:
+      jaxcl.run(c, work)
+    assert e.value.args[0] == saved[upto]  # resumed where it was
+  _saves_until(monkeypatch, 0)
+  final = jaxcl.run(c, work, resume=True)
+  assert final.times["before"] > 0
+  np.testing.assert_array_equal(final.accuracy, ref.accuracy)
+  np.testing.assert_array_equal(final.random_accuracy, ref.random_accuracy)
+  assert final.random_accuracy.dtype == ref.random_accuracy.dtype
+  got, want = (jax.tree_util.tree_flatten_with_path(r.state)[0]
+               for r in (final, ref))
+  assert [k for k, _ in got] == [k for k, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert log_records(work) == log_records(ref_dir)
+  # A further invocation (nothing left to train) counts the time of all
+  # the earlier ones: the first two's up to their last save, and the
+  # third's, which reached its last save after its training and evaluation.
+  again = jaxcl.run(c, work)
+  assert again.times["before"] >= (final.times["before"] +
+                                   final.times["train"] +
+                                   final.times["eval"])
+  # A sweep's fingerprint adds its own fields: a single run's checkpoint
+  # is refused, naming them.
+  from jaxcl import experiment
+  s = experiment.setup(c)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"sweep\.seeds: checkpoint has '<absent>', this "
+                     r"run has \[0, 1\]"):
+    experiment.execute(s, experiment.initial_state(s, c.seed), work,
+                       fingerprint_extra={"sweep.seeds": [0, 1]})
+
+
+def test_keeps_the_newest_and_numbers_on_after_a_reopen(tmp_path):
+  """``keep`` checkpoints stay, the newest ones; a reopened directory
+  numbers its saves after the newest (not from 0, nor from the count left
+  after the rotation: older than the newest, they were restored in its
+  place or overwrote a kept one). With keep=2 a corrupt newest still falls
+  back to the one before it."""
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  d = str(tmp_path / "r")
+  progress = {"accuracy": np.zeros((2, 2))}
+  state = lambda i: {"w": jnp.full(3, float(i))}
+  ck = checkpoint.Checkpointer(d, {"a": 1}, keep=2)
+  for i in range(4):
+    ck.save(state(i), progress, checkpoint.Position(i, "begin"))
+  ck.close()
+  ck = checkpoint.Checkpointer(d, {"a": 1}, keep=2)
+  assert ck.steps() == [2, 3]
+  ck.save(state(4), progress, checkpoint.Position(4, "begin"))
+  ck.close()
+  ck = checkpoint.Checkpointer(d, {"a": 1}, keep=2)
+  assert ck.steps() == [3, 4]
+  restored, _, pos = ck.restore(state(0), progress)
+  ck.close()
+  assert pos.experience == 4
+  np.testing.assert_array_equal(restored["w"], np.full(3, 4.0))
+  for root, _, files in os.walk(os.path.join(d, "checkpoints", "4")):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "r+b") as fh:
+        fh.truncate(max(os.path.getsize(path) // 3, 1))
+  ck = checkpoint.Checkpointer(d, {"a": 1}, keep=2, log=lambda m: None)
+  restored, _, pos = ck.restore(state(0), progress)
+  ck.close()
+  assert pos.experience == 3
+  np.testing.assert_array_equal(restored["w"], np.full(3, 3.0))
+  ck = checkpoint.Checkpointer(str(tmp_path / "r3"), {"a": 1}, keep=3)
+  for i in range(5):
+    ck.save(state(i), progress, checkpoint.Position(i, "begin"))
+  ck.close()
+  assert ck.steps() == [2, 3, 4]
+
+
+def test_progress_of_another_shape_is_refused_untouched(tmp_path):
+  """The accuracy matrix so far is compared too: one of another shape (a
+  checkpoint of a sweep's stacked runs, of another stream length) is
+  refused naming it, not read as corrupt and skipped. Its dtypes are not
+  compared."""
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  d = str(tmp_path / "r")
+  state = {"w": jnp.zeros(3)}
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  for i in range(2):
+    ck.save(state, {"accuracy": np.zeros((2, 2))},
+            checkpoint.Position(i, "begin"))
+  ck.close()
+  before = _files(d)
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"progress\.accuracy: float64\[2, 2\] in the "
+                     r"checkpoint, float64\[3, 2, 2\] in this version"):
+    ck.restore(state, {"accuracy": np.zeros((3, 2, 2))})
+  ck.close()
+  assert _files(d) == before
+  # Only its shapes: checkpoints written before session 35 hold float32
+  # random accuracies, restored into float64.
+  d = str(tmp_path / "old")
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  ck.save(state, {"accuracy": np.eye(2),
+                  "random_accuracy": np.full(2, 0.1, np.float32)},
+          checkpoint.Position(1, "begin"))
+  ck.close()
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  _, p, _ = ck.restore(state, {"accuracy": np.zeros((2, 2)),
+                               "random_accuracy": np.zeros(2)})
+  ck.close()
+  np.testing.assert_array_equal(p["accuracy"], np.eye(2))
+  np.testing.assert_array_equal(p["random_accuracy"],
+                                np.full(2, 0.1, np.float32))
+
+
+def test_refusal_lists_ten_differences_and_counts_the_rest(tmp_path):
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  d = str(tmp_path / "r")
+  progress = {"accuracy": np.zeros((2, 2))}
+  old = {f"w{i:02d}": jnp.zeros(2) for i in range(12)}
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  ck.save(old, progress, checkpoint.Position(1, "begin"))
+  ck.close()
+  ck = checkpoint.Checkpointer(d, {"a": 1})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
+    ck.restore({k: jnp.zeros(3) for k in old}, progress)
+  ck.close()
+  listed = re.findall(r"^  (w\d\d): float32\[2\] in the checkpoint, "
+                      r"float32\[3\] in this version$", str(e.value), re.M)
+  assert listed == [f"w{i:02d}" for i in range(10)], str(e.value)
+  assert "\n  ... and 2 more\n" in str(e.value)
+
+
+def test_missing_item_metadata_is_corrupt_not_incompatible(tmp_path):
+  """An item whose tree metadata file is gone reads as no tree (orbax
+  raises for a truncated one, but not for a missing one): the state is not
+  compared with nothing and refused as another version's; the checkpoint
+  is restored if its arrays read, skipped for the older one if not."""
+  import jax.numpy as jnp
+
+  from jaxcl import checkpoint
+  state, progress = {"w": jnp.arange(3.0)}, {"accuracy": np.eye(2)}
+  for item in ("progress", "state"):
+    d = str(tmp_path / item)
+    ck = checkpoint.Checkpointer(d, {"a": 1})
+    ck.save(state, progress, checkpoint.Position(1, "begin"))
+    ck.save(state, progress, checkpoint.Position(2, "begin"))
+    ck.close()
+    os.remove(os.path.join(d, "checkpoints", "1", item, "_METADATA"))
+    ck = checkpoint.Checkpointer(d, {"a": 1}, log=lambda m: None)
+    restored, p, pos = ck.restore(state, {"accuracy": np.zeros((2, 2))})
+    ck.close()
+    assert pos.experience in (1, 2), item
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+    np.testing.assert_array_equal(p["accuracy"], np.eye(2))
