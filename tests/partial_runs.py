@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxcl
 from jaxcl import experiment
@@ -84,3 +85,26 @@ def results_after_each(config, n: int, strategy=None) -> list:
   return [dataclasses.replace(r, state=st, accuracy=r.accuracy[:k + 1],
                               metrics={}, learner=learner)
           for k, st in enumerate(states)]
+
+
+def assert_predicts_the_seen_classes(setup) -> None:
+  """After three experiences of a Split stream (2 classes each) have
+  started, the strategy of ``setup`` predicts over classes 0-5 (the two
+  finished experiences' and the current one's): with a head that scores
+  class c as c + 1 (zero kernel, so whatever the features), classes 0-5
+  keep their scores and 6-9 are masked. A seen-class set that kept only
+  the last experience would mask 0-3 as well."""
+  ctx, strategy = setup.learner.ctx, setup.learner.strategy
+  state = experiment.initial_state(setup, 0)
+  for e in setup.scenario.experiences[:3]:
+    state = strategy.before_experience(ctx, state, e)
+  params = {**state.params, "head": {
+      "kernel": jnp.zeros_like(state.params["head"]["kernel"]),
+      "bias": jnp.arange(10.0) + 1.0}}
+  x = jnp.asarray(setup.scenario.experiences[0].test_x[:4])
+  logits = np.asarray(jax.jit(lambda p: strategy.predict(
+      ctx, state.strategy, p, state.model_state, x,
+      jnp.zeros(4, jnp.int32)))(params))
+  assert np.all(logits[:, 6:] < -1e8)
+  np.testing.assert_allclose(logits[:, :6], np.tile(np.arange(1.0, 7.0),
+                                                    (4, 1)))

@@ -25,7 +25,8 @@ from jaxcl.strategies.coda_prompt import (coda_prompt, gram_schmidt,
                                           ortho_penalty)
 
 import vit_reference
-from partial_runs import (results_after_each, run_first,
+from partial_runs import (assert_predicts_the_seen_classes,
+                          results_after_each, run_first,
                           trace_initial_state)
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
@@ -381,6 +382,64 @@ def test_strategy_loss_is_mu_times_the_ortho_formula(two_runs):
   # ortho_mu = 0 (the default): no term.
   assert float(r1.learner.strategy.loss(ctx, state.strategy, state.params,
                                         {}, None)) == 0.0
+
+
+def test_each_experience_draws_its_slice_afresh():
+  """Untrained, three experiences started in a row: the used rows of every
+  part and layer stay orthonormal (each slice is a new draw, made
+  orthogonal to the slices before it: the same draws again would leave
+  nothing after the projection), and the first slice's draws differ
+  between parts and between layers."""
+  c = _config()
+  s = experiment.setup(c)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, c.seed)
+  for t, e in enumerate(s.scenario.experiences[:3]):
+    state = strategy.before_experience(ctx, state, e)
+    f = 2 * (t + 1)
+    for name in ("prompt", "key", "attn"):
+      flat = np.asarray(state.params[name], np.float64).reshape(2, 10, -1)
+      for layer in range(2):
+        b = flat[layer, :f]
+        np.testing.assert_allclose(b @ b.T, np.eye(f), atol=1e-5,
+                                   err_msg=f"{name} {layer} {t}")
+      if t == 0:
+        assert np.abs(flat[0, :2] - flat[1, :2]).max() > 0.1, name
+    if t == 0:
+      k, a = (np.asarray(state.params[n])[:, :2] for n in ("key", "attn"))
+      assert np.abs(k - a).max() > 0.1
+
+
+def test_default_n_tasks_is_the_streams_experiences():
+  """n_tasks=0: M=10 components over Split Digits' 5 experiences, two
+  per experience."""
+  c = _config()
+  s = experiment.setup(c, strategy=coda_prompt())
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = experiment.initial_state(s, c.seed)
+  for t, e in enumerate(s.scenario.experiences[:2]):
+    state = strategy.before_experience(ctx, state, e)
+    m = np.arange(10)
+    assert np.asarray(state.strategy.active).tolist() == \
+        ((m >= 2 * t) & (m < 2 * t + 2)).tolist()
+
+
+def test_the_weights_send_no_gradient_into_the_backbone():
+  """α is computed from the frozen model's query (no gradient): only K and
+  A receive one."""
+  m = models.build("vit", 10, **dict(SMALL, **CODA))
+  p = vit_reference.init(m, (1, 8, 8, 1), seed=2)
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 8, 1))
+  g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
+      {"params": p}, x, method=CodaViT.weights) ** 2)))(p)
+  assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(
+      g["backbone"]))
+  assert float(jnp.abs(g["key"]).max()) > 0
+  assert float(jnp.abs(g["attn"]).max()) > 0
+
+
+def test_prediction_covers_every_class_seen_so_far():
+  assert_predicts_the_seen_classes(experiment.setup(_config()))
 
 
 @pytest.fixture(scope="module")

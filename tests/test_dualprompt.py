@@ -27,7 +27,8 @@ from jaxcl.strategies.dualprompt import dualprompt
 from jaxcl.strategies.replay import replay
 
 import vit_reference
-from partial_runs import (results_after_each, run_first,
+from partial_runs import (assert_predicts_the_seen_classes,
+                          results_after_each, run_first,
                           trace_initial_state)
 
 BACKBONE = dict(patch=4, dim=16, depth=3, heads=2, mlp_dim=32)
@@ -285,13 +286,16 @@ def test_only_the_current_e_prompt_and_key_train(two_runs):
   assert int(r2.state.strategy.task) == 1
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, False, None])
 def test_new_e_prompt_starts_from_the_previous_one(two_runs, shared):
-  """shared_prompt_pool (the references'): E-prompt 1 starts as the trained
-  E-prompt 0; its key does not. Off: from its initial draw."""
+  """shared_prompt_pool (the references', and the default: None): E-prompt
+  1 starts as the trained E-prompt 0; its key does not. Off: from its
+  initial draw."""
   c, init, r1, _ = two_runs
   ctx = r1.learner.ctx
-  strategy = dualprompt(shared_prompt_pool=shared)
+  strategy = dualprompt() if shared is None else \
+      dualprompt(shared_prompt_pool=shared)
+  shared = shared is None or shared
   exps = experiment.build_scenario(c).experiences
   start = strategy.before_experience(ctx, r1.state, exps[1]).params
   e = np.asarray(start["e_prompt"])
@@ -410,6 +414,10 @@ def test_matching_loss_is_lam_times_the_formula(two_runs):
         g[name])), name
   assert float(dualprompt(lam=0.0).loss(ctx, state.strategy, p, batch,
                                         None)) == 0.0
+  # The default lam is the references' pull_constraint_coeff 1.0.
+  default = jax.jit(lambda p: dualprompt().loss(ctx, state.strategy, p,
+                                                batch, None))
+  np.testing.assert_allclose(float(default(p)), want / 0.7, rtol=1e-4)
 
 
 def test_prediction_selects_by_key_over_the_seen_classes(two_runs):
@@ -433,6 +441,11 @@ def test_prediction_selects_by_key_over_the_seen_classes(two_runs):
                              np.asarray(want)[:, seen], rtol=1e-5,
                              atol=1e-5)
   assert np.all(np.asarray(logits)[:, ~seen] < -1e8)
+
+
+def test_prediction_covers_every_class_seen_so_far():
+  assert_predicts_the_seen_classes(experiment.setup(_config(),
+                                                    strategy=dualprompt()))
 
 
 @pytest.fixture(scope="module")

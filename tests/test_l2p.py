@@ -22,7 +22,9 @@ from jaxcl.strategies import l2p as l2p_module
 from jaxcl.strategies.l2p import key_loss, l2p
 
 import vit_reference
-from partial_runs import run_keeping_states
+from conftest import np_log_softmax
+from partial_runs import (assert_predicts_the_seen_classes,
+                          run_keeping_states)
 
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 
@@ -359,6 +361,40 @@ def test_strategy_loss_is_lam_times_the_key_formula(digits):
   top = -np.sort(-cos, axis=1)[:, :5]
   want = 0.3 * np.sum((1 - top).sum(1) * np.asarray(mask)) / 10
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  # The default lam is the PyTorch ports' pull_constraint_coeff 0.1.
+  default = jax.jit(lambda p: l2p().loss(ctx, state.strategy, p,
+                                         {"x": x, "mask": mask}, None))(
+                                             state.params)
+  np.testing.assert_allclose(float(default), want / 0.3 * 0.1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("train_mask", [True, False])
+def test_task_loss_is_cross_entropy_over_the_current_classes(train_mask):
+  """At the third experience (classes 0-3 seen, 4-5 current) the masked
+  loss is the cross-entropy over classes 4-5 only, not over the seen ones
+  too; unmasked, over all ten (NumPy, padded row excluded)."""
+  s = experiment.setup(_l2p_config())
+  ctx = s.learner.ctx
+  strategy = l2p(train_mask=train_mask)
+  seen = np.arange(10) < 4
+  current = (np.arange(10) >= 4) & (np.arange(10) < 6)
+  ss = l2p_module.L2PState(None, jnp.asarray(True), jnp.asarray(current),
+                           jnp.asarray(seen))
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(5, 10)).astype(np.float32) * 3
+  y = np.array([4, 5, 5, 4, 4])
+  mask = np.array([1, 1, 1, 1, 0], np.float32)
+  got = float(strategy.task_loss(ctx, ss, jnp.asarray(logits),
+                                 {"y": jnp.asarray(y),
+                                  "mask": jnp.asarray(mask)}))
+  cols = np.flatnonzero(current) if train_mask else np.arange(10)
+  lp = np_log_softmax(logits[:, cols])
+  per_row = -lp[np.arange(5), np.searchsorted(cols, y)]
+  np.testing.assert_allclose(got, np.sum(per_row * mask) / 4, rtol=1e-5)
+
+
+def test_prediction_covers_every_class_seen_so_far():
+  assert_predicts_the_seen_classes(experiment.setup(_l2p_config()))
 
 
 def test_train_mask_keeps_other_classes_columns_and_predicts_seen_classes(
