@@ -106,6 +106,30 @@ def split_predictions(result, data, n_experiences=5):
   return np.asarray(scores).argmax(1), tt
 
 
+def split_digits_rows(digits, part: str = "train"):
+  """The rows of Split Digits (5 experiences) in experience order:
+  ``(x, y)`` of the ``part`` ("train" or "test") sets."""
+  from jaxcl import scenarios
+  exps = scenarios.split(digits, 5).experiences
+  return (np.concatenate([getattr(e, f"{part}_x") for e in exps]),
+          np.concatenate([getattr(e, f"{part}_y") for e in exps]))
+
+
+def np_features(ctx, params, model_state, x):
+  """The model's features of ``x`` (evaluation mode, task 0), float64."""
+  import jax.numpy as jnp
+  return np.asarray(ctx.apply(params, model_state, jnp.asarray(x),
+                              jnp.zeros(len(x), int), features=True)[0],
+                    np.float64)
+
+
+def max_abs_change(a, b) -> float:
+  """The largest absolute difference between two pytrees' leaves."""
+  import jax
+  return max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def np_log_softmax(z):
   """log softmax over the last axis, in NumPy (the tests' references);
   shifted by the maximum so that large logits do not overflow."""

@@ -15,7 +15,8 @@ from jaxcl import experiment, scenarios, train
 from jaxcl.strategies import slda as slda_module
 from jaxcl.strategies.slda import classifier, slda, streaming_update
 
-from conftest import split_predictions
+from conftest import (max_abs_change, np_features, split_digits_rows,
+                      split_predictions)
 
 SHRINK = 1e-4
 
@@ -81,6 +82,19 @@ def test_classifier_is_the_lda_rule_with_a_pseudo_inverse(shrinkage, rank):
   np.testing.assert_allclose(np.asarray(b), rb, rtol=2e-3, atol=2e-3)
 
 
+def test_classifier_with_all_shrinkage_is_the_nearest_mean_rule():
+  """ε = 1 (allowed): Λ = I, so W = μᵀ and b = ½ ‖μ_k‖², whatever Σ."""
+  slda(shrinkage=1.0)
+  rng = np.random.default_rng(2)
+  mean = rng.normal(size=(3, 5))
+  a = rng.normal(size=(5, 5))
+  w, b = classifier(jnp.asarray(mean, jnp.float32),
+                    jnp.asarray(a @ a.T, jnp.float32), jnp.float32(1.0))
+  np.testing.assert_allclose(np.asarray(w), mean.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(b), 0.5 * np.sum(mean ** 2, 1),
+                             rtol=1e-5)
+
+
 def _config(**strategy_args):
   c = jaxcl.default_config()   # Split Digits, 5 experiences, batch 32
   c.strategy.name = "slda"
@@ -100,9 +114,8 @@ def test_split_digits_statistics_classifier_and_offline_lda(digits_run,
                                                              digits):
   r = digits_run
   sc = scenarios.split(digits, 5)
-  x = np.concatenate([e.train_x for e in sc.experiences]).reshape(
-      -1, 64).astype(np.float64)
-  y = np.concatenate([e.train_y for e in sc.experiences])
+  x, y = split_digits_rows(digits)
+  x = x.reshape(-1, 64).astype(np.float64)
   ss = r.state.strategy
   # Every training row once (two epochs ran), class by class.
   np.testing.assert_array_equal(np.asarray(ss.count),
@@ -114,8 +127,8 @@ def test_split_digits_statistics_classifier_and_offline_lda(digits_run,
   # The stored classifier is the LDA rule on the stored statistics.
   rw, rb = reference_classifier(np.asarray(ss.mean, np.float64),
                                 np.asarray(ss.cov, np.float64), SHRINK)
-  tx = np.concatenate([e.test_x for e in sc.experiences]).reshape(-1, 64)
-  ty = np.concatenate([e.test_y for e in sc.experiences])
+  tx, ty = split_digits_rows(digits, "test")
+  tx = tx.reshape(-1, 64)
   ours = np.asarray(r.learner.strategy.predict(
       r.learner.ctx, ss, r.state.params, r.state.model_state,
       jnp.asarray(tx), jnp.zeros(len(tx), jnp.int32))).argmax(1)
@@ -131,6 +144,24 @@ def test_split_digits_statistics_classifier_and_offline_lda(digits_run,
   sizes = np.cumsum([0] + [len(e.test_y) for e in sc.experiences])
   per = [np.mean(ours[a:b] == ty[a:b]) for a, b in zip(sizes, sizes[1:])]
   np.testing.assert_allclose(r.accuracy[-1], per, atol=1e-6)
+
+
+def test_shrinkage_reaches_the_stored_classifier():
+  """ε = 0.75, not the default: the head stored at each experience's end is
+  the LDA rule with that ε on the stored statistics."""
+  c = _config(shrinkage=0.75)
+  r = jaxcl.run(c)
+  ss = r.state.strategy
+  rw, rb = reference_classifier(np.asarray(ss.mean, np.float64),
+                                np.asarray(ss.cov, np.float64), 0.75)
+  np.testing.assert_allclose(np.asarray(ss.weight), rw, rtol=2e-3,
+                             atol=2e-3 * np.abs(rw).max())
+  np.testing.assert_allclose(np.asarray(ss.bias), rb, rtol=2e-3,
+                             atol=2e-3 * np.abs(rb).max())
+  # ... which is far from the default's (the pixels' Σ is near singular).
+  dw, _ = reference_classifier(np.asarray(ss.mean, np.float64),
+                               np.asarray(ss.cov, np.float64), SHRINK)
+  assert np.abs(dw).max() > 10 * np.abs(rw).max()
 
 
 def test_classes_not_seen_yet_are_left_out(digits, digits_run):
@@ -176,16 +207,9 @@ def test_backbone_is_frozen_as_the_stream_starts(digits):
   r = jaxcl.run(c)
   s = experiment.setup(c)
   init = experiment.initial_state(s, c.seed)
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree.leaves(init.params),
-                              jax.tree.leaves(r.state.params)))
-  assert moved > 1e-3
-  sc = scenarios.split(digits, 5)
-  x = np.concatenate([e.train_x for e in sc.experiences])
-  y = np.concatenate([e.train_y for e in sc.experiences])
-  z = np.asarray(r.learner.ctx.apply(init.params, init.model_state,
-                                     jnp.asarray(x), jnp.zeros(len(x), int),
-                                     features=True)[0], np.float64)
+  assert max_abs_change(init.params, r.state.params) > 1e-3
+  x, y = split_digits_rows(digits)
+  z = np_features(r.learner.ctx, init.params, init.model_state, x)
   ss = r.state.strategy
   assert ss.mean.shape == (10, 16)
   np.testing.assert_allclose(
@@ -223,6 +247,23 @@ def test_features_too_wide_for_a_covariance(digits):
   with pytest.raises(ValueError, match=r"25600 dimensions.*at most 20000"):
     slda(features="input").init(ctx, jax.random.PRNGKey(0), {})
   assert slda_module.MAX_DIM == 20000
+
+
+def test_features_at_the_width_limit_are_accepted(digits, monkeypatch):
+  """The limit is inclusive: D = MAX_DIM builds, D = MAX_DIM + 1 does not
+  (the limit lowered to 64 so the covariance is small)."""
+  monkeypatch.setattr(slda_module, "MAX_DIM", 64)
+  info = train.stream_info(scenarios.split(digits, 5), 10)
+  for shape, ok in [((8, 8), True), ((5, 13), False)]:
+    info = type(info)(**{**info.__dict__, "input_shape": shape})
+    ctx = train.make_context(None, train.make_optimizer("sgd", 0.1), info)
+    init = lambda: slda(features="input").init(ctx, jax.random.PRNGKey(0),
+                                               {})
+    if ok:
+      assert init().cov.shape == (64, 64)
+    else:
+      with pytest.raises(ValueError, match=r"65 dimensions.*at most 64"):
+        init()
 
 
 def test_config_variants_build_and_offline_reference(digits):

@@ -18,7 +18,8 @@ from jaxcl.strategies.fecam import (class_statistics, fecam, mahalanobis,
                                     normalize_cov, shrink_cov,
                                     tukey_transform)
 
-from conftest import split_predictions
+from conftest import (max_abs_change, np_features, split_digits_rows,
+                      split_predictions)
 
 
 def ref_shrink(cov, a1=1.0, a2=1.0):
@@ -96,6 +97,34 @@ def test_tukey_shrink_normalise_match_the_reference():
   np.testing.assert_array_equal(np.asarray(prec[0]), 7.0)
 
 
+def test_degenerate_covariances():
+  """A dimension of variance 0 gets the identity's row and column when
+  normalised; a class of one example (Σ = 0, which shrinkage leaves 0)
+  gets the identity as its precision, not NaN; with no shrinkage and two
+  identical features (a singular normalised matrix), the pseudo-inverse."""
+  cov = np.array([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 9.0]])
+  np.testing.assert_allclose(
+      np.asarray(normalize_cov(jnp.asarray(cov, jnp.float32))),
+      [[1.0, 0.0, 1 / 3], [0.0, 1.0, 0.0], [1 / 3, 0.0, 1.0]], rtol=1e-6)
+  rng = np.random.default_rng(3)
+  z = rng.random(size=(21, 4))
+  z[:, 3] = z[:, 1]
+  y = np.array([0] * 20 + [1])
+  stored = (jnp.zeros((2, 4)), jnp.zeros((2, 4, 4)))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  _, mean, prec = class_statistics(f32(z), jnp.asarray(y),
+                                   jnp.ones(21, bool), jnp.ones(2, bool),
+                                   *stored, 1.0, 1.0)
+  np.testing.assert_allclose(np.asarray(mean[1]), z[20], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(prec[1]), np.eye(4), atol=1e-6)
+  _, _, prec = class_statistics(f32(z), jnp.asarray(y), jnp.ones(21, bool),
+                                jnp.ones(2, bool), *stored, 0.0, 0.0)
+  want = ref_precision(z[:20], 0.0, 0.0)
+  assert np.linalg.matrix_rank(np.linalg.pinv(want)) == 3
+  np.testing.assert_allclose(np.asarray(prec[0]), want, rtol=2e-3,
+                             atol=2e-3 * np.abs(want).max())
+
+
 def test_mahalanobis_equals_numpy_and_differs_from_nearest_mean():
   # Class 0 spreads along its second axis, class 1 is tight: the point is
   # nearer to class 1's mean, but far less unlikely under class 0.
@@ -171,11 +200,8 @@ def test_statistics_and_predictions_equal_numpy(digits_run, digits):
   ss = r.state.strategy
   ctx = r.learner.ctx
   sc = scenarios.split(digits, 5)
-  feats = lambda x: np.asarray(ctx.apply(
-      ss.params, ss.model_state, jnp.asarray(x), jnp.zeros(len(x), int),
-      features=True)[0], np.float64)
-  x = np.concatenate([e.train_x for e in sc.experiences])
-  y = np.concatenate([e.train_y for e in sc.experiences])
+  feats = lambda x: np_features(ctx, ss.params, ss.model_state, x)
+  x, y = split_digits_rows(digits)
   f = feats(x)
   assert f.min() >= 0 and np.mean(f == 0) > 0.1   # post-ReLU features
   z = np.sqrt(f)
@@ -188,8 +214,7 @@ def test_statistics_and_predictions_equal_numpy(digits_run, digits):
     scale = np.abs(precs[k]).max()
     np.testing.assert_allclose(got[k] / scale, precs[k] / scale, atol=2e-3)
   # The reference's prediction over the test rows, from those statistics.
-  tx = np.concatenate([e.test_x for e in sc.experiences])
-  ty = np.concatenate([e.test_y for e in sc.experiences])
+  tx, ty = split_digits_rows(digits, "test")
   tz = np.sqrt(feats(tx))
   dist = np.stack([ref_mahalanobis(tz, means[k], precs[k])
                    for k in range(10)], axis=1)
@@ -239,6 +264,9 @@ def test_hyperparameters_reach_the_statistics(digits):
   f = np.asarray(ctx.apply(state.params, state.model_state,
                            jnp.asarray(e0.train_x), e0.train_task,
                            features=True)[0], np.float64)
+  u = np.asarray(ctx.apply(state.params, state.model_state, tx, t0,
+                           features=True)[0], np.float64)
+  dist = []
   for k in (0, 1):
     z = f[e0.train_y == k]    # λ = 1: no transform
     np.testing.assert_allclose(np.asarray(ss.mean[k]), z.mean(0),
@@ -247,8 +275,32 @@ def test_hyperparameters_reach_the_statistics(digits):
     scale = np.abs(want).max()
     np.testing.assert_allclose(np.asarray(ss.precision[k]) / scale,
                                want / scale, atol=2e-3)
+    dist.append(ref_mahalanobis(u, z.mean(0), want))
   assert np.asarray(ss.count).tolist() == np.bincount(
       e0.train_y, minlength=10).tolist()
+  # From the first statistics on (not once every class has them), the
+  # prediction is the Mahalanobis rule over the classes with statistics.
+  scores = np.asarray(strategy.predict(ctx, ss, state.params,
+                                       state.model_state, tx, t0))
+  assert np.all(scores[:, 2:] <= -1e8)
+  np.testing.assert_allclose(-scores[:, :2], np.stack(dist, 1), rtol=2e-3,
+                             atol=2e-3)
+
+
+def test_batch_norm_statistics_from_the_copy_at_the_freeze(digits):
+  """A batch-norm backbone: the engine's steps after the freeze move the
+  model's running averages, but every class's mean is of the copy's
+  features in evaluation mode."""
+  c = _config()
+  c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(32,))
+  r = jaxcl.run(c)
+  ss = r.state.strategy
+  assert max_abs_change(ss.model_state, r.state.model_state) > 1e-2
+  x, y = split_digits_rows(digits)
+  z = np.sqrt(np_features(r.learner.ctx, ss.params, ss.model_state, x))
+  np.testing.assert_allclose(np.asarray(ss.mean),
+                             np.stack([z[y == k].mean(0) for k in range(10)]),
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_task_incremental_scores_stay_in_the_task(digits, digits_run):
@@ -288,3 +340,7 @@ def test_features_too_wide_for_per_class_covariances():
                      r"at most 250000000 floats"):
     experiment.initial_state(experiment.setup(c), 0)
   assert fecam_module.MAX_FLOATS == 250_000_000
+  # The limit is inclusive: 10 x 5000 x 5000 is exactly MAX_FLOATS.
+  fecam_module.check_class_matrices("fecam", 10, 5000, "matrices")
+  with pytest.raises(ValueError, match="10 classes of 5001-dimensional"):
+    fecam_module.check_class_matrices("fecam", 10, 5001, "matrices")

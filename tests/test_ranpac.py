@@ -18,7 +18,8 @@ from jaxcl.strategies import ranpac as ranpac_module
 from jaxcl.strategies.ranpac import (accumulate, project, ranpac,
                                      ridge_losses, ridge_solve, split_rows)
 
-from conftest import split_predictions
+from conftest import (max_abs_change, np_features, split_digits_rows,
+                      split_predictions)
 
 M = 128
 
@@ -76,6 +77,51 @@ def test_statistics_head_and_split_equal_numpy():
                                atol=2e-3 * np.abs(want).max())
 
 
+def test_linear_projection_and_the_fit_count_is_floored():
+  """``activation='none'`` keeps the negative projections; the fit part is
+  ``floor(0.8 n)`` rows (the reference's ``int(0.8 n)``) for any ``n``."""
+  rng = np.random.default_rng(5)
+  z, proj = rng.normal(size=(9, 4)), rng.normal(size=(4, 6))
+  want = z @ proj
+  assert np.mean(want < 0) > 0.3
+  np.testing.assert_allclose(
+      np.asarray(project(jnp.asarray(z, jnp.float32),
+                         jnp.asarray(proj, jnp.float32), "none")), want,
+      rtol=1e-5, atol=1e-5)
+  for n, n_fit in [(1, 0), (2, 1), (4, 3), (7, 5), (9, 7), (203, 162)]:
+    fit, val = (np.asarray(a) for a in split_rows(jax.random.PRNGKey(n),
+                                                  jnp.int32(n), 210))
+    assert (fit.sum(), val.sum()) == (n_fit, n - n_fit), n
+    assert not np.any((fit | val)[n:])
+
+
+def test_ridge_losses_take_g_as_psd_and_overflow_as_infinite():
+  """An eigenvalue of ``G_A`` below 0 (rounding) counts as 0: the error is
+  the held-out rows' explicit error of the ridge fit on the PSD part, even
+  at the ``λ`` it would cancel; an error that overflows is ``inf``, never
+  NaN (argmin would pick a NaN)."""
+  rng = np.random.default_rng(6)
+  v, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+  s = np.array([4.0, 1.0, -1e-3])
+  c_fit = rng.normal(size=(3, 2))
+  h_val = rng.normal(size=(5, 3))
+  y_val = np.eye(2)[rng.integers(0, 2, size=5)]
+  grid = np.array([1e-3, 1.0])
+  g_psd = v @ np.diag(np.maximum(s, 0.0)) @ v.T
+  want = [np.mean((h_val @ np.linalg.solve(g_psd + lam * np.eye(3), c_fit)
+                   - y_val) ** 2) for lam in grid]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = np.asarray(ridge_losses(f32(v @ np.diag(s) @ v.T), f32(c_fit),
+                                f32(h_val.T @ h_val), f32(h_val.T @ y_val),
+                                jnp.float32(5), f32(grid)))
+  np.testing.assert_allclose(got, want, rtol=1e-3)
+  # Weights of 1e26 at λ = 1e-8: both terms overflow (inf - inf).
+  got = np.asarray(ridge_losses(
+      jnp.zeros((2, 2)), jnp.full((2, 1), 1e18), jnp.eye(2),
+      jnp.full((2, 1), 1e20), jnp.float32(2), f32([1e-8, 1e8])))
+  assert got[0] == np.inf and np.isfinite(got[1]), got
+
+
 def _search(seed, n):
   """The chosen λ on synthetic classes, checked against the explicit
   split."""
@@ -131,6 +177,24 @@ def _flat(a):
   return a.reshape(len(a), -1).astype(np.float64)
 
 
+def _check_last_search(r, sc, h4, y4, grid):
+  """The run's last λ and errors are the explicit 80/20 search's over
+  ``grid`` on the last experience's projected rows ``h4`` (the split drawn
+  as the strategy draws it)."""
+  ss = r.state.strategy
+  e4 = sc.experiences[4]
+  fit, val = (np.asarray(a)[:e4.num_train] for a in split_rows(
+      jax.random.fold_in(ss.key, 4), jnp.int32(e4.num_train),
+      r.learner.ctx.info.train_size))
+  want = np_losses(h4[fit], y4[fit], h4[val], y4[val], grid)
+  assert float(ss.ridge) == pytest.approx(grid[want.argmin()])
+  # (Pixels up to 16 give a larger G than the synthetic features: float32
+  # holds the solutions from λ = 1 on, the chosen λ 10 among them.)
+  ok = grid >= 1.0
+  assert np.asarray(ss.losses).shape == grid.shape
+  np.testing.assert_allclose(np.asarray(ss.losses)[ok], want[ok], rtol=1e-2)
+
+
 def test_split_digits_statistics_head_and_search(digits_run, digits):
   r = digits_run
   ss = r.state.strategy
@@ -151,17 +215,8 @@ def test_split_digits_statistics_head_and_search(digits_run, digits):
                              atol=1e-2)
   # The last experience's λ is the one the explicit 80/20 search on its
   # own rows picks (the split drawn as the strategy draws it) ...
-  e4 = sc.experiences[4]
-  fit, val = (np.asarray(a)[:e4.num_train] for a in split_rows(
-      jax.random.fold_in(ss.key, 4), jnp.int32(e4.num_train),
-      r.learner.ctx.info.train_size))
   grid = np.asarray(ranpac_module.RIDGE_GRID)
-  want = np_losses(hs[4][fit], ys[4][fit], hs[4][val], ys[4][val], grid)
-  assert float(ss.ridge) == pytest.approx(grid[want.argmin()])
-  # (Pixels up to 16 give a larger G than the synthetic features: float32
-  # holds the solutions from λ = 1 on, the chosen λ 10 among them.)
-  ok = grid >= 1.0
-  np.testing.assert_allclose(np.asarray(ss.losses)[ok], want[ok], rtol=1e-2)
+  _check_last_search(r, sc, hs[4], ys[4], grid)
   # ... and the head is the ridge solution on all the rows with that λ.
   w = np_ridge(h, onehot, float(ss.ridge))
   np.testing.assert_allclose(np.asarray(ss.weight), w, rtol=2e-3,
@@ -179,6 +234,16 @@ def test_split_digits_statistics_head_and_search(digits_run, digits):
   per = [np.mean(ours[a:b] == ty[a:b]) for a, b in zip(sizes, sizes[1:])]
   np.testing.assert_allclose(r.accuracy[-1], per, atol=1e-6)
   assert r.metrics["acc"] > 0.9
+
+
+def test_the_given_ridge_grid_is_searched(digits):
+  grid = (2.0, 30.0, 500.0)   # none of them on the default grid
+  r = jaxcl.run(_config(ridge_grid=grid))
+  sc = scenarios.split(digits, 5)
+  e4 = sc.experiences[4]
+  h4 = np.maximum(_flat(e4.train_x) @ np.asarray(r.state.strategy.proj,
+                                                  np.float64), 0.0)
+  _check_last_search(r, sc, h4, np.eye(10)[e4.train_y], np.asarray(grid))
 
 
 def test_fixed_ridge_and_no_projection(digits, tmp_path):
@@ -225,19 +290,11 @@ def test_classes_not_seen_yet_are_left_out(digits, digits_run):
   np.testing.assert_array_equal(raw[:, 2:], 0.0)
 
 
-def _moved(a, b):
-  return max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
-             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def _assert_gram_of(r, ss, params, model_state, digits):
   """``G`` is ``Σ h hᵀ`` of every training row's ReLU-projected features
   under ``params`` / ``model_state``."""
-  sc = scenarios.split(digits, 5)
-  x = np.concatenate([e.train_x for e in sc.experiences])
-  z = np.asarray(r.learner.ctx.apply(params, model_state, jnp.asarray(x),
-                                     jnp.zeros(len(x), int),
-                                     features=True)[0], np.float64)
+  x, _ = split_digits_rows(digits)
+  z = np_features(r.learner.ctx, params, model_state, x)
   h = np.maximum(z @ np.asarray(ss.proj, np.float64), 0.0)
   scale = np.abs(h.T @ h).max()
   np.testing.assert_allclose(np.asarray(ss.gram) / scale, h.T @ h / scale,
@@ -255,26 +312,38 @@ def test_backbone_is_frozen_as_the_stream_starts(digits):
   c.train.epochs = 1
   r = jaxcl.run(c)
   init = experiment.initial_state(experiment.setup(c), c.seed)
-  assert _moved(init.params, r.state.params) > 1e-3
+  assert max_abs_change(init.params, r.state.params) > 1e-3
   ss = r.state.strategy
-  assert _moved(init.params, ss.params) == 0.0
+  assert max_abs_change(init.params, ss.params) == 0.0
   _assert_gram_of(r, ss, init.params, init.model_state, digits)
   # The scores are the head's on the frozen copy's features, whatever
   # parameters are passed (here zeros, and they are not the model's).
   zeros = jax.tree.map(jnp.zeros_like, r.state.params)
-  sc = scenarios.split(digits, 5)
-  tx = np.concatenate([e.test_x for e in sc.experiences])
+  tx, _ = split_digits_rows(digits, "test")
   scores = np.asarray(r.learner.strategy.predict(
       r.learner.ctx, ss, zeros, r.state.model_state, jnp.asarray(tx),
       jnp.zeros(len(tx), jnp.int32)))
-  tz = np.asarray(r.learner.ctx.apply(init.params, init.model_state,
-                                      jnp.asarray(tx), jnp.zeros(len(tx), int),
-                                      features=True)[0], np.float64)
+  tz = np_features(r.learner.ctx, init.params, init.model_state, tx)
   want = np.maximum(tz @ np.asarray(ss.proj, np.float64), 0.0) @ np.asarray(
       ss.weight, np.float64)
   np.testing.assert_allclose(scores, want, rtol=1e-3,
                              atol=1e-3 * np.abs(want).max())
   assert r.metrics["acc"] > 0.7
+
+
+def test_backbone_features_in_evaluation_mode(digits):
+  """A batch-norm backbone: ``G`` is of the initial model's features with
+  its initial running averages, not of batch statistics, nor of the
+  running averages the engine's steps have moved since."""
+  c = _config()
+  c.strategy.ranpac = dict(features="backbone", proj_dim=M)
+  c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
+  r = jaxcl.run(c)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  ss = r.state.strategy
+  assert max_abs_change(init.model_state, r.state.model_state) > 1e-2
+  assert max_abs_change(init.model_state, ss.model_state) == 0.0
+  _assert_gram_of(r, ss, init.params, init.model_state, digits)
 
 
 def test_adapt_first_trains_then_freezes(digits):
@@ -291,8 +360,8 @@ def test_adapt_first_trains_then_freezes(digits):
   init = experiment.initial_state(experiment.setup(c), c.seed)
   ss = r.state.strategy
   assert bool(ss.frozen)
-  assert _moved(init.params, r.state.params) > 1e-2
-  assert _moved(r.state.params, ss.params) == 0.0
+  assert max_abs_change(init.params, r.state.params) > 1e-2
+  assert max_abs_change(r.state.params, ss.params) == 0.0
   ones = jax.tree.map(jnp.ones_like, r.state.params)
   out = r.learner.strategy.update_grads(r.learner.ctx, ss, ones,
                                         r.state.params, {}, None)
