@@ -171,6 +171,17 @@ def _factory_default(name: str, arg: str):
 def _config():
   """The parsed config with the strategy and model overrides written in."""
   config = _CONFIG.value
+  try:
+    config.get("name")
+  except OSError as e:
+    # ml_collections defers a config file it could not read (missing, a
+    # folder) to the first access, as an OSError whose message ends with
+    # the cause: name the file and the cause in one line.
+    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    raise ValueError(
+        f"--config {flags.FLAGS['config'].config_filename}: cannot read the "
+        f"config file ({cause}); give a Python file defining get_config(), "
+        "e.g. experiments/split_mnist_baselines.py") from None
   if not _NODE_ARGS:
     return config
   with config.unlocked():

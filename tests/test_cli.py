@@ -112,13 +112,14 @@ def ewc_run(tmp_path_factory, forked):
   ``=``-joined, one space-separated), in the default run directory:
   ``(process, cwd)``. Read by two tests."""
   cwd = tmp_path_factory.mktemp("ewc_run")
-  p = forked("run", "--config.strategy.name=ewc",
-             "--config.strategy.ewc.lam=10",
+  p = forked("run", *_EWC_ARGS, cwd=cwd)
+  return p, cwd
+
+
+_EWC_ARGS = ("--config.strategy.name=ewc", "--config.strategy.ewc.lam=10",
              "--config.strategy.ewc.fisher", "empirical",
              "--config.train.epochs=1", "--config.model.widths=(32,16)",
-             "--config.report.plots=False", "--config.report.progress=False",
-             cwd=cwd)
-  return p, cwd
+             "--config.report.plots=False", "--config.report.progress=False")
 
 
 def test_default_run_writes_outputs(tmp_path):
@@ -164,11 +165,14 @@ def test_override_and_experiment_file(tmp_path, forked):
             os.path.join(REPO, "experiments", "split_digits_baselines.py") +
             ":strategy=joint", "--config.train.epochs=1",
             "--config.report.plots=False", "--workdir", str(tmp_path / "r"),
-            "--config.dataset.validation=0.25", "--verbosity=0", cwd=tmp_path)
+            "--config.dataset.validation=0.25", "--verbosity=0",
+            "--config.dataset.label_noise=0.2", cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "after \\ vali " in p.stdout
   assert ("evaluated on the validation split: 0.25 of the training set"
           in p.stdout)
+  assert ("(trained on noisy labels: 0.2 of each class's training labels, "
+          "symmetric, noise seed 0; evaluated on clean labels)" in p.stdout)
   # Asked for, the INFO logs are back (here: orbax's checkpoint saves).
   assert re.search(r"^I\d{4} .*checkpoint", p.stderr, re.M)
   cfg = json.load(open(tmp_path / "r" / "config.json"))
@@ -286,6 +290,10 @@ def test_strategy_override_parsing():
   assert [cli._literal(t) for t in ("0.1", "200", "(16,)", "True",
                                     "factored")] == [
                                         0.1, 200, (16,), True, "factored"]
+  # Text that is not a Python literal (a SyntaxError, not a ValueError, to
+  # ast.literal_eval) stays a string too.
+  assert [cli._literal(t) for t in ("two words", "1 +", "a/b")] == [
+      "two words", "1 +", "a/b"]
 
 
 def test_command_help_lists_the_commands_flags(tmp_path):
@@ -331,3 +339,112 @@ def test_default_run_directory_names_the_overrides(ewc_run):
                       r"strategy\.ewc\.fisher=empirical-\d{8}-\d{6}",
                       run), run
   assert p.stdout.startswith(f"jaxcl: {run[:-16]} -> runs/{run}\n")
+
+
+def test_unknown_command_and_help_word(tmp_path, forked):
+  from jaxcl import cli
+  p = forked("bogus", cwd=tmp_path)
+  assert p.returncode == 2 and "Traceback" not in p.stderr
+  assert p.stderr == ("jaxcl: unknown command 'bogus'; valid: ['run', "
+                      "'sweep', 'methods']\n")
+  for args in (("help",), ("--help",), ()):
+    p = forked(*args, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout == cli.USAGE + "\n", args
+
+
+def test_methods_markdown_help_and_several_names(tmp_path, forked):
+  from jaxcl import strategies
+  p = forked("methods", "--markdown", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+    assert p.stdout == f.read()  # the generated reference, whole
+  p = forked("methods", "--help", cwd=tmp_path)
+  assert (p.returncode, p.stdout) == (
+      0, "usage: jaxcl methods [NAME ... | --markdown]\n")
+  # Every name given is described, in order.
+  p = forked("methods", "lwf", "ewc", cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout == "\n".join([strategies.describe("lwf"),
+                                strategies.describe("ewc")])
+  for args in (("--markdown", "ewc"), ("ewc", "--markdown"), ("--bogus",),
+               ("--markdown", "--markdown")):
+    p = forked("methods", *args, cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == "", args
+    assert ("jaxcl methods takes strategy names or --markdown alone; got "
+            f"{list(args)}") in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args,name", [
+    # An explicit name is used as it is; data_dir is not part of the name.
+    (["--config.name=mine", "--config.strategy.name=bogus",
+      "--config.dataset.data_dir=/x"], "mine"),
+    (["--config.strategy.name=bo/gus [x]", "--config.dataset.data_dir=/x"],
+     "split_digits_naive,strategy.name=bogusx"),
+])
+def test_run_name_from_the_overrides(tmp_path, forked, args, name):
+  # A bad strategy name fails after the run is named, before any training.
+  p = forked("run", *args, cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert re.fullmatch(f"jaxcl: {re.escape(name)} -> runs/{re.escape(name)}"
+                      r"-\d{8}-\d{6}\n", p.stdout), p.stdout
+  assert "jaxcl: error: unknown strategy 'bo" in p.stderr
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path, forked):
+  p = forked("run", "--config.dataset.name=fashion_mnist",
+             f"--config.dataset.data_dir={tmp_path}/no such dir",
+             "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert (f"jaxcl: error: data directory '{tmp_path}/no such dir' does not "
+          "exist; pass an existing directory holding fashion_mnist's IDX "
+          ".gz files (or fashion_mnist/ with them)") in p.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_unreadable_config_file_is_a_clear_error(tmp_path, forked, command):
+  # A mistyped --config path (ml_collections defers the failure to the
+  # config's first use, as an OSError) and a folder: one line naming the
+  # file and the cause, no traceback.
+  for path, cause in ((f"{tmp_path}/experiments/nope.py",
+                       "No such file or directory"),
+                      (str(tmp_path), "Is a directory")):
+    p = forked(command, "--config", path, cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.fullmatch(
+        f"jaxcl: error: --config {re.escape(path)}: cannot read the config "
+        rf"file \(\[Errno \d+\] {cause}: '{re.escape(path)}'\); give a "
+        r"Python file defining get_config\(\), e\.g\. "
+        r"experiments/split_mnist_baselines\.py\n", p.stderr), p.stderr
+
+
+def test_resume_flags_reach_the_run(tmp_path, forked, ewc_run):
+  # --resume with nothing to resume, and --noresume where a finished run
+  # left checkpoints, are refused (each before training anything).
+  p = forked("run", "--resume", "--workdir", str(tmp_path / "new"),
+             cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert f"--resume: no checkpoint to resume in {tmp_path}/new" in p.stderr
+  p, cwd = ewc_run
+  assert p.returncode == 0, p.stderr[-2000:]
+  (run,) = os.listdir(cwd / "runs")
+  p = forked("run", "--noresume", "--workdir", str(cwd / "runs" / run),
+             *_EWC_ARGS, cwd=cwd)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert f"{cwd}/runs/{run} already holds checkpoints" in p.stderr
+
+
+def test_strategy_argument_values_are_checked(tmp_path, forked):
+  # True is not promoted to the float lam = 1.0 (the factory refuses it),
+  # and a value of the wrong type for a field the config file defines is
+  # a one-line error naming the override.
+  p = forked("run", "--config.strategy.name=ewc",
+             "--config.strategy.ewc.lam=True", "--workdir",
+             str(tmp_path / "a"), cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "ewc: lam must be a finite number >= 0, got True" in p.stderr
+  p = forked("run", "--config", os.path.join(
+      REPO, "experiments", "permuted_mnist_regularisation.py") +
+             ":strategy=ewc", "--config.strategy.ewc.lam=abc", "--workdir",
+             str(tmp_path / "b"), cwd=tmp_path)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "jaxcl: error: --config.strategy.ewc.lam=abc: " in p.stderr
