@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from jaxcl import datasets
+from test_tfds import _write_idx
 
 
 def test_mnist_from_idx(mnist):
   assert mnist.train_x.shape == (60000, 28, 28, 1)
   assert mnist.test_x.shape == (10000, 28, 28, 1)
-  assert mnist.train_x.dtype == np.float32
+  assert mnist.train_x.dtype == mnist.test_x.dtype == np.float32
+  assert mnist.train_y.dtype == mnist.test_y.dtype == np.int32
   assert 0.0 <= mnist.train_x.min() and mnist.train_x.max() == 1.0
+  assert 0.0 <= mnist.test_x.min() and mnist.test_x.max() == 1.0
   assert set(np.unique(mnist.train_y)) == set(range(10))
   # The first MNIST training label is a 5 (LeCun's file), first test a 7.
   assert mnist.train_y[0] == 5 and mnist.test_y[0] == 7
@@ -47,6 +50,29 @@ def test_digits_offline():
   assert set(np.unique(d.test_y)) == set(range(10))
 
 
+def test_digits_are_sixteen_levels_and_a_quarter_held_out_per_class():
+  # Pixels are scikit-learn's 0..16 counts divided by 16, in the images'
+  # own orientation; the test set is round(n_c / 4) of each class c (450
+  # of the 1797 digits: what every recorded digits result was tested on).
+  from sklearn.datasets import load_digits
+  ref = load_digits()
+  d = datasets.load("digits")
+  assert d.train_x.dtype == d.test_x.dtype == np.float32
+  assert d.train_y.dtype == d.test_y.dtype == np.int32
+  both = np.concatenate([d.train_x, d.test_x])[..., 0] * 16
+  np.testing.assert_array_equal(both, np.round(both))
+  assert both.min() == 0 and both.max() == 16
+  # The same 1797 images (as a multiset: a transposed or shifted image
+  # is not among scikit-learn's), with their own labels.
+  key = lambda imgs, ys: sorted((y, im.astype(np.uint8).tobytes())
+                                for im, y in zip(imgs, ys))
+  assert key(both, np.concatenate([d.train_y, d.test_y])) == key(
+      ref.images, ref.target)
+  held = [int(round(n / 4)) for n in np.bincount(ref.target)]
+  np.testing.assert_array_equal(np.bincount(d.test_y), held)
+  assert sum(held) == len(d.test_y) == 450
+
+
 def test_digits_file_equals_sklearn_loader(monkeypatch):
   # The digits are read from scikit-learn's CSV without importing it; they
   # must be exactly what its public loader gives, and a scikit-learn with
@@ -73,9 +99,15 @@ def test_unknown_dataset_lists_valid():
     datasets.load("imagenet_tiny")
 
 
-def test_missing_data_dir():
+def test_missing_data_dir(tmp_path):
   with pytest.raises(datasets.DataError, match="does not exist"):
     datasets.load("mnist", data_dir="/nonexistent/dir")
+  # A file is no data directory either.
+  (tmp_path / "f").write_bytes(b"")
+  with pytest.raises(datasets.DataError, match=(
+      f"data directory '{tmp_path}/f' does not exist; pass an existing "
+      "directory holding mnist's IDX .gz files")):
+    datasets.load("mnist", data_dir=str(tmp_path / "f"))
 
 
 def test_missing_file_named(tmp_path, data_dir):
@@ -107,7 +139,7 @@ def test_corrupt_files_named(tmp_path, data_dir):
 
 
 def test_read_idx_roundtrip(tmp_path):
-  arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  arr = (np.arange(24, dtype=np.uint8) * 11).reshape(2, 3, 4)  # up to 253
   p = tmp_path / "x-idx3-ubyte"
   p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) +
                 arr.tobytes())
@@ -202,3 +234,174 @@ def test_normalize_standardises_and_refuses_bad_pairs():
   c.dataset.normalize = (0.1,)
   with pytest.raises(ValueError, match=r"dataset.normalize must be \(\) or"):
     experiment.load_data(c)
+
+
+def _idx_bytes(magic: bytes, dims, payload: bytes) -> bytes:
+  return magic + struct.pack(">" + "I" * len(dims), *dims) + payload
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"", "not an IDX file"),
+    (b"\x00\x00", "not an IDX file"),
+    # type byte 0x0D: IDX floats, not unsigned bytes
+    (_idx_bytes(b"\x00\x00\x0d\x01", [2], bytes(8)), "not an IDX file"),
+    (_idx_bytes(b"\x01\x00\x08\x01", [2], bytes(2)), "not an IDX file"),
+    (b"\x00\x00\x08\x03" + struct.pack(">I", 2), "truncated header"),
+    # one byte more, or one less, than the header's 2 x 3
+    (_idx_bytes(b"\x00\x00\x08\x02", [2, 3], bytes(7)),
+     r"header says shape \(2, 3\) \(6 bytes\) but the file holds 7"),
+    (_idx_bytes(b"\x00\x00\x08\x02", [2, 3], bytes(5)),
+     r"header says shape \(2, 3\) \(6 bytes\) but the file holds 5"),
+])
+def test_read_idx_refuses_what_is_not_an_idx_file(tmp_path, raw, match):
+  p = tmp_path / "bad-idx-ubyte"
+  p.write_bytes(raw)
+  with pytest.raises(datasets.DataError,
+                     match=f"corrupt data file '{p}': .*{match}"):
+    datasets.read_idx(str(p))
+
+
+def test_read_idx_names_a_missing_or_cut_off_gzip_file(tmp_path):
+  with pytest.raises(datasets.DataError, match="missing data file '.*nope"):
+    datasets.read_idx(str(tmp_path / "nope-idx1-ubyte.gz"))
+  # A gzip stream cut short (a partial download): EOFError inside gzip.
+  p = tmp_path / "cut-idx1-ubyte.gz"
+  _write_idx(str(p), np.arange(5000, dtype=np.uint8) % 251)
+  p.write_bytes(p.read_bytes()[:-30])
+  with pytest.raises(datasets.DataError, match=f"corrupt data file '{p}'"):
+    datasets.read_idx(str(p))
+
+
+def _link_idx(src: str, dst) -> None:
+  """Symlinks the four IDX files of directory ``src`` into ``dst``."""
+  os.makedirs(dst, exist_ok=True)
+  for f in datasets._IDX_FILES.values():
+    os.symlink(os.path.join(src, f), os.path.join(dst, f))
+
+
+def _first_labels(d: str) -> tuple[int, int]:
+  """The first training and test label, read straight off the bytes."""
+  return tuple(gzip.open(os.path.join(d, f)).read(9)[8] for f in (
+      "train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+
+
+def test_data_dir_is_the_folder_itself_or_its_named_sub_folder(
+    tmp_path, data_dir, monkeypatch):
+  # MNIST's files in the folder itself and Fashion-MNIST's in its
+  # fashion_mnist/ sub-folder: each name gets its own files (the named
+  # sub-folder first), whether the folder is passed or $JAXCL_DATA_DIR.
+  mnist_dir = os.path.join(data_dir, "mnist")
+  fashion_dir = os.path.join(data_dir, "fashion_mnist")
+  assert _first_labels(mnist_dir) != _first_labels(fashion_dir)
+  _link_idx(mnist_dir, tmp_path)
+  _link_idx(fashion_dir, tmp_path / "fashion_mnist")
+  monkeypatch.setenv("JAXCL_DATA_DIR", "/nonexistent/jaxcl/data")
+  for name, src in (("mnist", mnist_dir), ("fashion_mnist", fashion_dir)):
+    d = datasets.load(name, data_dir=str(tmp_path))  # the argument wins
+    assert (d.name, d.num_classes) == (name, 10)
+    assert (d.train_y[0], d.test_y[0]) == _first_labels(src), name
+    assert datasets.missing(name, str(tmp_path)) is None
+  monkeypatch.setenv("JAXCL_DATA_DIR", str(tmp_path))
+  d = datasets.load("fashion_mnist")
+  assert (d.train_y[0], d.test_y[0]) == _first_labels(fashion_dir)
+  assert datasets.missing("fashion_mnist") is None
+  # $JAXCL_DATA_DIR with no files: named by missing(), refused by load();
+  # both name the sub-folder that was expected.
+  (tmp_path / "empty").mkdir()
+  monkeypatch.setenv("JAXCL_DATA_DIR", str(tmp_path / "empty"))
+  assert datasets.missing("mnist") == (
+      "mnist: missing " + ", ".join(datasets._IDX_FILES.values()) +
+      f" in '{tmp_path}/empty/mnist'")
+  with pytest.raises(datasets.DataError, match=(
+      f"mnist: missing train-images-idx3-ubyte.gz.* in "
+      f"'{tmp_path}/empty/mnist'")):
+    datasets.load("mnist")
+
+
+def _small_idx_dir(path, rows=(12, 6), labels=None, image_rows=None):
+  """Four IDX files of ``rows`` (train, test) 28x28 examples."""
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for split, n in zip(("train", "test"), rows):
+    y = rng.integers(0, 10, n).astype(np.uint8) if labels is None else \
+        np.asarray(labels[split], np.uint8)
+    m = n if image_rows is None else image_rows[split]
+    x = rng.integers(0, 256, (m, 28, 28)).astype(np.uint8)
+    _write_idx(os.path.join(path, datasets._IDX_FILES[f"{split}_x"]), x)
+    _write_idx(os.path.join(path, datasets._IDX_FILES[f"{split}_y"]), y)
+  return str(path)
+
+
+def test_idx_files_of_the_wrong_size_or_labels_are_refused(tmp_path,
+                                                           monkeypatch):
+  # Files that parse but are not MNIST's: 12 / 6 examples instead of
+  # 60000 / 10000, images and labels of different lengths, a label 10.
+  d = _small_idx_dir(tmp_path / "a")
+  with pytest.raises(datasets.DataError, match=(
+      r"mnist: train files in .* hold images \(12, 28, 28\) and labels "
+      r"\(12,\); expected 60000x28x28 and 60000 labels")):
+    datasets.load("mnist", d)
+  monkeypatch.setattr(datasets, "_IDX_COUNTS", {"train": 12, "test": 6})
+  loaded = datasets.load("mnist", d)  # the sizes it is told to expect
+  raw_x = datasets.read_idx(os.path.join(d, datasets._IDX_FILES["test_x"]))
+  np.testing.assert_array_equal(loaded.test_x[..., 0],
+                                raw_x.astype(np.float32) / 255.0)
+  d = _small_idx_dir(tmp_path / "b", image_rows={"train": 12, "test": 5})
+  with pytest.raises(datasets.DataError, match=(
+      r"test files in .* hold images \(5, 28, 28\) and labels \(6,\)")):
+    datasets.load("mnist", d)
+  d = _small_idx_dir(tmp_path / "c", labels={"train": [10] + [0] * 11,
+                                             "test": [1] * 6})
+  with pytest.raises(datasets.DataError,
+                     match="mnist: train labels in .* exceed 9"):
+    datasets.load("mnist", d)
+
+
+# ---------------------------------------------------------------------------
+# Augmentations (jaxcl.augment; SCR's own checks are in test_scr.py).
+
+
+def test_default_augmentations_and_op_names():
+  from jaxcl import augment
+  # A mirrored 2, 3, 4, 5, 7 or 9 is not that digit: crop only for
+  # single-channel images; all four for RGB; none for flat inputs.
+  assert augment.default_ops((8, 8, 1)) == ("crop",)
+  assert augment.default_ops((28, 28, 1)) == ("crop",)
+  assert augment.default_ops((32, 32, 3)) == augment.OPS
+  assert augment.default_ops((784,)) == ()
+  with pytest.raises(ValueError, match=r"scr: an augmentation is named "
+                     r"twice in \('crop', 'flip', 'crop'\)"):
+    augment.check_ops(["crop", "flip", "crop"], who="scr")
+
+
+def test_augmentation_pipeline_gives_each_step_its_own_key():
+  import jax
+  from jaxcl import augment
+  x = jax.numpy.asarray(np.random.default_rng(0).uniform(size=(16, 8, 8, 1)),
+                        np.float32)
+  key = jax.random.PRNGKey(3)
+  k_crop, k_flip = jax.random.split(key, 2)
+  expected = augment.horizontal_flip(
+      k_flip, augment.random_resized_crop(k_crop, x), 0.5)
+  np.testing.assert_array_equal(
+      augment.pipeline(("crop", "flip"), (8, 8, 1))(key, x), expected)
+
+
+def test_resized_crop_box_position_is_uniform_and_independent():
+  # Channel 0 holds each pixel's row, channel 1 its column; a quarter of
+  # the area at ratio 1 is a 4x4 box of the 8x8 image at (top, left),
+  # each ~ U[0, 4]. Output pixel (1, 1) reads the source at (top + 0.25,
+  # left + 0.25) (pixel centres), where the ramps are exact.
+  import jax
+  from jaxcl import augment
+  n = 400
+  rows = np.broadcast_to(np.arange(8.0)[:, None], (8, 8))
+  x = np.broadcast_to(np.stack([rows, rows.T], -1), (n, 8, 8, 2))
+  out = np.asarray(augment.random_resized_crop(
+      jax.random.PRNGKey(0), jax.numpy.asarray(x, np.float32), (0.25, 0.25),
+      (1.0, 1.0)))
+  top, left = out[:, 1, 1, 0] - 0.25, out[:, 1, 1, 1] - 0.25
+  for v in (top, left):
+    assert v.min() >= -1e-5 and v.max() <= 4 + 1e-5
+    assert abs(v.mean() - 2.0) < 0.25 and abs(v.std() - 4 / 12 ** 0.5) < 0.2
+  assert abs(np.corrcoef(top, left)[0, 1]) < 0.2

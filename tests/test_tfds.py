@@ -4,6 +4,7 @@ network), then load it through tfds.data_source exactly as a user with a
 prepared data_dir."""
 
 import gzip
+import json
 import os
 import struct
 
@@ -43,7 +44,10 @@ def idx_subset(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, idx_subset):
   out = str(tmp_path_factory.mktemp("tfds"))
-  tfds_local.prepare("mnist", idx_subset, out)
+  where = tfds_local.prepare("mnist", idx_subset, out)
+  # prepare() returns the prepared data set's own directory.
+  assert os.path.dirname(where) == os.path.join(out, "mnist")
+  assert os.path.isfile(os.path.join(where, "dataset_info.json"))
   return out
 
 
@@ -66,9 +70,15 @@ def test_tfds_mnist_matches_idx(prepared, idx_subset, monkeypatch):
     for c in range(10):
       np.testing.assert_allclose(x[y == c].sum(), rx[ry == c].sum(),
                                  rtol=1e-6)
+    # The same images, each with its own label (a multiset: tfds shuffles;
+    # sums would not see a transposed or mirrored image).
+    key = lambda xs, ys: sorted(
+        (int(l), (im * 255).round().astype(np.uint8).tobytes())
+        for im, l in zip(xs, ys))
+    assert key(x, y) == key(rx, ry), split
 
 
-def test_unprepared_tfds_dir_is_an_error(tmp_path):
+def test_unprepared_tfds_dir_is_an_error(tmp_path, monkeypatch):
   # Not tfds's own message, which blamed the absent data's file format and
   # suggested deleting it.
   for name in ("mnist", "cifar10"):
@@ -76,6 +86,14 @@ def test_unprepared_tfds_dir_is_an_error(tmp_path):
                        f"tensorflow_datasets data in data_dir='{tmp_path}'"
                        rf".*\(`tfds build {name}`\)"):
       datasets.from_tfds(name, data_dir=str(tmp_path))
+  # $TFDS_DATA_DIR (set after tfds was imported) is where both look.
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert datasets.missing("cifar10") == (
+      f"cifar10: no prepared tensorflow_datasets data in data_dir="
+      f"'{tmp_path}'")
+  with pytest.raises(datasets.DataError, match=f"cifar10: no prepared "
+                     f"tensorflow_datasets data in data_dir='{tmp_path}'"):
+    datasets.load("cifar10")
 
 
 def test_data_dirs_starting_with_a_tilde_are_expanded(prepared, monkeypatch,
@@ -92,7 +110,34 @@ def test_data_dirs_starting_with_a_tilde_are_expanded(prepared, monkeypatch,
 
 
 def test_prepare_rejects_missing_files(tmp_path):
-  with pytest.raises(datasets.DataError, match="missing"):
+  # Named before tfds writes anything.
+  (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+  with pytest.raises(datasets.DataError, match=(
+      "mnist: missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"
+      f", t10k-images-idx3-ubyte.gz in manual_dir '{tmp_path}'$")):
     tfds_local.prepare("mnist", str(tmp_path), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
   with pytest.raises(datasets.DataError, match="supports"):
     tfds_local.prepare("cifar10", str(tmp_path))
+
+
+def test_prepare_fashion_mnist_is_tfds_fashion_mnist(tmp_path, data_dir):
+  # The Fashion-MNIST builder (its class names), from its own IDX files.
+  src = os.path.join(data_dir, "fashion_mnist")
+  for key, name in datasets._IDX_FILES.items():
+    rows = 40 if key.startswith("train") else 20
+    _write_idx(str(tmp_path / name),
+               datasets.read_idx(os.path.join(src, name))[:rows])
+  out = str(tmp_path / "tfds")
+  where = tfds_local.prepare("fashion_mnist", str(tmp_path), out)
+  # What the prepared copy itself records (a reader's registered builder
+  # would supply its own names whatever was written).
+  with open(os.path.join(where, "label.labels.txt")) as f:
+    assert f.read().split("\n")[:2] == ["T-shirt/top", "Trouser"]
+  with open(os.path.join(where, "dataset_info.json")) as f:
+    assert "Fashion-MNIST" in json.load(f)["description"]
+  d = datasets.from_tfds("fashion_mnist", data_dir=out)
+  assert d.train_x.shape == (40, 28, 28, 1) and d.test_x.shape == (20, 28,
+                                                                     28, 1)
+  first = datasets.read_idx(os.path.join(src, datasets._IDX_FILES["test_y"]))
+  np.testing.assert_array_equal(np.sort(d.test_y), np.sort(first[:20]))
