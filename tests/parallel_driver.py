@@ -1,7 +1,9 @@
 """Runs the same small streams on 1 device and on a data-parallel mesh of
 all (forced) devices, in one process; prints the largest accuracy
 difference per strategy as JSON. Used by test_parallel.py (which sets
-XLA_FLAGS=--xla_force_host_platform_device_count=8); not a test itself."""
+XLA_FLAGS=--xla_force_host_platform_device_count=8); not a test itself.
+With the single argument ``contracts`` it instead checks the mesh, sharding,
+placement and donation contracts (:func:`contracts`), a few seconds."""
 
 import json
 import sys
@@ -52,7 +54,106 @@ def config(strategy, devices):
   return c
 
 
+def _error(f):
+  """The message of the ValueError (ConfigError) ``f()`` raises, or None."""
+  try:
+    f()
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def contracts():
+  """Mesh, sharding, placement and donation contracts on the forced devices
+  (values computed here by hand), and a 4-device run against one device."""
+  from jaxcl import parallel, sweep
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n = jax.device_count()
+  out = {"devices": n}
+  # devices=0 means all of them; k means the first k; too many or negative
+  # is an error naming the values.
+  out["mesh0"] = [d.id for d in parallel.make_mesh(0).devices.flat]
+  out["mesh3"] = [d.id for d in parallel.make_mesh(3).devices.flat]
+  out["all_ids"] = [d.id for d in jax.devices()]
+  out["too_many"] = _error(lambda: parallel.make_mesh(n + 1))
+  out["negative"] = _error(lambda: parallel.make_mesh(-1))
+  # state_sharding: leading-axis sharding only for leaves whose leading
+  # axis divides evenly and whose size (bytes) reaches min_bytes.
+  mesh = parallel.make_mesh(0)
+  tree = {"even": np.zeros((2 * n, 3), np.float32),      # 24 n bytes
+          "uneven": np.zeros((2 * n + 1, 3), np.float32),
+          "short": np.zeros((n // 2, 3), np.float32),
+          "scalar": np.zeros((), np.float32),
+          "bytes8": np.zeros((2 * n, 3), np.int8),       # 6 n bytes
+          "vector": np.zeros((n,), np.int32)}
+  spec = lambda t: {k: str(v.spec) for k, v in t.items()}
+  out["spec_0"] = spec(parallel.state_sharding(tree, mesh, min_bytes=0))
+  # min_bytes is a size in bytes, inclusive: the float32 leaf has exactly
+  # 24 n bytes, the int8 one 6 n.
+  out["spec_at"] = spec(parallel.state_sharding(tree, mesh,
+                                                min_bytes=24 * n))
+  out["spec_above"] = spec(parallel.state_sharding(tree, mesh,
+                                                   min_bytes=24 * n + 1))
+  out["spec_stacked"] = str(parallel.state_sharding(
+      {"a": np.zeros((3, 2 * n, 5), np.float32)}, mesh, min_bytes=0,
+      stacked=True)["a"].spec)
+  # place: the values survive and each device holds its own rows, in the
+  # mesh's device order.
+  x = np.arange(2 * n * 3, dtype=np.float32).reshape(2 * n, 3)
+  placed = parallel.place({"x": x, "s": np.float32(7)},
+                          {"x": NamedSharding(mesh, P("data")),
+                           "s": parallel.replicated(mesh)})
+  out["place_equal"] = bool(np.array_equal(np.asarray(placed["x"]), x) and
+                            float(placed["s"]) == 7.0)
+  rows = {s.device.id: np.asarray(s.data)[:, 0].tolist()
+          for s in placed["x"].addressable_shards}
+  out["place_rows_ok"] = all(
+      rows[d.id] == x[2 * i:2 * i + 2, 0].tolist()
+      for i, d in enumerate(mesh.devices.flat))
+  out["batch_spec"] = str(parallel.batch_sharding(mesh).spec)
+  out["replicated_spec"] = str(parallel.replicated(mesh).spec)
+  # A run on 4 of the devices equals the one-device run.
+  c1, c4 = config("naive", 1), config("naive", 4)
+  one, four = jaxcl.run(c1), jaxcl.run(c4)
+  out["run4_mesh"] = int(four.learner.mesh.shape[parallel.DATA])
+  out["run4_acc_diff"] = float(np.abs(one.accuracy - four.accuracy).max())
+  out["run4_params_diff"] = max(
+      float(np.abs(np.asarray(a) - np.asarray(b)).max())
+      for a, b in zip(jax.tree.leaves(one.state.params),
+                      jax.tree.leaves(four.state.params)))
+  out["run4_random_diff"] = float(
+      np.abs(one.random_accuracy - four.random_accuracy).max())
+  # The chunk donates the state it is given (its buffers are not reused);
+  # evaluation does not.
+  exp = jaxcl.scenarios.split(jaxcl.datasets.load("digits"), 5).experiences[0]
+  learner = four.learner
+  data = jaxcl.train.device_experience(exp, learner.ctx.info.train_size)
+  state = four.state
+  learner.eval_fn(state, jaxcl.train.test_arrays([exp], 200))
+  out["eval_kept"] = not any(x.is_deleted() for x in jax.tree.leaves(state)
+                             if isinstance(x, jax.Array))
+  learner.chunk_fn(state, data, exp.num_train, 0, 0, 0)
+  out["chunk_donated"] = all(x.is_deleted() for x in jax.tree.leaves(
+      state.params))
+  # Batch sizes that do not split over the devices, too many devices, and a
+  # sweep on a mesh: clear errors naming the values.
+  bad = config("naive", 0)
+  bad.train.batch_size = 12
+  out["bad_batch"] = _error(lambda: jaxcl.run(bad))
+  bad = config("naive", 0)
+  bad.train.eval_batch_size = 100
+  out["bad_eval_batch"] = _error(lambda: jaxcl.run(bad))
+  bad = config("naive", n + 1)
+  out["bad_devices"] = _error(lambda: jaxcl.run(bad))
+  out["sweep_mesh"] = _error(lambda: sweep.sweep(config("naive", 0),
+                                                 seeds=[0, 1]))
+  print(json.dumps(out))
+
+
 def main():
+  if sys.argv[1:] == ["contracts"]:
+    contracts()
+    return
   out = {"devices": jax.device_count()}
   for strategy in sys.argv[1:]:
     one = jaxcl.run(config(strategy, 1))

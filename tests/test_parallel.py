@@ -5,12 +5,21 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import metrics, sweep, train
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+# The child imports the jaxcl this process imported (the checkout under
+# test, or a copy of it that shadows the install), not a fixed path.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(jaxcl.__file__)))
 
 
-def run_driver(child_env, *strategies):
-  """``parallel_driver.py`` on 8 forced CPU devices, in ``child_env``
+def driver_output(child_env, *args):
+  """``parallel_driver.py ARGS`` on 8 forced CPU devices, in ``child_env``
   (conftest.py's, with its compilation cache): its JSON summary."""
   # Both programs compile in the child with conftest.py's XLA flags (it
   # used to drop them: a fifth of the two tests' time went to optimising
@@ -19,11 +28,18 @@ def run_driver(child_env, *strategies):
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
              " --xla_force_host_platform_device_count=8")
   p = subprocess.run([sys.executable, os.path.join(HERE, "parallel_driver.py"),
-                      *strategies],
+                      *args],
                      capture_output=True, text=True, env=env, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
+  return out
+
+
+def run_driver(child_env, *strategies):
+  """The driver's runs of ``strategies`` on 1 and 8 devices, checked equal
+  and split over the devices: its JSON summary."""
+  out = driver_output(child_env, *strategies)
   for strategy in strategies:
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
@@ -57,3 +73,112 @@ def test_eight_devices_match_one_device_including_sharded_replay(child_env):
   assert all(b != 0.0 for b in out["bic"]["beta"][1:])
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
+
+
+def test_mesh_sharding_placement_and_donation_contracts(child_env):
+  """parallel.py's contracts on 8 forced devices, the expected values
+  worked out here: devices=0 is all of them, a count past them or below 0
+  is an error naming it; only evenly divisible leaves of at least
+  ``min_bytes`` bytes are split, along the leading (or, stacked, the
+  second) axis; ``place`` puts row block i on device i; a 4-device run
+  equals the 1-device one; the chunk donates its state, evaluation keeps
+  it; batch sizes that do not split and sweeps on a mesh are refused."""
+  out = driver_output(child_env, "contracts")
+  assert out["mesh0"] == out["all_ids"] == list(range(8))
+  assert out["mesh3"] == [0, 1, 2]
+  assert "parallel.devices=9" in out["too_many"] and "only 8" in out[
+      "too_many"]
+  assert "got -1" in out["negative"]
+  sharded, rep = "P('data', None)", "P()"
+  assert out["spec_0"] == {"even": sharded, "uneven": rep, "short": rep,
+                           "scalar": rep, "bytes8": sharded,
+                           "vector": "P('data',)"}
+  # 16 x 3 float32 = 192 bytes; 16 x 3 int8 = 48; 8 int32 = 32.
+  assert out["spec_at"] == {"even": sharded, "uneven": rep, "short": rep,
+                            "scalar": rep, "bytes8": rep, "vector": rep}
+  assert set(out["spec_above"].values()) == {rep}
+  assert out["spec_stacked"] == "P(None, 'data', None)"
+  assert out["place_equal"] and out["place_rows_ok"]
+  assert out["batch_spec"] == "P('data',)" and out["replicated_spec"] == rep
+  assert out["run4_mesh"] == 4
+  assert out["run4_acc_diff"] <= 1e-4 and out["run4_random_diff"] <= 1e-4
+  assert out["run4_params_diff"] <= 1e-4
+  assert out["eval_kept"], "evaluation deleted (donated) the state"
+  assert out["chunk_donated"], "the chunk did not donate the state"
+  assert "batch_size=12" in out["bad_batch"] and "8 devices" in out[
+      "bad_batch"]
+  assert "eval_batch_size=100" in out["bad_eval_batch"]
+  assert "parallel.devices=9" in out["bad_devices"]
+  assert "not supported" in out["sweep_mesh"]
+
+
+def small_sweep_config():
+  """Split Digits in 2 experiences, MLP 64-32-10, 1 epoch."""
+  c = jaxcl.default_config()
+  c.model.widths = (32,)
+  c.train.epochs = 1
+  c.report.progress = False
+  c.scenario.n_experiences = 2
+  return c
+
+
+def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
+  """Every per-run result of a seeds sweep is that seed's separate run, in
+  the members' order: the accuracy matrix, the accuracy before training
+  (random_accuracy), every metric (fwt reads the latter), the final
+  parameters and the run key."""
+  seeds = [3, 1]
+  r = sweep.sweep(small_sweep_config(), seeds=seeds)
+  res = r.result
+  assert res.random_accuracy.shape == (2, 2)
+  for i, seed in enumerate(seeds):
+    c = small_sweep_config()
+    c.seed = seed
+    single = jaxcl.run(c)
+    np.testing.assert_allclose(r.accuracy[i], single.accuracy, atol=1e-5)
+    np.testing.assert_allclose(res.random_accuracy[i],
+                               single.random_accuracy, atol=1e-6)
+    want = metrics.summary(r.accuracy[i], res.random_accuracy[i])
+    assert set(r.metrics[i]) == set(want) and "fwt" in want
+    for k, v in want.items():
+      assert r.metrics[i][k] == pytest.approx(v, abs=1e-6), k
+      assert single.metrics[k] == pytest.approx(v, abs=1e-5), k
+    for a, b in zip(jax.tree.leaves(res.state.params),
+                    jax.tree.leaves(single.state.params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), atol=1e-5)
+    np.testing.assert_array_equal(
+        jax.random.key_data(res.state.rng[i]) if jax.dtypes.issubdtype(
+            res.state.rng.dtype, jax.dtypes.prng_key) else res.state.rng[i],
+        np.asarray(single.state.rng))
+  assert not np.allclose(res.random_accuracy[0], res.random_accuracy[1])
+
+
+def test_each_seed_has_its_own_keys_and_data_order():
+  """Seeds do not share keys: each seed's run key, weights and epoch order
+  differ from another seed's; the run key is not the key that drew the
+  weights; the order is a fresh permutation of the valid rows per
+  experience and per epoch, the same again for the same inputs."""
+  from jaxcl import experiment
+  s = experiment.setup(small_sweep_config())
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  a, b = (train.init_state(ctx, strategy, seed) for seed in (0, 1))
+  assert not np.array_equal(np.asarray(a.rng), np.asarray(b.rng))
+  assert not all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in
+                 zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+  # The weights drawn from the run key are not the run's weights.
+  from_rng, _ = train.init_variables(ctx, a.rng)
+  assert not all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in
+                 zip(jax.tree.leaves(from_rng), jax.tree.leaves(a.params)))
+
+  def order(st, experience, epoch, n_valid=45, size=50, steps=5, bs=10):
+    return np.asarray(train.epoch_indices(st.rng, experience, epoch, n_valid,
+                                          size, steps, bs))
+
+  o = order(a, 0, 0)
+  assert o.shape == (5, 10)
+  flat = o.ravel()
+  assert sorted(flat[:45].tolist()) == list(range(45))
+  assert (flat[45:] == -1).all()
+  np.testing.assert_array_equal(order(a, 0, 0), o)
+  for other in (order(b, 0, 0), order(a, 1, 0), order(a, 0, 1)):
+    assert not np.array_equal(other, o)
