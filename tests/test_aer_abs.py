@@ -10,11 +10,12 @@ import pytest
 
 from jaxcl import buffers, experiment, train
 from jaxcl.state import StepInfo, cross_entropy
-from jaxcl.strategies.aer_abs import (aer_abs, clean_order, insertion_counts,
-                                      is_replay_epoch)
+from jaxcl.strategies.aer_abs import (SELECTIONS, aer_abs, clean_order,
+                                      insertion_counts, is_replay_epoch)
 from jaxcl.strategies.er_ace import ace_logits
 from jaxcl.strategies.er_tricks import row_losses
 
+from conftest import np_log_softmax
 from test_replay import B, batch_of, config, make_ctx
 
 
@@ -67,10 +68,11 @@ def test_clean_order_offers_exactly_the_lowest_loss_fraction():
   np.testing.assert_array_equal(np.asarray(order)[:3], [1, 4, 3])
 
 
+@pytest.mark.parametrize("selection", SELECTIONS)
 def test_a_forgetting_step_stores_the_lowest_loss_rows_by_masked_loss(
-    full_stream):
+    full_stream, selection):
   ctx = make_ctx(full_stream)
-  s = aer_abs(mem_size=50, alpha_sample_insertion=0.6)
+  s = aer_abs(mem_size=50, alpha_sample_insertion=0.6, selection=selection)
   # Experience 1, epoch 0 (forgetting): with classes 0, 1 seen, the ACE
   # mask leaves them out of the incoming rows' loss.
   seen = jnp.zeros((10,), bool).at[jnp.array([0, 1])].set(True)
@@ -185,6 +187,9 @@ def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
       seen=jnp.asarray(60, jnp.int32))
   losses = jnp.linspace(0.1, 2.0, 50)
   info_of, after_step = _hooks(ctx, s)
+  # 'lars' (LASS): every slot drawn as a current one, whatever its tag.
+  _, lars_step = _hooks(ctx, aer_abs(mem_size=50, alpha_sample_insertion=0.0,
+                                     selection="lars"))
   add = jax.jit(lambda m, sc, k, x, y, t, ns, past: buffers.loss_aware_add(
       m, sc, k, x, y, t, 1, ns, jnp.ones((B,)), balanced=False,
       num_classes=10, past=past))
@@ -222,6 +227,9 @@ def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
                       past)
     np.testing.assert_array_equal(new.memory.x, got["tags"][0].x)
     np.testing.assert_allclose(new.losses, got["tags"][1], rtol=1e-6)
+    lars = lars_step(ss, info)
+    np.testing.assert_array_equal(lars.memory.x, got["none"][0].x)
+    np.testing.assert_allclose(lars.losses, got["none"][1], rtol=1e-6)
     differ += not np.array_equal(got["tags"][0].x, got["none"][0].x)
   assert differ > 0  # the past slots change the draw
 
@@ -237,15 +245,21 @@ def test_replay_epochs_are_the_odd_ones_and_the_last():
     assert got == [bool(w) for w in want], epochs
 
 
+def _memory_of_first_rows(ctx, experience, n: int):
+  """A 50-slot memory holding ``experience``'s first ``n`` training rows
+  (task 0)."""
+  return buffers.reservoir_add(
+      buffers.init(50, ctx.info.input_shape), jax.random.PRNGKey(0),
+      jnp.asarray(experience.train_x[:n]),
+      jnp.asarray(experience.train_y[:n]), jnp.zeros((n,), jnp.int32), 0)
+
+
 def test_no_replay_term_in_forgetting_epochs_no_insertion_in_replay_ones(
     full_stream):
   ctx = make_ctx(full_stream)
   s = aer_abs(mem_size=50, train_epochs=4)
   e0, e1 = full_stream.experiences[:2]
-  mem = buffers.reservoir_add(
-      buffers.init(50, ctx.info.input_shape), jax.random.PRNGKey(0),
-      jnp.asarray(e0.train_x[:50]), jnp.asarray(e0.train_y[:50]),
-      jnp.zeros((50,), jnp.int32), 0)
+  mem = _memory_of_first_rows(ctx, e0, 50)
   steps = -(-e1.num_train // B)
   info_of, after_step = _hooks(ctx, s)
 
@@ -280,6 +294,92 @@ def test_no_replay_term_in_forgetting_epochs_no_insertion_in_replay_ones(
   info = info_of(state, batch_of(e1))
   assert float(info.loss) > float(terms(state.strategy, info)[0]) + 0.5
   assert int(after_step(state.strategy, info).memory.seen) == 52
+
+
+def test_replay_term_counts_only_valid_draws(full_stream):
+  # A memory of 3 entries, 10 draws: the replay term is the mean
+  # cross-entropy of the 3 entries, not of the 7 empty draws as well.
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, train_epochs=2)
+  e0, e1 = full_stream.experiences[:2]
+  mem = _memory_of_first_rows(ctx, e0, 3)
+  steps = -(-e1.num_train // B)
+  state = _at(ctx, s, full_stream, i=1, count=steps + 2, memory=mem)  # replay
+  info_of, _ = _hooks(ctx, s)
+  info = info_of(state, batch_of(e1))
+  # Nothing seen yet: the ACE mask keeps every class for the incoming rows.
+  o = np.asarray(ctx.logits(state.params, state.model_state,
+                            jnp.asarray(e1.train_x[:B]),
+                            jnp.asarray(e1.train_task[:B])), np.float64)
+  inc = -np.mean(np_log_softmax(o)[np.arange(B), e1.train_y[:B]])
+  om = np.asarray(ctx.logits(state.params, state.model_state,
+                             jnp.asarray(e0.train_x[:3]),
+                             jnp.zeros((3,), jnp.int32)), np.float64)
+  rep = -np.mean(np_log_softmax(om)[np.arange(3), e0.train_y[:3]])
+  np.testing.assert_allclose(float(info.loss), inc + rep, rtol=1e-5)
+
+
+def test_seen_classes_grow_by_the_unpadded_rows_only(full_stream):
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50)
+  e1, e2 = full_stream.experiences[1:3]
+  seen = jnp.zeros((10,), bool).at[jnp.array([0, 1])].set(True)
+  state = _at(ctx, s, full_stream, i=1, seen=seen)
+  batch = batch_of(e1)
+  # Rows 7-9 are padding that carries classes 4, 5 of the next experience.
+  batch["x"] = batch["x"].at[7:].set(jnp.asarray(e2.train_x[:3]))
+  batch["y"] = batch["y"].at[7:].set(jnp.asarray(e2.train_y[:3]))
+  batch["mask"] = jnp.asarray([1.0] * 7 + [0.0] * 3)
+  info_of, after_step = _hooks(ctx, s)
+  new = after_step(state.strategy, info_of(state, batch))
+  want = np.zeros(10, bool)
+  want[[0, 1]] = True
+  want[np.asarray(e1.train_y[:7])] = True
+  np.testing.assert_array_equal(np.asarray(new.seen), want)
+
+
+def test_epoch_length_rounds_up_and_the_start_weights_are_saved(
+    full_stream):
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50)
+  e4 = full_stream.experiences[4]
+  assert e4.num_train == 265  # not a multiple of B
+  state = train.init_state(ctx, s, 0)
+  assert not bool(s.before_experience(ctx, state, full_stream.experiences[0])
+                  .strategy.has_saved)
+  # Weights changed since the last replay epoch (a chained member's hook):
+  # the experience starts from them, so they are what a restore brings back.
+  moved = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+  ss = s.before_experience(ctx, moved, e4).strategy
+  assert int(ss.epoch_steps) == 27 and int(ss.count) == 0
+  assert int(ss.experience) == 4
+  assert bool(ss.has_saved) and _same(ss.saved, moved.params)
+  assert not _same(ss.saved, state.strategy.saved)
+
+
+@pytest.mark.parametrize("epochs", [3, 4])
+def test_project_params_restores_exactly_after_forgetting_epochs(
+    full_stream, epochs):
+  # 5 steps per epoch: the saved weights come back after the last step of
+  # each forgetting epoch (even, not the last) and only when saved; never
+  # between two replay epochs (1 and 2 of 3).
+  ctx = make_ctx(full_stream)
+  s = aer_abs(mem_size=50, train_epochs=epochs)
+  state = train.init_state(ctx, s, 0)
+  saved = jax.tree.map(lambda p: p + 1.0, state.params)
+  proj = jax.jit(lambda ss, p: s.project_params(ctx, ss, p))
+  for has_saved in (True, False):
+    for count in range(5 * epochs):
+      ss = state.strategy._replace(
+          count=jnp.asarray(count, jnp.int32),
+          epoch_steps=jnp.asarray(5, jnp.int32), saved=saved,
+          has_saved=jnp.asarray(has_saved))
+      e = count // 5
+      restore = (has_saved and count % 5 == 4 and e % 2 == 0
+                 and e != epochs - 1)
+      got = proj(ss, state.params)
+      assert _same(got, saved if restore else state.params), (count,
+                                                               has_saved)
 
 
 def _run_epochs(ctx, s, stream, n_exp, epochs):

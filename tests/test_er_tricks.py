@@ -1,7 +1,9 @@
 """Mechanism tests of ER with tricks (loss-aware reservoirs, ELRD, bias
 control) on scikit-learn digits."""
 
+import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from jaxcl import buffers, experiment, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategies.er_tricks import er_tricks, row_losses
 
+from conftest import np_softmax
 from test_replay import B, after_first, batch_of, config, make_ctx
 
 
@@ -263,6 +266,89 @@ def test_bias_control_changes_only_the_new_classes_and_fits_memory(
   np.testing.assert_array_equal(ss.memory.x, before.memory.x)
   st0 = er_tricks(mem_size=20, bic_epochs=0).after_experience(ctx, state, e1)
   assert st0.strategy is before
+
+
+def _np_bias_sgd(o, y, new, order, lr):
+  """Plain SGD on ``(α, β)`` from ``(1, 0)`` by hand: one row per step in
+  ``order``; ``q_k = α o_k + β`` on the ``new`` classes, the softmax
+  cross-entropy's gradient ``softmax(q) - onehot(y)`` chained through
+  ``∂q_k/∂α = o_k``, ``∂q_k/∂β = 1`` (k new)."""
+  a, b = 1.0, 0.0
+  for i in order:
+    q = np.where(new, a * o[i] + b, o[i])
+    g = np_softmax(q)
+    g[y[i]] -= 1.0
+    a, b = a - lr * np.sum(g[new] * o[i][new]), b - lr * np.sum(g[new])
+  return a, b
+
+
+def test_bias_control_is_plain_sgd_from_identity_over_valid_rows(
+    full_stream, trained):
+  """Two valid rows in a memory of 4, training batches of 1: each of the
+  ``bic_epochs`` epochs is two single-row SGD steps at ``bic_lr`` in one of
+  two orders, so (α, β) is one of 2^epochs hand-computed values (no
+  momentum, no decay on β, the empty slots left out, batches of the
+  training batch size)."""
+  ctx0, _, state0 = trained
+  ctx = dataclasses.replace(ctx0, info=dataclasses.replace(ctx0.info,
+                                                           batch_size=1))
+  e0, e1 = full_stream.experiences[:2]
+  s = er_tricks(mem_size=4, bic_epochs=2, bic_lr=0.3)
+  state = train.init_state(ctx, s, 0).replace(params=state0.params)
+  i2 = int(np.flatnonzero(e1.train_y == 2)[0])
+  x = np.zeros((4,) + e0.train_x.shape[1:], np.float32)
+  x[1], x[3] = e0.train_x[0], e1.train_x[i2]
+  x[0] = x[2] = e1.train_x[i2 + 1]  # empty slots that would move the fit
+  y = np.array([3, e0.train_y[0], 3, 2], np.int32)
+  mem = state.strategy.memory._replace(
+      x=jnp.asarray(x), y=jnp.asarray(y),
+      valid=jnp.asarray([False, True, False, True]),
+      seen=jnp.asarray(2, jnp.int32))
+  state = state.replace(strategy=state.strategy._replace(memory=mem))
+  o = np.asarray(ctx.logits(state.params, state.model_state, mem.x,
+                            mem.task), np.float64)
+  new = np.zeros(10, bool)
+  new[np.unique(e1.train_y)] = True
+  refs = [_np_bias_sgd(o, y, new, list(p) + list(q), 0.3)
+          for p, q in itertools.product([(1, 3), (3, 1)], repeat=2)]
+  fits = set()
+  for index in range(4):  # each experience shuffles afresh
+    st = state.replace(strategy=state.strategy._replace(
+        experience=jnp.asarray(index, jnp.int32)))
+    ss = s.after_experience(ctx, st, e1).strategy
+    got = np.array([float(ss.scale), float(ss.shift)])
+    dist = [np.abs(got - np.array(r)).max() for r in refs]
+    assert min(dist) < 2e-5, (got, refs)
+    fits.add(int(np.argmin(dist)))
+    # The fit moved (α, β).
+    assert np.abs(got - [1.0, 0.0]).max() > 0.05
+  assert len(fits) > 1  # not one order for every experience
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "lars", "labrs"])
+def test_padded_rows_are_never_offered_to_the_memory(full_stream,
+                                                     selection):
+  ctx = make_ctx(full_stream)
+  s = er_tricks(mem_size=20, selection=selection, bic_epochs=0)
+  state = train.init_state(ctx, s, 0)
+  e0 = full_stream.experiences[0]
+  batch = batch_of(e0)
+  batch["mask"] = jnp.asarray([1.0] * 6 + [0.0] * 4)
+
+  @jax.jit
+  def go(ss, params, ms, batch):
+    b = s.prepare_batch(ctx, ss, batch, jax.random.PRNGKey(3))
+    logits = ctx.logits(params, ms, b["x"], b["task"], train=True)
+    info = StepInfo(params, params, None, None, b,
+                    cross_entropy(logits, b["y"], b["mask"]),
+                    jax.random.PRNGKey(4), logits)
+    return s.after_step(ctx, ss, info).memory
+
+  mem = go(state.strategy, state.params, state.model_state, batch)
+  assert int(mem.seen) == 6 and int(jnp.sum(mem.valid)) == 6
+  stored = np.asarray(mem.x)[np.asarray(mem.valid)].reshape(6, -1)
+  want = np.asarray(e0.train_x[:6]).reshape(6, -1)
+  assert sorted(map(bytes, stored)) == sorted(map(bytes, want))
 
 
 # ---------------------------------------------------------------------------
