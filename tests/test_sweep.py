@@ -369,3 +369,25 @@ def test_executing_one_setup_again_reuses_its_compiled_learner(single_run):
   c.parallel.devices = 1
   np.testing.assert_allclose(runs[1].accuracy, single_run(c).accuracy,
                              atol=1e-6)
+
+
+def test_one_member_sweep_is_stacked_as_a_sweep():
+  """A sweep of one run is not vmapped (see sweep.sweep), but its result
+  has a sweep's shapes: a leading member axis of 1 on the accuracy, the
+  accuracy before training, the metrics and the state, each equal to the
+  plain run's."""
+  c = small_config(2)
+  r = sweep.sweep(c, seeds=[4])
+  c.seed = 4
+  single = jaxcl.run(c)
+  res = r.result
+  assert res.accuracy.shape == (1, 2, 2)
+  assert res.random_accuracy.shape == (1, 2)
+  np.testing.assert_array_equal(res.accuracy[0], single.accuracy)
+  np.testing.assert_array_equal(res.random_accuracy[0],
+                                single.random_accuracy)
+  assert {k: v[0] for k, v in res.metrics.items()} == single.metrics
+  for a, b in zip(jax.tree.leaves(res.state.params),
+                  jax.tree.leaves(single.state.params)):
+    assert np.shape(a) == (1,) + np.shape(b)
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b))
