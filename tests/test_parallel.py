@@ -12,6 +12,8 @@ import pytest
 import jaxcl
 from jaxcl import metrics, sweep, train
 
+from test_sweep import small_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The child imports the jaxcl this process imported (the checkout under
 # test, or a copy of it that shadows the install), not a fixed path.
@@ -112,27 +114,17 @@ def test_mesh_sharding_placement_and_donation_contracts(child_env):
   assert "not supported" in out["sweep_mesh"]
 
 
-def small_sweep_config():
-  """Split Digits in 2 experiences, MLP 64-32-10, 1 epoch."""
-  c = jaxcl.default_config()
-  c.model.widths = (32,)
-  c.train.epochs = 1
-  c.report.progress = False
-  c.scenario.n_experiences = 2
-  return c
-
-
 def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
   """Every per-run result of a seeds sweep is that seed's separate run, in
   the members' order: the accuracy matrix, the accuracy before training
   (random_accuracy), every metric (fwt reads the latter), the final
   parameters and the run key."""
   seeds = [3, 1]
-  r = sweep.sweep(small_sweep_config(), seeds=seeds)
+  r = sweep.sweep(small_config(2), seeds=seeds)
   res = r.result
   assert res.random_accuracy.shape == (2, 2)
   for i, seed in enumerate(seeds):
-    c = small_sweep_config()
+    c = small_config(2)
     c.seed = seed
     single = jaxcl.run(c)
     np.testing.assert_allclose(r.accuracy[i], single.accuracy, atol=1e-5)
@@ -157,7 +149,7 @@ def test_each_seed_has_its_own_keys_and_data_order():
   weights; the order is a fresh permutation of the valid rows per
   experience and per epoch, the same again for the same inputs."""
   from jaxcl import experiment
-  s = experiment.setup(small_sweep_config())
+  s = experiment.setup(small_config(2))
   ctx, strategy = s.learner.ctx, s.learner.strategy
   a, b = (train.init_state(ctx, strategy, seed) for seed in (0, 1))
   assert not np.array_equal(np.asarray(a.rng), np.asarray(b.rng))
