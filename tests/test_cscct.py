@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import np_log_softmax
+from conftest import np_log_softmax, np_softmax
 from jaxcl import train
 from jaxcl.strategies import cscct as cc
 from jaxcl.strategies.cscct import cscct
@@ -39,7 +39,7 @@ def np_ct(cur, prev, f, f_old, t):
   'mean': over every element) of log_softmax(current) against
   softmax(previous), times ``t²``."""
   inp = np_log_softmax(np_sim(f[cur], f[prev]) / t)
-  target = np.exp(np_log_softmax(np_sim(f_old[cur], f_old[prev]) / t))
+  target = np_softmax(np_sim(f_old[cur], f_old[prev]) / t)
   return np.mean(target * (np.log(target) - inp)) * t ** 2
 
 

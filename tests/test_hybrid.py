@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import np_log_softmax
+from conftest import np_log_softmax, np_softmax
 from partial_runs import run_keeping_states
 from test_replay import B, batch_of, make_ctx
 from test_replay import config as replay_config
@@ -1343,7 +1343,7 @@ def test_bic_loss_is_weighted_ce_plus_temperature_distillation():
   active = np.array([True, True, True, True, False, False])
   lam, t = 0.5, 2.0
   ce = -np_log_softmax(z[:, active])[np.arange(5), y]
-  p_old = np.exp(np_log_softmax(zt[:, old] / t))
+  p_old = np_softmax(zt[:, old] / t)
   kd = -(p_old * np_log_softmax(z[:, old] / t)).sum(1)
   want = (1 - lam) * (ce * mask).sum() / mask.sum() + \
       lam * (kd * mask).sum() / mask.sum()
@@ -1599,7 +1599,7 @@ def test_bic_task_loss_weights_by_lambda_and_distils_the_new_teacher(stream):
     q, qt = z * scale + shift, zt * scale + shift
     y, mask = np.asarray(batch["y"]), np.asarray(batch["mask"], np.float64)
     ce = -np_log_softmax(q[:, :6])[np.arange(B), y]
-    p = np.exp(np_log_softmax(qt[:, :4] / 2.0))
+    p = np_softmax(qt[:, :4] / 2.0)
     kd = -(p * np_log_softmax(q[:, :4] / 2.0)).sum(1)
     want = ((1 - want_lam) * (ce * mask).sum() + want_lam * (kd * mask).sum()
             ) / mask.sum()
@@ -1646,7 +1646,7 @@ def test_bic_stage_two_is_momentum_sgd_on_the_validation_logits(stream):
       rows = i[v]
       q = o[rows].copy()
       q[:, new] = p[0] * q[:, new] + p[1]
-      d = np.exp(np_log_softmax(q[:, :4]))
+      d = np_softmax(q[:, :4])
       d[np.arange(len(rows)), y[rows]] -= 1.0     # dCE / dq, per row
       g = np.array([(d[:, 2:4] * o[rows][:, 2:4]).sum(1).mean(),
                     d[:, 2:4].sum(1).mean() + decay * p[1]])
