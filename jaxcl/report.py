@@ -134,7 +134,6 @@ class Reporter(NullReporter):
     if resume_step is not None:
       _truncate_log(path, resume_step)
     self._jsonl = open(path, "a" if resume_step is not None else "w")
-    self._rows: list[list[float]] = []
     self._bar: _Bar | None = None
     self._tb = None
     if self._tb_on:
@@ -163,9 +162,6 @@ class Reporter(NullReporter):
 
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
-    while len(self._rows) <= index:
-      self._rows.append([])
-    self._rows[index] = row
     seen = row[:index + 1]
     avg = float(np.mean(seen))
     self._log({"step": step, "experience": index, "accuracy": row,

@@ -1,0 +1,261 @@
+"""The run directory's files (report.py) against hand-computed values: the
+JSONL and CSV logs, the accuracy matrix file, the TensorBoard events, the
+plots' data, the printed table and progress lines, and a resumed run's
+log truncation."""
+
+import csv
+import glob
+import json
+import os
+import re
+import struct
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxcl import metrics, report
+from test_metrics import B, R
+
+
+class Result(NamedTuple):
+  """The fields of experiment.Result that Reporter.finish reads."""
+  accuracy: np.ndarray
+  random_accuracy: np.ndarray
+  metrics: dict[str, float]
+  times: dict[str, float]
+
+
+def report_config(validation=0.0, tensorboard=True, plots=True):
+  return ml_collections.ConfigDict({
+      "dataset": {"name": "digits", "validation": validation},
+      "report": {"progress": False, "tensorboard": tensorboard,
+                 "plots": plots}})
+
+
+def tb_events(workdir) -> list[Any]:
+  """Every Event in the run's TensorBoard files (TFRecord framing: a
+  uint64 length, its CRC, the payload, the payload's CRC)."""
+  from tensorboardX.proto.event_pb2 import Event
+  events = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tb", "events*"))):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      events.append(Event.FromString(data[pos + 12:pos + 12 + n]))
+      pos += 12 + n + 4
+  return events
+
+
+def tb_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value), ...] in the order written."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for e in tb_events(workdir):
+    for v in e.summary.value:
+      out.setdefault(v.tag, []).append((e.step, v.simple_value))
+  return out
+
+
+def run_reporter(workdir, accuracy, config=None, runs=1, random_acc=None):
+  """A run's reporting calls: a loss, one row per experience, the end."""
+  acc = np.asarray(accuracy)
+  r = report.Reporter(str(workdir), config or report_config(), runs=runs)
+  r.scalar("train/loss", 0.5, 7)
+  for i, row in enumerate(acc):
+    r.experience(i, row, step=10 * (i + 1))
+  b = np.zeros(acc.shape[1]) if random_acc is None else random_acc
+  r.finish(Result(acc, np.asarray(b), metrics.summary(acc), {"total": 1.5}))
+
+
+# The average over the experiences seen after each experience of R.
+SEEN = [0.9, (0.6 + 0.8) / 2, (0.5 + 0.7 + 0.95) / 3]
+
+
+def test_reporter_writes_the_run_directory(tmp_path):
+  run_reporter(tmp_path, R, report_config(validation=0.25), random_acc=B)
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert records[0] == {"step": 7, "train/loss": 0.5}
+  for i, rec in enumerate(records[1:4]):
+    assert rec["step"] == 10 * (i + 1) and rec["experience"] == i
+    np.testing.assert_allclose(rec["accuracy"], R[i])
+    assert rec["average_accuracy_seen"] == pytest.approx(SEEN[i])
+  assert records[4]["final"] == pytest.approx(metrics.summary(R))
+  assert records[4]["times"] == {"total": 1.5} and len(records) == 5
+
+  with open(tmp_path / "metrics.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["experience", "acc_exp0", "acc_exp1", "acc_exp2",
+                     "average_accuracy_seen"]
+  assert [int(r[0]) for r in rows[1:]] == [0, 1, 2]
+  np.testing.assert_allclose([[float(v) for v in r[1:4]] for r in rows[1:]],
+                             R, atol=1e-6)
+  np.testing.assert_allclose([float(r[4]) for r in rows[1:]], SEEN, atol=1e-6)
+
+  saved = json.load(open(tmp_path / "accuracy_matrix.json"))
+  np.testing.assert_allclose(saved["accuracy"], R)
+  np.testing.assert_allclose(saved["random_accuracy"], B)
+  assert saved["metrics"] == pytest.approx(metrics.summary(R))
+  assert saved["evaluated_on"] == "validation"
+  assert "mean_of_runs" not in saved and saved["times"] == {"total": 1.5}
+  for png in ("accuracy_matrix.png", "average_accuracy.png"):
+    assert (tmp_path / png).stat().st_size > 0
+
+  tb = tb_scalars(tmp_path)
+  assert tb["train/loss"] == [(7, 0.5)]
+  # Evaluation scalars are indexed by experience, not by global step.
+  steps, seen = zip(*tb["eval/average_accuracy_seen"])
+  assert steps == (0, 1, 2)
+  np.testing.assert_allclose(seen, SEEN, rtol=1e-6)
+  for j in range(3):
+    steps, values = zip(*tb[f"eval/accuracy_exp{j}"])
+    assert steps == (0, 1, 2)
+    np.testing.assert_allclose(values, R[:, j], rtol=1e-6)
+  summary = metrics.summary(R)
+  assert {k[len("final/"):] for k in tb if k.startswith("final/")} == set(
+      summary)
+  for k, v in summary.items():
+    assert tb[f"final/{k}"] == [(0, pytest.approx(v, abs=1e-6))]
+
+
+def test_joint_row_and_a_sweeps_mean(tmp_path):
+  # Joint's single row covers every test set: its "seen" average is the
+  # whole row. A sweep's directory names the runs its mean is over.
+  joint = np.array([[0.9, 0.8, 0.4]])
+  run_reporter(tmp_path, joint, runs=3)
+  with open(tmp_path / "metrics.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert float(rows[1][-1]) == pytest.approx(0.7, abs=1e-6)
+  saved = json.load(open(tmp_path / "accuracy_matrix.json"))
+  assert saved["mean_of_runs"] == 3 and saved["per_run"] == "sweep.json"
+  assert saved["evaluated_on"] == "test"
+
+
+def test_report_switches_turn_off_tensorboard_and_plots(tmp_path):
+  run_reporter(tmp_path, R, report_config(tensorboard=False, plots=False))
+  assert not (tmp_path / "tb").exists()
+  assert not list(tmp_path.glob("*.png"))
+  assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_average_accuracy_plot_data(tmp_path):
+  # x: experiences trained (1, 2, 3); y: the average over those seen. A
+  # joint row plots one point, the whole row's mean.
+  fig = report.plot_average_accuracy(R, str(tmp_path / "a.png"))
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(),
+                             np.column_stack([[1, 2, 3], SEEN]))
+  fig = report.plot_average_accuracy(np.array([[0.9, 0.8, 0.4]]),
+                                     str(tmp_path / "b.png"))
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), [[1, 0.7]])
+
+
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
+  # The killed invocation logged steps 5, 10 and 12 and was cut inside a
+  # record; a finished one would have added its summary (no step). A
+  # resume from step 10 keeps 5 and 10 and appends after them.
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 5, "train/loss": 1.0}\n'
+                  '{"step": 10, "experience": 0, "accuracy": [0.5]}\n'
+                  '{"step": 12, "train/loss": 0.5}\n'
+                  '{"final": {"acc": 0.5}}\n'
+                  '{"step": 3, "train/lo')
+  r = report.Reporter(str(tmp_path), report_config(), resume_step=10)
+  r.scalar("train/loss", 0.25, 11)
+  records = [json.loads(l) for l in open(path)]
+  assert [rec["step"] for rec in records] == [5, 10, 11]
+  assert records[2]["train/loss"] == 0.25
+  r.finish(Result(R, B, metrics.summary(R), {}))  # closes the writer
+  # TensorBoard is told to drop its events from step 11 on (a SessionLog
+  # START at the purge step), as the log above was.
+  starts = [e.step for e in tb_events(tmp_path)
+            if e.HasField("session_log") and e.session_log.status == 1]
+  assert starts == [11]
+
+
+def test_a_kept_last_record_cut_before_its_newline_gets_one(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 4, "train/loss": 1.0}')
+  report._truncate_log(str(path), 4)
+  assert path.read_text() == '{"step": 4, "train/loss": 1.0}\n'
+  report._truncate_log(str(tmp_path / "missing.jsonl"), 4)  # no error
+  assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_format_table():
+  table = report.format_table(np.array([[0.5, 0.25], [0.125, 1.0]]),
+                              {"acc": 0.5625, "bwt": -0.375,
+                               "forgetting": 0.375},
+                              split="validation")
+  assert table.splitlines() == [
+      "after \\ vali   exp0   exp1",
+      "-" * 26,
+      "        exp0  0.500  0.250",
+      "        exp1  0.125  1.000",
+      "",
+      "         acc:  0.5625",
+      "         bwt: -0.3750",
+      "  forgetting:  0.3750"]
+
+
+def test_evaluated_on_and_label_noise_note():
+  config = report_config()
+  assert report.evaluated_on(config) == "test"
+  assert report.evaluated_on(report_config(validation=0.1)) == "validation"
+  assert report.evaluated_on(ml_collections.ConfigDict()) == "test"
+  assert report.label_noise_note(config) is None
+  config.dataset.label_noise = 0.0
+  assert report.label_noise_note(config) is None
+  config.dataset.update(label_noise=0.3, label_noise_type="asymmetric",
+                        label_noise_seed=7)
+  assert report.label_noise_note(config) == (
+      "(trained on noisy labels: 0.3 of each class's training labels, "
+      "asymmetric, noise seed 7; evaluated on clean labels)")
+
+
+def test_average_accuracy_plot_has_whole_number_ticks(tmp_path):
+  # A count of experiences: matplotlib's default gave 1.0, 1.5, 2.0, ...
+  fig = report.plot_average_accuracy(R, str(tmp_path / "a.png"))
+  ticks = fig.axes[0].get_xticks()
+  assert len(ticks) >= 3
+  np.testing.assert_array_equal(ticks, np.round(ticks))
+  assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_progress_in_a_log_file_is_whole_lines(capsys):
+  # Under pytest stderr is not a terminal, as in a batch job's log: no
+  # tqdm redraws ('\r'), a plain line at most every `interval` seconds,
+  # never past the total.
+  bar = report._Bar(total=10, desc="experience 2/3", interval=0.0)
+  bar.update(4)
+  bar.update(4, loss=0.25)
+  bar.update(4, loss=0.125)  # overshoots: the epoch's last chunk is padded
+  bar.close()
+  quiet = report._Bar(total=10, desc="experience 3/3", interval=3600.0)
+  quiet.update(5, loss=1.0)
+  quiet.close()
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = err.splitlines()
+  assert len(lines) == 2, err
+  assert re.fullmatch(r"experience 2/3: 4/10 steps, \d+ s", lines[0])
+  assert re.fullmatch(r"experience 2/3: 8/10 steps, \d+ s, loss 0\.2500",
+                      lines[1])
+  assert bar.done == 10 and bar.loss == 0.125 and bar.seconds >= 0
+  assert quiet.done == 5 and quiet.loss == 1.0
+
+
+def test_experience_line_of_a_resumed_experience(tmp_path, capsys):
+  # A run resumed mid-experience counts (and times) only the steps this
+  # invocation ran; the average is over the experiences seen so far.
+  r = report.Reporter(str(tmp_path), {}, progress=True, runs=3)
+  bar = r.progress(10, "experience 2/4", initial=6)
+  assert bar.done == 6
+  bar.update(4, loss=0.5)
+  bar.close()
+  r.experience(1, np.array([0.5, 0.75, 0.0, 0.0]), step=26)
+  line = capsys.readouterr().err.strip()
+  assert re.fullmatch(
+      r"experience 2/4: 4 steps \(resumed at step 6\) in \d\.\d\d s, loss "
+      r"0\.5000; average test accuracy over experiences 1-2: 0\.6250 \(mean "
+      r"of 3 runs\)", line), line
