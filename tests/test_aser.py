@@ -76,8 +76,10 @@ def brute_force_shapley(dist, cand_y, y, k):
   return sv / math.factorial(n)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_knn_shapley_equals_brute_force(k):
+  # k = 4: the masked game below has N = 3 < K candidates, where the
+  # recursion starts at 1/K, not 1/N.
   rng = np.random.default_rng(k)
   for _ in range(4):
     e, n = 3, 5
@@ -246,6 +248,18 @@ def test_update_grads_adds_retrieved_rows_gradient(stream):
     out = step(ctx, ss, g0, state.params, incoming, key)
     jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
         a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_of(*pick))
+  # A replay batch larger than the candidates (n_smp_cls 1: 10 slots, 4
+  # drawn, one per class in memory): past the fill phase only the
+  # retrieved candidates are replayed, no uniform draw fills the batch.
+  s15 = aser(mem_size=40, batch_size=15, k=3, n_smp_cls=1)
+  pick = retrieve(ctx, state.params, {}, mem, incoming, k_aser, k=3,
+                  n_smp_cls=1, num_retrieve=15)[:2]
+  assert np.asarray(pick[1]).sum() == 4
+  ss = state.strategy._replace(memory=mem._replace(
+      seen=jnp.asarray(41, jnp.int32)))
+  out = update_grads(s15)(ctx, ss, g0, state.params, incoming, key)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
+      a, b + c, rtol=1e-5, atol=1e-6), out, g0, g_of(*pick))
 
 
 def _freeze_head(tree):
@@ -306,19 +320,11 @@ def test_update_fills_free_slots_in_order(stream):
     assert any(np.array_equal(got[slot], x[r]) for r in (5, 6, 7, 8, 9))
 
 
-def test_update_keeps_the_highest_valued_candidates(stream):
-  """Full memory: the memory candidates and incoming rows ranked in the
-  top n_m by summed KNN-SV stay; each incoming row among them replaces a
-  memory candidate below (numpy reference on the same draws)."""
-  ctx = make_ctx(stream)
-  state = train.init_state(ctx, aser(mem_size=40), 0)
-  e0, e1 = stream.experiences
-  mem = memory_of([e0, e1], 20, 40)
-  rows = batch_of(e1, start=25)
-  key = jax.random.PRNGKey(7)
-  n_smp, size = 2, 2 * stream.num_classes
+def _check_update(ctx, state, stream, mem, rows, key, n_smp, size):
+  """test_update_keeps_the_highest_valued_candidates for one key:
+  ``aser_update``'s memory against the numpy reference."""
   new = aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
-                      k=5, n_smp_cls=n_smp)
+                    k=5, n_smp_cls=n_smp)
   # The reference: the same draws, values by the tested knn_shapley.
   k_eval, k_cand, k_min = jax.random.split(key, 3)
   e_idx, e_ok, _ = class_balanced_pair(mem, k_eval, n_smp, size)
@@ -360,11 +366,56 @@ def test_update_keeps_the_highest_valued_candidates(stream):
   np.testing.assert_array_equal(np.asarray(new.experience)[changed], 1)
   assert int(new.seen) == int(mem.seen) + B
   assert int(buffers.size(new)) == 40
+  return new
+
+
+def test_update_keeps_the_highest_valued_candidates(stream):
+  """Full memory: the memory candidates and incoming rows ranked in the
+  top n_m by summed KNN-SV stay; each incoming row among them replaces a
+  memory candidate below (numpy reference on the same draws)."""
+  ctx = make_ctx(stream)
+  state = train.init_state(ctx, aser(mem_size=40), 0)
+  e0, e1 = stream.experiences
+  mem = memory_of([e0, e1], 20, 40)
+  rows = batch_of(e1, start=25)
+  n_smp, size = 2, 2 * stream.num_classes
+  # Several keys: the minority threshold is drawn below 1 / |Y| = 0.1, so
+  # the incoming classes (a quarter of the memory each) never join the
+  # evaluation set, whatever the draw.
+  for key in (7, 8, 9, 10):
+    _check_update(ctx, state, stream, mem, rows, jax.random.PRNGKey(key),
+                  n_smp, size)
+  key = jax.random.PRNGKey(7)
   # A diverged step (NaN gradient) writes nothing; its rows still count.
   nan = aser_update(ctx, state.params, {}, mem, key, rows, jnp.asarray(1),
                       k=5, n_smp_cls=n_smp, after=jnp.asarray(jnp.nan))
   np.testing.assert_array_equal(nan.x, mem.x)
   assert int(nan.seen) == int(mem.seen) + B
+
+
+def test_after_step_values_rows_under_the_updated_parameters(stream):
+  """The hook's update is ``aser_update`` (tested above) under the
+  parameters after the step (the code updates the memory after
+  ``opt.step()``), its key drawn from the state's."""
+  from jaxcl.state import StepInfo
+  ctx = make_ctx(stream)
+  s = aser(mem_size=40)
+  state = train.init_state(ctx, s, 0)
+  e0, e1 = stream.experiences
+  mem = memory_of([e0, e1], 20, 40)
+  ss = state.strategy._replace(memory=mem,
+                               experience=jnp.asarray(1, jnp.int32))
+  moved = jax.tree.map(lambda p: p * 1.5 + 0.05, state.params)
+  rows = batch_of(e1, start=25)
+  info = StepInfo(state.params, moved, state.params, None, rows,
+                  jnp.zeros(()))
+  got = jax.jit(s.after_step, static_argnums=0)(ctx, ss, info).memory
+  key = jax.random.fold_in(ss.key, mem.seen)
+  want, other = (aser_update(ctx, p, {}, mem, key, rows, jnp.asarray(1),
+                             k=5, n_smp_cls=2) for p in (moved, state.params))
+  assert not np.array_equal(want.x, other.x)
+  np.testing.assert_array_equal(got.x, want.x)
+  np.testing.assert_array_equal(got.y, want.y)
 
 
 # ---------------------------------------------------------------------------
@@ -397,6 +448,7 @@ def test_bad_arguments(stream):
                      r"classes is 30, more than mem_size=20; use n_smp_cls "
                      r"<= 2"):
     train.init_state(ctx, aser(mem_size=20, n_smp_cls=3), 0)
+  train.init_state(ctx, aser(mem_size=20, n_smp_cls=2), 0)  # 20: allowed
 
 
 def config(**kw):

@@ -10,13 +10,21 @@ candidate :math:`\\alpha_i` for the KNN utility
 \\mathbb{1}[y_{\\alpha_j(S)} = y_e]` has the closed form
 
 .. math::
-   s_{\\alpha_N} = \\frac{\\mathbb{1}[y_{\\alpha_N} = y_e]}{N}, \\qquad
+   s_{\\alpha_N} = \\frac{\\mathbb{1}[y_{\\alpha_N} = y_e]}{\\max(N, K)},
+   \\qquad
    s_{\\alpha_i} = s_{\\alpha_{i+1}}
      + \\frac{\\mathbb{1}[y_{\\alpha_i} = y_e]
               - \\mathbb{1}[y_{\\alpha_{i+1}} = y_e]}{K}
        \\frac{\\min(K, i)}{i}
 
-(:func:`knn_shapley`). At each step:
+(:func:`knn_shapley`). Jia et al.'s Theorem 1 and the ASER code start the
+recursion at :math:`1/N`, which is the Shapley value only when
+:math:`N \\ge K`: with fewer candidates than neighbours every candidate is
+always among the :math:`K` nearest, :math:`u` is additive and each value is
+:math:`\\mathbb{1}[y_{\\alpha_i} = y_e]/K`. Here the first experiences'
+small memories (Split MNIST's first experience holds 4 candidates against
+the default :math:`K = 5`) get the values of the utility above. At each
+step:
 
 * **retrieval** (``update_grads``): a class-balanced subsample :math:`C`
   of the memory (``n_smp_cls`` random entries of each class in memory) is
@@ -120,9 +128,10 @@ def knn_shapley(dist: jax.Array, eval_y: jax.Array, cand_y: jax.Array,
   active = i <= n
   match = ((cand_y[order] == eval_y[:, None]) & active).astype(jnp.float32)
   nxt = jnp.concatenate([match[:, 1:], jnp.zeros((e, 1), jnp.float32)], 1)
-  nf = jnp.maximum(n, 1).astype(jnp.float32)
-  # Position N (the farthest valid one) starts the recursion with 1/N;
-  # the match after it is 0 (inactive), so one expression covers both.
+  nf = jnp.maximum(n, k).astype(jnp.float32)
+  # Position N (the farthest valid one) starts the recursion with
+  # 1/max(N, K) (module docstring: 1/N only holds for N >= K); the match
+  # after it is 0 (inactive), so one expression covers both.
   factor = jnp.where(i == n, 1.0 / nf,
                      jnp.minimum(k, i).astype(jnp.float32) / (k * i))
   term = (match - nxt) * jnp.where(active, factor, 0.0)
