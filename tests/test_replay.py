@@ -531,6 +531,17 @@ def test_er_ace_loss_is_hand_computed_and_spares_old_logits(stream):
   np.testing.assert_array_equal(g_inc[list(e0.classes)], 0.0)
   assert np.abs(g_inc[allowed]).max() > 1e-3
   assert np.abs(grad_of(slice(None))[list(e0.classes)]).max() > 1e-3
+  # Class 9 seen too (in neither batch): left out of the incoming term
+  # only; the replayed rows are still scored among all ten classes.
+  ss9 = ss._replace(seen=ss.seen.at[9].set(True))
+  allowed9 = [c for c in allowed if c != 9]
+  col9 = {c: i for i, c in enumerate(allowed9)}
+  inc9 = -np.mean([log_softmax_over(z[i:i + 1], allowed9)[0, col9[y[i]]]
+                   for i in range(B)])
+  assert 9 not in set(y)
+  np.testing.assert_allclose(
+      float(jit_ctx(s.task_loss)(ctx, ss9, jnp.asarray(z), prepared)),
+      inc9 + rep, rtol=1e-5)
 
 
 def test_er_ace_first_experience_is_plain_cross_entropy(stream):
@@ -549,6 +560,18 @@ def test_er_ace_first_experience_is_plain_cross_entropy(stream):
       float(s.task_loss(ctx, ss, z, prepared)),
       float(cross_entropy(z[:B], prepared["y"][:B], prepared["mask"][:B])),
       rtol=1e-6)
+  # A batch of one class: the other (seen, absent) class is not masked.
+  rows = np.flatnonzero(np.asarray(e0.train_y) == e0.classes[0])[20:20 + B]
+  one = {"x": jnp.asarray(e0.train_x[rows]),
+         "y": jnp.asarray(e0.train_y[rows]),
+         "task": jnp.asarray(e0.train_task[rows]),
+         "mask": jnp.ones((B,), jnp.float32)}
+  prepared = s.prepare_batch(ctx, ss, one, jax.random.PRNGKey(2))
+  z = ctx.logits(params, {}, prepared["x"], prepared["task"], train=True)
+  zn, yn = np.asarray(z[:B], np.float64), np.asarray(one["y"])
+  np.testing.assert_allclose(
+      float(s.task_loss(ctx, ss, z, prepared)),
+      -np.mean(np_log_softmax(zn)[np.arange(B), yn]), rtol=1e-5)
 
 
 def test_ace_logits_masks_seen_classes_absent_from_the_batch():
@@ -575,6 +598,19 @@ def test_er_ace_tracks_classes_and_fills_reservoir(stream):
   want = np.isin(np.arange(10), np.asarray(b["y"])[:B - 3])
   np.testing.assert_array_equal(np.asarray(ss.seen), want)
   assert int(ss.memory.seen) == B - 3
+  # A later batch adds its classes to them: here its valid rows are of
+  # one class of experience 0, its padded rows of the other.
+  c0, c1 = e0.classes[:2]
+  ey = np.asarray(e0.train_y)
+  rows = np.r_[np.flatnonzero(ey == c0)[:B - 3], np.flatnonzero(ey == c1)[:3]]
+  b0 = {"x": jnp.asarray(e0.train_x[rows]), "y": jnp.asarray(ey[rows]),
+        "task": jnp.asarray(e0.train_task[rows]),
+        "mask": jnp.asarray([1.0] * (B - 3) + [0.0] * 3)}
+  ss = s.after_step(ctx, ss, StepInfo(None, None, None, None, b0,
+                                      jnp.zeros(())))
+  want[c0] = True
+  np.testing.assert_array_equal(np.asarray(ss.seen), want)
+  assert not want[c1] and want[list(e1.classes)].any()
 
 
 @pytest.fixture(scope="module")
@@ -643,15 +679,9 @@ def test_er_aml_samples_valid_positives_and_negatives():
   # Anchor 3 (class 5) has no positive: left out.
 
 
-def test_er_aml_sup_con_loss_matches_the_authors_formula():
-  rng = np.random.default_rng(4)
-  n, t, tb = 5, 0.2, 0.07
-  norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
-  h, hp, hn = (norm(rng.normal(size=(n, 8))) for _ in range(3))
-  y = np.array([0, 1, 0, 2, 1])
-  yp, yn = y.copy(), np.array([1, 0, 2, 0, 2])
-  valid = np.array([True, True, False, True, True])
-  # The authors' sup_con_loss on the valid rows only.
+def np_sup_con(h, y, hp, yp, hn, yn, valid, t, tb):
+  """The authors' sup_con_loss (``pclucas14/AML``) on the valid rows
+  only: each anchor ``h`` twice, against its positive and its negative."""
   v = valid
   anchors = np.concatenate([h[v], h[v]])
   contrasts = np.concatenate([hp[v], hn[v]])
@@ -660,7 +690,18 @@ def test_er_aml_sup_con_loss_matches_the_authors_formula():
   logits -= logits.max(1, keepdims=True)
   log_prob = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   mask = (ya[:, None] == yc[None, :]).astype(float)
-  want = -(t / tb) * ((mask * log_prob).sum(1) / mask.sum(1)).mean()
+  return -(t / tb) * ((mask * log_prob).sum(1) / mask.sum(1)).mean()
+
+
+def test_er_aml_sup_con_loss_matches_the_authors_formula():
+  rng = np.random.default_rng(4)
+  n, t, tb = 5, 0.2, 0.07
+  norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  h, hp, hn = (norm(rng.normal(size=(n, 8))) for _ in range(3))
+  y = np.array([0, 1, 0, 2, 1])
+  yp, yn = y.copy(), np.array([1, 0, 2, 0, 2])
+  valid = np.array([True, True, False, True, True])
+  want = np_sup_con(h, y, hp, yp, hn, yn, valid, t, tb)
   twice = np.concatenate([valid, valid])
   got = sup_con_loss(jnp.asarray(np.concatenate([h, h])),
                      jnp.asarray(np.concatenate([y, y])), jnp.asarray(twice),
@@ -737,6 +778,57 @@ def test_er_aml_incoming_rows_train_features_only(stream):
   np.testing.assert_allclose(
       float(task_loss(ctx, ss0, z0, p0)),
       float(cross_entropy(z0[:B], p0["y"][:B], p0["mask"][:B])), rtol=1e-6)
+
+
+def test_er_aml_draws_skip_padding_and_emptied_slots(stream):
+  """Padded incoming rows are no anchors, and what was drawn for them is
+  no contrast; emptied memory slots (their rows still there) are never
+  drawn; negatives also come from the memory's rows of the current
+  experience (same task = same experience, not the task id)."""
+  ctx = make_ctx(stream)
+  s = er_aml(mem_size=30, batch_size=6)
+  e0, e1 = stream.experiences
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  mem = ss.memory
+  for e, n, start in ((e0, 20, 0), (e1, 8, 50)):
+    b = batch_of(e, n=n, start=start)
+    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(start),
+                                         b["x"], b["y"], b["task"],
+                                         jnp.int32(e.index))
+  flat = lambda a: np.asarray(a).reshape(len(a), -1)
+  mx = flat(mem.x)
+  e1_slots = np.flatnonzero(np.asarray(mem.experience) == 1)
+  assert len(e1_slots) == 8
+  gone = e1_slots[-2:]
+  mem = mem._replace(valid=mem.valid.at[gone].set(False))
+  ss = ss._replace(memory=mem, experience=jnp.ones((), jnp.int32))
+  batch = batch_of(e1)
+  batch["mask"] = batch["mask"].at[-2:].set(0.0)
+  params = train.init_state(ctx, s, 0).params
+  prepare = jit_ctx(s.prepare_batch)
+  is_row = lambda rows, pool: np.array(
+      [np.any(np.all(np.isclose(pool, r), axis=1)) for r in rows])
+  neg_from_memory = 0
+  for key in range(12):
+    p = prepare(ctx, ss, batch, jax.random.PRNGKey(key))
+    valid = np.asarray(p["aml_valid"])
+    np.testing.assert_array_equal(valid, [True] * (B - 2) + [False] * 2)
+    ax = flat(p["aml_x"])
+    drawn = np.concatenate([ax[:B][valid], ax[B:][valid]])
+    assert not is_row(drawn, mx[gone]).any()
+    neg_from_memory += is_row(ax[B:][valid], mx[e1_slots[:-2]]).sum()
+  assert neg_from_memory > 0
+  # The loss: the authors' formula over the valid anchors only.
+  feats = jax.jit(lambda x: ctx.apply(params, {}, x,
+                                      jnp.zeros(len(x), jnp.int32),
+                                      features=True)[0])
+  norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  f = lambda x: norm(np.asarray(feats(jnp.asarray(x)), np.float64))
+  h, hc = f(p["x"][:B]), f(p["aml_x"])
+  y, ay = np.asarray(p["y"][:B]), np.asarray(p["aml_y"])
+  want = np_sup_con(h, y, hc[:B], ay[:B], hc[B:], ay[B:], valid, 0.2, 0.07)
+  got = float(jit_ctx(s.loss)(ctx, ss, params, p, None))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_er_aml_keeps_old_classes_better_than_replay(full_stream,
@@ -856,6 +948,19 @@ def test_gss_offers_fill_then_replace_by_score():
   want_scores = s.copy()
   want_scores[int(slot[0])] = c
   np.testing.assert_allclose(after, want_scores)
+  # Just full (seen = K): the next row is offered for replacement (here
+  # certain: C_j / (C_j + 0) = 1), not given a slot past the end.
+  slot, _, _ = gss_mod.offer_slots(key, jnp.ones(4), jnp.asarray(4),
+                                   jnp.ones(1), jnp.asarray(0.5),
+                                   jnp.asarray([0.0]))
+  assert int(slot[0]) < 4
+  # One slot, several rows replacing it in turn: the last one is written.
+  c_rows = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06], np.float32)
+  slot, after, _ = gss_mod.offer_slots(
+      jax.random.PRNGKey(3), jnp.ones(1), jnp.asarray(5), jnp.ones(6),
+      jnp.asarray(0.5), jnp.asarray(c_rows))
+  last = int(np.flatnonzero(np.isclose(c_rows, float(after[0])))[0])
+  np.testing.assert_array_equal(slot, np.where(np.arange(6) == last, 0, 1))
 
 
 def test_gss_after_step_scores_batch_against_drawn_entries(stream):
@@ -890,6 +995,25 @@ def test_gss_after_step_scores_batch_against_drawn_entries(stream):
                              rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(ss2.memory.y[B:2 * B]), b1["y"])
   assert int(ss2.memory.seen) == 2 * B
+  # Padded rows are not in the batch's gradient, nor stored; the
+  # gradients are those after the step (the code scores after opt.step).
+  moved = jax.tree.map(lambda p: p * 1.3 + 0.02, state.params)
+  bp = dict(b1, mask=b1["mask"].at[-3:].set(0.0))
+  ss3 = after_step(ctx, ss, StepInfo(moved, state.params, None, None, bp,
+                                     jnp.zeros(())))
+  groups[:B, 4] = np.r_[np.ones(B - 3), np.zeros(3)] / (B - 3)
+  gram = brute_gram(ctx, state.params, x, y, t, jnp.asarray(groups))
+  norms = np.sqrt(np.diag(gram))
+  want = (gram[4, :4] / norms[4] / norms[:4]).max() + 1.0
+  np.testing.assert_allclose(np.asarray(ss3.scores[B:2 * B - 3]), want,
+                             rtol=1e-4)
+  assert int(ss3.memory.seen) == 2 * B - 3
+  assert int(np.asarray(ss3.memory.valid).sum()) == 2 * B - 3
+  # A diverged step (NaN loss) writes nothing; its rows still count.
+  ss4 = after_step(ctx, ss, info(b1, state.params)._replace(
+      loss=jnp.asarray(jnp.nan)))
+  np.testing.assert_array_equal(ss4.memory.valid, ss.memory.valid)
+  assert int(ss4.memory.seen) == 2 * B
 
 
 def test_gss_stream_keeps_scored_memory(full_stream):
@@ -920,6 +1044,7 @@ def test_gss_bad_inputs(stream):
   with pytest.raises(ValueError, match="gss: batch_size=10 is larger than "
                      "the memory capacity mem_size=5"):
     gss(mem_size=5, score_size=2).init(ctx, jax.random.PRNGKey(0), None)
+  gss(mem_size=5, score_size=5)   # the whole memory may be scored
 
 
 # ---------------------------------------------------------------------------
@@ -1784,6 +1909,25 @@ def test_xder_step_terms_and_online_update(stream):
   want = alpha * der_t + beta * derpp_t + eta * (past_t + fut_t)
   assert past_t > 0 and fut_t > 0
   np.testing.assert_allclose(got, want, rtol=1e-4)
+  # The constraints' gradient with respect to the stream's logits, by hand:
+  # the past constraint moves only the current classes' top probability
+  # (its past side is held constant), the future one its two maxima.
+  only_c = xder(mem_size=k, alpha=0.0, beta=0.0, gamma=gamma, eta=1.0, m=m,
+                batch_size=r)
+  gz = np.asarray(jax.jit(jax.grad(
+      lambda z: only_c.loss(ctx, ss, params, prepared, z)))(logits),
+                  np.float64)
+  want_g = np.zeros_like(lg)
+  hit_p = sp[:, :2].max(1) + m - sp[:, 2:4].max(1) > 0
+  for i in np.flatnonzero(hit_p):
+    c = 2 + sp[i, 2:4].argmax()
+    want_g[i, :4] -= sp[i, c] * ((np.arange(4) == c) - sp[i]) / hit_p.sum()
+  hit_f = rows & (bad + m - good > 0)
+  for i in np.flatnonzero(hit_f[:B]):
+    want_g[i, np.flatnonzero(fut)[lg[i, fut].argmax()]] += 1 / hit_f.sum()
+    want_g[i, 2 + lg[i, 2:4].argmax()] -= 1 / hit_f.sum()
+  assert hit_p.any() and hit_f[:B].any()
+  np.testing.assert_allclose(gz, want_g, atol=1e-6)
   # The stream's cross-entropy leaves the past classes out.
   task_loss = jit_ctx(s.task_loss)
   tl = float(task_loss(ctx, ss, logits, prepared))
@@ -1822,12 +1966,35 @@ def test_xder_step_terms_and_online_update(stream):
   # Entries drawn many times before are rewritten with probability 1 / k.
   worn = after_step(ctx, ss._replace(counter=jnp.full((k,), 1e9)), info)
   np.testing.assert_array_equal(np.asarray(worn.logits), np.asarray(ss.logits))
+  # The rewrite takes the network's outputs before the step (the code's
+  # buffer outputs come from the step's forward pass), not after it.
+  moved = jax.tree.map(lambda p: p * 1.3 + 0.02, params)
+  info2 = info._replace(params_before=moved)
+  after2 = after_step(ctx, ss, info2)
+  sel = np.r_[0:r, r + np.flatnonzero(ok2u)]
+  fm = lambda x: np.asarray(fwd(moved, ss.model_state, x,
+                                jnp.zeros(len(x), jnp.int32)), np.float64)
+  ob_m = np.concatenate([fm(prepared["xder_x1"]), fm(prepared["xder_x2"])])
+  np.testing.assert_allclose(
+      np.asarray(after2.logits)[idx],
+      _np_update_logits(old, ob_m[sel], yb[sel], ~seen, gamma),
+      rtol=1e-4, atol=1e-5)
+  # At its second draw of the experience an entry is rewritten with
+  # probability 1 / 2 (its counter counts this draw too).
+  hits = []
+  for i in range(40):
+    a = after_step(ctx, ss._replace(counter=jnp.ones((k,)),
+                                    key=jax.random.PRNGKey(100 + i)), info2)
+    hits.append(np.any(np.asarray(a.logits)[idx] != old, axis=1))
+  assert 0.35 < np.mean(hits) < 0.65, np.mean(hits)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(gamma=0.0), "xder: gamma must be a finite number > 0"),
     (dict(gamma=1.5), r"xder: gamma must be in \(0, 1\]"),
     (dict(eta=-1.0), "xder: eta must be a finite number >= 0"),
+    (dict(alpha=-0.1), "xder: alpha must be a finite number >= 0"),
+    (dict(beta=-0.1), "xder: beta must be a finite number >= 0"),
     (dict(m=float("nan")), "xder: m must be a finite number >= 0"),
     (dict(mem_size=0), "xder: mem_size"),
     (dict(future_ce="no"), "xder: future_ce"),
@@ -1847,6 +2014,60 @@ def test_xder_needs_a_class_incremental_stream(digits):
   ctx = make_ctx(scenarios.split(digits, 5))
   with pytest.raises(ValueError, match="mem_size=5 gives 0 examples"):
     train.init_state(ctx, xder(mem_size=5, batch_size=2), 0)
+  # One output per class: a wider head is refused, gamma = 1 is allowed.
+  info = train.stream_info(scenarios.split(digits, 5), B)
+  wide = train.make_context(models.build("mlp", 12, widths=(32,)),
+                            train.make_optimizer("sgd", 0.1), info)
+  with pytest.raises(ValueError, match=r"xder needs one output per class "
+                     r"\(10\); this model has 12"):
+    train.init_state(wide, xder(mem_size=20), 0)
+  train.init_state(ctx, xder(mem_size=20, gamma=1.0), 0)
+
+
+def test_xder_first_experience_label_term_over_its_classes(stream):
+  """In the first experience no class is past: the label term on the
+  second memory batch is the cross-entropy over the current classes."""
+  from jaxcl.strategies.xder import xder
+  ctx = make_ctx(stream)
+  r = 4
+  s = xder(mem_size=24, alpha=0.0, beta=1.0, eta=0.0, batch_size=r)
+  e0 = stream.experiences[0]
+  state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+  b = batch_of(e0, n=20)
+  ss = state.strategy
+  ss = ss._replace(memory=buffers.reservoir_add(
+      ss.memory, jax.random.PRNGKey(1), b["x"], b["y"], b["task"], 0))
+  prepared = jit_ctx(s.prepare_batch)(ctx, ss, batch_of(e0, start=20),
+                                      jax.random.PRNGKey(3))
+  fwd = logits_fn(ctx)
+  logits = fwd(state.params, ss.model_state, prepared["x"], prepared["task"])
+  got = float(jit_ctx(s.loss)(ctx, ss, state.params, prepared, logits))
+  o2 = np.asarray(fwd(state.params, ss.model_state, prepared["xder_x2"],
+                      prepared["xder_task2"]), np.float64)
+  y2 = np.asarray(prepared["xder_y2"])
+  assert np.asarray(prepared["xder_ok2"]).all()
+  want = -np.mean(np_log_softmax(o2[:, :2])[np.arange(r), y2])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_xder_memory_stays_full_with_an_uneven_share(stream):
+  """K = 25: the free slots do not split evenly between the two new
+  classes (25 after experience 0; 13 after experience 1, when the old
+  classes keep 6 each); one of them takes the remainder, and the memory
+  stays full."""
+  from jaxcl.strategies.xder import xder
+  ctx = make_ctx(stream)
+  s = xder(mem_size=25, batch_size=4)
+  state = train.init_state(ctx, s, 0)
+  counts = []
+  for e in stream.experiences:
+    state = s.after_experience(ctx, s.before_experience(ctx, state, e), e)
+    mem = state.strategy.memory
+    valid = np.asarray(mem.valid)
+    counts.append(np.bincount(np.asarray(mem.y)[valid], minlength=10))
+    assert valid.all()
+  assert sorted(counts[0][:2]) == [12, 13] and counts[0][2:].sum() == 0
+  assert list(counts[1][:2]) == [6, 6] and sorted(counts[1][2:4]) == [6, 7]
 
 
 def _momentum_config(spec, **kwargs):
