@@ -29,6 +29,8 @@ from jaxcl.strategies import supsup as supsup_lib
 from jaxcl.train import device_experience, init_state
 from jaxcl.train import test_arrays as stacked_tests
 
+from conftest import np_log_softmax
+
 WIDTHS = (32, 32)
 # One hidden layer, for the runs whose checks hold layer by layer (masks,
 # frozen or stored weights) and need no second hidden layer: compiling a
@@ -127,6 +129,12 @@ def test_topk_mask_keeps_exactly_k_largest_magnitudes():
   np.testing.assert_array_equal(m.ravel() > 0, a >= np.sort(a)[-k])
   g = jax.grad(lambda s: jnp.sum(masked.topk_mask(s, 0.3)))(s)
   np.testing.assert_array_equal(g, jnp.sign(s))  # straight through |s|
+  # k is the nearest integer to density * size: 0.4 * 9 = 3.6 keeps 4.
+  s9 = jax.random.normal(jax.random.PRNGKey(1), (9,))
+  m9 = np.asarray(masked.topk_mask(s9, 0.4))
+  a9 = np.abs(np.asarray(s9))
+  np.testing.assert_array_equal(m9 > 0, a9 >= np.sort(a9)[-4])
+  assert m9.sum() == 4
 
 
 @pytest.mark.parametrize("kind", ["edge_popup", "sign"])
@@ -666,13 +674,13 @@ def test_supsup_gn_picks_the_task_whose_weight_most_lowers_entropy():
                         jnp.asarray(True))
 
   @jax.jit
-  def entropies_fn(alpha):
-    logits = model.apply(v, x, jnp.zeros((12,), jnp.int32), masks=masks,
-                         alphas=alpha)
-    return supsup_lib._entropy(logits)
+  def logits_fn(alpha):
+    return model.apply(v, x, jnp.zeros((12,), jnp.int32), masks=masks,
+                       alphas=alpha)
 
-  def entropies(alpha):
-    return np.asarray(entropies_fn(alpha), np.float64)
+  def entropies(alpha):  # H = -sum p log p, in NumPy
+    logp = np_log_softmax(np.asarray(logits_fn(alpha), np.float64))
+    return -np.sum(np.exp(logp) * logp, axis=-1)
 
   a0, h = np.array([0.5, 0.5, 0.0]), 1e-2
   fd = np.stack([(entropies(jnp.asarray(a0 + h * e, jnp.float32))
@@ -733,6 +741,19 @@ def test_supsup_gn_infers_the_task_of_held_out_batches(search):
 # CWR* and multi-head.
 
 
+def _np_cwr_merge(cw, cb, past, tw, tb, counts):
+  """CWR*'s merge in NumPy, class by class (Lomonaco et al. 2020, Alg. 2)."""
+  want_w, want_b = cw.copy(), cb.copy()
+  cur = [j for j in range(len(counts)) if counts[j] > 0]
+  avg_w = tw[:, cur].mean(axis=1)
+  avg_b = tb[cur].mean()
+  for j in cur:
+    wp = np.sqrt(past[j] / counts[j])
+    want_w[:, j] = (cw[:, j] * wp + tw[:, j] - avg_w) / (wp + 1)
+    want_b[j] = (cb[j] * wp + tb[j] - avg_b) / (wp + 1)
+  return want_w, want_b
+
+
 def test_cwr_star_consolidation_equals_hand_computation():
   rng = np.random.default_rng(0)
   d, c = 3, 4
@@ -742,17 +763,82 @@ def test_cwr_star_consolidation_equals_hand_computation():
   counts = np.array([4.0, 6.0, 0.0, 9.0])
   new_w, new_b, new_past = cwr_lib.consolidate(
       *(jnp.asarray(a, jnp.float32) for a in (cw, cb, past, tw, tb, counts)))
-  want_w, want_b = cw.copy(), cb.copy()
-  cur = [0, 1, 3]
-  avg_w = tw[:, cur].mean(axis=1)
-  avg_b = tb[cur].mean()
-  for j in cur:
-    wp = np.sqrt(past[j] / counts[j])
-    want_w[:, j] = (cw[:, j] * wp + tw[:, j] - avg_w) / (wp + 1)
-    want_b[j] = (cb[j] * wp + tb[j] - avg_b) / (wp + 1)
+  want_w, want_b = _np_cwr_merge(cw, cb, past, tw, tb, counts)
   np.testing.assert_allclose(new_w, want_w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new_b, want_b, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(new_past, past + counts)
+
+
+def test_cwr_star_hooks_by_hand_with_replayed_classes(digits):
+  """One experience's hooks on a hand-made state: the temporary head
+  loads cw / cb for the seen classes that train (here a replayed one,
+  AR1*) and starts at 0 for the new ones; every other class is switched off
+  (weight 0, bias -1e9, no gradient); the merge counts the replayed
+  examples; prediction masks the classes never seen."""
+  sc = scenarios.split(digits, 5, kind="class")
+  lr = experiment.setup(make_config("cwr_star", multi_head=False,
+                                    widths=NARROW), sc).learner
+  ctx, strat = lr.ctx, lr.strategy
+  st = init_state(ctx, strat, 0)
+  rng = np.random.default_rng(1)
+  d, c = st.params["head"]["kernel"].shape
+  a0, a1 = sorted(sc.experiences[0].classes)  # seen before
+  b0, b1 = sorted(sc.experiences[1].classes)  # new in experience 1
+  cw, cb = rng.normal(size=(d, c)), rng.normal(size=c)
+  past = np.zeros(c)
+  past[[a0, a1]] = [5.0, 7.0]
+  replayed = np.zeros(c)
+  replayed[a0] = 3.0
+  with pytest.raises(ValueError, match="one per class"):
+    cwr_lib.set_replayed(st.strategy, np.zeros(c + 1))
+  ss = cwr_lib.set_replayed(st.strategy._replace(
+      cw=jnp.asarray(cw, jnp.float32), cb=jnp.asarray(cb, jnp.float32),
+      past=jnp.asarray(past, jnp.float32)), replayed)
+  # A trained head left over from the last experience: not carried over.
+  head = {"kernel": jnp.asarray(rng.normal(size=(d, c)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=c), jnp.float32)}
+  st = st.replace(params={**st.params, "head": head}, strategy=ss)
+  st = strat.before_experience(ctx, st, sc.experiences[1])
+  ss = st.strategy
+  active = np.zeros(c, bool)
+  active[[a0, b0, b1]] = True
+  np.testing.assert_array_equal(ss.active, active)
+  assert not bool(ss.first)
+  want_k, want_b = np.zeros((d, c)), np.full(c, -1e9)
+  want_k[:, a0], want_b[a0] = cw[:, a0], cb[a0]
+  want_b[[b0, b1]] = 0.0
+  np.testing.assert_allclose(st.params["head"]["kernel"], want_k, rtol=1e-6)
+  np.testing.assert_allclose(st.params["head"]["bias"], want_b, rtol=1e-6)
+  # Gradients: the head's only on the active classes; none to the frozen
+  # backbone after the first experience.
+  ones = jax.tree.map(jnp.ones_like, st.params)
+  g = strat.update_grads(ctx, ss, ones, st.params, None, None)
+  np.testing.assert_array_equal(g["head"]["kernel"],
+                                np.broadcast_to(active, (d, c)).astype(float))
+  np.testing.assert_array_equal(g["head"]["bias"], active.astype(float))
+  for leaf in jax.tree.leaves(g["backbone"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+  # The merge: cur_j = this experience's examples + the replayed ones.
+  tw, tb = rng.normal(size=(d, c)), rng.normal(size=c)
+  st = st.replace(params={**st.params, "head": {
+      "kernel": jnp.asarray(tw, jnp.float32),
+      "bias": jnp.asarray(tb, jnp.float32)}})
+  counts = np.bincount(sc.experiences[1].train_y, minlength=c) + replayed
+  out = strat.after_experience(ctx, st, sc.experiences[1]).strategy
+  want_w, want_cb = _np_cwr_merge(cw, cb, past, tw, tb, counts)
+  np.testing.assert_allclose(out.cw, want_w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.cb, want_cb, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out.past, past + counts)
+  # Prediction before that merge: classes never seen are masked out.
+  x = jnp.asarray(digits.test_x[:6])
+  got = strat.predict(ctx, ss, st.params, st.model_state, x,
+                      jnp.zeros(6, jnp.int32))
+  feats = ctx.apply(st.params, st.model_state, x, None, features=True)[0]
+  seen = past > 0
+  np.testing.assert_allclose(np.asarray(got)[:, seen],
+                             (np.asarray(feats) @ cw + cb)[:, seen],
+                             rtol=1e-4, atol=1e-4)
+  assert np.all(np.asarray(got)[:, ~seen] < -1e8)
 
 
 def test_cwr_star_freezes_features_and_predicts_with_consolidated_weights(
@@ -917,7 +1003,8 @@ def test_masked_logits_never_masks_outputs_beyond_the_classes():
                                 [[1, 0, 1, 1], [0, 1, 1, 1]])
 
 
-def test_supsup_g_objective_differentiates_only_superfluous_outputs():
+@pytest.mark.parametrize("init_key", [8, 4])
+def test_supsup_g_objective_differentiates_only_superfluous_outputs(init_key):
   """GN with G: argmin over seen tasks of dG/dalpha, G = logsumexp of all
   outputs with the real logits held at their value (finite differences
   move only the superfluous outputs)."""
@@ -926,7 +1013,9 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs():
                            **SUPSUP_MODEL)
   x = jax.random.normal(jax.random.PRNGKey(7), (12, 8))
   zeros = jnp.zeros((12,), jnp.int32)
-  v = jax.jit(model.init)(jax.random.PRNGKey(8), x, zeros)
+  # Init key 4: a case where G and the entropy H pick different tasks;
+  # key 8: one where holding the real logits constant decides.
+  v = jax.jit(model.init)(jax.random.PRNGKey(init_key), x, zeros)
   masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
            for k, sc in masked.score_leaves(v["params"]).items()}
   ctx = types.SimpleNamespace(model=model)
@@ -950,6 +1039,16 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs():
   fd = np.array([(g(a0 + h * e) - g(a0 - h * e)) / (2 * h)
                  for e in np.eye(3)[:2]])
   assert abs(fd[0] - fd[1]) > 1e-3  # a clear answer to check against
+
+  def h_mean(alpha):  # the entropy of the real classes' softmax
+    logp = np_log_softmax(outputs(alpha)[:, :4])
+    return np.mean(-np.sum(np.exp(logp) * logp, axis=-1))
+
+  fd_h = np.array([(h_mean(a0 + h * e) - h_mean(a0 - h * e)) / (2 * h)
+                   for e in np.eye(3)[:2]])
+  if init_key == 4:
+    assert abs(fd_h[0] - fd_h[1]) > 1e-3
+    assert np.argmin(fd_h) != np.argmin(fd)
   got = _jit_infer(ctx, ss, "batch", "oneshot", "g")(
       v["params"], {"frozen": v["frozen"]}, x)
   np.testing.assert_array_equal(got, np.argmin(fd))
@@ -965,31 +1064,40 @@ def test_supsup_g_objective_needs_superfluous_outputs(split_task):
     init_state(lr.ctx, lr.strategy, 0)
 
 
-def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient():
+@pytest.mark.parametrize("num_tasks,seed,num_seen",
+                         [(4, 0, 4), (3, 2, 3), (4, 1, 4), (4, 1, 3)])
+def test_supsup_gn_binary_search_halves_candidates_by_entropy_gradient(
+    num_tasks, seed, num_seen):
   """Binary GN (the reference code's se_binary_minimization): superpose the
   candidates uniformly, keep the half with the smallest dH/dalpha (central
   finite differences here), repeat until one is left."""
   # Seed 0: a case where the direction of the halving matters (keeping the
   # larger gradients each round ends at task 2, not 0; seed 5 ends at 0
-  # either way).
-  model, x, v, ctx, masks = _supsup_gn_case(4, seed=0)
+  # either way). Three tasks, seed 2: the first round's smallest gradient
+  # (task 1, one-shot's answer) loses the second round, so keeping one
+  # task of three, or only those strictly below the cut, ends elsewhere.
+  # Four tasks, seed 1: the search ends at task 3 (a cut that empties the
+  # candidates ends at 0); with task 3 not yet seen, at task 0.
+  model, x, v, ctx, masks = _supsup_gn_case(num_tasks, seed=seed)
+  n = num_tasks
   params, ms = v["params"], {"frozen": v["frozen"]}
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32),
-                        jnp.ones((4,), bool), jnp.asarray(True))
+                        jnp.arange(n) < num_seen, jnp.asarray(True))
 
-  entropies = jax.jit(lambda a: supsup_lib._entropy(model.apply(
-      v, x, jnp.zeros((12,), jnp.int32), masks=masks, alphas=a)))
+  logits_fn = jax.jit(lambda a: model.apply(
+      v, x, jnp.zeros((12,), jnp.int32), masks=masks, alphas=a))
 
-  def mean_entropy(alpha):
-    return float(np.mean(np.asarray(
-        entropies(jnp.asarray(alpha, jnp.float32)), np.float64)))
+  def mean_entropy(alpha):  # H = -sum p log p, in NumPy
+    logp = np_log_softmax(np.asarray(
+        logits_fn(jnp.asarray(alpha, jnp.float32)), np.float64))
+    return float(np.mean(-np.sum(np.exp(logp) * logp, axis=-1)))
 
-  alive, h = [0, 1, 2, 3], 1e-2
+  alive, h = list(range(num_seen)), 1e-2
   while len(alive) > 1:
-    a0 = np.zeros(4)
+    a0 = np.zeros(n)
     a0[alive] = 1.0 / len(alive)
-    g = {t: (mean_entropy(a0 + h * np.eye(4)[t])
-             - mean_entropy(a0 - h * np.eye(4)[t])) / (2 * h) for t in alive}
+    g = {t: (mean_entropy(a0 + h * np.eye(n)[t])
+             - mean_entropy(a0 - h * np.eye(n)[t])) / (2 * h) for t in alive}
     order = sorted(alive, key=g.get)
     keep = (len(alive) + 1) // 2
     assert g[order[keep]] - g[order[keep - 1]] > 1e-4  # a clear split

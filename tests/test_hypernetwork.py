@@ -145,6 +145,51 @@ def test_regulariser_by_hand_and_zero_after_consolidation():
   assert s.lookahead_loss is None
 
 
+def test_targets_are_every_slot_at_the_latest_consolidation():
+  """Θ_h* is the hypernetwork as the last experience ended: every slot's
+  target is refreshed then, not kept from its own experience's end; and
+  the sampled regulariser draws fresh slots each step (the step count
+  enters its key)."""
+  sc = _toy("task")
+  model = models.build("hypernet", C, **HN)
+  ctx = make_context(model, make_optimizer("adam", 1e-2),
+                     stream_info(sc, 16))
+  s = hypernetwork(beta=1.0)
+  state = init_state(ctx, s, 0)
+  state = s.after_experience(ctx, state, sc.experiences[0])
+  moved = jax.tree.map(lambda a: a + 0.05, state.params)
+  state = s.after_experience(ctx, state.replace(params=moved),
+                             sc.experiences[1])
+  want = np.asarray(generated_weights(ctx, moved, jnp.arange(3)))
+  np.testing.assert_allclose(state.strategy.targets, want, rtol=1e-6)
+  # Sampled: one draw of the two learned slots per step, whose squared
+  # distances differ; over 12 steps both slots come up.
+  sampled = hypernetwork(beta=1.0, reg_samples=1)
+  away = jax.tree.map(lambda a: a - 0.1, moved)
+  gen = np.asarray(generated_weights(ctx, away, jnp.arange(2)), np.float64)
+  per_slot = ((gen - want[:2]) ** 2).sum(-1)
+  assert abs(per_slot[0] - per_slot[1]) > 1e-3 * per_slot.max()
+  loss = jax.jit(lambda ss: sampled.loss(ctx, ss, away, None, None))
+  ss, got = state.strategy, []
+  for _ in range(12):
+    got.append(float(loss(ss)))
+    ss = sampled.after_step(ctx, ss, None)
+  for g in got:
+    assert min(abs(g - per_slot[0]), abs(g - per_slot[1])) <= (
+        1e-4 * per_slot.max()), (got, per_slot)
+  assert {int(np.argmin(abs(per_slot - g))) for g in got} == {0, 1}, got
+  # Learned slots' embeddings get no gradient (the task loss of a mixed
+  # batch, or momentum, would otherwise move them); the others keep theirs.
+  ones = jax.tree.map(jnp.ones_like, moved)
+  g = s.update_grads(ctx, state.strategy, ones, moved, None, None)
+  np.testing.assert_array_equal(g["task_embeddings"][:2], 0.0)
+  np.testing.assert_array_equal(g["task_embeddings"][2], 1.0)
+  for k in ones:
+    if k != "task_embeddings":
+      for leaf in jax.tree.leaves(g[k]):
+        np.testing.assert_array_equal(leaf, 1.0)
+
+
 def _train(config, sc):
   """The experiment loop by hand, recording the weights generated for
   every embedding after each experience."""
@@ -231,6 +276,11 @@ def test_task_inference_by_lowest_entropy():
   ss = state.strategy._replace(filled=jnp.array([True, False, False]))
   got0 = np.asarray(predict(ss, state.params, x, task))
   np.testing.assert_allclose(got0, per[0], rtol=1e-4, atol=1e-5)
+  # Only learned slots compete, slot 0 included: with slot 1 alone
+  # learned (a state made by hand), slot 1 predicts every row.
+  ss = state.strategy._replace(filled=jnp.array([False, True, False]))
+  got1 = np.asarray(predict(ss, state.params, x, task))
+  np.testing.assert_allclose(got1, per[1], rtol=1e-4, atol=1e-5)
 
 
 def test_chains_with_si_class_incremental_without_recompiling():

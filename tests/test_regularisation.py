@@ -613,6 +613,42 @@ def test_rwalk_integrates_the_unregularised_gradient_along_the_path():
   np.testing.assert_allclose(np.asarray(ss.w["k"]), want, rtol=1e-6)
 
 
+def test_rwalk_defaults_are_facils():
+  """rwalk() is FACIL's setting: λ = 1, α = 0.5, ξ = 0.1 and the Fisher of
+  the predicted label (max_examples 1000, batches of 32, seed 0), checked
+  through one consolidation and the penalty after it (the estimator
+  itself is checked against a per-example loop above)."""
+  ctx, sc = _ctx()
+  s = rwalk()
+  state = init_state(ctx, s, 0)
+  p0 = state.params
+  exp = sc.experiences[0]
+  w = jax.tree.map(lambda p: jnp.full_like(p, 0.7), p0)
+  p1 = jax.tree.map(lambda p: p + 0.2, p0)
+  state = state.replace(params=p1, strategy=state.strategy._replace(w=w))
+  state = s.after_experience(ctx, state, exp)
+
+  def hand_fisher(kind):
+    f = _penalty.fisher_diagonal(
+        ctx, p1, state.model_state,
+        _penalty.importance_batches(exp, 32, 1000, 0, ctx.info.train_size),
+        jax.random.fold_in(jax.random.PRNGKey(0), 0), kind=kind)
+    return [0.5 * np.asarray(a, np.float64) for a in jax.tree.leaves(f)]
+
+  fisher = hand_fisher("predicted")
+  exact = hand_fisher("exact")
+  assert not all(np.allclose(a, b, rtol=1e-3) for a, b in zip(fisher, exact))
+  for got, want in zip(jax.tree.leaves(state.strategy.fisher), fisher):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-9)
+  scores = [0.5 * 0.7 / (f * 0.04 + 0.1) for f in fisher]
+  for got, want in zip(jax.tree.leaves(state.strategy.scores), scores):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
+  theta = jax.tree.map(lambda p: p - 0.3, p1)
+  want = sum(np.sum((f + sc_) * 0.09) for f, sc_ in zip(fisher, scores))
+  got = float(s.loss(ctx, state.strategy, theta, None, None))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
 def test_rwalk_holds_parameters_near_their_anchor():
   """After the first experience the penalty holds the parameters: a large
   lam moves them far less during the second than Naive does (at this
