@@ -170,6 +170,36 @@ def test_loss_aware_add_with_past_draws_the_victim_from_abs():
                            past=jnp.asarray(past))
 
 
+def test_loss_aware_add_with_past_makes_the_rows_it_writes_current():
+  """Every slot past, losses [0, 5, 5, 5]: row 97 (n = K: stored) replaces
+  slot 0, the lowest past loss, with probability 1. Slot 0 is then a
+  current entry: row 98's victim is slot 0 with probability 1/4 (the
+  current group's share), else a past slot (equal losses: uniform). Left
+  a past entry with 97's loss 0, slot 0 would be its victim every time."""
+  k = 4
+  mem = buffers.init(k, (1,))._replace(
+      x=jnp.arange(k, dtype=jnp.float32)[:, None],
+      valid=jnp.ones((k,), bool), seen=jnp.asarray(k, jnp.int32))
+
+  def two(key):
+    m, new = buffers.loss_aware_add(
+        mem, jnp.asarray([0.0, 5.0, 5.0, 5.0]), key,
+        jnp.array([[97.0], [98.0]]), jnp.array([1, 2]), jnp.array([0, 0]), 1,
+        jnp.array([0.0, 1.0]), balanced=False, num_classes=4,
+        past=jnp.ones((k,), bool))
+    return m.x[:, 0], new
+
+  xs, news = map(np.asarray, jax.jit(jax.vmap(two))(
+      jax.random.split(jax.random.PRNGKey(4), 64)))
+  assert np.all(np.isin(xs[:, 0], [97.0, 98.0]))
+  both = [97.0 in x and 98.0 in x for x in xs]
+  # Stored with probability 4/5, elsewhere than slot 0 with 3/4: 3/5.
+  assert 20 <= sum(both) <= 56, sum(both)
+  for x, new in zip(xs, news):  # each slot keeps its row's loss
+    np.testing.assert_array_equal(new, [{97.0: 0.0, 98.0: 1.0}.get(v, 5.0)
+                                        for v in x])
+
+
 def test_abs_step_refreshes_losses_and_uses_experience_tags_as_past(
     full_stream):
   # A full memory at experience 1: slots 0-29 from experience 0, 30-49

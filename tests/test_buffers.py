@@ -404,3 +404,47 @@ def test_reservoir_after_orders_writes_and_nan_writes_nothing():
   written = buffers.reservoir_add(plain, key, x + 100, y, y, 0,
                                   after=jnp.float32(1.0))
   assert not np.array_equal(np.asarray(written.x), np.asarray(plain.x))
+
+
+def test_rank_within_groups_ranks_by_ascending_score_in_each_group():
+  group = jnp.asarray([1, 0, 1, 0, 1, 2])
+  score = jnp.asarray([0.3, 0.9, 0.1, 0.2, 0.5, 0.4])
+  # group 0: 0.2 (3) < 0.9 (1); group 1: 0.1 (2) < 0.3 (0) < 0.5 (4).
+  np.testing.assert_array_equal(
+      np.asarray(buffers.rank_within_groups(group, score)), [1, 1, 0, 0, 2, 0])
+
+
+def test_random_class_balanced_add_counts_only_offered_rows():
+  mem = buffers.init(6, (1,))
+  add = jax.jit(functools.partial(buffers.random_class_balanced_add,
+                                  num_classes=3))
+  mem, pri = add(mem, jnp.zeros((6,)), jax.random.PRNGKey(0),
+                 jnp.arange(4, dtype=jnp.float32)[:, None],
+                 jnp.asarray([0, 1, 2, 0]), jnp.zeros((4,), jnp.int32),
+                 jnp.int32(0), jnp.asarray([True, True, False, True]),
+                 jnp.int32(2))
+  assert int(mem.seen) == 3
+  ids, _ = _ids(mem)
+  assert sorted(ids) == [0, 1, 3]  # the unoffered row 2 is not stored
+  # Each stored entry keeps the priority its row drew, in [0, 1).
+  p = np.asarray(pri)[np.asarray(mem.valid)]
+  assert np.all((p > 0) & (p < 1)) and len(set(p)) == 3
+  # Quota 1 from now on: class 0's two entries shrink to one, unless the
+  # step diverged (after = NaN), which leaves the memory as it was.
+  offer = (jax.random.PRNGKey(1), jnp.full((1, 1), 9.0), jnp.asarray([1]),
+           jnp.zeros((1,), jnp.int32), jnp.int32(1), jnp.asarray([True]),
+           jnp.int32(1))
+  kept, _ = add(mem, pri, *offer)
+  assert np.sum(np.asarray(kept.valid) & (np.asarray(kept.y) == 0)) == 1
+  same, _ = buffers.random_class_balanced_add(
+      mem, pri, *offer, num_classes=3, after=jnp.float32(jnp.nan))
+  np.testing.assert_array_equal(np.asarray(same.valid), np.asarray(mem.valid))
+  np.testing.assert_array_equal(np.asarray(same.x), np.asarray(mem.x))
+
+
+def test_capacity_must_be_a_positive_int():
+  for bad in (0, -3, 2.0, True, "8"):
+    with pytest.raises(ValueError, match=f"mem_size must be a positive int, "
+                       f"got {bad!r}"):
+      buffers.check_capacity(bad)
+  assert buffers.check_capacity(5) == 5

@@ -92,6 +92,49 @@ def test_loss_aware_add_draws_the_victim_from_the_probabilities(balanced):
   assert np.all(np.asarray(seen) == k + 1)
 
 
+def test_loss_aware_add_later_rows_see_earlier_rows_labels_and_slots():
+  """LABRS with every score 0: q_i = n_i / 2, so a victim is an entry of
+  the largest class. Row 97 (class 1; n = K: stored) replaces one of class
+  0's two entries, which makes class 1 the largest: row 98 (class 3)
+  replaces a class-1 entry, 97 itself half the time (the later row wins
+  the slot). Class 0 therefore keeps exactly one entry; read from the
+  labels before the batch, 98 would take class 0's other one half the
+  time."""
+  k = 4
+  mem, sc = _full_memory(k, [0.0] * k, [0, 0, 1, 2])
+
+  def two(kk):
+    m, new = buffers.loss_aware_add(
+        mem, sc, kk, jnp.array([[97.0], [98.0]]), jnp.array([1, 3]),
+        jnp.array([0, 0]), 1, jnp.array([0.0, 0.0]), balanced=True,
+        num_classes=4)
+    return m.x[:, 0], m.y, m.seen
+
+  xs, ys, seen = map(np.asarray, jax.jit(jax.vmap(two))(
+      jax.random.split(jax.random.PRNGKey(2), 64)))
+  assert np.all(seen == k + 2)
+  label_of = {0.0: 0, 1.0: 0, 2.0: 1, 3.0: 2, 97.0: 1, 98.0: 3}
+  for x, y in zip(xs, ys):
+    assert [label_of[v] for v in x] == list(y)  # rows and labels together
+    assert np.sum(y == 0) == 1, (x, y)
+    assert 97.0 in x or 98.0 in x
+  replaced_97 = [98.0 in x and 97.0 not in x for x in xs]
+  assert 5 <= sum(replaced_97) <= 40  # 64 keys, probability 2/5 each
+
+
+def test_loss_aware_add_after_nan_writes_nothing_and_keeps_the_scores():
+  k = 4
+  mem, sc = _full_memory(k, [-2.0, -1.0, -0.5, -3.0], [0, 1, 2, 3])
+  m, new = buffers.loss_aware_add(
+      mem, sc, jax.random.PRNGKey(0), jnp.array([[97.0], [98.0]]),
+      jnp.array([1, 3]), jnp.array([0, 0]), 1, jnp.array([-9.0, -8.0]),
+      balanced=False, num_classes=4, after=jnp.float32(jnp.nan))
+  np.testing.assert_array_equal(np.asarray(m.x), np.asarray(mem.x))
+  np.testing.assert_array_equal(np.asarray(m.y), np.asarray(mem.y))
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(sc))
+  assert int(m.seen) == k + 2  # the rows still count as seen
+
+
 def test_loss_aware_add_stores_with_probability_k_over_n_sequentially():
   k, n = 4, 1000
   # seen = 2K: Mammoth's randint(0, n) < K, probability K / n = 1/2.
