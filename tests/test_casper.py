@@ -191,6 +191,23 @@ def test_balanced_draw(counts, r, p, n_want, shares, allowed):
   assert picked == allowed  # every eligible class gets drawn
 
 
+def test_balanced_draw_takes_each_classs_rows_uniformly():
+  """Within a class the rows are drawn uniformly without replacement
+  (the code's ``np.random.choice(..., replace=False)``): over many keys
+  every entry of a class of 10 that gives 4 rows a draw is taken with
+  frequency 4 / 10, whichever slot it sits in."""
+  mem = memory_with((10, 10, 0, 1))
+  draws = jax.jit(jax.vmap(lambda k: cs.balanced_draw(mem, k, 8, 2, 6)[0]))(
+      jax.random.split(jax.random.PRNGKey(5), 400))
+  freq = np.bincount(np.asarray(draws).ravel(), minlength=40) / 400
+  valid = np.asarray(mem.valid)
+  y = np.asarray(mem.y)
+  for c in (0, 1):
+    f = freq[valid & (y == c)]
+    assert len(f) == 10 and np.all(np.abs(f - 0.4) < 0.1), f
+  assert np.all(freq[~valid] == 0) and freq[valid & (y == 3)].sum() == 0
+
+
 def test_balanced_draw_without_a_large_enough_class():
   mem = memory_with((3, 2))
   idx, ok, n = jax.jit(cs.balanced_draw, static_argnums=(2, 3, 4))(
@@ -275,6 +292,28 @@ def test_no_effect_on_an_empty_or_one_class_memory(stream):
   check(ss._replace(experience=jnp.asarray(0, jnp.int32)), 0.0)
 
 
+def test_each_step_draws_its_own_rows(stream):
+  """prepare_batch draws from the key it is given: different keys, different
+  memory rows (of the balanced classes)."""
+  ctx = make_ctx(stream)
+  s = casper(knn_laplace=4, mem_size=40)
+  ss = train.init_state(ctx, s, 0).strategy
+  ss = ss._replace(experience=jnp.asarray(1, jnp.int32))
+  e0, e1 = stream.experiences
+  info = lambda b: train.StepInfo(None, None, None, None, b, jnp.zeros(()))
+  after = jax.jit(s.after_step, static_argnums=0)
+  for i in range(2):
+    ss = after(ctx, ss, info(batch_of(e0, start=10 * i)))
+    ss = after(ctx, ss, info(batch_of(e1, start=10 * i)))
+  prep = jax.jit(lambda ss, k: s.prepare_batch(ctx, ss, batch_of(e0), k))
+  draws = set()
+  for k in range(5):
+    b = prep(ss, jax.random.PRNGKey(k))
+    assert float(b["casper_on"]) == 1.0
+    draws.add(np.asarray(b["casper_x"]).tobytes())
+  assert len(draws) == 5
+
+
 def test_own_memory_is_class_balanced(stream):
   """60 rows of class 0, then 20 of class 2, into 40 slots: the greedy
   class-balanced memory ends 20 / 20 (a reservoir would keep ~30 / 10)."""
@@ -336,3 +375,6 @@ def test_bad_arguments(stream):
                      "casper_batch=10 is larger than the memory capacity")):
     with pytest.raises(ValueError, match=match):
       casper(**kw).init(ctx, jax.random.PRNGKey(0), None)
+  # The edges that are allowed: one slot per class, k = r - 1, p + 2 = r.
+  casper(knn_laplace=7, mem_size=10, casper_batch=8, p=6).init(
+      ctx, jax.random.PRNGKey(0), None)

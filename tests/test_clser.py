@@ -2,13 +2,15 @@
 updates, the consistency target and loss, prediction with the stable
 model, argument checks, and a run through the normal loop."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import np_softmax
-from jaxcl import buffers, train
+from jaxcl import buffers, scenarios, train
 from jaxcl.state import StepInfo
 from jaxcl.strategies import clser as clser_mod
 from jaxcl.strategies.clser import clser
@@ -179,6 +181,122 @@ def test_consistency_ignores_empty_memory_rows(stream):
   want = 5.0 * ((np.asarray(z[B:]) - t) ** 2)[ok].mean()
   np.testing.assert_allclose(
       float(s.loss(ctx, ss, state.params, prepared, z)), want, rtol=1e-5)
+
+
+def test_memories_start_as_copies_of_the_working_model(stream):
+  """Both semantic memories start equal to the initial working weights
+  (the code deep-copies the net), as separate arrays."""
+  ctx = make_ctx(stream)
+  state = train.init_state(ctx, clser(mem_size=20), 0)
+  ss = state.strategy
+  for mem in (ss.plastic, ss.stable):
+    _close(mem, state.params, rtol=0, atol=0)
+    for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(state.params)):
+      assert a is not b
+  assert int(ss.step) == 0
+
+
+def _head_only(params, bias):
+  """``params`` with a zero head kernel and head bias ``bias``: logits are
+  ``bias`` exactly, whatever the input."""
+  out = jax.tree.map(jnp.copy, params)
+  out["head"]["kernel"] = jnp.zeros_like(out["head"]["kernel"])
+  out["head"]["bias"] = jnp.asarray(bias, jnp.float32)
+  return out
+
+
+def test_step_loss_gives_a_tie_to_the_plastic_memory(stream):
+  """Memories whose logits differ by a constant have the same softmax: a
+  tie on every row, which the plastic model wins (the code's
+  ``torch.where(sm_stable > sm_plastic, stable, plastic)``)."""
+  ctx = make_ctx(stream)
+  e0 = stream.experiences[0]
+  s = clser(mem_size=20, batch_size=6, lam=1.5)
+  state = train.init_state(ctx, s, 0)
+  bias = np.arange(10, dtype=np.float32) * 0.5
+  ss = state.strategy._replace(plastic=_head_only(state.params, bias),
+                               stable=_head_only(state.params, bias + 1.0))
+  # The tie is exact: the same softmax bit for bit.
+  assert np.array_equal(np.asarray(jax.nn.softmax(jnp.asarray(bias))),
+                        np.asarray(jax.nn.softmax(jnp.asarray(bias + 1.0))))
+  ss = ss._replace(memory=buffers.reservoir_add(
+      ss.memory, jax.random.PRNGKey(1), jnp.asarray(e0.train_x[:8]),
+      jnp.asarray(e0.train_y[:8]), jnp.zeros((8,), jnp.int32), jnp.int32(0),
+      jnp.ones((8,))))
+  prepared = s.prepare_batch(ctx, ss, batch_of(e0, start=B),
+                             jax.random.PRNGKey(0))
+  z = ctx.logits(state.params, {}, prepared["x"], prepared["task"])
+  want = 1.5 * ((np.asarray(z[B:], np.float64) - bias) ** 2).mean()
+  np.testing.assert_allclose(
+      float(s.loss(ctx, ss, state.params, prepared, z)), want, rtol=1e-5)
+
+
+def test_memory_logits_use_each_rows_task(digits):
+  """Task-incremental: the memories' logits on the replayed rows are
+  masked to each row's own task (as the working model's), so the masked
+  entries agree and only the task's classes enter the squared error."""
+  ts = scenarios.split(digits, 5, kind="task")
+  ctx = make_ctx(ts)
+  assert ctx.mask_task_logits
+  lam, r = 1.3, 6
+  s = clser(mem_size=20, batch_size=r, lam=lam)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy._replace(plastic=_tree(1, state.params),
+                               stable=_tree(2, state.params))
+  e0, e1, e2 = ts.experiences[:3]
+  rows = [(e, slice(0, 2)) for e in (e0, e1, e2)]
+  x = np.concatenate([e.train_x[sl] for e, sl in rows])
+  y = np.concatenate([e.train_y[sl] for e, sl in rows])
+  t = np.concatenate([e.train_task[sl] for e, sl in rows])
+  assert set(t) == {0, 1, 2}
+  ss = ss._replace(memory=buffers.reservoir_add(
+      ss.memory, jax.random.PRNGKey(1), jnp.asarray(x), jnp.asarray(y),
+      jnp.asarray(t, jnp.int32), jnp.int32(0), jnp.ones((6,))))
+  prepared = s.prepare_batch(ctx, ss, batch_of(e2), jax.random.PRNGKey(0))
+  assert np.asarray(prepared["mask"][B:]).sum() == r
+  # Unmasked outputs (a class-incremental context on the same model), then
+  # NumPy's mask from the scenario's task table.
+  raw_ctx = dataclasses.replace(ctx, mask_task_logits=False)
+  xr, tr = prepared["x"][B:], np.asarray(prepared["task"][B:])
+  allowed = np.asarray(ts.task_classes, bool)[tr]
+  raw = lambda p: np.asarray(raw_ctx.logits(p, {}, xr, jnp.asarray(tr),
+                                            train=True), np.float64)
+  mask = lambda a: np.where(allowed, a, -1e9)
+  z, zp, zs = mask(raw(state.params)), mask(raw(ss.plastic)), mask(raw(
+      ss.stable))
+  yr = np.asarray(prepared["y"][B:])
+  i = np.arange(r)
+  pick_s = np_softmax(zs)[i, yr] > np_softmax(zp)[i, yr]
+  target = np.where(pick_s[:, None], zs, zp)
+  want = lam * ((z - target) ** 2).mean()
+  z_all = ctx.logits(state.params, {}, prepared["x"], prepared["task"],
+                     train=True)
+  np.testing.assert_allclose(
+      float(s.loss(ctx, ss, state.params, prepared, z_all)), want,
+      rtol=1e-5)
+  assert want < 1e3   # the -1e9 entries cancel
+
+
+def test_replayed_rows_follow_the_steps_key(stream):
+  """Each step draws its own memory rows (from the key ``prepare_batch``
+  is given), uniformly without replacement from the stored ones."""
+  ctx = make_ctx(stream)
+  e0 = stream.experiences[0]
+  s = clser(mem_size=20, batch_size=6)
+  ss = train.init_state(ctx, s, 0).strategy
+  ss = ss._replace(memory=buffers.reservoir_add(
+      ss.memory, jax.random.PRNGKey(1), jnp.asarray(e0.train_x[:20]),
+      jnp.asarray(e0.train_y[:20]), jnp.zeros((20,), jnp.int32),
+      jnp.int32(0), jnp.ones((20,))))
+  prep = jax.jit(lambda ss, k: s.prepare_batch(ctx, ss, batch_of(e0), k))
+  stored = np.asarray(e0.train_x[:20]).reshape(20, -1)
+  drawn = []
+  for k in range(6):
+    x = np.asarray(prep(ss, jax.random.PRNGKey(k))["x"][B:]).reshape(6, -1)
+    ids = [int(np.flatnonzero((stored == row).all(1))[0]) for row in x]
+    assert len(set(ids)) == 6
+    drawn.append(frozenset(ids))
+  assert len(set(drawn)) == 6   # six keys, six different draws
 
 
 @pytest.mark.parametrize("which", clser_mod.PREDICT_WITH)

@@ -106,6 +106,52 @@ def test_ppp_loss_equals_the_reference_code_by_hand():
   assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(f))(e))))
 
 
+def test_ppp_loss_ignores_padding_rows_of_present_classes():
+  """Padding rows (valid False) of classes that do have rows in the batch
+  are neither pseudo-prototypes nor repelled rows: the loss is the
+  reference's over the valid rows alone."""
+  rng = np.random.default_rng(5)
+  d, c, t = 5, 5, 0.3
+  y = np.array([0, 3, 0, 1, 3, 0, 0, 3, 1])
+  valid = np.array([True] * 6 + [False] * 3)
+  x = unit(rng.normal(size=(9, d)))
+  protos = unit(rng.normal(size=(c, d)))
+  active = np.array([True, True, False, True, True])
+  got = jax.jit(ppp_loss)(jnp.asarray(x, jnp.float32), jnp.asarray(y),
+                          jnp.asarray(valid), jnp.asarray(protos,
+                                                          jnp.float32),
+                          jnp.asarray(active), t)
+  want = reference_ppp(x[valid], y[valid], protos, [0, 1, 3, 4], t)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Fewer than two active classes: 0, even for rows of classes that are
+  # not active (their terms alone are not).
+  only = jnp.zeros(c, bool).at[3].set(True)
+  assert float(jax.jit(ppp_loss)(jnp.asarray(x, jnp.float32), jnp.asarray(y),
+                                 jnp.asarray(valid), jnp.asarray(
+                                     protos, jnp.float32), only, t)) == 0.0
+
+
+def test_task_loss_activates_the_seen_and_the_valid_rows_classes(stream):
+  """The strategy's loss: the PPP loss of the normalised outputs over the
+  classes seen before and those of the batch's valid rows (a padding
+  row's class gets no prototype in the denominator)."""
+  ctx = make_ctx(stream, outputs=6)
+  s = cope(mem_size=20, temperature=0.2)
+  ss = train.init_state(ctx, s, 0).strategy
+  ss = ss._replace(seen=jnp.zeros(10, bool).at[5].set(True))
+  y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 7, 9])
+  valid = np.array([True] * 8 + [False] * 2)
+  batch = {"x": jnp.zeros((B, 64)), "y": jnp.asarray(y),
+           "task": jnp.zeros(B, jnp.int32),
+           "mask": jnp.asarray(valid, jnp.float32)}
+  logits = np.random.default_rng(6).normal(size=(B, 6)) * 2.0
+  got = jax.jit(lambda ss, z, b: s.task_loss(ctx, ss, z, b))(
+      ss, jnp.asarray(logits, jnp.float32), batch)
+  want = reference_ppp(unit(logits)[valid], y[valid],
+                       np.asarray(ss.prototypes, np.float64), [0, 1, 5], 0.2)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
 def test_ppp_gradient_holds_only_the_attractors_pseudo_prototypes_constant():
   """The gradient of the reference code: in the attractor the
   pseudo-prototypes z_j (and all prototypes) are constants; in the
@@ -165,6 +211,14 @@ def test_prototype_update_is_the_momentum_step_and_stays_unit(stream):
   np.testing.assert_array_equal(p[others], p0[others])  # 8 only padded
   np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(np.flatnonzero(ss.seen), [1, 3])
+  # The momentum is the state's (a sweep varies it there), not the
+  # argument the strategy was built with.
+  ss2 = jax.jit(lambda a, b: s.after_step(ctx, a, b))(
+      state.strategy._replace(momentum=jnp.float32(0.25)), info)
+  for c in (1, 3):
+    want = unit(0.25 * p0[c] + 0.75 * z[:8][y[:8] == c].mean(0))
+    np.testing.assert_allclose(np.asarray(ss2.prototypes)[c], want,
+                               rtol=1e-5, atol=1e-6)
   # The function itself, at the edges of the momentum.
   e, yy, v = jnp.asarray(z, jnp.float32), batch["y"], batch["mask"] > 0
   np.testing.assert_allclose(update_prototypes(jnp.asarray(p0), e, yy, v, 1.0),
@@ -323,6 +377,63 @@ def test_replay_draws_classes_evenly_from_an_uneven_memory():
   assert abs(first.mean() - 0.5) < 0.07   # uniform over memory: 0.1
   for row in np.asarray(idx):            # without replacement
     assert len(set(row)) == 4
+
+
+def test_strategy_replays_class_balanced_rows(stream):
+  """cope's own replay (prepare_batch) draws a class uniformly, then an
+  entry: from a 90 / 10 memory the first replayed row is of either class
+  about half the time (a uniform draw over entries: 0.1)."""
+  ctx = make_ctx(stream)
+  s = cope(mem_size=100, batch_size=4)
+  ss = train.init_state(ctx, s, 0).strategy
+  mem = ss.memory._replace(y=jnp.asarray([0] * 90 + [1] * 10),
+                           valid=jnp.ones(100, bool))
+  ss = ss._replace(memory=mem)
+  batch = batch_of_stream(stream.experiences[0])
+  ys = jax.jit(jax.vmap(lambda k: s.prepare_batch(ctx, ss, batch, k)["y"]))(
+      jax.random.split(jax.random.PRNGKey(0), 500))
+  ys = np.asarray(ys)
+  assert ys.shape == (500, B + 4)
+  assert abs(ys[:, B].mean() - 0.5) < 0.07, ys[:, B].mean()
+
+
+def batch_of_stream(exp, start=0):
+  sl = slice(start, start + B)
+  return {"x": jnp.asarray(exp.train_x[sl]), "y": jnp.asarray(exp.train_y[sl]),
+          "task": jnp.zeros(B, jnp.int32), "mask": jnp.ones(B, jnp.float32)}
+
+
+def test_after_step_stores_only_incoming_rows_each_with_its_own_draw(stream):
+  """The memory takes the step's incoming rows, not the replayed ones
+  appended after them, and every example gets a fresh uniform priority
+  (the same batch position at two steps draws two numbers)."""
+  ctx = make_ctx(stream)
+  s = cope(mem_size=40)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  exp = stream.experiences[0]
+  prep = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))
+  after = jax.jit(lambda ss, i: s.after_step(ctx, ss, i))
+  for step in range(2):
+    b = prep(ss, batch_of_stream(exp, start=B * step),
+             jax.random.PRNGKey(step))
+    assert b["y"].shape == (2 * B,)
+    assert np.asarray(b["mask"][B:]).sum() == (0 if step == 0 else B)
+    info = StepInfo(None, None, None, None, b, jnp.zeros(()),
+                    jax.random.PRNGKey(10 + step),
+                    jax.random.normal(jax.random.PRNGKey(20 + step),
+                                      (2 * B, 10)))
+    ss = after(ss, info)
+  mem = ss.memory
+  assert int(mem.seen) == 2 * B and int(buffers.size(mem)) == 2 * B
+  v = np.asarray(mem.valid)
+  stored = sorted(map(tuple, np.asarray(mem.x)[v].reshape(2 * B, -1)
+                       .tolist()))
+  offered = sorted(map(tuple, np.asarray(exp.train_x[:2 * B], np.float32)
+                       .reshape(2 * B, -1).tolist()))
+  assert stored == offered
+  prio = np.asarray(ss.priority)[v]
+  assert len(set(prio.tolist())) == 2 * B, prio
 
 
 # ---------------------------------------------------------------------------

@@ -126,6 +126,20 @@ def test_loss_terms_by_hand_and_loss_split(stream):
   assert not np.array_equal(x[:B], x[B:])
 
 
+def test_draws_follow_the_steps_key(stream):
+  """Both draws and the power iterations' start come from the key
+  prepare_batch is given: another key, other rows and another start."""
+  ctx = cnn_ctx(stream)
+  s = lider(mem_size=40)
+  _, ss = _filled(ctx, s, stream.experiences[0])
+  prep = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))
+  b = batch_of(stream.experiences[0])
+  one, two = (prep(ss, b, jax.random.PRNGKey(k)) for k in (1, 2))
+  for f in ("lider_x", "lider_v0"):
+    assert not np.array_equal(np.asarray(one[f][:B]), np.asarray(two[f][:B]))
+    assert not np.array_equal(np.asarray(one[f][B:]), np.asarray(two[f][B:]))
+
+
 # Eagerly (op by op) the loss and its gradient take ~20 s to dispatch:
 # that case is slow; the jitted one checks the same zeros in the fast suite.
 @pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow),
@@ -309,3 +323,48 @@ def test_bad_arguments(stream):
   # The default replay batch must fit the memory.
   with pytest.raises(ValueError, match="batch_size"):
     train.init_state(cnn_ctx(stream), lider(mem_size=5), 0)
+
+
+def test_one_lambda_may_be_zero():
+  """Only both lambdas at 0 are refused (LiDER would change nothing);
+  either term alone is a valid setting."""
+  lider(alpha_lip_lambda=0.0, beta_lip_lambda=0.5)
+  lider(alpha_lip_lambda=0.3, beta_lip_lambda=0.0)
+
+
+def test_batch_norm_budget_in_eval_mode_loss_in_train_mode(stream):
+  """With batch norm the modes differ: the budget uses the initial model's
+  running statistics (eval mode), the loss the batch's (train mode). (A
+  width-4 resnet18, the one batch-norm model LiDER takes: ~10 s, kept in
+  the default run because nothing else checks the modes.)"""
+  import types
+  info = train.stream_info(stream, B)
+  model = models.build("resnet18", stream.num_classes, width=4)
+  ctx = train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+  s = lider(alpha_lip_lambda=0.7, beta_lip_lambda=1.3, mem_size=40,
+            power_steps=40)
+  e0 = stream.experiences[0]
+  # The first experience's first 40 rows (what before_experience reads).
+  cut = types.SimpleNamespace(index=0, train_x=e0.train_x[:40],
+                              train_y=e0.train_y[:40],
+                              train_task=e0.train_task[:40])
+  state, ss = _filled(ctx, s, e0)
+  budget = np.asarray(s.before_experience(ctx, state, cut).strategy.budget)
+  ss = ss._replace(budget=jnp.asarray(budget))
+  batch = jax.jit(lambda ss, b, k: s.prepare_batch(ctx, ss, b, k))(
+      ss, batch_of(e0), jax.random.PRNGKey(3))
+  est = jax.jit(lambda p, ms, x, t, v0, tr: lid.lipschitz_estimates(
+      ctx, p, ms, x, t, v0, 40, tr), static_argnums=5)
+  x, t = jnp.asarray(cut.train_x), jnp.asarray(cut.train_task)
+  v0 = jax.random.uniform(jax.random.PRNGKey(5), (40, 16))
+  k_eval = np.asarray(est(state.params, state.model_state, x, t, v0, False))
+  k_train = np.asarray(est(state.params, state.model_state, x, t, v0, True))
+  np.testing.assert_allclose(budget, k_eval.mean(0), rtol=1e-3)
+  assert np.abs(k_train.mean(0) - budget).max() > 0.05  # the modes differ
+  ks = np.asarray(est(state.params, ss.model_state, batch["lider_x"],
+                      batch["lider_task"], batch["lider_v0"], True))
+  want = 0.7 * ks[:B].mean() + 1.3 * np.abs(
+      ks[B:] - np.maximum(budget, 0)).mean()
+  got = jax.jit(lambda ss, p, b: s.loss(ctx, ss, p, b, None))(
+      ss, state.params, batch)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
