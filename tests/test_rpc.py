@@ -257,3 +257,58 @@ def test_rpc_runs_through_the_loop(full_stream):
   np.testing.assert_allclose(np.mean(pred == e.test_y), acc[-1, 2],
                              atol=1e-6)
 
+
+
+def test_task_loss_is_the_mean_over_real_rows_only(stream):
+  """Padding rows (mask 0: an empty memory's draws) add nothing to the
+  loss, whatever their outputs and labels: the mean over the real rows."""
+  ctx = make_ctx(stream)
+  s = rpc(mem_size=40, batch_size=5)
+  rng = np.random.default_rng(0)
+  raw = rng.normal(size=(B, 10)) * 3
+  y = rng.integers(0, 10, B)
+  mask = (np.arange(B) < 6).astype(np.float32)
+  h = raw[:, :9] @ mammoth_dsimplex(10)
+  lse = np.log(np.exp(h - h.max(1, keepdims=True)).sum(1)) + h.max(1)
+  want = np.mean((lse - h[np.arange(B), y])[:6])
+  got = s.task_loss(ctx, None, jnp.asarray(raw, jnp.float32),
+                    {"y": jnp.asarray(y), "mask": jnp.asarray(mask)})
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_balanced_add_counts_real_rows_and_drops_other_classes():
+  """``seen`` grows by the real rows offered (not the padding), and an
+  entry whose class is neither old nor new is dropped (docstring)."""
+  k, c = 6, 4
+  y0 = np.array([0, 0, 0, 1, 1, 1, 0, 0])
+  mask = np.arange(8) < 6
+  none = np.zeros(c, bool)
+  mem = balanced_add(buffers.init(k, (1,)), jax.random.PRNGKey(0),
+                     np.arange(8, dtype=np.float32)[:, None], y0, y0 * 0, 0,
+                     mask, none, np.isin(np.arange(c), [0, 1]))
+  assert int(mem.seen) == 6
+  np.testing.assert_array_equal(buffers.counts(mem, c), [3, 3, 0, 0])
+  # Class 1 is neither old nor new now: its entries go; class 0 keeps
+  # 6 // 2 = 3, class 2 gets the other 3.
+  y1 = np.full(5, 2)
+  mem = balanced_add(mem, jax.random.PRNGKey(1),
+                     10 + np.arange(5, dtype=np.float32)[:, None], y1,
+                     y1 * 0, 1, np.ones(5, bool), np.arange(c) == 0,
+                     np.arange(c) == 2)
+  assert int(mem.seen) == 11
+  np.testing.assert_array_equal(buffers.counts(mem, c), [3, 0, 3, 0])
+
+
+def test_end_of_experience_reads_only_the_real_rows(full_stream):
+  # An experience shorter than the padded size: the padding rows past
+  # num_train are not offered (seen counts the real ones).
+  ctx = make_ctx(full_stream)
+  e = min(full_stream.experiences, key=lambda e: e.num_train)
+  assert e.num_train < ctx.info.train_size
+  s = rpc(mem_size=40, batch_size=5)
+  st = s.before_experience(ctx, train.init_state(ctx, s, 0), e)
+  st = s.after_experience(ctx, st, e)
+  mem = st.strategy.memory
+  assert int(mem.seen) == e.num_train
+  np.testing.assert_array_equal(
+      np.asarray(buffers.counts(mem, 10))[sorted(set(e.train_y))], 20)

@@ -316,3 +316,102 @@ def test_scr_bad_inputs(stream):
                      "images \\(H, W, 3\\); the inputs are shaped "
                      "\\(8, 8, 1\\)"):
     scr(augment=("crop", "jitter")).init(ctx, key, params)
+
+
+def test_projection_heads_are_the_named_layers_with_unit_outputs():
+  """``linear``: one affine map; ``mlp``: affine, ReLU, affine; ``none``:
+  the features; each output L2-normalised (the z of the SupCon loss)."""
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  lin = scr_mod.ProjectionHead("linear", 4)
+  p = lin.init(key, h)["params"]
+  (w, b), = [(v["kernel"], v["bias"]) for v in p.values()]
+  assert w.shape == (6, 4)
+  np.testing.assert_allclose(lin.apply({"params": p}, h),
+                             unit(np.asarray(h) @ w + b), atol=1e-6)
+  mlp = scr_mod.ProjectionHead("mlp", 4)
+  p = mlp.init(key, h)["params"]
+  assert [v["kernel"].shape for v in p.values()] == [(6, 6), (6, 4)]
+  (w1, b1), (w2, b2) = [(v["kernel"], v["bias"]) for v in p.values()]
+  want = np.maximum(np.asarray(h) @ w1 + b1, 0.0) @ w2 + b2
+  np.testing.assert_allclose(mlp.apply({"params": p}, h), unit(want),
+                             atol=1e-6)
+  none = scr_mod.ProjectionHead("none", 4)
+  assert not none.init(key, h).get("params", {})
+  np.testing.assert_allclose(none.apply({}, h), unit(np.asarray(h)),
+                             atol=1e-6)
+
+
+def test_padding_rows_of_a_short_memory_take_no_part_in_the_loss(stream):
+  # An empty memory: the prepared batch has B padding rows (mask 0). The
+  # loss is that of the B real rows alone, whatever the padding holds.
+  ctx = make_ctx(stream)
+  s = scr(mem_size=30, batch_size=10, augment="none")
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  prepared = s.prepare_batch(ctx, ss, batch_of(stream.experiences[0]),
+                             jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(prepared["mask"][B:], 0.0)
+  loss = jax.jit(lambda b: s.loss(ctx, ss, state.params, b, None))
+  full = float(loss(prepared))
+  real = float(loss({k: v[:B] for k, v in prepared.items()}))
+  assert full == pytest.approx(real, rel=1e-6)
+  junk = dict(prepared)
+  junk["x"] = prepared["x"].at[B:].set(prepared["x"][:B])
+  junk["scr_views"] = junk["x"]
+  junk["y"] = prepared["y"].at[B:].set(prepared["y"][:B])
+  assert float(loss(junk)) == pytest.approx(real, rel=1e-6)
+
+
+def test_class_means_ignore_dropped_slots():
+  """A slot whose entry was dropped (valid False) keeps its old contents;
+  they must not count towards any class's mean or make a class seen."""
+  info = StreamInfo(num_classes=3, num_tasks=1, num_experiences=1,
+                    input_shape=(2,), kind="class",
+                    task_classes=((True, True, True),), batch_size=2,
+                    train_size=4)
+  ctx = train.make_context(_Identity(), train.make_optimizer("sgd", 0.1), info)
+  s = scr(mem_size=4, batch_size=2, augment="none")
+  state = train.init_state(ctx, s, 0)
+  mem = buffers.put_rows(buffers.init(4, (2,)), jnp.arange(4),
+                         jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0],
+                                      [1.0, 1.0]]),
+                         jnp.asarray([0, 0, 2, 1]), jnp.zeros((4,), jnp.int32),
+                         jnp.zeros((4,), jnp.int32))
+  mem = mem._replace(valid=jnp.asarray([True, False, False, True]))
+  state = state.replace(strategy=state.strategy._replace(memory=mem))
+  ss = jax.jit(lambda st: s.after_experience(ctx, st, None))(state).strategy
+  np.testing.assert_array_equal(ss.has_mean, [True, True, False])
+  np.testing.assert_allclose(ss.means[0], [1.0, 0.0], atol=1e-6)
+  r = np.sqrt(0.5)
+  np.testing.assert_allclose(ss.means[1], [r, r], atol=1e-6)
+
+
+def test_head_optimiser_restarts_and_experience_is_recorded(stream):
+  """As each experience starts the head's optimiser state is a fresh one
+  (momentum zeroed, as the model's) and ``experience`` is its index (the
+  reservoir tags the stored rows with it)."""
+  info = train.stream_info(stream, B)
+  from jaxcl import models
+  ctx = train.make_context(models.build("mlp", stream.num_classes,
+                                        widths=(16,)),
+                           train.make_optimizer("momentum", 0.1), info)
+  s = scr(mem_size=30, batch_size=10)
+  state = train.init_state(ctx, s, 0)
+  fresh = jax.tree.leaves(state.strategy.head_opt_state)
+  dirty = jax.tree.map(lambda a: a + jnp.ones_like(a),
+                       state.strategy.head_opt_state)
+  state = state.replace(strategy=state.strategy._replace(
+      head_opt_state=dirty))
+  e1 = stream.experiences[1]
+  new = s.before_experience(ctx, state, e1)
+  assert int(new.strategy.experience) == 1
+  for a, b in zip(jax.tree.leaves(new.strategy.head_opt_state), fresh):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  step = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])
+  new = step(new, batch_of(e1))
+  mem = new.strategy.memory
+  np.testing.assert_array_equal(np.asarray(mem.experience)[
+      np.asarray(mem.valid)], 1)

@@ -278,3 +278,61 @@ def test_bad_arguments():
                     (dict(mem_size=5, batch_size=8), "batch_size=8")):
     with pytest.raises(ValueError, match=match):
       star(**kw)
+
+
+def test_step_is_scaled_by_the_unperturbed_kernel_norm(stream):
+  """Each ascent step has norm ``p_gamma / K * ||W||`` with ``W`` the
+  kernel at ``theta`` (the code rescales to the *original* weights), not
+  the norm at ``theta + delta``: visible from a start of half the
+  kernel's size."""
+  ctx = make_ctx(stream, (16,))
+  params = random_params(ctx, 1)
+  x = jnp.asarray(stream.experiences[0].train_x[:20])
+  kl_fn = kl_of(ctx, params, x)
+  d0 = st.random_start(jax.random.PRNGKey(2), params, 0.5)
+  d = jax.jit(lambda d: st.perturbation(kl_fn, params, d, 0.05, 1))(d0)
+  for w, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(d0),
+                     jax.tree.leaves(d)):
+    if w.ndim >= 2:
+      w, a, b = (np.asarray(v, np.float64) for v in (w, a, b))
+      assert abs(np.linalg.norm(w + a) / np.linalg.norm(w) - 1) > 0.05
+      np.testing.assert_allclose(np.linalg.norm(b - a),
+                                 0.05 * np.linalg.norm(w), rtol=1e-5)
+
+
+def test_random_start_draws_each_kernel_its_own_signs(stream):
+  ctx = make_ctx(stream, (16,))
+  params = random_params(ctx, 0)
+  d0 = st.random_start(jax.random.PRNGKey(3), params, 1e-3)
+  signs = [np.sign(np.asarray(d)).ravel() for w, d in zip(
+      jax.tree.leaves(params), jax.tree.leaves(d0)) if w.ndim >= 2]
+  assert len(signs) == 2
+  n = min(len(s) for s in signs)
+  assert 0.4 < np.mean(signs[0][:n] == signs[1][:n]) < 0.6
+
+
+def test_drawn_rows_carry_their_task_ids(stream):
+  # The drawn rows' forward passes use their stored task ids (a
+  # multi-head model picks its head by them), not the experience tags.
+  ctx = make_ctx(stream, (16,))
+  s = star(mem_size=10, batch_size=4)
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  from jaxcl import buffers
+  exp = stream.experiences[0]
+  mem = buffers.put_rows(ss.memory, jnp.arange(6), exp.train_x[:6],
+                         exp.train_y[:6], jnp.full((6,), 1, jnp.int32),
+                         jnp.full((6,), 3, jnp.int32))
+  out = s.prepare_batch(ctx, ss._replace(memory=mem), batch_of(exp),
+                        jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(np.asarray(out["star_ok"]), 1.0)
+  np.testing.assert_array_equal(np.asarray(out["star_task"]), 1)
+  xs = {r.tobytes(): int(y) for r, y in zip(np.asarray(exp.train_x[:6]),
+                                            exp.train_y[:6])}
+  for r, y in zip(np.asarray(out["star_x"]), np.asarray(out["star_y"])):
+    assert xs[r.tobytes()] == y
+
+
+def test_init_scale_equal_to_p_gamma_is_refused():
+  with pytest.raises(ValueError, match="init_scale must be smaller than "
+                     "p_gamma"):
+    star(init_scale=0.05, p_gamma=0.05)
