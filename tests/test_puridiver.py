@@ -110,8 +110,12 @@ def test_after_step_merges_and_refills_freed_slots(stream):
   state = s.before_experience(ctx, state, stream.experiences[0])
   after = jax.jit(lambda ss, info: s.after_step(ctx, ss, info))
 
+  # The update reads the model after the step (params_after); the
+  # parameters before it are another model here, so reading them shows.
+  before = train.init_variables(ctx, jax.random.PRNGKey(7))[0]
+
   def info(ss, batch):
-    return StepInfo(state.params, state.params, None, None, batch,
+    return StepInfo(before, state.params, None, None, batch,
                     jnp.zeros(()), jax.random.PRNGKey(1), None)
 
   e0 = stream.experiences[0]
@@ -408,3 +412,239 @@ def test_cutmix_in_a_task_incremental_stream_mixes_within_a_task():
   # After the fix: 0.79-1.00 per task, mean 0.92.
   assert float(np.min(r.accuracy[-1])) > 0.65, r.accuracy
   assert float(np.mean(r.accuracy[-1])) > 0.85, r.accuracy
+
+
+def test_fitting_step_loss_weights_views_and_draw_sizes(monkeypatch, stream):
+  """One fitting epoch of the three-way recipe on a hand-made split, the
+  result checked against two SGD steps on the docstring's loss written
+  out here: ``(n_L CE + n_U MSE + n_R soft CE) / (n_L + n_U + n_R)``,
+  the MSE a mean over classes, the soft target from the *weak* view and
+  the row's clean posterior, the CE and soft CE on the *strong* view,
+  ``n_U = max(2, |U| b / |L|)`` drawn rows of U (R alike). The split and
+  the strong view are patched in (a fixed vertical flip), the rows of a
+  set identical (so which rows a draw picks does not matter), the model
+  linear, no momentum, decay or cutmix."""
+  ctx = make_ctx(stream, ())
+  exp = stream.experiences[0]
+  xs = np.asarray(exp.train_x[:3], np.float32)
+  ys = np.asarray(exp.train_y[:3], np.int32)
+  # Slots: 8 of L (row 0), 3 of U (row 1), 4 of R (row 2), 1 empty.
+  kind = np.array([0] * 8 + [1] * 3 + [2] * 4)
+  mem = buffers.init(16, xs.shape[1:])
+  mem = buffers.put_rows(mem, jnp.arange(15), xs[kind], ys[kind],
+                         np.zeros(15, np.int32), np.zeros(15, np.int32))
+  is_ = lambda k: jnp.asarray(np.r_[kind == k, False])
+  p_r = 0.3
+  split = P.Split(is_(0), is_(1), is_(2),
+                  jnp.where(is_(2), p_r, 0.9).astype(jnp.float32),
+                  jnp.ones((), bool))
+  monkeypatch.setattr(P, "split_memory", lambda logits, y, valid: split)
+  flip = lambda x: x[:, ::-1]
+  monkeypatch.setattr(P, "random_crop", lambda k, x, pad: flip(x))
+  params, ms = train.init_variables(ctx, jax.random.PRNGKey(3))
+  lr = 0.5
+  got, _, used = jax.jit(lambda k, p: P.fit_buffer(
+      ctx, k, p, ms, mem, epochs=1, warmup=0, batch_size=4, aux_cap=3,
+      learning_rate=lr, momentum=0.0, weight_decay=0.0, cutmix_prob=0.0,
+      crop_padding=1))(jax.random.PRNGKey(0), params)
+  np.testing.assert_array_equal(np.asarray(used), [True])
+
+  def out(p, x):
+    return ctx.apply(p, ms, jnp.asarray(x[None]), jnp.zeros((1,), jnp.int32),
+                     train=True)[0][0]
+
+  # |L| = 8 in batches of b = 4: n_L = 4; n_U = max(2, 3 * 4 // 8) = 2,
+  # n_R = max(2, 4 * 4 // 8) = 2.
+  n_l, n_u, n_r = 4.0, 2.0, 2.0
+
+  def loss(p):
+    ls = lambda z: jax.nn.log_softmax(z)
+    ce = -ls(out(p, flip(xs[:1])[0]))[ys[0]]
+    mse = jnp.mean((out(p, xs[1]) - out(p, flip(xs[1:2])[0])) ** 2)
+    t = (p_r * jax.nn.one_hot(ys[2], 10) + (1 - p_r) *
+         jax.lax.stop_gradient(jax.nn.softmax(out(p, xs[2]))))
+    soft = -jnp.sum(t * ls(out(p, flip(xs[2:3])[0])))
+    return (n_l * ce + n_u * mse + n_r * soft) / (n_l + n_u + n_r)
+
+  rate = float(P.fitting_lr(0, lr))
+  want = params
+  for _ in range(2):  # two batches of L rows, the rest empty
+    g = jax.grad(loss)(want)
+    want = jax.tree.map(lambda a, b: a - rate * b, want, g)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_split_ignores_empty_slots_and_needs_three_of_each():
+  """Empty slots (valid False) do not set the loss range of the
+  min-max normalisation, however large their loss; and the three-way
+  recipe needs more than 2 ambiguous rows as it needs more than 2
+  incorrect ones."""
+  rng = np.random.default_rng(1)
+  c = 10
+  kinds = ["correct"] * 20 + ["ambiguous"] * 6 + ["incorrect"] * 6
+  y = rng.integers(0, c, len(kinds) + 4).astype(np.int32)
+  junk = np.zeros((4, c))
+  junk[np.arange(4), y[-4:]] = -5e3  # loss ~5000 on an empty slot
+  logits = np.concatenate([np.stack([_logits_for(k, y[i], c, rng) for i, k
+                                     in enumerate(kinds)]), junk])
+  valid = np.r_[np.ones(len(kinds), bool), np.zeros(4, bool)]
+  sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.asarray(valid))
+  kinds = np.array(kinds + ["none"] * 4)
+  np.testing.assert_array_equal(np.asarray(sp.correct), kinds == "correct")
+  np.testing.assert_array_equal(np.asarray(sp.ambiguous),
+                                kinds == "ambiguous")
+  np.testing.assert_array_equal(np.asarray(sp.incorrect),
+                                kinds == "incorrect")
+  assert bool(sp.use)
+  # Nor its lower end: every real loss ~10.0 or ~10.1 (min-max: 0 and 1),
+  # empty slots of loss ~0; scaled from 0 the two groups would sit 0.01
+  # apart, under the mixture's floor (sd 0.022), and merge.
+  t = np.where(np.arange(24) < 16, 7.8, 7.9)
+  hl = np.zeros((28, c))
+  yy = np.arange(28, dtype=np.int32) % c
+  hl[np.arange(24), yy[:24]] = -t
+  hl[24 + np.arange(4), yy[24:]] = 60.0
+  hl += np.random.default_rng(2).normal(0, 1e-3, hl.shape)
+  sp = split_memory(jnp.asarray(hl, jnp.float32), jnp.asarray(yy),
+                    jnp.asarray(np.arange(28) < 24))
+  np.testing.assert_array_equal(np.asarray(sp.correct), np.arange(28) < 16)
+  # Only 2 ambiguous rows left: the plain cross-entropy fallback.
+  keep = valid & ~((kinds == "ambiguous") & (np.cumsum(
+      kinds == "ambiguous") > 2))
+  sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.asarray(keep))
+  assert int(np.sum(sp.ambiguous)) == 2 and int(np.sum(sp.incorrect)) == 6
+  assert not bool(sp.use)
+
+
+def test_cutmix_lambda_is_the_unpasted_fraction_and_labels_mix():
+  """``lam`` is the fraction of each image left as it was (the rest from
+  the partner ``perm``), and the mixed loss is ``lam CE(y) + (1 - lam)
+  CE(y[perm])``, averaged over the real rows."""
+  n, h, w = 6, 8, 8
+  x = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None, None],
+                       (n, h, w, 1))
+  ok = jnp.asarray([True] * 5 + [False])
+  for seed in range(4):
+    xm, perm, lam = jax.jit(P.cutmix)(jax.random.PRNGKey(seed), x, ok)
+    perm = np.asarray(perm)
+    assert perm[5] == 5 and sorted(perm[:5]) == list(range(5))
+    xm = np.asarray(xm)[..., 0]
+    for i in range(n):
+      if perm[i] != i:
+        assert np.mean(xm[i] == i) == pytest.approx(float(lam), abs=1e-6)
+        assert np.all((xm[i] == i) | (xm[i] == perm[i]))
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(n, 4))
+  y = np.array([0, 1, 2, 3, 0, 1])
+  perm = np.array([1, 2, 0, 4, 3, 5])
+  lam = np.array([0.25, 0.5, 1.0, 0.7, 0.1, 0.3])
+  m = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  ce = lambda t: -(logits - np.log(np.exp(logits).sum(1, keepdims=True)))[
+      np.arange(n), t]
+  want = np.sum((lam * ce(y) + (1 - lam) * ce(y[perm])) * m) / 5
+  got = P._mixed_ce(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
+                    jnp.asarray(perm), jnp.asarray(lam, jnp.float32),
+                    jnp.asarray(m))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_drop_loop_raw_loss_against_population_z_scores():
+  """With the raw loss (``normalize_loss=False``) the scale of the
+  similarity's z-score matters: it divides by the standard deviation over
+  ``n`` (NumPy's, the authors'), not ``n - 1``. Three rows of one class
+  at 0, 30 and 90 degrees: mean cosines (with themselves) 0.622, 0.789,
+  0.5, z-scores -0.127, 1.284, -1.157 (over n; -0.104, 1.048, -0.945
+  over n - 1). Losses 1.3, 0, 0 and alpha 0.5: scores 1.173, 1.284,
+  -1.157, so row 1 (the most redundant) goes; over n - 1 row 0 would."""
+  kernel = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+  c30 = np.cos(np.pi / 6)
+  feats = np.array([[1.0, 0.0], [c30, 0.5], [0.0, 1.0]], np.float32)
+  y = np.zeros(3, np.int32)
+  loss = np.array([1.3, 0.0, 0.0], np.float32)
+  g = P.relevant_features(jnp.asarray(feats), jnp.asarray(y), kernel)
+  got = drop_to_capacity(jax.random.PRNGKey(0), jnp.asarray(y),
+                         jnp.asarray(loss), g, jnp.ones((3,), bool),
+                         capacity=2, alpha=jnp.float32(0.5), num_classes=2,
+                         rounds=1, normalize_loss=False)
+  assert np.asarray(got).tolist() == [True, False, True]
+  assert _reference_drops(y, loss, feats, np.asarray(kernel), 2, 0.5,
+                          jax.random.PRNGKey(0), 1, False) == [0, 2]
+
+
+def test_similarities_equal_up_to_rounding_count_as_a_constant():
+  """Only feature 0 is relevant to class 0 and every row is positive
+  there: each mean cosine is 1, in float32 up to the last bit (0.99999994
+  against 1.0). Their z-score must be 0, not that noise scaled to
+  +-1 (the authors' z-score), so the loss alone decides: row 2, of the
+  largest loss, goes."""
+  kernel = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+  feats = jnp.array([[0.7, 0.3], [1.3, 0.1], [2.9, 0.4], [0.31, 5.0]])
+  y = jnp.zeros(4, jnp.int32)
+  g = P.relevant_features(feats, y, kernel)
+  sim = g @ jnp.sum(g, 0) / 4
+  assert np.ptp(np.asarray(sim)) < 1e-6
+  np.testing.assert_array_equal(np.asarray(P._zscore(sim, jnp.ones(4))), 0.0)
+  got = drop_to_capacity(jax.random.PRNGKey(0), y,
+                         jnp.array([0.1, 0.2, 0.25, 0.1]), g,
+                         jnp.ones(4, bool), capacity=3,
+                         alpha=jnp.float32(0.5), num_classes=2, rounds=1)
+  assert np.asarray(got).tolist() == [True, True, False, True]
+
+
+def test_after_step_ignores_padding_rows_of_the_batch(stream):
+  """Incoming rows with mask 0 are not candidates, not counted in
+  ``seen`` and not in the mean loss that sets ``alpha`` (here they hold
+  inputs of a huge loss)."""
+  ctx = make_ctx(stream)
+  s = P.puridiver(mem_size=12, buffer_fitting_epochs=0, initial_alpha=1.0)
+  state = train.init_state(ctx, s, 0)
+  state = s.before_experience(ctx, state, stream.experiences[0])
+  after = jax.jit(lambda ss, info: s.after_step(ctx, ss, info))
+  info = lambda batch: StepInfo(state.params, state.params, None, None,
+                                batch, jnp.zeros(()), jax.random.PRNGKey(1),
+                                None)
+  e0 = stream.experiences[0]
+  ss = after(state.strategy, info(batch_of(e0, start=0)))
+  old = jax.tree.map(np.asarray, ss.memory)
+  batch = batch_of(e0, start=10)
+  pad = jnp.arange(B) >= 5
+  batch["mask"] = jnp.where(pad, 0.0, batch["mask"])
+  batch["x"] = jnp.where(pad[:, None, None, None], 40.0 * batch["x"],
+                         batch["x"])
+  batch["y"] = jnp.where(pad, (batch["y"] + 1) % 10, batch["y"])
+  mem = jax.tree.map(np.asarray, after(ss, info(batch)).memory)
+  assert mem.valid.sum() == 12 and int(mem.seen) == 15
+  x = np.concatenate([old.x[:10], e0.train_x[10:15]])
+  yy = np.concatenate([old.y[:10], e0.train_y[10:15]])
+  feats, loss = map(np.asarray, jax.jit(lambda p, ms, x, yy: (
+      ctx.apply(p, ms, x, None, features=True)[0],
+      row_losses(ctx.logits(p, ms, x, None), yy)))(
+          state.params, state.model_state, x, yy))
+  alpha = 1.0 * min(1.0, 1.0 / loss.mean())
+  want = _reference_drops(yy, loss, feats,
+                          np.asarray(state.params["head"]["kernel"]), 12,
+                          alpha, jax.random.fold_in(state.strategy.key, 10),
+                          B)
+  assert sorted(mem.x[i].tobytes() for i in range(12)) == sorted(
+      r.tobytes() for r in x[want])
+
+
+def test_drop_loop_breaks_class_ties_at_random():
+  # Two classes of 2 rows for 3 slots: the class that loses a row is
+  # drawn (ties at random), so over keys each loses one sometimes.
+  y = jnp.asarray([0, 0, 1, 1], jnp.int32)
+  g = P.relevant_features(jnp.eye(4)[:, :2] + 0.5, y,
+                          jnp.asarray([[1.0, 0.0], [0.0, 1.0]]))
+  lost = set()
+  for seed in range(12):
+    got = np.asarray(drop_to_capacity(
+        jax.random.PRNGKey(seed), y, jnp.asarray([0.1, 0.2, 0.3, 0.4]), g,
+        jnp.ones((4,), bool), capacity=3, alpha=jnp.float32(0.5),
+        num_classes=2, rounds=1))
+    assert got.sum() == 3
+    lost.add(int(np.asarray(y)[~got][0]))
+  assert lost == {0, 1}

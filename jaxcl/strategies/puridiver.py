@@ -93,6 +93,11 @@ Differences from the references, on purpose:
   similarity); ``normalize_loss=False`` gives Mammoth's raw loss.
   Standard deviations divide by ``n`` (NumPy's default, the authors');
   with both terms standardised the choice does not change the argmax.
+  A spread within float32 rounding (a standard deviation at most
+  ``1e-6`` of the largest magnitude) counts as a constant: a class whose
+  candidates all point one way in the relevant features has similarities
+  1 up to the last bit, which the authors' z-score scales up to
+  ``±1.4`` and lets outweigh the loss.
 * **The clean posterior** of an incorrect row is that of the small-mean
   component. Both references read column 0 of ``predict_proba``, which is
   that component only when sklearn happens to order it first.
@@ -187,10 +192,13 @@ def relevant_features(feats: jax.Array, y: jax.Array,
 
 
 def _zscore(v: jax.Array, m: jax.Array) -> jax.Array:
+  """``v`` standardised over the rows ``m`` marks; 0 where their spread
+  is rounding noise (module docstring)."""
   n = jnp.maximum(jnp.sum(m), 1.0)
   mu = jnp.sum(v * m) / n
   sd = jnp.sqrt(jnp.sum(m * (v - mu) ** 2) / n)
-  return jnp.where(sd > 0, (v - mu) / jnp.where(sd > 0, sd, 1.0), 0.0)
+  spread = sd > 1e-6 * jnp.max(jnp.abs(v) * m)
+  return jnp.where(spread, (v - mu) / jnp.where(spread, sd, 1.0), 0.0)
 
 
 def drop_to_capacity(key: jax.Array, y: jax.Array, losses: jax.Array,
