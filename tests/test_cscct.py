@@ -149,9 +149,13 @@ def test_hook_is_the_weighted_sum_and_zero_in_the_first_experience(stream):
       csc_weight=1.0, ct_weight=0.0)
   # The hook passes its own temperature on (not the default 2).
   ct_cold = cscct(csc_weight=0.0, ct_weight=1.0, ct_temperature=0.05)
-  got, got_ct, got_csc, got_cold = jax.jit(lambda ss, p, b: [
+  # The same rows with a current-class row (0, class 2 or 3) masked too:
+  # it leaves C (and CSC's pairs).
+  batch2 = dict(batch, mask=batch["mask"].at[0].set(0.0))
+  got, got_ct, got_csc, got_cold, got_ct2 = jax.jit(lambda ss, p, b, b2: [
       m.loss(ctx, ss, p, b, None) for m in (s, ct_only, csc_only,
-                                            ct_cold)])(ss, params, batch)
+                                            ct_cold)]
+      + [ct_only.loss(ctx, ss, p, b2, None)])(ss, params, batch, batch2)
 
   def feats(p):
     return np.asarray(ctx.apply(p, {}, batch["x"], batch["task"],
@@ -171,6 +175,12 @@ def test_hook_is_the_weighted_sum_and_zero_in_the_first_experience(stream):
   cold = np_ct(cur, prev, f, f_old, 0.05)
   assert abs(cold - ct) > 0.1 * ct, (cold, ct)
   np.testing.assert_allclose(float(got_cold), cold, rtol=1e-4, atol=1e-7)
+  ok2 = ok.copy()
+  ok2[0] = False
+  assert y[0] in (2, 3)
+  ct2 = np_ct(cur & ok2, prev, f, f_old, 2.0)
+  assert abs(ct2 - ct) > 1e-3 * ct, (ct2, ct)
+  np.testing.assert_allclose(float(got_ct2), ct2, rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_is_the_last_experience_model_and_stays_fixed(stream):

@@ -127,12 +127,99 @@ def test_gate_routes_each_input_to_best_reconstructing_expert(stream):
   assert not np.any(np.asarray(choice) == 1)
 
 
+@pytest.mark.parametrize("preprocess", ["none", "sigmoid"])
+def test_reconstruction_error_is_the_summed_squared_error_by_hand(
+    preprocess):
+  """er(x) = ||sigmoid(W2 relu(W1 z + b1) + b2) - z||^2 summed over the
+  features (Avalanche's AE_loss), z = vec(x) or sigmoid(vec(x))."""
+  rng = np.random.default_rng(5)
+  d, latent = 12, 3
+  p = {"encoder": {"kernel": rng.normal(size=(d, latent)),
+                   "bias": rng.normal(size=(latent,))},
+       "decoder": {"kernel": rng.normal(size=(latent, d)),
+                   "bias": rng.normal(size=(d,))}}
+  x = rng.normal(size=(5, 3, 4))     # standardised-like inputs
+  got = reconstruction_errors(
+      GateAutoencoder(latent, d),
+      jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p),
+      jnp.asarray(x, jnp.float32), preprocess)
+  z = x.reshape(5, d)
+  if preprocess == "sigmoid":
+    z = 1 / (1 + np.exp(-z))
+  h = np.maximum(z @ p["encoder"]["kernel"] + p["encoder"]["bias"], 0)
+  out = 1 / (1 + np.exp(-(h @ p["decoder"]["kernel"]
+                          + p["decoder"]["bias"])))
+  np.testing.assert_allclose(np.asarray(got), ((out - z) ** 2).sum(1),
+                             rtol=1e-5)
+
+
+def test_gate_without_autoencoder_is_uniform():
+  errs = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 4)),
+                     jnp.float32)
+  probs, _ = gate(errs, jnp.zeros(3, bool), 2.0)
+  np.testing.assert_allclose(np.asarray(probs), 1 / 3, rtol=1e-6)
+
+
 def test_relatedness_is_eq2():
   # Mutation check: with Rel = 1 - (Er_a - Er_k) / Er_a this fails.
   er_k = jnp.array(2.0)
   er_a = jnp.array([2.0, 3.0, 1.0, 6.0])
   np.testing.assert_allclose(np.asarray(relatedness(er_k, er_a)),
                              [1.0, 0.5, 1.5, -1.0], rtol=1e-6)
+
+
+def test_autoencoder_is_trained_on_the_valid_rows_by_hand(stream):
+  """One epoch of one batch holding the whole (padded) experience: the
+  autoencoder is one SGD step, with weight decay added to the gradient,
+  on the mean error over the experience's rows only (experience 0 has
+  270 rows, padded to 272 with zero rows that must not count)."""
+  sc = first(stream, 3)    # experience 2 has 272 rows
+  ctx = make_ctx(sc)
+  size = ctx.info.train_size
+  e0 = sc.experiences[0]
+  assert e0.num_train < size
+  lr, wd = 0.5, 0.1
+  s = expert_gate(ae_latent=4, ae_epochs=1, ae_batch_size=size, ae_lr=lr,
+                  ae_weight_decay=wd)
+  state = train.init_state(ctx, s, 0)
+  d = int(np.prod(ctx.info.input_shape))
+  # A stored expert in slot 1 (its autoencoder outputs 0.3 everywhere):
+  # the relatedness row's errors are means over the same real rows.
+  ss = state.strategy
+  ss = ss._replace(
+      ae=jax.tree.map(lambda s_, a: s_.at[1].set(a), ss.ae,
+                      constant_ae(d, 4, 0.3)),
+      ae_filled=ss.ae_filled.at[1].set(True),
+      experts=jax.tree.map(lambda s_, a: s_.at[1].set(a), ss.experts,
+                           constant_expert(ctx, 3)),
+      expert_filled=ss.expert_filled.at[1].set(True))
+  state = state.replace(strategy=ss)
+  out = s.before_experience(ctx, state, e0).strategy
+  ae = GateAutoencoder(4, d)
+  # The key before_experience derives for the experience's autoencoder.
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, 0xAE6A7E), 0)
+  p0 = ae.init(jax.random.split(key)[0],
+               jnp.zeros((1, d), jnp.float32))["params"]
+  x = jnp.asarray(e0.train_x)
+  g = jax.grad(lambda p: jnp.mean(reconstruction_errors(ae, p, x,
+                                                        "none")))(p0)
+  want = jax.tree.map(lambda p, g: p - lr * (g + wd * p), p0, g)
+  for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[0], out.ae)),
+                  jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+  xs = np.asarray(e0.train_x, np.float64).reshape(len(e0.train_y), -1)
+  er_k = np.asarray(reconstruction_errors(
+      ae, jax.tree.map(lambda a: a[0], out.ae), x, "none")).mean()
+  er_a = ((0.3 - xs) ** 2).sum(1).mean()
+  np.testing.assert_allclose(float(out.relatedness[0, 1]),
+                             1 - (er_a - er_k) / er_k, rtol=1e-4)
+  # Not vacuous: the zero rows' errors would move the step.
+  gz = jax.grad(lambda p: jnp.mean(reconstruction_errors(
+      ae, p, jnp.concatenate([x, jnp.zeros((size - len(x),) + x.shape[1:])]),
+      "none")))(p0)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(g), jax.tree.leaves(gz))) * lr > 1e-4
 
 
 @pytest.mark.parametrize("threshold,lwf", [(-np.inf, True), (np.inf, False)])
@@ -266,6 +353,7 @@ def test_gate_routes_and_remembers_where_naive_forgets(run, stream):
     (dict(temperature=0), "temperature"),
     (dict(rel_threshold=float("nan")), "rel_threshold"),
     (dict(rel_threshold="0.85"), "rel_threshold"),
+    (dict(rel_threshold=True), "rel_threshold"),
     (dict(lwf_alpha=-1.0), "lwf_alpha"),
     (dict(lwf_temperature=0.0), "lwf_temperature"),
     (dict(preprocess="standardize"), "preprocess"),

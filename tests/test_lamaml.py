@@ -258,6 +258,25 @@ def test_fixed_weights_of_a_chain_are_constants_of_the_look_ahead(
       zip(want_alpha, free_alpha)) if i not in head) > 1e-5
 
 
+def test_row_weights_count_as_whole_rows(stream, ctx):
+  """A member chained before may turn the mask into loss weights: here a
+  row counts or not, so a weight of 0.4 is a whole row (in the inner
+  steps and the meta-batch) and only 0 leaves it out."""
+  s, step = stepper(ctx, "first_mean")
+  e0 = stream.experiences[0]
+  state = trained(ctx, s, step, e0, 1)
+  prepared = step(state, batch_of(e0, start=B))[2]
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  ug = jax.jit(lambda b: s.update_grads(ctx, state.strategy, zeros,
+                                        state.params, b, None))
+  out = {w: ug(dict(prepared, mask=prepared["mask"].at[3].set(w)))
+         for w in (1.0, 0.4, 0.0)}
+  for a, b in zip(leaves(out[0.4]), leaves(out[1.0])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert max(float(np.abs(a - b).max()) for a, b in zip(
+      leaves(out[0.0][0]), leaves(out[1.0][0]))) > 1e-5
+
+
 def test_pieces_are_balanced_and_cover_the_batch():
   rows, valid = pieces(10, 4)
   assert valid.sum(1).tolist() == [3, 3, 2, 2]

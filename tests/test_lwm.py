@@ -97,6 +97,12 @@ def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
   ss = state.strategy
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(ss.old_classes)),
                                 [0, 1])
+  # A teacher whose top class over all classes is a new one (bias +30 on
+  # classes 2..9): the maps' class is the top *old* one. The bias moves
+  # neither L_D (over the old classes) nor any map.
+  th = ss.teacher["head"]
+  ss = ss._replace(teacher=dict(ss.teacher, head=dict(
+      th, bias=th["bias"] + 30.0 * (jnp.arange(10) >= 2))))
   b = batch_of(stream.experiences[1], n=B)
   # A student that has moved away from the teacher, with its head's
   # classes 0 and 1 swapped: its own top old class is the other one.
@@ -120,22 +126,67 @@ def test_lwm_loss_is_lwf_plus_attention_on_the_teachers_top_old_class(
     old = ss.old_classes
     cls = jnp.argmax(jnp.where(old, t, -1e9), -1)
     own = jnp.argmax(jnp.where(old, logits, -1e9), -1)
+    top = jnp.argmax(t, -1)
     q_old = gradcam(ctx, LAYER, ss.teacher, {}, b["x"], b["task"], cls)
     q = gradcam(ctx, LAYER, params, {}, b["x"], b["task"], cls)
     ad = attention_distillation(q, q_old, b["mask"])
     kd = distillation(logits, t, old, b["mask"], temp)
-    return (got, cls, own, ad, kd, lwm0.loss(ctx, ss, params, b, logits),
+    return (got, cls, own, top, ad, kd,
+            lwm0.loss(ctx, ss, params, b, logits),
             lwf_s.loss(ctx, lwf_ss, params, b, logits))
 
-  got, cls, own, ad, kd, lwm_g0, lwf_loss = jax.tree.map(
+  got, cls, own, top, ad, kd, lwm_g0, lwf_loss = jax.tree.map(
       np.asarray, parts(ss, lwf_ss, params, b))
   assert set(cls.tolist()) <= {0, 1}
+  assert (top >= 2).all()
   # The student's own top class differs on some rows; the teacher's is used.
   assert (own != cls).any()
   assert ad > 0.05 and kd > 0
   np.testing.assert_allclose(got, beta * kd + gamma * ad, rtol=1e-5)
   # γ = 0 is LwF (α = β) exactly.
   np.testing.assert_allclose(lwm_g0, lwf_loss, rtol=1e-6)
+
+
+def test_lwm_first_experience_has_no_attention_term(ctx, stream):
+  """No old class yet (experience 0): L_D over an empty group is 0 and
+  there is no map to compare, so the loss is 0 whatever γ, even for a
+  student far from the teacher (the initialisation); a map for the
+  argmax over no old class (class 0) would give a positive L_AD."""
+  s = lwm(layer=LAYER, beta=1.0, gamma=5.0)
+  state = train.init_state(ctx, s, 0)
+  ss = state.strategy
+  assert not np.asarray(ss.old_classes).any()
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(11), len(leaves))
+  params = jax.tree.unflatten(tree, [
+      p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  b = batch_of(stream.experiences[0], n=B)
+  got, ad = jax.jit(lambda ss, p, b: (
+      s.loss(ctx, ss, p, b, ctx.logits(p, {}, b["x"], b["task"])),
+      attention_distillation(
+          gradcam(ctx, LAYER, p, {}, b["x"], b["task"], jnp.zeros(B, int)),
+          gradcam(ctx, LAYER, ss.teacher, {}, b["x"], b["task"],
+                  jnp.zeros(B, int)), b["mask"])))(ss, params, b)
+  assert float(ad) > 0.05     # the maps differ: the check is not vacuous
+  assert float(got) == 0.0
+
+
+def test_lwm_old_classes_accumulate_and_teacher_is_the_last_model(
+    ctx, first, stream):
+  """At each experience's end the teacher becomes the model and the old
+  classes grow by the experience's (not replaced by them)."""
+  s = lwm(layer=LAYER)
+  np.testing.assert_array_equal(
+      np.flatnonzero(np.asarray(first.strategy.old_classes)), [0, 1])
+  params = jax.tree.map(lambda p: p + 0.5, first.params)
+  out = s.after_experience(ctx, first.replace(params=params),
+                           stream.experiences[1])
+  np.testing.assert_array_equal(
+      np.flatnonzero(np.asarray(out.strategy.old_classes)),
+      sorted({0, 1} | set(stream.experiences[1].classes)))
+  for a, b in zip(jax.tree.leaves(out.strategy.teacher),
+                  jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _split_gradcam(ctx, params, x, task, cls):

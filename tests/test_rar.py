@@ -170,6 +170,57 @@ def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
   assert ce(xa, mem.y[idx]).mean() > ce(x, mem.y[idx]).mean()
 
 
+@pytest.mark.parametrize("attack", ["features", "label"])
+def test_adversarial_rows_attack_at_the_virtual_step_by_hand(stream, attack):
+  """adversarial_rows against its steps written out: the draw, the
+  virtual parameters θ - η_v g, the nearest incoming row of another class
+  by brute force in their features, and mi_fgsm (checked against NumPy
+  above) on the attack's loss at θ^v; the label kept is the entry's."""
+  e0, e1 = stream.experiences
+  ctx = make_ctx(stream)
+  params = train.init_state(ctx, rar(mem_size=30), 0).params
+  incoming = batch_of(e1)
+  grads = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, incoming["x"], incoming["task"]), incoming["y"],
+      incoming["mask"]))(params)
+  mem = memory_of(e0, 30)
+  kw = dict(n=8, opt_lr=2.0, epsilon=0.2, steps=3, decay=0.5,
+            clip=(0.0, 1.0), attack=attack)
+  key = jax.random.PRNGKey(7)
+  rows = jax.jit(functools.partial(rar_mod.adversarial_rows, ctx, **kw))(
+      params, {}, grads, mem, key, incoming)
+  idx, ok = buffers.sample(mem, key, 8)
+  x, y, t = mem.x[idx], mem.y[idx], mem.task[idx]
+  virtual = jax.tree.map(lambda p, g: p - 2.0 * g, params, grads)
+  feats = lambda p, z, t: ctx.apply(p, {}, z, t, features=True)[0]
+  hm = np.asarray(feats(virtual, x, t), np.float64)
+  hi = np.asarray(feats(virtual, incoming["x"], incoming["task"]),
+                  np.float64)
+  yi = np.asarray(incoming["y"])
+  j = []
+  for r in range(8):
+    dist = ((hm[r] - hi) ** 2).sum(1)
+    dist[yi == int(y[r])] = np.inf
+    j.append(int(np.argmin(dist)))
+  j = np.asarray(j)
+  if attack == "features":
+    loss = lambda z: jnp.mean((feats(virtual, z, t) - hi[j]) ** 2, axis=1)
+  else:
+    loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(
+        ctx.logits(virtual, {}, z, t), jnp.asarray(yi[j]))
+  want = rar_mod.mi_fgsm(loss, x, epsilon=0.2, steps=3, decay=0.5,
+                         clip=(0.0, 1.0))
+  np.testing.assert_allclose(np.asarray(rows["x"]), np.asarray(want),
+                             atol=1e-5)
+  np.testing.assert_array_equal(rows["y"], y)
+  np.testing.assert_array_equal(rows["mask"], np.asarray(ok, np.float32))
+  # Not vacuous: at θ (no virtual step) the attack ends elsewhere.
+  at_theta = jax.jit(functools.partial(rar_mod.adversarial_rows, ctx,
+                                       **dict(kw, opt_lr=1e-9)))(
+      params, {}, grads, mem, key, incoming)
+  assert np.abs(np.asarray(at_theta["x"]) - np.asarray(want)).max() > 1e-3
+
+
 # ---------------------------------------------------------------------------
 # The hooks.
 
@@ -222,6 +273,30 @@ def test_update_grads_adds_beta_times_the_adversarial_gradient(stream):
       rows["mask"]))(params)
   jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
       a, b + 0.3 * c, rtol=1e-4, atol=1e-6), upd(s, ss, batch), g0, g_adv)
+  # Valid rows appended after the incoming ones (a partner's, or the
+  # clean replay's) are no targets: here copies of the attacked entries
+  # under another label, each at distance 0 from its entry.
+  idx, _ = buffers.sample(ss.memory, key, 5, ss.memory.experience < 1)
+  extra = {"x": ss.memory.x[idx], "y": 5 - ss.memory.y[idx],
+           "task": ss.memory.task[idx], "mask": jnp.ones((5,))}
+  full = {k: jnp.concatenate([batch_of(e1)[k], extra[k]]) for k in extra}
+  # (The step's real gradient: at params - 0.5 * g0 every ReLU feature is
+  # 0, so all distances tie and the attack has no gradient.)
+  g1 = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, batch_of(e1)["x"], batch_of(e1)["task"]),
+      batch_of(e1)["y"], batch_of(e1)["mask"]))(params)
+  rows1 = rar_mod.adversarial_rows(
+      ctx, params, {}, g1, ss.memory, key, batch_of(e1), n=5, opt_lr=0.5,
+      epsilon=0.1, steps=3, decay=0.5, clip=(0.0, 1.0), attack="features",
+      where=ss.memory.experience < 1)
+  assert np.abs(np.asarray(rows1["x"] - extra["x"])).max() > 0.05
+  g_adv1 = jax.grad(lambda p: cross_entropy(
+      ctx.logits(p, {}, rows1["x"], rows1["task"]), rows1["y"],
+      rows1["mask"]))(params)
+  got = jax.jit(lambda ss, b: s.update_grads(ctx, ss, g1, params, b, key))(
+      ss, full)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(
+      a, b + 0.3 * c, rtol=1e-4, atol=1e-6), got, g1, g_adv1)
   # The same entries during their own experience: not in the past, no term.
   jax.tree.map(np.testing.assert_array_equal,
                upd(s, ss._replace(experience=jnp.asarray(0)), batch), g0)
@@ -338,6 +413,7 @@ def test_bad_arguments(stream):
                           r"'label'\]"),
       ({"clip": (1.0, 0.0)}, "rar: clip must be None or"),
       ({"clip": (0.0,)}, "rar: clip must be None or"),
+      ({"clip": (0.5, 0.5)}, "rar: clip must be None or"),
       ({"clip": (0.0, float("nan"))}, "rar: clip must be None or"),
   ):
     with pytest.raises(ValueError, match=match):

@@ -131,7 +131,8 @@ def test_alignment_has_finite_gradients_with_experiences_to_come():
   np.testing.assert_array_equal(k[:, 4:], np.asarray(head["kernel"])[:, 4:])
 
 
-def test_align_head_is_sgd_on_features_sampled_by_hand():
+@pytest.mark.parametrize("wd, shrink", [(5e-4, True), (0.2, False)])
+def test_align_head_is_sgd_on_features_sampled_by_hand(wd, shrink):
   """align_head against the procedure written out: per epoch, features
   γ_c μ_c + L_c ε (L_c L_cᵀ = Σ_c, γ_c = 0.9 + 0.1 (t_c + 1) / (t + 1)),
   the epoch's shuffled batches, and SGD with momentum, coupled weight
@@ -141,7 +142,9 @@ def test_align_head_is_sgd_on_features_sampled_by_hand():
   from jaxcl.strategies._epochs import shuffled_batches
   rng = np.random.default_rng(3)
   c, d, samples, bs, epochs = 6, 3, 4, 8, 2
-  lr, mom, wd, tau = 0.05, 0.9, 5e-4, 0.1
+  # wd: the default's decay moves the head by less than the tolerance, so
+  # a large one checks the decay's term; shrink=False: every γ_c = 1.
+  lr, mom, tau = 0.05, 0.9, 0.1
   class_exp = np.array([0, 0, 1, 1, -1, -1])
   seen = class_exp >= 0
   mean = rng.normal(size=(c, d)) * 2
@@ -156,8 +159,8 @@ def test_align_head_is_sgd_on_features_sampled_by_hand():
                    jnp.asarray(seen), jnp.asarray(1), key,
                    num_experiences=3, epochs=epochs, samples=samples,
                    batch_size=bs, lr=lr, momentum=mom, weight_decay=wd,
-                   tau=tau, shrink=True)
-  gamma = 0.9 + 0.1 * (class_exp + 1) / 2
+                   tau=tau, shrink=shrink)
+  gamma = 0.9 + 0.1 * (class_exp + 1) / 2 if shrink else np.ones(c)
   chol = np.linalg.cholesky(np.where(seen[:, None, None], cov, np.eye(d)))
   labels = np.repeat(np.arange(c), samples)
   grad = jax.jit(jax.grad(lambda h, z, y, ok: alignment_loss(
@@ -249,6 +252,8 @@ def test_freeze_grads_masks_old_columns_and_a_frozen_backbone(runs):
     g = slca(backbone_lr_scale=scale).freeze_grads(ctx, ss, ones)
     k = np.asarray(g["head"]["kernel"])
     assert (k[:, [2, 3]] == 1).all() and (np.delete(k, [2, 3], 1) == 0).all()
+    bias = np.asarray(g["head"]["bias"])
+    assert (bias[[2, 3]] == 1).all() and (np.delete(bias, [2, 3]) == 0).all()
     for name in g:
       if name != "head":
         assert all((a == backbone).all() for a in leaves(g[name]))
@@ -314,6 +319,41 @@ def test_statistics_of_old_classes_are_kept_and_new_equal_numpy(runs):
                                np.cov(rows.T) + 1e-4 * np.eye(z.shape[1]),
                                rtol=1e-3, atol=1e-5)
   assert np.abs(np.asarray(s2.mean[4:])).max() == 0
+
+
+def test_first_experience_statistics_and_no_alignment(runs):
+  """Experience 0's end on a padded experience (its 270 rows padded to 280
+  with zero rows of label 0, as when a later experience is larger): the
+  statistics of classes 0, 1 are those of the real rows only, and no
+  alignment runs (both codes align from the second experience on): the
+  head is the trained one and is the backup."""
+  c, r1, _ = runs
+  ctx = r1.learner.ctx
+  ctx = dataclasses.replace(ctx, info=dataclasses.replace(ctx.info,
+                                                          train_size=280))
+  exp = experiment.build_scenario(c).experiences[0]
+  ss = r1.state.strategy
+  state = r1.state.replace(strategy=ss._replace(
+      current=jnp.zeros(10, bool).at[jnp.array([0, 1])].set(True),
+      seen=jnp.zeros(10, bool), mean=jnp.zeros_like(ss.mean),
+      cov=jnp.zeros_like(ss.cov)))
+  out = slca().after_experience(ctx, state, exp)
+  assert not bool(out.strategy.aligned)
+  for a, b, h in zip(leaves(out.params["head"]), leaves(out.strategy.backup),
+                     leaves(r1.state.params["head"])):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, h)
+  from jaxcl.strategies._extractor import extract
+  z = np.asarray(extract(ctx, "backbone", r1.state.params,
+                         r1.state.model_state, jnp.asarray(exp.train_x),
+                         jnp.asarray(exp.train_task)), np.float64)
+  for k in (0, 1):
+    rows = z[exp.train_y == k]
+    np.testing.assert_allclose(np.asarray(out.strategy.mean[k]),
+                               rows.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.strategy.cov[k]),
+                               np.cov(rows.T) + 1e-4 * np.eye(z.shape[1]),
+                               rtol=1e-3, atol=1e-5)
 
 
 def test_run_compiles_once_and_beats_naive():
