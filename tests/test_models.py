@@ -262,3 +262,357 @@ def test_cosine_head_is_sigma_times_the_cosine():
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g))
   with pytest.raises(ValueError, match="unknown model head 'cos'.*cosine"):
     models.build("mlp", 5, head="cos")
+
+
+# --- Mutation audit s42 (mutmod): architectures against their docstrings ---
+
+
+def _np_bn(a, mean, var, eps):
+  return (a - mean) / np.sqrt(var + eps)
+
+
+def test_bn_mlp_is_gdumbs_blocks_with_torch_momentum_and_eps():
+  # GDumb's MLP (bn_mlp docstring): Linear(no bias) -> BN(eps 1e-6) -> ReLU,
+  # then Linear(no bias) -> BN on the logits; PyTorch momentum 0.1; the
+  # kernels U(+-1/sqrt(fan_in)); features=True is the last hidden layer.
+  m = models.build("bn_mlp", 3, widths=(4,))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 5)).astype(np.float32)
+  v = m.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  p = jax.tree.map(np.asarray, v["params"])
+  assert set(p) == {"hidden0_dense", "hidden0_bn", "final_dense", "final_bn"}
+  assert set(p["hidden0_dense"]) == {"kernel"}  # bias-free
+  assert set(p["final_dense"]) == {"kernel"}
+  k1, k2 = p["hidden0_dense"]["kernel"], p["final_dense"]["kernel"]
+  assert np.abs(k1).max() <= 1 / np.sqrt(5) and np.abs(k2).max() <= 1 / np.sqrt(4)
+  big = jax.jit(models.build("bn_mlp", 3, widths=(400, 50)).init)(
+      jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
+  for name, fan_in in (("hidden0_dense", 784), ("hidden1_dense", 400),
+                       ("final_dense", 50)):
+    kk = np.asarray(big[name]["kernel"])
+    assert np.abs(kk).max() <= 1 / np.sqrt(fan_in)
+    np.testing.assert_allclose(kk.std(), 1 / np.sqrt(3 * fan_in), rtol=0.1)
+  # Training mode: batch statistics (biased variance), eps 1e-6.
+  out, upd = m.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
+  a = x @ k1
+  h = np.maximum(_np_bn(a, a.mean(0), a.var(0), 1e-6), 0)
+  z = h @ k2
+  np.testing.assert_allclose(np.asarray(out),
+                             _np_bn(z, z.mean(0), z.var(0), 1e-6),
+                             rtol=1e-4, atol=1e-4)
+  # Running means after one step from zero: PyTorch's momentum 0.1.
+  st = upd["batch_stats"]
+  np.testing.assert_allclose(np.asarray(st["hidden0_bn"]["mean"]),
+                             0.1 * a.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(st["final_bn"]["mean"]),
+                             0.1 * z.mean(0), rtol=1e-4, atol=1e-6)
+  # Evaluation mode: the running statistics; a variance of 1e-5 tells
+  # eps 1e-6 from PyTorch's default 1e-5.
+  mean1, var1 = rng.normal(size=4).astype(np.float32), np.full(4, 1e-5,
+                                                             np.float32)
+  mean2, var2 = rng.normal(size=3).astype(np.float32), np.full(3, 2.0,
+                                                             np.float32)
+  stats = {"hidden0_bn": {"mean": mean1, "var": var1},
+           "final_bn": {"mean": mean2, "var": var2}}
+  ev = {"params": v["params"], "batch_stats": stats}
+  feat = np.maximum(_np_bn(a, mean1, var1, 1e-6), 0)
+  np.testing.assert_allclose(
+      np.asarray(m.apply(ev, jnp.asarray(x), features=True)), feat,
+      rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(m.apply(ev, jnp.asarray(x))),
+      _np_bn(feat @ k2, mean2, var2, 1e-6), rtol=1e-4, atol=1e-4)
+  # final_bn=False: plain bias-free logits.
+  nf = models.build("bn_mlp", 3, widths=(4,), final_bn=False)
+  vf = nf.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  assert "final_bn" not in vf["params"]
+  hf = np.asarray(nf.apply(vf, jnp.asarray(x), features=True))
+  np.testing.assert_allclose(
+      np.asarray(nf.apply(vf, jnp.asarray(x))),
+      hf @ np.asarray(vf["params"]["final_dense"]["kernel"]), rtol=1e-5,
+      atol=1e-6)
+  with pytest.raises(ValueError, match="bn_mlp eps must be > 0"):
+    models.build("bn_mlp", 3, eps=0.0)
+  with pytest.raises(ValueError, match="bn_mlp has a single head"):
+    models.build("bn_mlp", 3, num_heads=2)
+
+
+def test_build_refuses_zero_sizes_and_heads():
+  with pytest.raises(ValueError, match=r"widths=\(8, 0\); every layer size"):
+    models.build("mlp", 10, widths=(8, 0))
+  with pytest.raises(ValueError, match=r"channels=\(4, 0\); every layer"):
+    models.build("cnn", 10, channels=(4, 0))
+  with pytest.raises(ValueError, match="width=0; every layer"):
+    models.build("resnet18", 10, width=0)
+  for name in ("mlp", "bn_mlp", "hat_mlp"):
+    with pytest.raises(ValueError, match="num_heads must be >= 1, got 0"):
+      models.build(name, 10, num_heads=0)
+
+
+def test_cnn_pools_by_two_and_ends_in_relu():
+  # [conv3x3 -> ReLU -> maxpool 2 (stride 2)] per channel count, then
+  # Dense -> ReLU: 28 -> 14 -> 7, so the Dense reads 7 * 7 * 8 values.
+  m = models.build("cnn", 10, channels=(4, 8), hidden=16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
+  v = m.init(jax.random.PRNGKey(0), x)
+  assert v["params"]["backbone"]["Dense_0"]["kernel"].shape == (7 * 7 * 8, 16)
+  f = np.asarray(m.apply(v, x, features=True))
+  assert f.shape == (3, 16) and f.min() >= 0 and f.max() > 0
+
+
+def _resnet_block_io(width, x):
+  """ResNet18(width) on x: each BasicBlock's (input, output) arrays."""
+  from jaxcl.models.resnet import BasicBlock, ResNet18
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, BasicBlock) and \
+        context.method_name == "__call__":
+      seen.append((np.asarray(args[0]), np.asarray(out)))
+    return out
+
+  net = ResNet18(width=width)
+  v = net.init(jax.random.PRNGKey(0), x)
+  with nn_intercept(spy):
+    h = net.apply(v, x)
+  return v, seen, np.asarray(h)
+
+
+def nn_intercept(fn):
+  import flax.linen as nn
+  return nn.intercept_methods(fn)
+
+
+def test_resnet18_is_the_reduced_gem_variant():
+  # Lopez-Paz & Ranzato's reduced ResNet-18: width 20 by default, a 3x3 stem
+  # (conv -> BN -> ReLU, no max-pool), stages of 2 blocks at 1, 2, 4, 8
+  # times the width, stride 2 at the first block of stages 2-4, global
+  # average pooling.
+  from jaxcl.models.resnet import ResNet18
+  v20 = jax.eval_shape(ResNet18().init, jax.random.PRNGKey(0),
+                       jnp.zeros((1, 32, 32, 3)))
+  assert v20["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 20)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  v, seen, h = _resnet_block_io(2, x)
+  assert len(seen) == 8
+  shapes = [o.shape for _, o in seen]
+  assert shapes == [(2, 32, 32, 2)] * 2 + [(2, 16, 16, 4)] * 2 + [
+      (2, 8, 8, 8)] * 2 + [(2, 4, 4, 16)] * 2
+  # The stem ends in a ReLU: the first block's input is non-negative.
+  assert seen[0][0].min() >= 0 and seen[0][0].min() < seen[0][0].max()
+  np.testing.assert_allclose(h, seen[-1][1].mean(axis=(1, 2)), rtol=1e-5,
+                             atol=1e-6)
+  # A downsampling block: 1x1 strided conv + BN on the shortcut.
+  b = v["params"]["BasicBlock_2"]
+  assert set(b) == {"Conv_0", "Conv_1", "Conv_2", "BatchNorm_0",
+                    "BatchNorm_1", "BatchNorm_2"}
+  assert b["Conv_2"]["kernel"].shape == (1, 1, 2, 4)
+  assert set(v["params"]["BasicBlock_1"]) == {"Conv_0", "Conv_1",
+                                              "BatchNorm_0", "BatchNorm_1"}
+
+
+def test_resnet_basic_block_residual_and_momentum():
+  # out = relu(x + BN(conv(relu(BN(conv(x)))))): with the second BN's scale
+  # and bias zero the residual branch is 0, and the block is relu(x).
+  from jaxcl.models.resnet import BasicBlock
+  blk = BasicBlock(4, 1)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, 6, 6, 4))
+  v = blk.init(jax.random.PRNGKey(0), x, False)
+  p = jax.tree.map(np.asarray, v["params"])
+  p["BatchNorm_1"]["scale"] = np.zeros(4, np.float32)
+  out = blk.apply({"params": p, "batch_stats": v["batch_stats"]}, x, False)
+  np.testing.assert_allclose(np.asarray(out), np.maximum(np.asarray(x), 0),
+                             rtol=1e-6, atol=1e-6)
+  # Momentum 0.1 in PyTorch's terms: with a centre-tap identity kernel the
+  # first BN sees x, and its running mean moves from 0 to 0.1 * mean(x).
+  ident = np.zeros((3, 3, 4, 4), np.float32)
+  ident[1, 1] = np.eye(4)
+  p["Conv_0"]["kernel"] = ident
+  _, upd = blk.apply({"params": p, "batch_stats": v["batch_stats"]}, x, True,
+                     mutable=["batch_stats"])
+  np.testing.assert_allclose(
+      np.asarray(upd["batch_stats"]["BatchNorm_0"]["mean"]),
+      0.1 * np.asarray(x).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("init,fan_in,fan_out", [
+    ("xavier_uniform", 300, 100), ("he_normal", 300, 100)])
+def test_named_inits_have_their_distributions(init, fan_in, fan_out):
+  # Glorot & Bengio's uniform: U(+-sqrt(6 / (fan_in + fan_out))) (Mammoth's
+  # Xavier); He et al.'s normal: std sqrt(2 / fan_in) (flax truncates at
+  # two standard deviations of the untruncated normal, so the tails reach
+  # past the uniform's sqrt(3) std).
+  from jaxcl.models import init as inits
+  k = np.asarray(inits.kernel_init(init, fan_in)(jax.random.PRNGKey(0),
+                                                 (fan_in, fan_out)))
+  if init == "xavier_uniform":
+    bound = np.sqrt(6 / (fan_in + fan_out))
+    assert np.abs(k).max() <= bound
+    np.testing.assert_allclose(k.std(), bound / np.sqrt(3), rtol=0.02)
+  else:
+    std = np.sqrt(2 / fan_in)
+    np.testing.assert_allclose(k.std(), std, rtol=0.02)
+    assert np.abs(k).max() > 2.0 * std
+
+
+def test_vae_loss_is_the_negative_elbo_per_value():
+  from jaxcl.models import vae
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 2, 2)).astype(np.float32)
+  x = rng.uniform(size=(3, 2, 2)).astype(np.float32)
+  mu = rng.normal(size=(3, 5)).astype(np.float32)
+  logvar = rng.normal(size=(3, 5)).astype(np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  bce = -(x * np.log(p) + (1 - x) * np.log(1 - p)).reshape(3, -1).sum(-1)
+  s2 = np.exp(logvar.astype(np.float64))
+  kl = 0.5 * np.sum(s2 + mu ** 2 - 1 - logvar, axis=-1)
+  np.testing.assert_allclose(
+      np.asarray(vae.vae_loss(jnp.asarray(logits), jnp.asarray(x),
+                              jnp.asarray(mu), jnp.asarray(logvar))),
+      (bce + kl) / 4, rtol=1e-5)
+
+
+def test_vae_reparameterises_with_standard_normal_noise_and_samples_probs():
+  # z = mu + exp(logvar / 2) * eps, eps ~ N(0, I): over many copies of one
+  # input the decoder's inputs have mean mu and std exp(logvar / 2).
+  from jaxcl.models import vae
+  net = vae.VAE(input_shape=(2, 3), hidden=(8,), latent=3)
+  x = jnp.tile(jax.random.uniform(jax.random.PRNGKey(1), (1, 2, 3)),
+               (4000, 1, 1))
+  v = net.init(jax.random.PRNGKey(0), x[:1], jax.random.PRNGKey(2))
+  mu, logvar = net.apply(v, x[:1], method=vae.VAE.encode)
+  zs = []
+
+  def spy(next_fun, args, kwargs, context):
+    if context.method_name == "decode":
+      zs.append(np.asarray(args[0]))
+    return next_fun(*args, **kwargs)
+
+  with nn_intercept(spy):
+    recon, mu2, lv2 = net.apply(v, x, jax.random.PRNGKey(3))
+  z = zs[0]
+  assert recon.shape == (4000, 2, 3)
+  sd = np.exp(0.5 * np.asarray(logvar[0]))
+  np.testing.assert_allclose(z.mean(0), np.asarray(mu[0]), atol=5 * sd.max() / np.sqrt(4000))
+  np.testing.assert_allclose(z.std(0), sd, rtol=0.05)
+  zs.clear()
+  with nn_intercept(spy):
+    s = np.asarray(vae.sample(net, v["params"], jax.random.PRNGKey(4), 4000))
+  assert s.shape == (4000, 2, 3) and s.min() > 0 and s.max() < 1
+  # Samples decode draws from the standard normal prior.
+  np.testing.assert_allclose(zs[0].mean(0), 0.0, atol=5 / np.sqrt(4000))
+  np.testing.assert_allclose(zs[0].std(0), 1.0, rtol=0.05)
+
+
+def test_progressive_columns_read_only_earlier_columns():
+  # Rusu et al. eq. 1: column k reads columns j < k through U^(k:j); an
+  # earlier column never depends on a later one, nor on its own U.
+  m = models.build("progressive", 3, 3, widths=(6, 5))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 7))
+  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((4,), jnp.int32))
+  p = jax.tree.map(np.asarray, v["params"])
+
+  def outs(q):
+    return [np.asarray(m.apply({"params": q}, x, jnp.full((4,), t)))
+            for t in range(3)]
+
+  base = outs(p)
+  for col, changed in ((2, [2]), (1, [1, 2]), (0, [0, 1, 2])):
+    q = jax.tree.map(np.copy, p)
+    q["layer_0_W"][col] += 1.0
+    got = outs(q)
+    for t in range(3):
+      assert (np.abs(got[t] - base[t]).max() > 1e-4) == (t in changed), (
+          col, t)
+  for k in range(3):
+    for j in range(3):
+      q = jax.tree.map(np.copy, p)
+      q["layer_1_U"][k, j] += 1.0
+      got = outs(q)
+      moved = [t for t in range(3) if np.abs(got[t] - base[t]).max() > 1e-4]
+      # (a changed column also moves the later columns that read it)
+      assert moved == (list(range(k, 3)) if j < k else []), (k, j, moved)
+  # features=True is the example's own column's last hidden layer, and the
+  # logits are eq. 1 at the output layer (identity f) from those features.
+  f = [np.asarray(m.apply({"params": p}, x, jnp.full((4,), t), features=True))
+       for t in range(3)]
+  mixed = np.asarray(m.apply({"params": p}, x, jnp.array([2, 0, 1, 2]),
+                             features=True))
+  np.testing.assert_array_equal(mixed, np.stack([f[2][0], f[0][1], f[1][2],
+                                                 f[2][3]]))
+  for t in range(3):
+    want = f[t] @ p["head_W"][t] + p["head_b"][t] + sum(
+        f[j] @ p["head_U"][t, j] for j in range(t))
+    np.testing.assert_allclose(base[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_hat_anneal_and_counter():
+  # Serra et al. eq. 3: s = 1/s_max + (s_max - 1/s_max)(b - 1)/(B - 1) for
+  # batches b = 1..B (count 0..B-1), restarting every epoch.
+  from jaxcl.models import hat_mlp
+  smax, steps = 400.0, 5
+  for count in range(2 * steps):
+    b = count % steps + 1
+    want = 1 / smax + (smax - 1 / smax) * (b - 1) / (steps - 1)
+    np.testing.assert_allclose(
+        float(hat_mlp.anneal(jnp.asarray(count), jnp.asarray(steps), smax)),
+        want, rtol=1e-6)
+  m = models.build("hat_mlp", 2, 2, widths=(4,))
+  x = jnp.ones((2, 3))
+  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((2,), jnp.int32))
+  _, upd = m.apply(v, x, jnp.zeros((2,), jnp.int32), train=True,
+                   mutable=["hat"])
+  assert int(upd["hat"]["count"]) == 1
+  # At test time s = s_max: each hidden unit times sigmoid(s_max e_t).
+  p = jax.tree.map(np.asarray, v["params"])
+  xs = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 3)))
+  h = np.maximum(xs @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0)
+  for t in range(2):
+    gate = 1 / (1 + np.exp(-400.0 * p["embedding_0"][t].astype(np.float64)))
+    np.testing.assert_allclose(
+        np.asarray(m.apply(v, jnp.asarray(xs), jnp.full((2,), t),
+                           features=True)), h * gate, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="s_max must be >= 1"):
+    models.build("hat_mlp", 2, 2, s_max=0.5)
+
+
+def test_pretrained_assign_checks_shapes_prefix_and_files(tmp_path):
+  from jaxcl import pretrained
+  target = {"backbone": {"Dense_0": {"kernel": jnp.zeros((2, 3)),
+                                     "bias": jnp.zeros((3,))}}}
+  k = np.arange(6, dtype=np.float32).reshape(2, 3)
+  flat = {"model/backbone/Dense_0/kernel": k,
+          "model/backbone/Dense_0/bias": np.ones(3, np.float32)}
+  got = pretrained.assign(target, flat, prefix="model/")
+  np.testing.assert_array_equal(np.asarray(got["backbone"]["Dense_0"]
+                                           ["kernel"]), k)
+  with pytest.raises(ValueError, match="has no 'backbone/Dense_0/"):
+    pretrained.assign(target, flat)
+  # A transposed kernel has the right size but the wrong shape.
+  flat["model/backbone/Dense_0/kernel"] = k.T.copy()
+  with pytest.raises(ValueError, match=r"has shape \(3, 2\), the model "
+                     r"needs \(2, 3\)"):
+    pretrained.assign(target, flat, prefix="model/")
+  with pytest.raises(ValueError, match="does not exist"):
+    pretrained.load(str(tmp_path / "missing.npz"))
+  with pytest.raises(ValueError, match="does not exist"):
+    pretrained.load(str(tmp_path))  # a directory is not a checkpoint
+  path = pretrained.save(str(tmp_path / "p"), target)
+  assert path.endswith("p.npz")
+  back = pretrained.load(path)
+  assert set(back) == {"backbone/Dense_0/kernel", "backbone/Dense_0/bias"}
+
+
+def test_multi_head_clips_out_of_range_task_ids():
+  # As every jaxcl model with per-task parts (hat_mlp, masked_mlp,
+  # progressive), an id past either end picks the nearest head rather than
+  # gathering out of bounds (NaN logits).
+  m = models.build("mlp", num_classes=3, num_heads=4, widths=(8,))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5))
+  v = m.init(jax.random.PRNGKey(0), x, jnp.zeros((2,), jnp.int32))
+  got = np.asarray(m.apply(v, x, jnp.array([7, -1])))
+  want = np.asarray(m.apply(v, x, jnp.array([3, 0])))
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="multi-head model needs the task id"):
+    m.apply(v, x)
