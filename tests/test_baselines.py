@@ -141,3 +141,266 @@ def test_freezing_bad_arguments_and_models():
       freezing(**kwargs)
   with pytest.raises(ValueError, match=r"freezing freezes .* 'backbone'"):
     freezing().init(_ctx_for_freezing(), None, {"w": np.zeros(2)})
+
+
+# ---------------------------------------------------------------------------
+# Contracts of the baselines' hooks (mutation audit, session 42).
+
+
+def _setup(strategy, **overrides):
+  c = jaxcl.default_config()          # Split Digits, 5 x 2
+  c.model.widths = (16,)
+  c.report.progress = False
+  c.strategy.name = strategy
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return jaxcl.experiment.setup(c)
+
+
+def test_multihead_refuses_streams_and_tasks_it_cannot_route():
+  import types
+  import pytest
+  from jaxcl.strategies.multihead import multihead
+  s = _setup("multihead", **{"scenario.kind": "task",
+                             "model.multi_head": False})
+  ctx = s.learner.ctx
+  params = jaxcl.train.init_state(ctx, s.learner.strategy, 0).params
+  for kind in ("class", "domain"):
+    fake = types.SimpleNamespace(info=types.SimpleNamespace(
+        kind=kind, num_classes=10, num_tasks=5))
+    with pytest.raises(ValueError, match="multihead needs task ids"):
+      multihead().init(fake, None, params)
+  # A head of another width than the classes (a multi-head model's).
+  wide = {**params, "head": {"kernel": np.zeros((16, 20)),
+                             "bias": np.zeros(20)}}
+  with pytest.raises(ValueError, match="20 outputs for 10 classes"):
+    multihead().init(ctx, None, wide)
+  # A task id outside the stream's tasks.
+  state = jaxcl.train.init_state(ctx, s.learner.strategy, 0)
+  for t in (5, -1):
+    with pytest.raises(ValueError, match=rf"task id {t} outside \[0, 5\)"):
+      multihead().before_experience(
+          ctx, state, types.SimpleNamespace(task_id=t, index=1))
+
+
+def test_multihead_new_tasks_get_different_fresh_heads():
+  """Tasks 1 and 2, both unseen: each its own LeCun-normal draw (a key
+  per task), zero bias; the first experience keeps the model's head."""
+  s = _setup("multihead", **{"scenario.kind": "task",
+                             "model.multi_head": False})
+  ctx, strat = s.learner.ctx, s.learner.strategy
+  state = jaxcl.train.init_state(ctx, strat, 0)
+  exps = s.scenario.experiences
+  first = strat.before_experience(ctx, state, exps[0]).params["head"]
+  np.testing.assert_array_equal(first["kernel"],
+                                state.params["head"]["kernel"])
+  h1, h2 = (strat.before_experience(ctx, state, e).params["head"]
+            for e in exps[1:3])
+  for h in (h1, h2):
+    np.testing.assert_array_equal(h["bias"], 0.0)
+    k = np.asarray(h["kernel"])
+    # LeCun normal: variance 1 / fan_in (fan_in 16 here).
+    assert abs(k.std() * np.sqrt(16) - 1.0) < 0.35
+  assert not np.allclose(h1["kernel"], h2["kernel"])
+  # A task met again (e.g. a stream revisiting tasks) gets back the head
+  # stored when it last ended, not a fresh one.
+  import types
+  import jax
+  trained = jax.tree.map(lambda a: a + 1.5, h1)
+  st = strat.after_experience(ctx, state.replace(
+      params={**state.params, "head": trained}), exps[1])
+  again = strat.before_experience(
+      ctx, st.replace(params={**st.params, "head": h2}),
+      types.SimpleNamespace(task_id=1, index=3)).params["head"]
+  np.testing.assert_array_equal(again["kernel"], trained["kernel"])
+  np.testing.assert_array_equal(again["bias"], trained["bias"])
+
+
+def test_agem_r_reference_sample_size(monkeypatch):
+  """sample_size 0: min(256, mem_size) rows per reference gradient;
+  otherwise sample_size."""
+  import jax
+  import jax.numpy as jnp
+  from jaxcl import buffers
+  from jaxcl.strategies.agem_r import agem_r
+  s = _setup("naive")
+  ctx = s.learner.ctx
+  drawn = []
+  real = buffers.sample
+
+  def spy(mem, key, n, *a, **k):
+    drawn.append(n)
+    return real(mem, key, n, *a, **k)
+
+  monkeypatch.setattr(buffers, "sample", spy)
+  e = s.scenario.experiences[0]
+  batch = {"x": jnp.asarray(e.train_x[:4]), "y": jnp.asarray(e.train_y[:4]),
+           "task": jnp.asarray(e.train_task[:4]), "mask": jnp.ones(4)}
+  for kwargs, want in [(dict(mem_size=300), 256), (dict(mem_size=40), 40),
+                       (dict(mem_size=300, sample_size=12), 12)]:
+    strat = agem_r(**kwargs)
+    state = jaxcl.train.init_state(ctx, strat, 0)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    drawn.clear()
+    strat.update_grads(ctx, state.strategy, grads, state.params, batch,
+                       jax.random.PRNGKey(0))
+    assert drawn == [want], (kwargs, drawn)
+
+
+def test_shuffled_batches_puts_each_valid_row_once_first():
+  from jaxcl.strategies._epochs import shuffled_batches
+  import jax
+  import jax.numpy as jnp
+  valid = np.zeros(11, bool)
+  valid[[1, 4, 5, 9]] = True
+  orders = set()
+  for seed in range(4):
+    idx, ok = (np.asarray(a) for a in shuffled_batches(
+        jax.random.PRNGKey(seed), jnp.asarray(valid), 3))
+    assert idx.shape == ok.shape == (4, 3)   # ceil(11 / 3) steps
+    flat_i, flat_ok = idx.reshape(-1), ok.reshape(-1)
+    # The 4 valid rows fill the first 4 positions, each once.
+    np.testing.assert_array_equal(flat_ok, np.arange(12) < 4)
+    assert sorted(flat_i[:4].tolist()) == [1, 4, 5, 9]
+    # The padding positions point at real rows of the set.
+    assert np.all((0 <= flat_i) & (flat_i < 11))
+    orders.add(tuple(flat_i[:4]))
+  assert len(orders) > 1          # a random order, drawn from the key
+
+
+def test_freezing_gradient_mask_of_a_multi_head_block():
+  """Once frozen: no backbone gradient, and in the head only the current
+  classes' columns, in every head block of a ``(D, H C)`` kernel (head
+  ``h``'s class ``c`` is column ``h C + c``); before, every gradient."""
+  import jax.numpy as jnp
+  from jaxcl.strategies.freezing import freezing
+  s = freezing()
+  params = {"backbone": {"w": jnp.ones((3, 2))},
+            "head": {"kernel": jnp.ones((2, 8)), "bias": jnp.ones(8)}}
+  ss = s.init(_ctx_for_freezing(), None, params)
+  ss = ss._replace(current=jnp.asarray([False, True, True, False]))
+  grads = {"backbone": {"w": jnp.full((3, 2), 2.0)},
+           "head": {"kernel": jnp.full((2, 8), 3.0), "bias": jnp.full(8, 4.0)}}
+  before = s.freeze_grads(None, ss, grads)
+  np.testing.assert_array_equal(before["backbone"]["w"], 2.0)
+  np.testing.assert_array_equal(before["head"]["kernel"], 3.0)
+  got = s.freeze_grads(None, ss._replace(frozen=jnp.ones((), bool)), grads)
+  np.testing.assert_array_equal(got["backbone"]["w"], 0.0)
+  cols = np.array([0, 1, 1, 0, 0, 1, 1, 0], bool)
+  np.testing.assert_array_equal(got["head"]["kernel"],
+                                np.where(cols, 3.0, 0.0)[None].repeat(2, 0))
+  np.testing.assert_array_equal(got["head"]["bias"], np.where(cols, 4.0, 0.0))
+
+
+def test_exemplar_memory_needs_one_slot_per_class():
+  """The boundary of the exemplar strategies' check: 10 slots for 10
+  classes are enough, 9 are not."""
+  import pytest
+  from jaxcl.strategies._class_incremental import require_per_class
+  require_per_class("lucir", 10, 10)
+  with pytest.raises(ValueError, match=r"lucir: mem_size=9 gives 0 "
+                     r"exemplars per class for 10 classes; use mem_size >= "
+                     r"10"):
+    require_per_class("lucir", 9, 10)
+
+
+def test_replay_memory_refuses_a_default_replay_batch_larger_than_it():
+  """batch_size 0 replays the training batch (32 here): checked when the
+  state is built, before any training."""
+  import pytest
+  from jaxcl.strategies.der import der
+  ctx = _setup("naive").learner.ctx
+  assert ctx.info.batch_size == 32
+  with pytest.raises(ValueError, match=r"der: batch_size=32 is larger than "
+                     r"the memory capacity mem_size=31"):
+    jaxcl.train.init_state(ctx, der(mem_size=31), 0)
+  state = jaxcl.train.init_state(ctx, der(mem_size=32), 0)
+  assert state.strategy.memory.x.shape[0] == 32
+
+
+def test_replay_memory_gradient_is_taken_in_training_mode():
+  """add_replay_grads (MIR's, ASER's replay): the gradient of the valid
+  memory rows' mean cross-entropy with the model in training mode (batch
+  norm on the replayed rows' own statistics), added to ``grads``."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jaxcl import buffers, models
+  from jaxcl.strategies._replay_memory import add_replay_grads
+  from jaxcl.train import make_context, make_optimizer, stream_info
+  sc = _setup("naive").scenario
+  ctx = make_context(models.build("bn_mlp", 10, widths=(8,)),
+                     make_optimizer("sgd", 0.1), stream_info(sc, 8))
+  e = sc.experiences[0]
+  mem = buffers.init(12, ctx.info.input_shape)
+  mem = mem._replace(x=mem.x.at[:6].set(jnp.asarray(e.train_x[:6])),
+                     y=mem.y.at[:6].set(jnp.asarray(e.train_y[:6])),
+                     valid=mem.valid.at[:6].set(True))
+  idx = jnp.asarray([0, 1, 2, 3, 4, 5, 8, 9])
+  ok = mem.valid[idx]
+  state = jaxcl.train.init_state(ctx, _setup("naive").learner.strategy, 0)
+  params, ms = state.params, state.model_state
+  grads = jax.tree.map(jnp.ones_like, params)
+  got = add_replay_grads(ctx, ms, grads, params, mem, idx, ok)
+
+  def hand(p, train):
+    v = {"params": p, **ms}
+    # All 8 drawn rows go through the model (batch statistics over the
+    # batch as drawn); the loss is the mean over the 6 valid ones.
+    x, t = mem.x[idx], mem.task[idx]
+    if train:
+      z = ctx.model.apply(v, x, t, train=True, mutable=list(ms))[0]
+    else:
+      z = ctx.model.apply(v, x, t, train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(z, mem.y[idx])
+    return ce[:6].mean()
+
+  want = jax.tree.map(lambda g: 1.0 + g, jax.grad(hand)(params, True))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+  evals = jax.grad(hand)(params, False)
+  assert max(float(np.abs(np.asarray(a) - 1.0 - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(evals))
+             ) > 1e-3
+
+
+def test_agem_r_reference_gradient_uses_the_saved_model_state():
+  """A-GEM-R's reference loss runs under the model state saved as the
+  experience started (here a masked model, whose state holds its fixed
+  weights): against that g_ref, g = -g_ref projects to 0."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jaxcl import buffers, models
+  from jaxcl.strategies.agem_r import agem_r
+  from jaxcl.train import make_context, make_optimizer, stream_info
+  sc = _setup("naive").scenario
+  ctx = make_context(models.build("masked_mlp", 10, widths=(8,)),
+                     make_optimizer("sgd", 0.1), stream_info(sc, 8))
+  strat = agem_r(mem_size=12, sample_size=12)
+  state = jaxcl.train.init_state(ctx, strat, 0)
+  e = sc.experiences[0]
+  mem = state.strategy.memory._replace(
+      x=jnp.asarray(e.train_x[:12]), y=jnp.asarray(e.train_y[:12]),
+      valid=jnp.ones((12,), bool))
+  saved = jax.tree.map(lambda a: 2.0 * a + 0.1, state.model_state)
+  ss = state.strategy._replace(memory=mem, model_state=saved)
+
+  def ref_loss(p):
+    v = {"params": p, **saved}
+    z = ctx.model.apply(v, mem.x, mem.task, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(z, mem.y).mean()
+
+  g_ref = jax.grad(ref_loss)(state.params)
+  g = jax.tree.map(jnp.negative, g_ref)
+  got = strat.update_grads(ctx, ss, g, state.params, None,
+                           jax.random.PRNGKey(1))
+  size = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g))
+  assert size > 1e-3
+  for a in jax.tree.leaves(got):
+    np.testing.assert_allclose(np.asarray(a), 0.0, atol=1e-5 * size)

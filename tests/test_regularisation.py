@@ -564,6 +564,59 @@ def test_lwf_mc_keeps_old_classes_where_naive_forgets():
       out["lwf_mc"][1, 2:] == 0), out
 
 
+def test_lwf_mc_teacher_is_the_model_as_the_experience_ended():
+  """With batch norm: the old classes' targets are the sigmoid of the
+  model *and its running statistics* as experience 0 ended (evaluation
+  mode), not the statistics the run started with."""
+  sc = _toy_scenario("class", 2)
+  ctx = make_context(models.build("bn_mlp", C, widths=(5,)),
+                     make_optimizer("sgd", 0.1), stream_info(sc, 8))
+  s = lwf_mc()
+  e0, e1 = sc.experiences
+  state = s.before_experience(ctx, init_state(ctx, s, 0), e0)
+  assert jax.tree.leaves(state.model_state)     # batch statistics
+  teacher = jax.tree.map(lambda p: p - 0.2, state.params)
+  stats = jax.tree.map(lambda a: a + 0.7, state.model_state)
+  state = s.after_experience(
+      ctx, state.replace(params=teacher, model_state=stats), e0)
+  state = s.before_experience(ctx, state, e1)
+  batch = {"x": jnp.asarray(e1.train_x[:6]), "y": jnp.asarray(e1.train_y[:6]),
+           "task": jnp.asarray(e1.train_task[:6]), "mask": jnp.ones((6,))}
+  raw = lambda p, ms: np.asarray(ctx.model.apply(
+      {"params": p, **ms}, batch["x"], batch["task"], train=False),
+      np.float64)
+  student = jax.tree.map(lambda p: p + 0.3, teacher)
+  zs, zt = raw(student, stats), raw(teacher, stats)
+  # The statistics matter (else this checks nothing).
+  assert np.abs(zt - raw(teacher, init_state(ctx, s, 0).model_state)
+                ).max() > 1e-2
+  onehot = np.eye(C)[np.asarray(batch["y"])]
+  targets = np.concatenate([1 / (1 + np.exp(-zt[:, :2])), onehot[:, 2:]], 1)
+  got = float(s.task_loss(ctx, state.strategy, jnp.asarray(zs, jnp.float32),
+                          batch))
+  np.testing.assert_allclose(got, _np_sigmoid_bce(zs, targets).mean(),
+                             rtol=1e-5)
+
+
+def test_lwf_mc_predicts_over_the_current_and_earlier_classes():
+  """During experience 0 (e.g. an evaluation before it ends) the current
+  classes compete and the untrained ones are masked; before any
+  experience nothing is masked."""
+  ctx, sc = _ctx("class", n_exp=2)
+  s = lwf_mc()
+  state = init_state(ctx, s, 0)
+  x = jnp.asarray(sc.experiences[0].test_x[:5])
+  task = jnp.zeros((5,), jnp.int32)
+  own = np.asarray(ctx.logits(state.params, state.model_state, x, task))
+  pred = lambda st: np.asarray(s.predict(ctx, st.strategy, st.params,
+                                         st.model_state, x, task))
+  np.testing.assert_array_equal(pred(state), own)
+  state = s.before_experience(ctx, state, sc.experiences[0])
+  got = pred(state)
+  np.testing.assert_array_equal(got[:, :2], own[:, :2])
+  assert np.all(got[:, 2:] <= -1e8)
+
+
 # --------------------------------------------------------------------------
 # RWalk: the path integral, the consolidation and the penalty by hand.
 

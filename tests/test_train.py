@@ -815,6 +815,52 @@ def test_ensemble_stores_one_model_per_experience():
   assert r.metrics["bwt"] > -0.02
 
 
+def test_ensemble_class_incremental_averages_the_stored_members():
+  """Class-incremental: log of the mean of the *filled* members' softmax
+  outputs (empty slots take no part); each new member starts from a fresh
+  draw per experience and a fresh optimiser state."""
+  from conftest import np_softmax
+  c = quick_config(**{"strategy.name": "ensemble", "optimizer.name": "adam"})
+  sc = jaxcl.experiment.build_scenario(c)
+  two = dataclasses.replace(sc, experiences=sc.experiences[:2])
+  r = jaxcl.run(c, scenario=two)
+  ctx, strategy, st = r.learner.ctx, r.learner.strategy, r.state
+  ss = st.strategy
+  assert np.asarray(ss.filled).tolist() == [True, True]
+  x = jnp.asarray(sc.experiences[0].test_x[:16])
+  task = jnp.zeros((16,), jnp.int32)
+  predict = jax.jit(lambda s, p, m: strategy.predict(ctx, s, p, m, x, task))
+  got = np.asarray(predict(ss, st.params, st.model_state))
+  probs = [np_softmax(np.asarray(ctx.logits(
+      jax.tree.map(lambda a: a[k], ss.params),
+      jax.tree.map(lambda a: a[k], ss.model_state), x, task), np.float64))
+      for k in range(2)]
+  np.testing.assert_allclose(got, np.log((probs[0] + probs[1]) / 2 + 1e-12),
+                             rtol=1e-4, atol=1e-5)
+  # A slot not filled yet takes no part (here slot 1, though it holds
+  # parameters): the mean is over the filled slot alone.
+  one = ss._replace(filled=jnp.asarray([True, False]))
+  np.testing.assert_allclose(np.asarray(predict(one, st.params,
+                                                st.model_state)),
+                             np.log(probs[0] + 1e-12), rtol=1e-4, atol=1e-5)
+  # The members differ (two trained models), and the prediction is not
+  # either one's alone.
+  assert np.abs(probs[0] - probs[1]).max() > 0.1
+  # The next experiences' members: fresh draws, one per experience, and
+  # a fresh Adam state (no moments carried from the trained member).
+  leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]
+  nxt = [strategy.before_experience(ctx, st, e) for e in sc.experiences[2:4]]
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(leaves(nxt[0].params), leaves(nxt[1].params)))
+  for n in nxt:
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(leaves(n.params), leaves(st.params)))
+    for a, b in zip(leaves(n.opt_state), leaves(ctx.tx.init(n.params))):
+      np.testing.assert_array_equal(a, b)
+  assert any(np.any(a != 0) for a in leaves(st.opt_state)
+             if a.dtype.kind == "f")
+
+
 @pytest.mark.parametrize("reset", ["initial", "fresh"])
 def test_from_scratch_restarts_every_experience(reset):
   c = quick_config(**{"strategy.name": "from_scratch",
