@@ -1,11 +1,25 @@
 """Baselines on Split MNIST (5 x 2 classes, MLP 400-400, 2 epochs): the
 core issue's accuracy checks, with the committed experiment config."""
 
+import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 import jaxcl
 from experiments import split_mnist_baselines
+from jaxcl import buffers, models
+from jaxcl.strategies._class_incremental import require_per_class
+from jaxcl.strategies._epochs import shuffled_batches
+from jaxcl.strategies._replay_memory import add_replay_grads
+from jaxcl.strategies.agem_r import agem_r
+from jaxcl.strategies.der import der
+from jaxcl.strategies.freezing import freezing
+from jaxcl.strategies.multihead import multihead
+from jaxcl.train import make_context, make_optimizer, stream_info
 from partial_runs import run_keeping_states
 
 
@@ -69,7 +83,6 @@ def _freezing_run(**kwargs):
 
 
 def _same(a, b):
-  import jax
   return all(np.array_equal(np.asarray(x), np.asarray(y))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -105,8 +118,6 @@ def test_freezing_after_a_later_experience_and_all_outputs():
 
 
 def test_freezing_loss_is_over_the_experience_classes():
-  import jax.numpy as jnp
-  from jaxcl.strategies.freezing import freezing
   ss = freezing().init(_ctx_for_freezing(), None,
                        {"backbone": {}, "head": {}})
   ss = ss._replace(current=jnp.asarray([False, True, True, False]))
@@ -127,13 +138,10 @@ def test_freezing_loss_is_over_the_experience_classes():
 
 
 def _ctx_for_freezing():
-  import types
   return types.SimpleNamespace(info=types.SimpleNamespace(num_classes=4))
 
 
 def test_freezing_bad_arguments_and_models():
-  import pytest
-  from jaxcl.strategies.freezing import freezing
   for kwargs, needle in [(dict(freeze_after=-1), "freeze_after"),
                          (dict(freeze_after=1.5), "freeze_after"),
                          (dict(all_outputs="yes"), "all_outputs")]:
@@ -162,9 +170,6 @@ def _setup(strategy, **overrides):
 
 
 def test_multihead_refuses_streams_and_tasks_it_cannot_route():
-  import types
-  import pytest
-  from jaxcl.strategies.multihead import multihead
   s = _setup("multihead", **{"scenario.kind": "task",
                              "model.multi_head": False})
   ctx = s.learner.ctx
@@ -208,8 +213,6 @@ def test_multihead_new_tasks_get_different_fresh_heads():
   assert not np.allclose(h1["kernel"], h2["kernel"])
   # A task met again (e.g. a stream revisiting tasks) gets back the head
   # stored when it last ended, not a fresh one.
-  import types
-  import jax
   trained = jax.tree.map(lambda a: a + 1.5, h1)
   st = strat.after_experience(ctx, state.replace(
       params={**state.params, "head": trained}), exps[1])
@@ -223,10 +226,6 @@ def test_multihead_new_tasks_get_different_fresh_heads():
 def test_agem_r_reference_sample_size(monkeypatch):
   """sample_size 0: min(256, mem_size) rows per reference gradient;
   otherwise sample_size."""
-  import jax
-  import jax.numpy as jnp
-  from jaxcl import buffers
-  from jaxcl.strategies.agem_r import agem_r
   s = _setup("naive")
   ctx = s.learner.ctx
   drawn = []
@@ -252,9 +251,6 @@ def test_agem_r_reference_sample_size(monkeypatch):
 
 
 def test_shuffled_batches_puts_each_valid_row_once_first():
-  from jaxcl.strategies._epochs import shuffled_batches
-  import jax
-  import jax.numpy as jnp
   valid = np.zeros(11, bool)
   valid[[1, 4, 5, 9]] = True
   orders = set()
@@ -276,8 +272,6 @@ def test_freezing_gradient_mask_of_a_multi_head_block():
   """Once frozen: no backbone gradient, and in the head only the current
   classes' columns, in every head block of a ``(D, H C)`` kernel (head
   ``h``'s class ``c`` is column ``h C + c``); before, every gradient."""
-  import jax.numpy as jnp
-  from jaxcl.strategies.freezing import freezing
   s = freezing()
   params = {"backbone": {"w": jnp.ones((3, 2))},
             "head": {"kernel": jnp.ones((2, 8)), "bias": jnp.ones(8)}}
@@ -299,8 +293,6 @@ def test_freezing_gradient_mask_of_a_multi_head_block():
 def test_exemplar_memory_needs_one_slot_per_class():
   """The boundary of the exemplar strategies' check: 10 slots for 10
   classes are enough, 9 are not."""
-  import pytest
-  from jaxcl.strategies._class_incremental import require_per_class
   require_per_class("lucir", 10, 10)
   with pytest.raises(ValueError, match=r"lucir: mem_size=9 gives 0 "
                      r"exemplars per class for 10 classes; use mem_size >= "
@@ -311,8 +303,6 @@ def test_exemplar_memory_needs_one_slot_per_class():
 def test_replay_memory_refuses_a_default_replay_batch_larger_than_it():
   """batch_size 0 replays the training batch (32 here): checked when the
   state is built, before any training."""
-  import pytest
-  from jaxcl.strategies.der import der
   ctx = _setup("naive").learner.ctx
   assert ctx.info.batch_size == 32
   with pytest.raises(ValueError, match=r"der: batch_size=32 is larger than "
@@ -326,12 +316,6 @@ def test_replay_memory_gradient_is_taken_in_training_mode():
   """add_replay_grads (MIR's, ASER's replay): the gradient of the valid
   memory rows' mean cross-entropy with the model in training mode (batch
   norm on the replayed rows' own statistics), added to ``grads``."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from jaxcl import buffers, models
-  from jaxcl.strategies._replay_memory import add_replay_grads
-  from jaxcl.train import make_context, make_optimizer, stream_info
   sc = _setup("naive").scenario
   ctx = make_context(models.build("bn_mlp", 10, widths=(8,)),
                      make_optimizer("sgd", 0.1), stream_info(sc, 8))
@@ -373,12 +357,6 @@ def test_agem_r_reference_gradient_uses_the_saved_model_state():
   """A-GEM-R's reference loss runs under the model state saved as the
   experience started (here a masked model, whose state holds its fixed
   weights): against that g_ref, g = -g_ref projects to 0."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from jaxcl import buffers, models
-  from jaxcl.strategies.agem_r import agem_r
-  from jaxcl.train import make_context, make_optimizer, stream_info
   sc = _setup("naive").scenario
   ctx = make_context(models.build("masked_mlp", 10, widths=(8,)),
                      make_optimizer("sgd", 0.1), stream_info(sc, 8))
