@@ -167,6 +167,14 @@ def _logits_for(kind, y, c, rng):
   return z + rng.normal(0, 0.05, c)
 
 
+def _assert_split(sp, kinds):
+  """``sp`` sorts the rows as ``kinds`` names them, and is to be used."""
+  for part in ("correct", "ambiguous", "incorrect"):
+    np.testing.assert_array_equal(np.asarray(getattr(sp, part)),
+                                  kinds == part)
+  assert bool(sp.use)
+
+
 def test_split_sorts_a_constructed_memory_into_three_sets():
   rng = np.random.default_rng(0)
   c = 10
@@ -179,12 +187,7 @@ def test_split_sorts_a_constructed_memory_into_three_sets():
   sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
                     jnp.asarray(valid))
   kinds = np.array(kinds + ["none"] * 4)
-  np.testing.assert_array_equal(np.asarray(sp.correct), kinds == "correct")
-  np.testing.assert_array_equal(np.asarray(sp.ambiguous),
-                                kinds == "ambiguous")
-  np.testing.assert_array_equal(np.asarray(sp.incorrect),
-                                kinds == "incorrect")
-  assert bool(sp.use)
+  _assert_split(sp, kinds)
   p = np.asarray(sp.p_clean)
   assert p[kinds == "correct"].min() > 0.99
   assert p[(kinds == "ambiguous") | (kinds == "incorrect")].max() < 0.01
@@ -493,12 +496,7 @@ def test_split_ignores_empty_slots_and_needs_three_of_each():
   sp = split_memory(jnp.asarray(logits, jnp.float32), jnp.asarray(y),
                     jnp.asarray(valid))
   kinds = np.array(kinds + ["none"] * 4)
-  np.testing.assert_array_equal(np.asarray(sp.correct), kinds == "correct")
-  np.testing.assert_array_equal(np.asarray(sp.ambiguous),
-                                kinds == "ambiguous")
-  np.testing.assert_array_equal(np.asarray(sp.incorrect),
-                                kinds == "incorrect")
-  assert bool(sp.use)
+  _assert_split(sp, kinds)
   # Nor its lower end: every real loss ~10.0 or ~10.1 (min-max: 0 and 1),
   # empty slots of loss ~0; scaled from 0 the two groups would sit 0.01
   # apart, under the mixture's floor (sd 0.022), and merge.

@@ -126,9 +126,10 @@ def test_nearest_targets_by_brute_force():
   assert not np.any(np.asarray(found[:4]))
 
 
-@pytest.mark.parametrize("attack", ["features", "label"])
-def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
-                                                               attack):
+def _attack_setup(stream):
+  """``(ctx, params, incoming, grads, mem)``: RAR's initial parameters, a
+  batch of experience 1, its gradient there, and a memory of 30 rows of
+  experience 0."""
   e0, e1 = stream.experiences
   ctx = make_ctx(stream)
   params = train.init_state(ctx, rar(mem_size=30), 0).params
@@ -137,6 +138,13 @@ def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
       ctx.logits(p, {}, incoming["x"], incoming["task"]), incoming["y"],
       incoming["mask"]))(params)
   mem = memory_of(e0, 30)
+  return ctx, params, incoming, grads, mem
+
+
+@pytest.mark.parametrize("attack", ["features", "label"])
+def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
+                                                               attack):
+  ctx, params, incoming, grads, mem = _attack_setup(stream)
   eps = 0.1
   rows = jax.jit(functools.partial(
       rar_mod.adversarial_rows, ctx, n=8, opt_lr=0.5, epsilon=eps, steps=5,
@@ -176,14 +184,7 @@ def test_adversarial_rows_attack_at_the_virtual_step_by_hand(stream, attack):
   virtual parameters θ - η_v g, the nearest incoming row of another class
   by brute force in their features, and mi_fgsm (checked against NumPy
   above) on the attack's loss at θ^v; the label kept is the entry's."""
-  e0, e1 = stream.experiences
-  ctx = make_ctx(stream)
-  params = train.init_state(ctx, rar(mem_size=30), 0).params
-  incoming = batch_of(e1)
-  grads = jax.grad(lambda p: cross_entropy(
-      ctx.logits(p, {}, incoming["x"], incoming["task"]), incoming["y"],
-      incoming["mask"]))(params)
-  mem = memory_of(e0, 30)
+  ctx, params, incoming, grads, mem = _attack_setup(stream)
   kw = dict(n=8, opt_lr=2.0, epsilon=0.2, steps=3, decay=0.5,
             clip=(0.0, 1.0), attack=attack)
   key = jax.random.PRNGKey(7)

@@ -711,6 +711,20 @@ def test_er_aml_sup_con_loss_matches_the_authors_formula():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
+def _aml_memory(ctx, s, stream):
+  """ER-AML's initial state and a memory of 20 rows of experience 0 and 8
+  of experience 1 (reservoir, 30 slots)."""
+  e0, e1 = stream.experiences
+  ss = s.init(ctx, jax.random.PRNGKey(0), None)
+  mem = ss.memory
+  for e, n, start in ((e0, 20, 0), (e1, 8, 50)):
+    b = batch_of(e, n=n, start=start)
+    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(start),
+                                         b["x"], b["y"], b["task"],
+                                         jnp.int32(e.index))
+  return ss, mem
+
+
 def test_er_aml_incoming_rows_train_features_only(stream):
   """From the second experience: the incoming rows' loss is the contrast of
   their features with drawn candidates (rows of the memory or the batch
@@ -720,14 +734,7 @@ def test_er_aml_incoming_rows_train_features_only(stream):
   ctx = make_ctx(stream)
   s = er_aml(mem_size=30, batch_size=6)
   e0, e1 = stream.experiences
-  # The memory: 20 rows of experience 0 and 8 of experience 1.
-  ss = s.init(ctx, jax.random.PRNGKey(0), None)
-  mem = ss.memory
-  for e, n, start in ((e0, 20, 0), (e1, 8, 50)):
-    b = batch_of(e, n=n, start=start)
-    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(start),
-                                         b["x"], b["y"], b["task"],
-                                         jnp.int32(e.index))
+  ss, mem = _aml_memory(ctx, s, stream)
   ss = ss._replace(memory=mem, experience=jnp.ones((), jnp.int32))
   params = train.init_state(ctx, s, 0).params
   prepare, loss, task_loss = map(jit_ctx, (s.prepare_batch, s.loss,
@@ -788,13 +795,7 @@ def test_er_aml_draws_skip_padding_and_emptied_slots(stream):
   ctx = make_ctx(stream)
   s = er_aml(mem_size=30, batch_size=6)
   e0, e1 = stream.experiences
-  ss = s.init(ctx, jax.random.PRNGKey(0), None)
-  mem = ss.memory
-  for e, n, start in ((e0, 20, 0), (e1, 8, 50)):
-    b = batch_of(e, n=n, start=start)
-    mem = jax.jit(buffers.reservoir_add)(mem, jax.random.PRNGKey(start),
-                                         b["x"], b["y"], b["task"],
-                                         jnp.int32(e.index))
+  ss, mem = _aml_memory(ctx, s, stream)
   flat = lambda a: np.asarray(a).reshape(len(a), -1)
   mx = flat(mem.x)
   e1_slots = np.flatnonzero(np.asarray(mem.experience) == 1)

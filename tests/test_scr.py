@@ -95,7 +95,9 @@ class _Identity(nn.Module):
     return h if features else nn.Dense(self.num_classes)(h)
 
 
-def test_ncm_predicts_the_nearest_normalised_class_mean():
+def _ncm_setup():
+  """``(ctx, strategy, state)``: SCR over 2-d inputs read as features
+  (``_Identity``), 3 classes, a memory of 4."""
   info = StreamInfo(num_classes=3, num_tasks=1, num_experiences=1,
                     input_shape=(2,), kind="class",
                     task_classes=((True, True, True),), batch_size=2,
@@ -103,6 +105,11 @@ def test_ncm_predicts_the_nearest_normalised_class_mean():
   ctx = train.make_context(_Identity(), train.make_optimizer("sgd", 0.1), info)
   s = scr(mem_size=4, batch_size=2, augment="none")
   state = train.init_state(ctx, s, 0)
+  return ctx, s, state
+
+
+def test_ncm_predicts_the_nearest_normalised_class_mean():
+  ctx, s, state = _ncm_setup()
   # Class 0: (10, 0) and (0, 1); class 1: (1, -0.3); class 2: no exemplar.
   mem = buffers.init(4, (2,))
   mem = buffers.put_rows(mem, jnp.arange(3),
@@ -368,13 +375,7 @@ def test_padding_rows_of_a_short_memory_take_no_part_in_the_loss(stream):
 def test_class_means_ignore_dropped_slots():
   """A slot whose entry was dropped (valid False) keeps its old contents;
   they must not count towards any class's mean or make a class seen."""
-  info = StreamInfo(num_classes=3, num_tasks=1, num_experiences=1,
-                    input_shape=(2,), kind="class",
-                    task_classes=((True, True, True),), batch_size=2,
-                    train_size=4)
-  ctx = train.make_context(_Identity(), train.make_optimizer("sgd", 0.1), info)
-  s = scr(mem_size=4, batch_size=2, augment="none")
-  state = train.init_state(ctx, s, 0)
+  ctx, s, state = _ncm_setup()
   mem = buffers.put_rows(buffers.init(4, (2,)), jnp.arange(4),
                          jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0],
                                       [1.0, 1.0]]),
