@@ -103,6 +103,24 @@ def test_drop_loop_hand_case_high_loss_and_redundant_rows_go():
   assert np.asarray(got).tolist() == [True, True, True, True, False]
 
 
+def _reference_memory(ctx, state, old, e0, stop, initial_alpha):
+  """The rows the NumPy reference keeps in a 12-slot memory from its 10
+  old entries and experience 0's rows 10..stop-1 (the step's incoming
+  rows), valued by ``state``'s model: the second step's drop loop."""
+  x = np.concatenate([old.x[:10], e0.train_x[10:stop]])
+  yy = np.concatenate([old.y[:10], e0.train_y[10:stop]])
+  feats, loss = map(np.asarray, jax.jit(lambda p, ms, x, yy: (
+      ctx.apply(p, ms, x, None, features=True)[0],
+      row_losses(ctx.logits(p, ms, x, None), yy)))(
+          state.params, state.model_state, x, yy))
+  alpha = initial_alpha * min(1.0, 1.0 / loss.mean())
+  want = _reference_drops(yy, loss, feats,
+                          np.asarray(state.params["head"]["kernel"]), 12,
+                          alpha, jax.random.fold_in(state.strategy.key, 10),
+                          B)
+  return x[want]
+
+
 def test_after_step_merges_and_refills_freed_slots(stream):
   ctx = make_ctx(stream)
   s = P.puridiver(mem_size=12, buffer_fitting_epochs=0)
@@ -135,18 +153,8 @@ def test_after_step_merges_and_refills_freed_slots(stream):
   incoming = {e0.train_x[i].tobytes() for i in range(10, 20)}
   assert all(mem.x[i].tobytes() in incoming for i in new)
   # The survivors are the reference's: losses / features of the same model.
-  x = np.concatenate([old.x[:10], e0.train_x[10:20]])
-  yy = np.concatenate([old.y[:10], e0.train_y[10:20]])
-  feats, loss = map(np.asarray, jax.jit(lambda p, ms, x, yy: (
-      ctx.apply(p, ms, x, None, features=True)[0],
-      row_losses(ctx.logits(p, ms, x, None), yy)))(
-          state.params, state.model_state, x, yy))
-  alpha = 0.5 * min(1.0, 1.0 / loss.mean())
-  key = jax.random.fold_in(state.strategy.key, 10)
-  want = _reference_drops(yy, loss, feats,
-                          np.asarray(state.params["head"]["kernel"]), 12,
-                          alpha, key, B)
-  kept = sorted({r.tobytes() for r in x[want]})
+  kept = sorted({r.tobytes() for r in _reference_memory(
+      ctx, state, old, e0, 20, initial_alpha=0.5)})
   assert sorted(mem.x[i].tobytes() for i in range(12)) == kept
 
 
@@ -616,19 +624,9 @@ def test_after_step_ignores_padding_rows_of_the_batch(stream):
   batch["y"] = jnp.where(pad, (batch["y"] + 1) % 10, batch["y"])
   mem = jax.tree.map(np.asarray, after(ss, info(batch)).memory)
   assert mem.valid.sum() == 12 and int(mem.seen) == 15
-  x = np.concatenate([old.x[:10], e0.train_x[10:15]])
-  yy = np.concatenate([old.y[:10], e0.train_y[10:15]])
-  feats, loss = map(np.asarray, jax.jit(lambda p, ms, x, yy: (
-      ctx.apply(p, ms, x, None, features=True)[0],
-      row_losses(ctx.logits(p, ms, x, None), yy)))(
-          state.params, state.model_state, x, yy))
-  alpha = 1.0 * min(1.0, 1.0 / loss.mean())
-  want = _reference_drops(yy, loss, feats,
-                          np.asarray(state.params["head"]["kernel"]), 12,
-                          alpha, jax.random.fold_in(state.strategy.key, 10),
-                          B)
   assert sorted(mem.x[i].tobytes() for i in range(12)) == sorted(
-      r.tobytes() for r in x[want])
+      r.tobytes() for r in _reference_memory(ctx, state, old, e0, 15,
+                                             initial_alpha=1.0))
 
 
 def test_drop_loop_breaks_class_ties_at_random():
