@@ -21,6 +21,7 @@ from jaxcl.strategies.freezing import freezing
 from jaxcl.strategies.multihead import multihead
 from jaxcl.train import make_context, make_optimizer, stream_info
 from partial_runs import run_keeping_states
+from test_train import with_overrides
 
 
 def run(mnist, data_dir, arg):
@@ -160,13 +161,7 @@ def _setup(strategy, **overrides):
   c.model.widths = (16,)
   c.report.progress = False
   c.strategy.name = strategy
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return jaxcl.experiment.setup(c)
+  return jaxcl.experiment.setup(with_overrides(c, overrides))
 
 
 def test_multihead_refuses_streams_and_tasks_it_cannot_route():

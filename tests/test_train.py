@@ -23,6 +23,11 @@ def quick_config(**overrides):
   c.train.epochs = 1
   c.train.batch_size = 16
   c.report.progress = False
+  return with_overrides(c, overrides)
+
+
+def with_overrides(c, overrides):
+  """``c`` with ``overrides``' dotted paths (``"train.epochs"``) set."""
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
