@@ -366,10 +366,11 @@ def setup(config: ml_collections.ConfigDict,
     mkw["input_dim"] = int(np.prod(sc.input_shape))
   model = models.build(config.model.name, outputs, num_heads=heads, **mkw)
   info = stream_info(sc, tc.batch_size)
-  tx = build_optimizer(config, -(-info.train_size // tc.batch_size) *
-                       tc.epochs)
-  ctx = make_context(model, tx, info)
+  # An online stream is one pass whatever train.epochs says; a schedule
+  # sized for train.epochs passes stopped part-way (session 43).
   epochs = 1 if sc.online else tc.epochs
+  tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
+  ctx = make_context(model, tx, info)
   learner = make_learner(ctx, strategy, epochs=epochs,
                          eval_batch_size=tc.eval_batch_size,
                          checkpoint_every_steps=config.checkpoint.every_steps,
