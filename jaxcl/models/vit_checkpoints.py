@@ -202,8 +202,12 @@ def _grid_of(n: int, key: str, shape: tuple) -> int:
 
 
 def _image_grid(image_size: Any, patch: int) -> tuple[int, int]:
-  sides = (image_size, image_size) if checks.is_whole(image_size) else \
-      tuple(image_size)
+  if checks.is_whole(image_size):
+    sides = (image_size, image_size)
+  elif isinstance(image_size, (tuple, list)):
+    sides = tuple(image_size)
+  else:  # a float, a bool, a string: refused below
+    sides = ()
   if len(sides) != 2 or not all(checks.is_whole(s) and s >= 1
                                 for s in sides):
     raise ValueError(f"image_size must be an int or (height, width) of "
