@@ -234,8 +234,9 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
   def memory_outputs(ctx, sstate, params, batch):
     x = jnp.concatenate([batch["xder_x1"], batch["xder_x2"]])
     task = jnp.concatenate([batch["xder_task1"], batch["xder_task2"]])
-    return ctx.logits(params, sstate.model_state, x, task,
-                      train=True).astype(jnp.float32)
+    ok = jnp.concatenate([batch["xder_ok1"], batch["xder_ok2"]])
+    return ctx.logits(params, sstate.model_state, x, task, train=True,
+                      mask=ok).astype(jnp.float32)
 
   def task_loss(ctx, sstate, logits, batch):
     del ctx
@@ -331,15 +332,18 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     rows_ok = jnp.arange(x.shape[0]) < n_valid
     take = first_per_class(y, rows_ok & ss.current[y],
                            jax.random.uniform(k_order, y.shape), quota)
-    pick = jnp.argsort(~take, stable=True)[:k]   # the taken rows first
+    # At most min(K, rows) rows are taken: a memory larger than the
+    # experience crashed on mismatched shapes before session 43.
+    m = min(k, x.shape[0])
+    pick = jnp.argsort(~take, stable=True)[:m]   # the taken rows first
     pick_ok = take[pick]
-    slots = jnp.argsort(mem.valid, stable=True)[:k]   # the free slots first
+    slots = jnp.argsort(mem.valid, stable=True)[:m]   # the free slots first
     slots = jnp.where(pick_ok, slots, k)
     logit_fn = lambda p, ms, xs, t: ctx.logits(p, ms, xs, t, train=True)
     z = features(logit_fn, params, model_state, x[pick], task[pick])
     z = jnp.where(first, z, transplant(z, z, y[pick], ss.seen, gamma))
     mem = buffers.put_rows(mem, slots, x[pick], y[pick], task[pick],
-                           jnp.full((k,), ss.experience, jnp.int32))
+                           jnp.full((m,), ss.experience, jnp.int32))
     logits = ss.logits.at[slots].set(z, mode="drop")
     # 3. The past entries' logits of the current classes, from the network
     # as it ends the experience.
