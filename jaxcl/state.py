@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcl.models.classifier import takes_mask
+
 __all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
            "cross_entropy", "cross_entropy_over", "masked_logits"]
 
@@ -133,17 +135,21 @@ class Context:
   freeze: Callable[[Any], Any] = no_freeze
 
   def apply(self, params, model_state, x, task, train: bool = False,
-            features: bool = False):
+            features: bool = False, mask: jax.Array | None = None):
     """Runs the model; returns ``(output, new_model_state)``.
 
     ``output`` is logits (masked to the task's classes where the setting
     asks for it) or, with ``features=True``, the backbone's features.
+
+    ``mask`` (``(batch,)``, > 0 for a real row): in training mode, the
+    rows a batch-norm model's statistics count (:func:`batch_stats_mask`).
     """
     variables = {"params": params, **model_state}
     if train and model_state:
-      out, new_ms = self.model.apply(variables, x, task, train=True,
-                                     features=features,
-                                     mutable=list(model_state))
+      out, new_ms = self.model.apply(
+          variables, x, task, train=True, features=features,
+          mutable=list(model_state),
+          **batch_stats_mask(self.model, model_state, mask))
     else:
       out = self.model.apply(variables, x, task, train=train,
                              features=features)
@@ -152,9 +158,11 @@ class Context:
       out = masked_logits(out, task, self.info.task_classes)
     return out, new_ms
 
-  def logits(self, params, model_state, x, task, train: bool = False):
+  def logits(self, params, model_state, x, task, train: bool = False,
+             mask: jax.Array | None = None):
     """Logits only (model state unchanged): for evaluation and teachers."""
-    return self.apply(params, model_state, x, task, train=train)[0]
+    return self.apply(params, model_state, x, task, train=train,
+                      mask=mask)[0]
 
 
 class StepInfo(NamedTuple):
@@ -182,6 +190,29 @@ class StepInfo(NamedTuple):
   loss: jax.Array
   key: jax.Array | None = None
   logits: jax.Array | None = None
+
+
+def batch_stats_mask(model: Any, model_state: Any,
+                     mask: jax.Array | None) -> dict[str, jax.Array]:
+  """The ``mask=`` keyword of a training-mode call of ``model`` (``{}``
+  when there is nothing to pass).
+
+  A model with batch statistics (a ``batch_stats`` collection) whose call
+  takes a ``mask`` keyword (jaxcl's ``bn_mlp`` and ``resnet18`` do, as
+  flax's ``nn.BatchNorm`` does) then normalises by, and updates its
+  running statistics from, the real rows (``mask > 0``) only, as a
+  PyTorch batch without the padding would. Without it, padding rows (an
+  epoch's last batch, a memory's empty slots, which are rows of zeros or
+  repeats) count in the statistics, shifting the real rows' outputs and
+  the running averages. A model without the keyword counts every row.
+  A mask with no real row counts every row: the rows' loss is zero then,
+  and an empty mean would be NaN.
+  """
+  if mask is None or "batch_stats" not in model_state \
+      or not takes_mask(model):
+    return {}
+  real = mask > 0
+  return {"mask": jnp.where(jnp.any(real), real, True)}
 
 
 def masked_logits(logits: jax.Array, task: jax.Array,

@@ -402,7 +402,8 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
 
   def loss_fn(params):
     logits, new_ms = ctx.apply(params, state.model_state, batch["x"],
-                               batch["task"], train=True)
+                               batch["task"], train=True,
+                               mask=batch["mask"])
     task_loss = task_loss_of(logits)
     reg = strategy.loss(ctx, state.strategy, params, batch, logits)
     return task_loss + reg, (new_ms, logits)
@@ -428,7 +429,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
 
     def task_loss_fn(params):
       logits, _ = ctx.apply(params, state.model_state, batch["x"],
-                            batch["task"], train=True)
+                            batch["task"], train=True, mask=batch["mask"])
       return task_loss_of(logits)
 
     task_grads = jax.grad(task_loss_fn)(state.params)

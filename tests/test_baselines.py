@@ -310,7 +310,8 @@ def test_replay_memory_refuses_a_default_replay_batch_larger_than_it():
 def test_replay_memory_gradient_is_taken_in_training_mode():
   """add_replay_grads (MIR's, ASER's replay): the gradient of the valid
   memory rows' mean cross-entropy with the model in training mode (batch
-  norm on the replayed rows' own statistics), added to ``grads``."""
+  norm on the valid replayed rows' own statistics: the two empty slots
+  drawn do not count), added to ``grads``."""
   sc = _setup("naive").scenario
   ctx = make_context(models.build("bn_mlp", 10, widths=(8,)),
                      make_optimizer("sgd", 0.1), stream_info(sc, 8))
@@ -326,26 +327,28 @@ def test_replay_memory_gradient_is_taken_in_training_mode():
   grads = jax.tree.map(jnp.ones_like, params)
   got = add_replay_grads(ctx, ms, grads, params, mem, idx, ok)
 
-  def hand(p, train):
+  def hand(p, train, rows=6):
     v = {"params": p, **ms}
-    # All 8 drawn rows go through the model (batch statistics over the
-    # batch as drawn); the loss is the mean over the 6 valid ones.
-    x, t = mem.x[idx], mem.task[idx]
+    # The 6 valid drawn rows alone through the model (``rows=8``: all 8
+    # drawn rows, the empty slots' zeros counted in the batch statistics,
+    # as before session 43); the loss is the mean over the 6.
+    x, t = mem.x[idx[:rows]], mem.task[idx[:rows]]
     if train:
       z = ctx.model.apply(v, x, t, train=True, mutable=list(ms))[0]
     else:
       z = ctx.model.apply(v, x, t, train=False)
-    ce = optax.softmax_cross_entropy_with_integer_labels(z, mem.y[idx])
+    ce = optax.softmax_cross_entropy_with_integer_labels(z, mem.y[idx[:rows]])
     return ce[:6].mean()
 
   want = jax.tree.map(lambda g: 1.0 + g, jax.grad(hand)(params, True))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-6)
-  evals = jax.grad(hand)(params, False)
-  assert max(float(np.abs(np.asarray(a) - 1.0 - np.asarray(b)).max())
-             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(evals))
-             ) > 1e-3
+  for other in (jax.grad(hand)(params, False),      # eval mode
+                jax.grad(hand)(params, True, 8)):   # empty slots counted
+    assert max(float(np.abs(np.asarray(a) - 1.0 - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(other))
+               ) > 1e-3
 
 
 def test_agem_r_reference_gradient_uses_the_saved_model_state():

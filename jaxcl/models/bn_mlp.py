@@ -50,24 +50,28 @@ class BNMLP(nn.Module):
   eps: float = 1e-6
   momentum: float = 0.9   # flax convention (PyTorch's 0.1)
 
-  def _block(self, h, width, train, name):
+  def _block(self, h, width, train, mask, name):
     # Kernel only: a bias before batch norm is cancelled by its mean.
     h = nn.Dense(width, use_bias=False, kernel_init=_torch_kernel(h.shape[-1]),
                  name=f"{name}_dense")(h)
     return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                        epsilon=self.eps, name=f"{name}_bn")(h)
+                        epsilon=self.eps, name=f"{name}_bn")(h, mask=mask)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,
-               train: bool = False, features: bool = False) -> jnp.ndarray:
+               train: bool = False, features: bool = False,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """``mask`` (bool ``(batch,)``, training mode): the rows the batch
+    statistics count, as a PyTorch batch without the padding rows would."""
     del task  # single head
     h = x.reshape(x.shape[0], -1)
+    m = None if mask is None else mask[:, None]
     for i, w in enumerate(self.widths):
-      h = nn.relu(self._block(h, w, train, f"hidden{i}"))
+      h = nn.relu(self._block(h, w, train, m, f"hidden{i}"))
     if features:
       return h
     if self.final_bn:
-      return self._block(h, self.num_classes, train, "final")
+      return self._block(h, self.num_classes, train, m, "final")
     return nn.Dense(self.num_classes, use_bias=False,
                     kernel_init=_torch_kernel(h.shape[-1]),
                     name="final_dense")(h)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,12 @@ def l2_normalise(x: jnp.ndarray, axis: int = -1,
   """
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def takes_mask(module: nn.Module) -> bool:
+  """Whether ``module``'s ``__call__`` takes a ``mask`` keyword: the
+  ``(batch,)`` rows its batch statistics count (padding excluded)."""
+  return "mask" in inspect.signature(type(module).__call__).parameters
 
 
 class CosineDense(nn.Module):
@@ -63,8 +71,14 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,
-               train: bool = False, features: bool = False) -> jnp.ndarray:
-    h = self.backbone(x, train=train)
+               train: bool = False, features: bool = False,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    # ``mask``: the rows a batch-norm backbone's statistics count (see
+    # jaxcl.state.Context.apply); only passed to a backbone that takes it.
+    if mask is not None and takes_mask(self.backbone):
+      h = self.backbone(x, train=train, mask=mask)
+    else:
+      h = self.backbone(x, train=train)
     if features:
       return h
     n = self.num_heads * self.num_classes

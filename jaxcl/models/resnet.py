@@ -18,17 +18,19 @@ class BasicBlock(nn.Module):
   stride: int = 1
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+  def __call__(self, x: jnp.ndarray, train: bool,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    norm = lambda h: nn.BatchNorm(use_running_average=not train,
+                                  momentum=0.9)(h, mask=mask)
     y = Conv(self.features, (3, 3), (self.stride, self.stride),
              use_bias=False)(x)
-    y = nn.relu(norm()(y))
+    y = nn.relu(norm(y))
     y = Conv(self.features, (3, 3), use_bias=False)(y)
-    y = norm()(y)
+    y = norm(y)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = Conv(self.features, (1, 1), (self.stride, self.stride),
                use_bias=False)(x)
-      x = norm()(x)
+      x = norm(x)
     return nn.relu(x + y)
 
 
@@ -37,11 +39,16 @@ class ResNet18(nn.Module):
   width: int = 20
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """``mask`` (bool ``(batch,)``, training mode): the rows the batch
+    statistics count, as a PyTorch batch without the padding rows would."""
+    m = None if mask is None else mask[:, None, None, None]
     h = Conv(self.width, (3, 3), use_bias=False)(x)
-    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+    h = nn.relu(nn.BatchNorm(use_running_average=not train,
+                             momentum=0.9)(h, mask=m))
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
         stride = 2 if (i > 0 and j == 0) else 1
-        h = BasicBlock(self.width * mult, stride)(h, train)
+        h = BasicBlock(self.width * mult, stride)(h, train, m)
     return jnp.mean(h, axis=(1, 2))

@@ -82,7 +82,7 @@ def add_replay_grads(ctx, model_state: Any, grads: Any, params: Any,
 
   def replay_loss(p):
     logits, _ = ctx.apply(p, model_state, mem.x[idx], mem.task[idx],
-                          train=True)
+                          train=True, mask=ok)
     return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32))
 
   return jax.tree.map(jnp.add, grads,

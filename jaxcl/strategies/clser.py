@@ -203,7 +203,8 @@ def clser(mem_size: int = 200, lam: float = 2.0, plastic_rate: float = 1.0,
     x, y, task = batch["x"][rows], batch["y"][rows], batch["task"][rows]
     ok = batch["mask"][rows]
     memory_logits = lambda p: jax.lax.stop_gradient(ctx.logits(
-        p, sstate.model_state, x, task, train=True).astype(jnp.float32))
+        p, sstate.model_state, x, task, train=True,
+        mask=ok).astype(jnp.float32))
     target = consistency_target(memory_logits(sstate.plastic),
                                 memory_logits(sstate.stable), y)
     return lam * logit_mse(logits[rows].astype(jnp.float32), target, ok)

@@ -223,7 +223,7 @@ def cscct(csc_weight: float = 3.0, ct_weight: float = 1.5,
     x, y, task = batch["x"], batch["y"], batch["task"]
     valid = batch["mask"] > 0
     f, _ = ctx.apply(params, sstate.teacher_model_state, x, task,
-                     train=True, features=True)
+                     train=True, features=True, mask=valid)
     f_old, _ = ctx.apply(sstate.teacher, sstate.teacher_model_state, x,
                          task, features=True)
     f_old = jax.lax.stop_gradient(f_old)

@@ -172,11 +172,13 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
     del logits
     r = replay_size(ctx)
     x, task = batch[f"{name}_x"], batch[f"{name}_task"]
+    ok = batch[f"{name}_ok"]
     if beta:  # one forward pass for both memory batches
       x = jnp.concatenate([x, batch[f"{name}_x2"]])
       task = jnp.concatenate([task, batch[f"{name}_task2"]])
-    out = ctx.logits(params, sstate.model_state, x, task,
-                     train=True).astype(jnp.float32)
+      ok = jnp.concatenate([ok, batch[f"{name}_ok2"]])
+    out = ctx.logits(params, sstate.model_state, x, task, train=True,
+                     mask=ok).astype(jnp.float32)
     total = alpha * logit_mse(out[:r], batch[f"{name}_z"],
                               batch[f"{name}_ok"])
     if beta:

@@ -111,7 +111,8 @@ def consolidate(ctx, key: jax.Array, targets: jax.Array, active: jax.Array,
     p, ms, opt = carry
 
     def loss_fn(p):
-      out, ms2 = ctx.apply(p, ms, aux_x[idx], task[idx], train=True)
+      out, ms2 = ctx.apply(p, ms, aux_x[idx], task[idx], train=True,
+                           mask=ok)
       sq = jnp.where(active, out.astype(jnp.float32) - targets[idx], 0.0)
       per = jnp.sum(sq * sq, -1) / width
       w = ok.astype(jnp.float32)

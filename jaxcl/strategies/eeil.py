@@ -246,7 +246,8 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
       p, ms, opt = carry
 
       def loss_fn(p):
-        logits, ms2 = ctx.apply(p, ms, xs[idx], ts[idx], train=True)
+        logits, ms2 = ctx.apply(p, ms, xs[idx], ts[idx], train=True,
+                                mask=ok)
         w = ok.astype(jnp.float32)
         ce = cross_entropy_over(logits, ys[idx], w, active)
         kd = group_distillation(logits, targets[idx], ss.class_exp,

@@ -196,12 +196,13 @@ def er_aml(mem_size: int = 200, batch_size: int = 0,
     b = ctx.info.batch_size
     x = jnp.concatenate([batch["x"][:b], batch["aml_x"]])
     task = jnp.tile(batch["task"][:b], 3)
-    # Training mode, as the step's own forward pass.
-    f, _ = ctx.apply(params, sstate.model_state, x, task, train=True,
-                     features=True)
-    h = l2_normalise(f.reshape(f.shape[0], -1))
     valid = batch["aml_valid"]
     twice = jnp.concatenate([valid, valid])
+    # Training mode, as the step's own forward pass.
+    f, _ = ctx.apply(params, sstate.model_state, x, task, train=True,
+                     features=True,
+                     mask=jnp.concatenate([batch["mask"][:b], twice]))
+    h = l2_normalise(f.reshape(f.shape[0], -1))
     y_in = batch["y"][:b]
     return sup_con_loss(jnp.concatenate([h[:b], h[:b]]),
                         jnp.concatenate([y_in, y_in]), twice, h[b:],

@@ -139,7 +139,8 @@ def fdr(mem_size: int = 200, alpha: float = 1.0,
   def lookahead_loss(ctx, sstate, params, batch):
     # ``params`` is θ + Δθ: the distance is the code's second step's loss.
     out = ctx.logits(params, sstate.model_state, batch[f"{name}_x"],
-                     batch[f"{name}_task"], train=True).astype(jnp.float32)
+                     batch[f"{name}_task"], train=True,
+                     mask=batch[f"{name}_ok"]).astype(jnp.float32)
     return alpha * softmax_distance(out, batch[f"{name}_z"],
                                     batch[f"{name}_ok"])
 

@@ -147,7 +147,8 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
       x = random_crop(k, x, crop_padding)
 
     def loss_fn(p):
-      logits, ms = ctx.apply(p, model_state, x, mem.task[idx], train=True)
+      logits, ms = ctx.apply(p, model_state, x, mem.task[idx], train=True,
+                             mask=ok)
       if mask_logits:
         logits = jnp.where(allowed, logits, _NEG)
       return cross_entropy(logits, mem.y[idx], ok.astype(jnp.float32)), ms

@@ -207,7 +207,7 @@ def make_hooks(m_of):
 
 def memory_loss(ctx, params, model_state, x, y, task, mask) -> jax.Array:
   """Mean cross-entropy of memory rows (0 when all are masked)."""
-  logits, _ = ctx.apply(params, model_state, x, task, train=True)
+  logits, _ = ctx.apply(params, model_state, x, task, train=True, mask=mask)
   return cross_entropy(logits, y, mask)
 
 
@@ -215,7 +215,8 @@ def memory_loss_sum(ctx, params, model_state, x, y, task,
                     weight) -> jax.Array:
   """``Σ_a weight_a ℓ_a`` over memory rows (with ``weight_a = 1 / n_k`` on
   block ``k``'s valid rows: the sum of the blocks' mean losses)."""
-  logits, _ = ctx.apply(params, model_state, x, task, train=True)
+  logits, _ = ctx.apply(params, model_state, x, task, train=True,
+                        mask=weight)
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), y)
   return jnp.sum(ce * weight)

@@ -213,7 +213,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
   def replay_ce(ctx, params, model_state, rows):
     """The mean cross-entropy on ``rows`` (x, y, task, mask), in training
     mode: the look-ahead's loss and θ_M's fine-tuning loss."""
-    out = ctx.logits(params, model_state, rows["x"], rows["task"], train=True)
+    out = ctx.logits(params, model_state, rows["x"], rows["task"], train=True,
+                     mask=rows["mask"])
     return cross_entropy(out, rows["y"], rows["mask"])
 
   def lookahead(ctx, sstate, params, batch):
@@ -232,8 +233,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     def anchor_term(params):
       ahead = lookahead(ctx, sstate, params, batch)
       out = lambda p: ctx.logits(p, sstate.model_state, sstate.anchors,
-                                 sstate.anchor_task,
-                                 train=True).astype(jnp.float32)
+                                 sstate.anchor_task, train=True,
+                                 mask=ok).astype(jnp.float32)
       target = jax.lax.stop_gradient(out(ahead))
       now = out(params)
       sq = jnp.sum(ok[:, None] * (now - target) ** 2)
@@ -251,7 +252,8 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
     # mask (the generative replays scale it by 1 / (B + R)).
     m = (info.batch["mask"][:b] > 0).astype(jnp.float32)
     feat = ctx.apply(info.params_after, sstate.model_state, x, task,
-                     train=True, features=True)[0].astype(jnp.float32)
+                     train=True, features=True,
+                     mask=m)[0].astype(jnp.float32)
     mean = jnp.sum(m[:, None] * feat, 0) / jnp.maximum(jnp.sum(m), 1.0)
     # A step with no incoming row (padding) leaves the running mean alone.
     phi = jnp.where(jnp.sum(m) > 0, beta * sstate.phi + (1 - beta) * mean,

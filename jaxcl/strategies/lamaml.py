@@ -350,7 +350,8 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
     ms = sstate.model_state
 
     def ce(p, x, y, task, w):
-      return cross_entropy(ctx.logits(p, ms, x, task, train=True), y, w)
+      return cross_entropy(ctx.logits(p, ms, x, task, train=True, mask=w),
+                           y, w)
 
     def one_glance(carry, inputs):
       theta, alpha = carry

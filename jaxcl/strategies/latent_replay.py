@@ -132,7 +132,7 @@ class Split:
     return box[0]
 
   def upper(self, ctx, params, model_state, latent, task,
-            train: bool = False):
+            train: bool = False, mask: jax.Array | None = None):
     """Logits ``f_{>l}(latent)`` (``(output, new_model_state)``)."""
     target = tuple(self.layer.split("/"))
 
@@ -146,7 +146,8 @@ class Split:
     dummy = jnp.zeros((latent.shape[0],) + tuple(ctx.info.input_shape),
                       jnp.float32)
     with nn.intercept_methods(swap):
-      return ctx.apply(params, model_state, dummy, task, train=train)
+      return ctx.apply(params, model_state, dummy, task, train=train,
+                       mask=mask)
 
   def lower_mask(self, params) -> Any:
     """A pytree of bools like ``params``: True for lower-part leaves."""
@@ -303,7 +304,8 @@ def freeze_hooks(get_split, lower_lr_scale: float):
 def replayed_loss(ctx, split: Split, params, model_state, batch) -> jax.Array:
   """Mean loss of the latents a ``prepare_batch`` put in the batch."""
   logits, _ = split.upper(ctx, params, model_state, batch["latent_x"],
-                          batch["latent_task"], train=True)
+                          batch["latent_task"], train=True,
+                          mask=batch["latent_mask"])
   return cross_entropy(logits, batch["latent_y"], batch["latent_mask"])
 
 

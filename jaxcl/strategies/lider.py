@@ -126,6 +126,7 @@ from jaxcl import buffers, checks
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.icarl import features as chunked
 from jaxcl.strategies.replay import reservoir_step
+from jaxcl.state import batch_stats_mask
 from jaxcl.strategy import Strategy, mark_experience_start
 from jaxcl.train import init_variables
 
@@ -237,13 +238,16 @@ def _captured(mdl: nn.Module, method: str) -> bool:
 
 
 def layer_features(ctx, params, model_state, x: jax.Array, task: jax.Array,
-                   train: bool) -> list[jax.Array]:
+                   train: bool, mask: jax.Array | None = None
+                   ) -> list[jax.Array]:
   """``[x, F_1, ..., F_L]``: the input and each backbone layer's output,
   in call order (flax ``capture_intermediates``)."""
   mutable = ["intermediates"] + (list(model_state) if train else [])
   _, out = ctx.model.apply({"params": params, **model_state}, x, task,
                            train=train, capture_intermediates=_captured,
-                           mutable=mutable)
+                           mutable=mutable,
+                           **(batch_stats_mask(ctx.model, model_state, mask)
+                              if train else {}))
   # A model without a `backbone` sub-module captures nothing at all (no
   # "intermediates" collection): no layer pair, so init's refusal says why.
   layers = out.get("intermediates", {}).get("backbone", {})
@@ -283,10 +287,11 @@ def _pairs(ctx) -> tuple[list[int], int]:
 
 def lipschitz_estimates(ctx, params, model_state, x: jax.Array,
                         task: jax.Array, v0: jax.Array, steps: int,
-                        train: bool) -> jax.Array:
+                        train: bool, mask: jax.Array | None = None
+                        ) -> jax.Array:
   """``(B, P)``: ``K_l`` of each row for each kept layer pair; ``v0``
   ``(B, >= max C_a)`` uniform numbers start the power iterations."""
-  feats = layer_features(ctx, params, model_state, x, task, train)
+  feats = layer_features(ctx, params, model_state, x, task, train, mask)
   shapes = [_as_map(f).shape for f in feats]
   cols = [layer_lipschitz(feats[i], feats[i + 1],
                           v0[:, :shapes[i][-1]], steps)
@@ -400,7 +405,8 @@ def lider(alpha_lip_lambda: float = 0.3, beta_lip_lambda: float = 0.5,
     r = replay_size(ctx)
     k = lipschitz_estimates(ctx, params, sstate.model_state,
                             batch["lider_x"], batch["lider_task"],
-                            batch["lider_v0"], power_steps, True)
+                            batch["lider_v0"], power_steps, True,
+                            batch["lider_ok"])
     ok = batch["lider_ok"]
     minimise, budget = lider_terms(k[:r], ok[:r], k[r:], ok[r:],
                                    sstate.budget)

@@ -188,7 +188,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
     # Training mode, as the step's own forward pass (batch statistics);
     # the model state only gives the structure.
     f, _ = ctx.apply(params, sstate.teacher_model_state, x, task,
-                     train=True, features=True)
+                     train=True, features=True, mask=mask)
     ft, _ = ctx.apply(sstate.teacher, sstate.teacher_model_state, x, task,
                       features=True)
     ft = jax.lax.stop_gradient(ft)

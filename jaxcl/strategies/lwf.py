@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.models.classifier import Classifier
+from jaxcl.state import batch_stats_mask
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -93,17 +94,19 @@ def distillation(student: jax.Array, teacher: jax.Array, group: jax.Array,
   return jnp.where(jnp.any(group), ce, 0.)
 
 
-def _raw_logits(ctx, params, model_state, x, task, train):
-  """The model's logits without the task-incremental mask."""
+def _raw_logits(ctx, params, model_state, x, task, train, mask=None):
+  """The model's logits without the task-incremental mask (``mask``: the
+  real rows, for batch statistics in training mode)."""
   variables = {"params": params, **model_state}
   if train and model_state:
     out, _ = ctx.model.apply(variables, x, task, train=True,
-                             mutable=list(model_state))
+                             mutable=list(model_state),
+                             **batch_stats_mask(ctx.model, model_state, mask))
     return out
   return ctx.model.apply(variables, x, task, train=train)
 
 
-def _per_task_logits(ctx, params, model_state, x, train):
+def _per_task_logits(ctx, params, model_state, x, train, mask=None):
   """Logits ``(num_tasks, B, C)`` with each task's id given to the model.
 
   A single-head :class:`Classifier` ignores the task id, so one forward
@@ -114,10 +117,11 @@ def _per_task_logits(ctx, params, model_state, x, train):
   b = x.shape[0]
   if isinstance(ctx.model, Classifier) and ctx.model.num_heads == 1:
     out = _raw_logits(ctx, params, model_state, x,
-                      jnp.zeros((b,), jnp.int32), train)
+                      jnp.zeros((b,), jnp.int32), train, mask)
     return jnp.broadcast_to(out, (n,) + out.shape)
   return jax.vmap(lambda t: _raw_logits(
-      ctx, params, model_state, x, jnp.full((b,), t, jnp.int32), train))(
+      ctx, params, model_state, x, jnp.full((b,), t, jnp.int32), train,
+      mask))(
           jnp.arange(n))
 
 
@@ -162,7 +166,8 @@ def lwf(alpha: float = 1.0, temperature: float = 2.0) -> Strategy:
     # The hook does not see the student's model_state; in train mode it
     # does not matter (batch norm uses batch statistics), so the teacher's,
     # of the same structure, stands in.
-    s_all = _per_task_logits(ctx, params, sstate.teacher_state, x, True)
+    s_all = _per_task_logits(ctx, params, sstate.teacher_state, x, True,
+                             mask)
     t_all = teacher(_per_task_logits(ctx, sstate.teacher,
                                      sstate.teacher_state, x, False))
     per_task = jax.vmap(distillation, in_axes=(0, 0, 0, None, None))(

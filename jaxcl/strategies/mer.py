@@ -202,7 +202,7 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
     b = ctx.info.batch_size
 
     def ce(p, x, y, task, w):
-      out = ctx.logits(p, sstate.model_state, x, task, train=True)
+      out = ctx.logits(p, sstate.model_state, x, task, train=True, mask=w)
       return cross_entropy(out, y, w)
 
     # A chained member's fixed weights (ctx.freeze: e.g. PackNet's, progressive

@@ -206,7 +206,7 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
 
       def loss_fn(p):
         logits, ms = ctx.apply(p, model_state, batch["x"], batch["task"],
-                               train=True)
+                               train=True, mask=batch["mask"])
         return cross_entropy(logits, batch["y"], batch["mask"]), ms
 
       def run(carry):

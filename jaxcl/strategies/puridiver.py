@@ -392,7 +392,8 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
     x, perm, lam = mixed(k_m, x, ok, mem.task[idx])
 
     def loss_fn(p):
-      out, ms = ctx.apply(p, carry[1], x, mem.task[idx], train=True)
+      out, ms = ctx.apply(p, carry[1], x, mem.task[idx], train=True,
+                          mask=ok)
       return _mixed_ce(out, y, perm, lam, m), ms
     return update(carry, loss_fn, lr)
 
@@ -413,13 +414,14 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
     x = jnp.concatenate([xr, strong(k_rs, xr), xu, strong(k_us, xu), xl])
     t = jnp.concatenate([mem.task[ir], mem.task[ir], mem.task[iu],
                          mem.task[iu], mem.task[idx]])
+    real = jnp.concatenate([orr, orr, ou, ou, ok])
     mu, mr = ou.astype(jnp.float32), orr.astype(jnp.float32)
     nu, nr = jnp.sum(mu), jnp.sum(mr)
     nl = n_l.astype(jnp.float32)
     a = aux_cap
 
     def loss_fn(p):
-      out, ms = ctx.apply(p, carry[1], x, t, train=True)
+      out, ms = ctx.apply(p, carry[1], x, t, train=True, mask=real)
       r_w, r_s, u_w, u_s, o_l = (out[:a], out[a:2 * a], out[2 * a:3 * a],
                                  out[3 * a:4 * a], out[4 * a:])
       loss_l = _mixed_ce(o_l, yl, perm, lam, ml)

@@ -304,7 +304,7 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
 
     def adv_loss(p):
       logits, _ = ctx.apply(p, sstate.model_state, rows["x"], rows["task"],
-                            train=True)
+                            train=True, mask=rows["mask"])
       return beta * cross_entropy(logits, rows["y"], rows["mask"])
 
     # None of it on a chained member's fixed weights (ctx.freeze).

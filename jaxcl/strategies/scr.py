@@ -303,7 +303,7 @@ def scr(mem_size: int = 200, batch_size: int = 100,
     x, y, ok, task = views(batch)
     # Training mode, as the step's own forward pass.
     f, _ = ctx.apply(params, sstate.model_state, x, task, train=True,
-                     features=True)
+                     features=True, mask=ok)
     return embed_loss(sstate.head, f, y, ok)
 
   def after_step(ctx, sstate, info):
@@ -311,7 +311,7 @@ def scr(mem_size: int = 200, batch_size: int = 100,
     # The backbone's features at the parameters the step differentiated,
     # held constant: the head's part of the joint gradient.
     f, _ = ctx.apply(info.params_before, sstate.model_state, x, task,
-                     train=True, features=True)
+                     train=True, features=True, mask=ok)
     f = jax.lax.stop_gradient(f)
     g = jax.grad(embed_loss)(sstate.head, f, y, ok)
     updates, opt = ctx.tx.update(g, sstate.head_opt_state, sstate.head)

@@ -276,7 +276,8 @@ def star(p_lam: float = 0.01, p_gamma: float = 0.05, p_steps: int = 1,
     x, task = batch["star_x"], batch["star_task"]
 
     def logits_at(p):
-      return ctx.apply(p, sstate.model_state, x, task, train=True)[0]
+      return ctx.apply(p, sstate.model_state, x, task, train=True,
+                       mask=batch["star_ok"])[0]
 
     out = logits_at(params)
     p = jax.lax.stop_gradient(jax.nn.softmax(out.astype(jnp.float32)))
