@@ -35,10 +35,13 @@ _FILLED_AT_END = dict(mem_size=600, batch_size=300)
 # batch (drawn after one training batch of experience 0, so that the draws
 # hold empty slots) and retraining batches of 7 (a part-padded last batch
 # in each epoch): STAR adds its term only once two drawn rows are
-# classified right, after a few more steps.
+# classified right, after a few more steps; MER's default single-example
+# steps normalise one row by itself (the same output whatever the row),
+# so its batch steps are the case to check.
 _SETTINGS = {"fdr": _FILLED_AT_END, "xder": _FILLED_AT_END,
              "latent_replay": dict(_FILLED_AT_END, layer="hidden0_bn"),
-             "lamaml": dict(n_inner=8), "star": dict(batch_size=48)}
+             "lamaml": dict(n_inner=8), "star": dict(batch_size=48),
+             "mer": dict(per_example=False)}
 _STEPS = {"star": 4}
 
 
@@ -51,6 +54,10 @@ def _bn_setup(name, batch_size=8):
   else:
     c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
   c.train.batch_size = batch_size
+  # Plain SGD: Adam's first step after its reset is about lr * sign(g),
+  # blind to a change in the gradient's size.
+  c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.1
+  c.optimizer.momentum = 0.0
   accepts = resume_configs._accepts(name)
   wide = {"batch_size": 2 * batch_size, "batch_size_mem": 2 * batch_size,
           "consolidate_batch_size": 7, "finetune_batch_size": 7}
