@@ -53,6 +53,8 @@ def _bn_setup(name, batch_size=8):
     c.model.name, c.model.width = "resnet18", 2
   else:
     c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
+  if name == "lwf":  # its task-incremental loss runs the student itself
+    c.scenario.kind = "task"
   c.train.batch_size = batch_size
   # Plain SGD: Adam's first step after its reset is about lr * sign(g),
   # blind to a change in the gradient's size.
@@ -159,12 +161,14 @@ def test_train_step_ignores_the_padding_rows_of_a_batch_norm_batch():
 
 
 # Strategies with a training-mode forward pass of their own over memory
-# rows, a retraining over a memory, or the engine's step on replayed rows.
+# rows (LwF's over the batch), a retraining over a memory, or the
+# engine's step on replayed rows. Not here: LUCIR (a cosine head),
+# PackNet (multi-head), LiDER (a convolutional backbone).
 MEMORY_FORWARDS = (
     "replay", "der", "derpp", "xder", "fdr", "hal", "mer", "lamaml",
     "clser", "er_ace", "er_aml", "scr", "star", "rar", "mir", "aser",
     "gem", "agem", "gdumb", "eeil", "dmc", "puridiver", "latent_replay",
-    "cscct", "icarl")
+    "cscct", "icarl", "lwf")
 
 
 def _experience_1(name, seeds):
