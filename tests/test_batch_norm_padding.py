@@ -220,3 +220,28 @@ def test_retraining_padding_does_not_change_batch_norm_training(
   last = _experience_1(name, (1,))[0]
   # Two programs (the patched one has an extra select): rounding apart.
   _assert_same(first[1], last[1], f"{name} experience end: ", rtol=1e-3)
+
+
+def test_xder_end_logits_use_the_experiences_real_rows_statistics():
+  # X-DER stores, at an experience's end, the logits of the network in
+  # training mode (Mammoth's end_task: self.train() with frozen running
+  # statistics), batch statistics taken over the experience's rows. The
+  # chunked pass pads the rows to 500 with zeros; those must not count:
+  # the stored logits are the ones of one pass over the real rows.
+  s = _bn_setup("xder")
+  ctx, strat = s.learner.ctx, s.learner.strategy
+  e0 = s.scenario.experiences[0]
+  state = strat.before_experience(ctx, train.init_state(ctx, strat, 0), e0)
+  state = strat.after_experience(ctx, state, e0)
+  ss = state.strategy
+  x = jnp.asarray(e0.train_x)
+  want = ctx.logits(state.params, ss.model_state, x,
+                    jnp.asarray(e0.train_task), train=True)
+  slots = np.flatnonzero(np.asarray(ss.memory.valid))
+  assert 0 < len(slots) <= len(e0.train_y)
+  # Each stored entry's row of the experience (rows are distinct digits).
+  rows = [int(np.flatnonzero((np.asarray(x) == np.asarray(ss.memory.x[i]))
+                             .all(axis=tuple(range(1, x.ndim))))[0])
+          for i in slots]
+  np.testing.assert_allclose(np.asarray(ss.logits)[slots],
+                             np.asarray(want)[rows], rtol=1e-4, atol=1e-5)

@@ -379,14 +379,24 @@ def exemplar_hook(update_memory: Callable[..., Any],
   return after_experience
 
 
-def features(fn, params, model_state, x, task, chunk: int = 500):
-  """``fn`` over ``x`` in fixed chunks (``lax.map``; padded, then cut)."""
+def features(fn, params, model_state, x, task, chunk: int = 500,
+             valid: jax.Array | None = None):
+  """``fn`` over ``x`` in fixed chunks (``lax.map``; padded, then cut).
+
+  ``valid`` (bool ``(n,)``): the real rows; ``fn`` then takes each
+  chunk's mask as a fifth argument (padding False), for a training-mode
+  pass whose batch statistics must count the real rows only.
+  """
   n = x.shape[0]
   nb = math.ceil(n / chunk)
   pad = nb * chunk - n
   xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
   tp = jnp.concatenate([task, jnp.zeros((pad,), task.dtype)])
-  f = jax.lax.map(lambda a: fn(params, model_state, a[0], a[1]),
-                  (xp.reshape((nb, chunk) + x.shape[1:]),
-                   tp.reshape(nb, chunk)))
+  chunks = (xp.reshape((nb, chunk) + x.shape[1:]), tp.reshape(nb, chunk))
+  if valid is None:
+    f = jax.lax.map(lambda a: fn(params, model_state, a[0], a[1]), chunks)
+  else:
+    vp = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
+    f = jax.lax.map(lambda a: fn(params, model_state, *a),
+                    chunks + (vp.reshape(nb, chunk),))
   return f.reshape(nb * chunk, -1)[:n]

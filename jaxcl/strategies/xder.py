@@ -339,15 +339,22 @@ def xder(mem_size: int = 200, alpha: float = 0.3, beta: float = 0.8,
     pick_ok = take[pick]
     slots = jnp.argsort(mem.valid, stable=True)[:m]   # the free slots first
     slots = jnp.where(pick_ok, slots, k)
-    logit_fn = lambda p, ms, xs, t: ctx.logits(p, ms, xs, t, train=True)
-    z = features(logit_fn, params, model_state, x[pick], task[pick])
+    # Training mode, as Mammoth's end_task (self.train(), running
+    # statistics frozen): batch statistics over the experience's real rows
+    # (its loader's batches; here chunks of them) and, in step 3, over the
+    # valid entries, never over padding.
+    logit_fn = lambda p, ms, xs, t, v: ctx.logits(p, ms, xs, t, train=True,
+                                                  mask=v)
+    z = features(logit_fn, params, model_state, x[pick], task[pick],
+                 valid=rows_ok[pick])
     z = jnp.where(first, z, transplant(z, z, y[pick], ss.seen, gamma))
     mem = buffers.put_rows(mem, slots, x[pick], y[pick], task[pick],
                            jnp.full((m,), ss.experience, jnp.int32))
     logits = ss.logits.at[slots].set(z, mode="drop")
     # 3. The past entries' logits of the current classes, from the network
     # as it ends the experience.
-    out = features(logit_fn, params, model_state, mem.x, mem.task)
+    out = features(logit_fn, params, model_state, mem.x, mem.task,
+                   valid=mem.valid)
     past = mem.valid & ss.seen[mem.y]
     new = transplant(logits, out, mem.y, ss.current, gamma)
     logits = jnp.where(past[:, None], new, logits)
