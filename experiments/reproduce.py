@@ -218,6 +218,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
   done = record or os.path.join(workdir, "entry.json")
   kept: dict[int, np.ndarray] = {}  # seed -> accuracy matrix, not rerun
   kept_commits: dict[str, str] = {}  # seed -> the commit it ran at
+  fewer = None   # a record of this config with too few seeds
   if os.path.exists(done):
     with open(done) as f:
       prev = json.load(f)
@@ -229,6 +230,8 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     # re-ran and overwrote the 10-seed records).
     if same and (any_seeds or set(seeds) <= set(prev.get("seeds", ()))):
       return prev
+    if same:
+      fewer = list(prev.get("seeds", ()))
     # Seeds that run one after another are independent programs: a record
     # of the same config keeps its finished seeds, so growing an entry from
     # 1 to 3 seeds runs only the 2 new ones (hours, for the long entries).
@@ -240,6 +243,10 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
           str(s), prev.get("commit", "unknown")) for s in kept}
   if skip is not None:
     why = datasets.missing(config.dataset.name, config.dataset.data_dir)
+    if not why and fewer is not None:
+      # Not "no stored result": one is stored, of fewer seeds.
+      skip = (f"the stored result has seeds {fewer}, not all of "
+              f"{list(seeds)} (--any_seeds reports it)")
     return {"skipped": _no_data(config.dataset.name, why) if why else skip}
 
   def set_aside(why: str) -> None:

@@ -471,3 +471,212 @@ def test_only_keeps_larger_records_and_the_whole_report(tmp_path, data_dir):
   assert "(10 seeds)" in text
   assert "not run: no stored result for this config (not selected by " \
          "--only)" in text
+
+
+class _FakeSweep:
+  """Stands in for ``jaxcl.sweep.sweep`` in run_entry (no training): records
+  each call's seeds, scenario seed and run directory, creates the directory
+  as a run would, and returns for seed ``s`` the made-up matrix ``_acc(s)``;
+  ``before`` maps a seed to the seconds its earlier invocations took."""
+
+  def __init__(self, before=None):
+    self.calls, self.before = [], before or {}
+
+  def __call__(self, config, seeds, workdir=None, **kw):
+    from jaxcl import sweep
+    self.calls.append((list(seeds), config.scenario.get("seed"), workdir))
+    os.makedirs(workdir, exist_ok=True)
+    acc = np.stack([_acc(s) for s in seeds])
+    groups = [{"acc": (0.5, 0.1), "bwt": (-0.2, 0.01),
+               "forgetting": (0.3, 0.02)}]
+    return sweep.SweepResult(
+        members=[], accuracy=acc, metrics=[], groups=groups,
+        times={"before": self.before.get(seeds[0], 0.0)}, result=None)
+
+
+def _acc(seed: int) -> np.ndarray:
+  """A made-up 3x3 accuracy matrix, different per seed."""
+  return np.array([[0.9, 0.1, 0.2], [0.5, 0.8, 0.1],
+                   [0.3, 0.4, 0.7]]) + 0.01 * seed
+
+
+def test_sweep_entry_runs_its_seeds_and_stores_the_sweep_summary(
+    tmp_path, data_dir, monkeypatch):
+  """A vmapped entry hands all its seeds to one sweep and stores what it
+  returns: the matrices, the per-experience curve (mean accuracy over the
+  experiences seen so far, over seeds), ACC / BWT / forgetting from the
+  sweep's summary under their own names, and a wall time that counts the
+  run's earlier invocations. A finished record is reused for fewer seeds,
+  for more only with any_seeds."""
+  from jaxcl import sweep
+  fake = _FakeSweep(before={0: 100.0})
+  monkeypatch.setattr(sweep, "sweep", fake)
+  e = reproduce.Entry("t", "Naive", "split_mnist_baselines", "strategy=naive")
+  record = str(tmp_path / "results" / f"{e.id}.json")
+  r = reproduce.run_entry(e, [0, 1, 2], str(tmp_path / "w"), data_dir,
+                          smoke=True, record=record)
+  assert [c[0] for c in fake.calls] == [[0, 1, 2]]
+  assert fake.calls[0][2] == str(tmp_path / "w")
+  assert r["seeds"] == [0, 1, 2]
+  assert list(r["acc"]) == [0.5, 0.1] and list(r["bwt"]) == [-0.2, 0.01]
+  assert list(r["forgetting"]) == [0.3, 0.02]
+  np.testing.assert_allclose(r["accuracy"], [_acc(s) for s in range(3)])
+  # Experience i: the mean over seeds of the first i + 1 test sets' accuracy.
+  curve = [np.mean([np.mean(_acc(s)[i][:i + 1]) for s in range(3)])
+           for i in range(3)]
+  np.testing.assert_allclose(r["over_time"], curve, atol=1e-12)
+  assert 100.0 <= r["wall_time"] < 160.0  # earlier invocations counted
+  assert "wall_time_partial" not in r
+  assert json.load(open(record)) == json.loads(json.dumps(r))
+  # Reused: fewer seeds than recorded; more only with any_seeds (when it
+  # is not reused, the skip reason names the stored seeds: "no stored
+  # result" misled before session 43).
+  again = reproduce.run_entry(e, [1], str(tmp_path / "w"), data_dir,
+                              smoke=True, record=record, skip="not reused")
+  assert again["seeds"] == [0, 1, 2]
+  more = dict(seeds=[0, 1, 2, 3], workdir=str(tmp_path / "w"),
+              data_dir=data_dir, smoke=True, record=record, skip="not reused")
+  assert reproduce.run_entry(e, any_seeds=True, **more)["seeds"] == [0, 1, 2]
+  assert reproduce.run_entry(e, **more) == {
+      "skipped": "the stored result has seeds [0, 1, 2], not all of "
+                 "[0, 1, 2, 3] (--any_seeds reports it)"}
+  assert len(fake.calls) == 1
+
+
+def test_sequential_entry_keeps_only_the_asked_seeds_of_its_record(
+    tmp_path, data_dir, monkeypatch):
+  """Asked for seeds 0, 1 and 3 after a record of seeds 0 and 2, a
+  sequential entry runs seeds 1 and 3 only (one program each, in its own
+  directory), keeps seed 0 with its commit and its share of the record's
+  time (half: one of two seeds), drops seed 2, summarises from the
+  matrices (mean and standard error of the seeds' ACC), and leaves its run
+  directory in place. A seed resumed without a recorded time makes the
+  wall time a lower bound."""
+  from jaxcl import sweep
+  fake = _FakeSweep(before={1: 2.0, 3: float("nan")})
+  monkeypatch.setattr(sweep, "sweep", fake)
+  e = reproduce.Entry("t", "Replay", "permuted_mnist_replay",
+                      "strategy=replay,mem_size=50", sequential=True)
+  record = str(tmp_path / f"{e.id}.json")
+  w = tmp_path / "w"
+  reproduce.run_entry(e, [0, 2], str(w), data_dir, smoke=True, record=record)
+  stored = json.load(open(record))
+  stored.update(commit="abc1234" + "0" * 33, wall_time=1000.0)
+  json.dump(stored, open(record, "w"))
+  fake.calls.clear()
+  r = reproduce.run_entry(e, [0, 1, 3], str(w), data_dir, smoke=True,
+                          record=record)
+  assert [(c[0], c[2]) for c in fake.calls] == [
+      ([1], str(w / "seed_1")), ([3], str(w / "seed_3"))]
+  assert fake.calls[0][1] == fake.calls[1][1]  # the shared draw
+  assert r["seeds"] == [0, 1, 3]
+  np.testing.assert_allclose(r["accuracy"], [_acc(s) for s in (0, 1, 3)])
+  assert r["kept_commits"] == {"0": "abc1234" + "0" * 33}
+  assert 502.0 <= r["wall_time"] < 560.0
+  assert r["wall_time_partial"] is True
+  v = [np.mean(_acc(s)[-1]) for s in (0, 1, 3)]
+  np.testing.assert_allclose(r["acc"], [np.mean(v), np.std(v, ddof=1) /
+                                        np.sqrt(3)], atol=1e-12)
+  assert w.exists() and not os.path.exists(str(w) + ".stale")
+
+
+def test_report_row_cells_tolerance_and_counts(tmp_path):
+  """Each row's cells in the header's order (ACC, published, source, BWT,
+  forgetting, wall time, config, commit), a record with fewer seeds than
+  the report's named, the 1.5-point tolerance on both sides, failed and
+  not-run rows listed and counted, a partial report marked, and kept seeds
+  listed in numeric order."""
+  E = reproduce.Entry
+  a = E("T", "A", "split_mnist_baselines", "strategy=naive", 0.804, "P")
+  b = E("T", "B", "split_mnist_baselines", "strategy=joint", 0.90, "Q",
+        note="b's note")
+  c = E("T", "C", "split_mnist_baselines", "strategy=cumulative", 0.90, "R",
+        note="c's note")
+  d = E("T", "D", "split_mnist_baselines", "strategy=ensemble")
+  f = E("T", "F", "split_mnist_baselines", "strategy=freezing")
+  g = E("T", "G", "split_mnist_baselines", "strategy=from_scratch")
+  three = {"acc": [0.55, 0.02], "bwt": [-0.2, 0.01],
+           "forgetting": [0.3, 0.02], "wall_time": 12.0, "commit": "a" * 40,
+           "over_time": [0.9, 0.55], "seeds": [0, 1, 2]}
+  one = {**three, "acc": [0.884, 0.0], "bwt": [-0.25, 0.0],
+         "forgetting": [0.31, 0.0], "seeds": [0]}
+  results = {a.id: three, b.id: one,  # 88.4: 1.6 points below 90
+             c.id: {**one, "acc": [0.886, 0.0]},  # 1.4 points below
+             d.id: {"error": "ValueError: boom"},
+             f.id: {"skipped": "not this time"}, g.id: {"skipped": "nor"}}
+  text = open(reproduce.write_report(results, [a, b, c, d, f, g],
+                                     str(tmp_path),
+                                     [0, 1, 2], False, 0.0)).read()
+  rows = {l.split(" | ")[0][2:]: [x.strip() for x in l.split("|")[1:-1]]
+          for l in text.splitlines() if l.startswith("| ") and
+          not l.startswith(("| method", "| ---"))}
+  assert rows["A"] == ["A", "55.00 ± 2.00", "80.4", "P", "-0.200 ± 0.010",
+                       "+0.300 ± 0.020", "12",
+                       "`split_mnist_baselines.py:strategy=naive`",
+                       "`aaaaaaa`"]
+  assert rows["B"][1:6] == ["88.40 (1 seed)", "90.0", "Q", "-0.250",
+                            "+0.310"]
+  assert "**B** is more than 1.5 points below Q (90.0): b's note" in text
+  assert "**C**" not in text and "c's note" not in text
+  assert rows["D"][1].startswith("failed: ValueError: boom")
+  assert rows["F"][1] == "not run: not this time"
+  assert "; with results: 3, not run: 2, failed: 1" in text
+  assert "entries: 6 of the" in text and "(a partial run" in text
+  assert reproduce._kept({"10": "c" * 40, "2": "c" * 40}) == \
+      " (seeds 2, 10: `ccccccc`)"
+
+
+def test_command_line_selects_entries_seeds_and_directories(tmp_path,
+                                                            monkeypatch):
+  """What main hands run_entry for each entry (no run_entry runs): seeds
+  0..n-1 (3 by default), the record and run directory named by the entry,
+  --only and --skip matched against ids and tables, the others reused with
+  any seeds or listed as not run, --smoke keeping only the selected
+  entries, one seed and no committed record, and the data directory from
+  $JAXCL_DATA_DIR."""
+  calls = {}
+
+  def fake_run(e, seeds, workdir, data_dir, smoke, any_seeds, skip, record):
+    calls[e.id] = dict(seeds=list(seeds), workdir=workdir, data=data_dir,
+                       smoke=smoke, any_seeds=any_seeds, skip=skip,
+                       record=record)
+    return {"skipped": "fake"}
+  monkeypatch.setattr(reproduce, "run_entry", fake_run)
+  monkeypatch.setattr(reproduce, "write_report", lambda *a, **k: "report")
+  monkeypatch.setenv("JAXCL_DATA_DIR", str(tmp_path / "data"))
+  reproduce._load_more_entries()
+  pm20 = "Permuted MNIST (20), MLP 100-100, 1 epoch (Buzzega"
+  in_pm20 = {e.id for e in reproduce.ENTRIES if pm20 in e.table}
+  naive = "split_mnist_baselines__strategy_naive"
+  skipped = next(i for i in sorted(in_pm20) if "replay" in i)
+  base = ["--results", str(tmp_path / "res"), "--workdir",
+          str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+  reproduce.main(base + ["--only", naive, pm20, "--skip", skipped])
+  assert len(calls) == len(reproduce.ENTRIES)
+  chosen = {i for i, c in calls.items() if not c["any_seeds"]}
+  # --only naive also matches naive,kind=task (a substring).
+  assert chosen == in_pm20 | {naive, f"{naive}_kind_task"}
+  assert len(in_pm20) > 10
+  for i, c in calls.items():
+    assert c["seeds"] == [0, 1, 2] and c["data"] == str(tmp_path / "data")
+    assert c["record"] == str(tmp_path / "res" / f"{i}.json")
+    assert c["workdir"] == str(tmp_path / "w" / i) and not c["smoke"]
+    if i == skipped:
+      assert "--skip" in c["skip"]
+    elif i in chosen:
+      assert c["skip"] is None
+    else:
+      assert "not selected by --only" in c["skip"]
+  # --skip matches tables too.
+  calls.clear()
+  reproduce.main(base + ["--only", naive, pm20, "--skip", pm20,
+                         "--seeds", "5"])
+  assert {i for i, c in calls.items() if c["skip"] and "--skip" in
+          c["skip"]} == in_pm20
+  assert all(c["seeds"] == [0, 1, 2, 3, 4] for c in calls.values())
+  calls.clear()
+  reproduce.main(base + ["--smoke", "--only", naive, "--seeds", "5"])
+  assert set(calls) == {naive, f"{naive}_kind_task"}
+  for i, c in calls.items():
+    assert c["seeds"] == [0] and c["smoke"] and c["record"] is None
+    assert c["workdir"] == str(tmp_path / "w_smoke" / i)
