@@ -25,7 +25,8 @@ import optax
 from jaxcl.models.classifier import takes_mask
 
 __all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
-           "cross_entropy", "cross_entropy_over", "masked_logits"]
+           "batch_stats_mask", "cross_entropy", "cross_entropy_over",
+           "masked_logits"]
 
 # A mini-batch: {'x': (B, ...), 'y': (B,) int32, 'task': (B,) int32,
 # 'mask': (B,) float32 weights (0 for padding or empty replay slots)}.

@@ -8,7 +8,12 @@ signature (for models that are not backbone + head, e.g. hypernetworks).
 Every model is a :class:`Classifier` whose ``__call__(x, task, train)``
 returns logits, and whose ``features=True`` call returns the backbone's
 output (used by strategies that work in feature space: iCaRL, CWR*, latent
-replay).
+replay). A model with batch norm (a ``batch_stats`` collection) should also
+take ``mask=`` (bool ``(batch,)``) in training mode and count only those
+rows in its batch statistics, as ``bn_mlp`` and ``resnet18`` do (flax's
+``nn.BatchNorm(...)(h, mask=...)``): the engine passes the padding rows'
+mask (:func:`jaxcl.state.batch_stats_mask`); without the keyword, padding
+rows count.
 """
 
 from __future__ import annotations
