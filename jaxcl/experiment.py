@@ -316,6 +316,13 @@ def build_strategy(config: ml_collections.ConfigDict
       skw.setdefault(name, {})["aux_data_dir"] = data_dir
     if "train_epochs" in defaults and "train_epochs" not in given:
       skw.setdefault(name, {})["train_epochs"] = epochs
+    elif "train_epochs" in defaults and given["train_epochs"] != epochs:
+      # The member would refuse only when the first experience ended.
+      raise ConfigError(
+          f"strategy.{name}.train_epochs={given['train_epochs']!r}, but the "
+          f"run trains {epochs} epoch(s) per experience (train.epochs"
+          f"{'; scenario.online makes it 1' if epochs != config.train.epochs else ''}"
+          f"); leave train_epochs out or set it to {epochs}")
   return strategies.from_spec(config.strategy.name, skw)
 
 

@@ -519,9 +519,15 @@ def test_runs_split_digits_without_recompiling_and_checks_epochs(stream):
   one = dataclasses.replace(stream, experiences=stream.experiences[:1])
   experiment.run(c, scenario=one)
   c.strategy.aer_abs.train_epochs = 2  # given, and not the run's
+  with pytest.raises(ValueError, match=r"strategy.aer_abs.train_epochs=2, "
+                     r"but the run trains 3 epoch"):
+    experiment.run(c, scenario=one)   # refused before training (setup)
+  # A record built in a script skips the config: the strategy itself
+  # refuses as the experience ends.
   with pytest.raises(ValueError, match=r"experience 0 ran .* 3 epochs.*"
                      r"train_epochs=2"):
-    experiment.run(c, scenario=one)
+    experiment.run(c, scenario=one,
+                   strategy=aer_abs(mem_size=40, train_epochs=2))
 
 
 @pytest.mark.parametrize("spec", ["replay+aer_abs", "aer_abs+replay"])

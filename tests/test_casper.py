@@ -366,7 +366,11 @@ def test_bad_arguments(stream):
       casper(**kw)
   ctx = make_ctx(stream)  # batch 10, 10 classes, 2 experiences: p = 5
   for kw, match in ((dict(), "knn_laplace=10 must be smaller than "
-                     "casper_batch=10"),
+                     "casper_batch=10 .*; use knn_laplace <= 9 or "
+                     "casper_batch >= 11"),
+                    # One row: no smaller k would do, only more rows.
+                    (dict(casper_batch=1, knn_laplace=5), "casper_batch=1 "
+                     r"\(the rows of the graph\); use casper_batch >= 6"),
                     (dict(knn_laplace=3, p=9), "p=9 needs casper_batch >= "
                      "p \\+ 2 = 11"),
                     (dict(knn_laplace=3, mem_size=8, casper_batch=8),

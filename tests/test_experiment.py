@@ -299,12 +299,23 @@ def test_build_strategy_fills_the_runs_epochs_and_data_dir(monkeypatch):
   c.scenario.online = True
   experiment.build_strategy(c)
   assert seen["kwargs"]["aer_abs"]["train_epochs"] == 1
-  # What the user gave wins.
-  c.strategy.aer_abs = dict(train_epochs=5)
+  # What the user gave wins; train_epochs other than the run's is refused
+  # at once (AER-ABS would refuse it only as the first experience ended).
+  c.strategy.aer_abs = dict(train_epochs=1)
   c.strategy.dmc = dict(aux_data_dir="/mine")
   experiment.build_strategy(c)
-  assert seen["kwargs"]["aer_abs"]["train_epochs"] == 5
+  assert seen["kwargs"]["aer_abs"]["train_epochs"] == 1
   assert seen["kwargs"]["dmc"]["aux_data_dir"] == "/mine"
+  c.strategy.aer_abs = dict(train_epochs=5)
+  with pytest.raises(ValueError, match=r"strategy.aer_abs.train_epochs=5, "
+                     r"but the run trains 1 epoch\(s\) per experience "
+                     r"\(train.epochs; scenario.online makes it 1\); leave "
+                     r"train_epochs out or set it to 1"):
+    experiment.build_strategy(c)
+  c.scenario.online = False
+  with pytest.raises(ValueError, match=r"train_epochs=5, but the run trains "
+                     r"3 epoch\(s\) per experience \(train.epochs\);"):
+    experiment.build_strategy(c)
 
 
 # --------------------------------------------------------------------------

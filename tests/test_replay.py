@@ -1379,7 +1379,7 @@ def test_mir_bad_inputs():
                      "candidates=10"):
     mir(batch_size=20, candidates=10)
   with pytest.raises(ValueError, match="candidates=600 is larger than the "
-                     "memory capacity mem_size=500"):
+                     "memory capacity mem_size=500; use candidates <= 500"):
     mir(mem_size=500, candidates=600)
   mir(mem_size=20, batch_size=20, candidates=20)   # the bounds are allowed
   with pytest.raises(ValueError, match="exclude_current must be a bool"):
@@ -1470,8 +1470,10 @@ def test_latent_bad_layer_name(stream):
   with pytest.raises(ValueError, match="latent_replay replay batch_size=6 is "
                      "larger than the memory capacity mem_size=5"):
     latent_replay(mem_size=5, batch_size=6)
-  with pytest.raises(ValueError, match="latent_replay batch size 10 is larger "
-                     "than mem_size=5"):
+  with pytest.raises(ValueError, match=r"latent_replay: the replay batch "
+                     r"\(10: batch_size, ar1's replay_batch_size; 0 means the "
+                     r"training batch\) is larger than mem_size=5; use a "
+                     r"replay batch <= 5 or mem_size >= 10"):
     latent_replay(mem_size=5).init(ctx, jax.random.PRNGKey(0), None)
   with pytest.raises(ValueError, match="exstream batch size 12 is larger than "
                      "the 10 centroid slots"):   # 12 // 10 classes: 1 each

@@ -274,10 +274,11 @@ def casper(rho: float = 0.01, knn_laplace: int = 10, casper_batch: int = 0,
     r = rows(info.batch_size)
     pp = p or max(1, info.num_classes // info.num_experiences)
     if knn_laplace >= r:
+      fewer = f"knn_laplace <= {r - 1} or " if r > 1 else ""
       raise ValueError(
           f"casper: knn_laplace={knn_laplace} must be smaller than "
-          f"casper_batch={r} (the rows of the graph); use knn_laplace <= "
-          f"{r - 1} or a larger casper_batch")
+          f"casper_batch={r} (the rows of the graph); use {fewer}"
+          f"casper_batch >= {knn_laplace + 1}")
     if pp + 2 > r:
       raise ValueError(
           f"casper: p={pp} needs casper_batch >= p + 2 = {pp + 2} "

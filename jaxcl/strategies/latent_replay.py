@@ -343,8 +343,12 @@ def latent_replay(mem_size: int = 3920, batch_size: int = 0,
   def init(ctx, key, params):
     sp = get_split(ctx)
     if replay_size(ctx) > mem_size:
-      raise ValueError(f"latent_replay batch size {replay_size(ctx)} is "
-                       f"larger than mem_size={mem_size}")
+      # AR1* builds this member from its replay_batch_size: name both.
+      raise ValueError(
+          f"latent_replay: the replay batch ({replay_size(ctx)}: batch_size, "
+          f"ar1's replay_batch_size; 0 means the training batch) is larger "
+          f"than mem_size={mem_size}; use a replay batch <= {mem_size} or "
+          f"mem_size >= {replay_size(ctx)}")
     if mem_size < ctx.info.num_experiences:
       raise ValueError(f"latent_replay needs mem_size >= the number of "
                        f"experiences ({ctx.info.num_experiences}); got "

@@ -109,7 +109,8 @@ def mir(mem_size: int = 500, batch_size: int = 10, candidates: int = 50,
       raise ValueError(f"mir {name} must be a positive int, got {v!r}")
   if candidates > mem_size:
     raise ValueError(f"mir candidates={candidates} is larger than the memory "
-                     f"capacity mem_size={mem_size}; use <= {mem_size}")
+                     f"capacity mem_size={mem_size}; use candidates <= "
+                     f"{mem_size}")
   if batch_size > candidates:
     raise ValueError(f"mir replay batch_size={batch_size} is larger than "
                      f"candidates={candidates}; use batch_size <= candidates")
