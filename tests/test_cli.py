@@ -9,12 +9,22 @@ import sys
 import numpy as np
 import pytest
 
+import jaxcl
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the jaxcl under test lives. The children run in other directories,
+# so without it first on their path they imported the installed jaxcl, and
+# a copy under test (a mutation audit's, shadowing the install through the
+# working directory) never reached them (session 43).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(
+    jaxcl.__file__)))
 
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
   env.pop("JAXCL_DATA_DIR", None)  # the default must need no data files
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
   return env
 
 
