@@ -47,9 +47,10 @@ _STEPS = {"star": 4}
 
 def _bn_setup(name, batch_size=8):
   """``name``'s resume-audit config on a batch-norm MLP (width 16; a
-  width-2 resnet18 for PuriDivER, which reads a ``head`` layer)."""
+  width-2 resnet18 for PuriDivER, which reads a ``head`` layer, and
+  LiDER, which reads the backbone's layers)."""
   c = resume_configs.config(name)
-  if name == "puridiver":
+  if name in ("puridiver", "lider"):
     c.model.name, c.model.width = "resnet18", 2
   else:
     c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
@@ -162,13 +163,13 @@ def test_train_step_ignores_the_padding_rows_of_a_batch_norm_batch():
 
 # Strategies with a training-mode forward pass of their own over memory
 # rows (LwF's over the batch), a retraining over a memory, or the
-# engine's step on replayed rows. Not here: LUCIR (a cosine head),
-# PackNet (multi-head), LiDER (a convolutional backbone).
+# engine's step on replayed rows. Not here: LUCIR (a cosine head) and
+# PackNet (multi-head).
 MEMORY_FORWARDS = (
     "replay", "der", "derpp", "xder", "fdr", "hal", "mer", "lamaml",
     "clser", "er_ace", "er_aml", "scr", "star", "rar", "mir", "aser",
     "gem", "agem", "gdumb", "eeil", "dmc", "puridiver", "latent_replay",
-    "cscct", "icarl", "lwf")
+    "cscct", "icarl", "lwf", "lider")
 
 
 def _experience_1(name, seeds):
