@@ -13,6 +13,11 @@ penalties), set against a large ``jnp.dot``'s measured FLOP/s here.
   python benchmarks/strategies.py [--data_dir ../shared/data] [--only gem]
       [--protocol split permuted overhead cil analytic]
 
+``--smoke`` checks that the script runs: the reference matmul is 512^2
+(2 repetitions) instead of 4096^2, so the "% matmul" column means nothing;
+choose the rows with ``--protocol`` / ``--only`` (tests/test_benchmarks.py
+runs ``--smoke --protocol split --only naive``).
+
 iCaRL is a class-incremental method with no Permuted MNIST protocol of its
 own; its Permuted row runs the Split protocol's settings on the permuted
 (domain-incremental) stream, for the speed figure only.
@@ -312,10 +317,14 @@ def main() -> None:
   ap.add_argument("--only", nargs="*", default=[])
   ap.add_argument("--protocol", nargs="*", default=list(PROTOCOLS),
                   choices=list(PROTOCOLS))
+  ap.add_argument("--smoke", action="store_true",
+                  help="a 512^2 reference matmul (the %% matmul column is "
+                       "then meaningless): checks that the script runs")
   args = ap.parse_args()
-  peak = matmul_flops()
+  n = 512 if args.smoke else 4096
+  peak = matmul_flops(n, 2) if args.smoke else matmul_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        f"dense matmul 4096^2 f32: {peak / 1e9:.1f} GFLOP/s")
+        f"dense matmul {n}^2 f32: {peak / 1e9:.1f} GFLOP/s")
   print(f"{'protocol':>8} {'strategy':>9} {'batch':>5} {'steps':>6} "
         f"{'compile s':>9} "
         f"{'run s':>7} {'steps/s':>8} {'MFLOP/step':>10} {'GFLOP/s':>8} "

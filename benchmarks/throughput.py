@@ -14,7 +14,13 @@ SGD with momentum, 2 epochs per experience, evaluation after each:
   JAX's persistent compilation cache warm.
 
   python benchmarks/throughput.py [--data_dir ../shared/data]
-      [--process_reps 3]
+      [--process_reps 3] [--smoke]
+
+``--smoke`` checks that the script runs, in well under a minute: a 512^2
+matmul (2 repetitions), Split MNIST cut to 2000 training / 1000 test
+examples (batch 128 kept) in-process and in the ``jaxcl run`` processes,
+and one process per figure. Its figures are not the benchmark's
+(tests/test_benchmarks.py runs it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+# --smoke: Split MNIST's training / test examples (all 60000 / 10000 else).
+SMOKE_SUBSETS = (2000, 1000)
 
 
 def matmul_flops(n: int = 4096, reps: int = 10) -> float:
@@ -56,18 +65,26 @@ def main() -> None:
       "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
   ap.add_argument("--process_reps", type=int, default=3,
                   help="fresh `jaxcl run` processes per figure (best kept)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny sizes, one process per figure: checks that "
+                       "the script runs (figures not meaningful)")
   args = ap.parse_args()
+  if args.smoke:
+    args.process_reps = 1
 
   from experiments import split_mnist_baselines
   from jaxcl import experiment, train
 
-  peak = matmul_flops()
+  n = 512 if args.smoke else 4096
+  peak = matmul_flops(n, 2) if args.smoke else matmul_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
-  print(f"dense matmul (4096^2 f32): {peak / 1e9:.1f} GFLOP/s")
+  print(f"dense matmul ({n}^2 f32): {peak / 1e9:.1f} GFLOP/s")
 
   c = split_mnist_baselines.get_config("strategy=naive")
   c.dataset.data_dir = args.data_dir
   c.report.progress = False
+  if args.smoke:
+    c.dataset.train_subset, c.dataset.test_subset = SMOKE_SUBSETS
   s = experiment.setup(c)
   learner, ctx, sc = s.learner, s.learner.ctx, s.scenario
   state = train.init_state(ctx, learner.strategy, 0)
@@ -112,6 +129,9 @@ def main() -> None:
            f"--config.dataset.data_dir={args.data_dir}",
            "--config.report.progress=False", "--config.report.plots=False",
            "--config.report.tensorboard=False"]
+  if args.smoke:
+    mnist += [f"--config.dataset.train_subset={SMOKE_SUBSETS[0]}",
+              f"--config.dataset.test_subset={SMOKE_SUBSETS[1]}"]
   print("whole `jaxcl run` process, imports, data and compilation included "
         f"(best of {args.process_reps}):")
   print(f"  Split MNIST naive, no plots/tb: {_process(mnist, args):.2f} s")
