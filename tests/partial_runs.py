@@ -108,3 +108,19 @@ def assert_predicts_the_seen_classes(setup) -> None:
   assert np.all(logits[:, 6:] < -1e8)
   np.testing.assert_allclose(logits[:, :6], np.tile(np.arange(1.0, 7.0),
                                                     (4, 1)))
+
+
+def predictions_around_the_start(ctx, strategy, state, experience,
+                                 n: int = 5):
+  """On ``experience``'s first ``n`` test rows (task 0): the model's raw
+  logits and ``strategy``'s predictions before and after its
+  ``before_experience`` hook for ``experience`` (an evaluation during the
+  experience), as NumPy arrays ``(raw, before, after)``."""
+  x = jnp.asarray(experience.test_x[:n])
+  task = jnp.zeros((n,), jnp.int32)
+  raw = np.asarray(ctx.logits(state.params, state.model_state, x, task))
+  pred = lambda st: np.asarray(strategy.predict(
+      ctx, st.strategy, st.params, st.model_state, x, task))
+  before = pred(state)
+  after = pred(strategy.before_experience(ctx, state, experience))
+  return raw, before, after

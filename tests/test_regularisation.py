@@ -27,7 +27,7 @@ from jaxcl.state import StepInfo
 from jaxcl.train import (init_state, make_context, make_optimizer,
                          stream_info)
 
-from partial_runs import run_keeping_states
+from partial_runs import predictions_around_the_start, run_keeping_states
 
 D, C = 6, 4  # input size, classes of the toy problems
 
@@ -604,15 +604,9 @@ def test_lwf_mc_predicts_over_the_current_and_earlier_classes():
   experience nothing is masked."""
   ctx, sc = _ctx("class", n_exp=2)
   s = lwf_mc()
-  state = init_state(ctx, s, 0)
-  x = jnp.asarray(sc.experiences[0].test_x[:5])
-  task = jnp.zeros((5,), jnp.int32)
-  own = np.asarray(ctx.logits(state.params, state.model_state, x, task))
-  pred = lambda st: np.asarray(s.predict(ctx, st.strategy, st.params,
-                                         st.model_state, x, task))
-  np.testing.assert_array_equal(pred(state), own)
-  state = s.before_experience(ctx, state, sc.experiences[0])
-  got = pred(state)
+  own, before, got = predictions_around_the_start(
+      ctx, s, init_state(ctx, s, 0), sc.experiences[0])
+  np.testing.assert_array_equal(before, own)
   np.testing.assert_array_equal(got[:, :2], own[:, :2])
   assert np.all(got[:, 2:] <= -1e8)
 

@@ -14,6 +14,7 @@ from jaxcl import buffers, experiment, train
 from jaxcl.strategies.icarl import icarl
 from jaxcl.strategies.ss_il import SSILState, separated_cross_entropy, ss_il
 from jaxcl.strategy import chain
+from partial_runs import predictions_around_the_start
 from test_replay import B, after_first, batch_of, config, make_ctx
 
 
@@ -215,16 +216,11 @@ def test_predict_masks_the_classes_not_seen_yet(stream):
   experience's start, only its classes and earlier ones keep theirs."""
   ctx = make_ctx(stream)
   s = ss_il(mem_size=40)
-  state = train.init_state(ctx, s, 0)
-  x = jnp.asarray(stream.experiences[0].test_x[:5])
-  t = jnp.zeros((5,), jnp.int32)
-  raw = np.asarray(ctx.logits(state.params, state.model_state, x, t))
-  pred = lambda st: np.asarray(s.predict(ctx, st.strategy, st.params,
-                                         st.model_state, x, t))
-  np.testing.assert_array_equal(pred(state), raw)
-  state = s.before_experience(ctx, state, stream.experiences[0])
+  raw, before, after = predictions_around_the_start(
+      ctx, s, train.init_state(ctx, s, 0), stream.experiences[0])
+  np.testing.assert_array_equal(before, raw)
   want = np.where(np.arange(10) < 2, raw, -1e9)
-  np.testing.assert_array_equal(pred(state), want.astype(raw.dtype))
+  np.testing.assert_array_equal(after, want.astype(raw.dtype))
 
 
 @pytest.mark.parametrize("kwargs,needle", [
