@@ -90,8 +90,15 @@ def test_profile_smoke(data, tmp_path):
   assert re.fullmatch(r"\s*ms\s+share\s+calls\s+op", lines[1]), out
   rows = [re.fullmatch(rf"\s*{NUM}\s+{NUM}%\s+(\d+)\s+(\S.*)", l)
           for l in lines[2:]]
-  assert 1 <= len(rows) <= 5 and all(rows), out
-  assert all(float(r.group(1)) >= 0 and int(r.group(3)) > 0 for r in rows)
+  # Every line after the header is an op row, at most --top of them.
+  assert rows and len(rows) <= 5, out
+  assert all(r is not None for r in rows), out
+  ms = [float(r.group(1)) for r in rows]
+  assert all(m >= 0 for m in ms) and all(int(r.group(3)) > 0 for r in rows)
+  # The top ops, slowest first, within the traced total (printed to the
+  # ms; each row to 0.1 ms).
+  assert ms == sorted(ms, reverse=True), out
+  assert sum(ms) <= total + 0.5 + 0.05 * len(ms), out
   assert glob.glob(str(trace / "**" / "*.trace.json.gz"), recursive=True)
 
 
