@@ -175,7 +175,7 @@ def hat(c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
     grads = head_task_grads(grads, sstate.task, ctx.model.num_tasks)
     # Global-norm clip after masking and compensation (the authors' order);
     # zero entries stay zero, so reserved weights stay frozen.
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)  # optax.global_norm is deprecated
     scale = jnp.minimum(1.0, clipgrad / jnp.maximum(norm, 1e-12))
     return jax.tree.map(lambda g: g * scale, grads)
 
