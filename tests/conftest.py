@@ -87,6 +87,15 @@ def child_env(tmp_path_factory):
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+  """``forked(*args, cwd=...)``: the ``jaxcl`` command in a child forked
+  from one process that imported jax and jaxcl once
+  (:func:`cli_children.forker`)."""
+  import cli_children
+  yield from cli_children.forker(tmp_path_factory)
+
+
 def split_predictions(result, data, n_experiences=5):
   """What a finished task-incremental run's strategy predicts (argmax of
   its ``predict``) on every test set of ``data`` split in
