@@ -1,13 +1,18 @@
 """The ``jaxcl`` command.
 
   jaxcl run [--config FILE[:ARGS]] [--config.KEY=VALUE ...] [--workdir DIR]
-            [--resume | --noresume]
+            [--resume | --noresume] [--dry_run]
   jaxcl sweep [--config ...] --seeds 0,1,2 [--values KEY=V1,V2 ...]
-            [--scenario_per_seed] [--workdir DIR]
+            [--scenario_per_seed] [--workdir DIR] [--dry_run]
   jaxcl methods [NAME ... | --markdown]
 
 ``sweep`` trains every (seed, value) run as one vmapped program and reports
 each run's metrics and the mean ± standard error over seeds.
+
+``--dry_run`` builds and checks the run (data, stream, model, optimiser,
+strategy, the initial state; a sweep's whole grid) and prints the
+resolved config and what would be trained, then stops: nothing is trained
+and nothing is written.
 
 ``methods`` lists the strategies by family; with names, it prints each
 one's paper, arguments and defaults (``--markdown``: docs/methods.md).
@@ -48,6 +53,11 @@ _RESUME = flags.DEFINE_bool(
     "resume", None, "Require a checkpoint to resume (--noresume: refuse to "
     "start in a directory that has one). Default: resume when one exists.")
 
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build and check the run (data, stream, model, "
+    "optimiser, strategy, initial state; a sweep's grid), print the resolved "
+    "config and what would be trained, and stop: nothing is trained or "
+    "written.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (run the "
     "same command on every host of a multi-host job).")
@@ -110,7 +120,7 @@ def _quiet_logs() -> None:
   if not flags.FLAGS["verbosity"].present:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
-  if _MULTIHOST.value:
+  if _MULTIHOST.value and not _DRY_RUN.value:  # a dry run joins no job
     from jaxcl import parallel
     parallel.initialize_multihost()
 
@@ -217,10 +227,59 @@ def _start() -> tuple[Any, str, str]:
   return config, name, workdir
 
 
+def _resume_note(workdir: str, resume: bool | None) -> str:
+  """What a run in ``workdir`` would start from (``resume``: --resume)."""
+  d = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(d)
+                 if n.isdigit()) if os.path.isdir(d) else []
+  if not steps:
+    return (f"{workdir}: no checkpoint; with --resume the run would refuse "
+            "to start" if resume else
+            f"{workdir}: no checkpoint; the run would start fresh")
+  if resume is False:
+    return (f"{workdir} holds checkpoints (steps {steps}); with --noresume "
+            "the run would refuse to start")
+  return (f"{workdir} holds checkpoints (steps {steps}): the run would "
+          "resume from the newest valid one, if it was written by this "
+          "same config (else it refuses, naming the differences)")
+
+
+def _dry_run(config, name: str, workdir: str, describe) -> None:
+  """``--dry_run``: the resolved config and ``describe()``'s lines (the
+  built run), with nothing trained or written."""
+  from jaxcl import checkpoint, experiment, strategies
+  experiment.check_workdir(workdir)
+  text = describe()  # builds first: a bad value fails before any output
+  # One field per line, as --config.<field> overrides name them.
+  fields = {k: repr(v) for k, v in
+            checkpoint._flatten(config.to_dict()).items()}
+  # The strategy's arguments as its factory gets them (some from the run:
+  # train_epochs, aux_data_dir) and, marked, the defaults of the others,
+  # so that every value of the run is on screen.
+  given = experiment.strategy_kwargs(config)
+  for member in {n.strip() for n in config.strategy.name.split("+")}:
+    for arg, value in strategies.defaults(member).items():
+      if arg in given.get(member, {}):
+        fields[f"strategy.{member}.{arg}"] = repr(given[member][arg])
+      else:
+        fields[f"strategy.{member}.{arg}"] = f"{value!r} (default)"
+  print(f"jaxcl: {name} -> {workdir} (dry run: nothing trained or "
+        "written)\nconfig:")
+  print("\n".join(f"  {k} = {v}" for k, v in sorted(fields.items())))
+  print(text)
+  print(_resume_note(workdir, _RESUME.value))
+
+
 def _run(argv) -> None:
   del argv
   config, name, workdir = _start()
   from jaxcl import experiment, report
+  if _DRY_RUN.value:
+    def describe():
+      s = experiment.setup(config)
+      return experiment.describe(s, experiment.initial_state(s, config.seed))
+    _dry_run(config, name, workdir, describe)
+    return
   print(f"jaxcl: {name} -> {workdir}", flush=True)
   result = experiment.run(config, workdir, resume=_RESUME.value)
   split = report.evaluated_on(config)
@@ -239,9 +298,20 @@ def _run(argv) -> None:
 def _sweep(argv) -> None:
   del argv
   config, name, workdir = _start()
-  from jaxcl import report, sweep
+  from jaxcl import experiment, report, sweep
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
+  if _DRY_RUN.value:
+    def describe():
+      p = sweep.plan(config, seeds, values, workdir,
+                     scenario_per_seed=_PER_SEED.value)
+      states = p.initial_states()  # checks that each swept key is state
+      runs = "\n".join(f"  {m}" for m in p.members)
+      return (f"runs ({len(p.members)}, one vmapped program):\n{runs}\n"
+              + experiment.describe(p.setup, states[0]).replace(
+                  "state:", "state (per run):"))
+    _dry_run(config, name, workdir, describe)
+    return
   print(f"jaxcl sweep: {name}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "
         f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)

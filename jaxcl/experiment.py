@@ -32,7 +32,7 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
            "SCENARIO_TYPES", "check_workdir", "build_strategy",
-           "build_optimizer"]
+           "build_optimizer", "strategy_kwargs", "describe"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 
@@ -297,10 +297,11 @@ class Setup:
     return derived
 
 
-def build_strategy(config: ml_collections.ConfigDict
-                   ) -> tuple["strategies.Strategy", Any]:
-  """``config.strategy``'s record and its scenario transform (the factory
-  checks the arguments)."""
+def strategy_kwargs(config: ml_collections.ConfigDict
+                    ) -> dict[str, dict[str, Any]]:
+  """The arguments :func:`build_strategy` passes each member's factory:
+  ``config.strategy.<name>``'s, plus what a member takes from the run
+  unless given (the others are the factory's defaults)."""
   skw = {k: dict(v) for k, v in config.strategy.items() if k != "name"}
   # Arguments a member takes from the run, unless given: where auxiliary
   # data is read (DMC: where the run's own data set is read) and the
@@ -323,7 +324,14 @@ def build_strategy(config: ml_collections.ConfigDict
           f"run trains {epochs} epoch(s) per experience (train.epochs"
           f"{'; scenario.online makes it 1' if epochs != config.train.epochs else ''}"
           f"); leave train_epochs out or set it to {epochs}")
-  return strategies.from_spec(config.strategy.name, skw)
+  return skw
+
+
+def build_strategy(config: ml_collections.ConfigDict
+                   ) -> tuple["strategies.Strategy", Any]:
+  """``config.strategy``'s record and its scenario transform (the factory
+  checks the arguments)."""
+  return strategies.from_spec(config.strategy.name, strategy_kwargs(config))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int):
@@ -507,6 +515,56 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   s = setup(config, scenario, strategy)
   state = initial_state(s, config.seed)
   return execute(s, state, workdir, reporter=reporter, resume=resume)
+
+
+def _size(tree: Any) -> str:
+  """``1,234 values, 4.9 kB``: a pytree's element count and bytes."""
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  nbytes = float(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                     for x in leaves))
+  for unit in ("B", "kB", "MB", "GB"):
+    if nbytes < 1000 or unit == "GB":
+      break
+    nbytes /= 1000
+  return f"{n:,} values, {nbytes:.3g} {unit}"
+
+
+def describe(s: Setup, state: TrainState) -> str:
+  """What executing ``s`` from ``state`` would train, in a few lines: the
+  stream experience by experience, the steps, and the state's size by
+  part (``jaxcl run --dry_run`` prints it before training anything).
+
+  The sizes are the state's as built, so a replay memory or a per-task
+  copy of the weights shows in ``strategy``.
+  """
+  c, sc, learner = s.config, s.scenario, s.learner
+  steps = learner.epoch_steps * learner.epochs
+  lines = [
+      f"stream: {sc.name}, {len(sc.experiences)} experiences, "
+      f"{sc.kind}-incremental, {sc.num_classes} classes, input "
+      f"{tuple(sc.input_shape)}{', online (one pass)' if sc.online else ''}"]
+  for e in sc.experiences:
+    shown = list(e.classes[:12]) + (["..."] if len(e.classes) > 12 else [])
+    lines.append(
+        f"  experience {e.index}: task {e.task_id}, {len(e.classes)} "
+        f"classes [{', '.join(map(str, shown))}], {e.num_train} train / "
+        f"{len(e.test_y)} test examples")
+  oc = c.optimizer
+  schedule = oc.get("schedule", "constant")
+  lines += [
+      f"training: {learner.epochs} epoch(s) x {learner.epoch_steps} steps "
+      f"of batch {learner.ctx.info.batch_size} per experience ({steps} "
+      f"steps; shorter experiences pad with skipped steps), evaluation "
+      f"batch {learner.eval_batch_size}",
+      f"model: {c.model.name}; optimizer: {oc.name}, learning rate "
+      f"{oc.learning_rate:g}"
+      f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
+      f"; strategy: {s.strategy_name}",
+      "state:"]
+  for part in ("params", "opt_state", "model_state", "strategy"):
+    lines.append(f"  {part:<12} {_size(getattr(state, part))}")
+  return "\n".join(lines)
 
 
 def initial_state(s: Setup, seed: int) -> TrainState:

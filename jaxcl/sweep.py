@@ -34,7 +34,8 @@ import numpy as np
 from jaxcl import experiment, report
 from jaxcl.train import ConfigError
 
-__all__ = ["sweep", "SweepResult", "parse_values", "summarise"]
+__all__ = ["sweep", "plan", "Plan", "SweepResult", "parse_values",
+           "summarise"]
 
 
 @dataclasses.dataclass
@@ -223,33 +224,45 @@ def _draws(config, seeds: Sequence[int]) -> dict[int, Any]:
   return out
 
 
-def sweep(config, seeds: Sequence[int] = (0,),
-          values: dict[str, Sequence[float]] | None = None,
-          workdir: str | None = None, scenario=None,
-          scenario_per_seed: bool = False) -> SweepResult:
-  """Trains the grid ``seeds x values`` as one vmapped program (a grid of
-  one run is trained without vmap, with results shaped as a sweep's).
+@dataclasses.dataclass
+class Plan:
+  """A sweep checked and built, not trained (:func:`plan`).
 
-  Args:
-    config: the base config (its own ``seed`` is replaced by ``seeds``).
-    seeds: the seeds of the runs.
-    values: hyperparameter grid, e.g. ``{'optimizer.learning_rate': [0.01,
-      0.1]}``.
-    workdir: run directory (checkpoints, ``sweep.json``).
-    scenario: a prebuilt scenario.
-    scenario_per_seed: each run trains and is tested on its seed's own draw
-      of a permuted or rotated stream (``config.scenario.seed`` set to the
-      run's seed, as Mammoth draws them per run), still in one program.
-      A ``dataset.train_subset`` stays the one drawn from
-      ``config.seed``, shared by the runs.
-      The runs' data are then stacked, not shared: host and device memory
-      grow with the number of runs (a Permuted-20 MNIST run's test sets
-      are 627 MB).
-
-  Returns:
-    A :class:`SweepResult` with each run's accuracy matrix and the mean ±
-    standard error over seeds per hyperparameter setting.
+  Attributes:
+    members: per run, ``{'seed': s, <key>: value, ...}``, in training
+      order (settings outer, seeds inner).
+    settings: the grid's hyperparameter settings, one per group.
+    setup: the first run's setup, whose program all runs share.
+    member_scenarios: with ``scenario_per_seed``, each run's own stream;
+      else None (the runs share ``setup.scenario``).
   """
+  members: list[dict[str, Any]]
+  settings: list[dict[str, Any]]
+  setup: experiment.Setup
+  member_scenarios: list[Any] | None
+
+  def initial_states(self) -> list[Any]:
+    """Each run's fresh state, its swept values written in; raises
+    ConfigError for a key that is not in the state (a value only a
+    factory's closure holds cannot differ inside one program)."""
+    names = [n.strip()
+             for n in self.setup.config.strategy.name.split("+")]
+    states = []
+    for m in self.members:
+      st = experiment.initial_state(self.setup, m["seed"])
+      for k in sorted(self.settings[0]):
+        st = _apply_override(st, k, m[k], names)
+      states.append(st)
+    return states
+
+
+def plan(config, seeds: Sequence[int] = (0,),
+         values: dict[str, Sequence[float]] | None = None,
+         workdir: str | None = None, scenario=None,
+         scenario_per_seed: bool = False) -> Plan:
+  """Checks a sweep's grid and builds its shared setup, training nothing
+  (:func:`sweep` trains it; ``jaxcl sweep --dry_run`` prints it). The
+  arguments are :func:`sweep`'s."""
   values = dict(values or {})
   if workdir:
     experiment.check_workdir(workdir)
@@ -298,13 +311,41 @@ def sweep(config, seeds: Sequence[int] = (0,),
     s = setups[members[0]["seed"]]
   else:
     s = experiment.setup(base, scenario)
-  names = [n.strip() for n in config.strategy.name.split("+")]
-  states = []
-  for m in members:
-    st = experiment.initial_state(s, m["seed"])
-    for k in keys:
-      st = _apply_override(st, k, m[k], names)
-    states.append(st)
+  return Plan(members, settings, s, member_scenarios)
+
+
+def sweep(config, seeds: Sequence[int] = (0,),
+          values: dict[str, Sequence[float]] | None = None,
+          workdir: str | None = None, scenario=None,
+          scenario_per_seed: bool = False) -> SweepResult:
+  """Trains the grid ``seeds x values`` as one vmapped program (a grid of
+  one run is trained without vmap, with results shaped as a sweep's).
+
+  Args:
+    config: the base config (its own ``seed`` is replaced by ``seeds``).
+    seeds: the seeds of the runs.
+    values: hyperparameter grid, e.g. ``{'optimizer.learning_rate': [0.01,
+      0.1]}``.
+    workdir: run directory (checkpoints, ``sweep.json``).
+    scenario: a prebuilt scenario.
+    scenario_per_seed: each run trains and is tested on its seed's own draw
+      of a permuted or rotated stream (``config.scenario.seed`` set to the
+      run's seed, as Mammoth draws them per run), still in one program.
+      A ``dataset.train_subset`` stays the one drawn from
+      ``config.seed``, shared by the runs.
+      The runs' data are then stacked, not shared: host and device memory
+      grow with the number of runs (a Permuted-20 MNIST run's test sets
+      are 627 MB).
+
+  Returns:
+    A :class:`SweepResult` with each run's accuracy matrix and the mean ±
+    standard error over seeds per hyperparameter setting.
+  """
+  p = plan(config, seeds, values, workdir, scenario, scenario_per_seed)
+  s, members, settings = p.setup, p.members, p.settings
+  member_scenarios = p.member_scenarios
+  keys = sorted(settings[0])
+  states = p.initial_states()
   extra = {"sweep.members": members}
   if scenario_per_seed:
     extra["sweep.scenario_per_seed"] = True

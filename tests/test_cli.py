@@ -354,3 +354,110 @@ def test_strategy_argument_values_are_checked(tmp_path, forked):
              str(tmp_path / "b"), cwd=tmp_path)
   assert p.returncode == 1 and "Traceback" not in p.stderr
   assert "jaxcl: error: --config.strategy.ewc.lam=abc: " in p.stderr
+
+
+def _tree(path) -> list[tuple[str, int]]:
+  """Every file under ``path`` with its size (what a dry run must leave
+  as it was)."""
+  return sorted((os.path.join(d, f), os.path.getsize(os.path.join(d, f)))
+                for d, _, files in os.walk(path) for f in files)
+
+
+def test_dry_run_prints_the_run_and_writes_nothing(tmp_path, forked):
+  p = forked("run", "--dry_run", "--config.strategy.name=ewc",
+             "--config.strategy.ewc.lam=10", "--config.model.widths=(32,16)",
+             cwd=tmp_path)
+  assert p.returncode == 0 and p.stderr == "", p.stderr
+  assert os.listdir(tmp_path) == []  # no run directory, no files
+  out = p.stdout
+  assert re.match(r"jaxcl: \S+ -> runs/\S+ \(dry run: nothing trained or "
+                  r"written\)\nconfig:\n", out), out
+  # Every field as --config.<field> names it; the strategy's arguments the
+  # config leaves out with the factory's defaults, marked.
+  for line in ("  model.widths = (32, 16)", "  strategy.ewc.lam = 10.0",
+               "  strategy.ewc.fisher = 'exact' (default)",
+               "  strategy.ewc.max_examples = 1000 (default)",
+               "  train.batch_size = 32", "  dataset.name = 'digits'"):
+    assert line + "\n" in out, line
+  # The stream: Split Digits' five experiences of two classes each, the
+  # 1797 images of scikit-learn's digits between them.
+  exps = re.findall(r"  experience (\d): task 0, 2 classes \[(\d), (\d)\], "
+                    r"(\d+) train / (\d+) test examples\n", out)
+  assert [(int(e[0]), int(e[1]), int(e[2])) for e in exps] == [
+      (i, 2 * i, 2 * i + 1) for i in range(5)]
+  assert sum(int(e[3]) + int(e[4]) for e in exps) == 1797
+  # Steps per epoch: the largest experience in batches of 32.
+  largest = max(int(e[3]) for e in exps)
+  assert (f"training: 2 epoch(s) x {-(-largest // 32)} steps of batch 32 per "
+          f"experience ({2 * -(-largest // 32)} steps;") in out
+  # The MLP 64-32-16-10's parameters, and EWC's state: the merged
+  # precision and center (each like params) and three scalars.
+  params = 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+  assert f"  params       {params:,} values, {4 * params / 1000:.3g} kB\n" \
+      in out, out
+  assert f"  strategy     {2 * params + 3:,} values," in out
+  assert out.endswith(": no checkpoint; the run would start fresh\n")
+
+
+def test_dry_run_refuses_what_the_run_would(tmp_path, forked):
+  # A bad value, a batch larger than an experience (known only once the
+  # data is built) and a swept value a factory keeps in its closure: the
+  # run's own messages, before anything is printed or written.
+  cases = (
+      (("run", "--config.strategy.name=ewc", "--config.strategy.ewc.lam=-1"),
+       "jaxcl: error: ewc: lam must be a finite number >= 0, got -1.0\n"),
+      (("run", "--config.train.batch_size=5000"),
+       "jaxcl: error: train.batch_size=5000 is larger than the smallest "
+       "experience (265 training examples); use at most 265\n"),
+      (("sweep", "--config.strategy.name=lwf", "--seeds", "0",
+        "--values", "strategy.lwf.temperature=1,2"),
+       "jaxcl: error: cannot sweep 'strategy.lwf.temperature' in one "
+       "vmapped program"))
+  for args, message in cases:
+    p = forked(*args, "--dry_run", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == "", p.stdout
+  assert os.listdir(tmp_path) == []
+
+
+def test_sweep_dry_run_lists_the_runs(tmp_path, forked):
+  p = forked("sweep", "--dry_run", "--seeds", "0,1", "--values",
+             "optimizer.learning_rate=0.1,0.03", "--config.strategy.name=ewc",
+             "--values", "strategy.ewc.lam=1,10", cwd=tmp_path)
+  assert p.returncode == 0 and p.stderr == "", p.stderr
+  runs = re.search(r"runs \((\d+), one vmapped program\):\n((?:  \{.*\}\n)+)",
+                   p.stdout)
+  assert runs and int(runs.group(1)) == 8, p.stdout
+  members = [eval(line) for line in runs.group(2).splitlines()]
+  assert members == [
+      {"seed": s, "optimizer.learning_rate": lr, "strategy.ewc.lam": lam}
+      for lr in (0.1, 0.03) for lam in (1, 10) for s in (0, 1)]
+  assert "state (per run):\n  params " in p.stdout
+  assert os.listdir(tmp_path) == []
+
+
+def test_dry_run_says_what_a_run_directory_would_resume(tmp_path, forked,
+                                                        ewc_run):
+  _, cwd = ewc_run
+  (workdir,) = [os.path.join(cwd, "runs", d)
+                for d in os.listdir(os.path.join(cwd, "runs"))]
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir,
+                                                         "checkpoints")))
+  assert steps
+  before = _tree(workdir)
+  p = forked("run", "--dry_run", *_EWC_ARGS, "--workdir", workdir,
+             cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.endswith(
+      f"{workdir} holds checkpoints (steps {steps}): the run would resume "
+      "from the newest valid one, if it was written by this same config "
+      "(else it refuses, naming the differences)\n")
+  p = forked("run", "--dry_run", "--noresume", "--workdir", workdir,
+             cwd=tmp_path)
+  assert p.stdout.endswith(f"{workdir} holds checkpoints (steps {steps}); "
+                           "with --noresume the run would refuse to start\n")
+  new = str(tmp_path / "new")
+  p = forked("run", "--dry_run", "--resume", "--workdir", new, cwd=tmp_path)
+  assert p.stdout.endswith(f"{new}: no checkpoint; with --resume the run "
+                           "would refuse to start\n")
+  assert _tree(workdir) == before and not os.path.exists(new)
