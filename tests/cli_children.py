@@ -95,11 +95,12 @@ def forker(tmp_path_factory):
                           stdout=subprocess.PIPE, text=True)
   n = [0]
 
-  def run(*args, cwd):
+  def run(*args, cwd, extra_env=None):
     n[0] += 1
     out, err = home / f"{n[0]}.out", home / f"{n[0]}.err"
     proc.stdin.write(json.dumps({"args": list(args), "cwd": str(cwd),
-                                 "env": env(), "out": str(out),
+                                 "env": {**env(), **(extra_env or {})},
+                                 "out": str(out),
                                  "err": str(err)}) + "\n")
     proc.stdin.flush()
     if not select.select([proc.stdout], [], [], 300)[0]:

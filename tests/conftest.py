@@ -89,9 +89,10 @@ def child_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory):
-  """``forked(*args, cwd=...)``: the ``jaxcl`` command in a child forked
-  from one process that imported jax and jaxcl once
-  (:func:`cli_children.forker`)."""
+  """``forked(*args, cwd=..., extra_env=None)``: the ``jaxcl`` command in a
+  child forked from one process that imported jax and jaxcl once
+  (:func:`cli_children.forker`), with ``extra_env`` added to its
+  environment."""
   import cli_children
   yield from cli_children.forker(tmp_path_factory)
 
