@@ -79,6 +79,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_keep(keep: int) -> None:
+  """Refuses ``checkpoint.keep`` below 2."""
+  if keep < 2:
+    raise ValueError(
+        f"checkpoint.keep={keep}: keep at least 2 so that a crash while "
+        "saving can never leave the run without a valid checkpoint")
+
+
 def fingerprint(config: Any) -> dict[str, Any]:
   """The config fields that determine the computation, flattened to
   ``{'model.widths': [400, 400], ...}`` (JSON types)."""
@@ -175,10 +183,7 @@ class Checkpointer:
                log=None):
     import orbax.checkpoint as ocp  # heavy import, only when checkpointing
 
-    if keep < 2:
-      raise ValueError(
-          f"checkpoint.keep={keep}: keep at least 2 so that a crash while "
-          "saving can never leave the run without a valid checkpoint")
+    check_keep(keep)
     self._ocp = ocp
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.config_fp = config_fp

@@ -249,6 +249,7 @@ def _dry_run(config, name: str, workdir: str, describe) -> None:
   built run), with nothing trained or written."""
   from jaxcl import checkpoint, experiment, strategies
   experiment.check_workdir(workdir)
+  checkpoint.check_keep(config.checkpoint.keep)  # checked when it opens
   text = describe()  # builds first: a bad value fails before any output
   # One field per line, as --config.<field> overrides name them.
   fields = {k: repr(v) for k, v in
@@ -277,6 +278,7 @@ def _run(argv) -> None:
   if _DRY_RUN.value:
     def describe():
       s = experiment.setup(config)
+      experiment.run_mesh(s)  # the devices, as the run checks them
       return experiment.describe(s, experiment.initial_state(s, config.seed))
     _dry_run(config, name, workdir, describe)
     return
@@ -305,6 +307,9 @@ def _sweep(argv) -> None:
     def describe():
       p = sweep.plan(config, seeds, values, workdir,
                      scenario_per_seed=_PER_SEED.value)
+      # A grid of one run is trained unstacked (sweep.sweep).
+      experiment.run_mesh(p.setup, len(p.members) if len(p.members) > 1
+                          else 0)
       states = p.initial_states()  # checks that each swept key is state
       runs = "\n".join(f"  {m}" for m in p.members)
       return (f"runs ({len(p.members)}, one vmapped program):\n{runs}\n"

@@ -580,6 +580,26 @@ def initial_state(s: Setup, seed: int) -> TrainState:
   return init_state(ctx, strategy, seed, params=params)
 
 
+def run_mesh(s: Setup, members: int = 0) -> Any:
+  """The device mesh ``config.parallel.devices`` asks for (None: one
+  device), once the run is checked to fit it."""
+  from jaxcl import parallel
+  devices = s.config.get("parallel", {}).get("devices", 1)
+  if devices == 1:
+    return None
+  if members:
+    raise ConfigError("parallel.devices != 1 with a sweep is not supported "
+                      "yet; run the sweep on one device")
+  mesh = parallel.make_mesh(devices)
+  n = mesh.shape[parallel.DATA]
+  batch, eval_batch = s.learner.ctx.info.batch_size, s.learner.eval_batch_size
+  if batch % n or eval_batch % n:
+    raise ConfigError(
+        f"train.batch_size={batch} and train.eval_batch_size={eval_batch} "
+        f"must be multiples of the {n} devices")
+  return mesh
+
+
 def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
             members: int = 0, reporter: Any = None,
             resume: bool | None = None,
@@ -612,17 +632,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   member_data = len(streams) > 1
   learner = s.learner_for(members, member_data)
   place = jax.device_put
-  devices = config.get("parallel", {}).get("devices", 1)
-  if devices != 1:
-    if members:
-      raise ConfigError("parallel.devices != 1 with a sweep is not supported "
-                        "yet; run the sweep on one device")
-    mesh = parallel.make_mesh(devices)
-    n = mesh.shape[parallel.DATA]
-    if ctx.info.batch_size % n or learner.eval_batch_size % n:
-      raise ConfigError(
-          f"train.batch_size={ctx.info.batch_size} and train.eval_batch_size="
-          f"{learner.eval_batch_size} must be multiples of the {n} devices")
+  mesh = run_mesh(s, members)
+  if mesh is not None:
     shardings = parallel.state_sharding(
         state, mesh, min_bytes=config.parallel.shard_min_bytes)
     learner = s.learner_for(members, member_data, mesh, shardings)

@@ -401,14 +401,24 @@ def test_dry_run_prints_the_run_and_writes_nothing(tmp_path, forked):
 
 def test_dry_run_refuses_what_the_run_would(tmp_path, forked):
   # A bad value, a batch larger than an experience (known only once the
-  # data is built) and a swept value a factory keeps in its closure: the
-  # run's own messages, before anything is printed or written.
+  # data is built), the run's own later checks and a swept value a
+  # factory keeps in its closure: the run's own messages, before anything
+  # is printed or written.
   cases = (
       (("run", "--config.strategy.name=ewc", "--config.strategy.ewc.lam=-1"),
        "jaxcl: error: ewc: lam must be a finite number >= 0, got -1.0\n"),
       (("run", "--config.train.batch_size=5000"),
        "jaxcl: error: train.batch_size=5000 is larger than the smallest "
        "experience (265 training examples); use at most 265\n"),
+      # What the run checks only as it executes: the checkpointer, the
+      # device mesh.
+      (("run", "--config.checkpoint.keep=1"),
+       "jaxcl: error: checkpoint.keep=1: keep at least 2 so that a crash "
+       "while saving can never leave the run without a valid checkpoint\n"),
+      (("run", "--config.parallel.devices=99"),
+       "jaxcl: error: parallel.devices=99 but only "),
+      (("sweep", "--seeds", "0,1", "--config.parallel.devices=0"),
+       "jaxcl: error: parallel.devices != 1 with a sweep is not supported"),
       (("sweep", "--config.strategy.name=lwf", "--seeds", "0",
         "--values", "strategy.lwf.temperature=1,2"),
        "jaxcl: error: cannot sweep 'strategy.lwf.temperature' in one "
