@@ -85,8 +85,9 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
   """
   if name not in OPTIMIZERS:
     raise ConfigError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
-  if not learning_rate > 0:
-    raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+  if not 0 < learning_rate < math.inf:
+    raise ConfigError(f"learning_rate must be > 0 and finite, got "
+                      f"{learning_rate}")
   # Checked whatever the name: a config keeps its value when the
   # optimiser is switched to 'momentum' later. `not` also refuses NaN.
   if not 0 <= momentum < 1:

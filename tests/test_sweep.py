@@ -189,7 +189,7 @@ def test_grid_values_get_the_factories_checks_before_any_training(
   trained = []
   monkeypatch.setattr(sweep.experiment, "execute",
                       lambda *a, **k: trained.append(1))
-  with pytest.raises(ValueError, match="learning_rate must be > 0, got -1"):
+  with pytest.raises(ValueError, match="learning_rate must be > 0 and finite, got -1"):
     sweep.sweep(small_config(), seeds=[0],
                 values={"optimizer.learning_rate": [0.1, -1.0]})
   c = small_config()

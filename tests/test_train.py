@@ -724,6 +724,8 @@ def test_non_finite_loss_names_experience_and_step():
     ("scenario.n_experiences", 3, "does not divide"),
     ("train.batch_size", 100000, "larger than the smallest experience"),
     ("optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
+    ("optimizer.learning_rate", float("inf"),
+     "learning_rate must be > 0 and finite, got inf"),
     ("train.epochs", 0, "epochs must be >= 1"),
     ("model.multi_head", True, "multi_head=True needs a task-incremental"),
     # Each of these once raised a bare ZeroDivisionError from deep inside,
