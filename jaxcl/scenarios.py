@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxcl import checks
 from jaxcl.datasets import Dataset
 
 __all__ = [
@@ -215,11 +216,14 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
     order = (np.arange(c) if seed is None else
              np.random.default_rng(seed).permutation(c))
   else:
-    order = np.asarray(class_order, dtype=np.int64)
-    if sorted(order.tolist()) != list(range(c)):
+    # Compared as given: casting first made (1.5,) read as [1] and 'abc'
+    # a bare int() error.
+    asked = list(class_order)
+    if not all(checks.is_whole(k) for k in asked) or sorted(
+        int(k) for k in asked) != list(range(c)):
       raise ScenarioError(
-          f"class_order {order.tolist()} is not a permutation of "
-          f"0..{c - 1}")
+          f"class_order {asked} is not a permutation of 0..{c - 1}")
+    order = np.asarray(asked, dtype=np.int64)
   groups = order.reshape(n_experiences, c // n_experiences)
   domain = kind == "domain"
   # Domain-IL: original label -> its position within its group.

@@ -1,5 +1,7 @@
 """Scenarios: splits, permutations, rotations, online, user arrays."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,15 @@ def test_split_rejects_non_divisor(digits, n):
 def test_split_rejects_bad_class_order(digits):
   with pytest.raises(ValueError, match="not a permutation"):
     scenarios.split(digits, 5, class_order=[0] * 10)
+  # Compared as given, not after a cast to int: (1.5,) once read as [1],
+  # and 'abc' raised int()'s bare "invalid literal" error.
+  for order in ([1.5], ["abc"], [*range(9), 9.5]):
+    with pytest.raises(ValueError, match=re.escape(
+        f"class_order {order} is not a permutation of 0..9")):
+      scenarios.split(digits, 5, class_order=order)
+  # numpy's integers are whole numbers.
+  s = scenarios.split(digits, 5, class_order=np.arange(10)[::-1])
+  assert s.experiences[0].classes == (9, 8)
 
 
 def test_permuted_are_permutations_and_differ(digits):
