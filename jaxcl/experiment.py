@@ -344,6 +344,20 @@ def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int):
                         clip_norm=oc.get("clip_norm", 0.0))
 
 
+def _eval_batch(config: ml_collections.ConfigDict, sc: Scenario) -> int:
+  """``train.eval_batch_size``, capped at the largest test set (rounded up
+  to a multiple of the devices of ``parallel.devices``): a larger batch
+  only adds padding rows to every test set (a batch of 10^9 asked for
+  1.2 TB before session 44). Accuracies do not depend on it."""
+  bs = config.train.eval_batch_size
+  if not checks.is_whole(bs) or bs < 1:
+    return bs  # make_learner names it
+  devices = config.get("parallel", {}).get("devices", 1)
+  n = jax.device_count() if devices == 0 else max(devices, 1)
+  largest = max(len(e.test_y) for e in sc.eval_experiences)
+  return min(bs, -(-largest // n) * n)
+
+
 def setup(config: ml_collections.ConfigDict,
           scenario: Scenario | None = None,
           strategy: "strategies.Strategy | None" = None) -> Setup:
@@ -387,7 +401,7 @@ def setup(config: ml_collections.ConfigDict,
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
   ctx = make_context(model, tx, info)
   learner = make_learner(ctx, strategy, epochs=epochs,
-                         eval_batch_size=tc.eval_batch_size,
+                         eval_batch_size=_eval_batch(config, sc),
                          checkpoint_every_steps=config.checkpoint.every_steps,
                          reset_optimizer=tc.reset_optimizer)
   return Setup(config, sc, learner, strategy.name)
@@ -556,7 +570,10 @@ def describe(s: Setup, state: TrainState) -> str:
       f"training: {learner.epochs} epoch(s) x {learner.epoch_steps} steps "
       f"of batch {learner.ctx.info.batch_size} per experience ({steps} "
       f"steps; shorter experiences pad with skipped steps), evaluation "
-      f"batch {learner.eval_batch_size}",
+      f"batch {learner.eval_batch_size}"
+      + ("" if learner.eval_batch_size == c.train.eval_batch_size else
+         f" (train.eval_batch_size={c.train.eval_batch_size} capped at the "
+         "largest test set)"),
       f"model: {c.model.name}; optimizer: {oc.name}, learning rate "
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"

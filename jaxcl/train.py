@@ -503,6 +503,11 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
   """Accuracy of ``state`` on every stacked test set: one accuracy row."""
   predict = strategy.predict or default_predict
   e_n, m = test["y"].shape
+  if m % eval_batch_size:
+    raise ValueError(
+        f"test arrays padded to {m} rows do not split into evaluation "
+        f"batches of {eval_batch_size}; build them with test_arrays(..., "
+        "learner.eval_batch_size)")
   nb = m // eval_batch_size
 
   def chunks(a):

@@ -129,7 +129,8 @@ def contracts():
   learner = four.learner
   data = jaxcl.train.device_experience(exp, learner.ctx.info.train_size)
   state = four.state
-  learner.eval_fn(state, jaxcl.train.test_arrays([exp], 200))
+  learner.eval_fn(state, jaxcl.train.test_arrays([exp],
+                                                 learner.eval_batch_size))
   out["eval_kept"] = not any(x.is_deleted() for x in jax.tree.leaves(state)
                              if isinstance(x, jax.Array))
   learner.chunk_fn(state, data, exp.num_train, 0, 0, 0)
@@ -141,8 +142,12 @@ def contracts():
   bad.train.batch_size = 12
   out["bad_batch"] = _error(lambda: jaxcl.run(bad))
   bad = config("naive", 0)
-  bad.train.eval_batch_size = 100
+  bad.train.eval_batch_size = 20  # under the largest test set (91): kept
   out["bad_eval_batch"] = _error(lambda: jaxcl.run(bad))
+  # Above it, capped at 91 rounded up to the 8 devices: it runs.
+  big = config("naive", 0)
+  big.train.eval_batch_size = 100
+  out["big_eval_batch"] = jaxcl.experiment.setup(big).learner.eval_batch_size
   bad = config("naive", n + 1)
   out["bad_devices"] = _error(lambda: jaxcl.run(bad))
   out["sweep_mesh"] = _error(lambda: sweep.sweep(config("naive", 0),

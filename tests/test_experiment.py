@@ -244,6 +244,33 @@ def test_setup_reads_the_train_settings():
   assert len(s.scenario.eval_experiences) == 5
 
 
+def test_eval_batch_is_capped_at_the_largest_test_set():
+  """A batch beyond the largest test set (Split Digits: 91 images) would
+  only pad every test set to it (10^9 once asked numpy for 1.2 TB); it is
+  capped there, rounded up to split over the devices, and the accuracies
+  are those of any other batch."""
+  runs = {}
+  for bs in (7, 91, 10 ** 9):
+    s = experiment.setup(quick_config(**{"train.eval_batch_size": bs}))
+    assert s.learner.eval_batch_size == min(bs, 91)
+    runs[bs] = np.asarray(experiment.execute(
+        s, experiment.initial_state(s, 0)).accuracy)  # s: the last, 91
+  np.testing.assert_array_equal(runs[10 ** 9], runs[7])
+  np.testing.assert_array_equal(runs[91], runs[7])
+  # Test arrays padded for another batch are refused by name (200 rows in
+  # batches of 91 once failed in a reshape deep inside the evaluation).
+  from jaxcl import train
+  with pytest.raises(ValueError, match=r"test arrays padded to 200 rows do "
+                     r"not split into evaluation batches of 91; build them "
+                     r"with test_arrays\(\.\.\., learner.eval_batch_size\)"):
+    s.learner.eval_fn(experiment.initial_state(s, 0), train.test_arrays(
+        s.scenario.eval_experiences, 200))
+  # On 8 devices: 91 rounded up to 96, a multiple of 8.
+  s = experiment.setup(quick_config(**{"train.eval_batch_size": 10 ** 9,
+                                       "parallel.devices": 8}))
+  assert s.learner.eval_batch_size == 96
+
+
 def test_build_optimizer_passes_every_setting(monkeypatch):
   seen = {}
   real = experiment.make_optimizer

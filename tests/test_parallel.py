@@ -109,7 +109,8 @@ def test_mesh_sharding_placement_and_donation_contracts(child_env):
   assert out["chunk_donated"], "the chunk did not donate the state"
   assert "batch_size=12" in out["bad_batch"] and "8 devices" in out[
       "bad_batch"]
-  assert "eval_batch_size=100" in out["bad_eval_batch"]
+  assert "eval_batch_size=20" in out["bad_eval_batch"]
+  assert out["big_eval_batch"] == 96
   assert "parallel.devices=9" in out["bad_devices"]
   assert "not supported" in out["sweep_mesh"]
 
