@@ -15,12 +15,17 @@ import numbers
 from typing import Any
 
 __all__ = ["nonnegative", "positive", "positive_or_inf", "whole", "flag",
-           "is_whole", "fraction", "at_least"]
+           "is_whole", "is_real", "fraction", "at_least"]
 
 
-def _real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
+  """A finite real number (numpy's too), not a bool (``isinstance(x, (int,
+  float))`` admits True, which then reads as 1)."""
   return (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value))
+
+
+_real = is_real
 
 
 def is_whole(value: Any) -> bool:

@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from jaxcl import checks
+
 __all__ = ["Dataset", "load", "DATASETS", "read_idx", "DataError",
            "noisy_labels", "LABEL_NOISE_TYPES", "ASYMMETRIC_FLIPS"]
 
@@ -121,7 +123,7 @@ class Dataset:
         already noisy (split first, then add noise: the validation labels
         stay clean, as in Mammoth).
     """
-    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+    if not (checks.is_real(fraction) and 0 < fraction < 1):
       raise DataError(f"validation must be a fraction in (0, 1) (0: use the "
                       f"test set), got {fraction!r}")
     if self.train_y_true is not None:

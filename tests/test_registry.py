@@ -160,6 +160,32 @@ def test_from_spec_single_member_is_the_member_itself():
   assert type(two[0]) is type(own)
 
 
+def test_every_numeric_or_flag_argument_refuses_a_wrong_value_by_name():
+  """Each factory refuses, naming the argument, a value of the wrong kind
+  for every numeric argument (True, which ``isinstance(x, (int, float))``
+  admits and then reads as 1; NaN; a string) and flag (2, 'yes'). Session
+  44's fuzz found 16 numeric arguments of 11 strategies taking True, and
+  AR1*'s replay_batch_size and P&C's compress_batch_size refused under
+  another name."""
+  wrong = []
+  for name in strategies.available():
+    for arg, default in strategies.defaults(name).items():
+      if isinstance(default, bool):
+        values = (2, "yes")
+      elif isinstance(default, (int, float)):
+        values = (True, float("nan"), "abc")
+      else:
+        continue
+      for value in values:
+        try:
+          strategies.get(name, **{arg: value})
+          wrong.append(f"{name}({arg}={value!r}) accepted")
+        except ValueError as e:
+          if arg not in str(e):
+            wrong.append(f"{name}({arg}={value!r}): {e}")
+  assert not wrong, "\n".join(wrong)
+
+
 # --------------------------------------------------------------------------
 # _penalty: validation.
 
@@ -183,6 +209,10 @@ def test_check_estimator_args(args, ok):
   else:
     with pytest.raises(ValueError, match="mas: "):
       _penalty.check_estimator_args("mas", *args)
+  # The caller's name of the batch argument (P&C's compress_batch_size).
+  with pytest.raises(ValueError, match="p: compress_batch_size must be an "
+                     "int >= 1, got 0"):
+    _penalty.check_estimator_args("p", 10, 0, batch_arg="compress_batch_size")
 
 
 def test_fisher_diagonal_refuses_an_unknown_kind():

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.models.masked import MaskedDense
 
 
@@ -151,7 +152,7 @@ def build(num_classes: int, num_heads: int = 1, *,
     raise ValueError(f"num_tasks must be >= 1, got {tasks}")
   if not widths:
     raise ValueError("widths must name at least one hidden layer")
-  if not isinstance(superfluous, int) or superfluous < 0:
+  if not checks.is_whole(superfluous) or superfluous < 0:
     raise ValueError(f"superfluous must be an int >= 0, got {superfluous!r}")
   if superfluous and not masked_head:
     raise ValueError("superfluous outputs need masked_head=True (SupSup's "

@@ -57,12 +57,12 @@ def check_fisher(who: str, fisher: str) -> None:
 
 
 def check_estimator_args(who: str, max_examples: int, batch_size: int,
-                         seed: int = 0) -> None:
+                         seed: int = 0, batch_arg: str = "batch_size") -> None:
   """The importance estimate's example count, batch and seed (``who``: the
-  strategy, for the message)."""
+  strategy, ``batch_arg``: its name for the batch, for the messages)."""
   checks.whole(f"{who}: max_examples", max_examples, 0,
                 "0: all of the experience's training examples")
-  checks.whole(f"{who}: batch_size", batch_size, 1)
+  checks.whole(f"{who}: {batch_arg}", batch_size, 1)
   # numpy's generators take the seed after the first experience has
   # trained; refuse a bad one now.
   checks.whole(f"{who}: seed", seed, 0)

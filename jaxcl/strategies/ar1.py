@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl import checks
 from jaxcl.strategies.cwr_star import cwr_star, set_replayed
 from jaxcl.strategies.latent_replay import check_split_args, latent_replay
 from jaxcl.strategies.si import si
@@ -92,8 +93,7 @@ def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
       memory; at ``init``, a model without a single ``head`` or an unknown
       ``layer``.
   """
-  if not (isinstance(lower_lr_scale, (int, float)) and
-          0 < lower_lr_scale <= 1):
+  if not (checks.is_real(lower_lr_scale) and 0 < lower_lr_scale <= 1):
     raise ValueError(f"ar1: lower_lr_scale must be in (0, 1], got "
                      f"{lower_lr_scale!r} (0 is plain cwr_star)")
   if isinstance(mem_size, bool) or not isinstance(mem_size, int) or \
@@ -101,7 +101,8 @@ def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
     raise ValueError(f"ar1: mem_size must be an int >= 0 (0: no latent "
                      f"replay), got {mem_size!r}")
   if mem_size:
-    check_split_args("ar1:", mem_size, replay_batch_size, 0.0, layer)
+    check_split_args("ar1:", mem_size, replay_batch_size, 0.0, layer,
+                     batch_arg="replay_batch_size")
   elif replay_batch_size:
     raise ValueError(f"ar1: replay_batch_size={replay_batch_size} needs a "
                      "latent memory (mem_size > 0)")

@@ -81,14 +81,13 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcl import buffers, dense_grams
+from jaxcl import buffers, checks, dense_grams
 from jaxcl.runs import max_over_runs
 from jaxcl.state import cross_entropy, no_freeze
 from jaxcl.strategies._qp import QPResult, solve_box_qp
@@ -395,11 +394,11 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
   """
   mem_size, mem_per_experience = check_memory_args("gem", mem_size,
                                                    mem_per_experience)
-  if not (isinstance(margin, (int, float)) and math.isfinite(margin)
+  if not (checks.is_real(margin)
           and margin >= 0):
     raise ValueError(f"gem: margin must be a finite number >= 0, got "
                      f"{margin!r}")
-  if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+  if not (checks.is_real(eps) and eps > 0):
     raise ValueError(f"gem: eps must be a finite number > 0, got {eps!r}")
   if isinstance(max_iter, bool) or not isinstance(max_iter, int) or \
       max_iter < 0:

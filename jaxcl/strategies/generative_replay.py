@@ -129,7 +129,7 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
   hidden = tuple(hidden)
   checks.flag("generative_replay: distill", distill)
   checks.positive("generative_replay: temperature", temperature)
-  if not 0 <= current_weight <= 1:
+  if not (checks.is_real(current_weight) and 0 <= current_weight <= 1):
     raise ValueError(f"generative_replay current_weight must be in [0, 1] "
                      f"(0: 1/(t+1)), got {current_weight}")
   gen_tx = optax.adam(gen_lr)

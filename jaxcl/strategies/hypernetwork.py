@@ -57,12 +57,12 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.models.hypernet import HyperNetwork
 from jaxcl.strategy import Strategy
 
@@ -122,14 +122,14 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0,
     ValueError: negative ``beta``; at ``init``, a model that is not the
       hypernetwork or has too few embeddings.
   """
-  if not (isinstance(beta, (int, float)) and math.isfinite(beta)
+  if not (checks.is_real(beta)
           and beta >= 0):
     raise ValueError(f"hypernetwork: beta must be a finite number >= 0, "
                      f"got {beta!r}")
   if not isinstance(lookahead, bool):
     raise ValueError(f"hypernetwork: lookahead must be True or False, got "
                      f"{lookahead!r}")
-  if not isinstance(reg_samples, int) or reg_samples < 0:
+  if not checks.is_whole(reg_samples) or reg_samples < 0:
     raise ValueError(f"hypernetwork: reg_samples must be an int >= 0 (0: "
                      f"all learned embeddings), got {reg_samples!r}")
 

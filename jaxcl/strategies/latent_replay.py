@@ -63,7 +63,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcl import buffers
+from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._freeze import restore_masked
 from jaxcl.strategy import Strategy, frozen_update, mark_experience_start
@@ -209,18 +209,20 @@ class LatentReplayState(NamedTuple):
                           # lower part only; None when it trains)
 
 
-def check_split_args(name, mem_size, batch_size, lower_lr_scale, layer):
+def check_split_args(name, mem_size, batch_size, lower_lr_scale, layer,
+                     batch_arg="batch_size"):
+  """``batch_arg``: the caller's name of the replay batch (AR1*'s
+  ``replay_batch_size``), for the messages."""
   buffers.check_capacity(mem_size, "mem_size")
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
       batch_size < 0:
-    raise ValueError(f"{name} batch_size must be an int >= 0 (0: the "
+    raise ValueError(f"{name} {batch_arg} must be an int >= 0 (0: the "
                      f"training batch size), got {batch_size!r}")
   if batch_size > mem_size:
-    raise ValueError(f"{name} replay batch_size={batch_size} is larger than "
-                     f"the memory capacity mem_size={mem_size}; use "
-                     f"batch_size <= {mem_size}")
-  if not (isinstance(lower_lr_scale, (int, float)) and
-          0 <= lower_lr_scale <= 1):
+    raise ValueError(f"{name} replay {batch_arg}={batch_size} is larger "
+                     f"than the memory capacity mem_size={mem_size}; use "
+                     f"{batch_arg} <= {mem_size}")
+  if not (checks.is_real(lower_lr_scale) and 0 <= lower_lr_scale <= 1):
     raise ValueError(f"{name} lower_lr_scale must be in [0, 1] (0: frozen), "
                      f"got {lower_lr_scale!r}")
   if not isinstance(layer, str) or not layer:

@@ -47,13 +47,13 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl import checks
 from jaxcl.models.classifier import Classifier
 from jaxcl.state import batch_stats_mask
 from jaxcl.strategy import Strategy
@@ -136,11 +136,11 @@ def lwf(alpha: float = 1.0, temperature: float = 2.0) -> Strategy:
   Raises:
     ValueError: negative ``alpha`` or non-positive ``temperature``.
   """
-  if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)
+  if not (checks.is_real(alpha)
           and alpha >= 0):
     raise ValueError(f"lwf: alpha must be a finite number >= 0, got "
                      f"{alpha!r}")
-  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+  if not (checks.is_real(temperature)
           and temperature > 0):
     raise ValueError(f"lwf: temperature T must be a finite number > 0, got "
                      f"{temperature!r}")

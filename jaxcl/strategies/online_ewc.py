@@ -43,7 +43,6 @@ See also:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -82,7 +81,7 @@ def online_ewc(lam: float = 100.0, gamma: float = 1.0, fisher: str = "exact",
       ``fisher``, bad sizes.
   """
   checks.nonnegative("online_ewc: lam", lam)
-  if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)
+  if not (checks.is_real(gamma)
           and 0.0 < gamma <= 1.0):
     raise ValueError(f"online_ewc: gamma must be in (0, 1], got {gamma!r}")
   _penalty.check_fisher("online_ewc", fisher)

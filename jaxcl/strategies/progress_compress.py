@@ -108,7 +108,7 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
       optimiser that moves parameters with zero gradient.
   """
   checks.nonnegative("progress_compress: lam", lam)
-  if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+  if not (checks.is_real(gamma) and 0 < gamma <= 1):
     raise ValueError(f"progress_compress: gamma must be in (0, 1], got "
                      f"{gamma!r}")
   checks.positive("progress_compress: temperature", temperature)
@@ -116,7 +116,8 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
   checks.positive("progress_compress: compress_lr", compress_lr)
   _penalty.check_fisher("progress_compress", fisher)
   _penalty.check_estimator_args("progress_compress", max_examples,
-                                compress_batch_size, seed)
+                                compress_batch_size, seed,
+                                batch_arg="compress_batch_size")
   checks.flag("progress_compress: reset_active", reset_active)
   tx = optax.adam(compress_lr)
   every = lambda path, g: True  # every leaf is stacked by column

@@ -51,7 +51,6 @@ See also:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -90,7 +89,7 @@ def si(c: float = 0.1, xi: float = 0.1, grads: str = "task") -> Strategy:
     ValueError: negative ``c``, non-positive ``xi`` or an unknown ``grads``.
   """
   checks.nonnegative("si: c", c)
-  if not (isinstance(xi, (int, float)) and math.isfinite(xi) and xi > 0):
+  if not (checks.is_real(xi) and xi > 0):
     raise ValueError(f"si: xi (damping) must be a finite number > 0, "
                      f"got {xi!r}")
   if grads not in GRADS:
