@@ -312,7 +312,8 @@ def _sweep(argv) -> None:
                           else 0)
       states = p.initial_states()  # checks that each swept key is state
       runs = "\n".join(f"  {m}" for m in p.members)
-      return (f"runs ({len(p.members)}, one vmapped program):\n{runs}\n"
+      how = "one vmapped program" if len(p.members) > 1 else "not vmapped"
+      return (f"runs ({len(p.members)}, {how}):\n{runs}\n"
               + experiment.describe(p.setup, states[0]).replace(
                   "state:", "state (per run):"))
     _dry_run(config, name, workdir, describe)

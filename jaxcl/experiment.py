@@ -32,7 +32,7 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
            "SCENARIO_TYPES", "check_workdir", "build_strategy",
-           "build_optimizer", "strategy_kwargs", "describe"]
+           "build_optimizer", "strategy_kwargs", "describe", "run_mesh"]
 
 SCENARIO_TYPES = ("split", "permuted", "rotated")
 
