@@ -275,6 +275,11 @@ def plan(config, seeds: Sequence[int] = (0,),
   # standard error.
   _no_repeats("seeds", seeds)
   for key, vals in values.items():
+    if key == "seed":  # the members' own seeds: a value would replace them
+      raise ConfigError(
+          f"sweep 'seed': give the seeds as seeds (jaxcl sweep --seeds "
+          f"{','.join(str(v).removesuffix('.0') for v in vals)}), not as "
+          "values")
     if not vals:
       raise ConfigError(f"sweep {key!r}: no values given")
     _no_repeats(f"sweep {key!r} values", list(vals))

@@ -82,6 +82,11 @@ def test_unsweepable_key_is_an_error():
                 values={"train.batch_size": [16, 32]})
   with pytest.raises(ValueError, match="not a config field"):
     sweep.sweep(small_config(), seeds=[0], values={"optimizer.bogus": [1]})
+  # 'seed' as a value replaced the members' seeds with floats, and the
+  # PRNG refused them deep inside tracing (session 44).
+  with pytest.raises(ValueError, match=r"sweep 'seed': give the seeds as "
+                     r"seeds \(jaxcl sweep --seeds 1,2\), not as values"):
+    sweep.plan(small_config(), seeds=[0], values={"seed": [1.0, 2.0]})
 
 
 def test_sweep_checkpoint_refuses_other_seeds(tmp_path):
