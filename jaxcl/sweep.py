@@ -71,6 +71,8 @@ def parse_values(specs: Sequence[str]) -> dict[str, list[Any]]:
     key = key.strip()
     try:
       out[key] = [float(v) for v in vals.split(",")]
+      if any(math.isnan(v) for v in out[key]):
+        raise ValueError
     except ValueError:
       raise ConfigError(
           f"sweep {key!r}: values must be numbers, got {vals!r} (one "
@@ -151,10 +153,10 @@ def _apply_override(state, key: str, value: float, strategy_names):
       new = jnp.asarray(value, getattr(old, "dtype", jnp.float32))
       return state.replace(strategy=_set_path(state.strategy, hits[0], new))
   raise ConfigError(
-      f"cannot sweep {key!r} in one vmapped program: sweepable are 'seed', "
-      "'optimizer.learning_rate' and strategy hyperparameters that the "
-      "strategy keeps in its state (strategy.<name>.<field>); run separate "
-      "jobs for the others")
+      f"cannot sweep {key!r} in one vmapped program: sweepable are the "
+      "seeds (their own argument, --seeds), 'optimizer.learning_rate' and "
+      "strategy hyperparameters that the strategy keeps in its state "
+      "(strategy.<name>.<field>); run separate jobs for the others")
 
 
 def _no_repeats(what: str, items: list[Any]) -> None:

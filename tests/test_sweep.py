@@ -77,7 +77,9 @@ def test_vmapped_seeds_and_learning_rates_equal_separate_runs():
 
 
 def test_unsweepable_key_is_an_error():
-  with pytest.raises(ValueError, match="cannot sweep 'train.batch_size'"):
+  with pytest.raises(ValueError, match="cannot sweep 'train.batch_size' in "
+                     r"one vmapped program: sweepable are the seeds \(their "
+                     r"own argument, --seeds\), 'optimizer.learning_rate'"):
     sweep.sweep(small_config(), seeds=[0],
                 values={"train.batch_size": [16, 32]})
   with pytest.raises(ValueError, match="not a config field"):
@@ -219,6 +221,11 @@ def test_repeated_or_non_numeric_grid_is_refused():
   with pytest.raises(ValueError, match="'strategy.name': values must be "
                      "numbers, got 'naive,ewc'"):
     sweep.parse_values(["strategy.name=naive,ewc"])
+  # NaN is a float but no value to train with (it was refused as "not of
+  # type float", the config's own type).
+  with pytest.raises(ValueError, match="'optimizer.learning_rate': values "
+                     "must be numbers, got '0.1,nan'"):
+    sweep.parse_values(["optimizer.learning_rate=0.1,nan"])
   with pytest.raises(ValueError, match="--seeds: 'a' is not an integer"):
     sweep.parse_seeds(["0", "a"])
   assert sweep.parse_seeds(["3", "0"]) == [3, 0]
