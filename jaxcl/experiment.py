@@ -574,7 +574,10 @@ def describe(s: Setup, state: TrainState) -> str:
       + ("" if learner.eval_batch_size == c.train.eval_batch_size else
          f" (train.eval_batch_size={c.train.eval_batch_size} capped at the "
          "largest test set)"),
-      f"model: {c.model.name}; optimizer: {oc.name}, learning rate "
+      # The fields this model reads (another backbone's are ignored).
+      f"model: {c.model.name}("
+      + ", ".join(f"{k}={v!r}" for k, v in _model_kwargs(c.model).items())
+      + f"); optimizer: {oc.name}, learning rate "
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
       f"; strategy: {s.strategy_name}",
