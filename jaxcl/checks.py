@@ -25,9 +25,6 @@ def is_real(value: Any) -> bool:
           and math.isfinite(value))
 
 
-_real = is_real
-
-
 def is_whole(value: Any) -> bool:
   """An int (numpy's too), not a bool."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -35,25 +32,25 @@ def is_whole(value: Any) -> bool:
 
 def nonnegative(name: str, value: Any) -> None:
   """A finite number >= 0."""
-  if not (_real(value) and value >= 0):
+  if not (is_real(value) and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def positive(name: str, value: Any) -> None:
   """A finite number > 0."""
-  if not (_real(value) and value > 0):
+  if not (is_real(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def fraction(name: str, value: Any) -> None:
   """A number in [0, 1) (a momentum, a decay rate)."""
-  if not (_real(value) and 0 <= value < 1):
+  if not (is_real(value) and 0 <= value < 1):
     raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
 def at_least(name: str, value: Any, minimum: float, note: str = "") -> None:
   """A finite number >= ``minimum`` (``note`` says why)."""
-  if not (_real(value) and value >= minimum):
+  if not (is_real(value) and value >= minimum):
     raise ValueError(f"{name} must be a number >= {minimum}{note}, got "
                      f"{value!r}")
 

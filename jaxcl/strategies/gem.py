@@ -394,12 +394,8 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
   """
   mem_size, mem_per_experience = check_memory_args("gem", mem_size,
                                                    mem_per_experience)
-  if not (checks.is_real(margin)
-          and margin >= 0):
-    raise ValueError(f"gem: margin must be a finite number >= 0, got "
-                     f"{margin!r}")
-  if not (checks.is_real(eps) and eps > 0):
-    raise ValueError(f"gem: eps must be a finite number > 0, got {eps!r}")
+  checks.nonnegative("gem: margin", margin)
+  checks.positive("gem: eps", eps)
   if isinstance(max_iter, bool) or not isinstance(max_iter, int) or \
       max_iter < 0:
     raise ValueError(f"gem: max_iter must be an int >= 0 (0: automatic), "

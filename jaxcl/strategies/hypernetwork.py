@@ -122,10 +122,7 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0,
     ValueError: negative ``beta``; at ``init``, a model that is not the
       hypernetwork or has too few embeddings.
   """
-  if not (checks.is_real(beta)
-          and beta >= 0):
-    raise ValueError(f"hypernetwork: beta must be a finite number >= 0, "
-                     f"got {beta!r}")
+  checks.nonnegative("hypernetwork: beta", beta)
   if not isinstance(lookahead, bool):
     raise ValueError(f"hypernetwork: lookahead must be True or False, got "
                      f"{lookahead!r}")

@@ -136,14 +136,8 @@ def lwf(alpha: float = 1.0, temperature: float = 2.0) -> Strategy:
   Raises:
     ValueError: negative ``alpha`` or non-positive ``temperature``.
   """
-  if not (checks.is_real(alpha)
-          and alpha >= 0):
-    raise ValueError(f"lwf: alpha must be a finite number >= 0, got "
-                     f"{alpha!r}")
-  if not (checks.is_real(temperature)
-          and temperature > 0):
-    raise ValueError(f"lwf: temperature T must be a finite number > 0, got "
-                     f"{temperature!r}")
+  checks.nonnegative("lwf: alpha", alpha)
+  checks.positive("lwf: temperature T", temperature)
 
   def init(ctx, key, params):
     del key

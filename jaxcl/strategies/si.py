@@ -89,9 +89,7 @@ def si(c: float = 0.1, xi: float = 0.1, grads: str = "task") -> Strategy:
     ValueError: negative ``c``, non-positive ``xi`` or an unknown ``grads``.
   """
   checks.nonnegative("si: c", c)
-  if not (checks.is_real(xi) and xi > 0):
-    raise ValueError(f"si: xi (damping) must be a finite number > 0, "
-                     f"got {xi!r}")
+  checks.positive("si: xi (damping)", xi)
   if grads not in GRADS:
     raise ValueError(f"si: grads={grads!r}; valid: {list(GRADS)}")
   use_task = grads == "task"
