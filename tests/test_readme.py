@@ -42,11 +42,10 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
   # The script: a strategy by name, then the same chained with one of the
   # reader's own. The matrix is the stream's (5 x 5) and the metrics are
   # its own: ACC is the last row's mean.
-  for result in (ns["result"],):
-    acc = np.asarray(result.accuracy)
-    assert acc.shape == (5, 5)
-    np.testing.assert_allclose(result.metrics["acc"], acc[-1].mean(),
-                               rtol=1e-6)
+  acc = np.asarray(ns["result"].accuracy)
+  assert acc.shape == (5, 5)
+  np.testing.assert_allclose(ns["result"].metrics["acc"], acc[-1].mean(),
+                             rtol=1e-6)
   assert ns["result"].learner.strategy.name == "l2_to_init+ensemble"
   assert isinstance(ns["strategy"], jaxcl.Strategy)
 
