@@ -462,8 +462,14 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
   """
   bs = ctx.info.batch_size
   size = data["y"].shape[0]
+  # One chunk of padding past the epoch: a run resumed with another chunk
+  # size (checkpoint.every_steps does not change the computation) starts
+  # its chunks at a step that need not divide by this one, and
+  # dynamic_slice would move a slice running past the end back inside it,
+  # onto earlier steps' batches. The order depends on ``size``, not on
+  # the steps, so the padding changes no batch.
   idx = epoch_indices(state.rng, experience, epoch, n_valid, size,
-                      epoch_steps, bs)
+                      epoch_steps + chunk_steps, bs)
   idx = jax.lax.dynamic_slice_in_dim(idx, start, chunk_steps, axis=0)
 
   # The valid rows are the epoch's first n_valid positions (epoch_indices),

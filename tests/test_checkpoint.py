@@ -626,3 +626,33 @@ def test_missing_item_metadata_is_corrupt_not_incompatible(tmp_path):
     assert pos.experience in (1, 2), item
     np.testing.assert_array_equal(restored["w"], np.arange(3.0))
     np.testing.assert_array_equal(p["accuracy"], np.eye(2))
+
+
+def test_resume_with_another_chunk_trains_the_same_batches(tmp_path,
+                                                           monkeypatch):
+  """``checkpoint.every_steps`` does not change what a run computes, so a
+  run may resume with another value. The resumed epoch then starts at a
+  step (15) that is not a multiple of the new chunk (12 steps, epochs
+  padded to 24): the chunk's slice of the epoch's batches ran past the
+  padded epoch, and ``dynamic_slice`` moved it back, so steps 15-16 trained
+  on the batches of steps 12-13 (until session 45)."""
+  import jax
+
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.scenario.n_experiences, c.train.epochs = 2, 1
+  c.checkpoint.every_steps = 5
+  saved = _saves_until(monkeypatch, 0)
+  ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
+  at = saved.index(checkpoint.Position(0, "train", 0, 15))
+  _saves_until(monkeypatch, at + 2)  # stops after saving step 15
+  with pytest.raises(_Interrupted):
+    jaxcl.run(c, str(tmp_path / "run"))
+  _saves_until(monkeypatch, 0)
+  c.checkpoint.every_steps = 12
+  final = jaxcl.run(c, str(tmp_path / "run"), resume=True)
+  for a, b in zip(jax.tree.leaves(final.state), jax.tree.leaves(ref.state)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(final.accuracy, ref.accuracy)
