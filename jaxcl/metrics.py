@@ -34,6 +34,39 @@ accuracy over the pooled test examples that iCaRL reports:
   \\mathrm{IncACC} = \\frac{1}{T} \\sum_{i} \\frac{1}{i+1}
       \\sum_{j \\le i} R_{i, j}, \\qquad
   \\mathrm{LA} = \\frac{1}{T} \\sum_{j} R_{j, j}
+
+**Continual evaluation** (``train.eval_every_steps``) also evaluates every
+test set inside the experiences, giving an accuracy *curve*: points
+``k = 0..P-1`` at global steps ``s_k``, each with the experience ``e_k``
+being trained (``-1`` for the initial model) and a row ``a_k`` over the
+test sets; experience ``i``'s points end with its row of ``R``. The matrix
+samples the curve only at the experiences' ends, where a method has
+recovered: De Lange, van de Ven & Tuytelaars, "Continual evaluation for
+lifelong learning: identifying the stability gap", ICLR 2023, show that
+replay and regularisation methods lose much of an earlier experience's
+accuracy in the first steps of the next one and regain it before its
+end. Their worst-case metrics, at the end of a stream of ``T``
+experiences:
+
+.. math::
+
+  \\mathrm{minACC} = \\frac{1}{T-1} \\sum_{i<T-1}
+      \\min_{k:\\, e_k > i} a_{k, i}, \\qquad
+  \\mathrm{WCACC} = \\frac{1}{T} R_{T-1, T-1}
+      + \\left(1 - \\frac{1}{T}\\right) \\mathrm{minACC}
+
+(the minimum is over every evaluation after experience ``i`` was
+trained), and the *average anytime accuracy* (Caccia et al., "New
+insights on reducing abrupt representation change in online continual
+learning", ICLR 2022; Koh et al.'s :math:`A_{AUC}`, ICLR 2022, divided by
+the steps), the accuracy on the experiences seen so far averaged over
+the training steps:
+
+.. math::
+
+  \\mathrm{AAA} = \\frac{\\sum_{k \\ge 1} (s_k - s_{k-1})\\,
+      \\frac{1}{e_k + 1} \\sum_{j \\le e_k} a_{k, j}}
+      {\\sum_{k \\ge 1} (s_k - s_{k-1})}
 """
 
 from __future__ import annotations
@@ -42,7 +75,9 @@ import numpy as np
 
 __all__ = ["average_accuracy", "accuracy_over_time",
            "average_incremental_accuracy", "learning_accuracy",
-           "backward_transfer", "forward_transfer", "forgetting", "summary"]
+           "backward_transfer", "forward_transfer", "forgetting", "summary",
+           "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
+           "continual_summary"]
 
 
 def _square(r) -> np.ndarray:
@@ -119,4 +154,84 @@ def summary(r, random_acc=None) -> dict[str, float]:
       out["fwt"] = forward_transfer(r, random_acc)
     out["inc_acc"] = average_incremental_accuracy(r)
     out["learning_acc"] = learning_accuracy(r)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Continual evaluation: metrics of the accuracy curve.
+
+
+def _curve(experience, accuracy, step=None):
+  """The curve's arrays, checked: ``experience`` (P,) from -1 (the initial
+  model) up, never decreasing; ``accuracy`` (P, T), one test set per
+  training experience; ``step`` (P,) never decreasing."""
+  e = np.asarray(experience)
+  a = np.asarray(accuracy, dtype=np.float64)
+  if e.ndim != 1 or a.ndim != 2 or len(e) != len(a) or not len(e):
+    raise ValueError(
+        "a continual-evaluation curve needs experience (P,) and accuracy "
+        f"(P, T) for P >= 1 points; got shapes {e.shape} and {a.shape}")
+  if e.min() < -1 or np.any(np.diff(e) < 0):
+    raise ValueError("the curve's experience indices must start at -1 or "
+                     f"more and never decrease; got {e.tolist()}")
+  t = int(e.max()) + 1
+  if t < 1 or a.shape[1] != t:
+    raise ValueError(
+        f"these metrics need one test set per training experience: the "
+        f"curve trains {t} experience(s) and has {a.shape[1]} test sets")
+  if step is not None:
+    step = np.asarray(step, dtype=np.float64)
+    if step.shape != e.shape or np.any(np.diff(step) < 0):
+      raise ValueError(f"the curve's steps must have shape {e.shape} and "
+                       f"never decrease; got {step.tolist()}")
+  return e, a, t, step
+
+
+def min_accuracy(experience, accuracy) -> float:
+  """minACC: the mean over experiences before the last of their lowest
+  accuracy at any evaluation after they were trained (NaN for one
+  experience)."""
+  e, a, t, _ = _curve(experience, accuracy)
+  if t < 2:
+    return float("nan")
+  return float(np.mean([a[e > i, i].min() for i in range(t - 1)]))
+
+
+def worst_case_accuracy(experience, accuracy) -> float:
+  """WCACC: the last experience's final accuracy weighted ``1/T``, and
+  :func:`min_accuracy` of the others ``1 - 1/T``."""
+  e, a, t, _ = _curve(experience, accuracy)
+  last = a[-1, t - 1]
+  if t < 2:
+    return float(last)
+  return float(last / t + (1 - 1 / t) * min_accuracy(e, a))
+
+
+def anytime_accuracy(step, experience, accuracy) -> float:
+  """AAA: the mean accuracy on the experiences seen so far, averaged over
+  the training steps (each point stands for the steps since the one
+  before it)."""
+  e, a, _, s = _curve(experience, accuracy, step)
+  seen = np.array([a[k, :e[k] + 1].mean() if e[k] >= 0 else np.nan
+                   for k in range(len(e))])
+  w = np.diff(s)
+  if len(w) == 0 or w.sum() <= 0:
+    raise ValueError("anytime accuracy needs evaluations after training "
+                     f"steps; the curve's steps are {s.tolist()}")
+  return float(np.sum(w * seen[1:]) / w.sum())
+
+
+def continual_summary(step, experience, accuracy) -> dict[str, float]:
+  """``min_acc`` (two or more experiences), ``wc_acc`` and ``anytime_acc``
+  of a continual-evaluation curve with one test set per training
+  experience; empty otherwise (Joint's single experience covers them
+  all)."""
+  e, a = np.asarray(experience), np.asarray(accuracy)
+  if e.ndim != 1 or a.ndim != 2 or a.shape[1] != int(e.max()) + 1:
+    return {}
+  out = {}
+  if e.max() >= 1:
+    out["min_acc"] = min_accuracy(e, a)
+  out["wc_acc"] = worst_case_accuracy(e, a)
+  out["anytime_acc"] = anytime_accuracy(step, e, a)
   return out

@@ -104,3 +104,72 @@ def test_summary_and_shapes():
     metrics.backward_transfer(np.ones((1, 3)))
   with pytest.raises(ValueError, match="random_acc"):
     metrics.forward_transfer(R, [0.1])
+
+
+# A continual-evaluation curve of three experiences: the initial model,
+# then two points per experience, the second its end (the row of R).
+# Experience 0 drops to 0.3 early in experience 1 and recovers to 0.7 by
+# its end: the stability gap the matrix does not see.
+CURVE_STEP = np.array([0, 5, 10, 15, 20, 25, 30])
+CURVE_EXP = np.array([-1, 0, 0, 1, 1, 2, 2])
+CURVE_ACC = np.array([[0.1, 0.1, 0.1],
+                      [0.6, 0.0, 0.0],
+                      [0.9, 0.0, 0.0],
+                      [0.3, 0.5, 0.0],
+                      [0.7, 0.8, 0.0],
+                      [0.6, 0.2, 0.4],
+                      [0.65, 0.75, 0.9]])
+
+
+def test_min_accuracy_takes_the_lowest_point_after_each_experience():
+  # Experience 0: min(0.3, 0.7, 0.6, 0.65); experience 1: min(0.2, 0.75).
+  # Its own points (0.6 while it trains) never count.
+  assert metrics.min_accuracy(CURVE_EXP, CURVE_ACC) == pytest.approx(
+      (0.3 + 0.2) / 2)
+  # On the matrix's rows alone (the experiences' ends) the gap is missed.
+  ends = [0, 2, 4, 6]
+  assert metrics.min_accuracy(CURVE_EXP[ends], CURVE_ACC[ends]) == (
+      pytest.approx((0.65 + 0.75) / 2))
+  assert np.isnan(metrics.min_accuracy([-1, 0], [[0.1], [0.8]]))
+
+
+def test_worst_case_accuracy_weights_the_last_experience_by_one_over_t():
+  assert metrics.worst_case_accuracy(CURVE_EXP, CURVE_ACC) == pytest.approx(
+      0.9 / 3 + (2 / 3) * 0.25)
+  # One experience: its final accuracy.
+  assert metrics.worst_case_accuracy([-1, 0, 0], [[0.1], [0.5], [0.8]]) == (
+      pytest.approx(0.8))
+
+
+def test_anytime_accuracy_averages_the_seen_experiences_over_steps():
+  seen = [0.6, 0.9, (0.3 + 0.5) / 2, 0.75, (0.6 + 0.2 + 0.4) / 3,
+          (0.65 + 0.75 + 0.9) / 3]
+  assert metrics.anytime_accuracy(CURVE_STEP, CURVE_EXP, CURVE_ACC) == (
+      pytest.approx(np.mean(seen)))
+  # Each point stands for the steps since the one before it: 1 step for
+  # the first, 19 for the second, 2 for each of the others.
+  step = np.array([0, 1, 20, 22, 24, 26, 28])
+  w = np.array([1, 19, 2, 2, 2, 2])
+  assert metrics.anytime_accuracy(step, CURVE_EXP, CURVE_ACC) == (
+      pytest.approx(np.sum(w * np.array(seen)) / w.sum()))
+  with pytest.raises(ValueError, match="after training steps"):
+    metrics.anytime_accuracy([0, 0], [-1, 0], [[0.1], [0.2]])
+  with pytest.raises(ValueError, match="never decrease"):
+    metrics.anytime_accuracy(CURVE_STEP[::-1], CURVE_EXP, CURVE_ACC)
+
+
+def test_continual_summary_and_bad_curves():
+  assert metrics.continual_summary(CURVE_STEP, CURVE_EXP, CURVE_ACC) == {
+      "min_acc": pytest.approx(0.25),
+      "wc_acc": pytest.approx(0.9 / 3 + (2 / 3) * 0.25),
+      "anytime_acc": pytest.approx(metrics.anytime_accuracy(
+          CURVE_STEP, CURVE_EXP, CURVE_ACC))}
+  # One experience has no minACC; Joint's (one experience, three test
+  # sets) has none of them.
+  assert set(metrics.continual_summary([0, 4], [-1, 0], [[0.1], [0.7]])) == {
+      "wc_acc", "anytime_acc"}
+  assert metrics.continual_summary([0, 4], [-1, 0], np.ones((2, 3))) == {}
+  with pytest.raises(ValueError, match="never decrease"):
+    metrics.min_accuracy(CURVE_EXP[::-1], CURVE_ACC)
+  with pytest.raises(ValueError, match="one test set per training"):
+    metrics.min_accuracy(CURVE_EXP, CURVE_ACC[:, :2])
