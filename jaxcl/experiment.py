@@ -96,7 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
       schedule="constant",
       clip_norm=0.0))  # > 0: clip the gradient's global L2 norm to it
   c.train = ml_collections.ConfigDict(dict(
-      epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True))
+      epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True,
+      # >0: continual evaluation (De Lange et al. 2023): also evaluate every
+      # test set every N steps of each epoch and at each epoch's end, for
+      # the accuracy curve and its metrics (min_acc, wc_acc, anytime_acc)
+      eval_every_steps=0))
   # strategy.name: a name or names joined by '+'; strategy.<name>: kwargs.
   c.strategy = ml_collections.ConfigDict(dict(name="naive"))
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -400,15 +404,35 @@ def setup(config: ml_collections.ConfigDict,
   epochs = 1 if sc.online else tc.epochs
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
   ctx = make_context(model, tx, info)
+  eval_every = tc.get("eval_every_steps", 0)
+  checks.whole("train.eval_every_steps", eval_every, 0,
+               "0: evaluate at the end of each experience only")
   learner = make_learner(ctx, strategy, epochs=epochs,
                          eval_batch_size=_eval_batch(config, sc),
                          checkpoint_every_steps=config.checkpoint.every_steps,
+                         eval_every_steps=eval_every,
                          reset_optimizer=tc.reset_optimizer)
   return Setup(config, sc, learner, strategy.name)
 
 
 # --------------------------------------------------------------------------
 # The stream.
+
+
+@dataclasses.dataclass
+class Curve:
+  """The accuracy curve of continual evaluation (``train.eval_every_steps``):
+  ``P`` points in training order, the first the initial model's.
+
+  Attributes:
+    step: (P,) the global step of each point.
+    experience: (P,) the experience being trained (-1: the initial model);
+      each experience's points end with its row of the accuracy matrix.
+    accuracy: (P, test sets), (runs, P, test sets) for a sweep.
+  """
+  step: np.ndarray
+  experience: np.ndarray
+  accuracy: np.ndarray
 
 
 @dataclasses.dataclass
@@ -426,6 +450,7 @@ class Result:
       invocations spent reaching the checkpoint this one resumed from (0
       for a fresh run, NaN when that checkpoint did not record it).
     learner: the compiled functions of the run (to reuse or inspect).
+    curve: the accuracy curve of continual evaluation, None without it.
   """
   accuracy: np.ndarray
   random_accuracy: np.ndarray
@@ -433,6 +458,29 @@ class Result:
   state: TrainState
   times: dict[str, float]
   learner: Learner | None = None
+  curve: Curve | None = None
+
+
+def _curve_slots(learner: Learner) -> int:
+  """Room for one experience's continual evaluations: in each epoch the
+  multiples of ``eval_every_steps`` and its end, at most ``epoch_steps //
+  eval_every_steps + 1``; the last epoch's end is the experience's row of
+  the accuracy matrix, also kept on the curve."""
+  return learner.epochs * (learner.epoch_steps // learner.eval_every_steps
+                           + 1)
+
+
+def _curve(random_acc: np.ndarray, acc: np.ndarray, step: np.ndarray
+           ) -> Curve:
+  """The :class:`Curve` of the filled slots (``step >= 0``) of ``acc``
+  ((runs,) experiences x slots x test sets), after the initial point."""
+  filled = step >= 0
+  experience = np.broadcast_to(np.arange(step.shape[0])[:, None],
+                               step.shape)[filled]
+  points = acc[filled] if acc.ndim == 3 else acc[:, filled]
+  return Curve(np.concatenate([[0], step[filled]]),
+               np.concatenate([[-1], experience]),
+               np.concatenate([random_acc[..., None, :], points], axis=-2))
 
 
 def _check_finite(losses, ran, experience, epoch, first_step):
@@ -447,6 +495,11 @@ def _check_finite(losses, ran, experience, epoch, first_step):
         f"{experience}, epoch {epoch}, step {first_step + int(where[-1])} of "
         "the epoch; lower the learning rate or check the strategy's "
         "hyperparameters")
+
+
+def _mean_row(row: np.ndarray, members: int) -> np.ndarray:
+  """An accuracy row, for a sweep (runs x test sets) the mean over runs."""
+  return row.mean(axis=0) if members else row
 
 
 def _unstack(tree: Any, i: int) -> Any:
@@ -580,8 +633,14 @@ def describe(s: Setup, state: TrainState) -> str:
       + f"); optimizer: {oc.name}, learning rate "
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
-      f"; strategy: {s.strategy_name}",
-      "state:"]
+      f"; strategy: {s.strategy_name}"]
+  if learner.eval_every_steps:
+    lines.append(
+        f"continual evaluation: every {learner.eval_every_steps} steps of "
+        "each epoch and at its end, up to "
+        f"{_curve_slots(learner)} evaluations of every test set per "
+        f"experience (compiled chunks of {learner.chunk_steps} steps)")
+  lines.append("state:")
   for part in ("params", "opt_state", "model_state", "strategy"):
     lines.append(f"  {part:<12} {_size(getattr(state, part))}")
   return "\n".join(lines)
@@ -671,6 +730,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
 
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
   acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
+  # Continual evaluation: the curve's points by experience and slot
+  # (unfilled: NaN accuracies, step -1), in the checkpoints' progress.
+  every_eval = learner.eval_every_steps
+  curve = {}
+  if every_eval:
+    slots = _curve_slots(learner)
+    curve = {"curve_accuracy": np.full(acc.shape[:-1] + (slots, n_test),
+                                       np.nan),
+             "curve_step": np.full((n_train, slots), -1, np.int32)}
   test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size)
                if len(streams) == 1 else stacked_test_arrays(
                    [t.eval_experiences for t in streams],
@@ -687,7 +755,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       raise ConfigError(f"{workdir} already holds checkpoints; use another "
                         "--workdir or resume")
     progress_like = {"accuracy": acc,
-                     "random_accuracy": acc[..., 0, :] * 0}
+                     "random_accuracy": acc[..., 0, :] * 0, **curve}
     restored = ckpt.restore(state, progress_like) if ckpt.steps() else None
     if restored is None and resume:
       raise ConfigError(f"--resume: no checkpoint to resume in {workdir}")
@@ -695,6 +763,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state, progress, position = restored
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
+      curve = {k: np.array(progress[k], v.dtype) for k, v in curve.items()}
       before = progress["seconds"]
       state = settle(state)
       resume_step = int(np.max(np.asarray(state.step)))
@@ -710,14 +779,25 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     # that a fresh and a resumed run return the same Result.
     random_acc = np.asarray(learner.eval_fn(state, test), np.float64)
     eval_time += time.perf_counter() - t0
+    if every_eval:
+      reporter.curve(-1, _mean_row(random_acc, members), 0)
+
+  def add_point(i, row, step):
+    """Puts an evaluation on the curve, in experience ``i``'s next slot."""
+    k = int(np.sum(curve["curve_step"][i] >= 0))
+    curve["curve_accuracy"][..., i, k, :] = row
+    curve["curve_step"][i, k] = step
+    reporter.curve(i, _mean_row(row, members), step)
 
   def save(state, pos):
     if ckpt is not None:
-      ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc}, pos,
+      ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc,
+                        **curve}, pos,
                 seconds=None if math.isnan(before) else
                 before + time.perf_counter() - t_start)
 
   size = ctx.info.train_size
+  batch = ctx.info.batch_size
   train_time = 0.0
   try:
     for i in range(position.experience, n_train):
@@ -738,6 +818,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           learner.epochs * learner.epoch_steps, f"experience {i + 1}/{n_train}",
           initial=first_epoch * learner.epoch_steps + position.step if mid
           else 0)
+      # The steps of each of this experience's epochs that hold examples
+      # (later chunks of the padded epoch run none).
+      n_steps = -(-exp.num_train // batch)
       for epoch in range(first_epoch, learner.epochs):
         first = position.step if (mid and epoch == first_epoch) else 0
         for start in range(first, learner.epoch_steps, learner.chunk_steps):
@@ -752,7 +835,18 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           reporter.scalar("train/loss", loss, step)
           nxt = start + learner.chunk_steps
           last = epoch == learner.epochs - 1 and nxt >= learner.epoch_steps
-          if config.checkpoint.every_steps > 0 and not last:
+          ended = nxt >= n_steps  # the epoch's last step has run
+          if (every_eval and ran_np.any() and (nxt % every_eval == 0 or ended)
+              and not (ended and epoch == learner.epochs - 1)):
+            # (The experience's end is evaluated below, after its hook.)
+            t1 = time.perf_counter()
+            add_point(i, np.asarray(learner.eval_fn(state, test)), step)
+            inside_eval = time.perf_counter() - t1
+            eval_time += inside_eval
+            t0 += inside_eval  # not training time
+          every = learner.checkpoint_every_steps
+          if every > 0 and not last and (nxt % every == 0 or
+                                         nxt >= learner.epoch_steps):
             # The experience's end is saved after its evaluation below.
             save(state, checkpoint.Position(i, "train", epoch, nxt)
                  if nxt < learner.epoch_steps else
@@ -766,26 +860,41 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       t0 = time.perf_counter()
       acc[..., i, :] = np.asarray(learner.eval_fn(state, test))
       eval_time += time.perf_counter() - t0
-      row = acc[i] if not members else acc[:, i].mean(axis=0)
-      reporter.experience(i, row, int(np.max(np.asarray(state.step))))
+      step = int(np.max(np.asarray(state.step)))
+      if every_eval:
+        add_point(i, acc[..., i, :], step)
+      reporter.experience(i, _mean_row(acc[..., i, :], members), step)
       save(state, checkpoint.Position(i + 1, "begin"))
   finally:
     if ckpt is not None:
       ckpt.close()
+  run_curve = (_curve(random_acc, curve["curve_accuracy"],
+                      curve["curve_step"]) if every_eval else None)
+
+  def run_summary(m=None):
+    pick = (lambda a: a) if m is None else (lambda a: a[m])
+    out = metrics.summary(pick(acc), pick(random_acc))
+    if run_curve is not None:
+      out.update(metrics.continual_summary(
+          run_curve.step, run_curve.experience, pick(run_curve.accuracy)))
+    return out
+
   if members:
     summary = {}
     for m in range(members):
-      for k, v in metrics.summary(acc[m], random_acc[m]).items():
+      for k, v in run_summary(m).items():
         summary.setdefault(k, []).append(v)
   else:
-    summary = metrics.summary(acc, random_acc)
+    summary = run_summary()
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time, "before": before}
-  result = Result(acc, random_acc, summary, state, times, learner)
+  result = Result(acc, random_acc, summary, state, times, learner, run_curve)
   if members:  # the run directory shows the mean over the sweep's runs
-    reporter.finish(Result(acc.mean(0), random_acc.mean(0),
-                           {k: float(np.mean(v)) for k, v in summary.items()},
-                           state, times, learner))
+    reporter.finish(Result(
+        acc.mean(0), random_acc.mean(0),
+        {k: float(np.mean(v)) for k, v in summary.items()}, state, times,
+        learner, None if run_curve is None else dataclasses.replace(
+            run_curve, accuracy=run_curve.accuracy.mean(0))))
   else:
     reporter.finish(result)
   return result

@@ -14,7 +14,11 @@ A run directory holds:
   (``mean_of_runs``: their number); each run's results are in
   ``sweep.json``;
 * ``tb/``: TensorBoard events (scalars);
-* ``accuracy_matrix.png`` and ``average_accuracy.png``.
+* ``accuracy_matrix.png`` and ``average_accuracy.png``;
+* with continual evaluation (``train.eval_every_steps``):
+  ``accuracy_curve.csv``, one row per evaluation (global step, the
+  experience being trained, the accuracy on every test set and the average
+  over the experiences seen), and ``accuracy_curve.png``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import numpy as np
 
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
-           "plot_accuracy_matrix", "plot_average_accuracy", "figure",
-           "integer_ticks"]
+           "plot_accuracy_matrix", "plot_average_accuracy",
+           "plot_accuracy_curve", "figure", "integer_ticks"]
 
 
 class _NullBar:
@@ -55,6 +59,9 @@ class NullReporter:
 
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     del index, row, step
+
+  def curve(self, experience: int, row: np.ndarray, step: int) -> None:
+    del experience, row, step
 
   def finish(self, result: Any) -> None:
     del result
@@ -182,6 +189,22 @@ class Reporter(NullReporter):
             f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
             f"{seen}: {avg:.4f}{mean}", file=sys.stderr, flush=True)
 
+  def curve(self, experience: int, row: np.ndarray, step: int) -> None:
+    """A continual evaluation at global ``step`` while ``experience`` trains
+    (-1: the initial model); the experiences' ends are on it too."""
+    row = [float(v) for v in row]
+    record = {"step": step, "curve_experience": experience,
+              "curve_accuracy": row}
+    if experience >= 0:
+      record["curve_average_seen"] = float(np.mean(row[:experience + 1]))
+    self._log(record)
+    if self._tb is not None:
+      for j, v in enumerate(row):
+        self._tb.add_scalar(f"curve/accuracy_exp{j}", v, step)
+      if experience >= 0:
+        self._tb.add_scalar("curve/average_accuracy_seen",
+                            record["curve_average_seen"], step)
+
   def finish(self, result: Any) -> None:
     acc = np.asarray(result.accuracy)
     self._log({"final": result.metrics, "times": result.times})
@@ -202,12 +225,29 @@ class Reporter(NullReporter):
         seen = row[:min(i + 1, len(row))] if acc.shape[0] > 1 else row
         w.writerow([i] + [f"{v:.6f}" for v in row] +
                    [f"{float(np.mean(seen)):.6f}"])
+    curve = getattr(result, "curve", None)
+    if curve is not None:
+      seen = _curve_seen(curve, acc.shape[0] == acc.shape[1])
+      with open(os.path.join(self.workdir, "accuracy_curve.csv"), "w",
+                newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "experience"] +
+                   [f"acc_exp{j}" for j in range(acc.shape[1])] +
+                   ["average_accuracy_seen"])
+        for k, row in enumerate(np.asarray(curve.accuracy)):
+          w.writerow([int(curve.step[k]), int(curve.experience[k])] +
+                     [f"{v:.6f}" for v in row] + [
+                         "" if np.isnan(seen[k]) else f"{seen[k]:.6f}"])
     if self._plots:
       plot_accuracy_matrix(acc, os.path.join(self.workdir,
                                              "accuracy_matrix.png"),
                            split=self._split, runs=self._runs)
       plot_average_accuracy(acc, os.path.join(self.workdir,
                                               "average_accuracy.png"))
+      if curve is not None:
+        plot_accuracy_curve(curve, os.path.join(self.workdir,
+                                                "accuracy_curve.png"),
+                            split=self._split, runs=self._runs)
     if self._tb is not None:
       for k, v in result.metrics.items():
         self._tb.add_scalar(f"final/{k}", v, 0)
@@ -327,6 +367,51 @@ def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
   integer_ticks(ax)
   ax.set_ylabel("average accuracy (seen)")
   ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return fig
+
+
+def _curve_seen(curve: Any, square: bool) -> np.ndarray:
+  """Each curve point's average accuracy over the experiences seen (those
+  up to the one training; every test set when they are not one per
+  experience, as Joint's); NaN for the initial model."""
+  acc = np.asarray(curve.accuracy)
+  return np.array([
+      np.nan if e < 0 else float(np.mean(row[:e + 1] if square else row))
+      for e, row in zip(np.asarray(curve.experience), acc)])
+
+
+def plot_accuracy_curve(curve: Any, path: str, split: str = "test",
+                        runs: int = 1) -> Any:
+  """The continual-evaluation curve: each test set's accuracy over the
+  training steps from when its experience starts training (the stability
+  gap shows as a dip at the next experience's start), the average over
+  the experiences seen, and the experiences' ends as dotted lines;
+  returns the figure."""
+  acc = np.asarray(curve.accuracy)
+  step, exp = np.asarray(curve.step), np.asarray(curve.experience)
+  n_test = acc.shape[1]
+  square = n_test == int(exp.max()) + 1
+  fig, ax = figure((7, 4))
+  colors = [f"C{j % 10}" for j in range(n_test)]
+  for j in range(n_test):
+    on = exp >= (j if square else 0)
+    if on.any():  # from the point before (its start) onwards
+      first = max(int(np.argmax(on)) - 1, 0)
+      ax.plot(step[first:], acc[first:, j], color=colors[j], lw=1,
+              label=f"exp{j}" if n_test <= 10 else None)
+  seen = _curve_seen(curve, square)
+  ax.plot(step, seen, color="k", lw=2, label="average (seen)")
+  for e in np.unique(exp[exp >= 0]):
+    ax.axvline(step[exp == e][-1], color="gray", ls=":", lw=0.8)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"{split} accuracy")
+  ax.set_title("continual evaluation" + (f" (mean of {runs} runs)"
+                                          if runs > 1 else ""))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2, loc="lower left")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return fig

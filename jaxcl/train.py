@@ -549,7 +549,9 @@ class Learner:
   Attributes:
     ctx: the static context.
     strategy: the strategy record.
-    chunk_steps: steps per compiled call (an epoch, or a checkpoint chunk).
+    chunk_steps: steps per compiled call: an epoch, or the greatest common
+      divisor of ``checkpoint_every_steps`` and ``eval_every_steps`` (those
+      below an epoch).
     epoch_steps: steps per padded epoch (a multiple of ``chunk_steps``).
     epochs: epochs per experience.
     eval_batch_size: evaluation batch size.
@@ -564,6 +566,10 @@ class Learner:
       training, or None.
     state_shardings: the state's shardings on ``mesh`` (see
       :func:`jaxcl.parallel.state_sharding`).
+    checkpoint_every_steps: save a checkpoint every so many steps of an
+      epoch, and at its end (0: at the experiences' ends only).
+    eval_every_steps: evaluate every test set every so many steps of an
+      epoch, and at its end (0: at the experiences' ends only).
   """
   ctx: Context
   strategy: Strategy
@@ -576,6 +582,8 @@ class Learner:
   member_data: bool = False
   mesh: Any = None
   state_shardings: Any = None
+  checkpoint_every_steps: int = 0
+  eval_every_steps: int = 0
 
   def _batch_spec(self):
     if self.mesh is None:
@@ -632,8 +640,15 @@ def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
 
 def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  eval_batch_size: int = 1000, checkpoint_every_steps: int = 0,
+                 eval_every_steps: int = 0,
                  reset_optimizer: bool = True) -> Learner:
-  """Validates the loop settings and builds a :class:`Learner`."""
+  """Validates the loop settings and builds a :class:`Learner`.
+
+  A compiled call runs a chunk of steps between the points where the host
+  must act: checkpoints and evaluations inside the epochs. Every multiple
+  of ``checkpoint_every_steps`` and of ``eval_every_steps`` must end a
+  chunk, so the chunk is their greatest common divisor (values of an epoch
+  or more act at the epochs' ends only, which end chunks anyway)."""
   info = ctx.info
   if epochs < 1:
     raise ConfigError(f"epochs must be >= 1, got {epochs}")
@@ -644,11 +659,18 @@ def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
   if checkpoint_every_steps < 0:
     raise ConfigError("checkpoint.every_steps must be >= 0 (0: at the end of "
                       f"each experience only), got {checkpoint_every_steps}")
+  if eval_every_steps < 0:
+    raise ConfigError("train.eval_every_steps must be >= 0 (0: evaluate at "
+                      f"the end of each experience only), got "
+                      f"{eval_every_steps}")
   steps = steps_per_epoch(info.train_size, info.batch_size)
-  chunk = steps if checkpoint_every_steps <= 0 else min(
-      checkpoint_every_steps, steps)
+  inside = [n for n in (checkpoint_every_steps, eval_every_steps)
+            if 0 < n < steps]
+  chunk = math.gcd(*inside) if inside else steps
   return Learner(ctx, strategy, chunk_steps=chunk,
                  epoch_steps=steps_per_epoch(info.train_size, info.batch_size,
                                              chunk),
                  epochs=epochs, eval_batch_size=eval_batch_size,
-                 reset_optimizer=reset_optimizer)
+                 reset_optimizer=reset_optimizer,
+                 checkpoint_every_steps=checkpoint_every_steps,
+                 eval_every_steps=eval_every_steps)

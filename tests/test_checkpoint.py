@@ -656,3 +656,36 @@ def test_resume_with_another_chunk_trains_the_same_batches(tmp_path,
   for a, b in zip(jax.tree.leaves(final.state), jax.tree.leaves(ref.state)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(final.accuracy, ref.accuracy)
+
+
+def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
+                                                          monkeypatch):
+  """The curve's points so far are in the checkpoints: a run interrupted
+  inside an experience and resumed ends with the uninterrupted run's
+  curve, metrics and log (each point logged once)."""
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.scenario.n_experiences, c.train.epochs = 2, 2
+  c.train.eval_every_steps, c.checkpoint.every_steps = 3, 6
+  saved = _saves_until(monkeypatch, 0)
+  ref_dir, work = str(tmp_path / "ref"), str(tmp_path / "run")
+  ref = jaxcl.run(c, ref_dir, resume=False)
+  at = saved.index(checkpoint.Position(1, "train", 1, 6))
+  _saves_until(monkeypatch, at + 2)
+  with pytest.raises(_Interrupted):
+    jaxcl.run(c, work)
+  _saves_until(monkeypatch, 0)
+  final = jaxcl.run(c, work, resume=True)
+  for f in ("step", "experience", "accuracy"):
+    np.testing.assert_array_equal(getattr(final.curve, f),
+                                  getattr(ref.curve, f))
+  assert final.metrics == ref.metrics
+  assert log_records(work) == log_records(ref_dir)
+  # Another interval is another curve: refused, naming it.
+  c.train.eval_every_steps = 4
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"train.eval_every_steps: checkpoint has 3, this "
+                     "run has 4"):
+    jaxcl.run(c, work)
