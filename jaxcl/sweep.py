@@ -45,7 +45,8 @@ class SweepResult:
   Attributes:
     members: per run, ``{'seed': s, <key>: value, ...}``.
     accuracy: ``(k, T, E)`` accuracy matrices, one per run.
-    metrics: per run, the metrics of its matrix.
+    metrics: per run, the metrics of its matrix (and of its curve, with
+      continual evaluation: ``result.curve`` holds one per run).
     groups: per hyperparameter setting, mean and standard error over
       seeds of each metric: ``{'setting': {...}, 'n': ..., 'acc': (mean,
       se), ...}``.
@@ -366,7 +367,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
         one, accuracy=np.asarray(one.accuracy)[None],
         random_accuracy=np.asarray(one.random_accuracy)[None],
         metrics={k: [v] for k, v in one.metrics.items()},
-        state=jax.tree.map(lambda a: a[None], one.state))
+        state=jax.tree.map(lambda a: a[None], one.state),
+        curve=None if one.curve is None else dataclasses.replace(
+            one.curve, accuracy=np.asarray(one.curve.accuracy)[None]))
   else:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     result = experiment.execute(s, stacked, workdir, members=len(members),
@@ -385,9 +388,14 @@ def sweep(config, seeds: Sequence[int] = (0,),
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
+      curve = result.curve
       json.dump({"members": members, "accuracy": out.accuracy.tolist(),
                  "evaluated_on": report.evaluated_on(config),
                  "metrics": per_run, "groups": groups,
+                 **({} if curve is None else {"curve": {
+                     "step": curve.step.tolist(),
+                     "experience": curve.experience.tolist(),
+                     "accuracy": np.asarray(curve.accuracy).tolist()}}),
                  "times": result.times}, f, indent=2)
   return out
 

@@ -232,3 +232,34 @@ def test_dry_run_says_when_it_evaluates(two):
   plain = experiment.setup(quick_config(), two)
   assert "continual" not in experiment.describe(
       plain, experiment.initial_state(plain, 0))
+
+
+def test_sweep_json_holds_each_runs_curve(two, tmp_path):
+  """``jaxcl sweep``'s per-run record has each run's curve (the run
+  directory's CSV is their mean); a one-run sweep's curve is stacked as a
+  sweep's, like its matrix."""
+  from jaxcl import sweep
+  c = quick_config(**{"train.eval_every_steps": 8})
+  c.report.tensorboard = c.report.plots = False
+  out = sweep.sweep(c, seeds=[0, 1], workdir=str(tmp_path / "s"),
+                    scenario=two)
+  with open(tmp_path / "s" / "sweep.json") as f:
+    data = json.load(f)
+  got = data["curve"]
+  assert got["step"] == out.result.curve.step.tolist()
+  assert got["experience"] == out.result.curve.experience.tolist()
+  acc = np.asarray(got["accuracy"])
+  assert acc.shape == (2, len(got["step"]), 2)
+  for m in range(2):
+    want = metrics.continual_summary(got["step"], got["experience"], acc[m])
+    for k, v in want.items():
+      assert data["metrics"][m][k] == pytest.approx(v)
+  with open(tmp_path / "s" / "accuracy_curve.csv") as f:
+    rows = list(csv.reader(f))[1:]
+  np.testing.assert_allclose([[float(v) for v in r[2:4]] for r in rows],
+                             acc.mean(0), atol=1e-6)
+  one = sweep.sweep(c, seeds=[3], scenario=two)
+  assert one.result.curve.accuracy.shape == (1, len(got["step"]), 2)
+  assert one.metrics[0]["wc_acc"] == pytest.approx(metrics.continual_summary(
+      one.result.curve.step, one.result.curve.experience,
+      one.result.curve.accuracy[0])["wc_acc"])
