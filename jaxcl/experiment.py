@@ -34,7 +34,7 @@ __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "SCENARIO_TYPES", "check_workdir", "build_strategy",
            "build_optimizer", "strategy_kwargs", "describe", "run_mesh"]
 
-SCENARIO_TYPES = ("split", "permuted", "rotated")
+SCENARIO_TYPES = ("split", "blurry", "permuted", "rotated")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,15 +63,20 @@ def default_config() -> ml_collections.ConfigDict:
                            # of a sweep trains on the same noisy labels
   ))
   c.scenario = ml_collections.ConfigDict(dict(
-      type="split",       # split | permuted | rotated
+      type="split",       # split | blurry | permuted | rotated
       kind="class",       # class | task | domain
       n_experiences=5,
       class_order=(),     # () for 0..C-1 (or order_seed's permutation)
       order_seed=-1,      # >=0: a seeded random class order
+      disjoint=0.5,       # blurry: the fraction of classes seen in one
+                          # experience only (i-Blurry's N)
+      blurred=0.1,        # blurry: the fraction of the other classes'
+                          # training examples dealt out over all
+                          # experiences (i-Blurry's M)
       online=False,       # one pass (set train.epochs=1, small batch)
       angles=(),          # rotated: explicit angles in degrees (ccw)
       interpolation="bilinear",  # rotated: bilinear | nearest (torchvision)
-      seed=0,             # permutations / angles
+      seed=0,             # permutations / angles / blurry's dealt examples
       first_identity=False,  # permuted: first experience unpermuted
       pad=0,              # permuted: zero pixels per side before permuting
   ))
@@ -175,6 +180,7 @@ def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
 # a permuted stream rotate nothing), so that is an error.
 _TYPE_FIELDS = {
     "split": ("class_order", "order_seed"),
+    "blurry": ("class_order", "order_seed", "disjoint", "blurred"),
     "permuted": ("first_identity", "pad"),
     "rotated": ("angles", "interpolation"),
 }
@@ -195,14 +201,17 @@ def _check_scenario_fields(sc: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"unknown scenario type {sc.type!r}; valid: "
                       f"{list(SCENARIO_TYPES)}")
   defaults = default_config().scenario
+  owners = {}
   for owner, fields in _TYPE_FIELDS.items():
     for f in fields:
-      value = sc.get(f, defaults[f])
-      value = tuple(value) if isinstance(value, (list, tuple)) else value
-      if owner != sc.type and value != defaults[f]:
-        raise ConfigError(
-            f"scenario.{f}={value!r} is read by {owner} streams only; "
-            f"scenario.type={sc.type!r} would ignore it")
+      owners.setdefault(f, []).append(owner)
+  for f, readers in owners.items():
+    value = sc.get(f, defaults[f])
+    value = tuple(value) if isinstance(value, (list, tuple)) else value
+    if sc.type not in readers and value != defaults[f]:
+      raise ConfigError(
+          f"scenario.{f}={value!r} is read by {' and '.join(readers)} "
+          f"streams only; scenario.type={sc.type!r} would ignore it")
   checks.whole("scenario.seed", sc.get("seed", 0), 0)
   if sc.get("order_seed", -1) < -1:
     raise ConfigError(f"scenario.order_seed must be >= 0 (a seeded class "
@@ -221,6 +230,15 @@ def build_scenario(config: ml_collections.ConfigDict,
         data, sc.n_experiences, kind=sc.kind,
         class_order=tuple(sc.class_order) or None,
         seed=sc.order_seed if sc.order_seed >= 0 else None)
+  elif sc.type == "blurry":
+    if sc.kind != "class":
+      raise ConfigError(f"scenario.type='blurry' is class-incremental; set "
+                        f"scenario.kind='class', got {sc.kind!r}")
+    s = scenarios.blurry(
+        data, sc.n_experiences, disjoint=sc.disjoint, blurred=sc.blurred,
+        class_order=tuple(sc.class_order) or None,
+        seed=sc.order_seed if sc.order_seed >= 0 else None,
+        sample_seed=sc.seed)
   elif sc.type == "permuted":
     s = scenarios.permuted(data, sc.n_experiences, kind=sc.kind, seed=sc.seed,
                            first_identity=sc.first_identity, pad=sc.pad)

@@ -1,4 +1,5 @@
-"""Experiences and streams: split, permuted, rotated, online, from arrays.
+"""Experiences and streams: split, blurry, permuted, rotated, online, from
+arrays.
 
 A :class:`Scenario` is a list of :class:`Experience` records plus what the
 learner needs to know about the stream (number of classes and tasks, which
@@ -33,7 +34,8 @@ from jaxcl import checks
 from jaxcl.datasets import Dataset
 
 __all__ = [
-    "Experience", "Scenario", "split", "permuted", "rotated", "online",
+    "Experience", "Scenario", "split", "blurry", "permuted", "rotated",
+    "online",
     "from_arrays", "joint", "cumulative", "SCENARIO_KINDS", "ScenarioError",
     "Inputs", "given", "OnDemand", "SPLITS",
 ]
@@ -212,18 +214,7 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
         f"n_experiences={n_experiences} does not divide the {c} classes of "
         f"{data.name}; valid: "
         f"{[k for k in range(1, c + 1) if c % k == 0]}")
-  if class_order is None:
-    order = (np.arange(c) if seed is None else
-             np.random.default_rng(seed).permutation(c))
-  else:
-    # Compared as given: casting first made (1.5,) read as [1] and 'abc'
-    # a bare int() error.
-    asked = list(class_order)
-    if not all(checks.is_whole(k) for k in asked) or sorted(
-        int(k) for k in asked) != list(range(c)):
-      raise ScenarioError(
-          f"class_order {asked} is not a permutation of 0..{c - 1}")
-    order = np.asarray(asked, dtype=np.int64)
+  order = _class_order(c, class_order, seed)
   groups = order.reshape(n_experiences, c // n_experiences)
   domain = kind == "domain"
   # Domain-IL: original label -> its position within its group.
@@ -251,6 +242,112 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
                      num_out)
   return Scenario(f"split_{data.name}", kind, tuple(exps), num_out, num_tasks,
                   tc)
+
+
+def _class_order(c: int, class_order: Sequence[int] | None,
+                 seed: int | None) -> np.ndarray:
+  """``class_order`` checked, or ``0..c-1``, or a permutation drawn from
+  ``seed``."""
+  if class_order is None:
+    return (np.arange(c) if seed is None else
+            np.random.default_rng(seed).permutation(c))
+  # Compared as given: casting first made (1.5,) read as [1] and 'abc' a
+  # bare int() error.
+  asked = list(class_order)
+  if not all(checks.is_whole(k) for k in asked) or sorted(
+      int(k) for k in asked) != list(range(c)):
+    raise ScenarioError(
+        f"class_order {asked} is not a permutation of 0..{c - 1}")
+  return np.asarray(asked, dtype=np.int64)
+
+
+def blurry(data: Dataset, n_experiences: int = 5, disjoint: float = 0.5,
+           blurred: float = 0.1, class_order: Sequence[int] | None = None,
+           seed: int | None = None, sample_seed: int = 0) -> Scenario:
+  """A class-incremental stream with blurry boundaries: i-Blurry-N-M.
+
+  Koh, Kim, Kim, Moon, Choi & Choi, "Online continual learning on class
+  incremental blurry task configuration with anytime inference", ICLR
+  2022 (their ``MemorySampler``): a fraction ``N`` of the classes is
+  *disjoint*, each seen in one experience only, as in :func:`split`; the
+  other classes are *blurry*: each has a home experience, but a fraction
+  ``M`` of each experience's blurry-class training examples is pooled,
+  shuffled and dealt out evenly over all experiences, so those classes
+  also turn up, a few at a time, before and after their home. ``N = 1``
+  is :func:`split`; ``N = 0`` is the Blurry-M stream of Bang et al.,
+  "Rainbow memory", CVPR 2021, where every class leaks.
+
+  The classes are ordered as :func:`split` orders them; experience ``i``
+  takes the ``i``-th group of the first ``N C`` (its disjoint classes)
+  and the ``i``-th group of the rest (its blurry home classes). Its test
+  set holds its home classes, so the test sets partition the test data
+  and ``R[i, j]`` reads as in a split stream; its ``classes`` are those
+  present in its training data (home and leaked). Two differences from
+  the reference code: it drops the classes left over when ``N C`` or
+  ``(1 - N) C`` does not divide by the experiences (here refused), and
+  drops the pool's remainder after the even deal (here the first
+  experiences get one more); it moves the first ``M`` of each
+  experience's examples in the data's order, here a random ``M`` drawn
+  from ``sample_seed``.
+
+  Args:
+    data: the data set.
+    n_experiences: number of experiences; must divide the disjoint and
+      the blurry classes.
+    disjoint: ``N``, the fraction of the classes that are disjoint.
+    blurred: ``M``, the fraction of the blurry classes' training examples
+      dealt out over all experiences.
+    class_order, seed: as in :func:`split`.
+    sample_seed: seeds which examples are dealt out and where.
+  """
+  c = data.num_classes
+  for name, v in (("disjoint", disjoint), ("blurred", blurred)):
+    if not (checks.is_real(v) and 0 <= v <= 1):
+      raise ScenarioError(f"blurry: {name} must be a fraction in [0, 1], "
+                          f"got {v!r}")
+  if n_experiences < 1:
+    raise ScenarioError(f"n_experiences must be >= 1, got {n_experiences}")
+  n_dis = int(round(disjoint * c))
+  if (abs(disjoint * c - n_dis) > 1e-6 or n_dis % n_experiences or
+      (c - n_dis) % n_experiences):
+    valid = [f"{k / c:g}" for k in range(c + 1)
+             if k % n_experiences == 0 and (c - k) % n_experiences == 0]
+    raise ScenarioError(
+        f"blurry: disjoint={disjoint!r} of {data.name}'s {c} classes over "
+        f"{n_experiences} experiences: the disjoint and the blurry classes "
+        f"must each split evenly over the experiences; valid: {valid}")
+  checks.whole("blurry: sample_seed", sample_seed, 0)
+  order = _class_order(c, class_order, seed)
+  home = np.empty(c, np.int64)  # each class's home experience
+  home[order[:n_dis]] = np.repeat(np.arange(n_experiences),
+                                  n_dis // n_experiences)
+  home[order[n_dis:]] = np.repeat(np.arange(n_experiences),
+                                  (c - n_dis) // n_experiences)
+  is_blurry = np.zeros(c, bool)
+  is_blurry[order[n_dis:]] = True
+  rng = np.random.default_rng(sample_seed)
+  kept, pool = [], []
+  for i in range(n_experiences):
+    mine = np.flatnonzero(home[data.train_y] == i)
+    leaky = mine[is_blurry[data.train_y[mine]]]
+    moved = rng.permutation(leaky)[:int(len(leaky) * blurred)]
+    kept.append(np.setdiff1d(mine, moved))
+    pool.append(moved)
+  pool = rng.permutation(np.concatenate(pool))
+  exps = []
+  for i, dealt in enumerate(np.array_split(pool, n_experiences)):
+    tr = np.sort(np.concatenate([kept[i], dealt]))
+    te = home[data.test_y] == i
+    ty = data.train_y[tr]
+    exps.append(Experience(
+        index=i, task_id=0, classes=tuple(int(k) for k in np.unique(ty)),
+        train_y=ty, test_y=data.test_y[te],
+        train_task=np.zeros(len(tr), np.int32),
+        test_task=np.zeros(int(te.sum()), np.int32),
+        inputs=given(data.train_x[tr], data.test_x[te])))
+  name = (f"blurry{round(100 * disjoint)}-{round(100 * blurred)}_"
+          f"{data.name}")
+  return Scenario(name, "class", tuple(exps), c, 1, np.ones((1, c), bool))
 
 
 def _same_classes_stream(data: Dataset, name: str, kind: str,

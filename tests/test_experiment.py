@@ -127,6 +127,9 @@ def test_check_workdir_refuses_a_file_or_a_path_under_one(tmp_path):
 
 @pytest.mark.parametrize("type_,field,value", [
     ("split", "interpolation", "nearest"),
+    ("split", "disjoint", 0.0),
+    ("permuted", "blurred", 0.2),
+    ("blurry", "pad", 2),
     ("split", "first_identity", True),
     ("permuted", "order_seed", 3),
     ("rotated", "pad", 2),
@@ -183,6 +186,23 @@ def test_build_scenario_reads_each_types_fields(digits):
   assert on_grid(rot(**angles, **{"scenario.interpolation": "nearest"})
                  .experiences[0].train_x)
   assert not on_grid(rot(**angles).experiences[0].train_x)
+  # blurry: its fractions, the class order, scenario.seed for the deal.
+  blur = lambda **kw: experiment.build_scenario(_data_config(**{
+      "scenario.type": "blurry", "scenario.disjoint": 0.0,
+      "scenario.blurred": 0.3, "scenario.class_order": tuple(range(9, -1, -1)),
+      **kw}), digits)
+  want = scenarios.blurry(digits, 5, disjoint=0.0, blurred=0.3,
+                          class_order=tuple(range(9, -1, -1)), sample_seed=2)
+  got = blur(**{"scenario.seed": 2})
+  assert got.name == want.name == "blurry0-30_digits"
+  for a, b in zip(got.experiences, want.experiences):
+    np.testing.assert_array_equal(a.train_y, b.train_y)
+    np.testing.assert_array_equal(a.test_y, b.test_y)
+  assert not all(np.array_equal(a.train_y, b.train_y) for a, b in zip(
+      blur().experiences, want.experiences))
+  with pytest.raises(ValueError, match="scenario.type='blurry' is class-"
+                     "incremental; set scenario.kind='class', got 'task'"):
+    blur(**{"scenario.kind": "task"})
   # online
   assert experiment.build_scenario(_data_config(**{"scenario.online": True}),
                                    digits).online

@@ -368,3 +368,109 @@ def test_unknown_kind():
     scenarios.from_arrays([(np.zeros((2, 1)), np.zeros(2, int))],
                           [(np.zeros((2, 1)), np.zeros(2, int))],
                           kind="bogus")
+
+
+def _indexed(n_train=600, n_test=200, c=10, seed=0):
+  """A data set whose inputs name their example: train_x[i] == i (test:
+  -1 - i), labels drawn at random, so a stream's experiences can be traced
+  back to the examples they hold."""
+  rng = np.random.default_rng(seed)
+  return Dataset("indexed",
+                 np.arange(n_train, dtype=np.float32)[:, None],
+                 rng.integers(0, c, n_train).astype(np.int32),
+                 -1 - np.arange(n_test, dtype=np.float32)[:, None],
+                 rng.integers(0, c, n_test).astype(np.int32), c)
+
+
+def test_blurry_deals_a_fraction_of_the_blurry_classes_over_the_stream():
+  """i-Blurry-50-20 over 5 experiences of 10 classes: the first 5 classes
+  of the order are disjoint (one per experience), the other 5 blurry (one
+  home each). Every training example is in exactly one experience;
+  disjoint classes stay home; 20 % of each experience's blurry-class
+  examples (rounded down) are pooled and dealt out evenly over all
+  experiences; the test sets are the home classes."""
+  data = _indexed()
+  order = [3, 7, 0, 9, 1, 2, 4, 5, 6, 8]
+  s = scenarios.blurry(data, 5, disjoint=0.5, blurred=0.2,
+                       class_order=order, sample_seed=1)
+  assert s.kind == "class" and s.num_tasks == 1 and s.num_classes == 10
+  assert s.name == "blurry50-20_indexed"
+  home = {k: i % 5 for i, k in enumerate(order)}
+  y = data.train_y
+  ids = [e.train_x[:, 0].astype(int) for e in s.experiences]
+  assert sorted(np.concatenate(ids)) == list(range(600))
+  moved = [int(np.sum(y == order[5 + i]) * 0.2) for i in range(5)]
+  pool = sum(moved)
+  sizes = []
+  for i, (e, idx) in enumerate(zip(s.experiences, ids)):
+    np.testing.assert_array_equal(e.train_y, y[idx])
+    assert e.classes == tuple(np.unique(e.train_y))
+    # The disjoint class is all here, and only here.
+    assert np.sum(y[idx] == order[i]) == np.sum(y == order[i])
+    # Of the home blurry class, all but the moved ones, plus what the deal
+    # brought back; the rest of the experience is its share of the pool.
+    home_kept = np.sum(y == order[5 + i]) - moved[i]
+    share = len(idx) - np.sum(y == order[i]) - home_kept
+    sizes.append(share)
+    assert all(home[int(k)] == i or k in order[5:] for k in y[idx])
+    want_test = [k for k in range(200) if home[int(data.test_y[k])] == i]
+    np.testing.assert_array_equal(e.test_x[:, 0], -1 - np.array(want_test))
+  # An even deal of the whole pool: shares differ by at most one.
+  assert sum(sizes) == pool > 20 and max(sizes) - min(sizes) <= 1
+  # Blurry classes really do leak: some experience holds another's.
+  assert any(set(e.classes) - {order[i], order[5 + i]}
+             for i, e in enumerate(s.experiences))
+  # The same seeds, the same stream; another sample seed, other examples.
+  again = scenarios.blurry(data, 5, disjoint=0.5, blurred=0.2,
+                           class_order=order, sample_seed=1)
+  for a, b in zip(s.experiences, again.experiences):
+    np.testing.assert_array_equal(a.train_x, b.train_x)
+  other = scenarios.blurry(data, 5, disjoint=0.5, blurred=0.2,
+                           class_order=order, sample_seed=2)
+  assert any(not np.array_equal(a.train_x, b.train_x)
+             for a, b in zip(s.experiences, other.experiences))
+
+
+def test_blurry_without_blur_is_split(digits):
+  """N = 1 (nothing blurry) or M = 0 (nothing dealt): the stream of
+  :func:`split` with the same class order."""
+  order = [int(k) for k in np.random.default_rng(4).permutation(10)]
+  want = scenarios.split(digits, 5, class_order=order)
+  for kwargs in (dict(disjoint=1.0, blurred=0.3),
+                 dict(disjoint=0.0, blurred=0.0)):
+    got = scenarios.blurry(digits, 5, class_order=order, **kwargs)
+    for a, b in zip(got.experiences, want.experiences):
+      assert set(a.classes) == set(b.classes)
+      for f in ("train_x", "train_y", "test_x", "test_y"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_blurry_refuses_what_does_not_split_evenly(digits):
+  with pytest.raises(scenarios.ScenarioError, match=re.escape(
+      "blurry: disjoint=0.3 of digits's 10 classes over 5 experiences: the "
+      "disjoint and the blurry classes must each split evenly over the "
+      "experiences; valid: ['0', '0.5', '1']")):
+    scenarios.blurry(digits, 5, disjoint=0.3)
+  for name, bad in (("disjoint", 1.5), ("blurred", -0.1), ("blurred", True),
+                    ("disjoint", float("nan"))):
+    with pytest.raises(scenarios.ScenarioError, match=rf"blurry: {name} must "
+                       rf"be a fraction in \[0, 1\], got {re.escape(repr(bad))}"):
+      scenarios.blurry(digits, 5, **{name: bad})
+
+
+def test_a_blurry_run_learns_the_leaked_classes_early():
+  """Through ``jaxcl.run``: with half of every class dealt out over the
+  stream, each experience holds a few examples of the later ones' classes,
+  so the model scores on test sets before their experience (the matrix's
+  upper triangle), where a split stream's model cannot (it never saw
+  those classes)."""
+  import jaxcl
+  from test_train import quick_config
+  blurred = jaxcl.run(quick_config(**{
+      "scenario.type": "blurry", "scenario.disjoint": 0.0,
+      "scenario.blurred": 0.5, "train.epochs": 3}))
+  split = jaxcl.run(quick_config(**{"train.epochs": 3}))
+  assert blurred.accuracy.shape == split.accuracy.shape == (5, 5)
+  future = np.triu_indices(5, 1)
+  assert split.accuracy[future].max() < 0.02
+  assert blurred.accuracy[future].mean() > 0.15

@@ -784,8 +784,8 @@ def test_rotated_angles_must_match_the_experiences_and_fields():
     jaxcl.run(c)
   c = quick_config(**{"scenario.type": "rotated", "scenario.kind": "domain",
                       "scenario.class_order": tuple(range(9, -1, -1))})
-  with pytest.raises(ValueError, match="class_order=.* is read by split "
-                     "streams only; scenario.type='rotated'"):
+  with pytest.raises(ValueError, match="class_order=.* is read by split and "
+                     "blurry streams only; scenario.type='rotated'"):
     jaxcl.run(c)
 
 
