@@ -174,7 +174,8 @@ def new_classes(name: str, seen: Any, experience: Any) -> np.ndarray:
   if again:
     raise ValueError(f"{name}: experience {experience.index} brings classes "
                      f"{again} again; {name} needs each class in one "
-                     f"experience (a class-incremental stream)")
+                     "experience (a split stream; blurry and "
+                     "domain-incremental streams bring classes back)")
   return new
 
 

@@ -474,3 +474,19 @@ def test_a_blurry_run_learns_the_leaked_classes_early():
   future = np.triu_indices(5, 1)
   assert split.accuracy[future].max() < 0.02
   assert blurred.accuracy[future].mean() > 0.15
+
+
+def test_strategies_needing_one_experience_per_class_name_a_blurry_stream(
+    digits):
+  """BiC, LUCIR, IL2M, X-DER and the other strategies that learn each
+  class in one experience refuse the class's return, saying which streams
+  bring classes back."""
+  from jaxcl.strategy import new_classes
+  s = scenarios.blurry(digits, 5, disjoint=0.0, blurred=0.3)
+  seen = np.zeros(10, bool)
+  seen[list(s.experiences[0].classes)] = True
+  with pytest.raises(ValueError, match=re.escape(
+      "bic: experience 1 brings classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] "
+      "again; bic needs each class in one experience (a split stream; "
+      "blurry and domain-incremental streams bring classes back)")):
+    new_classes("bic", seen, s.experiences[1])
