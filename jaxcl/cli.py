@@ -5,6 +5,7 @@
   jaxcl sweep [--config ...] --seeds 0,1,2 [--values KEY=V1,V2 ...]
             [--scenario_per_seed] [--workdir DIR] [--dry_run]
   jaxcl methods [NAME ... | --markdown]
+  jaxcl compare DIR ... [--markdown] [--metrics acc,bwt,...] [--plot FILE]
 
 ``sweep`` trains every (seed, value) run as one vmapped program and reports
 each run's metrics and the mean ± standard error over seeds.
@@ -16,6 +17,13 @@ and nothing is written.
 
 ``methods`` lists the strategies by family; with names, it prints each
 one's paper, arguments and defaults (``--markdown``: docs/methods.md).
+
+``compare`` reads finished run directories (a sweep's: one row per
+hyperparameter setting, mean ± standard error over its seeds) and prints
+their metrics side by side (``--markdown``: a Markdown table;
+``--metrics``: these columns, in this order); ``--plot`` also draws their
+average accuracy over the experiences seen (and, when every run has one,
+the continual-evaluation curves) to FILE.
 
 ``--config`` is an ml_collections config file defining ``get_config(arg)``
 (see ``experiments/``); without it the default experiment runs (Split
@@ -37,7 +45,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-COMMANDS = ("run", "sweep", "methods")
+COMMANDS = ("run", "sweep", "methods", "compare")
 
 # Defined in main(): ml_collections applies --config.<path> overrides when
 # the flag is defined, and a path the config lacks must be reported there.
@@ -395,6 +403,53 @@ def _methods(names: list[str]) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _compare(args: list[str]) -> None:
+  """``jaxcl compare``: files only, no config and no training."""
+  from jaxcl import compare
+  usage = ("usage: jaxcl compare DIR ... [--markdown] [--metrics "
+           "acc,bwt,...] [--plot FILE]")
+  if any(a in ("-h", "--help", "help") for a in args):
+    print(usage)
+    return
+  dirs, markdown, plot, columns, i = [], False, None, None, 0
+  try:
+    while i < len(args):
+      a = args[i]
+      name, eq, value = a.partition("=")
+      if a == "--markdown":
+        markdown = True
+      elif name in ("--plot", "--metrics"):
+        if not eq:
+          if i + 1 >= len(args):
+            raise ValueError(f"{a} needs a value")
+          i, value = i + 1, args[i + 1]
+        if name == "--plot":
+          plot = value
+        else:
+          columns = [m.strip() for m in value.split(",") if m.strip()]
+      elif a.startswith("-"):
+        raise ValueError(f"unknown option {a!r}; {usage[7:]}")
+      else:
+        dirs.append(a)
+      i += 1
+    if not dirs:
+      raise ValueError(f"no run directory given; {usage[7:]}")
+    rows = [r for d in dirs for r in compare.read(d)]
+    if columns is not None:
+      known = list(dict.fromkeys(k for r in rows for k in r.metrics))
+      unknown = [m for m in columns if m not in known]
+      if unknown or not columns:
+        raise ValueError(f"--metrics: unknown metric(s) {unknown}; these "
+                         f"runs have {known}")
+    print(compare.table(rows, markdown=markdown, metrics=columns))
+    if plot:
+      compare.plot(rows, plot)
+      print(f"plot: {plot}")
+  except (ValueError, OSError) as e:
+    print(f"jaxcl: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -407,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   if command == "methods":
     _methods(argv[2:])
+    return
+  if command == "compare":
+    _compare(argv[2:])
     return
   handler = {"run": _run, "sweep": _sweep}[command]
   if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):

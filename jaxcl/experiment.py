@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from jaxcl import checks, datasets, metrics, models, scenarios, strategies
+from jaxcl.metrics import Curve
 from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
@@ -435,22 +436,6 @@ def setup(config: ml_collections.ConfigDict,
 
 # --------------------------------------------------------------------------
 # The stream.
-
-
-@dataclasses.dataclass
-class Curve:
-  """The accuracy curve of continual evaluation (``train.eval_every_steps``):
-  ``P`` points in training order, the first the initial model's.
-
-  Attributes:
-    step: (P,) the global step of each point.
-    experience: (P,) the experience being trained (-1: the initial model);
-      each experience's points end with its row of the accuracy matrix.
-    accuracy: (P, test sets), (runs, P, test sets) for a sweep.
-  """
-  step: np.ndarray
-  experience: np.ndarray
-  accuracy: np.ndarray
 
 
 @dataclasses.dataclass

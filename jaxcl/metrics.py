@@ -71,13 +71,15 @@ the training steps:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 __all__ = ["average_accuracy", "accuracy_over_time",
            "average_incremental_accuracy", "learning_accuracy",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
-           "continual_summary"]
+           "continual_summary", "Curve"]
 
 
 def _square(r) -> np.ndarray:
@@ -159,6 +161,22 @@ def summary(r, random_acc=None) -> dict[str, float]:
 
 # --------------------------------------------------------------------------
 # Continual evaluation: metrics of the accuracy curve.
+
+
+@dataclasses.dataclass
+class Curve:
+  """The accuracy curve of continual evaluation (``train.eval_every_steps``):
+  ``P`` points in training order, the first the initial model's.
+
+  Attributes:
+    step: (P,) the global step of each point.
+    experience: (P,) the experience being trained (-1: the initial model);
+      each experience's points end with its row of the accuracy matrix.
+    accuracy: (P, test sets), (runs, P, test sets) for a sweep.
+  """
+  step: np.ndarray
+  experience: np.ndarray
+  accuracy: np.ndarray
 
 
 def _curve(experience, accuracy, step=None):

@@ -35,7 +35,8 @@ import numpy as np
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
            "plot_accuracy_matrix", "plot_average_accuracy",
-           "plot_accuracy_curve", "figure", "integer_ticks"]
+           "plot_accuracy_curve", "figure", "integer_ticks", "seen_average",
+           "curve_seen"]
 
 
 class _NullBar:
@@ -227,7 +228,7 @@ class Reporter(NullReporter):
                    [f"{float(np.mean(seen)):.6f}"])
     curve = getattr(result, "curve", None)
     if curve is not None:
-      seen = _curve_seen(curve, acc.shape[0] == acc.shape[1])
+      seen = curve_seen(curve, acc.shape[0] == acc.shape[1])
       with open(os.path.join(self.workdir, "accuracy_curve.csv"), "w",
                 newline="") as f:
         w = csv.writer(f)
@@ -354,12 +355,18 @@ def integer_ticks(ax: Any) -> None:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def seen_average(accuracy: np.ndarray) -> np.ndarray:
+  """Average accuracy over the experiences seen, after each experience (a
+  single row, as Joint's: over every test set)."""
+  acc = np.asarray(accuracy)
+  return np.array([float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else
+                   float(np.mean(row)) for i, row in enumerate(acc)])
+
+
 def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
   """Average accuracy over the experiences seen, after each experience;
   returns the figure."""
-  acc = np.asarray(accuracy)
-  ys = [float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else float(
-      np.mean(row)) for i, row in enumerate(acc)]
+  ys = seen_average(accuracy)
   fig, ax = figure((5, 3.5))
   ax.plot(np.arange(1, len(ys) + 1), ys, marker="o")
   ax.set_ylim(0, 1.02)
@@ -372,7 +379,7 @@ def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
   return fig
 
 
-def _curve_seen(curve: Any, square: bool) -> np.ndarray:
+def curve_seen(curve: Any, square: bool) -> np.ndarray:
   """Each curve point's average accuracy over the experiences seen (those
   up to the one training; every test set when they are not one per
   experience, as Joint's); NaN for the initial model."""
@@ -401,7 +408,7 @@ def plot_accuracy_curve(curve: Any, path: str, split: str = "test",
       first = max(int(np.argmax(on)) - 1, 0)
       ax.plot(step[first:], acc[first:, j], color=colors[j], lw=1,
               label=f"exp{j}" if n_test <= 10 else None)
-  seen = _curve_seen(curve, square)
+  seen = curve_seen(curve, square)
   ax.plot(step, seen, color="k", lw=2, label="average (seen)")
   for e in np.unique(exp[exp >= 0]):
     ax.axvline(step[exp == e][-1], color="gray", ls=":", lw=0.8)

@@ -252,7 +252,7 @@ def test_unknown_command_and_help_word(tmp_path, forked):
   p = forked("bogus", cwd=tmp_path)
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr == ("jaxcl: unknown command 'bogus'; valid: ['run', "
-                      "'sweep', 'methods']\n")
+                      "'sweep', 'methods', 'compare']\n")
   for args in (("help",), ("--help",), ()):
     p = forked(*args, cwd=tmp_path)
     assert p.returncode == 0 and p.stdout == cli.USAGE + "\n", args

@@ -4,6 +4,7 @@ from the library unnoticed. The README's placeholders for data folders
 are replaced by this machine's offline data; nothing is downloaded."""
 
 import inspect
+import json
 import os
 import re
 import shlex
@@ -89,11 +90,12 @@ def _commands() -> list[tuple[dict[str, str], list[str]]]:
 def test_the_readme_commands_are_the_ones_checked():
   # The parser must find every `jaxcl` command the README shows, or the
   # test below would skip the ones it missed.
-  shown = sum(len(re.findall(r"(?:^|\s)jaxcl (?:run|sweep|methods)\b", b))
-              for b in blocks("bash"))
+  shown = sum(len(re.findall(
+      r"(?:^|\s)jaxcl (?:run|sweep|methods|compare)\b", b))
+      for b in blocks("bash"))
   parsed = [w for _, w in _commands() if w[0] == "jaxcl"]
   assert len(parsed) == shown >= 15
-  assert {w[1] for w in parsed} == {"run", "sweep", "methods"}
+  assert {w[1] for w in parsed} == {"run", "sweep", "methods", "compare"}
 
 
 def test_readme_commands_build(tmp_path, forked, data_dir):
@@ -126,6 +128,9 @@ def test_readme_commands_build(tmp_path, forked, data_dir):
       # A reader's MNIST files, where a command gives no data_dir (the
       # README's Data section); the tfds command must not find them.
       env["JAXCL_DATA_DIR"] = str(data_dir)
+    if args[0] == "compare":
+      _check_compare(args, tmp_path / "compare", forked)
+      continue
     if args[0] == "methods":
       p = forked(*args, cwd=cwd, extra_env=env)
       assert p.returncode == 0 and p.stdout, (words, p.stderr)
@@ -150,6 +155,34 @@ def test_readme_commands_build(tmp_path, forked, data_dir):
         assert re.search(r"runs \(\d+, one vmapped program\)", p.stdout)
   assert checked >= 12
   assert os.listdir(cwd) == [] and os.listdir(empty_tfds) == []
+
+
+def _check_compare(args, where, forked):
+  """The README's ``jaxcl compare`` line on stand-ins for its run
+  directories (an accuracy_matrix.json each; test_compare.py reads real
+  ones): its options parse, every directory is a row, the plot is
+  written."""
+  where.mkdir(exist_ok=True)
+  dirs, plot, i = [], None, 1
+  while i < len(args):
+    if args[i] in ("--metrics", "--plot"):
+      plot = args[i + 1] if args[i] == "--plot" else plot
+      i += 2
+      continue
+    if not args[i].startswith("-"):
+      dirs.append(args[i])
+    i += 1
+  for d in dirs:
+    os.makedirs(where / d)
+    with open(where / d / "accuracy_matrix.json", "w") as f:
+      json.dump({"accuracy": [[0.9, 0.0], [0.6, 0.8]], "evaluated_on":
+                 "test", "metrics": {"acc": 0.7, "min_acc": 0.5,
+                                     "anytime_acc": 0.75}}, f)
+  p = forked(*args, cwd=where)
+  assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
+  for d in dirs:
+    assert f"| {os.path.basename(d)} | 1 |" in p.stdout, p.stdout
+  assert plot and os.path.getsize(where / plot) > 0
 
 
 def test_readme_tfds_preparation_matches_the_function():
