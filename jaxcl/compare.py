@@ -51,9 +51,20 @@ class Row:
   curve: Curve | None = None
 
 
-def _load(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def _load(path: str, keys: Sequence[str]) -> dict[str, Any]:
+  """A run's JSON record, with ``keys``; a file cut short, edited or of
+  another program is refused by name."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunDirError(f"{path} is not readable JSON ({e}); rerun the run "
+                      "(or the sweep) that wrote it") from None
+  missing = [k for k in keys if not isinstance(record, dict)
+             or k not in record]
+  if missing:
+    raise RunDirError(f"{path} lacks {missing}: not a jaxcl run's record")
+  return record
 
 
 def _read_curve(workdir: str) -> Curve | None:
@@ -83,7 +94,7 @@ def read(workdir: str) -> list[Row]:
         f"{workdir!r} holds no finished run: no accuracy_matrix.json (a run "
         "writes it when its stream ends; an unfinished one resumes with the "
         "same command)")
-  whole = _load(path)
+  whole = _load(path, ("accuracy", "metrics"))
   name = os.path.basename(os.path.normpath(workdir))
   split = whole.get("evaluated_on", "test")
   sweep_path = os.path.join(workdir, "sweep.json")
@@ -92,7 +103,7 @@ def read(workdir: str) -> list[Row]:
                           for k, v in whole["metrics"].items()},
                 np.asarray(whole["accuracy"], np.float64), split,
                 _read_curve(workdir))]
-  sweep = _load(sweep_path)
+  sweep = _load(sweep_path, ("members", "accuracy", "groups"))
   members, acc = sweep["members"], np.asarray(sweep["accuracy"], np.float64)
   curve = sweep.get("curve")
   # Sweeps before session 45 kept no per-run curves; the directory's CSV

@@ -118,6 +118,10 @@ def test_cli_compare(dirs, tmp_path, capsys):
   assert [line.split()[0] for line in out[2:5]] == ["one", "grid", "grid"]
   assert out[-1] == f"plot: {tmp_path / 'c.png'}"
   assert os.path.getsize(tmp_path / "c.png") > 0
+  for name, text in (("cut", '{"accuracy": [[0.5'),
+                     ("other", '{"accuracy": [[0.5]]}')):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "accuracy_matrix.json").write_text(text)
   for args, message in (
       ([str(tmp_path / "nowhere")], "is not a directory"),
       ([str(tmp_path)], "holds no finished run: no accuracy_matrix.json"),
@@ -125,7 +129,11 @@ def test_cli_compare(dirs, tmp_path, capsys):
        r"--metrics: unknown metric\(s\) \['bogus'\]; these runs have \['acc'"),
       ([run_dir, "--plot"], "--plot needs a value"),
       ([run_dir, "--color"], "unknown option '--color'"),
-      ([], "no run directory given")):
+      ([], "no run directory given"),
+      ([str(tmp_path / "cut")], r"cut/accuracy_matrix.json is not readable "
+       r"JSON \(Expecting"),
+      ([str(tmp_path / "other")], r"other/accuracy_matrix.json lacks "
+       r"\['metrics'\]: not a jaxcl run's record")):
     with pytest.raises(SystemExit) as e:
       cli.main(["jaxcl", "compare", *args])
     assert e.value.code == 1
