@@ -23,6 +23,8 @@ def config(strategy, devices):
   c.train.eval_batch_size = 200
   c.report.progress = False
   c.strategy.name = strategy
+  if strategy == "naive":  # continual evaluation on the mesh too
+    c.train.eval_every_steps = 4
   if strategy == "replay":
     # Reservoir memory of 256 slots (sharded over the 8 devices: 32 each),
     # 16 replayed rows per step.
@@ -166,6 +168,9 @@ def main():
     out[strategy] = {
         "max_abs_diff": float(np.abs(one.accuracy - many.accuracy).max()),
         "acc_one": one.metrics["acc"], "acc_many": many.metrics["acc"],
+        "curve_points": 0 if many.curve is None else len(many.curve.step),
+        "curve_max_abs_diff": 0.0 if many.curve is None else float(
+            np.abs(one.curve.accuracy - many.curve.accuracy).max()),
         "state_shardings": sorted({str(getattr(x, "sharding", None).spec)
                                    for x in jax.tree.leaves(many.state)
                                    if hasattr(x, "sharding")}),

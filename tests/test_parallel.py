@@ -45,6 +45,7 @@ def run_driver(child_env, *strategies):
   for strategy in strategies:
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
+    assert r["curve_max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
   return out
@@ -57,6 +58,9 @@ def run_driver(child_env, *strategies):
 
 def test_eight_devices_match_one_device_including_sharded_replay(child_env):
   out = run_driver(child_env, "naive", "replay", "der", "er_ace", "bic")
+  # Naive evaluates every 4 steps (17 steps per experience: at 4, 8, 12,
+  # 16 and its end), on the mesh as on one device.
+  assert out["naive"]["curve_points"] == 1 + 5 * 5
   # The replay memories are sharded over the devices, and were filled.
   for strategy in ("replay", "der", "er_ace"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
