@@ -381,6 +381,27 @@ def _eval_batch(config: ml_collections.ConfigDict, sc: Scenario) -> int:
   return min(bs, -(-largest // n) * n)
 
 
+def _check_classes_once(spec: str, sc: Scenario) -> None:
+  """Refuses a strategy of ``strategies.ONE_EXPERIENCE_PER_CLASS`` on a
+  stream that brings a class back, before anything is trained (its own
+  hook would refuse only when the second experience starts)."""
+  names = [n.strip() for n in spec.split("+")
+           if n.strip() in strategies.ONE_EXPERIENCE_PER_CLASS]
+  if not names:
+    return
+  seen: set[int] = set()
+  for e in sc.experiences:
+    classes = set(np.unique(e.train_y).tolist())
+    again = sorted(classes & seen)
+    if again:
+      raise ConfigError(
+          f"strategy {names[0]!r} learns each class in one experience, but "
+          f"experience {e.index} of {sc.name} brings classes {again} back "
+          "(blurry and domain-incremental streams do); use a split stream "
+          "(scenario.type='split', kind 'class' or 'task')")
+    seen |= classes
+
+
 def setup(config: ml_collections.ConfigDict,
           scenario: Scenario | None = None,
           strategy: "strategies.Strategy | None" = None) -> Setup:
@@ -397,6 +418,7 @@ def setup(config: ml_collections.ConfigDict,
   if strategy is None:
     strategy, transform = build_strategy(config)
     sc = transform(base)
+    _check_classes_once(config.strategy.name, sc)
   else:
     sc = base
   tc = config.train

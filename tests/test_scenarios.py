@@ -490,3 +490,31 @@ def test_strategies_needing_one_experience_per_class_name_a_blurry_stream(
       "again; bic needs each class in one experience (a split stream; "
       "blurry and domain-incremental streams bring classes back)")):
     new_classes("bic", seen, s.experiences[1])
+
+
+@pytest.mark.parametrize("name", __import__(
+    "jaxcl.strategies", fromlist=["x"]).ONE_EXPERIENCE_PER_CLASS)
+def test_one_experience_per_class_strategies_refuse_recurring_classes(name):
+  """A config naming one of ``strategies.ONE_EXPERIENCE_PER_CLASS`` on a
+  blurry stream is refused at setup, before anything trains; and the
+  strategy's own hook refuses the same stream when its second experience
+  starts (past the setup check: the record given to ``jaxcl.run``), so
+  the list names only strategies that do refuse."""
+  import jaxcl
+  import resume_configs
+  from jaxcl import experiment
+  c = resume_configs.config(name)
+  c.checkpoint.every_steps = 0
+  c.scenario.type, c.scenario.n_experiences = "blurry", 2
+  c.scenario.disjoint, c.scenario.blurred = 0.0, 0.3
+  with pytest.raises(ValueError, match=re.escape(
+      f"strategy '{name}' learns each class in one experience, but "
+      "experience 1 of blurry0-30_digits brings classes [0, 1, 2, 3, 4, 5, "
+      "6, 7, 8, 9] back (blurry and domain-incremental streams do); use a "
+      "split stream")):
+    experiment.setup(c)
+  record, transform = experiment.build_strategy(c)
+  stream = transform(experiment.build_scenario(c))
+  with pytest.raises(ValueError, match=rf"{name}: experience 1 brings "
+                     r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] again"):
+    jaxcl.run(c, strategy=record, scenario=stream)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from jaxcl.strategy import Strategy, chain
 
 __all__ = ["available", "get", "from_spec", "FAMILIES", "PAPERS", "NEEDS",
+           "ONE_EXPERIENCE_PER_CLASS",
            "defaults", "describe", "summary", "reference"]
 
 # The survey's families (DESIGN.md); every module is in exactly one
@@ -322,6 +323,16 @@ NEEDS: dict[str, str] = {
              "it: on an MLP every layer's Lipschitz estimate is 1, and a "
              "grayscale input's pair is left out",
 }
+
+# Strategies that learn each class in one experience: their host hooks
+# refuse a class that comes back (jaxcl.strategy.new_classes), when its
+# second experience starts. A config naming one is refused at setup
+# instead, on a stream whose classes recur (blurry, domain-incremental),
+# before anything is trained (tests/test_scenarios.py runs each on such a
+# stream to keep this list true).
+ONE_EXPERIENCE_PER_CLASS: tuple[str, ...] = (
+    "bic", "cscct", "dmc", "eeil", "fecam", "il2m", "lucir", "rpc", "slca",
+    "ss_il", "xder")
 
 
 def available() -> list[str]:
