@@ -848,9 +848,18 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       n_steps = -(-exp.num_train // batch)
       for epoch in range(first_epoch, learner.epochs):
         first = position.step if (mid and epoch == first_epoch) else 0
+        epoch_data = data
+        if learner.chunk_steps < learner.epoch_steps and (
+            not members or member_data):
+          # An epoch in several chunks: its batch table once, not per chunk
+          # (runs sharing the data keep drawing it inside: each run's key
+          # gives its own order, and the shared data has no run axis).
+          epoch_data = {**data, "order": place(learner.order_fn(
+              state.rng, i, epoch, exp.num_train))}
         for start in range(first, learner.epoch_steps, learner.chunk_steps):
-          state, losses, ran = learner.chunk_fn(state, data, exp.num_train,
-                                                i, epoch, start)
+          state, losses, ran = learner.chunk_fn(state, epoch_data,
+                                                exp.num_train, i, epoch,
+                                                start)
           _check_finite(losses, ran, i, epoch, start)
           ran_np = np.asarray(ran)
           loss = (float(np.asarray(losses)[ran_np].mean()) if ran_np.any()

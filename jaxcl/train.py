@@ -450,6 +450,21 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
                        strategy=sstate), loss
 
 
+def chunk_order(ctx: Context, rng: jax.Array, experience: jax.Array,
+                epoch: jax.Array, n_valid: jax.Array, size: int, *,
+                epoch_steps: int, chunk_steps: int) -> jax.Array:
+  """The epoch's batch table as :func:`train_chunk` slices it: the
+  :func:`epoch_indices` of ``epoch_steps`` steps and one chunk of padding
+  past them. A run resumed with another chunk size (checkpoint.every_steps
+  does not change the computation) starts its chunks at a step that need
+  not divide by this one, and ``dynamic_slice`` would move a slice running
+  past the end back inside it, onto earlier steps' batches. The order
+  depends on ``size``, not on the steps, so the padding changes no
+  batch."""
+  return epoch_indices(rng, experience, epoch, n_valid, size,
+                       epoch_steps + chunk_steps, ctx.info.batch_size)
+
+
 def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
                 data: dict[str, jax.Array], n_valid: jax.Array,
                 experience: jax.Array, epoch: jax.Array, start: jax.Array,
@@ -457,19 +472,19 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
                 batch_spec: Callable[[Batch], Batch] | None = None):
   """Runs steps ``[start, start + chunk_steps)`` of one epoch in a loop.
 
+  ``data['order']``, when given, is the epoch's batch table
+  (:func:`chunk_order`, computed once per epoch); without it each call
+  draws it again (a permutation of the experience: 6-8 ms on a 2-core
+  CPU for MNIST, paid by every chunk when an epoch runs in many).
+
   Returns the new state, the per-step losses and which steps ran (steps
   whose batch is all padding are skipped and report loss 0).
   """
   bs = ctx.info.batch_size
   size = data["y"].shape[0]
-  # One chunk of padding past the epoch: a run resumed with another chunk
-  # size (checkpoint.every_steps does not change the computation) starts
-  # its chunks at a step that need not divide by this one, and
-  # dynamic_slice would move a slice running past the end back inside it,
-  # onto earlier steps' batches. The order depends on ``size``, not on
-  # the steps, so the padding changes no batch.
-  idx = epoch_indices(state.rng, experience, epoch, n_valid, size,
-                      epoch_steps + chunk_steps, bs)
+  idx = data["order"] if "order" in data else chunk_order(
+      ctx, state.rng, experience, epoch, n_valid, size,
+      epoch_steps=epoch_steps, chunk_steps=chunk_steps)
   idx = jax.lax.dynamic_slice_in_dim(idx, start, chunk_steps, axis=0)
 
   # The valid rows are the epoch's first n_valid positions (epoch_indices),
@@ -618,6 +633,19 @@ class Learner:
                           epoch_steps=self.epoch_steps,
                           batch_spec=self._batch_spec())
     return self._jit(f, 6, donate=True, out_state=True)
+
+  @functools.cached_property
+  def order_fn(self):
+    """``(rng, experience, epoch, n_valid) -> batch table``, jitted
+    (vmapped over the runs' keys in a sweep): :func:`chunk_order`, for the
+    loop to compute once per epoch and pass as ``data['order']``."""
+    f = functools.partial(chunk_order, self.ctx,
+                          size=self.ctx.info.train_size,
+                          epoch_steps=self.epoch_steps,
+                          chunk_steps=self.chunk_steps)
+    if self.members:
+      f = jax.vmap(f, in_axes=(0, None, None, None))
+    return jax.jit(f)
 
   @functools.cached_property
   def eval_fn(self):

@@ -257,3 +257,17 @@ def test_conv_in_scan_flax_conv_smoke():
   positive(rf"scan / alone: forward {NUM}x, gradient {NUM}x, step {NUM}x",
            out)
   assert "vmapped" not in out  # --runs 1 skips the sweep's step
+
+
+def test_continual_eval_smoke(data):
+  out = run_script("continual_eval.py", "--smoke").stdout
+  assert re.search(r"split_mnist_replay_200: 5 experiences, \d+ steps, test "
+                   r"sets of 1000 images in all", out), out
+  assert re.search(r"every\s+evaluations\s+train s\s+eval s\s+ms/eval\s+"
+                   r"total s\s+x plain", out), out
+  evals, *times, ratio = positive(
+      rf"0\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}", out)
+  assert evals == 6 and ratio == 1.0  # the initial model and 5 ends
+  more, *_ = positive(rf"20\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}",
+                      out)
+  assert more > evals

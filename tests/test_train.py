@@ -1209,3 +1209,40 @@ def test_scale_updates_scales_the_optimisers_step_and_the_lookahead(digits):
   _, _, half = step(chain(scaler(0.5, "h"), looker))
   assert abs(full - none) > 1e-4
   np.testing.assert_allclose(half - none, 0.5 * (full - none), rtol=1e-2)
+
+
+def test_a_precomputed_batch_table_trains_the_same_steps():
+  """The loop computes an epoch's batch table once (``order_fn``) and
+  passes it as ``data['order']`` when the epoch runs in several chunks;
+  a chunk given it trains exactly as one that draws it itself, for one
+  run and for a sweep whose runs have their own data and keys."""
+  import dataclasses as dc
+
+  from jaxcl import experiment
+  s = experiment.setup(quick_config(**{"checkpoint.every_steps": 5}))
+  exp = s.scenario.experiences[1]
+  for members in (0, 2):
+    learner = s.learner if not members else dc.replace(
+        s.learner, members=2, member_data=True)
+    states = [experiment.initial_state(s, seed) for seed in (0, 1)]
+    state = states[0] if not members else experiment._stack(states)
+    data = train.device_experience(exp, learner.ctx.info.train_size)
+    if members:
+      data = train.stacked_experiences([exp, exp],
+                                       learner.ctx.info.train_size)
+    order = learner.order_fn(state.rng, 1, 0, exp.num_train)
+    # Another epoch's table is another order.
+    other = learner.order_fn(state.rng, 1, 1, exp.num_train)
+    assert order.shape[-2:] == (learner.epoch_steps + 5, 16)
+    # (chunk_fn donates the state it is given: one copy per call.)
+    copies = [jax.tree.map(jnp.copy, state) for _ in range(2)]
+    a, la, _ = learner.chunk_fn(state, data, exp.num_train, 1, 0, 10)
+    b, lb, _ = learner.chunk_fn(copies[0], {**data, "order": order},
+                                exp.num_train, 1, 0, 10)
+    np.testing.assert_array_equal(la, lb)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+    # The table given is really the one used.
+    _, lc, _ = learner.chunk_fn(copies[1], {**data, "order": other},
+                                exp.num_train, 1, 0, 10)
+    assert not np.array_equal(lb, lc)
