@@ -99,7 +99,10 @@ def read(workdir: str) -> list[Row]:
   split = whole.get("evaluated_on", "test")
   sweep_path = os.path.join(workdir, "sweep.json")
   if not os.path.exists(sweep_path):
-    return [Row(name, 1, {k: (float(v), None)
+    # A sweep's directory without its sweep.json: the mean of its runs,
+    # without their spread.
+    return [Row(name, int(whole.get("mean_of_runs", 1)),
+                {k: (float(v), None)
                           for k, v in whole["metrics"].items()},
                 np.asarray(whole["accuracy"], np.float64), split,
                 _read_curve(workdir))]

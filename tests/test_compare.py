@@ -140,3 +140,18 @@ def test_cli_compare(dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("jaxcl: error: ")
     assert re.search(message, err), err
+
+
+def test_a_sweep_without_its_record_is_its_mean(dirs, tmp_path):
+  """A sweep's directory whose sweep.json is gone: one row, the mean over
+  its runs (accuracy_matrix.json says how many), without a spread."""
+  import shutil
+  _, sweep_dir = dirs
+  copy = tmp_path / "grid_copy"
+  shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns(
+      "sweep.json", "checkpoints"))
+  (row,) = compare.read(str(copy))
+  with open(copy / "accuracy_matrix.json") as f:
+    whole = json.load(f)
+  assert row.n == whole["mean_of_runs"] == 4
+  assert row.metrics["acc"] == (pytest.approx(whole["metrics"]["acc"]), None)
