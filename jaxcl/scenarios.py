@@ -312,6 +312,12 @@ def blurry(data: Dataset, n_experiences: int = 5, disjoint: float = 0.5,
       (c - n_dis) % n_experiences):
     valid = [f"{k / c:g}" for k in range(c + 1)
              if k % n_experiences == 0 and (c - k) % n_experiences == 0]
+    if not valid:
+      raise ScenarioError(
+          f"blurry: n_experiences={n_experiences} does not divide "
+          f"{data.name}'s {c} classes, so no split into disjoint and "
+          f"blurry classes spreads evenly; valid: "
+          f"{[k for k in range(1, c + 1) if c % k == 0]}")
     raise ScenarioError(
         f"blurry: disjoint={disjoint!r} of {data.name}'s {c} classes over "
         f"{n_experiences} experiences: the disjoint and the blurry classes "

@@ -451,6 +451,11 @@ def test_blurry_refuses_what_does_not_split_evenly(digits):
       "disjoint and the blurry classes must each split evenly over the "
       "experiences; valid: ['0', '0.5', '1']")):
     scenarios.blurry(digits, 5, disjoint=0.3)
+  with pytest.raises(scenarios.ScenarioError, match=re.escape(
+      "blurry: n_experiences=3 does not divide digits's 10 classes, so no "
+      "split into disjoint and blurry classes spreads evenly; valid: "
+      "[1, 2, 5, 10]")):
+    scenarios.blurry(digits, 3)
   for name, bad in (("disjoint", 1.5), ("blurred", -0.1), ("blurred", True),
                     ("disjoint", float("nan"))):
     with pytest.raises(scenarios.ScenarioError, match=rf"blurry: {name} must "
