@@ -434,11 +434,20 @@ def _compare(args: list[str]) -> None:
       i += 1
     if not dirs:
       raise ValueError(f"no run directory given; {usage[7:]}")
-    rows = [r for d in dirs for r in compare.read(d)]
+    if columns == []:
+      raise ValueError("--metrics needs at least one metric name")
+    where = os.path.dirname(os.path.abspath(plot)) if plot else None
+    if where and not os.path.isdir(where):
+      raise ValueError(f"--plot {plot}: the folder {where} does not exist")
+    # Directories of the same name (runs/a/er, runs/b/er) are told apart
+    # by their paths as given.
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    rows = [r for d, n in zip(dirs, names)
+            for r in compare.read(d, n if names.count(n) == 1 else d)]
     if columns is not None:
       known = list(dict.fromkeys(k for r in rows for k in r.metrics))
       unknown = [m for m in columns if m not in known]
-      if unknown or not columns:
+      if unknown:
         raise ValueError(f"--metrics: unknown metric(s) {unknown}; these "
                          f"runs have {known}")
     print(compare.table(rows, markdown=markdown, metrics=columns))

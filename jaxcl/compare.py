@@ -78,8 +78,9 @@ def _read_curve(workdir: str) -> Curve | None:
                np.array([[float(v) for v in r[2:-1]] for r in rows]))
 
 
-def read(workdir: str) -> list[Row]:
-  """The rows of one finished run directory (a sweep: one per setting).
+def read(workdir: str, name: str | None = None) -> list[Row]:
+  """The rows of one finished run directory (a sweep: one per setting),
+  labelled ``name`` (default: the directory's own name).
 
   Raises:
     RunDirError: ``workdir`` is not a directory, or holds no finished run
@@ -95,7 +96,7 @@ def read(workdir: str) -> list[Row]:
         "writes it when its stream ends; an unfinished one resumes with the "
         "same command)")
   whole = _load(path, ("accuracy", "metrics"))
-  name = os.path.basename(os.path.normpath(workdir))
+  name = name or os.path.basename(os.path.normpath(workdir))
   split = whole.get("evaluated_on", "test")
   sweep_path = os.path.join(workdir, "sweep.json")
   if not os.path.exists(sweep_path):

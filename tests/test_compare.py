@@ -117,6 +117,10 @@ def test_cli_compare(dirs, tmp_path, capsys):
   assert out[0].split() == ["run", "n", "acc", "wc_acc"]
   assert [line.split()[0] for line in out[2:5]] == ["one", "grid", "grid"]
   assert out[-1] == f"plot: {tmp_path / 'c.png'}"
+  # Two directories of one name are told apart by their paths.
+  cli.main(["jaxcl", "compare", run_dir, run_dir + "/", "--metrics", "acc"])
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in out[2:]] == [run_dir, run_dir + "/"]
   assert os.path.getsize(tmp_path / "c.png") > 0
   for name, text in (("cut", '{"accuracy": [[0.5'),
                      ("other", '{"accuracy": [[0.5]]}')):
@@ -128,6 +132,9 @@ def test_cli_compare(dirs, tmp_path, capsys):
       ([run_dir, "--metrics", "acc,bogus"],
        r"--metrics: unknown metric\(s\) \['bogus'\]; these runs have \['acc'"),
       ([run_dir, "--plot"], "--plot needs a value"),
+      ([run_dir, "--metrics="], "--metrics needs at least one metric name"),
+      ([run_dir, "--plot", str(tmp_path / "no" / "p.png")],
+       r"--plot .*p.png: the folder .*no does not exist"),
       ([run_dir, "--color"], "unknown option '--color'"),
       ([], "no run directory given"),
       ([str(tmp_path / "cut")], r"cut/accuracy_matrix.json is not readable "
