@@ -793,7 +793,12 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state = settle(state)
       resume_step = int(np.max(np.asarray(state.step)))
   if reporter is None and workdir:
+    # Joint tests its one experience on every test set; a stream cut short
+    # (its first experiences, tested on all) keeps one test set each.
+    per_experience = n_train == n_test or all(
+        a is b for a, b in zip(sc.experiences, sc.eval_experiences))
     reporter = report.Reporter(workdir, config, resume_step=resume_step,
+                               per_experience=per_experience,
                                runs=max(members, 1))
   reporter = reporter or report.NullReporter()
 

@@ -120,11 +120,18 @@ class Reporter(NullReporter):
   """Writes a run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, config: Any, progress: bool | None = None,
-               resume_step: int | None = None, runs: int = 1):
+               resume_step: int | None = None, runs: int = 1,
+               per_experience: bool | None = None):
     """``resume_step``: the global step of the checkpoint a resumed run
     starts from. The logs keep what came up to it, and drop what the
-    killed invocation logged after it, which the resumed run logs again."""
+    killed invocation logged after it, which the resumed run logs again.
+    ``per_experience``: one test set per training experience, so the
+    experiences seen are the leading test sets; False for a stream that
+    tests one experience on every test set (Joint), whose average is over
+    them all; None (a reporter built by hand) guesses from the final
+    matrix: a single row is Joint's."""
     self.workdir = workdir
+    self._per_experience = per_experience
     # A sweep's directory shows the mean over its runs (every seed and
     # setting); its files say so. Per-run results: sweep.json.
     self._runs = runs
@@ -168,10 +175,18 @@ class Reporter(NullReporter):
     if self._tb is not None:
       self._tb.add_scalar(name, value, step)
 
+  def _seen(self, index: int, row: list[float],
+            rows: int | None = None) -> list[float]:
+    """The accuracies of the test sets seen after experience ``index``
+    (``rows``: the final matrix's, when known)."""
+    per = self._per_experience
+    if per is None:
+      per = rows is None or rows > 1
+    return row[:index + 1] if per else row
+
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
-    seen = row[:index + 1]
-    avg = float(np.mean(seen))
+    avg = float(np.mean(self._seen(index, row)))
     self._log({"step": step, "experience": index, "accuracy": row,
                "average_accuracy_seen": avg})
     if self._tb is not None:
@@ -183,6 +198,8 @@ class Reporter(NullReporter):
       bar, self._bar = self._bar, None
       mean = f" (mean of {self._runs} runs)" if self._runs > 1 else ""
       seen = (f"experiences 1-{index + 1}" if index else "experience 1")
+      if self._per_experience is False:
+        seen = f"all {len(row)} test sets"
       secs = f"{bar.seconds:.{1 if bar.seconds >= 1 else 2}f}"
       ran = (f"{bar.total - bar.initial} steps (resumed at step "
              f"{bar.initial})" if bar.initial else f"{bar.total} steps")
@@ -197,7 +214,8 @@ class Reporter(NullReporter):
     record = {"step": step, "curve_experience": experience,
               "curve_accuracy": row}
     if experience >= 0:
-      record["curve_average_seen"] = float(np.mean(row[:experience + 1]))
+      record["curve_average_seen"] = float(np.mean(self._seen(experience,
+                                                              row)))
     self._log(record)
     if self._tb is not None:
       for j, v in enumerate(row):
@@ -223,12 +241,14 @@ class Reporter(NullReporter):
       w.writerow(["experience"] + [f"acc_exp{j}" for j in range(acc.shape[1])]
                  + ["average_accuracy_seen"])
       for i, row in enumerate(acc):
-        seen = row[:min(i + 1, len(row))] if acc.shape[0] > 1 else row
+        seen = self._seen(i, list(row), len(acc))
         w.writerow([i] + [f"{v:.6f}" for v in row] +
                    [f"{float(np.mean(seen)):.6f}"])
     curve = getattr(result, "curve", None)
     if curve is not None:
-      seen = curve_seen(curve, acc.shape[0] == acc.shape[1])
+      seen = curve_seen(curve, self._per_experience
+                        if self._per_experience is not None else
+                        acc.shape[0] == acc.shape[1])
       with open(os.path.join(self.workdir, "accuracy_curve.csv"), "w",
                 newline="") as f:
         w = csv.writer(f)

@@ -259,3 +259,41 @@ def test_experience_line_of_a_resumed_experience(tmp_path, capsys):
       r"experience 2/4: 4 steps \(resumed at step 6\) in \d\.\d\d s, loss "
       r"0\.5000; average test accuracy over experiences 1-2: 0\.6250 \(mean "
       r"of 3 runs\)", line), line
+
+
+def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
+                                                            capsys):
+  """Joint's one experience is tested on every test set: the logged and
+  printed average is over all of them (it read test set 0 alone before
+  session 45). A stream cut to its first two experiences, tested on all
+  five, averages its own two."""
+  import dataclasses
+
+  import jaxcl
+  from jaxcl import experiment
+  from test_train import quick_config
+
+  def logged(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f
+              if "average_accuracy_seen" in line]
+
+  c = quick_config(**{"strategy.name": "joint", "report.progress": True})
+  r = jaxcl.run(c, str(tmp_path / "joint"))
+  (rec,) = logged(tmp_path / "joint")
+  assert rec["average_accuracy_seen"] == pytest.approx(r.accuracy[0].mean())
+  assert rec["average_accuracy_seen"] != pytest.approx(r.accuracy[0, 0])
+  assert (f"average test accuracy over all 5 test sets: "
+          f"{r.accuracy[0].mean():.4f}") in capsys.readouterr().err
+  with open(tmp_path / "joint" / "metrics.csv") as f:
+    assert float(list(csv.reader(f))[1][-1]) == pytest.approx(
+        r.accuracy[0].mean(), abs=1e-6)
+  c = quick_config()
+  sc = experiment.build_scenario(c)
+  cut = dataclasses.replace(sc, experiences=sc.experiences[:2],
+                            eval_experiences=sc.experiences)
+  r = jaxcl.run(c, str(tmp_path / "cut"), scenario=cut)
+  recs = logged(tmp_path / "cut")
+  assert [x["average_accuracy_seen"] for x in recs] == [
+      pytest.approx(r.accuracy[0, :1].mean()),
+      pytest.approx(r.accuracy[1, :2].mean())]
