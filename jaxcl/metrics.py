@@ -67,6 +67,17 @@ the training steps:
   \\mathrm{AAA} = \\frac{\\sum_{k \\ge 1} (s_k - s_{k-1})\\,
       \\frac{1}{e_k + 1} \\sum_{j \\le e_k} a_{k, j}}
       {\\sum_{k \\ge 1} (s_k - s_{k-1})}
+
+De Lange et al. also measure how fast an experience is lost: its largest
+drop within a window, ``WF^w``. Their window counts evaluations, so its
+value changes with how often one evaluates; :func:`windowed_forgetting`
+counts training steps instead (``w`` steps, from each experience's end):
+
+.. math::
+
+  \\mathrm{WF}^w = \\frac{1}{T-1} \\sum_{i<T-1}
+      \\max_{k < l:\\; k \\ge \\mathrm{end}_i,\\; s_l - s_k \\le w}
+      (a_{k, i} - a_{l, i})
 """
 
 from __future__ import annotations
@@ -75,11 +86,13 @@ import dataclasses
 
 import numpy as np
 
+from jaxcl import checks
+
 __all__ = ["average_accuracy", "accuracy_over_time",
            "average_incremental_accuracy", "learning_accuracy",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
-           "continual_summary", "Curve"]
+           "windowed_forgetting", "continual_summary", "Curve"]
 
 
 def _square(r) -> np.ndarray:
@@ -237,6 +250,29 @@ def anytime_accuracy(step, experience, accuracy) -> float:
     raise ValueError("anytime accuracy needs evaluations after training "
                      f"steps; the curve's steps are {s.tolist()}")
   return float(np.sum(w * seen[1:]) / w.sum())
+
+
+def windowed_forgetting(step, experience, accuracy, window: float) -> float:
+  """WF^w over training steps: the mean over experiences before the last
+  of the largest drop in their accuracy between two evaluations at most
+  ``window`` steps apart, from the experience's end on (0 when it never
+  drops; NaN for one experience)."""
+  e, a, t, s = _curve(experience, accuracy, step)
+  checks.positive("windowed_forgetting: window (steps)", window)
+  if t < 2:
+    return float("nan")
+  drops = []
+  for i in range(t - 1):
+    start = int(np.flatnonzero(e == i)[-1])  # experience i's end
+    acc, steps = a[start:, i], s[start:]
+    # For each later point, the best accuracy within the window before it.
+    worst = 0.0
+    for m in range(1, len(acc)):
+      near = (steps[m] - steps[:m]) <= window
+      if near.any():
+        worst = max(worst, float(acc[:m][near].max() - acc[m]))
+    drops.append(worst)
+  return float(np.mean(drops))
 
 
 def continual_summary(step, experience, accuracy) -> dict[str, float]:

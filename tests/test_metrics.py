@@ -173,3 +173,29 @@ def test_continual_summary_and_bad_curves():
     metrics.min_accuracy(CURVE_EXP[::-1], CURVE_ACC)
   with pytest.raises(ValueError, match="one test set per training"):
     metrics.min_accuracy(CURVE_EXP, CURVE_ACC[:, :2])
+
+
+def test_windowed_forgetting_is_the_largest_drop_within_a_window_of_steps():
+  # Every 5 steps: experience 0 falls 0.9 -> 0.3 in the 5 steps after its
+  # end, experience 1 0.8 -> 0.2.
+  assert metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC,
+                                     5) == pytest.approx(0.6)
+  # No two points within 4 steps: nothing to measure, no drop.
+  assert metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC,
+                                     4) == 0.0
+  # A slow decline: 0.1 per 5 steps, 0.2 per 10, 0.3 per 15; the points
+  # before experience 0's end (its own training, 0.5 -> 0.9) do not
+  # count, nor does the rise.
+  step = [0, 5, 10, 15, 20, 25, 30]
+  exp = [-1, 0, 0, 1, 1, 1, 1]
+  acc = np.array([[0.1, 0.0], [0.5, 0.0], [0.9, 0.0], [0.8, 0.5],
+                  [0.7, 0.6], [0.6, 0.7], [0.8, 0.9]])
+  for window, drop in ((5, 0.1), (10, 0.2), (15, 0.3), (100, 0.3)):
+    assert metrics.windowed_forgetting(step, exp, acc, window) == (
+        pytest.approx(drop)), window
+  assert np.isnan(metrics.windowed_forgetting([0, 3], [-1, 0], [[0.1],
+                                                                [0.9]], 5))
+  for bad in (0, -1, float("nan"), True):
+    with pytest.raises(ValueError, match="window \\(steps\\) must be a "
+                       "finite number > 0"):
+      metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC, bad)
