@@ -300,6 +300,9 @@ def _run(argv) -> None:
   noise = report.label_noise_note(config)
   if noise:
     print(noise)
+  if result.curve is not None:
+    print(f"continual evaluation: {len(result.curve.step)} points on the "
+          "accuracy curve (accuracy_curve.csv, accuracy_curve.png)")
   print(f"\ntime: {result.times['total']:.1f} s "
         f"(train {result.times['train']:.1f} s, eval "
         f"{result.times['eval']:.1f} s); outputs in {workdir}")

@@ -474,3 +474,20 @@ def test_dry_run_says_what_a_run_directory_would_resume(tmp_path, forked,
   assert p.stdout.endswith(f"{new}: no checkpoint; with --resume the run "
                            "would refuse to start\n")
   assert _tree(workdir) == before and not os.path.exists(new)
+
+
+def test_run_names_the_accuracy_curve(tmp_path, forked, ewc_run):
+  """With continual evaluation, ``jaxcl run`` says how many points the
+  curve has and where it is (a run without it says nothing of it)."""
+  assert "continual evaluation" not in ewc_run[0].stdout
+  assert "acc:" in ewc_run[0].stdout  # (the run printed its results)
+  p = forked("run", "--config.train.eval_every_steps=4",
+             "--config.train.epochs=1", "--config.report.plots=False",
+             "--workdir", str(tmp_path / "c"), cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  # 270-272 training examples in batches of 32: 9 steps per experience,
+  # evaluated at 4, 8 and the end; and the initial model.
+  assert ("continual evaluation: 16 points on the accuracy curve "
+          "(accuracy_curve.csv, accuracy_curve.png)") in p.stdout
+  with open(tmp_path / "c" / "accuracy_curve.csv") as f:
+    assert len(f.read().splitlines()) == 1 + 16
