@@ -36,11 +36,10 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
   from experiments import split_mnist_replay
-  from jaxcl import experiment
+  from jaxcl import experiment, train
 
   every = [int(v) for v in ("0,20" if args.smoke else args.every).split(",")]
   print(f"device: {jax.devices()[0].platform} x{jax.device_count()}")
-  base = None
   rows = []
   for n in every:
     c = split_mnist_replay.get_config("strategy=replay,mem_size=200")
@@ -50,10 +49,10 @@ def main() -> None:
     c.train.eval_every_steps = n
     c.report.progress = False
     s = experiment.setup(c)
-    if base is None:
+    if not rows:  # the stream, once
       sc = s.scenario
       batch = s.learner.ctx.info.batch_size
-      steps = s.learner.epochs * sum(-(-e.num_train // batch)
+      steps = s.learner.epochs * sum(train.steps_per_epoch(e.num_train, batch)
                                      for e in sc.experiences)
       tests = sum(len(e.test_y) for e in sc.eval_experiences)
       print(f"{c.name}: {len(sc.experiences)} experiences, {steps} steps, "
@@ -65,13 +64,14 @@ def main() -> None:
     evals = 1 + (len(r.curve.step) - 1 if r.curve is not None
                  else len(r.accuracy))
     total = r.times["train"] + r.times["eval"]
-    base = total if n == 0 or base is None else base
     rows.append((n, evals, r.times["train"], r.times["eval"],
                  1e3 * r.times["eval"] / evals, total))
+  # The plain run's time (N = 0), else the first interval's.
+  base = next((row[-1] for row in rows if row[0] == 0), rows[0][-1])
   print(f"{'every':>6} {'evaluations':>12} {'train s':>9} {'eval s':>9} "
         f"{'ms/eval':>9} {'total s':>9} {'x plain':>8}")
-  for n, evals, train, ev, per, total in rows:
-    print(f"{n:>6} {evals:>12} {train:>9.2f} {ev:>9.2f} {per:>9.2f} "
+  for n, evals, train_s, ev, per, total in rows:
+    print(f"{n:>6} {evals:>12} {train_s:>9.2f} {ev:>9.2f} {per:>9.2f} "
           f"{total:>9.2f} {total / base:>8.2f}")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxcl import report
+from jaxcl import metrics, report, sweep
 from jaxcl.metrics import Curve
 
 __all__ = ["Row", "read", "table", "plot", "RunDirError"]
@@ -103,21 +103,20 @@ def read(workdir: str, name: str | None = None) -> list[Row]:
     # A sweep's directory without its sweep.json: the mean of its runs,
     # without their spread.
     return [Row(name, int(whole.get("mean_of_runs", 1)),
-                {k: (float(v), None)
-                          for k, v in whole["metrics"].items()},
+                {k: (float(v), None) for k, v in whole["metrics"].items()},
                 np.asarray(whole["accuracy"], np.float64), split,
                 _read_curve(workdir))]
-  sweep = _load(sweep_path, ("members", "accuracy", "groups"))
-  members, acc = sweep["members"], np.asarray(sweep["accuracy"], np.float64)
-  curve = sweep.get("curve")
+  record = _load(sweep_path, ("members", "accuracy", "groups"))
+  members, acc = record["members"], np.asarray(record["accuracy"],
+                                                np.float64)
+  curve = record.get("curve")
   # Sweeps before session 45 kept no per-run curves; the directory's CSV
   # is the mean over all runs, so it stands for a grid of one setting.
-  whole_curve = _read_curve(workdir) if len(sweep["groups"]) == 1 else None
+  whole_curve = _read_curve(workdir) if len(record["groups"]) == 1 else None
   rows = []
-  for group in sweep["groups"]:
+  for group in record["groups"]:
     setting = group["setting"]
-    idx = [i for i, m in enumerate(members)
-           if all(m.get(k) == v for k, v in setting.items())]
+    idx = sweep.members_of(members, setting)
     label = name + "".join(f" {k}={v}" for k, v in setting.items())
     metrics = {k: (float(v[0]), float(v[1]) if group["n"] > 1 else None)
                for k, v in group.items() if k not in ("setting", "n")}
@@ -179,9 +178,8 @@ def plot(rows: Sequence[Row], path: str) -> Any:
   report.integer_ticks(axes[0])
   if curves:
     for r in rows:
-      square = r.curve.accuracy.shape[1] == int(r.curve.experience.max()) + 1
-      axes[1].plot(r.curve.step, report.curve_seen(r.curve, square), lw=1,
-                   label=r.label)
+      axes[1].plot(r.curve.step, metrics.seen_accuracy(
+          r.curve.experience, r.curve.accuracy), lw=1, label=r.label)
     axes[1].set_xlabel("training step")
     axes[1].set_ylabel("average accuracy (seen), continual evaluation")
   for ax in axes:

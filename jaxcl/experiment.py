@@ -28,7 +28,7 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, reset_opt_state,
                          stacked_experiences, stacked_test_arrays,
-                         stream_info, test_arrays, unalias)
+                         steps_per_epoch, stream_info, test_arrays, unalias)
 
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
@@ -827,7 +827,6 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                 before + time.perf_counter() - t_start)
 
   size = ctx.info.train_size
-  batch = ctx.info.batch_size
   train_time = 0.0
   try:
     for i in range(position.experience, n_train):
@@ -850,7 +849,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           else 0)
       # The steps of each of this experience's epochs that hold examples
       # (later chunks of the padded epoch run none).
-      n_steps = -(-exp.num_train // batch)
+      n_steps = steps_per_epoch(exp.num_train, ctx.info.batch_size)
       for epoch in range(first_epoch, learner.epochs):
         first = position.step if (mid and epoch == first_epoch) else 0
         epoch_data = data

@@ -92,7 +92,8 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "average_incremental_accuracy", "learning_accuracy",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
-           "windowed_forgetting", "continual_summary", "Curve"]
+           "windowed_forgetting", "continual_summary", "seen_accuracy",
+           "Curve"]
 
 
 def _square(r) -> np.ndarray:
@@ -238,13 +239,27 @@ def worst_case_accuracy(experience, accuracy) -> float:
   return float(last / t + (1 - 1 / t) * min_accuracy(e, a))
 
 
+def seen_accuracy(experience, accuracy,
+                  per_experience: bool | None = None) -> np.ndarray:
+  """Each curve point's mean accuracy over the experiences seen so far:
+  the test sets up to the one of the experience training, or every test
+  set when they are not one per experience (Joint's); NaN for the initial
+  model. ``per_experience`` None: one per experience when the curve has
+  as many test sets as it trains experiences."""
+  e = np.asarray(experience)
+  a = np.asarray(accuracy, dtype=np.float64)
+  if per_experience is None:
+    per_experience = a.shape[-1] == int(e.max()) + 1
+  return np.array([np.nan if k < 0 else float(np.mean(
+      row[:k + 1] if per_experience else row)) for k, row in zip(e, a)])
+
+
 def anytime_accuracy(step, experience, accuracy) -> float:
   """AAA: the mean accuracy on the experiences seen so far, averaged over
   the training steps (each point stands for the steps since the one
   before it)."""
   e, a, _, s = _curve(experience, accuracy, step)
-  seen = np.array([a[k, :e[k] + 1].mean() if e[k] >= 0 else np.nan
-                   for k in range(len(e))])
+  seen = seen_accuracy(e, a, per_experience=True)
   w = np.diff(s)
   if len(w) == 0 or w.sum() <= 0:
     raise ValueError("anytime accuracy needs evaluations after training "

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxcl import metrics
+
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
            "plot_accuracy_matrix", "plot_average_accuracy",
-           "plot_accuracy_curve", "figure", "integer_ticks", "seen_average",
-           "curve_seen"]
+           "plot_accuracy_curve", "figure", "integer_ticks", "seen_average"]
 
 
 class _NullBar:
@@ -175,14 +176,11 @@ class Reporter(NullReporter):
     if self._tb is not None:
       self._tb.add_scalar(name, value, step)
 
-  def _seen(self, index: int, row: list[float],
-            rows: int | None = None) -> list[float]:
-    """The accuracies of the test sets seen after experience ``index``
-    (``rows``: the final matrix's, when known)."""
-    per = self._per_experience
-    if per is None:
-      per = rows is None or rows > 1
-    return row[:index + 1] if per else row
+  def _seen(self, index: int, row: list[float]) -> list[float]:
+    """The accuracies of the test sets seen after experience ``index`` (a
+    reporter built by hand takes one test set per experience until its
+    final matrix says otherwise)."""
+    return row if self._per_experience is False else row[:index + 1]
 
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
@@ -240,15 +238,13 @@ class Reporter(NullReporter):
       w = csv.writer(f)
       w.writerow(["experience"] + [f"acc_exp{j}" for j in range(acc.shape[1])]
                  + ["average_accuracy_seen"])
-      for i, row in enumerate(acc):
-        seen = self._seen(i, list(row), len(acc))
-        w.writerow([i] + [f"{v:.6f}" for v in row] +
-                   [f"{float(np.mean(seen)):.6f}"])
+      for i, (row, seen) in enumerate(zip(acc, seen_average(
+          acc, self._per_experience))):
+        w.writerow([i] + [f"{v:.6f}" for v in row] + [f"{seen:.6f}"])
     curve = getattr(result, "curve", None)
     if curve is not None:
-      seen = curve_seen(curve, self._per_experience
-                        if self._per_experience is not None else
-                        acc.shape[0] == acc.shape[1])
+      seen = metrics.seen_accuracy(curve.experience, curve.accuracy,
+                                   self._per_experience)
       with open(os.path.join(self.workdir, "accuracy_curve.csv"), "w",
                 newline="") as f:
         w = csv.writer(f)
@@ -264,11 +260,13 @@ class Reporter(NullReporter):
                                              "accuracy_matrix.png"),
                            split=self._split, runs=self._runs)
       plot_average_accuracy(acc, os.path.join(self.workdir,
-                                              "average_accuracy.png"))
+                                              "average_accuracy.png"),
+                            self._per_experience)
       if curve is not None:
         plot_accuracy_curve(curve, os.path.join(self.workdir,
                                                 "accuracy_curve.png"),
-                            split=self._split, runs=self._runs)
+                            split=self._split, runs=self._runs,
+                            per_experience=self._per_experience)
     if self._tb is not None:
       for k, v in result.metrics.items():
         self._tb.add_scalar(f"final/{k}", v, 0)
@@ -375,18 +373,24 @@ def integer_ticks(ax: Any) -> None:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def seen_average(accuracy: np.ndarray) -> np.ndarray:
-  """Average accuracy over the experiences seen, after each experience (a
-  single row, as Joint's: over every test set)."""
-  acc = np.asarray(accuracy)
-  return np.array([float(np.mean(row[:i + 1])) if acc.shape[0] > 1 else
-                   float(np.mean(row)) for i, row in enumerate(acc)])
-
-
-def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
+def seen_average(accuracy: np.ndarray,
+                 per_experience: bool | None = None) -> np.ndarray:
   """Average accuracy over the experiences seen, after each experience;
-  returns the figure."""
-  ys = seen_average(accuracy)
+  over every test set when they are not one per experience (Joint's).
+  ``per_experience`` None: guessed from the matrix, a single row being
+  Joint's."""
+  acc = np.asarray(accuracy)
+  if per_experience is None:
+    per_experience = acc.shape[0] > 1
+  return np.array([float(np.mean(row[:i + 1] if per_experience else row))
+                   for i, row in enumerate(acc)])
+
+
+def plot_average_accuracy(accuracy: np.ndarray, path: str,
+                          per_experience: bool | None = None) -> Any:
+  """Average accuracy over the experiences seen, after each experience
+  (:func:`seen_average`); returns the figure."""
+  ys = seen_average(accuracy, per_experience)
   fig, ax = figure((5, 3.5))
   ax.plot(np.arange(1, len(ys) + 1), ys, marker="o")
   ax.set_ylim(0, 1.02)
@@ -399,27 +403,19 @@ def plot_average_accuracy(accuracy: np.ndarray, path: str) -> Any:
   return fig
 
 
-def curve_seen(curve: Any, square: bool) -> np.ndarray:
-  """Each curve point's average accuracy over the experiences seen (those
-  up to the one training; every test set when they are not one per
-  experience, as Joint's); NaN for the initial model."""
-  acc = np.asarray(curve.accuracy)
-  return np.array([
-      np.nan if e < 0 else float(np.mean(row[:e + 1] if square else row))
-      for e, row in zip(np.asarray(curve.experience), acc)])
-
-
 def plot_accuracy_curve(curve: Any, path: str, split: str = "test",
-                        runs: int = 1) -> Any:
+                        runs: int = 1,
+                        per_experience: bool | None = None) -> Any:
   """The continual-evaluation curve: each test set's accuracy over the
   training steps from when its experience starts training (the stability
   gap shows as a dip at the next experience's start), the average over
-  the experiences seen, and the experiences' ends as dotted lines;
-  returns the figure."""
+  the experiences seen (:func:`jaxcl.metrics.seen_accuracy`), and the
+  experiences' ends as dotted lines; returns the figure."""
   acc = np.asarray(curve.accuracy)
   step, exp = np.asarray(curve.step), np.asarray(curve.experience)
   n_test = acc.shape[1]
-  square = n_test == int(exp.max()) + 1
+  square = (n_test == int(exp.max()) + 1 if per_experience is None
+            else per_experience)
   fig, ax = figure((7, 4))
   colors = [f"C{j % 10}" for j in range(n_test)]
   for j in range(n_test):
@@ -428,7 +424,7 @@ def plot_accuracy_curve(curve: Any, path: str, split: str = "test",
       first = max(int(np.argmax(on)) - 1, 0)
       ax.plot(step[first:], acc[first:, j], color=colors[j], lw=1,
               label=f"exp{j}" if n_test <= 10 else None)
-  seen = curve_seen(curve, square)
+  seen = metrics.seen_accuracy(exp, acc, square)
   ax.plot(step, seen, color="k", lw=2, label="average (seen)")
   for e in np.unique(exp[exp >= 0]):
     ax.axvline(step[exp == e][-1], color="gray", ls=":", lw=0.8)

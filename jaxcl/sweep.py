@@ -352,7 +352,6 @@ def sweep(config, seeds: Sequence[int] = (0,),
   p = plan(config, seeds, values, workdir, scenario, scenario_per_seed)
   s, members, settings = p.setup, p.members, p.settings
   member_scenarios = p.member_scenarios
-  keys = sorted(settings[0])
   states = p.initial_states()
   extra = {"sweep.members": members}
   if scenario_per_seed:
@@ -379,8 +378,7 @@ def sweep(config, seeds: Sequence[int] = (0,),
              for i in range(len(members))]
   groups = []
   for setting in settings:
-    idx = [i for i, m in enumerate(members)
-           if all(m[k] == setting[k] for k in keys)]
+    idx = members_of(members, setting)
     groups.append({"setting": setting, "n": len(idx),
                    **summarise([per_run[i] for i in idx])})
   out = SweepResult(members, np.asarray(result.accuracy), per_run, groups,
@@ -398,6 +396,14 @@ def sweep(config, seeds: Sequence[int] = (0,),
                      "accuracy": np.asarray(curve.accuracy).tolist()}}),
                  "times": result.times}, f, indent=2)
   return out
+
+
+def members_of(members: Sequence[dict[str, Any]],
+               setting: dict[str, Any]) -> list[int]:
+  """The indices of the runs of ``members`` that have ``setting``'s values
+  (one group of the sweep's ``groups``)."""
+  return [i for i, m in enumerate(members)
+          if all(m.get(k) == v for k, v in setting.items())]
 
 
 def summarise(per_run: Sequence[dict[str, float]]

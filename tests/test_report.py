@@ -148,6 +148,12 @@ def test_average_accuracy_plot_data(tmp_path):
   fig = report.plot_average_accuracy(np.array([[0.9, 0.8, 0.4]]),
                                      str(tmp_path / "b.png"))
   np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), [[1, 0.7]])
+  # A stream cut to its first experience, tested on all three: the run
+  # says each experience has its own test set, and test set 0 is seen.
+  fig = report.plot_average_accuracy(np.array([[0.9, 0.8, 0.4]]),
+                                     str(tmp_path / "c.png"),
+                                     per_experience=True)
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), [[1, 0.9]])
 
 
 def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
