@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -221,12 +221,15 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)))
     self._next += 1
 
-  def restore(self, state_like: Any, progress_like: dict[str, np.ndarray]):
+  def restore(self, state_like: Any, progress_like: dict[str, np.ndarray],
+              optional: Sequence[str] = ()):
     """The newest valid checkpoint as ``(state, progress, position)``.
 
     ``progress`` also holds ``seconds``, the run's wall time up to the
     checkpoint (NaN for checkpoints saved without it). Returns None when
     there is none. Falls back over corrupt checkpoints, saying so.
+    ``optional``: keys of ``progress_like`` that older checkpoints lack;
+    ``progress`` has them only when the checkpoint does.
 
     Raises:
       IncompatibleCheckpointError: the newest readable checkpoint comes from
@@ -258,12 +261,16 @@ class Checkpointer:
                   for k in ("state", "progress")}
       except Exception:  # unreadable metadata: the restore below says so
         stored = {}
+      wanted = progress_like
+      if isinstance(stored.get("progress"), dict):
+        wanted = {k: v for k, v in progress_like.items()
+                  if k not in optional or k in stored["progress"]}
       if all(stored.get(k) is not None for k in ("state", "progress")):
         # Progress dtypes are not compared: checkpoints written before
         # session 35 saved the random accuracies as float32 (restored
         # into float64, a harmless cast).
         diff = (_tree_differences(stored["state"], state_like) +
-                _tree_differences(stored["progress"], progress_like,
+                _tree_differences(stored["progress"], wanted,
                                  "progress.", dtypes=False))
         if diff:
           more = (f"\n  ... and {len(diff) - 10} more" if len(diff) > 10
@@ -282,7 +289,7 @@ class Checkpointer:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract(state_like)),
-                progress=ocp.args.StandardRestore(abstract(progress_like))))
+                progress=ocp.args.StandardRestore(abstract(wanted))))
       except Exception as e:  # truncated / corrupt array files
         self._log(f"jaxcl: checkpoint {step} in {self.directory} is corrupt "
                   f"({type(e).__name__}: {str(e)[:200]}); falling back to "

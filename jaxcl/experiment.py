@@ -106,7 +106,11 @@ def default_config() -> ml_collections.ConfigDict:
       # >0: continual evaluation (De Lange et al. 2023): also evaluate every
       # test set every N steps of each epoch and at each epoch's end, for
       # the accuracy curve and its metrics (min_acc, wc_acc, anytime_acc)
-      eval_every_steps=0))
+      eval_every_steps=0,
+      # the confusion matrix over the test sets at each experience's end
+      # (confusion.npz / .png, metric recency_bias; kept in checkpoints:
+      # num_classes^2 int32s per experience)
+      confusion=True))
   # strategy.name: a name or names joined by '+'; strategy.<name>: kwargs.
   c.strategy = ml_collections.ConfigDict(dict(name="naive"))
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -448,10 +452,12 @@ def setup(config: ml_collections.ConfigDict,
   eval_every = tc.get("eval_every_steps", 0)
   checks.whole("train.eval_every_steps", eval_every, 0,
                "0: evaluate at the end of each experience only")
+  confusion = tc.get("confusion", True)
+  checks.flag("train.confusion", confusion)
   learner = make_learner(ctx, strategy, epochs=epochs,
                          eval_batch_size=_eval_batch(config, sc),
                          checkpoint_every_steps=config.checkpoint.every_steps,
-                         eval_every_steps=eval_every,
+                         eval_every_steps=eval_every, confusion=confusion,
                          reset_optimizer=tc.reset_optimizer)
   return Setup(config, sc, learner, strategy.name)
 
@@ -476,6 +482,11 @@ class Result:
       for a fresh run, NaN when that checkpoint did not record it).
     learner: the compiled functions of the run (to reuse or inspect).
     curve: the accuracy curve of continual evaluation, None without it.
+    confusion: int32 ``(experiences, C, C)``: at each experience's end,
+      ``[i, y, p]`` test examples of class ``y`` (over all the test sets)
+      predicted as ``p``; -1 throughout for an experience whose matrix is
+      unknown (it ended before a resume from a checkpoint of an older
+      jaxcl). None without ``train.confusion``.
   """
   accuracy: np.ndarray
   random_accuracy: np.ndarray
@@ -484,6 +495,7 @@ class Result:
   times: dict[str, float]
   learner: Learner | None = None
   curve: Curve | None = None
+  confusion: np.ndarray | None = None
 
 
 def _curve_slots(learner: Learner) -> int:
@@ -506,6 +518,18 @@ def _curve(random_acc: np.ndarray, acc: np.ndarray, step: np.ndarray
   return Curve(np.concatenate([[0], step[filled]]),
                np.concatenate([[-1], experience]),
                np.concatenate([random_acc[..., None, :], points], axis=-2))
+
+
+def _recency_classes(sc: Scenario) -> tuple[list[int], list[int]] | None:
+  """The classes trained and the last experience's classes, for
+  :func:`jaxcl.metrics.recency_bias`: a class-incremental stream of two or
+  more experiences whose classes do not recur; None for other streams."""
+  classes = [set(e.classes) for e in sc.experiences]
+  trained = set().union(*classes)
+  if (sc.kind != "class" or len(classes) < 2
+      or sum(map(len, classes)) != len(trained)):
+    return None
+  return sorted(trained), sorted(classes[-1])
 
 
 def _check_finite(losses, ran, experience, epoch, first_step):
@@ -764,6 +788,11 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     curve = {"curve_accuracy": np.full(acc.shape[:-1] + (slots, n_test),
                                        np.nan),
              "curve_step": np.full((n_train, slots), -1, np.int32)}
+  # The confusion matrix of each experience's end (-1: not evaluated yet).
+  conf = {}
+  if learner.confusion:
+    c = ctx.info.num_classes
+    conf = {"confusion": np.full(acc.shape[:-1] + (c, c), -1, np.int32)}
   test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size)
                if len(streams) == 1 else stacked_test_arrays(
                    [t.eval_experiences for t in streams],
@@ -780,8 +809,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       raise ConfigError(f"{workdir} already holds checkpoints; use another "
                         "--workdir or resume")
     progress_like = {"accuracy": acc,
-                     "random_accuracy": acc[..., 0, :] * 0, **curve}
-    restored = ckpt.restore(state, progress_like) if ckpt.steps() else None
+                     "random_accuracy": acc[..., 0, :] * 0, **curve, **conf}
+    # Checkpoints written before session 46 hold no confusion matrices.
+    restored = (ckpt.restore(state, progress_like, optional=("confusion",))
+                if ckpt.steps() else None)
     if restored is None and resume:
       raise ConfigError(f"--resume: no checkpoint to resume in {workdir}")
     if restored is not None:
@@ -789,6 +820,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
       curve = {k: np.array(progress[k], v.dtype) for k, v in curve.items()}
+      conf = {k: np.array(progress[k], v.dtype) if k in progress else v
+              for k, v in conf.items()}
       before = progress["seconds"]
       state = settle(state)
       resume_step = int(np.max(np.asarray(state.step)))
@@ -799,7 +832,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
         a is b for a, b in zip(sc.experiences, sc.eval_experiences))
     reporter = report.Reporter(workdir, config, resume_step=resume_step,
                                per_experience=per_experience,
-                               runs=max(members, 1))
+                               runs=max(members, 1),
+                               experience_classes=[e.classes
+                                                   for e in sc.experiences])
   reporter = reporter or report.NullReporter()
 
   eval_time = 0.0
@@ -822,7 +857,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   def save(state, pos):
     if ckpt is not None:
       ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc,
-                        **curve}, pos,
+                        **curve, **conf}, pos,
                 seconds=None if math.isnan(before) else
                 before + time.perf_counter() - t_start)
 
@@ -896,7 +931,12 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state = jax.block_until_ready(settle(state))
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
-      acc[..., i, :] = np.asarray(learner.eval_fn(state, test))
+      if conf:
+        row, counts = learner.confusion_fn(state, test)
+        conf["confusion"][..., i, :, :] = np.asarray(counts)
+      else:
+        row = learner.eval_fn(state, test)
+      acc[..., i, :] = np.asarray(row)
       eval_time += time.perf_counter() - t0
       step = int(np.max(np.asarray(state.step)))
       if every_eval:
@@ -908,6 +948,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       ckpt.close()
   run_curve = (_curve(random_acc, curve["curve_accuracy"],
                       curve["curve_step"]) if every_eval else None)
+  run_conf = conf.get("confusion")
+  recency = _recency_classes(sc)
 
   def run_summary(m=None):
     pick = (lambda a: a) if m is None else (lambda a: a[m])
@@ -915,6 +957,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     if run_curve is not None:
       out.update(metrics.continual_summary(
           run_curve.step, run_curve.experience, pick(run_curve.accuracy)))
+    if (run_conf is not None and recency is not None
+        and pick(run_conf)[-1].min() >= 0):  # (-1: from an older checkpoint)
+      out["recency_bias"] = metrics.recency_bias(pick(run_conf)[-1],
+                                                 *recency)
     return out
 
   if members:
@@ -926,13 +972,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     summary = run_summary()
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time, "before": before}
-  result = Result(acc, random_acc, summary, state, times, learner, run_curve)
+  result = Result(acc, random_acc, summary, state, times, learner, run_curve,
+                  run_conf)
   if members:  # the run directory shows the mean over the sweep's runs
     reporter.finish(Result(
         acc.mean(0), random_acc.mean(0),
         {k: float(np.mean(v)) for k, v in summary.items()}, state, times,
         learner, None if run_curve is None else dataclasses.replace(
-            run_curve, accuracy=run_curve.accuracy.mean(0))))
+            run_curve, accuracy=run_curve.accuracy.mean(0)),
+        None if run_conf is None else run_conf.mean(0)))
   else:
     reporter.finish(result)
   return result

@@ -78,6 +78,25 @@ counts training steps instead (``w`` steps, from each experience's end):
   \\mathrm{WF}^w = \\frac{1}{T-1} \\sum_{i<T-1}
       \\max_{k < l:\\; k \\ge \\mathrm{end}_i,\\; s_l - s_k \\le w}
       (a_{k, i} - a_{l, i})
+
+**The confusion matrix** (``train.confusion``): ``N[y, p]``, the test
+examples of class ``y`` predicted as ``p`` at an experience's end, over
+all the test sets. A class-incremental learner that forgets predicts the
+classes it saw last: the *task-recency bias* (Wu et al., "Large Scale
+Incremental Learning" (BiC), CVPR 2019, Fig. 1; Masana et al.,
+"Class-incremental learning: survey and performance evaluation", TPAMI
+2022, Sec. 3.3), a dark block of columns on the last experience's
+classes. :func:`recency_bias` puts it in one number: over the test
+examples of the classes trained (``S``), the predictions of the last
+experience's classes (``L``) against their examples,
+
+.. math::
+
+  \\mathrm{RB} = \\frac{\\sum_{y \\in S,\\, p \\in L} N_{y, p}}
+      {\\sum_{y \\in L,\\, p} N_{y, p}}
+
+1 when the model predicts them as often as they occur; ``|S| / |L|``
+(5 on Split MNIST) when it predicts nothing else.
 """
 
 from __future__ import annotations
@@ -93,7 +112,7 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
            "windowed_forgetting", "continual_summary", "seen_accuracy",
-           "Curve"]
+           "Curve", "recency_bias"]
 
 
 def _square(r) -> np.ndarray:
@@ -304,3 +323,39 @@ def continual_summary(step, experience, accuracy) -> dict[str, float]:
   out["wc_acc"] = worst_case_accuracy(e, a)
   out["anytime_acc"] = anytime_accuracy(step, e, a)
   return out
+
+
+# --------------------------------------------------------------------------
+# The confusion matrix.
+
+
+def recency_bias(confusion, trained, last) -> float:
+  """How often the classes ``last`` (the last experience's) are predicted
+  for test examples of the classes ``trained``, over how many of those
+  examples are theirs (the module docstring's ``RB``): 1 unbiased, larger
+  when the model favours the newest classes.
+
+  Args:
+    confusion: ``(C, C)`` counts, ``[y, p]`` examples of class ``y``
+      predicted as ``p``.
+    trained: the classes trained (rows counted).
+    last: the last experience's classes, a subset of ``trained``.
+  """
+  n = np.asarray(confusion, np.float64)
+  if n.ndim != 2 or n.shape[0] != n.shape[1]:
+    raise ValueError(f"confusion must be a square (C, C) matrix, got shape "
+                     f"{n.shape}")
+  trained, last = list(trained), list(last)
+  for name, cls in (("trained", trained), ("last", last)):
+    bad = [c for c in cls if not 0 <= c < n.shape[0]]
+    if not cls or bad:
+      raise ValueError(f"{name} must be a non-empty list of classes in "
+                       f"[0, {n.shape[0]}), got {cls}")
+  if not set(last) <= set(trained):
+    raise ValueError(f"last {last} must be among the trained classes "
+                     f"{trained}")
+  examples = n[last].sum()
+  if examples <= 0:
+    raise ValueError(f"no test example of the classes {last} (or a matrix "
+                     "of unknown counts, -1)")
+  return float(n[np.ix_(trained, last)].sum() / examples)

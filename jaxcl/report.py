@@ -18,7 +18,13 @@ A run directory holds:
 * with continual evaluation (``train.eval_every_steps``):
   ``accuracy_curve.csv``, one row per evaluation (global step, the
   experience being trained, the accuracy on every test set and the average
-  over the experiences seen), and ``accuracy_curve.png``.
+  over the experiences seen), and ``accuracy_curve.png``;
+* with ``train.confusion`` (the default): ``confusion.npz`` (``confusion``,
+  the ``(experiences, C, C)`` counts of each experience's end, the mean
+  over the runs for a sweep; ``experience_classes``, each experience's
+  classes, -1 padded) and ``confusion.png``, the last one, each row
+  divided by its examples, classes in the order the experiences brought
+  them.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,7 +43,8 @@ from jaxcl import metrics
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
            "plot_accuracy_matrix", "plot_average_accuracy",
-           "plot_accuracy_curve", "figure", "integer_ticks", "seen_average"]
+           "plot_accuracy_curve", "plot_confusion", "figure", "integer_ticks",
+           "seen_average"]
 
 
 class _NullBar:
@@ -122,7 +129,8 @@ class Reporter(NullReporter):
 
   def __init__(self, workdir: str, config: Any, progress: bool | None = None,
                resume_step: int | None = None, runs: int = 1,
-               per_experience: bool | None = None):
+               per_experience: bool | None = None,
+               experience_classes: Sequence[Sequence[int]] = ()):
     """``resume_step``: the global step of the checkpoint a resumed run
     starts from. The logs keep what came up to it, and drop what the
     killed invocation logged after it, which the resumed run logs again.
@@ -130,8 +138,11 @@ class Reporter(NullReporter):
     experiences seen are the leading test sets; False for a stream that
     tests one experience on every test set (Joint), whose average is over
     them all; None (a reporter built by hand) guesses from the final
-    matrix: a single row is Joint's."""
+    matrix: a single row is Joint's. ``experience_classes``: each
+    training experience's classes, for the confusion matrix's file and
+    plot."""
     self.workdir = workdir
+    self._classes = [list(c) for c in experience_classes]
     self._per_experience = per_experience
     # A sweep's directory shows the mean over its runs (every seed and
     # setting); its files say so. Per-run results: sweep.json.
@@ -255,6 +266,9 @@ class Reporter(NullReporter):
           w.writerow([int(curve.step[k]), int(curve.experience[k])] +
                      [f"{v:.6f}" for v in row] + [
                          "" if np.isnan(seen[k]) else f"{seen[k]:.6f}"])
+    confusion = getattr(result, "confusion", None)
+    if confusion is not None:
+      self._write_confusion(np.asarray(confusion))
     if self._plots:
       plot_accuracy_matrix(acc, os.path.join(self.workdir,
                                              "accuracy_matrix.png"),
@@ -272,6 +286,64 @@ class Reporter(NullReporter):
         self._tb.add_scalar(f"final/{k}", v, 0)
       self._tb.close()
     self._jsonl.close()
+
+
+  def _write_confusion(self, confusion: np.ndarray) -> None:
+    width = max(map(len, self._classes), default=0)
+    classes = np.full((len(self._classes), width), -1, np.int32)
+    for i, c in enumerate(self._classes):
+      classes[i, :len(c)] = c
+    np.savez_compressed(os.path.join(self.workdir, "confusion.npz"),
+                        confusion=confusion, experience_classes=classes,
+                        mean_of_runs=self._runs)
+    known = [i for i, m in enumerate(confusion) if m.min() >= 0]
+    if self._plots and known:
+      i = known[-1]
+      # The classes in the order the experiences brought them (each once),
+      # then any the stream never trained; a line after each experience's.
+      order, ends = [], set()
+      for cls in self._classes[:i + 1]:
+        order += [c for c in cls if c not in order]
+        ends.add(len(order))
+      order += [c for c in range(confusion.shape[-1]) if c not in order]
+      plot_confusion(confusion[i], os.path.join(self.workdir,
+                                                "confusion.png"),
+                     order=order,
+                     boundaries=sorted(e for e in ends if 0 < e < len(order)),
+                     title=f"after experience {i + 1}" + (
+                         f" (mean of {self._runs} runs)" if self._runs > 1
+                         else ""), split=self._split)
+
+
+def plot_confusion(confusion: np.ndarray, path: str,
+                   order: Sequence[int] | None = None,
+                   boundaries: Sequence[int] = (), title: str = "",
+                   split: str = "test") -> Any:
+  """A heatmap of the confusion matrix ``N[y, p]``, each row divided by its
+  examples (rows without any stay blank), classes in ``order`` on both
+  axes, with lines after the positions ``boundaries`` (the experiences'
+  ends); returns the figure."""
+  n = np.asarray(confusion, np.float64)
+  order = list(range(n.shape[0])) if order is None else list(order)
+  n = n[np.ix_(order, order)]
+  rows = n.sum(1, keepdims=True)
+  share = np.where(rows > 0, n / np.where(rows > 0, rows, 1), np.nan)
+  size = min(2 + 0.35 * len(order), 12)
+  fig, ax = figure((size + 1, size))
+  im = ax.imshow(share, vmin=0, vmax=1, cmap="viridis")
+  for b in boundaries:
+    ax.axhline(b - 0.5, color="w", lw=0.8)
+    ax.axvline(b - 0.5, color="w", lw=0.8)
+  if len(order) <= 30:
+    ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+    ax.set_yticks(range(len(order)), [str(c) for c in order], fontsize=7)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel(f"true class ({split} examples)")
+  ax.set_title("confusion matrix" + (f" {title}" if title else ""))
+  fig.colorbar(im, ax=ax, fraction=0.046, label="share of the row")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return fig
 
 
 def _truncate_log(path: str, step: int) -> None:

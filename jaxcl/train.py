@@ -520,8 +520,15 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
 
 def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
              test: dict[str, jax.Array], *, eval_batch_size: int,
-             batch_spec: Callable[[Batch], Batch] | None = None) -> jax.Array:
-  """Accuracy of ``state`` on every stacked test set: one accuracy row."""
+             batch_spec: Callable[[Batch], Batch] | None = None,
+             confusion: bool = False):
+  """Accuracy of ``state`` on every stacked test set: one accuracy row.
+
+  With ``confusion``, also the confusion matrix over all the test sets:
+  ``(row, counts)``, ``counts[y, p]`` the int32 number of test examples of
+  class ``y`` predicted as ``p`` (``ctx.info.num_classes`` square; a
+  prediction outside it is not counted, so the rows then sum to less than
+  the test sets' sizes)."""
   predict = strategy.predict or default_predict
   e_n, m = test["y"].shape
   if m % eval_batch_size:
@@ -534,23 +541,27 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
   def chunks(a):
     return a.reshape((e_n * nb, eval_batch_size) + a.shape[2:])
 
-  # Padding rows sit after each test set's `count` valid rows.
-  pos = jnp.arange(m).reshape(nb, eval_batch_size)
-  valid = pos[None] < test["count"][:, None, None]  # (E, nb, bs)
-
   def one(args):
-    x, y, t, v = args
+    x, t = args
     if batch_spec is not None:
-      x, y, t, v = batch_spec((x, y, t, v))
+      x, t = batch_spec((x, t))
     logits = predict(ctx, state.strategy, state.params, state.model_state, x,
                      t)
-    return jnp.sum((jnp.argmax(logits, -1) == y) & v, dtype=jnp.int32)
+    return jnp.argmax(logits, -1).astype(jnp.int32)
 
-  xs = (chunks(test["x"]), chunks(test["y"]), chunks(test["task"]),
-        valid.reshape(e_n * nb, eval_batch_size))
-  correct = jax.lax.map(one, xs)
-  correct = correct.reshape(e_n, nb).sum(axis=1)
-  return correct / jnp.maximum(test["count"], 1)
+  # One predicted label per test row (E x m int32s: small next to the
+  # inputs); padding rows sit after each test set's `count` valid rows.
+  pred = jax.lax.map(one, (chunks(test["x"]), chunks(test["task"]))
+                     ).reshape(e_n, m)
+  valid = jnp.arange(m)[None] < test["count"][:, None]
+  correct = jnp.sum((pred == test["y"]) & valid, axis=1, dtype=jnp.int32)
+  row = correct / jnp.maximum(test["count"], 1)
+  if not confusion:
+    return row
+  c = ctx.info.num_classes
+  counts = jnp.zeros((c, c), jnp.int32).at[test["y"], pred].add(
+      valid.astype(jnp.int32), mode="drop")
+  return row, counts
 
 
 # --------------------------------------------------------------------------
@@ -585,6 +596,8 @@ class Learner:
       epoch, and at its end (0: at the experiences' ends only).
     eval_every_steps: evaluate every test set every so many steps of an
       epoch, and at its end (0: at the experiences' ends only).
+    confusion: the loop keeps the confusion matrix of each experience's
+      end (:attr:`confusion_fn`).
   """
   ctx: Context
   strategy: Strategy
@@ -599,6 +612,7 @@ class Learner:
   state_shardings: Any = None
   checkpoint_every_steps: int = 0
   eval_every_steps: int = 0
+  confusion: bool = False
 
   def _batch_spec(self):
     if self.mesh is None:
@@ -655,6 +669,16 @@ class Learner:
                           batch_spec=self._batch_spec())
     return self._jit(f, 2, donate=False, out_state=False)
 
+  @functools.cached_property
+  def confusion_fn(self):
+    """``(state, test) -> (accuracy row, confusion counts)``, jitted: the
+    evaluation at the experiences' ends (:func:`evaluate` with
+    ``confusion``)."""
+    f = functools.partial(evaluate, self.ctx, self.strategy,
+                          eval_batch_size=self.eval_batch_size,
+                          batch_spec=self._batch_spec(), confusion=True)
+    return self._jit(f, 2, donate=False, out_state=False)
+
 
 def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
   """A fresh optimiser state that keeps the injected hyperparameters (a
@@ -668,7 +692,7 @@ def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
 
 def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  eval_batch_size: int = 1000, checkpoint_every_steps: int = 0,
-                 eval_every_steps: int = 0,
+                 eval_every_steps: int = 0, confusion: bool = False,
                  reset_optimizer: bool = True) -> Learner:
   """Validates the loop settings and builds a :class:`Learner`.
 
@@ -701,4 +725,4 @@ def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  epochs=epochs, eval_batch_size=eval_batch_size,
                  reset_optimizer=reset_optimizer,
                  checkpoint_every_steps=checkpoint_every_steps,
-                 eval_every_steps=eval_every_steps)
+                 eval_every_steps=eval_every_steps, confusion=confusion)

@@ -171,6 +171,8 @@ def main():
         "curve_points": 0 if many.curve is None else len(many.curve.step),
         "curve_max_abs_diff": 0.0 if many.curve is None else float(
             np.abs(one.curve.accuracy - many.curve.accuracy).max()),
+        # The predictions behind the matrices, counted on the mesh.
+        "confusion_diff": int(np.abs(one.confusion - many.confusion).sum()),
         "state_shardings": sorted({str(getattr(x, "sharding", None).spec)
                                    for x in jax.tree.leaves(many.state)
                                    if hasattr(x, "sharding")}),

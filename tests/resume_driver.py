@@ -128,6 +128,7 @@ def main():
   r = jaxcl.run(c, args.workdir)
   flat, _ = jax.tree_util.tree_flatten_with_path(r.state)
   np.savez(args.out, accuracy=r.accuracy, random=r.random_accuracy,
+           **({} if r.confusion is None else {"confusion": r.confusion}),
            **{f"leaf{i}": np.asarray(x) for i, (_, x) in enumerate(flat)})
   with open(f"{args.out}.json", "w") as f:
     json.dump({"names": [jax.tree_util.keystr(k) for k, _ in flat],

@@ -689,3 +689,48 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
                      match=r"train.eval_every_steps: checkpoint has 3, this "
                      "run has 4"):
     jaxcl.run(c, work)
+
+
+def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
+                                                         monkeypatch):
+  """Checkpoints written before session 46 hold no confusion matrices, and
+  their config no ``train.confusion``: a run resumes from one, with the
+  matrices of the experiences that ended before it unknown (-1) and the
+  rest, the metrics and the accuracies as an uninterrupted run's."""
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.report.plots = True
+  ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
+  work = str(tmp_path / "run")
+  real_fp, real_save = checkpoint.fingerprint, checkpoint.Checkpointer.save
+
+  def old_save(self, state, progress, position, seconds=None):
+    if position == checkpoint.Position(2, "begin"):
+      raise _Interrupted(position)
+    real_save(self, state, {k: v for k, v in progress.items()
+                            if k != "confusion"}, position, seconds)
+
+  with monkeypatch.context() as m:  # an older jaxcl
+    m.setattr(checkpoint, "fingerprint", lambda cfg: {
+        k: v for k, v in real_fp(cfg).items() if k != "train.confusion"})
+    m.setattr(checkpoint.Checkpointer, "save", old_save)
+    with pytest.raises(_Interrupted):
+      jaxcl.run(c, work)
+  # Without the key marked optional that checkpoint is refused.
+  ckpt = checkpoint.Checkpointer(work, checkpoint.fingerprint(c))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match="progress.confusion"):
+    ckpt.restore(ref.state, {"accuracy": ref.accuracy,
+                             "random_accuracy": ref.random_accuracy,
+                             "confusion": ref.confusion})
+  ckpt.close()
+  final = jaxcl.run(c, work, resume=True)
+  assert (final.confusion[0] == -1).all()
+  np.testing.assert_array_equal(final.confusion[1:], ref.confusion[1:])
+  np.testing.assert_array_equal(final.accuracy, ref.accuracy)
+  assert final.metrics == ref.metrics
+  with np.load(os.path.join(work, "confusion.npz")) as f:
+    np.testing.assert_array_equal(f["confusion"], final.confusion)
+  assert os.path.getsize(os.path.join(work, "confusion.png")) > 0

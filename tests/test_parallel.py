@@ -46,6 +46,7 @@ def run_driver(child_env, *strategies):
     r = out[strategy]
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["curve_max_abs_diff"] <= 1e-4, r
+    assert r["confusion_diff"] == 0, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
   return out
@@ -122,8 +123,9 @@ def test_mesh_sharding_placement_and_donation_contracts(child_env):
 def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
   """Every per-run result of a seeds sweep is that seed's separate run, in
   the members' order: the accuracy matrix, the accuracy before training
-  (random_accuracy), every metric (fwt reads the latter), the final
-  parameters and the run key."""
+  (random_accuracy), the confusion matrices, every metric (fwt reads the
+  random accuracy, recency_bias the last matrix), the final parameters
+  and the run key."""
   seeds = [3, 1]
   r = sweep.sweep(small_config(2), seeds=seeds)
   res = r.result
@@ -135,7 +137,11 @@ def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
     np.testing.assert_allclose(r.accuracy[i], single.accuracy, atol=1e-5)
     np.testing.assert_allclose(res.random_accuracy[i],
                                single.random_accuracy, atol=1e-6)
+    np.testing.assert_array_equal(res.confusion[i], single.confusion)
     want = metrics.summary(r.accuracy[i], res.random_accuracy[i])
+    want["recency_bias"] = metrics.recency_bias(
+        res.confusion[i, -1],
+        *jaxcl.experiment._recency_classes(jaxcl.experiment.build_scenario(c)))
     assert set(r.metrics[i]) == set(want) and "fwt" in want
     for k, v in want.items():
       assert r.metrics[i][k] == pytest.approx(v, abs=1e-6), k
