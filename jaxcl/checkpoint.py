@@ -68,6 +68,14 @@ class Position:
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def where(self) -> str:
+    """``'2 experience(s) done'`` or ``'in experience 3, epoch 1, step
+    15'``."""
+    if self.phase == "begin":
+      return f"{self.experience} experience(s) done"
+    return (f"in experience {self.experience + 1}, epoch {self.epoch + 1}, "
+            f"step {self.step}")
+
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   out = {}
@@ -93,6 +101,14 @@ def fingerprint(config: Any) -> dict[str, Any]:
   d = json.loads(config.to_json_best_effort()) if hasattr(
       config, "to_json_best_effort") else dict(config)
   return _comparable(_flatten(d))
+
+
+def run_fingerprint(config: Any,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """:func:`fingerprint` plus a caller's ``extra`` fields (a sweep's
+  members), as stored in a checkpoint's JSON metadata (tuples as lists),
+  so that it compares equal to a stored one."""
+  return json.loads(json.dumps({**fingerprint(config), **(extra or {})}))
 
 
 def _comparable(fp: dict[str, Any]) -> dict[str, Any]:
@@ -239,15 +255,7 @@ class Checkpointer:
     """
     ocp = self._ocp
     steps = self.steps()
-    for step in reversed(steps):
-      try:
-        meta = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # corrupt metadata: any error means unusable
-        self._log(f"jaxcl: checkpoint {step} in {self.directory} is "
-                  f"unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                  "falling back to the previous one")
-        continue
+    for step, meta in self._metas():
       diff = differences(meta.get("config", {}), self.config_fp)
       if diff:
         raise IncompatibleCheckpointError(
@@ -296,15 +304,37 @@ class Checkpointer:
                   "the previous one")
         continue
       position = Position(**meta["position"])
-      where = (f"{position.experience} experience(s) done"
-               if position.phase == "begin" else
-               f"in experience {position.experience + 1}, epoch "
-               f"{position.epoch + 1}, step {position.step}")
-      self._log(f"jaxcl: resumed from checkpoint {step} ({where})" +
+      self._log(f"jaxcl: resumed from checkpoint {step} ({position.where()})" +
                 (", the newest valid one" if step != steps[-1] else ""))
       progress = dict(restored["progress"])
       progress["seconds"] = float(meta.get("seconds", float("nan")))
       return restored["state"], progress, position
+    return None
+
+  def _metas(self):
+    """``(step, metadata)`` of each checkpoint, newest first, skipping (and
+    saying so) those whose metadata does not read."""
+    ocp = self._ocp
+    for step in reversed(self.steps()):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # corrupt metadata: any error means unusable
+        self._log(f"jaxcl: checkpoint {step} in {self.directory} is "
+                  f"unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                  "falling back to the previous one")
+        continue
+      yield step, meta
+
+  def newest(self) -> tuple[int, Position, list[str]] | None:
+    """The newest checkpoint whose metadata reads, as ``(step, position,
+    differences)``: where it stands and how its config differs from this
+    run's (:func:`differences`; empty: :meth:`restore` would resume from
+    it, unless its arrays turn out corrupt or of another state). None
+    when there is none. Reads metadata only (``--dry_run``)."""
+    for step, meta in self._metas():
+      return (step, Position(**meta["position"]),
+              differences(meta.get("config", {}), self.config_fp))
     return None
 
   def close(self) -> None:

@@ -235,8 +235,11 @@ def _start() -> tuple[Any, str, str]:
   return config, name, workdir
 
 
-def _resume_note(workdir: str, resume: bool | None) -> str:
-  """What a run in ``workdir`` would start from (``resume``: --resume)."""
+def _resume_note(workdir: str, resume: bool | None, config,
+                 extra: dict[str, Any] | None = None) -> str:
+  """What a run in ``workdir`` would start from (``resume``: --resume),
+  from its checkpoints' metadata (``extra``: a sweep's fingerprint
+  fields)."""
   d = os.path.join(workdir, "checkpoints")
   steps = sorted(int(n) for n in os.listdir(d)
                  if n.isdigit()) if os.path.isdir(d) else []
@@ -247,14 +250,35 @@ def _resume_note(workdir: str, resume: bool | None) -> str:
   if resume is False:
     return (f"{workdir} holds checkpoints (steps {steps}); with --noresume "
             "the run would refuse to start")
-  return (f"{workdir} holds checkpoints (steps {steps}): the run would "
-          "resume from the newest valid one, if it was written by this "
-          "same config (else it refuses, naming the differences)")
+  from jaxcl import checkpoint
+  skipped = []
+  ckpt = checkpoint.Checkpointer(
+      workdir, checkpoint.run_fingerprint(config, extra),
+      keep=config.checkpoint.keep, log=skipped.append)
+  try:
+    newest = ckpt.newest()
+  finally:
+    ckpt.close()
+  lines = [f"  ({m.removeprefix('jaxcl: ')})" for m in skipped]
+  if newest is None:
+    head = (f"{workdir} holds checkpoints (steps {steps}) but none reads: "
+            + ("with --resume the run would refuse to start" if resume else
+               "the run would start fresh"))
+  elif newest[2]:
+    head = (f"{workdir}: its newest checkpoint (step {newest[0]}) comes from "
+            "a different config; the run would refuse to start. "
+            "Differences:\n  " + "\n  ".join(newest[2]))
+  else:
+    head = (f"{workdir}: the run would resume from checkpoint {newest[0]} "
+            f"({newest[1].where()}), the config being the same")
+  return "\n".join([head] + lines)
 
 
-def _dry_run(config, name: str, workdir: str, describe) -> None:
+def _dry_run(config, name: str, workdir: str, describe,
+             extra=None) -> None:
   """``--dry_run``: the resolved config and ``describe()``'s lines (the
-  built run), with nothing trained or written."""
+  built run), with nothing trained or written; ``extra()``: a sweep's
+  fingerprint fields, once it is built."""
   from jaxcl import checkpoint, experiment, strategies
   experiment.check_workdir(workdir)
   checkpoint.check_keep(config.checkpoint.keep)  # checked when it opens
@@ -276,7 +300,8 @@ def _dry_run(config, name: str, workdir: str, describe) -> None:
         "written)\nconfig:")
   print("\n".join(f"  {k} = {v}" for k, v in sorted(fields.items())))
   print(text)
-  print(_resume_note(workdir, _RESUME.value))
+  print(_resume_note(workdir, _RESUME.value, config,
+                     extra() if extra else None))
 
 
 def _run(argv) -> None:
@@ -315,9 +340,12 @@ def _sweep(argv) -> None:
   seeds = sweep.parse_seeds(_SEEDS.value)
   values = sweep.parse_values(_VALUES.value)
   if _DRY_RUN.value:
+    built = []
+
     def describe():
       p = sweep.plan(config, seeds, values, workdir,
                      scenario_per_seed=_PER_SEED.value)
+      built.append(p)
       # A grid of one run is trained unstacked (sweep.sweep).
       experiment.run_mesh(p.setup, len(p.members) if len(p.members) > 1
                           else 0)
@@ -327,7 +355,8 @@ def _sweep(argv) -> None:
       return (f"runs ({len(p.members)}, {how}):\n{runs}\n"
               + experiment.describe(p.setup, states[0]).replace(
                   "state:", "state (per run):"))
-    _dry_run(config, name, workdir, describe)
+    _dry_run(config, name, workdir, describe,
+             extra=lambda: built[0].fingerprint_extra())
     return
   print(f"jaxcl sweep: {name}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "

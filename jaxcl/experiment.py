@@ -10,7 +10,6 @@ Side effects (files, progress bars) go through :mod:`jaxcl.report` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -802,9 +801,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   random_acc = None
   before = 0.0  # seconds spent by earlier invocations (resumed runs)
   if workdir:
-    fp = {**checkpoint.fingerprint(config), **(fingerprint_extra or {})}
-    ckpt = checkpoint.Checkpointer(workdir, json.loads(json.dumps(fp)),
-                                   keep=config.checkpoint.keep)
+    ckpt = checkpoint.Checkpointer(
+        workdir, checkpoint.run_fingerprint(config, fingerprint_extra),
+        keep=config.checkpoint.keep)
     if resume is False and ckpt.steps():
       raise ConfigError(f"{workdir} already holds checkpoints; use another "
                         "--workdir or resume")

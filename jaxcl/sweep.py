@@ -244,6 +244,16 @@ class Plan:
   setup: experiment.Setup
   member_scenarios: list[Any] | None
 
+  def fingerprint_extra(self) -> dict[str, Any]:
+    """What a sweep's checkpoints record beyond the config: its runs (and
+    ``sweep.vmapped: False`` for one run, trained unstacked)."""
+    extra = {"sweep.members": self.members}
+    if self.member_scenarios is not None:
+      extra["sweep.scenario_per_seed"] = True
+    if len(self.members) == 1:
+      extra["sweep.vmapped"] = False
+    return extra
+
   def initial_states(self) -> list[Any]:
     """Each run's fresh state, its swept values written in; raises
     ConfigError for a key that is not in the state (a value only a
@@ -353,22 +363,20 @@ def sweep(config, seeds: Sequence[int] = (0,),
   s, members, settings = p.setup, p.members, p.settings
   member_scenarios = p.member_scenarios
   states = p.initial_states()
-  extra = {"sweep.members": members}
-  if scenario_per_seed:
-    extra["sweep.scenario_per_seed"] = True
+  extra = p.fingerprint_extra()
   if len(members) == 1:
     # One run is not vmapped: under vmap every lax.cond on the state (a
     # skipped padding step, GEM's projection, a one-task batch) becomes a
     # select that runs both branches. The result is stacked as a sweep's.
-    one = experiment.execute(s, states[0], workdir, fingerprint_extra={
-        **extra, "sweep.vmapped": False})
+    one = experiment.execute(s, states[0], workdir, fingerprint_extra=extra)
     result = dataclasses.replace(
         one, accuracy=np.asarray(one.accuracy)[None],
         random_accuracy=np.asarray(one.random_accuracy)[None],
         metrics={k: [v] for k, v in one.metrics.items()},
         state=jax.tree.map(lambda a: a[None], one.state),
         curve=None if one.curve is None else dataclasses.replace(
-            one.curve, accuracy=np.asarray(one.curve.accuracy)[None]))
+            one.curve, accuracy=np.asarray(one.curve.accuracy)[None]),
+        confusion=None if one.confusion is None else one.confusion[None])
   else:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     result = experiment.execute(s, stacked, workdir, members=len(members),

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -461,10 +462,32 @@ def test_dry_run_says_what_a_run_directory_would_resume(tmp_path, forked,
   p = forked("run", "--dry_run", *_EWC_ARGS, "--workdir", workdir,
              cwd=tmp_path)
   assert p.returncode == 0, p.stderr
+  # The checkpoints' metadata says where and whether: the newest, written
+  # by this config after the last experience.
   assert p.stdout.endswith(
-      f"{workdir} holds checkpoints (steps {steps}): the run would resume "
-      "from the newest valid one, if it was written by this same config "
-      "(else it refuses, naming the differences)\n")
+      f"{workdir}: the run would resume from checkpoint {steps[-1]} (5 "
+      "experience(s) done), the config being the same\n"), p.stdout[-500:]
+  p = forked("run", "--dry_run", *_EWC_ARGS, "--config.strategy.ewc.lam=3",
+             "--workdir", workdir, cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.endswith(
+      f"{workdir}: its newest checkpoint (step {steps[-1]}) comes from a "
+      "different config; the run would refuse to start. Differences:\n"
+      "  strategy.ewc.lam: checkpoint has 10.0, this run has 3.0\n"), (
+          p.stdout[-500:])
+  # An unreadable newest checkpoint: the one before it, saying so.
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  meta = broken / "checkpoints" / str(steps[-1]) / "meta" / "metadata"
+  assert meta.exists()
+  meta.write_text("{not json")
+  p = forked("run", "--dry_run", *_EWC_ARGS, "--workdir", str(broken),
+             cwd=tmp_path)
+  assert re.search(
+      rf"{broken}: the run would resume from checkpoint {steps[-2]} "
+      r"\(4 experience\(s\) done\), the config being the same\n  "
+      rf"\(checkpoint {steps[-1]} in \S+ is unreadable .*falling back to "
+      r"the previous one\)\n$", p.stdout), p.stdout[-800:]
   p = forked("run", "--dry_run", "--noresume", "--workdir", workdir,
              cwd=tmp_path)
   assert p.stdout.endswith(f"{workdir} holds checkpoints (steps {steps}); "

@@ -149,6 +149,10 @@ def test_a_sweep_keeps_each_runs_matrices(full_stream, tmp_path):
   with np.load(tmp_path / "s" / "confusion.npz") as f:
     np.testing.assert_allclose(f["confusion"], conf.mean(0))
     assert int(f["mean_of_runs"]) == 2
+  # A sweep of one run (trained unstacked) stacks its matrices as a
+  # sweep's, like its accuracy matrix.
+  one = sweep.sweep(c, seeds=[0], scenario=full_stream)
+  np.testing.assert_array_equal(one.result.confusion, conf[:1])
 
 
 def test_confusion_off(full_stream, tmp_path):

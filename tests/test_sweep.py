@@ -110,6 +110,15 @@ def test_sweep_checkpoint_refuses_other_seeds(tmp_path):
                              np.mean(data["accuracy"], axis=0), atol=1e-12)
   with pytest.raises(ValueError, match="sweep.members"):
     sweep.sweep(c, seeds=[0, 1, 2], workdir=str(tmp_path / "s"))
+  # The dry run reads the same from the checkpoints' metadata.
+  from jaxcl import cli
+  for seeds, word in (([0, 1], "would resume"), ([0, 1, 2], "would refuse")):
+    p = sweep.plan(c, seeds=seeds)
+    note = cli._resume_note(str(tmp_path / "s"), None, c,
+                            p.fingerprint_extra())
+    assert word in note, note
+  one = sweep.plan(c, seeds=[0]).fingerprint_extra()
+  assert one == {"sweep.members": [{"seed": 0}], "sweep.vmapped": False}
 
 
 def test_cli_sweep(tmp_path):
