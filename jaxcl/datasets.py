@@ -29,14 +29,15 @@ import gzip
 import importlib.util
 import os
 import struct
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from jaxcl import checks
 
-__all__ = ["Dataset", "load", "DATASETS", "read_idx", "DataError",
-           "noisy_labels", "LABEL_NOISE_TYPES", "ASYMMETRIC_FLIPS"]
+__all__ = ["Dataset", "load", "check_name", "DATASETS", "TFDS_PREFIX",
+           "read_idx", "DataError", "noisy_labels", "LABEL_NOISE_TYPES",
+           "ASYMMETRIC_FLIPS"]
 
 
 class DataError(ValueError):
@@ -416,7 +417,10 @@ def from_tfds(name: str, data_dir: str | None = None,
 
   ``data_source`` needs no TensorFlow. With ``download=False`` and an
   unprepared data set it returns ``{}`` with only a warning, so that case is
-  turned into an error here.
+  turned into an error here. The image and label are the builder's
+  ``supervised_keys`` (``image`` / ``label`` without them); every image
+  must have the same shape, and pixels are scaled from 0..255 to [0, 1].
+  The whole ``train`` and ``test`` splits are read into host memory.
   """
   import tensorflow_datasets as tfds  # heavy import, only on this path
 
@@ -436,29 +440,65 @@ def from_tfds(name: str, data_dir: str | None = None,
     raise DataError(
         f"{name}: could not open the tensorflow_datasets data in "
         f"data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
-  if not sources or "train" not in sources or "test" not in sources:
+  if not sources:
     raise DataError(
         f"{name}: no prepared tensorflow_datasets data in data_dir="
         f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
         f"access (`tfds build {name}`), or for MNIST-style sets from the raw "
         "IDX files with jaxcl.tfds_local.prepare(), or pass "
         "--config.dataset.data_dir=<dir with the IDX .gz files>")
+  absent = [k for k in ("train", "test") if k not in sources]
+  if absent:
+    raise DataError(
+        f"{name}: jaxcl needs a 'train' and a 'test' split; this data set "
+        f"has {sorted(sources)} (no {' / '.join(absent)})")
+  image_key, label_key = _supervised_keys(name, builder.info)
 
   def arrays(split):
     src = sources[split]
     n = len(src)
     recs = src.__getitems__(range(n)) if hasattr(src, "__getitems__") else [
         src[i] for i in range(n)]
-    x = np.stack([np.asarray(r["image"]) for r in recs])
-    y = np.asarray([int(r["label"]) for r in recs], dtype=np.int32)
+    shapes = {np.shape(r[image_key]) for r in recs}
+    if len(shapes) > 1:
+      raise DataError(
+          f"{name}: its {split} images have {len(shapes)} different shapes "
+          f"(e.g. {sorted(shapes)[:3]}); jaxcl needs one shape per data set "
+          "(resize them into a data set of your own)")
+    x = np.stack([np.asarray(r[image_key]) for r in recs])
+    y = np.asarray([int(r[label_key]) for r in recs], dtype=np.int32)
     if x.ndim == 3:
       x = x[..., None]
     return x.astype(np.float32) / 255.0, y
 
   tx, ty = arrays("train")
   vx, vy = arrays("test")
-  num_classes = builder.info.features["label"].num_classes
+  num_classes = builder.info.features[label_key].num_classes
   return Dataset(name, tx, ty, vx, vy, int(num_classes))
+
+
+def _supervised_keys(name: str, info: Any) -> tuple[str, str]:
+  """The image and class-label features of a tfds data set: its
+  ``supervised_keys`` when they are a pair of names, else ``image`` /
+  ``label``; refused, naming its features, when they are not an image
+  and a ``ClassLabel``."""
+  keys = getattr(info, "supervised_keys", None)
+  image_key, label_key = (tuple(keys) if isinstance(keys, (tuple, list))
+                          and len(keys) == 2
+                          and all(isinstance(k, str) for k in keys)
+                          else ("image", "label"))
+  features = info.features
+  names = sorted(features.keys()) if hasattr(features, "keys") else []
+  image = features[image_key] if image_key in names else None
+  label = features[label_key] if label_key in names else None
+  if (image is None or label is None
+      or getattr(label, "num_classes", None) is None
+      or len(getattr(image, "shape", ())) not in (2, 3)):
+    raise DataError(
+        f"{name}: not an image-classification data set jaxcl can read: it "
+        f"needs an image feature ({image_key!r}) and a class label "
+        f"({label_key!r}) among its features {names}")
+  return image_key, label_key
 
 
 # --------------------------------------------------------------------------
@@ -528,18 +568,48 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+# `dataset.name=tfds:<name>`: any tensorflow_datasets image-classification
+# data set, by its tfds name (e.g. tfds:svhn_cropped, tfds:emnist/letters).
+TFDS_PREFIX = "tfds:"
+
+
+def check_name(name: str) -> None:
+  """Refuses (DataError) a name :func:`load` does not know, naming the
+  valid ones, without reading any data."""
+  _loader(name)
+
+
+def _loader(name: str) -> Callable[..., Dataset]:
+  """The loader of ``name``: one of ``DATASETS``, or ``tfds:<name>``."""
+  if name.startswith(TFDS_PREFIX):
+    tfds_name = name[len(TFDS_PREFIX):].strip()
+    if not tfds_name:
+      raise DataError(f"dataset {name!r} names no tensorflow_datasets data "
+                      "set; write tfds:<name>, e.g. tfds:svhn_cropped")
+    return _tfds_only(tfds_name)
+  if name not in DATASETS:
+    raise DataError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}, "
+                    "or tfds:<name> for any tensorflow_datasets "
+                    "image-classification data set")
+  return DATASETS[name]
+
+
 def missing(name: str, data_dir: str | None = None) -> str | None:
   """Why ``load(name, data_dir)`` would fail for want of files, or ``None``.
 
   Looks for the files without reading them (for reports that list what could
   not run, e.g. CIFAR on an offline machine); ``load`` still validates them.
   """
-  if name not in DATASETS:
-    return f"unknown dataset {name!r}; valid: {sorted(DATASETS)}"
-  if name == "digits":  # ships with scikit-learn
+  try:
+    _loader(name)
+  except DataError as e:
+    return str(e)
+  tfds_named = name.startswith(TFDS_PREFIX)
+  name = name.removeprefix(TFDS_PREFIX).strip()
+  if name == "digits" and not tfds_named:  # ships with scikit-learn
     return None
   data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
-  if name in _IDX_HINT:
+  if name in _IDX_HINT and not tfds_named:
     data_dir = data_dir or os.environ.get("JAXCL_DATA_DIR")
     if data_dir:
       d = _find_idx_dir(name, data_dir)
@@ -564,7 +634,9 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
 
   Args:
     name: one of ``DATASETS`` (digits, mnist, fashion_mnist, cifar10,
-      cifar100).
+      cifar100), or ``tfds:<name>`` for any tensorflow_datasets
+      image-classification data set (:func:`from_tfds`; ``tfds:mnist``
+      reads tfds's MNIST even where the IDX files are).
     data_dir: for mnist / fashion_mnist, a directory with the raw IDX ``.gz``
       files (or a ``<name>/`` sub-directory with them); defaults to
       ``$JAXCL_DATA_DIR``, then tensorflow_datasets. For cifar, a tfds
@@ -574,9 +646,8 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
     DataError: unknown name (listing the valid ones), or missing / corrupt
       files (naming the file, what was expected and where to get it).
   """
-  if name not in DATASETS:
-    raise DataError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+  load_fn = _loader(name)
   # `--config.dataset.data_dir=~/x` reaches us unexpanded (the shell
   # expands a leading ~ only at the start of a word).
-  return DATASETS[name](data_dir=os.path.expanduser(data_dir) if data_dir
-                        else data_dir)
+  return load_fn(data_dir=os.path.expanduser(data_dir) if data_dir
+                 else data_dir)

@@ -141,3 +141,75 @@ def test_prepare_fashion_mnist_is_tfds_fashion_mnist(tmp_path, data_dir):
                                                                      28, 1)
   first = datasets.read_idx(os.path.join(src, datasets._IDX_FILES["test_y"]))
   np.testing.assert_array_equal(np.sort(d.test_y), np.sort(first[:20]))
+
+
+def test_any_tfds_data_set_by_name(prepared, idx_subset, monkeypatch):
+  """``tfds:<name>`` reads that tensorflow_datasets data set, even where
+  jaxcl's own loader of the name would read other files (here MNIST's IDX
+  files in $JAXCL_DATA_DIR): the records in tfds's stored order."""
+  monkeypatch.setattr(datasets, "_IDX_COUNTS", dict(_ROWS))
+  monkeypatch.setenv("JAXCL_DATA_DIR", idx_subset)
+  idx = datasets.load("mnist")
+  via = datasets.load("tfds:mnist", prepared)
+  direct = datasets.from_tfds("mnist", data_dir=prepared)
+  for f in ("train_x", "train_y", "test_x", "test_y"):
+    np.testing.assert_array_equal(getattr(via, f), getattr(direct, f))
+  assert via.name == "mnist" and via.num_classes == 10
+  assert not np.array_equal(via.train_y, idx.train_y)  # not the IDX order
+  assert datasets.missing("tfds:mnist", prepared) is None
+  assert datasets.missing("tfds:mnist", idx_subset) == (
+      f"mnist: no prepared tensorflow_datasets data in data_dir="
+      f"'{idx_subset}'")
+  # A run reads it from the config.
+  import jaxcl
+  c = jaxcl.default_config()
+  c.dataset.name, c.dataset.data_dir = "tfds:mnist", prepared
+  c.model.widths, c.train.epochs = (32,), 1
+  c.report.progress = False
+  r = jaxcl.run(c)
+  assert r.accuracy.shape == (5, 5) and r.metrics["learning_acc"] > 0.8
+
+
+def test_bad_tfds_names_and_data_sets(prepared, monkeypatch):
+  with pytest.raises(datasets.DataError, match="dataset 'tfds:' names no "
+                     "tensorflow_datasets data set; write tfds:<name>"):
+    datasets.load("tfds:")
+  with pytest.raises(datasets.DataError, match=r"unknown dataset 'svhn'; "
+                     r"valid: \[.*'mnist'.*\], or tfds:<name> for any "
+                     "tensorflow_datasets image-classification data set"):
+    datasets.check_name("svhn")
+  datasets.check_name("tfds:svhn_cropped")  # known by form, not read
+  from jaxcl.strategies.dmc import dmc
+  with pytest.raises(ValueError, match="dmc: aux_dataset: dataset 'tfds:' "
+                     "names no"):
+    dmc(aux_dataset="tfds:")
+  # Features that are not an image and a class label, named.
+  from types import SimpleNamespace as NS
+  info = NS(supervised_keys=None, features={
+      "image": NS(shape=(28, 28, 1)), "objects": NS(shape=())})
+  with pytest.raises(datasets.DataError, match=r"boxes: not an "
+                     r"image-classification data set jaxcl can read: it "
+                     r"needs an image feature \('image'\) and a class label "
+                     r"\('label'\) among its features \['image', "
+                     r"'objects'\]"):
+    datasets._supervised_keys("boxes", info)
+  # supervised_keys name the pair when it is not image / label.
+  info = NS(supervised_keys=("img", "fine"), features={
+      "img": NS(shape=(8, 8)), "fine": NS(num_classes=3)})
+  assert datasets._supervised_keys("x", info) == ("img", "fine")
+  # Images of several shapes: refused, with examples of them.
+  import tensorflow_datasets as tfds
+  recs = [{"image": np.zeros(s, np.uint8), "label": 0}
+          for s in ((28, 28, 1), (30, 28, 1))]
+  monkeypatch.setattr(tfds, "data_source", lambda *a, **k: {
+      "train": recs, "test": recs})
+  with pytest.raises(datasets.DataError, match=r"mnist: its train images "
+                     r"have 2 different shapes \(e.g. \[\(28, 28, 1\), "
+                     r"\(30, 28, 1\)\]\); jaxcl needs one shape"):
+    datasets.from_tfds("mnist", data_dir=prepared)
+  monkeypatch.setattr(tfds, "data_source", lambda *a, **k: {
+      "train": recs, "validation": recs})
+  with pytest.raises(datasets.DataError, match=r"mnist: jaxcl needs a "
+                     r"'train' and a 'test' split; this data set has "
+                     r"\['train', 'validation'\] \(no test\)"):
+    datasets.from_tfds("mnist", data_dir=prepared)

@@ -152,9 +152,10 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
     experience's start, on classes that came in an earlier one.
     jaxcl.datasets.DataError: an unknown or unreadable ``aux_dataset``.
   """
-  if aux_dataset not in datasets.DATASETS:
-    raise ValueError(f"dmc: unknown aux_dataset {aux_dataset!r}; valid: "
-                     f"{sorted(datasets.DATASETS)}")
+  try:
+    datasets.check_name(aux_dataset)
+  except datasets.DataError as e:
+    raise ValueError(f"dmc: aux_dataset: {e}") from None
   checks.whole("dmc: aux_size", aux_size, note="0: all")
   checks.whole("dmc: consolidate_epochs", consolidate_epochs, minimum=1)
   checks.positive("dmc: consolidate_lr", consolidate_lr)
