@@ -457,6 +457,7 @@ def setup(config: ml_collections.ConfigDict,
                          eval_batch_size=_eval_batch(config, sc),
                          checkpoint_every_steps=config.checkpoint.every_steps,
                          eval_every_steps=eval_every, confusion=confusion,
+                         task_aware=sc.kind == "class",
                          reset_optimizer=tc.reset_optimizer)
   return Setup(config, sc, learner, strategy.name)
 
@@ -486,6 +487,11 @@ class Result:
       predicted as ``p``; -1 throughout for an experience whose matrix is
       unknown (it ended before a resume from a checkpoint of an older
       jaxcl). None without ``train.confusion``.
+    task_accuracy: on a class-incremental stream, the accuracy matrix with
+      each test set's predictions restricted to its own classes, as if
+      its task were given (the Task-IL accuracy Mammoth reports beside
+      Class-IL; NaN for an experience that ended before a resume from an
+      older jaxcl's checkpoint); None on other streams.
   """
   accuracy: np.ndarray
   random_accuracy: np.ndarray
@@ -495,6 +501,7 @@ class Result:
   learner: Learner | None = None
   curve: Curve | None = None
   confusion: np.ndarray | None = None
+  task_accuracy: np.ndarray | None = None
 
 
 def _curve_slots(learner: Learner) -> int:
@@ -787,11 +794,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     curve = {"curve_accuracy": np.full(acc.shape[:-1] + (slots, n_test),
                                        np.nan),
              "curve_step": np.full((n_train, slots), -1, np.int32)}
-  # The confusion matrix of each experience's end (-1: not evaluated yet).
-  conf = {}
+  # What the experiences' ends add to the accuracy matrix, in the
+  # checkpoints' progress: the confusion matrices (-1: not evaluated) and
+  # the task-aware accuracies (NaN).
+  ends = {}
   if learner.confusion:
     c = ctx.info.num_classes
-    conf = {"confusion": np.full(acc.shape[:-1] + (c, c), -1, np.int32)}
+    ends["confusion"] = np.full(acc.shape[:-1] + (c, c), -1, np.int32)
+  if learner.task_aware:
+    ends["task_accuracy"] = np.full(acc.shape, np.nan)
   test = place(test_arrays(sc.eval_experiences, learner.eval_batch_size)
                if len(streams) == 1 else stacked_test_arrays(
                    [t.eval_experiences for t in streams],
@@ -808,9 +819,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       raise ConfigError(f"{workdir} already holds checkpoints; use another "
                         "--workdir or resume")
     progress_like = {"accuracy": acc,
-                     "random_accuracy": acc[..., 0, :] * 0, **curve, **conf}
-    # Checkpoints written before session 46 hold no confusion matrices.
-    restored = (ckpt.restore(state, progress_like, optional=("confusion",))
+                     "random_accuracy": acc[..., 0, :] * 0, **curve, **ends}
+    # Checkpoints written before session 46 hold neither.
+    restored = (ckpt.restore(state, progress_like, optional=tuple(ends))
                 if ckpt.steps() else None)
     if restored is None and resume:
       raise ConfigError(f"--resume: no checkpoint to resume in {workdir}")
@@ -819,8 +830,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
       curve = {k: np.array(progress[k], v.dtype) for k, v in curve.items()}
-      conf = {k: np.array(progress[k], v.dtype) if k in progress else v
-              for k, v in conf.items()}
+      ends = {k: np.array(progress[k], v.dtype) if k in progress else v
+              for k, v in ends.items()}
       before = progress["seconds"]
       state = settle(state)
       resume_step = int(np.max(np.asarray(state.step)))
@@ -856,7 +867,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   def save(state, pos):
     if ckpt is not None:
       ckpt.save(state, {"accuracy": acc, "random_accuracy": random_acc,
-                        **curve, **conf}, pos,
+                        **curve, **ends}, pos,
                 seconds=None if math.isnan(before) else
                 before + time.perf_counter() - t_start)
 
@@ -930,9 +941,12 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state = jax.block_until_ready(settle(state))
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
-      if conf:
-        row, counts = learner.confusion_fn(state, test)
-        conf["confusion"][..., i, :, :] = np.asarray(counts)
+      if ends:
+        out = learner.end_eval_fn(state, test)
+        row = out["accuracy"]
+        at = (slice(None),) * bool(members) + (i,)  # experience i's entry
+        for k, v in ends.items():
+          v[at] = np.asarray(out[k])
       else:
         row = learner.eval_fn(state, test)
       acc[..., i, :] = np.asarray(row)
@@ -947,7 +961,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       ckpt.close()
   run_curve = (_curve(random_acc, curve["curve_accuracy"],
                       curve["curve_step"]) if every_eval else None)
-  run_conf = conf.get("confusion")
+  run_conf, run_task = ends.get("confusion"), ends.get("task_accuracy")
   recency = _recency_classes(sc)
 
   def run_summary(m=None):
@@ -956,10 +970,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     if run_curve is not None:
       out.update(metrics.continual_summary(
           run_curve.step, run_curve.experience, pick(run_curve.accuracy)))
-    if (run_conf is not None and recency is not None
-        and pick(run_conf)[-1].min() >= 0):  # (-1: from an older checkpoint)
-      out["recency_bias"] = metrics.recency_bias(pick(run_conf)[-1],
-                                                 *recency)
+    last = None if run_conf is None else pick(run_conf)[-1]
+    # Not with unknown counts (-1: an older checkpoint's), nor when no
+    # example of the last classes was counted (every prediction outside
+    # the classes, which the matrix does not count).
+    if (last is not None and recency is not None and last.min() >= 0
+        and last[recency[1]].sum() > 0):
+      out["recency_bias"] = metrics.recency_bias(last, *recency)
+    if run_task is not None and not np.isnan(pick(run_task)[-1]).any():
+      out["task_acc"] = metrics.average_accuracy(pick(run_task))
     return out
 
   if members:
@@ -972,14 +991,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time, "before": before}
   result = Result(acc, random_acc, summary, state, times, learner, run_curve,
-                  run_conf)
+                  run_conf, run_task)
   if members:  # the run directory shows the mean over the sweep's runs
     reporter.finish(Result(
         acc.mean(0), random_acc.mean(0),
         {k: float(np.mean(v)) for k, v in summary.items()}, state, times,
         learner, None if run_curve is None else dataclasses.replace(
             run_curve, accuracy=run_curve.accuracy.mean(0)),
-        None if run_conf is None else run_conf.mean(0)))
+        None if run_conf is None else run_conf.mean(0),
+        None if run_task is None else run_task.mean(0)))
   else:
     reporter.finish(result)
   return result

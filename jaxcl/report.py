@@ -8,7 +8,9 @@ A run directory holds:
 * ``metrics.csv``: one row per experience (accuracy on every test set and
   the average over the experiences seen so far);
 * ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
-  metrics and ``evaluated_on``: ``test``, or ``validation`` when
+  metrics (and, on a class-incremental stream, ``task_accuracy``: the
+  matrix with each test set's predictions restricted to its own classes)
+  and ``evaluated_on``: ``test``, or ``validation`` when
   ``config.dataset.validation`` replaced the test sets by held-out
   training data. A sweep's directory holds the mean over all its runs
   (``mean_of_runs``: their number); each run's results are in
@@ -242,6 +244,7 @@ class Reporter(NullReporter):
                      "per_run": "sweep.json"} if self._runs > 1 else {}),
                  "random_accuracy": np.asarray(
                      result.random_accuracy).tolist(),
+                 **_task_accuracy(result),
                  "metrics": result.metrics, "times": result.times}, f,
                 indent=2)
     with open(os.path.join(self.workdir, "metrics.csv"), "w",
@@ -344,6 +347,16 @@ def plot_confusion(confusion: np.ndarray, path: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return fig
+
+
+def _task_accuracy(result: Any) -> dict[str, Any]:
+  """``{'task_accuracy': matrix}`` (JSON: null for an unknown entry) when
+  the run has one."""
+  task = getattr(result, "task_accuracy", None)
+  if task is None:
+    return {}
+  return {"task_accuracy": [[None if np.isnan(v) else float(v) for v in row]
+                            for row in np.asarray(task)]}
 
 
 def _truncate_log(path: str, step: int) -> None:

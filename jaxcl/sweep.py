@@ -376,7 +376,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
         state=jax.tree.map(lambda a: a[None], one.state),
         curve=None if one.curve is None else dataclasses.replace(
             one.curve, accuracy=np.asarray(one.curve.accuracy)[None]),
-        confusion=None if one.confusion is None else one.confusion[None])
+        confusion=None if one.confusion is None else one.confusion[None],
+        task_accuracy=None if one.task_accuracy is None
+        else one.task_accuracy[None])
   else:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     result = experiment.execute(s, stacked, workdir, members=len(members),

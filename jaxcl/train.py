@@ -521,14 +521,22 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
 def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
              test: dict[str, jax.Array], *, eval_batch_size: int,
              batch_spec: Callable[[Batch], Batch] | None = None,
-             confusion: bool = False):
+             confusion: bool = False, task_aware: bool = False):
   """Accuracy of ``state`` on every stacked test set: one accuracy row.
 
-  With ``confusion``, also the confusion matrix over all the test sets:
-  ``(row, counts)``, ``counts[y, p]`` the int32 number of test examples of
-  class ``y`` predicted as ``p`` (``ctx.info.num_classes`` square; a
-  prediction outside it is not counted, so the rows then sum to less than
-  the test sets' sizes)."""
+  With ``confusion`` or ``task_aware``, a dict instead: ``accuracy``, the
+  row, and
+
+  * ``confusion`` (with ``confusion``): the confusion matrix over all the
+    test sets, ``[y, p]`` the int32 number of test examples of class ``y``
+    predicted as ``p`` (``ctx.info.num_classes`` square; a prediction
+    outside it is not counted, so the rows then sum to less than the test
+    sets' sizes);
+  * ``task_accuracy`` (with ``task_aware``): the row when each test set's
+    predictions are restricted to the classes among its labels, as if its
+    task were given (Mammoth's Task-IL accuracy of a class-incremental
+    run, its ``mask_classes``).
+  """
   predict = strategy.predict or default_predict
   e_n, m = test["y"].shape
   if m % eval_batch_size:
@@ -537,31 +545,56 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
         f"batches of {eval_batch_size}; build them with test_arrays(..., "
         "learner.eval_batch_size)")
   nb = m // eval_batch_size
+  c = ctx.info.num_classes
+  # Padding rows sit after each test set's `count` valid rows.
+  valid = jnp.arange(m)[None] < test["count"][:, None]
 
   def chunks(a):
     return a.reshape((e_n * nb, eval_batch_size) + a.shape[2:])
 
+  xs = (chunks(test["x"]), chunks(test["task"]))
+  if task_aware:
+    # The classes among each test set's labels; each evaluation batch lies
+    # inside one test set (m splits into nb batches), so they are a
+    # per-batch input.
+    present = jnp.zeros((e_n, c), jnp.int32).at[
+        jnp.arange(e_n)[:, None], test["y"]].add(valid, mode="drop") > 0
+    xs += (jnp.repeat(present, nb, axis=0),)
+
   def one(args):
-    x, t = args
+    x, t = args[:2]
     if batch_spec is not None:
       x, t = batch_spec((x, t))
     logits = predict(ctx, state.strategy, state.params, state.model_state, x,
                      t)
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+    pred = jnp.argmax(logits, -1).astype(jnp.int32)
+    if not task_aware:
+      return pred
+    classes, w = args[2], logits.shape[-1]  # scores may be wider than C
+    classes = classes[:w] if w <= c else jnp.pad(classes, (0, w - c))
+    masked = jnp.where(classes, logits, -jnp.inf)
+    return pred, jnp.argmax(masked, -1).astype(jnp.int32)
 
   # One predicted label per test row (E x m int32s: small next to the
-  # inputs); padding rows sit after each test set's `count` valid rows.
-  pred = jax.lax.map(one, (chunks(test["x"]), chunks(test["task"]))
-                     ).reshape(e_n, m)
-  valid = jnp.arange(m)[None] < test["count"][:, None]
-  correct = jnp.sum((pred == test["y"]) & valid, axis=1, dtype=jnp.int32)
-  row = correct / jnp.maximum(test["count"], 1)
-  if not confusion:
+  # inputs), and with task_aware one among its test set's classes.
+  preds = jax.lax.map(one, xs)
+  pred, task_pred = preds if task_aware else (preds, None)
+  pred = pred.reshape(e_n, m)
+
+  def row_of(p):
+    correct = jnp.sum((p == test["y"]) & valid, axis=1, dtype=jnp.int32)
+    return correct / jnp.maximum(test["count"], 1)
+
+  row = row_of(pred)
+  if not (confusion or task_aware):
     return row
-  c = ctx.info.num_classes
-  counts = jnp.zeros((c, c), jnp.int32).at[test["y"], pred].add(
-      valid.astype(jnp.int32), mode="drop")
-  return row, counts
+  out = {"accuracy": row}
+  if confusion:
+    out["confusion"] = jnp.zeros((c, c), jnp.int32).at[test["y"], pred].add(
+        valid.astype(jnp.int32), mode="drop")
+  if task_aware:
+    out["task_accuracy"] = row_of(task_pred.reshape(e_n, m))
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -597,7 +630,10 @@ class Learner:
     eval_every_steps: evaluate every test set every so many steps of an
       epoch, and at its end (0: at the experiences' ends only).
     confusion: the loop keeps the confusion matrix of each experience's
-      end (:attr:`confusion_fn`).
+      end (:attr:`end_eval_fn`).
+    task_aware: the loop also keeps, at each experience's end, the
+      accuracies with each test set's predictions restricted to its own
+      classes (a class-incremental stream's Task-IL accuracy).
   """
   ctx: Context
   strategy: Strategy
@@ -613,6 +649,7 @@ class Learner:
   checkpoint_every_steps: int = 0
   eval_every_steps: int = 0
   confusion: bool = False
+  task_aware: bool = False
 
   def _batch_spec(self):
     if self.mesh is None:
@@ -670,13 +707,15 @@ class Learner:
     return self._jit(f, 2, donate=False, out_state=False)
 
   @functools.cached_property
-  def confusion_fn(self):
-    """``(state, test) -> (accuracy row, confusion counts)``, jitted: the
-    evaluation at the experiences' ends (:func:`evaluate` with
-    ``confusion``)."""
+  def end_eval_fn(self):
+    """``(state, test) -> dict``, jitted: the evaluation at the
+    experiences' ends, :func:`evaluate` with this learner's ``confusion``
+    and ``task_aware`` (at least one set)."""
     f = functools.partial(evaluate, self.ctx, self.strategy,
                           eval_batch_size=self.eval_batch_size,
-                          batch_spec=self._batch_spec(), confusion=True)
+                          batch_spec=self._batch_spec(),
+                          confusion=self.confusion,
+                          task_aware=self.task_aware)
     return self._jit(f, 2, donate=False, out_state=False)
 
 
@@ -693,6 +732,7 @@ def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
 def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  eval_batch_size: int = 1000, checkpoint_every_steps: int = 0,
                  eval_every_steps: int = 0, confusion: bool = False,
+                 task_aware: bool = False,
                  reset_optimizer: bool = True) -> Learner:
   """Validates the loop settings and builds a :class:`Learner`.
 
@@ -725,4 +765,5 @@ def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  epochs=epochs, eval_batch_size=eval_batch_size,
                  reset_optimizer=reset_optimizer,
                  checkpoint_every_steps=checkpoint_every_steps,
-                 eval_every_steps=eval_every_steps, confusion=confusion)
+                 eval_every_steps=eval_every_steps, confusion=confusion,
+                 task_aware=task_aware)

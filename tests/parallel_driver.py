@@ -173,6 +173,8 @@ def main():
             np.abs(one.curve.accuracy - many.curve.accuracy).max()),
         # The predictions behind the matrices, counted on the mesh.
         "confusion_diff": int(np.abs(one.confusion - many.confusion).sum()),
+        "task_max_abs_diff": float(np.abs(one.task_accuracy -
+                                          many.task_accuracy).max()),
         "state_shardings": sorted({str(getattr(x, "sharding", None).spec)
                                    for x in jax.tree.leaves(many.state)
                                    if hasattr(x, "sharding")}),

@@ -129,6 +129,8 @@ def main():
   flat, _ = jax.tree_util.tree_flatten_with_path(r.state)
   np.savez(args.out, accuracy=r.accuracy, random=r.random_accuracy,
            **({} if r.confusion is None else {"confusion": r.confusion}),
+           **({} if r.task_accuracy is None else {
+               "task_accuracy": r.task_accuracy}),
            **{f"leaf{i}": np.asarray(x) for i, (_, x) in enumerate(flat)})
   with open(f"{args.out}.json", "w") as f:
     json.dump({"names": [jax.tree_util.keystr(k) for k, _ in flat],

@@ -693,10 +693,11 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
 
 def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
                                                          monkeypatch):
-  """Checkpoints written before session 46 hold no confusion matrices, and
-  their config no ``train.confusion``: a run resumes from one, with the
-  matrices of the experiences that ended before it unknown (-1) and the
-  rest, the metrics and the accuracies as an uninterrupted run's."""
+  """Checkpoints written before session 46 hold no confusion matrices and
+  no task-aware accuracies, and their config no ``train.confusion``: a run
+  resumes from one, with the entries of the experiences that ended before
+  it unknown (-1 counts, NaN accuracies) and the rest, the metrics and
+  the accuracies as an uninterrupted run's."""
   import jaxcl
   from jaxcl import checkpoint
   from resume_driver import config
@@ -710,7 +711,8 @@ def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
     if position == checkpoint.Position(2, "begin"):
       raise _Interrupted(position)
     real_save(self, state, {k: v for k, v in progress.items()
-                            if k != "confusion"}, position, seconds)
+                            if k not in ("confusion", "task_accuracy")},
+              position, seconds)
 
   with monkeypatch.context() as m:  # an older jaxcl
     m.setattr(checkpoint, "fingerprint", lambda cfg: {
@@ -729,8 +731,13 @@ def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
   final = jaxcl.run(c, work, resume=True)
   assert (final.confusion[0] == -1).all()
   np.testing.assert_array_equal(final.confusion[1:], ref.confusion[1:])
+  assert np.isnan(final.task_accuracy[0]).all()
+  np.testing.assert_array_equal(final.task_accuracy[1:],
+                                ref.task_accuracy[1:])
   np.testing.assert_array_equal(final.accuracy, ref.accuracy)
   assert final.metrics == ref.metrics
   with np.load(os.path.join(work, "confusion.npz")) as f:
     np.testing.assert_array_equal(f["confusion"], final.confusion)
+  with open(os.path.join(work, "accuracy_matrix.json")) as f:
+    assert json.load(f)["task_accuracy"][0] == [None] * 5
   assert os.path.getsize(os.path.join(work, "confusion.png")) > 0

@@ -1,9 +1,14 @@
-"""The confusion matrix of each experience's end (``train.confusion``):
-every count is the state's own predictions (recomputed here with NumPy),
-padding rows are not counted, the matrices reach the result, the
-metrics (``recency_bias``, checked by hand), the run directory and a
-sweep, and ``train.confusion=False`` turns them off."""
+"""What an experience's end adds to the accuracy row: the confusion
+matrix (``train.confusion``) and, on class-incremental streams, the
+task-aware accuracy (each test set's predictions restricted to its own
+classes, Mammoth's Task-IL). Every count and accuracy is the state's own
+predictions (recomputed here with NumPy), padding rows are not counted,
+and both reach the result, the metrics (``recency_bias``, checked by
+hand; ``task_acc``), the run directory and a sweep;
+``train.confusion=False`` turns the matrices off."""
 
+
+import json
 
 import jax
 import ml_collections
@@ -14,6 +19,21 @@ import jaxcl
 from jaxcl import experiment, metrics, report, train
 from partial_runs import run_keeping_states
 from test_train import quick_config
+
+
+def np_task_accuracy(ctx, state, exps):
+  """Each test set's accuracy with the logits outside its labels' classes
+  masked out."""
+  host = jax.tree.map(np.asarray, state)
+  out = []
+  for e in exps:
+    logits = np.asarray(ctx.logits(host.params, host.model_state, e.test_x,
+                                   e.test_task))
+    keep = np.zeros(logits.shape[1], bool)
+    keep[np.unique(e.test_y)] = True
+    out.append(float((np.where(keep, logits, -np.inf).argmax(1)
+                      == e.test_y).mean()))
+  return np.array(out)
 
 
 def np_confusion(ctx, state, exps, num_classes):
@@ -37,13 +57,21 @@ def test_evaluate_counts_every_prediction_once(full_stream):
   test = train.test_arrays(full_stream.eval_experiences,
                            s.learner.eval_batch_size)
   assert test["y"].shape[1] == 96 > max(test["count"])  # padding exists
-  row, counts = s.learner.confusion_fn(state, test)
+  assert s.learner.confusion and s.learner.task_aware
+  out = s.learner.end_eval_fn(state, test)
+  counts = np.asarray(out["confusion"])
   want = np_confusion(s.learner.ctx, state, full_stream.eval_experiences, 10)
-  np.testing.assert_array_equal(np.asarray(counts), want)
-  assert np.asarray(counts).dtype == np.int32
+  np.testing.assert_array_equal(counts, want)
+  assert counts.dtype == np.int32
   assert (want > 0).sum() > 10  # off the diagonal too: a real check
-  np.testing.assert_array_equal(np.asarray(row),
+  np.testing.assert_array_equal(np.asarray(out["accuracy"]),
                                 np.asarray(s.learner.eval_fn(state, test)))
+  task = np_task_accuracy(s.learner.ctx, state, full_stream.eval_experiences)
+  np.testing.assert_allclose(np.asarray(out["task_accuracy"]), task,
+                             atol=1e-6)
+  # A right prediction stays right when masked; wrong ones may turn right.
+  row = np.asarray(out["accuracy"])
+  assert (task >= row - 1e-6).all() and task.mean() > row.mean() + 0.2
 
 
 def test_each_experiences_end_keeps_the_states_matrix(full_stream):
@@ -55,6 +83,10 @@ def test_each_experiences_end_keeps_the_states_matrix(full_stream):
     np.testing.assert_array_equal(
         r.confusion[i], np_confusion(ctx, st, full_stream.eval_experiences,
                                      10))
+    np.testing.assert_allclose(
+        r.task_accuracy[i], np_task_accuracy(ctx, st,
+                                             full_stream.eval_experiences),
+        atol=1e-6)
     # Its diagonal over test set j's classes is R[i, j].
     for j, e in enumerate(full_stream.eval_experiences):
       cls = list(e.classes)
@@ -66,6 +98,27 @@ def test_each_experiences_end_keeps_the_states_matrix(full_stream):
   want = last[:, [8, 9]].sum() / last[[8, 9]].sum()
   assert r.metrics["recency_bias"] == pytest.approx(want)
   assert r.metrics["recency_bias"] > 3
+  # Task-IL: Naive keeps telling each pair apart once told which pair.
+  assert r.metrics["task_acc"] == pytest.approx(r.task_accuracy[-1].mean())
+  assert r.metrics["task_acc"] > 0.9 > 0.3 > r.metrics["acc"]
+
+
+def test_scores_wider_than_the_classes(full_stream):
+  """A strategy whose scores have extra columns (here always the largest):
+  its plain predictions fall outside the classes, so they are wrong and
+  the confusion matrix does not count them; the task-aware ones are
+  restricted to the test set's classes, so they are the model's own."""
+  import jax.numpy as jnp
+  from jaxcl.strategy import default_predict
+  base = jaxcl.strategies.get("naive")
+  wide = base._replace(predict=lambda *a: jnp.pad(
+      default_predict(*a), ((0, 0), (0, 3)), constant_values=1e6))
+  c = quick_config()
+  plain = jaxcl.run(c, scenario=full_stream, strategy=base)
+  r = jaxcl.run(c, scenario=full_stream, strategy=wide)
+  assert (r.accuracy == 0).all() and (r.confusion == 0).all()
+  assert "recency_bias" not in r.metrics  # nothing counted: no ratio
+  np.testing.assert_array_equal(r.task_accuracy, plain.task_accuracy)
 
 
 def test_recency_bias_by_hand():
@@ -98,7 +151,8 @@ def test_recency_bias_only_for_streams_of_new_classes(digits):
   from jaxcl import scenarios
   task = scenarios.split(digits, 5, kind="task")
   r = jaxcl.run(quick_config(), scenario=task)
-  assert "recency_bias" not in r.metrics
+  assert "recency_bias" not in r.metrics and "task_acc" not in r.metrics
+  assert r.task_accuracy is None
   blocks = np.zeros((10, 10), bool)
   for k in range(5):
     blocks[2 * k:2 * k + 2, 2 * k:2 * k + 2] = True
@@ -106,6 +160,8 @@ def test_recency_bias_only_for_streams_of_new_classes(digits):
   assert r.confusion[-1][blocks].sum() == sum(len(e.test_y)
                                               for e in task.experiences)
   assert experiment._recency_classes(scenarios.permuted(digits, 3)) is None
+  assert not experiment.setup(quick_config(), scenarios.permuted(
+      digits, 2)).learner.task_aware
   assert experiment._recency_classes(scenarios.split(digits, 5)) == (
       list(range(10)), [8, 9])
 
@@ -118,6 +174,9 @@ def test_run_directory_holds_the_matrices(digits, tmp_path):
   order = (3, 7, 0, 9, 4, 1, 8, 2, 6, 5)
   sc = jaxcl.scenarios.split(digits, 5, class_order=order)
   r = jaxcl.run(c, str(tmp_path), scenario=sc)
+  with open(tmp_path / "accuracy_matrix.json") as f:
+    np.testing.assert_allclose(json.load(f)["task_accuracy"],
+                               r.task_accuracy)
   with np.load(tmp_path / "confusion.npz") as f:
     np.testing.assert_array_equal(f["confusion"], r.confusion)
     np.testing.assert_array_equal(f["experience_classes"],
@@ -146,6 +205,8 @@ def test_a_sweep_keeps_each_runs_matrices(full_stream, tmp_path):
   for m in range(2):
     assert out.result.metrics["recency_bias"][m] == pytest.approx(
         metrics.recency_bias(conf[m, -1], range(10), [8, 9]))
+    assert out.result.metrics["task_acc"][m] == pytest.approx(
+        out.result.task_accuracy[m, -1].mean())
   with np.load(tmp_path / "s" / "confusion.npz") as f:
     np.testing.assert_allclose(f["confusion"], conf.mean(0))
     assert int(f["mean_of_runs"]) == 2
@@ -153,6 +214,8 @@ def test_a_sweep_keeps_each_runs_matrices(full_stream, tmp_path):
   # sweep's, like its accuracy matrix.
   one = sweep.sweep(c, seeds=[0], scenario=full_stream)
   np.testing.assert_array_equal(one.result.confusion, conf[:1])
+  np.testing.assert_allclose(one.result.task_accuracy,
+                             out.result.task_accuracy[:1], atol=1e-6)
 
 
 def test_confusion_off(full_stream, tmp_path):
@@ -160,8 +223,10 @@ def test_confusion_off(full_stream, tmp_path):
   c.report.tensorboard = False
   r = jaxcl.run(c, str(tmp_path), scenario=full_stream)
   assert r.confusion is None and "recency_bias" not in r.metrics
+  assert r.learner.task_aware and r.metrics["task_acc"] > 0.9
   assert not (tmp_path / "confusion.npz").exists()
-  assert "confusion_fn" not in vars(r.learner)  # never compiled
+  with open(tmp_path / "accuracy_matrix.json") as f:
+    assert "task_accuracy" in json.load(f)
   # (A config built from plain values, not the type-safe default's.)
   c.train = ml_collections.ConfigDict(dict(c.train.to_dict(),
                                            confusion="no"))

@@ -47,6 +47,7 @@ def run_driver(child_env, *strategies):
     assert r["max_abs_diff"] <= 1e-4, r
     assert r["curve_max_abs_diff"] <= 1e-4, r
     assert r["confusion_diff"] == 0, r
+    assert r["task_max_abs_diff"] <= 1e-4, r
     assert r["all_reduce"], "the batch was not split over devices"
     assert "P('data', None)" in r["state_shardings"]
   return out
@@ -138,7 +139,10 @@ def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
     np.testing.assert_allclose(res.random_accuracy[i],
                                single.random_accuracy, atol=1e-6)
     np.testing.assert_array_equal(res.confusion[i], single.confusion)
+    np.testing.assert_allclose(res.task_accuracy[i], single.task_accuracy,
+                               atol=1e-6)
     want = metrics.summary(r.accuracy[i], res.random_accuracy[i])
+    want["task_acc"] = metrics.average_accuracy(res.task_accuracy[i])
     want["recency_bias"] = metrics.recency_bias(
         res.confusion[i, -1],
         *jaxcl.experiment._recency_classes(jaxcl.experiment.build_scenario(c)))
