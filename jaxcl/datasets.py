@@ -444,9 +444,12 @@ def from_tfds(name: str, data_dir: str | None = None,
     raise DataError(
         f"{name}: no prepared tensorflow_datasets data in data_dir="
         f"{data_dir!r} (or $TFDS_DATA_DIR). Prepare it once with network "
-        f"access (`tfds build {name}`), or for MNIST-style sets from the raw "
-        "IDX files with jaxcl.tfds_local.prepare(), or pass "
-        "--config.dataset.data_dir=<dir with the IDX .gz files>")
+        f"access (`tfds build {name}`)" + (
+            ", or from the raw IDX files with jaxcl.tfds_local.prepare(), "
+            "or pass --config.dataset.data_dir=<dir with the IDX .gz files>"
+            if name in _IDX_HINT else
+            ", or pass --config.dataset.data_dir=<the tfds data_dir where "
+            "it is prepared>"))
   absent = [k for k in ("train", "test") if k not in sources]
   if absent:
     raise DataError(

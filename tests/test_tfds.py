@@ -81,11 +81,15 @@ def test_tfds_mnist_matches_idx(prepared, idx_subset, monkeypatch):
 def test_unprepared_tfds_dir_is_an_error(tmp_path, monkeypatch):
   # Not tfds's own message, which blamed the absent data's file format and
   # suggested deleting it.
-  for name in ("mnist", "cifar10"):
+  # The IDX files are a way only for the MNIST-style sets.
+  for name, hint in (("mnist", "from the raw IDX files"),
+                     ("cifar10", "the tfds data_dir where it is prepared")):
     with pytest.raises(datasets.DataError, match=f"{name}: no prepared "
                        f"tensorflow_datasets data in data_dir='{tmp_path}'"
-                       rf".*\(`tfds build {name}`\)"):
+                       rf".*\(`tfds build {name}`\)") as e:
       datasets.from_tfds(name, data_dir=str(tmp_path))
+    assert hint in str(e.value) and ("IDX" in str(e.value)) == (
+        name == "mnist")
   # $TFDS_DATA_DIR (set after tfds was imported) is where both look.
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   assert datasets.missing("cifar10") == (
