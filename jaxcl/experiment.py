@@ -955,6 +955,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       if every_eval:
         add_point(i, acc[..., i, :], step)
       reporter.experience(i, _mean_row(acc[..., i, :], members), step)
+      if "confusion" in ends and hasattr(reporter, "confusion"):
+        # (A reporter of one's own may predate this method.)
+        reporter.confusion(i, _mean_row(ends["confusion"][at], members))
       save(state, checkpoint.Position(i + 1, "begin"))
   finally:
     if ckpt is not None:

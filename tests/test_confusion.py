@@ -233,3 +233,45 @@ def test_confusion_off(full_stream, tmp_path):
   with pytest.raises(ValueError, match="train.confusion must be True or "
                      "False, got 'no'"):
     experiment.setup(c, full_stream)
+
+
+def test_tensorboard_gets_each_experiences_matrix(full_stream, tmp_path):
+  """One ``eval/confusion`` image per experience, each the row shares of
+  that experience's matrix in viridis colours."""
+  import io
+  import struct
+  from matplotlib import colormaps
+  from PIL import Image
+  from tensorboardX.proto import event_pb2
+  c = quick_config()
+  r = jaxcl.run(c, str(tmp_path), scenario=full_stream)
+  (events,) = (tmp_path / "tb").glob("events*")
+  data, i, images = events.read_bytes(), 0, {}
+  while i < len(data):  # TFRecord: length, its CRC, the event, its CRC
+    n = struct.unpack("<Q", data[i:i + 8])[0]
+    ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    i += n + 16
+    for v in ev.summary.value:
+      if v.tag == "eval/confusion":
+        images[ev.step] = np.asarray(Image.open(io.BytesIO(
+            v.image.encoded_image_string)))[..., :3]
+  assert sorted(images) == [0, 1, 2, 3, 4]
+  for k, img in images.items():
+    assert img.shape == (250, 250, 3)  # 25 pixels per class
+    m = r.confusion[k].astype(float)
+    share = m / m.sum(1, keepdims=True)
+    want = (colormaps["viridis"](share)[..., :3] * 255).round()
+    # Each cell's centre (lines run along the cells' last pixels).
+    np.testing.assert_allclose(img[12::25, 12::25], want, atol=1)
+  # The experiences' boundaries: white lines after classes 2, 4, 6, 8.
+  assert (images[4][:, 49] == 255).all() and (images[4][:, 48] != 255).any()
+
+
+def test_confusion_image_marks_rows_without_examples():
+  n = np.array([[3, 1], [0, 0]])
+  img = report.confusion_image(n, [0, 1], size=4)
+  assert img.shape == (4, 4, 3)
+  assert (img[2:, :] == 128).all()  # no examples of class 1: grey
+  from matplotlib import colormaps
+  np.testing.assert_allclose(img[0, 0], np.round(
+      np.array(colormaps["viridis"](0.75)[:3]) * 255), atol=1)
