@@ -939,7 +939,8 @@ def test_experiment_run_compiles_the_chunk_once(digits, monkeypatch):
   res = experiment.run(c, scenario=sc)
   learner = getattr(res, "learner", None) or built[0].learner
   assert learner.chunk_fn._cache_size() == 1
-  assert learner.eval_fn._cache_size() == 1
+  assert learner.end_eval_fn._cache_size() == 1
+  assert "eval_fn" not in vars(learner)  # the ends evaluate, even at init
   assert_earlier_accuracy_unchanged(res.accuracy)
 
 

@@ -311,7 +311,8 @@ def test_state_shapes_fixed_and_no_recompilation(run, stream):
   assert shape(start) == shape(r.state.strategy)
   assert jax.tree.structure(start) == jax.tree.structure(r.state.strategy)
   assert r.learner.chunk_fn._cache_size() == 1
-  assert r.learner.eval_fn._cache_size() == 1
+  assert r.learner.end_eval_fn._cache_size() == 1
+  assert "eval_fn" not in vars(r.learner)  # the ends evaluate, even at init
 
 
 def test_gate_routes_and_remembers_where_naive_forgets(run, stream):

@@ -368,7 +368,8 @@ def test_executing_one_setup_again_reuses_its_compiled_learner(single_run):
           for seed in (0, 1)]
   assert runs[0].learner is runs[1].learner is s.learner
   assert s.learner.chunk_fn._cache_size() == 1
-  assert s.learner.eval_fn._cache_size() == 1
+  assert s.learner.end_eval_fn._cache_size() == 1
+  assert "eval_fn" not in vars(s.learner)  # the ends evaluate, even at init
   for seed, r in zip((0, 1), runs):  # each is its seed's own run
     c.seed = seed
     np.testing.assert_array_equal(r.accuracy, single_run(c).accuracy)

@@ -52,7 +52,8 @@ def test_no_recompilation_between_experiences():
   r = jaxcl.run(quick_config())
   assert r.accuracy.shape == (5, 5)
   assert r.learner.chunk_fn._cache_size() == 1
-  assert r.learner.eval_fn._cache_size() == 1
+  assert r.learner.end_eval_fn._cache_size() == 1
+  assert "eval_fn" not in vars(r.learner)  # the ends evaluate, even at init
 
 
 def test_naive_equals_plain_optax_training(digits):
