@@ -47,7 +47,7 @@ __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
            "plot_accuracy_matrix", "plot_average_accuracy",
            "plot_accuracy_curve", "plot_confusion", "confusion_image",
-           "figure", "integer_ticks", "seen_average"]
+           "figure", "integer_ticks", "seen_average", "task_accuracy_json"]
 
 
 class _NullBar:
@@ -271,7 +271,7 @@ class Reporter(NullReporter):
                      "per_run": "sweep.json"} if self._runs > 1 else {}),
                  "random_accuracy": np.asarray(
                      result.random_accuracy).tolist(),
-                 **_task_accuracy(result),
+                 **task_accuracy_json(result),
                  "metrics": result.metrics, "times": result.times}, f,
                 indent=2)
     with open(os.path.join(self.workdir, "metrics.csv"), "w",
@@ -395,14 +395,15 @@ def plot_confusion(confusion: np.ndarray, path: str | None,
   return fig
 
 
-def _task_accuracy(result: Any) -> dict[str, Any]:
-  """``{'task_accuracy': matrix}`` (JSON: null for an unknown entry) when
-  the run has one."""
+def task_accuracy_json(result: Any) -> dict[str, Any]:
+  """``{'task_accuracy': nested lists}`` (null for an unknown entry) when
+  the run has a task-aware matrix (a sweep's: one per run); else ``{}``."""
   task = getattr(result, "task_accuracy", None)
   if task is None:
     return {}
-  return {"task_accuracy": [[None if np.isnan(v) else float(v) for v in row]
-                            for row in np.asarray(task)]}
+  task = np.asarray(task, np.float64)
+  return {"task_accuracy": np.where(np.isnan(task), None,
+                                    task.astype(object)).tolist()}
 
 
 def _truncate_log(path: str, step: int) -> None:

@@ -404,6 +404,7 @@ def sweep(config, seeds: Sequence[int] = (0,),
                      "step": curve.step.tolist(),
                      "experience": curve.experience.tolist(),
                      "accuracy": np.asarray(curve.accuracy).tolist()}}),
+                 **report.task_accuracy_json(result),
                  "times": result.times}, f, indent=2)
   return out
 

@@ -210,6 +210,9 @@ def test_a_sweep_keeps_each_runs_matrices(full_stream, tmp_path):
   with np.load(tmp_path / "s" / "confusion.npz") as f:
     np.testing.assert_allclose(f["confusion"], conf.mean(0))
     assert int(f["mean_of_runs"]) == 2
+  with open(tmp_path / "s" / "sweep.json") as f:  # each run's own
+    np.testing.assert_allclose(json.load(f)["task_accuracy"],
+                               out.result.task_accuracy)
   # A sweep of one run (trained unstacked) stacks its matrices as a
   # sweep's, like its accuracy matrix.
   one = sweep.sweep(c, seeds=[0], scenario=full_stream)
