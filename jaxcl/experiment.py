@@ -958,6 +958,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       step = int(np.max(np.asarray(state.step)))
       if every_eval:
         add_point(i, acc[..., i, :], step)
+      if "task_accuracy" in ends and hasattr(reporter, "task_accuracy"):
+        # (Before the row: the reporter prints them on one line.)
+        reporter.task_accuracy(
+            i, _mean_row(ends["task_accuracy"][at], members))
       reporter.experience(i, _mean_row(acc[..., i, :], members), step)
       if "confusion" in ends and hasattr(reporter, "confusion"):
         # (A reporter of one's own may predate this method.)

@@ -78,6 +78,9 @@ class NullReporter:
   def confusion(self, index: int, counts: np.ndarray) -> None:
     del index, counts
 
+  def task_accuracy(self, index: int, row: np.ndarray) -> None:
+    del index, row
+
   def finish(self, result: Any) -> None:
     del result
 
@@ -149,6 +152,7 @@ class Reporter(NullReporter):
     plot."""
     self.workdir = workdir
     self._classes = [list(c) for c in experience_classes]
+    self._task: tuple[int, list[float]] | None = None  # task_accuracy()
     self._per_experience = per_experience
     # A sweep's directory shows the mean over its runs (every seed and
     # setting); its files say so. Per-run results: sweep.json.
@@ -199,15 +203,29 @@ class Reporter(NullReporter):
     final matrix says otherwise)."""
     return row if self._per_experience is False else row[:index + 1]
 
+  def task_accuracy(self, index: int, row: np.ndarray) -> None:
+    """Experience ``index``'s task-aware accuracy row (a class-incremental
+    stream's Task-IL), given before :meth:`experience`, which logs and
+    prints it beside the row."""
+    self._task = (index, [float(v) for v in row])
+
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
     avg = float(np.mean(self._seen(index, row)))
-    self._log({"step": step, "experience": index, "accuracy": row,
-               "average_accuracy_seen": avg})
+    record = {"step": step, "experience": index, "accuracy": row,
+              "average_accuracy_seen": avg}
+    pending, self._task = self._task, None
+    task = None
+    if pending is not None and pending[0] == index:
+      task = float(np.mean(self._seen(index, pending[1])))
+      record.update(task_accuracy=pending[1], task_average_accuracy_seen=task)
+    self._log(record)
     if self._tb is not None:
       self._tb.add_scalar("eval/average_accuracy_seen", avg, index)
       for j, v in enumerate(row):
         self._tb.add_scalar(f"eval/accuracy_exp{j}", v, index)
+      if task is not None:
+        self._tb.add_scalar("eval/task_average_accuracy_seen", task, index)
     if self._bar is not None:
       # The line that stays in a terminal (the bar is erased) and in a log.
       bar, self._bar = self._bar, None
@@ -218,9 +236,10 @@ class Reporter(NullReporter):
       secs = f"{bar.seconds:.{1 if bar.seconds >= 1 else 2}f}"
       ran = (f"{bar.total - bar.initial} steps (resumed at step "
              f"{bar.initial})" if bar.initial else f"{bar.total} steps")
+      til = f" (Task-IL {task:.4f})" if task is not None else ""
       print(f"{bar.desc}: {ran} in {secs} s"
             f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
-            f"{seen}: {avg:.4f}{mean}", file=sys.stderr, flush=True)
+            f"{seen}: {avg:.4f}{til}{mean}", file=sys.stderr, flush=True)
 
   def curve(self, experience: int, row: np.ndarray, step: int) -> None:
     """A continual evaluation at global ``step`` while ``experience`` trains

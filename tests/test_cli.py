@@ -54,17 +54,22 @@ def test_default_run_writes_outputs(tmp_path):
   # experience (no tqdm '\r' redraws), with its steps and the average
   # accuracy over the experiences seen, as logged.
   assert "\r" not in p.stderr
+  # Class-incremental: the Task-IL average beside it.
   shown = re.findall(r"^experience (\d)/5: (\d+) steps in [\d.]+ s, loss "
                      r"[\d.]+; average test accuracy over experiences? "
-                     r"(?:1-)?(\d): (\d\.\d{4})$", p.stderr, re.M)
-  assert [(int(i), int(j)) for i, _, j, _ in shown] == [(i, i) for i in
-                                                        range(1, 6)], p.stderr
+                     r"(?:1-)?(\d): (\d\.\d{4}) \(Task-IL (\d\.\d{4})\)$",
+                     p.stderr, re.M)
+  assert [(int(i), int(j)) for i, _, j, _, _ in shown] == [
+      (i, i) for i in range(1, 6)], p.stderr
   logged = [l for l in lines if "experience" in l]
   steps = np.diff([0] + [l["step"] for l in logged])
-  np.testing.assert_array_equal([int(n) for _, n, _, _ in shown], steps)
+  np.testing.assert_array_equal([int(n) for _, n, _, _, _ in shown], steps)
   np.testing.assert_allclose(
-      [float(a) for *_, a in shown],
+      [float(a) for *_, a, _ in shown],
       [l["average_accuracy_seen"] for l in logged], atol=5e-5)
+  np.testing.assert_allclose(
+      [float(t) for *_, t in shown],
+      [l["task_average_accuracy_seen"] for l in logged], atol=5e-5)
 
 
 def test_override_and_experiment_file(tmp_path, forked):

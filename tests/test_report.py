@@ -267,6 +267,30 @@ def test_experience_line_of_a_resumed_experience(tmp_path, capsys):
       r"of 3 runs\)", line), line
 
 
+def test_task_il_beside_the_experience_line(tmp_path, capsys):
+  """A task-aware row given before the experience's row is logged with it
+  and printed beside it; one for another experience is not."""
+  r = report.Reporter(str(tmp_path), {}, progress=True, runs=3)
+  r.progress(10, "experience 2/4").close()
+  r.task_accuracy(1, np.array([0.9, 1.0, 0.5, 0.5]))
+  r.experience(1, np.array([0.5, 0.75, 0.0, 0.0]), step=20)
+  line = capsys.readouterr().err.strip()
+  assert line.endswith("average test accuracy over experiences 1-2: "
+                       "0.6250 (Task-IL 0.9500) (mean of 3 runs)"), line
+  r.progress(10, "experience 3/4").close()
+  r.task_accuracy(1, np.array([0.9, 1.0, 0.5, 0.5]))  # a stale one
+  r.experience(2, np.array([0.5, 0.75, 0.25, 0.0]), step=30)
+  assert "Task-IL" not in capsys.readouterr().err
+  r.finish(type("R", (), {"accuracy": np.zeros((1, 4)),
+                          "random_accuracy": np.zeros(4), "metrics": {},
+                          "times": {}})())
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["task_accuracy"] == [0.9, 1.0, 0.5, 0.5]
+  assert records[0]["task_average_accuracy_seen"] == pytest.approx(0.95)
+  assert "task_accuracy" not in records[1]
+
+
 def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
                                                             capsys):
   """Joint's one experience is tested on every test set: the logged and
