@@ -25,12 +25,12 @@ import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--every", default="0,200,50,10",
                   help="evaluation intervals in steps (0: none inside)")
   ap.add_argument("--smoke", action="store_true")

@@ -56,6 +56,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 from jaxcl import datasets, models, scenarios, train  # noqa: E402
 from jaxcl.strategies._qp import solve_box_qp  # noqa: E402
@@ -176,8 +177,7 @@ def time_qp(k: int = 19, p_dim: int = 50_000, reps: int = 200) -> float:
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--steps", type=int, default=200,
                   help="training steps per experience (timed program)")
   ap.add_argument("--reps", type=int, default=3,

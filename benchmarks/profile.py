@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 from benchmarks.strategies import PROTOCOLS, prepare  # noqa: E402
 
@@ -61,8 +62,7 @@ def main() -> None:
   ap.add_argument("--strategy", default="gem")
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--trace_dir", default="")
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   args = ap.parse_args()
   rows = {r[0]: r for r in PROTOCOLS[args.protocol]}
   if args.strategy not in rows:

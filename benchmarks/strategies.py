@@ -37,6 +37,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 from benchmarks.throughput import matmul_flops  # noqa: E402  one copy
 
@@ -312,8 +313,7 @@ def measure(name: str, module: str, arg: str, data_dir: str,
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--only", nargs="*", default=[])
   ap.add_argument("--protocol", nargs="*", default=list(PROTOCOLS),
                   choices=list(PROTOCOLS))

@@ -22,6 +22,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 CASES = ("permuted20", "rotated20", "cumulative_permuted10")
 
@@ -38,7 +40,6 @@ def build(case: str, data):
 
 
 def one(case: str, data_dir: str) -> dict:
-  sys.path.insert(0, REPO)
   from jaxcl import datasets, train
   data = datasets.load("mnist", data_dir=data_dir)
   base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,8 +59,7 @@ def one(case: str, data_dir: str) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--one", help=argparse.SUPPRESS)
   a = ap.parse_args()

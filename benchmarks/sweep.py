@@ -30,12 +30,12 @@ import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--seeds", type=int, default=8)
   ap.add_argument("--config", default="split_mnist_baselines")
   ap.add_argument("--arg", default="strategy=naive",

@@ -38,6 +38,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import add_data_dir  # noqa: E402
 
 # --smoke: Split MNIST's training / test examples (all 60000 / 10000 else).
 SMOKE_SUBSETS = (2000, 1000)
@@ -61,8 +62,7 @@ def mlp_step_flops(batch: int, widths=(784, 400, 400, 10)) -> float:
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--process_reps", type=int, default=3,
                   help="fresh `jaxcl run` processes per figure (best kept)")
   ap.add_argument("--smoke", action="store_true",

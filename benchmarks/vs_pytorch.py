@@ -57,6 +57,7 @@ REPO = os.path.dirname(HERE)
 # benchmarks/profile.py would shadow the standard library's profile module,
 # which torch imports.
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+from benchmarks.common import add_data_dir  # noqa: E402
 
 # method -> (config file, its argument, experiences: 0 for the config's).
 # The PyTorch loop is the config's strategy.
@@ -241,8 +242,7 @@ def side(args) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", default=os.environ.get(
-      "JAXCL_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+  add_data_dir(ap)
   ap.add_argument("--methods", nargs="+", default=list(CONFIGS),
                   choices=list(CONFIGS))
   ap.add_argument("--seeds", type=int, default=0,
