@@ -462,13 +462,14 @@ def from_tfds(name: str, data_dir: str | None = None,
     n = len(src)
     recs = src.__getitems__(range(n)) if hasattr(src, "__getitems__") else [
         src[i] for i in range(n)]
-    shapes = {np.shape(r[image_key]) for r in recs}
+    images = [np.asarray(r[image_key]) for r in recs]
+    shapes = {im.shape for im in images}
     if len(shapes) > 1:
       raise DataError(
           f"{name}: its {split} images have {len(shapes)} different shapes "
           f"(e.g. {sorted(shapes)[:3]}); jaxcl needs one shape per data set "
           "(resize them into a data set of your own)")
-    x = np.stack([np.asarray(r[image_key]) for r in recs])
+    x = np.stack(images)
     y = np.asarray([int(r[label_key]) for r in recs], dtype=np.int32)
     if x.ndim == 3:
       x = x[..., None]
