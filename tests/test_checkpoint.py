@@ -702,7 +702,6 @@ def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
   from jaxcl import checkpoint
   from resume_driver import config
   c = config()
-  c.report.plots = True
   ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
   work = str(tmp_path / "run")
   real_fp, real_save = checkpoint.fingerprint, checkpoint.Checkpointer.save
@@ -728,6 +727,7 @@ def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
                              "random_accuracy": ref.random_accuracy,
                              "confusion": ref.confusion})
   ckpt.close()
+  c.report.plots = True  # (only here: drawing them costs seconds)
   final = jaxcl.run(c, work, resume=True)
   assert (final.confusion[0] == -1).all()
   np.testing.assert_array_equal(final.confusion[1:], ref.confusion[1:])
