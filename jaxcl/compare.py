@@ -72,10 +72,18 @@ def _read_curve(workdir: str) -> Curve | None:
   if not os.path.exists(path):
     return None
   with open(path, newline="") as f:
-    rows = list(csv.reader(f))[1:]
+    header, *rows = list(csv.reader(f))
+  # By name: the columns after the accuracies vary (exposed_accuracy on
+  # class-incremental streams since session 47).
+  acc = [k for k, h in enumerate(header) if h.startswith("acc_exp")]
+  exposed = None
+  if "exposed_accuracy" in header:
+    at = header.index("exposed_accuracy")
+    exposed = np.array([float(r[at]) if r[at] else np.nan for r in rows])
   return Curve(np.array([int(r[0]) for r in rows]),
                np.array([int(r[1]) for r in rows]),
-               np.array([[float(v) for v in r[2:-1]] for r in rows]))
+               np.array([[float(r[k]) for k in acc] for r in rows]),
+               exposed)
 
 
 def read(workdir: str, name: str | None = None) -> list[Row]:
@@ -124,7 +132,9 @@ def read(workdir: str, name: str | None = None) -> list[Row]:
         label, group["n"], metrics, acc[idx].mean(0), split,
         whole_curve if curve is None else Curve(
             np.asarray(curve["step"]), np.asarray(curve["experience"]),
-            np.asarray(curve["accuracy"], np.float64)[idx].mean(0))))
+            np.asarray(curve["accuracy"], np.float64)[idx].mean(0),
+            None if curve.get("exposed") is None else np.asarray(
+                curve["exposed"], np.float64)[idx].mean(0))))
   return rows
 
 

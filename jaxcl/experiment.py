@@ -104,7 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
       epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True,
       # >0: continual evaluation (De Lange et al. 2023): also evaluate every
       # test set every N steps of each epoch and at each epoch's end, for
-      # the accuracy curve and its metrics (min_acc, wc_acc, anytime_acc)
+      # the accuracy curve and its metrics (min_acc, wc_acc, anytime_acc;
+      # a_auc on class-incremental streams)
       eval_every_steps=0,
       # the confusion matrix over the test sets at each experience's end
       # (confusion.npz / .png, metric recency_bias; kept in checkpoints:
@@ -458,6 +459,9 @@ def setup(config: ml_collections.ConfigDict,
                          checkpoint_every_steps=config.checkpoint.every_steps,
                          eval_every_steps=eval_every, confusion=confusion,
                          task_aware=sc.kind == "class",
+                         # Continual evaluation on class-incremental streams
+                         # also keeps the accuracy over the exposed classes.
+                         per_class=sc.kind == "class" and eval_every > 0,
                          reset_optimizer=tc.reset_optimizer)
   return Setup(config, sc, learner, strategy.name)
 
@@ -513,17 +517,43 @@ def _curve_slots(learner: Learner) -> int:
                            + 1)
 
 
-def _curve(random_acc: np.ndarray, acc: np.ndarray, step: np.ndarray
-           ) -> Curve:
+def _curve(random_acc: np.ndarray, acc: np.ndarray, step: np.ndarray,
+           exposed: np.ndarray | None = None) -> Curve:
   """The :class:`Curve` of the filled slots (``step >= 0``) of ``acc``
-  ((runs,) experiences x slots x test sets), after the initial point."""
+  ((runs,) experiences x slots x test sets) and ``exposed`` ((runs,)
+  experiences x slots), after the initial point."""
   filled = step >= 0
   experience = np.broadcast_to(np.arange(step.shape[0])[:, None],
                                step.shape)[filled]
   points = acc[filled] if acc.ndim == 3 else acc[:, filled]
+  if exposed is not None:  # (nothing is exposed to the initial model)
+    exposed = np.concatenate([np.full(exposed.shape[:-2] + (1,), np.nan),
+                              exposed[..., filled]], axis=-1)
   return Curve(np.concatenate([[0], step[filled]]),
                np.concatenate([[-1], experience]),
-               np.concatenate([random_acc[..., None, :], points], axis=-2))
+               np.concatenate([random_acc[..., None, :], points], axis=-2),
+               exposed)
+
+
+def _exposure(sc: Scenario, num_classes: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """For the accuracy over the exposed classes: which classes are exposed
+  while each experience trains, bool ``(experiences, C)``, those of its
+  training data and of every earlier experience's (a blurry stream's
+  classes turn up before their home experience); and each class's test
+  examples over all the test sets, ``(C,)``."""
+  exposed = np.zeros((len(sc.experiences), num_classes), bool)
+  for i, e in enumerate(sc.experiences):
+    exposed[i:, list(e.classes)] = True
+  labels = np.concatenate([np.asarray(e.test_y, np.int64)
+                           for e in sc.eval_experiences])
+  return exposed, np.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+def _accuracy_row(out: Any) -> Any:
+  """An evaluation's accuracy row (:func:`jaxcl.train.evaluate` returns a
+  dict when it computes more)."""
+  return out["accuracy"] if isinstance(out, dict) else out
 
 
 def _recency_classes(sc: Scenario) -> tuple[list[int], list[int]] | None:
@@ -794,6 +824,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     curve = {"curve_accuracy": np.full(acc.shape[:-1] + (slots, n_test),
                                        np.nan),
              "curve_step": np.full((n_train, slots), -1, np.int32)}
+    if learner.per_class:
+      # The accuracy over the classes exposed so far, at each point.
+      curve["curve_exposed"] = np.full(acc.shape[:-1] + (slots,), np.nan)
+      exposure, class_count = _exposure(sc, ctx.info.num_classes)
   # What the experiences' ends add to the accuracy matrix, in the
   # checkpoints' progress: the confusion matrices (-1: not evaluated) and
   # the task-aware accuracies (NaN).
@@ -820,8 +854,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                         "--workdir or resume")
     progress_like = {"accuracy": acc,
                      "random_accuracy": acc[..., 0, :] * 0, **curve, **ends}
-    # Checkpoints written before session 46 hold neither.
-    restored = (ckpt.restore(state, progress_like, optional=tuple(ends))
+    # Checkpoints written before session 46 hold neither, nor (before
+    # session 47) the exposed classes' accuracies.
+    restored = (ckpt.restore(state, progress_like,
+                             optional=tuple(ends) + ("curve_exposed",))
                 if ckpt.steps() else None)
     if restored is None and resume:
       raise ConfigError(f"--resume: no checkpoint to resume in {workdir}")
@@ -829,7 +865,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state, progress, position = restored
       acc = np.asarray(progress["accuracy"], np.float64)
       random_acc = np.asarray(progress["random_accuracy"])
-      curve = {k: np.array(progress[k], v.dtype) for k, v in curve.items()}
+      curve = {k: np.array(progress[k], v.dtype) if k in progress else v
+               for k, v in curve.items()}
       ends = {k: np.array(progress[k], v.dtype) if k in progress else v
               for k, v in ends.items()}
       before = progress["seconds"]
@@ -854,18 +891,27 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     # that a fresh and a resumed run return the same Result.
     # With end evaluations, their program gives it too: one program fewer
     # to compile when there is no continual evaluation.
-    random_acc = np.asarray(learner.end_eval_fn(state, test)["accuracy"]
-                            if ends else learner.eval_fn(state, test),
-                            np.float64)
+    random_acc = np.asarray(_accuracy_row(
+        learner.end_eval_fn(state, test) if ends else
+        learner.eval_fn(state, test)), np.float64)
     eval_time += time.perf_counter() - t0
     if every_eval:
       reporter.curve(-1, _mean_row(random_acc, members), 0)
 
-  def add_point(i, row, step):
-    """Puts an evaluation on the curve, in experience ``i``'s next slot."""
+  def add_point(i, out, step):
+    """Puts an evaluation (its row, or :func:`jaxcl.train.evaluate`'s
+    dict) on the curve, in experience ``i``'s next slot."""
+    row = np.asarray(_accuracy_row(out))
     k = int(np.sum(curve["curve_step"][i] >= 0))
     curve["curve_accuracy"][..., i, k, :] = row
     curve["curve_step"][i, k] = step
+    if "curve_exposed" in curve:
+      x = metrics.exposed_accuracy(np.asarray(out["class_correct"]),
+                                   class_count, exposure[i])
+      curve["curve_exposed"][..., i, k] = x
+      if hasattr(reporter, "curve_exposed"):
+        # (Before the row: the reporter logs them in one record.)
+        reporter.curve_exposed(i, float(np.mean(x)))
     reporter.curve(i, _mean_row(row, members), step)
 
   def save(state, pos):
@@ -927,7 +973,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
               and not (ended and epoch == learner.epochs - 1)):
             # (The experience's end is evaluated below, after its hook.)
             t1 = time.perf_counter()
-            add_point(i, np.asarray(learner.eval_fn(state, test)), step)
+            add_point(i, learner.eval_fn(state, test), step)
             inside_eval = time.perf_counter() - t1
             eval_time += inside_eval
             t0 += inside_eval  # not training time
@@ -945,19 +991,16 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       state = jax.block_until_ready(settle(state))
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
-      if ends:
-        out = learner.end_eval_fn(state, test)
-        row = out["accuracy"]
-        at = (slice(None),) * bool(members) + (i,)  # experience i's entry
-        for k, v in ends.items():
-          v[at] = np.asarray(out[k])
-      else:
-        row = learner.eval_fn(state, test)
-      acc[..., i, :] = np.asarray(row)
+      out = (learner.end_eval_fn(state, test) if ends else
+             learner.eval_fn(state, test))
+      at = (slice(None),) * bool(members) + (i,)  # experience i's entry
+      for k, v in ends.items():
+        v[at] = np.asarray(out[k])
+      acc[..., i, :] = np.asarray(_accuracy_row(out))
       eval_time += time.perf_counter() - t0
       step = int(np.max(np.asarray(state.step)))
       if every_eval:
-        add_point(i, acc[..., i, :], step)
+        add_point(i, out, step)
       if "task_accuracy" in ends and hasattr(reporter, "task_accuracy"):
         # (Before the row: the reporter prints them on one line.)
         reporter.task_accuracy(
@@ -971,7 +1014,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     if ckpt is not None:
       ckpt.close()
   run_curve = (_curve(random_acc, curve["curve_accuracy"],
-                      curve["curve_step"]) if every_eval else None)
+                      curve["curve_step"], curve.get("curve_exposed"))
+               if every_eval else None)
   run_conf, run_task = ends.get("confusion"), ends.get("task_accuracy")
   recency = _recency_classes(sc)
 
@@ -981,6 +1025,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     if run_curve is not None:
       out.update(metrics.continual_summary(
           run_curve.step, run_curve.experience, pick(run_curve.accuracy)))
+      x = None if run_curve.exposed is None else pick(run_curve.exposed)
+      # Not with unknown points (an older checkpoint's: NaN).
+      if x is not None and not np.isnan(x[1:]).any():
+        out["a_auc"] = metrics.exposed_anytime_accuracy(run_curve.step, x)
     last = None if run_conf is None else pick(run_conf)[-1]
     # Not with unknown counts (-1: an older checkpoint's), nor when no
     # example of the last classes was counted (every prediction outside
@@ -1008,7 +1056,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
         acc.mean(0), random_acc.mean(0),
         {k: float(np.mean(v)) for k, v in summary.items()}, state, times,
         learner, None if run_curve is None else dataclasses.replace(
-            run_curve, accuracy=run_curve.accuracy.mean(0)),
+            run_curve, accuracy=run_curve.accuracy.mean(0),
+            exposed=None if run_curve.exposed is None else
+            run_curve.exposed.mean(0)),
         None if run_conf is None else run_conf.mean(0),
         None if run_task is None else run_task.mean(0)))
   else:

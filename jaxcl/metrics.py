@@ -58,15 +58,36 @@ experiences:
 (the minimum is over every evaluation after experience ``i`` was
 trained), and the *average anytime accuracy* (Caccia et al., "New
 insights on reducing abrupt representation change in online continual
-learning", ICLR 2022; Koh et al.'s :math:`A_{AUC}`, ICLR 2022, divided by
-the steps), the accuracy on the experiences seen so far averaged over
-the training steps:
+learning", ICLR 2022), the accuracy on the experiences seen so far
+averaged over the training steps:
 
 .. math::
 
   \\mathrm{AAA} = \\frac{\\sum_{k \\ge 1} (s_k - s_{k-1})\\,
       \\frac{1}{e_k + 1} \\sum_{j \\le e_k} a_{k, j}}
       {\\sum_{k \\ge 1} (s_k - s_{k-1})}
+
+Koh et al., "Online continual learning on class incremental blurry task
+configuration with anytime inference", ICLR 2022, average instead the
+accuracy over the test examples of the classes *exposed* so far,
+:math:`x_k` (their :math:`A_{AUC}`, here per training step:
+:func:`exposed_anytime_accuracy`):
+
+.. math::
+
+  A_{AUC} = \\frac{\\sum_{k \\ge 1} (s_k - s_{k-1})\\, x_k}
+      {\\sum_{k \\ge 1} (s_k - s_{k-1})}
+
+On a split stream the two differ only in weighting test sets by their
+size. On a blurry stream (:func:`jaxcl.scenarios.blurry`) classes turn up
+before their home experience, and :math:`A_{AUC}` counts them from then
+on; AAA, over the home test sets, not until their home experience.
+Two differences from their code: a class counts as exposed from the start
+of the first experience whose training data hold it, where they count it
+from its first example (the two part only within an experience's first
+steps); and the model predicts over all its outputs, as in every other
+jaxcl evaluation, where their classifier has outputs for the exposed
+classes only.
 
 De Lange et al. also measure how fast an experience is lost: its largest
 drop within a window, ``WF^w``. Their window counts evaluations, so its
@@ -112,7 +133,8 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
            "windowed_forgetting", "continual_summary", "seen_accuracy",
-           "Curve", "recency_bias"]
+           "Curve", "recency_bias", "exposed_anytime_accuracy",
+           "exposed_accuracy"]
 
 
 def _square(r) -> np.ndarray:
@@ -206,10 +228,15 @@ class Curve:
     experience: (P,) the experience being trained (-1: the initial model);
       each experience's points end with its row of the accuracy matrix.
     accuracy: (P, test sets), (runs, P, test sets) for a sweep.
+    exposed: (P,), (runs, P) for a sweep, the accuracy over the test
+      examples of the classes exposed so far (class-incremental streams;
+      NaN for the initial model, and for points an older checkpoint did
+      not keep); None on other streams.
   """
   step: np.ndarray
   experience: np.ndarray
   accuracy: np.ndarray
+  exposed: np.ndarray | None = None
 
 
 def _curve(experience, accuracy, step=None):
@@ -278,12 +305,46 @@ def anytime_accuracy(step, experience, accuracy) -> float:
   the training steps (each point stands for the steps since the one
   before it)."""
   e, a, _, s = _curve(experience, accuracy, step)
-  seen = seen_accuracy(e, a, per_experience=True)
-  w = np.diff(s)
+  return _step_average(s, seen_accuracy(e, a, per_experience=True))
+
+
+def _step_average(step: np.ndarray, values: np.ndarray) -> float:
+  """The mean of ``values[1:]`` weighted by the steps since the point
+  before each (the first point, the initial model, has no steps)."""
+  w = np.diff(step)
   if len(w) == 0 or w.sum() <= 0:
     raise ValueError("anytime accuracy needs evaluations after training "
-                     f"steps; the curve's steps are {s.tolist()}")
-  return float(np.sum(w * seen[1:]) / w.sum())
+                     f"steps; the curve's steps are {step.tolist()}")
+  return float(np.sum(w * values[1:]) / w.sum())
+
+
+def exposed_anytime_accuracy(step, exposed) -> float:
+  """Koh et al.'s :math:`A_{AUC}` per training step: the accuracy over the
+  test examples of the classes exposed so far (``exposed``, (P,), the
+  first point the initial model's and ignored), averaged over the
+  training steps as :func:`anytime_accuracy` averages."""
+  s = np.asarray(step, dtype=np.float64)
+  x = np.asarray(exposed, dtype=np.float64)
+  if s.ndim != 1 or x.shape != s.shape or np.any(np.diff(s) < 0):
+    raise ValueError(
+        f"exposed_anytime_accuracy needs step and exposed of one shape "
+        f"(P,), the steps never decreasing; got {s.shape} and {x.shape}")
+  return _step_average(s, x)
+
+
+def exposed_accuracy(class_correct, class_count, exposed) -> np.ndarray:
+  """The accuracy over the test examples of the classes ``exposed``:
+  correct over examples, summed over those classes (NaN with none).
+
+  Args:
+    class_correct: (..., C) each class's correct test examples.
+    class_count: (..., C) each class's test examples.
+    exposed: (..., C) bool, the classes exposed so far.
+  """
+  right = np.sum(np.where(exposed, class_correct, 0), axis=-1)
+  total = np.sum(np.where(exposed, class_count, 0), axis=-1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total > 0, right / np.maximum(total, 1), np.nan)
 
 
 def windowed_forgetting(step, experience, accuracy, window: float) -> float:

@@ -20,8 +20,10 @@ A run directory holds:
 * ``accuracy_matrix.png`` and ``average_accuracy.png``;
 * with continual evaluation (``train.eval_every_steps``):
   ``accuracy_curve.csv``, one row per evaluation (global step, the
-  experience being trained, the accuracy on every test set and the average
-  over the experiences seen), and ``accuracy_curve.png``;
+  experience being trained, the accuracy on every test set, the average
+  over the experiences seen and, on class-incremental streams, the
+  accuracy over the test examples of the classes exposed so far), and
+  ``accuracy_curve.png``;
 * with ``train.confusion`` (the default): ``confusion.npz`` (``confusion``,
   the ``(experiences, C, C)`` counts of each experience's end, the mean
   over the runs for a sweep; ``experience_classes``, each experience's
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -74,6 +77,9 @@ class NullReporter:
 
   def curve(self, experience: int, row: np.ndarray, step: int) -> None:
     del experience, row, step
+
+  def curve_exposed(self, experience: int, value: float) -> None:
+    del experience, value
 
   def confusion(self, index: int, counts: np.ndarray) -> None:
     del index, counts
@@ -153,6 +159,7 @@ class Reporter(NullReporter):
     self.workdir = workdir
     self._classes = [list(c) for c in experience_classes]
     self._task: tuple[int, list[float]] | None = None  # task_accuracy()
+    self._exposed: float | None = None  # curve_exposed()
     self._per_experience = per_experience
     # A sweep's directory shows the mean over its runs (every seed and
     # setting); its files say so. Per-run results: sweep.json.
@@ -241,6 +248,13 @@ class Reporter(NullReporter):
             f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
             f"{seen}: {avg:.4f}{til}{mean}", file=sys.stderr, flush=True)
 
+  def curve_exposed(self, experience: int, value: float) -> None:
+    """The next curve point's accuracy over the test examples of the
+    classes exposed so far (class-incremental streams), given before
+    :meth:`curve`, which logs it in the point's record."""
+    del experience
+    self._exposed = float(value)
+
   def curve(self, experience: int, row: np.ndarray, step: int) -> None:
     """A continual evaluation at global ``step`` while ``experience`` trains
     (-1: the initial model); the experiences' ends are on it too."""
@@ -250,6 +264,9 @@ class Reporter(NullReporter):
     if experience >= 0:
       record["curve_average_seen"] = float(np.mean(self._seen(experience,
                                                               row)))
+    exposed, self._exposed = self._exposed, None
+    if exposed is not None and not math.isnan(exposed):
+      record["curve_exposed_accuracy"] = exposed
     self._log(record)
     if self._tb is not None:
       for j, v in enumerate(row):
@@ -257,6 +274,9 @@ class Reporter(NullReporter):
       if experience >= 0:
         self._tb.add_scalar("curve/average_accuracy_seen",
                             record["curve_average_seen"], step)
+      if "curve_exposed_accuracy" in record:
+        self._tb.add_scalar("curve/exposed_accuracy",
+                            record["curve_exposed_accuracy"], step)
 
   def confusion(self, index: int, counts: np.ndarray) -> None:
     """Experience ``index``'s confusion matrix (a sweep's: the mean over
@@ -308,13 +328,15 @@ class Reporter(NullReporter):
       with open(os.path.join(self.workdir, "accuracy_curve.csv"), "w",
                 newline="") as f:
         w = csv.writer(f)
+        exposed = getattr(curve, "exposed", None)
         w.writerow(["step", "experience"] +
                    [f"acc_exp{j}" for j in range(acc.shape[1])] +
-                   ["average_accuracy_seen"])
+                   ["average_accuracy_seen"] +
+                   ["exposed_accuracy"] * (exposed is not None))
         for k, row in enumerate(np.asarray(curve.accuracy)):
           w.writerow([int(curve.step[k]), int(curve.experience[k])] +
-                     [f"{v:.6f}" for v in row] + [
-                         "" if np.isnan(seen[k]) else f"{seen[k]:.6f}"])
+                     [f"{v:.6f}" for v in row] + [_csv(seen[k])] +
+                     ([] if exposed is None else [_csv(exposed[k])]))
     confusion = getattr(result, "confusion", None)
     if confusion is not None:
       self._write_confusion(np.asarray(confusion))
@@ -420,9 +442,19 @@ def task_accuracy_json(result: Any) -> dict[str, Any]:
   task = getattr(result, "task_accuracy", None)
   if task is None:
     return {}
-  task = np.asarray(task, np.float64)
-  return {"task_accuracy": np.where(np.isnan(task), None,
-                                    task.astype(object)).tolist()}
+  return {"task_accuracy": json_lists(task)}
+
+
+def json_lists(a: Any) -> Any:
+  """``a`` as nested lists for JSON, null for NaN (``json`` would write
+  ``NaN``, which JSON does not allow)."""
+  a = np.asarray(a, np.float64)
+  return np.where(np.isnan(a), None, a.astype(object)).tolist()
+
+
+def _csv(v: float) -> str:
+  """A CSV cell: six decimals, empty for NaN."""
+  return "" if np.isnan(v) else f"{v:.6f}"
 
 
 def _truncate_log(path: str, step: int) -> None:
@@ -577,6 +609,10 @@ def plot_accuracy_curve(curve: Any, path: str, split: str = "test",
               label=f"exp{j}" if n_test <= 10 else None)
   seen = metrics.seen_accuracy(exp, acc, square)
   ax.plot(step, seen, color="k", lw=2, label="average (seen)")
+  exposed = getattr(curve, "exposed", None)
+  if exposed is not None:
+    ax.plot(step, exposed, color="k", lw=1.5, ls="--",
+            label="exposed classes")
   for e in np.unique(exp[exp >= 0]):
     ax.axvline(step[exp == e][-1], color="gray", ls=":", lw=0.8)
   ax.set_ylim(0, 1.02)

@@ -375,7 +375,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
         metrics={k: [v] for k, v in one.metrics.items()},
         state=jax.tree.map(lambda a: a[None], one.state),
         curve=None if one.curve is None else dataclasses.replace(
-            one.curve, accuracy=np.asarray(one.curve.accuracy)[None]),
+            one.curve, accuracy=np.asarray(one.curve.accuracy)[None],
+            exposed=None if one.curve.exposed is None else
+            np.asarray(one.curve.exposed)[None]),
         confusion=None if one.confusion is None else one.confusion[None],
         task_accuracy=None if one.task_accuracy is None
         else one.task_accuracy[None])
@@ -403,7 +405,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
                  **({} if curve is None else {"curve": {
                      "step": curve.step.tolist(),
                      "experience": curve.experience.tolist(),
-                     "accuracy": np.asarray(curve.accuracy).tolist()}}),
+                     "accuracy": np.asarray(curve.accuracy).tolist(),
+                     **({} if curve.exposed is None else {
+                         "exposed": report.json_lists(curve.exposed)})}}),
                  **report.task_accuracy_json(result),
                  "times": result.times}, f, indent=2)
   return out

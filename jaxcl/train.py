@@ -521,11 +521,12 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
 def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
              test: dict[str, jax.Array], *, eval_batch_size: int,
              batch_spec: Callable[[Batch], Batch] | None = None,
-             confusion: bool = False, task_aware: bool = False):
+             confusion: bool = False, task_aware: bool = False,
+             per_class: bool = False):
   """Accuracy of ``state`` on every stacked test set: one accuracy row.
 
-  With ``confusion`` or ``task_aware``, a dict instead: ``accuracy``, the
-  row, and
+  With ``confusion``, ``task_aware`` or ``per_class``, a dict instead:
+  ``accuracy``, the row, and
 
   * ``confusion`` (with ``confusion``): the confusion matrix over all the
     test sets, ``[y, p]`` the int32 number of test examples of class ``y``
@@ -535,7 +536,12 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
   * ``task_accuracy`` (with ``task_aware``): the row when each test set's
     predictions are restricted to the classes among its labels, as if its
     task were given (Mammoth's Task-IL accuracy of a class-incremental
-    run, its ``mask_classes``).
+    run, its ``mask_classes``);
+  * ``class_correct`` (with ``per_class``): the int32 number of test
+    examples of each class predicted right, over all the test sets
+    (``ctx.info.num_classes``): the confusion matrix's diagonal without
+    the matrix, for the accuracy over any set of classes (the classes
+    exposed so far, :func:`jaxcl.metrics.exposed_anytime_accuracy`).
   """
   predict = strategy.predict or default_predict
   e_n, m = test["y"].shape
@@ -586,7 +592,7 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
     return correct / jnp.maximum(test["count"], 1)
 
   row = row_of(pred)
-  if not (confusion or task_aware):
+  if not (confusion or task_aware or per_class):
     return row
   out = {"accuracy": row}
   if confusion:
@@ -594,6 +600,9 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
         valid.astype(jnp.int32), mode="drop")
   if task_aware:
     out["task_accuracy"] = row_of(task_pred.reshape(e_n, m))
+  if per_class:
+    out["class_correct"] = jnp.zeros((c,), jnp.int32).at[test["y"]].add(
+        (valid & (pred == test["y"])).astype(jnp.int32), mode="drop")
   return out
 
 
@@ -634,6 +643,9 @@ class Learner:
     task_aware: the loop also keeps, at each experience's end, the
       accuracies with each test set's predictions restricted to its own
       classes (a class-incremental stream's Task-IL accuracy).
+    per_class: every evaluation (:attr:`eval_fn` and :attr:`end_eval_fn`)
+      also counts each class's correct test examples (``class_correct``),
+      for the accuracy over the classes exposed so far.
   """
   ctx: Context
   strategy: Strategy
@@ -650,6 +662,7 @@ class Learner:
   eval_every_steps: int = 0
   confusion: bool = False
   task_aware: bool = False
+  per_class: bool = False
 
   def _batch_spec(self):
     if self.mesh is None:
@@ -700,22 +713,25 @@ class Learner:
 
   @functools.cached_property
   def eval_fn(self):
-    """``(state, test) -> accuracy row``, jitted."""
+    """``(state, test) -> accuracy row``, jitted; with ``per_class`` a
+    dict of the row (``accuracy``) and ``class_correct``."""
     f = functools.partial(evaluate, self.ctx, self.strategy,
                           eval_batch_size=self.eval_batch_size,
-                          batch_spec=self._batch_spec())
+                          batch_spec=self._batch_spec(),
+                          per_class=self.per_class)
     return self._jit(f, 2, donate=False, out_state=False)
 
   @functools.cached_property
   def end_eval_fn(self):
     """``(state, test) -> dict``, jitted: the evaluation at the
-    experiences' ends, :func:`evaluate` with this learner's ``confusion``
-    and ``task_aware`` (at least one set)."""
+    experiences' ends, :func:`evaluate` with this learner's
+    ``confusion``, ``task_aware`` and ``per_class`` (at least one set)."""
     f = functools.partial(evaluate, self.ctx, self.strategy,
                           eval_batch_size=self.eval_batch_size,
                           batch_spec=self._batch_spec(),
                           confusion=self.confusion,
-                          task_aware=self.task_aware)
+                          task_aware=self.task_aware,
+                          per_class=self.per_class)
     return self._jit(f, 2, donate=False, out_state=False)
 
 
@@ -732,7 +748,7 @@ def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
 def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  eval_batch_size: int = 1000, checkpoint_every_steps: int = 0,
                  eval_every_steps: int = 0, confusion: bool = False,
-                 task_aware: bool = False,
+                 task_aware: bool = False, per_class: bool = False,
                  reset_optimizer: bool = True) -> Learner:
   """Validates the loop settings and builds a :class:`Learner`.
 
@@ -766,4 +782,4 @@ def make_learner(ctx: Context, strategy: Strategy, *, epochs: int,
                  reset_optimizer=reset_optimizer,
                  checkpoint_every_steps=checkpoint_every_steps,
                  eval_every_steps=eval_every_steps, confusion=confusion,
-                 task_aware=task_aware)
+                 task_aware=task_aware, per_class=per_class)

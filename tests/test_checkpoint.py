@@ -678,9 +678,10 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
     jaxcl.run(c, work)
   _saves_until(monkeypatch, 0)
   final = jaxcl.run(c, work, resume=True)
-  for f in ("step", "experience", "accuracy"):
+  for f in ("step", "experience", "accuracy", "exposed"):
     np.testing.assert_array_equal(getattr(final.curve, f),
                                   getattr(ref.curve, f))
+  assert "a_auc" in final.metrics
   assert final.metrics == ref.metrics
   assert log_records(work) == log_records(ref_dir)
   # Another interval is another curve: refused, naming it.
@@ -689,6 +690,44 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
                      match=r"train.eval_every_steps: checkpoint has 3, this "
                      "run has 4"):
     jaxcl.run(c, work)
+
+
+def test_resumes_a_checkpoint_without_exposed_accuracies(tmp_path,
+                                                        monkeypatch):
+  """Checkpoints written before session 47 hold no accuracies over the
+  exposed classes: a run resumes from one, those of the points before it
+  unknown (NaN), the later ones as an uninterrupted run's, and without
+  ``a_auc`` (over a part of the stream it would mislead)."""
+  import jaxcl
+  from jaxcl import checkpoint
+  from resume_driver import config
+  c = config()
+  c.scenario.n_experiences, c.train.eval_every_steps = 2, 5
+  ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
+  work = str(tmp_path / "run")
+  real_save = checkpoint.Checkpointer.save
+
+  def old_save(self, state, progress, position, seconds=None):
+    if position == checkpoint.Position(1, "begin"):
+      real_save(self, state, {k: v for k, v in progress.items()
+                              if k != "curve_exposed"}, position, seconds)
+      raise _Interrupted(position)
+    real_save(self, state, progress, position, seconds)
+
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.Checkpointer, "save", old_save)
+    with pytest.raises(_Interrupted):
+      jaxcl.run(c, work)
+  final = jaxcl.run(c, work, resume=True)
+  first = final.curve.experience <= 0
+  assert np.isnan(final.curve.exposed[first]).all()
+  np.testing.assert_array_equal(final.curve.exposed[~first],
+                                ref.curve.exposed[~first])
+  assert not np.isnan(ref.curve.exposed[1:]).any()
+  np.testing.assert_array_equal(final.curve.accuracy, ref.curve.accuracy)
+  assert "a_auc" in ref.metrics and "a_auc" not in final.metrics
+  assert final.metrics == {k: v for k, v in ref.metrics.items()
+                           if k != "a_auc"}
 
 
 def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,

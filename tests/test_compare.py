@@ -44,6 +44,11 @@ def test_a_runs_row_is_its_results(dirs):
                                   row.curve.accuracy)
   for k, v in got.items():
     assert whole["metrics"][k] == pytest.approx(v, abs=1e-5)
+  # The exposed classes' accuracy column, by name (none initially).
+  assert np.isnan(row.curve.exposed[0])
+  assert whole["metrics"]["a_auc"] == pytest.approx(
+      metrics.exposed_anytime_accuracy(row.curve.step, row.curve.exposed),
+      abs=1e-5)
 
 
 def test_a_sweeps_rows_are_its_settings(dirs):
@@ -66,6 +71,8 @@ def test_a_sweeps_rows_are_its_settings(dirs):
                               pytest.approx(v.std(ddof=1) / np.sqrt(2)))
     np.testing.assert_allclose(r.accuracy, acc[idx].mean(0))
     np.testing.assert_allclose(r.curve.accuracy, curves[idx].mean(0))
+    exposed = np.asarray(data["curve"]["exposed"], np.float64)
+    np.testing.assert_allclose(r.curve.exposed, exposed[idx].mean(0))
   assert rows[0].metrics["acc"] != rows[1].metrics["acc"]
 
 

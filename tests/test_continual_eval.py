@@ -174,7 +174,7 @@ def test_run_directory_holds_the_curve(two, tmp_path):
   with open(tmp_path / "accuracy_curve.csv") as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["step", "experience", "acc_exp0", "acc_exp1",
-                     "average_accuracy_seen"]
+                     "average_accuracy_seen", "exposed_accuracy"]
   body = rows[1:]
   assert [int(row[0]) for row in body] == r.curve.step.tolist()
   assert [int(row[1]) for row in body] == r.curve.experience.tolist()
@@ -186,11 +186,18 @@ def test_run_directory_holds_the_curve(two, tmp_path):
   for row, e, a in zip(body[1:], r.curve.experience[1:],
                        r.curve.accuracy[1:]):
     assert float(row[4]) == pytest.approx(a[:e + 1].mean(), abs=1e-6)
+  # The exposed classes' accuracy (class-incremental), none initially.
+  assert body[0][5] == ""
+  np.testing.assert_allclose([float(row[5]) for row in body[1:]],
+                             r.curve.exposed[1:], atol=1e-6)
   assert os.path.getsize(tmp_path / "accuracy_curve.png") > 0
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   points = [x for x in logged if "curve_accuracy" in x]
   assert [x["step"] for x in points] == r.curve.step.tolist()
+  assert "curve_exposed_accuracy" not in points[0]
+  np.testing.assert_allclose([x["curve_exposed_accuracy"]
+                              for x in points[1:]], r.curve.exposed[1:])
   final = [x for x in logged if "final" in x][0]["final"]
   assert final["wc_acc"] == pytest.approx(r.metrics["wc_acc"])
   with open(tmp_path / "accuracy_matrix.json") as f:
@@ -263,3 +270,146 @@ def test_sweep_json_holds_each_runs_curve(two, tmp_path):
   assert one.metrics[0]["wc_acc"] == pytest.approx(metrics.continual_summary(
       one.result.curve.step, one.result.curve.experience,
       one.result.curve.accuracy[0])["wc_acc"])
+
+
+# --------------------------------------------------------------------------
+# Koh et al.'s accuracy over the classes exposed so far (A_AUC).
+
+
+def _hand_a_auc(step, exposed):
+  """A_AUC per step, written out: each point after the first weighted by
+  the steps since the one before."""
+  num = den = 0.0
+  for k in range(1, len(step)):
+    num += (step[k] - step[k - 1]) * exposed[k]
+    den += step[k] - step[k - 1]
+  return num / den
+
+
+@pytest.fixture(scope="module")
+def blurry_run(digits):
+  """i-Blurry-50-30 on digits (5 experiences; each experience's blurry
+  classes also turn up, a few at a time, in all the others), Replay,
+  evaluated every 5 steps."""
+  from jaxcl import scenarios
+  sc = scenarios.blurry(digits, 5, disjoint=0.5, blurred=0.3)
+  c = quick_config(**{"train.eval_every_steps": 5,
+                      "strategy.name": "replay"})
+  return sc, jaxcl.run(c, scenario=sc)
+
+
+def test_exposed_accuracy_counts_the_classes_seen_so_far(blurry_run):
+  sc, r = blurry_run
+  curve = r.curve
+  assert curve.exposed.shape == curve.step.shape
+  assert np.isnan(curve.exposed[0])  # nothing is exposed initially
+  # Leaked classes: experience 0's training data hold classes whose test
+  # set is a later experience's, so the exposed classes are not the
+  # test sets seen (what the anytime accuracy averages).
+  home0 = set(np.unique(sc.eval_experiences[0].test_y).tolist())
+  assert set(sc.experiences[0].classes) > home0
+  # At each experience's end: from the confusion matrix (the diagonal:
+  # each class's correct examples), over the classes of the experiences
+  # so far, weighted by their test examples.
+  labels = np.concatenate([e.test_y for e in sc.eval_experiences])
+  count = np.bincount(labels, minlength=10)
+  ends = [int(np.flatnonzero(curve.experience == i)[-1]) for i in range(5)]
+  exposed = set()
+  for i, k in enumerate(ends):
+    exposed |= set(sc.experiences[i].classes)
+    cls = sorted(exposed)
+    want = np.diag(r.confusion[i])[cls].sum() / count[cls].sum()
+    assert curve.exposed[k] == pytest.approx(want, abs=1e-9)
+  # A_AUC, the step-weighted mean, is far below the anytime accuracy here
+  # (leaked classes are tested from experience 0 on, before they are
+  # learned); the summary has both.
+  want = _hand_a_auc(curve.step, curve.exposed)
+  assert r.metrics["a_auc"] == pytest.approx(want)
+  assert r.metrics["a_auc"] < r.metrics["anytime_acc"] - 0.1
+
+
+def test_exposed_accuracy_inside_an_experience_is_the_states(two):
+  """A point inside an experience: the state after 10 steps, trained here
+  chunk by chunk, its predictions counted with NumPy. On a split stream
+  the exposed classes are the experiences' so far, so the value is the
+  seen test sets' accuracy weighted by their sizes."""
+  c = quick_config(**{"train.eval_every_steps": 5})
+  r = jaxcl.run(c, scenario=two)
+  s = experiment.setup(c, two)
+  learner, ctx = s.learner, s.learner.ctx
+  state = experiment.initial_state(s, 0)
+  exp = two.experiences[0]
+  data = train.device_experience(exp, ctx.info.train_size)
+  for start in (0, 5):
+    state, _, _ = learner.chunk_fn(state, data, exp.num_train, 0, 0, start)
+  k = int(np.flatnonzero(r.curve.step == 10)[0])
+  host = jax.tree.map(np.asarray, state)
+  right = total = 0
+  for e in two.eval_experiences:
+    pred = np.asarray(ctx.logits(host.params, host.model_state, e.test_x,
+                                 e.test_task)).argmax(1)
+    keep = np.isin(e.test_y, list(exp.classes))
+    right += int((pred == e.test_y)[keep].sum())
+    total += int(keep.sum())
+  assert r.curve.exposed[k] == pytest.approx(right / total, abs=1e-9)
+  sizes = np.array([len(e.test_y) for e in two.eval_experiences])
+  for e, a, x in zip(r.curve.experience[1:], r.curve.accuracy[1:],
+                     r.curve.exposed[1:]):
+    n = sizes[:e + 1]
+    assert x == pytest.approx(np.sum(a[:e + 1] * n) / n.sum(), abs=1e-6)
+
+
+def test_exposed_accuracy_only_on_class_incremental_streams():
+  task = jaxcl.run(quick_config(**{"train.eval_every_steps": 8,
+                                   "scenario.kind": "task",
+                                   "scenario.n_experiences": 2}))
+  assert task.curve is not None and task.curve.exposed is None
+  assert "a_auc" not in task.metrics and "anytime_acc" in task.metrics
+
+
+def test_a_sweeps_exposed_curves_are_its_runs(two, tmp_path):
+  from jaxcl import sweep
+  c = quick_config(**{"train.eval_every_steps": 8})
+  c.report.tensorboard = c.report.plots = False
+  out = sweep.sweep(c, seeds=[0, 1], workdir=str(tmp_path / "s"),
+                    scenario=two)
+  curve = out.result.curve
+  assert curve.exposed.shape == (2, len(curve.step))
+  assert not np.array_equal(curve.exposed[0], curve.exposed[1])
+  with open(tmp_path / "s" / "sweep.json") as f:
+    data = json.load(f)
+  got = data["curve"]["exposed"]
+  for m in range(2):
+    assert got[m][0] is None  # NaN, written as null
+    np.testing.assert_allclose(got[m][1:], curve.exposed[m, 1:])
+    assert data["metrics"][m]["a_auc"] == pytest.approx(
+        _hand_a_auc(curve.step, curve.exposed[m]))
+  # Each run's points equal its single run's.
+  c.seed = 1
+  one = jaxcl.run(c, scenario=two)
+  np.testing.assert_allclose(curve.exposed[1], one.curve.exposed,
+                             atol=1e-6)
+
+
+def test_class_correct_counts_the_test_examples_only(full_stream):
+  """``class_correct``: each class's right predictions over every test set,
+  the confusion matrix's diagonal; with a model that predicts class 0
+  everywhere, the padding rows (label 0, test sets of 89-91 rows padded to
+  96) would count as right ones if they were counted."""
+  s = experiment.setup(quick_config(**{"train.eval_batch_size": 32}),
+                       full_stream)
+  state = experiment.initial_state(s, 0)
+  test = train.test_arrays(full_stream.eval_experiences, 32)
+  assert test["y"].shape[1] == 96 > max(test["count"])  # padding exists
+  ctx = s.learner.ctx
+  out = train.evaluate(ctx, s.learner.strategy, state, test,
+                       eval_batch_size=32, confusion=True, per_class=True)
+  np.testing.assert_array_equal(np.asarray(out["class_correct"]),
+                                np.diag(np.asarray(out["confusion"])))
+  zero = s.learner.strategy._replace(
+      predict=lambda ctx, ss, p, ms, x, t: jax.nn.one_hot(
+          jax.numpy.zeros(x.shape[0], jax.numpy.int32), 10))
+  got = np.asarray(train.evaluate(ctx, zero, state, test, eval_batch_size=32,
+                                  per_class=True)["class_correct"])
+  zeros = sum(int((e.test_y == 0).sum()) for e in full_stream.eval_experiences)
+  assert got.tolist() == [zeros] + [0] * 9

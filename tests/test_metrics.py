@@ -158,6 +158,31 @@ def test_anytime_accuracy_averages_the_seen_experiences_over_steps():
     metrics.anytime_accuracy(CURVE_STEP[::-1], CURVE_EXP, CURVE_ACC)
 
 
+def test_exposed_accuracy_and_its_anytime_average():
+  # Classes 0-3 with 10, 20, 30, 40 test examples; 0 and 2 exposed: the
+  # right predictions of those classes over their examples.
+  correct = np.array([5, 20, 15, 0])
+  count = np.array([10, 20, 30, 40])
+  exposed = np.array([True, False, True, False])
+  assert metrics.exposed_accuracy(correct, count, exposed) == (
+      pytest.approx(20 / 40))
+  assert np.isnan(metrics.exposed_accuracy(correct, count,
+                                           np.zeros(4, bool)))
+  # A sweep's runs (leading axis) at once.
+  both = metrics.exposed_accuracy(np.stack([correct, count]), count,
+                                  exposed)
+  np.testing.assert_allclose(both, [0.5, 1.0])
+  # Weighted by the steps since the point before; the initial point's
+  # value (NaN: nothing exposed) is ignored.
+  assert metrics.exposed_anytime_accuracy(
+      [0, 1, 20, 22], [np.nan, 0.4, 0.6, 0.9]) == pytest.approx(
+          (1 * 0.4 + 19 * 0.6 + 2 * 0.9) / 22)
+  with pytest.raises(ValueError, match="one shape"):
+    metrics.exposed_anytime_accuracy([0, 1, 2], [np.nan, 0.5])
+  with pytest.raises(ValueError, match="after training steps"):
+    metrics.exposed_anytime_accuracy([0, 0], [np.nan, 0.5])
+
+
 def test_continual_summary_and_bad_curves():
   assert metrics.continual_summary(CURVE_STEP, CURVE_EXP, CURVE_ACC) == {
       "min_acc": pytest.approx(0.25),
