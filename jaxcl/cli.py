@@ -73,8 +73,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
                            "sweep: seeds of the runs (comma-separated).")
 _PER_SEED = flags.DEFINE_bool(
     "scenario_per_seed", False, "sweep: each run trains on its seed's own "
-    "draw of a permuted / rotated stream (permutations, angles), still in "
-    "one vmapped program; the runs' data are stacked, not shared.")
+    "draw of a permuted / rotated / blurry stream (permutations, angles, "
+    "which examples are dealt where), still in one vmapped program; the "
+    "runs' data are stacked, not shared.")
 _VALUES = flags.DEFINE_multi_string(
     "values", [], "sweep: KEY=V1,V2,... hyperparameter values (repeatable); "
     "the grid is seeds x all values.")

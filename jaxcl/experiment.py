@@ -607,15 +607,19 @@ def _host_hook(hook, ctx, state, exps: Sequence[Experience], members: int):
 
 
 def check_same_stream(streams: Sequence[Scenario]) -> None:
-  """Raises :class:`ConfigError` unless the scenarios differ only in their
-  inputs (draws of one permuted or rotated stream): a sweep's runs share
-  one program, so the stream's length, sizes, labels, task ids and class
-  layout must agree."""
+  """Raises :class:`ConfigError` unless the scenarios are draws of one
+  stream: a sweep's runs share one program, so the stream's length,
+  sizes, test labels, task ids and class layout (each experience's
+  classes) must agree. The inputs may differ (permuted or rotated draws),
+  and so may the training examples each experience holds, labels
+  included (blurry draws deal other examples of the same classes); each
+  run trains on its own."""
   first = streams[0]
   for k, sc in enumerate(streams[1:], 1):
     def differ(what):
       raise ConfigError(
-          f"the runs' scenarios must differ only in their inputs; draw {k} "
+          f"the runs' scenarios must be draws of one stream (other inputs, "
+          f"or other training examples of the same classes); draw {k} "
           f"({sc.name}) differs from draw 0 ({first.name}) in {what}")
     for f in ("kind", "num_classes", "num_tasks", "online"):
       if getattr(sc, f) != getattr(first, f):
@@ -629,7 +633,12 @@ def check_same_stream(streams: Sequence[Scenario]) -> None:
       for i, (a, b) in enumerate(zip(mine, theirs)):
         if (a.task_id, a.classes) != (b.task_id, b.classes):
           differ(f"the task id or classes of {name}[{i}]")
-        for f in ("train_y", "test_y", "train_task", "test_task"):
+        if a.num_train != b.num_train:
+          differ(f"the number of training examples of {name}[{i}] "
+                 f"({a.num_train} against draw 0's {b.num_train})")
+        # (The loop's steps and the evaluation's test rows are the first
+        # draw's; a run's own training labels stay its own.)
+        for f in ("test_y", "train_task", "test_task"):
           if not np.array_equal(getattr(a, f), getattr(b, f)):
             differ(f"{f} of {name}[{i}]")
 
@@ -775,7 +784,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   state on the mesh (``config.parallel.devices``), restores a checkpoint
   when there is one, and trains / evaluates / checkpoints experience by
   experience. ``member_scenarios`` (a sweep only): one scenario per run,
-  draws that differ only in their inputs (:func:`check_same_stream`);
+  draws of one stream (:func:`check_same_stream`);
   each run trains and is tested on its own.
   """
   from jaxcl import checkpoint, parallel, report  # side effects: the edges

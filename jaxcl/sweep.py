@@ -201,18 +201,22 @@ def _check_setting(config) -> None:
   experiment.build_strategy(config)
 
 
-# Scenario types whose draw (config.scenario.seed) changes only the inputs.
-DRAWN_SCENARIOS = ("permuted", "rotated")
+# Scenario types whose draw (config.scenario.seed) changes only the
+# training and test inputs (permuted, rotated) or which training examples
+# each experience deals (blurry), not the stream's shape.
+DRAWN_SCENARIOS = ("permuted", "rotated", "blurry")
 
 
 def _draws(config, seeds: Sequence[int]) -> dict[int, Any]:
-  """Each seed's own draw of the configured permuted / rotated stream."""
+  """Each seed's own draw of the configured permuted / rotated / blurry
+  stream."""
   sc = config.scenario
   if sc.type not in DRAWN_SCENARIOS or (sc.type == "rotated" and
                                         tuple(sc.angles)):
     raise ConfigError(
-        f"scenario_per_seed draws each seed's permutations or angles "
-        f"(config.scenario.seed = the run's seed); it needs scenario.type in "
+        f"scenario_per_seed draws each seed's permutations, angles or "
+        f"blurry deal (config.scenario.seed = the run's seed); it needs "
+        f"scenario.type in "
         f"{list(DRAWN_SCENARIOS)} without explicit angles, got "
         f"{sc.type!r}" + (f" with angles {tuple(sc.angles)}"
                           if tuple(sc.get("angles", ())) else ""))
@@ -348,7 +352,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
     scenario: a prebuilt scenario.
     scenario_per_seed: each run trains and is tested on its seed's own draw
       of a permuted or rotated stream (``config.scenario.seed`` set to the
-      run's seed, as Mammoth draws them per run), still in one program.
+      run's seed, as Mammoth draws them per run), or trains on its own
+      deal of a blurry stream (Koh et al.'s ``rand1``-``rand3``), still in
+      one program.
       A ``dataset.train_subset`` stays the one drawn from
       ``config.seed``, shared by the runs.
       The runs' data are then stacked, not shared: host and device memory

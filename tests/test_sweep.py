@@ -304,10 +304,43 @@ def test_scenario_per_seed_runs_each_seed_on_its_own_draw():
   assert not np.allclose(shared.accuracy[1], r.accuracy[1])
 
 
+def test_scenario_per_seed_deals_each_seed_its_blurry_stream():
+  """A blurry stream's draw is which training examples each experience
+  deals (Koh et al.'s rand1-rand3): member i trains on seed i's deal and
+  equals a plain run with seed i and scenario.seed i, curve included."""
+  def config():
+    c = small_config(2)
+    c.scenario.type, c.scenario.disjoint = "blurry", 0.0
+    c.scenario.blurred, c.train.eval_every_steps = 0.3, 10
+    c.strategy.name = "replay"
+    return c
+  r = sweep.sweep(config(), seeds=[0, 1], scenario_per_seed=True)
+  assert r.result.learner.member_data
+  singles = []
+  for i in (0, 1):
+    c = config()
+    c.seed = c.scenario.seed = i
+    singles.append(jaxcl.run(c))
+    np.testing.assert_allclose(r.accuracy[i], singles[i].accuracy,
+                               atol=1e-5)
+    np.testing.assert_allclose(r.result.curve.exposed[i],
+                               singles[i].curve.exposed, atol=1e-5)
+  # The deals differ in their labels, not only in their inputs (the
+  # check the sweep's streams pass allows that, and only that).
+  from jaxcl import experiment
+  draws = [experiment.build_scenario(c) for c in (config(), config())]
+  c = config()
+  c.scenario.seed = 1
+  draws[1] = experiment.build_scenario(c)
+  assert not np.array_equal(draws[0].experiences[0].train_y,
+                            draws[1].experiences[0].train_y)
+  experiment.check_same_stream(draws)
+
+
 def test_scenario_per_seed_refuses_streams_it_cannot_draw():
   c = small_config()  # split: scenario.seed does not change it
   with pytest.raises(ValueError, match="needs scenario.type in "
-                     r"\['permuted', 'rotated'\].*got 'split'"):
+                     r"\['permuted', 'rotated', 'blurry'\].*got 'split'"):
     sweep.sweep(c, seeds=[0, 1], scenario_per_seed=True)
   c = permuted_config()
   c.scenario.type = "rotated"
@@ -324,10 +357,22 @@ def test_member_scenarios_must_differ_only_in_inputs():
   a = scenarios.from_arrays([(x, y)], [(x, y)])
   b = scenarios.from_arrays([(x + 1, y)], [(x, y)])  # other inputs: fine
   experiment.check_same_stream([a, b])
-  c = scenarios.from_arrays([(x, y[::-1])], [(x, y)])
-  with pytest.raises(ValueError, match=r"draw 1 .* train_y of "
+  # Other training labels of the same classes (a blurry deal): fine.
+  experiment.check_same_stream(
+      [a, scenarios.from_arrays([(x, y[::-1])], [(x, y)])])
+  # Other test labels, other classes or another size: refused.
+  c = scenarios.from_arrays([(x, y)], [(x, y[::-1])])
+  with pytest.raises(ValueError, match=r"draw 1 .* test_y of "
                      r"experiences\[0\]"):
     experiment.check_same_stream([a, b, c][::2])
+  d = scenarios.from_arrays([(x, np.zeros(12, int))], [(x, y)])
+  with pytest.raises(ValueError, match=r"task id or classes of "
+                     r"experiences\[0\]"):
+    experiment.check_same_stream([a, d])
+  e = scenarios.from_arrays([(x[:10], y[:10])], [(x, y)])
+  with pytest.raises(ValueError, match=r"number of training examples of "
+                     r"experiences\[0\] \(10 against draw 0's 12\)"):
+    experiment.check_same_stream([a, e])
 
 
 def test_cli_sweep_per_seed_and_its_checkpoint_fingerprint(tmp_path):
