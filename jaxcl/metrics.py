@@ -89,16 +89,29 @@ steps); and the model predicts over all its outputs, as in every other
 jaxcl evaluation, where their classifier has outputs for the exposed
 classes only.
 
-De Lange et al. also measure how fast an experience is lost: its largest
-drop within a window, ``WF^w``. Their window counts evaluations, so its
-value changes with how often one evaluates; :func:`windowed_forgetting`
-counts training steps instead (``w`` steps, from each experience's end):
+De Lange et al. also measure how fast an experience is lost and how fast
+it is learned: its largest drop, ``WF^w`` (windowed forgetting), and its
+largest rise, ``WP^w`` (windowed plasticity), between two evaluations
+within a window, from when the experience starts training, averaged over
+all ``T`` experiences (as their code, ``continual_eval_metrics.py``: a
+sliding window per task from its first evaluation, the maximum over the
+run, 0 when it never drops, then the mean over the tasks). Their window
+counts evaluations, so its value changes with how often one evaluates;
+:func:`windowed_forgetting` and :func:`windowed_plasticity` count
+training steps instead (their ``F10`` with an evaluation every ``N``
+steps is ``w = 9 N`` here):
 
 .. math::
 
-  \\mathrm{WF}^w = \\frac{1}{T-1} \\sum_{i<T-1}
-      \\max_{k < l:\\; k \\ge \\mathrm{end}_i,\\; s_l - s_k \\le w}
-      (a_{k, i} - a_{l, i})
+  \\mathrm{WF}^w = \\frac{1}{T} \\sum_{i<T} \\max\\Big(0,
+      \\max_{k < l:\\; e_k \\ge i,\\; s_l - s_k \\le w}
+      (a_{k, i} - a_{l, i})\\Big), \\qquad
+  \\mathrm{WP}^w = \\frac{1}{T} \\sum_{i<T} \\max\\Big(0,
+      \\max_{k < l:\\; e_k \\ge i,\\; s_l - s_k \\le w}
+      (a_{l, i} - a_{k, i})\\Big)
+
+(their first task's window also holds the initial model's evaluation;
+here every experience's starts with its own first evaluation.)
 
 **The confusion matrix** (``train.confusion``): ``N[y, p]``, the test
 examples of class ``y`` predicted as ``p`` at an experience's end, over
@@ -132,7 +145,8 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "average_incremental_accuracy", "learning_accuracy",
            "backward_transfer", "forward_transfer", "forgetting", "summary",
            "min_accuracy", "worst_case_accuracy", "anytime_accuracy",
-           "windowed_forgetting", "continual_summary", "seen_accuracy",
+           "windowed_forgetting", "windowed_plasticity",
+           "continual_summary", "seen_accuracy",
            "Curve", "recency_bias", "exposed_anytime_accuracy",
            "exposed_accuracy"]
 
@@ -348,26 +362,40 @@ def exposed_accuracy(class_correct, class_count, exposed) -> np.ndarray:
 
 
 def windowed_forgetting(step, experience, accuracy, window: float) -> float:
-  """WF^w over training steps: the mean over experiences before the last
-  of the largest drop in their accuracy between two evaluations at most
-  ``window`` steps apart, from the experience's end on (0 when it never
-  drops; NaN for one experience)."""
+  """WF^w over training steps: the mean over the experiences of the largest
+  drop in their accuracy between two evaluations at most ``window`` steps
+  apart, from the experience's first evaluation on (0 when it never
+  drops; the module docstring's formula)."""
+  return _windowed(step, experience, accuracy, window, "windowed_forgetting",
+                   rise=False)
+
+
+def windowed_plasticity(step, experience, accuracy, window: float) -> float:
+  """WP^w over training steps: the mean over the experiences of the largest
+  rise in their accuracy between two evaluations at most ``window`` steps
+  apart, from the experience's first evaluation on (how fast it is
+  learned; 0 when it never rises)."""
+  return _windowed(step, experience, accuracy, window, "windowed_plasticity",
+                   rise=True)
+
+
+def _windowed(step, experience, accuracy, window: float, name: str,
+              rise: bool) -> float:
   e, a, t, s = _curve(experience, accuracy, step)
-  checks.positive("windowed_forgetting: window (steps)", window)
-  if t < 2:
-    return float("nan")
-  drops = []
-  for i in range(t - 1):
-    start = int(np.flatnonzero(e == i)[-1])  # experience i's end
-    acc, steps = a[start:, i], s[start:]
-    # For each later point, the best accuracy within the window before it.
+  checks.positive(f"{name}: window (steps)", window)
+  out = []
+  for i in range(t):
+    acc, steps = a[e >= i, i], s[e >= i]
+    if rise:
+      acc = -acc  # a rise is a drop of the negated accuracy
+    # For each point, the best accuracy within the window before it.
     worst = 0.0
     for m in range(1, len(acc)):
       near = (steps[m] - steps[:m]) <= window
       if near.any():
         worst = max(worst, float(acc[:m][near].max() - acc[m]))
-    drops.append(worst)
-  return float(np.mean(drops))
+    out.append(worst)
+  return float(np.mean(out))
 
 
 def continual_summary(step, experience, accuracy) -> dict[str, float]:

@@ -200,27 +200,61 @@ def test_continual_summary_and_bad_curves():
     metrics.min_accuracy(CURVE_EXP, CURVE_ACC[:, :2])
 
 
-def test_windowed_forgetting_is_the_largest_drop_within_a_window_of_steps():
-  # Every 5 steps: experience 0 falls 0.9 -> 0.3 in the 5 steps after its
-  # end, experience 1 0.8 -> 0.2.
+def test_windowed_forgetting_and_plasticity_within_a_window_of_steps():
+  # Every 5 steps. Drops: experience 0 0.9 -> 0.3 and experience 1
+  # 0.8 -> 0.2 in 5 steps, experience 2 none; the mean over all three
+  # (De Lange et al.'s code averages over every task, the last included).
   assert metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC,
-                                     5) == pytest.approx(0.6)
-  # No two points within 4 steps: nothing to measure, no drop.
-  assert metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC,
-                                     4) == 0.0
-  # A slow decline: 0.1 per 5 steps, 0.2 per 10, 0.3 per 15; the points
-  # before experience 0's end (its own training, 0.5 -> 0.9) do not
-  # count, nor does the rise.
+                                     5) == pytest.approx((0.6 + 0.6) / 3)
+  # Rises: 0.3 -> 0.7, 0.2 -> 0.75 and 0.4 -> 0.9.
+  assert metrics.windowed_plasticity(CURVE_STEP, CURVE_EXP, CURVE_ACC,
+                                     5) == pytest.approx(
+                                         (0.4 + 0.55 + 0.5) / 3)
+  # No two points within 4 steps: nothing to measure.
+  for f in (metrics.windowed_forgetting, metrics.windowed_plasticity):
+    assert f(CURVE_STEP, CURVE_EXP, CURVE_ACC, 4) == 0.0
+  # A slow decline of experience 0 (0.1 per 5 steps) after its own rise
+  # (0.5 -> 0.9); experience 1 only rises; the initial model's point
+  # (before experience 0 trains) counts for neither.
   step = [0, 5, 10, 15, 20, 25, 30]
   exp = [-1, 0, 0, 1, 1, 1, 1]
   acc = np.array([[0.1, 0.0], [0.5, 0.0], [0.9, 0.0], [0.8, 0.5],
                   [0.7, 0.6], [0.6, 0.7], [0.8, 0.9]])
-  for window, drop in ((5, 0.1), (10, 0.2), (15, 0.3), (100, 0.3)):
+  for window, drop, rise in ((5, 0.1, (0.4 + 0.2) / 2),
+                             (10, 0.2, (0.4 + 0.3) / 2),
+                             (15, 0.3, (0.4 + 0.4) / 2),
+                             (100, 0.3, (0.4 + 0.4) / 2)):
     assert metrics.windowed_forgetting(step, exp, acc, window) == (
-        pytest.approx(drop)), window
-  assert np.isnan(metrics.windowed_forgetting([0, 3], [-1, 0], [[0.1],
-                                                                [0.9]], 5))
+        pytest.approx(drop / 2)), window
+    assert metrics.windowed_plasticity(step, exp, acc, window) == (
+        pytest.approx(rise)), window
   for bad in (0, -1, float("nan"), True):
     with pytest.raises(ValueError, match="window \\(steps\\) must be a "
                        "finite number > 0"):
       metrics.windowed_forgetting(CURVE_STEP, CURVE_EXP, CURVE_ACC, bad)
+    with pytest.raises(ValueError, match="windowed_plasticity: window"):
+      metrics.windowed_plasticity(CURVE_STEP, CURVE_EXP, CURVE_ACC, bad)
+
+
+def test_windowed_metrics_equal_every_pair_written_out():
+  # Random curves (irregular steps, several points per experience): the
+  # mean over experiences of the largest drop / rise over all pairs of
+  # points from the experience's start, at most `window` steps apart.
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    t, per = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    exp = np.array([-1] + [i for i in range(t) for _ in range(per)])
+    step = np.concatenate([[0], np.cumsum(rng.integers(1, 6, len(exp) - 1))])
+    acc = rng.uniform(size=(len(exp), t))
+    window = float(rng.integers(1, 15))
+    drops, rises = [], []
+    for i in range(t):
+      pts = [k for k in range(len(exp)) if exp[k] >= i]
+      pairs = [(acc[k, i], acc[m, i]) for k in pts for m in pts
+               if k < m and step[m] - step[k] <= window]
+      drops.append(max([0.0] + [x - y for x, y in pairs]))
+      rises.append(max([0.0] + [y - x for x, y in pairs]))
+    assert metrics.windowed_forgetting(step, exp, acc, window) == (
+        pytest.approx(np.mean(drops)))
+    assert metrics.windowed_plasticity(step, exp, acc, window) == (
+        pytest.approx(np.mean(rises)))
