@@ -381,6 +381,8 @@ def windowed_plasticity(step, experience, accuracy, window: float) -> float:
 
 def _windowed(step, experience, accuracy, window: float, name: str,
               rise: bool) -> float:
+  """:func:`windowed_forgetting` (``rise`` False) or
+  :func:`windowed_plasticity` (True); ``name`` for the window's error."""
   e, a, t, s = _curve(experience, accuracy, step)
   checks.positive(f"{name}: window (steps)", window)
   out = []
