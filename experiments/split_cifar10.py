@@ -9,8 +9,11 @@ into 5 experiences of 2 classes (0/1, 2/3, ...), class- or task-incremental
 (logits masked to the task's classes); ResNet-18 (``width=64``, 3x3 stem
 without max-pooling, batch norm) trained from scratch with SGD, 50 epochs
 per experience, batch 32; replay draws 32 memory rows per step. Compare
-with their Table 2 (Seq-CIFAR-10, Class-IL and Task-IL columns).
-Differences: no random crop / flip augmentation (jaxcl has none yet).
+with their Table 2 (Seq-CIFAR-10, Class-IL and Task-IL columns). Every
+training batch, replayed rows included, is augmented as Mammoth's
+``seq-cifar10`` transform augments it (``train.augment=('pad_crop',
+'flip')``: ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``);
+memories keep the rows unaugmented, as Mammoth's ``not_aug_inputs``.
 
   jaxcl run --config experiments/split_cifar10.py:strategy=replay,mem_size=500
   jaxcl run --config experiments/split_cifar10.py:strategy=icarl,kind=class
@@ -78,6 +81,7 @@ def get_config(arg=None):
   c.train.epochs = 50
   c.train.batch_size = 32
   c.train.eval_batch_size = 500
+  c.train.augment, c.train.crop_padding = ("pad_crop", "flip"), 4
   set_strategy(c, s, m, replay_batch=32)
   if a["quick"]:
     c.dataset.train_subset = 500

@@ -9,8 +9,16 @@ key another one. Shapes never depend on the draw: the functions run inside
 sync (contrastive methods augment inside the training step: SCR in
 :mod:`jaxcl.strategies.scr`).
 
-The operations (``OPS``; those SCR's authors use through kornia,
-``agents/scr.py`` of RaptorMai/online-continual-learning):
+The operations (``OPS``): the standard training augmentation of the
+image benchmarks (Mammoth's and FACIL's CIFAR transforms, torchvision's
+``RandomCrop(H, padding)`` then ``RandomHorizontalFlip``), for
+``train.augment``:
+
+* ``pad_crop``: :func:`random_crop`, a random ``H x W`` window of the
+  image zero-padded by ``padding`` pixels on each side;
+
+and those SCR's authors use through kornia (``agents/scr.py`` of
+RaptorMai/online-continual-learning; :data:`SCR_OPS`):
 
 * ``crop``: :func:`random_resized_crop`, a random box of area
   ``s·H·W``, ``s ~ U(scale)``, and aspect ratio ``r``, ``log r ~
@@ -55,10 +63,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["OPS", "random_resized_crop", "horizontal_flip", "color_jitter",
+__all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
+           "horizontal_flip", "color_jitter",
            "random_grayscale", "default_ops", "check_ops", "pipeline"]
 
-OPS = ("crop", "flip", "jitter", "gray")
+OPS = ("pad_crop", "crop", "flip", "jitter", "gray")
+# SCR's kornia pipeline (and default_ops' set for RGB images).
+SCR_OPS = ("crop", "flip", "jitter", "gray")
 
 # ITU-R BT.601 luma weights (torchvision's and kornia's rgb_to_grayscale).
 _LUMA = (0.299, 0.587, 0.114)
@@ -134,6 +145,20 @@ def random_resized_crop(key: jax.Array, x: jax.Array,
   out = jnp.einsum("nih,nhwc,njw->nijc", wy, x.astype(jnp.float32), wx,
                    precision=jax.lax.Precision.HIGHEST)
   return out.astype(x.dtype)
+
+
+def random_crop(key: jax.Array, x: jax.Array, padding: int) -> jax.Array:
+  """Per-example random crops of ``(N, H, W, C)`` images zero-padded by
+  ``padding`` on each side (torchvision's ``RandomCrop(H, padding)``)."""
+  if padding == 0:
+    return x
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  off = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+
+  def one(img, o):
+    return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(one)(xp, off)
 
 
 def horizontal_flip(key: jax.Array, x: jax.Array, p: float = 0.5
@@ -213,12 +238,13 @@ def random_grayscale(key: jax.Array, x: jax.Array, p: float = 0.2
 
 
 def default_ops(input_shape: Sequence[int]) -> tuple[str, ...]:
-  """The operations that make sense for one example's shape: all four for
-  RGB images ``(H, W, 3)`` (SCR's reference set), ``('crop',)`` for
-  single-channel images ``(H, W, 1)``, none for anything else."""
+  """SCR's operations that make sense for one example's shape: all four
+  for RGB images ``(H, W, 3)`` (:data:`SCR_OPS`, the reference set),
+  ``('crop',)`` for single-channel images ``(H, W, 1)``, none for
+  anything else."""
   shape = tuple(input_shape)
   if len(shape) == 3 and shape[-1] == 3:
-    return OPS
+    return SCR_OPS
   if len(shape) == 3 and shape[-1] == 1:
     return ("crop",)
   return ()
@@ -245,6 +271,7 @@ def check_ops(ops: Sequence[str], who: str = "augment") -> tuple[str, ...]:
 
 
 def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
+             crop_padding: int = 4,
              crop_scale: tuple[float, float] = (0.2, 1.0),
              crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
              flip_p: float = 0.5, jitter: tuple[float, ...] = (0.4, 0.4,
@@ -252,12 +279,15 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
              jitter_p: float = 0.8, gray_p: float = 0.2,
              who: str = "augment") -> Augment:
   """``(key, x) -> x``: the named operations applied in :data:`OPS` order
-  (SCR's kornia pipeline: crop, flip, jitter, grayscale), each with its
-  own key. ``x`` is a batch of examples of ``input_shape``.
+  (torchvision's pad-and-crop, then SCR's kornia pipeline: crop, flip,
+  jitter, grayscale), each with its own key. ``x`` is a batch of examples
+  of ``input_shape``.
 
   Args:
     ops: names from :data:`OPS` (empty: the identity).
     input_shape: one example's shape; images are ``(H, W, C)``.
+    crop_padding: :func:`random_crop`'s padding in pixels (4: the CIFAR
+      protocols').
     crop_scale, crop_ratio: :func:`random_resized_crop`'s ranges.
     flip_p: :func:`horizontal_flip`'s probability.
     jitter: brightness, contrast, saturation, hue strengths of
@@ -274,12 +304,16 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
   shape = tuple(input_shape)
   image = len(shape) == 3
   for op in ops:
-    if op in ("crop", "flip") and not image:
+    if op in ("pad_crop", "crop", "flip") and not image:
       raise ValueError(f"{who}: {op!r} needs images shaped (H, W, C); the "
                        f"inputs are shaped {shape}")
     if op in ("jitter", "gray") and not (image and shape[-1] == 3):
       raise ValueError(f"{who}: {op!r} needs RGB images (H, W, 3); the "
                        f"inputs are shaped {shape}")
+  if not (isinstance(crop_padding, int) and not isinstance(
+      crop_padding, bool) and crop_padding >= 0):
+    raise ValueError(f"{who}: crop_padding must be a whole number of "
+                     f"pixels >= 0, got {crop_padding!r}")
   lo_s, hi_s = (float(v) for v in crop_scale)
   if not 0.0 < lo_s <= hi_s <= 1.0:
     raise ValueError(f"{who}: crop_scale must be (lo, hi) with 0 < lo <= "
@@ -298,6 +332,8 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
                      f"saturation, hue) strengths >= 0, hue <= 0.5, got "
                      f"{jitter}")
   steps: list[Augment] = []
+  if "pad_crop" in ops:
+    steps.append(lambda k, x: random_crop(k, x, crop_padding))
   if "crop" in ops:
     steps.append(lambda k, x: random_resized_crop(k, x, (lo_s, hi_s),
                                                   (lo_r, hi_r)))

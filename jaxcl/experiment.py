@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcl import checks, datasets, metrics, models, scenarios, strategies
+from jaxcl import (augment, checks, datasets, metrics, models, scenarios,
+                   strategies)
 from jaxcl.metrics import Curve
 from jaxcl.scenarios import Experience, Scenario
 from jaxcl.state import TrainState
@@ -110,7 +111,13 @@ def default_config() -> ml_collections.ConfigDict:
       # the confusion matrix over the test sets at each experience's end
       # (confusion.npz / .png, metric recency_bias; kept in checkpoints:
       # num_classes^2 int32s per experience)
-      confusion=True))
+      confusion=True,
+      # training augmentation of every step's batch (incoming and replayed
+      # rows; memories keep the rows as they came): names from
+      # jaxcl.augment.OPS, e.g. ('pad_crop', 'flip'), the CIFAR protocols'
+      # RandomCrop(32, padding=4) + RandomHorizontalFlip; () for none
+      augment=(),
+      crop_padding=4))  # pad_crop's zero padding in pixels
   # strategy.name: a name or names joined by '+'; strategy.<name>: kwargs.
   c.strategy = ml_collections.ConfigDict(dict(name="naive"))
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -448,7 +455,7 @@ def setup(config: ml_collections.ConfigDict,
   # sized for train.epochs passes stopped part-way (session 43).
   epochs = 1 if sc.online else tc.epochs
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
-  ctx = make_context(model, tx, info)
+  ctx = make_context(model, tx, info, _augmenter(tc, sc))
   eval_every = tc.get("eval_every_steps", 0)
   checks.whole("train.eval_every_steps", eval_every, 0,
                "0: evaluate at the end of each experience only")
@@ -548,6 +555,35 @@ def _exposure(sc: Scenario, num_classes: int
   labels = np.concatenate([np.asarray(e.test_y, np.int64)
                            for e in sc.eval_experiences])
   return exposed, np.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+def _augment_ops(tc: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """``train.augment``'s operation names (unchecked beyond the type)."""
+  ops = tc.get("augment", ())
+  if isinstance(ops, str) or not isinstance(ops, (tuple, list)):
+    raise ConfigError(
+        f"train.augment must be a sequence of names from "
+        f"{list(augment.OPS)} (e.g. ('pad_crop', 'flip')), got {ops!r}")
+  # (The command line's --config.train.augment=pad_crop,flip arrives as
+  # one string of both.)
+  return tuple(p.strip() for op in ops for p in str(op).split(",")
+               if p.strip())
+
+
+def _augmenter(tc: ml_collections.ConfigDict, sc: Scenario
+               ) -> Any:
+  """``train.augment``'s ``(key, x) -> x`` for the stream's inputs, or None
+  for none; refuses, by name, an operation that is unknown or does not
+  fit the inputs (a flip of flat vectors)."""
+  ops = _augment_ops(tc)
+  if not ops:
+    return None
+  try:
+    return augment.pipeline(ops, sc.input_shape,
+                            crop_padding=tc.get("crop_padding", 4),
+                            who="train.augment")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _accuracy_row(out: Any) -> Any:
@@ -728,6 +764,12 @@ def describe(s: Setup, state: TrainState) -> str:
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
       f"; strategy: {s.strategy_name}"]
+  if learner.ctx.augment is not None:
+    ops = _augment_ops(c.train)
+    pad = (f" (padding {c.train.get('crop_padding', 4)})"
+           if "pad_crop" in ops else "")
+    lines.append(f"augmentation of each training batch: {', '.join(ops)}"
+                 f"{pad}")
   if learner.eval_every_steps:
     lines.append(
         f"continual evaluation: every {learner.eval_every_steps} steps of "

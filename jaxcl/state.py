@@ -128,12 +128,16 @@ class Context:
       memory gradients over the weights that will move: projected over
       every weight, its constraint did not hold after the frozen part was
       dropped (session 35).
+    augment: ``(key, x) -> x``, the training augmentation of every step's
+      prepared batch (incoming and replayed rows; ``train.augment``,
+      :func:`jaxcl.augment.pipeline`), or None.
   """
   model: Any
   tx: optax.GradientTransformation
   info: StreamInfo
   mask_task_logits: bool = False
   freeze: Callable[[Any], Any] = no_freeze
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def apply(self, params, model_state, x, task, train: bool = False,
             features: bool = False, mask: jax.Array | None = None):
@@ -176,12 +180,15 @@ class StepInfo(NamedTuple):
       ``update_grads``.
     task_grads: gradient of the task loss alone (the unregularised loss),
       computed only when a strategy sets ``needs_task_grads``; else None.
-    batch: the (prepared) batch.
+    batch: the (prepared) batch, before ``train.augment``'s augmentation
+      (``Context.augment``): a memory stores the examples as they came,
+      as Mammoth stores ``not_aug_inputs``.
     loss: the total loss.
     key: a PRNG key for this hook, distinct from the keys of
       ``prepare_batch`` and ``update_grads`` in the same step.
-    logits: the model's training-mode logits on ``batch``, from the step's
-      forward pass (before the update): what DER stores with its examples.
+    logits: the model's training-mode logits on ``batch`` (on its
+      augmented inputs, with ``train.augment``), from the step's forward
+      pass (before the update): what DER stores with its examples.
   """
   params_before: Any
   params_after: Any

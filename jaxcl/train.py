@@ -157,11 +157,14 @@ def stream_info(scenario: Scenario, batch_size: int) -> StreamInfo:
   )
 
 
-def make_context(model, tx, info: StreamInfo) -> Context:
+def make_context(model, tx, info: StreamInfo,
+                 augment: Callable[[jax.Array, jax.Array], jax.Array]
+                 | None = None) -> Context:
   """Masks logits to the task's classes in task-incremental streams (for a
-  multi-head model on split streams, too: each head covers all classes)."""
+  multi-head model on split streams, too: each head covers all classes);
+  ``augment`` augments every training step's prepared batch."""
   return Context(model=model, tx=tx, info=info,
-                 mask_task_logits=info.kind == "task")
+                 mask_task_logits=info.kind == "task", augment=augment)
 
 
 def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
@@ -395,6 +398,13 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   batch = strategy.prepare_batch(ctx, state.strategy, batch, k_prep)
   if batch_spec is not None:
     batch = batch_spec(batch)
+  # The hooks after the step see the rows as they came (a memory stores
+  # those); the losses and gradients, the augmented rows. (A key of its
+  # own, so that a run without augmentation draws what it always drew.)
+  came = batch
+  if ctx.augment is not None:
+    batch = {**batch, "x": ctx.augment(jax.random.fold_in(key, 3),
+                                       batch["x"])}
 
   def task_loss_of(logits):
     if strategy.task_loss is not None:
@@ -443,7 +453,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   params = strategy.project_params(ctx, state.strategy, params)
   sstate = strategy.after_step(
       ctx, stepped,
-      StepInfo(state.params, params, grads, task_grads, batch, loss,
+      StepInfo(state.params, params, grads, task_grads, came, loss,
                k_after, logits))
   return state.replace(step=state.step + 1, params=params,
                        opt_state=opt_state, model_state=new_ms,

@@ -367,7 +367,7 @@ def test_default_augmentations_and_op_names():
   # single-channel images; all four for RGB; none for flat inputs.
   assert augment.default_ops((8, 8, 1)) == ("crop",)
   assert augment.default_ops((28, 28, 1)) == ("crop",)
-  assert augment.default_ops((32, 32, 3)) == augment.OPS
+  assert augment.default_ops((32, 32, 3)) == augment.SCR_OPS
   assert augment.default_ops((784,)) == ()
   with pytest.raises(ValueError, match=r"scr: an augmentation is named "
                      r"twice in \('crop', 'flip', 'crop'\)"):

@@ -22,7 +22,8 @@ from jaxcl.strategies import gss as gss_mod
 from jaxcl.strategies.gss import gss
 from jaxcl.strategies import latent_replay as lat
 from jaxcl.strategies.exstream import exstream
-from jaxcl.strategies.gdumb import gdumb, random_crop, retrain, sgdr_epoch_lr
+from jaxcl.augment import random_crop
+from jaxcl.strategies.gdumb import gdumb, retrain, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.mir import mir, retrieve

@@ -150,7 +150,7 @@ def test_augmentations_keep_shape_and_range_and_differ_per_key():
   gray = jnp.asarray(rng.uniform(size=(6, 8, 8, 1)), jnp.float32)
   rgb = jnp.asarray(rng.uniform(size=(6, 8, 8, 3)), jnp.float32)
   k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
-  for x, ops in ((gray, ("crop", "flip")), (rgb, augment.OPS)):
+  for x, ops in ((gray, ("crop", "flip")), (rgb, augment.SCR_OPS)):
     f = jax.jit(augment.pipeline(ops, x.shape[1:]))
     a, b = f(k1, x), f(k2, x)
     assert a.shape == x.shape and a.dtype == x.dtype
@@ -305,9 +305,9 @@ def test_scr_bad_inputs(stream):
       ({"head_dim": 0}, "scr: head_dim must be an int >= 1"),
       ({"augment": "cifar"}, "scr: augment must be 'auto', 'none' or a "
                              "sequence of names"),
-      ({"augment": ("crop", "blur")}, "scr: augment: unknown augmentation "
-                                      "'blur'; valid: \\['crop', 'flip', "
-                                      "'jitter', 'gray'\\]"),
+      ({"augment": ("crop", "blur")},
+       "scr: augment: unknown augmentation 'blur'; valid: \\['pad_crop', "
+       "'crop', 'flip', 'jitter', 'gray'\\]"),
       ({"crop_scale": (0.0, 1.0)}, "scr: crop_scale must be \\(lo, hi\\)"),
       ({"crop_scale": (0.8, 0.5)}, "scr: crop_scale must be")):
     with pytest.raises(ValueError, match=match):

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks
+from jaxcl.augment import random_crop
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.replay import class_balanced_step
@@ -84,20 +85,6 @@ def sgdr_epoch_lr(epoch: jax.Array, max_lr: float,
   t = (e - s).astype(jnp.float32) / s.astype(jnp.float32)
   lr = min_lr + (max_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
   return jnp.where(epoch == 0, 0.1 * max_lr, lr)
-
-
-def random_crop(key: jax.Array, x: jax.Array, padding: int) -> jax.Array:
-  """Per-example random crops of ``(N, H, W, C)`` images zero-padded by
-  ``padding`` on each side (torchvision's ``RandomCrop(H, padding)``)."""
-  if padding == 0:
-    return x
-  n, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  off = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-
-  def one(img, o):
-    return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
-  return jax.vmap(one)(xp, off)
 
 
 def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,

@@ -109,7 +109,7 @@ Differences from the references, on purpose:
   step's training loss.
 * **Augmentation.** Mammoth's strong view is CIFAR's crop + flip +
   AutoAugment and it applies cutmix in the step too. Here the strong view
-  is :func:`jaxcl.strategies.gdumb.random_crop` (``crop_padding``, by
+  is :func:`jaxcl.augment.random_crop` (``crop_padding``, by
   default an eighth of the image side: CIFAR's 4 of 32), the weak view is
   the stored example itself, cutmix applies in buffer fitting only
   (warm-up and ``L`` batches; in a task-incremental stream with one head,
@@ -152,11 +152,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks, mixture
+from jaxcl.augment import random_crop
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._epochs import shuffled_batches
 from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.er_tricks import row_losses
-from jaxcl.strategies.gdumb import random_crop, sgdr_epoch_lr
+from jaxcl.strategies.gdumb import sgdr_epoch_lr
 from jaxcl.strategies.replay import append_rows, incoming_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
