@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
                           # replaces task loss and prediction (cope, scr)
       pretrained="",      # .npz of params (jaxcl.pretrained.save): start
                           # from them instead of a random initialisation
+      # float32 | bfloat16 | float16: the dtype the model computes in
+      # (mixed precision: parameters, optimiser and losses stay float32)
+      compute_dtype="float32",
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0,
@@ -455,7 +458,8 @@ def setup(config: ml_collections.ConfigDict,
   # sized for train.epochs passes stopped part-way (session 43).
   epochs = 1 if sc.online else tc.epochs
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
-  ctx = make_context(model, tx, info, _augmenter(tc, sc))
+  ctx = make_context(model, tx, info, _augmenter(tc, sc),
+                     _compute_dtype(config.model))
   eval_every = tc.get("eval_every_steps", 0)
   checks.whole("train.eval_every_steps", eval_every, 0,
                "0: evaluate at the end of each experience only")
@@ -555,6 +559,20 @@ def _exposure(sc: Scenario, num_classes: int
   labels = np.concatenate([np.asarray(e.test_y, np.int64)
                            for e in sc.eval_experiences])
   return exposed, np.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _compute_dtype(mc: ml_collections.ConfigDict) -> Any:
+  """``model.compute_dtype`` as a dtype, None for float32 (the plain
+  path, unchanged)."""
+  name = mc.get("compute_dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"model.compute_dtype={name!r}; valid: "
+                      f"{list(COMPUTE_DTYPES)} (bfloat16 for mixed "
+                      "precision on TPUs and recent GPUs)")
+  return None if name == "float32" else jax.numpy.dtype(name)
 
 
 def _augment_ops(tc: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -764,6 +782,10 @@ def describe(s: Setup, state: TrainState) -> str:
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
       f"; strategy: {s.strategy_name}"]
+  if learner.ctx.compute_dtype is not None:
+    lines.append(f"mixed precision: the model computes in "
+                 f"{learner.ctx.compute_dtype.name}; parameters, optimiser "
+                 "and losses in float32")
   if learner.ctx.augment is not None:
     ops = _augment_ops(c.train)
     pad = (f" (padding {c.train.get('crop_padding', 4)})"

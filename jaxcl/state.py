@@ -131,6 +131,12 @@ class Context:
     augment: ``(key, x) -> x``, the training augmentation of every step's
       prepared batch (incoming and replayed rows; ``train.augment``,
       :func:`jaxcl.augment.pipeline`), or None.
+    compute_dtype: mixed precision (``model.compute_dtype``): :meth:`apply`
+      runs the model on its inputs and parameters cast to this dtype
+      (``jnp.bfloat16`` on TPUs and recent GPUs), the parameters, the
+      optimiser and the running statistics staying float32 (the gradient
+      flows back through the cast), and returns float32 outputs; None:
+      the parameters' own dtype.
   """
   model: Any
   tx: optax.GradientTransformation
@@ -138,6 +144,7 @@ class Context:
   mask_task_logits: bool = False
   freeze: Callable[[Any], Any] = no_freeze
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  compute_dtype: Any = None
 
   def apply(self, params, model_state, x, task, train: bool = False,
             features: bool = False, mask: jax.Array | None = None):
@@ -149,6 +156,9 @@ class Context:
     ``mask`` (``(batch,)``, > 0 for a real row): in training mode, the
     rows a batch-norm model's statistics count (:func:`batch_stats_mask`).
     """
+    if self.compute_dtype is not None:
+      return self._apply_cast(params, model_state, x, task, train,
+                              features, mask)
     variables = {"params": params, **model_state}
     if train and model_state:
       out, new_ms = self.model.apply(
@@ -161,6 +171,27 @@ class Context:
       new_ms = model_state
     if self.mask_task_logits and not features:
       out = masked_logits(out, task, self.info.task_classes)
+    return out, new_ms
+
+  def _apply_cast(self, params, model_state, x, task, train, features,
+                  mask):
+    """:meth:`apply` in ``compute_dtype``: floating parameters and inputs
+    cast to it; the outputs back to float32 and the new model state to
+    the dtypes it came in (flax's batch norm keeps its statistics in
+    float32 anyway)."""
+    def cast(tree, dtype):
+      return jax.tree.map(
+          lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+          else a, tree)
+
+    plain = dataclasses.replace(self, compute_dtype=None)
+    out, new_ms = plain.apply(
+        cast(params, self.compute_dtype), model_state,
+        cast(x, self.compute_dtype), task, train=train, features=features,
+        mask=mask)
+    out = cast(out, jnp.float32)
+    new_ms = jax.tree.map(lambda a, b: a.astype(b.dtype), new_ms,
+                          model_state)
     return out, new_ms
 
   def logits(self, params, model_state, x, task, train: bool = False,

@@ -159,12 +159,15 @@ def stream_info(scenario: Scenario, batch_size: int) -> StreamInfo:
 
 def make_context(model, tx, info: StreamInfo,
                  augment: Callable[[jax.Array, jax.Array], jax.Array]
-                 | None = None) -> Context:
+                 | None = None, compute_dtype: Any = None) -> Context:
   """Masks logits to the task's classes in task-incremental streams (for a
   multi-head model on split streams, too: each head covers all classes);
-  ``augment`` augments every training step's prepared batch."""
+  ``augment`` augments every training step's prepared batch;
+  ``compute_dtype`` runs the model in mixed precision
+  (:attr:`Context.compute_dtype`)."""
   return Context(model=model, tx=tx, info=info,
-                 mask_task_logits=info.kind == "task", augment=augment)
+                 mask_task_logits=info.kind == "task", augment=augment,
+                 compute_dtype=compute_dtype)
 
 
 def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:
