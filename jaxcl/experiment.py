@@ -102,7 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0,
-      schedule="constant",
+      schedule="constant",  # constant | cosine | linear | multistep
+      milestones=(),      # multistep: epochs where the rate is x gamma
+      gamma=0.1,          # multistep's factor (Mammoth's CIFAR: 35, 45)
       clip_norm=0.0))  # > 0: clip the gradient's global L2 norm to it
   c.train = ml_collections.ConfigDict(dict(
       epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True,
@@ -371,14 +373,20 @@ def build_strategy(config: ml_collections.ConfigDict
   return strategies.from_spec(config.strategy.name, strategy_kwargs(config))
 
 
-def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int):
+def build_optimizer(config: ml_collections.ConfigDict, schedule_steps: int,
+                    epochs: int | None = None):
   """``config.optimizer``'s optax transformation; a schedule decays over
-  ``schedule_steps`` optimiser steps (an experience's)."""
+  ``schedule_steps`` optimiser steps (an experience's ``epochs``, by
+  default ``train.epochs``)."""
   oc = config.optimizer
   return make_optimizer(oc.name, oc.learning_rate, momentum=oc.momentum,
                         weight_decay=oc.weight_decay, schedule=oc.schedule,
                         schedule_steps=schedule_steps,
-                        clip_norm=oc.get("clip_norm", 0.0))
+                        clip_norm=oc.get("clip_norm", 0.0),
+                        milestones=tuple(oc.get("milestones", ())),
+                        gamma=oc.get("gamma", 0.1),
+                        epochs=config.train.epochs if epochs is None
+                        else epochs)
 
 
 def _eval_batch(config: ml_collections.ConfigDict, sc: Scenario) -> int:
@@ -457,7 +465,8 @@ def setup(config: ml_collections.ConfigDict,
   # An online stream is one pass whatever train.epochs says; a schedule
   # sized for train.epochs passes stopped part-way (session 43).
   epochs = 1 if sc.online else tc.epochs
-  tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs)
+  tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs,
+                       epochs)
   ctx = make_context(model, tx, info, _augmenter(tc, sc),
                      _compute_dtype(config.model))
   eval_every = tc.get("eval_every_steps", 0)

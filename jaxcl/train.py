@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "multistep")
 
 
 class ConfigError(ValueError):
@@ -58,8 +58,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
                    weight_decay: float = 0.0, schedule: str = "constant",
-                   schedule_steps: int = 0, clip_norm: float = 0.0
-                   ) -> optax.GradientTransformation:
+                   schedule_steps: int = 0, clip_norm: float = 0.0,
+                   milestones: Sequence[int] = (), gamma: float = 0.1,
+                   epochs: int = 1) -> optax.GradientTransformation:
   """An optax optimiser by name with its learning rate kept in the state.
 
   The learning rate is an injected hyperparameter
@@ -75,7 +76,15 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
       (coupled L2, added to the gradient).
     schedule: ``constant``, ``cosine`` or ``linear`` decay to 0 over
       ``schedule_steps`` optimiser steps (counted per optimiser state, which
-      is reset per experience by default).
+      is reset per experience by default), or ``multistep``: the rate
+      times ``gamma`` at each of ``milestones`` (PyTorch's
+      ``MultiStepLR``, Mammoth's CIFAR schedule ``[35, 45]`` of 50
+      epochs).
+    milestones: for ``multistep``, the epochs (of ``epochs``, over
+      ``schedule_steps`` steps) from which the rate is multiplied by
+      ``gamma`` once more; whole numbers, increasing, in ``[1, epochs)``.
+    gamma: ``multistep``'s factor, in ``(0, 1]``.
+    epochs: the epochs the ``schedule_steps`` span.
     clip_norm: when > 0, the gradient is first rescaled so that its global
       L2 norm is at most ``clip_norm`` (PyTorch's ``clip_grad_norm_`` before
       ``optimizer.step()``: before weight decay, momentum or Adam). It sees
@@ -104,11 +113,35 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
     raise ConfigError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
   if schedule != "constant" and schedule_steps <= 0:
     raise ConfigError(f"schedule {schedule!r} needs schedule_steps > 0")
+  milestones = tuple(milestones)
+  if schedule == "multistep":
+    if not milestones or not all(
+        isinstance(m, int) and not isinstance(m, bool) for m in milestones) \
+        or list(milestones) != sorted(set(milestones)) \
+        or not 1 <= milestones[0] <= milestones[-1] < epochs:
+      raise ConfigError(
+          f"schedule 'multistep' needs milestones: increasing whole epochs "
+          f"in [1, {epochs}) ({epochs} epoch(s) per experience), got "
+          f"{milestones}")
+    if not 0 < gamma <= 1:
+      raise ConfigError(f"gamma must be in (0, 1] (multistep's factor at "
+                        f"each milestone), got {gamma}")
+  elif milestones:
+    raise ConfigError(f"milestones {milestones} are read by schedule "
+                      f"'multistep' only, not {schedule!r}")
 
   if schedule == "cosine":
     mult = optax.cosine_decay_schedule(1.0, schedule_steps)
   elif schedule == "linear":
     mult = optax.linear_schedule(1.0, 0.0, schedule_steps)
+  elif schedule == "multistep":
+    # optax scales the update counted s (from 0) by every boundary
+    # b <= s: from epoch m's first update, s = m * steps_per_epoch, on.
+    scales: dict[int, float] = {}
+    for m in milestones:
+      b = round(m * schedule_steps / epochs)
+      scales[b] = scales.get(b, 1.0) * gamma
+    mult = optax.piecewise_constant_schedule(1.0, scales)
   else:
     mult = None
 
