@@ -59,7 +59,8 @@ def run_driver(child_env, *strategies):
 
 
 def test_eight_devices_match_one_device_including_sharded_replay(child_env):
-  out = run_driver(child_env, "naive", "replay", "der", "er_ace", "bic")
+  out = run_driver(child_env, "naive", "replay", "der", "er_ace", "bic",
+                   "der:aug")
   # Naive evaluates every 4 steps (17 steps per experience: at 4, 8, 12,
   # 16 and its end), on the mesh as on one device.
   assert out["naive"]["curve_points"] == 1 + 5 * 5
@@ -79,6 +80,10 @@ def test_eight_devices_match_one_device_including_sharded_replay(child_env):
   assert out["bic"]["val_filled"] == 30
   assert out["bic"]["beta"][0] == 0.0
   assert all(b != 0.0 for b in out["bic"]["beta"][1:])
+  # With augmentation of every batch (replayed rows too) the mesh draws
+  # what one device draws: the matrices checked equal above.
+  assert out["der:aug"]["buffer_filled"] == 256
+  assert out["der:aug"]["acc_one"] != out["der"]["acc_one"]
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
 
