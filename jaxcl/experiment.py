@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
                           # replaces task loss and prediction (cope, scr)
       pretrained="",      # .npz of params (jaxcl.pretrained.save): start
                           # from them instead of a random initialisation
-      # float32 | bfloat16 | float16: the dtype the model computes in
+      # float32 | bfloat16: the dtype the model computes in
       # (mixed precision: parameters, optimiser and losses stay float32)
       compute_dtype="float32",
   ))
@@ -570,13 +570,20 @@ def _exposure(sc: Scenario, num_classes: int
   return exposed, np.bincount(labels, minlength=num_classes)[:num_classes]
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# (Not float16: its narrow exponent needs loss scaling, or small gradients
+# flush to zero and the run learns less without a word.)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _compute_dtype(mc: ml_collections.ConfigDict) -> Any:
   """``model.compute_dtype`` as a dtype, None for float32 (the plain
   path, unchanged)."""
   name = mc.get("compute_dtype", "float32")
+  if name == "float16":
+    raise ConfigError(
+        "model.compute_dtype='float16' needs loss scaling, which jaxcl does "
+        "not do (small gradients would flush to zero); use 'bfloat16', "
+        "float32's range at half the bits")
   if name not in COMPUTE_DTYPES:
     raise ConfigError(f"model.compute_dtype={name!r}; valid: "
                       f"{list(COMPUTE_DTYPES)} (bfloat16 for mixed "

@@ -101,5 +101,7 @@ def test_dry_run_says_so():
 
 def test_bad_compute_dtype_is_refused():
   with pytest.raises(ValueError, match=r"model.compute_dtype='float64'; "
-                     r"valid: \['float32', 'bfloat16', 'float16'\]"):
+                     r"valid: \['float32', 'bfloat16'\]"):
     experiment.setup(quick_config(**{"model.compute_dtype": "float64"}))
+  with pytest.raises(ValueError, match=r"'float16' needs loss scaling"):
+    experiment.setup(quick_config(**{"model.compute_dtype": "float16"}))
