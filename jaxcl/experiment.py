@@ -797,7 +797,10 @@ def describe(s: Setup, state: TrainState) -> str:
       + f"); optimizer: {oc.name}, learning rate "
       f"{oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
-      f"; strategy: {s.strategy_name}"]
+      + (f" (x {oc.get('gamma', 0.1):g} from epochs "
+         f"{', '.join(map(str, oc.get('milestones', ())))})"
+         if schedule == "multistep" else "")
+      + f"; strategy: {s.strategy_name}"]
   if learner.ctx.compute_dtype is not None:
     lines.append(f"mixed precision: the model computes in "
                  f"{learner.ctx.compute_dtype.name}; parameters, optimiser "

@@ -359,6 +359,8 @@ def test_multistep_schedule_is_pytorchs_multisteplr():
   s = experiment.setup(c)
   np.testing.assert_allclose(_rates(s.learner.ctx.tx, 34),
                              [1.0] * 17 + [0.2] * 17, rtol=1e-6)
+  assert ("learning rate 1, multistep schedule (x 0.2 from epochs 1)"
+          in experiment.describe(s, experiment.initial_state(s, 0)))
 
 
 @pytest.mark.parametrize("opt,match", [
