@@ -33,7 +33,8 @@ from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
            "run", "execute", "initial_state", "check_same_stream", "Result",
            "SCENARIO_TYPES", "check_workdir", "build_strategy",
-           "build_optimizer", "strategy_kwargs", "describe", "run_mesh"]
+           "build_optimizer", "strategy_kwargs", "describe", "run_mesh",
+           "map_runs"]
 
 SCENARIO_TYPES = ("split", "blurry", "permuted", "rotated")
 
@@ -526,6 +527,26 @@ class Result:
   curve: Curve | None = None
   confusion: np.ndarray | None = None
   task_accuracy: np.ndarray | None = None
+
+
+def map_runs(result: Result, f: Any) -> Result:
+  """``result`` with ``f`` applied to each of its per-run arrays (the
+  accuracy matrices, the curve's accuracies, the confusion matrices):
+  ``a[None]`` stacks one run as a sweep's, ``a.mean(0)`` averages a
+  sweep's runs. One list of them, so that an array added to the result is
+  stacked and averaged alike."""
+  def opt(a):
+    return None if a is None else f(np.asarray(a))
+
+  curve = result.curve
+  if curve is not None:
+    curve = dataclasses.replace(curve, accuracy=f(np.asarray(curve.accuracy)),
+                                exposed=opt(curve.exposed))
+  return dataclasses.replace(
+      result, accuracy=f(np.asarray(result.accuracy)),
+      random_accuracy=f(np.asarray(result.random_accuracy)), curve=curve,
+      confusion=opt(result.confusion),
+      task_accuracy=opt(result.task_accuracy))
 
 
 def _curve_slots(learner: Learner) -> int:
@@ -1144,15 +1165,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   result = Result(acc, random_acc, summary, state, times, learner, run_curve,
                   run_conf, run_task)
   if members:  # the run directory shows the mean over the sweep's runs
-    reporter.finish(Result(
-        acc.mean(0), random_acc.mean(0),
-        {k: float(np.mean(v)) for k, v in summary.items()}, state, times,
-        learner, None if run_curve is None else dataclasses.replace(
-            run_curve, accuracy=run_curve.accuracy.mean(0),
-            exposed=None if run_curve.exposed is None else
-            run_curve.exposed.mean(0)),
-        None if run_conf is None else run_conf.mean(0),
-        None if run_task is None else run_task.mean(0)))
+    reporter.finish(dataclasses.replace(
+        map_runs(result, lambda a: a.mean(0)),
+        metrics={k: float(np.mean(v)) for k, v in summary.items()}))
   else:
     reporter.finish(result)
   return result

@@ -376,17 +376,9 @@ def sweep(config, seeds: Sequence[int] = (0,),
     # select that runs both branches. The result is stacked as a sweep's.
     one = experiment.execute(s, states[0], workdir, fingerprint_extra=extra)
     result = dataclasses.replace(
-        one, accuracy=np.asarray(one.accuracy)[None],
-        random_accuracy=np.asarray(one.random_accuracy)[None],
+        experiment.map_runs(one, lambda a: a[None]),
         metrics={k: [v] for k, v in one.metrics.items()},
-        state=jax.tree.map(lambda a: a[None], one.state),
-        curve=None if one.curve is None else dataclasses.replace(
-            one.curve, accuracy=np.asarray(one.curve.accuracy)[None],
-            exposed=None if one.curve.exposed is None else
-            np.asarray(one.curve.exposed)[None]),
-        confusion=None if one.confusion is None else one.confusion[None],
-        task_accuracy=None if one.task_accuracy is None
-        else one.task_accuracy[None])
+        state=jax.tree.map(lambda a: a[None], one.state))
   else:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     result = experiment.execute(s, stacked, workdir, members=len(members),
