@@ -357,8 +357,7 @@ def exposed_accuracy(class_correct, class_count, exposed) -> np.ndarray:
   """
   right = np.sum(np.where(exposed, class_correct, 0), axis=-1)
   total = np.sum(np.where(exposed, class_count, 0), axis=-1)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(total > 0, right / np.maximum(total, 1), np.nan)
+  return np.where(total > 0, right / np.maximum(total, 1), np.nan)
 
 
 def windowed_forgetting(step, experience, accuracy, window: float) -> float:
