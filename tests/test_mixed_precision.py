@@ -4,6 +4,8 @@ while the parameters, their gradients, the optimiser, the running
 statistics and the outputs the losses read stay float32; float32 (the
 default) is the plain path. Bad names are refused."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,7 @@ def test_the_model_computes_in_bfloat16_and_returns_float32(name, kw, tol):
   # Within bfloat16's precision of the float32 model (measured: 0.4 % of
   # the logits' norm for the MLP, 6-9 % through the 18 layers of batch
   # norm of a width-2 ResNet), yet not the float32 computation.
-  plain = ctx.__class__(**{**ctx.__dict__, "compute_dtype": None})
+  plain = dataclasses.replace(ctx, compute_dtype=None)
   want, _ = plain.apply(state.params, state.model_state, x, t, train=True)
   rel = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
   assert 0 < rel < tol, rel
@@ -75,7 +77,7 @@ def test_parameters_and_gradients_stay_float32():
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32
   # The update is the float32 one to bfloat16's precision.
-  plain_ctx = ctx.__class__(**{**ctx.__dict__, "compute_dtype": None})
+  plain_ctx = dataclasses.replace(ctx, compute_dtype=None)
   ref, _ = train.train_step(plain_ctx, strat, state, batch)
   for a, b, p in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params),
                      jax.tree.leaves(state.params)):
