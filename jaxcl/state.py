@@ -111,6 +111,15 @@ def no_freeze(grads: Any) -> Any:
   return grads
 
 
+def _cast_floating(tree, dtype):
+  """``tree`` with its floating arrays cast to ``dtype``; other leaves
+  (integer task ids, boolean masks, callables, strings) unchanged."""
+  return jax.tree.map(
+      lambda a: a.astype(dtype)
+      if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+      else a, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """The static part of a run, closed over by compiled code.
@@ -132,11 +141,12 @@ class Context:
       prepared batch (incoming and replayed rows; ``train.augment``,
       :func:`jaxcl.augment.pipeline`), or None.
     compute_dtype: mixed precision (``model.compute_dtype``): :meth:`apply`
-      runs the model on its inputs and parameters cast to this dtype
-      (``jnp.bfloat16`` on TPUs and recent GPUs), the parameters, the
-      optimiser and the running statistics staying float32 (the gradient
-      flows back through the cast), and returns float32 outputs; None:
-      the parameters' own dtype.
+      (and :meth:`model_apply`, for strategies' own passes) runs the
+      model on its inputs and parameters cast to this dtype (``jnp.bfloat16``
+      on TPUs and recent GPUs), the parameters, the optimiser and the
+      running statistics staying float32 (the gradient flows back through
+      the cast), and returns float32 outputs; None: the parameters' own
+      dtype.
   """
   model: Any
   tx: optax.GradientTransformation
@@ -156,43 +166,43 @@ class Context:
     ``mask`` (``(batch,)``, > 0 for a real row): in training mode, the
     rows a batch-norm model's statistics count (:func:`batch_stats_mask`).
     """
-    if self.compute_dtype is not None:
-      return self._apply_cast(params, model_state, x, task, train,
-                              features, mask)
     variables = {"params": params, **model_state}
     if train and model_state:
-      out, new_ms = self.model.apply(
+      out, new_ms = self.model_apply(
           variables, x, task, train=True, features=features,
           mutable=list(model_state),
           **batch_stats_mask(self.model, model_state, mask))
     else:
-      out = self.model.apply(variables, x, task, train=train,
+      out = self.model_apply(variables, x, task, train=train,
                              features=features)
       new_ms = model_state
     if self.mask_task_logits and not features:
       out = masked_logits(out, task, self.info.task_classes)
     return out, new_ms
 
-  def _apply_cast(self, params, model_state, x, task, train, features,
-                  mask):
-    """:meth:`apply` in ``compute_dtype``: floating parameters and inputs
-    cast to it; the outputs back to float32 and the new model state to
-    the dtypes it came in (flax's batch norm keeps its statistics in
-    float32 anyway)."""
-    def cast(tree, dtype):
-      return jax.tree.map(
-          lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-          else a, tree)
-
-    plain = dataclasses.replace(self, compute_dtype=None)
-    out, new_ms = plain.apply(
-        cast(params, self.compute_dtype), model_state,
-        cast(x, self.compute_dtype), task, train=train, features=features,
-        mask=mask)
-    out = cast(out, jnp.float32)
-    new_ms = jax.tree.map(lambda a, b: a.astype(b.dtype), new_ms,
-                          model_state)
-    return out, new_ms
+  def model_apply(self, variables, *args, **kwargs):
+    """``self.model.apply(variables, *args, **kwargs)`` in
+    ``compute_dtype``: the floating parameters and floating array arguments
+    cast to it, every floating output (and mutated collection) back to
+    float32. Strategies that call the model themselves (a method
+    other than ``__call__``, ``capture_intermediates``, explicit masks)
+    call this, not ``ctx.model.apply``, so that ``model.compute_dtype``
+    reaches every pass of the model. Without ``compute_dtype`` it is
+    ``self.model.apply``."""
+    if self.compute_dtype is None:
+      return self.model.apply(variables, *args, **kwargs)
+    # The parameters; not the batch statistics (nor the masked layers'
+    # fixed ``frozen`` kernels: those layers compute in their input's
+    # dtype, and a cast here would come back rounded in the model state).
+    variables = {**variables, "params": _cast_floating(variables["params"],
+                                                       self.compute_dtype)}
+    out = self.model.apply(variables,
+                           *_cast_floating(args, self.compute_dtype),
+                           **_cast_floating(kwargs, self.compute_dtype))
+    # float32 back: losses, teachers' targets and batch-norm statistics
+    # stay in full precision (flax's batch norm keeps its statistics in
+    # float32 anyway).
+    return _cast_floating(out, jnp.float32)
 
   def logits(self, params, model_state, x, task, train: bool = False,
              mask: jax.Array | None = None):

@@ -653,7 +653,8 @@ def _supsup_gn_case(num_tasks: int, seed: int):
                           jnp.zeros((12,), jnp.int32))
   masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
            for k, sc in masked.score_leaves(v["params"]).items()}
-  return model, x, v, types.SimpleNamespace(model=model), masks
+  ctx = types.SimpleNamespace(model=model, model_apply=model.apply)
+  return model, x, v, ctx, masks
 
 
 def _jit_infer(ctx, ss, *how):
@@ -1019,7 +1020,7 @@ def test_supsup_g_objective_differentiates_only_superfluous_outputs(init_key):
   v = jax.jit(model.init)(jax.random.PRNGKey(init_key), x, zeros)
   masks = {k: masked.binary_masks(sc, "edge_popup", 0.0, 0.5)
            for k, sc in masked.score_leaves(v["params"]).items()}
-  ctx = types.SimpleNamespace(model=model)
+  ctx = types.SimpleNamespace(model=model, model_apply=model.apply)
   seen = jnp.array([True, True, False])
   ss = pb_lib.MaskState(masks, jnp.zeros((), jnp.int32), seen,
                         jnp.asarray(True))

@@ -13,6 +13,8 @@ import pytest
 
 import jaxcl
 from jaxcl import experiment, train
+from jaxcl.strategies import dualprompt, l2p, lider, supsup
+import resume_configs
 from test_train import quick_config
 
 
@@ -83,6 +85,88 @@ def test_parameters_and_gradients_stay_float32():
                      jax.tree.leaves(state.params)):
     step, want = np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)
     assert np.abs(step - want).max() <= 0.1 * np.abs(want).max() + 1e-6
+
+
+def _bf16_setup(name):
+  """Strategy ``name``'s small config (the resume audit's) in bfloat16:
+  its setup, a state before the first experience, and a batch of it."""
+  c = resume_configs.config(name)
+  c.model.compute_dtype = "bfloat16"
+  s = experiment.setup(c)
+  ctx, strat = s.learner.ctx, s.learner.strategy
+  e0 = s.scenario.experiences[0]
+  state = strat.before_experience(ctx, experiment.initial_state(s, 0), e0)
+  batch = {"x": jnp.asarray(e0.train_x[:8]), "y": jnp.asarray(e0.train_y[:8]),
+           "task": jnp.asarray(e0.train_task[:8]),
+           "mask": jnp.ones((8,), jnp.float32)}
+  return ctx, strat, state, batch
+
+
+def _step(ctx, strat, state, batch):
+  return train.train_step(ctx, strat, state, batch)[1]
+
+
+def _supsup_predict(ctx, strat, state, batch):
+  return strat.predict(ctx, state.strategy, state.params, state.model_state,
+                       batch["x"], batch["task"])
+
+
+def _supsup_inference(ctx, strat, state, batch):
+  return supsup.infer_task(ctx, state.strategy, state.params,
+                           state.model_state, batch["x"])
+
+
+def _lider_features(ctx, strat, state, batch):
+  return lider.layer_features(ctx, state.params, state.model_state,
+                              batch["x"], batch["task"], train=True,
+                              mask=batch["mask"])
+
+
+@pytest.mark.parametrize("name,run", [
+    ("lwf", _step),  # the teacher's unmasked logits
+    ("hypernetwork", _step),  # the output regulariser's generated weights
+    ("l2p", _step), ("dualprompt", _step),  # the query pass
+    ("supsup", _step),  # a masked model's fixed weights (``frozen``)
+    ("supsup", _supsup_predict),  # Piggyback's and SupSup's masked model
+    ("supsup", _supsup_inference),  # the gradient over the superposition
+    ("lider", _lider_features),  # the captured layer outputs
+])
+def test_strategies_own_model_passes_compute_in_bfloat16(name, run,
+                                                         monkeypatch):
+  """Strategies that call the model themselves (another method, explicit
+  masks, captured intermediates) go through ``Context.model_apply``, so
+  ``model.compute_dtype`` reaches those passes too: every matmul of the
+  traced computation takes bfloat16 operands, and what comes back is
+  float32."""
+  # L2P's and DualPrompt's key loss (and L2P's choice of prompts in it)
+  # are float32 matmuls of the query with the keys, by design (the losses
+  # stay float32); only the query pass is looked at.
+  for mod in (l2p, dualprompt):
+    monkeypatch.setattr(mod, "key_loss",
+                        lambda q, keys, idx, mask: jnp.sum(q))
+  monkeypatch.setattr(l2p, "select_prompts", lambda q, keys, k: (
+      jnp.zeros((q.shape[0], k), jnp.int32), None))
+  ctx, strat, state, batch = _bf16_setup(name)
+  jp = jax.make_jaxpr(lambda st: run(ctx, strat, st, batch))(state)
+  dots = _dot_dtypes(jp.jaxpr)
+  assert dots and all(d == ("bfloat16", "bfloat16") for d in dots), dots
+  out = run(ctx, strat, state, batch)
+  for leaf in jax.tree.leaves(out):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+
+
+def test_model_apply_without_compute_dtype_is_the_model_s_apply():
+  ctx, _, state, batch = _bf16_setup("lwf")
+  plain = dataclasses.replace(ctx, compute_dtype=None)
+  variables = {"params": state.params, **state.model_state}
+  want = ctx.model.apply(variables, batch["x"], batch["task"])
+  got = plain.model_apply(variables, batch["x"], batch["task"])
+  np.testing.assert_array_equal(got, want)
+  low = ctx.model_apply(variables, batch["x"], batch["task"])
+  assert low.dtype == jnp.float32 and not np.array_equal(low, want)
+  np.testing.assert_allclose(low, want, atol=0.05 * float(
+      jnp.abs(want).max()))
 
 
 def test_a_bfloat16_run_learns_as_a_float32_one():

@@ -269,6 +269,11 @@ class _MaskedBase(nn.Module):
     """``op(x, W * M)`` per task; see :class:`MaskedDense` for the modes."""
     kernel_shape = self._kernel_shape(x)
     kernel, bias, scores = self._variables(kernel_shape)
+    # In the input's dtype, as the parameters are under mixed precision
+    # (``model.compute_dtype``, which casts the parameters and inputs, not
+    # these fixed weights); a no-op in float32.
+    kernel = kernel.astype(x.dtype)
+    bias = None if bias is None else bias.astype(x.dtype)
 
     def mask_of(t):
       if masks is not None:

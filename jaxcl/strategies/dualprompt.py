@@ -197,7 +197,7 @@ def dualprompt(lam: float = 1.0, train_mask: bool = True,
       return jnp.zeros((), jnp.float32)
     # The query again (the task loss's forward pass, which knows its
     # E-prompt, does not run it): one backbone pass without prompts.
-    q = ctx.model.apply({"params": params}, batch["x"],
+    q = ctx.model_apply({"params": params}, batch["x"],
                         method=DualPromptViT.query)
     idx = batch["task"].astype(jnp.int32)[:, None]
     return lam * key_loss(q, params["key"], idx, batch["mask"])

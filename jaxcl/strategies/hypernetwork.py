@@ -101,7 +101,7 @@ def generated_weights(ctx, params, ids: jax.Array) -> jax.Array:
   target weights; on the raw values it would be ``fan_in`` times stiffer on
   the kernels (784x on an MNIST first layer) than the paper's ``β``
   assumes."""
-  raw = ctx.model.apply({"params": params}, ids,
+  raw = ctx.model_apply({"params": params}, ids,
                         method=HyperNetwork.generate)
   return ctx.model.to_weights(raw)
 
@@ -208,9 +208,9 @@ def hypernetwork(beta: float = 0.01, reg_samples: int = 0,
       return ctx.logits(params, model_state, x, task)
     n = sstate.filled.shape[0]
     # Raw generated values: HyperNetwork.target applies the scales itself.
-    flats = ctx.model.apply({"params": params}, jnp.arange(n),
+    flats = ctx.model_apply({"params": params}, jnp.arange(n),
                             method=HyperNetwork.generate)
-    run = lambda f: ctx.model.apply({"params": params}, f, x,
+    run = lambda f: ctx.model_apply({"params": params}, f, x,
                                     method=HyperNetwork.target)
     logits = jax.vmap(run)(flats)  # (n, B, C)
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -165,7 +165,7 @@ def l2p(lam: float = 0.1, train_mask: bool = True,
     # in this step, so XLA's CSE merges the two: the compiled step costs
     # 0.2 % of a query pass more than with lam = 0, not a whole pass
     # (benchmarks/prompt_query.py).
-    q = ctx.model.apply({"params": params}, batch["x"],
+    q = ctx.model_apply({"params": params}, batch["x"],
                         method=L2PViT.query)
     idx, _ = select_prompts(q, params["key"], ctx.model.top_k)
     return lam * key_loss(q, params["key"], idx, batch["mask"])

@@ -243,7 +243,7 @@ def layer_features(ctx, params, model_state, x: jax.Array, task: jax.Array,
   """``[x, F_1, ..., F_L]``: the input and each backbone layer's output,
   in call order (flax ``capture_intermediates``)."""
   mutable = ["intermediates"] + (list(model_state) if train else [])
-  _, out = ctx.model.apply({"params": params, **model_state}, x, task,
+  _, out = ctx.model_apply({"params": params, **model_state}, x, task,
                            train=train, capture_intermediates=_captured,
                            mutable=mutable,
                            **(batch_stats_mask(ctx.model, model_state, mask)

@@ -99,11 +99,11 @@ def _raw_logits(ctx, params, model_state, x, task, train, mask=None):
   real rows, for batch statistics in training mode)."""
   variables = {"params": params, **model_state}
   if train and model_state:
-    out, _ = ctx.model.apply(variables, x, task, train=True,
+    out, _ = ctx.model_apply(variables, x, task, train=True,
                              mutable=list(model_state),
                              **batch_stats_mask(ctx.model, model_state, mask))
     return out
-  return ctx.model.apply(variables, x, task, train=train)
+  return ctx.model_apply(variables, x, task, train=train)
 
 
 def _per_task_logits(ctx, params, model_state, x, train, mask=None):

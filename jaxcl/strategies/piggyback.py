@@ -81,7 +81,7 @@ def all_masks(ctx, sstate: MaskState, params) -> dict[str, jax.Array]:
 
 def apply_masked(ctx, params, model_state, x, task, masks, alphas=None):
   """The masked model's logits with explicit masks (and superposition)."""
-  logits = ctx.model.apply({"params": params, **model_state}, x, task,
+  logits = ctx.model_apply({"params": params, **model_state}, x, task,
                            masks=masks, alphas=alphas)
   if ctx.mask_task_logits:
     logits = masked_logits(logits, task, ctx.info.task_classes)

@@ -100,7 +100,7 @@ def _entropy_grad(ctx, params, model_state, masks, x, alive, scope,
   dummy = jnp.zeros((x.shape[0],), jnp.int32)
 
   def ent(a):
-    logits = ctx.model.apply({"params": params, **model_state}, x, dummy,
+    logits = ctx.model_apply({"params": params, **model_state}, x, dummy,
                              masks=masks, alphas=a,
                              all_outputs=objective == "g")
     if objective == "g":
