@@ -579,7 +579,7 @@ def _curve(random_acc: np.ndarray, acc: np.ndarray, step: np.ndarray,
 def _exposure(sc: Scenario, num_classes: int
               ) -> tuple[np.ndarray, np.ndarray]:
   """For the accuracy over the exposed classes: which classes are exposed
-  while each experience trains, bool ``(experiences, C)``, those of its
+  by each experience's end, bool ``(experiences, C)``, those of its
   training data and of every earlier experience's (a blurry stream's
   classes turn up before their home experience); and each class's test
   examples over all the test sets, ``(C,)``."""
@@ -589,6 +589,24 @@ def _exposure(sc: Scenario, num_classes: int
   labels = np.concatenate([np.asarray(e.test_y, np.int64)
                            for e in sc.eval_experiences])
   return exposed, np.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+def first_steps(order: np.ndarray, train_y: np.ndarray,
+                num_classes: int) -> np.ndarray:
+  """Each class's first step in an epoch: the index of the first batch of
+  the batch table ``order`` ((steps, batch) rows of the training data,
+  -1 padding; :func:`jaxcl.train.epoch_indices`) holding one of its
+  examples (labels ``train_y``); ``steps`` for a class it never holds.
+  Koh et al.'s A_AUC tests a class from its first example on: after
+  ``k`` steps of an experience's first epoch, the classes with a first
+  step below ``k`` are exposed."""
+  steps = order.shape[0]
+  first = np.full(num_classes, steps, np.int64)
+  valid = order >= 0
+  labels = np.asarray(train_y, np.int64)[np.maximum(order, 0)]
+  at = np.broadcast_to(np.arange(steps)[:, None], order.shape)
+  np.minimum.at(first, labels[valid], at[valid])
+  return first
 
 
 # (Not float16: its narrow exponent needs loss scaling, or small gradients
@@ -1011,16 +1029,19 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     if every_eval:
       reporter.curve(-1, _mean_row(random_acc, members), 0)
 
-  def add_point(i, out, step):
+  def add_point(i, out, step, exposed=None):
     """Puts an evaluation (its row, or :func:`jaxcl.train.evaluate`'s
-    dict) on the curve, in experience ``i``'s next slot."""
+    dict) on the curve, in experience ``i``'s next slot; ``exposed``:
+    the classes exposed by then (bool ``((runs,) C)``), by default all
+    those of experience ``i`` and the earlier ones."""
     row = np.asarray(_accuracy_row(out))
     k = int(np.sum(curve["curve_step"][i] >= 0))
     curve["curve_accuracy"][..., i, k, :] = row
     curve["curve_step"][i, k] = step
     if "curve_exposed" in curve:
-      x = metrics.exposed_accuracy(np.asarray(out["class_correct"]),
-                                   class_count, exposure[i])
+      x = metrics.exposed_accuracy(
+          np.asarray(out["class_correct"]), class_count,
+          exposure[i] if exposed is None else exposed)
       curve["curve_exposed"][..., i, k] = x
       if hasattr(reporter, "curve_exposed"):
         # (Before the row: the reporter logs them in one record.)
@@ -1058,6 +1079,19 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       # The steps of each of this experience's epochs that hold examples
       # (later chunks of the padded epoch run none).
       n_steps = steps_per_epoch(exp.num_train, ctx.info.batch_size)
+      if "curve_exposed" in curve:
+        # Within the first epoch a class is exposed from the first batch
+        # that holds it (Koh et al.): its first step in the epoch's order,
+        # per run (each run its own order, in a sweep its own labels).
+        order = np.asarray(learner.order_fn(state.rng, i, 0, exp.num_train))
+        if not members:
+          order = order[None]
+        first_step = np.stack([first_steps(
+            order[m], exps[m if member_data else 0].train_y,
+            ctx.info.num_classes) for m in range(len(order))])
+        first_step = first_step if members else first_step[0]
+        exposed_before = (exposure[i - 1] if i else
+                          np.zeros_like(exposure[0]))
       for epoch in range(first_epoch, learner.epochs):
         first = position.step if (mid and epoch == first_epoch) else 0
         epoch_data = data
@@ -1086,7 +1120,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
               and not (ended and epoch == learner.epochs - 1)):
             # (The experience's end is evaluated below, after its hook.)
             t1 = time.perf_counter()
-            add_point(i, learner.eval_fn(state, test), step)
+            add_point(i, learner.eval_fn(state, test), step,
+                      exposed=None if "curve_exposed" not in curve
+                      or epoch else exposed_before | (first_step < nxt))
             inside_eval = time.perf_counter() - t1
             eval_time += inside_eval
             t0 += inside_eval  # not training time

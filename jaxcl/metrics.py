@@ -82,12 +82,11 @@ On a split stream the two differ only in weighting test sets by their
 size. On a blurry stream (:func:`jaxcl.scenarios.blurry`) classes turn up
 before their home experience, and :math:`A_{AUC}` counts them from then
 on; AAA, over the home test sets, not until their home experience.
-Two differences from their code: a class counts as exposed from the start
-of the first experience whose training data hold it, where they count it
-from its first example (the two part only within an experience's first
-steps); and the model predicts over all its outputs, as in every other
-jaxcl evaluation, where their classifier has outputs for the exposed
-classes only.
+A class counts as exposed from the first training batch that holds one
+of its examples, as in their code. One difference from it: the
+model predicts over all its outputs, as in every other jaxcl
+evaluation, where their classifier has outputs for the exposed classes
+only.
 
 De Lange et al. also measure how fast an experience is lost and how fast
 it is learned: its largest drop, ``WF^w`` (windowed forgetting), and its

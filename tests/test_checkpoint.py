@@ -692,6 +692,39 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
     jaxcl.run(c, work)
 
 
+def test_resumed_blurry_run_exposes_classes_from_their_first_batch(
+    tmp_path, monkeypatch):
+  """A run resumed inside an experience's first epoch draws the epoch's
+  order again, so its points after the resume expose the classes the
+  uninterrupted run's do, a class from its first batch on (nothing of it
+  is checkpointed)."""
+  import jaxcl
+  from jaxcl import checkpoint, experiment
+  from resume_driver import config
+  c = config()
+  c.seed = 1
+  c.scenario.type, c.scenario.disjoint, c.scenario.blurred = "blurry", .4, .3
+  c.scenario.n_experiences, c.train.epochs = 2, 1
+  c.train.eval_every_steps, c.checkpoint.every_steps = 1, 1
+  ref = jaxcl.run(c)
+  saved = _saves_until(monkeypatch, 2)  # stops after saving step 1
+  with pytest.raises(_Interrupted):
+    jaxcl.run(c, str(tmp_path))
+  assert saved[0] == checkpoint.Position(0, "train", 0, 1)
+  _saves_until(monkeypatch, 0)
+  c.checkpoint.every_steps = 100
+  final = jaxcl.run(c, str(tmp_path), resume=True)
+  np.testing.assert_array_equal(final.curve.exposed, ref.curve.exposed)
+  # The first point after the resume (step 2) exposes only part of
+  # experience 0's classes: some class's first batch is its third.
+  s = experiment.setup(c)
+  e0 = s.scenario.experiences[0]
+  first = experiment.first_steps(np.asarray(s.learner.order_fn(
+      experiment.initial_state(s, c.seed).rng, 0, 0, e0.num_train)),
+      e0.train_y, 10)
+  assert 2 in first[list(e0.classes)]
+
+
 def test_resumes_a_checkpoint_without_exposed_accuracies(tmp_path,
                                                         monkeypatch):
   """Checkpoints written before session 47 hold no accuracies over the

@@ -359,6 +359,55 @@ def test_exposed_accuracy_inside_an_experience_is_the_states(two):
     assert x == pytest.approx(np.sum(a[:e + 1] * n) / n.sum(), abs=1e-6)
 
 
+def test_a_class_is_exposed_from_its_first_batch(digits):
+  """Inside an experience's first epoch a class counts from the first
+  batch that holds it (Koh et al.'s ``online_evaluate`` tests the classes
+  seen so far), not from the experience's start: each point inside a
+  blurry experience against the state trained here chunk by chunk, its
+  predictions counted with NumPy over the classes of the batches run so
+  far, read from the epoch's order (``train.epoch_indices``)."""
+  from jaxcl import scenarios
+  sc = scenarios.blurry(digits, 5, disjoint=0.5, blurred=0.3)
+  sc = dataclasses.replace(sc, experiences=sc.experiences[:1])
+  c = quick_config(**{"train.eval_every_steps": 2})
+  r = jaxcl.run(c, scenario=sc)
+  s = experiment.setup(c, sc)
+  learner, ctx = s.learner, s.learner.ctx
+  state = experiment.initial_state(s, 0)
+  exp = sc.experiences[0]
+  data = train.device_experience(exp, ctx.info.train_size)
+  order = np.asarray(train.epoch_indices(
+      state.rng, 0, 0, exp.num_train, ctx.info.train_size,
+      learner.epoch_steps, ctx.info.batch_size))
+  test_x, test_y, test_task = (np.concatenate(
+      [getattr(e, f) for e in sc.eval_experiences])
+      for f in ("test_x", "test_y", "test_task"))
+  n_steps = -(-exp.num_train // ctx.info.batch_size)
+  partial = 0
+  for start in range(0, n_steps - 1, 2):  # (the end is evaluated apart)
+    state, _, _ = learner.chunk_fn(state, data, exp.num_train, 0, 0, start)
+    rows = order[:start + 2].ravel()
+    seen = set(exp.train_y[rows[rows >= 0]].tolist())
+    partial += seen < set(exp.classes)
+    host = jax.tree.map(np.asarray, state)
+    pred = np.asarray(ctx.logits(host.params, host.model_state, test_x,
+                                 test_task)).argmax(1)
+    keep = np.isin(test_y, sorted(seen))
+    k = int(np.flatnonzero(r.curve.step == start + 2)[0])
+    assert r.curve.exposed[k] == pytest.approx(
+        (pred == test_y)[keep].mean(), abs=1e-9), start
+  # Classes 7 and 9 (9 and 2 examples here) turn up in the fourth batch.
+  assert partial >= 1
+  # In a sweep each run has its own order, so its own exposed classes.
+  from jaxcl import sweep
+  c.report.tensorboard = c.report.plots = False
+  swept = sweep.sweep(c, seeds=[0, 3], scenario=sc).result.curve.exposed
+  c.seed = 3
+  np.testing.assert_allclose(swept[0, 1:], r.curve.exposed[1:], atol=1e-6)
+  np.testing.assert_allclose(swept[1, 1:], jaxcl.run(c, scenario=sc).curve
+                             .exposed[1:], atol=1e-6)
+
+
 def test_exposed_accuracy_only_on_class_incremental_streams():
   task = jaxcl.run(quick_config(**{"train.eval_every_steps": 8,
                                    "scenario.kind": "task",
