@@ -180,6 +180,15 @@ class Context:
       out = masked_logits(out, task, self.info.task_classes)
     return out, new_ms
 
+  def augmented(self, key: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` through the training augmentation (``train.augment``), or
+    ``x`` itself without one. For the strategies' own fitting loops
+    (GDumb's retraining, EEIL's balanced fine-tuning, PackNet's
+    retraining, P&C's compress phase), which train the model on examples
+    as the step does, and as a PyTorch data loader's transform would
+    augment them."""
+    return x if self.augment is None else self.augment(key, x)
+
   def model_apply(self, variables, *args, **kwargs):
     """``self.model.apply(variables, *args, **kwargs)`` in
     ``compute_dtype``: the floating parameters and floating array arguments

@@ -133,3 +133,57 @@ def test_command_line_form_and_bad_settings():
   with pytest.raises(ValueError, match=r"'flip' needs images shaped "
                      r"\(H, W, C\); the inputs are shaped \(6,\)"):
     experiment.setup(quick_config(**{"train.augment": ("flip",)}), flat)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("gdumb", {"epochs": 2}),  # GDumb's retraining (its steps learn nothing)
+    ("eeil", {"finetune_epochs": 2}),  # the balanced fine-tuning
+    ("packnet", {}),  # the retraining after pruning
+    ("progress_compress", {"lam": 0.0}),  # the compress phase
+])
+def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
+  """Strategies that train the model in loops of their own go through
+  ``train.augment`` too, as a PyTorch loader's transform augments every
+  pass over the training data: with an augmentation that mirrors every
+  image, a run equals a plain run on the mirrored stream (its memories
+  then hold the mirrored rows, as the run's hold the rows as they came
+  and replay them mirrored); and it is not the plain run on the stream
+  itself. (Not training passes, and so on the rows as they are: P&C's
+  Fisher estimate, kept out of the parameters by ``lam=0``, and EEIL's
+  herding, here on features a mirror does not change.)"""
+  import resume_configs
+  from jaxcl.strategies import _class_incremental
+  monkeypatch.setattr(_class_incremental, "backbone_features",
+                      lambda ctx: lambda p, ms, x, t: (
+                          x + x[:, :, ::-1, :]).reshape(x.shape[0], -1))
+  c = resume_configs.config(name)
+  c.checkpoint.every_steps = 0
+  c.scenario.n_experiences = 2 if name != "packnet" else 5
+  if name in resume_configs.TASK:
+    c.scenario.kind = "task"
+  c.strategy[name] = {**c.strategy.get(name, {}), **kw}
+  sc = experiment.setup(c).scenario
+  flipped = dataclasses.replace(sc, experiences=[
+      dataclasses.replace(e, inputs=scenarios.given(
+          np.ascontiguousarray(e.train_x[:, :, ::-1, :]), e.test_x))
+      for e in sc.experiences])
+  plain = jaxcl.run(c, scenario=flipped)
+  same = jaxcl.run(c, scenario=sc)
+  with monkeypatch.context() as m:
+    m.setattr(experiment, "_augmenter", lambda tc, sc: _mirror)
+    got = jaxcl.run(c, scenario=sc)
+  assert got.learner.ctx.augment is _mirror
+  for a, b in zip(jax.tree.leaves(got.state.params),
+                  jax.tree.leaves(plain.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(
+      jax.tree.leaves(got.state.params), jax.tree.leaves(same.state.params)))
+
+
+def test_gdumb_refuses_two_augmentations_of_its_retraining():
+  c = quick_config(**{"strategy.name": "gdumb",
+                      "train.augment": ("pad_crop",)})
+  c.strategy.gdumb = {"crop_padding": 2}
+  with pytest.raises(ValueError, match=r"gdumb crop_padding=2 and "
+                     r"train.augment would both augment"):
+    jaxcl.run(c)

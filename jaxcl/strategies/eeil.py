@@ -48,9 +48,12 @@ Implementation notes, against FACIL's ``eeil.py`` (Masana et al. 2022):
   ``finetune_lr`` (the paper: 0.01, a tenth of the training rate), divided
   by ``lr_decay`` every ``decay_epochs`` epochs (the paper: 10 and 10,
   as for training); ``finetune_epochs`` defaults to 30 (FACIL: 40).
-* Not reproduced: the paper's data augmentation (brightness, contrast,
-  crops, mirroring) and its gradient noise (FACIL's default leaves that
-  off too), and its L2 weight decay (use the optimiser's).
+* The paper's crops and mirroring are the run's ``train.augment``
+  (``('pad_crop', 'flip')``), which also augments the balanced
+  fine-tuning's batches (its targets then come from the augmented rows,
+  as a PyTorch loader's transform gives them). Not reproduced: its
+  brightness and contrast changes, its gradient noise (FACIL's default
+  leaves that off too), and its L2 weight decay (use the optimiser's).
 * As in :mod:`jaxcl.strategies.icarl`, exemplars are mixed into every
   training step (``batch_size`` per step) instead of being concatenated
   into one shuffled training set; one head covers all classes, the
@@ -233,24 +236,34 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     rows = jnp.concatenate([mem.valid & ss.seen[mem.y], ok])
     # Targets: the old classes' from the previous experience's model, the
     # new classes' from the model before this fine-tuning (both frozen,
-    # so computed once).
+    # so computed once; per batch, on the rows as augmented, when
+    # train.augment augments them).
     logit_fn = lambda p, ms, xb, tb: ctx.logits(p, ms, xb, tb)
-    old = features(logit_fn, ss.teacher, ss.teacher_model_state, xs, ts)
-    new = features(logit_fn, params, model_state, xs, ts)
-    targets = jnp.where(ss.current[None, :], new, old)
+    start, start_ms = params, model_state
+
+    def targets_of(xb, tb):
+      return jnp.where(ss.current[None, :], logit_fn(start, start_ms, xb, tb),
+                       logit_fn(ss.teacher, ss.teacher_model_state, xb, tb))
+
+    if ctx.augment is None:
+      all_targets = jnp.where(
+          ss.current[None, :], features(logit_fn, start, start_ms, xs, ts),
+          features(logit_fn, ss.teacher, ss.teacher_model_state, xs, ts))
     active = ss.seen | ss.current
     tx = optax.sgd(1.0, momentum=momentum or None)
 
     def step(carry, idx, ok, key, epoch, j):
-      del key, j
+      del j
       p, ms, opt = carry
+      xb = ctx.augmented(key, xs[idx])
+      tgt = (all_targets[idx] if ctx.augment is None
+             else targets_of(xb, ts[idx]))
 
       def loss_fn(p):
-        logits, ms2 = ctx.apply(p, ms, xs[idx], ts[idx], train=True,
-                                mask=ok)
+        logits, ms2 = ctx.apply(p, ms, xb, ts[idx], train=True, mask=ok)
         w = ok.astype(jnp.float32)
         ce = cross_entropy_over(logits, ys[idx], w, active)
-        kd = group_distillation(logits, targets[idx], ss.class_exp,
+        kd = group_distillation(logits, tgt, ss.class_exp,
                                 ss.experience + 1, w, temperature,
                                 ctx.info.num_experiences)
         return ce + lam * kd, ms2

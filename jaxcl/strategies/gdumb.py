@@ -132,6 +132,7 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
     x = mem.x[idx]
     if crop_padding and x.ndim == 4:
       x = random_crop(k, x, crop_padding)
+    x = ctx.augmented(jax.random.fold_in(k, 1), x)
 
     def loss_fn(p):
       logits, ms = ctx.apply(p, model_state, x, mem.task[idx], train=True,
@@ -175,7 +176,10 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
       0: no clipping).
     weight_decay: L2 weight decay added to the gradient (the code: 1e-6).
     crop_padding: random-crop augmentation of the memory's images, zero
-      padded by this many pixels (the code on MNIST: 4; 0: none).
+      padded by this many pixels (the code on MNIST: 4; 0: none). The
+      run's ``train.augment``, when set, augments the retraining batches
+      instead (GDumb's training steps learn nothing; its retraining is
+      where the augmentation acts); the two together are refused.
 
   Raises:
     ValueError: bad values; at ``init``, ``mem_size`` smaller than the
@@ -218,6 +222,12 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
           f"({ctx.info.num_classes}); a class-balanced memory needs at least "
           "one slot per class")
     shape = tuple(ctx.info.input_shape)
+    if crop_padding and ctx.augment is not None:
+      raise ValueError(
+          f"gdumb crop_padding={crop_padding} and train.augment would both "
+          "augment the retraining batches; use crop_padding=0 with 'pad_crop' "
+          "in train.augment (its padding: train.crop_padding), or leave "
+          "train.augment empty")
     if crop_padding and len(shape) != 3:
       # The crop would be skipped: say so instead of training without it.
       raise ValueError(

@@ -144,7 +144,7 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
     prune: fraction of the free weights pruned after each experience, in
       (0, 1), or ``'equal'`` for an equal share per task.
     retrain_epochs: epochs of retraining the kept weights after pruning
-      (0: none).
+      (0: none); ``train.augment`` augments its batches, as the steps'.
     retrain_batch_size: retraining batch size (0: the training one).
 
   Raises:
@@ -198,14 +198,16 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
     return _prune(params, owner, task, fraction)
 
   @functools.partial(jax.jit, static_argnums=(0,))
-  def _retrain(ctx, params, model_state, owner, task, batches):
+  def _retrain(ctx, params, model_state, owner, task, batches, key):
     opt_state = ctx.tx.init(params)
 
-    def step(carry, batch):
+    def step(carry, batch_key):
       params, model_state, opt_state = carry
+      batch, k = batch_key
+      x = ctx.augmented(k, batch["x"])  # (train.augment, as the steps)
 
       def loss_fn(p):
-        logits, ms = ctx.apply(p, model_state, batch["x"], batch["task"],
+        logits, ms = ctx.apply(p, model_state, x, batch["task"],
                                train=True, mask=batch["mask"])
         return cross_entropy(logits, batch["y"], batch["mask"]), ms
 
@@ -221,8 +223,9 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
                            carry)
       return carry, None
 
+    keys = jax.random.split(key, batches["y"].shape[0])
     (params, model_state, _), _ = jax.lax.scan(
-        step, (params, model_state, opt_state), batches)
+        step, (params, model_state, opt_state), (batches, keys))
     return params, model_state
 
   def _batches(ctx, experience, epoch, bs):
@@ -261,8 +264,10 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
     bs = retrain_batch_size or ctx.info.batch_size
     for epoch in range(retrain_epochs):
       batches = jax.device_put(_batches(ctx, experience, epoch, bs))
+      key = jax.random.fold_in(jax.random.fold_in(
+          jax.random.fold_in(state.rng, 0xBACC), experience.index), epoch)
       params, model_state = _retrain(ctx, params, model_state, owner,
-                                     jnp.asarray(t, jnp.int32), batches)
+                                     jnp.asarray(t, jnp.int32), batches, key)
     ss = PackNetState(owner, ss.task, ss.seen.at[t].set(True), ss.head_ref)
     return state.replace(params=params, model_state=model_state,
                          strategy=ss)

@@ -93,7 +93,8 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
     lam: online-EWC strength ``λ`` (>= 0) in the compress phase.
     gamma: Fisher decay ``γ`` in ``(0, 1]``.
     temperature: distillation temperature ``T > 0``.
-    compress_epochs: epochs over the experience's data per compress phase.
+    compress_epochs: epochs over the experience's data per compress phase
+      (``train.augment`` augments its batches, as the steps').
     compress_lr: Adam learning rate of the compress phase.
     compress_batch_size: batch size of the compress phase.
     fisher: Fisher convention (``exact``, ``sampled``, ``predicted``,
@@ -168,9 +169,13 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
   @functools.partial(jax.jit, static_argnums=0)
   def compress(ctx, params, model_state, ss, batches, fisher_batches, key,
                fresh):
-    def one(carry, batch):
+    def one(carry, batch_key):
       p, opt = carry
-      g = jax.grad(kb_loss, argnums=1)(ctx, p, model_state, ss, batch["x"],
+      batch, k = batch_key
+      # (train.augment, as the training steps'; teacher and student see
+      # the same augmented rows.)
+      x = ctx.augmented(k, batch["x"])
+      g = jax.grad(kb_loss, argnums=1)(ctx, p, model_state, ss, x,
                                        batch["mask"])
       g = task_row_grads(g, KB, every)  # compress: the KB only
       upd, opt = tx.update(g, opt, p)
@@ -178,12 +183,15 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
       upd = task_row_grads(upd, KB, every)
       return optax.apply_updates(p, upd), opt
 
-    def step(carry, batch):
+    def step(carry, batch_key):
       # All-padding batches (fixed shapes across experiences) are skipped.
-      return jax.lax.cond(jnp.any(batch["mask"] > 0), one,
-                          lambda c, b: c, carry, batch), None
+      return jax.lax.cond(jnp.any(batch_key[0]["mask"] > 0), one,
+                          lambda c, b: c, carry, batch_key), None
 
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), batches)
+    keys = jax.random.split(jax.random.fold_in(key, 2),
+                            batches["mask"].shape[0])
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)),
+                                  (batches, keys))
     fb = {**fisher_batches, "task": jnp.full_like(fisher_batches["task"], KB)}
     f = _penalty.fisher_diagonal(ctx, params, model_state, fb, key,
                                  kind=fisher)
