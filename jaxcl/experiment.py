@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import ml_collections
@@ -267,10 +267,40 @@ def build_scenario(config: ml_collections.ConfigDict,
   return scenarios.online(s) if sc.online else s
 
 
+# The model fields each built-in backbone reads; a model module reads
+# none of them (its arguments are model.<name>.<arg>).
+BACKBONE_FIELDS = {"mlp": ("widths", "init", "head"),
+                   "cnn": ("channels", "hidden", "init", "head"),
+                   "resnet18": ("width", "init", "head")}
+
+
+def check_backbone_fields(mc: ml_collections.ConfigDict,
+                          given: Iterable[str]) -> None:
+  """Refuses ``given`` model fields (set explicitly, e.g. by command-line
+  overrides) that ``model.name`` does not read, naming the fields it does:
+  ``--config.model.channels=16,32`` with the MLP would change nothing."""
+  sizes = {f for fields in BACKBONE_FIELDS.values() for f in fields}
+  reads = BACKBONE_FIELDS.get(mc.name)
+  for f in given:
+    if f not in sizes or (reads is not None and f in reads):
+      continue
+    owners = [n for n, fields in BACKBONE_FIELDS.items() if f in fields]
+    value = mc[f]
+    value = tuple(value) if isinstance(value, (list, tuple)) else value
+    owners = " and ".join([", ".join(owners[:-1]), owners[-1]] if
+                          len(owners) > 1 else owners)
+    what = (f"model.{f}={value!r} is read by the {owners} "
+            f"backbone{'s' * (' and ' in owners)} only; model.name={mc.name!r} "
+            "would ignore it")
+    if reads is None:
+      raise ConfigError(f"{what} (a model module takes its arguments as "
+                        f"model.{mc.name}.<arg>)")
+    raise ConfigError(f"{what} (it reads "
+                      f"{', '.join('model.' + r for r in reads)})")
+
+
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:
-  fields = {"mlp": ("widths", "init", "head"),
-            "cnn": ("channels", "hidden", "init", "head"),
-            "resnet18": ("width", "init", "head")}.get(mc.name)
+  fields = BACKBONE_FIELDS.get(mc.name)
   if fields is None:  # a model module: its kwargs in config.model.<name>
     return dict(mc.get(mc.name, {}))
   out = {}

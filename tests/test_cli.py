@@ -122,6 +122,33 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
   assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--config.model.channels=8,16"],
+     r"model.channels=(8, 16) is read by the cnn backbone only; "
+     r"model.name='mlp' would ignore it (it reads model.widths, model.init, "
+     r"model.head)"),
+    (["--config.model.name=cnn", "--config.model.widths=64"],
+     "model.widths=(64,) is read by the mlp backbone only; model.name='cnn'"),
+    (["--config.model.name=masked_mlp", "--config.model.init=torch"],
+     "model.init='torch' is read by the mlp, cnn and resnet18 backbones "
+     "only; model.name='masked_mlp' would ignore it (a model module takes "
+     "its arguments as model.masked_mlp.<arg>)"),
+])
+def test_another_backbones_size_on_the_command_line_is_refused(
+    tmp_path, args, match, forked):
+  """A backbone field the chosen model does not read, set on the command
+  line, would silently change nothing: refused, naming what it reads. The
+  same field for the model that reads it runs (dry run)."""
+  p = forked("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 1
+  assert match in p.stderr and "Traceback" not in p.stderr
+  assert not (tmp_path / "r").exists()
+  p = forked("run", "--config.model.name=cnn", "--config.model.channels=8,16",
+             "--dry_run", "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "channels=(8, 16)" in p.stdout
+
+
 def test_methods_lists_every_strategy_and_describes_one(tmp_path, forked):
   from jaxcl import strategies
   p = forked("methods", cwd=tmp_path)
