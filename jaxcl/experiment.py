@@ -285,13 +285,12 @@ def check_backbone_fields(mc: ml_collections.ConfigDict,
     if f not in sizes or (reads is not None and f in reads):
       continue
     owners = [n for n, fields in BACKBONE_FIELDS.items() if f in fields]
+    who = (f"{', '.join(owners[:-1])} and {owners[-1]} backbones"
+           if len(owners) > 1 else f"{owners[0]} backbone")
     value = mc[f]
     value = tuple(value) if isinstance(value, (list, tuple)) else value
-    owners = " and ".join([", ".join(owners[:-1]), owners[-1]] if
-                          len(owners) > 1 else owners)
-    what = (f"model.{f}={value!r} is read by the {owners} "
-            f"backbone{'s' * (' and ' in owners)} only; model.name={mc.name!r} "
-            "would ignore it")
+    what = (f"model.{f}={value!r} is read by the {who} only; "
+            f"model.name={mc.name!r} would ignore it")
     if reads is None:
       raise ConfigError(f"{what} (a model module takes its arguments as "
                         f"model.{mc.name}.<arg>)")
