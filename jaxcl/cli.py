@@ -201,12 +201,12 @@ def _config():
         f"--config {flags.FLAGS['config'].config_filename}: cannot read the "
         f"config file ({cause}); give a Python file defining get_config(), "
         "e.g. experiments/split_mnist_baselines.py") from None
-  # A size of another backbone, set on the command line, would change
-  # nothing (experiments/ files may set several backbones' fields).
+  # A setting the rest of the config ignores (another backbone's size,
+  # plain SGD's momentum), given on the command line, would change nothing
+  # (config files may keep such values for when they are switched).
   from jaxcl import experiment
-  experiment.check_backbone_fields(config.model, [
-      k.split(".", 1)[1] for k in config_flags.get_override_values(
-          flags.FLAGS["config"]) if k.startswith("model.")])
+  experiment.check_overrides(config, config_flags.get_override_values(
+      flags.FLAGS["config"]))
   if not _NODE_ARGS:
     return config
   with config.unlocked():

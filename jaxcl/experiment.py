@@ -287,15 +287,54 @@ def check_backbone_fields(mc: ml_collections.ConfigDict,
     owners = [n for n, fields in BACKBONE_FIELDS.items() if f in fields]
     who = (f"{', '.join(owners[:-1])} and {owners[-1]} backbones"
            if len(owners) > 1 else f"{owners[0]} backbone")
-    value = mc[f]
-    value = tuple(value) if isinstance(value, (list, tuple)) else value
-    what = (f"model.{f}={value!r} is read by the {who} only; "
+    what = (f"model.{f}={_shown(mc[f])} is read by the {who} only; "
             f"model.name={mc.name!r} would ignore it")
     if reads is None:
       raise ConfigError(f"{what} (a model module takes its arguments as "
                         f"model.{mc.name}.<arg>)")
     raise ConfigError(f"{what} (it reads "
                       f"{', '.join('model.' + r for r in reads)})")
+
+
+def _shown(value: Any) -> str:
+  """A config value as the errors show it (lists as tuples)."""
+  return repr(tuple(value) if isinstance(value, (list, tuple)) else value)
+
+
+def check_overrides(config: ml_collections.ConfigDict,
+                    given: Iterable[str]) -> None:
+  """Refuses explicitly set fields (``given``: dotted paths, the command
+  line's overrides) that the rest of the config makes the run ignore: a
+  backbone's size for another model (:func:`check_backbone_fields`),
+  ``optimizer.momentum`` without optimizer ``momentum`` (plain ``sgd`` has
+  none), ``optimizer.gamma`` without the ``multistep`` schedule, and
+  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``. Only
+  explicit settings are checked: a config file may keep such values for
+  when it is switched (the default config's momentum 0.9 with ``sgd``)."""
+  given = list(given)
+  check_backbone_fields(config.model, [
+      p.split(".", 1)[1] for p in given if p.startswith("model.")])
+  oc, tc = config.optimizer, config.train
+  unread = {
+      "optimizer.momentum": (
+          oc.name != "momentum",
+          f"optimizer.name={oc.name!r} would ignore it (it is the heavy-ball "
+          "coefficient of optimizer 'momentum'; set "
+          "--config.optimizer.name=momentum)"),
+      "optimizer.gamma": (
+          oc.get("schedule") != "multistep",
+          f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it is "
+          "the 'multistep' schedule's factor)"),
+      "train.crop_padding": (
+          "pad_crop" not in _augment_ops(tc),
+          f"train.augment={_augment_ops(tc)!r} would ignore it (it is the "
+          "'pad_crop' augmentation's padding)"),
+  }
+  for path in given:
+    if path in unread and unread[path][0]:
+      section, field = path.split(".")
+      raise ConfigError(f"{path}={_shown(config[section][field])}: "
+                        f"{unread[path][1]}")
 
 
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:

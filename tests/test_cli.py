@@ -133,20 +133,41 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
      "model.init='torch' is read by the mlp, cnn and resnet18 backbones "
      "only; model.name='masked_mlp' would ignore it (a model module takes "
      "its arguments as model.masked_mlp.<arg>)"),
+    # Plain SGD (the default optimiser) has no momentum.
+    (["--config.optimizer.momentum=0.5"],
+     "optimizer.momentum=0.5: optimizer.name='sgd' would ignore it (it is "
+     "the heavy-ball coefficient of optimizer 'momentum'; set "
+     "--config.optimizer.name=momentum)"),
+    (["--config.optimizer.gamma=0.5"],
+     "optimizer.gamma=0.5: optimizer.schedule='constant' would ignore it"),
+    (["--config.train.augment=flip", "--config.train.crop_padding=2"],
+     "train.crop_padding=2: train.augment=('flip',) would ignore it"),
 ])
-def test_another_backbones_size_on_the_command_line_is_refused(
-    tmp_path, args, match, forked):
-  """A backbone field the chosen model does not read, set on the command
-  line, would silently change nothing: refused, naming what it reads. The
-  same field for the model that reads it runs (dry run)."""
+def test_a_setting_the_run_would_ignore_is_refused(tmp_path, args, match,
+                                                   forked):
+  """A field the rest of the config makes the run ignore (another
+  backbone's size, plain SGD's momentum, a multistep factor without the
+  schedule, a crop padding without the crop), set on the command line,
+  would silently change nothing: refused, naming what is read instead.
+  The same fields where they are read run (dry run)."""
   p = forked("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
   assert p.returncode == 1
   assert match in p.stderr and "Traceback" not in p.stderr
   assert not (tmp_path / "r").exists()
+
+
+def test_settings_where_they_are_read_run(tmp_path, forked):
   p = forked("run", "--config.model.name=cnn", "--config.model.channels=8,16",
+             "--config.optimizer.name=momentum",
+             "--config.optimizer.momentum=0.5",
+             "--config.optimizer.schedule=multistep",
+             "--config.optimizer.milestones=1", "--config.optimizer.gamma=0.5",
+             "--config.train.augment=pad_crop,flip",
+             "--config.train.crop_padding=2",
              "--dry_run", "--workdir", str(tmp_path / "r"), cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "channels=(8, 16)" in p.stdout
+  assert "optimizer.momentum = 0.5" in p.stdout
 
 
 def test_methods_lists_every_strategy_and_describes_one(tmp_path, forked):
