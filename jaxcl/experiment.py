@@ -901,8 +901,10 @@ def describe(s: Setup, state: TrainState) -> str:
       # The fields this model reads (another backbone's are ignored).
       f"model: {c.model.name}("
       + ", ".join(f"{k}={v!r}" for k, v in _model_kwargs(c.model).items())
-      + f"); optimizer: {oc.name}, learning rate "
-      f"{oc.learning_rate:g}"
+      + f"); optimizer: {oc.name}"
+      + (f" (momentum {oc.momentum:g})" if oc.name == "momentum" else
+         " (no momentum)" if oc.name == "sgd" else "")
+      + f", learning rate {oc.learning_rate:g}"
       f"{'' if schedule == 'constant' else f', {schedule} schedule'}"
       + (f" (x {oc.get('gamma', 0.1):g} from epochs "
          f"{', '.join(map(str, oc.get('milestones', ())))})"

@@ -168,6 +168,8 @@ def test_settings_where_they_are_read_run(tmp_path, forked):
   assert p.returncode == 0, p.stderr[-2000:]
   assert "channels=(8, 16)" in p.stdout
   assert "optimizer.momentum = 0.5" in p.stdout
+  assert ("optimizer: momentum (momentum 0.5), learning rate 0.1, multistep "
+          "schedule (x 0.5 from epochs 1)") in p.stdout
 
 
 def test_methods_lists_every_strategy_and_describes_one(tmp_path, forked):
@@ -453,7 +455,7 @@ def test_dry_run_prints_the_run_and_writes_nothing(tmp_path, forked):
   assert out.endswith(": no checkpoint; the run would start fresh\n")
   # The model's fields that take effect (the CNN's channels do not).
   assert "\nmodel: mlp(widths=(32, 16), init='lecun_normal', head='linear'); " \
-      "optimizer: sgd, learning rate 0.1; strategy: ewc\n" in out, out
+      "optimizer: sgd (no momentum), learning rate 0.1; strategy: ewc\n" in out, out
 
 
 def test_dry_run_refuses_what_the_run_would(tmp_path, forked):
