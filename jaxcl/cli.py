@@ -205,9 +205,10 @@ def _config():
   # plain SGD's momentum), given on the command line, would change nothing
   # (config files may keep such values for when they are switched).
   from jaxcl import experiment
-  experiment.check_overrides(config, config_flags.get_override_values(
-      flags.FLAGS["config"]))
+  given = list(config_flags.get_override_values(flags.FLAGS["config"])) + [
+      f"{section}.{name}.{arg}" for section, name, arg, _ in _NODE_ARGS]
   if not _NODE_ARGS:
+    experiment.check_overrides(config, given)
     return config
   with config.unlocked():
     for section, name, arg, text in _NODE_ARGS:
@@ -227,6 +228,7 @@ def _config():
       except TypeError as e:  # ml_collections keeps a field's type
         raise ValueError(
             f"--config.{section}.{name}.{arg}={text}: {e}") from e
+  experiment.check_overrides(config, given)
   return config
 
 

@@ -307,8 +307,9 @@ def check_overrides(config: ml_collections.ConfigDict,
   line's overrides) that the rest of the config makes the run ignore: a
   backbone's size for another model (:func:`check_backbone_fields`),
   ``optimizer.momentum`` without optimizer ``momentum`` (plain ``sgd`` has
-  none), ``optimizer.gamma`` without the ``multistep`` schedule, and
-  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``. Only
+  none), ``optimizer.gamma`` without the ``multistep`` schedule,
+  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``, and a
+  model module's argument (``model.<name>.<arg>``) for another model. Only
   explicit settings are checked: a config file may keep such values for
   when it is switched (the default config's momentum 0.9 with ``sgd``)."""
   given = list(given)
@@ -335,6 +336,14 @@ def check_overrides(config: ml_collections.ConfigDict,
       section, field = path.split(".")
       raise ConfigError(f"{path}={_shown(config[section][field])}: "
                         f"{unread[path][1]}")
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "model" \
+        and parts[1] != config.model.name:
+      raise ConfigError(
+          f"{path}={_shown(config.model[parts[1]][parts[2]])} is an "
+          f"argument of model module {parts[1]!r}; "
+          f"model.name={config.model.name!r} would ignore it (set "
+          f"--config.model.name={parts[1]})")
 
 
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -142,12 +142,17 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
      "optimizer.gamma=0.5: optimizer.schedule='constant' would ignore it"),
     (["--config.train.augment=flip", "--config.train.crop_padding=2"],
      "train.crop_padding=2: train.augment=('flip',) would ignore it"),
+    (["--config.model.masked_mlp.mask=threshold"],
+     "model.masked_mlp.mask='threshold' is an argument of model module "
+     "'masked_mlp'; model.name='mlp' would ignore it (set "
+     "--config.model.name=masked_mlp)"),
 ])
 def test_a_setting_the_run_would_ignore_is_refused(tmp_path, args, match,
                                                    forked):
   """A field the rest of the config makes the run ignore (another
   backbone's size, plain SGD's momentum, a multistep factor without the
-  schedule, a crop padding without the crop), set on the command line,
+  schedule, a crop padding without the crop, another model module's
+  argument), set on the command line,
   would silently change nothing: refused, naming what is read instead.
   The same fields where they are read run (dry run)."""
   p = forked("run", *args, "--workdir", str(tmp_path / "r"), cwd=tmp_path)
@@ -170,6 +175,11 @@ def test_settings_where_they_are_read_run(tmp_path, forked):
   assert "optimizer.momentum = 0.5" in p.stdout
   assert ("optimizer: momentum (momentum 0.5), learning rate 0.1, multistep "
           "schedule (x 0.5 from epochs 1)") in p.stdout
+  p = forked("run", "--config.model.name=masked_mlp",
+             "--config.model.masked_mlp.mask=threshold", "--dry_run",
+             "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "model: masked_mlp(mask='threshold')" in p.stdout
 
 
 def test_methods_lists_every_strategy_and_describes_one(tmp_path, forked):
