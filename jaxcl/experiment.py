@@ -1213,10 +1213,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  if nxt < learner.epoch_steps else
                  checkpoint.Position(i, "train", epoch + 1, 0))
       bar.close()
+      t1 = time.perf_counter()
       state = _host_hook(strategy.after_experience, ctx, state, exps, members)
       # Wait for the hook's dispatched work (RanPAC's eigh, a Fisher), so
       # its time counts as training, not as the evaluation that reads it.
       state = jax.block_until_ready(settle(state))
+      if hasattr(reporter, "after_experience"):
+        # (GDumb learns only here; EEIL's fine-tuning, a Fisher, ... take
+        # time the experience's bar did not show.)
+        reporter.after_experience(i, time.perf_counter() - t1)
       train_time += time.perf_counter() - t0
       t0 = time.perf_counter()
       out = (learner.end_eval_fn(state, test) if ends else

@@ -87,6 +87,9 @@ class NullReporter:
   def task_accuracy(self, index: int, row: np.ndarray) -> None:
     del index, row
 
+  def after_experience(self, index: int, seconds: float) -> None:
+    del index, seconds
+
   def finish(self, result: Any) -> None:
     del result
 
@@ -159,6 +162,7 @@ class Reporter(NullReporter):
     self.workdir = workdir
     self._classes = [list(c) for c in experience_classes]
     self._task: tuple[int, list[float]] | None = None  # task_accuracy()
+    self._hook: tuple[int, float] | None = None  # after_experience()
     self._exposed: float | None = None  # curve_exposed()
     self._per_experience = per_experience
     # A sweep's directory shows the mean over its runs (every seed and
@@ -216,11 +220,22 @@ class Reporter(NullReporter):
     prints it beside the row."""
     self._task = (index, [float(v) for v in row])
 
+  def after_experience(self, index: int, seconds: float) -> None:
+    """The seconds experience ``index``'s end took before its evaluation
+    (the strategy's ``after_experience``: GDumb's retraining, EEIL's
+    fine-tuning, a Fisher), given before :meth:`experience`, which logs
+    them and, from half a second on, prints them beside its steps."""
+    self._hook = (index, float(seconds))
+
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
     avg = float(np.mean(self._seen(index, row)))
     record = {"step": step, "experience": index, "accuracy": row,
               "average_accuracy_seen": avg}
+    hook, self._hook = self._hook, None
+    hook = hook[1] if hook is not None and hook[0] == index else None
+    if hook is not None:
+      record["after_experience_seconds"] = hook
     pending, self._task = self._task, None
     task = None
     if pending is not None and pending[0] == index:
@@ -244,8 +259,11 @@ class Reporter(NullReporter):
       ran = (f"{bar.total - bar.initial} steps (resumed at step "
              f"{bar.initial})" if bar.initial else f"{bar.total} steps")
       til = f" (Task-IL {task:.4f})" if task is not None else ""
+      after = (f", then {hook:.1f} s of the strategy's own work"
+               if hook is not None and hook >= 0.5 else "")
       print(f"{bar.desc}: {ran} in {secs} s"
-            f"{_loss_text(bar.loss)}; average {self._split} accuracy over "
+            f"{_loss_text(bar.loss)}{after}; average {self._split} accuracy "
+            f"over "
             f"{seen}: {avg:.4f}{til}{mean}", file=sys.stderr, flush=True)
 
   def curve_exposed(self, experience: int, value: float) -> None:

@@ -291,6 +291,49 @@ def test_task_il_beside_the_experience_line(tmp_path, capsys):
   assert "task_accuracy" not in records[1]
 
 
+def test_the_strategys_own_work_after_an_experience_is_timed(tmp_path,
+                                                             capsys):
+  """The seconds of a strategy's ``after_experience`` (GDumb's
+  retraining, which the experience's bar does not show) are logged with
+  the experience's row and, from half a second on, printed beside its
+  steps; a time given for another experience is not."""
+  r = report.Reporter(str(tmp_path), {}, progress=True)
+  r.progress(10, "experience 1/3").close()
+  r.after_experience(0, 2.54)
+  r.experience(0, np.array([0.5, 0.0, 0.0]), step=10)
+  line = capsys.readouterr().err.strip()
+  assert re.search(r"^experience 1/3: 10 steps in [\d.]+ s, then 2\.5 s of "
+                   r"the strategy's own work; average test accuracy over "
+                   r"experience 1: 0\.5000$", line), line
+  r.progress(10, "experience 2/3").close()
+  r.after_experience(1, 0.2)  # logged, not printed
+  r.experience(1, np.array([0.5, 0.5, 0.0]), step=20)
+  assert "own work" not in capsys.readouterr().err
+  r.progress(10, "experience 3/3").close()
+  r.after_experience(1, 9.0)  # a stale one
+  r.experience(2, np.array([0.5, 0.5, 0.5]), step=30)
+  assert "own work" not in capsys.readouterr().err
+  r.finish(type("R", (), {"accuracy": np.zeros((1, 3)),
+                          "random_accuracy": np.zeros(3), "metrics": {},
+                          "times": {}})())
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [rec.get("after_experience_seconds") for rec in records[:3]] == [
+      2.54, 0.2, None]
+
+
+def test_a_run_logs_its_strategys_time_after_each_experience(tmp_path):
+  import jaxcl
+  from test_train import quick_config
+  c = quick_config(**{"strategy.name": "gdumb", "scenario.n_experiences": 2})
+  c.strategy.gdumb = {"epochs": 2}
+  jaxcl.run(c, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    times = [json.loads(line).get("after_experience_seconds")
+             for line in f if '"experience"' in line]
+  assert len(times) == 2 and all(t > 0 for t in times), times
+
+
 def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
                                                             capsys):
   """Joint's one experience is tested on every test set: the logged and
