@@ -248,6 +248,8 @@ class Reporter(NullReporter):
         self._tb.add_scalar(f"eval/accuracy_exp{j}", v, index)
       if task is not None:
         self._tb.add_scalar("eval/task_average_accuracy_seen", task, index)
+      if hook is not None:
+        self._tb.add_scalar("time/after_experience_seconds", hook, index)
     if self._bar is not None:
       # The line that stays in a terminal (the bar is erased) and in a log.
       bar, self._bar = self._bar, None
