@@ -332,6 +332,9 @@ def test_a_run_logs_its_strategys_time_after_each_experience(tmp_path):
     times = [json.loads(line).get("after_experience_seconds")
              for line in f if '"experience"' in line]
   assert len(times) == 2 and all(t > 0 for t in times), times
+  logged = tb_scalars(tmp_path)["time/after_experience_seconds"]
+  assert [i for i, _ in logged] == [0, 1]
+  np.testing.assert_allclose([t for _, t in logged], times, rtol=1e-6)
 
 
 def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
