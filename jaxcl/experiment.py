@@ -308,8 +308,9 @@ def check_overrides(config: ml_collections.ConfigDict,
   backbone's size for another model (:func:`check_backbone_fields`),
   ``optimizer.momentum`` without optimizer ``momentum`` (plain ``sgd`` has
   none), ``optimizer.gamma`` without the ``multistep`` schedule,
-  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``, and a
-  model module's argument (``model.<name>.<arg>``) for another model. Only
+  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``,
+  ``train.epochs`` other than 1 on an online stream, and a model
+  module's argument (``model.<name>.<arg>``) for another model. Only
   explicit settings are checked: a config file may keep such values for
   when it is switched (the default config's momentum 0.9 with ``sgd``)."""
   given = list(given)
@@ -326,6 +327,9 @@ def check_overrides(config: ml_collections.ConfigDict,
           oc.get("schedule") != "multistep",
           f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it is "
           "the 'multistep' schedule's factor)"),
+      "train.epochs": (
+          bool(config.scenario.get("online", False)) and tc.epochs != 1,
+          "scenario.online=True trains one pass over each experience"),
       "train.crop_padding": (
           "pad_crop" not in _augment_ops(tc),
           f"train.augment={_augment_ops(tc)!r} would ignore it (it is the "

@@ -142,6 +142,9 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
      "optimizer.gamma=0.5: optimizer.schedule='constant' would ignore it"),
     (["--config.train.augment=flip", "--config.train.crop_padding=2"],
      "train.crop_padding=2: train.augment=('flip',) would ignore it"),
+    (["--config.scenario.online=True", "--config.train.epochs=3"],
+     "train.epochs=3: scenario.online=True trains one pass over each "
+     "experience"),
     (["--config.model.masked_mlp.mask=threshold"],
      "model.masked_mlp.mask='threshold' is an argument of model module "
      "'masked_mlp'; model.name='mlp' would ignore it (set "
