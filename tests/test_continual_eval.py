@@ -328,18 +328,25 @@ def test_exposed_accuracy_counts_the_classes_seen_so_far(blurry_run):
   assert r.metrics["a_auc"] < r.metrics["anytime_acc"] - 0.1
 
 
+def _run_and_its_start(c, sc):
+  """The run of ``c`` on ``sc``, and what it started from, to train again
+  here chunk by chunk: its learner, the seed's initial state, experience
+  0 and its data on the device."""
+  r = jaxcl.run(c, scenario=sc)
+  s = experiment.setup(c, sc)
+  exp = sc.experiences[0]
+  return (r, s.learner, experiment.initial_state(s, c.seed), exp,
+          train.device_experience(exp, s.learner.ctx.info.train_size))
+
+
 def test_exposed_accuracy_inside_an_experience_is_the_states(two):
   """A point inside an experience: the state after 10 steps, trained here
   chunk by chunk, its predictions counted with NumPy. On a split stream
   the exposed classes are the experiences' so far, so the value is the
   seen test sets' accuracy weighted by their sizes."""
   c = quick_config(**{"train.eval_every_steps": 5})
-  r = jaxcl.run(c, scenario=two)
-  s = experiment.setup(c, two)
-  learner, ctx = s.learner, s.learner.ctx
-  state = experiment.initial_state(s, 0)
-  exp = two.experiences[0]
-  data = train.device_experience(exp, ctx.info.train_size)
+  r, learner, state, exp, data = _run_and_its_start(c, two)
+  ctx = learner.ctx
   for start in (0, 5):
     state, _, _ = learner.chunk_fn(state, data, exp.num_train, 0, 0, start)
   k = int(np.flatnonzero(r.curve.step == 10)[0])
@@ -370,12 +377,8 @@ def test_a_class_is_exposed_from_its_first_batch(digits):
   sc = scenarios.blurry(digits, 5, disjoint=0.5, blurred=0.3)
   sc = dataclasses.replace(sc, experiences=sc.experiences[:1])
   c = quick_config(**{"train.eval_every_steps": 2})
-  r = jaxcl.run(c, scenario=sc)
-  s = experiment.setup(c, sc)
-  learner, ctx = s.learner, s.learner.ctx
-  state = experiment.initial_state(s, 0)
-  exp = sc.experiences[0]
-  data = train.device_experience(exp, ctx.info.train_size)
+  r, learner, state, exp, data = _run_and_its_start(c, sc)
+  ctx = learner.ctx
   order = np.asarray(train.epoch_indices(
       state.rng, 0, 0, exp.num_train, ctx.info.train_size,
       learner.epoch_steps, ctx.info.batch_size))

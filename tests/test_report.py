@@ -267,6 +267,16 @@ def test_experience_line_of_a_resumed_experience(tmp_path, capsys):
       r"of 3 runs\)", line), line
 
 
+def _finish_and_read(r: report.Reporter, n_test: int) -> list[dict]:
+  """Finishes a hand-driven reporter (an empty result over ``n_test``
+  test sets) and returns its metrics.jsonl records."""
+  r.finish(type("R", (), {"accuracy": np.zeros((1, n_test)),
+                          "random_accuracy": np.zeros(n_test),
+                          "metrics": {}, "times": {}})())
+  with open(os.path.join(r.workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_task_il_beside_the_experience_line(tmp_path, capsys):
   """A task-aware row given before the experience's row is logged with it
   and printed beside it; one for another experience is not."""
@@ -281,11 +291,7 @@ def test_task_il_beside_the_experience_line(tmp_path, capsys):
   r.task_accuracy(1, np.array([0.9, 1.0, 0.5, 0.5]))  # a stale one
   r.experience(2, np.array([0.5, 0.75, 0.25, 0.0]), step=30)
   assert "Task-IL" not in capsys.readouterr().err
-  r.finish(type("R", (), {"accuracy": np.zeros((1, 4)),
-                          "random_accuracy": np.zeros(4), "metrics": {},
-                          "times": {}})())
-  with open(tmp_path / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = _finish_and_read(r, 4)
   assert records[0]["task_accuracy"] == [0.9, 1.0, 0.5, 0.5]
   assert records[0]["task_average_accuracy_seen"] == pytest.approx(0.95)
   assert "task_accuracy" not in records[1]
@@ -313,11 +319,7 @@ def test_the_strategys_own_work_after_an_experience_is_timed(tmp_path,
   r.after_experience(1, 9.0)  # a stale one
   r.experience(2, np.array([0.5, 0.5, 0.5]), step=30)
   assert "own work" not in capsys.readouterr().err
-  r.finish(type("R", (), {"accuracy": np.zeros((1, 3)),
-                          "random_accuracy": np.zeros(3), "metrics": {},
-                          "times": {}})())
-  with open(tmp_path / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = _finish_and_read(r, 3)
   assert [rec.get("after_experience_seconds") for rec in records[:3]] == [
       2.54, 0.2, None]
 
