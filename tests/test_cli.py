@@ -468,7 +468,8 @@ def test_dry_run_prints_the_run_and_writes_nothing(tmp_path, forked):
   assert out.endswith(": no checkpoint; the run would start fresh\n")
   # The model's fields that take effect (the CNN's channels do not).
   assert "\nmodel: mlp(widths=(32, 16), init='lecun_normal', head='linear'); " \
-      "optimizer: sgd (no momentum), learning rate 0.1; strategy: ewc\n" in out, out
+      "optimizer: sgd (no momentum), learning rate 0.1; strategy: ewc\n" \
+      in out, out
 
 
 def test_dry_run_refuses_what_the_run_would(tmp_path, forked):
