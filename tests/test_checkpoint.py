@@ -89,11 +89,14 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
 
 
 def log_records(workdir):
-  """metrics.jsonl without the wall times of the final record."""
+  """metrics.jsonl without its wall times: the final record's and each
+  experience's ``after_experience_seconds`` (checked to be there)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   for r in records:
     r.pop("times", None)
+    if "experience" in r:
+      assert r.pop("after_experience_seconds") >= 0
   return records
 
 
