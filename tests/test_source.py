@@ -36,3 +36,22 @@ def test_docstrings_keep_their_backslashes(path):
           f"{hit.group()!r} in its docstring near "
           f"{doc[max(0, hit.start() - 30):hit.start() + 10]!r}; double the "
           "backslash or make the docstring raw")
+
+
+# Calls of ``ctx.model.apply`` that only read shapes (latent replay finds
+# its layers in a ``jax.eval_shape``), and so need no mixed precision.
+SHAPE_ONLY_APPLY = {"latent_replay.py": 1}
+
+
+def test_strategies_run_the_model_through_the_context():
+  """A strategy that runs the model itself calls ``ctx.model_apply`` (or
+  ``ctx.apply`` / ``ctx.logits``), which applies ``model.compute_dtype``;
+  ``ctx.model.apply`` skipped it, in seven strategies until session 48."""
+  found = {}
+  for path in sorted((ROOT / "jaxcl" / "strategies").glob("*.py")):
+    n = path.read_text(encoding="utf-8").count("ctx.model.apply(")
+    if n:
+      found[path.name] = n
+  assert found == SHAPE_ONLY_APPLY, (
+      f"ctx.model.apply in {found}; call ctx.model_apply so that "
+      "model.compute_dtype reaches the pass")
