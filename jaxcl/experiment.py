@@ -9,6 +9,7 @@ Side effects (files, progress bars) go through :mod:`jaxcl.report` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -1218,10 +1219,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  checkpoint.Position(i, "train", epoch + 1, 0))
       bar.close()
       t1 = time.perf_counter()
-      state = _host_hook(strategy.after_experience, ctx, state, exps, members)
-      # Wait for the hook's dispatched work (RanPAC's eigh, a Fisher), so
-      # its time counts as training, not as the evaluation that reads it.
-      state = jax.block_until_ready(settle(state))
+      with (reporter.waiting(
+          f"experience {i + 1}/{n_train}: {s.strategy_name}'s own work "
+          "after the experience") if hasattr(reporter, "waiting")
+            else contextlib.nullcontext()):
+        state = _host_hook(strategy.after_experience, ctx, state, exps,
+                           members)
+        # Wait for the hook's dispatched work (RanPAC's eigh, a Fisher), so
+        # its time counts as training, not as the evaluation that reads it.
+        state = jax.block_until_ready(settle(state))
       if hasattr(reporter, "after_experience"):
         # (GDumb learns only here; EEIL's fine-tuning, a Fisher, ... take
         # time the experience's bar did not show.)

@@ -34,13 +34,15 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -89,6 +91,10 @@ class NullReporter:
 
   def after_experience(self, index: int, seconds: float) -> None:
     del index, seconds
+
+  def waiting(self, what: str) -> contextlib.AbstractContextManager:
+    del what
+    return contextlib.nullcontext()
 
   def finish(self, result: Any) -> None:
     del result
@@ -219,6 +225,30 @@ class Reporter(NullReporter):
     stream's Task-IL), given before :meth:`experience`, which logs and
     prints it beside the row."""
     self._task = (index, [float(v) for v in row])
+
+  # Work with no bar of its own (a strategy's retraining at an
+  # experience's end) says what is running once it has taken this long.
+  WAIT_NOTICE_SECONDS = 5.0
+
+  @contextlib.contextmanager
+  def waiting(self, what: str) -> Iterator[None]:
+    """Prints ``what`` (e.g. "experience 3/5: GDumb's own work after the
+    experience") if the block is still running after
+    :attr:`WAIT_NOTICE_SECONDS`, so a minutes-long retraining does not
+    look like a hang; nothing for a block done sooner, nor without
+    progress output."""
+    if not self._progress:
+      yield
+      return
+    timer = threading.Timer(
+        self.WAIT_NOTICE_SECONDS,
+        lambda: print(f"{what} ...", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+      yield
+    finally:
+      timer.cancel()
 
   def after_experience(self, index: int, seconds: float) -> None:
     """The seconds experience ``index``'s end took before its evaluation

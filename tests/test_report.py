@@ -339,6 +339,36 @@ def test_a_run_logs_its_strategys_time_after_each_experience(tmp_path):
   np.testing.assert_allclose([t for _, t in logged], times, rtol=1e-6)
 
 
+def test_a_long_hook_says_what_is_running(tmp_path, capsys, monkeypatch):
+  """Work without a bar of its own (GDumb's retraining at an experience's
+  end) is named once it has run for WAIT_NOTICE_SECONDS, so that a long
+  one does not look like a hang; shorter work prints nothing."""
+  import time
+
+  import jaxcl
+  from test_train import quick_config
+  r = report.Reporter(str(tmp_path / "hand"), {}, progress=True)
+  monkeypatch.setattr(report.Reporter, "WAIT_NOTICE_SECONDS", 0.05)
+  with r.waiting("experience 2/5: X's own work after the experience"):
+    time.sleep(0.5)
+  assert capsys.readouterr().err == (
+      "experience 2/5: X's own work after the experience ...\n")
+  with r.waiting("quick"):
+    pass
+  time.sleep(0.2)  # (a timer left running would print by now)
+  assert capsys.readouterr().err == ""
+  c = quick_config(**{"strategy.name": "gdumb", "scenario.n_experiences": 2,
+                      "report.progress": True})
+  c.strategy.gdumb = {"epochs": 2}
+  monkeypatch.setattr(report.Reporter, "WAIT_NOTICE_SECONDS", 0.0)
+  jaxcl.run(c, str(tmp_path / "run"))
+  err = capsys.readouterr().err
+  # (The first one compiles the retraining: it runs long enough for the
+  # timer's thread to print before it is cancelled.)
+  assert ("experience 1/2: gdumb's own work after the experience ..."
+          in err), err
+
+
 def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
                                                             capsys):
   """Joint's one experience is tested on every test set: the logged and
