@@ -14,6 +14,7 @@ import pytest
 
 import jaxcl
 from jaxcl import augment, experiment, scenarios, train
+from jaxcl.strategies import dmc as dmc_lib
 from test_replay import batch_of
 from test_train import quick_config
 
@@ -140,6 +141,7 @@ def test_command_line_form_and_bad_settings():
     ("eeil", {"finetune_epochs": 2}),  # the balanced fine-tuning
     ("packnet", {}),  # the retraining after pruning
     ("progress_compress", {"lam": 0.0}),  # the compress phase
+    ("dmc", {}),  # the consolidation, on its auxiliary images
 ])
 def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
   """Strategies that train the model in loops of their own go through
@@ -167,7 +169,13 @@ def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
       dataclasses.replace(e, inputs=scenarios.given(
           np.ascontiguousarray(e.train_x[:, :, ::-1, :]), e.test_x))
       for e in sc.experiences])
-  plain = jaxcl.run(c, scenario=flipped)
+  with monkeypatch.context() as m:
+    if name == "dmc":  # its auxiliary images mirrored too
+      datasets_load = dmc_lib.datasets.load
+      m.setattr(dmc_lib.datasets, "load", lambda *a, **k: dataclasses.replace(
+          datasets_load(*a, **k), train_x=np.ascontiguousarray(
+              datasets_load(*a, **k).train_x[:, :, ::-1, :])))
+    plain = jaxcl.run(c, scenario=flipped)
   same = jaxcl.run(c, scenario=sc)
   with monkeypatch.context() as m:
     m.setattr(experiment, "_augmenter", lambda tc, sc: _mirror)

@@ -40,7 +40,11 @@ classes, as eq. 4. FACIL's student starts from the same re-initialised
 weights as the new model; here from its own random initialisation (the
 paper: a fresh model). The consolidation's schedule is
 ``consolidate_epochs`` at a constant ``consolidate_lr`` (FACIL: its main
-schedule, 160 epochs with plateau decay).
+schedule, 160 epochs with plateau decay). With ``train.augment`` the
+auxiliary batches are augmented and the teachers' targets computed per
+batch on the augmented images (FACIL's auxiliary loader applies the
+training transform, its targets come from each batch); without it the
+targets are computed once.
 
 References:
   Zhang, Zhang, Ghosh, Li, Tasci, Heck, Zhang & Kuo, `Class-incremental
@@ -54,7 +58,7 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,25 +99,31 @@ def consolidation_targets(old_logits: jax.Array, new_logits: jax.Array,
   return centred(old_logits, old) + centred(new_logits, new)
 
 
-def consolidate(ctx, key: jax.Array, targets: jax.Array, active: jax.Array,
-                aux_x: jax.Array, *, epochs: int, batch_size: int,
-                learning_rate: float, momentum: float) -> tuple[Any, Any]:
+def consolidate(ctx, key: jax.Array, targets: jax.Array | Callable,
+                active: jax.Array, aux_x: jax.Array, *, epochs: int,
+                batch_size: int, learning_rate: float,
+                momentum: float) -> tuple[Any, Any]:
   """A fresh student trained on ``aux_x`` to regress ``targets`` (eq. 3:
   the mean squared error over the ``active`` classes): ``(params,
-  model_state)``."""
+  model_state)``. ``targets``: ``(N, C)``, one row per auxiliary image,
+  or a function of a batch of images giving theirs; with
+  ``train.augment`` the batches are augmented (as FACIL's auxiliary
+  loader transforms them) and ``targets`` must be the function, so that
+  the targets are those of the images the student sees."""
   k_init, k_fit = jax.random.split(key)
   params, model_state = init_variables(ctx, k_init)
   task = jnp.zeros((aux_x.shape[0],), jnp.int32)
   tx = optax.sgd(learning_rate, momentum=momentum or None)
   width = jnp.maximum(jnp.sum(active), 1)
 
-  def step(carry, idx, ok, *_):
+  def step(carry, idx, ok, k, *_):
     p, ms, opt = carry
+    x = ctx.augmented(k, aux_x[idx])
+    tgt = targets(x) if callable(targets) else targets[idx]
 
     def loss_fn(p):
-      out, ms2 = ctx.apply(p, ms, aux_x[idx], task[idx], train=True,
-                           mask=ok)
-      sq = jnp.where(active, out.astype(jnp.float32) - targets[idx], 0.0)
+      out, ms2 = ctx.apply(p, ms, x, task[idx], train=True, mask=ok)
+      sq = jnp.where(active, out.astype(jnp.float32) - tgt, 0.0)
       per = jnp.sum(sq * sq, -1) / width
       w = ok.astype(jnp.float32)
       return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0), ms2
@@ -208,10 +218,17 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
   def student(ctx, ss, params, model_state, aux_x, key):
     logit_fn = lambda p, ms, x, t: ctx.logits(p, ms, x, t)
     task = jnp.zeros((aux_x.shape[0],), jnp.int32)
-    targets = consolidation_targets(
-        features(logit_fn, ss.old, ss.old_model_state, aux_x, task),
-        features(logit_fn, params, model_state, aux_x, task),
-        ss.seen, ss.current)
+    if ctx.augment is None:  # the teachers' targets, once
+      targets = consolidation_targets(
+          features(logit_fn, ss.old, ss.old_model_state, aux_x, task),
+          features(logit_fn, params, model_state, aux_x, task),
+          ss.seen, ss.current)
+    else:  # per batch, on the augmented images
+      def targets(x):
+        t = jnp.zeros((x.shape[0],), jnp.int32)
+        return consolidation_targets(
+            logit_fn(ss.old, ss.old_model_state, x, t),
+            logit_fn(params, model_state, x, t), ss.seen, ss.current)
     return consolidate(ctx, key, targets, ss.seen | ss.current, aux_x,
                        epochs=consolidate_epochs,
                        batch_size=consolidate_batch_size,
