@@ -116,6 +116,11 @@ def consolidate(ctx, key: jax.Array, targets: jax.Array | Callable,
   tx = optax.sgd(learning_rate, momentum=momentum or None)
   width = jnp.maximum(jnp.sum(active), 1)
 
+  if ctx.augment is not None and not callable(targets):
+    raise ValueError("dmc consolidate: with train.augment the targets must "
+                     "be a function of the augmented batch, not rows "
+                     "computed on the images as they are")
+
   def step(carry, idx, ok, k, *_):
     p, ms, opt = carry
     x = ctx.augmented(k, aux_x[idx])
