@@ -275,80 +275,95 @@ BACKBONE_FIELDS = {"mlp": ("widths", "init", "head"),
                    "resnet18": ("width", "init", "head")}
 
 
-def check_backbone_fields(mc: ml_collections.ConfigDict,
-                          given: Iterable[str]) -> None:
-  """Refuses ``given`` model fields (set explicitly, e.g. by command-line
-  overrides) that ``model.name`` does not read, naming the fields it does:
-  ``--config.model.channels=16,32`` with the MLP would change nothing."""
+def _shown(value: Any) -> str:
+  """A config value as the errors show it (lists as tuples)."""
+  return repr(tuple(value) if isinstance(value, (list, tuple)) else value)
+
+
+def _ignored(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why the run would ignore the config's field ``path`` (dotted), or
+  None when it reads it (or it is not one of the fields checked here)."""
+  parts = path.split(".")
+  mc, oc, tc = config.model, config.optimizer, config.train
   sizes = {f for fields in BACKBONE_FIELDS.values() for f in fields}
-  reads = BACKBONE_FIELDS.get(mc.name)
-  for f in given:
-    if f not in sizes or (reads is not None and f in reads):
-      continue
+  if parts[0] == "model" and len(parts) == 2 and parts[1] in sizes:
+    f, reads = parts[1], BACKBONE_FIELDS.get(mc.name)
+    if reads is not None and f in reads:
+      return None
     owners = [n for n, fields in BACKBONE_FIELDS.items() if f in fields]
     who = (f"{', '.join(owners[:-1])} and {owners[-1]} backbones"
            if len(owners) > 1 else f"{owners[0]} backbone")
     what = (f"model.{f}={_shown(mc[f])} is read by the {who} only; "
             f"model.name={mc.name!r} would ignore it")
     if reads is None:
-      raise ConfigError(f"{what} (a model module takes its arguments as "
-                        f"model.{mc.name}.<arg>)")
-    raise ConfigError(f"{what} (it reads "
-                      f"{', '.join('model.' + r for r in reads)})")
+      return (f"{what} (a model module takes its arguments as "
+              f"model.{mc.name}.<arg>)")
+    return f"{what} (it reads {', '.join('model.' + r for r in reads)})"
+  if parts[0] == "model" and len(parts) == 3 and parts[1] != mc.name:
+    return (f"{path}={_shown(mc[parts[1]][parts[2]])} is an argument of "
+            f"model module {parts[1]!r}; model.name={mc.name!r} would "
+            f"ignore it (set --config.model.name={parts[1]})")
+  if path == "optimizer.momentum" and oc.name != "momentum":
+    why = (f"optimizer.name={oc.name!r} would ignore it (it is the "
+           "heavy-ball coefficient of optimizer 'momentum'; set "
+           "--config.optimizer.name=momentum)")
+  elif path == "optimizer.gamma" and oc.get("schedule") != "multistep":
+    why = (f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it "
+           "is the 'multistep' schedule's factor)")
+  elif path == "train.epochs" and config.scenario.get("online", False) \
+      and tc.epochs != 1:
+    why = "scenario.online=True trains one pass over each experience"
+  elif path == "train.crop_padding" and "pad_crop" not in _augment_ops(tc):
+    why = (f"train.augment={_augment_ops(tc)!r} would ignore it (it is the "
+           "'pad_crop' augmentation's padding)")
+  else:
+    return None
+  return f"{path}={_shown(config[parts[0]][parts[1]])}: {why}"
 
 
-def _shown(value: Any) -> str:
-  """A config value as the errors show it (lists as tuples)."""
-  return repr(tuple(value) if isinstance(value, (list, tuple)) else value)
+# The fields _ignored() checks, bar model modules' arguments.
+_CHECKED = tuple(f"model.{f}" for f in dict.fromkeys(
+    f for fields in BACKBONE_FIELDS.values() for f in fields)) + (
+        "optimizer.momentum", "optimizer.gamma", "train.epochs",
+        "train.crop_padding")
 
 
 def check_overrides(config: ml_collections.ConfigDict,
                     given: Iterable[str]) -> None:
   """Refuses explicitly set fields (``given``: dotted paths, the command
   line's overrides) that the rest of the config makes the run ignore: a
-  backbone's size for another model (:func:`check_backbone_fields`),
-  ``optimizer.momentum`` without optimizer ``momentum`` (plain ``sgd`` has
-  none), ``optimizer.gamma`` without the ``multistep`` schedule,
-  ``train.crop_padding`` without ``pad_crop`` in ``train.augment``,
-  ``train.epochs`` other than 1 on an online stream, and a model
-  module's argument (``model.<name>.<arg>``) for another model. Only
-  explicit settings are checked: a config file may keep such values for
-  when it is switched (the default config's momentum 0.9 with ``sgd``)."""
-  given = list(given)
-  check_backbone_fields(config.model, [
-      p.split(".", 1)[1] for p in given if p.startswith("model.")])
-  oc, tc = config.optimizer, config.train
-  unread = {
-      "optimizer.momentum": (
-          oc.name != "momentum",
-          f"optimizer.name={oc.name!r} would ignore it (it is the heavy-ball "
-          "coefficient of optimizer 'momentum'; set "
-          "--config.optimizer.name=momentum)"),
-      "optimizer.gamma": (
-          oc.get("schedule") != "multistep",
-          f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it is "
-          "the 'multistep' schedule's factor)"),
-      "train.epochs": (
-          bool(config.scenario.get("online", False)) and tc.epochs != 1,
-          "scenario.online=True trains one pass over each experience"),
-      "train.crop_padding": (
-          "pad_crop" not in _augment_ops(tc),
-          f"train.augment={_augment_ops(tc)!r} would ignore it (it is the "
-          "'pad_crop' augmentation's padding)"),
-  }
+  backbone's size for another model, ``optimizer.momentum`` without
+  optimizer ``momentum`` (plain ``sgd`` has none), ``optimizer.gamma``
+  without the ``multistep`` schedule, ``train.crop_padding`` without
+  ``pad_crop`` in ``train.augment``, ``train.epochs`` other than 1 on an
+  online stream, and a model module's argument (``model.<name>.<arg>``)
+  for another model. Only explicit settings are refused: a config file
+  may keep such values for when it is switched (the default config's
+  momentum 0.9 with ``sgd``); :func:`ignored_settings` lists those."""
   for path in given:
-    if path in unread and unread[path][0]:
-      section, field = path.split(".")
-      raise ConfigError(f"{path}={_shown(config[section][field])}: "
-                        f"{unread[path][1]}")
-    parts = path.split(".")
-    if len(parts) == 3 and parts[0] == "model" \
-        and parts[1] != config.model.name:
-      raise ConfigError(
-          f"{path}={_shown(config.model[parts[1]][parts[2]])} is an "
-          f"argument of model module {parts[1]!r}; "
-          f"model.name={config.model.name!r} would ignore it (set "
-          f"--config.model.name={parts[1]})")
+    why = _ignored(config, path)
+    if why is not None:
+      raise ConfigError(why)
+
+
+def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
+  """Why the run ignores each field :func:`check_overrides` checks that
+  ``config`` sets away from the default config's value (a config file's
+  momentum for plain ``sgd``, a CNN's channels with the MLP): notes for
+  the dry run, since a file may keep them deliberately."""
+  defaults, out = default_config(), []
+  for path in _CHECKED:
+    section, field = path.split(".")
+    if field not in config[section]:
+      continue
+    value, default = config[section][field], defaults[section].get(field)
+    same = (tuple(value) == tuple(default)
+            if isinstance(value, (list, tuple))
+            and isinstance(default, (list, tuple)) else value == default)
+    why = None if same else _ignored(config, path)
+    if why is not None:
+      out.append(why)
+  return out
 
 
 def _model_kwargs(mc: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -924,6 +939,9 @@ def describe(s: Setup, state: TrainState) -> str:
          f"{', '.join(map(str, oc.get('milestones', ())))})"
          if schedule == "multistep" else "")
       + f"; strategy: {s.strategy_name}"]
+  # Values a config file keeps that this run ignores (refused when given
+  # on the command line).
+  lines += [f"note: {why}" for why in ignored_settings(c)]
   if learner.ctx.compute_dtype is not None:
     lines.append(f"mixed precision: the model computes in "
                  f"{learner.ctx.compute_dtype.name}; parameters, optimiser "

@@ -622,3 +622,25 @@ def test_a_sweeps_rows_and_summary_are_its_runs(full_stream):
   fin = rec.log[-1][1]
   np.testing.assert_allclose(fin.accuracy, r.accuracy.mean(0))
   np.testing.assert_allclose(fin.random_accuracy, r.random_accuracy.mean(0))
+
+
+def test_dry_run_notes_settings_a_config_keeps_that_the_run_ignores():
+  """A config file may keep values the run ignores (momentum for plain
+  SGD, an MLP's widths beside a CNN); the dry run notes each one away
+  from the default config's, and nothing for a config without any."""
+  c = quick_config(**{"optimizer.momentum": 0.0, "model.name": "cnn"})
+  notes = experiment.ignored_settings(c)
+  assert notes == [
+      "model.widths=(32,) is read by the mlp backbone only; "
+      "model.name='cnn' would ignore it (it reads model.channels, "
+      "model.hidden, model.init, model.head)",
+      "optimizer.momentum=0.0: optimizer.name='sgd' would ignore it (it is "
+      "the heavy-ball coefficient of optimizer 'momentum'; set "
+      "--config.optimizer.name=momentum)"]
+  s = experiment.setup(c)
+  text = experiment.describe(s, experiment.initial_state(s, 0))
+  assert all(f"\nnote: {n}\n" in text for n in notes), text
+  assert experiment.ignored_settings(quick_config()) == []
+  c = quick_config(**{"optimizer.name": "momentum",
+                      "optimizer.momentum": 0.5})
+  assert experiment.ignored_settings(c) == []
