@@ -257,20 +257,26 @@ class Reporter(NullReporter):
     them and, from half a second on, prints them beside its steps."""
     self._hook = (index, float(seconds))
 
+  def _given_for(self, index: int, attr: str) -> Any:
+    """What :meth:`task_accuracy` or :meth:`after_experience` gave (in
+    ``attr``) for experience ``index`` before its row, cleared; None if
+    nothing was, or only for another experience (a stale one)."""
+    given = getattr(self, attr)
+    setattr(self, attr, None)
+    return given[1] if given is not None and given[0] == index else None
+
   def experience(self, index: int, row: np.ndarray, step: int) -> None:
     row = [float(v) for v in row]
     avg = float(np.mean(self._seen(index, row)))
     record = {"step": step, "experience": index, "accuracy": row,
               "average_accuracy_seen": avg}
-    hook, self._hook = self._hook, None
-    hook = hook[1] if hook is not None and hook[0] == index else None
+    hook = self._given_for(index, "_hook")
     if hook is not None:
       record["after_experience_seconds"] = hook
-    pending, self._task = self._task, None
-    task = None
-    if pending is not None and pending[0] == index:
-      task = float(np.mean(self._seen(index, pending[1])))
-      record.update(task_accuracy=pending[1], task_average_accuracy_seen=task)
+    task_row, task = self._given_for(index, "_task"), None
+    if task_row is not None:
+      task = float(np.mean(self._seen(index, task_row)))
+      record.update(task_accuracy=task_row, task_average_accuracy_seen=task)
     self._log(record)
     if self._tb is not None:
       self._tb.add_scalar("eval/average_accuracy_seen", avg, index)
