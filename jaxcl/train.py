@@ -438,8 +438,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   # those); the losses and gradients, the augmented rows. (A key of its
   # own, so that a run without augmentation draws what it always drew.)
   came = batch
-  if ctx.augment is not None:
-    batch = {**batch, "x": ctx.augment(jax.random.fold_in(key, 3),
+  batch = {**batch, "x": ctx.augmented(jax.random.fold_in(key, 3),
                                        batch["x"])}
 
   def task_loss_of(logits):
@@ -647,8 +646,11 @@ def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
   if task_aware:
     out["task_accuracy"] = row_of(task_pred.reshape(e_n, m))
   if per_class:
-    out["class_correct"] = jnp.zeros((c,), jnp.int32).at[test["y"]].add(
-        (valid & (pred == test["y"])).astype(jnp.int32), mode="drop")
+    # The confusion matrix's diagonal when it is counted anyway.
+    out["class_correct"] = (
+        jnp.diagonal(out["confusion"]) if confusion else
+        jnp.zeros((c,), jnp.int32).at[test["y"]].add(
+            (valid & (pred == test["y"])).astype(jnp.int32), mode="drop"))
   return out
 
 
