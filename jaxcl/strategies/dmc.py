@@ -222,18 +222,18 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
   @functools.partial(jax.jit, static_argnums=0)
   def student(ctx, ss, params, model_state, aux_x, key):
     logit_fn = lambda p, ms, x, t: ctx.logits(p, ms, x, t)
-    task = jnp.zeros((aux_x.shape[0],), jnp.int32)
-    if ctx.augment is None:  # the teachers' targets, once
-      targets = consolidation_targets(
-          features(logit_fn, ss.old, ss.old_model_state, aux_x, task),
-          features(logit_fn, params, model_state, aux_x, task),
-          ss.seen, ss.current)
-    else:  # per batch, on the augmented images
-      def targets(x):
-        t = jnp.zeros((x.shape[0],), jnp.int32)
-        return consolidation_targets(
-            logit_fn(ss.old, ss.old_model_state, x, t),
-            logit_fn(params, model_state, x, t), ss.seen, ss.current)
+
+    def targets_of(run, x):
+      # ``run``: logit_fn for a batch, or over all rows in batches.
+      t = jnp.zeros((x.shape[0],), jnp.int32)
+      return consolidation_targets(run(ss.old, ss.old_model_state, x, t),
+                                   run(params, model_state, x, t),
+                                   ss.seen, ss.current)
+
+    # The teachers' targets once, or per batch on the augmented images.
+    targets = (targets_of(lambda p, ms, x, t: features(logit_fn, p, ms, x, t),
+                          aux_x) if ctx.augment is None
+               else functools.partial(targets_of, logit_fn))
     return consolidate(ctx, key, targets, ss.seen | ss.current, aux_x,
                        epochs=consolidate_epochs,
                        batch_size=consolidate_batch_size,

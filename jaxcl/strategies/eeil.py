@@ -241,14 +241,14 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     logit_fn = lambda p, ms, xb, tb: ctx.logits(p, ms, xb, tb)
     start, start_ms = params, model_state
 
-    def targets_of(xb, tb):
-      return jnp.where(ss.current[None, :], logit_fn(start, start_ms, xb, tb),
-                       logit_fn(ss.teacher, ss.teacher_model_state, xb, tb))
+    def targets_of(run, xb, tb):
+      # ``run``: logit_fn for a batch, or over all rows in batches.
+      return jnp.where(ss.current[None, :], run(start, start_ms, xb, tb),
+                       run(ss.teacher, ss.teacher_model_state, xb, tb))
 
     if ctx.augment is None:
-      all_targets = jnp.where(
-          ss.current[None, :], features(logit_fn, start, start_ms, xs, ts),
-          features(logit_fn, ss.teacher, ss.teacher_model_state, xs, ts))
+      all_targets = targets_of(
+          lambda p, ms, x, t: features(logit_fn, p, ms, x, t), xs, ts)
     active = ss.seen | ss.current
     tx = optax.sgd(1.0, momentum=momentum or None)
 
@@ -257,7 +257,7 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
       p, ms, opt = carry
       xb = ctx.augmented(key, xs[idx])
       tgt = (all_targets[idx] if ctx.augment is None
-             else targets_of(xb, ts[idx]))
+             else targets_of(logit_fn, xb, ts[idx]))
 
       def loss_fn(p):
         logits, ms2 = ctx.apply(p, ms, xb, ts[idx], train=True, mask=ok)
