@@ -89,10 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
       channels=(32, 64),  # cnn
       hidden=128,         # cnn
       width=20,           # resnet18
+      shortcut="conv",    # resnet32: conv (1x1 conv + BN: FACIL) | pad
+                          # (zero channels: He et al.'s option A, PyCIL)
       multi_head=False,   # one head per task (task-incremental)
       init="lecun_normal",  # lecun_normal (flax) | torch (PyTorch Linear:
                             # U(+-1/sqrt(fan_in)) weights and biases) | ...
-      head="linear",      # mlp / cnn / resnet18: linear | cosine (LUCIR)
+      head="linear",      # mlp / cnn / resnet18 / resnet32: linear |
+                          # cosine (LUCIR)
       outputs=0,          # the head's width; 0: the stream's classes. Other
                           # widths are an embedding, for a strategy that
                           # replaces task loss and prediction (cope, scr)
@@ -272,7 +275,8 @@ def build_scenario(config: ml_collections.ConfigDict,
 # none of them (its arguments are model.<name>.<arg>).
 BACKBONE_FIELDS = {"mlp": ("widths", "init", "head"),
                    "cnn": ("channels", "hidden", "init", "head"),
-                   "resnet18": ("width", "init", "head")}
+                   "resnet18": ("width", "init", "head"),
+                   "resnet32": ("shortcut", "init", "head")}
 
 
 def _shown(value: Any) -> str:

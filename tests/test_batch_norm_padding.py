@@ -115,13 +115,14 @@ def _assert_same(a, b, what, rtol=1e-5):
 
 
 def test_batch_norm_models_count_only_the_masked_rows():
-  # bn_mlp and a resnet18 (through Classifier) in training mode: with the
-  # mask, the real rows' outputs and the running statistics are those of
-  # the real rows alone; a mask with no real row counts every row (no
-  # NaN from an empty mean).
+  # bn_mlp, a resnet18 and a resnet32 (through Classifier) in training
+  # mode: with the mask, the real rows' outputs and the running
+  # statistics are those of the real rows alone; a mask with no real row
+  # counts every row (no NaN from an empty mean).
   rng = np.random.default_rng(0)
   for name, kw, shape in (("bn_mlp", dict(widths=(6, 5)), (7, 12)),
-                          ("resnet18", dict(width=2), (7, 8, 8, 3))):
+                          ("resnet18", dict(width=2), (7, 8, 8, 3)),
+                          ("resnet32", dict(shortcut="pad"), (7, 4, 4, 3))):
     model = models.build(name, 4, **kw)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     task = jnp.zeros((7,), jnp.int32)

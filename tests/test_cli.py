@@ -129,10 +129,13 @@ def test_bad_names_clear_error_no_traceback(tmp_path, flag, match, forked):
      r"model.head)"),
     (["--config.model.name=cnn", "--config.model.widths=64"],
      "model.widths=(64,) is read by the mlp backbone only; model.name='cnn'"),
+    (["--config.model.shortcut=pad"],
+     "model.shortcut='pad' is read by the resnet32 backbone only; "
+     "model.name='mlp' would ignore it"),
     (["--config.model.name=masked_mlp", "--config.model.init=torch"],
-     "model.init='torch' is read by the mlp, cnn and resnet18 backbones "
-     "only; model.name='masked_mlp' would ignore it (a model module takes "
-     "its arguments as model.masked_mlp.<arg>)"),
+     "model.init='torch' is read by the mlp, cnn, resnet18 and resnet32 "
+     "backbones only; model.name='masked_mlp' would ignore it (a model "
+     "module takes its arguments as model.masked_mlp.<arg>)"),
     # Plain SGD (the default optimiser) has no momentum.
     (["--config.optimizer.momentum=0.5"],
      "optimizer.momentum=0.5: optimizer.name='sgd' would ignore it (it is "

@@ -43,7 +43,10 @@ def test_unknown_model_and_bad_args():
     ("bn_mlp", {"widths": (32,)}),
     # The same checks end to end on ResNet-18 (22 s at first, slow; ~8 s
     # with session 39's test compile flags, so back in the default run).
-    ("resnet18", {"width": 4})])
+    ("resnet18", {"width": 4}),
+    # 31 convolutions even on 8x8 digits: 36 s here, so slow (its blocks
+    # and batch-norm masking are checked in the default run elsewhere).
+    pytest.param("resnet32", {"shortcut": "pad"}, marks=pytest.mark.slow)])
 def test_conv_models_train_in_the_loop(name, kw):
   c = jaxcl.default_config()
   c.model.name = name
@@ -59,7 +62,7 @@ def test_conv_models_train_in_the_loop(name, kw):
   assert r.accuracy.shape == (5, 5)
   # Learned each 2-class task well above chance when it was trained.
   assert np.diag(r.accuracy).mean() > 0.8
-  if name in ("resnet18", "bn_mlp"):
+  if name in ("resnet18", "resnet32", "bn_mlp"):
     stats = r.state.model_state["batch_stats"]
     # Batch statistics were updated by training (init: zero means). Only
     # the means: the variances start at one, so a check over every leaf
@@ -616,3 +619,113 @@ def test_multi_head_clips_out_of_range_task_ids():
   np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match="multi-head model needs the task id"):
     m.apply(v, x)
+
+
+def _np_conv(x, w, stride, pad):
+  """NumPy NHWC / HWIO convolution, ``pad`` zeros on every side (PyTorch's
+  ``padding=pad``)."""
+  kh, kw = w.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (xp.shape[1] - kh) // stride + 1
+  wo = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      out += xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride] @ w[i, j]
+  return out
+
+
+def _np_bn_eval(h, p, s):
+  """Batch norm in eval mode (flax's eps 1e-5), scaled and shifted."""
+  return _np_bn(h, s["mean"], s["var"], 1e-5) * p["scale"] + p["bias"]
+
+
+@pytest.mark.parametrize("shortcut", ["conv", "pad"])
+def test_resnet_downsampling_block_matches_pytorch_padding(shortcut):
+  # A stride-2 block on an even-sized input, written out in NumPy as
+  # PyTorch computes it: 3x3 convolutions with one pixel of zeros on every
+  # side (flax's 'SAME' put the stride-2 one's zeros on the far side only,
+  # one pixel off the 1x1 shortcut's grid), and the shortcut a strided 1x1
+  # convolution + BN ('conv') or the strided input with zero channels
+  # appended ('pad', PyCIL's DownsampleA). Random BN statistics and
+  # affine parameters, so every term counts.
+  from jaxcl.models.resnet import BasicBlock
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+  blk = BasicBlock(8, 2, shortcut)
+  v = jax.tree.map(np.asarray, blk.init(jax.random.PRNGKey(0), x, False))
+  v = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+                   * np.sign(rng.normal(size=a.shape)), v)
+  for s in v["batch_stats"].values():
+    s["var"] = np.abs(s["var"])
+  p, st = v["params"], v["batch_stats"]
+  y = np.maximum(_np_bn_eval(_np_conv(x, p["Conv_0"]["kernel"], 2, 1),
+                        p["BatchNorm_0"], st["BatchNorm_0"]), 0)
+  y = _np_bn_eval(_np_conv(y, p["Conv_1"]["kernel"], 1, 1), p["BatchNorm_1"],
+             st["BatchNorm_1"])
+  if shortcut == "conv":
+    sc = _np_bn_eval(_np_conv(x, p["Conv_2"]["kernel"], 2, 0), p["BatchNorm_2"],
+                st["BatchNorm_2"])
+  else:
+    assert set(p) == {"Conv_0", "Conv_1", "BatchNorm_0", "BatchNorm_1"}
+    sc = np.concatenate([x[:, ::2, ::2], np.zeros((2, 3, 3, 4))], -1)
+  got = np.asarray(blk.apply(v, x, False))
+  assert got.shape == (2, 3, 3, 8)
+  np.testing.assert_allclose(got, np.maximum(y + sc, 0), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_resnet32_is_he_et_al_cifar_resnet():
+  # He et al. (2016, Sec. 4.2): a 16-channel 3x3 stem, three stages of
+  # n = (32 - 2) / 6 = 5 blocks at 16, 32, 64 channels (stride 2 at the
+  # first block of stages 2 and 3), global average pooling. With option A
+  # shortcuts ('pad') and a 10-class head it has their Table 6's 0.46M
+  # parameters; FACIL's 1x1-conv shortcuts add two convolutions and BNs.
+  from jaxcl.models.resnet import BasicBlock, CifarResNet
+  stage = lambda cin, c: 9 * cin * c + 9 * c * c + 4 * c + 4 * (
+      9 * c * c * 2 + 4 * c)
+  body = 27 * 16 + 32 + stage(16, 16) + stage(16, 32) + stage(32, 64)
+  head = 64 * 10 + 10
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  for shortcut, extra in (("pad", 0),
+                          ("conv", 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64)):
+    m = models.build("resnet32", 10, shortcut=shortcut)
+    v = m.init(jax.random.PRNGKey(0), x)
+    n = sum(a.size for a in jax.tree.leaves(v["params"]))
+    assert n == body + head + extra
+  assert body + head == 464_154      # "0.46M"
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, BasicBlock):
+      seen.append(out.shape)
+    return out
+
+  with nn_intercept(spy):
+    f = m.apply(v, x, features=True)
+  assert seen == [(2, 8, 8, 16)] * 5 + [(2, 4, 4, 32)] * 5 + [
+      (2, 2, 2, 64)] * 5
+  assert f.shape == (2, 64)
+  # Convolutions start from N(0, 2 / fan_out) (FACIL's and PyCIL's
+  # kaiming_normal_(mode='fan_out')): a stage-3 kernel, 36864 draws.
+  k = np.asarray(v["params"]["backbone"]["BasicBlock_14"]["Conv_1"]["kernel"])
+  np.testing.assert_allclose(k.std(), np.sqrt(2 / (9 * 64)), rtol=0.03)
+  assert np.abs(k).max() > 2.5 * np.sqrt(2 / (9 * 64))   # not truncated
+  # Other depths from Python: ResNet-20 has 9 blocks.
+  assert len(jax.tree.leaves(jax.eval_shape(
+      CifarResNet(depth=20).init, jax.random.PRNGKey(0), x)["params"])) < \
+      len(jax.tree.leaves(v["params"]))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(depth=33), r"depth=33: must be 6n \+ 2"),
+    (dict(depth=2), r"depth=2: must be 6n \+ 2"),
+    (dict(shortcut="zero"), r"shortcut='zero': valid \['conv', 'pad'\]")])
+def test_cifar_resnet_refuses_bad_depth_and_shortcut(kw, match):
+  from jaxcl.models.resnet import CifarResNet
+  with pytest.raises(ValueError, match=match):
+    CifarResNet(**kw)
+  if "shortcut" in kw:
+    with pytest.raises(ValueError, match=match):
+      models.build("resnet32", 10, **kw)

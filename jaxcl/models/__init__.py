@@ -10,14 +10,15 @@ returns logits, and whose ``features=True`` call returns the backbone's
 output (used by strategies that work in feature space: iCaRL, CWR*, latent
 replay). A model with batch norm (a ``batch_stats`` collection) should also
 take ``mask=`` (bool ``(batch,)``) in training mode and count only those
-rows in its batch statistics, as ``bn_mlp`` and ``resnet18`` do (flax's
-``nn.BatchNorm(...)(h, mask=...)``): the engine passes the padding rows'
-mask (:func:`jaxcl.state.batch_stats_mask`); without the keyword, padding
-rows count.
+rows in its batch statistics, as ``bn_mlp``, ``resnet18`` and ``resnet32``
+do (flax's ``nn.BatchNorm(...)(h, mask=...)``): the engine passes the
+padding rows' mask (:func:`jaxcl.state.batch_stats_mask`); without the
+keyword, padding rows count.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any, Callable
@@ -27,15 +28,18 @@ from jaxcl.models import init as inits
 from jaxcl.models.classifier import Classifier, check_head
 from jaxcl.models.cnn import CNN
 from jaxcl.models.mlp import MLP
-from jaxcl.models.resnet import ResNet18
+from jaxcl.models.resnet import CifarResNet, ResNet18
 
-__all__ = ["Classifier", "MLP", "CNN", "ResNet18", "build", "BACKBONES",
-           "available"]
+__all__ = ["Classifier", "MLP", "CNN", "ResNet18", "CifarResNet", "build",
+           "BACKBONES", "available"]
 
 BACKBONES: dict[str, Callable[..., Any]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet18": ResNet18,
+    # He et al.'s CIFAR ResNet-32 (FACIL's and PyCIL's CIFAR-100 backbone);
+    # other depths: CifarResNet(depth=...) from Python.
+    "resnet32": functools.partial(CifarResNet, depth=32),
 }
 
 
@@ -44,7 +48,7 @@ def build(name: str, num_classes: int, num_heads: int = 1,
   """Builds a classifier by backbone name.
 
   Args:
-    name: one of ``BACKBONES`` (mlp, cnn, resnet18).
+    name: one of ``BACKBONES`` (mlp, cnn, resnet18, resnet32).
     num_classes: outputs per head.
     num_heads: 1 for a single head; >1 for one head per task, picked by the
       task id (multi-head).
