@@ -29,7 +29,7 @@ import gzip
 import importlib.util
 import os
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -90,20 +90,36 @@ class Dataset:
     return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx,
                                test_y=vy, train_y_true=true)
 
-  def normalized(self, mean: float, std: float) -> "Dataset":
-    """Inputs standardised as ``(x - mean) / std``, one pair for every
-    pixel and channel (torchvision's ``Normalize``, e.g. MNIST's ``(0.1307,
-    0.3081)`` in Avalanche's and many PyTorch protocols).
+  def normalized(self, mean: float | Sequence[float],
+                 std: float | Sequence[float]) -> "Dataset":
+    """Inputs standardised as ``(x - mean) / std`` (torchvision's
+    ``Normalize``): one pair for every pixel and channel (e.g. MNIST's
+    ``(0.1307, 0.3081)`` in Avalanche's and many PyTorch protocols), or
+    one value per channel, the inputs' last axis (e.g. FACIL's CIFAR-100
+    ``((0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023))``).
 
     Raises:
-      DataError: unless ``mean`` is finite and ``std`` finite and > 0.
+      DataError: unless every mean is finite and every std finite and
+        > 0, and a per-channel pair has one value per channel.
     """
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-             and np.isfinite(v) for v in (mean, std))
-    if not (ok and std > 0):
+    def values(v):
+      vs = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+      ok = vs and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                      and np.isfinite(a) for a in vs)
+      return vs if ok else None
+
+    m, s = values(mean), values(std)
+    if m is None or s is None or min(s) <= 0:
       raise DataError(f"normalize must be (mean, std) with finite numbers "
                       f"and std > 0, got ({mean!r}, {std!r})")
-    m, s = np.float32(mean), np.float32(std)
+    c = self.train_x.shape[-1]
+    for name, vs in (("mean", m), ("std", s)):
+      if len(vs) not in (1, c):
+        raise DataError(
+            f"normalize: {name}={vs!r} has {len(vs)} values; give one for "
+            f"every pixel, or one per channel ({c}: the inputs are shaped "
+            f"{self.train_x.shape[1:]})")
+    m, s = np.float32(m), np.float32(s)
     return dataclasses.replace(self, train_x=(self.train_x - m) / s,
                                test_x=(self.test_x - m) / s)
 

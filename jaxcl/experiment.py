@@ -55,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
                           # (stratified, the same examples for every seed)
                           # and evaluate on it instead of the test set
       normalize=(),       # (mean, std): inputs as (x - mean) / std, e.g.
-                          # MNIST's (0.1307, 0.3081); (): pixels in [0, 1]
+                          # MNIST's (0.1307, 0.3081), or per channel
+                          # ((m_r, m_g, m_b), (s_r, s_g, s_b));
+                          # (): pixels in [0, 1]
       label_noise=0.0,    # in [0, 1): this fraction of each class's
                           # training labels made wrong (test and validation
                           # labels stay clean; datasets.noisy_labels)

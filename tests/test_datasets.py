@@ -236,6 +236,36 @@ def test_normalize_standardises_and_refuses_bad_pairs():
     experiment.load_data(c)
 
 
+def test_normalize_per_channel_standardises_each_channel():
+  # torchvision's Normalize with one (mean, std) per channel, the inputs'
+  # last axis (FACIL's CIFAR-100 statistics); a single value still counts
+  # for every channel; a count that is neither is refused by name.
+  from jaxcl.datasets import DataError, Dataset
+  rng = np.random.default_rng(0)
+  d = Dataset("rgb", rng.uniform(size=(6, 4, 4, 3)).astype(np.float32),
+              np.arange(6) % 2, rng.uniform(size=(4, 4, 4, 3)).astype(
+                  np.float32), np.arange(4) % 2, 2)
+  mean, std = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
+  n = d.normalized(mean, std)
+  for c in range(3):
+    np.testing.assert_allclose(n.train_x[..., c],
+                               (d.train_x[..., c] - mean[c]) / std[c],
+                               rtol=1e-5)
+    np.testing.assert_allclose(n.test_x[..., c],
+                               (d.test_x[..., c] - mean[c]) / std[c],
+                               rtol=1e-5)
+  assert n.train_x.dtype == np.float32
+  np.testing.assert_allclose(d.normalized((0.5,), 0.25).train_x,
+                             (d.train_x - 0.5) / 0.25, rtol=1e-6)
+  with pytest.raises(DataError, match=r"mean=\(0.1, 0.2\) has 2 values; "
+                     r"give one for every pixel, or one per channel \(3"):
+    d.normalized((0.1, 0.2), std)
+  with pytest.raises(DataError, match=r"std > 0"):
+    d.normalized(mean, (0.2, 0.0, 0.2))
+  with pytest.raises(DataError, match=r"std > 0"):
+    d.normalized(mean, ())
+
+
 def _idx_bytes(magic: bytes, dims, payload: bytes) -> bytes:
   return magic + struct.pack(">" + "I" * len(dims), *dims) + payload
 
