@@ -63,6 +63,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcl import datasets
+
 __all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
            "horizontal_flip", "color_jitter",
            "random_grayscale", "default_ops", "check_ops", "pipeline"]
@@ -277,6 +279,7 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
              flip_p: float = 0.5, jitter: tuple[float, ...] = (0.4, 0.4,
                                                               0.4, 0.1),
              jitter_p: float = 0.8, gray_p: float = 0.2,
+             normalize: Sequence = (),
              who: str = "augment") -> Augment:
   """``(key, x) -> x``: the named operations applied in :data:`OPS` order
   (torchvision's pad-and-crop, then SCR's kornia pipeline: crop, flip,
@@ -293,6 +296,12 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
     jitter: brightness, contrast, saturation, hue strengths of
       :func:`color_jitter`; jitter_p its probability.
     gray_p: :func:`random_grayscale`'s probability.
+    normalize: the inputs' standardisation ``(mean, std)``, one value or
+      one per channel (``dataset.normalize``; ``()``: none). The
+      operations then run on the pixels, as torchvision's transforms run
+      before its ``Normalize``: ``pad_crop`` pads with black, not with
+      the mean colour, and the colour changes clip to ``[0, 1]``; the
+      result is standardised again.
     who: the name errors begin with.
 
   Raises:
@@ -331,6 +340,14 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
     raise ValueError(f"{who}: jitter must be (brightness, contrast, "
                      f"saturation, hue) strengths >= 0, hue <= 0.5, got "
                      f"{jitter}")
+  if normalize:
+    if len(normalize) != 2:
+      raise ValueError(f"{who}: normalize must be () or (mean, std), got "
+                       f"{tuple(normalize)!r}")
+    try:
+      mean, std = datasets.standardisation(*normalize, shape)
+    except datasets.DataError as e:
+      raise ValueError(f"{who}: {e}") from None
   steps: list[Augment] = []
   if "pad_crop" in ops:
     steps.append(lambda k, x: random_crop(k, x, crop_padding))
@@ -347,8 +364,12 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
   def apply(key: jax.Array, x: jax.Array) -> jax.Array:
     if not steps:
       return x
+    if normalize:
+      x = x * std + mean
     for k, step in zip(jax.random.split(key, len(steps)), steps):
       x = step(k, x)
+    if normalize:
+      x = (x - mean) / std
     return x
 
   return apply

@@ -44,6 +44,36 @@ class DataError(ValueError):
   """A data set is missing, corrupt or asked for by an unknown name."""
 
 
+def standardisation(mean: float | Sequence[float],
+                    std: float | Sequence[float],
+                    input_shape: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, std)`` as float32 arrays that broadcast over inputs of
+  ``input_shape`` (one value, or one per channel: the last axis).
+
+  Raises:
+    DataError: unless every mean is finite and every std finite and > 0,
+      and a per-channel pair has one value per channel.
+  """
+  def values(v):
+    vs = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    ok = vs and all(checks.is_real(a) for a in vs)
+    return vs if ok else None
+
+  m, s = values(mean), values(std)
+  if m is None or s is None or min(s) <= 0:
+    raise DataError(f"normalize must be (mean, std) with finite numbers "
+                    f"and std > 0, got ({mean!r}, {std!r})")
+  c = tuple(input_shape)[-1] if len(input_shape) else 1
+  for name, vs in (("mean", m), ("std", s)):
+    if len(vs) not in (1, c):
+      raise DataError(
+          f"normalize: {name}={vs!r} has {len(vs)} values; give one for "
+          f"every pixel, or one per channel ({c}: the inputs are shaped "
+          f"{tuple(input_shape)})")
+  return np.float32(m), np.float32(s)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """Train and test arrays of one data set.
@@ -102,24 +132,7 @@ class Dataset:
       DataError: unless every mean is finite and every std finite and
         > 0, and a per-channel pair has one value per channel.
     """
-    def values(v):
-      vs = tuple(v) if isinstance(v, (list, tuple)) else (v,)
-      ok = vs and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                      and np.isfinite(a) for a in vs)
-      return vs if ok else None
-
-    m, s = values(mean), values(std)
-    if m is None or s is None or min(s) <= 0:
-      raise DataError(f"normalize must be (mean, std) with finite numbers "
-                      f"and std > 0, got ({mean!r}, {std!r})")
-    c = self.train_x.shape[-1]
-    for name, vs in (("mean", m), ("std", s)):
-      if len(vs) not in (1, c):
-        raise DataError(
-            f"normalize: {name}={vs!r} has {len(vs)} values; give one for "
-            f"every pixel, or one per channel ({c}: the inputs are shaped "
-            f"{self.train_x.shape[1:]})")
-    m, s = np.float32(m), np.float32(s)
+    m, s = standardisation(mean, std, self.train_x.shape[1:])
     return dataclasses.replace(self, train_x=(self.train_x - m) / s,
                                test_x=(self.test_x - m) / s)
 

@@ -571,7 +571,8 @@ def setup(config: ml_collections.ConfigDict,
   epochs = 1 if sc.online else tc.epochs
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs,
                        epochs)
-  ctx = make_context(model, tx, info, _augmenter(tc, sc),
+  ctx = make_context(model, tx, info,
+                     _augmenter(tc, sc, config.dataset.get("normalize", ())),
                      _compute_dtype(config.model))
   eval_every = tc.get("eval_every_steps", 0)
   checks.whole("train.eval_every_steps", eval_every, 0,
@@ -746,17 +747,20 @@ def _augment_ops(tc: ml_collections.ConfigDict) -> tuple[str, ...]:
                if p.strip())
 
 
-def _augmenter(tc: ml_collections.ConfigDict, sc: Scenario
-               ) -> Any:
+def _augmenter(tc: ml_collections.ConfigDict, sc: Scenario,
+               normalize: Any = ()) -> Any:
   """``train.augment``'s ``(key, x) -> x`` for the stream's inputs, or None
   for none; refuses, by name, an operation that is unknown or does not
-  fit the inputs (a flip of flat vectors)."""
+  fit the inputs (a flip of flat vectors). ``normalize`` is the inputs'
+  ``dataset.normalize``: the operations run on the pixels, as
+  torchvision's run before its ``Normalize``."""
   ops = _augment_ops(tc)
   if not ops:
     return None
   try:
     return augment.pipeline(ops, sc.input_shape,
                             crop_padding=tc.get("crop_padding", 4),
+                            normalize=tuple(normalize),
                             who="train.augment")
   except ValueError as e:
     raise ConfigError(str(e)) from None

@@ -45,6 +45,45 @@ def test_pad_crop_and_flip_compose_in_order():
   assert augment.OPS[:3] == ("pad_crop", "crop", "flip")
 
 
+def test_augmenting_standardised_inputs_is_torchvisions_order():
+  # torchvision runs its transforms on pixels and Normalize last: a crop
+  # pads black and colour changes clip to [0, 1]. Given the inputs'
+  # standardisation, the pipeline on standardised inputs equals the
+  # pipeline on the pixels, then standardised (per channel); without it,
+  # the padding is the mean colour (0 after standardising) and differs.
+  rng = np.random.default_rng(1)
+  pix = jnp.asarray(rng.random((5, 6, 6, 3)), jnp.float32)
+  mean = np.float32([0.5071, 0.4866, 0.4409])
+  std = np.float32([0.2009, 0.1984, 0.2023])
+  std_x = (pix - mean) / std
+  key = jax.random.PRNGKey(4)
+  ops = ("pad_crop", "flip", "jitter")
+  on_pixels = augment.pipeline(ops, (6, 6, 3), crop_padding=2)(key, pix)
+  got = augment.pipeline(ops, (6, 6, 3), crop_padding=2,
+                         normalize=(tuple(mean), tuple(std)))(key, std_x)
+  np.testing.assert_allclose(np.asarray(got),
+                             (np.asarray(on_pixels) - mean) / std,
+                             rtol=1e-5, atol=1e-5)
+  # Some crop reached the padding, so the fill matters.
+  blind = augment.pipeline(ops, (6, 6, 3), crop_padding=2)(key, std_x)
+  assert np.abs(np.asarray(blind) - np.asarray(got)).max() > 0.5
+  # The run passes dataset.normalize on: its augmentation of standardised
+  # digits pads with -mean / std, the standardised black.
+  s = experiment.setup(quick_config(**{
+      "train.augment": ("pad_crop",), "train.crop_padding": 8,
+      "dataset.normalize": (0.25, 0.5)}))
+  x = s.scenario.experiences[0].train_x[:4]
+  out = np.asarray(s.learner.ctx.augment(jax.random.PRNGKey(0), x))
+  # A 16-pixel padding window over an 8-pixel image: most crops show some
+  # border, and every border pixel is -0.25 / 0.5.
+  border = np.isclose(out, -0.5)
+  assert border.mean() > 0.2 and np.isclose(x, -0.5).mean() < border.mean()
+  with pytest.raises(ValueError, match=r"train.augment: normalize: "
+                     r"mean=\(0.1, 0.2\) has 2 values"):
+    augment.pipeline(("flip",), (6, 6, 3), normalize=((0.1, 0.2), 1.0),
+                     who="train.augment")
+
+
 def test_the_step_trains_on_the_augmented_batch():
   # Naive with an augmentation that mirrors every image: the same step as
   # a plain one on the mirrored batch.
@@ -178,7 +217,7 @@ def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
     plain = jaxcl.run(c, scenario=flipped)
   same = jaxcl.run(c, scenario=sc)
   with monkeypatch.context() as m:
-    m.setattr(experiment, "_augmenter", lambda tc, sc: _mirror)
+    m.setattr(experiment, "_augmenter", lambda tc, sc, norm: _mirror)
     got = jaxcl.run(c, scenario=sc)
   assert got.learner.ctx.augment is _mirror
   for a, b in zip(jax.tree.leaves(got.state.params),
