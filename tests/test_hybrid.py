@@ -799,6 +799,54 @@ def test_icarl_exemplars_are_herded_and_reduced(stream):
   assert np.all(logits[:, 4:] < -1e8)
 
 
+def test_icarl_mirror_means_count_each_exemplars_mirror_image(stream):
+  # The authors' CIFAR-100 code: each class mean is the mean of the
+  # exemplars' normalised features and of their mirror images', averaged
+  # and renormalised; the exemplars (herded on the images as they are)
+  # and the test features (not mirrored) are those of the plain run.
+  ctx = make_ctx(stream)
+  plain, mirrored = icarl(mem_size=20), icarl(mem_size=20, mirror_means=True)
+  state = train.init_state(ctx, plain, 0)
+  exps = stream.experiences[:2]
+  ss = run_hooks(ctx, mirrored, state, exps).strategy
+  ps = run_hooks(ctx, plain, state, exps).strategy
+  np.testing.assert_array_equal(np.asarray(ss.memory.x),
+                                np.asarray(ps.memory.x))
+
+  def feats_of(x):
+    return normed(ctx.apply(state.params, state.model_state, jnp.asarray(x),
+                            jnp.zeros((len(x),), jnp.int32),
+                            features=True)[0])
+
+  for c in range(4):
+    sel = np.asarray(ss.memory.valid) & (np.asarray(ss.memory.y) == c)
+    xs = np.asarray(ss.memory.x)[sel]
+    mu = (feats_of(xs).mean(0) + feats_of(xs[:, :, ::-1]).mean(0)) / 2
+    np.testing.assert_allclose(np.asarray(ss.means[c]),
+                               mu / np.linalg.norm(mu), rtol=1e-4, atol=1e-5)
+  # Digits are not mirror-symmetric: the means moved.
+  assert np.abs(np.asarray(ss.means[:4]) - np.asarray(ps.means[:4])).max() \
+      > 1e-2
+  x = stream.experiences[1].test_x[:10]
+  task = jnp.zeros((10,), jnp.int32)
+  f = feats_of(x)
+  d = ((f[:, None, :] - np.asarray(ss.means[:4])[None]) ** 2).sum(-1)
+  logits = mirrored.predict(ctx, ss, state.params, state.model_state,
+                            jnp.asarray(x), task)
+  np.testing.assert_allclose(np.asarray(logits)[:, :4], -d, rtol=1e-4,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match=r"icarl: mirror_means must be True "
+                     r"or False, got 'yes'"):
+    icarl(mirror_means="yes")
+  flat = scenarios.from_arrays(
+      [(np.zeros((20, 6), np.float32), np.arange(20) % 2)],
+      [(np.zeros((4, 6), np.float32), np.arange(4) % 2)])
+  with pytest.raises(ValueError, match=r"icarl: mirror_means needs images "
+                     r"shaped \(H, W, C\); the inputs are shaped \(6,\)"):
+    train.init_state(make_ctx(flat), icarl(mem_size=20, mirror_means=True),
+                     0)
+
+
 def test_icarl_loss_is_sigmoid_bce_with_teacher_targets():
   rng = np.random.default_rng(1)
   z = rng.normal(size=(4, 5))

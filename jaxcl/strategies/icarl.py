@@ -10,7 +10,15 @@ Rebuffi et al. (2017) keep a fixed total memory of ``K`` exemplars, and
      \\quad \\bar\\varphi_y = \\frac{1}{|P_y|}\\sum_{p \\in P_y} \\varphi(p)
 
   (the mean is renormalised, as in the authors' code); ``predict`` returns
-  ``-‖φ(x) - μ_y‖²``, and ``-1e9`` for classes without exemplars.
+  ``-‖φ(x) - μ_y‖²``, and ``-1e9`` for classes without exemplars. With
+  ``mirror_means`` the mean also counts each exemplar's left-right
+  mirror image, as the authors' CIFAR-100 code does ("flipped version
+  also") and Avalanche's does for images,
+
+  .. math::  \mu_y \propto \frac{1}{|P_y|}\sum_{p \in P_y}
+     \tfrac12\big(\varphi(p) + \varphi(\overleftarrow{p})\big)
+
+  (test images are not mirrored; Mammoth's iCaRL does not mirror).
 * **train** (Algorithm 3) on the new data plus exemplars with a sigmoid
   binary cross-entropy whose targets are one-hot for the new classes and
   the previous model's sigmoid outputs for the old ones (distillation):
@@ -67,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcl import buffers
+from jaxcl import buffers, checks
 from jaxcl.state import masked_logits
 from jaxcl.strategies.latent_replay import split_model
 from jaxcl.strategies.replay import append_rows
@@ -238,7 +246,7 @@ def ncm_predict(ctx, f: jax.Array, means: jax.Array, has_mean: jax.Array,
 
 
 def icarl(mem_size: int = 2000, batch_size: int = 0,
-          layer: str = "backbone") -> Strategy:
+          layer: str = "backbone", mirror_means: bool = False) -> Strategy:
   """iCaRL.
 
   Args:
@@ -246,12 +254,16 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     batch_size: exemplars appended to each training batch (0: the training
       batch size).
     layer: feature layer ``φ`` (``'backbone'``: the model's features).
+    mirror_means: class means over the exemplars and their left-right
+      mirror images (the authors' CIFAR-100 code); for images whose
+      mirror is the same class (not digits).
 
   Raises:
     ValueError: a non-positive ``mem_size``, negative ``batch_size`` or one
-      above ``mem_size``, an empty ``layer``; at ``init``, an unknown
-      feature layer (listing the valid ones) or ``mem_size`` smaller than
-      the number of classes (0 exemplars per class).
+      above ``mem_size``, an empty ``layer``, a ``mirror_means`` that is
+      not a bool; at ``init``, an unknown feature layer (listing the valid
+      ones), ``mem_size`` smaller than the number of classes (0 exemplars
+      per class), or ``mirror_means`` for inputs that are not images.
   """
   buffers.check_capacity(mem_size, "icarl: mem_size")
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
@@ -264,6 +276,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
   if not isinstance(layer, str) or not layer:
     raise ValueError(f"icarl: layer must be a module path such as "
                      f"'backbone', got {layer!r}")
+  checks.flag("icarl: mirror_means", mirror_means)
   splits = {}
 
   def feature_fn(ctx) -> Callable[..., jax.Array]:
@@ -286,6 +299,9 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     if replay_size(ctx) > mem_size:
       raise ValueError(f"icarl: exemplars per batch {replay_size(ctx)} > "
                        f"mem_size={mem_size}")
+    if mirror_means and len(ctx.info.input_shape) != 3:
+      raise ValueError(f"icarl: mirror_means needs images shaped (H, W, C); "
+                       f"the inputs are shaped {tuple(ctx.info.input_shape)}")
     x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
     t0 = jnp.zeros((1,), jnp.int32)
     k_ms, k_run = jax.random.split(key)
@@ -330,8 +346,11 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     m = mem_size // jnp.maximum(jnp.sum(seen), 1)
     mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
                                  valid, experience, m, c)
-    # Class means of the exemplars under the current model.
+    # Class means of the exemplars under the current model (and of their
+    # mirror images: the mean of both views' means, renormalised below).
     ef = fn(params, model_state, mem.x, mem.task)
+    if mirror_means:
+      ef = ef + fn(params, model_state, mem.x[:, :, ::-1, :], mem.task)
     onehot = jax.nn.one_hot(mem.y, c, dtype=jnp.float32) * mem.valid[:, None]
     sums = onehot.T @ ef
     counts = jnp.sum(onehot, axis=0)
