@@ -3,12 +3,15 @@
 These need the CIFAR data through tensorflow_datasets; where it is missing
 (this offline machine) reproduce.py lists them as not run. No published
 numbers are attached: compare with Buzzega et al. 2020, Table 2 (Split
-CIFAR-10) and Chaudhry et al. 2019, Table 1 (Split CIFAR-100, 20 tasks).
+CIFAR-10), Chaudhry et al. 2019, Table 1 (Split CIFAR-100, 20 tasks) and
+Rebuffi et al. 2017, Figure 2 (CIFAR-100, 10 classes per group).
 """
 
 from experiments.reproduce import Entry
 
 _C10 = "Split CIFAR-10 (5x2), ResNet-18, 50 epochs, batch 32 (Buzzega et al. 2020)"
+_IC = ("Split CIFAR-100 (10x10) class-incremental, ResNet-32, 70 epochs, "
+       "batch 128 (iCaRL's code, Rebuffi et al. 2017)")
 _C100 = ("Split CIFAR-100 (20x5) task-incremental, reduced ResNet-18, 1 epoch,"
          " batch 10 (Chaudhry et al. 2019)")
 
@@ -35,4 +38,8 @@ ENTRIES = [
                            ("GEM (13 per task)", "gem", ",mem_size=260"),
                            ("Replay (13 per task)", "replay", ",mem_size=260"),
                            ("EWC", "ewc", "")]
+] + [
+    Entry(_IC, name, "split_cifar100_icarl", f"strategy={s}")
+    for name, s in [("Finetuning", "naive"), ("LwF.MC", "lwf_mc"),
+                    ("iCaRL (2000)", "icarl"), ("Joint", "joint")]
 ]
