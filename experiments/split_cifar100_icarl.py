@@ -9,8 +9,10 @@ Protocol (Rebuffi et al. 2017, Sec. 4, and their
 10 classes (``n_experiences=10``; the paper also runs 2, 5, 20 and 50
 classes per group), in the order ``np.random.seed(1993)`` shuffles them to
 (the code's first run; FACIL's ``cifar100_icarl`` order); He et al.'s
-ResNet-32 (``model.name=resnet32``); 70 epochs per group with SGD,
-momentum 0.9, learning rate 2.0 divided by 5 after epochs 49 and 63,
+ResNet-32 as the code builds it (``model.name=resnet32``: zero-padded
+identity shortcuts, ``shortcut=pad``, and no ReLU after the last block,
+``last_relu=False``, so the features are signed); 70 epochs per group
+with SGD, momentum 0.9, learning rate 2.0 divided by 5 after epochs 49 and 63,
 restarted for every group; batches of 128 augmented by a 4-pixel pad
 and crop and a horizontal flip; 2000 exemplars in all (herding), class
 means over the exemplars and their mirror images (``mirror_means``).
@@ -39,7 +41,13 @@ Where this differs from the authors' code, and why:
   and, as optax decays every leaf, it also reaches biases and batch-norm
   parameters.
 * Inputs: the code subtracts the training set's mean image; here each
-  channel is standardised with FACIL's CIFAR-100 statistics.
+  channel is standardised with FACIL's CIFAR-100 statistics. The code's
+  crops pad its mean-subtracted arrays with zeros, the mean image; here
+  they pad black, as torchvision's do.
+* Initialisation: the code draws convolutions from N(0, 2 / fan_in)
+  (Lasagne's ``HeNormal``), jaxcl's ResNet-32 from N(0, 2 / fan_out) as
+  FACIL and PyCIL do: the same for all but the stem and the two
+  convolutions that double the channels.
 * Loss: the code's BCE averages over all 100 outputs, the future classes'
   (target 0) included; jaxcl's iCaRL averages over the classes seen so far,
   as Mammoth's does (see :mod:`jaxcl.strategies.icarl`).
@@ -99,7 +107,8 @@ def get_config(arg=None):
   c.scenario.n_experiences = n
   c.scenario.class_order = class_order()
   c.model.name = "resnet32"
-  c.model.shortcut = "conv"
+  c.model.shortcut = "pad"
+  c.model.last_relu = False
   c.optimizer.name = "momentum"
   c.optimizer.momentum = 0.9
   c.optimizer.learning_rate = 2.0

@@ -93,6 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
       width=20,           # resnet18
       shortcut="conv",    # resnet32: conv (1x1 conv + BN: FACIL) | pad
                           # (zero channels: He et al.'s option A, PyCIL)
+      last_relu=True,     # resnet18 / resnet32: False drops the last
+                          # block's ReLU (LUCIR's and iCaRL's code)
       multi_head=False,   # one head per task (task-incremental)
       init="lecun_normal",  # lecun_normal (flax) | torch (PyTorch Linear:
                             # U(+-1/sqrt(fan_in)) weights and biases) | ...
@@ -277,8 +279,8 @@ def build_scenario(config: ml_collections.ConfigDict,
 # none of them (its arguments are model.<name>.<arg>).
 BACKBONE_FIELDS = {"mlp": ("widths", "init", "head"),
                    "cnn": ("channels", "hidden", "init", "head"),
-                   "resnet18": ("width", "init", "head"),
-                   "resnet32": ("shortcut", "init", "head")}
+                   "resnet18": ("width", "last_relu", "init", "head"),
+                   "resnet32": ("shortcut", "last_relu", "init", "head")}
 
 
 def _shown(value: Any) -> str:

@@ -640,8 +640,9 @@ def _np_bn_eval(h, p, s):
   return _np_bn(h, s["mean"], s["var"], 1e-5) * p["scale"] + p["bias"]
 
 
-@pytest.mark.parametrize("shortcut", ["conv", "pad"])
-def test_resnet_downsampling_block_matches_pytorch_padding(shortcut):
+@pytest.mark.parametrize("shortcut,relu", [("conv", True), ("pad", True),
+                                           ("pad", False)])
+def test_resnet_downsampling_block_matches_pytorch_padding(shortcut, relu):
   # A stride-2 block on an even-sized input, written out in NumPy as
   # PyTorch computes it: 3x3 convolutions with one pixel of zeros on every
   # side (flax's 'SAME' put the stride-2 one's zeros on the far side only,
@@ -652,7 +653,7 @@ def test_resnet_downsampling_block_matches_pytorch_padding(shortcut):
   from jaxcl.models.resnet import BasicBlock
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
-  blk = BasicBlock(8, 2, shortcut)
+  blk = BasicBlock(8, 2, shortcut, relu=relu)
   v = jax.tree.map(np.asarray, blk.init(jax.random.PRNGKey(0), x, False))
   v = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
                    * np.sign(rng.normal(size=a.shape)), v)
@@ -671,8 +672,51 @@ def test_resnet_downsampling_block_matches_pytorch_padding(shortcut):
     sc = np.concatenate([x[:, ::2, ::2], np.zeros((2, 3, 3, 4))], -1)
   got = np.asarray(blk.apply(v, x, False))
   assert got.shape == (2, 3, 3, 8)
-  np.testing.assert_allclose(got, np.maximum(y + sc, 0), rtol=1e-4,
-                             atol=1e-4)
+  # Without its ReLU (a network's last block, last_relu=False) the sum
+  # itself, negative values included.
+  want = np.maximum(y + sc, 0) if relu else y + sc
+  assert relu or want.min() < 0
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", dict(width=2)),
+                                     ("resnet32", {})])
+def test_last_relu_false_leaves_out_only_the_last_blocks_relu(name, kw):
+  # LUCIR's and iCaRL's authors' ResNets end in a block without its ReLU:
+  # the features are the spatial mean of the last block's sum. Every other
+  # block, and the parameters, are the same as with it.
+  from jaxcl.models.resnet import BasicBlock
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  on = models.build(name, 10, **kw)
+  off = models.build(name, 10, last_relu=False, **kw)
+  v = on.init(jax.random.PRNGKey(0), x)
+  outs = {}
+  for key, m in (("on", on), ("off", off)):
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, BasicBlock):
+        seen.append((context.module.relu, np.asarray(out)))
+      return out
+
+    with nn_intercept(spy):
+      f = np.asarray(m.apply(v, x, features=True))
+    outs[key] = (seen, f)
+  (on_seen, f_on), (off_seen, f_off) = outs["on"], outs["off"]
+  assert [r for r, _ in on_seen] == [True] * len(on_seen)
+  assert [r for r, _ in off_seen] == [True] * (len(off_seen) - 1) + [False]
+  for (_, a), (_, b) in zip(on_seen[:-1], off_seen[:-1]):
+    np.testing.assert_array_equal(a, b)
+  last = off_seen[-1][1]
+  assert last.min() < 0
+  np.testing.assert_allclose(on_seen[-1][1], np.maximum(last, 0), rtol=1e-6)
+  np.testing.assert_allclose(f_off, last.mean(axis=(1, 2)), rtol=1e-5,
+                             atol=1e-6)
+  assert f_off.min() < 0 <= f_on.min()
+  with pytest.raises(ValueError, match="resnet last_relu must be True or "
+                     "False, got 'no'"):
+    models.build(name, 10, last_relu="no", **kw)
 
 
 def test_resnet32_is_he_et_al_cifar_resnet():

@@ -67,8 +67,8 @@ def test_config_builds_the_protocol(stand_in):
           c.optimizer.gamma, c.train.epochs) == (2.0, (49, 63), 0.2, 70)
   s = experiment.setup(c)
   backbone = s.learner.ctx.model.backbone
-  assert (backbone.depth, backbone.width, backbone.shortcut) == (32, 16,
-                                                                "conv")
+  assert (backbone.depth, backbone.width, backbone.shortcut,
+          backbone.last_relu) == (32, 16, "pad", False)
   assert [tuple(e.classes) for e in s.scenario.experiences][:2] == [
       FACIL_ORDER[:10], FACIL_ORDER[10:20]]
   # Each channel standardised with FACIL's statistics.

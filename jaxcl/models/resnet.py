@@ -25,6 +25,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.models.conv import Conv
 
 # The shortcut of a block that changes the resolution or the width:
@@ -44,11 +45,14 @@ def _conv3x3(features: int, stride: int, kernel_init: Callable[..., Any]):
 
 
 class BasicBlock(nn.Module):
-  """``relu(shortcut(x) + BN(conv(relu(BN(conv(x))))))``."""
+  """``relu(shortcut(x) + BN(conv(relu(BN(conv(x))))))``; without the
+  outer ReLU when ``relu`` is False (a network's last block, see
+  ``last_relu``)."""
   features: int
   stride: int = 1
   shortcut: str = "conv"
   kernel_init: Callable[..., Any] = nn.linear.default_kernel_init
+  relu: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool,
@@ -66,7 +70,7 @@ class BasicBlock(nn.Module):
       else:
         x = x[:, ::self.stride, ::self.stride, :]
         x = jnp.pad(x, ((0, 0),) * 3 + ((0, self.features - x.shape[-1]),))
-    return nn.relu(x + y)
+    return nn.relu(x + y) if self.relu else x + y
 
 
 def _stem(h, width, train, mask, kernel_init):
@@ -76,8 +80,16 @@ def _stem(h, width, train, mask, kernel_init):
 
 
 class ResNet18(nn.Module):
-  """ResNet-18 (2 blocks per stage) with ``width`` base channels."""
+  """ResNet-18 (2 blocks per stage) with ``width`` base channels;
+  ``last_relu=False`` leaves out the last block's ReLU, so the features
+  can be negative (LUCIR's cosine head reads them so, in the authors'
+  and FACIL's code)."""
   width: int = 20
+  last_relu: bool = True
+
+  def __post_init__(self):
+    checks.flag("resnet last_relu", self.last_relu)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False,
@@ -89,7 +101,9 @@ class ResNet18(nn.Module):
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
         stride = 2 if (i > 0 and j == 0) else 1
-        h = BasicBlock(self.width * mult, stride)(h, train, m)
+        last = (i, j) == (3, 1)
+        h = BasicBlock(self.width * mult, stride,
+                       relu=self.last_relu or not last)(h, train, m)
     return jnp.mean(h, axis=(1, 2))
 
 
@@ -98,17 +112,20 @@ class CifarResNet(nn.Module):
   56, 110), ``width`` channels in the first stage (16 in the paper).
 
   Convolutions start from He et al.'s N(0, 2 / fan_out), as FACIL's and
-  PyCIL's do (the head keeps ``model.init``).
+  PyCIL's do (the head keeps ``model.init``). ``last_relu=False`` leaves
+  out the last block's ReLU, as iCaRL's and LUCIR's authors' code does.
   """
   depth: int = 32
   width: int = 16
   shortcut: str = "conv"
+  last_relu: bool = True
 
   def __post_init__(self):
     if not isinstance(self.depth, int) or self.depth < 8 or \
         (self.depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth={self.depth!r}: must be 6n + 2 "
                        "with n >= 1 (20, 32, 44, 56, 110)")
+    checks.flag("resnet last_relu", self.last_relu)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f"CIFAR ResNet shortcut={self.shortcut!r}: valid "
                        f"{list(SHORTCUTS)} ('conv': 1x1 convolution + batch "
@@ -125,6 +142,7 @@ class CifarResNet(nn.Module):
     for i, mult in enumerate((1, 2, 4)):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
-        h = BasicBlock(self.width * mult, stride, self.shortcut,
-                       he_fan_out)(h, train, m)
+        last = (i, j) == (2, n - 1)
+        h = BasicBlock(self.width * mult, stride, self.shortcut, he_fan_out,
+                       relu=self.last_relu or not last)(h, train, m)
     return jnp.mean(h, axis=(1, 2))

@@ -46,8 +46,10 @@ step) instead of being concatenated into one shuffled training set. One
 head covers all classes; the classes not seen yet are masked out of the
 cross-entropy and the prediction (FACIL adds a head per experience). Not
 done, as FACIL: the authors' "imprint weights" initialisation of the new
-classes' weights and class-balanced finetuning; FACIL removes the last
-ReLU of ResNets only, and the MLP keeps it here.
+classes' weights and class-balanced finetuning. The authors and FACIL
+remove the last ReLU of their ResNets, so the cosine head reads signed
+features: set ``model.last_relu=False`` (resnet18, resnet32); the MLP
+keeps its ReLU here.
 
 References:
   Hou, Pan, Loy, Wang & Lin, `Learning a unified classifier incrementally
