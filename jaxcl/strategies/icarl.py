@@ -15,8 +15,8 @@ Rebuffi et al. (2017) keep a fixed total memory of ``K`` exemplars, and
   mirror image, as the authors' CIFAR-100 code does ("flipped version
   also") and Avalanche's does for images,
 
-  .. math::  \mu_y \propto \frac{1}{|P_y|}\sum_{p \in P_y}
-     \tfrac12\big(\varphi(p) + \varphi(\overleftarrow{p})\big)
+  .. math::  \\mu_y \\propto \\frac{1}{|P_y|}\\sum_{p \\in P_y}
+     \\tfrac12\\big(\\varphi(p) + \\varphi(\\overleftarrow{p})\\big)
 
   (test images are not mirrored; Mammoth's iCaRL does not mirror).
 * **train** (Algorithm 3) on the new data plus exemplars with a sigmoid
