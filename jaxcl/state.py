@@ -256,8 +256,9 @@ def batch_stats_mask(model: Any, model_state: Any,
   when there is nothing to pass).
 
   A model with batch statistics (a ``batch_stats`` collection) whose call
-  takes a ``mask`` keyword (jaxcl's ``bn_mlp`` and ``resnet18`` do, as
-  flax's ``nn.BatchNorm`` does) then normalises by, and updates its
+  takes a ``mask`` keyword (jaxcl's ``bn_mlp`` and ResNets do, through
+  :class:`jaxcl.models.batch_norm.BatchNorm`, as flax's ``nn.BatchNorm``
+  does) then normalises by, and updates its
   running statistics from, the real rows (``mask > 0``) only, as a
   PyTorch batch without the padding would. Without it, padding rows (an
   epoch's last batch, a memory's empty slots, which are rows of zeros or

@@ -309,6 +309,9 @@ def test_bn_mlp_is_gdumbs_blocks_with_torch_momentum_and_eps():
                              0.1 * a.mean(0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.asarray(st["final_bn"]["mean"]),
                              0.1 * z.mean(0), rtol=1e-4, atol=1e-6)
+  # ... and PyTorch's unbiased running variance (from one).
+  np.testing.assert_allclose(np.asarray(st["hidden0_bn"]["var"]),
+                             0.9 + 0.1 * a.var(0, ddof=1), rtol=1e-4)
   # Evaluation mode: the running statistics; a variance of 1e-5 tells
   # eps 1e-6 from PyTorch's default 1e-5.
   mean1, var1 = rng.normal(size=4).astype(np.float32), np.full(4, 1e-5,
@@ -655,8 +658,8 @@ def test_resnet_downsampling_block_matches_pytorch_padding(shortcut, relu):
   x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
   blk = BasicBlock(8, 2, shortcut, relu=relu)
   v = jax.tree.map(np.asarray, blk.init(jax.random.PRNGKey(0), x, False))
-  v = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
-                   * np.sign(rng.normal(size=a.shape)), v)
+  v = jax.tree.map(lambda a: (rng.uniform(0.5, 1.5, a.shape) * np.sign(
+      rng.normal(size=a.shape))).astype(a.dtype), v)
   for s in v["batch_stats"].values():
     s["var"] = np.abs(s["var"])
   p, st = v["params"], v["batch_stats"]
@@ -773,3 +776,51 @@ def test_cifar_resnet_refuses_bad_depth_and_shortcut(kw, match):
   if "shortcut" in kw:
     with pytest.raises(ValueError, match=match):
       models.build("resnet32", 10, **kw)
+
+
+@pytest.mark.parametrize("shape,masked", [((6, 5), False),
+                                          ((5, 3, 3, 4), True)])
+def test_batch_norm_is_pytorchs(shape, masked):
+  # Training mode: normalised by the batch's biased variance over the
+  # counted values; the running variance moves towards the unbiased one,
+  # n / (n - 1) times it (PyTorch; flax keeps the biased one), n the
+  # counted values per feature (real rows x positions). Evaluation mode:
+  # the running statistics. Variables and names are flax's nn.BatchNorm's.
+  from jaxcl.models.batch_norm import BatchNorm
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
+  rows = np.array([1, 1, 0, 1, 1, 0][:shape[0]], bool) if masked else \
+      np.ones(shape[0], bool)
+  mask = rows.reshape((-1,) + (1,) * (len(shape) - 1))
+  bn = BatchNorm(momentum=0.9, epsilon=1e-5)
+  v = bn.init(jax.random.PRNGKey(0), x)
+  ref = _flax_batch_norm_vars(shape[-1])
+  assert jax.tree.map(np.shape, v) == jax.tree.map(np.shape, ref)
+  p = {"scale": rng.uniform(0.5, 2, shape[-1]).astype(np.float32),
+       "bias": rng.normal(size=shape[-1]).astype(np.float32)}
+  out, upd = bn.apply({"params": p, "batch_stats": v["batch_stats"]},
+                      x, mask=mask if masked else None,
+                      mutable=["batch_stats"])
+  real = x[rows].reshape(-1, shape[-1]).astype(np.float64)
+  mu, var = real.mean(0), real.var(0)
+  want = (x - mu) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+  np.testing.assert_allclose(np.asarray(out)[rows], want[rows], rtol=1e-4,
+                             atol=1e-4)
+  n = len(real)
+  st = upd["batch_stats"]
+  np.testing.assert_allclose(np.asarray(st["mean"]), 0.1 * mu, rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(st["var"]),
+                             0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+  ev = BatchNorm(use_running_average=True, epsilon=1e-5).apply(
+      {"params": p, "batch_stats": st}, x)
+  np.testing.assert_allclose(
+      np.asarray(ev), (x - np.asarray(st["mean"])) / np.sqrt(
+          np.asarray(st["var"]) + 1e-5) * p["scale"] + p["bias"],
+      rtol=1e-4, atol=1e-4)
+
+
+def _flax_batch_norm_vars(features):
+  import flax.linen as nn
+  return nn.BatchNorm(use_running_average=False).init(
+      jax.random.PRNGKey(0), jnp.zeros((2, features)))

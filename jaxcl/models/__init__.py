@@ -11,9 +11,10 @@ output (used by strategies that work in feature space: iCaRL, CWR*, latent
 replay). A model with batch norm (a ``batch_stats`` collection) should also
 take ``mask=`` (bool ``(batch,)``) in training mode and count only those
 rows in its batch statistics, as ``bn_mlp``, ``resnet18`` and ``resnet32``
-do (flax's ``nn.BatchNorm(...)(h, mask=...)``): the engine passes the
-padding rows' mask (:func:`jaxcl.state.batch_stats_mask`); without the
-keyword, padding rows count.
+do (``jaxcl.models.batch_norm.BatchNorm(...)(h, mask=...)``, PyTorch's
+batch norm with flax's variables): the engine passes the padding rows'
+mask (:func:`jaxcl.state.batch_stats_mask`); without the keyword,
+padding rows count.
 """
 
 from __future__ import annotations

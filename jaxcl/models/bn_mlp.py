@@ -31,6 +31,8 @@ import jax.numpy as jnp
 
 import jax
 
+from jaxcl.models.batch_norm import BatchNorm
+
 
 def _torch_kernel(fan_in: int):
   """PyTorch ``nn.Linear`` weights: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
@@ -54,7 +56,7 @@ class BNMLP(nn.Module):
     # Kernel only: a bias before batch norm is cancelled by its mean.
     h = nn.Dense(width, use_bias=False, kernel_init=_torch_kernel(h.shape[-1]),
                  name=f"{name}_dense")(h)
-    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+    return BatchNorm(use_running_average=not train, momentum=self.momentum,
                         epsilon=self.eps, name=f"{name}_bn")(h, mask=mask)
 
   @nn.compact

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxcl import checks
+from jaxcl.models.batch_norm import BatchNorm
 from jaxcl.models.conv import Conv
 
 # The shortcut of a block that changes the resolution or the width:
@@ -57,7 +58,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool,
                mask: jnp.ndarray | None = None) -> jnp.ndarray:
-    norm = lambda h: nn.BatchNorm(use_running_average=not train,
+    norm = lambda h: BatchNorm(use_running_average=not train,
                                   momentum=0.9)(h, mask=mask)
     y = _conv3x3(self.features, self.stride, self.kernel_init)(x)
     y = nn.relu(norm(y))
@@ -75,7 +76,7 @@ class BasicBlock(nn.Module):
 
 def _stem(h, width, train, mask, kernel_init):
   h = _conv3x3(width, 1, kernel_init)(h)
-  return nn.relu(nn.BatchNorm(use_running_average=not train,
+  return nn.relu(BatchNorm(use_running_average=not train,
                               momentum=0.9)(h, mask=mask))
 
 

@@ -123,6 +123,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import buffers, checks
+from jaxcl.models.batch_norm import BatchNorm
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.icarl import features as chunked
 from jaxcl.strategies.replay import reservoir_step
@@ -234,7 +235,8 @@ def layer_lipschitz(fa: jax.Array, fb: jax.Array, v0: jax.Array,
 def _captured(mdl: nn.Module, method: str) -> bool:
   """The backbone's direct sub-modules' outputs, batch norm excepted."""
   return (method == "__call__" and len(mdl.path) == 2
-          and mdl.path[0] == "backbone" and not isinstance(mdl, nn.BatchNorm))
+          and mdl.path[0] == "backbone"
+          and not isinstance(mdl, (nn.BatchNorm, BatchNorm)))
 
 
 def layer_features(ctx, params, model_state, x: jax.Array, task: jax.Array,
