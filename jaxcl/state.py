@@ -185,7 +185,8 @@ class Context:
     ``x`` itself without one. For the strategies' own fitting loops
     (GDumb's retraining, EEIL's balanced fine-tuning, PackNet's
     retraining, P&C's compress phase), which train the model on examples
-    as the step does, and as a PyTorch data loader's transform would
+    as the step does, and for importance estimates over the training
+    data (EWC's Fisher, MAS), as a PyTorch data loader's transform would
     augment them."""
     return x if self.augment is None else self.augment(key, x)
 

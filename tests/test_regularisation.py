@@ -152,6 +152,37 @@ def test_exact_fisher_in_task_il_ignores_other_tasks_classes():
       sc.experiences[0].classes)] > 0)
 
 
+@pytest.mark.parametrize("estimate", ["exact", "sampled", "empirical",
+                                      "mas"])
+def test_importance_is_estimated_on_augmented_examples(estimate):
+  # Mammoth's and FACIL's EWC (and Avalanche's MAS) estimate importance
+  # over the training loader, whose transform augments: with a training
+  # augmentation that reverses every input, an estimate equals the plain
+  # one on reversed batches, and differs from the plain one on the batches.
+  import dataclasses
+  ctx, sc = _ctx("class")
+  rev = dataclasses.replace(ctx, augment=lambda k, x: x[..., ::-1])
+  state = init_state(ctx, ewc(), 0)
+  p, ms = state.params, state.model_state
+  b = _penalty.importance_batches(sc.experiences[0], 8, 16, 0,
+                                  ctx.info.train_size)
+  reversed_b = {**b, "x": b["x"][..., ::-1]}
+  key = jax.random.PRNGKey(3)
+
+  def estimate_of(c, batches):
+    if estimate == "mas":
+      return _penalty.mas_importance(c, p, ms, batches, key)
+    return _penalty.fisher_diagonal(c, p, ms, batches, key, kind=estimate)
+
+  got = estimate_of(rev, b)
+  _tree_close(got, estimate_of(ctx, reversed_b), rtol=1e-5, atol=1e-8)
+  assert not all(np.allclose(x, y) for x, y in zip(
+      jax.tree.leaves(got), jax.tree.leaves(estimate_of(ctx, b))))
+  if estimate == "mas":
+    with pytest.raises(ValueError, match="needs a key"):
+      _penalty.mas_importance(rev, p, ms, b)
+
+
 def test_mas_importance_equals_python_loop():
   ctx, sc = _ctx("class")
   state = init_state(ctx, mas(), 0)

@@ -181,6 +181,8 @@ def test_command_line_form_and_bad_settings():
     ("packnet", {}),  # the retraining after pruning
     ("progress_compress", {"lam": 0.0}),  # the compress phase
     ("dmc", {}),  # the consolidation, on its auxiliary images
+    ("ewc", {}),  # not a training loop: its Fisher, as Mammoth's and
+    ("mas", {}),  # FACIL's train loaders augment it (MAS as Avalanche's)
 ])
 def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
   """Strategies that train the model in loops of their own go through
@@ -189,9 +191,10 @@ def test_strategies_own_fitting_loops_are_augmented(name, kw, monkeypatch):
   image, a run equals a plain run on the mirrored stream (its memories
   then hold the mirrored rows, as the run's hold the rows as they came
   and replay them mirrored); and it is not the plain run on the stream
-  itself. (Not training passes, and so on the rows as they are: P&C's
-  Fisher estimate, kept out of the parameters by ``lam=0``, and EEIL's
-  herding, here on features a mirror does not change.)"""
+  itself. Importance estimates (EWC's Fisher, MAS's) are augmented too,
+  as the references' training loaders augment them. (Herding reads the
+  rows as they are: EEIL's, here on features a mirror does not change.
+  P&C's Fisher is kept out of the parameters by ``lam=0``.)"""
   import resume_configs
   from jaxcl.strategies import _class_incremental
   monkeypatch.setattr(_class_incremental, "backbone_features",

@@ -117,6 +117,27 @@ def _scan_batches(per_batch, batches: Batch, init: Any):
   return jax.tree.map(lambda a: a / jnp.maximum(n, 1.0), acc)
 
 
+# Folded into an estimator's key for the augmentation's keys, so that
+# ``sampled`` labels draw what they drew before augmentation existed.
+_AUGMENT_STREAM = 0x6175
+
+
+def augmented_x(ctx: Context, key: jax.Array | None, batch: Batch,
+                i: jax.Array) -> jax.Array:
+  """Batch ``i``'s inputs through the training augmentation, or as they are
+  without one. Mammoth's and FACIL's EWC (and Avalanche's MAS) estimate
+  importance over the training loader, whose transform augments; their
+  exemplar selection (herding, class means) reads the images unaugmented,
+  and so does jaxcl's."""
+  if ctx.augment is None:
+    return batch["x"]
+  if key is None:
+    raise ValueError("an importance estimate over augmented examples needs "
+                     "a key (the run has train.augment)")
+  k = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT_STREAM), i)
+  return ctx.augmented(k, batch["x"])
+
+
 def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
                     batches: Batch, key: jax.Array,
                     kind: str = "exact") -> Any:
@@ -144,7 +165,9 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
 
   Gradients are per example (``jax.vmap(jax.grad(...))``) and squared before
   averaging; squaring a mini-batch gradient instead gives a different
-  quantity whose scale depends on the batch size.
+  quantity whose scale depends on the batch size. With a training
+  augmentation (``train.augment``) the examples are augmented as the
+  training steps augment theirs (:func:`augmented_x`).
 
   Args:
     ctx: the run's context (model, stream info; logits are masked to the
@@ -154,7 +177,7 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
     model_state: non-trained variables (evaluated with ``train=False``).
     batches: stacked batches ``(nb, B, ...)`` with a ``mask`` (padding rows
       have mask 0 and do not count).
-    key: PRNG key (``sampled`` only).
+    key: PRNG key (``sampled`` labels; the training augmentation).
     kind: one of :data:`FISHER_TYPES`.
 
   Returns:
@@ -179,7 +202,8 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
         lambda a: jnp.einsum("b,b...->...", weights, jnp.square(a)), g)
 
   def per_batch(batch, i):
-    x, task, mask = batch["x"], batch["task"], batch["mask"]
+    x, task, mask = augmented_x(ctx, key, batch, i), batch["task"], \
+        batch["mask"]
     if kind == "empirical":
       tree = weighted_sq_sum(x, task, batch["y"], mask)
     else:
@@ -213,7 +237,7 @@ def fisher_diagonal(ctx: Context, params: Any, model_state: Any,
 
 
 def mas_importance(ctx: Context, params: Any, model_state: Any,
-                   batches: Batch) -> Any:
+                   batches: Batch, key: jax.Array | None = None) -> Any:
   """MAS importance: mean absolute per-example gradient of ``‖f(x)‖²₂``.
 
   .. math::
@@ -223,7 +247,9 @@ def mas_importance(ctx: Context, params: Any, model_state: Any,
                       {\\partial \\theta_i} \\Big|
 
   ``f`` is the model's output (logits). In task-incremental streams only the
-  example's task's logits count (the others are masked constants).
+  example's task's logits count (the others are masked constants). With a
+  training augmentation the examples are augmented (``key`` needed), as in
+  :func:`fisher_diagonal`.
   """
   logits_fn = _one_example_logits(ctx, model_state)
   table = jnp.asarray(ctx.info.task_classes, bool)
@@ -238,8 +264,7 @@ def mas_importance(ctx: Context, params: Any, model_state: Any,
   per_example = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0, 0))
 
   def per_batch(batch, i):
-    del i
-    g = per_example(params, batch["x"], batch["task"])
+    g = per_example(params, augmented_x(ctx, key, batch, i), batch["task"])
     tree = jax.tree.map(
         lambda a: jnp.einsum("b,b...->...", batch["mask"], jnp.abs(a)), g)
     return tree, jnp.sum(batch["mask"])

@@ -79,8 +79,8 @@ def mas(lam: float = 1.0, max_examples: int = 1000, batch_size: int = 32,
   # Compiled once per factory (ctx static); the state is an argument.
   @functools.partial(jax.jit, static_argnums=0)
   def consolidate(ctx, ss, params, model_state, batches, key):
-    del key  # MAS's importance is deterministic
-    new = _penalty.mas_importance(ctx, params, model_state, batches)
+    # (The key only draws the training augmentation, if the run has one.)
+    new = _penalty.mas_importance(ctx, params, model_state, batches, key)
     # jit outputs are fresh buffers: the anchor never aliases params.
     return MASState(jax.tree.map(jnp.add, ss.importance, new), params,
                     ss.lam)
