@@ -10,7 +10,7 @@ gradient with canonical convolutions and runs as fast in a scan.
 
   python benchmarks/conv_in_scan.py [--steps 40] [--channels 16 32]
       [--batch 128] [--runs 5] [--conv jaxcl|lax]
-      [--models cnn mlp resnet18]
+      [--models cnn mlp resnet18 resnet32]
 
 Prints ms per step for: the forward pass alone and in a scan; the gradient
 alone and in a scan; the full training step (Adam) in a Python loop of
@@ -64,7 +64,7 @@ def main() -> None:
   ap.add_argument("--runs", type=int, default=5,
                   help="runs of the vmapped sweep step (1: skip it)")
   ap.add_argument("--models", nargs="+", default=["cnn", "mlp"],
-                  choices=("cnn", "mlp", "resnet18"))
+                  choices=("cnn", "mlp", "resnet18", "resnet32"))
   ap.add_argument("--conv", choices=("jaxcl", "lax"), default="jaxcl",
                   help="the CNN's convolution: jaxcl.models.conv (the "
                        "default), or flax's nn.Conv on lax's gradient")
@@ -87,7 +87,8 @@ def main() -> None:
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"batch {b}, {n} steps per measurement, conv {args.conv}")
   sizes = {"cnn": dict(channels=tuple(args.channels), hidden=128),
-           "mlp": dict(widths=(400, 400)), "resnet18": dict(width=20)}
+           "mlp": dict(widths=(400, 400)), "resnet18": dict(width=20),
+           "resnet32": dict(shortcut="conv")}
   for m in args.models:
     name = f"{m} {sizes[m]}"
     model = models.build(m, 10, **sizes[m])
