@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
       n_experiences=5,
       class_order=(),     # () for 0..C-1 (or order_seed's permutation)
       order_seed=-1,      # >=0: a seeded random class order
+      first_classes=0,    # split: >0 classes in the first experience,
+                          # the rest shared equally by the others ("B50
+                          # Inc10": 50 and n_experiences=6 on CIFAR-100)
       disjoint=0.5,       # blurry: the fraction of classes seen in one
                           # experience only (i-Blurry's N)
       blurred=0.1,        # blurry: the fraction of the other classes'
@@ -205,7 +208,7 @@ def load_data(config: ml_collections.ConfigDict) -> datasets.Dataset:
 # defaults on another type, they would be silently ignored (angles given to
 # a permuted stream rotate nothing), so that is an error.
 _TYPE_FIELDS = {
-    "split": ("class_order", "order_seed"),
+    "split": ("class_order", "order_seed", "first_classes"),
     "blurry": ("class_order", "order_seed", "disjoint", "blurred"),
     "permuted": ("first_identity", "pad"),
     "rotated": ("angles", "interpolation"),
@@ -255,7 +258,8 @@ def build_scenario(config: ml_collections.ConfigDict,
     s = scenarios.split(
         data, sc.n_experiences, kind=sc.kind,
         class_order=tuple(sc.class_order) or None,
-        seed=sc.order_seed if sc.order_seed >= 0 else None)
+        seed=sc.order_seed if sc.order_seed >= 0 else None,
+        first_classes=sc.get("first_classes", 0))
   elif sc.type == "blurry":
     if sc.kind != "class":
       raise ConfigError(f"scenario.type='blurry' is class-incremental; set "

@@ -191,12 +191,13 @@ def _check_kind(kind: str) -> None:
 
 def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
           class_order: Sequence[int] | None = None,
-          seed: int | None = None) -> Scenario:
+          seed: int | None = None, first_classes: int = 0) -> Scenario:
   """Splits a data set by classes into ``n_experiences`` disjoint groups.
 
   Args:
     data: the data set.
-    n_experiences: number of experiences; must divide ``data.num_classes``.
+    n_experiences: number of experiences; must divide ``data.num_classes``
+      (without ``first_classes``).
     kind: ``class`` (one head over all classes, no task id), ``task`` (task
       id given; logits masked to the task's classes) or ``domain`` (no task
       id; each label becomes its position within its experience's group, so
@@ -206,16 +207,22 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
     class_order: explicit order of classes; experiences take consecutive
       groups. Default: ``0..C-1``, or a permutation drawn from ``seed``.
     seed: seeds a random class order when ``class_order`` is None.
+    first_classes: > 0: the first experience learns this many classes and
+      the other ``n_experiences - 1`` share the rest equally (the "B50
+      Inc10" protocols of LUCIR, PODNet and PyCIL's ``init_cls``; FACIL's
+      ``--nc-first-task``; Avalanche's ``per_exp_classes={0: ...}``).
+      0: every experience learns ``C / n_experiences`` classes.
   """
   _check_kind(kind)
   c = data.num_classes
-  if n_experiences < 1 or c % n_experiences:
+  groups = _class_groups(c, n_experiences, first_classes, data.name)
+  if first_classes and kind == "domain":
     raise ScenarioError(
-        f"n_experiences={n_experiences} does not divide the {c} classes of "
-        f"{data.name}; valid: "
-        f"{[k for k in range(1, c + 1) if c % k == 0]}")
+        f"first_classes={first_classes} with kind='domain': a "
+        "domain-incremental stream relabels every experience to the same "
+        "classes, so its experiences must be the same size")
   order = _class_order(c, class_order, seed)
-  groups = order.reshape(n_experiences, c // n_experiences)
+  groups = [order[a:b] for a, b in zip(groups[:-1], groups[1:])]
   domain = kind == "domain"
   # Domain-IL: original label -> its position within its group.
   position = np.empty(c, np.int32)
@@ -237,11 +244,40 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
         test_task=np.full(te.sum(), tid, np.int32),
         inputs=given(data.train_x[tr], data.test_x[te])))
   num_tasks = n_experiences if kind == "task" else 1
-  num_out = groups.shape[1] if domain else c
-  tc = _task_classes(list(groups) if kind == "task" else [range(num_out)],
+  num_out = len(groups[0]) if domain else c
+  tc = _task_classes(groups if kind == "task" else [range(num_out)],
                      num_out)
   return Scenario(f"split_{data.name}", kind, tuple(exps), num_out, num_tasks,
                   tc)
+
+
+def _class_groups(c: int, n_experiences: int, first_classes: int,
+                  name: str) -> list[int]:
+  """Where each experience's classes start in the class order, and the
+  end: ``n_experiences + 1`` offsets."""
+  if not checks.is_whole(first_classes) or first_classes < 0:
+    raise ScenarioError(f"first_classes must be a whole number >= 0 (0: "
+                        f"equal experiences), got {first_classes!r}")
+  if not first_classes:
+    if n_experiences < 1 or c % n_experiences:
+      raise ScenarioError(
+          f"n_experiences={n_experiences} does not divide the {c} classes "
+          f"of {name}; valid: "
+          f"{[k for k in range(1, c + 1) if c % k == 0]}")
+    return list(range(0, c + 1, c // n_experiences))
+  rest = c - first_classes
+  if rest < 1:
+    raise ScenarioError(f"first_classes={first_classes} leaves no class for "
+                        f"the later experiences; {name} has {c} classes")
+  if n_experiences < 2 or rest % (n_experiences - 1):
+    valid = [k + 1 for k in range(1, rest + 1) if rest % k == 0]
+    raise ScenarioError(
+        f"first_classes={first_classes} with n_experiences={n_experiences}: "
+        f"the {rest} classes of {name} after the first experience's do not "
+        f"split equally over {n_experiences - 1} more experiences; valid "
+        f"n_experiences: {valid}")
+  step = rest // (n_experiences - 1)
+  return [0] + list(range(first_classes, c + 1, step))
 
 
 def _class_order(c: int, class_order: Sequence[int] | None,

@@ -644,3 +644,36 @@ def test_dry_run_notes_settings_a_config_keeps_that_the_run_ignores():
   c = quick_config(**{"optimizer.name": "momentum",
                       "optimizer.momentum": 0.5})
   assert experiment.ignored_settings(c) == []
+
+
+def test_a_larger_first_experience_runs_through_the_config():
+  # scenario.first_classes: "B4 Inc2" on digits, iCaRL with 40 exemplars.
+  # Its memory splits by the classes seen: 10 per class after the first
+  # experience's 4 classes, 4 per class after all 10.
+  from test_train import quick_config
+  c = quick_config(**{"scenario.n_experiences": 4,
+                      "scenario.first_classes": 4,
+                      "strategy.name": "icarl"})
+  c.strategy.icarl = dict(mem_size=40)
+  s = experiment.setup(c)
+  assert [len(e.classes) for e in s.scenario.experiences] == [4, 2, 2, 2]
+  text = experiment.describe(s, experiment.initial_state(s, 0))
+  assert "experience 0: task 0, 4 classes [0, 1, 2, 3]" in text
+  assert "experience 1: task 0, 2 classes [4, 5]" in text
+  first = jaxcl.run(c, scenario=dataclasses.replace(
+      s.scenario, experiences=s.scenario.experiences[:1]))
+  mem = first.state.strategy.memory
+  np.testing.assert_array_equal(
+      np.bincount(np.asarray(mem.y)[np.asarray(mem.valid)], minlength=10),
+      [10] * 4 + [0] * 6)
+  r = jaxcl.run(c)
+  assert r.accuracy.shape == (4, 4)
+  mem = r.state.strategy.memory
+  np.testing.assert_array_equal(
+      np.bincount(np.asarray(mem.y)[np.asarray(mem.valid)], minlength=10),
+      [4] * 10)
+  # Read by split streams only.
+  c.scenario.type = "permuted"
+  with pytest.raises(ValueError, match=r"scenario.first_classes=4 is read "
+                     r"by split streams only"):
+    experiment.build_scenario(c)

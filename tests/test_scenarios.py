@@ -83,6 +83,49 @@ def test_split_domain_trains_a_two_way_head(digits):
   assert np.all(np.diag(acc) > 0.7), acc
 
 
+def test_split_with_a_larger_first_experience(digits):
+  # "B4 Inc2": the first experience learns the order's first 4 classes,
+  # the other 3 experiences 2 each, in the order given; task-incremental
+  # tasks follow the same groups; every example is in its class's group.
+  order = [3, 9, 0, 5, 1, 8, 2, 7, 6, 4]
+  s = scenarios.split(digits, 4, class_order=order, first_classes=4)
+  assert [e.classes for e in s.experiences] == [
+      (3, 9, 0, 5), (1, 8), (2, 7), (6, 4)]
+  for e in s.experiences:
+    assert e.num_train == int(np.isin(digits.train_y, e.classes).sum())
+    assert set(np.unique(e.test_y)) == set(e.classes)
+  assert s.num_classes == 10 and s.task_classes.shape == (1, 10)
+  t = scenarios.split(digits, 4, kind="task", class_order=order,
+                      first_classes=4)
+  np.testing.assert_array_equal(t.task_classes.sum(1), [4, 2, 2, 2])
+  np.testing.assert_array_equal(np.flatnonzero(t.task_classes[1]), [1, 8])
+  assert [e.task_id for e in t.experiences] == [0, 1, 2, 3]
+  # first_classes equal to an even split's size is the even split.
+  even = scenarios.split(digits, 5, seed=2)
+  same = scenarios.split(digits, 5, seed=2, first_classes=2)
+  assert [e.classes for e in even.experiences] == [
+      e.classes for e in same.experiences]
+  # Domain-incremental experiences share one label set: same sizes only.
+  with pytest.raises(ValueError, match=r"first_classes=4 with "
+                     r"kind='domain'.*must be the same size"):
+    scenarios.split(digits, 4, kind="domain", first_classes=4)
+
+
+@pytest.mark.parametrize("n,first,match", [
+    (3, 5, r"first_classes=5 with n_experiences=3: the 5 classes of digits "
+           r"after the first experience's do not split equally over 2 more "
+           r"experiences; valid n_experiences: \[2, 6\]"),
+    (1, 4, r"over 0 more experiences; valid n_experiences: \[2, 3, 4, 7\]"),
+    (2, 10, r"first_classes=10 leaves no class for the later experiences; "
+            r"digits has 10 classes"),
+    (3, -1, r"first_classes must be a whole number >= 0"),
+    (3, 2.5, r"first_classes must be a whole number >= 0")])
+def test_split_refuses_a_first_experience_that_leaves_uneven_rest(
+    digits, n, first, match):
+  with pytest.raises(ValueError, match=match):
+    scenarios.split(digits, n, first_classes=first)
+
+
 @pytest.mark.parametrize("n", [3, 4, 0])
 def test_split_rejects_non_divisor(digits, n):
   with pytest.raises(ValueError, match="does not divide"):
