@@ -847,6 +847,40 @@ def test_icarl_mirror_means_count_each_exemplars_mirror_image(stream):
                      0)
 
 
+def test_icarl_per_class_memory_grows_with_the_classes(stream):
+  # per_class=3: every class seen keeps 3 exemplars (the first 3 of its
+  # herding order, as the fixed memory's would be), so the memory holds
+  # 6, then 12, then 18 rows; a fixed K=18 would hold 9 per class first.
+  ctx = make_ctx(stream)
+  grow, fixed = icarl(mem_size=30, per_class=3), icarl(mem_size=18)
+  state = train.init_state(ctx, grow, 0)
+  fstate = train.init_state(ctx, fixed, 0)
+  for i, e in enumerate(stream.experiences):
+    state = run_hooks(ctx, grow, state, [e])
+    fstate = run_hooks(ctx, fixed, fstate, [e])
+    counts = buffers.counts(state.strategy.memory, 10)
+    np.testing.assert_array_equal(counts[:2 * (i + 1)], 3)
+    assert counts.sum() == 6 * (i + 1)
+  np.testing.assert_array_equal(
+      buffers.counts(run_hooks(ctx, fixed, train.init_state(ctx, fixed, 0),
+                               stream.experiences[:1]).strategy.memory,
+                     10)[:2], [9, 9])
+  # The same exemplars as the fixed memory keeps at the end (3 per class
+  # of 6 classes), herding's first 3 of each class.
+  key = lambda ss: sorted(
+      (int(y), np.asarray(x).tobytes()) for x, y, v in zip(
+          ss.memory.x, ss.memory.y, ss.memory.valid) if v)
+  assert key(state.strategy) == key(fstate.strategy)
+  for kw, match in ((dict(mem_size=10, per_class=11),
+                     r"icarl: per_class=11 is more than mem_size=10"),
+                    (dict(per_class=-1), r"icarl: per_class must be")):
+    with pytest.raises(ValueError, match=match):
+      icarl(**kw)
+  with pytest.raises(ValueError, match=r"icarl: per_class=3 exemplars of 10 "
+                     r"classes need mem_size >= 30, got 29"):
+    train.init_state(ctx, icarl(mem_size=29, per_class=3), 0)
+
+
 def test_icarl_loss_is_sigmoid_bce_with_teacher_targets():
   rng = np.random.default_rng(1)
   z = rng.normal(size=(4, 5))
@@ -1868,6 +1902,24 @@ def test_lucir_step_is_the_integrated_objective(stream):
                          state.params["head"]["kernel"][:, 4:6])
   assert float(new.params["head"]["sigma"]) != float(
       state.params["head"]["sigma"])
+
+
+def test_lucir_per_class_memory_grows_with_the_classes(stream):
+  # The authors' CIFAR-100 runs keep 20 exemplars per class (a memory that
+  # grows); per_class=4 here: 8, 16, 24 rows after each 2-class
+  # experience, through the shared herding update (EEIL's and SS-IL's).
+  from jaxcl.strategies.lucir import lucir
+  ctx = make_ctx(stream, head="cosine")
+  s = lucir(mem_size=40, per_class=4)
+  state = train.init_state(ctx, s, 0)
+  for i, e in enumerate(stream.experiences):
+    state = run_hooks(ctx, s, state, [e])
+    counts = buffers.counts(state.strategy.memory, 10)
+    np.testing.assert_array_equal(counts[:2 * (i + 1)], 4)
+    assert counts.sum() == 8 * (i + 1)
+  with pytest.raises(ValueError, match=r"lucir: per_class=4 exemplars of 10 "
+                     r"classes need mem_size >= 40, got 39"):
+    train.init_state(ctx, lucir(mem_size=39, per_class=4), 0)
 
 
 def test_lucir_constraints_keep_old_classes_and_compile_once(stream):

@@ -20,7 +20,8 @@ import numpy as np
 from jaxcl import buffers
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._replay_memory import replay_sizer
-from jaxcl.strategies.icarl import (backbone_features, features,
+from jaxcl.strategies.icarl import (backbone_features, exemplars_per_class,
+                                    features, require_per_class,
                                     select_exemplars)
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import new_classes
@@ -56,15 +57,6 @@ def require_class_stream(name: str, info: Any, why: str) -> None:
   if info.kind != "class":
     raise ValueError(f"{name} {why} of a class-incremental stream "
                      f"(scenario.kind='class'), got kind={info.kind!r}")
-
-
-def require_per_class(name: str, mem_size: int, num_classes: int,
-                      unit: str = "exemplars") -> None:
-  """Raises unless a memory of ``mem_size`` holds one entry per class."""
-  if mem_size < num_classes:
-    raise ValueError(f"{name}: mem_size={mem_size} gives 0 {unit} per "
-                     f"class for {num_classes} classes; use mem_size >= "
-                     f"{num_classes}")
 
 
 def mark_new_classes(name: str) -> Callable[..., Any]:
@@ -169,13 +161,13 @@ def predict_seen(ctx, sstate, params, model_state, x: jax.Array,
   return mask_unseen(ctx.logits(params, model_state, x, task), sstate)
 
 
-def herding_update(mem_size: int) -> Callable[..., Any]:
+def herding_update(mem_size: int, per_class: int = 0) -> Callable[..., Any]:
   """A jitted ``update_memory`` for :func:`jaxcl.strategies.icarl.
-  exemplar_hook`: herding picks ``mem_size // |seen|`` exemplars per class
-  (iCaRL's Algorithm 4, on the backbone's features), the experience's
-  classes join ``seen``, and the model becomes the teacher. The state has
-  ``memory``, ``rank``, ``seen``, ``current``, ``teacher`` and
-  ``teacher_model_state``."""
+  exemplar_hook`: herding picks ``m`` exemplars per class
+  (:func:`exemplars_per_class`; iCaRL's Algorithm 4, on the backbone's
+  features), the experience's classes join ``seen``, and the model becomes
+  the teacher. The state has ``memory``, ``rank``, ``seen``, ``current``,
+  ``teacher`` and ``teacher_model_state``."""
 
   @functools.partial(jax.jit, static_argnums=0)
   def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
@@ -183,7 +175,7 @@ def herding_update(mem_size: int) -> Callable[..., Any]:
     valid = jnp.arange(x.shape[0]) < n_valid
     feats = features(backbone_features(ctx), params, model_state, x, task)
     seen = ss.seen | ss.current
-    m = mem_size // jnp.maximum(jnp.sum(seen), 1)
+    m = exemplars_per_class(mem_size, per_class, seen)
     mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
                                  valid, experience, m, ctx.info.num_classes)
     return ss._replace(memory=mem, rank=rank, seen=seen,

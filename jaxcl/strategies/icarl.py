@@ -148,6 +148,48 @@ def herding(feats: jax.Array, member: jax.Array, m: jax.Array) -> jax.Array:
   return rank
 
 
+def exemplars_per_class(mem_size: int, per_class: int,
+                        seen: jax.Array) -> jax.Array:
+  """``m``, the exemplars each seen class keeps: ``per_class`` (a memory
+  that grows with the classes: LUCIR's and PODNet's 20 per class, FACIL's
+  ``--num-exemplars-per-class``), or ``mem_size // |seen|`` (a fixed
+  total shared by the classes seen, iCaRL's ``K``) when it is 0."""
+  if per_class:
+    return jnp.int32(per_class)
+  return mem_size // jnp.maximum(jnp.sum(seen), 1)
+
+
+def check_per_class(name: str, mem_size: int, per_class: int) -> None:
+  """``per_class`` a whole number >= 0 that ``mem_size`` slots can hold
+  for at least one class (the classes' count is checked at ``init`` by
+  :func:`check_memory_fits`)."""
+  checks.whole(f"{name}: per_class", per_class, 0,
+               "0: mem_size shared by the classes seen")
+  if per_class > mem_size:
+    raise ValueError(f"{name}: per_class={per_class} is more than "
+                     f"mem_size={mem_size} slots")
+
+
+def require_per_class(name: str, mem_size: int, num_classes: int,
+                      unit: str = "exemplars") -> None:
+  """Raises unless a memory of ``mem_size`` holds one entry per class."""
+  if mem_size < num_classes:
+    raise ValueError(f"{name}: mem_size={mem_size} gives 0 {unit} per "
+                     f"class for {num_classes} classes; use mem_size >= "
+                     f"{num_classes}")
+
+
+def check_memory_fits(name: str, mem_size: int, per_class: int,
+                      num_classes: int) -> None:
+  """At ``init``: the memory has at least one exemplar per class, and room
+  for ``per_class`` of every class when it grows."""
+  if per_class and per_class * num_classes > mem_size:
+    raise ValueError(
+        f"{name}: per_class={per_class} exemplars of {num_classes} classes "
+        f"need mem_size >= {per_class * num_classes}, got {mem_size}")
+  require_per_class(name, mem_size, num_classes)
+
+
 def select_exemplars(feats: jax.Array, memory: buffers.Memory,
                      rank: jax.Array, x: jax.Array, y: jax.Array,
                      task: jax.Array, valid: jax.Array, experience: jax.Array,
@@ -246,7 +288,8 @@ def ncm_predict(ctx, f: jax.Array, means: jax.Array, has_mean: jax.Array,
 
 
 def icarl(mem_size: int = 2000, batch_size: int = 0,
-          layer: str = "backbone", mirror_means: bool = False) -> Strategy:
+          layer: str = "backbone", mirror_means: bool = False,
+          per_class: int = 0) -> Strategy:
   """iCaRL.
 
   Args:
@@ -257,6 +300,9 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     mirror_means: class means over the exemplars and their left-right
       mirror images (the authors' CIFAR-100 code); for images whose
       mirror is the same class (not digits).
+    per_class: > 0: every class keeps this many exemplars, a memory that
+      grows with the classes (``mem_size`` its capacity); 0: the paper's
+      fixed ``K = mem_size`` shared by the classes seen.
 
   Raises:
     ValueError: a non-positive ``mem_size``, negative ``batch_size`` or one
@@ -277,6 +323,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     raise ValueError(f"icarl: layer must be a module path such as "
                      f"'backbone', got {layer!r}")
   checks.flag("icarl: mirror_means", mirror_means)
+  check_per_class("icarl", mem_size, per_class)
   splits = {}
 
   def feature_fn(ctx) -> Callable[..., jax.Array]:
@@ -293,9 +340,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
 
   def init(ctx, key, params):
     c = ctx.info.num_classes
-    if mem_size < c:
-      raise ValueError(f"icarl: mem_size={mem_size} gives 0 exemplars per "
-                       f"class for {c} classes; use mem_size >= {c}")
+    check_memory_fits("icarl", mem_size, per_class, c)
     if replay_size(ctx) > mem_size:
       raise ValueError(f"icarl: exemplars per batch {replay_size(ctx)} > "
                        f"mem_size={mem_size}")
@@ -343,7 +388,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     feats = features(fn, params, model_state, x, task)
     present = jnp.zeros((c,), bool).at[y].max(valid)
     seen = ss.seen | present
-    m = mem_size // jnp.maximum(jnp.sum(seen), 1)
+    m = exemplars_per_class(mem_size, per_class, seen)
     mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
                                  valid, experience, m, c)
     # Class means of the exemplars under the current model (and of their

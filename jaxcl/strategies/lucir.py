@@ -74,7 +74,8 @@ from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
     append_exemplars, exemplar_sizer, herding_update, mark_new_classes,
     predict_seen, require_class_stream, seen_cross_entropy)
-from jaxcl.strategies.icarl import exemplar_hook
+from jaxcl.strategies.icarl import (check_memory_fits, check_per_class,
+                                    exemplar_hook)
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -127,11 +128,13 @@ def margin_ranking(cos: jax.Array, y: jax.Array, mask: jax.Array,
 
 def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
           lamb_mr: float = 1.0, margin: float = 0.5, k: int = 2,
-          adapt_lamb: bool = True, freeze_old: bool = True) -> Strategy:
+          adapt_lamb: bool = True, freeze_old: bool = True,
+          per_class: int = 0) -> Strategy:
   """LUCIR (class-incremental streams; the model needs ``head='cosine'``).
 
   Args:
-    mem_size: total exemplars ``K`` (fixed, shared by the classes seen).
+    mem_size: total exemplars ``K`` (fixed, shared by the classes seen),
+      or the memory's capacity with ``per_class``.
     batch_size: exemplars appended to each training batch (0: the training
       batch size).
     lamb: ``λ_base``, the less-forget weight (the paper: 5 for CIFAR-100,
@@ -143,12 +146,15 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
       ``λ_base``.
     freeze_old: keep the old classes' head weights fixed (the authors'
       code and FACIL, with the less-forget constraint).
+    per_class: > 0: every class keeps this many exemplars, a memory that
+      grows with the classes (the authors' CIFAR-100 runs: 20); 0: the
+      classes seen share ``mem_size``.
 
   Raises:
     ValueError: on a bad argument; at ``init``, on a stream that is not
     class-incremental, a model without the cosine head, or ``mem_size``
-    smaller than the number of classes; at an experience's start, on
-    classes that came in an earlier one.
+    smaller than the number of classes (or than ``per_class`` times it);
+    at an experience's start, on classes that came in an earlier one.
   """
   replay_size = exemplar_sizer("lucir", mem_size, batch_size)
   checks.nonnegative("lucir: lamb", lamb)
@@ -157,6 +163,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
   checks.whole("lucir: k", k, minimum=1)
   checks.flag("lucir: adapt_lamb", adapt_lamb)
   checks.flag("lucir: freeze_old", freeze_old)
+  check_per_class("lucir", mem_size, per_class)
 
   def init(ctx, key, params):
     info = ctx.info
@@ -172,9 +179,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
       raise ValueError(f"lucir needs a single head over the {c} classes; "
                        f"the head has {head['kernel'].shape[-1]} outputs "
                        f"(set model.multi_head=False)")
-    if mem_size < c:
-      raise ValueError(f"lucir: mem_size={mem_size} gives 0 exemplars per "
-                       f"class for {c} classes; use mem_size >= {c}")
+    check_memory_fits("lucir", mem_size, per_class, c)
     replay_size(ctx)
     _, variables = init_variables(ctx, key)
     return LUCIRState(
@@ -215,7 +220,7 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                                head["kernel"])
     return dict(params, head=head)
 
-  after_experience = exemplar_hook(herding_update(mem_size))
+  after_experience = exemplar_hook(herding_update(mem_size, per_class))
 
   return Strategy(init=init, before_experience=mark_new_classes("lucir"),
                   prepare_batch=append_exemplars(replay_size),
