@@ -4,7 +4,8 @@ These need the CIFAR data through tensorflow_datasets; where it is missing
 (this offline machine) reproduce.py lists them as not run. No published
 numbers are attached: compare with Buzzega et al. 2020, Table 2 (Split
 CIFAR-10), Chaudhry et al. 2019, Table 1 (Split CIFAR-100, 20 tasks) and
-Rebuffi et al. 2017, Figure 2 (CIFAR-100, 10 classes per group).
+Rebuffi et al. 2017, Figure 2 (CIFAR-100, 10 classes per group) and Hou
+et al. 2019, Table 1 (CIFAR-100 from 50 classes).
 """
 
 from experiments.reproduce import Entry
@@ -12,6 +13,8 @@ from experiments.reproduce import Entry
 _C10 = "Split CIFAR-10 (5x2), ResNet-18, 50 epochs, batch 32 (Buzzega et al. 2020)"
 _IC = ("Split CIFAR-100 (10x10) class-incremental, ResNet-32, 70 epochs, "
        "batch 128 (iCaRL's code, Rebuffi et al. 2017)")
+_LU = ("Split CIFAR-100 from 50 classes, class-incremental, ResNet-32, 160 "
+       "epochs, batch 128 (LUCIR's code, Hou et al. 2019)")
 _C100 = ("Split CIFAR-100 (20x5) task-incremental, reduced ResNet-18, 1 epoch,"
          " batch 10 (Chaudhry et al. 2019)")
 
@@ -42,4 +45,8 @@ ENTRIES = [
     Entry(_IC, name, "split_cifar100_icarl", f"strategy={s}")
     for name, s in [("Finetuning", "naive"), ("LwF.MC", "lwf_mc"),
                     ("iCaRL (2000)", "icarl"), ("Joint", "joint")]
+] + [
+    Entry(_LU, name, "split_cifar100_lucir", arg)
+    for name, arg in [("LUCIR (20 per class), 50 then 5 x 10", "increment=10"),
+                      ("LUCIR (20 per class), 50 then 10 x 5", "increment=5")]
 ]

@@ -1,7 +1,8 @@
-"""experiments/split_cifar100_icarl.py: the protocol of iCaRL's authors'
-code, checked without CIFAR-100 (this machine has none): the class order,
-the batch split that stands in for their concatenated training set, and
-the config built on a stand-in data set of CIFAR-100's form."""
+"""experiments/split_cifar100_icarl.py and split_cifar100_lucir.py: the
+protocols of iCaRL's and LUCIR's authors' code, checked without CIFAR-100
+(this machine has none): the class order, the batch split that stands in
+for their concatenated training set, and the configs built on a stand-in
+data set of CIFAR-100's form."""
 
 import math
 
@@ -10,6 +11,7 @@ import pytest
 
 import jaxcl
 from experiments import split_cifar100_icarl as protocol
+from experiments import split_cifar100_lucir as lucir_protocol
 from jaxcl import datasets, experiment
 
 # FACIL's dataset_config.py, 'cifar100_icarl' (mmasana/FACIL, quoted).
@@ -24,11 +26,11 @@ FACIL_ORDER = (
 
 @pytest.fixture
 def stand_in(monkeypatch):
-  """``datasets.load('cifar100')`` as 10 training and 2 test images per
+  """``datasets.load('cifar100')`` as 25 training and 2 test images per
   class of 8x8 RGB noise (the protocol's form, not its size)."""
   rng = np.random.default_rng(0)
   x = lambda n: rng.uniform(size=(n, 8, 8, 3)).astype(np.float32)
-  data = datasets.Dataset("cifar100", x(1000), np.arange(1000) % 100,
+  data = datasets.Dataset("cifar100", x(2500), np.arange(2500) % 100,
                           x(200), np.arange(200) % 100, 100)
 
   def load(name, data_dir=None):
@@ -96,3 +98,48 @@ def test_quick_icarl_runs_end_to_end_on_the_stand_in(stand_in):
   r = jaxcl.run(c)
   assert r.accuracy.shape == (2, 2)
   assert bool(np.asarray(r.state.strategy.has_mean).sum() == 100)
+
+
+@pytest.mark.parametrize("inc", [10, 5, 2])
+def test_lucir_batches_hold_exemplars_as_the_concatenated_sets_do(inc):
+  # 20 exemplars of every earlier class, 500 images of each new one: over
+  # the experiences after the 50-class one, the exemplars' mean share of
+  # the code's concatenated sets, within one row of 128.
+  new, old = lucir_protocol.split_batch(inc, 20)
+  assert new + old == 128
+  shares = [20 * (50 + i * inc) / (20 * (50 + i * inc) + 500 * inc)
+            for i in range(50 // inc)]
+  assert abs(old - 128 * sum(shares) / len(shares)) <= 1.5
+  assert lucir_protocol.split_batch(10, 20) == (100, 28)
+
+
+def test_lucir_config_builds_the_protocol(stand_in):
+  c = lucir_protocol.get_config("")
+  s = experiment.setup(c)
+  assert [len(e.classes) for e in s.scenario.experiences] == [50] + [10] * 5
+  assert tuple(s.scenario.experiences[1].classes) == FACIL_ORDER[50:60]
+  backbone = s.learner.ctx.model.backbone
+  assert (backbone.depth, backbone.shortcut, backbone.last_relu) == (
+      32, "conv", False)
+  assert s.learner.ctx.model.head == "cosine"
+  assert dict(c.strategy.lucir)["per_class"] == 20
+  assert (c.optimizer.learning_rate, tuple(c.optimizer.milestones),
+          c.optimizer.gamma, c.optimizer.weight_decay, c.train.epochs) == (
+              0.1, (80, 120), 0.1, 5e-4, 160)
+  assert lucir_protocol.get_config("increment=5").scenario.n_experiences == 11
+  with pytest.raises(ValueError, match=r"increment=3: must divide the 50"):
+    lucir_protocol.get_config("increment=3")
+
+
+@pytest.mark.slow
+def test_quick_lucir_runs_end_to_end_on_the_stand_in(stand_in):
+  # ResNet-32 without its last ReLU, the cosine head, 20 exemplars per
+  # class: the 50-class experience and one more (of 50 here).
+  c = lucir_protocol.get_config("increment=50,quick")
+  c.dataset.train_subset = 0  # every class's 25 images: 20 exemplars each
+  c.report.progress = False
+  r = jaxcl.run(c)
+  assert r.accuracy.shape == (2, 2)
+  counts = np.bincount(np.asarray(r.state.strategy.memory.y)[
+      np.asarray(r.state.strategy.memory.valid)], minlength=100)
+  np.testing.assert_array_equal(counts, 20)

@@ -1,0 +1,119 @@
+"""Split CIFAR-100 from a 50-class start, the protocol of LUCIR's code.
+
+For users with the data (``tensorflow_datasets`` CIFAR-100: a prepared tfds
+``data_dir`` or network access); this machine has none, so these rows are
+not in the committed RESULTS.md.
+
+Protocol (Hou et al. 2019, Sec. 5, and their
+``cifar100-class-incremental/class_incremental_cosine_cifar100.py`` with
+the ``run.sh`` line for LUCIR's full method): CIFAR-100 in the order
+``np.random.seed(1993)`` shuffles it to (iCaRL's,
+:func:`experiments.split_cifar100_icarl.class_order`), 50 classes first,
+then ``increment`` classes per experience (10: five more experiences; the
+paper also runs 5 and 2); ResNet-32 as their ``modified_resnet_cifar.py``
+builds it (1x1-convolution shortcuts, no ReLU after the last block, a
+cosine head); 160 epochs per experience with SGD, momentum 0.9, weight
+decay 5e-4, learning rate 0.1 divided by 10 after epochs 80 and 120;
+batches of 128 cropped from a 4-pixel padding and flipped, each channel
+standardised; 20 exemplars per class, herded, a memory that grows with
+the classes; λ_base 5 adapted by √(old / new classes), margin 0.5, K 2,
+the old classes' cosine weights frozen. Compare with their Table 1 /
+Figure 4 (CIFAR-100, "CNN" accuracy).
+
+  jaxcl run --config experiments/split_cifar100_lucir.py
+  jaxcl run --config experiments/split_cifar100_lucir.py:increment=5
+  python -m experiments.reproduce --only split_cifar100_lucir
+
+Arguments: ``increment`` (classes per experience after the first 50:
+a divisor of 50), ``per_class`` (20), ``seed``, ``quick`` (tiny subsets,
+1 epoch, for tests).
+
+Where this differs from the authors' code, and why:
+
+* Exemplars: the code concatenates them to the experience's images;
+  jaxcl's LUCIR appends exemplars drawn from memory to every batch. A
+  batch's 128 rows are split as the concatenated set is on average over
+  the later experiences (:func:`split_batch`: 100 new images and 28
+  exemplars for increments of 10, whose memories hold 1000 to 1800). The
+  first experience, with no exemplars, then runs 250 steps per epoch of
+  100 images where the code runs 196 of 128.
+* The code imprints the new classes' cosine weights from their mean
+  features; jaxcl's LUCIR starts them from the head's initialisation.
+* The code evaluates with the network's scores ("CNN") and with class
+  means ("NME"); jaxcl's LUCIR predicts with the network's scores.
+* Runs: ``seed`` varies the initialisation and batches, with the order
+  fixed (the code's ``nb_runs`` is 1).
+
+References:
+  Hou, Pan, Loy, Wang & Lin, `Learning a unified classifier incrementally
+  via rebalancing <https://openaccess.thecvf.com/content_CVPR_2019/html/
+  Hou_Learning_a_Unified_Classifier_Incrementally_via_Rebalancing_CVPR_2019_paper.html>`_,
+  CVPR 2019.
+"""
+
+from experiments.split_cifar100_icarl import BATCH, MEAN, STD, class_order
+from jaxcl.configs import parse_arg
+from jaxcl.experiment import default_config
+
+FIRST = 50
+
+
+def split_batch(increment: int, per_class: int) -> tuple[int, int]:
+  """``(new images, exemplars)`` per batch of :data:`BATCH` rows, in the
+  proportion of an experience's 500 images per class concatenated with a
+  memory of ``per_class`` exemplars of every earlier class, averaged over
+  the experiences after the first."""
+  later = (100 - FIRST) // increment
+  memory = sum(per_class * (FIRST + i * increment) for i in range(later))
+  new = 500 * increment * later
+  n = round(BATCH * new / (new + memory))
+  return n, BATCH - n
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, increment=10, per_class=20, seed=0, quick=False)
+  inc, per = a["increment"], a["per_class"]
+  if inc < 1 or (100 - FIRST) % inc:
+    raise ValueError(f"increment={inc}: must divide the {100 - FIRST} "
+                     "classes after the first 50 (10, 5, 2 in the paper)")
+  c = default_config()
+  c.name = f"split_cifar100_lucir_b{FIRST}_inc{inc}"
+  c.seed = a["seed"]
+  c.dataset.name = "cifar100"
+  c.dataset.normalize = (MEAN, STD)
+  c.scenario.type = "split"
+  c.scenario.kind = "class"
+  c.scenario.first_classes = FIRST
+  c.scenario.n_experiences = 1 + (100 - FIRST) // inc
+  c.scenario.class_order = class_order()
+  c.model.name = "resnet32"
+  c.model.shortcut = "conv"
+  c.model.last_relu = False
+  c.model.head = "cosine"
+  c.optimizer.name = "momentum"
+  c.optimizer.momentum = 0.9
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.schedule = "multistep"
+  c.optimizer.milestones = (80, 120)
+  c.optimizer.gamma = 0.1
+  c.train.epochs = 160
+  c.train.eval_batch_size = 500
+  c.train.reset_optimizer = True
+  c.train.augment, c.train.crop_padding = ("pad_crop", "flip"), 4
+  new, old = split_batch(inc, per)
+  c.train.batch_size = new
+  c.strategy.name = "lucir"
+  c.strategy.lucir = dict(mem_size=per * 100, per_class=per, batch_size=old,
+                          lamb=5.0, adapt_lamb=True, margin=0.5, k=2,
+                          lamb_mr=1.0, freeze_old=True)
+  if a["quick"]:
+    c.dataset.train_subset = 2000
+    c.dataset.test_subset = 200
+    c.train.epochs = 1
+    c.optimizer.schedule = "constant"
+    c.optimizer.milestones = ()
+    c.train.eval_batch_size = 100
+    c.train.batch_size = 16
+    c.strategy.lucir = dict(c.strategy.lucir, batch_size=8)
+  return c
