@@ -88,6 +88,51 @@ def split_batch(new_per_group: int, mem_size: int) -> tuple[int, int]:
   return new, BATCH - new
 
 
+def resnet32_config(name: str, seed: int, n_experiences: int, *,
+                    shortcut: str, learning_rate: float, weight_decay: float,
+                    milestones: tuple[int, int], gamma: float, epochs: int,
+                    quick: bool, quick_subset: int):
+  """What iCaRL's and LUCIR's CIFAR-100 code share: CIFAR-100 in the
+  seed-1993 order, class-incremental, each channel standardised, cropped
+  and flipped; a ResNet-32 without its last ReLU; SGD with momentum 0.9
+  and a step schedule restarted every experience, batches of
+  :data:`BATCH`. ``quick``: a ``quick_subset`` of the training images, one
+  epoch at a constant rate, batches of 16 (for tests)."""
+  c = default_config()
+  c.name = name
+  c.seed = seed
+  c.dataset.name = "cifar100"
+  c.dataset.normalize = (MEAN, STD)
+  c.scenario.type = "split"
+  c.scenario.kind = "class"
+  c.scenario.n_experiences = n_experiences
+  c.scenario.class_order = class_order()
+  c.model.name = "resnet32"
+  c.model.shortcut = shortcut
+  c.model.last_relu = False
+  c.optimizer.name = "momentum"
+  c.optimizer.momentum = 0.9
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.weight_decay = weight_decay
+  c.optimizer.schedule = "multistep"
+  c.optimizer.milestones = milestones
+  c.optimizer.gamma = gamma
+  c.train.epochs = epochs
+  c.train.batch_size = BATCH
+  c.train.eval_batch_size = 500
+  c.train.reset_optimizer = True
+  c.train.augment, c.train.crop_padding = ("pad_crop", "flip"), 4
+  if quick:
+    c.dataset.train_subset = quick_subset
+    c.dataset.test_subset = 200
+    c.train.epochs = 1
+    c.optimizer.schedule = "constant"
+    c.optimizer.milestones = ()
+    c.optimizer.learning_rate = 0.1
+    c.train.eval_batch_size = 100
+  return c
+
+
 def get_config(arg=None):
   a = parse_arg(arg, strategy="icarl", n_experiences=10, mem_size=2000,
                 seed=0, quick=False)
@@ -97,43 +142,16 @@ def get_config(arg=None):
   if n < 1 or 100 % n:
     raise ValueError(f"n_experiences={n}: must divide CIFAR-100's 100 "
                      "classes (2, 5, 10, 20, 50 in the paper)")
-  c = default_config()
-  c.name = f"split_cifar100_icarl_{s}_{n}"
-  c.seed = a["seed"]
-  c.dataset.name = "cifar100"
-  c.dataset.normalize = (MEAN, STD)
-  c.scenario.type = "split"
-  c.scenario.kind = "class"
-  c.scenario.n_experiences = n
-  c.scenario.class_order = class_order()
-  c.model.name = "resnet32"
-  c.model.shortcut = "pad"
-  c.model.last_relu = False
-  c.optimizer.name = "momentum"
-  c.optimizer.momentum = 0.9
-  c.optimizer.learning_rate = 2.0
-  c.optimizer.weight_decay = 2e-5
-  c.optimizer.schedule = "multistep"
-  c.optimizer.milestones = (49, 63)
-  c.optimizer.gamma = 0.2
-  c.train.epochs = 70
-  c.train.batch_size = BATCH
-  c.train.eval_batch_size = 500
-  c.train.reset_optimizer = True
-  c.train.augment, c.train.crop_padding = ("pad_crop", "flip"), 4
+  c = resnet32_config(
+      f"split_cifar100_icarl_{s}_{n}", a["seed"], n, shortcut="pad",
+      learning_rate=2.0, weight_decay=2e-5, milestones=(49, 63), gamma=0.2,
+      epochs=70, quick=a["quick"], quick_subset=1000)
   c.strategy.name = s
   if s == "icarl":
     new, old = split_batch(50000 // n, m)
     c.train.batch_size = new
     c.strategy.icarl = dict(mem_size=m, batch_size=old, mirror_means=True)
   if a["quick"]:
-    c.dataset.train_subset = 1000
-    c.dataset.test_subset = 200
-    c.train.epochs = 1
-    c.optimizer.milestones = ()
-    c.optimizer.schedule = "constant"
-    c.optimizer.learning_rate = 0.1
-    c.train.eval_batch_size = 100
     c.train.batch_size = 16
     if s == "icarl":
       c.strategy.icarl = dict(mem_size=m, batch_size=8, mirror_means=True)

@@ -51,9 +51,8 @@ References:
   CVPR 2019.
 """
 
-from experiments.split_cifar100_icarl import BATCH, MEAN, STD, class_order
+from experiments.split_cifar100_icarl import BATCH, resnet32_config
 from jaxcl.configs import parse_arg
-from jaxcl.experiment import default_config
 
 FIRST = 50
 
@@ -76,31 +75,13 @@ def get_config(arg=None):
   if inc < 1 or (100 - FIRST) % inc:
     raise ValueError(f"increment={inc}: must divide the {100 - FIRST} "
                      "classes after the first 50 (10, 5, 2 in the paper)")
-  c = default_config()
-  c.name = f"split_cifar100_lucir_b{FIRST}_inc{inc}"
-  c.seed = a["seed"]
-  c.dataset.name = "cifar100"
-  c.dataset.normalize = (MEAN, STD)
-  c.scenario.type = "split"
-  c.scenario.kind = "class"
+  c = resnet32_config(
+      f"split_cifar100_lucir_b{FIRST}_inc{inc}", a["seed"],
+      1 + (100 - FIRST) // inc, shortcut="conv", learning_rate=0.1,
+      weight_decay=5e-4, milestones=(80, 120), gamma=0.1, epochs=160,
+      quick=a["quick"], quick_subset=2000)
   c.scenario.first_classes = FIRST
-  c.scenario.n_experiences = 1 + (100 - FIRST) // inc
-  c.scenario.class_order = class_order()
-  c.model.name = "resnet32"
-  c.model.shortcut = "conv"
-  c.model.last_relu = False
   c.model.head = "cosine"
-  c.optimizer.name = "momentum"
-  c.optimizer.momentum = 0.9
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.weight_decay = 5e-4
-  c.optimizer.schedule = "multistep"
-  c.optimizer.milestones = (80, 120)
-  c.optimizer.gamma = 0.1
-  c.train.epochs = 160
-  c.train.eval_batch_size = 500
-  c.train.reset_optimizer = True
-  c.train.augment, c.train.crop_padding = ("pad_crop", "flip"), 4
   new, old = split_batch(inc, per)
   c.train.batch_size = new
   c.strategy.name = "lucir"
@@ -108,12 +89,6 @@ def get_config(arg=None):
                           lamb=5.0, adapt_lamb=True, margin=0.5, k=2,
                           lamb_mr=1.0, freeze_old=True)
   if a["quick"]:
-    c.dataset.train_subset = 2000
-    c.dataset.test_subset = 200
-    c.train.epochs = 1
-    c.optimizer.schedule = "constant"
-    c.optimizer.milestones = ()
-    c.train.eval_batch_size = 100
     c.train.batch_size = 16
     c.strategy.lucir = dict(c.strategy.lucir, batch_size=8)
   return c
