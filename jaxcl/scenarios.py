@@ -215,14 +215,14 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
   """
   _check_kind(kind)
   c = data.num_classes
-  groups = _class_groups(c, n_experiences, first_classes, data.name)
+  bounds = _class_bounds(c, n_experiences, first_classes, data.name)
   if first_classes and kind == "domain":
     raise ScenarioError(
         f"first_classes={first_classes} with kind='domain': a "
         "domain-incremental stream relabels every experience to the same "
         "classes, so its experiences must be the same size")
   order = _class_order(c, class_order, seed)
-  groups = [order[a:b] for a, b in zip(groups[:-1], groups[1:])]
+  groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
   domain = kind == "domain"
   # Domain-IL: original label -> its position within its group.
   position = np.empty(c, np.int32)
@@ -251,7 +251,7 @@ def split(data: Dataset, n_experiences: int = 5, kind: str = "class",
                   tc)
 
 
-def _class_groups(c: int, n_experiences: int, first_classes: int,
+def _class_bounds(c: int, n_experiences: int, first_classes: int,
                   name: str) -> list[int]:
   """Where each experience's classes start in the class order, and the
   end: ``n_experiences + 1`` offsets."""

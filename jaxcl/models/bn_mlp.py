@@ -57,7 +57,7 @@ class BNMLP(nn.Module):
     h = nn.Dense(width, use_bias=False, kernel_init=_torch_kernel(h.shape[-1]),
                  name=f"{name}_dense")(h)
     return BatchNorm(use_running_average=not train, momentum=self.momentum,
-                        epsilon=self.eps, name=f"{name}_bn")(h, mask=mask)
+                     epsilon=self.eps, name=f"{name}_bn")(h, mask=mask)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, task: jnp.ndarray | None = None,

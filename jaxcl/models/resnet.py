@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool,
                mask: jnp.ndarray | None = None) -> jnp.ndarray:
     norm = lambda h: BatchNorm(use_running_average=not train,
-                                  momentum=0.9)(h, mask=mask)
+                               momentum=0.9)(h, mask=mask)
     y = _conv3x3(self.features, self.stride, self.kernel_init)(x)
     y = nn.relu(norm(y))
     y = norm(_conv3x3(self.features, 1, self.kernel_init)(y))
@@ -77,7 +77,7 @@ class BasicBlock(nn.Module):
 def _stem(h, width, train, mask, kernel_init):
   h = _conv3x3(width, 1, kernel_init)(h)
   return nn.relu(BatchNorm(use_running_average=not train,
-                              momentum=0.9)(h, mask=mask))
+                           momentum=0.9)(h, mask=mask))
 
 
 class ResNet18(nn.Module):

@@ -42,7 +42,9 @@ Rebuffi et al. (2017) keep a fixed total memory of ``K`` exemplars, and
      \\Big\\rVert, \\qquad \\mu = \\frac1n \\sum_i \\varphi(x_i),
 
   and older classes keep their first ``m`` (herding order is stored with
-  each exemplar as ``rank``, so reducing a set is a comparison).
+  each exemplar as ``rank``, so reducing a set is a comparison). With
+  ``per_class`` the memory grows instead: ``m`` is fixed and every class
+  keeps that many (LUCIR's and FACIL's "grow" memories).
 
 Training batches are the stream's batch plus ``batch_size`` exemplars
 drawn uniformly from memory (the exemplars are mixed into every step
@@ -307,9 +309,11 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
   Raises:
     ValueError: a non-positive ``mem_size``, negative ``batch_size`` or one
       above ``mem_size``, an empty ``layer``, a ``mirror_means`` that is
-      not a bool; at ``init``, an unknown feature layer (listing the valid
-      ones), ``mem_size`` smaller than the number of classes (0 exemplars
-      per class), or ``mirror_means`` for inputs that are not images.
+      not a bool, a negative ``per_class`` or one above ``mem_size``; at
+      ``init``, an unknown feature layer (listing the valid ones),
+      ``mem_size`` smaller than the number of classes (0 exemplars per
+      class) or than ``per_class`` times it, or ``mirror_means`` for
+      inputs that are not images.
   """
   buffers.check_capacity(mem_size, "icarl: mem_size")
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
