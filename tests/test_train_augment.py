@@ -74,8 +74,9 @@ def test_augmenting_standardised_inputs_is_torchvisions_order():
       "dataset.normalize": (0.25, 0.5)}))
   x = s.scenario.experiences[0].train_x[:4]
   out = np.asarray(s.learner.ctx.augment(jax.random.PRNGKey(0), x))
-  # A 16-pixel padding window over an 8-pixel image: most crops show some
-  # border, and every border pixel is -0.25 / 0.5.
+  # 8 pixels of padding on each side of an 8-pixel image: most crops show
+  # some border, and every border pixel is -0.25 / 0.5 (so are the
+  # digits' black pixels: the crops hold more of it than the images).
   border = np.isclose(out, -0.5)
   assert border.mean() > 0.2 and np.isclose(x, -0.5).mean() < border.mean()
   with pytest.raises(ValueError, match=r"train.augment: normalize: "
