@@ -32,8 +32,8 @@ Where this differs from the authors' code, and why:
 
 * Exemplars: the code concatenates them to the experience's images;
   jaxcl's LUCIR appends exemplars drawn from memory to every batch. A
-  batch's 128 rows are split as the concatenated set is on average over
-  the later experiences (:func:`split_batch`: 100 new images and 28
+  batch's 128 rows are split as the later experiences' concatenated sets
+  are, pooled (:func:`split_batch`: 100 new images and 28
   exemplars for increments of 10, whose memories hold 1000 to 1800). The
   first experience, with no exemplars, then runs 250 steps per epoch of
   100 images where the code runs 196 of 128.
@@ -51,22 +51,21 @@ References:
   CVPR 2019.
 """
 
-from experiments.split_cifar100_icarl import BATCH, resnet32_config
+from experiments import split_cifar100_icarl as icarl_protocol
 from jaxcl.configs import parse_arg
 
 FIRST = 50
 
 
 def split_batch(increment: int, per_class: int) -> tuple[int, int]:
-  """``(new images, exemplars)`` per batch of :data:`BATCH` rows, in the
+  """``(new images, exemplars)`` per batch of 128 rows, in the
   proportion of an experience's 500 images per class concatenated with a
-  memory of ``per_class`` exemplars of every earlier class, averaged over
+  memory of ``per_class`` exemplars of every earlier class, pooled over
   the experiences after the first."""
   later = (100 - FIRST) // increment
   memory = sum(per_class * (FIRST + i * increment) for i in range(later))
-  new = 500 * increment * later
-  n = round(BATCH * new / (new + memory))
-  return n, BATCH - n
+  # The later experiences' images and memories summed: a pooled share.
+  return icarl_protocol.split_batch(500 * increment * later, memory)
 
 
 def get_config(arg=None):
@@ -75,7 +74,7 @@ def get_config(arg=None):
   if inc < 1 or (100 - FIRST) % inc:
     raise ValueError(f"increment={inc}: must divide the {100 - FIRST} "
                      "classes after the first 50 (10, 5, 2 in the paper)")
-  c = resnet32_config(
+  c = icarl_protocol.resnet32_config(
       f"split_cifar100_lucir_b{FIRST}_inc{inc}", a["seed"],
       1 + (100 - FIRST) // inc, shortcut="conv", learning_rate=0.1,
       weight_decay=5e-4, milestones=(80, 120), gamma=0.1, epochs=160,
