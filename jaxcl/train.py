@@ -439,7 +439,7 @@ def train_step(ctx: Context, strategy: Strategy, state: TrainState,
   # own, so that a run without augmentation draws what it always drew.)
   came = batch
   batch = {**batch, "x": ctx.augmented(jax.random.fold_in(key, 3),
-                                       batch["x"])}
+                                        batch["x"])}
 
   def task_loss_of(logits):
     if strategy.task_loss is not None:
