@@ -15,7 +15,7 @@ import numbers
 from typing import Any
 
 __all__ = ["nonnegative", "positive", "positive_or_inf", "whole", "flag",
-           "is_whole", "is_real", "fraction", "at_least"]
+           "is_whole", "is_real", "fraction", "at_least", "one_of"]
 
 
 def is_real(value: Any) -> bool:
@@ -73,3 +73,10 @@ def flag(name: str, value: Any) -> None:
   """True or False (a string such as ``'no'`` would otherwise read as on)."""
   if not isinstance(value, bool):
     raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def one_of(name: str, value: Any, allowed: tuple) -> None:
+  """One of the values ``allowed`` (a mode's name, say)."""
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {list(allowed)}, got "
+                     f"{value!r}")

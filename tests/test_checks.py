@@ -62,3 +62,12 @@ def test_flag_takes_only_bools():
     with pytest.raises(ValueError) as e:
       checks.flag("s: f", value)
     assert str(e.value) == f"s: f must be True or False, got {value!r}"
+
+
+def test_one_of_takes_only_the_listed_values():
+  checks.one_of("s: mode", "seen", ("seen", "all"))
+  for value in ["Seen", "", None, 1, ["seen"]]:
+    with pytest.raises(ValueError) as e:
+      checks.one_of("s: mode", value, ("seen", "all"))
+    assert str(e.value) == (
+        f"s: mode must be one of ['seen', 'all'], got {value!r}")

@@ -930,8 +930,8 @@ def test_from_scratch_keeps_pretrained_start_and_checks_reset(tmp_path):
                                               s.scenario.experiences[1])
   np.testing.assert_array_equal(np.asarray(back.model_state["frozen"]["w"]),
                                 [0.0, 1.0, 2.0])
-  with pytest.raises(ValueError, match=r"reset must be one of \('initial', "
-                     r"'fresh'\), got 'random'"):
+  with pytest.raises(ValueError, match=r"reset must be one of \['initial', "
+                     r"'fresh'\], got 'random'"):
     jaxcl.strategies.get("from_scratch", reset="random")
 
 

@@ -191,9 +191,7 @@ def _check_args(latent, ae_epochs, ae_batch_size, ae_lr, ae_momentum,
                      f"{rel_threshold!r}")
   checks.nonnegative("expert_gate: lwf_alpha", lwf_alpha)
   checks.positive("expert_gate: lwf_temperature", lwf_temperature)
-  if preprocess not in PREPROCESS:
-    raise ValueError(f"expert_gate: preprocess must be one of {PREPROCESS}, "
-                     f"got {preprocess!r}")
+  checks.one_of("expert_gate: preprocess", preprocess, PREPROCESS)
 
 
 def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcl import checks
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables, reset_opt_state
 
@@ -63,9 +64,7 @@ def from_scratch(reset: str = "initial") -> Strategy:
   Raises:
     ValueError: ``reset`` not one of ``RESETS``.
   """
-  if reset not in RESETS:
-    raise ValueError(f"from_scratch: reset must be one of {RESETS}, got "
-                     f"{reset!r}")
+  checks.one_of("from_scratch: reset", reset, RESETS)
 
   def init(ctx, key, params):
     if reset == "fresh":

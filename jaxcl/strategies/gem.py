@@ -401,9 +401,7 @@ def gem(mem_size: int | None = None, mem_per_experience: int | None = None,
     raise ValueError(f"gem: max_iter must be an int >= 0 (0: automatic), "
                      f"got {max_iter!r}")
 
-  if gram not in GRAM_METHODS:
-    raise ValueError(f"gem: gram must be one of {GRAM_METHODS}, got "
-                     f"{gram!r}")
+  checks.one_of("gem: gram", gram, GRAM_METHODS)
   if isinstance(sample_per_experience, bool) or not isinstance(
       sample_per_experience, int) or sample_per_experience < 0:
     raise ValueError(f"gem: sample_per_experience must be an int >= 0 (0: "

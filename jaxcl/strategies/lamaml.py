@@ -285,9 +285,7 @@ def lamaml(mem_size: int = 200, batch_size: int = 10, n_inner: int = 10,
   checks.nonnegative(f"{_NAME}: alpha_lr", alpha_lr)
   checks.positive_or_inf(f"{_NAME}: grad_clip_norm", grad_clip_norm)
   checks.flag(f"{_NAME}: first_order", first_order)
-  if meta_loss not in META_LOSSES:
-    raise ValueError(f"{_NAME}: meta_loss must be one of "
-                     f"{list(META_LOSSES)}, got {meta_loss!r}")
+  checks.one_of(f"{_NAME}: meta_loss", meta_loss, META_LOSSES)
   clip = float(grad_clip_norm)
 
   def check_pieces(ctx) -> None:
