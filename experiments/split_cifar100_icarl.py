@@ -15,7 +15,10 @@ identity shortcuts, ``shortcut=pad``, and no ReLU after the last block,
 with SGD, momentum 0.9, learning rate 2.0 divided by 5 after epochs 49 and 63,
 restarted for every group; batches of 128 augmented by a 4-pixel pad
 and crop and a horizontal flip; 2000 exemplars in all (herding), class
-means over the exemplars and their mirror images (``mirror_means``).
+means over the exemplars and their mirror images (``mirror_means``); the
+sigmoid BCE of iCaRL and LwF.MC averaged over all 100 outputs, the later
+groups' classes with target 0 (``bce_classes='all'``: the learning rate
+of 2.0 is sized for a loss divided by 100).
 Compare with their Figure 2 (CIFAR-100, 10 classes per group) and with the
 same figure's finetuning and LwF.MC curves.
 
@@ -48,9 +51,6 @@ Where this differs from the authors' code, and why:
   (Lasagne's ``HeNormal``), jaxcl's ResNet-32 from N(0, 2 / fan_out) as
   FACIL and PyCIL do: the same for all but the stem and the two
   convolutions that double the channels.
-* Loss: the code's BCE averages over all 100 outputs, the future classes'
-  (target 0) included; jaxcl's iCaRL averages over the classes seen so far,
-  as Mammoth's does (see :mod:`jaxcl.strategies.icarl`).
 * Runs: the code's ten runs shuffle ten class orders; ``seed`` here varies
   the initialisation and batches, with the order fixed (FACIL's choice).
 
@@ -150,9 +150,12 @@ def get_config(arg=None):
   if s == "icarl":
     new, old = split_batch(50000 // n, m)
     c.train.batch_size = new
-    c.strategy.icarl = dict(mem_size=m, batch_size=old, mirror_means=True)
+    c.strategy.icarl = dict(mem_size=m, batch_size=old, mirror_means=True,
+                            bce_classes="all")
+  if s == "lwf_mc":
+    c.strategy.lwf_mc = dict(bce_classes="all")
   if a["quick"]:
     c.train.batch_size = 16
     if s == "icarl":
-      c.strategy.icarl = dict(mem_size=m, batch_size=8, mirror_means=True)
+      c.strategy.icarl.batch_size = 8
   return c

@@ -64,7 +64,11 @@ def test_config_builds_the_protocol(stand_in):
   c = protocol.get_config("strategy=icarl")
   assert (c.train.batch_size, c.strategy.icarl.batch_size) == (91, 37)
   assert dict(c.strategy.icarl) == dict(mem_size=2000, batch_size=37,
-                                        mirror_means=True)
+                                        mirror_means=True, bce_classes="all")
+  assert dict(protocol.get_config("strategy=lwf_mc").strategy.lwf_mc) == {
+      "bce_classes": "all"}
+  quick = protocol.get_config("strategy=icarl,quick").strategy.icarl
+  assert (quick.batch_size, quick.bce_classes) == (8, "all")
   assert (c.optimizer.learning_rate, tuple(c.optimizer.milestones),
           c.optimizer.gamma, c.train.epochs) == (2.0, (49, 63), 0.2, 70)
   s = experiment.setup(c)

@@ -573,6 +573,32 @@ def test_lwf_mc_loss_is_hand_sigmoid_distillation():
   assert float(lwf_mc().loss(ctx, state.strategy, student, batch, None)) == 0
 
 
+def test_lwf_mc_bce_over_all_classes_counts_later_ones_as_negatives():
+  # bce_classes='all' (iCaRL's authors' code): on experience 0 the BCE
+  # averages over every output, the later experiences' classes with
+  # target 0, where the default averages over the current two.
+  ctx, sc = _ctx("class", n_exp=2)
+  e0 = sc.experiences[0]
+  batch = {"x": jnp.asarray(e0.train_x[:6]), "y": jnp.asarray(e0.train_y[:6]),
+           "task": jnp.asarray(e0.train_task[:6]), "mask": jnp.ones((6,))}
+  onehot = np.eye(C)[np.asarray(batch["y"])]
+  got = {}
+  for which in ("seen", "all"):
+    s = lwf_mc(bce_classes=which)
+    state = s.before_experience(ctx, init_state(ctx, s, 0), e0)
+    z = np.asarray(ctx.model.apply({"params": state.params}, batch["x"]),
+                   np.float64)
+    got[which] = float(jax.jit(lambda ss, l, b: s.task_loss(ctx, ss, l, b))(
+        state.strategy, jnp.asarray(z, jnp.float32), batch))
+  bce = _np_sigmoid_bce(z, onehot)
+  np.testing.assert_allclose(got["all"], bce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["seen"], bce[:, :2].mean(), rtol=1e-5)
+  assert abs(got["all"] - got["seen"]) > 1e-3
+  with pytest.raises(ValueError, match=r"lwf_mc: bce_classes must be one "
+                     r"of \['seen', 'all'\], got 'some'"):
+    lwf_mc(bce_classes="some")
+
+
 def test_lwf_mc_keeps_old_classes_where_naive_forgets():
   c = experiment.default_config()  # Split Digits, class-incremental
   c.model.widths = (32,)

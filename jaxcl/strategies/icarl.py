@@ -31,8 +31,11 @@ Rebuffi et al. (2017) keep a fixed total memory of ``K`` exemplars, and
 
   over the classes ``A`` seen so far (old and current), averaged over the
   batch (the classes of later experiences are left out, as in Mammoth's
-  implementation; the mean over classes matches Lasagne's
-  ``binary_crossentropy(...).mean()`` of the authors' code).
+  implementation). With ``bce_classes='all'``, ``A`` is every class, the
+  later experiences' with target 0, as in the authors' code, whose
+  Lasagne ``binary_crossentropy(...).mean()`` runs over all 100 outputs
+  from the first group on: its gradient is then ``|A_seen| / C`` times
+  the default's, which their learning rate of 2.0 assumes.
 * **select exemplars by herding** (Algorithm 4) after each experience:
   every class present gets ``m = K // |classes seen|`` exemplars chosen
   greedily without repetition,
@@ -86,10 +89,14 @@ from jaxcl.train import device_experience, init_variables
 
 __all__ = ["ICaRLState", "icarl", "herding", "normalise", "icarl_loss",
            "features", "select_exemplars", "exemplar_hook",
-           "backbone_features", "ncm_logits", "ncm_predict"]
+           "backbone_features", "ncm_logits", "ncm_predict", "BCE_CLASSES",
+           "bce_active", "exemplar_means", "require_images"]
 
 _NEG = -1e9
 _BIG = np.iinfo(np.int32).max
+# The classes iCaRL's (and LwF.MC's) BCE averages over: those seen so far
+# (Mammoth's), or every output (the authors' code).
+BCE_CLASSES = ("seen", "all")
 
 
 class ICaRLState(NamedTuple):
@@ -192,6 +199,30 @@ def check_memory_fits(name: str, mem_size: int, per_class: int,
   require_per_class(name, mem_size, num_classes)
 
 
+def require_images(name: str, input_shape: tuple) -> None:
+  """At ``init``: ``mirror_means`` mirrors images shaped ``(H, W, C)``."""
+  if len(input_shape) != 3:
+    raise ValueError(f"{name}: mirror_means needs images shaped (H, W, C); "
+                     f"the inputs are shaped {tuple(input_shape)}")
+
+
+def exemplar_means(fn: Callable[..., jax.Array], params, model_state,
+                   memory: buffers.Memory, num_classes: int,
+                   mirror: bool) -> tuple[jax.Array, jax.Array]:
+  """``(means, has_mean)``: each class's renormalised mean ``μ_y`` of the
+  normalised features ``fn(params, model_state, x, task)`` of its
+  exemplars (and of their mirror images, the mean of both views' means,
+  with ``mirror``), and whether the class has exemplars."""
+  ef = fn(params, model_state, memory.x, memory.task)
+  if mirror:
+    ef = ef + fn(params, model_state, memory.x[:, :, ::-1, :], memory.task)
+  onehot = (jax.nn.one_hot(memory.y, num_classes, dtype=jnp.float32)
+            * memory.valid[:, None])
+  counts = jnp.sum(onehot, axis=0)
+  means = normalise((onehot.T @ ef) / jnp.maximum(counts, 1.0)[:, None])
+  return means, counts > 0
+
+
 def select_exemplars(feats: jax.Array, memory: buffers.Memory,
                      rank: jax.Array, x: jax.Array, y: jax.Array,
                      task: jax.Array, valid: jax.Array, experience: jax.Array,
@@ -267,6 +298,15 @@ def icarl_loss(logits, teacher_logits, y, mask, old, active) -> jax.Array:
   return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def bce_active(bce_classes: str, seen: jax.Array, current: jax.Array
+               ) -> jax.Array:
+  """The ``active`` classes of :func:`icarl_loss`: ``seen | current``
+  (``bce_classes='seen'``), or every class (``'all'``)."""
+  if bce_classes == "all":
+    return jnp.ones_like(seen)
+  return seen | current
+
+
 def ncm_logits(f: jax.Array, means: jax.Array, has_mean: jax.Array
                ) -> jax.Array:
   """Nearest-mean scores ``-‖f - μ_y‖²`` for the classes with a mean,
@@ -291,7 +331,7 @@ def ncm_predict(ctx, f: jax.Array, means: jax.Array, has_mean: jax.Array,
 
 def icarl(mem_size: int = 2000, batch_size: int = 0,
           layer: str = "backbone", mirror_means: bool = False,
-          per_class: int = 0) -> Strategy:
+          per_class: int = 0, bce_classes: str = "seen") -> Strategy:
   """iCaRL.
 
   Args:
@@ -305,11 +345,15 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     per_class: > 0: every class keeps this many exemplars, a memory that
       grows with the classes (``mem_size`` its capacity); 0: the paper's
       fixed ``K = mem_size`` shared by the classes seen.
+    bce_classes: the classes the BCE averages over: ``'seen'`` (the old
+      and current ones, Mammoth's) or ``'all'`` (every output, later
+      classes with target 0: the authors' code).
 
   Raises:
     ValueError: a non-positive ``mem_size``, negative ``batch_size`` or one
       above ``mem_size``, an empty ``layer``, a ``mirror_means`` that is
-      not a bool, a negative ``per_class`` or one above ``mem_size``; at
+      not a bool, a negative ``per_class`` or one above ``mem_size``, a
+      ``bce_classes`` other than ``'seen'`` or ``'all'``; at
       ``init``, an unknown feature layer (listing the valid ones),
       ``mem_size`` smaller than the number of classes (0 exemplars per
       class) or than ``per_class`` times it, or ``mirror_means`` for
@@ -328,6 +372,7 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
                      f"'backbone', got {layer!r}")
   checks.flag("icarl: mirror_means", mirror_means)
   check_per_class("icarl", mem_size, per_class)
+  checks.one_of("icarl: bce_classes", bce_classes, BCE_CLASSES)
   splits = {}
 
   def feature_fn(ctx) -> Callable[..., jax.Array]:
@@ -348,9 +393,8 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     if replay_size(ctx) > mem_size:
       raise ValueError(f"icarl: exemplars per batch {replay_size(ctx)} > "
                        f"mem_size={mem_size}")
-    if mirror_means and len(ctx.info.input_shape) != 3:
-      raise ValueError(f"icarl: mirror_means needs images shaped (H, W, C); "
-                       f"the inputs are shaped {tuple(ctx.info.input_shape)}")
+    if mirror_means:
+      require_images("icarl", ctx.info.input_shape)
     x0 = jnp.zeros((1,) + tuple(ctx.info.input_shape), jnp.float32)
     t0 = jnp.zeros((1,), jnp.int32)
     k_ms, k_run = jax.random.split(key)
@@ -381,7 +425,8 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     teacher = ctx.logits(sstate.teacher, sstate.teacher_model_state,
                          batch["x"], batch["task"])
     return icarl_loss(logits, teacher, batch["y"], batch["mask"],
-                      sstate.seen, sstate.seen | sstate.current)
+                      sstate.seen, bce_active(bce_classes, sstate.seen,
+                                              sstate.current))
 
   @functools.partial(jax.jit, static_argnums=0)
   def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
@@ -395,17 +440,11 @@ def icarl(mem_size: int = 2000, batch_size: int = 0,
     m = exemplars_per_class(mem_size, per_class, seen)
     mem, rank = select_exemplars(feats, ss.memory, ss.rank, x, y, task,
                                  valid, experience, m, c)
-    # Class means of the exemplars under the current model (and of their
-    # mirror images: the mean of both views' means, renormalised below).
-    ef = fn(params, model_state, mem.x, mem.task)
-    if mirror_means:
-      ef = ef + fn(params, model_state, mem.x[:, :, ::-1, :], mem.task)
-    onehot = jax.nn.one_hot(mem.y, c, dtype=jnp.float32) * mem.valid[:, None]
-    sums = onehot.T @ ef
-    counts = jnp.sum(onehot, axis=0)
-    means = normalise(sums / jnp.maximum(counts, 1.0)[:, None])
+    # Class means of the exemplars under the current model.
+    means, has_mean = exemplar_means(fn, params, model_state, mem, c,
+                                     mirror_means)
     return ss._replace(memory=mem, rank=rank, means=means,
-                       has_mean=counts > 0, seen=seen,
+                       has_mean=has_mean, seen=seen,
                        teacher=params, teacher_model_state=model_state)
 
   after_experience = exemplar_hook(update_memory)

@@ -12,7 +12,8 @@ the previous model's sigmoid outputs for the earlier ones,
                        [y = c] & c \\text{ current} \\end{cases}
 
 (:func:`jaxcl.strategies.icarl.icarl_loss`; ``A`` is the old and current
-classes), but with no exemplar memory and the network's own outputs as the
+classes, or every class with ``bce_classes='all'`` as in iCaRL's authors'
+code), but with no exemplar memory and the network's own outputs as the
 classifier. It is Li & Hoiem's distillation (:mod:`jaxcl.strategies.lwf`)
 carried into one multi-class head: the old model's outputs on the new data
 are the targets of the old classes. This is Mammoth's ``lwf_mc``,
@@ -44,7 +45,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcl.strategies.icarl import icarl_loss
+from jaxcl import checks
+from jaxcl.strategies.icarl import BCE_CLASSES, bce_active, icarl_loss
 from jaxcl.strategy import Strategy, experience_classes
 from jaxcl.train import init_variables
 
@@ -59,21 +61,26 @@ class LwFMCState(NamedTuple):
   current: jax.Array        # bool (C,): classes of this experience
 
 
-def lwf_mc(wd_reg: float = 0.0) -> Strategy:
+def lwf_mc(wd_reg: float = 0.0, bce_classes: str = "seen") -> Strategy:
   """LwF.MC (iCaRL's sigmoid distillation loss, no exemplars).
 
   Args:
     wd_reg: weight of the L2 term ``wd_reg · Σ θ²`` added to the loss
       (Mammoth's ``--wd_reg``; 0 leaves it out).
+    bce_classes: the classes the BCE averages over: ``'seen'`` (old and
+      current, Mammoth's) or ``'all'`` (every output: iCaRL's authors'
+      code, :mod:`jaxcl.strategies.icarl`).
 
   Raises:
-    ValueError: a negative or non-finite ``wd_reg``.
+    ValueError: a negative or non-finite ``wd_reg``; a ``bce_classes``
+    other than ``'seen'`` or ``'all'``.
   """
   if isinstance(wd_reg, bool) or not isinstance(wd_reg, (int, float)) or \
       not math.isfinite(wd_reg) or wd_reg < 0:
     raise ValueError(f"lwf_mc: wd_reg must be a finite number >= 0, got "
                      f"{wd_reg!r}")
   wd_reg = float(wd_reg)
+  checks.one_of("lwf_mc: bce_classes", bce_classes, BCE_CLASSES)
 
   def init(ctx, key, params):
     c = ctx.info.num_classes
@@ -94,7 +101,8 @@ def lwf_mc(wd_reg: float = 0.0) -> Strategy:
     teacher = ctx.logits(sstate.teacher, sstate.teacher_model_state,
                          batch["x"], batch["task"])
     return icarl_loss(logits, teacher, batch["y"], batch["mask"],
-                      sstate.seen, sstate.seen | sstate.current)
+                      sstate.seen, bce_active(bce_classes, sstate.seen,
+                                              sstate.current))
 
   def loss(ctx, sstate, params, batch, logits):
     if not wd_reg:
