@@ -48,5 +48,9 @@ ENTRIES = [
 ] + [
     Entry(_LU, name, "split_cifar100_lucir", arg)
     for name, arg in [("LUCIR (20 per class), 50 then 5 x 10", "increment=10"),
-                      ("LUCIR (20 per class), 50 then 10 x 5", "increment=5")]
+                      ("LUCIR (20 per class), 50 then 10 x 5", "increment=5"),
+                      ("LUCIR, NME (20 per class), 50 then 5 x 10",
+                       "increment=10,classifier=nme"),
+                      ("LUCIR, NME (20 per class), 50 then 10 x 5",
+                       "increment=5,classifier=nme")]
 ]

@@ -156,6 +156,8 @@ def config(name: str, pretrained: str | None = None):
     kw["pretrained"] = pretrained
   if name == "coda_prompt":
     kw["n_tasks"] = 5
+  if name == "lucir":  # its extra host work: imprinting, exemplar means
+    kw.update(imprint=True, classifier="nme")
   if kw:
     c.strategy[name] = kw
   return c

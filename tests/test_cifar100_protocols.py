@@ -126,20 +126,30 @@ def test_lucir_config_builds_the_protocol(stand_in):
   assert (backbone.depth, backbone.shortcut, backbone.last_relu) == (
       32, "conv", False)
   assert s.learner.ctx.model.head == "cosine"
-  assert dict(c.strategy.lucir)["per_class"] == 20
+  kw = dict(c.strategy.lucir)
+  assert (kw["per_class"], kw["imprint"], kw["classifier"],
+          kw["mirror_means"]) == (20, True, "cnn", False)
+  nme = lucir_protocol.get_config("classifier=nme")
+  assert (nme.strategy.lucir.classifier, nme.strategy.lucir.mirror_means,
+          nme.name) == ("nme", True, "split_cifar100_lucir_b50_inc10_nme")
+  experiment.setup(nme)  # the strategy builds with these arguments
   assert (c.optimizer.learning_rate, tuple(c.optimizer.milestones),
           c.optimizer.gamma, c.optimizer.weight_decay, c.train.epochs) == (
               0.1, (80, 120), 0.1, 5e-4, 160)
   assert lucir_protocol.get_config("increment=5").scenario.n_experiences == 11
   with pytest.raises(ValueError, match=r"increment=3: must divide the 50"):
     lucir_protocol.get_config("increment=3")
+  with pytest.raises(ValueError, match=r"classifier='ncm': must be one of "
+                     r"\['cnn', 'nme'\]"):
+    lucir_protocol.get_config("classifier=ncm")
 
 
 @pytest.mark.slow
 def test_quick_lucir_runs_end_to_end_on_the_stand_in(stand_in):
   # ResNet-32 without its last ReLU, the cosine head, 20 exemplars per
-  # class: the 50-class experience and one more (of 50 here).
-  c = lucir_protocol.get_config("increment=50,quick")
+  # class, imprinted weights and NME: the 50-class experience and one
+  # more (of 50 here).
+  c = lucir_protocol.get_config("increment=50,classifier=nme,quick")
   c.dataset.train_subset = 0  # every class's 25 images: 20 exemplars each
   c.report.progress = False
   r = jaxcl.run(c)
@@ -147,3 +157,5 @@ def test_quick_lucir_runs_end_to_end_on_the_stand_in(stand_in):
   counts = np.bincount(np.asarray(r.state.strategy.memory.y)[
       np.asarray(r.state.strategy.memory.valid)], minlength=100)
   np.testing.assert_array_equal(counts, 20)
+  # Class means of the exemplars and their mirror images, for every class.
+  assert bool(np.asarray(r.state.strategy.has_mean).all())

@@ -900,11 +900,13 @@ def test_icarl_loss_is_sigmoid_bce_with_teacher_targets():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-def test_icarl_bce_replaces_the_task_loss_in_the_step(stream):
+@pytest.mark.parametrize("bce_classes", ["seen", "all"])
+def test_icarl_bce_replaces_the_task_loss_in_the_step(stream, bce_classes):
   # One SGD step of iCaRL moves the parameters by -lr * the gradient of its
-  # BCE alone (no softmax CE added): computed here from a NumPy BCE.
+  # BCE alone (no softmax CE added): computed here from a NumPy BCE, over
+  # the classes seen so far or over every output (later ones target 0).
   ctx = make_ctx(stream, lr=0.5)
-  s = icarl(mem_size=20, batch_size=4)
+  s = icarl(mem_size=20, batch_size=4, bce_classes=bce_classes)
   assert s.task_loss is not None
   state = train.init_state(ctx, s, 0)
   exps = stream.experiences
@@ -932,7 +934,9 @@ def test_icarl_bce_replaces_the_task_loss_in_the_step(stream):
                              full["task"]), np.float64)
   y, mask = np.asarray(full["y"]), np.asarray(full["mask"], np.float64)
 
-  act = seen | cur
+  act = seen | cur if bce_classes == "seen" else np.ones_like(seen)
+  assert act.sum() == (4 if bce_classes == "seen" else stream.num_classes)
+  assert stream.num_classes > 4  # so "all" counts later classes
 
   @jax.jit  # one program, the arrays passed in (not captured constants)
   def bce_grad(params, model_state, x, task, y, zt, seen, act, mask):
@@ -964,6 +968,9 @@ def test_icarl_bad_arguments_raise(stream):
     train.init_state(ctx, icarl(mem_size=5), 0)
   with pytest.raises(ValueError, match="mem_size"):
     icarl(mem_size=0)
+  with pytest.raises(ValueError, match=r"icarl: bce_classes must be one of "
+                     r"\['seen', 'all'\], got 'old'"):
+    icarl(bce_classes="old")
   # A named inner layer works (features of the first Dense layer).
   train.init_state(ctx, icarl(mem_size=20, layer="backbone/Dense_0"), 0)
 
@@ -2036,6 +2043,115 @@ def test_lucir_loss_follows_its_settings(stream):
                                 np.asarray(moved["head"]["kernel"]))
   assert not np.allclose(np.asarray(moved["head"]["kernel"][:, :4]),
                          np.asarray(ss.teacher["head"]["kernel"][:, :4]))
+
+
+def test_lucir_imprints_new_class_weights_from_their_mean_features(stream):
+  # The authors' --imprint_weights: at experience 2's start, classes 4 and
+  # 5 take the renormalised mean of their training images' normalised
+  # features (the model as experience 1 left it, evaluation mode), scaled
+  # to the mean norm of the 4 old classes' columns; every other column,
+  # and the whole head at experience 0, stays as it was.
+  from jaxcl.strategies.lucir import lucir
+  ctx = make_ctx(stream, head="cosine")
+  s, plain = lucir(mem_size=40, imprint=True), lucir(mem_size=40)
+  exps = stream.experiences
+  state = train.init_state(ctx, s, 0)
+  kernel0 = np.asarray(state.params["head"]["kernel"])
+  first = s.before_experience(ctx, state, exps[0])
+  np.testing.assert_array_equal(np.asarray(first.params["head"]["kernel"]),
+                                kernel0)
+  state = run_hooks(ctx, plain, state, exps[:2])
+  # As if training had moved the model and the old columns apart.
+  state = state.replace(params=jax.tree.map(lambda a: a * 1.3 + 0.02,
+                                            state.params))
+  before = np.asarray(state.params["head"]["kernel"], np.float64)
+  after = np.asarray(s.before_experience(ctx, state, exps[2])
+                     .params["head"]["kernel"], np.float64)
+  e = exps[2]
+  f = normed(ctx.apply(state.params, state.model_state,
+                       jnp.asarray(e.train_x), jnp.asarray(e.train_task),
+                       features=True)[0])
+  scale = np.linalg.norm(before[:, :4], axis=0).mean()
+  for c in (4, 5):
+    mu = f[np.asarray(e.train_y) == c].mean(0)
+    np.testing.assert_allclose(after[:, c], mu / np.linalg.norm(mu) * scale,
+                               rtol=1e-4, atol=1e-6)
+    assert abs(np.linalg.norm(after[:, c]) - scale) < 1e-4
+  keep = [0, 1, 2, 3, 6, 7, 8, 9]
+  np.testing.assert_array_equal(after[:, keep], before[:, keep])
+  untouched = plain.before_experience(ctx, state, exps[2])
+  np.testing.assert_array_equal(
+      np.asarray(untouched.params["head"]["kernel"], np.float64), before)
+
+
+def test_lucir_nme_classifies_by_exemplar_means(stream):
+  # classifier='nme': after each experience, each class's mean of its
+  # exemplars' normalised backbone features (renormalised; with
+  # mirror_means also over their mirror images), and prediction by
+  # -||f - mu||^2 over the classes with exemplars; 'cnn' keeps the
+  # network's scores.
+  from jaxcl.strategies.lucir import lucir
+  ctx = make_ctx(stream, head="cosine")
+  exps = stream.experiences[:2]
+  x = jnp.asarray(stream.experiences[1].test_x[:10])
+  task = jnp.zeros((10,), jnp.int32)
+  state = train.init_state(ctx, lucir(mem_size=20), 0)
+
+  def feats_of(a):
+    return normed(ctx.apply(state.params, state.model_state, jnp.asarray(a),
+                            jnp.zeros((len(a),), jnp.int32),
+                            features=True)[0])
+
+  f = feats_of(x)
+  for mirror in (False, True):
+    s = lucir(mem_size=20, classifier="nme", mirror_means=mirror)
+    ss = run_hooks(ctx, s, state, exps).strategy
+    np.testing.assert_array_equal(np.asarray(ss.has_mean),
+                                  np.arange(10) < 4)
+    for c in range(4):
+      sel = np.asarray(ss.memory.valid) & (np.asarray(ss.memory.y) == c)
+      xs = np.asarray(ss.memory.x)[sel]
+      assert len(xs) == 5
+      mu = feats_of(xs).mean(0)
+      if mirror:
+        mu = (mu + feats_of(xs[:, :, ::-1]).mean(0)) / 2
+      np.testing.assert_allclose(np.asarray(ss.means[c]),
+                                 mu / np.linalg.norm(mu), rtol=1e-4,
+                                 atol=1e-5)
+    logits = np.asarray(s.predict(ctx, ss, state.params, state.model_state,
+                                  x, task))
+    d = ((f[:, None, :] - np.asarray(ss.means[:4])[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(logits[:, :4], -d, rtol=1e-4, atol=1e-5)
+    assert np.all(logits[:, 4:] == -1e9)
+  cnn = lucir(mem_size=20)
+  ss = run_hooks(ctx, cnn, state, exps).strategy
+  assert not np.asarray(ss.has_mean).any()
+  own = np.asarray(ctx.logits(state.params, state.model_state, x, task))
+  np.testing.assert_array_equal(
+      np.asarray(cnn.predict(ctx, ss, state.params, state.model_state, x,
+                             task))[:, :4], own[:, :4])
+
+
+def test_lucir_imprint_and_nme_arguments_are_checked(stream):
+  from jaxcl.strategies.lucir import lucir
+  for kw, match in [
+      (dict(classifier="ncm"),
+       r"lucir: classifier must be one of \['cnn', 'nme'\], got 'ncm'"),
+      (dict(imprint=1), r"lucir: imprint must be True or False, got 1"),
+      (dict(mirror_means=True), r"lucir: mirror_means is for class means; "
+       r"it needs classifier='nme', got classifier='cnn'"),
+      (dict(classifier="nme", mirror_means="yes"),
+       r"lucir: mirror_means must be True or False")]:
+    with pytest.raises(ValueError, match=match):
+      lucir(**kw)
+  flat = scenarios.from_arrays(
+      [(np.zeros((20, 6), np.float32), np.arange(20) % 2)],
+      [(np.zeros((4, 6), np.float32), np.arange(4) % 2)])
+  with pytest.raises(ValueError, match=r"lucir: mirror_means needs images "
+                     r"shaped \(H, W, C\); the inputs are shaped \(6,\)"):
+    train.init_state(make_ctx(flat, head="cosine"),
+                     lucir(mem_size=20, classifier="nme", mirror_means=True),
+                     0)
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,26 @@ new-class cosines ``⟨θ̄^k, f̄(x)⟩`` by a margin ``m``:
 The objective (eq. 9) is ``L_ce + λ L_dis^G + λ_mr L_mr``, with ``L_ce``
 the cross-entropy of the scaled cosines over the classes seen so far.
 
+**Weight imprinting** (``imprint``, the authors' ``--imprint_weights``,
+which their ``run.sh`` sets for the full method): before each experience
+after the first, a new class ``c``'s weight starts as the renormalised
+mean of the normalised features of its training images under the model
+as the last experience left it (evaluation mode, no augmentation), scaled
+to the mean norm of the old classes' weights:
+
+.. math::
+   w_c = \frac{\bar\mu_c}{\lVert\bar\mu_c\rVert}\cdot
+         \frac{1}{|C_o|}\sum_{o \in C_o}\lVert w_o\rVert, \qquad
+   \bar\mu_c = \frac{1}{n_c}\sum_{y_i = c} \bar f(x_i).
+
+**Classifier** (``classifier``): the network's scaled cosines over the
+classes seen (``'cnn'``, the paper's "CNN" rows), or the nearest mean of
+exemplars as in iCaRL (``'nme'``, the paper's "NME" rows;
+:func:`jaxcl.strategies.icarl.ncm_predict`): the renormalised mean of
+each class's exemplars' normalised features, computed after every
+experience with the model it ended with (with ``mirror_means`` over the
+exemplars and their mirror images, as the authors' CIFAR-100 code does).
+
 Implementation notes, following FACIL's ``lucir.py`` (Masana et al. 2022),
 which follows the authors' code: ``λ_base = 5``, ``λ_mr = 1``, ``m = 0.5``,
 ``K = 2``; ``L_mr`` is the mean over old-class rows and their ``K``
@@ -44,9 +64,10 @@ either) while ``σ`` is. As in :mod:`jaxcl.strategies.icarl`, exemplars are
 selected by herding and mixed into every training step (``batch_size`` per
 step) instead of being concatenated into one shuffled training set. One
 head covers all classes; the classes not seen yet are masked out of the
-cross-entropy and the prediction (FACIL adds a head per experience). Not
-done, as FACIL: the authors' "imprint weights" initialisation of the new
-classes' weights and class-balanced finetuning. The authors and FACIL
+cross-entropy and the prediction (FACIL adds a head per experience).
+FACIL does not imprint (``imprint=False``, the default here too) and has
+no NME. Not done: the authors' class-balanced finetuning (their ImageNet
+``cbf_`` scripts). The authors and FACIL
 remove the last ReLU of their ResNets, so the cosine head reads signed
 features: set ``model.last_relu=False`` (resnet18, resnet32); the MLP
 keeps its ReLU here.
@@ -63,6 +84,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -74,13 +96,17 @@ from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._class_incremental import (
     append_exemplars, exemplar_sizer, herding_update, mark_new_classes,
     predict_seen, require_class_stream, seen_cross_entropy)
-from jaxcl.strategies.icarl import (check_memory_fits, check_per_class,
-                                    exemplar_hook)
+from jaxcl.strategies.icarl import (backbone_features, check_memory_fits,
+                                    check_per_class, exemplar_hook,
+                                    exemplar_means, features, ncm_predict,
+                                    normalise, require_images)
 from jaxcl.strategy import Strategy
-from jaxcl.train import init_variables
+from jaxcl.train import device_experience, init_variables
 
 __all__ = ["LUCIRState", "lucir", "less_forget", "margin_ranking",
-           "cosine_scores"]
+           "cosine_scores", "imprinted_kernel", "CLASSIFIERS"]
+
+CLASSIFIERS = ("cnn", "nme")
 
 _BIG = np.iinfo(np.int32).max
 
@@ -92,6 +118,8 @@ class LUCIRState(NamedTuple):
   current: jax.Array      # bool (C,): classes of the current experience
   teacher: Any            # params of the model after the last experience
   teacher_model_state: Any
+  means: jax.Array        # float32 (C, D): exemplar means (classifier='nme')
+  has_mean: jax.Array     # bool (C,): the class has exemplars
 
 
 def cosine_scores(feats: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -126,10 +154,29 @@ def margin_ranking(cos: jax.Array, y: jax.Array, mask: jax.Array,
   return jnp.sum(w * hinge) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
+def imprinted_kernel(feats: jax.Array, y: jax.Array, valid: jax.Array,
+                     kernel: jax.Array, old: jax.Array,
+                     new: jax.Array) -> jax.Array:
+  """The cosine head's ``kernel`` ``(D, C)`` with the ``new`` classes'
+  columns imprinted (the module's equation): each the renormalised mean
+  of its ``valid`` rows of ``feats`` (normalised ``(N, D)`` features,
+  labels ``y``), scaled to the mean norm of the ``old`` classes' columns.
+  Other columns, and new classes without a valid row, are unchanged."""
+  c = kernel.shape[-1]
+  onehot = jax.nn.one_hot(y, c, dtype=jnp.float32) * valid[:, None]
+  counts = jnp.sum(onehot, axis=0)
+  direction = normalise(onehot.T @ feats)            # (C, D), unit rows
+  norms = jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
+  scale = jnp.sum(jnp.where(old, norms, 0.0)) / jnp.maximum(jnp.sum(old), 1)
+  put = (new & (counts > 0))[None, :]
+  return jnp.where(put, (direction * scale).T.astype(kernel.dtype), kernel)
+
+
 def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
           lamb_mr: float = 1.0, margin: float = 0.5, k: int = 2,
           adapt_lamb: bool = True, freeze_old: bool = True,
-          per_class: int = 0) -> Strategy:
+          per_class: int = 0, imprint: bool = False,
+          classifier: str = "cnn", mirror_means: bool = False) -> Strategy:
   """LUCIR (class-incremental streams; the model needs ``head='cosine'``).
 
   Args:
@@ -149,12 +196,20 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
     per_class: > 0: every class keeps this many exemplars, a memory that
       grows with the classes (the authors' CIFAR-100 runs: 20); 0: the
       classes seen share ``mem_size``.
+    imprint: start each later experience's new class weights from their
+      mean features (the authors' code; FACIL does not).
+    classifier: ``'cnn'`` (the network's cosines) or ``'nme'`` (nearest
+      mean of exemplars).
+    mirror_means: with ``'nme'``, class means over the exemplars and their
+      left-right mirror images (images only).
 
   Raises:
-    ValueError: on a bad argument; at ``init``, on a stream that is not
-    class-incremental, a model without the cosine head, or ``mem_size``
-    smaller than the number of classes (or than ``per_class`` times it);
-    at an experience's start, on classes that came in an earlier one.
+    ValueError: on a bad argument (``mirror_means`` without ``'nme'``
+    among them); at ``init``, on a stream that is not class-incremental, a
+    model without the cosine head, ``mem_size`` smaller than the number of
+    classes (or than ``per_class`` times it), or ``mirror_means`` for
+    inputs that are not images; at an experience's start, on classes that
+    came in an earlier one.
   """
   replay_size = exemplar_sizer("lucir", mem_size, batch_size)
   checks.nonnegative("lucir: lamb", lamb)
@@ -164,6 +219,12 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
   checks.flag("lucir: adapt_lamb", adapt_lamb)
   checks.flag("lucir: freeze_old", freeze_old)
   check_per_class("lucir", mem_size, per_class)
+  checks.flag("lucir: imprint", imprint)
+  checks.one_of("lucir: classifier", classifier, CLASSIFIERS)
+  checks.flag("lucir: mirror_means", mirror_means)
+  if mirror_means and classifier != "nme":
+    raise ValueError("lucir: mirror_means is for class means; it needs "
+                     f"classifier='nme', got classifier={classifier!r}")
 
   def init(ctx, key, params):
     info = ctx.info
@@ -180,14 +241,40 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                        f"the head has {head['kernel'].shape[-1]} outputs "
                        f"(set model.multi_head=False)")
     check_memory_fits("lucir", mem_size, per_class, c)
+    if mirror_means:
+      require_images("lucir", info.input_shape)
     replay_size(ctx)
     _, variables = init_variables(ctx, key)
+    d = head["kernel"].shape[0]
     return LUCIRState(
         memory=buffers.init(mem_size, info.input_shape),
         rank=jnp.full((mem_size,), _BIG, jnp.int32),
         seen=jnp.zeros((c,), bool), current=jnp.zeros((c,), bool),
         teacher=jax.tree.map(jnp.copy, params),
-        teacher_model_state=variables)
+        teacher_model_state=variables,
+        means=jnp.zeros((c, d), jnp.float32), has_mean=jnp.zeros((c,), bool))
+
+  mark = mark_new_classes("lucir")
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def imprint_head(ctx, ss, params, model_state, x, y, task, n_valid):
+    valid = jnp.arange(x.shape[0]) < n_valid
+    feats = features(backbone_features(ctx), params, model_state, x, task)
+    kernel = imprinted_kernel(feats, y, valid, params["head"]["kernel"],
+                              ss.seen, ss.current)
+    return dict(params, head=dict(params["head"], kernel=kernel))
+
+  def before_experience(ctx, state, experience):
+    state = mark(ctx, state, experience)
+    ss = state.strategy
+    # The first experience has no old weights to take a norm from.
+    if not imprint or not np.any(np.asarray(ss.seen)):
+      return state
+    data = device_experience(experience, ctx.info.train_size)
+    params = imprint_head(ctx, ss, state.params, state.model_state,
+                          data["x"], data["y"], data["task"],
+                          jnp.asarray(experience.num_train, jnp.int32))
+    return state.replace(params=params)
 
   def loss(ctx, sstate, params, batch, logits):
     del logits
@@ -220,11 +307,29 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                                head["kernel"])
     return dict(params, head=head)
 
-  after_experience = exemplar_hook(herding_update(mem_size, per_class))
+  herd = herding_update(mem_size, per_class)
 
-  return Strategy(init=init, before_experience=mark_new_classes("lucir"),
+  @functools.partial(jax.jit, static_argnums=0)
+  def update_memory(ctx, ss, params, model_state, x, y, task, n_valid,
+                    experience):
+    ss = herd(ctx, ss, params, model_state, x, y, task, n_valid, experience)
+    if classifier != "nme":
+      return ss
+    means, has_mean = exemplar_means(backbone_features(ctx), params,
+                                     model_state, ss.memory,
+                                     ctx.info.num_classes, mirror_means)
+    return ss._replace(means=means, has_mean=has_mean)
+
+  def predict(ctx, sstate, params, model_state, x, task):
+    if classifier == "cnn":
+      return predict_seen(ctx, sstate, params, model_state, x, task)
+    f = backbone_features(ctx)(params, model_state, x, task)
+    return ncm_predict(ctx, f, sstate.means, sstate.has_mean, params,
+                       model_state, x, task)
+
+  return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=append_exemplars(replay_size),
                   task_loss=seen_cross_entropy, loss=loss,
                   project_params=project_params,
-                  after_experience=after_experience,
-                  predict=predict_seen, name="lucir")
+                  after_experience=exemplar_hook(update_memory),
+                  predict=predict, name="lucir")
