@@ -12,7 +12,7 @@ import pytest
 import jaxcl
 from experiments import split_mnist_baselines
 from jaxcl import buffers, models
-from jaxcl.strategies._class_incremental import require_per_class
+from jaxcl.strategies.icarl import require_per_class
 from jaxcl.strategies._epochs import shuffled_batches
 from jaxcl.strategies._replay_memory import add_replay_grads
 from jaxcl.strategies.agem_r import agem_r

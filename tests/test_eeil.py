@@ -225,18 +225,23 @@ def test_eeil_finetuning_is_sgd_on_the_balanced_loss(ctx, before_finetuning,
                                atol=2e-6)
 
 
-@pytest.mark.parametrize("old,new,want_memory,want_subset", [
-    ([0, 1, 2], [3, 4], [4, 4, 4, 0, 0], [0, 0, 0, 4, 4]),
-    ([0], [1, 2, 3], [12, 0, 0, 0, 0], [0, 4, 4, 4, 0])])
+@pytest.mark.parametrize("old,new,kw,want_memory,want_subset", [
+    ([0, 1, 2], [3, 4], {}, [4, 4, 4, 0, 0], [0, 0, 0, 4, 4]),
+    ([0], [1, 2, 3], {}, [12, 0, 0, 0, 0], [0, 4, 4, 4, 0]),
+    ([0, 1, 2], [3, 4], dict(mem_size=30, per_class=3), [3, 3, 3, 0, 0],
+     [0, 0, 0, 3, 3])])
 def test_eeil_finetuning_set_cuts_new_classes_to_an_old_class_share(
-    digits, monkeypatch, old, new, want_memory, want_subset):
+    digits, monkeypatch, old, new, kw, want_memory, want_subset):
   """The balanced set, memory K = 12. 3 old classes (0-2), then 2 new ones
   (3, 4): the memory holds K / 3 = 4 exemplars of each old class, so each
   new class brings 4 random rows of its ~140 (not all of them, nor
   K / 2 = 6: uneven class counts tell the old classes' share apart).
   1 old class (12 exemplars), then 3 new ones: an old class's share is
   capped at K / 3 = 4 per new class, so that the set fits its K slots
-  (12 each would fill them with the first new class alone)."""
+  (12 each would fill them with the first new class alone). A memory that
+  grows by 3 per class (capacity 30): 3 of each old class and 3 rows of
+  each new one (a shared K = 30 would give 10), and afterwards 3 of all
+  five."""
   from jaxcl import scenarios
   from jaxcl.strategies import eeil as eeil_mod
   pick = lambda x, y, cs: (x[np.isin(y, cs)], y[np.isin(y, cs)])
@@ -261,17 +266,21 @@ def test_eeil_finetuning_set_cuts_new_classes_to_an_old_class_share(
     return real_epochs(key, valid, carry, **kw)
 
   monkeypatch.setattr(eeil_mod, "over_epochs", spy_epochs)
-  s = eeil(mem_size=12, batch_size=2, finetune_epochs=1)
+  s = eeil(**{"mem_size": 12, "batch_size": 2, "finetune_epochs": 1, **kw})
   state, _ = after_first(ctx, s, sc, 5)
   np.testing.assert_array_equal(
       np.asarray(buffers.counts(state.strategy.memory, 10))[:5],
       want_memory)
-  s.after_experience(ctx, state, sc.experiences[1])
+  end = s.after_experience(ctx, state, sc.experiences[1])
   jax.effects_barrier()   # the callback has run
   assert len(counts) == 1
   np.testing.assert_array_equal(counts[0], want_subset + [0] * 5)
   # Fine-tuned on those and the memory's exemplars, no other slot.
-  assert trained == [12 + sum(want_subset)]
+  assert trained == [sum(want_memory) + sum(want_subset)]
+  if "per_class" in kw:
+    np.testing.assert_array_equal(
+        np.asarray(buffers.counts(end.strategy.memory, 10)),
+        [3] * 5 + [0] * 5)
 
 
 def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
@@ -315,6 +324,9 @@ def test_eeil_balanced_finetuning_removes_the_new_class_bias(stream):
      r"int >= 0 \(0: the training batch size\), got -2$"),
     (dict(batch_size=-1), r"eeil: batch_size must be an int >= 0 \(0: the "
      r"training batch size\), got -1$"),
+    (dict(per_class=-1), r"eeil: per_class must be an int >= 0"),
+    (dict(mem_size=10, per_class=11), r"eeil: per_class=11 is more than "
+     r"mem_size=10 slots"),
 ])
 def test_eeil_bad_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
@@ -324,6 +336,9 @@ def test_eeil_bad_arguments(kwargs, needle):
 def test_eeil_bad_streams_and_compositions(ctx, first, stream):
   with pytest.raises(ValueError, match="mem_size=5 gives 0 exemplars"):
     train.init_state(ctx, eeil(mem_size=5), 0)
+  with pytest.raises(ValueError, match=r"eeil: per_class=3 exemplars of 10 "
+                     r"classes need mem_size >= 30, got 29"):
+    train.init_state(ctx, eeil(mem_size=29, per_class=3), 0)
   task = dataclasses.replace(stream, kind="task")
   with pytest.raises(ValueError, match="class-incremental"):
     train.init_state(make_ctx(task), eeil(mem_size=20), 0)

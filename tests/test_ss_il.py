@@ -229,10 +229,29 @@ def test_predict_masks_the_classes_not_seen_yet(stream):
     (dict(batch_size=-1), "batch_size"),
     (dict(lam=-1.0), "lam"),
     (dict(temperature=0.0), "temperature"),
+    (dict(per_class=-1), r"ss_il: per_class must be an int >= 0"),
+    (dict(mem_size=10, per_class=11), r"ss_il: per_class=11 is more than "
+     r"mem_size=10 slots"),
 ])
 def test_ss_il_bad_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     ss_il(**kwargs)
+
+
+def test_ss_il_per_class_memory_grows_with_the_classes(stream):
+  # per_class=3: 3 herded exemplars of each class after every experience
+  # (6, then 12 rows), where a shared K = 30 would hold 15 of each.
+  ctx = make_ctx(stream)
+  s = ss_il(mem_size=30, per_class=3)
+  state = train.init_state(ctx, s, 0)
+  for i, e in enumerate(stream.experiences):
+    state = s.after_experience(ctx, s.before_experience(ctx, state, e), e)
+    counts = np.asarray(buffers.counts(state.strategy.memory, 10))
+    np.testing.assert_array_equal(counts[:2 * (i + 1)], 3)
+    assert counts.sum() == 6 * (i + 1)
+  with pytest.raises(ValueError, match=r"ss_il: per_class=4 exemplars of 10 "
+                     r"classes need mem_size >= 40, got 39"):
+    train.init_state(ctx, ss_il(mem_size=39, per_class=4), 0)
 
 
 def test_ss_il_bad_streams_and_compositions(stream):

@@ -20,8 +20,8 @@ import numpy as np
 from jaxcl import buffers
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._replay_memory import replay_sizer
-from jaxcl.strategies.icarl import (backbone_features, exemplars_per_class,
-                                    features, require_per_class,
+from jaxcl.strategies.icarl import (backbone_features, check_memory_fits,
+                                    exemplars_per_class, features,
                                     select_exemplars)
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import new_classes
@@ -94,8 +94,8 @@ def mark_class_experience(name: str) -> Callable[..., Any]:
 
 def init_teacher_exemplars(name: str, why: str, ctx, key: jax.Array,
                            params: Any, mem_size: int,
-                           replay_size: Callable[[Any], int]
-                           ) -> dict[str, Any]:
+                           replay_size: Callable[[Any], int],
+                           per_class: int = 0) -> dict[str, Any]:
   """The initial fields of a state that :func:`herding_update` and
   :func:`mark_class_experience` keep (EEIL's and SS-IL's): an empty
   memory of ``mem_size`` exemplars, no class seen, and the model as
@@ -103,11 +103,12 @@ def init_teacher_exemplars(name: str, why: str, ctx, key: jax.Array,
 
   Checks first (at ``init``) that the stream is class-incremental (``why``
   says what strategy ``name`` does to its classes), that the memory holds
-  one exemplar per class and that ``replay_size(ctx)`` fits the memory.
+  one exemplar per class (``per_class`` of each, when it grows) and that
+  ``replay_size(ctx)`` fits the memory.
   """
   info = ctx.info
   require_class_stream(name, info, why)
-  require_per_class(name, mem_size, info.num_classes)
+  check_memory_fits(name, mem_size, per_class, info.num_classes)
   replay_size(ctx)
   _, variables = init_variables(ctx, key)
   c = info.num_classes

@@ -22,12 +22,13 @@ classes. When an experience ends (from the second on), the network is
 fine-tuned for a few epochs at a small learning rate on a *balanced*
 subset: the memory's exemplars of the old classes and, for each new
 class, as many of its training examples (drawn at random) as an old class
-has exemplars. Because that subset is small, "a temporary distillation
+has exemplars (``per_class`` of them when the memory grows). Because that subset is small, "a temporary distillation
 loss for the new classes" is added: their targets are the outputs of the
 model as it was before the fine-tuning, the old classes' still those of
 the previous experience's model. Then the memory is updated: herding
 (iCaRL's Algorithm 4, :func:`jaxcl.strategies.icarl.select_exemplars`)
-picks ``K / |seen|`` exemplars per class with the fine-tuned network,
+picks ``K / |seen|`` exemplars per class (or a fixed ``per_class``) with
+the fine-tuned network,
 which becomes the next experience's teacher. Prediction is the network's
 own output over the classes seen so far (no nearest-mean classifier).
 
@@ -82,7 +83,7 @@ from jaxcl.strategies._class_incremental import (
     append_exemplars, exemplar_sizer, herding_update,
     init_teacher_exemplars, mark_class_experience, predict_seen)
 from jaxcl.strategies._epochs import over_epochs
-from jaxcl.strategies.icarl import exemplar_hook, features
+from jaxcl.strategies.icarl import check_per_class, exemplar_hook, features
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategy import Strategy
 
@@ -172,7 +173,7 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
          temperature: float = 2.0, finetune_epochs: int = 30,
          finetune_lr: float = 0.01, finetune_batch_size: int = 0,
          momentum: float = 0.9, decay_epochs: int = 10,
-         lr_decay: float = 10.0) -> Strategy:
+         lr_decay: float = 10.0, per_class: int = 0) -> Strategy:
   """EEIL (class-incremental streams).
 
   Args:
@@ -188,11 +189,15 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
     momentum: its SGD momentum (0: plain SGD).
     decay_epochs, lr_decay: the rate is divided by ``lr_decay`` every
       ``decay_epochs`` epochs.
+    per_class: > 0: every class keeps this many exemplars, a memory that
+      grows with the classes (``mem_size`` its capacity); 0: the paper's
+      fixed ``K = mem_size`` shared by the classes seen.
 
   Raises:
     ValueError: on a bad argument; at ``init``, on a stream that is not
-    class-incremental or ``mem_size`` smaller than the number of classes;
-    at an experience's start, on classes that came in an earlier one.
+    class-incremental or ``mem_size`` smaller than the number of classes
+    (or than ``per_class`` times it); at an experience's start, on
+    classes that came in an earlier one.
   """
   replay_size = exemplar_sizer("eeil", mem_size, batch_size)
   checks.nonnegative("eeil: lam", lam)
@@ -205,12 +210,13 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
   checks.whole("eeil: decay_epochs", decay_epochs, minimum=1)
   checks.at_least("eeil: lr_decay", lr_decay, 1,
                   note=" (the rate is divided by it)")
+  check_per_class("eeil", mem_size, per_class)
 
   def init(ctx, key, params):
     k_ms, k_run = jax.random.split(key)
     return EEILState(**init_teacher_exemplars(
         "eeil", "balances old and new classes", ctx, k_ms, params, mem_size,
-        replay_size), key=k_run)
+        replay_size, per_class), key=k_run)
 
   def task_loss(ctx, sstate, logits, batch):
     ce = cross_entropy_over(logits, batch["y"], batch["mask"],
@@ -225,10 +231,12 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
                                                        ss.experience))
     n_old = jnp.maximum(jnp.sum(ss.seen), 1)
     n_new = jnp.maximum(jnp.sum(ss.current), 1)
-    per_class = jnp.minimum(mem_size // n_old, mem_size // n_new)
+    # As many as an old class holds (check_memory_fits keeps a growing
+    # memory's per_class * |new| within the mem_size slots).
+    held = per_class or mem_size // n_old
+    take = jnp.minimum(held, mem_size // n_new)
     valid = jnp.arange(x.shape[0]) < n_valid
-    idx, ok = balanced_subset(k_sub, y, valid, ss.current, per_class,
-                              mem_size)
+    idx, ok = balanced_subset(k_sub, y, valid, ss.current, take, mem_size)
     mem = ss.memory
     xs = jnp.concatenate([mem.x, x[idx].astype(mem.x.dtype)])
     ys = jnp.concatenate([mem.y, y[idx]])
@@ -287,7 +295,8 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
                                    state.model_state, x, y, task, n_valid)
     return state.replace(params=params, model_state=model_state)
 
-  after_experience = exemplar_hook(herding_update(mem_size), train=balance)
+  after_experience = exemplar_hook(herding_update(mem_size, per_class),
+                                   train=balance)
 
   return Strategy(init=init, before_experience=mark_class_experience("eeil"),
                   prepare_batch=append_exemplars(replay_size),

@@ -58,9 +58,10 @@ import numpy as np
 from jaxcl import buffers, checks
 from jaxcl.strategies._class_incremental import (
     append_exemplars, exemplar_sizer, mark_new_classes, predict_seen,
-    require_class_stream, require_per_class, seen_cross_entropy)
+    require_class_stream, seen_cross_entropy)
 from jaxcl.strategies.icarl import (backbone_features, exemplar_hook,
-                                    features, select_exemplars)
+                                    features, require_per_class,
+                                    select_exemplars)
 from jaxcl.strategy import Strategy
 
 __all__ = ["IL2MState", "il2m", "class_statistics", "rectify"]

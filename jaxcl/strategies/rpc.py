@@ -98,9 +98,8 @@ from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import (append_exemplars,
                                                  exemplar_sizer,
                                                  mark_new_classes,
-                                                 require_class_stream,
-                                                 require_per_class)
-from jaxcl.strategies.icarl import exemplar_hook
+                                                 require_class_stream)
+from jaxcl.strategies.icarl import exemplar_hook, require_per_class
 from jaxcl.strategy import Strategy
 
 __all__ = ["rpc", "RPCState", "dsimplex", "simplex_logits", "balanced_add"]

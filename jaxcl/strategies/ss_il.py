@@ -53,7 +53,8 @@ Official, read for this module):
   and the first experience has none (no previous model).
 * Exemplars are chosen by herding (iCaRL's Algorithm 4, as this library's
   other exemplar methods: :func:`jaxcl.strategies._class_incremental.
-  herding_update`), with ``mem_size // |seen|`` per class. The reference
+  herding_update`), with ``mem_size // |seen|`` per class (or a fixed
+  ``per_class``, a memory that grows with the classes). The reference
   keeps the first ``ceil(K / |seen|)`` rows of each class in data-set
   order (a random choice) and trims single rows to fit ``K``.
 * Replayed rows are drawn uniformly without replacement within a step
@@ -89,7 +90,7 @@ from jaxcl.strategies._class_incremental import (
     NEG, append_exemplars, exemplar_sizer, herding_update,
     init_teacher_exemplars, mark_class_experience, predict_seen)
 from jaxcl.strategies.eeil import distil_old_groups
-from jaxcl.strategies.icarl import exemplar_hook
+from jaxcl.strategies.icarl import check_per_class, exemplar_hook
 from jaxcl.strategy import Strategy
 
 __all__ = ["SSILState", "ss_il", "separated_cross_entropy"]
@@ -126,7 +127,7 @@ def separated_cross_entropy(logits: jax.Array, y: jax.Array,
 
 
 def ss_il(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
-          temperature: float = 2.0) -> Strategy:
+          temperature: float = 2.0, per_class: int = 0) -> Strategy:
   """SS-IL (class-incremental streams).
 
   Args:
@@ -136,20 +137,25 @@ def ss_il(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
       32 with batches of 128).
     lam: weight ``λ`` of the task-wise distillation (the paper: 1).
     temperature: ``T`` (the paper: 2).
+    per_class: > 0: every class keeps this many exemplars, a memory that
+      grows with the classes (``mem_size`` its capacity); 0: the paper's
+      fixed ``K = mem_size`` shared by the classes seen.
 
   Raises:
     ValueError: on a bad argument; at ``init``, on a stream that is not
-    class-incremental or ``mem_size`` smaller than the number of classes;
-    at an experience's start, on classes that came in an earlier one.
+    class-incremental or ``mem_size`` smaller than the number of classes
+    (or than ``per_class`` times it); at an experience's start, on
+    classes that came in an earlier one.
   """
   replay_size = exemplar_sizer("ss_il", mem_size, batch_size)
   checks.nonnegative("ss_il: lam", lam)
   checks.positive("ss_il: temperature", temperature)
+  check_per_class("ss_il", mem_size, per_class)
 
   def init(ctx, key, params):
     return SSILState(**init_teacher_exemplars(
         "ss_il", "separates the softmax of old and new classes", ctx, key,
-        params, mem_size, replay_size))
+        params, mem_size, replay_size, per_class))
 
   def task_loss(ctx, sstate, logits, batch):
     ce = separated_cross_entropy(logits, batch["y"], batch["mask"],
@@ -161,7 +167,7 @@ def ss_il(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
 
   # Herding at the experience's end; the trained model becomes the frozen
   # teacher of the next experience.
-  after_experience = exemplar_hook(herding_update(mem_size))
+  after_experience = exemplar_hook(herding_update(mem_size, per_class))
 
   return Strategy(init=init, before_experience=mark_class_experience("ss_il"),
                   prepare_batch=append_exemplars(replay_size),

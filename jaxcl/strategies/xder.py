@@ -87,8 +87,9 @@ import jax.numpy as jnp
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy, cross_entropy_over
-from jaxcl.strategies._class_incremental import (
-    mark_class_experience, require_class_stream, require_per_class)
+from jaxcl.strategies._class_incremental import (mark_class_experience,
+                                                 require_class_stream)
+from jaxcl.strategies.icarl import require_per_class
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import logit_mse, logit_width, store_with_logits
 from jaxcl.strategies.icarl import features
