@@ -67,7 +67,8 @@ from jaxcl import datasets
 
 __all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
            "horizontal_flip", "color_jitter",
-           "random_grayscale", "default_ops", "check_ops", "pipeline"]
+           "random_grayscale", "default_ops", "check_ops", "pipeline",
+           "in_pixels"]
 
 OPS = ("pad_crop", "crop", "flip", "jitter", "gray")
 # SCR's kornia pipeline (and default_ops' set for RGB images).
@@ -340,14 +341,6 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
     raise ValueError(f"{who}: jitter must be (brightness, contrast, "
                      f"saturation, hue) strengths >= 0, hue <= 0.5, got "
                      f"{jitter}")
-  if normalize:
-    if len(normalize) != 2:
-      raise ValueError(f"{who}: normalize must be () or (mean, std), got "
-                       f"{tuple(normalize)!r}")
-    try:
-      mean, std = datasets.standardisation(*normalize, shape)
-    except datasets.DataError as e:
-      raise ValueError(f"{who}: {e}") from None
   steps: list[Augment] = []
   if "pad_crop" in ops:
     steps.append(lambda k, x: random_crop(k, x, crop_padding))
@@ -362,14 +355,33 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
     steps.append(lambda k, x: random_grayscale(k, x, gray_p))
 
   def apply(key: jax.Array, x: jax.Array) -> jax.Array:
-    if not steps:
-      return x
-    if normalize:
-      x = x * std + mean
     for k, step in zip(jax.random.split(key, len(steps)), steps):
       x = step(k, x)
-    if normalize:
-      x = (x - mean) / std
     return x
 
-  return apply
+  on_pixels = in_pixels(apply, normalize, shape, who)  # checks normalize
+  return on_pixels if steps else (lambda key, x: x)
+
+
+def in_pixels(step: Augment, normalize: Sequence, input_shape: Sequence[int],
+              who: str = "augment") -> Augment:
+  """``step`` run on the pixels of inputs standardised by ``normalize``
+  ``(mean, std)`` (one value or one per channel; ``dataset.normalize``):
+  the standardisation undone, ``step`` applied, the result standardised
+  again, as torchvision's transforms run before its ``Normalize``.
+  ``step`` itself when ``normalize`` is ``()``.
+
+  Raises:
+    ValueError: naming ``who``: a ``normalize`` that is not ``()`` or
+      ``(mean, std)``, or whose values do not fit the channels.
+  """
+  if not normalize:
+    return step
+  if len(normalize) != 2:
+    raise ValueError(f"{who}: normalize must be () or (mean, std), got "
+                     f"{tuple(normalize)!r}")
+  try:
+    mean, std = datasets.standardisation(*normalize, tuple(input_shape))
+  except datasets.DataError as e:
+    raise ValueError(f"{who}: {e}") from None
+  return lambda key, x: (step(key, x * std + mean) - mean) / std

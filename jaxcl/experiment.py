@@ -577,9 +577,9 @@ def setup(config: ml_collections.ConfigDict,
   epochs = 1 if sc.online else tc.epochs
   tx = build_optimizer(config, -(-info.train_size // tc.batch_size) * epochs,
                        epochs)
-  ctx = make_context(model, tx, info,
-                     _augmenter(tc, sc, config.dataset.get("normalize", ())),
-                     _compute_dtype(config.model))
+  normalize = config.dataset.get("normalize", ())
+  ctx = make_context(model, tx, info, _augmenter(tc, sc, normalize),
+                     _compute_dtype(config.model), normalize)
   eval_every = tc.get("eval_every_steps", 0)
   checks.whole("train.eval_every_steps", eval_every, 0,
                "0: evaluate at the end of each experience only")

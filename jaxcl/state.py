@@ -147,6 +147,11 @@ class Context:
       running statistics staying float32 (the gradient flows back through
       the cast), and returns float32 outputs; None: the parameters' own
       dtype.
+    normalize: the inputs' standardisation ``(mean, std)``
+      (``dataset.normalize``; ``()``: none), for strategies that augment
+      inputs with their own operations (SCR's views, PuriDivER's strong
+      crop), so that those run on the pixels as ``train.augment`` does
+      (:func:`jaxcl.augment.in_pixels`).
   """
   model: Any
   tx: optax.GradientTransformation
@@ -155,6 +160,7 @@ class Context:
   freeze: Callable[[Any], Any] = no_freeze
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None
+  normalize: tuple = ()
 
   def apply(self, params, model_state, x, task, train: bool = False,
             features: bool = False, mask: jax.Array | None = None):

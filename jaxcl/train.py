@@ -192,15 +192,25 @@ def stream_info(scenario: Scenario, batch_size: int) -> StreamInfo:
 
 def make_context(model, tx, info: StreamInfo,
                  augment: Callable[[jax.Array, jax.Array], jax.Array]
-                 | None = None, compute_dtype: Any = None) -> Context:
+                 | None = None, compute_dtype: Any = None,
+                 normalize: Any = ()) -> Context:
   """Masks logits to the task's classes in task-incremental streams (for a
   multi-head model on split streams, too: each head covers all classes);
   ``augment`` augments every training step's prepared batch;
   ``compute_dtype`` runs the model in mixed precision
-  (:attr:`Context.compute_dtype`)."""
+  (:attr:`Context.compute_dtype`); ``normalize`` is the inputs'
+  ``(mean, std)`` (:attr:`Context.normalize`)."""
   return Context(model=model, tx=tx, info=info,
                  mask_task_logits=info.kind == "task", augment=augment,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype,
+                 normalize=frozen_normalize(normalize))
+
+
+def frozen_normalize(normalize: Any) -> tuple:
+  """``(mean, std)`` as nested tuples of floats (a config's lists), so the
+  context that holds it can key a jit cache."""
+  return tuple(tuple(float(v) for v in np.ravel(part)) if np.ndim(part)
+               else float(part) for part in normalize)
 
 
 def init_variables(ctx: Context, key: jax.Array) -> tuple[Any, Any]:

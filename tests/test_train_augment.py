@@ -85,6 +85,69 @@ def test_augmenting_standardised_inputs_is_torchvisions_order():
                      who="train.augment")
 
 
+def test_strategies_own_augmentations_run_on_the_pixels():
+  # SCR's views and PuriDivER's strong crop are the strategies' own
+  # augmentations; the run's dataset.normalize reaches them through the
+  # context (as nested tuples, so the context still keys jit caches), and
+  # on standardised inputs they equal the same augmentation of the pixels,
+  # standardised (the jitter's clip at 1 and the crop's black border are
+  # the pixels').
+  from jaxcl import models
+  from jaxcl.strategies.puridiver import puridiver
+  from jaxcl.strategies.scr import scr
+  mean = [0.5071, 0.4866, 0.4409]
+  std = [0.2009, 0.1984, 0.2023]
+  m, sd = np.float32(mean), np.float32(std)
+  rng = np.random.default_rng(2)
+  pix = rng.random((24, 6, 6, 3)).astype(np.float32)
+  pix[:, :2] = 0.98  # bright rows: the jitter clips them at 1
+  y = np.arange(24) % 4
+  sc = scenarios.from_arrays([(pix, y)], [(pix[:4], y[:4])])
+  info = train.stream_info(sc, 8)
+  model = models.build("mlp", 4, widths=(8,))
+  plain = train.make_context(model, train.make_optimizer("sgd", 0.1), info)
+  normed = train.make_context(model, train.make_optimizer("sgd", 0.1), info,
+                              normalize=[mean, std])
+  assert normed.normalize == (tuple(mean), tuple(std))
+  hash(normed)
+  batch = {"x": jnp.asarray(pix[:8]), "y": jnp.asarray(y[:8]),
+           "task": jnp.zeros((8,), jnp.int32), "mask": jnp.ones((8,))}
+  std_batch = dict(batch, x=(batch["x"] - m) / sd)
+  key = jax.random.PRNGKey(5)
+
+  def views(s, ctx, b):  # the batch's own rows (the memory is empty)
+    state = train.init_state(ctx, s, 0)
+    return np.asarray(s.prepare_batch(ctx, state.strategy, b,
+                                      key)["scr_views"])[:8]
+
+  s = scr(mem_size=16, batch_size=4, augment=("crop", "jitter"))
+  want = (views(s, plain, batch) - m) / sd
+  got = views(s, normed, std_batch)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  blind = views(s, plain, std_batch)  # jitter clipping standardised values
+  assert np.abs(blind - got).max() > 0.5
+
+  p = puridiver(mem_size=16, batch_size=8, crop_padding=3)
+
+  def replayed(ctx, x):
+    state = train.init_state(ctx, p, 0)
+    mem = state.strategy.memory
+    full = mem._replace(x=x[:16], y=jnp.asarray(y[:16]),
+                        valid=jnp.ones((16,), bool))
+    ss = state.strategy._replace(memory=full,
+                                 experience=jnp.ones((), jnp.int32))
+    out = p.prepare_batch(ctx, ss, batch, key)
+    return np.asarray(out["x"][8:])
+
+  want = (replayed(plain, jnp.asarray(pix)) - m) / sd
+  got = replayed(normed, (jnp.asarray(pix) - m) / sd)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.isclose(got, -m / sd, atol=1e-4).any()  # black, standardised
+  # The run's config reaches the context.
+  c = quick_config(**{"dataset.normalize": ([0.25], [0.5])})
+  assert experiment.setup(c).learner.ctx.normalize == ((0.25,), (0.5,))
+
+
 def test_the_step_trains_on_the_augmented_batch():
   # Naive with an augmentation that mirrors every image: the same step as
   # a plain one on the mirrored batch.

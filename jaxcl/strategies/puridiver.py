@@ -110,7 +110,8 @@ Differences from the references, on purpose:
 * **Augmentation.** Mammoth's strong view is CIFAR's crop + flip +
   AutoAugment and it applies cutmix in the step too. Here the strong view
   is :func:`jaxcl.augment.random_crop` (``crop_padding``, by
-  default an eighth of the image side: CIFAR's 4 of 32), the weak view is
+  default an eighth of the image side: CIFAR's 4 of 32; on the pixels,
+  black padding, with ``dataset.normalize``), the weak view is
   the stored example itself, cutmix applies in buffer fitting only
   (warm-up and ``L`` batches; in a task-incremental stream with one head,
   whose logits are masked to each row's task, only between rows of one
@@ -152,7 +153,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks, mixture
-from jaxcl.augment import random_crop
+from jaxcl.augment import in_pixels, random_crop
 from jaxcl.models.classifier import l2_normalise
 from jaxcl.strategies._epochs import shuffled_batches
 from jaxcl.strategies._replay_memory import replay_sizer
@@ -359,8 +360,10 @@ def fit_buffer(ctx, key: jax.Array, params: Any, model_state: Any,
       optax.sgd(1.0, momentum=momentum or None, nesterov=momentum > 0))
   opt_state = tx.init(params)
 
-  def strong(k, x):
-    return random_crop(k, x, crop_padding) if images and crop_padding else x
+  # On the pixels (black padding) when the inputs are standardised.
+  strong = (in_pixels(lambda k, x: random_crop(k, x, crop_padding),
+                      ctx.normalize, ctx.info.input_shape, "puridiver")
+            if images and crop_padding else (lambda k, x: x))
 
   def mixed(k, x, ok, task):
     """``(x', perm, lam)``: cutmix with probability ``cutmix_prob``;
@@ -618,7 +621,9 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
     rows = buffers.gather(sstate.memory, idx, ok & (sstate.experience > 0))
     pad = padding(ctx)
     if pad:
-      rows["x"] = random_crop(k_a, rows["x"], pad)
+      crop = in_pixels(lambda k, x: random_crop(k, x, pad), ctx.normalize,
+                       ctx.info.input_shape, "puridiver")
+      rows["x"] = crop(k_a, rows["x"])
     return append_rows(batch, rows)
 
   def update_memory(ctx, sstate, info):

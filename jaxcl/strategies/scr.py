@@ -50,6 +50,10 @@ uses the run's optimiser (theirs: SGD, learning rate 0.1, stream batch
 (resized crop with scale ``(0.2, 1)``, flip, colour jitter, grayscale),
 by default as :func:`jaxcl.augment.default_ops` picks them for the input
 shape: all four for RGB images, the crop alone for single-channel ones.
+They run on the pixels (the reference's inputs in ``[0, 1]``): with
+``dataset.normalize`` the views are un-standardised, augmented and
+standardised again (:func:`jaxcl.augment.in_pixels`), so the jitter's
+clipping to ``[0, 1]`` acts on pixels, not standardised values.
 
 Deviations, on purpose: incoming rows train from the stream's first step
 (the reference skips a step while its memory is empty, i.e. the stream's
@@ -237,7 +241,8 @@ def scr(mem_size: int = 200, batch_size: int = 100,
       ops = (augment_lib.default_ops(shape) if augment == "auto" else
              () if augment == "none" else augment)
       augmenters[ctx] = augment_lib.pipeline(
-          ops, shape, crop_scale=crop_scale, who="scr: augment")
+          ops, shape, crop_scale=crop_scale, normalize=ctx.normalize,
+          who="scr: augment")
     return augmenters[ctx]
 
   def init(ctx, key, params):
