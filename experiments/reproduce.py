@@ -90,6 +90,12 @@ class Entry:
       variant argument of the same config module whose run (seed 0) gives
       the backbone; its final params are saved once and passed to the entry
       as ``pretrained=<file>``.
+    metric: what the row's accuracy column reports (:data:`METRICS`):
+      ``acc``, the final accuracy averaged over the test sets (the
+      default), or the average incremental accuracy, or either pooled
+      over the test examples (``*_pooled``: LUCIR's and PyCIL's figures on
+      streams whose experiences differ in size); the table's title says
+      which. Computed from the stored matrices and test-set sizes.
   """
   table: str
   method: str
@@ -101,10 +107,40 @@ class Entry:
   scenario_per_seed: bool = False
   sequential: bool = False
   pretrain: str = ""
+  metric: str = "acc"
+
+  def __post_init__(self):
+    if self.metric not in METRICS:
+      raise ValueError(f"Entry {self.method!r}: metric must be one of "
+                       f"{list(METRICS)}, got {self.metric!r}")
 
   @property
   def id(self) -> str:
     return f"{self.config}__{_safe(self.arg)}"
+
+
+# The accuracy columns an entry may report (Entry.metric).
+METRICS = ("acc", "inc_acc", "acc_pooled", "inc_acc_pooled")
+
+
+def entry_metric(record: dict, metric: str):
+  """``(mean, se)`` of ``metric`` over a record's seeds, from its stored
+  matrices (and test-set sizes, for the pooled ones); ``record['acc']``
+  for ``acc``; None when the record lacks what it needs."""
+  if metric == "acc":
+    return record["acc"]
+  from jaxcl import metrics, sweep
+  sizes = record.get("test_sizes")
+  if "accuracy" not in record or (metric.endswith("_pooled") and
+                                  sizes is None):
+    return None
+  per_seed = []
+  for a in record["accuracy"]:
+    s = metrics.summary(np.asarray(a), sizes=sizes)
+    # Equal sizes: the pooled figures are the plain ones.
+    per_seed.append({metric: s.get(metric,
+                                   s[metric.replace("_pooled", "")])})
+  return sweep.summarise(per_seed)[metric]
 
 
 def _safe(s: str) -> str:
@@ -261,12 +297,14 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     print(f"{entry.id}: {why}; old run moved to {stale}", file=sys.stderr)
 
   earlier: list[float] = []  # resumed runs' seconds before this call
+  sizes: list = []  # the test sets' sizes, as the runs report them
 
   def train() -> tuple[np.ndarray, dict]:
     """``(seeds, T, E)`` accuracy matrices and the metrics' mean / se."""
     if not (entry.scenario_per_seed or entry.sequential):
       r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
       earlier.append(r.times["before"])
+      sizes[:] = r.result.test_sizes
       return r.accuracy, r.groups[0]
     accs = []
     for s in seeds:
@@ -279,6 +317,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
       r = sweep.sweep(c, seeds=[s],
                       workdir=os.path.join(workdir, f"seed_{s}"))
       earlier.append(r.times["before"])
+      sizes[:] = r.result.test_sizes
       accs.append(r.accuracy[0])
     # From the matrices alone, so that kept and new seeds count alike.
     return np.stack(accs), sweep.summarise([metrics.summary(a)
@@ -319,10 +358,18 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
       "commit": commit,
       "acc": g["acc"], "bwt": g.get("bwt"), "forgetting": g.get("forgetting"),
       "accuracy": acc.tolist(),
+      # Every seed kept from an earlier record: its sizes, if it has them.
+      "test_sizes": list(sizes) or (prev.get("test_sizes") if kept
+                                    else None),
       "over_time": [float(np.mean(acc[:, i, :i + 1])) if acc.shape[1] > 1
                     else float(np.mean(acc[:, i])) for i in
                     range(acc.shape[1])],
   }
+  if entry.metric.endswith("_pooled") and out["test_sizes"] and \
+      acc.shape[1] == acc.shape[2]:  # the curve the column's metric reads
+    out["over_time"] = np.mean(
+        [metrics.pooled_accuracy_over_time(a, out["test_sizes"])
+         for a in acc], axis=0).tolist()
   if any(math.isnan(x) for x in earlier) or (
       kept and prev.get("wall_time_partial")):
     out["wall_time_partial"] = True
@@ -444,9 +491,16 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       n_seeds = len(r.get("seeds", seeds))
       own = ("" if n_seeds == len(seeds) else
              f" ({n_seeds} seed{'s' * (n_seeds > 1)})")
-      acc = (_fmt(r["acc"]) if n_seeds > 1 else  # no error bar from 1 seed
-             f"{100 * r['acc'][0]:.2f}") + (" ‡" if e.scenario_per_seed
-                                             else "")
+      value = entry_metric(r, e.metric)
+      if value is None:
+        lines.append(f"| {e.method} | recorded without the test sets' "
+                     f"sizes that {e.metric} needs: rerun | "
+                     f"{_fmt(e.published)} | {e.source} | — | — | — | "
+                     f"{cfg} | — |")
+        continue
+      acc = (_fmt(value) if n_seeds > 1 else  # no error bar from 1 seed
+             f"{100 * value[0]:.2f}") + (" ‡" if e.scenario_per_seed
+                                         else "")
       # One seed: the value alone (its "standard error" would read 0).
       spread = (lambda v: _fmt(v, False) if n_seeds > 1 or v is None
                 else f"{v[0]:+.3f}")
@@ -463,7 +517,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
       ys = r.get("over_time")
       if ys:  # records imported from an older report have no curve
         ax.plot(range(1, len(ys) + 1), ys, marker="o", label=e.method)
-      if e.published is not None and r["acc"][0] < e.published - 0.015:
+      if e.published is not None and value[0] < e.published - 0.015:
         gaps.append(e)
     lines.append("")
     for e in gaps:

@@ -21,8 +21,11 @@ the old classes' cosine weights frozen and the new classes' imprinted
 from their mean features (``--imprint_weights``). Evaluation by the
 network's scores (``classifier=cnn``) or by the nearest mean of
 exemplars, the means over the exemplars and their mirror images
-(``classifier=nme``). Compare with their Table 1 / Figure 4 (CIFAR-100,
-"CNN" and "NME" accuracy).
+(``classifier=nme``). Compare the run's ``inc_acc_pooled`` (the mean over
+the steps of the accuracy on all the test examples of the classes seen,
+as their ``eval_cumul_acc.py`` computes it; ``inc_acc`` would weigh the
+first experience's 50 classes as one later experience's 10) with their
+Table 1 / Figure 4 (CIFAR-100, "CNN" and "NME" accuracy).
 
   jaxcl run --config experiments/split_cifar100_lucir.py
   jaxcl run --config experiments/split_cifar100_lucir.py:increment=5

@@ -627,6 +627,9 @@ class Result:
       its task were given (the Task-IL accuracy Mammoth reports beside
       Class-IL; NaN for an experience that ended before a resume from an
       older jaxcl's checkpoint); None on other streams.
+    test_sizes: the test sets' numbers of examples, the columns of
+      ``accuracy`` (the weights of the pooled accuracies,
+      :func:`jaxcl.metrics.pooled_accuracy`).
   """
   accuracy: np.ndarray
   random_accuracy: np.ndarray
@@ -637,6 +640,7 @@ class Result:
   curve: Curve | None = None
   confusion: np.ndarray | None = None
   task_accuracy: np.ndarray | None = None
+  test_sizes: tuple[int, ...] | None = None
 
 
 def map_runs(result: Result, f: Any) -> Result:
@@ -1295,10 +1299,13 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                if every_eval else None)
   run_conf, run_task = ends.get("confusion"), ends.get("task_accuracy")
   recency = _recency_classes(sc)
+  # Test sets of unequal size (scenario.first_classes) add the pooled
+  # accuracies, the ones LUCIR's and PyCIL's code report.
+  sizes = tuple(len(e.test_y) for e in sc.eval_experiences)
 
   def run_summary(m=None):
     pick = (lambda a: a) if m is None else (lambda a: a[m])
-    out = metrics.summary(pick(acc), pick(random_acc))
+    out = metrics.summary(pick(acc), pick(random_acc), sizes)
     if run_curve is not None:
       out.update(metrics.continual_summary(
           run_curve.step, run_curve.experience, pick(run_curve.accuracy)))
@@ -1327,7 +1334,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
   times = {"total": time.perf_counter() - t_start, "train": train_time,
            "eval": eval_time, "before": before}
   result = Result(acc, random_acc, summary, state, times, learner, run_curve,
-                  run_conf, run_task)
+                  run_conf, run_task, sizes)
   if members:  # the run directory shows the mean over the sweep's runs
     reporter.finish(dataclasses.replace(
         map_runs(result, lambda a: a.mean(0)),

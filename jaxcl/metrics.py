@@ -35,6 +35,21 @@ accuracy over the pooled test examples that iCaRL reports:
       \\sum_{j \\le i} R_{i, j}, \\qquad
   \\mathrm{LA} = \\frac{1}{T} \\sum_{j} R_{j, j}
 
+When the test sets differ in size (a first experience of 50 classes
+followed by experiences of 10: ``scenario.first_classes``) the mean over
+experiences weights a class of the small ones five times a class of the
+first. LUCIR's, PODNet's and PyCIL's code report instead the accuracy on
+the union of the test sets seen so far, each experience weighted by its
+``n_j`` test examples (:func:`pooled_accuracy`,
+:func:`pooled_incremental_accuracy`; Avalanche's stream accuracy too):
+
+.. math::
+
+  \\mathrm{ACC}_{pooled} = \\frac{\\sum_j n_j R_{T-1, j}}{\\sum_j n_j},
+  \\qquad
+  \\mathrm{IncACC}_{pooled} = \\frac{1}{T} \\sum_i
+      \\frac{\\sum_{j \\le i} n_j R_{i, j}}{\\sum_{j \\le i} n_j}
+
 **Continual evaluation** (``train.eval_every_steps``) also evaluates every
 test set inside the experiences, giving an accuracy *curve*: points
 ``k = 0..P-1`` at global steps ``s_k``, each with the experience ``e_k``
@@ -147,7 +162,8 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "windowed_forgetting", "windowed_plasticity",
            "continual_summary", "seen_accuracy",
            "Curve", "recency_bias", "exposed_anytime_accuracy",
-           "exposed_accuracy"]
+           "exposed_accuracy", "pooled_accuracy",
+           "pooled_accuracy_over_time", "pooled_incremental_accuracy"]
 
 
 def _square(r) -> np.ndarray:
@@ -174,6 +190,37 @@ def accuracy_over_time(r) -> np.ndarray:
 def average_incremental_accuracy(r) -> float:
   """The mean of :func:`accuracy_over_time` over the stream."""
   return float(np.mean(accuracy_over_time(r)))
+
+
+def _sizes(r, sizes) -> np.ndarray:
+  n = np.asarray(sizes, dtype=np.float64)
+  if n.shape != (r.shape[1],) or not np.all(n > 0):
+    raise ValueError(f"sizes must hold one positive test-set size per "
+                     f"column of the accuracy matrix ({r.shape[1]}), got "
+                     f"{np.asarray(sizes).tolist()}")
+  return n
+
+
+def pooled_accuracy(r, sizes) -> float:
+  """The accuracy over all the test examples after the last experience:
+  the last row weighted by the test sets' ``sizes``."""
+  r = np.asarray(r, dtype=np.float64)
+  n = _sizes(r, sizes)
+  return float(r[-1] @ n / n.sum())
+
+
+def pooled_accuracy_over_time(r, sizes) -> np.ndarray:
+  """After each experience ``i``: the accuracy over the test examples of
+  the experiences seen so far (``R[i, :i+1]`` weighted by ``sizes``)."""
+  r = _square(r)
+  n = _sizes(r, sizes)
+  return np.array([r[i, :i + 1] @ n[:i + 1] / n[:i + 1].sum()
+                   for i in range(len(r))])
+
+
+def pooled_incremental_accuracy(r, sizes) -> float:
+  """The mean of :func:`pooled_accuracy_over_time` over the stream."""
+  return float(np.mean(pooled_accuracy_over_time(r, sizes)))
 
 
 def learning_accuracy(r) -> float:
@@ -213,16 +260,25 @@ def forgetting(r) -> float:
                         for j in range(t - 1)]))
 
 
-def summary(r, random_acc=None) -> dict[str, float]:
-  """All metrics that the matrix's shape allows, as a flat dict."""
+def summary(r, random_acc=None, sizes=None) -> dict[str, float]:
+  """All metrics that the matrix's shape allows, as a flat dict.
+
+  ``sizes``: the test sets' sizes; when they differ, the pooled accuracies
+  are added too (``acc_pooled``; ``inc_acc_pooled`` for a square matrix).
+  """
   r = np.asarray(r, dtype=np.float64)
   out = {"acc": average_accuracy(r)}
+  pooled = sizes is not None and len(set(np.asarray(sizes).tolist())) > 1
+  if pooled:
+    out["acc_pooled"] = pooled_accuracy(r, sizes)
   if r.shape[0] == r.shape[1]:
     out["bwt"] = backward_transfer(r)
     out["forgetting"] = forgetting(r)
     if random_acc is not None:
       out["fwt"] = forward_transfer(r, random_acc)
     out["inc_acc"] = average_incremental_accuracy(r)
+    if pooled:
+      out["inc_acc_pooled"] = pooled_incremental_accuracy(r, sizes)
     out["learning_acc"] = learning_accuracy(r)
   return out
 

@@ -8,7 +8,8 @@ A run directory holds:
 * ``metrics.csv``: one row per experience (accuracy on every test set and
   the average over the experiences seen so far);
 * ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
-  metrics (and, on a class-incremental stream, ``task_accuracy``: the
+  metrics, the test sets' sizes (``test_sizes``, the pooled accuracies'
+  weights) (and, on a class-incremental stream, ``task_accuracy``: the
   matrix with each test set's predictions restricted to its own classes)
   and ``evaluated_on``: ``test``, or ``validation`` when
   ``config.dataset.validation`` replaced the test sets by held-out
@@ -367,6 +368,10 @@ class Reporter(NullReporter):
                  "random_accuracy": np.asarray(
                      result.random_accuracy).tolist(),
                  **task_accuracy_json(result),
+                 # The pooled accuracies' weights (a result of one's own
+                 # may predate them).
+                 **({"test_sizes": list(result.test_sizes)}
+                    if getattr(result, "test_sizes", None) else {}),
                  "metrics": result.metrics, "times": result.times}, f,
                 indent=2)
     with open(os.path.join(self.workdir, "metrics.csv"), "w",

@@ -47,6 +47,12 @@ def test_default_run_writes_outputs(tmp_path):
   acc = json.load(open(run / "accuracy_matrix.json"))
   assert len(acc["accuracy"]) == 5 and len(acc["accuracy"][0]) == 5
   assert acc["evaluated_on"] == "test" and "mean_of_runs" not in acc
+  # Split Digits' test sets differ by a row or two: their sizes, and the
+  # accuracy over the pooled test examples they weight.
+  n = acc["test_sizes"]
+  assert len(n) == 5 and sum(n) == 450 and len(set(n)) > 1
+  assert acc["metrics"]["acc_pooled"] == pytest.approx(
+      np.dot(acc["accuracy"][-1], n) / sum(n))
   lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
   assert sum("experience" in l for l in lines) == 5
   assert json.load(open(run / "config.json"))["dataset"]["name"] == "digits"

@@ -18,7 +18,7 @@ import pytest
 
 import jaxcl
 from conftest import np_log_softmax
-from jaxcl import datasets, experiment, scenarios
+from jaxcl import datasets, experiment, metrics, scenarios
 from jaxcl.configs import default as default_module
 from jaxcl.strategy import Strategy
 from test_train import quick_config, with_overrides
@@ -672,6 +672,14 @@ def test_a_larger_first_experience_runs_through_the_config():
   np.testing.assert_array_equal(
       np.bincount(np.asarray(mem.y)[np.asarray(mem.valid)], minlength=10),
       [4] * 10)
+  # The first test set is about twice the others: the summary adds the
+  # accuracy over the pooled test examples, as LUCIR's code reports it.
+  n = [len(e.test_y) for e in s.scenario.experiences]
+  assert n[0] > 1.8 * n[1]
+  assert r.metrics["acc_pooled"] == pytest.approx(
+      float(r.accuracy[-1] @ n / sum(n)))
+  assert r.metrics["inc_acc_pooled"] == pytest.approx(
+      metrics.pooled_incremental_accuracy(r.accuracy, n))
   # Read by split streams only.
   c.scenario.type = "permuted"
   with pytest.raises(ValueError, match=r"scenario.first_classes=4 is read "

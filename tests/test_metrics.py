@@ -79,6 +79,36 @@ def test_learning_accuracy_is_the_diagonal_mean():
     metrics.learning_accuracy(np.ones((1, 3)))
 
 
+def test_pooled_accuracies_weight_each_test_set_by_its_examples():
+  # A first experience of 500 test examples, then two of 100 (LUCIR's B50
+  # Inc10 in miniature): the accuracy on the union of the test sets seen,
+  # by hand, against the unweighted mean over experiences.
+  n = [500, 100, 100]
+  assert metrics.pooled_accuracy(R, n) == pytest.approx(
+      (0.5 * 500 + 0.7 * 100 + 0.95 * 100) / 700)
+  over = [0.9, (0.6 * 500 + 0.8 * 100) / 600,
+          (0.5 * 500 + 0.7 * 100 + 0.95 * 100) / 700]
+  np.testing.assert_allclose(metrics.pooled_accuracy_over_time(R, n), over)
+  assert metrics.pooled_incremental_accuracy(R, n) == pytest.approx(
+      np.mean(over))
+  assert metrics.pooled_accuracy(R, n) < metrics.average_accuracy(R) - 0.1
+  # Equal sizes: the plain means.
+  assert metrics.pooled_incremental_accuracy(R, [7, 7, 7]) == pytest.approx(
+      metrics.average_incremental_accuracy(R))
+  s = metrics.summary(R, B, sizes=n)
+  assert s["acc_pooled"] == metrics.pooled_accuracy(R, n)
+  assert s["inc_acc_pooled"] == metrics.pooled_incremental_accuracy(R, n)
+  # Only when the sizes differ; a joint row gets the pooled ACC alone.
+  assert "acc_pooled" not in metrics.summary(R, B, sizes=[7, 7, 7])
+  assert set(metrics.summary(np.array([[0.9, 0.8]]), sizes=[3, 1])) == {
+      "acc", "acc_pooled"}
+  for bad in ([500, 100], [500, 0, 100]):
+    with pytest.raises(ValueError, match=r"sizes must hold one positive "
+                       r"test-set size per column of the accuracy matrix "
+                       r"\(3\), got"):
+      metrics.pooled_accuracy(R, bad)
+
+
 def test_summary_and_shapes():
   s = metrics.summary(R, B)
   # The same hand-computed values as the tests above.

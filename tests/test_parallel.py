@@ -146,11 +146,12 @@ def test_vmapped_seeds_gather_each_seeds_own_results_in_order():
     np.testing.assert_array_equal(res.confusion[i], single.confusion)
     np.testing.assert_allclose(res.task_accuracy[i], single.task_accuracy,
                                atol=1e-6)
-    want = metrics.summary(r.accuracy[i], res.random_accuracy[i])
+    sc = jaxcl.experiment.build_scenario(c)
+    sizes = [len(e.test_y) for e in sc.eval_experiences]
+    want = metrics.summary(r.accuracy[i], res.random_accuracy[i], sizes)
     want["task_acc"] = metrics.average_accuracy(res.task_accuracy[i])
     want["recency_bias"] = metrics.recency_bias(
-        res.confusion[i, -1],
-        *jaxcl.experiment._recency_classes(jaxcl.experiment.build_scenario(c)))
+        res.confusion[i, -1], *jaxcl.experiment._recency_classes(sc))
     assert set(r.metrics[i]) == set(want) and "fwt" in want
     for k, v in want.items():
       assert r.metrics[i][k] == pytest.approx(v, abs=1e-6), k

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -66,6 +67,10 @@ def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir,
   text = open(path).read()
   assert sorted(os.listdir(figs)) == pngs[:text.count("![")] != pngs
   assert os.path.getmtime(record) == mtime
+  # The record keeps the test sets' sizes, for the pooled accuracies: the
+  # smoke subset's five Split MNIST test sets (not all of one size).
+  sizes = json.load(open(record))["test_sizes"]
+  assert len(sizes) == 5 and all(n > 0 for n in sizes)
 
 
 def test_every_entry_names_a_buildable_config():
@@ -157,6 +162,48 @@ def test_gap_over_one_and_a_half_points_is_explained_or_flagged(tmp_path):
   assert ("* seeds per entry: 1 (0), except rows that name their own count "
           "(reused records run with more seeds or others); mean") \
       in open(path).read()
+
+
+def test_entry_metric_reads_the_pooled_incremental_accuracy(tmp_path):
+  # LUCIR's rows report the mean over the steps of the accuracy on every
+  # test example of the classes seen: computed from the record's matrices
+  # and test-set sizes (a 500-example first set, then two of 100), by
+  # hand here, and used for the row and its gap check.
+  E = reproduce.Entry
+  e = E("T", "L", "split_mnist_baselines", "strategy=naive", 0.80, "X",
+        metric="inc_acc_pooled")
+  mats = [[[0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.5, 0.7, 0.95]],
+          [[0.7, 0.0, 0.1], [0.6, 0.6, 0.2], [0.4, 0.5, 0.9]]]
+  sizes = [500, 100, 100]
+
+  def pooled_inc(m):
+    m = np.asarray(m)
+    return np.mean([m[i, :i + 1] @ sizes[:i + 1] / sum(sizes[:i + 1])
+                    for i in range(3)])
+
+  want = [pooled_inc(m) for m in mats]
+  rec = {"acc": [0.74, 0.02], "wall_time": 1.0, "commit": "abc1234",
+         "over_time": [0.8, 0.7, 0.6], "seeds": [0, 1], "accuracy": mats,
+         "test_sizes": sizes}
+  mean, se = reproduce.entry_metric(rec, "inc_acc_pooled")
+  assert mean == pytest.approx(np.mean(want))
+  assert se == pytest.approx(np.std(want, ddof=1) / np.sqrt(2))
+  assert reproduce.entry_metric(rec, "acc") == [0.74, 0.02]
+  text = open(reproduce.write_report({e.id: rec}, [e], str(tmp_path),
+                                     [0, 1], False, 0.0)).read()
+  assert f"| L | {100 * mean:.2f} ± {100 * se:.2f} |" in text
+  assert "**L** is more than 1.5 points below X" in text  # 0.71 < 0.785
+  # A record without the sizes cannot give it, and says so.
+  old = {k: v for k, v in rec.items() if k != "test_sizes"}
+  assert reproduce.entry_metric(old, "inc_acc_pooled") is None
+  text = open(reproduce.write_report({e.id: old}, [e], str(tmp_path / "o"),
+                                     [0, 1], False, 0.0)).read()
+  assert ("| L | recorded without the test sets' sizes that inc_acc_pooled "
+          "needs: rerun |") in text
+  with pytest.raises(ValueError, match=r"Entry 'L': metric must be one of "
+                     r"\['acc', 'inc_acc', 'acc_pooled', 'inc_acc_pooled'\]"
+                     r", got 'top5'"):
+    E("T", "L", "split_mnist_baselines", "strategy=naive", metric="top5")
 
 
 def test_entry_without_its_data_is_listed_as_not_run(tmp_path, data_dir):
@@ -476,8 +523,9 @@ def test_only_keeps_larger_records_and_the_whole_report(tmp_path, data_dir):
 class _FakeSweep:
   """Stands in for ``jaxcl.sweep.sweep`` in run_entry (no training): records
   each call's seeds, scenario seed and run directory, creates the directory
-  as a run would, and returns for seed ``s`` the made-up matrix ``_acc(s)``;
-  ``before`` maps a seed to the seconds its earlier invocations took."""
+  as a run would, and returns for seed ``s`` the made-up matrix ``_acc(s)``
+  (test sets of :data:`_SIZES` examples); ``before`` maps a seed to the
+  seconds its earlier invocations took."""
 
   def __init__(self, before=None):
     self.calls, self.before = [], before or {}
@@ -491,7 +539,11 @@ class _FakeSweep:
                "forgetting": (0.3, 0.02)}]
     return sweep.SweepResult(
         members=[], accuracy=acc, metrics=[], groups=groups,
-        times={"before": self.before.get(seeds[0], 0.0)}, result=None)
+        times={"before": self.before.get(seeds[0], 0.0)},
+        result=types.SimpleNamespace(test_sizes=_SIZES))
+
+
+_SIZES = (50, 10, 12)
 
 
 def _acc(seed: int) -> np.ndarray:
@@ -518,6 +570,7 @@ def test_sweep_entry_runs_its_seeds_and_stores_the_sweep_summary(
   assert [c[0] for c in fake.calls] == [[0, 1, 2]]
   assert fake.calls[0][2] == str(tmp_path / "w")
   assert r["seeds"] == [0, 1, 2]
+  assert r["test_sizes"] == list(_SIZES)  # as the runs reported them
   assert list(r["acc"]) == [0.5, 0.1] and list(r["bwt"]) == [-0.2, 0.01]
   assert list(r["forgetting"]) == [0.3, 0.02]
   np.testing.assert_allclose(r["accuracy"], [_acc(s) for s in range(3)])
@@ -541,6 +594,15 @@ def test_sweep_entry_runs_its_seeds_and_stores_the_sweep_summary(
       "skipped": "the stored result has seeds [0, 1, 2], not all of "
                  "[0, 1, 2, 3] (--any_seeds reports it)"}
   assert len(fake.calls) == 1
+  # An entry that reports a pooled accuracy plots its pooled curve: the
+  # test sets weighted by their sizes.
+  p = dataclasses.replace(e, metric="inc_acc_pooled")
+  r = reproduce.run_entry(p, [0, 1], str(tmp_path / "p"), data_dir,
+                          smoke=True, record=str(tmp_path / "p.json"))
+  n = np.asarray(_SIZES, float)
+  curve = [np.mean([_acc(s)[i][:i + 1] @ n[:i + 1] / n[:i + 1].sum()
+                    for s in range(2)]) for i in range(3)]
+  np.testing.assert_allclose(r["over_time"], curve, atol=1e-12)
 
 
 def test_sequential_entry_keeps_only_the_asked_seeds_of_its_record(
