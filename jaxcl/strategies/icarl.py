@@ -47,7 +47,12 @@ Rebuffi et al. (2017) keep a fixed total memory of ``K`` exemplars, and
   and older classes keep their first ``m`` (herding order is stored with
   each exemplar as ``rank``, so reducing a set is a comparison). With
   ``per_class`` the memory grows instead: ``m`` is fixed and every class
-  keeps that many (LUCIR's and FACIL's "grow" memories).
+  keeps that many (LUCIR's and FACIL's "grow" memories). The authors'
+  code (and LUCIR's, which copies it) writes the same choice as
+  ``w ← w + μ - φ(p_k)``, ``p_{k+1} = argmax_x ⟨w, φ(x)⟩``: with unit
+  features the argmax is this argmin, but it may pick an exemplar again,
+  which then adds no exemplar while ``w`` still moves; here each pick is
+  a new one (the paper's "without repetition", FACIL's choice).
 
 Training batches are the stream's batch plus ``batch_size`` exemplars
 drawn uniformly from memory (the exemplars are mixed into every step

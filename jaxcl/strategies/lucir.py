@@ -41,9 +41,9 @@ as the last experience left it (evaluation mode, no augmentation), scaled
 to the mean norm of the old classes' weights:
 
 .. math::
-   w_c = \frac{\bar\mu_c}{\lVert\bar\mu_c\rVert}\cdot
-         \frac{1}{|C_o|}\sum_{o \in C_o}\lVert w_o\rVert, \qquad
-   \bar\mu_c = \frac{1}{n_c}\sum_{y_i = c} \bar f(x_i).
+   w_c = \\frac{\\bar\\mu_c}{\\lVert\\bar\\mu_c\\rVert}\\cdot
+         \\frac{1}{|C_o|}\\sum_{o \\in C_o}\\lVert w_o\\rVert, \\qquad
+   \\bar\\mu_c = \\frac{1}{n_c}\\sum_{y_i = c} \\bar f(x_i).
 
 **Classifier** (``classifier``): the network's scaled cosines over the
 classes seen (``'cnn'``, the paper's "CNN" rows), or the nearest mean of
