@@ -493,8 +493,8 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
              f" ({n_seeds} seed{'s' * (n_seeds > 1)})")
       value = entry_metric(r, e.metric)
       if value is None:
-        lines.append(f"| {e.method} | recorded without the test sets' "
-                     f"sizes that {e.metric} needs: rerun | "
+        lines.append(f"| {e.method} | recorded without the matrices and "
+                     f"test-set sizes {e.metric} needs: rerun | "
                      f"{_fmt(e.published)} | {e.source} | — | — | — | "
                      f"{cfg} | — |")
         continue

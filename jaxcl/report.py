@@ -8,10 +8,10 @@ A run directory holds:
 * ``metrics.csv``: one row per experience (accuracy on every test set and
   the average over the experiences seen so far);
 * ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
-  metrics, the test sets' sizes (``test_sizes``, the pooled accuracies'
-  weights) (and, on a class-incremental stream, ``task_accuracy``: the
-  matrix with each test set's predictions restricted to its own classes)
-  and ``evaluated_on``: ``test``, or ``validation`` when
+  metrics, ``test_sizes`` (the test sets' sizes, the pooled accuracies'
+  weights), on a class-incremental stream ``task_accuracy`` (the matrix
+  with each test set's predictions restricted to its own classes), and
+  ``evaluated_on``: ``test``, or ``validation`` when
   ``config.dataset.validation`` replaced the test sets by held-out
   training data. A sweep's directory holds the mean over all its runs
   (``mean_of_runs``: their number); each run's results are in

@@ -198,8 +198,8 @@ def test_entry_metric_reads_the_pooled_incremental_accuracy(tmp_path):
   assert reproduce.entry_metric(old, "inc_acc_pooled") is None
   text = open(reproduce.write_report({e.id: old}, [e], str(tmp_path / "o"),
                                      [0, 1], False, 0.0)).read()
-  assert ("| L | recorded without the test sets' sizes that inc_acc_pooled "
-          "needs: rerun |") in text
+  assert ("| L | recorded without the matrices and test-set sizes "
+          "inc_acc_pooled needs: rerun |") in text
   with pytest.raises(ValueError, match=r"Entry 'L': metric must be one of "
                      r"\['acc', 'inc_acc', 'acc_pooled', 'inc_acc_pooled'\]"
                      r", got 'top5'"):

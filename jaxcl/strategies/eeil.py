@@ -22,15 +22,16 @@ classes. When an experience ends (from the second on), the network is
 fine-tuned for a few epochs at a small learning rate on a *balanced*
 subset: the memory's exemplars of the old classes and, for each new
 class, as many of its training examples (drawn at random) as an old class
-has exemplars (``per_class`` of them when the memory grows). Because that subset is small, "a temporary distillation
-loss for the new classes" is added: their targets are the outputs of the
-model as it was before the fine-tuning, the old classes' still those of
-the previous experience's model. Then the memory is updated: herding
-(iCaRL's Algorithm 4, :func:`jaxcl.strategies.icarl.select_exemplars`)
-picks ``K / |seen|`` exemplars per class (or a fixed ``per_class``) with
-the fine-tuned network,
-which becomes the next experience's teacher. Prediction is the network's
-own output over the classes seen so far (no nearest-mean classifier).
+has exemplars (``per_class`` of them when the memory grows). Because that
+subset is small, "a temporary distillation loss for the new classes" is
+added: their targets are the outputs of the model as it was before the
+fine-tuning, the old classes' still those of the previous experience's
+model. Then the memory is updated: herding (iCaRL's Algorithm 4,
+:func:`jaxcl.strategies.icarl.select_exemplars`) picks ``K / |seen|``
+exemplars per class (or a fixed ``per_class``) with the fine-tuned
+network, which becomes the next experience's teacher. Prediction is the
+network's own output over the classes seen so far (no nearest-mean
+classifier).
 
 Implementation notes, against FACIL's ``eeil.py`` (Masana et al. 2022):
 

@@ -67,10 +67,10 @@ head covers all classes; the classes not seen yet are masked out of the
 cross-entropy and the prediction (FACIL adds a head per experience).
 FACIL does not imprint (``imprint=False``, the default here too) and has
 no NME. Not done: the authors' class-balanced finetuning (their ImageNet
-``cbf_`` scripts). The authors and FACIL
-remove the last ReLU of their ResNets, so the cosine head reads signed
-features: set ``model.last_relu=False`` (resnet18, resnet32); the MLP
-keeps its ReLU here.
+``cbf_`` scripts). The authors and FACIL remove the last ReLU of their
+ResNets, so the cosine head reads signed features: set
+``model.last_relu=False`` (resnet18, resnet32); the MLP keeps its ReLU
+here.
 
 References:
   Hou, Pan, Loy, Wang & Lin, `Learning a unified classifier incrementally

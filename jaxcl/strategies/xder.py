@@ -89,10 +89,9 @@ from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy, cross_entropy_over
 from jaxcl.strategies._class_incremental import (mark_class_experience,
                                                  require_class_stream)
-from jaxcl.strategies.icarl import require_per_class
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import logit_mse, logit_width, store_with_logits
-from jaxcl.strategies.icarl import features
+from jaxcl.strategies.icarl import features, require_per_class
 from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy
 from jaxcl.train import device_experience
