@@ -1134,7 +1134,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                                per_experience=per_experience,
                                runs=max(members, 1),
                                experience_classes=[e.classes
-                                                   for e in sc.experiences])
+                                                   for e in sc.experiences],
+                               test_sizes=[len(e.test_y)
+                                           for e in sc.eval_experiences])
   reporter = reporter or report.NullReporter()
 
   eval_time = 0.0

@@ -155,7 +155,8 @@ class Reporter(NullReporter):
   def __init__(self, workdir: str, config: Any, progress: bool | None = None,
                resume_step: int | None = None, runs: int = 1,
                per_experience: bool | None = None,
-               experience_classes: Sequence[Sequence[int]] = ()):
+               experience_classes: Sequence[Sequence[int]] = (),
+               test_sizes: Sequence[int] = ()):
     """``resume_step``: the global step of the checkpoint a resumed run
     starts from. The logs keep what came up to it, and drop what the
     killed invocation logged after it, which the resumed run logs again.
@@ -165,9 +166,14 @@ class Reporter(NullReporter):
     them all; None (a reporter built by hand) guesses from the final
     matrix: a single row is Joint's. ``experience_classes``: each
     training experience's classes, for the confusion matrix's file and
-    plot."""
+    plot. ``test_sizes``: the test sets' sizes; when they differ, each
+    experience's record also holds ``pooled_accuracy_seen``, the accuracy
+    over the test examples of the experiences seen (LUCIR's and PyCIL's
+    per-step figure)."""
     self.workdir = workdir
     self._classes = [list(c) for c in experience_classes]
+    self._sizes = (np.asarray(test_sizes, np.float64)
+                   if len(set(test_sizes)) > 1 else None)
     self._task: tuple[int, list[float]] | None = None  # task_accuracy()
     self._hook: tuple[int, float] | None = None  # after_experience()
     self._exposed: float | None = None  # curve_exposed()
@@ -271,6 +277,10 @@ class Reporter(NullReporter):
     avg = float(np.mean(self._seen(index, row)))
     record = {"step": step, "experience": index, "accuracy": row,
               "average_accuracy_seen": avg}
+    if self._sizes is not None and self._per_experience is not False:
+      n = self._sizes[:index + 1]
+      record["pooled_accuracy_seen"] = float(
+          np.dot(row[:index + 1], n) / n.sum())
     hook = self._given_for(index, "_hook")
     if hook is not None:
       record["after_experience_seconds"] = hook
@@ -281,6 +291,9 @@ class Reporter(NullReporter):
     self._log(record)
     if self._tb is not None:
       self._tb.add_scalar("eval/average_accuracy_seen", avg, index)
+      if "pooled_accuracy_seen" in record:
+        self._tb.add_scalar("eval/pooled_accuracy_seen",
+                            record["pooled_accuracy_seen"], index)
       for j, v in enumerate(row):
         self._tb.add_scalar(f"eval/accuracy_exp{j}", v, index)
       if task is not None:

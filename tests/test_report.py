@@ -324,6 +324,28 @@ def test_the_strategys_own_work_after_an_experience_is_timed(tmp_path,
       2.54, 0.2, None]
 
 
+def test_unequal_test_sets_log_the_pooled_accuracy_seen(tmp_path):
+  """A first test set of 50 examples, then two of 10 (a larger first
+  experience): each record also holds the accuracy over the test examples
+  of the experiences seen; test sets of one size do not need it."""
+  r = report.Reporter(str(tmp_path / "a"), {}, per_experience=True,
+                      test_sizes=[50, 10, 10])
+  for i, row in enumerate([[0.9, 0.0, 0.0], [0.8, 0.5, 0.0],
+                           [0.6, 0.5, 1.0]]):
+    r.experience(i, np.array(row), step=10 * (i + 1))
+  records = _finish_and_read(r, 3)
+  np.testing.assert_allclose(
+      [rec["pooled_accuracy_seen"] for rec in records[:3]],
+      [0.9, (0.8 * 50 + 0.5 * 10) / 60, (0.6 * 50 + 0.5 * 10 + 10) / 70])
+  np.testing.assert_allclose(records[1]["average_accuracy_seen"], 0.65)
+  r = report.Reporter(str(tmp_path / "b"), {}, per_experience=True,
+                      test_sizes=[10, 10, 10])
+  for i in range(3):
+    r.experience(i, np.array([0.5, 0.5, 0.5]), step=i)
+  assert not any("pooled_accuracy_seen" in rec
+                 for rec in _finish_and_read(r, 3))
+
+
 def test_a_run_logs_its_strategys_time_after_each_experience(tmp_path):
   import jaxcl
   from test_train import quick_config
