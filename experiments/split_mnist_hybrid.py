@@ -79,7 +79,9 @@ Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
 ``finetune`` (EEIL's balanced fine-tuning epochs), ``consolidate``
-(DMC's student epochs), ``init`` (``model.init``: lecun_normal | torch),
+(DMC's student epochs), ``imprint`` and ``classifier`` (LUCIR's weight
+imprinting; ``cnn`` | ``nme``), ``bce`` (iCaRL's BCE over the classes
+``seen`` or ``all`` outputs), ``init`` (``model.init``: lecun_normal | torch),
 ``quick`` (2000 training / 1000 test examples, for tests). Measured results: see
 docs/notes_hybrid.md.
 """
@@ -104,7 +106,7 @@ def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", mem_size=200, kind="class",
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
                 init="lecun_normal", rectify=True, finetune=30, consolidate=10,
-                quick=False)
+                imprint=False, classifier="cnn", bce="seen", quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -138,6 +140,8 @@ def get_config(arg=None):
     c.strategy.agem_r = dict(mem_size=m, sample_size=min(m, 256))
   elif s == "icarl":
     c.strategy.icarl = dict(mem_size=m, batch_size=10)
+    if a["bce"] != "seen":  # (the rows run before it keep their config)
+      c.strategy.icarl.bce_classes = a["bce"]
   elif s == "replay":
     c.strategy.replay = dict(mem_size=m, batch_size=10)
   elif s == "bic":
@@ -163,6 +167,10 @@ def get_config(arg=None):
   elif s == "lucir":
     c.model.head = "cosine"
     c.strategy.lucir = dict(mem_size=m, batch_size=10)
+    if a["imprint"]:
+      c.strategy.lucir.imprint = True
+    if a["classifier"] != "cnn":
+      c.strategy.lucir.classifier = a["classifier"]
   elif s == "ar1":
     c.strategy.ar1 = dict(AR1)
   elif s == "ar1_star":

@@ -1414,6 +1414,17 @@ def test_hybrid_configs_build(data_dir):
       assert c.strategy.name == s and c.scenario.n_experiences == 3
   with pytest.raises(ValueError, match="unknown strategy"):
     split_mnist_hybrid.get_config("strategy=nope")
+  # The authors' options reach LUCIR and iCaRL; left at their defaults,
+  # the rows run before them keep their configs.
+  lu = split_mnist_hybrid.get_config(
+      "strategy=lucir,imprint=True,classifier=nme").strategy.lucir
+  assert (lu.imprint, lu.classifier) == (True, "nme")
+  assert split_mnist_hybrid.get_config(
+      "strategy=icarl,bce=all").strategy.icarl.bce_classes == "all"
+  assert set(split_mnist_hybrid.get_config("strategy=lucir").strategy.lucir
+             ) == {"mem_size", "batch_size"}
+  assert set(split_mnist_hybrid.get_config("strategy=icarl").strategy.icarl
+             ) == {"mem_size", "batch_size"}
   with pytest.raises(ValueError, match="unknown protocol"):
     permuted_mnist_hybrid.get_config("protocol=nope")
 
