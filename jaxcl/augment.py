@@ -68,7 +68,7 @@ from jaxcl import datasets
 __all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
            "horizontal_flip", "color_jitter",
            "random_grayscale", "default_ops", "check_ops", "pipeline",
-           "in_pixels"]
+           "in_pixels", "pixel_maps"]
 
 OPS = ("pad_crop", "crop", "flip", "jitter", "gray")
 # SCR's kornia pipeline (and default_ops' set for RGB images).
@@ -363,20 +363,23 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
   return on_pixels if steps else (lambda key, x: x)
 
 
-def in_pixels(step: Augment, normalize: Sequence, input_shape: Sequence[int],
-              who: str = "augment") -> Augment:
-  """``step`` run on the pixels of inputs standardised by ``normalize``
+def pixel_maps(normalize: Sequence, input_shape: Sequence[int],
+               who: str = "augment"
+               ) -> tuple[Callable[[jax.Array], jax.Array],
+                          Callable[[jax.Array], jax.Array]]:
+  """``(to_pixels, to_inputs)`` for inputs standardised by ``normalize``
   ``(mean, std)`` (one value or one per channel; ``dataset.normalize``):
-  the standardisation undone, ``step`` applied, the result standardised
-  again, as torchvision's transforms run before its ``Normalize``.
-  ``step`` itself when ``normalize`` is ``()``.
+  ``x * std + mean`` and its inverse; both the identity when
+  ``normalize`` is ``()``. For a strategy's own work on pixels: an
+  augmentation, a generator that models pixels in ``[0, 1]``, auxiliary
+  images loaded unstandardised.
 
   Raises:
     ValueError: naming ``who``: a ``normalize`` that is not ``()`` or
       ``(mean, std)``, or whose values do not fit the channels.
   """
   if not normalize:
-    return step
+    return (lambda x: x), (lambda x: x)
   if len(normalize) != 2:
     raise ValueError(f"{who}: normalize must be () or (mean, std), got "
                      f"{tuple(normalize)!r}")
@@ -384,4 +387,20 @@ def in_pixels(step: Augment, normalize: Sequence, input_shape: Sequence[int],
     mean, std = datasets.standardisation(*normalize, tuple(input_shape))
   except datasets.DataError as e:
     raise ValueError(f"{who}: {e}") from None
-  return lambda key, x: (step(key, x * std + mean) - mean) / std
+  return (lambda x: x * std + mean), (lambda x: (x - mean) / std)
+
+
+def in_pixels(step: Augment, normalize: Sequence, input_shape: Sequence[int],
+              who: str = "augment") -> Augment:
+  """``step`` run on the pixels of inputs standardised by ``normalize``
+  (:func:`pixel_maps`): the standardisation undone, ``step`` applied, the
+  result standardised again, as torchvision's transforms run before its
+  ``Normalize``. ``step`` itself when ``normalize`` is ``()``.
+
+  Raises:
+    ValueError: as :func:`pixel_maps`.
+  """
+  to_pixels, to_inputs = pixel_maps(normalize, input_shape, who)
+  if not normalize:
+    return step
+  return lambda key, x: to_inputs(step(key, to_pixels(x)))

@@ -148,6 +148,75 @@ def test_strategies_own_augmentations_run_on_the_pixels():
   assert experiment.setup(c).learner.ctx.normalize == ((0.25,), (0.5,))
 
 
+def test_generators_and_auxiliary_images_work_on_the_pixels(digits,
+                                                           monkeypatch):
+  # Under dataset.normalize the VAE of generative replay learns the
+  # pixels (its Bernoulli decoder's range) and its samples reach the
+  # solvers standardised; DMC's auxiliary images, loaded as pixels, are
+  # standardised as the stream's inputs are. Each compared with the same
+  # work on a pixel stream.
+  from jaxcl import models
+  from jaxcl.models.vae import VAE
+  from jaxcl.state import StepInfo
+  from jaxcl.strategies.generative_replay import (generative_replay,
+                                                  replay_rows)
+  pix_map = augment.pixel_maps((0.25, 0.5), (8, 8, 1))
+  x = jnp.linspace(0.0, 1.0, 6)
+  np.testing.assert_allclose(pix_map[1](x), (x - 0.25) / 0.5)
+  np.testing.assert_allclose(pix_map[0](pix_map[1](x)), x, atol=1e-6)
+  assert augment.pixel_maps((), (8, 8, 1))[0](x) is x
+  sc = scenarios.split(digits, 5)
+  info = train.stream_info(sc, 8)
+  model = models.build("mlp", 10, widths=(8,))
+  tx = train.make_optimizer("sgd", 0.1)
+  plain = train.make_context(model, tx, info)
+  normed = train.make_context(model, tx, info, normalize=(0.25, 0.5))
+  s = generative_replay(batch_size=4, hidden=(16,), latent=4)
+  ss = train.init_state(plain, s, 0).strategy._replace(
+      experience=jnp.ones((), jnp.int32), seen=jnp.arange(10) < 2)
+  vae = VAE(tuple(info.input_shape), (16,), 4)
+  key = jax.random.PRNGKey(3)
+  rows = {name: replay_rows(ctx, vae, ss, key, 4, 1.0)["x"]
+          for name, ctx in (("plain", plain), ("normed", normed))}
+  np.testing.assert_allclose(rows["normed"], (rows["plain"] - 0.25) / 0.5,
+                             rtol=1e-5, atol=1e-5)
+  e = sc.experiences[0]
+  b = {"x": jnp.asarray(e.train_x[:12]), "y": jnp.asarray(e.train_y[:12]),
+       "task": jnp.asarray(e.train_task[:12]), "mask": jnp.ones((12,))}
+  std_b = dict(b, x=(b["x"] - 0.25) / 0.5)
+
+  def generator_after(ctx, batch):
+    out = s.after_step(ctx, ss, StepInfo(None, None, None, None, batch,
+                                         jnp.zeros(())))
+    return np.concatenate([np.ravel(a) for a in
+                           jax.tree.leaves(out.gen_params)])
+
+  want = generator_after(plain, b)
+  np.testing.assert_allclose(generator_after(normed, std_b), want,
+                             rtol=1e-4, atol=1e-6)
+  assert np.abs(generator_after(plain, std_b) - want).max() > 1e-4
+  # DMC: the auxiliary images its consolidation trains the student on.
+  seen_aux = []
+  real = dmc_lib.consolidate
+
+  def spy(ctx, key, targets, active, aux_x, **kw):
+    jax.debug.callback(lambda a: seen_aux.append(np.asarray(a)), aux_x)
+    return real(ctx, key, targets, active, aux_x, **kw)
+
+  monkeypatch.setattr(dmc_lib, "consolidate", spy)
+  for ctx in (plain, normed):
+    d = dmc_lib.dmc(aux_dataset="digits", aux_size=32, consolidate_epochs=1,
+                    consolidate_batch_size=16)
+    state = train.init_state(ctx, d, 0)
+    for exp in sc.experiences[:2]:
+      state = d.after_experience(ctx, d.before_experience(ctx, state, exp),
+                                 exp)
+  jax.effects_barrier()
+  assert len(seen_aux) == 2 and seen_aux[0].shape == (32, 8, 8, 1)
+  np.testing.assert_allclose(seen_aux[1], (seen_aux[0] - 0.25) / 0.5,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_the_step_trains_on_the_augmented_batch():
   # Naive with an augmentation that mirrors every image: the same step as
   # a plain one on the mirrored batch.

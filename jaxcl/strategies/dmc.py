@@ -31,7 +31,8 @@ The auxiliary data: ``aux_dataset`` (a :func:`jaxcl.datasets.load` name,
 read once from ``aux_data_dir`` or ``$JAXCL_DATA_DIR``; its training
 images, labels unused), e.g. Fashion-MNIST for MNIST streams, as the
 paper uses ImageNet32 for CIFAR-100. Its images must have the stream's
-shape and scale (both as loaded, in [0, 1]).
+shape; they are loaded as pixels in [0, 1] and standardised as the
+stream's inputs are when ``dataset.normalize`` is set.
 
 Implementation notes, against FACIL's ``dmc.py`` (Masana et al. 2022):
 FACIL centres the concatenated targets over the *batch* (``targets -=
@@ -66,6 +67,7 @@ import numpy as np
 import optax
 
 from jaxcl import checks, datasets
+from jaxcl.augment import pixel_maps
 from jaxcl.state import cross_entropy_over
 from jaxcl.strategies._class_incremental import (
     mark_new_classes, predict_seen, require_class_stream)
@@ -192,7 +194,12 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
           f"dmc: the auxiliary images of {aux_dataset!r} have shape "
           f"{aux['x'].shape[1:]}, the stream's {tuple(ctx.info.input_shape)};"
           " pick an aux_dataset of the stream's image size")
-    return aux["x"]
+    # Standardised as the stream's inputs are (dataset.normalize), once
+    # per standardisation.
+    if ctx.normalize not in aux:
+      _, to_inputs = pixel_maps(ctx.normalize, ctx.info.input_shape, "dmc")
+      aux[ctx.normalize] = to_inputs(aux["x"])
+    return aux[ctx.normalize]
 
   def init(ctx, key, params):
     info = ctx.info

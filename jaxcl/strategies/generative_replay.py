@@ -19,7 +19,10 @@ the replay term is :math:`T^2\\,\\mathrm{CE}(\\mathrm{softmax}(S_{t-1}/T),
 :class:`jaxcl.models.vae.VAE`, with its own Adam optimiser) takes one step
 per solver step on the same mix of current inputs and generated ones,
 weighted the same way. At ``t = 0`` there is nothing to replay and the
-replayed rows have weight 0.
+replayed rows have weight 0. The VAE's Bernoulli decoder models pixels in
+[0, 1]: with ``dataset.normalize`` it learns on the inputs turned back
+into pixels, and its samples are standardised before the solvers see
+them (:func:`jaxcl.augment.pixel_maps`).
 
 Mechanics: ``prepare_batch`` generates and labels the replayed rows and
 sets the rows' loss weights in ``mask`` so that they sum to 1 (the core
@@ -48,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import checks
+from jaxcl.augment import pixel_maps
 from jaxcl.models.vae import VAE, vae_loss
 from jaxcl.strategies.replay import append_rows
 from jaxcl.strategy import Strategy, mark_experience
@@ -75,13 +79,17 @@ def replay_rows(ctx, vae: VAE, sstate: DGRState, key: jax.Array, n: int,
                 temperature: float) -> dict[str, jax.Array]:
   """``n`` generated inputs labelled by the previous solver.
 
-  Returns ``x`` (samples of the previous generator), ``y`` (the previous
-  solver's argmax over the classes seen before), ``soft`` (its softmax at
-  ``temperature`` over those classes) and ``task`` (zeros).
+  Returns ``x`` (samples of the previous generator, standardised as the
+  stream's inputs are when ``dataset.normalize`` is set: the generator
+  models pixels in [0, 1]), ``y`` (the previous solver's argmax over the
+  classes seen before), ``soft`` (its softmax at ``temperature`` over
+  those classes) and ``task`` (zeros).
   """
+  _, to_inputs = pixel_maps(ctx.normalize, ctx.info.input_shape,
+                            "generative_replay")
   z = jax.random.normal(key, (n, vae.latent))
-  x = jax.nn.sigmoid(vae.apply({"params": sstate.prev_gen_params}, z,
-                               method=VAE.decode))
+  x = to_inputs(jax.nn.sigmoid(vae.apply({"params": sstate.prev_gen_params},
+                                         z, method=VAE.decode)))
   task = jnp.zeros((n,), jnp.int32)
   logits = ctx.logits(sstate.prev_params, sstate.prev_model_state, x, task)
   logits = jnp.where(sstate.seen, logits, _NEG)
@@ -195,8 +203,13 @@ def generative_replay(batch_size: int = 0, hidden: tuple = (400, 400),
     w = weights(sstate)
     key = jax.random.fold_in(sstate.key, sstate.gen_step)
 
+    # The VAE models pixels in [0, 1] (a Bernoulli decoder): standardised
+    # inputs (dataset.normalize) go back to pixels first.
+    to_pixels, _ = pixel_maps(ctx.normalize, ctx.info.input_shape,
+                              "generative_replay")
+
     def gen_loss(p):
-      x = jnp.concatenate([x_cur, x_rep])
+      x = to_pixels(jnp.concatenate([x_cur, x_rep]))
       recon, mu, logvar = vae.apply({"params": p}, x, key)
       per = vae_loss(recon, x, mu, logvar)
       cur = jnp.sum(per[:b] * m_cur) / jnp.maximum(jnp.sum(m_cur), 1)
