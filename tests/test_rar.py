@@ -178,6 +178,32 @@ def test_attack_stays_in_the_ball_and_moves_towards_the_target(stream,
   assert ce(xa, mem.y[idx]).mean() > ce(x, mem.y[idx]).mean()
 
 
+def test_attack_budget_and_clip_are_in_pixels_on_standardised_inputs(
+    stream):
+  """With dataset.normalize (here (0.25, 0.5)) the memory holds
+  standardised rows; the attack's budget and its (0, 1) clip are pixels',
+  so the attacked rows, turned back into pixels, stay within eps of the
+  memory's pixels and inside [0, 1], and the black background (below 0
+  once standardised) is not clipped up to the standardised 0."""
+  ctx, params, incoming, grads, mem = _attack_setup(stream)
+  normed = dataclasses.replace(ctx, normalize=(0.25, 0.5))
+  std = lambda a: (a - 0.25) / 0.5
+  mem = mem._replace(x=std(mem.x))
+  incoming = dict(incoming, x=std(incoming["x"]))
+  eps = 0.1
+  rows = jax.jit(functools.partial(
+      rar_mod.adversarial_rows, normed, n=8, opt_lr=0.5, epsilon=eps,
+      steps=5, decay=1.0, clip=(0.0, 1.0), attack="features"))(
+          params, {}, grads, mem, jax.random.PRNGKey(2), incoming)
+  idx, _ = buffers.sample(mem, jax.random.PRNGKey(2), 8)
+  pix = np.asarray(mem.x[idx]) * 0.5 + 0.25
+  got = np.asarray(rows["x"]) * 0.5 + 0.25
+  assert np.abs(got - pix).max() <= eps + 1e-5
+  assert np.abs(got - pix).max() > eps / 2           # it moved
+  assert got.min() >= -1e-6 and got.max() <= 1 + 1e-6
+  assert (got < 0.05).mean() > 0.2  # background pixels stay near black
+
+
 @pytest.mark.parametrize("attack", ["features", "label"])
 def test_adversarial_rows_attack_at_the_virtual_step_by_hand(stream, attack):
   """adversarial_rows against its steps written out: the draw, the

@@ -103,6 +103,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks
+from jaxcl.augment import pixel_maps
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import (after_grads, append_rows, incoming_rows,
@@ -204,8 +205,13 @@ def adversarial_rows(ctx, params, model_state, grads, mem: buffers.Memory,
       return optax.softmax_cross_entropy_with_integer_labels(
           logits.astype(jnp.float32), y_target)
 
-  x_adv = mi_fgsm(loss_fn, x, epsilon=epsilon, steps=steps, decay=decay,
-                  clip=clip)
+  # The budget and the clip are in pixels (dataset.normalize standardises
+  # the stored rows): the attack runs on them, the model on its inputs.
+  to_pixels, to_inputs = pixel_maps(ctx.normalize, ctx.info.input_shape,
+                                    "rar")
+  x_adv = to_inputs(mi_fgsm(lambda z: loss_fn(to_inputs(z)), to_pixels(x),
+                            epsilon=epsilon, steps=steps, decay=decay,
+                            clip=clip))
   return {"x": jax.lax.stop_gradient(x_adv), "y": y, "task": t,
           "mask": (ok & found).astype(jnp.float32)}
 
@@ -244,7 +250,9 @@ def rar(mem_size: int = 200, batch_size_mem: int = 0, opt_lr: float = 0.1,
     attack: ``'features'`` (match the target's features; authors' code) or
       ``'label'`` (cross-entropy towards the target's label; Avalanche).
     clip: the input range ``(lo, hi)`` the attacked inputs are clipped to
-      (``(0, 1)``: jaxcl's pixels), or None.
+      (``(0, 1)``: jaxcl's pixels), or None. The budget and the clip are
+      in pixels: with ``dataset.normalize`` the attack runs on the rows
+      turned back into pixels, and its result is standardised again.
 
   Raises:
     ValueError: a non-positive ``mem_size`` or ``opt_lr``; a negative or
