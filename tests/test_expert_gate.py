@@ -9,6 +9,7 @@ import pytest
 
 import jaxcl
 from jaxcl import models, scenarios, train
+from jaxcl.strategies import expert_gate as eg_mod
 from jaxcl.strategies.expert_gate import (GateAutoencoder, expert_gate, gate,
                                           reconstruction_errors, relatedness)
 
@@ -220,6 +221,49 @@ def test_autoencoder_is_trained_on_the_valid_rows_by_hand(stream):
       "none")))(p0)
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(g), jax.tree.leaves(gz))) * lr > 1e-4
+
+
+def test_autoencoders_read_pixels_on_standardised_inputs(stream,
+                                                          monkeypatch):
+  """With dataset.normalize (here (0.25, 0.5)), preprocess='none' hands
+  the autoencoders the pixels again, the sigmoid decoder's range: the
+  autoencoders, their relatedness and the gate's errors on standardised
+  inputs equal the plain run's on the pixels."""
+  sc = first(stream, 2)
+  std = lambda a: (np.asarray(a) - 0.25) / 0.5
+  std_sc = dataclasses.replace(sc, experiences=[
+      dataclasses.replace(e, inputs=scenarios.given(std(e.train_x),
+                                                     std(e.test_x)))
+      for e in sc.experiences])
+  plain = make_ctx(sc)
+  normed = dataclasses.replace(make_ctx(std_sc), normalize=(0.25, 0.5))
+  s = expert_gate(ae_latent=4, ae_epochs=1, ae_batch_size=64, ae_lr=0.05)
+
+  errors = []  # the gate's reconstruction errors, as predict computes them
+  monkeypatch.setattr(eg_mod, "gate", lambda errs, *a: (
+      errors.append(np.asarray(errs)), gate(errs, *a))[1])
+
+  def through(ctx, stream_):
+    state = train.init_state(ctx, s, 0)
+    for e in stream_.experiences:
+      state = s.after_experience(ctx, s.before_experience(ctx, state, e), e)
+    x = jnp.asarray(stream_.experiences[1].test_x[:20])
+    s.predict(ctx, state.strategy, state.params, state.model_state, x,
+              jnp.zeros((20,), jnp.int32))
+    return state.strategy
+
+  a, b = through(plain, sc), through(normed, std_sc)
+  for u, v in zip(jax.tree.leaves(a.ae), jax.tree.leaves(b.ae)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4,
+                               atol=1e-6)
+  np.testing.assert_allclose(np.asarray(a.relatedness),
+                             np.asarray(b.relatedness), rtol=1e-4)
+  assert len(errors) == 2
+  np.testing.assert_allclose(errors[1], errors[0], rtol=1e-4, atol=1e-6)
+  # Without the pixels, the autoencoders fit standardised values instead.
+  c_ = through(make_ctx(std_sc), std_sc)
+  assert max(float(np.abs(np.asarray(u) - np.asarray(v)).max()) for u, v in
+             zip(jax.tree.leaves(a.ae), jax.tree.leaves(c_.ae))) > 1e-3
 
 
 @pytest.mark.parametrize("threshold,lwf", [(-np.inf, True), (np.inf, False)])

@@ -17,12 +17,12 @@ trained by SGD with momentum and weight decay on the task's training data.
 The paper (and Avalanche) feed it the conv5 features of a fixed pretrained
 AlexNet, standardised and squashed by a sigmoid into the decoder's (0, 1)
 range; here ``z`` is the raw flattened input, with no backbone.
-``preprocess='none'`` (default) takes it as it is, for pixels already in
-[0, 1] (a sigmoid would squeeze them into [0.5, 0.73] and slow the
-autoencoder's SGD: on Split Digits, 10 autoencoder epochs, it cut routing
-accuracy from ~0.95 to ~0.78); ``'sigmoid'`` applies the paper's squashing, for standardised
-inputs (``dataset.normalize``), which the sigmoid decoder cannot reach
-otherwise.
+``preprocess='none'`` (default) takes the pixels, already in [0, 1] (with
+``dataset.normalize``, the inputs turned back into pixels, which the
+sigmoid decoder can reach); a sigmoid would squeeze them into
+[0.5, 0.73] and slow the autoencoder's SGD (on Split Digits, 10
+autoencoder epochs, it cut routing accuracy from ~0.95 to ~0.78).
+``'sigmoid'`` applies the paper's squashing to the inputs as given.
 
 **Gate** (eq. 1): with :math:`er_i` the error of autoencoder ``i`` on a test
 input,
@@ -97,7 +97,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -106,6 +106,7 @@ import numpy as np
 import optax
 
 from jaxcl import checks
+from jaxcl.augment import pixel_maps
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.lwf import distillation
 from jaxcl.strategy import Strategy, experience_classes
@@ -214,7 +215,7 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
       relatedness (eq. 2, at most 2) exceeds this; else fine-tune
       (``inf``: always fine-tune).
     lwf_alpha, lwf_temperature: LwF's distillation weight and temperature.
-    preprocess: ``'none'`` (inputs as they are: pixels in [0, 1]) or
+    preprocess: ``'none'`` (the pixels, in [0, 1]) or
       ``'sigmoid'`` (the paper's squashing of the features before the
       sigmoid decoder: for standardised inputs).
 
@@ -250,6 +251,13 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
         jnp.zeros((n, n), jnp.float32), jnp.full((n,), -1, jnp.int32),
         jnp.zeros((n,), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
 
+  def ae_view(ctx) -> Callable[[jax.Array], jax.Array]:
+    """The autoencoders' view of a batch: its pixels for ``'none'`` (the
+    standardisation undone), the inputs as given for ``'sigmoid'``."""
+    if preprocess != "none":
+      return lambda x: x
+    return pixel_maps(ctx.normalize, ctx.info.input_shape, "expert_gate")[0]
+
   def train_ae(ae: GateAutoencoder, key: jax.Array, x: jax.Array,
                valid: jax.Array) -> Any:
     """A fresh autoencoder trained on the valid rows of ``x``."""
@@ -283,13 +291,14 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
   def get_start(ctx):
     if ctx in cache:
       return cache[ctx]
-    ae = get_ae(ctx)
+    ae, view = get_ae(ctx), ae_view(ctx)
 
     @jax.jit
     def start(ss, params, model_state, x, valid, classes, i, key):
-      new_ae = train_ae(ae, key, x, valid)
+      new_ae = train_ae(ae, key, view(x), valid)
       ae_stack = jax.tree.map(lambda s, a: s.at[i].set(a), ss.ae, new_ae)
-      errs = mean_errors(ae, ae_stack, x, valid)  # (E,): Er_a; errs[i] = Er_k
+      # (E,): Er_a; errs[i] = Er_k
+      errs = mean_errors(ae, ae_stack, view(x), valid)
       prev = ss.expert_filled  # the previous experts (slot i is not yet one)
       rel = jnp.where(prev, relatedness(errs[i], errs), 0.0)
       src = jnp.argmax(jnp.where(prev, rel, -jnp.inf)).astype(jnp.int32)
@@ -350,7 +359,8 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
   def predict(ctx, sstate, params, model_state, x, task):
     ae = get_ae(ctx)
     own = ctx.logits(params, model_state, x, task)
-    errs = jax.vmap(lambda p: reconstruction_errors(ae, p, x, preprocess))(
+    xa = ae_view(ctx)(x)
+    errs = jax.vmap(lambda p: reconstruction_errors(ae, p, xa, preprocess))(
         sstate.ae)  # (E, B)
     _, choice = gate(errs, sstate.ae_filled, temperature)
     stacked = jax.vmap(lambda p, m: ctx.logits(p, m, x, task))(
