@@ -366,6 +366,33 @@ def test_hal_anchors_are_learned_against_the_memory_finetuned_network(
   assert float(jnp.abs(anchors(theta) - want).max()) > 1e-4
 
 
+def test_hal_anchors_start_from_random_pixels_standardised(stream,
+                                                           monkeypatch):
+  """With dataset.normalize (here (0.25, 0.5)) the anchors' uniform random
+  start is drawn in pixels and standardised, as the inputs are: the same
+  draw as a pixel run's, mapped."""
+  starts = []
+  learn = hal_mod.learn_anchors
+
+  def spy(c, p_t, p_m, ms, phi, y, t, e, *a):
+    jax.debug.callback(lambda v: starts.append(np.asarray(v)), e)
+    return learn(c, p_t, p_m, ms, phi, y, t, e, *a)
+
+  monkeypatch.setattr(hal_mod, "learn_anchors", spy)
+  e0 = stream.experiences[0]
+  for ctx in (make_ctx(stream),
+              dataclasses.replace(make_ctx(stream), normalize=(0.25, 0.5))):
+    s = hal(mem_size=B, anchor_steps=1, finetune_steps=1)
+    state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
+    state = jax.jit(lambda st, b: train.train_step(ctx, s, st, b)[0])(
+        state, batch_of(e0))
+    s.after_experience(ctx, state, e0)
+  jax.effects_barrier()
+  assert len(starts) == 2 and starts[0].min() >= 0 and starts[0].max() <= 1
+  np.testing.assert_allclose(starts[1], (starts[0] - 0.25) / 0.5,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_hal_anchor_slots(stream):
   """One slot per class (a class brought again replaces its anchor); in a
   domain-incremental stream one per class and experience."""

@@ -23,7 +23,7 @@ outputs after a plain replay step.
 
 An anchor for class :math:`c` of the experience just finished is learned
 by ``anchor_steps`` SGD steps (rate ``anchor_lr``) from a uniform random
-input, minimising (eq. 4 with the mean-embedding term)
+input (random pixels, standardised with ``dataset.normalize``), minimising (eq. 4 with the mean-embedding term)
 
 .. math::
    -\\,\\ell(f_{\\theta_M}(e), c) + \\ell(f_{\\theta_t}(e), c)
@@ -82,6 +82,7 @@ import numpy as np
 import optax
 
 from jaxcl import buffers, checks
+from jaxcl.augment import pixel_maps
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._class_incremental import append_exemplars
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
@@ -274,7 +275,11 @@ def hal(mem_size: int = 200, batch_size: int = 0, lam: float = 0.1,
 
     params_m = jax.lax.scan(finetune, params,
                             jax.random.split(k_ft, finetune_steps))[0]
-    e0 = jax.random.uniform(k_e, (y.shape[0],) + tuple(ctx.info.input_shape))
+    # Uniform random pixels, standardised as the inputs are (dataset.
+    # normalize).
+    _, to_inputs = pixel_maps(ctx.normalize, ctx.info.input_shape, "hal")
+    e0 = to_inputs(jax.random.uniform(
+        k_e, (y.shape[0],) + tuple(ctx.info.input_shape)))
     return learn_anchors(ctx, params, params_m, model_state, ss.phi, y, task,
                          e0, anchor_lr, gamma, anchor_steps)
 
