@@ -217,6 +217,41 @@ def test_generators_and_auxiliary_images_work_on_the_pixels(digits,
                              rtol=1e-5, atol=1e-5)
 
 
+def test_gdumb_crops_the_pixels_of_standardised_memories(digits,
+                                                         monkeypatch):
+  # GDumb's own crop (crop_padding) pads with black, as torchvision's: on
+  # standardised memories (dataset.normalize) it crops the pixels (in
+  # [0, 1] here, where the memory holds values down to -0.5), through the
+  # same wrapper as the pipeline's (augment.in_pixels).
+  from jaxcl import buffers, models
+  from jaxcl.strategies import gdumb as gdumb_mod
+  sc = scenarios.split(digits, 5)
+  info = train.stream_info(sc, 8)
+  model = models.build("mlp", 10, widths=(8,))
+  ctx = train.make_context(model, train.make_optimizer("sgd", 0.1), info,
+                           normalize=(0.25, 0.5))
+  e = sc.experiences[0]
+  mem = buffers.init(16, info.input_shape)
+  mem = mem._replace(x=(jnp.asarray(e.train_x[:16]) - 0.25) / 0.5,
+                     y=jnp.asarray(e.train_y[:16]),
+                     valid=jnp.ones((16,), bool))
+  assert float(mem.x.min()) == -0.5
+  cropped = []
+  real_crop = gdumb_mod.random_crop
+
+  def crop_spy(k, x, pad):
+    jax.debug.callback(lambda v: cropped.append(np.asarray(v)), x)
+    return real_crop(k, x, pad)
+
+  monkeypatch.setattr(gdumb_mod, "random_crop", crop_spy)
+  gdumb_mod.retrain(ctx, jax.random.PRNGKey(0), mem, epochs=1, batch_size=16,
+                    learning_rate=0.1, min_learning_rate=0.0, momentum=0.0,
+                    mask_logits=False, crop_padding=2)
+  jax.effects_barrier()
+  assert cropped
+  assert cropped[0].min() >= -1e-6 and cropped[0].max() <= 1 + 1e-6
+
+
 def test_the_step_trains_on_the_augmented_batch():
   # Naive with an augmentation that mirrors every image: the same step as
   # a plain one on the mirrored batch.

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import buffers, checks
-from jaxcl.augment import random_crop
+from jaxcl.augment import in_pixels, random_crop
 from jaxcl.state import cross_entropy
 from jaxcl.strategies._epochs import over_epochs
 from jaxcl.strategies.replay import class_balanced_step
@@ -99,7 +99,8 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
   ``schedule='cosine'``: one cosine decay over all steps; ``'sgdr'``:
   :func:`sgdr_epoch_lr`. ``clip > 0`` clips the gradient's global norm,
   ``weight_decay`` is added to the gradient before momentum (PyTorch's
-  SGD), ``crop_padding > 0`` augments each batch with :func:`random_crop`.
+  SGD), ``crop_padding > 0`` augments each batch with :func:`random_crop`
+  (on the pixels: a black border under ``dataset.normalize``).
   """
   k_init, k_epochs = jax.random.split(key)
   params, variables = init_variables(ctx, k_init)
@@ -126,12 +127,15 @@ def retrain(ctx, key: jax.Array, mem: buffers.Memory, *, epochs: int,
       optax.sgd(1.0, momentum=momentum or None))
   opt_state = tx.init(params)
   allowed = _class_mask(mem, ctx.info.num_classes)
+  # On the pixels (a black border) when the inputs are standardised.
+  crop = in_pixels(lambda k, x: random_crop(k, x, crop_padding),
+                   ctx.normalize, ctx.info.input_shape, "gdumb")
 
   def step(carry, idx, ok, k, e, j):
     params, model_state, opt_state = carry
     x = mem.x[idx]
     if crop_padding and x.ndim == 4:
-      x = random_crop(k, x, crop_padding)
+      x = crop(k, x)
     x = ctx.augmented(jax.random.fold_in(k, 1), x)
 
     def loss_fn(p):
