@@ -15,6 +15,21 @@ from jaxcl.strategies.dmc import consolidate, consolidation_targets, dmc
 from test_replay import B, batch_of, make_ctx
 
 
+def capture_aux_images(monkeypatch) -> list:
+  """The auxiliary images each consolidation trains on, appended to the
+  returned list as the consolidations run (``dmc.consolidate`` spied)."""
+  from jaxcl.strategies import dmc as dmc_mod
+  seen = []
+  real = dmc_mod.consolidate
+
+  def spy(ctx, key, targets, active, aux_x, **kw):
+    jax.debug.callback(lambda a: seen.append(np.asarray(a)), aux_x)
+    return real(ctx, key, targets, active, aux_x, **kw)
+
+  monkeypatch.setattr(dmc_mod, "consolidate", spy)
+  return seen
+
+
 def test_consolidation_targets_centre_each_teacher_over_its_classes():
   rng = np.random.default_rng(0)
   old_z, new_z = rng.normal(size=(2, 4, 6)) * 3
@@ -134,19 +149,11 @@ def test_dmc_resets_the_optimiser_and_uses_aux_size_random_images(
   experience's end. The consolidation sees ``aux_size`` distinct images
   of the auxiliary set, in a random order (not its first rows)."""
   from jaxcl import models
-  from jaxcl.strategies import dmc as dmc_mod
   info = train.stream_info(stream, B)
   ctx = train.make_context(models.build("mlp", stream.num_classes,
                                         widths=(32,)),
                            train.make_optimizer("momentum", 0.1), info)
-  seen = []
-  real = dmc_mod.consolidate
-
-  def spy(ctx, key, targets, active, aux_x, **kw):
-    jax.debug.callback(lambda a: seen.append(np.asarray(a)), aux_x)
-    return real(ctx, key, targets, active, aux_x, **kw)
-
-  monkeypatch.setattr(dmc_mod, "consolidate", spy)
+  seen = capture_aux_images(monkeypatch)
   s = dmc(aux_dataset="digits", aux_size=64, consolidate_epochs=1,
           consolidate_batch_size=32)
   e0, e1 = stream.experiences

@@ -196,14 +196,8 @@ def test_generators_and_auxiliary_images_work_on_the_pixels(digits,
                              rtol=1e-4, atol=1e-6)
   assert np.abs(generator_after(plain, std_b) - want).max() > 1e-4
   # DMC: the auxiliary images its consolidation trains the student on.
-  seen_aux = []
-  real = dmc_lib.consolidate
-
-  def spy(ctx, key, targets, active, aux_x, **kw):
-    jax.debug.callback(lambda a: seen_aux.append(np.asarray(a)), aux_x)
-    return real(ctx, key, targets, active, aux_x, **kw)
-
-  monkeypatch.setattr(dmc_lib, "consolidate", spy)
+  from test_dmc import capture_aux_images
+  seen_aux = capture_aux_images(monkeypatch)
   for ctx in (plain, normed):
     d = dmc_lib.dmc(aux_dataset="digits", aux_size=32, consolidate_epochs=1,
                     consolidate_batch_size=16)
