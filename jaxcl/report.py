@@ -6,7 +6,8 @@ A run directory holds:
 * ``metrics.jsonl``: one JSON record per logged event (training loss,
   the accuracy row after each experience, the final summary);
 * ``metrics.csv``: one row per experience (accuracy on every test set and
-  the average over the experiences seen so far);
+  the average over the experiences seen so far; with test sets of
+  unequal size, also the accuracy over their pooled examples);
 * ``accuracy_matrix.json``: the matrix, the random-init accuracies, the
   metrics, ``test_sizes`` (the test sets' sizes, the pooled accuracies'
   weights), on a class-incremental stream ``task_accuracy`` (the matrix
@@ -390,11 +391,18 @@ class Reporter(NullReporter):
     with open(os.path.join(self.workdir, "metrics.csv"), "w",
               newline="") as f:
       w = csv.writer(f)
+      # Test sets of unequal size: also the accuracy over their pooled
+      # examples (as metrics.jsonl logs it per experience).
+      pooled = (metrics.pooled_accuracy_over_time(acc, self._sizes)
+                if self._sizes is not None and self._per_experience
+                is not False and acc.shape[0] == acc.shape[1] else None)
       w.writerow(["experience"] + [f"acc_exp{j}" for j in range(acc.shape[1])]
-                 + ["average_accuracy_seen"])
+                 + ["average_accuracy_seen"]
+                 + ["pooled_accuracy_seen"] * (pooled is not None))
       for i, (row, seen) in enumerate(zip(acc, seen_average(
           acc, self._per_experience))):
-        w.writerow([i] + [f"{v:.6f}" for v in row] + [f"{seen:.6f}"])
+        w.writerow([i] + [f"{v:.6f}" for v in row] + [f"{seen:.6f}"]
+                   + ([] if pooled is None else [f"{pooled[i]:.6f}"]))
     curve = getattr(result, "curve", None)
     if curve is not None:
       seen = metrics.seen_accuracy(curve.experience, curve.accuracy,

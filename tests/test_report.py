@@ -344,6 +344,23 @@ def test_unequal_test_sets_log_the_pooled_accuracy_seen(tmp_path):
     r.experience(i, np.array([0.5, 0.5, 0.5]), step=i)
   assert not any("pooled_accuracy_seen" in rec
                  for rec in _finish_and_read(r, 3))
+  # metrics.csv: the same per experience, as a column.
+  acc = np.array([[0.9, 0.0, 0.0], [0.8, 0.5, 0.0], [0.6, 0.5, 1.0]])
+  r = report.Reporter(str(tmp_path / "c"), {}, per_experience=True,
+                      test_sizes=[50, 10, 10])
+  r.finish(type("R", (), {"accuracy": acc, "random_accuracy": np.zeros(3),
+                          "metrics": {}, "times": {}})())
+  with open(tmp_path / "c" / "metrics.csv") as f:
+    header, *rows = list(csv.reader(f))
+  assert header[-2:] == ["average_accuracy_seen", "pooled_accuracy_seen"]
+  np.testing.assert_allclose([float(row[-1]) for row in rows],
+                             [0.9, 45 / 60, 45 / 70], atol=1e-6)
+  r = report.Reporter(str(tmp_path / "d"), {}, per_experience=True,
+                      test_sizes=[10, 10, 10])
+  r.finish(type("R", (), {"accuracy": acc, "random_accuracy": np.zeros(3),
+                          "metrics": {}, "times": {}})())
+  with open(tmp_path / "d" / "metrics.csv") as f:
+    assert next(csv.reader(f))[-1] == "average_accuracy_seen"
 
 
 def test_a_run_logs_its_strategys_time_after_each_experience(tmp_path):
