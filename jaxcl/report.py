@@ -595,7 +595,9 @@ def format_table(accuracy: np.ndarray, summary: dict[str, float],
   for i, row in enumerate(acc):
     lines.append(f"{f'exp{i}':>12} " + " ".join(f"{v:6.3f}" for v in row))
   lines.append("")
-  lines += [f"{k:>12}: {v: .4f}" for k, v in summary.items()]
+  # Right-aligned names (12 wide, wider for a longer name: inc_acc_pooled).
+  width = max([12] + [len(k) for k in summary])
+  lines += [f"{k:>{width}}: {v: .4f}" for k, v in summary.items()]
   return "\n".join(lines)
 
 

@@ -202,6 +202,11 @@ def test_format_table():
       "         acc:  0.5625",
       "         bwt: -0.3750",
       "  forgetting:  0.3750"]
+  # A longer name widens the column, the colons still aligned.
+  table = report.format_table(np.array([[0.5]]), {
+      "acc": 0.5, "inc_acc_pooled": 0.25})
+  assert table.splitlines()[-2:] == ["           acc:  0.5000",
+                                     "inc_acc_pooled:  0.2500"]
 
 
 def test_evaluated_on_and_label_noise_note():
