@@ -17,18 +17,20 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcl import (augment, checks, datasets, metrics, models, scenarios,
-                   strategies)
+from jaxcl import (augment, checks, datasets, metrics, models, plateau,
+                   scenarios, strategies)
 from jaxcl.metrics import Curve
-from jaxcl.scenarios import Experience, Scenario
+from jaxcl.scenarios import Experience, Scenario, ScenarioError
 from jaxcl.state import TrainState
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, reset_opt_state,
-                         stacked_experiences, stacked_test_arrays,
+                         set_learning_rate, stacked_experiences,
+                         stacked_test_arrays,
                          steps_per_epoch, stream_info, test_arrays, unalias)
 
 __all__ = ["default_config", "load_data", "build_scenario", "Setup", "setup",
@@ -114,9 +116,16 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0,
-      schedule="constant",  # constant | cosine | linear | multistep
+      schedule="constant",  # constant | cosine | linear | multistep |
+                            # plateau (FACIL's: jaxcl.plateau)
       milestones=(),      # multistep: epochs where the rate is x gamma
       gamma=0.1,          # multistep's factor (Mammoth's CIFAR: 35, 45)
+      patience=5,         # plateau: epochs without a better held-out loss
+                          # before the rate is divided by lr_factor
+      lr_factor=3.0,      # plateau: the rate's divisor
+      lr_min=1e-4,        # plateau: stop the experience below this rate
+      holdout=0.1,        # plateau: the fraction of each experience's
+                          # training examples held out (not trained on)
       clip_norm=0.0))  # > 0: clip the gradient's global L2 norm to it
   c.train = ml_collections.ConfigDict(dict(
       epochs=2, batch_size=32, eval_batch_size=500, reset_optimizer=True,
@@ -322,6 +331,9 @@ def _ignored(config: ml_collections.ConfigDict, path: str) -> str | None:
   elif path == "optimizer.gamma" and oc.get("schedule") != "multistep":
     why = (f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it "
            "is the 'multistep' schedule's factor)")
+  elif path in _PLATEAU_FIELDS and oc.get("schedule") != "plateau":
+    why = (f"optimizer.schedule={oc.get('schedule')!r} would ignore it (it "
+           "is a setting of the 'plateau' schedule)")
   elif path == "train.epochs" and config.scenario.get("online", False) \
       and tc.epochs != 1:
     why = "scenario.online=True trains one pass over each experience"
@@ -333,11 +345,13 @@ def _ignored(config: ml_collections.ConfigDict, path: str) -> str | None:
   return f"{path}={_shown(config[parts[0]][parts[1]])}: {why}"
 
 
+_PLATEAU_FIELDS = ("optimizer.patience", "optimizer.lr_factor",
+                   "optimizer.lr_min", "optimizer.holdout")
 # The fields _ignored() checks, bar model modules' arguments.
 _CHECKED = tuple(f"model.{f}" for f in dict.fromkeys(
     f for fields in BACKBONE_FIELDS.values() for f in fields)) + (
         "optimizer.momentum", "optimizer.gamma", "train.epochs",
-        "train.crop_padding")
+        "train.crop_padding") + _PLATEAU_FIELDS
 
 
 def check_overrides(config: ml_collections.ConfigDict,
@@ -422,6 +436,9 @@ class Setup:
   scenario: Scenario          # the scenario experiences train on
   learner: Learner
   strategy_name: str
+  # optimizer.schedule='plateau': each experience's held-out rows
+  # (jaxcl.plateau.holdout); () otherwise.
+  monitors: tuple = ()
   # The learners :func:`execute` derived from ``learner`` (stacked runs, a
   # mesh), by their settings: a new Learner compiles its functions anew, so
   # executing the same Setup again (seeds in turn) reuses these. Not an
@@ -553,6 +570,7 @@ def setup(config: ml_collections.ConfigDict,
     _check_classes_once(config.strategy.name, sc)
   else:
     sc = base
+  sc, monitors = _plateau_holdout(config, sc)
   tc = config.train
   if tc.batch_size < 1:
     raise ConfigError(f"train.batch_size must be >= 1, got {tc.batch_size}")
@@ -594,7 +612,33 @@ def setup(config: ml_collections.ConfigDict,
                          # also keeps the accuracy over the exposed classes.
                          per_class=sc.kind == "class" and eval_every > 0,
                          reset_optimizer=tc.reset_optimizer)
-  return Setup(config, sc, learner, strategy.name)
+  return Setup(config, sc, learner, strategy.name, monitors)
+
+
+def _plateau_holdout(config: ml_collections.ConfigDict, sc: Scenario
+                     ) -> tuple[Scenario, tuple]:
+  """With ``optimizer.schedule='plateau'``: its settings checked and each
+  experience's held-out rows split off (:func:`jaxcl.plateau.holdout`);
+  ``(sc, ())`` otherwise."""
+  oc = config.optimizer
+  if oc.get("schedule") != "plateau":
+    return sc, ()
+  try:
+    plateau.check(oc.get("patience", 5), oc.get("lr_factor", 3.0),
+                  oc.get("lr_min", 1e-4), oc.get("holdout", 0.1))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  every = config.checkpoint.get("every_steps", 0)
+  if every:
+    raise ConfigError(
+        f"optimizer.schedule='plateau' keeps its best model and patience "
+        f"on the host between epochs, which checkpoints inside an "
+        f"experience would lose: use checkpoint.every_steps=0 (saves at "
+        f"the experiences' ends), got {every}")
+  try:
+    return plateau.holdout(sc, oc.get("holdout", 0.1))
+  except ScenarioError as e:
+    raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -1047,6 +1091,11 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     check_same_stream([sc] + list(member_scenarios))
     streams = list(member_scenarios)
   member_data = len(streams) > 1
+  if s.monitors and members:
+    raise ConfigError(
+        "optimizer.schedule='plateau' decides on the host for one run at a "
+        "time (its patience, rate and best model): train the seeds one "
+        f"after another (jaxcl run per seed), not as one sweep of {members}")
   learner = s.learner_for(members, member_data)
   place = jax.device_put
   mesh = run_mesh(s, members)
@@ -1192,7 +1241,15 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                            members)
         if learner.reset_optimizer:
           state = _reset_opt(ctx, state, members)
+        if s.monitors:  # every experience starts at the base rate
+          state = set_learning_rate(state, config.optimizer.learning_rate)
         state = settle(state)
+      if s.monitors:
+        held = place(test_arrays([s.monitors[i]], learner.eval_batch_size))
+        scheme = plateau.start(config.optimizer.learning_rate,
+                               config.optimizer.patience)
+        # The best model so far (copies: the chunk donates the state).
+        best = jax.tree.map(jnp.copy, (state.params, state.model_state))
       data = place(device_experience(exp, size) if len(exps) == 1 else
                    stacked_experiences(exps, size))
       first_epoch = position.epoch if mid else 0
@@ -1257,6 +1314,27 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
             save(state, checkpoint.Position(i, "train", epoch, nxt)
                  if nxt < learner.epoch_steps else
                  checkpoint.Position(i, "train", epoch + 1, 0))
+        if s.monitors:
+          # FACIL's patience scheme on the held-out rows (jaxcl.plateau).
+          oc = config.optimizer
+          loss = float(learner.monitor_fn(state, held))
+          scheme, action = plateau.update(
+              scheme, loss, patience=oc.patience, factor=oc.lr_factor,
+              lr_min=oc.lr_min)
+          step = int(np.asarray(state.step))
+          reporter.scalar("plateau/held_out_loss", loss, step)
+          reporter.scalar("plateau/learning_rate", scheme.lr, step)
+          if action == "best":
+            best = jax.tree.map(jnp.copy, (state.params, state.model_state))
+          elif action == "decay":
+            params, model_state = jax.tree.map(jnp.copy, best)
+            state = settle(set_learning_rate(state.replace(
+                params=params, model_state=model_state), scheme.lr))
+          elif action == "stop":
+            break
+      if s.monitors:  # the experience ends with its best model
+        params, model_state = jax.tree.map(jnp.copy, best)
+        state = settle(state.replace(params=params, model_state=model_state))
       bar.close()
       t1 = time.perf_counter()
       with (reporter.waiting(

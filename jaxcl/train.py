@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "linear", "multistep")
+SCHEDULES = ("constant", "cosine", "linear", "multistep", "plateau")
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,9 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
       is reset per experience by default), or ``multistep``: the rate
       times ``gamma`` at each of ``milestones`` (PyTorch's
       ``MultiStepLR``, Mammoth's CIFAR schedule ``[35, 45]`` of 50
-      epochs).
+      epochs). ``plateau``: a constant rate that the experience loop
+      lowers on the host when a held-out loss stops improving
+      (:mod:`jaxcl.plateau`, FACIL's scheme).
     milestones: for ``multistep``, the epochs (of ``epochs``, over
       ``schedule_steps`` steps) from which the rate is multiplied by
       ``gamma`` once more; whole numbers, increasing, in ``[1, epochs)``.
@@ -573,6 +575,31 @@ def train_chunk(ctx: Context, strategy: Strategy, state: TrainState,
   return state, losses, ran
 
 
+def monitor_loss(ctx: Context, state: TrainState, held: dict[str, jax.Array],
+                 *, eval_batch_size: int) -> jax.Array:
+  """The model's mean cross-entropy (evaluation mode, all its outputs,
+  masked to the task's classes where the setting asks for it) over the
+  ``count`` real rows of one stacked set ``held`` (:func:`test_arrays` of
+  one experience): the plateau schedule's held-out loss."""
+  x, y, t = held["x"][0], held["y"][0], held["task"][0]
+  m = x.shape[0]
+  valid = jnp.arange(m) < held["count"][0]
+
+  def chunks(a):
+    return a.reshape((m // eval_batch_size, eval_batch_size) + a.shape[1:])
+
+  def one(args):
+    xb, yb, tb, vb = args
+    logits = ctx.logits(state.params, state.model_state, xb, tb)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), yb)
+    return jnp.sum(jnp.where(vb, ce, 0.0))
+
+  total = jnp.sum(jax.lax.map(one, (chunks(x), chunks(y), chunks(t),
+                                    chunks(valid))))
+  return total / jnp.maximum(held["count"][0], 1)
+
+
 def evaluate(ctx: Context, strategy: Strategy, state: TrainState,
              test: dict[str, jax.Array], *, eval_batch_size: int,
              batch_spec: Callable[[Batch], Batch] | None = None,
@@ -780,6 +807,15 @@ class Learner:
     return self._jit(f, 2, donate=False, out_state=False)
 
   @functools.cached_property
+  def monitor_fn(self):
+    """``(state, held) -> loss``, jitted: :func:`monitor_loss` on one
+    held-out set (``test_arrays`` of one experience; the plateau
+    schedule's)."""
+    f = functools.partial(monitor_loss, self.ctx,
+                          eval_batch_size=self.eval_batch_size)
+    return jax.jit(f)
+
+  @functools.cached_property
   def end_eval_fn(self):
     """``(state, test) -> dict``, jitted: the evaluation at the
     experiences' ends, :func:`evaluate` with this learner's
@@ -791,6 +827,15 @@ class Learner:
                           task_aware=self.task_aware,
                           per_class=self.per_class)
     return self._jit(f, 2, donate=False, out_state=False)
+
+
+def set_learning_rate(state: TrainState, lr: float) -> TrainState:
+  """``state`` with the optimiser's injected ``learning_rate`` set to
+  ``lr`` (the plateau schedule's host-side change)."""
+  hp = dict(state.opt_state.hyperparams)
+  hp["learning_rate"] = jnp.asarray(lr, jnp.asarray(
+      hp["learning_rate"]).dtype)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
 
 
 def reset_opt_state(ctx: Context, state: TrainState) -> TrainState:
