@@ -1096,6 +1096,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
         "optimizer.schedule='plateau' decides on the host for one run at a "
         "time (its patience, rate and best model): train the seeds one "
         f"after another (jaxcl run per seed), not as one sweep of {members}")
+  oc = config.optimizer
+  scheme_kw = dict(patience=oc.get("patience", 5),
+                   factor=oc.get("lr_factor", 3.0),
+                   lr_min=oc.get("lr_min", 1e-4))
   learner = s.learner_for(members, member_data)
   place = jax.device_put
   mesh = run_mesh(s, members)
@@ -1247,7 +1251,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       if s.monitors:
         held = place(test_arrays([s.monitors[i]], learner.eval_batch_size))
         scheme = plateau.start(config.optimizer.learning_rate,
-                               config.optimizer.patience)
+                               scheme_kw["patience"])
         # The best model so far (copies: the chunk donates the state).
         best = jax.tree.map(jnp.copy, (state.params, state.model_state))
       data = place(device_experience(exp, size) if len(exps) == 1 else
@@ -1316,11 +1320,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                  checkpoint.Position(i, "train", epoch + 1, 0))
         if s.monitors:
           # FACIL's patience scheme on the held-out rows (jaxcl.plateau).
-          oc = config.optimizer
           loss = float(learner.monitor_fn(state, held))
-          scheme, action = plateau.update(
-              scheme, loss, patience=oc.patience, factor=oc.lr_factor,
-              lr_min=oc.lr_min)
+          scheme, action = plateau.update(scheme, loss, **scheme_kw)
           step = int(np.asarray(state.step))
           reporter.scalar("plateau/held_out_loss", loss, step)
           reporter.scalar("plateau/learning_rate", scheme.lr, step)
