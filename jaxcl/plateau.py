@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from jaxcl import checks
-from jaxcl.scenarios import Experience, Scenario, ScenarioError
+from jaxcl.scenarios import SPLITS, Experience, Scenario, ScenarioError
 
 __all__ = ["Plateau", "start", "update", "check", "holdout"]
 
@@ -137,6 +137,7 @@ def _rows(e: Experience, keep: np.ndarray):
 def _train_rows_everywhere(e: Experience, rows: Sequence[int]):
   """Inputs whose every split is ``e``'s training ``rows``."""
   def inputs(split: str) -> np.ndarray:
-    e.inputs(split)  # (an unknown split is refused as the stream's)
+    if split not in SPLITS:
+      raise ScenarioError(f"unknown split {split!r}; valid: {list(SPLITS)}")
     return e.inputs("train")[rows]
   return inputs
