@@ -78,7 +78,8 @@ class Entry:
       draw one per run; the seeds then run one after another instead of as
       one vmapped sweep, which shares the data and so the draw.
     sequential: the seeds run one after another as plain programs, on the
-      shared scenario draw (as a vmapped sweep would): for long entries
+      shared scenario draw (as a vmapped sweep would; always so for a
+      config with ``optimizer.schedule='plateau'``): for long entries
       whose sweep program costs more per run than a plain one, where a
       vmap buys nothing on a CPU (each seed's arithmetic is the cost). The
       Chaudhry-protocol GEM row is run so: its 3-run sweep took 7-9 min
@@ -251,6 +252,10 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
               if v == backbone else v) for k, v in fp.items()}
   if entry.scenario_per_seed:
     fp["reproduce.scenario_per_seed"] = True
+  # The plateau schedule decides per run on the host: its seeds run one
+  # after another, as a sequential entry's do.
+  one_by_one = (entry.scenario_per_seed or entry.sequential
+                or config.optimizer.get("schedule") == "plateau")
   done = record or os.path.join(workdir, "entry.json")
   kept: dict[int, np.ndarray] = {}  # seed -> accuracy matrix, not rerun
   kept_commits: dict[str, str] = {}  # seed -> the commit it ran at
@@ -271,7 +276,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
     # Seeds that run one after another are independent programs: a record
     # of the same config keeps its finished seeds, so growing an entry from
     # 1 to 3 seeds runs only the 2 new ones (hours, for the long entries).
-    if same and (entry.scenario_per_seed or entry.sequential) and \
+    if same and one_by_one and \
         "accuracy" in prev:
       kept = {int(s): np.asarray(a) for s, a in
               zip(prev["seeds"], prev["accuracy"]) if s in seeds}
@@ -301,7 +306,7 @@ def run_entry(entry: Entry, seeds: Sequence[int], workdir: str,
 
   def train() -> tuple[np.ndarray, dict]:
     """``(seeds, T, E)`` accuracy matrices and the metrics' mean / se."""
-    if not (entry.scenario_per_seed or entry.sequential):
+    if not one_by_one:
       r = sweep.sweep(config, seeds=list(seeds), workdir=workdir)
       earlier.append(r.times["before"])
       sizes[:] = r.result.test_sizes

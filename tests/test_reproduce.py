@@ -605,6 +605,26 @@ def test_sweep_entry_runs_its_seeds_and_stores_the_sweep_summary(
   np.testing.assert_allclose(r["over_time"], curve, atol=1e-12)
 
 
+def test_plateau_entries_run_their_seeds_one_after_another(
+    tmp_path, data_dir, monkeypatch):
+  """A config with optimizer.schedule='plateau' cannot train its seeds as
+  one sweep (it decides per run on the host): its entry runs them one at a
+  time, as a sequential entry's, without being marked so."""
+  import sys
+  from jaxcl import sweep
+  from test_train import quick_config
+  fake = _FakeSweep()
+  monkeypatch.setattr(sweep, "sweep", fake)
+  probe = types.ModuleType("experiments.plateau_probe")
+  probe.get_config = lambda arg=None: quick_config(
+      **{"optimizer.schedule": "plateau"})
+  monkeypatch.setitem(sys.modules, "experiments.plateau_probe", probe)
+  e = reproduce.Entry("t", "Plateau", "plateau_probe", "x")
+  reproduce.run_entry(e, [0, 1], str(tmp_path / "w"), data_dir, smoke=True,
+                      record=str(tmp_path / "r.json"))
+  assert [c[0] for c in fake.calls] == [[0], [1]]
+
+
 def test_sequential_entry_keeps_only_the_asked_seeds_of_its_record(
     tmp_path, data_dir, monkeypatch):
   """Asked for seeds 0, 1 and 3 after a record of seeds 0 and 2, a
