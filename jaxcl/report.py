@@ -311,6 +311,9 @@ class Reporter(NullReporter):
       secs = f"{bar.seconds:.{1 if bar.seconds >= 1 else 2}f}"
       ran = (f"{bar.total - bar.initial} steps (resumed at step "
              f"{bar.initial})" if bar.initial else f"{bar.total} steps")
+      if bar.initial < bar.done < bar.total:  # the plateau schedule's stop
+        ran = (f"{bar.done - bar.initial} of {ran} (stopped early: the "
+               "rate fell below optimizer.lr_min)")
       til = f" (Task-IL {task:.4f})" if task is not None else ""
       after = (f", then {hook:.1f} s of the strategy's own work"
                if hook is not None and hook >= 0.5 else "")

@@ -144,6 +144,20 @@ def _first(sc):
                              eval_experiences=sc.eval_experiences[:1])
 
 
+def test_an_early_stop_is_said_in_the_experience_line(monkeypatch,
+                                                      tmp_path, capsys):
+  script = iter([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+  monkeypatch.setattr(train.Learner, "monitor_fn",
+                      property(lambda self: lambda s, h: next(script)))
+  c = _plateau_config(**{"report.progress": True})
+  r = jaxcl.run(c, str(tmp_path),
+                scenario=_first(experiment.build_scenario(c)))
+  err = capsys.readouterr().err
+  steps = r.learner.epoch_steps
+  assert (f"experience 1/1: {7 * steps} of {8 * steps} steps (stopped "
+          "early: the rate fell below optimizer.lr_min)") in err, err
+
+
 def test_the_held_out_loss_is_the_cross_entropy_of_its_rows():
   # The monitor by hand: the model's mean cross-entropy over the held-out
   # rows of the experience (padding rows excluded).
