@@ -1120,6 +1120,9 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
     return state
 
   n_train, n_test = len(sc.experiences), len(sc.eval_experiences)
+  # The test sets' sizes: where they differ (scenario.first_classes), the
+  # pooled accuracies LUCIR's and PyCIL's code report are added.
+  sizes = tuple(len(e.test_y) for e in sc.eval_experiences)
   acc = np.full(((members,) if members else ()) + (n_train, n_test), np.nan)
   # Continual evaluation: the curve's points by experience and slot
   # (unfilled: NaN accuracies, step -1), in the checkpoints' progress.
@@ -1188,8 +1191,7 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                                runs=max(members, 1),
                                experience_classes=[e.classes
                                                    for e in sc.experiences],
-                               test_sizes=[len(e.test_y)
-                                           for e in sc.eval_experiences])
+                               test_sizes=sizes)
   reporter = reporter or report.NullReporter()
 
   eval_time = 0.0
@@ -1334,7 +1336,8 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           elif action == "stop":
             break
       if s.monitors:  # the experience ends with its best model
-        params, model_state = jax.tree.map(jnp.copy, best)
+        # (No copy: `best` is not read again once it is in the state.)
+        params, model_state = best
         state = settle(state.replace(params=params, model_state=model_state))
       bar.close()
       t1 = time.perf_counter()
@@ -1380,9 +1383,6 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
                if every_eval else None)
   run_conf, run_task = ends.get("confusion"), ends.get("task_accuracy")
   recency = _recency_classes(sc)
-  # Test sets of unequal size (scenario.first_classes) add the pooled
-  # accuracies, the ones LUCIR's and PyCIL's code report.
-  sizes = tuple(len(e.test_y) for e in sc.eval_experiences)
 
   def run_summary(m=None):
     pick = (lambda a: a) if m is None else (lambda a: a[m])

@@ -72,16 +72,15 @@ def update(p: Plateau, loss: float, *, patience: int, factor: float,
 def check(patience, factor, lr_min, fraction) -> None:
   """The scheme's settings, named as ``optimizer.<field>``."""
   checks.whole("optimizer.patience", patience, 1)
-  checks.at_least("optimizer.lr_factor", factor, 1.0,
-                  " (the rate is divided by it)")
+  if not (checks.is_real(factor) and factor > 1):
+    raise ValueError(f"optimizer.lr_factor must be > 1 (the rate is divided "
+                     f"by it when the held-out loss stops improving), got "
+                     f"{factor!r}")
   checks.positive("optimizer.lr_min", lr_min)
   if not (checks.is_real(fraction) and 0 < fraction < 1):
     raise ValueError(f"optimizer.holdout must be a fraction in (0, 1) (of "
                      f"each experience's training examples held out for "
                      f"the plateau schedule), got {fraction!r}")
-  if factor == 1:
-    raise ValueError("optimizer.lr_factor must be > 1 (the rate is divided "
-                     "by it when the held-out loss stops improving), got 1")
 
 
 def holdout(scenario: Scenario, fraction: float, seed: int = 0
