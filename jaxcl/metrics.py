@@ -162,8 +162,9 @@ __all__ = ["average_accuracy", "accuracy_over_time",
            "windowed_forgetting", "windowed_plasticity",
            "continual_summary", "seen_accuracy",
            "Curve", "recency_bias", "exposed_anytime_accuracy",
-           "exposed_accuracy", "pooled_accuracy",
-           "pooled_accuracy_over_time", "pooled_incremental_accuracy"]
+           "exposed_accuracy", "pooled_accuracy", "pooled_seen",
+           "pooled_accuracy_over_time", "pooled_incremental_accuracy",
+           "unequal_sizes"]
 
 
 def _square(r) -> np.ndarray:
@@ -192,6 +193,19 @@ def average_incremental_accuracy(r) -> float:
   return float(np.mean(accuracy_over_time(r)))
 
 
+def unequal_sizes(sizes) -> bool:
+  """Whether test sets of these ``sizes`` (None: unknown) differ in size,
+  so that the pooled accuracies differ from the plain means."""
+  return sizes is not None and len(set(np.asarray(sizes).tolist())) > 1
+
+
+def pooled_seen(row, sizes, i: int) -> float:
+  """After experience ``i``: the accuracy over the test examples of the
+  experiences seen so far, ``row[:i+1]`` weighted by ``sizes[:i+1]``."""
+  n = np.asarray(sizes, dtype=np.float64)[:i + 1]
+  return float(np.asarray(row, dtype=np.float64)[:i + 1] @ n / n.sum())
+
+
 def _sizes(r, sizes) -> np.ndarray:
   n = np.asarray(sizes, dtype=np.float64)
   if n.shape != (r.shape[1],) or not np.all(n > 0):
@@ -214,8 +228,7 @@ def pooled_accuracy_over_time(r, sizes) -> np.ndarray:
   the experiences seen so far (``R[i, :i+1]`` weighted by ``sizes``)."""
   r = _square(r)
   n = _sizes(r, sizes)
-  return np.array([r[i, :i + 1] @ n[:i + 1] / n[:i + 1].sum()
-                   for i in range(len(r))])
+  return np.array([pooled_seen(r[i], n, i) for i in range(len(r))])
 
 
 def pooled_incremental_accuracy(r, sizes) -> float:
@@ -268,7 +281,7 @@ def summary(r, random_acc=None, sizes=None) -> dict[str, float]:
   """
   r = np.asarray(r, dtype=np.float64)
   out = {"acc": average_accuracy(r)}
-  pooled = sizes is not None and len(set(np.asarray(sizes).tolist())) > 1
+  pooled = unequal_sizes(sizes)
   if pooled:
     out["acc_pooled"] = pooled_accuracy(r, sizes)
   if r.shape[0] == r.shape[1]:

@@ -173,8 +173,8 @@ class Reporter(NullReporter):
     per-step figure)."""
     self.workdir = workdir
     self._classes = [list(c) for c in experience_classes]
-    self._sizes = (np.asarray(test_sizes, np.float64)
-                   if len(set(test_sizes)) > 1 else None)
+    self._sizes = (tuple(test_sizes) if metrics.unequal_sizes(test_sizes)
+                   else None)
     self._task: tuple[int, list[float]] | None = None  # task_accuracy()
     self._hook: tuple[int, float] | None = None  # after_experience()
     self._exposed: float | None = None  # curve_exposed()
@@ -279,9 +279,8 @@ class Reporter(NullReporter):
     record = {"step": step, "experience": index, "accuracy": row,
               "average_accuracy_seen": avg}
     if self._sizes is not None and self._per_experience is not False:
-      n = self._sizes[:index + 1]
-      record["pooled_accuracy_seen"] = float(
-          np.dot(row[:index + 1], n) / n.sum())
+      record["pooled_accuracy_seen"] = metrics.pooled_seen(row, self._sizes,
+                                                           index)
     hook = self._given_for(index, "_hook")
     if hook is not None:
       record["after_experience_seconds"] = hook
