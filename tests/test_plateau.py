@@ -3,6 +3,10 @@ by hand, its held-out split, its run through the experience loop (the
 rate each epoch trains at, the best model kept and restored, the early
 stop) and its refusals."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -81,8 +85,7 @@ def test_a_run_lowers_the_rate_restores_the_best_model_and_stops(
   def fake_monitor(self):
     def monitor(state, held):
       seen.append((float(state.opt_state.hyperparams["learning_rate"]),
-                   np.concatenate([np.ravel(a) for a in
-                                   jax_leaves(state.params)])))
+                   _flat(state.params)))
       return next(script)
     return monitor
 
@@ -129,17 +132,12 @@ def test_a_decay_trains_on_from_the_best_model(monkeypatch):
   assert np.abs(seen[2] - seen[1]).max() > 1e-3
 
 
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
-
-
 def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(a)) for a in jax_leaves(tree)])
+  return np.concatenate([np.ravel(np.asarray(a))
+                         for a in jax.tree.leaves(tree)])
 
 
 def _first(sc):
-  import dataclasses
   return dataclasses.replace(sc, experiences=sc.experiences[:1],
                              eval_experiences=sc.eval_experiences[:1])
 
@@ -161,8 +159,6 @@ def test_an_early_stop_is_said_in_the_experience_line(monkeypatch,
 def test_the_held_out_loss_is_the_cross_entropy_of_its_rows():
   # The monitor by hand: the model's mean cross-entropy over the held-out
   # rows of the experience (padding rows excluded).
-  import jax
-  import jax.numpy as jnp
   s = experiment.setup(_plateau_config())
   state = experiment.initial_state(s, 0)
   h = s.monitors[1]
