@@ -548,6 +548,10 @@ _ALONE = {
     "fecam": "freezes the whole model after the first experience (zero "
              "gradients, parameters restored after every step) and predicts "
              "from class statistics of its features",
+    "fetril": "freezes the whole model after the first experience (zero "
+              "gradients, parameters restored after every step) and predicts "
+              "with linear SVMs fitted on its features and on translated "
+              "features of past classes",
     "ranpac": "trains no parameter (zero gradients; with adapt_first none "
               "after the first experience, parameters restored after every "
               "step) and predicts from ridge statistics of randomly "

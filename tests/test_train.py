@@ -446,6 +446,7 @@ def test_chain_rejects_two_predictors():
     ("replay+slda", r"slda trains no parameter .* \['replay'\]"),
     ("dmc+lwf", r"dmc trains a fresh model .* \['lwf'\]"),
     ("replay+fecam", r"fecam freezes the whole model .* \['replay'\]"),
+    ("fetril+lwf", r"fetril freezes the whole model .* \['lwf'\]"),
     # Session 24's fuzz of LFL: members that write the output layer.
     ("cwr_star+lfl", "lfl freezes part of the model .* cwr_star writes"),
     ("lfl+packnet", "lfl freezes part of the model .* packnet writes"),

@@ -40,7 +40,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "dmc", "ss_il"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
-    "analytic": ("slda", "fecam", "ranpac"),
+    "analytic": ("slda", "fecam", "ranpac", "fetril"),
     # Not in the survey: prompts learned for a frozen pretrained
     # transformer (docs/notes_prompt.md).
     "prompt": ("l2p", "dualprompt", "coda_prompt"),
@@ -174,6 +174,9 @@ PAPERS: dict[str, str] = {
              "*On the effectiveness of Lipschitz-driven rehearsal in "
              "continual learning*, NeurIPS (LiDER; a regulariser to chain "
              "with a replay method, e.g. `lider+derpp`)",
+    "fetril": "Petit, Popescu, Schindler, Picard & Delezoide 2023, *FeTrIL: "
+              "feature translation for exemplar-free class-incremental "
+              "learning*, WACV (FeTrIL)",
     "fecam": "Goswami, Liu, Twardowski & van de Weijer 2023, *FeCAM: "
              "exploiting the heterogeneity of class distributions in "
              "exemplar-free continual learning*, NeurIPS (FeCAM)",
@@ -277,6 +280,9 @@ NEEDS: dict[str, str] = {
     "rpc": "a class-incremental stream (`scenario.kind='class'`), each "
            "class in one experience, and at least num_classes - 1 model "
            "outputs",
+    "fetril": "each class in one experience (its mean is taken when its "
+              "experience ends), and a first experience that trains good "
+              "features: the model is frozen after it",
     "fecam": "each class in one experience (its statistics are computed "
              "when its experience ends)",
     "coda_prompt": "the `vit` model with CODA's components "
@@ -331,7 +337,8 @@ NEEDS: dict[str, str] = {
 # before anything is trained (tests/test_scenarios.py runs each on such a
 # stream to keep this list true).
 ONE_EXPERIENCE_PER_CLASS: tuple[str, ...] = (
-    "bic", "cscct", "dmc", "eeil", "fecam", "il2m", "lucir", "rpc", "slca",
+    "bic", "cscct", "dmc", "eeil", "fecam", "fetril", "il2m", "lucir", "rpc",
+    "slca",
     "ss_il", "xder")
 
 
