@@ -22,6 +22,12 @@ ENTRIES = [
                "first experience's 2 classes by cross-entropy (one pass, "
                "SGD 0.01, momentum 0.9) and is frozen after it. No "
                "published MNIST number; read against Deep SLDA"),
+    Entry(_SM, "FeTrIL (backbone: MLP 400-400 trained on the first "
+          "experience)", "split_mnist_analytic", "strategy=fetril",
+          note="Petit et al. 2023 at the authors' and Mammoth's SVM "
+               "settings (C 1, tol 1e-4), exemplar-free; FeCAM's backbone "
+               "and first experience. No published MNIST number; read "
+               "against FeCAM"),
     # Sequential: G is 10000 x 10000 (400 MB) and an experience's end holds
     # about five such matrices; a vmapped sweep would hold them per seed.
     Entry(_SM, "RanPAC (pixels; random projection 784 -> 10000)",
@@ -42,4 +48,7 @@ ENTRIES = [
     Entry(_SF, "FeCAM (backbone: MLP 400-400 trained on the first "
           "experience)", "split_mnist_analytic",
           "strategy=fecam,dataset=fashion_mnist"),
+    Entry(_SF, "FeTrIL (backbone: MLP 400-400 trained on the first "
+          "experience)", "split_mnist_analytic",
+          "strategy=fetril,dataset=fashion_mnist"),
 ]

@@ -280,6 +280,12 @@ def test_config_variants_build_and_offline_reference(digits):
       "fecam")
   assert (c.model.widths, c.model.pretrained, c.optimizer.learning_rate) == (
       (400, 400), "", 0.01)
+  # FeTrIL: FeCAM's stream, backbone and first experience.
+  f = mod.get_config("strategy=fetril,quick")
+  assert strategies.from_spec("fetril", dict(f.strategy.fetril))[0].name == (
+      "fetril")
+  for key in ("model", "optimizer", "train", "scenario", "dataset"):
+    assert f[key].to_dict() == c[key].to_dict(), key
   # The backbone's run: the Piggyback rows' recipe on the other data set.
   c = mod.get_config("strategy=pretrain")
   assert (c.dataset.name, c.model.widths) == ("fashion_mnist", (100, 100))
