@@ -420,7 +420,7 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
                  only: Sequence[str] = (), any_seeds: bool = False,
                  skip: Sequence[str] = (), report_only: bool = False) -> str:
   """Writes RESULTS.md and the per-table plots; returns the report path."""
-  from jaxcl.report import figure, integer_ticks
+  from jaxcl.report import curve_legend, figure, integer_ticks
 
   os.makedirs(out, exist_ok=True)
   lines = [
@@ -541,12 +541,11 @@ def write_report(results: dict[str, dict], entries: list[Entry], out: str,
     ax.set_ylabel("average accuracy (seen)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if ax.get_lines():
-      ax.legend(fontsize=7)
+    curve_legend(fig, ax)
     ax.set_title(table, fontsize=8)
-    fig.tight_layout()
     png = f"results_{t_i:02d}.png"
-    fig.savefig(os.path.join(fig_dir, png), dpi=90)
+    # "tight" takes in a legend beside the axes (tight_layout cannot).
+    fig.savefig(os.path.join(fig_dir, png), dpi=90, bbox_inches="tight")
     lines += [f"![{table}]({FIGURES}/{png})", ""]
   path = os.path.join(out, "RESULTS.md")
   with open(path, "w") as f:

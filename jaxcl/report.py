@@ -635,6 +635,37 @@ def plot_accuracy_matrix(accuracy: np.ndarray, path: str,
   fig.savefig(path, dpi=100)
 
 
+# Above this many curves the legend leaves the axes (inside, it covered
+# them) and the colours run through a 20-colour map with line styles.
+LEGEND_INSIDE = 8
+
+
+def curve_legend(fig: Any, ax: Any) -> None:
+  """A legend for ``ax``'s curves that does not hide them: inside the axes
+  for up to :data:`LEGEND_INSIDE` curves; beyond, beside the axes (the
+  figure widened and heightened to fit; save it with
+  ``bbox_inches='tight'``), each curve with its own colour and line style
+  (matplotlib's default cycle repeats after 10)."""
+  from matplotlib import colormaps
+
+  curves = ax.get_lines()
+  if not curves:
+    return
+  if len(curves) <= LEGEND_INSIDE:
+    ax.legend(fontsize=7)
+    return
+  cmap = colormaps["tab20"]
+  for i, line in enumerate(curves):
+    line.set_color(cmap(i % 20))
+    line.set_linestyle(("-", "--", ":")[(i // 20) % 3])
+  cols = 1 if len(curves) <= 24 else 2
+  w, h = fig.get_size_inches()
+  fig.set_size_inches(w + 3.2 * cols,
+                      max(h, 0.17 * math.ceil(len(curves) / cols) + 0.8))
+  ax.legend(fontsize=6, ncol=cols, loc="upper left",
+            bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def integer_ticks(ax: Any) -> None:
   """Whole-number ticks on ``ax``'s x axis (a count of experiences)."""
   from matplotlib.ticker import MaxNLocator

@@ -233,6 +233,38 @@ def test_average_accuracy_plot_has_whole_number_ticks(tmp_path):
   assert (tmp_path / "a.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("n", [3, report.LEGEND_INSIDE + 1, 30])
+def test_curve_legend_keeps_many_curves_apart(n, tmp_path):
+  """Up to LEGEND_INSIDE curves: the legend inside the axes, colours as
+  drawn. More: the legend beside the axes (past its right edge, the
+  figure widened), every curve's colour and style pair its own, and the
+  saved figure takes the legend in."""
+  fig, ax = report.figure((6, 4))
+  for i in range(n):
+    ax.plot([1, 2, 3], [0.5, 0.6, 0.7 - 0.01 * i], label=f"row {i}")
+  report.curve_legend(fig, ax)
+  legend = ax.get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == [
+      f"row {i}" for i in range(n)]
+  fig.canvas.draw()
+  box = legend.get_window_extent()
+  axes_box = ax.get_window_extent()
+  looks = {(l.get_color() if isinstance(l.get_color(), str)
+            else tuple(l.get_color()), l.get_linestyle())
+           for l in ax.get_lines()}
+  if n <= report.LEGEND_INSIDE:
+    assert box.x1 <= axes_box.x1 + 1
+    assert tuple(fig.get_size_inches()) == (6, 4)
+  else:
+    assert box.x0 >= axes_box.x1
+    assert fig.get_size_inches()[0] > 6
+    assert len(looks) == n
+    fig.savefig(tmp_path / "f.png", bbox_inches="tight")
+    import matplotlib.image
+    width = matplotlib.image.imread(tmp_path / "f.png").shape[1]
+    assert width >= box.x1 - axes_box.x0
+
+
 def test_progress_in_a_log_file_is_whole_lines(capsys):
   # Under pytest stderr is not a terminal, as in a batch job's log: no
   # tqdm redraws ('\r'), a plain line at most every `interval` seconds,
