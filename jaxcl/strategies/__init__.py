@@ -27,7 +27,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "baselines": ("naive", "joint", "cumulative", "ensemble", "multihead",
                   "freezing", "from_scratch"),
     "regularisation": ("ewc", "online_ewc", "si", "mas", "lwf",
-                       "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc"),
+                       "hypernetwork", "rwalk", "lfl", "lwm", "lwf_mc",
+                       "feature_distillation"),
     "replay": ("replay", "gdumb", "mir", "exstream", "latent_replay",
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
@@ -174,6 +175,11 @@ PAPERS: dict[str, str] = {
              "*On the effectiveness of Lipschitz-driven rehearsal in "
              "continual learning*, NeurIPS (LiDER; a regulariser to chain "
              "with a replay method, e.g. `lider+derpp`)",
+    "feature_distillation": "Hou, Pan, Loy, Wang & Lin 2019, *Learning a "
+                            "unified classifier incrementally via "
+                            "rebalancing*, CVPR (Eq. 6, the less-forget "
+                            "constraint; as Avalanche's "
+                            "FeatureDistillationPlugin)",
     "fetril": "Petit, Popescu, Schindler, Picard & Delezoide 2023, *FeTrIL: "
               "feature translation for exemplar-free class-incremental "
               "learning*, WACV (FeTrIL)",
