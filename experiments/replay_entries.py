@@ -204,6 +204,15 @@ ENTRIES = [
           "strategy=er_ace,plus=star,mem_size=200"),
     Entry(_SM, "STAR + ER-ACE (500)", "split_mnist_replay",
           "strategy=er_ace,plus=star,mem_size=500"),
+    Entry(_SM, "Replay + feature distillation (200)", "split_mnist_replay",
+          "strategy=replay,plus=feature_distillation,mem_size=200",
+          note="Avalanche's FeatureDistillationPlugin added to Replay: "
+               "1 - cos of the backbone's features against the previous "
+               "model's, alpha 1 (Avalanche's defaults), on the Replay rows' "
+               "settings; untuned. No published number; read against "
+               "Replay alone"),
+    Entry(_SM, "Replay + feature distillation (500)", "split_mnist_replay",
+          "strategy=replay,plus=feature_distillation,mem_size=500"),
     Entry(_SM, "Replay (reservoir, 200), 20 replayed (RAR's control)",
           "split_mnist_replay", "strategy=replay,mem_size=200,replayed=20"),
     Entry(_SM, "Replay (reservoir, 500), 20 replayed (RAR's control)",

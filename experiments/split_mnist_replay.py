@@ -131,6 +131,12 @@ Protocols (one per paper; picked by ``strategy``):
   and the partner's appended memory rows (beside ``der`` / ``derpp``,
   which append none, on the incoming rows only). No MNIST number in the
   paper; read against the partner alone.
+* ``plus=feature_distillation`` (Avalanche's
+  ``FeatureDistillationPlugin`` added to a replay strategy): ``1 - cos``
+  between the backbone's features and those of the model the last
+  experience ended with, on every row of the batch (replayed rows too),
+  at Avalanche's defaults (``alpha`` 1, cosine). No published number;
+  read against the partner alone.
 * ``exstream`` / ``latent_replay``: the replay protocol above with a memory
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
@@ -159,12 +165,14 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_tricks,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=star,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=cscct,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=replay,plus=feature_distillation,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:mem_size=200,replayed=20
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 ``replayed`` (Replay, ER-ACE, ER-AML, RAR, ER with tricks: memory rows per
 step; 0: 10),
-``plus`` (a plug-in chained in front of the strategy: star, cscct),
+``plus`` (a plug-in chained in front of the strategy: star, cscct,
+feature_distillation),
 ``aser_type`` (ASER: asvm, asv, neg_sv; empty: asvm), ``distill``
 (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
@@ -417,15 +425,19 @@ def get_config(arg=None):
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks")
   if a["plus"]:
-    if a["plus"] not in ("star", "cscct"):
+    if a["plus"] not in ("star", "cscct", "feature_distillation"):
       raise ValueError(f"unknown plus={a['plus']!r} for this config; "
-                       "valid: star, cscct (or empty)")
+                       "valid: star, cscct, feature_distillation (or "
+                       "empty)")
     if a["plus"] == "star":
       # The plug-in's own reservoir matches the partner's memory, and it
       # draws the partner's replayed rows per step (10 unless `replayed`).
       c.strategy.star = dict(mem_size=m, batch_size=a["replayed"] or 10)
-    else:  # the code's defaults; it reads the partner's appended rows
+    elif a["plus"] == "cscct":
+      # The code's defaults; it reads the partner's appended rows.
       c.strategy.cscct = dict()
+    else:  # Avalanche's defaults (alpha 1, cosine)
+      c.strategy.feature_distillation = dict()
     c.strategy.name = f"{a['plus']}+{c.strategy.name}"
     c.name += f"_{a['plus']}"
   if a["init"]:
