@@ -28,6 +28,8 @@ Five insertion policies:
   every class keeps ``quota`` entries, a uniformly random subset of the rows
   of it offered so far (each row draws a priority; the largest stay).
   :func:`class_balanced_sample` draws from it class-uniformly.
+  :func:`class_balanced_experience_add` does the same with a whole
+  experience at once (Avalanche's ``ClassBalancedBuffer``).
 
 * :func:`loss_aware_add` (LARS / LABRS, Buzzega et al. 2020): reservoir
   sampling decides whether a row is stored, as in algorithm R, but the slot
@@ -61,7 +63,8 @@ import jax.numpy as jnp
 __all__ = ["Memory", "init", "size", "counts", "reservoir_add",
            "reservoir_slots", "put_rows", "replay_size",
            "experience_balanced_add", "class_balanced_add",
-           "random_class_balanced_add", "class_balanced_sample", "sample",
+           "random_class_balanced_add", "class_balanced_experience_add",
+           "class_balanced_sample", "sample",
            "free_slots_for",
            "gather", "check_capacity", "rank_within_groups",
            "lars_probs", "labrs_probs", "abs_probs", "loss_aware_add"]
@@ -448,6 +451,51 @@ def random_class_balanced_add(mem: Memory, priority: jax.Array,
     keep_old = jnp.where(bad, mem.valid, keep_old)
   mem = put_rows(mem._replace(valid=keep_old), slots, x, y, task,
                          jnp.broadcast_to(experience, (b,)))
+  mem = mem._replace(seen=mem.seen + jnp.sum(ok, dtype=jnp.int32))
+  return mem, priority.at[slots].set(u, mode="drop")
+
+
+def class_balanced_experience_add(mem: Memory, priority: jax.Array,
+                                  key: jax.Array, x: jax.Array, y: jax.Array,
+                                  task: jax.Array,
+                                  experience: jax.Array | int,
+                                  mask: jax.Array | None = None, *,
+                                  num_classes: int
+                                  ) -> tuple[Memory, jax.Array]:
+  """Adds a whole experience to a class-balanced memory of uniformly random
+  members (Avalanche's ``ClassBalancedBuffer``): ``(memory, priority)``.
+
+  With ``C`` classes in memory after the call (the experience's included),
+  each keeps ``min(n_c, K // C)`` entries, ``n_c`` its rows offered so far:
+  every offered row draws a priority ``u ~ U[0, 1)`` and each class keeps
+  its entries and offered rows of largest priority, so a class's entries
+  are a uniformly random subset of all its rows offered, a returning
+  class's too. Kept entries stay in their slots; new ones take freed or
+  empty slots. The ``K mod C`` leftover slots stay empty (Avalanche gives
+  them to the first classes).
+
+  Args:
+    mem, priority: the memory and its entries' priorities.
+    key: PRNG key.
+    x: ``(N, *example_shape)`` the experience's rows (may be padded).
+    y, task: ``(N,)``; experience: the experience id (int32 scalar).
+    mask: ``(N,)`` valid rows (None: all).
+    num_classes: the number of classes (static).
+  """
+  n, k = x.shape[0], capacity_of(mem)
+  y, task, _, ok = _as_rows(n, y, task, 0, mask)
+  u = jax.random.uniform(key, (n,))
+  cand_ok = jnp.concatenate([mem.valid, ok])
+  cand_y = jnp.concatenate([mem.y, y])
+  present = jnp.zeros((num_classes,), bool).at[cand_y].max(cand_ok)
+  quota = k // jnp.maximum(jnp.sum(present, dtype=jnp.int32), 1)
+  group = jnp.where(cand_ok, cand_y, num_classes)
+  rank = rank_within_groups(group, -jnp.concatenate([priority, u]))
+  alive = cand_ok & (rank < quota)
+  keep_old, take = alive[:k], alive[k:]
+  slots = free_slots_for(keep_old, take)
+  mem = put_rows(mem._replace(valid=keep_old), slots, x, y, task,
+                 jnp.broadcast_to(jnp.asarray(experience, jnp.int32), (n,)))
   mem = mem._replace(seen=mem.seen + jnp.sum(ok, dtype=jnp.int32))
   return mem, priority.at[slots].set(u, mode="drop")
 

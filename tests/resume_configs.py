@@ -20,12 +20,12 @@ PLAIN = (
     "agem", "agem_r", "ar1", "bic", "clser", "cope", "cscct", "cumulative",
     "cwr_star", "der", "derpp", "dmc", "eeil", "ensemble", "er_ace",
     "er_aml", "er_tricks", "ewc", "expert_gate", "exstream", "fdr", "fecam",
-    "feature_distillation", "fetril", "freezing", "from_scratch", "gem",
-    "generative_negative_replay", "generative_replay", "gss", "hal", "icarl",
-    "il2m", "joint",
-    "latent_replay", "lfl", "lwf", "lwf_mc", "mas", "mir", "naive",
-    "online_ewc", "puridiver", "ranpac", "rar", "replay", "rpc", "rwalk",
-    "si", "slda", "ss_il", "star", "xder", "aser", "slca")
+    "feature_distillation", "feature_replay", "fetril", "freezing",
+    "from_scratch", "gem", "generative_negative_replay", "generative_replay",
+    "gss", "hal", "icarl", "il2m", "joint", "latent_replay", "lfl", "lwf",
+    "lwf_mc", "mas", "mir", "naive", "online_ewc", "puridiver", "ranpac",
+    "rar", "replay", "rpc", "rwalk", "si", "slda", "ss_il", "star", "xder",
+    "aser", "slca")
 # Strategies with their own set-up in config().
 SPECIAL = (
     "aer_abs", "casper", "coda_prompt", "dualprompt", "gdumb", "hat",

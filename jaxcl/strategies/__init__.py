@@ -33,7 +33,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs", "cscct", "puridiver", "aser"),
+               "aer_abs", "cscct", "puridiver", "aser", "feature_replay"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -180,6 +180,10 @@ PAPERS: dict[str, str] = {
                             "rebalancing*, CVPR (Eq. 6, the less-forget "
                             "constraint; as Avalanche's "
                             "FeatureDistillationPlugin)",
+    "feature_replay": "Magistri, Trinci, Soutif-Cormerais, van de Weijer & "
+                      "Bagdanov 2024, *Elastic feature consolidation for "
+                      "cold start exemplar-free incremental learning*, ICLR "
+                      "(the protocol of Avalanche's FeatureReplay)",
     "fetril": "Petit, Popescu, Schindler, Picard & Delezoide 2023, *FeTrIL: "
               "feature translation for exemplar-free class-incremental "
               "learning*, WACV (FeTrIL)",
@@ -286,6 +290,9 @@ NEEDS: dict[str, str] = {
     "rpc": "a class-incremental stream (`scenario.kind='class'`), each "
            "class in one experience, and at least num_classes - 1 model "
            "outputs",
+    "feature_replay": "a model with a `backbone` module whose output is the "
+                      "feature the output layer reads (mlp, cnn, resnet18), "
+                      "and `mem_size` at least the number of classes",
     "fetril": "each class in one experience (its mean is taken when its "
               "experience ends), and a first experience that trains good "
               "features: the model is frozen after it",
