@@ -213,6 +213,19 @@ ENTRIES = [
                "Replay alone"),
     Entry(_SM, "Replay + feature distillation (500)", "split_mnist_replay",
           "strategy=replay,plus=feature_distillation,mem_size=500"),
+    Entry(_SM, "Feature replay (1568 features = 200 images' bytes)",
+          "split_mnist_replay", "strategy=feature_replay,mem_size=200",
+          note="Avalanche's FeatureReplay (PR-ACE protocol: the incoming "
+               "batch among its experience's classes, stored backbone "
+               "features replayed to the output layer, class-balanced "
+               "memory) on the Replay rows' settings, the memory in "
+               "Replay's bytes; untuned. No published number; read against "
+               "Replay and latent replay"),
+    Entry(_SM, "Feature replay (3920 features = 500 images' bytes)",
+          "split_mnist_replay", "strategy=feature_replay,mem_size=500"),
+    Entry(_SM, "Feature replay, all seen classes in the incoming loss "
+          "(3920 features; Avalanche's code default)", "split_mnist_replay",
+          "strategy=feature_replay,mem_size=500,mask=seen"),
     Entry(_SM, "Replay (reservoir, 200), 20 replayed (RAR's control)",
           "split_mnist_replay", "strategy=replay,mem_size=200,replayed=20"),
     Entry(_SM, "Replay (reservoir, 500), 20 replayed (RAR's control)",

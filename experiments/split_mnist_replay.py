@@ -141,6 +141,14 @@ Protocols (one per paper; picked by ``strategy``):
   of the same size in bytes as ``replay``'s (``mem_size`` examples of 784
   floats = ``mem_size * 784 / d`` entries of a ``d``-dimensional latent),
   lower layers frozen after the first experience.
+* ``feature_replay`` (Avalanche's ``FeatureReplay``, the PR-ACE protocol of
+  Magistri et al. 2024): the replay protocol above (Replay's learning
+  rate, 10 replayed per step) with a class-balanced memory of backbone
+  features of the same size in bytes as ``replay``'s (``mem_size * 784 /
+  100`` features), replayed to the output layer alone; the incoming batch
+  scored among its experience's classes (``mask=new``, the default) or
+  all classes seen (``mask=seen``, Avalanche's code default). No published
+  number; read against Replay and latent replay.
 
 Commands::
 
@@ -166,6 +174,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=star,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=er_ace,plus=cscct,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:strategy=replay,plus=feature_distillation,mem_size=200
+  jaxcl run --config experiments/split_mnist_replay.py:strategy=feature_replay,mem_size=200
   jaxcl run --config experiments/split_mnist_replay.py:mem_size=200,replayed=20
 
 Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
@@ -173,7 +182,8 @@ Arguments: ``strategy``, ``mem_size``, ``seed``, ``lr`` (0: the protocol's),
 step; 0: 10),
 ``plus`` (a plug-in chained in front of the strategy: star, cscct,
 feature_distillation),
-``aser_type`` (ASER: asvm, asv, neg_sv; empty: asvm), ``distill``
+``aser_type`` (ASER: asvm, asv, neg_sv; empty: asvm), ``mask`` (feature
+replay: new, seen; empty: new), ``distill``
 (DGR), ``alpha`` / ``beta`` (DER / DER++; < 0: the
 protocol's), ``layer`` (latent replay / ExStream split point), ``lam`` (HAL's
 anchor weight; < 0: the protocol's), ``per_example`` (MER: the paper's
@@ -274,7 +284,7 @@ def get_config(arg=None):
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
                 recipe="code", future_ce=True, lam=-1.0, per_example=False,
-                replayed=0, plus="", aser_type="", quick=False)
+                replayed=0, plus="", aser_type="", mask="", quick=False)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -389,6 +399,14 @@ def get_config(arg=None):
       c.strategy.exstream = dict(mem_size=entries, batch_size=10,
                                  layer=a["layer"], lower_lr_scale=0.0)
     c.name = f"split_mnist_{s}_{m}x784B"
+  elif s == "feature_replay":
+    online(c, a["lr"] or ER_LR.get(m, 0.1))
+    entries = m * PIXELS // latent_dim("backbone")
+    c.strategy.feature_replay = dict(mem_size=entries, batch_size=10)
+    c.name = f"split_mnist_{s}_{m}x784B"
+    if a["mask"]:
+      c.strategy.feature_replay["mask"] = a["mask"]
+      c.name += f"_{a['mask']}"
   elif s == "gdumb":
     c.model.widths = (400, 400)
     c.optimizer.name = "sgd"
@@ -423,7 +441,7 @@ def get_config(arg=None):
                      "exstream, generative_replay, der, derpp, xder, "
                      "er_ace, er_aml, "
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
-                     "er_tricks")
+                     "er_tricks, feature_replay")
   if a["plus"]:
     if a["plus"] not in ("star", "cscct", "feature_distillation"):
       raise ValueError(f"unknown plus={a['plus']!r} for this config; "
