@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import checks
-from jaxcl.strategies.lfl import feature_distance
 from jaxcl.strategies.lucir import less_forget
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
-__all__ = ["feature_distillation", "FeatureDistillationState", "MODES"]
+__all__ = ["feature_distillation", "FeatureDistillationState", "MODES",
+           "feature_distance"]
 
 MODES = ("cosine", "mse")
 
@@ -64,6 +64,15 @@ class FeatureDistillationState(NamedTuple):
   prev: Any            # like params: f*, the model as the last experience ended
   prev_state: Any      # like model_state: its non-trained variables
   ready: jax.Array     # bool scalar: an experience has ended
+
+
+def feature_distance(f: jax.Array, f_old: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+  """The mean over features of ``(f - f_old)²``, averaged over the rows
+  with ``mask`` (a per-row weight): ``torch.nn.functional.mse_loss`` on
+  the valid rows (the ``'mse'`` mode, and LFL's penalty)."""
+  per_row = jnp.mean(jnp.square(f - f_old).reshape(f.shape[0], -1), axis=1)
+  return jnp.sum(mask * per_row) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def feature_distillation(alpha: float = 1.0,

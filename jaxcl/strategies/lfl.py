@@ -24,6 +24,9 @@ the current network's in training mode (the ``loss`` hook does not see
 the current model state, as for :mod:`jaxcl.strategies.lwf`; for models
 without batch statistics the two modes agree).
 
+The penalty and the copy of ``θ_o`` are :mod:`feature_distillation`'s
+(its ``'mse'`` mode with ``α = λ_e``); LFL adds the frozen output layer.
+
 LFL is a method for domain-incremental streams (the paper's domain
 expansion; Avalanche's reference run is Permuted MNIST): with the output
 layer frozen after the first experience, a class first seen later keeps
@@ -37,34 +40,21 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
-import jax.numpy as jnp
 
 from jaxcl import checks
 from jaxcl.strategies._freeze import require_part, restore_part, zero_part
+from jaxcl.strategies.feature_distillation import (
+    FeatureDistillationState, feature_distance, feature_distillation)
 from jaxcl.strategy import Strategy, frozen_update
-from jaxcl.train import init_variables
 
 __all__ = ["lfl", "LFLState", "feature_distance"]
 
 HEAD = "head"
 
-
-class LFLState(NamedTuple):
-  prev: Any            # like params: θ_o, the model as the last experience ended
-  prev_state: Any      # like model_state: its non-trained variables
-  frozen: jax.Array    # bool scalar: an experience has ended
-
-
-def feature_distance(f: jax.Array, f_old: jax.Array,
-                     mask: jax.Array) -> jax.Array:
-  """The mean over features of ``(f - f_old)²``, averaged over the rows
-  with ``mask`` (a per-row weight): ``torch.nn.functional.mse_loss`` on
-  the valid rows."""
-  per_row = jnp.mean(jnp.square(f - f_old).reshape(f.shape[0], -1), axis=1)
-  return jnp.sum(mask * per_row) / jnp.maximum(jnp.sum(mask), 1.0)
+# LFL's state is feature distillation's: θ_o (``prev``, ``prev_state``) and
+# whether an experience has ended (``ready``: the head is frozen from then).
+LFLState = FeatureDistillationState
 
 
 def lfl(lambda_e: float = 1e-4) -> Strategy:
@@ -79,10 +69,10 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
     (the output layer it freezes) or with one head per task.
   """
   checks.nonnegative("lfl: lambda_e", lambda_e)
-  lam = float(lambda_e)
+  # The penalty and θ_o's bookkeeping are feature distillation's, MSE form.
+  distil = feature_distillation(alpha=float(lambda_e), mode="mse")
 
   def init(ctx, key, params):
-    del key
     require_part("lfl", params, HEAD, "output layer")
     c = ctx.info.num_classes
     if any(leaf.ndim and leaf.shape[-1] > c
@@ -92,47 +82,17 @@ def lfl(lambda_e: float = 1e-4) -> Strategy:
           "this model has one head per task, so every later task's head "
           "would keep its initial weights. Use a single head "
           "(model.multi_head=False)")
-    _, model_state = init_variables(ctx, jax.random.PRNGKey(0))
-    # A copy: the loop donates the state (prev and params must not alias).
-    return LFLState(jax.tree.map(jnp.copy, params), model_state,
-                    jnp.zeros((), bool))
-
-  def features(ctx, params, model_state, batch, train):
-    return ctx.apply(params, model_state, batch["x"], batch["task"],
-                     train=train, features=True)[0]
-
-  def loss(ctx, sstate, params, batch, logits):
-    del logits
-
-    def penalty():
-      old = jax.lax.stop_gradient(
-          features(ctx, sstate.prev, sstate.prev_state, batch, False))
-      new = features(ctx, params, sstate.prev_state, batch, True)
-      return lam * feature_distance(new, old, batch["mask"])
-
-    # No penalty (and no second forward pass) in the first experience.
-    return jax.lax.cond(sstate.frozen, penalty,
-                        lambda: jnp.zeros((), jnp.float32))
+    return distil.init(ctx, key, params)
 
   def freeze_grads(ctx, sstate, grads):
     del ctx
-    return zero_part(grads, HEAD, sstate.frozen)
+    return zero_part(grads, HEAD, sstate.ready)
 
   def project_params(ctx, sstate, params):
     del ctx
-    return restore_part(params, sstate.prev, HEAD, sstate.frozen)
+    return restore_part(params, sstate.prev, HEAD, sstate.ready)
 
-  # Compiled once per factory; jit outputs are fresh buffers, so θ_o never
-  # aliases the (donated) parameters.
-  @jax.jit
-  def freeze(params, model_state):
-    return LFLState(params, model_state, jnp.ones((), bool))
-
-  def after_experience(ctx, state, experience):
-    del ctx, experience
-    return state.replace(strategy=freeze(state.params, state.model_state))
-
-  return Strategy(init=init, loss=loss,
+  return Strategy(init=init, loss=distil.loss,
                   update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads, project_params=project_params,
-                  after_experience=after_experience, name="lfl")
+                  after_experience=distil.after_experience, name="lfl")
