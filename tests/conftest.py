@@ -217,3 +217,32 @@ def stream(full_stream):
   the small stream of the mechanism tests (a module may define its own)."""
   return dataclasses.replace(full_stream,
                              experiences=full_stream.experiences[:2])
+
+
+def check_frozen_after_first_experience(result, config, digits) -> None:
+  """A Split Digits run of a strategy that freezes the whole model after
+  the first experience (FeCAM, FeTrIL; its state has ``params``,
+  ``frozen`` and a per-class ``count``): the first experience trained the
+  model, the four after it left it exactly as it froze (the run's config
+  has weight decay, which moves parameters under a zero gradient unless
+  they are restored), chained members see no gradient, and every class
+  was counted from its own experience's rows."""
+  import jax
+  import jax.numpy as jnp
+  from jaxcl import experiment, scenarios
+  ss = result.state.strategy
+  init = experiment.initial_state(experiment.setup(config), config.seed)
+  leaves = jax.tree.leaves
+  assert max_abs_change(init.params, result.state.params) > 1e-2
+  for a, b in zip(leaves(result.state.params), leaves(ss.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert bool(ss.frozen)
+  ones = jax.tree.map(jnp.ones_like, result.state.params)
+  out = result.learner.strategy.update_grads(
+      result.learner.ctx, ss, ones, result.state.params, {}, None)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in leaves(out))
+  y = np.concatenate([e.train_y for e in scenarios.split(digits,
+                                                         5).experiences])
+  np.testing.assert_array_equal(np.asarray(ss.count),
+                                np.bincount(y, minlength=10))
+

@@ -18,8 +18,8 @@ from jaxcl.strategies.fecam import (class_statistics, fecam, mahalanobis,
                                     normalize_cov, shrink_cov,
                                     tukey_transform)
 
-from conftest import (max_abs_change, np_features, split_digits_rows,
-                      split_predictions)
+from conftest import (check_frozen_after_first_experience, max_abs_change,
+                      np_features, split_digits_rows, split_predictions)
 
 
 def ref_shrink(cov, a1=1.0, a2=1.0):
@@ -170,29 +170,7 @@ def digits_run():
 
 
 def test_backbone_frozen_after_the_first_experience(digits_run, digits):
-  r = digits_run
-  ss = r.state.strategy
-  c = _config()
-  init = experiment.initial_state(experiment.setup(c), c.seed)
-  leaves = lambda t: jax.tree.leaves(t)
-  # The first experience trained the model ...
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(leaves(init.params), leaves(r.state.params)))
-  assert moved > 1e-2
-  # ... and the four after it left it exactly as it froze.
-  for a, b in zip(leaves(r.state.params), leaves(ss.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert bool(ss.frozen)
-  # Chained members see no gradient either.
-  ones = jax.tree.map(jnp.ones_like, r.state.params)
-  out = r.learner.strategy.update_grads(r.learner.ctx, ss, ones,
-                                        r.state.params, {}, None)
-  assert all(float(jnp.abs(g).max()) == 0.0 for g in leaves(out))
-  # Every class got its statistics from its own experience's rows.
-  y = np.concatenate([e.train_y for e in scenarios.split(digits,
-                                                         5).experiences])
-  np.testing.assert_array_equal(np.asarray(ss.count),
-                                np.bincount(y, minlength=10))
+  check_frozen_after_first_experience(digits_run, _config(), digits)
 
 
 def test_statistics_and_predictions_equal_numpy(digits_run, digits):

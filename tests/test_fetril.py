@@ -20,7 +20,8 @@ from jaxcl.strategies import fetril as fetril_module
 from jaxcl.strategies.fetril import (fetril, linear_svc, pseudo_features,
                                      pseudo_rows)
 
-from conftest import np_features, split_digits_rows, split_predictions
+from conftest import (check_frozen_after_first_experience, np_features,
+                      split_digits_rows, split_predictions)
 
 
 def _blobs(m, d, k, seed=0):
@@ -159,21 +160,7 @@ def digits_run():
 
 
 def test_backbone_frozen_after_the_first_experience(digits_run, digits):
-  r = digits_run
-  ss = r.state.strategy
-  c = _config()
-  init = experiment.initial_state(experiment.setup(c), c.seed)
-  leaves = jax.tree.leaves
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(leaves(init.params), leaves(r.state.params)))
-  assert moved > 1e-2
-  for a, b in zip(leaves(r.state.params), leaves(ss.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert bool(ss.frozen)
-  y = np.concatenate([e.train_y for e in scenarios.split(digits,
-                                                         5).experiences])
-  np.testing.assert_array_equal(np.asarray(ss.count),
-                                np.bincount(y, minlength=10))
+  check_frozen_after_first_experience(digits_run, _config(), digits)
 
 
 def test_classifier_equals_liblinear_on_mammoths_training_set(digits_run,
