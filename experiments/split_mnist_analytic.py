@@ -26,6 +26,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_analytic.py:features=backbone,pretrained=/tmp/fmnist_mlp100.npz
   jaxcl run --config experiments/split_mnist_analytic.py:strategy=fecam
   jaxcl run --config experiments/split_mnist_analytic.py:strategy=fetril
+  jaxcl run --config experiments/split_mnist_analytic.py:strategy=fetril,first=5
   jaxcl run --config experiments/split_mnist_analytic.py:strategy=ranpac,features=input
   jaxcl run --config experiments/split_mnist_analytic.py:strategy=ranpac,features=backbone,pretrained=/tmp/fmnist_mlp100.npz
 
@@ -40,6 +41,12 @@ Commands::
   classes' pseudo-features (the nearest new class's features moved by the
   difference of the class means).
 
+* ``first=5`` (fecam, fetril): the papers' regime of a large first
+  experience (their CIFAR-100 "B50" protocols): the backbone trains on 5
+  classes, then one class per experience (6 experiences, "B5 Inc1"); the
+  rows report the average incremental accuracy over every test example
+  of the classes seen (``inc_acc_pooled``), the papers' figure.
+
 * ``strategy=ranpac`` (McDonnell et al. 2023, phase 2): the same stream
   and the same features as Deep SLDA's rows (``features=input`` or
   ``backbone``, frozen from the start), a ReLU random projection to
@@ -49,6 +56,7 @@ Commands::
 Arguments: ``strategy`` (slda | fecam | fetril | ranpac | pretrain: the
 backbone's run), ``features`` (input | backbone), ``dataset`` (mnist |
 fashion_mnist), ``seed``, ``shrinkage`` (slda), ``proj_dim`` (ranpac),
+``first`` (fecam, fetril: classes of the first experience; 0: 5 x 2),
 ``pretrained``, ``quick`` (2000 training / 1000 test examples, for
 tests; ranpac's ``proj_dim`` at most 256 then). Measured results: docs/notes_analytic.md.
 """
@@ -67,10 +75,14 @@ STRATEGIES = ("slda", "fecam", "fetril", "ranpac", "pretrain")
 def get_config(arg=None):
   a = parse_arg(arg, strategy="slda", features="input", dataset="mnist",
                 seed=0, shrinkage=1e-4, proj_dim=10000, pretrained="",
-                quick=False)
+                first=0, quick=False)
   if a["strategy"] not in STRATEGIES:
     raise ValueError(f"unknown strategy {a['strategy']!r} for this config; "
                      f"valid: {list(STRATEGIES)}")
+  if a["first"] and a["strategy"] not in ("fecam", "fetril"):
+    raise ValueError(f"first={a['first']} is for strategy=fecam or fetril "
+                     f"(a first experience that trains the backbone), not "
+                     f"{a['strategy']!r}")
   if a["strategy"] == "pretrain":
     return split_mnist_architectural.get_config(
         f"strategy=pretrain,dataset={a['dataset']},seed={a['seed']}"
@@ -110,6 +122,12 @@ def get_config(arg=None):
     # authors' and Mammoth's SVM settings (C 1, tol 1e-4), the defaults.
     c.strategy.name = a["strategy"]
     c.strategy[a["strategy"]] = dict()
+    if a["first"]:
+      # The papers' regime: a large first experience (CIFAR-100's B50),
+      # then one class per experience ("B5 Inc1" for first=5).
+      c.scenario.first_classes = a["first"]
+      c.scenario.n_experiences = 1 + 10 - a["first"]
+      c.name += f"_b{a['first']}inc1"
   elif a["strategy"] == "ranpac":
     # McDonnell et al. 2023's phase 2 on Deep SLDA's features (no phase 1:
     # the backbone is frozen from the start, as SLDA's); the paper's

@@ -286,6 +286,12 @@ def test_config_variants_build_and_offline_reference(digits):
       "fetril")
   for key in ("model", "optimizer", "train", "scenario", "dataset"):
     assert f[key].to_dict() == c[key].to_dict(), key
+  # The papers' regime: 5 classes first, then one per experience.
+  b = mod.get_config("strategy=fetril,first=5,quick")
+  assert (b.scenario.first_classes, b.scenario.n_experiences) == (5, 6)
+  with pytest.raises(ValueError, match="first=5 is for strategy=fecam or "
+                     "fetril"):
+    mod.get_config("features=input,first=5")
   # The backbone's run: the Piggyback rows' recipe on the other data set.
   c = mod.get_config("strategy=pretrain")
   assert (c.dataset.name, c.model.widths) == ("fashion_mnist", (100, 100))
