@@ -86,6 +86,21 @@ def test_linear_svc_padding_and_unfitted_classes():
   assert np.abs(tight - ref.coef_).max() < gap < 0.2 * np.abs(ref.coef_).max()
 
 
+def test_linear_svc_stops_when_rounding_stalls_it():
+  """At tol 0 the gradient never reaches the goal; each class stops when
+  a step no longer decreases its objective, long before max_iter, at the
+  optimum."""
+  x, y = _blobs(300, 6, 4, seed=4)
+  fit = jax.jit(linear_svc, static_argnums=(4, 5, 6, 7))
+  coef, b, steps = fit(jnp.asarray(x, jnp.float32), jnp.asarray(y),
+                       jnp.ones(300, bool), jnp.ones(4, bool), 1.0, 0.0,
+                       10_000, True)
+  assert 1 <= int(steps) < 100
+  ref = LinearSVC(dual=False, C=1.0, tol=1e-10, max_iter=100_000).fit(x, y)
+  np.testing.assert_allclose(np.asarray(coef), ref.coef_, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(b), ref.intercept_, atol=1e-4)
+
+
 def ref_pseudofeatures(z, y, old_means, new_means):
   """Mammoth's ``compute_pseudofeatures``: for each old class (sorted), the
   rows of the new class whose mean is nearest, moved by the means'

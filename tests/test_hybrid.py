@@ -604,7 +604,7 @@ def test_projector_beside_a_freezer_projects_over_the_weights_that_move(
   pi = names.index(proj)
   ss = state.strategy[pi]
   if "lfl" in names:
-    assert bool(state.strategy[1 - pi].frozen)
+    assert bool(state.strategy[1 - pi].ready)   # LFL froze its head
   batch = batch_of(exps[2])
   g = grads_of(ctx, state, batch)
   key = jax.random.PRNGKey(7)

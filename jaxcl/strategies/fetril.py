@@ -118,7 +118,8 @@ class FeTrILState(NamedTuple):
 
 def linear_svc(x: jax.Array, labels: jax.Array, weight: jax.Array,
                fit: jax.Array, c: float = 1.0, tol: float = 1e-4,
-               max_iter: int = 100) -> tuple[jax.Array, jax.Array]:
+               max_iter: int = 100, return_steps: bool = False
+               ) -> tuple[jax.Array, ...]:
   """One-vs-rest linear SVMs, L2-regularised squared hinge loss.
 
   scikit-learn's ``LinearSVC(penalty='l2', loss='squared_hinge',
@@ -134,9 +135,13 @@ def linear_svc(x: jax.Array, labels: jax.Array, weight: jax.Array,
       all-negative problems are skipped).
     c: the loss weight ``C > 0``; tol: the relative gradient tolerance;
       max_iter: the Newton steps at most.
+    return_steps: also return the Newton steps taken.
 
   Returns:
-    ``(coef, intercept)``: ``(K, D)`` and ``(K,)``.
+    ``(coef, intercept)``: ``(K, D)`` and ``(K,)`` (and the steps, an
+    int32 scalar, with ``return_steps``). A class stops at the tolerance,
+    or when a Newton step no longer decreases its objective (float32
+    rounding short of the tolerance).
   """
   m, d = x.shape
   k = fit.shape[0]
@@ -228,16 +233,21 @@ def linear_svc(x: jax.Array, labels: jax.Array, weight: jax.Array,
     i, w, z, g, todo = carry
     active = (slack(z) > 0).astype(jnp.float32)
     s = cg(active, g, todo)
-    size = step(w, z, objective(w, z), g, s, todo)
+    f = objective(w, z)
+    size = step(w, z, f, g, s, todo)
     w = w + size * s
     z = xa @ w
-    return (i + 1, w, z) + unfinished(w, z)
+    g, still = unfinished(w, z)
+    # A class whose objective did not decrease has stalled (float32
+    # rounding short of the tolerance): it stops, rather than repeat the
+    # same step until max_iter.
+    return i + 1, w, z, g, still & ~(todo & (objective(w, z) >= f))
 
   z0 = jnp.zeros((m, k), jnp.float32)
-  _, w, _, _, _ = jax.lax.while_loop(
+  steps, w, _, _, _ = jax.lax.while_loop(
       newton_cond, newton_body, (0, w0, z0) + unfinished(w0, z0))
   w = jnp.where(fit[None, :], w, 0.0)
-  return w[:d].T, w[d]
+  return (w[:d].T, w[d]) + ((steps,) if return_steps else ())
 
 
 def pseudo_rows(labels: np.ndarray, size: int) -> int:
