@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import checks
-from jaxcl.strategies._extractor import predict_fitted
+from jaxcl.strategies._extractor import extract, predict_fitted
 from jaxcl.strategies._freeze import (restore_all, restore_once_frozen,
                                       zero_grads_once_frozen)
 from jaxcl.strategies.icarl import features, normalise
@@ -317,9 +317,7 @@ def fetril(svm_c: float = 1.0, tol: float = 1e-4,
   svm_c, tol, max_iter = float(svm_c), float(tol), int(max_iter)
 
   def raw(ctx, params, model_state, x, task):
-    z, _ = ctx.apply(params, model_state, x, task, train=False,
-                     features=True)
-    return z.reshape(z.shape[0], -1).astype(jnp.float32)
+    return extract(ctx, "backbone", params, model_state, x, task)
 
   def init(ctx, key, params):
     _, model_state = init_variables(ctx, key)
