@@ -233,9 +233,10 @@ def test_bad_arguments(digits):
   with pytest.raises(ValueError, match="feature_replay: mem_size=3 is below "
                      r"the number of classes \(4\).*use mem_size >= 4"):
     feature_replay(mem_size=3, batch_size=2).init(ctx, key, None)
-  with pytest.raises(ValueError, match=r"feature_replay: the replay batch "
-                     r"\(8; batch_size 0 means the training batch\) is "
-                     "larger than mem_size=5"):
+  # batch_size 0: the training batch (8), which must fit the memory.
+  with pytest.raises(ValueError, match="feature_replay: batch_size=8 is "
+                     "larger than the memory capacity mem_size=5; use "
+                     "batch_size <= 5"):
     feature_replay(mem_size=5, batch_size=0).init(ctx, key, None)
   with pytest.raises(ValueError, match="feature_replay: mask must be one of "
                      r"\['new', 'seen'\], got 'old'"):
@@ -243,7 +244,7 @@ def test_bad_arguments(digits):
   with pytest.raises(ValueError, match="feature_replay: batch_size must be "
                      "an int >= 0"):
     feature_replay(batch_size=-1)
-  with pytest.raises(ValueError, match="mem_size"):
+  with pytest.raises(ValueError, match="feature_replay: mem_size"):
     feature_replay(mem_size=0)
   c = jaxcl.default_config()
   c.strategy.name, c.model.name, c.scenario.kind = ("feature_replay",

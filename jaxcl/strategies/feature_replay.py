@@ -59,6 +59,8 @@ import jax.numpy as jnp
 
 from jaxcl import buffers, checks
 from jaxcl.state import cross_entropy
+from jaxcl.strategies._extractor import extract
+from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.icarl import features
 from jaxcl.strategies.latent_replay import Split, split_model
 from jaxcl.strategy import Strategy, experience_classes
@@ -100,9 +102,7 @@ def feature_replay(mem_size: int = 200, batch_size: int = 10,
     number of classes, a replay batch above ``mem_size``, or a model
     without a ``backbone`` module.
   """
-  buffers.check_capacity(mem_size, "mem_size")
-  checks.whole("feature_replay: batch_size", batch_size, 0,
-               " (0: the training batch size)")
+  replay_size = replay_sizer("feature_replay", mem_size, batch_size)
   checks.one_of("feature_replay: mask", mask, MASKS)
   splits: dict[Any, Split] = {}
 
@@ -110,9 +110,6 @@ def feature_replay(mem_size: int = 200, batch_size: int = 10,
     if ctx not in splits:
       splits[ctx] = split_model(ctx, LAYER)
     return splits[ctx]
-
-  def replay_size(ctx) -> int:
-    return batch_size or ctx.info.batch_size
 
   def init(ctx, key, params):
     del params
@@ -123,11 +120,7 @@ def feature_replay(mem_size: int = 200, batch_size: int = 10,
           f"feature_replay: mem_size={mem_size} is below the number of "
           f"classes ({c}): a class-balanced memory keeps mem_size // classes "
           f"features per class; use mem_size >= {c}")
-    if replay_size(ctx) > mem_size:
-      raise ValueError(
-          f"feature_replay: the replay batch ({replay_size(ctx)}; "
-          f"batch_size 0 means the training batch) is larger than "
-          f"mem_size={mem_size}; use batch_size <= {mem_size}")
+    replay_size(ctx)   # the default (training) batch must fit the memory
     k_mem, k_ms = jax.random.split(key)
     _, model_state = init_variables(ctx, k_ms)
     return FeatureReplayState(
@@ -216,11 +209,8 @@ def feature_replay(mem_size: int = 200, batch_size: int = 10,
 
 def _features(ctx, split: Split, params, model_state, x, task,
               chunk: int = 500) -> jax.Array:
-  """The backbone features of ``x`` in evaluation mode, in chunks."""
-  def one(p, ms, a, t):
-    z, _ = ctx.apply(p, ms, a, t, train=False, features=True)
-    return z.reshape(z.shape[0], -1)
-
-  z = features(one, params, model_state, x, task, chunk)
-  return z.reshape((x.shape[0],) + tuple(split.latent_shape)).astype(
-      jnp.float32)
+  """The backbone features of ``x`` in evaluation mode, in chunks, in the
+  split's latent shape."""
+  z = features(lambda p, ms, a, t: extract(ctx, "backbone", p, ms, a, t),
+               params, model_state, x, task, chunk)
+  return z.reshape((x.shape[0],) + tuple(split.latent_shape))
