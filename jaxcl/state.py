@@ -26,7 +26,7 @@ from jaxcl.models.classifier import takes_mask
 
 __all__ = ["TrainState", "StreamInfo", "Context", "Batch", "StepInfo",
            "batch_stats_mask", "cross_entropy", "cross_entropy_over",
-           "masked_logits"]
+           "masked_logits", "allow_extra_outputs"]
 
 # A mini-batch: {'x': (B, ...), 'y': (B,) int32, 'task': (B,) int32,
 # 'mask': (B,) float32 weights (0 for padding or empty replay slots)}.
@@ -281,6 +281,17 @@ def batch_stats_mask(model: Any, model_state: Any,
   return {"mask": jnp.where(jnp.any(real), real, True)}
 
 
+def allow_extra_outputs(allowed: jax.Array, outputs: int) -> jax.Array:
+  """``allowed`` (bool, classes on the last axis) widened to ``outputs``
+  with True: outputs beyond the stream's classes (SupSup's superfluous
+  neurons) are never masked."""
+  extra = outputs - allowed.shape[-1]
+  if extra <= 0:
+    return allowed
+  pad = [(0, 0)] * (allowed.ndim - 1) + [(0, extra)]
+  return jnp.pad(allowed, pad, constant_values=True)
+
+
 def masked_logits(logits: jax.Array, task: jax.Array,
                   task_classes: tuple[tuple[bool, ...], ...]) -> jax.Array:
   """Sets logits of classes outside each example's task to a large negative.
@@ -288,10 +299,8 @@ def masked_logits(logits: jax.Array, task: jax.Array,
   Outputs beyond the stream's classes (SupSup's superfluous neurons, present
   only in training-mode logits) are never masked: they stay in the softmax.
   """
-  table = jnp.asarray(task_classes, dtype=bool)
-  extra = logits.shape[-1] - table.shape[1]
-  if extra > 0:
-    table = jnp.pad(table, ((0, 0), (0, extra)), constant_values=True)
+  table = allow_extra_outputs(jnp.asarray(task_classes, dtype=bool),
+                              logits.shape[-1])
   allowed = table[jnp.clip(task, 0, table.shape[0] - 1)]
   return jnp.where(allowed, logits, _NEG)
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers
-from jaxcl.state import cross_entropy
+from jaxcl.state import allow_extra_outputs, cross_entropy
 from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.replay import (append_rows, incoming_rows,
                                      reservoir_step)
@@ -92,10 +92,8 @@ def ace_logits(logits: jax.Array, y: jax.Array, mask: jax.Array,
   """
   c = seen.shape[0]
   present = present_classes(y, mask, c)
-  allowed = present | ~(seen | present)
-  extra = logits.shape[-1] - c
-  if extra > 0:
-    allowed = jnp.pad(allowed, (0, extra), constant_values=True)
+  allowed = allow_extra_outputs(present | ~(seen | present),
+                                logits.shape[-1])
   return jnp.where(allowed, logits.astype(jnp.float32), _NEG)
 
 

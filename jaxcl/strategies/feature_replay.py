@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import buffers, checks
-from jaxcl.state import cross_entropy
+from jaxcl.state import allow_extra_outputs, cross_entropy
 from jaxcl.strategies._extractor import extract
 from jaxcl.strategies._replay_memory import replay_sizer
 from jaxcl.strategies.icarl import features
@@ -148,10 +148,8 @@ def feature_replay(mem_size: int = 200, batch_size: int = 10,
   def task_loss(ctx, sstate, logits, batch):
     classes = sstate.current if mask == "new" else \
         sstate.seen | sstate.current
-    extra = logits.shape[-1] - classes.shape[0]
-    if extra > 0:   # outputs beyond the stream's classes stay unmasked
-      classes = jnp.pad(classes, (0, extra), constant_values=True)
-    masked = jnp.where(classes, logits.astype(jnp.float32), _NEG)
+    masked = jnp.where(allow_extra_outputs(classes, logits.shape[-1]),
+                       logits.astype(jnp.float32), _NEG)
     ce = cross_entropy(masked, batch["y"], batch["mask"])
     return jnp.where(replaying(sstate), 0.5, 1.0) * ce
 
