@@ -1,5 +1,7 @@
 """Baselines on Split MNIST (5 x 2 classes, MLP 400-400, 2 epochs): the
-core issue's accuracy checks, with the committed experiment config."""
+core issue's accuracy checks, with the committed experiment config (on a
+subset of the training rows in the default suite, on the whole of MNIST
+with ``-m slow``)."""
 
 import types
 
@@ -24,20 +26,68 @@ from partial_runs import run_keeping_states
 from test_train import with_overrides
 
 
-def run(mnist, data_dir, arg):
+def run(mnist, data_dir, arg, train_rows=0):
   """The committed config's run, on the session's MNIST (read once, not
   once per run: the config asks for no subset, split, noise or
-  normalisation, so it is the data the run would read)."""
+  normalisation, so it is the data the run would read). With
+  ``train_rows``, on a random subset of that many training rows (drawn
+  with the run's seed, as ``dataset.train_subset`` draws it) and 2000 test
+  rows: the default suite's twins of the whole runs."""
   c = split_mnist_baselines.get_config(arg)
   c.dataset.data_dir = data_dir
   c.report.progress = False
   dc = c.dataset
   assert not (dc.train_subset or dc.test_subset or dc.validation or
               dc.label_noise or tuple(dc.normalize)), dc
-  return jaxcl.run(c, scenario=jaxcl.experiment.build_scenario(c, mnist))
+  data = mnist.subset(train_rows, 2000, seed=c.seed) if train_rows else mnist
+  return jaxcl.run(c, scenario=jaxcl.experiment.build_scenario(c, data))
+
+
+# The whole Split MNIST runs (the core issue's checks) take 12-37 s each,
+# training being nearly all of it; they are `slow`, and RESULTS.md keeps
+# the same configs' rows at 10 seeds (Naive 19.64, Joint 97.02,
+# Cumulative 97.14, task-incremental Naive 96.94). The default suite runs
+# each config on a fraction of the training rows instead, which checks the
+# same mechanism (forgetting, the joint and cumulative upper bounds,
+# task-incremental masking) at a quarter of the cost. Their thresholds
+# were measured on seeds 0-9 of those subsets (session 52), the lowest
+# value in brackets: with fewer steps per experience an experience is
+# sometimes learned less well, so "learned" is > 0.9 (class-IL Naive's
+# diagonal at 20000 rows: 0.933; at 12000 rows one seed in eight left an
+# experience at 0.53, so 20000), and the upper bounds >= 0.9 (Joint at
+# 12000 rows: 0.926; Cumulative at 6000 rows: 0.917, its experience 0 at
+# the end 0.956); task-incremental Naive at 12000 rows: 0.943.
 
 
 def test_naive_class_incremental_forgets(mnist, data_dir):
+  r = run(mnist, data_dir, "strategy=naive", train_rows=20000)
+  assert r.accuracy.shape == (5, 5)
+  # It learned each experience when it saw it...
+  assert np.all(np.diag(r.accuracy) > 0.9)
+  # ...and forgot experience 0 after the last one.
+  assert r.accuracy[-1, 0] < 0.2
+  assert r.metrics["bwt"] < -0.8
+
+
+def test_joint_upper_bound(mnist, data_dir):
+  r = run(mnist, data_dir, "strategy=joint", train_rows=12000)
+  assert r.accuracy.shape == (1, 5)
+  assert r.metrics["acc"] >= 0.9
+
+
+def test_cumulative(mnist, data_dir):
+  r = run(mnist, data_dir, "strategy=cumulative", train_rows=6000)
+  assert r.metrics["acc"] >= 0.9
+  assert r.accuracy[-1, 0] >= 0.9
+
+
+def test_naive_task_incremental(mnist, data_dir):
+  r = run(mnist, data_dir, "strategy=naive,kind=task", train_rows=12000)
+  assert r.metrics["acc"] > 0.85
+
+
+@pytest.mark.slow
+def test_naive_class_incremental_forgets_whole_mnist(mnist, data_dir):
   r = run(mnist, data_dir, "strategy=naive")
   assert r.accuracy.shape == (5, 5)
   # It learned each experience when it saw it...
@@ -47,19 +97,22 @@ def test_naive_class_incremental_forgets(mnist, data_dir):
   assert r.metrics["bwt"] < -0.8
 
 
-def test_joint_upper_bound(mnist, data_dir):
+@pytest.mark.slow
+def test_joint_upper_bound_whole_mnist(mnist, data_dir):
   r = run(mnist, data_dir, "strategy=joint")
   assert r.accuracy.shape == (1, 5)
   assert r.metrics["acc"] >= 0.95
 
 
-def test_cumulative(mnist, data_dir):
+@pytest.mark.slow
+def test_cumulative_whole_mnist(mnist, data_dir):
   r = run(mnist, data_dir, "strategy=cumulative")
   assert r.metrics["acc"] >= 0.95
   assert r.accuracy[-1, 0] >= 0.9
 
 
-def test_naive_task_incremental(mnist, data_dir):
+@pytest.mark.slow
+def test_naive_task_incremental_whole_mnist(mnist, data_dir):
   r = run(mnist, data_dir, "strategy=naive,kind=task")
   assert r.metrics["acc"] > 0.85
 
@@ -240,8 +293,11 @@ def test_agem_r_reference_sample_size(monkeypatch):
     state = jaxcl.train.init_state(ctx, strat, 0)
     grads = jax.tree.map(jnp.ones_like, state.params)
     drawn.clear()
-    strat.update_grads(ctx, state.strategy, grads, state.params, batch,
-                       jax.random.PRNGKey(0))
+    # Under jit, as in training (eagerly, each of the hook's operations
+    # compiled on its own: ~150 compiles a case); the spy sees the size
+    # while tracing.
+    jax.jit(lambda ss, g, p, b, k: strat.update_grads(ctx, ss, g, p, b, k))(
+        state.strategy, grads, state.params, batch, jax.random.PRNGKey(0))
     assert drawn == [want], (kwargs, drawn)
 
 
@@ -325,27 +381,36 @@ def test_replay_memory_gradient_is_taken_in_training_mode():
   state = jaxcl.train.init_state(ctx, _setup("naive").learner.strategy, 0)
   params, ms = state.params, state.model_state
   grads = jax.tree.map(jnp.ones_like, params)
-  got = add_replay_grads(ctx, ms, grads, params, mem, idx, ok)
+  # The hook and the references under jit, arrays passed in (eagerly,
+  # every operation compiles on its own: ~300 compiles).
+  got = jax.jit(lambda *a: add_replay_grads(ctx, *a))(
+      ms, grads, params, mem, idx, ok)
 
-  def hand(p, train, rows=6):
-    v = {"params": p, **ms}
-    # The 6 valid drawn rows alone through the model (``rows=8``: all 8
-    # drawn rows, the empty slots' zeros counted in the batch statistics,
-    # as before session 43); the loss is the mean over the 6.
-    x, t = mem.x[idx[:rows]], mem.task[idx[:rows]]
-    if train:
-      z = ctx.model.apply(v, x, t, train=True, mutable=list(ms))[0]
-    else:
-      z = ctx.model.apply(v, x, t, train=False)
-    ce = optax.softmax_cross_entropy_with_integer_labels(z, mem.y[idx[:rows]])
-    return ce[:6].mean()
+  @jax.jit
+  def hand_grads(p, ms, mem, idx):
+    def hand(p, train, rows=6):
+      v = {"params": p, **ms}
+      # The 6 valid drawn rows alone through the model (``rows=8``: all 8
+      # drawn rows, the empty slots' zeros counted in the batch statistics,
+      # as before session 43); the loss is the mean over the 6.
+      x, t = mem.x[idx[:rows]], mem.task[idx[:rows]]
+      if train:
+        z = ctx.model.apply(v, x, t, train=True, mutable=list(ms))[0]
+      else:
+        z = ctx.model.apply(v, x, t, train=False)
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          z, mem.y[idx[:rows]])
+      return ce[:6].mean()
+    return [jax.grad(hand)(p, train, rows)
+            for train, rows in ((True, 6), (False, 6), (True, 8))]
 
-  want = jax.tree.map(lambda g: 1.0 + g, jax.grad(hand)(params, True))
+  train6, eval6, train8 = hand_grads(params, ms, mem, idx)
+  want = jax.tree.map(lambda g: 1.0 + g, train6)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-6)
-  for other in (jax.grad(hand)(params, False),      # eval mode
-                jax.grad(hand)(params, True, 8)):   # empty slots counted
+  for other in (eval6,     # eval mode
+                train8):   # empty slots counted
     assert max(float(np.abs(np.asarray(a) - 1.0 - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(other))
                ) > 1e-3
@@ -367,15 +432,19 @@ def test_agem_r_reference_gradient_uses_the_saved_model_state():
   saved = jax.tree.map(lambda a: 2.0 * a + 0.1, state.model_state)
   ss = state.strategy._replace(memory=mem, model_state=saved)
 
-  def ref_loss(p):
-    v = {"params": p, **saved}
-    z = ctx.model.apply(v, mem.x, mem.task, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(z, mem.y).mean()
+  # The reference and the hook under jit, arrays passed in (see above).
+  @jax.jit
+  def ref_grad(p, saved, mem):
+    def ref_loss(p):
+      v = {"params": p, **saved}
+      z = ctx.model.apply(v, mem.x, mem.task, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(z, mem.y).mean()
+    return jax.grad(ref_loss)(p)
 
-  g_ref = jax.grad(ref_loss)(state.params)
+  g_ref = ref_grad(state.params, saved, mem)
   g = jax.tree.map(jnp.negative, g_ref)
-  got = strat.update_grads(ctx, ss, g, state.params, None,
-                           jax.random.PRNGKey(1))
+  got = jax.jit(lambda *a: strat.update_grads(ctx, *a))(
+      ss, g, state.params, None, jax.random.PRNGKey(1))
   size = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g))
   assert size > 1e-3
   for a in jax.tree.leaves(got):
