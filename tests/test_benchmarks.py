@@ -2,22 +2,34 @@
 
 They print speed figures and nothing else checks them, so an API change
 in jaxcl could break one silently. Each is run once at its smallest size,
-as a user runs it (``python benchmarks/<script>.py ...`` in a fresh
-process: none has a ``main(argv)``), and its output is checked: exit code
-0, no traceback, and every figure it promises printed, with its label and
-a number that parses (positive where it must be). The figures themselves
-are not checked: a smoke run's sizes are too small to mean anything, and
-the machine may be loaded.
+as a user runs it (``python benchmarks/<script>.py ...``: the script run
+as ``__main__`` with its own argv; none has a ``main(argv)``), and its
+output is checked: exit code 0, no traceback, and every figure it promises
+printed, with its label and a number that parses (positive where it must
+be). The figures themselves are not checked: a smoke run's sizes are too
+small to mean anything, and the machine may be loaded.
 
-The child processes inherit conftest.py's cheap XLA compile flags (they
-are set in ``os.environ``), which cut these runs' time 2-5x; the
-benchmarks' own figures are taken without them.
+A new process spends 2-3 s of CPU importing jax and jaxcl before a script
+does anything, so each script runs in a child
+forked from one process that imported them once, before any JAX backend
+exists (as tests/cli_children.py runs the ``jaxcl`` command; forking is
+safe then, and asserted). The child runs the file with ``runpy`` as the
+interpreter would: ``sys.argv``, ``sys.path[0]`` the script's folder, its
+own stdout and stderr, an escaping exception's traceback printed and exit
+code 1, ``sys.exit``'s code or message.
+
+The children inherit conftest.py's cheap XLA compile flags (they are set
+in ``os.environ`` before the forking process starts), which cut these
+runs' time 2-5x; the benchmarks' own figures are taken without them.
 """
 
 import glob
 import importlib.util
+import itertools
+import json
 import os
 import re
+import select
 import subprocess
 import sys
 
@@ -28,19 +40,91 @@ from conftest import DATA_DIR, REPO
 NUM = r"(-?\d+(?:\.\d*)?(?:e[+-]?\d+)?)"  # a printed float (or int)
 
 
-def run_script(name: str, *args: str, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-  """``python benchmarks/<name> args`` from the repository, offline data;
-  with ``check``, asserts it exited 0 and printed no traceback."""
+_FORKER = r"""
+import json, os, runpy, sys, traceback
+import flax.linen, jax, jax.numpy, numpy, optax
+import jaxcl, jaxcl.experiment, jaxcl.strategies, jaxcl.sweep, jaxcl.train
+from jax._src import xla_bridge
+# (A private name: if a JAX version drops it, the check is skipped.)
+assert not getattr(xla_bridge, "_backends", None), \
+    "a JAX backend started before the fork"
+for line in sys.stdin:
+  req = json.loads(line)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      for fd, path in ((1, req["out"]), (2, req["err"])):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+      sys.argv = [req["script"], *req["args"]]
+      sys.path[0] = os.path.dirname(os.path.abspath(req["script"]))
+      try:
+        runpy.run_path(req["script"], run_name="__main__")
+        code = 0
+      except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+          code = e.code or 0
+        else:
+          print(e.code, file=sys.stderr)
+      except BaseException:
+        traceback.print_exc()
+    finally:
+      try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+      finally:
+        os._exit(code)
+  _, status = os.waitpid(pid, 0)
+  print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def forker(tmp_path_factory):
+  """The forking process (see _FORKER and the module's docstring), started
+  in the repository with the scripts' environment."""
+  home = tmp_path_factory.mktemp("benchmarks")
   env = dict(os.environ, JAXCL_DATA_DIR=DATA_DIR, JAX_PLATFORMS="cpu")
-  p = subprocess.run(
-      [sys.executable, os.path.join("benchmarks", name), *args], cwd=REPO,
-      env=env, capture_output=True, text=True, timeout=timeout)
-  if check:
-    assert p.returncode == 0, (
-        f"{name} {' '.join(args)} exited {p.returncode}:\n{p.stderr[-4000:]}")
-  assert "Traceback" not in p.stdout + p.stderr, p.stderr[-4000:]
-  return p
+  proc = subprocess.Popen([sys.executable, "-c", _FORKER], cwd=REPO,
+                          env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  yield proc, home, itertools.count()
+  proc.stdin.close()
+  proc.wait(timeout=60)
+
+
+@pytest.fixture
+def run_script(forker):
+  """``run_script(name, *args, timeout=300, check=True)``: ``python
+  benchmarks/<name> args`` from the repository, offline data, in a forked
+  child; with ``check``, asserts it exited 0 and printed no traceback."""
+  proc, home, count = forker
+
+  def run(name: str, *args: str, timeout: float = 300,
+          check: bool = True) -> subprocess.CompletedProcess:
+    n = next(count)
+    out, err = home / f"{n}.out", home / f"{n}.err"
+    proc.stdin.write(json.dumps({
+        "script": os.path.join("benchmarks", name), "args": list(args),
+        "out": str(out), "err": str(err)}) + "\n")
+    proc.stdin.flush()
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+      raise subprocess.TimeoutExpired([name, *args], timeout)
+    line = proc.stdout.readline()
+    assert line, f"the forking process died (exit {proc.wait()})"
+    p = subprocess.CompletedProcess([name, *args], int(line),
+                                    out.read_text(), err.read_text())
+    if check:
+      assert p.returncode == 0, (
+          f"{name} {' '.join(args)} exited {p.returncode}:\n"
+          f"{p.stderr[-4000:]}")
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr[-4000:]
+    return p
+  return run
 
 
 def figures(pattern: str, text: str) -> list[float]:
@@ -63,7 +147,7 @@ def data(data_dir):
   return data_dir
 
 
-def test_strategies_smoke(data):
+def test_strategies_smoke(data, run_script):
   out = run_script("strategies.py", "--smoke", "--protocol", "split",
                    "--only", "naive").stdout
   positive(rf"device: \S+ x\d+; dense matmul 512\^2 f32: {NUM} GFLOP/s", out)
@@ -78,7 +162,7 @@ def test_strategies_smoke(data):
   assert len(out.strip().splitlines()) == 3, out
 
 
-def test_profile_smoke(data, tmp_path):
+def test_profile_smoke(data, tmp_path, run_script):
   trace = tmp_path / "trace"
   out = run_script("profile.py", "--protocol", "split", "--strategy",
                    "naive", "--top", "5", "--trace_dir", str(trace)).stdout
@@ -102,7 +186,7 @@ def test_profile_smoke(data, tmp_path):
   assert glob.glob(str(trace / "**" / "*.trace.json.gz"), recursive=True)
 
 
-def test_stream_memory_smoke(data):
+def test_stream_memory_smoke(data, run_script):
   out = run_script("stream_memory.py", "--cases", "permuted20").stdout
   assert re.search(r"case\s+build s\s+walk s\s+MNIST MB\s+peak MB", out)
   build, walk, data_mb, peak = figures(
@@ -110,7 +194,7 @@ def test_stream_memory_smoke(data):
   assert build >= 0 and walk > 0 and 0 < data_mb <= peak
 
 
-def test_sweep_smoke(data):
+def test_sweep_smoke(data, run_script):
   out = run_script("sweep.py", "--seeds", "2", "--experiences", "2",
                    "--arg", "strategy=naive,quick=True").stdout
   assert re.search(r"split_mnist_baselines:strategy=naive,quick=True, "
@@ -124,7 +208,7 @@ def test_sweep_smoke(data):
            r"over a shared-program loop", out)
 
 
-def test_gem_smoke(data):
+def test_gem_smoke(data, run_script):
   out = run_script("gem.py", "--steps", "5", "--reps", "1", "--rounds", "1",
                    "--protocols", "buzzega200").stdout
   positive(rf"dual QP alone \(19 constraints, in jit\): {NUM} us/solve", out)
@@ -137,7 +221,7 @@ def test_gem_smoke(data):
   assert rows["naive"][1] == 1.0
 
 
-def test_conv_in_scan_smoke():
+def test_conv_in_scan_smoke(run_script):
   out = run_script("conv_in_scan.py", "--steps", "2", "--batch", "8",
                    "--channels", "4", "8", "--runs", "2", "--models", "cnn",
                    "mlp").stdout
@@ -158,7 +242,7 @@ def test_conv_in_scan_smoke():
              rf"\({NUM}x 2 plain steps\)", sect)
 
 
-def test_prompt_query_smoke():
+def test_prompt_query_smoke(run_script):
   out = run_script("prompt_query.py", "--batch", "4", "--dim", "16",
                    "--depth", "1", "--steps", "2", "--rounds", "1").stdout
   assert "batch 4, ViT dim 16 depth 1, pool 10, N 5, L 5" in out, out
@@ -174,7 +258,7 @@ def test_prompt_query_smoke():
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="PyTorch is installed: the full comparison is a "
                            "benchmark run, not a test")
-def test_vs_pytorch_without_torch_is_a_clear_message():
+def test_vs_pytorch_without_torch_is_a_clear_message(run_script):
   p = run_script("vs_pytorch.py", "--methods", "naive", check=False)
   assert p.returncode == 1, (p.returncode, p.stderr)
   assert "this benchmark needs PyTorch (pip install torch quadprog)" in (
@@ -183,7 +267,7 @@ def test_vs_pytorch_without_torch_is_a_clear_message():
 
 
 @pytest.mark.slow
-def test_throughput_smoke(data):
+def test_throughput_smoke(data, run_script):
   out = run_script("throughput.py", "--smoke").stdout
   positive(rf"dense matmul \(512\^2 f32\): {NUM} GFLOP/s", out)
   positive(rf"compile: experience program {NUM} s, evaluation {NUM} s", out)
@@ -206,7 +290,7 @@ def test_throughput_smoke(data):
 
 
 @pytest.mark.slow
-def test_strategies_ratio_to_naive_smoke(data):
+def test_strategies_ratio_to_naive_smoke(data, run_script):
   """A ``naive@`` row, then a strategy of the same config: the "x naive"
   column (their steps/s ratio)."""
   out = run_script("strategies.py", "--smoke", "--protocol", "overhead",
@@ -219,7 +303,7 @@ def test_strategies_ratio_to_naive_smoke(data):
 
 
 @pytest.mark.slow
-def test_gem_stream_and_vmapped_runs_smoke(data):
+def test_gem_stream_and_vmapped_runs_smoke(data, run_script):
   out = run_script("gem.py", "--steps", "5", "--reps", "1", "--rounds", "1",
                    "--protocols", "buzzega200", "--stream", "--runs",
                    "2").stdout
@@ -234,7 +318,7 @@ def test_gem_stream_and_vmapped_runs_smoke(data):
 
 
 @pytest.mark.slow
-def test_sweep_scenario_per_seed_smoke(data):
+def test_sweep_scenario_per_seed_smoke(data, run_script):
   out = run_script("sweep.py", "--config", "permuted_mnist_replay", "--arg",
                    "strategy=replay,mem_size=200,quick=True",
                    "--scenario_per_seed", "--seeds", "2", "--experiences",
@@ -247,7 +331,7 @@ def test_sweep_scenario_per_seed_smoke(data):
 
 
 @pytest.mark.slow
-def test_conv_in_scan_flax_conv_smoke():
+def test_conv_in_scan_flax_conv_smoke(run_script):
   out = run_script("conv_in_scan.py", "--steps", "2", "--batch", "8",
                    "--channels", "4", "8", "--runs", "1", "--models", "cnn",
                    "--conv", "lax").stdout
@@ -259,7 +343,7 @@ def test_conv_in_scan_flax_conv_smoke():
   assert "vmapped" not in out  # --runs 1 skips the sweep's step
 
 
-def test_continual_eval_smoke(data):
+def test_continual_eval_smoke(data, run_script):
   out = run_script("continual_eval.py", "--smoke").stdout
   assert re.search(r"split_mnist_replay_200: 5 experiences, \d+ steps, test "
                    r"sets of 1000 images in all", out), out

@@ -10,7 +10,9 @@ import re
 import shlex
 
 import numpy as np
+import pytest
 
+import cli_children
 from cli_children import REPO
 
 with open(os.path.join(REPO, "README.md")) as _f:
@@ -98,7 +100,56 @@ def test_the_readme_commands_are_the_ones_checked():
   assert {w[1] for w in parsed} == {"run", "sweep", "methods", "compare"}
 
 
-def test_readme_commands_build(tmp_path, forked, data_dir):
+# The dry runs below are ~25 `jaxcl` commands in children forked from one
+# process (conftest.py's ``forked``). Most read MNIST (~1 s of CPU each:
+# decompressing and converting the IDX files) and compile the same small
+# init programs, over a third of the test's time. So the forking process
+# here also reads the offline MNIST and Fashion-MNIST once, before it
+# forks, and the children get those arrays (read-only: a write fails)
+# wherever they would read the IDX files of that same directory; any
+# other directory (the tfds commands' empty one, a missing one) goes
+# through the loader as before. The children share one persistent
+# compilation cache (JAX reads the variables when the forking process
+# imports it), as the test drivers of conftest.py's ``child_env`` do.
+_PRELOAD = r"""
+import os
+from jaxcl import datasets as _datasets
+_read_idx_files = _datasets._load_idx
+_kept = {}
+
+
+def _load_idx(name, data_dir):
+  got = _kept.get((name, os.path.realpath(data_dir)))
+  return got if got is not None else _read_idx_files(name, data_dir)
+
+
+for _name in ("mnist", "fashion_mnist"):
+  _d = _read_idx_files(_name, DATA_DIR)
+  for _a in (_d.train_x, _d.train_y, _d.test_x, _d.test_y):
+    _a.flags.writeable = False
+  _kept[(_name, os.path.realpath(DATA_DIR))] = _d
+_datasets._load_idx = _load_idx
+"""
+
+
+@pytest.fixture(scope="module")
+def forked_with_data(tmp_path_factory, data_dir, child_env):
+  """conftest.py's ``forked``, its forking process holding the offline
+  MNIST files' data sets and the children sharing a compilation cache (see
+  _PRELOAD)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(cli_children, "_FORKER", _PRELOAD.replace(
+        "DATA_DIR", repr(str(data_dir))) + cli_children._FORKER)
+    for k, v in child_env.items():
+      mp.setenv(k, v)
+    children = cli_children.forker(tmp_path_factory)
+    run = next(children)  # the forking process starts here
+  yield run
+  next(children, None)
+
+
+def test_readme_commands_build(tmp_path, forked_with_data, data_dir):
+  forked = forked_with_data
   # Placeholders become this machine's data; the tfds folders an empty one,
   # so those commands must stop at the data with the loader's own advice.
   empty_tfds = tmp_path / "tensorflow_datasets"
