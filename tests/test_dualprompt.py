@@ -38,6 +38,32 @@ DUAL = dict(pool_size=5, prompt="dualprompt", prompt_length=3,
 G_LAYERS, E_LAYERS = (0, 1), (1, 2)
 
 
+def random_params(model, shape, seed=0):
+  """Random parameters of ``model`` for an input of ``shape``: the tree's
+  structure from a trace of its init (``jax.eval_shape``: nothing is
+  compiled), the values drawn by NumPy (LayerNorm scales 1 + N(0, 0.01),
+  biases N(0, 0.01), every other leaf N(0, 1/fan-in): nothing is 0, and
+  no bias drowns the features). The checks that hold for any parameters
+  (a forward against its reference) use these: a compiled flax init of a
+  ViT (one threefry program per weight) cost 2.5-4 s of compiling per
+  model, the largest cost of those tests."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros(shape)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      v = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name.endswith("['bias']"):
+      v = 0.1 * rng.standard_normal(leaf.shape)
+    else:
+      fan_in = int(np.prod(leaf.shape[:-1])) or 1
+      v = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    return jnp.asarray(v, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 # Compiled once per (model, shape, flags) and shared by the tests: run op
 # by op, a ViT's init and forward compile every operation on its own, the
 # largest cost of these tests.
@@ -58,9 +84,8 @@ def _model(**kw):
 
 
 def _params(m, seed=5):
-  p = vit_reference.init(m, (1, 8, 8, 1), seed=seed)
-  # A non-zero head (its kernel starts at 0), so the logits show the
-  # feature.
+  p = random_params(m, (1, 8, 8, 1), seed=seed)
+  # A head of larger weights, so the logits show the feature.
   k = jax.random.normal(jax.random.PRNGKey(seed + 1), p["head"]["kernel"]
                         .shape)
   return {**p, "head": {"kernel": k, "bias": p["head"]["bias"] + 0.1}}
@@ -102,12 +127,16 @@ def _cos(a, b):
 # The model.
 
 
-def test_model_params_and_defaults():
+def test_model_params_and_defaults(two_runs):
   m = _model()
   assert isinstance(m, DualPromptViT)
   assert (m.g_layers, m.e_layers, m.g_length, m.e_length) == \
       ((0, 1), (1, 2), 2, 3)
-  p = vit_reference.init(m, (1, 8, 8, 1))
+  # The initial parameters of the runs' model (this one): the init the
+  # runs compiled, not one more.
+  c, init = two_runs[:2]
+  assert models.build("vit", 10, **c.model.vit) == m
+  p = init.params
   assert p["g_prompt"].shape == (2, 2, 2, 16)
   assert p["e_prompt"].shape == (2, 5, 2, 3, 16)
   assert p["key"].shape == (5, 16)
@@ -160,10 +189,12 @@ def test_forward_at_test_time_selects_the_nearest_key():
   x = jax.random.normal(jax.random.PRNGKey(8), (3, 8, 8, 1))
   q = _query(p, x)
   # Keys 3, 0, 4 planted near rows 0, 1, 2's queries (scaled: cosine
-  # ignores the norm); keys 1, 2 random.
+  # ignores the norm); keys 1, 2 random. Near, not on: 0.1 of a random
+  # key off (0.01 left a cosine within float32 rounding of 1, a tie with
+  # the exact key planted below).
   keys = np.asarray(p["key"]).copy()
   for row, k in ((0, 3), (1, 0), (2, 4)):
-    keys[k] = 7.0 * q[row] + 0.01 * keys[k]
+    keys[k] = 7.0 * q[row] + 0.1 * keys[k]
   p = {**p, "key": jnp.asarray(keys)}
   want_idx = np.argmax(_cos(q, keys), axis=1)
   assert want_idx.tolist() == [3, 0, 4]
@@ -450,15 +481,17 @@ def test_prediction_covers_every_class_seen_so_far():
 
 @pytest.fixture(scope="module")
 def unmasked_pretrained_run(tmp_path_factory):
-  """One experience with train_mask=False (Adam without decay) from a
-  pretrained backbone: one run for the two checks below."""
+  """One experience of dualprompt(train_mask=False) from a pretrained
+  backbone (Adam without decay) chained with replay: one run for the
+  mask, pretrained and replay checks below."""
   plain = models.build("vit", 10, **BACKBONE)
-  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
+  p = random_params(plain, (1, 8, 8, 1), seed=42)
   path = pretrained.save(str(tmp_path_factory.mktemp("dual") / "bb.npz"), p)
   c = _config()
   init = experiment.initial_state(experiment.setup(
       c, strategy=dualprompt()), c.seed)
-  return init, _first(c, 1, dualprompt(train_mask=False, pretrained=path)), p
+  return init, _first(c, 1, jaxcl.chain(
+      dualprompt(train_mask=False, pretrained=path), replay(mem_size=40))), p
 
 
 @pytest.mark.parametrize("train_mask", [True, False])
@@ -474,14 +507,15 @@ def test_train_mask(train_mask, two_runs, unmasked_pretrained_run):
                                                train_mask)
 
 
-def test_train_mask_beside_replay_is_refused():
+def test_train_mask_beside_replay_is_refused(unmasked_pretrained_run):
+  """Refused at the first step's trace (nothing trains); without the mask
+  the chain runs (unmasked_pretrained_run)."""
   c = _config()
   with pytest.raises(ValueError, match=r"train_mask=True beside a member "
                      r"that appends replayed rows \(the batch has 64 rows, "
                      r"32 incoming\)"):
     jaxcl.run(c, strategy=jaxcl.chain(dualprompt(), replay(mem_size=40)))
-  r = _first(c, 1, jaxcl.chain(dualprompt(train_mask=False),
-                               replay(mem_size=40)))
+  r = unmasked_pretrained_run[1]
   assert np.isfinite(r.metrics["acc"])
 
 
