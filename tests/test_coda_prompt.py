@@ -33,6 +33,32 @@ SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
 
 
+def random_params(model, shape, seed=0):
+  """Random parameters of ``model`` for an input of ``shape``: the tree's
+  structure from a trace of its init (``jax.eval_shape``: nothing is
+  compiled), the values drawn by NumPy (LayerNorm scales 1 + N(0, 0.01),
+  biases N(0, 0.01), every other leaf N(0, 1/fan-in): nothing is 0, and
+  no bias drowns the features). The checks that hold for any parameters
+  (a forward against its reference, gradients' reach, shapes) use these:
+  a compiled flax init of a ViT (one threefry program per weight) cost
+  2.5-4 s of compiling per model, the largest cost of those tests."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros(shape)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      v = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name.endswith("['bias']"):
+      v = 0.1 * rng.standard_normal(leaf.shape)
+    else:
+      fan_in = int(np.prod(leaf.shape[:-1])) or 1
+      v = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    return jnp.asarray(v, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 _attention = vit_reference.attention
 
 
@@ -133,7 +159,7 @@ def test_coda_forward_equals_the_reference():
   m = models.build("vit", 10, pool_size=6, prompt="coda", prompt_length=4,
                    prompt_layers=(1,), **SMALL)
   assert isinstance(m, CodaViT) and m.layers == (1,)
-  p = vit_reference.init(m, (1, 8, 8, 1), seed=5)
+  p = random_params(m, (1, 8, 8, 1), seed=5)
   assert p["prompt"].shape == (1, 6, 4, 16)
   assert p["key"].shape == p["attn"].shape == (1, 6, 16)
   x = jax.random.normal(jax.random.PRNGKey(7), (3, 8, 8, 1))
@@ -428,7 +454,7 @@ def test_the_weights_send_no_gradient_into_the_backbone():
   """α is computed from the frozen model's query (no gradient): only K and
   A receive one."""
   m = models.build("vit", 10, **dict(SMALL, **CODA))
-  p = vit_reference.init(m, (1, 8, 8, 1), seed=2)
+  p = random_params(m, (1, 8, 8, 1), seed=2)
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 8, 1))
   g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
       {"params": p}, x, method=CodaViT.weights) ** 2)))(p)
@@ -447,25 +473,35 @@ def pretrained_run(tmp_path_factory):
   """One experience (Adam without decay, train_mask=True) from a
   pretrained backbone: one run for the mask and the pretrained checks."""
   plain = models.build("vit", 10, **SMALL)
-  p = vit_reference.init(plain, (1, 8, 8, 1), seed=42)
+  p = random_params(plain, (1, 8, 8, 1), seed=42)
   path = pretrained.save(str(tmp_path_factory.mktemp("coda") / "bb.npz"), p)
   c = _config(pretrained=path)
   init = experiment.initial_state(experiment.setup(c), c.seed)
   return c, init, _first(c, 1), p
 
 
+@pytest.fixture(scope="module")
+def unmasked_replay_run():
+  """One experience of coda_prompt(train_mask=False)+replay (Adam without
+  decay): one run for the unmasked head and the replay checks. Replay's
+  rows are all padding in the first experience: the head sees the
+  incoming rows only, as coda_prompt alone would."""
+  c = _config(train_mask=False)
+  c.strategy.name = "coda_prompt+replay"
+  c.strategy.replay = dict(mem_size=40)
+  init = experiment.initial_state(experiment.setup(c), c.seed)
+  return c, init, _first(c, 1)
+
+
 @pytest.mark.parametrize("train_mask", [True, False])
-def test_train_mask_and_prediction_over_seen_classes(train_mask,
-                                                     pretrained_run):
+def test_train_mask_and_prediction_over_seen_classes(train_mask, request):
   """Adam without decay: with the mask, only the first experience's two
   head columns move; without it, all do. Prediction is over the classes
   seen, whatever the task id."""
   if train_mask:
-    c, init, r, _ = pretrained_run
+    c, init, r, _ = request.getfixturevalue("pretrained_run")
   else:
-    c = _config(train_mask=False)
-    r = _first(c, 1)
-    init = experiment.initial_state(experiment.setup(c), c.seed)
+    c, init, r = request.getfixturevalue("unmasked_replay_run")
   vit_reference.assert_head_trained_under_mask(init.params, r.state.params,
                                                train_mask)
   if not train_mask:
@@ -480,9 +516,10 @@ def test_train_mask_and_prediction_over_seen_classes(train_mask,
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(other))
 
 
-def test_train_mask_beside_replay_is_refused():
+def test_train_mask_beside_replay_is_refused(unmasked_replay_run):
   """As l2p's: the masked loss beside replayed rows is refused at the first
-  step; without the mask the chain runs."""
+  step's trace (nothing trains); without the mask the chain runs
+  (unmasked_replay_run)."""
   c = _config()
   c.strategy.name = "coda_prompt+replay"
   c.strategy.replay = dict(mem_size=40)
@@ -490,8 +527,7 @@ def test_train_mask_beside_replay_is_refused():
                      r"that appends replayed rows \(the batch has 64 rows, "
                      r"32 incoming\)"):
     jaxcl.run(c)
-  c.strategy.coda_prompt = {"n_tasks": 5, "train_mask": False}
-  r = _first(c, 1)                 # runs (replay's rows are all padding)
+  r = unmasked_replay_run[2]
   assert np.isfinite(r.metrics["acc"])
 
 
@@ -539,9 +575,9 @@ def test_bad_arguments_and_models(tmp_path):
 
 def test_plain_vit_params_load_into_the_coda_backbone():
   plain = models.build("vit", 10, **SMALL)
-  p = vit_reference.init(plain, (1, 8, 8, 1), seed=3)
+  p = random_params(plain, (1, 8, 8, 1), seed=3)
   coda = models.build("vit", 10, **dict(SMALL, **CODA))
-  pc = vit_reference.init(coda, (1, 8, 8, 1))
+  pc = random_params(coda, (1, 8, 8, 1))
   assert jax.tree.structure(p["backbone"]) == \
       jax.tree.structure(pc["backbone"])
   for a, b in zip(jax.tree.leaves(p["backbone"]),
