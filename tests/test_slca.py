@@ -18,7 +18,7 @@ from jaxcl.strategies.slca import (align_head, alignment_loss,
                                    class_statistics, slca)
 from jaxcl.train import train_step
 
-from partial_runs import run_first
+from partial_runs import run_keeping_states, trace_initial_state
 
 
 def _config(opt="momentum", wd=5e-4):
@@ -30,14 +30,24 @@ def _config(opt="momentum", wd=5e-4):
   return c
 
 
-_first = run_first
+@pytest.fixture(scope="module")
+def full_run():
+  """One SLCA run over the whole stream that keeps the state as each
+  experience ended: ``(config, result, states, strategy)`` (the strategy
+  record run, without run_keeping_states' hook)."""
+  c = _config()
+  strategy = slca()
+  r, states = run_keeping_states(c, strategy=strategy)
+  return c, r, states, strategy
 
 
 @pytest.fixture(scope="module")
-def runs():
-  """The same SLCA run stopped after one and after two experiences."""
-  c = _config()
-  return c, _first(c, 1, slca()), _first(c, 2, slca())
+def runs(full_run):
+  """The SLCA run as it was after one and after two experiences (the
+  same run: states do not depend on the experiences still to come)."""
+  c, r, states, _ = full_run
+  return (c, dataclasses.replace(r, state=states[0]),
+          dataclasses.replace(r, state=states[1]))
 
 
 def leaves(t):
@@ -259,9 +269,9 @@ def test_freeze_grads_masks_old_columns_and_a_frozen_backbone(runs):
         assert all((a == backbone).all() for a in leaves(g[name]))
 
 
-def test_alignment_changes_only_the_head(runs):
+def test_alignment_changes_only_the_head(runs, full_run):
   c, r1, r2 = runs
-  strategy = slca()
+  strategy = full_run[3]   # the run's own: its hooks are compiled
   ctx = r2.learner.ctx
   exps = experiment.build_scenario(c).experiences
   # The state just before experience 1's end, replayed through the hook:
@@ -356,9 +366,8 @@ def test_first_experience_statistics_and_no_alignment(runs):
                                rtol=1e-3, atol=1e-5)
 
 
-def test_run_compiles_once_and_beats_naive():
-  c = _config()
-  r = jaxcl.run(c, strategy=slca())
+def test_run_compiles_once_and_beats_naive(full_run):
+  c, r, _, _ = full_run
   acc = np.asarray(r.accuracy)
   assert np.isfinite(acc).all()
   assert r.learner.chunk_fn._cache_size() == 1
@@ -420,28 +429,36 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_bad_streams_and_models():
+  # Refused at init: traced, not compiled.
   c = _config()
   c.scenario.kind = "task"
   with pytest.raises(ValueError, match="class-incremental"):
-    jaxcl.run(c, strategy=slca())
+    trace_initial_state(c, slca())
   c = _config()
   c.model.head = "cosine"
   with pytest.raises(ValueError, match="linear 'head'"):
-    jaxcl.run(c, strategy=slca())
+    trace_initial_state(c, slca())
   c = _config()
   c.model.widths = (6000,)   # 10 x 6000 x 6000 = 360M floats
   with pytest.raises(ValueError, match=r"slca: 10 classes of 6000-dim.* "
                      r"covariances .*at most 250000000 floats"):
-    jaxcl.run(c, strategy=slca())
+    trace_initial_state(c, slca())
 
 
 def test_repeated_class_is_refused():
+  """Refused as the second experience starts: the hooks driven by hand,
+  with nothing trained in between (training does not touch which classes
+  came; jaxcl.run would train the first experience first)."""
   c = _config()
   sc = experiment.build_scenario(c)
   again = dataclasses.replace(sc, experiences=[sc.experiences[0],
                                                sc.experiences[0]])
+  s = experiment.setup(c, strategy=slca(), scenario=again)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = strategy.before_experience(ctx, experiment.initial_state(s, 0),
+                                     again.experiences[0])
   with pytest.raises(ValueError, match=r"brings classes \[0, 1\] again"):
-    jaxcl.run(c, strategy=slca(), scenario=again)
+    strategy.before_experience(ctx, state, again.experiences[1])
 
 
 def test_train_mask_beside_replay_is_refused():
