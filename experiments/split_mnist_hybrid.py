@@ -47,6 +47,14 @@ lr 0.03, margin 0.5.
   epochs (``finetune``; 0: none, the ablation) of SGD with momentum 0.9
   from 0.01 (a tenth of the training rate, as the paper), divided by 10
   every 10 epochs. lr 0.1 as iCaRL's. No published Split MNIST number.
+* ``wa`` (Zhao et al. 2020): ``mem_size`` herded exemplars, 10 per step,
+  ``(1 - λ)`` CE plus ``λ`` distillation (T 2, ``λ`` old over seen
+  classes), the output weights clipped at zero after every step, and at
+  each experience's end the new classes' weight vectors scaled to the old
+  ones' mean norm. lr 0.1 as iCaRL's. ``align=False``: the same run
+  without the alignment (the paper's "KD" ablation); ``clip=False``:
+  without the clipping. No published Split MNIST number: compare with
+  ``bic``, ``icarl`` and ``replay``.
 * ``dmc`` (Zhang et al. 2020): no exemplar; each experience trains a
   fresh specialist on its own classes, then a fresh student regresses the
   old and new models' centred logits on 10000 unlabelled images of the
@@ -74,12 +82,14 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=eeil,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=dmc
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ss_il,mem_size=200
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=wa,mem_size=200
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
 ``finetune`` (EEIL's balanced fine-tuning epochs), ``consolidate``
-(DMC's student epochs), ``imprint`` and ``classifier`` (LUCIR's weight
+(DMC's student epochs), ``align`` and ``clip`` (WA's weight aligning
+and clipping), ``imprint`` and ``classifier`` (LUCIR's weight
 imprinting; ``cnn`` | ``nme``), ``bce`` (iCaRL's BCE over the classes
 ``seen`` or ``all`` outputs), ``init`` (``model.init``: lecun_normal | torch),
 ``quick`` (2000 training / 1000 test examples, for tests). Measured results: see
@@ -92,7 +102,7 @@ from jaxcl.experiment import default_config
 LR = {"gem": 0.03, "agem": 0.1, "agem_r": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
-      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1, "ss_il": 0.1}
+      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1, "ss_il": 0.1, "wa": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -106,7 +116,8 @@ def get_config(arg=None):
   a = parse_arg(arg, strategy="gem", mem_size=200, kind="class",
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
                 init="lecun_normal", rectify=True, finetune=30, consolidate=10,
-                imprint=False, classifier="cnn", bce="seen", quick=False)
+                imprint=False, classifier="cnn", bce="seen", align=True,
+                clip=True, quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -146,6 +157,9 @@ def get_config(arg=None):
     c.strategy.replay = dict(mem_size=m, batch_size=10)
   elif s == "bic":
     c.strategy.bic = dict(mem_size=m, batch_size=10)
+  elif s == "wa":
+    c.strategy.wa = dict(mem_size=m, batch_size=10, align=a["align"],
+                         clip=a["clip"])
   elif s == "il2m":
     c.strategy.il2m = dict(mem_size=m, batch_size=10,
                            rectify_scores=a["rectify"])

@@ -38,7 +38,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
-               "dmc", "ss_il"),
+               "dmc", "ss_il", "wa"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda", "fecam", "ranpac", "fetril"),
@@ -147,6 +147,8 @@ PAPERS: dict[str, str] = {
                                   "negative replay for continual learning*, "
                                   "Neural Networks",
     "bic": "Wu et al. 2019, *Large scale incremental learning*, CVPR (BiC)",
+    "wa": "Zhao et al. 2020, *Maintaining discrimination and fairness in "
+          "class incremental learning*, CVPR (WA)",
     "lucir": "Hou et al. 2019, *Learning a unified classifier incrementally "
              "via rebalancing*, CVPR (LUCIR)",
     "il2m": "Belouadah & Popescu 2019, *IL2M: class incremental learning "
@@ -270,6 +272,8 @@ NEEDS: dict[str, str] = {
              "class-incremental stream, each class in one experience",
     "il2m": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
+    "wa": "a class-incremental stream (`scenario.kind='class'`), each class "
+          "in one experience, and a linear `head` over all classes",
     "eeil": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
     "dmc": "a class-incremental stream (`scenario.kind='class'`), each "
@@ -352,7 +356,7 @@ NEEDS: dict[str, str] = {
 ONE_EXPERIENCE_PER_CLASS: tuple[str, ...] = (
     "bic", "cscct", "dmc", "eeil", "fecam", "fetril", "il2m", "lucir", "rpc",
     "slca",
-    "ss_il", "xder")
+    "ss_il", "wa", "xder")
 
 
 def available() -> list[str]:
