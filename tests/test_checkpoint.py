@@ -13,18 +13,52 @@ import time
 import numpy as np
 import pytest
 
-from resume_driver import REPO, assert_same, drive, driver_env
+import resume_driver
+from resume_driver import REPO, assert_same, driver_env
 
 DRIVER = os.path.join(REPO, "tests", "resume_driver.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _persistent_compilation_cache(child_env):
+  """The tests here run the same config several times in this process
+  (reference, interrupted, resumed): each ``jaxcl.run`` builds its
+  programs anew, and XLA compiled each copy again (2-3 s a run). With
+  JAX's persistent compilation cache, for this file only, a copy is read
+  back from the cache (conftest.py's ``child_env`` directory, which the
+  drivers' processes share), as a resume in a new process would.
+  Restored after the file: other files compile as before."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  keys = ("jax_compilation_cache_dir",
+          "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], child_env["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(keys[1], float(
+      child_env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  cc.reset_cache()
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, child_env):
+def drive(child_env):
+  """``drive(workdir, out, *args)``: resume_driver.py's invocation in a
+  child forked from one process that imported jax, jaxcl and orbax once
+  (resume_driver.forker; ~3 s of CPU less per invocation), in
+  conftest.py's ``child_env``."""
+  yield from resume_driver.forker(child_env)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, drive):
   """An uninterrupted run: its outputs (``ref.npz``) and, beside them, its
   run directory ``run`` (tests copy it, never change it)."""
   d = tmp_path_factory.mktemp("ref")
   start = time.monotonic()
-  p = drive(d / "run", d / "ref.npz", env=child_env)
+  p = drive(d / "run", d / "ref.npz")
   assert p.returncode == 0, p.stderr[-3000:]
   # Its wall time, for a kill at a moment inside a whole run.
   (d / "ref.seconds").write_text(str(time.monotonic() - start))
@@ -39,16 +73,19 @@ def copy_of_reference_run(reference, tmp_path):
   return work
 
 
-def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
+def test_killed_anywhere_resumes_bit_identical(tmp_path, reference, drive,
                                                child_env):
   work = tmp_path / "run"
-  # Kill points: mid-epoch before a save, during async saves, at an
-  # experience boundary; each kill is followed by a resume in the same dir.
-  for mode, n in [("before", 3), ("during", 6), ("during", 1),
-                  ("before", 9), ("during", 4)]:
-    p = drive(work, tmp_path / "x.npz", mode, n, env=child_env)
+  # Kill points (the n-th save of each invocation; 4 saves an experience,
+  # resume_driver.config): mid-epoch before a save, during async saves, at
+  # an experience boundary (the second kill, during the save after
+  # experience 0), through experience 2 of 5; each kill is followed by a
+  # resume in the same dir.
+  for mode, n in [("before", 3), ("during", 2), ("during", 1),
+                  ("before", 5), ("during", 2)]:
+    p = drive(work, tmp_path / "x.npz", mode, n)
     assert p.returncode == -signal.SIGKILL, (mode, n, p.stderr[-3000:])
-  p = drive(work, tmp_path / "final.npz", env=child_env)
+  p = drive(work, tmp_path / "final.npz")
   assert p.returncode == 0, p.stderr[-3000:]
   # A resume says where it starts from (it used to be silent).
   assert re.search(r"jaxcl: resumed from checkpoint \d+ \((\d experience"
@@ -65,7 +102,9 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
   # directory. It must land while the run is alive: a kill after the end
   # checked nothing (session 39 found the old fixed 6 s wait landing after
   # the last resume had finished), so a run that outlives none of the
-  # waits fails the test instead of passing it.
+  # waits fails the test instead of passing it. A new process, not a
+  # forked one, so that a kill can land in its imports too (the waits are
+  # fractions of the forked reference's time, which has none).
   whole = float((reference.parent / "ref.seconds").read_text())
   fresh = tmp_path / "fresh"
   for wait in (0.6 * whole, 0.3 * whole, 0.15 * whole):
@@ -82,7 +121,7 @@ def test_killed_anywhere_resumes_bit_identical(tmp_path, reference,
     if alive:
       break
   assert alive, f"every run ended within {wait:.1f} s; no kill landed"
-  p = drive(fresh, tmp_path / "final_fresh.npz", env=child_env)
+  p = drive(fresh, tmp_path / "final_fresh.npz")
   assert p.returncode == 0, p.stderr[-3000:]
   assert_same(tmp_path / "final_fresh.npz", reference)
   assert log_records(fresh) == log_records(reference.parent / "run")
@@ -100,8 +139,7 @@ def log_records(workdir):
   return records
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference,
-                                             child_env):
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference, drive):
   # The finished reference run's checkpoints: the newest (after the last
   # experience) is corrupted, the resume falls back to the one before it
   # (inside the last experience) and must still end bit-identical.
@@ -118,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference,
         fh.truncate(max(os.path.getsize(path) // 3, 1))
       n_corrupted += 1
   assert n_corrupted > 0
-  p = drive(work, tmp_path / "final.npz", env=child_env)
+  p = drive(work, tmp_path / "final.npz")
   assert p.returncode == 0, p.stderr[-3000:]
   assert f"checkpoint {steps[-1]}" in p.stderr
   assert "falling back" in p.stderr
@@ -129,11 +167,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference,
   assert len([s for s in os.listdir(ckdir) if s.isdigit()]) >= 2
 
 
-def test_incompatible_config_is_refused(tmp_path, reference, child_env):
+def test_incompatible_config_is_refused(tmp_path, reference, drive):
   work = copy_of_reference_run(reference, tmp_path)
   before = sorted(os.listdir(work / "checkpoints"))
   assert len([s for s in before if s.isdigit()]) >= 2
-  p = drive(work, tmp_path / "y.npz", "none", -1, "64", env=child_env)
+  p = drive(work, tmp_path / "y.npz", "none", -1, "64")
   assert p.returncode != 0
   assert "IncompatibleCheckpointError" in p.stderr
   assert "model.widths" in p.stderr and "[32]" in p.stderr
@@ -448,7 +486,9 @@ def test_resume_restores_every_part_of_the_state(tmp_path, monkeypatch):
   c.strategy.name, c.strategy.replay = "replay", dict(mem_size=40)
   c.scenario.n_experiences, c.train.epochs = 2, 1
   c.train.reset_optimizer = False
-  c.checkpoint.every_steps, c.checkpoint.keep = 10, 2
+  # A save every 20 steps (43 per experience): at 20, 40 and each
+  # experience's end, 6 a run (orbax's saves are most of these runs' time).
+  c.checkpoint.every_steps, c.checkpoint.keep = 20, 2
   ref_dir, work = str(tmp_path / "ref"), str(tmp_path / "run")
   saved = _saves_until(monkeypatch, 0)
   ref = jaxcl.run(c, ref_dir, resume=False)
@@ -671,11 +711,14 @@ def test_resumed_run_keeps_its_continual_evaluation_curve(tmp_path,
   from resume_driver import config
   c = config()
   c.scenario.n_experiences, c.train.epochs = 2, 2
-  c.train.eval_every_steps, c.checkpoint.every_steps = 3, 6
+  # Saves at steps 18 and 36 of each 43-step epoch (a multiple of the
+  # evaluation interval), 10 a run; the interruption after the save of
+  # step 18 of experience 1's second epoch.
+  c.train.eval_every_steps, c.checkpoint.every_steps = 3, 18
   saved = _saves_until(monkeypatch, 0)
   ref_dir, work = str(tmp_path / "ref"), str(tmp_path / "run")
   ref = jaxcl.run(c, ref_dir, resume=False)
-  at = saved.index(checkpoint.Position(1, "train", 1, 6))
+  at = saved.index(checkpoint.Position(1, "train", 1, 18))
   _saves_until(monkeypatch, at + 2)
   with pytest.raises(_Interrupted):
     jaxcl.run(c, work)
@@ -739,6 +782,9 @@ def test_resumes_a_checkpoint_without_exposed_accuracies(tmp_path,
   from resume_driver import config
   c = config()
   c.scenario.n_experiences, c.train.eval_every_steps = 2, 5
+  # One epoch, saves at steps 20 and 40 and the experiences' ends: 6 a run
+  # instead of 36 (orbax's saves were most of the test's time).
+  c.train.epochs, c.checkpoint.every_steps = 1, 20
   ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
   work = str(tmp_path / "run")
   real_save = checkpoint.Checkpointer.save
@@ -777,6 +823,10 @@ def test_resumes_a_checkpoint_without_confusion_matrices(tmp_path,
   from jaxcl import checkpoint
   from resume_driver import config
   c = config()
+  # One epoch, a save at step 10 of each 17-step experience and at its
+  # end: 10 a run instead of 40 (orbax's saves were most of the test's
+  # time); the resume still starts inside experience 1.
+  c.train.epochs, c.checkpoint.every_steps = 1, 10
   ref = jaxcl.run(c, str(tmp_path / "ref"), resume=False)
   work = str(tmp_path / "run")
   real_fp, real_save = checkpoint.fingerprint, checkpoint.Checkpointer.save

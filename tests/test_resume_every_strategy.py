@@ -38,7 +38,9 @@ deselect it). Run the audit with, e.g.:
       'tests/test_resume_every_strategy.py::test_resumes_bit_identical[mid-replay]'
 
 The processes share a JAX compilation cache in the session's tmp dir (the
-reference, killed and resumed runs compile the same programs).
+reference, killed and resumed runs compile the same programs), and are
+forked from one process that imported jax, jaxcl and orbax once
+(resume_driver.forker: ~3 s of CPU less per process).
 """
 
 import json
@@ -49,7 +51,8 @@ import pytest
 
 import jaxcl.strategies
 import resume_configs
-from resume_driver import assert_same, drive
+import resume_driver
+from resume_driver import assert_same
 
 PLANS = {
     "mid": [("before", dict(experience=1, phase="train", epoch=0, step=6))],
@@ -60,6 +63,13 @@ PLANS = {
               ("before", dict(experience=3, phase="train", epoch=0,
                               step=6))],
 }
+
+
+@pytest.fixture(scope="module")
+def drive(child_env):
+  """resume_driver.py's invocations, forked from one server process, in
+  conftest.py's ``child_env``."""
+  yield from resume_driver.forker(child_env)
 
 
 @pytest.fixture(scope="session")
@@ -90,25 +100,25 @@ def plan_targets(plan, positions):
           for k, (mode, _) in enumerate(kills)]
 
 
-def audit(name, plan, tmp_path, env, pretrained=None):
-  """Reference run, the plan's kills, the resume; asserts it all."""
+def audit(name, plan, tmp_path, drive, pretrained=None):
+  """Reference run, the plan's kills, the resume (``drive``: the module's
+  fixture); asserts it all."""
   resume_configs.config(name, pretrained)  # a missing config fails here
   args = ["--strategy", name] + (["--pretrained", pretrained] if pretrained
                                  else [])
   ref = tmp_path / "ref.npz"
-  p = drive(tmp_path / "ref", ref, "none", -1, 32, *args, env=env)
+  p = drive(tmp_path / "ref", ref, "none", -1, 32, *args)
   assert p.returncode == 0, p.stderr[-3000:]
   with open(f"{ref}.json") as f:
     positions = json.load(f)["positions"]
   work = tmp_path / "run"
   kills = plan_targets(plan, positions)
   for mode, target in kills:
-    p = drive(work, tmp_path / "x.npz", mode, json.dumps(target), 32, *args,
-              env=env)
+    p = drive(work, tmp_path / "x.npz", mode, json.dumps(target), 32, *args)
     assert p.returncode == -signal.SIGKILL, (
         f"kill {mode} {target}: exit {p.returncode} (0: never reached)\n" +
         p.stderr[-3000:])
-  p = drive(work, tmp_path / "final.npz", "none", -1, 32, *args, env=env)
+  p = drive(work, tmp_path / "final.npz", "none", -1, 32, *args)
   assert p.returncode == 0, p.stderr[-3000:]
   said = re.findall(r"jaxcl: resumed from checkpoint \d+ (.*)$", p.stderr,
                     re.M)
@@ -123,10 +133,10 @@ def audit(name, plan, tmp_path, env, pretrained=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", jaxcl.strategies.available())
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_resumes_bit_identical(name, plan, tmp_path, child_env, request):
+def test_resumes_bit_identical(name, plan, tmp_path, drive, request):
   pretrained = (request.getfixturevalue("pretrained_npz")
                 if name in resume_configs.NEEDS_PRETRAINED else None)
-  audit(name, plan, tmp_path, child_env, pretrained)
+  audit(name, plan, tmp_path, drive, pretrained)
 
 
 def test_every_config_builds_for_a_registered_strategy(tmp_path):
@@ -145,8 +155,8 @@ def test_every_config_builds_for_a_registered_strategy(tmp_path):
     resume_configs.config("piggyback")
 
 
-def test_audit_end_to_end_on_replay(tmp_path, child_env):
+def test_audit_end_to_end_on_replay(tmp_path, drive):
   """The audit's machinery itself (position-targeted kill, the resume's
   starting point, the comparison) on one cheap strategy, in the fast
   suite (about 11 s) so that it cannot rot unnoticed between audits."""
-  audit("replay", "mid", tmp_path, child_env)
+  audit("replay", "mid", tmp_path, drive)
