@@ -61,7 +61,9 @@ def config(name, devices):
   if strategy == "xder":  # a balanced memory rebuilt at each experience's end
     c.strategy.xder = dict(mem_size=256, batch_size=16)
   if strategy == "mer":  # memory rows per incoming row; scans in the step
-    c.strategy.mer = dict(mem_size=256, batch_size=4, batches=2, beta=0.5,
+    # (2 memory rows in each of 2 batches: the step's sequential updates,
+    # 6 per incoming row, were most of its 8-device run; 4 rows made 10.)
+    c.strategy.mer = dict(mem_size=256, batch_size=2, batches=2, beta=0.5,
                           gamma=0.5)
   if strategy == "scr":  # augmented views; a head trained in after_step
     c.strategy.scr = dict(mem_size=256, batch_size=16)
