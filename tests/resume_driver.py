@@ -29,6 +29,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def forker(env=None, timeout=600):
       if server.poll() is None:
         server.kill()
         server.wait()
-      os.rmdir(home)
+      shutil.rmtree(home, ignore_errors=True)
 
 
 def _serve():
