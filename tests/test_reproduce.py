@@ -19,14 +19,64 @@ NAIVE = "split_mnist_baselines__strategy_naive"
 SKIP_TASK = ["--skip", f"{NAIVE}_kind_task"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _idx_files_read_once():
+  """Each run of this module's entries reads its MNIST / Fashion-MNIST IDX
+  files anew (~1 s of CPU: decompressing and converting them), 18 times
+  in all, for the same data. Here a directory's files are read once, and
+  later runs get those arrays (made read-only: a write into them fails);
+  a directory without them fails as before. What is checked is the
+  script's bookkeeping, not the reader (test_datasets.py)."""
+  from jaxcl import datasets
+  read, kept = datasets._load_idx, {}
+
+  def load_idx(name, data_dir):
+    key = (name, os.path.realpath(data_dir))
+    if key not in kept:
+      d = read(name, data_dir)
+      for a in (d.train_x, d.train_y, d.test_x, d.test_y):
+        a.flags.writeable = False
+      kept[key] = d
+    return kept[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(datasets, "_load_idx", load_idx)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pngs_unrendered():
+  """Rendering PNGs (matplotlib's Agg drawing and encoding) was a quarter
+  of this module's CPU time: three per training run (jaxcl.report's
+  per-run plots) and one per table of every report written. No test here
+  looks into them (test_report.py and test_confusion.py check the per-run
+  plots), so ``Figure.savefig`` writes an empty file at the path instead:
+  the plots are still built, and their files written and linked. Files
+  under the folders added to the yielded set are rendered: the shared
+  smoke invocation's report plots, which its test checks."""
+  from matplotlib.figure import Figure
+  real, rendered = Figure.savefig, set()
+
+  def savefig(self, fname, *args, **kwargs):
+    if any(str(fname).startswith(d + os.sep) for d in rendered):
+      return real(self, fname, *args, **kwargs)
+    open(fname, "wb").close()
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(Figure, "savefig", savefig)
+    yield rendered
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
+def smoke_run(tmp_path_factory, data_dir, _pngs_unrendered):
   """One finished smoke invocation (class-incremental Naive and Permuted
   MNIST Naive): ``(root, report path)``, the run directories in
   ``root/work_smoke``. Each training run compiles its own programs, most of
   these tests' time, so the tests that need finished entries share it; a
-  test that changes it works on a copy (``_copy_smoke``)."""
+  test that changes it works on a copy (``_copy_smoke``). Its report's
+  plots are rendered."""
   root = tmp_path_factory.mktemp("smoke")
+  _pngs_unrendered.add(str(root / "out"))
   path = reproduce.main([
       "--smoke", "--only", NAIVE, "permuted_mnist_baselines", *SKIP_TASK,
       "--out", str(root / "out"), "--workdir", str(root / "work"),
@@ -53,6 +103,8 @@ def test_smoke_writes_results_with_commit_and_plots(tmp_path, data_dir,
   assert len(pngs) >= 2 and text.count("![") == len(pngs)
   for png in pngs:  # each plot is linked from the report, by its folder
     assert f"]({reproduce.FIGURES}/{png})" in text
+    with open(root / "out" / reproduce.FIGURES / png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # drawn (see above)
   # Resumable: a second call reuses the finished entries (of a copy: the
   # shared run stays as it was).
   shutil.copytree(root / "out", tmp_path / "out")
