@@ -244,3 +244,14 @@ def test_readme_tfds_preparation_matches_the_function():
   kwargs = re.findall(r"(\w+)=", call)
   assert kwargs == ["manual_dir", "data_dir"]
   inspect.signature(tfds_local.prepare).bind("mnist", **dict.fromkeys(kwargs))
+
+
+def test_the_methods_sections_count_is_the_registrys():
+  """The README's "N strategies in eight families" went stale once (73
+  said, 76 registered): it is read from the registry's families."""
+  from jaxcl import strategies
+  m = re.search(r"^(\d+) strategies in (\w+) families", README, re.M)
+  assert m, "the Methods section's count is gone"
+  words = {8: "eight", 9: "nine", 10: "ten"}
+  assert int(m.group(1)) == len(strategies.available())
+  assert m.group(2) == words.get(len(strategies.FAMILIES))
