@@ -33,31 +33,6 @@ SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 CODA = dict(pool_size=10, prompt="coda", prompt_length=4)
 
 
-def random_params(model, shape, seed=0):
-  """Random parameters of ``model`` for an input of ``shape``: the tree's
-  structure from a trace of its init (``jax.eval_shape``: nothing is
-  compiled), the values drawn by NumPy (LayerNorm scales 1 + N(0, 0.01),
-  biases N(0, 0.01), every other leaf N(0, 1/fan-in): nothing is 0, and
-  no bias drowns the features). The checks that hold for any parameters
-  (a forward against its reference, gradients' reach, shapes) use these:
-  a compiled flax init of a ViT (one threefry program per weight) cost
-  2.5-4 s of compiling per model, the largest cost of those tests."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(shape)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      v = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name.endswith("['bias']"):
-      v = 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      fan_in = int(np.prod(leaf.shape[:-1])) or 1
-      v = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    return jnp.asarray(v, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
 
 _attention = vit_reference.attention
 
@@ -159,7 +134,7 @@ def test_coda_forward_equals_the_reference():
   m = models.build("vit", 10, pool_size=6, prompt="coda", prompt_length=4,
                    prompt_layers=(1,), **SMALL)
   assert isinstance(m, CodaViT) and m.layers == (1,)
-  p = random_params(m, (1, 8, 8, 1), seed=5)
+  p = vit_reference.random_params(m, (1, 8, 8, 1), seed=5)
   assert p["prompt"].shape == (1, 6, 4, 16)
   assert p["key"].shape == p["attn"].shape == (1, 6, 16)
   x = jax.random.normal(jax.random.PRNGKey(7), (3, 8, 8, 1))
@@ -454,7 +429,7 @@ def test_the_weights_send_no_gradient_into_the_backbone():
   """α is computed from the frozen model's query (no gradient): only K and
   A receive one."""
   m = models.build("vit", 10, **dict(SMALL, **CODA))
-  p = random_params(m, (1, 8, 8, 1), seed=2)
+  p = vit_reference.random_params(m, (1, 8, 8, 1), seed=2)
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 8, 1))
   g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
       {"params": p}, x, method=CodaViT.weights) ** 2)))(p)
@@ -473,7 +448,7 @@ def pretrained_run(tmp_path_factory):
   """One experience (Adam without decay, train_mask=True) from a
   pretrained backbone: one run for the mask and the pretrained checks."""
   plain = models.build("vit", 10, **SMALL)
-  p = random_params(plain, (1, 8, 8, 1), seed=42)
+  p = vit_reference.random_params(plain, (1, 8, 8, 1), seed=42)
   path = pretrained.save(str(tmp_path_factory.mktemp("coda") / "bb.npz"), p)
   c = _config(pretrained=path)
   init = experiment.initial_state(experiment.setup(c), c.seed)
@@ -575,9 +550,9 @@ def test_bad_arguments_and_models(tmp_path):
 
 def test_plain_vit_params_load_into_the_coda_backbone():
   plain = models.build("vit", 10, **SMALL)
-  p = random_params(plain, (1, 8, 8, 1), seed=3)
+  p = vit_reference.random_params(plain, (1, 8, 8, 1), seed=3)
   coda = models.build("vit", 10, **dict(SMALL, **CODA))
-  pc = random_params(coda, (1, 8, 8, 1))
+  pc = vit_reference.random_params(coda, (1, 8, 8, 1))
   assert jax.tree.structure(p["backbone"]) == \
       jax.tree.structure(pc["backbone"])
   for a, b in zip(jax.tree.leaves(p["backbone"]),

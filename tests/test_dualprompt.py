@@ -38,31 +38,6 @@ DUAL = dict(pool_size=5, prompt="dualprompt", prompt_length=3,
 G_LAYERS, E_LAYERS = (0, 1), (1, 2)
 
 
-def random_params(model, shape, seed=0):
-  """Random parameters of ``model`` for an input of ``shape``: the tree's
-  structure from a trace of its init (``jax.eval_shape``: nothing is
-  compiled), the values drawn by NumPy (LayerNorm scales 1 + N(0, 0.01),
-  biases N(0, 0.01), every other leaf N(0, 1/fan-in): nothing is 0, and
-  no bias drowns the features). The checks that hold for any parameters
-  (a forward against its reference) use these: a compiled flax init of a
-  ViT (one threefry program per weight) cost 2.5-4 s of compiling per
-  model, the largest cost of those tests."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(shape)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      v = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name.endswith("['bias']"):
-      v = 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      fan_in = int(np.prod(leaf.shape[:-1])) or 1
-      v = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    return jnp.asarray(v, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
 
 # Compiled once per (model, shape, flags) and shared by the tests: run op
 # by op, a ViT's init and forward compile every operation on its own, the
@@ -84,7 +59,7 @@ def _model(**kw):
 
 
 def _params(m, seed=5):
-  p = random_params(m, (1, 8, 8, 1), seed=seed)
+  p = vit_reference.random_params(m, (1, 8, 8, 1), seed=seed)
   # A head of larger weights, so the logits show the feature.
   k = jax.random.normal(jax.random.PRNGKey(seed + 1), p["head"]["kernel"]
                         .shape)
@@ -485,7 +460,7 @@ def unmasked_pretrained_run(tmp_path_factory):
   backbone (Adam without decay) chained with replay: one run for the
   mask, pretrained and replay checks below."""
   plain = models.build("vit", 10, **BACKBONE)
-  p = random_params(plain, (1, 8, 8, 1), seed=42)
+  p = vit_reference.random_params(plain, (1, 8, 8, 1), seed=42)
   path = pretrained.save(str(tmp_path_factory.mktemp("dual") / "bb.npz"), p)
   c = _config()
   init = experiment.initial_state(experiment.setup(

@@ -29,31 +29,6 @@ from partial_runs import (assert_predicts_the_seen_classes,
 SMALL = dict(patch=4, dim=16, depth=2, heads=2, mlp_dim=32)
 
 
-def random_params(model, shape, seed=0):
-  """Random parameters of ``model`` for an input of ``shape``: the tree's
-  structure from a trace of its init (``jax.eval_shape``: nothing is
-  compiled), the values drawn by NumPy (LayerNorm scales 1 + N(0, 0.01),
-  biases N(0, 0.01), every other leaf N(0, 1/fan-in): nothing is 0, and
-  no bias drowns the features). The tests whose check holds for any
-  parameters (a forward against its reference, shapes) use these: a
-  compiled flax init of a ViT (one threefry program per weight) cost
-  2.5-4 s of compiling per model, the largest cost of those tests."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(shape)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      v = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name.endswith("['bias']"):
-      v = 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      fan_in = int(np.prod(leaf.shape[:-1])) or 1
-      v = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    return jnp.asarray(v, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
 
 # Compiled once per (model, shape, flags) and shared by the tests: run op
 # by op, a ViT's init and forward compile every operation on its own, the
@@ -89,7 +64,7 @@ def reference_tokens(p, x, patch, depth, prompts=None):
 def test_vit_shapes_and_cls_feature(shape, patch):
   m = models.build("vit", 10, patch=patch, dim=32, depth=2, heads=4,
                    mlp_dim=64)
-  params = random_params(m, (2,) + shape)
+  params = vit_reference.random_params(m, (2,) + shape)
   x = jax.random.normal(jax.random.PRNGKey(1), (3,) + shape)
   vit = ViT(patch=patch, dim=32, depth=2, heads=4, mlp_dim=64)
   # The three forwards in one compiled program.
@@ -107,7 +82,7 @@ def test_vit_shapes_and_cls_feature(shape, patch):
 def test_vit_forward_equals_the_reference():
   m = ViT(**SMALL)
   x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
-  p = random_params(m, (1, 8, 8, 1), seed=3)
+  p = vit_reference.random_params(m, (1, 8, 8, 1), seed=3)
   ours = _apply(m, p, x, tokens=True)
   ref = reference_tokens(p, x, 4, 2)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
@@ -117,7 +92,7 @@ def test_vit_cls_feature_depends_on_every_patch():
   """No patch is masked out of the CLS token's view (a causal mask, or a
   feature read before the blocks, would leave some unchanged)."""
   m = ViT(patch=7, dim=32, depth=2, heads=4, mlp_dim=64)
-  p = random_params(m, (1, 28, 28, 1))
+  p = vit_reference.random_params(m, (1, 28, 28, 1))
   x = jax.random.uniform(jax.random.PRNGKey(4), (1, 28, 28, 1))
   # The image, each of its 16 patches raised in turn, and two patches
   # swapped, as one batch (the rows do not see each other) in one call.
@@ -139,7 +114,7 @@ def test_vit_input_size_resizes_each_batch_before_the_patches():
   big = models.build("vit", 10, input_size=16, **SMALL)
   plain = models.build("vit", 10, **SMALL)
   x = jax.random.uniform(jax.random.PRNGKey(1), (3, 8, 8, 1))
-  p = random_params(big, x.shape)
+  p = vit_reference.random_params(big, x.shape)
   assert p["backbone"]["pos_embedding"].shape == (1, 1 + 16, 16)
   up = jax.image.resize(x, (3, 16, 16, 1), method="bilinear")
   # The four forwards in one compiled program (op by op, each operation
@@ -207,7 +182,7 @@ def test_vit_trains_from_scratch_and_round_trips_through_pretrained(
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(r.state.params)):
     np.testing.assert_array_equal(a, b)
   prompted = models.build("vit", 10, pool_size=10, **SMALL)
-  p = random_params(prompted, (1, 8, 8, 1))
+  p = vit_reference.random_params(prompted, (1, 8, 8, 1))
   bb = pretrained.assign(p["backbone"], flat, prefix="backbone/")
   x = jnp.asarray(scenarios.split(jaxcl.datasets.load("digits"), 1)
                   .experiences[0].test_x[:20])
@@ -263,7 +238,7 @@ def test_prompted_forward_equals_a_manual_concatenation():
   """The reference places the chosen prompts before the CLS token (the JAX
   reference's order); the head reads the mean of the prompt outputs."""
   m = models.build("vit", 10, pool_size=6, prompt_length=3, top_k=2, **SMALL)
-  p = random_params(m, (1, 8, 8, 1), seed=5)
+  p = vit_reference.random_params(m, (1, 8, 8, 1), seed=5)
   p = {**p, "head": {"kernel": jax.random.normal(jax.random.PRNGKey(6),
                                                  (16, 10)),
                      "bias": jnp.arange(10.0)}}
