@@ -87,18 +87,34 @@ PROTOCOLS = {
 }
 
 
+# One learner per (stream, protocol, strategy, runs): GEM timed at several
+# experiences runs one program (the experience is an argument, and GEM's
+# block count a switch inside it), compiled once.
+_LEARNERS: dict = {}
+
+
+def _learner(sc, proto, strategy, runs: int):
+  """``(ctx, learner)`` of ``strategy`` on ``sc`` under ``proto``, made
+  once per combination (the key's objects are kept alive with it)."""
+  key = (id(sc), id(proto), id(strategy), runs)
+  if key not in _LEARNERS:
+    info = train.stream_info(sc, proto["batch"])
+    model = models.build("mlp", 10, widths=proto["widths"])
+    ctx = train.make_context(
+        model, train.make_optimizer("sgd", proto["lr"]), info)
+    learner = dataclasses.replace(
+        train.make_learner(ctx, strategy, epochs=1), members=runs)
+    _LEARNERS[key] = (sc, proto, strategy, ctx, learner)
+  return _LEARNERS[key][3:]
+
+
 def compiled_chunk(sc, proto, strategy, at: int = -1, runs: int = 0):
   """A zero-argument function that runs experience ``at``'s compiled
   program once (default the last) and returns its seconds per step (per
   run with ``runs``), after the earlier experiences filled the memory.
   With ``runs`` > 0, the program of a sweep: ``runs`` stacked states
   (seeds 0..runs-1) under one ``vmap``."""
-  info = train.stream_info(sc, proto["batch"])
-  model = models.build("mlp", 10, widths=proto["widths"])
-  ctx = train.make_context(model, train.make_optimizer("sgd", proto["lr"]),
-                           info)
-  learner = dataclasses.replace(
-      train.make_learner(ctx, strategy, epochs=1), members=runs)
+  ctx, learner = _learner(sc, proto, strategy, runs)
   exps = sc.experiences
   at = at % len(exps)
   cur = exps[at]
@@ -112,7 +128,7 @@ def compiled_chunk(sc, proto, strategy, at: int = -1, runs: int = 0):
 
   state = (filled(0) if not runs else jax.tree.map(
       lambda *xs: jnp.stack(xs), *[filled(i) for i in range(runs)]))
-  data = jax.device_put(train.device_experience(cur, info.train_size))
+  data = jax.device_put(train.device_experience(cur, ctx.info.train_size))
   args = (data, cur.num_train, at, 0, 0)
 
   def run() -> float:
