@@ -179,6 +179,31 @@ def new_classes(name: str, seen: Any, experience: Any) -> np.ndarray:
   return new
 
 
+def require_single_head(name: str, params: Any, num_classes: int,
+                        layers: tuple[frozenset[str], ...],
+                        want: str) -> dict:
+  """Host side (at ``init``), for strategies that act on the output layer's
+  weights (CWR*, LUCIR, WA): ``params['head']``, once checked to hold one
+  of the variable sets ``layers`` and one output per class.
+
+  Raises:
+    ValueError: naming strategy ``name`` and what it needs (``want``), when
+      the model has no ``head``, another kind of head, or one head per
+      task.
+  """
+  head = params.get("head") if isinstance(params, dict) else None
+  if not isinstance(head, dict) or frozenset(head) not in layers:
+    got = sorted(head) if isinstance(head, dict) else "no 'head' layer"
+    raise ValueError(f"{name} needs {want}; the model's head has {got}")
+  kernel = head["kernel"]
+  if kernel.ndim != 2 or kernel.shape[-1] != num_classes:
+    raise ValueError(
+        f"{name} needs a single head over the {num_classes} classes; the "
+        f"head's kernel has shape {tuple(kernel.shape)} (set "
+        "model.multi_head=False)")
+  return head
+
+
 def experience_classes(num_classes: int, experience: Any) -> jax.Array:
   """Host side: bool ``(C,)``, the classes of ``experience``'s training
   rows (a class may have come before; :func:`new_classes` refuses that)."""

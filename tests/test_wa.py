@@ -241,14 +241,29 @@ def test_bad_streams_models_and_classes(ctx, first, stream):
   opt = train.make_optimizer("sgd", 0.1)
   cosine = train.make_context(
       models.build("mlp", 10, widths=(8,), head="cosine"), opt, info)
-  with pytest.raises(ValueError, match=r"wa needs a linear 'head' layer "
-                     r"\(kernel, bias\), got \['kernel', 'sigma'\]"):
+  with pytest.raises(ValueError, match=r"wa needs a linear "
+                     r"'head' layer \(a kernel, with or without a bias; .*"
+                     r"\); the model's head has \['kernel', 'sigma'\]$"):
     train.init_state(cosine, wa(mem_size=20), 0)
   heads = train.make_context(
       models.build("mlp", 10, num_heads=2, widths=(8,)), opt, info)
   with pytest.raises(ValueError, match=r"wa needs a single head over the 10 "
                      r"classes; the head's kernel has shape \(8, 20\)"):
     train.init_state(heads, wa(mem_size=20), 0)
+  # The same check (jaxcl.strategy.require_single_head) guards CWR*'s and
+  # LUCIR's heads.
+  from jaxcl.strategies.cwr_star import cwr_star
+  from jaxcl.strategies.lucir import lucir
+  with pytest.raises(ValueError, match=r"cwr_star needs a linear "
+                     r"'head' layer with a kernel and a bias .*; the "
+                     r"model's head has \['kernel', 'sigma'\]$"):
+    train.init_state(cosine, cwr_star(), 0)
+  with pytest.raises(ValueError, match=r"cwr_star needs a single head over "
+                     r"the 10 classes; the head's kernel has shape \(8, 20\)"):
+    train.init_state(heads, cwr_star(), 0)
+  with pytest.raises(ValueError, match=r"lucir needs the cosine-normalised "
+                     r"head .*; the model's head has \['bias', 'kernel'\]$"):
+    train.init_state(ctx, lucir(mem_size=20), 0)
   state, _ = first
   with pytest.raises(ValueError, match="again"):
     wa(mem_size=MEM).before_experience(ctx, state, stream.experiences[0])

@@ -67,7 +67,8 @@ import numpy as np
 
 from jaxcl.state import masked_logits
 from jaxcl.strategies._freeze import restore_part
-from jaxcl.strategy import Strategy, experience_classes, predict_once_ready
+from jaxcl.strategy import (Strategy, experience_classes,
+                            predict_once_ready, require_single_head)
 
 _OFF = -1e9  # bias of switched-off classes during training
 
@@ -142,18 +143,12 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
 
   def init(ctx, key, params):
     del key
-    if not isinstance(params, dict) or "head" not in params:
-      raise ValueError("cwr_star needs a model with a 'head' Dense layer")
-    if set(params["head"]) != {"kernel", "bias"}:
-      raise ValueError("cwr_star needs a linear 'head' layer (kernel, bias), "
-                       f"got {sorted(params['head'])} (model.head='cosine' "
-                       "has no bias to consolidate; use model.head='linear')")
-    kernel = params["head"]["kernel"]
     c = ctx.info.num_classes
-    if kernel.shape[-1] != c:
-      raise ValueError(
-          f"cwr_star needs a single head over the {c} classes; the head has "
-          f"{kernel.shape[-1]} outputs (set model.multi_head=False)")
+    kernel = require_single_head(
+        "cwr_star", params, c, (frozenset({"kernel", "bias"}),),
+        "a linear 'head' layer with a kernel and a bias "
+        "(model.head='linear'; a cosine head has no bias to consolidate)"
+    )["kernel"]
     return CWRStarState(jnp.zeros(kernel.shape, jnp.float32),
                         jnp.zeros((c,), jnp.float32),
                         jnp.zeros((c,), jnp.float32),

@@ -100,7 +100,7 @@ from jaxcl.strategies.icarl import (backbone_features, check_memory_fits,
                                     check_per_class, exemplar_hook,
                                     exemplar_means, features, ncm_predict,
                                     normalise, require_images)
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, require_single_head
 from jaxcl.train import device_experience, init_variables
 
 __all__ = ["LUCIRState", "lucir", "less_forget", "margin_ranking",
@@ -229,17 +229,11 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
   def init(ctx, key, params):
     info = ctx.info
     require_class_stream("lucir", info, "rebalances old and new classes")
-    head = params.get("head") if isinstance(params, dict) else None
-    if not isinstance(head, dict) or set(head) != {"kernel", "sigma"}:
-      raise ValueError(
-          "lucir needs the cosine-normalised head (model.head='cosine', "
-          "params['head'] = {kernel, sigma}); the model's head has "
-          f"{sorted(head) if isinstance(head, dict) else head}")
     c = info.num_classes
-    if head["kernel"].shape[-1] != c:
-      raise ValueError(f"lucir needs a single head over the {c} classes; "
-                       f"the head has {head['kernel'].shape[-1]} outputs "
-                       f"(set model.multi_head=False)")
+    head = require_single_head(
+        "lucir", params, c, (frozenset({"kernel", "sigma"}),),
+        "the cosine-normalised head (model.head='cosine', params['head'] = "
+        "{kernel, sigma})")
     check_memory_fits("lucir", mem_size, per_class, c)
     if mirror_means:
       require_images("lucir", info.input_shape)

@@ -71,7 +71,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -83,7 +82,7 @@ from jaxcl.strategies._class_incremental import (
     mark_class_experience, predict_seen)
 from jaxcl.strategies.bic import bic_loss
 from jaxcl.strategies.icarl import check_per_class, exemplar_hook
-from jaxcl.strategy import Strategy
+from jaxcl.strategy import Strategy, require_single_head
 
 __all__ = ["WAState", "wa", "align_weights", "clip_head"]
 
@@ -137,26 +136,6 @@ def clip_head(params: dict) -> dict:
   return dict(params, head=head)
 
 
-def check_head(name: str, params: Any, num_classes: int) -> None:
-  """Raises unless ``params`` has a linear ``head`` with one output per
-  class (at ``init``)."""
-  head = params.get("head") if isinstance(params, dict) else None
-  if not isinstance(head, dict) or "kernel" not in head:
-    raise ValueError(f"{name} needs a model whose output layer is a Dense "
-                     "named 'head' (mlp, cnn, resnet18)")
-  extra = sorted(set(head) - {"kernel", "bias"})
-  if extra:
-    raise ValueError(
-        f"{name} needs a linear 'head' layer (kernel, bias), got "
-        f"{sorted(head)} (a cosine head normalises the weights whose norms "
-        f"{name} aligns; use model.head='linear')")
-  if head["kernel"].ndim != 2 or head["kernel"].shape[-1] != num_classes:
-    raise ValueError(
-        f"{name} needs a single head over the {num_classes} classes; the "
-        f"head's kernel has shape {tuple(head['kernel'].shape)} (set "
-        "model.multi_head=False)")
-
-
 def wa(mem_size: int = 2000, batch_size: int = 0, temperature: float = 2.0,
        lam: float | None = None, align: bool = True, norm: int = 2,
        clamp_gamma: bool = True, clip: bool = True,
@@ -207,7 +186,12 @@ def wa(mem_size: int = 2000, batch_size: int = 0, temperature: float = 2.0,
     fields = init_teacher_exemplars(
         "wa", "aligns the new classes' weights with the old ones'", ctx,
         key, params, mem_size, replay_size, per_class)
-    check_head("wa", params, ctx.info.num_classes)
+    require_single_head(
+        "wa", params, ctx.info.num_classes,
+        (frozenset({"kernel", "bias"}), frozenset({"kernel"})),
+        "a linear 'head' layer (a kernel, with or without a "
+        "bias; model.head='linear': a cosine head normalises the weights "
+        "whose norms wa aligns)")
     return WAState(**fields, gamma=jnp.ones((ctx.info.num_experiences,),
                                             jnp.float32))
 
