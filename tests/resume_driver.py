@@ -28,12 +28,9 @@ each in a child forked from it (see there).
 import atexit
 import json
 import os
-import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -82,114 +79,52 @@ def driver_env(env=None):
 def forker(env=None, timeout=600):
   """Yields :func:`drive`'s twin ``drive(workdir, out, *args)`` (the same
   CompletedProcess) that runs each invocation in a child forked from one
-  server process (``--serve``), started with ``env`` like :func:`drive`'s
-  processes.
+  server process (``--serve``; tests/fork_server.py), started with ``env``
+  like :func:`drive`'s processes.
 
   A new process spends ~3 s of CPU importing jax, jaxcl and orbax before it
   computes anything, most of a killed invocation's cost; the server
-  imports them once, before any JAX backend or thread exists (so forking
-  is safe; asserted), and each child starts from there: its own backend,
-  compilation (from the persistent cache of ``env``, if set), checkpoints
-  and SIGKILL, as a new process would. Only a kill during the imports
-  needs a fresh process (test_checkpoint.py's timed kill uses one).
+  imports them once, before any JAX backend or thread exists, and each
+  child starts from there: its own backend, compilation (from the
+  persistent cache of ``env``, if set), checkpoints and SIGKILL, as a new
+  process would. Only a kill during the imports needs a fresh process
+  (test_checkpoint.py's timed kill uses one).
   """
-  home = tempfile.mkdtemp(prefix="resume_driver_")
-  server = subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                             "--serve"], env=driver_env(env),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-  n = [0]
-
-  def line(wait):
-    if not select.select([server.stdout], [], [], wait)[0]:
-      return None
-    got = server.stdout.readline()
-    assert got, f"the forking process died (exit {server.wait()})"
-    return int(got)
+  from fork_server import Server
+  server = Server([sys.executable, os.path.abspath(__file__), "--serve"],
+                  env=driver_env(env))
 
   def forked_drive(workdir, out, *args, timeout=timeout):
-    n[0] += 1
     argv = [str(workdir), str(out), *map(str, args)]
-    files = [os.path.join(home, f"{n[0]}.{k}") for k in ("out", "err")]
-    server.stdin.write(json.dumps({"args": argv, "out": files[0],
-                                   "err": files[1]}) + "\n")
-    server.stdin.flush()
-    pid = line(60)
-    assert pid is not None, "the forking process does not answer"
-    code = line(timeout)
-    if code is None:
-      os.kill(pid, signal.SIGKILL)
-      line(60)
-      raise subprocess.TimeoutExpired([__file__, *argv], timeout)
-    stdout, stderr = (open(f).read() for f in files)
-    for f in files:
-      os.remove(f)
-    return subprocess.CompletedProcess([__file__, *argv], code, stdout,
-                                       stderr)
+    return server.run({"args": argv}, [__file__, *argv], timeout)
 
   try:
     yield forked_drive
   finally:
-    server.stdin.close()
-    try:
-      server.wait(timeout=60)
-    finally:
-      if server.poll() is None:
-        server.kill()
-        server.wait()
-      shutil.rmtree(home, ignore_errors=True)
+    server.close()
 
 
 def _serve():
-  """The server of :func:`forker`: for each request line on stdin (JSON:
-  the driver's ``args``, files for the child's ``out`` and ``err``) forks a
-  child that runs :func:`main` on them, and prints the child's pid, then
-  its exit code (negative: the signal that ended it)."""
-  import traceback
-
+  """The server of :func:`forker`: each request's ``args`` run through
+  :func:`main` in a forked child (tests/fork_server.py)."""
   import jaxcl.checkpoint  # noqa: F401 (what main needs, imported once)
   import jaxcl.experiment  # noqa: F401
   import orbax.checkpoint  # noqa: F401
   import threading
   sys.path.insert(0, HERE)
+  import fork_server
   import resume_configs  # noqa: F401
-  from jax._src import xla_bridge
-  # (A private name: if a JAX version drops it, the check is skipped.)
-  assert not getattr(xla_bridge, "_backends", None), \
-      "a JAX backend started before the fork"
   assert threading.active_count() == 1, threading.enumerate()
-  for request in sys.stdin:
-    req = json.loads(request)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-      code = 1
-      try:
-        for fd, path in ((1, req["out"]), (2, req["err"])):
-          f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-          os.dup2(f, fd)
-          os.close(f)
-        sys.stdin.close()
-        sys.argv = [os.path.abspath(__file__), *req["args"]]
-        try:
-          main()
-          code = 0
-        except SystemExit as e:  # argparse's errors
-          code = (0 if e.code is None else
-                  e.code if isinstance(e.code, int) else 1)
-        except BaseException:
-          traceback.print_exc()
-        atexit._run_exitfuncs()  # as the interpreter's exit would
-      finally:
-        try:
-          sys.stdout.flush()
-          sys.stderr.flush()
-        finally:
-          os._exit(code)
-    print(pid, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
+
+  def target(req):
+    sys.stdin.close()
+    sys.argv = [os.path.abspath(__file__), *req["args"]]
+    try:
+      main()
+    finally:
+      atexit._run_exitfuncs()  # as the interpreter's exit would
+
+  fork_server.serve(target)
 
 
 def assert_same(a, b):

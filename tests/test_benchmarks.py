@@ -11,9 +11,8 @@ small to mean anything, and the machine may be loaded.
 
 A new process spends 2-3 s of CPU importing jax and jaxcl before a script
 does anything, so each script runs in a child
-forked from one process that imported them once, before any JAX backend
-exists (as tests/cli_children.py runs the ``jaxcl`` command; forking is
-safe then, and asserted). The child runs the file with ``runpy`` as the
+forked from one process that imported them once (tests/fork_server.py,
+as tests/cli_children.py runs the ``jaxcl`` command). The child runs the file with ``runpy`` as the
 interpreter would: ``sys.argv``, ``sys.path[0]`` the script's folder, its
 own stdout and stderr, an escaping exception's traceback printed and exit
 code 1, ``sys.exit``'s code or message.
@@ -25,11 +24,8 @@ runs' time 2-5x; the benchmarks' own figures are taken without them.
 
 import glob
 import importlib.util
-import itertools
-import json
 import os
 import re
-import select
 import subprocess
 import sys
 
@@ -40,61 +36,36 @@ from conftest import DATA_DIR, REPO
 NUM = r"(-?\d+(?:\.\d*)?(?:e[+-]?\d+)?)"  # a printed float (or int)
 
 
-_FORKER = r"""
-import json, os, runpy, sys, traceback
+_FORKER = f"""
+import os, runpy, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import flax.linen, jax, jax.numpy, numpy, optax
 import jaxcl, jaxcl.experiment, jaxcl.strategies, jaxcl.sweep, jaxcl.train
-from jax._src import xla_bridge
-# (A private name: if a JAX version drops it, the check is skipped.)
-assert not getattr(xla_bridge, "_backends", None), \
-    "a JAX backend started before the fork"
-for line in sys.stdin:
-  req = json.loads(line)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  pid = os.fork()
-  if pid == 0:
-    code = 1
-    try:
-      for fd, path in ((1, req["out"]), (2, req["err"])):
-        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(f, fd)
-        os.close(f)
-      sys.argv = [req["script"], *req["args"]]
-      sys.path[0] = os.path.dirname(os.path.abspath(req["script"]))
-      try:
-        runpy.run_path(req["script"], run_name="__main__")
-        code = 0
-      except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-          code = e.code or 0
-        else:
-          print(e.code, file=sys.stderr)
-      except BaseException:
-        traceback.print_exc()
-    finally:
-      try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-      finally:
-        os._exit(code)
-  _, status = os.waitpid(pid, 0)
-  print(os.waitstatus_to_exitcode(status), flush=True)
+import fork_server
+
+
+def target(req):
+  sys.argv = [req["script"], *req["args"]]
+  sys.path[0] = os.path.dirname(os.path.abspath(req["script"]))
+  runpy.run_path(req["script"], run_name="__main__")
+
+
+fork_server.serve(target)
 """
 
 
 @pytest.fixture(scope="module")
-def forker(tmp_path_factory):
+def forker():
   """The forking process (see _FORKER and the module's docstring), started
   in the repository with the scripts' environment."""
-  home = tmp_path_factory.mktemp("benchmarks")
-  env = dict(os.environ, JAXCL_DATA_DIR=DATA_DIR, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-c", _FORKER], cwd=REPO,
-                          env=env, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True)
-  yield proc, home, itertools.count()
-  proc.stdin.close()
-  proc.wait(timeout=60)
+  from fork_server import Server
+  server = Server([sys.executable, "-c", _FORKER], cwd=REPO,
+                  env=dict(os.environ, JAXCL_DATA_DIR=DATA_DIR,
+                           JAX_PLATFORMS="cpu"))
+  try:
+    yield server
+  finally:
+    server.close()
 
 
 @pytest.fixture
@@ -102,22 +73,11 @@ def run_script(forker):
   """``run_script(name, *args, timeout=300, check=True)``: ``python
   benchmarks/<name> args`` from the repository, offline data, in a forked
   child; with ``check``, asserts it exited 0 and printed no traceback."""
-  proc, home, count = forker
 
   def run(name: str, *args: str, timeout: float = 300,
           check: bool = True) -> subprocess.CompletedProcess:
-    n = next(count)
-    out, err = home / f"{n}.out", home / f"{n}.err"
-    proc.stdin.write(json.dumps({
-        "script": os.path.join("benchmarks", name), "args": list(args),
-        "out": str(out), "err": str(err)}) + "\n")
-    proc.stdin.flush()
-    if not select.select([proc.stdout], [], [], timeout)[0]:
-      raise subprocess.TimeoutExpired([name, *args], timeout)
-    line = proc.stdout.readline()
-    assert line, f"the forking process died (exit {proc.wait()})"
-    p = subprocess.CompletedProcess([name, *args], int(line),
-                                    out.read_text(), err.read_text())
+    p = forker.run({"script": os.path.join("benchmarks", name),
+                    "args": list(args)}, [name, *args], timeout)
     if check:
       assert p.returncode == 0, (
           f"{name} {' '.join(args)} exited {p.returncode}:\n"
