@@ -489,7 +489,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
-              "lamaml", "clser", "rar", "aer_abs", "aser"), _HAT_LEAK)
+              "lamaml", "clser", "rar", "aer_abs", "aser", "ser"), _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
@@ -499,7 +499,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar", "aer_abs", "aser"),
+                "lamaml", "rar", "aer_abs", "aser", "ser"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
@@ -596,7 +596,7 @@ _ALONE = {
 # seed 0: scr+mir 0.808, mir+scr 0.824, scr alone 0.813).
 _APPENDERS = ("replay", "gss", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
-              "aer_abs", "puridiver")
+              "aer_abs", "puridiver", "ser")
 # Not refused since session 35: packnet or progressive before a member
 # whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
 # rar another batch's), which had put gradient back on the weights the
@@ -652,7 +652,8 @@ _TEACHER_SAVERS = (
     "eeil", "generative_replay", "generative_negative_replay", "freezing",
     "ewc", "online_ewc", "mas", "rwalk", "fdr", "xder", "hal",
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
-    "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca")
+    "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca",
+    "ser")
 _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # Not refused since session 35: a projector beside a member that zeroes
 # part of the gradient and restores those weights (lfl, freezing, l2p,

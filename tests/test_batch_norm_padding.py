@@ -189,7 +189,7 @@ MEMORY_FORWARDS = (
     "replay", "der", "derpp", "xder", "fdr", "hal", "mer", "lamaml",
     "clser", "er_ace", "er_aml", "scr", "star", "rar", "mir", "aser",
     "gem", "agem", "gdumb", "eeil", "dmc", "puridiver", "latent_replay",
-    "cscct", "icarl", "lwf", "lider")
+    "cscct", "icarl", "lwf", "lider", "ser")
 
 
 def _experience_1(name, seeds):

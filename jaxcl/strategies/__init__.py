@@ -33,7 +33,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs", "cscct", "puridiver", "aser", "feature_replay"),
+               "aer_abs", "cscct", "puridiver", "aser", "feature_replay",
+               "ser"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -87,6 +88,9 @@ PAPERS: dict[str, str] = {
            "learning: a strong, simple baseline*, NeurIPS",
     "derpp": "Buzzega et al. 2020, *Dark experience for general continual "
              "learning: a strong, simple baseline*, NeurIPS (DER++)",
+    "ser": "Zhuo, Cheng, Gao, Fan & Kankanhalli 2023, *Continual learning "
+           "with strong experience replay*, arXiv:2305.13622 (SER; the "
+           "authors' code, visiontao/cl)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
     "er_aml": "Caccia et al. 2022, *New insights on reducing abrupt "

@@ -60,7 +60,7 @@ from jaxcl.strategies.replay import incoming_rows
 from jaxcl.strategy import Strategy, mark_experience_start
 
 __all__ = ["der", "dark_experience_replay", "DERState", "logit_width",
-           "logit_mse", "store_with_logits", "draw_with_logits"]
+           "logit_mse", "store_with_logits", "draw_with_logits", "store_step"]
 
 
 class DERState(NamedTuple):
@@ -89,13 +89,18 @@ def logit_mse(out: jax.Array, stored: jax.Array, ok: jax.Array) -> jax.Array:
 
 
 def draw_with_logits(name: str, memory: buffers.Memory, logits: jax.Array,
-                     key: jax.Array, n: int) -> dict[str, jax.Array]:
+                     key: jax.Array, n: int, labels: bool = False
+                     ) -> dict[str, jax.Array]:
   """``n`` memory entries drawn uniformly without replacement, with their
   stored logits, as the batch keys ``{name}_x``, ``_task``, ``_z`` and
-  ``_ok`` (float: 0 where fewer than ``n`` entries exist)."""
+  ``_ok`` (float: 0 where fewer than ``n`` entries exist); with
+  ``labels``, their labels too (``{name}_y``)."""
   idx, ok = buffers.sample(memory, key, n)
-  return {f"{name}_x": memory.x[idx], f"{name}_task": memory.task[idx],
-          f"{name}_z": logits[idx], f"{name}_ok": ok.astype(jnp.float32)}
+  out = {f"{name}_x": memory.x[idx], f"{name}_task": memory.task[idx],
+         f"{name}_z": logits[idx], f"{name}_ok": ok.astype(jnp.float32)}
+  if labels:
+    out[f"{name}_y"] = memory.y[idx]
+  return out
 
 
 def store_with_logits(ctx, memory: buffers.Memory, logits: jax.Array,
@@ -186,13 +191,18 @@ def dark_experience_replay(mem_size: int, alpha: float, beta: float,
                                            batch[f"{name}_ok2"])
     return total
 
-  def after_step(ctx, sstate, info):
-    key = jax.random.fold_in(sstate.key, sstate.memory.seen)
-    mem, logits = store_with_logits(
-        ctx, sstate.memory, sstate.logits, key, info, sstate.experience,
-        incoming_rows(ctx, info.batch)["mask"])
-    return sstate._replace(memory=mem, logits=logits)
-
   return Strategy(init=init, before_experience=mark_experience_start,
                   prepare_batch=prepare_batch, loss=loss,
-                  after_step=after_step, name=name)
+                  after_step=store_step, name=name)
+
+
+def store_step(ctx, sstate, info):
+  """DER's ``after_step`` (SER's too): the step's incoming rows offered to
+  the reservoir with their logits (:func:`store_with_logits`), for a state
+  with the fields ``memory``, ``logits``, ``key`` and ``experience``; the
+  reservoir's key folds in the rows seen so far."""
+  key = jax.random.fold_in(sstate.key, sstate.memory.seen)
+  mem, logits = store_with_logits(
+      ctx, sstate.memory, sstate.logits, key, info, sstate.experience,
+      incoming_rows(ctx, info.batch)["mask"])
+  return sstate._replace(memory=mem, logits=logits)
