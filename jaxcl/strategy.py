@@ -653,7 +653,7 @@ _TEACHER_SAVERS = (
     "ewc", "online_ewc", "mas", "rwalk", "fdr", "xder", "hal",
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
     "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca",
-    "ser")
+    "ser", "siw")
 _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
 # Not refused since session 35: a projector beside a member that zeroes
 # part of the gradient and restores those weights (lfl, freezing, l2p,

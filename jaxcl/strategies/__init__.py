@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
-               "dmc", "ss_il", "wa"),
+               "dmc", "ss_il", "wa", "siw"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda", "fecam", "ranpac", "fetril"),
@@ -91,6 +91,9 @@ PAPERS: dict[str, str] = {
     "ser": "Zhuo, Cheng, Gao, Fan & Kankanhalli 2023, *Continual learning "
            "with strong experience replay*, arXiv:2305.13622 (SER; the "
            "authors' code, visiontao/cl)",
+    "siw": "Belouadah, Popescu & Kanellos 2020, *Initial classifier weights "
+           "replay for memoryless class incremental learning*, BMVC (SIW; "
+           "the authors' code, inFT_siw_mc)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
     "er_aml": "Caccia et al. 2022, *New insights on reducing abrupt "
@@ -280,6 +283,8 @@ NEEDS: dict[str, str] = {
           "in one experience, and a linear `head` over all classes",
     "eeil": "a class-incremental stream (`scenario.kind='class'`), each "
             "class in one experience",
+    "siw": "a class-incremental stream (`scenario.kind='class'`), each class "
+           "in one experience, and a linear `head` over all classes",
     "dmc": "a class-incremental stream (`scenario.kind='class'`), each "
            "class in one experience, and unlabelled auxiliary images of the "
            "stream's shape (`aux_dataset`, e.g. fashion_mnist for MNIST)",
@@ -360,7 +365,7 @@ NEEDS: dict[str, str] = {
 ONE_EXPERIENCE_PER_CLASS: tuple[str, ...] = (
     "bic", "cscct", "dmc", "eeil", "fecam", "fetril", "il2m", "lucir", "rpc",
     "slca",
-    "ss_il", "wa", "xder")
+    "siw", "ss_il", "wa", "xder")
 
 
 def available() -> list[str]:
