@@ -62,6 +62,13 @@ lr 0.03, margin 0.5.
   epochs (``consolidate``) of SGD 0.01, momentum 0.9, batch 128. lr 0.1.
   No published Split MNIST number: compare with the exemplar-free rows
   (Naive, AR1, P&C).
+* ``siw`` (Belouadah, Popescu & Kanellos 2020): no memory; plain
+  fine-tuning (cross-entropy over the classes seen), and at prediction
+  the finished classes' initial output weights, standardised, with the
+  past classes' scores calibrated by the states' confidences
+  (``calibrate=False``: without the calibration, the paper's
+  inFT_siw). lr 0.1 as IL2M's. The paper has no MNIST number: compare
+  with the exemplar-free rows (Naive, DMC, AR1).
 * ``ar1_star``: AR1* (Pellegrini et al. 2020): AR1 plus latent replay of
   ``mem_size`` latents (the 100-unit pre-activation of the first hidden
   layer, ``backbone/Dense_0``; layers below frozen after experience 0),
@@ -83,13 +90,15 @@ Commands::
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=dmc
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=ss_il,mem_size=200
   jaxcl run --config experiments/split_mnist_hybrid.py:strategy=wa,mem_size=200
+  jaxcl run --config experiments/split_mnist_hybrid.py:strategy=siw
 
 Arguments: ``strategy``, ``mem_size``, ``kind`` (class | task), ``dataset``
 (mnist | fashion_mnist), ``seed``, ``lr`` (0: the protocol's), ``margin``
 (GEM; < 0: the protocol's), ``rectify`` (IL2M's score rectification),
 ``finetune`` (EEIL's balanced fine-tuning epochs), ``consolidate``
 (DMC's student epochs), ``align`` and ``clip`` (WA's weight aligning
-and clipping), ``imprint`` and ``classifier`` (LUCIR's weight
+and clipping), ``calibrate`` (SIW's state-level calibration),
+``imprint`` and ``classifier`` (LUCIR's weight
 imprinting; ``cnn`` | ``nme``), ``bce`` (iCaRL's BCE over the classes
 ``seen`` or ``all`` outputs), ``init`` (``model.init``: lecun_normal | torch),
 ``quick`` (2000 training / 1000 test examples, for tests). Measured results: see
@@ -102,7 +111,8 @@ from jaxcl.experiment import default_config
 LR = {"gem": 0.03, "agem": 0.1, "agem_r": 0.1, "icarl": 0.1, "replay": 0.1, "naive": 0.1,
       "ar1": 0.1, "ar1_star": 0.03, "progress_compress": 0.1,
       "generative_negative_replay": 0.1, "bic": 0.1, "lucir": 0.1,
-      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1, "ss_il": 0.1, "wa": 0.1}
+      "il2m": 0.1, "eeil": 0.1, "dmc": 0.1, "ss_il": 0.1, "wa": 0.1,
+      "siw": 0.1}
 
 # AR1's CWR* / SI settings, shared by ar1, ar1_star and the negative
 # replay row that runs on top of AR1.
@@ -117,7 +127,7 @@ def get_config(arg=None):
                 dataset="mnist", seed=0, lr=0.0, margin=-1.0,
                 init="lecun_normal", rectify=True, finetune=30, consolidate=10,
                 imprint=False, classifier="cnn", bce="seen", align=True,
-                clip=True, quick=False)
+                clip=True, calibrate=True, quick=False)
   s, m = a["strategy"], a["mem_size"]
   if s not in LR:
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
@@ -160,6 +170,8 @@ def get_config(arg=None):
   elif s == "wa":
     c.strategy.wa = dict(mem_size=m, batch_size=10, align=a["align"],
                          clip=a["clip"])
+  elif s == "siw":
+    c.strategy.siw = dict(calibrate=a["calibrate"])
   elif s == "il2m":
     c.strategy.il2m = dict(mem_size=m, batch_size=10,
                            rectify_scores=a["rectify"])
