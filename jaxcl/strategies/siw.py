@@ -175,9 +175,10 @@ def siw(calibrate: bool = True) -> Strategy:
     feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
     kernel, bias = head_of(params)
     corrected = siw_scores(feats, kernel, bias, sstate, calibrate)
-    plain = mask_unseen(ctx.logits(params, model_state, x, task), sstate)
     # The first state's predictions are the network's own (the code
-    # corrects from the second state on).
+    # corrects from the second state on): its linear head on the same
+    # features (no second forward pass).
+    plain = mask_unseen(feats @ kernel + bias[None, :], sstate)
     past = jnp.any(sstate.seen & (sstate.class_exp
                                   < jnp.max(sstate.class_exp)))
     return jnp.where(past, corrected, plain)
