@@ -18,6 +18,13 @@ Mammoth's ``perm-mnist`` settings (``FDR_ARGS``; the distance weight is
 the code's 1, see jaxcl/strategies/fdr.py). ``strategy=hal``: HAL with
 Mammoth's ``perm-mnist`` settings (``HAL_ARGS``).
 
+``strategy=ser`` (Zhuo et al. 2023, `Continual learning with strong
+experience replay <https://arxiv.org/abs/2305.13622>`_): the authors'
+``run.sh`` for ``perm-mnist`` / ``rot-mnist`` (``SER_ARGS``: lr 0.1,
+alpha = beta = 0.2, 128 replayed; its memory is 200, and 500 takes the
+same). The paper's table could not be read offline: rows read against
+DER++ (docs/notes_replay.md).
+
 ``protocol=mer``: the MNIST Permutations benchmark of Riemer et al. 2019
 (MER) that La-MAML (Gupta et al. 2020) reuses: 20 permutations of the
 same 1000 training images (``dataset.train_subset``), tested on all
@@ -31,10 +38,12 @@ lr 0.1 (``lr`` sets it); ``mer`` runs with its own defaults.
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/permuted_mnist_replay.py:mem_size=500
   jaxcl run --config experiments/permuted_mnist_replay.py:strategy=derpp,mem_size=200
+  jaxcl run --config experiments/permuted_mnist_replay.py:strategy=ser,mem_size=200
 
 Arguments: ``strategy`` (replay | naive | any replay-family strategy with
 default settings), ``mem_size``, ``seed``, ``lr`` (0: 0.2; DER / DER++:
-their table's), ``lam`` (HAL's anchor weight; < 0: the table's), ``init``
+their table's), ``lam`` (HAL's anchor weight; < 0: the table's),
+``alpha`` / ``beta`` (SER's weights; < 0: ``SER_ARGS``'s), ``init``
 (model initialisation, default ``xavier_uniform``), ``quick``
 (3 experiences of 2000 / 500 examples, for tests), ``protocol``
 (buzzega | mer).
@@ -79,6 +88,11 @@ def set_der(c, a, table) -> None:
     c.strategy[s]["beta"] = given("beta", beta)
 
 
+# The SER authors' settings for perm-mnist and rot-mnist (visiontao/cl,
+# run.sh; memory 200): (lr, alpha, beta); 128 replayed (the batch's size).
+SER_ARGS = (0.1, 0.2, 0.2)
+
+
 # Mammoth's best GSS settings on perm-mnist (utils/best_args.py): memory
 # size -> (lr, training batch, replayed batch, gss_minibatch_size).
 GSS_ARGS = {200: (0.2, 128, 10, 128), 500: (0.1, 128, 128, 10),
@@ -113,7 +127,8 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
   FDR tables (default ``DER_ARGS`` / ``GSS_ARGS`` / ``FDR_ARGS``; the
   rotated protocol passes its own)."""
   a = parse_arg(arg, strategy="replay", mem_size=500, seed=0, lr=0.0,
-                init="xavier_uniform", lam=-1.0, quick=False,
+                init="xavier_uniform", lam=-1.0, alpha=-1.0, beta=-1.0,
+                quick=False,
                 protocol="buzzega")
   if a["protocol"] not in ("buzzega", "mer"):
     raise ValueError(f"protocol={a['protocol']!r}: expected 'buzzega' or "
@@ -156,6 +171,14 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
                           gamma=gamma, anchor_lr=c.optimizer.learning_rate)
     if a["lam"] >= 0:
       c.name += f"_lam{a['lam']:g}"
+  elif s == "ser":
+    lr, alpha, beta = SER_ARGS
+    c.optimizer.learning_rate = a["lr"] or lr
+    c.strategy.ser = dict(mem_size=m,
+                          alpha=alpha if a["alpha"] < 0 else a["alpha"],
+                          beta=beta if a["beta"] < 0 else a["beta"])
+    if a["beta"] >= 0:
+      c.name += f"_beta{a['beta']:g}"
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["protocol"] == "mer":

@@ -14,7 +14,8 @@ Paper (ER): 85.0 / 88.9 % (memory 200 / 500).
 (``DER_ARGS``). Paper: DER 90.0 / 92.2 %, DER++ 90.4 / 92.8 % (memory
 200 / 500). ``strategy=gss``: GSS-greedy with Mammoth's ``rot-mnist``
 settings (``GSS_ARGS``). ``strategy=fdr``: FDR with Mammoth's
-``rot-mnist`` settings (``FDR_ARGS``).
+``rot-mnist`` settings (``FDR_ARGS``). ``strategy=ser``: SER with the
+authors' ``rot-mnist`` settings (the permuted protocol's ``SER_ARGS``).
 
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=200
   jaxcl run --config experiments/rotated_mnist_replay.py:mem_size=500
