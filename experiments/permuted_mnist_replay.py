@@ -177,6 +177,8 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
     c.strategy.ser = dict(mem_size=m,
                           alpha=alpha if a["alpha"] < 0 else a["alpha"],
                           beta=beta if a["beta"] < 0 else a["beta"])
+    if a["alpha"] >= 0:
+      c.name += f"_alpha{a['alpha']:g}"
     if a["beta"] >= 0:
       c.name += f"_beta{a['beta']:g}"
   elif s != "naive":
