@@ -654,7 +654,10 @@ _TEACHER_SAVERS = (
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
     "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca",
     "ser", "siw")
-_END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver")
+# wa since session 53: its after_experience scales the new classes' output
+# weights (the alignment); session 53's sweep found ser+wa keeping the
+# unaligned model as SER's old one, as any saver before wa would.
+_END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver", "wa")
 # Not refused since session 35: a projector beside a member that zeroes
 # part of the gradient and restores those weights (lfl, freezing, l2p,
 # coda_prompt, dualprompt). Projected over every weight, the projector's

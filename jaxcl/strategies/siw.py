@@ -43,6 +43,12 @@ gradients instead of replaying stored weights, standardises with the
 unbiased standard deviation and writes the standardised weights into the
 model before each evaluation, so training goes on from them.
 
+SIW is a memoryless method: beside a replay member (``replay+siw``,
+``gem+siw``) it still predicts with each old class's initial weights, so
+what the replayed rows teach the output layer about the old classes is
+dropped at prediction (session 53's composition sweep: Replay 0.24
+alone, 0.15-0.16 with SIW, on the audit's tiny Split Digits set-up).
+
 State: :class:`SIWState`, fixed shapes (a ``D x C`` copy of the output
 weights, ``C`` biases, one confidence per experience), so nothing
 recompiles between experiences and it checkpoints and vmaps like any
