@@ -10,9 +10,9 @@ be). The figures themselves are not checked: a smoke run's sizes are too
 small to mean anything, and the machine may be loaded.
 
 A new process spends 2-3 s of CPU importing jax and jaxcl before a script
-does anything, so each script runs in a child
-forked from one process that imported them once (tests/fork_server.py,
-as tests/cli_children.py runs the ``jaxcl`` command). The child runs the file with ``runpy`` as the
+does anything, so each script runs in a child forked from one process
+that imported them once (tests/fork_server.py, as tests/cli_children.py
+runs the ``jaxcl`` command). The child runs the file with ``runpy`` as the
 interpreter would: ``sys.argv``, ``sys.path[0]`` the script's folder, its
 own stdout and stderr, an escaping exception's traceback printed and exit
 code 1, ``sys.exit``'s code or message.
