@@ -93,6 +93,20 @@ def set_der(c, a, table) -> None:
 SER_ARGS = (0.1, 0.2, 0.2)
 
 
+def set_ser(c, a) -> None:
+  """SER with ``SER_ARGS``'s weights, an ``alpha`` / ``beta`` of 0 or more
+  in the parsed arguments ``a`` replacing its own (and naming the run).
+  Shared by the Split, Permuted and Rotated protocols (each sets its
+  learning rate)."""
+  _, alpha, beta = SER_ARGS
+  c.strategy.ser = dict(mem_size=a["mem_size"],
+                        alpha=alpha if a["alpha"] < 0 else a["alpha"],
+                        beta=beta if a["beta"] < 0 else a["beta"])
+  for k in ("alpha", "beta"):
+    if a[k] >= 0:
+      c.name += f"_{k}{a[k]:g}"
+
+
 # Mammoth's best GSS settings on perm-mnist (utils/best_args.py): memory
 # size -> (lr, training batch, replayed batch, gss_minibatch_size).
 GSS_ARGS = {200: (0.2, 128, 10, 128), 500: (0.1, 128, 128, 10),
@@ -172,15 +186,8 @@ def get_config(arg=None, der_args=None, gss_args=None, fdr_args=None):
     if a["lam"] >= 0:
       c.name += f"_lam{a['lam']:g}"
   elif s == "ser":
-    lr, alpha, beta = SER_ARGS
-    c.optimizer.learning_rate = a["lr"] or lr
-    c.strategy.ser = dict(mem_size=m,
-                          alpha=alpha if a["alpha"] < 0 else a["alpha"],
-                          beta=beta if a["beta"] < 0 else a["beta"])
-    if a["alpha"] >= 0:
-      c.name += f"_alpha{a['alpha']:g}"
-    if a["beta"] >= 0:
-      c.name += f"_beta{a['beta']:g}"
+    c.optimizer.learning_rate = a["lr"] or SER_ARGS[0]
+    set_ser(c, a)
   elif s != "naive":
     c.strategy[s] = dict(mem_size=m)
   if a["protocol"] == "mer":

@@ -203,7 +203,8 @@ test examples, for tests).
 Measured on a 2-core CPU: see docs/notes_replay.md.
 """
 
-from experiments.permuted_mnist_replay import nearest, set_der, set_gss
+from experiments.permuted_mnist_replay import (nearest, set_der, set_gss,
+                                               set_ser)
 from jaxcl.configs import parse_arg
 from jaxcl.experiment import default_config
 
@@ -325,11 +326,7 @@ def get_config(arg=None):
     # MNIST one (run.sh: alpha = beta = 0.2, as many replayed as the
     # batch, i.e. 10 here) with DER++'s Mammoth learning rate, 0.03.
     online(c, a["lr"] or 0.03)
-    c.strategy.ser = dict(mem_size=m,
-                          alpha=0.2 if a["alpha"] < 0 else a["alpha"],
-                          beta=0.2 if a["beta"] < 0 else a["beta"])
-    if a["beta"] >= 0:
-      c.name += f"_beta{a['beta']:g}"
+    set_ser(c, a)
   elif s == "rpc":
     # Pernici et al. 2021 (Mammoth's rpc: its end-of-experience balanced
     # memory, 10 replayed) on the replay protocol; Mammoth's best_args for
