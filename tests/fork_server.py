@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -87,12 +88,25 @@ class Server:
                                  stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
     self.count = 0
+    self._pending = b""  # read from the pipe, not yet returned as lines
 
   def _line(self, wait: float) -> int | None:
-    if not select.select([self.proc.stdout], [], [], wait)[0]:
-      return None
-    got = self.proc.stdout.readline()
-    assert got, f"the forking process died (exit {self.proc.wait()})"
+    """The server's next line as an int, or None after ``wait`` seconds
+    without one. Read with ``os.read`` into ``_pending``, never through
+    the pipe's buffered reader: a quick child's pid and exit code arrive
+    together, and a ``readline`` would take both into its buffer, where
+    ``select`` on the pipe does not see the second (it then waited out
+    the timeout and killed a finished child)."""
+    deadline = time.monotonic() + wait
+    fd = self.proc.stdout.fileno()
+    while b"\n" not in self._pending:
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([fd], [], [], left)[0]:
+        return None
+      chunk = os.read(fd, 4096)
+      assert chunk, f"the forking process died (exit {self.proc.wait()})"
+      self._pending += chunk
+    got, self._pending = self._pending.split(b"\n", 1)
     return int(got)
 
   def run(self, request: dict, name: list[str], timeout: float = 300
