@@ -260,6 +260,10 @@ class Strategy(NamedTuple):
   grads_state: bool = False
   freeze_grads: Optional[Callable[..., Any]] = None
   scale_updates: Optional[Callable[..., Any]] = None
+  # A chain's records as given to chain() (empty for a single method), so
+  # an enclosing chain checks the composition over the methods themselves:
+  # chain(chain(lwf, ewc), wa) is refused as chain(lwf, ewc, wa) is.
+  members: tuple["Strategy", ...] = ()
 
 
 def update_grads_and_state(strategy: Strategy, ctx, sstate, grads, params,
@@ -754,6 +758,13 @@ def _check_composable(names: Sequence[str],
                        f"{others} did")
 
 
+def _methods(strategies: Sequence[Strategy]) -> list[Strategy]:
+  """The single methods in ``strategies``, nested chains opened, in
+  order."""
+  return [m for s in strategies
+          for m in (_methods(s.members) if s.members else [s])]
+
+
 def chain(*strategies: Strategy) -> Strategy:
   """Composes strategies into one.
 
@@ -770,7 +781,8 @@ def chain(*strategies: Strategy) -> Strategy:
   Compositions known to train while silently undoing or dropping a
   member's effect are refused (e.g. ``hat`` with a replaying member,
   a slowed ``latent_replay`` before ``rar``, ``gdumb`` or ``slda`` with
-  anything), as is a strategy named twice.
+  anything), as is a strategy named twice. A member may itself be a
+  chain: the checks look through it to the methods it holds.
 
   Raises:
     ValueError: if two members define ``predict`` (or ``task_loss``), an
@@ -780,9 +792,13 @@ def chain(*strategies: Strategy) -> Strategy:
     if not isinstance(s, Strategy):
       raise ValueError(f"chain() takes Strategy records; got {type(s)}")
   # First: a registered strategy named twice is a clearer message than the
-  # two-predictors one it would also trigger (supsup+supsup).
-  _check_composable([s.name for s in strategies],
-                    {s.name for s in strategies if s.freeze_grads is not None})
+  # two-predictors one it would also trigger (supsup+supsup). Over the
+  # methods inside any nested chain: before session 54 the check saw
+  # chain(lwf, ewc) as one member named 'lwf+ewc', so a nested chain
+  # passed every refusal (chain(chain(replay, ewc), replay) trained).
+  methods = _methods(strategies)
+  _check_composable([s.name for s in methods],
+                    {s.name for s in methods if s.freeze_grads is not None})
   predictors = [s for s in strategies if s.predict is not None]
   if len(predictors) > 1:
     raise ValueError(
@@ -931,4 +947,5 @@ def chain(*strategies: Strategy) -> Strategy:
       grads_state=grads_state,
       freeze_grads=freeze_grads,
       scale_updates=scale_updates,
+      members=tuple(strategies),
   )

@@ -567,6 +567,45 @@ def test_chain_accepts_compositions_that_work(spec):
   assert strategies.from_spec(spec)[0].name == spec
 
 
+@pytest.mark.parametrize("inner, outer, match", [
+    (("lwf", "ewc"), "wa", "lwf and wa cannot be composed in this order"),
+    (("replay", "ewc"), "replay", "'replay' appears twice"),
+    (("hat", "si"), "replay", "hat and replay cannot be composed"),
+    (("scr", "mir"), "replay", "scr and replay cannot be composed"),
+])
+def test_chain_refuses_through_a_nested_chain(inner, outer, match):
+  """A chain given as a member is checked as the methods it holds:
+  before session 54 chain() saw it as one member named 'lwf+ewc' and let
+  every one of these through. Nested the other way, and with two levels,
+  the same."""
+  from jaxcl import strategies
+  get = strategies.get
+  with pytest.raises(ValueError, match=match):
+    chain(chain(*map(get, inner)), get(outer))
+  with pytest.raises(ValueError, match=match):
+    chain(chain(chain(*map(get, inner[:1])), get(inner[1])), get(outer))
+  # The flat chain is refused for the same reason.
+  with pytest.raises(ValueError, match=match):
+    chain(*map(get, inner), get(outer))
+
+
+def test_nested_chain_trains_as_the_flat_one():
+  """chain(chain(ewc, lwf), si) and chain(ewc, lwf, si) compose the same
+  deterministic methods: one experience's parameters and the next
+  experience's penalties agree (the states differ only in nesting)."""
+  from jaxcl import strategies
+  get = strategies.get
+  c = quick_config()
+  c.scenario.n_experiences = 2
+  runs = []
+  for strategy in (chain(get("ewc"), get("lwf"), get("si")),
+                   chain(chain(get("ewc"), get("lwf")), get("si"))):
+    assert strategy.name == "ewc+lwf+si"
+    runs.append(jaxcl.run(c, strategy=strategy))
+  np.testing.assert_array_equal(runs[0].accuracy, runs[1].accuracy)
+  assert runs[0].accuracy[1, 0] > 0  # it trained
+
+
 def test_chained_penalty_trains_in_engine():
   """A chain with a penalty runs in the loop and shrinks the weights."""
   r0 = jaxcl.run(quick_config())
