@@ -67,6 +67,12 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   task step). Costs one extra optimiser update per step, not applied.
 * ``needs_task_grads``: ask the step for the unregularised gradient too
   (costs a second backward pass; SI uses it).
+* ``writes_params``: the host hooks, ``'before_experience'`` and / or
+  ``'after_experience'``, that write the parameters (a reset, a new head,
+  pruning, a fitted or aligned classifier). A member that keeps a copy of
+  the model in its after_experience must come after an
+  ``'after_experience'`` writer, so ``chain()`` refuses the other order;
+  declare it for a strategy of your own that writes the weights there.
 """
 
 from __future__ import annotations
@@ -82,7 +88,11 @@ __all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
            "default_predict", "predict_once_ready", "zero_grads",
            "frozen_update",
            "mark_experience", "mark_experience_start", "check_task_seen",
-           "new_classes", "experience_classes"]
+           "new_classes", "experience_classes", "HOOK_WRITES"]
+
+
+# The host hooks a strategy may declare in ``writes_params``.
+HOOK_WRITES = frozenset({"before_experience", "after_experience"})
 
 
 def _init_empty(ctx, key, params):
@@ -260,6 +270,11 @@ class Strategy(NamedTuple):
   grads_state: bool = False
   freeze_grads: Optional[Callable[..., Any]] = None
   scale_updates: Optional[Callable[..., Any]] = None
+  # The host hooks that write ``state.params`` (a subset of
+  # HOOK_WRITES): chain() orders members around those writes (see
+  # _check_composable). tests/test_hook_writes.py runs every registered
+  # strategy and checks its declaration against what its hooks do.
+  writes_params: frozenset = frozenset()
   # A chain's records as given to chain() (empty for a single method), so
   # an enclosing chain checks the composition over the methods themselves:
   # chain(chain(lwf, ewc), wa) is refused as chain(lwf, ewc, wa) is.
@@ -629,17 +644,15 @@ _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir",
 _BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem"), ("lamaml", "mer")
 # Ordered: aer_abs copies the weights in its before_experience and restores
 # the copy after each forgetting epoch; a later member's before_experience
-# write is lost (session 32's probe: from_scratch's reset, ensemble's new
-# member, expert_gate's loaded expert, multihead's new head all undone in
-# aer_abs+X, kept in X+aer_abs). cwr_star / ar1 are refused beside it in
-# both orders (_CWR_BIAS).
-# l2p, coda_prompt and dualprompt are not here: each replaces the task
-# loss, as aer_abs does, so chain() refuses them beside it in both orders
-# for that (session 35's probe, the task loss bypassed: l2p's backbone
-# came through unchanged, restored by its own project_params; coda_prompt's
-# new component slice was undone).
-_RESTORERS, _START_WRITERS = ("aer_abs",), ("from_scratch", "ensemble",
-                                            "expert_gate", "multihead")
+# write (writes_params) is lost (session 32's probe: from_scratch's reset,
+# ensemble's new member, expert_gate's loaded expert, multihead's new head
+# all undone in aer_abs+X, kept in X+aer_abs). The other members that
+# write there are refused beside aer_abs in both orders for other reasons:
+# cwr_star / ar1 (_CWR_BIAS); coda_prompt, dualprompt, lucir and slca
+# replace the task loss, as aer_abs does (session 35's probe, the task
+# loss bypassed: coda_prompt's new component slice was undone); dmc
+# composes with nothing.
+_RESTORERS = ("aer_abs",)
 # Ordered: a member that keeps a copy of the model, or something computed
 # from it, in its after_experience (a teacher, an anchor, the previous
 # solver, stored logits / latents / anchors, class statistics, a bias
@@ -658,10 +671,11 @@ _TEACHER_SAVERS = (
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
     "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca",
     "ser", "siw")
-# wa since session 53: its after_experience scales the new classes' output
-# weights (the alignment); session 53's sweep found ser+wa keeping the
-# unaligned model as SER's old one, as any saver before wa would.
-_END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver", "wa")
+# The writers are the members declaring 'after_experience' in
+# writes_params (until session 54 a hand-kept list, which missed wa until
+# session 53's sweep and slca until session 54's audit of every
+# strategy's hooks: lwf+slca's teacher differed from the final weights by
+# 2.3-5.4, SLCA's aligned classifier).
 # Not refused since session 35: a projector beside a member that zeroes
 # part of the gradient and restores those weights (lfl, freezing, l2p,
 # coda_prompt, dualprompt). Projected over every weight, the projector's
@@ -674,12 +688,23 @@ _END_WRITERS = ("eeil", "packnet", "progress_compress", "puridiver", "wa")
 
 
 def _check_composable(names: Sequence[str],
-                      masks: Collection[str] = ()) -> None:
+                      masks: Collection[str] = (),
+                      start_writers: Collection[str] = (),
+                      end_writers: Collection[str] = ()) -> None:
   """Refuses the compositions known to be silently wrong (see above).
 
-  ``masks``: the names of members that declare ``freeze_grads``."""
+  ``masks``: the names of members that declare ``freeze_grads``;
+  ``start_writers`` / ``end_writers``: of those whose ``before_experience``
+  / ``after_experience`` write the parameters (``writes_params``)."""
   from jaxcl import strategies  # late: it imports this module
   registered = set(strategies.available()) - {"naive"}  # a default name
+  # First: what a member that composes with nothing would discard is the
+  # reason, not an ordering rule between two members it discards.
+  for alone, reason in _ALONE.items():
+    others = [n for n in names if n not in (alone, "naive")]
+    if alone in names and others:
+      raise ValueError(f"chain(): {alone} {reason}, which discards what "
+                       f"{others} did")
   for i, a in enumerate(names):
     for b in names[i + 1:]:
       if a == b and a in registered:
@@ -718,17 +743,6 @@ def _check_composable(names: Sequence[str],
             f"its update_grads adds its whole step afterwards, so {a}'s "
             f"update_grads never sees that step ({a}+{b} trained exactly "
             f"as naive+{b}, or moved frozen weights); put {b} before {a}")
-      if a in _RESTORERS and b in _START_WRITERS:
-        raise ValueError(
-            f"chain(): {a} and {b} cannot be composed in this order: {a} "
-            f"copies the weights in its before_experience and restores "
-            f"that copy at the end of each forgetting epoch, so what {b}'s "
-            f"before_experience, running after it, writes into the weights "
-            f"(a reset, a loaded expert, a new model or head) is undone "
-            f"after one epoch (session 32: the restored weights differed "
-            f"from {b}'s by up to 0.01-0.58 and equalled the previous "
-            f"experience's); put {b} before {a}, whose copy then holds "
-            f"{b}'s weights")
       first, reason = _CONFLICTS.get(frozenset((a, b)), (None, None))
       # A frozen split declares its mask, which lamaml and mer apply.
       if reason is _INNER_FREEZE and {a, b} - {first} <= set(masks):
@@ -741,7 +755,18 @@ def _check_composable(names: Sequence[str],
                          + reason.format(first=first, other=other))
       # After the pairwise reasons: a pair refused for one of those (lfl
       # before packnet) is refused for that, the more harmful, reason.
-      if a in _TEACHER_SAVERS and b in _END_WRITERS and a != b:
+      if a in _RESTORERS and b in start_writers and a != b:
+        raise ValueError(
+            f"chain(): {a} and {b} cannot be composed in this order: {a} "
+            f"copies the weights in its before_experience and restores "
+            f"that copy at the end of each forgetting epoch, so what {b}'s "
+            f"before_experience, running after it, writes into the weights "
+            f"(a reset, a loaded expert, a new model or head) is undone "
+            f"after one epoch (session 32: the restored weights differed "
+            f"from {b}'s by up to 0.01-0.58 and equalled the previous "
+            f"experience's); put {b} before {a}, whose copy then holds "
+            f"{b}'s weights")
+      if a in _TEACHER_SAVERS and b in end_writers and a != b:
         raise ValueError(
             f"chain(): {a} and {b} cannot be composed in this order: {a} "
             f"keeps a copy of the model, or what it computes from it (a "
@@ -751,11 +776,6 @@ def _check_composable(names: Sequence[str],
             f"differed from the final weights by 0.009-0.70), so {a} works "
             f"from a model the experience did not end with; put {b} before "
             f"{a}")
-  for alone, reason in _ALONE.items():
-    others = [n for n in names if n not in (alone, "naive")]
-    if alone in names and others:
-      raise ValueError(f"chain(): {alone} {reason}, which discards what "
-                       f"{others} did")
 
 
 def _methods(strategies: Sequence[Strategy]) -> list[Strategy]:
@@ -797,8 +817,17 @@ def chain(*strategies: Strategy) -> Strategy:
   # chain(lwf, ewc) as one member named 'lwf+ewc', so a nested chain
   # passed every refusal (chain(chain(replay, ewc), replay) trained).
   methods = _methods(strategies)
-  _check_composable([s.name for s in methods],
-                    {s.name for s in methods if s.freeze_grads is not None})
+  for s in methods:
+    if not (isinstance(s.writes_params, frozenset)
+            and s.writes_params <= HOOK_WRITES):
+      raise ValueError(
+          f"chain(): {s.name}'s writes_params must be a frozenset of "
+          f"{sorted(HOOK_WRITES)}, got {s.writes_params!r}")
+  _check_composable(
+      [s.name for s in methods],
+      {s.name for s in methods if s.freeze_grads is not None},
+      {s.name for s in methods if "before_experience" in s.writes_params},
+      {s.name for s in methods if "after_experience" in s.writes_params})
   predictors = [s for s in strategies if s.predict is not None]
   if len(predictors) > 1:
     raise ValueError(
@@ -947,5 +976,7 @@ def chain(*strategies: Strategy) -> Strategy:
       grads_state=grads_state,
       freeze_grads=freeze_grads,
       scale_updates=scale_updates,
+      writes_params=frozenset().union(
+          *(s.writes_params for s in strategies)),
       members=tuple(strategies),
   )

@@ -106,6 +106,17 @@ def child_env(tmp_path_factory):
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
+@pytest.fixture(scope="session")
+def pretrained_npz(tmp_path_factory):
+  """resume_configs.pretrain_config()'s weights, made once (a few s), for
+  the strategies that need a pretrained start (the resume and hook-write
+  audits)."""
+  import resume_configs
+  from jaxcl import pretrained
+  out = tmp_path_factory.mktemp("pretrained") / "digits_mlp64.npz"
+  return pretrained.pretrain(resume_configs.pretrain_config(), str(out))
+
+
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory):
   """``forked(*args, cwd=..., extra_env=None)``: the ``jaxcl`` command in a

@@ -72,14 +72,6 @@ def drive(child_env):
   yield from resume_driver.forker(child_env)
 
 
-@pytest.fixture(scope="session")
-def pretrained_npz(tmp_path_factory):
-  """resume_configs.pretrain_config()'s weights, made once (a few s)."""
-  from jaxcl import pretrained
-  out = tmp_path_factory.mktemp("pretrained") / "digits_mlp64.npz"
-  return pretrained.pretrain(resume_configs.pretrain_config(), str(out))
-
-
 def resumed_from(position):
   """What the resume logs when it starts from the save at ``position``."""
   if position["phase"] == "begin":

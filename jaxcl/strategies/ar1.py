@@ -140,6 +140,8 @@ def ar1(c: float = 0.1, xi: float = 0.1, lower_lr_scale: float = 1.0,
     subs[1] = s._replace(importance=imp)
     return state.replace(strategy=tuple(subs))
 
+  # One method to chain()'s composition checks (members=()), which know
+  # ar1 by name; it keeps cwr_star's writes_params (the chain's).
   return inner._replace(before_experience=before_experience,
                         after_experience=after_experience,
-                        name="ar1")
+                        name="ar1", members=())

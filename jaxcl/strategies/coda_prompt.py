@@ -280,4 +280,5 @@ def coda_prompt(ortho_mu: float = 0.0, n_tasks: int = 0,
                   loss=loss, update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads,
                   project_params=project_params, predict=_prompt.predict,
-                  name="coda_prompt")
+                  name="coda_prompt",
+                  writes_params=frozenset({"before_experience"}))

@@ -216,4 +216,5 @@ def cwr_star(backbone_lr_scale: float = 0.0) -> Strategy:
   return Strategy(init=init, before_experience=before_experience,
                   update_grads=update_grads, project_params=project_params,
                   after_experience=after_experience, predict=predict,
-                  name="cwr_star")
+                  name="cwr_star",
+                  writes_params=frozenset({"before_experience"}))

@@ -263,4 +263,6 @@ def dmc(aux_dataset: str = "fashion_mnist", aux_data_dir: str = "",
 
   return Strategy(init=init, before_experience=before_experience,
                   task_loss=task_loss, after_experience=after_experience,
-                  predict=predict_seen, name="dmc")
+                  predict=predict_seen, name="dmc",
+                  writes_params=frozenset({"before_experience",
+                                           "after_experience"}))

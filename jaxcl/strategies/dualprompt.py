@@ -224,4 +224,5 @@ def dualprompt(lam: float = 1.0, train_mask: bool = True,
                   loss=loss, update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads,
                   project_params=project_params, predict=_prompt.predict,
-                  name="dualprompt")
+                  name="dualprompt",
+                  writes_params=frozenset({"before_experience"}))

@@ -302,4 +302,5 @@ def eeil(mem_size: int = 2000, batch_size: int = 0, lam: float = 1.0,
   return Strategy(init=init, before_experience=mark_class_experience("eeil"),
                   prepare_batch=append_exemplars(replay_size),
                   task_loss=task_loss, after_experience=after_experience,
-                  predict=predict_seen, name="eeil")
+                  predict=predict_seen, name="eeil",
+                  writes_params=frozenset({"after_experience"}))

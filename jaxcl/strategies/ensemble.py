@@ -87,4 +87,5 @@ def ensemble() -> Strategy:
 
   return Strategy(init=init, before_experience=before_experience,
                   after_experience=after_experience, predict=predict,
-                  name="ensemble")
+                  name="ensemble",
+                  writes_params=frozenset({"before_experience"}))

@@ -374,4 +374,5 @@ def expert_gate(ae_latent: int = 100, ae_epochs: int = 2,
 
   return Strategy(init=init, before_experience=before_experience, loss=loss,
                   after_experience=after_experience, predict=predict,
-                  name="expert_gate")
+                  name="expert_gate",
+                  writes_params=frozenset({"before_experience"}))

@@ -97,4 +97,5 @@ def from_scratch(reset: str = "initial") -> Strategy:
                                               model_state=model_state))
 
   return Strategy(init=init, before_experience=before_experience,
-                  name="from_scratch")
+                  name="from_scratch",
+                  writes_params=frozenset({"before_experience"}))

@@ -265,4 +265,5 @@ def gdumb(mem_size: int = 500, epochs: int = 30, batch_size: int = 16,
   return Strategy(init=init, before_experience=mark_experience,
                   update_grads=zero_grads, after_step=after_step,
                   after_experience=after_experience, predict=predict,
-                  name="gdumb")
+                  name="gdumb",
+                  writes_params=frozenset({"after_experience"}))

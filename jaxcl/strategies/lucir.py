@@ -326,4 +326,5 @@ def lucir(mem_size: int = 2000, batch_size: int = 0, lamb: float = 5.0,
                   task_loss=seen_cross_entropy, loss=loss,
                   project_params=project_params,
                   after_experience=exemplar_hook(update_memory),
-                  predict=predict, name="lucir")
+                  predict=predict, name="lucir",
+                  writes_params=frozenset({"before_experience"}))

@@ -120,7 +120,8 @@ def multihead() -> Strategy:
 
   return Strategy(init=init, before_experience=before_experience,
                   after_experience=after_experience, predict=predict,
-                  name="multihead")
+                  name="multihead",
+                  writes_params=frozenset({"before_experience"}))
 
 
 def checked_head(state, task: int) -> Any:

@@ -283,4 +283,5 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
                   update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads,
                   after_experience=after_experience, predict=predict,
-                  name="packnet")
+                  name="packnet",
+                  writes_params=frozenset({"after_experience"}))

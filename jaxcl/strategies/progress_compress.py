@@ -242,4 +242,5 @@ def progress_compress(lam: float = 100.0, gamma: float = 1.0,
                   update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads,
                   after_experience=after_experience, predict=predict,
-                  name="progress_compress")
+                  name="progress_compress",
+                  writes_params=frozenset({"after_experience"}))

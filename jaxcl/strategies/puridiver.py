@@ -672,4 +672,5 @@ def puridiver(mem_size: int = 200, batch_size: int = 0,
 
   return Strategy(init=init, before_experience=before_experience,
                   prepare_batch=prepare_batch, after_step=after_step,
-                  after_experience=after_experience, name="puridiver")
+                  after_experience=after_experience, name="puridiver",
+                  writes_params=frozenset({"after_experience"}))

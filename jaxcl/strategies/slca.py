@@ -428,5 +428,7 @@ def slca(backbone_lr_scale: float = 0.01, ca_epochs: int = 5,
                   update_grads=frozen_update(freeze_grads),
                   freeze_grads=freeze_grads, scale_updates=scale_updates,
                   after_experience=after_experience,
-                  predict=predict, name="slca")
+                  predict=predict, name="slca",
+                  writes_params=frozenset({"before_experience",
+                                           "after_experience"}))
 

@@ -233,4 +233,5 @@ def wa(mem_size: int = 2000, batch_size: int = 0, temperature: float = 2.0,
                   after_experience=exemplar_hook(
                       herding_update(mem_size, per_class),
                       train=weight_align),
-                  predict=predict_seen, name="wa")
+                  predict=predict_seen, name="wa",
+                  writes_params=frozenset({"after_experience"}))
