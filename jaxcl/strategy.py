@@ -670,7 +670,25 @@ _TEACHER_SAVERS = (
     "ewc", "online_ewc", "mas", "rwalk", "fdr", "xder", "hal",
     "latent_replay", "exstream", "er_tricks", "il2m", "ensemble",
     "expert_gate", "multihead", "cwr_star", "ar1", "scr", "dmc", "slca",
-    "ser", "siw")
+    "ser", "siw",
+    # Session 54's audit (tests/test_hook_writes.py: the state an
+    # after_experience returns depends on the parameters it is given):
+    # stored features (feature_replay), a frozen copy
+    # (feature_distillation), a teacher and exemplars (wa), masks or
+    # targets computed from the weights (hat, hypernetwork, packnet,
+    # piggyback, supsup), the knowledge base's consolidation
+    # (progress_compress), class statistics (fecam, fetril; alone anyway).
+    # Of these, feature_replay, feature_distillation, hat, wa, packnet,
+    # hypernetwork and supsup were accepted before some writer.
+    "feature_replay", "feature_distillation", "wa", "hat", "hypernetwork",
+    "packnet", "piggyback", "supsup", "progress_compress", "fecam",
+    "fetril")
+# Not a saver though its after_experience reads the weights: si. Its
+# importance divides the path integral, summed over the training steps,
+# by the displacement over those steps (the weights before a later
+# writer's write are the path's end), and its anchor is taken in
+# before_experience, after any write.
+_READS_BUT_IMMUNE = ("si",)
 # The writers are the members declaring 'after_experience' in
 # writes_params (until session 54 a hand-kept list, which missed wa until
 # session 53's sweep and slca until session 54's audit of every

@@ -9,13 +9,19 @@ every registered strategy through its resume-audit config (Split Digits,
 5 experiences; tests/resume_configs.py) with both hooks wrapped, and
 checks that a hook changes the parameters in some experience exactly when
 the strategy declares it. A strategy whose hook starts writing the weights
-without the declaration fails here, as does a stale declaration.
+without the declaration fails here, as does a stale declaration. It also
+checks chain()'s list of savers (``_TEACHER_SAVERS``): a strategy is one
+exactly when the state its after_experience returns depends on the
+parameters it is given (the hook run again with them nudged), but for the
+exceptions ``_READS_BUT_IMMUNE`` names.
 
 Session 54's run of it found the two hand-kept lists it replaced
 incomplete: slca's classifier alignment writes the weights at an
 experience's end (lwf+slca's teacher differed from the final weights by
 2.3-5.4), and cwr_star, ar1, lucir, slca, coda_prompt, dualprompt and dmc
-write them at its start.
+write them at its start; and eleven savers missing from the list
+(feature_replay, feature_distillation, wa, hat, hypernetwork, packnet,
+piggyback, supsup, progress_compress, fecam, fetril).
 
 Slow (79 strategies, 1-14 s each: 99 s with ``-n 2`` here, session 54);
 the default and CI runs deselect it:
@@ -24,12 +30,14 @@ the default and CI runs deselect it:
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxcl.strategies
 import resume_configs
 from jaxcl import experiment
+from jaxcl.strategy import _READS_BUT_IMMUNE, _TEACHER_SAVERS
 
 HOOKS = ("before_experience", "after_experience")
 
@@ -41,22 +49,39 @@ def _same(a, b) -> bool:
       for x, y in zip(la, lb))
 
 
+def _nudged(params):
+  """``params`` moved off their values (new buffers): the floats scaled by
+  1.05 and shifted by 0.01."""
+  return jax.tree.map(
+      lambda p: p * 1.05 + 0.01 if jnp.issubdtype(p.dtype, jnp.floating)
+      else jnp.array(p, copy=True), params)
+
+
 def hook_writes(config) -> dict[str, list[bool]]:
   """Runs ``config``; for each host hook, whether it changed the
   parameters, per experience (of the stream the strategy trains on:
-  joint's is one experience)."""
+  joint's is one experience). Under ``"reads"``: whether the strategy
+  state ``after_experience`` returns depends on the parameters it is
+  given (the hook run a second time on a copy of the state with the
+  parameters nudged, before the real call)."""
   strategy, transform = experiment.build_strategy(config)
   scenario = transform(experiment.build_scenario(config))
-  writes = {h: [] for h in HOOKS}
+  writes = {h: [] for h in HOOKS + ("reads",)}
 
   def watched(name):
     hook = getattr(strategy, name)
 
     def run_hook(ctx, state, exp):
+      if name == "after_experience":
+        # New buffers throughout: a hook may donate what it is given.
+        copy = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+        other = hook(ctx, copy.replace(params=_nudged(copy.params)), exp)
       # A host copy: the compiled loop donates the state's buffers.
       before = jax.tree.map(np.asarray, state.params)
       out = hook(ctx, state, exp)
       writes[name].append(not _same(before, out.params))
+      if name == "after_experience":
+        writes["reads"].append(not _same(other.strategy, out.strategy))
       return out
 
     return run_hook
@@ -71,7 +96,7 @@ def hook_writes(config) -> dict[str, list[bool]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", jaxcl.strategies.available())
-def test_writes_params_declares_what_the_hooks_do(name, request):
+def test_declared_writes_and_savers_match_the_hooks(name, request):
   pretrained = (request.getfixturevalue("pretrained_npz")
                 if name in resume_configs.NEEDS_PRETRAINED else None)
   config = resume_configs.config(name, pretrained)
@@ -83,16 +108,29 @@ def test_writes_params_declares_what_the_hooks_do(name, request):
         f"{name}'s {hook} changed the parameters in experiences "
         f"{[i for i, w in enumerate(writes[hook]) if w]} of "
         f"{len(writes[hook])}, but its writes_params is {sorted(declared)}")
+  # chain()'s savers (a copy of the model, or what it computes from it,
+  # kept at an experience's end) are the members whose after_experience
+  # state depends on the weights, but the exceptions it names.
+  reads = any(writes["reads"])
+  depends = "depends" if reads else "does not depend"
+  assert reads == (name in _TEACHER_SAVERS + _READS_BUT_IMMUNE), (
+      f"{name}'s after_experience state {depends} on the parameters, but "
+      f"{name} is "
+      f"{'not ' if name not in _TEACHER_SAVERS else ''}in "
+      "jaxcl.strategy._TEACHER_SAVERS")
 
 
 def test_audit_sees_a_write_and_its_absence():
   """The wrapper itself (fast, in CI): packnet's pruning writes the weights
-  at every experience's end and nothing at its start; naive writes
-  nothing. Two experiences of the audit's set-up."""
+  at every experience's end, from masks it computes from them, and nothing
+  at its start; naive writes and reads nothing. Two experiences of the
+  audit's set-up."""
   for name, want in (("packnet", {"after_experience": True,
-                                  "before_experience": False}),
+                                  "before_experience": False,
+                                  "reads": True}),
                      ("naive", {"after_experience": False,
-                                "before_experience": False})):
+                                "before_experience": False,
+                                "reads": False})):
     config = resume_configs.config(name)
     config.scenario.n_experiences = 2
     writes = hook_writes(config)

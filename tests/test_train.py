@@ -1211,7 +1211,8 @@ def test_chain_refuses_cscct_compositions_that_are_silently_wrong(
     "lwf+eeil", "ewc+packnet", "mas+progress_compress", "icarl+puridiver",
     "xder+eeil", "generative_replay+packnet", "eeil+puridiver",
     "latent_replay+packnet", "er_tricks+puridiver", "freezing+eeil",
-    "ser+wa", "lwf+wa", "lwf+slca", "ewc+slca"])
+    "ser+wa", "lwf+wa", "lwf+slca", "ewc+slca", "feature_replay+puridiver",
+    "feature_distillation+eeil", "wa+puridiver"])
 def test_chain_refuses_a_copy_taken_before_an_end_of_experience_write(spec):
   # Session 33's probe (docs/composition_fuzz.md): the member's copy of
   # the model (teacher, anchor, stored logits / latents / statistics)
@@ -1219,7 +1220,9 @@ def test_chain_refuses_a_copy_taken_before_an_end_of_experience_write(spec):
   # WA's alignment (session 53) scales the new classes' weights by its
   # gamma (0.91-0.99 from experience 2 on, docs/notes_hybrid.md); SLCA's
   # classifier alignment (session 54) moved lwf's teacher off the final
-  # weights by 2.3-5.4.
+  # weights by 2.3-5.4. feature_replay's stored features,
+  # feature_distillation's frozen copy and wa's teacher: savers found by
+  # session 54's audit (tests/test_hook_writes.py).
   from jaxcl import strategies
   saver, writer = spec.split("+")
   with pytest.raises(ValueError, match=(
@@ -1231,7 +1234,8 @@ def test_chain_refuses_a_copy_taken_before_an_end_of_experience_write(spec):
 @pytest.mark.parametrize("spec", [
     "eeil+lwf", "packnet+ewc", "progress_compress+mas", "puridiver+eeil",
     "packnet+generative_replay", "si+eeil", "aer_abs+packnet",
-    "rpc+puridiver", "wa+ser", "wa+lwf", "slca+lwf", "slca+ewc"])
+    "rpc+puridiver", "wa+ser", "wa+lwf", "slca+lwf", "slca+ewc",
+    "puridiver+feature_replay", "eeil+feature_distillation", "si+slca"])
 def test_writer_first_and_immune_savers_are_accepted(spec):
   # The writer first, or a member that takes its copy in before_experience
   # (si's anchor, aer_abs's) or never from the weights (rpc's memory).
