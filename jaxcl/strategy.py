@@ -613,9 +613,14 @@ _ALONE = {
 # Not mir: it appends no rows (its replayed gradient is added in
 # update_grads, which scr's zero task loss does not stop; session 36,
 # seed 0: scr+mir 0.808, mir+scr 0.824, scr alone 0.813).
+# generative_replay and generative_negative_replay since session 54
+# (tests/test_hook_writes.py): their generated rows carry task 0, so after
+# progress_compress they went through the knowledge base and trained
+# nothing.
 _APPENDERS = ("replay", "gss", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
-              "aer_abs", "puridiver", "ser")
+              "aer_abs", "puridiver", "ser", "generative_replay",
+              "generative_negative_replay")
 # Not refused since session 35: packnet or progressive before a member
 # whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
 # rar another batch's), which had put gradient back on the weights the

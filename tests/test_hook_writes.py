@@ -36,7 +36,7 @@ import pytest
 
 import jaxcl.strategies
 import resume_configs
-from jaxcl import experiment
+from jaxcl import experiment, train
 from jaxcl.strategy import _READS_BUT_IMMUNE, _TEACHER_SAVERS
 
 HOOKS = ("before_experience", "after_experience")
@@ -136,3 +136,51 @@ def test_audit_sees_a_write_and_its_absence():
     writes = hook_writes(config)
     assert {h: all(w) if want[h] else any(w)
             for h, w in writes.items()} == want, (name, writes)
+
+
+def appends_rows(config) -> bool:
+  """Whether the configured strategy's ``prepare_batch`` returns more rows
+  than the stream's batch (shapes only: ``jax.eval_shape``, no compile)."""
+  s = experiment.setup(config)
+  ctx, strategy = s.learner.ctx, s.learner.strategy
+  state = jax.eval_shape(lambda: train.init_state(ctx, strategy, 0))
+  b = ctx.info.batch_size
+  rows = lambda dtype, *shape: jax.ShapeDtypeStruct((b,) + shape, dtype)
+  batch = dict(x=rows(jnp.float32, *ctx.info.input_shape),
+               y=rows(jnp.int32), task=rows(jnp.int32),
+               mask=rows(jnp.float32), index=rows(jnp.int32))
+  out = jax.eval_shape(
+      lambda ss, bt: strategy.prepare_batch(ctx, ss, bt, jax.random.key(0)),
+      state.strategy, batch)
+  return out["x"].shape[0] > b
+
+
+def test_every_row_appender_is_ordered_after_scr_and_progress_compress(
+    pretrained_npz):
+  """chain() refuses scr or progress_compress before a member that appends
+  rows in prepare_batch (the rows come after their prepare_batch and train
+  nothing), by the names in ``_APPENDERS``. Every registered strategy
+  whose prepare_batch appends rows (by shape, ~0.1 s each) must be listed
+  there or refused after both for another reason. Session 54 found
+  generative_replay and generative_negative_replay accepted after
+  progress_compress: their generated rows carry task 0, the knowledge
+  base, whose gradient progress_compress masks while it progresses.
+  (Listed members that keep replayed rows under keys of their own, der,
+  derpp, fdr, xder, ser, lamaml, mer, are not row appenders by this
+  test's measure; they replay under their stored task ids, which routes
+  them to the knowledge base as well.)"""
+  from jaxcl.strategy import _APPENDERS
+  appenders = [n for n in jaxcl.strategies.available()
+               if appends_rows(resume_configs.config(
+                   n, pretrained_npz
+                   if n in resume_configs.NEEDS_PRETRAINED else None))]
+  # Not vacuous: replay appends, naive does not.
+  assert "replay" in appenders and "naive" not in appenders
+  for name in appenders:
+    if name in _APPENDERS:
+      continue
+    for first in ("scr", "progress_compress"):
+      if first == name:
+        continue
+      with pytest.raises(ValueError, match="chain"):
+        jaxcl.strategies.from_spec(f"{first}+{name}")
