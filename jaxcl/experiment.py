@@ -557,19 +557,24 @@ def setup(config: ml_collections.ConfigDict,
   """Builds scenario, model, optimiser, strategy and the compiled learner.
 
   ``strategy`` (a record, e.g. ``chain(...)`` built in a script) replaces
-  the one named by ``config.strategy``.
+  the one named by ``config.strategy``. Either way the strategy's
+  ``scenario`` re-cut (joint, cumulative) is applied to the stream, which
+  is given as built.
 
   Raises:
     ConfigError / ValueError: any bad name or value, naming it and the
       valid choices.
   """
   base = scenario if scenario is not None else build_scenario(config)
-  if strategy is None:
-    strategy, transform = build_strategy(config)
-    sc = transform(base)
+  given = strategy is not None
+  if not given:
+    strategy, _ = build_strategy(config)
+  # The record's own re-cut of the stream (joint, cumulative), for a
+  # record passed in too: until session 54 one passed to jaxcl.run
+  # trained on the stream as given, so get("cumulative") ran as naive.
+  sc = strategy.scenario(base) if strategy.scenario is not None else base
+  if not given:
     _check_classes_once(config.strategy.name, sc)
-  else:
-    sc = base
   sc, monitors = _plateau_holdout(config, sc)
   tc = config.train
   if tc.batch_size < 1:
@@ -934,7 +939,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     config: a config like :func:`default_config`.
     workdir: run directory for logs, plots and checkpoints (None: nothing is
       written).
-    scenario: use this scenario instead of building one from the config.
+    scenario: use this scenario instead of building one from the config
+      (as built: a joint or cumulative strategy re-cuts it).
     strategy: use this strategy record instead of ``config.strategy``.
     reporter: a :class:`jaxcl.report.Reporter` (built from ``workdir`` when
       None and ``workdir`` is given).

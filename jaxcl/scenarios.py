@@ -147,6 +147,10 @@ class Scenario:
     online: single pass over the data (one epoch, small batches).
     eval_experiences: experiences whose test sets fill the accuracy
       matrix's columns (equal to ``experiences`` except for Joint).
+    recut: ``'joint'`` or ``'cumulative'`` once :func:`joint` or
+      :func:`cumulative` re-cut the training stream, else ``''`` (they
+      refuse a stream already re-cut: applied twice, Cumulative would
+      repeat old data).
   """
   name: str
   kind: str
@@ -156,6 +160,7 @@ class Scenario:
   task_classes: np.ndarray
   online: bool = False
   eval_experiences: tuple[Experience, ...] | None = None
+  recut: str = ""
 
   def __post_init__(self):
     if self.kind not in SCENARIO_KINDS:
@@ -618,17 +623,27 @@ def _merged(exps: Sequence[Experience], index: int,
       inputs=inputs)
 
 
+def _check_not_recut(scenario: Scenario, how: str) -> None:
+  if scenario.recut:
+    raise ScenarioError(
+        f"{how}: stream {scenario.name!r} was already re-cut by "
+        f"{scenario.recut}; pass the stream as built (a joint or cumulative "
+        "strategy re-cuts it when the run starts)")
+
+
 def joint(scenario: Scenario) -> Scenario:
   """The offline upper bound: one experience with all training data; the
   accuracy matrix keeps one column per original experience."""
+  _check_not_recut(scenario, "joint")
   return dataclasses.replace(
       scenario, experiences=(_merged(scenario.experiences, 0, OnDemand()),),
       eval_experiences=scenario.eval_experiences,
-      name=f"joint_{scenario.name}")
+      name=f"joint_{scenario.name}", recut="joint")
 
 
 def cumulative(scenario: Scenario) -> Scenario:
   """Experience i trains on the union of experiences 0..i."""
+  _check_not_recut(scenario, "cumulative")
   exps = scenario.experiences
   built = OnDemand()
   return dataclasses.replace(
@@ -636,4 +651,4 @@ def cumulative(scenario: Scenario) -> Scenario:
       experiences=tuple(_merged(exps[:i + 1], i, built)
                         for i in range(len(exps))),
       eval_experiences=scenario.eval_experiences,
-      name=f"cumulative_{scenario.name}")
+      name=f"cumulative_{scenario.name}", recut="cumulative")

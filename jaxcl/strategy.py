@@ -67,6 +67,10 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
   task step). Costs one extra optimiser update per step, not applied.
 * ``needs_task_grads``: ask the step for the unregularised gradient too
   (costs a second backward pass; SI uses it).
+* ``scenario(stream) -> stream`` or None: the training stream the method
+  needs, built from the given one (Joint's single experience, Cumulative's
+  growing data); the engine applies it. At most one chain member may
+  define it.
 * ``writes_params``: the host hooks, ``'before_experience'`` and / or
   ``'after_experience'``, that write the parameters (a reset, a new head,
   pruning, a fitted or aligned classifier). A member that keeps a copy of
@@ -275,6 +279,11 @@ class Strategy(NamedTuple):
   # _check_composable). tests/test_hook_writes.py runs every registered
   # strategy and checks its declaration against what its hooks do.
   writes_params: frozenset = frozenset()
+  # The stream the method trains on, from the one it is given (joint: one
+  # experience of everything; cumulative: the data so far), or None. The
+  # record carries it, so a strategy passed to jaxcl.run (alone or in a
+  # chain) trains on the same data as one named in a config.
+  scenario: Optional[Callable[..., Any]] = None
   # A chain's records as given to chain() (empty for a single method), so
   # an enclosing chain checks the composition over the methods themselves:
   # chain(chain(lwf, ewc), wa) is refused as chain(lwf, ewc, wa) is.
@@ -861,6 +870,11 @@ def chain(*strategies: Strategy) -> Strategy:
     raise ValueError(
         "chain(): more than one strategy replaces the task loss: "
         f"{[s.name for s in task_losses]}")
+  recutters = [s for s in strategies if s.scenario is not None]
+  if len(recutters) > 1:
+    raise ValueError(
+        "chain(): at most one member may change the training data (joint, "
+        f"cumulative), got {[s.name for s in recutters]}")
   n = len(strategies)
 
   def check(sstate):
@@ -1001,5 +1015,6 @@ def chain(*strategies: Strategy) -> Strategy:
       scale_updates=scale_updates,
       writes_params=frozenset().union(
           *(s.writes_params for s in strategies)),
+      scenario=recutters[0].scenario if recutters else None,
       members=tuple(strategies),
   )

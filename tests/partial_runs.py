@@ -45,17 +45,16 @@ def run_keeping_states(config, n: int | None = None, strategy=None,
 
   ``n``: train the first ``n`` experiences only (evaluated on every
   experience's test set, as :func:`run_first`); all when None.
-  ``strategy``: a record to run instead of ``config.strategy``'s (whose
-  scenario transform, if any, is then not applied, as in ``jaxcl.run``).
+  ``strategy``: a record to run instead of ``config.strategy``'s.
   ``scenario``: run on this scenario instead of ``config``'s (loaded
-  again otherwise).
+  again otherwise). The run re-cuts either for a joint or cumulative
+  strategy (after the cut to ``n``).
   The result is the run's own (its learner's compiled functions, for
   compile counts); its ``learner.strategy`` differs from the one given
   only in ``after_experience``, the hook that keeps the states."""
   sc = experiment.build_scenario(config) if scenario is None else scenario
   if strategy is None:
-    strategy, transform = experiment.build_strategy(config)
-    sc = transform(sc)
+    strategy, _ = experiment.build_strategy(config)
   if n is not None:
     sc = dataclasses.replace(sc, experiences=sc.experiences[:n],
                              eval_experiences=sc.experiences)

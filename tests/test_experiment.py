@@ -265,6 +265,39 @@ def test_setup_reads_the_train_settings():
   assert len(s.scenario.eval_experiences) == 5
 
 
+def test_a_passed_joint_or_cumulative_record_recuts_the_stream():
+  """A cumulative or joint record given to jaxcl.run (alone or in a chain)
+  trains on the stream it needs, as the name in a config does: until
+  session 54 the re-cut was looked up by name in the config only, so
+  run(config, strategy=get("cumulative")) silently trained as naive (the
+  last row's first four accuracies 0.0 against 0.5-0.8). A stream passed
+  already re-cut is refused (cumulative twice would repeat old data)."""
+  from jaxcl import strategies
+  from jaxcl.strategy import chain
+  c = quick_config(**{"strategy.name": "cumulative"})
+  named = jaxcl.run(c)
+  passed = jaxcl.run(c, strategy=strategies.get("cumulative"))
+  np.testing.assert_array_equal(passed.accuracy, named.accuracy)
+  # Cumulative keeps the old experiences (naive forgets them).
+  naive = jaxcl.run(quick_config())
+  assert passed.accuracy[-1, :4].min() > naive.accuracy[-1, :4].max() + 0.2
+  # In a chain, the record carries the re-cut too: one experience.
+  s = experiment.setup(quick_config(),
+                       strategy=chain(strategies.get("ewc"),
+                                      strategies.get("joint")))
+  assert len(s.scenario.experiences) == 1
+  assert len(s.scenario.eval_experiences) == 5
+  # A stream already re-cut is refused, naming what to pass.
+  stream = scenarios.cumulative(experiment.build_scenario(c))
+  with pytest.raises(ValueError, match="stream 'cumulative_split_digits' "
+                     "was already re-cut by cumulative; pass the stream as "
+                     "built"):
+    jaxcl.run(c, scenario=stream, strategy=strategies.get("cumulative"))
+  with pytest.raises(ValueError, match="chain\\(\\): at most one member "
+                     "may change the training data"):
+    chain(strategies.get("joint"), strategies.get("cumulative"))
+
+
 def test_eval_batch_is_capped_at_the_largest_test_set():
   """A batch beyond the largest test set (Split Digits: 91 images) would
   only pad every test set to it (10^9 once asked numpy for 1.2 TB); it is

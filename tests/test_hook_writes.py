@@ -64,8 +64,8 @@ def hook_writes(config) -> dict[str, list[bool]]:
   state ``after_experience`` returns depends on the parameters it is
   given (the hook run a second time on a copy of the state with the
   parameters nudged, before the real call)."""
-  strategy, transform = experiment.build_strategy(config)
-  scenario = transform(experiment.build_scenario(config))
+  strategy, _ = experiment.build_strategy(config)
+  scenario = experiment.build_scenario(config)
   writes = {h: [] for h in HOOKS + ("reads",)}
 
   def watched(name):
@@ -89,6 +89,8 @@ def hook_writes(config) -> dict[str, list[bool]]:
   experiment.run(config, scenario=scenario,
                  strategy=strategy._replace(
                      **{h: watched(h) for h in HOOKS}))
+  if strategy.scenario is not None:  # joint's one experience
+    scenario = strategy.scenario(scenario)
   for hook in HOOKS:  # the wrapper saw every experience
     assert len(writes[hook]) == len(scenario.experiences), writes
   return writes

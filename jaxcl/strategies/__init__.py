@@ -421,17 +421,8 @@ def from_spec(spec: str, kwargs: dict[str, dict[str, Any]] | None = None
     raise ValueError(f"hyperparameters given for {sorted(unknown)}, which "
                      f"are not in the strategy spec {spec!r}")
   members = [get(n, **dict(kwargs.get(n, {}))) for n in names]
-  transforms = [getattr(_module(n), "scenario", None) for n in names]
-  transforms = [t for t in transforms if t is not None]
-  if len(transforms) > 1:
-    raise ValueError(f"{spec!r}: at most one member may change the training "
-                     "data (joint, cumulative)")
-
-  def scenario_fn(s):
-    return transforms[0](s) if transforms else s
-
   strategy = members[0] if len(members) == 1 else chain(*members)
-  return strategy, scenario_fn
+  return strategy, strategy.scenario or (lambda s: s)
 
 
 def describe(name: str) -> str:

@@ -9,7 +9,7 @@ from jaxcl.strategy import Strategy
 
 def cumulative() -> Strategy:
   """Naive training on the cumulative data (see :func:`scenario`)."""
-  return Strategy(name="cumulative")
+  return Strategy(name="cumulative", scenario=scenario)
 
 
 def scenario(s: scenarios.Scenario) -> scenarios.Scenario:

@@ -10,7 +10,7 @@ from jaxcl.strategy import Strategy
 
 def joint() -> Strategy:
   """Naive training on the joint data (see :func:`scenario`)."""
-  return Strategy(name="joint")
+  return Strategy(name="joint", scenario=scenario)
 
 
 def scenario(s: scenarios.Scenario) -> scenarios.Scenario:
