@@ -566,15 +566,16 @@ def setup(config: ml_collections.ConfigDict,
       valid choices.
   """
   base = scenario if scenario is not None else build_scenario(config)
-  given = strategy is not None
-  if not given:
+  if strategy is None:
     strategy, _ = build_strategy(config)
   # The record's own re-cut of the stream (joint, cumulative), for a
   # record passed in too: until session 54 one passed to jaxcl.run
   # trained on the stream as given, so get("cumulative") ran as naive.
   sc = strategy.scenario(base) if strategy.scenario is not None else base
-  if not given:
-    _check_classes_once(config.strategy.name, sc)
+  # By the record's methods, so a record passed in is refused as early as
+  # a config's name (its hook would refuse only at the second experience).
+  from jaxcl.strategy import _methods
+  _check_classes_once("+".join(m.name for m in _methods([strategy])), sc)
   sc, monitors = _plateau_holdout(config, sc)
   tc = config.train
   if tc.batch_size < 1:

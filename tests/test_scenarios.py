@@ -546,8 +546,9 @@ def test_one_experience_per_class_strategies_refuse_recurring_classes(name):
   """A config naming one of ``strategies.ONE_EXPERIENCE_PER_CLASS`` on a
   blurry stream is refused at setup, before anything trains; and the
   strategy's own hook refuses the same stream when its second experience
-  starts (past the setup check: the record given to ``jaxcl.run``), so
-  the list names only strategies that do refuse."""
+  starts (past the setup check: the record given to ``jaxcl.run`` under
+  another name), so the list names only strategies that do refuse. The
+  record under its own name is refused at setup too (since session 54)."""
   import jaxcl
   import resume_configs
   from jaxcl import experiment
@@ -563,6 +564,10 @@ def test_one_experience_per_class_strategies_refuse_recurring_classes(name):
     experiment.setup(c)
   record, _ = experiment.build_strategy(c)
   stream = experiment.build_scenario(c)
+  with pytest.raises(ValueError, match=f"strategy '{name}' learns each "
+                     "class in one experience"):
+    experiment.setup(c, stream, record)
   with pytest.raises(ValueError, match=rf"{name}: experience 1 brings "
                      r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] again"):
-    jaxcl.run(c, strategy=record, scenario=stream)
+    jaxcl.run(c, strategy=record._replace(name=f"my_{name}"),
+              scenario=stream)
