@@ -517,17 +517,18 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
-              "lamaml", "clser", "rar", "aer_abs", "aser", "ser"), _HAT_LEAK)
+              "lamaml", "clser", "rar", "aer_abs", "aser", "ser", "er_acl"),
+      _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
                 "il2m", "er_aml", "eeil", "cope", "scr", "clser", "rpc",
-                "ss_il", "rar", "aer_abs"),
+                "ss_il", "rar", "aer_abs", "er_acl"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar", "aer_abs", "aser", "ser"),
+                "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
@@ -629,7 +630,7 @@ _ALONE = {
 _APPENDERS = ("replay", "gss", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver", "ser", "generative_replay",
-              "generative_negative_replay")
+              "generative_negative_replay", "er_acl")
 # Not refused since session 35: packnet or progressive before a member
 # whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
 # rar another batch's), which had put gradient back on the weights the

@@ -34,7 +34,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
                "aer_abs", "cscct", "puridiver", "aser", "feature_replay",
-               "ser"),
+               "ser", "er_acl"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -96,6 +96,10 @@ PAPERS: dict[str, str] = {
            "the authors' code, inFT_siw_mc)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
+    "er_acl": "Caccia et al. 2022, *New insights on reducing abrupt "
+              "representation change in online continual learning*, ICLR "
+              "(Avalanche's ER_ACL: ER-ACE's loss by experience, with a "
+              "class-balanced memory filled as each experience starts)",
     "er_aml": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR "
               "(ER-AML)",
