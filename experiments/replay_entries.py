@@ -142,6 +142,11 @@ _ACE_NOTE = (
     "rows above, whose settings these share (lr 0.01 / 0.1, batch "
     "10 + 10, reservoir), untuned.")
 
+_ACL_NOTE = (
+    "Avalanche's ER_ACL; no published number. Criterion set before the "
+    "runs (docs/notes_replay.md, session 54): at least ER-ACE's mean "
+    "minus 0.02 at both memory sizes.")
+
 ENTRIES = [
     Entry(_SM, "Replay (reservoir, 200)", "split_mnist_replay",
           "strategy=replay,mem_size=200", 0.804, _B,
@@ -173,6 +178,10 @@ ENTRIES = [
           "strategy=er_ace,mem_size=200", note=_ACE_NOTE),
     Entry(_SM, "ER-ACE (500)", "split_mnist_replay",
           "strategy=er_ace,mem_size=500"),
+    Entry(_SM, "ER-ACL (200)", "split_mnist_replay",
+          "strategy=er_acl,mem_size=200", note=_ACL_NOTE),
+    Entry(_SM, "ER-ACL (500)", "split_mnist_replay",
+          "strategy=er_acl,mem_size=500"),
     Entry(_SM, "ER-AML (200)", "split_mnist_replay",
           "strategy=er_aml,mem_size=200"),
     Entry(_SM, "ER-AML (500)", "split_mnist_replay",

@@ -56,6 +56,10 @@ Protocols (one per paper; picked by ``strategy``):
   the asymmetric cross-entropy, every setting Replay's (learning rate,
   batch 10 + 10, reservoir of 200 or 500). The paper has no MNIST number;
   the rows are read against Replay's.
+* ``er_acl`` (Avalanche's ``ER_ACL``, after Caccia et al. 2022): the
+  same protocol with ER-ACE's loss by experience and a class-balanced
+  memory filled with each whole experience as it starts. No published
+  number; read against ER-ACE's rows.
 * ``scr`` (Mai et al. 2021, `Supervised contrastive replay
   <https://arxiv.org/abs/2103.13885>`_): the ``replay`` protocol's model
   and stream; the supervised contrastive loss on a projection head over
@@ -299,7 +303,8 @@ def get_config(arg=None):
   c.strategy.name = s
   m = a["mem_size"]
   subset = a["subset"]
-  if s in ("replay", "naive", "er_ace", "er_aml", "rar", "er_tricks"):
+  if s in ("replay", "naive", "er_ace", "er_aml", "rar", "er_tricks",
+           "er_acl"):
     online(c, a["lr"] or ER_LR.get(m, 0.1))
     r = a["replayed"] or 10
     if a["replayed"]:
@@ -310,6 +315,10 @@ def get_config(arg=None):
       c.strategy.er_ace = dict(mem_size=m, batch_size=r)
     if s == "er_aml":
       c.strategy.er_aml = dict(mem_size=m, batch_size=r)
+    if s == "er_acl":
+      # Avalanche's ER_ACL on the same protocol; its memory takes each
+      # whole experience as it starts (not online in that respect).
+      c.strategy.er_acl = dict(mem_size=m, batch_size=r)
     if s == "rar":
       # Kumari et al. 2022 on the replay protocol, every setting Replay's;
       # the attack at Avalanche's defaults (beta 0.4, eps 0.0314, 2 steps,
@@ -453,7 +462,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, aser, gdumb, latent_replay, "
                      "exstream, generative_replay, der, derpp, xder, "
-                     "er_ace, er_aml, "
+                     "er_ace, er_aml, er_acl, "
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks, feature_replay")
   if a["plus"]:
