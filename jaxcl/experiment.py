@@ -26,6 +26,7 @@ from jaxcl import (augment, checks, datasets, metrics, models, plateau,
 from jaxcl.metrics import Curve
 from jaxcl.scenarios import Experience, Scenario, ScenarioError
 from jaxcl.state import TrainState
+from jaxcl.strategy import methods
 from jaxcl.train import (ConfigError, Learner, NonFiniteLossError,
                          device_experience, init_state, make_context,
                          make_learner, make_optimizer, reset_opt_state,
@@ -574,8 +575,7 @@ def setup(config: ml_collections.ConfigDict,
   sc = strategy.scenario(base) if strategy.scenario is not None else base
   # By the record's methods, so a record passed in is refused as early as
   # a config's name (its hook would refuse only at the second experience).
-  from jaxcl.strategy import _methods
-  _check_classes_once("+".join(m.name for m in _methods([strategy])), sc)
+  _check_classes_once("+".join(m.name for m in methods(strategy)), sc)
   sc, monitors = _plateau_holdout(config, sc)
   tc = config.train
   if tc.batch_size < 1:

@@ -92,7 +92,7 @@ __all__ = ["Strategy", "identity", "chain", "update_grads_and_state",
            "default_predict", "predict_once_ready", "zero_grads",
            "frozen_update",
            "mark_experience", "mark_experience_start", "check_task_seen",
-           "new_classes", "experience_classes", "HOOK_WRITES"]
+           "new_classes", "experience_classes", "HOOK_WRITES", "methods"]
 
 
 # The host hooks a strategy may declare in ``writes_params``.
@@ -811,11 +811,11 @@ def _check_composable(names: Sequence[str],
             f"{a}")
 
 
-def _methods(strategies: Sequence[Strategy]) -> list[Strategy]:
-  """The single methods in ``strategies``, nested chains opened, in
-  order."""
+def methods(*strategies: Strategy) -> list[Strategy]:
+  """The single methods the records hold, in order: a chain's members,
+  nested chains opened; any other record itself."""
   return [m for s in strategies
-          for m in (_methods(s.members) if s.members else [s])]
+          for m in (methods(*s.members) if s.members else [s])]
 
 
 def chain(*strategies: Strategy) -> Strategy:
@@ -849,18 +849,18 @@ def chain(*strategies: Strategy) -> Strategy:
   # methods inside any nested chain: before session 54 the check saw
   # chain(lwf, ewc) as one member named 'lwf+ewc', so a nested chain
   # passed every refusal (chain(chain(replay, ewc), replay) trained).
-  methods = _methods(strategies)
-  for s in methods:
+  held = methods(*strategies)
+  for s in held:
     if not (isinstance(s.writes_params, frozenset)
             and s.writes_params <= HOOK_WRITES):
       raise ValueError(
           f"chain(): {s.name}'s writes_params must be a frozenset of "
           f"{sorted(HOOK_WRITES)}, got {s.writes_params!r}")
   _check_composable(
-      [s.name for s in methods],
-      {s.name for s in methods if s.freeze_grads is not None},
-      {s.name for s in methods if "before_experience" in s.writes_params},
-      {s.name for s in methods if "after_experience" in s.writes_params})
+      [s.name for s in held],
+      {s.name for s in held if s.freeze_grads is not None},
+      {s.name for s in held if "before_experience" in s.writes_params},
+      {s.name for s in held if "after_experience" in s.writes_params})
   predictors = [s for s in strategies if s.predict is not None]
   if len(predictors) > 1:
     raise ValueError(
