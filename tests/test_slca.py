@@ -446,14 +446,20 @@ def test_bad_streams_and_models():
 
 
 def test_repeated_class_is_refused():
-  """Refused as the second experience starts: the hooks driven by hand,
-  with nothing trained in between (training does not touch which classes
-  came; jaxcl.run would train the first experience first)."""
+  """Refused at setup, before anything trains (a record passed in gets
+  the check by its name since session 54); and by the hook itself as the
+  second experience starts (the record under another name, past setup's
+  check): the hooks driven by hand, with nothing trained in between
+  (training does not touch which classes came)."""
   c = _config()
   sc = experiment.build_scenario(c)
   again = dataclasses.replace(sc, experiences=[sc.experiences[0],
                                                sc.experiences[0]])
-  s = experiment.setup(c, strategy=slca(), scenario=again)
+  with pytest.raises(ValueError, match="strategy 'slca' learns each class "
+                     "in one experience"):
+    experiment.setup(c, strategy=slca(), scenario=again)
+  s = experiment.setup(c, strategy=slca()._replace(name="my_slca"),
+                       scenario=again)
   ctx, strategy = s.learner.ctx, s.learner.strategy
   state = strategy.before_experience(ctx, experiment.initial_state(s, 0),
                                      again.experiences[0])
