@@ -27,6 +27,7 @@ from jaxcl.strategies.gdumb import gdumb, retrain, sgdr_epoch_lr
 from jaxcl.strategies.generative_replay import generative_replay
 from jaxcl.strategies.latent_replay import latent_replay
 from jaxcl.strategies.mir import mir, retrieve
+from jaxcl.strategies.naive import naive
 from jaxcl.strategies.replay import replay
 
 B = 10
@@ -75,6 +76,25 @@ def after_first(ctx, s, stream, steps, n=B):
                                  start=(n * i) % (len(e0.train_y) - n)))
   state = s.after_experience(ctx, state, e0)
   return s.before_experience(ctx, state, e1), step
+
+
+def assert_steps_as_naive(ctx, s, state, exp, steps=3):
+  """Trains ``state`` (strategy ``s``, its experience started) and a
+  Naive state from the same seed for ``steps`` batches of ``exp``;
+  asserts the losses and the parameters equal bit for bit; returns
+  ``s``'s state (for a strategy whose first experience is Naive's)."""
+  n = naive()
+  ref = train.init_state(ctx, n, 0)
+  step_s = jax.jit(lambda st, b: train.train_step(ctx, s, st, b))
+  step_n = jax.jit(lambda st, b: train.train_step(ctx, n, st, b))
+  for i in range(steps):
+    b = batch_of(exp, start=B * i)
+    state, loss_s = step_s(state, b)
+    ref, loss_n = step_n(ref, b)
+    assert float(loss_s) == float(loss_n)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return state
 
 
 def config(spec, *, widths=(32,), lr=None, **kwargs):

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import np_log_softmax
 from jaxcl import experiment, train
-from jaxcl.strategies.naive import naive
 from jaxcl.strategies.ser import ser, ser_terms
-from test_replay import B, after_first, batch_of, config, jit_ctx, make_ctx
+from test_replay import (B, after_first, assert_steps_as_naive, batch_of,
+                         config, jit_ctx, make_ctx)
 
 ALPHA, BETA = 0.7, 1.9
 
@@ -106,22 +106,12 @@ def test_ser_first_experience_trains_as_naive_while_its_memory_fills(stream):
   # with the step's logits.
   ctx = make_ctx(stream)
   e0 = stream.experiences[0]
-  s, n = ser(mem_size=40, alpha=ALPHA, beta=BETA), naive()
+  s = ser(mem_size=40, alpha=ALPHA, beta=BETA)
   st_s = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
-  st_n = train.init_state(ctx, n, 0)
-  step_s = jax.jit(lambda st, b: train.train_step(ctx, s, st, b))
-  step_n = jax.jit(lambda st, b: train.train_step(ctx, n, st, b))
   first = batch_of(e0)
   logits0 = np.asarray(ctx.logits(st_s.params, {}, first["x"],
                                   first["task"], train=True))
-  for i in range(3):
-    b = batch_of(e0, start=B * i)
-    st_s, loss_s = step_s(st_s, b)
-    st_n, loss_n = step_n(st_n, b)
-    assert float(loss_s) == float(loss_n)
-  for a, b in zip(jax.tree.leaves(st_s.params), jax.tree.leaves(st_n.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  ss = st_s.strategy
+  ss = assert_steps_as_naive(ctx, s, st_s, e0).strategy
   assert not bool(ss.ready) and int(ss.memory.seen) == 3 * B
   np.testing.assert_array_equal(np.asarray(ss.memory.x[:B]), first["x"])
   np.testing.assert_allclose(np.asarray(ss.logits[:B]), logits0, rtol=1e-5,
