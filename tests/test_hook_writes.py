@@ -27,6 +27,10 @@ Slow (79 strategies, 1-14 s each: 99 s with ``-n 2`` here, session 54);
 the default and CI runs deselect it:
 
   python -m pytest -m slow -n 2 tests/test_hook_writes.py
+
+The fast cases run in CI: the wrapper itself (packnet, naive), and the
+row appenders (every strategy's ``prepare_batch`` by shape, against
+chain()'s ``_APPENDERS``).
 """
 
 import jax
