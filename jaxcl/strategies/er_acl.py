@@ -68,9 +68,10 @@ import jax.numpy as jnp
 from jaxcl import buffers
 from jaxcl.state import allow_extra_outputs, cross_entropy
 from jaxcl.strategies._replay_memory import replay_sizer
+from jaxcl.strategies.er_ace import present_classes
+from jaxcl.strategies.icarl import exemplar_hook
 from jaxcl.strategies.replay import append_rows
-from jaxcl.strategy import Strategy, experience_classes
-from jaxcl.train import device_experience
+from jaxcl.strategy import Strategy
 
 __all__ = ["er_acl", "ERACLState", "acl_logits"]
 
@@ -124,23 +125,17 @@ def er_acl(mem_size: int = 200, batch_size: int = 0) -> Strategy:
                       jnp.zeros((), jnp.int32), key)
 
   @functools.partial(jax.jit, static_argnums=0)
-  def offer(num_classes, ss, current, x, y, task, n_valid, index):
+  def offer(ctx, ss, params, model_state, x, y, task, n_valid, index):
+    del params, model_state
     ok = jnp.arange(x.shape[0]) < n_valid
+    c = ss.seen.shape[0]
+    current = present_classes(y, ok, c)
     mem, priority = buffers.class_balanced_experience_add(
         ss.memory, ss.priority, jax.random.fold_in(ss.key, index), x, y,
-        task, index, ok, num_classes=num_classes)
+        task, index, ok, num_classes=c)
     return ss._replace(memory=mem, priority=priority,
                        old=ss.seen & ~current, seen=ss.seen | current,
                        experience=index)
-
-  def before_experience(ctx, state, experience):
-    data = device_experience(experience, ctx.info.train_size)
-    ss = offer(ctx.info.num_classes, state.strategy,
-               experience_classes(ctx.info.num_classes, experience),
-               data["x"], data["y"], data["task"],
-               jnp.asarray(experience.num_train, jnp.int32),
-               jnp.asarray(experience.index, jnp.int32))
-    return state.replace(strategy=ss)
 
   def prepare_batch(ctx, sstate, batch, key):
     idx, ok = buffers.sample(sstate.memory, key, replay_size(ctx))
@@ -156,6 +151,8 @@ def er_acl(mem_size: int = 200, batch_size: int = 0) -> Strategy:
                           mask[:b])
             + cross_entropy(logits[b:], y[b:], mask[b:]))
 
-  return Strategy(init=init, before_experience=before_experience,
+  # The experience's rows padded once and offered in one jitted call, as
+  # it starts (the exemplar strategies' hook, used here before training).
+  return Strategy(init=init, before_experience=exemplar_hook(offer),
                   prepare_batch=prepare_batch, task_loss=task_loss,
                   name="er_acl")
