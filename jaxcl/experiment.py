@@ -531,12 +531,12 @@ def _eval_batch(config: ml_collections.ConfigDict, sc: Scenario) -> int:
   return min(bs, -(-largest // n) * n)
 
 
-def _check_classes_once(spec: str, sc: Scenario) -> None:
-  """Refuses a strategy of ``strategies.ONE_EXPERIENCE_PER_CLASS`` on a
-  stream that brings a class back, before anything is trained (its own
-  hook would refuse only when the second experience starts)."""
-  names = [n.strip() for n in spec.split("+")
-           if n.strip() in strategies.ONE_EXPERIENCE_PER_CLASS]
+def _check_classes_once(held: Sequence[str], sc: Scenario) -> None:
+  """Refuses a strategy of ``strategies.ONE_EXPERIENCE_PER_CLASS`` among
+  the method names ``held`` on a stream that brings a class back, before
+  anything is trained (its own hook would refuse only when the second
+  experience starts)."""
+  names = [n for n in held if n in strategies.ONE_EXPERIENCE_PER_CLASS]
   if not names:
     return
   seen: set[int] = set()
@@ -575,7 +575,7 @@ def setup(config: ml_collections.ConfigDict,
   sc = strategy.scenario(base) if strategy.scenario is not None else base
   # By the record's methods, so a record passed in is refused as early as
   # a config's name (its hook would refuse only at the second experience).
-  _check_classes_once("+".join(m.name for m in methods(strategy)), sc)
+  _check_classes_once([m.name for m in methods(strategy)], sc)
   sc, monitors = _plateau_holdout(config, sc)
   tc = config.train
   if tc.batch_size < 1:

@@ -412,8 +412,10 @@ def from_spec(spec: str, kwargs: dict[str, dict[str, Any]] | None = None
     kwargs: per-name hyperparameters, e.g. ``{'ewc': {'lam': 100.}}``.
 
   Returns:
-    The strategy and a function mapping a scenario to the one it trains on
-    (identity unless a member defines ``scenario``).
+    The strategy and a function mapping a scenario to the one it trains on:
+    the record's ``scenario`` (a joint or cumulative member's), else the
+    identity. ``experiment.setup`` applies it itself, to the stream as
+    built.
   """
   kwargs = kwargs or {}
   names = [n.strip() for n in spec.split("+") if n.strip()]
