@@ -311,21 +311,15 @@ def get_config(arg=None):
       c.name += f"_replayed{r}"
     if s == "replay":
       c.strategy.replay = dict(mem_size=m, batch_size=r, policy=a["policy"])
-    if s == "er_ace":
-      c.strategy.er_ace = dict(mem_size=m, batch_size=r)
-    if s == "er_aml":
-      c.strategy.er_aml = dict(mem_size=m, batch_size=r)
-    if s == "er_acl":
-      # Avalanche's ER_ACL on the same protocol; its memory takes each
-      # whole experience as it starts (not online in that respect).
-      c.strategy.er_acl = dict(mem_size=m, batch_size=r)
+    # (ER-ACL, Avalanche's ER_ACL, takes each whole experience into its
+    # memory as it starts: not online in that respect.)
+    if s in ("er_ace", "er_aml", "er_acl", "er_tricks"):
+      c.strategy[s] = dict(mem_size=m, batch_size=r)
     if s == "rar":
       # Kumari et al. 2022 on the replay protocol, every setting Replay's;
       # the attack at Avalanche's defaults (beta 0.4, eps 0.0314, 2 steps,
       # virtual step 0.1). It replays r clean and r adversarial rows.
       c.strategy.rar = dict(mem_size=m, batch_size_mem=r)
-    if s == "er_tricks":
-      c.strategy.er_tricks = dict(mem_size=m, batch_size=r)
   elif s == "clser":
     lr, replayed = nearest(CLSER_ARGS, m)
     online(c, a["lr"] or lr)
