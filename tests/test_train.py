@@ -614,8 +614,8 @@ def test_a_declared_writer_of_ones_own_is_ordered():
 
 def test_nested_chain_trains_as_the_flat_one():
   """chain(chain(ewc, lwf), si) and chain(ewc, lwf, si) compose the same
-  deterministic methods: one experience's parameters and the next
-  experience's penalties agree (the states differ only in nesting)."""
+  deterministic methods: over two experiences their accuracy matrices are
+  equal (the states differ only in nesting)."""
   from jaxcl import strategies
   get = strategies.get
   c = quick_config()
