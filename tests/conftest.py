@@ -93,6 +93,24 @@ DATA_DIR = os.environ.get("JAXCL_DATA_DIR",
                           os.path.join(REPO, "..", "shared", "data"))
 
 
+def slow_beyond(cases, fast, key=lambda case: case):
+  """``cases`` as pytest parameters, those whose ``key`` is not in
+  ``fast`` marked ``slow``: a family of per-strategy (or per-setting)
+  checks of one mechanism keeps in the default suite the cases that span
+  its distinct code paths, cheapest first, and runs all of them with
+  ``-m slow`` (the suite sat at CI's 20-minute budget in session 54:
+  BUILD_NOTES, "Measured"). A name in ``fast`` that no case has is an
+  error, so a renamed case cannot drop out of the default suite
+  unnoticed."""
+  keys = [key(c) for c in cases]
+  unknown = set(fast) - set(keys)
+  if unknown:
+    raise ValueError(f"slow_beyond: no case {sorted(unknown)} in {keys}")
+  return [c if k in fast else pytest.param(
+      *(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+          for c, k in zip(cases, keys)]
+
+
 @pytest.fixture(scope="session")
 def child_env(tmp_path_factory):
   """Environment variables for the jaxcl processes a test starts (the

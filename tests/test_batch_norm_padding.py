@@ -22,6 +22,7 @@ import pytest
 from jaxcl import buffers, experiment, models, train
 from jaxcl.state import batch_stats_mask
 from jaxcl.strategies import _epochs
+from conftest import slow_beyond
 import resume_configs
 from test_replay import after_first
 
@@ -190,6 +191,14 @@ MEMORY_FORWARDS = (
     "clser", "er_ace", "er_aml", "scr", "star", "rar", "mir", "aser",
     "gem", "agem", "gdumb", "eeil", "dmc", "puridiver", "latent_replay",
     "cscct", "icarl", "lwf", "lider", "ser")
+# The default suite's cases: one of each kind of forward pass above (the
+# engine's replayed rows, stored logits, a consistency target, a virtual
+# step, a projected gradient, a retraining over the memory, class means,
+# a teacher, latent rows), each under 3 s; the other thirteen (78 s of
+# the suite's CPU in session 55: PuriDivER's alone 17 s) run with -m slow.
+MEMORY_FORWARDS_FAST = (
+    "replay", "der", "derpp", "fdr", "clser", "er_ace", "rar", "mir",
+    "agem", "gdumb", "dmc", "cscct", "icarl", "lwf", "latent_replay")
 
 
 def _experience_1(name, seeds):
@@ -216,7 +225,8 @@ def _experience_1(name, seeds):
   return out
 
 
-@pytest.mark.parametrize("name", MEMORY_FORWARDS)
+@pytest.mark.parametrize("name", slow_beyond(MEMORY_FORWARDS,
+                                              MEMORY_FORWARDS_FAST))
 def test_memory_padding_does_not_change_batch_norm_training(name):
   # Two draws of noise in the padding: the parameters, running statistics
   # and strategy states (empty slots aside) must agree after the step and

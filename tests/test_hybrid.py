@@ -246,10 +246,13 @@ def test_gem_projection_leaves_a_compatible_gradient_unchanged():
 # exactly the past ones; with one bucket (0, 3) all three, the future
 # block masked. m = 64 is a larger block. Both ways of computing the
 # products (formed gradients, dense-layer factors) must give the step.
+# (The larger block, and one bucket factored, with -m slow.)
 @pytest.mark.parametrize("m,n_past,buckets,gram", [
     (8, 2, 4, "stacked"), (8, 2, 4, "factored"), (8, 2, 1, "stacked"),
-    (8, 2, 1, "factored"), (8, 1, 1, "stacked"), (8, 3, 4, "factored"),
-    (64, 2, 4, "stacked"), (64, 2, 4, "factored")])
+    pytest.param(8, 2, 1, "factored", marks=pytest.mark.slow),
+    (8, 1, 1, "stacked"), (8, 3, 4, "factored"),
+    pytest.param(64, 2, 4, "stacked", marks=pytest.mark.slow),
+    pytest.param(64, 2, 4, "factored", marks=pytest.mark.slow)])
 def test_gem_memory_blocks_and_constraints_on_a_model(stream, mlp_ctx, m,
                                                      n_past, buckets, gram,
                                                      monkeypatch):

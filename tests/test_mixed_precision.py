@@ -125,7 +125,8 @@ def _lider_features(ctx, strat, state, batch):
 @pytest.mark.parametrize("name,run", [
     ("lwf", _step),  # the teacher's unmasked logits
     ("hypernetwork", _step),  # the output regulariser's generated weights
-    ("l2p", _step), ("dualprompt", _step),  # the query pass
+    ("l2p", _step),  # the query pass (DualPrompt's is the same, -m slow)
+    pytest.param("dualprompt", _step, marks=pytest.mark.slow),
     ("supsup", _step),  # a masked model's fixed weights (``frozen``)
     ("supsup", _supsup_predict),  # Piggyback's and SupSup's masked model
     ("supsup", _supsup_inference),  # the gradient over the superposition

@@ -147,6 +147,11 @@ _INIT_CASES = [
     ("mlp", 1, dict(widths=[16])),
 ]
 
+# The default suite checks the MLP (both inits, and the unhashable case);
+# the reference process of all eight fast-compiling models took 30-40 s
+# of the suite (session 55), so the other models run with -m slow.
+_FAST_INITS = ("mlp",)
+
 # flax's own init, and jaxcl's compiled one as users get it (XLA's
 # default flags), of each case.
 _INITS_SCRIPT = """
@@ -195,8 +200,11 @@ def flax_inits(tmp_path_factory):
 
   def get(case):
     if repr(case) not in cache:
+      # The cases of the requested one's tier (the default suite's, or
+      # -m slow's) in one process; ResNet-18 in its own.
       batch = [c for c in _INIT_CASES if c[0] != "resnet18"
-               and not isinstance(c[2].get("widths"), list)]
+               and not isinstance(c[2].get("widths"), list)
+               and (c[0] in _FAST_INITS) == (case[0] in _FAST_INITS)]
       if case not in batch:
         batch = [case]
       cache.update(_inits_at_xla_defaults(
@@ -206,9 +214,8 @@ def flax_inits(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("name,heads,kw", [
-    pytest.param(*c, marks=pytest.mark.slow) if c[0] == "resnet18" else c
-    for c in _INIT_CASES])
+@pytest.mark.parametrize("name,heads,kw", conftest.slow_beyond(
+    _INIT_CASES, _FAST_INITS, key=lambda c: c[0]))
 def test_compiled_init_equals_flax_init_bit_for_bit(name, heads, kw,
                                                     flax_inits):
   # init_variables runs flax's init as one compiled program (cached per

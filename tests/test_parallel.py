@@ -12,6 +12,7 @@ import pytest
 import jaxcl
 from jaxcl import metrics, sweep, train
 
+from parallel_driver import TRAIN_ROWS
 from test_sweep import small_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +58,10 @@ def run_driver(child_env, *strategies, contracts=False):
 
 # Two files (test_parallel_methods.py holds the rest) so that pytest-xdist
 # can run the halves on different workers: one run of all ten took 160 s,
-# the suite's longest test.
+# the suite's longest test. The default suite runs this half (sharded
+# memories, stored logits, BiC's two stages, augmentation on the mesh, and
+# SLDA's all-reduced statistics); the other half's strategies (40-44 s)
+# run with -m slow (session 55: the suite sat at CI's budget).
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def driven(child_env):
   and this half's strategies share its imports (~3 s) and its 1-device
   Naive run."""
   return run_driver(child_env, "naive", "replay", "der", "er_ace", "bic",
-                    "der:aug", contracts=True)
+                    "der:aug", "slda", contracts=True)
 
 
 def test_eight_devices_match_one_device_including_sharded_replay(driven):
@@ -99,6 +103,11 @@ def test_eight_devices_match_one_device_including_sharded_replay(driven):
   assert out["der:aug"]["acc_one"] != out["der"]["acc_one"]
   # Replay changes the result (it is really replaying).
   assert out["replay"]["acc_one"] > out["naive"]["acc_one"] + 0.1
+  # SLDA folded every training row of the stream in once, and its
+  # covariance summed over the devices equals the one device's.
+  assert out["slda"]["counted"] == sum(out["slda"]["train_rows"]) == \
+      TRAIN_ROWS
+  assert out["slda"]["cov_diff"] <= 1e-4 * out["slda"]["cov_scale"]
 
 
 def test_mesh_sharding_placement_and_donation_contracts(driven):

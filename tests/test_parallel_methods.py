@@ -1,14 +1,19 @@
 """Data-parallel training on 8 forced CPU devices equals one device: the
 second half of test_parallel.py's strategies (split so that pytest-xdist
-runs the halves on different workers)."""
+runs the halves on different workers). Run with -m slow: the default
+suite's half covers the mechanisms (sharded memories, all-reduced
+statistics)."""
 
-from parallel_driver import TRAIN_ROWS
+import pytest
+
 from test_parallel import run_driver
+
+pytestmark = pytest.mark.slow
 
 
 def test_eight_devices_match_one_device_for_more_strategies(child_env):
-  out = run_driver(child_env, "lucir", "er_aml", "slda", "xder", "mer",
-                   "scr", "cope")
+  out = run_driver(child_env, "lucir", "er_aml", "xder", "mer", "scr",
+                   "cope")
   for strategy in ("er_aml", "mer", "scr"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
     assert out[strategy]["buffer_filled"] == 256
@@ -25,8 +30,3 @@ def test_eight_devices_match_one_device_for_more_strategies(child_env):
   # split between the two new classes.
   assert out["xder"]["buffer_sharding"].startswith("P('data'")
   assert out["xder"]["class_counts"] == [25] * 8 + [28, 28]
-  # SLDA folded every training row of the stream in once, and its
-  # covariance summed over the devices equals the one device's.
-  assert out["slda"]["counted"] == sum(out["slda"]["train_rows"]) == \
-      TRAIN_ROWS
-  assert out["slda"]["cov_diff"] <= 1e-4 * out["slda"]["cov_scale"]

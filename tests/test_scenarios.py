@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import slow_beyond
 from jaxcl import scenarios
 from jaxcl.datasets import Dataset
 
@@ -540,8 +541,11 @@ def test_strategies_needing_one_experience_per_class_name_a_blurry_stream(
     new_classes("bic", seen, s.experiences[1])
 
 
-@pytest.mark.parametrize("name", __import__(
-    "jaxcl.strategies", fromlist=["x"]).ONE_EXPERIENCE_PER_CLASS)
+# Six of the fourteen in the default suite (the others, 17 s of the suite's
+# CPU in session 55, with -m slow).
+@pytest.mark.parametrize("name", slow_beyond(__import__(
+    "jaxcl.strategies", fromlist=["x"]).ONE_EXPERIENCE_PER_CLASS,
+    ("bic", "wa", "dmc", "siw", "cscct", "ss_il")))
 def test_one_experience_per_class_strategies_refuse_recurring_classes(name):
   """A config naming one of ``strategies.ONE_EXPERIENCE_PER_CLASS`` on a
   blurry stream is refused at setup, before anything trains; and the

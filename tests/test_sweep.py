@@ -243,8 +243,10 @@ def test_repeated_or_non_numeric_grid_is_refused():
 @pytest.mark.parametrize("name,kwargs,experiences", [
     # A memory filled after the first experience, used in the second.
     ("gem", {"mem_size": 40}, 2),
-    # Past blocks in a while loop: 5 experiences for trip counts up to 4.
-    ("gem", {"mem_per_experience": 64}, 5),
+    # Past blocks in a while loop: 5 experiences for trip counts up to 4
+    # (10 s; -m slow).
+    pytest.param("gem", {"mem_per_experience": 64}, 5,
+                 marks=pytest.mark.slow),
     ("replay", {"mem_size": 40, "batch_size": 8}, 2),
 ])
 def test_memory_strategies_sweep_member_equals_single_run(name, kwargs,

@@ -337,12 +337,21 @@ def test_command_line_form_and_bad_settings():
     experiment.setup(quick_config(**{"train.augment": ("flip",)}), flat)
 
 
+# The default suite checks a retraining over a memory (GDumb's, through
+# _epochs as EEIL's and DMC's) and the two importance passes; the other
+# loops (25 s of the suite's CPU, session 55) run with -m slow.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name,kw", [
     ("gdumb", {"epochs": 2}),  # GDumb's retraining (its steps learn nothing)
-    ("eeil", {"finetune_epochs": 2}),  # the balanced fine-tuning
-    ("packnet", {}),  # the retraining after pruning
-    ("progress_compress", {"lam": 0.0}),  # the compress phase
-    ("dmc", {}),  # the consolidation, on its auxiliary images
+    pytest.param("eeil", {"finetune_epochs": 2},  # the balanced fine-tuning
+                 marks=_SLOW),
+    pytest.param("packnet", {}, marks=_SLOW),  # the retraining after pruning
+    pytest.param("progress_compress", {"lam": 0.0},  # the compress phase
+                 marks=_SLOW),
+    # the consolidation, on its auxiliary images
+    pytest.param("dmc", {}, marks=_SLOW),
     ("ewc", {}),  # not a training loop: its Fisher, as Mammoth's and
     ("mas", {}),  # FACIL's train loaders augment it (MAS as Avalanche's)
 ])
