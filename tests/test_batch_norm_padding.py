@@ -142,26 +142,25 @@ def test_batch_norm_models_count_only_the_masked_rows():
     model = models.build(name, 4, **kw)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     task = jnp.zeros((7,), jnp.int32)
-    v = model.init(jax.random.key(0), x, task)
+    # Each pass one compiled program (op by op, the two ResNets' passes
+    # compiled hundreds of single operations; 13.4 -> 11.6 s).
+    v = jax.jit(model.init)(jax.random.key(0), x, task)
     ms = {k: w for k, w in v.items() if k != "params"}
     ctx = train.Context(model=model, tx=None, info=None)
+    apply = jax.jit(functools.partial(ctx.apply, train=True))
     mask = jnp.asarray([1, 1, 0, 1, 0, 0, 1], jnp.float32)
     real = np.flatnonzero(np.asarray(mask))
-    got, got_ms = ctx.apply(v["params"], ms, x, task, train=True, mask=mask)
-    want, want_ms = ctx.apply(v["params"], ms, x[real], task[real],
-                              train=True)
+    got, got_ms = apply(v["params"], ms, x, task, mask=mask)
+    want, want_ms = apply(v["params"], ms, x[real], task[real])
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want),
                                rtol=1e-4, atol=1e-5)
     _assert_same(got_ms, want_ms, f"{name} ")
     # Without the mask the padding rows count: the outputs move.
-    unmasked = ctx.apply(v["params"], ms, x, task, train=True)[0]
+    unmasked, unmasked_ms = apply(v["params"], ms, x, task)
     assert np.abs(np.asarray(unmasked)[real] - np.asarray(want)).max() > 1e-3
-    none = ctx.apply(v["params"], ms, x, task, train=True,
-                     mask=jnp.zeros((7,)))
+    none = apply(v["params"], ms, x, task, mask=jnp.zeros((7,)))
     # (A masked mean over every row rounds apart from the plain one.)
-    _assert_same(none, (unmasked, ctx.apply(v["params"], ms, x, task,
-                                            train=True)[1]), f"{name} ",
-                 rtol=1e-4)
+    _assert_same(none, (unmasked, unmasked_ms), f"{name} ", rtol=1e-4)
   assert batch_stats_mask(model, {}, mask) == {}          # no batch norm
   assert batch_stats_mask(model, ms, None) == {}          # no mask
 
