@@ -517,18 +517,19 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   add("hat", ("replay", "mir", "agem", "gem", "lwf", "ewc",
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
-              "lamaml", "clser", "rar", "aer_abs", "aser", "ser", "er_acl"),
+              "lamaml", "clser", "rar", "aer_abs", "aser", "ser", "er_acl",
+              "gsa"),
       _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
                 "generative_negative_replay", "er_ace", "gss", "bic", "lucir",
                 "il2m", "er_aml", "eeil", "cope", "scr", "clser", "rpc",
-                "ss_il", "rar", "aer_abs", "er_acl"),
+                "ss_il", "rar", "aer_abs", "er_acl", "gsa"),
         _GEN_ROWS)
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl"),
+                "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl", "gsa"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
@@ -630,7 +631,7 @@ _ALONE = {
 _APPENDERS = ("replay", "gss", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver", "ser", "generative_replay",
-              "generative_negative_replay", "er_acl")
+              "generative_negative_replay", "er_acl", "gsa")
 # Not refused since session 35: packnet or progressive before a member
 # whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
 # rar another batch's), which had put gradient back on the weights the
@@ -751,6 +752,14 @@ def _check_composable(names: Sequence[str],
             f"contrastive loss takes only the rows present when its "
             f"prepare_batch runs and the task loss is 0, so the rows {b} "
             f"appends after it train nothing; put {b} before scr")
+      if b == "gsa" and a in _APPENDERS:
+        raise ValueError(
+            f"chain(): {a} and gsa cannot be composed in this order: gsa's "
+            f"task loss reads its own rows (the current experience's draw, "
+            f"the earlier experiences' draw and their mirrored copies) "
+            f"right after the incoming ones, where {a}'s rows would be; "
+            f"put gsa first (rows appended after it count in its mixed "
+            f"term)")
       if a == "progress_compress" and b in _APPENDERS:
         raise ValueError(
             f"chain(): progress_compress and {b} cannot be composed in "

@@ -25,7 +25,7 @@ PLAIN = (
     "gss", "hal", "icarl", "il2m", "joint", "latent_replay", "lfl", "lwf",
     "lwf_mc", "mas", "mir", "naive", "online_ewc", "puridiver", "ranpac",
     "rar", "replay", "rpc", "rwalk", "si", "slda", "ss_il", "star", "xder",
-    "aser", "slca", "wa", "ser", "siw", "er_acl")
+    "aser", "slca", "wa", "ser", "siw", "er_acl", "gsa")
 # Strategies with their own set-up in config().
 SPECIAL = (
     "aer_abs", "casper", "coda_prompt", "dualprompt", "gdumb", "hat",

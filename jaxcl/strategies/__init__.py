@@ -34,7 +34,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
                "aer_abs", "cscct", "puridiver", "aser", "feature_replay",
-               "ser", "er_acl"),
+               "ser", "er_acl", "gsa"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
@@ -96,6 +96,9 @@ PAPERS: dict[str, str] = {
            "the authors' code, inFT_siw_mc)",
     "er_ace": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR",
+    "gsa": "Guo, Liu & Zhao 2023, *Dealing with cross-task class "
+           "discrimination in online continual learning*, CVPR "
+           "(Avalanche's GSA)",
     "er_acl": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR "
               "(Avalanche's ER_ACL: ER-ACE's loss by experience, with a "
@@ -367,8 +370,8 @@ NEEDS: dict[str, str] = {
 # before anything is trained (tests/test_scenarios.py runs each on such a
 # stream to keep this list true).
 ONE_EXPERIENCE_PER_CLASS: tuple[str, ...] = (
-    "bic", "cscct", "dmc", "eeil", "fecam", "fetril", "il2m", "lucir", "rpc",
-    "slca",
+    "bic", "cscct", "dmc", "eeil", "fecam", "fetril", "gsa", "il2m", "lucir",
+    "rpc", "slca",
     "siw", "ss_il", "wa", "xder")
 
 
