@@ -60,6 +60,14 @@ Protocols (one per paper; picked by ``strategy``):
   same protocol with ER-ACE's loss by experience and a class-balanced
   memory filled with each whole experience as it starts. No published
   number; read against ER-ACE's rows.
+* ``gsa`` (Guo, Liu & Zhao 2023, `Dealing with cross-task class
+  discrimination in online continual learning
+  <https://arxiv.org/abs/2305.14657>`_): the same protocol (learning
+  rate, batch 10, reservoir of 200 or 500) with GSA's two losses at its
+  defaults (64 mixed rows, 22 of the current experience, the mirrored
+  copies; ``flip=False`` leaves them out: a mirrored digit is another
+  glyph). The paper's numbers are on CIFAR and TinyImageNet; the rows
+  are read against ER-ACE's.
 * ``scr`` (Mai et al. 2021, `Supervised contrastive replay
   <https://arxiv.org/abs/2103.13885>`_): the ``replay`` protocol's model
   and stream; the supervised contrastive loss on a projection head over
@@ -296,7 +304,8 @@ def get_config(arg=None):
                 distill=False, alpha=-1.0, beta=-1.0, layer="backbone",
                 policy="reservoir", epochs=0, subset=-1, init="",
                 recipe="code", future_ce=True, lam=-1.0, per_example=False,
-                replayed=0, plus="", aser_type="", mask="", quick=False)
+                replayed=0, plus="", aser_type="", mask="", quick=False,
+                flip=True)
   s = a["strategy"]
   c = base(a)
   c.name = f"split_mnist_{s}_{a['mem_size']}"
@@ -304,7 +313,7 @@ def get_config(arg=None):
   m = a["mem_size"]
   subset = a["subset"]
   if s in ("replay", "naive", "er_ace", "er_aml", "rar", "er_tricks",
-           "er_acl"):
+           "er_acl", "gsa"):
     online(c, a["lr"] or ER_LR.get(m, 0.1))
     r = a["replayed"] or 10
     if a["replayed"]:
@@ -315,6 +324,10 @@ def get_config(arg=None):
     # memory as it starts: not online in that respect.)
     if s in ("er_ace", "er_aml", "er_acl", "er_tricks"):
       c.strategy[s] = dict(mem_size=m, batch_size=r)
+    if s == "gsa":
+      c.strategy.gsa = dict(mem_size=m, flip=a["flip"])
+      if not a["flip"]:
+        c.name += "_noflip"
     if s == "rar":
       # Kumari et al. 2022 on the replay protocol, every setting Replay's;
       # the attack at Avalanche's defaults (beta 0.4, eps 0.0314, 2 steps,
@@ -456,7 +469,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown strategy {s!r} for this config; valid: "
                      "replay, naive, mir, aser, gdumb, latent_replay, "
                      "exstream, generative_replay, der, derpp, xder, "
-                     "er_ace, er_aml, er_acl, "
+                     "er_ace, er_aml, er_acl, gsa, "
                      "gss, fdr, hal, mer, scr, cope, rpc, clser, rar, "
                      "er_tricks, feature_replay")
   if a["plus"]:
