@@ -1706,7 +1706,8 @@ def _load_config(name):
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
     "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
     "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200",
-    "strategy=hal,mem_size=200", "strategy=mer,mem_size=200"])
+    "strategy=hal,mem_size=200", "strategy=mer,mem_size=200",
+    "strategy=gsa,mem_size=200,flip=False"])
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir
