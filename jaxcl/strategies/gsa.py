@@ -234,27 +234,30 @@ def gsa(mem_size: int = 200, batch_size_mem: int = 64,
       out = append_rows(out, rows)
     return out
 
-  def selection(ctx, ss, mask):
+  def mixed_terms(ctx, ss, logits, batch):
+    """What ``task_loss`` weighs and ``after_step`` adds to the statistics,
+    from one step's logits: GSA's current rows (bool), its mixed rows (a
+    float mask, 0 while the memory is empty: no mixed term on the stream's
+    first step), the log-probabilities over the seen classes, and the
+    mixed rows' increments to ``count``, ``pos`` and ``neg`` (no
+    gradient)."""
     _, n_cur = shares(ss)
-    return mixed_selection(mask, ctx.info.batch_size, n_cur_draw,
-                           n_old_draw, reps, n_cur)
-
-  def seen_probs(ss, logits):
+    current, mixed = mixed_selection(batch["mask"], ctx.info.batch_size,
+                                     n_cur_draw, n_old_draw, reps, n_cur)
+    m = mixed.astype(jnp.float32) * (buffers.size(ss.memory) > 0)
     allowed = allow_extra_outputs(ss.seen | ss.current, logits.shape[-1])
-    return jax.nn.log_softmax(
+    logp = jax.nn.log_softmax(
         jnp.where(allowed, logits.astype(jnp.float32), _NEG))
-
-  def increments(ss, logp, y, mixed):
-    """The mixed rows' counts and probability sums (no gradient)."""
     c = ss.count.shape[0]
     p = jax.lax.stop_gradient(jnp.exp(logp[:, :c]))
-    onehot = jax.nn.one_hot(y, c) * mixed[:, None]
-    return (jnp.sum(onehot, 0), jnp.sum(onehot * p, 0),
-            jnp.sum((mixed[:, None] - onehot) * p, 0))
+    onehot = jax.nn.one_hot(batch["y"], c) * m[:, None]
+    deltas = (jnp.sum(onehot, 0), jnp.sum(onehot * p, 0),
+              jnp.sum((m[:, None] - onehot) * p, 0))
+    return current, m, logp, deltas
 
   def task_loss(ctx, ss, logits, batch):
-    y, mask = batch["y"], batch["mask"]
-    current, mixed = selection(ctx, ss, mask)
+    y = batch["y"]
+    current, m, logp, (dc, dp, dn) = mixed_terms(ctx, ss, logits, batch)
     cur_ok = allow_extra_outputs(ss.current, logits.shape[-1])
     cur_logits = jnp.where(cur_ok, logits.astype(jnp.float32), _NEG)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(cur_logits), y[:, None],
@@ -262,10 +265,6 @@ def gsa(mem_size: int = 200, batch_size_mem: int = 64,
     w_cur = current.astype(jnp.float32)
     loss_p = jnp.sum(ce * w_cur) / jnp.maximum(jnp.sum(w_cur), 1.0)
     # The mixed term, with this step's rows in the statistics.
-    logp = seen_probs(ss, logits)
-    use = buffers.size(ss.memory) > 0
-    m = mixed.astype(jnp.float32) * use
-    dc, dp, dn = increments(ss, logp, y, m)
     a = jnp.where(ss.step < warmup_steps, 1.0,
                   ant(ss.count + dc, ss.pos + dp, ss.neg + dn))
     w = target_weights(a[jnp.clip(y, 0, a.shape[0] - 1)])
@@ -274,10 +273,9 @@ def gsa(mem_size: int = 200, batch_size_mem: int = 64,
     return loss_p + 2.0 * loss_n
 
   def after_step(ctx, ss, info):
-    _, mixed = selection(ctx, ss, info.batch["mask"])
-    m = mixed.astype(jnp.float32) * (buffers.size(ss.memory) > 0)
-    dc, dp, dn = increments(ss, seen_probs(ss, info.logits),
-                            info.batch["y"], m)
+    # The step's own logits (before the update): the statistics task_loss
+    # counted this step in.
+    _, _, _, (dc, dp, dn) = mixed_terms(ctx, ss, info.logits, info.batch)
     mem = reservoir_step(ctx, ss, info)
     return ss._replace(memory=mem, count=ss.count + dc, pos=ss.pos + dp,
                        neg=ss.neg + dn, step=ss.step + 1)
