@@ -12,7 +12,7 @@ from conftest import np_log_softmax
 from jaxcl import experiment, scenarios, train
 from jaxcl.strategies.er_acl import er_acl
 from test_replay import (B, after_first, assert_steps_as_naive, config,
-                         jit_ctx, make_ctx)
+                         jit_ctx, logits_fn, make_ctx)
 
 
 def _np_ce(logits, y):
@@ -40,8 +40,8 @@ def test_er_acl_loss_is_hand_computed(stream):
   prepared = jit_ctx(s.prepare_batch)(ctx, ss, batch, jax.random.key(3))
   assert prepared["x"].shape[0] == B + 6
   assert float(prepared["mask"][B:].sum()) == 6
-  out = jax.jit(lambda p, x, t: ctx.logits(p, {}, x, t, train=True))(
-      state.params, prepared["x"], prepared["task"])
+  out = logits_fn(ctx)(
+      state.params, {}, prepared["x"], prepared["task"])
   got = float(jit_ctx(s.task_loss)(ctx, ss, out, prepared))
   z, y = np.asarray(out, np.float64), np.asarray(prepared["y"])
   want = (_np_ce(z[:B, 2:], y[:B] - 2)     # old classes 0, 1 left out

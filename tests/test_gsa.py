@@ -14,7 +14,8 @@ from conftest import np_log_softmax
 from jaxcl import experiment, train, strategy as strategy_lib
 from jaxcl.strategies import replay as replay_lib
 from jaxcl.strategies.gsa import ant, gsa, mixed_selection, target_weights
-from test_replay import B, after_first, batch_of, config, jit_ctx, make_ctx
+from test_replay import (B, after_first, batch_of, config, jit_ctx,
+                         logits_fn, make_ctx)
 
 
 def test_ant_and_weights_by_hand():
@@ -120,8 +121,8 @@ def test_gsa_batch_and_loss_are_hand_computed(stream, warmup):
   np.testing.assert_array_equal(x[n:], x[:n, :, ::-1, :])
   np.testing.assert_array_equal(np.asarray(prepared["y"])[n:],
                                 np.asarray(prepared["y"])[:n])
-  out = jax.jit(lambda p, x, t: ctx.logits(p, {}, x, t, train=True))(
-      state.params, prepared["x"], prepared["task"])
+  out = logits_fn(ctx)(
+      state.params, {}, prepared["x"], prepared["task"])
   got = float(jit_ctx(s.task_loss)(ctx, ss, out, prepared))
   want, n_mixed = _np_loss(out, np.asarray(prepared["y"]), m,
                            np.asarray(ss.current), np.asarray(ss.seen),
@@ -192,8 +193,8 @@ def test_first_step_of_the_stream_is_the_current_classes_loss(stream):
                                       jax.random.key(1))
   m = np.asarray(prepared["mask"])
   assert m.sum() == 2 * B  # nothing drawn from the empty memory
-  out = jax.jit(lambda p, x, t: ctx.logits(p, {}, x, t, train=True))(
-      state.params, prepared["x"], prepared["task"])
+  out = logits_fn(ctx)(
+      state.params, {}, prepared["x"], prepared["task"])
   got = float(jit_ctx(s.task_loss)(ctx, ss, out, prepared))
   z, y = np.asarray(out, np.float64), np.asarray(prepared["y"])
   rows = np.flatnonzero(m)
