@@ -68,7 +68,7 @@ from jaxcl import datasets
 __all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
            "horizontal_flip", "color_jitter",
            "random_grayscale", "default_ops", "check_ops", "pipeline",
-           "in_pixels", "pixel_maps"]
+           "in_pixels", "pixel_maps", "view_augmenter"]
 
 OPS = ("pad_crop", "crop", "flip", "jitter", "gray")
 # SCR's kornia pipeline (and default_ops' set for RGB images).
@@ -404,3 +404,49 @@ def in_pixels(step: Augment, normalize: Sequence, input_shape: Sequence[int],
   if not normalize:
     return step
   return lambda key, x: to_inputs(step(key, to_pixels(x)))
+
+
+def view_augmenter(who: str, augment: str | Sequence[str] = "auto",
+                   crop_scale: Sequence[float] = (0.2, 1.0)
+                   ) -> Callable[..., Augment]:
+  """For strategies that make their own augmented views (SCR's second
+  view, DualNet's two): checks ``augment`` and ``crop_scale`` now (host
+  side, when the strategy is built) and returns ``augmenter(ctx)``, the
+  :func:`pipeline` for the run's input shape and standardisation, built
+  once per context (it raises there, at ``init``, on an operation that
+  does not fit the inputs).
+
+  ``augment``: ``'auto'`` (by input shape, :func:`default_ops`: crop,
+  flip, jitter, gray for RGB images; crop for single-channel ones; none
+  otherwise), ``'none'``, or a sequence of names from :data:`OPS`;
+  ``crop_scale``: the resized crop's area range.
+
+  Raises:
+    ValueError: naming ``who``, for an unknown augmentation or a bad
+      ``crop_scale``.
+  """
+  if isinstance(augment, str):
+    if augment not in ("auto", "none"):
+      raise ValueError(
+          f"{who}: augment must be 'auto', 'none' or a sequence of names "
+          f"from {list(OPS)}, got {augment!r}")
+  else:
+    augment = check_ops(augment, f"{who}: augment")
+  crop_scale = tuple(crop_scale)
+  if not (len(crop_scale) == 2 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool)
+      for v in crop_scale) and 0 < crop_scale[0] <= crop_scale[1] <= 1):
+    raise ValueError(f"{who}: crop_scale must be (lo, hi) with 0 < lo <= "
+                     f"hi <= 1, got {crop_scale!r}")
+  built = {}
+
+  def augmenter(ctx) -> Augment:
+    if ctx not in built:
+      shape = ctx.info.input_shape
+      ops = (default_ops(shape) if augment == "auto" else
+             () if augment == "none" else augment)
+      built[ctx] = pipeline(ops, shape, crop_scale=crop_scale,
+                            normalize=ctx.normalize, who=f"{who}: augment")
+    return built[ctx]
+
+  return augmenter

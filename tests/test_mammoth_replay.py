@@ -653,7 +653,7 @@ def test_mer_refuses_an_optimiser_that_rescales_its_displacement(stream):
       continue
     with pytest.raises(ValueError, match=r"mer: the optimiser's first update "
                        r"for a gradient of 2 is -0\.\d+, not -2 \* lr = "
-                       r"-0\.2\. MER hands.*another optimiser \(or "
+                       r"-0\.2\. mer hands.*another optimiser \(or "
                        r"optimizer.clip_norm\) rescales it"):
       mer(lr=0.1).init(ctx, jax.random.PRNGKey(0), params)
     mer(lr=0.1, check_optimizer=False).init(ctx, jax.random.PRNGKey(0),

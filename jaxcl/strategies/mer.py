@@ -83,7 +83,11 @@ from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.replay import incoming_rows, reservoir_step
 from jaxcl.strategy import Strategy, mark_experience_start
 
-__all__ = ["mer", "MERState", "reported_task_loss"]
+__all__ = ["mer", "MERState", "reported_task_loss", "check_sgd_optimizer"]
+
+# What another optimiser did to MER (check_sgd_optimizer's evidence).
+_ADAM_STALLED = (" (on Split Digits, Adam at 1e-3 stalled at 0.49, against "
+                 "0.92 with SGD at 0.1)")
 
 
 class MERState(NamedTuple):
@@ -93,11 +97,14 @@ class MERState(NamedTuple):
   key: jax.Array          # PRNG key; per-step keys fold in memory.seen
 
 
-def _check_optimizer(ctx, params, lr: float) -> None:
+def check_sgd_optimizer(name: str, ctx, params, lr: float,
+                        evidence: str = "") -> None:
   """Raises unless the optimiser's first update for a gradient ``g`` is
   ``-lr * g`` (plain or momentum SGD at ``lr``): probed once, at ``init``,
   on a constant gradient of 2 (Adam's first update is about ``-its_lr``
-  whatever ``g``)."""
+  whatever ``g``). For strategies whose ``update_grads`` runs an inner
+  loop of SGD steps and hands the optimiser the displacement divided by
+  ``lr`` (MER, DualNet); ``evidence`` says what another optimiser did."""
   with jax.ensure_compile_time_eval():
     probe = jax.tree.map(lambda p: np.full(np.shape(p), 2.0, np.float32),
                          params)
@@ -107,13 +114,12 @@ def _check_optimizer(ctx, params, lr: float) -> None:
   if not np.allclose(flat, -2.0 * lr, rtol=1e-3):
     seen = float(np.median(flat)) if flat.size else 0.0
     raise ValueError(
-        f"mer: the optimiser's first update for a gradient of 2 is "
-        f"{seen:.3g}, not -2 * lr = {-2.0 * lr:g}. MER hands the optimiser "
-        f"its displacement divided by lr={lr}, which SGD at that learning "
-        f"rate applies exactly; another optimiser (or optimizer.clip_norm) "
-        f"rescales it (on Split "
-        f"Digits, Adam at 1e-3 stalled at 0.49, against 0.92 with SGD at "
-        f"0.1). Set optimizer.name='sgd' and learning_rate={lr}, or "
+        f"{name}: the optimiser's first update for a gradient of 2 is "
+        f"{seen:.3g}, not -2 * lr = {-2.0 * lr:g}. {name} hands the "
+        f"optimiser its displacement divided by lr={lr}, which SGD at that "
+        f"learning rate applies exactly; another optimiser (or "
+        f"optimizer.clip_norm) rescales it{evidence}. Set "
+        f"optimizer.name='sgd' and learning_rate={lr}, or "
         f"check_optimizer=False to use it as Reptile's outer optimiser")
 
 
@@ -169,7 +175,7 @@ def mer(mem_size: int = 200, batch_size: int = 10, batches: int = 1,
 
   def init(ctx, key, params):
     if check_optimizer:
-      _check_optimizer(ctx, params, lr)
+      check_sgd_optimizer(name, ctx, params, lr, _ADAM_STALLED)
     memory, model_state, k_mem = init_memory(ctx, key, mem_size)
     return MERState(memory, model_state, jnp.zeros((), jnp.int32), k_mem)
 

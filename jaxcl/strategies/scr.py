@@ -219,31 +219,8 @@ def scr(mem_size: int = 200, batch_size: int = 100,
   if head not in HEADS:
     raise ValueError(f"scr: unknown head {head!r}; valid: {list(HEADS)}")
   checks.whole("scr: head_dim", head_dim, 1)
-  if isinstance(augment, str):
-    if augment not in ("auto", "none"):
-      raise ValueError(
-          f"scr: augment must be 'auto', 'none' or a sequence of names "
-          f"from {list(augment_lib.OPS)}, got {augment!r}")
-  else:
-    augment = augment_lib.check_ops(augment, "scr: augment")
-  crop_scale = tuple(crop_scale)
-  if not (len(crop_scale) == 2 and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool)
-      for v in crop_scale) and 0 < crop_scale[0] <= crop_scale[1] <= 1):
-    raise ValueError(f"scr: crop_scale must be (lo, hi) with 0 < lo <= hi "
-                     f"<= 1, got {crop_scale!r}")
+  augmenter = augment_lib.view_augmenter("scr", augment, crop_scale)
   projection = ProjectionHead(head, head_dim)
-  augmenters = {}
-
-  def augmenter(ctx) -> augment_lib.Augment:
-    if ctx not in augmenters:
-      shape = ctx.info.input_shape
-      ops = (augment_lib.default_ops(shape) if augment == "auto" else
-             () if augment == "none" else augment)
-      augmenters[ctx] = augment_lib.pipeline(
-          ops, shape, crop_scale=crop_scale, normalize=ctx.normalize,
-          who="scr: augment")
-    return augmenters[ctx]
 
   def init(ctx, key, params):
     replay_size(ctx)
