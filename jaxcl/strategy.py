@@ -529,7 +529,8 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   for first in ("cwr_star", "ar1"):
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
-                "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl", "gsa"),
+                "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl", "gsa",
+                "dualnet"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)
@@ -545,6 +546,9 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
   # incoming rows, its whole step added in update_grads).
   add("mer", ("si",), _NO_TASK_GRAD)
   add("mer", ("latent_replay", "exstream"), _INNER_FREEZE)
+  # Session 56: DualNet has MER's pattern too.
+  add("dualnet", ("si",), _NO_TASK_GRAD)
+  add("dualnet", ("latent_replay", "exstream"), _INNER_FREEZE)
   add("lamaml", ("latent_replay", "exstream"), _INNER_FREEZE)
   add("lamaml", ("generative_replay", "generative_negative_replay"),
       _LAMAML_WEIGHTS)
@@ -657,7 +661,8 @@ _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir",
 # and mer mask every inner step and the step they add with the chain's
 # masks (ctx.freeze), which covers a frozen latent_replay or exstream too
 # (a slowed one is refused beside either in both orders, _INNER_FREEZE).
-_BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem"), ("lamaml", "mer")
+_BEFORE_STEPPERS, _STEPPERS = ("agem", "agem_r", "gem"), ("lamaml", "mer",
+                                                           "dualnet")
 # Ordered: aer_abs copies the weights in its before_experience and restores
 # the copy after each forgetting epoch; a later member's before_experience
 # write (writes_params) is lost (session 32's probe: from_scratch's reset,
@@ -698,7 +703,9 @@ _TEACHER_SAVERS = (
     # hypernetwork and supsup were accepted before some writer.
     "feature_replay", "feature_distillation", "wa", "hat", "hypernetwork",
     "packnet", "piggyback", "supsup", "progress_compress", "fecam",
-    "fetril")
+    "fetril",
+    # Session 56: the memory's logits, saved at an experience's end.
+    "dualnet")
 # Not a saver though its after_experience reads the weights: si. Its
 # importance divides the path integral, summed over the training steps,
 # by the displacement over those steps (the weights before a later

@@ -28,7 +28,8 @@ PLAIN = (
     "aser", "slca", "wa", "ser", "siw", "er_acl", "gsa")
 # Strategies with their own set-up in config().
 SPECIAL = (
-    "aer_abs", "casper", "coda_prompt", "dualprompt", "gdumb", "hat",
+    "aer_abs", "casper", "coda_prompt", "dualnet", "dualprompt", "gdumb",
+    "hat",
     "hypernetwork", "l2p", "lamaml", "lider", "lucir", "lwm", "mer",
     "multihead", "packnet", "piggyback", "progress_compress", "progressive",
     "scr", "supsup")
@@ -118,6 +119,9 @@ def config(name: str, pretrained: str | None = None):
   elif name == "hypernetwork":
     c.model.name = "hypernet"
     c.model.hypernet = dict(num_embeddings=5)
+  elif name == "dualnet":
+    c.model.name = "dualnet"
+    c.model.dualnet = dict(widths=(32,))
   elif name in ("lider", "lwm"):
     c.model.name = "cnn"
     c.model.channels, c.model.hidden = (4, 8, 8), 16
@@ -143,6 +147,9 @@ def config(name: str, pretrained: str | None = None):
   kw = {k: v for k, v in SMALL_KW.items() if k in accepts}
   if name in ("lamaml", "mer"):  # plain SGD, as in their papers' set-up
     c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.1
+    c.optimizer.momentum = 0.0
+  if name == "dualnet":  # plain SGD at its lr (its default, 0.03)
+    c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.03
     c.optimizer.momentum = 0.0
   if name == "scr":  # its replay batch (100) must fit in the memory
     kw["mem_size"] = 200

@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
-               "dmc", "ss_il", "wa", "siw"),
+               "dmc", "ss_il", "wa", "siw", "dualnet"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda", "fecam", "ranpac", "fetril"),
@@ -99,6 +99,9 @@ PAPERS: dict[str, str] = {
     "gsa": "Guo, Liu & Zhao 2023, *Dealing with cross-task class "
            "discrimination in online continual learning*, CVPR "
            "(Avalanche's GSA)",
+    "dualnet": "Pham, Liu & Hoi 2021, *DualNet: continual learning, fast "
+               "and slow*, NeurIPS (the authors' task-free code; "
+               "Avalanche's DualNet)",
     "er_acl": "Caccia et al. 2022, *New insights on reducing abrupt "
               "representation change in online continual learning*, ICLR "
               "(Avalanche's ER_ACL: ER-ACE's loss by experience, with a "
@@ -301,6 +304,8 @@ NEEDS: dict[str, str] = {
            "resnet18); meant for domain-incremental streams",
     "freezing": "a model with `backbone` and `head` params (mlp, cnn, "
                 "resnet18)",
+    "dualnet": "the `dualnet` model (a slow learner gated by a fast one) "
+               "and plain SGD at the strategy's `lr`",
     "expert_gate": "a single head over all classes (each expert is the whole "
                    "model; the gate, not a task id, picks it)",
     "xder": "a class-incremental stream (`scenario.kind='class'`), each "
