@@ -154,6 +154,13 @@ _GSA_NOTE = (
     "sizes; with them (the method's default, made for CIFAR), as they "
     "come.")
 
+_DUALNET_NOTE = (
+    "Pham et al. 2021 report miniImageNet and CORE50 only (a ResNet-18 "
+    "with batch norm); here the dualnet model over an MLP 100-100 at the "
+    "authors' task-free settings, untuned. Criterion set before the runs "
+    "(docs/notes_replay.md, session 56): at least Replay's mean at both "
+    "memory sizes.")
+
 ENTRIES = [
     Entry(_SM, "Replay (reservoir, 200)", "split_mnist_replay",
           "strategy=replay,mem_size=200", 0.804, _B,
@@ -197,6 +204,10 @@ ENTRIES = [
           "strategy=gsa,mem_size=200,flip=False"),
     Entry(_SM, "GSA without mirrored copies (500)", "split_mnist_replay",
           "strategy=gsa,mem_size=500,flip=False"),
+    Entry(_SM, "DualNet (200)", "split_mnist_replay",
+          "strategy=dualnet,mem_size=200", note=_DUALNET_NOTE),
+    Entry(_SM, "DualNet (500)", "split_mnist_replay",
+          "strategy=dualnet,mem_size=500"),
     Entry(_SM, "ER-AML (200)", "split_mnist_replay",
           "strategy=er_aml,mem_size=200"),
     Entry(_SM, "ER-AML (500)", "split_mnist_replay",

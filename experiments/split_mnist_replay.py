@@ -68,6 +68,13 @@ Protocols (one per paper; picked by ``strategy``):
   copies; ``flip=False`` leaves them out: a mirrored digit is another
   glyph). The paper's numbers are on CIFAR and TinyImageNet; the rows
   are read against ER-ACE's.
+* ``dualnet`` (Pham, Liu & Hoi 2021, `DualNet: continual learning, fast
+  and slow <https://arxiv.org/abs/2110.00175>`_): the same stream and
+  memory (batch 10, 10 replayed, reservoir of 200 or 500) with the
+  ``dualnet`` model (an MLP 100-100 slow learner gated layer by layer
+  by a fast one) and the authors' task-free settings (lr 0.03). The
+  paper's numbers are on miniImageNet and CORE50; the rows are read
+  against Replay's and ER-ACE's.
 * ``scr`` (Mai et al. 2021, `Supervised contrastive replay
   <https://arxiv.org/abs/2103.13885>`_): the ``replay`` protocol's model
   and stream; the supervised contrastive loss on a projection head over
@@ -333,6 +340,21 @@ def get_config(arg=None):
       # the attack at Avalanche's defaults (beta 0.4, eps 0.0314, 2 steps,
       # virtual step 0.1). It replays r clean and r adversarial rows.
       c.strategy.rar = dict(mem_size=m, batch_size_mem=r)
+  elif s == "dualnet":
+    # Pham et al. 2021 on the replay protocol's stream (online, batch 10,
+    # a reservoir of 200 or 500, 10 replayed): the dualnet model with an
+    # MLP 100-100 slow learner (the fast learner gates each layer), the
+    # authors' task-free settings (phquang/DualNet scripts/task_free.sh:
+    # lr 0.03, beta 0.05, reg 10, T 2, 2 inner steps; Barlow Twins at
+    # lr 3e-4 on 32 memory rows) and Avalanche's 3 slow rounds; the views
+    # a random resized crop (augment='auto' on one-channel images).
+    lr = a["lr"] or 0.03
+    online(c, lr)
+    d = default_config().model
+    c.model.widths, c.model.init = d.widths, d.init  # the mlp's fields
+    c.model.name = "dualnet"
+    c.model.dualnet = dict(widths=(100, 100))
+    c.strategy.dualnet = dict(mem_size=m, batch_size=10, lr=lr)
   elif s == "clser":
     lr, replayed = nearest(CLSER_ARGS, m)
     online(c, a["lr"] or lr)

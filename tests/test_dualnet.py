@@ -32,8 +32,11 @@ def test_mlp_model_gates_the_slow_features_by_hand():
   xs = np.asarray(x)
   h1 = relu(dense(p["slow"]["Dense_0"], xs))
   h2 = relu(dense(p["slow"]["Dense_1"], h1))
-  m1 = relu(dense(p["fast"]["Dense_0"], xs)) * h1
-  m2 = relu(dense(p["fast"]["Dense_1"], m1)) * h2
+  # Evaluation mode: the fast gates' batch norm at its initial running
+  # statistics (mean 0, variance 1), x / sqrt(1 + eps).
+  bn = lambda a: a / np.sqrt(1 + 1e-5)
+  m1 = relu(bn(dense(p["fast"]["Dense_0"], xs))) * h1
+  m2 = relu(bn(dense(p["fast"]["Dense_1"], m1))) * h2
   np.testing.assert_allclose(model.apply(v, x, slow=True), h2, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(model.apply(v, x, features=True), m2,
@@ -120,13 +123,17 @@ def _reference(ctx, ss, params, batch, later):
   def ce(logits, y):
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
 
+  def logits(theta, x):  # training mode: the rows' own batch statistics
+    return model.apply({"params": theta, **ss.model_state}, x, train=True,
+                       mutable=["batch_stats"])[0]
+
   def fast(theta, i):
-    total = ce(model.apply({"params": theta}, x_in), y_in)
+    total = ce(logits(theta, x_in), y_in)
     if not later:
       return total
     ok = np.asarray(batch["dualnet_ok"][i]) > 0
     saved = np.asarray(batch["dualnet_saved"][i])[ok] > 0
-    out = model.apply({"params": theta}, batch["dualnet_x"][i][ok])
+    out = logits(theta, batch["dualnet_x"][i][ok])
     total += ce(out, np.asarray(batch["dualnet_y"][i])[ok])
     t = KW["temperature"]
     p = jax.nn.softmax(batch["dualnet_z"][i][ok][saved] / t)
@@ -211,7 +218,8 @@ def test_dualnet_keeps_old_classes_on_split_digits(full_stream):
     c.optimizer.name = "sgd"
     acc = experiment.run(c, scenario=full_stream).accuracy
     old[spec] = float(acc[-1, :-1].mean())
-  assert old["naive"] < 0.1, old
+  # (Naive on the same model keeps ~0.12: the fast gates' batch norm.)
+  assert old["naive"] < 0.2, old
   assert old["dualnet"] > old["naive"] + 0.5, old
 
 
