@@ -133,9 +133,11 @@ def barlow_twins(z1: jax.Array, z2: jax.Array, ok: jax.Array,
   def standardise(z):
     mean = jnp.sum(w * z, 0) / jnp.maximum(n, 1.0)
     var = jnp.sum(w * (z - mean) ** 2, 0) / jnp.maximum(n - 1.0, 1.0)
-    # A floor, not an epsilon added: a constant dimension gives 0 there
-    # instead of NaN, and any other is divided by its own deviation.
-    return w * (z - mean) / jnp.maximum(jnp.sqrt(var), 1e-6)
+    # A floor under the variance, not an epsilon added: a constant
+    # dimension gives 0 there instead of NaN, any other is divided by its
+    # own deviation, and the square root's gradient stays finite (at a
+    # variance of 0 it is infinite, and times the floor's 0 it is NaN).
+    return w * (z - mean) / jnp.sqrt(jnp.maximum(var, 1e-12))
 
   c = standardise(z1).T @ standardise(z2) / jnp.maximum(n, 1.0)
   diag = jnp.diagonal(c)
