@@ -82,6 +82,11 @@ def test_barlow_twins_against_numpy_on_the_valid_rows():
   h = jnp.asarray([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
   got = float(barlow_twins(3 * h, h, jnp.ones(4, bool), 1.0))
   assert got == pytest.approx(2 * (1 - 3 / 4) ** 2, abs=1e-6)
+  # A constant dimension (a dead unit) standardises to 0 with a finite
+  # gradient (a floor under the standard deviation gave NaN: sqrt'(0)).
+  z = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32).at[:, 1].set(0.5)
+  g = jax.grad(lambda a: barlow_twins(a, a * 2, jnp.ones(6, bool), 0.1))(z)
+  assert bool(jnp.all(jnp.isfinite(g)))
 
 
 KW = dict(mem_size=30, batch_size=4, ssl_batch_size=6, inner_steps=2,
