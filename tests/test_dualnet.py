@@ -89,7 +89,7 @@ def test_barlow_twins_against_numpy_on_the_valid_rows():
   assert bool(jnp.all(jnp.isfinite(g)))
 
 
-KW = dict(mem_size=30, batch_size=4, ssl_batch_size=6, inner_steps=2,
+KW = dict(mem_size=30, batch_size=12, ssl_batch_size=12, inner_steps=2,
           n_outer=2, beta=0.5, reg=3.0, temperature=2.0, lr=0.05,
           ssl_lr=0.1, augment="none", projector_hidden=6)
 
@@ -158,8 +158,11 @@ def test_one_step_is_the_slow_rounds_then_the_fast_steps(stream, later):
   ctx = _ctx(stream)
   s = dualnet(**KW)
   e0, e1 = stream.experiences[:2]
-  if later:  # experience 1, the memory filled by 6 steps of experience 0
-    state, _ = after_first(ctx, s, stream, steps=6)
+  if later:
+    # Experience 1, the memory holding one batch of experience 0: 10 rows
+    # for draws of 12, so each draw has 2 empty slots (masked out of the
+    # losses and of the projector's and gates' batch statistics).
+    state, _ = after_first(ctx, s, stream, steps=1)
     batch = batch_of(e1)
   else:
     state = s.before_experience(ctx, train.init_state(ctx, s, 0), e0)
@@ -167,8 +170,10 @@ def test_one_step_is_the_slow_rounds_then_the_fast_steps(stream, later):
   key = jax.random.fold_in(state.rng, state.step)
   prepared = s.prepare_batch(ctx, state.strategy, batch,
                              jax.random.split(key, 3)[0])
-  if later:  # the memory's rows, some drawn, all of experience 0, saved
+  if later:  # the memory's rows, all of experience 0, saved
     assert float(jnp.sum(prepared["dualnet_saved"])) > 0
+    assert not bool(jnp.all(prepared["dualnet_ssl_ok"]))
+    assert float(jnp.min(prepared["dualnet_ok"])) == 0.0
     np.testing.assert_array_equal(prepared["dualnet_saved"],
                                   prepared["dualnet_ok"])
   new, _ = jax.jit(lambda st, b: train.train_step(ctx, s, st, b))(state,
