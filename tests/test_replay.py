@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import np_log_softmax, np_softmax
+from conftest import np_log_softmax, np_softmax, slow_beyond
 from jaxcl import buffers, experiment, models, scenarios, train
 from jaxcl.state import StepInfo, cross_entropy
 from jaxcl.strategy import chain
@@ -1700,14 +1700,21 @@ def _load_config(name):
   return module.get_config
 
 
-@pytest.mark.parametrize("arg", [
+# The default suite builds one config of each kind of set-up (the online
+# protocol, a latent split, a generator, a table of Mammoth's settings on
+# batch 1, a model of its own); the rest run with -m slow (session 56).
+@pytest.mark.parametrize("arg", slow_beyond([
     "strategy=replay", "strategy=mir", "strategy=gdumb",
     "strategy=latent_replay,layer=backbone/Dense_0", "strategy=exstream",
     "strategy=generative_replay,distill", "strategy=der,mem_size=200",
     "strategy=derpp,mem_size=500", "strategy=er_ace,mem_size=200",
     "strategy=gss,mem_size=200", "strategy=fdr,mem_size=200",
     "strategy=hal,mem_size=200", "strategy=mer,mem_size=200",
-    "strategy=gsa,mem_size=200,flip=False"])
+    "strategy=gsa,mem_size=200,flip=False",
+    "strategy=dualnet,mem_size=200"], [
+        "strategy=replay", "strategy=latent_replay,layer=backbone/Dense_0",
+        "strategy=generative_replay,distill", "strategy=mer,mem_size=200",
+        "strategy=dualnet,mem_size=200"]))
 def test_split_mnist_configs_build(data_dir, arg):
   c = _load_config("split_mnist_replay.py")(arg + ",quick")
   c.dataset.data_dir = data_dir

@@ -441,6 +441,10 @@ def sequential_run(tmp_path_factory, data_dir):
   return e, reproduce.run_entry(e, [0, 1], str(w), data_dir, smoke=True), w
 
 
+# -m slow since session 56 (15-20 s, CI's budget): test_sweep.py's
+# test_scenario_per_seed_runs_each_seed_on_its_own_draw checks the same
+# per-seed draws through the sweep the entry runs on.
+@pytest.mark.slow
 def test_scenario_per_seed_gives_each_seed_its_own_draw(tmp_path, data_dir,
                                                         seed_1_runs,
                                                         sequential_run):
