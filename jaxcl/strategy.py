@@ -655,7 +655,8 @@ _LOWER_FREEZERS, _ADDERS = ("latent_replay", "exstream"), ("rar", "mir",
 # gradient and their update_grads adds their whole step to the gradient it
 # receives, so a member before them that projects the gradient acts on the
 # rest only (session 29's fuzz: agem, agem_r, gem before lamaml trained
-# exactly as naive+lamaml; session 30's probe, the same for mer).
+# exactly as naive+lamaml; session 30's probe, the same for mer; session
+# 56's for dualnet, whose inner steps mask with ctx.freeze too).
 # Not refused since session 36: packnet or progressive before them, whose
 # frozen weights moved by 0.69 / 0.37 (lamaml) and 0.61-0.93 (mer): lamaml
 # and mer mask every inner step and the step they add with the chain's
