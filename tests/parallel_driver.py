@@ -69,6 +69,12 @@ def config(name, devices):
     c.strategy.scr = dict(mem_size=256, batch_size=16)
   if strategy == "cope":  # class-balanced memory; prototypes from the batch
     c.strategy.cope = dict(mem_size=256, batch_size=16)
+  if strategy == "dualnet":  # a model of its own; scans in update_grads
+    c.model.name = "dualnet"
+    c.model.dualnet = dict(widths=(32,))
+    c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.03
+    c.strategy.dualnet = dict(mem_size=256, batch_size=16,
+                              ssl_batch_size=32, n_outer=1)
   if strategy == "slda":  # statistics summed over the batch's devices
     c.strategy.slda = dict(features="backbone")
   c.parallel.devices = devices
@@ -226,7 +232,7 @@ def main():
                                       0).compile().as_text()
     out[name]["all_reduce"] = "all-reduce" in hlo
     if strategy in ("replay", "der", "er_ace", "bic", "lucir", "er_aml",
-                    "xder", "mer", "scr", "cope"):
+                    "xder", "mer", "scr", "cope", "dualnet"):
       mem = many.state.strategy.memory
       out[name]["buffer_sharding"] = str(mem.x.sharding.spec)
       out[name]["buffer_filled"] = int(np.asarray(mem.valid).sum())

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_eight_devices_match_one_device_for_more_strategies(child_env):
   out = run_driver(child_env, "lucir", "er_aml", "xder", "mer", "scr",
-                   "cope")
-  for strategy in ("er_aml", "mer", "scr"):
+                   "cope", "dualnet")
+  for strategy in ("er_aml", "mer", "scr", "dualnet"):
     assert out[strategy]["buffer_sharding"].startswith("P('data'")
     assert out[strategy]["buffer_filled"] == 256
   # CoPE's class-balanced memory (sharded): 256 // 10 = 25 per class.
