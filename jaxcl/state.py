@@ -172,19 +172,27 @@ class Context:
     ``mask`` (``(batch,)``, > 0 for a real row): in training mode, the
     rows a batch-norm model's statistics count (:func:`batch_stats_mask`).
     """
-    variables = {"params": params, **model_state}
-    if train and model_state:
-      out, new_ms = self.model_apply(
-          variables, x, task, train=True, features=features,
-          mutable=list(model_state),
-          **batch_stats_mask(self.model, model_state, mask))
-    else:
-      out = self.model_apply(variables, x, task, train=train,
-                             features=features)
-      new_ms = model_state
+    out, new_ms = self.forward(params, model_state, x, task, train=train,
+                               mask=mask, features=features)
     if self.mask_task_logits and not features:
       out = masked_logits(out, task, self.info.task_classes)
     return out, new_ms
+
+  def forward(self, params, model_state, x, task, train: bool = False,
+              mask: jax.Array | None = None, **model_kwargs):
+    """:meth:`apply` without the task-incremental mask, with the model's
+    other keywords (``model_kwargs``: ``features=True``, or a model's own,
+    such as DualNet's ``slow=True``): ``(output, new_model_state)``, the
+    batch statistics of the rows ``mask`` in training mode. For hooks that
+    need the model's unmasked outputs (LwF's teacher over every head) or a
+    call :meth:`apply` does not make."""
+    variables = {"params": params, **model_state}
+    if train and model_state:
+      return self.model_apply(
+          variables, x, task, train=True, mutable=list(model_state),
+          **model_kwargs, **batch_stats_mask(self.model, model_state, mask))
+    return self.model_apply(variables, x, task, train=train,
+                            **model_kwargs), model_state
 
   def augmented(self, key: jax.Array, x: jax.Array) -> jax.Array:
     """``x`` through the training augmentation (``train.augment``), or

@@ -87,7 +87,7 @@ import jax.numpy as jnp
 from jaxcl import augment as augment_lib
 from jaxcl import buffers, checks
 from jaxcl.models.batch_norm import BatchNorm
-from jaxcl.state import batch_stats_mask, cross_entropy
+from jaxcl.state import cross_entropy
 from jaxcl.strategies._replay_memory import init_memory
 from jaxcl.strategies.der import logit_width
 from jaxcl.strategies.mer import check_sgd_optimizer, reported_task_loss
@@ -220,13 +220,8 @@ def dualnet(mem_size: int = 200, batch_size: int = 10,
   def slow_features(ctx, params, model_state, x, ok):
     """The slow learner's pooled features, training mode (batch
     statistics of the rows ``ok``; their running averages dropped)."""
-    variables = {"params": params, **model_state}
-    kw = batch_stats_mask(ctx.model, model_state, ok)
-    if model_state:
-      out, _ = ctx.model_apply(variables, x, None, train=True, slow=True,
-                               mutable=list(model_state), **kw)
-      return out
-    return ctx.model_apply(variables, x, None, train=True, slow=True)
+    return ctx.forward(params, model_state, x, None, train=True, mask=ok,
+                       slow=True)[0]
 
   def project(proj, proj_state, f, ok):
     z, _ = projector.apply({"params": proj, **proj_state}, f, mask=ok,

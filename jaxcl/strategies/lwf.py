@@ -55,7 +55,6 @@ import numpy as np
 
 from jaxcl import checks
 from jaxcl.models.classifier import Classifier
-from jaxcl.state import batch_stats_mask
 from jaxcl.strategy import Strategy
 from jaxcl.train import init_variables
 
@@ -97,13 +96,8 @@ def distillation(student: jax.Array, teacher: jax.Array, group: jax.Array,
 def _raw_logits(ctx, params, model_state, x, task, train, mask=None):
   """The model's logits without the task-incremental mask (``mask``: the
   real rows, for batch statistics in training mode)."""
-  variables = {"params": params, **model_state}
-  if train and model_state:
-    out, _ = ctx.model_apply(variables, x, task, train=True,
-                             mutable=list(model_state),
-                             **batch_stats_mask(ctx.model, model_state, mask))
-    return out
-  return ctx.model_apply(variables, x, task, train=train)
+  return ctx.forward(params, model_state, x, task, train=train,
+                     mask=mask)[0]
 
 
 def _per_task_logits(ctx, params, model_state, x, train, mask=None):
