@@ -10,15 +10,14 @@ import optax
 import pytest
 
 from conftest import np_log_softmax, np_softmax, slow_beyond
-from jaxcl import experiment, models, strategy as strategy_lib, train
+from jaxcl import (experiment, models, strategies, strategy as strategy_lib,
+                   train)
 from jaxcl.strategies.dualnet import Projector, barlow_twins, dualnet
-from test_replay import B, after_first, batch_of, config
+from test_replay import B, after_first, batch_of, config, make_ctx
 
 
-def _ctx(sc, lr=0.05, widths=(8,), opt="sgd"):
-  info = train.stream_info(sc, B)
-  model = models.build("dualnet", sc.num_classes, widths=widths)
-  return train.make_context(model, train.make_optimizer(opt, lr), info)
+def _ctx(sc, lr=0.05, opt="sgd"):
+  return make_ctx(sc, widths=(8,), lr=lr, model="dualnet", opt=opt)
 
 
 def test_mlp_model_gates_the_slow_features_by_hand():
@@ -269,7 +268,7 @@ def test_dualnet_bad_inputs(stream):
 
 
 def test_dualnet_chain_rules():
-  get = lambda n: __import__("jaxcl.strategies", fromlist=["get"]).get(n)
+  get = strategies.get
   with pytest.raises(ValueError, match="agem and dualnet cannot be composed "
                      "in this order"):
     strategy_lib.chain(get("agem"), get("dualnet"))

@@ -33,12 +33,14 @@ from jaxcl.strategies.replay import replay
 B = 10
 
 
-def make_ctx(sc, widths=(32,), lr=0.1, **model_kwargs):
-  """A context for an MLP on ``sc`` with SGD (shared by other test files:
-  test_hybrid, test_scr and the replay families import it)."""
+def make_ctx(sc, widths=(32,), lr=0.1, model="mlp", opt="sgd",
+             **model_kwargs):
+  """A context for an MLP (or the model ``model``) on ``sc`` with SGD (or
+  the optimiser ``opt``); shared by other test files: test_hybrid,
+  test_scr and the replay families import it."""
   info = train.stream_info(sc, B)
-  model = models.build("mlp", sc.num_classes, widths=widths, **model_kwargs)
-  return train.make_context(model, train.make_optimizer("sgd", lr), info)
+  net = models.build(model, sc.num_classes, widths=widths, **model_kwargs)
+  return train.make_context(net, train.make_optimizer(opt, lr), info)
 
 
 def jit_ctx(f):
