@@ -47,10 +47,14 @@ class BatchNorm(nn.Module):
     use_running_average: evaluation mode (the running statistics).
     momentum: the running averages' decay (flax's convention).
     epsilon: added to the variance.
+    use_affine: learn a scale and bias (PyTorch's ``affine``); False
+      leaves the normalised values, for a conditional batch norm whose
+      scale and bias come from elsewhere (TwF's per-task ones).
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
+  use_affine: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None
@@ -58,8 +62,12 @@ class BatchNorm(nn.Module):
     """``mask`` (bool, broadcastable to ``x``): the values the batch
     statistics count (training mode); None counts every one."""
     f = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (f,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (f,), jnp.float32)
+    if self.use_affine:
+      scale = self.param("scale", nn.initializers.ones, (f,), jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (f,), jnp.float32)
+    else:
+      scale, bias = jnp.ones((f,), jnp.float32), jnp.zeros((f,),
+                                                           jnp.float32)
     ra_mean = self.variable("batch_stats", "mean",
                             lambda: jnp.zeros((f,), jnp.float32))
     ra_var = self.variable("batch_stats", "var",

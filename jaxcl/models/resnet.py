@@ -35,6 +35,12 @@ from jaxcl.models.conv import Conv
 # with the new channels zero (option A, parameter-free; PyCIL's resnet32).
 SHORTCUTS = ("conv", "pad")
 
+# The collection the ResNets sow their pre-activation stage maps into (the
+# stem's and each stage's last block's, in call order): what TwF distils,
+# as Mammoth's ResNets return with ``returnt='full'`` and
+# ``set_return_prerelu(True)``.
+PREACT = "preact"
+
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu') of FACIL's
 # and PyCIL's CIFAR ResNets: N(0, 2 / fan_out), not truncated.
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -54,6 +60,10 @@ class BasicBlock(nn.Module):
   shortcut: str = "conv"
   kernel_init: Callable[..., Any] = nn.linear.default_kernel_init
   relu: bool = True
+  # Sow the pre-activation sum (``shortcut(x) + BN(...)``) into the
+  # "preact" collection: a stage's last block does, for the methods that
+  # distil stage feature maps (TwF). Free unless "preact" is mutable.
+  sow_preact: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool,
@@ -71,13 +81,19 @@ class BasicBlock(nn.Module):
       else:
         x = x[:, ::self.stride, ::self.stride, :]
         x = jnp.pad(x, ((0, 0),) * 3 + ((0, self.features - x.shape[-1]),))
+    if self.sow_preact and not self.is_initializing():
+      self.sow(PREACT, "map", x + y)
     return nn.relu(x + y) if self.relu else x + y
 
 
-def _stem(h, width, train, mask, kernel_init):
+def _stem(module, h, width, train, mask, kernel_init):
+  """The 3x3 stem of ``module`` (its compact ``__call__``), which sows its
+  pre-activation map as ``stem``."""
   h = _conv3x3(width, 1, kernel_init)(h)
-  return nn.relu(BatchNorm(use_running_average=not train,
-                           momentum=0.9)(h, mask=mask))
+  h = BatchNorm(use_running_average=not train, momentum=0.9)(h, mask=mask)
+  if not module.is_initializing():  # not a variable of the model state
+    module.sow(PREACT, "stem", h)
+  return nn.relu(h)
 
 
 class ResNet18(nn.Module):
@@ -98,13 +114,14 @@ class ResNet18(nn.Module):
     """``mask`` (bool ``(batch,)``, training mode): the rows the batch
     statistics count, as a PyTorch batch without the padding rows would."""
     m = None if mask is None else mask[:, None, None, None]
-    h = _stem(x, self.width, train, m, nn.linear.default_kernel_init)
+    h = _stem(self, x, self.width, train, m, nn.linear.default_kernel_init)
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
         stride = 2 if (i > 0 and j == 0) else 1
         last = (i, j) == (3, 1)
         h = BasicBlock(self.width * mult, stride,
-                       relu=self.last_relu or not last)(h, train, m)
+                       relu=self.last_relu or not last,
+                       sow_preact=j == 1)(h, train, m)
     return jnp.mean(h, axis=(1, 2))
 
 
@@ -138,12 +155,13 @@ class CifarResNet(nn.Module):
                mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """``mask``: as :class:`ResNet18`'s."""
     m = None if mask is None else mask[:, None, None, None]
-    h = _stem(x, self.width, train, m, he_fan_out)
+    h = _stem(self, x, self.width, train, m, he_fan_out)
     n = (self.depth - 2) // 6
     for i, mult in enumerate((1, 2, 4)):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
         last = (i, j) == (2, n - 1)
         h = BasicBlock(self.width * mult, stride, self.shortcut, he_fan_out,
-                       relu=self.last_relu or not last)(h, train, m)
+                       relu=self.last_relu or not last,
+                       sow_preact=j == n - 1)(h, train, m)
     return jnp.mean(h, axis=(1, 2))
