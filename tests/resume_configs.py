@@ -32,7 +32,7 @@ SPECIAL = (
     "hat",
     "hypernetwork", "l2p", "lamaml", "lider", "lucir", "lwm", "mer",
     "multihead", "packnet", "piggyback", "progress_compress", "progressive",
-    "scr", "supsup")
+    "scr", "supsup", "twf")
 NAMES = PLAIN + SPECIAL
 # Strategies needing a pretrained .npz (see pretrain_config()).
 NEEDS_PRETRAINED = ("piggyback",)
@@ -122,6 +122,9 @@ def config(name: str, pretrained: str | None = None):
   elif name == "dualnet":
     c.model.name = "dualnet"
     c.model.dualnet = dict(widths=(32,))
+  elif name == "twf":  # it distils a ResNet's stage maps
+    c.model.name = "resnet18"
+    c.model.width = 2
   elif name in ("lider", "lwm"):
     c.model.name = "cnn"
     c.model.channels, c.model.hidden = (4, 8, 8), 16

@@ -64,9 +64,10 @@ _RESNET8 = functools.partial(models.CifarResNet, depth=8, width=2)
 def _bn_setup(name, batch_size=8):
   """``name``'s resume-audit config on a batch-norm MLP (width 16; the
   ResNet-8 above for PuriDivER, which reads a ``head`` layer, and LiDER,
-  which reads the backbone's convolutions)."""
+  which reads the backbone's convolutions, and TwF, which distils a
+  ResNet's stage maps)."""
   c = resume_configs.config(name)
-  if name in ("puridiver", "lider"):
+  if name in ("puridiver", "lider", "twf"):
     c.model.name, c.model.shortcut = "resnet8", "conv"
   else:
     c.model.name, c.model.bn_mlp = "bn_mlp", dict(widths=(16,))
@@ -190,14 +191,15 @@ MEMORY_FORWARDS = (
     "replay", "der", "derpp", "xder", "fdr", "hal", "mer", "lamaml",
     "clser", "er_ace", "er_aml", "scr", "star", "rar", "mir", "aser",
     "gem", "agem", "gdumb", "eeil", "dmc", "puridiver", "latent_replay",
-    "cscct", "icarl", "lwf", "lider", "ser")
+    "cscct", "icarl", "lwf", "lider", "ser", "twf")
 # The default suite's cases: one of each kind of forward pass above (the
 # engine's replayed rows, stored logits, a consistency target, a virtual
 # step, a projected gradient, a retraining over the memory, class means,
-# a teacher, latent rows), each under 3 s; the other eighteen (78 s of
+# a teacher, latent rows), each under 3 s; the other nineteen (78 s of
 # the suite's CPU in session 55: PuriDivER's alone 17 s; since session 56
-# also derpp, fdr, er_ace, dmc and cscct, second cases of a kind above)
-# run with -m slow.
+# also derpp, fdr, er_ace, dmc and cscct, second cases of a kind above;
+# since session 57 twf, a teacher and stored logits on a ResNet) run with
+# -m slow.
 MEMORY_FORWARDS_FAST = (
     "replay", "der", "clser", "rar", "mir", "agem", "gdumb", "icarl", "lwf",
     "latent_replay")

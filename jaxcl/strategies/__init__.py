@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                       "supsup", "expert_gate"),
     "hybrid": ("gem", "agem", "agem_r", "icarl", "progress_compress", "ar1",
                "generative_negative_replay", "bic", "lucir", "il2m", "eeil",
-               "dmc", "ss_il", "wa", "siw", "dualnet"),
+               "dmc", "ss_il", "wa", "siw", "dualnet", "twf"),
     # Not in the survey: closed-form classifiers over a feature extractor
     # that no gradient trains (docs/notes_analytic.md).
     "analytic": ("slda", "fecam", "ranpac", "fetril"),
@@ -99,6 +99,9 @@ PAPERS: dict[str, str] = {
     "gsa": "Guo, Liu & Zhao 2023, *Dealing with cross-task class "
            "discrimination in online continual learning*, CVPR "
            "(Avalanche's GSA)",
+    "twf": "Boschini, Bonicelli, Porrello, Bellitto, Pennisi, Palazzo, "
+           "Spampinato & Calderara 2022, *Transfer without forgetting*, "
+           "ECCV (TwF; Mammoth's twf)",
     "dualnet": "Pham, Liu & Hoi 2021, *DualNet: continual learning, fast "
                "and slow*, NeurIPS (the authors' task-free code; "
                "Avalanche's DualNet)",
@@ -306,6 +309,9 @@ NEEDS: dict[str, str] = {
                 "resnet18)",
     "dualnet": "the `dualnet` model (a slow learner gated by a fast one) "
                "and plain SGD at the strategy's `lr`",
+    "twf": "a ResNet (`resnet18`, `resnet32`), whose stage maps it "
+           "distils, started from pretrained parameters "
+           "(`model.pretrained`: the frozen teacher is the starting model)",
     "expert_gate": "a single head over all classes (each expert is the whole "
                    "model; the gate, not a task id, picks it)",
     "xder": "a class-incremental stream (`scenario.kind='class'`), each "
