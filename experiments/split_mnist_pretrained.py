@@ -28,8 +28,8 @@ Arguments: ``strategy``, ``seed``, ``width``, ``epochs``,
 (2000 training / 1000 test examples).
 """
 
+from experiments.split_mnist_replay import base
 from jaxcl.configs import parse_arg
-from jaxcl.experiment import default_config
 
 _TWF = dict(alpha=0.3, beta=1.2, lambda_fp=0.03, lambda_fp_replay=1.5,
             lambda_diverse=0.3)
@@ -40,20 +40,13 @@ def get_config(arg=None):
                 pretrain_epochs=2, subset=10000, mem_size=500, pretrained="",
                 quick=False)
   s = a["strategy"]
-  c = default_config()
-  c.seed = a["seed"]
-  c.dataset.name = "mnist"
-  c.scenario.type = "split"
-  c.scenario.kind = "class"
-  c.scenario.n_experiences = 5
+  c = base(a)  # MNIST split into 5 class-incremental experiences
   c.model.name = "resnet18"
   c.model.width = a["width"]
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.1
   c.train.batch_size = 32
   c.train.epochs = a["epochs"]
-  c.train.eval_batch_size = 1000
-  c.report.progress = False
   c.strategy.name = s
   m = a["mem_size"]
   if s == "pretrain":

@@ -518,7 +518,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
               "generative_replay", "cumulative", "der", "derpp", "er_ace",
               "gss", "er_aml", "fdr", "hal", "mer", "scr", "agem_r",
               "lamaml", "clser", "rar", "aer_abs", "aser", "ser", "er_acl",
-              "gsa"),
+              "gsa", "twf"),
       _HAT_LEAK)
   for first in ("generative_replay", "generative_negative_replay"):
     add(first, ("replay", "mir", "icarl", "generative_replay",
@@ -530,7 +530,7 @@ def _conflicts() -> dict[frozenset[str], tuple[str, str]]:
     add(first, ("replay", "mir", "gem", "mas", "generative_replay", "der",
                 "derpp", "er_ace", "gss", "er_aml", "xder", "hal", "mer",
                 "lamaml", "rar", "aer_abs", "aser", "ser", "er_acl", "gsa",
-                "dualnet"),
+                "dualnet", "twf"),
         _CWR_BIAS)
   add("latent_replay", ("exstream", "ar1"), _LATENTS)
   add("exstream", ("ar1",), _LATENTS)

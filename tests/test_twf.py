@@ -349,3 +349,15 @@ def test_twf_bad_inputs(stream):
   with pytest.raises(ValueError, match="twf"):  # 10 rows from 5 slots
     train.init_state(resnet_ctx(stream, **SMALL), twf(mem_size=5), 0)
   assert "twf" in strategies.FAMILIES["hybrid"]
+
+
+def test_twf_chain_refusals():
+  # DER++'s: CWR*'s -1e9 bias reaches the stored logits (session 57's
+  # probe on Split Digits with the refusal bypassed: 0.106 / 0.144 in
+  # either order against 0.359 for twf alone), HAT's soft masks leak.
+  for spec, reason in (("cwr_star+twf", "cwr_star writes a -1e9 bias"),
+                       ("twf+ar1", "ar1 writes a -1e9 bias"),
+                       ("hat+twf", "hat masks only its own gradient")):
+    with pytest.raises(ValueError, match=reason):
+      strategies.from_spec(spec)
+  strategies.from_spec("replay+twf")  # rows appended before it: allowed
