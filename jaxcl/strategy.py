@@ -635,7 +635,7 @@ _ALONE = {
 _APPENDERS = ("replay", "gss", "der", "derpp", "er_ace", "er_aml",
               "xder", "fdr", "hal", "mer", "lamaml", "cope", "rar",
               "aer_abs", "puridiver", "ser", "generative_replay",
-              "generative_negative_replay", "er_acl", "gsa")
+              "generative_negative_replay", "er_acl", "gsa", "twf")
 # Not refused since session 35: packnet or progressive before a member
 # whose update_grads adds gradient (agem, agem_r, gem by projection; mir,
 # rar another batch's), which had put gradient back on the weights the
