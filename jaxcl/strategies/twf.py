@@ -354,7 +354,7 @@ def twf(mem_size: int = 500, alpha: float = 0.3, beta: float = 1.2,
           f"{_NAME} distils the stage feature maps of a ResNet "
           f"(model.name resnet18 or resnet32, which sow them); model "
           f"{type(ctx.model).__name__} with backbone "
-          f"{type(getattr(ctx.model, 'backbone', ctx.model)).__name__!s} "
+          f"{type(getattr(ctx.model, 'backbone', ctx.model)).__name__} "
           "sows none")
     k_ad, k_mem = jax.random.split(k_mem)
     adapters = adapters_of(ctx, len(shapes))
