@@ -39,7 +39,9 @@ def make_ctx(sc, widths=(32,), lr=0.1, model="mlp", opt="sgd",
   the optimiser ``opt``); shared by other test files: test_hybrid,
   test_scr and the replay families import it."""
   info = train.stream_info(sc, B)
-  net = models.build(model, sc.num_classes, widths=widths, **model_kwargs)
+  if widths is not None:  # None: a model without layer widths (a ResNet)
+    model_kwargs = {"widths": widths, **model_kwargs}
+  net = models.build(model, sc.num_classes, **model_kwargs)
   return train.make_context(net, train.make_optimizer(opt, lr), info)
 
 

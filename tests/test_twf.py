@@ -12,13 +12,11 @@ from jaxcl import experiment, models, strategies, train
 from jaxcl.models.batch_norm import BatchNorm
 from jaxcl.strategies.twf import (Adapters, afd_layer_loss, diverse_loss,
                                   stage_maps, twf)
-from test_replay import B, after_first, batch_of, config
+from test_replay import B, after_first, batch_of, config, make_ctx
 
 
 def resnet_ctx(sc, name="resnet18", lr=0.05, **kw):
-  info = train.stream_info(sc, B)
-  net = models.build(name, sc.num_classes, **({"width": 2} | kw))
-  return train.make_context(net, train.make_optimizer("sgd", lr), info)
+  return make_ctx(sc, None, lr, name, **({"width": 2} | kw))
 
 
 # The strategy's tests run He et al.'s CIFAR ResNet of depth 8 (a stem and

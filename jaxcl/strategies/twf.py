@@ -94,6 +94,7 @@ from typing import Any, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcl import buffers, checks
 from jaxcl.models.batch_norm import BatchNorm
@@ -102,8 +103,10 @@ from jaxcl.state import (batch_stats_mask, cross_entropy,
                          cross_entropy_over, masked_logits)
 from jaxcl.strategies._replay_memory import init_memory, replay_sizer
 from jaxcl.strategies.der import logit_mse, logit_width, store_step
+from jaxcl.strategies.icarl import features
 from jaxcl.strategies.replay import incoming_rows
-from jaxcl.strategy import Strategy, experience_classes
+from jaxcl.strategy import (Strategy, experience_classes,
+                            mark_experience_start)
 
 __all__ = ["twf", "TwFState", "Adapters", "stage_maps", "afd_layer_loss",
            "diverse_loss"]
@@ -222,9 +225,9 @@ class Adapters(nn.Module):
   def __call__(self, maps: Sequence[jax.Array], task: jax.Array,
                train: bool, gumbels: Sequence[jax.Array] | None = None,
                mask: jax.Array | None = None):
-    out = [_Adapter(self.n_tasks)(m, task, train,
-                                  None if gumbels is None else g, mask)
-           for m, g in zip(maps, gumbels or [None] * len(maps))]
+    gumbels = gumbels or [None] * len(maps)
+    out = [_Adapter(self.n_tasks)(m, task, train, g, mask)
+           for m, g in zip(maps, gumbels)]
     return [o[0] for o in out], [o[1] for o in out]
 
 
@@ -376,13 +379,11 @@ def twf(mem_size: int = 500, alpha: float = 0.3, beta: float = 1.2,
         key=k_mem)
 
   def before_experience(ctx, state, experience):
+    state = mark_experience_start(ctx, state, experience)
     ss = state.strategy
     cur = experience_classes(ctx.info.num_classes, experience)
-    ss = ss._replace(
-        current=cur, seen=ss.seen | cur,
-        experience=jnp.asarray(experience.index, jnp.int32),
-        model_state=jax.tree.map(jnp.copy, state.model_state))
-    return state.replace(strategy=ss)
+    return state.replace(strategy=ss._replace(current=cur,
+                                              seen=ss.seen | cur))
 
   def prepare_batch(ctx, sstate, batch, key):
     r = replay_size(ctx)
@@ -519,27 +520,23 @@ def _end_masks(ctx, sstate: TwFState) -> tuple:
   the training batch size, as the authors' ``end_task`` loop does."""
   mem = sstate.memory
   adapters = Adapters(len(sstate.maps), ctx.info.num_experiences)
-  k = mem.x.shape[0]
-  bs = min(ctx.info.batch_size, k)
-  chunks = -(-k // bs)
-  pad = chunks * bs - k
   fresh = mem.valid & (mem.experience == sstate.experience)
-  grow = lambda a: jnp.concatenate(
-      [a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(
-          (chunks, bs) + a.shape[1:])
 
-  def one(inputs):
-    x, task, ok = inputs
-    okf = ok.astype(jnp.float32)
-    _, fm_t = stage_maps(ctx, sstate.teacher, sstate.teacher_state, x, task,
-                         train=True, mask=okf)
+  def masks(teacher, teacher_state, x, task, ok):
+    """The chunk's masks, every stage's flattened into one row."""
+    _, fm_t = stage_maps(ctx, teacher, teacher_state, x, task, train=True,
+                         mask=ok.astype(jnp.float32))
     exps = jnp.full(task.shape, sstate.experience, jnp.int32)
     rho, _ = adapters.apply({"params": sstate.adapters,
                              **sstate.adapter_state}, fm_t, exps, False)
-    return [r > 0.5 for r in rho]
+    return jnp.concatenate([r.reshape(r.shape[0], -1) > 0.5 for r in rho],
+                           axis=1)
 
-  new = jax.lax.map(one, (grow(mem.x), grow(mem.task), grow(fresh)))
+  k = mem.x.shape[0]
+  flat = features(masks, sstate.teacher, sstate.teacher_state, mem.x,
+                  mem.task, chunk=min(ctx.info.batch_size, k), valid=fresh)
+  sizes = np.cumsum([math.prod(m.shape[1:]) for m in sstate.maps])[:-1]
   return tuple(
       jnp.where(fresh.reshape((k,) + (1,) * (old.ndim - 1)),
-                n.reshape((chunks * bs,) + n.shape[2:])[:k], old)
-      for n, old in zip(new, sstate.maps))
+                new.reshape(old.shape), old)
+      for new, old in zip(jnp.split(flat, sizes, axis=1), sstate.maps))
