@@ -76,7 +76,6 @@ def get_config(arg=None):
   c.model.name = "resnet18"
   c.model.width = a["width"]
   c.optimizer.name = "sgd"
-  c.optimizer.momentum = 0.0
   c.optimizer.learning_rate = a["lr"] or LR[s]
   c.train.epochs = 50
   c.train.batch_size = 32

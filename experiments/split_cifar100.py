@@ -53,7 +53,6 @@ def get_config(arg=None):
   c.model.name = "resnet18"
   c.model.width = 20
   c.optimizer.name = "sgd"
-  c.optimizer.momentum = 0.0
   c.optimizer.learning_rate = a["lr"] or LR[s]
   c.train.epochs = 1
   c.train.batch_size = 10

@@ -313,6 +313,17 @@ def _dry_run(config, name: str, workdir: str, describe,
                      extra() if extra else None))
 
 
+def _note_ignored(config) -> None:
+  """Says, on stderr before the run starts, which values the config file
+  keeps that the run ignores (a ResNet-32's ``model.width``, momentum with
+  plain ``sgd``): a file may keep them deliberately, so they are not
+  refused as command-line overrides are, but a run must not drop them
+  silently. The dry run lists the same notes."""
+  from jaxcl import experiment
+  for why in experiment.ignored_settings(config):
+    print(f"jaxcl: note: {why}", file=sys.stderr, flush=True)
+
+
 def _run(argv) -> None:
   del argv
   config, name, workdir = _start()
@@ -325,6 +336,7 @@ def _run(argv) -> None:
     _dry_run(config, name, workdir, describe)
     return
   print(f"jaxcl: {name} -> {workdir}", flush=True)
+  _note_ignored(config)
   result = experiment.run(config, workdir, resume=_RESUME.value)
   split = report.evaluated_on(config)
   print(report.format_table(result.accuracy, result.metrics, split))
@@ -370,6 +382,7 @@ def _sweep(argv) -> None:
   print(f"jaxcl sweep: {name}, seeds {seeds}"
         f"{' (each on its own scenario draw)' if _PER_SEED.value else ''}, "
         f"{values or 'no hyperparameter grid'} -> {workdir}", flush=True)
+  _note_ignored(config)
   result = sweep.sweep(config, seeds, values, workdir,
                        scenario_per_seed=_PER_SEED.value)
   for m, met in zip(result.members, result.metrics):

@@ -173,6 +173,35 @@ def test_a_setting_the_run_would_ignore_is_refused(tmp_path, args, match,
   assert not (tmp_path / "r").exists()
 
 
+def test_a_run_notes_what_its_config_file_keeps_and_ignores(tmp_path,
+                                                            forked):
+  """A config file may keep a value the run ignores (momentum with plain
+  SGD, an MLP's widths beside a CNN); the run goes on, but says so on
+  stderr before it starts, as the dry run does, and says nothing for a
+  file that keeps none."""
+  cfg = tmp_path / "keeps.py"
+  cfg.write_text(
+      "from jaxcl.experiment import default_config\n"
+      "def get_config():\n"
+      "  c = default_config()\n"
+      "  c.optimizer.momentum = 0.5\n"
+      "  return c\n")
+  p = forked("run", "--config", str(cfg), "--config.train.epochs=1",
+             "--config.report.plots=False", "--workdir", str(tmp_path / "r"), cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert ("jaxcl: note: optimizer.momentum=0.5: optimizer.name='sgd' would "
+          "ignore it" in p.stderr), p.stderr[-2000:]
+  assert p.stderr.index("jaxcl: note:") < p.stderr.index("experience 1/5")
+  assert "acc:" in p.stdout
+  p = forked("run", "--config",
+             os.path.join(REPO, "experiments", "split_digits_baselines.py"),
+             "--config.train.epochs=1", "--config.report.plots=False",
+             "--config.report.progress=False",
+             "--workdir", str(tmp_path / "r2"), cwd=tmp_path)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "jaxcl: note:" not in p.stderr
+
+
 def test_settings_where_they_are_read_run(tmp_path, forked):
   p = forked("run", "--config.model.name=cnn", "--config.model.channels=8,16",
              "--config.optimizer.name=momentum",
