@@ -616,6 +616,9 @@ _ALONE = {
               "step) and predicts from ridge statistics of randomly "
               "projected features frozen at the stream's start (or at the "
               "first experience's end)",
+    "spr": "trains no parameter from the stream (zero gradients) and "
+           "replaces the model at every experience's end by a classifier "
+           "fitted to its purified buffer over its self-supervised network",
     "dmc": "trains a fresh model for each experience and replaces it at the "
            "experience's end by a student distilled from the old and new "
            "models alone on auxiliary data",

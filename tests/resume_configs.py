@@ -32,7 +32,7 @@ SPECIAL = (
     "hat",
     "hypernetwork", "l2p", "lamaml", "lider", "lucir", "lwm", "mer",
     "multihead", "packnet", "piggyback", "progress_compress", "progressive",
-    "scr", "supsup", "twf")
+    "scr", "spr", "supsup", "twf")
 NAMES = PLAIN + SPECIAL
 # Strategies needing a pretrained .npz (see pretrain_config()).
 NEEDS_PRETRAINED = ("piggyback",)
@@ -158,6 +158,9 @@ def config(name: str, pretrained: str | None = None):
     kw["mem_size"] = 200
   if name == "gdumb":
     kw["epochs"] = 2
+  if name == "spr":  # a few short fills (its defaults train for hours)
+    kw.update(delayed_size=100, expert_epochs=3, base_epochs=3,
+              finetune_epochs=2)
   if name == "aer_abs":
     c.train.epochs = 2  # aer=True needs at least 2
     kw["train_epochs"] = 2

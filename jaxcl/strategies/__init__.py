@@ -33,7 +33,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                "generative_replay", "der", "derpp", "er_ace", "gss",
                "er_aml", "xder", "fdr", "hal", "mer", "lamaml", "scr", "cope",
                "rpc", "clser", "lider", "rar", "er_tricks", "star", "casper",
-               "aer_abs", "cscct", "puridiver", "aser", "feature_replay",
+               "aer_abs", "cscct", "puridiver", "spr", "aser", "feature_replay",
                "ser", "er_acl", "gsa"),
     "architectural": ("cwr_star", "progressive", "piggyback", "packnet", "hat",
                       "supsup", "expert_gate"),
@@ -237,6 +237,9 @@ PAPERS: dict[str, str] = {
                  "continual learning on a contaminated data stream with "
                  "blurry task boundaries*, CVPR (PuriDivER; Mammoth's "
                  "puridiver, its similarity score from the authors' code)",
+    "spr": "Kim, Jeong, Moon & Kim 2021, *Continual learning on noisy "
+           "data streams via self-purified replay*, ICCV (SPR; the "
+           "authors' class-balanced purified buffer; Mammoth's spr)",
     "slda": "Hayes & Kanan 2020, *Lifelong machine learning with deep "
             "streaming linear discriminant analysis*, CVPR Workshops",
     "coda_prompt": "Smith, Karlinsky, Gutta, Cascante-Bonilla, Kim, "
@@ -368,6 +371,9 @@ NEEDS: dict[str, str] = {
     "puridiver": "a model whose output layer is named `head`, one output "
                  "per class (mlp, cnn, resnet18 with a single head): the "
                  "drop score reads the class weights",
+    "spr": "a model whose output layer is named `head` (mlp, cnn, "
+           "resnet18): the classifier fitted to the purified buffer is the "
+           "base network's features with a fresh `head`",
     "lider": "a convolutional model (`cnn`, `resnet18`) with a layer pair "
              "of more than one channel before it and a spatial map after "
              "it: on an MLP every layer's Lipschitz estimate is 1, and a "
