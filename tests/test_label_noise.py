@@ -302,3 +302,19 @@ def test_command_line_switch(tmp_path):
   assert p.returncode == 1
   assert "unknown label noise type 'pair'" in p.stderr
   assert "Traceback" not in p.stderr
+
+
+def test_memory_purity_reads_a_sweep_memory_against_the_true_labels(
+    tmp_path, capsys):
+  """experiments.memory_purity on a finished noisy Replay sweep: its
+  reservoir keeps about the stream's 40 % of wrong labels."""
+  from experiments import memory_purity
+  spec = os.path.join(os.path.dirname(__file__), "..", "experiments",
+                      "split_digits_noisy.py") + ":strategy=replay,mem=60"
+  memory_purity.main([spec, str(tmp_path / "r"), "0"])
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("seed 0: acc ") and "stored 60, distinct 60" in line
+  wrong = float(line.split("wrong labels ")[1].split(",")[0])
+  assert 0.25 < wrong < 0.55, line
+  labels = json.loads(line.split("per label ")[1])
+  assert sum(labels) == 60 and len(labels) == 10
