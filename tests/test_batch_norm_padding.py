@@ -131,38 +131,43 @@ def _assert_same(a, b, what, rtol=1e-5):
         atol=rtol / 10, err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
-def test_batch_norm_models_count_only_the_masked_rows():
+@pytest.mark.parametrize("name,kw,shape", [
+    ("bn_mlp", dict(widths=(6, 5)), (7, 12)),
+    ("dualnet", dict(widths=(6, 5)), (7, 12)),
+    ("resnet18", dict(width=2), (7, 8, 8, 3)),
+    # The same BatchNorm and blocks as resnet18, 32 layers to compile
+    # (session 58: the suite's budget).
+    pytest.param("resnet32", dict(shortcut="pad"), (7, 4, 4, 3),
+                 marks=pytest.mark.slow),
+])
+def test_batch_norm_models_count_only_the_masked_rows(name, kw, shape):
   # bn_mlp, a resnet18 and a resnet32 (through Classifier), and DualNet's
   # gated MLP, in training mode: with the mask, the real rows' outputs and
   # the running statistics are those of the real rows alone; a mask with
   # no real row counts every row (no NaN from an empty mean).
   rng = np.random.default_rng(0)
-  for name, kw, shape in (("bn_mlp", dict(widths=(6, 5)), (7, 12)),
-                          ("dualnet", dict(widths=(6, 5)), (7, 12)),
-                          ("resnet18", dict(width=2), (7, 8, 8, 3)),
-                          ("resnet32", dict(shortcut="pad"), (7, 4, 4, 3))):
-    model = models.build(name, 4, **kw)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    task = jnp.zeros((7,), jnp.int32)
-    # Each pass one compiled program (op by op, the two ResNets' passes
-    # compiled hundreds of single operations; 13.4 -> 11.6 s).
-    v = jax.jit(model.init)(jax.random.key(0), x, task)
-    ms = {k: w for k, w in v.items() if k != "params"}
-    ctx = train.Context(model=model, tx=None, info=None)
-    apply = jax.jit(functools.partial(ctx.apply, train=True))
-    mask = jnp.asarray([1, 1, 0, 1, 0, 0, 1], jnp.float32)
-    real = np.flatnonzero(np.asarray(mask))
-    got, got_ms = apply(v["params"], ms, x, task, mask=mask)
-    want, want_ms = apply(v["params"], ms, x[real], task[real])
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want),
-                               rtol=1e-4, atol=1e-5)
-    _assert_same(got_ms, want_ms, f"{name} ")
-    # Without the mask the padding rows count: the outputs move.
-    unmasked, unmasked_ms = apply(v["params"], ms, x, task)
-    assert np.abs(np.asarray(unmasked)[real] - np.asarray(want)).max() > 1e-3
-    none = apply(v["params"], ms, x, task, mask=jnp.zeros((7,)))
-    # (A masked mean over every row rounds apart from the plain one.)
-    _assert_same(none, (unmasked, unmasked_ms), f"{name} ", rtol=1e-4)
+  model = models.build(name, 4, **kw)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  task = jnp.zeros((7,), jnp.int32)
+  # Each pass one compiled program (op by op, the two ResNets' passes
+  # compiled hundreds of single operations; 13.4 -> 11.6 s).
+  v = jax.jit(model.init)(jax.random.key(0), x, task)
+  ms = {k: w for k, w in v.items() if k != "params"}
+  ctx = train.Context(model=model, tx=None, info=None)
+  apply = jax.jit(functools.partial(ctx.apply, train=True))
+  mask = jnp.asarray([1, 1, 0, 1, 0, 0, 1], jnp.float32)
+  real = np.flatnonzero(np.asarray(mask))
+  got, got_ms = apply(v["params"], ms, x, task, mask=mask)
+  want, want_ms = apply(v["params"], ms, x[real], task[real])
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want),
+                             rtol=1e-4, atol=1e-5)
+  _assert_same(got_ms, want_ms, f"{name} ")
+  # Without the mask the padding rows count: the outputs move.
+  unmasked, unmasked_ms = apply(v["params"], ms, x, task)
+  assert np.abs(np.asarray(unmasked)[real] - np.asarray(want)).max() > 1e-3
+  none = apply(v["params"], ms, x, task, mask=jnp.zeros((7,)))
+  # (A masked mean over every row rounds apart from the plain one.)
+  _assert_same(none, (unmasked, unmasked_ms), f"{name} ", rtol=1e-4)
   assert batch_stats_mask(model, {}, mask) == {}          # no batch norm
   assert batch_stats_mask(model, ms, None) == {}          # no mask
 
