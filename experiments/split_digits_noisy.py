@@ -5,11 +5,17 @@ side (scikit-learn's 8x8 digits; no download).
 (``noise``, default 0.4: that fraction of each class's training labels
 replaced by another class, drawn uniformly; the test labels are clean),
 MLP 64-100-100-10, SGD lr 0.1 with momentum 0.9, batch 32, one epoch,
-memory of 200 examples for every method. The protocol of session 33's
-PuriDivER evaluation (docs/notes_replay.md), now a config:
+memory of 200 examples for every method: session 33's PuriDivER
+evaluation as its note states it (docs/notes_replay.md; its script is
+gone, and Replay scores lower here than in its table), now a config:
 
   jaxcl sweep --config experiments/split_digits_noisy.py:strategy=spr \\
-      --seeds 0,1,2
+      --seeds 0,1,2 --workdir runs/noisy/spr
+  python -m experiments.memory_purity \\
+      experiments/split_digits_noisy.py:strategy=spr runs/noisy/spr 0,1,2
+
+(the second command: how many of each run's stored labels are wrong).
+Session 58's rows are in docs/notes_replay.md.
 
 ``strategy``: ``replay``, ``er_ace``, ``gdumb`` (30 epochs from scratch),
 ``puridiver``, ``aer_abs`` (``aer=False``: alternate replay needs 2
