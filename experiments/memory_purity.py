@@ -16,29 +16,21 @@ stored and distinct examples, and the examples per stored label.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
 
-from jaxcl import experiment, sweep
+from jaxcl import configs, experiment, sweep
 from jaxcl.sweep import parse_seeds
-
-
-def _config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("protocol", path)
-  if mod_spec is None:
-    raise SystemExit(f"memory_purity: cannot read config file {path!r}")
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) != 3:
     raise SystemExit(__doc__)
-  config = _config(argv[0])
+  try:
+    config = configs.load(argv[0])
+  except ValueError as e:
+    raise SystemExit(f"memory_purity: {e}") from None
   config.report.plots = config.report.progress = False
   seeds = parse_seeds(argv[2].split(","))
   r = sweep.sweep(config, seeds, {}, argv[1])

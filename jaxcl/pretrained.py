@@ -95,12 +95,8 @@ def main(argv=None) -> None:
                       help="config file[:arg], e.g. experiments/x.py:quick")
   parser.add_argument("--out", required=True, help="output .npz")
   args = parser.parse_args(argv)
-  import importlib.util
-  file, _, arg = args.config.partition(":")
-  spec = importlib.util.spec_from_file_location("pretrain_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  print(pretrain(module.get_config(arg or None), args.out))
+  from jaxcl import configs
+  print(pretrain(configs.load(args.config), args.out))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
-__all__ = ["parse_arg"]
+__all__ = ["parse_arg", "load"]
 
 
 def _convert(value: str, default: Any) -> Any:
@@ -43,3 +44,21 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
                        f"{sorted(defaults)}")
     out[key] = _convert(value, defaults[key]) if "=" in part else True
   return out
+
+
+def load(spec: str):
+  """The config of ``'path/to/file.py[:arg]'``: the file's
+  ``get_config(arg)`` (``None`` without ``:arg``), as ``--config`` names
+  one on the command line; for tools outside the ``jaxcl`` command
+  (``jaxcl.pretrained``, ``experiments/memory_purity.py``).
+
+  Raises:
+    ValueError: a path that is not a readable Python file.
+  """
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("config_file", path)
+  if module_spec is None:
+    raise ValueError(f"config {spec!r}: {path!r} is not a Python file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -458,7 +458,7 @@ def spr(mem_size: int = 300, delayed_size: int = 300,
     p = clean_posterior(z, y, k_filter, ctx.info.num_classes, ensembles)
     keep = p > jax.random.uniform(k_keep, p.shape)  # NaN: never kept
     # Offered by label, then position (the reference's clean_idx order).
-    order = jnp.argsort(y * delayed_size + jnp.arange(delayed_size))
+    order = jnp.argsort(y, stable=True)
     mem, clean_p, offered = purified_add(
         ss.memory, ss.clean_p, ss.offered, k_add, x[order], y[order],
         task[order], exp[order], p[order], keep[order])
