@@ -23,7 +23,7 @@ ENTRIES = [
           note="Goswami et al. 2023 at the paper's settings (Tukey 0.5, "
                "shrinkage 1 / 1), exemplar-free; the backbone learns the "
                "first experience's 2 classes by cross-entropy (one pass, "
-               "SGD 0.01, momentum 0.9) and is frozen after it. No "
+               "plain SGD 0.01) and is frozen after it. No "
                "published MNIST number; read against Deep SLDA"),
     Entry(_SM, "FeTrIL (backbone: MLP 400-400 trained on the first "
           "experience)", "split_mnist_analytic", "strategy=fetril",

@@ -31,7 +31,7 @@ Commands::
   jaxcl run --config experiments/split_mnist_analytic.py:strategy=ranpac,features=backbone,pretrained=/tmp/fmnist_mlp100.npz
 
 * ``strategy=fecam`` (Goswami et al. 2023): the same stream, an MLP
-  784-400-400 (its 400 features; on 100 it scores 0.785); the backbone trains on the first experience (SGD 0.01, momentum 0.9) and is
+  784-400-400 (its 400 features; on 100 it scores 0.785); the backbone trains on the first experience (plain SGD 0.01, no momentum) and is
   frozen after it; classes are scored by Mahalanobis distance to their
   Tukey-transformed, shrunk and normalised statistics.
 
@@ -110,7 +110,8 @@ def get_config(arg=None):
     # Goswami et al. 2023: the backbone trains by cross-entropy on the
     # first experience only (one pass, as the stream's), then per-class
     # Mahalanobis over its features; the paper's settings (Tukey 0.5,
-    # shrinkage gamma 1 / 1). SGD 0.01 with the default momentum 0.9.
+    # shrinkage gamma 1 / 1). Plain SGD 0.01, as Mammoth's default
+    # (optim_mom 0): the config's momentum 0.9 is the default file's, unused.
     c.name = f"split_{a['dataset']}_{a['strategy']}"
     c.model.pretrained = ""
     # 400-400 as the other Split MNIST rows' wide MLP: on the 100 features
