@@ -14,7 +14,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -871,15 +871,35 @@ def _stack(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
 
 
-def _host_hook(hook, ctx, state, exps: Sequence[Experience], members: int):
+def _host_hook(hook, ctx, state, exps: Sequence[Experience], members: int,
+               progress: Callable[[int], Callable[..., Any]] | None = None):
   """Applies a host-side hook per run: hooks see one run's state and that
   run's experience, whatever the sweep (they may call their own jitted code
   on it). ``exps`` holds one experience, shared by the runs, or one per
-  run."""
+  run. ``progress``: run index -> the hook's :attr:`Context.progress`
+  (None: the context's own)."""
+  def ctx_of(i):
+    return (ctx if progress is None else
+            dataclasses.replace(ctx, progress=progress(i)))
   if not members:
-    return hook(ctx, state, exps[0])
-  return _stack([hook(ctx, _unstack(state, i), exps[i % len(exps)])
+    return hook(ctx_of(0), state, exps[0])
+  return _stack([hook(ctx_of(i), _unstack(state, i), exps[i % len(exps)])
                  for i in range(members)])
+
+
+def _hook_progress(reporter, what: str, members: int
+                   ) -> Callable[[int], Callable[..., Any]] | None:
+  """Run index -> a :attr:`Context.progress` whose bars the reporter shows
+  as ``what`` (the experience and the strategy), naming the run in a sweep;
+  None for a reporter without :meth:`~jaxcl.report.Reporter.work_progress`."""
+  if not hasattr(reporter, "work_progress"):
+    return None
+
+  def of_run(i: int):
+    who = what + (f" (run {i + 1}/{members})" if members else "")
+    return lambda total, desc, unit="step": reporter.work_progress(
+        total, f"{who}: {desc}", unit)
+  return of_run
 
 
 def check_same_stream(streams: Sequence[Scenario]) -> None:
@@ -1250,8 +1270,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
       t0 = time.perf_counter()
       mid = position.phase == "train" and position.experience == i
       if not mid:
-        state = _host_hook(strategy.before_experience, ctx, state, exps,
-                           members)
+        state = _host_hook(
+            strategy.before_experience, ctx, state, exps, members,
+            _hook_progress(reporter, f"experience {i + 1}/{n_train}, "
+                           f"{s.strategy_name} before it", members))
         if learner.reset_optimizer:
           state = _reset_opt(ctx, state, members)
         if s.monitors:  # every experience starts at the base rate
@@ -1352,8 +1374,10 @@ def execute(s: Setup, state: TrainState, workdir: str | None = None, *,
           f"experience {i + 1}/{n_train}: {s.strategy_name}'s own work "
           "after the experience") if hasattr(reporter, "waiting")
             else contextlib.nullcontext()):
-        state = _host_hook(strategy.after_experience, ctx, state, exps,
-                           members)
+        state = _host_hook(
+            strategy.after_experience, ctx, state, exps, members,
+            _hook_progress(reporter, f"experience {i + 1}/{n_train}, "
+                           f"{s.strategy_name} after it", members))
         # Wait for the hook's dispatched work (RanPAC's eigh, a Fisher), so
         # its time counts as training, not as the evaluation that reads it.
         state = jax.block_until_ready(settle(state))

@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from jaxcl import metrics
+from jaxcl.state import SilentBar
 
 __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "format_table",
@@ -57,21 +58,16 @@ __all__ = ["Reporter", "NullReporter", "evaluated_on", "label_noise_note",
            "figure", "integer_ticks", "seen_average", "task_accuracy_json"]
 
 
-class _NullBar:
-
-  def update(self, n: int, loss: float | None = None) -> None:
-    del n, loss
-
-  def close(self) -> None:
-    pass
-
-
 class NullReporter:
   """Writes nothing (library use without a run directory)."""
 
   def progress(self, total: int, desc: str, initial: int = 0):
     del total, desc, initial
-    return _NullBar()
+    return SilentBar()
+
+  def work_progress(self, total: int, desc: str, unit: str = "step"):
+    del total, desc, unit
+    return SilentBar()
 
   def scalar(self, name: str, value: float, step: int) -> None:
     del name, value, step
@@ -113,15 +109,16 @@ class _Bar:
   """
 
   def __init__(self, total: int, desc: str, interval: float = 60.0,
-               initial: int = 0):
+               initial: int = 0, unit: str = "step"):
     self.desc, self.total, self.initial = desc, total, initial
+    self.unit = unit
     self.done, self.loss, self.seconds = initial, None, 0.0
     self._interval = interval
     self._start = self._shown = time.perf_counter()
     self._tqdm = None
     if sys.stderr.isatty() or "ipykernel" in sys.modules:
       from tqdm.auto import tqdm
-      self._tqdm = tqdm(total=total, desc=desc, unit="step", leave=False,
+      self._tqdm = tqdm(total=total, desc=desc, unit=unit, leave=False,
                         dynamic_ncols=True, initial=initial)
 
   def update(self, n: int, loss: float | None = None) -> None:
@@ -136,7 +133,7 @@ class _Bar:
     now = time.perf_counter()
     if now - self._shown >= self._interval and self.done < self.total:
       self._shown = now
-      print(f"{self.desc}: {self.done}/{self.total} steps, "
+      print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, "
             f"{now - self._start:.0f} s" + _loss_text(self.loss),
             file=sys.stderr, flush=True)
 
@@ -197,6 +194,7 @@ class Reporter(NullReporter):
       _truncate_log(path, resume_step)
     self._jsonl = open(path, "a" if resume_step is not None else "w")
     self._bar: _Bar | None = None
+    self._notice: threading.Timer | None = None  # waiting()'s, pending
     self._tb = None
     if self._tb_on:
       from tensorboardX import SummaryWriter
@@ -211,11 +209,24 @@ class Reporter(NullReporter):
     self._jsonl.flush()
 
   def progress(self, total: int, desc: str, initial: int = 0):
-    """``initial``: the steps a resumed experience had already run."""
+    """The experience's bar. ``initial``: the steps a resumed experience
+    had already run."""
     if not self._progress:
-      return _NullBar()
+      return SilentBar()
     self._bar = _Bar(total, desc, initial=initial)
     return self._bar
+
+  def work_progress(self, total: int, desc: str, unit: str = "step"):
+    """A bar for a strategy hook's own loop (SPR's fills, PackNet's
+    retraining epochs: :attr:`jaxcl.state.Context.progress`), beside the
+    experience's bar, whose steps and seconds the experience's line
+    reports. It replaces :meth:`waiting`'s pending notice, which would
+    only say the same."""
+    if not self._progress:
+      return SilentBar()
+    if self._notice is not None:
+      self._notice.cancel()
+    return _Bar(total, desc, unit=unit)
 
   def scalar(self, name: str, value: float, step: int) -> None:
     self._log({"step": step, name: value})
@@ -252,11 +263,13 @@ class Reporter(NullReporter):
         self.WAIT_NOTICE_SECONDS,
         lambda: print(f"{what} ...", file=sys.stderr, flush=True))
     timer.daemon = True
+    self._notice = timer
     timer.start()
     try:
       yield
     finally:
       timer.cancel()
+      self._notice = None
 
   def after_experience(self, index: int, seconds: float) -> None:
     """The seconds experience ``index``'s end took before its evaluation

@@ -106,6 +106,24 @@ class StreamInfo:
           f"tasks; set model.multi_head=True or {field}")
 
 
+class SilentBar:
+  """A progress bar that shows nothing: :func:`no_progress`'s, and the
+  reporters' when progress output is off."""
+
+  def update(self, n: int = 1, loss: float | None = None) -> None:
+    del n, loss
+
+  def close(self) -> None:
+    pass
+
+
+def no_progress(total: int, desc: str, unit: str = "step") -> SilentBar:
+  """:attr:`Context.progress` outside a reported run (library use, tests,
+  compiled code)."""
+  del total, desc, unit
+  return SilentBar()
+
+
 def no_freeze(grads: Any) -> Any:
   """:attr:`Context.freeze` when no chain member keeps weights fixed."""
   return grads
@@ -152,6 +170,14 @@ class Context:
       inputs with their own operations (SCR's views, PuriDivER's strong
       crop), so that those run on the pixels as ``train.augment`` does
       (:func:`jaxcl.augment.in_pixels`).
+    progress: ``(total, desc, unit) -> bar`` with ``bar.update(n)`` and
+      ``bar.close()``: a progress bar for a host-side hook's long loop of
+      compiled calls (SPR's fills, PackNet's retraining epochs), which the
+      experience's own bar does not cover. The engine sets the run's
+      reporter's bar for its hooks (prefixed with the experience);
+      :func:`no_progress` otherwise. It takes no part in the context's
+      equality or hash, so compiled code keyed on the context is not
+      traced again for it; compiled code must not call it.
   """
   model: Any
   tx: optax.GradientTransformation
@@ -161,6 +187,8 @@ class Context:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None
   normalize: tuple = ()
+  progress: Callable[..., Any] = dataclasses.field(
+      default=no_progress, compare=False)
 
   def apply(self, params, model_state, x, task, train: bool = False,
             features: bool = False, mask: jax.Array | None = None):

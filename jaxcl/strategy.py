@@ -56,7 +56,11 @@ Hooks (``ctx`` is the static :class:`jaxcl.state.Context`):
 * ``after_step(ctx, sstate, info: StepInfo) -> sstate``: online statistics
   (SI's path integral, reservoir updates); ``info.key`` is this hook's key.
 * ``after_experience(ctx, state, experience) -> state``: host side
-  (Fisher, consolidation, pruning, exemplar selection).
+  (Fisher, consolidation, pruning, exemplar selection). A host hook that
+  loops over long compiled calls shows them with
+  ``bar = ctx.progress(total, desc, unit)``, ``bar.update(1)``,
+  ``bar.close()`` (SPR's fills, PackNet's retraining epochs): the run's
+  reporter draws it; outside a run it is silent.
 * ``predict(ctx, sstate, params, model_state, x, task) -> logits`` or None
   for the model's own logits (multi-head masking, NME, ensembles).
 * ``lookahead_loss(ctx, sstate, params, batch) -> scalar`` or None: a

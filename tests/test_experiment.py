@@ -18,7 +18,7 @@ import pytest
 
 import jaxcl
 from conftest import np_log_softmax
-from jaxcl import datasets, experiment, metrics, scenarios
+from jaxcl import datasets, experiment, metrics, report, scenarios
 from jaxcl.configs import default as default_module
 from jaxcl.strategy import Strategy
 from test_train import quick_config, with_overrides
@@ -718,3 +718,49 @@ def test_a_larger_first_experience_runs_through_the_config():
   with pytest.raises(ValueError, match=r"scenario.first_classes=4 is read "
                      r"by split streams only"):
     experiment.build_scenario(c)
+
+
+class WorkRecorder(report.NullReporter):
+  """A reporter that records the bars strategies' hooks open through
+  ``Context.progress`` (``work_progress``) and what each counted."""
+
+  def __init__(self):
+    self.bars = []
+
+  def work_progress(self, total, desc, unit="step"):
+    bar = {"total": total, "desc": desc, "unit": unit, "done": 0,
+           "closed": False}
+    self.bars.append(bar)
+
+    class Bar:
+      def update(self, n=1, loss=None):
+        del loss
+        assert not bar["closed"]
+        bar["done"] += n
+
+      def close(self):
+        bar["closed"] = True
+    return Bar()
+
+
+def test_a_hooks_own_loop_gets_a_bar_per_run_and_experience():
+  """PackNet's retraining epochs after each experience: one bar per
+  experience and run of a 2-seed sweep, named after both, counting every
+  epoch and closed; the context's bar takes no part in its equality, so
+  compiled code keyed on the context is not traced again."""
+  c = quick_config(**{"strategy.name": "packnet", "scenario.kind": "task",
+                      "scenario.n_experiences": 2, "model.multi_head": True})
+  c.strategy.packnet = {"retrain_epochs": 3}
+  s = experiment.setup(c)
+  stacked = experiment._stack([experiment.initial_state(s, 0),
+                               experiment.initial_state(s, 1)])
+  rec = WorkRecorder()
+  experiment.execute(s, stacked, members=2, reporter=rec)
+  assert [(b["desc"], b["total"], b["done"], b["unit"], b["closed"])
+          for b in rec.bars] == [
+              (f"experience {i}/2, packnet after it (run {m}/2): "
+               "retraining after pruning", 3, 3, "epoch", True)
+              for i in (1, 2) for m in (1, 2)]
+  ctx = s.learner.ctx
+  other = dataclasses.replace(ctx, progress=rec.work_progress)
+  assert other == ctx and hash(other) == hash(ctx)

@@ -445,6 +445,34 @@ def test_a_long_hook_says_what_is_running(tmp_path, capsys, monkeypatch):
           in err), err
 
 
+def test_a_hooks_own_bar_replaces_the_notice_and_counts_its_unit(
+    tmp_path, capsys, monkeypatch):
+  """A hook that opens a bar (SPR's fills) is not also named by the
+  waiting notice; outside a terminal its bar prints plain lines in its
+  own unit. With progress off the bar is silent."""
+  import time
+  r = report.Reporter(str(tmp_path / "a"), {}, progress=True)
+  monkeypatch.setattr(report.Reporter, "WAIT_NOTICE_SECONDS", 0.2)
+  with r.waiting("experience 1/2: spr's own work after the experience"):
+    bar = r.work_progress(3, "experience 1/2, spr after it: fills", "fill")
+    time.sleep(0.5)
+    bar._interval = 0.0  # a plain line at each update (no terminal here)
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+  err = capsys.readouterr().err
+  assert "own work" not in err, err
+  assert [line.rsplit(", ", 1)[0] for line in err.splitlines()] == [
+      f"experience 1/2, spr after it: fills: {k}/3 fills" for k in (1, 2)], err
+  # The notice still comes for a hook without a bar, after one that had.
+  with r.waiting("later"):
+    time.sleep(0.5)
+  assert capsys.readouterr().err == "later ...\n"
+  quiet = report.Reporter(str(tmp_path / "b"), {}, progress=False)
+  quiet.work_progress(3, "fills", "fill").update(3)
+  assert capsys.readouterr().err == ""
+
+
 def test_joint_averages_every_test_set_a_cut_stream_its_own(tmp_path,
                                                             capsys):
   """Joint's one experience is tested on every test set: the logged and

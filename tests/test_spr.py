@@ -14,6 +14,7 @@ import scipy.stats
 
 from jaxcl import beta_mixture, buffers, experiment, train
 from jaxcl.strategies import spr as S
+from test_experiment import WorkRecorder
 from test_replay import config, make_ctx
 
 
@@ -315,15 +316,24 @@ def noisy_run():
   # (0.25-0.30 of the buffer's labels wrong, measured).
   c = config("spr", widths=(256,), spr=_SMALL)
   c.dataset.label_noise = 0.4
-  return c, experiment.run(c)
+  rec = WorkRecorder()
+  return c, experiment.run(c, reporter=rec), rec.bars
 
 
 def test_fills_carry_rows_across_experiences(noisy_run):
-  c, r = noisy_run
+  c, r, bars = noisy_run
   ss = r.state.strategy
   sizes = [e.num_train for e in experiment.setup(c).scenario.experiences]
   total = sum(sizes)
   assert int(ss.fills) == total // 60
+  # The run's reporter showed each experience's fills as they finished.
+  held = np.cumsum(sizes) % 60
+  fills = (np.concatenate([[0], held[:-1]]) + sizes) // 60
+  assert [(b["desc"], b["total"], b["done"], b["unit"], b["closed"])
+          for b in bars] == [
+              (f"experience {i + 1}/{len(sizes)}, spr after it: fills of "
+               "the delayed buffer", n, n, "fill", True)
+              for i, n in enumerate(fills)]
   assert int(jnp.sum(ss.delayed.valid)) == total % 60 == int(
       ss.delayed.seen)
   # Some rows of each experience waited for the next one's.
@@ -335,7 +345,7 @@ def test_fills_carry_rows_across_experiences(noisy_run):
 
 
 def test_noisy_split_digits_purified_buffer_is_clean_and_balanced(noisy_run):
-  c, r = noisy_run
+  c, r, _ = noisy_run
   ss = r.state.strategy
   data = experiment.load_data(c)
   truth = {np.asarray(x, np.float32).tobytes(): int(t)

@@ -262,12 +262,24 @@ def packnet(prune: float | str = 0.5, retrain_epochs: int = 1,
           owner["head"], params["head"], ss.head_ref)
     model_state = state.model_state
     bs = retrain_batch_size or ctx.info.batch_size
+    bar = ctx.progress(retrain_epochs, "retraining after pruning", "epoch")
+    running = None  # the epoch dispatched before the last
     for epoch in range(retrain_epochs):
       batches = jax.device_put(_batches(ctx, experience, epoch, bs))
       key = jax.random.fold_in(jax.random.fold_in(
           jax.random.fold_in(state.rng, 0xBACC), experience.index), epoch)
       params, model_state = _retrain(ctx, params, model_state, owner,
                                      jnp.asarray(t, jnp.int32), batches, key)
+      # The bar counts finished epochs: wait for the one before, so the
+      # host still builds the next epoch's batches while this one runs.
+      if running is not None:
+        jax.block_until_ready(running)
+        bar.update(1)
+      running = params
+    if running is not None:
+      jax.block_until_ready(running)
+      bar.update(1)
+    bar.close()
     ss = PackNetState(owner, ss.task, ss.seen.at[t].set(True), ss.head_ref)
     return state.replace(params=params, model_state=model_state,
                          strategy=ss)

@@ -512,11 +512,17 @@ def spr(mem_size: int = 300, delayed_size: int = 300,
     rows = {k: (v if k == "x" else v.astype(np.int32))
             for k, v in rows.items()}
     fills = (held + n) // delayed_size
+    # A fill takes minutes at the paper's epochs: the run's bar counts
+    # them (waiting for each, which costs nothing: the next needs it).
+    bar = ctx.progress(fills, "fills of the delayed buffer", "fill")
     for i in range(fills):
       part = {k: jnp.asarray(v[i * delayed_size:(i + 1) * delayed_size])
               for k, v in rows.items()}
       ss = process_jit(ctx, ss, part["x"], part["y"], part["task"],
                        part["exp"])
+      jax.block_until_ready(ss.fills)
+      bar.update(1)
+    bar.close()
     rest = {k: v[fills * delayed_size:] for k, v in rows.items()}
     left = len(rest["y"])
     delayed = buffers.put_rows(
