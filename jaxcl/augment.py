@@ -16,6 +16,9 @@ image benchmarks (Mammoth's and FACIL's CIFAR transforms, torchvision's
 
 * ``pad_crop``: :func:`random_crop`, a random ``H x W`` window of the
   image zero-padded by ``padding`` pixels on each side;
+* ``autoaugment``: :func:`jaxcl.autoaugment.cifar10_policy`, AutoAugment's
+  CIFAR-10 policy (25 sub-policies of two PIL operations each; the strong
+  view of CNLL's authors, after the crop and the flip);
 
 and those SCR's authors use through kornia (``agents/scr.py`` of
 RaptorMai/online-continual-learning; :data:`SCR_OPS`):
@@ -63,14 +66,14 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcl import datasets
+from jaxcl import autoaugment, datasets
 
 __all__ = ["OPS", "SCR_OPS", "random_crop", "random_resized_crop",
            "horizontal_flip", "color_jitter",
            "random_grayscale", "default_ops", "check_ops", "pipeline",
            "in_pixels", "pixel_maps", "view_augmenter"]
 
-OPS = ("pad_crop", "crop", "flip", "jitter", "gray")
+OPS = ("pad_crop", "crop", "flip", "autoaugment", "jitter", "gray")
 # SCR's kornia pipeline (and default_ops' set for RGB images).
 SCR_OPS = ("crop", "flip", "jitter", "gray")
 
@@ -284,7 +287,8 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
              who: str = "augment") -> Augment:
   """``(key, x) -> x``: the named operations applied in :data:`OPS` order
   (torchvision's pad-and-crop, then SCR's kornia pipeline: crop, flip,
-  jitter, grayscale), each with its own key. ``x`` is a batch of examples
+  with AutoAugment's policy after the flip as torchvision pipelines place
+  it, then jitter, grayscale), each with its own key. ``x`` is a batch of examples
   of ``input_shape``.
 
   Args:
@@ -314,7 +318,7 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
   shape = tuple(input_shape)
   image = len(shape) == 3
   for op in ops:
-    if op in ("pad_crop", "crop", "flip") and not image:
+    if op in ("pad_crop", "crop", "flip", "autoaugment") and not image:
       raise ValueError(f"{who}: {op!r} needs images shaped (H, W, C); the "
                        f"inputs are shaped {shape}")
     if op in ("jitter", "gray") and not (image and shape[-1] == 3):
@@ -349,6 +353,8 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
                                                   (lo_r, hi_r)))
   if "flip" in ops:
     steps.append(lambda k, x: horizontal_flip(k, x, flip_p))
+  if "autoaugment" in ops:
+    steps.append(autoaugment.cifar10_policy)
   if "jitter" in ops:
     steps.append(lambda k, x: color_jitter(k, x, *jitter, p=jitter_p))
   if "gray" in ops:

@@ -324,3 +324,12 @@ def test_continual_eval_smoke(data, run_script):
   more, *_ = positive(rf"20\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}",
                       out)
   assert more > evals
+
+
+def test_autoaugment_smoke(run_script):
+  out = run_script("autoaugment.py", "--batch", "4", "--rounds", "1").stdout
+  assert "backend cpu, batch 4 of 32x32x3" in out, out
+  positive(rf"jaxcl compile: {NUM} s", out)
+  positive(rf"jaxcl: {NUM} ms per batch, {NUM} images/s", out)
+  positive(rf"PIL loop \(one process\): {NUM} ms per batch, {NUM} images/s",
+           out)

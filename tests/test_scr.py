@@ -307,7 +307,7 @@ def test_scr_bad_inputs(stream):
                              "sequence of names"),
       ({"augment": ("crop", "blur")},
        "scr: augment: unknown augmentation 'blur'; valid: \\['pad_crop', "
-       "'crop', 'flip', 'jitter', 'gray'\\]"),
+       "'crop', 'flip', 'autoaugment', 'jitter', 'gray'\\]"),
       ({"crop_scale": (0.0, 1.0)}, "scr: crop_scale must be \\(lo, hi\\)"),
       ({"crop_scale": (0.8, 0.5)}, "scr: crop_scale must be")):
     with pytest.raises(ValueError, match=match):

@@ -314,8 +314,8 @@ def test_command_line_form_and_bad_settings():
   # (A ConfigDict refuses a bare string for the tuple field itself; a
   # plain dict of settings reaches the check.)
   with pytest.raises(ValueError, match=r"train.augment must be a sequence "
-                     r"of names from \['pad_crop', 'crop', 'flip', 'jitter', "
-                     r"'gray'\].*got 'pad_crop'"):
+                     r"of names from \['pad_crop', 'crop', 'flip', "
+                     r"'autoaugment', 'jitter', 'gray'\].*got 'pad_crop'"):
     experiment._augment_ops({"augment": "pad_crop"})
   for bad, match in (
       (("rotate",), r"train.augment: unknown augmentation 'rotate'"),
