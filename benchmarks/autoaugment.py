@@ -28,14 +28,17 @@ import numpy as np
 from jaxcl import autoaugment
 
 
+# The reference's operations as its SubPolicy writes them, with PIL: the
+# tests' transcription (tests/test_autoaugment.py's ``reference``).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                os.pardir, "tests"))
+from PIL import Image  # noqa: E402
+from test_autoaugment import reference  # noqa: E402
+
+
 def pil_policy(images: np.ndarray) -> float:
   """Seconds for the reference loop over ``images`` (uint8 ``(N, H, W,
-  3)``), with its operations written as its SubPolicy (tests/
-  test_autoaugment.py's ``reference``)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
-      __file__)), os.pardir, "tests"))
-  from PIL import Image
-  from test_autoaugment import reference
+  3)``)."""
   t = time.perf_counter()
   for arr in images:
     img = Image.fromarray(arr, "RGB")

@@ -288,8 +288,8 @@ def pipeline(ops: Sequence[str], input_shape: Sequence[int], *,
   """``(key, x) -> x``: the named operations applied in :data:`OPS` order
   (torchvision's pad-and-crop, then SCR's kornia pipeline: crop, flip,
   with AutoAugment's policy after the flip as torchvision pipelines place
-  it, then jitter, grayscale), each with its own key. ``x`` is a batch of examples
-  of ``input_shape``.
+  it, then jitter, grayscale), each with its own key. ``x`` is a batch of
+  examples of ``input_shape``.
 
   Args:
     ops: names from :data:`OPS` (empty: the identity).

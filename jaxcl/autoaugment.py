@@ -121,16 +121,22 @@ def _source(shape, m):
   return a * xx + b * yy + c, d * xx + e * yy + f
 
 
-def _affine_nearest(v, m):
-  """PIL's nearest-neighbour affine: the input pixel ``int(coordinate)``
-  (negative coordinates are outside), grey where it is outside."""
+def _pixels_or_fill(v, ix, iy):
+  """``v[iy, ix]`` where the integer point is inside the image, grey
+  elsewhere (both nearest-neighbour paths)."""
   h, w = v.shape[0], v.shape[1]
-  sx, sy = _source(v.shape, m)
-  ix = jnp.where(sx < 0, -1, jnp.floor(sx)).astype(jnp.int32)
-  iy = jnp.where(sy < 0, -1, jnp.floor(sy)).astype(jnp.int32)
   inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
   got = v[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
   return jnp.where(inside[..., None], got, _FILL)
+
+
+def _affine_nearest(v, m):
+  """PIL's nearest-neighbour affine: the input pixel ``int(coordinate)``
+  (negative coordinates are outside), grey where it is outside."""
+  sx, sy = _source(v.shape, m)
+  ix = jnp.where(sx < 0, -1, jnp.floor(sx)).astype(jnp.int32)
+  iy = jnp.where(sy < 0, -1, jnp.floor(sy)).astype(jnp.int32)
+  return _pixels_or_fill(v, ix, iy)
 
 
 def _cubic(v1, v2, v3, v4, d):
@@ -186,11 +192,8 @@ def _affine_fixed(v, fixed):
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.int32),
                         jnp.arange(w, dtype=jnp.int32), indexing="ij")
   a0, a1, a2, a3, a4, a5 = (fixed[i] for i in range(6))
-  ix = (a2 + yy * a1 + xx * a0) >> 16
-  iy = (a5 + yy * a4 + xx * a3) >> 16
-  inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-  got = v[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
-  return jnp.where(inside[..., None], got, _FILL)
+  return _pixels_or_fill(v, (a2 + yy * a1 + xx * a0) >> 16,
+                         (a5 + yy * a4 + xx * a3) >> 16)
 
 
 # ---------------------------------------------------------------------------
